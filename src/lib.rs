@@ -1,1 +1,11 @@
+//! FlexQuant: an elastic ensemble of mixed-precision quantized models (arXiv 2501.07139).
+//!
+//! Data flows one way: weights -> `quant` -> `build` -> ensemble files -> `gpu`/`runtime` ->
+//! tokens. See the README's architecture section.
+
+pub mod error;
 pub mod model;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod text;
+
+pub use error::{Error, Result};

@@ -1,0 +1,105 @@
+use super::SamplingArgs;
+use anyhow::Result;
+use clap::Args;
+use flexquant::model::chat::Message;
+use flexquant::model::generate::{GenStats, Session};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print a JSON line with the generated ids and timing at the end.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// System prompt (default: the model's own).
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+fn print_piece(piece: &str) -> bool {
+    print!("{piece}");
+    let _ = std::io::stdout().flush();
+    true
+}
+
+fn speed(s: &GenStats) -> String {
+    format!(
+        "[{} prompt tokens ({} run) in {:.2} s, {} tokens at {:.1} tok/s, stopped by {}]",
+        s.prompt_tokens,
+        s.prefilled,
+        s.prefill_seconds,
+        s.generated,
+        s.generated as f64 / s.decode_seconds.max(1e-9),
+        s.stopped_by
+    )
+}
+
+pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    let m = super::load_model(&a.model)?;
+    if a.prompt.trim().is_empty() {
+        anyhow::bail!("--prompt is empty");
+    }
+    let text = if a.chat {
+        m.tokenizer.chat.render(&[Message::new("user", &a.prompt)])
+    } else {
+        a.prompt.clone()
+    };
+    let ids = m.tokenizer.encode(&text)?;
+    let mut session = Session::new(&m.weights, &m.tokenizer, a.sampling.context);
+    let (out, stats) = session.generate(&ids, &a.sampling.params(), print_piece)?;
+    println!();
+    eprintln!("{}", speed(&stats));
+    if a.json {
+        println!("{}", serde_json::json!({"ids": out, "stats": stats}));
+    }
+    Ok(())
+}
+
+pub fn run_chat(a: ChatArgs) -> Result<()> {
+    let m = super::load_model(&a.model)?;
+    let mut session = Session::new(&m.weights, &m.tokenizer, a.sampling.context);
+    let mut messages: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
+    println!("chatting with {} (empty line or Ctrl-D to quit)", m.source);
+    let stdin = std::io::stdin();
+    loop {
+        print!("\n> ");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(Message::new("user", line.trim_end()));
+        let ids = m.tokenizer.encode(&m.tokenizer.chat.render(&messages))?;
+        match session.generate(&ids, &a.sampling.params(), print_piece) {
+            Ok((out, stats)) => {
+                println!();
+                eprintln!("{}", speed(&stats));
+                let answer = m.tokenizer.decode(&out, true)?;
+                messages.push(Message::new("assistant", &answer));
+            }
+            Err(e) => {
+                // Keep the conversation: drop only the message that could not be answered.
+                eprintln!("error: {e}");
+                messages.pop();
+            }
+        }
+    }
+    Ok(())
+}

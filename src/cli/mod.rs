@@ -1,0 +1,124 @@
+//! Subcommands. Each file holds one command family; this one holds the argument types.
+
+mod bench;
+mod eval;
+mod generate;
+mod info;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "flexquant",
+    version,
+    about = "FlexQuant: elastic mixed-precision LLM ensembles"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Config, parameter count and bytes per module of a model.
+    Info {
+        /// A .gguf file or a Hugging Face model directory.
+        model: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Perplexity of a model over a text file.
+    Eval(eval::EvalArgs),
+    /// Generate a continuation (or a chat answer with --chat) for one prompt, streaming.
+    Generate(generate::GenerateArgs),
+    /// Interactive chat in the terminal (one line per message; empty line or EOF ends).
+    Chat(generate::ChatArgs),
+    /// Decode the installed text packages into calibration / held-out text files.
+    Corpus {
+        /// The text cache made by `build.sh setup` (holds deb/ and brown/).
+        #[arg(long)]
+        cache: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write the deterministic tiny random-weight model (Hugging Face format).
+    TinyModel {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Benchmarks; write machine-readable JSON reports.
+    Bench(bench::BenchArgs),
+}
+
+/// Sampling options shared by generate and chat.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Context size (tokens) of the KV cache.
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> flexquant::model::generate::SamplingParams {
+        flexquant::model::generate::SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_tokens: self.max_tokens,
+            seed: self.seed,
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Info { model, json } => info::run(&model, json),
+        Cmd::Eval(a) => eval::run(a),
+        Cmd::Generate(a) => generate::run_generate(a),
+        Cmd::Chat(a) => generate::run_chat(a),
+        Cmd::Corpus { cache, out } => {
+            let files = flexquant::text::write_corpora(&cache, &out)?;
+            println!("{files:#?}");
+            Ok(())
+        }
+        Cmd::TinyModel { out, seed } => {
+            flexquant::model::tiny::write_tiny_model(&out, seed)?;
+            println!("wrote tiny model to {}", out.display());
+            Ok(())
+        }
+        Cmd::Bench(a) => bench::run(a),
+    }
+}
+
+/// Loads a model with a spinner (the demo model takes a few seconds to dequantize).
+pub fn load_model(path: &std::path::Path) -> Result<flexquant::model::load::LoadedModel> {
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_message(format!("loading {}", path.display()));
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    let m = flexquant::model::load::load(path);
+    pb.finish_and_clear();
+    Ok(m?)
+}
+
+/// Reads a UTF-8 text file, naming the file in errors.
+pub fn read_text(path: &std::path::Path) -> Result<String> {
+    let bytes = flexquant::error::read_capped(path, 1 << 30)?;
+    let s = String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", path.display()))?;
+    if s.trim().is_empty() {
+        anyhow::bail!("{}: the text is empty", path.display());
+    }
+    Ok(s)
+}

@@ -1,0 +1,60 @@
+//! One error type for everything a user can feed in: each variant names *what* (file, field,
+//! tensor, argument) and *why*, so a message is actionable without a backtrace.
+
+use std::fmt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file (or byte source named like one) is malformed: `what` names the file and, where it
+    /// helps, the field or offset inside it.
+    #[error("{what}: {reason}")]
+    Format { what: String, reason: String },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A request that cannot be served as asked (empty prompt, prompt longer than the context, ...).
+    #[error("{0}")]
+    Input(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn format(what: impl fmt::Display, reason: impl fmt::Display) -> Self {
+        Error::Format {
+            what: what.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+
+    pub fn input(msg: impl fmt::Display) -> Self {
+        Error::Input(msg.to_string())
+    }
+}
+
+/// Reads a whole file, refusing anything larger than `cap` bytes before allocating for it.
+pub fn read_capped(path: &std::path::Path, cap: u64) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.len() > cap {
+        return Err(Error::format(
+            path.display(),
+            format!(
+                "file is {} bytes, more than the {} byte limit",
+                meta.len(),
+                cap
+            ),
+        ));
+    }
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}

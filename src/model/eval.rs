@@ -1,0 +1,145 @@
+//! Perplexity over a long text with a sliding window.
+//!
+//! Window: `ctx` tokens starting every `stride` tokens (Hugging Face's recipe). Each token is
+//! scored once, in the first window that reaches it, conditioned on everything before it inside
+//! that window. `stride == ctx` gives non-overlapping windows (cheapest: each token is run
+//! once); `stride < ctx` gives every scored token at least `ctx - stride` tokens of context at
+//! the cost of `ctx / stride` times the compute. The first token of the text is never scored.
+
+use crate::error::{Error, Result};
+use crate::model::forward::{self, KvCache};
+use crate::model::ops;
+use crate::model::weights::Weights;
+use rayon::prelude::*;
+use serde::Serialize;
+
+/// Rows of logits materialised at once (bounds memory at this x vocab floats).
+const LOGIT_CHUNK: usize = 128;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Perplexity {
+    pub ppl: f64,
+    pub nll_sum: f64,
+    /// Tokens scored.
+    pub count: usize,
+    /// Tokens in the text.
+    pub tokens: usize,
+    pub ctx: usize,
+    pub stride: usize,
+    pub seconds: f64,
+}
+
+/// The windows `(begin, end, first_scored)` of the recipe above.
+pub fn windows(n: usize, ctx: usize, stride: usize) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    let mut prev_end = 0;
+    let mut begin = 0;
+    while begin < n {
+        let end = (begin + ctx).min(n);
+        let first = prev_end.max(begin + 1);
+        if first < end {
+            out.push((begin, end, first));
+        }
+        prev_end = end;
+        if end == n {
+            break;
+        }
+        begin += stride;
+    }
+    out
+}
+
+pub fn check_window(ctx: usize, stride: usize, max_ctx: usize) -> Result<()> {
+    if ctx < 2 || ctx > max_ctx {
+        return Err(Error::input(format!(
+            "--ctx {ctx} must be between 2 and the model's context of {max_ctx}"
+        )));
+    }
+    if stride == 0 || stride > ctx {
+        return Err(Error::input(format!(
+            "--stride {stride} must be between 1 and --ctx {ctx}"
+        )));
+    }
+    Ok(())
+}
+
+/// Negative log-likelihood of `targets[i]` under logits row `i` of `hidden` rows.
+pub fn nll_of_rows(w: &Weights, hidden: &[f32], targets: &[u32]) -> f64 {
+    let (h, vocab) = (w.config.hidden_size, w.config.vocab_size);
+    let mut nll = 0.0;
+    for (rows, tg) in hidden
+        .chunks(LOGIT_CHUNK * h)
+        .zip(targets.chunks(LOGIT_CHUNK))
+    {
+        let lg = forward::logits(w, rows);
+        nll += lg
+            .par_chunks_exact(vocab)
+            .zip(tg.par_iter())
+            .map(|(row, &t)| ops::log_sum_exp(row) - row[t as usize] as f64)
+            .sum::<f64>();
+    }
+    nll
+}
+
+/// Perplexity of `tokens`; `progress(done, total)` is called after every window.
+pub fn perplexity(
+    w: &Weights,
+    tokens: &[u32],
+    ctx: usize,
+    stride: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Perplexity> {
+    check_window(ctx, stride, w.config.max_position_embeddings)?;
+    if tokens.len() < 2 {
+        return Err(Error::input(format!(
+            "text has {} tokens; perplexity needs at least 2",
+            tokens.len()
+        )));
+    }
+    let start = std::time::Instant::now();
+    let h = w.config.hidden_size;
+    let wins = windows(tokens.len(), ctx, stride);
+    let mut cache = KvCache::new(w, ctx);
+    let (mut nll_sum, mut count) = (0.0, 0);
+    for (i, &(begin, end, first)) in wins.iter().enumerate() {
+        cache.clear();
+        let x = forward::hidden(w, &tokens[begin..end], &mut cache)?;
+        // Row r predicts token begin + r + 1.
+        let rows = &x[(first - 1 - begin) * h..(end - 1 - begin) * h];
+        nll_sum += nll_of_rows(w, rows, &tokens[first..end]);
+        count += end - first;
+        progress(i + 1, wins.len());
+    }
+    Ok(Perplexity {
+        ppl: (nll_sum / count as f64).exp(),
+        nll_sum,
+        count,
+        tokens: tokens.len(),
+        ctx,
+        stride,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_score_every_token_once() {
+        for (n, ctx, stride) in [(10, 4, 4), (10, 4, 2), (10, 4, 3), (3, 8, 8), (100, 16, 5)] {
+            let mut scored = vec![0; n];
+            for (b, e, f) in windows(n, ctx, stride) {
+                assert!(e - b <= ctx && b < f && f <= e);
+                for s in &mut scored[f..e] {
+                    *s += 1;
+                }
+            }
+            assert_eq!(scored[0], 0);
+            assert!(
+                scored[1..].iter().all(|&c| c == 1),
+                "{n} {ctx} {stride}: {scored:?}"
+            );
+        }
+    }
+}

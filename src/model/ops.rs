@@ -1,0 +1,184 @@
+//! CPU kernels of the reference forward: GEMM through the `gemm` crate, everything else plain
+//! loops that the compiler vectorises. All f32.
+
+use crate::model::weights::Linear;
+use rayon::prelude::*;
+
+/// Row counts at or below this use the row-parallel mat-vec path (decode); GEMM packing does
+/// not pay off for a handful of rows.
+const MATVEC_MAX_ROWS: usize = 4;
+
+/// `out[m][n] = a[m][k] · b[n][k]ᵀ` with arbitrary row strides (elements) for `a`, `b`, `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    b: &[f32],
+    b_rs: usize,
+    out: &mut [f32],
+    out_rs: usize,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * a_rs + k, "gemm_nt: a too short");
+    assert!(b.len() >= (n - 1) * b_rs + k, "gemm_nt: b too short");
+    assert!(out.len() >= (m - 1) * out_rs + n, "gemm_nt: out too short");
+    let par = if parallel {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index gemm touches: dst (i, j) at i*out_rs + j,
+    // lhs (i, p) at i*a_rs + p, rhs (p, j) = b[j][p] at j*b_rs + p.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            out_rs as isize,
+            false,
+            a.as_ptr(),
+            1,
+            a_rs as isize,
+            b.as_ptr(),
+            b_rs as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// `out[m][w.rows] = x[m][w.cols] · Wᵀ`
+pub fn linear(x: &[f32], m: usize, w: &Linear, out: &mut [f32]) {
+    matmul_nt(x, m, &w.w, w.rows, w.cols, out)
+}
+
+/// `out[m][n] = x[m][k] · w[n][k]ᵀ` for contiguous operands.
+pub fn matmul_nt(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, out: &mut [f32]) {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(out.len(), m * n);
+    if m <= MATVEC_MAX_ROWS {
+        // Decode: split the weight rows across threads, each reads its rows once for all m.
+        out.par_chunks_mut(n).enumerate().for_each(|(i, o)| {
+            let xi = &x[i * k..(i + 1) * k];
+            o.par_chunks_mut(256).enumerate().for_each(|(c, oc)| {
+                for (j, y) in oc.iter_mut().enumerate() {
+                    let r = c * 256 + j;
+                    *y = dot(xi, &w[r * k..(r + 1) * k]);
+                }
+            });
+        });
+    } else {
+        gemm_nt(m, n, k, x, k, w, k, out, n, true);
+    }
+}
+
+/// Dot product with 8 independent accumulators so the loop vectorises without fast-math.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// RMSNorm of each row of `x` (width `w.len()`) into `out`.
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss = xr.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / d as f64;
+        let inv = 1.0 / ((ss as f32) + eps).sqrt();
+        for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * inv * g;
+        }
+    }
+}
+
+/// cos/sin tables for positions `pos0..pos0+t`, `[t][head_dim/2]` each.
+pub struct Rope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    half: usize,
+}
+
+impl Rope {
+    pub fn new(theta: f32, head_dim: usize, pos0: usize, t: usize) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in pos0..pos0 + t {
+            for i in 0..half {
+                let inv_freq = (theta as f64).powf(-(2.0 * i as f64) / head_dim as f64);
+                let a = p as f64 * inv_freq;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Rope { cos, sin, half }
+    }
+
+    /// Rotates every head of every row of `x` (`[t][n_heads*head_dim]`) in place, Hugging Face
+    /// style: element i pairs with i + head_dim/2.
+    pub fn apply(&self, x: &mut [f32], n_heads: usize) {
+        let hd = self.half * 2;
+        for (r, row) in x.chunks_exact_mut(n_heads * hd).enumerate() {
+            let c = &self.cos[r * self.half..(r + 1) * self.half];
+            let s = &self.sin[r * self.half..(r + 1) * self.half];
+            for head in row.chunks_exact_mut(hd) {
+                let (a, b) = head.split_at_mut(self.half);
+                for i in 0..self.half {
+                    let (x0, x1) = (a[i], b[i]);
+                    a[i] = x0 * c[i] - x1 * s[i];
+                    b[i] = x1 * c[i] + x0 * s[i];
+                }
+            }
+        }
+    }
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Natural-log softmax normaliser of one row: `log Σ exp(x)`.
+pub fn log_sum_exp(x: &[f32]) -> f64 {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // f32 exp (each term is in (0, 1]), f64 accumulation over the 49K-wide rows.
+    let s: f64 = x
+        .chunks(256)
+        .map(|c| c.iter().map(|v| (v - m).exp()).sum::<f32>() as f64)
+        .sum();
+    m as f64 + s.ln()
+}
+
+/// Index of the largest value; ties go to the lowest index.
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in x.iter().enumerate() {
+        if *v > x[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,204 @@
+//! Byte-level BPE tokenizer (the `tokenizers` crate), built either from a Hugging Face
+//! `tokenizer.json` or from the vocabulary and merges embedded in a GGUF file.
+
+use crate::error::{Error, Result};
+use crate::model::chat::ChatTemplate;
+use crate::model::gguf::Gguf;
+use serde_json::{json, Value};
+use std::str::FromStr;
+
+/// GGUF token_type for control tokens (`<|im_start|>`, ...): matched literally in text.
+const TOKEN_TYPE_CONTROL: u64 = 3;
+const TOKEN_TYPE_USER_DEFINED: u64 = 4;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos: Option<u32>,
+    /// Tokens that end a generation.
+    pub stop: Vec<u32>,
+    pub chat: ChatTemplate,
+}
+
+/// A tokenizer.json for byte-level BPE: one builder for GGUF vocabularies and for the tiny test
+/// model, so both go through the same `tokenizers` code path.
+pub fn byte_level_bpe_json(
+    tokens: &[String],
+    merges: &[String],
+    special: &[u32],
+    split_digits: bool,
+) -> Value {
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let added: Vec<Value> = special
+        .iter()
+        .map(|&id| {
+            json!({"id": id, "content": tokens[id as usize], "single_word": false,
+                   "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false,
+                            "trim_offsets": true, "use_regex": true});
+    let pre = if split_digits {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level]})
+    } else {
+        byte_level.clone()
+    };
+    json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added, "normalizer": null, "pre_tokenizer": pre,
+        "post_processor": null, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    })
+}
+
+impl Tokenizer {
+    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+        let err = |r: String| Error::format(&g.name, r);
+        let model = g
+            .meta("tokenizer.ggml.model")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        if model != "gpt2" {
+            return Err(err(format!(
+                "tokenizer.ggml.model {model:?} is not supported (only byte-level BPE, \"gpt2\")"
+            )));
+        }
+        let pre = g
+            .meta("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let split_digits = match pre {
+            "smollm" => true,
+            "default" | "gpt2" => false,
+            other => {
+                return Err(err(format!(
+                    "tokenizer.ggml.pre {other:?} is not supported"
+                )))
+            }
+        };
+        let strings = |key: &str| -> Result<Vec<String>> {
+            g.meta(key)
+                .and_then(|v| v.as_array())
+                .ok_or_else(|| err(format!("{key} missing")))?
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| err(format!("{key} holds a non-string")))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let special: Vec<u32> = match g
+            .meta("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+        {
+            Some(types) => types
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| {
+                    matches!(
+                        t.as_u64(),
+                        Some(TOKEN_TYPE_CONTROL) | Some(TOKEN_TYPE_USER_DEFINED)
+                    )
+                })
+                .map(|(i, _)| i as u32)
+                .collect(),
+            None => vec![],
+        };
+        let id = |k: &str| {
+            g.meta(k)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as u32)
+                .filter(|&v| (v as usize) < tokens.len())
+        };
+        let json = byte_level_bpe_json(&tokens, &merges, &special, split_digits);
+        let template = g.meta("tokenizer.chat_template").and_then(|v| v.as_str());
+        Self::from_json_bytes(
+            &g.name,
+            json.to_string().as_bytes(),
+            id("tokenizer.ggml.bos_token_id"),
+            id("tokenizer.ggml.eos_token_id"),
+            template,
+        )
+    }
+
+    pub fn from_json_bytes(
+        what: &str,
+        bytes: &[u8],
+        bos: Option<u32>,
+        eos: Option<u32>,
+        chat_template: Option<&str>,
+    ) -> Result<Self> {
+        let text = std::str::from_utf8(bytes).map_err(|_| Error::format(what, "not UTF-8"))?;
+        let inner = tokenizers::Tokenizer::from_str(text)
+            .map_err(|e| Error::format(what, format!("bad tokenizer: {e}")))?;
+        let mut stop: Vec<u32> = eos.into_iter().collect();
+        for s in ["<|im_end|>", "<|endoftext|>", "</s>"] {
+            if let Some(id) = inner.token_to_id(s) {
+                if !stop.contains(&id) {
+                    stop.push(id);
+                }
+            }
+        }
+        let chat = ChatTemplate::detect(chat_template, inner.token_to_id("<|im_start|>").is_some());
+        Ok(Tokenizer {
+            inner,
+            bos,
+            stop,
+            chat,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Tokenizes text as is: no BOS, special tokens written in the text are recognised.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::input(format!("tokenizing failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::input(format!("detokenizing failed: {e}")))
+    }
+
+    pub fn token_to_id(&self, s: &str) -> Option<u32> {
+        self.inner.token_to_id(s)
+    }
+}
+
+/// Turns a stream of ids into text pieces, holding back bytes of an unfinished UTF-8 character
+/// (byte-level BPE splits multi-byte characters across tokens).
+#[derive(Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl StreamDecoder {
+    pub fn step(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let piece = text.get(self.emitted..).unwrap_or("").to_string();
+        self.emitted = self.emitted.max(text.len());
+        Ok(piece)
+    }
+}

@@ -1,0 +1,46 @@
+//! Shared test fixtures: where the installed demo model and text live, and the tiny model.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("FLEXQUANT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache"))
+}
+
+/// A file installed by `./build.sh setup`. Missing: a failure when FLEXQUANT_REQUIRE_DATA=1
+/// (as `./build.sh test` and CI set it), else a printed skip.
+pub fn data_file(rel: &str) -> Option<PathBuf> {
+    let p = cache_dir().join(rel);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("FLEXQUANT_REQUIRE_DATA").as_deref() == Ok("1") {
+        panic!("{} is missing: run ./build.sh setup", p.display());
+    }
+    eprintln!("SKIP: {} missing (run ./build.sh setup)", p.display());
+    None
+}
+
+pub fn demo_model_path() -> Option<PathBuf> {
+    data_file("model/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub fn heldout_text() -> Option<String> {
+    data_file("text/austen-heldout.txt").map(|p| std::fs::read_to_string(p).unwrap())
+}
+
+pub fn tiny_model_dir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    flexquant::model::tiny::write_tiny_model(d.path(), 7).unwrap();
+    d
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
