@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod model;
+pub mod quant;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod text;
 

@@ -53,6 +53,11 @@ impl KvCache {
         }
         self.len = n;
     }
+    /// Declares positions `0..n` valid after running layers by hand with `layer`.
+    pub fn set_len(&mut self, n: usize) {
+        assert!(n <= self.capacity && self.k.iter().all(|k| k.len() >= n * self.kv_dim));
+        self.len = n;
+    }
     pub fn clear(&mut self) {
         self.truncate(0)
     }
@@ -78,9 +83,26 @@ pub fn embed(w: &Weights, tokens: &[u32]) -> Result<Vec<f32>> {
     Ok(x)
 }
 
-/// Runs layer `l` on `x` (`[t][hidden]`, positions `cache.len()..`) in place, appending this
-/// layer's keys and values to the cache. The caller advances the cache with `commit`.
+/// Runs layer `l` on `x` (`[t][hidden]`, positions `pos0..`) in place, writing this layer's
+/// keys and values into the cache at `pos0..` (the caller sets the cache length afterwards).
 pub fn layer(w: &Weights, l: usize, x: &mut [f32], pos0: usize, cache: &mut KvCache, rope: &Rope) {
+    layer_tapped(w, l, x, pos0, cache, rope, &mut |_, _| {})
+}
+
+/// The input rows (`[t][cols]`) each module of a layer sees; GPTQ collects its Hessians and the
+/// builder its output-error proxies from these.
+pub type Tap<'a> = dyn FnMut(ModuleKind, &[f32]) + 'a;
+
+/// `layer`, calling `tap(kind, input)` with the input of every module before it is applied.
+pub fn layer_tapped(
+    w: &Weights,
+    l: usize,
+    x: &mut [f32],
+    pos0: usize,
+    cache: &mut KvCache,
+    rope: &Rope,
+    tap: &mut Tap,
+) {
     let c = &w.config;
     let (h, hd) = (c.hidden_size, c.head_dim());
     let t = x.len() / h;
@@ -88,6 +110,9 @@ pub fn layer(w: &Weights, l: usize, x: &mut [f32], pos0: usize, cache: &mut KvCa
     let mut xn = vec![0f32; t * h];
     ops::rmsnorm(x, &w.norms[l].attn_norm, c.rms_norm_eps, &mut xn);
 
+    tap(ModuleKind::Q, &xn);
+    tap(ModuleKind::K, &xn);
+    tap(ModuleKind::V, &xn);
     let mut q = vec![0f32; t * c.q_dim()];
     let mut k = vec![0f32; t * c.kv_dim()];
     let mut v = vec![0f32; t * c.kv_dim()];
@@ -102,6 +127,7 @@ pub fn layer(w: &Weights, l: usize, x: &mut [f32], pos0: usize, cache: &mut KvCa
     cache.v[l].extend_from_slice(&v);
 
     let att = attention(c, &q, &cache.k[l], &cache.v[l], pos0, t, hd);
+    tap(ModuleKind::O, &att);
     let mut o = vec![0f32; t * h];
     ops::linear(&att, t, m(ModuleKind::O), &mut o);
     for (a, b) in x.iter_mut().zip(&o) {
@@ -110,6 +136,8 @@ pub fn layer(w: &Weights, l: usize, x: &mut [f32], pos0: usize, cache: &mut KvCa
 
     ops::rmsnorm(x, &w.norms[l].ffn_norm, c.rms_norm_eps, &mut xn);
     let f = c.intermediate_size;
+    tap(ModuleKind::Gate, &xn);
+    tap(ModuleKind::Up, &xn);
     let mut gate = vec![0f32; t * f];
     let mut up = vec![0f32; t * f];
     ops::linear(&xn, t, m(ModuleKind::Gate), &mut gate);
@@ -117,6 +145,7 @@ pub fn layer(w: &Weights, l: usize, x: &mut [f32], pos0: usize, cache: &mut KvCa
     for (g, u) in gate.iter_mut().zip(&up) {
         *g = ops::silu(*g) * u;
     }
+    tap(ModuleKind::Down, &gate);
     ops::linear(&gate, t, m(ModuleKind::Down), &mut o);
     for (a, b) in x.iter_mut().zip(&o) {
         *a += b;

@@ -1,0 +1,4 @@
+//! Quantizers (RTN, GPTQ) and the packed format they produce.
+
+pub mod format;
+pub mod rtn;
