@@ -8,8 +8,14 @@ adjacent pairs (2i, 2i+1) of each head are rotated by pos * base^(-2i/d); no un-
 """
 import argparse
 import json
+import os
 import sys
 import time
+
+# Single-threaded BLAS by default: far more predictable when cargo runs tests in parallel
+# (multi-threaded OpenBLAS degrades badly on an oversubscribed machine). Override via env.
+for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
 
 import numpy as np
 import regex
@@ -174,16 +180,51 @@ class Tokenizer:
 
 # ----------------------------------------------------------------------------- CLI
 
+def nll_rows(logits, targets):
+    m = logits.max(axis=-1, keepdims=True)
+    logp = logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))
+    return -logp[np.arange(len(targets)), targets]
+
+def greedy(ids, n, cfg, w):
+    cache, new = {}, []
+    logits = forward(ids, cfg, w, cache)[-1]
+    for step in range(n):
+        nxt = int(np.argmax(logits))          # argmax returns the lowest index on ties
+        new.append(nxt)
+        if step + 1 < n:
+            logits = forward([nxt], cfg, w, cache, pos0=len(ids) + step)[-1]
+    return new
+
+def run_all(a, tok, cfg, w):
+    """--out is a directory: ids.json (whole text), logits.f32 (first --logit-rows rows of the
+    forward over the first --ppl-tokens ids), ppl.json (that window), greedy.json."""
+    os.makedirs(a.out, exist_ok=True)
+    with open(a.text, encoding="utf-8", newline="") as f:
+        ids = tok.encode(f.read())
+    with open(os.path.join(a.out, "ids.json"), "w") as f:
+        json.dump(ids, f)
+    win = ids[:a.ppl_tokens]
+    logits = forward(win, cfg, w, {})
+    logits[:a.logit_rows].astype("<f4").tofile(os.path.join(a.out, "logits.f32"))
+    nll = nll_rows(logits[:-1], win[1:])
+    with open(os.path.join(a.out, "ppl.json"), "w") as f:
+        json.dump({"ppl": float(np.exp(nll.mean())), "nll_sum": float(nll.sum()), "count": len(win) - 1}, f)
+    with open(os.path.join(a.out, "greedy.json"), "w") as f:
+        json.dump(greedy(ids[:a.greedy_prompt], a.greedy_n, cfg, w), f)
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, args in [("tokenize", ["--text"]), ("detokenize", ["--ids"]), ("forward", ["--ids"]),
-                       ("greedy", ["--ids", "--n"]), ("ppl", ["--ids"])]:
+                       ("greedy", ["--ids", "--n"]), ("ppl", ["--ids"]), ("all", ["--text"])]:
         sp = sub.add_parser(name)
         sp.add_argument("--gguf", required=True)
         sp.add_argument("--out", required=True)
         for a in args:
             sp.add_argument(a, required=True, type=int if a == "--n" else str)
+        if name == "all":  # one model load for every check the Rust test makes
+            for opt, d in [("--ppl-tokens", 512), ("--logit-rows", 96), ("--greedy-prompt", 64), ("--greedy-n", 32)]:
+                sp.add_argument(opt, type=int, default=d)
     a = ap.parse_args()
     t0 = time.time()
     reader, meta = load_gguf(a.gguf)
@@ -204,26 +245,20 @@ def main():
         return
 
     cfg, w = load_weights(reader, meta)
+    if a.cmd == "all":
+        run_all(a, Tokenizer(meta), cfg, w)
+        print(f"all: done in {time.time() - t0:.2f}s", file=sys.stderr)
+        return
     with open(a.ids) as f:
         ids = [int(i) for i in json.load(f)]
     t1 = time.time()
     if a.cmd == "forward":
         forward(ids, cfg, w, {}).astype("<f4").tofile(a.out)
     elif a.cmd == "greedy":
-        cache, new = {}, []
-        logits = forward(ids, cfg, w, cache)[-1]
-        for step in range(a.n):
-            nxt = int(np.argmax(logits))          # argmax returns the lowest index on ties
-            new.append(nxt)
-            if step + 1 < a.n:
-                logits = forward([nxt], cfg, w, cache, pos0=len(ids) + step)[-1]
         with open(a.out, "w") as f:
-            json.dump(new, f)
+            json.dump(greedy(ids, a.n, cfg, w), f)
     elif a.cmd == "ppl":
-        logits = forward(ids, cfg, w, {})[:-1]
-        m = logits.max(axis=-1, keepdims=True)
-        logp = logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))
-        nll = -logp[np.arange(len(ids) - 1), ids[1:]]
+        nll = nll_rows(forward(ids, cfg, w, {})[:-1], ids[1:])
         res = {"ppl": float(np.exp(nll.mean())), "nll_sum": float(nll.sum()), "count": len(ids) - 1}
         with open(a.out, "w") as f:
             json.dump(res, f)
