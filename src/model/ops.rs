@@ -22,19 +22,64 @@ pub fn gemm_nt(
     out_rs: usize,
     parallel: bool,
 ) {
+    assert!(
+        n == 0 || b.len() >= (n - 1) * b_rs + k,
+        "gemm_nt: b too short"
+    );
+    // SAFETY: rhs (p, j) = b[j * b_rs + p], in bounds by the assert above.
+    unsafe { gemm_raw(m, n, k, a, a_rs, b.as_ptr(), 1, b_rs, out, out_rs, parallel) }
+}
+
+/// `out[m][n] = a[m][k] · b[k][n]` with arbitrary row strides for `a`, `b`, `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nn(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    b: &[f32],
+    b_rs: usize,
+    out: &mut [f32],
+    out_rs: usize,
+    parallel: bool,
+) {
+    assert!(
+        k == 0 || b.len() >= (k - 1) * b_rs + n,
+        "gemm_nn: b too short"
+    );
+    // SAFETY: rhs (p, j) = b[p * b_rs + j], in bounds by the assert above.
+    unsafe { gemm_raw(m, n, k, a, a_rs, b.as_ptr(), b_rs, 1, out, out_rs, parallel) }
+}
+
+/// # Safety
+/// `b` must be valid for every `p * b_rs + j * b_cs` with `p < k`, `j < n`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+    out: &mut [f32],
+    out_rs: usize,
+    parallel: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(a.len() >= (m - 1) * a_rs + k, "gemm_nt: a too short");
-    assert!(b.len() >= (n - 1) * b_rs + k, "gemm_nt: b too short");
-    assert!(out.len() >= (m - 1) * out_rs + n, "gemm_nt: out too short");
+    assert!(k == 0 || a.len() >= (m - 1) * a_rs + k, "gemm: a too short");
+    assert!(out.len() >= (m - 1) * out_rs + n, "gemm: out too short");
     let par = if parallel {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above bound every index gemm touches: dst (i, j) at i*out_rs + j,
-    // lhs (i, p) at i*a_rs + p, rhs (p, j) = b[j][p] at j*b_rs + p.
+    // SAFETY: dst (i, j) at i*out_rs + j and lhs (i, p) at i*a_rs + p are bounded by the
+    // asserts above; rhs by the caller's contract.
     unsafe {
         gemm::gemm(
             m,
@@ -47,9 +92,9 @@ pub fn gemm_nt(
             a.as_ptr(),
             1,
             a_rs as isize,
-            b.as_ptr(),
+            b,
+            b_cs as isize,
             b_rs as isize,
-            1,
             0.0,
             1.0,
             false,
