@@ -154,7 +154,7 @@ pub fn layer_tapped(
 
 /// Causal grouped-query attention of `t` new queries (absolute positions `pos0..`) over all
 /// cached keys; returns `[t][q_dim]`.
-fn attention(
+pub fn attention(
     c: &crate::model::LlamaConfig,
     q: &[f32],
     kc: &[f32],
@@ -204,17 +204,19 @@ fn attention(
                 }
                 row[visible..].fill(0.0);
             }
-            // out = P · V, with V read as vᵀ rows: do it as a plain accumulation, V is strided.
             let mut out = vec![0f32; rows * hd];
-            for (i, p) in s.chunks_exact(keys).enumerate() {
-                let o = &mut out[i * hd..(i + 1) * hd];
-                for (j, &pj) in p[..pos0 + r0 + i + 1].iter().enumerate() {
-                    let vr = &vc[j * kv_dim + kvh * hd..j * kv_dim + kvh * hd + hd];
-                    for (a, b) in o.iter_mut().zip(vr) {
-                        *a += pj * b;
-                    }
-                }
-            }
+            ops::gemm_nn(
+                rows,
+                hd,
+                keys,
+                &s,
+                keys,
+                &vc[kvh * hd..],
+                kv_dim,
+                &mut out,
+                hd,
+                false,
+            );
             out
         })
         .collect();
