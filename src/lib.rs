@@ -3,6 +3,7 @@
 //! Data flows one way: weights -> `quant` -> `build` -> ensemble files -> `gpu`/`runtime` ->
 //! tokens. See the README's architecture section.
 
+pub mod ensemble;
 pub mod error;
 pub mod model;
 pub mod quant;

@@ -1,0 +1,350 @@
+//! `manifest.json`: the contract between the native builder and the browser runtime.
+//!
+//! An ensemble directory holds this manifest, one shard per kept module version (the packed
+//! format of `quant::format`), a base shard (embeddings and norms) and the tokenizer. The
+//! trajectory lists EQMs from QM(n_up) (step 0, every module at `n_up` bits) to QM(n_low),
+//! each step lowering one module (possibly by more than one bit-width after pruning).
+//!
+//! Everything here is untrusted input for the browser: `Manifest::from_bytes` checks the format
+//! version, every size against caps, file names, that each step's swap refers to a shard that
+//! exists and is one-way, that footprints are exactly the sums they claim and monotone, and that
+//! the trajectory ends at QM(n_low).
+
+use crate::error::{Error, Result};
+use crate::model::config::LlamaConfig;
+use crate::model::weights::{ModuleId, ModuleKind};
+use crate::quant::format::{PackedShape, BITS, GROUP_SIZES};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const FORMAT: &str = "flexquant-ensemble";
+pub const VERSION: u32 = 1;
+/// Larger manifests are refused unread.
+pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
+/// A file bigger than this is not a shard of a model this runtime can run.
+const MAX_FILE_BYTES: u64 = 4 << 30;
+const MAX_STEPS: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileRef {
+    /// Path relative to the manifest, `/`-separated.
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleVersion {
+    pub layer: usize,
+    pub kind: ModuleKind,
+    pub bits: u32,
+    #[serde(flatten)]
+    pub file: FileRef,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quantizer {
+    /// "gptq" or "rtn".
+    pub method: String,
+    pub group_size: usize,
+    /// Free-form record of the calibration (text, token counts, seeds).
+    #[serde(default)]
+    pub calibration: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Swap {
+    pub layer: usize,
+    pub kind: ModuleKind,
+    pub from_bits: u32,
+    pub to_bits: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    /// `None` for step 0 (QM(n_up)).
+    pub swap: Option<Swap>,
+    /// Base shard + every module's current version.
+    pub footprint_bytes: u64,
+    pub calib_ppl: Option<f64>,
+    pub heldout_ppl: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub name: String,
+    pub config: LlamaConfig,
+    pub tokenizer: FileRef,
+    /// Embeddings (also the tied head) and norms.
+    pub base: FileRef,
+    /// Storage precision of the embedding in the base shard: "q8" (packed format, 8 bits,
+    /// group 32: the demo model's source embedding is Q8_0, so this is lossless in practice)
+    /// or "f16".
+    pub base_precision: String,
+    pub quantizer: Quantizer,
+    pub n_up: u32,
+    pub n_low: u32,
+    pub modules: Vec<ModuleVersion>,
+    pub trajectory: Vec<Step>,
+    /// Builder provenance and settings (branch, stem, prune rate, timings); not validated.
+    #[serde(default)]
+    pub build: serde_json::Value,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A file name the runtime may fetch: relative, no `..`, plain characters.
+fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('/')
+        && name
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != "..")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::format(what, format!("unsafe file name {name:?}")))
+    }
+}
+
+fn check_file(what: &str, f: &FileRef) -> Result<()> {
+    check_name(what, &f.file)?;
+    if f.bytes == 0 || f.bytes > MAX_FILE_BYTES {
+        return Err(Error::format(
+            what,
+            format!("{}: absurd size {} bytes", f.file, f.bytes),
+        ));
+    }
+    if f.sha256.len() != 64 || !f.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Error::format(
+            what,
+            format!("{}: sha256 {:?} is not 64 hex digits", f.file, f.sha256),
+        ));
+    }
+    Ok(())
+}
+
+impl Manifest {
+    pub fn from_bytes(what: &str, bytes: &[u8]) -> Result<Self> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(Error::format(
+                what,
+                format!("{} bytes is too large for a manifest", bytes.len()),
+            ));
+        }
+        let head: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| Error::format(what, e))?;
+        if head.get("format").and_then(|v| v.as_str()) != Some(FORMAT) {
+            return Err(Error::format(what, format!("not a {FORMAT} manifest")));
+        }
+        let v = head.get("version").and_then(|v| v.as_u64());
+        if v != Some(VERSION as u64) {
+            return Err(Error::format(
+                what,
+                format!("manifest version {v:?} is not supported (this runtime reads version {VERSION})"),
+            ));
+        }
+        let m: Manifest = serde_json::from_value(head).map_err(|e| Error::format(what, e))?;
+        m.validate(what)?;
+        Ok(m)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("manifest serializes")
+    }
+
+    pub fn n_modules(&self) -> usize {
+        self.config.num_hidden_layers * 7
+    }
+
+    /// The version of `id` at `bits`, if the ensemble keeps it.
+    pub fn version(&self, id: ModuleId, bits: u32) -> Option<&ModuleVersion> {
+        self.modules
+            .iter()
+            .find(|v| v.layer == id.layer && v.kind == id.kind && v.bits == bits)
+    }
+
+    /// Bit-width of every module (by `ModuleId::index`) at trajectory step `step`.
+    pub fn bits_at(&self, step: usize) -> Vec<u32> {
+        let mut bits = vec![self.n_up; self.n_modules()];
+        for s in &self.trajectory[1..=step.min(self.trajectory.len() - 1)] {
+            let sw = s.swap.as_ref().expect("validated");
+            bits[ModuleId {
+                layer: sw.layer,
+                kind: sw.kind,
+            }
+            .index()] = sw.to_bits;
+        }
+        bits
+    }
+
+    /// Sum of the distinct files' bytes: what the ensemble costs to store or download in full.
+    pub fn storage_bytes(&self) -> u64 {
+        self.base.bytes
+            + self.tokenizer.bytes
+            + self.modules.iter().map(|v| v.file.bytes).sum::<u64>()
+    }
+
+    pub fn validate(&self, what: &str) -> Result<()> {
+        let err = |r: String| Err(Error::format(what, r));
+        self.config.validate(what)?;
+        check_file(what, &self.tokenizer)?;
+        check_file(what, &self.base)?;
+        if !["q8", "f16"].contains(&self.base_precision.as_str()) {
+            return err(format!(
+                "base precision {:?} is not supported",
+                self.base_precision
+            ));
+        }
+        let q = &self.quantizer;
+        if !GROUP_SIZES.contains(&q.group_size) {
+            return err(format!("group size {} is not supported", q.group_size));
+        }
+        if !BITS.contains(&self.n_up) || !BITS.contains(&self.n_low) || self.n_low > self.n_up {
+            return err(format!(
+                "n_up {} / n_low {} are not a valid range",
+                self.n_up, self.n_low
+            ));
+        }
+        let n = self.n_modules();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut names = std::collections::BTreeSet::new();
+        for v in &self.modules {
+            check_file(what, &v.file)?;
+            if v.layer >= self.config.num_hidden_layers {
+                return err(format!("{}: layer {} does not exist", v.file.file, v.layer));
+            }
+            if !BITS.contains(&v.bits) || v.bits > self.n_up || v.bits < self.n_low {
+                return err(format!(
+                    "{}: {} bits is outside n_low..=n_up",
+                    v.file.file, v.bits
+                ));
+            }
+            if !seen.insert((v.layer, v.kind, v.bits)) {
+                return err(format!(
+                    "module L{}.{} at {} bits is listed twice",
+                    v.layer,
+                    v.kind.name(),
+                    v.bits
+                ));
+            }
+            if !names.insert(v.file.file.clone()) {
+                return err(format!("file {} is used twice", v.file.file));
+            }
+            let (r, c) = v.kind.shape(&self.config);
+            let want = PackedShape::new(r, c, v.bits, q.group_size)?.bytes() as u64;
+            if v.file.bytes != want {
+                return err(format!(
+                    "{}: {} bytes, but a {r}x{c} module at {} bits is {want}",
+                    v.file.file, v.file.bytes, v.bits
+                ));
+            }
+        }
+        let t = &self.trajectory;
+        if t.is_empty() || t.len() > MAX_STEPS {
+            return err(format!("trajectory has {} steps", t.len()));
+        }
+        if t[0].swap.is_some() {
+            return err("step 0 must be QM(n_up), with no swap".into());
+        }
+        let mut bits = vec![self.n_up; n];
+        let footprint = |bits: &[u32]| -> Option<u64> {
+            let mut s = self.base.bytes;
+            for (i, &b) in bits.iter().enumerate() {
+                s += self.version(ModuleId::from_index(i), b)?.file.bytes;
+            }
+            Some(s)
+        };
+        for (i, step) in t.iter().enumerate() {
+            if let Some(sw) = &step.swap {
+                if i == 0 || sw.layer >= self.config.num_hidden_layers {
+                    return err(format!("step {i}: swap of layer {} is invalid", sw.layer));
+                }
+                let id = ModuleId {
+                    layer: sw.layer,
+                    kind: sw.kind,
+                };
+                if bits[id.index()] != sw.from_bits {
+                    return err(format!(
+                        "step {i}: {id} is at {} bits, not {}",
+                        bits[id.index()],
+                        sw.from_bits
+                    ));
+                }
+                if sw.to_bits >= sw.from_bits {
+                    return err(format!(
+                        "step {i}: {id} {} -> {} bits is not one-way down",
+                        sw.from_bits, sw.to_bits
+                    ));
+                }
+                if self.version(id, sw.to_bits).is_none() {
+                    return err(format!(
+                        "step {i}: no shard for {id} at {} bits",
+                        sw.to_bits
+                    ));
+                }
+                bits[id.index()] = sw.to_bits;
+            } else if i > 0 {
+                return err(format!("step {i} has no swap"));
+            }
+            let Some(f) = footprint(&bits) else {
+                return err(format!("step {i}: a module version it uses has no shard"));
+            };
+            if f != step.footprint_bytes {
+                return err(format!(
+                    "step {i}: footprint {} bytes, but its shards add up to {f}",
+                    step.footprint_bytes
+                ));
+            }
+            if i > 0 && step.footprint_bytes >= t[i - 1].footprint_bytes {
+                return err(format!("step {i}: footprint does not decrease"));
+            }
+            for (name, p) in [
+                ("calib_ppl", step.calib_ppl),
+                ("heldout_ppl", step.heldout_ppl),
+            ] {
+                if p.is_some_and(|p| !(p.is_finite() && p >= 1.0)) {
+                    return err(format!("step {i}: {name} {p:?} is not a perplexity"));
+                }
+            }
+        }
+        if bits.iter().any(|&b| b != self.n_low) {
+            return err(format!(
+                "the trajectory ends before QM(n_low = {})",
+                self.n_low
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a downloaded or read file against its entry: size first (cheap), then hash.
+    pub fn verify_file(f: &FileRef, bytes: &[u8]) -> Result<()> {
+        if bytes.len() as u64 != f.bytes {
+            return Err(Error::format(
+                &f.file,
+                format!(
+                    "{} bytes, expected {} (truncated or wrong file)",
+                    bytes.len(),
+                    f.bytes
+                ),
+            ));
+        }
+        let h = sha256_hex(bytes);
+        if h != f.sha256 {
+            return Err(Error::format(
+                &f.file,
+                format!("sha256 {h} does not match the manifest's {}", f.sha256),
+            ));
+        }
+        Ok(())
+    }
+}

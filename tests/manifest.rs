@@ -1,0 +1,202 @@
+//! The manifest reader rejects every kind of bad manifest with a clear error.
+
+use flexquant::ensemble::manifest::{
+    sha256_hex, FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap,
+};
+use flexquant::model::tiny::tiny_config;
+use flexquant::model::{ModuleId, ModuleKind};
+use flexquant::quant::format::PackedShape;
+
+fn file(name: &str, bytes: u64) -> FileRef {
+    FileRef {
+        file: name.into(),
+        bytes,
+        sha256: sha256_hex(name.as_bytes()),
+    }
+}
+
+/// A valid manifest for the tiny config: every module at 4, 3 and 2 bits; the trajectory lowers
+/// modules one at a time, 4 -> 3 everywhere, then 3 -> 2.
+fn sample() -> Manifest {
+    let config = tiny_config();
+    let group = 32;
+    let mut modules = Vec::new();
+    for i in 0..config.num_hidden_layers * 7 {
+        let id = ModuleId::from_index(i);
+        let (r, c) = id.kind.shape(&config);
+        for bits in [4, 3, 2] {
+            let bytes = PackedShape::new(r, c, bits, group).unwrap().bytes() as u64;
+            modules.push(ModuleVersion {
+                layer: id.layer,
+                kind: id.kind,
+                bits,
+                file: file(
+                    &format!("modules/L{}.{}.{bits}.bin", id.layer, id.kind.name()),
+                    bytes,
+                ),
+            });
+        }
+    }
+    let mut m = Manifest {
+        format: "flexquant-ensemble".into(),
+        version: 1,
+        name: "tiny".into(),
+        config,
+        tokenizer: file("tokenizer.json", 1000),
+        base: file("base.bin", 5000),
+        base_precision: "q8".into(),
+        quantizer: Quantizer {
+            method: "rtn".into(),
+            group_size: group,
+            calibration: serde_json::Value::Null,
+        },
+        n_up: 4,
+        n_low: 2,
+        modules,
+        trajectory: vec![],
+        build: serde_json::Value::Null,
+    };
+    let n = m.n_modules();
+    let mut bits = vec![4u32; n];
+    let foot = |m: &Manifest, bits: &[u32]| {
+        m.base.bytes
+            + (0..n)
+                .map(|i| {
+                    m.version(ModuleId::from_index(i), bits[i])
+                        .unwrap()
+                        .file
+                        .bytes
+                })
+                .sum::<u64>()
+    };
+    m.trajectory.push(Step {
+        swap: None,
+        footprint_bytes: foot(&m, &bits),
+        calib_ppl: Some(10.0),
+        heldout_ppl: Some(11.0),
+    });
+    for to in [3, 2] {
+        for i in 0..n {
+            let id = ModuleId::from_index(i);
+            let swap = Swap {
+                layer: id.layer,
+                kind: id.kind,
+                from_bits: bits[i],
+                to_bits: to,
+            };
+            bits[i] = to;
+            m.trajectory.push(Step {
+                swap: Some(swap),
+                footprint_bytes: foot(&m, &bits),
+                calib_ppl: Some(10.5),
+                heldout_ppl: None,
+            });
+        }
+    }
+    m
+}
+
+fn reject(m: &Manifest, needle: &str) {
+    let e = Manifest::from_bytes("manifest.json", m.to_json().as_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("manifest.json") && e.contains(needle),
+        "expected {needle:?} in: {e}"
+    );
+}
+
+#[test]
+fn valid_manifest_round_trips() {
+    let m = sample();
+    let back = Manifest::from_bytes("manifest.json", m.to_json().as_bytes()).unwrap();
+    assert_eq!(back, m);
+    assert_eq!(m.bits_at(0), vec![4; 14]);
+    assert_eq!(m.bits_at(m.trajectory.len() - 1), vec![2; 14]);
+    assert_eq!(m.bits_at(15)[0], 2);
+    assert_eq!(m.bits_at(15)[1], 3);
+}
+
+#[test]
+fn mutated_manifests_are_rejected() {
+    let mut m = sample();
+    m.version = 2;
+    reject(&m, "version Some(2) is not supported");
+
+    let mut m = sample();
+    m.modules
+        .retain(|v| !(v.layer == 1 && v.kind == ModuleKind::Up && v.bits == 2));
+    reject(&m, "no shard for L1.up at 2 bits");
+
+    let mut m = sample();
+    m.modules[5].file.bytes += 4;
+    reject(&m, "but a");
+
+    let mut m = sample();
+    m.modules[0].file.sha256 = "xyz".into();
+    reject(&m, "not 64 hex digits");
+
+    let mut m = sample();
+    m.trajectory.swap(3, 4);
+    reject(&m, "footprint");
+
+    let mut m = sample();
+    let last = m.trajectory.len() - 1;
+    m.trajectory.truncate(last);
+    reject(&m, "ends before QM(n_low = 2)");
+
+    let mut m = sample();
+    m.trajectory[2].swap.as_mut().unwrap().to_bits = 4;
+    reject(&m, "");
+
+    let mut m = sample();
+    m.trajectory[1].footprint_bytes += 1;
+    reject(&m, "step 1: footprint");
+
+    let mut m = sample();
+    m.base.bytes = 1 << 40;
+    reject(&m, "absurd size");
+
+    let mut m = sample();
+    m.modules[0].file.file = "../../etc/passwd".into();
+    reject(&m, "unsafe file name");
+
+    let mut m = sample();
+    m.n_low = 5;
+    reject(&m, "not a valid range");
+
+    let mut m = sample();
+    m.trajectory[3].calib_ppl = Some(f64::NAN);
+    let json = m.to_json(); // NaN serializes as null: accepted as "not measured"
+    assert!(Manifest::from_bytes("manifest.json", json.as_bytes()).is_ok());
+
+    let e = Manifest::from_bytes("m.json", b"{\"format\": \"something-else\"}").unwrap_err();
+    assert!(e.to_string().contains("not a flexquant-ensemble manifest"));
+    let e = Manifest::from_bytes("m.json", b"{ truncated").unwrap_err();
+    assert!(e.to_string().starts_with("m.json"));
+    let mut json = sample().to_json();
+    json = json.replace("\"kind\": \"up\"", "\"kind\": \"sideways\"");
+    let e = Manifest::from_bytes("m.json", json.as_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sideways"), "{e}");
+}
+
+#[test]
+fn verify_file_checks_size_then_hash() {
+    let body = b"shard bytes".to_vec();
+    let f = FileRef {
+        file: "s.bin".into(),
+        bytes: body.len() as u64,
+        sha256: sha256_hex(&body),
+    };
+    Manifest::verify_file(&f, &body).unwrap();
+    let e = Manifest::verify_file(&f, &body[..5])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("s.bin") && e.contains("truncated"), "{e}");
+    let mut bad = body.clone();
+    bad[0] ^= 1;
+    let e = Manifest::verify_file(&f, &bad).unwrap_err().to_string();
+    assert!(e.contains("does not match"), "{e}");
+}
