@@ -60,7 +60,7 @@ fn synthetic_gguf() -> Vec<u8> {
     w.0.extend(2u64.to_le_bytes());
     w.0.extend(8u32.to_le_bytes());
     w.0.extend(256u64.to_le_bytes());
-    while w.0.len() % 32 != 0 {
+    while !w.0.len().is_multiple_of(32) {
         w.0.push(0);
     }
     w.0.extend(std::iter::repeat_n(0u8, 256 + 4 * 34));
