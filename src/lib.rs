@@ -7,6 +7,7 @@ pub mod ensemble;
 pub mod error;
 pub mod model;
 pub mod quant;
+pub mod runtime;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod text;
 
