@@ -37,7 +37,9 @@ apt_install() {
 
 setup_toolchain() {
   command -v cargo >/dev/null || die "cargo not found: install Rust with rustup first"
-  apt_install ca-certificates unzip pkg-config
+  # mesa-vulkan-drivers: lavapipe, the CPU Vulkan driver the native wgpu tests run on;
+  # fonts-dejavu-core: the font the report plots are drawn with.
+  apt_install ca-certificates unzip pkg-config mesa-vulkan-drivers libvulkan1 fonts-dejavu-core
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
   rustup target list --installed | grep -q wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
@@ -114,20 +116,61 @@ cmd_test() {
   log "wasm32 build of the library"
   cargo build -q --release --target wasm32-unknown-unknown --lib
   log "cargo test (native; real model and text required, not skipped)"
-  FLEXQUANT_REQUIRE_DATA=1 cargo test --release -- --test-threads=1
+  FLEXQUANT_REQUIRE_DATA=1 FLEXQUANT_REQUIRE_GPU=1 cargo test --release -- --test-threads=1
   log "all tests passed"
+}
+
+ENSEMBLE="$CACHE/ensemble/fast-4to2"
+
+# The fast-preset ensemble, built once (its library is cached beside it).
+build_demo_ensemble() {
+  if [ -f "$ENSEMBLE/manifest.json" ] && [ "$(cat "$ENSEMBLE/.inputs" 2>/dev/null)" = "$(ensemble_inputs)" ]; then
+    log "ensemble cached: $ENSEMBLE"
+    return 0
+  fi
+  log "building the fast-preset ensemble (4 -> 2 bits) into $ENSEMBLE"
+  mkdir -p "$CACHE/ensemble"
+  "$BIN" build --model "$MODEL" --calib "$CACHE/text/austen-calib.txt" \
+    --heldout "$CACHE/text/austen-heldout.txt" --preset fast --out "$ENSEMBLE"
+  ensemble_inputs > "$ENSEMBLE/.inputs"
+}
+
+# What the cached ensemble depends on: the model, the text, and the builder's sources.
+ensemble_inputs() {
+  cat "$MODEL.sha256" 2>/dev/null || echo "$MODEL_SHA"
+  sha256sum src/build/*.rs src/quant/*.rs src/ensemble/*.rs | sha256sum
 }
 
 cmd_demo() {
   cmd_setup
-  log "chatting with the demo model on the CPU reference path"
+  build_demo_ensemble
+  log "chatting with the demo model on the CPU reference path (the browser page is not built yet)"
   exec "$BIN" chat --model "$MODEL" --max-tokens 200
 }
 
 cmd_bench() {
   cmd_setup
   mkdir -p target/bench
-  "$BIN" bench cpu --model "$MODEL" --text "$CACHE/text/austen-heldout.txt" --out-dir target/bench
+  local T="$CACHE/text/austen-heldout.txt" C="$CACHE/text/austen-calib.txt"
+  "$BIN" bench cpu --model "$MODEL" --text "$T" --out-dir target/bench
+  "$BIN" bench quant --model "$MODEL" --text "$T" --calib "$C" --out-dir target/bench
+  "$BIN" bench gpu --model "$MODEL" --text "$T" --out-dir target/bench --gpu-decode-tokens 8 --gpu-prefill-tokens 64
+  # The full-preset ensembles, 4 -> 2 and 8 -> 2, cached by their inputs.
+  for span in "8 2" "4 2"; do  # 8 -> 2 first: its library serves both
+    set -- $span
+    local dir="$CACHE/ensemble/full-${1}to${2}"
+    if [ ! -f "$dir/report.json" ] || [ "$(cat "$dir/.inputs" 2>/dev/null)" != "$(ensemble_inputs)" ]; then
+      "$BIN" build --model "$MODEL" --calib "$C" --heldout "$T" --preset full \
+        --n-up "$1" --n-low "$2" --library "$CACHE/ensemble/library-gptq-8to2" --out "$dir"
+      ensemble_inputs > "$dir/.inputs"
+    fi
+  done
+  python3 - "$CACHE/ensemble" > target/bench/ensemble.json <<'PY'
+import json, sys
+d = sys.argv[1]
+print(json.dumps({s: json.load(open(f"{d}/full-{s}/report.json")) for s in ("4to2", "8to2")}, indent=1))
+PY
+  log "benchmarks written to target/bench/"
 }
 
 case "${1:-}" in

@@ -3,8 +3,11 @@
 //! Data flows one way: weights -> `quant` -> `build` -> ensemble files -> `gpu`/`runtime` ->
 //! tokens. See the README's architecture section.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod build;
 pub mod ensemble;
 pub mod error;
+pub mod gpu;
 pub mod model;
 pub mod quant;
 pub mod runtime;

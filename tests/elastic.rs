@@ -293,7 +293,7 @@ fn fast_oscillating_budget_moves_down_once() {
     let mut h = Host::new().started();
     // 1 s at 2600 MB (the top fits), 1 s at 1500 MB (step 15): faster than the 3 s delay.
     h.run(60_000.0, |ctl, now| {
-        let high = (now / 1000.0) as u64 % 2 == 0;
+        let high = ((now / 1000.0) as u64).is_multiple_of(2);
         ctl.set_budget(if high { 2600 } else { 1500 } * MB);
     });
     assert_eq!(h.direction_changes(), 0, "{:?}", h.moves);
@@ -309,7 +309,7 @@ fn jittering_budget_does_not_oscillate() {
     h.token();
     // +-3% around 2000 MB every 100 ms for five minutes.
     h.run(300_000.0, |ctl, now| {
-        if (now as u64) % 100 == 0 {
+        if (now as u64).is_multiple_of(100) {
             ctl.set_budget(((0.97 + 0.06 * rng.next()) * 2000.0) as u64 * MB);
         }
     });
@@ -322,7 +322,7 @@ fn slow_oscillating_budget_is_followed_with_bounded_moves() {
     let mut h = Host::new().started();
     // 10 s high, 10 s low, for 200 s: 10 cycles; following is right, thrashing is not.
     h.run(200_000.0, |ctl, now| {
-        let high = (now / 10_000.0) as u64 % 2 == 0;
+        let high = ((now / 10_000.0) as u64).is_multiple_of(2);
         ctl.set_budget(if high { 2600 } else { 1500 } * MB);
     });
     assert!(h.direction_changes() <= 2 * 10, "{:?}", h.moves);
@@ -456,7 +456,7 @@ fn slow_leak_only_steps_down_and_keeps_the_heap_under_the_mark() {
     // 100 MB/s of leaked JS memory, one reading every 500 ms, for 40 s.
     let mut readings = Vec::new();
     h.run(40_000.0, |ctl, now| {
-        if (now as u64) % 500 == 0 {
+        if (now as u64).is_multiple_of(500) {
             other += 50 * MB;
             ctl.heap(heap_used(ctl, other), LIMIT, now);
             readings.push(other);
@@ -485,7 +485,7 @@ fn oscillating_heap_moves_down_once_then_recovers() {
     let mut h = Host::new().started();
     // Alternating 500 ms above the high-water mark and 500 ms calm, for 30 s.
     h.run(30_000.0, |ctl, now| {
-        let other = if (now / 500.0) as u64 % 2 == 0 {
+        let other = if ((now / 500.0) as u64).is_multiple_of(2) {
             2000
         } else {
             200

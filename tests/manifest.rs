@@ -1,7 +1,8 @@
 //! The manifest reader rejects every kind of bad manifest with a clear error.
 
+use flexquant::ensemble::base::base_bytes;
 use flexquant::ensemble::manifest::{
-    sha256_hex, FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap,
+    sha256_hex, ChatSpec, FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap,
 };
 use flexquant::model::tiny::tiny_config;
 use flexquant::model::{ModuleId, ModuleKind};
@@ -41,9 +42,15 @@ fn sample() -> Manifest {
         format: "flexquant-ensemble".into(),
         version: 1,
         name: "tiny".into(),
-        config,
+        config: config.clone(),
         tokenizer: file("tokenizer.json", 1000),
-        base: file("base.bin", 5000),
+        chat: ChatSpec {
+            template: "chatml".into(),
+            default_system: None,
+            bos: Some(1),
+            stop: vec![2],
+        },
+        base: file("base.bin", base_bytes(&config, group).unwrap() as u64),
         base_precision: "q8".into(),
         quantizer: Quantizer {
             method: "rtn".into(),
@@ -156,6 +163,14 @@ fn mutated_manifests_are_rejected() {
     let mut m = sample();
     m.base.bytes = 1 << 40;
     reject(&m, "absurd size");
+
+    let mut m = sample();
+    m.base.bytes -= 4;
+    reject(&m, "but the base of this model is");
+
+    let mut m = sample();
+    m.chat.stop = vec![100_000];
+    reject(&m, "exceed the vocabulary");
 
     let mut m = sample();
     m.modules[0].file.file = "../../etc/passwd".into();

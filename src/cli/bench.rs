@@ -10,7 +10,7 @@ use std::time::Instant;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Which benchmark: cpu.
+    /// Which benchmark: cpu, quant, gpu.
     which: String,
     #[arg(long)]
     model: PathBuf,
@@ -26,6 +26,10 @@ pub struct BenchArgs {
     decode_tokens: usize,
     #[arg(long, default_value = "target/bench")]
     out_dir: PathBuf,
+    #[command(flatten)]
+    quant: super::bench_quant::QuantBenchArgs,
+    #[command(flatten)]
+    gpu: super::bench_gpu::GpuBenchArgs,
 }
 
 /// Matmul FLOPs of one prefill of `t` tokens with logits for the last token only.
@@ -67,8 +71,17 @@ fn plain_gemm_seconds(w: &Weights, t: usize) -> f64 {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.which == "quant" {
+        return super::bench_quant::run(&a.model, &a.text, &a.out_dir, &a.quant);
+    }
+    if a.which == "gpu" {
+        return super::bench_gpu::run(&a.model, &a.text, &a.out_dir, &a.gpu);
+    }
     if a.which != "cpu" {
-        anyhow::bail!("unknown benchmark {:?} (available: cpu)", a.which);
+        anyhow::bail!(
+            "unknown benchmark {:?} (available: cpu, quant, gpu)",
+            a.which
+        );
     }
     let m = super::load_model(&a.model)?;
     let w = &m.weights;

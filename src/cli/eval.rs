@@ -20,6 +20,8 @@ pub struct EvalArgs {
     max_tokens: Option<usize>,
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    gpu: super::gpu::GpuArgs,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -35,10 +37,24 @@ pub fn run(a: EvalArgs) -> Result<()> {
         "{msg} [{bar:30}] {pos}/{len} windows, ETA {eta}",
     )?);
     pb.set_message(format!("ppl over {} tokens", ids.len()));
-    let r = flexquant::model::eval::perplexity(&m.weights, &ids, a.ctx, stride, |d, n| {
+    let progress = |d: usize, n: usize| {
         pb.set_length(n as u64);
         pb.set_position(d as u64);
-    })?;
+    };
+    let r = if a.gpu.gpu {
+        // Logits for up to 64 rows at a time; the NLL of each comes back, not the logits.
+        let opts = flexquant::gpu::ModelOptions {
+            context: a.ctx,
+            max_batch: 64,
+            logit_rows: 64,
+            top_k: 1,
+        };
+        let mut model = a.gpu.model(&m, opts)?;
+        let f = flexquant::gpu::session::perplexity(&mut model, &ids, a.ctx, stride, progress);
+        pollster::block_on(f)?
+    } else {
+        flexquant::model::eval::perplexity(&m.weights, &ids, a.ctx, stride, progress)?
+    };
     pb.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);

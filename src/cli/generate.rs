@@ -20,6 +20,8 @@ pub struct GenerateArgs {
     /// Print a JSON line with the generated ids and timing at the end.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    gpu: super::gpu::GpuArgs,
 }
 
 #[derive(Args)]
@@ -62,9 +64,53 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         a.prompt.clone()
     };
     let ids = m.tokenizer.encode(&text)?;
+    if a.gpu.gpu {
+        return generate_gpu(&a, &m, &ids);
+    }
     let mut session = Session::new(&m.weights, &m.tokenizer, a.sampling.context);
     let (out, stats) = session.generate(&ids, &a.sampling.params(), print_piece)?;
     println!();
+    eprintln!("{}", speed(&stats));
+    if a.json {
+        println!("{}", serde_json::json!({"ids": out, "stats": stats}));
+    }
+    Ok(())
+}
+
+/// The same generation on the GPU engine, streaming each token's text as it comes.
+fn generate_gpu(
+    a: &GenerateArgs,
+    m: &flexquant::model::load::LoadedModel,
+    ids: &[u32],
+) -> Result<()> {
+    use flexquant::gpu::session::{Sampling, Session};
+    let opts = flexquant::gpu::ModelOptions {
+        context: a
+            .sampling
+            .context
+            .min(m.weights.config.max_position_embeddings),
+        ..Default::default()
+    };
+    let mut session = Session::new(a.gpu.model(m, opts)?);
+    let s = Sampling {
+        temperature: a.sampling.temperature,
+        top_p: a.sampling.top_p,
+        max_tokens: a.sampling.max_tokens,
+        seed: a.sampling.seed,
+    };
+    let mut dec = flexquant::model::tokenizer::StreamDecoder::default();
+    let (out, st) = pollster::block_on(session.generate(ids, &s, &m.tokenizer.stop, |id| {
+        dec.step(&m.tokenizer, id).map_or(true, |p| print_piece(&p))
+    }))?;
+    println!();
+    let stats = GenStats {
+        prompt_tokens: st.prompt_tokens,
+        prefilled: st.prefilled,
+        generated: st.generated,
+        prefill_seconds: st.prefill_seconds,
+        decode_seconds: st.decode_seconds,
+        stopped_by: st.stopped_by,
+    };
     eprintln!("{}", speed(&stats));
     if a.json {
         println!("{}", serde_json::json!({"ids": out, "stats": stats}));

@@ -1,9 +1,14 @@
 //! Subcommands. Each file holds one command family; this one holds the argument types.
 
 mod bench;
+mod bench_gpu;
+mod bench_quant;
+mod build;
 mod eval;
 mod generate;
+mod gpu;
 mod info;
+mod quant;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -50,8 +55,16 @@ enum Cmd {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Build a FlexQuant ensemble (library, search, pruning, package, report).
+    Build(build::BuildArgs),
+    /// Redo the report of an ensemble directory from its build record.
+    Report { dir: PathBuf },
     /// Benchmarks; write machine-readable JSON reports.
     Bench(bench::BenchArgs),
+    /// Quantize every module at every bit-width into a module library directory.
+    Quantize(quant::QuantizeArgs),
+    /// Table (JSON, Markdown, plot) of the float and every uniform-bit-width quantized model.
+    EvalStatic(quant::EvalStaticArgs),
 }
 
 /// Sampling options shared by generate and chat.
@@ -99,6 +112,10 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Build(a) => build::run_build(a),
+        Cmd::Report { dir } => build::run_report(&dir),
+        Cmd::Quantize(a) => quant::run_quantize(a),
+        Cmd::EvalStatic(a) => quant::eval_static(&a).map(|_| ()),
     }
 }
 

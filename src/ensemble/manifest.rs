@@ -52,6 +52,17 @@ pub struct Quantizer {
     pub calibration: serde_json::Value,
 }
 
+/// How to talk to the model: what the browser needs besides the tokenizer file.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ChatSpec {
+    /// "chatml" or "plain".
+    pub template: String,
+    pub default_system: Option<String>,
+    pub bos: Option<u32>,
+    /// Token ids that end an answer.
+    pub stop: Vec<u32>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Swap {
     pub layer: usize,
@@ -77,11 +88,11 @@ pub struct Manifest {
     pub name: String,
     pub config: LlamaConfig,
     pub tokenizer: FileRef,
+    pub chat: ChatSpec,
     /// Embeddings (also the tied head) and norms.
     pub base: FileRef,
-    /// Storage precision of the embedding in the base shard: "q8" (packed format, 8 bits,
-    /// group 32: the demo model's source embedding is Q8_0, so this is lossless in practice)
-    /// or "f16".
+    /// Storage precision of the embedding in the base shard: "q8" (packed format, 8 bits, the
+    /// manifest's group size; see `ensemble::base`).
     pub base_precision: String,
     pub quantizer: Quantizer,
     pub n_up: u32,
@@ -199,7 +210,26 @@ impl Manifest {
         self.config.validate(what)?;
         check_file(what, &self.tokenizer)?;
         check_file(what, &self.base)?;
-        if !["q8", "f16"].contains(&self.base_precision.as_str()) {
+        let vocab = self.config.vocab_size as u32;
+        if self
+            .chat
+            .stop
+            .iter()
+            .chain(&self.chat.bos)
+            .any(|&t| t >= vocab)
+        {
+            return err(format!(
+                "chat token ids {:?} / {:?} exceed the vocabulary",
+                self.chat.stop, self.chat.bos
+            ));
+        }
+        if !["chatml", "plain"].contains(&self.chat.template.as_str()) {
+            return err(format!(
+                "chat template {:?} is not supported",
+                self.chat.template
+            ));
+        }
+        if self.base_precision != "q8" {
             return err(format!(
                 "base precision {:?} is not supported",
                 self.base_precision
@@ -208,6 +238,13 @@ impl Manifest {
         let q = &self.quantizer;
         if !GROUP_SIZES.contains(&q.group_size) {
             return err(format!("group size {} is not supported", q.group_size));
+        }
+        let want = crate::ensemble::base::base_bytes(&self.config, q.group_size)? as u64;
+        if self.base.bytes != want {
+            return err(format!(
+                "{}: {} bytes, but the base of this model is {want}",
+                self.base.file, self.base.bytes
+            ));
         }
         if !BITS.contains(&self.n_up) || !BITS.contains(&self.n_low) || self.n_low > self.n_up {
             return err(format!(

@@ -142,9 +142,15 @@ mod tests {
                     *s += 1;
                 }
             }
-            assert!(scored.iter().all(|&c| c <= 1), "{n} {ctx} {stride}: {scored:?}");
+            assert!(
+                scored.iter().all(|&c| c <= 1),
+                "{n} {ctx} {stride}: {scored:?}"
+            );
             let unscored = scored.iter().filter(|&&c| c == 0).count();
-            assert_eq!(unscored, starts_without_context, "{n} {ctx} {stride}: {scored:?}");
+            assert_eq!(
+                unscored, starts_without_context,
+                "{n} {ctx} {stride}: {scored:?}"
+            );
         }
     }
 }

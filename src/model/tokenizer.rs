@@ -177,6 +177,13 @@ impl Tokenizer {
             .map_err(|e| Error::input(format!("detokenizing failed: {e}")))
     }
 
+    /// The tokenizer as a Hugging Face `tokenizer.json` (what the ensemble ships).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| Error::input(format!("serializing the tokenizer failed: {e}")))
+    }
+
     pub fn token_to_id(&self, s: &str) -> Option<u32> {
         self.inner.token_to_id(s)
     }

@@ -156,16 +156,34 @@ impl PackedMatrix {
     /// per weight, `scale * code + zero` in f32 from the f16 scale and zero.
     pub fn dequantize(&self) -> Vec<f32> {
         let s = self.shape;
-        let (wpr, gpr) = (s.words_per_row(), s.groups_per_row());
-        let mut out = Vec::with_capacity(s.rows * s.cols);
-        for r in 0..s.rows {
-            let row = &self.codes[r * wpr..(r + 1) * wpr];
-            for c in 0..s.cols {
-                let (scale, zero) = unpack_scale_zero(self.scales[r * gpr + c / s.group]);
-                out.push(scale * get_code(row, c, s.bits) as f32 + zero);
-            }
+        let mut out = vec![0f32; s.rows * s.cols];
+        for (r, o) in out.chunks_exact_mut(s.cols).enumerate() {
+            self.dequantize_row(r, o);
         }
         out
+    }
+
+    /// `dequantize` split over threads (row-parallel; identical result).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn dequantize_par(&self) -> Vec<f32> {
+        use rayon::prelude::*;
+        let s = self.shape;
+        let mut out = vec![0f32; s.rows * s.cols];
+        out.par_chunks_exact_mut(s.cols)
+            .enumerate()
+            .for_each(|(r, o)| self.dequantize_row(r, o));
+        out
+    }
+
+    /// Row `r` of `dequantize` into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let s = self.shape;
+        let (wpr, gpr) = (s.words_per_row(), s.groups_per_row());
+        let row = &self.codes[r * wpr..(r + 1) * wpr];
+        for (c, o) in out[..s.cols].iter_mut().enumerate() {
+            let (scale, zero) = unpack_scale_zero(self.scales[r * gpr + c / s.group]);
+            *o = scale * get_code(row, c, s.bits) as f32 + zero;
+        }
     }
 
     /// Shard body: codes then scales, little-endian.
@@ -210,6 +228,20 @@ impl PackedMatrix {
             }
         }
         Ok(m)
+    }
+}
+
+/// Checks a matrix before quantizing it: finite, and within f16 range so that the f16 scale
+/// and zero can represent its groups (a larger value would become an infinite zero point).
+pub fn check_quantizable(w: &[f32], what: &str) -> Result<()> {
+    check_finite(w, what)?;
+    let max = f16::MAX.to_f32();
+    match w.iter().position(|v| v.abs() > max) {
+        Some(i) => Err(Error::input(format!(
+            "{what}: element {i} is {}, outside the f16 range (±{max}) of the packed scale and zero",
+            w[i]
+        ))),
+        None => Ok(()),
     }
 }
 

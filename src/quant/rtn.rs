@@ -2,7 +2,7 @@
 
 use crate::error::Result;
 use crate::quant::format::{
-    check_finite, pack_scale_zero, unpack_scale_zero, PackedMatrix, PackedShape,
+    check_quantizable, pack_scale_zero, unpack_scale_zero, PackedMatrix, PackedShape,
 };
 
 /// Range shrink factors tried by the clipping search: clipping a few outliers often lowers
@@ -65,7 +65,7 @@ pub fn quantize_rtn(
     what: &str,
 ) -> Result<PackedMatrix> {
     let shape = PackedShape::new(rows, cols, bits, group)?;
-    check_finite(w, what)?;
+    check_quantizable(w, what)?;
     let maxq = shape.max_code();
     let mut codes = vec![0u8; rows * cols];
     let mut params = Vec::with_capacity(shape.scale_words());

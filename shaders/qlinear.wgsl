@@ -1,0 +1,153 @@
+// Fused dequantize + linear layer over the packed format of src/quant/format.rs:
+// y[t][r] (+)= sum_c (scale * code + zero) * x[t][c].
+// `matvec` serves decode (one token); `matmul` serves prefill, where each thread dequantizes a
+// block of weights once and applies it to TT tokens.
+//
+// The host prepends `codes(wb)` (src/gpu/kernels.rs, generated per bit-width): the 32 codes of
+// a block as floats, read with one load per word and decoded with constant shifts, so neither
+// a per-weight branch nor a repeated load of the same word is left (each storage load costs
+// far more than arithmetic on CPU adapters such as lavapipe).
+
+// Threads sharing one weight row in `matvec` (a power of two <= 64). 1 suits CPU adapters
+// (one row per SIMD lane, no barrier); GPUs want several so that a row is read together.
+override TPR: u32 = 1u;
+
+const WG: u32 = 64u;
+const TT: u32 = 4u;
+
+struct Params {
+    rows: u32,
+    cols: u32,          // a multiple of 4
+    words_per_row: u32,
+    groups_per_row: u32,
+    group_blocks: u32,  // group / 32
+    scale_base: u32,    // word index of the first scale: codes come first, then scales
+    x_stride: u32,      // x row stride in floats (a multiple of 4)
+    y_stride: u32,      // y row stride in floats
+    y_base: u32,
+    y_pos_stride: u32,  // y_base advances by pos0 * this: K and V write into the cache
+    accumulate: u32,    // 1: y += W x (the residual connection of o and down)
+    _pad: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+fn scale_zero(r: u32, b: u32) -> vec2<f32> {
+    return unpack2x16float(w[p.scale_base + r * p.groups_per_row + b / p.group_blocks]);
+}
+
+// x[4i .. 4i+4] of a row whose first vec4 is `row`, zero past `cols` (the ragged last block):
+// a clamped load and a select rather than a branch.
+fn xv(row: u32, i: u32) -> vec4<f32> {
+    let n = p.cols / 4u;
+    return select(vec4<f32>(0.0), x[row + min(i, n - 1u)], i < n);
+}
+
+fn store(t: u32, r: u32, v: f32) {
+    let i = p.y_base + step.pos0 * p.y_pos_stride + t * p.y_stride + r;
+    if (p.accumulate != 0u) {
+        y[i] += v;
+    } else {
+        y[i] = v;
+    }
+}
+
+var<workgroup> partial: array<f32, WG>;
+
+// One token. Per block: sum (s*q + z) x = s * sum(q x) + z * sum(x), one multiply per weight.
+@compute @workgroup_size(64)
+fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let r = wg.x * (WG / TPR) + li / TPR;
+    let lane = li % TPR;
+    let blocks = (p.cols + 31u) / 32u;
+    var acc = 0.0;
+    if (r < p.rows) {
+        for (var b = lane; b < blocks; b += TPR) {
+            let q = codes(r * p.words_per_row + b * BITS);
+            let i = 8u * b;
+            let x0 = xv(0u, i);
+            let x1 = xv(0u, i + 1u);
+            let x2 = xv(0u, i + 2u);
+            let x3 = xv(0u, i + 3u);
+            let x4 = xv(0u, i + 4u);
+            let x5 = xv(0u, i + 5u);
+            let x6 = xv(0u, i + 6u);
+            let x7 = xv(0u, i + 7u);
+            let d = dot(q[0], x0) + dot(q[1], x1) + dot(q[2], x2) + dot(q[3], x3)
+                + dot(q[4], x4) + dot(q[5], x5) + dot(q[6], x6) + dot(q[7], x7);
+            let s = dot(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, vec4<f32>(1.0));
+            let sz = scale_zero(r, b);
+            acc += sz.x * d + sz.y * s;
+        }
+    }
+    if (TPR > 1u) {
+        partial[li] = acc;
+        workgroupBarrier();
+        if (lane == 0u) {
+            for (var k = 1u; k < TPR; k++) {
+                acc += partial[li + k];
+            }
+        }
+    }
+    if (r < p.rows && lane == 0u) {
+        store(0u, r, acc);
+    }
+}
+
+// The 32 dequantized weights `wq` of a block against x[xr][8i .. 8i+32].
+fn dot_block(wq: array<vec4<f32>, 8>, xr: u32, i: u32) -> f32 {
+    return dot(wq[0], xv(xr, i)) + dot(wq[1], xv(xr, i + 1u)) + dot(wq[2], xv(xr, i + 2u))
+        + dot(wq[3], xv(xr, i + 3u)) + dot(wq[4], xv(xr, i + 4u)) + dot(wq[5], xv(xr, i + 5u))
+        + dot(wq[6], xv(xr, i + 6u)) + dot(wq[7], xv(xr, i + 7u));
+}
+
+// TT tokens per thread, one row per thread: dispatch (ceil(rows / 64), ceil(n_tokens / TT)).
+// The accumulators are named scalars, not an array: CPU adapters keep a dynamically indexed
+// array in memory, which costs more than the arithmetic.
+@compute @workgroup_size(64)
+fn matmul(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r = gid.x;
+    let t0 = gid.y * TT;
+    if (r >= p.rows || t0 >= step.n_tokens) {
+        return;
+    }
+    let nt = min(TT, step.n_tokens - t0);
+    var a0 = 0.0;
+    var a1 = 0.0;
+    var a2 = 0.0;
+    var a3 = 0.0;
+    let blocks = (p.cols + 31u) / 32u;
+    let row4 = p.x_stride / 4u;
+    let xr = t0 * row4;
+    for (var b = 0u; b < blocks; b++) {
+        let sz = scale_zero(r, b);
+        let q = codes(r * p.words_per_row + b * BITS);
+        var wq: array<vec4<f32>, 8>;
+        for (var j = 0u; j < 8u; j++) {
+            wq[j] = sz.x * q[j] + sz.y;
+        }
+        let i = 8u * b;
+        a0 += dot_block(wq, xr, i);
+        if (nt > 1u) {
+            a1 += dot_block(wq, xr + row4, i);
+        }
+        if (nt > 2u) {
+            a2 += dot_block(wq, xr + 2u * row4, i);
+        }
+        if (nt > 3u) {
+            a3 += dot_block(wq, xr + 3u * row4, i);
+        }
+    }
+    store(t0, r, a0);
+    if (nt > 1u) {
+        store(t0 + 1u, r, a1);
+    }
+    if (nt > 2u) {
+        store(t0 + 2u, r, a2);
+    }
+    if (nt > 3u) {
+        store(t0 + 3u, r, a3);
+    }
+}

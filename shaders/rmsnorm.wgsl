@@ -1,0 +1,36 @@
+// RMSNorm of each token row: y = x / sqrt(mean(x^2) + eps) * g. One workgroup per row.
+
+struct Params {
+    n: u32,
+    eps: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> g: array<f32>;
+@group(0) @binding(3) var<storage, read> x: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+var<workgroup> red: array<f32, 64>;
+
+@compute @workgroup_size(64)
+fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let base = wg.x * p.n;
+    var ss = 0.0;
+    for (var i = li; i < p.n; i += 64u) {
+        let v = x[base + i];
+        ss += v * v;
+    }
+    red[li] = ss;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (li < s) {
+            red[li] += red[li + s];
+        }
+        workgroupBarrier();
+    }
+    let inv = 1.0 / sqrt(red[0] / f32(p.n) + p.eps);
+    for (var i = li; i < p.n; i += 64u) {
+        y[base + i] = x[base + i] * inv * g[i];
+    }
+}

@@ -1,0 +1,37 @@
+// Rotary position embedding, Hugging Face's rotate-half form: element i of a head pairs with
+// i + head_dim/2. cos/sin come from a table the host computes in f64 (as the CPU path does):
+// f32 angles at position ~2000 would be off by ~1e-4 rad.
+
+struct Params {
+    base: u32,        // offset of row 0
+    row_stride: u32,
+    pos_rows: u32,    // 1: rows are indexed by absolute position (the K cache), 0: by token
+    n_heads: u32,
+    head_dim: u32,
+    sin_base: u32,    // the table holds cos[ctx][head_dim/2] then sin[ctx][head_dim/2]
+    _pad0: u32,
+    _pad1: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> table: array<f32>;
+@group(0) @binding(3) var<storage, read_write> v: array<f32>;
+
+// Dispatch (ceil(n_heads * head_dim / 2 / 64), n_tokens): one thread per rotated pair.
+@compute @workgroup_size(64)
+fn rope(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let half = p.head_dim / 2u;
+    let t = gid.y;
+    if (gid.x >= p.n_heads * half || t >= step.n_tokens) {
+        return;
+    }
+    let h = gid.x / half;
+    let i = gid.x % half;
+    let pos = step.pos0 + t;
+    let row = p.base + (p.pos_rows * step.pos0 + t) * p.row_stride + h * p.head_dim;
+    let c = table[pos * half + i];
+    let s = table[p.sin_base + pos * half + i];
+    let x0 = v[row + i];
+    let x1 = v[row + i + half];
+    v[row + i] = x0 * c - x1 * s;
+    v[row + i + half] = x1 * c + x0 * s;
+}

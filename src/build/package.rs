@@ -1,0 +1,224 @@
+//! Writes an ensemble directory (atomically: a temp directory renamed into place) and reads
+//! EQMs back from one.
+
+use crate::build::search::Trajectory;
+use crate::ensemble::base::{Base, BASE_BITS};
+use crate::ensemble::manifest::{
+    sha256_hex, ChatSpec, FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap, FORMAT, VERSION,
+};
+use crate::error::{Error, Result};
+use crate::model::chat::ChatTemplate;
+use crate::model::tokenizer::Tokenizer;
+use crate::model::weights::{Linear, ModuleId, Weights};
+use crate::quant::eqm::{Eqm, EqmModel};
+use crate::quant::rtn::quantize_rtn;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+pub struct PackageInput<'a> {
+    pub name: String,
+    /// The float model the library was built from.
+    pub weights: &'a Weights,
+    pub tokenizer: &'a Tokenizer,
+    pub model: &'a EqmModel,
+    pub trajectory: &'a Trajectory,
+    pub start: &'a Eqm,
+    /// Held-out ppl per step where measured.
+    pub heldout: &'a [Option<f64>],
+    pub n_up: u32,
+    pub n_low: u32,
+    pub calibration: serde_json::Value,
+    pub build: serde_json::Value,
+}
+
+pub fn chat_spec(t: &Tokenizer) -> ChatSpec {
+    let (template, default_system) = match &t.chat {
+        ChatTemplate::ChatMl { default_system } => ("chatml", default_system.clone()),
+        ChatTemplate::Plain => ("plain", None),
+    };
+    ChatSpec {
+        template: template.into(),
+        default_system,
+        bos: t.bos,
+        stop: t.stop.clone(),
+    }
+}
+
+/// The base shard of `w` (embedding and untied head quantized exactly as `EqmModel` does).
+pub fn make_base(w: &Weights, group: usize) -> Result<Base> {
+    let c = &w.config;
+    let embed = quantize_rtn(
+        &w.embed,
+        c.vocab_size,
+        c.hidden_size,
+        BASE_BITS,
+        group,
+        false,
+        "embedding",
+    )?;
+    let lm_head = match &w.lm_head {
+        Some(h) => Some(quantize_rtn(
+            &h.w, h.rows, h.cols, BASE_BITS, group, false, "lm_head",
+        )?),
+        None => None,
+    };
+    Ok(Base {
+        embed,
+        norms: w.norms.clone(),
+        final_norm: w.final_norm.clone(),
+        lm_head,
+    })
+}
+
+fn put(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileRef> {
+    let p = dir.join(name);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))?;
+    Ok(FileRef {
+        file: name.into(),
+        bytes: bytes.len() as u64,
+        sha256: sha256_hex(bytes),
+    })
+}
+
+pub fn module_file(id: ModuleId, bits: u32) -> String {
+    format!("modules/L{}.{}.{bits}.bin", id.layer, id.kind.name())
+}
+
+/// Writes the ensemble into `out` (replacing it only once everything is written and checked).
+pub fn write_ensemble(out: &Path, p: &PackageInput) -> Result<Manifest> {
+    let lib = &p.model.library;
+    let group = lib.manifest.group;
+    let tmp = out.with_file_name(format!(
+        "{}.tmp-{}",
+        out.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("ensemble"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+
+    let eqms = p.trajectory.eqms(p.start);
+    let used: BTreeSet<(usize, u32)> = eqms
+        .iter()
+        .flat_map(|e| e.bits.iter().copied().enumerate())
+        .collect();
+    let mut modules = Vec::with_capacity(used.len());
+    for &(i, bits) in &used {
+        let id = ModuleId::from_index(i);
+        let m = lib.load(id, bits)?;
+        let file = put(&tmp, &module_file(id, bits), &m.to_bytes())?;
+        modules.push(ModuleVersion {
+            layer: id.layer,
+            kind: id.kind,
+            bits,
+            file,
+        });
+    }
+    let base = put(&tmp, "base.bin", &make_base(p.weights, group)?.to_bytes())?;
+    let tokenizer = put(&tmp, "tokenizer.json", p.tokenizer.to_json()?.as_bytes())?;
+    let trajectory = p
+        .trajectory
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Step {
+            swap: s.swap.map(|m| {
+                let id = ModuleId::from_index(m.module);
+                Swap {
+                    layer: id.layer,
+                    kind: id.kind,
+                    from_bits: m.from,
+                    to_bits: m.to,
+                }
+            }),
+            footprint_bytes: s.footprint,
+            calib_ppl: Some(s.calib_ppl).filter(|v| v.is_finite()),
+            heldout_ppl: p.heldout.get(i).copied().flatten(),
+        })
+        .collect();
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        name: p.name.clone(),
+        config: p.weights.config.clone(),
+        tokenizer,
+        chat: chat_spec(p.tokenizer),
+        base,
+        base_precision: "q8".into(),
+        quantizer: Quantizer {
+            method: lib.manifest.method.name().into(),
+            group_size: group,
+            calibration: p.calibration.clone(),
+        },
+        n_up: p.n_up,
+        n_low: p.n_low,
+        modules,
+        trajectory,
+        build: p.build.clone(),
+    };
+    let json = manifest.to_json();
+    // The reader the browser uses must accept what we wrote.
+    Manifest::from_bytes("manifest.json (as written)", json.as_bytes())?;
+    put(&tmp, "manifest.json", json.as_bytes())?;
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    Ok(manifest)
+}
+
+/// Reads and verifies a file of the ensemble in `dir`.
+pub fn read_verified(dir: &Path, f: &FileRef) -> Result<Vec<u8>> {
+    let p = dir.join(&f.file);
+    let bytes = crate::error::read_capped(&p, f.bytes + 1)?;
+    Manifest::verify_file(f, &bytes).map_err(|e| Error::format(p.display(), e))?;
+    Ok(bytes)
+}
+
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let p = dir.join("manifest.json");
+    let bytes =
+        crate::error::read_capped(&p, crate::ensemble::manifest::MAX_MANIFEST_BYTES as u64)?;
+    Manifest::from_bytes(&p.display().to_string(), &bytes)
+}
+
+/// The f32 weights of trajectory step `step`, from the packaged files only (hashes checked).
+pub fn load_step_weights(dir: &Path, m: &Manifest, step: usize) -> Result<Weights> {
+    let c = &m.config;
+    let base = Base::from_bytes(
+        c,
+        m.quantizer.group_size,
+        &read_verified(dir, &m.base)?,
+        "base.bin",
+    )?;
+    let bits = m.bits_at(step);
+    let mut modules = Vec::with_capacity(bits.len());
+    for (i, &b) in bits.iter().enumerate() {
+        let id = ModuleId::from_index(i);
+        let v = m
+            .version(id, b)
+            .ok_or_else(|| Error::format("manifest.json", format!("no {id} at {b} bits")))?;
+        let (r, cols) = id.kind.shape(c);
+        let shape = crate::quant::format::PackedShape::new(r, cols, b, m.quantizer.group_size)?;
+        let pm = crate::quant::format::PackedMatrix::from_bytes(
+            shape,
+            &read_verified(dir, &v.file)?,
+            &v.file.file,
+        )?;
+        modules.push(Linear::new(r, cols, pm.dequantize()));
+    }
+    Ok(Weights {
+        config: c.clone(),
+        embed: base.embed.dequantize().into(),
+        norms: base.norms,
+        modules,
+        final_norm: base.final_norm,
+        lm_head: base
+            .lm_head
+            .map(|h| Linear::new(h.shape.rows, h.shape.cols, h.dequantize())),
+    })
+}

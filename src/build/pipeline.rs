@@ -1,0 +1,352 @@
+//! `flexquant build`: library -> search -> pruning ablation -> held-out checks -> package.
+
+use crate::build::evaluator::{spearman, CalibEvaluator};
+use crate::build::prune::{self, intermediate_versions};
+use crate::build::search::{search, Available, SearchOptions, Trajectory};
+use crate::build::{package, report};
+use crate::error::{Error, Result};
+use crate::model::eval::perplexity;
+use crate::model::load::LoadedModel;
+use crate::quant::eqm::{Eqm, EqmModel};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildSettings {
+    pub n_up: u32,
+    pub n_low: u32,
+    pub branch: usize,
+    pub stem: usize,
+    /// Fraction of intermediate versions dropped for the shipped ensemble.
+    pub prune: f64,
+    /// Other prune rates searched for the report's ablation.
+    pub ablation: Vec<f64>,
+    pub calib_tokens: usize,
+    pub seq_len: usize,
+    pub heldout_tokens: usize,
+    /// Held-out ppl is measured every this many steps (and at both ends).
+    pub heldout_every: usize,
+    /// Tokens for the measured single-swap sensitivity; 0 = output-error proxy only.
+    pub sensitivity_tokens: usize,
+    /// Moves sampled to measure how well each sensitivity predicts the calibration ppl change.
+    pub correlation_samples: usize,
+}
+
+/// How well the cheap sensitivities rank moves (Spearman against the full calibration ppl
+/// change of single swaps from QM(n_up)).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SensitivityStudy {
+    pub samples: usize,
+    pub measured_tokens: usize,
+    pub spearman_measured: Option<f64>,
+    pub spearman_output_error: f64,
+}
+
+impl BuildSettings {
+    pub fn validate(&self, library_bits: &[u32]) -> Result<()> {
+        if self.n_low > self.n_up {
+            return Err(Error::input(format!(
+                "--n-low {} is above --n-up {}: the trajectory runs from n_up down to n_low",
+                self.n_low, self.n_up
+            )));
+        }
+        for b in [self.n_up, self.n_low] {
+            if !library_bits.contains(&b) {
+                return Err(Error::input(format!(
+                    "{b} bits is not in the library (it has {library_bits:?})"
+                )));
+            }
+        }
+        SearchOptions {
+            branch: self.branch,
+            stem: self.stem,
+            record_every: self.heldout_every,
+        }
+        .validate()?;
+        prune::check_rate(self.prune)?;
+        for &r in &self.ablation {
+            prune::check_rate(r)?;
+        }
+        if self.seq_len < 2 || self.calib_tokens < self.seq_len || self.heldout_every == 0 {
+            return Err(Error::input(format!(
+                "calibration of {} tokens in sequences of {} (and held-out every {} steps) is not usable",
+                self.calib_tokens, self.seq_len, self.heldout_every
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One searched trajectory of the ablation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Variant {
+    pub prune: f64,
+    pub intermediate_versions: usize,
+    pub storage_bytes: u64,
+    pub trajectory: Trajectory,
+}
+
+/// Everything the report is made from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildRecord {
+    pub settings: BuildSettings,
+    pub ladder: Vec<u32>,
+    pub base_bytes: u64,
+    pub tokenizer_bytes: u64,
+    /// `(bits, footprint, calib ppl, held-out ppl)` of each static QM in the ladder.
+    pub statics: Vec<(u32, u64, f64, f64)>,
+    pub variants: Vec<Variant>,
+    /// Index into `variants` of the shipped one.
+    pub chosen: usize,
+    /// Held-out ppl per step of the shipped trajectory (where measured).
+    pub heldout: Vec<Option<f64>>,
+    pub evaluations: usize,
+    pub sensitivity: Option<SensitivityStudy>,
+    pub forward_equivalents: f64,
+    pub build_seconds: f64,
+    pub search_seconds: f64,
+}
+
+fn storage(t: &Trajectory, start: &Eqm, ev: &CalibEvaluator, base: u64) -> u64 {
+    use crate::build::search::Evaluator;
+    let used: std::collections::BTreeSet<(usize, u32)> = t
+        .eqms(start)
+        .iter()
+        .flat_map(|e| e.bits.iter().copied().enumerate())
+        .collect();
+    base + used.iter().map(|&(m, b)| ev.bytes(m, b)).sum::<u64>()
+}
+
+/// Single swaps from QM(n_up), evenly spread over the modules: their full calibration ppl
+/// change against each sensitivity's prediction.
+fn sensitivity_study(
+    ev: &mut CalibEvaluator,
+    avail: &Available,
+    samples: usize,
+    progress: &mut dyn FnMut(&str, usize, usize, f64),
+) -> Result<SensitivityStudy> {
+    use crate::build::search::{Evaluator, Move};
+    let start = avail.start();
+    let base = ev.ppl(&start)?;
+    let n = avail.bits.len();
+    let picks: Vec<usize> = (0..samples.min(n))
+        .map(|i| i * n / samples.min(n))
+        .collect();
+    let (mut full, mut measured, mut proxy) = (vec![], vec![], vec![]);
+    let single = ev.single.take();
+    for (k, &m) in picks.iter().enumerate() {
+        let Some(to) = avail.next_lower(m, start.bits[m]) else {
+            continue;
+        };
+        let mv = Move {
+            module: m,
+            from: start.bits[m],
+            to,
+        };
+        let mut e = start.clone();
+        e.bits[m] = to;
+        full.push(ev.ppl(&e)? - base);
+        proxy.push(ev.sensitivity(&start, &[mv])?[0]);
+        if let Some(sw) = &single {
+            let p = sw
+                .ppl
+                .iter()
+                .find(|x| x.0 == m && x.1 == to)
+                .map(|x| x.2)
+                .unwrap_or(f64::NAN);
+            measured.push(p - sw.start_ppl);
+        }
+        progress("sensitivity study", k + 1, picks.len(), f64::NAN);
+    }
+    // Per-move damage, not per byte: compare like with like.
+    let saved: Vec<f64> = picks
+        .iter()
+        .filter_map(|&m| {
+            let to = avail.next_lower(m, start.bits[m])?;
+            Some((ev.bytes(m, start.bits[m]) - ev.bytes(m, to)) as f64)
+        })
+        .collect();
+    let proxy: Vec<f64> = proxy.iter().zip(&saved).map(|(p, s)| p * s).collect();
+    let study = SensitivityStudy {
+        samples: full.len(),
+        measured_tokens: single.as_ref().map_or(0, |s| s.tokens),
+        spearman_measured: single.as_ref().map(|_| spearman(&full, &measured)),
+        spearman_output_error: spearman(&full, &proxy),
+    };
+    ev.single = single;
+    Ok(study)
+}
+
+pub struct Inputs<'a> {
+    pub model: &'a LoadedModel,
+    pub eqm: &'a EqmModel,
+    pub calib_ids: &'a [u32],
+    pub heldout_ids: &'a [u32],
+    pub name: String,
+}
+
+/// Runs the whole build and writes the ensemble to `out`; `progress(phase, done, total, ppl)`.
+pub fn build_ensemble(
+    inp: &Inputs,
+    s: &BuildSettings,
+    out: &Path,
+    progress: &mut dyn FnMut(&str, usize, usize, f64),
+) -> Result<BuildRecord> {
+    let t_start = Instant::now();
+    let lib_bits = inp.eqm.library.manifest.bits.clone();
+    s.validate(&lib_bits)?;
+    let ladder: Vec<u32> = lib_bits
+        .iter()
+        .copied()
+        .filter(|&b| b <= s.n_up && b >= s.n_low)
+        .collect();
+    let n = inp.eqm.modules();
+    let avail = Available::uniform(n, &ladder);
+    let start = avail.start();
+    let base = inp.eqm.base_bytes() as u64;
+    if inp.calib_ids.len() < s.calib_tokens || inp.heldout_ids.len() < s.heldout_tokens {
+        return Err(Error::input(format!(
+            "need {} calibration and {} held-out tokens, have {} and {}",
+            s.calib_tokens,
+            s.heldout_tokens,
+            inp.calib_ids.len(),
+            inp.heldout_ids.len()
+        )));
+    }
+    let mut ev = CalibEvaluator::new(
+        inp.eqm,
+        &inp.calib_ids[..s.calib_tokens],
+        s.seq_len,
+        s.stem * s.branch + 1,
+    );
+    let opts = SearchOptions {
+        branch: s.branch,
+        stem: s.stem,
+        record_every: s.heldout_every,
+    };
+
+    let t_search = Instant::now();
+    if s.sensitivity_tokens > 0 {
+        ev.measure_single_swaps(&avail, s.sensitivity_tokens, &mut |d, n| {
+            progress("sensitivity", d, n, f64::NAN)
+        })?;
+    }
+    let sensitivity = if s.correlation_samples > 1 {
+        Some(sensitivity_study(
+            &mut ev,
+            &avail,
+            s.correlation_samples,
+            progress,
+        )?)
+    } else {
+        None
+    };
+    let mut rates = vec![0.0];
+    for &r in s.ablation.iter().chain([&s.prune]) {
+        if !rates.contains(&r) {
+            rates.push(r);
+        }
+    }
+    let mut variants: Vec<Variant> = Vec::new();
+    for &rate in &rates {
+        let av = if rate == 0.0 {
+            avail.clone()
+        } else {
+            prune::prune(&avail, &variants[0].trajectory, &start, rate)?
+        };
+        let label = format!("search P={:.0}%", rate * 100.0);
+        let t = search(&mut ev, &av, base, opts, |d, total, ppl| {
+            progress(&label, d, total, ppl)
+        })?;
+        variants.push(Variant {
+            prune: rate,
+            intermediate_versions: intermediate_versions(&av),
+            storage_bytes: storage(&t, &start, &ev, base),
+            trajectory: t,
+        });
+    }
+    let search_seconds = t_search.elapsed().as_secs_f64();
+    let chosen = rates.iter().position(|&r| r == s.prune).unwrap();
+
+    // Held-out ppl: static QMs and every k-th step of the shipped trajectory, plus the steps
+    // that first reach each static QM's footprint (for eqm_vs_static).
+    let heldout = |e: &Eqm| -> Result<f64> {
+        let w = inp.eqm.weights(e)?;
+        Ok(perplexity(
+            &w,
+            &inp.heldout_ids[..s.heldout_tokens],
+            s.seq_len,
+            s.seq_len,
+            |_, _| {},
+        )?
+        .ppl)
+    };
+    let mut statics = Vec::new();
+    for (i, &b) in ladder.iter().enumerate() {
+        progress("static QMs", i, ladder.len(), f64::NAN);
+        let e = Eqm::uniform(n, b);
+        let f = inp.eqm.footprint(&e)? as u64;
+        let cp = ev.ppl(&e)?;
+        statics.push((b, f, cp, heldout(&e)?));
+    }
+    let traj = &variants[chosen].trajectory;
+    let eqms = traj.eqms(&start);
+    let last = traj.steps.len() - 1;
+    let mut wanted: Vec<usize> = (0..=last).step_by(s.heldout_every).chain([last]).collect();
+    for &(_, f, _, _) in &statics {
+        if let Some(i) = traj.steps.iter().position(|st| st.footprint <= f) {
+            wanted.push(i);
+        }
+    }
+    wanted.sort();
+    wanted.dedup();
+    let mut held = vec![None; traj.steps.len()];
+    for (k, &i) in wanted.iter().enumerate() {
+        progress("held-out", k, wanted.len(), f64::NAN);
+        held[i] = Some(heldout(&eqms[i])?);
+    }
+
+    let record = BuildRecord {
+        settings: s.clone(),
+        ladder: ladder.clone(),
+        base_bytes: base,
+        tokenizer_bytes: inp.model.tokenizer.to_json()?.len() as u64,
+        statics,
+        evaluations: variants
+            .iter()
+            .map(|v| v.trajectory.evaluations)
+            .sum::<usize>()
+            + ev.single.as_ref().map_or(0, |x| x.ppl.len())
+            + sensitivity.as_ref().map_or(0, |x| x.samples),
+        sensitivity,
+        forward_equivalents: ev.forward_equivalents,
+        variants,
+        chosen,
+        heldout: held,
+        build_seconds: 0.0,
+        search_seconds,
+    };
+    let pkg = package::PackageInput {
+        name: inp.name.clone(),
+        weights: &inp.model.weights,
+        tokenizer: &inp.model.tokenizer,
+        model: inp.eqm,
+        trajectory: &record.variants[chosen].trajectory,
+        start: &start,
+        heldout: &record.heldout,
+        n_up: s.n_up,
+        n_low: s.n_low,
+        calibration: serde_json::json!({
+            "library": inp.eqm.library.manifest.calibration,
+            "search_tokens": s.calib_tokens,
+            "seq_len": s.seq_len,
+        }),
+        build: serde_json::to_value(s).unwrap(),
+    };
+    package::write_ensemble(out, &pkg)?;
+    let mut record = record;
+    record.build_seconds = t_start.elapsed().as_secs_f64();
+    report::write(out, &record)?;
+    Ok(record)
+}

@@ -1,0 +1,268 @@
+//! The build report: figures (report.json), a table (report.md) and plots (SVG + PNG) of
+//! perplexity against footprint and of storage. Written next to the ensemble from
+//! `build-record.json`, so `flexquant report DIR` can redo it without rebuilding.
+
+use crate::build::pipeline::BuildRecord;
+use crate::error::{Error, Result};
+use crate::quant::plot::{self, Chart, Series};
+use serde_json::{json, Value};
+use std::path::Path;
+
+pub const RECORD_FILE: &str = "build-record.json";
+
+fn mb(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+fn mean_finite(x: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = x.filter(|p| p.is_finite()).collect();
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// The figures named in the builder issue, from a record.
+pub fn figures(r: &BuildRecord) -> Value {
+    let v = &r.variants[r.chosen];
+    let steps = &v.trajectory.steps;
+    let max_step = steps
+        .windows(2)
+        .map(|w| w[0].footprint - w[1].footprint)
+        .max()
+        .unwrap_or(0);
+    let span = steps[0].footprint - steps.last().unwrap().footprint;
+    let static_steps: Vec<u64> = r.statics.windows(2).map(|w| w[0].1 - w[1].1).collect();
+    let min_static = static_steps.iter().copied().min().unwrap_or(0);
+    let storage = v.storage_bytes + r.tokenizer_bytes;
+    let n_up_bytes = r.statics[0].1;
+    let ladder_bytes: u64 = steps.iter().map(|s| s.footprint).sum();
+    let static_sum: u64 = r.statics.iter().map(|s| s.1).sum();
+    let eqm_vs_static: Vec<Value> = r
+        .statics
+        .iter()
+        .map(|&(bits, f, _, ppl)| {
+            let i = steps.iter().position(|s| s.footprint <= f);
+            let eqm = i.and_then(|i| r.heldout[i]);
+            json!({"bits": bits, "static_bytes": f, "static_heldout_ppl": ppl,
+                   "eqm_step": i, "eqm_bytes": i.map(|i| steps[i].footprint),
+                   "eqm_heldout_ppl": eqm, "delta": eqm.map(|e| e - ppl)})
+        })
+        .collect();
+    // Is every measured EQM at or below the straight line between neighbouring static QMs?
+    let mut above_chord = 0;
+    for (i, st) in steps.iter().enumerate() {
+        let Some(p) = r.heldout[i] else { continue };
+        for w in r.statics.windows(2) {
+            let ((_, f_hi, _, p_hi), (_, f_lo, _, p_lo)) = (w[0], w[1]);
+            if st.footprint <= f_hi && st.footprint >= f_lo && f_hi > f_lo {
+                let t = (f_hi - st.footprint) as f64 / (f_hi - f_lo) as f64;
+                if p > p_hi + t * (p_lo - p_hi) + 1e-9 {
+                    above_chord += 1;
+                }
+            }
+        }
+    }
+    let ablation: Vec<Value> = r
+        .variants
+        .iter()
+        .map(|v| {
+            json!({"prune": v.prune, "intermediate_versions": v.intermediate_versions,
+                   "storage_bytes": v.storage_bytes + r.tokenizer_bytes,
+                   "storage_vs_n_up": (v.storage_bytes + r.tokenizer_bytes) as f64 / n_up_bytes as f64,
+                   "final_calib_ppl": v.trajectory.steps.last().unwrap().calib_ppl,
+                   "mean_calib_ppl": mean_finite(v.trajectory.steps.iter().map(|s| s.calib_ppl)),
+                   "steps": v.trajectory.steps.len(),
+                   "evaluations": v.trajectory.evaluations})
+        })
+        .collect();
+    json!({
+        "n_up": r.settings.n_up,
+        "n_low": r.settings.n_low,
+        "ladder": r.ladder,
+        "steps": steps.len(),
+        "max_step_bytes": max_step,
+        "span_bytes": span,
+        "max_step_vs_span": max_step as f64 / span.max(1) as f64,
+        "granularity_ratio": min_static as f64 / max_step.max(1) as f64,
+        "static_steps_bytes": static_steps,
+        "storage_bytes": storage,
+        "storage_vs_n_up": storage as f64 / n_up_bytes as f64,
+        "storage_vs_static_ladder": ladder_bytes as f64 / storage as f64,
+        "storage_vs_static_sum": static_sum as f64 / storage as f64,
+        "eqm_vs_static": eqm_vs_static,
+        "eqms_above_static_chord": above_chord,
+        "prune": r.settings.prune,
+        "ablation": ablation,
+        "build_seconds": r.build_seconds,
+        "search_seconds": r.search_seconds,
+        "evaluations": r.evaluations,
+        "sensitivity": r.sensitivity,
+        "forward_equivalents": r.forward_equivalents,
+        "base_bytes": r.base_bytes,
+        "static": r.statics.iter().map(|&(b, f, c, h)| json!({"bits": b, "bytes": f, "calib_ppl": c, "heldout_ppl": h})).collect::<Vec<_>>(),
+        "settings": r.settings,
+        "note": "The demo model's source weights are 4-bit (GGUF Q4_1): its 'float' base is that model dequantized, so versions above 4 bits are near-lossless and the default demo ensemble spans n_up = 4 to n_low = 2.",
+    })
+}
+
+fn markdown(f: &Value, r: &BuildRecord) -> String {
+    let mut s = format!(
+        "# FlexQuant ensemble report\n\n{}\n\nTrajectory QM({}) -> QM({}): {} steps, max step {:.3} MB of a {:.2} MB span ({:.2}%), granularity ratio {:.1}x (smallest static step / max EQM step).\n\n",
+        f["note"].as_str().unwrap(),
+        r.settings.n_up,
+        r.settings.n_low,
+        f["steps"],
+        mb(f["max_step_bytes"].as_u64().unwrap()),
+        mb(f["span_bytes"].as_u64().unwrap()),
+        100.0 * f["max_step_vs_span"].as_f64().unwrap(),
+        f["granularity_ratio"].as_f64().unwrap()
+    );
+    s += &format!(
+        "Storage {:.2} MB = {:.2}x QM(n_up); storing every trajectory point as its own model would take {:.1}x more; all static QMs {:.2}x more.\n\n",
+        mb(f["storage_bytes"].as_u64().unwrap()),
+        f["storage_vs_n_up"].as_f64().unwrap(),
+        f["storage_vs_static_ladder"].as_f64().unwrap(),
+        f["storage_vs_static_sum"].as_f64().unwrap()
+    );
+    s += "| static QM | footprint MB | held-out ppl | EQM at <= footprint: MB | EQM held-out ppl | delta |\n|---|---|---|---|---|---|\n";
+    for e in f["eqm_vs_static"].as_array().unwrap() {
+        s += &format!(
+            "| {} bit | {:.2} | {:.3} | {} | {} | {} |\n",
+            e["bits"],
+            mb(e["static_bytes"].as_u64().unwrap()),
+            e["static_heldout_ppl"].as_f64().unwrap(),
+            e["eqm_bytes"]
+                .as_u64()
+                .map(|b| format!("{:.2}", mb(b)))
+                .unwrap_or("-".into()),
+            e["eqm_heldout_ppl"]
+                .as_f64()
+                .map(|p| format!("{p:.3}"))
+                .unwrap_or("-".into()),
+            e["delta"]
+                .as_f64()
+                .map(|p| format!("{p:+.3}"))
+                .unwrap_or("-".into()),
+        );
+    }
+    s += "\n## Pruning ablation\n\n| prune | intermediate versions | storage MB | x QM(n_up) | mean calib ppl | final calib ppl |\n|---|---|---|---|---|---|\n";
+    for a in f["ablation"].as_array().unwrap() {
+        s += &format!(
+            "| {:.0}% | {} | {:.2} | {:.2} | {:.3} | {:.3} |\n",
+            100.0 * a["prune"].as_f64().unwrap(),
+            a["intermediate_versions"],
+            mb(a["storage_bytes"].as_u64().unwrap()),
+            a["storage_vs_n_up"].as_f64().unwrap(),
+            a["mean_calib_ppl"].as_f64().unwrap(),
+            a["final_calib_ppl"].as_f64().unwrap()
+        );
+    }
+    s += &format!(
+        "\nBuild: {:.0} s ({:.0} s searching), {} calibration-ppl evaluations ({:.0} whole-forward equivalents thanks to layer caching), branch {}, stem {}, {} calibration tokens.\n\nPlots: `trajectory.svg`/`.png`, `storage.svg`/`.png`.\n",
+        r.build_seconds,
+        r.search_seconds,
+        r.evaluations,
+        r.forward_equivalents,
+        r.settings.branch,
+        r.settings.stem,
+        r.settings.calib_tokens
+    );
+    s
+}
+
+fn charts(r: &BuildRecord, f: &Value, dir: &Path) -> Result<()> {
+    let mut series = Vec::new();
+    for v in &r.variants {
+        series.push(Series {
+            label: format!("EQM trajectory, calib ppl, prune {:.0}%", v.prune * 100.0),
+            points: v
+                .trajectory
+                .steps
+                .iter()
+                .filter(|s| s.calib_ppl.is_finite())
+                .map(|s| (mb(s.footprint), s.calib_ppl))
+                .collect(),
+        });
+    }
+    let chosen = &r.variants[r.chosen].trajectory.steps;
+    series.push(Series {
+        label: "shipped EQMs, held-out ppl".into(),
+        points: chosen
+            .iter()
+            .zip(&r.heldout)
+            .filter_map(|(s, h)| h.map(|p| (mb(s.footprint), p)))
+            .collect(),
+    });
+    let marks = r
+        .statics
+        .iter()
+        .map(|&(b, fp, _, h)| (format!("QM({b}) held-out"), mb(fp), h))
+        .collect();
+    plot::write(
+        &Chart {
+            title: "Perplexity vs footprint: static QMs and the EQM trajectory".into(),
+            x_label: "footprint (MB)".into(),
+            y_label: "perplexity".into(),
+            series,
+            marks,
+        },
+        &dir.join("trajectory.svg"),
+        &dir.join("trajectory.png"),
+    )?;
+    // Storage, as points on one axis: ensemble variants vs QM(n_up) vs all static QMs.
+    let mut bars = vec![
+        ("QM(n_up)".to_string(), mb(r.statics[0].1)),
+        (
+            "sum of static QMs".to_string(),
+            mb(r.statics.iter().map(|s| s.1).sum()),
+        ),
+    ];
+    for a in f["ablation"].as_array().unwrap() {
+        bars.push((
+            format!(
+                "ensemble, prune {:.0}%",
+                100.0 * a["prune"].as_f64().unwrap()
+            ),
+            mb(a["storage_bytes"].as_u64().unwrap()),
+        ));
+    }
+    plot::write(
+        &Chart {
+            title: "Storage: ensemble vs QM(n_up) vs every static QM".into(),
+            x_label: "(one mark per option)".into(),
+            y_label: "storage (MB)".into(),
+            series: vec![],
+            marks: bars
+                .into_iter()
+                .enumerate()
+                .map(|(i, (l, v))| (l, i as f64, v))
+                .collect(),
+        },
+        &dir.join("storage.svg"),
+        &dir.join("storage.png"),
+    )
+}
+
+/// Writes report.json, report.md and the plots into `dir` (and the record they come from).
+pub fn write(dir: &Path, r: &BuildRecord) -> Result<()> {
+    let put = |name: &str, bytes: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))
+    };
+    put(RECORD_FILE, serde_json::to_string(r).unwrap().as_bytes())?;
+    let f = figures(r);
+    put(
+        "report.json",
+        serde_json::to_string_pretty(&f).unwrap().as_bytes(),
+    )?;
+    put("report.md", markdown(&f, r).as_bytes())?;
+    charts(r, &f, dir)
+}
+
+/// `flexquant report DIR`: redo the report from the record a build left in DIR.
+pub fn rewrite(dir: &Path) -> Result<Value> {
+    let p = dir.join(RECORD_FILE);
+    let bytes = crate::error::read_capped(&p, 256 << 20)?;
+    let r: BuildRecord =
+        serde_json::from_slice(&bytes).map_err(|e| Error::format(p.display(), e))?;
+    write(dir, &r)?;
+    Ok(figures(&r))
+}

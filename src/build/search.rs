@@ -1,0 +1,256 @@
+//! The tree search that orders the EQM trajectory (FlexQuant §3): from QM(n_up), repeatedly
+//! lower one module to its next lower available bit-width until QM(n_low).
+//!
+//! Each round, every kept path (`stem` of them) proposes its `branch` best moves by
+//! sensitivity (a cheap damage estimate); those candidate EQMs are scored by calibration
+//! perplexity and the best `stem` survive.
+//!
+//! Score: the candidates of one round sit at different footprints (a gate/up/down module saves
+//! 8x the bytes of a k/v module), so ranking by perplexity alone would always take the smallest
+//! swaps first and bunch the trajectory's footprint steps. We rank by the damage per byte saved
+//! since QM(n_up), `(ppl - ppl_0) / (bytes_0 - bytes)`: the slope of the straight line from the
+//! trajectory's start, comparable across paths and across footprints. Ties go to the larger
+//! saving. Among surviving paths that end in the same EQM (all end at QM(n_low)) the one with
+//! the smallest area under its ppl-vs-footprint curve is reported.
+
+use crate::error::{Error, Result};
+use crate::quant::eqm::Eqm;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Move {
+    /// `ModuleId::index()`
+    pub module: usize,
+    pub from: u32,
+    pub to: u32,
+}
+
+/// What the search needs from the model: sizes, a cheap damage estimate and calibration ppl.
+pub trait Evaluator {
+    fn bytes(&self, module: usize, bits: u32) -> u64;
+    /// Damage estimate of each move applied alone to `eqm` (lower is safer).
+    fn sensitivity(&mut self, eqm: &Eqm, moves: &[Move]) -> Result<Vec<f64>>;
+    /// Calibration perplexity of each EQM.
+    fn calib_ppl(&mut self, eqms: &[Eqm]) -> Result<Vec<f64>>;
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct SearchOptions {
+    pub branch: usize,
+    pub stem: usize,
+    /// With `branch == stem == 1` there is nothing to choose between, so calibration ppl is
+    /// only recorded every this many steps (and at the end); other steps record NaN.
+    pub record_every: usize,
+}
+
+impl SearchOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.branch == 0 || self.stem == 0 {
+            return Err(Error::input(format!(
+                "--branch {} and --stem {} must both be at least 1",
+                self.branch, self.stem
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrajStep {
+    pub swap: Option<Move>,
+    pub footprint: u64,
+    /// NaN where not measured (JSON null).
+    #[serde(deserialize_with = "f64_or_nan")]
+    pub calib_ppl: f64,
+}
+
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Trajectory {
+    pub steps: Vec<TrajStep>,
+    /// Calibration-ppl evaluations spent (the search's budget).
+    pub evaluations: usize,
+    pub sensitivity_evaluations: usize,
+}
+
+impl Trajectory {
+    /// The EQM at each step, starting from `start`.
+    pub fn eqms(&self, start: &Eqm) -> Vec<Eqm> {
+        let mut e = start.clone();
+        self.steps
+            .iter()
+            .map(|s| {
+                if let Some(m) = s.swap {
+                    e.bits[m.module] = m.to;
+                }
+                e.clone()
+            })
+            .collect()
+    }
+}
+
+/// Bit-widths each module may take, high to low (`[n_up, ..., n_low]`; pruning removes
+/// intermediate ones).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Available {
+    pub bits: Vec<Vec<u32>>,
+}
+
+impl Available {
+    pub fn uniform(modules: usize, ladder: &[u32]) -> Self {
+        Available {
+            bits: vec![ladder.to_vec(); modules],
+        }
+    }
+    pub fn next_lower(&self, module: usize, bits: u32) -> Option<u32> {
+        self.bits[module].iter().copied().find(|&b| b < bits)
+    }
+    pub fn start(&self) -> Eqm {
+        Eqm {
+            bits: self.bits.iter().map(|b| b[0]).collect(),
+        }
+    }
+    pub fn end(&self) -> Eqm {
+        Eqm {
+            bits: self.bits.iter().map(|b| *b.last().unwrap()).collect(),
+        }
+    }
+    /// Swaps needed from QM(n_up) to QM(n_low).
+    pub fn steps(&self) -> usize {
+        self.bits.iter().map(|b| b.len() - 1).sum()
+    }
+}
+
+#[derive(Clone)]
+struct Path {
+    eqm: Eqm,
+    steps: Vec<TrajStep>,
+    footprint: u64,
+    /// Area under ppl-vs-footprint so far (trapezoids), to pick among finished paths.
+    area: f64,
+}
+
+pub fn footprint(ev: &impl Evaluator, eqm: &Eqm, base_bytes: u64) -> u64 {
+    base_bytes
+        + eqm
+            .bits
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| ev.bytes(i, b))
+            .sum::<u64>()
+}
+
+/// Runs the search; `progress(step, total, ppl)` after every round.
+pub fn search(
+    ev: &mut impl Evaluator,
+    avail: &Available,
+    base_bytes: u64,
+    opts: SearchOptions,
+    mut progress: impl FnMut(usize, usize, f64),
+) -> Result<Trajectory> {
+    opts.validate()?;
+    let start = avail.start();
+    let f0 = footprint(ev, &start, base_bytes);
+    let ppl0 = ev.calib_ppl(std::slice::from_ref(&start))?[0];
+    let mut evaluations = 1;
+    let mut sensitivity_evaluations = 0;
+    let mut paths = vec![Path {
+        eqm: start.clone(),
+        steps: vec![TrajStep {
+            swap: None,
+            footprint: f0,
+            calib_ppl: ppl0,
+        }],
+        footprint: f0,
+        area: 0.0,
+    }];
+    let total = avail.steps();
+    for round in 0..total {
+        // Propose: each path's `branch` safest moves.
+        let mut cands: Vec<(usize, Move, Eqm)> = Vec::new();
+        for (pi, p) in paths.iter().enumerate() {
+            let moves: Vec<Move> = (0..p.eqm.bits.len())
+                .filter_map(|m| {
+                    let from = p.eqm.bits[m];
+                    avail.next_lower(m, from).map(|to| Move {
+                        module: m,
+                        from,
+                        to,
+                    })
+                })
+                .collect();
+            let mut ranked: Vec<(f64, Move)> = if moves.len() <= opts.branch {
+                moves.iter().map(|&m| (0.0, m)).collect()
+            } else {
+                sensitivity_evaluations += moves.len();
+                let s = ev.sensitivity(&p.eqm, &moves)?;
+                s.into_iter().zip(moves).collect()
+            };
+            ranked.sort_by(|a, b| a.0.total_cmp(&b.0));
+            for &(_, mv) in ranked.iter().take(opts.branch) {
+                let mut e = p.eqm.clone();
+                e.bits[mv.module] = mv.to;
+                if !cands.iter().any(|c| c.2 == e) {
+                    cands.push((pi, mv, e));
+                }
+            }
+        }
+        // Score by calibration perplexity.
+        let eqms: Vec<Eqm> = cands.iter().map(|c| c.2.clone()).collect();
+        let skip = cands.len() == 1
+            && paths.len() == 1
+            && (round + 1) % opts.record_every.max(1) != 0
+            && round + 1 != total;
+        let ppls = if skip {
+            vec![f64::NAN]
+        } else {
+            evaluations += eqms.len();
+            ev.calib_ppl(&eqms)?
+        };
+        let mut scored: Vec<(f64, u64, usize)> = cands
+            .iter()
+            .zip(&ppls)
+            .enumerate()
+            .map(|(i, ((pi, mv, _), &ppl))| {
+                let p = &paths[*pi];
+                let f = p.footprint - ev.bytes(mv.module, mv.from) + ev.bytes(mv.module, mv.to);
+                let slope = (ppl - ppl0) / (f0 - f).max(1) as f64;
+                (slope, f, i)
+            })
+            .collect();
+        scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut next = Vec::with_capacity(opts.stem);
+        for &(_, f, i) in scored.iter().take(opts.stem) {
+            let (pi, mv, ref e) = cands[i];
+            let p = &paths[pi];
+            let last = p.steps.last().unwrap();
+            let mut steps = p.steps.clone();
+            steps.push(TrajStep {
+                swap: Some(mv),
+                footprint: f,
+                calib_ppl: ppls[i],
+            });
+            next.push(Path {
+                eqm: e.clone(),
+                area: p.area + (last.footprint - f) as f64 * (last.calib_ppl + ppls[i]) / 2.0,
+                steps,
+                footprint: f,
+            });
+        }
+        paths = next;
+        progress(round + 1, total, paths[0].steps.last().unwrap().calib_ppl);
+    }
+    let best = paths
+        .into_iter()
+        .min_by(|a, b| a.area.total_cmp(&b.area))
+        .expect("at least one path");
+    debug_assert_eq!(best.eqm, avail.end());
+    Ok(Trajectory {
+        steps: best.steps,
+        evaluations,
+        sensitivity_evaluations,
+    })
+}

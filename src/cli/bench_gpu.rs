@@ -1,0 +1,250 @@
+//! `flexquant bench gpu`: decode and prefill speed of the GPU engine on one adapter, written
+//! to `gpu.json`. Every figure comes from the same run on the same adapter, so the ratios
+//! (bandwidth, mixed vs uniform, swap vs token) hold even on a noisy shared machine.
+//!
+//! Models: uniform `n_up`, uniform `n_low`, a middle EQM (every other module at `n_low`, the
+//! point halfway along a trajectory) and the uniform model nearest to it in footprint; every
+//! module RTN-quantized (the kernels' speed does not depend on how codes were chosen).
+
+use anyhow::Result;
+use clap::Args;
+use flexquant::gpu::probe::copy_seconds;
+use flexquant::gpu::weights::rtn_modules;
+use flexquant::gpu::{Gpu, Model, ModelOptions};
+use flexquant::model::weights::LayerNorms;
+use flexquant::model::{Linear, ModuleId, Weights};
+use flexquant::quant::format::{PackedShape, BITS};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Args, Clone)]
+pub struct GpuBenchArgs {
+    /// Tokens decoded per model in `bench gpu` (after 2 warm-up tokens).
+    #[arg(long, default_value_t = 8)]
+    pub gpu_decode_tokens: usize,
+    /// Prompt tokens prefilled in `bench gpu`.
+    #[arg(long, default_value_t = 64)]
+    pub gpu_prefill_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    pub n_up: u32,
+    #[arg(long, default_value_t = 3)]
+    pub n_low: u32,
+    /// Random weights of the demo model's shapes instead of --model/--text (speed does not
+    /// depend on the values): for a machine that has a GPU but not the model file.
+    #[arg(long)]
+    pub gpu_synthetic: bool,
+}
+
+/// SmolLM2-135M's shapes with random weights.
+fn synthetic() -> Weights {
+    let mut c = flexquant::model::tiny::tiny_config();
+    (c.hidden_size, c.intermediate_size, c.num_hidden_layers) = (576, 1536, 30);
+    (c.num_attention_heads, c.num_key_value_heads, c.head_dim) = (9, Some(3), Some(64));
+    (
+        c.vocab_size,
+        c.tie_word_embeddings,
+        c.max_position_embeddings,
+    ) = (49152, true, 2048);
+    let mut rng = flexquant::model::generate::Rng::new(1);
+    let mut rand = |n: usize, s: f32| -> Vec<f32> {
+        (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * s).collect()
+    };
+    let h = c.hidden_size;
+    let modules = (0..c.num_hidden_layers * 7)
+        .map(|i| {
+            let (r, k) = ModuleId::from_index(i).kind.shape(&c);
+            Linear::new(r, k, rand(r * k, 1.0 / (k as f32).sqrt()))
+        })
+        .collect();
+    Weights {
+        embed: rand(c.vocab_size * h, 1.0).into(),
+        norms: vec![
+            LayerNorms {
+                attn_norm: vec![1.0; h],
+                ffn_norm: vec![1.0; h]
+            };
+            c.num_hidden_layers
+        ],
+        modules,
+        final_norm: vec![1.0; h],
+        lm_head: None,
+        config: c,
+    }
+}
+
+struct Timed {
+    bits: Vec<u32>,
+    token_s: f64,
+}
+
+fn model(gpu: &Arc<Gpu>, w: &Weights, bits: &[u32], opts: ModelOptions) -> Result<Model> {
+    let modules = rtn_modules(w, |id| bits[id.index()], 32)?;
+    Ok(pollster::block_on(Model::new(
+        gpu.clone(),
+        w,
+        &modules,
+        opts,
+    ))?)
+}
+
+/// Seconds per decoded token (greedy, top-1 back to the host each step).
+fn decode_seconds(g: &mut Model, prompt: &[u32], n: usize) -> Result<f64> {
+    g.truncate(0);
+    let mut next = pollster::block_on(g.step(prompt))?[0].0;
+    for _ in 0..2 {
+        next = pollster::block_on(g.step(&[next]))?[0].0;
+    }
+    let t = Instant::now();
+    for _ in 0..n {
+        next = pollster::block_on(g.step(&[next]))?[0].0;
+    }
+    Ok(t.elapsed().as_secs_f64() / n as f64)
+}
+
+fn module_bytes(w: &Weights, bits: &[u32]) -> u64 {
+    let c = &w.config;
+    (0..bits.len())
+        .map(|i| {
+            let (r, k) = ModuleId::from_index(i).kind.shape(c);
+            PackedShape::new(r, k, bits[i], 32).map_or(0, |s| s.bytes() as u64)
+        })
+        .sum()
+}
+
+pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> Result<()> {
+    let (w, ids, source) = if a.gpu_synthetic {
+        let w = synthetic();
+        let v = w.config.vocab_size as u32;
+        let ids: Vec<u32> = (0..a.gpu_prefill_tokens as u32 + 8)
+            .map(|i| i * 7919 % v)
+            .collect();
+        (w, ids, "synthetic (SmolLM2-135M shapes)".to_string())
+    } else {
+        let m = super::load_model(model_path)?;
+        let ids = m.tokenizer.encode(&super::read_text(text)?)?;
+        (m.weights, ids, m.source)
+    };
+    if ids.len() < a.gpu_prefill_tokens + 8 {
+        anyhow::bail!("{}: only {} tokens", text.display(), ids.len());
+    }
+    let m = &w;
+    let c = &w.config;
+    let n = w.modules.len();
+    let opts = ModelOptions {
+        context: (a.gpu_prefill_tokens + a.gpu_decode_tokens + 16).min(c.max_position_embeddings),
+        max_batch: 64,
+        logit_rows: 1,
+        top_k: 1,
+    };
+    let gpu = Arc::new(Gpu::new_blocking(Model::requirements(c, &opts))?);
+    let adapter = gpu.adapter_name();
+    eprintln!("bench gpu on {adapter}");
+    let prompt = &ids[..4];
+
+    let up = vec![a.n_up; n];
+    let low = vec![a.n_low; n];
+    let mid: Vec<u32> = (0..n)
+        .map(|i| if i % 2 == 0 { a.n_low } else { a.n_up })
+        .collect();
+    let mid_bytes = module_bytes(m, &mid);
+    let nearest = BITS
+        .iter()
+        .map(|&b| vec![b; n])
+        .min_by_key(|u| module_bytes(m, u).abs_diff(mid_bytes))
+        .unwrap();
+    let mut timed: Vec<Timed> = Vec::new();
+    let mut mid_extra = None;
+    for bits in [&up, &mid, &low, &nearest] {
+        if let Some(t) = timed.iter().find(|t| &t.bits == bits) {
+            eprintln!("  (same EQM as measured: {:.3} s/token)", t.token_s);
+            timed.push(Timed {
+                bits: bits.clone(),
+                token_s: t.token_s,
+            });
+            continue;
+        }
+        let mut g = model(&gpu, m, bits, opts)?;
+        let token_s = decode_seconds(&mut g, prompt, a.gpu_decode_tokens)?;
+        eprintln!(
+            "  {:.2} MB of modules: {:.3} s/token",
+            module_bytes(m, bits) as f64 / 1e6,
+            token_s
+        );
+        if bits == &mid {
+            mid_extra = Some(mid_figures(&gpu, m, &mut g, &ids, a, token_s)?);
+        }
+        timed.push(Timed {
+            bits: bits.clone(),
+            token_s,
+        });
+    }
+    let (prefill_tok_s, swap_s, bandwidth_ratio, bytes_per_token) = mid_extra.unwrap();
+    let tok_s = |i: usize| 1.0 / timed[i].token_s;
+    let report = serde_json::json!({
+        "adapter": adapter,
+        "model": source,
+        "n_up": a.n_up,
+        "n_low": a.n_low,
+        "decode_tokens": a.gpu_decode_tokens,
+        "decode_tok_s_n_up": tok_s(0),
+        "decode_tok_s_mid": tok_s(1),
+        "decode_tok_s_n_low": tok_s(2),
+        "mid_module_bytes": mid_bytes,
+        "nearest_uniform_bits": nearest[0],
+        "nearest_uniform_module_bytes": module_bytes(m, &nearest),
+        "decode_tok_s_nearest_uniform": tok_s(3),
+        "mixed_vs_uniform": tok_s(1) / tok_s(3),
+        "weight_bytes_per_token": bytes_per_token,
+        "bandwidth_ratio": bandwidth_ratio,
+        "swap_seconds": swap_s,
+        "swap_vs_token": swap_s / timed[1].token_s,
+        "prefill_tokens": a.gpu_prefill_tokens,
+        "prefill_tok_s": prefill_tok_s,
+    });
+    std::fs::create_dir_all(out_dir)?;
+    let path = out_dir.join("gpu.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Prefill speed, one swap step, and weight bandwidth vs a plain copy, on the middle EQM.
+fn mid_figures(
+    gpu: &Arc<Gpu>,
+    m: &Weights,
+    g: &mut Model,
+    ids: &[u32],
+    a: &GpuBenchArgs,
+    token_s: f64,
+) -> Result<(f64, f64, f64, u64)> {
+    g.truncate(0);
+    let t = Instant::now();
+    pollster::block_on(g.step(&ids[..a.gpu_prefill_tokens]))?;
+    let prefill_tok_s = a.gpu_prefill_tokens as f64 / t.elapsed().as_secs_f64();
+
+    // One trajectory step: an MLP module of the middle layer to n_low (upload, bind group,
+    // free), timed until the device has the new version.
+    let layer = m.config.num_hidden_layers / 2;
+    let id = ModuleId {
+        layer,
+        kind: flexquant::model::ModuleKind::Up,
+    };
+    let lin = m.module(id);
+    let version = flexquant::quant::rtn::quantize_rtn(
+        &lin.w, lin.rows, lin.cols, a.n_low, 32, false, "swap",
+    )?;
+    let t = Instant::now();
+    pollster::block_on(g.set_module(id, &version))?;
+    // The upload is staged until the next submission: submit nothing to flush it, then wait.
+    gpu.queue.submit(std::iter::empty());
+    gpu.wait();
+    let swap_s = t.elapsed().as_secs_f64();
+
+    // Bytes a decoded token must read: every module and the f16 head.
+    let c = &m.config;
+    let bytes = g.footprint().modules + 2 * (c.vocab_size * c.hidden_size) as u64;
+    let copy = copy_seconds(gpu, bytes, 3);
+    Ok((prefill_tok_s, swap_s, copy / token_s, bytes))
+}

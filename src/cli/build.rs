@@ -1,0 +1,205 @@
+//! `flexquant build` (the ensemble) and `flexquant report` (its report, redone from the record).
+
+use super::quant::{build_library, CalibArgs, DEFAULT_GROUP};
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use flexquant::build::pipeline::{build_ensemble, BuildSettings, Inputs};
+use flexquant::quant::eqm::EqmModel;
+use flexquant::quant::library::{self, Library, Method};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Preset {
+    /// Sensitivity-guided (branch 1: the output-error proxy orders the swaps; calibration ppl
+    /// recorded every 25 steps): a few minutes on 2 cores.
+    Fast,
+    /// Wider search, more calibration and held-out text, the full pruning ablation.
+    Full,
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Calibration text.
+    #[arg(long)]
+    calib: PathBuf,
+    /// Held-out text for the report's perplexities.
+    #[arg(long)]
+    heldout: PathBuf,
+    #[arg(long, value_enum, default_value = "fast")]
+    preset: Preset,
+    #[arg(long, default_value_t = 4)]
+    n_up: u32,
+    #[arg(long, default_value_t = 2)]
+    n_low: u32,
+    /// Candidates per kept path scored by calibration ppl (default: from the preset).
+    #[arg(long)]
+    branch: Option<usize>,
+    /// Paths kept per step (default: from the preset).
+    #[arg(long)]
+    stem: Option<usize>,
+    /// Fraction of intermediate module versions pruned from the shipped ensemble.
+    #[arg(long, default_value_t = 0.25)]
+    prune: f64,
+    /// Module library to use (built there if missing or not matching).
+    #[arg(long)]
+    library: Option<PathBuf>,
+    #[arg(long, default_value = "gptq")]
+    method: Method,
+    #[arg(long, default_value_t = DEFAULT_GROUP)]
+    group: usize,
+    #[command(flatten)]
+    calib_opts: CalibArgs,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn settings(a: &BuildArgs) -> BuildSettings {
+    let (branch, stem, calib_tokens, heldout_tokens, every, sens, samples, ablation) =
+        match a.preset {
+            Preset::Fast => (1, 1, 256, 1024, 60, 128, 0, vec![]),
+            Preset::Full => (3, 1, 512, 4096, 25, 256, 30, vec![0.0, 0.25, 0.5, 0.75]),
+        };
+    BuildSettings {
+        n_up: a.n_up,
+        n_low: a.n_low,
+        branch: a.branch.unwrap_or(branch),
+        stem: a.stem.unwrap_or(stem),
+        prune: a.prune,
+        ablation,
+        calib_tokens,
+        seq_len: 256,
+        heldout_tokens,
+        heldout_every: every,
+        sensitivity_tokens: sens,
+        correlation_samples: samples,
+    }
+}
+
+/// The library at `dir` if it was made from this model with these settings, else a new one.
+fn library_for(
+    a: &BuildArgs,
+    m: &flexquant::model::load::LoadedModel,
+    dir: &Path,
+    bits: &[u32],
+) -> Result<Library> {
+    let sha = library::model_sha256(&a.model)?;
+    if let Ok(lib) = Library::open(dir) {
+        let man = &lib.manifest;
+        if man.model.sha256 == sha
+            && man.method == a.method
+            && man.group == a.group
+            && bits.iter().all(|b| man.bits.contains(b))
+        {
+            return Ok(lib);
+        }
+        eprintln!(
+            "{}: library does not match (model, method, group or bits); rebuilding",
+            dir.display()
+        );
+    }
+    build_library(
+        m,
+        &a.model,
+        &a.calib,
+        a.method,
+        bits,
+        a.group,
+        &a.calib_opts,
+        dir,
+        true,
+    )?;
+    Ok(Library::open(dir)?)
+}
+
+pub fn run_build(a: BuildArgs) -> Result<()> {
+    let s = settings(&a);
+    if a.n_low > a.n_up {
+        anyhow::bail!("--n-low {} is above --n-up {}", a.n_low, a.n_up);
+    }
+    let m = super::load_model(&a.model)?;
+    let bits: Vec<u32> = flexquant::quant::format::BITS
+        .iter()
+        .copied()
+        .filter(|&b| b <= a.n_up && b >= a.n_low)
+        .collect();
+    let lib_dir = a.library.clone().unwrap_or_else(|| {
+        a.out
+            .with_file_name(format!("library-{}-g{}", a.method.name(), a.group))
+    });
+    let lib = library_for(&a, &m, &lib_dir, &bits)?;
+    let sha = library::model_sha256(&a.model)?;
+    let em = EqmModel::new(lib, &m.weights, &sha)?;
+    let calib = m.tokenizer.encode(&super::read_text(&a.calib)?)?;
+    let heldout = m.tokenizer.encode(&super::read_text(&a.heldout)?)?;
+    // Calibration windows spread over the text (not its first pages only).
+    let calib_ids = flexquant::quant::calib::sample(
+        &calib,
+        flexquant::quant::calib::CalibSettings {
+            sequences: s.calib_tokens / s.seq_len,
+            seq_len: s.seq_len,
+        },
+    )?;
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(indicatif::ProgressStyle::with_template(
+        "{prefix:>16} [{bar:30}] {pos}/{len} {msg} ({elapsed}, ETA {eta})",
+    )?);
+    let name = format!(
+        "{}-{}to{}",
+        a.model
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("model"),
+        a.n_up,
+        a.n_low
+    );
+    let inputs = Inputs {
+        model: &m,
+        eqm: &em,
+        calib_ids: &calib_ids,
+        heldout_ids: &heldout,
+        name,
+    };
+    let mut phase = String::new();
+    // Without a terminal (CI logs) the bar is hidden: print a line every 10% instead.
+    let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let started = std::time::Instant::now();
+    let rec = build_ensemble(&inputs, &s, &a.out, &mut |p, d, n, ppl| {
+        if p != phase {
+            phase = p.to_string();
+            pb.reset();
+            pb.set_prefix(phase.clone());
+        }
+        if plain && n > 0 && (d * 10 / n != (d.saturating_sub(1)) * 10 / n || d == n) {
+            eprintln!(
+                "{p}: {d}/{n}, calib ppl {ppl:.3}, {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        pb.set_length(n as u64);
+        pb.set_position(d as u64);
+        if ppl.is_finite() {
+            pb.set_message(format!("calib ppl {ppl:.3}"));
+        }
+    })
+    .with_context(|| format!("building the ensemble in {}", a.out.display()))?;
+    pb.finish_and_clear();
+    println!("{}", std::fs::read_to_string(a.out.join("report.md"))?);
+    println!(
+        "ensemble written to {} in {:.0} s",
+        a.out.display(),
+        rec.build_seconds
+    );
+    Ok(())
+}
+
+pub fn run_report(dir: &Path) -> Result<()> {
+    let f = flexquant::build::report::rewrite(dir)?;
+    println!("{}", serde_json::to_string_pretty(&f)?);
+    println!(
+        "wrote {}/report.json, report.md, trajectory.svg/png, storage.svg/png",
+        dir.display()
+    );
+    Ok(())
+}

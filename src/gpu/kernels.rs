@@ -1,0 +1,290 @@
+//! The WGSL kernels and their pipelines. Every kernel binds the same way: 0 = its parameters
+//! (a 256-byte slot of one uniform buffer), 1 = the per-call `Step`, then its read-only storage
+//! buffers, then its read-write ones; so a bind-group layout is just `(read-only, read-write)`
+//! counts, declared once here and shared by every pipeline with that shape.
+
+use crate::gpu::device::Gpu;
+use std::collections::HashMap;
+
+pub const COMMON: &str = include_str!("../../shaders/common.wgsl");
+
+/// Bytes of one parameter slot: the WebGPU default (and maximum) uniform offset alignment.
+pub const PARAM_SLOT: u64 = 256;
+/// Workgroup size of the 64-wide kernels.
+pub const WG: u32 = 64;
+/// Tokens per thread in `matmul` and `dense` (WGSL `TT`).
+pub const TT: u32 = 4;
+/// Logits per top-k workgroup (WGSL `CHUNK`).
+pub const TOPK_CHUNK: u32 = 4096;
+/// The largest k the top-k kernel is asked for.
+pub const MAX_TOP_K: u32 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Decode: dequantize + matrix-vector, specialised on the bit-width.
+    Matvec(u32),
+    /// Prefill: dequantize + matrix-matrix.
+    Matmul(u32),
+    Dense,
+    Embed,
+    RmsNorm,
+    Rope,
+    Attention,
+    SwiGlu,
+    /// Top-k stage 1 (over logits) and 2 (merging candidates).
+    TopK {
+        from_logits: bool,
+    },
+    Nll,
+}
+
+struct Spec {
+    source: String,
+    entry: &'static str,
+    read_only: u32,
+    read_write: u32,
+}
+
+impl Kernel {
+    fn spec(self) -> Spec {
+        let s = |source: &str, entry, read_only, read_write| Spec {
+            source: source.to_string(),
+            entry,
+            read_only,
+            read_write,
+        };
+        match self {
+            Kernel::Matvec(bits) => s(&qlinear_source(bits), "matvec", 2, 1),
+            Kernel::Matmul(bits) => s(&qlinear_source(bits), "matmul", 2, 1),
+            Kernel::Dense => s(include_str!("../../shaders/dense.wgsl"), "dense", 2, 1),
+            Kernel::Embed => s(include_str!("../../shaders/embed.wgsl"), "embed", 2, 1),
+            Kernel::RmsNorm => s(include_str!("../../shaders/rmsnorm.wgsl"), "rmsnorm", 2, 1),
+            Kernel::Rope => s(include_str!("../../shaders/rope.wgsl"), "rope", 1, 1),
+            Kernel::Attention => s(
+                include_str!("../../shaders/attention.wgsl"),
+                "attention",
+                3,
+                1,
+            ),
+            Kernel::SwiGlu => s(include_str!("../../shaders/swiglu.wgsl"), "swiglu", 1, 1),
+            Kernel::TopK { .. } => s(include_str!("../../shaders/topk.wgsl"), "topk", 1, 1),
+            Kernel::Nll => s(include_str!("../../shaders/nll.wgsl"), "nll_rows", 2, 1),
+        }
+    }
+
+    /// (read-only, read-write) storage buffers it binds.
+    pub fn buffers(self) -> (u32, u32) {
+        let s = self.spec();
+        (s.read_only, s.read_write)
+    }
+}
+
+pub struct Kernels {
+    /// Threads per weight row in `matvec` (see qlinear.wgsl).
+    pub tpr: u32,
+    layouts: HashMap<(u32, u32), wgpu::BindGroupLayout>,
+    modules: HashMap<String, wgpu::ShaderModule>,
+    pipelines: HashMap<Kernel, wgpu::ComputePipeline>,
+}
+
+impl Kernels {
+    /// CPU adapters (lavapipe, SwiftShader) run a row per SIMD lane best; GPUs share a row
+    /// among 16 threads so its words are read together. `FLEXQUANT_GPU_TPR` overrides.
+    pub fn new(gpu: &Gpu) -> Self {
+        let default = if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            1
+        } else {
+            16
+        };
+        let tpr = std::env::var("FLEXQUANT_GPU_TPR")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|v: &u32| v.is_power_of_two() && *v <= WG)
+            .unwrap_or(default);
+        Kernels {
+            tpr,
+            layouts: HashMap::new(),
+            modules: HashMap::new(),
+            pipelines: HashMap::new(),
+        }
+    }
+
+    pub fn layout(&mut self, gpu: &Gpu, read_only: u32, read_write: u32) -> &wgpu::BindGroupLayout {
+        self.layouts
+            .entry((read_only, read_write))
+            .or_insert_with(|| {
+                let uniform = |binding| wgpu::BindGroupLayoutEntry {
+                    binding,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                };
+                let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
+                    binding,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage { read_only },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                };
+                let mut entries = vec![uniform(0), uniform(1)];
+                for i in 0..read_only + read_write {
+                    entries.push(storage(2 + i, i < read_only));
+                }
+                gpu.device
+                    .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                        label: Some("flexquant"),
+                        entries: &entries,
+                    })
+            })
+    }
+
+    /// Compiles `kernel`'s pipeline if this is its first use.
+    pub fn prepare(&mut self, gpu: &Gpu, kernel: Kernel) {
+        if self.pipelines.contains_key(&kernel) {
+            return;
+        }
+        let spec = kernel.spec();
+        let module = self
+            .modules
+            .entry(spec.source.clone())
+            .or_insert_with(|| {
+                gpu.device
+                    .create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(spec.entry),
+                        source: wgpu::ShaderSource::Wgsl(
+                            format!("{COMMON}\n{}", spec.source).into(),
+                        ),
+                    })
+            })
+            .clone();
+        let layout = self.layout(gpu, spec.read_only, spec.read_write).clone();
+        let pl = gpu
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(spec.entry),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+        let constants: Vec<(&str, f64)> = match kernel {
+            Kernel::Matvec(_) => vec![("TPR", self.tpr as f64)],
+            Kernel::TopK { from_logits } => vec![("FROM_LOGITS", from_logits as u32 as f64)],
+            _ => vec![],
+        };
+        let pipeline = gpu
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(spec.entry),
+                layout: Some(&pl),
+                module: &module,
+                entry_point: Some(spec.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        self.pipelines.insert(kernel, pipeline);
+    }
+
+    pub fn pipeline(&self, kernel: Kernel) -> &wgpu::ComputePipeline {
+        self.pipelines
+            .get(&kernel)
+            .unwrap_or_else(|| panic!("{kernel:?} used before prepare()"))
+    }
+
+    /// A bind group for `kernel`: parameters at `params` (a slot of a uniform buffer), the
+    /// step buffer, then the storage buffers in binding order.
+    pub fn bind(
+        &mut self,
+        gpu: &Gpu,
+        kernel: Kernel,
+        params: wgpu::BufferBinding<'_>,
+        step: &wgpu::Buffer,
+        storage: &[&wgpu::Buffer],
+    ) -> wgpu::BindGroup {
+        let (ro, rw) = kernel.buffers();
+        assert_eq!(
+            storage.len() as u32,
+            ro + rw,
+            "{kernel:?} binds {ro}+{rw} buffers"
+        );
+        let layout = self.layout(gpu, ro, rw).clone();
+        let mut entries = vec![
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(params),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: step.as_entire_binding(),
+            },
+        ];
+        for (i, b) in storage.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: 2 + i as u32,
+                resource: b.as_entire_binding(),
+            });
+        }
+        gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &layout,
+            entries: &entries,
+        })
+    }
+}
+
+/// qlinear.wgsl specialised to `bits`: the shader plus a generated `codes(wb)` that decodes
+/// the 32 codes of a block from its `bits` words with constant shifts (code i at bit i*bits,
+/// LSB first, straddling into the next word for 3, 5 and 6 bits), one load per word.
+pub fn qlinear_source(bits: u32) -> String {
+    const QLINEAR: &str = include_str!("../../shaders/qlinear.wgsl");
+    let mask = (1u32 << bits) - 1;
+    let mut f =
+        format!("const BITS: u32 = {bits}u;\n\nfn codes(wb: u32) -> array<vec4<f32>, 8> {{\n");
+    for j in 0..bits {
+        f += &format!("    let w{j} = w[wb + {j}u];\n");
+    }
+    let code = |i: u32| {
+        let (j, s) = (i * bits / 32, i * bits % 32);
+        if s + bits > 32 {
+            format!("((w{j} >> {s}u) | (w{} << {}u))", j + 1, 32 - s)
+        } else if s == 0 {
+            format!("w{j}")
+        } else {
+            format!("(w{j} >> {s}u)")
+        }
+    };
+    f += "    return array<vec4<f32>, 8>(\n";
+    for v in 0..8 {
+        let c: Vec<String> = (4 * v..4 * v + 4).map(code).collect();
+        f += &format!(
+            "        vec4<f32>(vec4<u32>({}) & vec4<u32>({mask}u)),\n",
+            c.join(", ")
+        );
+    }
+    f += "    );\n}\n";
+    format!("{f}\n{QLINEAR}")
+}
+
+/// A parameter block: u32 words (floats as bits), padded to a 256-byte slot.
+pub fn param_bytes(words: &[u32]) -> Vec<u8> {
+    assert!(words.len() * 4 <= PARAM_SLOT as usize);
+    let mut b = vec![0u8; PARAM_SLOT as usize];
+    b[..words.len() * 4].copy_from_slice(bytemuck::cast_slice(words));
+    b
+}
+
+/// The `Step` block of common.wgsl.
+pub fn step_bytes(n_tokens: u32, pos0: u32) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..4].copy_from_slice(&n_tokens.to_le_bytes());
+    b[4..8].copy_from_slice(&pos0.to_le_bytes());
+    b
+}

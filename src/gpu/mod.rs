@@ -1,0 +1,26 @@
+//! The WGSL inference engine on wgpu: the same Rust and shaders natively (Vulkan, Metal, DX12;
+//! in CI mesa's lavapipe) and in the browser (WebGPU).
+//!
+//! - `device`: adapter and device with the limits the model needs.
+//! - `alloc`: every buffer counted, so the runtime knows the footprint exactly.
+//! - `kernels`: pipelines over shaders/*.wgsl, one per kernel and bit-width.
+//! - `model`: the model on the GPU: base buffers, one buffer per module, the KV cache; decode,
+//!   prefill and `set_module` swaps between tokens.
+//! - `session`: generation with streaming tokens and perplexity on the GPU path.
+//! - `probe`: one kernel on host data (the parity tests).
+
+pub mod alloc;
+pub mod device;
+pub mod error;
+pub mod kernels;
+pub mod probe;
+pub mod session;
+
+pub use alloc::{Allocator, GpuBuffer};
+pub use device::{Gpu, Requirements};
+pub use error::{GpuError, GpuResult};
+pub use kernels::{Kernel, Kernels};
+pub mod model;
+pub mod weights;
+
+pub use model::{Footprint, Model, ModelOptions};

@@ -1,0 +1,1035 @@
+//! The model on the GPU: base buffers (f16 embedding and head, norms, RoPE table), one buffer
+//! per module in the packed format, the KV cache and the activations, plus the list of
+//! dispatches that make one forward pass.
+//!
+//! The embedding (and an untied head) is stored as f16 pairs: it is the largest base tensor
+//! (57 MB instead of 113 MB on the demo model, whose vocabulary is 49152), f16 keeps it within
+//! 2^-12 relative of the source, far below the noise of any quantized module, and the kernels
+//! read it with `unpack2x16float`, which needs no shader-f16 feature.
+//!
+//! A swap (`set_module`) happens between tokens: it uploads the new version into a new buffer
+//! inside an out-of-memory error scope, rebuilds the one bind group that reads the module,
+//! and only then drops the old buffer. The KV cache and the tokens stay.
+
+use crate::gpu::alloc::{Allocator, GpuBuffer};
+use crate::gpu::device::{Gpu, Requirements};
+use crate::gpu::error::{GpuError, GpuResult};
+use crate::gpu::kernels::{self, param_bytes, step_bytes, Kernel, Kernels, PARAM_SLOT, TT, WG};
+use crate::gpu::weights::f16_pairs;
+use crate::model::config::LlamaConfig;
+use crate::model::weights::{ModuleId, ModuleKind, Weights};
+use crate::quant::format::{PackedMatrix, PackedShape};
+use serde::Serialize;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ModelOptions {
+    /// Positions the KV cache holds.
+    pub context: usize,
+    /// Tokens per prefill dispatch (activations are sized for this many).
+    pub max_batch: usize,
+    /// Rows of logits kept: 1 for generation; more lets perplexity score a chunk at once.
+    pub logit_rows: usize,
+    /// Candidates the GPU returns per generated token (greedy needs 1).
+    pub top_k: u32,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            context: 2048,
+            max_batch: 64,
+            logit_rows: 1,
+            top_k: 40,
+        }
+    }
+}
+
+/// Bytes the model holds on the device, by kind; computed from shapes, not from the
+/// allocator, so that comparing the two catches leaks and double counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Footprint {
+    pub base: u64,
+    pub modules: u64,
+    pub kv_cache: u64,
+    pub activations: u64,
+}
+
+impl Footprint {
+    pub fn total(&self) -> u64 {
+        self.base + self.modules + self.kv_cache + self.activations
+    }
+}
+
+/// Workgroup grid of a dispatch as a function of the tokens in the call.
+#[derive(Clone, Copy)]
+enum Grid {
+    Fixed([u32; 3]),
+    /// `[x, n_tokens, 1]`
+    PerToken(u32),
+    /// `[x, ceil(n_tokens / TT), 1]`
+    Tiled(u32),
+    /// `[n_tokens, 1, 1]`: a workgroup per token row.
+    Rows,
+}
+
+struct Op {
+    kernel: Kernel,
+    bind_group: wgpu::BindGroup,
+    grid: Grid,
+}
+
+enum Dispatch {
+    Fixed(Op),
+    Module(usize),
+}
+
+struct Slot {
+    shape: PackedShape,
+    buffer: GpuBuffer,
+    bind_group: wgpu::BindGroup,
+    param_slot: u64,
+}
+
+/// Buffers sized by `max_batch` tokens (and `logit_rows` rows of logits).
+struct Activations {
+    x: GpuBuffer,
+    xn: GpuBuffer,
+    q: GpuBuffer,
+    att: GpuBuffer,
+    gate: GpuBuffer,
+    up: GpuBuffer,
+    logits: GpuBuffer,
+    tokens: GpuBuffer,
+    targets: GpuBuffer,
+    nll: GpuBuffer,
+    cand: GpuBuffer,
+    topk: GpuBuffer,
+    readback: GpuBuffer,
+}
+
+/// What the head computes after the layers.
+#[derive(Clone, Copy, PartialEq)]
+enum Head {
+    /// Top-k of the last token's logits.
+    TopK,
+    /// Logits of every token of the call (rows of the logits buffer).
+    AllLogits,
+    /// Negative log-likelihood of each token's target.
+    Nll,
+    /// Only fill the KV cache.
+    None,
+}
+
+pub struct Model {
+    gpu: Arc<Gpu>,
+    kernels: Kernels,
+    alloc: Allocator,
+    config: LlamaConfig,
+    opts: ModelOptions,
+    params: GpuBuffer,
+    step: GpuBuffer,
+    base: Vec<GpuBuffer>,
+    kv: Vec<[GpuBuffer; 2]>,
+    act: Activations,
+    modules: Vec<Slot>,
+    embed_op: Op,
+    layer_ops: Vec<Dispatch>,
+    final_norm_op: Op,
+    head_last: Op,
+    head_all: Op,
+    topk_ops: [Op; 2],
+    nll_op: Op,
+    len: usize,
+}
+
+/// Parameter slots: 13 per layer (2 norms, 7 modules, 2 RoPE, attention, SwiGLU) and 7 more
+/// (embedding, final norm, 2 heads, 2 top-k stages, nll).
+fn param_slots(c: &LlamaConfig) -> u64 {
+    13 * c.num_hidden_layers as u64 + 7
+}
+
+fn topk_chunks(c: &LlamaConfig) -> u64 {
+    (c.vocab_size as u64).div_ceil(kernels::TOPK_CHUNK as u64)
+}
+
+/// (name, bytes) of every activation buffer, in `Activations` order.
+fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static str, u64); 13] {
+    let b = o.max_batch as u64;
+    let f = |n: usize| 4 * b * n as u64;
+    let k = o.top_k as u64;
+    [
+        ("x", f(c.hidden_size)),
+        ("xn", f(c.hidden_size)),
+        ("q", f(c.q_dim())),
+        ("att", f(c.q_dim())),
+        ("gate", f(c.intermediate_size)),
+        ("up", f(c.intermediate_size)),
+        ("logits", 4 * o.logit_rows as u64 * c.vocab_size as u64),
+        ("tokens", 4 * b),
+        ("targets", 4 * b),
+        ("nll", 4 * b),
+        ("top-k candidates", 8 * k * topk_chunks(c)),
+        ("top-k", 8 * k),
+        ("readback", (8 * k).max(4 * b)),
+    ]
+}
+
+/// (name, bytes) of every base buffer, in `Model::base` order.
+fn base_sizes(c: &LlamaConfig, o: &ModelOptions) -> Vec<(String, u64)> {
+    let h = c.hidden_size as u64;
+    let table = 2 * c.vocab_size as u64 * h; // f16
+    let mut v = vec![
+        ("params".to_string(), param_slots(c) * PARAM_SLOT),
+        ("step".to_string(), 16),
+        ("embedding".to_string(), table),
+    ];
+    if !c.tie_word_embeddings {
+        v.push(("lm_head".to_string(), table));
+    }
+    for l in 0..c.num_hidden_layers {
+        v.push((format!("L{l}.attn_norm"), 4 * h));
+        v.push((format!("L{l}.ffn_norm"), 4 * h));
+    }
+    v.push(("final_norm".to_string(), 4 * h));
+    v.push(("rope".to_string(), 4 * (o.context * c.head_dim()) as u64));
+    v
+}
+
+fn kv_layer_bytes(c: &LlamaConfig, o: &ModelOptions) -> u64 {
+    4 * (o.context * c.kv_dim()) as u64
+}
+
+fn bytes_of<T: bytemuck::Pod>(v: &[T]) -> &[u8] {
+    bytemuck::cast_slice(v)
+}
+
+fn f32_bits(v: f32) -> u32 {
+    v.to_bits()
+}
+
+impl Model {
+    /// What the device must offer for this model.
+    pub fn requirements(c: &LlamaConfig, o: &ModelOptions) -> Requirements {
+        let widest_module = ModuleKind::ALL
+            .iter()
+            .map(|k| {
+                let (r, cols) = k.shape(c);
+                PackedShape::new(r, cols, 8, 32).map_or(0, |s| s.bytes() as u64)
+            })
+            .max()
+            .unwrap_or(0);
+        let max_binding = base_sizes(c, o)
+            .iter()
+            .map(|x| x.1)
+            .chain(activation_sizes(c, o).iter().map(|x| x.1))
+            .chain([kv_layer_bytes(c, o), widest_module])
+            .max()
+            .unwrap_or(0);
+        let rows = ModuleKind::ALL
+            .iter()
+            .map(|k| k.shape(c).0)
+            .max()
+            .unwrap_or(0);
+        let max_workgroups = [
+            rows.div_ceil(WG as usize),
+            c.vocab_size.div_ceil(WG as usize),
+            o.max_batch,
+            c.num_attention_heads,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(1) as u32;
+        Requirements {
+            max_binding,
+            max_workgroups,
+        }
+    }
+
+    fn check_shapes(c: &LlamaConfig, o: &ModelOptions) -> GpuResult<()> {
+        let bad = |m: String| Err(GpuError::Input(m));
+        // The kernels read activations as vec4.
+        for (name, v) in [
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("q_dim", c.q_dim()),
+        ] {
+            if !v.is_multiple_of(4) {
+                return bad(format!("{name} {v} must be a multiple of 4"));
+            }
+        }
+        if c.head_dim() > 256 {
+            return bad(format!(
+                "head_dim {} is above the kernels' 256",
+                c.head_dim()
+            ));
+        }
+        if o.top_k == 0 || o.top_k > kernels::MAX_TOP_K {
+            return bad(format!(
+                "top_k {} must be in 1..={}",
+                o.top_k,
+                kernels::MAX_TOP_K
+            ));
+        }
+        if topk_chunks(c) * o.top_k as u64 > kernels::TOPK_CHUNK as u64 {
+            return bad(format!(
+                "vocabulary {} is too large for one top-k merge at k = {}",
+                c.vocab_size, o.top_k
+            ));
+        }
+        if o.context == 0 || o.context > c.max_position_embeddings {
+            return bad(format!(
+                "context {} must be in 1..={}",
+                o.context, c.max_position_embeddings
+            ));
+        }
+        if o.max_batch == 0 || o.logit_rows == 0 || o.logit_rows > o.max_batch {
+            return bad(format!(
+                "max_batch {} and logit_rows {} must be >= 1 with logit_rows <= max_batch",
+                o.max_batch, o.logit_rows
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that `m` may stand for module `id` of this config.
+    fn check_module(c: &LlamaConfig, id: ModuleId, m: &PackedMatrix) -> GpuResult<()> {
+        let (r, cols) = id.kind.shape(c);
+        let s = m.shape;
+        let reason = if (s.rows, s.cols) != (r, cols) {
+            format!("shape {}x{}, the model needs {r}x{cols}", s.rows, s.cols)
+        } else if m.codes.len() != s.code_words() || m.scales.len() != s.scale_words() {
+            format!(
+                "{} code and {} scale words, the shape needs {} and {}",
+                m.codes.len(),
+                m.scales.len(),
+                s.code_words(),
+                s.scale_words()
+            )
+        } else {
+            return Ok(());
+        };
+        Err(GpuError::Module {
+            module: id.to_string(),
+            reason,
+        })
+    }
+
+    /// Uploads the model: base tensors from `w` (its f32 modules are not used), and
+    /// `modules[ModuleId::index()]`, one packed version per module (an EQM).
+    pub async fn new(
+        gpu: Arc<Gpu>,
+        w: &Weights,
+        modules: &[PackedMatrix],
+        opts: ModelOptions,
+    ) -> GpuResult<Model> {
+        let c = w.config.clone();
+        Self::check_shapes(&c, &opts)?;
+        gpu.check(Self::requirements(&c, &opts))?;
+        if modules.len() != c.num_hidden_layers * 7 {
+            return Err(GpuError::Input(format!(
+                "{} module versions for {} modules",
+                modules.len(),
+                c.num_hidden_layers * 7
+            )));
+        }
+        for (i, m) in modules.iter().enumerate() {
+            Self::check_module(&c, ModuleId::from_index(i), m)?;
+        }
+        let alloc = Allocator::new(&gpu.device);
+        let mut kernels = Kernels::new(&gpu);
+        let q = &gpu.queue;
+        let storage = wgpu::BufferUsages::empty();
+        let uniform = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
+
+        // Base buffers, in base_sizes() order.
+        let sizes = base_sizes(&c, &opts);
+        let params = alloc.create("params", sizes[0].1, uniform).await?;
+        let step = alloc.create("step", 16, uniform).await?;
+        let mut base = Vec::new();
+        base.push(
+            alloc
+                .upload(q, "embedding", bytes_of(&f16_pairs(&w.embed)), storage)
+                .await?,
+        );
+        if let Some(head) = &w.lm_head {
+            if c.tie_word_embeddings {
+                return Err(GpuError::Input("tied config with an lm_head".into()));
+            }
+            base.push(
+                alloc
+                    .upload(q, "lm_head", bytes_of(&f16_pairs(&head.w)), storage)
+                    .await?,
+            );
+        } else if !c.tie_word_embeddings {
+            return Err(GpuError::Input("untied config without an lm_head".into()));
+        }
+        for (l, n) in w.norms.iter().enumerate() {
+            for (name, g) in [("attn_norm", &n.attn_norm), ("ffn_norm", &n.ffn_norm)] {
+                let what = format!("L{l}.{name}");
+                base.push(alloc.upload(q, &what, bytes_of(g), storage).await?);
+            }
+        }
+        base.push(
+            alloc
+                .upload(q, "final_norm", bytes_of(&w.final_norm), storage)
+                .await?,
+        );
+        base.push(
+            alloc
+                .upload(q, "rope", bytes_of(&rope_table(&c, opts.context)), storage)
+                .await?,
+        );
+
+        let mut kv = Vec::new();
+        let kv_bytes = kv_layer_bytes(&c, &opts);
+        let st = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+        for l in 0..c.num_hidden_layers {
+            kv.push([
+                alloc.create(&format!("L{l}.k_cache"), kv_bytes, st).await?,
+                alloc.create(&format!("L{l}.v_cache"), kv_bytes, st).await?,
+            ]);
+        }
+        let mut bufs = Vec::new();
+        for (name, bytes) in activation_sizes(&c, &opts) {
+            let usage = if name == "readback" {
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST
+            } else {
+                st | wgpu::BufferUsages::COPY_SRC
+            };
+            bufs.push(alloc.create(name, bytes, usage).await?);
+        }
+        let mut it = bufs.into_iter();
+        let mut next = || it.next().unwrap();
+        let act = Activations {
+            x: next(),
+            xn: next(),
+            q: next(),
+            att: next(),
+            gate: next(),
+            up: next(),
+            logits: next(),
+            tokens: next(),
+            targets: next(),
+            nll: next(),
+            cand: next(),
+            topk: next(),
+            readback: next(),
+        };
+
+        let mut module_bufs = Vec::new();
+        for (i, m) in modules.iter().enumerate() {
+            let what = ModuleId::from_index(i).to_string();
+            module_bufs.push(alloc.upload(q, &what, &m.to_bytes(), storage).await?);
+            kernels.prepare(&gpu, Kernel::Matvec(m.shape.bits));
+            kernels.prepare(&gpu, Kernel::Matmul(m.shape.bits));
+        }
+
+        // Parameters and bind groups, slot by slot.
+        let mut b = Builder {
+            gpu: &gpu,
+            kernels: &mut kernels,
+            params: &params,
+            step: &step,
+            blocks: Vec::new(),
+        };
+        let (h, hd, f) = (
+            c.hidden_size as u32,
+            c.head_dim() as u32,
+            c.intermediate_size as u32,
+        );
+        let (nh, nkv) = (c.num_attention_heads as u32, c.n_kv_heads() as u32);
+        let (q_dim, kv_dim, vocab) = (c.q_dim() as u32, c.kv_dim() as u32, c.vocab_size as u32);
+        let eps = f32_bits(c.rms_norm_eps);
+        let sin_base = opts.context as u32 * hd / 2;
+        let embed = &base[0];
+        let head = &base[if c.tie_word_embeddings { 0 } else { 1 }];
+        let norm0 = if c.tie_word_embeddings { 1 } else { 2 };
+        let final_norm = &base[norm0 + 2 * c.num_hidden_layers];
+        let rope = &base[norm0 + 2 * c.num_hidden_layers + 1];
+        let a = &act;
+
+        let embed_op = b.op(
+            Kernel::Embed,
+            &[h, vocab],
+            &[embed, &a.tokens, &a.x],
+            Grid::PerToken(h.div_ceil(2 * WG)),
+        );
+        let mut layer_ops = Vec::new();
+        let mut slots = Vec::new();
+        let mut module_bufs = module_bufs.into_iter();
+        for l in 0..c.num_hidden_layers {
+            let (attn_norm, ffn_norm) = (&base[norm0 + 2 * l], &base[norm0 + 2 * l + 1]);
+            let [kc, vc] = &kv[l];
+            let mut module = |b: &mut Builder, kind: ModuleKind, ops: &mut Vec<Dispatch>| {
+                let id = ModuleId { layer: l, kind };
+                let m = &modules[id.index()];
+                let buffer = module_bufs.next().unwrap();
+                let (x, y) = module_io(a, &kv[l], kind);
+                let param_slot = b.blocks.len() as u64;
+                b.blocks.push(qlinear_params(m.shape, kind));
+                let bind_group = b.bind(Kernel::Matvec(m.shape.bits), param_slot, &[&buffer, x, y]);
+                ops.push(Dispatch::Module(slots.len()));
+                slots.push(Slot {
+                    shape: m.shape,
+                    buffer,
+                    bind_group,
+                    param_slot,
+                });
+            };
+            let ops = &mut layer_ops;
+            ops.push(Dispatch::Fixed(b.op(
+                Kernel::RmsNorm,
+                &[h, eps],
+                &[attn_norm, &a.x, &a.xn],
+                Grid::Rows,
+            )));
+            for kind in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
+                module(&mut b, kind, ops);
+            }
+            let pairs = |heads: u32| Grid::PerToken((heads * hd / 2).div_ceil(WG));
+            ops.push(Dispatch::Fixed(b.op(
+                Kernel::Rope,
+                &[0, q_dim, 0, nh, hd, sin_base],
+                &[rope, &a.q],
+                pairs(nh),
+            )));
+            ops.push(Dispatch::Fixed(b.op(
+                Kernel::Rope,
+                &[0, kv_dim, 1, nkv, hd, sin_base],
+                &[rope, kc],
+                pairs(nkv),
+            )));
+            let scale = f32_bits(1.0 / (hd as f32).sqrt());
+            ops.push(Dispatch::Fixed(b.op(
+                Kernel::Attention,
+                &[nh / nkv, hd, q_dim, kv_dim, scale],
+                &[&a.q, kc, vc, &a.att],
+                Grid::PerToken(nh),
+            )));
+            module(&mut b, ModuleKind::O, ops);
+            ops.push(Dispatch::Fixed(b.op(
+                Kernel::RmsNorm,
+                &[h, eps],
+                &[ffn_norm, &a.x, &a.xn],
+                Grid::Rows,
+            )));
+            module(&mut b, ModuleKind::Gate, ops);
+            module(&mut b, ModuleKind::Up, ops);
+            ops.push(Dispatch::Fixed(b.op(
+                Kernel::SwiGlu,
+                &[f],
+                &[&a.up, &a.gate],
+                Grid::PerToken(f.div_ceil(WG)),
+            )));
+            module(&mut b, ModuleKind::Down, ops);
+        }
+        let final_norm_op = b.op(
+            Kernel::RmsNorm,
+            &[h, eps],
+            &[final_norm, &a.x, &a.xn],
+            Grid::Rows,
+        );
+        let head_rows = vocab.div_ceil(WG);
+        let head_last = b.op(
+            Kernel::Dense,
+            &[vocab, h, h, vocab, 1],
+            &[head, &a.xn, &a.logits],
+            Grid::Fixed([head_rows, 1, 1]),
+        );
+        let head_all = b.op(
+            Kernel::Dense,
+            &[vocab, h, h, vocab, 0],
+            &[head, &a.xn, &a.logits],
+            Grid::Tiled(head_rows),
+        );
+        let chunks = topk_chunks(&c) as u32;
+        let k = opts.top_k;
+        let topk_ops = [
+            b.op(
+                Kernel::TopK { from_logits: true },
+                &[vocab, k, 0],
+                &[&a.logits, &a.cand],
+                Grid::Fixed([chunks, 1, 1]),
+            ),
+            b.op(
+                Kernel::TopK { from_logits: false },
+                &[chunks * k, k, 0],
+                &[&a.cand, &a.topk],
+                Grid::Fixed([1, 1, 1]),
+            ),
+        ];
+        let nll_op = b.op(
+            Kernel::Nll,
+            &[vocab],
+            &[&a.logits, &a.targets, &a.nll],
+            Grid::Rows,
+        );
+        assert_eq!(b.blocks.len() as u64, param_slots(&c));
+        let blocks: Vec<u8> = b.blocks.iter().flat_map(|p| param_bytes(p)).collect();
+        q.write_buffer(&params.buffer, 0, &blocks);
+
+        Ok(Model {
+            gpu,
+            kernels,
+            alloc,
+            config: c,
+            opts,
+            params,
+            step,
+            base,
+            kv,
+            act,
+            modules: slots,
+            embed_op,
+            layer_ops,
+            final_norm_op,
+            head_last,
+            head_all,
+            topk_ops,
+            nll_op,
+            len: 0,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+    pub fn options(&self) -> &ModelOptions {
+        &self.opts
+    }
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+    /// Positions in the KV cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Forgets positions `n..` (rewind to a shared prefix); the cached keys stay valid.
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+    pub fn allocator(&self) -> &Allocator {
+        &self.alloc
+    }
+    /// Caps the bytes this model may hold; a swap beyond it fails with `OutOfMemory`.
+    pub fn set_budget(&mut self, bytes: Option<u64>) {
+        self.alloc.set_budget(bytes);
+    }
+    pub fn module_shape(&self, id: ModuleId) -> PackedShape {
+        self.modules[id.index()].shape
+    }
+    /// Bits of every module, in `ModuleId::index()` order: the EQM this model runs.
+    pub fn eqm_bits(&self) -> Vec<u32> {
+        self.modules.iter().map(|s| s.shape.bits).collect()
+    }
+
+    /// Bytes of the buffers this model holds, counted from the buffers themselves.
+    pub fn held_bytes(&self) -> u64 {
+        let a = &self.act;
+        let acts = [
+            &a.x,
+            &a.xn,
+            &a.q,
+            &a.att,
+            &a.gate,
+            &a.up,
+            &a.logits,
+            &a.tokens,
+            &a.targets,
+            &a.nll,
+            &a.cand,
+            &a.topk,
+            &a.readback,
+        ];
+        let held = [&self.params, &self.step]
+            .into_iter()
+            .chain(&self.base)
+            .chain(self.kv.iter().flatten())
+            .chain(acts)
+            .chain(self.modules.iter().map(|s| &s.buffer));
+        held.map(|b| b.bytes()).sum()
+    }
+
+    pub fn footprint(&self) -> Footprint {
+        let (c, o) = (&self.config, &self.opts);
+        Footprint {
+            base: base_sizes(c, o).iter().map(|x| x.1).sum(),
+            modules: self.modules.iter().map(|s| s.shape.bytes() as u64).sum(),
+            kv_cache: 2 * c.num_hidden_layers as u64 * kv_layer_bytes(c, o),
+            activations: activation_sizes(c, o).iter().map(|x| x.1).sum(),
+        }
+    }
+
+    /// Replaces module `id` with another version (another bit-width or group) between tokens.
+    /// On any error the model is exactly as before.
+    pub async fn set_module(&mut self, id: ModuleId, m: &PackedMatrix) -> GpuResult<()> {
+        if id.layer >= self.config.num_hidden_layers {
+            return Err(GpuError::Input(format!("no module {id} in this model")));
+        }
+        Self::check_module(&self.config, id, m)?;
+        let gpu = self.gpu.clone();
+        let buffer = self
+            .alloc
+            .upload(
+                &gpu.queue,
+                &id.to_string(),
+                &m.to_bytes(),
+                wgpu::BufferUsages::empty(),
+            )
+            .await?;
+        let bits = m.shape.bits;
+        self.kernels.prepare(&gpu, Kernel::Matvec(bits));
+        self.kernels.prepare(&gpu, Kernel::Matmul(bits));
+        let slot = &self.modules[id.index()];
+        let param_slot = slot.param_slot;
+        let (x, y) = module_io(&self.act, &self.kv[id.layer], id.kind);
+        let bind_group = self.kernels.bind(
+            &gpu,
+            Kernel::Matvec(bits),
+            param_binding(&self.params, param_slot),
+            &self.step.buffer,
+            &[&buffer.buffer, &x.buffer, &y.buffer],
+        );
+        gpu.queue.write_buffer(
+            &self.params.buffer,
+            param_slot * PARAM_SLOT,
+            &param_bytes(&qlinear_params(m.shape, id.kind)),
+        );
+        // The old buffer is dropped (and destroyed) here, after its replacement is in place.
+        self.modules[id.index()] = Slot {
+            shape: m.shape,
+            buffer,
+            bind_group,
+            param_slot,
+        };
+        Ok(())
+    }
+
+    /// `set_module` from a shard body (codes then scales, little-endian).
+    pub async fn set_module_bytes(
+        &mut self,
+        id: ModuleId,
+        bits: u32,
+        group: usize,
+        bytes: &[u8],
+    ) -> GpuResult<()> {
+        let (r, c) = id.kind.shape(&self.config);
+        let shape = PackedShape::new(r, c, bits, group)?;
+        let m = PackedMatrix::from_bytes(shape, bytes, &id.to_string())?;
+        self.set_module(id, &m).await
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> GpuResult<()> {
+        if tokens.is_empty() {
+            return Err(GpuError::Input("no tokens to run".into()));
+        }
+        if let Some(t) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(GpuError::Input(format!(
+                "token id {t} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        if self.len + tokens.len() > self.opts.context {
+            return Err(GpuError::Input(format!(
+                "{} tokens after {} cached exceed the context of {} tokens",
+                tokens.len(),
+                self.len,
+                self.opts.context
+            )));
+        }
+        Ok(())
+    }
+
+    fn dispatch(&self, pass: &mut wgpu::ComputePass, d: &Dispatch, n: u32) {
+        match d {
+            Dispatch::Fixed(op) => self.op(pass, op, n),
+            Dispatch::Module(i) => {
+                let s = &self.modules[*i];
+                let rows = s.shape.rows as u32;
+                let (kernel, grid) = if n == 1 {
+                    let per_wg = WG / self.kernels.tpr;
+                    (
+                        Kernel::Matvec(s.shape.bits),
+                        Grid::Fixed([rows.div_ceil(per_wg), 1, 1]),
+                    )
+                } else {
+                    (Kernel::Matmul(s.shape.bits), Grid::Tiled(rows.div_ceil(WG)))
+                };
+                self.encode(pass, kernel, &s.bind_group, grid, n);
+            }
+        }
+    }
+
+    fn op(&self, pass: &mut wgpu::ComputePass, op: &Op, n: u32) {
+        self.encode(pass, op.kernel, &op.bind_group, op.grid, n);
+    }
+
+    fn encode(
+        &self,
+        pass: &mut wgpu::ComputePass,
+        kernel: Kernel,
+        bind_group: &wgpu::BindGroup,
+        grid: Grid,
+        n: u32,
+    ) {
+        let [x, y, z] = match grid {
+            Grid::Fixed(g) => g,
+            Grid::PerToken(x) => [x, n, 1],
+            Grid::Tiled(x) => [x, n.div_ceil(TT), 1],
+            Grid::Rows => [n, 1, 1],
+        };
+        pass.set_pipeline(self.kernels.pipeline(kernel));
+        pass.set_bind_group(0, bind_group, &[]);
+        pass.dispatch_workgroups(x, y, z);
+    }
+
+    /// Runs `tokens` (at most `max_batch`) at positions `len..` through the layers and `head`,
+    /// and submits; the KV cache grows by `tokens.len()`.
+    fn run_chunk(&mut self, tokens: &[u32], targets: &[u32], head: Head) {
+        let n = tokens.len() as u32;
+        let q = &self.gpu.queue;
+        q.write_buffer(&self.step.buffer, 0, &step_bytes(n, self.len as u32));
+        q.write_buffer(&self.act.tokens.buffer, 0, bytes_of(tokens));
+        if !targets.is_empty() {
+            q.write_buffer(&self.act.targets.buffer, 0, bytes_of(targets));
+        }
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            self.op(&mut pass, &self.embed_op, n);
+            for d in &self.layer_ops {
+                self.dispatch(&mut pass, d, n);
+            }
+            if head != Head::None {
+                self.op(&mut pass, &self.final_norm_op, n);
+            }
+            match head {
+                Head::TopK => {
+                    self.op(&mut pass, &self.head_last, n);
+                    self.op(&mut pass, &self.topk_ops[0], n);
+                    self.op(&mut pass, &self.topk_ops[1], n);
+                }
+                Head::AllLogits => self.op(&mut pass, &self.head_all, n),
+                Head::Nll => {
+                    self.op(&mut pass, &self.head_all, n);
+                    self.op(&mut pass, &self.nll_op, n);
+                }
+                Head::None => {}
+            }
+        }
+        let rb = &self.act.readback.buffer;
+        match head {
+            Head::TopK => enc.copy_buffer_to_buffer(
+                &self.act.topk.buffer,
+                0,
+                rb,
+                0,
+                8 * self.opts.top_k as u64,
+            ),
+            Head::Nll => enc.copy_buffer_to_buffer(&self.act.nll.buffer, 0, rb, 0, 4 * n as u64),
+            _ => {}
+        }
+        q.submit([enc.finish()]);
+        self.len += tokens.len();
+    }
+
+    /// Runs `tokens` through every layer in chunks of `max_batch`, `head` on the last chunk.
+    fn run(&mut self, tokens: &[u32], head: Head) -> GpuResult<usize> {
+        self.check_tokens(tokens)?;
+        let chunks: Vec<&[u32]> = tokens.chunks(self.opts.max_batch).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let h = if i + 1 == chunks.len() {
+                head
+            } else {
+                Head::None
+            };
+            self.run_chunk(chunk, &[], h);
+        }
+        Ok(chunks.last().map_or(0, |c| c.len()))
+    }
+
+    /// Runs `tokens` after the cached ones and returns the top-k `(token, logit)` of the next
+    /// token, best first: the only bytes that come back per generated token.
+    pub async fn step(&mut self, tokens: &[u32]) -> GpuResult<Vec<(u32, f32)>> {
+        self.run(tokens, Head::TopK)?;
+        let k = self.opts.top_k as u64;
+        let b = self.gpu.read(&self.act.readback.buffer, 8 * k).await?;
+        let w: &[u32] = bytemuck::cast_slice(&b);
+        Ok(w.chunks_exact(2)
+            .filter(|p| (p[1] as usize) < self.config.vocab_size)
+            .map(|p| (p[1], f32::from_bits(p[0])))
+            .collect())
+    }
+
+    /// Runs `tokens` and returns the logits of the last one (tests and debugging; a whole
+    /// vocabulary comes back).
+    pub async fn logits_last(&mut self, tokens: &[u32]) -> GpuResult<Vec<f32>> {
+        self.run(tokens, Head::TopK)?;
+        let v = 4 * self.config.vocab_size as u64;
+        self.read_buffer(&self.act.logits.buffer, v).await
+    }
+
+    /// Runs `tokens` (at most `logit_rows` in one call) and returns all their logits
+    /// `[t][vocab]`.
+    pub async fn logits_all(&mut self, tokens: &[u32]) -> GpuResult<Vec<f32>> {
+        if tokens.len() > self.opts.logit_rows {
+            return Err(GpuError::Input(format!(
+                "{} tokens, but logits are kept for {} rows",
+                tokens.len(),
+                self.opts.logit_rows
+            )));
+        }
+        self.check_tokens(tokens)?;
+        self.run_chunk(tokens, &[], Head::AllLogits);
+        let bytes = 4 * (tokens.len() * self.config.vocab_size) as u64;
+        self.read_buffer(&self.act.logits.buffer, bytes).await
+    }
+
+    /// Runs `tokens` and returns, for each, the negative log-likelihood of `targets[i]` (the
+    /// token that follows it), computed on the GPU. Chunks of `logit_rows` tokens.
+    pub async fn nll(&mut self, tokens: &[u32], targets: &[u32]) -> GpuResult<Vec<f32>> {
+        if targets.len() != tokens.len() {
+            return Err(GpuError::Input("one target per token".into()));
+        }
+        self.check_tokens(tokens)?;
+        self.check_tokens(targets)
+            .map_err(|_| GpuError::Input("bad target ids".into()))?;
+        let mut out = Vec::with_capacity(tokens.len());
+        let rows = self.opts.logit_rows;
+        for (tk, tg) in tokens.chunks(rows).zip(targets.chunks(rows)) {
+            self.run_chunk(tk, tg, Head::Nll);
+            let b = self
+                .gpu
+                .read(&self.act.readback.buffer, 4 * tk.len() as u64)
+                .await?;
+            out.extend_from_slice(bytemuck::cast_slice(&b));
+        }
+        Ok(out)
+    }
+
+    /// Copies a device buffer to the host through a transient staging buffer.
+    async fn read_buffer(&self, src: &wgpu::Buffer, bytes: u64) -> GpuResult<Vec<f32>> {
+        let staging = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("staging"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(src, 0, &staging, 0, bytes);
+        self.gpu.queue.submit([enc.finish()]);
+        let b = self.gpu.read(&staging, bytes).await?;
+        staging.destroy();
+        Ok(bytemuck::cast_slice(&b).to_vec())
+    }
+
+    /// Runs `tokens` into the KV cache without computing logits (a prompt prefix).
+    pub fn prefill(&mut self, tokens: &[u32]) -> GpuResult<()> {
+        self.run(tokens, Head::None).map(|_| ())
+    }
+}
+
+/// The input and output buffers of a module of one layer.
+fn module_io<'a>(
+    a: &'a Activations,
+    kv: &'a [GpuBuffer; 2],
+    kind: ModuleKind,
+) -> (&'a GpuBuffer, &'a GpuBuffer) {
+    match kind {
+        ModuleKind::Q => (&a.xn, &a.q),
+        ModuleKind::K => (&a.xn, &kv[0]),
+        ModuleKind::V => (&a.xn, &kv[1]),
+        ModuleKind::O => (&a.att, &a.x),
+        ModuleKind::Gate => (&a.xn, &a.gate),
+        ModuleKind::Up => (&a.xn, &a.up),
+        ModuleKind::Down => (&a.gate, &a.x),
+    }
+}
+
+/// qlinear.wgsl's `Params`: K and V write at the cache position, O and down add into the
+/// residual stream.
+fn qlinear_params(s: PackedShape, kind: ModuleKind) -> Vec<u32> {
+    let kv = matches!(kind, ModuleKind::K | ModuleKind::V);
+    let residual = matches!(kind, ModuleKind::O | ModuleKind::Down);
+    vec![
+        s.rows as u32,
+        s.cols as u32,
+        s.words_per_row() as u32,
+        s.groups_per_row() as u32,
+        (s.group / 32) as u32,
+        s.code_words() as u32,
+        s.cols as u32,
+        s.rows as u32,
+        0,
+        if kv { s.rows as u32 } else { 0 },
+        residual as u32,
+        0,
+    ]
+}
+
+fn param_binding(params: &GpuBuffer, slot: u64) -> wgpu::BufferBinding<'_> {
+    wgpu::BufferBinding {
+        buffer: &params.buffer,
+        offset: slot * PARAM_SLOT,
+        size: wgpu::BufferSize::new(PARAM_SLOT),
+    }
+}
+
+/// cos then sin, `[context][head_dim / 2]` each, computed in f64 like the CPU path.
+fn rope_table(c: &LlamaConfig, context: usize) -> Vec<f32> {
+    let hd = c.head_dim();
+    let half = hd / 2;
+    let angle = |p: usize, i: usize| {
+        let inv_freq = (c.rope_theta as f64).powf(-(2.0 * i as f64) / hd as f64);
+        p as f64 * inv_freq
+    };
+    let mut t = Vec::with_capacity(context * hd);
+    for f in [f64::cos, f64::sin] {
+        for p in 0..context {
+            for i in 0..half {
+                t.push(f(angle(p, i)) as f32);
+            }
+        }
+    }
+    t
+}
+
+/// Collects parameter blocks and makes the bind groups that point at their slots.
+struct Builder<'a> {
+    gpu: &'a Gpu,
+    kernels: &'a mut Kernels,
+    params: &'a GpuBuffer,
+    step: &'a GpuBuffer,
+    blocks: Vec<Vec<u32>>,
+}
+
+impl Builder<'_> {
+    fn bind(&mut self, kernel: Kernel, slot: u64, storage: &[&GpuBuffer]) -> wgpu::BindGroup {
+        self.kernels.prepare(self.gpu, kernel);
+        let bufs: Vec<&wgpu::Buffer> = storage.iter().map(|b| &b.buffer).collect();
+        self.kernels.bind(
+            self.gpu,
+            kernel,
+            param_binding(self.params, slot),
+            &self.step.buffer,
+            &bufs,
+        )
+    }
+
+    fn op(&mut self, kernel: Kernel, params: &[u32], storage: &[&GpuBuffer], grid: Grid) -> Op {
+        let slot = self.blocks.len() as u64;
+        self.blocks.push(params.to_vec());
+        Op {
+            kernel,
+            bind_group: self.bind(kernel, slot, storage),
+            grid,
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! One kernel run on host data, outside any model: the per-kernel parity tests (in the style of
+//! llama.cpp's test-backend-ops) and kernel debugging use it. Buffers here are transient and
+//! not counted by an allocator.
+
+use crate::gpu::device::Gpu;
+use crate::gpu::error::GpuResult;
+use crate::gpu::kernels::{param_bytes, step_bytes, Kernel, Kernels};
+use wgpu::util::DeviceExt;
+
+/// Runs `kernel` once over `grid` workgroups with `params`, the step `(n_tokens, pos0)`, the
+/// read-only `inputs` and the read-write `outputs` (initial contents), and returns the final
+/// contents of the outputs.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    gpu: &Gpu,
+    kernels: &mut Kernels,
+    kernel: Kernel,
+    params: &[u32],
+    step: (u32, u32),
+    inputs: &[&[u8]],
+    outputs: &[&[u8]],
+    grid: [u32; 3],
+) -> GpuResult<Vec<Vec<u8>>> {
+    run_repeated(gpu, kernels, kernel, params, step, inputs, outputs, grid, 1).await
+}
+
+/// `run` with the dispatch repeated `repeat` times in one pass (kernel timing).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_repeated(
+    gpu: &Gpu,
+    kernels: &mut Kernels,
+    kernel: Kernel,
+    params: &[u32],
+    step: (u32, u32),
+    inputs: &[&[u8]],
+    outputs: &[&[u8]],
+    grid: [u32; 3],
+    repeat: u32,
+) -> GpuResult<Vec<Vec<u8>>> {
+    kernels.prepare(gpu, kernel);
+    let d = &gpu.device;
+    let init = |contents: &[u8], usage| {
+        // Zero-sized bindings are invalid; pad to one word.
+        let contents = if contents.is_empty() {
+            &[0u8; 4][..]
+        } else {
+            contents
+        };
+        d.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents,
+            usage,
+        })
+    };
+    let params = init(&param_bytes(params), wgpu::BufferUsages::UNIFORM);
+    let step = init(&step_bytes(step.0, step.1), wgpu::BufferUsages::UNIFORM);
+    let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+    let ins: Vec<_> = inputs.iter().map(|b| init(b, storage)).collect();
+    let outs: Vec<_> = outputs.iter().map(|b| init(b, storage)).collect();
+    let all: Vec<&wgpu::Buffer> = ins.iter().chain(&outs).collect();
+    let bg = kernels.bind(gpu, kernel, params.as_entire_buffer_binding(), &step, &all);
+    let mut enc = d.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(kernels.pipeline(kernel));
+        pass.set_bind_group(0, &bg, &[]);
+        for _ in 0..repeat {
+            pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+        }
+    }
+    let stagings: Vec<_> = outs
+        .iter()
+        .map(|o| {
+            let s = d.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: o.size(),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            enc.copy_buffer_to_buffer(o, 0, &s, 0, o.size());
+            s
+        })
+        .collect();
+    gpu.queue.submit([enc.finish()]);
+    let mut result = Vec::new();
+    for (s, o) in stagings.iter().zip(outputs) {
+        let mut bytes = gpu.read(s, s.size()).await?;
+        bytes.truncate(o.len());
+        result.push(bytes);
+    }
+    Ok(result)
+}
+
+/// Seconds for one buffer-to-buffer copy of `bytes` on the device (the best of `reps`): the
+/// memory-bandwidth yardstick the decode benchmark compares its weight reads with.
+pub fn copy_seconds(gpu: &Gpu, bytes: u64, reps: usize) -> f64 {
+    let bytes = bytes.div_ceil(4) * 4;
+    let make = |usage| {
+        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("copy benchmark"),
+            size: bytes,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let src = make(wgpu::BufferUsages::COPY_SRC);
+    let dst = make(wgpu::BufferUsages::COPY_DST);
+    let mut best = f64::MAX;
+    for _ in 0..reps + 1 {
+        let t = now();
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+        gpu.queue.submit([enc.finish()]);
+        gpu.wait();
+        best = best.min(now() - t);
+    }
+    src.destroy();
+    dst.destroy();
+    best
+}
+
+fn now() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use std::sync::OnceLock;
+        static START: OnceLock<std::time::Instant> = OnceLock::new();
+        START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64()
+    }
+    #[cfg(target_arch = "wasm32")]
+    0.0
+}

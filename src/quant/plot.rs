@@ -1,0 +1,148 @@
+//! Perplexity-vs-footprint plots for the reports, as SVG and PNG (plotters).
+//!
+//! Text is rendered with ab_glyph from DejaVu Sans, read at run time from the system fonts
+//! (Debian: `fonts-dejavu-core`), so no font is compiled in and no C font stack is needed.
+//! The perplexity axis is logarithmic: 2-bit models are orders of magnitude worse than 8-bit
+//! ones, and on a linear axis everything above 3 bits would sit on one line.
+
+use crate::error::{Error, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::OnceLock;
+
+const FONT_PATHS: [&str; 3] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+];
+const FONT: &str = "sans-serif";
+
+/// One line of points `(x, y)`, drawn in x order.
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+pub struct Chart {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub series: Vec<Series>,
+    /// Single labelled points.
+    pub marks: Vec<(String, f64, f64)>,
+}
+
+fn register_font() -> Result<()> {
+    static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let path = FONT_PATHS
+            .iter()
+            .find(|p| Path::new(p).exists())
+            .ok_or_else(|| {
+                format!(
+                    "no DejaVu Sans font found (looked in {FONT_PATHS:?}); install fonts-dejavu-core"
+                )
+            })?;
+        let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+        plotters::style::register_font(FONT, FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
+            .map_err(|_| format!("{path}: not a usable TrueType font"))
+    })
+    .clone()
+    .map_err(Error::input)
+}
+
+/// Writes the chart to `svg` and `png` (1000 x 650).
+pub fn write(chart: &Chart, svg: &Path, png: &Path) -> Result<()> {
+    register_font()?;
+    let size = (1000, 650);
+    draw(SVGBackend::new(svg, size).into_drawing_area(), chart)
+        .map_err(|e| Error::format(svg.display(), e))?;
+    draw(BitMapBackend::new(png, size).into_drawing_area(), chart)
+        .map_err(|e| Error::format(png.display(), e))?;
+    Ok(())
+}
+
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    chart: &Chart,
+) -> std::result::Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    root.fill(&WHITE).map_err(err)?;
+    let all = chart
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .chain(chart.marks.iter().map(|m| (m.1, m.2)));
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for (x, y) in all {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if x0 > x1 || y0.is_nan() || y0 <= 0.0 {
+        return Err("nothing to plot (or a non-positive perplexity)".into());
+    }
+    let pad = (x1 - x0).max(1.0) * 0.05;
+    let mut c = ChartBuilder::on(&root)
+        .caption(&chart.title, (FONT, 24))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(90)
+        .build_cartesian_2d((x0 - pad)..(x1 + pad), ((y0 * 0.9)..(y1 * 1.1)).log_scale())
+        .map_err(err)?;
+    c.configure_mesh()
+        .x_desc(&chart.x_label)
+        .y_desc(&chart.y_label)
+        .y_label_formatter(&|v| {
+            if *v >= 1e4 {
+                format!("{v:.0e}")
+            } else {
+                format!("{v:.0}")
+            }
+        })
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 16))
+        .draw()
+        .map_err(err)?;
+    for (i, s) in chart.series.iter().enumerate() {
+        let color = Palette99::pick(i).mix(0.9);
+        let mut pts = s.points.clone();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .map_err(err)?
+            .label(&s.label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        c.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+            .map_err(err)?;
+    }
+    for (label, x, y) in &chart.marks {
+        c.draw_series(std::iter::once(TriangleMarker::new(
+            (*x, *y),
+            7,
+            BLACK.filled(),
+        )))
+        .map_err(err)?;
+        c.draw_series(std::iter::once(Text::new(
+            label.clone(),
+            (*x, *y * 1.03),
+            (FONT, 14).into_font().color(&BLACK),
+        )))
+        .map_err(err)?;
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font((FONT, 14))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! The builder's calibration evaluator on the tiny model: cached-prefix evaluation gives exactly
+//! the perplexity a full forward gives, and the search over a real library is well-formed.
+
+mod common;
+
+use flexquant::build::evaluator::{spearman, CalibEvaluator};
+use flexquant::build::search::{search, Available, Evaluator, SearchOptions};
+use flexquant::model::eval::perplexity;
+use flexquant::model::load::load;
+use flexquant::quant::calib::CalibSettings;
+use flexquant::quant::eqm::{Eqm, EqmModel};
+use flexquant::quant::gptq::GptqConfig;
+use flexquant::quant::library::{self, BuildInput, BuildOptions, Library, Method, ModelInfo};
+
+fn tiny_library(dir: &std::path::Path) -> (flexquant::model::load::LoadedModel, Library) {
+    let mdir = dir.join("model");
+    flexquant::model::tiny::write_tiny_model(&mdir, 7).unwrap();
+    let m = load(&mdir).unwrap();
+    let tokens: Vec<u32> = (0..512u32).map(|i| (i * 31 + 7) % 250 + 3).collect();
+    let input = BuildInput {
+        weights: &m.weights,
+        model: ModelInfo {
+            source: "tiny".into(),
+            sha256: "0".repeat(64),
+            config: m.weights.config.clone(),
+        },
+        calib_text: "synthetic".into(),
+        calib_sha256: "0".repeat(64),
+        calib_tokens: &tokens,
+    };
+    let opts = BuildOptions {
+        method: Method::Rtn,
+        bits: vec![4, 3, 2],
+        group: 32,
+        calib: CalibSettings {
+            sequences: 4,
+            seq_len: 128,
+        },
+        sequential: false,
+        gptq: GptqConfig::default(),
+        rtn_clip_search: false,
+    };
+    let lib_dir = dir.join("lib");
+    library::build(&input, &opts, &lib_dir, false, &mut |_, _| {}).unwrap();
+    (m, Library::open(&lib_dir).unwrap())
+}
+
+#[test]
+fn cached_evaluation_equals_full_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, lib) = tiny_library(dir.path());
+    let em = EqmModel::new(lib, &m.weights, &"0".repeat(64)).unwrap();
+    let tokens: Vec<u32> = m
+        .tokenizer
+        .encode(&"It is a truth universally acknowledged. ".repeat(20))
+        .unwrap();
+    let seq = 64;
+    let tokens = &tokens[..3 * seq];
+    let mut ev = CalibEvaluator::new(&em, tokens, seq, 4);
+    let mut e = em.uniform(4);
+    let mut fulls = Vec::new();
+    let mut fasts = Vec::new();
+    for step in 0..6 {
+        // Lower a module in a later layer each time so the cache prefix is reused.
+        e.bits[(step * 3 + 5) % 14] = 3;
+        let fast = ev.ppl(&e).unwrap();
+        let w = em.weights(&e).unwrap();
+        let full = perplexity(&w, tokens, seq, seq, |_, _| {}).unwrap().ppl;
+        assert!(
+            (fast - full).abs() < 1e-9 * full.max(1.0) + 1e-6,
+            "step {step}: {fast} vs {full}"
+        );
+        fulls.push(full);
+        fasts.push(fast);
+    }
+    assert!(ev.forward_equivalents < 6.0, "the layer cache was not used");
+    assert!((spearman(&fulls, &fasts) - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn search_over_a_real_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, lib) = tiny_library(dir.path());
+    let em = EqmModel::new(lib, &m.weights, &"0".repeat(64)).unwrap();
+    let tokens: Vec<u32> = (0..256u32).map(|i| (i * 17 + 3) % 250 + 3).collect();
+    let mut ev = CalibEvaluator::new(&em, &tokens, 128, 8);
+    let avail = Available::uniform(em.modules(), &[4, 3, 2]);
+    let base = em.base_bytes() as u64;
+    let t = search(
+        &mut ev,
+        &avail,
+        base,
+        SearchOptions {
+            branch: 3,
+            stem: 2,
+            record_every: 1,
+        },
+        |_, _, _| {},
+    )
+    .unwrap();
+    assert_eq!(t.steps.len(), 14 * 2 + 1);
+    let eqms = t.eqms(&avail.start());
+    for (s, e) in t.steps.iter().zip(&eqms) {
+        assert_eq!(s.footprint, em.footprint(e).unwrap() as u64);
+        assert_eq!(
+            s.footprint,
+            flexquant::build::search::footprint(&ev, e, base)
+        );
+    }
+    assert_eq!(eqms.last().unwrap(), &Eqm::uniform(14, 2));
+    assert!(t.steps.windows(2).all(|w| w[1].footprint < w[0].footprint));
+    let _ = ev.bytes(0, 4);
+}
+
+#[test]
+fn packaged_ensemble_round_trips() {
+    use flexquant::build::package::{
+        load_step_weights, read_manifest, read_verified, write_ensemble, PackageInput,
+    };
+    use flexquant::model::forward::{forward_all, KvCache};
+    let dir = tempfile::tempdir().unwrap();
+    let (m, lib) = tiny_library(dir.path());
+    let em = EqmModel::new(lib, &m.weights, &"0".repeat(64)).unwrap();
+    let tokens: Vec<u32> = (0..256u32).map(|i| (i * 17 + 3) % 250 + 3).collect();
+    let mut ev = CalibEvaluator::new(&em, &tokens, 128, 8);
+    let avail = Available::uniform(em.modules(), &[4, 3, 2]);
+    let base = em.base_bytes() as u64;
+    let t = search(
+        &mut ev,
+        &avail,
+        base,
+        SearchOptions {
+            branch: 2,
+            stem: 1,
+            record_every: 1,
+        },
+        |_, _, _| {},
+    )
+    .unwrap();
+    let heldout: Vec<Option<f64>> = (0..t.steps.len())
+        .map(|i| (i % 5 == 0).then_some(12.0))
+        .collect();
+    let out = dir.path().join("ensemble");
+    let start = avail.start();
+    let input = PackageInput {
+        name: "tiny".into(),
+        weights: &m.weights,
+        tokenizer: &m.tokenizer,
+        model: &em,
+        trajectory: &t,
+        start: &start,
+        heldout: &heldout,
+        n_up: 4,
+        n_low: 2,
+        calibration: serde_json::json!({"tokens": 256}),
+        build: serde_json::json!({"branch": 2}),
+    };
+    let written = write_ensemble(&out, &input).unwrap();
+    let man = read_manifest(&out).unwrap();
+    assert_eq!(man, written);
+    assert_eq!(man.trajectory.len(), t.steps.len());
+    assert!(!out
+        .with_file_name(format!("ensemble.tmp-{}", std::process::id()))
+        .exists());
+    for v in &man.modules {
+        read_verified(&out, &v.file).unwrap();
+    }
+    let eqms = t.eqms(&start);
+    for step in [0, 7, t.steps.len() - 1] {
+        let packaged = load_step_weights(&out, &man, step).unwrap();
+        let in_memory = em.weights(&eqms[step]).unwrap();
+        let a = forward_all(&packaged, &tokens[..40], &mut KvCache::new(&packaged, 64)).unwrap();
+        let b = forward_all(&in_memory, &tokens[..40], &mut KvCache::new(&in_memory, 64)).unwrap();
+        assert_eq!(
+            a, b,
+            "step {step}: packaged EQM differs from the in-memory one"
+        );
+    }
+    // A corrupted shard is caught by its hash, naming the file.
+    let victim = &man.modules[3].file;
+    let p = out.join(&victim.file);
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[10] ^= 0x55;
+    std::fs::write(&p, &bytes).unwrap();
+    let e = read_verified(&out, victim).unwrap_err().to_string();
+    assert!(e.contains(&victim.file) && e.contains("sha256"), "{e}");
+}

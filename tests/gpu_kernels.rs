@@ -1,0 +1,471 @@
+//! Per-kernel parity with a CPU reference on random shapes (llama.cpp's test-backend-ops
+//! style): every WGSL kernel, every bit-width, sizes that are not multiples of the workgroup
+//! size or of 32 columns.
+//!
+//! Error measure: for an output that is a sum, `|gpu - cpu| / sum |terms|`, the size of f32
+//! rounding relative to the magnitudes summed; bound `NORM_ERR` (f32 epsilon is 6e-8, so this
+//! allows ~100 roundings of the largest term and catches any wrong weight, which moves the
+//! result by about 1/cols >= 1e-4 of that sum).
+
+mod gpu_util;
+
+use flexquant::gpu::kernels::{self, Kernel};
+use flexquant::gpu::probe;
+use flexquant::model::generate::Rng;
+use flexquant::quant::format::BITS;
+use flexquant::quant::rtn::quantize_rtn;
+use gpu_util::{f32s, gpu, kernels_for, u32s};
+
+const NORM_ERR: f64 = 1e-5;
+
+fn rand_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+fn bytes(v: &[f32]) -> Vec<u8> {
+    bytemuck::cast_slice(v).to_vec()
+}
+
+/// max over outputs of |got - want| / scale, where scale is the sum of |terms|.
+fn norm_err(got: &[f32], want: &[f64], scale: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .zip(scale)
+        .map(|((g, w), s)| (*g as f64 - w).abs() / s.max(1e-30))
+        .fold(0.0, f64::max)
+}
+
+/// Shapes (rows, cols, group): rows not a multiple of 64, cols not a multiple of 32 or of the
+/// group, and the demo model's shapes.
+const SHAPES: [(usize, usize, usize); 6] = [
+    (1, 32, 32),
+    (67, 100, 64),
+    (130, 160, 64),
+    (192, 576, 32),
+    (65, 1000, 128),
+    (576, 1536, 128),
+];
+
+#[test]
+fn qlinear_matvec_and_matmul_match_dequantized_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut k = kernels_for(gpu);
+    let mut rng = Rng::new(1);
+    for &bits in &BITS {
+        for &(rows, cols, group) in &SHAPES {
+            let w = rand_vec(&mut rng, rows * cols, 1.0);
+            let m = quantize_rtn(&w, rows, cols, bits, group, false, "test").unwrap();
+            let deq = m.dequantize();
+            let words: Vec<u32> = m.codes.iter().chain(&m.scales).copied().collect();
+            for n_tokens in [1usize, 3, 11] {
+                let x = rand_vec(&mut rng, n_tokens * cols, 1.0);
+                let (want, scale): (Vec<f64>, Vec<f64>) = (0..n_tokens)
+                    .flat_map(|t| (0..rows).map(move |r| (t, r)))
+                    .map(|(t, r)| {
+                        let row = &deq[r * cols..(r + 1) * cols];
+                        let xr = &x[t * cols..(t + 1) * cols];
+                        let s: f64 = row.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let a: f64 = row
+                            .iter()
+                            .zip(xr)
+                            .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                            .sum();
+                        (s + 1.0, a + 1.0) // + 1.0: the kernel accumulates into y = 1
+                    })
+                    .unzip();
+                let sh = m.shape;
+                let params = [
+                    rows as u32,
+                    cols as u32,
+                    sh.words_per_row() as u32,
+                    sh.groups_per_row() as u32,
+                    (group / 32) as u32,
+                    sh.code_words() as u32,
+                    cols as u32,
+                    rows as u32,
+                    0,
+                    0,
+                    1,
+                    0,
+                ];
+                let y0 = vec![1f32; n_tokens * rows];
+                let (kernel, grid) = if n_tokens == 1 {
+                    let per_wg = kernels::WG / k.tpr;
+                    (Kernel::Matvec(bits), [(rows as u32).div_ceil(per_wg), 1, 1])
+                } else {
+                    let g = [
+                        (rows as u32).div_ceil(kernels::WG),
+                        (n_tokens as u32).div_ceil(kernels::TT),
+                        1,
+                    ];
+                    (Kernel::Matmul(bits), g)
+                };
+                let out = pollster::block_on(probe::run(
+                    gpu,
+                    &mut k,
+                    kernel,
+                    &params,
+                    (n_tokens as u32, 0),
+                    &[bytemuck::cast_slice(&words), &bytes(&x)],
+                    &[&bytes(&y0)],
+                    grid,
+                ))
+                .unwrap();
+                let e = norm_err(&f32s(&out[0]), &want, &scale);
+                assert!(
+                    e < NORM_ERR,
+                    "{kernel:?} {rows}x{cols} group {group}, {n_tokens} tokens: normalized error {e:.2e}"
+                );
+            }
+        }
+    }
+}
+
+fn run(
+    kernel: Kernel,
+    params: &[u32],
+    step: (u32, u32),
+    inputs: &[&[u8]],
+    outputs: &[&[u8]],
+    grid: [u32; 3],
+) -> Vec<Vec<u8>> {
+    let gpu = gpu().unwrap();
+    let mut k = kernels_for(gpu);
+    pollster::block_on(probe::run(
+        gpu, &mut k, kernel, params, step, inputs, outputs, grid,
+    ))
+    .unwrap()
+}
+
+fn f16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
+}
+
+#[test]
+fn dense_f16_head_matches_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut rng = Rng::new(2);
+    for (rows, cols, n, last_only) in [
+        (1usize, 4usize, 1usize, 1u32),
+        (259, 64, 9, 0),
+        (1000, 576, 3, 1),
+        (130, 36, 17, 0),
+    ] {
+        let w = rand_vec(&mut rng, rows * cols, 1.0);
+        let x = rand_vec(&mut rng, n * cols, 1.0);
+        let wq = f16_round(&w);
+        let first = if last_only == 1 { n - 1 } else { 0 };
+        let out_rows = n - first;
+        let mut want = Vec::new();
+        let mut scale = Vec::new();
+        for t in first..n {
+            for r in 0..rows {
+                let terms = (0..cols).map(|c| wq[r * cols + c] as f64 * x[t * cols + c] as f64);
+                want.push(terms.clone().sum::<f64>());
+                scale.push(terms.map(f64::abs).sum::<f64>());
+            }
+        }
+        let wp = flexquant::gpu::weights::f16_pairs(&w);
+        let params = [
+            rows as u32,
+            cols as u32,
+            cols as u32,
+            rows as u32,
+            last_only,
+        ];
+        let y = vec![0f32; out_rows * rows];
+        let grid = [
+            (rows as u32).div_ceil(64),
+            (out_rows as u32).div_ceil(kernels::TT),
+            1,
+        ];
+        let out = run(
+            Kernel::Dense,
+            &params,
+            (n as u32, 0),
+            &[bytemuck::cast_slice(&wp), &bytes(&x)],
+            &[&bytes(&y)],
+            grid,
+        );
+        let e = norm_err(&f32s(&out[0]), &want, &scale);
+        assert!(e < NORM_ERR, "dense {rows}x{cols} n {n}: {e:.2e}");
+    }
+}
+
+#[test]
+fn embed_lookup_matches_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut rng = Rng::new(3);
+    let (vocab, hidden) = (300usize, 132usize);
+    let table = rand_vec(&mut rng, vocab * hidden, 1.0);
+    let tokens: Vec<u32> = vec![0, 299, 17, 17, 5];
+    let want: Vec<f32> = tokens
+        .iter()
+        .flat_map(|&t| f16_round(&table[t as usize * hidden..(t as usize + 1) * hidden]))
+        .collect();
+    let tp = flexquant::gpu::weights::f16_pairs(&table);
+    let x = vec![0f32; tokens.len() * hidden];
+    let out = run(
+        Kernel::Embed,
+        &[hidden as u32, vocab as u32],
+        (tokens.len() as u32, 0),
+        &[bytemuck::cast_slice(&tp), bytemuck::cast_slice(&tokens)],
+        &[&bytes(&x)],
+        [(hidden as u32 / 2).div_ceil(64), tokens.len() as u32, 1],
+    );
+    assert_eq!(f32s(&out[0]), want, "embedding rows are exact f16 values");
+}
+
+#[test]
+fn rmsnorm_matches_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut rng = Rng::new(4);
+    for (n, t) in [(64usize, 1usize), (576, 5), (100, 3), (7, 2)] {
+        let x = rand_vec(&mut rng, n * t, 3.0);
+        let g = rand_vec(&mut rng, n, 1.0);
+        let eps = 1e-5f32;
+        let mut want = vec![0f32; n * t];
+        flexquant::model::ops::rmsnorm(&x, &g, eps, &mut want);
+        let y = vec![0f32; n * t];
+        let out = run(
+            Kernel::RmsNorm,
+            &[n as u32, eps.to_bits()],
+            (t as u32, 0),
+            &[&bytes(&g), &bytes(&x)],
+            &[&bytes(&y)],
+            [t as u32, 1, 1],
+        );
+        let got = f32s(&out[0]);
+        // Each output is one product chain; the error is in the 1/sqrt of a sum of n squares.
+        let want64: Vec<f64> = want.iter().map(|v| *v as f64).collect();
+        let scale: Vec<f64> = want.iter().map(|v| v.abs() as f64 + 1e-6).collect();
+        let e = norm_err(&got, &want64, &scale);
+        assert!(e < NORM_ERR, "rmsnorm n {n}: {e:.2e}");
+    }
+}
+
+#[test]
+fn rope_matches_cpu_for_queries_and_cache_rows() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut rng = Rng::new(5);
+    let (heads, hd, ctx, theta) = (3usize, 16usize, 40usize, 10000.0f32);
+    for (pos0, t, pos_rows) in [(0usize, 4usize, 0u32), (7, 3, 1), (33, 1, 0)] {
+        let rows = if pos_rows == 1 { ctx } else { t };
+        let v = rand_vec(&mut rng, rows * heads * hd, 1.0);
+        let table_rope = flexquant::model::ops::Rope::new(theta, hd, 0, ctx);
+        let table: Vec<f32> = table_rope
+            .cos
+            .iter()
+            .chain(&table_rope.sin)
+            .copied()
+            .collect();
+        let r0 = if pos_rows == 1 { pos0 } else { 0 };
+        let mut want = v.clone();
+        let rope = flexquant::model::ops::Rope::new(theta, hd, pos0, t);
+        rope.apply(&mut want[r0 * heads * hd..(r0 + t) * heads * hd], heads);
+        let params = [
+            0,
+            (heads * hd) as u32,
+            pos_rows,
+            heads as u32,
+            hd as u32,
+            (ctx * hd / 2) as u32,
+        ];
+        let out = run(
+            Kernel::Rope,
+            &params,
+            (t as u32, pos0 as u32),
+            &[&bytes(&table)],
+            &[&bytes(&v)],
+            [((heads * hd / 2) as u32).div_ceil(64), t as u32, 1],
+        );
+        let e = common_max_abs(&f32s(&out[0]), &want);
+        assert!(e < 1e-6, "rope pos0 {pos0}: max abs error {e:.2e}");
+    }
+}
+
+fn common_max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn attention_matches_cpu_over_the_cache() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut rng = Rng::new(6);
+    // (heads, kv heads, head_dim, pos0, tokens): GQA groups 1..3, cache lengths across tiles.
+    for (nh, nkv, hd, pos0, t) in [
+        (4usize, 2usize, 16usize, 0usize, 5usize),
+        (9, 3, 64, 70, 1),
+        (2, 2, 8, 0, 1),
+        (6, 2, 32, 130, 3),
+    ] {
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        let n = pos0 + t;
+        let q = rand_vec(&mut rng, t * q_dim, 1.0);
+        let kc = rand_vec(&mut rng, n * kv_dim, 1.0);
+        let vc = rand_vec(&mut rng, n * kv_dim, 1.0);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut want = vec![0f64; t * q_dim];
+        for i in 0..t {
+            for h in 0..nh {
+                let kvh = h / (nh / nkv);
+                let visible = pos0 + i + 1;
+                let s: Vec<f64> = (0..visible)
+                    .map(|j| {
+                        (0..hd)
+                            .map(|d| {
+                                q[i * q_dim + h * hd + d] as f64
+                                    * kc[j * kv_dim + kvh * hd + d] as f64
+                            })
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..hd {
+                    want[i * q_dim + h * hd + d] = (0..visible)
+                        .map(|j| e[j] / z * vc[j * kv_dim + kvh * hd + d] as f64)
+                        .sum();
+                }
+            }
+        }
+        let params = [
+            (nh / nkv) as u32,
+            hd as u32,
+            q_dim as u32,
+            kv_dim as u32,
+            (scale as f32).to_bits(),
+        ];
+        let out0 = vec![0f32; t * q_dim];
+        let out = run(
+            Kernel::Attention,
+            &params,
+            (t as u32, pos0 as u32),
+            &[&bytes(&q), &bytes(&kc), &bytes(&vc)],
+            &[&bytes(&out0)],
+            [nh as u32, t as u32, 1],
+        );
+        // Outputs are convex combinations of values in [-1, 1]: compare against that scale.
+        let ones = vec![1.0f64; want.len()];
+        let e = norm_err(&f32s(&out[0]), &want, &ones);
+        assert!(
+            e < NORM_ERR,
+            "attention {nh}/{nkv} heads of {hd}, pos0 {pos0}, {t} tokens: {e:.2e}"
+        );
+    }
+}
+
+#[test]
+fn swiglu_matches_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut rng = Rng::new(7);
+    let (f, t) = (100usize, 3usize);
+    let gate = rand_vec(&mut rng, f * t, 4.0);
+    let up = rand_vec(&mut rng, f * t, 1.0);
+    let want: Vec<f32> = gate
+        .iter()
+        .zip(&up)
+        .map(|(g, u)| flexquant::model::ops::silu(*g) * u)
+        .collect();
+    let out = run(
+        Kernel::SwiGlu,
+        &[f as u32],
+        (t as u32, 0),
+        &[&bytes(&up)],
+        &[&bytes(&gate)],
+        [(f as u32).div_ceil(64), t as u32, 1],
+    );
+    let e = common_max_abs(&f32s(&out[0]), &want);
+    assert!(e < 1e-6, "swiglu: {e:.2e}");
+}
+
+#[test]
+fn topk_matches_sorting_on_the_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut rng = Rng::new(8);
+    for (n, k) in [(259usize, 5u32), (49152, 40), (10000, 1), (4097, 64)] {
+        let mut logits = rand_vec(&mut rng, n, 10.0);
+        logits[n / 2] = logits[3]; // a tie: the lower index wins
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        let want: Vec<u32> = order[..k as usize].iter().map(|&i| i as u32).collect();
+        let chunks = (n as u32).div_ceil(kernels::TOPK_CHUNK);
+        let cand = vec![0u32; 2 * (chunks * k) as usize];
+        let c = run(
+            Kernel::TopK { from_logits: true },
+            &[n as u32, k, 0],
+            (1, 0),
+            &[&bytes(&logits)],
+            &[bytemuck::cast_slice(&cand)],
+            [chunks, 1, 1],
+        );
+        let top = vec![0u32; 2 * k as usize];
+        let r = run(
+            Kernel::TopK { from_logits: false },
+            &[chunks * k, k, 0],
+            (1, 0),
+            &[&c[0]],
+            &[bytemuck::cast_slice(&top)],
+            [1, 1, 1],
+        );
+        let got: Vec<u32> = u32s(&r[0]).chunks(2).map(|p| p[1]).collect();
+        assert_eq!(got, want, "top-{k} of {n}");
+        let vals: Vec<f32> = u32s(&r[0])
+            .chunks(2)
+            .map(|p| f32::from_bits(p[0]))
+            .collect();
+        assert_eq!(vals[0], logits[want[0] as usize]);
+    }
+}
+
+#[test]
+fn nll_matches_cpu_log_softmax() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut rng = Rng::new(9);
+    let (vocab, t) = (49152usize, 3usize);
+    let logits = rand_vec(&mut rng, vocab * t, 15.0);
+    let targets: Vec<u32> = vec![0, 49151, 1234];
+    let want: Vec<f64> = (0..t)
+        .map(|i| {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            flexquant::model::ops::log_sum_exp(row) - row[targets[i] as usize] as f64
+        })
+        .collect();
+    let nll0 = vec![0f32; t];
+    let out = run(
+        Kernel::Nll,
+        &[vocab as u32],
+        (t as u32, 0),
+        &[&bytes(&logits), bytemuck::cast_slice(&targets)],
+        &[&bytes(&nll0)],
+        [t as u32, 1, 1],
+    );
+    // Relative to the magnitude of the log-sum-exp (~ the largest logit).
+    let scale: Vec<f64> = want.iter().map(|_| 15.0).collect();
+    let e = norm_err(&f32s(&out[0]), &want, &scale);
+    assert!(e < NORM_ERR, "nll: {e:.2e}");
+}

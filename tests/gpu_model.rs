@@ -1,0 +1,76 @@
+//! The whole model on the GPU against the CPU reference forward of the same weights
+//! (`gpu::weights::reference_weights`: dequantized modules, f16 embedding and head).
+
+mod gpu_util;
+
+use flexquant::gpu::weights::{reference_weights, rtn_modules};
+use flexquant::gpu::{Model, ModelOptions};
+use flexquant::model::forward::{self, KvCache};
+use flexquant::model::load;
+use flexquant::quant::format::BITS;
+use gpu_util::gpu_arc;
+
+/// Logit error measure: max |gpu - cpu| over the RMS of the CPU logits.
+fn rel_err(gpu: &[f32], cpu: &[f32]) -> f32 {
+    let rms = (cpu.iter().map(|v| v * v).sum::<f32>() / cpu.len() as f32).sqrt();
+    gpu.iter()
+        .zip(cpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+        / rms
+}
+
+/// f32 rounding through 2 layers: observed ~1e-6; a wrong kernel is off by O(1).
+const TINY_TOL: f32 = 1e-4;
+
+#[test]
+fn tiny_model_prefill_and_decode_match_cpu_for_mixed_bits() {
+    let Some(gpu) = gpu_arc() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    flexquant::model::tiny::write_tiny_model(dir.path(), 7).unwrap();
+    let m = load::load(dir.path()).unwrap();
+    let w = &m.weights;
+    // Every bit-width, cycling over the modules; group 32 (160 = 5 groups).
+    let modules = rtn_modules(w, |id| BITS[id.index() % BITS.len()], 32).unwrap();
+    let r = reference_weights(w, &modules);
+    let tokens: Vec<u32> = m
+        .tokenizer
+        .encode("It is a truth universally acknowledged")
+        .unwrap();
+    let t = tokens.len();
+    let vocab = w.config.vocab_size;
+    let mut cache = KvCache::new(&r, 64);
+    let want = forward::forward_all(&r, &tokens, &mut cache).unwrap();
+
+    let opts = ModelOptions {
+        context: 64,
+        max_batch: 64,
+        logit_rows: 64,
+        top_k: 5,
+    };
+    let mut g = pollster::block_on(Model::new(gpu.clone(), w, &modules, opts)).unwrap();
+    assert_eq!(g.allocator().bytes(), g.footprint().total());
+    assert_eq!(g.held_bytes(), g.footprint().total());
+
+    // Prefill (matmul path) of all tokens at once.
+    let all = pollster::block_on(g.logits_all(&tokens)).unwrap();
+    let e = rel_err(&all, &want);
+    assert!(e < TINY_TOL, "prefill logits error {e:.2e}");
+
+    // Decode (matvec path) token by token, checking the top-k too.
+    g.truncate(0);
+    for (i, &tok) in tokens.iter().enumerate() {
+        let lg = pollster::block_on(g.logits_last(&[tok])).unwrap();
+        let row = &want[i * vocab..(i + 1) * vocab];
+        let e = rel_err(&lg, row);
+        assert!(e < TINY_TOL, "decode logits error {e:.2e} at token {i}");
+    }
+    g.truncate(t - 1);
+    let top = pollster::block_on(g.step(&tokens[t - 1..])).unwrap();
+    let row = &want[(t - 1) * vocab..];
+    let mut order: Vec<usize> = (0..vocab).collect();
+    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    let ids: Vec<u32> = top.iter().map(|p| p.0).collect();
+    let want_ids: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
+    assert_eq!(ids, want_ids, "top-5 of the last token");
+}
