@@ -33,6 +33,8 @@ pub struct ChatArgs {
     system: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    gpu: super::gpu::GpuArgs,
 }
 
 fn print_piece(piece: &str) -> bool {
@@ -83,7 +85,7 @@ fn generate_gpu(
     m: &flexquant::model::load::LoadedModel,
     ids: &[u32],
 ) -> Result<()> {
-    use flexquant::gpu::session::{Sampling, Session};
+    use flexquant::gpu::session::Session;
     let opts = flexquant::gpu::ModelOptions {
         context: a
             .sampling
@@ -92,17 +94,32 @@ fn generate_gpu(
         ..Default::default()
     };
     let mut session = Session::new(a.gpu.model(m, opts)?);
-    let s = Sampling {
-        temperature: a.sampling.temperature,
-        top_p: a.sampling.top_p,
-        max_tokens: a.sampling.max_tokens,
-        seed: a.sampling.seed,
+    let (out, stats) = gpu_turn(&mut session, m, ids, &a.sampling)?;
+    println!();
+    eprintln!("{}", speed(&stats));
+    if a.json {
+        println!("{}", serde_json::json!({"ids": out, "stats": stats}));
+    }
+    Ok(())
+}
+
+/// One streamed generation on the GPU engine.
+fn gpu_turn(
+    session: &mut flexquant::gpu::session::Session,
+    m: &flexquant::model::load::LoadedModel,
+    ids: &[u32],
+    sampling: &SamplingArgs,
+) -> Result<(Vec<u32>, GenStats)> {
+    let s = flexquant::gpu::session::Sampling {
+        temperature: sampling.temperature,
+        top_p: sampling.top_p,
+        max_tokens: sampling.max_tokens,
+        seed: sampling.seed,
     };
     let mut dec = flexquant::model::tokenizer::StreamDecoder::default();
     let (out, st) = pollster::block_on(session.generate(ids, &s, &m.tokenizer.stop, |id| {
         dec.step(&m.tokenizer, id).map_or(true, |p| print_piece(&p))
     }))?;
-    println!();
     let stats = GenStats {
         prompt_tokens: st.prompt_tokens,
         prefilled: st.prefilled,
@@ -111,16 +128,26 @@ fn generate_gpu(
         decode_seconds: st.decode_seconds,
         stopped_by: st.stopped_by,
     };
-    eprintln!("{}", speed(&stats));
-    if a.json {
-        println!("{}", serde_json::json!({"ids": out, "stats": stats}));
-    }
-    Ok(())
+    Ok((out, stats))
 }
 
 pub fn run_chat(a: ChatArgs) -> Result<()> {
     let m = super::load_model(&a.model)?;
     let mut session = Session::new(&m.weights, &m.tokenizer, a.sampling.context);
+    let mut gpu_session = if a.gpu.gpu {
+        let opts = flexquant::gpu::ModelOptions {
+            context: a
+                .sampling
+                .context
+                .min(m.weights.config.max_position_embeddings),
+            ..Default::default()
+        };
+        Some(flexquant::gpu::session::Session::new(
+            a.gpu.model(&m, opts)?,
+        ))
+    } else {
+        None
+    };
     let mut messages: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
     println!("chatting with {} (empty line or Ctrl-D to quit)", m.source);
     let stdin = std::io::stdin();
@@ -133,7 +160,13 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
         }
         messages.push(Message::new("user", line.trim_end()));
         let ids = m.tokenizer.encode(&m.tokenizer.chat.render(&messages))?;
-        match session.generate(&ids, &a.sampling.params(), print_piece) {
+        let turn = match gpu_session.as_mut() {
+            Some(g) => gpu_turn(g, &m, &ids, &a.sampling),
+            None => session
+                .generate(&ids, &a.sampling.params(), print_piece)
+                .map_err(Into::into),
+        };
+        match turn {
             Ok((out, stats)) => {
                 println!();
                 eprintln!("{}", speed(&stats));
