@@ -1,9 +1,11 @@
-// RMSNorm of each token row: y = x / sqrt(mean(x^2) + eps) * g. One workgroup per row.
+// RMSNorm of each token row: y = x / sqrt(mean(x^2) + eps) * g. One workgroup per row; with
+// `last_only`, one workgroup normalizes the call's last row into row 0 (what the head needs
+// to pick the next token).
 
 struct Params {
     n: u32,
     eps: f32,
-    _pad0: u32,
+    last_only: u32,
     _pad1: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -15,7 +17,13 @@ var<workgroup> red: array<f32, 64>;
 
 @compute @workgroup_size(64)
 fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let base = wg.x * p.n;
+    var row = wg.x;
+    var out = wg.x * p.n;
+    if (p.last_only != 0u) {
+        row = step.n_tokens - 1u;
+        out = 0u;
+    }
+    let base = row * p.n;
     var ss = 0.0;
     for (var i = li; i < p.n; i += 64u) {
         let v = x[base + i];
@@ -31,6 +39,6 @@ fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     }
     let inv = 1.0 / sqrt(red[0] / f32(p.n) + p.eps);
     for (var i = li; i < p.n; i += 64u) {
-        y[base + i] = x[base + i] * inv * g[i];
+        y[out + i] = x[base + i] * inv * g[i];
     }
 }

@@ -71,7 +71,7 @@ fn demo_logits_of_uniform_and_mixed_eqms_match_cpu() {
         ("mixed 8/4/3/2", mixed_bits),
     ] {
         let modules = rtn_modules(w, bits, 32).unwrap();
-        let r = reference_weights(w, &modules);
+        let r = reference_weights(w, &modules).unwrap();
         let mut cache = KvCache::new(&r, 64);
         let want = forward::forward_all(&r, tokens, &mut cache).unwrap();
         let mut g = block(Model::new(gpu.clone(), w, &modules, opts)).unwrap();
@@ -100,7 +100,7 @@ fn demo_forced_decoding_agrees_with_cpu_and_ppl_matches() {
     };
     let w = &m.weights;
     let modules = rtn_modules(w, |_| 4, 32).unwrap();
-    let r = reference_weights(w, &modules);
+    let r = reference_weights(w, &modules).unwrap();
     let n = forced_tokens(&gpu);
     let tokens = &ids[..n + 1];
     let vocab = w.config.vocab_size;

@@ -140,87 +140,47 @@ fn run(
     .unwrap()
 }
 
-fn f16_round(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
-}
-
 #[test]
-fn dense_f16_head_matches_cpu() {
-    if gpu().is_none() {
-        return;
-    }
-    let mut rng = Rng::new(2);
-    for (rows, cols, n, last_only) in [
-        (1usize, 4usize, 1usize, 1u32),
-        (259, 64, 9, 0),
-        (1000, 576, 3, 1),
-        (130, 36, 17, 0),
-    ] {
-        let w = rand_vec(&mut rng, rows * cols, 1.0);
-        let x = rand_vec(&mut rng, n * cols, 1.0);
-        let wq = f16_round(&w);
-        let first = if last_only == 1 { n - 1 } else { 0 };
-        let out_rows = n - first;
-        let mut want = Vec::new();
-        let mut scale = Vec::new();
-        for t in first..n {
-            for r in 0..rows {
-                let terms = (0..cols).map(|c| wq[r * cols + c] as f64 * x[t * cols + c] as f64);
-                want.push(terms.clone().sum::<f64>());
-                scale.push(terms.map(f64::abs).sum::<f64>());
-            }
-        }
-        let wp = flexquant::gpu::weights::f16_pairs(&w);
-        let params = [
-            rows as u32,
-            cols as u32,
-            cols as u32,
-            rows as u32,
-            last_only,
-        ];
-        let y = vec![0f32; out_rows * rows];
-        let grid = [
-            (rows as u32).div_ceil(64),
-            (out_rows as u32).div_ceil(kernels::TT),
-            1,
-        ];
-        let out = run(
-            Kernel::Dense,
-            &params,
-            (n as u32, 0),
-            &[bytemuck::cast_slice(&wp), &bytes(&x)],
-            &[&bytes(&y)],
-            grid,
-        );
-        let e = norm_err(&f32s(&out[0]), &want, &scale);
-        assert!(e < NORM_ERR, "dense {rows}x{cols} n {n}: {e:.2e}");
-    }
-}
-
-#[test]
-fn embed_lookup_matches_cpu() {
+fn embed_lookup_of_the_8bit_table_matches_cpu() {
     if gpu().is_none() {
         return;
     }
     let mut rng = Rng::new(3);
-    let (vocab, hidden) = (300usize, 132usize);
-    let table = rand_vec(&mut rng, vocab * hidden, 1.0);
-    let tokens: Vec<u32> = vec![0, 299, 17, 17, 5];
-    let want: Vec<f32> = tokens
-        .iter()
-        .flat_map(|&t| f16_round(&table[t as usize * hidden..(t as usize + 1) * hidden]))
-        .collect();
-    let tp = flexquant::gpu::weights::f16_pairs(&table);
-    let x = vec![0f32; tokens.len() * hidden];
-    let out = run(
-        Kernel::Embed,
-        &[hidden as u32, vocab as u32],
-        (tokens.len() as u32, 0),
-        &[bytemuck::cast_slice(&tp), bytemuck::cast_slice(&tokens)],
-        &[&bytes(&x)],
-        [(hidden as u32 / 2).div_ceil(64), tokens.len() as u32, 1],
-    );
-    assert_eq!(f32s(&out[0]), want, "embedding rows are exact f16 values");
+    // 132 columns: not a multiple of the group, so the last group is ragged.
+    for (vocab, hidden, group) in [(300usize, 132usize, 64usize), (50, 64, 32)] {
+        let table = rand_vec(&mut rng, vocab * hidden, 1.0);
+        let q = quantize_rtn(&table, vocab, hidden, 8, group, false, "embedding").unwrap();
+        let deq = q.dequantize();
+        let tokens: Vec<u32> = vec![0, vocab as u32 - 1, 17, 17, 5];
+        let want: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&t| deq[t as usize * hidden..(t as usize + 1) * hidden].to_vec())
+            .collect();
+        let s = q.shape;
+        let x = vec![0f32; tokens.len() * hidden];
+        let params = [
+            hidden as u32,
+            vocab as u32,
+            s.words_per_row() as u32,
+            s.groups_per_row() as u32,
+            group as u32,
+            s.code_words() as u32,
+        ];
+        let out = run(
+            Kernel::Embed,
+            &params,
+            (tokens.len() as u32, 0),
+            &[&q.to_bytes(), bytemuck::cast_slice(&tokens)],
+            &[&bytes(&x)],
+            [(hidden as u32 / 4).div_ceil(64), tokens.len() as u32, 1],
+        );
+        let got = f32s(&out[0]);
+        let e = common_max_abs(&got, &want);
+        assert!(
+            e < 1e-6,
+            "embedding {vocab}x{hidden} g{group}: max err {e:.2e}"
+        );
+    }
 }
 
 #[test]
@@ -250,6 +210,19 @@ fn rmsnorm_matches_cpu() {
         let scale: Vec<f64> = want.iter().map(|v| v.abs() as f64 + 1e-6).collect();
         let e = norm_err(&got, &want64, &scale);
         assert!(e < NORM_ERR, "rmsnorm n {n}: {e:.2e}");
+        // last_only: one workgroup normalizes the last row into row 0 (the head's input).
+        let out = run(
+            Kernel::RmsNorm,
+            &[n as u32, eps.to_bits(), 1],
+            (t as u32, 0),
+            &[&bytes(&g), &bytes(&x)],
+            &[&bytes(&y)],
+            [1, 1, 1],
+        );
+        let got = f32s(&out[0]);
+        let last = (t - 1) * n..t * n;
+        let e = norm_err(&got[..n], &want64[last.clone()], &scale[last]);
+        assert!(e < NORM_ERR, "rmsnorm last_only n {n} t {t}: {e:.2e}");
     }
 }
 

@@ -582,3 +582,102 @@ fn static_report_writes_json_markdown_svg_and_png() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[test]
+fn capped_hessian_tames_outlier_rows() {
+    let mut rng = Rng::new(6);
+    let d = 16;
+    let mut x = uniform(&mut rng, 64 * d, 1.0);
+    let plain = Hessian::from_rows(&x, d);
+    assert_eq!(
+        Hessian::from_rows_capped(&x, d).sum,
+        plain.sum,
+        "no outliers: unchanged"
+    );
+    // One attention-sink-like row, 1000x the others: capped, it counts as ROW_ENERGY_CAP
+    // median rows at most instead of dominating the Hessian.
+    for v in &mut x[5 * d..6 * d] {
+        *v *= 1000.0;
+    }
+    let capped = Hessian::from_rows_capped(&x, d);
+    let energy = |x: &[f32]| x.iter().map(|v| v * v).sum::<f32>();
+    let mut med: Vec<f32> = x.chunks(d).map(energy).collect();
+    med.sort_by(f32::total_cmp);
+    let trace: f32 = (0..d).map(|i| capped.sum[i * d + i]).sum();
+    let rest: f32 = x
+        .chunks(d)
+        .enumerate()
+        .filter(|(i, _)| *i != 5)
+        .map(|(_, r)| energy(r))
+        .sum();
+    let cap = flexquant::quant::gptq::ROW_ENERGY_CAP * med[32];
+    assert!(
+        (trace - (rest + cap)).abs() < 1e-3 * trace,
+        "{trace} vs {}",
+        rest + cap
+    );
+}
+
+#[test]
+fn scores_and_prefix_cached_perplexity_equal_the_plain_evaluation() {
+    use flexquant::model::eval::perplexity;
+    use flexquant::quant::evaluate::{score, single_swap, PrefixEval};
+    let model = common::tiny_model_dir();
+    let w = load(model.path()).unwrap().weights;
+    let tokens: Vec<u32> = (0..50).map(|i| (i * 31 % 250) as u32).collect();
+    let ctx = 16;
+    let want = perplexity(&w, &tokens, ctx, ctx, |_, _| {}).unwrap().ppl;
+    let s = score(&w, &tokens, ctx).unwrap();
+    assert!(
+        (s.ppl() - want).abs() < 1e-9 * want,
+        "{} vs {want}",
+        s.ppl()
+    );
+    assert_eq!(s.agreement(&s), 1.0);
+    let prefix = PrefixEval::new(&w, &tokens, ctx).unwrap();
+    assert!((prefix.reference_ppl - want).abs() < 1e-6 * want);
+    // A model changed in layer 1 only, evaluated from layer 1 on.
+    let mut w2 = w.clone();
+    let id = ModuleId {
+        layer: 1,
+        kind: ModuleKind::Up,
+    };
+    let m = w2.module(id).clone();
+    let halved: Vec<f32> = m.w.iter().map(|v| v * 0.5).collect();
+    w2.set_module(id, Linear::new(m.rows, m.cols, halved))
+        .unwrap();
+    let want2 = perplexity(&w2, &tokens, ctx, ctx, |_, _| {}).unwrap().ppl;
+    let got2 = prefix.ppl_from(&w2, 1).unwrap();
+    assert!((got2 - want2).abs() < 1e-4 * want2, "{got2} vs {want2}");
+    assert!((want2 - want).abs() > 1e-3, "the change should matter");
+
+    // The single-swap check over a tiny library: one entry per module, deltas vs QM(8).
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("lib");
+    build_tiny(model.path(), Method::Gptq, 32, &out).unwrap();
+    let sha = library::model_sha256(model.path()).unwrap();
+    let em = EqmModel::new(Library::open(&out).unwrap(), &w, &sha).unwrap();
+    let sw = single_swap(&em, 8, 3, &tokens, ctx, &mut |_, _| {}).unwrap();
+    assert_eq!(sw.entries.len(), 14);
+    let base = perplexity(
+        &em.weights(&em.uniform(8)).unwrap(),
+        &tokens,
+        ctx,
+        ctx,
+        |_, _| {},
+    )
+    .unwrap()
+    .ppl;
+    assert!((sw.base_ppl - base).abs() < 1e-6 * base);
+    let mut e = em.uniform(8);
+    e.set(ModuleId::from_index(9), 3);
+    let p9 = perplexity(&em.weights(&e).unwrap(), &tokens, ctx, ctx, |_, _| {})
+        .unwrap()
+        .ppl;
+    assert!(
+        (sw.entries[9].ppl - p9).abs() < 1e-4 * p9,
+        "{} vs {p9}",
+        sw.entries[9].ppl
+    );
+    assert!(sw.delta_min <= sw.delta_median && sw.delta_median <= sw.delta_max);
+}

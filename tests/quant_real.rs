@@ -26,8 +26,15 @@ fn text_tokens(m: &LoadedModel, rel: &str, chars: usize) -> Vec<u32> {
 }
 
 /// Hessians of the four module inputs of layers `0..layers` of the float model on `tokens`
-/// (whole sequences of `seq_len`), in the order q/k/v, o, gate/up, down.
-fn float_hessians(w: &Weights, tokens: &[u32], seq_len: usize, layers: usize) -> Vec<Vec<Hessian>> {
+/// (whole sequences of `seq_len`), in the order q/k/v, o, gate/up, down; `capped` as the
+/// library builds them (`Hessian::from_rows_capped`).
+fn float_hessians(
+    w: &Weights,
+    tokens: &[u32],
+    seq_len: usize,
+    layers: usize,
+    capped: bool,
+) -> Vec<Vec<Hessian>> {
     let c = &w.config;
     let rope = Rope::new(c.rope_theta, c.head_dim(), 0, seq_len);
     let mut x = forward::embed(w, tokens).unwrap();
@@ -35,7 +42,12 @@ fn float_hessians(w: &Weights, tokens: &[u32], seq_len: usize, layers: usize) ->
     for l in 0..layers {
         let mut hs = Vec::new();
         calib::layer_staged(w, l, &mut x, seq_len, &rope, &mut |kinds, rows| {
-            hs.push(Hessian::from_rows(rows, rows.len() / tokens.len()));
+            let dim = rows.len() / tokens.len();
+            hs.push(if capped {
+                Hessian::from_rows_capped(rows, dim)
+            } else {
+                Hessian::from_rows(rows, dim)
+            });
             Ok(kinds
                 .iter()
                 .map(|&k| w.module(ModuleId { layer: l, kind: k }).clone())
@@ -77,8 +89,8 @@ fn gptq_output_error_is_below_rtn_on_real_activations() {
     let held = text_tokens(&m, "text/austen-heldout.txt", 40_000);
     let eval_tokens = &held[..4 * seq_len];
     let layers = 2;
-    let fit = float_hessians(w, &fit_tokens, seq_len, layers);
-    let eval = float_hessians(w, eval_tokens, seq_len, layers);
+    let fit = float_hessians(w, &fit_tokens, seq_len, layers, true);
+    let eval = float_hessians(w, eval_tokens, seq_len, layers, false);
     let cfg = GptqConfig::default();
     let mut worst_ratio: f64 = 0.0;
     let (mut held_out_cases, mut held_out_wins) = (0, 0);

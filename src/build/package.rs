@@ -2,7 +2,7 @@
 //! EQMs back from one.
 
 use crate::build::search::Trajectory;
-use crate::ensemble::base::{Base, BASE_BITS};
+use crate::ensemble::base::Base;
 use crate::ensemble::manifest::{
     sha256_hex, ChatSpec, FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap, FORMAT, VERSION,
 };
@@ -11,7 +11,6 @@ use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::{Linear, ModuleId, Weights};
 use crate::quant::eqm::{Eqm, EqmModel};
-use crate::quant::rtn::quantize_rtn;
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -42,32 +41,6 @@ pub fn chat_spec(t: &Tokenizer) -> ChatSpec {
         bos: t.bos,
         stop: t.stop.clone(),
     }
-}
-
-/// The base shard of `w` (embedding and untied head quantized exactly as `EqmModel` does).
-pub fn make_base(w: &Weights, group: usize) -> Result<Base> {
-    let c = &w.config;
-    let embed = quantize_rtn(
-        &w.embed,
-        c.vocab_size,
-        c.hidden_size,
-        BASE_BITS,
-        group,
-        false,
-        "embedding",
-    )?;
-    let lm_head = match &w.lm_head {
-        Some(h) => Some(quantize_rtn(
-            &h.w, h.rows, h.cols, BASE_BITS, group, false, "lm_head",
-        )?),
-        None => None,
-    };
-    Ok(Base {
-        embed,
-        norms: w.norms.clone(),
-        final_norm: w.final_norm.clone(),
-        lm_head,
-    })
 }
 
 fn put(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileRef> {
@@ -118,7 +91,11 @@ pub fn write_ensemble(out: &Path, p: &PackageInput) -> Result<Manifest> {
             file,
         });
     }
-    let base = put(&tmp, "base.bin", &make_base(p.weights, group)?.to_bytes())?;
+    let base = put(
+        &tmp,
+        "base.bin",
+        &Base::from_weights(p.weights, group)?.to_bytes(),
+    )?;
     let tokenizer = put(&tmp, "tokenizer.json", p.tokenizer.to_json()?.as_bytes())?;
     let trajectory = p
         .trajectory

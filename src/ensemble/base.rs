@@ -6,8 +6,9 @@
 
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
-use crate::model::weights::LayerNorms;
+use crate::model::weights::{LayerNorms, Linear, Weights};
 use crate::quant::format::{PackedMatrix, PackedShape};
+use crate::quant::rtn::quantize_rtn;
 
 /// Bit-width of the embedding and head in the base shard (the manifest's "q8").
 pub const BASE_BITS: u32 = 8;
@@ -31,6 +32,45 @@ pub fn base_bytes(c: &LlamaConfig, group: usize) -> Result<usize> {
 }
 
 impl Base {
+    /// The base of `w`: embedding and untied head quantized with RTN at `BASE_BITS` and
+    /// `group` columns per group (the one place this happens: the ensemble's base shard, the
+    /// builder's EQM evaluation and the GPU model all use it), norms as they are.
+    pub fn from_weights(w: &Weights, group: usize) -> Result<Self> {
+        let c = &w.config;
+        let embed = quantize_rtn(
+            &w.embed,
+            c.vocab_size,
+            c.hidden_size,
+            BASE_BITS,
+            group,
+            false,
+            "embedding",
+        )?;
+        let lm_head = match &w.lm_head {
+            Some(h) => Some(quantize_rtn(
+                &h.w, h.rows, h.cols, BASE_BITS, group, false, "lm_head",
+            )?),
+            None => None,
+        };
+        Ok(Base {
+            embed,
+            norms: w.norms.clone(),
+            final_norm: w.final_norm.clone(),
+            lm_head,
+        })
+    }
+
+    /// Puts this base into `w`: the embedding and head as the f32 their codes mean, the norms.
+    pub fn apply_to(&self, w: &mut Weights) {
+        w.embed = dequantize(&self.embed).into();
+        w.lm_head = self
+            .lm_head
+            .as_ref()
+            .map(|h| Linear::new(h.shape.rows, h.shape.cols, dequantize(h)));
+        w.norms = self.norms.clone();
+        w.final_norm = self.final_norm.clone();
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = self.embed.to_bytes();
         for n in &self.norms {
@@ -91,4 +131,11 @@ impl Base {
         }
         Ok(base)
     }
+}
+
+fn dequantize(m: &PackedMatrix) -> Vec<f32> {
+    #[cfg(not(target_arch = "wasm32"))]
+    return m.dequantize_par();
+    #[cfg(target_arch = "wasm32")]
+    m.dequantize()
 }

@@ -12,7 +12,7 @@ pub const COMMON: &str = include_str!("../../shaders/common.wgsl");
 pub const PARAM_SLOT: u64 = 256;
 /// Workgroup size of the 64-wide kernels.
 pub const WG: u32 = 64;
-/// Tokens per thread in `matmul` and `dense` (WGSL `TT`).
+/// Tokens per thread in `matmul` (WGSL `TT`).
 pub const TT: u32 = 4;
 /// Logits per top-k workgroup (WGSL `CHUNK`).
 pub const TOPK_CHUNK: u32 = 4096;
@@ -25,7 +25,7 @@ pub enum Kernel {
     Matvec(u32),
     /// Prefill: dequantize + matrix-matrix.
     Matmul(u32),
-    Dense,
+    /// Embedding lookup from the 8-bit packed table.
     Embed,
     RmsNorm,
     Rope,
@@ -56,7 +56,6 @@ impl Kernel {
         match self {
             Kernel::Matvec(bits) => s(&qlinear_source(bits), "matvec", 2, 1),
             Kernel::Matmul(bits) => s(&qlinear_source(bits), "matmul", 2, 1),
-            Kernel::Dense => s(include_str!("../../shaders/dense.wgsl"), "dense", 2, 1),
             Kernel::Embed => s(include_str!("../../shaders/embed.wgsl"), "embed", 2, 1),
             Kernel::RmsNorm => s(include_str!("../../shaders/rmsnorm.wgsl"), "rmsnorm", 2, 1),
             Kernel::Rope => s(include_str!("../../shaders/rope.wgsl"), "rope", 1, 1),

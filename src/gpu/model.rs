@@ -1,21 +1,20 @@
-//! The model on the GPU: base buffers (f16 embedding and head, norms, RoPE table), one buffer
+//! The model on the GPU: base buffers (embedding and head, norms, RoPE table), one buffer
 //! per module in the packed format, the KV cache and the activations, plus the list of
 //! dispatches that make one forward pass.
 //!
-//! The embedding (and an untied head) is stored as f16 pairs: it is the largest base tensor
-//! (57 MB instead of 113 MB on the demo model, whose vocabulary is 49152), f16 keeps it within
-//! 2^-12 relative of the source, far below the noise of any quantized module, and the kernels
-//! read it with `unpack2x16float`, which needs no shader-f16 feature.
+//! The embedding (and an untied head) is the ensemble's base shard as it is: the packed format
+//! at 8 bits (`ensemble::base`), so the bytes on the device are the bytes the manifest counts
+//! and the head is one more dequantizing matmul (`qlinear.wgsl` at 8 bits).
 //!
 //! A swap (`set_module`) happens between tokens: it uploads the new version into a new buffer
 //! inside an out-of-memory error scope, rebuilds the one bind group that reads the module,
 //! and only then drops the old buffer. The KV cache and the tokens stay.
 
+use crate::ensemble::base::{Base, BASE_BITS};
 use crate::gpu::alloc::{Allocator, GpuBuffer};
 use crate::gpu::device::{Gpu, Requirements};
 use crate::gpu::error::{GpuError, GpuResult};
 use crate::gpu::kernels::{self, param_bytes, step_bytes, Kernel, Kernels, PARAM_SLOT, TT, WG};
-use crate::gpu::weights::f16_pairs;
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{ModuleId, ModuleKind, Weights};
 use crate::quant::format::{PackedMatrix, PackedShape};
@@ -133,9 +132,13 @@ pub struct Model {
     kv: Vec<[GpuBuffer; 2]>,
     act: Activations,
     modules: Vec<Slot>,
+    /// Columns per group of the base's embedding and head.
+    base_group: usize,
     embed_op: Op,
     layer_ops: Vec<Dispatch>,
     final_norm_op: Op,
+    /// The final norm of the call's last token only, into row 0 (before `head_last`).
+    final_norm_last: Op,
     head_last: Op,
     head_all: Op,
     topk_ops: [Op; 2],
@@ -143,10 +146,16 @@ pub struct Model {
     len: usize,
 }
 
-/// Parameter slots: 13 per layer (2 norms, 7 modules, 2 RoPE, attention, SwiGLU) and 7 more
-/// (embedding, final norm, 2 heads, 2 top-k stages, nll).
+/// Parameter slots: 13 per layer (2 norms, 7 modules, 2 RoPE, attention, SwiGLU) and 8 more
+/// (embedding, 2 final norms, 2 heads, 2 top-k stages, nll).
 fn param_slots(c: &LlamaConfig) -> u64 {
-    13 * c.num_hidden_layers as u64 + 7
+    13 * c.num_hidden_layers as u64 + 8
+}
+
+/// The packed shape of the embedding (and of an untied head).
+fn table_shape(c: &LlamaConfig, group: usize) -> GpuResult<PackedShape> {
+    PackedShape::new(c.vocab_size, c.hidden_size, BASE_BITS, group)
+        .map_err(|e| GpuError::Input(format!("embedding: {e}")))
 }
 
 fn topk_chunks(c: &LlamaConfig) -> u64 {
@@ -176,9 +185,9 @@ fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static str, u64); 
 }
 
 /// (name, bytes) of every base buffer, in `Model::base` order.
-fn base_sizes(c: &LlamaConfig, o: &ModelOptions) -> Vec<(String, u64)> {
+fn base_sizes(c: &LlamaConfig, o: &ModelOptions, group: usize) -> Vec<(String, u64)> {
     let h = c.hidden_size as u64;
-    let table = 2 * c.vocab_size as u64 * h; // f16
+    let table = table_shape(c, group).map_or(0, |s| s.bytes() as u64);
     let mut v = vec![
         ("params".to_string(), param_slots(c) * PARAM_SLOT),
         ("step".to_string(), 16),
@@ -209,7 +218,8 @@ fn f32_bits(v: f32) -> u32 {
 }
 
 impl Model {
-    /// What the device must offer for this model.
+    /// What the device must offer for this model (the base sized at the smallest group, 32,
+    /// an upper bound for any group).
     pub fn requirements(c: &LlamaConfig, o: &ModelOptions) -> Requirements {
         let widest_module = ModuleKind::ALL
             .iter()
@@ -219,7 +229,7 @@ impl Model {
             })
             .max()
             .unwrap_or(0);
-        let max_binding = base_sizes(c, o)
+        let max_binding = base_sizes(c, o, 32)
             .iter()
             .map(|x| x.1)
             .chain(activation_sizes(c, o).iter().map(|x| x.1))
@@ -315,16 +325,59 @@ impl Model {
         })
     }
 
-    /// Uploads the model: base tensors from `w` (its f32 modules are not used), and
-    /// `modules[ModuleId::index()]`, one packed version per module (an EQM).
+    /// `from_base` with the base made from `w` (`Base::from_weights`, the group of the first
+    /// module); `w`'s f32 modules are not used.
     pub async fn new(
         gpu: Arc<Gpu>,
         w: &Weights,
         modules: &[PackedMatrix],
         opts: ModelOptions,
     ) -> GpuResult<Model> {
-        let c = w.config.clone();
+        let group = modules.first().map_or(64, |m| m.shape.group);
+        let base = Base::from_weights(w, group).map_err(|e| GpuError::Input(e.to_string()))?;
+        Self::from_base(gpu, &w.config, &base, modules, opts).await
+    }
+
+    /// Uploads the model: the ensemble's `base` (8-bit embedding and head, norms) and
+    /// `modules[ModuleId::index()]`, one packed version per module (an EQM).
+    pub async fn from_base(
+        gpu: Arc<Gpu>,
+        config: &LlamaConfig,
+        base_tensors: &Base,
+        modules: &[PackedMatrix],
+        opts: ModelOptions,
+    ) -> GpuResult<Model> {
+        let c = config.clone();
+        let bt = base_tensors;
+        let base_group = bt.embed.shape.group;
         Self::check_shapes(&c, &opts)?;
+        let table = table_shape(&c, base_group)?;
+        let heads = std::iter::once(&bt.embed).chain(&bt.lm_head);
+        for (name, m) in ["embedding", "lm_head"].into_iter().zip(heads) {
+            if m.shape != table
+                || m.codes.len() != table.code_words()
+                || m.scales.len() != table.scale_words()
+            {
+                return Err(GpuError::Input(format!(
+                    "{name}: shape {}x{} at {} bits, the model needs {}x{} at {BASE_BITS}",
+                    m.shape.rows, m.shape.cols, m.shape.bits, table.rows, table.cols
+                )));
+            }
+        }
+        let n_norms = bt.norms.len();
+        if n_norms != c.num_hidden_layers
+            || bt
+                .norms
+                .iter()
+                .flat_map(|n| [&n.attn_norm, &n.ffn_norm])
+                .chain([&bt.final_norm])
+                .any(|g| g.len() != c.hidden_size)
+        {
+            return Err(GpuError::Input(format!(
+                "base norms: {n_norms} layers of norms of the wrong shape for {} layers of {}",
+                c.num_hidden_layers, c.hidden_size
+            )));
+        }
         gpu.check(Self::requirements(&c, &opts))?;
         if modules.len() != c.num_hidden_layers * 7 {
             return Err(GpuError::Input(format!(
@@ -343,28 +396,28 @@ impl Model {
         let uniform = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
 
         // Base buffers, in base_sizes() order.
-        let sizes = base_sizes(&c, &opts);
+        let sizes = base_sizes(&c, &opts, base_group);
         let params = alloc.create("params", sizes[0].1, uniform).await?;
         let step = alloc.create("step", 16, uniform).await?;
         let mut base = Vec::new();
         base.push(
             alloc
-                .upload(q, "embedding", bytes_of(&f16_pairs(&w.embed)), storage)
+                .upload(q, "embedding", &bt.embed.to_bytes(), storage)
                 .await?,
         );
-        if let Some(head) = &w.lm_head {
+        if let Some(head) = &bt.lm_head {
             if c.tie_word_embeddings {
                 return Err(GpuError::Input("tied config with an lm_head".into()));
             }
             base.push(
                 alloc
-                    .upload(q, "lm_head", bytes_of(&f16_pairs(&head.w)), storage)
+                    .upload(q, "lm_head", &head.to_bytes(), storage)
                     .await?,
             );
         } else if !c.tie_word_embeddings {
             return Err(GpuError::Input("untied config without an lm_head".into()));
         }
-        for (l, n) in w.norms.iter().enumerate() {
+        for (l, n) in bt.norms.iter().enumerate() {
             for (name, g) in [("attn_norm", &n.attn_norm), ("ffn_norm", &n.ffn_norm)] {
                 let what = format!("L{l}.{name}");
                 base.push(alloc.upload(q, &what, bytes_of(g), storage).await?);
@@ -372,7 +425,7 @@ impl Model {
         }
         base.push(
             alloc
-                .upload(q, "final_norm", bytes_of(&w.final_norm), storage)
+                .upload(q, "final_norm", bytes_of(&bt.final_norm), storage)
                 .await?,
         );
         base.push(
@@ -451,9 +504,16 @@ impl Model {
 
         let embed_op = b.op(
             Kernel::Embed,
-            &[h, vocab],
+            &[
+                h,
+                vocab,
+                table.words_per_row() as u32,
+                table.groups_per_row() as u32,
+                table.group as u32,
+                table.code_words() as u32,
+            ],
             &[embed, &a.tokens, &a.x],
-            Grid::PerToken(h.div_ceil(2 * WG)),
+            Grid::PerToken(h.div_ceil(4 * WG)),
         );
         let mut layer_ops = Vec::new();
         let mut slots = Vec::new();
@@ -526,22 +586,30 @@ impl Model {
         }
         let final_norm_op = b.op(
             Kernel::RmsNorm,
-            &[h, eps],
+            &[h, eps, 0],
             &[final_norm, &a.x, &a.xn],
             Grid::Rows,
         );
-        let head_rows = vocab.div_ceil(WG);
+        let final_norm_last = b.op(
+            Kernel::RmsNorm,
+            &[h, eps, 1],
+            &[final_norm, &a.x, &a.xn],
+            Grid::Fixed([1, 1, 1]),
+        );
+        // The head: the 8-bit table as a [vocab][hidden] module writing logits rows.
+        let head_params = qlinear_params(table, ModuleKind::Q);
+        let per_wg = WG / b.kernels.tpr;
         let head_last = b.op(
-            Kernel::Dense,
-            &[vocab, h, h, vocab, 1],
+            Kernel::Matvec(BASE_BITS),
+            &head_params,
             &[head, &a.xn, &a.logits],
-            Grid::Fixed([head_rows, 1, 1]),
+            Grid::Fixed([vocab.div_ceil(per_wg), 1, 1]),
         );
         let head_all = b.op(
-            Kernel::Dense,
-            &[vocab, h, h, vocab, 0],
+            Kernel::Matmul(BASE_BITS),
+            &head_params,
             &[head, &a.xn, &a.logits],
-            Grid::Tiled(head_rows),
+            Grid::Tiled(vocab.div_ceil(WG)),
         );
         let chunks = topk_chunks(&c) as u32;
         let k = opts.top_k;
@@ -581,9 +649,11 @@ impl Model {
             kv,
             act,
             modules: slots,
+            base_group,
             embed_op,
             layer_ops,
             final_norm_op,
+            final_norm_last,
             head_last,
             head_all,
             topk_ops,
@@ -657,7 +727,7 @@ impl Model {
     pub fn footprint(&self) -> Footprint {
         let (c, o) = (&self.config, &self.opts);
         Footprint {
-            base: base_sizes(c, o).iter().map(|x| x.1).sum(),
+            base: base_sizes(c, o, self.base_group).iter().map(|x| x.1).sum(),
             modules: self.modules.iter().map(|s| s.shape.bytes() as u64).sum(),
             kv_cache: 2 * c.num_hidden_layers as u64 * kv_layer_bytes(c, o),
             activations: activation_sizes(c, o).iter().map(|x| x.1).sum(),
@@ -807,8 +877,10 @@ impl Model {
             for d in &self.layer_ops {
                 self.dispatch(&mut pass, d, n);
             }
-            if head != Head::None {
-                self.op(&mut pass, &self.final_norm_op, n);
+            match head {
+                Head::TopK => self.op(&mut pass, &self.final_norm_last, n),
+                Head::AllLogits | Head::Nll => self.op(&mut pass, &self.final_norm_op, n),
+                Head::None => {}
             }
             match head {
                 Head::TopK => {

@@ -14,18 +14,17 @@
 //! Dequantized modules are cached (shared `Arc`s), so building the `Weights` of another EQM
 //! costs only the modules not seen before, and EQM evaluation runs at the float model's speed.
 
+use crate::ensemble::base::Base;
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{Linear, ModuleId, Weights};
-use crate::quant::format::PackedShape;
 use crate::quant::library::Library;
-use crate::quant::rtn;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-pub const BASE_BITS: u32 = 8;
+pub use crate::ensemble::base::BASE_BITS;
 
 /// An EQM: `bits[ModuleId::index()]` for every module.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -53,33 +52,14 @@ impl Eqm {
 
 /// Bytes of the base (embedding and untied head at `BASE_BITS`, norms f32) for `group`.
 pub fn base_bytes(c: &LlamaConfig, group: usize) -> usize {
-    let embed = PackedShape::new(c.vocab_size, c.hidden_size, BASE_BITS, group)
-        .map(|s| s.bytes())
-        .unwrap_or(0);
-    let head = if c.tie_word_embeddings { 0 } else { embed };
-    let norms = (2 * c.num_hidden_layers + 1) * c.hidden_size * 4;
-    embed + head + norms
+    crate::ensemble::base::base_bytes(c, group).unwrap_or(0)
 }
 
 /// `w` with the embedding (and an untied head) rounded to the base precision: what every
 /// EQM runs with.
 pub fn with_base_precision(w: &Weights, group: usize) -> Result<Weights> {
     let mut base = w.clone();
-    let c = &base.config;
-    let q = rtn::quantize_rtn(
-        &base.embed,
-        c.vocab_size,
-        c.hidden_size,
-        BASE_BITS,
-        group,
-        false,
-        "embedding",
-    )?;
-    base.embed = q.dequantize_par().into();
-    if let Some(h) = &base.lm_head {
-        let q = rtn::quantize_rtn(&h.w, h.rows, h.cols, BASE_BITS, group, false, "lm_head")?;
-        base.lm_head = Some(Linear::new(h.rows, h.cols, q.dequantize_par()));
-    }
+    Base::from_weights(w, group)?.apply_to(&mut base);
     Ok(base)
 }
 

@@ -115,11 +115,19 @@ impl PrefixEval {
             );
             e.inputs.push(per_layer);
         }
-        e.reference_ppl = (nll / (tokens.len() - 1) as f64).exp();
+        e.reference_ppl = (nll / e.scored() as f64).exp();
         Ok(e)
     }
 
-    /// Runs layers `from..` on `x` (window `win`) and returns the window's NLL sum.
+    /// Tokens scored (the first of every window is not).
+    fn scored(&self) -> usize {
+        windows(self.tokens.len(), self.ctx, self.ctx)
+            .iter()
+            .map(|(_, end, first)| end - first)
+            .sum()
+    }
+
+    /// Runs layers `from..` on `x` (one window's hidden states) and returns its NLL sum.
     fn finish(
         &self,
         w: &Weights,
@@ -158,7 +166,7 @@ impl PrefixEval {
             let mut x = inputs[from].clone();
             nll += self.finish(w, from, &mut x, bounds, None);
         }
-        Ok((nll / (self.tokens.len() - 1) as f64).exp())
+        Ok((nll / self.scored() as f64).exp())
     }
 }
 

@@ -60,6 +60,16 @@ impl Default for GptqConfig {
     }
 }
 
+/// Calibration rows with more than this many times the median row energy are scaled down to
+/// it before they enter a Hessian. Attention-sink tokens (the first of each sequence) carry
+/// massive activations into some modules: in the demo model's L28.down, 8 of 2048 rows hold
+/// 95% of `‖X‖²`, so the plain objective fits those few tokens almost exactly (relative error
+/// 0.0008) at twice RTN's error on every other token (0.108 vs 0.054) — and that single 3-bit
+/// module costs +2.2 held-out ppl in the 8-bit model (RTN's: +0.25). Capped at 10x the median:
+/// 0.0082 on ordinary tokens, 0.036 on the sinks (RTN 0.040), +0.06 ppl. Modules without such
+/// outliers are unaffected (L24.down: within ±0.03 ppl of uncapped for caps of 3, 10, 30).
+pub const ROW_ENERGY_CAP: f32 = 10.0;
+
 /// `Σ x xᵀ` over the calibration rows one module input saw (full symmetric `[dim][dim]`).
 #[derive(Debug, Clone)]
 pub struct Hessian {
@@ -81,6 +91,27 @@ impl Hessian {
         let mut h = Hessian::new(dim);
         h.add(x);
         h
+    }
+
+    /// Like `from_rows`, but rows whose energy `‖x‖²` exceeds `ROW_ENERGY_CAP` times the median
+    /// row's are scaled down to that cap (see there for why).
+    pub fn from_rows_capped(x: &[f32], dim: usize) -> Self {
+        let energy: Vec<f32> = x.chunks_exact(dim).map(|r| linalg::dot(r, r)).collect();
+        let mut sorted = energy.clone();
+        sorted.sort_by(f32::total_cmp);
+        let cap = ROW_ENERGY_CAP * sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+        if energy.iter().all(|&e| e <= cap) {
+            return Hessian::from_rows(x, dim);
+        }
+        let scaled: Vec<f32> = x
+            .par_chunks_exact(dim)
+            .zip(energy.par_iter())
+            .flat_map_iter(|(r, &e)| {
+                let s = if e > cap { (cap / e).sqrt() } else { 1.0 };
+                r.iter().map(move |v| v * s)
+            })
+            .collect();
+        Hessian::from_rows(&scaled, dim)
     }
 
     /// Adds rows `x` (`[t][dim]`).

@@ -103,7 +103,8 @@ pub struct Version {
     pub bits: u32,
     pub file: String,
     pub bytes: usize,
-    /// `‖(W - Q) X‖² / ‖W X‖²` over the calibration inputs `X` this version was made from.
+    /// `‖(W - Q) X‖² / ‖W X‖²` over the calibration inputs `X` this version was made from, each
+    /// row's energy capped at `gptq::ROW_ENERGY_CAP` times the median (as GPTQ fits them).
     pub rel_output_error: f64,
 }
 
@@ -303,7 +304,7 @@ fn build_into(
             let mut stage = |kinds: &[ModuleKind], x: &[f32]| -> Result<Vec<Linear>> {
                 let cols = x.len() / (input.calib_tokens.len());
                 let t0 = Instant::now();
-                let hess = Hessian::from_rows(x, cols);
+                let hess = Hessian::from_rows_capped(x, cols);
                 timing.hessian += t0.elapsed().as_secs_f64();
                 let t0 = Instant::now();
                 let prepared = match opts.method {

@@ -66,19 +66,35 @@ pub fn quantize_rtn(
 ) -> Result<PackedMatrix> {
     let shape = PackedShape::new(rows, cols, bits, group)?;
     check_quantizable(w, what)?;
-    let maxq = shape.max_code();
+    let (maxq, gpr) = (shape.max_code(), shape.groups_per_row());
     let mut codes = vec![0u8; rows * cols];
-    let mut params = Vec::with_capacity(shape.scale_words());
-    for r in 0..rows {
-        for g in 0..shape.groups_per_row() {
+    let mut params = vec![(0f32, 0f32); rows * gpr];
+    type Row<'a> = (usize, (&'a mut [u8], &'a mut [(f32, f32)]));
+    let row = |(r, (codes, params)): Row| {
+        for (g, p) in params.iter_mut().enumerate() {
             let (c0, c1) = (g * group, ((g + 1) * group).min(cols));
             let vals = &w[r * cols + c0..r * cols + c1];
-            let p = group_params(vals, maxq, clip_search);
-            for (c, &v) in vals.iter().enumerate() {
-                codes[r * cols + c0 + c] = quant(v, p, maxq);
+            *p = group_params(vals, maxq, clip_search);
+            for (code, &v) in codes[c0..c1].iter_mut().zip(vals) {
+                *code = quant(v, *p, maxq);
             }
-            params.push(p);
         }
+    };
+    // Rows are independent: split them over threads where there are threads.
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use rayon::prelude::*;
+        codes
+            .par_chunks_mut(cols)
+            .zip(params.par_chunks_mut(gpr))
+            .enumerate()
+            .for_each(row);
     }
+    #[cfg(target_arch = "wasm32")]
+    codes
+        .chunks_mut(cols)
+        .zip(params.chunks_mut(gpr))
+        .enumerate()
+        .for_each(row);
     Ok(PackedMatrix::from_codes(shape, &codes, &params))
 }
