@@ -1,0 +1,147 @@
+//! The whole builder on the demo model (real weights, real text), at a small budget so it fits
+//! CI: an RTN library at 4/3/2 bits, search + pruning + packaging, then the packaged files are
+//! checked against what the search held in memory.
+
+mod common;
+
+use flexquant::build::package::{load_step_weights, read_manifest, read_verified};
+use flexquant::build::pipeline::{build_ensemble, BuildSettings, Inputs};
+use flexquant::ensemble::manifest::Manifest;
+use flexquant::model::forward::{forward_all, KvCache};
+use flexquant::model::load::load;
+use flexquant::quant::calib::{self, CalibSettings};
+use flexquant::quant::eqm::{Eqm, EqmModel};
+use flexquant::quant::gptq::GptqConfig;
+use flexquant::quant::library::{self, BuildInput, BuildOptions, Library, Method, ModelInfo};
+
+#[test]
+fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
+    let (Some(model), Some(calib_path), Some(heldout)) = (
+        common::demo_model_path(),
+        common::data_file("text/austen-calib.txt"),
+        common::heldout_text(),
+    ) else {
+        return;
+    };
+    let m = load(&model).unwrap();
+    let calib_text = std::fs::read_to_string(&calib_path).unwrap();
+    let calib_all = m.tokenizer.encode(&calib_text[..400_000]).unwrap();
+    let seq_len = 128;
+    let calib_ids = calib::sample(
+        &calib_all,
+        CalibSettings {
+            sequences: 2,
+            seq_len,
+        },
+    )
+    .unwrap();
+    let heldout_ids = m.tokenizer.encode(&heldout[..20_000]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    let sha = library::model_sha256(&model).unwrap();
+    let input = BuildInput {
+        weights: &m.weights,
+        model: ModelInfo {
+            source: model.display().to_string(),
+            sha256: sha.clone(),
+            config: m.weights.config.clone(),
+        },
+        calib_text: calib_path.display().to_string(),
+        calib_sha256: "0".repeat(64),
+        calib_tokens: &calib_ids,
+    };
+    let opts = BuildOptions {
+        method: Method::Rtn,
+        bits: vec![4, 3, 2],
+        group: 64,
+        calib: CalibSettings {
+            sequences: 2,
+            seq_len,
+        },
+        sequential: false,
+        gptq: GptqConfig::default(),
+        rtn_clip_search: false,
+    };
+    let lib_dir = dir.path().join("library");
+    library::build(&input, &opts, &lib_dir, false, &mut |_, _| {}).unwrap();
+    let em = EqmModel::new(Library::open(&lib_dir).unwrap(), &m.weights, &sha).unwrap();
+
+    let settings = BuildSettings {
+        n_up: 4,
+        n_low: 2,
+        branch: 1,
+        stem: 1,
+        prune: 0.25,
+        ablation: vec![],
+        calib_tokens: 2 * seq_len,
+        seq_len,
+        heldout_tokens: 256,
+        heldout_every: 1000,
+        sensitivity_tokens: 0,
+        correlation_samples: 0,
+    };
+    let out = dir.path().join("ensemble");
+    let inputs = Inputs {
+        model: &m,
+        eqm: &em,
+        calib_ids: &calib_ids,
+        heldout_ids: &heldout_ids,
+        name: "demo-test".into(),
+    };
+    let rec = build_ensemble(&inputs, &settings, &out, &mut |_, _, _, _| {}).unwrap();
+
+    // The manifest on disk is valid, round-trips through its JSON, and every file's hash holds.
+    let man = read_manifest(&out).unwrap();
+    assert_eq!(
+        Manifest::from_bytes("again", man.to_json().as_bytes()).unwrap(),
+        man
+    );
+    for f in man.modules.iter().map(|v| &v.file).chain([&man.base]) {
+        read_verified(&out, f).unwrap();
+    }
+
+    // One-way and monotone from QM(4) to QM(2), one module per step.
+    let n = em.modules();
+    assert_eq!(man.bits_at(0), Eqm::uniform(n, 4).bits);
+    let last = man.trajectory.len() - 1;
+    assert_eq!(man.bits_at(last), Eqm::uniform(n, 2).bits);
+    for s in 1..=last {
+        let (a, b) = (man.bits_at(s - 1), man.bits_at(s));
+        let changed: Vec<usize> = (0..n).filter(|&i| a[i] != b[i]).collect();
+        assert_eq!(changed.len(), 1, "step {s} changes {changed:?}");
+        assert!(b[changed[0]] < a[changed[0]], "step {s} is not one-way");
+        assert!(
+            man.trajectory[s].footprint_bytes < man.trajectory[s - 1].footprint_bytes,
+            "step {s} does not shrink the footprint"
+        );
+    }
+    // Granularity: no step larger than 1% of the span (the paper's point).
+    let span = man.trajectory[0].footprint_bytes - man.trajectory[last].footprint_bytes;
+    let max_step = man
+        .trajectory
+        .windows(2)
+        .map(|w| w[0].footprint_bytes - w[1].footprint_bytes)
+        .max()
+        .unwrap();
+    assert!(
+        max_step * 100 <= span,
+        "max step {max_step} B of a {span} B span"
+    );
+    assert!(rec.evaluations > 0);
+
+    // An EQM reloaded from the packaged files computes exactly what the in-memory one does.
+    let chosen = &rec.variants[rec.chosen];
+    let eqms = chosen.trajectory.eqms(&Eqm::uniform(n, 4));
+    let tokens = &heldout_ids[..24];
+    for step in [0, last / 2, last] {
+        assert_eq!(eqms[step].bits, man.bits_at(step));
+        let packaged = load_step_weights(&out, &man, step).unwrap();
+        let in_memory = em.weights(&eqms[step]).unwrap();
+        let a = forward_all(&packaged, tokens, &mut KvCache::new(&packaged, 32)).unwrap();
+        let b = forward_all(&in_memory, tokens, &mut KvCache::new(&in_memory, 32)).unwrap();
+        assert_eq!(
+            a, b,
+            "step {step}: packaged EQM differs from the in-memory one"
+        );
+    }
+}
