@@ -13,5 +13,7 @@ pub mod quant;
 pub mod runtime;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod text;
+#[cfg(target_arch = "wasm32")]
+pub mod web;
 
 pub use error::{Error, Result};

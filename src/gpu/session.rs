@@ -35,6 +35,40 @@ pub struct Session {
     rng: u64,
 }
 
+/// One answer being generated, token by token (`Session::start`, then `Session::next` until
+/// it returns `None`). Between two `next` calls the caller may swap modules or even replace
+/// the model (`Session::replace_model`): the turn only holds the last candidates and the
+/// sampled token that has not been run yet.
+pub struct Turn {
+    sampling: Sampling,
+    stop: Vec<u32>,
+    cand: Vec<(u32, f32)>,
+    /// Sampled and returned, not yet in the KV cache.
+    pending: Option<u32>,
+    pub out: Vec<u32>,
+    pub stats: GenStats,
+    decode_start: f64,
+    done: bool,
+}
+
+impl Turn {
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+    /// Ends the turn early (an interrupt); `stopped_by` names why.
+    pub fn stop(&mut self, stopped_by: &'static str) {
+        if !self.done {
+            self.finish(stopped_by);
+        }
+    }
+    fn finish(&mut self, stopped_by: &'static str) {
+        self.done = true;
+        self.stats.stopped_by = stopped_by;
+        self.stats.generated = self.out.len();
+        self.stats.decode_seconds = now() - self.decode_start;
+    }
+}
+
 impl Session {
     pub fn new(model: Model) -> Self {
         Session {
@@ -44,15 +78,31 @@ impl Session {
         }
     }
 
-    /// Generates after `prompt` (the whole conversation so far), calling `on_token(id)` with
-    /// each new token until `stop`, `max_tokens`, the context, or `on_token` returning false.
-    pub async fn generate(
-        &mut self,
-        prompt: &[u32],
-        s: &Sampling,
-        stop: &[u32],
-        mut on_token: impl FnMut(u32) -> bool,
-    ) -> GpuResult<(Vec<u32>, GenStats)> {
+    /// The tokens in the KV cache (the conversation so far, as run).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Forgets the conversation.
+    pub fn reset(&mut self) {
+        self.tokens.clear();
+        self.model.truncate(0);
+    }
+
+    /// Puts another model (e.g. rebuilt on a new device) under the conversation and runs the
+    /// conversation's tokens into its KV cache; returns how many were run.
+    pub fn replace_model(&mut self, model: Model) -> GpuResult<usize> {
+        self.model = model;
+        self.model.truncate(0);
+        if !self.tokens.is_empty() {
+            self.model.prefill(&self.tokens)?;
+        }
+        Ok(self.tokens.len())
+    }
+
+    /// Prefills `prompt` (the whole conversation so far; the cached common prefix is reused)
+    /// and returns the turn that `next` continues.
+    pub async fn start(&mut self, prompt: &[u32], s: &Sampling, stop: &[u32]) -> GpuResult<Turn> {
         let context = self.model.options().context;
         if prompt.is_empty() || prompt.len() >= context {
             return Err(GpuError::Input(format!(
@@ -71,42 +121,81 @@ impl Session {
         self.tokens.truncate(shared);
         self.rng = s.seed;
         let t0 = now();
-        let mut cand = self.model.step(&prompt[shared..]).await?;
+        let cand = self.model.step(&prompt[shared..]).await?;
         self.tokens.extend_from_slice(&prompt[shared..]);
-        let prefill_seconds = now() - t0;
-        let t1 = now();
-        let mut out = Vec::new();
-        let mut stopped_by = "max_tokens";
-        loop {
-            let id = self.sample(&cand, s);
-            if stop.contains(&id) {
-                stopped_by = "eos";
-                break;
-            }
-            out.push(id);
-            if !on_token(id) {
-                stopped_by = "caller";
-                break;
-            }
-            if out.len() >= s.max_tokens {
-                break;
-            }
-            if self.model.len() + 1 > context {
-                stopped_by = "context";
-                break;
-            }
-            cand = self.model.step(&[id]).await?;
-            self.tokens.push(id);
-        }
         let stats = GenStats {
             prompt_tokens: prompt.len(),
             prefilled: prompt.len() - shared,
-            generated: out.len(),
-            prefill_seconds,
-            decode_seconds: now() - t1,
-            stopped_by,
+            prefill_seconds: now() - t0,
+            ..Default::default()
         };
-        Ok((out, stats))
+        Ok(Turn {
+            sampling: *s,
+            stop: stop.to_vec(),
+            cand,
+            pending: None,
+            out: Vec::new(),
+            stats,
+            decode_start: now(),
+            done: false,
+        })
+    }
+
+    /// The next token of the turn, or `None` when it has ended (`turn.stats.stopped_by`
+    /// says why: "eos", "max_tokens", "context" or what `Turn::stop` was given). On an error
+    /// the turn can be retried with `next` (after `replace_model` if the device was lost).
+    pub async fn next(&mut self, turn: &mut Turn) -> GpuResult<Option<u32>> {
+        if turn.done {
+            return Ok(None);
+        }
+        if let Some(id) = turn.pending {
+            if self.model.len() + 1 > self.model.options().context {
+                turn.finish("context");
+                return Ok(None);
+            }
+            // `step` leaves the model's length as it was on error, so a retry is exact.
+            let len = self.model.len();
+            match self.model.step(&[id]).await {
+                Ok(c) => turn.cand = c,
+                Err(e) => {
+                    self.model.truncate(len);
+                    return Err(e);
+                }
+            }
+            self.tokens.push(id);
+            turn.pending = None;
+        }
+        let id = self.sample(&turn.cand, &turn.sampling);
+        if turn.stop.contains(&id) {
+            turn.finish("eos");
+            return Ok(None);
+        }
+        turn.out.push(id);
+        turn.stats.generated = turn.out.len();
+        if turn.out.len() >= turn.sampling.max_tokens {
+            turn.finish("max_tokens");
+        } else {
+            turn.pending = Some(id);
+        }
+        Ok(Some(id))
+    }
+
+    /// Generates after `prompt` (the whole conversation so far), calling `on_token(id)` with
+    /// each new token until `stop`, `max_tokens`, the context, or `on_token` returning false.
+    pub async fn generate(
+        &mut self,
+        prompt: &[u32],
+        s: &Sampling,
+        stop: &[u32],
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> GpuResult<(Vec<u32>, GenStats)> {
+        let mut turn = self.start(prompt, s, stop).await?;
+        while let Some(id) = self.next(&mut turn).await? {
+            if !on_token(id) {
+                turn.stop("caller");
+            }
+        }
+        Ok((turn.out, turn.stats))
     }
 
     /// Greedy at temperature 0; else nucleus sampling over the softmax of the candidates.
@@ -150,8 +239,8 @@ impl Session {
     }
 }
 
-/// Seconds on a monotonic clock (`performance.now()` has no std equivalent in wasm32; timing
-/// there is the host's job).
+/// Seconds on a monotonic clock natively; in wasm32 (no `Instant`) the wall clock in ms
+/// resolution, enough for tokens/s.
 fn now() -> f64 {
     #[cfg(not(target_arch = "wasm32"))]
     {
@@ -163,7 +252,9 @@ fn now() -> f64 {
             .as_secs_f64()
     }
     #[cfg(target_arch = "wasm32")]
-    0.0
+    {
+        js_sys::Date::now() / 1000.0
+    }
 }
 
 /// Perplexity over `tokens` with the sliding windows of the CPU path (`model::eval`), each

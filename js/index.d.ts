@@ -1,0 +1,195 @@
+// Types of the flexquant browser API (see API.md).
+
+export type ErrorCode =
+  | 'manifest-not-found' | 'http' | 'network' | 'manifest-invalid' | 'manifest-version'
+  | 'hash-mismatch' | 'truncated' | 'quota-exceeded' | 'webgpu-unavailable' | 'out-of-memory'
+  | 'device-lost' | 'unloaded' | 'busy' | 'input' | 'internal';
+
+export declare class FlexQuantError extends Error {
+  readonly name: 'FlexQuantError';
+  readonly code: ErrorCode;
+  readonly url?: string;
+  readonly file?: string;
+  readonly status?: number;
+}
+
+export interface ProgressEvent {
+  type: 'progress';
+  phase: 'download' | 'upload' | 'ready' | 'prefetch' | 'swap';
+  file?: string;
+  loadedBytes?: number;
+  totalBytes?: number;
+  filesDone?: number;
+  filesTotal?: number;
+  etaSeconds?: number | null;
+  fromCache?: number;
+  step?: number;
+}
+
+export interface SwapEvent {
+  type: 'swap';
+  from: number;
+  to: number;
+  module: string;
+  bits: number;
+  modules: { module: string; fromBits: number; toBits: number }[];
+  ms: number;
+  reason: string;
+  footprintBytes: number;
+  tokenIndex: number | null;
+}
+
+export interface DeviceLostEvent { type: 'device-lost'; step: number; message: string }
+export interface RecoveredEvent { type: 'recovered'; from: number; to: number; ms: number; reprefilledTokens: number }
+export interface ErrorEvent { type: 'error'; error: { code: ErrorCode; message: string; file?: string | null; url?: string | null } }
+export type EngineEvent = ProgressEvent | SwapEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent;
+
+/** runtime::Policy (snake_case, every field optional). */
+export interface Policy {
+  headroom?: number;
+  up_margin?: number;
+  up_delay_ms?: number;
+  max_up_growth?: number;
+  high_water?: number;
+  low_water?: number;
+  fault_cooldown_ms?: number;
+  ceiling_clear_ms?: number;
+}
+
+export interface EngineOptions {
+  onProgress?: (p: ProgressEvent) => void;
+  onEvent?: (e: EngineEvent) => void;
+  /** App memory budget in bytes for model + KV cache + activations. */
+  budgetBytes?: number;
+  /** KV-cache positions (default 1024, at most the model's). */
+  context?: number;
+  /** Cache API bucket (default 'flexquant'). */
+  cacheName?: string;
+  /** false: never use the Cache API. */
+  useCache?: boolean;
+  /** At most this many bytes are added to the Cache API. */
+  cacheQuotaBytes?: number;
+  policy?: Policy;
+  /** How often performance.memory is read (ms; 0 = never). Default 1000. */
+  heapPollMs?: number;
+  /** Where flexquant_bg.wasm is (default: next to the package's wasm/flexquant.js). */
+  wasmUrl?: string | URL;
+}
+
+export interface ChatMessage { role: 'system' | 'user' | 'assistant'; content: string }
+
+export interface ChatRequest {
+  messages: ChatMessage[];
+  stream?: boolean;
+  max_tokens?: number;
+  temperature?: number;
+  top_p?: number;
+  seed?: number;
+}
+
+export interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  extra: { prefill_tokens_per_s: number | null; decode_tokens_per_s: number | null; step: number; swaps: number };
+}
+
+export type FinishReason = 'stop' | 'length' | 'abort';
+
+export interface ChatCompletionChunk {
+  id: string;
+  object: 'chat.completion.chunk';
+  created: number;
+  model: string;
+  choices: { index: 0; delta: { role?: 'assistant'; content?: string }; finish_reason: FinishReason | null }[];
+  usage?: Usage;
+}
+
+export interface ChatCompletion {
+  id: string;
+  object: 'chat.completion';
+  created: number;
+  model: string;
+  choices: { index: 0; message: { role: 'assistant'; content: string }; finish_reason: FinishReason }[];
+  usage: Usage;
+}
+
+export interface Stats {
+  step: number;
+  steps: number;
+  targetStep: number | null;
+  footprintBytes: number | null;
+  overheadBytes: number;
+  gpuAllocatedBytes: number;
+  gpuBuffers: number;
+  budgetBytes: number | null;
+  effectiveBudgetBytes: number | null;
+  heapRatio: number | null;
+  tokensPerSecond: number | null;
+  prefillTokensPerSecond: number | null;
+  swaps: number;
+  swapsDown: number;
+  swapsUp: number;
+  deviceLosses: number;
+  ooms: number;
+  swapFailures: number;
+  adapter: string;
+  loadedFromCache: boolean;
+  networkBytes: number;
+  cacheBytes: number;
+  prefetching: boolean;
+  contextTokens: number;
+  /** Bits of every module, ModuleId order (layer-major: q k v o gate up down). */
+  bits: number[];
+  lastReason: string | null;
+  lastSwapReason: string | null;
+  modelName: string;
+  unloaded: boolean;
+}
+
+export interface TrajectoryPoint {
+  step: number;
+  footprintBytes: number;
+  calibPpl: number | null;
+  heldoutPpl: number | null;
+  module: string | null;
+  fromBits: number | null;
+  toBits: number | null;
+}
+
+export interface Chat {
+  completions: {
+    create(request: ChatRequest & { stream: true }): Promise<AsyncIterable<ChatCompletionChunk>>;
+    create(request: ChatRequest & { stream?: false }): Promise<ChatCompletion>;
+  };
+}
+
+export interface EngineApi {
+  readonly chat: Chat;
+  interruptGenerate(): void;
+  resetChat(): Promise<void>;
+  setMemoryBudget(bytes: number | null): Promise<void>;
+  reportHeap(usedJSHeapSize: number, jsHeapSizeLimit: number): void;
+  stats(): Promise<Stats>;
+  trajectory(): Promise<TrajectoryPoint[]>;
+  simulateDeviceLoss(): Promise<void>;
+  unload(): Promise<void>;
+  /** Low level: prefill a conversation, then take chunks with nextChunk() until null. */
+  startChat(request: ChatRequest): Promise<unknown>;
+  nextChunk(): Promise<ChatCompletionChunk | null>;
+}
+
+export declare class Engine implements EngineApi {
+  static create(manifestUrl: string | URL, options?: EngineOptions): Promise<Engine>;
+  readonly chat: Chat;
+  interruptGenerate(): void;
+  resetChat(): Promise<void>;
+  setMemoryBudget(bytes: number | null): Promise<void>;
+  reportHeap(usedJSHeapSize: number, jsHeapSizeLimit: number): void;
+  stats(): Promise<Stats>;
+  trajectory(): Promise<TrajectoryPoint[]>;
+  simulateDeviceLoss(): Promise<void>;
+  unload(): Promise<void>;
+  startChat(request: ChatRequest): Promise<unknown>;
+  nextChunk(): Promise<ChatCompletionChunk | null>;
+}

@@ -1,0 +1,32 @@
+// The module worker script: runs an Engine and answers the proxy's calls (worker.js).
+import { Engine } from './index.js';
+import { errorData } from './common.js';
+
+let engine = null;
+const post = (m) => self.postMessage(m);
+
+const methods = {
+  async create(url, opts) {
+    engine = await Engine.create(url, { ...opts, heapPollMs: 0, onEvent: (e) => post({ event: e }) });
+  },
+  startChat: (req) => engine.startChat(req),
+  nextChunk: () => engine.nextChunk(),
+  interruptGenerate: () => engine.interruptGenerate(),
+  resetChat: () => engine.resetChat(),
+  setMemoryBudget: (b) => engine.setMemoryBudget(b),
+  reportHeap: (used, limit) => engine.reportHeap(used, limit),
+  stats: () => engine.stats(),
+  trajectory: () => engine.trajectory(),
+  simulateDeviceLoss: () => engine.simulateDeviceLoss(),
+  unload: () => engine.unload(),
+};
+
+self.onmessage = async ({ data: { id, method, args } }) => {
+  try {
+    if (!methods[method]) throw new Error(`unknown method ${method}`);
+    if (method !== 'create' && !engine) throw Object.assign(new Error('the engine is not created'), { code: 'unloaded' });
+    post({ id, result: (await methods[method](...args)) ?? null });
+  } catch (e) {
+    post({ id, error: errorData(e) });
+  }
+};

@@ -1,0 +1,578 @@
+//! The wasm-bindgen `Engine`: options, the chat (one token per `nextChunk` call), and between
+//! tokens the signals (device loss, out-of-memory, budget, heap) and `runtime::Elastic`'s
+//! decision, which `trajectory.rs` executes (swaps keep the KV cache; a device loss rebuilds
+//! at a lower step and runs the conversation again into the new cache). The JS wrapper
+//! (`js/index.js`) serializes calls and turns chunks into an async iterator.
+
+use crate::gpu::session::{Sampling, Session, Turn};
+use crate::gpu::{Allocator, GpuError, ModelOptions};
+use crate::model::chat::{ChatTemplate, Message};
+use crate::model::tokenizer::{StreamDecoder, Tokenizer};
+use crate::model::weights::ModuleId;
+use crate::runtime::{Elastic, Policy, Reason};
+use crate::web::error::{Code, WebError, WebResult};
+use crate::web::events::{to_js, Emitter, Progress};
+use crate::web::loader::Loader;
+use crate::web::now_ms;
+use serde::Deserialize;
+use serde_json::json;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::future_to_promise;
+
+#[wasm_bindgen]
+pub struct Engine {
+    inner: Rc<Inner>,
+}
+
+pub(super) struct Inner {
+    pub(super) loader: Loader,
+    pub(super) tokenizer: Tokenizer,
+    pub(super) chat: ChatTemplate,
+    pub(super) stop: Vec<u32>,
+    pub(super) opts: ModelOptions,
+    pub(super) elastic: RefCell<Elastic>,
+    /// `None` while an operation holds it (calls are serialized by the JS wrapper) or after
+    /// `unload`.
+    pub(super) state: RefCell<Option<State>>,
+    pub(super) unloaded: Cell<bool>,
+    pub(super) interrupt: Cell<bool>,
+    /// Set by the current device's `lost` callback (or `simulateDeviceLoss`).
+    pub(super) lost: RefCell<Arc<AtomicBool>>,
+    /// Set by an uncaptured WebGPU out-of-memory error.
+    pub(super) oom: Arc<AtomicBool>,
+    /// Counters that survive the model (so `stats` after `unload` shows 0 bytes).
+    pub(super) alloc: RefCell<Option<Allocator>>,
+    pub(super) snap: RefCell<Snapshot>,
+    pub(super) fetch_failure: Cell<Option<(usize, f64)>>,
+    pub(super) prefetching: Cell<bool>,
+    pub(super) completions: Cell<u64>,
+}
+
+pub(super) struct State {
+    pub(super) session: Session,
+    pub(super) step: usize,
+    turn: Option<Answer>,
+}
+
+/// One answer in progress.
+struct Answer {
+    turn: Turn,
+    decoder: StreamDecoder,
+    id: String,
+    created: u64,
+    sent_role: bool,
+    ended: bool,
+}
+
+#[derive(Default, Clone)]
+pub(super) struct Snapshot {
+    pub(super) step: usize,
+    pub(super) adapter: String,
+    pub(super) bits: Vec<u32>,
+    pub(super) tokens_per_s: Option<f64>,
+    pub(super) prefill_tokens_per_s: Option<f64>,
+    pub(super) swaps: u64,
+    pub(super) loaded_from_cache: bool,
+    pub(super) context_tokens: usize,
+    pub(super) last_swap_reason: Option<Reason>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<Message>,
+    max_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<f64>,
+}
+
+struct Options {
+    budget: Option<u64>,
+    context: usize,
+    cache_name: Option<String>,
+    cache_quota: Option<u64>,
+    policy: Policy,
+    emitter: Emitter,
+}
+
+pub(super) fn get(o: &JsValue, k: &str) -> JsValue {
+    js_sys::Reflect::get(o, &k.into()).unwrap_or(JsValue::UNDEFINED)
+}
+
+fn bytes_opt(v: JsValue) -> Option<u64> {
+    v.as_f64()
+        .filter(|b| b.is_finite() && *b >= 0.0)
+        .map(|b| b as u64)
+}
+
+impl Options {
+    fn parse(o: &JsValue) -> WebResult<Options> {
+        let f = |k| get(o, k).dyn_into::<js_sys::Function>().ok();
+        let policy = match get(o, "policy") {
+            p if p.is_object() => serde_wasm_bindgen::from_value(p)
+                .map_err(|e| WebError::new(Code::Input, format!("options.policy: {e}")))?,
+            _ => Policy::default(),
+        };
+        let cache_name = match get(o, "cacheName").as_string() {
+            _ if get(o, "useCache") == JsValue::FALSE => None,
+            Some(n) => Some(n),
+            None => Some("flexquant".to_string()),
+        };
+        Ok(Options {
+            budget: bytes_opt(get(o, "budgetBytes")),
+            context: get(o, "context").as_f64().map_or(1024, |c| c as usize),
+            cache_name,
+            cache_quota: bytes_opt(get(o, "cacheQuotaBytes")),
+            policy,
+            emitter: Emitter {
+                on_event: f("onEvent"),
+                on_progress: f("onProgress"),
+            },
+        })
+    }
+}
+
+fn finish_reason(stopped_by: &str) -> &'static str {
+    match stopped_by {
+        "eos" => "stop",
+        "caller" => "abort",
+        _ => "length",
+    }
+}
+
+/// Resolves after `ms` milliseconds (lets the device's `lost` promise settle).
+async fn sleep(ms: i32) {
+    let p = js_sys::Promise::new(&mut |resolve, _| {
+        let g = js_sys::global();
+        if let Ok(f) = js_sys::Reflect::get(&g, &"setTimeout".into()) {
+            let f: js_sys::Function = f.unchecked_into();
+            let _ = f.call2(&g, &resolve, &ms.into());
+        }
+    });
+    let _ = wasm_bindgen_futures::JsFuture::from(p).await;
+}
+
+fn promise<F>(f: F) -> js_sys::Promise
+where
+    F: std::future::Future<Output = WebResult<JsValue>> + 'static,
+{
+    future_to_promise(async move { f.await.map_err(|e| e.to_js()) })
+}
+
+#[wasm_bindgen]
+impl Engine {
+    /// Loads the ensemble at `manifest_url` (see `js/API.md` for the options).
+    pub async fn create(manifest_url: String, options: JsValue) -> Result<Engine, JsValue> {
+        console_error_panic_hook::set_once();
+        Self::load(&manifest_url, &options)
+            .await
+            .map_err(|e| e.to_js())
+    }
+
+    /// Starts an answer to `request` (`{messages, max_tokens, temperature, top_p, seed}`):
+    /// prefills the conversation. Chunks then come from `nextChunk`.
+    #[wasm_bindgen(js_name = startChat)]
+    pub fn start_chat(&self, request: JsValue) -> js_sys::Promise {
+        let i = self.inner.clone();
+        promise(async move {
+            let req: ChatRequest = serde_wasm_bindgen::from_value(request)
+                .map_err(|e| WebError::new(Code::Input, format!("chat request: {e}")))?;
+            let mut st = i.take()?;
+            let r = i.start_chat(&mut st, req).await;
+            i.put(st);
+            r
+        })
+    }
+
+    /// The next OpenAI-style chunk of the answer, or `null` after the final one.
+    #[wasm_bindgen(js_name = nextChunk)]
+    pub fn next_chunk(&self) -> js_sys::Promise {
+        let i = self.inner.clone();
+        promise(async move {
+            let mut st = i.take()?;
+            let r = i.next_chunk(&mut st).await;
+            i.put(st);
+            r
+        })
+    }
+
+    /// Ends the running answer after the current token (`finish_reason: 'abort'`).
+    pub fn interrupt(&self) {
+        self.inner.interrupt.set(true);
+    }
+
+    #[wasm_bindgen(js_name = resetChat)]
+    pub fn reset_chat(&self) -> js_sys::Promise {
+        let i = self.inner.clone();
+        promise(async move {
+            let mut st = i.take()?;
+            st.turn = None;
+            st.session.reset();
+            i.put(st);
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// Sets (or with `null` clears) the app's memory budget; when no answer is running the
+    /// resulting swap happens before this resolves, else before the next token.
+    #[wasm_bindgen(js_name = setMemoryBudget)]
+    pub fn set_memory_budget(&self, bytes: JsValue) -> js_sys::Promise {
+        let i = self.inner.clone();
+        promise(async move {
+            match bytes_opt(bytes) {
+                Some(b) => i.elastic.borrow_mut().set_budget(b),
+                None => i.elastic.borrow_mut().clear_budget(),
+            }
+            i.rebalance_if_idle().await
+        })
+    }
+
+    /// A JS-heap reading (`performance.memory.usedJSHeapSize`, `jsHeapSizeLimit`).
+    #[wasm_bindgen(js_name = reportHeap)]
+    pub fn report_heap(&self, used: f64, limit: f64) {
+        self.inner
+            .elastic
+            .borrow_mut()
+            .heap(used as u64, limit as u64, now_ms());
+    }
+
+    /// Re-decides now (e.g. after heap readings) when no answer is running.
+    pub fn rebalance(&self) -> js_sys::Promise {
+        let i = self.inner.clone();
+        promise(async move { i.rebalance_if_idle().await })
+    }
+
+    pub fn stats(&self) -> JsValue {
+        to_js(&self.inner.stats())
+    }
+
+    pub fn trajectory(&self) -> JsValue {
+        let m = &self.inner.loader.manifest;
+        let points: Vec<_> = m
+            .trajectory
+            .iter()
+            .enumerate()
+            .map(|(s, p)| {
+                let sw = p.swap.as_ref();
+                json!({
+                    "step": s, "footprintBytes": p.footprint_bytes,
+                    "calibPpl": p.calib_ppl, "heldoutPpl": p.heldout_ppl,
+                    "module": sw.map(|w| ModuleId { layer: w.layer, kind: w.kind }.to_string()),
+                    "fromBits": sw.map(|w| w.from_bits), "toBits": sw.map(|w| w.to_bits),
+                })
+            })
+            .collect();
+        to_js(&points)
+    }
+
+    /// Destroys the GPU device as a real loss would, then recovers (a new device, a lower
+    /// step, the conversation re-prefilled); resolves when recovered.
+    #[wasm_bindgen(js_name = simulateDeviceLoss)]
+    pub fn simulate_device_loss(&self) -> js_sys::Promise {
+        let i = self.inner.clone();
+        promise(async move {
+            let mut st = i.take()?;
+            i.lost.borrow().store(true, Ordering::SeqCst);
+            st.session.model.gpu().device.destroy();
+            let r = i.recover(&mut st).await;
+            i.put(st);
+            r.map(|_| JsValue::UNDEFINED)
+        })
+    }
+
+    /// Destroys the GPU device without telling the engine, as a driver reset would: the
+    /// engine learns of it from `device.lost` (or the failing call) and recovers before the
+    /// next token. For tests of that path; apps use `simulateDeviceLoss`.
+    #[wasm_bindgen(js_name = destroyDevice)]
+    pub fn destroy_device(&self) -> Result<(), JsValue> {
+        match self.inner.state.borrow().as_ref() {
+            Some(st) => {
+                st.session.model.gpu().device.destroy();
+                Ok(())
+            }
+            None => Err(WebError::new(Code::Busy, "an engine call is running").to_js()),
+        }
+    }
+
+    /// Frees every GPU buffer and the device; the engine is unusable afterwards.
+    pub fn unload(&self) -> js_sys::Promise {
+        let i = self.inner.clone();
+        promise(async move {
+            let st = i.take()?;
+            let gpu = st.session.model.gpu().clone();
+            drop(st);
+            i.unloaded.set(true);
+            gpu.device.destroy();
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+}
+
+impl Engine {
+    async fn load(url: &str, options: &JsValue) -> WebResult<Engine> {
+        let o = Options::parse(options)?;
+        let loader = Loader::open(url, o.cache_name.as_deref(), o.cache_quota, o.emitter).await?;
+        let m = &loader.manifest;
+        let opts = ModelOptions {
+            context: o.context.clamp(16, m.config.max_position_embeddings),
+            ..Default::default()
+        };
+        let footprints = m.trajectory.iter().map(|s| s.footprint_bytes).collect();
+        let mut elastic = Elastic::new(footprints, kv_estimate(m, &opts), o.policy)?;
+        if let Some(b) = o.budget {
+            elastic.set_budget(b);
+        }
+        let mut p = Progress::new("download", 0, 2);
+        let tk = loader.file(&m.tokenizer, &mut p).await?;
+        let tokenizer = Tokenizer::from_json_bytes(&m.tokenizer.file, &tk, None, None, None)?;
+        let chat = match m.chat.template.as_str() {
+            "chatml" => ChatTemplate::ChatMl {
+                default_system: m.chat.default_system.clone(),
+            },
+            _ => ChatTemplate::Plain,
+        };
+        let inner = Rc::new(Inner {
+            stop: m.chat.stop.clone(),
+            loader,
+            tokenizer,
+            chat,
+            opts,
+            elastic: RefCell::new(elastic),
+            state: RefCell::new(None),
+            unloaded: Cell::new(false),
+            interrupt: Cell::new(false),
+            lost: RefCell::new(Arc::new(AtomicBool::new(false))),
+            oom: Arc::new(AtomicBool::new(false)),
+            alloc: RefCell::new(None),
+            snap: RefCell::new(Snapshot::default()),
+            fetch_failure: Cell::new(None),
+            prefetching: Cell::new(false),
+            completions: Cell::new(0),
+        });
+        let (session, step) = inner.build().await?;
+        inner.snap.borrow_mut().loaded_from_cache = inner.loader.net_bytes.get() == 0;
+        inner.put(State {
+            session,
+            step,
+            turn: None,
+        });
+        inner
+            .loader
+            .emitter
+            .emit(json!({"type": "progress", "phase": "ready",
+            "loadedBytes": inner.loader.net_bytes.get() + inner.loader.cache_bytes.get(),
+            "fromCache": inner.loader.cache_bytes.get(), "step": step}));
+        inner.prefetch_below(step);
+        Ok(Engine { inner })
+    }
+}
+
+/// KV cache and activations before a model exists (refined from the model's exact footprint
+/// once it does).
+fn kv_estimate(m: &crate::ensemble::manifest::Manifest, o: &ModelOptions) -> u64 {
+    let c = &m.config;
+    2 * 4 * (c.num_hidden_layers * o.context * c.kv_dim()) as u64
+}
+
+impl Inner {
+    fn take(&self) -> WebResult<State> {
+        if self.unloaded.get() {
+            return Err(WebError::new(Code::Unloaded, "the engine was unloaded"));
+        }
+        self.state.borrow_mut().take().ok_or_else(|| {
+            WebError::new(
+                Code::Busy,
+                "another engine call is running (await it first)",
+            )
+        })
+    }
+
+    pub(super) fn put(&self, st: State) {
+        let mut s = self.snap.borrow_mut();
+        s.step = st.step;
+        s.bits = st.session.model.eqm_bits();
+        s.context_tokens = st.session.tokens().len();
+        drop(s);
+        *self.state.borrow_mut() = Some(st);
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let e = self.elastic.borrow().stats();
+        let s = self.snap.borrow();
+        let alloc = self.alloc.borrow();
+        json!({
+            "step": s.step, "steps": e.steps, "targetStep": e.target_step,
+            "footprintBytes": e.footprint_bytes, "overheadBytes": e.overhead_bytes,
+            "gpuAllocatedBytes": alloc.as_ref().map_or(0, |a| a.bytes()),
+            "gpuBuffers": alloc.as_ref().map_or(0, |a| a.buffers()),
+            "budgetBytes": e.budget_bytes, "effectiveBudgetBytes": e.effective_budget_bytes,
+            "heapRatio": e.heap_ratio,
+            "tokensPerSecond": s.tokens_per_s, "prefillTokensPerSecond": s.prefill_tokens_per_s,
+            "swaps": s.swaps, "swapsDown": e.swaps_down, "swapsUp": e.swaps_up,
+            "deviceLosses": e.device_losses, "ooms": e.ooms, "swapFailures": e.swap_failures,
+            "adapter": s.adapter, "loadedFromCache": s.loaded_from_cache,
+            "networkBytes": self.loader.net_bytes.get(), "cacheBytes": self.loader.cache_bytes.get(),
+            "prefetching": self.prefetching.get(),
+            "contextTokens": s.context_tokens, "bits": s.bits,
+            "lastReason": e.last_reason, "lastSwapReason": s.last_swap_reason,
+            "modelName": self.loader.manifest.name, "unloaded": self.unloaded.get(),
+        })
+    }
+
+    // ---- chat ----
+
+    async fn start_chat(self: &Rc<Self>, st: &mut State, req: ChatRequest) -> WebResult<JsValue> {
+        if req.messages.is_empty() {
+            return Err(WebError::new(Code::Input, "chat request: no messages"));
+        }
+        let s = Sampling {
+            temperature: req.temperature.unwrap_or(0.7).max(0.0),
+            top_p: req.top_p.unwrap_or(0.95).clamp(0.0, 1.0),
+            max_tokens: req.max_tokens.unwrap_or(256).max(1),
+            seed: req.seed.map_or_else(
+                || (js_sys::Math::random() * 2f64.powi(53)) as u64,
+                |s| s as u64,
+            ),
+        };
+        let text = self.chat.render(&req.messages);
+        let ids = self.tokenizer.encode(&text)?;
+        st.turn = None;
+        self.interrupt.set(false);
+        self.between_tokens(st, None).await;
+        let turn = loop {
+            match st.session.start(&ids, &s, &self.stop).await {
+                Ok(t) => break t,
+                Err(e) => self.after_error(st, e).await?,
+            }
+        };
+        let n = self.completions.get() + 1;
+        self.completions.set(n);
+        st.turn = Some(Answer {
+            turn,
+            decoder: StreamDecoder::default(),
+            id: format!("chatcmpl-{n}"),
+            created: (js_sys::Date::now() / 1000.0) as u64,
+            sent_role: false,
+            ended: false,
+        });
+        Ok(to_js(&json!({"promptTokens": ids.len()})))
+    }
+
+    async fn next_chunk(self: &Rc<Self>, st: &mut State) -> WebResult<JsValue> {
+        let Some(a) = st.turn.as_ref() else {
+            return Ok(JsValue::NULL);
+        };
+        if a.ended {
+            st.turn = None;
+            return Ok(JsValue::NULL);
+        }
+        let index = a.turn.out.len();
+        self.between_tokens(st, Some(index)).await;
+        let mut a = st.turn.take().expect("checked above");
+        if self.interrupt.replace(false) {
+            a.turn.stop("caller");
+        }
+        let next = loop {
+            match st.session.next(&mut a.turn).await {
+                Ok(n) => break n,
+                Err(e) => {
+                    if let Err(e) = self.after_error(st, e).await {
+                        st.turn = Some(a);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let content = match next {
+            Some(id) => Some(a.decoder.step(&self.tokenizer, id)?),
+            None => None,
+        };
+        let model = &self.loader.manifest.name;
+        let mut delta = serde_json::Map::new();
+        if !a.sent_role {
+            delta.insert("role".into(), "assistant".into());
+            a.sent_role = true;
+        }
+        let chunk = match content {
+            Some(c) => {
+                delta.insert("content".into(), c.into());
+                json!({"id": a.id, "object": "chat.completion.chunk", "created": a.created,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": null}]})
+            }
+            None => {
+                a.ended = true;
+                let g = &a.turn.stats;
+                let decode =
+                    (g.decode_seconds > 0.0).then(|| g.generated as f64 / g.decode_seconds);
+                let prefill =
+                    (g.prefill_seconds > 0.0).then(|| g.prefilled as f64 / g.prefill_seconds);
+                let mut snap = self.snap.borrow_mut();
+                snap.tokens_per_s = decode.or(snap.tokens_per_s);
+                snap.prefill_tokens_per_s = prefill.or(snap.prefill_tokens_per_s);
+                json!({"id": a.id, "object": "chat.completion.chunk", "created": a.created,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta,
+                        "finish_reason": finish_reason(g.stopped_by)}],
+                    "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.generated,
+                        "total_tokens": g.prompt_tokens + g.generated,
+                        "extra": {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
+                            "step": st.step, "swaps": snap.swaps}}})
+            }
+        };
+        st.turn = Some(a);
+        Ok(to_js(&chunk))
+    }
+
+    /// A failed GPU call: if the device was lost, recover (the caller retries); else the
+    /// error stands.
+    async fn after_error(self: &Rc<Self>, st: &mut State, e: GpuError) -> WebResult<()> {
+        if !self.lost.borrow().load(Ordering::SeqCst) {
+            // The `lost` promise settles a little after the failing call.
+            sleep(20).await;
+        }
+        if self.lost.borrow().load(Ordering::SeqCst) {
+            return self.recover(st).await;
+        }
+        if let GpuError::OutOfMemory { .. } = e {
+            self.elastic.borrow_mut().oom(now_ms());
+        }
+        Err(e.into())
+    }
+
+    // ---- between tokens: device loss, then the controller's decision ----
+
+    async fn between_tokens(self: &Rc<Self>, st: &mut State, token_index: Option<usize>) {
+        if self.lost.borrow().load(Ordering::SeqCst) {
+            if let Err(e) = self.recover(st).await {
+                self.loader.emitter.error(&e);
+            }
+            return;
+        }
+        if self.oom.swap(false, Ordering::SeqCst) {
+            self.elastic.borrow_mut().oom(now_ms());
+        }
+        let d = self.elastic.borrow_mut().decide(now_ms());
+        if let Err(e) = self.execute(st, d, token_index).await {
+            self.loader.emitter.error(&e);
+        }
+    }
+
+    async fn rebalance_if_idle(self: &Rc<Self>) -> WebResult<JsValue> {
+        let idle =
+            matches!(&*self.state.borrow(), Some(s) if s.turn.as_ref().is_none_or(|a| a.ended));
+        if !idle {
+            return Ok(JsValue::FALSE);
+        }
+        let mut st = self.take()?;
+        let before = st.step;
+        self.between_tokens(&mut st, None).await;
+        let moved = st.step != before;
+        self.put(st);
+        Ok(moved.into())
+    }
+}

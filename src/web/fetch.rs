@@ -1,0 +1,127 @@
+//! `fetch` with the body streamed in chunks (progress per chunk, size capped before it is
+//! all in memory), from the window or a worker. Plain GETs of whole files: no Range requests.
+
+use crate::web::error::{Code, WebError, WebResult};
+use js_sys::{Reflect, Uint8Array};
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{ReadableStreamDefaultReader, Response};
+
+fn global_call(name: &str, args: &[&JsValue]) -> Result<JsValue, JsValue> {
+    let g = js_sys::global();
+    let f: js_sys::Function = Reflect::get(&g, &name.into())?.dyn_into()?;
+    let arr: js_sys::Array = args.iter().copied().collect();
+    f.apply(&g, &arr)
+}
+
+/// `new URL(relative, base).href`; the base itself may be relative to the page.
+pub fn resolve(relative: &str, base: &str) -> WebResult<String> {
+    let page = Reflect::get(&js_sys::global(), &"location".into())
+        .ok()
+        .and_then(|l| Reflect::get(&l, &"href".into()).ok())
+        .and_then(|h| h.as_string());
+    let bad = |e: JsValue| {
+        WebError::new(
+            Code::Input,
+            format!(
+                "bad URL {relative:?} (base {base:?}): {}",
+                WebError::js_text(&e)
+            ),
+        )
+    };
+    let base = match page {
+        Some(p) => web_sys::Url::new_with_base(base, &p).map_err(bad)?.href(),
+        None => base.to_string(),
+    };
+    Ok(web_sys::Url::new_with_base(relative, &base)
+        .map_err(bad)?
+        .href())
+}
+
+/// GETs `url` and checks the status; a 404 of the manifest gets its own code.
+pub async fn get(url: &str, what: &str) -> WebResult<Response> {
+    let p = global_call("fetch", &[&url.into()]).map_err(|e| network(url, what, &e))?;
+    let r: Response = JsFuture::from(js_sys::Promise::from(p))
+        .await
+        .map_err(|e| network(url, what, &e))?
+        .dyn_into()
+        .map_err(|_| WebError::new(Code::Internal, "fetch did not return a Response"))?;
+    if !r.ok() {
+        let status = r.status();
+        let code = if status == 404 && what == "manifest" {
+            Code::ManifestNotFound
+        } else {
+            Code::Http
+        };
+        let mut e = WebError::new(
+            code,
+            format!("{what}: HTTP {status} {} for {url}", r.status_text()),
+        )
+        .url(url);
+        e.status = Some(status);
+        return Err(e);
+    }
+    Ok(r)
+}
+
+fn network(url: &str, what: &str, e: &JsValue) -> WebError {
+    WebError::new(
+        Code::Network,
+        format!(
+            "{what}: network error fetching {url}: {}",
+            WebError::js_text(e)
+        ),
+    )
+    .url(url)
+}
+
+/// Reads a response body chunk by chunk, calling `progress(bytes_so_far)` after each, and
+/// stops as soon as it exceeds `cap` bytes (a wrong or hostile file is never held whole).
+pub async fn read_body(
+    r: Response,
+    url: &str,
+    what: &str,
+    cap: u64,
+    mut progress: impl FnMut(u64),
+) -> WebResult<Vec<u8>> {
+    let too_big = |n: u64| {
+        WebError::new(
+            Code::Truncated,
+            format!("{what}: {url} has more than the {cap} bytes expected (got {n}): wrong file"),
+        )
+        .url(url)
+        .file(what)
+    };
+    let Some(body) = r.body() else {
+        return Ok(Vec::new());
+    };
+    let reader: ReadableStreamDefaultReader = body
+        .get_reader()
+        .dyn_into()
+        .map_err(|_| WebError::new(Code::Internal, "no default reader"))?;
+    let mut out = Vec::with_capacity(cap.min(1 << 30) as usize);
+    loop {
+        let chunk = JsFuture::from(reader.read())
+            .await
+            .map_err(|e| network(url, what, &e))?;
+        if Reflect::get(&chunk, &"done".into())
+            .map(|d| d.is_truthy())
+            .unwrap_or(true)
+        {
+            break;
+        }
+        let v: Uint8Array = Reflect::get(&chunk, &"value".into())
+            .map_err(|e| network(url, what, &e))?
+            .unchecked_into();
+        let n = out.len() as u64 + v.length() as u64;
+        if n > cap {
+            let _ = reader.cancel();
+            return Err(too_big(n));
+        }
+        let at = out.len();
+        out.resize(at + v.length() as usize, 0);
+        v.copy_to(&mut out[at..]);
+        progress(n);
+    }
+    Ok(out)
+}

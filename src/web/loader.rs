@@ -1,0 +1,249 @@
+//! The ensemble by URL: the manifest, then files addressed relative to it, each served from
+//! the Cache API when a verified copy is there, else fetched (whole files, streamed with
+//! progress), verified against the manifest (size, then sha256) and only then stored.
+
+use crate::ensemble::manifest::{self, FileRef, Manifest};
+use crate::model::weights::ModuleId;
+use crate::web::error::{Code, WebError, WebResult};
+use crate::web::events::{Emitter, Progress};
+use crate::web::fetch;
+use crate::web::store::{self, Store};
+use std::cell::Cell;
+
+pub struct Loader {
+    pub manifest_url: String,
+    pub manifest: Manifest,
+    pub manifest_sha: String,
+    store: Option<Store>,
+    /// Bytes this engine may add to the Cache API (the app's cap; the browser's quota applies
+    /// on top).
+    quota: Option<u64>,
+    stored: Cell<u64>,
+    /// Bytes from the network and from the cache since the engine was created.
+    pub net_bytes: Cell<u64>,
+    pub cache_bytes: Cell<u64>,
+    pub emitter: Emitter,
+}
+
+/// Manifest errors split into the codes apps branch on.
+fn manifest_error(url: &str, bytes: &[u8]) -> Option<WebError> {
+    let head: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let v = head.get("version")?.as_u64()?;
+    (v != manifest::VERSION as u64).then(|| {
+        WebError::new(
+            Code::ManifestVersion,
+            format!(
+                "{url}: manifest version {v} is not supported (this runtime reads version {})",
+                manifest::VERSION
+            ),
+        )
+        .url(url)
+    })
+}
+
+impl Loader {
+    /// Fetches and validates the manifest (the cached copy if the network fails, so a
+    /// cached ensemble loads offline).
+    pub async fn open(
+        url: &str,
+        cache_name: Option<&str>,
+        quota: Option<u64>,
+        emitter: Emitter,
+    ) -> WebResult<Loader> {
+        let url = fetch::resolve(url, ".")?;
+        let store = match cache_name {
+            Some(n) => Store::open(n).await,
+            None => None,
+        };
+        let manifest_key = format!("{url}?flexquant-manifest");
+        let bytes = match fetch::get(&url, "manifest").await {
+            Ok(r) => {
+                let cap = manifest::MAX_MANIFEST_BYTES as u64;
+                fetch::read_body(r, &url, "manifest", cap, |_| {}).await?
+            }
+            Err(e) if e.code == Code::Network => match &store {
+                Some(s) => s.get(&manifest_key).await.ok_or(e)?,
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
+        if let Some(e) = manifest_error(&url, &bytes) {
+            return Err(e);
+        }
+        let manifest = Manifest::from_bytes(&url, &bytes)
+            .map_err(|e| WebError::new(Code::ManifestInvalid, e.to_string()).url(&url))?;
+        if let Some(s) = &store {
+            // Small, and re-verified on every read: a failure to store it is harmless.
+            let _ = s.put(&manifest_key, &bytes).await;
+        }
+        Ok(Loader {
+            manifest_sha: manifest::sha256_hex(&bytes),
+            manifest_url: url,
+            manifest,
+            store,
+            quota,
+            stored: Cell::new(0),
+            net_bytes: Cell::new(0),
+            cache_bytes: Cell::new(0),
+            emitter,
+        })
+    }
+
+    pub fn url_of(&self, f: &FileRef) -> WebResult<String> {
+        fetch::resolve(&f.file, &self.manifest_url)
+    }
+
+    pub fn cached(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// The shard files of trajectory step `step` (every module's version there).
+    pub fn step_files(&self, step: usize) -> Vec<FileRef> {
+        let m = &self.manifest;
+        m.bits_at(step)
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                let v = m.version(ModuleId::from_index(i), b).expect("validated");
+                v.file.clone()
+            })
+            .collect()
+    }
+
+    /// Checks bytes against the manifest: a wrong size is `Truncated`, a wrong hash
+    /// `HashMismatch`; both name the file and URL.
+    fn verify(f: &FileRef, url: &str, bytes: &[u8]) -> WebResult<()> {
+        Manifest::verify_file(f, bytes).map_err(|e| {
+            let code = if bytes.len() as u64 != f.bytes {
+                Code::Truncated
+            } else {
+                Code::HashMismatch
+            };
+            WebError::new(code, format!("{e} (from {url})"))
+                .url(url)
+                .file(&f.file)
+        })
+    }
+
+    /// A verified copy from the cache, if there is one (a corrupt entry is deleted).
+    async fn cached_copy(&self, f: &FileRef, url: &str) -> Option<Vec<u8>> {
+        let s = self.store.as_ref()?;
+        let key = store::key(url, &f.sha256);
+        let bytes = s.get(&key).await?;
+        if Self::verify(f, url, &bytes).is_err() {
+            s.delete(&key).await;
+            return None;
+        }
+        Some(bytes)
+    }
+
+    /// Stores verified bytes; a full cache is reported once as an `error` event and loading
+    /// goes on uncached.
+    async fn store(&self, f: &FileRef, url: &str, bytes: &[u8]) {
+        let Some(s) = &self.store else { return };
+        let e = match self.quota {
+            Some(q) if self.stored.get() + bytes.len() as u64 > q => Err(WebError::new(
+                Code::QuotaExceeded,
+                format!(
+                    "storing {} would exceed the {q}-byte cache quota ({} bytes stored)",
+                    f.file,
+                    self.stored.get()
+                ),
+            )
+            .file(&f.file)),
+            _ => s.put(&store::key(url, &f.sha256), bytes).await,
+        };
+        match e {
+            Ok(()) => self.stored.set(self.stored.get() + bytes.len() as u64),
+            Err(e) => self.emitter.error(&e),
+        }
+    }
+
+    /// One file: cache first, else the network; always verified before it is returned.
+    pub async fn file(&self, f: &FileRef, p: &mut Progress) -> WebResult<Vec<u8>> {
+        let url = self.url_of(f)?;
+        if let Some(bytes) = self.cached_copy(f, &url).await {
+            self.cache_bytes.set(self.cache_bytes.get() + f.bytes);
+            p.from_cache += f.bytes;
+            p.done_bytes += f.bytes;
+            p.files_done += 1;
+            p.emit(&self.emitter, &f.file, 0, true);
+            return Ok(bytes);
+        }
+        let r = fetch::get(&url, &f.file).await?;
+        let em = self.emitter.clone();
+        let bytes = fetch::read_body(r, &url, &f.file, f.bytes, |n| {
+            p.emit(&em, &f.file, n, false)
+        })
+        .await?;
+        Self::verify(f, &url, &bytes)?;
+        self.net_bytes.set(self.net_bytes.get() + f.bytes);
+        p.net_bytes += f.bytes;
+        p.done_bytes += f.bytes;
+        p.files_done += 1;
+        p.emit(&self.emitter, &f.file, 0, true);
+        self.store(f, &url, &bytes).await;
+        Ok(bytes)
+    }
+
+    /// Several files as one progress phase.
+    pub async fn files(&self, fs: &[FileRef], phase: &'static str) -> WebResult<Vec<Vec<u8>>> {
+        let total = fs.iter().map(|f| f.bytes).sum();
+        let mut p = Progress::new(phase, total, fs.len());
+        let mut out = Vec::with_capacity(fs.len());
+        for f in fs {
+            out.push(self.file(f, &mut p).await?);
+        }
+        Ok(out)
+    }
+
+    /// Puts the files that are not cached yet into the cache (nothing is kept in memory).
+    /// Without a cache there is nowhere to put them, and nothing is fetched.
+    pub async fn prefetch(&self, fs: &[FileRef]) -> WebResult<usize> {
+        let Some(s) = &self.store else { return Ok(0) };
+        let mut missing = Vec::new();
+        for f in fs {
+            let url = self.url_of(f)?;
+            if !s.has(&store::key(&url, &f.sha256)).await && !missing.contains(f) {
+                missing.push(f.clone());
+            }
+        }
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let total = missing.iter().map(|f| f.bytes).sum();
+        let mut p = Progress::new("prefetch", total, missing.len());
+        for f in &missing {
+            self.file(f, &mut p).await?;
+        }
+        Ok(missing.len())
+    }
+
+    fn marker_key(&self, step: usize) -> String {
+        format!(
+            "{}?flexquant-complete={}&step={step}",
+            self.manifest_url, self.manifest_sha
+        )
+    }
+
+    /// Written after every file of `step` (`files`, plus base and tokenizer) is in the cache,
+    /// checked entry by entry: a reload finds the step complete, never half of it.
+    pub async fn mark_complete(&self, step: usize, files: &[FileRef]) {
+        let Some(s) = &self.store else { return };
+        let m = &self.manifest;
+        for f in files.iter().chain([&m.base, &m.tokenizer]) {
+            match self.url_of(f) {
+                Ok(url) if s.has(&store::key(&url, &f.sha256)).await => {}
+                _ => return,
+            }
+        }
+        let _ = s.put(&self.marker_key(step), b"complete").await;
+    }
+
+    pub async fn is_complete(&self, step: usize) -> bool {
+        match &self.store {
+            Some(s) => s.has(&self.marker_key(step)).await,
+            None => false,
+        }
+    }
+}

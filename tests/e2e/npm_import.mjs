@@ -1,0 +1,47 @@
+// The npm import test: the page tests/web/npm-page.html, inside a temporary project where the
+// packed tarball (target/pkg/flexquant-VERSION.tgz) is npm-installed, served by
+// tests/web/server.py under /npm/. Run by `./build.sh test` (test_browser): node npm_import.mjs URL
+import assert from 'node:assert/strict';
+import { chromium } from 'playwright-core';
+
+const server = process.argv[2];
+if (!server) throw new Error('usage: node npm_import.mjs SERVER_URL (./build.sh test starts the server)');
+const ARGS = ['--enable-unsafe-webgpu', '--headless=new', '--no-sandbox',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'];
+
+const browser = await chromium.launch({ executablePath: process.env.FLEXQUANT_CHROMIUM || '/usr/bin/chromium', args: ARGS });
+try {
+  const page = await browser.newPage();
+  const logs = [];
+  page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => logs.push(`[pageerror] ${e}`));
+  await page.goto(`${server}/npm/index.html?manifest=${encodeURIComponent(`${server}/tiny/manifest.json`)}`);
+  await page.waitForFunction(() => window.__result, null, { timeout: 240_000 });
+  const r = await page.evaluate(() => window.__result);
+  try {
+    assert.equal(r.error, undefined, r.error);
+    for (const k of ['main', 'worker']) {
+      const x = r[k];
+      assert.ok(x.usage.completion_tokens >= 1 && x.usage.completion_tokens <= 8, JSON.stringify(x.usage));
+      assert.ok(['stop', 'length'].includes(x.finish), x.finish);
+      assert.equal(x.usage.total_tokens, x.usage.prompt_tokens + x.usage.completion_tokens);
+      assert.equal(x.stats.step, 0);
+      assert.ok(x.stats.gpuAllocatedBytes > 0);
+    }
+    assert.ok(r.main.chunks >= r.main.usage.completion_tokens + 1, 'one chunk per token plus the final one');
+    assert.ok(r.main.progress.includes('download') && r.main.progress.includes('ready'), r.main.progress.join());
+    assert.equal(r.main.unloadedBytes, 0, 'unload frees every GPU buffer');
+    assert.ok(r.main.steps > 1);
+    assert.equal(r.worker.object, 'chat.completion');
+    assert.equal(r.worker.text, r.main.text, 'greedy: the worker and the main thread agree');
+    assert.ok(r.worker.events.includes('progress'), r.worker.events.join());
+    assert.deepEqual([r.missing.instance, r.missing.code], [true, 'manifest-not-found'], JSON.stringify(r.missing));
+  } catch (e) {
+    console.error(logs.join('\n'));
+    throw e;
+  }
+  console.log(`npm import test passed: main ${JSON.stringify(r.main.text)} (${r.main.usage.completion_tokens} tokens), ` +
+    `worker ${JSON.stringify(r.worker.text)}, adapter ${r.main.stats.adapter}`);
+} finally {
+  await browser.close();
+}

@@ -1,0 +1,80 @@
+//! The step-wise GPU session (`Session::start` / `next`) that the browser runtime drives one
+//! token per call: it matches the callback form, survives a module swap between tokens, and
+//! after `replace_model` (a device-loss rebuild) continues exactly as if nothing happened.
+
+mod gpu_util;
+
+use flexquant::gpu::session::{Sampling, Session};
+use flexquant::gpu::weights::rtn_modules;
+use flexquant::gpu::{Model, ModelOptions};
+use flexquant::model::load;
+use gpu_util::gpu_arc;
+use pollster::block_on;
+
+const OPTS: ModelOptions = ModelOptions {
+    context: 96,
+    max_batch: 16,
+    logit_rows: 1,
+    top_k: 8,
+};
+
+fn greedy(max_tokens: usize) -> Sampling {
+    Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens,
+        seed: 1,
+    }
+}
+
+#[test]
+fn step_wise_session_matches_generate_and_survives_a_model_replacement() {
+    let Some(gpu) = gpu_arc() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    flexquant::model::tiny::write_tiny_model(dir.path(), 7).unwrap();
+    let m = load::load(dir.path()).unwrap();
+    let w = &m.weights;
+    let modules = rtn_modules(w, |_| 4, 32).unwrap();
+    let model = || block_on(Model::new(gpu.clone(), w, &modules, OPTS)).unwrap();
+    // Longer than max_batch, so the re-prefill runs in several chunks.
+    let prompt = m
+        .tokenizer
+        .encode("It is a truth universally acknowledged, that a single man")
+        .unwrap();
+    assert!(prompt.len() > OPTS.max_batch);
+    let none: [u32; 0] = [];
+
+    let mut a = Session::new(model());
+    let (want, stats) = block_on(a.generate(&prompt, &greedy(12), &none, |_| true)).unwrap();
+    assert_eq!((want.len(), stats.stopped_by), (12, "max_tokens"));
+
+    // Step by step, replacing the model (a fresh KV cache, re-prefilled) after 5 tokens.
+    let mut b = Session::new(model());
+    let mut turn = block_on(b.start(&prompt, &greedy(12), &none)).unwrap();
+    let mut got = Vec::new();
+    while let Some(id) = block_on(b.next(&mut turn)).unwrap() {
+        got.push(id);
+        if got.len() == 5 {
+            let n = b.replace_model(model()).unwrap();
+            assert_eq!(n, prompt.len() + 4, "the prompt and the tokens run so far");
+            assert_eq!(b.model.len(), n);
+        }
+    }
+    assert!(turn.is_done());
+    assert_eq!(got, want);
+    assert_eq!(turn.stats.stopped_by, "max_tokens");
+    assert_eq!(turn.stats.generated, 12);
+
+    // An early stop, then the next turn reuses the cached prefix.
+    let mut turn = block_on(b.start(&prompt, &greedy(12), &none)).unwrap();
+    assert_eq!(
+        turn.stats.prefilled, 1,
+        "all but the last prompt token came from the cache"
+    );
+    block_on(b.next(&mut turn)).unwrap().unwrap();
+    turn.stop("caller");
+    assert_eq!(block_on(b.next(&mut turn)).unwrap(), None);
+    assert_eq!((turn.stats.stopped_by, turn.stats.generated), ("caller", 1));
+    b.reset();
+    assert!(b.tokens().is_empty() && b.model.is_empty());
+}

@@ -1,0 +1,561 @@
+//! Browser tests of the runtime (headless Chromium, WebGPU on SwiftShader): the tiny ensemble
+//! served by tests/web/server.py, whose URL is baked in at compile time
+//! (`FLEXQUANT_TEST_SERVER`; `./build.sh test` starts the server and sets it). Run with
+//! `./build.sh test_browser` or see README's "Browser tests".
+#![cfg(target_arch = "wasm32")]
+
+use flexquant::web::Engine;
+use serde_json::{json, Value};
+use std::cell::RefCell;
+use std::rc::Rc;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
+use wasm_bindgen_test::*;
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+// `option_env!`, not `env!`: the tests must compile (clippy, `--no-run`) without a server, and
+// fail with this message when run without one.
+#[allow(clippy::option_env_unwrap)]
+fn server() -> &'static str {
+    option_env!("FLEXQUANT_TEST_SERVER").expect(
+        "FLEXQUANT_TEST_SERVER was not set when the tests were compiled: run them through \
+         `./build.sh test` (it starts tests/web/server.py and passes its URL)",
+    )
+}
+
+fn url(path: &str) -> String {
+    format!("{}{path}", server())
+}
+
+fn js(v: &Value) -> JsValue {
+    flexquant::web::events::to_js(v)
+}
+
+fn val(v: JsValue) -> Value {
+    serde_wasm_bindgen::from_value(v).unwrap_or(Value::Null)
+}
+
+type Events = Rc<RefCell<Vec<Value>>>;
+
+/// An engine with `opts` and an event log; every test uses its own Cache API bucket.
+async fn engine(path: &str, mut opts: Value) -> Result<(Engine, Events), Value> {
+    let events: Events = Rc::default();
+    let log = events.clone();
+    let cb = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| log.borrow_mut().push(val(e)));
+    if opts.get("cacheName").is_none() {
+        opts["cacheName"] = json!(format!("test-{}", js_sys::Math::random()));
+    }
+    let o = js(&opts);
+    js_sys::Reflect::set(&o, &"onEvent".into(), cb.as_ref()).unwrap();
+    cb.forget();
+    match Engine::create(url(path), o).await {
+        Ok(e) => Ok((e, events)),
+        Err(e) => Err(error_fields(&e)),
+    }
+}
+
+fn error_fields(e: &JsValue) -> Value {
+    let get = |k: &str| {
+        js_sys::Reflect::get(e, &k.into())
+            .ok()
+            .and_then(|v| v.as_string())
+    };
+    json!({"code": get("code"), "message": get("message"), "name": get("name"), "file": get("file")})
+}
+
+async fn call(p: js_sys::Promise) -> Result<Value, Value> {
+    JsFuture::from(p)
+        .await
+        .map(val)
+        .map_err(|e| error_fields(&e))
+}
+
+fn user(text: &str) -> Value {
+    json!({"role": "user", "content": text})
+}
+
+async fn start(e: &Engine, messages: &[Value], max_tokens: usize) {
+    let req = json!({"messages": messages, "max_tokens": max_tokens, "temperature": 0.0});
+    call(e.start_chat(js(&req))).await.expect("startChat");
+}
+
+/// The next chunk's text, or `None` with the final chunk.
+async fn chunk(e: &Engine) -> (Option<String>, Value) {
+    let c = call(e.next_chunk()).await.expect("nextChunk");
+    assert_eq!(c["object"], "chat.completion.chunk", "{c}");
+    let ch = &c["choices"][0];
+    if ch["finish_reason"].is_null() {
+        (
+            Some(ch["delta"]["content"].as_str().unwrap().to_string()),
+            c,
+        )
+    } else {
+        (None, c)
+    }
+}
+
+/// Runs the answer to the end: (text, tokens, final chunk).
+async fn finish(e: &Engine) -> (String, usize, Value) {
+    let (mut text, mut n) = (String::new(), 0);
+    loop {
+        match chunk(e).await {
+            (Some(t), _) => {
+                text += &t;
+                n += 1;
+            }
+            (None, last) => {
+                assert!(call(e.next_chunk()).await.unwrap().is_null());
+                return (text, n, last);
+            }
+        }
+    }
+}
+
+fn stats(e: &Engine) -> Value {
+    val(e.stats())
+}
+
+async fn sleep(ms: i32) {
+    let p = js_sys::Promise::new(&mut |r, _| {
+        web_sys::window()
+            .unwrap()
+            .set_timeout_with_callback_and_timeout_and_arguments_0(&r, ms)
+            .unwrap();
+    });
+    JsFuture::from(p).await.unwrap();
+}
+
+async fn until_prefetched(e: &Engine) {
+    for _ in 0..200 {
+        if stats(e)["prefetching"] == false {
+            return;
+        }
+        sleep(25).await;
+    }
+    panic!("prefetch did not finish: {}", stats(e));
+}
+
+async fn server_get(path: &str) -> Value {
+    let r: web_sys::Response =
+        JsFuture::from(web_sys::window().unwrap().fetch_with_str(&url(path)))
+            .await
+            .unwrap()
+            .into();
+    val(JsFuture::from(r.json().unwrap()).await.unwrap())
+}
+
+fn of_type(ev: &Events, t: &str) -> Vec<Value> {
+    ev.borrow()
+        .iter()
+        .filter(|e| e["type"] == t)
+        .cloned()
+        .collect()
+}
+
+/// The budget under which `step` is the largest that fits (default policy headroom 10%).
+fn budget_for(e: &Engine, step: usize) -> u64 {
+    let traj = val(e.trajectory());
+    let s = stats(e);
+    let cost =
+        traj[step]["footprintBytes"].as_u64().unwrap() + s["overheadBytes"].as_u64().unwrap();
+    (cost as f64 / 0.9).ceil() as u64 + 1
+}
+
+/// `n_up - bits` summed over modules equals the bits the trajectory took off up to `step`.
+fn check_bits(e: &Engine) {
+    let s = stats(e);
+    let step = s["step"].as_u64().unwrap() as usize;
+    let traj = val(e.trajectory());
+    let removed: u64 = (1..=step)
+        .map(|i| traj[i]["fromBits"].as_u64().unwrap() - traj[i]["toBits"].as_u64().unwrap())
+        .sum();
+    let n_up = traj[1]["fromBits"].as_u64().unwrap().max(4);
+    let have: u64 = s["bits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| n_up - b.as_u64().unwrap())
+        .sum();
+    assert_eq!(have, removed, "bits {} at step {step}", s["bits"]);
+}
+
+#[wasm_bindgen_test]
+async fn loads_generates_reloads_from_cache_and_unloads() {
+    let cache = format!("reload-{}", js_sys::Math::random());
+    let (e, ev) = engine("/tiny/manifest.json", json!({"cacheName": cache}))
+        .await
+        .unwrap();
+    let s = stats(&e);
+    assert_eq!(s["step"], 0, "no budget: the largest step");
+    assert_eq!(s["loadedFromCache"], false);
+    assert!(s["adapter"].as_str().unwrap().len() > 2, "{s}");
+    let gpu = s["gpuAllocatedBytes"].as_u64().unwrap();
+    let model = s["footprintBytes"].as_u64().unwrap() + s["overheadBytes"].as_u64().unwrap();
+    assert_eq!(gpu, model, "allocator bytes vs footprint + overheads: {s}");
+    let progress = of_type(&ev, "progress");
+    assert!(progress.iter().any(|p| p["phase"] == "download"));
+    assert_eq!(progress.last().unwrap()["phase"], "ready");
+
+    let conv = [user("Tell me about Elizabeth.")];
+    start(&e, &conv, 8).await;
+    let (text, n, last) = finish(&e).await;
+    let usage = &last["usage"];
+    assert_eq!(usage["completion_tokens"], n as u64, "{last}");
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(usage["prompt_tokens"].as_u64().unwrap() + n as u64)
+    );
+    let reason = last["choices"][0]["finish_reason"].as_str().unwrap();
+    assert!(
+        (reason == "length" && n == 8) || (reason == "stop" && n < 8),
+        "{reason} after {n}"
+    );
+    // Greedy decoding is deterministic, and a second run reuses the cached prefix.
+    start(&e, &conv, 8).await;
+    assert_eq!(finish(&e).await.0, text);
+    until_prefetched(&e).await;
+
+    // A reload: everything from the Cache API, the same answer.
+    let (e2, _) = engine("/tiny/manifest.json", json!({"cacheName": cache}))
+        .await
+        .unwrap();
+    let s2 = stats(&e2);
+    assert_eq!(s2["loadedFromCache"], true, "{s2}");
+    assert_eq!(s2["networkBytes"], 0, "{s2}");
+    start(&e2, &conv, 8).await;
+    assert_eq!(finish(&e2).await.0, text);
+
+    call(e.unload()).await.unwrap();
+    let s = stats(&e);
+    assert_eq!(s["gpuAllocatedBytes"], 0, "{s}");
+    assert_eq!(s["gpuBuffers"], 0, "{s}");
+    let err = call(e.next_chunk()).await.unwrap_err();
+    assert_eq!(err["code"], "unloaded");
+    call(e2.unload()).await.unwrap();
+}
+
+#[wasm_bindgen_test]
+async fn swaps_down_and_up_mid_generation_without_network() {
+    let policy = json!({"up_delay_ms": 0.0, "fault_cooldown_ms": 0.0, "max_up_growth": 10.0});
+    let (e, ev) = engine("/tiny/manifest.json", json!({"policy": policy}))
+        .await
+        .unwrap();
+    let conv = [user("Once upon a time")];
+    start(&e, &conv, 24).await;
+    let baseline = finish(&e).await.0;
+    until_prefetched(&e).await;
+    let steps = stats(&e)["steps"].as_u64().unwrap() as usize;
+    let target = steps / 2;
+    let budget = budget_for(&e, target);
+    call(e.reset_chat()).await.unwrap();
+
+    server_get("/__reset").await;
+    start(&e, &conv, 24).await;
+    let mut text = String::new();
+    for _ in 0..4 {
+        text += &chunk(&e).await.0.unwrap();
+    }
+    assert!(baseline.starts_with(&text), "{baseline:?} vs {text:?}");
+    call(e.set_memory_budget(JsValue::from(budget as f64)))
+        .await
+        .unwrap();
+    assert_eq!(stats(&e)["step"], 0, "the swap waits for the next token");
+    text += &chunk(&e).await.0.unwrap();
+    let s = stats(&e);
+    assert_eq!(s["step"], target as u64, "{s}");
+    let used = s["footprintBytes"].as_u64().unwrap() + s["overheadBytes"].as_u64().unwrap();
+    assert!(
+        used as f64 <= budget as f64 * 0.9,
+        "{used} over budget {budget}"
+    );
+    assert_eq!(s["gpuAllocatedBytes"].as_u64(), Some(used), "{s}");
+    check_bits(&e);
+    let swaps = of_type(&ev, "swap");
+    assert_eq!(swaps.len(), 1, "{swaps:?}");
+    let sw = &swaps[0];
+    assert_eq!(
+        (sw["from"].as_u64(), sw["to"].as_u64()),
+        (Some(0), Some(target as u64))
+    );
+    assert_eq!(sw["reason"], "budget");
+    assert_eq!(sw["tokenIndex"], 4, "swapped between tokens 4 and 5");
+    assert_eq!(sw["modules"].as_array().unwrap().len(), target);
+    assert!(sw["module"].as_str().unwrap().starts_with('L'));
+    // The shards the swap used came from the prefetched cache (the prefetch of the steps
+    // below `target` may be fetching others by now).
+    let manifest = server_get("/tiny/manifest.json").await;
+    for m in sw["modules"].as_array().unwrap() {
+        let v = manifest["modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| {
+                format!("L{}.{}", v["layer"], v["kind"].as_str().unwrap()) == m["module"]
+                    && v["bits"] == m["toBits"]
+            })
+            .unwrap();
+        let path = format!("/__count?prefix=/tiny/{}", v["file"].as_str().unwrap());
+        assert_eq!(server_get(&path).await, 0, "{m} came from the network");
+    }
+
+    for _ in 0..3 {
+        text += &chunk(&e).await.0.unwrap();
+    }
+    call(e.set_memory_budget(JsValue::NULL)).await.unwrap();
+    text += &chunk(&e).await.0.unwrap();
+    let s = stats(&e);
+    assert_eq!(s["step"], 0, "memory free again: back at the top: {s}");
+    check_bits(&e);
+    let swaps = of_type(&ev, "swap");
+    assert_eq!(swaps.len(), 2);
+    assert_eq!(swaps[1]["reason"], "memory_free");
+    assert_eq!(swaps[1]["tokenIndex"], 8);
+    let (rest, n, last) = finish(&e).await;
+    text += &rest;
+    assert_eq!(last["usage"]["completion_tokens"], (9 + n) as u64);
+    assert_eq!(last["usage"]["extra"]["swaps"], 2);
+    assert!(
+        of_type(&ev, "error").is_empty(),
+        "{:?}",
+        of_type(&ev, "error")
+    );
+    call(e.unload()).await.unwrap();
+}
+
+#[wasm_bindgen_test]
+async fn device_loss_recovers_with_the_conversation() {
+    let (e, ev) = engine("/tiny/manifest.json", json!({})).await.unwrap();
+    let mut conv = vec![user("Hello")];
+    start(&e, &conv, 6).await;
+    let (a1, _, _) = finish(&e).await;
+    conv.push(json!({"role": "assistant", "content": a1}));
+    conv.push(user("And then?"));
+    start(&e, &conv, 12).await;
+    for _ in 0..3 {
+        chunk(&e).await.0.unwrap();
+    }
+    let before = stats(&e);
+    let cached = before["contextTokens"].as_u64().unwrap();
+    call(e.simulate_device_loss()).await.unwrap();
+    let lost = of_type(&ev, "device-lost");
+    let rec = of_type(&ev, "recovered");
+    assert_eq!((lost.len(), rec.len()), (1, 1), "{:?}", ev.borrow());
+    assert_eq!(
+        rec[0]["reprefilledTokens"], cached,
+        "the whole conversation re-prefilled"
+    );
+    let s = stats(&e);
+    assert!(
+        s["step"].as_u64() > Some(0),
+        "recovered at a lower step: {s}"
+    );
+    assert_eq!(s["deviceLosses"], 1);
+    assert_eq!(s["contextTokens"], cached);
+    check_bits(&e);
+    // The answer goes on where it was.
+    let (_, n, last) = finish(&e).await;
+    assert_eq!(last["usage"]["completion_tokens"], (3 + n) as u64, "{last}");
+    // And the conversation goes on with prefix reuse on the new device.
+    conv.push(json!({"role": "assistant", "content": "..."}));
+    conv.push(user("Thanks"));
+    start(&e, &conv, 4).await;
+    finish(&e).await;
+    assert!(
+        of_type(&ev, "error").is_empty(),
+        "{:?}",
+        of_type(&ev, "error")
+    );
+    call(e.unload()).await.unwrap();
+}
+
+/// A shard that fails verification (flipped byte, or cut short) is rejected with a typed
+/// error, never stored, and the engine goes on at its current step.
+#[wasm_bindgen_test]
+async fn bad_shards_are_rejected_and_the_engine_stays_usable() {
+    for (view, code) in [("corrupt", "hash-mismatch"), ("truncated", "truncated")] {
+        let cache = format!("{view}-{}", js_sys::Math::random());
+        let path = format!("/{view}/tiny/manifest.json");
+        let (e, ev) = engine(&path, json!({"cacheName": cache})).await.unwrap();
+        until_prefetched(&e).await;
+        // The prefetch (or the kernel warm-up) met the bad shard.
+        let errors = of_type(&ev, "error");
+        let seen = errors.len();
+        assert!(seen >= 1, "{errors:?}");
+        assert!(
+            errors.iter().all(|e| e["error"]["code"] == code),
+            "{errors:?}"
+        );
+        let file = errors[0]["error"]["file"].as_str().unwrap().to_string();
+        assert!(errors[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&file));
+
+        start(&e, &[user("Hi")], 6).await;
+        chunk(&e).await.0.unwrap();
+        let context = stats(&e)["contextTokens"].clone();
+        call(e.set_memory_budget(JsValue::from(budget_for(&e, 1) as f64)))
+            .await
+            .unwrap();
+        chunk(&e).await.0.unwrap();
+        let s = stats(&e);
+        assert_eq!(s["step"], 0, "the swap to step 1 needs the bad shard: {s}");
+        let errors = of_type(&ev, "error");
+        assert_eq!(errors.len(), seen + 1, "{errors:?}");
+        assert_eq!(errors[seen]["error"]["code"], code);
+        assert_eq!(errors[seen]["error"]["file"], file.as_str());
+        assert_eq!(
+            s["contextTokens"].as_u64(),
+            Some(context.as_u64().unwrap() + 1)
+        );
+        let (_, _, last) = finish(&e).await;
+        assert_eq!(last["usage"]["completion_tokens"], 6);
+
+        // Not in the cache: a bad download is never stored.
+        let traj = val(e.trajectory());
+        let caches: web_sys::CacheStorage = web_sys::window().unwrap().caches().unwrap();
+        let c: web_sys::Cache = JsFuture::from(caches.open(&cache)).await.unwrap().into();
+        let (keys, mut bad) = (JsFuture::from(c.keys()).await.unwrap(), 0);
+        let keys: js_sys::Array = keys.into();
+        for k in keys.iter() {
+            let k: web_sys::Request = k.into();
+            bad += k.url().contains(&file) as usize;
+        }
+        assert_eq!(bad, 0, "{file} was stored; step 1 is {}", traj[1]);
+        assert!(keys.length() > 3, "the good files were stored");
+        call(e.unload()).await.unwrap();
+    }
+}
+
+#[wasm_bindgen_test]
+async fn network_error_mid_swap_keeps_the_current_step() {
+    let (e, ev) = engine("/net/tiny/manifest.json", json!({"useCache": false}))
+        .await
+        .unwrap();
+    start(&e, &[user("Hi")], 5).await;
+    chunk(&e).await.0.unwrap();
+    assert_eq!(server_get("/__fail?on=1").await, 1);
+    let budget = budget_for(&e, 3);
+    call(e.set_memory_budget(JsValue::from(budget as f64)))
+        .await
+        .unwrap();
+    chunk(&e).await.0.unwrap();
+    server_get("/__fail?on=0").await;
+    let errors = of_type(&ev, "error");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["error"]["code"], "network", "{errors:?}");
+    assert_eq!(stats(&e)["step"], 0);
+    let (_, _, last) = finish(&e).await;
+    assert_eq!(last["usage"]["completion_tokens"], 5);
+    call(e.unload()).await.unwrap();
+}
+
+#[wasm_bindgen_test]
+async fn bad_manifests_and_urls_are_typed_errors() {
+    let cases = [
+        ("/missing/manifest.json".to_string(), "manifest-not-found"),
+        ("/v99/tiny/manifest.json".to_string(), "manifest-version"),
+        (
+            "/garbage/tiny/manifest.json".to_string(),
+            "manifest-invalid",
+        ),
+    ];
+    for (path, code) in cases {
+        let err = engine(&path, json!({})).await.err().expect(&path);
+        assert_eq!(err["code"], code, "{path}: {err}");
+        assert_eq!(err["name"], "FlexQuantError");
+        assert!(
+            err["message"].as_str().unwrap().contains("manifest"),
+            "{err}"
+        );
+    }
+    let o = js(&json!({"useCache": false}));
+    let err = Engine::create("http://127.0.0.1:9/manifest.json".into(), o)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(error_fields(&err)["code"], "network");
+}
+
+#[wasm_bindgen_test]
+async fn a_full_cache_is_reported_and_loading_goes_on() {
+    let (e, ev) = engine("/tiny/manifest.json", json!({"cacheQuotaBytes": 4000}))
+        .await
+        .unwrap();
+    let errors = of_type(&ev, "error");
+    assert!(!errors.is_empty());
+    assert!(
+        errors
+            .iter()
+            .all(|x| x["error"]["code"] == "quota-exceeded"),
+        "{errors:?}"
+    );
+    start(&e, &[user("Hi")], 3).await;
+    let (_, _, last) = finish(&e).await;
+    assert!(last["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+    call(e.unload()).await.unwrap();
+}
+
+#[wasm_bindgen_test]
+async fn js_heap_pressure_steps_down() {
+    let (e, ev) = engine("/tiny/manifest.json", json!({})).await.unwrap();
+    let s = stats(&e);
+    let cost = s["footprintBytes"].as_u64().unwrap() + s["overheadBytes"].as_u64().unwrap();
+    // A heap reading that leaves room for the middle step only (default policy: the heap
+    // may grow to 90% of its limit; 10% headroom).
+    let steps = s["steps"].as_u64().unwrap() as usize;
+    let mid = steps / 2;
+    let traj = val(e.trajectory());
+    let overhead = s["overheadBytes"].as_u64().unwrap() as f64;
+    let mid_cost = traj[mid]["footprintBytes"].as_u64().unwrap() as f64 + overhead;
+    let cap = mid_cost / 0.9 + 1.0;
+    let limit = 20.0 * cost as f64;
+    let used = 0.9 * limit - (cap - cost as f64);
+    e.report_heap(used, limit);
+    assert_eq!(call(e.rebalance()).await.unwrap(), true);
+    let s = stats(&e);
+    assert_eq!(s["step"], mid as u64, "{s}");
+    assert!(
+        (s["heapRatio"].as_f64().unwrap() - used / limit).abs() < 1e-6,
+        "{s}"
+    );
+    let swaps = of_type(&ev, "swap");
+    assert_eq!(swaps[0]["reason"], "heap_pressure", "{swaps:?}");
+    check_bits(&e);
+    start(&e, &[user("Hi")], 3).await;
+    assert!(finish(&e).await.1 >= 1);
+    call(e.unload()).await.unwrap();
+}
+
+/// A device lost behind the engine's back (no `simulateDeviceLoss`): the `device.lost`
+/// callback or the failing token tells it, and the answer goes on after a rebuild.
+#[wasm_bindgen_test]
+async fn a_device_lost_behind_the_engines_back_is_noticed_and_recovered() {
+    let (e, ev) = engine("/tiny/manifest.json", json!({})).await.unwrap();
+    start(&e, &[user("Once upon a time")], 10).await;
+    for _ in 0..3 {
+        chunk(&e).await.0.unwrap();
+    }
+    let cached = stats(&e)["contextTokens"].as_u64().unwrap();
+    e.destroy_device().unwrap();
+    let (_, n, last) = finish(&e).await;
+    assert_eq!(last["usage"]["completion_tokens"], (3 + n) as u64, "{last}");
+    let rec = of_type(&ev, "recovered");
+    assert_eq!(
+        (of_type(&ev, "device-lost").len(), rec.len()),
+        (1, 1),
+        "{:?}",
+        ev.borrow()
+    );
+    assert_eq!(rec[0]["reprefilledTokens"], cached);
+    let s = stats(&e);
+    assert_eq!(s["deviceLosses"], 1);
+    assert!(s["step"].as_u64() > Some(0), "{s}");
+    assert!(
+        of_type(&ev, "error").is_empty(),
+        "{:?}",
+        of_type(&ev, "error")
+    );
+    call(e.unload()).await.unwrap();
+}

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Static test server for the browser tests (tests/web.rs, tests/npm): a plain static host
+(no Range support, CORS for the test page's origin) with a few deliberately broken views of one
+ensemble, selected by a path prefix:
+
+  /tiny/...            the ensemble as built
+  /corrupt/tiny/...    the shard that trajectory step 1 swaps in has one byte flipped
+  /truncated/tiny/...  that shard cut to half its length
+  /v99/tiny/...        the manifest claims format version 99
+  /garbage/tiny/...    the manifest is not JSON
+  /net/tiny/...        module shards are cut mid-body (connection closed) while /__fail?on=1
+  /<mount>/...         a directory given with --mount NAME=DIR (e.g. the npm test page)
+
+  /__count?prefix=P    requests so far whose path starts with P (JSON number)
+  /__reset             forget the counts
+  /__fail?on=1|0       switch the /net/ failure on or off
+
+Usage: server.py ENSEMBLE_DIR [--port 0] [--mount NAME=DIR ...]; prints the URL on stdout.
+"""
+import http.server, json, os, sys, threading, urllib.parse
+from collections import Counter
+
+ens = os.path.abspath(sys.argv[1])
+args = sys.argv[2:]
+port, mounts = 0, {}
+while args:
+    a = args.pop(0)
+    if a == "--port":
+        port = int(args.pop(0))
+    elif a == "--mount":
+        name, d = args.pop(0).split("=", 1)
+        mounts[name] = os.path.abspath(d)
+
+manifest = json.load(open(os.path.join(ens, "manifest.json")))
+sw = manifest["trajectory"][1]["swap"]
+victim = next(v["file"] for v in manifest["modules"]
+              if v["layer"] == sw["layer"] and v["kind"] == sw["kind"] and v["bits"] == sw["to_bits"])
+counts, lock, state = Counter(), threading.Lock(), {"fail": False}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def send(self, code, body, ctype="application/octet-stream", cut=False):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Cache-Control", "no-store")
+        if cut:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if cut:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def do_GET(self):
+        u = urllib.parse.urlparse(self.path)
+        path, q = urllib.parse.unquote(u.path), urllib.parse.parse_qs(u.query)
+        with lock:
+            counts[path] += 1
+        if path == "/__count":
+            p = q.get("prefix", [""])[0]
+            with lock:
+                n = sum(c for k, c in counts.items() if k.startswith(p))
+            return self.send(200, str(n).encode(), "application/json")
+        if path == "/__reset":
+            with lock:
+                counts.clear()
+            return self.send(200, b"0", "application/json")
+        if path == "/__fail":
+            state["fail"] = q.get("on", ["0"])[0] == "1"
+            return self.send(200, b"1" if state["fail"] else b"0", "application/json")
+        parts = path.lstrip("/").split("/", 1)
+        if parts[0] in mounts:
+            return self.file(mounts[parts[0]], parts[1] if len(parts) > 1 else "index.html")
+        view = ""
+        if parts[0] in ("corrupt", "truncated", "v99", "garbage", "net"):
+            view, path = parts[0], "/" + (parts[1] if len(parts) > 1 else "")
+        if not path.startswith("/tiny/"):
+            return self.send(404, b"not found", "text/plain")
+        rel = path[len("/tiny/"):]
+        body = self.read(ens, rel)
+        if body is None:
+            return self.send(404, b"not found", "text/plain")
+        if rel == "manifest.json" and view == "v99":
+            m = json.loads(body)
+            m["version"] = 99
+            body = json.dumps(m).encode()
+        if rel == "manifest.json" and view == "garbage":
+            body = b"<html>this is not a manifest</html>"
+        if rel == victim and view == "corrupt":
+            body = bytearray(body)
+            body[len(body) // 3] ^= 0x5A
+            body = bytes(body)
+        if rel == victim and view == "truncated":
+            body = body[: len(body) // 2]
+        cut = view == "net" and state["fail"] and rel.startswith("modules/")
+        ctype = "application/json" if rel.endswith(".json") else "application/octet-stream"
+        self.send(200, body, ctype, cut)
+
+    def read(self, root, rel):
+        p = os.path.normpath(os.path.join(root, rel))
+        if not p.startswith(root) or not os.path.isfile(p):
+            return None
+        with open(p, "rb") as f:
+            return f.read()
+
+    def file(self, root, rel):
+        body = self.read(root, rel or "index.html")
+        if body is None:
+            return self.send(404, b"not found", "text/plain")
+        types = {".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript",
+                 ".wasm": "application/wasm", ".json": "application/json"}
+        self.send(200, body, types.get(os.path.splitext(rel)[1], "application/octet-stream"))
+
+
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+print(f"http://127.0.0.1:{srv.server_address[1]}", flush=True)
+srv.serve_forever()
