@@ -113,10 +113,13 @@ cmd_test() {
   cargo fmt --all -- --check
   log "cargo clippy -D warnings"
   cargo clippy -q --release --all-targets -- -D warnings
-  log "wasm32 build of the library"
-  cargo build -q --release --target wasm32-unknown-unknown --lib
+  log "wasm32 build and clippy of the library (the browser runtime)"
+  CARGO_TARGET_DIR="$WEB_TARGET" cargo build -q --release --target wasm32-unknown-unknown --lib
+  CARGO_TARGET_DIR="$WEB_TARGET" cargo clippy -q --release --target wasm32-unknown-unknown --lib -- -D warnings
   log "cargo test (native; real model and text required, not skipped)"
   FLEXQUANT_REQUIRE_DATA=1 FLEXQUANT_REQUIRE_GPU=1 cargo test --release -- --test-threads=1
+  test_browser
+  test_e2e
   log "all tests passed"
 }
 
@@ -143,8 +146,13 @@ ensemble_inputs() {
 
 cmd_demo() {
   cmd_setup
-  build_demo_ensemble
-  log "chatting with the demo model on the CPU reference path (the browser page is not built yet)"
+  build_site "$ROOT/target/site"
+  serve_site "$ROOT/target/site"
+}
+
+# The terminal chat on the CPU reference path (what `demo` was before the page).
+cmd_chat() {
+  cmd_setup
   exec "$BIN" chat --model "$MODEL" --max-tokens 200
 }
 
@@ -170,13 +178,225 @@ import json, sys
 d = sys.argv[1]
 print(json.dumps({s: json.load(open(f"{d}/full-{s}/report.json")) for s in ("4to2", "8to2")}, indent=1))
 PY
+  bench_browser
   log "benchmarks written to target/bench/"
+}
+
+# ---- browser runtime and npm package (issue #6) ---------------------------------------------
+# The wasm build has its own target dir, so it never waits on (or invalidates) the native one.
+WEB_TARGET="$ROOT/target/web"
+PKG="$ROOT/target/pkg/flexquant"
+
+# wasm-bindgen-cli must be the version of the wasm-bindgen crate in Cargo.lock (it installs
+# only through cargo, ~10 minutes, so only when missing or mismatched); chromium and
+# chromedriver run the browser tests (WebGPU on SwiftShader with --enable-unsafe-webgpu,
+# see webdriver.json). wasm-pack is not needed: cargo's runner is wasm-bindgen-test-runner.
+setup_web() {
+  local want
+  want="$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/"/, "", $3); print $3; exit }' Cargo.lock)"
+  [ -n "$want" ] || die "Cargo.lock has no wasm-bindgen entry"
+  if [ "$(wasm-bindgen --version 2>/dev/null | cut -d' ' -f2)" != "$want" ] ||
+     ! command -v wasm-bindgen-test-runner >/dev/null; then
+    log "cargo install wasm-bindgen-cli --version $want (about 10 minutes, once)"
+    cargo install -q wasm-bindgen-cli --version "$want"
+  fi
+  apt_install chromium chromium-driver
+}
+
+# target/pkg/flexquant/: the npm package (wasm-bindgen --target web output under wasm/, the JS
+# wrapper and types from js/, version from Cargo.toml), and target/pkg/flexquant-VERSION.tgz.
+build_package() {
+  setup_web
+  log "wasm32 release build of the library -> $PKG"
+  CARGO_TARGET_DIR="$WEB_TARGET" cargo build -q --release --target wasm32-unknown-unknown --lib
+  local version
+  version="$(awk -F'"' '/^version = / { print $2; exit }' Cargo.toml)"
+  rm -rf "$PKG.tmp" && mkdir -p "$PKG.tmp/wasm"
+  wasm-bindgen --target web --out-dir "$PKG.tmp/wasm" --out-name flexquant \
+    "$WEB_TARGET/wasm32-unknown-unknown/release/flexquant.wasm"
+  cp js/index.js js/common.js js/worker.js js/worker-entry.js js/index.d.ts js/worker.d.ts "$PKG.tmp/"
+  cp js/API.md "$PKG.tmp/README.md"
+  sed "s/\"version\": \"[^\"]*\"/\"version\": \"$version\"/" js/package.json > "$PKG.tmp/package.json"
+  rm -rf "$PKG" && mv "$PKG.tmp" "$PKG"
+  rm -f "$ROOT"/target/pkg/flexquant-*.tgz
+  (cd "$ROOT/target/pkg" && npm pack ./flexquant --silent >/dev/null)
+  [ -f "$ROOT/target/pkg/flexquant-$version.tgz" ] || die "npm pack did not write flexquant-$version.tgz"
+  log "npm package: $PKG ($(du -sh "$PKG/wasm/flexquant_bg.wasm" | cut -f1) wasm), target/pkg/flexquant-$version.tgz"
+}
+
+# The tiny random model's ensemble (what the browser tests load), rebuilt when the builder changes.
+build_tiny_ensemble() {
+  local dir="$CACHE/ensemble/tiny"
+  if [ -f "$dir/manifest.json" ] && [ "$(cat "$dir/.inputs" 2>/dev/null)" = "$(ensemble_inputs)" ]; then
+    return 0
+  fi
+  log "building the tiny test ensemble into $dir"
+  rm -rf "$dir" "$CACHE/ensemble/tiny-model"
+  local log="$CACHE/ensemble/tiny-build.log"
+  { "$BIN" tiny-model --out "$CACHE/ensemble/tiny-model" &&
+    "$BIN" build --model "$CACHE/ensemble/tiny-model" --calib "$CACHE/text/austen-calib.txt" \
+      --heldout "$CACHE/text/austen-heldout.txt" --preset fast --out "$dir"; } > "$log" 2>&1 ||
+    { tail -20 "$log" >&2; die "building the tiny ensemble failed (log: $log)"; }
+  ensemble_inputs > "$dir/.inputs"
+}
+
+# Starts tests/web/server.py on the tiny ensemble (extra args: --mount NAME=DIR); sets SERVER_URL
+# and SERVER_PID.
+start_test_server() {
+  local out="$ROOT/target/web-test/server.url"
+  mkdir -p "$ROOT/target/web-test" && rm -f "$out"
+  # A fixed port: the URL is compiled into the wasm tests, so a new port means a rebuild.
+  python3 tests/web/server.py "$CACHE/ensemble/tiny" --port "${FLEXQUANT_TEST_PORT:-47311}" "$@" > "$out" &
+  SERVER_PID=$!
+  for _ in $(seq 50); do [ -s "$out" ] && break; sleep 0.1; done
+  SERVER_URL="$(head -1 "$out")"
+  [ -n "$SERVER_URL" ] || die "the test server did not start (port ${FLEXQUANT_TEST_PORT:-47311} in use? set FLEXQUANT_TEST_PORT)"
+}
+
+# A temporary project with the packed tarball npm-installed and the test pages (npm import
+# test, benchmark) beside it: target/web-test/npm-project.
+test_browser_project() {
+  setup_web
+  build_tiny_ensemble
+  setup_e2e
+  build_package
+  local proj="$ROOT/target/web-test/npm-project" version
+  version="$(awk -F'"' '/^version = / { print $2; exit }' Cargo.toml)"
+  rm -rf "$proj" && mkdir -p "$proj"
+  cp tests/web/npm-page.html "$proj/index.html"
+  cp tests/web/bench-page.html "$proj/bench.html"
+  (cd "$proj" && echo '{"name":"flexquant-npm-test","private":true,"type":"module"}' > package.json &&
+    npm install --no-audit --no-fund --loglevel=error "$ROOT/target/pkg/flexquant-$version.tgz")
+}
+
+# The wasm browser tests (tests/web.rs in headless Chromium) and the npm import test (the packed
+# tarball installed into a temporary project, imported by a page, one generation, in the main
+# thread and in a worker). Never skipped: a missing browser or GPU adapter fails.
+test_browser() {
+  test_browser_project
+  local proj="$ROOT/target/web-test/npm-project" rc=0
+  start_test_server --mount npm="$proj"
+  log "wasm browser tests (tests/web.rs, headless Chromium, server $SERVER_URL)"
+  FLEXQUANT_TEST_SERVER="$SERVER_URL" CARGO_TARGET_DIR="$WEB_TARGET" \
+  CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+  CHROMEDRIVER=/usr/bin/chromedriver WASM_BINDGEN_TEST_TIMEOUT=600 \
+    cargo test --release --target wasm32-unknown-unknown --test web || rc=$?
+  if [ $rc = 0 ]; then
+    log "npm import test (tarball installed into $proj, Playwright)"
+    node tests/e2e/npm_import.mjs "$SERVER_URL" || rc=$?
+  fi
+  kill "$SERVER_PID" 2>/dev/null || true
+  [ $rc = 0 ] || die "browser tests failed"
+}
+
+# target/bench/browser.json: tests/e2e/bench_browser.mjs in headless Chromium, on the demo
+# ensemble when it is built (and the tiny one always).
+bench_browser() {
+  test_browser_project
+  local demo=() args=(tiny=/tiny/manifest.json)
+  if [ -f "$ENSEMBLE/manifest.json" ]; then
+    demo=(--mount demo="$ENSEMBLE")
+    args=(demo=/demo/manifest.json "${args[@]}")
+  fi
+  start_test_server --mount npm="$ROOT/target/web-test/npm-project" "${demo[@]}"
+  mkdir -p target/bench
+  local rc=0
+  node tests/e2e/bench_browser.mjs "$SERVER_URL" target/bench/browser.json "${args[@]}" || rc=$?
+  kill "$SERVER_PID" 2>/dev/null || true
+  [ $rc = 0 ] || die "browser benchmark failed"
+}
+
+# ---- chat page (issue #7): static site, demo server, end-to-end tests ----------------------
+
+# Which ensemble `site` packs: FLEXQUANT_SITE_ENSEMBLE=demo (default, the fast-preset 4 -> 2
+# ensemble), tiny (the tiny random test ensemble), or a path to any ensemble directory.
+site_ensemble_dir() {
+  case "${FLEXQUANT_SITE_ENSEMBLE:-demo}" in
+    demo) build_demo_ensemble >&2; echo "$ENSEMBLE" ;;
+    tiny)
+      declare -F build_tiny_ensemble >/dev/null || die "build_tiny_ensemble is missing from build.sh (runtime issue #6)"
+      build_tiny_ensemble >&2; echo "$CACHE/ensemble/tiny" ;;
+    *) [ -f "$FLEXQUANT_SITE_ENSEMBLE/manifest.json" ] || die "FLEXQUANT_SITE_ENSEMBLE=$FLEXQUANT_SITE_ENSEMBLE: no manifest.json there"
+       echo "$FLEXQUANT_SITE_ENSEMBLE" ;;
+  esac
+}
+
+# build_site DIR: a self-contained static site (any static host, any sub-path):
+#   DIR/index.html app.js style.css modules/   the page (www/)
+#   DIR/flexquant/                              the npm package (build_package)
+#   DIR/ensemble/manifest.json + its files      only the files the manifest lists
+# Written beside DIR and renamed into place; an existing DIR is replaced only if it is a site.
+build_site() {
+  local out="${1:?usage: build.sh site DIR}" ens
+  out="$(realpath -m "$out")"
+  if [ -e "$out" ] && [ ! -f "$out/.flexquant-site" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+    die "$out exists and is not a flexquant site: refusing to replace it"
+  fi
+  ens="$(site_ensemble_dir)"
+  declare -F build_package >/dev/null || die "build_package is missing from build.sh (runtime issue #6)"
+  build_package
+  [ -f "$ROOT/target/pkg/flexquant/worker.js" ] || die "target/pkg/flexquant/worker.js missing after build_package"
+  log "writing the static site to $out (ensemble $ens)"
+  rm -rf "$out.tmp" && mkdir -p "$out.tmp/ensemble"
+  cp -r "$ROOT/www/." "$out.tmp/"
+  cp -rL "$ROOT/target/pkg/flexquant" "$out.tmp/flexquant"
+  python3 - "$ens" "$out.tmp/ensemble" <<'PY'
+import json, os, shutil, sys
+src, dst = sys.argv[1], sys.argv[2]
+m = json.load(open(os.path.join(src, "manifest.json")))
+files = [m["tokenizer"]["file"], m["base"]["file"]] + [v["file"] for v in m["modules"]]
+for f in ["manifest.json"] + files:
+    os.makedirs(os.path.dirname(os.path.join(dst, f)), exist_ok=True)
+    shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+print(f"{len(files) + 1} ensemble files", file=sys.stderr)
+PY
+  echo "flexquant static site: $(date -u +%FT%TZ)" > "$out.tmp/.flexquant-site"
+  rm -rf "$out" && mv "$out.tmp" "$out"
+}
+
+serve_site() {
+  local dir="$1" port="${FLEXQUANT_PORT:-8080}"
+  log "serving the chat page: http://127.0.0.1:$port/   (Ctrl-C to stop; FLEXQUANT_PORT changes the port)"
+  exec python3 -m http.server "$port" --bind 127.0.0.1 --directory "$dir"
+}
+
+setup_e2e() {
+  [ -x /usr/bin/chromium ] || apt_install chromium
+  if [ ! -f tests/e2e/node_modules/playwright-core/package.json ] ||
+     [ tests/e2e/package-lock.json -nt tests/e2e/node_modules/.package-lock.json ]; then
+    log "npm ci in tests/e2e (playwright-core, pinned)"
+    (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+}
+
+# Playwright end-to-end tests of the page in headless Chromium (WebGPU on SwiftShader): the
+# mechanics on the tiny ensemble, and one chat with the demo ensemble when it is built.
+test_e2e() {
+  setup_e2e
+  FLEXQUANT_SITE_ENSEMBLE=tiny build_site "$ROOT/target/e2e/site-tiny"
+  local demo=""
+  # The demo ensemble only when it is built and current (rebuilding it takes minutes), or when
+  # asked for with FLEXQUANT_E2E_DEMO=1.
+  if { [ -f "$ENSEMBLE/manifest.json" ] && [ "$(cat "$ENSEMBLE/.inputs" 2>/dev/null)" = "$(ensemble_inputs)" ]; } ||
+     [ "${FLEXQUANT_E2E_DEMO:-0}" = 1 ]; then
+    FLEXQUANT_SITE_ENSEMBLE=demo build_site "$ROOT/target/e2e/site-demo"
+    demo="$ROOT/target/e2e/site-demo"
+  fi
+  log "end-to-end tests (Playwright, headless Chromium)"
+  FLEXQUANT_REQUIRE_BROWSER="${FLEXQUANT_REQUIRE_BROWSER:-1}" \
+  FLEXQUANT_E2E_SITE="$ROOT/target/e2e/site-tiny" FLEXQUANT_E2E_DEMO_SITE="$demo" \
+  FLEXQUANT_E2E_OUT="$ROOT/target/e2e" \
+    node --test --test-concurrency=1 tests/e2e/
 }
 
 case "${1:-}" in
   setup) cmd_setup ;;
   test) cmd_test ;;
   demo) cmd_demo ;;
+  chat) cmd_chat ;;
+  site) cmd_setup; build_site "${2:?usage: build.sh site DIR}" ;;
+  e2e) cmd_setup; test_e2e ;;
   bench) cmd_bench ;;
-  *) echo "usage: $0 setup|demo|test|bench" >&2; exit 2 ;;
+  package) cmd_setup; build_package ;;
+  *) echo "usage: $0 setup|demo|chat|site DIR|e2e|test|bench" >&2; exit 2 ;;
 esac

@@ -1,0 +1,288 @@
+// The chat page end to end, on the tiny ensemble (fast enough for SwiftShader on 2 cores):
+// load with progress, a streamed answer, a swap down under pressure mid-answer and back up,
+// device loss mid-answer, a reload served from the Cache API, the phone-width layout.
+// Every check reads what the page shows or what the server saw; nothing is stubbed.
+
+import { describe, it, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  missing, REQUIRE, serve, launch, until, waitReady, send, waitAnswer, setMaxTokens, step, shot,
+  shardRequests, sleep,
+} from './helpers.mjs';
+
+const SITE = process.env.FLEXQUANT_E2E_SITE;
+const times = {};
+
+describe('chat page on the tiny ensemble', { concurrency: false }, () => {
+  let server, browser, page, skip = null;
+
+  before(async () => {
+    skip = await missing(SITE);
+    if (skip && REQUIRE) throw new Error(`end-to-end tests cannot run: ${skip}`);
+    if (skip) return;
+    server = await serve(SITE);
+    browser = await launch();
+    page = await browser.context.newPage();
+  });
+
+  after(async () => {
+    if (browser) {
+      if (process.env.FLEXQUANT_E2E_VERBOSE) console.log(browser.log.join('\n'));
+      await browser.close();
+    }
+    server?.close();
+    if (Object.keys(times).length) console.log(`# page timings: ${JSON.stringify(times)}`);
+  });
+
+  it('loads the model under a sub-path with visible progress, then reports where it came from', async (t) => {
+    if (skip) return t.skip(skip);
+    const seen = [];
+    const onReq = (r) => seen.push(r.url());
+    browser.context.on('request', onReq);
+    const t0 = Date.now();
+    await page.goto(server.url, { waitUntil: 'commit' });
+    // The loader shows bytes and files while the shards stream in.
+    await until(page, 'the progress bar to show bytes and files', () => {
+      const t = document.getElementById('load-text')?.textContent || '';
+      return (/files/.test(t) && /B of /.test(t)) || window.flexquantPage?.state === 'ready';
+    });
+    await shot(page, 'loading');
+    await waitReady(page);
+    times.first_load_s = (Date.now() - t0) / 1000;
+    times.first_load_page_s = await page.evaluate(() => window.flexquantPage.metrics.loadSeconds);
+    // What the loader showed while loading: bytes, files, time left, growing to the total.
+    const lines = await page.evaluate(() => window.flexquantPage.progress);
+    const loading = lines.filter((l) => /^Loading: .* of .* \(\d+%\) · \d+ of \d+ files/.test(l));
+    assert.ok(loading.length >= 2, `progress lines: ${JSON.stringify(lines)}`);
+    assert.ok(lines.some((l) => /left/.test(l)), `no time left shown: ${JSON.stringify(lines)}`);
+    const ev = await page.evaluate(() => window.flexquantPage.progressEvents);
+    const last = ev.filter((p) => p.phase === 'download').pop();
+    assert.ok(last && last.filesDone === last.filesTotal && last.loadedBytes === last.totalBytes, JSON.stringify(last));
+    assert.equal(last.fromCache, 0);
+    const notice = await page.locator('#notice').textContent();
+    assert.match(notice, /downloaded .* cached for the next visit/, notice);
+    assert.equal(await page.evaluate(() => window.flexquantPage.metrics.loadedFromCache), false);
+    // Every file came from under the sub-path, fetched in full (python's server has no Range).
+    const shards = shardRequests(server.requests);
+    assert.ok(shards.length >= 3, `shards fetched: ${JSON.stringify(server.requests)}`);
+    assert.ok(server.requests.every((r) => r.path.startsWith('/apps/flexquant/')), JSON.stringify(server.requests));
+    assert.ok(shards.every((r) => r.status === 200), JSON.stringify(shards));
+    browser.context.off('request', onReq);
+    // The panel shows the trajectory with the current EQM (step 0 without a budget).
+    assert.equal(await step(page), 0);
+    assert.equal(await page.locator('#trajectory circle.current').getAttribute('data-step'), '0');
+    await shot(page, 'ready');
+  });
+
+  it('answers a prompt with streamed tokens', async (t) => {
+    if (skip) return t.skip(skip);
+    await setMaxTokens(page, 48);
+    // Record the answer's text as it grows, to see it arrive piece by piece.
+    await page.evaluate(() => {
+      window.__growth = [];
+      new MutationObserver(() => {
+        const m = [...document.querySelectorAll('.msg.assistant .text')].pop();
+        if (m) window.__growth.push(m.textContent.length);
+      }).observe(document.getElementById('messages'), { subtree: true, childList: true, characterData: true });
+    });
+    // The tiny model is random: it may end an answer at once; ask again until it says something.
+    let a;
+    for (let attempt = 0; attempt < 4; attempt++) {
+      await send(page, attempt ? 'Please say more.' : 'Hello! Who are you?');
+      await until(page, 'some streamed text', () => window.flexquantPage.chat.tokens >= 2 || !window.flexquantPage.busy);
+      if (attempt === 0) await shot(page, 'streaming');
+      a = await waitAnswer(page);
+      if (a.tokens >= 3) break;
+    }
+    assert.notEqual(a.finish, 'error', JSON.stringify(a));
+    assert.ok(a.tokens >= 1 && a.answer.length > 0, `answer: ${JSON.stringify(a)}`);
+    const growth = await page.evaluate(() => [...new Set(window.__growth)].filter((n) => n > 0));
+    if (a.tokens >= 3) assert.ok(growth.length >= 3, `the answer appeared at once, not streamed: ${growth}`);
+    assert.ok(a.usage && a.usage.completion_tokens >= a.tokens, JSON.stringify(a.usage));
+    const text = await page.locator('.msg.assistant').last().locator('.text').textContent();
+    assert.equal(text, a.answer);
+  });
+
+  it('swaps down within a few tokens under memory pressure, and the answer continues', async (t) => {
+    if (skip) return t.skip(skip);
+    // A fresh conversation, so long answers stay within the tiny model's 512-token context.
+    await page.locator('#new-chat').click();
+    await setMaxTokens(page, 400, 1);
+    // 8 MB: far more than the tiny model, so the JS heap visibly moves and the model goes to
+    // the end of its trajectory (the default size would move it to the middle).
+    await page.locator('#pressure-mb').fill('8');
+    let swap = null, clicked = null, answer = null;
+    for (let attempt = 0; attempt < 4 && !swap; attempt++) {
+      const nEvents = await page.evaluate(() => window.flexquantPage.events.length);
+      await send(page, 'Tell me a long story about a lighthouse keeper.');
+      await until(page, '3 tokens', () => window.flexquantPage.chat.tokens >= 3 || !window.flexquantPage.busy);
+      // Click and read the token count in one go, in the page.
+      clicked = await page.evaluate(() => {
+        const p = window.flexquantPage;
+        if (!p.busy) return null;
+        const heap = performance.memory.usedJSHeapSize;
+        document.getElementById('pressure').click();
+        return { tokens: p.chat.tokens, at: performance.now(), heap };
+      });
+      if (!clicked) { await waitAnswer(page); continue; } // ended before the click: again
+      const found = await until(page, 'a swap down', (n) => window.flexquantPage.events.slice(n).find((e) => e.type === 'swap' && e.to > e.from), nEvents, 60_000);
+      swap = await found.jsonValue();
+      await shot(page, 'pressure');
+      answer = await waitAnswer(page);
+      if (answer.tokens <= swap.tokens && answer.finish === 'stop') {
+        // The model happened to end its answer right at the swap: not a test of continuing.
+        swap = null;
+        await page.locator('#release').click();
+        await until(page, 'step 0 again', () => document.querySelector('.elastic').dataset.step === '0', null, 90_000);
+      }
+    }
+    assert.ok(swap, 'no swap down happened during an answer');
+    times.pressure_to_swap_ms = Math.round(swap.at - clicked.at);
+    times.swap_ms = Math.round(swap.ms);
+    times.pressure_to_swap_tokens = (swap.tokenIndex ?? swap.tokens) - clicked.tokens;
+    // Within a few tokens of the pressure, between tokens, during this answer.
+    assert.ok(swap.tokens - clicked.tokens <= 3, `swap ${swap.tokens - clicked.tokens} tokens after the pressure`);
+    assert.ok(swap.tokenIndex == null || swap.tokenIndex - clicked.tokens <= 3, JSON.stringify(swap));
+    // The page really holds memory: performance.memory moved.
+    const heapNow = await page.evaluate(() => performance.memory.usedJSHeapSize);
+    const held = await page.evaluate(() => window.flexquantPage.panel.pressure.bytes);
+    assert.ok(held >= 1e6 && heapNow - clicked.heap >= held * 0.8, `heap ${clicked.heap} -> ${heapNow}, held ${held}`);
+    // The answer went on after the swap and ended normally.
+    assert.ok(answer.tokens > swap.tokens, `no token after the swap: ${JSON.stringify(answer)} ${JSON.stringify(swap)}`);
+    assert.notEqual(answer.finish, 'error');
+    // The panel shows the new point; the log has the swap.
+    const s = await step(page);
+    assert.ok(s > 0, `step ${s}`);
+    assert.equal(await page.locator('#trajectory circle.current').getAttribute('data-step'), String(s));
+    assert.ok(await page.locator('#swaplog tr.down').count() >= 1);
+    const st = await page.evaluate(() => window.flexquantPage.engine.stats());
+    assert.equal(st.step, s);
+    assert.ok(st.footprintBytes < (await page.evaluate(() => window.flexquantPage.panel.points[0].footprintBytes)));
+    await shot(page, 'pressure-after');
+  });
+
+  it('climbs back up when the pressure is released', async (t) => {
+    if (skip) return t.skip(skip);
+    const before = await step(page);
+    assert.ok(before > 0);
+    const t0 = Date.now();
+    await page.locator('#release').click();
+    await until(page, 'the model back at step 0', () => document.querySelector('.elastic').dataset.step === '0', null, 90_000);
+    times.release_to_top_s = (Date.now() - t0) / 1000;
+    assert.ok(await page.locator('#swaplog tr.up').count() >= 1, 'no swap up in the log');
+    const st = await page.evaluate(() => window.flexquantPage.engine.stats());
+    assert.equal(st.step, 0);
+    assert.ok(st.swapsUp >= 1);
+    await shot(page, 'released');
+  });
+
+  it('recovers from a device loss mid-answer with the conversation intact', async (t) => {
+    if (skip) return t.skip(skip);
+    await page.locator('#new-chat').click();
+    // Short answers: the whole conversation must fit the tiny model's 512-token context (its
+    // random bytes can come back as 3-byte replacement characters).
+    await setMaxTokens(page, 60, 1);
+    await send(page, 'Describe the sea at night.');
+    const first = await waitAnswer(page);
+    assert.notEqual(first.finish, 'error', JSON.stringify(first));
+    const nEvents = await page.evaluate(() => window.flexquantPage.events.length);
+    let busy = false;
+    for (let attempt = 0; attempt < 3 && !busy; attempt++) {
+      await send(page, 'And in the morning?');
+      await until(page, '3 tokens', () => window.flexquantPage.chat.tokens >= 3 || !window.flexquantPage.busy);
+      busy = await page.evaluate(() => { const b = window.flexquantPage.busy; if (b) document.getElementById('device-loss').click(); return b; });
+      if (!busy) await waitAnswer(page);
+    }
+    assert.ok(busy, 'every answer ended before the device loss could be triggered');
+    const ev = await (await until(page, 'recovery', (n) => window.flexquantPage.events.slice(n).find((e) => e.type === 'recovered'), nEvents, 120_000)).jsonValue();
+    times.device_loss_recovery_ms = Math.round(ev.ms);
+    const types = await page.evaluate((n) => window.flexquantPage.events.slice(n).map((e) => e.type), nEvents);
+    assert.ok(types.includes('device-lost'), types.join());
+    assert.ok(ev.reprefilledTokens > 0, JSON.stringify(ev));
+    await shot(page, 'device-loss');
+    const a = await waitAnswer(page);
+    assert.notEqual(a.finish, 'error', `the answer broke on the device loss: ${JSON.stringify(a)}`);
+    assert.ok(a.tokens >= 3, JSON.stringify(a));
+    // Everything said before is still on the page, and the model still has it: the next
+    // prompt is the whole conversation (more tokens than the first exchange alone).
+    const users = await page.locator('.msg.user .text').allTextContents();
+    assert.deepEqual(users, ['Describe the sea at night.', ...Array(users.length - 1).fill('And in the morning?')]);
+    await setMaxTokens(page, 24, 1);
+    await send(page, 'Thank you.');
+    const b = await waitAnswer(page);
+    assert.notEqual(b.finish, 'error', JSON.stringify(b));
+    // (Byte-level tokens: every character of the later user messages is at least one token.
+    // The random model's answers may hold invalid UTF-8 that does not survive as text, so
+    // they are not counted.)
+    const later = users.slice(1).join('').length + 'Thank you.'.length;
+    assert.ok(b.usage && b.usage.prompt_tokens >= first.usage.prompt_tokens + later, `prompt ${b.usage && b.usage.prompt_tokens} tokens after a first prompt of ${first.usage.prompt_tokens}: the conversation was lost`);
+    assert.equal(await page.evaluate(() => window.flexquantPage.chat.skipped || 0), 0);
+    await shot(page, 'after-recovery');
+  });
+
+  it('stops an answer with the Stop button, and Escape', async (t) => {
+    if (skip) return t.skip(skip);
+    await page.locator('#new-chat').click();
+    await setMaxTokens(page, 400, 1);
+    for (const how of ['button', 'escape']) {
+      let stopped = null;
+      for (let attempt = 0; attempt < 4 && !stopped; attempt++) {
+        await send(page, 'Count to a thousand.');
+        await until(page, '3 tokens', () => window.flexquantPage.chat.tokens >= 3 || !window.flexquantPage.busy);
+        if (await page.evaluate(() => window.flexquantPage.busy)) {
+          if (how === 'button') await page.locator('#stop').click(); else await page.keyboard.press('Escape');
+          stopped = await waitAnswer(page);
+        } else {
+          await waitAnswer(page);
+        }
+        await page.locator('#new-chat').click();
+      }
+      assert.ok(stopped, 'every answer ended before Stop');
+      assert.equal(stopped.finish, 'abort', JSON.stringify(stopped));
+      assert.ok(stopped.tokens < 400);
+    }
+  });
+
+  it('is usable at phone width', async (t) => {
+    if (skip) return t.skip(skip);
+    await page.setViewportSize({ width: 390, height: 844 });
+    await sleep(300);
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+    assert.ok(overflow <= 0, `horizontal overflow of ${overflow}px at 390px`);
+    await shot(page, 'phone', { fullPage: true });
+    // Keyboard: Tab from the message box reaches Send; the slider and buttons are labelled.
+    for (const id of ['prompt', 'budget', 'pressure-mb', 'temperature', 'top-p', 'max-tokens', 'system']) {
+      const label = await page.evaluate((i) => document.querySelector(`label[for="${i}"]`)?.textContent, id);
+      assert.ok(label && label.trim(), `#${id} has no label`);
+    }
+    await page.setViewportSize({ width: 1280, height: 900 });
+  });
+
+  it('loads from the Cache API on reload, fetching no shard over the network', async (t) => {
+    if (skip) return t.skip(skip);
+    const mark = server.requests.length;
+    const seen = [];
+    const onReq = (r) => seen.push(r.url());
+    browser.context.on('request', onReq);
+    const t0 = Date.now();
+    await page.reload({ waitUntil: 'commit' });
+    await waitReady(page);
+    times.warm_load_s = (Date.now() - t0) / 1000;
+    times.warm_load_page_s = await page.evaluate(() => window.flexquantPage.metrics.loadSeconds);
+    browser.context.off('request', onReq);
+    const fetched = shardRequests(server.requests.slice(mark));
+    assert.deepEqual(fetched, [], `shards fetched again: ${JSON.stringify(fetched)}`);
+    const seenShards = seen.filter((u) => u.includes('/ensemble/') && !u.endsWith('/manifest.json'));
+    assert.deepEqual(seenShards, [], `browser requested shards: ${seenShards}`);
+    assert.equal(await page.evaluate(() => window.flexquantPage.metrics.loadedFromCache), true);
+    const ev = await page.evaluate(() => window.flexquantPage.progressEvents.filter((p) => p.phase === 'download'));
+    assert.ok(ev.length && ev.every((p) => p.fromCache >= p.loadedBytes), JSON.stringify(ev));
+    assert.ok((await page.evaluate(() => window.flexquantPage.progress)).length > 0);
+    assert.match(await page.locator('#notice').textContent(), /loaded from the browser cache/);
+    await shot(page, 'reload-cached');
+    await setMaxTokens(page, 16);
+    await send(page, 'Hello again.');
+    const a = await waitAnswer(page);
+    assert.notEqual(a.finish, 'error');
+  });
+});

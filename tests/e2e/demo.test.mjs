@@ -1,0 +1,58 @@
+// One chat with the real demo ensemble (SmolLM2-135M, 4 -> 2 bits) when it has been built:
+// the page loads ~100 MB with progress and answers in English.
+
+import { it } from 'node:test';
+import assert from 'node:assert/strict';
+import { requireOrSkip, serve, launch, until, waitReady, send, waitAnswer, setMaxTokens, shot } from './helpers.mjs';
+
+const SITE = process.env.FLEXQUANT_E2E_DEMO_SITE;
+
+it('the demo ensemble loads and answers a question', { timeout: 900_000 }, async (t) => {
+  if (!SITE) return t.skip('demo ensemble not built (./build.sh demo builds it; FLEXQUANT_E2E_DEMO=1 forces it)');
+  if (await requireOrSkip(t, SITE)) return;
+  const server = await serve(SITE, { subPath: 'demo' });
+  const browser = await launch();
+  try {
+    const page = await browser.context.newPage();
+    const t0 = Date.now();
+    await page.goto(server.url);
+    await waitReady(page, 600_000);
+    const loadS = (Date.now() - t0) / 1000;
+    await setMaxTokens(page, 24, 0);
+    await send(page, 'What is the capital of France?');
+    const a = await waitAnswer(page, 600_000);
+    console.log(`# demo: load ${loadS.toFixed(1)} s, answer ${JSON.stringify(a.answer)} (${a.tokens} pieces, ${a.seconds.toFixed(1)} s)`);
+    assert.notEqual(a.finish, 'error', JSON.stringify(a));
+    assert.match(a.answer, /[A-Za-z]{2,}/, `no English in ${JSON.stringify(a.answer)}`);
+    await shot(page, 'demo');
+    // Pressure on the real model: it moves part-way down its 368-step trajectory (the default
+    // pressure is half the span), and still answers in English there.
+    const n = await page.evaluate(() => window.flexquantPage.events.length);
+    const t1 = Date.now();
+    await page.locator('#pressure').click();
+    await until(page, 'a swap down', (k) => window.flexquantPage.events.slice(k).some((e) => e.type === 'swap' && e.to > e.from), n, 300_000);
+    const swapS = (Date.now() - t1) / 1000;
+    const st = await page.evaluate(() => window.flexquantPage.engine.stats());
+    assert.ok(st.step > 0 && st.step < st.steps - 1, `step ${st.step} of ${st.steps}`);
+    await setMaxTokens(page, 8, 0);
+    await send(page, 'And of Italy?');
+    const b = await waitAnswer(page, 600_000);
+    console.log(`# demo: pressure -> step ${st.step} (${(st.footprintBytes / 1e6).toFixed(1)} MB) in ${swapS.toFixed(1)} s; answer there ${JSON.stringify(b.answer)}`);
+    assert.notEqual(b.finish, 'error', JSON.stringify(b));
+    assert.match(b.answer, /[A-Za-z]{2,}/);
+    await shot(page, 'demo-pressure');
+    // Warm load: everything from the Cache API.
+    const mark = server.requests.length;
+    const t2 = Date.now();
+    await page.reload();
+    await waitReady(page, 600_000);
+    const warmS = (Date.now() - t2) / 1000;
+    const shards = server.requests.slice(mark).filter((r) => r.path.includes('/ensemble/') && !r.path.endsWith('/manifest.json'));
+    console.log(`# demo: warm load ${warmS.toFixed(1)} s, ${shards.length} shards fetched`);
+    assert.equal(shards.length, 0, JSON.stringify(shards.slice(0, 5)));
+    assert.equal(await page.evaluate(() => window.flexquantPage.metrics.loadedFromCache), true);
+  } finally {
+    await browser.close();
+    server.close();
+  }
+});

@@ -1,0 +1,101 @@
+// What the user sees when things go wrong: a damaged shard on the server (clear message, the
+// chat keeps working at its step) and a browser without WebGPU (a clear message, no crash).
+
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync, writeFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { requireOrSkip, serve, launch, until, waitReady, send, waitAnswer, setMaxTokens, step, shot } from './helpers.mjs';
+
+const SITE = process.env.FLEXQUANT_E2E_SITE;
+
+describe('failures the page explains', { concurrency: false }, () => {
+  it('a corrupt shard on the server: a clear message, the chat keeps working at its step', async (t) => {
+    if (await requireOrSkip(t, SITE)) return;
+    const server = await serve(SITE, { subPath: 'corrupt/site', copy: true });
+    const browser = await launch();
+    try {
+      // Damage the module version only the last trajectory step uses (same size, other bytes),
+      // as a broken upload would: loading at step 0 does not need it, shrinking to the end does.
+      const manifest = JSON.parse(readFileSync(join(server.dir, 'ensemble', 'manifest.json'), 'utf8'));
+      const last = manifest.trajectory[manifest.trajectory.length - 1].swap;
+      const v = manifest.modules.find((m) => m.layer === last.layer && m.kind === last.kind && m.bits === last.to_bits);
+      const path = join(server.dir, 'ensemble', v.file);
+      const bytes = readFileSync(path);
+      for (let i = 0; i < bytes.length; i += 7) bytes[i] ^= 0x5a;
+      rmSync(path);
+      writeFileSync(path, bytes);
+      const lastStep = manifest.trajectory.length - 1;
+
+      const page = await browser.context.newPage();
+      await page.goto(server.url);
+      await waitReady(page);
+      await setMaxTokens(page, 12);
+      // Pressure: the model must shrink to the end of the trajectory, which needs the bad file.
+      await page.locator('#pressure-mb').fill('8');
+      await page.locator('#pressure').click();
+      await until(page, 'an error naming the damaged file', (f) => {
+        const n = document.getElementById('notice');
+        return n && !n.hidden && n.dataset.kind === 'error' && n.textContent.includes(f);
+      }, v.file, 90_000);
+      const notice = await page.locator('#notice').textContent();
+      assert.match(notice, /damaged/, notice);
+      assert.match(notice, /keeps running at step \d+/, notice);
+      const errs = await page.evaluate(() => window.flexquantPage.errors);
+      assert.ok(errs.some((e) => e.code === 'hash-mismatch' || e.code === 'truncated'), JSON.stringify(errs));
+      // The model did not take the damaged version, and still answers.
+      const s = await step(page);
+      assert.notEqual(s, lastStep, 'the model runs the step whose shard is damaged');
+      const st = await page.evaluate(() => window.flexquantPage.engine.stats());
+      assert.equal(st.step, s);
+      await send(page, 'Are you still there?');
+      const a = await waitAnswer(page);
+      assert.notEqual(a.finish, 'error', JSON.stringify(a));
+      assert.ok(a.tokens >= 1);
+      await shot(page, 'corrupt-shard');
+    } finally {
+      await browser.close();
+      server.close();
+    }
+  });
+
+  it('a wrong ?model= address: a clear message', async (t) => {
+    if (await requireOrSkip(t, SITE)) return;
+    const server = await serve(SITE);
+    const browser = await launch({ viewport: { width: 800, height: 600 } });
+    try {
+      const page = await browser.context.newPage();
+      await page.goto(server.url + '?model=./nowhere/manifest.json');
+      await until(page, 'the error message', () => !document.getElementById('fatal').hidden);
+      const text = await page.locator('#fatal').textContent();
+      assert.match(text, /Model not found/);
+      assert.match(text, /nowhere\/manifest\.json/);
+      assert.ok(server.requests.some((r) => r.path === '/apps/flexquant/nowhere/manifest.json' && r.status === 404));
+      await shot(page, 'model-not-found');
+    } finally {
+      await browser.close();
+      server.close();
+    }
+  });
+
+  it('without WebGPU: a clear message instead of a broken page', async (t) => {
+    if (await requireOrSkip(t, SITE)) return;
+    const server = await serve(SITE);
+    const browser = await launch({ viewport: { width: 800, height: 600 } });
+    try {
+      const page = await browser.context.newPage();
+      await page.addInitScript(() => { delete Navigator.prototype.gpu; });
+      await page.goto(server.url);
+      await until(page, 'the WebGPU message', () => !document.getElementById('fatal').hidden);
+      const text = await page.locator('#fatal').textContent();
+      assert.match(text, /WebGPU is not available in this browser/);
+      assert.equal(await page.locator('#prompt').isDisabled(), true);
+      // Nothing of the model was downloaded for nothing.
+      assert.equal(server.requests.filter((r) => r.path.includes('/ensemble/')).length, 0);
+      await shot(page, 'no-webgpu');
+    } finally {
+      await browser.close();
+      server.close();
+    }
+  });
+});

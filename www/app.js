@@ -1,0 +1,134 @@
+// The chat page: checks WebGPU, loads the ensemble in a worker with visible progress, then
+// wires the conversation and the elasticity panel to the engine's events.
+
+import { $, el, errorText, formatBytes } from './modules/format.js';
+import { checkWebGPU } from './modules/webgpu-check.js';
+import { manifestUrl, createEngine } from './modules/engine-client.js';
+import { LoaderView } from './modules/loader.js';
+import { Chat } from './modules/chat.js';
+import { Settings } from './modules/settings.js';
+import { ElasticPanel } from './modules/elastic-panel.js';
+
+// What the page saw, for people debugging and for the end-to-end tests.
+const page = (window.flexquantPage = { state: 'starting', events: [], metrics: {}, errors: [] });
+
+function fatal(title, detail) {
+  page.state = 'failed';
+  page.fatal = `${title}: ${detail}`;
+  const box = $('fatal');
+  box.replaceChildren(el('h2', { text: title }), el('p', { text: detail }));
+  box.hidden = false;
+  box.tabIndex = -1;
+  box.focus();
+  $('loader').hidden = true;
+  document.querySelector('main.layout').hidden = true; // nothing there can work now
+  document.body.dataset.state = 'failed';
+}
+
+let noticeKey = null;
+let noticeCount = 0;
+function notice(text, kind = 'info') {
+  const box = $('notice');
+  // The same error again (a swap retried) counts up instead of stacking.
+  if (kind === 'error' && text === noticeKey) noticeCount++; else { noticeKey = text; noticeCount = 1; }
+  box.textContent = noticeCount > 1 ? `${text} (×${noticeCount})` : text;
+  box.className = `notice ${kind}`;
+  box.dataset.kind = kind;
+  box.hidden = false;
+}
+
+function errorMessage(err) {
+  const e = err || {};
+  const what = e.file || e.url;
+  switch (e.code) {
+    case 'hash-mismatch':
+      return `A model file from the server is damaged: ${e.file || what || 'a shard'} does not match its checksum in the manifest. It was not used or cached.`;
+    case 'truncated':
+      return `A model file from the server is incomplete: ${e.file || what || 'a shard'} (${e.message}). It was not used or cached.`;
+    case 'network':
+    case 'http':
+      return `Could not download a model file${what ? ` (${what})` : ''}: ${e.message}.`;
+    case 'quota-exceeded':
+      return `The browser cache is full, so the model is not cached for the next visit: ${e.message}.`;
+    case 'out-of-memory':
+      return `The GPU ran out of memory: ${e.message}.`;
+    default:
+      return errorText(e);
+  }
+}
+
+async function main() {
+  const url = manifestUrl();
+  $('model-url').textContent = url;
+  const gpu = await checkWebGPU();
+  if (!gpu.ok) return fatal(gpu.title, gpu.detail);
+  page.adapter = gpu.adapter;
+
+  const settings = new Settings();
+  const loader = new LoaderView();
+  page.progress = loader.seen;
+  page.progressEvents = [];
+  loader.show();
+  let panel = null;
+  let chat = null;
+  const t0 = performance.now();
+
+  const onEvent = (e) => {
+    if (e.type === 'progress') return;
+    const rec = { ...e, at: performance.now(), tokens: chat ? chat.tokens : 0, busy: chat ? chat.busy : false };
+    panel?.onEvent(e);
+    rec.pageLatencyMs = e.pageLatencyMs;
+    page.events.push(rec);
+    if (e.type === 'swap') {
+      if (chat && chat.busy) chat.swapsDuring++;
+      const down = e.to > e.from;
+      const m = e.modules && e.modules.length > 1 ? `${e.modules.length} modules` : `${e.module} → ${e.bits} bit`;
+      chat?.event(`${down ? 'Shrank' : 'Grew'} to step ${e.to} (${m}, ${formatBytes(e.footprintBytes)}) in ${Math.round(e.ms)} ms`, down ? 'swap-down' : 'swap-up');
+    } else if (e.type === 'device-lost') {
+      notice(`The GPU device was lost (${e.message || 'no reason given'}); recovering from the cache…`, 'error');
+      chat?.event('GPU device lost: recovering…', 'device-lost');
+    } else if (e.type === 'recovered') {
+      notice(`Recovered from the device loss in ${Math.round(e.ms)} ms at step ${e.to}; the conversation is intact (${e.reprefilledTokens ?? 0} tokens re-read).`);
+      chat?.event(`Recovered at step ${e.to} in ${Math.round(e.ms)} ms`, 'recovered');
+      page.metrics.recoveryMs = e.ms;
+    } else if (e.type === 'error') {
+      page.errors.push(e.error);
+      const step = panel && panel.stats ? ` The model keeps running at step ${panel.stats.step}.` : '';
+      notice(errorMessage(e.error) + step, 'error');
+    }
+  };
+
+  // The manifest is small: read it here too, for the totals the progress bar runs to.
+  fetch(url).then((r) => (r.ok ? r.json() : null)).then((m) => m && loader.expect(m)).catch(() => {});
+
+  let engine;
+  try {
+    engine = await createEngine(url, { onProgress: (p) => { page.progressEvents.push(p); loader.update(p); }, onEvent });
+  } catch (e) {
+    if (e && e.code === 'webgpu-unavailable') return fatal('WebGPU cannot run this model here', e.message);
+    if (e && e.code === 'manifest-not-found') return fatal('Model not found', `${e.message}. Check the ?model= address.`);
+    return fatal('The model could not be loaded', errorMessage(e));
+  }
+  page.engine = engine;
+  const [stats, trajectory] = await Promise.all([engine.stats(), engine.trajectory()]);
+  const summary = loader.done(stats);
+  page.metrics.loadSeconds = (performance.now() - t0) / 1000;
+  page.metrics.loadedFromCache = stats.loadedFromCache;
+  notice(summary.text, 'ok');
+  $('model-line').textContent = `${stats.modelName} · ${stats.steps} EQMs from ${formatBytes(trajectory[0].footprintBytes)} to ${formatBytes(trajectory[trajectory.length - 1].footprintBytes)} · WebGPU on ${gpu.adapter.name}${gpu.adapter.fallback ? ' (software fallback: slow)' : ''}`;
+
+  chat = new Chat(engine, settings, {
+    onBusy: (b) => { page.busy = b; },
+    onAnswer: (a) => { page.lastAnswer = a; page.answers = (page.answers || 0) + 1; },
+  });
+  panel = new ElasticPanel(engine, { onError: (e) => notice(errorMessage(e), 'error') });
+  page.panel = panel;
+  page.chat = chat;
+  await panel.init(trajectory, stats);
+  chat.enable();
+  page.state = 'ready';
+  document.body.dataset.state = 'ready';
+  addEventListener('pagehide', () => { panel.stop(); engine.unload().catch(() => {}); });
+}
+
+main().catch((e) => fatal('The page failed', errorText(e)));

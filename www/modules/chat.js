@@ -1,0 +1,200 @@
+// The conversation: messages as the engine sees them (the whole list each turn, OpenAI style),
+// their rendering, and the streamed answer with a stop button.
+
+import { $, el, errorText, formatSeconds } from './format.js';
+
+export class Chat {
+  /**
+   * `engine`: the worker engine; `settings`: Settings; `hooks.onToken(n)`: called per streamed
+   * piece with the number of pieces so far in this answer; `hooks.onBusy(bool)`.
+   */
+  constructor(engine, settings, hooks = {}) {
+    this.engine = engine;
+    this.settings = settings;
+    this.hooks = hooks;
+    this.list = $('messages');
+    this.live = $('live');
+    this.prompt = $('prompt');
+    this.send = $('send');
+    this.stop = $('stop');
+    this.newChat = $('new-chat');
+    this.messages = [];
+    this.busy = false;
+    this.system = null;
+    this.tokens = 0;
+    $('composer').addEventListener('submit', (e) => { e.preventDefault(); this.submit(); });
+    this.prompt.addEventListener('keydown', (e) => {
+      if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) { e.preventDefault(); this.submit(); }
+    });
+    this.prompt.addEventListener('input', () => this.updateButtons());
+    this.stop.addEventListener('click', () => this.interrupt());
+    document.addEventListener('keydown', (e) => { if (e.key === 'Escape' && this.busy) this.interrupt(); });
+    this.newChat.addEventListener('click', () => this.reset());
+    this.renderEmpty();
+  }
+
+  enable() {
+    this.prompt.disabled = false;
+    this.updateButtons();
+    this.prompt.focus();
+  }
+
+  updateButtons() {
+    this.send.disabled = this.busy || !this.prompt.value.trim() || this.prompt.disabled;
+    this.stop.disabled = !this.busy;
+    this.newChat.disabled = this.busy || this.prompt.disabled;
+  }
+
+  renderEmpty() {
+    if (!this.list.children.length) this.list.append(el('li', { class: 'empty', text: 'Say hello to start a conversation.' }));
+  }
+
+  addBubble(role, text) {
+    this.list.querySelector('.empty')?.remove();
+    const who = { user: 'You', assistant: 'Assistant', system: 'System' }[role] || role;
+    const body = el('span', { class: 'text', text });
+    const li = el('li', { class: `msg ${role}`, 'data-role': role }, el('span', { class: 'who', text: who }), body);
+    this.list.append(li);
+    this.scroll();
+    return li;
+  }
+
+  /** A line in the conversation that is not a message (a swap, a device loss, an error). */
+  event(text, cls = '') {
+    this.list.querySelector('.empty')?.remove();
+    this.list.append(el('li', { class: `msg event ${cls}`, role: 'note', text }));
+    this.scroll();
+  }
+
+  scroll() {
+    const l = this.list;
+    if (l.scrollHeight - l.scrollTop - l.clientHeight < 120) l.scrollTop = l.scrollHeight;
+  }
+
+  async submit() {
+    const text = this.prompt.value.trim();
+    if (!text || this.busy || this.prompt.disabled) return;
+    const s = this.settings.values();
+    const system = s.system || null;
+    if (system !== this.system && this.messages.length) {
+      await this.reset();
+      this.event('The system prompt changed: a new chat started.');
+    }
+    this.system = system;
+    this.prompt.value = '';
+    this.messages.push({ role: 'user', content: text });
+    this.addBubble('user', text);
+    await this.generate(s);
+  }
+
+  async generate(s) {
+    this.busy = true;
+    this.tokens = 0;
+    this.swapsDuring = 0;
+    this.hooks.onBusy?.(true);
+    this.updateButtons();
+    const li = this.addBubble('assistant', '');
+    li.classList.add('streaming');
+    li.setAttribute('aria-busy', 'true');
+    const body = li.querySelector('.text');
+    let answer = '';
+    let pending = '';
+    let finish = null;
+    let usage = null;
+    let error = null;
+    const t0 = performance.now();
+    const flushLive = (all) => {
+      // Announce whole sentences, not every token.
+      const cut = all ? pending.length : Math.max(pending.lastIndexOf('. '), pending.lastIndexOf('\n'), pending.lastIndexOf('? '), pending.lastIndexOf('! ')) + 1;
+      if (cut > 0) { this.live.append(document.createTextNode(pending.slice(0, cut))); pending = pending.slice(cut); }
+    };
+    // The whole conversation goes to the engine each turn (it reuses the KV cache of the common
+    // prefix). When it no longer fits the model's context, the oldest exchanges are left out
+    // of what the model sees (the page keeps showing them) and the user is told.
+    let skip = 0;
+    try {
+      for (;;) {
+        const history = this.messages.slice(skip);
+        const messages = this.system ? [{ role: 'system', content: this.system }, ...history] : history;
+        try {
+          const stream = await this.engine.chat.completions.create({
+            messages, stream: true, temperature: s.temperature, top_p: s.top_p, max_tokens: s.max_tokens,
+          });
+          this.live.textContent = '';
+          for await (const chunk of stream) {
+            const c = chunk.choices && chunk.choices[0];
+            if (!c) continue;
+            const piece = c.delta && c.delta.content;
+            if (typeof piece === 'string') {
+              // One chunk per token; a piece may be '' while a UTF-8 character is incomplete.
+              this.tokens++;
+              this.hooks.onToken?.(this.tokens);
+            }
+            if (piece) {
+              answer += piece;
+              pending += piece;
+              body.textContent = answer;
+              flushLive(false);
+              this.scroll();
+            }
+            if (c.finish_reason) { finish = c.finish_reason; usage = chunk.usage || null; }
+          }
+          break;
+        } catch (e) {
+          const tooLong = e && e.code === 'input' && /prompt has \d+ tokens/.test(e.message || '');
+          if (!tooLong || this.tokens > 0 || this.messages.length - skip <= 1) throw e;
+          skip += 2; // one user message and its answer
+        }
+      }
+      if (skip > 0) {
+        this.skipped = skip;
+        li.append(el('span', { class: 'meta', text: `The conversation is longer than the model's context: it did not see the oldest ${skip / 2} exchange${skip === 2 ? '' : 's'}.` }));
+      }
+    } catch (e) {
+      error = e;
+      li.classList.add('error');
+      li.append(el('span', { class: 'meta', role: 'alert', text: `The answer stopped: ${errorText(e)}` }));
+      finish = 'error';
+    } finally {
+      flushLive(true);
+      li.classList.remove('streaming');
+      li.removeAttribute('aria-busy');
+      li.dataset.finish = finish || 'unknown';
+      // Whatever was generated stays in the conversation, so the next turn continues it.
+      this.messages.push({ role: 'assistant', content: answer });
+      const secs = (performance.now() - t0) / 1000;
+      const meta = [];
+      if (usage) {
+        meta.push(`${usage.completion_tokens} tokens in ${formatSeconds(secs)}`);
+        const x = usage.extra || {};
+        if (x.decode_tokens_per_s) meta.push(`${x.decode_tokens_per_s.toFixed(1)} tok/s`);
+        if (x.step != null) meta.push(`ended at step ${x.step}`);
+      }
+      if (this.swapsDuring) meta.push(`${this.swapsDuring} swap${this.swapsDuring === 1 ? '' : 's'} during the answer`);
+      if (finish === 'abort') meta.push('stopped');
+      if (finish === 'length') meta.push('max tokens reached');
+      if (meta.length) li.append(el('span', { class: 'meta', text: meta.join(' · ') }));
+      if (!answer && finish !== 'error') body.textContent = '(no text)';
+      this.busy = false;
+      this.hooks.onBusy?.(false);
+      const refocus = document.activeElement === this.stop;
+      this.updateButtons();
+      if (refocus) this.prompt.focus(); // the Stop button just got disabled under the focus
+      this.hooks.onAnswer?.({ answer, finish, usage, seconds: secs, tokens: this.tokens, error: error && { code: error.code, message: errorText(error) } });
+    }
+  }
+
+  interrupt() {
+    if (this.busy) this.engine.interruptGenerate();
+  }
+
+  async reset() {
+    if (this.busy) return;
+    await this.engine.resetChat();
+    this.messages = [];
+    this.list.replaceChildren();
+    this.live.textContent = '';
+    this.renderEmpty();
+    this.prompt.focus();
+  }
+}
