@@ -232,6 +232,7 @@ build_tiny_ensemble() {
   fi
   log "building the tiny test ensemble into $dir"
   rm -rf "$dir" "$CACHE/ensemble/tiny-model"
+  mkdir -p "$CACHE/ensemble"
   local log="$CACHE/ensemble/tiny-build.log"
   { "$BIN" tiny-model --out "$CACHE/ensemble/tiny-model" &&
     "$BIN" build --model "$CACHE/ensemble/tiny-model" --calib "$CACHE/text/austen-calib.txt" \
