@@ -87,13 +87,17 @@ where
     if x0 > x1 || y0.is_nan() || y0 <= 0.0 {
         return Err("nothing to plot (or a non-positive perplexity)".into());
     }
+    // More room on the right: the marks' labels are written to the right of their points.
     let pad = (x1 - x0).max(1.0) * 0.05;
     let mut c = ChartBuilder::on(&root)
         .caption(&chart.title, (FONT, 24))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(90)
-        .build_cartesian_2d((x0 - pad)..(x1 + pad), ((y0 * 0.9)..(y1 * 1.1)).log_scale())
+        .build_cartesian_2d(
+            (x0 - pad)..(x1 + 3.0 * pad),
+            ((y0 * 0.9)..(y1 * 1.1)).log_scale(),
+        )
         .map_err(err)?;
     c.configure_mesh()
         .x_desc(&chart.x_label)
