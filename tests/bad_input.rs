@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! Bad input never panics and always names what and where: fuzzed GGUF headers, corrupt
 //! safetensors, malformed configs, and bad CLI arguments.
 

@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! The demo model (SmolLM2-135M) on the GPU against the CPU path on held-out text: logits of
 //! uniform and mixed EQMs, forced decoding, perplexity, and module swaps.
 

@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! Per-kernel parity with a CPU reference on random shapes (llama.cpp's test-backend-ops
 //! style): every WGSL kernel, every bit-width, sizes that are not multiples of the workgroup
 //! size or of 32 columns.

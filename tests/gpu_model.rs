@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! The whole model on the GPU against the CPU reference forward of the same weights
 //! (`gpu::weights::reference_weights`: dequantized modules, 8-bit embedding and head).
 

@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! The step-wise GPU session (`Session::start` / `next`) that the browser runtime drives one
 //! token per call: it matches the callback form, survives a module swap between tokens, and
 //! after `replace_model` (a device-loss rebuild) continues exactly as if nothing happened.

@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! The manifest reader rejects every kind of bad manifest with a clear error.
 
 use flexquant::ensemble::base::base_bytes;

@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! The demo model end to end: tokenizer round trip on the whole held-out novel, a chat answer,
 //! and the CLI's JSON outputs.
 

@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! The CPU forward on the tiny random model: checked against a naive independent forward
 //! written here with plain loops, and for KV-cache consistency.
 

@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! The packed format, RTN and GPTQ on synthetic matrices, the staged calibration layer, and the
 //! module library + EQM round trip on the tiny model. All fast; the real-model checks are in
 //! tests/quant_real.rs.

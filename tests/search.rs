@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! The tree search and pruning on a synthetic model whose damage is known exactly.
 
 use flexquant::build::prune::{intermediate_versions, prune, usage};
