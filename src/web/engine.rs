@@ -417,7 +417,7 @@ impl Inner {
             "adapter": s.adapter, "loadedFromCache": s.loaded_from_cache,
             "networkBytes": self.loader.net_bytes.get(), "cacheBytes": self.loader.cache_bytes.get(),
             "prefetching": self.prefetching.get(),
-            "contextTokens": s.context_tokens, "bits": s.bits,
+            "contextTokens": s.context_tokens, "contextLength": self.opts.context, "bits": s.bits,
             "lastReason": e.last_reason, "lastSwapReason": s.last_swap_reason,
             "modelName": self.loader.manifest.name, "unloaded": self.unloaded.get(),
         })

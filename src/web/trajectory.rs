@@ -266,6 +266,9 @@ impl Inner {
             let mut snap = self.snap.borrow_mut();
             snap.swaps += 1;
             snap.last_swap_reason = Some(d.reason());
+            // stats() agrees with the swap event at once, not after the current token.
+            snap.step = st.step;
+            snap.bits = st.session.model.eqm_bits();
             drop(snap);
             let first = &done[0];
             self.loader.emitter.emit(json!({
@@ -298,6 +301,11 @@ impl Inner {
         let (model_session, step) = self.build().await?;
         let n = st.session.replace_model(model_session.model)?;
         st.step = step;
+        let mut snap = self.snap.borrow_mut();
+        snap.step = step;
+        snap.bits = st.session.model.eqm_bits();
+        snap.context_tokens = st.session.tokens().len();
+        drop(snap);
         self.lost.borrow().store(false, Ordering::SeqCst);
         self.prefetch_below(step);
         self.loader
