@@ -383,6 +383,9 @@ test_e2e() {
     FLEXQUANT_SITE_ENSEMBLE=demo build_site "$ROOT/target/e2e/site-demo"
     demo="$ROOT/target/e2e/site-demo"
   fi
+  log "type check of the package's declarations (tsc --strict on tests/e2e/types-check.ts)"
+  tests/e2e/node_modules/.bin/tsc --noEmit --strict --lib es2022,dom --module nodenext \
+    --moduleResolution nodenext tests/e2e/types-check.ts
   log "end-to-end tests (Playwright, headless Chromium)"
   FLEXQUANT_REQUIRE_BROWSER="${FLEXQUANT_REQUIRE_BROWSER:-1}" \
   FLEXQUANT_E2E_SITE="$ROOT/target/e2e/site-tiny" FLEXQUANT_E2E_DEMO_SITE="$demo" \

@@ -181,17 +181,8 @@ export interface EngineApi {
   nextChunk(): Promise<ChatCompletionChunk | null>;
 }
 
-export declare class Engine implements EngineApi {
+/** The engine on this thread (the members are EngineApi's, by declaration merging). */
+export interface Engine extends EngineApi {}
+export declare class Engine {
   static create(manifestUrl: string | URL, options?: EngineOptions): Promise<Engine>;
-  readonly chat: Chat;
-  interruptGenerate(): void;
-  resetChat(): Promise<void>;
-  setMemoryBudget(bytes: number | null): Promise<void>;
-  reportHeap(usedJSHeapSize: number, jsHeapSizeLimit: number): void;
-  stats(): Promise<Stats>;
-  trajectory(): Promise<TrajectoryPoint[]>;
-  simulateDeviceLoss(): Promise<void>;
-  unload(): Promise<void>;
-  startChat(request: ChatRequest): Promise<unknown>;
-  nextChunk(): Promise<ChatCompletionChunk | null>;
 }

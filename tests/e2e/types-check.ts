@@ -1,0 +1,14 @@
+// Compile-time check of the npm package's type declarations (js/*.d.ts): the calls a page
+// makes must type-check under --strict. Run by build.sh (test_e2e) with tsc --noEmit; never executed.
+import { Engine, FlexQuantError } from '../../js/index.js';
+import { CreateWorkerEngine, WorkerEngine } from '../../js/worker.js';
+async function main() {
+  const e = await Engine.create('./m.json', { budgetBytes: 1e8 });
+  const stream = await e.chat.completions.create({ messages: [{ role: 'user', content: 'hi' }], stream: true });
+  for await (const c of stream) { const s: string | undefined = c.choices[0].delta.content; void s; }
+  const st = await e.stats(); const n: number = st.contextLength; void n;
+  const w: WorkerEngine = await CreateWorkerEngine('./m.json');
+  await w.setMemoryBudget(null); await w.unload();
+  try { await e.unload(); } catch (err) { if (err instanceof FlexQuantError) console.log(err.code); }
+}
+void main;
