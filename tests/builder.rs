@@ -95,6 +95,7 @@ fn search_over_a_real_library() {
             branch: 3,
             stem: 2,
             record_every: 1,
+            staged: false,
         },
         |_, _, _| {},
     )
@@ -134,6 +135,7 @@ fn packaged_ensemble_round_trips() {
             branch: 2,
             stem: 1,
             record_every: 1,
+            staged: false,
         },
         |_, _, _| {},
     )

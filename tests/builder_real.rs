@@ -72,6 +72,8 @@ fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
         n_low: 2,
         branch: 1,
         stem: 1,
+        staged: true,
+        ablation_branch: 1,
         prune: 0.25,
         ablation: vec![],
         calib_tokens: 2 * seq_len,

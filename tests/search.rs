@@ -86,6 +86,7 @@ fn search_orders_swaps_and_ends_at_n_low() {
             branch,
             stem,
             record_every: 1,
+            staged: false,
         };
         let t = search(&mut ev, &avail, 500, opts, |_, _, _| {}).unwrap();
         check_trajectory(&t, &avail);
@@ -118,6 +119,7 @@ fn pruning_drops_versions_and_search_jumps() {
         branch: 3,
         stem: 1,
         record_every: 1,
+        staged: false,
     };
     let t = search(&mut ev, &avail, 500, opts, |_, _, _| {}).unwrap();
     let u = usage(&t, &avail.start(), &avail);
@@ -157,10 +159,59 @@ fn bad_options_are_rejected() {
                 branch: b,
                 stem: s,
                 record_every: 1,
+                staged: false,
             },
             |_, _, _| {},
         )
         .unwrap_err();
         assert!(e.to_string().contains("must both be at least 1"));
     }
+}
+
+#[test]
+fn staged_search_passes_through_every_static_qm() {
+    let n = 12;
+    let ladder = [8, 6, 5, 4, 3, 2];
+    let avail = Available::uniform(n, &ladder);
+    for (branch, stem) in [(1, 1), (3, 2)] {
+        let mut ev = Synthetic::new(n);
+        let opts = SearchOptions {
+            branch,
+            stem,
+            record_every: 1,
+            staged: true,
+        };
+        let t = search(&mut ev, &avail, 500, opts, |_, _, _| {}).unwrap();
+        check_trajectory(&t, &avail);
+        let eqms = t.eqms(&avail.start());
+        for b in ladder {
+            let at = eqms.iter().position(|e| *e == Eqm::uniform(n, b));
+            let level = ladder.iter().position(|&x| x == b).unwrap();
+            assert_eq!(
+                at,
+                Some(level * n),
+                "QM({b}) is step {} of the trajectory",
+                level * n
+            );
+        }
+    }
+    // Pruned: a module without its 3-bit version waits at 4 bits until the floor reaches 2.
+    let mut pruned = avail.clone();
+    pruned.bits[0].retain(|&b| b != 3);
+    let opts = SearchOptions {
+        branch: 2,
+        stem: 1,
+        record_every: 1,
+        staged: true,
+    };
+    let t = search(&mut Synthetic::new(n), &pruned, 500, opts, |_, _, _| {}).unwrap();
+    check_trajectory(&t, &pruned);
+    let jump = t
+        .steps
+        .iter()
+        .position(|s| s.swap.is_some_and(|m| m.module == 0 && m.to == 2))
+        .unwrap();
+    let eqms = t.eqms(&pruned.start());
+    assert!(eqms[jump - 1].bits[1..].iter().all(|&b| b <= 3));
+    assert!(eqms[..jump].iter().all(|e| e.bits[0] >= 4));
 }

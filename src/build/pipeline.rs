@@ -18,6 +18,13 @@ pub struct BuildSettings {
     pub n_low: u32,
     pub branch: usize,
     pub stem: usize,
+    /// Pass through every static QM of the ladder (see `search`'s module docs).
+    #[serde(default)]
+    pub staged: bool,
+    /// Branch of the ablation's other prune rates (the shipped rate uses `branch`): 1 orders
+    /// their swaps by sensitivity alone, which keeps a four-rate ablation affordable.
+    #[serde(default = "one")]
+    pub ablation_branch: usize,
     /// Fraction of intermediate versions dropped for the shipped ensemble.
     pub prune: f64,
     /// Other prune rates searched for the report's ablation.
@@ -43,7 +50,20 @@ pub struct SensitivityStudy {
     pub spearman_output_error: f64,
 }
 
+fn one() -> usize {
+    1
+}
+
 impl BuildSettings {
+    fn search_options(&self, branch: usize) -> SearchOptions {
+        SearchOptions {
+            branch,
+            stem: self.stem,
+            record_every: self.heldout_every,
+            staged: self.staged,
+        }
+    }
+
     pub fn validate(&self, library_bits: &[u32]) -> Result<()> {
         if self.n_low > self.n_up {
             return Err(Error::input(format!(
@@ -58,12 +78,8 @@ impl BuildSettings {
                 )));
             }
         }
-        SearchOptions {
-            branch: self.branch,
-            stem: self.stem,
-            record_every: self.heldout_every,
-        }
-        .validate()?;
+        self.search_options(self.branch).validate()?;
+        self.search_options(self.ablation_branch).validate()?;
         prune::check_rate(self.prune)?;
         for &r in &self.ablation {
             prune::check_rate(r)?;
@@ -82,9 +98,15 @@ impl BuildSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Variant {
     pub prune: f64,
+    #[serde(default = "one")]
+    pub branch: usize,
     pub intermediate_versions: usize,
     pub storage_bytes: u64,
     pub trajectory: Trajectory,
+    /// Held-out ppl of the first EQM at or below each static QM's footprint (the ablation's
+    /// accuracy cost of pruning), in `BuildRecord::statics` order.
+    #[serde(default)]
+    pub heldout_at_statics: Vec<f64>,
 }
 
 /// Everything the report is made from.
@@ -220,11 +242,6 @@ pub fn build_ensemble(
         s.seq_len,
         s.stem * s.branch + 1,
     );
-    let opts = SearchOptions {
-        branch: s.branch,
-        stem: s.stem,
-        record_every: s.heldout_every,
-    };
 
     let t_search = Instant::now();
     if s.sensitivity_tokens > 0 {
@@ -255,15 +272,23 @@ pub fn build_ensemble(
         } else {
             prune::prune(&avail, &variants[0].trajectory, &start, rate)?
         };
+        let branch = if rate == s.prune {
+            s.branch
+        } else {
+            s.ablation_branch
+        };
         let label = format!("search P={:.0}%", rate * 100.0);
+        let opts = s.search_options(branch);
         let t = search(&mut ev, &av, base, opts, |d, total, ppl| {
             progress(&label, d, total, ppl)
         })?;
         variants.push(Variant {
             prune: rate,
+            branch,
             intermediate_versions: intermediate_versions(&av),
             storage_bytes: storage(&t, &start, &ev, base),
             trajectory: t,
+            heldout_at_statics: vec![],
         });
     }
     let search_seconds = t_search.elapsed().as_secs_f64();
@@ -271,16 +296,23 @@ pub fn build_ensemble(
 
     // Held-out ppl: static QMs and every k-th step of the shipped trajectory, plus the steps
     // that first reach each static QM's footprint (for eqm_vs_static).
-    let heldout = |e: &Eqm| -> Result<f64> {
+    // Staged trajectories pass through the static QMs: each EQM is measured once.
+    let mut measured: std::collections::HashMap<Eqm, f64> = Default::default();
+    let mut heldout = |e: &Eqm| -> Result<f64> {
+        if let Some(&p) = measured.get(e) {
+            return Ok(p);
+        }
         let w = inp.eqm.weights(e)?;
-        Ok(perplexity(
+        let p = perplexity(
             &w,
             &inp.heldout_ids[..s.heldout_tokens],
             s.seq_len,
             s.seq_len,
             |_, _| {},
         )?
-        .ppl)
+        .ppl;
+        measured.insert(e.clone(), p);
+        Ok(p)
     };
     let mut statics = Vec::new();
     for (i, &b) in ladder.iter().enumerate() {
@@ -289,6 +321,18 @@ pub fn build_ensemble(
         let f = inp.eqm.footprint(&e)? as u64;
         let cp = ev.ppl(&e)?;
         statics.push((b, f, cp, heldout(&e)?));
+    }
+    for v in &mut variants {
+        let eqms = v.trajectory.eqms(&start);
+        for (k, &(_, f, _, _)) in statics.iter().enumerate() {
+            progress("held-out (ablation)", k, statics.len(), f64::NAN);
+            let i = v.trajectory.steps.iter().position(|st| st.footprint <= f);
+            let p = match i {
+                Some(i) => heldout(&eqms[i])?,
+                None => f64::NAN,
+            };
+            v.heldout_at_statics.push(p);
+        }
     }
     let traj = &variants[chosen].trajectory;
     let eqms = traj.eqms(&start);

@@ -64,11 +64,13 @@ pub fn figures(r: &BuildRecord) -> Value {
         .variants
         .iter()
         .map(|v| {
-            json!({"prune": v.prune, "intermediate_versions": v.intermediate_versions,
+            json!({"prune": v.prune, "branch": v.branch, "intermediate_versions": v.intermediate_versions,
                    "storage_bytes": v.storage_bytes + r.tokenizer_bytes,
                    "storage_vs_n_up": (v.storage_bytes + r.tokenizer_bytes) as f64 / n_up_bytes as f64,
                    "final_calib_ppl": v.trajectory.steps.last().unwrap().calib_ppl,
                    "mean_calib_ppl": mean_finite(v.trajectory.steps.iter().map(|s| s.calib_ppl)),
+                   "heldout_delta_at_statics": v.heldout_at_statics.iter().zip(&r.statics)
+                       .map(|(p, s)| if p.is_finite() { json!(p - s.3) } else { Value::Null }).collect::<Vec<_>>(),
                    "steps": v.trajectory.steps.len(),
                    "evaluations": v.trajectory.evaluations})
         })
@@ -143,16 +145,32 @@ fn markdown(f: &Value, r: &BuildRecord) -> String {
                 .unwrap_or("-".into()),
         );
     }
-    s += "\n## Pruning ablation\n\n| prune | intermediate versions | storage MB | x QM(n_up) | mean calib ppl | final calib ppl |\n|---|---|---|---|---|---|\n";
+    let inner: Vec<String> = r.statics[1..r.statics.len().saturating_sub(1)]
+        .iter()
+        .map(|st| format!("QM({})", st.0))
+        .collect();
+    s += &format!("\n## Pruning ablation\n\nHeld-out delta: the first EQM at or below each inner static QM's footprint, minus that QM ({}).\n\n| prune | branch | intermediate versions | storage MB | x QM(n_up) | mean calib ppl | final calib ppl | held-out delta |\n|---|---|---|---|---|---|---|---|\n", inner.join(", "));
     for a in f["ablation"].as_array().unwrap() {
+        let deltas = a["heldout_delta_at_statics"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let inner_deltas: Vec<String> = deltas
+            .iter()
+            .skip(1)
+            .take(inner.len())
+            .map(|d| d.as_f64().map_or("-".into(), |d| format!("{d:+.2}")))
+            .collect();
         s += &format!(
-            "| {:.0}% | {} | {:.2} | {:.2} | {:.3} | {:.3} |\n",
+            "| {:.0}% | {} | {} | {:.2} | {:.2} | {:.3} | {:.3} | {} |\n",
             100.0 * a["prune"].as_f64().unwrap(),
+            a["branch"],
             a["intermediate_versions"],
             mb(a["storage_bytes"].as_u64().unwrap()),
             a["storage_vs_n_up"].as_f64().unwrap(),
             a["mean_calib_ppl"].as_f64().unwrap(),
-            a["final_calib_ppl"].as_f64().unwrap()
+            a["final_calib_ppl"].as_f64().unwrap(),
+            inner_deltas.join(" / ")
         );
     }
     s += &format!(

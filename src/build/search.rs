@@ -41,6 +41,11 @@ pub struct SearchOptions {
     /// With `branch == stem == 1` there is nothing to choose between, so calibration ppl is
     /// only recorded every this many steps (and at the end); other steps record NaN.
     pub record_every: usize,
+    /// Lower the modules one ladder level at a time: no module goes below the next static
+    /// bit-width until every module that can has reached it, so the trajectory passes through
+    /// each static QM(b) of the ladder (see [`Floor`]).
+    #[serde(default)]
+    pub staged: bool,
 }
 
 impl SearchOptions {
@@ -124,6 +129,58 @@ impl Available {
     }
 }
 
+/// The lowest bit-width a staged search may move a module to, lowered one ladder level once
+/// no module can move without going below it.
+struct Floor {
+    /// Every bit-width in `Available`, high to low.
+    levels: Vec<u32>,
+    at: usize,
+}
+
+impl Floor {
+    fn new(avail: &Available, staged: bool) -> Self {
+        let mut levels: Vec<u32> = avail.bits.iter().flatten().copied().collect();
+        levels.sort_unstable_by(|a, b| b.cmp(a));
+        levels.dedup();
+        let at = if staged {
+            1.min(levels.len() - 1)
+        } else {
+            levels.len() - 1
+        };
+        Floor { levels, at }
+    }
+    fn bits(&self) -> u32 {
+        self.levels[self.at]
+    }
+    /// Lowers the floor until some path has a legal move (or the floor is at the bottom).
+    fn settle(&mut self, avail: &Available, paths: &[Path]) {
+        while self.at + 1 < self.levels.len()
+            && paths
+                .iter()
+                .all(|p| legal_moves(avail, &p.eqm, self.bits()).is_empty())
+        {
+            self.at += 1;
+        }
+    }
+}
+
+/// Every one-level-down move of `eqm` that stays at or above `floor` bits.
+fn legal_moves(avail: &Available, eqm: &Eqm, floor: u32) -> Vec<Move> {
+    (0..eqm.bits.len())
+        .filter_map(|m| {
+            let from = eqm.bits[m];
+            avail
+                .next_lower(m, from)
+                .filter(|&to| to >= floor)
+                .map(|to| Move {
+                    module: m,
+                    from,
+                    to,
+                })
+        })
+        .collect()
+}
+
 #[derive(Clone)]
 struct Path {
     eqm: Eqm,
@@ -168,20 +225,13 @@ pub fn search(
         area: 0.0,
     }];
     let total = avail.steps();
+    let mut floor = Floor::new(avail, opts.staged);
     for round in 0..total {
+        floor.settle(avail, &paths);
         // Propose: each path's `branch` safest moves.
         let mut cands: Vec<(usize, Move, Eqm)> = Vec::new();
         for (pi, p) in paths.iter().enumerate() {
-            let moves: Vec<Move> = (0..p.eqm.bits.len())
-                .filter_map(|m| {
-                    let from = p.eqm.bits[m];
-                    avail.next_lower(m, from).map(|to| Move {
-                        module: m,
-                        from,
-                        to,
-                    })
-                })
-                .collect();
+            let moves = legal_moves(avail, &p.eqm, floor.bits());
             let mut ranked: Vec<(f64, Move)> = if moves.len() <= opts.branch {
                 moves.iter().map(|&m| (0.0, m)).collect()
             } else {

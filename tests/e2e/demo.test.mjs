@@ -25,7 +25,7 @@ it('the demo ensemble loads and answers a question', { timeout: 900_000 }, async
     assert.notEqual(a.finish, 'error', JSON.stringify(a));
     assert.match(a.answer, /[A-Za-z]{2,}/, `no English in ${JSON.stringify(a.answer)}`);
     await shot(page, 'demo');
-    // Pressure on the real model: it moves part-way down its 368-step trajectory (the default
+    // Pressure on the real model: it moves part-way down its trajectory (the default
     // pressure is half the span), and still answers in English there.
     const n = await page.evaluate(() => window.flexquantPage.events.length);
     const t1 = Date.now();
