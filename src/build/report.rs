@@ -225,34 +225,40 @@ fn charts(r: &BuildRecord, f: &Value, dir: &Path) -> Result<()> {
         &dir.join("trajectory.svg"),
         &dir.join("trajectory.png"),
     )?;
-    // Storage, as points on one axis: ensemble variants vs QM(n_up) vs all static QMs.
-    let mut bars = vec![
-        ("QM(n_up)".to_string(), mb(r.statics[0].1)),
-        (
-            "sum of static QMs".to_string(),
-            mb(r.statics.iter().map(|s| s.1).sum()),
-        ),
-    ];
-    for a in f["ablation"].as_array().unwrap() {
-        bars.push((
+    // Storage bars: QM(n_up), every pruning variant (the shipped one highlighted), all static QMs.
+    let n_up = r.statics[0].1;
+    let bar = |label: String, bytes: u64, hi: bool| {
+        let text = format!(
+            "{label}: {:.1} MB ({:.2}x QM(n_up))",
+            mb(bytes),
+            bytes as f64 / n_up as f64
+        );
+        (text, mb(bytes), hi)
+    };
+    let mut bars = vec![bar(format!("QM({})", r.settings.n_up), n_up, false)];
+    for (a, v) in f["ablation"].as_array().unwrap().iter().zip(&r.variants) {
+        let shipped = v.prune == r.variants[r.chosen].prune;
+        bars.push(bar(
             format!(
-                "ensemble, prune {:.0}%",
-                100.0 * a["prune"].as_f64().unwrap()
+                "ensemble, prune {:.0}%{}",
+                100.0 * v.prune,
+                if shipped { " (shipped)" } else { "" }
             ),
-            mb(a["storage_bytes"].as_u64().unwrap()),
+            a["storage_bytes"].as_u64().unwrap(),
+            shipped,
         ));
     }
-    plot::write(
-        &Chart {
-            title: "Storage: ensemble vs QM(n_up) vs every static QM".into(),
-            x_label: "(one mark per option)".into(),
-            y_label: "storage (MB)".into(),
-            series: vec![],
-            marks: bars
-                .into_iter()
-                .enumerate()
-                .map(|(i, (l, v))| (l, i as f64, v))
-                .collect(),
+    let bits: Vec<String> = r.statics.iter().map(|s| s.0.to_string()).collect();
+    bars.push(bar(
+        format!("every static QM ({} bits)", bits.join("/")),
+        r.statics.iter().map(|s| s.1).sum(),
+        false,
+    ));
+    plot::write_bars(
+        &plot::Bars {
+            title: "Storage: the ensemble against QM(n_up) and the static ladder".into(),
+            x_label: "storage (MB)".into(),
+            bars,
         },
         &dir.join("storage.svg"),
         &dir.join("storage.png"),

@@ -52,14 +52,93 @@ fn register_font() -> Result<()> {
     .map_err(Error::input)
 }
 
+/// Horizontal bars from zero, each labelled with its text at its end.
+pub struct Bars {
+    pub title: String,
+    pub x_label: String,
+    /// `(label, value, highlighted)`, drawn top to bottom.
+    pub bars: Vec<(String, f64, bool)>,
+}
+
 /// Writes the chart to `svg` and `png` (1000 x 650).
 pub fn write(chart: &Chart, svg: &Path, png: &Path) -> Result<()> {
+    write_with(svg, png, |root| draw(root, chart), |root| draw(root, chart))
+}
+
+/// Writes the bar chart to `svg` and `png` (1000 x 650).
+pub fn write_bars(bars: &Bars, svg: &Path, png: &Path) -> Result<()> {
+    write_with(
+        svg,
+        png,
+        |root| draw_bars(root, bars),
+        |root| draw_bars(root, bars),
+    )
+}
+
+type Drawn = std::result::Result<(), String>;
+
+fn write_with(
+    svg: &Path,
+    png: &Path,
+    to_svg: impl FnOnce(DrawingArea<SVGBackend, Shift>) -> Drawn,
+    to_png: impl FnOnce(DrawingArea<BitMapBackend, Shift>) -> Drawn,
+) -> Result<()> {
     register_font()?;
     let size = (1000, 650);
-    draw(SVGBackend::new(svg, size).into_drawing_area(), chart)
+    to_svg(SVGBackend::new(svg, size).into_drawing_area())
         .map_err(|e| Error::format(svg.display(), e))?;
-    draw(BitMapBackend::new(png, size).into_drawing_area(), chart)
+    to_png(BitMapBackend::new(png, size).into_drawing_area())
         .map_err(|e| Error::format(png.display(), e))?;
+    Ok(())
+}
+
+fn draw_bars<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, b: &Bars) -> Drawn
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    root.fill(&WHITE).map_err(err)?;
+    let max = b.bars.iter().map(|x| x.1).fold(0.0, f64::max);
+    if b.bars.is_empty() || max <= 0.0 {
+        return Err("no bars to plot".into());
+    }
+    let n = b.bars.len() as f64;
+    let mut c = ChartBuilder::on(&root)
+        .caption(&b.title, (FONT, 24))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(8)
+        // Room on the right for the labels written after each bar's end.
+        .build_cartesian_2d(0.0..max * 1.6, 0.0..n)
+        .map_err(err)?;
+    c.configure_mesh()
+        .x_desc(&b.x_label)
+        .y_labels(0)
+        .disable_y_mesh()
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 16))
+        .draw()
+        .map_err(err)?;
+    for (i, (label, v, hi)) in b.bars.iter().enumerate() {
+        let y = n - i as f64;
+        let color = if *hi {
+            Palette99::pick(0)
+        } else {
+            Palette99::pick(4)
+        };
+        c.draw_series(std::iter::once(Rectangle::new(
+            [(0.0, y - 0.8), (*v, y - 0.2)],
+            color.mix(0.8).filled(),
+        )))
+        .map_err(err)?;
+        c.draw_series(std::iter::once(Text::new(
+            label.clone(),
+            (*v + max * 0.01, y - 0.6),
+            (FONT, 14).into_font().color(&BLACK),
+        )))
+        .map_err(err)?;
+    }
+    root.present().map_err(err)?;
     Ok(())
 }
 
