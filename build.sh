@@ -156,14 +156,26 @@ cmd_chat() {
   exec "$BIN" chat --model "$MODEL" --max-tokens 200
 }
 
-cmd_bench() {
-  cmd_setup
-  mkdir -p target/bench
+# The benchmark parts, in the order `./build.sh bench` runs them; each writes target/bench/PART.json.
+BENCH_PARTS="cpu quant gpu ensemble browser"
+
+bench_cpu() {
+  "$BIN" bench cpu --model "$MODEL" --text "$CACHE/text/austen-heldout.txt" --out-dir target/bench
+}
+
+bench_quant() {
+  "$BIN" bench quant --model "$MODEL" --text "$CACHE/text/austen-heldout.txt" \
+    --calib "$CACHE/text/austen-calib.txt" --out-dir target/bench
+}
+
+bench_gpu() {
+  "$BIN" bench gpu --model "$MODEL" --text "$CACHE/text/austen-heldout.txt" --out-dir target/bench \
+    --gpu-decode-tokens 8 --gpu-prefill-tokens 64
+}
+
+# The full-preset ensembles, 4 -> 2 and 8 -> 2, cached by their inputs.
+bench_ensemble() {
   local T="$CACHE/text/austen-heldout.txt" C="$CACHE/text/austen-calib.txt"
-  "$BIN" bench cpu --model "$MODEL" --text "$T" --out-dir target/bench
-  "$BIN" bench quant --model "$MODEL" --text "$T" --calib "$C" --out-dir target/bench
-  "$BIN" bench gpu --model "$MODEL" --text "$T" --out-dir target/bench --gpu-decode-tokens 8 --gpu-prefill-tokens 64
-  # The full-preset ensembles, 4 -> 2 and 8 -> 2, cached by their inputs.
   for span in "8 2" "4 2"; do  # 8 -> 2 first: its library serves both
     set -- $span
     local dir="$CACHE/ensemble/full-${1}to${2}"
@@ -178,7 +190,22 @@ import json, sys
 d = sys.argv[1]
 print(json.dumps({s: json.load(open(f"{d}/full-{s}/report.json")) for s in ("4to2", "8to2")}, indent=1))
 PY
-  bench_browser
+}
+
+# ./build.sh bench [PART...]: the named parts (default: all), so one part runs without the
+# others (the full-preset ensembles take an hour to build the first time).
+cmd_bench() {
+  local parts=("$@") p
+  [ ${#parts[@]} -gt 0 ] || read -r -a parts <<< "$BENCH_PARTS"
+  for p in "${parts[@]}"; do
+    case " $BENCH_PARTS " in *" $p "*) ;; *) die "unknown benchmark part '$p' (parts: $BENCH_PARTS)" ;; esac
+  done
+  cmd_setup
+  mkdir -p target/bench
+  for p in "${parts[@]}"; do
+    log "benchmark part: $p"
+    "bench_$p"
+  done
   log "benchmarks written to target/bench/"
 }
 
@@ -400,7 +427,7 @@ case "${1:-}" in
   chat) cmd_chat ;;
   site) cmd_setup; build_site "${2:?usage: build.sh site DIR}" ;;
   e2e) cmd_setup; test_e2e ;;
-  bench) cmd_bench ;;
+  bench) shift; cmd_bench "$@" ;;
   package) cmd_setup; build_package ;;
-  *) echo "usage: $0 setup|demo|chat|site DIR|e2e|test|bench" >&2; exit 2 ;;
+  *) echo "usage: $0 setup | demo | chat | site DIR | e2e | test | package | bench [$(echo $BENCH_PARTS | tr ' ' '|')]..." >&2; exit 2 ;;
 esac

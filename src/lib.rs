@@ -9,6 +9,7 @@ pub mod ensemble;
 pub mod error;
 pub mod gpu;
 pub mod model;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod quant;
 pub mod runtime;
 #[cfg(not(target_arch = "wasm32"))]

@@ -9,8 +9,10 @@ use crate::ensemble::manifest::{
 use crate::error::{Error, Result};
 use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::Tokenizer;
-use crate::model::weights::{Linear, ModuleId, Weights};
+use crate::model::weights::{ModuleId, Weights};
 use crate::quant::eqm::{Eqm, EqmModel};
+use crate::quant::weights::rtn_base;
+pub use crate::runtime::dir::{read_manifest, read_verified};
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -91,11 +93,7 @@ pub fn write_ensemble(out: &Path, p: &PackageInput) -> Result<Manifest> {
             file,
         });
     }
-    let base = put(
-        &tmp,
-        "base.bin",
-        &Base::from_weights(p.weights, group)?.to_bytes(),
-    )?;
+    let base = put(&tmp, "base.bin", &rtn_base(p.weights, group)?.to_bytes())?;
     let tokenizer = put(&tmp, "tokenizer.json", p.tokenizer.to_json()?.as_bytes())?;
     let trajectory = p
         .trajectory
@@ -148,54 +146,15 @@ pub fn write_ensemble(out: &Path, p: &PackageInput) -> Result<Manifest> {
     Ok(manifest)
 }
 
-/// Reads and verifies a file of the ensemble in `dir`.
-pub fn read_verified(dir: &Path, f: &FileRef) -> Result<Vec<u8>> {
-    let p = dir.join(&f.file);
-    let bytes = crate::error::read_capped(&p, f.bytes + 1)?;
-    Manifest::verify_file(f, &bytes).map_err(|e| Error::format(p.display(), e))?;
-    Ok(bytes)
-}
-
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    let p = dir.join("manifest.json");
-    let bytes =
-        crate::error::read_capped(&p, crate::ensemble::manifest::MAX_MANIFEST_BYTES as u64)?;
-    Manifest::from_bytes(&p.display().to_string(), &bytes)
-}
-
 /// The f32 weights of trajectory step `step`, from the packaged files only (hashes checked).
 pub fn load_step_weights(dir: &Path, m: &Manifest, step: usize) -> Result<Weights> {
     let c = &m.config;
-    let base = Base::from_bytes(
-        c,
-        m.quantizer.group_size,
-        &read_verified(dir, &m.base)?,
-        "base.bin",
-    )?;
-    let bits = m.bits_at(step);
-    let mut modules = Vec::with_capacity(bits.len());
-    for (i, &b) in bits.iter().enumerate() {
-        let id = ModuleId::from_index(i);
-        let v = m
-            .version(id, b)
-            .ok_or_else(|| Error::format("manifest.json", format!("no {id} at {b} bits")))?;
-        let (r, cols) = id.kind.shape(c);
-        let shape = crate::quant::format::PackedShape::new(r, cols, b, m.quantizer.group_size)?;
-        let pm = crate::quant::format::PackedMatrix::from_bytes(
-            shape,
-            &read_verified(dir, &v.file)?,
-            &v.file.file,
-        )?;
-        modules.push(Linear::new(r, cols, pm.dequantize()));
-    }
-    Ok(Weights {
-        config: c.clone(),
-        embed: base.embed.dequantize().into(),
-        norms: base.norms,
-        modules,
-        final_norm: base.final_norm,
-        lm_head: base
-            .lm_head
-            .map(|h| Linear::new(h.shape.rows, h.shape.cols, h.dequantize())),
-    })
+    let g = m.quantizer.group_size;
+    let base = Base::from_bytes(c, g, &read_verified(dir, &m.base)?, &m.base.file)?;
+    let modules = m
+        .step_versions(step)
+        .iter()
+        .map(|v| v.matrix(c, g, &read_verified(dir, &v.file)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(base.to_weights(c, &modules))
 }

@@ -8,12 +8,12 @@
 
 use anyhow::Result;
 use clap::Args;
+use flexquant::ensemble::format::{PackedShape, BITS};
 use flexquant::gpu::probe::copy_seconds;
-use flexquant::gpu::weights::rtn_modules;
 use flexquant::gpu::{Gpu, Model, ModelOptions};
 use flexquant::model::weights::LayerNorms;
 use flexquant::model::{Linear, ModuleId, Weights};
-use flexquant::quant::format::{PackedShape, BITS};
+use flexquant::quant::weights::{gpu_model, rtn_modules};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,7 +46,7 @@ fn synthetic() -> Weights {
         c.tie_word_embeddings,
         c.max_position_embeddings,
     ) = (49152, true, 2048);
-    let mut rng = flexquant::model::generate::Rng::new(1);
+    let mut rng = flexquant::runtime::generate::Rng::new(1);
     let mut rand = |n: usize, s: f32| -> Vec<f32> {
         (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * s).collect()
     };
@@ -80,7 +80,7 @@ struct Timed {
 
 fn model(gpu: &Arc<Gpu>, w: &Weights, bits: &[u32], opts: ModelOptions) -> Result<Model> {
     let modules = rtn_modules(w, |id| bits[id.index()], 32)?;
-    Ok(pollster::block_on(Model::new(
+    Ok(pollster::block_on(gpu_model(
         gpu.clone(),
         w,
         &modules,

@@ -7,12 +7,12 @@
 use super::quant::{build_library, eval_static, prefix_tokens, CalibArgs, EvalStaticArgs};
 use anyhow::{Context, Result};
 use clap::Args;
+use flexquant::ensemble::format::BITS;
 use flexquant::model::eval::perplexity;
-use flexquant::model::generate::Rng;
 use flexquant::quant::eqm::{Eqm, EqmModel};
-use flexquant::quant::format::BITS;
 use flexquant::quant::library::{self, Library, Method};
 use flexquant::quant::static_table::DEFAULT_GROUP;
+use flexquant::runtime::generate::Rng;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

@@ -135,7 +135,7 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
         anyhow::bail!("--n-low {} is above --n-up {}", a.n_low, a.n_up);
     }
     let m = super::load_model(&a.model)?;
-    let bits: Vec<u32> = flexquant::quant::format::BITS
+    let bits: Vec<u32> = flexquant::ensemble::format::BITS
         .iter()
         .copied()
         .filter(|&b| b <= a.n_up && b >= a.n_low)

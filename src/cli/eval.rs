@@ -1,74 +1,129 @@
-use anyhow::Result;
+//! `eval`: perplexity of a model file (float, CPU reference) or of a built ensemble at a step
+//! (as shipped, on the reference or the GPU) over a text. On an ensemble the windows default
+//! to the builder's (`build-record.json`: its sequence length and held-out token count), so
+//! the figure is the one the builder recorded for that step.
+
+use super::engine::{with_engine, BackendKind, Block, Engine, Job, SourceArgs};
+use anyhow::{Context, Result};
 use clap::Args;
-use std::path::PathBuf;
+use flexquant::gpu::{GpuFactory, ModelOptions};
+use flexquant::runtime::reference::ReferenceFactory;
+use flexquant::runtime::{Backend, Factory};
+use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct EvalArgs {
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    source: SourceArgs,
     /// UTF-8 text file (e.g. .cache/text/austen-heldout.txt).
     #[arg(long)]
     text: PathBuf,
-    /// Window length in tokens.
-    #[arg(long, default_value_t = 512)]
-    ctx: usize,
+    /// Window length in tokens (default: 512, or the ensemble builder's).
+    #[arg(long)]
+    ctx: Option<usize>,
     /// Window step in tokens (default: ctx, i.e. non-overlapping windows).
     #[arg(long)]
     stride: Option<usize>,
-    /// Evaluate only the first N tokens of the text.
+    /// Evaluate only the first N tokens of the text (default: all, or the ensemble builder's
+    /// held-out count).
     #[arg(long)]
     max_tokens: Option<usize>,
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    gpu: super::gpu::GpuArgs,
+}
+
+/// `(seq_len, heldout_tokens)` the builder of the ensemble in `dir` measured with.
+fn builder_windows(dir: &Path) -> Option<(usize, usize)> {
+    let text = std::fs::read_to_string(dir.join(flexquant::build::report::RECORD_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let s = v.get("settings")?;
+    Some((
+        s.get("seq_len")?.as_u64()? as usize,
+        s.get("heldout_tokens")?.as_u64()? as usize,
+    ))
+}
+
+struct Eval {
+    a: EvalArgs,
+    ctx: usize,
+    max_tokens: Option<usize>,
+}
+
+impl Job for Eval {
+    fn run<F: Factory>(self, mut e: Engine<F>) -> Result<()>
+    where
+        <F::Model as Backend>::Error: Send + Sync + 'static,
+    {
+        let a = &self.a;
+        eprintln!("[{}]", e.describe());
+        let text = super::read_text(&a.text)?;
+        let mut ids = e.tokenizer.encode(&text)?;
+        if let Some(n) = self.max_tokens {
+            ids.truncate(n);
+        }
+        let pb = indicatif::ProgressBar::new(0);
+        pb.set_style(indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} windows, ETA {eta}",
+        )?);
+        pb.set_message(format!("ppl over {} tokens", ids.len()));
+        let mut progress = |d: usize, n: usize| {
+            pb.set_length(n as u64);
+            pb.set_position(d as u64);
+        };
+        let stride = a.stride.unwrap_or(self.ctx);
+        let model = &mut e.run.session.model;
+        let r = model
+            .perplexity(&ids, self.ctx, stride, &mut progress)
+            .block()?;
+        pb.finish_and_clear();
+        let recorded = e
+            .walk
+            .as_ref()
+            .and_then(|w| w.manifest().trajectory[e.run.step].heldout_ppl);
+        if a.json {
+            let mut v = serde_json::to_value(&r)?;
+            v["step"] = e.run.step.into();
+            v["recorded_heldout_ppl"] = serde_json::json!(recorded);
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "ppl {:.4} over {} scored tokens ({} in text, ctx {}, stride {}) in {:.1} s ({:.0} tok/s){}",
+                r.ppl,
+                r.count,
+                r.tokens,
+                r.ctx,
+                r.stride,
+                r.seconds,
+                r.tokens as f64 / r.seconds,
+                recorded.map_or(String::new(), |p| format!("; the builder recorded {p:.4}"))
+            );
+        }
+        Ok(())
+    }
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let m = super::load_model(&a.model)?;
-    let text = super::read_text(&a.text)?;
-    let mut ids = m.tokenizer.encode(&text)?;
-    if let Some(n) = a.max_tokens {
-        ids.truncate(n);
-    }
-    let stride = a.stride.unwrap_or(a.ctx);
-    let pb = indicatif::ProgressBar::new(0);
-    pb.set_style(indicatif::ProgressStyle::with_template(
-        "{msg} [{bar:30}] {pos}/{len} windows, ETA {eta}",
-    )?);
-    pb.set_message(format!("ppl over {} tokens", ids.len()));
-    let progress = |d: usize, n: usize| {
-        pb.set_length(n as u64);
-        pb.set_position(d as u64);
-    };
-    let r = if a.gpu.gpu {
+    let record = a.source.ensemble.as_deref().and_then(builder_windows);
+    let ctx = a.ctx.or(record.map(|r| r.0)).unwrap_or(512);
+    let max_tokens = a.max_tokens.or(record.map(|r| r.1));
+    let mut s = a.source.clone();
+    if let (Some(dir), BackendKind::Gpu) = (&s.ensemble, s.backend) {
         // Logits for up to 64 rows at a time; the NLL of each comes back, not the logits.
-        let opts = flexquant::gpu::ModelOptions {
-            context: a.ctx,
+        let f = GpuFactory::new(ModelOptions {
+            context: ctx,
             max_batch: 64,
             logit_rows: 64,
             top_k: 1,
-        };
-        let mut model = a.gpu.model(&m, opts)?;
-        let f = flexquant::gpu::session::perplexity(&mut model, &ids, a.ctx, stride, progress);
-        pollster::block_on(f)?
-    } else {
-        flexquant::model::eval::perplexity(&m.weights, &ids, a.ctx, stride, progress)?
-    };
-    pb.finish_and_clear();
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        println!(
-            "ppl {:.4} over {} scored tokens ({} in text, ctx {}, stride {}) in {:.1} s ({:.0} tok/s)",
-            r.ppl,
-            r.count,
-            r.tokens,
-            r.ctx,
-            r.stride,
-            r.seconds,
-            r.tokens as f64 / r.seconds
-        );
+        });
+        let dir = dir.clone();
+        s.ensemble = Some(dir.clone());
+        let e = super::engine::open_ensemble(&s, &dir, f, ctx)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        return Eval { a, ctx, max_tokens }.run(e);
     }
-    Ok(())
+    if let Some(dir) = s.ensemble.clone() {
+        let e = super::engine::open_ensemble(&s, &dir, ReferenceFactory { context: ctx }, ctx)?;
+        return Eval { a, ctx, max_tokens }.run(e);
+    }
+    with_engine(&s, ctx, Eval { a, ctx, max_tokens })
 }

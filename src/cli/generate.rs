@@ -1,15 +1,20 @@
+//! `generate` (one prompt, streamed) and `chat` (the terminal chat) on any engine: a model
+//! file on the CPU reference, or a built ensemble on a backend, walking its trajectory when a
+//! budget is set (`/budget MB` in the chat).
+
+use super::engine::{budget_bytes, with_engine, Block, Engine, Job, SourceArgs};
 use super::SamplingArgs;
 use anyhow::Result;
 use clap::Args;
 use flexquant::model::chat::Message;
-use flexquant::model::generate::{GenStats, Session};
+use flexquant::model::tokenizer::StreamDecoder;
+use flexquant::runtime::{Backend, Factory, GenStats, StopReason};
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    source: SourceArgs,
     #[arg(long)]
     prompt: String,
     /// Wrap the prompt in the model's chat template as a user message.
@@ -20,27 +25,17 @@ pub struct GenerateArgs {
     /// Print a JSON line with the generated ids and timing at the end.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    gpu: super::gpu::GpuArgs,
 }
 
 #[derive(Args)]
 pub struct ChatArgs {
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    source: SourceArgs,
     /// System prompt (default: the model's own).
     #[arg(long)]
     system: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
-    #[command(flatten)]
-    gpu: super::gpu::GpuArgs,
-}
-
-fn print_piece(piece: &str) -> bool {
-    print!("{piece}");
-    let _ = std::io::stdout().flush();
-    true
 }
 
 fn speed(s: &GenStats) -> String {
@@ -51,134 +46,143 @@ fn speed(s: &GenStats) -> String {
         s.prefill_seconds,
         s.generated,
         s.generated as f64 / s.decode_seconds.max(1e-9),
-        s.stopped_by
+        s.stopped_by.map_or("-", StopReason::as_str)
     )
 }
 
+impl<F: Factory> Engine<F>
+where
+    <F::Model as Backend>::Error: Send + Sync + 'static,
+{
+    /// One answer after `ids`, each piece of text printed as it comes; between tokens the
+    /// controller may swap modules (printed on stderr).
+    fn answer(&mut self, ids: &[u32], a: &SamplingArgs) -> Result<(Vec<u32>, GenStats)> {
+        let stop = self.tokenizer.stop.clone();
+        let sess = &mut self.run.session;
+        let mut turn = sess.start(ids, &a.sampling(), &stop).block()?;
+        let mut dec = StreamDecoder::default();
+        let mut out = std::io::stdout();
+        loop {
+            let next = self.run.session.next(&mut turn).block()?;
+            let Some(id) = next else { break };
+            let piece = dec.step(&self.tokenizer, id)?;
+            print!("{piece}");
+            out.flush()?;
+            self.between_tokens(Some(turn.out.len()));
+        }
+        Ok((turn.out, turn.stats))
+    }
+}
+
+struct Generate(GenerateArgs);
+
+impl Job for Generate {
+    fn run<F: Factory>(self, mut e: Engine<F>) -> Result<()>
+    where
+        <F::Model as Backend>::Error: Send + Sync + 'static,
+    {
+        let a = self.0;
+        eprintln!("[{}]", e.describe());
+        let text = if a.chat {
+            e.tokenizer.chat.render(&[Message::new("user", &a.prompt)])
+        } else {
+            a.prompt.clone()
+        };
+        let ids = e.tokenizer.encode(&text)?;
+        let (out, stats) = e.answer(&ids, &a.sampling)?;
+        println!();
+        eprintln!("{}", speed(&stats));
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"ids": out, "stats": stats, "step": e.run.step,
+                    "bits": e.run.session.model.eqm_bits()})
+            );
+        }
+        Ok(())
+    }
+}
+
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
-    let m = super::load_model(&a.model)?;
     if a.prompt.trim().is_empty() {
         anyhow::bail!("--prompt is empty");
     }
-    let text = if a.chat {
-        m.tokenizer.chat.render(&[Message::new("user", &a.prompt)])
-    } else {
-        a.prompt.clone()
-    };
-    let ids = m.tokenizer.encode(&text)?;
-    if a.gpu.gpu {
-        return generate_gpu(&a, &m, &ids);
-    }
-    let mut session = Session::new(&m.weights, &m.tokenizer, a.sampling.context);
-    let (out, stats) = session.generate(&ids, &a.sampling.params(), print_piece)?;
-    println!();
-    eprintln!("{}", speed(&stats));
-    if a.json {
-        println!("{}", serde_json::json!({"ids": out, "stats": stats}));
-    }
-    Ok(())
+    a.sampling.sampling().validate()?;
+    let (s, c) = (a.source.clone(), a.sampling.context);
+    with_engine(&s, c, Generate(a))
 }
 
-/// The same generation on the GPU engine, streaming each token's text as it comes.
-fn generate_gpu(
-    a: &GenerateArgs,
-    m: &flexquant::model::load::LoadedModel,
-    ids: &[u32],
-) -> Result<()> {
-    use flexquant::gpu::session::Session;
-    let opts = flexquant::gpu::ModelOptions {
-        context: a
-            .sampling
-            .context
-            .min(m.weights.config.max_position_embeddings),
-        ..Default::default()
-    };
-    let mut session = Session::new(a.gpu.model(m, opts)?);
-    let (out, stats) = gpu_turn(&mut session, m, ids, &a.sampling)?;
-    println!();
-    eprintln!("{}", speed(&stats));
-    if a.json {
-        println!("{}", serde_json::json!({"ids": out, "stats": stats}));
+struct Chat(ChatArgs);
+
+/// A chat command (`/budget MB`, `/budget off`, `/step`), or `None` for a message.
+fn command<F: Factory>(e: &mut Engine<F>, line: &str) -> Option<Result<()>>
+where
+    <F::Model as Backend>::Error: Send + Sync + 'static,
+{
+    let mut words = line.split_whitespace();
+    match words.next()? {
+        "/budget" => Some(match words.next() {
+            Some("off") => e.set_budget(None),
+            Some(mb) => match mb.parse::<f64>() {
+                Ok(mb) => budget_bytes(mb).and_then(|b| e.set_budget(Some(b))),
+                Err(_) => Err(anyhow::anyhow!(
+                    "/budget {mb}: expected a number of MB or 'off'"
+                )),
+            },
+            None => Err(anyhow::anyhow!("usage: /budget MB | /budget off")),
+        }),
+        "/step" => Some(Ok(())),
+        _ => None,
     }
-    Ok(())
 }
 
-/// One streamed generation on the GPU engine.
-fn gpu_turn(
-    session: &mut flexquant::gpu::session::Session,
-    m: &flexquant::model::load::LoadedModel,
-    ids: &[u32],
-    sampling: &SamplingArgs,
-) -> Result<(Vec<u32>, GenStats)> {
-    let s = flexquant::gpu::session::Sampling {
-        temperature: sampling.temperature,
-        top_p: sampling.top_p,
-        max_tokens: sampling.max_tokens,
-        seed: sampling.seed,
-    };
-    let mut dec = flexquant::model::tokenizer::StreamDecoder::default();
-    let (out, st) = pollster::block_on(session.generate(ids, &s, &m.tokenizer.stop, |id| {
-        dec.step(&m.tokenizer, id).map_or(true, |p| print_piece(&p))
-    }))?;
-    let stats = GenStats {
-        prompt_tokens: st.prompt_tokens,
-        prefilled: st.prefilled,
-        generated: st.generated,
-        prefill_seconds: st.prefill_seconds,
-        decode_seconds: st.decode_seconds,
-        stopped_by: st.stopped_by,
-    };
-    Ok((out, stats))
+impl Job for Chat {
+    fn run<F: Factory>(self, mut e: Engine<F>) -> Result<()>
+    where
+        <F::Model as Backend>::Error: Send + Sync + 'static,
+    {
+        let a = self.0;
+        let mut messages: Vec<Message> =
+            a.system.iter().map(|s| Message::new("system", s)).collect();
+        println!("chatting with {}", e.describe());
+        println!("(empty line or Ctrl-D quits; /budget MB or /budget off moves along the trajectory; /step shows where it is)");
+        let stdin = std::io::stdin();
+        loop {
+            print!("\n> ");
+            std::io::stdout().flush()?;
+            let mut line = String::new();
+            if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+                break;
+            }
+            if let Some(r) = command(&mut e, line.trim()) {
+                match r {
+                    Ok(()) => println!("[{}]", e.describe()),
+                    Err(err) => eprintln!("error: {err:#}"),
+                }
+                continue;
+            }
+            messages.push(Message::new("user", line.trim_end()));
+            let ids = e.tokenizer.encode(&e.tokenizer.chat.render(&messages))?;
+            match e.answer(&ids, &a.sampling) {
+                Ok((out, stats)) => {
+                    println!();
+                    eprintln!("{}", speed(&stats));
+                    let answer = e.tokenizer.decode(&out, true)?;
+                    messages.push(Message::new("assistant", &answer));
+                }
+                Err(err) => {
+                    // Keep the conversation: drop only the message that could not be answered.
+                    eprintln!("error: {err:#}");
+                    messages.pop();
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 pub fn run_chat(a: ChatArgs) -> Result<()> {
-    let m = super::load_model(&a.model)?;
-    let mut session = Session::new(&m.weights, &m.tokenizer, a.sampling.context);
-    let mut gpu_session = if a.gpu.gpu {
-        let opts = flexquant::gpu::ModelOptions {
-            context: a
-                .sampling
-                .context
-                .min(m.weights.config.max_position_embeddings),
-            ..Default::default()
-        };
-        Some(flexquant::gpu::session::Session::new(
-            a.gpu.model(&m, opts)?,
-        ))
-    } else {
-        None
-    };
-    let mut messages: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
-    println!("chatting with {} (empty line or Ctrl-D to quit)", m.source);
-    let stdin = std::io::stdin();
-    loop {
-        print!("\n> ");
-        std::io::stdout().flush()?;
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
-            break;
-        }
-        messages.push(Message::new("user", line.trim_end()));
-        let ids = m.tokenizer.encode(&m.tokenizer.chat.render(&messages))?;
-        let turn = match gpu_session.as_mut() {
-            Some(g) => gpu_turn(g, &m, &ids, &a.sampling),
-            None => session
-                .generate(&ids, &a.sampling.params(), print_piece)
-                .map_err(Into::into),
-        };
-        match turn {
-            Ok((out, stats)) => {
-                println!();
-                eprintln!("{}", speed(&stats));
-                let answer = m.tokenizer.decode(&out, true)?;
-                messages.push(Message::new("assistant", &answer));
-            }
-            Err(e) => {
-                // Keep the conversation: drop only the message that could not be answered.
-                eprintln!("error: {e}");
-                messages.pop();
-            }
-        }
-    }
-    Ok(())
+    a.sampling.sampling().validate()?;
+    let (s, c) = (a.source.clone(), a.sampling.context);
+    with_engine(&s, c, Chat(a))
 }

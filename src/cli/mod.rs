@@ -4,9 +4,9 @@ mod bench;
 mod bench_gpu;
 mod bench_quant;
 mod build;
+mod engine;
 mod eval;
 mod generate;
-mod gpu;
 mod info;
 mod quant;
 
@@ -34,11 +34,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Perplexity of a model over a text file.
+    /// Perplexity of a model, or of a built ensemble at a step, over a text file.
     Eval(eval::EvalArgs),
-    /// Generate a continuation (or a chat answer with --chat) for one prompt, streaming.
+    /// Generate a continuation (or a chat answer with --chat) for one prompt, streaming, with a
+    /// model file or a built ensemble (--ensemble DIR [--step N | --budget MB] [--backend]).
     Generate(generate::GenerateArgs),
-    /// Interactive chat in the terminal (one line per message; empty line or EOF ends).
+    /// Interactive chat in the terminal (one line per message; empty line or EOF ends); on an
+    /// ensemble, `/budget MB` walks the trajectory live.
     Chat(generate::ChatArgs),
     /// Decode the installed text packages into calibration / held-out text files.
     Corpus {
@@ -85,8 +87,8 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn params(&self) -> flexquant::model::generate::SamplingParams {
-        flexquant::model::generate::SamplingParams {
+    fn sampling(&self) -> flexquant::runtime::Sampling {
+        flexquant::runtime::Sampling {
             temperature: self.temperature,
             top_p: self.top_p,
             max_tokens: self.max_tokens,

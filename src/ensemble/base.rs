@@ -1,14 +1,13 @@
 //! The base shard: everything every EQM shares. Layout (little-endian):
-//! the token embedding as a packed 8-bit matrix `[vocab][hidden]` (the `quant::format` layout
+//! the token embedding as a packed 8-bit matrix `[vocab][hidden]` (the `ensemble::format` layout
 //! with the manifest's group size; tied models use it as the LM head too), then f32 norms —
 //! for each layer `attn_norm[hidden]`, `ffn_norm[hidden]` — then `final_norm[hidden]`, then,
 //! for untied models only, the LM head as a packed 8-bit matrix.
 
+use crate::ensemble::format::{PackedMatrix, PackedShape};
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{LayerNorms, Linear, Weights};
-use crate::quant::format::{PackedMatrix, PackedShape};
-use crate::quant::rtn::quantize_rtn;
 
 /// Bit-width of the embedding and head in the base shard (the manifest's "q8").
 pub const BASE_BITS: u32 = 8;
@@ -32,34 +31,6 @@ pub fn base_bytes(c: &LlamaConfig, group: usize) -> Result<usize> {
 }
 
 impl Base {
-    /// The base of `w`: embedding and untied head quantized with RTN at `BASE_BITS` and
-    /// `group` columns per group (the one place this happens: the ensemble's base shard, the
-    /// builder's EQM evaluation and the GPU model all use it), norms as they are.
-    pub fn from_weights(w: &Weights, group: usize) -> Result<Self> {
-        let c = &w.config;
-        let embed = quantize_rtn(
-            &w.embed,
-            c.vocab_size,
-            c.hidden_size,
-            BASE_BITS,
-            group,
-            false,
-            "embedding",
-        )?;
-        let lm_head = match &w.lm_head {
-            Some(h) => Some(quantize_rtn(
-                &h.w, h.rows, h.cols, BASE_BITS, group, false, "lm_head",
-            )?),
-            None => None,
-        };
-        Ok(Base {
-            embed,
-            norms: w.norms.clone(),
-            final_norm: w.final_norm.clone(),
-            lm_head,
-        })
-    }
-
     /// Puts this base into `w`: the embedding and head as the f32 their codes mean, the norms.
     pub fn apply_to(&self, w: &mut Weights) {
         w.embed = dequantize(&self.embed).into();
@@ -69,6 +40,20 @@ impl Base {
             .map(|h| Linear::new(h.shape.rows, h.shape.cols, dequantize(h)));
         w.norms = self.norms.clone();
         w.final_norm = self.final_norm.clone();
+    }
+
+    /// The f32 weights of the EQM made of this base and `modules` (one packed version per
+    /// module, `ModuleId::index()` order), every tensor as its codes mean ("fake quant"): what
+    /// the CPU reference runs, and what every backend is checked against.
+    pub fn to_weights(&self, config: &LlamaConfig, modules: &[PackedMatrix]) -> Weights {
+        Weights {
+            config: config.clone(),
+            embed: dequantize(&self.embed).into(),
+            norms: self.norms.clone(),
+            modules: modules.iter().map(to_linear).collect(),
+            final_norm: self.final_norm.clone(),
+            lm_head: self.lm_head.as_ref().map(to_linear),
+        }
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -131,6 +116,11 @@ impl Base {
         }
         Ok(base)
     }
+}
+
+/// A packed matrix as the f32 its codes mean.
+pub fn to_linear(m: &PackedMatrix) -> Linear {
+    Linear::new(m.shape.rows, m.shape.cols, dequantize(m))
 }
 
 fn dequantize(m: &PackedMatrix) -> Vec<f32> {

@@ -1,7 +1,7 @@
 //! `manifest.json`: the contract between the native builder and the browser runtime.
 //!
 //! An ensemble directory holds this manifest, one shard per kept module version (the packed
-//! format of `quant::format`), a base shard (embeddings and norms) and the tokenizer. The
+//! format of `ensemble::format`), a base shard (embeddings and norms) and the tokenizer. The
 //! trajectory lists EQMs from QM(n_up) (step 0, every module at `n_up` bits) to QM(n_low),
 //! each step lowering one module (possibly by more than one bit-width after pruning).
 //!
@@ -10,10 +10,12 @@
 //! exists and is one-way, that footprints are exactly the sums they claim and monotone, and that
 //! the trajectory ends at QM(n_low).
 
+use crate::ensemble::format::{PackedMatrix, PackedShape, BITS, GROUP_SIZES};
 use crate::error::{Error, Result};
+use crate::model::chat::ChatTemplate;
 use crate::model::config::LlamaConfig;
+use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::{ModuleId, ModuleKind};
-use crate::quant::format::{PackedShape, BITS, GROUP_SIZES};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -40,6 +42,33 @@ pub struct ModuleVersion {
     pub bits: u32,
     #[serde(flatten)]
     pub file: FileRef,
+}
+
+impl ModuleVersion {
+    pub fn id(&self) -> ModuleId {
+        ModuleId {
+            layer: self.layer,
+            kind: self.kind,
+        }
+    }
+
+    /// The packed matrix in `bytes` (this version's shard, already verified).
+    pub fn matrix(&self, c: &LlamaConfig, group: usize, bytes: &[u8]) -> Result<PackedMatrix> {
+        let (rows, cols) = self.kind.shape(c);
+        let shape = PackedShape::new(rows, cols, self.bits, group)?;
+        PackedMatrix::from_bytes(shape, bytes, &self.file.file)
+    }
+}
+
+/// One module swap between two neighbouring trajectory steps, as the runtime executes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Move<'a> {
+    pub id: ModuleId,
+    pub from_bits: u32,
+    /// The version swapped in.
+    pub to: &'a ModuleVersion,
+    /// The trajectory step reached once this move is done.
+    pub step_after: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,6 +225,74 @@ impl Manifest {
             .index()] = sw.to_bits;
         }
         bits
+    }
+
+    /// The module version of every module at trajectory step `step`, `ModuleId::index()` order.
+    pub fn step_versions(&self, step: usize) -> Vec<&ModuleVersion> {
+        self.bits_at(step)
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                self.version(ModuleId::from_index(i), b)
+                    .expect("validated: every step's versions exist")
+            })
+            .collect()
+    }
+
+    /// The swaps that take a model from step `from` to step `to`, one trajectory step each, in
+    /// execution order (down: the trajectory's swaps; up: the same swaps undone, last first).
+    /// Stopping after any prefix leaves a valid EQM, the step of the last move done.
+    pub fn moves(&self, from: usize, to: usize) -> Vec<Move<'_>> {
+        let swap_at = |s: usize| {
+            let w = self.trajectory[s].swap.as_ref().expect("validated");
+            let id = ModuleId {
+                layer: w.layer,
+                kind: w.kind,
+            };
+            (id, w)
+        };
+        let version = |id, bits| self.version(id, bits).expect("validated");
+        if to > from {
+            (from + 1..=to.min(self.trajectory.len() - 1))
+                .map(|s| {
+                    let (id, w) = swap_at(s);
+                    Move {
+                        id,
+                        from_bits: w.from_bits,
+                        to: version(id, w.to_bits),
+                        step_after: s,
+                    }
+                })
+                .collect()
+        } else {
+            (to + 1..=from.min(self.trajectory.len() - 1))
+                .rev()
+                .map(|s| {
+                    let (id, w) = swap_at(s);
+                    Move {
+                        id,
+                        from_bits: w.to_bits,
+                        to: version(id, w.from_bits),
+                        step_after: s - 1,
+                    }
+                })
+                .collect()
+        }
+    }
+
+    /// The tokenizer from the bytes of its file (verified), with the manifest's chat template,
+    /// BOS and stop tokens.
+    pub fn tokenizer(&self, bytes: &[u8]) -> Result<Tokenizer> {
+        let c = &self.chat;
+        let mut t = Tokenizer::from_json_bytes(&self.tokenizer.file, bytes, c.bos, None, None)?;
+        t.stop = c.stop.clone();
+        t.chat = match c.template.as_str() {
+            "chatml" => ChatTemplate::ChatMl {
+                default_system: c.default_system.clone(),
+            },
+            _ => ChatTemplate::Plain,
+        };
+        Ok(t)
     }
 
     /// Sum of the distinct files' bytes: what the ensemble costs to store or download in full.

@@ -6,21 +6,25 @@
 //! - `kernels`: pipelines over shaders/*.wgsl, one per kernel and bit-width.
 //! - `model`: the model on the GPU: base buffers, one buffer per module, the KV cache; decode,
 //!   prefill and `set_module` swaps between tokens.
-//! - `session`: generation with streaming tokens and perplexity on the GPU path.
+//! - `backend`: the model as a `runtime::Backend` (generation and the trajectory walk run on
+//!   it), and `GpuFactory`, which makes one on a new device.
+//! - `perplexity`: held-out perplexity on the GPU path (native).
 //! - `probe`: one kernel on host data (the parity tests).
 
 pub mod alloc;
+mod backend;
 pub mod device;
 pub mod error;
 pub mod kernels;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod perplexity;
 pub mod probe;
-pub mod session;
 
 pub use alloc::{Allocator, GpuBuffer};
 pub use device::{Gpu, Requirements};
 pub use error::{GpuError, GpuResult};
 pub use kernels::{Kernel, Kernels};
 pub mod model;
-pub mod weights;
 
+pub use backend::GpuFactory;
 pub use model::{Footprint, Model, ModelOptions};

@@ -11,13 +11,13 @@
 //! and only then drops the old buffer. The KV cache and the tokens stay.
 
 use crate::ensemble::base::{Base, BASE_BITS};
+use crate::ensemble::format::{PackedMatrix, PackedShape};
 use crate::gpu::alloc::{Allocator, GpuBuffer};
 use crate::gpu::device::{Gpu, Requirements};
 use crate::gpu::error::{GpuError, GpuResult};
 use crate::gpu::kernels::{self, param_bytes, step_bytes, Kernel, Kernels, PARAM_SLOT, TT, WG};
 use crate::model::config::LlamaConfig;
-use crate::model::weights::{ModuleId, ModuleKind, Weights};
-use crate::quant::format::{PackedMatrix, PackedShape};
+use crate::model::weights::{ModuleId, ModuleKind};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -323,19 +323,6 @@ impl Model {
             module: id.to_string(),
             reason,
         })
-    }
-
-    /// `from_base` with the base made from `w` (`Base::from_weights`, the group of the first
-    /// module); `w`'s f32 modules are not used.
-    pub async fn new(
-        gpu: Arc<Gpu>,
-        w: &Weights,
-        modules: &[PackedMatrix],
-        opts: ModelOptions,
-    ) -> GpuResult<Model> {
-        let group = modules.first().map_or(64, |m| m.shape.group);
-        let base = Base::from_weights(w, group).map_err(|e| GpuError::Input(e.to_string()))?;
-        Self::from_base(gpu, &w.config, &base, modules, opts).await
     }
 
     /// Uploads the model: the ensemble's `base` (8-bit embedding and head, norms) and

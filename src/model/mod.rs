@@ -5,8 +5,6 @@ pub mod chat;
 pub mod config;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod eval;
-#[cfg(not(target_arch = "wasm32"))]
-pub mod generate;
 pub mod gguf;
 pub mod load;
 #[cfg(not(target_arch = "wasm32"))]

@@ -3,9 +3,9 @@
 
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
-use crate::model::generate::Rng;
 use crate::model::tokenizer::byte_level_bpe_json;
 use crate::model::weights::ModuleKind;
+use crate::runtime::generate::Rng;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::path::Path;

@@ -14,7 +14,6 @@
 //! Dequantized modules are cached (shared `Arc`s), so building the `Weights` of another EQM
 //! costs only the modules not seen before, and EQM evaluation runs at the float model's speed.
 
-use crate::ensemble::base::Base;
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{Linear, ModuleId, Weights};
@@ -59,7 +58,7 @@ pub fn base_bytes(c: &LlamaConfig, group: usize) -> usize {
 /// EQM runs with.
 pub fn with_base_precision(w: &Weights, group: usize) -> Result<Weights> {
     let mut base = w.clone();
-    Base::from_weights(w, group)?.apply_to(&mut base);
+    crate::quant::weights::rtn_base(w, group)?.apply_to(&mut base);
     Ok(base)
 }
 

@@ -31,8 +31,8 @@
 //! Rows are independent in GPTQ (the error of row r only moves along row r), so the matrix is
 //! split into row chunks quantized in parallel, each with its own lazy-update GEMMs.
 
+use crate::ensemble::format::{check_finite, check_quantizable, PackedMatrix, PackedShape};
 use crate::error::{Error, Result};
-use crate::quant::format::{check_finite, check_quantizable, PackedMatrix, PackedShape};
 use crate::quant::linalg::{self, View};
 use crate::quant::rtn::{dequant, group_params, quant};
 use rayon::prelude::*;

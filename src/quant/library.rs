@@ -30,13 +30,13 @@
 //! inputs, 32 x 256 tokens. RTN needs no calibration; the float stream is still run so its
 //! versions get the same error figure.
 
+use crate::ensemble::format::{PackedMatrix, PackedShape, BITS, GROUP_SIZES};
 use crate::error::{read_capped, Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::forward;
 use crate::model::ops::Rope;
 use crate::model::weights::{Linear, ModuleId, ModuleKind, Weights};
 use crate::quant::calib::{self, CalibSettings};
-use crate::quant::format::{PackedMatrix, PackedShape, BITS, GROUP_SIZES};
 use crate::quant::gptq::{self, GptqConfig, Hessian};
 use crate::quant::rtn;
 use serde::{Deserialize, Serialize};

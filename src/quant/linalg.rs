@@ -285,7 +285,7 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::generate::Rng;
+    use crate::runtime::generate::Rng;
 
     fn random(n: usize, m: usize, rng: &mut Rng) -> Vec<f32> {
         (0..n * m).map(|_| rng.next_f32() * 2.0 - 1.0).collect()

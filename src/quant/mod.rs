@@ -1,22 +1,15 @@
-//! Quantizers (RTN, GPTQ), the packed format they produce, the module library on disk, and
-//! the mixed-precision models (EQMs) built from it.
+//! Quantizers (RTN, GPTQ) producing the packed format of `ensemble::format`, the module
+//! library on disk, and the mixed-precision models (EQMs) built from it. Native only: no
+//! quantizer is compiled into the browser runtime.
 
-pub mod format;
 pub mod rtn;
 
-#[cfg(not(target_arch = "wasm32"))]
 pub mod calib;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod eqm;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod evaluate;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod gptq;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod library;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod linalg;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod plot;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod static_table;
+pub mod weights;

@@ -1,9 +1,9 @@
 //! Round-to-nearest quantization and the per-group quantizer both RTN and GPTQ use.
 
-use crate::error::Result;
-use crate::quant::format::{
+use crate::ensemble::format::{
     check_quantizable, pack_scale_zero, unpack_scale_zero, PackedMatrix, PackedShape,
 };
+use crate::error::Result;
 
 /// Range shrink factors tried by the clipping search: clipping a few outliers often lowers
 /// the squared error of the whole group at low bit-widths.

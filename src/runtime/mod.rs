@@ -1,12 +1,32 @@
-//! Run-time decisions, free of any browser or GPU code so they are tested natively with
-//! scripted signals: `elastic` turns memory signals into a target step of the EQM trajectory
-//! (see its module doc for the policy); `gpu/` executes the swaps and `web/` adapts the
-//! browser's signals (`performance.memory`, WebGPU error scopes, `device.lost`) to it.
+//! Everything that decides, free of any browser code so it is tested natively with scripted
+//! signals on any backend:
+//!
+//! - `elastic` (+ `policy`, `decision`): memory signals -> a target step of the EQM trajectory.
+//! - `walk`: executing those decisions over a `ByteSource` (a directory, or fetch + Cache API)
+//!   and a `Backend` (the WebGPU engine, the CPU reference): load a step, swap between tokens,
+//!   prefetch, rebuild after a device loss.
+//! - `backend`: what a backend implements; `reference` (native): the CPU reference as one.
+//! - `generate` (sampling, RNG, stop reasons, stats) and `session` (a conversation with prefix
+//!   reuse, one token per call): generation on every backend.
+//! - `dir` (native): an ensemble directory as a byte source.
 
+pub mod backend;
+pub mod clock;
 pub mod decision;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod dir;
 pub mod elastic;
+pub mod generate;
 pub mod policy;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod reference;
+pub mod session;
+pub mod walk;
 
+pub use backend::{Backend, Factory};
 pub use decision::{Decision, Reason, Stats};
 pub use elastic::Elastic;
+pub use generate::{GenStats, Sampling, StopReason};
 pub use policy::Policy;
+pub use session::{Session, Turn};
+pub use walk::{ByteSource, Running, Walk};

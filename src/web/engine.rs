@@ -4,16 +4,18 @@
 //! at a lower step and runs the conversation again into the new cache). The JS wrapper
 //! (`js/index.js`) serializes calls and turns chunks into an async iterator.
 
-use crate::gpu::session::{Sampling, Session, Turn};
-use crate::gpu::{Allocator, GpuError, ModelOptions};
+use crate::gpu::{Allocator, GpuError, Model, ModelOptions};
 use crate::model::chat::{ChatTemplate, Message};
 use crate::model::tokenizer::{StreamDecoder, Tokenizer};
 use crate::model::weights::ModuleId;
+use crate::runtime::walk::Running;
 use crate::runtime::{Elastic, Policy, Reason};
+use crate::runtime::{Sampling, StopReason, Turn};
 use crate::web::error::{Code, WebError, WebResult};
 use crate::web::events::{to_js, Emitter, Progress};
 use crate::web::loader::Loader;
 use crate::web::now_ms;
+use crate::web::trajectory::{web_walk, DeviceFlags, WebWalk};
 use serde::Deserialize;
 use serde_json::json;
 use std::cell::{Cell, RefCell};
@@ -29,32 +31,28 @@ pub struct Engine {
 }
 
 pub(super) struct Inner {
-    pub(super) loader: Loader,
+    /// The byte source (`walk.source`, the loader), the controller (`walk.elastic`) and the
+    /// WebGPU factory.
+    pub(super) walk: WebWalk,
     pub(super) tokenizer: Tokenizer,
     pub(super) chat: ChatTemplate,
     pub(super) stop: Vec<u32>,
     pub(super) opts: ModelOptions,
-    pub(super) elastic: RefCell<Elastic>,
     /// `None` while an operation holds it (calls are serialized by the JS wrapper) or after
     /// `unload`.
     pub(super) state: RefCell<Option<State>>,
     pub(super) unloaded: Cell<bool>,
     pub(super) interrupt: Cell<bool>,
-    /// Set by the current device's `lost` callback (or `simulateDeviceLoss`).
-    pub(super) lost: RefCell<Arc<AtomicBool>>,
-    /// Set by an uncaptured WebGPU out-of-memory error.
-    pub(super) oom: Arc<AtomicBool>,
+    pub(super) flags: DeviceFlags,
     /// Counters that survive the model (so `stats` after `unload` shows 0 bytes).
     pub(super) alloc: RefCell<Option<Allocator>>,
-    pub(super) snap: RefCell<Snapshot>,
-    pub(super) fetch_failure: Cell<Option<(usize, f64)>>,
+    pub(super) snap: Rc<RefCell<Snapshot>>,
     pub(super) prefetching: Cell<bool>,
     pub(super) completions: Cell<u64>,
 }
 
 pub(super) struct State {
-    pub(super) session: Session,
-    pub(super) step: usize,
+    pub(super) run: Running<Model>,
     turn: Option<Answer>,
 }
 
@@ -136,14 +134,6 @@ impl Options {
     }
 }
 
-fn finish_reason(stopped_by: &str) -> &'static str {
-    match stopped_by {
-        "eos" => "stop",
-        "caller" => "abort",
-        _ => "length",
-    }
-}
-
 /// Resolves after `ms` milliseconds (lets the device's `lost` promise settle).
 async fn sleep(ms: i32) {
     let p = js_sys::Promise::new(&mut |resolve, _| {
@@ -211,7 +201,7 @@ impl Engine {
         promise(async move {
             let mut st = i.take()?;
             st.turn = None;
-            st.session.reset();
+            st.run.session.reset();
             i.put(st);
             Ok(JsValue::UNDEFINED)
         })
@@ -224,8 +214,8 @@ impl Engine {
         let i = self.inner.clone();
         promise(async move {
             match bytes_opt(bytes) {
-                Some(b) => i.elastic.borrow_mut().set_budget(b),
-                None => i.elastic.borrow_mut().clear_budget(),
+                Some(b) => i.walk.elastic.borrow_mut().set_budget(b),
+                None => i.walk.elastic.borrow_mut().clear_budget(),
             }
             i.rebalance_if_idle().await
         })
@@ -235,6 +225,7 @@ impl Engine {
     #[wasm_bindgen(js_name = reportHeap)]
     pub fn report_heap(&self, used: f64, limit: f64) {
         self.inner
+            .walk
             .elastic
             .borrow_mut()
             .heap(used as u64, limit as u64, now_ms());
@@ -251,7 +242,7 @@ impl Engine {
     }
 
     pub fn trajectory(&self) -> JsValue {
-        let m = &self.inner.loader.manifest;
+        let m = &self.inner.walk.source.manifest;
         let points: Vec<_> = m
             .trajectory
             .iter()
@@ -276,9 +267,9 @@ impl Engine {
         let i = self.inner.clone();
         promise(async move {
             let mut st = i.take()?;
-            i.lost.borrow().store(true, Ordering::SeqCst);
-            st.session.model.gpu().device.destroy();
-            let r = i.recover(&mut st).await;
+            i.flags.lost.borrow().store(true, Ordering::SeqCst);
+            st.run.session.model.gpu().device.destroy();
+            let r = i.recover(&mut st.run).await;
             i.put(st);
             r.map(|_| JsValue::UNDEFINED)
         })
@@ -291,7 +282,7 @@ impl Engine {
     pub fn destroy_device(&self) -> Result<(), JsValue> {
         match self.inner.state.borrow().as_ref() {
             Some(st) => {
-                st.session.model.gpu().device.destroy();
+                st.run.session.model.gpu().device.destroy();
                 Ok(())
             }
             None => Err(WebError::new(Code::Busy, "an engine call is running").to_js()),
@@ -303,7 +294,7 @@ impl Engine {
         let i = self.inner.clone();
         promise(async move {
             let st = i.take()?;
-            let gpu = st.session.model.gpu().clone();
+            let gpu = st.run.session.model.gpu().clone();
             drop(st);
             i.unloaded.set(true);
             gpu.device.destroy();
@@ -328,44 +319,38 @@ impl Engine {
         }
         let mut p = Progress::new("download", 0, 2);
         let tk = loader.file(&m.tokenizer, &mut p).await?;
-        let tokenizer = Tokenizer::from_json_bytes(&m.tokenizer.file, &tk, None, None, None)?;
-        let chat = match m.chat.template.as_str() {
-            "chatml" => ChatTemplate::ChatMl {
-                default_system: m.chat.default_system.clone(),
-            },
-            _ => ChatTemplate::Plain,
+        let tokenizer = m.tokenizer(&tk)?;
+        let (chat, stop) = (tokenizer.chat.clone(), tokenizer.stop.clone());
+        let flags = DeviceFlags {
+            lost: Rc::new(RefCell::new(Arc::new(AtomicBool::new(false)))),
+            oom: Arc::new(AtomicBool::new(false)),
         };
+        let snap = Rc::new(RefCell::new(Snapshot::default()));
+        let walk = web_walk(loader, opts, elastic, flags.clone(), snap.clone());
         let inner = Rc::new(Inner {
-            stop: m.chat.stop.clone(),
-            loader,
+            stop,
+            walk,
             tokenizer,
             chat,
             opts,
-            elastic: RefCell::new(elastic),
             state: RefCell::new(None),
             unloaded: Cell::new(false),
             interrupt: Cell::new(false),
-            lost: RefCell::new(Arc::new(AtomicBool::new(false))),
-            oom: Arc::new(AtomicBool::new(false)),
+            flags,
             alloc: RefCell::new(None),
-            snap: RefCell::new(Snapshot::default()),
-            fetch_failure: Cell::new(None),
+            snap,
             prefetching: Cell::new(false),
             completions: Cell::new(0),
         });
-        let (session, step) = inner.build().await?;
-        inner.snap.borrow_mut().loaded_from_cache = inner.loader.net_bytes.get() == 0;
-        inner.put(State {
-            session,
-            step,
-            turn: None,
-        });
-        inner
-            .loader
-            .emitter
+        let run = inner.build().await?;
+        let step = run.step;
+        let src = &inner.walk.source;
+        inner.snap.borrow_mut().loaded_from_cache = src.net_bytes.get() == 0;
+        inner.put(State { run, turn: None });
+        src.emitter
             .emit(json!({"type": "progress", "phase": "ready",
-            "loadedBytes": inner.loader.net_bytes.get() + inner.loader.cache_bytes.get(),
-            "fromCache": inner.loader.cache_bytes.get(), "step": step}));
+            "loadedBytes": src.net_bytes.get() + src.cache_bytes.get(),
+            "fromCache": src.cache_bytes.get(), "step": step}));
         inner.prefetch_below(step);
         Ok(Engine { inner })
     }
@@ -393,15 +378,15 @@ impl Inner {
 
     pub(super) fn put(&self, st: State) {
         let mut s = self.snap.borrow_mut();
-        s.step = st.step;
-        s.bits = st.session.model.eqm_bits();
-        s.context_tokens = st.session.tokens().len();
+        s.step = st.run.step;
+        s.bits = st.run.session.model.eqm_bits();
+        s.context_tokens = st.run.session.tokens().len();
         drop(s);
         *self.state.borrow_mut() = Some(st);
     }
 
     fn stats(&self) -> serde_json::Value {
-        let e = self.elastic.borrow().stats();
+        let e = self.walk.elastic.borrow().stats();
         let s = self.snap.borrow();
         let alloc = self.alloc.borrow();
         json!({
@@ -415,11 +400,11 @@ impl Inner {
             "swaps": s.swaps, "swapsDown": e.swaps_down, "swapsUp": e.swaps_up,
             "deviceLosses": e.device_losses, "ooms": e.ooms, "swapFailures": e.swap_failures,
             "adapter": s.adapter, "loadedFromCache": s.loaded_from_cache,
-            "networkBytes": self.loader.net_bytes.get(), "cacheBytes": self.loader.cache_bytes.get(),
+            "networkBytes": self.walk.source.net_bytes.get(), "cacheBytes": self.walk.source.cache_bytes.get(),
             "prefetching": self.prefetching.get(),
             "contextTokens": s.context_tokens, "contextLength": self.opts.context, "bits": s.bits,
             "lastReason": e.last_reason, "lastSwapReason": s.last_swap_reason,
-            "modelName": self.loader.manifest.name, "unloaded": self.unloaded.get(),
+            "modelName": self.walk.source.manifest.name, "unloaded": self.unloaded.get(),
         })
     }
 
@@ -430,21 +415,23 @@ impl Inner {
             return Err(WebError::new(Code::Input, "chat request: no messages"));
         }
         let s = Sampling {
-            temperature: req.temperature.unwrap_or(0.7).max(0.0),
-            top_p: req.top_p.unwrap_or(0.95).clamp(0.0, 1.0),
-            max_tokens: req.max_tokens.unwrap_or(256).max(1),
+            temperature: req.temperature.unwrap_or(0.7),
+            top_p: req.top_p.unwrap_or(0.95),
+            max_tokens: req.max_tokens.unwrap_or(256),
             seed: req.seed.map_or_else(
                 || (js_sys::Math::random() * 2f64.powi(53)) as u64,
                 |s| s as u64,
             ),
         };
+        s.validate()
+            .map_err(|e| WebError::new(Code::Input, format!("chat request: {e}")))?;
         let text = self.chat.render(&req.messages);
         let ids = self.tokenizer.encode(&text)?;
         st.turn = None;
         self.interrupt.set(false);
         self.between_tokens(st, None).await;
         let turn = loop {
-            match st.session.start(&ids, &s, &self.stop).await {
+            match st.run.session.start(&ids, &s, &self.stop).await {
                 Ok(t) => break t,
                 Err(e) => self.after_error(st, e).await?,
             }
@@ -474,10 +461,10 @@ impl Inner {
         self.between_tokens(st, Some(index)).await;
         let mut a = st.turn.take().expect("checked above");
         if self.interrupt.replace(false) {
-            a.turn.stop("caller");
+            a.turn.stop(StopReason::Caller);
         }
         let next = loop {
-            match st.session.next(&mut a.turn).await {
+            match st.run.session.next(&mut a.turn).await {
                 Ok(n) => break n,
                 Err(e) => {
                     if let Err(e) = self.after_error(st, e).await {
@@ -491,7 +478,7 @@ impl Inner {
             Some(id) => Some(a.decoder.step(&self.tokenizer, id)?),
             None => None,
         };
-        let model = &self.loader.manifest.name;
+        let model = &self.walk.source.manifest.name;
         let mut delta = serde_json::Map::new();
         if !a.sent_role {
             delta.insert("role".into(), "assistant".into());
@@ -517,11 +504,11 @@ impl Inner {
                 json!({"id": a.id, "object": "chat.completion.chunk", "created": a.created,
                     "model": model,
                     "choices": [{"index": 0, "delta": delta,
-                        "finish_reason": finish_reason(g.stopped_by)}],
+                        "finish_reason": g.stopped_by.map(StopReason::finish_reason)}],
                     "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.generated,
                         "total_tokens": g.prompt_tokens + g.generated,
                         "extra": {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
-                            "step": st.step, "swaps": snap.swaps}}})
+                            "step": st.run.step, "swaps": snap.swaps}}})
             }
         };
         st.turn = Some(a);
@@ -531,15 +518,15 @@ impl Inner {
     /// A failed GPU call: if the device was lost, recover (the caller retries); else the
     /// error stands.
     async fn after_error(self: &Rc<Self>, st: &mut State, e: GpuError) -> WebResult<()> {
-        if !self.lost.borrow().load(Ordering::SeqCst) {
+        if !self.flags.lost.borrow().load(Ordering::SeqCst) {
             // The `lost` promise settles a little after the failing call.
             sleep(20).await;
         }
-        if self.lost.borrow().load(Ordering::SeqCst) {
-            return self.recover(st).await;
+        if self.flags.lost.borrow().load(Ordering::SeqCst) {
+            return self.recover(&mut st.run).await;
         }
         if let GpuError::OutOfMemory { .. } = e {
-            self.elastic.borrow_mut().oom(now_ms());
+            self.walk.elastic.borrow_mut().oom(now_ms());
         }
         Err(e.into())
     }
@@ -547,18 +534,18 @@ impl Inner {
     // ---- between tokens: device loss, then the controller's decision ----
 
     async fn between_tokens(self: &Rc<Self>, st: &mut State, token_index: Option<usize>) {
-        if self.lost.borrow().load(Ordering::SeqCst) {
-            if let Err(e) = self.recover(st).await {
-                self.loader.emitter.error(&e);
+        if self.flags.lost.borrow().load(Ordering::SeqCst) {
+            if let Err(e) = self.recover(&mut st.run).await {
+                self.walk.source.emitter.error(&e);
             }
             return;
         }
-        if self.oom.swap(false, Ordering::SeqCst) {
-            self.elastic.borrow_mut().oom(now_ms());
+        if self.flags.oom.swap(false, Ordering::SeqCst) {
+            self.walk.elastic.borrow_mut().oom(now_ms());
         }
-        let d = self.elastic.borrow_mut().decide(now_ms());
-        if let Err(e) = self.execute(st, d, token_index).await {
-            self.loader.emitter.error(&e);
+        let d = self.walk.elastic.borrow_mut().decide(now_ms());
+        if let Err(e) = self.execute(&mut st.run, d, token_index).await {
+            self.walk.source.emitter.error(&e);
         }
     }
 
@@ -569,9 +556,9 @@ impl Inner {
             return Ok(JsValue::FALSE);
         }
         let mut st = self.take()?;
-        let before = st.step;
+        let before = st.run.step;
         self.between_tokens(&mut st, None).await;
-        let moved = st.step != before;
+        let moved = st.run.step != before;
         self.put(st);
         Ok(moved.into())
     }

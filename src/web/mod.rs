@@ -8,8 +8,9 @@
 //! - `events`: what `onProgress` / `onEvent` receive.
 //! - `engine`: the wasm-bindgen `Engine`: options, chat token by token, and between tokens
 //!   the signals and `runtime::Elastic`'s decision.
-//! - `trajectory`: executing those decisions: load a step, swap, prefetch, rebuild after a
-//!   device loss.
+//! - `trajectory`: the browser's side of `runtime::walk` (which loads steps, swaps, prefetches
+//!   and rebuilds after a device loss): the loader as its byte source, the device hooks, the
+//!   walk's events as JS events.
 
 pub mod engine;
 pub mod error;
@@ -22,11 +23,4 @@ mod trajectory;
 pub use engine::Engine;
 pub use error::{Code, WebError};
 
-/// Milliseconds on the page's monotonic clock (`performance.now()`), window or worker.
-pub fn now_ms() -> f64 {
-    use wasm_bindgen::JsCast;
-    js_sys::Reflect::get(&js_sys::global(), &"performance".into())
-        .ok()
-        .and_then(|p| p.dyn_into::<web_sys::Performance>().ok())
-        .map_or_else(js_sys::Date::now, |p| p.now())
-}
+pub use crate::runtime::clock::now_ms;

@@ -1,317 +1,194 @@
-//! Walking the trajectory: loading a step onto a new device, executing the controller's
-//! swaps between tokens (all shards first, then one module per step), prefetching the steps
-//! below, and rebuilding after a device loss. `engine.rs` decides when; this file does it.
+//! The browser's side of the trajectory walk (`runtime::walk` does the walking): the
+//! `ByteSource` over fetch + Cache API, the WebGPU factory's device hooks (`device.lost`,
+//! uncaptured out-of-memory), the walk's events as JS events and stats, prefetching in the
+//! background, and the adapter's label.
 
-use crate::ensemble::base::Base;
-use crate::ensemble::manifest::FileRef;
-use crate::gpu::session::Session;
-use crate::gpu::{Gpu, GpuError, Model, ModelOptions};
-use crate::model::weights::ModuleId;
-use crate::quant::format::{PackedMatrix, PackedShape};
-use crate::runtime::Decision;
-use crate::web::engine::{get, Inner, State};
-use crate::web::error::{Code, WebError, WebResult};
-use crate::web::events::Progress;
-use crate::web::now_ms;
+use crate::ensemble::manifest::{FileRef, Manifest};
+use crate::gpu::{Gpu, GpuFactory, Model, ModelOptions};
+use crate::runtime::walk::{ByteSource, Event, Running};
+use crate::runtime::{Elastic, Walk};
+use crate::web::engine::{get, Inner, Snapshot};
+use crate::web::error::{WebError, WebResult};
+use crate::web::events::Emitter;
+use crate::web::loader::Loader;
 use serde_json::json;
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use wasm_bindgen::JsCast;
 
-/// After a swap's files failed to download or verify, the same target is not retried for
-/// this long (a corrupt shard would otherwise be fetched again before every token).
-const FETCH_RETRY_MS: f64 = 10_000.0;
-/// Steps below the current one whose shards are prefetched: down to this fraction of the
-/// current footprint (at least one step), so a pressure swap of that size needs no network.
-const PREFETCH_TO: f64 = 0.75;
+pub type WebWalk = Walk<Loader, GpuFactory>;
 
-impl Inner {
-    /// A new device and a model at the step the controller picks (stepping further down on
-    /// out-of-memory), with an empty KV cache.
-    pub(super) async fn build(&self) -> WebResult<(Session, usize)> {
-        let m = &self.loader.manifest;
-        // The GPU model API shares the device by `Arc` (natively across threads); in the
-        // browser there is one thread.
-        #[allow(clippy::arc_with_non_send_sync)]
-        let gpu = Arc::new(
-            Gpu::new(Model::requirements(&m.config, &self.opts))
-                .await
-                .map_err(|e| WebError::new(Code::WebGpuUnavailable, e.to_string()))?,
-        );
+impl ByteSource for Loader {
+    type Error = WebError;
+
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    async fn files(&self, files: &[FileRef], phase: &'static str) -> WebResult<Vec<Vec<u8>>> {
+        Loader::files(self, files, phase).await
+    }
+    fn prefetches(&self) -> bool {
+        self.cached()
+    }
+    async fn mark_complete(&self, step: usize, files: &[FileRef]) {
+        Loader::mark_complete(self, step, files).await
+    }
+}
+
+/// Flags the engine reads between tokens, set by the current device's callbacks.
+#[derive(Clone)]
+pub struct DeviceFlags {
+    /// Set by the current device's `lost` callback (or `simulateDeviceLoss`).
+    pub lost: Rc<RefCell<Arc<AtomicBool>>>,
+    /// Set by an uncaptured WebGPU out-of-memory error.
+    pub oom: Arc<AtomicBool>,
+}
+
+/// The walk over `loader` with a WebGPU factory whose devices report to `flags`, and whose
+/// events go to the app (`emitter`) and to the stats (`snap`).
+pub fn web_walk(
+    loader: Loader,
+    opts: ModelOptions,
+    elastic: Elastic,
+    flags: DeviceFlags,
+    snap: Rc<RefCell<Snapshot>>,
+) -> WebWalk {
+    let emitter = loader.emitter.clone();
+    let mut factory = GpuFactory::new(opts);
+    factory.on_device = Some(Box::new(move |gpu: &Arc<Gpu>| {
         let lost = Arc::new(AtomicBool::new(false));
         let flag = lost.clone();
         gpu.device
             .set_device_lost_callback(move |_, _| flag.store(true, Ordering::SeqCst));
-        let oom = self.oom.clone();
+        let oom = flags.oom.clone();
         gpu.device.on_uncaptured_error(Arc::new(move |e| {
             if matches!(e, wgpu::Error::OutOfMemory { .. }) {
                 oom.store(true, Ordering::SeqCst);
             }
             web_sys::console::warn_1(&format!("flexquant: uncaptured WebGPU error: {e}").into());
         }));
-        *self.lost.borrow_mut() = lost;
-        self.snap.borrow_mut().adapter = adapter_label(&gpu).await;
-        let mut p = Progress::new("download", 0, 0);
-        let base_bytes = self.loader.file(&m.base, &mut p).await?;
-        let base = Base::from_bytes(&m.config, m.quantizer.group_size, &base_bytes, &m.base.file)?;
-        drop(base_bytes);
-        loop {
-            let step = self.elastic.borrow_mut().decide(now_ms()).target();
-            let files = self.loader.step_files(step);
-            let modules = self.modules(&files, step, "download").await?;
-            self.loader
-                .emitter
-                .emit(json!({"type": "progress", "phase": "upload",
-                "step": step, "totalBytes": m.trajectory[step].footprint_bytes}));
-            match upload(gpu.clone(), &m.config, &base, &modules, self.opts).await {
-                Ok(mut model) => {
-                    self.warm_kernels(&mut model).await?;
-                    let session = Session::new(model);
-                    *self.alloc.borrow_mut() = Some(session.model.allocator().clone());
-                    let fp = session.model.footprint().total();
-                    {
-                        let mut e = self.elastic.borrow_mut();
-                        e.set_overheads(fp.saturating_sub(m.trajectory[step].footprint_bytes));
-                        e.swapped(step, now_ms())?;
-                    }
-                    self.loader.mark_complete(step, &files).await;
-                    return Ok((session, step));
-                }
-                Err(GpuError::OutOfMemory { .. }) if step + 1 < m.trajectory.len() => {
-                    self.elastic.borrow_mut().swap_failed(step, now_ms())?;
-                }
-                Err(e) => return Err(e.into()),
+        *flags.lost.borrow_mut() = lost;
+    }));
+    Walk::new(
+        loader,
+        factory,
+        elastic,
+        Box::new(move |e| on_walk_event(&emitter, &snap, e)),
+    )
+}
+
+/// A walk event as the app's event (see `js/API.md`) and in the stats.
+fn on_walk_event(em: &Emitter, snap: &RefCell<Snapshot>, e: Event<'_, WebError>) {
+    match e {
+        Event::Upload { step, total_bytes } => em.emit(json!({"type": "progress",
+            "phase": "upload", "step": step, "totalBytes": total_bytes})),
+        Event::Swap {
+            from,
+            to,
+            modules,
+            ms,
+            reason,
+            footprint_bytes,
+            token_index,
+            bits,
+        } => {
+            {
+                let mut s = snap.borrow_mut();
+                s.swaps += 1;
+                s.last_swap_reason = Some(reason);
+                // stats() agrees with the swap event at once, not after the current token.
+                s.step = to;
+                s.bits = bits;
             }
-        }
-    }
-
-    /// Compiles the kernels of every bit-width the ensemble holds by swapping its smallest
-    /// module of that width in and back out, so that no pressure swap waits for shader
-    /// compilation (seconds per bit-width on SwiftShader, against milliseconds for the swap).
-    pub(super) async fn warm_kernels(&self, model: &mut Model) -> WebResult<()> {
-        let m = &self.loader.manifest;
-        let loaded = model.eqm_bits();
-        let mut widths: Vec<u32> = m.modules.iter().map(|v| v.bits).collect();
-        widths.sort_unstable();
-        widths.dedup();
-        for b in widths.into_iter().filter(|b| !loaded.contains(b)) {
-            let Some(v) = m
-                .modules
+            let done: Vec<_> = modules
                 .iter()
-                .filter(|v| v.bits == b)
-                .min_by_key(|v| v.file.bytes)
-            else {
-                continue;
-            };
-            let id = ModuleId {
-                layer: v.layer,
-                kind: v.kind,
-            };
-            let back = m.version(id, loaded[id.index()]).expect("validated");
-            let files = [v.file.clone(), back.file.clone()];
-            // A shard that cannot be had only means a later swap compiles this width.
-            let bytes = match self.loader.files(&files, "upload").await {
-                Ok(b) => b,
-                Err(e) => {
-                    self.loader.emitter.error(&e);
-                    continue;
-                }
-            };
-            let g = m.quantizer.group_size;
-            model.set_module_bytes(id, b, g, &bytes[0]).await?;
-            model.set_module_bytes(id, back.bits, g, &bytes[1]).await?;
+                .map(|m| {
+                    json!({"module": m.module.to_string(),
+                    "fromBits": m.from_bits, "toBits": m.to_bits})
+                })
+                .collect();
+            let first = &done[0];
+            em.emit(json!({
+                "type": "swap", "from": from, "to": to,
+                "module": first["module"], "bits": first["toBits"], "modules": done,
+                "ms": ms, "reason": reason, "footprintBytes": footprint_bytes,
+                "tokenIndex": token_index,
+            }));
         }
-        Ok(())
+        Event::DeviceLost { step } => em.emit(json!({"type": "device-lost", "step": step,
+            "message": "the GPU device was lost; rebuilding at a lower step"})),
+        Event::Recovered {
+            from,
+            to,
+            ms,
+            reprefilled_tokens,
+            bits,
+        } => {
+            {
+                let mut s = snap.borrow_mut();
+                s.step = to;
+                s.bits = bits;
+                s.context_tokens = reprefilled_tokens;
+            }
+            em.emit(json!({"type": "recovered", "from": from, "to": to,
+                "ms": ms, "reprefilledTokens": reprefilled_tokens}));
+        }
+        Event::Warning(e) => em.error(e),
+    }
+}
+
+impl Inner {
+    /// A new device and model at the controller's step, with the adapter's label in the stats.
+    pub(super) async fn build(&self) -> WebResult<Running<Model>> {
+        let run = self.walk.load().await?;
+        self.snap.borrow_mut().adapter = adapter_label(run.session.model.gpu()).await;
+        *self.alloc.borrow_mut() = Some(run.session.model.allocator().clone());
+        Ok(run)
     }
 
-    /// Module versions from their shard files (verified by the loader).
-    pub(super) async fn modules(
-        &self,
-        files: &[FileRef],
-        step: usize,
-        phase: &'static str,
-    ) -> WebResult<Vec<PackedMatrix>> {
-        let m = &self.loader.manifest;
-        let bytes = self.loader.files(files, phase).await?;
-        let bits = m.bits_at(step);
-        bytes
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                let id = ModuleId::from_index(i);
-                let (r, c) = id.kind.shape(&m.config);
-                let shape = PackedShape::new(r, c, bits[i], m.quantizer.group_size)?;
-                Ok(PackedMatrix::from_bytes(shape, b, &files[i].file)?)
-            })
-            .collect()
-    }
-
-    /// Fetches into the cache the shards of the steps below `step` down to `PREFETCH_TO` of
-    /// its footprint, in the background.
+    /// Fetches into the cache the shards of the steps below `step` (see `walk::PREFETCH_TO`),
+    /// in the background.
     pub(super) fn prefetch_below(self: &Rc<Self>, step: usize) {
-        let m = &self.loader.manifest;
-        let last = m.trajectory.len() - 1;
-        if step >= last || !self.loader.cached() || self.prefetching.get() {
+        let files = self.walk.prefetch_files(step);
+        if files.is_empty() || self.prefetching.get() {
             return;
         }
-        let floor = m.trajectory[step].footprint_bytes as f64 * PREFETCH_TO;
-        let mut to = step + 1;
-        while to < last && m.trajectory[to + 1].footprint_bytes as f64 >= floor {
-            to += 1;
-        }
-        let files: Vec<FileRef> = (step + 1..=to)
-            .filter_map(|s| {
-                let sw = m.trajectory[s].swap.as_ref()?;
-                let id = ModuleId {
-                    layer: sw.layer,
-                    kind: sw.kind,
-                };
-                Some(m.version(id, sw.to_bits)?.file.clone())
-            })
-            .collect();
         self.prefetching.set(true);
         let me = self.clone();
         wasm_bindgen_futures::spawn_local(async move {
-            if let Err(e) = me.loader.prefetch(&files).await {
-                me.loader.emitter.error(&e);
+            if let Err(e) = me.walk.source.prefetch(&files).await {
+                me.walk.source.emitter.error(&e);
             }
             me.prefetching.set(false);
         });
     }
 
-    /// Executes a swap decision: all shards first (a network or hash error changes nothing),
-    /// then one `set_module` per trajectory step (an out-of-memory error stops at the last
-    /// step reached, which is a valid EQM).
+    /// Executes the controller's decision (`Walk::execute`), then prefetches below the step
+    /// reached.
     pub(super) async fn execute(
         self: &Rc<Self>,
-        st: &mut State,
-        d: Decision,
+        run: &mut Running<Model>,
+        d: crate::runtime::Decision,
         token_index: Option<usize>,
     ) -> WebResult<()> {
-        let (from, to) = match d {
-            Decision::StepDown { from, to, .. } | Decision::StepUp { from, to, .. } => (from, to),
-            _ => return Ok(()),
-        };
-        if from != st.step || from == to {
-            return Ok(());
+        let before = run.step;
+        let r = self.walk.execute(run, d, token_index).await;
+        if run.step != before {
+            self.prefetch_below(run.step);
         }
-        let now = now_ms();
-        if matches!(self.fetch_failure.get(), Some((t, at)) if t == to && now - at < FETCH_RETRY_MS)
-        {
-            return Ok(());
-        }
-        let m = &self.loader.manifest;
-        // (module, from_bits, to_bits, trajectory step after it) in execution order.
-        let moves: Vec<(ModuleId, u32, u32, usize)> = if to > from {
-            (from + 1..=to)
-                .map(|s| {
-                    let w = m.trajectory[s].swap.as_ref().expect("validated");
-                    let id = ModuleId {
-                        layer: w.layer,
-                        kind: w.kind,
-                    };
-                    (id, w.from_bits, w.to_bits, s)
-                })
-                .collect()
-        } else {
-            (to + 1..=from)
-                .rev()
-                .map(|s| {
-                    let w = m.trajectory[s].swap.as_ref().expect("validated");
-                    let id = ModuleId {
-                        layer: w.layer,
-                        kind: w.kind,
-                    };
-                    (id, w.to_bits, w.from_bits, s - 1)
-                })
-                .collect()
-        };
-        let files: Vec<FileRef> = moves
-            .iter()
-            .map(|&(id, _, b, _)| m.version(id, b).expect("validated").file.clone())
-            .collect();
-        let t0 = now_ms();
-        let bytes = match self.loader.files(&files, "swap").await {
-            Ok(b) => b,
-            Err(e) => {
-                self.fetch_failure.set(Some((to, now_ms())));
-                return Err(e);
-            }
-        };
-        let mut done = Vec::new();
-        let mut failure = None;
-        for ((id, fb, tb, after), b) in moves.iter().zip(&bytes) {
-            let r = st
-                .session
-                .model
-                .set_module_bytes(*id, *tb, m.quantizer.group_size, b)
-                .await;
-            match r {
-                Ok(()) => {
-                    st.step = *after;
-                    done.push(json!({"module": id.to_string(), "fromBits": fb, "toBits": tb}));
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        let ms = now_ms() - t0;
-        if !done.is_empty() {
-            let mut e = self.elastic.borrow_mut();
-            e.swapped(st.step, now_ms())?;
-            drop(e);
-            let mut snap = self.snap.borrow_mut();
-            snap.swaps += 1;
-            snap.last_swap_reason = Some(d.reason());
-            // stats() agrees with the swap event at once, not after the current token.
-            snap.step = st.step;
-            snap.bits = st.session.model.eqm_bits();
-            drop(snap);
-            let first = &done[0];
-            self.loader.emitter.emit(json!({
-                "type": "swap", "from": from, "to": st.step,
-                "module": first["module"], "bits": first["toBits"], "modules": done,
-                "ms": ms, "reason": d.reason(), "footprintBytes": m.trajectory[st.step].footprint_bytes,
-                "tokenIndex": token_index,
-            }));
-            self.prefetch_below(st.step);
-        }
-        if let Some(e) = failure {
-            if let GpuError::OutOfMemory { .. } = e {
-                self.elastic.borrow_mut().swap_failed(to, now_ms())?;
-            }
-            return Err(e.into());
-        }
-        Ok(())
+        r
     }
 
-    /// After a device loss: a new device, a lower step (the controller's `DeviceLost`
-    /// decision), the modules from the cache, and the conversation run into the new KV cache.
-    pub(super) async fn recover(self: &Rc<Self>, st: &mut State) -> WebResult<()> {
-        let t0 = now_ms();
-        let from = st.step;
-        self.elastic.borrow_mut().device_lost(now_ms());
-        self.loader
-            .emitter
-            .emit(json!({"type": "device-lost", "step": from,
-            "message": "the GPU device was lost; rebuilding at a lower step"}));
-        let (model_session, step) = self.build().await?;
-        let n = st.session.replace_model(model_session.model)?;
-        st.step = step;
-        let mut snap = self.snap.borrow_mut();
-        snap.step = step;
-        snap.bits = st.session.model.eqm_bits();
-        snap.context_tokens = st.session.tokens().len();
-        drop(snap);
-        self.lost.borrow().store(false, Ordering::SeqCst);
-        self.prefetch_below(step);
-        self.loader
-            .emitter
-            .emit(json!({"type": "recovered", "from": from, "to": step,
-            "ms": now_ms() - t0, "reprefilledTokens": n}));
+    /// After a device loss: `Walk::recover` (a new device, a lower step, the conversation
+    /// re-prefilled), then the new device's label and prefetching.
+    pub(super) async fn recover(self: &Rc<Self>, run: &mut Running<Model>) -> WebResult<()> {
+        self.walk.recover(run).await?;
+        self.snap.borrow_mut().adapter = adapter_label(run.session.model.gpu()).await;
+        *self.alloc.borrow_mut() = Some(run.session.model.allocator().clone());
+        self.flags.lost.borrow().store(false, Ordering::SeqCst);
+        self.prefetch_below(run.step);
         Ok(())
     }
 }
@@ -344,15 +221,4 @@ async fn adapter_label(gpu: &Gpu) -> String {
         Some(s) => format!("{s} ({:?})", gpu.info.backend),
         None => gpu.adapter_name(),
     }
-}
-
-/// The model on the GPU from the base shard and one packed version per module.
-async fn upload(
-    gpu: Arc<Gpu>,
-    config: &crate::model::config::LlamaConfig,
-    base: &Base,
-    modules: &[PackedMatrix],
-    opts: ModelOptions,
-) -> Result<Model, GpuError> {
-    Model::from_base(gpu, config, base, modules, opts).await
 }

@@ -1,5 +1,4 @@
 //! Shared test fixtures: where the installed demo model and text live, and the tiny model.
-#![allow(dead_code)]
 
 use std::path::PathBuf;
 

@@ -1,4 +1,3 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! Tests for `flexquant::text`: synthetic R lazy-load databases (valid,
 //! corrupt and fuzzed), Brown detokenization, the corpus split, and the real
 //! data when `./build.sh setup` has fetched it.

@@ -1,12 +1,14 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! The demo model end to end: tokenizer round trip on the whole held-out novel, a chat answer,
 //! and the CLI's JSON outputs.
 
-mod common;
+use crate::common;
 
 use flexquant::model::chat::Message;
-use flexquant::model::generate::{SamplingParams, Session};
 use flexquant::model::load::load;
+use flexquant::model::tokenizer::StreamDecoder;
+use flexquant::runtime::reference::Reference;
+use flexquant::runtime::{Sampling, Session, StopReason};
+use pollster::block_on;
 use std::process::Command;
 
 #[test]
@@ -39,29 +41,30 @@ fn demo_model_tokenizes_chats_and_evaluates() {
     assert_eq!(digits.len(), 4);
 
     // A factual chat answer, greedy, through the session (prefix reuse on the second turn).
-    let mut s = Session::new(&m.weights, &m.tokenizer, 512);
+    let mut s = Session::new(Reference::new(m.weights.clone(), 512));
     let mut msgs = vec![Message::new("user", "What is the capital of France?")];
     let prompt = m.tokenizer.encode(&m.tokenizer.chat.render(&msgs)).unwrap();
     let mut streamed = String::new();
-    let params = SamplingParams {
+    let params = Sampling {
         max_tokens: 40,
         ..Default::default()
     };
-    let (out, stats) = s
-        .generate(&prompt, &params, |p| {
-            streamed.push_str(p);
-            true
-        })
-        .unwrap();
+    let mut dec = StreamDecoder::default();
+    let stop = m.tokenizer.stop.clone();
+    let (out, stats) = block_on(s.generate(&prompt, &params, &stop, |id| {
+        streamed.push_str(&dec.step(&m.tokenizer, id).unwrap());
+        true
+    }))
+    .unwrap();
     let answer = m.tokenizer.decode(&out, true).unwrap();
     eprintln!("answer: {answer:?} {stats:?}");
     assert_eq!(streamed, answer);
     assert!(answer.contains("Paris"), "{answer}");
-    assert_eq!(stats.stopped_by, "eos");
+    assert_eq!(stats.stopped_by, Some(StopReason::Eos));
     msgs.push(Message::new("assistant", &answer));
     msgs.push(Message::new("user", "And of Italy?"));
     let prompt2 = m.tokenizer.encode(&m.tokenizer.chat.render(&msgs)).unwrap();
-    let (out2, stats2) = s.generate(&prompt2, &params, |_| true).unwrap();
+    let (out2, stats2) = block_on(s.generate(&prompt2, &params, &stop, |_| true)).unwrap();
     assert!(
         stats2.prefilled < prompt2.len() / 2,
         "the first turn should come from the cache: {stats2:?}"

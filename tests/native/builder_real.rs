@@ -1,9 +1,8 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! The whole builder on the demo model (real weights, real text), at a small budget so it fits
 //! CI: an RTN library at 4/3/2 bits, search + pruning + packaging, then the packaged files are
 //! checked against what the search held in memory.
 
-mod common;
+use crate::common;
 
 use flexquant::build::package::{load_step_weights, read_manifest, read_verified};
 use flexquant::build::pipeline::{build_ensemble, BuildSettings, Inputs};

@@ -1,8 +1,7 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! The CPU forward on the tiny random model: checked against a naive independent forward
 //! written here with plain loops, and for KV-cache consistency.
 
-mod common;
+use crate::common;
 
 use common::{max_abs_diff, tiny_model_dir};
 use flexquant::model::forward::{self, KvCache};

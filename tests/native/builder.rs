@@ -1,8 +1,5 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! The builder's calibration evaluator on the tiny model: cached-prefix evaluation gives exactly
 //! the perplexity a full forward gives, and the search over a real library is well-formed.
-
-mod common;
 
 use flexquant::build::evaluator::{spearman, CalibEvaluator};
 use flexquant::build::search::{search, Available, Evaluator, SearchOptions};

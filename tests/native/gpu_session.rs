@@ -1,15 +1,12 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! The step-wise GPU session (`Session::start` / `next`) that the browser runtime drives one
 //! token per call: it matches the callback form, survives a module swap between tokens, and
 //! after `replace_model` (a device-loss rebuild) continues exactly as if nothing happened.
 
-mod gpu_util;
-
-use flexquant::gpu::session::{Sampling, Session};
-use flexquant::gpu::weights::rtn_modules;
-use flexquant::gpu::{Model, ModelOptions};
+use crate::gpu_util::gpu_arc;
+use flexquant::gpu::ModelOptions;
 use flexquant::model::load;
-use gpu_util::gpu_arc;
+use flexquant::quant::weights::{gpu_model, rtn_modules};
+use flexquant::runtime::{Sampling, Session, StopReason};
 use pollster::block_on;
 
 const OPTS: ModelOptions = ModelOptions {
@@ -36,7 +33,7 @@ fn step_wise_session_matches_generate_and_survives_a_model_replacement() {
     let m = load::load(dir.path()).unwrap();
     let w = &m.weights;
     let modules = rtn_modules(w, |_| 4, 32).unwrap();
-    let model = || block_on(Model::new(gpu.clone(), w, &modules, OPTS)).unwrap();
+    let model = || block_on(gpu_model(gpu.clone(), w, &modules, OPTS)).unwrap();
     // Longer than max_batch, so the re-prefill runs in several chunks.
     let prompt = m
         .tokenizer
@@ -47,7 +44,10 @@ fn step_wise_session_matches_generate_and_survives_a_model_replacement() {
 
     let mut a = Session::new(model());
     let (want, stats) = block_on(a.generate(&prompt, &greedy(12), &none, |_| true)).unwrap();
-    assert_eq!((want.len(), stats.stopped_by), (12, "max_tokens"));
+    assert_eq!(
+        (want.len(), stats.stopped_by),
+        (12, Some(StopReason::MaxTokens))
+    );
 
     // Step by step, replacing the model (a fresh KV cache, re-prefilled) after 5 tokens.
     let mut b = Session::new(model());
@@ -56,14 +56,14 @@ fn step_wise_session_matches_generate_and_survives_a_model_replacement() {
     while let Some(id) = block_on(b.next(&mut turn)).unwrap() {
         got.push(id);
         if got.len() == 5 {
-            let n = b.replace_model(model()).unwrap();
+            let n = block_on(b.replace_model(model())).unwrap();
             assert_eq!(n, prompt.len() + 4, "the prompt and the tokens run so far");
             assert_eq!(b.model.len(), n);
         }
     }
     assert!(turn.is_done());
     assert_eq!(got, want);
-    assert_eq!(turn.stats.stopped_by, "max_tokens");
+    assert_eq!(turn.stats.stopped_by, Some(StopReason::MaxTokens));
     assert_eq!(turn.stats.generated, 12);
 
     // An early stop, then the next turn reuses the cached prefix.
@@ -73,9 +73,12 @@ fn step_wise_session_matches_generate_and_survives_a_model_replacement() {
         "all but the last prompt token came from the cache"
     );
     block_on(b.next(&mut turn)).unwrap().unwrap();
-    turn.stop("caller");
+    turn.stop(StopReason::Caller);
     assert_eq!(block_on(b.next(&mut turn)).unwrap(), None);
-    assert_eq!((turn.stats.stopped_by, turn.stats.generated), ("caller", 1));
+    assert_eq!(
+        (turn.stats.stopped_by, turn.stats.generated),
+        (Some(StopReason::Caller), 1)
+    );
     b.reset();
     assert!(b.tokens().is_empty() && b.model.is_empty());
 }

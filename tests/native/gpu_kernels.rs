@@ -1,4 +1,3 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! Per-kernel parity with a CPU reference on random shapes (llama.cpp's test-backend-ops
 //! style): every WGSL kernel, every bit-width, sizes that are not multiples of the workgroup
 //! size or of 32 columns.
@@ -8,14 +7,12 @@
 //! allows ~100 roundings of the largest term and catches any wrong weight, which moves the
 //! result by about 1/cols >= 1e-4 of that sum).
 
-mod gpu_util;
-
+use crate::gpu_util::{f32s, gpu, kernels_for, u32s};
+use flexquant::ensemble::format::BITS;
 use flexquant::gpu::kernels::{self, Kernel};
 use flexquant::gpu::probe;
-use flexquant::model::generate::Rng;
-use flexquant::quant::format::BITS;
 use flexquant::quant::rtn::quantize_rtn;
-use gpu_util::{f32s, gpu, kernels_for, u32s};
+use flexquant::runtime::generate::Rng;
 
 const NORM_ERR: f64 = 1e-5;
 

@@ -1,13 +1,12 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! The manifest reader rejects every kind of bad manifest with a clear error.
 
 use flexquant::ensemble::base::base_bytes;
+use flexquant::ensemble::format::PackedShape;
 use flexquant::ensemble::manifest::{
     sha256_hex, ChatSpec, FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap,
 };
 use flexquant::model::tiny::tiny_config;
 use flexquant::model::{ModuleId, ModuleKind};
-use flexquant::quant::format::PackedShape;
 
 fn file(name: &str, bytes: u64) -> FileRef {
     FileRef {

@@ -1,17 +1,15 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! The demo model (SmolLM2-135M) on the GPU against the CPU path on held-out text: logits of
 //! uniform and mixed EQMs, forced decoding, perplexity, and module swaps.
 
-mod common;
-mod gpu_util;
+use crate::common;
 
-use flexquant::gpu::weights::{reference_weights, rtn_modules};
-use flexquant::gpu::{GpuError, Model, ModelOptions};
+use crate::gpu_util::gpu_arc;
+use flexquant::ensemble::format::PackedMatrix;
+use flexquant::gpu::{GpuError, ModelOptions};
 use flexquant::model::forward::{self, KvCache};
 use flexquant::model::load::{self, LoadedModel};
 use flexquant::model::{ops, ModuleId, ModuleKind};
-use flexquant::quant::format::PackedMatrix;
-use gpu_util::gpu_arc;
+use flexquant::quant::weights::{gpu_model, reference_weights, rtn_modules};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -75,7 +73,7 @@ fn demo_logits_of_uniform_and_mixed_eqms_match_cpu() {
         let r = reference_weights(w, &modules).unwrap();
         let mut cache = KvCache::new(&r, 64);
         let want = forward::forward_all(&r, tokens, &mut cache).unwrap();
-        let mut g = block(Model::new(gpu.clone(), w, &modules, opts)).unwrap();
+        let mut g = block(gpu_model(gpu.clone(), w, &modules, opts)).unwrap();
         let got = block(g.logits_all(tokens)).unwrap();
         let e = rel_err(&got, &want);
         eprintln!("{name}: logits error {e:.2e} (max abs / rms)");
@@ -113,7 +111,7 @@ fn demo_forced_decoding_agrees_with_cpu_and_ppl_matches() {
         logit_rows: 64,
         top_k: 1,
     };
-    let mut g = block(Model::new(gpu.clone(), w, &modules, opts)).unwrap();
+    let mut g = block(gpu_model(gpu.clone(), w, &modules, opts)).unwrap();
 
     // Forced decoding: the held-out text fed in, the GPU's top-1 at each position against the
     // CPU's, and the perplexity of the same positions, all logits of one prefill per 64.
@@ -200,10 +198,10 @@ fn demo_swaps_keep_exact_accounting_and_match_a_fresh_model() {
             .map(|(i, &c)| lib[c][i].clone())
             .collect()
     };
-    let mut g = block(Model::new(gpu.clone(), w, &pick(&choice), opts)).unwrap();
+    let mut g = block(gpu_model(gpu.clone(), w, &pick(&choice), opts)).unwrap();
     let prompt = &ids[..6];
     block(g.step(prompt)).unwrap();
-    let mut rng = flexquant::model::generate::Rng::new(11);
+    let mut rng = flexquant::runtime::generate::Rng::new(11);
     let t0 = Instant::now();
     for _ in 0..200 {
         let i = (rng.next_f32() * choice.len() as f32) as usize % choice.len();
@@ -229,7 +227,7 @@ fn demo_swaps_keep_exact_accounting_and_match_a_fresh_model() {
     // EQM must give identical logits for the same tokens.
     g.truncate(0);
     let swapped = block(g.logits_last(&ids[..8])).unwrap();
-    let mut fresh = block(Model::new(gpu.clone(), w, &pick(&choice), opts)).unwrap();
+    let mut fresh = block(gpu_model(gpu.clone(), w, &pick(&choice), opts)).unwrap();
     let want = block(fresh.logits_last(&ids[..8])).unwrap();
     assert_eq!(
         swapped, want,

@@ -1,12 +1,11 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! Bad input never panics and always names what and where: fuzzed GGUF headers, corrupt
 //! safetensors, malformed configs, and bad CLI arguments.
 
-mod common;
+use crate::common;
 
-use flexquant::model::generate::Rng;
 use flexquant::model::gguf::Gguf;
 use flexquant::model::load::{load, load_gguf_bytes};
+use flexquant::runtime::generate::Rng;
 use std::path::Path;
 use std::process::Command;
 

@@ -1,15 +1,12 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! The whole model on the GPU against the CPU reference forward of the same weights
-//! (`gpu::weights::reference_weights`: dequantized modules, 8-bit embedding and head).
+//! (`quant::weights::reference_weights`: dequantized modules, 8-bit embedding and head).
 
-mod gpu_util;
-
-use flexquant::gpu::weights::{reference_weights, rtn_modules};
-use flexquant::gpu::{Model, ModelOptions};
+use crate::gpu_util::gpu_arc;
+use flexquant::ensemble::format::BITS;
+use flexquant::gpu::ModelOptions;
 use flexquant::model::forward::{self, KvCache};
 use flexquant::model::load;
-use flexquant::quant::format::BITS;
-use gpu_util::gpu_arc;
+use flexquant::quant::weights::{gpu_model, reference_weights, rtn_modules};
 
 /// Logit error measure: max |gpu - cpu| over the RMS of the CPU logits.
 fn rel_err(gpu: &[f32], cpu: &[f32]) -> f32 {
@@ -49,7 +46,7 @@ fn tiny_model_prefill_and_decode_match_cpu_for_mixed_bits() {
         logit_rows: 64,
         top_k: 5,
     };
-    let mut g = pollster::block_on(Model::new(gpu.clone(), w, &modules, opts)).unwrap();
+    let mut g = pollster::block_on(gpu_model(gpu.clone(), w, &modules, opts)).unwrap();
     assert_eq!(g.allocator().bytes(), g.footprint().total());
     assert_eq!(g.held_bytes(), g.footprint().total());
 

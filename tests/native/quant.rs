@@ -1,21 +1,22 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! The packed format, RTN and GPTQ on synthetic matrices, the staged calibration layer, and the
 //! module library + EQM round trip on the tiny model. All fast; the real-model checks are in
 //! tests/quant_real.rs.
 
-mod common;
+use crate::common;
 
+use flexquant::ensemble::format::{
+    unpack_scale_zero, PackedMatrix, PackedShape, BITS, GROUP_SIZES,
+};
 use flexquant::model::forward::{self, KvCache};
-use flexquant::model::generate::Rng;
 use flexquant::model::load::load;
 use flexquant::model::ops::Rope;
 use flexquant::model::{Linear, ModuleId, ModuleKind};
 use flexquant::quant::calib::{self, CalibSettings};
 use flexquant::quant::eqm::{base_bytes, Eqm, EqmModel};
-use flexquant::quant::format::{unpack_scale_zero, PackedMatrix, PackedShape, BITS, GROUP_SIZES};
 use flexquant::quant::gptq::{prepare, quantize_gptq, GptqConfig, Hessian};
 use flexquant::quant::library::{self, BuildInput, BuildOptions, Library, Method, ModelInfo};
 use flexquant::quant::rtn::quantize_rtn;
+use flexquant::runtime::generate::Rng;
 use std::path::Path;
 
 fn uniform(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {

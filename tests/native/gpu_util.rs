@@ -1,5 +1,4 @@
 //! Shared by the GPU tests: one device per test process, and the loud skip when there is none.
-#![allow(dead_code)]
 
 use flexquant::gpu::{Gpu, Kernels, Requirements};
 use std::sync::OnceLock;

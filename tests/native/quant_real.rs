@@ -1,9 +1,8 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! Quantization on the real demo model and text: GPTQ against RTN per module on real
 //! activations, and end-to-end perplexity. Skipped with a message when the data is missing
 //! (a failure under FLEXQUANT_REQUIRE_DATA=1, as in CI).
 
-mod common;
+use crate::common;
 
 use flexquant::model::eval::perplexity;
 use flexquant::model::forward;

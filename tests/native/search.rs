@@ -1,4 +1,3 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! The tree search and pruning on a synthetic model whose damage is known exactly.
 
 use flexquant::build::prune::{intermediate_versions, prune, usage};

@@ -1,4 +1,3 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! The elastic controller under scripted signal sequences with an explicit clock: a simulated
 //! host asks `decide` between tokens (every 50 ms), performs every move at once (or fails it
 //! where a test says so) and reports back, while the test drives budget, heap and faults.

@@ -1,10 +1,9 @@
-#![cfg(not(target_arch = "wasm32"))]
 //! The CPU reference forward and tokenizer against an independent implementation computed at
 //! test time: tests/reference/ref_llama.py (numpy float64 forward over tensors read with PyPI's
 //! `gguf`, llama.cpp-style adjacent-pair RoPE on the permuted weights, its own byte-level BPE).
 //! No reference numbers are stored in the repository.
 
-mod common;
+use crate::common;
 
 use common::{demo_model_path, heldout_text, max_abs_diff};
 use flexquant::model::forward::{self, KvCache};

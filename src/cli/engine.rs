@@ -1,0 +1,264 @@
+//! What `generate`, `chat` and `eval` run: a model file on the CPU reference (float), or a
+//! built ensemble as shipped (its GPTQ shards, verified) on a backend, at a fixed step or
+//! walked live by the elastic controller under a budget.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use flexquant::gpu::{GpuFactory, ModelOptions};
+use flexquant::model::tokenizer::Tokenizer;
+use flexquant::runtime::dir::DirSource;
+use flexquant::runtime::reference::{Reference, ReferenceFactory};
+use flexquant::runtime::walk::{Event, Running};
+use flexquant::runtime::{Backend, ByteSource, Elastic, Factory, Policy, Session, Walk};
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// The CPU fake-quant f32 forward (slow; exactly the model the builder evaluated).
+    Reference,
+    /// The WGSL engine on wgpu (Vulkan/Metal/DX12; lavapipe without a GPU).
+    Gpu,
+}
+
+#[derive(Args, Clone)]
+pub struct SourceArgs {
+    /// A model file (.gguf) or Hugging Face directory, run as it is (float) on the reference.
+    #[arg(
+        long,
+        required_unless_present = "ensemble",
+        conflicts_with = "ensemble"
+    )]
+    pub model: Option<PathBuf>,
+    /// A built ensemble directory (manifest.json + shards), run as shipped.
+    #[arg(long)]
+    pub ensemble: Option<PathBuf>,
+    /// Trajectory step to run (0 = QM(n_up), the largest); default: the controller's choice.
+    #[arg(long, requires = "ensemble", conflicts_with = "budget")]
+    pub step: Option<usize>,
+    /// Memory budget in MB (model + KV cache + activations): the controller picks the largest
+    /// step that fits and walks the trajectory when it changes (`/budget MB` in the chat).
+    #[arg(long, requires = "ensemble")]
+    pub budget: Option<f64>,
+    /// Where the ensemble runs (a model file always runs on the reference).
+    #[arg(long, value_enum, default_value_t = BackendKind::Reference)]
+    pub backend: BackendKind,
+}
+
+/// Bytes from a budget in MB (1 MB = 10^6 bytes, as the reports print them).
+pub fn budget_bytes(mb: f64) -> Result<u64> {
+    if !(mb.is_finite() && mb > 0.0) {
+        bail!("budget {mb} MB: must be a positive number of MB");
+    }
+    Ok((mb * 1e6) as u64)
+}
+
+/// A model with its tokenizer, ready to generate; for an ensemble, the walk that moves it.
+pub struct Engine<F: Factory> {
+    pub run: Running<F::Model>,
+    pub tokenizer: Tokenizer,
+    pub walk: Option<Walk<DirSource, F>>,
+    /// Whether the controller moves the model between tokens (a budget was given).
+    pub elastic: bool,
+    pub label: String,
+}
+
+/// Prints what the walk does, on stderr (stdout carries the answer).
+fn print_event(e: Event<'_, anyhow::Error>) {
+    match e {
+        Event::Upload { step, total_bytes } => {
+            eprintln!(
+                "[loading step {step}: {:.1} MB of modules]",
+                total_bytes as f64 / 1e6
+            )
+        }
+        Event::Swap {
+            from,
+            to,
+            modules,
+            ms,
+            reason,
+            footprint_bytes,
+            ..
+        } => {
+            let what: Vec<String> = modules
+                .iter()
+                .map(|m| format!("{} {}->{}", m.module, m.from_bits, m.to_bits))
+                .collect();
+            eprintln!(
+                "[swap step {from} -> {to} ({reason}): {} in {ms:.0} ms, {:.1} MB]",
+                what.join(", "),
+                footprint_bytes as f64 / 1e6
+            );
+        }
+        Event::DeviceLost { step } => eprintln!("[device lost at step {step}]"),
+        Event::Recovered { from, to, ms, .. } => {
+            eprintln!("[recovered: step {from} -> {to} in {ms:.0} ms]")
+        }
+        Event::Warning(e) => eprintln!("[warning: {e:#}]"),
+    }
+}
+
+/// The walk over `dir` with `factory`, loaded at `step` (or the controller's step under
+/// `budget`).
+pub fn open_ensemble<F: Factory>(
+    s: &SourceArgs,
+    dir: &std::path::Path,
+    factory: F,
+    context: usize,
+) -> Result<Engine<F>>
+where
+    <F::Model as Backend>::Error: Send + Sync + 'static,
+{
+    let source = DirSource::open(dir)?;
+    let m = source.manifest();
+    let tokenizer = m.tokenizer(
+        &source
+            .files(std::slice::from_ref(&m.tokenizer), "tokenizer")
+            .block()?[0],
+    )?;
+    let footprints: Vec<u64> = m.trajectory.iter().map(|t| t.footprint_bytes).collect();
+    let c = &m.config;
+    let kv = 2 * 4 * (c.num_hidden_layers * context * c.kv_dim()) as u64;
+    let mut elastic = Elastic::new(footprints, kv, Policy::default())?;
+    if let Some(step) = s.step {
+        if step >= m.trajectory.len() {
+            bail!(
+                "--step {step}: {} has steps 0..{}",
+                dir.display(),
+                m.trajectory.len() - 1
+            );
+        }
+    }
+    if let Some(mb) = s.budget {
+        elastic.set_budget(budget_bytes(mb)?);
+    }
+    let walk = Walk::new(source, factory, elastic, Box::new(print_event));
+    let run = match s.step {
+        Some(step) => walk.load_at(Some(step)).block()?,
+        None => walk.load().block()?,
+    };
+    let label = walk.factory.label();
+    Ok(Engine {
+        run,
+        tokenizer,
+        elastic: s.budget.is_some(),
+        walk: Some(walk),
+        label,
+    })
+}
+
+/// A model file as it is, on the reference.
+pub fn open_model(path: &std::path::Path, context: usize) -> Result<Engine<ReferenceFactory>> {
+    let m = super::load_model(path)?;
+    let context = context.min(m.weights.config.max_position_embeddings);
+    Ok(Engine {
+        run: Running {
+            session: Session::new(Reference::new(m.weights, context)),
+            step: 0,
+        },
+        tokenizer: m.tokenizer,
+        walk: None,
+        elastic: false,
+        label: format!("{} (float, CPU reference)", m.source),
+    })
+}
+
+/// Runs `job` on the engine `s` asks for.
+pub fn with_engine<J: Job>(s: &SourceArgs, context: usize, job: J) -> Result<()> {
+    match (&s.model, &s.ensemble) {
+        (Some(p), _) => {
+            if s.backend != BackendKind::Reference {
+                bail!("--backend gpu runs a built ensemble: give --ensemble DIR (build one with `flexquant build`)");
+            }
+            job.run(open_model(p, context)?)
+        }
+        (None, Some(dir)) => {
+            let c = DirSource::open(dir)?
+                .manifest()
+                .config
+                .max_position_embeddings;
+            let context = context.min(c);
+            match s.backend {
+                BackendKind::Reference => {
+                    let f = ReferenceFactory { context };
+                    job.run(open_ensemble(s, dir, f, context)?)
+                }
+                BackendKind::Gpu => {
+                    let f = GpuFactory::new(ModelOptions {
+                        context,
+                        ..Default::default()
+                    });
+                    job.run(open_ensemble(s, dir, f, context)?)
+                }
+            }
+        }
+        (None, None) => bail!("give --model FILE or --ensemble DIR"),
+    }
+}
+
+/// Something to do with an engine, whatever its backend.
+pub trait Job {
+    fn run<F: Factory>(self, e: Engine<F>) -> Result<()>
+    where
+        <F::Model as Backend>::Error: Send + Sync + 'static;
+}
+
+impl<F: Factory> Engine<F>
+where
+    <F::Model as Backend>::Error: Send + Sync + 'static,
+{
+    /// Between tokens: the controller's decision, executed (when a budget drives it). A failed
+    /// swap is reported and the answer goes on at the step reached.
+    pub fn between_tokens(&mut self, token_index: Option<usize>) {
+        if !self.elastic {
+            return;
+        }
+        if let Some(w) = &self.walk {
+            if let Err(e) = w.between_tokens(&mut self.run, token_index).block() {
+                eprintln!("[swap failed: {e:#}]");
+            }
+        }
+    }
+
+    /// Sets (`Some`) or clears the budget and moves to the step that fits now.
+    pub fn set_budget(&mut self, bytes: Option<u64>) -> Result<()> {
+        let w = self
+            .walk
+            .as_ref()
+            .context("budgets need an ensemble (--ensemble DIR)")?;
+        match bytes {
+            Some(b) => w.elastic.borrow_mut().set_budget(b),
+            None => w.elastic.borrow_mut().clear_budget(),
+        }
+        self.elastic = true;
+        self.between_tokens(None);
+        Ok(())
+    }
+
+    /// "step 12 of 210, 4.1 bits/module on average, 62.3 MB".
+    pub fn describe(&self) -> String {
+        let bits = self.run.session.model.eqm_bits();
+        let avg = bits.iter().sum::<u32>() as f64 / bits.len().max(1) as f64;
+        match &self.walk {
+            Some(w) => {
+                let m = w.manifest();
+                format!(
+                    "step {} of {} ({avg:.2} bits/module, {:.1} MB) on {}",
+                    self.run.step,
+                    m.trajectory.len() - 1,
+                    m.trajectory[self.run.step].footprint_bytes as f64 / 1e6,
+                    self.label
+                )
+            }
+            None => self.label.clone(),
+        }
+    }
+}
+
+/// Runs a future to completion on this thread (the native backends never wait on I/O).
+pub trait Block: std::future::Future + Sized {
+    fn block(self) -> Self::Output {
+        pollster::block_on(self)
+    }
+}
+impl<T: std::future::Future> Block for T {}

@@ -1,0 +1,69 @@
+//! What the runtime needs from a model on some device: run tokens into a KV cache and return
+//! the next token's top candidates, swap one module version between tokens, and say what it
+//! holds. The WebGPU engine (`gpu::Model`) and the CPU reference (`runtime::reference`)
+//! implement it; a packed CPU backend will.
+
+use crate::ensemble::base::Base;
+use crate::ensemble::format::PackedMatrix;
+use crate::model::config::LlamaConfig;
+use crate::model::weights::ModuleId;
+
+/// A model at one EQM with its KV cache. Every method leaves the model as it was on error.
+// Futures of the browser backend are not `Send`; nothing here needs them to be.
+#[allow(async_fn_in_trait)]
+pub trait Backend {
+    type Error: std::error::Error + From<crate::Error>;
+
+    /// Positions the KV cache holds.
+    fn context(&self) -> usize;
+    /// Positions in the KV cache now.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Forgets positions `n..` (rewind to a shared prefix).
+    fn truncate(&mut self, n: usize);
+    /// Runs `tokens` after the cached ones and returns the next token's top candidates
+    /// `(token, logit)`, best first.
+    async fn step(&mut self, tokens: &[u32]) -> Result<Vec<(u32, f32)>, Self::Error>;
+    /// Runs `tokens` into the KV cache without computing logits.
+    async fn prefill(&mut self, tokens: &[u32]) -> Result<(), Self::Error>;
+    /// Replaces module `id` with another version between tokens.
+    async fn set_module(&mut self, id: ModuleId, m: &PackedMatrix) -> Result<(), Self::Error>;
+    /// Bits of every module in `ModuleId::index()` order: the EQM this model runs.
+    fn eqm_bits(&self) -> Vec<u32>;
+    /// Bytes this model holds (weights, KV cache, activations).
+    fn held_bytes(&self) -> u64;
+    /// Whether `e` is an allocation refused for lack of memory (the walk then stays at, or
+    /// steps below, the last good step).
+    fn is_out_of_memory(e: &Self::Error) -> bool;
+    /// Perplexity of `tokens` in windows of `ctx` every `stride` (`model::eval`'s recipe);
+    /// `progress(done, total)` after every window. Uses (and clears) the KV cache.
+    #[cfg(not(target_arch = "wasm32"))]
+    async fn perplexity(
+        &mut self,
+        tokens: &[u32],
+        ctx: usize,
+        stride: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<crate::model::eval::Perplexity, Self::Error>;
+    /// Whether the first swap to a new bit-width is slow (shader compilation), so the walk
+    /// compiles every width the ensemble holds at load.
+    fn warms_kernels(&self) -> bool {
+        false
+    }
+}
+
+/// Makes models: a new device (after a loss, a new one) and the model of an EQM on it.
+#[allow(async_fn_in_trait)]
+pub trait Factory {
+    type Model: Backend;
+    async fn create(
+        &self,
+        config: &LlamaConfig,
+        base: &Base,
+        modules: &[PackedMatrix],
+    ) -> Result<Self::Model, <Self::Model as Backend>::Error>;
+    /// A label for stats and events, e.g. the adapter's name.
+    fn label(&self) -> String;
+}

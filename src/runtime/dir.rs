@@ -1,0 +1,58 @@
+//! An ensemble directory (what `flexquant build` writes, what a static host serves) as the
+//! walk's byte source: every file read whole, size-capped and verified against the manifest.
+
+use crate::ensemble::manifest::{FileRef, Manifest, MAX_MANIFEST_BYTES};
+use crate::error::{read_capped, Error, Result};
+use crate::runtime::walk::ByteSource;
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+
+/// `dir/manifest.json`, validated.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let p = dir.join("manifest.json");
+    let bytes = read_capped(&p, MAX_MANIFEST_BYTES as u64)?;
+    Manifest::from_bytes(&p.display().to_string(), &bytes)
+}
+
+/// The bytes of `f` under `dir`, checked against the manifest (size, then sha256); errors
+/// name the file.
+pub fn read_verified(dir: &Path, f: &FileRef) -> Result<Vec<u8>> {
+    let p = dir.join(&f.file);
+    let bytes = read_capped(&p, f.bytes + 1)?;
+    Manifest::verify_file(f, &bytes).map_err(|e| Error::format(p.display(), e))?;
+    Ok(bytes)
+}
+
+pub struct DirSource {
+    pub dir: PathBuf,
+    manifest: Manifest,
+    /// Bytes read so far (what a swap or a rebuild cost in I/O).
+    pub bytes_read: Cell<u64>,
+}
+
+impl DirSource {
+    pub fn open(dir: &Path) -> Result<Self> {
+        Ok(DirSource {
+            manifest: read_manifest(dir)?,
+            dir: dir.to_path_buf(),
+            bytes_read: Cell::new(0),
+        })
+    }
+}
+
+impl ByteSource for DirSource {
+    type Error = anyhow::Error;
+
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    async fn files(&self, files: &[FileRef], _phase: &'static str) -> anyhow::Result<Vec<Vec<u8>>> {
+        let mut out = Vec::with_capacity(files.len());
+        for f in files {
+            out.push(read_verified(&self.dir, f)?);
+            self.bytes_read.set(self.bytes_read.get() + f.bytes);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,187 @@
+//! Generation, shared by the CPU reference and every backend: sampling settings (validated),
+//! the RNG, sampling over a backend's top candidates, stop reasons and stats. The conversation
+//! loop itself (prefix reuse, one token per call) is `runtime::session`.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// How the next token is drawn. Greedy at `temperature` 0.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Sampling {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Nucleus mass, taken over the backend's top-k candidates.
+    pub top_p: f32,
+    pub max_tokens: usize,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            max_tokens: 256,
+            seed: 0,
+        }
+    }
+}
+
+impl Sampling {
+    /// Rejects settings that cannot mean what the caller wanted, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::input(format!(
+                "temperature {} must be a finite number >= 0",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::input(format!(
+                "top_p {} must be in (0, 1]",
+                self.top_p
+            )));
+        }
+        if self.max_tokens == 0 {
+            return Err(Error::input("max_tokens must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Why an answer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model produced a stop token.
+    Eos,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The KV cache is full.
+    Context,
+    /// The caller ended it (an interrupt or a callback returning false).
+    Caller,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::MaxTokens => "max_tokens",
+            StopReason::Context => "context",
+            StopReason::Caller => "caller",
+        }
+    }
+
+    /// The OpenAI `finish_reason`.
+    pub fn finish_reason(self) -> &'static str {
+        match self {
+            StopReason::Eos => "stop",
+            StopReason::Caller => "abort",
+            StopReason::MaxTokens | StopReason::Context => "length",
+        }
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GenStats {
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually run (the rest came from the KV cache).
+    pub prefilled: usize,
+    pub generated: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    /// `None` while the answer runs.
+    pub stopped_by: Option<StopReason>,
+}
+
+impl GenStats {
+    pub fn decode_tokens_per_s(&self) -> Option<f64> {
+        (self.generated > 1 && self.decode_seconds > 0.0)
+            .then(|| self.generated as f64 / self.decode_seconds)
+    }
+    pub fn prefill_tokens_per_s(&self) -> Option<f64> {
+        (self.prefilled > 0 && self.prefill_seconds > 0.0)
+            .then(|| self.prefilled as f64 / self.prefill_seconds)
+    }
+}
+
+/// SplitMix64: tiny, seedable, good enough to draw tokens reproducibly.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_f32(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// The `k` largest finite logits as (token, logit), best first (ties: the lower id first, as
+/// the GPU top-k kernel orders them).
+pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut c: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_finite())
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    let by_rank = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if k < c.len() {
+        c.select_nth_unstable_by(k, by_rank);
+        c.truncate(k);
+    }
+    c.sort_unstable_by(by_rank);
+    c
+}
+
+/// Draws a token from `cand` (best first): the first at temperature 0, else nucleus sampling
+/// over the softmax of the candidates at `s.temperature`. Candidates that are not finite are
+/// never drawn; none at all is an error (the model produced no usable logit).
+pub fn sample(cand: &[(u32, f32)], s: &Sampling, rng: &mut Rng) -> Result<u32> {
+    let cand: Vec<(u32, f32)> = cand.iter().copied().filter(|c| c.1.is_finite()).collect();
+    let Some(&(best, m)) = cand.first() else {
+        return Err(Error::input(
+            "the model produced no finite logit (all NaN or infinite): cannot sample",
+        ));
+    };
+    if s.temperature == 0.0 || cand.len() == 1 {
+        return Ok(best);
+    }
+    let p: Vec<f32> = cand
+        .iter()
+        .map(|c| ((c.1 - m) / s.temperature).exp())
+        .collect();
+    let total: f32 = p.iter().sum();
+    let mut kept = 0.0;
+    let mut n = 0;
+    for q in &p {
+        kept += q;
+        n += 1;
+        if kept >= s.top_p * total {
+            break;
+        }
+    }
+    let mut r = rng.next_f32() * kept;
+    for (c, q) in cand.iter().zip(&p).take(n) {
+        r -= q;
+        if r <= 0.0 {
+            return Ok(c.0);
+        }
+    }
+    Ok(cand[n - 1].0)
+}

@@ -1,0 +1,190 @@
+//! A conversation on any backend: prefill, then one token per `next` call, streamed to the
+//! caller as it comes. The conversation's tokens stay in the KV cache between turns (and across
+//! module swaps); a new turn prefills only what differs from them.
+
+use crate::error::Error;
+use crate::runtime::backend::Backend;
+use crate::runtime::clock::now_seconds;
+use crate::runtime::generate::{sample, GenStats, Rng, Sampling, StopReason};
+
+pub struct Session<B: Backend> {
+    pub model: B,
+    tokens: Vec<u32>,
+}
+
+/// One answer being generated, token by token (`Session::start`, then `Session::next` until
+/// it returns `None`). Between two `next` calls the caller may swap modules or even replace
+/// the model (`Session::replace_model`): the turn only holds the last candidates and the
+/// sampled token that has not been run yet.
+pub struct Turn {
+    sampling: Sampling,
+    rng: Rng,
+    stop: Vec<u32>,
+    cand: Vec<(u32, f32)>,
+    /// Sampled and returned, not yet in the KV cache.
+    pending: Option<u32>,
+    pub out: Vec<u32>,
+    pub stats: GenStats,
+    decode_start: f64,
+}
+
+impl Turn {
+    pub fn is_done(&self) -> bool {
+        self.stats.stopped_by.is_some()
+    }
+    /// Ends the turn early (an interrupt).
+    pub fn stop(&mut self, why: StopReason) {
+        if !self.is_done() {
+            self.finish(why);
+        }
+    }
+    fn finish(&mut self, why: StopReason) {
+        self.stats.stopped_by = Some(why);
+        self.stats.generated = self.out.len();
+        self.stats.decode_seconds = now_seconds() - self.decode_start;
+    }
+}
+
+/// The number of cached tokens a new prompt can keep: their common prefix, leaving at least
+/// the prompt's last token to run (it produces the first answer token's logits).
+pub fn reusable_prefix(cached: &[u32], prompt: &[u32]) -> usize {
+    cached
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(prompt.len().saturating_sub(1))
+}
+
+impl<B: Backend> Session<B> {
+    pub fn new(model: B) -> Self {
+        Session {
+            model,
+            tokens: Vec::new(),
+        }
+    }
+
+    /// The tokens in the KV cache (the conversation so far, as run).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Forgets the conversation.
+    pub fn reset(&mut self) {
+        self.tokens.clear();
+        self.model.truncate(0);
+    }
+
+    /// Puts another model (e.g. rebuilt on a new device) under the conversation and runs the
+    /// conversation's tokens into its KV cache; returns how many were run.
+    pub async fn replace_model(&mut self, model: B) -> Result<usize, B::Error> {
+        self.model = model;
+        self.model.truncate(0);
+        if !self.tokens.is_empty() {
+            self.model.prefill(&self.tokens).await?;
+        }
+        Ok(self.tokens.len())
+    }
+
+    /// Prefills `prompt` (the whole conversation so far; the cached common prefix is reused)
+    /// and returns the turn that `next` continues.
+    pub async fn start(
+        &mut self,
+        prompt: &[u32],
+        s: &Sampling,
+        stop: &[u32],
+    ) -> Result<Turn, B::Error> {
+        s.validate()?;
+        let context = self.model.context();
+        if prompt.is_empty() {
+            return Err(Error::input("the prompt is empty").into());
+        }
+        if prompt.len() >= context {
+            return Err(Error::input(format!(
+                "the prompt has {} tokens; the context holds {context} (leave room for the answer)",
+                prompt.len()
+            ))
+            .into());
+        }
+        let shared = reusable_prefix(&self.tokens, prompt);
+        self.model.truncate(shared);
+        self.tokens.truncate(shared);
+        let t0 = now_seconds();
+        let cand = self.model.step(&prompt[shared..]).await?;
+        self.tokens.extend_from_slice(&prompt[shared..]);
+        let stats = GenStats {
+            prompt_tokens: prompt.len(),
+            prefilled: prompt.len() - shared,
+            prefill_seconds: now_seconds() - t0,
+            ..Default::default()
+        };
+        Ok(Turn {
+            sampling: *s,
+            rng: Rng::new(s.seed),
+            stop: stop.to_vec(),
+            cand,
+            pending: None,
+            out: Vec::new(),
+            stats,
+            decode_start: now_seconds(),
+        })
+    }
+
+    /// The next token of the turn, or `None` when it has ended (`turn.stats.stopped_by`
+    /// says why). On an error the turn can be retried with `next` (after `replace_model` if
+    /// the device was lost).
+    pub async fn next(&mut self, turn: &mut Turn) -> Result<Option<u32>, B::Error> {
+        if turn.is_done() {
+            return Ok(None);
+        }
+        if let Some(id) = turn.pending {
+            if self.model.len() + 1 > self.model.context() {
+                turn.finish(StopReason::Context);
+                return Ok(None);
+            }
+            // `step` leaves the model's length as it was on error, so a retry is exact.
+            let len = self.model.len();
+            match self.model.step(&[id]).await {
+                Ok(c) => turn.cand = c,
+                Err(e) => {
+                    self.model.truncate(len);
+                    return Err(e);
+                }
+            }
+            self.tokens.push(id);
+            turn.pending = None;
+        }
+        let id = sample(&turn.cand, &turn.sampling, &mut turn.rng)?;
+        if turn.stop.contains(&id) {
+            turn.finish(StopReason::Eos);
+            return Ok(None);
+        }
+        turn.out.push(id);
+        turn.stats.generated = turn.out.len();
+        if turn.out.len() >= turn.sampling.max_tokens {
+            turn.finish(StopReason::MaxTokens);
+        } else {
+            turn.pending = Some(id);
+        }
+        Ok(Some(id))
+    }
+
+    /// Generates after `prompt` (the whole conversation so far), calling `on_token(id)` with
+    /// each new token until a stop token, `max_tokens`, the context, or `on_token` returning
+    /// false.
+    pub async fn generate(
+        &mut self,
+        prompt: &[u32],
+        s: &Sampling,
+        stop: &[u32],
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<(Vec<u32>, GenStats), B::Error> {
+        let mut turn = self.start(prompt, s, stop).await?;
+        while let Some(id) = self.next(&mut turn).await? {
+            if !on_token(id) {
+                turn.stop(StopReason::Caller);
+            }
+        }
+        Ok((turn.out, turn.stats))
+    }
+}

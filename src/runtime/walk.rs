@@ -1,0 +1,368 @@
+//! Walking the trajectory over any byte source and any backend: loading a step onto a new
+//! device, executing the controller's decisions between tokens (all shards first, then one
+//! module per step), naming what to prefetch, and rebuilding after a device loss at the
+//! controller's lower step with the conversation re-prefilled. The host (`web::engine`, the
+//! native CLI) decides when; this file does it.
+
+use crate::ensemble::base::Base;
+use crate::ensemble::format::PackedMatrix;
+use crate::ensemble::manifest::{FileRef, Manifest};
+use crate::model::weights::ModuleId;
+use crate::runtime::backend::{Backend, Factory};
+use crate::runtime::clock::now_ms;
+use crate::runtime::session::Session;
+use crate::runtime::{Decision, Elastic, Reason};
+use std::cell::{Cell, RefCell};
+
+/// After a swap's files failed to download or verify, the same target is not retried for
+/// this long (a corrupt shard would otherwise be fetched again before every token).
+pub const FETCH_RETRY_MS: f64 = 10_000.0;
+/// Steps below the current one whose shards are prefetched: down to this fraction of the
+/// current footprint (at least one step), so a pressure swap of that size needs no network.
+pub const PREFETCH_TO: f64 = 0.75;
+
+/// Where the ensemble's bytes come from: a directory natively; fetch + sha256 + the Cache API
+/// in the browser. Every byte returned has been verified against the manifest.
+#[allow(async_fn_in_trait)]
+pub trait ByteSource {
+    /// The platform's error, which backend and input errors convert into.
+    type Error: From<crate::Error>;
+    fn manifest(&self) -> &Manifest;
+    /// The verified bytes of `files`, as one progress phase named `phase`.
+    async fn files(
+        &self,
+        files: &[FileRef],
+        phase: &'static str,
+    ) -> Result<Vec<Vec<u8>>, Self::Error>;
+    /// Whether prefetching into a local cache is worth it (false where every file is local).
+    fn prefetches(&self) -> bool {
+        false
+    }
+    /// Called once every file of `step` has been loaded (a cache marks the step complete).
+    async fn mark_complete(&self, _step: usize, _files: &[FileRef]) {}
+}
+
+/// One module swapped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moved {
+    pub module: ModuleId,
+    pub from_bits: u32,
+    pub to_bits: u32,
+}
+
+/// What happened, for the host's events and stats.
+pub enum Event<'a, E> {
+    /// The modules of `step` are being uploaded to a new model.
+    Upload {
+        step: usize,
+        total_bytes: u64,
+    },
+    /// A swap executed (possibly stopping short of its target: `to` is where it ended).
+    Swap {
+        from: usize,
+        to: usize,
+        modules: Vec<Moved>,
+        ms: f64,
+        reason: Reason,
+        footprint_bytes: u64,
+        token_index: Option<usize>,
+        bits: Vec<u32>,
+    },
+    DeviceLost {
+        step: usize,
+    },
+    Recovered {
+        from: usize,
+        to: usize,
+        ms: f64,
+        reprefilled_tokens: usize,
+        bits: Vec<u32>,
+    },
+    /// Something that went wrong without stopping the walk.
+    Warning(&'a E),
+}
+
+/// A model at a trajectory step with its conversation.
+pub struct Running<B: Backend> {
+    pub session: Session<B>,
+    pub step: usize,
+}
+
+type Sink<E> = Box<dyn Fn(Event<'_, E>)>;
+
+pub struct Walk<S: ByteSource, F: Factory> {
+    pub source: S,
+    pub factory: F,
+    pub elastic: RefCell<Elastic>,
+    fetch_failure: Cell<Option<(usize, f64)>>,
+    on_event: Sink<S::Error>,
+}
+
+impl<S, F> Walk<S, F>
+where
+    S: ByteSource,
+    F: Factory,
+    S::Error: From<<F::Model as Backend>::Error>,
+{
+    pub fn new(source: S, factory: F, elastic: Elastic, on_event: Sink<S::Error>) -> Self {
+        Walk {
+            source,
+            factory,
+            elastic: RefCell::new(elastic),
+            fetch_failure: Cell::new(None),
+            on_event,
+        }
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        self.source.manifest()
+    }
+
+    fn emit(&self, e: Event<'_, S::Error>) {
+        (self.on_event)(e)
+    }
+
+    /// A new model at the step the controller picks (stepping further down on out-of-memory),
+    /// with an empty conversation.
+    pub async fn load(&self) -> Result<Running<F::Model>, S::Error> {
+        self.load_at(None).await
+    }
+
+    /// `load`, at `step` if given (out-of-memory there is an error).
+    pub async fn load_at(&self, step: Option<usize>) -> Result<Running<F::Model>, S::Error> {
+        let m = self.manifest();
+        let g = m.quantizer.group_size;
+        let base_bytes = self
+            .source
+            .files(std::slice::from_ref(&m.base), "download")
+            .await?;
+        let base = Base::from_bytes(&m.config, g, &base_bytes[0], &m.base.file)?;
+        drop(base_bytes);
+        loop {
+            let at = match step {
+                Some(s) => s,
+                None => self.elastic.borrow_mut().decide(now_ms()).target(),
+            };
+            let files: Vec<FileRef> = m.step_versions(at).iter().map(|v| v.file.clone()).collect();
+            let modules = self.modules(&files, at, "download").await?;
+            let total_bytes = m.trajectory[at].footprint_bytes;
+            self.emit(Event::Upload {
+                step: at,
+                total_bytes,
+            });
+            match self.factory.create(&m.config, &base, &modules).await {
+                Ok(mut model) => {
+                    drop(modules);
+                    if model.warms_kernels() {
+                        self.warm_kernels(&mut model).await?;
+                    }
+                    {
+                        let mut e = self.elastic.borrow_mut();
+                        e.set_overheads(model.held_bytes().saturating_sub(total_bytes));
+                        e.swapped(at, now_ms())?;
+                    }
+                    self.source.mark_complete(at, &files).await;
+                    let session = Session::new(model);
+                    return Ok(Running { session, step: at });
+                }
+                Err(e)
+                    if step.is_none()
+                        && F::Model::is_out_of_memory(&e)
+                        && at + 1 < m.trajectory.len() =>
+                {
+                    self.elastic.borrow_mut().swap_failed(at, now_ms())?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Compiles the kernels of every bit-width the ensemble holds by swapping its smallest
+    /// module of that width in and back out, so that no pressure swap waits for shader
+    /// compilation (seconds per bit-width on SwiftShader, against milliseconds for the swap).
+    async fn warm_kernels(&self, model: &mut F::Model) -> Result<(), S::Error> {
+        let m = self.manifest();
+        let loaded = model.eqm_bits();
+        let mut widths: Vec<u32> = m.modules.iter().map(|v| v.bits).collect();
+        widths.sort_unstable();
+        widths.dedup();
+        for b in widths.into_iter().filter(|b| !loaded.contains(b)) {
+            let Some(v) = m
+                .modules
+                .iter()
+                .filter(|v| v.bits == b)
+                .min_by_key(|v| v.file.bytes)
+            else {
+                continue;
+            };
+            let id = v.id();
+            let back = m.version(id, loaded[id.index()]).expect("validated");
+            let files = [v.file.clone(), back.file.clone()];
+            // A shard that cannot be had only means a later swap compiles this width.
+            let bytes = match self.source.files(&files, "upload").await {
+                Ok(b) => b,
+                Err(e) => {
+                    self.emit(Event::Warning(&e));
+                    continue;
+                }
+            };
+            let g = m.quantizer.group_size;
+            // Warming is best-effort: a width that does not fit now is compiled by the swap
+            // that first needs it (`set_module` leaves the model as it was on error).
+            if let Err(e) = model
+                .set_module(id, &v.matrix(&m.config, g, &bytes[0])?)
+                .await
+            {
+                self.emit(Event::Warning(&e.into()));
+                break;
+            }
+            model
+                .set_module(id, &back.matrix(&m.config, g, &bytes[1])?)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The packed module versions of `step` from their files (verified by the source).
+    async fn modules(
+        &self,
+        files: &[FileRef],
+        step: usize,
+        phase: &'static str,
+    ) -> Result<Vec<PackedMatrix>, S::Error> {
+        let m = self.manifest();
+        let bytes = self.source.files(files, phase).await?;
+        let g = m.quantizer.group_size;
+        let versions = m.step_versions(step);
+        let mut out = Vec::with_capacity(bytes.len());
+        for (v, b) in versions.iter().zip(&bytes) {
+            out.push(v.matrix(&m.config, g, b)?);
+        }
+        Ok(out)
+    }
+
+    /// The shards of the steps below `step` down to `PREFETCH_TO` of its footprint: what the
+    /// host fetches into its cache in the background (nothing where the source is local).
+    pub fn prefetch_files(&self, step: usize) -> Vec<FileRef> {
+        let m = self.manifest();
+        let last = m.trajectory.len() - 1;
+        if step >= last || !self.source.prefetches() {
+            return Vec::new();
+        }
+        let floor = m.trajectory[step].footprint_bytes as f64 * PREFETCH_TO;
+        let mut to = step + 1;
+        while to < last && m.trajectory[to + 1].footprint_bytes as f64 >= floor {
+            to += 1;
+        }
+        m.moves(step, to)
+            .iter()
+            .map(|mv| mv.to.file.clone())
+            .collect()
+    }
+
+    /// Executes a swap decision: all shards first (a network or hash error changes nothing),
+    /// then one module per trajectory step (an out-of-memory error stops at the last step
+    /// reached, which is a valid EQM). Anything but a step down or up is ignored.
+    pub async fn execute(
+        &self,
+        run: &mut Running<F::Model>,
+        d: Decision,
+        token_index: Option<usize>,
+    ) -> Result<(), S::Error> {
+        let (from, to) = match d {
+            Decision::StepDown { from, to, .. } | Decision::StepUp { from, to, .. } => (from, to),
+            _ => return Ok(()),
+        };
+        if from != run.step || from == to {
+            return Ok(());
+        }
+        let now = now_ms();
+        if matches!(self.fetch_failure.get(), Some((t, at)) if t == to && now - at < FETCH_RETRY_MS)
+        {
+            return Ok(());
+        }
+        let m = self.manifest();
+        let moves = m.moves(from, to);
+        let files: Vec<FileRef> = moves.iter().map(|mv| mv.to.file.clone()).collect();
+        let t0 = now_ms();
+        let bytes = match self.source.files(&files, "swap").await {
+            Ok(b) => b,
+            Err(e) => {
+                self.fetch_failure.set(Some((to, now_ms())));
+                return Err(e);
+            }
+        };
+        let g = m.quantizer.group_size;
+        let mut done = Vec::new();
+        let mut failure: Option<S::Error> = None;
+        for (mv, b) in moves.iter().zip(&bytes) {
+            let r = match mv.to.matrix(&m.config, g, b) {
+                Ok(pm) => run.session.model.set_module(mv.id, &pm).await,
+                Err(e) => Err(e.into()),
+            };
+            match r {
+                Ok(()) => {
+                    run.step = mv.step_after;
+                    done.push(Moved {
+                        module: mv.id,
+                        from_bits: mv.from_bits,
+                        to_bits: mv.to.bits,
+                    });
+                }
+                Err(e) => {
+                    if F::Model::is_out_of_memory(&e) {
+                        self.elastic.borrow_mut().swap_failed(to, now_ms())?;
+                    }
+                    failure = Some(e.into());
+                    break;
+                }
+            }
+        }
+        if !done.is_empty() {
+            self.elastic.borrow_mut().swapped(run.step, now_ms())?;
+            self.emit(Event::Swap {
+                from,
+                to: run.step,
+                modules: done,
+                ms: now_ms() - t0,
+                reason: d.reason(),
+                footprint_bytes: m.trajectory[run.step].footprint_bytes,
+                token_index,
+                bits: run.session.model.eqm_bits(),
+            });
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// After a device loss: a new device, a lower step (the controller's `DeviceLost`
+    /// decision), the modules from the source, and the conversation run into the new KV
+    /// cache.
+    pub async fn recover(&self, run: &mut Running<F::Model>) -> Result<(), S::Error> {
+        let t0 = now_ms();
+        let from = run.step;
+        self.elastic.borrow_mut().device_lost(now_ms());
+        self.emit(Event::DeviceLost { step: from });
+        let fresh = self.load().await?;
+        let n = run.session.replace_model(fresh.session.model).await?;
+        run.step = fresh.step;
+        self.emit(Event::Recovered {
+            from,
+            to: run.step,
+            ms: now_ms() - t0,
+            reprefilled_tokens: n,
+            bits: run.session.model.eqm_bits(),
+        });
+        Ok(())
+    }
+
+    /// Asks the controller and executes its decision (the host calls this between tokens).
+    pub async fn between_tokens(
+        &self,
+        run: &mut Running<F::Model>,
+        token_index: Option<usize>,
+    ) -> Result<Decision, S::Error> {
+        let d = self.elastic.borrow_mut().decide(now_ms());
+        self.execute(run, d, token_index).await?;
+        Ok(d)
+    }
+}

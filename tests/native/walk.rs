@@ -1,0 +1,337 @@
+//! The trajectory walk (`runtime::walk`) natively, on a built ensemble (the tiny model's, built
+//! once per test process with the CLI): scripted budgets move the model down and up in the
+//! middle of an answer on the CPU reference and on the GPU engine (lavapipe in CI); the
+//! allocator budget injects out-of-memory; a device loss rebuilds with the conversation
+//! re-prefilled; a shard that fails verification changes nothing; and `eval --ensemble` gives
+//! the held-out perplexity the builder recorded.
+
+use crate::gpu_util::gpu;
+use flexquant::gpu::{GpuFactory, ModelOptions};
+use flexquant::runtime::dir::DirSource;
+use flexquant::runtime::reference::ReferenceFactory;
+use flexquant::runtime::walk::Running;
+use flexquant::runtime::{
+    Backend, ByteSource, Decision, Elastic, Factory, Policy, Reason, Sampling, Walk,
+};
+use pollster::block_on;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flexquant");
+
+/// The tiny model's fast-preset ensemble, built once into a temporary directory.
+fn ensemble() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, dir) = DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let text = crate::common::cache_dir().join("text");
+        assert!(
+            text.join("austen-calib.txt").exists(),
+            "{} missing: run ./build.sh setup",
+            text.display()
+        );
+        let model = tmp.path().join("tiny-model");
+        let out = tmp.path().join("tiny");
+        let run = |args: &[&str]| {
+            let o = Command::new(BIN).args(args).output().unwrap();
+            assert!(
+                o.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        run(&["tiny-model", "--out", model.to_str().unwrap()]);
+        let calib = text.join("austen-calib.txt");
+        let heldout = text.join("austen-heldout.txt");
+        run(&[
+            "build",
+            "--model",
+            model.to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+            "--heldout",
+            heldout.to_str().unwrap(),
+            "--preset",
+            "fast",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        (tmp, out)
+    });
+    dir
+}
+
+/// Moves as soon as asked: the test's clock does not wait for settling.
+fn eager() -> Policy {
+    Policy {
+        up_delay_ms: 0.0,
+        fault_cooldown_ms: 0.0,
+        ..Policy::default()
+    }
+}
+
+fn walk<F: Factory>(dir: &Path, factory: F) -> Walk<DirSource, F>
+where
+    <F::Model as Backend>::Error: Send + Sync + 'static,
+{
+    let source = DirSource::open(dir).unwrap();
+    let footprints = source
+        .manifest()
+        .trajectory
+        .iter()
+        .map(|s| s.footprint_bytes)
+        .collect();
+    let elastic = Elastic::new(footprints, 0, eager()).unwrap();
+    Walk::new(source, factory, elastic, Box::new(|_| {}))
+}
+
+/// The budget under which the controller's target is `step` (its footprint plus the model's
+/// overheads, over the policy's headroom).
+fn budget_for<F: Factory>(w: &Walk<DirSource, F>, step: usize) -> u64
+where
+    <F::Model as Backend>::Error: Send + Sync + 'static,
+{
+    let e = w.elastic.borrow();
+    (e.cost(step) as f64 / (1.0 - e.policy().headroom)) as u64 + 1
+}
+
+fn greedy(max_tokens: usize) -> Sampling {
+    Sampling {
+        max_tokens,
+        ..Sampling::default()
+    }
+}
+
+/// Generates `n` tokens of the running turn, asserting none ends it.
+fn tokens<B: Backend>(run: &mut Running<B>, turn: &mut flexquant::runtime::Turn, n: usize)
+where
+    B::Error: std::fmt::Debug,
+{
+    for _ in 0..n {
+        assert!(block_on(run.session.next(turn)).unwrap().is_some());
+    }
+}
+
+/// Down under a budget and back up when it is lifted, in the middle of an answer; after each
+/// move the model is exactly the step's EQM, and the answer goes on from the same KV cache.
+fn down_and_up<F: Factory>(w: &Walk<DirSource, F>)
+where
+    <F::Model as Backend>::Error: std::fmt::Debug + Send + Sync + 'static,
+{
+    let m = w.manifest();
+    let last = m.trajectory.len() - 1;
+    let mut run = block_on(w.load()).unwrap();
+    assert_eq!(run.step, 0, "no budget: the largest step");
+    assert_eq!(run.session.model.eqm_bits(), m.bits_at(0));
+    let prompt: Vec<u32> = (1..20).collect();
+    let mut turn = block_on(run.session.start(&prompt, &greedy(40), &[])).unwrap();
+    tokens(&mut run, &mut turn, 3);
+
+    let target = last / 2;
+    let b = budget_for(w, target);
+    w.elastic.borrow_mut().set_budget(b);
+    let d = block_on(w.between_tokens(&mut run, Some(3))).unwrap();
+    assert!(matches!(d, Decision::StepDown { from: 0, .. }), "{d:?}");
+    assert!(run.step >= target && run.step > 0, "step {}", run.step);
+    assert_eq!(run.session.model.eqm_bits(), m.bits_at(run.step));
+    tokens(&mut run, &mut turn, 3);
+    assert_eq!(
+        run.session.model.len(),
+        prompt.len() + 5,
+        "the KV cache was kept"
+    );
+
+    w.elastic.borrow_mut().clear_budget();
+    let mut moves = 0;
+    while run.step > 0 && moves < 50 {
+        block_on(w.between_tokens(&mut run, None)).unwrap();
+        moves += 1;
+    }
+    assert_eq!(run.step, 0, "back up to the largest step in {moves} moves");
+    assert_eq!(run.session.model.eqm_bits(), m.bits_at(0));
+    tokens(&mut run, &mut turn, 3);
+    let s = w.elastic.borrow().stats();
+    assert!(s.swaps_down >= 1 && s.swaps_up >= 1, "{s:?}");
+}
+
+#[test]
+fn reference_walks_down_and_up_mid_answer() {
+    let dir = ensemble();
+    let w = walk(dir, ReferenceFactory { context: 128 });
+    down_and_up(&w);
+
+    // A model walked to a step computes exactly what one loaded at that step does.
+    let mut walked = block_on(w.load_at(Some(0))).unwrap();
+    let k = w.manifest().trajectory.len() - 2;
+    let d = Decision::StepDown {
+        from: 0,
+        to: k,
+        reason: Reason::Budget,
+    };
+    block_on(w.execute(&mut walked, d, None)).unwrap();
+    assert_eq!(walked.step, k);
+    let mut fresh = block_on(w.load_at(Some(k))).unwrap();
+    let (a, b) = (&walked.session.model.weights, &fresh.session.model.weights);
+    for (x, y) in a.modules.iter().zip(&b.modules) {
+        assert_eq!(x.w[..], y.w[..]);
+    }
+    let t = [5u32, 6, 7];
+    assert_eq!(
+        block_on(walked.session.model.step(&t)).unwrap(),
+        block_on(fresh.session.model.step(&t)).unwrap()
+    );
+}
+
+#[test]
+fn gpu_walks_down_and_up_mid_answer_and_recovers() {
+    let Some(_) = gpu() else { return };
+    let dir = ensemble();
+    let opts = ModelOptions {
+        context: 128,
+        ..Default::default()
+    };
+    let w = walk(dir, GpuFactory::new(opts));
+    down_and_up(&w);
+
+    // A device loss: a new device at the controller's lower step, the conversation re-run.
+    let mut run = block_on(w.load()).unwrap();
+    let prompt: Vec<u32> = (1..12).collect();
+    let mut turn = block_on(run.session.start(&prompt, &greedy(20), &[])).unwrap();
+    tokens(&mut run, &mut turn, 4);
+    let before = run.session.tokens().to_vec();
+    run.session.model.gpu().device.destroy();
+    block_on(w.recover(&mut run)).unwrap();
+    assert!(run.step > 0, "recovery steps down");
+    assert_eq!(run.session.model.eqm_bits(), w.manifest().bits_at(run.step));
+    assert_eq!(run.session.tokens(), &before[..]);
+    assert_eq!(run.session.model.len(), before.len());
+    tokens(&mut run, &mut turn, 3);
+    assert_eq!(w.elastic.borrow().stats().device_losses, 1);
+}
+
+#[test]
+fn gpu_out_of_memory_stops_at_the_last_good_step() {
+    let Some(_) = gpu() else { return };
+    let dir = ensemble();
+    let opts = ModelOptions {
+        context: 128,
+        ..Default::default()
+    };
+    let last = DirSource::open(dir).unwrap().manifest().trajectory.len() - 1;
+    // The smallest step, on an allocator that holds barely more than it.
+    let probe = walk(dir, GpuFactory::new(opts));
+    let held = block_on(probe.load_at(Some(last)))
+        .unwrap()
+        .session
+        .model
+        .held_bytes();
+    let mut f = GpuFactory::new(opts);
+    f.budget = Some(held);
+    let w = walk(dir, f);
+    let mut run = block_on(w.load_at(Some(last))).unwrap();
+    let d = Decision::StepUp {
+        from: last,
+        to: 0,
+        reason: Reason::MemoryFree,
+    };
+    let e = block_on(w.execute(&mut run, d, None)).unwrap_err();
+    assert!(e.to_string().contains("out of memory"), "{e}");
+    assert_eq!(run.step, last, "the first module up did not fit");
+    assert_eq!(run.session.model.eqm_bits(), w.manifest().bits_at(last));
+    let s = w.elastic.borrow().stats();
+    assert!(
+        s.swap_failures >= 1 && s.oom_ceiling_bytes.is_some(),
+        "{s:?}"
+    );
+    // The model still answers.
+    let mut turn = block_on(run.session.start(&[1, 2, 3], &greedy(3), &[])).unwrap();
+    tokens(&mut run, &mut turn, 3);
+
+    // Loading under a budget too small for the largest step lands lower.
+    let mut f = GpuFactory::new(opts);
+    f.budget = Some(held);
+    let w = walk(dir, f);
+    let run = block_on(w.load()).unwrap();
+    assert_eq!(
+        run.step, last,
+        "out-of-memory at load steps down to what fits"
+    );
+}
+
+#[test]
+fn a_shard_that_fails_verification_changes_nothing() {
+    let src = ensemble();
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = Command::new("cp")
+        .arg("-r")
+        .arg(src)
+        .arg(tmp.path().join("e"))
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let dir = tmp.path().join("e");
+    let w = walk(&dir, ReferenceFactory { context: 64 });
+    let mv = &w.manifest().moves(0, 1)[0];
+    let shard = dir.join(&mv.to.file.file);
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[7] ^= 0x55;
+    std::fs::write(&shard, bytes).unwrap();
+
+    let mut run = block_on(w.load()).unwrap();
+    let d = Decision::StepDown {
+        from: 0,
+        to: 1,
+        reason: Reason::Budget,
+    };
+    let e = block_on(w.execute(&mut run, d, None)).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains(&mv.to.file.file) && msg.contains("sha256"),
+        "{msg}"
+    );
+    assert_eq!(run.step, 0);
+    assert_eq!(run.session.model.eqm_bits(), w.manifest().bits_at(0));
+    // The same target is not retried at once (no fetch before every token).
+    block_on(w.execute(&mut run, d, None)).unwrap();
+    assert_eq!(run.step, 0);
+}
+
+/// `eval --ensemble DIR --step N` on held-out text: the builder's windows by default, and the
+/// perplexity it recorded for that step in the manifest.
+#[test]
+fn eval_ensemble_gives_the_builders_heldout_figures() {
+    let dir = ensemble();
+    let m = DirSource::open(dir).unwrap().manifest().clone();
+    let text = crate::common::cache_dir().join("text/austen-heldout.txt");
+    let measured: Vec<(usize, f64)> = m
+        .trajectory
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| Some((i, s.heldout_ppl?)))
+        .collect();
+    assert!(measured.len() >= 2, "{measured:?}");
+    for &(step, want) in &[measured[0], *measured.last().unwrap()] {
+        for backend in ["reference", "gpu"] {
+            if backend == "gpu" && gpu().is_none() {
+                continue;
+            }
+            let o = Command::new(BIN)
+                .args(["eval", "--ensemble", dir.to_str().unwrap(), "--step"])
+                .arg(step.to_string())
+                .args(["--backend", backend, "--json", "--text"])
+                .arg(&text)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let got = v["ppl"].as_f64().unwrap();
+            assert_eq!(v["step"], step);
+            let tol = if backend == "reference" { 1e-6 } else { 1e-3 };
+            assert!(
+                ((got - want) / want).abs() < tol,
+                "step {step} on {backend}: {got} vs the builder's {want}"
+            );
+        }
+    }
+}
