@@ -189,10 +189,8 @@ impl PackedMatrix {
     /// Shard body: codes then scales, little-endian.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(self.shape.bytes());
-        b.extend_from_slice(bytemuck::cast_slice(&self.codes));
-        b.extend_from_slice(bytemuck::cast_slice(&self.scales));
-        if cfg!(target_endian = "big") {
-            unimplemented!("big-endian hosts");
+        for w in self.codes.iter().chain(&self.scales) {
+            b.extend_from_slice(&w.to_le_bytes());
         }
         b
     }

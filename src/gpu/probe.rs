@@ -120,15 +120,5 @@ pub fn copy_seconds(gpu: &Gpu, bytes: u64, reps: usize) -> f64 {
 }
 
 fn now() -> f64 {
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use std::sync::OnceLock;
-        static START: OnceLock<std::time::Instant> = OnceLock::new();
-        START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_secs_f64()
-    }
-    #[cfg(target_arch = "wasm32")]
-    0.0
+    crate::runtime::clock::now_seconds()
 }
