@@ -19,6 +19,13 @@ pub enum Error {
     /// A request that cannot be served as asked (empty prompt, prompt longer than the context, ...).
     #[error("{0}")]
     Input(String),
+    /// An allocation refused: over the app's budget, or the allocator had no memory.
+    #[error("out of memory: {what} needs {requested} bytes{}", budget.map(|b| format!(" (budget {b} bytes)")).unwrap_or_default())]
+    OutOfMemory {
+        what: String,
+        requested: u64,
+        budget: Option<u64>,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -476,6 +476,25 @@ async fn bad_manifests_and_urls_are_typed_errors() {
         .err()
         .unwrap();
     assert_eq!(error_fields(&err)["code"], "network");
+    // Bad options fail before any fetch, naming the key.
+    let bad = [
+        (json!({"budgetBytes": -5}), "options.budgetBytes"),
+        (json!({"context": "long"}), "options.context"),
+        (
+            json!({"policy": {"headroom": "x"}}),
+            "options.policy.headroom",
+        ),
+        (json!({"onEvent": 3}), "options.onEvent"),
+    ];
+    for (opts, key) in bad {
+        let err = Engine::create(url("/tiny/manifest.json"), js(&opts))
+            .await
+            .err()
+            .expect(key);
+        let err = error_fields(&err);
+        assert_eq!(err["code"], "input", "{opts}: {err}");
+        assert!(err["message"].as_str().unwrap().contains(key), "{err}");
+    }
 }
 
 #[wasm_bindgen_test]

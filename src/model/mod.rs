@@ -7,6 +7,7 @@ pub mod config;
 pub mod eval;
 pub mod gguf;
 pub mod load;
+pub mod math;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod ops;
 pub mod tokenizer;

@@ -5,18 +5,21 @@
 //! (`js/index.js`) serializes calls and turns chunks into an async iterator.
 
 use crate::gpu::{Allocator, GpuError, Model, ModelOptions};
-use crate::model::chat::{ChatTemplate, Message};
+use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::{StreamDecoder, Tokenizer};
 use crate::model::weights::ModuleId;
 use crate::runtime::walk::Running;
-use crate::runtime::{Elastic, Policy, Reason};
+use crate::runtime::{Elastic, Reason};
 use crate::runtime::{Sampling, StopReason, Turn};
+use crate::web::api::{
+    from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, Started, Stats,
+    TrajectoryPoint, Usage, UsageExtra,
+};
 use crate::web::error::{Code, WebError, WebResult};
 use crate::web::events::{to_js, Emitter, Progress};
 use crate::web::loader::Loader;
 use crate::web::now_ms;
 use crate::web::trajectory::{web_walk, DeviceFlags, WebWalk};
-use serde::Deserialize;
 use serde_json::json;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -79,61 +82,6 @@ pub(super) struct Snapshot {
     pub(super) last_swap_reason: Option<Reason>,
 }
 
-#[derive(Deserialize)]
-struct ChatRequest {
-    messages: Vec<Message>,
-    max_tokens: Option<usize>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<f64>,
-}
-
-struct Options {
-    budget: Option<u64>,
-    context: usize,
-    cache_name: Option<String>,
-    cache_quota: Option<u64>,
-    policy: Policy,
-    emitter: Emitter,
-}
-
-pub(super) fn get(o: &JsValue, k: &str) -> JsValue {
-    js_sys::Reflect::get(o, &k.into()).unwrap_or(JsValue::UNDEFINED)
-}
-
-fn bytes_opt(v: JsValue) -> Option<u64> {
-    v.as_f64()
-        .filter(|b| b.is_finite() && *b >= 0.0)
-        .map(|b| b as u64)
-}
-
-impl Options {
-    fn parse(o: &JsValue) -> WebResult<Options> {
-        let f = |k| get(o, k).dyn_into::<js_sys::Function>().ok();
-        let policy = match get(o, "policy") {
-            p if p.is_object() => serde_wasm_bindgen::from_value(p)
-                .map_err(|e| WebError::new(Code::Input, format!("options.policy: {e}")))?,
-            _ => Policy::default(),
-        };
-        let cache_name = match get(o, "cacheName").as_string() {
-            _ if get(o, "useCache") == JsValue::FALSE => None,
-            Some(n) => Some(n),
-            None => Some("flexquant".to_string()),
-        };
-        Ok(Options {
-            budget: bytes_opt(get(o, "budgetBytes")),
-            context: get(o, "context").as_f64().map_or(1024, |c| c as usize),
-            cache_name,
-            cache_quota: bytes_opt(get(o, "cacheQuotaBytes")),
-            policy,
-            emitter: Emitter {
-                on_event: f("onEvent"),
-                on_progress: f("onProgress"),
-            },
-        })
-    }
-}
-
 /// Resolves after `ms` milliseconds (lets the device's `lost` promise settle).
 async fn sleep(ms: i32) {
     let p = js_sys::Promise::new(&mut |resolve, _| {
@@ -158,7 +106,7 @@ impl Engine {
     /// Loads the ensemble at `manifest_url` (see `js/API.md` for the options).
     pub async fn create(manifest_url: String, options: JsValue) -> Result<Engine, JsValue> {
         console_error_panic_hook::set_once();
-        Self::load(&manifest_url, &options)
+        Self::load(&manifest_url, options)
             .await
             .map_err(|e| e.to_js())
     }
@@ -169,8 +117,7 @@ impl Engine {
     pub fn start_chat(&self, request: JsValue) -> js_sys::Promise {
         let i = self.inner.clone();
         promise(async move {
-            let req: ChatRequest = serde_wasm_bindgen::from_value(request)
-                .map_err(|e| WebError::new(Code::Input, format!("chat request: {e}")))?;
+            let req: ChatRequest = from_js(request, "chat request")?;
             let mut st = i.take()?;
             let r = i.start_chat(&mut st, req).await;
             i.put(st);
@@ -213,7 +160,8 @@ impl Engine {
     pub fn set_memory_budget(&self, bytes: JsValue) -> js_sys::Promise {
         let i = self.inner.clone();
         promise(async move {
-            match bytes_opt(bytes) {
+            let Budget(bytes) = from_js(bytes, "setMemoryBudget(bytes)")?;
+            match bytes {
                 Some(b) => i.walk.elastic.borrow_mut().set_budget(b),
                 None => i.walk.elastic.borrow_mut().clear_budget(),
             }
@@ -247,14 +195,23 @@ impl Engine {
             .trajectory
             .iter()
             .enumerate()
-            .map(|(s, p)| {
+            .map(|(step, p)| {
                 let sw = p.swap.as_ref();
-                json!({
-                    "step": s, "footprintBytes": p.footprint_bytes,
-                    "calibPpl": p.calib_ppl, "heldoutPpl": p.heldout_ppl,
-                    "module": sw.map(|w| ModuleId { layer: w.layer, kind: w.kind }.to_string()),
-                    "fromBits": sw.map(|w| w.from_bits), "toBits": sw.map(|w| w.to_bits),
-                })
+                TrajectoryPoint {
+                    step,
+                    footprint_bytes: p.footprint_bytes,
+                    calib_ppl: p.calib_ppl,
+                    heldout_ppl: p.heldout_ppl,
+                    module: sw.map(|w| {
+                        ModuleId {
+                            layer: w.layer,
+                            kind: w.kind,
+                        }
+                        .to_string()
+                    }),
+                    from_bits: sw.map(|w| w.from_bits),
+                    to_bits: sw.map(|w| w.to_bits),
+                }
             })
             .collect();
         to_js(&points)
@@ -304,17 +261,24 @@ impl Engine {
 }
 
 impl Engine {
-    async fn load(url: &str, options: &JsValue) -> WebResult<Engine> {
-        let o = Options::parse(options)?;
-        let loader = Loader::open(url, o.cache_name.as_deref(), o.cache_quota, o.emitter).await?;
+    async fn load(url: &str, options: JsValue) -> WebResult<Engine> {
+        let o = EngineOptions::parse(options)?;
+        let emitter = Emitter {
+            on_event: EngineOptions::callback(&o.on_event),
+            on_progress: EngineOptions::callback(&o.on_progress),
+        };
+        let cache = o.cache();
+        let loader = Loader::open(url, cache.as_deref(), o.cache_quota_bytes, emitter).await?;
         let m = &loader.manifest;
         let opts = ModelOptions {
-            context: o.context.clamp(16, m.config.max_position_embeddings),
+            context: (o.context.unwrap_or(1024) as usize)
+                .clamp(16, m.config.max_position_embeddings),
             ..Default::default()
         };
         let footprints = m.trajectory.iter().map(|s| s.footprint_bytes).collect();
-        let mut elastic = Elastic::new(footprints, kv_estimate(m, &opts), o.policy)?;
-        if let Some(b) = o.budget {
+        let policy = o.policy.unwrap_or_default();
+        let mut elastic = Elastic::new(footprints, kv_estimate(m, &opts), policy)?;
+        if let Some(b) = o.budget_bytes {
             elastic.set_budget(b);
         }
         let mut p = Progress::new("download", 0, 2);
@@ -385,27 +349,43 @@ impl Inner {
         *self.state.borrow_mut() = Some(st);
     }
 
-    fn stats(&self) -> serde_json::Value {
+    fn stats(&self) -> Stats {
         let e = self.walk.elastic.borrow().stats();
-        let s = self.snap.borrow();
+        let s = self.snap.borrow().clone();
         let alloc = self.alloc.borrow();
-        json!({
-            "step": s.step, "steps": e.steps, "targetStep": e.target_step,
-            "footprintBytes": e.footprint_bytes, "overheadBytes": e.overhead_bytes,
-            "gpuAllocatedBytes": alloc.as_ref().map_or(0, |a| a.bytes()),
-            "gpuBuffers": alloc.as_ref().map_or(0, |a| a.buffers()),
-            "budgetBytes": e.budget_bytes, "effectiveBudgetBytes": e.effective_budget_bytes,
-            "heapRatio": e.heap_ratio,
-            "tokensPerSecond": s.tokens_per_s, "prefillTokensPerSecond": s.prefill_tokens_per_s,
-            "swaps": s.swaps, "swapsDown": e.swaps_down, "swapsUp": e.swaps_up,
-            "deviceLosses": e.device_losses, "ooms": e.ooms, "swapFailures": e.swap_failures,
-            "adapter": s.adapter, "loadedFromCache": s.loaded_from_cache,
-            "networkBytes": self.walk.source.net_bytes.get(), "cacheBytes": self.walk.source.cache_bytes.get(),
-            "prefetching": self.prefetching.get(),
-            "contextTokens": s.context_tokens, "contextLength": self.opts.context, "bits": s.bits,
-            "lastReason": e.last_reason, "lastSwapReason": s.last_swap_reason,
-            "modelName": self.walk.source.manifest.name, "unloaded": self.unloaded.get(),
-        })
+        let src = &self.walk.source;
+        Stats {
+            step: s.step,
+            steps: e.steps,
+            target_step: e.target_step,
+            footprint_bytes: e.footprint_bytes,
+            overhead_bytes: e.overhead_bytes,
+            gpu_allocated_bytes: alloc.as_ref().map_or(0, |a| a.bytes()),
+            gpu_buffers: alloc.as_ref().map_or(0, |a| a.buffers()),
+            budget_bytes: e.budget_bytes,
+            effective_budget_bytes: e.effective_budget_bytes,
+            heap_ratio: e.heap_ratio,
+            tokens_per_second: s.tokens_per_s,
+            prefill_tokens_per_second: s.prefill_tokens_per_s,
+            swaps: s.swaps,
+            swaps_down: e.swaps_down,
+            swaps_up: e.swaps_up,
+            device_losses: e.device_losses,
+            ooms: e.ooms,
+            swap_failures: e.swap_failures,
+            adapter: s.adapter,
+            loaded_from_cache: s.loaded_from_cache,
+            network_bytes: src.net_bytes.get(),
+            cache_bytes: src.cache_bytes.get(),
+            prefetching: self.prefetching.get(),
+            context_tokens: s.context_tokens,
+            context_length: self.opts.context,
+            bits: s.bits,
+            last_reason: e.last_reason,
+            last_swap_reason: s.last_swap_reason,
+            model_name: src.manifest.name.clone(),
+            unloaded: self.unloaded.get(),
+        }
     }
 
     // ---- chat ----
@@ -446,7 +426,9 @@ impl Inner {
             sent_role: false,
             ended: false,
         });
-        Ok(to_js(&json!({"promptTokens": ids.len()})))
+        Ok(to_js(&Started {
+            prompt_tokens: ids.len(),
+        }))
     }
 
     async fn next_chunk(self: &Rc<Self>, st: &mut State) -> WebResult<JsValue> {
@@ -478,41 +460,52 @@ impl Inner {
             Some(id) => Some(a.decoder.step(&self.tokenizer, id)?),
             None => None,
         };
-        let model = &self.walk.source.manifest.name;
-        let mut delta = serde_json::Map::new();
-        if !a.sent_role {
-            delta.insert("role".into(), "assistant".into());
-            a.sent_role = true;
-        }
-        let chunk = match content {
+        let mut delta = Delta {
+            role: (!a.sent_role).then_some("assistant"),
+            content: None,
+        };
+        a.sent_role = true;
+        let (finish_reason, usage) = match content {
             Some(c) => {
-                delta.insert("content".into(), c.into());
-                json!({"id": a.id, "object": "chat.completion.chunk", "created": a.created,
-                    "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": null}]})
+                delta.content = Some(c);
+                (None, None)
             }
             None => {
                 a.ended = true;
                 let g = &a.turn.stats;
-                let decode =
-                    (g.decode_seconds > 0.0).then(|| g.generated as f64 / g.decode_seconds);
-                let prefill =
-                    (g.prefill_seconds > 0.0).then(|| g.prefilled as f64 / g.prefill_seconds);
+                let (decode, prefill) = (g.decode_tokens_per_s(), g.prefill_tokens_per_s());
                 let mut snap = self.snap.borrow_mut();
                 snap.tokens_per_s = decode.or(snap.tokens_per_s);
                 snap.prefill_tokens_per_s = prefill.or(snap.prefill_tokens_per_s);
-                json!({"id": a.id, "object": "chat.completion.chunk", "created": a.created,
-                    "model": model,
-                    "choices": [{"index": 0, "delta": delta,
-                        "finish_reason": g.stopped_by.map(StopReason::finish_reason)}],
-                    "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.generated,
-                        "total_tokens": g.prompt_tokens + g.generated,
-                        "extra": {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
-                            "step": st.run.step, "swaps": snap.swaps}}})
+                let usage = Usage {
+                    prompt_tokens: g.prompt_tokens,
+                    completion_tokens: g.generated,
+                    total_tokens: g.prompt_tokens + g.generated,
+                    extra: UsageExtra {
+                        prefill_tokens_per_s: prefill,
+                        decode_tokens_per_s: decode,
+                        step: st.run.step,
+                        swaps: snap.swaps,
+                    },
+                };
+                (g.stopped_by.map(StopReason::finish_reason), Some(usage))
             }
         };
+        let chunk = Chunk {
+            id: &a.id,
+            object: "chat.completion.chunk",
+            created: a.created,
+            model: &self.walk.source.manifest.name,
+            choices: [Choice {
+                index: 0,
+                delta,
+                finish_reason,
+            }],
+            usage,
+        };
+        let chunk = to_js(&chunk);
         st.turn = Some(a);
-        Ok(to_js(&chunk))
+        Ok(chunk)
     }
 
     /// A failed GPU call: if the device was lost, recover (the caller retries); else the

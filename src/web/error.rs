@@ -141,7 +141,11 @@ impl From<GpuError> for WebError {
 
 impl From<crate::Error> for WebError {
     fn from(e: crate::Error) -> Self {
-        WebError::new(Code::Input, e.to_string())
+        let code = match &e {
+            crate::Error::OutOfMemory { .. } => Code::OutOfMemory,
+            _ => Code::Input,
+        };
+        WebError::new(code, e.to_string())
     }
 }
 

@@ -5,6 +5,7 @@
 //! - `fetch`: `fetch` with streamed progress, on the window or in a worker.
 //! - `store`: the Cache API (only verified files are stored; the completion marker last).
 //! - `loader`: manifest and files by URL relative to the manifest, cache first, verified.
+//! - `api`: the options, requests, stats and chunks JS exchanges with the engine (serde).
 //! - `events`: what `onProgress` / `onEvent` receive.
 //! - `engine`: the wasm-bindgen `Engine`: options, chat token by token, and between tokens
 //!   the signals and `runtime::Elastic`'s decision.
@@ -12,6 +13,7 @@
 //!   and rebuilds after a device loss): the loader as its byte source, the device hooks, the
 //!   walk's events as JS events.
 
+pub mod api;
 pub mod engine;
 pub mod error;
 pub mod events;

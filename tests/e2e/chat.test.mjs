@@ -97,7 +97,8 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     assert.notEqual(a.finish, 'error', JSON.stringify(a));
     assert.ok(a.tokens >= 1 && a.answer.length > 0, `answer: ${JSON.stringify(a)}`);
     const growth = await page.evaluate(() => [...new Set(window.__growth)].filter((n) => n > 0));
-    if (a.tokens >= 3) assert.ok(growth.length >= 3, `the answer appeared at once, not streamed: ${growth}`);
+    // Two visible steps prove streaming; a third token may be a partial UTF-8 byte (no text yet).
+    if (a.tokens >= 3) assert.ok(growth.length >= 2, `the answer appeared at once, not streamed: ${growth}`);
     assert.ok(a.usage && a.usage.completion_tokens >= a.tokens, JSON.stringify(a.usage));
     const text = await page.locator('.msg.assistant').last().locator('.text').textContent();
     assert.equal(text, a.answer);

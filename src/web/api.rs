@@ -1,0 +1,213 @@
+//! The shapes JS passes in and gets back (see `js/API.md` and `js/index.d.ts`): serde structs,
+//! read and written through `serde-wasm-bindgen`, so each key is named once, here. Engine
+//! options and stats use JS's camelCase; chat requests and chunks keep OpenAI's snake_case.
+
+use crate::model::chat::Message;
+use crate::runtime::{Policy, Reason};
+use crate::web::error::{Code, WebError, WebResult};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::{JsCast, JsValue};
+
+/// Reads `v` as `T`; an error names the offending key (`options.budgetBytes: invalid type ...`).
+pub fn from_js<T: DeserializeOwned>(v: JsValue, what: &str) -> WebResult<T> {
+    let de = serde_wasm_bindgen::Deserializer::from(v);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." {
+            what.to_string()
+        } else {
+            format!("{what}.{path}")
+        };
+        WebError::new(Code::Input, format!("{at}: {}", e.inner()))
+    })
+}
+
+/// A byte count from JS: any finite non-negative number (rounded down; pages compute budgets
+/// as `0.8 * x`), or `null` / `undefined` for none.
+pub fn bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<f64>::deserialize(d)? {
+        None => Ok(None),
+        Some(b) if b.is_finite() && b >= 0.0 => Ok(Some(b as u64)),
+        Some(b) => Err(serde::de::Error::custom(format!(
+            "{b} is not a byte count (expected a finite number >= 0)"
+        ))),
+    }
+}
+
+/// `setMemoryBudget`'s argument.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub struct Budget(#[serde(deserialize_with = "bytes")] pub Option<u64>);
+
+/// `Engine.create`'s options. Keys the wasm side does not use (`heapPollMs`, `wasmUrl`: the JS
+/// wrapper's) are ignored.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EngineOptions {
+    /// App-set memory budget in bytes (model + KV cache + activations).
+    #[serde(deserialize_with = "bytes")]
+    pub budget_bytes: Option<u64>,
+    /// KV-cache positions (clamped to 16 ..= the model's maximum).
+    pub context: Option<u32>,
+    /// Cache API name; `useCache: false` turns the cache off.
+    pub cache_name: Option<String>,
+    pub use_cache: Option<bool>,
+    /// Bytes the cache may hold before old ensembles are evicted.
+    #[serde(deserialize_with = "bytes")]
+    pub cache_quota_bytes: Option<u64>,
+    pub policy: Option<Policy>,
+    #[serde(with = "serde_wasm_bindgen::preserve")]
+    pub on_event: JsValue,
+    #[serde(with = "serde_wasm_bindgen::preserve")]
+    pub on_progress: JsValue,
+}
+
+impl EngineOptions {
+    /// `undefined` and `null` are the defaults.
+    pub fn parse(v: JsValue) -> WebResult<EngineOptions> {
+        if v.is_undefined() || v.is_null() {
+            return Ok(EngineOptions::default());
+        }
+        let o: EngineOptions = from_js(v, "options")?;
+        for (name, f) in [("onEvent", &o.on_event), ("onProgress", &o.on_progress)] {
+            if !f.is_undefined() && !f.is_null() && !f.is_function() {
+                return Err(WebError::new(
+                    Code::Input,
+                    format!("options.{name}: expected a function"),
+                ));
+            }
+        }
+        Ok(o)
+    }
+
+    /// The Cache API name to use, `None` when caching is off.
+    pub fn cache(&self) -> Option<String> {
+        match self.use_cache {
+            Some(false) => None,
+            _ => Some(
+                self.cache_name
+                    .clone()
+                    .unwrap_or_else(|| "flexquant".into()),
+            ),
+        }
+    }
+
+    pub fn callback(f: &JsValue) -> Option<js_sys::Function> {
+        f.clone().dyn_into().ok()
+    }
+}
+
+/// `startChat`'s request: the OpenAI fields this engine reads.
+#[derive(Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    pub max_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<f64>,
+}
+
+/// `stats()`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub step: usize,
+    pub steps: usize,
+    pub target_step: Option<usize>,
+    pub footprint_bytes: Option<u64>,
+    pub overhead_bytes: u64,
+    pub gpu_allocated_bytes: u64,
+    pub gpu_buffers: u64,
+    pub budget_bytes: Option<u64>,
+    pub effective_budget_bytes: Option<u64>,
+    pub heap_ratio: Option<f64>,
+    pub tokens_per_second: Option<f64>,
+    pub prefill_tokens_per_second: Option<f64>,
+    pub swaps: u64,
+    pub swaps_down: u64,
+    pub swaps_up: u64,
+    pub device_losses: u64,
+    pub ooms: u64,
+    pub swap_failures: u64,
+    pub adapter: String,
+    pub loaded_from_cache: bool,
+    pub network_bytes: u64,
+    pub cache_bytes: u64,
+    pub prefetching: bool,
+    pub context_tokens: usize,
+    pub context_length: usize,
+    pub bits: Vec<u32>,
+    pub last_reason: Option<Reason>,
+    pub last_swap_reason: Option<Reason>,
+    pub model_name: String,
+    pub unloaded: bool,
+}
+
+/// One point of `trajectory()`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrajectoryPoint {
+    pub step: usize,
+    pub footprint_bytes: u64,
+    pub calib_ppl: Option<f64>,
+    pub heldout_ppl: Option<f64>,
+    pub module: Option<String>,
+    pub from_bits: Option<u32>,
+    pub to_bits: Option<u32>,
+}
+
+/// What `startChat` resolves to.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Started {
+    pub prompt_tokens: usize,
+}
+
+/// One OpenAI `chat.completion.chunk`.
+#[derive(Serialize)]
+pub struct Chunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: [Choice; 1],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+pub struct Choice {
+    pub index: u32,
+    pub delta: Delta,
+    pub finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize, Default)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    pub extra: UsageExtra,
+}
+
+#[derive(Serialize)]
+pub struct UsageExtra {
+    pub prefill_tokens_per_s: Option<f64>,
+    pub decode_tokens_per_s: Option<f64>,
+    pub step: usize,
+    pub swaps: u64,
+}
+
+/// `o[k]`, `undefined` where `o` is not an object or has no such key.
+pub fn get(o: &JsValue, k: &str) -> JsValue {
+    js_sys::Reflect::get(o, &k.into()).unwrap_or(JsValue::UNDEFINED)
+}
