@@ -39,10 +39,11 @@ export interface SwapEvent {
   tokenIndex: number | null;
 }
 
+export interface BackendEvent { type: 'backend'; backend: 'webgpu' | 'cpu'; reason: string; label: string }
 export interface DeviceLostEvent { type: 'device-lost'; step: number; message: string }
 export interface RecoveredEvent { type: 'recovered'; from: number; to: number; ms: number; reprefilledTokens: number }
 export interface ErrorEvent { type: 'error'; error: { code: ErrorCode; message: string; file?: string | null; url?: string | null } }
-export type EngineEvent = ProgressEvent | SwapEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent;
+export type EngineEvent = ProgressEvent | BackendEvent | SwapEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent;
 
 /** runtime::Policy (snake_case, every field optional). */
 export interface Policy {
@@ -59,6 +60,8 @@ export interface Policy {
 export interface EngineOptions {
   onProgress?: (p: ProgressEvent) => void;
   onEvent?: (e: EngineEvent) => void;
+  /** 'auto' (default): WebGPU unless it is missing or a CPU emulation; then the CPU backend. */
+  backend?: 'auto' | 'webgpu' | 'cpu';
   /** App memory budget in bytes for model + KV cache + activations. */
   budgetBytes?: number;
   /** KV-cache positions (default 1024, at most the model's). */
@@ -134,6 +137,10 @@ export interface Stats {
   ooms: number;
   swapFailures: number;
   adapter: string;
+  backend: 'webgpu' | 'cpu';
+  backendReason: string;
+  heldBytes: number;
+  wasmMemoryBytes: number;
   loadedFromCache: boolean;
   networkBytes: number;
   cacheBytes: number;

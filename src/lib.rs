@@ -5,6 +5,7 @@
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod build;
+pub mod cpu;
 pub mod ensemble;
 pub mod error;
 pub mod gpu;

@@ -46,6 +46,10 @@ async fn engine(path: &str, mut opts: Value) -> Result<(Engine, Events), Value> 
     if opts.get("cacheName").is_none() {
         opts["cacheName"] = json!(format!("test-{}", js_sys::Math::random()));
     }
+    // The WebGPU path unless a test asks otherwise (`auto` picks the CPU on SwiftShader).
+    if opts.get("backend").is_none() {
+        opts["backend"] = json!("webgpu");
+    }
     let o = js(&opts);
     js_sys::Reflect::set(&o, &"onEvent".into(), cb.as_ref()).unwrap();
     cb.forget();
@@ -576,5 +580,142 @@ async fn a_device_lost_behind_the_engines_back_is_noticed_and_recovered() {
         "{:?}",
         of_type(&ev, "error")
     );
+    call(e.unload()).await.unwrap();
+}
+
+/// The packed CPU backend's kernel in wasm (simd128) against the weights its codes mean, for
+/// every bit-width and group size on an odd shape.
+#[wasm_bindgen_test]
+fn cpu_kernel_matches_fake_quant_in_wasm() {
+    use flexquant::cpu::act::Q16;
+    use flexquant::cpu::kernel::matmul;
+    use flexquant::ensemble::format::{PackedMatrix, PackedShape, BITS, GROUP_SIZES};
+    let (rows, cols, t) = (13, 150, 5);
+    for bits in BITS {
+        for group in GROUP_SIZES {
+            let shape = PackedShape::new(rows, cols, bits, group).unwrap();
+            let codes: Vec<u8> = (0..rows * cols)
+                .map(|i| ((i.wrapping_mul(2654435761) >> 7) % (1 << bits)) as u8)
+                .collect();
+            let sz: Vec<(f32, f32)> = (0..shape.scale_words())
+                .map(|g| (0.01 + (g % 7) as f32 * 0.003, -0.05 + (g % 5) as f32 * 0.02))
+                .collect();
+            let m = PackedMatrix::from_codes(shape, &codes, &sz);
+            let wd = m.dequantize();
+            let x: Vec<f32> = (0..t * cols)
+                .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 50.0)
+                .collect();
+            let a = Q16::quantize(&x, t, &m.shape);
+            let mut y = vec![0f32; t * rows];
+            matmul(&m, &a, &mut y);
+            let (mut err, mut norm) = (0f64, 0f64);
+            for k in 0..t {
+                for r in 0..rows {
+                    let want: f64 = (0..cols)
+                        .map(|c| wd[r * cols + c] as f64 * x[k * cols + c] as f64)
+                        .sum();
+                    err += (y[k * rows + r] as f64 - want).powi(2);
+                    norm += want * want;
+                }
+            }
+            let rel = (err / norm).sqrt();
+            assert!(rel < 1e-4, "{bits} bits, group {group}: error {rel:.2e}");
+        }
+    }
+}
+
+/// The CPU backend in the browser: it answers deterministically, swaps down and up between
+/// tokens under a budget, and holds exactly the trajectory's footprint plus the KV cache.
+#[wasm_bindgen_test]
+async fn cpu_backend_answers_swaps_and_accounts_exactly() {
+    let policy = json!({"up_delay_ms": 0.0, "fault_cooldown_ms": 0.0, "max_up_growth": 10.0});
+    let (e, ev) = engine(
+        "/tiny/manifest.json",
+        json!({"backend": "cpu", "policy": policy}),
+    )
+    .await
+    .unwrap();
+    let s = stats(&e);
+    assert_eq!(s["backend"], "cpu", "{s}");
+    assert!(
+        s["backendReason"].as_str().unwrap().contains("asked"),
+        "{s}"
+    );
+    assert_eq!(s["gpuAllocatedBytes"], 0, "{s}");
+    let held = |s: &Value| s["heldBytes"].as_u64().unwrap();
+    let want =
+        |s: &Value| s["footprintBytes"].as_u64().unwrap() + s["overheadBytes"].as_u64().unwrap();
+    assert_eq!(held(&s), want(&s), "{s}");
+    assert!(s["wasmMemoryBytes"].as_u64().unwrap() >= held(&s), "{s}");
+    let backend = of_type(&ev, "backend");
+    assert_eq!(backend.len(), 1, "{backend:?}");
+    assert_eq!(backend[0]["backend"], "cpu");
+
+    let conv = [user("Once upon a time")];
+    start(&e, &conv, 12).await;
+    let baseline = finish(&e).await.0;
+    start(&e, &conv, 12).await;
+    assert_eq!(
+        finish(&e).await.0,
+        baseline,
+        "greedy decoding is deterministic"
+    );
+
+    until_prefetched(&e).await;
+    let steps = stats(&e)["steps"].as_u64().unwrap() as usize;
+    let target = steps / 2;
+    let budget = budget_for(&e, target);
+    start(&e, &conv, 12).await;
+    for _ in 0..3 {
+        chunk(&e).await;
+    }
+    call(e.set_memory_budget(JsValue::from(budget as f64)))
+        .await
+        .unwrap();
+    chunk(&e).await;
+    let s = stats(&e);
+    assert_eq!(s["step"], target as u64, "{s}");
+    assert_eq!(held(&s), want(&s), "after the swap down: {s}");
+    check_bits(&e);
+    call(e.set_memory_budget(JsValue::NULL)).await.unwrap();
+    chunk(&e).await;
+    let s = stats(&e);
+    assert_eq!(s["step"], 0, "{s}");
+    assert_eq!(held(&s), want(&s), "after the swap up: {s}");
+    check_bits(&e);
+    let (_, n, last) = finish(&e).await;
+    assert_eq!(last["usage"]["completion_tokens"], (5 + n) as u64, "{last}");
+    assert_eq!(of_type(&ev, "swap").len(), 2);
+    assert!(
+        of_type(&ev, "error").is_empty(),
+        "{:?}",
+        of_type(&ev, "error")
+    );
+
+    // A rebuild (the device-loss path; on the CPU: a new model) keeps the conversation.
+    start(&e, &conv, 4).await;
+    chunk(&e).await;
+    call(e.simulate_device_loss()).await.unwrap();
+    let (_, n, last) = finish(&e).await;
+    assert_eq!(last["usage"]["completion_tokens"], (1 + n) as u64, "{last}");
+    assert_eq!(stats(&e)["backend"], "cpu");
+    call(e.unload()).await.unwrap();
+}
+
+/// `backend: 'auto'` on Chromium's SwiftShader adapter (a CPU emulation of a GPU) runs on the
+/// CPU backend and says why.
+#[wasm_bindgen_test]
+async fn auto_prefers_the_cpu_over_an_emulated_gpu() {
+    let (e, ev) = engine("/tiny/manifest.json", json!({"backend": "auto"}))
+        .await
+        .unwrap();
+    let s = stats(&e);
+    assert_eq!(s["backend"], "cpu", "{s}");
+    let why = s["backendReason"].as_str().unwrap();
+    assert!(why.contains("emulates") || why.contains("WebGPU"), "{why}");
+    assert_eq!(of_type(&ev, "backend")[0]["reason"], why);
+    start(&e, &[user("Hello")], 4).await;
+    let (_, n, _) = finish(&e).await;
+    assert!(n >= 1);
     call(e.unload()).await.unwrap();
 }

@@ -51,18 +51,25 @@ function errorMessage(err) {
     case 'quota-exceeded':
       return `The browser cache is full, so the model is not cached for the next visit: ${e.message}.`;
     case 'out-of-memory':
-      return `The GPU ran out of memory: ${e.message}.`;
+      return `Out of memory: ${e.message}.`;
     default:
       return errorText(e);
   }
 }
 
+/** `?backend=auto|webgpu|cpu` (default auto: WebGPU unless missing or a CPU emulation). */
+function backendChoice() {
+  const b = new URLSearchParams(location.search).get('backend');
+  return ['auto', 'webgpu', 'cpu'].includes(b) ? b : 'auto';
+}
+
 async function main() {
   const url = manifestUrl();
   $('model-url').textContent = url;
+  // Without a usable WebGPU the model runs on the CPU backend (wasm SIMD): a note, not a failure.
   const gpu = await checkWebGPU();
-  if (!gpu.ok) return fatal(gpu.title, gpu.detail);
   page.adapter = gpu.adapter;
+  page.webgpu = gpu;
 
   const settings = new Settings();
   const loader = new LoaderView();
@@ -103,7 +110,7 @@ async function main() {
 
   let engine;
   try {
-    engine = await createEngine(url, { onProgress: (p) => { page.progressEvents.push(p); loader.update(p); }, onEvent });
+    engine = await createEngine(url, { backend: backendChoice(), onProgress: (p) => { page.progressEvents.push(p); loader.update(p); }, onEvent });
   } catch (e) {
     if (e && e.code === 'webgpu-unavailable') return fatal('WebGPU cannot run this model here', e.message);
     if (e && e.code === 'manifest-not-found') return fatal('Model not found', `${e.message}. Check the ?model= address.`);
@@ -114,8 +121,13 @@ async function main() {
   const summary = loader.done(stats);
   page.metrics.loadSeconds = (performance.now() - t0) / 1000;
   page.metrics.loadedFromCache = stats.loadedFromCache;
-  notice(summary.text, 'ok');
-  $('model-line').textContent = `${stats.modelName} · ${stats.steps} EQMs from ${formatBytes(trajectory[0].footprintBytes)} to ${formatBytes(trajectory[trajectory.length - 1].footprintBytes)} · WebGPU on ${gpu.adapter.name}${gpu.adapter.fallback ? ' (software fallback: slow)' : ''}`;
+  page.backend = stats.backend;
+  const onCpu = stats.backend === 'cpu';
+  notice(onCpu ? `${summary.text} Running on the CPU (${stats.backendReason}).` : summary.text, 'ok');
+  if (onCpu && !gpu.ok) page.webgpuNote = `${gpu.title}: ${gpu.detail}`;
+  const where = onCpu ? `CPU (${stats.adapter})` : `WebGPU on ${stats.adapter}`;
+  $('model-line').textContent = `${stats.modelName} · ${stats.steps} EQMs from ${formatBytes(trajectory[0].footprintBytes)} to ${formatBytes(trajectory[trajectory.length - 1].footprintBytes)} · ${where}`;
+  $('model-line').title = `Backend: ${stats.backend} — ${stats.backendReason}`;
 
   chat = new Chat(engine, settings, {
     onBusy: (b) => { page.busy = b; },

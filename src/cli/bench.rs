@@ -10,8 +10,11 @@ use std::time::Instant;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Which benchmark: cpu, quant, gpu.
+    /// Which benchmark: cpu, quant, gpu, backends (the packed CPU backend on --ensemble).
     which: String,
+    /// A built ensemble (for `backends`).
+    #[arg(long)]
+    ensemble: Option<PathBuf>,
     #[arg(long)]
     model: PathBuf,
     /// Held-out text file.
@@ -77,9 +80,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.which == "gpu" {
         return super::bench_gpu::run(&a.model, &a.text, &a.out_dir, &a.gpu);
     }
+    if a.which == "backends" {
+        let Some(e) = &a.ensemble else {
+            anyhow::bail!("bench backends needs --ensemble DIR (a built ensemble)");
+        };
+        return super::bench_backends::run(e, &a.text, &a.out_dir);
+    }
     if a.which != "cpu" {
         anyhow::bail!(
-            "unknown benchmark {:?} (available: cpu, quant, gpu)",
+            "unknown benchmark {:?} (available: cpu, quant, gpu, backends)",
             a.which
         );
     }

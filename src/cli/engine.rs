@@ -4,6 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use flexquant::cpu::CpuFactory;
 use flexquant::gpu::{GpuFactory, ModelOptions};
 use flexquant::model::tokenizer::Tokenizer;
 use flexquant::runtime::dir::DirSource;
@@ -14,6 +15,9 @@ use std::path::PathBuf;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
+    /// The packed CPU backend: the shards as shipped, int16 activations, SIMD integer dot
+    /// products, all cores (the default for an ensemble).
+    Cpu,
     /// The CPU fake-quant f32 forward (slow; exactly the model the builder evaluated).
     Reference,
     /// The WGSL engine on wgpu (Vulkan/Metal/DX12; lavapipe without a GPU).
@@ -39,9 +43,9 @@ pub struct SourceArgs {
     /// step that fits and walks the trajectory when it changes (`/budget MB` in the chat).
     #[arg(long, requires = "ensemble")]
     pub budget: Option<f64>,
-    /// Where the ensemble runs (a model file always runs on the reference).
-    #[arg(long, value_enum, default_value_t = BackendKind::Reference)]
-    pub backend: BackendKind,
+    /// Where the ensemble runs [default: cpu] (a model file always runs on the reference).
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendKind>,
 }
 
 /// Bytes from a budget in MB (1 MB = 10^6 bytes, as the reports print them).
@@ -167,8 +171,9 @@ pub fn open_model(path: &std::path::Path, context: usize) -> Result<Engine<Refer
 pub fn with_engine<J: Job>(s: &SourceArgs, context: usize, job: J) -> Result<()> {
     match (&s.model, &s.ensemble) {
         (Some(p), _) => {
-            if s.backend != BackendKind::Reference {
-                bail!("--backend gpu runs a built ensemble: give --ensemble DIR (build one with `flexquant build`)");
+            if let Some(b) = s.backend.filter(|&b| b != BackendKind::Reference) {
+                let name = b.to_possible_value().expect("no skipped variants");
+                bail!("--backend {} runs a built ensemble: give --ensemble DIR (build one with `flexquant build`)", name.get_name());
             }
             job.run(open_model(p, context)?)
         }
@@ -178,7 +183,14 @@ pub fn with_engine<J: Job>(s: &SourceArgs, context: usize, job: J) -> Result<()>
                 .config
                 .max_position_embeddings;
             let context = context.min(c);
-            match s.backend {
+            match s.backend.unwrap_or(BackendKind::Cpu) {
+                BackendKind::Cpu => {
+                    let f = CpuFactory {
+                        context,
+                        budget: None,
+                    };
+                    job.run(open_ensemble(s, dir, f, context)?)
+                }
                 BackendKind::Reference => {
                     let f = ReferenceFactory { context };
                     job.run(open_ensemble(s, dir, f, context)?)

@@ -3,9 +3,11 @@
 //! to the builder's (`build-record.json`: its sequence length and held-out token count), so
 //! the figure is the one the builder recorded for that step.
 
+use super::engine::open_ensemble;
 use super::engine::{with_engine, BackendKind, Block, Engine, Job, SourceArgs};
 use anyhow::{Context, Result};
 use clap::Args;
+use flexquant::cpu::CpuFactory;
 use flexquant::gpu::{GpuFactory, ModelOptions};
 use flexquant::runtime::reference::ReferenceFactory;
 use flexquant::runtime::{Backend, Factory};
@@ -106,24 +108,34 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let record = a.source.ensemble.as_deref().and_then(builder_windows);
     let ctx = a.ctx.or(record.map(|r| r.0)).unwrap_or(512);
     let max_tokens = a.max_tokens.or(record.map(|r| r.1));
-    let mut s = a.source.clone();
-    if let (Some(dir), BackendKind::Gpu) = (&s.ensemble, s.backend) {
-        // Logits for up to 64 rows at a time; the NLL of each comes back, not the logits.
-        let f = GpuFactory::new(ModelOptions {
-            context: ctx,
-            max_batch: 64,
-            logit_rows: 64,
-            top_k: 1,
-        });
-        let dir = dir.clone();
-        s.ensemble = Some(dir.clone());
-        let e = super::engine::open_ensemble(&s, &dir, f, ctx)
-            .with_context(|| format!("loading {}", dir.display()))?;
-        return Eval { a, ctx, max_tokens }.run(e);
+    let s = a.source.clone();
+    let Some(dir) = s.ensemble.clone() else {
+        return with_engine(&s, ctx, Eval { a, ctx, max_tokens });
+    };
+    let job = Eval { a, ctx, max_tokens };
+    let loading = || format!("loading {}", dir.display());
+    // The reference by default: the builder's figures exactly.
+    match s.backend.unwrap_or(BackendKind::Reference) {
+        BackendKind::Gpu => {
+            // Logits for up to 64 rows at a time; the NLL of each comes back, not the logits.
+            let f = GpuFactory::new(ModelOptions {
+                context: ctx,
+                max_batch: 64,
+                logit_rows: 64,
+                top_k: 1,
+            });
+            job.run(open_ensemble(&s, &dir, f, ctx).with_context(loading)?)
+        }
+        BackendKind::Cpu => {
+            let f = CpuFactory {
+                context: ctx,
+                budget: None,
+            };
+            job.run(open_ensemble(&s, &dir, f, ctx).with_context(loading)?)
+        }
+        BackendKind::Reference => {
+            let f = ReferenceFactory { context: ctx };
+            job.run(open_ensemble(&s, &dir, f, ctx).with_context(loading)?)
+        }
     }
-    if let Some(dir) = s.ensemble.clone() {
-        let e = super::engine::open_ensemble(&s, &dir, ReferenceFactory { context: ctx }, ctx)?;
-        return Eval { a, ctx, max_tokens }.run(e);
-    }
-    with_engine(&s, ctx, Eval { a, ctx, max_tokens })
 }

@@ -1,6 +1,7 @@
 //! Subcommands. Each file holds one command family; this one holds the argument types.
 
 mod bench;
+mod bench_backends;
 mod bench_gpu;
 mod bench_quant;
 mod build;

@@ -90,24 +90,41 @@ pub fn perplexity(
     stride: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Perplexity> {
-    check_window(ctx, stride, w.config.max_position_embeddings)?;
+    let h = w.config.hidden_size;
+    let mut cache = KvCache::new(w, ctx);
+    let max = w.config.max_position_embeddings;
+    perplexity_with(tokens, ctx, stride, max, &mut progress, |win, skip| {
+        cache.clear();
+        let x = forward::hidden(w, win, &mut cache)?;
+        // Row r predicts token r + 1 of the window.
+        let rows = &x[(skip - 1) * h..(win.len() - 1) * h];
+        Ok(nll_of_rows(w, rows, &win[skip..]))
+    })
+}
+
+/// The recipe above over any model: `nll(window, skip)` returns the summed negative
+/// log-likelihood of `window[skip..]`, each token conditioned on the window before it.
+pub fn perplexity_with<E: From<Error>>(
+    tokens: &[u32],
+    ctx: usize,
+    stride: usize,
+    max_ctx: usize,
+    progress: &mut dyn FnMut(usize, usize),
+    mut nll: impl FnMut(&[u32], usize) -> std::result::Result<f64, E>,
+) -> std::result::Result<Perplexity, E> {
+    check_window(ctx, stride, max_ctx)?;
     if tokens.len() < 2 {
         return Err(Error::input(format!(
             "text has {} tokens; perplexity needs at least 2",
             tokens.len()
-        )));
+        ))
+        .into());
     }
     let start = std::time::Instant::now();
-    let h = w.config.hidden_size;
     let wins = windows(tokens.len(), ctx, stride);
-    let mut cache = KvCache::new(w, ctx);
     let (mut nll_sum, mut count) = (0.0, 0);
     for (i, &(begin, end, first)) in wins.iter().enumerate() {
-        cache.clear();
-        let x = forward::hidden(w, &tokens[begin..end], &mut cache)?;
-        // Row r predicts token begin + r + 1.
-        let rows = &x[(first - 1 - begin) * h..(end - 1 - begin) * h];
-        nll_sum += nll_of_rows(w, rows, &tokens[first..end]);
+        nll_sum += nll(&tokens[begin..end], first - begin)?;
         count += end - first;
         progress(i + 1, wins.len());
     }

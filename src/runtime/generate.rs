@@ -133,6 +133,11 @@ impl Rng {
 
 /// The `k` largest finite logits as (token, logit), best first (ties: the lower id first, as
 /// the GPU top-k kernel orders them).
+/// Candidates returned per token by every backend, so that sampling at a temperature draws
+/// from the same set on each.
+pub const TOP_K: usize = 40;
+
+/// The `k` largest finite logits `(token, logit)`, best first (ties: lower token first).
 pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut c: Vec<(u32, f32)> = logits
         .iter()

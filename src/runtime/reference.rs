@@ -12,9 +12,7 @@ use crate::model::weights::{ModuleId, Weights};
 use crate::runtime::backend::{Backend, Factory};
 use crate::runtime::generate::top_k;
 
-/// Candidates returned per token: the GPU engine's default, so that sampling at a temperature
-/// draws from the same set on every backend.
-pub const TOP_K: usize = 40;
+pub use crate::runtime::generate::TOP_K;
 
 pub struct Reference {
     pub weights: Weights,

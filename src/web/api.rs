@@ -57,6 +57,8 @@ pub struct EngineOptions {
     #[serde(deserialize_with = "bytes")]
     pub cache_quota_bytes: Option<u64>,
     pub policy: Option<Policy>,
+    /// `'auto'` (default), `'webgpu'` or `'cpu'`.
+    pub backend: Option<crate::web::backend::BackendChoice>,
     #[serde(with = "serde_wasm_bindgen::preserve")]
     pub on_event: JsValue,
     #[serde(with = "serde_wasm_bindgen::preserve")]
@@ -130,7 +132,15 @@ pub struct Stats {
     pub device_losses: u64,
     pub ooms: u64,
     pub swap_failures: u64,
+    /// The WebGPU adapter, or the CPU backend's build (SIMD, threads).
     pub adapter: String,
+    pub backend: Option<crate::web::backend::Kind>,
+    /// Why this backend runs (the `backend` option, or what `auto` found).
+    pub backend_reason: String,
+    /// Bytes the model holds (weights, KV cache), on either backend.
+    pub held_bytes: u64,
+    /// The wasm instance's memory (the CPU backend's weights live there).
+    pub wasm_memory_bytes: u64,
     pub loaded_from_cache: bool,
     pub network_bytes: u64,
     pub cache_bytes: u64,

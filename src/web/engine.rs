@@ -4,17 +4,19 @@
 //! at a lower step and runs the conversation again into the new cache). The JS wrapper
 //! (`js/index.js`) serializes calls and turns chunks into an async iterator.
 
-use crate::gpu::{Allocator, GpuError, Model, ModelOptions};
+use crate::gpu::{Allocator, ModelOptions};
 use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::{StreamDecoder, Tokenizer};
 use crate::model::weights::ModuleId;
 use crate::runtime::walk::Running;
+use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
 use crate::runtime::{Sampling, StopReason, Turn};
 use crate::web::api::{
     from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, Started, Stats,
     TrajectoryPoint, Usage, UsageExtra,
 };
+use crate::web::backend::{probe_adapter, BackendChoice, WebModel};
 use crate::web::error::{Code, WebError, WebResult};
 use crate::web::events::{to_js, Emitter, Progress};
 use crate::web::loader::Loader;
@@ -55,7 +57,7 @@ pub(super) struct Inner {
 }
 
 pub(super) struct State {
-    pub(super) run: Running<Model>,
+    pub(super) run: Running<WebModel>,
     turn: Option<Answer>,
 }
 
@@ -80,6 +82,15 @@ pub(super) struct Snapshot {
     pub(super) loaded_from_cache: bool,
     pub(super) context_tokens: usize,
     pub(super) last_swap_reason: Option<Reason>,
+    pub(super) backend: Option<crate::web::backend::Kind>,
+    pub(super) held_bytes: u64,
+}
+
+/// Bytes of this wasm instance's linear memory (it grows, never shrinks).
+fn wasm_memory_bytes() -> u64 {
+    let m: js_sys::WebAssembly::Memory = wasm_bindgen::memory().unchecked_into();
+    let b: js_sys::ArrayBuffer = m.buffer().unchecked_into();
+    b.byte_length() as u64
 }
 
 /// Resolves after `ms` milliseconds (lets the device's `lost` promise settle).
@@ -225,7 +236,10 @@ impl Engine {
         promise(async move {
             let mut st = i.take()?;
             i.flags.lost.borrow().store(true, Ordering::SeqCst);
-            st.run.session.model.gpu().device.destroy();
+            if let Some(gpu) = st.run.session.model.gpu() {
+                gpu.device.destroy();
+            }
+            // On the CPU backend: the same rebuild (a new model, the conversation re-run).
             let r = i.recover(&mut st.run).await;
             i.put(st);
             r.map(|_| JsValue::UNDEFINED)
@@ -238,10 +252,15 @@ impl Engine {
     #[wasm_bindgen(js_name = destroyDevice)]
     pub fn destroy_device(&self) -> Result<(), JsValue> {
         match self.inner.state.borrow().as_ref() {
-            Some(st) => {
-                st.run.session.model.gpu().device.destroy();
-                Ok(())
-            }
+            Some(st) => match st.run.session.model.gpu() {
+                Some(gpu) => {
+                    gpu.device.destroy();
+                    Ok(())
+                }
+                None => {
+                    Err(WebError::new(Code::Input, "the CPU backend has no GPU device").to_js())
+                }
+            },
             None => Err(WebError::new(Code::Busy, "an engine call is running").to_js()),
         }
     }
@@ -251,10 +270,12 @@ impl Engine {
         let i = self.inner.clone();
         promise(async move {
             let st = i.take()?;
-            let gpu = st.run.session.model.gpu().clone();
+            let gpu = st.run.session.model.gpu().cloned();
             drop(st);
             i.unloaded.set(true);
-            gpu.device.destroy();
+            if let Some(gpu) = gpu {
+                gpu.device.destroy();
+            }
             Ok(JsValue::UNDEFINED)
         })
     }
@@ -276,6 +297,19 @@ impl Engine {
             ..Default::default()
         };
         let footprints = m.trajectory.iter().map(|s| s.footprint_bytes).collect();
+        let choice = o.backend.unwrap_or_default();
+        let (use_cpu, reason) = match choice {
+            BackendChoice::Cpu => (true, "asked for (backend: 'cpu')".to_string()),
+            BackendChoice::Webgpu => (false, "asked for (backend: 'webgpu')".to_string()),
+            BackendChoice::Auto => match probe_adapter().await {
+                Err(why) => (true, why),
+                Ok(a) if a.emulated => (
+                    true,
+                    format!("the WebGPU adapter ({}) emulates a GPU on the CPU", a.label),
+                ),
+                Ok(a) => (false, format!("WebGPU adapter {}", a.label)),
+            },
+        };
         let policy = o.policy.unwrap_or_default();
         let mut elastic = Elastic::new(footprints, kv_estimate(m, &opts), policy)?;
         if let Some(b) = o.budget_bytes {
@@ -290,7 +324,8 @@ impl Engine {
             oom: Arc::new(AtomicBool::new(false)),
         };
         let snap = Rc::new(RefCell::new(Snapshot::default()));
-        let walk = web_walk(loader, opts, elastic, flags.clone(), snap.clone());
+        let walk = web_walk(loader, opts, use_cpu, elastic, flags.clone(), snap.clone());
+        *walk.factory.reason.borrow_mut() = reason;
         let inner = Rc::new(Inner {
             stop,
             walk,
@@ -306,8 +341,19 @@ impl Engine {
             prefetching: Cell::new(false),
             completions: Cell::new(0),
         });
-        let run = inner.build().await?;
+        let run = match inner.build().await {
+            // `auto`: a WebGPU that cannot run the model falls back to the CPU backend.
+            Err(e) if e.code == Code::WebGpuUnavailable && choice == BackendChoice::Auto => {
+                let f = &inner.walk.factory;
+                f.use_cpu.set(true);
+                *f.reason.borrow_mut() = format!("WebGPU cannot run this model: {}", e.message);
+                inner.build().await?
+            }
+            r => r?,
+        };
         let step = run.step;
+        let kind = run.session.model.kind();
+        inner.backend_event(kind);
         let src = &inner.walk.source;
         inner.snap.borrow_mut().loaded_from_cache = src.net_bytes.get() == 0;
         inner.put(State { run, turn: None });
@@ -328,6 +374,16 @@ fn kv_estimate(m: &crate::ensemble::manifest::Manifest, o: &ModelOptions) -> u64
 }
 
 impl Inner {
+    /// The `backend` event: which backend runs and why.
+    fn backend_event(&self, kind: crate::web::backend::Kind) {
+        let f = &self.walk.factory;
+        self.walk
+            .source
+            .emitter
+            .emit(json!({"type": "backend", "backend": kind,
+            "reason": *f.reason.borrow(), "label": f.label()}));
+    }
+
     fn take(&self) -> WebResult<State> {
         if self.unloaded.get() {
             return Err(WebError::new(Code::Unloaded, "the engine was unloaded"));
@@ -344,6 +400,8 @@ impl Inner {
         let mut s = self.snap.borrow_mut();
         s.step = st.run.step;
         s.bits = st.run.session.model.eqm_bits();
+        s.backend = Some(st.run.session.model.kind());
+        s.held_bytes = st.run.session.model.held_bytes();
         s.context_tokens = st.run.session.tokens().len();
         drop(s);
         *self.state.borrow_mut() = Some(st);
@@ -374,6 +432,10 @@ impl Inner {
             ooms: e.ooms,
             swap_failures: e.swap_failures,
             adapter: s.adapter,
+            backend: s.backend,
+            backend_reason: self.walk.factory.reason.borrow().clone(),
+            held_bytes: s.held_bytes,
+            wasm_memory_bytes: wasm_memory_bytes(),
             loaded_from_cache: s.loaded_from_cache,
             network_bytes: src.net_bytes.get(),
             cache_bytes: src.cache_bytes.get(),
@@ -510,18 +572,19 @@ impl Inner {
 
     /// A failed GPU call: if the device was lost, recover (the caller retries); else the
     /// error stands.
-    async fn after_error(self: &Rc<Self>, st: &mut State, e: GpuError) -> WebResult<()> {
-        if !self.flags.lost.borrow().load(Ordering::SeqCst) {
+    async fn after_error(self: &Rc<Self>, st: &mut State, e: WebError) -> WebResult<()> {
+        let on_gpu = st.run.session.model.gpu().is_some();
+        if on_gpu && !self.flags.lost.borrow().load(Ordering::SeqCst) {
             // The `lost` promise settles a little after the failing call.
             sleep(20).await;
         }
         if self.flags.lost.borrow().load(Ordering::SeqCst) {
             return self.recover(&mut st.run).await;
         }
-        if let GpuError::OutOfMemory { .. } = e {
+        if e.code == Code::OutOfMemory {
             self.walk.elastic.borrow_mut().oom(now_ms());
         }
-        Err(e.into())
+        Err(e)
     }
 
     // ---- between tokens: device loss, then the controller's decision ----

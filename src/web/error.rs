@@ -119,6 +119,8 @@ impl WebError {
     }
 }
 
+impl std::error::Error for WebError {}
+
 impl std::fmt::Display for WebError {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         write!(f, "{} ({})", self.message, self.code.as_str())

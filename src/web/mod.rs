@@ -6,6 +6,7 @@
 //! - `store`: the Cache API (only verified files are stored; the completion marker last).
 //! - `loader`: manifest and files by URL relative to the manifest, cache first, verified.
 //! - `api`: the options, requests, stats and chunks JS exchanges with the engine (serde).
+//! - `backend`: WebGPU or the packed CPU backend as one `runtime::Backend`, and `auto`'s probe.
 //! - `events`: what `onProgress` / `onEvent` receive.
 //! - `engine`: the wasm-bindgen `Engine`: options, chat token by token, and between tokens
 //!   the signals and `runtime::Elastic`'s decision.
@@ -14,6 +15,7 @@
 //!   walk's events as JS events.
 
 pub mod api;
+pub mod backend;
 pub mod engine;
 pub mod error;
 pub mod events;

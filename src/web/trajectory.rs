@@ -3,11 +3,12 @@
 //! uncaptured out-of-memory), the walk's events as JS events and stats, prefetching in the
 //! background, and the adapter's label.
 
+use crate::cpu::CpuFactory;
 use crate::ensemble::manifest::{FileRef, Manifest};
-use crate::gpu::{Gpu, GpuFactory, Model, ModelOptions};
+use crate::gpu::{Gpu, GpuFactory, ModelOptions};
 use crate::runtime::walk::{ByteSource, Event, Running};
-use crate::runtime::{Elastic, Walk};
-use crate::web::api::get;
+use crate::runtime::{Elastic, Factory, Walk};
+use crate::web::backend::{probe_adapter, WebFactory, WebModel};
 use crate::web::engine::{Inner, Snapshot};
 use crate::web::error::{WebError, WebResult};
 use crate::web::events::Emitter;
@@ -17,9 +18,8 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use wasm_bindgen::JsCast;
 
-pub type WebWalk = Walk<Loader, GpuFactory>;
+pub type WebWalk = Walk<Loader, WebFactory>;
 
 impl ByteSource for Loader {
     type Error = WebError;
@@ -47,18 +47,20 @@ pub struct DeviceFlags {
     pub oom: Arc<AtomicBool>,
 }
 
-/// The walk over `loader` with a WebGPU factory whose devices report to `flags`, and whose
-/// events go to the app (`emitter`) and to the stats (`snap`).
+/// The walk over `loader` with a factory for both backends (the CPU one when `use_cpu`), whose
+/// WebGPU devices report to `flags`, and whose events go to the app (`emitter`) and to the
+/// stats (`snap`).
 pub fn web_walk(
     loader: Loader,
     opts: ModelOptions,
+    use_cpu: bool,
     elastic: Elastic,
     flags: DeviceFlags,
     snap: Rc<RefCell<Snapshot>>,
 ) -> WebWalk {
     let emitter = loader.emitter.clone();
-    let mut factory = GpuFactory::new(opts);
-    factory.on_device = Some(Box::new(move |gpu: &Arc<Gpu>| {
+    let mut gpu = GpuFactory::new(opts);
+    gpu.on_device = Some(Box::new(move |gpu: &Arc<Gpu>| {
         let lost = Arc::new(AtomicBool::new(false));
         let flag = lost.clone();
         gpu.device
@@ -72,6 +74,15 @@ pub fn web_walk(
         }));
         *flags.lost.borrow_mut() = lost;
     }));
+    let factory = WebFactory {
+        gpu,
+        cpu: CpuFactory {
+            context: opts.context,
+            budget: None,
+        },
+        use_cpu: std::cell::Cell::new(use_cpu),
+        reason: RefCell::default(),
+    };
     Walk::new(
         loader,
         factory,
@@ -141,12 +152,24 @@ fn on_walk_event(em: &Emitter, snap: &RefCell<Snapshot>, e: Event<'_, WebError>)
 }
 
 impl Inner {
-    /// A new device and model at the controller's step, with the adapter's label in the stats.
-    pub(super) async fn build(&self) -> WebResult<Running<Model>> {
+    /// A model at the controller's step on the chosen backend (a new device on WebGPU), with
+    /// the backend's label in the stats.
+    pub(super) async fn build(&self) -> WebResult<Running<WebModel>> {
         let run = self.walk.load().await?;
-        self.snap.borrow_mut().adapter = adapter_label(run.session.model.gpu()).await;
-        *self.alloc.borrow_mut() = Some(run.session.model.allocator().clone());
+        self.after_build(&run.session.model).await;
         Ok(run)
+    }
+
+    async fn after_build(&self, model: &WebModel) {
+        let label = match model.gpu() {
+            Some(gpu) => adapter_label(gpu).await,
+            None => self.walk.factory.label(),
+        };
+        self.snap.borrow_mut().adapter = label;
+        *self.alloc.borrow_mut() = match model {
+            WebModel::Gpu(m) => Some(m.allocator().clone()),
+            WebModel::Cpu(_) => None,
+        };
     }
 
     /// Fetches into the cache the shards of the steps below `step` (see `walk::PREFETCH_TO`),
@@ -170,7 +193,7 @@ impl Inner {
     /// reached.
     pub(super) async fn execute(
         self: &Rc<Self>,
-        run: &mut Running<Model>,
+        run: &mut Running<WebModel>,
         d: crate::runtime::Decision,
         token_index: Option<usize>,
     ) -> WebResult<()> {
@@ -184,10 +207,9 @@ impl Inner {
 
     /// After a device loss: `Walk::recover` (a new device, a lower step, the conversation
     /// re-prefilled), then the new device's label and prefetching.
-    pub(super) async fn recover(self: &Rc<Self>, run: &mut Running<Model>) -> WebResult<()> {
+    pub(super) async fn recover(self: &Rc<Self>, run: &mut Running<WebModel>) -> WebResult<()> {
         self.walk.recover(run).await?;
-        self.snap.borrow_mut().adapter = adapter_label(run.session.model.gpu()).await;
-        *self.alloc.borrow_mut() = Some(run.session.model.allocator().clone());
+        self.after_build(&run.session.model).await;
         self.flags.lost.borrow().store(false, Ordering::SeqCst);
         self.prefetch_below(run.step);
         Ok(())
@@ -197,29 +219,8 @@ impl Inner {
 /// wgpu's adapter name is empty on WebGPU; the browser's `GPUAdapterInfo` says more (e.g.
 /// "google swiftshader (fallback)").
 async fn adapter_label(gpu: &Gpu) -> String {
-    let g = js_sys::global();
-    let info = async {
-        let gpu_js = get(&get(&g, "navigator"), "gpu");
-        let f: js_sys::Function = get(&gpu_js, "requestAdapter").dyn_into().ok()?;
-        let p: js_sys::Promise = f.call0(&gpu_js).ok()?.dyn_into().ok()?;
-        let adapter = wasm_bindgen_futures::JsFuture::from(p).await.ok()?;
-        let info = get(&adapter, "info");
-        let parts: Vec<String> = ["vendor", "architecture", "description"]
-            .iter()
-            .filter_map(|k| get(&info, k).as_string().filter(|s| !s.is_empty()))
-            .collect();
-        let fallback = get(&info, "isFallbackAdapter").is_truthy()
-            || get(&adapter, "isFallbackAdapter").is_truthy();
-        (!parts.is_empty()).then(|| {
-            format!(
-                "{}{}",
-                parts.join(" "),
-                if fallback { " (fallback)" } else { "" }
-            )
-        })
-    };
-    match info.await {
-        Some(s) => format!("{s} ({:?})", gpu.info.backend),
-        None => gpu.adapter_name(),
+    match probe_adapter().await {
+        Ok(a) => format!("{} ({:?})", a.label, gpu.info.backend),
+        Err(_) => gpu.adapter_name(),
     }
 }

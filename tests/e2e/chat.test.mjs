@@ -189,9 +189,24 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     const nEvents = await page.evaluate(() => window.flexquantPage.events.length);
     let busy = false;
     for (let attempt = 0; attempt < 3 && !busy; attempt++) {
+      // Click "device loss" from inside the page at the third token: the CPU backend answers
+      // the tiny model faster than a test can poll.
+      await page.evaluate(() => {
+        window.__lossClicked = false;
+        const p = window.flexquantPage;
+        const obs = new MutationObserver(() => {
+          if (p.busy && p.chat.tokens >= 3) {
+            obs.disconnect();
+            window.__lossClicked = true;
+            document.getElementById('device-loss').click();
+          }
+        });
+        obs.observe(document.getElementById('messages'), { subtree: true, childList: true, characterData: true });
+        window.__lossObserver = obs;
+      });
       await send(page, 'And in the morning?');
-      await until(page, '3 tokens', () => window.flexquantPage.chat.tokens >= 3 || !window.flexquantPage.busy);
-      busy = await page.evaluate(() => { const b = window.flexquantPage.busy; if (b) document.getElementById('device-loss').click(); return b; });
+      await until(page, 'the device loss or the end of the answer', () => window.__lossClicked || !window.flexquantPage.busy);
+      busy = await page.evaluate(() => { window.__lossObserver.disconnect(); return window.__lossClicked; });
       if (!busy) await waitAnswer(page);
     }
     assert.ok(busy, 'every answer ended before the device loss could be triggered');
@@ -230,8 +245,15 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
       for (let attempt = 0; attempt < 4 && !stopped; attempt++) {
         await send(page, 'Count to a thousand.');
         await until(page, '3 tokens', () => window.flexquantPage.chat.tokens >= 3 || !window.flexquantPage.busy);
-        if (await page.evaluate(() => window.flexquantPage.busy)) {
-          if (how === 'button') await page.locator('#stop').click(); else await page.keyboard.press('Escape');
+        // Check and stop in one step: on the CPU backend the tiny model answers in well under
+        // a second, so the answer may end between a separate check and the click.
+        const busy = await page.evaluate((how) => {
+          if (!window.flexquantPage.busy) return false;
+          if (how === 'button') document.getElementById('stop').click();
+          else document.dispatchEvent(new KeyboardEvent('keydown', { key: 'Escape', bubbles: true }));
+          return true;
+        }, how);
+        if (busy) {
           stopped = await waitAnswer(page);
         } else {
           await waitAnswer(page);

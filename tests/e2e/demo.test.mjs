@@ -3,7 +3,7 @@
 
 import { it } from 'node:test';
 import assert from 'node:assert/strict';
-import { requireOrSkip, serve, launch, until, waitReady, send, waitAnswer, setMaxTokens, shot } from './helpers.mjs';
+import { requireOrSkip, serve, launch, until, waitReady, send, waitAnswer, setMaxTokens, shot, sleep } from './helpers.mjs';
 
 const SITE = process.env.FLEXQUANT_E2E_DEMO_SITE;
 
@@ -41,7 +41,11 @@ it('the demo ensemble loads and answers a question', { timeout: 900_000 }, async
     assert.notEqual(b.finish, 'error', JSON.stringify(b));
     assert.match(b.answer, /[A-Za-z]{2,}/);
     await shot(page, 'demo-pressure');
-    // Warm load: everything from the Cache API.
+    // Warm load: everything from the Cache API (once the background prefetch has finished).
+    for (const end = Date.now() + 300_000; Date.now() < end;) {
+      if (!(await page.evaluate(async () => (await window.flexquantPage.engine.stats()).prefetching))) break;
+      await sleep(200);
+    }
     const mark = server.requests.length;
     const t2 = Date.now();
     await page.reload();

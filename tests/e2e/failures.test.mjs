@@ -78,20 +78,24 @@ describe('failures the page explains', { concurrency: false }, () => {
     }
   });
 
-  it('without WebGPU: a clear message instead of a broken page', async (t) => {
+  it('without WebGPU: the page runs on the CPU backend, says so, and answers', async (t) => {
     if (await requireOrSkip(t, SITE)) return;
     const server = await serve(SITE);
-    const browser = await launch({ viewport: { width: 800, height: 600 } });
+    const browser = await launch({ viewport: { width: 800, height: 600 }, webgpu: false });
     try {
       const page = await browser.context.newPage();
-      await page.addInitScript(() => { delete Navigator.prototype.gpu; });
       await page.goto(server.url);
-      await until(page, 'the WebGPU message', () => !document.getElementById('fatal').hidden);
-      const text = await page.locator('#fatal').textContent();
-      assert.match(text, /WebGPU is not available in this browser/);
-      assert.equal(await page.locator('#prompt').isDisabled(), true);
-      // Nothing of the model was downloaded for nothing.
-      assert.equal(server.requests.filter((r) => r.path.includes('/ensemble/')).length, 0);
+      await waitReady(page);
+      const info = await page.evaluate(() => ({ backend: window.flexquantPage.backend, line: document.getElementById('model-line').textContent }));
+      assert.equal(info.backend, 'cpu', JSON.stringify(info));
+      assert.match(info.line, /CPU \(cpu \(packed/, info.line);
+      const notes = await page.locator('#notice').textContent();
+      assert.match(notes, /Running on the CPU \(no WebGPU adapter/, notes);
+      await setMaxTokens(page, 8);
+      await send(page, 'Hello!');
+      const a = await waitAnswer(page);
+      assert.notEqual(a.finish, 'error', JSON.stringify(a));
+      assert.ok(a.usage && a.usage.completion_tokens >= 1, JSON.stringify(a));
       await shot(page, 'no-webgpu');
     } finally {
       await browser.close();

@@ -80,12 +80,14 @@ export async function serve(site, { subPath = 'apps/flexquant', copy = false } =
   };
 }
 
-/** A fresh Chromium profile (so a fresh Cache API) with WebGPU. */
-export async function launch({ viewport = { width: 1280, height: 900 } } = {}) {
+/** A fresh Chromium profile (so a fresh Cache API), with WebGPU unless `webgpu: false` (then
+ * as Chrome on Linux ships: `navigator.gpu` exists, `requestAdapter()` gives null). */
+export async function launch({ viewport = { width: 1280, height: 900 }, webgpu = true } = {}) {
   const { chromium } = await import('playwright-core');
   const profile = mkdtempSync(join(tmpdir(), 'fq-e2e-profile-'));
+  const args = webgpu ? ARGS : ARGS.filter((a) => a !== '--enable-unsafe-webgpu');
   const context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM, headless: true, args: ARGS, viewport,
+    executablePath: CHROMIUM, headless: true, args, viewport,
   });
   const log = [];
   context.on('console', (m) => log.push(`[${m.type()}] ${m.text()}`));

@@ -43,3 +43,19 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The demo model (SmolLM2-135M) and the first 20 000 characters of held-out text, tokenized;
+/// loaded once per test process.
+pub fn demo() -> Option<&'static (flexquant::model::load::LoadedModel, Vec<u32>)> {
+    use std::sync::OnceLock;
+    static DEMO: OnceLock<Option<(flexquant::model::load::LoadedModel, Vec<u32>)>> =
+        OnceLock::new();
+    DEMO.get_or_init(|| {
+        let path = demo_model_path()?;
+        let text = heldout_text()?;
+        let m = flexquant::model::load::load(&path).unwrap();
+        let ids = m.tokenizer.encode(&text[..20_000]).unwrap();
+        Some((m, ids))
+    })
+    .as_ref()
+}

@@ -1,29 +1,15 @@
 //! The demo model (SmolLM2-135M) on the GPU against the CPU path on held-out text: logits of
 //! uniform and mixed EQMs, forced decoding, perplexity, and module swaps.
 
-use crate::common;
+use crate::common::demo;
 
 use crate::gpu_util::gpu_arc;
 use flexquant::ensemble::format::PackedMatrix;
 use flexquant::gpu::{GpuError, ModelOptions};
 use flexquant::model::forward::{self, KvCache};
-use flexquant::model::load::{self, LoadedModel};
 use flexquant::model::{ops, ModuleId, ModuleKind};
 use flexquant::quant::weights::{gpu_model, reference_weights, rtn_modules};
-use std::sync::OnceLock;
 use std::time::Instant;
-
-fn demo() -> Option<&'static (LoadedModel, Vec<u32>)> {
-    static DEMO: OnceLock<Option<(LoadedModel, Vec<u32>)>> = OnceLock::new();
-    DEMO.get_or_init(|| {
-        let path = common::demo_model_path()?;
-        let text = common::heldout_text()?;
-        let m = load::load(&path).unwrap();
-        let ids = m.tokenizer.encode(&text[..20_000]).unwrap();
-        Some((m, ids))
-    })
-    .as_ref()
-}
 
 fn block<T>(f: impl std::future::Future<Output = T>) -> T {
     pollster::block_on(f)

@@ -9,6 +9,7 @@ mod gpu_util;
 mod bad_input;
 mod builder;
 mod builder_real;
+mod cpu;
 mod elastic;
 mod gpu_demo;
 mod gpu_kernels;

@@ -57,7 +57,7 @@ export class LoaderView {
     this.totals = { loaded, total, cached, files, filesTotal };
     this.bar.value = frac;
     this.bar.textContent = `${Math.round(frac * 100)}%`;
-    const phase = { manifest: 'Reading the manifest', download: 'Loading', upload: 'Uploading to the GPU', ready: 'Ready' }[p.phase] || p.phase;
+    const phase = { manifest: 'Reading the manifest', download: 'Loading', upload: 'Preparing the model', ready: 'Ready' }[p.phase] || p.phase;
     const parts = [`${phase}: ${formatBytes(loaded)} of ${formatBytes(total)} (${Math.round(frac * 100)}%)`];
     if (filesTotal) parts.push(`${files} of ${filesTotal} files`);
     const elapsed = (performance.now() - this.started) / 1000;

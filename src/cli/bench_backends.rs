@@ -1,0 +1,158 @@
+//! `flexquant bench backends --ensemble DIR`: the packed CPU backend natively on a built
+//! ensemble, written to `OUT_DIR/backends.json` (the browser half, `tests/e2e/bench_backends.mjs`,
+//! adds its figures to the same file). Decode speed at step 0, the QM(3)-sized step and the
+//! last step; the bytes each token streams; a plain memory copy measured in the same run, so
+//! the bandwidth ratio survives a noisy machine; and one budget swap of ~90 modules in tokens.
+
+use super::engine::{open_ensemble, BackendKind, SourceArgs};
+use anyhow::{Context, Result};
+use flexquant::cpu::{CpuFactory, CpuModel};
+use flexquant::runtime::walk::Running;
+use flexquant::runtime::{ByteSource, Decision, Factory, Reason};
+use rayon::prelude::*;
+use serde_json::json;
+use std::path::Path;
+use std::time::Instant;
+
+const PROMPT_TOKENS: usize = 64;
+const DECODE_TOKENS: usize = 128;
+/// Modules one budget swap moves (the "~90 modules").
+const SWAP_MODULES: usize = 90;
+
+/// Bytes per second of a parallel `copy_from_slice` of 256 MB (best of 5), and on one thread.
+fn copy_gbs() -> (f64, f64) {
+    let n = 256 << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let mut best = |par: bool| {
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                if par {
+                    dst.par_chunks_mut(8 << 20)
+                        .zip(src.par_chunks(8 << 20))
+                        .for_each(|(d, s)| d.copy_from_slice(s));
+                } else {
+                    dst.copy_from_slice(&src);
+                }
+                std::hint::black_box(&dst);
+                n as f64 / t.elapsed().as_secs_f64() / 1e9
+            })
+            .fold(0.0, f64::max)
+    };
+    (best(true), best(false))
+}
+
+/// Prefill of the prompt, then greedy decode: tokens per second of each.
+fn speed(model: &mut CpuModel, prompt: &[u32]) -> Result<(f64, f64)> {
+    model.truncate(0);
+    let t = Instant::now();
+    let mut next = model.step(prompt)?[0].0;
+    let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..DECODE_TOKENS {
+        next = model.step(&[next])?[0].0;
+    }
+    Ok((prefill, DECODE_TOKENS as f64 / t.elapsed().as_secs_f64()))
+}
+
+fn mean_bits(bits: &[u32]) -> f64 {
+    bits.iter().map(|&b| b as f64).sum::<f64>() / bits.len() as f64
+}
+
+pub fn run(ensemble: &Path, text: &Path, out_dir: &Path) -> Result<()> {
+    let context = PROMPT_TOKENS + DECODE_TOKENS + 1;
+    let s = SourceArgs {
+        model: None,
+        ensemble: Some(ensemble.into()),
+        step: Some(0),
+        budget: None,
+        backend: Some(BackendKind::Cpu),
+    };
+    let f = CpuFactory {
+        context,
+        budget: None,
+    };
+    let mut e = open_ensemble(&s, ensemble, f, context)
+        .with_context(|| format!("loading {}", ensemble.display()))?;
+    let walk = e.walk.take().expect("an ensemble has a walk");
+    let m = walk.source.manifest().clone();
+    let ids = e.tokenizer.encode(&super::read_text(text)?)?;
+    anyhow::ensure!(ids.len() > PROMPT_TOKENS, "{}: too short", text.display());
+    let prompt = &ids[..PROMPT_TOKENS];
+    let last = m.trajectory.len() - 1;
+    let qm3 = (0..=last)
+        .min_by(|&a, &b| {
+            let d = |s| (mean_bits(&m.bits_at(s)) - 3.0).abs();
+            d(a).total_cmp(&d(b))
+        })
+        .unwrap_or(last);
+    let (copy, copy_1t) = copy_gbs();
+    eprintln!("[copy: {copy:.2} GB/s on all threads, {copy_1t:.2} on one]");
+
+    let go = |run: &mut Running<CpuModel>, to: usize| -> Result<f64> {
+        let from = run.step;
+        let d = if to > from {
+            Decision::StepDown {
+                from,
+                to,
+                reason: Reason::Budget,
+            }
+        } else {
+            Decision::StepUp {
+                from,
+                to,
+                reason: Reason::MemoryFree,
+            }
+        };
+        let t = Instant::now();
+        pollster::block_on(walk.execute(run, d, None))?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let mut rows = Vec::new();
+    let mut swap = None;
+    for step in [0, qm3, last] {
+        go(&mut e.run, step)?;
+        let (prefill, decode) = speed(&mut e.run.session.model, prompt)?;
+        let bytes = m.trajectory[step].footprint_bytes;
+        eprintln!(
+            "[step {step}: {:.1} MB, {:.2} bits/module: prefill {prefill:.1} tok/s, decode {decode:.1} tok/s]",
+            bytes as f64 / 1e6,
+            mean_bits(&m.bits_at(step))
+        );
+        rows.push(json!({"step": step, "footprint_bytes": bytes,
+            "mean_bits": mean_bits(&m.bits_at(step)),
+            "native_tok_s": decode, "native_prefill_tok_s": prefill, "browser_tok_s": null}));
+        if step == 0 {
+            // One budget swap of ~90 modules, then back, timed against a decode token.
+            let to = SWAP_MODULES.min(last);
+            let secs = go(&mut e.run, to)?;
+            swap = Some(json!({"modules": to, "seconds": secs, "tokens": secs * decode}));
+            go(&mut e.run, 0)?;
+        }
+    }
+    let top = &rows[0];
+    let decode0 = top["native_tok_s"].as_f64().unwrap_or(0.0);
+    let bytes0 = m.trajectory[0].footprint_bytes as f64;
+    let report = json!({
+        "ensemble": ensemble.display().to_string(),
+        "backend": walk.factory.label(),
+        "threads": flexquant::cpu::par::threads(),
+        "prompt_tokens": PROMPT_TOKENS,
+        "decode_tokens": DECODE_TOKENS,
+        "native_decode_tok_s": decode0,
+        "native_prefill_tok_s": top["native_prefill_tok_s"],
+        "native_bytes_per_token": bytes0,
+        "copy_gbs": copy,
+        "copy_gbs_1t": copy_1t,
+        "native_bandwidth_ratio": decode0 * bytes0 / (copy * 1e9),
+        "decode_tok_s_by_step": rows,
+        "native_swap": swap,
+        "cpu_swap_tokens_native": swap.as_ref().map(|s| s["tokens"].clone()),
+    });
+    std::fs::create_dir_all(out_dir)?;
+    let out = out_dir.join("backends.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}

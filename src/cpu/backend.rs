@@ -1,0 +1,103 @@
+//! The packed CPU model as a `runtime::Backend`, and its factory.
+
+use crate::cpu::model::CpuModel;
+use crate::ensemble::base::Base;
+use crate::ensemble::format::PackedMatrix;
+use crate::error::{Error, Result};
+use crate::model::config::LlamaConfig;
+use crate::model::weights::ModuleId;
+use crate::runtime::backend::{Backend, Factory};
+
+impl Backend for CpuModel {
+    type Error = Error;
+
+    fn context(&self) -> usize {
+        self.capacity()
+    }
+    fn len(&self) -> usize {
+        CpuModel::len(self)
+    }
+    fn truncate(&mut self, n: usize) {
+        CpuModel::truncate(self, n)
+    }
+    async fn step(&mut self, tokens: &[u32]) -> Result<Vec<(u32, f32)>> {
+        CpuModel::step(self, tokens)
+    }
+    async fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        self.hidden(tokens).map(|_| ())
+    }
+    async fn set_module(&mut self, id: ModuleId, m: &PackedMatrix) -> Result<()> {
+        CpuModel::set_module(self, id, m)
+    }
+    fn eqm_bits(&self) -> Vec<u32> {
+        CpuModel::eqm_bits(self)
+    }
+    fn held_bytes(&self) -> u64 {
+        CpuModel::held_bytes(self)
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    async fn perplexity(
+        &mut self,
+        tokens: &[u32],
+        ctx: usize,
+        stride: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<crate::model::eval::Perplexity> {
+        let max = self.capacity();
+        crate::model::eval::perplexity_with(tokens, ctx, stride, max, progress, |w, skip| {
+            self.truncate(0);
+            if skip > 1 {
+                self.hidden(&w[..skip - 1])?;
+            }
+            self.nll(&w[skip - 1..w.len() - 1], &w[skip..])
+        })
+    }
+    fn is_out_of_memory(e: &Error) -> bool {
+        matches!(e, Error::OutOfMemory { .. })
+    }
+}
+
+/// Makes packed CPU models with a KV cache of `context` positions, holding at most `budget`
+/// bytes.
+pub struct CpuFactory {
+    pub context: usize,
+    pub budget: Option<u64>,
+}
+
+impl Factory for CpuFactory {
+    type Model = CpuModel;
+    async fn create(
+        &self,
+        config: &LlamaConfig,
+        base: &Base,
+        modules: &[PackedMatrix],
+    ) -> Result<CpuModel> {
+        CpuModel::new(
+            config,
+            base.clone(),
+            modules.to_vec(),
+            self.context,
+            self.budget,
+        )
+    }
+    fn label(&self) -> String {
+        let simd = if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
+            "wasm simd128"
+        } else if cfg!(target_arch = "wasm32") {
+            "wasm scalar"
+        } else {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return format!(
+                    "cpu (packed i16 dot, avx2, {} threads)",
+                    crate::cpu::par::threads()
+                );
+            }
+            "portable"
+        };
+        format!(
+            "cpu (packed i16 dot, {simd}, {} threads)",
+            crate::cpu::par::threads()
+        )
+    }
+}

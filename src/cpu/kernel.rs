@@ -1,0 +1,359 @@
+//! `y = W · x` straight from the packed codes (no f32 copy of any weight), with `x` as int16
+//! blocks (`act::Q16`). For one weight group of `group` codes, scale `s` and zero `z`:
+//!
+//! `Σ (s·c + z)·x = s · Σ_blocks d_b · (c · q_b) + z · Σ x`
+//!
+//! where `c · q_b` is an integer dot product over 32 codes. Per block the kernel pulls the codes
+//! out of their words with whole-vector masks and shifts (the activations are already in that
+//! lane order), widens them to i16 and multiplies-adds pairs into i32 lanes; the f32 work is one
+//! convert and one multiply-add per block, and the lanes are summed once per row.
+//!
+//! Three builds of the same row loop: wasm `simd128` intrinsics (the browser), and natively
+//! the portable loop compiled twice, plain and with AVX2+FMA enabled, chosen at run time.
+//! Prefill tiles up to four tokens per row so each block is unpacked once for all four.
+
+use crate::cpu::act::{BLOCK, Q16};
+use crate::cpu::par;
+use crate::ensemble::format::PackedMatrix;
+
+/// Tokens that share one unpacking of a weight block.
+const TILE: usize = 4;
+/// Output rows per parallel task.
+const ROW_CHUNK: usize = 64;
+
+/// An f16 bit pattern as f32: exact for every finite value (the exponent rebias by a power-of-
+/// two multiply also renormalises subnormals). Scales and zeros are checked finite at load.
+#[inline(always)]
+pub fn f16_to_f32(h: u32) -> f32 {
+    let v = f32::from_bits((h & 0x7fff) << 13) * f32::from_bits(0x7780_0000); // 2^112
+    if h & 0x8000 != 0 {
+        -v
+    } else {
+        v
+    }
+}
+
+/// `out[t][rows] = W · a[t]` for every activation row `t` of `a` (quantized for `m`'s shape).
+pub fn matmul(m: &PackedMatrix, a: &Q16, out: &mut [f32]) {
+    let (rows, t) = (m.shape.rows, a.rows);
+    assert_eq!(out.len(), rows * t, "matmul output size");
+    assert_eq!(
+        a.groups,
+        m.shape.groups_per_row(),
+        "activations quantized for another shape"
+    );
+    if t == 1 {
+        par::chunks_mut(out, ROW_CHUNK, |c, o| {
+            for (i, y) in o.iter_mut().enumerate() {
+                *y = row::<1>(m, a, c * ROW_CHUNK + i, 0)[0];
+            }
+        });
+        return;
+    }
+    // Rows in parallel, `[rows][t]` per task, then transposed.
+    let mut rt = vec![0f32; rows * t];
+    par::chunks_mut(&mut rt, ROW_CHUNK * t, |c, o| {
+        for (i, ys) in o.chunks_exact_mut(t).enumerate() {
+            let r = c * ROW_CHUNK + i;
+            let mut t0 = 0;
+            while t0 + TILE <= t {
+                ys[t0..t0 + TILE].copy_from_slice(&row::<TILE>(m, a, r, t0));
+                t0 += TILE;
+            }
+            for (k, y) in ys[t0..].iter_mut().enumerate() {
+                *y = row::<1>(m, a, r, t0 + k)[0];
+            }
+        }
+    });
+    for (r, ys) in rt.chunks_exact(t).enumerate() {
+        for (k, y) in ys.iter().enumerate() {
+            out[k * rows + r] = *y;
+        }
+    }
+}
+
+/// Row `r` of `W` against activation rows `t0 .. t0 + N`.
+#[inline]
+fn row<const N: usize>(m: &PackedMatrix, a: &Q16, r: usize, t0: usize) -> [f32; N] {
+    macro_rules! by_bits {
+        ($f:ident) => {
+            match m.shape.bits {
+                2 => $f::<2, N>(m, a, r, t0),
+                3 => $f::<3, N>(m, a, r, t0),
+                4 => $f::<4, N>(m, a, r, t0),
+                5 => $f::<5, N>(m, a, r, t0),
+                6 => $f::<6, N>(m, a, r, t0),
+                8 => $f::<8, N>(m, a, r, t0),
+                b => unreachable!("{b}-bit codes passed PackedShape validation"),
+            }
+        };
+    }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    {
+        // SAFETY: simd128 is enabled for this build; `row_simd128` reads in bounds (see there).
+        unsafe { by_bits!(row_simd128) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { by_bits!(row_avx2) };
+    }
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    by_bits!(row_portable)
+}
+
+/// Codes of one 32-code block (`BITS` words) as i16 in lane order (`act::lane_input`).
+#[inline(always)]
+pub fn unpack<const BITS: u32>(w: &[u32], out: &mut [i16; BLOCK]) {
+    match BITS {
+        8 => {
+            for (i, &x) in w[..8].iter().enumerate() {
+                for k in 0..4 {
+                    out[4 * i + k] = ((x >> (8 * k)) & 0xff) as i16;
+                }
+            }
+        }
+        4 => {
+            for (i, &x) in w[..4].iter().enumerate() {
+                for k in 0..4 {
+                    let b = (x >> (8 * k)) & 0xff;
+                    out[4 * i + k] = (b & 15) as i16;
+                    out[16 + 4 * i + k] = (b >> 4) as i16;
+                }
+            }
+        }
+        2 => {
+            for (i, &x) in w[..2].iter().enumerate() {
+                for k in 0..4 {
+                    let b = (x >> (8 * k)) & 0xff;
+                    for s in 0..4 {
+                        out[8 * s + 4 * i + k] = ((b >> (2 * s)) & 3) as i16;
+                    }
+                }
+            }
+        }
+        _ => {
+            // 3, 5, 6 bits: codes straddle words; a 64-bit reader refilled a word at a time.
+            let mask = (1u64 << BITS) - 1;
+            let (mut acc, mut have, mut next) = (0u64, 0u32, 0);
+            for o in out.iter_mut() {
+                if have < BITS {
+                    acc |= (w[next] as u64) << have;
+                    next += 1;
+                    have += 32;
+                }
+                *o = (acc & mask) as i16;
+                acc >>= BITS;
+                have -= BITS;
+            }
+        }
+    }
+}
+
+/// The row loop in plain Rust (the compiler vectorises the 32-lane dot product).
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+#[inline(always)]
+fn row_portable<const BITS: u32, const N: usize>(
+    m: &PackedMatrix,
+    a: &Q16,
+    r: usize,
+    t0: usize,
+) -> [f32; N] {
+    let s = m.shape;
+    let (wpr, gpr, bpg, wpb) = (
+        s.words_per_row(),
+        s.groups_per_row(),
+        s.group / BLOCK,
+        BITS as usize,
+    );
+    let words = &m.codes[r * wpr..(r + 1) * wpr];
+    let scales = &m.scales[r * gpr..(r + 1) * gpr];
+    let mut acc = [0f32; N];
+    let mut codes = [0i16; BLOCK];
+    for (g, &sz) in scales.iter().enumerate() {
+        let mut gacc = [0f32; N];
+        for b in g * bpg..(g + 1) * bpg {
+            unpack::<BITS>(&words[b * wpb..(b + 1) * wpb], &mut codes);
+            for (n, ga) in gacc.iter_mut().enumerate() {
+                let at = (t0 + n) * a.blocks + b;
+                let q = &a.q[at * BLOCK..(at + 1) * BLOCK];
+                let isum: i32 = codes
+                    .iter()
+                    .zip(q)
+                    .map(|(&c, &x)| c as i32 * x as i32)
+                    .sum();
+                *ga += isum as f32 * a.d[at];
+            }
+        }
+        let (scale, zero) = (f16_to_f32(sz & 0xffff), f16_to_f32(sz >> 16));
+        for (n, y) in acc.iter_mut().enumerate() {
+            *y += scale * gacc[n] + zero * a.sums[(t0 + n) * a.groups + g];
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_avx2<const BITS: u32, const N: usize>(
+    m: &PackedMatrix,
+    a: &Q16,
+    r: usize,
+    t0: usize,
+) -> [f32; N] {
+    row_portable::<BITS, N>(m, a, r, t0)
+}
+
+/// The row loop with wasm simd128: per block, four i16x8 code vectors and four
+/// `i32x4.dot_i16x8_s`; per token an f32x4 accumulator, summed across lanes once per row.
+///
+/// # Safety
+/// simd128 must be enabled. Reads `BITS` words per block inside row `r` of `m.codes` and 32
+/// i16 per block inside `a.q` (`a` was quantized for `m.shape`, checked by `matmul`).
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+#[inline(always)]
+unsafe fn row_simd128<const BITS: u32, const N: usize>(
+    m: &PackedMatrix,
+    a: &Q16,
+    r: usize,
+    t0: usize,
+) -> [f32; N] {
+    use core::arch::wasm32::*;
+    let s = m.shape;
+    let (wpr, gpr, bpg, wpb) = (
+        s.words_per_row(),
+        s.groups_per_row(),
+        s.group / BLOCK,
+        BITS as usize,
+    );
+    let words = &m.codes[r * wpr..(r + 1) * wpr];
+    let scales = &m.scales[r * gpr..(r + 1) * gpr];
+    let mut acc = [f32x4_splat(0.0); N];
+    let mut zacc = [0f32; N];
+    let mut tmp = [0i16; BLOCK];
+    for (g, &sz) in scales.iter().enumerate() {
+        let mut gacc = [f32x4_splat(0.0); N];
+        for b in g * bpg..(g + 1) * bpg {
+            let w = &words[b * wpb..(b + 1) * wpb];
+            let p = w.as_ptr();
+            let c: [v128; 4] = match BITS {
+                8 => {
+                    let v0 = v128_load(p as *const v128);
+                    let v1 = v128_load(p.add(4) as *const v128);
+                    [
+                        u16x8_extend_low_u8x16(v0),
+                        u16x8_extend_high_u8x16(v0),
+                        u16x8_extend_low_u8x16(v1),
+                        u16x8_extend_high_u8x16(v1),
+                    ]
+                }
+                4 => {
+                    let v = v128_load(p as *const v128);
+                    let lo = v128_and(v, u8x16_splat(15));
+                    let hi = u8x16_shr(v, 4);
+                    [
+                        u16x8_extend_low_u8x16(lo),
+                        u16x8_extend_high_u8x16(lo),
+                        u16x8_extend_low_u8x16(hi),
+                        u16x8_extend_high_u8x16(hi),
+                    ]
+                }
+                2 => {
+                    let v = v128_load64_zero(p as *const u64);
+                    let m3 = u8x16_splat(3);
+                    [
+                        u16x8_extend_low_u8x16(v128_and(v, m3)),
+                        u16x8_extend_low_u8x16(v128_and(u8x16_shr(v, 2), m3)),
+                        u16x8_extend_low_u8x16(v128_and(u8x16_shr(v, 4), m3)),
+                        u16x8_extend_low_u8x16(u8x16_shr(v, 6)),
+                    ]
+                }
+                _ => {
+                    unpack::<BITS>(w, &mut tmp);
+                    let t = tmp.as_ptr() as *const v128;
+                    [
+                        v128_load(t),
+                        v128_load(t.add(1)),
+                        v128_load(t.add(2)),
+                        v128_load(t.add(3)),
+                    ]
+                }
+            };
+            for (n, ga) in gacc.iter_mut().enumerate() {
+                let at = (t0 + n) * a.blocks + b;
+                let q = a.q[at * BLOCK..(at + 1) * BLOCK].as_ptr() as *const v128;
+                let isum = i32x4_add(
+                    i32x4_add(
+                        i32x4_dot_i16x8(c[0], v128_load(q)),
+                        i32x4_dot_i16x8(c[1], v128_load(q.add(1))),
+                    ),
+                    i32x4_add(
+                        i32x4_dot_i16x8(c[2], v128_load(q.add(2))),
+                        i32x4_dot_i16x8(c[3], v128_load(q.add(3))),
+                    ),
+                );
+                *ga = f32x4_add(
+                    *ga,
+                    f32x4_mul(f32x4_convert_i32x4(isum), f32x4_splat(a.d[at])),
+                );
+            }
+        }
+        let (scale, zero) = (f16_to_f32(sz & 0xffff), f16_to_f32(sz >> 16));
+        for n in 0..N {
+            acc[n] = f32x4_add(acc[n], f32x4_mul(gacc[n], f32x4_splat(scale)));
+            zacc[n] += zero * a.sums[(t0 + n) * a.groups + g];
+        }
+    }
+    std::array::from_fn(|n| {
+        let v = acc[n];
+        f32x4_extract_lane::<0>(v)
+            + f32x4_extract_lane::<1>(v)
+            + f32x4_extract_lane::<2>(v)
+            + f32x4_extract_lane::<3>(v)
+            + zacc[n]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::act::lane_input;
+    use crate::ensemble::format::{get_code, PackedShape};
+
+    #[test]
+    fn unpack_matches_the_format_decoder_in_lane_order() {
+        for bits in [2u32, 3, 4, 5, 6, 8] {
+            let shape = PackedShape::new(1, 64, bits, 32).unwrap();
+            let codes: Vec<u8> = (0..64).map(|i| ((i * 7 + 3) % (1 << bits)) as u8).collect();
+            let m = PackedMatrix::from_codes(shape, &codes, &[(1.0, 0.0); 2]);
+            let mut out = [0i16; BLOCK];
+            for b in 0..2 {
+                let w = &m.codes[b * bits as usize..];
+                match bits {
+                    2 => unpack::<2>(w, &mut out),
+                    3 => unpack::<3>(w, &mut out),
+                    4 => unpack::<4>(w, &mut out),
+                    5 => unpack::<5>(w, &mut out),
+                    6 => unpack::<6>(w, &mut out),
+                    _ => unpack::<8>(w, &mut out),
+                }
+                for (lane, &c) in out.iter().enumerate() {
+                    let i = b * BLOCK + lane_input(bits, lane);
+                    assert_eq!(
+                        c as u32,
+                        get_code(&m.codes, i, bits),
+                        "{bits} bits lane {lane}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_conversion_is_exact() {
+        for h in (0u32..0x7c00).chain(0x8000..0xfc00) {
+            let want = half::f16::from_bits(h as u16).to_f32();
+            assert_eq!(f16_to_f32(h).to_bits(), want.to_bits(), "{h:#x}");
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! The packed CPU backend: runs an EQM's shards as shipped (codes and f16 scales, no f32 copy
+//! of any weight) with int16 activations and integer dot products, in wasm (simd128, one
+//! thread) and natively (AVX2 when the CPU has it, rayon threads).
+//!
+//! - `act`: activations as int16 blocks in each bit-width's lane order.
+//! - `kernel`: packed codes x int16 blocks (simd128, AVX2, portable).
+//! - `attention`: causal grouped-query attention over the f32 KV cache.
+//! - `model`: `CpuModel`, the forward pass; `backend`: it as a `runtime::Backend`.
+//! - `par`: rayon natively, a loop in wasm.
+
+pub mod act;
+pub mod attention;
+pub mod backend;
+pub mod kernel;
+pub mod model;
+pub mod par;
+
+pub use backend::CpuFactory;
+pub use model::CpuModel;

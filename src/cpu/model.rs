@@ -1,0 +1,290 @@
+//! The packed CPU backend's model: the base shard and one packed version per module held as
+//! shipped (codes and f16 scales; nothing dequantized but the embedding row of each token), an
+//! f32 KV cache, and the forward pass of `model::forward` with every projection through
+//! `kernel::matmul`.
+
+use crate::cpu::act::Q16;
+use crate::cpu::attention::attention;
+use crate::cpu::kernel::matmul;
+use crate::ensemble::base::{base_bytes, Base};
+use crate::ensemble::format::PackedMatrix;
+use crate::error::{Error, Result};
+use crate::model::math::{rmsnorm, silu, Rope};
+use crate::model::weights::{ModuleId, ModuleKind};
+use crate::model::LlamaConfig;
+
+/// Final-normed hidden rows turned into logits at once (bounds memory at this x vocab floats).
+const LOGIT_CHUNK: usize = 64;
+
+pub struct CpuModel {
+    config: LlamaConfig,
+    base: Base,
+    /// `ModuleId::index()` order.
+    modules: Vec<PackedMatrix>,
+    /// `[layer][capacity * kv_dim]`, allocated up front.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+    capacity: usize,
+    top_k: usize,
+    /// Bytes this model may hold (`None`: as much as the allocator gives).
+    budget: Option<u64>,
+}
+
+/// `n` zeroed floats, or an out-of-memory error naming `what` (wasm memory can run out).
+fn zeroed(n: usize, what: &str) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
+        what: what.into(),
+        requested: 4 * n as u64,
+        budget: None,
+    })?;
+    v.resize(n, 0.0);
+    Ok(v)
+}
+
+impl CpuModel {
+    /// The EQM of `base` and `modules` with a KV cache of `context` positions (clamped to the
+    /// model's maximum), refusing to hold more than `budget` bytes.
+    pub fn new(
+        config: &LlamaConfig,
+        base: Base,
+        modules: Vec<PackedMatrix>,
+        context: usize,
+        budget: Option<u64>,
+    ) -> Result<Self> {
+        let want = config.num_hidden_layers * ModuleKind::ALL.len();
+        if modules.len() != want {
+            return Err(Error::input(format!(
+                "{} module versions given, the model has {want}",
+                modules.len()
+            )));
+        }
+        for (i, m) in modules.iter().enumerate() {
+            let id = ModuleId::from_index(i);
+            let (rows, cols) = id.kind.shape(config);
+            if (m.shape.rows, m.shape.cols) != (rows, cols) {
+                return Err(Error::input(format!(
+                    "module {id}: {}x{} codes, the model needs {rows}x{cols}",
+                    m.shape.rows, m.shape.cols
+                )));
+            }
+        }
+        let capacity = context.clamp(1, config.max_position_embeddings);
+        let layers = config.num_hidden_layers;
+        let kv = capacity * config.kv_dim();
+        let mut model = CpuModel {
+            config: config.clone(),
+            base,
+            modules,
+            k: Vec::with_capacity(layers),
+            v: Vec::with_capacity(layers),
+            len: 0,
+            capacity,
+            top_k: crate::runtime::generate::TOP_K,
+            budget,
+        };
+        let need = model.weight_bytes() + model.kv_bytes();
+        if let Some(b) = budget.filter(|&b| need > b) {
+            return Err(Error::OutOfMemory {
+                what: "the model".into(),
+                requested: need,
+                budget: Some(b),
+            });
+        }
+        for _ in 0..layers {
+            model.k.push(zeroed(kv, "the KV cache")?);
+            model.v.push(zeroed(kv, "the KV cache")?);
+        }
+        Ok(model)
+    }
+
+    /// Candidates per token (`usize::MAX`: the whole vocabulary).
+    pub fn with_top_k(mut self, k: usize) -> Self {
+        self.top_k = k.max(1);
+        self
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        let base = base_bytes(&self.config, self.base.embed.shape.group).unwrap_or(0) as u64;
+        base + self
+            .modules
+            .iter()
+            .map(|m| m.shape.bytes() as u64)
+            .sum::<u64>()
+    }
+
+    fn kv_bytes(&self) -> u64 {
+        (2 * 4 * self.config.num_hidden_layers * self.capacity * self.config.kv_dim()) as u64
+    }
+
+    pub fn held_bytes(&self) -> u64 {
+        self.weight_bytes() + self.kv_bytes()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+
+    pub fn eqm_bits(&self) -> Vec<u32> {
+        self.modules.iter().map(|m| m.shape.bits).collect()
+    }
+
+    /// Replaces module `id` with version `m` (between tokens; the KV cache stays).
+    pub fn set_module(&mut self, id: ModuleId, m: &PackedMatrix) -> Result<()> {
+        let i = id.index();
+        let old = self
+            .modules
+            .get(i)
+            .ok_or_else(|| Error::input(format!("module {id} is not in this model")))?;
+        if (old.shape.rows, old.shape.cols) != (m.shape.rows, m.shape.cols) {
+            return Err(Error::input(format!(
+                "module {id}: {}x{} codes, the model needs {}x{}",
+                m.shape.rows, m.shape.cols, old.shape.rows, old.shape.cols
+            )));
+        }
+        let after = self.held_bytes() - old.shape.bytes() as u64 + m.shape.bytes() as u64;
+        if let Some(b) = self.budget.filter(|&b| after > b) {
+            return Err(Error::OutOfMemory {
+                what: format!("module {id} at {} bits", m.shape.bits),
+                requested: after,
+                budget: Some(b),
+            });
+        }
+        self.modules[i] = m.clone();
+        Ok(())
+    }
+
+    fn module(&self, layer: usize, kind: ModuleKind) -> &PackedMatrix {
+        &self.modules[ModuleId { layer, kind }.index()]
+    }
+
+    /// `y = W x` for each module of `kinds` (one layer's modules reading the same input `x`,
+    /// `t` rows), quantizing `x` once per distinct bit-width.
+    fn project(&self, layer: usize, kinds: &[ModuleKind], x: &[f32], t: usize) -> Vec<Vec<f32>> {
+        let mut q16: Option<(u32, Q16)> = None;
+        kinds
+            .iter()
+            .map(|&kind| {
+                let m = self.module(layer, kind);
+                if q16.as_ref().is_none_or(|(b, _)| *b != m.shape.bits) {
+                    q16 = Some((m.shape.bits, Q16::quantize(x, t, &m.shape)));
+                }
+                let (_, a) = q16.as_ref().expect("set above");
+                let mut y = vec![0f32; t * m.shape.rows];
+                matmul(m, a, &mut y);
+                y
+            })
+            .collect()
+    }
+
+    /// Runs `tokens` after the cached positions through every layer; returns the final-normed
+    /// hidden states `[t][hidden]`.
+    pub fn hidden(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let c = self.config.clone();
+        let (h, t, pos0) = (c.hidden_size, tokens.len(), self.len);
+        if t == 0 {
+            return Err(Error::input("no tokens to run"));
+        }
+        if pos0 + t > self.capacity {
+            return Err(Error::input(format!(
+                "{t} tokens after {pos0} cached exceed the context of {} tokens",
+                self.capacity
+            )));
+        }
+        let mut x = vec![0f32; t * h];
+        for (&tok, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+            if tok as usize >= c.vocab_size {
+                return Err(Error::input(format!(
+                    "token id {tok} is outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+            self.base.embed.dequantize_row(tok as usize, row);
+        }
+        let rope = Rope::new(c.rope_theta, c.head_dim(), pos0, t);
+        let kv_dim = c.kv_dim();
+        let mut xn = vec![0f32; t * h];
+        let mut att = vec![0f32; t * c.q_dim()];
+        for l in 0..c.num_hidden_layers {
+            use ModuleKind::*;
+            rmsnorm(&x, &self.base.norms[l].attn_norm, c.rms_norm_eps, &mut xn);
+            let [mut q, mut k, v]: [Vec<f32>; 3] = self
+                .project(l, &[Q, K, V], &xn, t)
+                .try_into()
+                .expect("three projections");
+            rope.apply(&mut q, c.num_attention_heads);
+            rope.apply(&mut k, c.n_kv_heads());
+            let span = pos0 * kv_dim..(pos0 + t) * kv_dim;
+            self.k[l][span.clone()].copy_from_slice(&k);
+            self.v[l][span].copy_from_slice(&v);
+            let end = (pos0 + t) * kv_dim;
+            attention(&c, &q, &self.k[l][..end], &self.v[l][..end], pos0, &mut att);
+            let o = self.project(l, &[O], &att, t).remove(0);
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+
+            rmsnorm(&x, &self.base.norms[l].ffn_norm, c.rms_norm_eps, &mut xn);
+            let [mut gate, up]: [Vec<f32>; 2] = self
+                .project(l, &[Gate, Up], &xn, t)
+                .try_into()
+                .expect("two projections");
+            gate.iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = silu(*g) * u);
+            let down = self.project(l, &[Down], &gate, t).remove(0);
+            x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+        }
+        self.len = pos0 + t;
+        rmsnorm(&x, &self.base.final_norm, c.rms_norm_eps, &mut xn);
+        Ok(xn)
+    }
+
+    /// Logits `[rows][vocab]` of final-normed hidden rows (the LM head, or the tied embedding).
+    pub fn logits(&self, xn: &[f32]) -> Vec<f32> {
+        let head = self.base.lm_head.as_ref().unwrap_or(&self.base.embed);
+        let rows = xn.len() / self.config.hidden_size;
+        let a = Q16::quantize(xn, rows, &head.shape);
+        let mut out = vec![0f32; rows * head.shape.rows];
+        matmul(head, &a, &mut out);
+        out
+    }
+
+    /// The next token's top candidates after `tokens`.
+    pub fn step(&mut self, tokens: &[u32]) -> Result<Vec<(u32, f32)>> {
+        let xn = self.hidden(tokens)?;
+        let h = self.config.hidden_size;
+        let logits = self.logits(&xn[xn.len() - h..]);
+        Ok(crate::runtime::generate::top_k(&logits, self.top_k))
+    }
+
+    /// Summed negative log-likelihood of `targets[i]` after `inputs[..=i]` (run after the
+    /// cached positions).
+    pub fn nll(&mut self, inputs: &[u32], targets: &[u32]) -> Result<f64> {
+        let xn = self.hidden(inputs)?;
+        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let mut nll = 0.0;
+        for (rows, tg) in xn.chunks(LOGIT_CHUNK * h).zip(targets.chunks(LOGIT_CHUNK)) {
+            let lg = self.logits(rows);
+            for (row, &t) in lg.chunks_exact(vocab).zip(tg) {
+                nll += crate::model::math::log_sum_exp(row) - row[t as usize] as f64;
+            }
+        }
+        Ok(nll)
+    }
+}

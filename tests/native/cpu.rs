@@ -1,0 +1,132 @@
+//! The packed CPU backend (`flexquant::cpu`) against the CPU reference's fake-quant forward:
+//! the kernel for every bit-width and group size on odd shapes, then the demo model's logits
+//! and forced decoding for a uniform and a mixed EQM.
+
+use crate::common::demo;
+use flexquant::cpu::act::Q16;
+use flexquant::cpu::kernel::matmul;
+use flexquant::cpu::CpuModel;
+use flexquant::ensemble::format::{BITS, GROUP_SIZES};
+use flexquant::model::forward::{self, KvCache};
+use flexquant::model::{ops, ModuleId, ModuleKind};
+use flexquant::quant::rtn::quantize_rtn;
+use flexquant::quant::weights::{reference_weights, rtn_base, rtn_modules};
+
+/// Deterministic values in [-1, 1).
+fn noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn norm(v: impl Iterator<Item = f64>) -> f64 {
+    v.map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// ‖y − y_ref‖ / ‖y_ref‖ of the kernel's outputs. The only approximation is the int16
+/// activations (per 32 inputs, max-abs scaled, so an outlier coarsens its block): ~1e-5 per
+/// block, up to ~1.5e-4 over a row with a 20x outlier; a wrong lane order, scale or zero
+/// gives O(1).
+const KERNEL_TOL: f64 = 5e-4;
+
+#[test]
+fn kernel_matches_fake_quant_for_every_bit_width_and_group() {
+    let t = 6; // a tile of 4 and two single tokens
+    for bits in BITS {
+        for group in GROUP_SIZES {
+            for (rows, cols) in [(37, 100), (5, 200), (64, 32), (3, 129)] {
+                let w = noise(bits as u64 * 1000 + cols as u64, rows * cols);
+                let m = quantize_rtn(&w, rows, cols, bits, group, false, "test").unwrap();
+                let wd = m.dequantize();
+                let mut x = noise(rows as u64, t * cols);
+                for (k, xr) in x.chunks_exact_mut(cols).enumerate() {
+                    xr[(7 * k) % cols] *= 20.0; // an outlier channel per token
+                }
+                let a = Q16::quantize(&x, t, &m.shape);
+                let mut y = vec![0f32; t * rows];
+                matmul(&m, &a, &mut y);
+                let want: Vec<f64> = (0..t * rows)
+                    .map(|i| {
+                        let (k, r) = (i / rows, i % rows);
+                        (0..cols)
+                            .map(|c| wd[r * cols + c] as f64 * x[k * cols + c] as f64)
+                            .sum()
+                    })
+                    .collect();
+                let err = norm(y.iter().zip(&want).map(|(a, b)| *a as f64 - b))
+                    / norm(want.iter().copied());
+                let case = format!("{bits} bits, group {group}, {rows}x{cols}");
+                assert!(err < KERNEL_TOL, "{case}: error {err:.2e}");
+                // One token at a time computes exactly what the tile did.
+                for k in 0..t {
+                    let a1 = Q16::quantize(&x[k * cols..(k + 1) * cols], 1, &m.shape);
+                    let mut y1 = vec![0f32; rows];
+                    matmul(&m, &a1, &mut y1);
+                    assert_eq!(y1[..], y[k * rows..(k + 1) * rows], "{case}: token {k}");
+                }
+            }
+        }
+    }
+}
+
+/// Every width of the format in one EQM: attention at 8/6/5/4, the MLP at 4/3 with every
+/// third layer's down projection at 2.
+fn mixed_bits(id: ModuleId) -> u32 {
+    match id.kind {
+        ModuleKind::Q => 6,
+        ModuleKind::K => 8,
+        ModuleKind::V => 5,
+        ModuleKind::O | ModuleKind::Gate => 4,
+        ModuleKind::Up => 3,
+        ModuleKind::Down if id.layer.is_multiple_of(3) => 2,
+        ModuleKind::Down => 4,
+    }
+}
+
+#[test]
+fn demo_logits_and_forced_decoding_match_the_reference() {
+    let Some((m, ids)) = demo() else { return };
+    let w = &m.weights;
+    let n = 128;
+    let tokens = &ids[..n + 1];
+    let vocab = w.config.vocab_size;
+    for (name, bits) in [
+        ("uniform 4-bit", (|_| 4) as fn(ModuleId) -> u32),
+        ("mixed 8/6/5/4/3/2", mixed_bits),
+    ] {
+        let modules = rtn_modules(w, bits, 64).unwrap();
+        let r = reference_weights(w, &modules).unwrap();
+        let mut cache = KvCache::new(&r, n);
+        let want = forward::forward_all(&r, &tokens[..n], &mut cache).unwrap();
+        let base = rtn_base(w, 64).unwrap();
+        let mut cpu = CpuModel::new(&w.config, base, modules, n, None).unwrap();
+        let xn = cpu.hidden(&tokens[..n]).unwrap();
+        let got = cpu.logits(&xn);
+        let e = norm(got.iter().zip(&want).map(|(a, b)| (a - b) as f64))
+            / norm(want.iter().map(|v| *v as f64));
+        let agree = (0..n)
+            .filter(|&p| {
+                let row = |l: &[f32]| ops::argmax(&l[p * vocab..(p + 1) * vocab]);
+                row(&got) == row(&want)
+            })
+            .count();
+        eprintln!("{name}: logits error {e:.2e}, top-1 {agree}/{n} agree");
+        // f32 rounding over 30 layers and the int16 activations: ~5e-4; a wrong module O(1).
+        assert!(e < 2e-3, "{name}: logits error {e:.2e}");
+        assert_eq!(agree, n, "{name}: forced decoding top-1");
+
+        // The decode path (one token per call, top-k) on the first tokens.
+        cpu.truncate(0);
+        for (p, &t) in tokens[..8].iter().enumerate() {
+            let top = cpu.step(&[t]).unwrap();
+            let best = ops::argmax(&want[p * vocab..(p + 1) * vocab]);
+            assert_eq!(top[0].0 as usize, best, "{name}: decode step {p}");
+        }
+    }
+}
