@@ -157,7 +157,7 @@ cmd_chat() {
 }
 
 # The benchmark parts, in the order `./build.sh bench` runs them; each writes target/bench/PART.json.
-BENCH_PARTS="cpu quant gpu ensemble browser"
+BENCH_PARTS="cpu quant gpu ensemble browser backends"
 
 bench_cpu() {
   "$BIN" bench cpu --model "$MODEL" --text "$CACHE/text/austen-heldout.txt" --out-dir target/bench
@@ -293,6 +293,7 @@ test_browser_project() {
   rm -rf "$proj" && mkdir -p "$proj"
   cp tests/web/npm-page.html "$proj/index.html"
   cp tests/web/bench-page.html "$proj/bench.html"
+  cp tests/web/bench-backends.html tests/web/bench-wllama.html "$proj/"
   (cd "$proj" && echo '{"name":"flexquant-npm-test","private":true,"type":"module"}' > package.json &&
     npm install --no-audit --no-fund --loglevel=error "$ROOT/target/pkg/flexquant-$version.tgz")
 }
@@ -315,6 +316,26 @@ test_browser() {
   fi
   kill "$SERVER_PID" 2>/dev/null || true
   [ $rc = 0 ] || die "browser tests failed"
+}
+
+# target/bench/backends.json: the packed CPU backend natively (`flexquant bench backends`) and
+# in headless Chromium beside npm @wllama/wllama on the demo GGUF at 1 and 2 threads
+# (tests/e2e/bench_backends.mjs; the server sends COOP/COEP so wllama can use 2 threads).
+bench_backends() {
+  build_demo_ensemble
+  "$BIN" bench backends --model "$MODEL" --text "$CACHE/text/austen-heldout.txt" \
+    --ensemble "$ENSEMBLE" --out-dir target/bench
+  test_browser_project
+  # The same prompt for both (about 64 tokens with the chat template).
+  head -c 2240 "$CACHE/text/austen-heldout.txt" | tail -c 240 > target/bench/prompt.txt
+  start_test_server --isolated --mount npm="$ROOT/target/web-test/npm-project" \
+    --mount demo="$ENSEMBLE" --mount model="$(dirname "$MODEL")" \
+    --mount wllama="$ROOT/tests/e2e/node_modules/@wllama/wllama"
+  local rc=0
+  node tests/e2e/bench_backends.mjs "$SERVER_URL" target/bench/backends.json /demo/manifest.json \
+    "/model/$(basename "$MODEL")" target/bench/prompt.txt || rc=$?
+  kill "$SERVER_PID" 2>/dev/null || true
+  [ $rc = 0 ] || die "backends benchmark failed"
 }
 
 # target/bench/browser.json: tests/e2e/bench_browser.mjs in headless Chromium, on the demo

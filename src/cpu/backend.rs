@@ -26,7 +26,7 @@ impl Backend for CpuModel {
     async fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
         self.hidden(tokens).map(|_| ())
     }
-    async fn set_module(&mut self, id: ModuleId, m: &PackedMatrix) -> Result<()> {
+    async fn set_module(&mut self, id: ModuleId, m: PackedMatrix) -> Result<()> {
         CpuModel::set_module(self, id, m)
     }
     fn eqm_bits(&self) -> Vec<u32> {
@@ -70,15 +70,9 @@ impl Factory for CpuFactory {
         &self,
         config: &LlamaConfig,
         base: &Base,
-        modules: &[PackedMatrix],
+        modules: Vec<PackedMatrix>,
     ) -> Result<CpuModel> {
-        CpuModel::new(
-            config,
-            base.clone(),
-            modules.to_vec(),
-            self.context,
-            self.budget,
-        )
+        CpuModel::new(config, base.clone(), modules, self.context, self.budget)
     }
     fn label(&self) -> String {
         let simd = if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {

@@ -133,18 +133,22 @@ pub fn unpack<const BITS: u32>(w: &[u32], out: &mut [i16; BLOCK]) {
             }
         }
         _ => {
-            // 3, 5, 6 bits: codes straddle words; a 64-bit reader refilled a word at a time.
-            let mask = (1u64 << BITS) - 1;
-            let (mut acc, mut have, mut next) = (0u64, 0u32, 0);
-            for o in out.iter_mut() {
-                if have < BITS {
-                    acc |= (w[next] as u64) << have;
-                    next += 1;
-                    have += 32;
-                }
-                *o = (acc & mask) as i16;
-                acc >>= BITS;
-                have -= BITS;
+            // 3, 5, 6 bits, in order: code i is bits `s .. s + BITS` of the little-endian u16
+            // at byte `b` (`BITS * i = 8b + s`; `s + BITS <= 16`). Offsets are constants once
+            // the loop is unrolled; the byte past the block is only read where it is needed,
+            // which is never for the block's last code (it ends on a byte boundary).
+            let bytes: &[u8] = bytemuck::cast_slice(&w[..BITS as usize]);
+            let mask = (1u16 << BITS) - 1;
+            for (i, o) in out.iter_mut().enumerate() {
+                let bit = BITS as usize * i;
+                let (b, s) = (bit / 8, bit % 8);
+                let hi = if s + BITS as usize > 8 {
+                    bytes[b + 1]
+                } else {
+                    0
+                };
+                let win = bytes[b] as u16 | (hi as u16) << 8;
+                *o = ((win >> s) & mask) as i16;
             }
         }
     }
@@ -230,7 +234,6 @@ unsafe fn row_simd128<const BITS: u32, const N: usize>(
     let scales = &m.scales[r * gpr..(r + 1) * gpr];
     let mut acc = [f32x4_splat(0.0); N];
     let mut zacc = [0f32; N];
-    let mut tmp = [0i16; BLOCK];
     for (g, &sz) in scales.iter().enumerate() {
         let mut gacc = [f32x4_splat(0.0); N];
         for b in g * bpg..(g + 1) * bpg {
@@ -268,16 +271,10 @@ unsafe fn row_simd128<const BITS: u32, const N: usize>(
                         u16x8_extend_low_u8x16(u8x16_shr(v, 6)),
                     ]
                 }
-                _ => {
-                    unpack::<BITS>(w, &mut tmp);
-                    let t = tmp.as_ptr() as *const v128;
-                    [
-                        v128_load(t),
-                        v128_load(t.add(1)),
-                        v128_load(t.add(2)),
-                        v128_load(t.add(3)),
-                    ]
-                }
+                // 3, 5, 6 bits, in order: per 8 codes, gather each code's u16 window
+                // (`swizzle`), shift it left per lane by a multiply so that its bits start at
+                // bit 8, shift right by 8 and mask (see `straddling`).
+                _ => straddling::<BITS>(p as *const u8),
             };
             for (n, ga) in gacc.iter_mut().enumerate() {
                 let at = (t0 + n) * a.blocks + b;
@@ -312,6 +309,77 @@ unsafe fn row_simd128<const BITS: u32, const N: usize>(
             + f32x4_extract_lane::<3>(v)
             + zacc[n]
     })
+}
+
+/// The u16 windows and per-lane multipliers that pull 8 codes of `BITS` bits out of a block
+/// (see `straddling`): for chunk `c` (codes `8c .. 8c + 8`), byte indices into the vector the
+/// chunk is read from, and `2^(8 - s)` per code.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+const fn chunk_layout<const BITS: u32>(c: usize, base: usize) -> ([u8; 16], [u16; 8]) {
+    let mut idx = [0u8; 16];
+    let mut mul = [0u16; 8];
+    let mut k = 0;
+    while k < 8 {
+        let bit = BITS as usize * (8 * c + k);
+        let (b, s) = (bit / 8 - base, bit % 8);
+        idx[2 * k] = b as u8;
+        // The byte above is needed only when the code crosses into it; else any in-range byte
+        // (it is shifted out or masked).
+        idx[2 * k + 1] = if s + BITS as usize > 8 {
+            b as u8 + 1
+        } else {
+            b as u8
+        };
+        mul[k] = 1 << (8 - s);
+        k += 1;
+    }
+    (idx, mul)
+}
+
+/// One block of 3-, 5- or 6-bit codes (`4 * BITS` bytes at `p`) as four i16x8 in code order,
+/// reading only inside the block.
+///
+/// # Safety
+/// `p` must be valid for `4 * BITS` bytes.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+#[inline(always)]
+unsafe fn straddling<const BITS: u32>(p: *const u8) -> [core::arch::wasm32::v128; 4] {
+    use core::arch::wasm32::*;
+    // Two views covering the block: chunks 0-1 read the first 16 bytes, chunks 2-3 the 16
+    // ending at the block's end; a 3-bit block (12 bytes) is one vector, its third lane from a
+    // 4-byte load.
+    let second = const { second_view::<BITS>() };
+    let (v0, v1) = if BITS == 3 {
+        let v = v128_load32_lane::<2>(v128_load64_zero(p as *const u64), p.add(8) as *mut u32);
+        (v, v)
+    } else {
+        (
+            v128_load(p as *const v128),
+            v128_load(p.add(second) as *const v128),
+        )
+    };
+    let mask = u16x8_splat((1 << BITS) - 1);
+    let chunk = |v: v128, (idx, mul): ([u8; 16], [u16; 8])| {
+        let win = i8x16_swizzle(v, v128_load(idx.as_ptr() as *const v128));
+        let up = i16x8_mul(win, v128_load(mul.as_ptr() as *const v128));
+        v128_and(u16x8_shr(up, 8), mask)
+    };
+    [
+        chunk(v0, const { chunk_layout::<BITS>(0, 0) }),
+        chunk(v0, const { chunk_layout::<BITS>(1, 0) }),
+        chunk(v1, const { chunk_layout::<BITS>(2, second_view::<BITS>()) }),
+        chunk(v1, const { chunk_layout::<BITS>(3, second_view::<BITS>()) }),
+    ]
+}
+
+/// Where the second 16-byte view of a block starts (0 where the block is not longer).
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+const fn second_view<const BITS: u32>() -> usize {
+    if BITS == 3 {
+        0
+    } else {
+        (4 * BITS as usize).saturating_sub(16)
+    }
 }
 
 #[cfg(test)]

@@ -146,8 +146,9 @@ impl CpuModel {
         self.modules.iter().map(|m| m.shape.bits).collect()
     }
 
-    /// Replaces module `id` with version `m` (between tokens; the KV cache stays).
-    pub fn set_module(&mut self, id: ModuleId, m: &PackedMatrix) -> Result<()> {
+    /// Replaces module `id` with version `m` (between tokens; the KV cache stays). The old
+    /// version's memory is freed here.
+    pub fn set_module(&mut self, id: ModuleId, m: PackedMatrix) -> Result<()> {
         let i = id.index();
         let old = self
             .modules
@@ -167,7 +168,7 @@ impl CpuModel {
                 budget: Some(b),
             });
         }
-        self.modules[i] = m.clone();
+        self.modules[i] = m;
         Ok(())
     }
 

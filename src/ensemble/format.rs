@@ -206,15 +206,16 @@ impl PackedMatrix {
                 ),
             ));
         }
-        let words: Vec<u32> = bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        let (codes, scales) = words.split_at(shape.code_words());
+        let words = |b: &[u8]| -> Vec<u32> {
+            b.chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        let (codes, scales) = bytes.split_at(4 * shape.code_words());
         let m = PackedMatrix {
             shape,
-            codes: codes.to_vec(),
-            scales: scales.to_vec(),
+            codes: words(codes),
+            scales: words(scales),
         };
         for (i, &w) in m.scales.iter().enumerate() {
             let (s, z) = unpack_scale_zero(w);

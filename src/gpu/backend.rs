@@ -29,8 +29,8 @@ impl Backend for Model {
     async fn prefill(&mut self, tokens: &[u32]) -> GpuResult<()> {
         Model::prefill(self, tokens)
     }
-    async fn set_module(&mut self, id: ModuleId, m: &PackedMatrix) -> GpuResult<()> {
-        Model::set_module(self, id, m).await
+    async fn set_module(&mut self, id: ModuleId, m: PackedMatrix) -> GpuResult<()> {
+        Model::set_module(self, id, &m).await
     }
     fn eqm_bits(&self) -> Vec<u32> {
         Model::eqm_bits(self)
@@ -87,7 +87,7 @@ impl Factory for GpuFactory {
         &self,
         config: &LlamaConfig,
         base: &Base,
-        modules: &[PackedMatrix],
+        modules: Vec<PackedMatrix>,
     ) -> GpuResult<Model> {
         // The model API shares the device by `Arc` (natively across threads); in the browser
         // there is one thread.
@@ -97,7 +97,7 @@ impl Factory for GpuFactory {
         if let Some(f) = &self.on_device {
             f(&gpu);
         }
-        let mut model = Model::from_base(gpu, config, base, modules, self.opts).await?;
+        let mut model = Model::from_base(gpu, config, base, &modules, self.opts).await?;
         model.set_budget(self.budget);
         if let Some(b) = self.budget.filter(|&b| model.held_bytes() > b) {
             return Err(GpuError::OutOfMemory {

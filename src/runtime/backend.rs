@@ -29,7 +29,7 @@ pub trait Backend {
     /// Runs `tokens` into the KV cache without computing logits.
     async fn prefill(&mut self, tokens: &[u32]) -> Result<(), Self::Error>;
     /// Replaces module `id` with another version between tokens.
-    async fn set_module(&mut self, id: ModuleId, m: &PackedMatrix) -> Result<(), Self::Error>;
+    async fn set_module(&mut self, id: ModuleId, m: PackedMatrix) -> Result<(), Self::Error>;
     /// Bits of every module in `ModuleId::index()` order: the EQM this model runs.
     fn eqm_bits(&self) -> Vec<u32>;
     /// Bytes this model holds (weights, KV cache, activations).
@@ -54,7 +54,8 @@ pub trait Backend {
     }
 }
 
-/// Makes models: a new device (after a loss, a new one) and the model of an EQM on it.
+/// Makes models: a new device (after a loss, a new one) and the model of an EQM on it. The
+/// module versions are given by value: a CPU model keeps them (no second copy in memory).
 #[allow(async_fn_in_trait)]
 pub trait Factory {
     type Model: Backend;
@@ -62,7 +63,7 @@ pub trait Factory {
         &self,
         config: &LlamaConfig,
         base: &Base,
-        modules: &[PackedMatrix],
+        modules: Vec<PackedMatrix>,
     ) -> Result<Self::Model, <Self::Model as Backend>::Error>;
     /// A label for stats and events, e.g. the adapter's name.
     fn label(&self) -> String;

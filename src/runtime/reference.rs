@@ -93,8 +93,8 @@ impl Backend for Reference {
     async fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
         forward::hidden(&self.weights, tokens, &mut self.cache).map(|_| ())
     }
-    async fn set_module(&mut self, id: ModuleId, m: &PackedMatrix) -> Result<()> {
-        self.weights.set_module(id, to_linear(m))?;
+    async fn set_module(&mut self, id: ModuleId, m: PackedMatrix) -> Result<()> {
+        self.weights.set_module(id, to_linear(&m))?;
         self.bits[id.index()] = m.shape.bits;
         self.weight_bytes[id.index()] = m.shape.bytes() as u64;
         Ok(())
@@ -132,9 +132,9 @@ impl Factory for ReferenceFactory {
         &self,
         config: &LlamaConfig,
         base: &Base,
-        modules: &[PackedMatrix],
+        modules: Vec<PackedMatrix>,
     ) -> Result<Reference> {
-        Ok(Reference::from_base(config, base, modules, self.context))
+        Ok(Reference::from_base(config, base, &modules, self.context))
     }
     fn label(&self) -> String {
         "reference (CPU, f32)".into()

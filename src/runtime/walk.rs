@@ -150,9 +150,8 @@ where
                 step: at,
                 total_bytes,
             });
-            match self.factory.create(&m.config, &base, &modules).await {
+            match self.factory.create(&m.config, &base, modules).await {
                 Ok(mut model) => {
-                    drop(modules);
                     if model.warms_kernels() {
                         self.warm_kernels(&mut model).await?;
                     }
@@ -210,14 +209,14 @@ where
             // Warming is best-effort: a width that does not fit now is compiled by the swap
             // that first needs it (`set_module` leaves the model as it was on error).
             if let Err(e) = model
-                .set_module(id, &v.matrix(&m.config, g, &bytes[0])?)
+                .set_module(id, v.matrix(&m.config, g, &bytes[0])?)
                 .await
             {
                 self.emit(Event::Warning(&e.into()));
                 break;
             }
             model
-                .set_module(id, &back.matrix(&m.config, g, &bytes[1])?)
+                .set_module(id, back.matrix(&m.config, g, &bytes[1])?)
                 .await?;
         }
         Ok(())
@@ -235,8 +234,10 @@ where
         let g = m.quantizer.group_size;
         let versions = m.step_versions(step);
         let mut out = Vec::with_capacity(bytes.len());
-        for (v, b) in versions.iter().zip(&bytes) {
-            out.push(v.matrix(&m.config, g, b)?);
+        // Each shard's bytes are freed once parsed, so the peak is one copy of the step, not two
+        // (wasm memory never shrinks: its high-water mark is what a page pays).
+        for (v, b) in versions.iter().zip(bytes) {
+            out.push(v.matrix(&m.config, g, &b)?);
         }
         Ok(out)
     }
@@ -297,7 +298,7 @@ where
         let mut failure: Option<S::Error> = None;
         for (mv, b) in moves.iter().zip(&bytes) {
             let r = match mv.to.matrix(&m.config, g, b) {
-                Ok(pm) => run.session.model.set_module(mv.id, &pm).await,
+                Ok(pm) => run.session.model.set_module(mv.id, pm).await,
                 Err(e) => Err(e.into()),
             };
             match r {

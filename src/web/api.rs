@@ -108,6 +108,8 @@ pub struct ChatRequest {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub seed: Option<f64>,
+    /// Generate `max_tokens` even past the end-of-turn token (benchmarks; vLLM's name).
+    pub ignore_eos: Option<bool>,
 }
 
 /// `stats()`.

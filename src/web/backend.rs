@@ -88,7 +88,7 @@ impl Backend for WebModel {
         each!(self, m => Backend::prefill(m, tokens).await?);
         Ok(())
     }
-    async fn set_module(&mut self, id: ModuleId, v: &PackedMatrix) -> WebResult<()> {
+    async fn set_module(&mut self, id: ModuleId, v: PackedMatrix) -> WebResult<()> {
         each!(self, m => Backend::set_module(m, id, v).await?);
         Ok(())
     }
@@ -122,7 +122,7 @@ impl Factory for WebFactory {
         &self,
         config: &LlamaConfig,
         base: &Base,
-        modules: &[PackedMatrix],
+        modules: Vec<PackedMatrix>,
     ) -> WebResult<WebModel> {
         if self.use_cpu.get() {
             Ok(WebModel::Cpu(self.cpu.create(config, base, modules).await?))

@@ -473,7 +473,12 @@ impl Inner {
         self.interrupt.set(false);
         self.between_tokens(st, None).await;
         let turn = loop {
-            match st.run.session.start(&ids, &s, &self.stop).await {
+            let stop: &[u32] = if req.ignore_eos == Some(true) {
+                &[]
+            } else {
+                &self.stop
+            };
+            match st.run.session.start(&ids, &s, stop).await {
                 Ok(t) => break t,
                 Err(e) => self.after_error(st, e).await?,
             }

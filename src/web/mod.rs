@@ -7,6 +7,7 @@
 //! - `loader`: manifest and files by URL relative to the manifest, cache first, verified.
 //! - `api`: the options, requests, stats and chunks JS exchanges with the engine (serde).
 //! - `backend`: WebGPU or the packed CPU backend as one `runtime::Backend`, and `auto`'s probe.
+//! - `bench`: the kernel microbenchmark the browser benchmark page calls.
 //! - `events`: what `onProgress` / `onEvent` receive.
 //! - `engine`: the wasm-bindgen `Engine`: options, chat token by token, and between tokens
 //!   the signals and `runtime::Elastic`'s decision.
@@ -16,6 +17,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod bench;
 pub mod engine;
 pub mod error;
 pub mod events;

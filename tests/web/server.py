@@ -15,17 +15,21 @@ ensemble, selected by a path prefix:
   /__reset             forget the counts
   /__fail?on=1|0       switch the /net/ failure on or off
 
-Usage: server.py ENSEMBLE_DIR [--port 0] [--mount NAME=DIR ...]; prints the URL on stdout.
+Usage: server.py ENSEMBLE_DIR [--port 0] [--mount NAME=DIR ...] [--isolated]; prints the URL on
+stdout. --isolated sends COOP/COEP on every response (cross-origin isolation: what wasm threads
+need, e.g. the wllama benchmark's 2-thread run).
 """
 import http.server, json, os, sys, threading, urllib.parse
 from collections import Counter
 
 ens = os.path.abspath(sys.argv[1])
 args = sys.argv[2:]
-port, mounts = 0, {}
+port, mounts, isolated = 0, {}, False
 while args:
     a = args.pop(0)
-    if a == "--port":
+    if a == "--isolated":
+        isolated = True
+    elif a == "--port":
         port = int(args.pop(0))
     elif a == "--mount":
         name, d = args.pop(0).split("=", 1)
@@ -50,6 +54,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Access-Control-Allow-Origin", "*")
         self.send_header("Cache-Control", "no-store")
+        if isolated:
+            self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+            self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+            self.send_header("Cross-Origin-Resource-Policy", "same-origin")
         if cut:
             self.send_header("Connection", "close")
         self.end_headers()

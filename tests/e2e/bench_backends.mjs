@@ -1,0 +1,66 @@
+// The backends benchmark's browser half (./build.sh bench backends): adds to
+// target/bench/backends.json (written by `flexquant bench backends`, the native half) the
+// packed CPU backend in headless Chromium (tests/web/bench-backends.html) and its peer, npm
+// @wllama/wllama on the demo GGUF (tests/web/bench-wllama.html) at 1 and 2 threads, all in
+// one run, with the same prompt and token count.
+// Usage: node bench_backends.mjs SERVER_URL BACKENDS.json DEMO_MANIFEST_PATH GGUF_PATH PROMPT_FILE
+import { readFileSync, writeFileSync } from 'node:fs';
+import { chromium } from 'playwright-core';
+
+const [server, out, manifest, gguf, promptFile] = process.argv.slice(2);
+if (!promptFile) throw new Error('usage: node bench_backends.mjs SERVER_URL OUT.json MANIFEST GGUF PROMPT_FILE');
+const report = JSON.parse(readFileSync(out, 'utf8'));
+const prompt = readFileSync(promptFile, 'utf8');
+const steps = report.decode_tok_s_by_step.map((r) => r.step);
+const ARGS = ['--headless=new', '--no-sandbox', '--disable-background-networking',
+  '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'];
+
+const browser = await chromium.launch({ executablePath: process.env.FLEXQUANT_CHROMIUM || '/usr/bin/chromium', args: ARGS });
+async function run(path, params) {
+  const page = await browser.newPage();
+  const logs = [];
+  page.on('console', (m) => logs.push(m.text()));
+  const qs = new URLSearchParams({ ...params, prompt, tokens: '128' });
+  await page.goto(`${server}${path}?${qs}`);
+  await page.waitForFunction(() => window.__result, null, { timeout: 900_000 });
+  const r = await page.evaluate(() => window.__result);
+  await page.close();
+  if (r.error) throw new Error(`${path}: ${r.error}\n${logs.slice(-20).join('\n')}`);
+  return r;
+}
+try {
+  const fq = await run('/npm/bench-backends.html', { manifest: server + manifest, steps: steps.join(',') });
+  console.log(`flexquant cpu: ${JSON.stringify(fq)}`);
+  const wl = {};
+  for (const threads of [1, 2]) {
+    wl[threads] = await run('/npm/bench-wllama.html', { model: server + gguf, threads: String(threads) });
+    console.log(`wllama ${threads}t: ${JSON.stringify(wl[threads])}`);
+  }
+  report.browser = browser.version();
+  report.browser_cpu = fq;
+  report.wllama = wl;
+  for (const row of report.decode_tok_s_by_step) {
+    row.browser_tok_s = fq.decode_by_step.find((r) => r.step === row.step)?.decode_tok_s ?? null;
+  }
+  Object.assign(report, {
+    browser_cpu_decode_tok_s: fq.browser_cpu_decode_tok_s,
+    browser_cpu_prefill_tok_s: fq.browser_cpu_prefill_tok_s,
+    browser_cpu_threads: fq.threads,
+    wllama_decode_tok_s_1t: wl[1].decode_tok_s,
+    wllama_decode_tok_s_2t: wl[2].decode_tok_s,
+    wllama_prefill_tok_s_1t: wl[1].prefill_tok_s,
+    wllama_2t_cross_origin_isolated: wl[2].cross_origin_isolated,
+    // Same thread count (the CPU backend runs one thread in the browser).
+    ratio_vs_wllama: fq.browser_cpu_decode_tok_s / wl[fq.threads].decode_tok_s,
+    prefill_ratio_vs_wllama: fq.browser_cpu_prefill_tok_s / wl[fq.threads].prefill_tok_s,
+    browser_microkernel_gbs: fq.browser_microkernel_gbs,
+    browser_vs_microkernel: fq.browser_vs_microkernel,
+    cpu_swap_tokens: fq.cpu_swap_tokens,
+    // The wasm instance is not re-created on a budget drop yet (see the README).
+    release_vs_warm: null,
+  });
+} finally {
+  await browser.close();
+}
+writeFileSync(out, JSON.stringify(report, null, 1) + '\n');
+console.log(`wrote ${out}`);
