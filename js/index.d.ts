@@ -62,6 +62,8 @@ export interface EngineOptions {
   onEvent?: (e: EngineEvent) => void;
   /** 'auto' (default): WebGPU unless it is missing or a CPU emulation; then the CPU backend. */
   backend?: 'auto' | 'webgpu' | 'cpu';
+  /** Slowest acceptable decode (tokens/s): the model steps down while slower, up with headroom. */
+  minTokensPerSecond?: number;
   /** App memory budget in bytes for model + KV cache + activations. */
   budgetBytes?: number;
   /** KV-cache positions (default 1024, at most the model's). */
@@ -130,6 +132,9 @@ export interface Stats {
   heapRatio: number | null;
   tokensPerSecond: number | null;
   prefillTokensPerSecond: number | null;
+  minTokensPerSecond: number | null;
+  measuredTokensPerSecond: number | null;
+  speedCapBytes: number | null;
   swaps: number;
   swapsDown: number;
   swapsUp: number;
@@ -178,6 +183,8 @@ export interface EngineApi {
   interruptGenerate(): void;
   resetChat(): Promise<void>;
   setMemoryBudget(bytes: number | null): Promise<void>;
+  /** The slowest decode the app accepts: below it the model steps down the trajectory. */
+  setMinTokensPerSecond(tokensPerSecond: number | null): Promise<void>;
   reportHeap(usedJSHeapSize: number, jsHeapSizeLimit: number): void;
   stats(): Promise<Stats>;
   trajectory(): Promise<TrajectoryPoint[]>;

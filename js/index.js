@@ -49,6 +49,9 @@ export class Engine {
 
   interruptGenerate() { this._inner.interrupt(); }
   resetChat() { return this._run(() => this._inner.resetChat()).then(() => {}); }
+  setMinTokensPerSecond(tokensPerSecond) {
+    return this._run(() => this._inner.setMinTokensPerSecond(tokensPerSecond ?? null)).then(() => {});
+  }
   setMemoryBudget(bytes) {
     return this._run(() => this._inner.setMemoryBudget(bytes ?? null)).then(() => {});
   }

@@ -14,6 +14,7 @@ const methods = {
   interruptGenerate: () => engine.interruptGenerate(),
   resetChat: () => engine.resetChat(),
   setMemoryBudget: (b) => engine.setMemoryBudget(b),
+  setMinTokensPerSecond: (t) => engine.setMinTokensPerSecond(t),
   reportHeap: (used, limit) => engine.reportHeap(used, limit),
   stats: () => engine.stats(),
   trajectory: () => engine.trajectory(),

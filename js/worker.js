@@ -45,6 +45,7 @@ export class WorkerEngine {
   interruptGenerate() { this._call('interruptGenerate').catch(() => {}); }
   resetChat() { return this._call('resetChat'); }
   setMemoryBudget(bytes) { return this._call('setMemoryBudget', [bytes ?? null]); }
+  setMinTokensPerSecond(tokensPerSecond) { return this._call('setMinTokensPerSecond', [tokensPerSecond ?? null]); }
   reportHeap(used, limit) { this._call('reportHeap', [used, limit]).catch(() => {}); }
   stats() { return this._call('stats'); }
   trajectory() { return this._call('trajectory'); }

@@ -719,3 +719,49 @@ async fn auto_prefers_the_cpu_over_an_emulated_gpu() {
     assert!(n >= 1);
     call(e.unload()).await.unwrap();
 }
+
+/// Speed as a second elastic resource: a minimum above what the model decodes at step 0 moves
+/// it down between tokens (reason `too_slow`), and clearing the minimum brings it back up.
+#[wasm_bindgen_test]
+async fn a_minimum_speed_steps_down_and_clearing_it_steps_back_up() {
+    let policy = json!({"up_delay_ms": 0.0, "fault_cooldown_ms": 0.0, "max_up_growth": 100.0});
+    let (e, ev) = engine(
+        "/tiny/manifest.json",
+        json!({"backend": "cpu", "policy": policy}),
+    )
+    .await
+    .unwrap();
+    let conv = [user("Once upon a time")];
+    start(&e, &conv, 20).await;
+    for _ in 0..12 {
+        chunk(&e).await;
+    }
+    let s = stats(&e);
+    let measured = s["measuredTokensPerSecond"]
+        .as_f64()
+        .expect("a speed after 12 tokens");
+    assert_eq!(s["step"], 0);
+    call(e.set_min_tokens_per_second(JsValue::from(measured * 1.25)))
+        .await
+        .unwrap();
+    chunk(&e).await;
+    let s = stats(&e);
+    assert!(s["step"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["speedCapBytes"].as_u64().is_some(), "{s}");
+    let swaps = of_type(&ev, "swap");
+    assert_eq!(swaps[0]["reason"], "too_slow", "{swaps:?}");
+    finish(&e).await;
+    call(e.set_min_tokens_per_second(JsValue::NULL))
+        .await
+        .unwrap();
+    assert_eq!(
+        stats(&e)["step"],
+        0,
+        "back at the top once the minimum is cleared"
+    );
+    let err = call(e.set_min_tokens_per_second(JsValue::from(-3.0)))
+        .await
+        .unwrap_err();
+    assert_eq!(err["code"], "input", "{err}");
+    call(e.unload()).await.unwrap();
+}

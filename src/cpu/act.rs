@@ -6,7 +6,7 @@
 //! (wasm's `i32x4.dot_i16x8_s`, AVX2's `vpmaddwd`) anyway, so i16 activations cost the same
 //! instructions, and their rounding (2^-16 of the block's max) is negligible where int8's
 //! (2^-8) moved the demo model's logits by ~10 % (SmolLM2 has outlier channels). Sums stay in
-//! i32: 32 products of a code <= 255 and |q| <= 32767 are < 2^28.
+//! i32: 128 products of a code <= 255 and |q| <= 32767 are < 2^30.
 //!
 //! The integers are in the weight bit-width's *lane order*: the order in which the kernels pull codes out of a block's words
 //! with whole-vector shifts and masks (for 4 bits: the low nibbles of 16 bytes, then the high
@@ -40,15 +40,16 @@ pub const fn lane_input(bits: u32, lane: usize) -> usize {
     }
 }
 
-/// `rows` activation vectors quantized for one packed matrix.
+/// `rows` activation vectors quantized for one packed matrix: one scale per weight group, so
+/// a group's integer dot products add up in i32 before one conversion to f32.
 pub struct Q16 {
     pub rows: usize,
-    /// Blocks per row (`groups * group / 32`; inputs past `cols` are zero).
+    /// Blocks of 32 per row (`groups * group / 32`; inputs past `cols` are zero).
     pub blocks: usize,
     pub groups: usize,
-    /// `[rows][blocks * 32]`, lane order of `bits`.
+    /// `[rows][blocks * 32]`, each block of 32 in the lane order of `bits`.
     pub q: Vec<i16>,
-    /// `[rows][blocks]`
+    /// `[rows][groups]`: the scale of each group's integers.
     pub d: Vec<f32>,
     /// `[rows][groups]`: `Σ x` over each weight group.
     pub sums: Vec<f32>,
@@ -57,31 +58,32 @@ pub struct Q16 {
 impl Q16 {
     /// Quantizes `x` (`[rows][shape.cols]`) for matrices of `shape`'s bits and group.
     pub fn quantize(x: &[f32], rows: usize, shape: &PackedShape) -> Q16 {
-        let cols = shape.cols;
+        let (cols, group) = (shape.cols, shape.group);
         assert_eq!(x.len(), rows * cols, "activation size");
         let groups = shape.groups_per_row();
-        let blocks = groups * shape.group / BLOCK;
+        let blocks = groups * group / BLOCK;
         let order: [usize; BLOCK] = std::array::from_fn(|l| lane_input(shape.bits, l));
         let mut q = vec![0i16; rows * blocks * BLOCK];
-        let mut d = vec![0f32; rows * blocks];
+        let mut d = vec![0f32; rows * groups];
         let mut sums = vec![0f32; rows * groups];
-        let mut buf = [0f32; BLOCK];
+        let mut buf = vec![0f32; group];
         for r in 0..rows {
             let xr = &x[r * cols..(r + 1) * cols];
-            for b in 0..blocks {
-                let lo = (b * BLOCK).min(cols);
-                let hi = ((b + 1) * BLOCK).min(cols);
+            for g in 0..groups {
+                let lo = (g * group).min(cols);
+                let hi = ((g + 1) * group).min(cols);
                 buf.fill(0.0);
                 buf[..hi - lo].copy_from_slice(&xr[lo..hi]);
                 let amax = buf.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let scale = amax / QMAX;
                 let inv = if amax > 0.0 { QMAX / amax } else { 0.0 };
-                d[r * blocks + b] = scale;
-                let qb = &mut q[(r * blocks + b) * BLOCK..][..BLOCK];
-                for (lane, o) in qb.iter_mut().enumerate() {
-                    *o = (buf[order[lane]] * inv).round() as i16;
+                d[r * groups + g] = amax / QMAX;
+                sums[r * groups + g] = buf.iter().sum::<f32>();
+                let qg = &mut q[(r * blocks + g * group / BLOCK) * BLOCK..][..group];
+                for (qb, xb) in qg.chunks_exact_mut(BLOCK).zip(buf.chunks_exact(BLOCK)) {
+                    for (lane, o) in qb.iter_mut().enumerate() {
+                        *o = (xb[order[lane]] * inv).round() as i16;
+                    }
                 }
-                sums[r * groups + b * BLOCK / shape.group] += buf.iter().sum::<f32>();
             }
         }
         Q16 {

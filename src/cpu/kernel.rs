@@ -1,12 +1,12 @@
 //! `y = W · x` straight from the packed codes (no f32 copy of any weight), with `x` as int16
 //! blocks (`act::Q16`). For one weight group of `group` codes, scale `s` and zero `z`:
 //!
-//! `Σ (s·c + z)·x = s · Σ_blocks d_b · (c · q_b) + z · Σ x`
+//! `Σ (s·c + z)·x = s · d · (c · q) + z · Σ x`
 //!
-//! where `c · q_b` is an integer dot product over 32 codes. Per block the kernel pulls the codes
+//! where `c · q` is an integer dot product over the group (in blocks of 32 codes). Per block the kernel pulls the codes
 //! out of their words with whole-vector masks and shifts (the activations are already in that
 //! lane order), widens them to i16 and multiplies-adds pairs into i32 lanes; the f32 work is one
-//! convert and one multiply-add per block, and the lanes are summed once per row.
+//! convert and one multiply-add per group, and the lanes are summed once per row.
 //!
 //! Three builds of the same row loop: wasm `simd128` intrinsics (the browser), and natively
 //! the portable loop compiled twice, plain and with AVX2+FMA enabled, chosen at run time.
@@ -106,49 +106,43 @@ fn row<const N: usize>(m: &PackedMatrix, a: &Q16, r: usize, t0: usize) -> [f32; 
 #[inline(always)]
 pub fn unpack<const BITS: u32>(w: &[u32], out: &mut [i16; BLOCK]) {
     match BITS {
+        // Whole-word masks and shifts (SWAR), then a byte -> i16 widening the compiler
+        // vectorises: the lane orders are those of `act::lane_input`.
         8 => {
-            for (i, &x) in w[..8].iter().enumerate() {
-                for k in 0..4 {
-                    out[4 * i + k] = ((x >> (8 * k)) & 0xff) as i16;
-                }
+            let bytes: &[u8] = bytemuck::cast_slice(&w[..8]);
+            for (o, &b) in out.iter_mut().zip(bytes) {
+                *o = b as i16;
             }
         }
         4 => {
-            for (i, &x) in w[..4].iter().enumerate() {
-                for k in 0..4 {
-                    let b = (x >> (8 * k)) & 0xff;
-                    out[4 * i + k] = (b & 15) as i16;
-                    out[16 + 4 * i + k] = (b >> 4) as i16;
-                }
+            let bytes: &[u8] = bytemuck::cast_slice(&w[..4]);
+            let (lo, hi) = out.split_at_mut(16);
+            for ((l, h), &b) in lo.iter_mut().zip(hi).zip(bytes) {
+                *l = (b & 15) as i16;
+                *h = (b >> 4) as i16;
             }
         }
         2 => {
-            for (i, &x) in w[..2].iter().enumerate() {
-                for k in 0..4 {
-                    let b = (x >> (8 * k)) & 0xff;
-                    for s in 0..4 {
-                        out[8 * s + 4 * i + k] = ((b >> (2 * s)) & 3) as i16;
-                    }
+            let bytes: &[u8] = bytemuck::cast_slice(&w[..2]);
+            for (s, o) in out.chunks_exact_mut(8).enumerate() {
+                for (v, &b) in o.iter_mut().zip(bytes) {
+                    *v = ((b >> (2 * s)) & 3) as i16;
                 }
             }
         }
         _ => {
-            // 3, 5, 6 bits, in order: code i is bits `s .. s + BITS` of the little-endian u16
-            // at byte `b` (`BITS * i = 8b + s`; `s + BITS <= 16`). Offsets are constants once
-            // the loop is unrolled; the byte past the block is only read where it is needed,
-            // which is never for the block's last code (it ends on a byte boundary).
+            // 3, 5, 6 bits, in order: 8 codes fill exactly BITS bytes, so chunk c of 8 codes
+            // is bytes `BITS c .. BITS (c + 1)`, read as one little-endian u64 (zero-extended:
+            // nothing past the block is read) and cut with constant shifts.
             let bytes: &[u8] = bytemuck::cast_slice(&w[..BITS as usize]);
-            let mask = (1u16 << BITS) - 1;
-            for (i, o) in out.iter_mut().enumerate() {
-                let bit = BITS as usize * i;
-                let (b, s) = (bit / 8, bit % 8);
-                let hi = if s + BITS as usize > 8 {
-                    bytes[b + 1]
-                } else {
-                    0
-                };
-                let win = bytes[b] as u16 | (hi as u16) << 8;
-                *o = ((win >> s) & mask) as i16;
+            let (nb, mask) = (BITS as usize, (1u64 << BITS) - 1);
+            for (c, o) in out.chunks_exact_mut(8).enumerate() {
+                let mut buf = [0u8; 8];
+                buf[..nb].copy_from_slice(&bytes[nb * c..nb * (c + 1)]);
+                let x = u64::from_le_bytes(buf);
+                for (k, v) in o.iter_mut().enumerate() {
+                    *v = ((x >> (nb * k)) & mask) as i16;
+                }
             }
         }
     }
@@ -175,23 +169,23 @@ fn row_portable<const BITS: u32, const N: usize>(
     let mut acc = [0f32; N];
     let mut codes = [0i16; BLOCK];
     for (g, &sz) in scales.iter().enumerate() {
-        let mut gacc = [0f32; N];
+        let mut isum = [0i32; N];
         for b in g * bpg..(g + 1) * bpg {
             unpack::<BITS>(&words[b * wpb..(b + 1) * wpb], &mut codes);
-            for (n, ga) in gacc.iter_mut().enumerate() {
+            for (n, is) in isum.iter_mut().enumerate() {
                 let at = (t0 + n) * a.blocks + b;
                 let q = &a.q[at * BLOCK..(at + 1) * BLOCK];
-                let isum: i32 = codes
+                *is += codes
                     .iter()
                     .zip(q)
                     .map(|(&c, &x)| c as i32 * x as i32)
-                    .sum();
-                *ga += isum as f32 * a.d[at];
+                    .sum::<i32>();
             }
         }
         let (scale, zero) = (f16_to_f32(sz & 0xffff), f16_to_f32(sz >> 16));
         for (n, y) in acc.iter_mut().enumerate() {
-            *y += scale * gacc[n] + zero * a.sums[(t0 + n) * a.groups + g];
+            let ag = (t0 + n) * a.groups + g;
+            *y += scale * (isum[n] as f32 * a.d[ag]) + zero * a.sums[ag];
         }
     }
     acc
@@ -235,7 +229,7 @@ unsafe fn row_simd128<const BITS: u32, const N: usize>(
     let mut acc = [f32x4_splat(0.0); N];
     let mut zacc = [0f32; N];
     for (g, &sz) in scales.iter().enumerate() {
-        let mut gacc = [f32x4_splat(0.0); N];
+        let mut isum = [i32x4_splat(0); N];
         for b in g * bpg..(g + 1) * bpg {
             let w = &words[b * wpb..(b + 1) * wpb];
             let p = w.as_ptr();
@@ -276,29 +270,30 @@ unsafe fn row_simd128<const BITS: u32, const N: usize>(
                 // bit 8, shift right by 8 and mask (see `straddling`).
                 _ => straddling::<BITS>(p as *const u8),
             };
-            for (n, ga) in gacc.iter_mut().enumerate() {
+            for (n, is) in isum.iter_mut().enumerate() {
                 let at = (t0 + n) * a.blocks + b;
                 let q = a.q[at * BLOCK..(at + 1) * BLOCK].as_ptr() as *const v128;
-                let isum = i32x4_add(
+                *is = i32x4_add(
+                    *is,
                     i32x4_add(
-                        i32x4_dot_i16x8(c[0], v128_load(q)),
-                        i32x4_dot_i16x8(c[1], v128_load(q.add(1))),
+                        i32x4_add(
+                            i32x4_dot_i16x8(c[0], v128_load(q)),
+                            i32x4_dot_i16x8(c[1], v128_load(q.add(1))),
+                        ),
+                        i32x4_add(
+                            i32x4_dot_i16x8(c[2], v128_load(q.add(2))),
+                            i32x4_dot_i16x8(c[3], v128_load(q.add(3))),
+                        ),
                     ),
-                    i32x4_add(
-                        i32x4_dot_i16x8(c[2], v128_load(q.add(2))),
-                        i32x4_dot_i16x8(c[3], v128_load(q.add(3))),
-                    ),
-                );
-                *ga = f32x4_add(
-                    *ga,
-                    f32x4_mul(f32x4_convert_i32x4(isum), f32x4_splat(a.d[at])),
                 );
             }
         }
         let (scale, zero) = (f16_to_f32(sz & 0xffff), f16_to_f32(sz >> 16));
         for n in 0..N {
-            acc[n] = f32x4_add(acc[n], f32x4_mul(gacc[n], f32x4_splat(scale)));
-            zacc[n] += zero * a.sums[(t0 + n) * a.groups + g];
+            let ag = (t0 + n) * a.groups + g;
+            let f = f32x4_splat(scale * a.d[ag]);
+            acc[n] = f32x4_add(acc[n], f32x4_mul(f32x4_convert_i32x4(isum[n]), f));
+            zacc[n] += zero * a.sums[ag];
         }
     }
     std::array::from_fn(|n| {

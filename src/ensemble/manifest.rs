@@ -462,21 +462,30 @@ impl Manifest {
 
     /// Checks a downloaded or read file against its entry: size first (cheap), then hash.
     pub fn verify_file(f: &FileRef, bytes: &[u8]) -> Result<()> {
-        if bytes.len() as u64 != f.bytes {
+        Self::check_size(f, bytes.len())?;
+        Self::check_hash(f, &sha256_hex(bytes))
+    }
+
+    /// The size half of `verify_file` (before hashing anything).
+    pub fn check_size(f: &FileRef, len: usize) -> Result<()> {
+        if len as u64 != f.bytes {
             return Err(Error::format(
                 &f.file,
                 format!(
-                    "{} bytes, expected {} (truncated or wrong file)",
-                    bytes.len(),
+                    "{len} bytes, expected {} (truncated or wrong file)",
                     f.bytes
                 ),
             ));
         }
-        let h = sha256_hex(bytes);
-        if h != f.sha256 {
+        Ok(())
+    }
+
+    /// The hash half of `verify_file`, given the file's sha256 in lowercase hex.
+    pub fn check_hash(f: &FileRef, sha256: &str) -> Result<()> {
+        if sha256 != f.sha256 {
             return Err(Error::format(
                 &f.file,
-                format!("sha256 {h} does not match the manifest's {}", f.sha256),
+                format!("sha256 {sha256} does not match the manifest's {}", f.sha256),
             ));
         }
         Ok(())

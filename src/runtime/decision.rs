@@ -22,6 +22,9 @@ pub enum Reason {
     SwapFailed,
     /// The GPU device was lost: rebuild at a lower step.
     DeviceLost,
+    /// Decode is slower than the app's minimum speed: a smaller step streams fewer bytes per
+    /// token.
+    TooSlow,
     /// Even the last (smallest) step does not fit: the controller stays there, since there is
     /// nothing smaller; the app should tell the user or free memory.
     BelowFloor,
@@ -33,6 +36,8 @@ pub enum Reason {
     NoRoom,
     /// Hold: the next step up would reach a footprint that failed before.
     Ceiling,
+    /// Hold: the next step up would decode slower than the minimum speed (with the margin).
+    SpeedBound,
     /// Hold: the JS heap is not below the low-water mark.
     HeapBusy,
     /// Hold: a fault happened less than the cooldown ago.
@@ -50,11 +55,13 @@ impl fmt::Display for Reason {
             Reason::OutOfMemory => "GPU out of memory",
             Reason::SwapFailed => "swap failed: GPU out of memory",
             Reason::DeviceLost => "GPU device lost",
+            Reason::TooSlow => "decoding slower than the minimum speed",
             Reason::BelowFloor => "even the smallest step does not fit the budget",
             Reason::MemoryFree => "memory stayed free",
             Reason::AtTop => "at the largest step",
             Reason::NoRoom => "no room for the next step up",
             Reason::Ceiling => "the next step up failed before",
+            Reason::SpeedBound => "the next step up would be slower than the minimum speed",
             Reason::HeapBusy => "JS heap not below the low-water mark",
             Reason::Cooldown => "cooling down after a failure",
             Reason::Settling => "waiting for memory to stay free",
@@ -135,6 +142,13 @@ pub struct Stats {
     pub usable_bytes: Option<u64>,
     /// `footprint + overheads` known to fail; steps at or above it are not used.
     pub oom_ceiling_bytes: Option<u64>,
+    /// The app's minimum decode speed (tokens/s), if set.
+    pub min_tok_s: Option<f64>,
+    /// The last decode speed reported, and the footprint it was measured at.
+    pub speed_tok_s: Option<f64>,
+    /// The largest footprint expected to decode at `min_tok_s` (speed scales as bytes per
+    /// token: `footprint x measured / minimum`).
+    pub speed_cap_bytes: Option<u64>,
     /// The current step fits (false while a step down is due, or below the floor).
     pub fits: bool,
     /// Even the smallest step does not fit.

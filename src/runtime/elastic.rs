@@ -32,6 +32,13 @@
 //!   current step's, or the attempted step's for a failed swap) a *ceiling*: the next
 //!   decision goes at least one step below it, and no step up reaches it until memory has
 //!   stayed free for `ceiling_clear_ms`, doubled for each further fault (up to 16x).
+//! * **Speed** (the paper's future work: compute as a second elastic resource). With a
+//!   minimum decode speed set, each speed reading at a step caps the *footprint* at
+//!   `footprint x measured / minimum` (decode streams every weight byte once per token, so
+//!   speed goes as bytes per token); a step fits only under that cap too, and a step up needs
+//!   the cap with the up-margin. A reading is kept with the footprint it was measured at, so it
+//!   stays meaningful after a move, and the next reading at the new step corrects the model.
+//!   The memory budget still binds: a step must satisfy both.
 //! * **Floor.** If even the last step does not fit, the controller moves to (or stays at) the
 //!   last step with reason `BelowFloor` and `Stats::below_floor`; it never panics.
 //!
@@ -49,6 +56,12 @@ struct Ceiling {
 }
 
 #[derive(Debug, Clone, Copy)]
+struct SpeedReading {
+    tok_s: f64,
+    footprint: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
 struct HeapReading {
     ratio: f64,
     cap: u64,
@@ -61,6 +74,8 @@ pub struct Elastic {
     policy: Policy,
     budget: Option<u64>,
     heap: Option<HeapReading>,
+    min_tok_s: Option<f64>,
+    speed: Option<SpeedReading>,
     ceiling: Option<Ceiling>,
     /// Faults so far; each doubles the time before a ceiling is lifted.
     faults: u32,
@@ -117,6 +132,8 @@ impl Elastic {
             policy,
             budget: None,
             heap: None,
+            min_tok_s: None,
+            speed: None,
             ceiling: None,
             faults: 0,
             last_fault_ms: None,
@@ -181,6 +198,42 @@ impl Elastic {
             cap: (current + room).max(0.0) as u64,
         });
         self.observe(now_ms);
+    }
+
+    /// The app's minimum decode speed in tokens/s (`None`: no speed constraint).
+    pub fn set_min_speed(&mut self, tok_s: Option<f64>, now_ms: f64) -> Result<()> {
+        if let Some(t) = tok_s.filter(|t| !(t.is_finite() && *t > 0.0)) {
+            return Err(Error::input(format!(
+                "minimum speed {t} tokens/s: must be a positive number"
+            )));
+        }
+        self.min_tok_s = tok_s;
+        self.observe(now_ms);
+        Ok(())
+    }
+
+    /// A decode-speed reading (tokens/s, smoothed by the host over several tokens) at the
+    /// current step. Ignored before a step is loaded or when not a positive number.
+    pub fn speed(&mut self, tok_s: f64, now_ms: f64) {
+        let Some(c) = self.current else { return };
+        if tok_s.is_finite() && tok_s > 0.0 {
+            self.speed = Some(SpeedReading {
+                tok_s,
+                footprint: self.footprints[c],
+            });
+            self.observe(now_ms);
+        }
+    }
+
+    /// The largest footprint expected to decode at the minimum speed.
+    fn speed_cap(&self) -> Option<u64> {
+        let (min, r) = (self.min_tok_s?, self.speed?);
+        Some((r.footprint as f64 * r.tok_s / min) as u64)
+    }
+
+    fn fast_enough(&self, step: usize, margin: f64) -> bool {
+        self.speed_cap()
+            .is_none_or(|cap| self.footprints[step] as f64 * (1.0 + margin) <= cap as f64)
     }
 
     /// WebGPU out-of-memory outside a swap (e.g. growing the KV cache). Report the grown
@@ -270,11 +323,11 @@ impl Elastic {
                 None if c < last => Decision::StepDown {
                     from: c,
                     to: last,
-                    reason: Reason::BelowFloor,
+                    reason: self.floor_reason(),
                 },
                 None => Decision::Hold {
                     step: c,
-                    reason: Reason::BelowFloor,
+                    reason: self.floor_reason(),
                 },
             };
         }
@@ -293,11 +346,14 @@ impl Elastic {
             return hold(Reason::HeapBusy);
         }
         if !self.fits_up(c - 1) {
-            let under_budget = self.within(self.cost(c - 1), self.policy.up_margin);
-            return hold(if under_budget {
+            let cost = self.cost(c - 1);
+            let margin = self.policy.up_margin;
+            return hold(if !self.within(cost, margin) {
+                Reason::NoRoom
+            } else if !self.under_ceiling(cost) {
                 Reason::Ceiling
             } else {
-                Reason::NoRoom
+                Reason::SpeedBound
             });
         }
         if self
@@ -341,8 +397,11 @@ impl Elastic {
             effective_budget_bytes: self.effective_budget(),
             usable_bytes: self.usable(0.0),
             oom_ceiling_bytes: self.ceiling.map(|k| k.bytes),
+            min_tok_s: self.min_tok_s,
+            speed_tok_s: self.speed.map(|r| r.tok_s),
+            speed_cap_bytes: self.speed_cap(),
             fits: self.current.is_some_and(|s| self.fits(s)),
-            below_floor: !self.fits(self.steps() - 1),
+            below_floor: !self.fits_memory(self.steps() - 1),
             last_reason: self.last.map(|d| d.reason()),
             last_move_reason: self.last_move_reason,
             swaps_down: c.swaps_down,
@@ -379,13 +438,28 @@ impl Elastic {
     }
 
     fn fits(&self, step: usize) -> bool {
+        self.fits_memory(step) && self.fast_enough(step, 0.0)
+    }
+
+    fn fits_memory(&self, step: usize) -> bool {
         let cost = self.cost(step);
         self.within(cost, 0.0) && self.under_ceiling(cost)
     }
 
+    /// Why the last step is where the model must be when no step fits: memory (`BelowFloor`),
+    /// or only the speed (`TooSlow`: the smallest step is the fastest there is).
+    fn floor_reason(&self) -> Reason {
+        if self.fits_memory(self.steps() - 1) {
+            Reason::TooSlow
+        } else {
+            Reason::BelowFloor
+        }
+    }
+
     fn fits_up(&self, step: usize) -> bool {
         let cost = self.cost(step);
-        self.within(cost, self.policy.up_margin) && self.under_ceiling(cost)
+        let margin = self.policy.up_margin;
+        self.within(cost, margin) && self.under_ceiling(cost) && self.fast_enough(step, margin)
     }
 
     fn heap_free(&self) -> bool {
@@ -396,6 +470,7 @@ impl Elastic {
     fn binding(&self, c: usize) -> Reason {
         match self.ceiling {
             Some(k) if self.cost(c) >= k.bytes => k.cause,
+            _ if self.within(self.cost(c), 0.0) && !self.fast_enough(c, 0.0) => Reason::TooSlow,
             _ => match (self.budget, self.heap) {
                 (Some(b), Some(h)) if h.cap < b => Reason::HeapPressure,
                 (None, Some(_)) => Reason::HeapPressure,

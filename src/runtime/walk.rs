@@ -11,6 +11,7 @@ use crate::model::weights::ModuleId;
 use crate::runtime::backend::{Backend, Factory};
 use crate::runtime::clock::now_ms;
 use crate::runtime::session::Session;
+use crate::runtime::speed::SpeedMeter;
 use crate::runtime::{Decision, Elastic, Reason};
 use std::cell::{Cell, RefCell};
 
@@ -95,6 +96,8 @@ pub struct Walk<S: ByteSource, F: Factory> {
     pub factory: F,
     pub elastic: RefCell<Elastic>,
     fetch_failure: Cell<Option<(usize, f64)>>,
+    /// Decode speed of the running answer, fed to the controller between tokens.
+    pub meter: RefCell<SpeedMeter>,
     on_event: Sink<S::Error>,
 }
 
@@ -110,6 +113,7 @@ where
             factory,
             elastic: RefCell::new(elastic),
             fetch_failure: Cell::new(None),
+            meter: RefCell::default(),
             on_event,
         }
     }
@@ -356,12 +360,30 @@ where
         Ok(())
     }
 
-    /// Asks the controller and executes its decision (the host calls this between tokens).
+    /// Times the token that just finished at `step` (`token_index`: tokens of the running
+    /// answer before it; `None` outside an answer restarts the clock) and feeds the decode
+    /// speed to the controller. Hosts that decide themselves call it between tokens.
+    pub fn clock_token(&self, step: usize, token_index: Option<usize>) {
+        let now = now_ms();
+        match token_index {
+            Some(i) => {
+                if let Some(r) = self.meter.borrow_mut().token(step, i, now) {
+                    self.elastic.borrow_mut().speed(r, now);
+                }
+            }
+            None => self.meter.borrow_mut().restart(),
+        }
+    }
+
+    /// Asks the controller and executes its decision (the host calls this between tokens:
+    /// `token_index` is the number of tokens of the running answer so far, `None` outside an
+    /// answer). The time since the previous call is a token's: it feeds the speed signal.
     pub async fn between_tokens(
         &self,
         run: &mut Running<F::Model>,
         token_index: Option<usize>,
     ) -> Result<Decision, S::Error> {
+        self.clock_token(run.step, token_index);
         let d = self.elastic.borrow_mut().decide(now_ms());
         self.execute(run, d, token_index).await?;
         Ok(d)

@@ -35,6 +35,11 @@ pub fn bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::E
     }
 }
 
+/// `setMinTokensPerSecond`'s argument.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub struct MinSpeed(pub Option<f64>);
+
 /// `setMemoryBudget`'s argument.
 #[derive(Deserialize)]
 #[serde(transparent)]
@@ -57,6 +62,9 @@ pub struct EngineOptions {
     #[serde(deserialize_with = "bytes")]
     pub cache_quota_bytes: Option<u64>,
     pub policy: Option<Policy>,
+    /// The slowest decode the app accepts (tokens/s): below it the model steps down the
+    /// trajectory (fewer bytes per token), back up when there is headroom.
+    pub min_tokens_per_second: Option<f64>,
     /// `'auto'` (default), `'webgpu'` or `'cpu'`.
     pub backend: Option<crate::web::backend::BackendChoice>,
     #[serde(with = "serde_wasm_bindgen::preserve")]
@@ -128,6 +136,11 @@ pub struct Stats {
     pub heap_ratio: Option<f64>,
     pub tokens_per_second: Option<f64>,
     pub prefill_tokens_per_second: Option<f64>,
+    /// The minimum decode speed set, the last measured one (over recent tokens at one step),
+    /// and the footprint expected to reach the minimum.
+    pub min_tokens_per_second: Option<f64>,
+    pub measured_tokens_per_second: Option<f64>,
+    pub speed_cap_bytes: Option<u64>,
     pub swaps: u64,
     pub swaps_down: u64,
     pub swaps_up: u64,

@@ -13,7 +13,7 @@ use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
 use crate::runtime::{Sampling, StopReason, Turn};
 use crate::web::api::{
-    from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, Started, Stats,
+    from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, MinSpeed, Started, Stats,
     TrajectoryPoint, Usage, UsageExtra,
 };
 use crate::web::backend::{probe_adapter, BackendChoice, WebModel};
@@ -180,6 +180,22 @@ impl Engine {
         })
     }
 
+    /// Sets (or with `null` clears) the slowest decode speed the app accepts, in tokens/s;
+    /// like a budget, a needed step down happens before the next token (at once when idle).
+    #[wasm_bindgen(js_name = setMinTokensPerSecond)]
+    pub fn set_min_tokens_per_second(&self, tok_s: JsValue) -> js_sys::Promise {
+        let i = self.inner.clone();
+        promise(async move {
+            let MinSpeed(v) = from_js(tok_s, "setMinTokensPerSecond(tokensPerSecond)")?;
+            i.walk
+                .elastic
+                .borrow_mut()
+                .set_min_speed(v, now_ms())
+                .map_err(|e| WebError::new(Code::Input, e.to_string()))?;
+            i.rebalance_if_idle().await
+        })
+    }
+
     /// A JS-heap reading (`performance.memory.usedJSHeapSize`, `jsHeapSizeLimit`).
     #[wasm_bindgen(js_name = reportHeap)]
     pub fn report_heap(&self, used: f64, limit: f64) {
@@ -315,6 +331,9 @@ impl Engine {
         if let Some(b) = o.budget_bytes {
             elastic.set_budget(b);
         }
+        elastic
+            .set_min_speed(o.min_tokens_per_second, now_ms())
+            .map_err(|e| WebError::new(Code::Input, format!("options.minTokensPerSecond: {e}")))?;
         let mut p = Progress::new("download", 0, 2);
         let tk = loader.file(&m.tokenizer, &mut p).await?;
         let tokenizer = m.tokenizer(&tk)?;
@@ -425,6 +444,9 @@ impl Inner {
             heap_ratio: e.heap_ratio,
             tokens_per_second: s.tokens_per_s,
             prefill_tokens_per_second: s.prefill_tokens_per_s,
+            min_tokens_per_second: e.min_tok_s,
+            measured_tokens_per_second: e.speed_tok_s,
+            speed_cap_bytes: e.speed_cap_bytes,
             swaps: s.swaps,
             swaps_down: e.swaps_down,
             swaps_up: e.swaps_up,
@@ -604,6 +626,7 @@ impl Inner {
         if self.flags.oom.swap(false, Ordering::SeqCst) {
             self.walk.elastic.borrow_mut().oom(now_ms());
         }
+        self.walk.clock_token(st.run.step, token_index);
         let d = self.walk.elastic.borrow_mut().decide(now_ms());
         if let Err(e) = self.execute(&mut st.run, d, token_index).await {
             self.walk.source.emitter.error(&e);

@@ -8,6 +8,7 @@
 //! - `api`: the options, requests, stats and chunks JS exchanges with the engine (serde).
 //! - `backend`: WebGPU or the packed CPU backend as one `runtime::Backend`, and `auto`'s probe.
 //! - `bench`: the kernel microbenchmark the browser benchmark page calls.
+//! - `digest`: sha256 by SubtleCrypto (the sha2 crate where it is missing).
 //! - `events`: what `onProgress` / `onEvent` receive.
 //! - `engine`: the wasm-bindgen `Engine`: options, chat token by token, and between tokens
 //!   the signals and `runtime::Elastic`'s decision.
@@ -18,6 +19,7 @@
 pub mod api;
 pub mod backend;
 pub mod bench;
+pub mod digest;
 pub mod engine;
 pub mod error;
 pub mod events;

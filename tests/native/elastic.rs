@@ -709,3 +709,71 @@ fn stats_and_decisions_serialize_for_the_ui() {
         "even the smallest step does not fit the budget"
     );
 }
+
+// ---- speed: compute as a second elastic resource ----
+
+/// A machine whose decode streams `gbs` GB/s of weights: tokens/s at `step` (plus noise).
+fn speed_at(ctl: &Elastic, step: usize, gbs: f64, noise: f64) -> f64 {
+    gbs * 1e9 / ctl.footprint(step) as f64 * (1.0 + noise)
+}
+
+#[test]
+fn too_slow_steps_down_until_fast_enough_and_back_up_when_the_machine_frees() {
+    let mut h = Host::new().started();
+    assert_eq!(h.step(), 0);
+    // 20 GB/s over 2000 MB at step 0: ~9.5 tokens/s; the app wants 12.
+    h.ctl.set_min_speed(Some(12.0), h.now).unwrap();
+    let mut rng = Lcg(7);
+    let mut gbs = 20.0;
+    h.run(3_000.0, |ctl, now| {
+        let s = ctl.current().unwrap();
+        ctl.speed(speed_at(ctl, s, gbs, 0.02 * (rng.next() - 0.5)), now)
+    });
+    let s = h.step();
+    assert!(s > 0, "stepped down for speed");
+    let speed = speed_at(&h.ctl, s, gbs, 0.0);
+    assert!(speed >= 12.0 * 0.99, "{speed} tokens/s at step {s}");
+    assert!(
+        speed_at(&h.ctl, s - 2, gbs, 0.0) < 12.0,
+        "not further down than needed: step {s}"
+    );
+    let down = h
+        .moves
+        .iter()
+        .filter(|(_, d)| matches!(d, Decision::StepDown { .. }))
+        .count();
+    assert!(down <= 2, "{down} moves down: {:?}", h.moves);
+    assert_eq!(h.ctl.stats().last_move_reason, Some(Reason::TooSlow));
+    // Noise of a few percent does not move it again (the up-margin is the hysteresis).
+    let before = h.moves.len();
+    h.run(10_000.0, |ctl, now| {
+        let s = ctl.current().unwrap();
+        ctl.speed(speed_at(ctl, s, gbs, 0.04 * (rng.next() - 0.5)), now)
+    });
+    assert_eq!(h.moves.len(), before, "{:?}", &h.moves[before..]);
+    assert_eq!(h.ctl.decide(h.now).reason(), Reason::SpeedBound);
+    // The machine frees up (another tab stopped): back to the top after the delay.
+    gbs = 40.0;
+    h.run(10_000.0, |ctl, now| {
+        let s = ctl.current().unwrap();
+        ctl.speed(speed_at(ctl, s, gbs, 0.0), now)
+    });
+    assert_eq!(h.step(), 0, "{:?}", h.moves);
+    // The memory budget still binds: a budget below step 0 holds it down whatever the speed.
+    h.ctl.set_budget(usable_inverse(h.cost(5)));
+    h.run(500.0, |ctl, now| {
+        let s = ctl.current().unwrap();
+        ctl.speed(speed_at(ctl, s, gbs, 0.0), now)
+    });
+    assert_eq!(h.step(), 5);
+    assert_eq!(h.ctl.stats().last_move_reason, Some(Reason::Budget));
+    // No minimum: speed readings change nothing.
+    h.ctl.set_min_speed(None, h.now).unwrap();
+    assert!(h.ctl.set_min_speed(Some(-1.0), h.now).is_err());
+    assert!(h.ctl.set_min_speed(Some(f64::NAN), h.now).is_err());
+}
+
+/// The smallest budget under which a step of cost `cost` fits.
+fn usable_inverse(cost: u64) -> u64 {
+    (cost as f64 / (1.0 - Policy::default().headroom)).ceil() as u64 + 1
+}

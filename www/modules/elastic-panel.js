@@ -57,6 +57,7 @@ export class ElasticPanel {
     $('pressure').addEventListener('click', () => this.addPressure());
     $('release').addEventListener('click', () => this.releasePressure());
     $('device-loss').addEventListener('click', () => this.deviceLoss());
+    $('min-speed').addEventListener('change', () => this.setMinSpeed());
     $('controls').disabled = false;
     this.render();
     this.timer = setInterval(() => this.poll(), 1000);
@@ -202,6 +203,16 @@ export class ElasticPanel {
     this.render();
   }
 
+  /** The minimum-speed field: empty or 0 clears it. */
+  async setMinSpeed() {
+    const v = Number($('min-speed').value);
+    try {
+      await this.engine.setMinTokensPerSecond(Number.isFinite(v) && v > 0 ? v : null);
+    } catch (e) {
+      this.hooks.onError?.(e);
+    }
+  }
+
   render() {
     const s = this.stats;
     if (!s) return;
@@ -216,7 +227,9 @@ export class ElasticPanel {
     const floor = Math.min(...this.points.map((p) => p.footprintBytes)) + (s.overheadBytes || 0);
     $('st-budget').textContent = mb == null ? 'unlimited' : formatBytes(mb) + (mb * (1 - HEADROOM) < floor ? ' (below the smallest EQM)' : '');
     $('st-heap').textContent = h ? `${formatBytes(h.used)} of ${formatBytes(h.limit)}` : 'not reported';
-    $('st-speed').textContent = s.tokensPerSecond ? `${s.tokensPerSecond.toFixed(1)} tok/s` : '–';
+    const speed = s.measuredTokensPerSecond ?? s.tokensPerSecond;
+    $('st-speed').textContent = (speed ? `${speed.toFixed(1)} tok/s` : '–') +
+      (s.minTokensPerSecond ? ` (min ${s.minTokensPerSecond})` : '');
     $('st-swaps').textContent = `${s.swaps} (${s.swapsDown}↓ ${s.swapsUp}↑)`;
     document.querySelector('.elastic').dataset.step = String(s.step);
   }

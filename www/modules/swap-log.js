@@ -7,11 +7,12 @@ const REASONS = { // runtime::Reason (snake_case), in words
   initial: 'initial load',
   budget: 'over the budget',
   heap_pressure: 'JS heap pressure',
-  out_of_memory: 'GPU out of memory',
+  out_of_memory: 'out of memory',
   swap_failed: 'a swap failed',
   device_lost: 'device lost',
   below_floor: 'budget below the smallest EQM',
   memory_free: 'memory free again',
+  too_slow: 'decoding below the minimum speed',
 };
 
 export class SwapLog {
