@@ -40,10 +40,12 @@ export interface SwapEvent {
 }
 
 export interface BackendEvent { type: 'backend'; backend: 'webgpu' | 'cpu'; reason: string; label: string }
+/** The worker engine re-created its worker to give back wasm memory (see worker.d.ts). */
+export interface ReleasedEvent { type: 'released'; ms: number; step: number; fromStep: number; wasmMemoryBytesBefore: number; wasmMemoryBytesAfter: number; networkBytes: number }
 export interface DeviceLostEvent { type: 'device-lost'; step: number; message: string }
 export interface RecoveredEvent { type: 'recovered'; from: number; to: number; ms: number; reprefilledTokens: number }
 export interface ErrorEvent { type: 'error'; error: { code: ErrorCode; message: string; file?: string | null; url?: string | null } }
-export type EngineEvent = ProgressEvent | BackendEvent | SwapEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent;
+export type EngineEvent = ProgressEvent | BackendEvent | SwapEvent | ReleasedEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent;
 
 /** runtime::Policy (snake_case, every field optional). */
 export interface Policy {

@@ -1,16 +1,38 @@
 // The main-thread proxy of an Engine running in a Web Worker (worker-entry.js): the same API,
 // every method async. It polls performance.memory (workers lack it) and forwards it.
-import { FlexQuantError, chatApi, pollHeap } from './common.js';
+//
+// WebAssembly memory never shrinks: on the CPU backend the model lives in the worker's wasm
+// heap, so after a budget cut the heap keeps its high-water mark. When a budget falls below the
+// heap by more than RELEASE_MARGIN, the proxy re-creates the worker at the new budget (from the
+// Cache API: no download) once no answer is running, and emits a `released` event with the heap
+// before and after. The conversation is kept by the caller's messages (every request carries
+// the whole conversation, OpenAI style), so the next answer re-reads it into the new KV cache.
+import { FlexQuantError, chatApi, errorData, pollHeap } from './common.js';
 
 export { FlexQuantError };
 
+/** A budget this much below the wasm heap re-creates the worker (see above). */
+const RELEASE_MARGIN = 0.25;
+
 export class WorkerEngine {
-  constructor(worker, options = {}) {
-    this._worker = worker;
+  constructor(worker, options = {}, spawn = null) {
     this._calls = new Map();
     this._next = 0;
     this._onEvent = options.onEvent;
     this._onProgress = options.onProgress;
+    this._spawn = spawn;
+    this._budget = options.budgetBytes ?? null;
+    this._minSpeed = options.minTokensPerSecond ?? null;
+    this._answering = false;
+    this._releaseDue = false;
+    this._autoRelease = options.autoRelease ?? true;
+    this._attach(worker);
+    this.chat = chatApi((req) => this.startChat(req), () => this.nextChunk());
+    this._stopHeap = pollHeap(options.heapPollMs ?? 1000, (u, l) => this.reportHeap(u, l));
+  }
+
+  _attach(worker) {
+    this._worker = worker;
     worker.onmessage = ({ data }) => {
       if (data.event) {
         if (data.event.type === 'progress') this._onProgress?.(data.event);
@@ -28,11 +50,15 @@ export class WorkerEngine {
       for (const c of this._calls.values()) c.reject(err);
       this._calls.clear();
     };
-    this.chat = chatApi((req) => this.startChat(req), () => this.nextChunk());
-    this._stopHeap = pollHeap(options.heapPollMs ?? 1000, (u, l) => this.reportHeap(u, l));
   }
 
   _call(method, args = []) {
+    // While the worker is being re-created, calls wait for the new engine.
+    if (this._releasing) return this._releasing.then(() => this._post(method, args));
+    return this._post(method, args);
+  }
+
+  _post(method, args = []) {
     const id = this._next++;
     return new Promise((resolve, reject) => {
       this._calls.set(id, { resolve, reject });
@@ -40,12 +66,93 @@ export class WorkerEngine {
     });
   }
 
-  startChat(request) { return this._call('startChat', [request]); }
-  nextChunk() { return this._call('nextChunk'); }
+  startChat(request) {
+    this._answering = true;
+    return this._call('startChat', [request]).catch((e) => { this._answering = false; throw e; });
+  }
+  async nextChunk() {
+    let c;
+    try {
+      c = await this._call('nextChunk');
+    } catch (e) {
+      this._answering = false;
+      throw e;
+    }
+    if (c == null) {
+      this._answering = false;
+      if (this._releaseDue) await this._maybeRelease();
+    }
+    return c;
+  }
   interruptGenerate() { this._call('interruptGenerate').catch(() => {}); }
   resetChat() { return this._call('resetChat'); }
-  setMemoryBudget(bytes) { return this._call('setMemoryBudget', [bytes ?? null]); }
-  setMinTokensPerSecond(tokensPerSecond) { return this._call('setMinTokensPerSecond', [tokensPerSecond ?? null]); }
+  async setMemoryBudget(bytes) {
+    const before = this._budget;
+    this._budget = bytes ?? null;
+    await this._call('setMemoryBudget', [this._budget]);
+    // Only a cut can leave the heap far above what the model may use.
+    if (this._budget != null && (before == null || this._budget < before)) {
+      this._releaseDue = true;
+      if (!this._answering) await this._maybeRelease();
+    }
+  }
+  setMinTokensPerSecond(tokensPerSecond) {
+    this._minSpeed = tokensPerSecond ?? null;
+    return this._call('setMinTokensPerSecond', [this._minSpeed]);
+  }
+
+  /** Re-creates the worker when the budget is well below its wasm heap (CPU backend only). */
+  async _maybeRelease() {
+    this._releaseDue = false;
+    if (!this._autoRelease || !this._spawn || this._budget == null) return;
+    const s = await this.stats();
+    // Only once the model fits the budget (a swap that failed, e.g. on a bad shard, leaves it
+    // above: a new worker would fail the same way).
+    if (s.backend === 'cpu' && s.heldBytes <= this._budget &&
+        s.wasmMemoryBytes > this._budget * (1 + RELEASE_MARGIN)) {
+      await this.releaseMemory();
+    }
+  }
+
+  /**
+   * Gives the wasm heap back: a new worker loads the engine at the current budget from the
+   * cache, the old one is terminated. Resolves to the `released` event (also sent to onEvent).
+   */
+  async releaseMemory() {
+    if (!this._spawn) throw new FlexQuantError('input', 'releaseMemory needs the default worker (CreateWorkerEngine without a worker argument)');
+    if (this._answering) throw new FlexQuantError('busy', 'an answer is running (release after it ends)');
+    if (this._releasing) return this._releasing;
+    const t0 = performance.now();
+    const before = await this.stats();
+    let done;
+    this._releasing = new Promise((r) => { done = r; });
+    try {
+      await this._post('unload');
+      this._worker.terminate();
+      this._attach(this._spawn());
+      const opts = { ...this._opts, budgetBytes: this._budget, minTokensPerSecond: this._minSpeed };
+      try {
+        await this._post('create', [this._url, opts]);
+      } catch (e) {
+        // The new worker could not load at the budget: load without it (what was running
+        // before came from the cache), then let the engine swap down as it would have.
+        this._onEvent?.({ type: 'error', error: errorData(e) });
+        this._worker.terminate();
+        this._attach(this._spawn());
+        await this._post('create', [this._url, { ...opts, budgetBytes: null }]);
+        await this._post('setMemoryBudget', [this._budget]);
+      }
+    } finally {
+      this._releasing = null;
+      done();
+    }
+    const after = await this.stats();
+    const event = { type: 'released', ms: performance.now() - t0, step: after.step, fromStep: before.step,
+      wasmMemoryBytesBefore: before.wasmMemoryBytes, wasmMemoryBytesAfter: after.wasmMemoryBytes,
+      networkBytes: after.networkBytes };
+    this._onEvent?.(event);
+    return event;
+  }
   reportHeap(used, limit) { this._call('reportHeap', [used, limit]).catch(() => {}); }
   stats() { return this._call('stats'); }
   trajectory() { return this._call('trajectory'); }
@@ -62,11 +169,14 @@ export class WorkerEngine {
  * `new Worker(new URL('./worker-entry.js', import.meta.url), { type: 'module' })`.
  */
 export async function CreateWorkerEngine(manifestUrl, options = {}, worker) {
-  worker ??= new Worker(new URL('./worker-entry.js', import.meta.url), { type: 'module' });
-  const e = new WorkerEngine(worker, options);
-  const { onEvent, onProgress, heapPollMs, ...opts } = options;
+  const spawn = worker ? null : () => new Worker(new URL('./worker-entry.js', import.meta.url), { type: 'module' });
+  worker ??= spawn();
+  const e = new WorkerEngine(worker, options, spawn);
+  const { onEvent, onProgress, heapPollMs, autoRelease, ...opts } = options;
   const base = globalThis.location?.href;
   const url = base ? new URL(manifestUrl, base).href : String(manifestUrl);
+  e._url = url;
+  e._opts = opts;
   try {
     await e._call('create', [url, opts]);
   } catch (err) {

@@ -91,6 +91,9 @@ async function main() {
       const down = e.to > e.from;
       const m = e.modules && e.modules.length > 1 ? `${e.modules.length} modules` : `${e.module} → ${e.bits} bit`;
       chat?.event(`${down ? 'Shrank' : 'Grew'} to step ${e.to} (${m}, ${formatBytes(e.footprintBytes)}) in ${Math.round(e.ms)} ms`, down ? 'swap-down' : 'swap-up');
+    } else if (e.type === 'released') {
+      const mb = (b) => formatBytes(b);
+      chat?.event(`Gave back wasm memory: ${mb(e.wasmMemoryBytesBefore)} → ${mb(e.wasmMemoryBytesAfter)} (a new worker at step ${e.step}, from the cache, in ${Math.round(e.ms)} ms)`, 'swap-down');
     } else if (e.type === 'device-lost') {
       notice(`The GPU device was lost (${e.message || 'no reason given'}); recovering from the cache…`, 'error');
       chat?.event('GPU device lost: recovering…', 'device-lost');

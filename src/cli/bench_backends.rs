@@ -8,7 +8,7 @@ use super::engine::{open_ensemble, BackendKind, SourceArgs};
 use anyhow::{Context, Result};
 use flexquant::cpu::{CpuFactory, CpuModel};
 use flexquant::runtime::walk::Running;
-use flexquant::runtime::{ByteSource, Decision, Factory, Reason};
+use flexquant::runtime::{ByteSource, Decision, Factory};
 use rayon::prelude::*;
 use serde_json::json;
 use std::path::Path;
@@ -91,20 +91,7 @@ pub fn run(ensemble: &Path, text: &Path, out_dir: &Path) -> Result<()> {
     eprintln!("[copy: {copy:.2} GB/s on all threads, {copy_1t:.2} on one]");
 
     let go = |run: &mut Running<CpuModel>, to: usize| -> Result<f64> {
-        let from = run.step;
-        let d = if to > from {
-            Decision::StepDown {
-                from,
-                to,
-                reason: Reason::Budget,
-            }
-        } else {
-            Decision::StepUp {
-                from,
-                to,
-                reason: Reason::MemoryFree,
-            }
-        };
+        let d = Decision::move_to(run.step, to);
         let t = Instant::now();
         pollster::block_on(walk.execute(run, d, None))?;
         Ok(t.elapsed().as_secs_f64())

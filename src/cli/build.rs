@@ -186,8 +186,14 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
             pb.set_prefix(phase.clone());
         }
         if plain && n > 0 && (d * 10 / n != (d.saturating_sub(1)) * 10 / n || d == n) {
+            // Phases without a perplexity (the sensitivity study) report NaN: not printed.
+            let ppl = if ppl.is_finite() {
+                format!(", calib ppl {ppl:.3}")
+            } else {
+                String::new()
+            };
             eprintln!(
-                "{p}: {d}/{n}, calib ppl {ppl:.3}, {:.0} s",
+                "{p}: {d}/{n}{ppl}, {:.0} s",
                 started.elapsed().as_secs_f64()
             );
         }

@@ -102,6 +102,18 @@ fn row<const N: usize>(m: &PackedMatrix, a: &Q16, r: usize, t0: usize) -> [f32; 
     by_bits!(row_portable)
 }
 
+/// Row `r`'s code words and packed scale/zero words, and the 32-code blocks per group.
+#[inline(always)]
+fn row_of(m: &PackedMatrix, r: usize) -> (&[u32], &[u32], usize) {
+    let s = m.shape;
+    let (wpr, gpr) = (s.words_per_row(), s.groups_per_row());
+    (
+        &m.codes[r * wpr..(r + 1) * wpr],
+        &m.scales[r * gpr..(r + 1) * gpr],
+        s.group / BLOCK,
+    )
+}
+
 /// Codes of one 32-code block (`BITS` words) as i16 in lane order (`act::lane_input`).
 #[inline(always)]
 pub fn unpack<const BITS: u32>(w: &[u32], out: &mut [i16; BLOCK]) {
@@ -157,15 +169,8 @@ fn row_portable<const BITS: u32, const N: usize>(
     r: usize,
     t0: usize,
 ) -> [f32; N] {
-    let s = m.shape;
-    let (wpr, gpr, bpg, wpb) = (
-        s.words_per_row(),
-        s.groups_per_row(),
-        s.group / BLOCK,
-        BITS as usize,
-    );
-    let words = &m.codes[r * wpr..(r + 1) * wpr];
-    let scales = &m.scales[r * gpr..(r + 1) * gpr];
+    let (words, scales, bpg) = row_of(m, r);
+    let wpb = BITS as usize;
     let mut acc = [0f32; N];
     let mut codes = [0i16; BLOCK];
     for (g, &sz) in scales.iter().enumerate() {
@@ -217,15 +222,8 @@ unsafe fn row_simd128<const BITS: u32, const N: usize>(
     t0: usize,
 ) -> [f32; N] {
     use core::arch::wasm32::*;
-    let s = m.shape;
-    let (wpr, gpr, bpg, wpb) = (
-        s.words_per_row(),
-        s.groups_per_row(),
-        s.group / BLOCK,
-        BITS as usize,
-    );
-    let words = &m.codes[r * wpr..(r + 1) * wpr];
-    let scales = &m.scales[r * gpr..(r + 1) * gpr];
+    let (words, scales, bpg) = row_of(m, r);
+    let wpb = BITS as usize;
     let mut acc = [f32x4_splat(0.0); N];
     let mut zacc = [0f32; N];
     for (g, &sz) in scales.iter().enumerate() {

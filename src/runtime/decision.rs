@@ -93,6 +93,24 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// A move from `from` to `to` as the controller would ask for it on a budget change
+    /// (down: `Budget`; up: `MemoryFree`): for hosts and tests that go to a given step.
+    pub fn move_to(from: usize, to: usize) -> Decision {
+        if to > from {
+            Decision::StepDown {
+                from,
+                to,
+                reason: Reason::Budget,
+            }
+        } else {
+            Decision::StepUp {
+                from,
+                to,
+                reason: Reason::MemoryFree,
+            }
+        }
+    }
+
     pub fn target(&self) -> usize {
         match *self {
             Decision::Hold { step, .. } => step,

@@ -56,8 +56,10 @@ try {
     browser_microkernel_gbs: fq.browser_microkernel_gbs,
     browser_vs_microkernel: fq.browser_vs_microkernel,
     cpu_swap_tokens: fq.cpu_swap_tokens,
-    // The wasm instance is not re-created on a budget drop yet (see the README).
-    release_vs_warm: null,
+    // The worker engine re-created at the last step's budget, against its warm load.
+    release_vs_warm: fq.release_vs_warm,
+    wasm_memory_before_release: fq.wasm_memory_before_release,
+    wasm_memory_after_release: fq.wasm_memory_after_release,
   });
 } finally {
   await browser.close();

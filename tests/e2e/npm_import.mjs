@@ -37,6 +37,13 @@ try {
     assert.ok(r.main.steps > 1);
     assert.equal(r.worker.object, 'chat.completion');
     assert.equal(r.worker.text, r.main.text, 'greedy: the worker and the main thread agree');
+    // The worker engine gave its wasm memory back after the budget cut, from the cache.
+    const rel = r.release;
+    assert.ok(rel.event, `no released event: ${JSON.stringify(rel)}`);
+    assert.equal(rel.event.networkBytes, 0, JSON.stringify(rel.event));
+    assert.ok(r.releaseStep > 0);
+    assert.equal(rel.stats.step, r.releaseStep, JSON.stringify(rel.stats));
+    assert.ok(rel.answer.prompt_tokens > r.worker.usage.prompt_tokens && rel.answer.completion_tokens >= 1, JSON.stringify(rel.answer));
     assert.ok(r.worker.events.includes('progress'), r.worker.events.join());
     assert.deepEqual([r.missing.instance, r.missing.code], [true, 'manifest-not-found'], JSON.stringify(r.missing));
   } catch (e) {
@@ -44,7 +51,7 @@ try {
     throw e;
   }
   console.log(`npm import test passed: main ${JSON.stringify(r.main.text)} (${r.main.usage.completion_tokens} tokens), ` +
-    `worker ${JSON.stringify(r.worker.text)}, backend ${r.main.stats.backend} (${r.main.stats.backendReason}), ${r.main.stats.adapter}`);
+    `worker ${JSON.stringify(r.worker.text)}, release ${r.release.event.wasmMemoryBytesBefore} -> ${r.release.event.wasmMemoryBytesAfter} wasm bytes in ${Math.round(r.release.event.ms)} ms, backend ${r.main.stats.backend} (${r.main.stats.backendReason}), ${r.main.stats.adapter}`);
 } finally {
   await browser.close();
 }

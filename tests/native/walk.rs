@@ -203,20 +203,7 @@ fn cpu_walks_down_and_up_and_accounts_exactly() {
     let last = m.trajectory.len() - 1;
     let mut walked = block_on(w.load_at(Some(0))).unwrap();
     for (from, to) in [(0, last - 1), (last - 1, last), (last, 1)] {
-        let d = if to > from {
-            Decision::StepDown {
-                from,
-                to,
-                reason: Reason::Budget,
-            }
-        } else {
-            Decision::StepUp {
-                from,
-                to,
-                reason: Reason::MemoryFree,
-            }
-        };
-        block_on(w.execute(&mut walked, d, None)).unwrap();
+        block_on(w.execute(&mut walked, Decision::move_to(from, to), None)).unwrap();
         assert_eq!(walked.step, to);
         assert_eq!(
             walked.session.model.held_bytes(),

@@ -42,6 +42,14 @@ victim = next(v["file"] for v in manifest["modules"]
 counts, lock, state = Counter(), threading.Lock(), {"fail": False}
 
 
+class Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # A client that goes away mid-response (a terminated worker, a cancelled fetch) is
+        # normal here; anything else is printed.
+        if not isinstance(sys.exc_info()[1], (ConnectionError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -129,6 +137,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send(200, body, types.get(os.path.splitext(rel)[1], "application/octet-stream"))
 
 
-srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+srv = Server(("127.0.0.1", port), Handler)
 print(f"http://127.0.0.1:{srv.server_address[1]}", flush=True)
 srv.serve_forever()
