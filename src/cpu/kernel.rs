@@ -352,17 +352,35 @@ unsafe fn straddling<const BITS: u32>(p: *const u8) -> [core::arch::wasm32::v128
         )
     };
     let mask = u16x8_splat((1 << BITS) - 1);
-    let chunk = |v: v128, (idx, mul): ([u8; 16], [u16; 8])| {
-        let win = i8x16_swizzle(v, v128_load(idx.as_ptr() as *const v128));
-        let up = i16x8_mul(win, v128_load(mul.as_ptr() as *const v128));
-        v128_and(u16x8_shr(up, 8), mask)
+    // The layouts as v128 constants (`v128.const`, no loads).
+    let chunk = |v: v128, (idx, mul): (v128, v128)| {
+        v128_and(u16x8_shr(i16x8_mul(i8x16_swizzle(v, idx), mul), 8), mask)
     };
     [
-        chunk(v0, const { chunk_layout::<BITS>(0, 0) }),
-        chunk(v0, const { chunk_layout::<BITS>(1, 0) }),
-        chunk(v1, const { chunk_layout::<BITS>(2, second_view::<BITS>()) }),
-        chunk(v1, const { chunk_layout::<BITS>(3, second_view::<BITS>()) }),
+        chunk(v0, const { as_v128(chunk_layout::<BITS>(0, 0)) }),
+        chunk(v0, const { as_v128(chunk_layout::<BITS>(1, 0)) }),
+        chunk(
+            v1,
+            const { as_v128(chunk_layout::<BITS>(2, second_view::<BITS>())) },
+        ),
+        chunk(
+            v1,
+            const { as_v128(chunk_layout::<BITS>(3, second_view::<BITS>())) },
+        ),
     ]
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+const fn as_v128(
+    (idx, mul): ([u8; 16], [u16; 8]),
+) -> (core::arch::wasm32::v128, core::arch::wasm32::v128) {
+    // SAFETY: both are 16 plain bytes.
+    unsafe {
+        (
+            core::mem::transmute::<[u8; 16], core::arch::wasm32::v128>(idx),
+            core::mem::transmute::<[u16; 8], core::arch::wasm32::v128>(mul),
+        )
+    }
 }
 
 /// Where the second 16-byte view of a block starts (0 where the block is not longer).

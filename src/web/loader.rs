@@ -161,14 +161,25 @@ impl Loader {
     /// One file: cache first, else the network; always verified before it is returned.
     pub async fn file(&self, f: &FileRef, p: &mut Progress) -> WebResult<Vec<u8>> {
         let url = self.url_of(f)?;
-        if let Some(bytes) = self.cached_copy(f, &url).await {
-            self.cache_bytes.set(self.cache_bytes.get() + f.bytes);
-            p.from_cache += f.bytes;
-            p.done_bytes += f.bytes;
-            p.files_done += 1;
-            p.emit(&self.emitter, &f.file, 0, true);
-            return Ok(bytes);
+        match self.cached_copy(f, &url).await {
+            Some(bytes) => Ok(self.served_from_cache(f, p, bytes)),
+            None => self.download(f, &url, p).await,
         }
+    }
+
+    /// Progress and counters for a file the cache served.
+    fn served_from_cache(&self, f: &FileRef, p: &mut Progress, bytes: Vec<u8>) -> Vec<u8> {
+        self.cache_bytes.set(self.cache_bytes.get() + f.bytes);
+        p.from_cache += f.bytes;
+        p.done_bytes += f.bytes;
+        p.files_done += 1;
+        p.emit(&self.emitter, &f.file, 0, true);
+        bytes
+    }
+
+    /// One file from the network, verified, then stored.
+    async fn download(&self, f: &FileRef, url: &str, p: &mut Progress) -> WebResult<Vec<u8>> {
+        let url = url.to_string();
         let r = fetch::get(&url, &f.file).await?;
         let em = self.emitter.clone();
         let bytes = fetch::read_body(r, &url, &f.file, f.bytes, |n| {
@@ -185,13 +196,26 @@ impl Loader {
         Ok(bytes)
     }
 
-    /// Several files as one progress phase.
+    /// Several files as one progress phase. The cache is read for all of them at once (a
+    /// swap's shards are usually all there: the Cache API's and SubtleCrypto's latencies
+    /// overlap instead of adding up), then the missing ones are downloaded one by one.
     pub async fn files(&self, fs: &[FileRef], phase: &'static str) -> WebResult<Vec<Vec<u8>>> {
         let total = fs.iter().map(|f| f.bytes).sum();
         let mut p = Progress::new(phase, total, fs.len());
+        let urls = fs
+            .iter()
+            .map(|f| self.url_of(f))
+            .collect::<WebResult<Vec<_>>>()?;
+        let cached = futures_util::future::join_all(
+            fs.iter().zip(&urls).map(|(f, u)| self.cached_copy(f, u)),
+        )
+        .await;
         let mut out = Vec::with_capacity(fs.len());
-        for f in fs {
-            out.push(self.file(f, &mut p).await?);
+        for ((f, url), c) in fs.iter().zip(&urls).zip(cached) {
+            out.push(match c {
+                Some(bytes) => self.served_from_cache(f, &mut p, bytes),
+                None => self.download(f, url, &mut p).await?,
+            });
         }
         Ok(out)
     }
