@@ -36,8 +36,25 @@ pub const fn lane_input(bits: u32, lane: usize) -> usize {
         }
         // byte j = codes 4j .. 4j+3 at shifts 0, 2, 4, 6; lanes 8s..8s+8 are shift s
         2 => 4 * (lane % 8) + lane / 8,
+        // 3 bytes = codes 8j .. 8j+7 (group j in u32 lane j); vector n holds the codes k = 2n
+        // and 2n + 1 of groups 0..3
+        3 => 8 * (lane % 4) + 2 * (lane / 8) + (lane % 8) / 4,
+        // 3 bytes = codes 4j .. 4j+3; vectors 0-1 hold groups 0-3 (codes k = 0,1 then 2,3),
+        // vectors 2-3 groups 4-7
+        6 => 16 * (lane / 16) + 4 * (lane % 4) + 2 * ((lane / 8) % 2) + (lane % 8) / 4,
         _ => lane,
     }
+}
+
+/// `lane_input` for every lane of a block.
+pub const fn lane_order(bits: u32) -> [usize; BLOCK] {
+    let mut o = [0; BLOCK];
+    let mut l = 0;
+    while l < BLOCK {
+        o[l] = lane_input(bits, l);
+        l += 1;
+    }
+    o
 }
 
 /// `rows` activation vectors quantized for one packed matrix: one scale per weight group, so
@@ -62,7 +79,7 @@ impl Q16 {
         assert_eq!(x.len(), rows * cols, "activation size");
         let groups = shape.groups_per_row();
         let blocks = groups * group / BLOCK;
-        let order: [usize; BLOCK] = std::array::from_fn(|l| lane_input(shape.bits, l));
+        let order = lane_order(shape.bits);
         let mut q = vec![0i16; rows * blocks * BLOCK];
         let mut d = vec![0f32; rows * groups];
         let mut sums = vec![0f32; rows * groups];

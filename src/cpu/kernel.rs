@@ -12,7 +12,7 @@
 //! the portable loop compiled twice, plain and with AVX2+FMA enabled, chosen at run time.
 //! Prefill tiles up to four tokens per row so each block is unpacked once for all four.
 
-use crate::cpu::act::{BLOCK, Q16};
+use crate::cpu::act::{lane_order, BLOCK, Q16};
 use crate::cpu::par;
 use crate::ensemble::format::PackedMatrix;
 
@@ -148,13 +148,19 @@ pub fn unpack<const BITS: u32>(w: &[u32], out: &mut [i16; BLOCK]) {
             // nothing past the block is read) and cut with constant shifts.
             let bytes: &[u8] = bytemuck::cast_slice(&w[..BITS as usize]);
             let (nb, mask) = (BITS as usize, (1u64 << BITS) - 1);
-            for (c, o) in out.chunks_exact_mut(8).enumerate() {
+            let mut codes = [0i16; BLOCK];
+            for (c, o) in codes.chunks_exact_mut(8).enumerate() {
                 let mut buf = [0u8; 8];
                 buf[..nb].copy_from_slice(&bytes[nb * c..nb * (c + 1)]);
                 let x = u64::from_le_bytes(buf);
                 for (k, v) in o.iter_mut().enumerate() {
                     *v = ((x >> (nb * k)) & mask) as i16;
                 }
+            }
+            // Into lane order (identity for 5 bits; see `act::lane_input`).
+            let order: [usize; BLOCK] = const { lane_order(BITS) };
+            for (o, &i) in out.iter_mut().zip(&order) {
+                *o = codes[i];
             }
         }
     }
@@ -266,6 +272,7 @@ unsafe fn row_simd128<const BITS: u32, const N: usize>(
                 // 3, 5, 6 bits, in order: per 8 codes, gather each code's u16 window
                 // (`swizzle`), shift it left per lane by a multiply so that its bits start at
                 // bit 8, shift right by 8 and mask (see `straddling`).
+                3 | 6 => triplets::<BITS>(p as *const u8),
                 _ => straddling::<BITS>(p as *const u8),
             };
             for (n, is) in isum.iter_mut().enumerate() {
@@ -380,6 +387,51 @@ const fn as_v128(
             core::mem::transmute::<[u8; 16], core::arch::wasm32::v128>(idx),
             core::mem::transmute::<[u16; 8], core::arch::wasm32::v128>(mul),
         )
+    }
+}
+
+/// One block of 3- or 6-bit codes as four i16x8, in `act::lane_input`'s order: every 3 bytes
+/// hold a whole number of codes (8 of 3 bits, 4 of 6), so one swizzle puts each 3-byte group
+/// in a u32 lane, and uniform shifts and masks cut all lanes' k-th codes at once; pairs of
+/// u32x4 narrow to i16x8. No per-lane shift, no multiply.
+///
+/// # Safety
+/// `p` must be valid for `4 * BITS` bytes.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+#[inline(always)]
+unsafe fn triplets<const BITS: u32>(p: *const u8) -> [core::arch::wasm32::v128; 4] {
+    use core::arch::wasm32::*;
+    let z = 0x80u8 as i8; // swizzle index out of range: 0
+    let mask = u32x4_splat((1 << BITS) - 1);
+    let cut = |g: v128, k: u32| v128_and(u32x4_shr(g, BITS * k), mask);
+    if BITS == 3 {
+        // 12 bytes: codes 8j..8j+7 in bytes 3j..3j+2.
+        let v = v128_load32_lane::<2>(v128_load64_zero(p as *const u64), p.add(8) as *mut u32);
+        let g = i8x16_swizzle(v, i8x16(0, 1, 2, z, 3, 4, 5, z, 6, 7, 8, z, 9, 10, 11, z));
+        let c: [v128; 8] = core::array::from_fn(|k| cut(g, k as u32));
+        [
+            i16x8_narrow_i32x4(c[0], c[1]),
+            i16x8_narrow_i32x4(c[2], c[3]),
+            i16x8_narrow_i32x4(c[4], c[5]),
+            i16x8_narrow_i32x4(c[6], c[7]),
+        ]
+    } else {
+        // 24 bytes: codes 4j..4j+3 in bytes 3j..3j+2; groups 0-3 from the first 16 bytes,
+        // 4-7 from the 16 ending at the block's end.
+        let a = i8x16_swizzle(
+            v128_load(p as *const v128),
+            i8x16(0, 1, 2, z, 3, 4, 5, z, 6, 7, 8, z, 9, 10, 11, z),
+        );
+        let b = i8x16_swizzle(
+            v128_load(p.add(8) as *const v128),
+            i8x16(4, 5, 6, z, 7, 8, 9, z, 10, 11, 12, z, 13, 14, 15, z),
+        );
+        [
+            i16x8_narrow_i32x4(cut(a, 0), cut(a, 1)),
+            i16x8_narrow_i32x4(cut(a, 2), cut(a, 3)),
+            i16x8_narrow_i32x4(cut(b, 0), cut(b, 1)),
+            i16x8_narrow_i32x4(cut(b, 2), cut(b, 3)),
+        ]
     }
 }
 
