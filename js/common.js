@@ -25,22 +25,64 @@ export function errorData(e) {
   return { code: f.code, message: f.message, url: f.url, file: f.file, status: f.status };
 }
 
-/** `engine.chat.completions.create` over `start(request)` and `next()` (a chunk or null). */
-export function chatApi(start, next) {
-  async function* chunks() {
-    for (;;) {
-      const c = await next();
-      if (c == null) return;
-      yield c;
+/**
+ * `engine.chat.completions.create` over `start(request)`, `next()` (a chunk or null) and
+ * `interrupt()`. Requests take turns, first come first served: a second `create` waits until
+ * the running answer has ended (it never interleaves with it). `signal` (an AbortSignal) ends
+ * the answer after the current token (`finish_reason: 'abort'`), or rejects a request still
+ * waiting with code `'aborted'`. Leaving a stream early (`break`) interrupts and ends the turn.
+ */
+export function chatApi(start, next, interrupt) {
+  let turn = Promise.resolve();
+  const aborted = () => new FlexQuantError('aborted', 'the request was aborted before it started');
+
+  /** Waits for the previous answer to end; resolves to a function that ends this turn. */
+  async function takeTurn(signal) {
+    let done;
+    const mine = new Promise((r) => { done = r; });
+    const before = turn;
+    turn = before.then(() => mine);
+    await before;
+    if (signal?.aborted) { done(); throw aborted(); }
+    return done;
+  }
+
+  async function* chunks(signal, end) {
+    const onAbort = () => interrupt();
+    signal?.addEventListener('abort', onAbort);
+    let finished = false;
+    try {
+      for (;;) {
+        const c = await next();
+        if (c == null) { finished = true; return; }
+        yield c;
+      }
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+      if (!finished) {
+        // The caller left early (or a chunk failed): stop the answer and run it to its end so
+        // the engine is free for the next turn (and for swaps between tokens).
+        interrupt();
+        try { while ((await next()) != null); } catch { /* the error was the caller's */ }
+      }
+      end();
     }
   }
+
   async function create(request = {}) {
-    const { stream, ...req } = request;
-    await start(req);
-    if (stream) return chunks();
+    const { stream, signal, ...req } = request;
+    if (signal?.aborted) throw aborted();
+    const end = await takeTurn(signal);
+    try {
+      await start(req);
+    } catch (e) {
+      end();
+      throw e;
+    }
+    if (stream) return chunks(signal, end);
     let content = '';
     let last = null;
-    for await (const c of chunks()) {
+    for await (const c of chunks(signal, end)) {
       content += c.choices[0].delta.content ?? '';
       last = c;
     }

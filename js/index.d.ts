@@ -3,7 +3,7 @@
 export type ErrorCode =
   | 'manifest-not-found' | 'http' | 'network' | 'manifest-invalid' | 'manifest-version'
   | 'hash-mismatch' | 'truncated' | 'quota-exceeded' | 'webgpu-unavailable' | 'out-of-memory'
-  | 'device-lost' | 'unloaded' | 'busy' | 'input' | 'internal';
+  | 'device-lost' | 'unloaded' | 'busy' | 'aborted' | 'input' | 'internal';
 
 export declare class FlexQuantError extends Error {
   readonly name: 'FlexQuantError';
@@ -92,6 +92,10 @@ export interface ChatRequest {
   temperature?: number;
   top_p?: number;
   seed?: number;
+  /** Ends the answer after the current token (finish_reason 'abort'); a request still waiting for its turn rejects with code 'aborted'. */
+  signal?: AbortSignal;
+  /** Generate max_tokens even past the end-of-turn token (benchmarks). */
+  ignore_eos?: boolean;
 }
 
 export interface Usage {

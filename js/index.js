@@ -31,7 +31,7 @@ export class Engine {
   constructor(inner, heapPollMs) {
     this._inner = inner;
     this._queue = Promise.resolve();
-    this.chat = chatApi((req) => this.startChat(req), () => this.nextChunk());
+    this.chat = chatApi((req) => this.startChat(req), () => this.nextChunk(), () => this.interruptGenerate());
     this._stopHeap = pollHeap(heapPollMs, (used, limit) => this.reportHeap(used, limit));
   }
 

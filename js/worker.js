@@ -27,7 +27,7 @@ export class WorkerEngine {
     this._releaseDue = false;
     this._autoRelease = options.autoRelease ?? true;
     this._attach(worker);
-    this.chat = chatApi((req) => this.startChat(req), () => this.nextChunk());
+    this.chat = chatApi((req) => this.startChat(req), () => this.nextChunk(), () => this.interruptGenerate());
     this._stopHeap = pollHeap(options.heapPollMs ?? 1000, (u, l) => this.reportHeap(u, l));
   }
 

@@ -37,6 +37,11 @@ try {
     assert.ok(r.main.steps > 1);
     assert.equal(r.worker.object, 'chat.completion');
     assert.equal(r.worker.text, r.main.text, 'greedy: the worker and the main thread agree');
+    const cc = r.concurrency;
+    assert.deepEqual(cc.par, cc.seq, `Promise.all mixed the answers: ${JSON.stringify(cc)}`);
+    assert.equal(cc.afterBreak, cc.seq[0], 'the engine answers normally after a stream left early');
+    assert.equal(cc.abortFinish, 'abort', JSON.stringify(cc));
+    assert.equal(cc.waiting, 'aborted', JSON.stringify(cc));
     // The worker engine gave its wasm memory back after the budget cut, from the cache.
     const rel = r.release;
     assert.ok(rel.event, `no released event: ${JSON.stringify(rel)}`);
@@ -50,7 +55,7 @@ try {
     console.error(logs.join('\n'));
     throw e;
   }
-  console.log(`npm import test passed: main ${JSON.stringify(r.main.text)} (${r.main.usage.completion_tokens} tokens), ` +
+  console.log(`npm import test passed: concurrency ${JSON.stringify(r.concurrency)}, main ${JSON.stringify(r.main.text)} (${r.main.usage.completion_tokens} tokens), ` +
     `worker ${JSON.stringify(r.worker.text)}, release ${r.release.event.wasmMemoryBytesBefore} -> ${r.release.event.wasmMemoryBytesAfter} wasm bytes in ${Math.round(r.release.event.ms)} ms, backend ${r.main.stats.backend} (${r.main.stats.backendReason}), ${r.main.stats.adapter}`);
 } finally {
   await browser.close();
