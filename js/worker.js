@@ -59,6 +59,9 @@ export class WorkerEngine {
   }
 
   _post(method, args = []) {
+    if (this._unloaded) {
+      return Promise.reject(new FlexQuantError('unloaded', 'the engine was unloaded (its worker is gone)'));
+    }
     const id = this._next++;
     return new Promise((resolve, reject) => {
       this._calls.set(id, { resolve, reject });
@@ -161,6 +164,7 @@ export class WorkerEngine {
     this._stopHeap();
     await this._call('unload');
     this._worker.terminate();
+    this._unloaded = true;
   }
 }
 

@@ -763,5 +763,13 @@ async fn a_minimum_speed_steps_down_and_clearing_it_steps_back_up() {
         .await
         .unwrap_err();
     assert_eq!(err["code"], "input", "{err}");
+    // Budgets that mean nothing are errors, not "unlimited".
+    for bad in [-1.0, f64::NAN, f64::INFINITY] {
+        let err = call(e.set_memory_budget(JsValue::from(bad)))
+            .await
+            .unwrap_err();
+        assert_eq!(err["code"], "input", "{bad}: {err}");
+    }
+    assert_eq!(stats(&e)["budgetBytes"], Value::Null);
     call(e.unload()).await.unwrap();
 }

@@ -42,6 +42,7 @@ try {
     assert.equal(cc.afterBreak, cc.seq[0], 'the engine answers normally after a stream left early');
     assert.equal(cc.abortFinish, 'abort', JSON.stringify(cc));
     assert.equal(cc.waiting, 'aborted', JSON.stringify(cc));
+    assert.equal(r.afterUnload, 'unloaded', 'a call on an unloaded worker engine');
     // The worker engine gave its wasm memory back after the budget cut, from the cache.
     const rel = r.release;
     assert.ok(rel.event, `no released event: ${JSON.stringify(rel)}`);
