@@ -101,6 +101,13 @@ impl Tokenizer {
             .meta("tokenizer.ggml.token_type")
             .and_then(|v| v.as_array())
         {
+            Some(types) if types.len() != tokens.len() => {
+                return Err(err(format!(
+                    "tokenizer.ggml.token_type has {} entries, tokenizer.ggml.tokens {}",
+                    types.len(),
+                    tokens.len()
+                )))
+            }
             Some(types) => types
                 .iter()
                 .enumerate()

@@ -38,9 +38,14 @@ pub fn resolve(relative: &str, base: &str) -> WebResult<String> {
         .href())
 }
 
-/// GETs `url` and checks the status; a 404 of the manifest gets its own code.
+/// GETs `url` and checks the status; a 404 of the manifest gets its own code. The browser's
+/// HTTP cache is revalidated (`cache: 'no-cache'`): verified files live in the Cache API, and
+/// after a redeploy at the same URLs (or a retry after a hash mismatch) stale bytes must not
+/// come back from the HTTP cache.
 pub async fn get(url: &str, what: &str) -> WebResult<Response> {
-    let p = global_call("fetch", &[&url.into()]).map_err(|e| network(url, what, &e))?;
+    let init = js_sys::Object::new();
+    let _ = Reflect::set(&init, &"cache".into(), &"no-cache".into());
+    let p = global_call("fetch", &[&url.into(), &init]).map_err(|e| network(url, what, &e))?;
     let r: Response = JsFuture::from(js_sys::Promise::from(p))
         .await
         .map_err(|e| network(url, what, &e))?

@@ -38,6 +38,46 @@ impl GgufWriter {
     }
 }
 
+impl GgufWriter {
+    fn kv_i32_array(&mut self, k: &str, items: &[i32]) {
+        self.str(k);
+        self.0.extend(9u32.to_le_bytes());
+        self.0.extend(5u32.to_le_bytes());
+        self.0.extend((items.len() as u64).to_le_bytes());
+        for i in items {
+            self.0.extend(i.to_le_bytes());
+        }
+    }
+}
+
+/// A GGUF holding only a tokenizer: 3 tokens, one merge, and `types` as token_type.
+fn tokenizer_gguf(types: &[i32]) -> Vec<u8> {
+    let mut w = GgufWriter(b"GGUF".to_vec());
+    w.0.extend(3u32.to_le_bytes());
+    w.0.extend(0u64.to_le_bytes()); // tensors
+    w.0.extend(4u64.to_le_bytes()); // kv
+    w.kv_str_array("tokenizer.ggml.tokens", &["a", "b", "ab"]);
+    w.kv_str_array("tokenizer.ggml.merges", &["a b"]);
+    w.kv_str("tokenizer.ggml.model", "gpt2");
+    w.kv_i32_array("tokenizer.ggml.token_type", types);
+    w.0
+}
+
+#[test]
+fn gguf_tokenizer_arrays_must_agree() {
+    use flexquant::model::tokenizer::Tokenizer;
+    let ok = Gguf::from_bytes("tok.gguf", tokenizer_gguf(&[1, 1, 1])).unwrap();
+    Tokenizer::from_gguf(&ok).unwrap();
+    for types in [&[1, 1, 1, 3, 3][..], &[1][..]] {
+        let g = Gguf::from_bytes("tok.gguf", tokenizer_gguf(types)).unwrap();
+        let e = Tokenizer::from_gguf(&g)
+            .err()
+            .expect("inconsistent arrays")
+            .to_string();
+        assert!(e.contains("tok.gguf") && e.contains("token_type"), "{e}");
+    }
+}
+
 fn synthetic_gguf() -> Vec<u8> {
     let mut w = GgufWriter(b"GGUF".to_vec());
     w.0.extend(3u32.to_le_bytes());
