@@ -773,3 +773,31 @@ async fn a_minimum_speed_steps_down_and_clearing_it_steps_back_up() {
     assert_eq!(stats(&e)["budgetBytes"], Value::Null);
     call(e.unload()).await.unwrap();
 }
+
+/// Requests that cannot be served are `input` errors, and the engine answers the next one.
+#[wasm_bindgen_test]
+async fn empty_and_overlong_conversations_are_input_errors() {
+    let (e, _) = engine(
+        "/tiny/manifest.json",
+        json!({"backend": "cpu", "context": 64}),
+    )
+    .await
+    .unwrap();
+    let err = call(e.start_chat(js(&json!({"messages": []}))))
+        .await
+        .unwrap_err();
+    assert_eq!(err["code"], "input", "{err}");
+    let long = "the sea and the sky ".repeat(40);
+    let err = call(e.start_chat(js(&json!({"messages": [user(&long)]}))))
+        .await
+        .unwrap_err();
+    assert_eq!(err["code"], "input", "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("context"),
+        "{err}"
+    );
+    start(&e, &[user("Hi")], 3).await;
+    let (_, n, _) = finish(&e).await;
+    assert!(n >= 1);
+    call(e.unload()).await.unwrap();
+}
