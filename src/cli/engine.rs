@@ -122,7 +122,7 @@ where
     )?;
     let footprints: Vec<u64> = m.trajectory.iter().map(|t| t.footprint_bytes).collect();
     let c = &m.config;
-    let kv = 2 * 4 * (c.num_hidden_layers * context * c.kv_dim()) as u64;
+    let kv = 2 * 4 * c.num_hidden_layers as u64 * context as u64 * c.kv_dim() as u64;
     let mut elastic = Elastic::new(footprints, kv, Policy::default())?;
     if let Some(step) = s.step {
         if step >= m.trajectory.len() {

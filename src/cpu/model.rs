@@ -72,7 +72,14 @@ impl CpuModel {
         }
         let capacity = context.clamp(1, config.max_position_embeddings);
         let layers = config.num_hidden_layers;
-        let kv = capacity * config.kv_dim();
+        let kv = capacity
+            .checked_mul(config.kv_dim())
+            .filter(|&n| n <= isize::MAX as usize / 4)
+            .ok_or_else(|| Error::OutOfMemory {
+                what: "the KV cache".into(),
+                requested: 4 * capacity as u64 * config.kv_dim() as u64,
+                budget: None,
+            })?;
         let mut model = CpuModel {
             config: config.clone(),
             base,
@@ -119,7 +126,8 @@ impl CpuModel {
     }
 
     fn kv_bytes(&self) -> u64 {
-        (2 * 4 * self.config.num_hidden_layers * self.capacity * self.config.kv_dim()) as u64
+        let c = &self.config;
+        2 * 4 * c.num_hidden_layers as u64 * self.capacity as u64 * c.kv_dim() as u64
     }
 
     pub fn held_bytes(&self) -> u64 {

@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 /// Bit-widths the library offers, high to low.
 pub const BITS: [u32; 6] = [8, 6, 5, 4, 3, 2];
 pub const GROUP_SIZES: [usize; 3] = [32, 64, 128];
+/// The most weights one packed matrix may have (2^31: 2 GiB of 8-bit codes).
+pub const MAX_WEIGHTS: u64 = 1 << 31;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PackedShape {
@@ -50,6 +52,13 @@ impl PackedShape {
         if rows == 0 || cols == 0 || rows > 1 << 20 || cols > 1 << 20 {
             return Err(Error::input(format!(
                 "matrix shape {rows}x{cols} is out of range"
+            )));
+        }
+        // At most 2^31 weights, so that every size derived from the shape (codes, scales,
+        // bytes) fits a 32-bit usize: wasm32 must not wrap on a hostile manifest.
+        if rows as u64 * cols as u64 > MAX_WEIGHTS {
+            return Err(Error::input(format!(
+                "matrix shape {rows}x{cols} has more than {MAX_WEIGHTS} weights"
             )));
         }
         Ok(PackedShape {

@@ -206,7 +206,7 @@ fn base_sizes(c: &LlamaConfig, o: &ModelOptions, group: usize) -> Vec<(String, u
 }
 
 fn kv_layer_bytes(c: &LlamaConfig, o: &ModelOptions) -> u64 {
-    4 * (o.context * c.kv_dim()) as u64
+    4 * o.context as u64 * c.kv_dim() as u64
 }
 
 fn bytes_of<T: bytemuck::Pod>(v: &[T]) -> &[u8] {

@@ -389,7 +389,8 @@ impl Engine {
 /// once it does).
 fn kv_estimate(m: &crate::ensemble::manifest::Manifest, o: &ModelOptions) -> u64 {
     let c = &m.config;
-    2 * 4 * (c.num_hidden_layers * o.context * c.kv_dim()) as u64
+    // u64: on wasm32 the usize product of a hostile config could wrap.
+    2 * 4 * c.num_hidden_layers as u64 * o.context as u64 * c.kv_dim() as u64
 }
 
 impl Inner {

@@ -215,3 +215,19 @@ fn verify_file_checks_size_then_hash() {
     let e = Manifest::verify_file(&f, &bad).unwrap_err().to_string();
     assert!(e.contains("does not match"), "{e}");
 }
+
+/// Shapes are bounded so that no size derived from a manifest can wrap a 32-bit usize (wasm32).
+#[test]
+fn packed_shapes_are_bounded() {
+    use flexquant::ensemble::format::{PackedShape, MAX_WEIGHTS};
+    let big = PackedShape::new(1 << 20, 1 << 20, 8, 64)
+        .unwrap_err()
+        .to_string();
+    assert!(big.contains("weights"), "{big}");
+    let edge = PackedShape::new(1 << 16, 1 << 15, 8, 128).unwrap();
+    assert_eq!((edge.rows * edge.cols) as u64, MAX_WEIGHTS);
+    assert!(edge.bytes() as u64 <= u32::MAX as u64, "{}", edge.bytes());
+    assert!(PackedShape::new(0, 64, 4, 64).is_err());
+    assert!(PackedShape::new(64, 64, 7, 64).is_err());
+    assert!(PackedShape::new(64, 64, 4, 48).is_err());
+}
