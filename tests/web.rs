@@ -801,3 +801,29 @@ async fn empty_and_overlong_conversations_are_input_errors() {
     assert!(n >= 1);
     call(e.unload()).await.unwrap();
 }
+
+/// A GPU that keeps getting lost is not retried forever: after three losses with no token in
+/// between, the fourth is a `device-lost` error (with `backend: 'auto'` the engine would move
+/// to the CPU instead); a token in between resets the count.
+#[wasm_bindgen_test]
+async fn repeated_device_losses_are_capped() {
+    let (e, _) = engine("/tiny/manifest.json", json!({})).await.unwrap();
+    for _ in 0..3 {
+        call(e.simulate_device_loss()).await.unwrap();
+    }
+    let err = call(e.simulate_device_loss()).await.unwrap_err();
+    assert_eq!(err["code"], "device-lost", "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("4 times"),
+        "{err}"
+    );
+    call(e.unload()).await.unwrap();
+
+    let (e, _) = engine("/tiny/manifest.json", json!({})).await.unwrap();
+    for _ in 0..5 {
+        call(e.simulate_device_loss()).await.unwrap();
+        start(&e, &[user("Hi")], 2).await;
+        finish(&e).await;
+    }
+    call(e.unload()).await.unwrap();
+}

@@ -54,6 +54,10 @@ pub(super) struct Inner {
     pub(super) snap: Rc<RefCell<Snapshot>>,
     pub(super) prefetching: Cell<bool>,
     pub(super) completions: Cell<u64>,
+    /// The `backend` option (`auto` may fall back to the CPU after repeated device losses).
+    pub(super) choice: BackendChoice,
+    /// Device losses since the last token (capped: see `Inner::recover`).
+    pub(super) losses_in_a_row: Cell<u32>,
 }
 
 pub(super) struct State {
@@ -359,6 +363,8 @@ impl Engine {
             snap,
             prefetching: Cell::new(false),
             completions: Cell::new(0),
+            choice,
+            losses_in_a_row: Cell::new(0),
         });
         let run = match inner.build().await {
             // `auto`: a WebGPU that cannot run the model falls back to the CPU backend.
@@ -395,7 +401,7 @@ fn kv_estimate(m: &crate::ensemble::manifest::Manifest, o: &ModelOptions) -> u64
 
 impl Inner {
     /// The `backend` event: which backend runs and why.
-    fn backend_event(&self, kind: crate::web::backend::Kind) {
+    pub(super) fn backend_event(&self, kind: crate::web::backend::Kind) {
         let f = &self.walk.factory;
         self.walk
             .source
@@ -537,7 +543,10 @@ impl Inner {
         }
         let next = loop {
             match st.run.session.next(&mut a.turn).await {
-                Ok(n) => break n,
+                Ok(n) => {
+                    self.losses_in_a_row.set(0);
+                    break n;
+                }
                 Err(e) => {
                     if let Err(e) = self.after_error(st, e).await {
                         st.turn = Some(a);

@@ -8,8 +8,9 @@ use crate::ensemble::manifest::{FileRef, Manifest};
 use crate::gpu::{Gpu, GpuFactory, ModelOptions};
 use crate::runtime::walk::{ByteSource, Event, Running};
 use crate::runtime::{Elastic, Factory, Walk};
-use crate::web::backend::{probe_adapter, WebFactory, WebModel};
+use crate::web::backend::{probe_adapter, BackendChoice, WebFactory, WebModel};
 use crate::web::engine::{Inner, Snapshot};
+use crate::web::error::Code;
 use crate::web::error::{WebError, WebResult};
 use crate::web::events::Emitter;
 use crate::web::loader::Loader;
@@ -20,6 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub type WebWalk = Walk<Loader, WebFactory>;
+
+/// Device losses in a row (no token in between) before giving up on the GPU.
+const MAX_LOSSES_IN_A_ROW: u32 = 3;
 
 impl ByteSource for Loader {
     type Error = WebError;
@@ -208,7 +212,30 @@ impl Inner {
     /// After a device loss: `Walk::recover` (a new device, a lower step, the conversation
     /// re-prefilled), then the new device's label and prefetching.
     pub(super) async fn recover(self: &Rc<Self>, run: &mut Running<WebModel>) -> WebResult<()> {
+        // Losses in a row (no token in between) are capped: with `backend: 'auto'` the model
+        // moves to the CPU backend, else the loss is a `device-lost` error instead of a loop.
+        let n = self.losses_in_a_row.get() + 1;
+        self.losses_in_a_row.set(n);
+        if n > MAX_LOSSES_IN_A_ROW && run.session.model.gpu().is_some() {
+            if self.choice != BackendChoice::Auto {
+                self.flags.lost.borrow().store(false, Ordering::SeqCst);
+                return Err(WebError::new(
+                    Code::DeviceLost,
+                    format!(
+                        "the GPU device was lost {n} times in a row; giving up (reload, or \
+                         use backend 'cpu' or 'auto')"
+                    ),
+                ));
+            }
+            let f = &self.walk.factory;
+            f.use_cpu.set(true);
+            *f.reason.borrow_mut() = format!("the WebGPU device was lost {n} times in a row");
+        }
+        let kind = run.session.model.kind();
         self.walk.recover(run).await?;
+        if run.session.model.kind() != kind {
+            self.backend_event(run.session.model.kind());
+        }
         self.after_build(&run.session.model).await;
         self.flags.lost.borrow().store(false, Ordering::SeqCst);
         self.prefetch_below(run.step);
