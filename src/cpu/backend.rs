@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::ModuleId;
 use crate::runtime::backend::{Backend, Factory};
+use std::sync::Arc;
 
 impl Backend for CpuModel {
     type Error = Error;
@@ -69,7 +70,7 @@ impl Factory for CpuFactory {
     async fn create(
         &self,
         config: &LlamaConfig,
-        base: &Base,
+        base: &Arc<Base>,
         modules: Vec<PackedMatrix>,
     ) -> Result<CpuModel> {
         CpuModel::new(config, base.clone(), modules, self.context, self.budget)

@@ -12,13 +12,15 @@ use crate::error::{Error, Result};
 use crate::model::math::{rmsnorm, silu, Rope};
 use crate::model::weights::{ModuleId, ModuleKind};
 use crate::model::LlamaConfig;
+use std::sync::Arc;
 
 /// Final-normed hidden rows turned into logits at once (bounds memory at this x vocab floats).
 const LOGIT_CHUNK: usize = 64;
 
 pub struct CpuModel {
     config: LlamaConfig,
-    base: Base,
+    /// Shared with the walk that loaded it (no second copy of the embedding).
+    base: Arc<Base>,
     /// `ModuleId::index()` order.
     modules: Vec<PackedMatrix>,
     /// `[layer][capacity * kv_dim]`, allocated up front.
@@ -48,7 +50,7 @@ impl CpuModel {
     /// model's maximum), refusing to hold more than `budget` bytes.
     pub fn new(
         config: &LlamaConfig,
-        base: Base,
+        base: Arc<Base>,
         modules: Vec<PackedMatrix>,
         context: usize,
         budget: Option<u64>,

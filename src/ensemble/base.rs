@@ -12,7 +12,6 @@ use crate::model::weights::{LayerNorms, Linear, Weights};
 /// Bit-width of the embedding and head in the base shard (the manifest's "q8").
 pub const BASE_BITS: u32 = 8;
 
-#[derive(Clone)]
 pub struct Base {
     pub embed: PackedMatrix,
     pub norms: Vec<LayerNorms>,

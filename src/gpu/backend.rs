@@ -86,7 +86,7 @@ impl Factory for GpuFactory {
     async fn create(
         &self,
         config: &LlamaConfig,
-        base: &Base,
+        base: &Arc<Base>,
         modules: Vec<PackedMatrix>,
     ) -> GpuResult<Model> {
         // The model API shares the device by `Arc` (natively across threads); in the browser

@@ -7,6 +7,7 @@ use crate::ensemble::base::Base;
 use crate::ensemble::format::PackedMatrix;
 use crate::model::config::LlamaConfig;
 use crate::model::weights::ModuleId;
+use std::sync::Arc;
 
 /// A model at one EQM with its KV cache. Every method leaves the model as it was on error.
 // Futures of the browser backend are not `Send`; nothing here needs them to be.
@@ -55,14 +56,15 @@ pub trait Backend {
 }
 
 /// Makes models: a new device (after a loss, a new one) and the model of an EQM on it. The
-/// module versions are given by value: a CPU model keeps them (no second copy in memory).
+/// module versions are given by value and the base shared: a CPU model keeps them (no second
+/// copy in memory).
 #[allow(async_fn_in_trait)]
 pub trait Factory {
     type Model: Backend;
     async fn create(
         &self,
         config: &LlamaConfig,
-        base: &Base,
+        base: &Arc<Base>,
         modules: Vec<PackedMatrix>,
     ) -> Result<Self::Model, <Self::Model as Backend>::Error>;
     /// A label for stats and events, e.g. the adapter's name.

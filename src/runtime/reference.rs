@@ -11,6 +11,7 @@ use crate::model::forward::{self, KvCache};
 use crate::model::weights::{ModuleId, Weights};
 use crate::runtime::backend::{Backend, Factory};
 use crate::runtime::generate::top_k;
+use std::sync::Arc;
 
 pub use crate::runtime::generate::TOP_K;
 
@@ -131,7 +132,7 @@ impl Factory for ReferenceFactory {
     async fn create(
         &self,
         config: &LlamaConfig,
-        base: &Base,
+        base: &Arc<Base>,
         modules: Vec<PackedMatrix>,
     ) -> Result<Reference> {
         Ok(Reference::from_base(config, base, &modules, self.context))

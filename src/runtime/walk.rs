@@ -140,7 +140,12 @@ where
             .source
             .files(std::slice::from_ref(&m.base), "download")
             .await?;
-        let base = Base::from_bytes(&m.config, g, &base_bytes[0], &m.base.file)?;
+        let base = std::sync::Arc::new(Base::from_bytes(
+            &m.config,
+            g,
+            &base_bytes[0],
+            &m.base.file,
+        )?);
         drop(base_bytes);
         loop {
             let at = match step {

@@ -121,7 +121,7 @@ impl Factory for WebFactory {
     async fn create(
         &self,
         config: &LlamaConfig,
-        base: &Base,
+        base: &std::sync::Arc<Base>,
         modules: Vec<PackedMatrix>,
     ) -> WebResult<WebModel> {
         if self.use_cpu.get() {

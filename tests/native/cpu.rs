@@ -105,7 +105,7 @@ fn demo_logits_and_forced_decoding_match_the_reference() {
         let mut cache = KvCache::new(&r, n);
         let want = forward::forward_all(&r, &tokens[..n], &mut cache).unwrap();
         let base = rtn_base(w, 64).unwrap();
-        let mut cpu = CpuModel::new(&w.config, base, modules, n, None).unwrap();
+        let mut cpu = CpuModel::new(&w.config, base.into(), modules, n, None).unwrap();
         let xn = cpu.hidden(&tokens[..n]).unwrap();
         let got = cpu.logits(&xn);
         let e = norm(got.iter().zip(&want).map(|(a, b)| (a - b) as f64))
