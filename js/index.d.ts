@@ -3,7 +3,8 @@
 export type ErrorCode =
   | 'manifest-not-found' | 'http' | 'network' | 'manifest-invalid' | 'manifest-version'
   | 'hash-mismatch' | 'truncated' | 'quota-exceeded' | 'webgpu-unavailable' | 'out-of-memory'
-  | 'device-lost' | 'unloaded' | 'busy' | 'aborted' | 'input' | 'internal';
+  | 'device-lost' | 'unloaded' | 'busy' | 'aborted' | 'unsupported' | 'context-length'
+  | 'input' | 'internal';
 
 export declare class FlexQuantError extends Error {
   readonly name: 'FlexQuantError';
@@ -91,7 +92,12 @@ export interface ChatRequest {
   max_tokens?: number;
   temperature?: number;
   top_p?: number;
+  /** At most 40 (the candidates a backend returns per token). */
+  top_k?: number;
+  max_completion_tokens?: number;
   seed?: number;
+  /** Accepted and ignored (one model per engine). */
+  model?: string;
   /** Ends the answer after the current token (finish_reason 'abort'); a request still waiting for its turn rejects with code 'aborted'. */
   signal?: AbortSignal;
   /** Generate max_tokens even past the end-of-turn token (benchmarks). */

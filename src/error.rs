@@ -19,6 +19,11 @@ pub enum Error {
     /// A request that cannot be served as asked (empty prompt, prompt longer than the context, ...).
     #[error("{0}")]
     Input(String),
+    /// A conversation that does not fit the KV cache (the prompt alone fills it).
+    #[error(
+        "the prompt has {tokens} tokens; the context holds {context} (leave room for the answer)"
+    )]
+    ContextLength { tokens: usize, context: usize },
     /// An allocation refused: over the app's budget, or the allocator had no memory.
     #[error("out of memory: {what} needs {requested} bytes{}", budget.map(|b| format!(" (budget {b} bytes)")).unwrap_or_default())]
     OutOfMemory {

@@ -791,11 +791,41 @@ async fn empty_and_overlong_conversations_are_input_errors() {
     let err = call(e.start_chat(js(&json!({"messages": [user(&long)]}))))
         .await
         .unwrap_err();
-    assert_eq!(err["code"], "input", "{err}");
+    assert_eq!(err["code"], "context-length", "{err}");
     assert!(
-        err["message"].as_str().unwrap().contains("context"),
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("context holds 64"),
         "{err}"
     );
+    // OpenAI fields: what is not implemented is refused by name, never silently ignored.
+    for (field, value) in [
+        ("n", json!(2)),
+        ("stop", json!(["\n"])),
+        ("response_format", json!({"type": "json_object"})),
+        ("tools", json!([])),
+        ("frequency_penalty", json!(0.5)),
+        ("no_such_field", json!(1)),
+    ] {
+        let mut req = json!({"messages": [user("Hi")]});
+        req[field] = value;
+        let err = match call(e.start_chat(js(&req))).await {
+            Err(err) => err,
+            Ok(_) => panic!("`{field}` was accepted"),
+        };
+        assert_eq!(err["code"], "unsupported", "{field}: {err}");
+        assert!(err["message"].as_str().unwrap().contains(field), "{err}");
+    }
+    // Accepted: n 1, a text response_format, model/user, top_k within the candidates.
+    let req = json!({"messages": [user("Hi")], "n": 1, "model": "x", "user": "u",
+        "response_format": {"type": "text"}, "top_k": 1, "temperature": 1.0, "max_tokens": 2});
+    call(e.start_chat(js(&req))).await.unwrap();
+    finish(&e).await;
+    let err = call(e.start_chat(js(&json!({"messages": [user("Hi")], "top_k": 1000}))))
+        .await
+        .unwrap_err();
+    assert_eq!(err["code"], "input", "{err}");
     start(&e, &[user("Hi")], 3).await;
     let (_, n, _) = finish(&e).await;
     assert!(n >= 1);

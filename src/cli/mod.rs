@@ -92,6 +92,7 @@ impl SamplingArgs {
         flexquant::runtime::Sampling {
             temperature: self.temperature,
             top_p: self.top_p,
+            top_k: 0,
             max_tokens: self.max_tokens,
             seed: self.seed,
         }

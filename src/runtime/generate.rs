@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 pub struct Sampling {
     /// 0 = greedy.
     pub temperature: f32,
-    /// Nucleus mass, taken over the backend's top-k candidates.
+    /// Nucleus mass, taken over the candidates.
     pub top_p: f32,
+    /// Candidates sampled from, best first (0: all the backend returns, `TOP_K`).
+    pub top_k: usize,
     pub max_tokens: usize,
     pub seed: u64,
 }
@@ -22,6 +24,7 @@ impl Default for Sampling {
         Sampling {
             temperature: 0.0,
             top_p: 1.0,
+            top_k: 0,
             max_tokens: 256,
             seed: 0,
         }
@@ -41,6 +44,12 @@ impl Sampling {
             return Err(Error::input(format!(
                 "top_p {} must be in (0, 1]",
                 self.top_p
+            )));
+        }
+        if self.top_k > TOP_K {
+            return Err(Error::input(format!(
+                "top_k {} is more than the {TOP_K} candidates a backend returns per token",
+                self.top_k
             )));
         }
         if self.max_tokens == 0 {
@@ -158,7 +167,13 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 /// over the softmax of the candidates at `s.temperature`. Candidates that are not finite are
 /// never drawn; none at all is an error (the model produced no usable logit).
 pub fn sample(cand: &[(u32, f32)], s: &Sampling, rng: &mut Rng) -> Result<u32> {
-    let cand: Vec<(u32, f32)> = cand.iter().copied().filter(|c| c.1.is_finite()).collect();
+    let keep = if s.top_k == 0 { usize::MAX } else { s.top_k };
+    let cand: Vec<(u32, f32)> = cand
+        .iter()
+        .copied()
+        .filter(|c| c.1.is_finite())
+        .take(keep)
+        .collect();
     let Some(&(best, m)) = cand.first() else {
         return Err(Error::input(
             "the model produced no finite logit (all NaN or infinite): cannot sample",

@@ -100,10 +100,10 @@ impl<B: Backend> Session<B> {
             return Err(Error::input("the prompt is empty").into());
         }
         if prompt.len() >= context {
-            return Err(Error::input(format!(
-                "the prompt has {} tokens; the context holds {context} (leave room for the answer)",
-                prompt.len()
-            ))
+            return Err(Error::ContextLength {
+                tokens: prompt.len(),
+                context,
+            }
             .into());
         }
         let shared = reusable_prefix(&self.tokens, prompt);

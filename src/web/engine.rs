@@ -132,7 +132,7 @@ impl Engine {
     pub fn start_chat(&self, request: JsValue) -> js_sys::Promise {
         let i = self.inner.clone();
         promise(async move {
-            let req: ChatRequest = from_js(request, "chat request")?;
+            let req = ChatRequest::parse(request)?;
             let mut st = i.take()?;
             let r = i.start_chat(&mut st, req).await;
             i.put(st);
@@ -488,7 +488,8 @@ impl Inner {
         let s = Sampling {
             temperature: req.temperature.unwrap_or(0.7),
             top_p: req.top_p.unwrap_or(0.95),
-            max_tokens: req.max_tokens.unwrap_or(256),
+            top_k: req.top_k.unwrap_or(0),
+            max_tokens: req.max_tokens.or(req.max_completion_tokens).unwrap_or(256),
             seed: req.seed.map_or_else(
                 || (js_sys::Math::random() * 2f64.powi(53)) as u64,
                 |s| s as u64,
@@ -498,6 +499,7 @@ impl Inner {
             .map_err(|e| WebError::new(Code::Input, format!("chat request: {e}")))?;
         let text = self.chat.render(&req.messages);
         let ids = self.tokenizer.encode(&text)?;
+
         st.turn = None;
         self.interrupt.set(false);
         self.between_tokens(st, None).await;

@@ -20,6 +20,9 @@ pub enum Code {
     DeviceLost,
     Unloaded,
     Busy,
+    Aborted,
+    Unsupported,
+    ContextLength,
     Input,
     Internal,
 }
@@ -40,6 +43,9 @@ impl Code {
             Code::DeviceLost => "device-lost",
             Code::Unloaded => "unloaded",
             Code::Busy => "busy",
+            Code::Aborted => "aborted",
+            Code::Unsupported => "unsupported",
+            Code::ContextLength => "context-length",
             Code::Input => "input",
             Code::Internal => "internal",
         }
@@ -145,6 +151,7 @@ impl From<crate::Error> for WebError {
     fn from(e: crate::Error) -> Self {
         let code = match &e {
             crate::Error::OutOfMemory { .. } => Code::OutOfMemory,
+            crate::Error::ContextLength { .. } => Code::ContextLength,
             _ => Code::Input,
         };
         WebError::new(code, e.to_string())

@@ -20,6 +20,7 @@ fn greedy(max_tokens: usize) -> Sampling {
     Sampling {
         temperature: 0.0,
         top_p: 1.0,
+        top_k: 0,
         max_tokens,
         seed: 1,
     }

@@ -141,7 +141,7 @@ export class Chat {
           }
           break;
         } catch (e) {
-          const tooLong = e && e.code === 'input' && /prompt has \d+ tokens/.test(e.message || '');
+          const tooLong = e && e.code === 'context-length';
           if (!tooLong || this.tokens > 0 || this.messages.length - skip <= 1) throw e;
           skip += 2; // one user message and its answer
         }
