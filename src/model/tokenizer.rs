@@ -197,22 +197,29 @@ impl Tokenizer {
 }
 
 /// Turns a stream of ids into text pieces, holding back bytes of an unfinished UTF-8 character
-/// (byte-level BPE splits multi-byte characters across tokens).
+/// (byte-level BPE splits multi-byte characters across tokens). Incremental (the scheme of
+/// Hugging Face's text-generation-inference): each step decodes only the tokens since the last
+/// piece plus the one before it, not the whole answer, so an answer costs linear time.
 #[derive(Default)]
 pub struct StreamDecoder {
+    /// The tokens of the last emitted piece, then those not emitted yet.
     ids: Vec<u32>,
-    emitted: usize,
+    /// `ids[..read]` were emitted.
+    read: usize,
 }
 
 impl StreamDecoder {
     pub fn step(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = tok.decode(&self.ids, true)?;
-        if text.ends_with('\u{FFFD}') {
+        let before = tok.decode(&self.ids[..self.read], true)?;
+        let now = tok.decode(&self.ids, true)?;
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let piece = text.get(self.emitted..).unwrap_or("").to_string();
-        self.emitted = self.emitted.max(text.len());
+        let piece = now.get(before.len()..).unwrap_or("").to_string();
+        // Keep the tokens of this piece as the next step's context.
+        self.ids.drain(..self.read);
+        self.read = self.ids.len();
         Ok(piece)
     }
 }

@@ -119,3 +119,21 @@ fn cli_info_and_eval_json() {
     // A 135M model on Austen's prose: far better than uniform (49152) and than a unigram model.
     assert!(ppl > 5.0 && ppl < 40.0, "ppl {ppl}");
 }
+
+/// The incremental stream decoder gives exactly the full decode, piece by piece, on real text
+/// with multi-byte characters split across tokens.
+#[test]
+fn stream_decoding_equals_the_full_decode() {
+    let Some((m, ids)) = crate::common::demo() else {
+        return;
+    };
+    let tok = &m.tokenizer;
+    let mut all = ids[..3000].to_vec();
+    all.extend(tok.encode("naïve café — 日本語の文章 🎉🎉 «done»").unwrap());
+    let mut dec = StreamDecoder::default();
+    let mut streamed = String::new();
+    for &id in &all {
+        streamed.push_str(&dec.step(tok, id).unwrap());
+    }
+    assert_eq!(streamed, tok.decode(&all, true).unwrap());
+}
