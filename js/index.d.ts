@@ -207,8 +207,18 @@ export interface EngineApi {
   nextChunk(): Promise<ChatCompletionChunk | null>;
 }
 
+export interface Support {
+  backend: 'webgpu' | 'cpu';
+  reason: string;
+  adapter: string | null;
+  emulatedGpu: boolean;
+  crossOriginIsolated: boolean;
+}
+
 /** The engine on this thread (the members are EngineApi's, by declaration merging). */
 export interface Engine extends EngineApi {}
 export declare class Engine {
   static create(manifestUrl: string | URL, options?: EngineOptions): Promise<Engine>;
+  /** Which backend `auto` would pick here and why, loading nothing. */
+  static checkSupport(options?: { wasmUrl?: string | URL }): Promise<Support>;
 }

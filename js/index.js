@@ -1,5 +1,5 @@
 // flexquant: the main-thread engine. See API.md (shipped as README in the package).
-import init, { Engine as WasmEngine } from './wasm/flexquant.js';
+import init, { Engine as WasmEngine, checkSupport as wasmCheckSupport } from './wasm/flexquant.js';
 import { FlexQuantError, toFlexQuantError, chatApi, pollHeap } from './common.js';
 
 export { FlexQuantError };
@@ -26,6 +26,15 @@ export class Engine {
     } catch (e) {
       throw toFlexQuantError(e);
     }
+  }
+
+  /**
+   * Which backend `backend: 'auto'` would pick in this browser and why, loading nothing:
+   * `{ backend: 'webgpu'|'cpu', reason, adapter, emulatedGpu, crossOriginIsolated }`.
+   */
+  static async checkSupport(options = {}) {
+    await initWasm(options.wasmUrl);
+    return wasmCheckSupport();
   }
 
   constructor(inner, heapPollMs) {

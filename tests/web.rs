@@ -703,9 +703,16 @@ async fn cpu_backend_answers_swaps_and_accounts_exactly() {
 }
 
 /// `backend: 'auto'` on Chromium's SwiftShader adapter (a CPU emulation of a GPU) runs on the
-/// CPU backend and says why.
+/// CPU backend and says why; `checkSupport` says the same before anything loads.
 #[wasm_bindgen_test]
 async fn auto_prefers_the_cpu_over_an_emulated_gpu() {
+    let support = val(flexquant::web::backend::check_support().await);
+    assert_eq!(support["backend"], "cpu", "{support}");
+    assert_eq!(support["emulatedGpu"], true, "{support}");
+    assert!(
+        support["adapter"].as_str().unwrap().contains("swiftshader"),
+        "{support}"
+    );
     let (e, ev) = engine("/tiny/manifest.json", json!({"backend": "auto"}))
         .await
         .unwrap();

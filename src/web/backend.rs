@@ -139,6 +139,53 @@ impl Factory for WebFactory {
     }
 }
 
+/// What `backend: 'auto'` picks in this browser, and why (also `Engine.checkSupport()`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Support {
+    pub backend: Kind,
+    pub reason: String,
+    /// The WebGPU adapter's label, if there is one.
+    pub adapter: Option<String>,
+    pub emulated_gpu: bool,
+    /// Whether wasm threads could be used (COOP/COEP): the CPU backend runs one thread.
+    pub cross_origin_isolated: bool,
+}
+
+/// `auto`'s choice: WebGPU unless it is missing or a CPU emulation.
+pub async fn auto_choice() -> Support {
+    let isolated = get(&js_sys::global(), "crossOriginIsolated").is_truthy();
+    let (backend, reason, adapter, emulated) = match probe_adapter().await {
+        Err(why) => (Kind::Cpu, why, None, false),
+        Ok(a) if a.emulated => (
+            Kind::Cpu,
+            format!("the WebGPU adapter ({}) emulates a GPU on the CPU", a.label),
+            Some(a.label),
+            true,
+        ),
+        Ok(a) => (
+            Kind::Webgpu,
+            format!("WebGPU adapter {}", a.label),
+            Some(a.label),
+            false,
+        ),
+    };
+    Support {
+        backend,
+        reason,
+        adapter,
+        emulated_gpu: emulated,
+        cross_origin_isolated: isolated,
+    }
+}
+
+/// `Engine.checkSupport()`: which backend `auto` would pick here and why, without loading
+/// anything.
+#[wasm_bindgen::prelude::wasm_bindgen(js_name = checkSupport)]
+pub async fn check_support() -> wasm_bindgen::JsValue {
+    crate::web::events::to_js(&auto_choice().await)
+}
+
 /// What the browser's WebGPU adapter says about itself.
 pub struct AdapterInfo {
     /// e.g. "google swiftshader (fallback)".

@@ -16,7 +16,7 @@ use crate::web::api::{
     from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, MinSpeed, Started, Stats,
     TrajectoryPoint, Usage, UsageExtra,
 };
-use crate::web::backend::{probe_adapter, BackendChoice, WebModel};
+use crate::web::backend::{auto_choice, BackendChoice, Kind, WebModel};
 use crate::web::error::{Code, WebError, WebResult};
 use crate::web::events::{to_js, Emitter, Progress};
 use crate::web::loader::Loader;
@@ -321,14 +321,10 @@ impl Engine {
         let (use_cpu, reason) = match choice {
             BackendChoice::Cpu => (true, "asked for (backend: 'cpu')".to_string()),
             BackendChoice::Webgpu => (false, "asked for (backend: 'webgpu')".to_string()),
-            BackendChoice::Auto => match probe_adapter().await {
-                Err(why) => (true, why),
-                Ok(a) if a.emulated => (
-                    true,
-                    format!("the WebGPU adapter ({}) emulates a GPU on the CPU", a.label),
-                ),
-                Ok(a) => (false, format!("WebGPU adapter {}", a.label)),
-            },
+            BackendChoice::Auto => {
+                let s = auto_choice().await;
+                (s.backend == Kind::Cpu, s.reason)
+            }
         };
         let policy = o.policy.unwrap_or_default();
         let mut elastic = Elastic::new(footprints, kv_estimate(m, &opts), policy)?;

@@ -43,6 +43,7 @@ try {
     assert.equal(cc.abortFinish, 'abort', JSON.stringify(cc));
     assert.equal(cc.waiting, 'aborted', JSON.stringify(cc));
     assert.equal(r.afterUnload, 'unloaded', 'a call on an unloaded worker engine');
+    assert.equal(r.support.backend, r.main.stats.backend, `checkSupport vs what auto ran: ${JSON.stringify(r.support)}`);
     // The worker engine gave its wasm memory back after the budget cut, from the cache.
     const rel = r.release;
     assert.ok(rel.event, `no released event: ${JSON.stringify(rel)}`);
