@@ -269,9 +269,8 @@ unsafe fn row_simd128<const BITS: u32, const N: usize>(
                         u16x8_extend_low_u8x16(u8x16_shr(v, 6)),
                     ]
                 }
-                // 3, 5, 6 bits, in order: per 8 codes, gather each code's u16 window
-                // (`swizzle`), shift it left per lane by a multiply so that its bits start at
-                // bit 8, shift right by 8 and mask (see `straddling`).
+                // 3 and 6 bits: whole codes per 3 bytes (see `triplets`); 5 bits: each
+                // code's u16 window, shifted per lane by a multiply (see `straddling`).
                 3 | 6 => triplets::<BITS>(p as *const u8),
                 _ => straddling::<BITS>(p as *const u8),
             };
@@ -336,8 +335,10 @@ const fn chunk_layout<const BITS: u32>(c: usize, base: usize) -> ([u8; 16], [u16
     (idx, mul)
 }
 
-/// One block of 3-, 5- or 6-bit codes (`4 * BITS` bytes at `p`) as four i16x8 in code order,
-/// reading only inside the block.
+/// One block of codes that straddle bytes (5 bits: the only width `triplets` does not cover;
+/// `4 * BITS` bytes at `p`) as four i16x8 in code order, reading only inside the block. Per 8
+/// codes: gather each code's u16 window (`swizzle`), shift it left per lane by a multiply so
+/// that its bits start at bit 8, shift right by 8, mask.
 ///
 /// # Safety
 /// `p` must be valid for `4 * BITS` bytes.
@@ -346,18 +347,12 @@ const fn chunk_layout<const BITS: u32>(c: usize, base: usize) -> ([u8; 16], [u16
 unsafe fn straddling<const BITS: u32>(p: *const u8) -> [core::arch::wasm32::v128; 4] {
     use core::arch::wasm32::*;
     // Two views covering the block: chunks 0-1 read the first 16 bytes, chunks 2-3 the 16
-    // ending at the block's end; a 3-bit block (12 bytes) is one vector, its third lane from a
-    // 4-byte load.
+    // ending at the block's end.
     let second = const { second_view::<BITS>() };
-    let (v0, v1) = if BITS == 3 {
-        let v = v128_load32_lane::<2>(v128_load64_zero(p as *const u64), p.add(8) as *mut u32);
-        (v, v)
-    } else {
-        (
-            v128_load(p as *const v128),
-            v128_load(p.add(second) as *const v128),
-        )
-    };
+    let (v0, v1) = (
+        v128_load(p as *const v128),
+        v128_load(p.add(second) as *const v128),
+    );
     let mask = u16x8_splat((1 << BITS) - 1);
     // The layouts as v128 constants (`v128.const`, no loads).
     let chunk = |v: v128, (idx, mul): (v128, v128)| {
@@ -438,11 +433,7 @@ unsafe fn triplets<const BITS: u32>(p: *const u8) -> [core::arch::wasm32::v128; 
 /// Where the second 16-byte view of a block starts (0 where the block is not longer).
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 const fn second_view<const BITS: u32>() -> usize {
-    if BITS == 3 {
-        0
-    } else {
-        (4 * BITS as usize).saturating_sub(16)
-    }
+    (4 * BITS as usize).saturating_sub(16)
 }
 
 #[cfg(test)]
