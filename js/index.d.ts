@@ -96,8 +96,21 @@ export interface ChatRequest {
   top_k?: number;
   max_completion_tokens?: number;
   seed?: number;
+  /** Up to 16 strings: the answer ends where one first appears (not shown; finish_reason 'stop'). */
+  stop?: string | string[] | null;
+  /** In [-2, 2]: subtracted from a token's logit per time it is already in the answer. */
+  frequency_penalty?: number;
+  /** In [-2, 2]: subtracted from a token's logit if it is already in the answer. */
+  presence_penalty?: number;
+  /** Token id -> bias in [-100, 100], added to its logit (at most 300 entries). */
+  logit_bias?: Record<string, number> | null;
+  /** include_usage: one more chunk after the last, with `choices: []` and the usage. */
+  stream_options?: { include_usage?: boolean } | null;
   /** Accepted and ignored (one model per engine). */
   model?: string;
+  user?: string;
+  /** Only 1. */
+  n?: number;
   /** Ends the answer after the current token (finish_reason 'abort'); a request still waiting for its turn rejects with code 'aborted'. */
   signal?: AbortSignal;
   /** Generate max_tokens even past the end-of-turn token (benchmarks). */
@@ -118,6 +131,7 @@ export interface ChatCompletionChunk {
   object: 'chat.completion.chunk';
   created: number;
   model: string;
+  /** Empty in the extra usage chunk of `stream_options.include_usage`. */
   choices: { index: 0; delta: { role?: 'assistant'; content?: string }; finish_reason: FinishReason | null }[];
   usage?: Usage;
 }

@@ -109,6 +109,10 @@ async fn finish(e: &Engine) -> (String, usize, Value) {
                 n += 1;
             }
             (None, last) => {
+                // Text held back for a stop sequence that never came ends the answer.
+                text += last["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .unwrap_or("");
                 assert!(call(e.next_chunk()).await.unwrap().is_null());
                 return (text, n, last);
             }
@@ -809,10 +813,9 @@ async fn empty_and_overlong_conversations_are_input_errors() {
     // OpenAI fields: what is not implemented is refused by name, never silently ignored.
     for (field, value) in [
         ("n", json!(2)),
-        ("stop", json!(["\n"])),
         ("response_format", json!({"type": "json_object"})),
         ("tools", json!([])),
-        ("frequency_penalty", json!(0.5)),
+        ("logprobs", json!(true)),
         ("no_such_field", json!(1)),
     ] {
         let mut req = json!({"messages": [user("Hi")]});
@@ -829,10 +832,21 @@ async fn empty_and_overlong_conversations_are_input_errors() {
         "response_format": {"type": "text"}, "top_k": 1, "temperature": 1.0, "max_tokens": 2});
     call(e.start_chat(js(&req))).await.unwrap();
     finish(&e).await;
-    let err = call(e.start_chat(js(&json!({"messages": [user("Hi")], "top_k": 1000}))))
-        .await
-        .unwrap_err();
-    assert_eq!(err["code"], "input", "{err}");
+    for (field, value) in [
+        ("top_k", json!(1000)),
+        ("stop", json!([""])),
+        ("stop", json!(7)),
+        ("frequency_penalty", json!(3)),
+        ("logit_bias", json!({"x": 1})),
+        ("logit_bias", json!({"5": 500})),
+        ("logit_bias", json!({"99999999": 1})),
+    ] {
+        let mut req = json!({"messages": [user("Hi")]});
+        req[field] = value;
+        let err = call(e.start_chat(js(&req))).await.unwrap_err();
+        assert_eq!(err["code"], "input", "{field}: {err}");
+        assert!(err["message"].as_str().unwrap().contains(field), "{err}");
+    }
     start(&e, &[user("Hi")], 3).await;
     let (_, n, _) = finish(&e).await;
     assert!(n >= 1);
@@ -862,5 +876,81 @@ async fn repeated_device_losses_are_capped() {
         start(&e, &[user("Hi")], 2).await;
         finish(&e).await;
     }
+    call(e.unload()).await.unwrap();
+}
+
+/// Greedy answer pieces of `req` (temperature 0 unless the request says).
+async fn pieces(e: &Engine, mut req: Value) -> (Vec<String>, Value) {
+    req["messages"] = json!([user("Once upon a time")]);
+    if req.get("temperature").is_none() {
+        req["temperature"] = json!(0.0);
+    }
+    req["ignore_eos"] = json!(true);
+    call(e.start_chat(js(&req))).await.expect("startChat");
+    let mut out = Vec::new();
+    loop {
+        match chunk(e).await {
+            (Some(t), _) => out.push(t),
+            (None, last) => {
+                assert!(call(e.next_chunk()).await.unwrap().is_null());
+                if let Some(t) = last["choices"][0]["delta"]["content"].as_str() {
+                    out.push(t.to_string());
+                }
+                return (out, last);
+            }
+        }
+    }
+}
+
+/// `stop`, `logit_bias` and the penalties do what OpenAI's do: a stop sequence that spans two
+/// tokens ends the answer before it (not shown, `finish_reason: 'stop'`); a +100 bias makes
+/// every token the biased one; penalties keep a greedy answer from repeating its tokens.
+#[wasm_bindgen_test]
+async fn stop_sequences_logit_bias_and_penalties() {
+    let (e, _) = engine("/tiny/manifest.json", json!({"backend": "cpu"}))
+        .await
+        .unwrap();
+    let (base, last) = pieces(&e, json!({"max_tokens": 16})).await;
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    let full = base.concat();
+    let i = (0..base.len() - 1)
+        .find(|&i| !base[i].is_empty() && !base[i + 1].is_empty())
+        .expect("two consecutive non-empty pieces");
+    let stop = format!(
+        "{}{}",
+        base[i].chars().last().unwrap(),
+        base[i + 1].chars().next().unwrap()
+    );
+    let want = &full[..full.find(&stop).unwrap()];
+    let (got, last) = pieces(
+        &e,
+        json!({"max_tokens": 16, "stop": [stop.clone(), "\u{1}"]}),
+    )
+    .await;
+    assert_eq!(got.concat(), want, "stop {stop:?} in {full:?}");
+    assert_eq!(last["choices"][0]["finish_reason"], "stop", "{last}");
+    // A stop that never appears changes nothing.
+    let (got, _) = pieces(&e, json!({"max_tokens": 16, "stop": "\u{1}\u{2}"})).await;
+    assert_eq!(got.concat(), full);
+
+    let (biased, _) = pieces(&e, json!({"max_tokens": 6, "logit_bias": {"100": 100}})).await;
+    assert!(!biased[0].is_empty(), "{biased:?}");
+    assert!(biased.iter().all(|p| *p == biased[0]), "{biased:?}");
+
+    // A +5 bias makes token 100 win every step of this tiny model; penalties of 2 + 2 per
+    // repeat take that back after a couple of times.
+    let count = |p: &[String]| p.iter().filter(|t| **t == biased[0]).count();
+    let (mild, _) = pieces(&e, json!({"max_tokens": 16, "logit_bias": {"100": 5}})).await;
+    let (penalized, _) = pieces(
+        &e,
+        json!({"max_tokens": 16, "logit_bias": {"100": 5}, "frequency_penalty": 2,
+            "presence_penalty": 2}),
+    )
+    .await;
+    assert!(count(&mild) >= 12, "{mild:?}");
+    assert!(
+        (1..=4).contains(&count(&penalized)),
+        "{penalized:?} vs {mild:?}"
+    );
     call(e.unload()).await.unwrap();
 }

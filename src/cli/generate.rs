@@ -56,22 +56,43 @@ where
 {
     /// One answer after `ids`, each piece of text printed as it comes; between tokens the
     /// controller may swap modules (printed on stderr).
-    fn answer(&mut self, ids: &[u32], a: &SamplingArgs) -> Result<(Vec<u32>, GenStats)> {
+    fn answer(&mut self, ids: &[u32], a: &SamplingArgs) -> Result<Answer> {
         let stop = self.tokenizer.stop.clone();
+        let (sampling, mut stop_text) = a.checked()?;
         let sess = &mut self.run.session;
-        let mut turn = sess.start(ids, &a.sampling(), &stop).block()?;
+        let mut turn = sess.start(ids, &sampling, &stop).block()?;
         let mut dec = StreamDecoder::default();
         let mut out = std::io::stdout();
+        let mut text = String::new();
         loop {
             let next = self.run.session.next(&mut turn).block()?;
             let Some(id) = next else { break };
-            let piece = dec.step(&self.tokenizer, id)?;
-            print!("{piece}");
+            let shown = stop_text.push(&dec.step(&self.tokenizer, id)?);
+            print!("{shown}");
             out.flush()?;
+            text += &shown;
+            if stop_text.stopped() {
+                turn.stop(StopReason::Eos);
+                break;
+            }
             self.between_tokens(Some(turn.out.len()));
         }
-        Ok((turn.out, turn.stats))
+        let rest = stop_text.finish();
+        print!("{rest}");
+        text += &rest;
+        Ok(Answer {
+            ids: turn.out,
+            stats: turn.stats,
+            text,
+        })
     }
+}
+
+/// What `answer` generated: the tokens, the text shown (cut at a stop sequence) and stats.
+struct Answer {
+    ids: Vec<u32>,
+    text: String,
+    stats: GenStats,
 }
 
 struct Generate(GenerateArgs);
@@ -89,7 +110,9 @@ impl Job for Generate {
             a.prompt.clone()
         };
         let ids = e.tokenizer.encode(&text)?;
-        let (out, stats) = e.answer(&ids, &a.sampling)?;
+        let Answer {
+            ids: out, stats, ..
+        } = e.answer(&ids, &a.sampling)?;
         println!();
         eprintln!("{}", speed(&stats));
         if a.json {
@@ -107,7 +130,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     if a.prompt.trim().is_empty() {
         anyhow::bail!("--prompt is empty");
     }
-    a.sampling.sampling().validate()?;
+    a.sampling.checked()?;
     let (s, c) = (a.source.clone(), a.sampling.context);
     with_engine(&s, c, Generate(a))
 }
@@ -164,11 +187,10 @@ impl Job for Chat {
             messages.push(Message::new("user", line.trim_end()));
             let ids = e.tokenizer.encode(&e.tokenizer.chat.render(&messages))?;
             match e.answer(&ids, &a.sampling) {
-                Ok((out, stats)) => {
+                Ok(answer) => {
                     println!();
-                    eprintln!("{}", speed(&stats));
-                    let answer = e.tokenizer.decode(&out, true)?;
-                    messages.push(Message::new("assistant", &answer));
+                    eprintln!("{}", speed(&answer.stats));
+                    messages.push(Message::new("assistant", &answer.text));
                 }
                 Err(err) => {
                     // Keep the conversation: drop only the message that could not be answered.
@@ -182,7 +204,7 @@ impl Job for Chat {
 }
 
 pub fn run_chat(a: ChatArgs) -> Result<()> {
-    a.sampling.sampling().validate()?;
+    a.sampling.checked()?;
     let (s, c) = (a.source.clone(), a.sampling.context);
     with_engine(&s, c, Chat(a))
 }

@@ -8,6 +8,7 @@
 //! - `backend`: what a backend implements; `reference` (native): the CPU reference as one.
 //! - `generate` (sampling, RNG, stop reasons, stats) and `session` (a conversation with prefix
 //!   reuse, one token per call): generation on every backend.
+//! - `stop_text`: stop sequences over the decoded answer.
 //! - `speed`: decode speed between tokens, the controller's second signal.
 //! - `dir` (native): an ensemble directory as a byte source.
 
@@ -23,12 +24,14 @@ pub mod policy;
 pub mod reference;
 pub mod session;
 pub mod speed;
+pub mod stop_text;
 pub mod walk;
 
 pub use backend::{Backend, Factory};
 pub use decision::{Decision, Reason, Stats};
 pub use elastic::Elastic;
-pub use generate::{GenStats, Sampling, StopReason};
+pub use generate::{GenStats, Sampling, StopReason, DEFAULT_CONTEXT};
 pub use policy::Policy;
 pub use session::{Session, Turn};
+pub use stop_text::StopText;
 pub use walk::{ByteSource, Running, Walk};

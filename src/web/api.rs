@@ -3,7 +3,7 @@
 //! options and stats use JS's camelCase; chat requests and chunks keep OpenAI's snake_case.
 
 use crate::model::chat::Message;
-use crate::runtime::{Policy, Reason};
+use crate::runtime::{Policy, Reason, Sampling, StopText};
 use crate::web::error::{Code, WebError, WebResult};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -125,12 +125,14 @@ pub struct ChatRequest {
     pub model: Option<serde_json::Value>,
     pub user: Option<serde_json::Value>,
     pub stream_options: Option<serde_json::Value>,
-    /// Known, not implemented (yet): present and not the default, they are `unsupported`.
-    pub n: Option<u32>,
+    /// A string or a list of strings (`stop_text`).
     pub stop: Option<serde_json::Value>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
+    /// `{token id: bias}` (`logit_bias`).
     pub logit_bias: Option<serde_json::Value>,
+    /// Known, not implemented: present and not the default, they are `unsupported`.
+    pub n: Option<u32>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
     pub response_format: Option<serde_json::Value>,
@@ -185,21 +187,8 @@ impl ChatRequest {
             }
         }
         let r: ChatRequest = from_js(v, "chat request")?;
-        let unsupported: [(&str, bool); 10] = [
+        let unsupported: [(&str, bool); 6] = [
             ("n", r.n.is_some_and(|n| n != 1)),
-            ("stop", r.stop.as_ref().is_some_and(|s| !s.is_null())),
-            (
-                "frequency_penalty",
-                r.frequency_penalty.is_some_and(|p| p != 0.0),
-            ),
-            (
-                "presence_penalty",
-                r.presence_penalty.is_some_and(|p| p != 0.0),
-            ),
-            (
-                "logit_bias",
-                r.logit_bias.as_ref().is_some_and(|b| !b.is_null()),
-            ),
             ("logprobs", r.logprobs == Some(true)),
             ("top_logprobs", r.top_logprobs.is_some_and(|n| n > 0)),
             (
@@ -221,6 +210,66 @@ impl ChatRequest {
             ));
         }
         Ok(r)
+    }
+
+    /// The sampling settings asked for (`Sampling::chat` where a field is absent; `seed`
+    /// when the request has none), validated.
+    pub fn sampling(&self, seed: u64) -> WebResult<Sampling> {
+        let d = Sampling::chat();
+        let s = Sampling {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            max_tokens: self
+                .max_tokens
+                .or(self.max_completion_tokens)
+                .unwrap_or(d.max_tokens),
+            seed: self.seed.map_or(seed, |s| s as u64),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            logit_bias: self.logit_bias()?,
+        };
+        s.validate()
+            .map_err(|e| WebError::new(Code::Input, format!("chat request: {e}")))?;
+        Ok(s)
+    }
+
+    /// `logit_bias`: an object from token ids (decimal strings, as JSON keys are) to a bias.
+    fn logit_bias(&self) -> WebResult<Vec<(u32, f32)>> {
+        let bad = |m: String| WebError::new(Code::Input, format!("chat request: logit_bias{m}"));
+        let Some(v) = self.logit_bias.as_ref().filter(|v| !v.is_null()) else {
+            return Ok(Vec::new());
+        };
+        let o = v
+            .as_object()
+            .ok_or_else(|| bad(": expected an object {token id: bias}".into()))?;
+        o.iter()
+            .map(|(k, b)| {
+                let id = k
+                    .parse::<u32>()
+                    .map_err(|_| bad(format!(": key `{k}` is not a token id")))?;
+                let b = b
+                    .as_f64()
+                    .ok_or_else(|| bad(format!("[{k}]: expected a number")))?;
+                Ok((id, b as f32))
+            })
+            .collect()
+    }
+
+    /// `stop`: a string or a list of strings (checked by `StopText::new`).
+    pub fn stop_text(&self) -> WebResult<StopText> {
+        let bad = |m: &str| WebError::new(Code::Input, format!("chat request: stop{m}"));
+        let stops = match self.stop.as_ref() {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|s| s.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad(": expected strings"))?,
+            Some(_) => return Err(bad(": expected a string or a list of strings")),
+        };
+        StopText::new(stops).map_err(|e| WebError::new(Code::Input, format!("chat request: {e}")))
     }
 }
 

@@ -11,7 +11,7 @@ use crate::model::weights::ModuleId;
 use crate::runtime::walk::Running;
 use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
-use crate::runtime::{Sampling, StopReason, Turn};
+use crate::runtime::{StopReason, StopText, Turn, DEFAULT_CONTEXT};
 use crate::web::api::{
     from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, MinSpeed, Started, Stats,
     TrajectoryPoint, Usage, UsageExtra,
@@ -69,6 +69,7 @@ pub(super) struct State {
 struct Answer {
     turn: Turn,
     decoder: StreamDecoder,
+    stop_text: StopText,
     id: String,
     created: u64,
     sent_role: bool,
@@ -312,7 +313,9 @@ impl Engine {
         let loader = Loader::open(url, cache.as_deref(), o.cache_quota_bytes, emitter).await?;
         let m = &loader.manifest;
         let opts = ModelOptions {
-            context: (o.context.unwrap_or(1024) as usize)
+            context: o
+                .context
+                .map_or(DEFAULT_CONTEXT, |c| c as usize)
                 .clamp(16, m.config.max_position_embeddings),
             ..Default::default()
         };
@@ -481,18 +484,9 @@ impl Inner {
         if req.messages.is_empty() {
             return Err(WebError::new(Code::Input, "chat request: no messages"));
         }
-        let s = Sampling {
-            temperature: req.temperature.unwrap_or(0.7),
-            top_p: req.top_p.unwrap_or(0.95),
-            top_k: req.top_k.unwrap_or(0),
-            max_tokens: req.max_tokens.or(req.max_completion_tokens).unwrap_or(256),
-            seed: req.seed.map_or_else(
-                || (js_sys::Math::random() * 2f64.powi(53)) as u64,
-                |s| s as u64,
-            ),
-        };
-        s.validate()
-            .map_err(|e| WebError::new(Code::Input, format!("chat request: {e}")))?;
+        let random = (js_sys::Math::random() * 2f64.powi(53)) as u64;
+        let s = req.sampling(random)?;
+        let stop_text = req.stop_text()?;
         let text = self.chat.render(&req.messages);
         let ids = self.tokenizer.encode(&text)?;
 
@@ -515,6 +509,7 @@ impl Inner {
         st.turn = Some(Answer {
             turn,
             decoder: StreamDecoder::default(),
+            stop_text,
             id: format!("chatcmpl-{n}"),
             created: (js_sys::Date::now() / 1000.0) as u64,
             sent_role: false,
@@ -554,7 +549,13 @@ impl Inner {
             }
         };
         let content = match next {
-            Some(id) => Some(a.decoder.step(&self.tokenizer, id)?),
+            Some(id) => {
+                let shown = a.stop_text.push(&a.decoder.step(&self.tokenizer, id)?);
+                if a.stop_text.stopped() {
+                    a.turn.stop(StopReason::Eos);
+                }
+                Some(shown)
+            }
             None => None,
         };
         let mut delta = Delta {
@@ -569,6 +570,8 @@ impl Inner {
             }
             None => {
                 a.ended = true;
+                let held = a.stop_text.finish();
+                delta.content = (!held.is_empty()).then_some(held);
                 let g = &a.turn.stats;
                 let (decode, prefill) = (g.decode_tokens_per_s(), g.prefill_tokens_per_s());
                 let mut snap = self.snap.borrow_mut();

@@ -37,6 +37,8 @@ try {
     assert.ok(r.main.steps > 1);
     assert.equal(r.worker.object, 'chat.completion');
     assert.equal(r.worker.text, r.main.text, 'greedy: the worker and the main thread agree');
+    assert.deepEqual([r.includeUsage.choices, r.includeUsage.finish], [0, 'length'], JSON.stringify(r.includeUsage));
+    assert.ok(r.includeUsage.tokens === 6, JSON.stringify(r.includeUsage));
     const cc = r.concurrency;
     assert.deepEqual(cc.par, cc.seq, `Promise.all mixed the answers: ${JSON.stringify(cc)}`);
     assert.equal(cc.afterBreak, cc.seq[0], 'the engine answers normally after a stream left early');
