@@ -67,6 +67,8 @@ export interface EngineOptions {
   backend?: 'auto' | 'webgpu' | 'cpu';
   /** Slowest acceptable decode (tokens/s): the model steps down while slower, up with headroom. */
   minTokensPerSecond?: number;
+  /** Quality floor: never step to an EQM whose (held-out) perplexity is above this. */
+  maxPerplexity?: number;
   /** App memory budget in bytes for model + KV cache + activations. */
   budgetBytes?: number;
   /** KV-cache positions (default 1024, at most the model's). */
@@ -159,6 +161,8 @@ export interface Stats {
   tokensPerSecond: number | null;
   prefillTokensPerSecond: number | null;
   minTokensPerSecond: number | null;
+  /** The quality floor as a step (the deepest the controller may go). */
+  floorStep: number | null;
   measuredTokensPerSecond: number | null;
   speedCapBytes: number | null;
   swaps: number;
@@ -211,6 +215,8 @@ export interface EngineApi {
   setMemoryBudget(bytes: number | null): Promise<void>;
   /** The slowest decode the app accepts: below it the model steps down the trajectory. */
   setMinTokensPerSecond(tokensPerSecond: number | null): Promise<void>;
+  /** Quality floor: the controller never steps below the deepest step within it (null: none). */
+  setMaxPerplexity(maxPerplexity: number | null): Promise<void>;
   reportHeap(usedJSHeapSize: number, jsHeapSizeLimit: number): void;
   stats(): Promise<Stats>;
   trajectory(): Promise<TrajectoryPoint[]>;

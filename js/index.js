@@ -61,6 +61,9 @@ export class Engine {
   setMinTokensPerSecond(tokensPerSecond) {
     return this._run(() => this._inner.setMinTokensPerSecond(tokensPerSecond ?? null)).then(() => {});
   }
+  setMaxPerplexity(maxPerplexity) {
+    return this._run(() => this._inner.setMaxPerplexity(maxPerplexity ?? null)).then(() => {});
+  }
   setMemoryBudget(bytes) {
     return this._run(() => this._inner.setMemoryBudget(bytes ?? null)).then(() => {});
   }

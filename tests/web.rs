@@ -954,3 +954,63 @@ async fn stop_sequences_logit_bias_and_penalties() {
     );
     call(e.unload()).await.unwrap();
 }
+
+/// The quality floor (`maxPerplexity`): a budget below the floor step's cost stops the walk at
+/// the floor with one `below-floor` event; clearing the floor lets it go deeper; a floor above
+/// the model brings it back up; a floor no step meets is an `input` error.
+#[wasm_bindgen_test]
+async fn a_quality_floor_holds_and_says_below_floor() {
+    let policy = json!({"up_delay_ms": 0.0, "fault_cooldown_ms": 0.0, "max_up_growth": 100.0});
+    let (e, ev) = engine(
+        "/tiny/manifest.json",
+        json!({"backend": "cpu", "policy": policy}),
+    )
+    .await
+    .unwrap();
+    let traj = val(e.trajectory());
+    let measured: Vec<(usize, f64)> = traj
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t["heldoutPpl"].as_f64().map(|p| (i, p)))
+        .collect();
+    let last = traj.as_array().unwrap().len() - 1;
+    assert!(measured.len() >= 2, "{traj}");
+    let ((_, p0), (k1, p1)) = (measured[0], measured[1]);
+    assert!(
+        p1 > p0,
+        "the tiny ensemble's first measured steps get worse: {traj}"
+    );
+    // Halfway between step 0's and the next measured step's perplexity: a floor in between
+    // (unmeasured steps are interpolated in footprint).
+    let max = (p0 + p1) / 2.0;
+    call(e.set_max_perplexity(JsValue::from(max)))
+        .await
+        .unwrap();
+    let floor = stats(&e)["floorStep"].as_u64().unwrap() as usize;
+    assert!(0 < floor && floor < k1, "{floor} {traj}");
+    call(e.set_memory_budget(JsValue::from(budget_for(&e, last) as f64 * 0.99)))
+        .await
+        .unwrap();
+    start(&e, &[user("Hi")], 4).await;
+    finish(&e).await;
+    let s = stats(&e);
+    assert_eq!(s["step"], floor, "{s}");
+    assert_eq!(s["lastReason"], "below_floor", "{s}");
+    let below = of_type(&ev, "below-floor");
+    assert_eq!(below.len(), 1, "{below:?}");
+    assert_eq!(below[0]["step"], floor);
+
+    call(e.set_max_perplexity(JsValue::NULL)).await.unwrap();
+    assert_eq!(stats(&e)["step"], last);
+    call(e.set_memory_budget(JsValue::NULL)).await.unwrap();
+    call(e.set_max_perplexity(JsValue::from(p0))).await.unwrap();
+    assert_eq!(stats(&e)["step"], 0, "up to the new floor");
+    let err = call(e.set_max_perplexity(JsValue::from(p0 * 0.5)))
+        .await
+        .unwrap_err();
+    assert_eq!(err["code"], "input", "{err}");
+    assert!(err["message"].as_str().unwrap().contains("step 0"), "{err}");
+    call(e.unload()).await.unwrap();
+}

@@ -174,6 +174,57 @@ fn check_file(what: &str, f: &FileRef) -> Result<()> {
 }
 
 impl Manifest {
+    /// The quality floor for a largest acceptable perplexity: the deepest step such that it
+    /// and every step above it have a perplexity of at most `max` (`step_perplexity`).
+    pub fn floor_for_perplexity(&self, max: f64) -> Result<usize> {
+        if !(max.is_finite() && max > 0.0) {
+            return Err(Error::input(format!(
+                "maxPerplexity {max}: expected a positive number"
+            )));
+        }
+        let ppl = self.step_perplexity();
+        match ppl
+            .iter()
+            .take_while(|p| p.is_some_and(|p| p <= max))
+            .count()
+        {
+            0 => Err(Error::input(format!(
+                "maxPerplexity {max}: even step 0 has a perplexity of {}",
+                ppl[0].map_or("unknown".into(), |p| format!("{p:.2}"))
+            ))),
+            n => Ok(n - 1),
+        }
+    }
+
+    /// Each step's perplexity: the held-out figure (else the calibration one) where the
+    /// builder measured it, linear in footprint between two measured steps elsewhere, `None`
+    /// past the last measured step.
+    pub fn step_perplexity(&self) -> Vec<Option<f64>> {
+        let t = &self.trajectory;
+        let measured: Vec<(usize, f64)> = t
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.heldout_ppl.or(s.calib_ppl).map(|p| (i, p)))
+            .collect();
+        (0..t.len())
+            .map(|i| {
+                let after = measured.iter().position(|&(j, _)| j >= i)?;
+                let (j, pj) = measured[after];
+                if j == i || after == 0 {
+                    return (j == i).then_some(pj);
+                }
+                let (h, ph) = measured[after - 1];
+                let (fh, fi, fj) = (
+                    t[h].footprint_bytes as f64,
+                    t[i].footprint_bytes as f64,
+                    t[j].footprint_bytes as f64,
+                );
+                let w = if fh == fj { 0.5 } else { (fh - fi) / (fh - fj) };
+                Some(ph + w * (pj - ph))
+            })
+            .collect()
+    }
+
     pub fn from_bytes(what: &str, bytes: &[u8]) -> Result<Self> {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(Error::format(

@@ -231,3 +231,42 @@ fn packed_shapes_are_bounded() {
     assert!(PackedShape::new(64, 64, 7, 64).is_err());
     assert!(PackedShape::new(64, 64, 4, 48).is_err());
 }
+
+/// The quality floor's perplexity per step: measured where the builder measured, linear in
+/// footprint between, unknown past the last measured step; `floor_for_perplexity` takes the
+/// deepest step whose run from step 0 stays within the bound.
+#[test]
+fn step_perplexity_interpolates_and_floors_follow_it() {
+    let mut m = sample();
+    let n = m.trajectory.len();
+    assert!(n > 4);
+    for s in &mut m.trajectory {
+        s.heldout_ppl = None;
+        s.calib_ppl = None;
+    }
+    m.trajectory[0].heldout_ppl = Some(10.0);
+    m.trajectory[2].calib_ppl = Some(20.0);
+    let p = m.step_perplexity();
+    let (f0, f1, f2) = (
+        m.trajectory[0].footprint_bytes as f64,
+        m.trajectory[1].footprint_bytes as f64,
+        m.trajectory[2].footprint_bytes as f64,
+    );
+    assert_eq!(p[0], Some(10.0));
+    assert!((p[1].unwrap() - (10.0 + 10.0 * (f0 - f1) / (f0 - f2))).abs() < 1e-9);
+    assert_eq!(p[2], Some(20.0));
+    assert!(
+        p[3..].iter().all(|p| p.is_none()),
+        "past the last measured step"
+    );
+    assert_eq!(m.floor_for_perplexity(20.0).unwrap(), 2);
+    assert_eq!(
+        m.floor_for_perplexity(1e9).unwrap(),
+        2,
+        "never past the measured"
+    );
+    assert_eq!(m.floor_for_perplexity(10.0).unwrap(), 0);
+    for bad in [9.0, 0.0, f64::NAN] {
+        assert!(m.floor_for_perplexity(bad).is_err(), "{bad}");
+    }
+}
