@@ -235,10 +235,66 @@ export interface Support {
   crossOriginIsolated: boolean;
 }
 
+export interface StepInfo {
+  step: number;
+  footprintBytes: number;
+  /** Held-out (else calibration) perplexity; interpolated in footprint where not measured. */
+  perplexity: number | null;
+  measured: boolean;
+  meanBits: number;
+}
+
+/** `Engine.inspect`: what an ensemble needs, from its manifest alone. */
+export interface Inspection {
+  name: string;
+  layers: number;
+  hiddenSize: number;
+  vocabSize: number;
+  maxContext: number;
+  nUp: number;
+  nLow: number;
+  groupSize: number;
+  trajectory: StepInfo[];
+  kvBytesPerToken: number;
+  context: number;
+  kvBytes: number;
+  /** Smallest / largest step's footprint plus the KV cache of `context` positions. */
+  minTotalBytes: number;
+  maxTotalBytes: number;
+  /** Every file once; and what the first load fetches (step 0, base, tokenizer). */
+  downloadBytes: number;
+  firstLoadBytes: number;
+}
+
+/** `Engine.cached`: what the Cache API holds of an ensemble. */
+export interface CacheReport {
+  url: string;
+  cacheName: string | null;
+  manifestCached: boolean;
+  files: number;
+  cachedFiles: number;
+  totalBytes: number;
+  cachedBytes: number;
+  /** Steps whose every file is cached: they load offline. */
+  completeSteps: number[];
+}
+
+export interface CacheOptions {
+  cacheName?: string;
+  useCache?: boolean;
+  wasmUrl?: string | URL;
+}
+
 /** The engine on this thread (the members are EngineApi's, by declaration merging). */
 export interface Engine extends EngineApi {}
 export declare class Engine {
   static create(manifestUrl: string | URL, options?: EngineOptions): Promise<Engine>;
   /** Which backend `auto` would pick here and why, loading nothing. */
   static checkSupport(options?: { wasmUrl?: string | URL }): Promise<Support>;
+  /** What the ensemble needs (no GPU, nothing loaded or cached). */
+  static inspect(manifestUrl: string | URL, options?: { context?: number; wasmUrl?: string | URL }): Promise<Inspection>;
+  /** Which steps load offline from the cache, and the bytes cached. */
+  static cached(manifestUrl: string | URL, options?: CacheOptions): Promise<CacheReport>;
+  /** Deletes every version of the ensemble's files from the cache; the entries deleted. */
+  static deleteCached(manifestUrl: string | URL, options?: CacheOptions): Promise<number>;
 }

@@ -270,3 +270,57 @@ fn step_perplexity_interpolates_and_floors_follow_it() {
         assert!(m.floor_for_perplexity(bad).is_err(), "{bad}");
     }
 }
+
+/// `inspect`: totals from the manifest alone; `cache_report`: a step is complete exactly when
+/// every file it runs on (its module versions, base, tokenizer) is held.
+#[test]
+fn inspection_and_cache_report_follow_the_trajectory() {
+    use flexquant::ensemble::inspect::{cache_report, inspect};
+    let m = sample();
+    let n = m.n_modules();
+    let last = m.trajectory.len() - 1;
+    let i = inspect(&m, 64);
+    let c = &m.config;
+    assert_eq!(
+        i.kv_bytes_per_token,
+        8 * (c.num_hidden_layers * c.kv_dim()) as u64
+    );
+    assert_eq!(i.kv_bytes, 64 * i.kv_bytes_per_token);
+    assert_eq!(
+        i.min_total_bytes,
+        m.trajectory[last].footprint_bytes + i.kv_bytes
+    );
+    assert_eq!(
+        i.max_total_bytes,
+        m.trajectory[0].footprint_bytes + i.kv_bytes
+    );
+    assert_eq!(
+        (i.trajectory[0].mean_bits, i.trajectory[last].mean_bits),
+        (4.0, 2.0)
+    );
+    assert!((i.trajectory[n].mean_bits - 3.0).abs() < 1e-12);
+    assert_eq!(
+        i.first_load_bytes,
+        m.trajectory[0].footprint_bytes + m.tokenizer.bytes
+    );
+    let every: u64 = m.modules.iter().map(|v| v.file.bytes).sum::<u64>() + m.base.bytes;
+    assert_eq!(i.download_bytes, every + m.tokenizer.bytes);
+    assert_eq!(inspect(&m, 1 << 30).context, c.max_position_embeddings);
+
+    let all = cache_report(&m, |_| true);
+    assert_eq!(all.complete_steps, (0..=last).collect::<Vec<_>>());
+    assert_eq!(
+        (all.cached_files, all.cached_bytes),
+        (all.files, all.total_bytes)
+    );
+    assert!(cache_report(&m, |_| false).complete_steps.is_empty());
+    let no_tokenizer = cache_report(&m, |f| f.file != m.tokenizer.file);
+    assert!(no_tokenizer.complete_steps.is_empty());
+    // Module 0's 3-bit version missing: the steps that run it (from its 4 -> 3 swap at step 1
+    // until its 3 -> 2 swap at step n + 1) are incomplete, the others complete.
+    let v3 = &m.version(ModuleId::from_index(0), 3).unwrap().file;
+    let r = cache_report(&m, |f| f != v3);
+    let want: Vec<usize> = [0].into_iter().chain(n + 1..=last).collect();
+    assert_eq!(r.complete_steps, want);
+    assert_eq!(r.cached_bytes, all.total_bytes - v3.bytes);
+}
