@@ -337,6 +337,7 @@ impl Engine {
         let mut p = Progress::new("download", 0, 2);
         let tk = loader.file(&m.tokenizer, &mut p).await?;
         let tokenizer = m.tokenizer(&tk)?;
+        loader.emitter.chat_template(&tokenizer.chat);
         let (chat, stop) = (tokenizer.chat.clone(), tokenizer.stop.clone());
         let flags = DeviceFlags {
             lost: Rc::new(RefCell::new(Arc::new(AtomicBool::new(false)))),
@@ -493,7 +494,7 @@ impl Inner {
         };
         s.validate()
             .map_err(|e| WebError::new(Code::Input, format!("chat request: {e}")))?;
-        let text = self.chat.render(&req.messages);
+        let text = self.chat.render(&req.messages)?;
         let ids = self.tokenizer.encode(&text)?;
 
         st.turn = None;
