@@ -55,9 +55,9 @@ const CHATML: &str = r"{%- if default_system and messages and messages[0]['role'
 {{ '<|im_start|>assistant\n' }}
 {%- endif -%}";
 
-pub const FALLBACK_WARNING: &str = "the model has no chat template (no tokenizer.chat_template in \
-the GGUF, no chat_template in tokenizer_config.json): prompts use ChatML, which may not be the \
-format the model was trained on";
+pub const FALLBACK_WARNING: &str = "the model has no chat template (none in the GGUF's \
+tokenizer.chat_template, tokenizer_config.json's chat_template or the manifest's chat.jinja): \
+prompts use ChatML, which may not be the format the model was trained on";
 
 /// A compiled chat template: compiled once, rendered for every request.
 #[derive(Clone)]
