@@ -46,7 +46,9 @@ export interface ReleasedEvent { type: 'released'; ms: number; step: number; fro
 export interface DeviceLostEvent { type: 'device-lost'; step: number; message: string }
 export interface RecoveredEvent { type: 'recovered'; from: number; to: number; ms: number; reprefilledTokens: number }
 export interface ErrorEvent { type: 'error'; error: { code: ErrorCode; message: string; file?: string | null; url?: string | null } }
-export type EngineEvent = ProgressEvent | BackendEvent | SwapEvent | ReleasedEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent;
+/** The engine works, but not as the app may assume (`chat-template-fallback`: the model has no chat template; prompts are ChatML). */
+export interface WarningEvent { type: 'warning'; code: 'chat-template-fallback' | string; message: string }
+export type EngineEvent = ProgressEvent | BackendEvent | SwapEvent | ReleasedEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent | WarningEvent;
 
 /** runtime::Policy (snake_case, every field optional). */
 export interface Policy {

@@ -6,8 +6,8 @@ use super::engine::{budget_bytes, with_engine, Block, Engine, Job, SourceArgs};
 use super::SamplingArgs;
 use anyhow::Result;
 use clap::Args;
-use flexquant::model::chat::Message;
-use flexquant::model::tokenizer::StreamDecoder;
+use flexquant::model::chat::{ChatTemplate, Message};
+use flexquant::model::tokenizer::{StreamDecoder, Tokenizer};
 use flexquant::runtime::{Backend, Factory, GenStats, StopReason};
 use std::io::{BufRead, Write};
 
@@ -105,7 +105,10 @@ impl Job for Generate {
         let a = self.0;
         eprintln!("[{}]", e.describe());
         let text = if a.chat {
-            e.tokenizer.chat.render(&[Message::new("user", &a.prompt)])
+            warn_if_fallback(&e.tokenizer.chat);
+            e.tokenizer
+                .chat
+                .render(&[Message::new("user", &a.prompt)])?
         } else {
             a.prompt.clone()
         };
@@ -123,6 +126,13 @@ impl Job for Generate {
             );
         }
         Ok(())
+    }
+}
+
+/// Says so when prompts are ChatML because the model has no chat template.
+fn warn_if_fallback(chat: &ChatTemplate) {
+    if let Some(w) = chat.fallback_warning() {
+        eprintln!("[warning: {w}]");
     }
 }
 
@@ -168,6 +178,7 @@ impl Job for Chat {
         let mut messages: Vec<Message> =
             a.system.iter().map(|s| Message::new("system", s)).collect();
         println!("chatting with {}", e.describe());
+        warn_if_fallback(&e.tokenizer.chat);
         println!("(empty line or Ctrl-D quits; /budget MB or /budget off moves along the trajectory; /step shows where it is)");
         let stdin = std::io::stdin();
         loop {
@@ -185,8 +196,8 @@ impl Job for Chat {
                 continue;
             }
             messages.push(Message::new("user", line.trim_end()));
-            let ids = e.tokenizer.encode(&e.tokenizer.chat.render(&messages))?;
-            match e.answer(&ids, &a.sampling) {
+            let ids = prompt_ids(&e.tokenizer, &messages);
+            match ids.and_then(|ids| e.answer(&ids, &a.sampling)) {
                 Ok(answer) => {
                     println!();
                     eprintln!("{}", speed(&answer.stats));
@@ -201,6 +212,11 @@ impl Job for Chat {
         }
         Ok(())
     }
+}
+
+/// The conversation in the model's chat template, tokenized (a template may reject it).
+fn prompt_ids(t: &Tokenizer, messages: &[Message]) -> Result<Vec<u32>> {
+    Ok(t.encode(&t.chat.render(messages)?)?)
 }
 
 pub fn run_chat(a: ChatArgs) -> Result<()> {

@@ -12,7 +12,7 @@
 
 use crate::ensemble::format::{PackedMatrix, PackedShape, BITS, GROUP_SIZES};
 use crate::error::{Error, Result};
-use crate::model::chat::ChatTemplate;
+use crate::model::chat::{ChatTemplate, SpecialTokens, TemplateSource};
 use crate::model::config::LlamaConfig;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::{ModuleId, ModuleKind};
@@ -84,8 +84,14 @@ pub struct Quantizer {
 /// How to talk to the model: what the browser needs besides the tokenizer file.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ChatSpec {
-    /// "chatml" or "plain".
+    /// "jinja": the model's own template, in `jinja`. "chatml": the model has none, prompts are
+    /// ChatML (with `default_system` when the conversation has no system message), and the
+    /// runtime warns. "plain" (written by older builders for models without a template) reads
+    /// as "chatml".
     pub template: String,
+    /// The model's Jinja chat template (when `template` is "jinja").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jinja: Option<String>,
     pub default_system: Option<String>,
     pub bos: Option<u32>,
     /// Token ids that end an answer.
@@ -131,6 +137,51 @@ pub struct Manifest {
     /// Builder provenance and settings (branch, stem, prune rate, timings); not validated.
     #[serde(default)]
     pub build: serde_json::Value,
+}
+
+/// A template longer than this is refused (real ones are a few KB; the longest known ~30 KB).
+const MAX_CHAT_TEMPLATE_BYTES: usize = 256 << 10;
+
+impl ChatSpec {
+    /// The chat template this spec describes (compiled; `tokens` are the tokenizer's).
+    pub fn template(&self, tokens: SpecialTokens) -> Result<ChatTemplate> {
+        match (self.template.as_str(), &self.jinja) {
+            ("jinja", Some(jinja)) => ChatTemplate::from_jinja(
+                TemplateSource {
+                    file: "manifest.json chat.jinja",
+                    jinja,
+                },
+                tokens,
+            ),
+            ("chatml" | "plain", None) => Ok(ChatTemplate::chatml_fallback(
+                self.default_system.as_deref(),
+                tokens,
+            )),
+            (t, j) => Err(Error::format(
+                "manifest.json",
+                format!(
+                    "chat template {t:?} {} a `jinja` source: expected \"jinja\" with one, or \"chatml\" without",
+                    if j.is_some() { "with" } else { "without" }
+                ),
+            )),
+        }
+    }
+
+    fn validate(&self, what: &str) -> Result<()> {
+        if self
+            .jinja
+            .as_ref()
+            .is_some_and(|j| j.len() > MAX_CHAT_TEMPLATE_BYTES)
+        {
+            return Err(Error::format(
+                what,
+                format!("chat.jinja is longer than {MAX_CHAT_TEMPLATE_BYTES} bytes"),
+            ));
+        }
+        self.template(SpecialTokens::default())
+            .map(drop)
+            .map_err(|e| Error::format(what, e))
+    }
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -335,14 +386,10 @@ impl Manifest {
     /// BOS and stop tokens.
     pub fn tokenizer(&self, bytes: &[u8]) -> Result<Tokenizer> {
         let c = &self.chat;
-        let mut t = Tokenizer::from_json_bytes(&self.tokenizer.file, bytes, c.bos, None, None)?;
+        let eos = c.stop.first().copied();
+        let mut t = Tokenizer::from_json_bytes(&self.tokenizer.file, bytes, c.bos, eos, None)?;
         t.stop = c.stop.clone();
-        t.chat = match c.template.as_str() {
-            "chatml" => ChatTemplate::ChatMl {
-                default_system: c.default_system.clone(),
-            },
-            _ => ChatTemplate::Plain,
-        };
+        t.chat = c.template(t.special_tokens())?;
         Ok(t)
     }
 
@@ -371,12 +418,7 @@ impl Manifest {
                 self.chat.stop, self.chat.bos
             ));
         }
-        if !["chatml", "plain"].contains(&self.chat.template.as_str()) {
-            return err(format!(
-                "chat template {:?} is not supported",
-                self.chat.template
-            ));
-        }
+        self.chat.validate(what)?;
         if self.base_precision != "q8" {
             return err(format!(
                 "base precision {:?} is not supported",

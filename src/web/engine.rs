@@ -371,6 +371,7 @@ impl Engine {
         let mut p = Progress::new("download", 0, 2);
         let tk = loader.file(&m.tokenizer, &mut p).await?;
         let tokenizer = m.tokenizer(&tk)?;
+        loader.emitter.chat_template(&tokenizer.chat);
         let (chat, stop) = (tokenizer.chat.clone(), tokenizer.stop.clone());
         let flags = DeviceFlags {
             lost: Rc::new(RefCell::new(Arc::new(AtomicBool::new(false)))),
@@ -521,7 +522,7 @@ impl Inner {
         let random = (js_sys::Math::random() * 2f64.powi(53)) as u64;
         let s = req.sampling(random)?;
         let stop_text = req.stop_text()?;
-        let text = self.chat.render(&req.messages);
+        let text = self.chat.render(&req.messages)?;
         let ids = self.tokenizer.encode(&text)?;
 
         st.turn = None;

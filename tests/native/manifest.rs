@@ -46,6 +46,7 @@ fn sample() -> Manifest {
         tokenizer: file("tokenizer.json", 1000),
         chat: ChatSpec {
             template: "chatml".into(),
+            jinja: None,
             default_system: None,
             bos: Some(1),
             stop: vec![2],
@@ -171,6 +172,23 @@ fn mutated_manifests_are_rejected() {
     let mut m = sample();
     m.chat.stop = vec![100_000];
     reject(&m, "exceed the vocabulary");
+
+    let mut m = sample();
+    m.chat.template = "jinja".into();
+    reject(&m, "chat template \"jinja\" without a `jinja` source");
+
+    let mut m = sample();
+    m.chat.template = "jinja".into();
+    m.chat.jinja = Some("{% for m in messages %}{{ m.content }}".into());
+    reject(
+        &m,
+        "chat.jinja: the chat template does not compile: syntax error",
+    );
+
+    let mut m = sample();
+    m.chat.template = "jinja".into();
+    m.chat.jinja = Some("x".repeat(300 << 10));
+    reject(&m, "chat.jinja is longer than");
 
     let mut m = sample();
     m.modules[0].file.file = "../../etc/passwd".into();
