@@ -293,7 +293,7 @@ test_browser_project() {
   rm -rf "$proj" && mkdir -p "$proj"
   cp tests/web/npm-page.html "$proj/index.html"
   cp tests/web/bench-page.html "$proj/bench.html"
-  cp tests/web/bench-backends.html tests/web/bench-wllama.html "$proj/"
+  cp tests/web/bench-backends.html tests/web/bench-wllama.html tests/web/bench-latency.html "$proj/"
   (cd "$proj" && echo '{"name":"flexquant-npm-test","private":true,"type":"module"}' > package.json &&
     npm install --no-audit --no-fund --loglevel=error "$ROOT/target/pkg/flexquant-$version.tgz")
 }

@@ -1014,3 +1014,59 @@ async fn a_quality_floor_holds_and_says_below_floor() {
     assert!(err["message"].as_str().unwrap().contains("step 0"), "{err}");
     call(e.unload()).await.unwrap();
 }
+
+/// The first load downloads in parallel under one running total (tokenizer, base and modules:
+/// `loadedBytes` never goes back, `totalBytes` never changes, it ends at the total), a body
+/// cut by the network is fetched again (the load succeeds; nothing partial is cached), and
+/// `parallelDownloads` out of range is an `input` error.
+#[wasm_bindgen_test]
+async fn parallel_downloads_retry_and_report_one_total() {
+    server_get("/__delay?ms=20").await;
+    // Three module bodies cut mid-way, then the server behaves.
+    assert_eq!(server_get("/__fail?on=1&times=3").await, 1);
+    let cache = format!("par-{}", js_sys::Math::random());
+    let r = engine(
+        "/net/tiny/manifest.json",
+        json!({"backend": "cpu", "cacheName": cache, "parallelDownloads": 4}),
+    )
+    .await;
+    server_get("/__fail?on=0").await;
+    server_get("/__delay?ms=0").await;
+    let (e, ev) = r.expect("the retries get every file");
+    let dl: Vec<Value> = of_type(&ev, "progress")
+        .into_iter()
+        .filter(|p| p["phase"] == "download")
+        .collect();
+    let total = dl[0]["totalBytes"].as_u64().unwrap();
+    assert!(dl.iter().all(|p| p["totalBytes"] == total), "one total");
+    assert!(
+        dl.windows(2)
+            .all(|w| w[0]["loadedBytes"].as_u64() <= w[1]["loadedBytes"].as_u64()),
+        "monotone"
+    );
+    assert_eq!(dl.last().unwrap()["loadedBytes"], total);
+    assert_eq!(
+        dl.last().unwrap()["filesDone"],
+        dl.last().unwrap()["filesTotal"]
+    );
+    assert!(
+        of_type(&ev, "error").is_empty(),
+        "{:?}",
+        of_type(&ev, "error")
+    );
+    let s = stats(&e);
+    // The download phase fetched every byte of the total (the prefetch may have added more).
+    assert!(s["networkBytes"].as_u64().unwrap() >= total, "{s}");
+    start(&e, &[user("Hi")], 2).await;
+    finish(&e).await;
+    call(e.unload()).await.unwrap();
+
+    let err = engine(
+        "/tiny/manifest.json",
+        json!({"backend": "cpu", "parallelDownloads": 0}),
+    )
+    .await
+    .err()
+    .expect("0 is refused");
+    assert_eq!(err["code"], "input", "{err}");
+}

@@ -63,6 +63,8 @@ pub struct EngineOptions {
     /// Cache API name; `useCache: false` turns the cache off.
     pub cache_name: Option<String>,
     pub use_cache: Option<bool>,
+    /// Downloads at a time (1..=32; default `loader::PARALLEL`).
+    pub parallel_downloads: Option<u32>,
     /// Bytes the cache may hold before old ensembles are evicted.
     #[serde(deserialize_with = "bytes")]
     pub cache_quota_bytes: Option<u64>,

@@ -18,10 +18,10 @@ use crate::web::api::{
 };
 use crate::web::backend::{auto_choice, BackendChoice, Kind, WebModel};
 use crate::web::error::{Code, WebError, WebResult};
-use crate::web::events::{to_js, Emitter, Progress};
+use crate::web::events::{to_js, Emitter};
 use crate::web::loader::Loader;
-use crate::web::now_ms;
 use crate::web::trajectory::{web_walk, DeviceFlags, WebWalk};
+use crate::web::{now_ms, sleep};
 use serde_json::json;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -98,18 +98,6 @@ fn wasm_memory_bytes() -> u64 {
     let m: js_sys::WebAssembly::Memory = wasm_bindgen::memory().unchecked_into();
     let b: js_sys::ArrayBuffer = m.buffer().unchecked_into();
     b.byte_length() as u64
-}
-
-/// Resolves after `ms` milliseconds (lets the device's `lost` promise settle).
-async fn sleep(ms: i32) {
-    let p = js_sys::Promise::new(&mut |resolve, _| {
-        let g = js_sys::global();
-        if let Ok(f) = js_sys::Reflect::get(&g, &"setTimeout".into()) {
-            let f: js_sys::Function = f.unchecked_into();
-            let _ = f.call2(&g, &resolve, &ms.into());
-        }
-    });
-    let _ = wasm_bindgen_futures::JsFuture::from(p).await;
 }
 
 fn promise<F>(f: F) -> js_sys::Promise
@@ -316,6 +304,7 @@ impl Engine {
         let i = self.inner.clone();
         promise(async move {
             let st = i.take()?;
+            i.walk.source.close();
             let gpu = st.run.session.model.gpu().cloned();
             drop(st);
             i.unloaded.set(true);
@@ -335,7 +324,14 @@ impl Engine {
             on_progress: EngineOptions::callback(&o.on_progress),
         };
         let cache = o.cache();
-        let loader = Loader::open(url, cache.as_deref(), o.cache_quota_bytes, emitter).await?;
+        let loader = Loader::open(
+            url,
+            cache.as_deref(),
+            o.cache_quota_bytes,
+            o.parallel_downloads,
+            emitter,
+        )
+        .await?;
         let m = &loader.manifest;
         let opts = ModelOptions {
             context: o
@@ -368,8 +364,9 @@ impl Engine {
                 .map_err(|e| WebError::new(Code::Input, format!("options.{e}")))?;
             elastic.set_floor(Some(floor))?;
         }
-        let mut p = Progress::new("download", 0, 2);
-        let tk = loader.file(&m.tokenizer, &mut p).await?;
+        // One progress total for the first load: tokenizer, base and the step it starts at.
+        loader.expect_load(elastic.clone().decide(now_ms()).target());
+        let tk = loader.file(&m.tokenizer, "download").await?;
         let tokenizer = m.tokenizer(&tk)?;
         loader.emitter.chat_template(&tokenizer.chat);
         let (chat, stop) = (tokenizer.chat.clone(), tokenizer.stop.clone());

@@ -61,6 +61,8 @@ pub struct Progress {
     /// Bytes that came from the network in this phase (the ETA's rate).
     pub net_bytes: u64,
     pub from_cache: u64,
+    /// Bytes of files still arriving (several download at once).
+    pub in_flight: u64,
     start_ms: f64,
     last_emit_ms: f64,
 }
@@ -76,13 +78,15 @@ impl Progress {
             done_bytes: 0,
             net_bytes: 0,
             from_cache: 0,
+            in_flight: 0,
             start_ms: now,
             last_emit_ms: f64::NEG_INFINITY,
         }
     }
 
     /// Emits unless the last emit was under 50 ms ago (`force` for file boundaries).
-    pub fn emit(&mut self, em: &Emitter, file: &str, in_file: u64, force: bool) {
+    pub fn emit(&mut self, em: &Emitter, file: &str, force: bool) {
+        let in_file = self.in_flight;
         let now = crate::web::now_ms();
         if !force && now - self.last_emit_ms < 50.0 {
             return;

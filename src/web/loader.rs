@@ -8,7 +8,23 @@ use crate::web::error::{Code, WebError, WebResult};
 use crate::web::events::{Emitter, Progress};
 use crate::web::store::{self, Store};
 use crate::web::{digest, fetch};
-use std::cell::Cell;
+use futures_util::StreamExt;
+use std::cell::{Cell, RefCell};
+
+/// Downloads at a time. Chromium opens at most 6 HTTP/1.1 connections per host, and a static
+/// host often speaks HTTP/1.1; measured on the demo ensemble with 50 ms of added latency:
+/// see `./build.sh bench` (`cold_download_vs_single_file`).
+pub const PARALLEL: usize = 6;
+/// Retries of a download after a network error (or a 5xx / 429 answer), with backoff from
+/// `RETRY_MS` doubling.
+const RETRIES: u32 = 3;
+const RETRY_MS: i32 = 250;
+
+/// Whether a failed download is worth another try: the network, or a server that is busy.
+fn retryable(e: &WebError) -> bool {
+    e.code == Code::Network
+        || (e.code == Code::Http && e.status.is_some_and(|s| s >= 500 || s == 429))
+}
 
 pub struct Loader {
     pub manifest_url: String,
@@ -19,6 +35,12 @@ pub struct Loader {
     /// on top).
     quota: Option<u64>,
     stored: Cell<u64>,
+    /// Downloads at a time.
+    parallel: usize,
+    /// Set by `close` (the engine was unloaded): nothing more is fetched or stored.
+    closed: Cell<bool>,
+    /// The first load's progress (`expect_load`), continued across the tokenizer and model.
+    load_progress: RefCell<Option<Progress>>,
     /// Bytes from the network and from the cache since the engine was created.
     pub net_bytes: Cell<u64>,
     pub cache_bytes: Cell<u64>,
@@ -96,8 +118,19 @@ impl Loader {
         url: &str,
         cache_name: Option<&str>,
         quota: Option<u64>,
+        parallel: Option<u32>,
         emitter: Emitter,
     ) -> WebResult<Loader> {
+        let parallel = match parallel {
+            None => PARALLEL,
+            Some(n @ 1..=32) => n as usize,
+            Some(n) => {
+                return Err(WebError::new(
+                    Code::Input,
+                    format!("options.parallelDownloads: {n} is not in 1..=32"),
+                ))
+            }
+        };
         let url = fetch::resolve(url, ".")?;
         let store = match cache_name {
             Some(n) => Store::open(n).await,
@@ -111,6 +144,9 @@ impl Loader {
             store,
             quota,
             stored: Cell::new(0),
+            parallel,
+            closed: Cell::new(false),
+            load_progress: RefCell::new(None),
             net_bytes: Cell::new(0),
             cache_bytes: Cell::new(0),
             emitter,
@@ -202,10 +238,17 @@ impl Loader {
         Some(bytes)
     }
 
+    /// Stops fetching and storing (downloads in flight are dropped when they arrive).
+    pub fn close(&self) {
+        self.closed.set(true);
+    }
+
     /// Stores verified bytes; a full cache is reported once as an `error` event and loading
     /// goes on uncached.
     async fn store(&self, f: &FileRef, url: &str, bytes: &[u8]) {
-        let Some(s) = &self.store else { return };
+        let Some(s) = self.store.as_ref().filter(|_| !self.closed.get()) else {
+            return;
+        };
         let e = match self.quota {
             Some(q) if self.stored.get() + bytes.len() as u64 > q => Err(WebError::new(
                 Code::QuotaExceeded,
@@ -225,49 +268,106 @@ impl Loader {
     }
 
     /// One file: cache first, else the network; always verified before it is returned.
-    pub async fn file(&self, f: &FileRef, p: &mut Progress) -> WebResult<Vec<u8>> {
-        let url = self.url_of(f)?;
-        match self.cached_copy(f, &url).await {
-            Some(bytes) => Ok(self.served_from_cache(f, p, bytes)),
-            None => self.download(f, &url, p).await,
-        }
+    pub async fn file(&self, f: &FileRef, phase: &'static str) -> WebResult<Vec<u8>> {
+        let mut out = self.fetch_all(std::slice::from_ref(f), phase, true).await?;
+        Ok(out.pop().flatten().unwrap_or_default())
     }
 
-    /// Progress and counters for a file the cache served.
-    fn served_from_cache(&self, f: &FileRef, p: &mut Progress, bytes: Vec<u8>) -> Vec<u8> {
+    /// Starts the first load's progress: the tokenizer, the base and `step`'s modules as one
+    /// running total (the `download` phase of `files` continues it).
+    pub fn expect_load(&self, step: usize) {
+        let m = &self.manifest;
+        let mut fs = self.step_files(step);
+        fs.extend([m.base.clone(), m.tokenizer.clone()]);
+        fs.sort_by(|a, b| a.file.cmp(&b.file));
+        fs.dedup();
+        let total = fs.iter().map(|f| f.bytes).sum();
+        *self.load_progress.borrow_mut() = Some(Progress::new("download", total, fs.len()));
+    }
+
+    /// Counters for a file the cache served.
+    fn served_from_cache(&self, f: &FileRef, p: &RefCell<Progress>) {
         self.cache_bytes.set(self.cache_bytes.get() + f.bytes);
+        let mut p = p.borrow_mut();
         p.from_cache += f.bytes;
         p.done_bytes += f.bytes;
         p.files_done += 1;
-        p.emit(&self.emitter, &f.file, 0, true);
-        bytes
+        p.emit(&self.emitter, &f.file, true);
     }
 
-    /// One file from the network, verified, then stored.
-    async fn download(&self, f: &FileRef, url: &str, p: &mut Progress) -> WebResult<Vec<u8>> {
-        let url = url.to_string();
-        let r = fetch::get(&url, &f.file).await?;
-        let em = self.emitter.clone();
-        let bytes = fetch::read_body(r, &url, &f.file, f.bytes, |n| {
-            p.emit(&em, &f.file, n, false)
-        })
-        .await?;
-        Self::verify(f, &url, &bytes).await?;
+    /// One file from the network, verified, then stored; a network error (or a 5xx/429
+    /// answer) is retried with backoff, a file that arrives but does not verify is not.
+    async fn download(&self, f: &FileRef, url: &str, p: &RefCell<Progress>) -> WebResult<Vec<u8>> {
+        let mut attempt = 0;
+        let bytes = loop {
+            let arrived = Cell::new(0u64);
+            let r = async {
+                let r = fetch::get(url, &f.file).await?;
+                fetch::read_body(r, url, &f.file, f.bytes, |n| {
+                    let mut p = p.borrow_mut();
+                    p.in_flight += n - arrived.replace(n);
+                    p.emit(&self.emitter, &f.file, false);
+                })
+                .await
+            }
+            .await;
+            p.borrow_mut().in_flight -= arrived.get();
+            match r {
+                Ok(b) => break b,
+                Err(e) if attempt < RETRIES && retryable(&e) => {
+                    attempt += 1;
+                    crate::web::sleep(RETRY_MS * (1 << (attempt - 1))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        Self::verify(f, url, &bytes).await?;
         self.net_bytes.set(self.net_bytes.get() + f.bytes);
-        p.net_bytes += f.bytes;
-        p.done_bytes += f.bytes;
-        p.files_done += 1;
-        p.emit(&self.emitter, &f.file, 0, true);
-        self.store(f, &url, &bytes).await;
+        {
+            let mut p = p.borrow_mut();
+            p.net_bytes += f.bytes;
+            p.done_bytes += f.bytes;
+            p.files_done += 1;
+            p.emit(&self.emitter, &f.file, true);
+        }
+        self.store(f, url, &bytes).await;
         Ok(bytes)
     }
 
-    /// Several files as one progress phase. The cache is read for all of them at once (a
-    /// swap's shards are usually all there: the Cache API's and SubtleCrypto's latencies
-    /// overlap instead of adding up), then the missing ones are downloaded one by one.
+    /// Several files as one progress phase (the first load's running total for `download`
+    /// after `expect_load`). The cache is read for all of them at once; the missing ones are
+    /// downloaded `PARALLEL` at a time. Every file is verified before it is returned or
+    /// stored; on the first error the others are dropped (nothing partial is stored).
     pub async fn files(&self, fs: &[FileRef], phase: &'static str) -> WebResult<Vec<Vec<u8>>> {
-        let total = fs.iter().map(|f| f.bytes).sum();
-        let mut p = Progress::new(phase, total, fs.len());
+        let out = self.fetch_all(fs, phase, true).await?;
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    /// `files`, keeping the bytes only when `keep` (prefetching only stores them).
+    async fn fetch_all(
+        &self,
+        fs: &[FileRef],
+        phase: &'static str,
+        keep: bool,
+    ) -> WebResult<Vec<Option<Vec<u8>>>> {
+        let total: u64 = fs.iter().map(|f| f.bytes).sum();
+        let resumed = {
+            let mut lp = self.load_progress.borrow_mut();
+            match lp.as_ref() {
+                Some(p) if p.phase == phase => lp.take(),
+                _ => None,
+            }
+        };
+        let p = match resumed {
+            Some(mut p) => {
+                // The first load: the running total, extended if the files differ.
+                p.files_total = p.files_total.max(p.files_done + fs.len());
+                p.total_bytes = p.total_bytes.max(p.done_bytes + total);
+                p
+            }
+            _ => Progress::new(phase, total, fs.len()),
+        };
+        let p = RefCell::new(p);
         let urls = fs
             .iter()
             .map(|f| self.url_of(f))
@@ -276,14 +376,32 @@ impl Loader {
             fs.iter().zip(&urls).map(|(f, u)| self.cached_copy(f, u)),
         )
         .await;
-        let mut out = Vec::with_capacity(fs.len());
-        for ((f, url), c) in fs.iter().zip(&urls).zip(cached) {
-            out.push(match c {
-                Some(bytes) => self.served_from_cache(f, &mut p, bytes),
-                None => self.download(f, url, &mut p).await?,
-            });
+        let jobs = fs.iter().zip(&urls).zip(cached).map(|((f, url), c)| {
+            let p = &p;
+            async move {
+                let bytes = match c {
+                    Some(b) => {
+                        self.served_from_cache(f, p);
+                        b
+                    }
+                    None if self.closed.get() => {
+                        return Err(WebError::new(Code::Unloaded, "the engine was unloaded"))
+                    }
+                    None => self.download(f, url, p).await?,
+                };
+                Ok::<_, WebError>(keep.then_some(bytes))
+            }
+        });
+        let out: Vec<WebResult<Option<Vec<u8>>>> = futures_util::stream::iter(jobs)
+            .buffered(self.parallel)
+            .collect()
+            .await;
+        let out = out.into_iter().collect::<WebResult<Vec<_>>>();
+        if out.is_ok() && phase == "download" && p.borrow().files_done < p.borrow().files_total {
+            // More of the first load to come (the tokenizer before the model): continue it.
+            *self.load_progress.borrow_mut() = Some(p.into_inner());
         }
-        Ok(out)
+        out
     }
 
     /// Puts the files that are not cached yet into the cache (nothing is kept in memory).
@@ -300,11 +418,7 @@ impl Loader {
         if missing.is_empty() {
             return Ok(0);
         }
-        let total = missing.iter().map(|f| f.bytes).sum();
-        let mut p = Progress::new("prefetch", total, missing.len());
-        for f in &missing {
-            self.file(f, &mut p).await?;
-        }
+        self.fetch_all(&missing, "prefetch", false).await?;
         Ok(missing.len())
     }
 }

@@ -33,3 +33,15 @@ pub use engine::Engine;
 pub use error::{Code, WebError};
 
 pub use crate::runtime::clock::now_ms;
+
+/// Resolves after `ms` milliseconds (setTimeout, in a window or a worker).
+pub(crate) async fn sleep(ms: i32) {
+    let p = js_sys::Promise::new(&mut |resolve, _| {
+        let g = js_sys::global();
+        if let Ok(f) = js_sys::Reflect::get(&g, &"setTimeout".into()) {
+            let f: js_sys::Function = wasm_bindgen::JsCast::unchecked_into(f);
+            let _ = f.call2(&g, &resolve, &ms.into());
+        }
+    });
+    let _ = wasm_bindgen_futures::JsFuture::from(p).await;
+}

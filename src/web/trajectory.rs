@@ -183,8 +183,9 @@ impl Inner {
         self.prefetching.set(true);
         let me = self.clone();
         wasm_bindgen_futures::spawn_local(async move {
-            if let Err(e) = me.walk.source.prefetch(&files).await {
-                me.walk.source.emitter.error(&e);
+            match me.walk.source.prefetch(&files).await {
+                Err(e) if !me.unloaded.get() => me.walk.source.emitter.error(&e),
+                _ => {}
             }
             me.prefetching.set(false);
         });

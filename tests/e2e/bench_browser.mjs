@@ -25,6 +25,16 @@ try {
     console.log(`${name}: ${JSON.stringify(r)}`);
     await page.close();
   }
+  // Parallel downloads against latency: the first (largest available) ensemble.
+  const [name, path] = targets[0].split('=');
+  const page = await browser.newPage();
+  await page.goto(`${server}/npm/bench-latency.html?manifest=${encodeURIComponent(server + path)}`);
+  await page.waitForFunction(() => window.__result, null, { timeout: 900_000 });
+  const r = await page.evaluate(() => window.__result);
+  if (r.error) throw new Error(`downloads (${name}): ${r.error}`);
+  report.downloads = { ensemble: name, ...r };
+  console.log(`downloads (${name}): ${JSON.stringify(r)}`);
+  await page.close();
 } finally {
   await browser.close();
 }
@@ -32,5 +42,7 @@ try {
 const first = report.ensembles[targets[0].split('=')[0]];
 const keys = ['adapter', 'cold_load_s', 'cold_load_bytes', 'warm_load_s', 'decode_tok_s', 'swap_latency_tokens', 'recovery_vs_warm'];
 const top = Object.fromEntries(keys.map((k) => [k, first[k]]));
+top.cold_download_vs_single_file = report.downloads.cold_download_vs_single_file;
+top.cold_load_latency_ratio = report.downloads.cold_load_latency_ratio;
 writeFileSync(out, JSON.stringify({ ensemble: targets[0].split('=')[0], ...top, ...report }, null, 1) + '\n');
 console.log(`wrote ${out}`);

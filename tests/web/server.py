@@ -13,13 +13,16 @@ ensemble, selected by a path prefix:
 
   /__count?prefix=P    requests so far whose path starts with P (JSON number)
   /__reset             forget the counts
-  /__fail?on=1|0       switch the /net/ failure on or off
+  /__fail?on=1|0       switch the /net/ failure on or off; &times=K: only the next K responses
+  /__delay?ms=N        add N ms before every response but the control paths and the npm mount
+                       (a far-away static host: the parallel-download benchmark)
+  /__blob?bytes=N      N bytes as one file (the single-file download the benchmark compares to)
 
 Usage: server.py ENSEMBLE_DIR [--port 0] [--mount NAME=DIR ...] [--isolated]; prints the URL on
 stdout. --isolated sends COOP/COEP on every response (cross-origin isolation: what wasm threads
 need, e.g. the wllama benchmark's 2-thread run).
 """
-import http.server, json, os, sys, threading, urllib.parse
+import http.server, json, os, sys, threading, time, urllib.parse
 from collections import Counter
 
 ens = os.path.abspath(sys.argv[1])
@@ -39,7 +42,7 @@ manifest = json.load(open(os.path.join(ens, "manifest.json")))
 sw = manifest["trajectory"][1]["swap"]
 victim = next(v["file"] for v in manifest["modules"]
               if v["layer"] == sw["layer"] and v["kind"] == sw["kind"] and v["bits"] == sw["to_bits"])
-counts, lock, state = Counter(), threading.Lock(), {"fail": False}
+counts, lock, state = Counter(), threading.Lock(), {"fail": False, "delay_ms": 0}
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -90,10 +93,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with lock:
                 counts.clear()
             return self.send(200, b"0", "application/json")
+        if path == "/__delay":
+            state["delay_ms"] = int(q.get("ms", ["0"])[0])
+            return self.send(200, str(state["delay_ms"]).encode(), "application/json")
+        parts = path.lstrip("/").split("/", 1)
+        if state["delay_ms"] and parts[0] != "npm" and path not in ("/__count", "/__reset", "/__fail"):
+            time.sleep(state["delay_ms"] / 1000)
+        if path == "/__blob":
+            return self.send(200, bytes(int(q.get("bytes", ["0"])[0])))
         if path == "/__fail":
             state["fail"] = q.get("on", ["0"])[0] == "1"
+            state["fail_left"] = int(q.get("times", ["-1"])[0])
             return self.send(200, b"1" if state["fail"] else b"0", "application/json")
-        parts = path.lstrip("/").split("/", 1)
         if parts[0] in mounts:
             return self.file(mounts[parts[0]], parts[1] if len(parts) > 1 else "index.html")
         view = ""
@@ -118,6 +129,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if rel == victim and view == "truncated":
             body = body[: len(body) // 2]
         cut = view == "net" and state["fail"] and rel.startswith("modules/")
+        if cut and state.get("fail_left", -1) >= 0:
+            with lock:
+                state["fail_left"] -= 1
+                if state["fail_left"] < 0:
+                    cut = state["fail"] = False
         ctype = "application/json" if rel.endswith(".json") else "application/octet-stream"
         self.send(200, body, ctype, cut)
 
