@@ -8,10 +8,24 @@ use flexquant::model::{ops, ModuleKind, Weights};
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// The benchmarks (each writes `OUT_DIR/NAME.json`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Which {
+    /// The CPU reference path: forward vs plain GEMM, perplexity.
+    Cpu,
+    /// The quantization library: RTN/GPTQ time and quality per bit-width.
+    Quant,
+    /// The WebGPU engine natively (lavapipe here): decode, prefill, swaps, bandwidth.
+    Gpu,
+    /// The packed CPU backend on `--ensemble` (decode, prefill, microkernel, swaps).
+    Backends,
+}
+
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Which benchmark: cpu, quant, gpu, backends (the packed CPU backend on --ensemble).
-    which: String,
+    /// Which benchmark.
+    #[arg(value_enum)]
+    which: Which,
     /// A built ensemble (for `backends`).
     #[arg(long)]
     ensemble: Option<PathBuf>,
@@ -74,23 +88,16 @@ fn plain_gemm_seconds(w: &Weights, t: usize) -> f64 {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    if a.which == "quant" {
-        return super::bench_quant::run(&a.model, &a.text, &a.out_dir, &a.quant);
-    }
-    if a.which == "gpu" {
-        return super::bench_gpu::run(&a.model, &a.text, &a.out_dir, &a.gpu);
-    }
-    if a.which == "backends" {
-        let Some(e) = &a.ensemble else {
-            anyhow::bail!("bench backends needs --ensemble DIR (a built ensemble)");
-        };
-        return super::bench_backends::run(e, &a.text, &a.out_dir);
-    }
-    if a.which != "cpu" {
-        anyhow::bail!(
-            "unknown benchmark {:?} (available: cpu, quant, gpu, backends)",
-            a.which
-        );
+    match a.which {
+        Which::Quant => return super::bench_quant::run(&a.model, &a.text, &a.out_dir, &a.quant),
+        Which::Gpu => return super::bench_gpu::run(&a.model, &a.text, &a.out_dir, &a.gpu),
+        Which::Backends => {
+            let Some(e) = &a.ensemble else {
+                anyhow::bail!("bench backends needs --ensemble DIR (a built ensemble)");
+            };
+            return super::bench_backends::run(e, &a.text, &a.out_dir);
+        }
+        Which::Cpu => {}
     }
     let m = super::load_model(&a.model)?;
     let w = &m.weights;
