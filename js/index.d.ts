@@ -223,6 +223,8 @@ export interface EngineApi {
   stats(): Promise<Stats>;
   trajectory(): Promise<TrajectoryPoint[]>;
   simulateDeviceLoss(): Promise<void>;
+  /** Panics inside wasm (tests): rejects with code internal; the engine is then cleanly failed. */
+  simulatePanic(): Promise<void>;
   unload(): Promise<void>;
   /** Low level: prefill a conversation, then take chunks with nextChunk() until null. */
   startChat(request: ChatRequest): Promise<unknown>;

@@ -82,9 +82,33 @@ export class Engine {
 
   /** Runs engine calls one after another (tokens, swaps, recovery never overlap). */
   _run(f) {
-    const p = this._queue.then(f);
+    const p = this._queue.then(() => this._guard(f));
     this._queue = p.catch(() => {});
-    return p.catch((e) => { throw toFlexQuantError(e); });
+    return p;
+  }
+
+  /**
+   * Calls into wasm; a panic there (a bug) aborts the call with a WebAssembly.RuntimeError and
+   * leaves the instance unusable: it becomes an `internal` error with the panic's message, and
+   * every later call fails the same way at once (`unload` resolves: there is nothing left to
+   * call). Create a new engine.
+   */
+  async _guard(f) {
+    if (this._crashed) {
+      if (f === this._unloadCall) return undefined;
+      throw this._crashed;
+    }
+    try {
+      return await f();
+    } catch (e) {
+      if (e instanceof WebAssembly.RuntimeError) {
+        const why = globalThis.__flexquantPanic ?? e.message;
+        this._crashed = new FlexQuantError('internal', `the engine crashed: ${why} (create a new engine)`);
+        this._stopHeap();
+        throw this._crashed;
+      }
+      throw toFlexQuantError(e);
+    }
   }
 
   /** Low level (chat.completions.create uses these): prefill a conversation... */
@@ -107,11 +131,14 @@ export class Engine {
     this._inner.reportHeap(used, limit);
     this._run(() => this._inner.rebalance()).catch(() => {});
   }
-  async stats() { return this._inner.stats(); }
-  async trajectory() { return this._inner.trajectory(); }
+  stats() { return this._guard(() => this._inner.stats()); }
+  trajectory() { return this._guard(() => this._inner.trajectory()); }
+  /** Panics inside wasm, as a bug would (tests of the crash handling). */
+  simulatePanic() { return this._guard(() => this._inner.simulatePanic()); }
   simulateDeviceLoss() { return this._run(() => this._inner.simulateDeviceLoss()).then(() => {}); }
   unload() {
     this._stopHeap();
-    return this._run(() => this._inner.unload()).then(() => {});
+    this._unloadCall ??= () => this._inner.unload();
+    return this._run(this._unloadCall).then(() => {});
   }
 }

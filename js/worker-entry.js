@@ -20,6 +20,7 @@ const methods = {
   stats: () => engine.stats(),
   trajectory: () => engine.trajectory(),
   simulateDeviceLoss: () => engine.simulateDeviceLoss(),
+  simulatePanic: () => engine.simulatePanic(),
   unload: () => engine.unload(),
 };
 

@@ -167,6 +167,7 @@ export class WorkerEngine {
   stats() { return this._call('stats'); }
   trajectory() { return this._call('trajectory'); }
   simulateDeviceLoss() { return this._call('simulateDeviceLoss'); }
+  simulatePanic() { return this._call('simulatePanic'); }
   async unload() {
     this._stopHeap();
     await this._call('unload');

@@ -111,7 +111,7 @@ where
 impl Engine {
     /// Loads the ensemble at `manifest_url` (see `js/API.md` for the options).
     pub async fn create(manifest_url: String, options: JsValue) -> Result<Engine, JsValue> {
-        console_error_panic_hook::set_once();
+        crate::web::set_panic_hook();
         Self::load(&manifest_url, options)
             .await
             .map_err(|e| e.to_js())
@@ -260,6 +260,12 @@ impl Engine {
             })
             .collect();
         to_js(&points)
+    }
+
+    /// Panics inside wasm, as a bug would (tests of the JS wrapper's crash handling).
+    #[wasm_bindgen(js_name = simulatePanic)]
+    pub fn simulate_panic(&self) {
+        panic!("simulated panic (Engine.simulatePanic)");
     }
 
     /// Destroys the GPU device as a real loss would, then recovers (a new device, a lower

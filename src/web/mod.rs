@@ -45,3 +45,20 @@ pub(crate) async fn sleep(ms: i32) {
     });
     let _ = wasm_bindgen_futures::JsFuture::from(p).await;
 }
+
+/// The panic hook: the message and stack on the console (console_error_panic_hook), and the
+/// message in `globalThis.__flexquantPanic` so the JS wrapper can put it in the `internal`
+/// error it raises (a panic aborts the wasm call with a bare `RuntimeError: unreachable`).
+pub fn set_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            console_error_panic_hook::hook(info);
+            let _ = js_sys::Reflect::set(
+                &js_sys::global(),
+                &"__flexquantPanic".into(),
+                &info.to_string().into(),
+            );
+        }));
+    });
+}

@@ -39,6 +39,10 @@ try {
     assert.equal(r.worker.text, r.main.text, 'greedy: the worker and the main thread agree');
     assert.deepEqual([r.includeUsage.choices, r.includeUsage.finish], [0, 'length'], JSON.stringify(r.includeUsage));
     assert.ok(r.includeUsage.tokens === 6, JSON.stringify(r.includeUsage));
+    assert.match(r.panic.first, /^internal: the engine crashed: .*simulated panic/s, JSON.stringify(r.panic));
+    assert.match(r.panic.after, /^internal: the engine crashed/, JSON.stringify(r.panic));
+    assert.match(r.panic.chat, /^internal: the engine crashed/, JSON.stringify(r.panic));
+    assert.equal(r.panic.unload, 'ok');
     const ins = r.inspect;
     assert.equal(ins.trajectory.length, r.main.steps, JSON.stringify(ins).slice(0, 300));
     assert.equal(ins.kvBytes, 256 * ins.kvBytesPerToken);
