@@ -230,6 +230,14 @@ setup_web() {
   apt_install chromium chromium-driver
 }
 
+# wasm-pack: the browser tests run through `wasm-pack test`, the way Rust web developers run
+# them (README). It finds wasm-bindgen-test-runner (setup_web) and chromedriver on the PATH.
+setup_wasm_pack() {
+  command -v wasm-pack >/dev/null && return 0
+  log "cargo install wasm-pack (a few minutes, once)"
+  cargo install -q wasm-pack --locked
+}
+
 # target/pkg/flexquant/: the npm package (wasm-bindgen --target web output under wasm/, the JS
 # wrapper and types from js/, version from Cargo.toml), and target/pkg/flexquant-VERSION.tgz.
 build_package() {
@@ -305,11 +313,11 @@ test_browser() {
   test_browser_project
   local proj="$ROOT/target/web-test/npm-project" rc=0
   start_test_server --mount npm="$proj"
-  log "wasm browser tests (tests/web.rs, headless Chromium, server $SERVER_URL)"
+  setup_wasm_pack
+  log "wasm browser tests (tests/web.rs through wasm-pack test, headless Chromium, server $SERVER_URL)"
   FLEXQUANT_TEST_SERVER="$SERVER_URL" CARGO_TARGET_DIR="$WEB_TARGET" \
-  CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
   CHROMEDRIVER=/usr/bin/chromedriver WASM_BINDGEN_TEST_TIMEOUT=600 \
-    cargo test --release --target wasm32-unknown-unknown --test web || rc=$?
+    wasm-pack test --headless --chrome --release -- --test web || rc=$?
   if [ $rc = 0 ]; then
     log "npm import test (tarball installed into $proj, Playwright)"
     node tests/e2e/npm_import.mjs "$SERVER_URL" || rc=$?
