@@ -8,6 +8,7 @@
 //! - `backend`: what a backend implements; `reference` (native): the CPU reference as one.
 //! - `generate` (sampling, RNG, stop reasons, stats) and `session` (a conversation with prefix
 //!   reuse, one token per call): generation on every backend.
+//! - `request`: a chat request and its validation (the browser's, run natively too).
 //! - `speed`: decode speed between tokens, the controller's second signal.
 //! - `dir` (native): an ensemble directory as a byte source.
 
@@ -21,6 +22,7 @@ pub mod generate;
 pub mod policy;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod reference;
+pub mod request;
 pub mod session;
 pub mod speed;
 pub mod walk;

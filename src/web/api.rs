@@ -2,7 +2,6 @@
 //! read and written through `serde-wasm-bindgen`, so each key is named once, here. Engine
 //! options and stats use JS's camelCase; chat requests and chunks keep OpenAI's snake_case.
 
-use crate::model::chat::Message;
 use crate::runtime::{Policy, Reason};
 use crate::web::error::{Code, WebError, WebResult};
 use serde::de::DeserializeOwned;
@@ -108,118 +107,22 @@ impl EngineOptions {
     }
 }
 
-/// `startChat`'s request: the OpenAI fields this engine implements, those it accepts and
-/// ignores with reason (`model`, `user`: one model per engine; `stream_options`: the final
-/// chunk always carries `usage`), and those it rejects as `unsupported` rather than silently
-/// doing something else (any other field, too: see `KNOWN`).
-#[derive(Deserialize)]
-pub struct ChatRequest {
-    pub messages: Vec<Message>,
-    pub max_tokens: Option<usize>,
-    /// OpenAI's newer name for `max_tokens`.
-    pub max_completion_tokens: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
-    pub seed: Option<f64>,
-    pub model: Option<serde_json::Value>,
-    pub user: Option<serde_json::Value>,
-    pub stream_options: Option<serde_json::Value>,
-    /// Known, not implemented (yet): present and not the default, they are `unsupported`.
-    pub n: Option<u32>,
-    pub stop: Option<serde_json::Value>,
-    pub frequency_penalty: Option<f32>,
-    pub presence_penalty: Option<f32>,
-    pub logit_bias: Option<serde_json::Value>,
-    pub logprobs: Option<bool>,
-    pub top_logprobs: Option<u32>,
-    pub response_format: Option<serde_json::Value>,
-    pub tools: Option<serde_json::Value>,
-    pub tool_choice: Option<serde_json::Value>,
-    /// Generate `max_tokens` even past the end-of-turn token (benchmarks; vLLM's name).
-    pub ignore_eos: Option<bool>,
-}
+pub use crate::runtime::request::ChatRequest;
 
 impl ChatRequest {
-    /// Every field `ChatRequest` has. (serde-wasm-bindgen reads a struct's fields by name, so
-    /// `deny_unknown_fields` never sees the others: they are checked here.)
-    const KNOWN: [&'static str; 22] = [
-        "messages",
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "seed",
-        "model",
-        "user",
-        "stream_options",
-        "n",
-        "stop",
-        "frequency_penalty",
-        "presence_penalty",
-        "logit_bias",
-        "logprobs",
-        "top_logprobs",
-        "response_format",
-        "tools",
-        "tool_choice",
-        "ignore_eos",
-        "stream",
-    ];
-
-    /// Reads a request; an unknown field or a known one this engine does not implement is an
-    /// `unsupported` error naming it.
+    /// Reads a request from JS with the checks of `runtime::request` (which native code and the
+    /// fuzzer run on JSON): an unknown field or a known one this engine does not implement is
+    /// an `unsupported` error naming it.
     pub fn parse(v: JsValue) -> WebResult<ChatRequest> {
         if let Some(o) = v.dyn_ref::<js_sys::Object>() {
-            let keys = js_sys::Object::keys(o);
-            if let Some(k) = keys
+            let keys: Vec<String> = js_sys::Object::keys(o)
                 .iter()
                 .filter_map(|k| k.as_string())
-                .find(|k| !Self::KNOWN.contains(&k.as_str()))
-            {
-                return Err(WebError::new(
-                    Code::Unsupported,
-                    format!("chat request: unknown field `{k}` (see js/API.md for the fields)"),
-                ));
-            }
+                .collect();
+            ChatRequest::check_keys(keys.iter().map(String::as_str))?;
         }
         let r: ChatRequest = from_js(v, "chat request")?;
-        let unsupported: [(&str, bool); 10] = [
-            ("n", r.n.is_some_and(|n| n != 1)),
-            ("stop", r.stop.as_ref().is_some_and(|s| !s.is_null())),
-            (
-                "frequency_penalty",
-                r.frequency_penalty.is_some_and(|p| p != 0.0),
-            ),
-            (
-                "presence_penalty",
-                r.presence_penalty.is_some_and(|p| p != 0.0),
-            ),
-            (
-                "logit_bias",
-                r.logit_bias.as_ref().is_some_and(|b| !b.is_null()),
-            ),
-            ("logprobs", r.logprobs == Some(true)),
-            ("top_logprobs", r.top_logprobs.is_some_and(|n| n > 0)),
-            (
-                "response_format",
-                r.response_format.as_ref().is_some_and(|f| {
-                    !f.is_null() && f.get("type").and_then(|t| t.as_str()) != Some("text")
-                }),
-            ),
-            ("tools", r.tools.as_ref().is_some_and(|t| !t.is_null())),
-            (
-                "tool_choice",
-                r.tool_choice.as_ref().is_some_and(|t| !t.is_null()),
-            ),
-        ];
-        if let Some((field, _)) = unsupported.iter().find(|(_, bad)| *bad) {
-            return Err(WebError::new(
-                Code::Unsupported,
-                format!("chat request: `{field}` is not supported by this engine (see js/API.md)"),
-            ));
-        }
+        r.check_supported()?;
         Ok(r)
     }
 }

@@ -11,7 +11,7 @@ use crate::model::weights::ModuleId;
 use crate::runtime::walk::Running;
 use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
-use crate::runtime::{Sampling, StopReason, Turn};
+use crate::runtime::{StopReason, Turn};
 use crate::web::api::{
     from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, MinSpeed, Started, Stats,
     TrajectoryPoint, Usage, UsageExtra,
@@ -478,21 +478,7 @@ impl Inner {
     // ---- chat ----
 
     async fn start_chat(self: &Rc<Self>, st: &mut State, req: ChatRequest) -> WebResult<JsValue> {
-        if req.messages.is_empty() {
-            return Err(WebError::new(Code::Input, "chat request: no messages"));
-        }
-        let s = Sampling {
-            temperature: req.temperature.unwrap_or(0.7),
-            top_p: req.top_p.unwrap_or(0.95),
-            top_k: req.top_k.unwrap_or(0),
-            max_tokens: req.max_tokens.or(req.max_completion_tokens).unwrap_or(256),
-            seed: req.seed.map_or_else(
-                || (js_sys::Math::random() * 2f64.powi(53)) as u64,
-                |s| s as u64,
-            ),
-        };
-        s.validate()
-            .map_err(|e| WebError::new(Code::Input, format!("chat request: {e}")))?;
+        let s = req.sampling(|| (js_sys::Math::random() * 2f64.powi(53)) as u64)?;
         let text = self.chat.render(&req.messages);
         let ids = self.tokenizer.encode(&text)?;
 
