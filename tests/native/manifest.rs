@@ -231,3 +231,21 @@ fn packed_shapes_are_bounded() {
     assert!(PackedShape::new(64, 64, 7, 64).is_err());
     assert!(PackedShape::new(64, 64, 4, 48).is_err());
 }
+
+/// The fuzz mutator over a valid manifest: every mutant is read without a panic, and every
+/// rejection names the file (the full-scale run is `./build.sh fuzz`).
+#[test]
+fn mutants_of_a_valid_manifest_never_panic() {
+    use flexquant::fuzz::{mutate::Mutator, targets};
+    let json = sample().to_json().into_bytes();
+    let mut m = Mutator::new(1, json.len() * 2 + 4096);
+    let (mut out, mut ok) = (Vec::new(), 0);
+    for _ in 0..3000 {
+        m.mutate(&json, &json, true, &mut out);
+        match targets::manifest(&out) {
+            Ok(()) => ok += 1,
+            Err(e) => assert!(e.to_string().starts_with("manifest.json"), "{e}"),
+        }
+    }
+    assert!(ok > 0 && ok < 3000, "{ok} of 3000 accepted");
+}
