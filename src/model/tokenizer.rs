@@ -13,6 +13,8 @@ const TOKEN_TYPE_USER_DEFINED: u64 = 4;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The file it came from, for errors.
+    name: String,
     pub bos: Option<u32>,
     /// Tokens that end a generation.
     pub stop: Vec<u32>,
@@ -97,6 +99,16 @@ impl Tokenizer {
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
+        // A token listed twice would silently take the later id in the vocabulary map, so ids
+        // and strings would disagree.
+        let mut seen = std::collections::HashMap::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            if let Some(first) = seen.insert(t.as_str(), i) {
+                return Err(err(format!(
+                    "tokenizer.ggml.tokens lists {t:?} twice (ids {first} and {i})"
+                )));
+            }
+        }
         let special: Vec<u32> = match g
             .meta("tokenizer.ggml.token_type")
             .and_then(|v| v.as_array())
@@ -146,8 +158,22 @@ impl Tokenizer {
         chat_template: Option<&str>,
     ) -> Result<Self> {
         let text = std::str::from_utf8(bytes).map_err(|_| Error::format(what, "not UTF-8"))?;
+        // The syntax first: tokenizers 0.22 panics (`expect("Helper")`) on malformed JSON inside
+        // the "decoder" object instead of returning its error (found by fuzzing).
+        serde_json::from_str::<serde::de::IgnoredAny>(text)
+            .map_err(|e| Error::format(what, format!("not JSON: {e}")))?;
         let inner = tokenizers::Tokenizer::from_str(text)
             .map_err(|e| Error::format(what, format!("bad tokenizer: {e}")))?;
+        if let tokenizers::ModelWrapper::BPE(bpe) = inner.get_model() {
+            if let Some(unk) = bpe.unk_token.as_deref() {
+                if inner.token_to_id(unk).is_none() {
+                    return Err(Error::format(
+                        what,
+                        format!("model.unk_token {unk:?} is not in the vocabulary"),
+                    ));
+                }
+            }
+        }
         let mut stop: Vec<u32> = eos.into_iter().collect();
         for s in ["<|im_end|>", "<|endoftext|>", "</s>"] {
             if let Some(id) = inner.token_to_id(s) {
@@ -159,6 +185,7 @@ impl Tokenizer {
         let chat = ChatTemplate::detect(chat_template, inner.token_to_id("<|im_start|>").is_some());
         Ok(Tokenizer {
             inner,
+            name: what.to_string(),
             bos,
             stop,
             chat,
@@ -174,14 +201,14 @@ impl Tokenizer {
         let enc = self
             .inner
             .encode(text, false)
-            .map_err(|e| Error::input(format!("tokenizing failed: {e}")))?;
+            .map_err(|e| Error::format(&self.name, format!("tokenizing failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)
-            .map_err(|e| Error::input(format!("detokenizing failed: {e}")))
+            .map_err(|e| Error::format(&self.name, format!("detokenizing failed: {e}")))
     }
 
     /// The tokenizer as a Hugging Face `tokenizer.json` (what the ensemble ships).

@@ -11,6 +11,7 @@ mod builder;
 mod builder_real;
 mod cpu;
 mod elastic;
+mod fuzz_found;
 mod gpu_demo;
 mod gpu_kernels;
 mod gpu_model;
