@@ -9,10 +9,12 @@
 //! - `generate` (sampling, RNG, stop reasons, stats) and `session` (a conversation with prefix
 //!   reuse, one token per call): generation on every backend.
 //! - `request`: a chat request and its validation (the browser's, run natively too).
+//! - `body`: how a download's buffer grows (never past the declared size).
 //! - `speed`: decode speed between tokens, the controller's second signal.
 //! - `dir` (native): an ensemble directory as a byte source.
 
 pub mod backend;
+pub mod body;
 pub mod clock;
 pub mod decision;
 #[cfg(not(target_arch = "wasm32"))]

@@ -16,6 +16,7 @@ mod gpu_demo;
 mod gpu_kernels;
 mod gpu_model;
 mod gpu_session;
+mod hostile;
 mod manifest;
 mod model_real;
 mod model_tiny;
