@@ -159,6 +159,7 @@ fn fuzz_target(
     let mut r = Report::default();
     let mut buf = Vec::new();
     let start = Instant::now();
+    let mut last_line = start;
     for i in 0..a.inputs {
         match seeds.get(i as usize) {
             Some(s) => buf = s.clone(),
@@ -228,6 +229,17 @@ fn fuzz_target(
         buf = Arc::try_unwrap(input).unwrap_or_default();
         if i % 256 == 0 {
             pb.set_position(i);
+            // Without a terminal the bars are hidden: a line every 10 s instead.
+            if pb.is_hidden() && last_line.elapsed() > Duration::from_secs(10) {
+                last_line = Instant::now();
+                eprintln!(
+                    "fuzz {}: {i}/{} inputs, {:.0}/s, {} panics",
+                    t.name,
+                    a.inputs,
+                    i as f64 / start.elapsed().as_secs_f64(),
+                    r.panics
+                );
+            }
         }
     }
     pb.set_position(a.inputs);

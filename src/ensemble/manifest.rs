@@ -182,21 +182,32 @@ impl Manifest {
                 format!("{} bytes is too large for a manifest", bytes.len()),
             ));
         }
-        let head: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| Error::format(what, e))?;
-        if head.get("format").and_then(|v| v.as_str()) != Some(FORMAT) {
+        // The format and version first (a light pass that skips everything else), so that a
+        // manifest of another version gets that error rather than a field error.
+        #[derive(Deserialize)]
+        struct Head {
+            #[serde(default)]
+            format: serde_json::Value,
+            #[serde(default)]
+            version: serde_json::Value,
+        }
+        let head: Head = serde_json::from_slice(bytes).map_err(|e| Error::format(what, e))?;
+        if head.format.as_str() != Some(FORMAT) {
             return Err(Error::format(what, format!("not a {FORMAT} manifest")));
         }
-        let v = head.get("version").and_then(|v| v.as_u64());
+        let v = head.version.as_u64();
         if v != Some(VERSION as u64) {
             return Err(Error::format(
                 what,
                 format!("manifest version {v:?} is not supported (this runtime reads version {VERSION})"),
             ));
         }
-        // The path of a bad field in the message (`config.vocab_size: invalid value ...`).
-        let m: Manifest = serde_path_to_error::deserialize(head)
+        // Then straight into the structs (no intermediate tree), the path of a bad field in
+        // the message (`config.vocab_size: invalid value ...`).
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let m: Manifest = serde_path_to_error::deserialize(&mut de)
             .map_err(|e| Error::format(what, format!("{}: {}", e.path(), e.inner())))?;
+        de.end().map_err(|e| Error::format(what, e))?;
         m.validate(what)?;
         Ok(m)
     }
@@ -300,6 +311,7 @@ impl Manifest {
     pub fn tokenizer(&self, bytes: &[u8]) -> Result<Tokenizer> {
         let c = &self.chat;
         let mut t = Tokenizer::from_json_bytes(&self.tokenizer.file, bytes, c.bos, None, None)?;
+        t.check_fits(self.config.vocab_size)?;
         t.stop = c.stop.clone();
         t.chat = match c.template.as_str() {
             "chatml" => ChatTemplate::ChatMl {

@@ -40,6 +40,7 @@ pub fn load_gguf(g: &Gguf) -> Result<LoadedModel> {
     let name = &g.name;
     let config = LlamaConfig::from_gguf(g)?;
     let tokenizer = Tokenizer::from_gguf(g)?;
+    tokenizer.check_fits(config.vocab_size)?;
     let weights = weights_from_gguf(g, config)?;
     Ok(LoadedModel {
         weights,

@@ -196,6 +196,19 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Refuses a tokenizer with more tokens than the model has embeddings: its ids past the
+    /// model's vocabulary would reach the model (the tokenizer and config disagree).
+    pub fn check_fits(&self, model_vocab: usize) -> Result<()> {
+        let n = self.vocab_size();
+        if n > model_vocab {
+            return Err(Error::format(
+                &self.name,
+                format!("{n} tokens, more than the model's vocabulary of {model_vocab}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Tokenizes text as is: no BOS, special tokens written in the text are recognised.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self

@@ -249,3 +249,26 @@ fn mutants_of_a_valid_manifest_never_panic() {
     }
     assert!(ok > 0 && ok < 3000, "{ok} of 3000 accepted");
 }
+
+/// The ensemble's tokenizer and the manifest's config must agree: a tokenizer with more tokens
+/// than the model has embeddings is refused, naming the tokenizer file.
+#[test]
+fn a_tokenizer_larger_than_the_models_vocabulary_is_refused() {
+    use flexquant::model::tokenizer::byte_level_bpe_json;
+    let m = sample();
+    let vocab = m.config.vocab_size;
+    let json = |n: usize| {
+        let tokens: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+        byte_level_bpe_json(&tokens, &[], &[], false).to_string()
+    };
+    m.tokenizer(json(vocab).as_bytes()).unwrap();
+    let e = m
+        .tokenizer(json(vocab + 41).as_bytes())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.starts_with("tokenizer.json") && e.contains("more than"),
+        "{e}"
+    );
+}
