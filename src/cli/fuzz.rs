@@ -52,6 +52,10 @@ pub struct FuzzArgs {
     /// The JSON report (fuzz_inputs, fuzz_panics, fuzz_slowest_ms, ...).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Run these saved inputs (e.g. from --crashes) through the one target named by --targets
+    /// and print each result, instead of fuzzing.
+    #[arg(long, num_args = 1..)]
+    replay: Vec<PathBuf>,
 }
 
 /// Mutants that parse join the corpus (a stand-in for coverage feedback: valid inputs reach
@@ -92,6 +96,23 @@ pub fn run(a: FuzzArgs) -> Result<()> {
         .collect();
     if let Some(n) = a.targets.iter().find(|n| !all.iter().any(|t| t.name == *n)) {
         bail!("unknown fuzz target '{n}'");
+    }
+    if !a.replay.is_empty() {
+        let [t] = &all[..] else {
+            bail!("--replay needs exactly one target in --targets");
+        };
+        for p in &a.replay {
+            let input = std::fs::read(p)?;
+            let t0 = Instant::now();
+            let r = (t.run)(&input);
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            println!(
+                "{}: {ms:.1} ms: {:?}",
+                p.display(),
+                r.map_err(|e| e.to_string())
+            );
+        }
+        return Ok(());
     }
     std::fs::create_dir_all(&a.crashes)?;
     // Panics are recorded, not printed: the input and message go to --crashes.

@@ -60,6 +60,33 @@ pub fn byte_level_bpe_json(
     })
 }
 
+/// tokenizers slices `continuing_subword_prefix` off the second part of every merge without
+/// checking that it is there (`&b[prefix_len..]`): a panic on a hostile file.
+fn check_merges(what: &str, model: &Value) -> Result<()> {
+    let Some(prefix) = model["continuing_subword_prefix"].as_str() else {
+        return Ok(());
+    };
+    let Some(merges) = model["merges"].as_array() else {
+        return Ok(());
+    };
+    for (i, m) in merges.iter().enumerate() {
+        let second = match m {
+            Value::String(s) => s.split_once(' ').map(|(_, b)| b),
+            Value::Array(a) => a.get(1).and_then(Value::as_str),
+            _ => None,
+        };
+        if second.is_some_and(|b| !b.starts_with(prefix)) {
+            return Err(Error::format(
+                what,
+                format!(
+                    "model.merges[{i}] does not start with continuing_subword_prefix {prefix:?}"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Tokenizer {
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
         let err = |r: String| Error::format(&g.name, r);
@@ -158,10 +185,12 @@ impl Tokenizer {
         chat_template: Option<&str>,
     ) -> Result<Self> {
         let text = std::str::from_utf8(bytes).map_err(|_| Error::format(what, "not UTF-8"))?;
-        // The syntax first: tokenizers 0.22 panics (`expect("Helper")`) on malformed JSON inside
-        // the "decoder" object instead of returning its error (found by fuzzing).
-        serde_json::from_str::<serde::de::IgnoredAny>(text)
+        // Checked here first, because tokenizers 0.22 panics on them instead of returning an
+        // error (both found by fuzzing): the syntax (`expect("Helper")` on malformed JSON in
+        // the "decoder" object) and the BPE merges against the subword prefix.
+        let json: Value = serde_json::from_str(text)
             .map_err(|e| Error::format(what, format!("not JSON: {e}")))?;
+        check_merges(what, &json["model"])?;
         let inner = tokenizers::Tokenizer::from_str(text)
             .map_err(|e| Error::format(what, format!("bad tokenizer: {e}")))?;
         if let tokenizers::ModelWrapper::BPE(bpe) = inner.get_model() {

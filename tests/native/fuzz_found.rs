@@ -72,3 +72,23 @@ fn gguf_tokens_listed_twice_are_rejected() {
         .to_string();
     assert!(e.starts_with("tok.gguf") && e.contains("twice"), "{e}");
 }
+
+/// Fuzzing found it (input 394 121 of the first 1M run): tokenizers 0.22 slices the BPE
+/// `continuing_subword_prefix` off each merge's second part unchecked, and panics when it is
+/// longer; the loader checks the merges first.
+#[test]
+fn a_subword_prefix_longer_than_a_merge_is_an_error_not_a_panic() {
+    let mut j = tiny_tokenizer_json();
+    j["model"]["continuing_subword_prefix"] = "xxxxxxxx".into();
+    let e = std::panic::catch_unwind(|| {
+        Tokenizer::from_json_bytes("tokenizer.json", j.to_string().as_bytes(), None, None, None)
+            .err()
+            .unwrap()
+            .to_string()
+    })
+    .expect("no panic");
+    assert!(
+        e.starts_with("tokenizer.json") && e.contains("model.merges[0]"),
+        "{e}"
+    );
+}
