@@ -76,10 +76,13 @@ fn check_merges(what: &str, model: &Value) -> Result<()> {
             _ => None,
         };
         if second.is_some_and(|b| !b.starts_with(prefix)) {
+            // The prefix shown cut short: a hostile one may be megabytes long.
+            let shown: String = prefix.chars().take(32).collect();
             return Err(Error::format(
                 what,
                 format!(
-                    "model.merges[{i}] does not start with continuing_subword_prefix {prefix:?}"
+                    "model.merges[{i}] does not start with continuing_subword_prefix {shown:?} ({} bytes)",
+                    prefix.len()
                 ),
             ));
         }
