@@ -47,7 +47,7 @@ export function chatApi(start, next, interrupt) {
     return done;
   }
 
-  async function* chunks(signal, end) {
+  async function* chunks(signal, end, includeUsage) {
     const onAbort = () => interrupt();
     signal?.addEventListener('abort', onAbort);
     let finished = false;
@@ -56,6 +56,11 @@ export function chatApi(start, next, interrupt) {
         const c = await next();
         if (c == null) { finished = true; return; }
         yield c;
+        if (includeUsage && c.usage) {
+          // OpenAI's `stream_options.include_usage`: one more chunk, no choices, the usage.
+          yield { id: c.id, object: c.object, created: c.created, model: c.model, choices: [],
+            usage: c.usage };
+        }
       }
     } finally {
       signal?.removeEventListener('abort', onAbort);
@@ -79,10 +84,10 @@ export function chatApi(start, next, interrupt) {
       end();
       throw e;
     }
-    if (stream) return chunks(signal, end);
+    if (stream) return chunks(signal, end, req.stream_options?.include_usage === true);
     let content = '';
     let last = null;
-    for await (const c of chunks(signal, end)) {
+    for await (const c of chunks(signal, end, false)) {
       content += c.choices[0].delta.content ?? '';
       last = c;
     }

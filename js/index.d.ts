@@ -46,7 +46,9 @@ export interface ReleasedEvent { type: 'released'; ms: number; step: number; fro
 export interface DeviceLostEvent { type: 'device-lost'; step: number; message: string }
 export interface RecoveredEvent { type: 'recovered'; from: number; to: number; ms: number; reprefilledTokens: number }
 export interface ErrorEvent { type: 'error'; error: { code: ErrorCode; message: string; file?: string | null; url?: string | null } }
-export type EngineEvent = ProgressEvent | BackendEvent | SwapEvent | ReleasedEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent;
+/** The engine works, but not as the app may assume (`chat-template-fallback`: the model has no chat template; prompts are ChatML). */
+export interface WarningEvent { type: 'warning'; code: 'chat-template-fallback' | string; message: string }
+export type EngineEvent = ProgressEvent | BackendEvent | SwapEvent | ReleasedEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent | WarningEvent;
 
 /** runtime::Policy (snake_case, every field optional). */
 export interface Policy {
@@ -67,6 +69,8 @@ export interface EngineOptions {
   backend?: 'auto' | 'webgpu' | 'cpu';
   /** Slowest acceptable decode (tokens/s): the model steps down while slower, up with headroom. */
   minTokensPerSecond?: number;
+  /** Quality floor: never step to an EQM whose (held-out) perplexity is above this. */
+  maxPerplexity?: number;
   /** App memory budget in bytes for model + KV cache + activations. */
   budgetBytes?: number;
   /** KV-cache positions (default 1024, at most the model's). */
@@ -96,8 +100,21 @@ export interface ChatRequest {
   top_k?: number;
   max_completion_tokens?: number;
   seed?: number;
+  /** Up to 16 strings: the answer ends where one first appears (not shown; finish_reason 'stop'). */
+  stop?: string | string[] | null;
+  /** In [-2, 2]: subtracted from a token's logit per time it is already in the answer. */
+  frequency_penalty?: number;
+  /** In [-2, 2]: subtracted from a token's logit if it is already in the answer. */
+  presence_penalty?: number;
+  /** Token id -> bias in [-100, 100], added to its logit (at most 300 entries). */
+  logit_bias?: Record<string, number> | null;
+  /** include_usage: one more chunk after the last, with `choices: []` and the usage. */
+  stream_options?: { include_usage?: boolean } | null;
   /** Accepted and ignored (one model per engine). */
   model?: string;
+  user?: string;
+  /** Only 1. */
+  n?: number;
   /** Ends the answer after the current token (finish_reason 'abort'); a request still waiting for its turn rejects with code 'aborted'. */
   signal?: AbortSignal;
   /** Generate max_tokens even past the end-of-turn token (benchmarks). */
@@ -118,6 +135,7 @@ export interface ChatCompletionChunk {
   object: 'chat.completion.chunk';
   created: number;
   model: string;
+  /** Empty in the extra usage chunk of `stream_options.include_usage`. */
   choices: { index: 0; delta: { role?: 'assistant'; content?: string }; finish_reason: FinishReason | null }[];
   usage?: Usage;
 }
@@ -145,6 +163,8 @@ export interface Stats {
   tokensPerSecond: number | null;
   prefillTokensPerSecond: number | null;
   minTokensPerSecond: number | null;
+  /** The quality floor as a step (the deepest the controller may go). */
+  floorStep: number | null;
   measuredTokensPerSecond: number | null;
   speedCapBytes: number | null;
   swaps: number;
@@ -197,6 +217,8 @@ export interface EngineApi {
   setMemoryBudget(bytes: number | null): Promise<void>;
   /** The slowest decode the app accepts: below it the model steps down the trajectory. */
   setMinTokensPerSecond(tokensPerSecond: number | null): Promise<void>;
+  /** Quality floor: the controller never steps below the deepest step within it (null: none). */
+  setMaxPerplexity(maxPerplexity: number | null): Promise<void>;
   reportHeap(usedJSHeapSize: number, jsHeapSizeLimit: number): void;
   stats(): Promise<Stats>;
   trajectory(): Promise<TrajectoryPoint[]>;
@@ -215,10 +237,66 @@ export interface Support {
   crossOriginIsolated: boolean;
 }
 
+export interface StepInfo {
+  step: number;
+  footprintBytes: number;
+  /** Held-out (else calibration) perplexity; interpolated in footprint where not measured. */
+  perplexity: number | null;
+  measured: boolean;
+  meanBits: number;
+}
+
+/** `Engine.inspect`: what an ensemble needs, from its manifest alone. */
+export interface Inspection {
+  name: string;
+  layers: number;
+  hiddenSize: number;
+  vocabSize: number;
+  maxContext: number;
+  nUp: number;
+  nLow: number;
+  groupSize: number;
+  trajectory: StepInfo[];
+  kvBytesPerToken: number;
+  context: number;
+  kvBytes: number;
+  /** Smallest / largest step's footprint plus the KV cache of `context` positions. */
+  minTotalBytes: number;
+  maxTotalBytes: number;
+  /** Every file once; and what the first load fetches (step 0, base, tokenizer). */
+  downloadBytes: number;
+  firstLoadBytes: number;
+}
+
+/** `Engine.cached`: what the Cache API holds of an ensemble. */
+export interface CacheReport {
+  url: string;
+  cacheName: string | null;
+  manifestCached: boolean;
+  files: number;
+  cachedFiles: number;
+  totalBytes: number;
+  cachedBytes: number;
+  /** Steps whose every file is cached: they load offline. */
+  completeSteps: number[];
+}
+
+export interface CacheOptions {
+  cacheName?: string;
+  useCache?: boolean;
+  wasmUrl?: string | URL;
+}
+
 /** The engine on this thread (the members are EngineApi's, by declaration merging). */
 export interface Engine extends EngineApi {}
 export declare class Engine {
   static create(manifestUrl: string | URL, options?: EngineOptions): Promise<Engine>;
   /** Which backend `auto` would pick here and why, loading nothing. */
   static checkSupport(options?: { wasmUrl?: string | URL }): Promise<Support>;
+  /** What the ensemble needs (no GPU, nothing loaded or cached). */
+  static inspect(manifestUrl: string | URL, options?: { context?: number; wasmUrl?: string | URL }): Promise<Inspection>;
+  /** Which steps load offline from the cache, and the bytes cached. */
+  static cached(manifestUrl: string | URL, options?: CacheOptions): Promise<CacheReport>;
+  /** Deletes every version of the ensemble's files from the cache; the entries deleted. */
+  static deleteCached(manifestUrl: string | URL, options?: CacheOptions): Promise<number>;
 }

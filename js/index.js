@@ -1,5 +1,8 @@
 // flexquant: the main-thread engine. See API.md (shipped as README in the package).
-import init, { Engine as WasmEngine, checkSupport as wasmCheckSupport } from './wasm/flexquant.js';
+import init, {
+  Engine as WasmEngine, checkSupport as wasmCheckSupport, inspectEnsemble, cachedEnsemble,
+  deleteCachedEnsemble,
+} from './wasm/flexquant.js';
 import { FlexQuantError, toFlexQuantError, chatApi, pollHeap } from './common.js';
 
 export { FlexQuantError };
@@ -37,6 +40,39 @@ export class Engine {
     return wasmCheckSupport();
   }
 
+  /**
+   * What the ensemble needs, from its manifest alone (no GPU, nothing cached): trajectory
+   * (footprint, perplexity, mean bits per step), KV bytes per token, the least and most memory
+   * for `options.context` positions, download sizes.
+   */
+  static async inspect(manifestUrl, options = {}) {
+    return Engine._static(options, () => inspectEnsemble(Engine._url(manifestUrl), options));
+  }
+
+  /** Which steps of the ensemble load offline from the cache (`cacheName`), and the bytes cached. */
+  static async cached(manifestUrl, options = {}) {
+    return Engine._static(options, () => cachedEnsemble(Engine._url(manifestUrl), options));
+  }
+
+  /** Deletes the ensemble (every version of its files) from the cache; resolves to the entries deleted. */
+  static async deleteCached(manifestUrl, options = {}) {
+    return Engine._static(options, () => deleteCachedEnsemble(Engine._url(manifestUrl), options));
+  }
+
+  static _url(manifestUrl) {
+    const base = globalThis.location?.href;
+    return base ? new URL(manifestUrl, base).href : String(manifestUrl);
+  }
+
+  static async _static(options, f) {
+    try {
+      await initWasm(options.wasmUrl);
+      return await f();
+    } catch (e) {
+      throw toFlexQuantError(e);
+    }
+  }
+
   constructor(inner, heapPollMs) {
     this._inner = inner;
     this._queue = Promise.resolve();
@@ -60,6 +96,9 @@ export class Engine {
   resetChat() { return this._run(() => this._inner.resetChat()).then(() => {}); }
   setMinTokensPerSecond(tokensPerSecond) {
     return this._run(() => this._inner.setMinTokensPerSecond(tokensPerSecond ?? null)).then(() => {});
+  }
+  setMaxPerplexity(maxPerplexity) {
+    return this._run(() => this._inner.setMaxPerplexity(maxPerplexity ?? null)).then(() => {});
   }
   setMemoryBudget(bytes) {
     return this._run(() => this._inner.setMemoryBudget(bytes ?? null)).then(() => {});

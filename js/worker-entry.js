@@ -15,6 +15,7 @@ const methods = {
   resetChat: () => engine.resetChat(),
   setMemoryBudget: (b) => engine.setMemoryBudget(b),
   setMinTokensPerSecond: (t) => engine.setMinTokensPerSecond(t),
+  setMaxPerplexity: (p) => engine.setMaxPerplexity(p),
   reportHeap: (used, limit) => engine.reportHeap(used, limit),
   stats: () => engine.stats(),
   trajectory: () => engine.trajectory(),

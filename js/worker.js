@@ -23,6 +23,7 @@ export class WorkerEngine {
     this._spawn = spawn;
     this._budget = options.budgetBytes ?? null;
     this._minSpeed = options.minTokensPerSecond ?? null;
+    this._maxPerplexity = options.maxPerplexity ?? null;
     this._answering = false;
     this._releaseDue = false;
     this._autoRelease = options.autoRelease ?? true;
@@ -104,6 +105,11 @@ export class WorkerEngine {
     return this._call('setMinTokensPerSecond', [this._minSpeed]);
   }
 
+  setMaxPerplexity(maxPerplexity) {
+    this._maxPerplexity = maxPerplexity ?? null;
+    return this._call('setMaxPerplexity', [this._maxPerplexity]);
+  }
+
   /** Re-creates the worker when the budget is well below its wasm heap (CPU backend only). */
   async _maybeRelease() {
     this._releaseDue = false;
@@ -133,7 +139,8 @@ export class WorkerEngine {
       await this._post('unload');
       this._worker.terminate();
       this._attach(this._spawn());
-      const opts = { ...this._opts, budgetBytes: this._budget, minTokensPerSecond: this._minSpeed };
+      const opts = { ...this._opts, budgetBytes: this._budget, minTokensPerSecond: this._minSpeed,
+        maxPerplexity: this._maxPerplexity };
       try {
         await this._post('create', [this._url, opts]);
       } catch (e) {

@@ -109,6 +109,10 @@ async fn finish(e: &Engine) -> (String, usize, Value) {
                 n += 1;
             }
             (None, last) => {
+                // Text held back for a stop sequence that never came ends the answer.
+                text += last["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .unwrap_or("");
                 assert!(call(e.next_chunk()).await.unwrap().is_null());
                 return (text, n, last);
             }
@@ -863,10 +867,9 @@ async fn empty_and_overlong_conversations_are_input_errors() {
     // OpenAI fields: what is not implemented is refused by name, never silently ignored.
     for (field, value) in [
         ("n", json!(2)),
-        ("stop", json!(["\n"])),
         ("response_format", json!({"type": "json_object"})),
         ("tools", json!([])),
-        ("frequency_penalty", json!(0.5)),
+        ("logprobs", json!(true)),
         ("no_such_field", json!(1)),
     ] {
         let mut req = json!({"messages": [user("Hi")]});
@@ -883,10 +886,21 @@ async fn empty_and_overlong_conversations_are_input_errors() {
         "response_format": {"type": "text"}, "top_k": 1, "temperature": 1.0, "max_tokens": 2});
     call(e.start_chat(js(&req))).await.unwrap();
     finish(&e).await;
-    let err = call(e.start_chat(js(&json!({"messages": [user("Hi")], "top_k": 1000}))))
-        .await
-        .unwrap_err();
-    assert_eq!(err["code"], "input", "{err}");
+    for (field, value) in [
+        ("top_k", json!(1000)),
+        ("stop", json!([""])),
+        ("stop", json!(7)),
+        ("frequency_penalty", json!(3)),
+        ("logit_bias", json!({"x": 1})),
+        ("logit_bias", json!({"5": 500})),
+        ("logit_bias", json!({"99999999": 1})),
+    ] {
+        let mut req = json!({"messages": [user("Hi")]});
+        req[field] = value;
+        let err = call(e.start_chat(js(&req))).await.unwrap_err();
+        assert_eq!(err["code"], "input", "{field}: {err}");
+        assert!(err["message"].as_str().unwrap().contains(field), "{err}");
+    }
     start(&e, &[user("Hi")], 3).await;
     let (_, n, _) = finish(&e).await;
     assert!(n >= 1);
@@ -916,5 +930,141 @@ async fn repeated_device_losses_are_capped() {
         start(&e, &[user("Hi")], 2).await;
         finish(&e).await;
     }
+    call(e.unload()).await.unwrap();
+}
+
+/// Greedy answer pieces of `req` (temperature 0 unless the request says).
+async fn pieces(e: &Engine, mut req: Value) -> (Vec<String>, Value) {
+    req["messages"] = json!([user("Once upon a time")]);
+    if req.get("temperature").is_none() {
+        req["temperature"] = json!(0.0);
+    }
+    req["ignore_eos"] = json!(true);
+    call(e.start_chat(js(&req))).await.expect("startChat");
+    let mut out = Vec::new();
+    loop {
+        match chunk(e).await {
+            (Some(t), _) => out.push(t),
+            (None, last) => {
+                assert!(call(e.next_chunk()).await.unwrap().is_null());
+                if let Some(t) = last["choices"][0]["delta"]["content"].as_str() {
+                    out.push(t.to_string());
+                }
+                return (out, last);
+            }
+        }
+    }
+}
+
+/// `stop`, `logit_bias` and the penalties do what OpenAI's do: a stop sequence that spans two
+/// tokens ends the answer before it (not shown, `finish_reason: 'stop'`); a +100 bias makes
+/// every token the biased one; penalties keep a greedy answer from repeating its tokens.
+#[wasm_bindgen_test]
+async fn stop_sequences_logit_bias_and_penalties() {
+    let (e, _) = engine("/tiny/manifest.json", json!({"backend": "cpu"}))
+        .await
+        .unwrap();
+    let (base, last) = pieces(&e, json!({"max_tokens": 16})).await;
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    let full = base.concat();
+    let i = (0..base.len() - 1)
+        .find(|&i| !base[i].is_empty() && !base[i + 1].is_empty())
+        .expect("two consecutive non-empty pieces");
+    let stop = format!(
+        "{}{}",
+        base[i].chars().last().unwrap(),
+        base[i + 1].chars().next().unwrap()
+    );
+    let want = &full[..full.find(&stop).unwrap()];
+    let (got, last) = pieces(
+        &e,
+        json!({"max_tokens": 16, "stop": [stop.clone(), "\u{1}"]}),
+    )
+    .await;
+    assert_eq!(got.concat(), want, "stop {stop:?} in {full:?}");
+    assert_eq!(last["choices"][0]["finish_reason"], "stop", "{last}");
+    // A stop that never appears changes nothing.
+    let (got, _) = pieces(&e, json!({"max_tokens": 16, "stop": "\u{1}\u{2}"})).await;
+    assert_eq!(got.concat(), full);
+
+    let (biased, _) = pieces(&e, json!({"max_tokens": 6, "logit_bias": {"100": 100}})).await;
+    assert!(!biased[0].is_empty(), "{biased:?}");
+    assert!(biased.iter().all(|p| *p == biased[0]), "{biased:?}");
+
+    // A +5 bias makes token 100 win every step of this tiny model; penalties of 2 + 2 per
+    // repeat take that back after a couple of times.
+    let count = |p: &[String]| p.iter().filter(|t| **t == biased[0]).count();
+    let (mild, _) = pieces(&e, json!({"max_tokens": 16, "logit_bias": {"100": 5}})).await;
+    let (penalized, _) = pieces(
+        &e,
+        json!({"max_tokens": 16, "logit_bias": {"100": 5}, "frequency_penalty": 2,
+            "presence_penalty": 2}),
+    )
+    .await;
+    assert!(count(&mild) >= 12, "{mild:?}");
+    assert!(
+        (1..=4).contains(&count(&penalized)),
+        "{penalized:?} vs {mild:?}"
+    );
+    call(e.unload()).await.unwrap();
+}
+
+/// The quality floor (`maxPerplexity`): a budget below the floor step's cost stops the walk at
+/// the floor with one `below-floor` event; clearing the floor lets it go deeper; a floor above
+/// the model brings it back up; a floor no step meets is an `input` error.
+#[wasm_bindgen_test]
+async fn a_quality_floor_holds_and_says_below_floor() {
+    let policy = json!({"up_delay_ms": 0.0, "fault_cooldown_ms": 0.0, "max_up_growth": 100.0});
+    let (e, ev) = engine(
+        "/tiny/manifest.json",
+        json!({"backend": "cpu", "policy": policy}),
+    )
+    .await
+    .unwrap();
+    let traj = val(e.trajectory());
+    let measured: Vec<(usize, f64)> = traj
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t["heldoutPpl"].as_f64().map(|p| (i, p)))
+        .collect();
+    let last = traj.as_array().unwrap().len() - 1;
+    assert!(measured.len() >= 2, "{traj}");
+    let ((_, p0), (k1, p1)) = (measured[0], measured[1]);
+    assert!(
+        p1 > p0,
+        "the tiny ensemble's first measured steps get worse: {traj}"
+    );
+    // Halfway between step 0's and the next measured step's perplexity: a floor in between
+    // (unmeasured steps are interpolated in footprint).
+    let max = (p0 + p1) / 2.0;
+    call(e.set_max_perplexity(JsValue::from(max)))
+        .await
+        .unwrap();
+    let floor = stats(&e)["floorStep"].as_u64().unwrap() as usize;
+    assert!(0 < floor && floor < k1, "{floor} {traj}");
+    call(e.set_memory_budget(JsValue::from(budget_for(&e, last) as f64 * 0.99)))
+        .await
+        .unwrap();
+    start(&e, &[user("Hi")], 4).await;
+    finish(&e).await;
+    let s = stats(&e);
+    assert_eq!(s["step"], floor, "{s}");
+    assert_eq!(s["lastReason"], "below_floor", "{s}");
+    let below = of_type(&ev, "below-floor");
+    assert_eq!(below.len(), 1, "{below:?}");
+    assert_eq!(below[0]["step"], floor);
+
+    call(e.set_max_perplexity(JsValue::NULL)).await.unwrap();
+    assert_eq!(stats(&e)["step"], last);
+    call(e.set_memory_budget(JsValue::NULL)).await.unwrap();
+    call(e.set_max_perplexity(JsValue::from(p0))).await.unwrap();
+    assert_eq!(stats(&e)["step"], 0, "up to the new floor");
+    let err = call(e.set_max_perplexity(JsValue::from(p0 * 0.5)))
+        .await
+        .unwrap_err();
+    assert_eq!(err["code"], "input", "{err}");
+    assert!(err["message"].as_str().unwrap().contains("step 0"), "{err}");
     call(e.unload()).await.unwrap();
 }

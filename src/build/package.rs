@@ -7,7 +7,6 @@ use crate::ensemble::manifest::{
     sha256_hex, ChatSpec, FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap, FORMAT, VERSION,
 };
 use crate::error::{Error, Result};
-use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::{ModuleId, Weights};
 use crate::quant::eqm::{Eqm, EqmModel};
@@ -32,14 +31,14 @@ pub struct PackageInput<'a> {
     pub build: serde_json::Value,
 }
 
+/// The tokenizer's chat template as the manifest carries it: the model's Jinja source, or
+/// "chatml" when it has none (the runtime then warns, as the native CLI does).
 pub fn chat_spec(t: &Tokenizer) -> ChatSpec {
-    let (template, default_system) = match &t.chat {
-        ChatTemplate::ChatMl { default_system } => ("chatml", default_system.clone()),
-        ChatTemplate::Plain => ("plain", None),
-    };
+    let jinja = t.chat.source().map(str::to_string);
     ChatSpec {
-        template: template.into(),
-        default_system,
+        template: if jinja.is_some() { "jinja" } else { "chatml" }.into(),
+        jinja,
+        default_system: None,
         bos: t.bos,
         stop: t.stop.clone(),
     }

@@ -6,8 +6,8 @@ use super::engine::{budget_bytes, with_engine, Block, Engine, Job, SourceArgs};
 use super::SamplingArgs;
 use anyhow::Result;
 use clap::Args;
-use flexquant::model::chat::Message;
-use flexquant::model::tokenizer::StreamDecoder;
+use flexquant::model::chat::{ChatTemplate, Message};
+use flexquant::model::tokenizer::{StreamDecoder, Tokenizer};
 use flexquant::runtime::{Backend, Factory, GenStats, StopReason};
 use std::io::{BufRead, Write};
 
@@ -56,22 +56,43 @@ where
 {
     /// One answer after `ids`, each piece of text printed as it comes; between tokens the
     /// controller may swap modules (printed on stderr).
-    fn answer(&mut self, ids: &[u32], a: &SamplingArgs) -> Result<(Vec<u32>, GenStats)> {
+    fn answer(&mut self, ids: &[u32], a: &SamplingArgs) -> Result<Answer> {
         let stop = self.tokenizer.stop.clone();
+        let (sampling, mut stop_text) = a.checked()?;
         let sess = &mut self.run.session;
-        let mut turn = sess.start(ids, &a.sampling(), &stop).block()?;
+        let mut turn = sess.start(ids, &sampling, &stop).block()?;
         let mut dec = StreamDecoder::default();
         let mut out = std::io::stdout();
+        let mut text = String::new();
         loop {
             let next = self.run.session.next(&mut turn).block()?;
             let Some(id) = next else { break };
-            let piece = dec.step(&self.tokenizer, id)?;
-            print!("{piece}");
+            let shown = stop_text.push(&dec.step(&self.tokenizer, id)?);
+            print!("{shown}");
             out.flush()?;
+            text += &shown;
+            if stop_text.stopped() {
+                turn.stop(StopReason::Eos);
+                break;
+            }
             self.between_tokens(Some(turn.out.len()));
         }
-        Ok((turn.out, turn.stats))
+        let rest = stop_text.finish();
+        print!("{rest}");
+        text += &rest;
+        Ok(Answer {
+            ids: turn.out,
+            stats: turn.stats,
+            text,
+        })
     }
+}
+
+/// What `answer` generated: the tokens, the text shown (cut at a stop sequence) and stats.
+struct Answer {
+    ids: Vec<u32>,
+    text: String,
+    stats: GenStats,
 }
 
 struct Generate(GenerateArgs);
@@ -84,12 +105,17 @@ impl Job for Generate {
         let a = self.0;
         eprintln!("[{}]", e.describe());
         let text = if a.chat {
-            e.tokenizer.chat.render(&[Message::new("user", &a.prompt)])
+            warn_if_fallback(&e.tokenizer.chat);
+            e.tokenizer
+                .chat
+                .render(&[Message::new("user", &a.prompt)])?
         } else {
             a.prompt.clone()
         };
         let ids = e.tokenizer.encode(&text)?;
-        let (out, stats) = e.answer(&ids, &a.sampling)?;
+        let Answer {
+            ids: out, stats, ..
+        } = e.answer(&ids, &a.sampling)?;
         println!();
         eprintln!("{}", speed(&stats));
         if a.json {
@@ -103,11 +129,18 @@ impl Job for Generate {
     }
 }
 
+/// Says so when prompts are ChatML because the model has no chat template.
+fn warn_if_fallback(chat: &ChatTemplate) {
+    if let Some(w) = chat.fallback_warning() {
+        eprintln!("[warning: {w}]");
+    }
+}
+
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
     if a.prompt.trim().is_empty() {
         anyhow::bail!("--prompt is empty");
     }
-    a.sampling.sampling().validate()?;
+    a.sampling.checked()?;
     let (s, c) = (a.source.clone(), a.sampling.context);
     with_engine(&s, c, Generate(a))
 }
@@ -145,6 +178,7 @@ impl Job for Chat {
         let mut messages: Vec<Message> =
             a.system.iter().map(|s| Message::new("system", s)).collect();
         println!("chatting with {}", e.describe());
+        warn_if_fallback(&e.tokenizer.chat);
         println!("(empty line or Ctrl-D quits; /budget MB or /budget off moves along the trajectory; /step shows where it is)");
         let stdin = std::io::stdin();
         loop {
@@ -162,13 +196,12 @@ impl Job for Chat {
                 continue;
             }
             messages.push(Message::new("user", line.trim_end()));
-            let ids = e.tokenizer.encode(&e.tokenizer.chat.render(&messages))?;
-            match e.answer(&ids, &a.sampling) {
-                Ok((out, stats)) => {
+            let ids = prompt_ids(&e.tokenizer, &messages);
+            match ids.and_then(|ids| e.answer(&ids, &a.sampling)) {
+                Ok(answer) => {
                     println!();
-                    eprintln!("{}", speed(&stats));
-                    let answer = e.tokenizer.decode(&out, true)?;
-                    messages.push(Message::new("assistant", &answer));
+                    eprintln!("{}", speed(&answer.stats));
+                    messages.push(Message::new("assistant", &answer.text));
                 }
                 Err(err) => {
                     // Keep the conversation: drop only the message that could not be answered.
@@ -181,8 +214,13 @@ impl Job for Chat {
     }
 }
 
+/// The conversation in the model's chat template, tokenized (a template may reject it).
+fn prompt_ids(t: &Tokenizer, messages: &[Message]) -> Result<Vec<u32>> {
+    Ok(t.encode(&t.chat.render(messages)?)?)
+}
+
 pub fn run_chat(a: ChatArgs) -> Result<()> {
-    a.sampling.sampling().validate()?;
+    a.sampling.checked()?;
     let (s, c) = (a.source.clone(), a.sampling.context);
     with_engine(&s, c, Chat(a))
 }

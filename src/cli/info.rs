@@ -22,6 +22,7 @@ pub fn run(model: &Path, json: bool) -> Result<()> {
         "vocab": m.tokenizer.vocab_size(),
         "stop_tokens": m.tokenizer.stop,
         "chat_template": format!("{:?}", m.tokenizer.chat),
+        "chat_template_warning": m.tokenizer.chat.fallback_warning(),
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

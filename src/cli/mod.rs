@@ -14,6 +14,7 @@ mod quant;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use flexquant::runtime::{Sampling, StopText, DEFAULT_CONTEXT};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -73,32 +74,71 @@ enum Cmd {
     EvalStatic(quant::EvalStaticArgs),
 }
 
-/// Sampling options shared by generate and chat.
+/// Sampling options shared by generate and chat; the defaults are the browser's
+/// (`Sampling::chat`, `DEFAULT_CONTEXT`).
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = Sampling::chat().max_tokens)]
     max_tokens: usize,
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = Sampling::chat().temperature)]
     temperature: f32,
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = Sampling::chat().top_p)]
     top_p: f32,
+    /// Candidates sampled from (0: all 40 the backend returns).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Subtracted from a token's logit once per time it is already in the answer ([-2, 2]).
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Subtracted from a token's logit if it is already in the answer ([-2, 2]).
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// `ID=BIAS` added to a token's logit (repeatable; BIAS in [-100, 100]).
+    #[arg(long = "logit-bias", value_parser = parse_bias)]
+    logit_bias: Vec<(u32, f32)>,
+    /// End the answer where this text appears (not shown; repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
     /// Context size (tokens) of the KV cache.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = DEFAULT_CONTEXT)]
     context: usize,
 }
 
+fn parse_bias(s: &str) -> std::result::Result<(u32, f32), String> {
+    let (id, b) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected ID=BIAS, e.g. 1234=-100"))?;
+    let id = id
+        .parse()
+        .map_err(|_| format!("`{s}`: `{id}` is not a token id"))?;
+    let b = b
+        .parse()
+        .map_err(|_| format!("`{s}`: `{b}` is not a number"))?;
+    Ok((id, b))
+}
+
 impl SamplingArgs {
-    fn sampling(&self) -> flexquant::runtime::Sampling {
-        flexquant::runtime::Sampling {
+    fn sampling(&self) -> Sampling {
+        Sampling {
             temperature: self.temperature,
             top_p: self.top_p,
-            top_k: 0,
+            top_k: self.top_k,
             max_tokens: self.max_tokens,
             seed: self.seed,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            logit_bias: self.logit_bias.clone(),
         }
+    }
+
+    /// The sampling settings and the stop sequences, checked.
+    fn checked(&self) -> Result<(Sampling, StopText)> {
+        let s = self.sampling();
+        s.validate()?;
+        Ok((s, StopText::new(self.stop.clone())?))
     }
 }
 

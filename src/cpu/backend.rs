@@ -24,6 +24,9 @@ impl Backend for CpuModel {
     async fn step(&mut self, tokens: &[u32]) -> Result<Vec<(u32, f32)>> {
         CpuModel::step(self, tokens)
     }
+    fn watch(&mut self, ids: &[u32]) -> Result<()> {
+        CpuModel::watch(self, ids)
+    }
     async fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
         self.hidden(tokens).map(|_| ())
     }

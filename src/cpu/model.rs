@@ -29,6 +29,8 @@ pub struct CpuModel {
     len: usize,
     capacity: usize,
     top_k: usize,
+    /// Tokens whose logits `step` returns besides the top candidates.
+    watched: Vec<u32>,
     /// Bytes this model may hold (`None`: as much as the allocator gives).
     budget: Option<u64>,
 }
@@ -91,6 +93,7 @@ impl CpuModel {
             len: 0,
             capacity,
             top_k: crate::runtime::generate::TOP_K,
+            watched: Vec::new(),
             budget,
         };
         let need = model.weight_bytes() + model.kv_bytes();
@@ -281,7 +284,19 @@ impl CpuModel {
         let xn = self.hidden(tokens)?;
         let h = self.config.hidden_size;
         let logits = self.logits(&xn[xn.len() - h..]);
-        Ok(crate::runtime::generate::top_k(&logits, self.top_k))
+        let top = crate::runtime::generate::top_k(&logits, self.top_k);
+        Ok(crate::runtime::generate::with_watched(
+            top,
+            &self.watched,
+            &logits,
+        ))
+    }
+
+    /// See `Backend::watch`.
+    pub fn watch(&mut self, ids: &[u32]) -> Result<()> {
+        crate::runtime::generate::check_watch(ids, self.config.vocab_size)?;
+        self.watched = ids.to_vec();
+        Ok(())
     }
 
     /// Summed negative log-likelihood of `targets[i]` after `inputs[..=i]` (run after the

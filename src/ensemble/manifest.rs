@@ -12,7 +12,7 @@
 
 use crate::ensemble::format::{PackedMatrix, PackedShape, BITS, GROUP_SIZES};
 use crate::error::{Error, Result};
-use crate::model::chat::ChatTemplate;
+use crate::model::chat::{ChatTemplate, SpecialTokens, TemplateSource};
 use crate::model::config::LlamaConfig;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::{ModuleId, ModuleKind};
@@ -85,8 +85,14 @@ pub struct Quantizer {
 /// How to talk to the model: what the browser needs besides the tokenizer file.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ChatSpec {
-    /// "chatml" or "plain".
+    /// "jinja": the model's own template, in `jinja`. "chatml": the model has none, prompts are
+    /// ChatML (with `default_system` when the conversation has no system message), and the
+    /// runtime warns. "plain" (written by older builders for models without a template) reads
+    /// as "chatml".
     pub template: String,
+    /// The model's Jinja chat template (when `template` is "jinja").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jinja: Option<String>,
     pub default_system: Option<String>,
     pub bos: Option<u32>,
     /// Token ids that end an answer.
@@ -134,6 +140,51 @@ pub struct Manifest {
     pub build: serde_json::Value,
 }
 
+/// A template longer than this is refused (real ones are a few KB; the longest known ~30 KB).
+const MAX_CHAT_TEMPLATE_BYTES: usize = 256 << 10;
+
+impl ChatSpec {
+    /// The chat template this spec describes (compiled; `tokens` are the tokenizer's).
+    pub fn template(&self, tokens: SpecialTokens) -> Result<ChatTemplate> {
+        match (self.template.as_str(), &self.jinja) {
+            ("jinja", Some(jinja)) => ChatTemplate::from_jinja(
+                TemplateSource {
+                    file: "manifest.json chat.jinja",
+                    jinja,
+                },
+                tokens,
+            ),
+            ("chatml" | "plain", None) => Ok(ChatTemplate::chatml_fallback(
+                self.default_system.as_deref(),
+                tokens,
+            )),
+            (t, j) => Err(Error::format(
+                "manifest.json",
+                format!(
+                    "chat template {t:?} {} a `jinja` source: expected \"jinja\" with one, or \"chatml\" without",
+                    if j.is_some() { "with" } else { "without" }
+                ),
+            )),
+        }
+    }
+
+    fn validate(&self, what: &str) -> Result<()> {
+        if self
+            .jinja
+            .as_ref()
+            .is_some_and(|j| j.len() > MAX_CHAT_TEMPLATE_BYTES)
+        {
+            return Err(Error::format(
+                what,
+                format!("chat.jinja is longer than {MAX_CHAT_TEMPLATE_BYTES} bytes"),
+            ));
+        }
+        self.template(SpecialTokens::default())
+            .map(drop)
+            .map_err(|e| Error::format(what, e))
+    }
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
     d.iter().map(|b| format!("{b:02x}")).collect()
@@ -175,6 +226,57 @@ fn check_file(what: &str, f: &FileRef) -> Result<()> {
 }
 
 impl Manifest {
+    /// The quality floor for a largest acceptable perplexity: the deepest step such that it
+    /// and every step above it have a perplexity of at most `max` (`step_perplexity`).
+    pub fn floor_for_perplexity(&self, max: f64) -> Result<usize> {
+        if !(max.is_finite() && max > 0.0) {
+            return Err(Error::input(format!(
+                "maxPerplexity {max}: expected a positive number"
+            )));
+        }
+        let ppl = self.step_perplexity();
+        match ppl
+            .iter()
+            .take_while(|p| p.is_some_and(|p| p <= max))
+            .count()
+        {
+            0 => Err(Error::input(format!(
+                "maxPerplexity {max}: even step 0 has a perplexity of {}",
+                ppl[0].map_or("unknown".into(), |p| format!("{p:.2}"))
+            ))),
+            n => Ok(n - 1),
+        }
+    }
+
+    /// Each step's perplexity: the held-out figure (else the calibration one) where the
+    /// builder measured it, linear in footprint between two measured steps elsewhere, `None`
+    /// past the last measured step.
+    pub fn step_perplexity(&self) -> Vec<Option<f64>> {
+        let t = &self.trajectory;
+        let measured: Vec<(usize, f64)> = t
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.heldout_ppl.or(s.calib_ppl).map(|p| (i, p)))
+            .collect();
+        (0..t.len())
+            .map(|i| {
+                let after = measured.iter().position(|&(j, _)| j >= i)?;
+                let (j, pj) = measured[after];
+                if j == i || after == 0 {
+                    return (j == i).then_some(pj);
+                }
+                let (h, ph) = measured[after - 1];
+                let (fh, fi, fj) = (
+                    t[h].footprint_bytes as f64,
+                    t[i].footprint_bytes as f64,
+                    t[j].footprint_bytes as f64,
+                );
+                let w = if fh == fj { 0.5 } else { (fh - fi) / (fh - fj) };
+                Some(ph + w * (pj - ph))
+            })
+            .collect()
+    }
+
     pub fn from_bytes(what: &str, bytes: &[u8]) -> Result<Self> {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(Error::format(
@@ -310,15 +412,11 @@ impl Manifest {
     /// BOS and stop tokens.
     pub fn tokenizer(&self, bytes: &[u8]) -> Result<Tokenizer> {
         let c = &self.chat;
-        let mut t = Tokenizer::from_json_bytes(&self.tokenizer.file, bytes, c.bos, None, None)?;
+        let eos = c.stop.first().copied();
+        let mut t = Tokenizer::from_json_bytes(&self.tokenizer.file, bytes, c.bos, eos, None)?;
         t.check_fits(self.config.vocab_size)?;
         t.stop = c.stop.clone();
-        t.chat = match c.template.as_str() {
-            "chatml" => ChatTemplate::ChatMl {
-                default_system: c.default_system.clone(),
-            },
-            _ => ChatTemplate::Plain,
-        };
+        t.chat = c.template(t.special_tokens())?;
         Ok(t)
     }
 
@@ -347,12 +445,7 @@ impl Manifest {
                 self.chat.stop, self.chat.bos
             ));
         }
-        if !["chatml", "plain"].contains(&self.chat.template.as_str()) {
-            return err(format!(
-                "chat template {:?} is not supported",
-                self.chat.template
-            ));
-        }
+        self.chat.validate(what)?;
         if self.base_precision != "q8" {
             return err(format!(
                 "base precision {:?} is not supported",

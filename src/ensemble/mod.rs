@@ -4,6 +4,7 @@
 
 pub mod base;
 pub mod format;
+pub mod inspect;
 pub mod manifest;
 
 pub use manifest::{FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap};

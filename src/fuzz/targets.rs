@@ -104,7 +104,6 @@ pub use native::*;
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
     use super::*;
-    use crate::model::chat::ChatTemplate;
     use crate::model::gguf::Gguf;
     use crate::model::load::{load_gguf, weights_from_hf_bytes};
     use crate::model::tokenizer::{StreamDecoder, Tokenizer};
@@ -156,13 +155,11 @@ mod native {
         weights_from_hf_bytes("config.json", p[0], files).map(|_| ())
     }
 
-    /// A chat request as the JS API receives it, then its prompt rendered and tokenized.
+    /// A chat request as the JS API receives it, then its prompt rendered with the model's chat
+    /// template and tokenized.
     pub fn request(tok: &Tokenizer, b: &[u8]) -> Result<()> {
-        let (r, _) = ChatRequest::from_json(b)?;
-        let chat = ChatTemplate::ChatMl {
-            default_system: Some("You are helpful.".into()),
-        };
-        tok.encode(&chat.render(&r.messages)).map(|_| ())
+        let (r, _, _) = ChatRequest::from_json(b)?;
+        tok.encode(&tok.chat.render(&r.messages)?).map(|_| ())
     }
 }
 

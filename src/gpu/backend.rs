@@ -26,6 +26,9 @@ impl Backend for Model {
     async fn step(&mut self, tokens: &[u32]) -> GpuResult<Vec<(u32, f32)>> {
         Model::step(self, tokens).await
     }
+    fn watch(&mut self, ids: &[u32]) -> GpuResult<()> {
+        Model::watch(self, ids)
+    }
     async fn prefill(&mut self, tokens: &[u32]) -> GpuResult<()> {
         Model::prefill(self, tokens)
     }

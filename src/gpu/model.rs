@@ -18,6 +18,7 @@ use crate::gpu::error::{GpuError, GpuResult};
 use crate::gpu::kernels::{self, param_bytes, step_bytes, Kernel, Kernels, PARAM_SLOT, TT, WG};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{ModuleId, ModuleKind};
+use crate::runtime::generate::{check_watch, MAX_LOGIT_BIAS};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -134,6 +135,8 @@ pub struct Model {
     modules: Vec<Slot>,
     /// Columns per group of the base's embedding and head.
     base_group: usize,
+    /// Tokens whose logits `step` reads back besides the top-k (`Backend::watch`).
+    watched: Vec<u32>,
     embed_op: Op,
     layer_ops: Vec<Dispatch>,
     final_norm_op: Op,
@@ -180,7 +183,7 @@ fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static str, u64); 
         ("nll", 4 * b),
         ("top-k candidates", 8 * k * topk_chunks(c)),
         ("top-k", 8 * k),
-        ("readback", (8 * k).max(4 * b)),
+        ("readback", (8 * k + 4 * MAX_LOGIT_BIAS as u64).max(4 * b)),
     ]
 }
 
@@ -637,6 +640,7 @@ impl Model {
             act,
             modules: slots,
             base_group,
+            watched: Vec::new(),
             embed_op,
             layer_ops,
             final_norm_op,
@@ -885,13 +889,15 @@ impl Model {
         }
         let rb = &self.act.readback.buffer;
         match head {
-            Head::TopK => enc.copy_buffer_to_buffer(
-                &self.act.topk.buffer,
-                0,
-                rb,
-                0,
-                8 * self.opts.top_k as u64,
-            ),
+            Head::TopK => {
+                let k = 8 * self.opts.top_k as u64;
+                enc.copy_buffer_to_buffer(&self.act.topk.buffer, 0, rb, 0, k);
+                // Row 0 of the logits holds the last token's (`head_last`).
+                for (i, &id) in self.watched.iter().enumerate() {
+                    let logits = &self.act.logits.buffer;
+                    enc.copy_buffer_to_buffer(logits, 4 * id as u64, rb, k + 4 * i as u64, 4);
+                }
+            }
             Head::Nll => enc.copy_buffer_to_buffer(&self.act.nll.buffer, 0, rb, 0, 4 * n as u64),
             _ => {}
         }
@@ -918,13 +924,33 @@ impl Model {
     /// token, best first: the only bytes that come back per generated token.
     pub async fn step(&mut self, tokens: &[u32]) -> GpuResult<Vec<(u32, f32)>> {
         self.run(tokens, Head::TopK)?;
-        let k = self.opts.top_k as u64;
-        let b = self.gpu.read(&self.act.readback.buffer, 8 * k).await?;
+        let k = self.opts.top_k as usize;
+        let bytes = 8 * k + 4 * self.watched.len();
+        let b = self
+            .gpu
+            .read(&self.act.readback.buffer, bytes as u64)
+            .await?;
         let w: &[u32] = bytemuck::cast_slice(&b);
-        Ok(w.chunks_exact(2)
+        let top = w[..2 * k]
+            .chunks_exact(2)
             .filter(|p| (p[1] as usize) < self.config.vocab_size)
             .map(|p| (p[1], f32::from_bits(p[0])))
-            .collect())
+            .collect::<Vec<_>>();
+        let extra: Vec<(u32, f32)> = self
+            .watched
+            .iter()
+            .zip(&w[2 * k..])
+            .filter(|(id, _)| !top.iter().any(|c| c.0 == **id))
+            .map(|(&id, &l)| (id, f32::from_bits(l)))
+            .collect();
+        Ok(top.into_iter().chain(extra).collect())
+    }
+
+    /// See `Backend::watch`.
+    pub fn watch(&mut self, ids: &[u32]) -> GpuResult<()> {
+        check_watch(ids, self.config.vocab_size).map_err(|e| GpuError::Input(e.to_string()))?;
+        self.watched = ids.to_vec();
+        Ok(())
     }
 
     /// Runs `tokens` and returns the logits of the last one (tests and debugging; a whole

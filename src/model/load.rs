@@ -2,6 +2,8 @@
 //! (`config.json` + `model.safetensors` [+ index] + `tokenizer.json`).
 
 use crate::error::{read_capped, Error, Result};
+use crate::model::chat::hf::HfChatConfig;
+use crate::model::chat::{ChatTemplate, TemplateSource};
 use crate::model::config::LlamaConfig;
 use crate::model::gguf::Gguf;
 use crate::model::tokenizer::Tokenizer;
@@ -231,20 +233,49 @@ impl StFiles {
     }
 }
 
+/// `tokenizer.json`, with the chat template and special tokens of `tokenizer_config.json` where
+/// there is one (`config.json`'s token ids come first; `tokenizer_config.json`'s token strings
+/// fill in).
+fn hf_tokenizer(dir: &Path, config: &LlamaConfig) -> Result<Tokenizer> {
+    let tok_path = dir.join("tokenizer.json");
+    let tok_bytes = read_capped(&tok_path, MAX_SMALL_FILE)?;
+    let cfg_path = dir.join("tokenizer_config.json");
+    let cfg_file = cfg_path.display().to_string();
+    let chat = if cfg_path.exists() {
+        HfChatConfig::from_json(&cfg_file, &read_capped(&cfg_path, MAX_SMALL_FILE)?)?
+    } else {
+        HfChatConfig::default()
+    };
+    let what = tok_path.display().to_string();
+    let mut t = Tokenizer::from_json_bytes(
+        &what,
+        &tok_bytes,
+        config.bos_token_id,
+        config.eos_token_id,
+        None,
+    )?;
+    let id = |s: &Option<String>| s.as_deref().and_then(|s| t.token_to_id(s));
+    let (bos, eos) = (id(&chat.bos_token), id(&chat.eos_token));
+    t.bos = t.bos.or(bos);
+    if let (None, Some(eos)) = (config.eos_token_id, eos) {
+        t.stop.retain(|&s| s != eos);
+        t.stop.insert(0, eos);
+    }
+    let template = chat.chat_template.as_deref().map(|jinja| TemplateSource {
+        file: &cfg_file,
+        jinja,
+    });
+    t.chat = ChatTemplate::new(template, t.special_tokens())?;
+    Ok(t)
+}
+
 pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     let cfg_path = dir.join("config.json");
     let config = LlamaConfig::from_json(
         &cfg_path.display().to_string(),
         &read_capped(&cfg_path, MAX_SMALL_FILE)?,
     )?;
-    let tok_path = dir.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_json_bytes(
-        &tok_path.display().to_string(),
-        &read_capped(&tok_path, MAX_SMALL_FILE)?,
-        config.bos_token_id,
-        config.eos_token_id,
-        None,
-    )?;
+    let tokenizer = hf_tokenizer(dir, &config)?;
     let st = StFiles::open(dir)?;
     let weights = weights_from_st(config, &st)?;
     Ok(LoadedModel {

@@ -107,9 +107,12 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<()> {
     tokens.extend(bytes_to_unicode().into_iter().map(String::from));
     let tok = byte_level_bpe_json(&tokens, &[], &[0, 1, 2], true);
     write(dir, "tokenizer.json", tok.to_string().as_bytes())?;
-    let tc = serde_json::json!({"chat_template": "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"});
+    let tc = serde_json::json!({"chat_template": TINY_CHAT_TEMPLATE});
     write(dir, "tokenizer_config.json", tc.to_string().as_bytes())
 }
+
+/// ChatML as a real template (the Jinja a Hugging Face model ships).
+const TINY_CHAT_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 fn ones(n: usize) -> Vec<u8> {
     (0..n).flat_map(|_| 1f32.to_le_bytes()).collect()

@@ -2,7 +2,7 @@
 //! `tokenizer.json` or from the vocabulary and merges embedded in a GGUF file.
 
 use crate::error::{Error, Result};
-use crate::model::chat::ChatTemplate;
+use crate::model::chat::{ChatTemplate, SpecialTokens, TemplateSource};
 use crate::model::gguf::Gguf;
 use serde_json::{json, Value};
 use std::str::FromStr;
@@ -170,7 +170,11 @@ impl Tokenizer {
                 .filter(|&v| (v as usize) < tokens.len())
         };
         let json = byte_level_bpe_json(&tokens, &merges, &special, split_digits);
-        let template = g.meta("tokenizer.chat_template").and_then(|v| v.as_str());
+        let file = format!("{}: tokenizer.chat_template", g.name);
+        let template = g
+            .meta("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(|jinja| TemplateSource { file: &file, jinja });
         Self::from_json_bytes(
             &g.name,
             json.to_string().as_bytes(),
@@ -180,12 +184,14 @@ impl Tokenizer {
         )
     }
 
+    /// `chat_template`: the model's Jinja template; without one, prompts are ChatML (see
+    /// `ChatTemplate::fallback_warning`).
     pub fn from_json_bytes(
         what: &str,
         bytes: &[u8],
         bos: Option<u32>,
         eos: Option<u32>,
-        chat_template: Option<&str>,
+        chat_template: Option<TemplateSource>,
     ) -> Result<Self> {
         let text = std::str::from_utf8(bytes).map_err(|_| Error::format(what, "not UTF-8"))?;
         // Checked here first, because tokenizers 0.22 panics on them instead of returning an
@@ -214,7 +220,8 @@ impl Tokenizer {
                 }
             }
         }
-        let chat = ChatTemplate::detect(chat_template, inner.token_to_id("<|im_start|>").is_some());
+        let tokens = special_tokens(&inner, bos, stop.first().copied());
+        let chat = ChatTemplate::new(chat_template, tokens)?;
         Ok(Tokenizer {
             inner,
             name: what.to_string(),
@@ -222,6 +229,11 @@ impl Tokenizer {
             stop,
             chat,
         })
+    }
+
+    /// The BOS token and the first stop token (the EOS) as text, for chat templates.
+    pub fn special_tokens(&self) -> SpecialTokens {
+        special_tokens(&self.inner, self.bos, self.stop.first().copied())
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -265,6 +277,14 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, s: &str) -> Option<u32> {
         self.inner.token_to_id(s)
+    }
+}
+
+fn special_tokens(t: &tokenizers::Tokenizer, bos: Option<u32>, eos: Option<u32>) -> SpecialTokens {
+    let text = |id: Option<u32>| id.and_then(|id| t.id_to_token(id)).unwrap_or_default();
+    SpecialTokens {
+        bos: text(bos),
+        eos: text(eos),
     }
 }
 

@@ -25,8 +25,12 @@ pub trait Backend {
     /// Forgets positions `n..` (rewind to a shared prefix).
     fn truncate(&mut self, n: usize);
     /// Runs `tokens` after the cached ones and returns the next token's top candidates
-    /// `(token, logit)`, best first.
+    /// `(token, logit)`, best first, then the watched tokens (`watch`) that are not among
+    /// them, in `watch` order.
     async fn step(&mut self, tokens: &[u32]) -> Result<Vec<(u32, f32)>, Self::Error>;
+    /// Tokens whose logits `step` also returns when they are not among the top candidates (at
+    /// most `generate::MAX_LOGIT_BIAS`; replaces the previous list).
+    fn watch(&mut self, ids: &[u32]) -> Result<(), Self::Error>;
     /// Runs `tokens` into the KV cache without computing logits.
     async fn prefill(&mut self, tokens: &[u32]) -> Result<(), Self::Error>;
     /// Replaces module `id` with another version between tokens.

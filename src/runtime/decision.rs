@@ -25,9 +25,11 @@ pub enum Reason {
     /// Decode is slower than the app's minimum speed: a smaller step streams fewer bytes per
     /// token.
     TooSlow,
-    /// Even the last (smallest) step does not fit: the controller stays there, since there is
-    /// nothing smaller; the app should tell the user or free memory.
+    /// Even the deepest step allowed (the last one, or the app's quality floor) does not fit:
+    /// the controller stays there; the app should tell the user or free memory.
     BelowFloor,
+    /// Step up: the model is below the app's new quality floor.
+    QualityFloor,
     /// Step up: memory stayed free for the policy's delay.
     MemoryFree,
     /// Hold: already at step 0, the largest model.
@@ -56,7 +58,8 @@ impl fmt::Display for Reason {
             Reason::SwapFailed => "swap failed: GPU out of memory",
             Reason::DeviceLost => "GPU device lost",
             Reason::TooSlow => "decoding slower than the minimum speed",
-            Reason::BelowFloor => "even the smallest step does not fit the budget",
+            Reason::BelowFloor => "even the deepest step allowed does not fit the budget",
+            Reason::QualityFloor => "below the app's quality floor",
             Reason::MemoryFree => "memory stayed free",
             Reason::AtTop => "at the largest step",
             Reason::NoRoom => "no room for the next step up",
@@ -169,8 +172,10 @@ pub struct Stats {
     pub speed_cap_bytes: Option<u64>,
     /// The current step fits (false while a step down is due, or below the floor).
     pub fits: bool,
-    /// Even the smallest step does not fit.
+    /// Even the deepest step allowed (the last, or the quality floor) does not fit.
     pub below_floor: bool,
+    /// The app's quality floor (the deepest step it accepts), if set.
+    pub floor_step: Option<usize>,
     pub last_reason: Option<Reason>,
     /// Reason of the last move (load, down or up).
     pub last_move_reason: Option<Reason>,

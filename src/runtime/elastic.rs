@@ -76,6 +76,8 @@ pub struct Elastic {
     heap: Option<HeapReading>,
     min_tok_s: Option<f64>,
     speed: Option<SpeedReading>,
+    /// The app's quality floor: the deepest step it accepts (`None`: the last step).
+    floor: Option<usize>,
     ceiling: Option<Ceiling>,
     /// Faults so far; each doubles the time before a ceiling is lifted.
     faults: u32,
@@ -134,6 +136,7 @@ impl Elastic {
             heap: None,
             min_tok_s: None,
             speed: None,
+            floor: None,
             ceiling: None,
             faults: 0,
             last_fault_ms: None,
@@ -210,6 +213,22 @@ impl Elastic {
         self.min_tok_s = tok_s;
         self.observe(now_ms);
         Ok(())
+    }
+
+    /// The app's quality floor: the controller never steps below `step` (`None`: down to
+    /// the last step). Under a budget the floor step does not fit, it holds there with
+    /// `Reason::BelowFloor`; a model below a new floor steps up to it (`Reason::QualityFloor`).
+    pub fn set_floor(&mut self, step: Option<usize>) -> Result<()> {
+        if let Some(s) = step {
+            self.check_step(s)?;
+        }
+        self.floor = step;
+        Ok(())
+    }
+
+    /// The deepest step the controller may use: the quality floor, else the last step.
+    pub fn deepest(&self) -> usize {
+        self.floor.unwrap_or(self.steps() - 1)
     }
 
     /// A decode-speed reading (tokens/s, smoothed by the host over several tokens) at the
@@ -296,7 +315,7 @@ impl Elastic {
     }
 
     fn choose(&self, now_ms: f64) -> Decision {
-        let last = self.steps() - 1;
+        let last = self.deepest();
         let Some(c) = self.current else {
             // Load with the up-margin, so a jittering budget does not force a swap at once.
             let to = (0..=last)
@@ -313,6 +332,13 @@ impl Elastic {
                 },
             };
         };
+        if c > last {
+            return Decision::StepUp {
+                from: c,
+                to: last,
+                reason: Reason::QualityFloor,
+            };
+        }
         if !self.fits(c) {
             return match (c + 1..=last).find(|&s| self.fits(s)) {
                 Some(to) => Decision::StepDown {
@@ -401,7 +427,8 @@ impl Elastic {
             speed_tok_s: self.speed.map(|r| r.tok_s),
             speed_cap_bytes: self.speed_cap(),
             fits: self.current.is_some_and(|s| self.fits(s)),
-            below_floor: !self.fits_memory(self.steps() - 1),
+            below_floor: !self.fits_memory(self.deepest()),
+            floor_step: self.floor,
             last_reason: self.last.map(|d| d.reason()),
             last_move_reason: self.last_move_reason,
             swaps_down: c.swaps_down,
@@ -449,7 +476,7 @@ impl Elastic {
     /// Why the last step is where the model must be when no step fits: memory (`BelowFloor`),
     /// or only the speed (`TooSlow`: the smallest step is the fastest there is).
     fn floor_reason(&self) -> Reason {
-        if self.fits_memory(self.steps() - 1) {
+        if self.fits_memory(self.deepest()) {
             Reason::TooSlow
         } else {
             Reason::BelowFloor

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 /// How the next token is drawn. Greedy at `temperature` 0.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Sampling {
     /// 0 = greedy.
@@ -17,6 +17,14 @@ pub struct Sampling {
     pub top_k: usize,
     pub max_tokens: usize,
     pub seed: u64,
+    /// OpenAI's penalties on tokens already in this answer: `frequency_penalty` times their
+    /// count plus `presence_penalty` once, subtracted from their logits. In [-2, 2].
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// Added to a token's logit before sampling (OpenAI's `logit_bias`, in [-100, 100]). A
+    /// token with a positive bias is *watched*: its logit comes back with the candidates even
+    /// when it is not among them (`Backend::watch`), so the bias is exact.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for Sampling {
@@ -27,11 +35,27 @@ impl Default for Sampling {
             top_k: 0,
             max_tokens: 256,
             seed: 0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
 
+/// KV-cache positions of a chat when the caller does not say (browser and CLI alike).
+pub const DEFAULT_CONTEXT: usize = 1024;
+
 impl Sampling {
+    /// The defaults of a chat answer where the request does not say (the browser's and the
+    /// CLI's): OpenAI-like temperature 0.7, nucleus 0.95, 256 tokens.
+    pub fn chat() -> Self {
+        Sampling {
+            temperature: 0.7,
+            top_p: 0.95,
+            ..Sampling::default()
+        }
+    }
+
     /// Rejects settings that cannot mean what the caller wanted, naming the field.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
@@ -55,9 +79,75 @@ impl Sampling {
         if self.max_tokens == 0 {
             return Err(Error::input("max_tokens must be at least 1"));
         }
+        for (name, p) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&p) {
+                return Err(Error::input(format!("{name} {p} must be in [-2, 2]")));
+            }
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(Error::input(format!(
+                "logit_bias has {} entries, at most {MAX_LOGIT_BIAS} are allowed",
+                self.logit_bias.len()
+            )));
+        }
+        if let Some((id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return Err(Error::input(format!(
+                "logit_bias[{id}] = {b} must be in [-100, 100]"
+            )));
+        }
         Ok(())
     }
+
+    /// Tokens whose logits must come back even outside the top candidates: those with a
+    /// positive bias (a negative bias or a penalty only lowers a logit, so a token outside
+    /// the candidates stays outside).
+    pub fn watched(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .logit_bias
+            .iter()
+            .filter(|(_, b)| *b > 0.0)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// `cand` (top candidates, then any watched tokens outside them) with the logit bias and
+    /// the penalties for the tokens of `answer` applied, best first again. Exact whenever the
+    /// tokens sampled from stay at or above the lowest top candidate, which the penalties'
+    /// range all but guarantees with 40 candidates.
+    pub fn adjust(&self, cand: &[(u32, f32)], answer: &[u32]) -> Vec<(u32, f32)> {
+        let mut out = cand.to_vec();
+        let penalized = self.frequency_penalty != 0.0 || self.presence_penalty != 0.0;
+        if self.logit_bias.is_empty() && !penalized {
+            return out;
+        }
+        for c in &mut out {
+            if let Some((_, b)) = self.logit_bias.iter().find(|(id, _)| *id == c.0) {
+                c.1 += b;
+            }
+            if penalized {
+                let n = answer.iter().filter(|&&t| t == c.0).count();
+                if n > 0 {
+                    c.1 -= self.frequency_penalty * n as f32 + self.presence_penalty;
+                }
+            }
+        }
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out
+    }
 }
+
+/// Most `logit_bias` entries a request may give (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
 
 /// Why an answer ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +236,34 @@ impl Rng {
 /// from the same set on each.
 pub const TOP_K: usize = 40;
 
+/// `top` (best first) followed by the logits of the `watched` tokens not among them: what
+/// `Backend::step` returns.
+pub fn with_watched(mut top: Vec<(u32, f32)>, watched: &[u32], logits: &[f32]) -> Vec<(u32, f32)> {
+    let extra: Vec<(u32, f32)> = watched
+        .iter()
+        .filter(|id| !top.iter().any(|c| c.0 == **id))
+        .filter_map(|&id| logits.get(id as usize).map(|&l| (id, l)))
+        .collect();
+    top.extend(extra);
+    top
+}
+
+/// Checks a watch list against the vocabulary and its size limit.
+pub fn check_watch(ids: &[u32], vocab: usize) -> Result<()> {
+    if ids.len() > MAX_LOGIT_BIAS {
+        return Err(Error::input(format!(
+            "{} watched tokens, at most {MAX_LOGIT_BIAS}",
+            ids.len()
+        )));
+    }
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(id) => Err(Error::input(format!(
+            "logit_bias: token {id} is not in the vocabulary ({vocab} tokens)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The `k` largest finite logits `(token, logit)`, best first (ties: lower token first).
 pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut c: Vec<(u32, f32)> = logits
@@ -204,4 +322,57 @@ pub fn sample(cand: &[(u32, f32)], s: &Sampling, rng: &mut Rng) -> Result<u32> {
         }
     }
     Ok(cand[n - 1].0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bias_and_penalties_reorder_candidates() {
+        let cand = [(5, 3.0), (7, 2.5), (9, 1.0), (2, -4.0)];
+        let s = Sampling {
+            logit_bias: vec![(9, 2.0), (2, 100.0)],
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..Sampling::default()
+        };
+        // 5 appears twice in the answer: 3.0 - 2 * 0.5 - 0.25 = 1.75.
+        let got = s.adjust(&cand, &[5, 5, 1]);
+        assert_eq!(got, vec![(2, 96.0), (9, 3.0), (7, 2.5), (5, 1.75)]);
+        assert_eq!(s.watched(), vec![2, 9]);
+        assert_eq!(sample(&got, &s, &mut Rng::new(1)).unwrap(), 2);
+        // Nothing asked: unchanged.
+        assert_eq!(Sampling::default().adjust(&cand, &[5]), cand.to_vec());
+    }
+
+    #[test]
+    fn out_of_range_penalties_and_biases_are_rejected() {
+        let bad = [
+            Sampling {
+                frequency_penalty: 2.5,
+                ..Sampling::default()
+            },
+            Sampling {
+                presence_penalty: f32::NAN,
+                ..Sampling::default()
+            },
+            Sampling {
+                logit_bias: vec![(1, 101.0)],
+                ..Sampling::default()
+            },
+            Sampling {
+                logit_bias: vec![(1, 1.0); MAX_LOGIT_BIAS + 1],
+                ..Sampling::default()
+            },
+        ];
+        for s in bad {
+            assert!(s.validate().is_err(), "{s:?}");
+        }
+        assert!(check_watch(&[10], 10).is_err());
+        assert_eq!(
+            with_watched(vec![(3, 1.0)], &[3, 0], &[0.5, 0.0, 0.0, 1.0]),
+            vec![(3, 1.0), (0, 0.5)]
+        );
+    }
 }

@@ -10,6 +10,7 @@
 //!   reuse, one token per call): generation on every backend.
 //! - `request`: a chat request and its validation (the browser's, run natively too).
 //! - `body`: how a download's buffer grows (never past the declared size).
+//! - `stop_text`: stop sequences over the decoded answer.
 //! - `speed`: decode speed between tokens, the controller's second signal.
 //! - `dir` (native): an ensemble directory as a byte source.
 
@@ -27,12 +28,14 @@ pub mod reference;
 pub mod request;
 pub mod session;
 pub mod speed;
+pub mod stop_text;
 pub mod walk;
 
 pub use backend::{Backend, Factory};
 pub use decision::{Decision, Reason, Stats};
 pub use elastic::Elastic;
-pub use generate::{GenStats, Sampling, StopReason};
+pub use generate::{GenStats, Sampling, StopReason, DEFAULT_CONTEXT};
 pub use policy::Policy;
 pub use session::{Session, Turn};
+pub use stop_text::StopText;
 pub use walk::{ByteSource, Running, Walk};

@@ -10,7 +10,7 @@ use crate::model::config::LlamaConfig;
 use crate::model::forward::{self, KvCache};
 use crate::model::weights::{ModuleId, Weights};
 use crate::runtime::backend::{Backend, Factory};
-use crate::runtime::generate::top_k;
+use crate::runtime::generate::{check_watch, top_k, with_watched};
 use std::sync::Arc;
 
 pub use crate::runtime::generate::TOP_K;
@@ -26,6 +26,7 @@ pub struct Reference {
     weight_bytes: Vec<u64>,
     base_bytes: u64,
     top_k: usize,
+    watched: Vec<u32>,
 }
 
 impl Reference {
@@ -51,6 +52,7 @@ impl Reference {
             bits,
             weight_bytes,
             top_k: TOP_K,
+            watched: Vec::new(),
         }
     }
 
@@ -89,7 +91,16 @@ impl Backend for Reference {
     }
     async fn step(&mut self, tokens: &[u32]) -> Result<Vec<(u32, f32)>> {
         let logits = forward::forward_last(&self.weights, tokens, &mut self.cache)?;
-        Ok(top_k(&logits, self.top_k))
+        Ok(with_watched(
+            top_k(&logits, self.top_k),
+            &self.watched,
+            &logits,
+        ))
+    }
+    fn watch(&mut self, ids: &[u32]) -> Result<()> {
+        check_watch(ids, self.weights.config.vocab_size)?;
+        self.watched = ids.to_vec();
+        Ok(())
     }
     async fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
         forward::hidden(&self.weights, tokens, &mut self.cache).map(|_| ())

@@ -10,6 +10,7 @@
 use crate::error::{Error, Result};
 use crate::model::chat::Message;
 use crate::runtime::generate::Sampling;
+use crate::runtime::stop_text::StopText;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -25,12 +26,14 @@ pub struct ChatRequest {
     pub model: Option<serde_json::Value>,
     pub user: Option<serde_json::Value>,
     pub stream_options: Option<serde_json::Value>,
-    /// Known, not implemented (yet): present and not the default, they are unsupported.
-    pub n: Option<u32>,
+    /// A string or a list of strings (`stop_text`).
     pub stop: Option<serde_json::Value>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
+    /// `{token id: bias}` (`logit_bias`).
     pub logit_bias: Option<serde_json::Value>,
+    /// Known, not implemented: present and not the default, they are unsupported.
+    pub n: Option<u32>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
     pub response_format: Option<serde_json::Value>,
@@ -81,21 +84,8 @@ impl ChatRequest {
     /// A known field this engine does not implement, set to anything but its default, is
     /// `Unsupported`, naming it.
     pub fn check_supported(&self) -> Result<()> {
-        let unsupported: [(&str, bool); 10] = [
+        let unsupported: [(&str, bool); 6] = [
             ("n", self.n.is_some_and(|n| n != 1)),
-            ("stop", self.stop.as_ref().is_some_and(|s| !s.is_null())),
-            (
-                "frequency_penalty",
-                self.frequency_penalty.is_some_and(|p| p != 0.0),
-            ),
-            (
-                "presence_penalty",
-                self.presence_penalty.is_some_and(|p| p != 0.0),
-            ),
-            (
-                "logit_bias",
-                self.logit_bias.as_ref().is_some_and(|b| !b.is_null()),
-            ),
             ("logprobs", self.logprobs == Some(true)),
             ("top_logprobs", self.top_logprobs.is_some_and(|n| n > 0)),
             (
@@ -118,30 +108,72 @@ impl ChatRequest {
         }
     }
 
-    /// The sampling settings this request asks for (defaults: temperature 0.7, top_p 0.95, 256
-    /// tokens), validated; `random_seed` is called only when the request sets no seed.
-    pub fn sampling(&self, random_seed: impl FnOnce() -> u64) -> Result<Sampling> {
+    /// The sampling settings asked for (`Sampling::chat` where a field is absent; `seed`
+    /// when the request has none), validated.
+    pub fn sampling(&self, seed: u64) -> Result<Sampling> {
         if self.messages.is_empty() {
             return Err(Error::input("chat request: no messages"));
         }
+        let d = Sampling::chat();
         let s = Sampling {
-            temperature: self.temperature.unwrap_or(0.7),
-            top_p: self.top_p.unwrap_or(0.95),
-            top_k: self.top_k.unwrap_or(0),
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            top_k: self.top_k.unwrap_or(d.top_k),
             max_tokens: self
                 .max_tokens
                 .or(self.max_completion_tokens)
-                .unwrap_or(256),
-            seed: self.seed.map_or_else(random_seed, |s| s as u64),
+                .unwrap_or(d.max_tokens),
+            seed: self.seed.map_or(seed, |s| s as u64),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            logit_bias: self.logit_bias()?,
         };
         s.validate()
             .map_err(|e| Error::input(format!("chat request: {e}")))?;
         Ok(s)
     }
 
+    /// `logit_bias`: an object from token ids (decimal strings, as JSON keys are) to a bias.
+    fn logit_bias(&self) -> Result<Vec<(u32, f32)>> {
+        let bad = |m: String| Error::input(format!("chat request: logit_bias{m}"));
+        let Some(v) = self.logit_bias.as_ref().filter(|v| !v.is_null()) else {
+            return Ok(Vec::new());
+        };
+        let o = v
+            .as_object()
+            .ok_or_else(|| bad(": expected an object {token id: bias}".into()))?;
+        o.iter()
+            .map(|(k, b)| {
+                let id = k
+                    .parse::<u32>()
+                    .map_err(|_| bad(format!(": key `{k}` is not a token id")))?;
+                let b = b
+                    .as_f64()
+                    .ok_or_else(|| bad(format!("[{k}]: expected a number")))?;
+                Ok((id, b as f32))
+            })
+            .collect()
+    }
+
+    /// `stop`: a string or a list of strings (checked by `StopText::new`).
+    pub fn stop_text(&self) -> Result<StopText> {
+        let bad = |m: &str| Error::input(format!("chat request: stop{m}"));
+        let stops = match self.stop.as_ref() {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|s| s.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad(": expected strings"))?,
+            Some(_) => return Err(bad(": expected a string or a list of strings")),
+        };
+        StopText::new(stops).map_err(|e| Error::input(format!("chat request: {e}")))
+    }
+
     /// A request from JSON bytes with every check the browser makes: keys, types, unsupported
-    /// fields, sampling (the seed defaults to 0 here).
-    pub fn from_json(bytes: &[u8]) -> Result<(ChatRequest, Sampling)> {
+    /// fields, sampling (the seed defaults to 0 here) and stop strings.
+    pub fn from_json(bytes: &[u8]) -> Result<(ChatRequest, Sampling, StopText)> {
         let v: serde_json::Value = serde_json::from_slice(bytes)
             .map_err(|e| Error::input(format!("chat request: {e}")))?;
         if let Some(o) = v.as_object() {
@@ -150,8 +182,9 @@ impl ChatRequest {
         let r: ChatRequest =
             serde_json::from_value(v).map_err(|e| Error::input(format!("chat request: {e}")))?;
         r.check_supported()?;
-        let s = r.sampling(|| 0)?;
-        Ok((r, s))
+        let s = r.sampling(0)?;
+        let stop = r.stop_text()?;
+        Ok((r, s, stop))
     }
 }
 
@@ -159,16 +192,20 @@ impl ChatRequest {
 mod tests {
     use super::*;
 
-    fn parse(s: &str) -> Result<(ChatRequest, Sampling)> {
+    fn parse(s: &str) -> Result<(ChatRequest, Sampling, StopText)> {
         ChatRequest::from_json(s.as_bytes())
     }
 
     #[test]
     fn a_plain_request_gets_the_defaults() {
-        let (r, s) =
+        let (r, s, _) =
             parse(r#"{"messages":[{"role":"user","content":"Hi"}],"stream":true}"#).unwrap();
         assert_eq!(r.messages.len(), 1);
-        assert_eq!((s.temperature, s.top_p, s.max_tokens), (0.7, 0.95, 256));
+        let d = Sampling::chat();
+        assert_eq!(
+            (s.temperature, s.top_p, s.max_tokens),
+            (d.temperature, d.top_p, d.max_tokens)
+        );
     }
 
     #[test]
@@ -185,6 +222,14 @@ mod tests {
                 "top_p",
             ),
             (r#"{"messages":"x"}"#, "invalid type"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"a":1}}"#,
+                "logit_bias",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stop":3}"#,
+                "stop",
+            ),
         ];
         for (json, want) in cases {
             let e = parse(json).err().unwrap().to_string();

@@ -10,6 +10,8 @@ use crate::runtime::generate::{sample, GenStats, Rng, Sampling, StopReason};
 pub struct Session<B: Backend> {
     pub model: B,
     tokens: Vec<u32>,
+    /// The running turn's watched tokens (`Sampling::watched`), set again on a new model.
+    watched: Vec<u32>,
 }
 
 /// One answer being generated, token by token (`Session::start`, then `Session::next` until
@@ -61,6 +63,7 @@ impl<B: Backend> Session<B> {
         Session {
             model,
             tokens: Vec::new(),
+            watched: Vec::new(),
         }
     }
 
@@ -80,6 +83,7 @@ impl<B: Backend> Session<B> {
     pub async fn replace_model(&mut self, model: B) -> Result<usize, B::Error> {
         self.model = model;
         self.model.truncate(0);
+        self.model.watch(&self.watched)?;
         if !self.tokens.is_empty() {
             self.model.prefill(&self.tokens).await?;
         }
@@ -106,6 +110,9 @@ impl<B: Backend> Session<B> {
             }
             .into());
         }
+        let watched = s.watched();
+        self.model.watch(&watched)?;
+        self.watched = watched;
         let shared = reusable_prefix(&self.tokens, prompt);
         self.model.truncate(shared);
         self.tokens.truncate(shared);
@@ -119,7 +126,7 @@ impl<B: Backend> Session<B> {
             ..Default::default()
         };
         Ok(Turn {
-            sampling: *s,
+            sampling: s.clone(),
             rng: Rng::new(s.seed),
             stop: stop.to_vec(),
             cand,
@@ -154,7 +161,8 @@ impl<B: Backend> Session<B> {
             self.tokens.push(id);
             turn.pending = None;
         }
-        let id = sample(&turn.cand, &turn.sampling, &mut turn.rng)?;
+        let cand = turn.sampling.adjust(&turn.cand, &turn.out);
+        let id = sample(&cand, &turn.sampling, &mut turn.rng)?;
         if turn.stop.contains(&id) {
             turn.finish(StopReason::Eos);
             return Ok(None);

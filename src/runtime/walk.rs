@@ -39,8 +39,6 @@ pub trait ByteSource {
     fn prefetches(&self) -> bool {
         false
     }
-    /// Called once every file of `step` has been loaded (a cache marks the step complete).
-    async fn mark_complete(&self, _step: usize, _files: &[FileRef]) {}
 }
 
 /// One module swapped.
@@ -169,7 +167,6 @@ where
                         e.set_overheads(model.held_bytes().saturating_sub(total_bytes));
                         e.swapped(at, now_ms())?;
                     }
-                    self.source.mark_complete(at, &files).await;
                     let session = Session::new(model);
                     return Ok(Running { session, step: at });
                 }

@@ -39,6 +39,11 @@ pub fn bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::E
 #[serde(transparent)]
 pub struct MinSpeed(pub Option<f64>);
 
+/// `setMaxPerplexity`'s argument (`null`: no floor).
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub struct MaxPerplexity(pub Option<f64>);
+
 /// `setMemoryBudget`'s argument.
 #[derive(Deserialize)]
 #[serde(transparent)]
@@ -64,6 +69,10 @@ pub struct EngineOptions {
     /// The slowest decode the app accepts (tokens/s): below it the model steps down the
     /// trajectory (fewer bytes per token), back up when there is headroom.
     pub min_tokens_per_second: Option<f64>,
+    /// The quality floor: the controller never steps to a step whose perplexity (the
+    /// manifest's held-out figure) is above this; under a budget it cannot meet there, it
+    /// emits `below-floor` and stays at the floor.
+    pub max_perplexity: Option<f64>,
     /// `'auto'` (default), `'webgpu'` or `'cpu'`.
     pub backend: Option<crate::web::backend::BackendChoice>,
     #[serde(with = "serde_wasm_bindgen::preserve")]
@@ -146,6 +155,8 @@ pub struct Stats {
     /// The minimum decode speed set, the last measured one (over recent tokens at one step),
     /// and the footprint expected to reach the minimum.
     pub min_tokens_per_second: Option<f64>,
+    /// The quality floor (`maxPerplexity`) as a step: the deepest the controller may go.
+    pub floor_step: Option<usize>,
     pub measured_tokens_per_second: Option<f64>,
     pub speed_cap_bytes: Option<u64>,
     pub swaps: u64,

@@ -84,6 +84,10 @@ impl Backend for WebModel {
     async fn step(&mut self, tokens: &[u32]) -> WebResult<Vec<(u32, f32)>> {
         Ok(each!(self, m => Backend::step(m, tokens).await?))
     }
+    fn watch(&mut self, ids: &[u32]) -> WebResult<()> {
+        each!(self, m => Backend::watch(m, ids)?);
+        Ok(())
+    }
     async fn prefill(&mut self, tokens: &[u32]) -> WebResult<()> {
         each!(self, m => Backend::prefill(m, tokens).await?);
         Ok(())

@@ -11,10 +11,10 @@ use crate::model::weights::ModuleId;
 use crate::runtime::walk::Running;
 use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
-use crate::runtime::{StopReason, Turn};
+use crate::runtime::{StopReason, StopText, Turn, DEFAULT_CONTEXT};
 use crate::web::api::{
-    from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, MinSpeed, Started, Stats,
-    TrajectoryPoint, Usage, UsageExtra,
+    from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, MaxPerplexity, MinSpeed,
+    Started, Stats, TrajectoryPoint, Usage, UsageExtra,
 };
 use crate::web::backend::{auto_choice, BackendChoice, Kind, WebModel};
 use crate::web::error::{Code, WebError, WebResult};
@@ -58,6 +58,8 @@ pub(super) struct Inner {
     pub(super) choice: BackendChoice,
     /// Device losses since the last token (capped: see `Inner::recover`).
     pub(super) losses_in_a_row: Cell<u32>,
+    /// A `below-floor` event was emitted and the controller still holds there.
+    pub(super) below_floor: Cell<bool>,
 }
 
 pub(super) struct State {
@@ -69,6 +71,7 @@ pub(super) struct State {
 struct Answer {
     turn: Turn,
     decoder: StreamDecoder,
+    stop_text: StopText,
     id: String,
     created: u64,
     sent_role: bool,
@@ -200,6 +203,29 @@ impl Engine {
         })
     }
 
+    /// Sets (or with `null` clears) the quality floor: the largest held-out perplexity the app
+    /// accepts; the controller never steps below the deepest step within it (a model already
+    /// below steps back up before the next token, at once when idle).
+    #[wasm_bindgen(js_name = setMaxPerplexity)]
+    pub fn set_max_perplexity(&self, max: JsValue) -> js_sys::Promise {
+        let i = self.inner.clone();
+        promise(async move {
+            let MaxPerplexity(v) = from_js(max, "setMaxPerplexity(maxPerplexity)")?;
+            let floor = match v {
+                Some(max) => Some(
+                    i.walk
+                        .source
+                        .manifest
+                        .floor_for_perplexity(max)
+                        .map_err(|e| WebError::new(Code::Input, e.to_string()))?,
+                ),
+                None => None,
+            };
+            i.walk.elastic.borrow_mut().set_floor(floor)?;
+            i.rebalance_if_idle().await
+        })
+    }
+
     /// A JS-heap reading (`performance.memory.usedJSHeapSize`, `jsHeapSizeLimit`).
     #[wasm_bindgen(js_name = reportHeap)]
     pub fn report_heap(&self, used: f64, limit: f64) {
@@ -312,7 +338,9 @@ impl Engine {
         let loader = Loader::open(url, cache.as_deref(), o.cache_quota_bytes, emitter).await?;
         let m = &loader.manifest;
         let opts = ModelOptions {
-            context: (o.context.unwrap_or(1024) as usize)
+            context: o
+                .context
+                .map_or(DEFAULT_CONTEXT, |c| c as usize)
                 .clamp(16, m.config.max_position_embeddings),
             ..Default::default()
         };
@@ -334,9 +362,16 @@ impl Engine {
         elastic
             .set_min_speed(o.min_tokens_per_second, now_ms())
             .map_err(|e| WebError::new(Code::Input, format!("options.minTokensPerSecond: {e}")))?;
+        if let Some(max) = o.max_perplexity {
+            let floor = m
+                .floor_for_perplexity(max)
+                .map_err(|e| WebError::new(Code::Input, format!("options.{e}")))?;
+            elastic.set_floor(Some(floor))?;
+        }
         let mut p = Progress::new("download", 0, 2);
         let tk = loader.file(&m.tokenizer, &mut p).await?;
         let tokenizer = m.tokenizer(&tk)?;
+        loader.emitter.chat_template(&tokenizer.chat);
         let (chat, stop) = (tokenizer.chat.clone(), tokenizer.stop.clone());
         let flags = DeviceFlags {
             lost: Rc::new(RefCell::new(Arc::new(AtomicBool::new(false)))),
@@ -361,6 +396,7 @@ impl Engine {
             completions: Cell::new(0),
             choice,
             losses_in_a_row: Cell::new(0),
+            below_floor: Cell::new(false),
         });
         let run = match inner.build().await {
             // `auto`: a WebGPU that cannot run the model falls back to the CPU backend.
@@ -375,6 +411,7 @@ impl Engine {
         let step = run.step;
         let kind = run.session.model.kind();
         inner.backend_event(kind);
+        inner.note_floor();
         let src = &inner.walk.source;
         inner.snap.borrow_mut().loaded_from_cache = src.net_bytes.get() == 0;
         inner.put(State { run, turn: None });
@@ -448,6 +485,7 @@ impl Inner {
             tokens_per_second: s.tokens_per_s,
             prefill_tokens_per_second: s.prefill_tokens_per_s,
             min_tokens_per_second: e.min_tok_s,
+            floor_step: e.floor_step,
             measured_tokens_per_second: e.speed_tok_s,
             speed_cap_bytes: e.speed_cap_bytes,
             swaps: s.swaps,
@@ -478,8 +516,10 @@ impl Inner {
     // ---- chat ----
 
     async fn start_chat(self: &Rc<Self>, st: &mut State, req: ChatRequest) -> WebResult<JsValue> {
-        let s = req.sampling(|| (js_sys::Math::random() * 2f64.powi(53)) as u64)?;
-        let text = self.chat.render(&req.messages);
+        let random = (js_sys::Math::random() * 2f64.powi(53)) as u64;
+        let s = req.sampling(random)?;
+        let stop_text = req.stop_text()?;
+        let text = self.chat.render(&req.messages)?;
         let ids = self.tokenizer.encode(&text)?;
 
         st.turn = None;
@@ -501,6 +541,7 @@ impl Inner {
         st.turn = Some(Answer {
             turn,
             decoder: StreamDecoder::default(),
+            stop_text,
             id: format!("chatcmpl-{n}"),
             created: (js_sys::Date::now() / 1000.0) as u64,
             sent_role: false,
@@ -540,7 +581,13 @@ impl Inner {
             }
         };
         let content = match next {
-            Some(id) => Some(a.decoder.step(&self.tokenizer, id)?),
+            Some(id) => {
+                let shown = a.stop_text.push(&a.decoder.step(&self.tokenizer, id)?);
+                if a.stop_text.stopped() {
+                    a.turn.stop(StopReason::Eos);
+                }
+                Some(shown)
+            }
             None => None,
         };
         let mut delta = Delta {
@@ -555,6 +602,8 @@ impl Inner {
             }
             None => {
                 a.ended = true;
+                let held = a.stop_text.finish();
+                delta.content = (!held.is_empty()).then_some(held);
                 let g = &a.turn.stats;
                 let (decode, prefill) = (g.decode_tokens_per_s(), g.prefill_tokens_per_s());
                 let mut snap = self.snap.borrow_mut();
@@ -622,8 +671,26 @@ impl Inner {
         }
         self.walk.clock_token(st.run.step, token_index);
         let d = self.walk.elastic.borrow_mut().decide(now_ms());
+        self.note_floor();
         if let Err(e) = self.execute(&mut st.run, d, token_index).await {
             self.walk.source.emitter.error(&e);
+        }
+    }
+
+    /// A `below-floor` event when the controller starts holding at the deepest step allowed
+    /// because even it does not fit (once per episode, not per token).
+    pub(super) fn note_floor(&self) {
+        let e = self.walk.elastic.borrow().stats();
+        let below = e.last_reason == Some(Reason::BelowFloor);
+        if below && !self.below_floor.replace(true) {
+            self.walk
+                .source
+                .emitter
+                .emit(json!({"type": "below-floor", "step": e.target_step,
+                "floorStep": e.floor_step, "budgetBytes": e.effective_budget_bytes,
+                "costBytes": e.footprint_bytes.map(|f| f + e.overhead_bytes)}));
+        } else if !below {
+            self.below_floor.set(false);
         }
     }
 

@@ -36,6 +36,19 @@ impl Emitter {
     pub fn error(&self, e: &crate::web::WebError) {
         self.emit(json!({"type": "error", "error": e.to_event_value()}));
     }
+
+    /// `{type: 'warning', code, message}`: the engine works, but not as the app may assume.
+    pub fn warning(&self, code: &str, message: &str) {
+        self.emit(json!({"type": "warning", "code": code, "message": message}));
+    }
+
+    /// The `chat-template-fallback` warning when prompts are ChatML because the model has no
+    /// chat template of its own.
+    pub fn chat_template(&self, chat: &crate::model::chat::ChatTemplate) {
+        if let Some(w) = chat.fallback_warning() {
+            self.warning("chat-template-fallback", w);
+        }
+    }
 }
 
 /// Byte and file counts of one loading phase, with an ETA from the network rate so far.

@@ -41,9 +41,57 @@ fn manifest_error(url: &str, bytes: &[u8]) -> Option<WebError> {
     })
 }
 
+/// Fetches and validates the manifest at `url` (absolute); the cached copy if the network
+/// fails, so a cached ensemble loads offline. Returns the manifest and its bytes.
+pub async fn read_manifest(url: &str, store: Option<&Store>) -> WebResult<(Manifest, Vec<u8>)> {
+    let bytes = match fetch::get(url, "manifest").await {
+        Ok(r) => {
+            let cap = manifest::MAX_MANIFEST_BYTES as u64;
+            fetch::read_body(r, url, "manifest", cap, |_| {}).await?
+        }
+        Err(e) if e.code == Code::Network => match store {
+            Some(s) => s.get(&manifest_key(url)).await.ok_or(e)?,
+            None => return Err(e),
+        },
+        Err(e) => return Err(e),
+    };
+    if let Some(e) = manifest_error(url, &bytes) {
+        return Err(e);
+    }
+    let manifest = Manifest::from_bytes(url, &bytes)
+        .map_err(|e| WebError::new(Code::ManifestInvalid, e.to_string()).url(url))?;
+    Ok((manifest, bytes))
+}
+
+fn manifest_key(url: &str) -> String {
+    format!("{url}?flexquant-manifest")
+}
+
+/// The directory an ensemble owns in the cache: its manifest's URL up to the last `/`.
+fn ensemble_dir(url: &str) -> &str {
+    let path_end = url.find(['?', '#']).unwrap_or(url.len());
+    &url[..url[..path_end].rfind('/').map_or(0, |i| i + 1)]
+}
+
+/// The cache keys of the ensemble at `url` (manifest, files of any version, the completion
+/// markers of earlier releases).
+pub fn owned_keys<'a>(keys: &'a [String], url: &str) -> Vec<&'a String> {
+    let dir = ensemble_dir(url);
+    let manifest = manifest_key(url);
+    let marker = format!("{url}?flexquant-complete=");
+    keys.iter()
+        .filter(|k| {
+            **k == manifest
+                || k.starts_with(&marker)
+                || (k.starts_with(dir) && store::parse_key(k).is_some())
+        })
+        .collect()
+}
+
 impl Loader {
-    /// Fetches and validates the manifest (the cached copy if the network fails, so a
-    /// cached ensemble loads offline).
+    /// Reads the manifest (`read_manifest`), evicts from the cache the files of other
+    /// versions of this ensemble and counts the bytes of this version already cached against
+    /// the quota.
     pub async fn open(
         url: &str,
         cache_name: Option<&str>,
@@ -55,28 +103,8 @@ impl Loader {
             Some(n) => Store::open(n).await,
             None => None,
         };
-        let manifest_key = format!("{url}?flexquant-manifest");
-        let bytes = match fetch::get(&url, "manifest").await {
-            Ok(r) => {
-                let cap = manifest::MAX_MANIFEST_BYTES as u64;
-                fetch::read_body(r, &url, "manifest", cap, |_| {}).await?
-            }
-            Err(e) if e.code == Code::Network => match &store {
-                Some(s) => s.get(&manifest_key).await.ok_or(e)?,
-                None => return Err(e),
-            },
-            Err(e) => return Err(e),
-        };
-        if let Some(e) = manifest_error(&url, &bytes) {
-            return Err(e);
-        }
-        let manifest = Manifest::from_bytes(&url, &bytes)
-            .map_err(|e| WebError::new(Code::ManifestInvalid, e.to_string()).url(&url))?;
-        if let Some(s) = &store {
-            // Small, and re-verified on every read: a failure to store it is harmless.
-            let _ = s.put(&manifest_key, &bytes).await;
-        }
-        Ok(Loader {
+        let (manifest, bytes) = read_manifest(&url, store.as_ref()).await?;
+        let loader = Loader {
             manifest_sha: manifest::sha256_hex(&bytes),
             manifest_url: url,
             manifest,
@@ -86,7 +114,45 @@ impl Loader {
             net_bytes: Cell::new(0),
             cache_bytes: Cell::new(0),
             emitter,
-        })
+        };
+        if let Some(s) = &loader.store {
+            // Small, and re-verified on every read: a failure to store it is harmless.
+            let _ = s.put(&manifest_key(&loader.manifest_url), &bytes).await;
+            let held = loader.evict_stale(s).await;
+            loader.stored.set(held);
+        }
+        Ok(loader)
+    }
+
+    /// Deletes the cached files of this ensemble that the manifest no longer lists (other
+    /// versions, renamed files); returns the bytes of this version's files that are cached.
+    async fn evict_stale(&self, s: &Store) -> u64 {
+        let current: std::collections::BTreeMap<(String, &str), u64> = self
+            .all_files()
+            .filter_map(|f| Some(((self.url_of(f).ok()?, f.sha256.as_str()), f.bytes)))
+            .collect();
+        let keys = s.keys().await;
+        let mut held = 0;
+        for k in owned_keys(&keys, &self.manifest_url) {
+            match store::parse_key(k) {
+                Some((u, sha)) => match current.get(&(u.to_string(), sha)) {
+                    Some(bytes) => held += bytes,
+                    None => s.delete(k).await,
+                },
+                None if k.contains("?flexquant-complete=") => s.delete(k).await,
+                None => {}
+            }
+        }
+        held
+    }
+
+    /// Every file of the ensemble (a file shared by several versions appears once per use).
+    pub fn all_files(&self) -> impl Iterator<Item = &FileRef> {
+        let m = &self.manifest;
+        m.modules
+            .iter()
+            .map(|v| &v.file)
+            .chain([&m.base, &m.tokenizer])
     }
 
     pub fn url_of(&self, f: &FileRef) -> WebResult<String> {
@@ -240,33 +306,5 @@ impl Loader {
             self.file(f, &mut p).await?;
         }
         Ok(missing.len())
-    }
-
-    fn marker_key(&self, step: usize) -> String {
-        format!(
-            "{}?flexquant-complete={}&step={step}",
-            self.manifest_url, self.manifest_sha
-        )
-    }
-
-    /// Written after every file of `step` (`files`, plus base and tokenizer) is in the cache,
-    /// checked entry by entry: a reload finds the step complete, never half of it.
-    pub async fn mark_complete(&self, step: usize, files: &[FileRef]) {
-        let Some(s) = &self.store else { return };
-        let m = &self.manifest;
-        for f in files.iter().chain([&m.base, &m.tokenizer]) {
-            match self.url_of(f) {
-                Ok(url) if s.has(&store::key(&url, &f.sha256)).await => {}
-                _ => return,
-            }
-        }
-        let _ = s.put(&self.marker_key(step), b"complete").await;
-    }
-
-    pub async fn is_complete(&self, step: usize) -> bool {
-        match &self.store {
-            Some(s) => s.has(&self.marker_key(step)).await,
-            None => false,
-        }
     }
 }

@@ -19,6 +19,7 @@
 pub mod api;
 pub mod backend;
 pub mod bench;
+pub mod cache_admin;
 pub mod digest;
 pub mod engine;
 pub mod error;

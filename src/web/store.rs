@@ -1,7 +1,7 @@
 //! The Cache API as a verified-file store. Keys are the file's URL plus its sha256 (so a
 //! changed file under the same name is a different entry and a stale one is never served).
-//! Only bytes that passed verification are put; a completion marker per ensemble and step is
-//! written after all its files, so a reload can tell a complete cache from a partial one.
+//! Only bytes that passed verification are put, so a step whose files are all there loads
+//! offline (`ensemble::inspect::cache_report` tells which).
 
 use crate::web::error::{Code, WebError, WebResult};
 use js_sys::{Reflect, Uint8Array};
@@ -70,6 +70,25 @@ impl Store {
     pub async fn delete(&self, key: &str) {
         let _ = JsFuture::from(self.cache.delete_with_str(key)).await;
     }
+
+    /// Every key (request URL) in the cache.
+    pub async fn keys(&self) -> Vec<String> {
+        let Ok(list) = JsFuture::from(self.cache.keys()).await else {
+            return Vec::new();
+        };
+        js_sys::Array::from(&list)
+            .iter()
+            .filter_map(|r| r.dyn_into::<web_sys::Request>().ok())
+            .map(|r| r.url())
+            .collect()
+    }
+}
+
+/// A cached file's key split into its URL and sha256 (`None` for other keys).
+pub fn parse_key(key: &str) -> Option<(&str, &str)> {
+    let at = key.rfind("flexquant-sha256=")?;
+    let url = &key[..at.checked_sub(1)?];
+    Some((url, &key[at + "flexquant-sha256=".len()..]))
 }
 
 fn quota_or_internal(key: &str, e: &JsValue) -> WebError {

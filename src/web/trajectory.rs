@@ -37,9 +37,6 @@ impl ByteSource for Loader {
     fn prefetches(&self) -> bool {
         self.cached()
     }
-    async fn mark_complete(&self, step: usize, files: &[FileRef]) {
-        Loader::mark_complete(self, step, files).await
-    }
 }
 
 /// Flags the engine reads between tokens, set by the current device's callbacks.

@@ -37,6 +37,18 @@ try {
     assert.ok(r.main.steps > 1);
     assert.equal(r.worker.object, 'chat.completion');
     assert.equal(r.worker.text, r.main.text, 'greedy: the worker and the main thread agree');
+    assert.deepEqual([r.includeUsage.choices, r.includeUsage.finish], [0, 'length'], JSON.stringify(r.includeUsage));
+    assert.ok(r.includeUsage.tokens === 6, JSON.stringify(r.includeUsage));
+    const ins = r.inspect;
+    assert.equal(ins.trajectory.length, r.main.steps, JSON.stringify(ins).slice(0, 300));
+    assert.equal(ins.kvBytes, 256 * ins.kvBytesPerToken);
+    assert.ok(ins.minTotalBytes < ins.maxTotalBytes && ins.firstLoadBytes <= ins.downloadBytes, JSON.stringify(ins).slice(0, 300));
+    assert.equal(ins.trajectory[0].meanBits, ins.nUp);
+    assert.deepEqual(r.evicted, { stale: true, otherKept: true, otherKeptAfterDelete: true });
+    const cb = r.cachedBefore, ca = r.cachedAfter;
+    assert.ok(cb.manifestCached && cb.completeSteps.includes(0) && cb.cachedBytes > 0, JSON.stringify(cb).slice(0, 300));
+    assert.ok(r.deleted >= cb.cachedFiles + 1, `deleted ${r.deleted}`);
+    assert.deepEqual([ca.manifestCached, ca.cachedFiles, ca.completeSteps.length], [false, 0, 0], JSON.stringify(ca).slice(0, 300));
     const cc = r.concurrency;
     assert.deepEqual(cc.par, cc.seq, `Promise.all mixed the answers: ${JSON.stringify(cc)}`);
     assert.equal(cc.afterBreak, cc.seq[0], 'the engine answers normally after a stream left early');

@@ -116,6 +116,7 @@ fn packaged_ensemble_round_trips() {
     use flexquant::build::package::{
         load_step_weights, read_manifest, read_verified, write_ensemble, PackageInput,
     };
+    use flexquant::model::chat::Message;
     use flexquant::model::forward::{forward_all, KvCache};
     let dir = tempfile::tempdir().unwrap();
     let (m, lib) = tiny_library(dir.path());
@@ -165,6 +166,17 @@ fn packaged_ensemble_round_trips() {
     for v in &man.modules {
         read_verified(&out, &v.file).unwrap();
     }
+    // The model's chat template travels in the manifest and renders as the model's does.
+    assert_eq!(man.chat.template, "jinja");
+    let shipped = man
+        .tokenizer(&read_verified(&out, &man.tokenizer).unwrap())
+        .unwrap();
+    let chat = [Message::new("system", "S"), Message::new("user", "hi")];
+    assert_eq!(shipped.chat.fallback_warning(), None);
+    assert_eq!(
+        shipped.chat.render(&chat).unwrap(),
+        m.tokenizer.chat.render(&chat).unwrap()
+    );
     let eqms = t.eqms(&start);
     for step in [0, 7, t.steps.len() - 1] {
         let packaged = load_step_weights(&out, &man, step).unwrap();

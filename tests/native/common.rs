@@ -22,6 +22,22 @@ pub fn data_file(rel: &str) -> Option<PathBuf> {
     None
 }
 
+/// Whether python3 can import `module` (installed by `./build.sh setup`). Missing: a failure
+/// when FLEXQUANT_REQUIRE_DATA=1, else a printed skip.
+pub fn python_has(module: &str) -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        if std::env::var("FLEXQUANT_REQUIRE_DATA").as_deref() == Ok("1") {
+            panic!("python3 cannot import {module}: run ./build.sh setup");
+        }
+        eprintln!("SKIP: python3 cannot import {module} (run ./build.sh setup)");
+    }
+    ok
+}
+
 pub fn demo_model_path() -> Option<PathBuf> {
     data_file("model/SmolLM2-135M-Instruct.Q4_1.gguf")
 }

@@ -195,6 +195,52 @@ fn loads_the_largest_step_that_fits() {
     assert!(h.cost(8) <= (2000.0 * 0.85) as u64 * MB);
 }
 
+/// The app's quality floor: squeezed, the controller stops at the floor step and says
+/// `BelowFloor` (the budget is not met; the app decides); a floor set while the model is
+/// below it brings it back up; clearing it lets the walk go deeper again.
+#[test]
+fn a_quality_floor_is_never_crossed() {
+    let mut h = Host::new().started();
+    h.ctl.set_floor(Some(8)).unwrap();
+    assert!(h.ctl.set_floor(Some(21)).is_err());
+    h.ctl.set_budget(1500 * MB);
+    assert_eq!(
+        h.token(),
+        Decision::StepDown {
+            from: 0,
+            to: 8,
+            reason: Reason::BelowFloor
+        }
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            h.token(),
+            Decision::Hold {
+                step: 8,
+                reason: Reason::BelowFloor
+            }
+        );
+    }
+    let s = h.ctl.stats();
+    assert!(s.below_floor && !s.fits);
+    assert_eq!(s.floor_step, Some(8));
+
+    h.ctl.set_floor(None).unwrap();
+    let d = h.token();
+    assert!(matches!(d, Decision::StepDown { from: 8, to, .. } if h.cost(to) <= 1500 * MB));
+    let deep = h.step();
+    h.ctl.set_floor(Some(5)).unwrap();
+    assert_eq!(
+        h.token(),
+        Decision::StepUp {
+            from: deep,
+            to: 5,
+            reason: Reason::QualityFloor
+        }
+    );
+    assert_eq!(h.ctl.stats().floor_step, Some(5));
+}
+
 #[test]
 fn budget_below_the_smallest_step_stays_at_the_floor() {
     let mut h = Host::new();
@@ -706,7 +752,7 @@ fn stats_and_decisions_serialize_for_the_ui() {
     assert_eq!(p.headroom, Policy::default().headroom);
     assert_eq!(
         Reason::BelowFloor.to_string(),
-        "even the smallest step does not fit the budget"
+        "even the deepest step allowed does not fit the budget"
     );
 }
 

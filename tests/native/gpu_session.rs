@@ -6,7 +6,8 @@ use crate::gpu_util::gpu_arc;
 use flexquant::gpu::ModelOptions;
 use flexquant::model::load;
 use flexquant::quant::weights::{gpu_model, rtn_modules};
-use flexquant::runtime::{Sampling, Session, StopReason};
+use flexquant::runtime::reference::Reference;
+use flexquant::runtime::{Backend, Sampling, Session, StopReason};
 use pollster::block_on;
 
 const OPTS: ModelOptions = ModelOptions {
@@ -23,6 +24,7 @@ fn greedy(max_tokens: usize) -> Sampling {
         top_k: 0,
         max_tokens,
         seed: 1,
+        ..Sampling::default()
     }
 }
 
@@ -82,4 +84,55 @@ fn step_wise_session_matches_generate_and_survives_a_model_replacement() {
     );
     b.reset();
     assert!(b.tokens().is_empty() && b.model.is_empty());
+}
+
+/// `Backend::watch` on the GPU and the reference: a token far outside the top-k comes back
+/// with its exact logit (read from the logits buffer in the token's submission), a watched
+/// token already among the candidates is not repeated, and a logit bias of +100 on it makes
+/// greedy decoding pick it (-100 on the best token: the runner-up).
+#[test]
+fn watched_tokens_return_their_logits_so_logit_bias_is_exact() {
+    let Some(gpu) = gpu_arc() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    flexquant::model::tiny::write_tiny_model(dir.path(), 7).unwrap();
+    let m = load::load(dir.path()).unwrap();
+    let w = &m.weights;
+    let modules = rtn_modules(w, |_| 4, 32).unwrap();
+    let prompt = m.tokenizer.encode("It is a truth universally").unwrap();
+    let mut g = block_on(gpu_model(gpu.clone(), w, &modules, OPTS)).unwrap();
+    let full = block_on(g.logits_last(&prompt)).unwrap();
+    let order = |l: &[f32]| {
+        let mut ids: Vec<u32> = (0..l.len() as u32).collect();
+        ids.sort_by(|a, b| l[*b as usize].total_cmp(&l[*a as usize]));
+        ids
+    };
+    let ranked = order(&full);
+    let (best, second, last) = (ranked[0], ranked[1], *ranked.last().unwrap());
+
+    g.truncate(0);
+    Backend::watch(&mut g, &[last, best]).unwrap();
+    let cand = block_on(Backend::step(&mut g, &prompt)).unwrap();
+    assert_eq!(cand.len(), OPTS.top_k as usize + 1, "best is not repeated");
+    assert_eq!(cand[0].0, best);
+    assert_eq!(cand.last().unwrap(), &(last, full[last as usize]));
+    assert!(Backend::watch(&mut g, &[w.config.vocab_size as u32]).is_err());
+
+    let mut r = Reference::new(w.clone(), 96);
+    Backend::watch(&mut r, &[last]).unwrap();
+    let rc = block_on(Backend::step(&mut r, &prompt)).unwrap();
+    assert_eq!(rc.len(), 41);
+    assert_eq!(rc.last().unwrap().0, last);
+
+    let first = |bias: Vec<(u32, f32)>| {
+        let mut s = Session::new(block_on(gpu_model(gpu.clone(), w, &modules, OPTS)).unwrap());
+        let sampling = Sampling {
+            logit_bias: bias,
+            ..greedy(2)
+        };
+        let (out, _) = block_on(s.generate(&prompt, &sampling, &[], |_| true)).unwrap();
+        out[0]
+    };
+    assert_eq!(first(vec![]), best);
+    assert_eq!(first(vec![(last, 100.0)]), last);
+    assert_eq!(first(vec![(best, -100.0)]), second);
 }

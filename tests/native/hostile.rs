@@ -82,6 +82,7 @@ fn huge_manifest() -> Vec<u8> {
         tokenizer: file("tokenizer.json".into(), 1000),
         chat: ChatSpec {
             template: "chatml".into(),
+            jinja: None,
             default_system: None,
             bos: Some(1),
             stop: vec![2],

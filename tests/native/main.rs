@@ -9,6 +9,7 @@ mod gpu_util;
 mod bad_input;
 mod builder;
 mod builder_real;
+mod chat_template;
 mod cpu;
 mod elastic;
 mod fuzz_found;

@@ -46,6 +46,7 @@ fn sample() -> Manifest {
         tokenizer: file("tokenizer.json", 1000),
         chat: ChatSpec {
             template: "chatml".into(),
+            jinja: None,
             default_system: None,
             bos: Some(1),
             stop: vec![2],
@@ -173,6 +174,23 @@ fn mutated_manifests_are_rejected() {
     reject(&m, "exceed the vocabulary");
 
     let mut m = sample();
+    m.chat.template = "jinja".into();
+    reject(&m, "chat template \"jinja\" without a `jinja` source");
+
+    let mut m = sample();
+    m.chat.template = "jinja".into();
+    m.chat.jinja = Some("{% for m in messages %}{{ m.content }}".into());
+    reject(
+        &m,
+        "chat.jinja: the chat template does not compile: syntax error",
+    );
+
+    let mut m = sample();
+    m.chat.template = "jinja".into();
+    m.chat.jinja = Some("x".repeat(300 << 10));
+    reject(&m, "chat.jinja is longer than");
+
+    let mut m = sample();
     m.modules[0].file.file = "../../etc/passwd".into();
     reject(&m, "unsafe file name");
 
@@ -271,4 +289,97 @@ fn a_tokenizer_larger_than_the_models_vocabulary_is_refused() {
         e.starts_with("tokenizer.json") && e.contains("more than"),
         "{e}"
     );
+}
+
+/// The quality floor's perplexity per step: measured where the builder measured, linear in
+/// footprint between, unknown past the last measured step; `floor_for_perplexity` takes the
+/// deepest step whose run from step 0 stays within the bound.
+#[test]
+fn step_perplexity_interpolates_and_floors_follow_it() {
+    let mut m = sample();
+    let n = m.trajectory.len();
+    assert!(n > 4);
+    for s in &mut m.trajectory {
+        s.heldout_ppl = None;
+        s.calib_ppl = None;
+    }
+    m.trajectory[0].heldout_ppl = Some(10.0);
+    m.trajectory[2].calib_ppl = Some(20.0);
+    let p = m.step_perplexity();
+    let (f0, f1, f2) = (
+        m.trajectory[0].footprint_bytes as f64,
+        m.trajectory[1].footprint_bytes as f64,
+        m.trajectory[2].footprint_bytes as f64,
+    );
+    assert_eq!(p[0], Some(10.0));
+    assert!((p[1].unwrap() - (10.0 + 10.0 * (f0 - f1) / (f0 - f2))).abs() < 1e-9);
+    assert_eq!(p[2], Some(20.0));
+    assert!(
+        p[3..].iter().all(|p| p.is_none()),
+        "past the last measured step"
+    );
+    assert_eq!(m.floor_for_perplexity(20.0).unwrap(), 2);
+    assert_eq!(
+        m.floor_for_perplexity(1e9).unwrap(),
+        2,
+        "never past the measured"
+    );
+    assert_eq!(m.floor_for_perplexity(10.0).unwrap(), 0);
+    for bad in [9.0, 0.0, f64::NAN] {
+        assert!(m.floor_for_perplexity(bad).is_err(), "{bad}");
+    }
+}
+
+/// `inspect`: totals from the manifest alone; `cache_report`: a step is complete exactly when
+/// every file it runs on (its module versions, base, tokenizer) is held.
+#[test]
+fn inspection_and_cache_report_follow_the_trajectory() {
+    use flexquant::ensemble::inspect::{cache_report, inspect};
+    let m = sample();
+    let n = m.n_modules();
+    let last = m.trajectory.len() - 1;
+    let i = inspect(&m, 64);
+    let c = &m.config;
+    assert_eq!(
+        i.kv_bytes_per_token,
+        8 * (c.num_hidden_layers * c.kv_dim()) as u64
+    );
+    assert_eq!(i.kv_bytes, 64 * i.kv_bytes_per_token);
+    assert_eq!(
+        i.min_total_bytes,
+        m.trajectory[last].footprint_bytes + i.kv_bytes
+    );
+    assert_eq!(
+        i.max_total_bytes,
+        m.trajectory[0].footprint_bytes + i.kv_bytes
+    );
+    assert_eq!(
+        (i.trajectory[0].mean_bits, i.trajectory[last].mean_bits),
+        (4.0, 2.0)
+    );
+    assert!((i.trajectory[n].mean_bits - 3.0).abs() < 1e-12);
+    assert_eq!(
+        i.first_load_bytes,
+        m.trajectory[0].footprint_bytes + m.tokenizer.bytes
+    );
+    let every: u64 = m.modules.iter().map(|v| v.file.bytes).sum::<u64>() + m.base.bytes;
+    assert_eq!(i.download_bytes, every + m.tokenizer.bytes);
+    assert_eq!(inspect(&m, 1 << 30).context, c.max_position_embeddings);
+
+    let all = cache_report(&m, |_| true);
+    assert_eq!(all.complete_steps, (0..=last).collect::<Vec<_>>());
+    assert_eq!(
+        (all.cached_files, all.cached_bytes),
+        (all.files, all.total_bytes)
+    );
+    assert!(cache_report(&m, |_| false).complete_steps.is_empty());
+    let no_tokenizer = cache_report(&m, |f| f.file != m.tokenizer.file);
+    assert!(no_tokenizer.complete_steps.is_empty());
+    // Module 0's 3-bit version missing: the steps that run it (from its 4 -> 3 swap at step 1
+    // until its 3 -> 2 swap at step n + 1) are incomplete, the others complete.
+    let v3 = &m.version(ModuleId::from_index(0), 3).unwrap().file;
+    let r = cache_report(&m, |f| f != v3);
+    let want: Vec<usize> = [0].into_iter().chain(n + 1..=last).collect();
+    assert_eq!(r.complete_steps, want);
+    assert_eq!(r.cached_bytes, all.total_bytes - v3.bytes);
 }

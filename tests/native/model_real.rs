@@ -43,7 +43,10 @@ fn demo_model_tokenizes_chats_and_evaluates() {
     // A factual chat answer, greedy, through the session (prefix reuse on the second turn).
     let mut s = Session::new(Reference::new(m.weights.clone(), 512));
     let mut msgs = vec![Message::new("user", "What is the capital of France?")];
-    let prompt = m.tokenizer.encode(&m.tokenizer.chat.render(&msgs)).unwrap();
+    let prompt = m
+        .tokenizer
+        .encode(&m.tokenizer.chat.render(&msgs).unwrap())
+        .unwrap();
     let mut streamed = String::new();
     let params = Sampling {
         max_tokens: 40,
@@ -63,7 +66,10 @@ fn demo_model_tokenizes_chats_and_evaluates() {
     assert_eq!(stats.stopped_by, Some(StopReason::Eos));
     msgs.push(Message::new("assistant", &answer));
     msgs.push(Message::new("user", "And of Italy?"));
-    let prompt2 = m.tokenizer.encode(&m.tokenizer.chat.render(&msgs)).unwrap();
+    let prompt2 = m
+        .tokenizer
+        .encode(&m.tokenizer.chat.render(&msgs).unwrap())
+        .unwrap();
     let (out2, stats2) = block_on(s.generate(&prompt2, &params, &stop, |_| true)).unwrap();
     assert!(
         stats2.prefilled < prompt2.len() / 2,

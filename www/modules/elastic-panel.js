@@ -58,6 +58,7 @@ export class ElasticPanel {
     $('release').addEventListener('click', () => this.releasePressure());
     $('device-loss').addEventListener('click', () => this.deviceLoss());
     $('min-speed').addEventListener('change', () => this.setMinSpeed());
+    $('max-ppl').addEventListener('change', () => this.setMaxPerplexity());
     $('controls').disabled = false;
     this.render();
     this.timer = setInterval(() => this.poll(), 1000);
@@ -170,6 +171,8 @@ export class ElasticPanel {
       this.eventStep = { step: e.to, at: performance.now() };
       this.log.note(`recovered in ${formatSeconds((e.ms || 0) / 1000)}: step ${e.from} → ${e.to}, ${e.reprefilledTokens ?? 0} tokens re-read`, 'up');
       this.poll();
+    } else if (e.type === 'below-floor') {
+      this.log.note(`the budget is below the quality floor (step ${e.step}): staying there`, 'down');
     } else if (e.type === 'error') {
       this.log.note(`error: ${errorText(e.error)}`, 'down');
     }
@@ -208,6 +211,16 @@ export class ElasticPanel {
     const v = Number($('min-speed').value);
     try {
       await this.engine.setMinTokensPerSecond(Number.isFinite(v) && v > 0 ? v : null);
+    } catch (e) {
+      this.hooks.onError?.(e);
+    }
+  }
+
+  /** The quality-floor field: empty clears it. */
+  async setMaxPerplexity() {
+    const v = Number($('max-ppl').value);
+    try {
+      await this.engine.setMaxPerplexity($('max-ppl').value !== '' && Number.isFinite(v) ? v : null);
     } catch (e) {
       this.hooks.onError?.(e);
     }

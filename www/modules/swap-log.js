@@ -10,7 +10,8 @@ const REASONS = { // runtime::Reason (snake_case), in words
   out_of_memory: 'out of memory',
   swap_failed: 'a swap failed',
   device_lost: 'device lost',
-  below_floor: 'budget below the smallest EQM',
+  below_floor: 'budget below the deepest EQM allowed',
+  quality_floor: 'back up to the quality floor',
   memory_free: 'memory free again',
   too_slow: 'decoding below the minimum speed',
 };

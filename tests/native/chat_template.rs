@@ -1,0 +1,244 @@
+//! Chat templates: the model's own Jinja template, rendered as Hugging Face renders it.
+//! Checked against Python's `jinja2` run at test time (tests/reference/chat_template.py, the
+//! environment `transformers`' `apply_chat_template` sets up) on real templates of several
+//! model families, and against what the ChatML code this replaced rendered for the demo model.
+
+use crate::common;
+
+use common::{demo_model_path, python_has};
+use flexquant::model::chat::{ChatTemplate, Message, SpecialTokens, TemplateSource};
+use flexquant::model::gguf::Gguf;
+use flexquant::model::tokenizer::Tokenizer;
+use flexquant::Error;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+const TEMPLATES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/reference/chat_templates"
+);
+
+fn msg(role: &str, content: &str) -> Message {
+    Message::new(role, content)
+}
+
+/// What the ChatML code before minijinja rendered (a ChatML template's literal default system
+/// prompt, inserted when the conversation has none), kept here as the yardstick.
+fn chatml_as_before(default_system: &str, messages: &[Message]) -> String {
+    let mut s = String::new();
+    if messages.first().is_some_and(|m| m.role != "system") {
+        s += &format!("<|im_start|>system\n{default_system}<|im_end|>\n");
+    }
+    for m in messages {
+        s += &format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content);
+    }
+    s + "<|im_start|>assistant\n"
+}
+
+fn conversations() -> Vec<Vec<Message>> {
+    vec![
+        vec![msg("user", "Hi")],
+        vec![msg("system", "You are terse."), msg("user", "Hi")],
+        vec![
+            msg("system", "  Be brief  "),
+            msg("user", "What is 2+2?\nThink."),
+            msg("assistant", "   4   "),
+            msg(
+                "user",
+                "Ünïcödé 日本 🙂, \"quotes\", \\backslash, {{ braces }} and {% tags %}",
+            ),
+        ],
+        vec![
+            msg("user", "one"),
+            msg("assistant", "two"),
+            msg("user", "/stop three"),
+            msg("assistant", "four"),
+            msg("user", "five"),
+        ],
+        // Wrong role order: templates that check it raise.
+        vec![msg("user", "a"), msg("user", "b")],
+        vec![msg("assistant", "I go first"), msg("user", "b")],
+    ]
+}
+
+#[test]
+fn smollm2_template_renders_what_the_chatml_code_rendered() {
+    let Some(path) = demo_model_path() else {
+        return;
+    };
+    let g = Gguf::from_bytes("SmolLM2.gguf", std::fs::read(&path).unwrap()).unwrap();
+    let t = Tokenizer::from_gguf(&g).unwrap();
+    assert_eq!(t.chat.fallback_warning(), None, "the GGUF has a template");
+    let system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+    for conv in conversations() {
+        assert_eq!(
+            t.chat.render(&conv).unwrap(),
+            chatml_as_before(system, &conv)
+        );
+    }
+}
+
+/// (file, bos_token, eos_token): the special tokens of the model each template comes from.
+const CASES: [(&str, &str, &str); 6] = [
+    ("llama-2-chat.jinja", "<s>", "</s>"),
+    ("mixtral-instruct.jinja", "<s>", "</s>"),
+    ("gemma-it.jinja", "<bos>", "<eos>"),
+    ("zephyr-beta.jinja", "<s>", "</s>"),
+    ("llama-3-instruct.jinja", "<|begin_of_text|>", "<|eot_id|>"),
+    ("python-features.jinja", "<s>", "</s>"),
+];
+
+/// One render for the reference; a struct, so that each message's keys reach Python in the
+/// order Rust gives them to the template (`role`, then `content`), as a JS app sends them.
+#[derive(serde::Serialize)]
+struct Case<'a> {
+    file: &'a str,
+    template: &'a str,
+    messages: Vec<Message>,
+    bos_token: &'a str,
+    eos_token: &'a str,
+}
+
+/// Every case rendered by tests/reference/chat_template.py.
+fn python_renders(cases: &[Case]) -> Vec<Value> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/reference/chat_template.py"
+    );
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 must be installed (./build.sh setup installs jinja2)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(cases).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "chat_template.py failed: {}",
+        out.status
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Our render in the reference's terms: `{"text"}`, `{"raised"}` or `{"error"}`.
+fn our_render(t: &ChatTemplate, conv: &[Message]) -> Value {
+    const RAISED: &str = "the chat template rejected the conversation: ";
+    match t.render(conv) {
+        Ok(text) => json!({ "text": text }),
+        Err(Error::Input(m)) if m.starts_with(RAISED) => json!({ "raised": &m[RAISED.len()..] }),
+        Err(e) => json!({ "error": e.to_string() }),
+    }
+}
+
+#[test]
+fn templates_render_byte_for_byte_as_python_jinja2_renders_them() {
+    if !python_has("jinja2") {
+        return;
+    }
+    let sources: Vec<String> = CASES
+        .iter()
+        .map(|(file, ..)| std::fs::read_to_string(format!("{TEMPLATES}/{file}")).unwrap())
+        .collect();
+    let mut cases = Vec::new();
+    let mut ours = Vec::new();
+    for ((file, bos, eos), jinja) in CASES.into_iter().zip(&sources) {
+        let tokens = SpecialTokens {
+            bos: bos.into(),
+            eos: eos.into(),
+        };
+        let t = ChatTemplate::from_jinja(TemplateSource { file, jinja }, tokens).unwrap();
+        for messages in conversations() {
+            ours.push(our_render(&t, &messages));
+            cases.push(Case {
+                file,
+                template: jinja,
+                messages,
+                bos_token: bos,
+                eos_token: eos,
+            });
+        }
+    }
+    let theirs = python_renders(&cases);
+    assert_eq!(theirs.len(), cases.len());
+    let (mut raised, mut texts) = (0, 0);
+    for ((case, ours), theirs) in cases.iter().zip(&ours).zip(&theirs) {
+        let what = format!("{} on {:?}", case.file, case.messages);
+        assert!(
+            theirs.get("error").is_none(),
+            "jinja2 failed: {what}: {theirs}"
+        );
+        assert_eq!(ours, theirs, "{what}");
+        raised += theirs.get("raised").is_some() as usize;
+        texts += theirs.get("text").is_some() as usize;
+    }
+    // The comparison covers both outcomes, and special tokens made it into the text.
+    assert!(
+        raised >= 6 && texts >= 20,
+        "raised {raised}, rendered {texts}"
+    );
+    assert!(ours.iter().any(|o| o["text"]
+        .as_str()
+        .is_some_and(|t| t.starts_with("<bos><start_of_turn>"))));
+}
+
+fn write_tiny_with(config: Option<&str>) -> tempfile::TempDir {
+    let d = common::tiny_model_dir();
+    let p = d.path().join("tokenizer_config.json");
+    match config {
+        Some(c) => std::fs::write(&p, c).unwrap(),
+        None => std::fs::remove_file(&p).unwrap(),
+    }
+    d
+}
+
+#[test]
+fn hugging_face_directories_use_tokenizer_config_json() {
+    // The tiny model's own config: a ChatML template.
+    let d = common::tiny_model_dir();
+    let m = flexquant::model::load::load(d.path()).unwrap();
+    assert_eq!(m.tokenizer.chat.fallback_warning(), None);
+    assert_eq!(
+        m.tokenizer.chat.render(&[msg("user", "hi")]).unwrap(),
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+
+    // A named list: "default" is the chat template; the special tokens come from the config.
+    let d = write_tiny_with(Some(
+        r#"{"chat_template": [{"name": "tool_use", "template": "T"},
+            {"name": "default", "template": "{{ bos_token }}|{{ messages[0].content }}|{{ eos_token }}"}],
+            "bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}}"#,
+    ));
+    let m = flexquant::model::load::load(d.path()).unwrap();
+    assert_eq!(
+        m.tokenizer.chat.render(&[msg("user", "hi")]).unwrap(),
+        "<|im_start|>|hi|<|im_end|>"
+    );
+
+    // No template: ChatML, and a warning to show.
+    let d = write_tiny_with(None);
+    let m = flexquant::model::load::load(d.path()).unwrap();
+    assert!(m
+        .tokenizer
+        .chat
+        .fallback_warning()
+        .unwrap()
+        .contains("ChatML"));
+
+    // A template that does not compile: a load error naming the file and the Jinja error.
+    let d = write_tiny_with(Some(r#"{"chat_template": "{% if messages %}unclosed"}"#));
+    let e = flexquant::model::load::load(d.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("tokenizer_config.json: the chat template does not compile: syntax error"),
+        "{e}"
+    );
+}
