@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# flexquant build script: setup | demo | test | bench. Every step is idempotent and installs
+# flexquant build script: setup | demo | test | fuzz | bench. Every step is idempotent and installs
 # what it needs on a fresh Debian machine (apt-get, rustup, pip, npm by package name).
 set -euo pipefail
 
@@ -118,9 +118,30 @@ cmd_test() {
   CARGO_TARGET_DIR="$WEB_TARGET" cargo clippy -q --release --target wasm32-unknown-unknown --lib -- -D warnings
   log "cargo test (native; real model and text required, not skipped)"
   FLEXQUANT_REQUIRE_DATA=1 FLEXQUANT_REQUIRE_GPU=1 cargo test --release -- --test-threads=1
+  log "fuzz, seeded short run (20 000 inputs per target; fails on any panic or input over 1 s)"
+  run_fuzz 20000 target/fuzz-short.json
   test_browser
   test_e2e
   log "all tests passed"
+}
+
+# Every reader of untrusted input fuzzed over mutations of real files (the tiny ensemble, the
+# demo GGUF, the tiny model, tests/fuzz/requests), deterministic by FLEXQUANT_FUZZ_SEED: N inputs
+# per target, the report at OUT; failing inputs are saved in target/fuzz-crashes/.
+run_fuzz() {
+  local inputs="$1" out="$2"
+  build_tiny_ensemble
+  "$BIN" fuzz --ensemble "$CACHE/ensemble/tiny" --gguf "$MODEL" --tiny-model "$CACHE/ensemble/tiny-model" \
+    --requests tests/fuzz/requests --inputs "$inputs" --seed "${FLEXQUANT_FUZZ_SEED:-1}" --max-ms 1000 \
+    --jobs "$(nproc)" --crashes target/fuzz-crashes --out "$out"
+}
+
+# ./build.sh fuzz [N]: N inputs per target (default 1 000 000), target/bench/fuzz.json.
+cmd_fuzz() {
+  cmd_setup
+  local n="${1:-1000000}"
+  log "fuzzing: $n inputs per target (report target/bench/fuzz.json)"
+  run_fuzz "$n" target/bench/fuzz.json
 }
 
 ENSEMBLE="$CACHE/ensemble/fast-4to2"
@@ -452,11 +473,12 @@ test_e2e() {
 case "${1:-}" in
   setup) cmd_setup ;;
   test) cmd_test ;;
+  fuzz) shift; cmd_fuzz "$@" ;;
   demo) cmd_demo ;;
   chat) cmd_chat ;;
   site) cmd_setup; build_site "${2:?usage: build.sh site DIR}" ;;
   e2e) cmd_setup; test_e2e ;;
   bench) shift; cmd_bench "$@" ;;
   package) cmd_setup; build_package ;;
-  *) echo "usage: $0 setup | demo | chat | site DIR | e2e | test | package | bench [$(echo $BENCH_PARTS | tr ' ' '|')]..." >&2; exit 2 ;;
+  *) echo "usage: $0 setup | demo | chat | site DIR | e2e | test | fuzz [N] | package | bench [$(echo $BENCH_PARTS | tr ' ' '|')]..." >&2; exit 2 ;;
 esac

@@ -19,6 +19,10 @@ pub enum Error {
     /// A request that cannot be served as asked (empty prompt, prompt longer than the context, ...).
     #[error("{0}")]
     Input(String),
+    /// A request field this engine knows but does not implement (or does not know at all),
+    /// named, rather than silently doing something else.
+    #[error("{0}")]
+    Unsupported(String),
     /// A conversation that does not fit the KV cache (the prompt alone fills it).
     #[error(
         "the prompt has {tokens} tokens; the context holds {context} (leave room for the answer)"

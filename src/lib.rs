@@ -8,6 +8,7 @@ pub mod build;
 pub mod cpu;
 pub mod ensemble;
 pub mod error;
+pub mod fuzz;
 pub mod gpu;
 pub mod model;
 #[cfg(not(target_arch = "wasm32"))]

@@ -505,6 +505,60 @@ async fn bad_manifests_and_urls_are_typed_errors() {
     }
 }
 
+/// The manifest reader where it runs for real, in wasm32 (32-bit usize): the tiny ensemble's
+/// real manifest, hand-made bad ones, and 2000 mutants from the fuzzer's seeded mutator are
+/// read without a panic, and every rejection names the file.
+#[wasm_bindgen_test]
+async fn manifest_reader_survives_real_and_mutated_manifests() {
+    use flexquant::fuzz::{mutate::Mutator, targets};
+    let real = server_get("/tiny/manifest.json").await;
+    let bytes = serde_json::to_vec_pretty(&real).unwrap();
+    targets::manifest(&bytes).unwrap();
+    targets::manifest(&serde_json::to_vec(&real).unwrap()).unwrap();
+    let bad = |edit: &dyn Fn(&mut Value), needle: &str| {
+        let mut m = real.clone();
+        edit(&mut m);
+        let e = targets::manifest(&serde_json::to_vec(&m).unwrap())
+            .expect_err(needle)
+            .to_string();
+        assert!(
+            e.starts_with("manifest.json") && e.contains(needle),
+            "{needle}: {e}"
+        );
+    };
+    bad(&|m| m["version"] = json!(2), "version");
+    bad(
+        &|m| m["modules"][0]["bytes"] = json!(u64::MAX),
+        "absurd size",
+    );
+    bad(&|m| m["modules"][0]["bytes"] = json!(4), "bytes, but a");
+    bad(
+        &|m| m["trajectory"][1]["footprint_bytes"] = json!(1),
+        "footprint",
+    );
+    bad(
+        &|m| m["config"]["vocab_size"] = json!(1u64 << 40),
+        "vocab_size",
+    );
+    bad(&|m| m["config"]["num_hidden_layers"] = json!(1024), "");
+    bad(
+        &|m| m["base"]["file"] = json!("../base.bin"),
+        "unsafe file name",
+    );
+    let huge = vec![b' '; flexquant::ensemble::manifest::MAX_MANIFEST_BYTES + 1];
+    assert!(targets::manifest(&huge).is_err());
+    let mut mutator = Mutator::new(14, bytes.len() * 2 + 4096);
+    let (mut out, mut accepted) = (Vec::new(), 0);
+    for _ in 0..2000 {
+        mutator.mutate(&bytes, &bytes, true, &mut out);
+        match targets::manifest(&out) {
+            Ok(()) => accepted += 1,
+            Err(e) => assert!(e.to_string().starts_with("manifest.json"), "{e}"),
+        }
+    }
+    assert!(accepted < 2000, "{accepted}");
+}
+
 #[wasm_bindgen_test]
 async fn a_full_cache_is_reported_and_loading_goes_on() {
     let (e, ev) = engine("/tiny/manifest.json", json!({"cacheQuotaBytes": 4000}))

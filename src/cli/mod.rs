@@ -7,6 +7,7 @@ mod bench_quant;
 mod build;
 mod engine;
 mod eval;
+mod fuzz;
 mod generate;
 mod info;
 mod quant;
@@ -67,6 +68,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Quantize every module at every bit-width into a module library directory.
     Quantize(quant::QuantizeArgs),
+    /// Fuzz every reader of untrusted input with mutations of real files (`./build.sh fuzz`).
+    Fuzz(fuzz::FuzzArgs),
     /// Table (JSON, Markdown, plot) of the float and every uniform-bit-width quantized model.
     EvalStatic(quant::EvalStaticArgs),
 }
@@ -159,6 +162,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Build(a) => build::run_build(a),
         Cmd::Report { dir } => build::run_report(&dir),
         Cmd::Quantize(a) => quant::run_quantize(a),
+        Cmd::Fuzz(a) => fuzz::run(a),
         Cmd::EvalStatic(a) => quant::eval_static(&a).map(|_| ()),
     }
 }

@@ -23,11 +23,18 @@ fn embed_shape(c: &LlamaConfig, group: usize) -> Result<PackedShape> {
     PackedShape::new(c.vocab_size, c.hidden_size, BASE_BITS, group)
 }
 
-/// Exact size of the base shard.
+/// Exact size of the base shard, computed in u64 and refused where it does not fit a usize
+/// (a hostile config must not wrap wasm32's 32-bit usize into a small, plausible size).
 pub fn base_bytes(c: &LlamaConfig, group: usize) -> Result<usize> {
-    let e = embed_shape(c, group)?.bytes();
+    let e = embed_shape(c, group)?.bytes() as u64;
     let head = if c.tie_word_embeddings { 0 } else { e };
-    Ok(e + head + (2 * c.num_hidden_layers + 1) * c.hidden_size * 4)
+    let norms = (2 * c.num_hidden_layers as u64 + 1) * c.hidden_size as u64 * 4;
+    let total = e + head + norms;
+    usize::try_from(total).map_err(|_| {
+        Error::input(format!(
+            "the base shard of this model is {total} bytes, more than this platform addresses"
+        ))
+    })
 }
 
 impl Base {
@@ -70,14 +77,14 @@ impl Base {
     }
 
     pub fn from_bytes(c: &LlamaConfig, group: usize, bytes: &[u8], what: &str) -> Result<Self> {
-        let want = base_bytes(c, group)?;
+        let want = base_bytes(c, group).map_err(|e| Error::format(what, e))?;
         if bytes.len() != want {
             return Err(Error::format(
                 what,
                 format!("{} bytes, expected {want}", bytes.len()),
             ));
         }
-        let shape = embed_shape(c, group)?;
+        let shape = embed_shape(c, group).map_err(|e| Error::format(what, e))?;
         let (e, mut rest) = bytes.split_at(shape.bytes());
         let embed = PackedMatrix::from_bytes(shape, e, what)?;
         let h = c.hidden_size;

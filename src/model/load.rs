@@ -34,10 +34,16 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
 }
 
 pub fn load_gguf_bytes(name: &str, bytes: Vec<u8>) -> Result<LoadedModel> {
-    let g = Gguf::from_bytes(name, bytes)?;
-    let config = LlamaConfig::from_gguf(&g)?;
-    let tokenizer = Tokenizer::from_gguf(&g)?;
-    let weights = weights_from_gguf(&g, config)?;
+    load_gguf(&Gguf::from_bytes(name, bytes)?)
+}
+
+/// The model in a parsed GGUF file: config, tokenizer, weights.
+pub fn load_gguf(g: &Gguf) -> Result<LoadedModel> {
+    let name = &g.name;
+    let config = LlamaConfig::from_gguf(g)?;
+    let tokenizer = Tokenizer::from_gguf(g)?;
+    tokenizer.check_fits(config.vocab_size)?;
+    let weights = weights_from_gguf(g, config)?;
     Ok(LoadedModel {
         weights,
         tokenizer,
@@ -121,6 +127,8 @@ fn weights_from_gguf(g: &Gguf, config: LlamaConfig) -> Result<Weights> {
 
 /// Safetensors files of one checkpoint, by tensor name.
 struct StFiles {
+    /// The checkpoint (its directory), for errors that concern no one file.
+    what: String,
     files: Vec<(PathBuf, Vec<u8>)>,
     by_name: BTreeMap<String, usize>,
 }
@@ -157,27 +165,34 @@ impl StFiles {
                 "no model.safetensors or model.safetensors.index.json",
             ));
         };
-        let mut files = Vec::new();
+        let files = paths
+            .into_iter()
+            .map(|p| read_capped(&p, MAX_WEIGHT_FILE).map(|b| (p, b)))
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(&dir.display().to_string(), files)
+    }
+
+    fn new(what: &str, files: Vec<(PathBuf, Vec<u8>)>) -> Result<Self> {
         let mut by_name = BTreeMap::new();
-        for p in paths {
-            let bytes = read_capped(&p, MAX_WEIGHT_FILE)?;
-            let st = SafeTensors::deserialize(&bytes)
+        for (i, (p, bytes)) in files.iter().enumerate() {
+            let st = SafeTensors::deserialize(bytes)
                 .map_err(|e| Error::format(p.display(), format!("bad safetensors: {e}")))?;
             for name in st.names() {
-                by_name.insert(name.to_string(), files.len());
+                by_name.insert(name.to_string(), i);
             }
-            files.push((p, bytes));
         }
-        Ok(StFiles { files, by_name })
+        Ok(StFiles {
+            what: what.to_string(),
+            files,
+            by_name,
+        })
     }
 
     fn get(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
-        let i = *self.by_name.get(name).ok_or_else(|| {
-            Error::format(
-                self.files[0].0.parent().unwrap_or(Path::new("")).display(),
-                format!("tensor {name} missing"),
-            )
-        })?;
+        let i = *self
+            .by_name
+            .get(name)
+            .ok_or_else(|| Error::format(&self.what, format!("tensor {name} missing")))?;
         let (path, bytes) = &self.files[i];
         let st = SafeTensors::deserialize(bytes).map_err(|e| Error::format(path.display(), e))?;
         let t = st
@@ -262,6 +277,29 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     )?;
     let tokenizer = hf_tokenizer(dir, &config)?;
     let st = StFiles::open(dir)?;
+    let weights = weights_from_st(config, &st)?;
+    Ok(LoadedModel {
+        weights,
+        tokenizer,
+        source: dir.display().to_string(),
+    })
+}
+
+/// The weights of a Hugging Face checkpoint from the bytes of its `config.json` and safetensors
+/// files: what `load_hf_dir` reads from disk, for callers (the fuzzer) that hold the bytes.
+pub fn weights_from_hf_bytes(
+    config_name: &str,
+    config_json: &[u8],
+    files: Vec<(PathBuf, Vec<u8>)>,
+) -> Result<Weights> {
+    let config = LlamaConfig::from_json(config_name, config_json)?;
+    let what = files
+        .first()
+        .map_or(String::new(), |f| f.0.display().to_string());
+    weights_from_st(config, &StFiles::new(&what, files)?)
+}
+
+fn weights_from_st(config: LlamaConfig, st: &StFiles) -> Result<Weights> {
     let h = config.hidden_size;
     let embed = st.get("model.embed_tokens.weight", config.vocab_size, h)?;
     let mut norms = Vec::new();
@@ -304,10 +342,6 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
         final_norm,
         lm_head,
     };
-    weights.check_finite(&dir.display().to_string())?;
-    Ok(LoadedModel {
-        weights,
-        tokenizer,
-        source: dir.display().to_string(),
-    })
+    weights.check_finite(&st.what)?;
+    Ok(weights)
 }

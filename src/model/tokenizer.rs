@@ -13,6 +13,8 @@ const TOKEN_TYPE_USER_DEFINED: u64 = 4;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The file it came from, for errors.
+    name: String,
     pub bos: Option<u32>,
     /// Tokens that end a generation.
     pub stop: Vec<u32>,
@@ -58,6 +60,36 @@ pub fn byte_level_bpe_json(
     })
 }
 
+/// tokenizers slices `continuing_subword_prefix` off the second part of every merge without
+/// checking that it is there (`&b[prefix_len..]`): a panic on a hostile file.
+fn check_merges(what: &str, model: &Value) -> Result<()> {
+    let Some(prefix) = model["continuing_subword_prefix"].as_str() else {
+        return Ok(());
+    };
+    let Some(merges) = model["merges"].as_array() else {
+        return Ok(());
+    };
+    for (i, m) in merges.iter().enumerate() {
+        let second = match m {
+            Value::String(s) => s.split_once(' ').map(|(_, b)| b),
+            Value::Array(a) => a.get(1).and_then(Value::as_str),
+            _ => None,
+        };
+        if second.is_some_and(|b| !b.starts_with(prefix)) {
+            // The prefix shown cut short: a hostile one may be megabytes long.
+            let shown: String = prefix.chars().take(32).collect();
+            return Err(Error::format(
+                what,
+                format!(
+                    "model.merges[{i}] does not start with continuing_subword_prefix {shown:?} ({} bytes)",
+                    prefix.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Tokenizer {
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
         let err = |r: String| Error::format(&g.name, r);
@@ -97,6 +129,16 @@ impl Tokenizer {
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
+        // A token listed twice would silently take the later id in the vocabulary map, so ids
+        // and strings would disagree.
+        let mut seen = std::collections::HashMap::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            if let Some(first) = seen.insert(t.as_str(), i) {
+                return Err(err(format!(
+                    "tokenizer.ggml.tokens lists {t:?} twice (ids {first} and {i})"
+                )));
+            }
+        }
         let special: Vec<u32> = match g
             .meta("tokenizer.ggml.token_type")
             .and_then(|v| v.as_array())
@@ -152,8 +194,24 @@ impl Tokenizer {
         chat_template: Option<TemplateSource>,
     ) -> Result<Self> {
         let text = std::str::from_utf8(bytes).map_err(|_| Error::format(what, "not UTF-8"))?;
+        // Checked here first, because tokenizers 0.22 panics on them instead of returning an
+        // error (both found by fuzzing): the syntax (`expect("Helper")` on malformed JSON in
+        // the "decoder" object) and the BPE merges against the subword prefix.
+        let json: Value = serde_json::from_str(text)
+            .map_err(|e| Error::format(what, format!("not JSON: {e}")))?;
+        check_merges(what, &json["model"])?;
         let inner = tokenizers::Tokenizer::from_str(text)
             .map_err(|e| Error::format(what, format!("bad tokenizer: {e}")))?;
+        if let tokenizers::ModelWrapper::BPE(bpe) = inner.get_model() {
+            if let Some(unk) = bpe.unk_token.as_deref() {
+                if inner.token_to_id(unk).is_none() {
+                    return Err(Error::format(
+                        what,
+                        format!("model.unk_token {unk:?} is not in the vocabulary"),
+                    ));
+                }
+            }
+        }
         let mut stop: Vec<u32> = eos.into_iter().collect();
         for s in ["<|im_end|>", "<|endoftext|>", "</s>"] {
             if let Some(id) = inner.token_to_id(s) {
@@ -166,6 +224,7 @@ impl Tokenizer {
         let chat = ChatTemplate::new(chat_template, tokens)?;
         Ok(Tokenizer {
             inner,
+            name: what.to_string(),
             bos,
             stop,
             chat,
@@ -181,19 +240,32 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Refuses a tokenizer with more tokens than the model has embeddings: its ids past the
+    /// model's vocabulary would reach the model (the tokenizer and config disagree).
+    pub fn check_fits(&self, model_vocab: usize) -> Result<()> {
+        let n = self.vocab_size();
+        if n > model_vocab {
+            return Err(Error::format(
+                &self.name,
+                format!("{n} tokens, more than the model's vocabulary of {model_vocab}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Tokenizes text as is: no BOS, special tokens written in the text are recognised.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, false)
-            .map_err(|e| Error::input(format!("tokenizing failed: {e}")))?;
+            .map_err(|e| Error::format(&self.name, format!("tokenizing failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)
-            .map_err(|e| Error::input(format!("detokenizing failed: {e}")))
+            .map_err(|e| Error::format(&self.name, format!("detokenizing failed: {e}")))
     }
 
     /// The tokenizer as a Hugging Face `tokenizer.json` (what the ensemble ships).

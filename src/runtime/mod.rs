@@ -8,11 +8,14 @@
 //! - `backend`: what a backend implements; `reference` (native): the CPU reference as one.
 //! - `generate` (sampling, RNG, stop reasons, stats) and `session` (a conversation with prefix
 //!   reuse, one token per call): generation on every backend.
+//! - `request`: a chat request and its validation (the browser's, run natively too).
+//! - `body`: how a download's buffer grows (never past the declared size).
 //! - `stop_text`: stop sequences over the decoded answer.
 //! - `speed`: decode speed between tokens, the controller's second signal.
 //! - `dir` (native): an ensemble directory as a byte source.
 
 pub mod backend;
+pub mod body;
 pub mod clock;
 pub mod decision;
 #[cfg(not(target_arch = "wasm32"))]
@@ -22,6 +25,7 @@ pub mod generate;
 pub mod policy;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod reference;
+pub mod request;
 pub mod session;
 pub mod speed;
 pub mod stop_text;

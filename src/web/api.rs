@@ -2,8 +2,7 @@
 //! read and written through `serde-wasm-bindgen`, so each key is named once, here. Engine
 //! options and stats use JS's camelCase; chat requests and chunks keep OpenAI's snake_case.
 
-use crate::model::chat::Message;
-use crate::runtime::{Policy, Reason, Sampling, StopText};
+use crate::runtime::{Policy, Reason};
 use crate::web::error::{Code, WebError, WebResult};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -119,168 +118,23 @@ impl EngineOptions {
     }
 }
 
-/// `startChat`'s request: the OpenAI fields this engine implements, those it accepts and
-/// ignores with reason (`model`, `user`: one model per engine; `stream_options`: the final
-/// chunk always carries `usage`), and those it rejects as `unsupported` rather than silently
-/// doing something else (any other field, too: see `KNOWN`).
-#[derive(Deserialize)]
-pub struct ChatRequest {
-    pub messages: Vec<Message>,
-    pub max_tokens: Option<usize>,
-    /// OpenAI's newer name for `max_tokens`.
-    pub max_completion_tokens: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
-    pub seed: Option<f64>,
-    pub model: Option<serde_json::Value>,
-    pub user: Option<serde_json::Value>,
-    pub stream_options: Option<serde_json::Value>,
-    /// A string or a list of strings (`stop_text`).
-    pub stop: Option<serde_json::Value>,
-    pub frequency_penalty: Option<f32>,
-    pub presence_penalty: Option<f32>,
-    /// `{token id: bias}` (`logit_bias`).
-    pub logit_bias: Option<serde_json::Value>,
-    /// Known, not implemented: present and not the default, they are `unsupported`.
-    pub n: Option<u32>,
-    pub logprobs: Option<bool>,
-    pub top_logprobs: Option<u32>,
-    pub response_format: Option<serde_json::Value>,
-    pub tools: Option<serde_json::Value>,
-    pub tool_choice: Option<serde_json::Value>,
-    /// Generate `max_tokens` even past the end-of-turn token (benchmarks; vLLM's name).
-    pub ignore_eos: Option<bool>,
-}
+pub use crate::runtime::request::ChatRequest;
 
 impl ChatRequest {
-    /// Every field `ChatRequest` has. (serde-wasm-bindgen reads a struct's fields by name, so
-    /// `deny_unknown_fields` never sees the others: they are checked here.)
-    const KNOWN: [&'static str; 22] = [
-        "messages",
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "seed",
-        "model",
-        "user",
-        "stream_options",
-        "n",
-        "stop",
-        "frequency_penalty",
-        "presence_penalty",
-        "logit_bias",
-        "logprobs",
-        "top_logprobs",
-        "response_format",
-        "tools",
-        "tool_choice",
-        "ignore_eos",
-        "stream",
-    ];
-
-    /// Reads a request; an unknown field or a known one this engine does not implement is an
-    /// `unsupported` error naming it.
+    /// Reads a request from JS with the checks of `runtime::request` (which native code and the
+    /// fuzzer run on JSON): an unknown field or a known one this engine does not implement is
+    /// an `unsupported` error naming it.
     pub fn parse(v: JsValue) -> WebResult<ChatRequest> {
         if let Some(o) = v.dyn_ref::<js_sys::Object>() {
-            let keys = js_sys::Object::keys(o);
-            if let Some(k) = keys
+            let keys: Vec<String> = js_sys::Object::keys(o)
                 .iter()
                 .filter_map(|k| k.as_string())
-                .find(|k| !Self::KNOWN.contains(&k.as_str()))
-            {
-                return Err(WebError::new(
-                    Code::Unsupported,
-                    format!("chat request: unknown field `{k}` (see js/API.md for the fields)"),
-                ));
-            }
+                .collect();
+            ChatRequest::check_keys(keys.iter().map(String::as_str))?;
         }
         let r: ChatRequest = from_js(v, "chat request")?;
-        let unsupported: [(&str, bool); 6] = [
-            ("n", r.n.is_some_and(|n| n != 1)),
-            ("logprobs", r.logprobs == Some(true)),
-            ("top_logprobs", r.top_logprobs.is_some_and(|n| n > 0)),
-            (
-                "response_format",
-                r.response_format.as_ref().is_some_and(|f| {
-                    !f.is_null() && f.get("type").and_then(|t| t.as_str()) != Some("text")
-                }),
-            ),
-            ("tools", r.tools.as_ref().is_some_and(|t| !t.is_null())),
-            (
-                "tool_choice",
-                r.tool_choice.as_ref().is_some_and(|t| !t.is_null()),
-            ),
-        ];
-        if let Some((field, _)) = unsupported.iter().find(|(_, bad)| *bad) {
-            return Err(WebError::new(
-                Code::Unsupported,
-                format!("chat request: `{field}` is not supported by this engine (see js/API.md)"),
-            ));
-        }
+        r.check_supported()?;
         Ok(r)
-    }
-
-    /// The sampling settings asked for (`Sampling::chat` where a field is absent; `seed`
-    /// when the request has none), validated.
-    pub fn sampling(&self, seed: u64) -> WebResult<Sampling> {
-        let d = Sampling::chat();
-        let s = Sampling {
-            temperature: self.temperature.unwrap_or(d.temperature),
-            top_p: self.top_p.unwrap_or(d.top_p),
-            top_k: self.top_k.unwrap_or(d.top_k),
-            max_tokens: self
-                .max_tokens
-                .or(self.max_completion_tokens)
-                .unwrap_or(d.max_tokens),
-            seed: self.seed.map_or(seed, |s| s as u64),
-            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
-            presence_penalty: self.presence_penalty.unwrap_or(0.0),
-            logit_bias: self.logit_bias()?,
-        };
-        s.validate()
-            .map_err(|e| WebError::new(Code::Input, format!("chat request: {e}")))?;
-        Ok(s)
-    }
-
-    /// `logit_bias`: an object from token ids (decimal strings, as JSON keys are) to a bias.
-    fn logit_bias(&self) -> WebResult<Vec<(u32, f32)>> {
-        let bad = |m: String| WebError::new(Code::Input, format!("chat request: logit_bias{m}"));
-        let Some(v) = self.logit_bias.as_ref().filter(|v| !v.is_null()) else {
-            return Ok(Vec::new());
-        };
-        let o = v
-            .as_object()
-            .ok_or_else(|| bad(": expected an object {token id: bias}".into()))?;
-        o.iter()
-            .map(|(k, b)| {
-                let id = k
-                    .parse::<u32>()
-                    .map_err(|_| bad(format!(": key `{k}` is not a token id")))?;
-                let b = b
-                    .as_f64()
-                    .ok_or_else(|| bad(format!("[{k}]: expected a number")))?;
-                Ok((id, b as f32))
-            })
-            .collect()
-    }
-
-    /// `stop`: a string or a list of strings (checked by `StopText::new`).
-    pub fn stop_text(&self) -> WebResult<StopText> {
-        let bad = |m: &str| WebError::new(Code::Input, format!("chat request: stop{m}"));
-        let stops = match self.stop.as_ref() {
-            None | Some(serde_json::Value::Null) => Vec::new(),
-            Some(serde_json::Value::String(s)) => vec![s.clone()],
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .map(|s| s.as_str().map(str::to_string))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| bad(": expected strings"))?,
-            Some(_) => return Err(bad(": expected a string or a list of strings")),
-        };
-        StopText::new(stops).map_err(|e| WebError::new(Code::Input, format!("chat request: {e}")))
     }
 }
 

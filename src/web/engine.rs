@@ -519,9 +519,6 @@ impl Inner {
     // ---- chat ----
 
     async fn start_chat(self: &Rc<Self>, st: &mut State, req: ChatRequest) -> WebResult<JsValue> {
-        if req.messages.is_empty() {
-            return Err(WebError::new(Code::Input, "chat request: no messages"));
-        }
         let random = (js_sys::Math::random() * 2f64.powi(53)) as u64;
         let s = req.sampling(random)?;
         let stop_text = req.stop_text()?;

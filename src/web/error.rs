@@ -152,6 +152,7 @@ impl From<crate::Error> for WebError {
         let code = match &e {
             crate::Error::OutOfMemory { .. } => Code::OutOfMemory,
             crate::Error::ContextLength { .. } => Code::ContextLength,
+            crate::Error::Unsupported(_) => Code::Unsupported,
             _ => Code::Input,
         };
         WebError::new(code, e.to_string())

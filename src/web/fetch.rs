@@ -104,7 +104,9 @@ pub async fn read_body(
         .get_reader()
         .dyn_into()
         .map_err(|_| WebError::new(Code::Internal, "no default reader"))?;
-    let mut out = Vec::with_capacity(cap.min(1 << 30) as usize);
+    // Reserve as bytes arrive, never past `cap` (not the declared size up front: a hostile
+    // manifest would make every download reserve gigabytes before a byte came).
+    let mut out = Vec::new();
     loop {
         let chunk = JsFuture::from(reader.read())
             .await
@@ -124,6 +126,8 @@ pub async fn read_body(
             return Err(too_big(n));
         }
         let at = out.len();
+        let want = crate::runtime::body::next_capacity(at, v.length() as usize, cap);
+        out.reserve_exact(want.saturating_sub(at));
         out.resize(at + v.length() as usize, 0);
         v.copy_to(&mut out[at..]);
         progress(n);

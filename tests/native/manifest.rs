@@ -250,6 +250,47 @@ fn packed_shapes_are_bounded() {
     assert!(PackedShape::new(64, 64, 4, 48).is_err());
 }
 
+/// The fuzz mutator over a valid manifest: every mutant is read without a panic, and every
+/// rejection names the file (the full-scale run is `./build.sh fuzz`).
+#[test]
+fn mutants_of_a_valid_manifest_never_panic() {
+    use flexquant::fuzz::{mutate::Mutator, targets};
+    let json = sample().to_json().into_bytes();
+    let mut m = Mutator::new(1, json.len() * 2 + 4096);
+    let (mut out, mut ok) = (Vec::new(), 0);
+    for _ in 0..3000 {
+        m.mutate(&json, &json, true, &mut out);
+        match targets::manifest(&out) {
+            Ok(()) => ok += 1,
+            Err(e) => assert!(e.to_string().starts_with("manifest.json"), "{e}"),
+        }
+    }
+    assert!(ok > 0 && ok < 3000, "{ok} of 3000 accepted");
+}
+
+/// The ensemble's tokenizer and the manifest's config must agree: a tokenizer with more tokens
+/// than the model has embeddings is refused, naming the tokenizer file.
+#[test]
+fn a_tokenizer_larger_than_the_models_vocabulary_is_refused() {
+    use flexquant::model::tokenizer::byte_level_bpe_json;
+    let m = sample();
+    let vocab = m.config.vocab_size;
+    let json = |n: usize| {
+        let tokens: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+        byte_level_bpe_json(&tokens, &[], &[], false).to_string()
+    };
+    m.tokenizer(json(vocab).as_bytes()).unwrap();
+    let e = m
+        .tokenizer(json(vocab + 41).as_bytes())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.starts_with("tokenizer.json") && e.contains("more than"),
+        "{e}"
+    );
+}
+
 /// The quality floor's perplexity per step: measured where the builder measured, linear in
 /// footprint between, unknown past the last measured step; `floor_for_perplexity` takes the
 /// deepest step whose run from step 0 stays within the bound.

@@ -1,0 +1,199 @@
+//! The fuzz targets: every reader of untrusted input, each as `bytes -> Result`, driven past
+//! parsing into what a successful parse enables (a manifest's steps and moves, a tokenizer's
+//! encode and decode, a tensor's dequantization), since that is where a lie that slipped through
+//! validation would panic.
+//!
+//! Inputs that need more than one part (a shard with its shape, a base with its config) are
+//! framed: each part but the last is a little-endian u32 length and its bytes.
+
+use crate::ensemble::base::{base_bytes, Base};
+use crate::ensemble::format::{PackedMatrix, PackedShape};
+use crate::ensemble::manifest::Manifest;
+use crate::error::{Error, Result};
+use crate::model::config::LlamaConfig;
+
+/// A target's function: `Err` is a clean rejection, a panic is a bug.
+pub type RunFn = Box<dyn Fn(&[u8]) -> Result<()> + Send + Sync>;
+
+/// One target: its name (also the name its errors must carry), whether its input is JSON (so
+/// the mutator edits the parsed tree), and the function.
+pub struct Target {
+    pub name: &'static str,
+    /// File or field names: every error message of this target must contain one.
+    pub names: &'static [&'static str],
+    pub json: bool,
+    pub run: RunFn,
+}
+
+/// Parts framed as `[len u32][part]... [last part]`.
+pub fn frame(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        if i + 1 < parts.len() {
+            out.extend((p.len() as u32).to_le_bytes());
+        }
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// The `n` parts of a framed input (an error naming `what` if the frame is broken).
+pub fn unframe<'a>(what: &str, mut b: &'a [u8], n: usize) -> Result<Vec<&'a [u8]>> {
+    let mut parts = Vec::with_capacity(n);
+    for _ in 1..n {
+        let len = b
+            .get(..4)
+            .map(|l| u32::from_le_bytes(l.try_into().unwrap()) as usize)
+            .filter(|&l| l <= b.len() - 4)
+            .ok_or_else(|| Error::format(what, "fuzz frame: a part's length is out of range"))?;
+        parts.push(&b[4..4 + len]);
+        b = &b[4 + len..];
+    }
+    parts.push(b);
+    Ok(parts)
+}
+
+fn u32_at(b: &[u8], i: usize) -> usize {
+    u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as usize
+}
+
+/// The manifest reader and validation, then every query the runtime makes of a valid manifest.
+pub fn manifest(b: &[u8]) -> Result<()> {
+    let m = Manifest::from_bytes("manifest.json", b)?;
+    let last = m.trajectory.len() - 1;
+    for step in [0, last / 2, last] {
+        std::hint::black_box(m.step_versions(step));
+    }
+    std::hint::black_box((m.moves(0, last), m.moves(last, 0), m.storage_bytes()));
+    Ok(())
+}
+
+/// A module shard: `[rows, cols, bits, group as u32 LE][body]`, parsed, then dequantized.
+pub fn shard(b: &[u8]) -> Result<()> {
+    let what = "shard.bin";
+    if b.len() < 16 {
+        return Err(Error::format(what, "fuzz frame: no shape header"));
+    }
+    let shape = PackedShape::new(
+        u32_at(b, 0),
+        u32_at(b, 1),
+        u32_at(b, 2) as u32,
+        u32_at(b, 3),
+    )
+    .map_err(|e| Error::format(what, e))?;
+    let m = PackedMatrix::from_bytes(shape, &b[16..], what)?;
+    std::hint::black_box(m.dequantize());
+    Ok(())
+}
+
+/// The base shard: `[group u32][config.json][base.bin]` (framed), parsed against the config.
+pub fn base(b: &[u8]) -> Result<()> {
+    let what = "base.bin";
+    let p = unframe(what, b, 3)?;
+    let group = p[0].get(..4).map_or(0, |g| u32_at(g, 0));
+    let config = LlamaConfig::from_json("base.bin: config", p[1])?;
+    base_bytes(&config, group).map_err(|e| Error::format(what, e))?;
+    let base = Base::from_bytes(&config, group, p[2], what)?;
+    std::hint::black_box(base.to_bytes());
+    Ok(())
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+pub use native::*;
+
+#[cfg(not(target_arch = "wasm32"))]
+mod native {
+    use super::*;
+    use crate::model::gguf::Gguf;
+    use crate::model::load::{load_gguf, weights_from_hf_bytes};
+    use crate::model::tokenizer::{StreamDecoder, Tokenizer};
+    use crate::runtime::request::ChatRequest;
+    use std::path::PathBuf;
+
+    /// Text with what tokenizers trip on: specials, multi-byte characters, digits, controls.
+    const SAMPLE: &str = "<|im_start|>user\nHello, wörld! 12345 \u{1F600}\t\r\n<|im_end|>";
+
+    fn exercise(t: &Tokenizer) -> Result<()> {
+        let ids = t.encode(SAMPLE)?;
+        t.decode(&ids, false)?;
+        let mut d = StreamDecoder::default();
+        for &id in &ids {
+            d.step(t, id)?;
+        }
+        Ok(())
+    }
+
+    /// A GGUF file: the reader, the config, the tokenizer built from its arrays, every
+    /// tensor's dequantization, and the whole model load.
+    pub fn gguf(b: &[u8]) -> Result<()> {
+        let g = Gguf::from_bytes("model.gguf", b.to_vec())?;
+        for t in &g.tensors {
+            std::hint::black_box(g.dequantize(t));
+        }
+        match load_gguf(&g) {
+            Ok(m) => exercise(&m.tokenizer),
+            Err(e) => {
+                // The tokenizer on its own too: a bad config must not hide a tokenizer bug.
+                if let Ok(t) = Tokenizer::from_gguf(&g) {
+                    exercise(&t)?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A `tokenizer.json` (what an ensemble ships), then encode, decode and stream-decode.
+    pub fn tokenizer_json(b: &[u8]) -> Result<()> {
+        let t = Tokenizer::from_json_bytes("tokenizer.json", b, Some(1), None, None)?;
+        exercise(&t)
+    }
+
+    /// A Hugging Face checkpoint: `[config.json][model.safetensors]` (framed).
+    pub fn safetensors(b: &[u8]) -> Result<()> {
+        let p = unframe("model.safetensors", b, 2)?;
+        let files = vec![(PathBuf::from("model.safetensors"), p[1].to_vec())];
+        weights_from_hf_bytes("config.json", p[0], files).map(|_| ())
+    }
+
+    /// A chat request as the JS API receives it, then its prompt rendered with the model's chat
+    /// template and tokenized.
+    pub fn request(tok: &Tokenizer, b: &[u8]) -> Result<()> {
+        let (r, _, _) = ChatRequest::from_json(b)?;
+        tok.encode(&tok.chat.render(&r.messages)?).map(|_| ())
+    }
+}
+
+/// Every target, by name; `tokenizer` serves the request target's prompts.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn all(tokenizer: crate::model::tokenizer::Tokenizer) -> Vec<Target> {
+    let t = |name, names, json, run: RunFn| Target {
+        name,
+        names,
+        json,
+        run,
+    };
+    vec![
+        t("manifest", &["manifest.json"], true, Box::new(manifest)),
+        t("shard", &["shard.bin"], false, Box::new(shard)),
+        t("base", &["base.bin"], false, Box::new(base)),
+        t("gguf", &["model.gguf"], false, Box::new(gguf)),
+        t(
+            "tokenizer",
+            &["tokenizer.json"],
+            true,
+            Box::new(tokenizer_json),
+        ),
+        t(
+            "safetensors",
+            &["config.json", "model.safetensors"],
+            false,
+            Box::new(safetensors),
+        ),
+        t(
+            "request",
+            &["chat request", "tokeniz"],
+            true,
+            Box::new(move |b| request(&tokenizer, b)),
+        ),
+    ]
+}

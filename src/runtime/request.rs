@@ -1,0 +1,239 @@
+//! A chat request (OpenAI's `chat.completions.create` body) and its validation, shared by the
+//! browser (`web::api` reads it from a JS object) and native code (`from_json`: the same
+//! checks, so they are unit-tested and fuzzed without a browser).
+//!
+//! The OpenAI fields this engine implements, those it accepts and ignores with reason (`model`,
+//! `user`: one model per engine; `stream_options`: the final chunk always carries `usage`), and
+//! those it rejects as unsupported rather than silently doing something else (any other field,
+//! too: see `KNOWN`).
+
+use crate::error::{Error, Result};
+use crate::model::chat::Message;
+use crate::runtime::generate::Sampling;
+use crate::runtime::stop_text::StopText;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    pub max_tokens: Option<usize>,
+    /// OpenAI's newer name for `max_tokens`.
+    pub max_completion_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub seed: Option<f64>,
+    pub model: Option<serde_json::Value>,
+    pub user: Option<serde_json::Value>,
+    pub stream_options: Option<serde_json::Value>,
+    /// A string or a list of strings (`stop_text`).
+    pub stop: Option<serde_json::Value>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    /// `{token id: bias}` (`logit_bias`).
+    pub logit_bias: Option<serde_json::Value>,
+    /// Known, not implemented: present and not the default, they are unsupported.
+    pub n: Option<u32>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<u32>,
+    pub response_format: Option<serde_json::Value>,
+    pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
+    /// Generate `max_tokens` even past the end-of-turn token (benchmarks; vLLM's name).
+    pub ignore_eos: Option<bool>,
+}
+
+impl ChatRequest {
+    /// Every field `ChatRequest` has, and `stream` (the JS wrapper's). (serde-wasm-bindgen reads
+    /// a struct's fields by name, so `deny_unknown_fields` never sees the others: `check_keys`.)
+    pub const KNOWN: [&'static str; 22] = [
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "model",
+        "user",
+        "stream_options",
+        "n",
+        "stop",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "ignore_eos",
+        "stream",
+    ];
+
+    /// An unknown key of the request object is `Unsupported`, naming it.
+    pub fn check_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<()> {
+        match keys.into_iter().find(|k| !Self::KNOWN.contains(k)) {
+            Some(k) => Err(Error::Unsupported(format!(
+                "chat request: unknown field `{k}` (see js/API.md for the fields)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// A known field this engine does not implement, set to anything but its default, is
+    /// `Unsupported`, naming it.
+    pub fn check_supported(&self) -> Result<()> {
+        let unsupported: [(&str, bool); 6] = [
+            ("n", self.n.is_some_and(|n| n != 1)),
+            ("logprobs", self.logprobs == Some(true)),
+            ("top_logprobs", self.top_logprobs.is_some_and(|n| n > 0)),
+            (
+                "response_format",
+                self.response_format.as_ref().is_some_and(|f| {
+                    !f.is_null() && f.get("type").and_then(|t| t.as_str()) != Some("text")
+                }),
+            ),
+            ("tools", self.tools.as_ref().is_some_and(|t| !t.is_null())),
+            (
+                "tool_choice",
+                self.tool_choice.as_ref().is_some_and(|t| !t.is_null()),
+            ),
+        ];
+        match unsupported.iter().find(|(_, bad)| *bad) {
+            Some((field, _)) => Err(Error::Unsupported(format!(
+                "chat request: `{field}` is not supported by this engine (see js/API.md)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The sampling settings asked for (`Sampling::chat` where a field is absent; `seed`
+    /// when the request has none), validated.
+    pub fn sampling(&self, seed: u64) -> Result<Sampling> {
+        if self.messages.is_empty() {
+            return Err(Error::input("chat request: no messages"));
+        }
+        let d = Sampling::chat();
+        let s = Sampling {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            max_tokens: self
+                .max_tokens
+                .or(self.max_completion_tokens)
+                .unwrap_or(d.max_tokens),
+            seed: self.seed.map_or(seed, |s| s as u64),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            logit_bias: self.logit_bias()?,
+        };
+        s.validate()
+            .map_err(|e| Error::input(format!("chat request: {e}")))?;
+        Ok(s)
+    }
+
+    /// `logit_bias`: an object from token ids (decimal strings, as JSON keys are) to a bias.
+    fn logit_bias(&self) -> Result<Vec<(u32, f32)>> {
+        let bad = |m: String| Error::input(format!("chat request: logit_bias{m}"));
+        let Some(v) = self.logit_bias.as_ref().filter(|v| !v.is_null()) else {
+            return Ok(Vec::new());
+        };
+        let o = v
+            .as_object()
+            .ok_or_else(|| bad(": expected an object {token id: bias}".into()))?;
+        o.iter()
+            .map(|(k, b)| {
+                let id = k
+                    .parse::<u32>()
+                    .map_err(|_| bad(format!(": key `{k}` is not a token id")))?;
+                let b = b
+                    .as_f64()
+                    .ok_or_else(|| bad(format!("[{k}]: expected a number")))?;
+                Ok((id, b as f32))
+            })
+            .collect()
+    }
+
+    /// `stop`: a string or a list of strings (checked by `StopText::new`).
+    pub fn stop_text(&self) -> Result<StopText> {
+        let bad = |m: &str| Error::input(format!("chat request: stop{m}"));
+        let stops = match self.stop.as_ref() {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|s| s.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad(": expected strings"))?,
+            Some(_) => return Err(bad(": expected a string or a list of strings")),
+        };
+        StopText::new(stops).map_err(|e| Error::input(format!("chat request: {e}")))
+    }
+
+    /// A request from JSON bytes with every check the browser makes: keys, types, unsupported
+    /// fields, sampling (the seed defaults to 0 here) and stop strings.
+    pub fn from_json(bytes: &[u8]) -> Result<(ChatRequest, Sampling, StopText)> {
+        let v: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| Error::input(format!("chat request: {e}")))?;
+        if let Some(o) = v.as_object() {
+            Self::check_keys(o.keys().map(String::as_str))?;
+        }
+        let r: ChatRequest =
+            serde_json::from_value(v).map_err(|e| Error::input(format!("chat request: {e}")))?;
+        r.check_supported()?;
+        let s = r.sampling(0)?;
+        let stop = r.stop_text()?;
+        Ok((r, s, stop))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<(ChatRequest, Sampling, StopText)> {
+        ChatRequest::from_json(s.as_bytes())
+    }
+
+    #[test]
+    fn a_plain_request_gets_the_defaults() {
+        let (r, s, _) =
+            parse(r#"{"messages":[{"role":"user","content":"Hi"}],"stream":true}"#).unwrap();
+        assert_eq!(r.messages.len(), 1);
+        let d = Sampling::chat();
+        assert_eq!(
+            (s.temperature, s.top_p, s.max_tokens),
+            (d.temperature, d.top_p, d.max_tokens)
+        );
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let cases = [
+            (r#"{"messages":[],"foo":1}"#, "`foo`"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#,
+                "`n`",
+            ),
+            (r#"{"messages":[]}"#, "no messages"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#,
+                "top_p",
+            ),
+            (r#"{"messages":"x"}"#, "invalid type"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"a":1}}"#,
+                "logit_bias",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stop":3}"#,
+                "stop",
+            ),
+        ];
+        for (json, want) in cases {
+            let e = parse(json).err().unwrap().to_string();
+            assert!(e.contains(want), "{json}: {e}");
+        }
+    }
+}

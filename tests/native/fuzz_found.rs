@@ -1,0 +1,94 @@
+//! Regressions found by fuzzing (`./build.sh fuzz`) in the tokenizer loaders, and the
+//! tokenizer files whose parts disagree: each was a panic or a file that loaded and then failed.
+
+use flexquant::fuzz::seeds::write_gguf;
+use flexquant::model::gguf::{Gguf, Value};
+use flexquant::model::tokenizer::{byte_level_bpe_json, Tokenizer};
+
+fn tiny_tokenizer_json() -> serde_json::Value {
+    let tokens: Vec<String> = ["a", "b", "ab", "<|im_end|>"].map(String::from).to_vec();
+    byte_level_bpe_json(&tokens, &["a b".into()], &[3], false)
+}
+
+/// Fuzzing found it: tokenizers 0.22 panics (`expect("Helper")`) on malformed JSON inside the
+/// "decoder" object; the loader checks the syntax first.
+#[test]
+fn a_tokenizer_with_a_malformed_decoder_is_an_error_not_a_panic() {
+    let good = tiny_tokenizer_json().to_string();
+    Tokenizer::from_json_bytes("tokenizer.json", good.as_bytes(), None, None, None).unwrap();
+    let bad = good.replace(r#""decoder":{"#, r#""decoder":{"x":tru,"#);
+    assert_ne!(bad, good);
+    let e = std::panic::catch_unwind(|| {
+        Tokenizer::from_json_bytes("tokenizer.json", bad.as_bytes(), None, None, None)
+            .err()
+            .unwrap()
+            .to_string()
+    })
+    .expect("no panic");
+    assert!(
+        e.starts_with("tokenizer.json") && e.contains("not JSON"),
+        "{e}"
+    );
+}
+
+/// Fuzzing found it: a BPE `unk_token` missing from the vocabulary loaded, then failed every
+/// prompt with an unknown character; it is refused at load, naming the field.
+#[test]
+fn a_tokenizer_unk_token_must_be_in_the_vocabulary() {
+    let mut j = tiny_tokenizer_json();
+    j["model"]["unk_token"] = "<unk>".into();
+    let e =
+        Tokenizer::from_json_bytes("tokenizer.json", j.to_string().as_bytes(), None, None, None)
+            .err()
+            .unwrap()
+            .to_string();
+    assert!(
+        e.starts_with("tokenizer.json") && e.contains("unk_token"),
+        "{e}"
+    );
+}
+
+#[test]
+fn gguf_tokens_listed_twice_are_rejected() {
+    let gguf = |tokens: &[&str]| {
+        let s = |x: &str| Value::Str(x.into());
+        let meta = vec![
+            ("tokenizer.ggml.model".to_string(), s("gpt2")),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                Value::Array(tokens.iter().map(|t| s(t)).collect()),
+            ),
+            (
+                "tokenizer.ggml.merges".to_string(),
+                Value::Array(vec![s("a b")]),
+            ),
+        ];
+        Gguf::from_bytes("tok.gguf", write_gguf(&meta, &[])).unwrap()
+    };
+    Tokenizer::from_gguf(&gguf(&["a", "b", "ab"])).unwrap();
+    let e = Tokenizer::from_gguf(&gguf(&["a", "b", "ab", "b"]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.starts_with("tok.gguf") && e.contains("twice"), "{e}");
+}
+
+/// Fuzzing found it (input 394 121 of the first 1M run): tokenizers 0.22 slices the BPE
+/// `continuing_subword_prefix` off each merge's second part unchecked, and panics when it is
+/// longer; the loader checks the merges first.
+#[test]
+fn a_subword_prefix_longer_than_a_merge_is_an_error_not_a_panic() {
+    let mut j = tiny_tokenizer_json();
+    j["model"]["continuing_subword_prefix"] = "xxxxxxxx".into();
+    let e = std::panic::catch_unwind(|| {
+        Tokenizer::from_json_bytes("tokenizer.json", j.to_string().as_bytes(), None, None, None)
+            .err()
+            .unwrap()
+            .to_string()
+    })
+    .expect("no panic");
+    assert!(
+        e.starts_with("tokenizer.json") && e.contains("model.merges[0]"),
+        "{e}"
+    );
+}
