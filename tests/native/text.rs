@@ -408,16 +408,16 @@ fn brown_files_are_sorted_and_filtered() {
 
 // ---- real data ----------------------------------------------------------------
 
+/// The installed texts (`FLEXQUANT_CACHE`, as every real-data test).
 fn cache_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/text")
+    crate::common::cache_dir().join("text")
 }
 
+/// Whether a real-data input is there: missing, a failure under `FLEXQUANT_REQUIRE_DATA=1`
+/// (`./build.sh test`, CI), else a printed skip.
 fn present(path: &Path) -> bool {
-    if path.exists() {
-        return true;
-    }
-    println!("SKIP: {} missing (run ./build.sh setup)", path.display());
-    false
+    let rel = path.strip_prefix(crate::common::cache_dir()).unwrap_or(path);
+    crate::common::data_file(&rel.to_string_lossy()).is_some()
 }
 
 #[test]
