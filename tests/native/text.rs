@@ -416,7 +416,9 @@ fn cache_dir() -> PathBuf {
 /// Whether a real-data input is there: missing, a failure under `FLEXQUANT_REQUIRE_DATA=1`
 /// (`./build.sh test`, CI), else a printed skip.
 fn present(path: &Path) -> bool {
-    let rel = path.strip_prefix(crate::common::cache_dir()).unwrap_or(path);
+    let rel = path
+        .strip_prefix(crate::common::cache_dir())
+        .unwrap_or(path);
     crate::common::data_file(&rel.to_string_lossy()).is_some()
 }
 
