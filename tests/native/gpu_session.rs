@@ -28,14 +28,23 @@ fn greedy(max_tokens: usize) -> Sampling {
     }
 }
 
-#[test]
-fn step_wise_session_matches_generate_and_survives_a_model_replacement() {
-    let Some(gpu) = gpu_arc() else { return };
+/// The tiny model and its modules at 4 bits (RTN, groups of 32).
+fn tiny_4bit() -> (
+    load::LoadedModel,
+    Vec<flexquant::ensemble::format::PackedMatrix>,
+) {
     let dir = tempfile::tempdir().unwrap();
     flexquant::model::tiny::write_tiny_model(dir.path(), 7).unwrap();
     let m = load::load(dir.path()).unwrap();
+    let modules = rtn_modules(&m.weights, |_| 4, 32).unwrap();
+    (m, modules)
+}
+
+#[test]
+fn step_wise_session_matches_generate_and_survives_a_model_replacement() {
+    let Some(gpu) = gpu_arc() else { return };
+    let (m, modules) = tiny_4bit();
     let w = &m.weights;
-    let modules = rtn_modules(w, |_| 4, 32).unwrap();
     let model = || block_on(gpu_model(gpu.clone(), w, &modules, OPTS)).unwrap();
     // Longer than max_batch, so the re-prefill runs in several chunks.
     let prompt = m
@@ -93,11 +102,8 @@ fn step_wise_session_matches_generate_and_survives_a_model_replacement() {
 #[test]
 fn watched_tokens_return_their_logits_so_logit_bias_is_exact() {
     let Some(gpu) = gpu_arc() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    flexquant::model::tiny::write_tiny_model(dir.path(), 7).unwrap();
-    let m = load::load(dir.path()).unwrap();
+    let (m, modules) = tiny_4bit();
     let w = &m.weights;
-    let modules = rtn_modules(w, |_| 4, 32).unwrap();
     let prompt = m.tokenizer.encode("It is a truth universally").unwrap();
     let mut g = block_on(gpu_model(gpu.clone(), w, &modules, OPTS)).unwrap();
     let full = block_on(g.logits_last(&prompt)).unwrap();
