@@ -785,17 +785,23 @@ async fn auto_prefers_the_cpu_over_an_emulated_gpu() {
     call(e.unload()).await.unwrap();
 }
 
-/// Speed as a second elastic resource: a minimum above what the model decodes at step 0 moves
-/// it down between tokens (reason `too_slow`), and clearing the minimum brings it back up.
-#[wasm_bindgen_test]
-async fn a_minimum_speed_steps_down_and_clearing_it_steps_back_up() {
+/// The tiny ensemble on the CPU backend with a policy that moves as soon as asked (no
+/// settling delay, no cooldown, any growth per step up).
+async fn eager_cpu_engine() -> (Engine, Events) {
     let policy = json!({"up_delay_ms": 0.0, "fault_cooldown_ms": 0.0, "max_up_growth": 100.0});
-    let (e, ev) = engine(
+    engine(
         "/tiny/manifest.json",
         json!({"backend": "cpu", "policy": policy}),
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// Speed as a second elastic resource: a minimum above what the model decodes at step 0 moves
+/// it down between tokens (reason `too_slow`), and clearing the minimum brings it back up.
+#[wasm_bindgen_test]
+async fn a_minimum_speed_steps_down_and_clearing_it_steps_back_up() {
+    let (e, ev) = eager_cpu_engine().await;
     let conv = [user("Once upon a time")];
     start(&e, &conv, 20).await;
     for _ in 0..12 {
@@ -1014,13 +1020,7 @@ async fn stop_sequences_logit_bias_and_penalties() {
 /// the model brings it back up; a floor no step meets is an `input` error.
 #[wasm_bindgen_test]
 async fn a_quality_floor_holds_and_says_below_floor() {
-    let policy = json!({"up_delay_ms": 0.0, "fault_cooldown_ms": 0.0, "max_up_growth": 100.0});
-    let (e, ev) = engine(
-        "/tiny/manifest.json",
-        json!({"backend": "cpu", "policy": policy}),
-    )
-    .await
-    .unwrap();
+    let (e, ev) = eager_cpu_engine().await;
     let traj = val(e.trajectory());
     let measured: Vec<(usize, f64)> = traj
         .as_array()
