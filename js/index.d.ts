@@ -4,7 +4,7 @@ export type ErrorCode =
   | 'manifest-not-found' | 'http' | 'network' | 'manifest-invalid' | 'manifest-version'
   | 'hash-mismatch' | 'truncated' | 'quota-exceeded' | 'webgpu-unavailable' | 'out-of-memory'
   | 'device-lost' | 'unloaded' | 'busy' | 'aborted' | 'unsupported' | 'context-length'
-  | 'input' | 'internal';
+  | 'non-finite-logits' | 'input' | 'internal';
 
 export declare class FlexQuantError extends Error {
   readonly name: 'FlexQuantError';

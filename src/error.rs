@@ -28,6 +28,11 @@ pub enum Error {
         "the prompt has {tokens} tokens; the context holds {context} (leave room for the answer)"
     )]
     ContextLength { tokens: usize, context: usize },
+    /// The model produced no finite logit for the next token (every candidate NaN or
+    /// infinite): the weights or the precision step overflowed. The turn ends; the engine and
+    /// the conversation stay usable.
+    #[error("the model produced no finite logit after {tokens} tokens (all NaN or infinite): cannot sample the next token")]
+    NonFiniteLogits { tokens: usize },
     /// An allocation refused: over the app's budget, or the allocator had no memory.
     #[error("out of memory: {what} needs {requested} bytes{}", budget.map(|b| format!(" (budget {b} bytes)")).unwrap_or_default())]
     OutOfMemory {

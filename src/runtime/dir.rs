@@ -23,6 +23,16 @@ pub fn read_verified(dir: &Path, f: &FileRef) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// The context of a file that could not be read or failed verification: its manifest name.
+#[derive(Debug)]
+pub struct Unverified(pub String);
+
+impl std::fmt::Display for Unverified {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{} cannot be used", self.0)
+    }
+}
+
 pub struct DirSource {
     pub dir: PathBuf,
     manifest: Manifest,
@@ -47,10 +57,16 @@ impl ByteSource for DirSource {
         &self.manifest
     }
 
+    fn unverified_file(e: &anyhow::Error) -> Option<String> {
+        e.downcast_ref::<Unverified>().map(|u| u.0.clone())
+    }
+
     async fn files(&self, files: &[FileRef], _phase: &'static str) -> anyhow::Result<Vec<Vec<u8>>> {
         let mut out = Vec::with_capacity(files.len());
         for f in files {
-            out.push(read_verified(&self.dir, f)?);
+            let bytes = read_verified(&self.dir, f)
+                .map_err(|e| anyhow::Error::new(e).context(Unverified(f.file.clone())))?;
+            out.push(bytes);
             self.bytes_read.set(self.bytes_read.get() + f.bytes);
         }
         Ok(out)

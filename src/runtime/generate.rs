@@ -283,8 +283,9 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 
 /// Draws a token from `cand` (best first): the first at temperature 0, else nucleus sampling
 /// over the softmax of the candidates at `s.temperature`. Candidates that are not finite are
-/// never drawn; none at all is an error (the model produced no usable logit).
-pub fn sample(cand: &[(u32, f32)], s: &Sampling, rng: &mut Rng) -> Result<u32> {
+/// never drawn; none at all is `Error::NonFiniteLogits` (`tokens`: the sequence length so far,
+/// for the message).
+pub fn sample(cand: &[(u32, f32)], s: &Sampling, rng: &mut Rng, tokens: usize) -> Result<u32> {
     let keep = if s.top_k == 0 { usize::MAX } else { s.top_k };
     let cand: Vec<(u32, f32)> = cand
         .iter()
@@ -293,9 +294,7 @@ pub fn sample(cand: &[(u32, f32)], s: &Sampling, rng: &mut Rng) -> Result<u32> {
         .take(keep)
         .collect();
     let Some(&(best, m)) = cand.first() else {
-        return Err(Error::input(
-            "the model produced no finite logit (all NaN or infinite): cannot sample",
-        ));
+        return Err(Error::NonFiniteLogits { tokens });
     };
     if s.temperature == 0.0 || cand.len() == 1 {
         return Ok(best);
@@ -341,7 +340,12 @@ mod tests {
         let got = s.adjust(&cand, &[5, 5, 1]);
         assert_eq!(got, vec![(2, 96.0), (9, 3.0), (7, 2.5), (5, 1.75)]);
         assert_eq!(s.watched(), vec![2, 9]);
-        assert_eq!(sample(&got, &s, &mut Rng::new(1)).unwrap(), 2);
+        assert_eq!(sample(&got, &s, &mut Rng::new(1), 0).unwrap(), 2);
+        let nan = [(0, f32::NAN), (1, f32::INFINITY), (2, f32::NEG_INFINITY)];
+        assert!(matches!(
+            sample(&nan, &s, &mut Rng::new(1), 7),
+            Err(Error::NonFiniteLogits { tokens: 7 })
+        ));
         // Nothing asked: unchanged.
         assert_eq!(Sampling::default().adjust(&cand, &[5]), cand.to_vec());
     }

@@ -162,7 +162,7 @@ impl<B: Backend> Session<B> {
             turn.pending = None;
         }
         let cand = turn.sampling.adjust(&turn.cand, &turn.out);
-        let id = sample(&cand, &turn.sampling, &mut turn.rng)?;
+        let id = sample(&cand, &turn.sampling, &mut turn.rng, self.tokens.len())?;
         if turn.stop.contains(&id) {
             turn.finish(StopReason::Eos);
             return Ok(None);

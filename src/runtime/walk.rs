@@ -39,6 +39,12 @@ pub trait ByteSource {
     fn prefetches(&self) -> bool {
         false
     }
+    /// The manifest name of the file whose bytes `e` says could not be had or failed
+    /// verification (missing, truncated, wrong hash), if it names one: loads and swaps then
+    /// fall back to the deepest step that does not need that file.
+    fn unverified_file(_e: &Self::Error) -> Option<String> {
+        None
+    }
 }
 
 /// One module swapped.
@@ -145,13 +151,30 @@ where
             &m.base.file,
         )?);
         drop(base_bytes);
+        // Steps above this need a file that failed verification (set on the first failure).
+        let mut below = 0;
         loop {
             let at = match step {
                 Some(s) => s,
-                None => self.elastic.borrow_mut().decide(now_ms()).target(),
+                None => self
+                    .elastic
+                    .borrow_mut()
+                    .decide(now_ms())
+                    .target()
+                    .max(below),
             };
             let files: Vec<FileRef> = m.step_versions(at).iter().map(|v| v.file.clone()).collect();
-            let modules = self.modules(&files, at, "download").await?;
+            let modules = match self.modules(&files, at, "download").await {
+                Ok(modules) => modules,
+                Err(e) => match S::unverified_file(&e).and_then(|f| self.deeper_without(at, &f)) {
+                    Some(deeper) if step.is_none() => {
+                        self.emit(Event::Warning(&e));
+                        below = deeper;
+                        continue;
+                    }
+                    _ => return Err(e),
+                },
+            };
             let total_bytes = m.trajectory[at].footprint_bytes;
             self.emit(Event::Upload {
                 step: at,
@@ -228,6 +251,14 @@ where
         Ok(())
     }
 
+    /// The first step deeper than `step` whose versions do not include `file` (the deepest
+    /// step that can still be loaded when `file` cannot be had), if any.
+    fn deeper_without(&self, step: usize, file: &str) -> Option<usize> {
+        let m = self.manifest();
+        (step + 1..m.trajectory.len())
+            .find(|&s| m.step_versions(s).iter().all(|v| v.file.file != file))
+    }
+
     /// The packed module versions of `step` from their files (verified by the source).
     async fn modules(
         &self,
@@ -289,14 +320,26 @@ where
             return Ok(());
         }
         let m = self.manifest();
-        let moves = m.moves(from, to);
-        let files: Vec<FileRef> = moves.iter().map(|mv| mv.to.file.clone()).collect();
+        let mut moves = m.moves(from, to);
         let t0 = now_ms();
-        let bytes = match self.source.files(&files, "swap").await {
-            Ok(b) => b,
-            Err(e) => {
-                self.fetch_failure.set(Some((to, now_ms())));
-                return Err(e);
+        // A file that fails verification: the moves before it still go ahead (their files
+        // verified), so the model gets as close to `to` as it can; the error is a warning then.
+        let bytes = loop {
+            let files: Vec<FileRef> = moves.iter().map(|mv| mv.to.file.clone()).collect();
+            match self.source.files(&files, "swap").await {
+                Ok(b) => break b,
+                Err(e) => {
+                    self.fetch_failure.set(Some((to, now_ms())));
+                    let bad = S::unverified_file(&e)
+                        .and_then(|f| moves.iter().position(|mv| mv.to.file.file == f));
+                    match bad {
+                        Some(i) if i > 0 => {
+                            self.emit(Event::Warning(&e));
+                            moves.truncate(i);
+                        }
+                        _ => return Err(e),
+                    }
+                }
             }
         };
         let g = m.quantizer.group_size;

@@ -23,6 +23,7 @@ pub enum Code {
     Aborted,
     Unsupported,
     ContextLength,
+    NonFiniteLogits,
     Input,
     Internal,
 }
@@ -46,6 +47,7 @@ impl Code {
             Code::Aborted => "aborted",
             Code::Unsupported => "unsupported",
             Code::ContextLength => "context-length",
+            Code::NonFiniteLogits => "non-finite-logits",
             Code::Input => "input",
             Code::Internal => "internal",
         }
@@ -153,6 +155,7 @@ impl From<crate::Error> for WebError {
             crate::Error::OutOfMemory { .. } => Code::OutOfMemory,
             crate::Error::ContextLength { .. } => Code::ContextLength,
             crate::Error::Unsupported(_) => Code::Unsupported,
+            crate::Error::NonFiniteLogits { .. } => Code::NonFiniteLogits,
             _ => Code::Input,
         };
         WebError::new(code, e.to_string())

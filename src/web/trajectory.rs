@@ -37,6 +37,12 @@ impl ByteSource for Loader {
     fn prefetches(&self) -> bool {
         self.cached()
     }
+    fn unverified_file(e: &WebError) -> Option<String> {
+        match e.code {
+            Code::HashMismatch | Code::Truncated => e.file.clone(),
+            _ => None,
+        }
+    }
 }
 
 /// Flags the engine reads between tokens, set by the current device's callbacks.

@@ -3,9 +3,10 @@
 //! after `replace_model` (a device-loss rebuild) continues exactly as if nothing happened.
 
 use crate::gpu_util::gpu_arc;
+use flexquant::cpu::CpuModel;
 use flexquant::gpu::ModelOptions;
 use flexquant::model::load;
-use flexquant::quant::weights::{gpu_model, rtn_modules};
+use flexquant::quant::weights::{gpu_model, rtn_base, rtn_modules};
 use flexquant::runtime::reference::Reference;
 use flexquant::runtime::{Backend, Sampling, Session, StopReason};
 use pollster::block_on;
@@ -141,4 +142,36 @@ fn watched_tokens_return_their_logits_so_logit_bias_is_exact() {
     assert_eq!(first(vec![]), best);
     assert_eq!(first(vec![(last, 100.0)]), last);
     assert_eq!(first(vec![(best, -100.0)]), second);
+}
+
+/// A final norm of `f32::MAX` overflows every logit to ±inf or NaN: sampling the first token
+/// is a typed `NonFiniteLogits` error (not a panic, not `input`) on the reference, the packed
+/// CPU backend and the GPU engine, and the KV cache holds exactly the prompt afterwards.
+#[test]
+fn non_finite_logits_are_a_typed_error_on_every_backend() {
+    let (m, modules) = tiny_4bit();
+    let mut w = m.weights.clone();
+    w.final_norm.iter_mut().for_each(|g| *g = f32::MAX);
+    let prompt = m.tokenizer.encode("It is a truth universally").unwrap();
+    let mut all = Reference::new(w.clone(), 96).with_top_k(usize::MAX);
+    let finite = block_on(Backend::step(&mut all, &prompt)).unwrap();
+    assert!(finite.is_empty(), "precondition: every logit overflows");
+    fn first_token<B: Backend>(b: B, prompt: &[u32]) -> String {
+        let mut s = Session::new(b);
+        let mut turn = block_on(s.start(prompt, &greedy(4), &[])).unwrap();
+        let e = block_on(s.next(&mut turn)).unwrap_err().to_string();
+        assert_eq!(s.model.len(), prompt.len(), "the cache holds the prompt");
+        e
+    }
+    let want = flexquant::Error::NonFiniteLogits {
+        tokens: prompt.len(),
+    }
+    .to_string();
+    assert_eq!(first_token(Reference::new(w.clone(), 96), &prompt), want);
+    let base = rtn_base(&w, 32).unwrap();
+    let cpu = CpuModel::new(&w.config, base.into(), modules.clone(), 96, None).unwrap();
+    assert_eq!(first_token(cpu, &prompt), want);
+    let Some(gpu) = gpu_arc() else { return };
+    let g = block_on(gpu_model(gpu, &w, &modules, OPTS)).unwrap();
+    assert_eq!(first_token(g, &prompt), want);
 }

@@ -352,6 +352,79 @@ fn a_shard_that_fails_verification_changes_nothing() {
     assert_eq!(run.step, 0);
 }
 
+/// A shard that fails verification on the way down: a load (or a device-loss rebuild, which
+/// loads) falls back to the first step deeper than the controller's target that does not use
+/// the shard, and a swap does the moves before it; both report the bad file as a warning.
+#[test]
+fn loads_and_swaps_fall_back_past_a_shard_that_fails_verification() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = Command::new("cp")
+        .arg("-r")
+        .arg(ensemble())
+        .arg(tmp.path().join("e"))
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let dir = tmp.path().join("e");
+    let m = DirSource::open(&dir).unwrap().manifest().clone();
+    let uses = |s: usize, f: &str| m.step_versions(s).iter().any(|v| v.file.file == f);
+    let last = m.trajectory.len() - 1;
+    // A module version swapped in at step k >= 2 and replaced again further down.
+    let (k, bad) = (2..last)
+        .map(|k| (k, m.moves(k - 1, k)[0].to.file.file.clone()))
+        .find(|(k, f)| (k + 1..=last).any(|s| !uses(s, f)))
+        .expect("some module is lowered twice");
+    let clear = (k + 1..=last).find(|&s| !uses(s, &bad)).unwrap();
+    let shard = dir.join(&bad);
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[3] ^= 0x55;
+    std::fs::write(&shard, bytes).unwrap();
+
+    let warnings = std::rc::Rc::new(std::cell::RefCell::new(Vec::<String>::new()));
+    let sink = warnings.clone();
+    let source = DirSource::open(&dir).unwrap();
+    let footprints = m.trajectory.iter().map(|s| s.footprint_bytes).collect();
+    let w = Walk::new(
+        source,
+        ReferenceFactory { context: 64 },
+        Elastic::new(footprints, 0, eager()).unwrap(),
+        Box::new(move |e| {
+            if let flexquant::runtime::walk::Event::Warning(e) = e {
+                sink.borrow_mut().push(format!("{e:#}"));
+            }
+        }),
+    );
+
+    // A swap from step 0 towards k: the moves before the bad shard are done.
+    let mut run = block_on(w.load()).unwrap();
+    assert_eq!(run.step, 0);
+    let d = Decision::StepDown {
+        from: 0,
+        to: k,
+        reason: Reason::Budget,
+    };
+    block_on(w.execute(&mut run, d, None)).unwrap();
+    assert_eq!(run.step, k - 1, "every move before the bad shard's");
+    assert_eq!(run.session.model.eqm_bits(), m.bits_at(k - 1));
+    assert_eq!(warnings.borrow().len(), 1);
+    assert!(
+        warnings.borrow()[0].contains(&bad),
+        "{:?}",
+        warnings.borrow()
+    );
+
+    // A load (and so a rebuild) whose target needs the bad shard: the first step without it.
+    let b = budget_for(&w, k);
+    w.elastic.borrow_mut().set_budget(b);
+    let run = block_on(w.load()).unwrap();
+    assert_eq!(run.step, clear, "k {k}: the first step past {bad}");
+    assert_eq!(run.session.model.eqm_bits(), m.bits_at(clear));
+    assert_eq!(warnings.borrow().len(), 2);
+    // A step that needs the shard, asked for explicitly, is an error naming it.
+    let e = block_on(w.load_at(Some(k))).err().unwrap();
+    assert!(format!("{e:#}").contains(&bad), "{e:#}");
+}
+
 /// `eval --ensemble DIR --step N` on held-out text: the builder's windows by default, and the
 /// perplexity it recorded for that step in the manifest.
 #[test]
