@@ -1124,3 +1124,6 @@ async fn parallel_downloads_retry_and_report_one_total() {
     .expect("0 is refused");
     assert_eq!(err["code"], "input", "{err}");
 }
+
+#[path = "web/faults.rs"]
+mod faults;

@@ -51,6 +51,8 @@ pub(super) struct Inner {
     pub(super) flags: DeviceFlags,
     /// Counters that survive the model (so `stats` after `unload` shows 0 bytes).
     pub(super) alloc: RefCell<Option<Allocator>>,
+    /// The current model's WebGPU device (`destroyDevice` reaches it while a call runs).
+    pub(super) device: RefCell<Option<wgpu::Device>>,
     pub(super) snap: Rc<RefCell<Snapshot>>,
     pub(super) prefetching: Cell<bool>,
     pub(super) completions: Cell<u64>,
@@ -291,17 +293,13 @@ impl Engine {
     /// next token. For tests of that path; apps use `simulateDeviceLoss`.
     #[wasm_bindgen(js_name = destroyDevice)]
     pub fn destroy_device(&self) -> Result<(), JsValue> {
-        match self.inner.state.borrow().as_ref() {
-            Some(st) => match st.run.session.model.gpu() {
-                Some(gpu) => {
-                    gpu.device.destroy();
-                    Ok(())
-                }
-                None => {
-                    Err(WebError::new(Code::Input, "the CPU backend has no GPU device").to_js())
-                }
-            },
-            None => Err(WebError::new(Code::Busy, "an engine call is running").to_js()),
+        // Also while a call runs (e.g. in the middle of a swap): the device is held apart.
+        match self.inner.device.borrow().as_ref() {
+            Some(device) => {
+                device.destroy();
+                Ok(())
+            }
+            None => Err(WebError::new(Code::Input, "no GPU device (CPU backend or unloaded)").to_js()),
         }
     }
 
@@ -313,6 +311,7 @@ impl Engine {
             i.walk.source.close();
             let gpu = st.run.session.model.gpu().cloned();
             drop(st);
+            i.device.borrow_mut().take();
             i.unloaded.set(true);
             if let Some(gpu) = gpu {
                 gpu.device.destroy();
@@ -394,6 +393,7 @@ impl Engine {
             interrupt: Cell::new(false),
             flags,
             alloc: RefCell::new(None),
+            device: RefCell::new(None),
             snap,
             prefetching: Cell::new(false),
             completions: Cell::new(0),

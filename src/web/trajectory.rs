@@ -173,6 +173,7 @@ impl Inner {
             None => self.walk.factory.label(),
         };
         self.snap.borrow_mut().adapter = label;
+        *self.device.borrow_mut() = model.gpu().map(|g| g.device.clone());
         *self.alloc.borrow_mut() = match model {
             WebModel::Gpu(m) => Some(m.allocator().clone()),
             WebModel::Cpu(_) => None,

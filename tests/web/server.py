@@ -9,11 +9,18 @@ ensemble, selected by a path prefix:
   /v99/tiny/...        the manifest claims format version 99
   /garbage/tiny/...    the manifest is not JSON
   /net/tiny/...        module shards are cut mid-body (connection closed) while /__fail?on=1
+  /badbase/tiny/...    the base shard has one byte flipped
+  /badtok/tiny/...     the tokenizer file has one byte flipped
+  /chatml/tiny/...     the manifest declares no chat template (the runtime falls back to ChatML)
+  /strict/tiny/...     the manifest's template raises unless roles alternate user/assistant
+  /stale/tiny/...      while /__stale?on=1, the step-1 shard has a byte flipped and every file is
+                       sent cacheable for an hour (a redeploy behind the browser's HTTP cache)
   /<mount>/...         a directory given with --mount NAME=DIR (e.g. the npm test page)
 
   /__count?prefix=P    requests so far whose path starts with P (JSON number)
   /__reset             forget the counts
   /__fail?on=1|0       switch the /net/ failure on or off; &times=K: only the next K responses
+  /__stale?on=1|0      switch the /stale/ view's old deployment on or off
   /__delay?ms=N        add N ms before every response but the control paths and the npm mount
                        (a far-away static host: the parallel-download benchmark)
   /__blob?bytes=N      N bytes as one file (the single-file download the benchmark compares to)
@@ -42,7 +49,13 @@ manifest = json.load(open(os.path.join(ens, "manifest.json")))
 sw = manifest["trajectory"][1]["swap"]
 victim = next(v["file"] for v in manifest["modules"]
               if v["layer"] == sw["layer"] and v["kind"] == sw["kind"] and v["bits"] == sw["to_bits"])
-counts, lock, state = Counter(), threading.Lock(), {"fail": False, "delay_ms": 0}
+counts, lock, state = Counter(), threading.Lock(), {"fail": False, "delay_ms": 0, "stale": False}
+VIEWS = ("corrupt", "truncated", "v99", "garbage", "net", "badbase", "badtok", "chatml", "strict",
+         "stale")
+STRICT = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+          "{% endif %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -59,12 +72,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
-    def send(self, code, body, ctype="application/octet-stream", cut=False):
+    def send(self, code, body, ctype="application/octet-stream", cut=False, cacheable=False):
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Access-Control-Allow-Origin", "*")
-        self.send_header("Cache-Control", "no-store")
+        # Cacheable (no validators): what a CDN sends; the HTTP cache may then answer alone.
+        self.send_header("Cache-Control", "public, max-age=3600" if cacheable else "no-store")
         if isolated:
             self.send_header("Cross-Origin-Opener-Policy", "same-origin")
             self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
@@ -101,6 +115,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(state["delay_ms"] / 1000)
         if path == "/__blob":
             return self.send(200, bytes(int(q.get("bytes", ["0"])[0])))
+        if path == "/__stale":
+            state["stale"] = q.get("on", ["0"])[0] == "1"
+            return self.send(200, b"1" if state["stale"] else b"0", "application/json")
         if path == "/__fail":
             state["fail"] = q.get("on", ["0"])[0] == "1"
             state["fail_left"] = int(q.get("times", ["-1"])[0])
@@ -108,7 +125,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if parts[0] in mounts:
             return self.file(mounts[parts[0]], parts[1] if len(parts) > 1 else "index.html")
         view = ""
-        if parts[0] in ("corrupt", "truncated", "v99", "garbage", "net"):
+        if parts[0] in VIEWS:
             view, path = parts[0], "/" + (parts[1] if len(parts) > 1 else "")
         if not path.startswith("/tiny/"):
             return self.send(404, b"not found", "text/plain")
@@ -122,7 +139,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body = json.dumps(m).encode()
         if rel == "manifest.json" and view == "garbage":
             body = b"<html>this is not a manifest</html>"
-        if rel == victim and view == "corrupt":
+        if rel == "manifest.json" and view in ("chatml", "strict"):
+            m = json.loads(body)
+            m["chat"]["template"], m["chat"]["jinja"] = ("chatml", None) if view == "chatml" else ("jinja", STRICT)
+            body = json.dumps(m).encode()
+        flip = {"badbase": manifest["base"]["file"], "badtok": manifest["tokenizer"]["file"],
+                "corrupt": victim, "stale": victim if state["stale"] else None}.get(view)
+        if rel == flip:
             body = bytearray(body)
             body[len(body) // 3] ^= 0x5A
             body = bytes(body)
@@ -135,7 +158,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if state["fail_left"] < 0:
                     cut = state["fail"] = False
         ctype = "application/json" if rel.endswith(".json") else "application/octet-stream"
-        self.send(200, body, ctype, cut)
+        self.send(200, body, ctype, cut, cacheable=view == "stale" and state["stale"])
 
     def read(self, root, rel):
         p = os.path.normpath(os.path.join(root, rel))
