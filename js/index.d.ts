@@ -223,8 +223,13 @@ export interface EngineApi {
   stats(): Promise<Stats>;
   trajectory(): Promise<TrajectoryPoint[]>;
   simulateDeviceLoss(): Promise<void>;
-  /** Panics inside wasm (tests): rejects with code internal; the engine is then cleanly failed. */
-  simulatePanic(): Promise<void>;
+  /**
+   * Panics inside wasm (tests): rejects with code internal; the engine is then cleanly failed.
+   * `async: true` panics after an await (on wasm-bindgen's task queue), which rejects too.
+   */
+  simulatePanic(options?: { async?: boolean }): Promise<void>;
+  /** True once a panic left the engine cleanly failed (every call rejects with `internal`). */
+  readonly crashed: boolean;
   unload(): Promise<void>;
   /** Low level: prefill a conversation, then take chunks with nextChunk() until null. */
   startChat(request: ChatRequest): Promise<unknown>;

@@ -13,6 +13,12 @@ function initWasm(wasmUrl) {
   return wasmReady;
 }
 
+// Calls into wasm now running, each with a way to reject it. A panic inside an async call
+// happens on wasm-bindgen's task queue, not in the call, so its promise would never settle:
+// the panic hook (src/web/mod.rs) calls this, and every call in flight fails as `internal`.
+const inFlight = new Set();
+globalThis.__flexquantOnPanic = (why) => { for (const c of [...inFlight]) c(why); };
+
 export class Engine {
   /**
    * Loads the ensemble whose manifest is at `manifestUrl` (absolute, or relative to the page).
@@ -98,17 +104,25 @@ export class Engine {
       if (f === this._unloadCall) return undefined;
       throw this._crashed;
     }
+    let crash;
+    const crashed = new Promise((_, reject) => { crash = (why) => reject(this._crash(why)); });
+    crashed.catch(() => {});
+    inFlight.add(crash);
     try {
-      return await f();
+      return await Promise.race([f(), crashed]);
     } catch (e) {
-      if (e instanceof WebAssembly.RuntimeError) {
-        const why = globalThis.__flexquantPanic ?? e.message;
-        this._crashed = new FlexQuantError('internal', `the engine crashed: ${why} (create a new engine)`);
-        this._stopHeap();
-        throw this._crashed;
-      }
+      if (e instanceof WebAssembly.RuntimeError) throw this._crash(globalThis.__flexquantPanic ?? e.message);
       throw toFlexQuantError(e);
+    } finally {
+      inFlight.delete(crash);
     }
+  }
+
+  /** Marks the engine cleanly failed after a panic; the error every later call rejects with. */
+  _crash(why) {
+    this._crashed ??= new FlexQuantError('internal', `the engine crashed: ${why} (create a new engine)`);
+    this._stopHeap();
+    return this._crashed;
   }
 
   /** Low level (chat.completions.create uses these): prefill a conversation... */
@@ -133,8 +147,12 @@ export class Engine {
   }
   stats() { return this._guard(() => this._inner.stats()); }
   trajectory() { return this._guard(() => this._inner.trajectory()); }
-  /** Panics inside wasm, as a bug would (tests of the crash handling). */
-  simulatePanic() { return this._guard(() => this._inner.simulatePanic()); }
+  /** Panics inside wasm, as a bug would (tests of the crash handling); `async`: after an await. */
+  simulatePanic({ async = false } = {}) {
+    return this._guard(() => (async ? this._inner.simulatePanicAsync() : this._inner.simulatePanic()));
+  }
+  /** Whether a panic left this engine cleanly failed (every call rejects with `internal`). */
+  get crashed() { return Boolean(this._crashed); }
   simulateDeviceLoss() { return this._run(() => this._inner.simulateDeviceLoss()).then(() => {}); }
   unload() {
     this._stopHeap();

@@ -20,9 +20,16 @@ const methods = {
   stats: () => engine.stats(),
   trajectory: () => engine.trajectory(),
   simulateDeviceLoss: () => engine.simulateDeviceLoss(),
-  simulatePanic: () => engine.simulatePanic(),
+  simulatePanic: (opts) => engine.simulatePanic(opts),
   unload: () => engine.unload(),
 };
+
+// A panic inside an async call surfaces twice: as the call's `internal` rejection (index.js)
+// and as an uncaught RuntimeError from wasm-bindgen's task queue. The rejection says more and
+// arrives with its call's id; keep the bare RuntimeError from reaching the proxy's onerror.
+self.addEventListener('error', (e) => {
+  if (e.error instanceof WebAssembly.RuntimeError && globalThis.__flexquantPanic) e.preventDefault();
+});
 
 self.onmessage = async ({ data: { id, method, args } }) => {
   try {
@@ -30,6 +37,7 @@ self.onmessage = async ({ data: { id, method, args } }) => {
     if (method !== 'create' && !engine) throw Object.assign(new Error('the engine is not created'), { code: 'unloaded' });
     post({ id, result: (await methods[method](...args)) ?? null });
   } catch (e) {
-    post({ id, error: errorData(e) });
+    // `crashed`: a panic left the engine failed; the proxy terminates this worker.
+    post({ id, error: errorData(e), crashed: Boolean(engine?.crashed) });
   }
 };

@@ -43,14 +43,27 @@ export class WorkerEngine {
       const c = this._calls.get(data.id);
       if (!c) return;
       this._calls.delete(data.id);
-      if (data.error) c.reject(new FlexQuantError(data.error.code, data.error.message, data.error));
-      else c.resolve(data.result);
+      if (data.error) {
+        const err = new FlexQuantError(data.error.code, data.error.message, data.error);
+        if (data.crashed) this._fail(err);
+        c.reject(err);
+      } else c.resolve(data.result);
     };
-    worker.onerror = (e) => {
-      const err = new FlexQuantError('internal', `worker error: ${e.message ?? e}`);
-      for (const c of this._calls.values()) c.reject(err);
-      this._calls.clear();
-    };
+    worker.onerror = (e) => this._fail(new FlexQuantError('internal', `worker error: ${e.message ?? e}`));
+  }
+
+  /**
+   * The worker's engine crashed (a panic) or the worker died: its memory is given back
+   * (terminated), every call in flight and every later call rejects with `err`, and `unload`
+   * resolves. Create a new engine.
+   */
+  _fail(err) {
+    if (this._crashed) return;
+    this._crashed = err;
+    this._stopHeap?.();
+    this._worker.terminate();
+    for (const c of this._calls.values()) c.reject(err);
+    this._calls.clear();
   }
 
   _call(method, args = []) {
@@ -60,6 +73,7 @@ export class WorkerEngine {
   }
 
   _post(method, args = []) {
+    if (this._crashed) return method === 'unload' ? Promise.resolve(null) : Promise.reject(this._crashed);
     if (this._unloaded) {
       return Promise.reject(new FlexQuantError('unloaded', 'the engine was unloaded (its worker is gone)'));
     }
@@ -167,7 +181,9 @@ export class WorkerEngine {
   stats() { return this._call('stats'); }
   trajectory() { return this._call('trajectory'); }
   simulateDeviceLoss() { return this._call('simulateDeviceLoss'); }
-  simulatePanic() { return this._call('simulatePanic'); }
+  simulatePanic(options = {}) { return this._call('simulatePanic', [options]); }
+  /** Whether a panic (or the worker's death) left this engine cleanly failed. */
+  get crashed() { return Boolean(this._crashed); }
   async unload() {
     this._stopHeap();
     await this._call('unload');

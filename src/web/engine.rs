@@ -270,6 +270,16 @@ impl Engine {
         panic!("simulated panic (Engine.simulatePanic)");
     }
 
+    /// Panics inside an async call, after an await (the call runs on wasm-bindgen's task
+    /// queue, where a panic cannot reject the call's promise: the JS wrapper must).
+    #[wasm_bindgen(js_name = simulatePanicAsync)]
+    pub fn simulate_panic_async(&self) -> js_sys::Promise {
+        promise(async {
+            sleep(1).await;
+            panic!("simulated panic in an async call (Engine.simulatePanic)");
+        })
+    }
+
     /// Destroys the GPU device as a real loss would, then recovers (a new device, a lower
     /// step, the conversation re-prefilled); resolves when recovered.
     #[wasm_bindgen(js_name = simulateDeviceLoss)]

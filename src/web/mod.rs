@@ -48,17 +48,23 @@ pub(crate) async fn sleep(ms: i32) {
 
 /// The panic hook: the message and stack on the console (console_error_panic_hook), and the
 /// message in `globalThis.__flexquantPanic` so the JS wrapper can put it in the `internal`
-/// error it raises (a panic aborts the wasm call with a bare `RuntimeError: unreachable`).
+/// error it raises (a panic aborts the wasm call with a bare `RuntimeError: unreachable`), and
+/// `globalThis.__flexquantOnPanic(message)` called if the wrapper set it.
 pub fn set_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         std::panic::set_hook(Box::new(|info| {
             console_error_panic_hook::hook(info);
-            let _ = js_sys::Reflect::set(
-                &js_sys::global(),
-                &"__flexquantPanic".into(),
-                &info.to_string().into(),
-            );
+            let g = js_sys::global();
+            let msg: wasm_bindgen::JsValue = info.to_string().into();
+            let _ = js_sys::Reflect::set(&g, &"__flexquantPanic".into(), &msg);
+            // A panic inside an async call aborts wasm-bindgen's task queue, not the call: its
+            // promise would never settle. The wrapper's callback rejects the calls in flight.
+            if let Ok(f) = js_sys::Reflect::get(&g, &"__flexquantOnPanic".into()) {
+                if let Some(f) = wasm_bindgen::JsCast::dyn_ref::<js_sys::Function>(&f) {
+                    let _ = f.call1(&wasm_bindgen::JsValue::NULL, &msg);
+                }
+            }
         }));
     });
 }

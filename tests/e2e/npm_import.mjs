@@ -43,6 +43,13 @@ try {
     assert.match(r.panic.after, /^internal: the engine crashed/, JSON.stringify(r.panic));
     assert.match(r.panic.chat, /^internal: the engine crashed/, JSON.stringify(r.panic));
     assert.equal(r.panic.unload, 'ok');
+    assert.match(r.panic.async, /^internal: the engine crashed: .*simulated panic in an async call/s, JSON.stringify(r.panic));
+    assert.match(r.panic.asyncAfter, /^internal: the engine crashed/, JSON.stringify(r.panic));
+    assert.equal(r.panic.crashed, true);
+    const wp = r.workerPanic;
+    assert.match(wp.first, /^internal: the engine crashed: .*simulated panic in an async call/s, JSON.stringify(wp));
+    assert.deepEqual([wp.crashed, wp.unload], [true, 'ok'], JSON.stringify(wp));
+    assert.match(wp.after, /^internal: the engine crashed/, JSON.stringify(wp));
     const ins = r.inspect;
     assert.equal(ins.trajectory.length, r.main.steps, JSON.stringify(ins).slice(0, 300));
     assert.equal(ins.kvBytes, 256 * ins.kvBytesPerToken);
