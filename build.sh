@@ -116,6 +116,8 @@ cmd_test() {
   log "wasm32 build and clippy of the library (the browser runtime)"
   CARGO_TARGET_DIR="$WEB_TARGET" cargo build -q --release --target wasm32-unknown-unknown --lib
   CARGO_TARGET_DIR="$WEB_TARGET" cargo clippy -q --release --target wasm32-unknown-unknown --lib -- -D warnings
+  log "fault matrix: every row of tests/FAULTS.md names a test that exists"
+  python3 tests/faults_check.py > /dev/null || { python3 tests/faults_check.py >&2; die "tests/FAULTS.md is out of date"; }
   log "cargo test (native; real model and text required, not skipped)"
   FLEXQUANT_REQUIRE_DATA=1 FLEXQUANT_REQUIRE_GPU=1 cargo test --release -- --test-threads=1
   log "fuzz, seeded short run (20 000 inputs per target; fails on any panic or input over 1 s)"
@@ -178,7 +180,7 @@ cmd_chat() {
 }
 
 # The benchmark parts, in the order `./build.sh bench` runs them; each writes target/bench/PART.json.
-BENCH_PARTS="cpu quant gpu ensemble browser backends"
+BENCH_PARTS="cpu quant gpu ensemble browser backends reliability"
 
 bench_cpu() {
   "$BIN" bench cpu --model "$MODEL" --text "$CACHE/text/austen-heldout.txt" --out-dir target/bench
@@ -382,6 +384,45 @@ bench_browser() {
   node tests/e2e/bench_browser.mjs "$SERVER_URL" target/bench/browser.json "${args[@]}" || rc=$?
   kill "$SERVER_PID" 2>/dev/null || true
   [ $rc = 0 ] || die "browser benchmark failed"
+}
+
+# target/bench/reliability.json: the fuzzers at scale (FLEXQUANT_BENCH_FUZZ_INPUTS per target,
+# default 1 000 000), the soaks (1,000 random moves natively on the packed CPU backend and the
+# GPU engine, 200 swaps on WebGPU in headless Chromium) with the bytes left after unload, and
+# the fault matrix's rows and how many have a test that exists (tests/faults_check.py).
+bench_reliability() {
+  local d="$ROOT/target/bench/reliability"
+  rm -rf "$d" && mkdir -p "$d"
+  run_fuzz "${FLEXQUANT_BENCH_FUZZ_INPUTS:-1000000}" "$d/fuzz.json"
+  FLEXQUANT_SOAK_REPORT="$d" FLEXQUANT_REQUIRE_GPU=1 \
+    cargo test -q --release --test native walk::soak_ -- --test-threads=1
+  setup_web
+  build_tiny_ensemble
+  start_test_server --report "$d"
+  local rc=0
+  FLEXQUANT_TEST_SERVER="$SERVER_URL" CARGO_TARGET_DIR="$WEB_TARGET" CHROMEDRIVER=/usr/bin/chromedriver \
+  CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner WASM_BINDGEN_TEST_TIMEOUT=600 \
+    cargo test --release --target wasm32-unknown-unknown --test web -- faults::soak || rc=$?
+  kill "$SERVER_PID" 2>/dev/null || true
+  [ $rc = 0 ] || die "the browser soak failed"
+  python3 tests/faults_check.py > "$d/faults.json" || die "tests/FAULTS.md names a missing test (see $d/faults.json)"
+  python3 - "$d" > target/bench/reliability.json <<'PY'
+import json, sys, pathlib
+d = pathlib.Path(sys.argv[1])
+fuzz, faults = json.loads((d / "fuzz.json").read_text()), json.loads((d / "faults.json").read_text())
+soaks = {p.stem[len("soak-"):]: json.loads(p.read_text()) for p in sorted(d.glob("soak-*.json"))}
+print(json.dumps({
+    "fuzz_inputs": fuzz["fuzz_inputs"], "fuzz_panics": fuzz["fuzz_panics"],
+    "fuzz_slowest_ms": fuzz["fuzz_slowest_ms"], "fuzz_slow_inputs": fuzz["fuzz_slow_inputs"],
+    "fuzz_unnamed_errors": fuzz["fuzz_unnamed_errors"], "fuzz_peak_rss_mb": fuzz["fuzz_peak_rss_mb"],
+    "soak_swaps": {k: v["swaps"] for k, v in soaks.items()},
+    "leaked_bytes": sum(v["leaked_bytes"] for v in soaks.values()),
+    "leaked_bytes_by_backend": {k: v["leaked_bytes"] for k, v in soaks.items()},
+    "faults_total": faults["faults_total"], "faults_tested": faults["faults_tested"],
+    "faults_missing": faults["missing"],
+}, indent=1))
+PY
+  log "reliability: $(python3 -c 'import json;r=json.load(open("target/bench/reliability.json"));print({k:r[k] for k in ("fuzz_panics","fuzz_slowest_ms","soak_swaps","leaked_bytes","faults_total","faults_tested")})')"
 }
 
 # ---- chat page (issue #7): static site, demo server, end-to-end tests ----------------------

@@ -309,7 +309,9 @@ impl Engine {
                 device.destroy();
                 Ok(())
             }
-            None => Err(WebError::new(Code::Input, "no GPU device (CPU backend or unloaded)").to_js()),
+            None => {
+                Err(WebError::new(Code::Input, "no GPU device (CPU backend or unloaded)").to_js())
+            }
         }
     }
 

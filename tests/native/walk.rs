@@ -472,7 +472,11 @@ fn eval_ensemble_gives_the_builders_heldout_figures() {
 /// The soak (issue 14): `n` random moves up and down the trajectory (seeded), `check` after
 /// every one; then the walked model's candidates after three tokens equal, bit for bit, those
 /// of a model loaded fresh at the step it ended on.
-fn soak<F: Factory>(w: &Walk<DirSource, F>, n: usize, check: impl Fn(&F::Model, usize))
+fn soak<F: Factory>(
+    w: &Walk<DirSource, F>,
+    n: usize,
+    check: impl Fn(&F::Model, usize),
+) -> Running<F::Model>
 where
     <F::Model as Backend>::Error: std::fmt::Debug + Send + Sync + 'static,
 {
@@ -501,6 +505,17 @@ where
         "after {n} moves, the same model as a fresh load at step {}",
         run.step
     );
+    run
+}
+
+/// With `FLEXQUANT_SOAK_REPORT=DIR` (`./build.sh bench reliability`): the soak's figures as
+/// `DIR/soak-BACKEND.json`.
+fn soak_report(backend: &str, swaps: usize, leaked_bytes: u64) {
+    if let Some(dir) = std::env::var_os("FLEXQUANT_SOAK_REPORT") {
+        let r = serde_json::json!({"swaps": swaps, "leaked_bytes": leaked_bytes});
+        let p = Path::new(&dir).join(format!("soak-{backend}.json"));
+        std::fs::write(&p, r.to_string()).unwrap();
+    }
 }
 
 /// 1,000 random moves on the packed CPU backend: after each the model holds exactly the
@@ -517,9 +532,13 @@ fn soak_cpu_thousand_random_moves() {
     );
     let m = w.manifest().clone();
     let kv = (2 * 4 * m.config.num_hidden_layers * 64 * m.config.kv_dim()) as u64;
-    soak(&w, 1000, |model, step| {
+    let run = soak(&w, 1000, |model, step| {
         assert_eq!(model.held_bytes(), m.trajectory[step].footprint_bytes + kv);
     });
+    // What the model holds beyond its step's footprint and KV cache at the end (0: the
+    // accounting is exact; the memory itself is freed by ownership on drop).
+    let extra = run.session.model.held_bytes() - m.trajectory[run.step].footprint_bytes - kv;
+    soak_report("native-cpu", 1000, extra);
 }
 
 /// 1,000 random moves on the WebGPU engine (lavapipe here): after each the allocator's live
@@ -533,8 +552,17 @@ fn soak_gpu_thousand_random_moves() {
         ..Default::default()
     };
     let w = walk(dir, GpuFactory::new(opts));
-    soak(&w, 1000, |model, step| {
+    let run = soak(&w, 1000, |model, step| {
         let held = model.allocator().bytes();
         assert_eq!(held, model.footprint().total(), "step {step}");
     });
+    // Every buffer freed once the model is dropped.
+    let alloc = run.session.model.allocator().clone();
+    drop(run);
+    assert_eq!(
+        (alloc.bytes(), alloc.buffers()),
+        (0, 0),
+        "GPU memory left after drop"
+    );
+    soak_report("native-gpu", 1000, alloc.bytes());
 }

@@ -20,7 +20,10 @@ async fn a_corrupt_base_or_tokenizer_is_a_typed_error_and_nothing_bad_is_cached(
     for (view, file) in [("badbase", "base.bin"), ("badtok", "tokenizer.json")] {
         let cache = format!("{view}-{}", js_sys::Math::random());
         let path = format!("/{view}/tiny/manifest.json");
-        let err = engine(&path, json!({"cacheName": cache})).await.err().unwrap();
+        let err = engine(&path, json!({"cacheName": cache}))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(err["code"], "hash-mismatch", "{view}: {err}");
         assert_eq!(err["file"], file, "{view}: {err}");
         assert!(err["message"].as_str().unwrap().contains(file), "{err}");
@@ -178,12 +181,21 @@ async fn soak_two_hundred_swaps_and_nothing_left_after_unload() {
         assert_eq!(overhead(&s), first, "swap {swaps}: held bytes drifted: {s}");
         (swaps, at) = (swaps + 1, to);
     }
-    assert!(of_type(&ev, "error").is_empty(), "{:?}", of_type(&ev, "error"));
+    assert!(
+        of_type(&ev, "error").is_empty(),
+        "{:?}",
+        of_type(&ev, "error")
+    );
     start(&e, &[user("Hi")], 3).await;
     assert_eq!(finish(&e).await.1, 3);
     assert!(stats(&e)["gpuBuffers"].as_u64().unwrap() > 0);
     call(e.unload()).await.unwrap();
     let s = stats(&e);
+    // For `./build.sh bench reliability` (the server writes it when started with --report).
+    let report = json!({"swaps": swaps, "leaked_bytes": s["gpuAllocatedBytes"],
+        "buffers_after_unload": s["gpuBuffers"], "adapter": s["adapter"]});
+    let q = js_sys::encode_uri_component(&report.to_string());
+    server_get(&format!("/__report?name=soak-browser-webgpu&json={q}")).await;
     assert_eq!(
         (s["gpuBuffers"].as_u64(), s["gpuAllocatedBytes"].as_u64()),
         (Some(0), Some(0)),

@@ -21,11 +21,13 @@ ensemble, selected by a path prefix:
   /__reset             forget the counts
   /__fail?on=1|0       switch the /net/ failure on or off; &times=K: only the next K responses
   /__stale?on=1|0      switch the /stale/ view's old deployment on or off
+  /__report?name=N&json=J  a test's figures: written to REPORT_DIR/N.json when --report is given
   /__delay?ms=N        add N ms before every response but the control paths and the npm mount
                        (a far-away static host: the parallel-download benchmark)
   /__blob?bytes=N      N bytes as one file (the single-file download the benchmark compares to)
 
-Usage: server.py ENSEMBLE_DIR [--port 0] [--mount NAME=DIR ...] [--isolated]; prints the URL on
+Usage: server.py ENSEMBLE_DIR [--port 0] [--mount NAME=DIR ...] [--isolated] [--report DIR];
+prints the URL on
 stdout. --isolated sends COOP/COEP on every response (cross-origin isolation: what wasm threads
 need, e.g. the wllama benchmark's 2-thread run).
 """
@@ -34,11 +36,13 @@ from collections import Counter
 
 ens = os.path.abspath(sys.argv[1])
 args = sys.argv[2:]
-port, mounts, isolated = 0, {}, False
+port, mounts, isolated, report = 0, {}, False, None
 while args:
     a = args.pop(0)
     if a == "--isolated":
         isolated = True
+    elif a == "--report":
+        report = os.path.abspath(args.pop(0))
     elif a == "--port":
         port = int(args.pop(0))
     elif a == "--mount":
@@ -115,6 +119,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(state["delay_ms"] / 1000)
         if path == "/__blob":
             return self.send(200, bytes(int(q.get("bytes", ["0"])[0])))
+        if path == "/__report":
+            name = q.get("name", [""])[0]
+            if report and name.replace("-", "").isalnum():
+                os.makedirs(report, exist_ok=True)
+                with open(os.path.join(report, name + ".json"), "w") as f:
+                    f.write(json.dumps(json.loads(q.get("json", ["{}"])[0]), indent=1))
+            return self.send(200, b"1" if report else b"0", "application/json")
         if path == "/__stale":
             state["stale"] = q.get("on", ["0"])[0] == "1"
             return self.send(200, b"1" if state["stale"] else b"0", "application/json")
