@@ -5,7 +5,7 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { requireOrSkip, serve, launch, until, waitReady, send, waitAnswer, setMaxTokens, step, shot } from './helpers.mjs';
+import { requireOrSkip, serve, launch, until, waitReady, send, waitAnswer, setMaxTokens, step, shot, shardRequests } from './helpers.mjs';
 
 const SITE = process.env.FLEXQUANT_E2E_SITE;
 
@@ -91,12 +91,27 @@ describe('failures the page explains', { concurrency: false }, () => {
       assert.match(info.line, /CPU \(cpu \(packed/, info.line);
       const notes = await page.locator('#notice').textContent();
       assert.match(notes, /Running on the CPU \(no WebGPU adapter/, notes);
+      // checkSupport said so before the load, in words the user can act on.
+      const support = await page.evaluate(() => window.flexquantPage.support);
+      assert.deepEqual([support.backend, support.webgpu, support.gpu], ['cpu', true, null], JSON.stringify(support));
+      const line = await page.locator('#support-line').textContent();
+      assert.match(line, /^No WebGPU adapter\. The browser has WebGPU but found no usable graphics adapter .* runs on the CPU backend/, line);
       await setMaxTokens(page, 8);
       await send(page, 'Hello!');
       const a = await waitAnswer(page);
       assert.notEqual(a.finish, 'error', JSON.stringify(a));
       assert.ok(a.usage && a.usage.completion_tokens >= 1, JSON.stringify(a));
       await shot(page, 'no-webgpu');
+      // A page that insists on WebGPU cannot run here: it says why, and loads no model file.
+      await page.close();
+      const mark = server.requests.length;
+      const forced = await browser.context.newPage();
+      await forced.goto(server.url + '?backend=webgpu');
+      await until(forced, 'the error message', () => !document.getElementById('fatal').hidden);
+      const text = await forced.locator('#fatal').textContent();
+      assert.match(text, /^No WebGPU adapter/, text);
+      const fetched = shardRequests(server.requests.slice(mark));
+      assert.deepEqual(fetched, [], JSON.stringify(fetched));
     } finally {
       await browser.close();
       server.close();
