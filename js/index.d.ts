@@ -135,6 +135,9 @@ export interface ChatRequest {
   ignore_eos?: boolean;
 }
 
+/** What `startChat` resolves to once the prompt is prefilled. */
+export interface Started { promptTokens: number }
+
 export interface Usage {
   prompt_tokens: number;
   completion_tokens: number;
@@ -241,7 +244,7 @@ export interface EngineApi {
   simulatePanic(): Promise<void>;
   unload(): Promise<void>;
   /** Low level: prefill a conversation, then take chunks with nextChunk() until null. */
-  startChat(request: ChatRequest): Promise<unknown>;
+  startChat(request: ChatRequest): Promise<Started>;
   nextChunk(): Promise<ChatCompletionChunk | null>;
 }
 

@@ -96,3 +96,45 @@ it('ChatRequest declares every field the runtime accepts (runtime/request.rs KNO
   // `signal` is the JS wrapper's (it never reaches the engine).
   assert.deepEqual(fields('ChatRequest'), uniq([...names, 'signal']));
 });
+
+/** The text of the API.md section under the heading that starts with `title`. */
+function section(title) {
+  const md = read('js/API.md');
+  const start = md.split('\n').findIndex((l) => /^#+ /.test(l) && l.replace(/^#+ /, '').startsWith(title));
+  assert.ok(start >= 0, `js/API.md has no section "${title}"`);
+  const lines = md.split('\n');
+  const level = lines[start].match(/^#+/)[0].length;
+  const end = lines.findIndex((l, i) => i > start && /^#+ /.test(l) && l.match(/^#+/)[0].length <= level);
+  return lines.slice(start, end < 0 ? undefined : end).join('\n');
+}
+/** Names in backticks in the first cell of each table row of `text`. */
+const rowNames = (text) => text.split('\n').filter((l) => l.startsWith('| `'))
+  .flatMap((l) => [...l.split('|')[1].matchAll(/`([^`]+)`/g)].map((m) => m[1]));
+const undocumented = (names, documented) => names.filter((n) => !documented.includes(n));
+
+it('js/API.md documents every option, policy key, stats field, request field and error code', () => {
+  const options = rowNames(section('Options'));
+  assert.deepEqual(undocumented([...fields('EngineOptions'), 'autoRelease'], options), [], 'options');
+  assert.deepEqual(undocumented(fields('Policy'), options), [], 'policy keys');
+  assert.deepEqual(undocumented(fields('Stats'), rowNames(section('`stats()` fields'))), [], 'stats fields');
+  assert.deepEqual(undocumented(fields('ChatRequest'), rowNames(section('Chat'))), [], 'request fields');
+  assert.deepEqual(undocumented(literals('ErrorCode'), rowNames(section('Errors'))), [], 'error codes');
+  // Each row has an example (a last cell that is not empty).
+  for (const t of ['Options', '`stats()` fields', 'Errors']) {
+    for (const row of section(t).split('\n').filter((l) => l.startsWith('| `'))) {
+      assert.ok(row.split('|').at(-2).trim(), `API.md ${t}: no example in ${row}`);
+    }
+  }
+});
+
+it('js/API.md shows an example of every event type and of checkSupport()', () => {
+  const events = section('Events');
+  for (const type of literals('EngineEvent', 'type')) {
+    assert.match(events, new RegExp(`^### .*\`${type}\``, 'm'), `no heading for the ${type} event`);
+    assert.ok(events.includes(`{ type: '${type}'`), `no example of the ${type} event`);
+  }
+  const backends = section('Backends');
+  for (const f of [...fields('Support'), ...fields('GpuOffer'), ...Object.keys(decls.GpuOffer.fields.limits.shape.fields)]) {
+    assert.match(backends, new RegExp(`\\b${f}: `), `checkSupport() example lacks ${f}`);
+  }
+});

@@ -97,7 +97,7 @@ function checkDeclarations(r) {
     for (const v of values) for (const p of check(decls, type, v)) problems.add(p);
   }
   assert.deepEqual([...problems], [], `js/*.d.ts disagrees with what the engine returned:\n  ${[...problems].join('\n  ')}`);
-  const want = ['Support', 'Inspection', 'CacheReport', 'Stats', 'TrajectoryPoint', 'ChatCompletion',
+  const want = ['Support', 'Inspection', 'CacheReport', 'Stats', 'TrajectoryPoint', 'Started', 'ChatCompletion',
     'ChatCompletionChunk', 'EngineEvent', 'FlexQuantError'];
   assert.deepEqual(want.filter((t) => !r.samples[t]?.length), [], 'types with no sample');
   const kinds = ['backend', 'below-floor', 'device-lost', 'error', 'progress/download', 'progress/ready',
