@@ -144,7 +144,7 @@ async function main() {
   }
   page.engine = engine;
   const [stats, trajectory] = await Promise.all([engine.stats(), engine.trajectory()]);
-  const summary = loader.done(stats);
+  const summary = loader.done(stats, 'caches' in globalThis);
   page.metrics.loadSeconds = (performance.now() - t0) / 1000;
   page.metrics.loadedFromCache = stats.loadedFromCache;
   page.backend = stats.backend;
