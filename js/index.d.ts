@@ -48,7 +48,13 @@ export interface RecoveredEvent { type: 'recovered'; from: number; to: number; m
 export interface ErrorEvent { type: 'error'; error: { code: ErrorCode; message: string; file?: string | null; url?: string | null } }
 /** The engine works, but not as the app may assume (`chat-template-fallback`: the model has no chat template; prompts are ChatML). */
 export interface WarningEvent { type: 'warning'; code: 'chat-template-fallback' | string; message: string }
-export type EngineEvent = ProgressEvent | BackendEvent | SwapEvent | ReleasedEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent | WarningEvent;
+/**
+ * The controller holds at the quality floor (`maxPerplexity`) although even that step does not
+ * fit the budget: `step` is where it holds, `costBytes` what that step needs (model + KV cache),
+ * `budgetBytes` the budget it misses. Once per episode; the app decides what to do.
+ */
+export interface BelowFloorEvent { type: 'below-floor'; step: number | null; floorStep: number | null; budgetBytes: number | null; costBytes: number | null }
+export type EngineEvent = ProgressEvent | BackendEvent | SwapEvent | ReleasedEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent | WarningEvent | BelowFloorEvent;
 
 /** runtime::Policy (snake_case, every field optional). */
 export interface Policy {
@@ -79,8 +85,10 @@ export interface EngineOptions {
   cacheName?: string;
   /** false: never use the Cache API. */
   useCache?: boolean;
-  /** At most this many bytes are added to the Cache API. */
+  /** At most this many bytes of this ensemble in the Cache API; past it files are used uncached (a 'quota-exceeded' error event). */
   cacheQuotaBytes?: number;
+  /** Downloads at a time (1..32; default 12). */
+  parallelDownloads?: number;
   policy?: Policy;
   /** How often performance.memory is read (ms; 0 = never). Default 1000. */
   heapPollMs?: number;
@@ -115,11 +123,20 @@ export interface ChatRequest {
   user?: string;
   /** Only 1. */
   n?: number;
+  /** Known, not implemented: anything but these defaults is rejected with code 'unsupported'. */
+  logprobs?: false | null;
+  top_logprobs?: 0 | null;
+  response_format?: { type: 'text' } | null;
+  tools?: null;
+  tool_choice?: null;
   /** Ends the answer after the current token (finish_reason 'abort'); a request still waiting for its turn rejects with code 'aborted'. */
   signal?: AbortSignal;
   /** Generate max_tokens even past the end-of-turn token (benchmarks). */
   ignore_eos?: boolean;
 }
+
+/** What `startChat` resolves to once the prompt is prefilled. */
+export interface Started { promptTokens: number }
 
 export interface Usage {
   prompt_tokens: number;
@@ -232,16 +249,42 @@ export interface EngineApi {
   readonly crashed: boolean;
   unload(): Promise<void>;
   /** Low level: prefill a conversation, then take chunks with nextChunk() until null. */
-  startChat(request: ChatRequest): Promise<unknown>;
+  startChat(request: ChatRequest): Promise<Started>;
   nextChunk(): Promise<ChatCompletionChunk | null>;
 }
 
+/** `Engine.checkSupport`: what this browser offers, and which backend `auto` picks. */
 export interface Support {
   backend: 'webgpu' | 'cpu';
   reason: string;
+  /** The WebGPU adapter's label (e.g. 'google swiftshader (fallback)'), null without one. */
   adapter: string | null;
+  /** The adapter emulates a GPU on the CPU (fallback, SwiftShader, llvmpipe, lavapipe). */
   emulatedGpu: boolean;
+  /** COOP/COEP are set (wasm threads possible); the CPU backend runs one thread either way. */
   crossOriginIsolated: boolean;
+  /** https:// or localhost: WebGPU, the Cache API and SubtleCrypto need it. */
+  secureContext: boolean;
+  /** `navigator.gpu` exists. */
+  webgpu: boolean;
+  /** What the adapter offers; null without an adapter. */
+  gpu: GpuOffer | null;
+}
+
+export interface GpuOffer {
+  /** `adapter.info.isFallbackAdapter`. */
+  fallback: boolean;
+  /** `shader-f16`: the f16 kernels (f32 otherwise). */
+  f16: boolean;
+  /** `subgroups`: subgroup reductions (workgroup memory otherwise). */
+  subgroups: boolean;
+  limits: {
+    maxBufferSize: number;
+    maxStorageBufferBindingSize: number;
+    maxStorageBuffersPerShaderStage: number;
+    maxComputeInvocationsPerWorkgroup: number;
+    maxComputeWorkgroupStorageSize: number;
+  };
 }
 
 export interface StepInfo {

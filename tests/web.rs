@@ -764,11 +764,26 @@ async fn cpu_backend_answers_swaps_and_accounts_exactly() {
 /// CPU backend and says why; `checkSupport` says the same before anything loads.
 #[wasm_bindgen_test]
 async fn auto_prefers_the_cpu_over_an_emulated_gpu() {
-    let support = val(flexquant::web::backend::check_support().await);
+    let support = val(flexquant::web::support::check_support().await);
     assert_eq!(support["backend"], "cpu", "{support}");
     assert_eq!(support["emulatedGpu"], true, "{support}");
     assert!(
         support["adapter"].as_str().unwrap().contains("swiftshader"),
+        "{support}"
+    );
+    // What the browser offers: SwiftShader is Chromium's fallback adapter, with subgroups and
+    // the 256-invocation workgroups the kernels need (DESIGN.md), here on localhost.
+    assert_eq!(support["secureContext"], true, "{support}");
+    assert_eq!(support["webgpu"], true, "{support}");
+    assert_eq!(support["gpu"]["fallback"], true, "{support}");
+    assert_eq!(support["gpu"]["subgroups"], true, "{support}");
+    let lim = &support["gpu"]["limits"];
+    assert!(
+        lim["maxComputeInvocationsPerWorkgroup"].as_f64().unwrap() >= 256.0,
+        "{support}"
+    );
+    assert!(
+        lim["maxStorageBufferBindingSize"].as_f64().unwrap() > 0.0,
         "{support}"
     );
     let (e, ev) = engine("/tiny/manifest.json", json!({"backend": "auto"}))

@@ -1,9 +1,11 @@
-// The chat page: checks WebGPU, loads the ensemble in a worker with visible progress, then
-// wires the conversation and the elasticity panel to the engine's events.
+// The chat page: asks the engine what this browser offers and what the model needs, loads the
+// ensemble in a worker with visible progress, then wires the conversation and the elasticity
+// panel to the engine's events.
 
 import { $, el, errorText, formatBytes } from './modules/format.js';
-import { checkWebGPU } from './modules/webgpu-check.js';
-import { manifestUrl, createEngine } from './modules/engine-client.js';
+import { manifestUrl, createEngine, engineClass } from './modules/engine-client.js';
+import { supportNote } from './modules/support.js';
+import { RequirementsView } from './modules/requirements.js';
 import { LoaderView } from './modules/loader.js';
 import { Chat } from './modules/chat.js';
 import { Settings } from './modules/settings.js';
@@ -66,10 +68,31 @@ function backendChoice() {
 async function main() {
   const url = manifestUrl();
   $('model-url').textContent = url;
-  // Without a usable WebGPU the model runs on the CPU backend (wasm SIMD): a note, not a failure.
-  const gpu = await checkWebGPU();
-  page.adapter = gpu.adapter;
-  page.webgpu = gpu;
+  // The engine decides what runs here (`auto`'s choice): without a usable WebGPU the model runs
+  // on the CPU backend (wasm SIMD), a note, not a failure, unless the page insists on WebGPU.
+  let Engine, support;
+  try {
+    Engine = await engineClass();
+    support = await Engine.checkSupport();
+  } catch (e) {
+    return fatal('This browser cannot run the engine', errorMessage(e));
+  }
+  page.support = support;
+  const note = supportNote(support);
+  if (note) page.supportNote = `${note.title}: ${note.detail}`;
+  if (backendChoice() === 'webgpu' && !support.gpu) return fatal(note.title, note.detail);
+
+  // What the model needs, before anything loads.
+  const requirements = new RequirementsView(Engine, url, page);
+  page.requirements = requirements;
+  requirements.showSupport(support);
+  try {
+    await requirements.inspect();
+  } catch (e) {
+    if (e && e.code === 'manifest-not-found') return fatal('Model not found', `${e.message}. Check the ?model= address.`);
+    $('req-download').textContent = errorMessage(e); // the load below reports it too
+  }
+  await requirements.refreshCache().catch(() => {});
 
   const settings = new Settings();
   const loader = new LoaderView();
@@ -121,13 +144,12 @@ async function main() {
   }
   page.engine = engine;
   const [stats, trajectory] = await Promise.all([engine.stats(), engine.trajectory()]);
-  const summary = loader.done(stats);
+  const summary = loader.done(stats, 'caches' in globalThis);
   page.metrics.loadSeconds = (performance.now() - t0) / 1000;
   page.metrics.loadedFromCache = stats.loadedFromCache;
   page.backend = stats.backend;
   const onCpu = stats.backend === 'cpu';
   notice(onCpu ? `${summary.text} Running on the CPU (${stats.backendReason}).` : summary.text, 'ok');
-  if (onCpu && !gpu.ok) page.webgpuNote = `${gpu.title}: ${gpu.detail}`;
   const where = onCpu ? `CPU (${stats.adapter})` : `WebGPU on ${stats.adapter}`;
   $('model-line').textContent = `${stats.modelName} · ${stats.steps} EQMs from ${formatBytes(trajectory[0].footprintBytes)} to ${formatBytes(trajectory[trajectory.length - 1].footprintBytes)} · ${where}`;
   $('model-line').title = `Backend: ${stats.backend} — ${stats.backendReason}`;
@@ -143,6 +165,7 @@ async function main() {
   chat.enable();
   page.state = 'ready';
   document.body.dataset.state = 'ready';
+  requirements.attach(engine).catch((e) => requirements.say(errorMessage(e)));
   addEventListener('pagehide', () => { panel.stop(); engine.unload().catch(() => {}); });
 }
 

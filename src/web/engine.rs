@@ -16,10 +16,11 @@ use crate::web::api::{
     from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, MaxPerplexity, MinSpeed,
     Started, Stats, TrajectoryPoint, Usage, UsageExtra,
 };
-use crate::web::backend::{auto_choice, BackendChoice, Kind, WebModel};
+use crate::web::backend::{BackendChoice, Kind, WebModel};
 use crate::web::error::{Code, WebError, WebResult};
 use crate::web::events::{to_js, Emitter};
 use crate::web::loader::Loader;
+use crate::web::support::auto_choice;
 use crate::web::trajectory::{web_walk, DeviceFlags, WebWalk};
 use crate::web::{now_ms, sleep};
 use serde_json::json;

@@ -6,7 +6,8 @@
 //! - `store`: the Cache API (only verified files are stored; the completion marker last).
 //! - `loader`: manifest and files by URL relative to the manifest, cache first, verified.
 //! - `api`: the options, requests, stats and chunks JS exchanges with the engine (serde).
-//! - `backend`: WebGPU or the packed CPU backend as one `runtime::Backend`, and `auto`'s probe.
+//! - `backend`: WebGPU or the packed CPU backend as one `runtime::Backend`.
+//! - `support`: what the browser offers (`Engine.checkSupport()`) and `auto`'s choice.
 //! - `bench`: the kernel microbenchmark the browser benchmark page calls.
 //! - `digest`: sha256 by SubtleCrypto (the sha2 crate where it is missing).
 //! - `events`: what `onProgress` / `onEvent` receive.
@@ -27,6 +28,7 @@ pub mod events;
 pub mod fetch;
 pub mod loader;
 pub mod store;
+pub mod support;
 mod trajectory;
 
 pub use engine::Engine;

@@ -1,4 +1,5 @@
-// The chat page end to end, on the tiny ensemble (fast enough for SwiftShader on 2 cores):
+// The chat page end to end, on the tiny ensemble (fast enough for SwiftShader on 2 cores): what
+// the model needs before it loads (Engine.inspect, Engine.cached; deleting the cached model),
 // load with progress, a streamed answer, a swap down under pressure mid-answer and back up,
 // device loss mid-answer, a reload served from the Cache API, the phone-width layout.
 // Every check reads what the page shows or what the server saw; nothing is stubbed.
@@ -72,6 +73,42 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     assert.equal(await step(page), 0);
     assert.equal(await page.locator('#trajectory circle.current').getAttribute('data-step'), '0');
     await shot(page, 'ready');
+  });
+
+  it('showed what the model needs before loading it, and what the cache holds after', async (t) => {
+    if (skip) return t.skip(skip);
+    const r = await page.evaluate(async () => {
+      const p = window.flexquantPage;
+      const text = (id) => document.getElementById(id).textContent;
+      return { ins: p.inspection, support: p.support, lines: p.cacheLines, stats: await p.engine.stats(),
+        trajectory: await p.engine.trajectory(), download: text('req-download'), memory: text('req-memory'),
+        quality: text('req-quality'), supportLine: text('support-line') };
+    });
+    const { ins, stats } = r;
+    // Engine.inspect's numbers are the running engine's: same steps, context and footprints.
+    assert.equal(ins.trajectory.length, stats.steps);
+    assert.equal(ins.context, stats.contextLength);
+    assert.equal(ins.maxTotalBytes - ins.kvBytes, r.trajectory[0].footprintBytes);
+    assert.equal(ins.minTotalBytes - ins.kvBytes, r.trajectory.at(-1).footprintBytes);
+    assert.ok(ins.firstLoadBytes > 0 && ins.firstLoadBytes <= ins.downloadBytes, JSON.stringify(ins).slice(0, 300));
+    // ...and the page shows them.
+    assert.match(r.download, /^\d[\d.]* [KMG]?B to start \(step 0\); \d[\d.]* [KMG]?B with every step$/, r.download);
+    assert.match(r.memory, new RegExp(`for a ${ins.context}-token context \\(weights .* KV cache \\d`), r.memory);
+    assert.match(r.quality, new RegExp(`^${stats.steps} EQMs from ${ins.nUp} to ${ins.nLow} bits; perplexity \\d`), r.quality);
+    // checkSupport chose what ran, and the page said why.
+    assert.equal(r.support.backend, stats.backend, JSON.stringify(r.support));
+    assert.ok(r.support.secureContext && r.support.webgpu, JSON.stringify(r.support));
+    if (r.support.backend === 'cpu') assert.match(r.supportLine, /CPU emulation.*runs on the CPU backend/, r.supportLine);
+    else assert.match(r.supportLine, /^WebGPU on /, r.supportLine);
+    // A fresh profile: nothing cached before the load; after it step 0 loads offline.
+    assert.equal(r.lines[0].state, 'starting', JSON.stringify(r.lines));
+    assert.match(r.lines[0].text, /^Not cached/, JSON.stringify(r.lines));
+    await until(page, 'the cache status after the load', () => (window.flexquantPage.cached?.completeSteps || []).includes(0));
+    const c = await page.evaluate(() => window.flexquantPage.cached);
+    assert.ok(c.manifestCached && c.cachedBytes > 0 && c.cachedFiles <= c.files, JSON.stringify(c).slice(0, 300));
+    const line = await page.locator('#req-cache').textContent();
+    assert.match(line, new RegExp(`^${c.completeSteps.length} of ${stats.steps} steps load offline \\(`), line);
+    assert.equal(await page.locator('#delete-cache').isDisabled(), false);
   });
 
   it('answers a prompt with streamed tokens', async (t) => {
@@ -307,10 +344,49 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     assert.ok(ev.length && ev.every((p) => p.fromCache >= p.loadedBytes), JSON.stringify(ev));
     assert.ok((await page.evaluate(() => window.flexquantPage.progress)).length > 0);
     assert.match(await page.locator('#notice').textContent(), /loaded from the browser cache/);
+    // Before the load the page already said the model was cached, step 0 included.
+    const lines = await page.evaluate(() => window.flexquantPage.cacheLines);
+    assert.equal(lines[0].state, 'starting', JSON.stringify(lines));
+    assert.match(lines[0].text, /^[1-9]\d* of \d+ steps load offline/, JSON.stringify(lines));
     await shot(page, 'reload-cached');
     await setMaxTokens(page, 16);
     await send(page, 'Hello again.');
     const a = await waitAnswer(page);
     assert.notEqual(a.finish, 'error');
+  });
+
+  it('deletes the cached model on request; the chat goes on and the next visit downloads it', async (t) => {
+    if (skip) return t.skip(skip);
+    await until(page, 'the delete button', () => !document.getElementById('delete-cache').disabled);
+    const before = await page.evaluate(() => window.flexquantPage.cached);
+    assert.ok(before.cachedFiles > 0, JSON.stringify(before).slice(0, 300));
+    await page.locator('#delete-cache').click();
+    await until(page, 'the cache to be empty', () => document.getElementById('requirements').dataset.cached === 'no' &&
+      window.flexquantPage.deleted != null, null, 90_000);
+    const r = await page.evaluate(async () => {
+      const c = await caches.open('flexquant');
+      return { deleted: window.flexquantPage.deleted, cached: window.flexquantPage.cached,
+        line: document.getElementById('req-cache').textContent, note: document.getElementById('req-cache-note').textContent,
+        disabled: document.getElementById('delete-cache').disabled,
+        left: (await c.keys()).map((k) => k.url).filter((u) => u.includes('/ensemble/')) };
+    });
+    // Seen in the Cache API itself, not only through the engine's report.
+    assert.deepEqual(r.left, [], `cache entries left: ${r.left}`);
+    assert.ok(r.deleted >= before.cachedFiles + 1, `deleted ${r.deleted} of ${before.cachedFiles} files + the manifest`);
+    assert.deepEqual([r.cached.manifestCached, r.cached.cachedFiles, r.cached.completeSteps.length], [false, 0, 0]);
+    assert.match(r.line, /^Not cached/, r.line);
+    assert.match(r.note, new RegExp(`^Deleted ${r.deleted} cached entries: the next visit downloads the model again`), r.note);
+    assert.equal(r.disabled, true);
+    // The running model keeps what it holds.
+    await setMaxTokens(page, 8);
+    await send(page, 'Still there?');
+    assert.notEqual((await waitAnswer(page)).finish, 'error');
+    await shot(page, 'cache-deleted');
+    const mark = server.requests.length;
+    await page.reload({ waitUntil: 'commit' });
+    await waitReady(page);
+    assert.ok(shardRequests(server.requests.slice(mark)).length >= 3, JSON.stringify(server.requests.slice(mark)));
+    assert.equal(await page.evaluate(() => window.flexquantPage.metrics.loadedFromCache), false);
+    assert.match(await page.locator('#notice').textContent(), /downloaded .* cached for the next visit/);
   });
 });

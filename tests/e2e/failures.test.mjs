@@ -1,11 +1,12 @@
 // What the user sees when things go wrong: a damaged shard on the server (clear message, the
-// chat keeps working at its step) and a browser without WebGPU (a clear message, no crash).
+// chat keeps working at its step), a browser without WebGPU or outside a secure context (it
+// says why and runs on the CPU), a page that insists on WebGPU without it (a clear message).
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { requireOrSkip, serve, launch, until, waitReady, send, waitAnswer, setMaxTokens, step, shot } from './helpers.mjs';
+import { requireOrSkip, serve, launch, until, waitReady, send, waitAnswer, setMaxTokens, step, shot, shardRequests } from './helpers.mjs';
 
 const SITE = process.env.FLEXQUANT_E2E_SITE;
 
@@ -91,12 +92,58 @@ describe('failures the page explains', { concurrency: false }, () => {
       assert.match(info.line, /CPU \(cpu \(packed/, info.line);
       const notes = await page.locator('#notice').textContent();
       assert.match(notes, /Running on the CPU \(no WebGPU adapter/, notes);
+      // checkSupport said so before the load, in words the user can act on.
+      const support = await page.evaluate(() => window.flexquantPage.support);
+      assert.deepEqual([support.backend, support.webgpu, support.gpu], ['cpu', true, null], JSON.stringify(support));
+      const line = await page.locator('#support-line').textContent();
+      assert.match(line, /^No WebGPU adapter\. The browser has WebGPU but found no usable graphics adapter .* runs on the CPU backend/, line);
       await setMaxTokens(page, 8);
       await send(page, 'Hello!');
       const a = await waitAnswer(page);
       assert.notEqual(a.finish, 'error', JSON.stringify(a));
       assert.ok(a.usage && a.usage.completion_tokens >= 1, JSON.stringify(a));
       await shot(page, 'no-webgpu');
+      // A page that insists on WebGPU cannot run here: it says why, and loads no model file.
+      await page.close();
+      const mark = server.requests.length;
+      const forced = await browser.context.newPage();
+      await forced.goto(server.url + '?backend=webgpu');
+      await until(forced, 'the error message', () => !document.getElementById('fatal').hidden);
+      const text = await forced.locator('#fatal').textContent();
+      assert.match(text, /^No WebGPU adapter/, text);
+      const fetched = shardRequests(server.requests.slice(mark));
+      assert.deepEqual(fetched, [], JSON.stringify(fetched));
+    } finally {
+      await browser.close();
+      server.close();
+    }
+  });
+
+  it('an insecure context (http:// on a host that is not local): the page says why and runs on the CPU, uncached', async (t) => {
+    if (await requireOrSkip(t, SITE)) return;
+    const server = await serve(SITE);
+    // The same server under a name that is not localhost: not a secure context, so no WebGPU,
+    // no Cache API and no SubtleCrypto.
+    const browser = await launch({ viewport: { width: 800, height: 600 }, args: ['--host-resolver-rules=MAP flexquant.test 127.0.0.1'] });
+    try {
+      const page = await browser.context.newPage();
+      await page.goto(server.url.replace('127.0.0.1', 'flexquant.test'));
+      await waitReady(page);
+      const r = await page.evaluate(() => ({ secure: window.isSecureContext, support: window.flexquantPage.support,
+        backend: window.flexquantPage.backend, line: document.getElementById('support-line').textContent,
+        cache: document.getElementById('req-cache').textContent, canDelete: !document.getElementById('delete-cache').disabled }));
+      assert.equal(r.secure, false);
+      assert.deepEqual([r.support.secureContext, r.support.webgpu, r.support.backend, r.backend], [false, false, 'cpu', 'cpu'], JSON.stringify(r.support));
+      assert.match(r.line, /^This page needs a secure context\. WebGPU and the browser cache are only available over https:\/\/ .* runs on the CPU backend/, r.line);
+      assert.match(r.cache, /^Not cached/, r.cache);
+      const notice = await page.locator('#notice').textContent();
+      assert.match(notice, /downloaded .* \(the browser cache is unavailable here, so the next visit downloads it again\)/, notice);
+      assert.equal(r.canDelete, false);
+      await setMaxTokens(page, 6);
+      await send(page, 'Hello!');
+      const a = await waitAnswer(page);
+      assert.notEqual(a.finish, 'error', JSON.stringify(a));
+      await shot(page, 'insecure-context');
     } finally {
       await browser.close();
       server.close();

@@ -81,11 +81,12 @@ export async function serve(site, { subPath = 'apps/flexquant', copy = false } =
 }
 
 /** A fresh Chromium profile (so a fresh Cache API), with WebGPU unless `webgpu: false` (then
- * as Chrome on Linux ships: `navigator.gpu` exists, `requestAdapter()` gives null). */
-export async function launch({ viewport = { width: 1280, height: 900 }, webgpu = true } = {}) {
+ * as Chrome on Linux ships: `navigator.gpu` exists, `requestAdapter()` gives null); `args`
+ * adds command-line switches. */
+export async function launch({ viewport = { width: 1280, height: 900 }, webgpu = true, args: extra = [] } = {}) {
   const { chromium } = await import('playwright-core');
   const profile = mkdtempSync(join(tmpdir(), 'fq-e2e-profile-'));
-  const args = webgpu ? ARGS : ARGS.filter((a) => a !== '--enable-unsafe-webgpu');
+  const args = [...(webgpu ? ARGS : ARGS.filter((a) => a !== '--enable-unsafe-webgpu')), ...extra];
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM, headless: true, args, viewport,
   });

@@ -3,6 +3,7 @@
 // tests/web/server.py under /npm/. Run by `./build.sh test` (test_browser): node npm_import.mjs URL
 import assert from 'node:assert/strict';
 import { chromium } from 'playwright-core';
+import { loadDeclarations, check } from './dts-check.mjs';
 
 const server = process.argv[2];
 if (!server) throw new Error('usage: node npm_import.mjs SERVER_URL (./build.sh test starts the server)');
@@ -76,6 +77,9 @@ try {
     assert.ok(rel.answer.prompt_tokens > r.worker.usage.prompt_tokens && rel.answer.completion_tokens >= 1, JSON.stringify(rel.answer));
     assert.ok(r.worker.events.includes('progress'), r.worker.events.join());
     assert.deepEqual([r.missing.instance, r.missing.code], [true, 'manifest-not-found'], JSON.stringify(r.missing));
+    assert.equal(r.unsupported, 'unsupported');
+    assert.ok(r.belowFloor.floorStep != null && r.belowFloor.lastReason === 'below_floor', JSON.stringify(r.belowFloor));
+    checkDeclarations(r);
   } catch (e) {
     console.error(logs.join('\n'));
     throw e;
@@ -84,4 +88,28 @@ try {
     `worker ${JSON.stringify(r.worker.text)}, release ${r.release.event.wasmMemoryBytesBefore} -> ${r.release.event.wasmMemoryBytesAfter} wasm bytes in ${Math.round(r.release.event.ms)} ms, backend ${r.main.stats.backend} (${r.main.stats.backendReason}), ${r.main.stats.adapter}`);
 } finally {
   await browser.close();
+}
+
+/**
+ * The real objects the page collected against js/index.d.ts and js/worker.d.ts, both ways (a
+ * declared field never returned, a returned field never declared; optional fields may be
+ * absent), and every event kind this run provokes seen at least once.
+ */
+function checkDeclarations(r) {
+  const files = ['index.d.ts', 'worker.d.ts'].map((f) => new URL(`../../js/${f}`, import.meta.url).pathname);
+  const decls = loadDeclarations(files);
+  const problems = new Set();
+  for (const [type, values] of Object.entries(r.samples)) {
+    assert.ok(decls[type], `the page sampled ${type}, which js/index.d.ts does not declare`);
+    for (const v of values) for (const p of check(decls, type, v)) problems.add(p);
+  }
+  assert.deepEqual([...problems], [], `js/*.d.ts disagrees with what the engine returned:\n  ${[...problems].join('\n  ')}`);
+  const want = ['Support', 'Inspection', 'CacheReport', 'Stats', 'TrajectoryPoint', 'Started', 'ChatCompletion',
+    'ChatCompletionChunk', 'EngineEvent', 'FlexQuantError'];
+  assert.deepEqual(want.filter((t) => !r.samples[t]?.length), [], 'types with no sample');
+  const kinds = ['backend', 'below-floor', 'device-lost', 'error', 'progress/download', 'progress/ready',
+    'progress/upload', 'recovered', 'released', 'swap'];
+  assert.deepEqual(kinds.filter((k) => !r.eventKinds.includes(k)), [], `event kinds seen: ${r.eventKinds}`);
+  const n = Object.values(r.samples).reduce((s, v) => s + v.length, 0);
+  console.log(`declarations agree with ${n} real objects (${Object.keys(r.samples).length} types; events ${r.eventKinds.join(', ')})`);
 }

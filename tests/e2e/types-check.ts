@@ -3,7 +3,13 @@
 import { Engine, FlexQuantError } from '../../js/index.js';
 import { CreateWorkerEngine, WorkerEngine } from '../../js/worker.js';
 async function main() {
-  const e = await Engine.create('./m.json', { budgetBytes: 1e8 });
+  const e = await Engine.create('./m.json', { budgetBytes: 1e8, parallelDownloads: 4,
+    onEvent: (ev) => { if (ev.type === 'below-floor') { const c: number | null = ev.costBytes; void c; } } });
+  const sup = await Engine.checkSupport(); const f16: boolean | undefined = sup.gpu?.f16; void f16;
+  const ins = await Engine.inspect('./m.json', { context: 512 }); const lo: number = ins.minTotalBytes; void lo;
+  await e.chat.completions.create({ messages: [], response_format: { type: 'text' }, tools: null });
+  // @ts-expect-error: the runtime rejects json_object (unsupported), so the types do too.
+  await e.chat.completions.create({ messages: [], response_format: { type: 'json_object' } });
   const stream = await e.chat.completions.create({ messages: [{ role: 'user', content: 'hi' }], stream: true });
   for await (const c of stream) { const s: string | undefined = c.choices[0].delta.content; void s; }
   const st = await e.stats(); const n: number = st.contextLength; void n;

@@ -83,14 +83,15 @@ export class LoaderView {
     return file && file.includes('/') ? file.slice(0, file.lastIndexOf('/')) : file || '';
   }
 
-  /** Hides the bar; returns the summary line for the notice. */
-  done(stats) {
+  /** Hides the bar; returns the summary line for the notice. `cacheable`: the Cache API exists. */
+  done(stats, cacheable = true) {
     const secs = (performance.now() - this.started) / 1000;
     this.box.hidden = true;
     const bytes = this.totals ? this.totals.loaded : stats.footprintBytes;
+    const later = cacheable ? 'now cached for the next visit' : 'the browser cache is unavailable here, so the next visit downloads it again';
     const from = stats.loadedFromCache
       ? 'loaded from the browser cache (nothing downloaded)'
-      : `downloaded ${formatBytes(bytes)} (now cached for the next visit)`;
+      : `downloaded ${formatBytes(bytes)} (${later})`;
     return { seconds: secs, text: `Model ready in ${formatSeconds(secs)}: ${from}.` };
   }
 }
