@@ -101,8 +101,11 @@ export class Engine {
    */
   async _guard(f) {
     if (this._crashed) {
-      if (f === this._unloadCall) return undefined;
-      throw this._crashed;
+      if (f !== this._unloadCall) throw this._crashed;
+      // The engine's state died with the panic, but its GPU device is held apart: destroying
+      // it gives the GPU memory back (best effort; the CPU backend has none).
+      try { this._inner.destroyDevice(); } catch { /* no device, or the instance is gone */ }
+      return undefined;
     }
     let crash;
     const crashed = new Promise((_, reject) => { crash = (why) => reject(this._crash(why)); });

@@ -67,6 +67,7 @@ pub fn run(ensemble: &Path, text: &Path, out_dir: &Path) -> Result<()> {
         ensemble: Some(ensemble.into()),
         step: Some(0),
         budget: None,
+        max_perplexity: None,
         backend: Some(BackendKind::Cpu),
     };
     let f = CpuFactory {

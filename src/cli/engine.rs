@@ -43,6 +43,11 @@ pub struct SourceArgs {
     /// step that fits and walks the trajectory when it changes (`/budget MB` in the chat).
     #[arg(long, requires = "ensemble")]
     pub budget: Option<f64>,
+    /// Quality floor: the controller never steps below the deepest step whose held-out
+    /// perplexity (measured, or interpolated in footprint) is at most this, whatever the budget
+    /// (the browser's `maxPerplexity`).
+    #[arg(long, requires = "ensemble", conflicts_with = "step")]
+    pub max_perplexity: Option<f64>,
     /// Where the ensemble runs [default: cpu] (a model file always runs on the reference).
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
@@ -135,6 +140,16 @@ where
     }
     if let Some(mb) = s.budget {
         elastic.set_budget(budget_bytes(mb)?);
+    }
+    if let Some(max) = s.max_perplexity {
+        let floor = m
+            .floor_for_perplexity(max)
+            .map_err(|e| anyhow::anyhow!("--max-perplexity {max}: {e}"))?;
+        elastic.set_floor(Some(floor))?;
+        eprintln!(
+            "quality floor: step {floor} (held-out perplexity {:.2} <= {max})",
+            m.step_perplexity()[floor].unwrap_or(f64::NAN)
+        );
     }
     let walk = Walk::new(source, factory, elastic, Box::new(print_event));
     let run = match s.step {

@@ -425,6 +425,58 @@ fn loads_and_swaps_fall_back_past_a_shard_that_fails_verification() {
     assert!(format!("{e:#}").contains(&bad), "{e:#}");
 }
 
+/// `generate --max-perplexity P` (the browser's `maxPerplexity`): under a budget nothing fits,
+/// the model loads at the deepest step whose held-out perplexity is at most P, not below; a
+/// value no step meets is an error naming the flag.
+#[test]
+fn cli_quality_floor_holds_under_a_budget_nothing_meets() {
+    let dir = ensemble();
+    let m = DirSource::open(dir).unwrap().manifest().clone();
+    // A bound some step in the middle meets and a deeper one does not.
+    let last = m.trajectory.len() - 1;
+    let (max, want) = m
+        .step_perplexity()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p, m.floor_for_perplexity(p).ok()?)))
+        .find(|&(_, f)| f > 0 && f < last)
+        .expect("a perplexity bound with a floor inside the trajectory");
+    let run = |max: f64| {
+        Command::new(BIN)
+            .args([
+                "generate",
+                "--ensemble",
+                dir.to_str().unwrap(),
+                "--budget",
+                "0.001",
+            ])
+            .args([
+                "--max-perplexity",
+                &max.to_string(),
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "2",
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = run(max);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("quality floor: step {want} ")),
+        "{err}"
+    );
+    assert!(err.contains(&format!("[loading step {want}:")), "{err}");
+    let o = run(0.5);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--max-perplexity 0.5"),
+        "{err}"
+    );
+}
+
 /// `eval --ensemble DIR --step N` on held-out text: the builder's windows by default, and the
 /// perplexity it recorded for that step in the manifest.
 #[test]
