@@ -170,6 +170,19 @@ fn budget_for(e: &Engine, step: usize) -> u64 {
     (cost as f64 / 0.9).ceil() as u64 + 1
 }
 
+/// Sets the budget under which `step` is the largest that fits (`budget_for`).
+async fn budget_to_step(e: &Engine, step: usize) {
+    call(e.set_memory_budget(JsValue::from(budget_for(e, step) as f64)))
+        .await
+        .unwrap();
+}
+
+/// No `error` event so far.
+fn assert_no_errors(ev: &Events) {
+    let errors = of_type(ev, "error");
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
 /// `n_up - bits` summed over modules equals the bits the trajectory took off up to `step`.
 fn check_bits(e: &Engine) {
     let s = stats(e);
@@ -323,11 +336,7 @@ async fn swaps_down_and_up_mid_generation_without_network() {
     text += &rest;
     assert_eq!(last["usage"]["completion_tokens"], (9 + n) as u64);
     assert_eq!(last["usage"]["extra"]["swaps"], 2);
-    assert!(
-        of_type(&ev, "error").is_empty(),
-        "{:?}",
-        of_type(&ev, "error")
-    );
+    assert_no_errors(&ev);
     call(e.unload()).await.unwrap();
 }
 
@@ -369,11 +378,7 @@ async fn device_loss_recovers_with_the_conversation() {
     conv.push(user("Thanks"));
     start(&e, &conv, 4).await;
     finish(&e).await;
-    assert!(
-        of_type(&ev, "error").is_empty(),
-        "{:?}",
-        of_type(&ev, "error")
-    );
+    assert_no_errors(&ev);
     call(e.unload()).await.unwrap();
 }
 
@@ -633,11 +638,7 @@ async fn a_device_lost_behind_the_engines_back_is_noticed_and_recovered() {
     let s = stats(&e);
     assert_eq!(s["deviceLosses"], 1);
     assert!(s["step"].as_u64() > Some(0), "{s}");
-    assert!(
-        of_type(&ev, "error").is_empty(),
-        "{:?}",
-        of_type(&ev, "error")
-    );
+    assert_no_errors(&ev);
     call(e.unload()).await.unwrap();
 }
 
@@ -744,11 +745,7 @@ async fn cpu_backend_answers_swaps_and_accounts_exactly() {
     let (_, n, last) = finish(&e).await;
     assert_eq!(last["usage"]["completion_tokens"], (5 + n) as u64, "{last}");
     assert_eq!(of_type(&ev, "swap").len(), 2);
-    assert!(
-        of_type(&ev, "error").is_empty(),
-        "{:?}",
-        of_type(&ev, "error")
-    );
+    assert_no_errors(&ev);
 
     // A rebuild (the device-loss path; on the CPU: a new model) keeps the conversation.
     start(&e, &conv, 4).await;
@@ -1118,11 +1115,7 @@ async fn parallel_downloads_retry_and_report_one_total() {
         dl.last().unwrap()["filesDone"],
         dl.last().unwrap()["filesTotal"]
     );
-    assert!(
-        of_type(&ev, "error").is_empty(),
-        "{:?}",
-        of_type(&ev, "error")
-    );
+    assert_no_errors(&ev);
     let s = stats(&e);
     // The download phase fetched every byte of the total (the prefetch may have added more).
     assert!(s["networkBytes"].as_u64().unwrap() >= total, "{s}");

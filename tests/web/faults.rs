@@ -99,16 +99,10 @@ async fn stale_bytes_in_the_http_cache_are_not_used_after_a_redeploy() {
     until_prefetched(&e).await;
     start(&e, &[user("Hi")], 4).await;
     chunk(&e).await.0.unwrap();
-    call(e.set_memory_budget(JsValue::from(budget_for(&e, 1) as f64)))
-        .await
-        .unwrap();
+    budget_to_step(&e, 1).await;
     finish(&e).await;
     assert_eq!(stats(&e)["step"], 1, "{:?}", ev.borrow());
-    assert!(
-        of_type(&ev, "error").is_empty(),
-        "{:?}",
-        of_type(&ev, "error")
-    );
+    assert_no_errors(&ev);
     call(e.unload()).await.unwrap();
 }
 
@@ -122,9 +116,7 @@ async fn a_device_lost_during_a_swap_is_recovered() {
     start(&e, &[user("Once upon a time")], 8).await;
     chunk(&e).await.0.unwrap();
     let last = val(e.trajectory()).as_array().unwrap().len() - 1;
-    call(e.set_memory_budget(JsValue::from(budget_for(&e, last / 2) as f64)))
-        .await
-        .unwrap();
+    budget_to_step(&e, last / 2).await;
     server_get("/__delay?ms=300").await;
     let next = JsFuture::from(e.next_chunk());
     sleep(100).await;
@@ -181,11 +173,7 @@ async fn soak_two_hundred_swaps_and_nothing_left_after_unload() {
         assert_eq!(overhead(&s), first, "swap {swaps}: held bytes drifted: {s}");
         (swaps, at) = (swaps + 1, to);
     }
-    assert!(
-        of_type(&ev, "error").is_empty(),
-        "{:?}",
-        of_type(&ev, "error")
-    );
+    assert_no_errors(&ev);
     start(&e, &[user("Hi")], 3).await;
     assert_eq!(finish(&e).await.1, 3);
     assert!(stats(&e)["gpuBuffers"].as_u64().unwrap() > 0);
