@@ -569,6 +569,8 @@ async fn a_full_cache_is_reported_and_loading_goes_on() {
     let (e, ev) = engine("/tiny/manifest.json", json!({"cacheQuotaBytes": 4000}))
         .await
         .unwrap();
+    // The first load's files are stored once the model runs (then the prefetch).
+    until_prefetched(&e).await;
     let errors = of_type(&ev, "error");
     assert!(!errors.is_empty());
     assert!(

@@ -435,7 +435,7 @@ impl Engine {
             .emit(json!({"type": "progress", "phase": "ready",
             "loadedBytes": src.net_bytes.get() + src.cache_bytes.get(),
             "fromCache": src.cache_bytes.get(), "step": step}));
-        inner.prefetch_below(step);
+        inner.store_then_prefetch(step);
         Ok(Engine { inner })
     }
 }

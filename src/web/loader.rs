@@ -43,6 +43,8 @@ pub struct Loader {
     closed: Cell<bool>,
     /// The first load's progress (`expect_load`), continued across the tokenizer and model.
     load_progress: RefCell<Option<Progress>>,
+    /// While the first load runs: verified files waiting to be stored (`store_deferred`).
+    deferred: RefCell<Option<Vec<(FileRef, String, js_sys::Uint8Array)>>>,
     /// Bytes from the network and from the cache since the engine was created.
     pub net_bytes: Cell<u64>,
     pub cache_bytes: Cell<u64>,
@@ -149,6 +151,7 @@ impl Loader {
             parallel,
             closed: Cell::new(false),
             load_progress: RefCell::new(None),
+            deferred: RefCell::new(None),
             net_bytes: Cell::new(0),
             cache_bytes: Cell::new(0),
             emitter,
@@ -240,17 +243,36 @@ impl Loader {
         Some(bytes)
     }
 
-    /// Stops fetching and storing (downloads in flight are dropped when they arrive).
+    /// Stops fetching and storing (downloads in flight are dropped when they arrive; files
+    /// waiting in the deferred queue are not stored).
     pub fn close(&self) {
         self.closed.set(true);
+        self.deferred.borrow_mut().take();
     }
 
-    /// Stores verified bytes; a full cache is reported once as an `error` event and loading
-    /// goes on uncached.
+    /// Stores the files the first load verified (`expect_load` defers them: the Cache API's
+    /// writes would slow the downloads they overlap by about a second per 90 MB in Chromium),
+    /// one after another, in the background of the running engine.
+    pub async fn store_deferred(&self) {
+        let Some(queue) = self.deferred.borrow_mut().take() else {
+            return;
+        };
+        for (f, url, bytes) in queue {
+            self.store(&f, &url, &bytes.to_vec()).await;
+        }
+    }
+
+    /// Stores verified bytes (or queues them during the first load); a full cache is
+    /// reported once as an `error` event and loading goes on uncached.
     async fn store(&self, f: &FileRef, url: &str, bytes: &[u8]) {
         let Some(s) = self.store.as_ref().filter(|_| !self.closed.get()) else {
             return;
         };
+        if let Some(q) = self.deferred.borrow_mut().as_mut() {
+            // A JS copy: the wasm heap never shrinks, so it must not hold the queue.
+            q.push((f.clone(), url.to_string(), js_sys::Uint8Array::from(bytes)));
+            return;
+        }
         let e = match self.quota {
             Some(q) if self.stored.get() + bytes.len() as u64 > q => Err(WebError::new(
                 Code::QuotaExceeded,
@@ -285,6 +307,9 @@ impl Loader {
         fs.dedup();
         let total = fs.iter().map(|f| f.bytes).sum();
         *self.load_progress.borrow_mut() = Some(Progress::new("download", total, fs.len()));
+        if self.store.is_some() {
+            *self.deferred.borrow_mut() = Some(Vec::new());
+        }
     }
 
     /// Counters for a file the cache served.

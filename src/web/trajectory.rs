@@ -181,6 +181,18 @@ impl Inner {
         };
     }
 
+    /// After the first load: stores what it downloaded (deferred until the model ran), then
+    /// prefetches below `step`, in the background (`prefetching` in the stats meanwhile).
+    pub(super) fn store_then_prefetch(self: &Rc<Self>, step: usize) {
+        self.prefetching.set(true);
+        let me = self.clone();
+        wasm_bindgen_futures::spawn_local(async move {
+            me.walk.source.store_deferred().await;
+            me.prefetching.set(false);
+            me.prefetch_below(step);
+        });
+    }
+
     /// Fetches into the cache the shards of the steps below `step` (see `walk::PREFETCH_TO`),
     /// in the background.
     pub(super) fn prefetch_below(self: &Rc<Self>, step: usize) {
