@@ -285,16 +285,19 @@ build_package() {
 # The tiny random model's ensemble (what the browser tests load), rebuilt when the builder changes.
 build_tiny_ensemble() {
   local dir="$CACHE/ensemble/tiny"
-  if [ -f "$dir/manifest.json" ] && [ "$(cat "$dir/.inputs" 2>/dev/null)" = "$(ensemble_inputs)" ]; then
+  if [ -f "$dir/manifest.json" ] && [ "$(cat "$dir/.inputs" 2>/dev/null)" = "$(ensemble_inputs)" ] &&
+     [ -f "$dir-packed/manifest.json" ]; then
     return 0
   fi
-  log "building the tiny test ensemble into $dir"
-  rm -rf "$dir" "$CACHE/ensemble/tiny-model"
+  log "building the tiny test ensemble into $dir (one file per module version) and $dir-packed"
+  rm -rf "$dir" "$dir-packed" "$CACHE/ensemble/tiny-model"
   mkdir -p "$CACHE/ensemble"
   local log="$CACHE/ensemble/tiny-build.log"
   { "$BIN" tiny-model --out "$CACHE/ensemble/tiny-model" &&
     "$BIN" build --model "$CACHE/ensemble/tiny-model" --calib "$CACHE/text/austen-calib.txt" \
-      --heldout "$CACHE/text/austen-heldout.txt" --preset fast --out "$dir"; } > "$log" 2>&1 ||
+      --heldout "$CACHE/text/austen-heldout.txt" --preset fast --pack-mb 0 --out "$dir" &&
+    cp -r "$dir" "$dir-packed.tmp" && "$BIN" pack "$dir-packed.tmp" --pack-mb 0.02 &&
+    mv "$dir-packed.tmp" "$dir-packed"; } > "$log" 2>&1 ||
     { tail -20 "$log" >&2; die "building the tiny ensemble failed (log: $log)"; }
   ensemble_inputs > "$dir/.inputs"
 }
@@ -305,7 +308,8 @@ start_test_server() {
   local out="$ROOT/target/web-test/server.url"
   mkdir -p "$ROOT/target/web-test" && rm -f "$out"
   # A fixed port: the URL is compiled into the wasm tests, so a new port means a rebuild.
-  python3 tests/web/server.py "$CACHE/ensemble/tiny" --port "${FLEXQUANT_TEST_PORT:-47311}" "$@" > "$out" &
+  python3 tests/web/server.py "$CACHE/ensemble/tiny" --port "${FLEXQUANT_TEST_PORT:-47311}" \
+    --mount packed="$CACHE/ensemble/tiny-packed" "$@" > "$out" &
   SERVER_PID=$!
   for _ in $(seq 50); do [ -s "$out" ] && break; sleep 0.1; done
   SERVER_URL="$(head -1 "$out")"
@@ -463,7 +467,9 @@ build_site() {
 import json, os, shutil, sys
 src, dst = sys.argv[1], sys.argv[2]
 m = json.load(open(os.path.join(src, "manifest.json")))
-files = [m["tokenizer"]["file"], m["base"]["file"]] + [v["file"] for v in m["modules"]]
+refs = [m["tokenizer"], m["base"]] + m["modules"]
+# A file in a pack is served as part of its pack (manifest version 2), not on its own.
+files = sorted({r["file"] for r in refs if not r.get("pack")} | {p["file"] for p in m.get("packs", [])})
 for f in ["manifest.json"] + files:
     os.makedirs(os.path.dirname(os.path.join(dst, f)), exist_ok=True)
     shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))

@@ -386,9 +386,15 @@ async fn device_loss_recovers_with_the_conversation() {
 /// error, never stored, and the engine goes on at its current step.
 #[wasm_bindgen_test]
 async fn bad_shards_are_rejected_and_the_engine_stays_usable() {
-    for (view, code) in [("corrupt", "hash-mismatch"), ("truncated", "truncated")] {
+    // The same version bad as a file of its own, cut short, or inside a pack (a pack's
+    // other files verify and are used).
+    for (view, code, ensemble) in [
+        ("corrupt", "hash-mismatch", "tiny"),
+        ("truncated", "truncated", "tiny"),
+        ("corrupt", "hash-mismatch", "packed"),
+    ] {
         let cache = format!("{view}-{}", js_sys::Math::random());
-        let path = format!("/{view}/tiny/manifest.json");
+        let path = format!("/{view}/{ensemble}/manifest.json");
         let (e, ev) = engine(&path, json!({"cacheName": cache})).await.unwrap();
         until_prefetched(&e).await;
         // The prefetch (or the kernel warm-up) met the bad shard.
@@ -400,10 +406,14 @@ async fn bad_shards_are_rejected_and_the_engine_stays_usable() {
             "{errors:?}"
         );
         let file = errors[0]["error"]["file"].as_str().unwrap().to_string();
-        assert!(errors[0]["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains(&file));
+        let message = errors[0]["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&file), "{message}");
+        if ensemble == "packed" {
+            assert!(
+                message.contains("in pack ") && file.starts_with("modules/"),
+                "{message}"
+            );
+        }
 
         start(&e, &[user("Hi")], 6).await;
         chunk(&e).await.0.unwrap();
@@ -439,6 +449,87 @@ async fn bad_shards_are_rejected_and_the_engine_stays_usable() {
         assert!(keys.length() > 3, "the good files were stored");
         call(e.unload()).await.unwrap();
     }
+}
+
+/// Requests so far whose path starts with `prefix` (tests/web/server.py's `/__count`).
+async fn requests(prefix: &str) -> u64 {
+    server_get(&format!("/__count?prefix={prefix}"))
+        .await
+        .as_u64()
+        .unwrap()
+}
+
+/// A packed ensemble (`ensemble::pack`): the loader fetches packs, never the files in them,
+/// each pack at most once over a load, the prefetch and a walk to the last step and back; the
+/// answer is the unpacked ensemble's.
+#[wasm_bindgen_test]
+async fn packed_ensembles_fetch_each_pack_once_and_answer_as_unpacked() {
+    let conv = [user("Tell me about Elizabeth.")];
+    let (plain, _) = engine("/tiny/manifest.json", json!({"backend": "cpu"}))
+        .await
+        .unwrap();
+    start(&plain, &conv, 8).await;
+    let want = finish(&plain).await.0;
+    call(plain.unload()).await.unwrap();
+
+    let manifest = server_get("/packed/manifest.json").await;
+    let packs = manifest["packs"].as_array().unwrap().clone();
+    assert!(packs.len() > 3, "{} packs", packs.len());
+    server_get("/__reset").await;
+    let cache = format!("packed-{}", js_sys::Math::random());
+    let opts = json!({"backend": "cpu", "cacheName": cache});
+    let (e, ev) = engine("/packed/manifest.json", opts.clone()).await.unwrap();
+    let at_ready = requests("/packed/packs/").await;
+    assert!(
+        at_ready >= 1 && at_ready < packs.len() as u64,
+        "{at_ready} of {} packs for step 0",
+        packs.len()
+    );
+    start(&e, &conv, 8).await;
+    assert_eq!(finish(&e).await.0, want);
+    until_prefetched(&e).await;
+    // Down to the last step (each version from a pack or the cache) and back.
+    let last = val(e.trajectory()).as_array().unwrap().len() - 1;
+    budget_to_step(&e, last).await;
+    start(&e, &conv, 2).await;
+    finish(&e).await;
+    assert_eq!(stats(&e)["step"], last as u64);
+    call(e.set_memory_budget(JsValue::NULL)).await.unwrap();
+    start(&e, &[user("Hi")], 2).await;
+    finish(&e).await;
+    assert_eq!(
+        requests("/packed/modules/").await,
+        0,
+        "no file of a pack is fetched alone"
+    );
+    for p in &packs {
+        let n = requests(&format!("/packed/{}", p["file"].as_str().unwrap())).await;
+        assert!(n <= 1, "{p} fetched {n} times");
+    }
+    // The network brought packs and the two files outside them, nothing twice.
+    let stored: u64 = packs
+        .iter()
+        .map(|p| p["bytes"].as_u64().unwrap())
+        .sum::<u64>()
+        + manifest["base"]["bytes"].as_u64().unwrap()
+        + manifest["tokenizer"]["bytes"].as_u64().unwrap();
+    let net = stats(&e)["networkBytes"].as_u64().unwrap();
+    assert!(
+        net <= stored,
+        "{net} bytes from the network, {stored} stored"
+    );
+    assert_no_errors(&ev);
+    call(e.unload()).await.unwrap();
+
+    // The files of the packs were cached one by one: a reload fetches nothing and answers
+    // the same.
+    let (e, ev) = engine("/packed/manifest.json", opts).await.unwrap();
+    let s = stats(&e);
+    assert_eq!(s["networkBytes"], 0, "{s}");
+    start(&e, &conv, 8).await;
+    assert_eq!(finish(&e).await.0, want);
+    assert_no_errors(&ev);
+    call(e.unload()).await.unwrap();
 }
 
 #[wasm_bindgen_test]
@@ -531,7 +622,7 @@ async fn manifest_reader_survives_real_and_mutated_manifests() {
             "{needle}: {e}"
         );
     };
-    bad(&|m| m["version"] = json!(2), "version");
+    bad(&|m| m["version"] = json!(99), "version");
     bad(
         &|m| m["modules"][0]["bytes"] = json!(u64::MAX),
         "absurd size",

@@ -4,8 +4,9 @@
 use crate::build::search::Trajectory;
 use crate::ensemble::base::Base;
 use crate::ensemble::manifest::{
-    sha256_hex, ChatSpec, FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap, FORMAT, VERSION,
+    sha256_hex, ChatSpec, FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap, FORMAT,
 };
+use crate::ensemble::pack;
 use crate::error::{Error, Result};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::{ModuleId, Weights};
@@ -29,6 +30,9 @@ pub struct PackageInput<'a> {
     pub n_low: u32,
     pub calibration: serde_json::Value,
     pub build: serde_json::Value,
+    /// Pack the module versions into files of about this many bytes (`ensemble::pack`);
+    /// 0 writes one file per version (manifest version 1).
+    pub pack_bytes: u64,
 }
 
 /// The tokenizer's chat template as the manifest carries it: the model's Jinja source, or
@@ -54,6 +58,7 @@ fn put(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileRef> {
         file: name.into(),
         bytes: bytes.len() as u64,
         sha256: sha256_hex(bytes),
+        pack: None,
     })
 }
 
@@ -114,9 +119,9 @@ pub fn write_ensemble(out: &Path, p: &PackageInput) -> Result<Manifest> {
             heldout_ppl: p.heldout.get(i).copied().flatten(),
         })
         .collect();
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         format: FORMAT.into(),
-        version: VERSION,
+        version: 1,
         name: p.name.clone(),
         config: p.weights.config.clone(),
         tokenizer,
@@ -132,8 +137,13 @@ pub fn write_ensemble(out: &Path, p: &PackageInput) -> Result<Manifest> {
         n_low: p.n_low,
         modules,
         trajectory,
+        packs: Vec::new(),
         build: p.build.clone(),
     };
+    if p.pack_bytes > 0 {
+        let unpacked = pack::pack_files(&tmp, &mut manifest, p.pack_bytes)?;
+        pack::remove_unpacked(&unpacked)?;
+    }
     let json = manifest.to_json();
     // The reader the browser uses must accept what we wrote.
     Manifest::from_bytes("manifest.json (as written)", json.as_bytes())?;

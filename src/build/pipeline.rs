@@ -38,6 +38,9 @@ pub struct BuildSettings {
     pub sensitivity_tokens: usize,
     /// Moves sampled to measure how well each sensitivity predicts the calibration ppl change.
     pub correlation_samples: usize,
+    /// Bytes per pack of the shipped files (`ensemble::pack`); 0: one file per version.
+    #[serde(default)]
+    pub pack_bytes: u64,
 }
 
 /// How well the cheap sensitivities rank moves (Spearman against the full calibration ppl
@@ -387,6 +390,7 @@ pub fn build_ensemble(
             "seq_len": s.seq_len,
         }),
         build: serde_json::to_value(s).unwrap(),
+        pack_bytes: s.pack_bytes,
     };
     package::write_ensemble(out, &pkg)?;
     let mut record = record;

@@ -4,6 +4,7 @@ use super::quant::{build_library, CalibArgs, DEFAULT_GROUP};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use flexquant::build::pipeline::{build_ensemble, BuildSettings, Inputs};
+use flexquant::ensemble::pack;
 use flexquant::quant::eqm::EqmModel;
 use flexquant::quant::library::{self, Library, Method};
 use std::path::{Path, PathBuf};
@@ -58,17 +59,21 @@ pub struct BuildArgs {
     group: usize,
     #[command(flatten)]
     calib_opts: CalibArgs,
+    /// Pack the shipped module versions into files of about this many MB, so a cold load
+    /// makes a few requests (see `flexquant pack`); 0 writes one file per module version.
+    #[arg(long, default_value_t = pack::DEFAULT_PACK_MB)]
+    pack_mb: f64,
     #[arg(long)]
     out: PathBuf,
 }
 
-fn settings(a: &BuildArgs) -> BuildSettings {
+fn settings(a: &BuildArgs) -> Result<BuildSettings> {
     let (branch, stem, calib_tokens, heldout_tokens, every, sens, samples, ablation) =
         match a.preset {
             Preset::Fast => (1, 1, 256, 1024, 60, 128, 0, vec![]),
             Preset::Full => (3, 1, 256, 2048, 30, 128, 30, vec![0.0, 0.25, 0.5, 0.75]),
         };
-    BuildSettings {
+    Ok(BuildSettings {
         n_up: a.n_up,
         n_low: a.n_low,
         branch: a.branch.unwrap_or(branch),
@@ -83,7 +88,8 @@ fn settings(a: &BuildArgs) -> BuildSettings {
         heldout_every: every,
         sensitivity_tokens: sens,
         correlation_samples: samples,
-    }
+        pack_bytes: pack::mb_to_bytes(a.pack_mb)?,
+    })
 }
 
 /// The library at `dir` if it was made from this model with these settings, else a new one.
@@ -130,7 +136,7 @@ fn model_stem(model: &Path) -> &str {
 }
 
 pub fn run_build(a: BuildArgs) -> Result<()> {
-    let s = settings(&a);
+    let s = settings(&a)?;
     if a.n_low > a.n_up {
         anyhow::bail!("--n-low {} is above --n-up {}", a.n_low, a.n_up);
     }
@@ -220,6 +226,34 @@ pub fn run_report(dir: &Path) -> Result<()> {
     println!(
         "wrote {}/report.json, report.md, trajectory.svg/png, storage.svg/png",
         dir.display()
+    );
+    Ok(())
+}
+
+/// `flexquant pack DIR`: packs an ensemble built with one file per module version (what
+/// builders before packs wrote, or `--pack-mb 0`), in place. The new manifest is written
+/// (atomically) before the unpacked files are removed, so an interrupted run leaves a valid
+/// ensemble.
+pub fn run_pack(dir: &Path, pack_mb: f64) -> Result<()> {
+    let mut m = flexquant::runtime::dir::read_manifest(dir)?;
+    let target = pack::mb_to_bytes(pack_mb)?;
+    anyhow::ensure!(target > 0, "--pack-mb 0: nothing to pack");
+    let unpacked = pack::pack_files(dir, &mut m, target)?;
+    flexquant::ensemble::Manifest::from_bytes(
+        "manifest.json (as written)",
+        m.to_json().as_bytes(),
+    )?;
+    let tmp = dir.join("manifest.json.tmp");
+    std::fs::write(&tmp, m.to_json()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join("manifest.json"))
+        .with_context(|| format!("replacing {}/manifest.json", dir.display()))?;
+    pack::remove_unpacked(&unpacked)?;
+    println!(
+        "{}: {} module versions in {} packs ({} bytes)",
+        dir.display(),
+        unpacked.len(),
+        m.packs.len(),
+        m.packs.iter().map(|p| p.bytes).sum::<u64>()
     );
     Ok(())
 }

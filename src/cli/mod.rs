@@ -62,6 +62,14 @@ enum Cmd {
     },
     /// Build a FlexQuant ensemble (library, search, pruning, package, report).
     Build(build::BuildArgs),
+    /// Pack an ensemble's module versions into a few files (in place): a cold load in the
+    /// browser then makes a few requests instead of one per module version.
+    Pack {
+        dir: PathBuf,
+        /// About this many MB per pack.
+        #[arg(long, default_value_t = flexquant::ensemble::pack::DEFAULT_PACK_MB)]
+        pack_mb: f64,
+    },
     /// Redo the report of an ensemble directory from its build record.
     Report { dir: PathBuf },
     /// Benchmarks; write machine-readable JSON reports.
@@ -161,6 +169,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Build(a) => build::run_build(a),
         Cmd::Report { dir } => build::run_report(&dir),
+        Cmd::Pack { dir, pack_mb } => build::run_pack(&dir, pack_mb),
         Cmd::Quantize(a) => quant::run_quantize(a),
         Cmd::Fuzz(a) => fuzz::run(a),
         Cmd::EvalStatic(a) => quant::eval_static(&a).map(|_| ()),

@@ -43,7 +43,7 @@ pub struct Inspection {
     pub min_total_bytes: u64,
     pub max_total_bytes: u64,
     /// Every file once (what a full cache holds), and what the first load fetches (step 0,
-    /// base, tokenizer).
+    /// base, tokenizer; whole packs where files are packed).
     pub download_bytes: u64,
     pub first_load_bytes: u64,
 }
@@ -118,7 +118,8 @@ pub fn inspect(m: &Manifest, context: usize) -> Inspection {
         .map(|v| (v.file.file.as_str(), v.file.bytes))
         .chain([&m.base, &m.tokenizer].map(|f| (f.file.as_str(), f.bytes)))
         .collect();
-    let first = step_changes(m).0.iter().map(|f| f.bytes).sum::<u64>() + m.base.bytes;
+    let (step0, _) = step_changes(m);
+    let first = m.network_bytes(step0.into_iter().chain([&m.base, &m.tokenizer]));
     Inspection {
         name: m.name.clone(),
         layers: c.num_hidden_layers,
@@ -134,7 +135,7 @@ pub fn inspect(m: &Manifest, context: usize) -> Inspection {
         min_total_bytes: trajectory.last().map_or(0, |s| s.footprint_bytes) + kv,
         max_total_bytes: trajectory.first().map_or(0, |s| s.footprint_bytes) + kv,
         download_bytes: all.iter().map(|(_, b)| b).sum(),
-        first_load_bytes: first + m.tokenizer.bytes,
+        first_load_bytes: first,
         trajectory,
     }
 }

@@ -21,7 +21,11 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
 pub const FORMAT: &str = "flexquant-ensemble";
-pub const VERSION: u32 = 1;
+/// What the builder writes when files are packed (`ensemble::pack`); version 1 (no packs) is
+/// still read, and written for unpacked ensembles.
+pub const VERSION: u32 = 2;
+/// The oldest version this runtime reads.
+pub const MIN_VERSION: u32 = 1;
 /// Larger manifests are refused unread.
 pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
 /// A file bigger than this is not a shard of a model this runtime can run.
@@ -30,10 +34,30 @@ const MAX_STEPS: usize = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileRef {
-    /// Path relative to the manifest, `/`-separated.
+    /// Path relative to the manifest, `/`-separated; for a file in a pack, the name it is
+    /// cached and reported under (no such file is served).
     pub file: String,
     pub bytes: u64,
     pub sha256: String,
+    /// Where the bytes are when the file is stored inside a pack (manifest version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack: Option<PackSlice>,
+}
+
+/// A file's place in a pack: `bytes` bytes from `offset` of the pack file `pack`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PackSlice {
+    pub pack: String,
+    pub offset: u64,
+}
+
+/// One file holding several files back to back (`ensemble::pack`), fetched whole: a cold load
+/// makes a few requests instead of one per module version, with no Range requests. Every byte
+/// of a pack belongs to exactly one file, each verified by its own hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pack {
+    pub file: String,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,6 +159,9 @@ pub struct Manifest {
     pub n_low: u32,
     pub modules: Vec<ModuleVersion>,
     pub trajectory: Vec<Step>,
+    /// The pack files, when files are packed (version 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packs: Vec<Pack>,
     /// Builder provenance and settings (branch, stem, prune rate, timings); not validated.
     #[serde(default)]
     pub build: serde_json::Value,
@@ -183,6 +210,13 @@ impl ChatSpec {
             .map(drop)
             .map_err(|e| Error::format(what, e))
     }
+}
+
+/// Why a manifest's `version` is not read by this runtime.
+pub fn version_error(v: &serde_json::Value) -> String {
+    format!(
+        "manifest version {v} is not supported (this runtime reads versions {MIN_VERSION} to {VERSION})"
+    )
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -298,11 +332,8 @@ impl Manifest {
             return Err(Error::format(what, format!("not a {FORMAT} manifest")));
         }
         let v = head.version.as_u64();
-        if v != Some(VERSION as u64) {
-            return Err(Error::format(
-                what,
-                format!("manifest version {v:?} is not supported (this runtime reads version {VERSION})"),
-            ));
+        if !v.is_some_and(|v| (MIN_VERSION as u64..=VERSION as u64).contains(&v)) {
+            return Err(Error::format(what, version_error(&head.version)));
         }
         // Then straight into the structs (no intermediate tree), the path of a bad field in
         // the message (`config.vocab_size: invalid value ...`).
@@ -593,7 +624,91 @@ impl Manifest {
                 self.n_low
             ));
         }
+        self.validate_packs(what)
+    }
+
+    /// Packs (version 2 only): named safely, once each, and tiled exactly by the files in
+    /// them (no gap, overlap or byte past the end), so every fetched byte is verified.
+    fn validate_packs(&self, what: &str) -> Result<()> {
+        let err = |r: String| Err(Error::format(what, r));
+        if !self.packs.is_empty() && self.version < 2 {
+            return err(format!(
+                "packs need manifest version 2, not {}",
+                self.version
+            ));
+        }
+        // Each pack's size and its files as (offset, bytes, name).
+        type Tiles<'a> = (u64, Vec<(u64, u64, &'a str)>);
+        let mut tiles: HashMap<&str, Tiles> = HashMap::new();
+        for p in &self.packs {
+            check_name(what, &p.file)?;
+            if p.bytes == 0 || p.bytes > MAX_FILE_BYTES {
+                return err(format!("{}: absurd size {} bytes", p.file, p.bytes));
+            }
+            if tiles.insert(&p.file, (p.bytes, Vec::new())).is_some() {
+                return err(format!("pack {} is listed twice", p.file));
+            }
+        }
+        let mut files = std::collections::HashSet::new();
+        for f in self.all_files() {
+            let Some(s) = &f.pack else { continue };
+            if !files.insert(&f.file) {
+                continue;
+            }
+            let Some((_, members)) = tiles.get_mut(s.pack.as_str()) else {
+                return err(format!("{}: pack {} is not listed", f.file, s.pack));
+            };
+            members.push((s.offset, f.bytes, &f.file));
+        }
+        for (pack, (bytes, mut members)) in tiles {
+            members.sort_unstable();
+            let mut at = 0u64;
+            for (offset, len, file) in members {
+                if offset != at {
+                    return err(format!(
+                        "pack {pack}: {file} starts at {offset}, expected {at} (a gap or overlap)"
+                    ));
+                }
+                at = offset.saturating_add(len);
+            }
+            if at != bytes {
+                return err(format!(
+                    "pack {pack}: its files end at byte {at}, but it has {bytes} bytes"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Every file the manifest lists: module versions, base, tokenizer.
+    pub fn all_files(&self) -> impl Iterator<Item = &FileRef> {
+        self.modules
+            .iter()
+            .map(|v| &v.file)
+            .chain([&self.base, &self.tokenizer])
+    }
+
+    /// The bytes a download of `files` fetches: each file outside a pack, each pack holding
+    /// any of them once.
+    pub fn network_bytes<'a>(&self, files: impl IntoIterator<Item = &'a FileRef>) -> u64 {
+        let mut packs = std::collections::BTreeSet::new();
+        let mut bytes = 0;
+        for f in files {
+            match &f.pack {
+                None => bytes += f.bytes,
+                Some(s) => {
+                    if packs.insert(s.pack.as_str()) {
+                        bytes += self.pack(&s.pack).map_or(f.bytes, |p| p.bytes);
+                    }
+                }
+            }
+        }
+        bytes
+    }
+
+    /// The pack named `name`.
+    pub fn pack(&self, name: &str) -> Option<&Pack> {
+        self.packs.iter().find(|p| p.file == name)
     }
 
     /// Checks a downloaded or read file against its entry: size first (cheap), then hash.

@@ -3,8 +3,10 @@
 //! `build`.
 
 pub mod base;
+pub mod files;
 pub mod format;
 pub mod inspect;
 pub mod manifest;
+pub mod pack;
 
 pub use manifest::{FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap};

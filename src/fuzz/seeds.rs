@@ -55,7 +55,7 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
             .flat_map(|x| x.to_le_bytes())
             .collect();
         let mut b = head;
-        b.extend(read(&f.ensemble.join(&v.file.file))?);
+        b.extend(crate::ensemble::files::read_verified(&f.ensemble, &v.file)?);
         shards.push(b);
     }
     s.insert("shard", shards);

@@ -1,8 +1,9 @@
 //! An ensemble directory (what `flexquant build` writes, what a static host serves) as the
 //! walk's byte source: every file read whole, size-capped and verified against the manifest.
 
+pub use crate::ensemble::files::read_verified;
 use crate::ensemble::manifest::{FileRef, Manifest, MAX_MANIFEST_BYTES};
-use crate::error::{read_capped, Error, Result};
+use crate::error::{read_capped, Result};
 use crate::runtime::walk::ByteSource;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
@@ -12,15 +13,6 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let p = dir.join("manifest.json");
     let bytes = read_capped(&p, MAX_MANIFEST_BYTES as u64)?;
     Manifest::from_bytes(&p.display().to_string(), &bytes)
-}
-
-/// The bytes of `f` under `dir`, checked against the manifest (size, then sha256); errors
-/// name the file.
-pub fn read_verified(dir: &Path, f: &FileRef) -> Result<Vec<u8>> {
-    let p = dir.join(&f.file);
-    let bytes = read_capped(&p, f.bytes + 1)?;
-    Manifest::verify_file(f, &bytes).map_err(|e| Error::format(p.display(), e))?;
-    Ok(bytes)
 }
 
 /// The context of a file that could not be read or failed verification: its manifest name.

@@ -382,9 +382,16 @@ impl Engine {
                 .map_err(|e| WebError::new(Code::Input, format!("options.{e}")))?;
             elastic.set_floor(Some(floor))?;
         }
-        // One progress total for the first load: tokenizer, base and the step it starts at.
-        loader.expect_load(elastic.clone().decide(now_ms()).target());
-        let tk = loader.file(&m.tokenizer, "download").await?;
+        // Tokenizer, base and the step it starts at, downloaded at once. A module file that
+        // fails verification is left to the walk, which loads a deeper step without it.
+        let tk = match loader
+            .first_load(elastic.clone().decide(now_ms()).target())
+            .await
+        {
+            Ok(tk) => tk,
+            Err(e) if module_file(m, &e) => loader.file(&m.tokenizer, "download").await?,
+            Err(e) => return Err(e),
+        };
         let tokenizer = m.tokenizer(&tk)?;
         loader.emitter.chat_template(&tokenizer.chat);
         let (chat, stop) = (tokenizer.chat.clone(), tokenizer.stop.clone());
@@ -414,7 +421,9 @@ impl Engine {
             losses_in_a_row: Cell::new(0),
             below_floor: Cell::new(false),
         });
-        let run = match inner.build().await {
+        let run = inner.build().await;
+        inner.walk.source.end_first_load();
+        let run = match run {
             // `auto`: a WebGPU that cannot run the model falls back to the CPU backend.
             Err(e) if e.code == Code::WebGpuUnavailable && choice == BackendChoice::Auto => {
                 let f = &inner.walk.factory;
@@ -438,6 +447,14 @@ impl Engine {
         inner.store_then_prefetch(step);
         Ok(Engine { inner })
     }
+}
+
+/// Whether `e` is a module file failing verification (the walk's fallback handles those).
+fn module_file(m: &crate::ensemble::manifest::Manifest, e: &WebError) -> bool {
+    matches!(e.code, Code::HashMismatch | Code::Truncated)
+        && e.file
+            .as_deref()
+            .is_some_and(|f| m.modules.iter().any(|v| v.file.file == f))
 }
 
 /// KV cache and activations before a model exists (refined from the model's exact footprint

@@ -2,13 +2,13 @@
 //! the Cache API when a verified copy is there, else fetched (whole files, streamed with
 //! progress), verified against the manifest (size, then sha256) and only then stored.
 
-use crate::ensemble::manifest::{self, FileRef, Manifest};
+use crate::ensemble::manifest::{self, FileRef, Manifest, Pack};
 use crate::model::weights::ModuleId;
 use crate::web::error::{Code, WebError, WebResult};
 use crate::web::events::{Emitter, Progress};
 use crate::web::store::{self, Store};
 use crate::web::{digest, fetch};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use std::cell::{Cell, RefCell};
 
 /// Downloads at a time, by measurement (`./build.sh bench`, `downloads.by_parallel`): the demo
@@ -41,8 +41,8 @@ pub struct Loader {
     parallel: usize,
     /// Set by `close` (the engine was unloaded): nothing more is fetched or stored.
     closed: Cell<bool>,
-    /// The first load's progress (`expect_load`), continued across the tokenizer and model.
-    load_progress: RefCell<Option<Progress>>,
+    /// The first load's verified files, by name, until the model takes them (`first_load`).
+    handoff: RefCell<std::collections::HashMap<String, Vec<u8>>>,
     /// While the first load runs: verified files waiting to be stored (`store_deferred`).
     deferred: RefCell<Option<Vec<(FileRef, String, js_sys::Uint8Array)>>>,
     /// Bytes from the network and from the cache since the engine was created.
@@ -54,14 +54,12 @@ pub struct Loader {
 /// Manifest errors split into the codes apps branch on.
 fn manifest_error(url: &str, bytes: &[u8]) -> Option<WebError> {
     let head: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    let v = head.get("version")?.as_u64()?;
-    (v != manifest::VERSION as u64).then(|| {
+    let v = head.get("version")?;
+    let known = manifest::MIN_VERSION as u64..=manifest::VERSION as u64;
+    (!v.as_u64().is_some_and(|v| known.contains(&v))).then(|| {
         WebError::new(
             Code::ManifestVersion,
-            format!(
-                "{url}: manifest version {v} is not supported (this runtime reads version {})",
-                manifest::VERSION
-            ),
+            format!("{url}: {}", manifest::version_error(v)),
         )
         .url(url)
     })
@@ -150,7 +148,7 @@ impl Loader {
             stored: Cell::new(0),
             parallel,
             closed: Cell::new(false),
-            load_progress: RefCell::new(None),
+            handoff: RefCell::default(),
             deferred: RefCell::new(None),
             net_bytes: Cell::new(0),
             cache_bytes: Cell::new(0),
@@ -169,6 +167,7 @@ impl Loader {
     /// versions, renamed files); returns the bytes of this version's files that are cached.
     async fn evict_stale(&self, s: &Store) -> u64 {
         let current: std::collections::BTreeMap<(String, &str), u64> = self
+            .manifest
             .all_files()
             .filter_map(|f| Some(((self.url_of(f).ok()?, f.sha256.as_str()), f.bytes)))
             .collect();
@@ -185,15 +184,6 @@ impl Loader {
             }
         }
         held
-    }
-
-    /// Every file of the ensemble (a file shared by several versions appears once per use).
-    pub fn all_files(&self) -> impl Iterator<Item = &FileRef> {
-        let m = &self.manifest;
-        m.modules
-            .iter()
-            .map(|v| &v.file)
-            .chain([&m.base, &m.tokenizer])
     }
 
     pub fn url_of(&self, f: &FileRef) -> WebResult<String> {
@@ -250,7 +240,7 @@ impl Loader {
         self.deferred.borrow_mut().take();
     }
 
-    /// Stores the files the first load verified (`expect_load` defers them: the Cache API's
+    /// Stores the files the first load verified (`first_load` defers them: the Cache API's
     /// writes would slow the downloads they overlap by about a second per 90 MB in Chromium),
     /// one after another, in the background of the running engine.
     pub async fn store_deferred(&self) {
@@ -297,19 +287,36 @@ impl Loader {
         Ok(out.pop().flatten().unwrap_or_default())
     }
 
-    /// Starts the first load's progress: the tokenizer, the base and `step`'s modules as one
-    /// running total (the `download` phase of `files` continues it).
-    pub fn expect_load(&self, step: usize) {
+    /// The first load: the tokenizer, the base and `step`'s modules fetched at once, as one
+    /// progress total (one after another, each waiting on the last one's parsing, they took
+    /// twice as long). Returns the tokenizer's bytes and keeps the others for the `files`
+    /// calls that build the model (`end_first_load` drops what they did not take). Verified
+    /// files are stored once the model runs (`store_deferred`).
+    pub async fn first_load(&self, step: usize) -> WebResult<Vec<u8>> {
         let m = &self.manifest;
-        let mut fs = self.step_files(step);
-        fs.extend([m.base.clone(), m.tokenizer.clone()]);
-        fs.sort_by(|a, b| a.file.cmp(&b.file));
-        fs.dedup();
-        let total = fs.iter().map(|f| f.bytes).sum();
-        *self.load_progress.borrow_mut() = Some(Progress::new("download", total, fs.len()));
+        let mut fs = vec![m.tokenizer.clone(), m.base.clone()];
+        for f in self.step_files(step) {
+            if !fs.contains(&f) {
+                fs.push(f);
+            }
+        }
         if self.store.is_some() {
             *self.deferred.borrow_mut() = Some(Vec::new());
         }
+        let mut bytes = self.files(&fs, "download").await?;
+        let tokenizer = std::mem::take(&mut bytes[0]);
+        *self.handoff.borrow_mut() = fs
+            .into_iter()
+            .zip(bytes)
+            .skip(1)
+            .map(|(f, b)| (f.file, b))
+            .collect();
+        Ok(tokenizer)
+    }
+
+    /// Drops the first load's files that the model did not take.
+    pub fn end_first_load(&self) {
+        self.handoff.borrow_mut().clear();
     }
 
     /// Counters for a file the cache served.
@@ -322,47 +329,147 @@ impl Loader {
         p.emit(&self.emitter, &f.file, true);
     }
 
-    /// One file from the network, verified, then stored; a network error (or a 5xx/429
-    /// answer) is retried with backoff, a file that arrives but does not verify is not.
-    async fn download(&self, f: &FileRef, url: &str, p: &RefCell<Progress>) -> WebResult<Vec<u8>> {
+    /// The body of `url` (at most `cap` bytes); a network error (or a 5xx/429 answer) is
+    /// retried with backoff. `arrived` reports the bytes so far of the current attempt.
+    async fn fetch_retrying(
+        &self,
+        url: &str,
+        what: &str,
+        cap: u64,
+        arrived: impl Fn(u64),
+    ) -> WebResult<Vec<u8>> {
         let mut attempt = 0;
-        let bytes = loop {
-            let arrived = Cell::new(0u64);
+        loop {
             let r = async {
-                let r = fetch::get(url, &f.file).await?;
-                fetch::read_body(r, url, &f.file, f.bytes, |n| {
-                    let mut p = p.borrow_mut();
-                    p.in_flight += n - arrived.replace(n);
-                    p.emit(&self.emitter, &f.file, false);
-                })
-                .await
+                let r = fetch::get(url, what).await?;
+                fetch::read_body(r, url, what, cap, &arrived).await
             }
             .await;
-            p.borrow_mut().in_flight -= arrived.get();
+            arrived(0);
             match r {
-                Ok(b) => break b,
+                Ok(b) => return Ok(b),
                 Err(e) if attempt < RETRIES && retryable(&e) => {
                     attempt += 1;
                     crate::web::sleep(RETRY_MS * (1 << (attempt - 1))).await;
                 }
                 Err(e) => return Err(e),
             }
-        };
+        }
+    }
+
+    /// One file from the network, verified, then stored; a file that arrives but does not
+    /// verify is not retried.
+    async fn download(&self, f: &FileRef, url: &str, p: &RefCell<Progress>) -> WebResult<Vec<u8>> {
+        let bytes = self
+            .fetch_retrying(
+                url,
+                &f.file,
+                f.bytes,
+                in_flight(p, &self.emitter, &f.file, 1.0),
+            )
+            .await?;
         Self::verify(f, url, &bytes).await?;
         self.net_bytes.set(self.net_bytes.get() + f.bytes);
-        {
-            let mut p = p.borrow_mut();
-            p.net_bytes += f.bytes;
-            p.done_bytes += f.bytes;
-            p.files_done += 1;
-            p.emit(&self.emitter, &f.file, true);
-        }
+        self.arrived(p, &f.file, f.bytes, 1);
         self.store(f, url, &bytes).await;
         Ok(bytes)
     }
 
-    /// Several files as one progress phase (the first load's running total for `download`
-    /// after `expect_load`). The cache is read for all of them at once; the missing ones are
+    /// A pack (`ensemble::pack`) from the network: every file in it verified and stored,
+    /// the bytes of `wanted` (indices into the caller's list, with their files and URLs)
+    /// returned. A wanted file that does not verify (or lies past the end of a short pack) is
+    /// the error, naming that file and the pack; the pack's other files that do not verify are
+    /// only not stored.
+    async fn download_pack(
+        &self,
+        pack: &Pack,
+        wanted: &[Wanted<'_>],
+        p: &RefCell<Progress>,
+    ) -> WebResult<Vec<(usize, Vec<u8>)>> {
+        let url = fetch::resolve(&pack.file, &self.manifest_url)?;
+        let want_bytes: u64 = wanted.iter().map(|w| w.1.bytes).sum();
+        // Progress counts the wanted files' bytes, in proportion as the pack arrives.
+        let share = want_bytes as f64 / pack.bytes.max(1) as f64;
+        let bytes = self
+            .fetch_retrying(
+                &url,
+                &pack.file,
+                pack.bytes,
+                in_flight(p, &self.emitter, &pack.file, share),
+            )
+            .await?;
+        self.net_bytes
+            .set(self.net_bytes.get() + bytes.len() as u64);
+        let slice = |f: &FileRef| {
+            let s = f.pack.as_ref()?;
+            let end = s.offset.checked_add(f.bytes)?;
+            bytes.get(s.offset as usize..end.min(bytes.len() as u64) as usize)
+        };
+        let mut out = Vec::with_capacity(wanted.len());
+        let mut failed = None;
+        for &(i, f, member_url) in wanted {
+            let b = slice(f).unwrap_or_default();
+            match Self::verify(f, member_url, b).await {
+                Ok(()) => out.push((i, f, member_url, b)),
+                Err(mut e) if failed.is_none() => {
+                    e.message = format!("{} in pack {url}", e.message);
+                    failed = Some(e.url(&url));
+                }
+                Err(_) => {}
+            }
+        }
+        if failed.is_none() {
+            self.arrived(p, &pack.file, want_bytes, wanted.len());
+        }
+        // Every file that verified is stored, the pack's other files too: the swaps that
+        // will want them find them in the cache.
+        for &(_, f, member_url, b) in &out {
+            self.store(f, member_url, b).await;
+        }
+        let others = self.manifest.all_files().filter(|f| {
+            f.pack.as_ref().is_some_and(|s| s.pack == pack.file)
+                && !wanted.iter().any(|w| w.1.file == f.file)
+        });
+        let mut seen = std::collections::HashSet::new();
+        for f in others {
+            if !seen.insert(&f.file) {
+                continue;
+            }
+            let (Ok(u), Some(b)) = (self.url_of(f), slice(f)) else {
+                continue;
+            };
+            if self.is_stored(f, &u).await || Self::verify(f, &u, b).await.is_err() {
+                continue;
+            }
+            self.store(f, &u, b).await;
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out
+                .into_iter()
+                .map(|(i, _, _, b)| (i, b.to_vec()))
+                .collect()),
+        }
+    }
+
+    /// Whether the cache holds `f` (an entry under its URL and hash).
+    async fn is_stored(&self, f: &FileRef, url: &str) -> bool {
+        match &self.store {
+            Some(s) => s.has(&store::key(url, &f.sha256)).await,
+            None => false,
+        }
+    }
+
+    /// Counters for `files` verified files of `bytes` bytes that came from the network.
+    fn arrived(&self, p: &RefCell<Progress>, file: &str, bytes: u64, files: usize) {
+        let mut p = p.borrow_mut();
+        p.net_bytes += bytes;
+        p.done_bytes += bytes;
+        p.files_done += files;
+        p.emit(&self.emitter, file, true);
+    }
+
+    /// Several files as one progress phase. The cache is read for all of them at once; the missing ones are
     /// downloaded `PARALLEL` at a time. Every file is verified before it is returned or
     /// stored; on the first error the others are dropped (nothing partial is stored).
     pub async fn files(&self, fs: &[FileRef], phase: &'static str) -> WebResult<Vec<Vec<u8>>> {
@@ -377,57 +484,86 @@ impl Loader {
         phase: &'static str,
         keep: bool,
     ) -> WebResult<Vec<Option<Vec<u8>>>> {
-        let total: u64 = fs.iter().map(|f| f.bytes).sum();
-        let resumed = {
-            let mut lp = self.load_progress.borrow_mut();
-            match lp.as_ref() {
-                Some(p) if p.phase == phase => lp.take(),
-                _ => None,
-            }
+        // The first load's files, verified already (`first_load`).
+        let mut out: Vec<Option<Option<Vec<u8>>>> = {
+            let mut h = self.handoff.borrow_mut();
+            fs.iter()
+                .map(|f| h.remove(&f.file).map(|b| keep.then_some(b)))
+                .collect()
         };
-        let p = match resumed {
-            Some(mut p) => {
-                // The first load: the running total, extended if the files differ.
-                p.files_total = p.files_total.max(p.files_done + fs.len());
-                p.total_bytes = p.total_bytes.max(p.done_bytes + total);
-                p
-            }
-            _ => Progress::new(phase, total, fs.len()),
-        };
-        let p = RefCell::new(p);
+        let rest: Vec<usize> = (0..fs.len()).filter(|&i| out[i].is_none()).collect();
+        if rest.is_empty() {
+            return Ok(out.into_iter().map(Option::flatten).collect());
+        }
+        let total: u64 = rest.iter().map(|&i| fs[i].bytes).sum();
+        let p = RefCell::new(Progress::new(phase, total, rest.len()));
         let urls = fs
             .iter()
             .map(|f| self.url_of(f))
             .collect::<WebResult<Vec<_>>>()?;
-        let cached = futures_util::future::join_all(
-            fs.iter().zip(&urls).map(|(f, u)| self.cached_copy(f, u)),
-        )
-        .await;
-        let jobs = fs.iter().zip(&urls).zip(cached).map(|((f, url), c)| {
-            let p = &p;
-            async move {
-                let bytes = match c {
-                    Some(b) => {
-                        self.served_from_cache(f, p);
-                        b
+        // Nothing of this version cached (`evict_stale` counted it, nothing stored since): no
+        // lookups (a cold load's Cache API reads delayed its first request by ~0.1 s).
+        let cached = if self.stored.get() == 0 {
+            vec![None; rest.len()]
+        } else {
+            futures_util::future::join_all(rest.iter().map(|&i| self.cached_copy(&fs[i], &urls[i])))
+                .await
+        };
+        // What the network must bring: whole files, and packs with the files wanted from each.
+        let mut singles = Vec::new();
+        let mut packs: Vec<(&Pack, Vec<Wanted>)> = Vec::new();
+        for (&i, c) in rest.iter().zip(cached) {
+            let (f, url) = (&fs[i], urls[i].as_str());
+            match (c, &f.pack) {
+                (Some(b), _) => {
+                    self.served_from_cache(f, &p);
+                    out[i] = Some(keep.then_some(b));
+                }
+                (None, _) if self.closed.get() => {
+                    return Err(WebError::new(Code::Unloaded, "the engine was unloaded"))
+                }
+                (None, None) => singles.push((i, f, url)),
+                (None, Some(s)) => {
+                    let pack = self.manifest.pack(&s.pack).ok_or_else(|| {
+                        WebError::new(Code::Internal, format!("{}: no pack {}", f.file, s.pack))
+                    })?;
+                    match packs.iter_mut().find(|(k, _)| k.file == pack.file) {
+                        Some((_, w)) => w.push((i, f, url)),
+                        None => packs.push((pack, vec![(i, f, url)])),
                     }
-                    None if self.closed.get() => {
-                        return Err(WebError::new(Code::Unloaded, "the engine was unloaded"))
-                    }
-                    None => self.download(f, url, p).await?,
-                };
-                Ok::<_, WebError>(keep.then_some(bytes))
+                }
             }
-        });
-        let out: Vec<WebResult<Option<Vec<u8>>>> = futures_util::stream::iter(jobs)
-            .buffered(self.parallel)
-            .collect()
-            .await;
-        let out = out.into_iter().collect::<WebResult<Vec<_>>>();
-        if out.is_ok() && phase == "download" && p.borrow().files_done < p.borrow().files_total {
-            // More of the first load to come (the tokenizer before the model): continue it.
-            *self.load_progress.borrow_mut() = Some(p.into_inner());
         }
+        let pr = &p;
+        let jobs = singles
+            .into_iter()
+            .map(|(i, f, url)| {
+                async move { Ok::<_, WebError>(vec![(i, self.download(f, url, pr).await?)]) }
+                    .boxed_local()
+            })
+            .chain(packs.iter().map(|(pack, wanted)| {
+                async move { self.download_pack(pack, wanted, pr).await }.boxed_local()
+            }));
+        let mut done = futures_util::stream::iter(jobs).buffer_unordered(self.parallel);
+        let mut failed = None;
+        while let Some(r) = done.next().await {
+            match r {
+                Ok(files) => {
+                    for (i, b) in files {
+                        out[i] = Some(keep.then_some(b));
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(done);
+        let out: WebResult<Vec<Option<Vec<u8>>>> = match failed {
+            Some(e) => Err(e),
+            None => Ok(out.into_iter().map(Option::flatten).collect()),
+        };
         out
     }
 
@@ -447,5 +583,27 @@ impl Loader {
         }
         self.fetch_all(&missing, "prefetch", false).await?;
         Ok(missing.len())
+    }
+}
+
+/// A file wanted from a pack: its index in the caller's list, entry and URL.
+type Wanted<'a> = (usize, &'a FileRef, &'a str);
+
+/// A download's progress callback: the bytes that arrived so far of a file (`share` of them
+/// count, for a pack whose other files are not wanted), as bytes in flight.
+fn in_flight<'a>(
+    p: &'a RefCell<Progress>,
+    emitter: &'a Emitter,
+    file: &'a str,
+    share: f64,
+) -> impl Fn(u64) + 'a {
+    let counted = Cell::new(0u64);
+    move |n| {
+        let n = (n as f64 * share) as u64;
+        let mut p = p.borrow_mut();
+        p.in_flight = p.in_flight + n - counted.replace(n);
+        if n > 0 {
+            p.emit(emitter, file, false);
+        }
     }
 }

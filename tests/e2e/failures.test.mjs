@@ -21,9 +21,11 @@ describe('failures the page explains', { concurrency: false }, () => {
       const manifest = JSON.parse(readFileSync(join(server.dir, 'ensemble', 'manifest.json'), 'utf8'));
       const last = manifest.trajectory[manifest.trajectory.length - 1].swap;
       const v = manifest.modules.find((m) => m.layer === last.layer && m.kind === last.kind && m.bits === last.to_bits);
-      const path = join(server.dir, 'ensemble', v.file);
+      // A file in a pack (manifest version 2) is damaged inside its pack.
+      const path = join(server.dir, 'ensemble', v.pack ? v.pack.pack : v.file);
+      const from = v.pack ? v.pack.offset : 0;
       const bytes = readFileSync(path);
-      for (let i = 0; i < bytes.length; i += 7) bytes[i] ^= 0x5a;
+      for (let i = from; i < from + v.bytes; i += 7) bytes[i] ^= 0x5a;
       rmSync(path);
       writeFileSync(path, bytes);
       const lastStep = manifest.trajectory.length - 1;

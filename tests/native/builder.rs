@@ -155,6 +155,7 @@ fn packaged_ensemble_round_trips() {
         n_low: 2,
         calibration: serde_json::json!({"tokens": 256}),
         build: serde_json::json!({"branch": 2}),
+        pack_bytes: 0,
     };
     let written = write_ensemble(&out, &input).unwrap();
     let man = read_manifest(&out).unwrap();
@@ -188,6 +189,75 @@ fn packaged_ensemble_round_trips() {
             "step {step}: packaged EQM differs from the in-memory one"
         );
     }
+    // Packed (`ensemble::pack`): the same EQMs from a few files that tile exactly.
+    let packed_dir = dir.path().join("packed");
+    let packed = write_ensemble(
+        &packed_dir,
+        &PackageInput {
+            pack_bytes: 64 << 10,
+            ..input
+        },
+    )
+    .unwrap();
+    assert_eq!(packed, read_manifest(&packed_dir).unwrap());
+    assert_eq!(packed.version, 2);
+    assert!(packed.packs.len() > 2, "{} packs", packed.packs.len());
+    assert!(!packed_dir.join("modules").exists());
+    for p in &packed.packs {
+        let len = std::fs::metadata(packed_dir.join(&p.file)).unwrap().len();
+        assert_eq!(len, p.bytes, "{}", p.file);
+    }
+    assert_eq!(
+        packed.packs.iter().map(|p| p.bytes).sum::<u64>(),
+        man.modules.iter().map(|v| v.file.bytes).sum::<u64>()
+    );
+    // Step 0's versions come first, in packs of their own.
+    let first_low = packed
+        .modules
+        .iter()
+        .filter(|v| v.bits < 4)
+        .map(|v| &v.file.pack.as_ref().unwrap().pack)
+        .min()
+        .unwrap();
+    for v in packed.modules.iter().filter(|v| v.bits == 4) {
+        assert!(
+            &v.file.pack.as_ref().unwrap().pack < first_low,
+            "{}",
+            v.file.file
+        );
+    }
+    for (a, b) in packed.modules.iter().zip(&man.modules) {
+        assert_eq!(
+            read_verified(&packed_dir, &a.file).unwrap(),
+            read_verified(&out, &b.file).unwrap(),
+            "{}",
+            a.file.file
+        );
+    }
+    load_step_weights(&packed_dir, &packed, t.steps.len() - 1).unwrap();
+    // A corrupt byte in a pack names the file it belongs to and the pack.
+    let victim = packed.modules[5].file.clone();
+    let slice = victim.pack.clone().unwrap();
+    let p = packed_dir.join(&slice.pack);
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[slice.offset as usize + 3] ^= 0x55;
+    std::fs::write(&p, &bytes).unwrap();
+    let e = read_verified(&packed_dir, &victim).unwrap_err().to_string();
+    assert!(
+        e.contains(&victim.file) && e.contains(&slice.pack) && e.contains("sha256"),
+        "{e}"
+    );
+    // Its neighbours in the pack still read.
+    for v in packed
+        .modules
+        .iter()
+        .filter(|v| v.file.pack.as_ref().unwrap().pack == slice.pack)
+    {
+        if v.file != victim {
+            read_verified(&packed_dir, &v.file).unwrap();
+        }
+    }
+
     // A corrupted shard is caught by its hash, naming the file.
     let victim = &man.modules[3].file;
     let p = out.join(&victim.file);

@@ -81,6 +81,10 @@ fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
         heldout_every: 1000,
         sensitivity_tokens: 0,
         correlation_samples: 0,
+        pack_bytes: flexquant::ensemble::pack::mb_to_bytes(
+            flexquant::ensemble::pack::DEFAULT_PACK_MB,
+        )
+        .unwrap(),
     };
     let out = dir.path().join("ensemble");
     let inputs = Inputs {

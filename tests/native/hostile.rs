@@ -16,6 +16,7 @@ fn file(name: String, bytes: u64) -> FileRef {
         sha256: sha256_hex(name.as_bytes()),
         file: name,
         bytes,
+        pack: None,
     }
 }
 
@@ -98,6 +99,7 @@ fn huge_manifest() -> Vec<u8> {
         n_low: 2,
         modules,
         trajectory,
+        packs: vec![],
         build: serde_json::Value::Null,
     };
     let len = m.to_json().len();

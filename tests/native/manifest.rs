@@ -3,7 +3,7 @@
 use flexquant::ensemble::base::base_bytes;
 use flexquant::ensemble::format::PackedShape;
 use flexquant::ensemble::manifest::{
-    sha256_hex, ChatSpec, FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap,
+    sha256_hex, ChatSpec, FileRef, Manifest, ModuleVersion, Pack, PackSlice, Quantizer, Step, Swap,
 };
 use flexquant::model::tiny::tiny_config;
 use flexquant::model::{ModuleId, ModuleKind};
@@ -13,6 +13,7 @@ fn file(name: &str, bytes: u64) -> FileRef {
         file: name.into(),
         bytes,
         sha256: sha256_hex(name.as_bytes()),
+        pack: None,
     }
 }
 
@@ -62,6 +63,7 @@ fn sample() -> Manifest {
         n_low: 2,
         modules,
         trajectory: vec![],
+        packs: vec![],
         build: serde_json::Value::Null,
     };
     let n = m.n_modules();
@@ -128,8 +130,8 @@ fn valid_manifest_round_trips() {
 #[test]
 fn mutated_manifests_are_rejected() {
     let mut m = sample();
-    m.version = 2;
-    reject(&m, "version Some(2) is not supported");
+    m.version = 7;
+    reject(&m, "manifest version 7 is not supported");
 
     let mut m = sample();
     m.modules
@@ -222,6 +224,7 @@ fn verify_file_checks_size_then_hash() {
         file: "s.bin".into(),
         bytes: body.len() as u64,
         sha256: sha256_hex(&body),
+        pack: None,
     };
     Manifest::verify_file(&f, &body).unwrap();
     let e = Manifest::verify_file(&f, &body[..5])
@@ -382,4 +385,122 @@ fn inspection_and_cache_report_follow_the_trajectory() {
     let want: Vec<usize> = [0].into_iter().chain(n + 1..=last).collect();
     assert_eq!(r.complete_steps, want);
     assert_eq!(r.cached_bytes, all.total_bytes - v3.bytes);
+}
+
+/// `sample()` with its module versions packed (`ensemble::pack::plan`) into packs of about
+/// `target` bytes, as the builder writes them.
+fn packed_sample(target: u64) -> Manifest {
+    let mut m = sample();
+    m.version = 2;
+    for (k, members) in flexquant::ensemble::pack::plan(&m, target)
+        .iter()
+        .enumerate()
+    {
+        let name = format!("packs/{k}.bin");
+        let mut at = 0;
+        for &i in members {
+            let f = &mut m.modules[i].file;
+            f.pack = Some(PackSlice {
+                pack: name.clone(),
+                offset: at,
+            });
+            at += f.bytes;
+        }
+        m.packs.push(Pack {
+            file: name,
+            bytes: at,
+        });
+    }
+    m
+}
+
+#[test]
+fn packs_tile_exactly_and_need_version_2() {
+    let m = packed_sample(3000);
+    assert!(m.packs.len() > 3, "{} packs", m.packs.len());
+    let back = Manifest::from_bytes("manifest.json", m.to_json().as_bytes()).unwrap();
+    assert_eq!(back, m);
+    // Step 0's packs hold only step 0's files: the first load fetches what it did unpacked;
+    // a swap's pack brings more than its file.
+    let (packed, plain) = {
+        use flexquant::ensemble::inspect::inspect;
+        (inspect(&m, 64), inspect(&sample(), 64))
+    };
+    assert_eq!(packed.first_load_bytes, plain.first_load_bytes);
+    assert_eq!(packed.download_bytes, plain.download_bytes);
+    let pack_of = |v: &ModuleVersion| m.pack(&v.file.pack.as_ref().unwrap().pack).unwrap();
+    let v = m
+        .modules
+        .iter()
+        .find(|v| v.bits < 4 && pack_of(v).bytes > v.file.bytes)
+        .expect("a pack of several lower versions");
+    assert_eq!(m.network_bytes([&v.file, &v.file]), pack_of(v).bytes);
+    // Version 1 (no packs) is still read; packs in version 1 are not.
+    let mut v1 = sample();
+    v1.version = 1;
+    Manifest::from_bytes("manifest.json", v1.to_json().as_bytes()).unwrap();
+    let mut bad = m.clone();
+    bad.version = 1;
+    reject(&bad, "packs need manifest version 2");
+    let mut bad = m.clone();
+    bad.version = 3;
+    reject(
+        &bad,
+        "manifest version 3 is not supported (this runtime reads versions 1 to 2)",
+    );
+
+    let slice = |m: &mut Manifest, i: usize| m.modules[i].file.pack.clone().unwrap();
+    // A file past its pack's end, a gap, an overlap, an unknown pack, a pack listed twice.
+    let mut bad = m.clone();
+    bad.packs[0].bytes += 1;
+    reject(&bad, "its files end at byte");
+    let mut bad = m.clone();
+    let s = slice(&mut bad, 0);
+    bad.modules[0].file.pack = Some(PackSlice {
+        offset: s.offset + 1,
+        ..s
+    });
+    reject(&bad, "(a gap or overlap)");
+    let mut bad = m.clone();
+    bad.modules[0].file.pack = Some(PackSlice {
+        pack: "packs/none.bin".into(),
+        offset: 0,
+    });
+    reject(&bad, "pack packs/none.bin is not listed");
+    let mut bad = m.clone();
+    bad.packs.push(bad.packs[0].clone());
+    reject(&bad, "is listed twice");
+    let mut bad = m.clone();
+    bad.packs[1].file = "../escape.bin".into();
+    reject(&bad, "unsafe file name");
+}
+
+#[test]
+fn pack_plan_puts_first_use_first() {
+    let m = packed_sample(3000);
+    let pack_of = |v: &ModuleVersion| {
+        let p = &v.file.pack.as_ref().unwrap().pack;
+        m.packs.iter().position(|x| &x.file == p).unwrap()
+    };
+    // Step 0's versions fill the first packs; lower versions follow in the order the
+    // trajectory swaps them in.
+    let last_up = m.modules.iter().filter(|v| v.bits == 4).map(pack_of).max();
+    let first_low = m.modules.iter().filter(|v| v.bits < 4).map(pack_of).min();
+    assert!(last_up < first_low);
+    let order: Vec<usize> = m.trajectory[1..]
+        .iter()
+        .map(|s| {
+            let w = s.swap.as_ref().unwrap();
+            let id = ModuleId {
+                layer: w.layer,
+                kind: w.kind,
+            };
+            pack_of(m.version(id, w.to_bits).unwrap())
+        })
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+    // No pack is much above the target unless one file is.
+    for p in &m.packs {
+        assert!(p.bytes <= 3000 || !m.modules.iter().any(|v| v.file.pack.as_ref().unwrap().pack == p.file && v.file.bytes < p.bytes));
+    }
 }

@@ -21,6 +21,18 @@ use std::sync::OnceLock;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flexquant");
 
+/// Flips byte `at` of `f` where the ensemble keeps it: its own file, or its slice of a pack
+/// (the CLI packs by default).
+fn flip(dir: &Path, f: &flexquant::ensemble::FileRef, at: usize) {
+    let (path, offset) = match &f.pack {
+        Some(s) => (dir.join(&s.pack), s.offset as usize),
+        None => (dir.join(&f.file), 0),
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[offset + at] ^= 0x55;
+    std::fs::write(&path, bytes).unwrap();
+}
+
 /// The tiny model's fast-preset ensemble, built once into a temporary directory.
 fn ensemble() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
@@ -55,6 +67,9 @@ fn ensemble() -> &'static Path {
             heldout.to_str().unwrap(),
             "--preset",
             "fast",
+            // Packs of a few module versions each: the walk reads files out of packs.
+            "--pack-mb",
+            "0.02",
             "--out",
             out.to_str().unwrap(),
         ]);
@@ -328,10 +343,7 @@ fn a_shard_that_fails_verification_changes_nothing() {
     let dir = tmp.path().join("e");
     let w = walk(&dir, ReferenceFactory { context: 64 });
     let mv = &w.manifest().moves(0, 1)[0];
-    let shard = dir.join(&mv.to.file.file);
-    let mut bytes = std::fs::read(&shard).unwrap();
-    bytes[7] ^= 0x55;
-    std::fs::write(&shard, bytes).unwrap();
+    flip(&dir, &mv.to.file, 7);
 
     let mut run = block_on(w.load()).unwrap();
     let d = Decision::StepDown {
@@ -375,10 +387,14 @@ fn loads_and_swaps_fall_back_past_a_shard_that_fails_verification() {
         .find(|(k, f)| (k + 1..=last).any(|s| !uses(s, f)))
         .expect("some module is lowered twice");
     let clear = (k + 1..=last).find(|&s| !uses(s, &bad)).unwrap();
-    let shard = dir.join(&bad);
-    let mut bytes = std::fs::read(&shard).unwrap();
-    bytes[3] ^= 0x55;
-    std::fs::write(&shard, bytes).unwrap();
+    let bad_ref = m
+        .modules
+        .iter()
+        .find(|v| v.file.file == bad)
+        .unwrap()
+        .file
+        .clone();
+    flip(&dir, &bad_ref, 3);
 
     let warnings = std::rc::Rc::new(std::cell::RefCell::new(Vec::<String>::new()));
     let sink = warnings.clone();

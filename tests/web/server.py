@@ -16,6 +16,8 @@ ensemble, selected by a path prefix:
   /stale/tiny/...      while /__stale?on=1, the step-1 shard has a byte flipped and every file is
                        sent cacheable for an hour (a redeploy behind the browser's HTTP cache)
   /<mount>/...         a directory given with --mount NAME=DIR (e.g. the npm test page)
+  /corrupt/packed/...  the mount named `packed` (the tiny ensemble packed), with one byte
+                       flipped in the same module version as /corrupt/tiny/, inside its pack
 
   /__count?prefix=P    requests so far whose path starts with P (JSON number)
   /__reset             forget the counts
@@ -138,6 +140,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         view = ""
         if parts[0] in VIEWS:
             view, path = parts[0], "/" + (parts[1] if len(parts) > 1 else "")
+        if view == "corrupt" and path.startswith("/packed/") and "packed" in mounts:
+            return self.corrupt_packed(mounts["packed"], path[len("/packed/"):])
         if not path.startswith("/tiny/"):
             return self.send(404, b"not found", "text/plain")
         rel = path[len("/tiny/"):]
@@ -170,6 +174,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     cut = state["fail"] = False
         ctype = "application/json" if rel.endswith(".json") else "application/octet-stream"
         self.send(200, body, ctype, cut, cacheable=view == "stale" and state["stale"])
+
+    def corrupt_packed(self, root, rel):
+        """The packed ensemble with the step-1 version's byte flipped inside its pack."""
+        body = self.read(root, rel)
+        if body is None:
+            return self.send(404, b"not found", "text/plain")
+        m = json.load(open(os.path.join(root, "manifest.json")))
+        v = next(v for v in m["modules"] if v["file"] == victim)
+        if rel == v["pack"]["pack"]:
+            body = bytearray(body)
+            body[v["pack"]["offset"] + v["bytes"] // 3] ^= 0x5A
+            body = bytes(body)
+        self.send(200, body, "application/json" if rel.endswith(".json") else "application/octet-stream")
 
     def read(self, root, rel):
         p = os.path.normpath(os.path.join(root, rel))

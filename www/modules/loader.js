@@ -40,7 +40,9 @@ export class LoaderView {
   update(p) {
     if (p.phase === 'prefetch') return; // background work after the model is ready
     if (p.phase === 'download') {
-      const key = `${p.filesTotal}|${p.totalBytes}|${this.groupOf(p.file)}`;
+      // One running total per download call (the first load is one call; a fallback to a
+      // deeper step adds another).
+      const key = `${p.filesTotal}|${p.totalBytes}`;
       const g = this.groups.get(key) || { loaded: 0, files: 0, cached: 0 };
       g.loaded = Math.max(g.loaded, p.loadedBytes || 0);
       g.files = Math.max(g.files, p.filesDone || 0);
@@ -77,10 +79,6 @@ export class LoaderView {
       this.source.textContent = p.file ? `Downloading ${p.file}` : 'Downloading from the network.';
       this.source.className = 'load-source';
     }
-  }
-
-  groupOf(file) {
-    return file && file.includes('/') ? file.slice(0, file.lastIndexOf('/')) : file || '';
   }
 
   /** Hides the bar; returns the summary line for the notice. `cacheable`: the Cache API exists. */

@@ -1,0 +1,146 @@
+//! Packs: an ensemble's module versions written back to back into a few files, so that a cold
+//! load makes a few requests instead of one per module version (213 for the demo model, which
+//! HTTP/1.1's six connections per host serialize into 36 round trips). Static hosts need no
+//! Range requests: a pack is fetched whole and every file in it is verified by its own hash
+//! and cached under its own name, so swaps, the cache and `Engine.cached` see files as before.
+//!
+//! Order: the versions a walk down the trajectory needs first come first. Step 0's versions
+//! (every module at `n_up`) fill the first packs, the modules swapped out last first; then the
+//! lower versions in the order the trajectory swaps them in, so the pack a swap down fetches
+//! also holds the next swaps' versions.
+
+use crate::ensemble::files::read_verified;
+use crate::ensemble::manifest::{Manifest, Pack, PackSlice, VERSION};
+use crate::error::{Error, Result};
+use crate::model::weights::ModuleId;
+use std::path::{Path, PathBuf};
+
+/// The default size of a pack, by measurement (`./build.sh bench`, `downloads.by_pack_mb`).
+pub const DEFAULT_PACK_MB: f64 = 8.0;
+/// Directory of the pack files, relative to the manifest.
+pub const DIR: &str = "packs";
+
+/// `--pack-mb` as bytes (0 for 0: no packs).
+pub fn mb_to_bytes(mb: f64) -> Result<u64> {
+    if !(mb.is_finite() && (0.0..=4096.0).contains(&mb)) {
+        return Err(Error::input(format!(
+            "--pack-mb {mb}: expected a size from 0 to 4096 MB"
+        )));
+    }
+    Ok((mb * (1u64 << 20) as f64) as u64)
+}
+
+/// Indices into `m.modules`, in first-use order, cut into packs of about `target` bytes (a
+/// version bigger than `target` gets a pack of its own). Step 0's versions never share a pack
+/// with lower ones.
+pub fn plan(m: &Manifest, target: u64) -> Vec<Vec<usize>> {
+    let n = m.n_modules();
+    let t = &m.trajectory;
+    // The step that swaps each module out of n_up (the last step when it never is).
+    let mut leaves_up = vec![t.len(); n];
+    let mut order_low = Vec::new();
+    for (i, s) in t.iter().enumerate() {
+        let Some(sw) = &s.swap else { continue };
+        let id = ModuleId {
+            layer: sw.layer,
+            kind: sw.kind,
+        };
+        if sw.from_bits == m.n_up {
+            leaves_up[id.index()] = i;
+        }
+        order_low.push((id.index(), sw.to_bits));
+    }
+    let index: std::collections::HashMap<(usize, u32), usize> = m
+        .modules
+        .iter()
+        .enumerate()
+        .map(|(i, v)| ((v.id().index(), v.bits), i))
+        .collect();
+    let mut modules: Vec<usize> = (0..n).collect();
+    modules.sort_by_key(|&i| std::cmp::Reverse(leaves_up[i]));
+    let mut seen = vec![false; m.modules.len()];
+    let mut take = |k: &(usize, u32)| {
+        let i = *index.get(k)?;
+        (!std::mem::replace(&mut seen[i], true)).then_some(i)
+    };
+    let up: Vec<usize> = modules.iter().filter_map(|&i| take(&(i, m.n_up))).collect();
+    let low: Vec<usize> = order_low.iter().filter_map(&mut take).collect();
+    // Versions the trajectory never swaps in (none in a valid manifest, kept all the same).
+    let rest: Vec<usize> = (0..m.modules.len()).filter(|&i| !seen[i]).collect();
+    let mut packs = Vec::new();
+    for group in [up, low, rest] {
+        let mut cur: Vec<usize> = Vec::new();
+        let mut bytes = 0;
+        for i in group {
+            let b = m.modules[i].file.bytes;
+            if !cur.is_empty() && bytes + b > target {
+                packs.push(std::mem::take(&mut cur));
+                bytes = 0;
+            }
+            cur.push(i);
+            bytes += b;
+        }
+        if !cur.is_empty() {
+            packs.push(cur);
+        }
+    }
+    packs
+}
+
+/// Packs the module versions of the ensemble in `dir` (its files one per version) into
+/// `packs/*.bin` of about `target` bytes, updating `m` (now version 2). Every file is verified
+/// before it is packed. Returns the unpacked files, which the caller removes once it has
+/// written the manifest.
+pub fn pack_files(dir: &Path, m: &mut Manifest, target: u64) -> Result<Vec<PathBuf>> {
+    if !m.packs.is_empty() {
+        return Err(Error::input(format!(
+            "{}: the ensemble is already packed",
+            dir.display()
+        )));
+    }
+    if target == 0 {
+        return Err(Error::input("a pack size of 0 bytes"));
+    }
+    let plan = plan(m, target);
+    let out = dir.join(DIR);
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let width = plan.len().to_string().len();
+    let mut packs = Vec::with_capacity(plan.len());
+    for (k, members) in plan.iter().enumerate() {
+        let name = format!("{DIR}/{k:0width$}.bin");
+        let mut bytes = Vec::new();
+        for &i in members {
+            let f = &mut m.modules[i].file;
+            let offset = bytes.len() as u64;
+            bytes.extend(read_verified(dir, f)?);
+            f.pack = Some(PackSlice {
+                pack: name.clone(),
+                offset,
+            });
+        }
+        let p = dir.join(&name);
+        std::fs::write(&p, &bytes).map_err(|e| Error::io(&p, e))?;
+        packs.push(Pack {
+            file: name,
+            bytes: bytes.len() as u64,
+        });
+    }
+    m.packs = packs;
+    m.version = VERSION;
+    Ok(plan
+        .iter()
+        .flatten()
+        .map(|&i| dir.join(&m.modules[i].file.file))
+        .collect())
+}
+
+/// Removes the files `pack_files` packed, and the directories they leave empty.
+pub fn remove_unpacked(files: &[PathBuf]) -> Result<()> {
+    for p in files {
+        std::fs::remove_file(p).map_err(|e| Error::io(p, e))?;
+        if let Some(d) = p.parent() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+    Ok(())
+}
