@@ -161,10 +161,14 @@ build_demo_ensemble() {
   ensemble_inputs > "$ENSEMBLE/.inputs"
 }
 
-# What the cached ensemble depends on: the model, the text, and the builder's sources.
+# What the cached ensemble depends on: the model, the text, and every source the builder runs
+# (the model code and tokenizer included: a change there changes the perplexities it records),
+# with the dependencies' versions.
 ensemble_inputs() {
   cat "$MODEL.sha256" 2>/dev/null || echo "$MODEL_SHA"
-  sha256sum src/build/*.rs src/quant/*.rs src/ensemble/*.rs | sha256sum
+  find src/build src/quant src/ensemble src/model src/error.rs src/cli/build.rs src/cli/quant.rs \
+    src/cli/mod.rs src/runtime/generate.rs src/runtime/dir.rs Cargo.lock -type f | LC_ALL=C sort |
+    xargs sha256sum | sha256sum
 }
 
 cmd_demo() {

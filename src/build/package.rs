@@ -142,7 +142,7 @@ pub fn write_ensemble(out: &Path, p: &PackageInput) -> Result<Manifest> {
     };
     if p.pack_bytes > 0 {
         let unpacked = pack::pack_files(&tmp, &mut manifest, p.pack_bytes)?;
-        pack::remove_unpacked(&unpacked)?;
+        pack::remove_replaced(&unpacked)?;
     }
     let json = manifest.to_json();
     // The reader the browser uses must accept what we wrote.

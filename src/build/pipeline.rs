@@ -385,7 +385,7 @@ pub fn build_ensemble(
         n_up: s.n_up,
         n_low: s.n_low,
         calibration: serde_json::json!({
-            "library": inp.eqm.library.manifest.calibration,
+            "library": inp.eqm.library.manifest.calibration.published(),
             "search_tokens": s.calib_tokens,
             "seq_len": s.seq_len,
         }),

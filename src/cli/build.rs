@@ -231,14 +231,14 @@ pub fn run_report(dir: &Path) -> Result<()> {
 }
 
 /// `flexquant pack DIR`: packs an ensemble built with one file per module version (what
-/// builders before packs wrote, or `--pack-mb 0`), in place. The new manifest is written
-/// (atomically) before the unpacked files are removed, so an interrupted run leaves a valid
-/// ensemble.
+/// builders before packs wrote, or `--pack-mb 0`), or repacks one at another size, in place.
+/// The new manifest is written (atomically) before the replaced files are removed, so an
+/// interrupted run leaves a valid ensemble.
 pub fn run_pack(dir: &Path, pack_mb: f64) -> Result<()> {
     let mut m = flexquant::runtime::dir::read_manifest(dir)?;
     let target = pack::mb_to_bytes(pack_mb)?;
     anyhow::ensure!(target > 0, "--pack-mb 0: nothing to pack");
-    let unpacked = pack::pack_files(dir, &mut m, target)?;
+    let replaced = pack::pack_files(dir, &mut m, target)?;
     flexquant::ensemble::Manifest::from_bytes(
         "manifest.json (as written)",
         m.to_json().as_bytes(),
@@ -247,11 +247,11 @@ pub fn run_pack(dir: &Path, pack_mb: f64) -> Result<()> {
     std::fs::write(&tmp, m.to_json()).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, dir.join("manifest.json"))
         .with_context(|| format!("replacing {}/manifest.json", dir.display()))?;
-    pack::remove_unpacked(&unpacked)?;
+    pack::remove_replaced(&replaced)?;
     println!(
         "{}: {} module versions in {} packs ({} bytes)",
         dir.display(),
-        unpacked.len(),
+        m.modules.len(),
         m.packs.len(),
         m.packs.iter().map(|p| p.bytes).sum::<u64>()
     );

@@ -88,7 +88,12 @@ pub fn build_library(
             sha256: library::model_sha256(model_path)?,
             config: m.weights.config.clone(),
         },
-        calib_text: calib_path.display().to_string(),
+        // The file's name, never its path: the manifest that carries this record is published
+        // with the ensemble (the sha256 identifies the text).
+        calib_text: calib_path.file_name().map_or_else(
+            || calib_path.display().to_string(),
+            |n| n.to_string_lossy().into(),
+        ),
         calib_sha256: library::file_sha256(calib_path)?,
         calib_tokens: &tokens,
     };

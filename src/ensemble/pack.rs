@@ -10,7 +10,7 @@
 //! also holds the next swaps' versions.
 
 use crate::ensemble::files::read_verified;
-use crate::ensemble::manifest::{Manifest, Pack, PackSlice, VERSION};
+use crate::ensemble::manifest::{sha256_hex, Manifest, Pack, PackSlice, VERSION};
 use crate::error::{Error, Result};
 use crate::model::weights::ModuleId;
 use std::path::{Path, PathBuf};
@@ -30,9 +30,11 @@ pub fn mb_to_bytes(mb: f64) -> Result<u64> {
     Ok((mb * (1u64 << 20) as f64) as u64)
 }
 
-/// Indices into `m.modules`, in first-use order, cut into packs of about `target` bytes (a
-/// version bigger than `target` gets a pack of its own). Step 0's versions never share a pack
-/// with lower ones.
+/// Indices into `m.modules`, in first-use order, cut into packs: step 0's versions (what a
+/// cold load fetches) in packs of about `target` bytes, the lower versions in packs of a
+/// quarter of that, so a swap the prefetch has not covered waits for a few versions, not a
+/// first-load pack. A version bigger than its pack size gets a pack of its own; step 0's
+/// versions never share a pack with lower ones.
 pub fn plan(m: &Manifest, target: u64) -> Vec<Vec<usize>> {
     let n = m.n_modules();
     let t = &m.trajectory;
@@ -68,7 +70,7 @@ pub fn plan(m: &Manifest, target: u64) -> Vec<Vec<usize>> {
     // Versions the trajectory never swaps in (none in a valid manifest, kept all the same).
     let rest: Vec<usize> = (0..m.modules.len()).filter(|&i| !seen[i]).collect();
     let mut packs = Vec::new();
-    for group in [up, low, rest] {
+    for (group, target) in [(up, target), (low, target / 4), (rest, target / 4)] {
         let mut cur: Vec<usize> = Vec::new();
         let mut bytes = 0;
         for i in group {
@@ -87,55 +89,53 @@ pub fn plan(m: &Manifest, target: u64) -> Vec<Vec<usize>> {
     packs
 }
 
-/// Packs the module versions of the ensemble in `dir` (its files one per version) into
-/// `packs/*.bin` of about `target` bytes, updating `m` (now version 2). Every file is verified
-/// before it is packed. Returns the unpacked files, which the caller removes once it has
-/// written the manifest.
+/// Packs the module versions of the ensemble in `dir` (one file per version, or packs of
+/// another size) into `packs/*.bin` named by their content's hash, updating `m` (now version
+/// 2). Every file is verified before it is packed. Returns the files the new packs replace,
+/// which the caller removes once it has written the manifest.
 pub fn pack_files(dir: &Path, m: &mut Manifest, target: u64) -> Result<Vec<PathBuf>> {
-    if !m.packs.is_empty() {
-        return Err(Error::input(format!(
-            "{}: the ensemble is already packed",
-            dir.display()
-        )));
-    }
     if target == 0 {
         return Err(Error::input("a pack size of 0 bytes"));
     }
+    let old: Vec<PathBuf> = if m.packs.is_empty() {
+        m.modules.iter().map(|v| dir.join(&v.file.file)).collect()
+    } else {
+        m.packs.iter().map(|p| dir.join(&p.file)).collect()
+    };
     let plan = plan(m, target);
     let out = dir.join(DIR);
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let width = plan.len().to_string().len();
     let mut packs = Vec::with_capacity(plan.len());
-    for (k, members) in plan.iter().enumerate() {
-        let name = format!("{DIR}/{k:0width$}.bin");
+    let mut slices = Vec::with_capacity(m.modules.len());
+    for members in &plan {
         let mut bytes = Vec::new();
         for &i in members {
-            let f = &mut m.modules[i].file;
-            let offset = bytes.len() as u64;
-            bytes.extend(read_verified(dir, f)?);
-            f.pack = Some(PackSlice {
+            // Read where the file is now (its own file or an old pack, never a new one).
+            slices.push((i, bytes.len() as u64));
+            bytes.extend(read_verified(dir, &m.modules[i].file)?);
+        }
+        let name = format!("{DIR}/{}.bin", &sha256_hex(&bytes)[..16]);
+        let p = dir.join(&name);
+        std::fs::write(&p, &bytes).map_err(|e| Error::io(&p, e))?;
+        for &(i, offset) in &slices[slices.len() - members.len()..] {
+            m.modules[i].file.pack = Some(PackSlice {
                 pack: name.clone(),
                 offset,
             });
         }
-        let p = dir.join(&name);
-        std::fs::write(&p, &bytes).map_err(|e| Error::io(&p, e))?;
         packs.push(Pack {
             file: name,
             bytes: bytes.len() as u64,
         });
     }
+    let new: std::collections::HashSet<PathBuf> = packs.iter().map(|p| dir.join(&p.file)).collect();
     m.packs = packs;
     m.version = VERSION;
-    Ok(plan
-        .iter()
-        .flatten()
-        .map(|&i| dir.join(&m.modules[i].file.file))
-        .collect())
+    Ok(old.into_iter().filter(|p| !new.contains(p)).collect())
 }
 
-/// Removes the files `pack_files` packed, and the directories they leave empty.
-pub fn remove_unpacked(files: &[PathBuf]) -> Result<()> {
+/// Removes the files `pack_files` replaced, and the directories they leave empty.
+pub fn remove_replaced(files: &[PathBuf]) -> Result<()> {
     for p in files {
         std::fs::remove_file(p).map_err(|e| Error::io(p, e))?;
         if let Some(d) = p.parent() {

@@ -87,6 +87,7 @@ pub struct ModelInfo {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CalibInfo {
+    /// The calibration text's file name (no directory: it is published in the manifest).
     pub text: String,
     pub text_sha256: String,
     pub sequences: usize,
@@ -155,6 +156,20 @@ pub struct BuildOptions {
     pub sequential: bool,
     pub gptq: GptqConfig,
     pub rtn_clip_search: bool,
+}
+
+impl CalibInfo {
+    /// This record as an ensemble publishes it: the text by file name only (libraries built
+    /// before names were recorded hold the builder's path).
+    pub fn published(&self) -> CalibInfo {
+        let name = std::path::Path::new(&self.text)
+            .file_name()
+            .map_or_else(|| self.text.clone(), |n| n.to_string_lossy().into());
+        CalibInfo {
+            text: name,
+            ..self.clone()
+        }
+    }
 }
 
 /// What the library is built from.

@@ -212,20 +212,23 @@ fn packaged_ensemble_round_trips() {
         man.modules.iter().map(|v| v.file.bytes).sum::<u64>()
     );
     // Step 0's versions come first, in packs of their own.
+    let pack_index = |v: &flexquant::ensemble::ModuleVersion| {
+        let name = &v.file.pack.as_ref().unwrap().pack;
+        packed.packs.iter().position(|p| &p.file == name).unwrap()
+    };
     let first_low = packed
         .modules
         .iter()
         .filter(|v| v.bits < 4)
-        .map(|v| &v.file.pack.as_ref().unwrap().pack)
-        .min()
-        .unwrap();
-    for v in packed.modules.iter().filter(|v| v.bits == 4) {
-        assert!(
-            &v.file.pack.as_ref().unwrap().pack < first_low,
-            "{}",
-            v.file.file
-        );
-    }
+        .map(pack_index)
+        .min();
+    let last_up = packed
+        .modules
+        .iter()
+        .filter(|v| v.bits == 4)
+        .map(pack_index)
+        .max();
+    assert!(last_up < first_low, "{last_up:?} {first_low:?}");
     for (a, b) in packed.modules.iter().zip(&man.modules) {
         assert_eq!(
             read_verified(&packed_dir, &a.file).unwrap(),
@@ -235,6 +238,28 @@ fn packaged_ensemble_round_trips() {
         );
     }
     load_step_weights(&packed_dir, &packed, t.steps.len() - 1).unwrap();
+    // Repacked at another size (`flexquant pack`): new packs, the same files, the old packs
+    // replaced.
+    let mut repacked = packed.clone();
+    let replaced =
+        flexquant::ensemble::pack::pack_files(&packed_dir, &mut repacked, 16 << 10).unwrap();
+    assert!(repacked.packs.len() > packed.packs.len());
+    assert!(!replaced.is_empty() && replaced.len() <= packed.packs.len());
+    for r in &replaced {
+        assert!(!repacked
+            .packs
+            .iter()
+            .any(|p| packed_dir.join(&p.file) == *r));
+    }
+    for (a, b) in repacked.modules.iter().zip(&packed.modules) {
+        assert_eq!(
+            read_verified(&packed_dir, &a.file).unwrap(),
+            read_verified(&packed_dir, &b.file).unwrap()
+        );
+    }
+    flexquant::ensemble::pack::remove_replaced(&replaced).unwrap();
+    let packed = repacked;
+
     // A corrupt byte in a pack names the file it belongs to and the pack.
     let victim = packed.modules[5].file.clone();
     let slice = victim.pack.clone().unwrap();

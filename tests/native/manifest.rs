@@ -416,7 +416,7 @@ fn packed_sample(target: u64) -> Manifest {
 
 #[test]
 fn packs_tile_exactly_and_need_version_2() {
-    let m = packed_sample(3000);
+    let m = packed_sample(12000);
     assert!(m.packs.len() > 3, "{} packs", m.packs.len());
     let back = Manifest::from_bytes("manifest.json", m.to_json().as_bytes()).unwrap();
     assert_eq!(back, m);

@@ -634,3 +634,36 @@ fn soak_gpu_thousand_random_moves() {
     );
     soak_report("native-gpu", 1000, alloc.bytes());
 }
+
+/// The shipped manifest names no file of the build machine: no string in it is an absolute
+/// path, and the calibration text is recorded by name and sha256 (issue 17).
+#[test]
+fn the_manifest_carries_no_build_machine_path() {
+    fn strings<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match v {
+            serde_json::Value::String(s) => out.push(s),
+            serde_json::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+            serde_json::Value::Object(o) => o.values().for_each(|x| strings(x, out)),
+            _ => {}
+        }
+    }
+    let text = std::fs::read_to_string(ensemble().join("manifest.json")).unwrap();
+    let cache = crate::common::cache_dir();
+    assert!(
+        !text.contains(cache.to_str().unwrap()),
+        "{}",
+        cache.display()
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut all = Vec::new();
+    strings(&v, &mut all);
+    let absolute: Vec<&&str> = all.iter().filter(|s| Path::new(s).is_absolute()).collect();
+    assert!(absolute.is_empty(), "{absolute:?}");
+    let calib = &v["quantizer"]["calibration"]["library"];
+    assert_eq!(calib["text"], "austen-calib.txt", "{calib}");
+    assert_eq!(
+        calib["text_sha256"].as_str().map(str::len),
+        Some(64),
+        "{calib}"
+    );
+}
