@@ -15,8 +15,17 @@ use crate::error::{Error, Result};
 use crate::model::weights::ModuleId;
 use std::path::{Path, PathBuf};
 
-/// The default size of a pack, by measurement (`./build.sh bench`, `downloads.by_pack_mb`).
-pub const DEFAULT_PACK_MB: f64 = 8.0;
+/// The largest pack by default (`--pack-mb`).
+pub const DEFAULT_PACK_MB: f64 = 32.0;
+/// Step 0's versions are cut into at least this many packs of equal size: with the tokenizer
+/// and the base, a cold load is six requests, one round over the six connections per host
+/// Chromium opens on HTTP/1.1. By measurement on the demo (`bench-latency.html`, 50 ms per
+/// response, same run): 4 packs of 15 MB downloaded in 0.42-0.51 s, 8 of 7.5 MB in
+/// 0.45-0.73 s, 16 of 3.8 MB in 0.60-0.83 s, one file of the same bytes in 0.31-0.39 s.
+pub const FIRST_LOAD_PACKS: u64 = 4;
+/// The lower versions' packs (at most `--pack-mb`): what a swap the prefetch has not covered
+/// waits for, with the next swaps' versions.
+pub const SWAP_PACK_BYTES: u64 = 2 << 20;
 /// Directory of the pack files, relative to the manifest.
 pub const DIR: &str = "packs";
 
@@ -30,12 +39,12 @@ pub fn mb_to_bytes(mb: f64) -> Result<u64> {
     Ok((mb * (1u64 << 20) as f64) as u64)
 }
 
-/// Indices into `m.modules`, in first-use order, cut into packs: step 0's versions (what a
-/// cold load fetches) in packs of about `target` bytes, the lower versions in packs of a
-/// quarter of that, so a swap the prefetch has not covered waits for a few versions, not a
-/// first-load pack. A version bigger than its pack size gets a pack of its own; step 0's
-/// versions never share a pack with lower ones.
-pub fn plan(m: &Manifest, target: u64) -> Vec<Vec<usize>> {
+/// Indices into `m.modules`, in first-use order, cut into packs of at most `max` bytes (a
+/// version bigger than that gets a pack of its own): step 0's versions (what a cold load
+/// fetches) into `FIRST_LOAD_PACKS` packs of equal size, more if they would exceed `max`; the
+/// lower versions into packs of `SWAP_PACK_BYTES` (or `max` if smaller). Step 0's versions
+/// never share a pack with lower ones.
+pub fn plan(m: &Manifest, max: u64) -> Vec<Vec<usize>> {
     let n = m.n_modules();
     let t = &m.trajectory;
     // The step that swaps each module out of n_up (the last step when it never is).
@@ -69,18 +78,26 @@ pub fn plan(m: &Manifest, target: u64) -> Vec<Vec<usize>> {
     let low: Vec<usize> = order_low.iter().filter_map(&mut take).collect();
     // Versions the trajectory never swaps in (none in a valid manifest, kept all the same).
     let rest: Vec<usize> = (0..m.modules.len()).filter(|&i| !seen[i]).collect();
+    let up_bytes: u64 = up.iter().map(|&i| m.modules[i].file.bytes).sum();
+    let n_up = FIRST_LOAD_PACKS.max(up_bytes.div_ceil(max.max(1)));
+    let swap = SWAP_PACK_BYTES.min(max);
     let mut packs = Vec::new();
-    for (group, target) in [(up, target), (low, target / 4), (rest, target / 4)] {
-        let mut cur: Vec<usize> = Vec::new();
-        let mut bytes = 0;
+    for (group, target) in [(up, up_bytes.div_ceil(n_up)), (low, swap), (rest, swap)] {
+        // Cut at the file boundary nearest each multiple of `target` (where a file's middle
+        // crosses it), so `n` targets' worth of files make `n` packs.
+        let target = target.max(1);
+        let (mut cur, mut done, mut next) = (Vec::new(), 0, target);
         for i in group {
             let b = m.modules[i].file.bytes;
-            if !cur.is_empty() && bytes + b > target {
-                packs.push(std::mem::take(&mut cur));
-                bytes = 0;
+            let middle = done + b / 2;
+            if middle >= next {
+                if !cur.is_empty() {
+                    packs.push(std::mem::take(&mut cur));
+                }
+                next = (middle / target + 1) * target;
             }
             cur.push(i);
-            bytes += b;
+            done += b;
         }
         if !cur.is_empty() {
             packs.push(cur);
@@ -93,8 +110,8 @@ pub fn plan(m: &Manifest, target: u64) -> Vec<Vec<usize>> {
 /// another size) into `packs/*.bin` named by their content's hash, updating `m` (now version
 /// 2). Every file is verified before it is packed. Returns the files the new packs replace,
 /// which the caller removes once it has written the manifest.
-pub fn pack_files(dir: &Path, m: &mut Manifest, target: u64) -> Result<Vec<PathBuf>> {
-    if target == 0 {
+pub fn pack_files(dir: &Path, m: &mut Manifest, max: u64) -> Result<Vec<PathBuf>> {
+    if max == 0 {
         return Err(Error::input("a pack size of 0 bytes"));
     }
     let old: Vec<PathBuf> = if m.packs.is_empty() {
@@ -102,7 +119,7 @@ pub fn pack_files(dir: &Path, m: &mut Manifest, target: u64) -> Result<Vec<PathB
     } else {
         m.packs.iter().map(|p| dir.join(&p.file)).collect()
     };
-    let plan = plan(m, target);
+    let plan = plan(m, max);
     let out = dir.join(DIR);
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let mut packs = Vec::with_capacity(plan.len());

@@ -499,8 +499,34 @@ fn pack_plan_puts_first_use_first() {
         })
         .collect();
     assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
-    // No pack is much above the target unless one file is.
-    for p in &m.packs {
-        assert!(p.bytes <= 3000 || !m.modules.iter().any(|v| v.file.pack.as_ref().unwrap().pack == p.file && v.file.bytes < p.bytes));
+    // Step 0 in FIRST_LOAD_PACKS packs of about equal size (more when they would pass the
+    // largest size); lower packs no more than half a file above their size.
+    use flexquant::ensemble::pack::{plan, FIRST_LOAD_PACKS};
+    let up_bytes: u64 = m
+        .modules
+        .iter()
+        .filter(|v| v.bits == 4)
+        .map(|v| v.file.bytes)
+        .sum();
+    let biggest = m.modules.iter().map(|v| v.file.bytes).max().unwrap();
+    let n = last_up.unwrap() + 1;
+    // (Files bigger than a pack's share make fewer, not more.)
+    let want = FIRST_LOAD_PACKS.max(up_bytes.div_ceil(3000));
+    assert!(
+        (FIRST_LOAD_PACKS..=want).contains(&(n as u64)),
+        "{n} of {want}"
+    );
+    for p in &m.packs[..n] {
+        assert!(p.bytes <= up_bytes / want + biggest, "{p:?}");
     }
+    for p in &m.packs[n..] {
+        assert!(p.bytes <= 3000 + biggest / 2, "{p:?}");
+    }
+    let roomy = plan(&sample(), 1 << 30);
+    let m0 = sample();
+    let up_packs = roomy
+        .iter()
+        .filter(|members| members.iter().all(|&i| m0.modules[i].bits == 4))
+        .count();
+    assert_eq!(up_packs as u64, FIRST_LOAD_PACKS);
 }
