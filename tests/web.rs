@@ -451,6 +451,40 @@ async fn bad_shards_are_rejected_and_the_engine_stays_usable() {
     }
 }
 
+/// A shard the server does not have (404) is handled like one that fails verification: a
+/// load under a budget whose step needs it falls back to a deeper step without it, with a
+/// warning naming it, and the model answers.
+#[wasm_bindgen_test]
+async fn a_missing_shard_makes_a_load_fall_back_like_a_corrupt_one() {
+    let (probe, _) = engine("/tiny/manifest.json", json!({"backend": "cpu"}))
+        .await
+        .unwrap();
+    let budget = budget_for(&probe, 1);
+    call(probe.unload()).await.unwrap();
+    let (e, ev) = engine(
+        "/missing/tiny/manifest.json",
+        json!({"backend": "cpu", "budgetBytes": budget}),
+    )
+    .await
+    .expect("a deeper step loads");
+    let s = stats(&e);
+    assert!(s["step"].as_u64().unwrap() > 1, "{s}");
+    let missing: Vec<Value> = of_type(&ev, "error")
+        .into_iter()
+        .filter(|x| {
+            x["error"]["code"] == "http"
+                && x["error"]["message"].as_str().unwrap().contains("HTTP 404")
+        })
+        .collect();
+    assert!(!missing.is_empty(), "{:?}", of_type(&ev, "error"));
+    let file = missing[0]["error"]["file"].as_str().unwrap();
+    assert!(file.starts_with("modules/"), "{file}");
+    start(&e, &[user("Hi")], 3).await;
+    let (_, n, _) = finish(&e).await;
+    assert!(n >= 1);
+    call(e.unload()).await.unwrap();
+}
+
 /// Requests so far whose path starts with `prefix` (tests/web/server.py's `/__count`).
 async fn requests(prefix: &str) -> u64 {
     server_get(&format!("/__count?prefix={prefix}"))

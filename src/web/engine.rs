@@ -449,12 +449,11 @@ impl Engine {
     }
 }
 
-/// Whether `e` is a module file failing verification (the walk's fallback handles those).
+/// Whether `e` is about a module file the walk's fallback handles (one that fails
+/// verification or is missing on the server).
 fn module_file(m: &crate::ensemble::manifest::Manifest, e: &WebError) -> bool {
-    matches!(e.code, Code::HashMismatch | Code::Truncated)
-        && e.file
-            .as_deref()
-            .is_some_and(|f| m.modules.iter().any(|v| v.file.file == f))
+    <Loader as crate::runtime::ByteSource>::unverified_file(e)
+        .is_some_and(|f| m.modules.iter().any(|v| v.file.file == f))
 }
 
 /// KV cache and activations before a model exists (refined from the model's exact footprint

@@ -63,6 +63,9 @@ pub async fn get(url: &str, what: &str) -> WebResult<Response> {
             format!("{what}: HTTP {status} {} for {url}", r.status_text()),
         )
         .url(url);
+        if what != "manifest" {
+            e = e.file(what);
+        }
         e.status = Some(status);
         return Err(e);
     }

@@ -397,7 +397,12 @@ impl Loader {
                 pack.bytes,
                 in_flight(p, &self.emitter, &pack.file, share),
             )
-            .await?;
+            .await
+            // A pack the server does not have: the files wanted from it are what is missing.
+            .map_err(|e| match &wanted.first() {
+                Some(w) if e.file.as_deref() == Some(&pack.file) => e.file(&w.1.file),
+                _ => e,
+            })?;
         self.net_bytes
             .set(self.net_bytes.get() + bytes.len() as u64);
         let slice = |f: &FileRef| {

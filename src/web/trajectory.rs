@@ -38,9 +38,12 @@ impl ByteSource for Loader {
     fn prefetches(&self) -> bool {
         self.cached()
     }
+    /// A file that failed verification, or that the server does not have (404, 410): a load
+    /// falls back to a step without it, a swap stops before it.
     fn unverified_file(e: &WebError) -> Option<String> {
         match e.code {
             Code::HashMismatch | Code::Truncated => e.file.clone(),
+            Code::Http if matches!(e.status, Some(404 | 410)) => e.file.clone(),
             _ => None,
         }
     }

@@ -6,6 +6,7 @@ ensemble, selected by a path prefix:
   /tiny/...            the ensemble as built
   /corrupt/tiny/...    the shard that trajectory step 1 swaps in has one byte flipped
   /truncated/tiny/...  that shard cut to half its length
+  /missing/tiny/...    that shard answered 404 (a deploy that lost a file)
   /v99/tiny/...        the manifest claims format version 99
   /garbage/tiny/...    the manifest is not JSON
   /net/tiny/...        module shards are cut mid-body (connection closed) while /__fail?on=1
@@ -56,7 +57,7 @@ sw = manifest["trajectory"][1]["swap"]
 victim = next(v["file"] for v in manifest["modules"]
               if v["layer"] == sw["layer"] and v["kind"] == sw["kind"] and v["bits"] == sw["to_bits"])
 counts, lock, state = Counter(), threading.Lock(), {"fail": False, "delay_ms": 0, "stale": False}
-VIEWS = ("corrupt", "truncated", "v99", "garbage", "net", "badbase", "badtok", "chatml", "strict",
+VIEWS = ("corrupt", "truncated", "missing", "v99", "garbage", "net", "badbase", "badtok", "chatml", "strict",
          "stale")
 STRICT = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
@@ -164,6 +165,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body = bytearray(body)
             body[len(body) // 3] ^= 0x5A
             body = bytes(body)
+        if rel == victim and view == "missing":
+            return self.send(404, b"not found", "text/plain")
         if rel == victim and view == "truncated":
             body = body[: len(body) // 2]
         cut = view == "net" and state["fail"] and rel.startswith("modules/")
