@@ -540,13 +540,14 @@ async fn packed_ensembles_fetch_each_pack_once_and_answer_as_unpacked() {
         let n = requests(&format!("/packed/{}", p["file"].as_str().unwrap())).await;
         assert!(n <= 1, "{p} fetched {n} times");
     }
-    // The network brought packs and the two files outside them, nothing twice.
-    let stored: u64 = packs
-        .iter()
-        .map(|p| p["bytes"].as_u64().unwrap())
-        .sum::<u64>()
-        + manifest["base"]["bytes"].as_u64().unwrap()
-        + manifest["tokenizer"]["bytes"].as_u64().unwrap();
+    // The base and the tokenizer are in packs too: the network brought packs only, nothing
+    // twice.
+    for k in ["base", "tokenizer"] {
+        assert!(manifest[k]["pack"].is_object(), "{k}: {}", manifest[k]);
+        let alone = format!("/packed/{}", manifest[k]["file"].as_str().unwrap());
+        assert_eq!(requests(&alone).await, 0, "{alone} fetched alone");
+    }
+    let stored: u64 = packs.iter().map(|p| p["bytes"].as_u64().unwrap()).sum();
     let net = stats(&e)["networkBytes"].as_u64().unwrap();
     assert!(
         net <= stored,

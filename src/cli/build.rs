@@ -59,8 +59,9 @@ pub struct BuildArgs {
     group: usize,
     #[command(flatten)]
     calib_opts: CalibArgs,
-    /// Pack the shipped module versions into files of about this many MB, so a cold load
-    /// makes a few requests (see `flexquant pack`); 0 writes one file per module version.
+    /// Pack the shipped files (base, tokenizer, module versions) into files of at most about
+    /// this many MB, so a cold load makes a few requests (see `flexquant pack`); 0 writes one
+    /// file each.
     #[arg(long, default_value_t = pack::DEFAULT_PACK_MB)]
     pack_mb: f64,
     #[arg(long)]
@@ -231,7 +232,8 @@ pub fn run_report(dir: &Path) -> Result<()> {
 }
 
 /// `flexquant pack DIR`: packs an ensemble built with one file per module version (what
-/// builders before packs wrote, or `--pack-mb 0`), or repacks one at another size, in place.
+/// builders before packs wrote, or `--pack-mb 0`), or repacks one at another size or from an
+/// older layout, in place.
 /// The new manifest is written (atomically) before the replaced files are removed, so an
 /// interrupted run leaves a valid ensemble.
 pub fn run_pack(dir: &Path, pack_mb: f64) -> Result<()> {
@@ -249,7 +251,7 @@ pub fn run_pack(dir: &Path, pack_mb: f64) -> Result<()> {
         .with_context(|| format!("replacing {}/manifest.json", dir.display()))?;
     pack::remove_replaced(&replaced)?;
     println!(
-        "{}: {} module versions in {} packs ({} bytes)",
+        "{}: base, tokenizer and {} module versions in {} packs ({} bytes)",
         dir.display(),
         m.modules.len(),
         m.packs.len(),

@@ -62,8 +62,8 @@ enum Cmd {
     },
     /// Build a FlexQuant ensemble (library, search, pruning, package, report).
     Build(build::BuildArgs),
-    /// Pack an ensemble's module versions into a few files (in place): a cold load in the
-    /// browser then makes a few requests instead of one per module version.
+    /// Pack an ensemble's files into a few (in place): a cold load in the browser then makes
+    /// a few requests instead of one per file.
     Pack {
         dir: PathBuf,
         /// About this many MB per pack.

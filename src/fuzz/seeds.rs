@@ -60,7 +60,7 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
     }
     s.insert("shard", shards);
     let config = serde_json::to_vec(&man.config).map_err(|e| Error::format("config", e))?;
-    let base = read(&f.ensemble.join(&man.base.file))?;
+    let base = crate::ensemble::files::read_verified(&f.ensemble, &man.base)?;
     s.insert(
         "base",
         vec![frame(&[&(g as u32).to_le_bytes(), &config, &base])],
@@ -83,7 +83,7 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
     s.insert(
         "tokenizer",
         vec![
-            read(&f.ensemble.join(&man.tokenizer.file))?,
+            crate::ensemble::files::read_verified(&f.ensemble, &man.tokenizer)?,
             demo_tok.to_json()?.into_bytes(),
         ],
     );

@@ -7,7 +7,7 @@ use crate::web::api::{from_js, EngineOptions};
 use crate::web::error::WebResult;
 use crate::web::events::to_js;
 use crate::web::fetch;
-use crate::web::loader::{owned_keys, read_manifest};
+use crate::web::loader::{file_url, owned_keys, read_manifest};
 use crate::web::store::{self, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -77,9 +77,7 @@ pub async fn cached_ensemble(url: String, options: JsValue) -> Result<JsValue, J
             Some(s) => s.keys().await.into_iter().collect(),
             None => BTreeSet::new(),
         };
-        let held = |f: &FileRef| {
-            fetch::resolve(&f.file, &url).is_ok_and(|u| keys.contains(&store::key(&u, &f.sha256)))
-        };
+        let held = |f: &FileRef| keys.contains(&store::key(&file_url(&url, &f.file), &f.sha256));
         Ok(to_js(&Cached {
             manifest_cached: keys.contains(&format!("{url}?flexquant-manifest")),
             report: cache_report(&m, held),

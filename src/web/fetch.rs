@@ -83,14 +83,14 @@ fn network(url: &str, what: &str, e: &JsValue) -> WebError {
     .url(url)
 }
 
-/// Reads a response body chunk by chunk, calling `progress(bytes_so_far)` after each, and
+/// Reads a response body chunk by chunk, calling `progress(body_so_far)` after each, and
 /// stops as soon as it exceeds `cap` bytes (a wrong or hostile file is never held whole).
 pub async fn read_body(
     r: Response,
     url: &str,
     what: &str,
     cap: u64,
-    mut progress: impl FnMut(u64),
+    mut progress: impl FnMut(&[u8]),
 ) -> WebResult<Vec<u8>> {
     let too_big = |n: u64| {
         WebError::new(
@@ -109,7 +109,7 @@ pub async fn read_body(
         .map_err(|_| WebError::new(Code::Internal, "no default reader"))?;
     // Reserve as bytes arrive, never past `cap` (not the declared size up front: a hostile
     // manifest would make every download reserve gigabytes before a byte came).
-    let mut out = Vec::new();
+    let mut out: Vec<u8> = Vec::new();
     loop {
         let chunk = JsFuture::from(reader.read())
             .await
@@ -131,9 +131,19 @@ pub async fn read_body(
         let at = out.len();
         let want = crate::runtime::body::next_capacity(at, v.length() as usize, cap);
         out.reserve_exact(want.saturating_sub(at));
-        out.resize(at + v.length() as usize, 0);
-        v.copy_to(&mut out[at..]);
-        progress(n);
+        let len = v.length() as usize;
+        assert!(
+            out.capacity() >= at + len,
+            "next_capacity reserved too little"
+        );
+        // Straight into the spare capacity: no zero-filling of bytes about to be overwritten.
+        // SAFETY: the capacity holds `at + len` bytes (checked above) and `raw_copy_to_ptr`
+        // writes exactly `len` of them, so the first `at + len` are initialized.
+        unsafe {
+            v.raw_copy_to_ptr(out.as_mut_ptr().add(at));
+            out.set_len(at + len);
+        }
+        progress(&out);
     }
     Ok(out)
 }

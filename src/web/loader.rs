@@ -31,7 +31,6 @@ fn retryable(e: &WebError) -> bool {
 pub struct Loader {
     pub manifest_url: String,
     pub manifest: Manifest,
-    pub manifest_sha: String,
     store: Option<Store>,
     /// Bytes this engine may add to the Cache API (the app's cap; the browser's quota applies
     /// on top).
@@ -43,6 +42,9 @@ pub struct Loader {
     closed: Cell<bool>,
     /// The first load's verified files, by name, until the model takes them (`first_load`).
     handoff: RefCell<std::collections::HashMap<String, Vec<u8>>>,
+    /// The manifest's bytes until `store_deferred` puts them in the cache with the first
+    /// load's files.
+    unsaved_manifest: RefCell<Option<Vec<u8>>>,
     /// While the first load runs: verified files waiting to be stored (`store_deferred`).
     deferred: RefCell<Option<Vec<(FileRef, String, js_sys::Uint8Array)>>>,
     /// Bytes from the network and from the cache since the engine was created.
@@ -79,16 +81,24 @@ pub async fn read_manifest(url: &str, store: Option<&Store>) -> WebResult<(Manif
         },
         Err(e) => return Err(e),
     };
-    if let Some(e) = manifest_error(url, &bytes) {
-        return Err(e);
-    }
-    let manifest = Manifest::from_bytes(url, &bytes)
-        .map_err(|e| WebError::new(Code::ManifestInvalid, e.to_string()).url(url))?;
+    // The version is looked at only when the manifest does not parse: a manifest of another
+    // version gets its own code (parsing it twice cost a cold load ~5 ms before its requests).
+    let manifest = Manifest::from_bytes(url, &bytes).map_err(|e| {
+        manifest_error(url, &bytes)
+            .unwrap_or_else(|| WebError::new(Code::ManifestInvalid, e.to_string()).url(url))
+    })?;
     Ok((manifest, bytes))
 }
 
 fn manifest_key(url: &str) -> String {
     format!("{url}?flexquant-manifest")
+}
+
+/// The URL of an ensemble's file `name`: the manifest's directory and the name, which the
+/// manifest's validation allows only as a plain relative path (what `new URL(name, url)`
+/// gives, without a call into JS for each of ~400 files).
+pub fn file_url(manifest_url: &str, name: &str) -> String {
+    format!("{}{name}", ensemble_dir(manifest_url))
 }
 
 /// The directory an ensemble owns in the cache: its manifest's URL up to the last `/`.
@@ -115,7 +125,7 @@ pub fn owned_keys<'a>(keys: &'a [String], url: &str) -> Vec<&'a String> {
 impl Loader {
     /// Reads the manifest (`read_manifest`), evicts from the cache the files of other
     /// versions of this ensemble and counts the bytes of this version already cached against
-    /// the quota.
+    /// the quota. The manifest is cached with the first load's files (`store_deferred`).
     pub async fn open(
         url: &str,
         cache_name: Option<&str>,
@@ -140,7 +150,6 @@ impl Loader {
         };
         let (manifest, bytes) = read_manifest(&url, store.as_ref()).await?;
         let loader = Loader {
-            manifest_sha: manifest::sha256_hex(&bytes),
             manifest_url: url,
             manifest,
             store,
@@ -149,14 +158,13 @@ impl Loader {
             parallel,
             closed: Cell::new(false),
             handoff: RefCell::default(),
+            unsaved_manifest: RefCell::new(Some(bytes)),
             deferred: RefCell::new(None),
             net_bytes: Cell::new(0),
             cache_bytes: Cell::new(0),
             emitter,
         };
         if let Some(s) = &loader.store {
-            // Small, and re-verified on every read: a failure to store it is harmless.
-            let _ = s.put(&manifest_key(&loader.manifest_url), &bytes).await;
             let held = loader.evict_stale(s).await;
             loader.stored.set(held);
         }
@@ -169,7 +177,7 @@ impl Loader {
         let current: std::collections::BTreeMap<(String, &str), u64> = self
             .manifest
             .all_files()
-            .filter_map(|f| Some(((self.url_of(f).ok()?, f.sha256.as_str()), f.bytes)))
+            .map(|f| ((self.url_of(f), f.sha256.as_str()), f.bytes))
             .collect();
         let keys = s.keys().await;
         let mut held = 0;
@@ -186,8 +194,8 @@ impl Loader {
         held
     }
 
-    pub fn url_of(&self, f: &FileRef) -> WebResult<String> {
-        fetch::resolve(&f.file, &self.manifest_url)
+    pub fn url_of(&self, f: &FileRef) -> String {
+        file_url(&self.manifest_url, &f.file)
     }
 
     pub fn cached(&self) -> bool {
@@ -244,6 +252,11 @@ impl Loader {
     /// writes would slow the downloads they overlap by about a second per 90 MB in Chromium),
     /// one after another, in the background of the running engine.
     pub async fn store_deferred(&self) {
+        let manifest = self.unsaved_manifest.borrow_mut().take();
+        if let (Some(s), Some(bytes)) = (&self.store, manifest) {
+            // Small, and re-verified on every read: a failure to store it is harmless.
+            let _ = s.put(&manifest_key(&self.manifest_url), &bytes).await;
+        }
         let Some(queue) = self.deferred.borrow_mut().take() else {
             return;
         };
@@ -330,13 +343,14 @@ impl Loader {
     }
 
     /// The body of `url` (at most `cap` bytes); a network error (or a 5xx/429 answer) is
-    /// retried with backoff. `arrived` reports the bytes so far of the current attempt.
+    /// retried with backoff. `arrived` sees the body so far of the current attempt (empty when
+    /// an attempt ends).
     async fn fetch_retrying(
         &self,
         url: &str,
         what: &str,
         cap: u64,
-        arrived: impl Fn(u64),
+        arrived: impl Fn(&[u8]),
     ) -> WebResult<Vec<u8>> {
         let mut attempt = 0;
         loop {
@@ -345,7 +359,7 @@ impl Loader {
                 fetch::read_body(r, url, what, cap, &arrived).await
             }
             .await;
-            arrived(0);
+            arrived(&[]);
             match r {
                 Ok(b) => return Ok(b),
                 Err(e) if attempt < RETRIES && retryable(&e) => {
@@ -386,17 +400,13 @@ impl Loader {
         wanted: &[Wanted<'_>],
         p: &RefCell<Progress>,
     ) -> WebResult<Vec<(usize, Vec<u8>)>> {
-        let url = fetch::resolve(&pack.file, &self.manifest_url)?;
+        let url = file_url(&self.manifest_url, &pack.file);
         let want_bytes: u64 = wanted.iter().map(|w| w.1.bytes).sum();
         // Progress counts the wanted files' bytes, in proportion as the pack arrives.
         let share = want_bytes as f64 / pack.bytes.max(1) as f64;
+        let progress = in_flight(p, &self.emitter, &pack.file, share);
         let bytes = self
-            .fetch_retrying(
-                &url,
-                &pack.file,
-                pack.bytes,
-                in_flight(p, &self.emitter, &pack.file, share),
-            )
+            .fetch_retrying(&url, &pack.file, pack.bytes, progress)
             .await
             // A pack the server does not have: the files wanted from it are what is missing.
             .map_err(|e| match &wanted.first() {
@@ -410,11 +420,16 @@ impl Loader {
             let end = s.offset.checked_add(f.bytes)?;
             bytes.get(s.offset as usize..end.min(bytes.len() as u64) as usize)
         };
+        // All at once: the browser hashes them on several threads.
+        let checks = wanted
+            .iter()
+            .map(|&(_, f, member_url)| Self::verify(f, member_url, slice(f).unwrap_or_default()));
+        let checked = futures_util::future::join_all(checks).await;
         let mut out = Vec::with_capacity(wanted.len());
         let mut failed = None;
-        for &(i, f, member_url) in wanted {
+        for (&(i, f, member_url), r) in wanted.iter().zip(checked) {
             let b = slice(f).unwrap_or_default();
-            match Self::verify(f, member_url, b).await {
+            match r {
                 Ok(()) => out.push((i, f, member_url, b)),
                 Err(mut e) if failed.is_none() => {
                     e.message = format!("{} in pack {url}", e.message);
@@ -440,7 +455,7 @@ impl Loader {
             if !seen.insert(&f.file) {
                 continue;
             }
-            let (Ok(u), Some(b)) = (self.url_of(f), slice(f)) else {
+            let (u, Some(b)) = (self.url_of(f), slice(f)) else {
                 continue;
             };
             if self.is_stored(f, &u).await || Self::verify(f, &u, b).await.is_err() {
@@ -502,10 +517,7 @@ impl Loader {
         }
         let total: u64 = rest.iter().map(|&i| fs[i].bytes).sum();
         let p = RefCell::new(Progress::new(phase, total, rest.len()));
-        let urls = fs
-            .iter()
-            .map(|f| self.url_of(f))
-            .collect::<WebResult<Vec<_>>>()?;
+        let urls: Vec<String> = fs.iter().map(|f| self.url_of(f)).collect();
         // Nothing of this version cached (`evict_stale` counted it, nothing stored since): no
         // lookups (a cold load's Cache API reads delayed its first request by ~0.1 s).
         let cached = if self.stored.get() == 0 {
@@ -578,7 +590,7 @@ impl Loader {
         let Some(s) = &self.store else { return Ok(0) };
         let mut missing = Vec::new();
         for f in fs {
-            let url = self.url_of(f)?;
+            let url = self.url_of(f);
             if !s.has(&store::key(&url, &f.sha256)).await && !missing.contains(f) {
                 missing.push(f.clone());
             }
@@ -601,10 +613,10 @@ fn in_flight<'a>(
     emitter: &'a Emitter,
     file: &'a str,
     share: f64,
-) -> impl Fn(u64) + 'a {
+) -> impl Fn(&[u8]) + 'a {
     let counted = Cell::new(0u64);
-    move |n| {
-        let n = (n as f64 * share) as u64;
+    move |body| {
+        let n = (body.len() as f64 * share) as u64;
         let mut p = p.borrow_mut();
         p.in_flight = p.in_flight + n - counted.replace(n);
         if n > 0 {

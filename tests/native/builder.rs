@@ -203,13 +203,16 @@ fn packaged_ensemble_round_trips() {
     assert_eq!(packed.version, 2);
     assert!(packed.packs.len() > 2, "{} packs", packed.packs.len());
     assert!(!packed_dir.join("modules").exists());
+    // The base and the tokenizer are packed too: the directory holds packs and the manifest.
+    assert!(packed.all_files().all(|f| f.pack.is_some()));
+    assert!(!packed_dir.join(&man.base.file).exists());
     for p in &packed.packs {
         let len = std::fs::metadata(packed_dir.join(&p.file)).unwrap().len();
         assert_eq!(len, p.bytes, "{}", p.file);
     }
     assert_eq!(
         packed.packs.iter().map(|p| p.bytes).sum::<u64>(),
-        man.modules.iter().map(|v| v.file.bytes).sum::<u64>()
+        man.all_files().map(|f| f.bytes).sum::<u64>()
     );
     // Step 0's versions come first, in packs of their own.
     let pack_index = |v: &flexquant::ensemble::ModuleVersion| {
