@@ -93,7 +93,9 @@ build_native() {
 }
 
 make_corpora() {
-  [ -s "$CACHE/text/austen-heldout.txt" ] && [ -s "$CACHE/text/austen-calib.txt" ] && return 0
+  local f ok=1
+  for f in austen-heldout austen-calib brown-calib brown-heldout; do [ -s "$CACHE/text/$f.txt" ] || ok=0; done
+  [ $ok = 1 ] && return 0
   "$BIN" corpus --cache "$CACHE/text" --out "$CACHE/text"
 }
 

@@ -74,6 +74,7 @@ pub fn run(model: &Path, heldout: &Path, out_dir: &Path, a: &QuantBenchArgs) -> 
         .as_deref()
         .context("bench quant needs --calib (the calibration text)")?;
     let m = super::load_model(model)?;
+    let mix = super::calib::Mix::load(&calib.to_string_lossy(), &m)?;
     let (gptq_dir, rtn_dir) = (
         sibling(&a.library_dir, "-gptq"),
         sibling(&a.library_dir, "-rtn"),
@@ -83,7 +84,7 @@ pub fn run(model: &Path, heldout: &Path, out_dir: &Path, a: &QuantBenchArgs) -> 
             build_library(
                 &m,
                 model,
-                calib,
+                &mix,
                 method,
                 &BITS,
                 DEFAULT_GROUP,

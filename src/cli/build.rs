@@ -22,9 +22,10 @@ pub enum Preset {
 pub struct BuildArgs {
     #[arg(long)]
     model: PathBuf,
-    /// Calibration text.
+    /// Calibration text, or a mix `SOURCE[:WEIGHT],...` (see `flexquant quantize --calib`):
+    /// the library's GPTQ and the trajectory search both calibrate on it.
     #[arg(long)]
-    calib: PathBuf,
+    calib: String,
     /// Held-out text for the report's perplexities.
     #[arg(long)]
     heldout: PathBuf,
@@ -97,28 +98,32 @@ fn settings(a: &BuildArgs) -> Result<BuildSettings> {
 fn library_for(
     a: &BuildArgs,
     m: &flexquant::model::load::LoadedModel,
+    mix: &super::calib::Mix,
     dir: &Path,
     bits: &[u32],
 ) -> Result<Library> {
     let sha = library::model_sha256(&a.model)?;
     if let Ok(lib) = Library::open(dir) {
         let man = &lib.manifest;
+        let c = &man.calibration;
         if man.model.sha256 == sha
             && man.method == a.method
             && man.group == a.group
             && bits.iter().all(|b| man.bits.contains(b))
+            && c.text_sha256 == mix.sha256()
+            && (c.sequences, c.seq_len) == (a.calib_opts.sequences, a.calib_opts.seq_len)
         {
             return Ok(lib);
         }
         eprintln!(
-            "{}: library does not match (model, method, group or bits); rebuilding",
+            "{}: library does not match (model, method, group, bits or calibration); rebuilding",
             dir.display()
         );
     }
     build_library(
         m,
         &a.model,
-        &a.calib,
+        mix,
         a.method,
         bits,
         a.group,
@@ -157,19 +162,21 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
             a.group
         ))
     });
-    let lib = library_for(&a, &m, &lib_dir, &bits)?;
+    let mix = super::calib::Mix::load(&a.calib, &m)?;
+    let lib = library_for(&a, &m, &mix, &lib_dir, &bits)?;
     let sha = library::model_sha256(&a.model)?;
     let em = EqmModel::new(lib, &m.weights, &sha)?;
-    let calib = m.tokenizer.encode(&super::read_text(&a.calib)?)?;
     let heldout = m.tokenizer.encode(&super::read_text(&a.heldout)?)?;
-    // Calibration windows spread over the text (not its first pages only).
-    let calib_ids = flexquant::quant::calib::sample(
-        &calib,
-        flexquant::quant::calib::CalibSettings {
-            sequences: s.calib_tokens / s.seq_len,
-            seq_len: s.seq_len,
-        },
-    )?;
+    // Calibration windows spread over each source's text (not its first pages only). A mix of
+    // more sources than the search has windows (the fast preset has one): shorter windows,
+    // one per source, that the search reads back to back (its windows keep their length, so
+    // held-out figures stay comparable across mixes).
+    let k = mix.sources.len();
+    let windows = (s.calib_tokens / s.seq_len).max(k);
+    let (calib_ids, _) = mix.sample(flexquant::quant::calib::CalibSettings {
+        sequences: windows,
+        seq_len: s.calib_tokens.div_ceil(windows),
+    })?;
     let pb = indicatif::ProgressBar::new(0);
     pb.set_style(indicatif::ProgressStyle::with_template(
         "{prefix:>16} [{bar:30}] {pos}/{len} {msg} ({elapsed}, ETA {eta})",

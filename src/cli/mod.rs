@@ -5,6 +5,7 @@ mod bench_backends;
 mod bench_gpu;
 mod bench_quant;
 mod build;
+mod calib;
 mod engine;
 mod eval;
 mod fuzz;

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use flexquant::model::load::LoadedModel;
-use flexquant::quant::calib::{self, CalibSettings};
+use flexquant::quant::calib::CalibSettings;
 use flexquant::quant::gptq::GptqConfig;
 use flexquant::quant::library::{self, BuildInput, BuildOptions, Manifest, Method, ModelInfo};
 use std::path::{Path, PathBuf};
@@ -16,9 +16,11 @@ pub const DEFAULT_GROUP: usize = flexquant::quant::static_table::DEFAULT_GROUP;
 pub struct QuantizeArgs {
     #[arg(long)]
     pub model: PathBuf,
-    /// Calibration text (e.g. .cache/text/austen-calib.txt).
+    /// Calibration text, or a mix of texts with weights: `SOURCE[:WEIGHT],...` (e.g.
+    /// `.cache/text/austen-calib.txt:0.5,.cache/text/brown-calib.txt:0.5`); each source gets
+    /// its share of the calibration sequences.
     #[arg(long)]
-    pub calib: PathBuf,
+    pub calib: String,
     #[arg(long, value_delimiter = ',', default_value = "8,6,5,4,3,2")]
     pub bits: Vec<u32>,
     /// rtn or gptq.
@@ -66,7 +68,7 @@ pub struct CalibArgs {
 pub fn build_library(
     m: &LoadedModel,
     model_path: &Path,
-    calib_path: &Path,
+    mix: &super::calib::Mix,
     method: Method,
     bits: &[u32],
     group: usize,
@@ -74,13 +76,11 @@ pub fn build_library(
     out: &Path,
     force: bool,
 ) -> Result<Manifest> {
-    let text = super::read_text(calib_path)?;
-    let ids = m.tokenizer.encode(&text)?;
     let settings = CalibSettings {
         sequences: a.sequences,
         seq_len: a.seq_len,
     };
-    let tokens = calib::sample(&ids, settings)?;
+    let (tokens, sources) = mix.sample(settings)?;
     let input = BuildInput {
         weights: &m.weights,
         model: ModelInfo {
@@ -88,13 +88,11 @@ pub fn build_library(
             sha256: library::model_sha256(model_path)?,
             config: m.weights.config.clone(),
         },
-        // The file's name, never its path: the manifest that carries this record is published
-        // with the ensemble (the sha256 identifies the text).
-        calib_text: calib_path.file_name().map_or_else(
-            || calib_path.display().to_string(),
-            |n| n.to_string_lossy().into(),
-        ),
-        calib_sha256: library::file_sha256(calib_path)?,
+        // File names, never paths: the manifest that carries this record is published with
+        // the ensemble (the sha256 identifies the texts).
+        calib_text: mix.name(),
+        calib_sha256: mix.sha256(),
+        calib_sources: sources,
         calib_tokens: &tokens,
     };
     let opts = BuildOptions {
@@ -127,10 +125,11 @@ pub fn build_library(
 
 pub fn run_quantize(a: QuantizeArgs) -> Result<()> {
     let m = super::load_model(&a.model)?;
+    let mix = super::calib::Mix::load(&a.calib, &m)?;
     let manifest = build_library(
         &m,
         &a.model,
-        &a.calib,
+        &mix,
         a.method,
         &a.bits,
         a.group,

@@ -85,11 +85,30 @@ pub struct ModelInfo {
     pub config: LlamaConfig,
 }
 
+/// One source of the calibration mix, as recorded (and published with the ensemble).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibSource {
+    /// The file's name (never its path), or `chat`.
+    pub name: String,
+    pub sha256: String,
+    /// Tokens of the whole source text.
+    pub tokens: usize,
+    pub weight: f64,
+    /// Calibration windows drawn from it.
+    pub sequences: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CalibInfo {
-    /// The calibration text's file name (no directory: it is published in the manifest).
+    /// The calibration mix by file names (`austen-calib.txt:0.5,brown-calib.txt:0.5`; one
+    /// name for one text). No directory: it is published in the manifest.
     pub text: String,
+    /// The text's sha256 for one source; for a mix, of its sources' names, hashes and weights
+    /// (`CalibSource::mix_sha256`).
     pub text_sha256: String,
+    /// Each source (empty in libraries built before mixes: `text` is then the one source).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<CalibSource>,
     pub sequences: usize,
     pub seq_len: usize,
     pub tokens: usize,
@@ -172,6 +191,35 @@ impl CalibInfo {
     }
 }
 
+impl CalibSource {
+    /// The identity of a mix: a single source's own sha256 (what libraries built before mixes
+    /// recorded), else the sha256 of every source's name, sha256 and weight.
+    pub fn mix_sha256(sources: &[CalibSource]) -> String {
+        match sources {
+            [one] => one.sha256.clone(),
+            _ => {
+                let lines: String = sources
+                    .iter()
+                    .map(|s| format!("{}:{}:{}\n", s.name, s.sha256, s.weight))
+                    .collect();
+                crate::ensemble::manifest::sha256_hex(lines.as_bytes())
+            }
+        }
+    }
+
+    /// The mix as `--calib` would take it, by names.
+    pub fn mix_name(sources: &[CalibSource]) -> String {
+        match sources {
+            [one] => one.name.clone(),
+            _ => sources
+                .iter()
+                .map(|s| format!("{}:{}", s.name, s.weight))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+}
+
 /// What the library is built from.
 pub struct BuildInput<'a> {
     pub weights: &'a Weights,
@@ -179,6 +227,8 @@ pub struct BuildInput<'a> {
     /// Name and sha256 of the calibration text, for the manifest.
     pub calib_text: String,
     pub calib_sha256: String,
+    /// The mix's sources (empty: one text, named by `calib_text`).
+    pub calib_sources: Vec<CalibSource>,
     /// Already sampled (`calib::sample`): `calib.tokens()` ids.
     pub calib_tokens: &'a [u32],
 }
@@ -406,6 +456,7 @@ fn build_into(
         calibration: CalibInfo {
             text: input.calib_text.clone(),
             text_sha256: input.calib_sha256.clone(),
+            sources: input.calib_sources.clone(),
             sequences: opts.calib.sequences,
             seq_len: opts.calib.seq_len,
             tokens: opts.calib.tokens(),

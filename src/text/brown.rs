@@ -46,11 +46,47 @@ pub fn brown_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Documents held out of calibration: those whose number is a multiple of this (ca05, ca10,
+/// ..., cb05, ...), about a fifth of every genre. Split by document, so no sentence of a
+/// held-out document is ever calibrated on.
+pub const HELDOUT_EVERY: u32 = 5;
+
+/// Whether the corpus file `path` (`c<genre><nn>`) is a held-out document.
+pub fn is_heldout(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    name.get(2..)
+        .and_then(|n| n.parse::<u32>().ok())
+        .is_some_and(|n| n % HELDOUT_EVERY == 0)
+}
+
 /// The whole corpus as text: files in sorted order, separated by a blank line.
 pub fn read_brown(dir: &Path) -> Result<String> {
+    read_docs(&brown_files(dir)?)
+}
+
+/// The corpus split by document (`is_heldout`): calibration text and held-out text, each as
+/// `read_brown` writes it.
+pub fn read_brown_split(dir: &Path) -> Result<(String, String)> {
+    let (held, calib): (Vec<PathBuf>, Vec<PathBuf>) =
+        brown_files(dir)?.into_iter().partition(|p| is_heldout(p));
+    ensure!(
+        !held.is_empty() && !calib.is_empty(),
+        "{}: the Brown split needs documents on both sides ({} calibration, {} held out)",
+        dir.display(),
+        calib.len(),
+        held.len()
+    );
+    Ok((read_docs(&calib)?, read_docs(&held)?))
+}
+
+/// The files' text in order, separated by a blank line, ending with a newline.
+fn read_docs(paths: &[PathBuf]) -> Result<String> {
     let mut out = String::new();
-    for path in brown_files(dir)? {
-        let tagged = std::fs::read_to_string(&path)
+    for path in paths {
+        let tagged = std::fs::read_to_string(path)
             .with_context(|| format!("reading Brown file {}", path.display()))?;
         let text = tagged_to_text(&tagged);
         if text.is_empty() {

@@ -1,9 +1,10 @@
 //! Real English text for quantization calibration and perplexity evaluation.
 //!
-//! The split is fixed and disjoint by construction: *Pride and Prejudice* is
-//! held out whole for evaluation, and the other five Austen novels (in
-//! publication order) are the calibration text. Brown corpus text, when
-//! available, is a second, out-of-domain evaluation set.
+//! The splits are fixed and disjoint by construction, by document: *Pride and Prejudice* is
+//! held out whole for evaluation, and the other five Austen novels (in publication order) are
+//! calibration text; the Brown corpus (when present: a second domain, 15 genres of 1961
+//! American prose) is split the same way, a fifth of every genre's documents held out
+//! (`brown::HELDOUT_EVERY`).
 
 pub mod austen;
 pub mod brown;
@@ -24,7 +25,8 @@ pub const BROWN_DIR: &str = "brown/package";
 pub struct Corpora {
     pub calibration: String,
     pub heldout: String,
-    pub brown: Option<String>,
+    /// Brown calibration and held-out text.
+    pub brown: Option<(String, String)>,
 }
 
 /// One written corpus file.
@@ -39,7 +41,8 @@ pub struct FileStats {
 pub struct CorporaFiles {
     pub calibration: FileStats,
     pub heldout: FileStats,
-    pub brown: Option<FileStats>,
+    /// `brown-calib.txt` and `brown-heldout.txt`.
+    pub brown: Option<(FileStats, FileStats)>,
 }
 
 /// Split novels into calibration and held-out text. Novels are separated by a
@@ -69,7 +72,7 @@ pub fn load_corpora(text_cache_dir: &Path) -> Result<Corpora> {
     let (calibration, heldout) = split_austen(&novels)?;
     let brown_dir = text_cache_dir.join(BROWN_DIR);
     let brown = if brown_dir.is_dir() {
-        Some(brown::read_brown(&brown_dir)?)
+        Some(brown::read_brown_split(&brown_dir)?)
     } else {
         None
     };
@@ -80,8 +83,8 @@ pub fn load_corpora(text_cache_dir: &Path) -> Result<Corpora> {
     })
 }
 
-/// Write `austen-calib.txt`, `austen-heldout.txt` and (if the Brown corpus is
-/// present) `brown.txt` into `out_dir`. Each file is written to a temporary
+/// Write `austen-calib.txt`, `austen-heldout.txt` and (if the Brown corpus is present)
+/// `brown-calib.txt` and `brown-heldout.txt` into `out_dir`. Each file is written to a temporary
 /// name and renamed, so readers never see a partial file; a file whose
 /// content is already right is left untouched, so reruns are no-ops.
 pub fn write_corpora(text_cache_dir: &Path, out_dir: &Path) -> Result<CorporaFiles> {
@@ -91,7 +94,10 @@ pub fn write_corpora(text_cache_dir: &Path, out_dir: &Path) -> Result<CorporaFil
         calibration: write_atomic(&out_dir.join("austen-calib.txt"), &c.calibration)?,
         heldout: write_atomic(&out_dir.join("austen-heldout.txt"), &c.heldout)?,
         brown: match &c.brown {
-            Some(b) => Some(write_atomic(&out_dir.join("brown.txt"), b)?),
+            Some((calib, held)) => Some((
+                write_atomic(&out_dir.join("brown-calib.txt"), calib)?,
+                write_atomic(&out_dir.join("brown-heldout.txt"), held)?,
+            )),
             None => None,
         },
     })

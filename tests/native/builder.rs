@@ -24,6 +24,7 @@ fn tiny_library(dir: &std::path::Path) -> (flexquant::model::load::LoadedModel, 
         },
         calib_text: "synthetic".into(),
         calib_sha256: "0".repeat(64),
+        calib_sources: vec![],
         calib_tokens: &tokens,
     };
     let opts = BuildOptions {

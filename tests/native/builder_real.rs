@@ -48,6 +48,7 @@ fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
         },
         calib_text: calib_path.display().to_string(),
         calib_sha256: "0".repeat(64),
+        calib_sources: vec![],
         calib_tokens: &calib_ids,
     };
     let opts = BuildOptions {

@@ -341,6 +341,7 @@ fn build_tiny(
         },
         calib_text: "synthetic".into(),
         calib_sha256: "-".into(),
+        calib_sources: vec![],
         calib_tokens: &tokens,
     };
     let opts = BuildOptions {
@@ -500,6 +501,7 @@ fn a_failed_build_leaves_no_library_behind() {
         },
         calib_text: "-".into(),
         calib_sha256: "-".into(),
+        calib_sources: vec![],
         calib_tokens: &tokens,
     };
     let opts = BuildOptions {
@@ -682,4 +684,58 @@ fn scores_and_prefix_cached_perplexity_equal_the_plain_evaluation() {
         sw.entries[9].ppl
     );
     assert!(sw.delta_min <= sw.delta_median && sw.delta_median <= sw.delta_max);
+}
+
+/// `--calib SOURCE[:WEIGHT],...`: parsing, windows shared by weight, sources sampled in order.
+#[test]
+fn calibration_mixes_share_windows_by_weight() {
+    use flexquant::quant::calib::{allot, parse_mix, sample_mix, CalibSettings, MixEntry};
+    let m = parse_mix("a.txt:0.4, /x/b:c.txt:0.4,chat:0.2").unwrap();
+    let want = |s: &str, w| MixEntry {
+        source: s.into(),
+        weight: w,
+    };
+    assert_eq!(
+        m,
+        [
+            want("a.txt", 0.4),
+            want("/x/b:c.txt", 0.4),
+            want("chat", 0.2)
+        ]
+    );
+    // A colon not followed by a number belongs to the path; no weight means 1.
+    assert_eq!(parse_mix("d:/t.txt").unwrap(), [want("d:/t.txt", 1.0)]);
+    for (bad, msg) in [
+        ("a.txt:0", "weights must be positive"),
+        ("a.txt:-1", "weights must be positive"),
+        ("a.txt:inf", "weights must be positive"),
+        ("a.txt,a.txt", "listed twice"),
+        ("a.txt,", "an empty source"),
+    ] {
+        let e = parse_mix(bad).unwrap_err().to_string();
+        assert!(e.contains(msg), "{bad}: {e}");
+    }
+    assert_eq!(allot(&[0.4, 0.4, 0.2], 32).unwrap(), [13, 13, 6]);
+    assert_eq!(allot(&[1.0], 32).unwrap(), [32]);
+    assert_eq!(allot(&[1.0, 1.0, 1.0], 4).unwrap(), [2, 1, 1]);
+    // Every source at least one window, the total kept.
+    assert_eq!(allot(&[100.0, 1.0], 8).unwrap(), [7, 1]);
+    assert!(allot(&[1.0, 1.0], 1).is_err());
+    let a: Vec<u32> = (0..1000).collect();
+    let b: Vec<u32> = (5000..5400).collect();
+    let s = CalibSettings {
+        sequences: 4,
+        seq_len: 10,
+    };
+    let t = sample_mix(&[(&a, 3.0), (&b, 1.0)], s).unwrap();
+    assert_eq!(t.len(), 40);
+    // Three windows spread over `a`, then one from `b`.
+    assert_eq!(&t[..10], &a[..10]);
+    assert_eq!((t[10], t[20]), (495, 990));
+    assert_eq!(&t[30..], &b[..10]);
+    // A source too short for its windows names itself by its token count.
+    let e = sample_mix(&[(&a[..15], 1.0), (&b, 1.0)], s)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has 15 tokens"), "{e}");
 }

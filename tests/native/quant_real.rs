@@ -206,6 +206,7 @@ fn eight_bit_is_within_one_percent_and_gptq3_beats_rtn3() {
         },
         calib_text: "austen-calib".into(),
         calib_sha256: "-".into(),
+        calib_sources: vec![],
         calib_tokens: &calib_tokens,
     };
     let opts = BuildOptions {

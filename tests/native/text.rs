@@ -5,7 +5,9 @@
 use flate2::write::{GzEncoder, ZlibEncoder};
 use flate2::Compression;
 use flexquant::text::austen::{self, read_austen, read_austen_from_bytes, Novel, NOVELS};
-use flexquant::text::brown::{detokenize, read_brown, strip_tag, tagged_to_text};
+use flexquant::text::brown::{
+    brown_files, detokenize, is_heldout, read_brown, read_brown_split, strip_tag, tagged_to_text,
+};
 use flexquant::text::{split_austen, write_corpora, AUSTEN_RDB, BROWN_DIR};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -319,7 +321,7 @@ fn write_corpora_is_atomic_and_idempotent() {
 
     let files = write_corpora(cache.path(), &out).unwrap();
     assert!(files.brown.is_none());
-    assert!(!out.join("brown.txt").exists());
+    assert!(!out.join("brown-calib.txt").exists());
     let held = std::fs::read_to_string(out.join("austen-heldout.txt")).unwrap();
     assert_eq!(files.heldout.bytes, held.len() as u64);
     assert_eq!(files.heldout.lines, 6);
@@ -328,6 +330,7 @@ fn write_corpora_is_atomic_and_idempotent() {
     let brown = cache.path().join(BROWN_DIR);
     std::fs::create_dir_all(&brown).unwrap();
     std::fs::write(brown.join("ca01"), "\n\n\tHello/uh ,/, world/nn ./.\n").unwrap();
+    std::fs::write(brown.join("ca05"), "\n\n\tHeld/vbn out/rp ./.\n").unwrap();
     let mtime = |p: PathBuf| std::fs::metadata(p).unwrap().modified().unwrap();
     let before = mtime(out.join("austen-calib.txt"));
     let again = write_corpora(cache.path(), &out).unwrap();
@@ -337,14 +340,15 @@ fn write_corpora_is_atomic_and_idempotent() {
         before,
         "unchanged file rewritten"
     );
-    let b = again.brown.unwrap();
+    let (b, h) = again.brown.unwrap();
     assert_eq!(std::fs::read_to_string(&b.path).unwrap(), "Hello, world.\n");
+    assert_eq!(std::fs::read_to_string(&h.path).unwrap(), "Held out.\n");
     // No temporary files left behind.
     let names: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(names.len(), 4, "{names:?}");
 }
 
 // ---- Brown: synthetic ---------------------------------------------------------
@@ -399,6 +403,23 @@ fn brown_files_are_sorted_and_filtered() {
     assert_eq!(
         read_brown(dir.path()).unwrap(),
         "First.\n\nAgain!\n\nSecond.\n"
+    );
+    // Split by document: every fifth of a genre held out; both sides needed.
+    std::fs::write(dir.path().join("ca05"), "\n\n\tFifth/od ./.\n").unwrap();
+    std::fs::write(dir.path().join("cb10"), "\n\n\tTenth/od ./.\n").unwrap();
+    assert_eq!(
+        read_brown_split(dir.path()).unwrap(),
+        (
+            "First.\n\nAgain!\n\nSecond.\n".to_string(),
+            "Fifth.\n\nTenth.\n".to_string()
+        )
+    );
+    let only_calib = tempfile::tempdir().unwrap();
+    std::fs::write(only_calib.path().join("ca01"), "\n\n\tFirst/od ./.\n").unwrap();
+    let e = format!("{:#}", read_brown_split(only_calib.path()).unwrap_err());
+    assert!(
+        e.contains("documents on both sides (1 calibration, 0 held out)"),
+        "{e}"
     );
     let empty = tempfile::tempdir().unwrap();
     let e = format!("{:#}", read_brown(empty.path()).unwrap_err());
@@ -495,6 +516,40 @@ fn real_brown() {
         text.len()
     );
     assert!(!text.contains("/at ") && !text.contains("``") && !text.contains(" ,"));
+    // Calibration and held-out never share a document: the split is by file, a fifth of
+    // every genre held out, and no held-out document's text is in the calibration text.
+    let files = brown_files(&dir).unwrap();
+    let held: Vec<_> = files.iter().filter(|p| is_heldout(p)).collect();
+    // (93 of 500: genres of 6 to 80 documents.)
+    assert!(
+        (files.len() * 17 / 100..=files.len() / 5).contains(&held.len()),
+        "{} of {}",
+        held.len(),
+        files.len()
+    );
+    for genre in 'a'..='r' {
+        let of = |fs: &mut dyn Iterator<Item = &PathBuf>| {
+            fs.filter(|p| p.file_name().unwrap().to_string_lossy().chars().nth(1) == Some(genre))
+                .count()
+        };
+        let (n, h) = (of(&mut files.iter()), of(&mut held.iter().copied()));
+        assert!(
+            n == 0 || (h > 0 && h < n),
+            "genre {genre}: {h} of {n} held out"
+        );
+    }
+    let (calib, heldout) = read_brown_split(&dir).unwrap();
+    assert_eq!(calib.len() + heldout.len() + 1, text.len());
+    for p in &held {
+        let doc = tagged_to_text(&std::fs::read_to_string(p).unwrap());
+        let first = doc.lines().next().unwrap();
+        assert!(heldout.contains(first), "{}", p.display());
+        assert!(
+            !calib.contains(doc.as_str()),
+            "{} in calibration",
+            p.display()
+        );
+    }
 }
 
 #[test]
@@ -507,10 +562,11 @@ fn real_write_corpora() {
     let a = write_corpora(&cache, out.path()).unwrap();
     let b = write_corpora(&cache, out.path()).unwrap();
     assert_eq!(a, b);
-    for f in [Some(&a.calibration), Some(&a.heldout), a.brown.as_ref()]
-        .into_iter()
-        .flatten()
-    {
+    let (bc, bh) = a
+        .brown
+        .as_ref()
+        .expect("the Brown corpus is installed with the text");
+    for f in [&a.calibration, &a.heldout, bc, bh] {
         println!("{}: {} bytes, {} lines", f.path.display(), f.bytes, f.lines);
         assert_eq!(std::fs::metadata(&f.path).unwrap().len(), f.bytes);
     }

@@ -55,14 +55,19 @@ fn ensemble() -> &'static Path {
             );
         };
         run(&["tiny-model", "--out", model.to_str().unwrap()]);
-        let calib = text.join("austen-calib.txt");
+        // A calibration mix (`--calib SOURCE:WEIGHT,...`): the manifest records each source.
+        let calib = format!(
+            "{}:3,{}:1",
+            text.join("austen-calib.txt").display(),
+            text.join("brown-calib.txt").display()
+        );
         let heldout = text.join("austen-heldout.txt");
         run(&[
             "build",
             "--model",
             model.to_str().unwrap(),
             "--calib",
-            calib.to_str().unwrap(),
+            &calib,
             "--heldout",
             heldout.to_str().unwrap(),
             "--preset",
@@ -660,10 +665,33 @@ fn the_manifest_carries_no_build_machine_path() {
     let absolute: Vec<&&str> = all.iter().filter(|s| Path::new(s).is_absolute()).collect();
     assert!(absolute.is_empty(), "{absolute:?}");
     let calib = &v["quantizer"]["calibration"]["library"];
-    assert_eq!(calib["text"], "austen-calib.txt", "{calib}");
+    assert_eq!(
+        calib["text"], "austen-calib.txt:3,brown-calib.txt:1",
+        "{calib}"
+    );
     assert_eq!(
         calib["text_sha256"].as_str().map(str::len),
         Some(64),
         "{calib}"
     );
+    // Each source by name, hash, token count, weight and its share of the windows.
+    let sources = calib["sources"].as_array().unwrap();
+    let names: Vec<&str> = sources
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["austen-calib.txt", "brown-calib.txt"]);
+    let windows: Vec<u64> = sources
+        .iter()
+        .map(|s| s["sequences"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        windows.iter().sum::<u64>(),
+        calib["sequences"].as_u64().unwrap()
+    );
+    assert_eq!(windows[0], 3 * windows[1], "{windows:?}");
+    for s in sources {
+        assert_eq!(s["sha256"].as_str().map(str::len), Some(64), "{s}");
+        assert!(s["tokens"].as_u64().unwrap() > 100_000, "{s}");
+    }
 }
