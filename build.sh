@@ -186,7 +186,7 @@ cmd_chat() {
 }
 
 # The benchmark parts, in the order `./build.sh bench` runs them; each writes target/bench/PART.json.
-BENCH_PARTS="cpu quant gpu ensemble browser backends reliability"
+BENCH_PARTS="cpu quant gpu ensemble mixes browser backends reliability"
 
 bench_cpu() {
   "$BIN" bench cpu --model "$MODEL" --text "$CACHE/text/austen-heldout.txt" --out-dir target/bench
@@ -218,6 +218,68 @@ bench_ensemble() {
 import json, sys
 d = sys.argv[1]
 print(json.dumps({s: json.load(open(f"{d}/full-{s}/report.json")) for s in ("4to2", "8to2")}, indent=1))
+PY
+}
+
+# Chat-shaped calibration and held-out text, from the demo model itself (`flexquant
+# chat-corpus`: prompts about passages of the corpora's calibration, resp. held-out, splits),
+# cached by the model, the generator's sources and the settings. Sets CHAT_DIR.
+make_chat_corpora() {
+  local key
+  key="$({ cat "$MODEL.sha256" 2>/dev/null || echo "$MODEL_SHA"; echo "n48,32 t128 s1,2";
+    cat src/text/chat.rs src/cli/calib.rs; } | sha256sum | cut -c1-16)"
+  CHAT_DIR="$CACHE/text/chat-$key"
+  [ -s "$CHAT_DIR/chat-calib.txt" ] && [ -s "$CHAT_DIR/chat-heldout.txt" ] && return 0
+  log "generating chat calibration and held-out text with the demo model into $CHAT_DIR"
+  mkdir -p "$CHAT_DIR"
+  local T="$CACHE/text"
+  "$BIN" chat-corpus --model "$MODEL" --prompts "$T/austen-calib.txt,$T/brown-calib.txt" \
+    --conversations 48 --max-tokens 128 --seed 1 --out "$CHAT_DIR/chat-calib.txt"
+  "$BIN" chat-corpus --model "$MODEL" --prompts "$T/austen-heldout.txt,$T/brown-heldout.txt" \
+    --conversations 32 --max-tokens 128 --seed 2 --out "$CHAT_DIR/chat-heldout.txt"
+}
+
+# target/bench/mixes.json: the calibration-mix study. Per mix, the fast-preset ensemble (its GPTQ
+# library and trajectory calibrated on the mix, cached by their inputs) and the static table of
+# its library on every domain's held-out text; `mix_study` gives QM(4) and QM(3) against float.
+bench_mixes() {
+  make_chat_corpora
+  local T="$CACHE/text" m name spec dir
+  local mixes=("austen=$T/austen-calib.txt"
+    "austen+brown=$T/austen-calib.txt:0.5,$T/brown-calib.txt:0.5"
+    "austen+brown+chat=$T/austen-calib.txt:0.4,$T/brown-calib.txt:0.4,$CHAT_DIR/chat-calib.txt:0.2")
+  for m in "${mixes[@]}"; do
+    name="${m%%=*}" spec="${m#*=}" dir="$CACHE/mixes/$name"
+    if [ ! -f "$dir/ensemble/report.json" ] ||
+      [ "$(cat "$dir/.inputs" 2>/dev/null)" != "$(ensemble_inputs; echo "$spec")" ]; then
+      log "mix $name: building the fast-preset ensemble calibrated on $spec"
+      mkdir -p "$dir"
+      "$BIN" build --model "$MODEL" --calib "$spec" --heldout "$T/austen-heldout.txt" --preset fast \
+        --library "$dir/library" --out "$dir/ensemble"
+      { ensemble_inputs; echo "$spec"; } > "$dir/.inputs"
+    fi
+    log "mix $name: static table on every domain"
+    "$BIN" eval-static --model "$MODEL" --library "$dir/library" --heldout "$T/austen-heldout.txt" \
+      --heldout "$T/brown-heldout.txt" --heldout "$CHAT_DIR/chat-heldout.txt" \
+      --calib "$T/austen-calib.txt" --heldout-tokens 4096 --calib-tokens 512 \
+      --out-dir "target/bench/mixes/$name" > /dev/null
+  done
+  python3 - "$CACHE" "${mixes[@]}" > target/bench/mixes.json <<'PY'
+import json, sys
+study, mixes = [], {}
+for m in sys.argv[2:]:
+    name = m.split("=", 1)[0]
+    r = json.load(open(f"target/bench/mixes/{name}/static.json"))
+    rows = r["rows"]
+    fl = next(x for x in rows if x["bits"] is None)["heldout_by_domain"]
+    q = {x["bits"]: x["heldout_by_domain"] for x in rows if x["bits"] is not None}
+    spec = m.split("=", 1)[1].replace(sys.argv[1] + "/", "")
+    mixes[name] = {"calibration_mix": spec, "static": rows}
+    for d in fl:
+        study.append({"mix": name, "domain": d, "qm4_vs_float": q[4][d] / fl[d], "qm3_vs_float": q[3][d] / fl[d]})
+avg = {n: sum(s["qm4_vs_float"] + s["qm3_vs_float"] - 2 for s in study if s["mix"] == n) / (2 * len({s["domain"] for s in study}))
+       for n in mixes}
+print(json.dumps({"mix_study": study, "average_relative_loss": avg, "mixes": mixes}, indent=1))
 PY
 }
 

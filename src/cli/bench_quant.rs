@@ -123,7 +123,10 @@ pub fn run(model: &Path, heldout: &Path, out_dir: &Path, a: &QuantBenchArgs) -> 
     let report = eval_static(&EvalStaticArgs {
         model: model.to_path_buf(),
         libraries: vec![rtn_dir.clone(), gptq_dir.clone()],
-        heldout: heldout.to_path_buf(),
+        // The second domain beside it when `flexquant corpus` wrote it.
+        heldout: std::iter::once(heldout.to_path_buf())
+            .chain(Some(heldout.with_file_name("brown-heldout.txt")).filter(|p| p.exists()))
+            .collect(),
         calib: calib.to_path_buf(),
         heldout_tokens: a.static_heldout_tokens,
         calib_tokens: a.static_calib_tokens,

@@ -2,6 +2,7 @@
 //! and sampled into windows. Sources are text files, named in the records by file name only.
 
 use anyhow::{Context, Result};
+use clap::Args;
 use flexquant::model::load::LoadedModel;
 use flexquant::quant::calib::{self, CalibSettings};
 use flexquant::quant::library::{self, CalibSource};
@@ -75,4 +76,59 @@ impl Mix {
     pub fn sha256(&self) -> String {
         CalibSource::mix_sha256(&self.records())
     }
+}
+
+#[derive(Args)]
+pub struct ChatCorpusArgs {
+    #[arg(long)]
+    model: std::path::PathBuf,
+    /// Texts the prompts' passages come from (comma-separated; e.g. the corpora's calibration
+    /// splits for a calibration set, their held-out splits for a held-out set).
+    #[arg(long, value_delimiter = ',', required = true)]
+    prompts: Vec<std::path::PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    conversations: usize,
+    /// Tokens per answer at most.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    out: std::path::PathBuf,
+}
+
+/// `flexquant chat-corpus`: `text::chat` with a progress bar, written atomically.
+pub fn run_chat_corpus(a: ChatCorpusArgs) -> Result<()> {
+    use flexquant::text::chat::{self, ChatSettings};
+    let m = super::load_model(&a.model)?;
+    let texts = a
+        .prompts
+        .iter()
+        .map(|p| super::read_text(p))
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let prompts = chat::prompts(&refs, a.conversations, a.seed)?;
+    let pb = indicatif::ProgressBar::new(prompts.len() as u64);
+    pb.set_style(indicatif::ProgressStyle::with_template(
+        "answering [{bar:30}] {pos}/{len} conversations, {elapsed} elapsed, ETA {eta}",
+    )?);
+    let settings = ChatSettings {
+        conversations: a.conversations,
+        max_answer_tokens: a.max_tokens,
+        seed: a.seed,
+    };
+    let text = chat::generate(&m.weights, &m.tokenizer, &prompts, settings, &mut |d, _| {
+        pb.set_position(d as u64)
+    })?;
+    pb.finish_and_clear();
+    let tmp = a.out.with_extension("tmp");
+    std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "{}: {} conversations, {} bytes",
+        a.out.display(),
+        prompts.len(),
+        text.len()
+    );
+    Ok(())
 }

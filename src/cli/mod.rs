@@ -54,6 +54,9 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write chat-shaped calibration or held-out text: prompts about passages of the given
+    /// texts, answered by the model itself (float), in its chat template.
+    ChatCorpus(calib::ChatCorpusArgs),
     /// Write the deterministic tiny random-weight model (Hugging Face format).
     TinyModel {
         #[arg(long)]
@@ -162,6 +165,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{files:#?}");
             Ok(())
         }
+        Cmd::ChatCorpus(a) => calib::run_chat_corpus(a),
         Cmd::TinyModel { out, seed } => {
             flexquant::model::tiny::write_tiny_model(&out, seed)?;
             println!("wrote tiny model to {}", out.display());

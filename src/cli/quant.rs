@@ -172,9 +172,11 @@ pub struct EvalStaticArgs {
     /// Module libraries to tabulate (e.g. one RTN and one GPTQ); repeat the flag.
     #[arg(long = "library", required = true)]
     pub libraries: Vec<PathBuf>,
-    /// Held-out text (e.g. .cache/text/austen-heldout.txt).
-    #[arg(long)]
-    pub heldout: PathBuf,
+    /// Held-out text (e.g. .cache/text/austen-heldout.txt); repeat the flag for more domains
+    /// (`brown-heldout.txt`, `chat-heldout.txt`): each gets its column, named by the file
+    /// (`-heldout.txt` dropped). The first is the main table's.
+    #[arg(long, required = true)]
+    pub heldout: Vec<PathBuf>,
     /// Calibration text, for the calibration perplexity.
     #[arg(long)]
     pub calib: PathBuf,
@@ -252,7 +254,12 @@ pub fn eval_static(a: &EvalStaticArgs) -> Result<flexquant::quant::static_table:
             tokens: prefix_tokens(&m.tokenizer, &super::read_text(p)?, n, p)?,
         })
     };
-    let heldout = text(&a.heldout, a.heldout_tokens)?;
+    let domains = a
+        .heldout
+        .iter()
+        .map(|p| text(p, a.heldout_tokens))
+        .collect::<Result<Vec<_>>>()?;
+    let heldout = &domains[0];
     let calib = text(&a.calib, a.calib_tokens)?;
     let pb = indicatif::ProgressBar::new_spinner();
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -261,7 +268,7 @@ pub fn eval_static(a: &EvalStaticArgs) -> Result<flexquant::quant::static_table:
         &m.source,
         &m.weights,
         &refs,
-        &heldout,
+        &domains,
         &calib,
         a.ctx,
         &mut |what| pb.set_message(format!("evaluating {what}")),

@@ -52,6 +52,8 @@ pub struct StaticRow {
     pub group: Option<usize>,
     pub bytes: usize,
     pub heldout_ppl: f64,
+    /// Held-out ppl on every held-out text (domain name -> ppl; the first is `heldout_ppl`).
+    pub heldout_by_domain: std::collections::BTreeMap<String, f64>,
     pub calib_ppl: f64,
     /// Fraction of held-out positions where the model's top-1 token equals the float model's.
     pub top1_agreement: f64,
@@ -63,6 +65,8 @@ pub struct StaticReport {
     pub model: String,
     pub ctx: usize,
     pub heldout: TextInfo,
+    /// Every held-out text (domain), the first being `heldout`.
+    pub domains: Vec<TextInfo>,
     pub calib: TextInfo,
     pub base: String,
     pub rows: Vec<StaticRow>,
@@ -70,16 +74,45 @@ pub struct StaticReport {
     pub single_swap: Option<SingleSwap>,
 }
 
-/// Evaluates the float model and QM(n) of every library for every n it holds.
+/// A domain's name from its held-out file: `brown-heldout.txt` -> `brown`.
+pub fn domain_name(file: &str) -> String {
+    let stem = Path::new(file)
+        .file_stem()
+        .map_or_else(|| file.to_string(), |s| s.to_string_lossy().into_owned());
+    stem.strip_suffix("-heldout").unwrap_or(&stem).to_string()
+}
+
+/// Held-out ppl of `w` on every domain but the first (which the caller scores itself).
+fn other_domains(
+    w: &Weights,
+    domains: &[EvalText],
+    first: f64,
+    ctx: usize,
+) -> Result<std::collections::BTreeMap<String, f64>> {
+    let mut out = std::collections::BTreeMap::new();
+    out.insert(domain_name(&domains[0].name), first);
+    for d in &domains[1..] {
+        out.insert(domain_name(&d.name), score(w, &d.tokens, ctx)?.ppl());
+    }
+    Ok(out)
+}
+
+/// Evaluates the float model and QM(n) of every library for every n it holds, on every
+/// held-out text (`domains`, the first being the one of `heldout_ppl` and the agreement).
 pub fn evaluate(
     model_source: &str,
     float: &Weights,
     libraries: &[&EqmModel],
-    heldout: &EvalText,
+    domains: &[EvalText],
     calib: &EvalText,
     ctx: usize,
     progress: &mut dyn FnMut(&str),
 ) -> Result<StaticReport> {
+    let Some(heldout) = domains.first() else {
+        return Err(Error::input(
+            "the static table needs at least one held-out text",
+        ));
+    };
     progress("float");
     let t0 = Instant::now();
     let ref_held = score(float, &heldout.tokens, ctx)?;
@@ -90,6 +123,7 @@ pub fn evaluate(
         group: None,
         bytes: f16_bytes(&float.config),
         heldout_ppl: ref_held.ppl(),
+        heldout_by_domain: other_domains(float, domains, ref_held.ppl(), ctx)?,
         calib_ppl: ref_calib.ppl(),
         top1_agreement: 1.0,
         eval_seconds: t0.elapsed().as_secs_f64(),
@@ -109,6 +143,7 @@ pub fn evaluate(
                 group: Some(m.group),
                 bytes: lib.footprint(&eqm)?,
                 heldout_ppl: held.ppl(),
+                heldout_by_domain: other_domains(&w, domains, held.ppl(), ctx)?,
                 calib_ppl: cal.ppl(),
                 top1_agreement: held.agreement(&ref_held),
                 eval_seconds: t0.elapsed().as_secs_f64(),
@@ -124,6 +159,13 @@ pub fn evaluate(
             name: heldout.name.clone(),
             tokens: heldout.tokens.len(),
         },
+        domains: domains
+            .iter()
+            .map(|d| TextInfo {
+                name: d.name.clone(),
+                tokens: d.tokens.len(),
+            })
+            .collect(),
         calib: TextInfo {
             name: calib.name.clone(),
             tokens: calib.tokens.len(),
@@ -147,7 +189,46 @@ pub fn write_report(r: &StaticReport, dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::write(&json, text).map_err(|e| Error::io(&json, e))?;
     std::fs::write(&md, markdown(r)).map_err(|e| Error::io(&md, e))?;
     plot::write(&chart(r), &svg, &png)?;
-    Ok(vec![json, md, svg, png])
+    let mut files = vec![json, md, svg, png];
+    if r.domains.len() > 1 {
+        let (svg, png) = (
+            dir.join("static-domains.svg"),
+            dir.join("static-domains.png"),
+        );
+        plot::write(&domains_chart(r), &svg, &png)?;
+        files.extend([svg, png]);
+    }
+    Ok(files)
+}
+
+/// Held-out ppl relative to the float model's, one curve per domain and method: how much
+/// each bit-width loses on each kind of text.
+fn domains_chart(r: &StaticReport) -> Chart {
+    let float = r.rows.iter().find(|row| row.group.is_none());
+    let mut series: Vec<Series> = Vec::new();
+    for row in r.rows.iter().filter(|row| row.group.is_some()) {
+        for (domain, ppl) in &row.heldout_by_domain {
+            let Some(f) = float.and_then(|f| f.heldout_by_domain.get(domain)) else {
+                continue;
+            };
+            let label = format!("{} {domain}", row.method.to_uppercase());
+            let point = (row.bytes as f64 / 1e6, ppl / f);
+            match series.iter_mut().find(|s| s.label == label) {
+                Some(s) => s.points.push(point),
+                None => series.push(Series {
+                    label,
+                    points: vec![point],
+                }),
+            }
+        }
+    }
+    Chart {
+        title: "Static models: held-out perplexity / float's, per domain".into(),
+        x_label: "footprint (MB, modules + base)".into(),
+        y_label: "held-out ppl / float ppl (log)".into(),
+        series,
+        marks: Vec::new(),
+    }
 }
 
 fn chart(r: &StaticReport) -> Chart {
@@ -197,6 +278,56 @@ fn chart(r: &StaticReport) -> Chart {
 }
 
 pub fn markdown(r: &StaticReport) -> String {
+    let mut s = markdown_main(r);
+    if r.domains.len() > 1 {
+        s += &markdown_domains(r);
+    }
+    s
+}
+
+/// Held-out ppl on every domain, and relative to the float model's.
+fn markdown_domains(r: &StaticReport) -> String {
+    let names: Vec<String> = r.domains.iter().map(|d| domain_name(&d.name)).collect();
+    let mut s = format!(
+        "\n## Held-out perplexity per domain\n\n{}\n\n| bits | method | {} |\n|---:|:---|{}\n",
+        r.domains
+            .iter()
+            .map(|d| format!("`{}`: {} tokens", d.name, d.tokens))
+            .collect::<Vec<_>>()
+            .join("; "),
+        names
+            .iter()
+            .map(|n| format!("{n} ppl (vs float)"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---:|".repeat(names.len())
+    );
+    let float = r.rows.iter().find(|row| row.group.is_none());
+    for row in &r.rows {
+        let cells: Vec<String> = names
+            .iter()
+            .map(|n| {
+                let p = row.heldout_by_domain.get(n).copied().unwrap_or(f64::NAN);
+                let f = float.and_then(|f| f.heldout_by_domain.get(n)).copied();
+                match f {
+                    Some(f) if row.group.is_some() => {
+                        format!("{p:.3} ({:+.1}%)", 100.0 * (p / f - 1.0))
+                    }
+                    _ => format!("{p:.3}"),
+                }
+            })
+            .collect();
+        s += &format!(
+            "| {} | {} | {} |\n",
+            row.bits.map_or("float".into(), |b| b.to_string()),
+            row.method,
+            cells.join(" | ")
+        );
+    }
+    s
+}
+
+fn markdown_main(r: &StaticReport) -> String {
     let mut s = format!(
         "# Static models\n\nModel: `{}`. Held-out: {} tokens of `{}`; calibration ppl: {} tokens \
          of `{}`; windows of {} tokens. Base: {}.\n\n\

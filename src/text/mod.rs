@@ -8,6 +8,7 @@
 
 pub mod austen;
 pub mod brown;
+pub mod chat;
 
 use anyhow::{ensure, Context, Result};
 use std::io::Write;

@@ -534,6 +534,11 @@ fn static_report_writes_json_markdown_svg_and_png() {
             group,
             bytes: (mb * 1e6) as usize,
             heldout_ppl: ppl,
+            // A second domain that loses twice as much.
+            heldout_by_domain: [("austen", ppl), ("brown", 2.0 * ppl * ppl / 22.4)]
+                .into_iter()
+                .map(|(d, p)| (d.to_string(), p))
+                .collect(),
             calib_ppl: ppl * 1.1,
             top1_agreement: 22.0 / ppl,
             eval_seconds: 1.0,
@@ -542,9 +547,16 @@ fn static_report_writes_json_markdown_svg_and_png() {
         model: "demo".into(),
         ctx: 512,
         heldout: TextInfo {
-            name: "heldout.txt".into(),
+            name: "austen-heldout.txt".into(),
             tokens: 4096,
         },
+        domains: ["austen-heldout.txt", "brown-heldout.txt"]
+            .iter()
+            .map(|n| TextInfo {
+                name: n.to_string(),
+                tokens: 4096,
+            })
+            .collect(),
         calib: TextInfo {
             name: "calib.txt".into(),
             tokens: 512,
@@ -566,7 +578,12 @@ fn static_report_writes_json_markdown_svg_and_png() {
         None => tempfile::tempdir().unwrap().keep(),
     };
     let files = write_report(&r, &dir).unwrap();
-    assert_eq!(files.len(), 4);
+    assert_eq!(files.len(), 6, "{files:?}");
+    let domains = std::fs::read_to_string(dir.join("static-domains.svg")).unwrap();
+    assert!(
+        domains.contains("GPTQ brown") && domains.contains("RTN austen"),
+        "legend missing"
+    );
     let png = std::fs::read(dir.join("static.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
     let svg = std::fs::read_to_string(dir.join("static.svg")).unwrap();
@@ -577,6 +594,12 @@ fn static_report_writes_json_markdown_svg_and_png() {
     let md = markdown(&r);
     assert!(
         md.contains("| 3 | gptq | 64 | 76.70 | 40.000 | 44.000 |"),
+        "{md}"
+    );
+    // Per domain, with the loss against the float model: 40 / 22.4 = +78.6% on austen,
+    // 2 * 40 * 40 / 22.4 / 44.8 = +218.9% on brown.
+    assert!(
+        md.contains("| 3 | gptq | 40.000 (+78.6%) | 142.857 (+218.9%) |"),
         "{md}"
     );
     let json: serde_json::Value =

@@ -571,3 +571,54 @@ fn real_write_corpora() {
         assert_eq!(std::fs::metadata(&f.path).unwrap().len(), f.bytes);
     }
 }
+
+// ---- chat-shaped text (`text::chat`) --------------------------------------------
+
+/// Generated chat text is reproducible from its seed, uses the model's template, and its
+/// prompts come from the texts given (calibration prompts from calibration splits only).
+#[test]
+fn generated_chat_is_reproducible_from_its_seed() {
+    use flexquant::text::chat::{generate, prompts, ChatSettings};
+    let Some((m, _)) = crate::common::demo() else {
+        return;
+    };
+    let calib = std::fs::read_to_string(cache_dir().join("austen-calib.txt")).unwrap();
+    let held = std::fs::read_to_string(cache_dir().join("austen-heldout.txt")).unwrap();
+    let p = prompts(&[&calib], 2, 1).unwrap();
+    assert_eq!(p, prompts(&[&calib], 2, 1).unwrap());
+    assert_ne!(p, prompts(&[&calib], 2, 2).unwrap());
+    for q in &p {
+        let passage = q.split_once("\n\n").unwrap().1;
+        let first_words: String = passage.split(' ').take(8).collect::<Vec<_>>().join(" ");
+        assert!(
+            calib
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .contains(&first_words),
+            "{q}"
+        );
+        assert!(!held.contains(passage), "{q}");
+    }
+    let s = ChatSettings {
+        conversations: 2,
+        max_answer_tokens: 12,
+        seed: 3,
+    };
+    let a = generate(&m.weights, &m.tokenizer, &p, s, &mut |_, _| {}).unwrap();
+    let b = generate(&m.weights, &m.tokenizer, &p, s, &mut |_, _| {}).unwrap();
+    assert_eq!(a, b);
+    let c = generate(
+        &m.weights,
+        &m.tokenizer,
+        &p,
+        ChatSettings { seed: 4, ..s },
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_ne!(a, c, "another seed, other answers");
+    assert_eq!(a.matches("<|im_start|>assistant\n").count(), 2, "{a}");
+    assert!(a.contains(&p[1]), "{a}");
+    let e = prompts(&[&calib[..2000]], 50, 1).unwrap_err().to_string();
+    assert!(e.contains("50 wanted"), "{e}");
+}
