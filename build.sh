@@ -152,16 +152,27 @@ ENSEMBLE="$CACHE/ensemble/fast-4to2"
 
 # The fast-preset ensemble, built once (its library is cached beside it).
 build_demo_ensemble() {
-  if [ -f "$ENSEMBLE/manifest.json" ] && [ "$(cat "$ENSEMBLE/.inputs" 2>/dev/null)" = "$(ensemble_inputs)" ]; then
+  if [ -f "$ENSEMBLE/manifest.json" ] && [ "$(cat "$ENSEMBLE/.inputs" 2>/dev/null)" = "$(demo_inputs)" ]; then
     log "ensemble cached: $ENSEMBLE"
     return 0
   fi
+  make_chat_text calib
   log "building the fast-preset ensemble (4 -> 2 bits) into $ENSEMBLE"
   mkdir -p "$CACHE/ensemble"
-  "$BIN" build --model "$MODEL" --calib "$CACHE/text/austen-calib.txt" \
+  "$BIN" build --model "$MODEL" --calib "$(demo_calib)" \
     --heldout "$CACHE/text/austen-heldout.txt" --preset fast --out "$ENSEMBLE"
-  ensemble_inputs > "$ENSEMBLE/.inputs"
+  demo_inputs > "$ENSEMBLE/.inputs"
 }
+
+# The demo's calibration mix. By the study of `./build.sh bench mixes` (README): Austen, Brown
+# and chat-shaped text at 0.4/0.4/0.2 lose the least against float averaged over the three
+# held-out domains (QM(4) and QM(3)), at +1.0 point (QM(4)) and +8 points (QM(3)) on Austen.
+demo_calib() {
+  chat_dir
+  echo "$CACHE/text/austen-calib.txt:0.4,$CACHE/text/brown-calib.txt:0.4,$CHAT_DIR/chat-calib.txt:0.2"
+}
+
+demo_inputs() { ensemble_inputs; demo_calib; }
 
 # What the cached ensemble depends on: the model, the text, and every source the builder runs
 # (the model code and tokenizer included: a change there changes the perplexities it records),
@@ -169,7 +180,7 @@ build_demo_ensemble() {
 ensemble_inputs() {
   cat "$MODEL.sha256" 2>/dev/null || echo "$MODEL_SHA"
   find src/build src/quant src/ensemble src/model src/error.rs src/cli/build.rs src/cli/quant.rs \
-    src/cli/mod.rs src/runtime/generate.rs src/runtime/dir.rs Cargo.lock -type f | LC_ALL=C sort |
+    src/cli/calib.rs src/cli/mod.rs src/runtime/generate.rs src/runtime/dir.rs Cargo.lock -type f | LC_ALL=C sort |
     xargs sha256sum | sha256sum
 }
 
@@ -223,27 +234,33 @@ PY
 
 # Chat-shaped calibration and held-out text, from the demo model itself (`flexquant
 # chat-corpus`: prompts about passages of the corpora's calibration, resp. held-out, splits),
-# cached by the model, the generator's sources and the settings. Sets CHAT_DIR.
-make_chat_corpora() {
-  local key
-  key="$({ cat "$MODEL.sha256" 2>/dev/null || echo "$MODEL_SHA"; echo "n48,32 t128 s1,2";
-    cat src/text/chat.rs src/cli/calib.rs; } | sha256sum | cut -c1-16)"
-  CHAT_DIR="$CACHE/text/chat-$key"
-  [ -s "$CHAT_DIR/chat-calib.txt" ] && [ -s "$CHAT_DIR/chat-heldout.txt" ] && return 0
-  log "generating chat calibration and held-out text with the demo model into $CHAT_DIR"
+# cached by the model, the generator's sources and the settings. chat_dir sets CHAT_DIR;
+# make_chat_text calib|heldout writes CHAT_DIR/chat-PART.txt if it is missing.
+chat_dir() {
+  CHAT_DIR="$CACHE/text/chat-$({ cat "$MODEL.sha256" 2>/dev/null || echo "$MODEL_SHA";
+    echo "n48,32 t128 s1,2"; cat src/text/chat.rs src/cli/calib.rs; } | sha256sum | cut -c1-16)"
+}
+
+make_chat_text() {
+  chat_dir
+  local part="$1" T="$CACHE/text"
+  [ -s "$CHAT_DIR/chat-$part.txt" ] && return 0
+  log "generating chat $part text with the demo model into $CHAT_DIR"
   mkdir -p "$CHAT_DIR"
-  local T="$CACHE/text"
-  "$BIN" chat-corpus --model "$MODEL" --prompts "$T/austen-calib.txt,$T/brown-calib.txt" \
-    --conversations 48 --max-tokens 128 --seed 1 --out "$CHAT_DIR/chat-calib.txt"
-  "$BIN" chat-corpus --model "$MODEL" --prompts "$T/austen-heldout.txt,$T/brown-heldout.txt" \
-    --conversations 32 --max-tokens 128 --seed 2 --out "$CHAT_DIR/chat-heldout.txt"
+  case "$part" in
+    calib) "$BIN" chat-corpus --model "$MODEL" --prompts "$T/austen-calib.txt,$T/brown-calib.txt" \
+      --conversations 48 --max-tokens 128 --seed 1 --out "$CHAT_DIR/chat-calib.txt" ;;
+    heldout) "$BIN" chat-corpus --model "$MODEL" --prompts "$T/austen-heldout.txt,$T/brown-heldout.txt" \
+      --conversations 32 --max-tokens 128 --seed 2 --out "$CHAT_DIR/chat-heldout.txt" ;;
+  esac
 }
 
 # target/bench/mixes.json: the calibration-mix study. Per mix, the fast-preset ensemble (its GPTQ
 # library and trajectory calibrated on the mix, cached by their inputs) and the static table of
 # its library on every domain's held-out text; `mix_study` gives QM(4) and QM(3) against float.
 bench_mixes() {
-  make_chat_corpora
+  make_chat_text calib
+  make_chat_text heldout
   local T="$CACHE/text" m name spec dir
   local mixes=("austen=$T/austen-calib.txt"
     "austen+brown=$T/austen-calib.txt:0.5,$T/brown-calib.txt:0.5"
@@ -570,7 +587,7 @@ test_e2e() {
   local demo=""
   # The demo ensemble only when it is built and current (rebuilding it takes minutes), or when
   # asked for with FLEXQUANT_E2E_DEMO=1.
-  if { [ -f "$ENSEMBLE/manifest.json" ] && [ "$(cat "$ENSEMBLE/.inputs" 2>/dev/null)" = "$(ensemble_inputs)" ]; } ||
+  if { [ -f "$ENSEMBLE/manifest.json" ] && [ "$(cat "$ENSEMBLE/.inputs" 2>/dev/null)" = "$(demo_inputs)" ]; } ||
      [ "${FLEXQUANT_E2E_DEMO:-0}" = 1 ]; then
     FLEXQUANT_SITE_ENSEMBLE=demo build_site "$ROOT/target/e2e/site-demo"
     demo="$ROOT/target/e2e/site-demo"
