@@ -36,51 +36,53 @@ fn flip(dir: &Path, f: &flexquant::ensemble::FileRef, at: usize) {
 /// The tiny model's fast-preset ensemble, built once into a temporary directory.
 fn ensemble() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    let (_, dir) = DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let text = crate::common::cache_dir().join("text");
-        assert!(
-            text.join("austen-calib.txt").exists(),
-            "{} missing: run ./build.sh setup",
-            text.display()
-        );
-        let model = tmp.path().join("tiny-model");
-        let out = tmp.path().join("tiny");
-        let run = |args: &[&str]| {
-            let o = Command::new(BIN).args(args).output().unwrap();
-            assert!(
-                o.status.success(),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        };
-        run(&["tiny-model", "--out", model.to_str().unwrap()]);
-        // A calibration mix (`--calib SOURCE:WEIGHT,...`): the manifest records each source.
-        let calib = format!(
-            "{}:3,{}:1",
-            text.join("austen-calib.txt").display(),
-            text.join("brown-calib.txt").display()
-        );
-        let heldout = text.join("austen-heldout.txt");
-        run(&[
-            "build",
-            "--model",
-            model.to_str().unwrap(),
-            "--calib",
-            &calib,
-            "--heldout",
-            heldout.to_str().unwrap(),
-            "--preset",
-            "fast",
-            // Packs of a few module versions each: the walk reads files out of packs.
-            "--pack-mb",
-            "0.02",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        (tmp, out)
-    });
+    let (_, dir) = DIR.get_or_init(|| build_tiny(&["austen-calib.txt"]));
     dir
+}
+
+/// The tiny model's fast-preset ensemble calibrated on `calib` (text files of the text cache,
+/// each `NAME` or `NAME:WEIGHT`), in packs of a few module versions each (the walk reads files
+/// out of packs).
+fn build_tiny(calib: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = crate::common::cache_dir().join("text");
+    assert!(
+        text.join("austen-calib.txt").exists(),
+        "{} missing: run ./build.sh setup",
+        text.display()
+    );
+    let model = tmp.path().join("tiny-model");
+    let out = tmp.path().join("tiny");
+    let run = |args: &[&str]| {
+        let o = Command::new(BIN).args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    run(&["tiny-model", "--out", model.to_str().unwrap()]);
+    let calib: Vec<String> = calib
+        .iter()
+        .map(|c| text.join(c).display().to_string())
+        .collect();
+    let heldout = text.join("austen-heldout.txt");
+    run(&[
+        "build",
+        "--model",
+        model.to_str().unwrap(),
+        "--calib",
+        &calib.join(","),
+        "--heldout",
+        heldout.to_str().unwrap(),
+        "--preset",
+        "fast",
+        "--pack-mb",
+        "0.02",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    (tmp, out)
 }
 
 /// Moves as soon as asked: the test's clock does not wait for settling.
@@ -652,7 +654,10 @@ fn the_manifest_carries_no_build_machine_path() {
             _ => {}
         }
     }
-    let text = std::fs::read_to_string(ensemble().join("manifest.json")).unwrap();
+    // Built on a calibration mix (`--calib SOURCE:WEIGHT,...`): the manifest records each
+    // source by name.
+    let (_tmp, dir) = build_tiny(&["austen-calib.txt:3", "brown-calib.txt:1"]);
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
     let cache = crate::common::cache_dir();
     assert!(
         !text.contains(cache.to_str().unwrap()),
