@@ -1,5 +1,6 @@
 //! The native ensemble builder: sensitivity analysis, tree search, pruning, packaging, reports.
 
+pub mod domains;
 pub mod evaluator;
 pub mod package;
 pub mod pipeline;

@@ -1,5 +1,6 @@
 //! `flexquant build`: library -> search -> pruning ablation -> held-out checks -> package.
 
+use crate::build::domains::DomainHeldout;
 use crate::build::evaluator::{spearman, CalibEvaluator};
 use crate::build::prune::{self, intermediate_versions};
 use crate::build::search::{search, Available, SearchOptions, Trajectory};
@@ -8,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::eval::perplexity;
 use crate::model::load::LoadedModel;
 use crate::quant::eqm::{Eqm, EqmModel};
+use crate::quant::library::CalibSource;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
@@ -131,6 +133,12 @@ pub struct BuildRecord {
     pub forward_equivalents: f64,
     pub build_seconds: f64,
     pub search_seconds: f64,
+    /// Held-out ppl on every domain the build was given (the first is the one above).
+    #[serde(default)]
+    pub domains: Vec<DomainHeldout>,
+    /// The calibration as the manifest publishes it: the library's mix and the search's.
+    #[serde(default)]
+    pub calibration: serde_json::Value,
 }
 
 fn storage(t: &Trajectory, start: &Eqm, ev: &CalibEvaluator, base: u64) -> u64 {
@@ -207,8 +215,18 @@ pub struct Inputs<'a> {
     pub model: &'a LoadedModel,
     pub eqm: &'a EqmModel,
     pub calib_ids: &'a [u32],
-    pub heldout_ids: &'a [u32],
+    /// The search's calibration sources (`Mix::sample`'s records; empty for plain tokens).
+    pub calib_sources: &'a [CalibSource],
+    /// Held-out texts by domain name; the first is the report's main held-out text (the
+    /// static comparison, the ablation, the manifest's per-step ppl).
+    pub heldout: &'a [(String, Vec<u32>)],
     pub name: String,
+}
+
+/// Held-out ppl of `w` on the first `s.heldout_tokens` of `ids`, in windows of `s.seq_len`.
+fn heldout_ppl(w: &crate::model::Weights, ids: &[u32], s: &BuildSettings) -> Result<f64> {
+    let ids = &ids[..s.heldout_tokens];
+    Ok(perplexity(w, ids, s.seq_len, s.seq_len, |_, _| {})?.ppl)
 }
 
 /// Runs the whole build and writes the ensemble to `out`; `progress(phase, done, total, ppl)`.
@@ -230,14 +248,26 @@ pub fn build_ensemble(
     let avail = Available::uniform(n, &ladder);
     let start = avail.start();
     let base = inp.eqm.base_bytes() as u64;
-    if inp.calib_ids.len() < s.calib_tokens || inp.heldout_ids.len() < s.heldout_tokens {
+    if inp.calib_ids.len() < s.calib_tokens {
         return Err(Error::input(format!(
-            "need {} calibration and {} held-out tokens, have {} and {}",
+            "need {} calibration tokens, have {}",
             s.calib_tokens,
-            s.heldout_tokens,
             inp.calib_ids.len(),
-            inp.heldout_ids.len()
         )));
+    }
+    if inp.heldout.is_empty() {
+        return Err(Error::input(
+            "no held-out text: the report needs at least one",
+        ));
+    }
+    for (name, ids) in inp.heldout {
+        if ids.len() < s.heldout_tokens {
+            return Err(Error::input(format!(
+                "held-out text '{name}' has {} tokens; the build scores {}",
+                ids.len(),
+                s.heldout_tokens
+            )));
+        }
     }
     let mut ev = CalibEvaluator::new(
         inp.eqm,
@@ -300,23 +330,17 @@ pub fn build_ensemble(
     // Held-out ppl: static QMs and every k-th step of the shipped trajectory, plus the steps
     // that first reach each static QM's footprint (for eqm_vs_static).
     // Staged trajectories pass through the static QMs: each EQM is measured once.
-    let mut measured: std::collections::HashMap<Eqm, f64> = Default::default();
-    let mut heldout = |e: &Eqm| -> Result<f64> {
-        if let Some(&p) = measured.get(e) {
+    let mut measured: std::collections::HashMap<(usize, Eqm), f64> = Default::default();
+    let mut heldout_on = |d: usize, e: &Eqm| -> Result<f64> {
+        if let Some(&p) = measured.get(&(d, e.clone())) {
             return Ok(p);
         }
         let w = inp.eqm.weights(e)?;
-        let p = perplexity(
-            &w,
-            &inp.heldout_ids[..s.heldout_tokens],
-            s.seq_len,
-            s.seq_len,
-            |_, _| {},
-        )?
-        .ppl;
-        measured.insert(e.clone(), p);
+        let p = heldout_ppl(&w, &inp.heldout[d].1, s)?;
+        measured.insert((d, e.clone()), p);
         Ok(p)
     };
+    let mut heldout = |e: &Eqm| heldout_on(0, e);
     let mut statics = Vec::new();
     for (i, &b) in ladder.iter().enumerate() {
         progress("static QMs", i, ladder.len(), f64::NAN);
@@ -353,6 +377,38 @@ pub fn build_ensemble(
         progress("held-out", k, wanted.len(), f64::NAN);
         held[i] = Some(heldout(&eqms[i])?);
     }
+    // Every domain (the first again, from what is measured above): float, the static QMs and
+    // the same steps.
+    let mut domains = Vec::new();
+    for (d, (name, ids)) in inp.heldout.iter().enumerate() {
+        let label = format!("held-out {name}");
+        let total = ladder.len() + wanted.len() + 1;
+        progress(&label, 0, total, f64::NAN);
+        let float_ppl = heldout_ppl(&inp.model.weights, ids, s)?;
+        let mut statics_ppl = Vec::new();
+        for &b in &ladder {
+            statics_ppl.push(heldout_on(d, &Eqm::uniform(n, b))?);
+            progress(&label, statics_ppl.len() + 1, total, f64::NAN);
+        }
+        let mut points = Vec::new();
+        for &i in &wanted {
+            points.push((i, heldout_on(d, &eqms[i])?));
+            progress(&label, ladder.len() + points.len() + 1, total, f64::NAN);
+        }
+        domains.push(DomainHeldout {
+            domain: name.clone(),
+            tokens: s.heldout_tokens,
+            float_ppl,
+            statics: statics_ppl,
+            eqms: points,
+        });
+    }
+    let calibration = serde_json::json!({
+        "library": inp.eqm.library.manifest.calibration.published(),
+        "search_tokens": s.calib_tokens,
+        "search_sources": inp.calib_sources,
+        "seq_len": s.seq_len,
+    });
 
     let record = BuildRecord {
         settings: s.clone(),
@@ -373,6 +429,8 @@ pub fn build_ensemble(
         heldout: held,
         build_seconds: 0.0,
         search_seconds,
+        domains,
+        calibration,
     };
     let pkg = package::PackageInput {
         name: inp.name.clone(),
@@ -384,11 +442,7 @@ pub fn build_ensemble(
         heldout: &record.heldout,
         n_up: s.n_up,
         n_low: s.n_low,
-        calibration: serde_json::json!({
-            "library": inp.eqm.library.manifest.calibration.published(),
-            "search_tokens": s.calib_tokens,
-            "seq_len": s.seq_len,
-        }),
+        calibration: record.calibration.clone(),
         build: serde_json::to_value(s).unwrap(),
         pack_bytes: s.pack_bytes,
     };

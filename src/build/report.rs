@@ -2,6 +2,7 @@
 //! perplexity against footprint and of storage. Written next to the ensemble from
 //! `build-record.json`, so `flexquant report DIR` can redo it without rebuilding.
 
+use crate::build::domains::{above_static_chord, DomainHeldout};
 use crate::build::pipeline::BuildRecord;
 use crate::error::{Error, Result};
 use crate::quant::plot::{self, Chart, Series};
@@ -17,6 +18,20 @@ fn mb(b: u64) -> f64 {
 fn mean_finite(x: impl Iterator<Item = f64>) -> f64 {
     let v: Vec<f64> = x.filter(|p| p.is_finite()).collect();
     v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// One domain's `{bits | step, footprint_bytes, ppl}` points: the static QMs, then the EQMs.
+fn domain_points(r: &BuildRecord, d: &DomainHeldout) -> Value {
+    let steps = &r.variants[r.chosen].trajectory.steps;
+    let statics = r
+        .statics
+        .iter()
+        .zip(&d.statics)
+        .map(|(s, p)| json!({"bits": s.0, "step": null, "footprint_bytes": s.1, "ppl": p}));
+    let eqms = d.eqms.iter().map(
+        |&(i, p)| json!({"bits": null, "step": i, "footprint_bytes": steps[i].footprint, "ppl": p}),
+    );
+    Value::Array(statics.chain(eqms).collect())
 }
 
 /// The figures named in the builder issue, from a record.
@@ -47,19 +62,13 @@ pub fn figures(r: &BuildRecord) -> Value {
         })
         .collect();
     // Is every measured EQM at or below the straight line between neighbouring static QMs?
-    let mut above_chord = 0;
-    for (i, st) in steps.iter().enumerate() {
-        let Some(p) = r.heldout[i] else { continue };
-        for w in r.statics.windows(2) {
-            let ((_, f_hi, _, p_hi), (_, f_lo, _, p_lo)) = (w[0], w[1]);
-            if st.footprint <= f_hi && st.footprint >= f_lo && f_hi > f_lo {
-                let t = (f_hi - st.footprint) as f64 / (f_hi - f_lo) as f64;
-                if p > p_hi + t * (p_lo - p_hi) + 1e-9 {
-                    above_chord += 1;
-                }
-            }
-        }
-    }
+    let static_points: Vec<(u64, f64)> = r.statics.iter().map(|s| (s.1, s.3)).collect();
+    let measured: Vec<(u64, f64)> = steps
+        .iter()
+        .zip(&r.heldout)
+        .filter_map(|(st, h)| h.map(|p| (st.footprint, p)))
+        .collect();
+    let above_chord = above_static_chord(&static_points, &measured);
     let ablation: Vec<Value> = r
         .variants
         .iter()
@@ -91,6 +100,14 @@ pub fn figures(r: &BuildRecord) -> Value {
         "storage_vs_static_sum": static_sum as f64 / storage as f64,
         "eqm_vs_static": eqm_vs_static,
         "eqms_above_static_chord": above_chord,
+        "calibration_mix": r.calibration,
+        "float_by_domain": r.domains.iter().map(|d| (d.domain.clone(), json!(d.float_ppl))).collect::<serde_json::Map<_, _>>(),
+        "heldout_by_domain": r.domains.iter().map(|d| (d.domain.clone(), domain_points(r, d))).collect::<serde_json::Map<_, _>>(),
+        "eqms_above_static_chord_by_domain": r.domains.iter().map(|d| {
+            let st: Vec<(u64, f64)> = r.statics.iter().zip(&d.statics).map(|(s, &p)| (s.1, p)).collect();
+            let eq: Vec<(u64, f64)> = d.eqms.iter().map(|&(i, p)| (steps[i].footprint, p)).collect();
+            (d.domain.clone(), json!(above_static_chord(&st, &eq)))
+        }).collect::<serde_json::Map<_, _>>(),
         "prune": r.settings.prune,
         "ablation": ablation,
         "build_seconds": r.build_seconds,
@@ -173,8 +190,9 @@ fn markdown(f: &Value, r: &BuildRecord) -> String {
             inner_deltas.join(" / ")
         );
     }
+    s += &domains_markdown(f, r);
     s += &format!(
-        "\nBuild: {:.0} s ({:.0} s searching), {} calibration-ppl evaluations ({:.0} whole-forward equivalents thanks to layer caching), branch {}, stem {}, {} calibration tokens.\n\nPlots: `trajectory.svg`/`.png`, `storage.svg`/`.png`.\n",
+        "\nBuild: {:.0} s ({:.0} s searching), {} calibration-ppl evaluations ({:.0} whole-forward equivalents thanks to layer caching), branch {}, stem {}, {} calibration tokens.\n\nPlots: `trajectory.svg`/`.png`, `storage.svg`/`.png`, `domains.svg`/`.png` (with several held-out domains).\n",
         r.build_seconds,
         r.search_seconds,
         r.evaluations,
@@ -186,7 +204,77 @@ fn markdown(f: &Value, r: &BuildRecord) -> String {
     s
 }
 
+/// Per held-out domain: float, each static QM (and its ratio to float), EQMs above the chord.
+fn domains_markdown(f: &Value, r: &BuildRecord) -> String {
+    if r.domains.is_empty() {
+        return String::new();
+    }
+    let qms: Vec<String> = r.statics.iter().map(|s| format!("QM({})", s.0)).collect();
+    let mut s = format!(
+        "\n## Held-out perplexity by domain\n\nFloat, each static QM (x float) and how many measured EQMs lie above the chord of the static QMs, on each held-out text ({} tokens).\n\n| domain | float | {} | EQMs above chord |\n|---|---|{}---|\n",
+        r.domains[0].tokens,
+        qms.join(" | "),
+        "---|".repeat(qms.len())
+    );
+    for d in &r.domains {
+        let cells: Vec<String> = d
+            .statics
+            .iter()
+            .map(|p| format!("{p:.2} ({:.2}x)", p / d.float_ppl))
+            .collect();
+        s += &format!(
+            "| {} | {:.2} | {} | {} of {} |\n",
+            d.domain,
+            d.float_ppl,
+            cells.join(" | "),
+            f["eqms_above_static_chord_by_domain"][&d.domain],
+            d.eqms.len()
+        );
+    }
+    s
+}
+
+/// Perplexity relative to float against footprint, one EQM curve and one static-QM line per
+/// domain (relative, since the domains' own perplexities differ several-fold).
+fn domains_chart(r: &BuildRecord, dir: &Path) -> Result<()> {
+    let steps = &r.variants[r.chosen].trajectory.steps;
+    let mut series = Vec::new();
+    for d in &r.domains {
+        series.push(Series {
+            label: format!("{}: EQMs", d.domain),
+            points: d
+                .eqms
+                .iter()
+                .map(|&(i, p)| (mb(steps[i].footprint), p / d.float_ppl))
+                .collect(),
+        });
+        series.push(Series {
+            label: format!("{}: static QMs", d.domain),
+            points: r
+                .statics
+                .iter()
+                .zip(&d.statics)
+                .map(|(s, p)| (mb(s.1), p / d.float_ppl))
+                .collect(),
+        });
+    }
+    plot::write(
+        &Chart {
+            title: "Held-out perplexity / float, per domain".into(),
+            x_label: "footprint (MB)".into(),
+            y_label: "perplexity / float".into(),
+            series,
+            marks: vec![],
+        },
+        &dir.join("domains.svg"),
+        &dir.join("domains.png"),
+    )
+}
+
 fn charts(r: &BuildRecord, f: &Value, dir: &Path) -> Result<()> {
+    if !r.domains.is_empty() {
+        domains_chart(r, dir)?;
+    }
     let mut series = Vec::new();
     for v in &r.variants {
         series.push(Series {

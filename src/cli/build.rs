@@ -26,9 +26,12 @@ pub struct BuildArgs {
     /// the library's GPTQ and the trajectory search both calibrate on it.
     #[arg(long)]
     calib: String,
-    /// Held-out text for the report's perplexities.
-    #[arg(long)]
-    heldout: PathBuf,
+    /// Held-out text for the report's perplexities; repeat it for more domains (the first is
+    /// the main one: the static comparison, the ablation and the manifest's per-step ppl; every
+    /// one gets float, static-QM and EQM figures, named after its file: `brown-heldout.txt`
+    /// is `brown`).
+    #[arg(long, required = true)]
+    heldout: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "fast")]
     preset: Preset,
     #[arg(long, default_value_t = 4)]
@@ -166,14 +169,27 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
     let lib = library_for(&a, &m, &mix, &lib_dir, &bits)?;
     let sha = library::model_sha256(&a.model)?;
     let em = EqmModel::new(lib, &m.weights, &sha)?;
-    let heldout = m.tokenizer.encode(&super::read_text(&a.heldout)?)?;
+    let mut heldout = Vec::new();
+    for p in &a.heldout {
+        let name = flexquant::quant::static_table::domain_name(&p.to_string_lossy());
+        anyhow::ensure!(
+            heldout.iter().all(|(n, _)| *n != name),
+            "--heldout {}: a second held-out text named '{name}'",
+            p.display()
+        );
+        let ids = m
+            .tokenizer
+            .encode(&super::read_text(p)?)
+            .with_context(|| format!("tokenizing {}", p.display()))?;
+        heldout.push((name, ids));
+    }
     // Calibration windows spread over each source's text (not its first pages only). A mix of
     // more sources than the search has windows (the fast preset has one): shorter windows,
     // one per source, that the search reads back to back (its windows keep their length, so
     // held-out figures stay comparable across mixes).
     let k = mix.sources.len();
     let windows = (s.calib_tokens / s.seq_len).max(k);
-    let (calib_ids, _) = mix.sample(flexquant::quant::calib::CalibSettings {
+    let (calib_ids, calib_sources) = mix.sample(flexquant::quant::calib::CalibSettings {
         sequences: windows,
         seq_len: s.calib_tokens.div_ceil(windows),
     })?;
@@ -186,7 +202,8 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
         model: &m,
         eqm: &em,
         calib_ids: &calib_ids,
-        heldout_ids: &heldout,
+        calib_sources: &calib_sources,
+        heldout: &heldout,
         name,
     };
     let mut phase = String::new();
@@ -232,7 +249,7 @@ pub fn run_report(dir: &Path) -> Result<()> {
     let f = flexquant::build::report::rewrite(dir)?;
     println!("{}", serde_json::to_string_pretty(&f)?);
     println!(
-        "wrote {}/report.json, report.md, trajectory.svg/png, storage.svg/png",
+        "wrote {}/report.json, report.md, trajectory.svg/png, storage.svg/png (and domains.svg/png with several held-out texts)",
         dir.display()
     );
     Ok(())

@@ -16,10 +16,11 @@ use flexquant::quant::library::{self, BuildInput, BuildOptions, Library, Method,
 
 #[test]
 fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
-    let (Some(model), Some(calib_path), Some(heldout)) = (
+    let (Some(model), Some(calib_path), Some(heldout), Some(brown)) = (
         common::demo_model_path(),
         common::data_file("text/austen-calib.txt"),
         common::heldout_text(),
+        common::data_file("text/brown-heldout.txt"),
     ) else {
         return;
     };
@@ -36,6 +37,12 @@ fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
     )
     .unwrap();
     let heldout_ids = m.tokenizer.encode(&heldout[..20_000]).unwrap();
+    let brown_text = std::fs::read_to_string(&brown).unwrap();
+    let brown_ids = m.tokenizer.encode(&brown_text[..20_000]).unwrap();
+    let domains = [
+        ("austen".to_string(), heldout_ids.clone()),
+        ("brown".to_string(), brown_ids),
+    ];
     let dir = tempfile::tempdir().unwrap();
 
     let sha = library::model_sha256(&model).unwrap();
@@ -92,7 +99,8 @@ fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
         model: &m,
         eqm: &em,
         calib_ids: &calib_ids,
-        heldout_ids: &heldout_ids,
+        calib_sources: &[],
+        heldout: &domains,
         name: "demo-test".into(),
     };
     let rec = build_ensemble(&inputs, &settings, &out, &mut |_, _, _, _| {}).unwrap();
@@ -135,6 +143,40 @@ fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
         "max step {max_step} B of a {span} B span"
     );
     assert!(rec.evaluations > 0);
+
+    // Every held-out domain: the main one's figures are the record's own; Brown is scored
+    // apart (other text, other perplexities), and quantization costs on it too.
+    let names: Vec<&str> = rec.domains.iter().map(|d| d.domain.as_str()).collect();
+    assert_eq!(names, ["austen", "brown"]);
+    let main = &rec.domains[0];
+    let statics: Vec<f64> = rec.statics.iter().map(|s| s.3).collect();
+    assert_eq!(main.statics, statics);
+    for &(i, p) in &main.eqms {
+        assert_eq!(rec.heldout[i], Some(p), "step {i}");
+    }
+    let brown = &rec.domains[1];
+    assert_eq!(brown.statics.len(), statics.len());
+    assert_eq!(
+        brown.eqms.iter().map(|e| e.0).collect::<Vec<_>>(),
+        main.eqms.iter().map(|e| e.0).collect::<Vec<_>>()
+    );
+    assert_ne!(brown.float_ppl, main.float_ppl);
+    for d in &rec.domains {
+        assert!(d.float_ppl.is_finite() && d.float_ppl > 1.0, "{d:?}");
+        assert!(
+            d.statics[0] >= d.float_ppl * 0.97,
+            "{d:?}: QM(4) far below float"
+        );
+        assert!(
+            d.statics[2] > d.statics[0],
+            "{d:?}: QM(2) not worse than QM(4)"
+        );
+    }
+    let fig = flexquant::build::report::figures(&rec);
+    assert_eq!(
+        fig["heldout_by_domain"]["brown"].as_array().unwrap().len(),
+        statics.len() + brown.eqms.len()
+    );
 
     // An EQM reloaded from the packaged files computes exactly what the in-memory one does.
     let chosen = &rec.variants[rec.chosen];
