@@ -9,7 +9,7 @@
 use anyhow::Result;
 use clap::Args;
 use flexquant::ensemble::format::{PackedShape, BITS};
-use flexquant::gpu::probe::copy_seconds;
+use flexquant::gpu::probe::{copy_seconds, read_kernel};
 use flexquant::gpu::{Gpu, Model, ModelOptions};
 use flexquant::model::weights::LayerNorms;
 use flexquant::model::{Linear, ModuleId, Weights};
@@ -26,9 +26,11 @@ pub struct GpuBenchArgs {
     /// Prompt tokens prefilled in `bench gpu`.
     #[arg(long, default_value_t = 64)]
     pub gpu_prefill_tokens: usize,
-    #[arg(long, default_value_t = 8)]
+    /// The span measured: step 0 is uniform n_up, the last step uniform n_low (the demo
+    /// ensemble's 4 -> 2 by default).
+    #[arg(long, default_value_t = 4)]
     pub n_up: u32,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     pub n_low: u32,
     /// Random weights of the demo model's shapes instead of --model/--text (speed does not
     /// depend on the values): for a machine that has a GPU but not the model file.
@@ -181,12 +183,36 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
     }
     let (prefill_tok_s, swap_s, bandwidth_ratio, bytes_per_token) = mid_extra.unwrap();
     let tok_s = |i: usize| 1.0 / timed[i].token_s;
-    let report = serde_json::json!({
+    // The yardstick over as many bytes as step 0 reads per token; each model's decode speed
+    // as a fraction of it.
+    let head = 2 * (c.vocab_size * c.hidden_size) as u64;
+    let token_bytes = |bits: &[u32]| module_bytes(m, bits) + head;
+    let mut kernels = flexquant::gpu::kernels::Kernels::new(&gpu);
+    let read = read_kernel(&gpu, &mut kernels, token_bytes(&up), 5);
+    let vs_read = |i: usize| token_bytes(&timed[i].bits) as f64 * tok_s(i) / read.bytes_per_s;
+    let qm3 = vec![3; n];
+    let qm3_tok_s = if [&up, &low].contains(&&qm3) || nearest == qm3 {
+        let i = timed.iter().position(|t| t.bits == qm3).unwrap();
+        tok_s(i)
+    } else {
+        let mut g = model(&gpu, m, &qm3, opts)?;
+        1.0 / decode_seconds(&mut g, prompt, a.gpu_decode_tokens)?
+    };
+    let adapter_report = serde_json::json!({
         "adapter": adapter,
+        "device_type": format!("{:?}", gpu.info.device_type),
+        "backend": format!("{:?}", gpu.info.backend),
         "model": source,
         "n_up": a.n_up,
         "n_low": a.n_low,
+        "variant": format!("matvec: {} thread(s) per row", kernels.tpr),
+        "read_kernel_gbs": read.bytes_per_s / 1e9,
+        "read_kernel_variant": read.variant,
+        "read_kernel_bytes": token_bytes(&up),
         "decode_tokens": a.gpu_decode_tokens,
+        "decode_tok_s": {"step_0": tok_s(0), "qm3": qm3_tok_s, "last_step": tok_s(2)},
+        "decode_vs_read_kernel": vs_read(0),
+        "decode_vs_read_kernel_by_model": {"step_0": vs_read(0), "mid": vs_read(1), "last_step": vs_read(2)},
         "decode_tok_s_n_up": tok_s(0),
         "decode_tok_s_mid": tok_s(1),
         "decode_tok_s_n_low": tok_s(2),
@@ -202,8 +228,24 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         "prefill_tokens": a.gpu_prefill_tokens,
         "prefill_tok_s": prefill_tok_s,
     });
-    std::fs::create_dir_all(out_dir)?;
+    eprintln!(
+        "  read kernel {:.2} GB/s ({}); decode at step 0 is {:.3} of it",
+        read.bytes_per_s / 1e9,
+        read.variant,
+        vs_read(0)
+    );
+    // One object per adapter: an earlier gpu.json's other adapters (a real GPU measured on
+    // another machine) are kept, this adapter's entry replaced.
     let path = out_dir.join("gpu.json");
+    let mut adapters: Vec<serde_json::Value> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("adapters").and_then(|a| a.as_array()).cloned())
+        .unwrap_or_default();
+    adapters.retain(|x| x["adapter"] != adapter_report["adapter"]);
+    adapters.push(adapter_report);
+    let report = serde_json::json!({ "adapters": adapters });
+    std::fs::create_dir_all(out_dir)?;
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     println!("wrote {}", path.display());

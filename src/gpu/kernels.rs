@@ -36,6 +36,10 @@ pub enum Kernel {
         from_logits: bool,
     },
     Nll,
+    /// The read-everything yardstick (`probe::read_kernel`).
+    Read {
+        contiguous: bool,
+    },
 }
 
 struct Spec {
@@ -68,6 +72,7 @@ impl Kernel {
             Kernel::SwiGlu => s(include_str!("../../shaders/swiglu.wgsl"), "swiglu", 1, 1),
             Kernel::TopK { .. } => s(include_str!("../../shaders/topk.wgsl"), "topk", 1, 1),
             Kernel::Nll => s(include_str!("../../shaders/nll.wgsl"), "nll_rows", 2, 1),
+            Kernel::Read { .. } => s(include_str!("../../shaders/read.wgsl"), "read_all", 1, 1),
         }
     }
 
@@ -174,6 +179,7 @@ impl Kernels {
         let constants: Vec<(&str, f64)> = match kernel {
             Kernel::Matvec(_) => vec![("TPR", self.tpr as f64)],
             Kernel::TopK { from_logits } => vec![("FROM_LOGITS", from_logits as u32 as f64)],
+            Kernel::Read { contiguous } => vec![("CONTIGUOUS", contiguous as u32 as f64)],
             _ => vec![],
         };
         let pipeline = gpu

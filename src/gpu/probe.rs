@@ -119,6 +119,98 @@ pub fn copy_seconds(gpu: &Gpu, bytes: u64, reps: usize) -> f64 {
     best
 }
 
+/// Workgroups and parameter words of the read kernel (shaders/read.wgsl) over `n_vec4`
+/// 16-byte words: each thread reads at least 64 of them (1 KiB), as few workgroups as that
+/// allows (at most 65535).
+pub fn read_dispatch(n_vec4: u32) -> ([u32; 3], [u32; 4]) {
+    let wg = n_vec4.div_ceil(64 * 64).clamp(1, 65535);
+    let threads = wg * 64;
+    ([wg, 1, 1], [n_vec4, threads, n_vec4.div_ceil(threads), 0])
+}
+
+/// The read-everything yardstick on this adapter: its best speed and which access pattern
+/// gave it.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadFigure {
+    /// Bytes read per second (the best run of the better variant).
+    pub bytes_per_s: f64,
+    /// `"interleaved"` (neighbouring threads read neighbouring words) or `"contiguous"` (one
+    /// run per thread).
+    pub variant: &'static str,
+}
+
+/// Times the read kernel over a device buffer of `bytes` (rounded up to 16) in both access
+/// patterns, `reps` runs each after one warm-up, each run one submission waited for.
+pub fn read_kernel(gpu: &Gpu, kernels: &mut Kernels, bytes: u64, reps: usize) -> ReadFigure {
+    let n_vec4 = u32::try_from(bytes.div_ceil(16)).expect("read kernel over 64 GiB");
+    let (grid, words) = read_dispatch(n_vec4);
+    let d = &gpu.device;
+    let data = d.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("read benchmark"),
+        size: n_vec4 as u64 * 16,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let sums = d.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("read benchmark sums"),
+        size: grid[0] as u64 * 4,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let uniform = |contents: &[u8]| {
+        d.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents,
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+    };
+    let params = uniform(&param_bytes(&words));
+    let step = uniform(&step_bytes(0, 0));
+    let mut best = ReadFigure {
+        bytes_per_s: 0.0,
+        variant: "interleaved",
+    };
+    for contiguous in [false, true] {
+        let kernel = Kernel::Read { contiguous };
+        kernels.prepare(gpu, kernel);
+        let bg = kernels.bind(
+            gpu,
+            kernel,
+            params.as_entire_buffer_binding(),
+            &step,
+            &[&data, &sums],
+        );
+        let mut fastest = f64::MAX;
+        for _ in 0..reps + 1 {
+            let t = now();
+            let mut enc = d.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_pipeline(kernels.pipeline(kernel));
+                pass.set_bind_group(0, &bg, &[]);
+                pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+            }
+            gpu.queue.submit([enc.finish()]);
+            gpu.wait();
+            fastest = fastest.min(now() - t);
+        }
+        let speed = (n_vec4 as u64 * 16) as f64 / fastest;
+        if speed > best.bytes_per_s {
+            best = ReadFigure {
+                bytes_per_s: speed,
+                variant: if contiguous {
+                    "contiguous"
+                } else {
+                    "interleaved"
+                },
+            };
+        }
+    }
+    data.destroy();
+    sums.destroy();
+    best
+}
+
 fn now() -> f64 {
     crate::runtime::clock::now_seconds()
 }

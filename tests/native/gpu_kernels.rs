@@ -440,3 +440,33 @@ fn nll_matches_cpu_log_softmax() {
     let e = norm_err(&f32s(&out[0]), &want, &scale);
     assert!(e < NORM_ERR, "nll: {e:.2e}");
 }
+
+/// The read-everything yardstick reads every word exactly once in both access patterns: the
+/// workgroups' sums add up (wrapping) to the host's sum of the words, on sizes that are not
+/// multiples of a workgroup's reach, one workgroup's, and many.
+#[test]
+fn read_kernel_reads_every_word_once() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut rng = Rng::new(5);
+    for n_vec4 in [1u32, 67, 4096, 4097, 300_001] {
+        let words: Vec<u32> = (0..n_vec4 * 4)
+            .map(|_| (rng.next_f32() * u32::MAX as f32) as u32)
+            .collect();
+        let want = words.iter().fold(0u32, |a, &w| a.wrapping_add(w));
+        let (grid, params) = probe::read_dispatch(n_vec4);
+        for contiguous in [false, true] {
+            let out = run(
+                Kernel::Read { contiguous },
+                &params,
+                (0, 0),
+                &[bytemuck::cast_slice(&words)],
+                &[&vec![0u8; grid[0] as usize * 4]],
+                grid,
+            );
+            let got = u32s(&out[0]).iter().fold(0u32, |a, &w| a.wrapping_add(w));
+            assert_eq!(got, want, "{n_vec4} words, contiguous {contiguous}");
+        }
+    }
+}

@@ -1,0 +1,52 @@
+// The yardstick of decode speed (issue 18): read every word of a buffer once and reduce it, the
+// least any decode kernel must do with a model step's weights. Each thread sums `vec4<u32>`
+// words, either interleaved with its neighbours (thread t reads t, t + threads, ...: what a
+// GPU coalesces) or from one contiguous run of its own (what a CPU adapter's SIMD lanes and
+// caches prefer; `CONTIGUOUS`); the workgroup then adds its threads' sums and writes one word.
+// Sums wrap (u32), so the result can be checked exactly against the host.
+
+struct Params {
+    n_vec4: u32,  // vec4<u32> words to read
+    threads: u32, // threads dispatched (workgroups * 64)
+    run: u32,     // words per thread when CONTIGUOUS (ceil(n_vec4 / threads))
+    _pad0: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> data: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read_write> sums: array<u32>;
+
+override CONTIGUOUS: bool = false;
+
+var<workgroup> part: array<u32, 64>;
+
+// Dispatch (workgroups, 1, 1); `sums` has one word per workgroup.
+@compute @workgroup_size(64)
+fn read_all(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+) {
+    var acc = vec4<u32>(0u);
+    if (CONTIGUOUS) {
+        let start = gid.x * p.run;
+        let end = min(start + p.run, p.n_vec4);
+        for (var i = start; i < end; i++) {
+            acc += data[i];
+        }
+    } else {
+        for (var i = gid.x; i < p.n_vec4; i += p.threads) {
+            acc += data[i];
+        }
+    }
+    part[li] = acc.x + acc.y + acc.z + acc.w;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (li < s) {
+            part[li] += part[li + s];
+        }
+        workgroupBarrier();
+    }
+    if (li == 0u) {
+        sums[wg.x] = part[0];
+    }
+}
