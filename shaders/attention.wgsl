@@ -6,17 +6,7 @@ const TILE: u32 = 64u;
 const MAX_HEAD_DIM: u32 = 256u;
 const DIMS_PER_THREAD: u32 = MAX_HEAD_DIM / TILE;
 
-struct Params {
-    group: u32,      // query heads per KV head
-    head_dim: u32,   // <= 256
-    q_stride: u32,   // floats per token row of q and out
-    kv_stride: u32,  // floats per position of the cache
-    scale: f32,      // 1 / sqrt(head_dim)
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-@group(0) @binding(0) var<uniform> p: Params;
+// `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host.
 @group(0) @binding(2) var<storage, read> q: array<f32>;
 @group(0) @binding(3) var<storage, read> kc: array<f32>;
 @group(0) @binding(4) var<storage, read> vc: array<f32>;

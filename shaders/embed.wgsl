@@ -3,17 +3,7 @@
 // r * words_per_row .. (4 codes per word, lowest byte first), its (scale, zero) pairs follow
 // all codes as pack2x16float words, one per group.
 
-struct Params {
-    hidden: u32,  // a multiple of 4
-    vocab: u32,
-    words_per_row: u32,
-    groups_per_row: u32,
-    group: u32,       // a multiple of 4
-    scale_base: u32,  // word index of the first (scale, zero)
-    _pad0: u32,
-    _pad1: u32,
-}
-@group(0) @binding(0) var<uniform> p: Params;
+// `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host.
 @group(0) @binding(2) var<storage, read> table: array<u32>;
 @group(0) @binding(3) var<storage, read> tokens: array<u32>;
 @group(0) @binding(4) var<storage, read_write> x: array<vec4<f32>>;

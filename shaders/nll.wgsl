@@ -1,13 +1,7 @@
 // Negative log-likelihood of each row's target under softmax(logits): log sum exp - logit.
 // Perplexity then needs 4 bytes per token back, not the vocabulary.
 
-struct Params {
-    vocab: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-@group(0) @binding(0) var<uniform> p: Params;
+// `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host.
 @group(0) @binding(2) var<storage, read> logits: array<f32>;
 @group(0) @binding(3) var<storage, read> targets: array<u32>;
 @group(0) @binding(4) var<storage, read_write> nll: array<f32>;

@@ -15,21 +15,7 @@ override TPR: u32 = 1u;
 const WG: u32 = 64u;
 const TT: u32 = 4u;
 
-struct Params {
-    rows: u32,
-    cols: u32,          // a multiple of 4
-    words_per_row: u32,
-    groups_per_row: u32,
-    group_blocks: u32,  // group / 32
-    scale_base: u32,    // word index of the first scale: codes come first, then scales
-    x_stride: u32,      // x row stride in floats (a multiple of 4)
-    y_stride: u32,      // y row stride in floats
-    y_base: u32,
-    y_pos_stride: u32,  // y_base advances by pos0 * this: K and V write into the cache
-    accumulate: u32,    // 1: y += W x (the residual connection of o and down)
-    _pad: u32,
-}
-@group(0) @binding(0) var<uniform> p: Params;
+// `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host.
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;

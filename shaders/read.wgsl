@@ -5,13 +5,7 @@
 // caches prefer; `CONTIGUOUS`); the workgroup then adds its threads' sums and writes one word.
 // Sums wrap (u32), so the result can be checked exactly against the host.
 
-struct Params {
-    n_vec4: u32,  // vec4<u32> words to read
-    threads: u32, // threads dispatched (workgroups * 64)
-    run: u32,     // words per thread when CONTIGUOUS (ceil(n_vec4 / threads))
-    _pad0: u32,
-}
-@group(0) @binding(0) var<uniform> p: Params;
+// `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host.
 @group(0) @binding(2) var<storage, read> data: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read_write> sums: array<u32>;
 

@@ -2,13 +2,7 @@
 // `last_only`, one workgroup normalizes the call's last row into row 0 (what the head needs
 // to pick the next token).
 
-struct Params {
-    n: u32,
-    eps: f32,
-    last_only: u32,
-    _pad1: u32,
-}
-@group(0) @binding(0) var<uniform> p: Params;
+// `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host.
 @group(0) @binding(2) var<storage, read> g: array<f32>;
 @group(0) @binding(3) var<storage, read> x: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;

@@ -2,17 +2,7 @@
 // i + head_dim/2. cos/sin come from a table the host computes in f64 (as the CPU path does):
 // f32 angles at position ~2000 would be off by ~1e-4 rad.
 
-struct Params {
-    base: u32,        // offset of row 0
-    row_stride: u32,
-    pos_rows: u32,    // 1: rows are indexed by absolute position (the K cache), 0: by token
-    n_heads: u32,
-    head_dim: u32,
-    sin_base: u32,    // the table holds cos[ctx][head_dim/2] then sin[ctx][head_dim/2]
-    _pad0: u32,
-    _pad1: u32,
-}
-@group(0) @binding(0) var<uniform> p: Params;
+// `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host.
 @group(0) @binding(2) var<storage, read> table: array<f32>;
 @group(0) @binding(3) var<storage, read_write> v: array<f32>;
 

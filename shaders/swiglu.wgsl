@@ -1,12 +1,6 @@
 // SwiGLU: gate = silu(gate) * up, in place.
 
-struct Params {
-    n: u32,  // features per token
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-@group(0) @binding(0) var<uniform> p: Params;
+// `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host.
 @group(0) @binding(2) var<storage, read> up: array<f32>;
 @group(0) @binding(3) var<storage, read_write> gate: array<f32>;
 

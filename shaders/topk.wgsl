@@ -11,13 +11,7 @@ const WG: u32 = 256u;
 const ITEMS: u32 = 16u;
 const CHUNK: u32 = WG * ITEMS;
 
-struct Params {
-    n: u32,     // items in the source
-    k: u32,
-    base: u32,  // first logit (row offset) when FROM_LOGITS
-    _pad: u32,
-}
-@group(0) @binding(0) var<uniform> p: Params;
+// `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host.
 @group(0) @binding(2) var<storage, read> src: array<u32>;
 @group(0) @binding(3) var<storage, read_write> dst: array<u32>;
 

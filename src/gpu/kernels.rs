@@ -4,6 +4,7 @@
 //! counts, declared once here and shared by every pipeline with that shape.
 
 use crate::gpu::device::Gpu;
+use crate::gpu::params::*;
 use std::collections::HashMap;
 
 pub const COMMON: &str = include_str!("../../shaders/common.wgsl");
@@ -43,6 +44,7 @@ pub enum Kernel {
 }
 
 struct Spec {
+    /// The shader, its `Params` (`params.rs`) prepended.
     source: String,
     entry: &'static str,
     read_only: u32,
@@ -50,9 +52,28 @@ struct Spec {
 }
 
 impl Kernel {
+    /// The Rust name of this kernel's parameter struct (`params.rs`) and its WGSL.
+    pub fn params(self) -> (&'static str, &'static str) {
+        fn of<P: KernelParams>() -> (&'static str, &'static str) {
+            (P::NAME, P::WGSL)
+        }
+        match self {
+            Kernel::Matvec(_) | Kernel::Matmul(_) => of::<QlinearParams>(),
+            Kernel::Embed => of::<EmbedParams>(),
+            Kernel::RmsNorm => of::<RmsNormParams>(),
+            Kernel::Rope => of::<RopeParams>(),
+            Kernel::Attention => of::<AttentionParams>(),
+            Kernel::SwiGlu => of::<SwiGluParams>(),
+            Kernel::TopK { .. } => of::<TopKParams>(),
+            Kernel::Nll => of::<NllParams>(),
+            Kernel::Read { .. } => of::<ReadParams>(),
+        }
+    }
+
     fn spec(self) -> Spec {
+        let params = self.params().1;
         let s = |source: &str, entry, read_only, read_write| Spec {
-            source: source.to_string(),
+            source: format!("{params}\n{source}"),
             entry,
             read_only,
             read_write,
@@ -278,12 +299,23 @@ pub fn qlinear_source(bits: u32) -> String {
     format!("{f}\n{QLINEAR}")
 }
 
-/// A parameter block: u32 words (floats as bits), padded to a 256-byte slot.
-pub fn param_bytes(words: &[u32]) -> Vec<u8> {
-    assert!(words.len() * 4 <= PARAM_SLOT as usize);
+/// A parameter block padded to a 256-byte slot.
+pub fn param_bytes<P: KernelParams>(p: &P) -> Vec<u8> {
+    let words = bytemuck::bytes_of(p);
+    assert!(words.len() <= PARAM_SLOT as usize);
     let mut b = vec![0u8; PARAM_SLOT as usize];
-    b[..words.len() * 4].copy_from_slice(bytemuck::cast_slice(words));
+    b[..words.len()].copy_from_slice(words);
     b
+}
+
+/// `params` as `kernel`'s block; panics when `P` is not the struct `kernel` reads (a bug).
+pub fn kernel_param_bytes<P: KernelParams>(kernel: Kernel, p: &P) -> Vec<u8> {
+    assert_eq!(
+        kernel.params().0,
+        P::NAME,
+        "{kernel:?} reads other parameters"
+    );
+    param_bytes(p)
 }
 
 /// The `Step` block of common.wgsl.

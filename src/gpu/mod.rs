@@ -4,6 +4,7 @@
 //! - `device`: adapter and device with the limits the model needs.
 //! - `alloc`: every buffer counted, so the runtime knows the footprint exactly.
 //! - `kernels`: pipelines over shaders/*.wgsl, one per kernel and bit-width.
+//! - `params`: each kernel's parameter struct, shared by the engine, its tests and the WGSL.
 //! - `model`: the model on the GPU: base buffers, one buffer per module, the KV cache; decode,
 //!   prefill and `set_module` swaps between tokens.
 //! - `backend`: the model as a `runtime::Backend` (generation and the trajectory walk run on
@@ -16,6 +17,7 @@ mod backend;
 pub mod device;
 pub mod error;
 pub mod kernels;
+pub mod params;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod perplexity;
 pub mod probe;

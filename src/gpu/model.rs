@@ -15,7 +15,10 @@ use crate::ensemble::format::{PackedMatrix, PackedShape};
 use crate::gpu::alloc::{Allocator, GpuBuffer};
 use crate::gpu::device::{Gpu, Requirements};
 use crate::gpu::error::{GpuError, GpuResult};
-use crate::gpu::kernels::{self, param_bytes, step_bytes, Kernel, Kernels, PARAM_SLOT, TT, WG};
+use crate::gpu::kernels::{
+    self, kernel_param_bytes, step_bytes, Kernel, Kernels, PARAM_SLOT, TT, WG,
+};
+use crate::gpu::params::*;
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{ModuleId, ModuleKind};
 use crate::runtime::generate::{check_watch, MAX_LOGIT_BIAS};
@@ -214,10 +217,6 @@ fn kv_layer_bytes(c: &LlamaConfig, o: &ModelOptions) -> u64 {
 
 fn bytes_of<T: bytemuck::Pod>(v: &[T]) -> &[u8] {
     bytemuck::cast_slice(v)
-}
-
-fn f32_bits(v: f32) -> u32 {
-    v.to_bits()
 }
 
 impl Model {
@@ -483,8 +482,20 @@ impl Model {
         );
         let (nh, nkv) = (c.num_attention_heads as u32, c.n_kv_heads() as u32);
         let (q_dim, kv_dim, vocab) = (c.q_dim() as u32, c.kv_dim() as u32, c.vocab_size as u32);
-        let eps = f32_bits(c.rms_norm_eps);
+        let norm = |last_only| RmsNormParams {
+            n: h,
+            eps: c.rms_norm_eps,
+            last_only,
+        };
         let sin_base = opts.context as u32 * hd / 2;
+        let rope_params = |row_stride, pos_rows, n_heads| RopeParams {
+            base: 0,
+            row_stride,
+            pos_rows,
+            n_heads,
+            head_dim: hd,
+            sin_base,
+        };
         let embed = &base[0];
         let head = &base[if c.tie_word_embeddings { 0 } else { 1 }];
         let norm0 = if c.tie_word_embeddings { 1 } else { 2 };
@@ -494,14 +505,14 @@ impl Model {
 
         let embed_op = b.op(
             Kernel::Embed,
-            &[
-                h,
+            &EmbedParams {
+                hidden: h,
                 vocab,
-                table.words_per_row() as u32,
-                table.groups_per_row() as u32,
-                table.group as u32,
-                table.code_words() as u32,
-            ],
+                words_per_row: table.words_per_row() as u32,
+                groups_per_row: table.groups_per_row() as u32,
+                group: table.group as u32,
+                scale_base: table.code_words() as u32,
+            },
             &[embed, &a.tokens, &a.x],
             Grid::PerToken(h.div_ceil(4 * WG)),
         );
@@ -517,7 +528,10 @@ impl Model {
                 let buffer = module_bufs.next().unwrap();
                 let (x, y) = module_io(a, &kv[l], kind);
                 let param_slot = b.blocks.len() as u64;
-                b.blocks.push(qlinear_params(m.shape, kind));
+                b.blocks.push(kernel_param_bytes(
+                    Kernel::Matvec(m.shape.bits),
+                    &qlinear_params(m.shape, kind),
+                ));
                 let bind_group = b.bind(Kernel::Matvec(m.shape.bits), param_slot, &[&buffer, x, y]);
                 ops.push(Dispatch::Module(slots.len()));
                 slots.push(Slot {
@@ -530,7 +544,7 @@ impl Model {
             let ops = &mut layer_ops;
             ops.push(Dispatch::Fixed(b.op(
                 Kernel::RmsNorm,
-                &[h, eps],
+                &norm(0),
                 &[attn_norm, &a.x, &a.xn],
                 Grid::Rows,
             )));
@@ -540,27 +554,32 @@ impl Model {
             let pairs = |heads: u32| Grid::PerToken((heads * hd / 2).div_ceil(WG));
             ops.push(Dispatch::Fixed(b.op(
                 Kernel::Rope,
-                &[0, q_dim, 0, nh, hd, sin_base],
+                &rope_params(q_dim, 0, nh),
                 &[rope, &a.q],
                 pairs(nh),
             )));
             ops.push(Dispatch::Fixed(b.op(
                 Kernel::Rope,
-                &[0, kv_dim, 1, nkv, hd, sin_base],
+                &rope_params(kv_dim, 1, nkv),
                 &[rope, kc],
                 pairs(nkv),
             )));
-            let scale = f32_bits(1.0 / (hd as f32).sqrt());
             ops.push(Dispatch::Fixed(b.op(
                 Kernel::Attention,
-                &[nh / nkv, hd, q_dim, kv_dim, scale],
+                &AttentionParams {
+                    group: nh / nkv,
+                    head_dim: hd,
+                    q_stride: q_dim,
+                    kv_stride: kv_dim,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                },
                 &[&a.q, kc, vc, &a.att],
                 Grid::PerToken(nh),
             )));
             module(&mut b, ModuleKind::O, ops);
             ops.push(Dispatch::Fixed(b.op(
                 Kernel::RmsNorm,
-                &[h, eps],
+                &norm(0),
                 &[ffn_norm, &a.x, &a.xn],
                 Grid::Rows,
             )));
@@ -568,7 +587,7 @@ impl Model {
             module(&mut b, ModuleKind::Up, ops);
             ops.push(Dispatch::Fixed(b.op(
                 Kernel::SwiGlu,
-                &[f],
+                &SwiGluParams { n: f },
                 &[&a.up, &a.gate],
                 Grid::PerToken(f.div_ceil(WG)),
             )));
@@ -576,13 +595,13 @@ impl Model {
         }
         let final_norm_op = b.op(
             Kernel::RmsNorm,
-            &[h, eps, 0],
+            &norm(0),
             &[final_norm, &a.x, &a.xn],
             Grid::Rows,
         );
         let final_norm_last = b.op(
             Kernel::RmsNorm,
-            &[h, eps, 1],
+            &norm(1),
             &[final_norm, &a.x, &a.xn],
             Grid::Fixed([1, 1, 1]),
         );
@@ -606,25 +625,33 @@ impl Model {
         let topk_ops = [
             b.op(
                 Kernel::TopK { from_logits: true },
-                &[vocab, k, 0],
+                &TopKParams {
+                    n: vocab,
+                    k,
+                    base: 0,
+                },
                 &[&a.logits, &a.cand],
                 Grid::Fixed([chunks, 1, 1]),
             ),
             b.op(
                 Kernel::TopK { from_logits: false },
-                &[chunks * k, k, 0],
+                &TopKParams {
+                    n: chunks * k,
+                    k,
+                    base: 0,
+                },
                 &[&a.cand, &a.topk],
                 Grid::Fixed([1, 1, 1]),
             ),
         ];
         let nll_op = b.op(
             Kernel::Nll,
-            &[vocab],
+            &NllParams { vocab },
             &[&a.logits, &a.targets, &a.nll],
             Grid::Rows,
         );
         assert_eq!(b.blocks.len() as u64, param_slots(&c));
-        let blocks: Vec<u8> = b.blocks.iter().flat_map(|p| param_bytes(p)).collect();
+        let blocks: Vec<u8> = b.blocks.concat();
         q.write_buffer(&params.buffer, 0, &blocks);
 
         Ok(Model {
@@ -758,7 +785,7 @@ impl Model {
         gpu.queue.write_buffer(
             &self.params.buffer,
             param_slot * PARAM_SLOT,
-            &param_bytes(&qlinear_params(m.shape, id.kind)),
+            &kernel_param_bytes(Kernel::Matvec(bits), &qlinear_params(m.shape, id.kind)),
         );
         // The old buffer is dropped (and destroyed) here, after its replacement is in place.
         self.modules[id.index()] = Slot {
@@ -1040,23 +1067,14 @@ fn module_io<'a>(
 
 /// qlinear.wgsl's `Params`: K and V write at the cache position, O and down add into the
 /// residual stream.
-fn qlinear_params(s: PackedShape, kind: ModuleKind) -> Vec<u32> {
+fn qlinear_params(s: PackedShape, kind: ModuleKind) -> QlinearParams {
     let kv = matches!(kind, ModuleKind::K | ModuleKind::V);
     let residual = matches!(kind, ModuleKind::O | ModuleKind::Down);
-    vec![
-        s.rows as u32,
-        s.cols as u32,
-        s.words_per_row() as u32,
-        s.groups_per_row() as u32,
-        (s.group / 32) as u32,
-        s.code_words() as u32,
-        s.cols as u32,
-        s.rows as u32,
-        0,
-        if kv { s.rows as u32 } else { 0 },
-        residual as u32,
-        0,
-    ]
+    QlinearParams {
+        y_pos_stride: if kv { s.rows as u32 } else { 0 },
+        accumulate: residual as u32,
+        ..QlinearParams::dense(s)
+    }
 }
 
 fn param_binding(params: &GpuBuffer, slot: u64) -> wgpu::BufferBinding<'_> {
@@ -1092,7 +1110,8 @@ struct Builder<'a> {
     kernels: &'a mut Kernels,
     params: &'a GpuBuffer,
     step: &'a GpuBuffer,
-    blocks: Vec<Vec<u32>>,
+    /// One 256-byte parameter slot per op, in slot order.
+    blocks: Vec<Vec<u8>>,
 }
 
 impl Builder<'_> {
@@ -1108,9 +1127,15 @@ impl Builder<'_> {
         )
     }
 
-    fn op(&mut self, kernel: Kernel, params: &[u32], storage: &[&GpuBuffer], grid: Grid) -> Op {
+    fn op<P: KernelParams>(
+        &mut self,
+        kernel: Kernel,
+        params: &P,
+        storage: &[&GpuBuffer],
+        grid: Grid,
+    ) -> Op {
         let slot = self.blocks.len() as u64;
-        self.blocks.push(params.to_vec());
+        self.blocks.push(kernel_param_bytes(kernel, params));
         Op {
             kernel,
             bind_group: self.bind(kernel, slot, storage),

@@ -4,18 +4,19 @@
 
 use crate::gpu::device::Gpu;
 use crate::gpu::error::GpuResult;
-use crate::gpu::kernels::{param_bytes, step_bytes, Kernel, Kernels};
+use crate::gpu::kernels::{kernel_param_bytes, param_bytes, step_bytes, Kernel, Kernels};
+use crate::gpu::params::{KernelParams, ReadParams};
 use wgpu::util::DeviceExt;
 
 /// Runs `kernel` once over `grid` workgroups with `params`, the step `(n_tokens, pos0)`, the
 /// read-only `inputs` and the read-write `outputs` (initial contents), and returns the final
 /// contents of the outputs.
 #[allow(clippy::too_many_arguments)]
-pub async fn run(
+pub async fn run<P: KernelParams>(
     gpu: &Gpu,
     kernels: &mut Kernels,
     kernel: Kernel,
-    params: &[u32],
+    params: &P,
     step: (u32, u32),
     inputs: &[&[u8]],
     outputs: &[&[u8]],
@@ -26,11 +27,11 @@ pub async fn run(
 
 /// `run` with the dispatch repeated `repeat` times in one pass (kernel timing).
 #[allow(clippy::too_many_arguments)]
-pub async fn run_repeated(
+pub async fn run_repeated<P: KernelParams>(
     gpu: &Gpu,
     kernels: &mut Kernels,
     kernel: Kernel,
-    params: &[u32],
+    params: &P,
     step: (u32, u32),
     inputs: &[&[u8]],
     outputs: &[&[u8]],
@@ -52,7 +53,10 @@ pub async fn run_repeated(
             usage,
         })
     };
-    let params = init(&param_bytes(params), wgpu::BufferUsages::UNIFORM);
+    let params = init(
+        &kernel_param_bytes(kernel, params),
+        wgpu::BufferUsages::UNIFORM,
+    );
     let step = init(&step_bytes(step.0, step.1), wgpu::BufferUsages::UNIFORM);
     let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
     let ins: Vec<_> = inputs.iter().map(|b| init(b, storage)).collect();
@@ -119,13 +123,21 @@ pub fn copy_seconds(gpu: &Gpu, bytes: u64, reps: usize) -> f64 {
     best
 }
 
-/// Workgroups and parameter words of the read kernel (shaders/read.wgsl) over `n_vec4`
-/// 16-byte words: each thread reads at least 64 of them (1 KiB), as few workgroups as that
-/// allows (at most 65535).
-pub fn read_dispatch(n_vec4: u32) -> ([u32; 3], [u32; 4]) {
+/// Workgroups and parameters of the read kernel (shaders/read.wgsl) over `n_vec4` 16-byte
+/// words: each thread reads at least 64 of them (1 KiB), as few workgroups as that allows (at
+/// most 65535).
+pub fn read_dispatch(n_vec4: u32) -> ([u32; 3], ReadParams) {
     let wg = n_vec4.div_ceil(64 * 64).clamp(1, 65535);
     let threads = wg * 64;
-    ([wg, 1, 1], [n_vec4, threads, n_vec4.div_ceil(threads), 0])
+    let run = n_vec4.div_ceil(threads);
+    (
+        [wg, 1, 1],
+        ReadParams {
+            n_vec4,
+            threads,
+            run,
+        },
+    )
 }
 
 /// The read-everything yardstick on this adapter: its best speed and which access pattern
@@ -143,7 +155,7 @@ pub struct ReadFigure {
 /// patterns, `reps` runs each after one warm-up, each run one submission waited for.
 pub fn read_kernel(gpu: &Gpu, kernels: &mut Kernels, bytes: u64, reps: usize) -> ReadFigure {
     let n_vec4 = u32::try_from(bytes.div_ceil(16)).expect("read kernel over 64 GiB");
-    let (grid, words) = read_dispatch(n_vec4);
+    let (grid, read_params) = read_dispatch(n_vec4);
     let d = &gpu.device;
     let data = d.create_buffer(&wgpu::BufferDescriptor {
         label: Some("read benchmark"),
@@ -164,7 +176,7 @@ pub fn read_kernel(gpu: &Gpu, kernels: &mut Kernels, bytes: u64, reps: usize) ->
             usage: wgpu::BufferUsages::UNIFORM,
         })
     };
-    let params = uniform(&param_bytes(&words));
+    let params = uniform(&param_bytes(&read_params));
     let step = uniform(&step_bytes(0, 0));
     let mut best = ReadFigure {
         bytes_per_s: 0.0,

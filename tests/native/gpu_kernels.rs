@@ -10,6 +10,7 @@
 use crate::gpu_util::{f32s, gpu, kernels_for, u32s};
 use flexquant::ensemble::format::BITS;
 use flexquant::gpu::kernels::{self, Kernel};
+use flexquant::gpu::params::*;
 use flexquant::gpu::probe;
 use flexquant::quant::rtn::quantize_rtn;
 use flexquant::runtime::generate::Rng;
@@ -74,21 +75,10 @@ fn qlinear_matvec_and_matmul_match_dequantized_cpu() {
                         (s + 1.0, a + 1.0) // + 1.0: the kernel accumulates into y = 1
                     })
                     .unzip();
-                let sh = m.shape;
-                let params = [
-                    rows as u32,
-                    cols as u32,
-                    sh.words_per_row() as u32,
-                    sh.groups_per_row() as u32,
-                    (group / 32) as u32,
-                    sh.code_words() as u32,
-                    cols as u32,
-                    rows as u32,
-                    0,
-                    0,
-                    1,
-                    0,
-                ];
+                let params = QlinearParams {
+                    accumulate: 1,
+                    ..QlinearParams::dense(m.shape)
+                };
                 let y0 = vec![1f32; n_tokens * rows];
                 let (kernel, grid) = if n_tokens == 1 {
                     let per_wg = kernels::WG / k.tpr;
@@ -122,9 +112,9 @@ fn qlinear_matvec_and_matmul_match_dequantized_cpu() {
     }
 }
 
-fn run(
+fn run<P: KernelParams>(
     kernel: Kernel,
-    params: &[u32],
+    params: &P,
     step: (u32, u32),
     inputs: &[&[u8]],
     outputs: &[&[u8]],
@@ -156,14 +146,14 @@ fn embed_lookup_of_the_8bit_table_matches_cpu() {
             .collect();
         let s = q.shape;
         let x = vec![0f32; tokens.len() * hidden];
-        let params = [
-            hidden as u32,
-            vocab as u32,
-            s.words_per_row() as u32,
-            s.groups_per_row() as u32,
-            group as u32,
-            s.code_words() as u32,
-        ];
+        let params = EmbedParams {
+            hidden: hidden as u32,
+            vocab: vocab as u32,
+            words_per_row: s.words_per_row() as u32,
+            groups_per_row: s.groups_per_row() as u32,
+            group: group as u32,
+            scale_base: s.code_words() as u32,
+        };
         let out = run(
             Kernel::Embed,
             &params,
@@ -196,7 +186,11 @@ fn rmsnorm_matches_cpu() {
         let y = vec![0f32; n * t];
         let out = run(
             Kernel::RmsNorm,
-            &[n as u32, eps.to_bits()],
+            &RmsNormParams {
+                n: n as u32,
+                eps,
+                last_only: 0,
+            },
             (t as u32, 0),
             &[&bytes(&g), &bytes(&x)],
             &[&bytes(&y)],
@@ -211,7 +205,11 @@ fn rmsnorm_matches_cpu() {
         // last_only: one workgroup normalizes the last row into row 0 (the head's input).
         let out = run(
             Kernel::RmsNorm,
-            &[n as u32, eps.to_bits(), 1],
+            &RmsNormParams {
+                n: n as u32,
+                eps,
+                last_only: 1,
+            },
             (t as u32, 0),
             &[&bytes(&g), &bytes(&x)],
             &[&bytes(&y)],
@@ -245,14 +243,14 @@ fn rope_matches_cpu_for_queries_and_cache_rows() {
         let mut want = v.clone();
         let rope = flexquant::model::ops::Rope::new(theta, hd, pos0, t);
         rope.apply(&mut want[r0 * heads * hd..(r0 + t) * heads * hd], heads);
-        let params = [
-            0,
-            (heads * hd) as u32,
+        let params = RopeParams {
+            base: 0,
+            row_stride: (heads * hd) as u32,
             pos_rows,
-            heads as u32,
-            hd as u32,
-            (ctx * hd / 2) as u32,
-        ];
+            n_heads: heads as u32,
+            head_dim: hd as u32,
+            sin_base: (ctx * hd / 2) as u32,
+        };
         let out = run(
             Kernel::Rope,
             &params,
@@ -318,13 +316,13 @@ fn attention_matches_cpu_over_the_cache() {
                 }
             }
         }
-        let params = [
-            (nh / nkv) as u32,
-            hd as u32,
-            q_dim as u32,
-            kv_dim as u32,
-            (scale as f32).to_bits(),
-        ];
+        let params = AttentionParams {
+            group: (nh / nkv) as u32,
+            head_dim: hd as u32,
+            q_stride: q_dim as u32,
+            kv_stride: kv_dim as u32,
+            scale: scale as f32,
+        };
         let out0 = vec![0f32; t * q_dim];
         let out = run(
             Kernel::Attention,
@@ -360,7 +358,7 @@ fn swiglu_matches_cpu() {
         .collect();
     let out = run(
         Kernel::SwiGlu,
-        &[f as u32],
+        &SwiGluParams { n: f as u32 },
         (t as u32, 0),
         &[&bytes(&up)],
         &[&bytes(&gate)],
@@ -386,7 +384,11 @@ fn topk_matches_sorting_on_the_cpu() {
         let cand = vec![0u32; 2 * (chunks * k) as usize];
         let c = run(
             Kernel::TopK { from_logits: true },
-            &[n as u32, k, 0],
+            &TopKParams {
+                n: n as u32,
+                k,
+                base: 0,
+            },
             (1, 0),
             &[&bytes(&logits)],
             &[bytemuck::cast_slice(&cand)],
@@ -395,7 +397,11 @@ fn topk_matches_sorting_on_the_cpu() {
         let top = vec![0u32; 2 * k as usize];
         let r = run(
             Kernel::TopK { from_logits: false },
-            &[chunks * k, k, 0],
+            &TopKParams {
+                n: chunks * k,
+                k,
+                base: 0,
+            },
             (1, 0),
             &[&c[0]],
             &[bytemuck::cast_slice(&top)],
@@ -429,7 +435,9 @@ fn nll_matches_cpu_log_softmax() {
     let nll0 = vec![0f32; t];
     let out = run(
         Kernel::Nll,
-        &[vocab as u32],
+        &NllParams {
+            vocab: vocab as u32,
+        },
         (t as u32, 0),
         &[&bytes(&logits), bytemuck::cast_slice(&targets)],
         &[&bytes(&nll0)],

@@ -1,0 +1,146 @@
+//! Each kernel's parameters: one `#[repr(C)]` struct per kernel, written once here. The engine
+//! (`model`), the probes and the parity tests fill these structs, and the WGSL `Params` struct
+//! each shader reads (`p`, binding 0) is generated from the same definition and prepended to
+//! the shader (`kernels`), so the layout cannot drift between host and shader.
+
+/// A kernel's parameter block: plain 32-bit words (`u32`, `f32`), as WGSL declares them.
+pub trait KernelParams: bytemuck::Pod {
+    /// The Rust name, matched against `Kernel::params` when a block is bound.
+    const NAME: &'static str;
+    /// `struct Params {...}` and its uniform binding, for the shader's source.
+    const WGSL: &'static str;
+}
+
+macro_rules! kernel_params {
+    ($($(#[doc = $doc:literal])* $name:ident { $($(#[doc = $fdoc:literal])* $field:ident: $ty:ident,)* })*) => {$(
+        $(#[doc = $doc])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+        pub struct $name {
+            $($(#[doc = $fdoc])* pub $field: $ty,)*
+        }
+
+        impl KernelParams for $name {
+            const NAME: &'static str = stringify!($name);
+            const WGSL: &'static str = concat!(
+                "struct Params {\n",
+                $("    ", stringify!($field), ": ", stringify!($ty), ",\n",)*
+                "}\n@group(0) @binding(0) var<uniform> p: Params;\n"
+            );
+        }
+    )*};
+}
+
+kernel_params! {
+    /// `qlinear.wgsl` (`matvec`, `matmul`): `y[t][r] (+)= sum_c (scale * code + zero) * x[t][c]`.
+    QlinearParams {
+        rows: u32,
+        /// A multiple of 4.
+        cols: u32,
+        words_per_row: u32,
+        groups_per_row: u32,
+        /// group / 32
+        group_blocks: u32,
+        /// Word index of the first scale: codes come first, then scales.
+        scale_base: u32,
+        /// x row stride in floats (a multiple of 4).
+        x_stride: u32,
+        /// y row stride in floats.
+        y_stride: u32,
+        y_base: u32,
+        /// y_base advances by pos0 * this: K and V write into the cache.
+        y_pos_stride: u32,
+        /// 1: y += W x (the residual connection of o and down).
+        accumulate: u32,
+    }
+    /// `embed.wgsl`: rows of the 8-bit packed table, dequantized.
+    EmbedParams {
+        /// A multiple of 4.
+        hidden: u32,
+        vocab: u32,
+        words_per_row: u32,
+        groups_per_row: u32,
+        /// A multiple of 4.
+        group: u32,
+        /// Word index of the first (scale, zero).
+        scale_base: u32,
+    }
+    /// `rmsnorm.wgsl`.
+    RmsNormParams {
+        n: u32,
+        eps: f32,
+        /// 1: only the call's last token, into row 0.
+        last_only: u32,
+    }
+    /// `rope.wgsl`.
+    RopeParams {
+        /// Offset of row 0.
+        base: u32,
+        row_stride: u32,
+        /// 1: rows are indexed by absolute position (the K cache), 0: by token.
+        pos_rows: u32,
+        n_heads: u32,
+        head_dim: u32,
+        /// The table holds cos[ctx][head_dim/2] then sin[ctx][head_dim/2].
+        sin_base: u32,
+    }
+    /// `attention.wgsl`.
+    AttentionParams {
+        /// Query heads per KV head.
+        group: u32,
+        /// At most 256.
+        head_dim: u32,
+        /// Floats per token row of q and out.
+        q_stride: u32,
+        /// Floats per position of the cache.
+        kv_stride: u32,
+        /// 1 / sqrt(head_dim).
+        scale: f32,
+    }
+    /// `swiglu.wgsl`.
+    SwiGluParams {
+        /// Features per token.
+        n: u32,
+    }
+    /// `topk.wgsl`.
+    TopKParams {
+        /// Items in the source.
+        n: u32,
+        k: u32,
+        /// First logit (row offset) when FROM_LOGITS.
+        base: u32,
+    }
+    /// `nll.wgsl`.
+    NllParams {
+        vocab: u32,
+    }
+    /// `read.wgsl`: the read-everything yardstick.
+    ReadParams {
+        /// vec4<u32> words to read.
+        n_vec4: u32,
+        /// Threads dispatched (workgroups * 64).
+        threads: u32,
+        /// Words per thread when CONTIGUOUS (ceil(n_vec4 / threads)).
+        run: u32,
+    }
+}
+
+impl QlinearParams {
+    /// `s`'s matrix over tokens of `cols` features into rows of `rows` floats, overwriting
+    /// (what the head and the parity tests use; modules set the cache and residual fields).
+    pub fn dense(s: crate::ensemble::format::PackedShape) -> QlinearParams {
+        QlinearParams {
+            rows: s.rows as u32,
+            cols: s.cols as u32,
+            words_per_row: s.words_per_row() as u32,
+            groups_per_row: s.groups_per_row() as u32,
+            group_blocks: (s.group / 32) as u32,
+            scale_base: s.code_words() as u32,
+            x_stride: s.cols as u32,
+            y_stride: s.rows as u32,
+            y_base: 0,
+            y_pos_stride: 0,
+            accumulate: 0,
+        }
+    }
+}
