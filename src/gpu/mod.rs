@@ -5,8 +5,9 @@
 //! - `alloc`: every buffer counted, so the runtime knows the footprint exactly.
 //! - `kernels`: pipelines over shaders/*.wgsl, one per kernel and bit-width.
 //! - `params`: each kernel's parameter struct, shared by the engine, its tests and the WGSL.
-//! - `model`: the model on the GPU: base buffers, one buffer per module, the KV cache; decode,
-//!   prefill and `set_module` swaps between tokens.
+//! - `model`: the model on the GPU: decode, prefill and `set_module` swaps between tokens,
+//!   over `buffers` (base, one buffer per module, the KV cache, activations) and `graph` (the
+//!   dispatches of a forward pass, with their parameter slots and bind groups).
 //! - `backend`: the model as a `runtime::Backend` (generation and the trajectory walk run on
 //!   it), and `GpuFactory`, which makes one on a new device.
 //! - `perplexity`: held-out perplexity on the GPU path (native).
@@ -14,8 +15,10 @@
 
 pub mod alloc;
 mod backend;
+mod buffers;
 pub mod device;
 pub mod error;
+mod graph;
 pub mod kernels;
 pub mod params;
 #[cfg(not(target_arch = "wasm32"))]

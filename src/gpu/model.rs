@@ -13,15 +13,21 @@
 use crate::ensemble::base::{Base, BASE_BITS};
 use crate::ensemble::format::{PackedMatrix, PackedShape};
 use crate::gpu::alloc::{Allocator, GpuBuffer};
+use crate::gpu::buffers::{
+    activation_sizes, base_sizes, create_kv, kv_layer_bytes, table_shape, topk_chunks, Activations,
+    BaseBuffers,
+};
 use crate::gpu::device::{Gpu, Requirements};
 use crate::gpu::error::{GpuError, GpuResult};
+use crate::gpu::graph::{
+    module_io, param_binding, param_slots, qlinear_params, Builder, Dispatch, Graph, Grid, Op, Slot,
+};
 use crate::gpu::kernels::{
     self, kernel_param_bytes, step_bytes, Kernel, Kernels, PARAM_SLOT, TT, WG,
 };
-use crate::gpu::params::*;
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{ModuleId, ModuleKind};
-use crate::runtime::generate::{check_watch, MAX_LOGIT_BIAS};
+use crate::runtime::generate::check_watch;
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -64,53 +70,6 @@ impl Footprint {
     }
 }
 
-/// Workgroup grid of a dispatch as a function of the tokens in the call.
-#[derive(Clone, Copy)]
-enum Grid {
-    Fixed([u32; 3]),
-    /// `[x, n_tokens, 1]`
-    PerToken(u32),
-    /// `[x, ceil(n_tokens / TT), 1]`
-    Tiled(u32),
-    /// `[n_tokens, 1, 1]`: a workgroup per token row.
-    Rows,
-}
-
-struct Op {
-    kernel: Kernel,
-    bind_group: wgpu::BindGroup,
-    grid: Grid,
-}
-
-enum Dispatch {
-    Fixed(Op),
-    Module(usize),
-}
-
-struct Slot {
-    shape: PackedShape,
-    buffer: GpuBuffer,
-    bind_group: wgpu::BindGroup,
-    param_slot: u64,
-}
-
-/// Buffers sized by `max_batch` tokens (and `logit_rows` rows of logits).
-struct Activations {
-    x: GpuBuffer,
-    xn: GpuBuffer,
-    q: GpuBuffer,
-    att: GpuBuffer,
-    gate: GpuBuffer,
-    up: GpuBuffer,
-    logits: GpuBuffer,
-    tokens: GpuBuffer,
-    targets: GpuBuffer,
-    nll: GpuBuffer,
-    cand: GpuBuffer,
-    topk: GpuBuffer,
-    readback: GpuBuffer,
-}
-
 /// What the head computes after the layers.
 #[derive(Clone, Copy, PartialEq)]
 enum Head {
@@ -132,7 +91,7 @@ pub struct Model {
     opts: ModelOptions,
     params: GpuBuffer,
     step: GpuBuffer,
-    base: Vec<GpuBuffer>,
+    base: BaseBuffers,
     kv: Vec<[GpuBuffer; 2]>,
     act: Activations,
     modules: Vec<Slot>,
@@ -140,83 +99,8 @@ pub struct Model {
     base_group: usize,
     /// Tokens whose logits `step` reads back besides the top-k (`Backend::watch`).
     watched: Vec<u32>,
-    embed_op: Op,
-    layer_ops: Vec<Dispatch>,
-    final_norm_op: Op,
-    /// The final norm of the call's last token only, into row 0 (before `head_last`).
-    final_norm_last: Op,
-    head_last: Op,
-    head_all: Op,
-    topk_ops: [Op; 2],
-    nll_op: Op,
+    graph: Graph,
     len: usize,
-}
-
-/// Parameter slots: 13 per layer (2 norms, 7 modules, 2 RoPE, attention, SwiGLU) and 8 more
-/// (embedding, 2 final norms, 2 heads, 2 top-k stages, nll).
-fn param_slots(c: &LlamaConfig) -> u64 {
-    13 * c.num_hidden_layers as u64 + 8
-}
-
-/// The packed shape of the embedding (and of an untied head).
-fn table_shape(c: &LlamaConfig, group: usize) -> GpuResult<PackedShape> {
-    PackedShape::new(c.vocab_size, c.hidden_size, BASE_BITS, group)
-        .map_err(|e| GpuError::Input(format!("embedding: {e}")))
-}
-
-fn topk_chunks(c: &LlamaConfig) -> u64 {
-    (c.vocab_size as u64).div_ceil(kernels::TOPK_CHUNK as u64)
-}
-
-/// (name, bytes) of every activation buffer, in `Activations` order.
-fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static str, u64); 13] {
-    let b = o.max_batch as u64;
-    let f = |n: usize| 4 * b * n as u64;
-    let k = o.top_k as u64;
-    [
-        ("x", f(c.hidden_size)),
-        ("xn", f(c.hidden_size)),
-        ("q", f(c.q_dim())),
-        ("att", f(c.q_dim())),
-        ("gate", f(c.intermediate_size)),
-        ("up", f(c.intermediate_size)),
-        ("logits", 4 * o.logit_rows as u64 * c.vocab_size as u64),
-        ("tokens", 4 * b),
-        ("targets", 4 * b),
-        ("nll", 4 * b),
-        ("top-k candidates", 8 * k * topk_chunks(c)),
-        ("top-k", 8 * k),
-        ("readback", (8 * k + 4 * MAX_LOGIT_BIAS as u64).max(4 * b)),
-    ]
-}
-
-/// (name, bytes) of every base buffer, in `Model::base` order.
-fn base_sizes(c: &LlamaConfig, o: &ModelOptions, group: usize) -> Vec<(String, u64)> {
-    let h = c.hidden_size as u64;
-    let table = table_shape(c, group).map_or(0, |s| s.bytes() as u64);
-    let mut v = vec![
-        ("params".to_string(), param_slots(c) * PARAM_SLOT),
-        ("step".to_string(), 16),
-        ("embedding".to_string(), table),
-    ];
-    if !c.tie_word_embeddings {
-        v.push(("lm_head".to_string(), table));
-    }
-    for l in 0..c.num_hidden_layers {
-        v.push((format!("L{l}.attn_norm"), 4 * h));
-        v.push((format!("L{l}.ffn_norm"), 4 * h));
-    }
-    v.push(("final_norm".to_string(), 4 * h));
-    v.push(("rope".to_string(), 4 * (o.context * c.head_dim()) as u64));
-    v
-}
-
-fn kv_layer_bytes(c: &LlamaConfig, o: &ModelOptions) -> u64 {
-    4 * o.context as u64 * c.kv_dim() as u64
-}
-
-fn bytes_of<T: bytemuck::Pod>(v: &[T]) -> &[u8] {
-    bytemuck::cast_slice(v)
 }
 
 impl Model {
@@ -381,93 +265,22 @@ impl Model {
         let alloc = Allocator::new(&gpu.device);
         let mut kernels = Kernels::new(&gpu);
         let q = &gpu.queue;
-        let storage = wgpu::BufferUsages::empty();
         let uniform = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
-
-        // Base buffers, in base_sizes() order.
-        let sizes = base_sizes(&c, &opts, base_group);
-        let params = alloc.create("params", sizes[0].1, uniform).await?;
+        let params = alloc
+            .create("params", param_slots(&c) * PARAM_SLOT, uniform)
+            .await?;
         let step = alloc.create("step", 16, uniform).await?;
-        let mut base = Vec::new();
-        base.push(
-            alloc
-                .upload(q, "embedding", &bt.embed.to_bytes(), storage)
-                .await?,
-        );
-        if let Some(head) = &bt.lm_head {
-            if c.tie_word_embeddings {
-                return Err(GpuError::Input("tied config with an lm_head".into()));
-            }
-            base.push(
-                alloc
-                    .upload(q, "lm_head", &head.to_bytes(), storage)
-                    .await?,
-            );
-        } else if !c.tie_word_embeddings {
-            return Err(GpuError::Input("untied config without an lm_head".into()));
-        }
-        for (l, n) in bt.norms.iter().enumerate() {
-            for (name, g) in [("attn_norm", &n.attn_norm), ("ffn_norm", &n.ffn_norm)] {
-                let what = format!("L{l}.{name}");
-                base.push(alloc.upload(q, &what, bytes_of(g), storage).await?);
-            }
-        }
-        base.push(
-            alloc
-                .upload(q, "final_norm", bytes_of(&bt.final_norm), storage)
-                .await?,
-        );
-        base.push(
-            alloc
-                .upload(q, "rope", bytes_of(&rope_table(&c, opts.context)), storage)
-                .await?,
-        );
-
-        let mut kv = Vec::new();
-        let kv_bytes = kv_layer_bytes(&c, &opts);
-        let st = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
-        for l in 0..c.num_hidden_layers {
-            kv.push([
-                alloc.create(&format!("L{l}.k_cache"), kv_bytes, st).await?,
-                alloc.create(&format!("L{l}.v_cache"), kv_bytes, st).await?,
-            ]);
-        }
-        let mut bufs = Vec::new();
-        for (name, bytes) in activation_sizes(&c, &opts) {
-            let usage = if name == "readback" {
-                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST
-            } else {
-                st | wgpu::BufferUsages::COPY_SRC
-            };
-            bufs.push(alloc.create(name, bytes, usage).await?);
-        }
-        let mut it = bufs.into_iter();
-        let mut next = || it.next().unwrap();
-        let act = Activations {
-            x: next(),
-            xn: next(),
-            q: next(),
-            att: next(),
-            gate: next(),
-            up: next(),
-            logits: next(),
-            tokens: next(),
-            targets: next(),
-            nll: next(),
-            cand: next(),
-            topk: next(),
-            readback: next(),
-        };
-
+        let base = BaseBuffers::upload(&alloc, q, &c, &opts, bt).await?;
+        let kv = create_kv(&alloc, &c, &opts).await?;
+        let act = Activations::create(&alloc, &c, &opts).await?;
         let mut module_bufs = Vec::new();
         for (i, m) in modules.iter().enumerate() {
             let what = ModuleId::from_index(i).to_string();
+            let storage = wgpu::BufferUsages::empty();
             module_bufs.push(alloc.upload(q, &what, &m.to_bytes(), storage).await?);
             kernels.prepare(&gpu, Kernel::Matvec(m.shape.bits));
             kernels.prepare(&gpu, Kernel::Matmul(m.shape.bits));
         }
-
-        // Parameters and bind groups, slot by slot.
         let mut b = Builder {
             gpu: &gpu,
             kernels: &mut kernels,
@@ -475,182 +288,7 @@ impl Model {
             step: &step,
             blocks: Vec::new(),
         };
-        let (h, hd, f) = (
-            c.hidden_size as u32,
-            c.head_dim() as u32,
-            c.intermediate_size as u32,
-        );
-        let (nh, nkv) = (c.num_attention_heads as u32, c.n_kv_heads() as u32);
-        let (q_dim, kv_dim, vocab) = (c.q_dim() as u32, c.kv_dim() as u32, c.vocab_size as u32);
-        let norm = |last_only| RmsNormParams {
-            n: h,
-            eps: c.rms_norm_eps,
-            last_only,
-        };
-        let sin_base = opts.context as u32 * hd / 2;
-        let rope_params = |row_stride, pos_rows, n_heads| RopeParams {
-            base: 0,
-            row_stride,
-            pos_rows,
-            n_heads,
-            head_dim: hd,
-            sin_base,
-        };
-        let embed = &base[0];
-        let head = &base[if c.tie_word_embeddings { 0 } else { 1 }];
-        let norm0 = if c.tie_word_embeddings { 1 } else { 2 };
-        let final_norm = &base[norm0 + 2 * c.num_hidden_layers];
-        let rope = &base[norm0 + 2 * c.num_hidden_layers + 1];
-        let a = &act;
-
-        let embed_op = b.op(
-            Kernel::Embed,
-            &EmbedParams {
-                hidden: h,
-                vocab,
-                words_per_row: table.words_per_row() as u32,
-                groups_per_row: table.groups_per_row() as u32,
-                group: table.group as u32,
-                scale_base: table.code_words() as u32,
-            },
-            &[embed, &a.tokens, &a.x],
-            Grid::PerToken(h.div_ceil(4 * WG)),
-        );
-        let mut layer_ops = Vec::new();
-        let mut slots = Vec::new();
-        let mut module_bufs = module_bufs.into_iter();
-        for l in 0..c.num_hidden_layers {
-            let (attn_norm, ffn_norm) = (&base[norm0 + 2 * l], &base[norm0 + 2 * l + 1]);
-            let [kc, vc] = &kv[l];
-            let mut module = |b: &mut Builder, kind: ModuleKind, ops: &mut Vec<Dispatch>| {
-                let id = ModuleId { layer: l, kind };
-                let m = &modules[id.index()];
-                let buffer = module_bufs.next().unwrap();
-                let (x, y) = module_io(a, &kv[l], kind);
-                let param_slot = b.blocks.len() as u64;
-                b.blocks.push(kernel_param_bytes(
-                    Kernel::Matvec(m.shape.bits),
-                    &qlinear_params(m.shape, kind),
-                ));
-                let bind_group = b.bind(Kernel::Matvec(m.shape.bits), param_slot, &[&buffer, x, y]);
-                ops.push(Dispatch::Module(slots.len()));
-                slots.push(Slot {
-                    shape: m.shape,
-                    buffer,
-                    bind_group,
-                    param_slot,
-                });
-            };
-            let ops = &mut layer_ops;
-            ops.push(Dispatch::Fixed(b.op(
-                Kernel::RmsNorm,
-                &norm(0),
-                &[attn_norm, &a.x, &a.xn],
-                Grid::Rows,
-            )));
-            for kind in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
-                module(&mut b, kind, ops);
-            }
-            let pairs = |heads: u32| Grid::PerToken((heads * hd / 2).div_ceil(WG));
-            ops.push(Dispatch::Fixed(b.op(
-                Kernel::Rope,
-                &rope_params(q_dim, 0, nh),
-                &[rope, &a.q],
-                pairs(nh),
-            )));
-            ops.push(Dispatch::Fixed(b.op(
-                Kernel::Rope,
-                &rope_params(kv_dim, 1, nkv),
-                &[rope, kc],
-                pairs(nkv),
-            )));
-            ops.push(Dispatch::Fixed(b.op(
-                Kernel::Attention,
-                &AttentionParams {
-                    group: nh / nkv,
-                    head_dim: hd,
-                    q_stride: q_dim,
-                    kv_stride: kv_dim,
-                    scale: 1.0 / (hd as f32).sqrt(),
-                },
-                &[&a.q, kc, vc, &a.att],
-                Grid::PerToken(nh),
-            )));
-            module(&mut b, ModuleKind::O, ops);
-            ops.push(Dispatch::Fixed(b.op(
-                Kernel::RmsNorm,
-                &norm(0),
-                &[ffn_norm, &a.x, &a.xn],
-                Grid::Rows,
-            )));
-            module(&mut b, ModuleKind::Gate, ops);
-            module(&mut b, ModuleKind::Up, ops);
-            ops.push(Dispatch::Fixed(b.op(
-                Kernel::SwiGlu,
-                &SwiGluParams { n: f },
-                &[&a.up, &a.gate],
-                Grid::PerToken(f.div_ceil(WG)),
-            )));
-            module(&mut b, ModuleKind::Down, ops);
-        }
-        let final_norm_op = b.op(
-            Kernel::RmsNorm,
-            &norm(0),
-            &[final_norm, &a.x, &a.xn],
-            Grid::Rows,
-        );
-        let final_norm_last = b.op(
-            Kernel::RmsNorm,
-            &norm(1),
-            &[final_norm, &a.x, &a.xn],
-            Grid::Fixed([1, 1, 1]),
-        );
-        // The head: the 8-bit table as a [vocab][hidden] module writing logits rows.
-        let head_params = qlinear_params(table, ModuleKind::Q);
-        let per_wg = WG / b.kernels.tpr;
-        let head_last = b.op(
-            Kernel::Matvec(BASE_BITS),
-            &head_params,
-            &[head, &a.xn, &a.logits],
-            Grid::Fixed([vocab.div_ceil(per_wg), 1, 1]),
-        );
-        let head_all = b.op(
-            Kernel::Matmul(BASE_BITS),
-            &head_params,
-            &[head, &a.xn, &a.logits],
-            Grid::Tiled(vocab.div_ceil(WG)),
-        );
-        let chunks = topk_chunks(&c) as u32;
-        let k = opts.top_k;
-        let topk_ops = [
-            b.op(
-                Kernel::TopK { from_logits: true },
-                &TopKParams {
-                    n: vocab,
-                    k,
-                    base: 0,
-                },
-                &[&a.logits, &a.cand],
-                Grid::Fixed([chunks, 1, 1]),
-            ),
-            b.op(
-                Kernel::TopK { from_logits: false },
-                &TopKParams {
-                    n: chunks * k,
-                    k,
-                    base: 0,
-                },
-                &[&a.cand, &a.topk],
-                Grid::Fixed([1, 1, 1]),
-            ),
-        ];
-        let nll_op = b.op(
-            Kernel::Nll,
-            &NllParams { vocab },
-            &[&a.logits, &a.targets, &a.nll],
-            Grid::Rows,
-        );
-        assert_eq!(b.blocks.len() as u64, param_slots(&c));
+        let (graph, slots) = b.graph(&c, &opts, table, &base, &kv, &act, modules, module_bufs);
         let blocks: Vec<u8> = b.blocks.concat();
         q.write_buffer(&params.buffer, 0, &blocks);
 
@@ -668,14 +306,7 @@ impl Model {
             modules: slots,
             base_group,
             watched: Vec::new(),
-            embed_op,
-            layer_ops,
-            final_norm_op,
-            final_norm_last,
-            head_last,
-            head_all,
-            topk_ops,
-            nll_op,
+            graph,
             len: 0,
         })
     }
@@ -717,27 +348,11 @@ impl Model {
 
     /// Bytes of the buffers this model holds, counted from the buffers themselves.
     pub fn held_bytes(&self) -> u64 {
-        let a = &self.act;
-        let acts = [
-            &a.x,
-            &a.xn,
-            &a.q,
-            &a.att,
-            &a.gate,
-            &a.up,
-            &a.logits,
-            &a.tokens,
-            &a.targets,
-            &a.nll,
-            &a.cand,
-            &a.topk,
-            &a.readback,
-        ];
         let held = [&self.params, &self.step]
             .into_iter()
-            .chain(&self.base)
+            .chain(self.base.all())
             .chain(self.kv.iter().flatten())
-            .chain(acts)
+            .chain(self.act.all())
             .chain(self.modules.iter().map(|s| &s.buffer));
         held.map(|b| b.bytes()).sum()
     }
@@ -884,32 +499,32 @@ impl Model {
         let n = tokens.len() as u32;
         let q = &self.gpu.queue;
         q.write_buffer(&self.step.buffer, 0, &step_bytes(n, self.len as u32));
-        q.write_buffer(&self.act.tokens.buffer, 0, bytes_of(tokens));
+        q.write_buffer(&self.act.tokens.buffer, 0, bytemuck::cast_slice(tokens));
         if !targets.is_empty() {
-            q.write_buffer(&self.act.targets.buffer, 0, bytes_of(targets));
+            q.write_buffer(&self.act.targets.buffer, 0, bytemuck::cast_slice(targets));
         }
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
-            self.op(&mut pass, &self.embed_op, n);
-            for d in &self.layer_ops {
+            self.op(&mut pass, &self.graph.embed, n);
+            for d in &self.graph.layers {
                 self.dispatch(&mut pass, d, n);
             }
             match head {
-                Head::TopK => self.op(&mut pass, &self.final_norm_last, n),
-                Head::AllLogits | Head::Nll => self.op(&mut pass, &self.final_norm_op, n),
+                Head::TopK => self.op(&mut pass, &self.graph.final_norm_last, n),
+                Head::AllLogits | Head::Nll => self.op(&mut pass, &self.graph.final_norm, n),
                 Head::None => {}
             }
             match head {
                 Head::TopK => {
-                    self.op(&mut pass, &self.head_last, n);
-                    self.op(&mut pass, &self.topk_ops[0], n);
-                    self.op(&mut pass, &self.topk_ops[1], n);
+                    self.op(&mut pass, &self.graph.head_last, n);
+                    self.op(&mut pass, &self.graph.topk[0], n);
+                    self.op(&mut pass, &self.graph.topk[1], n);
                 }
-                Head::AllLogits => self.op(&mut pass, &self.head_all, n),
+                Head::AllLogits => self.op(&mut pass, &self.graph.head_all, n),
                 Head::Nll => {
-                    self.op(&mut pass, &self.head_all, n);
-                    self.op(&mut pass, &self.nll_op, n);
+                    self.op(&mut pass, &self.graph.head_all, n);
+                    self.op(&mut pass, &self.graph.nll, n);
                 }
                 Head::None => {}
             }
@@ -1045,101 +660,5 @@ impl Model {
     /// Runs `tokens` into the KV cache without computing logits (a prompt prefix).
     pub fn prefill(&mut self, tokens: &[u32]) -> GpuResult<()> {
         self.run(tokens, Head::None).map(|_| ())
-    }
-}
-
-/// The input and output buffers of a module of one layer.
-fn module_io<'a>(
-    a: &'a Activations,
-    kv: &'a [GpuBuffer; 2],
-    kind: ModuleKind,
-) -> (&'a GpuBuffer, &'a GpuBuffer) {
-    match kind {
-        ModuleKind::Q => (&a.xn, &a.q),
-        ModuleKind::K => (&a.xn, &kv[0]),
-        ModuleKind::V => (&a.xn, &kv[1]),
-        ModuleKind::O => (&a.att, &a.x),
-        ModuleKind::Gate => (&a.xn, &a.gate),
-        ModuleKind::Up => (&a.xn, &a.up),
-        ModuleKind::Down => (&a.gate, &a.x),
-    }
-}
-
-/// qlinear.wgsl's `Params`: K and V write at the cache position, O and down add into the
-/// residual stream.
-fn qlinear_params(s: PackedShape, kind: ModuleKind) -> QlinearParams {
-    let kv = matches!(kind, ModuleKind::K | ModuleKind::V);
-    let residual = matches!(kind, ModuleKind::O | ModuleKind::Down);
-    QlinearParams {
-        y_pos_stride: if kv { s.rows as u32 } else { 0 },
-        accumulate: residual as u32,
-        ..QlinearParams::dense(s)
-    }
-}
-
-fn param_binding(params: &GpuBuffer, slot: u64) -> wgpu::BufferBinding<'_> {
-    wgpu::BufferBinding {
-        buffer: &params.buffer,
-        offset: slot * PARAM_SLOT,
-        size: wgpu::BufferSize::new(PARAM_SLOT),
-    }
-}
-
-/// cos then sin, `[context][head_dim / 2]` each, computed in f64 like the CPU path.
-fn rope_table(c: &LlamaConfig, context: usize) -> Vec<f32> {
-    let hd = c.head_dim();
-    let half = hd / 2;
-    let angle = |p: usize, i: usize| {
-        let inv_freq = (c.rope_theta as f64).powf(-(2.0 * i as f64) / hd as f64);
-        p as f64 * inv_freq
-    };
-    let mut t = Vec::with_capacity(context * hd);
-    for f in [f64::cos, f64::sin] {
-        for p in 0..context {
-            for i in 0..half {
-                t.push(f(angle(p, i)) as f32);
-            }
-        }
-    }
-    t
-}
-
-/// Collects parameter blocks and makes the bind groups that point at their slots.
-struct Builder<'a> {
-    gpu: &'a Gpu,
-    kernels: &'a mut Kernels,
-    params: &'a GpuBuffer,
-    step: &'a GpuBuffer,
-    /// One 256-byte parameter slot per op, in slot order.
-    blocks: Vec<Vec<u8>>,
-}
-
-impl Builder<'_> {
-    fn bind(&mut self, kernel: Kernel, slot: u64, storage: &[&GpuBuffer]) -> wgpu::BindGroup {
-        self.kernels.prepare(self.gpu, kernel);
-        let bufs: Vec<&wgpu::Buffer> = storage.iter().map(|b| &b.buffer).collect();
-        self.kernels.bind(
-            self.gpu,
-            kernel,
-            param_binding(self.params, slot),
-            &self.step.buffer,
-            &bufs,
-        )
-    }
-
-    fn op<P: KernelParams>(
-        &mut self,
-        kernel: Kernel,
-        params: &P,
-        storage: &[&GpuBuffer],
-        grid: Grid,
-    ) -> Op {
-        let slot = self.blocks.len() as u64;
-        self.blocks.push(kernel_param_bytes(kernel, params));
-        Op {
-            kernel,
-            bind_group: self.bind(kernel, slot, storage),
-            grid,
-        }
     }
 }

@@ -1,0 +1,342 @@
+//! The dispatch graph of one forward pass: every kernel call of a token with its parameter
+//! slot (one 256-byte block of the params buffer) and its bind group, made once at load, a
+//! module's again when it is swapped. `Model::run_chunk` encodes it per call, the grid sized
+//! for the call's tokens, into one command buffer.
+
+use crate::ensemble::base::BASE_BITS;
+use crate::ensemble::format::{PackedMatrix, PackedShape};
+use crate::gpu::alloc::GpuBuffer;
+use crate::gpu::buffers::{topk_chunks, Activations, BaseBuffers};
+use crate::gpu::device::Gpu;
+use crate::gpu::kernels::{kernel_param_bytes, Kernel, Kernels, PARAM_SLOT, WG};
+use crate::gpu::model::ModelOptions;
+use crate::gpu::params::*;
+use crate::model::config::LlamaConfig;
+use crate::model::weights::{ModuleId, ModuleKind};
+
+/// Workgroup grid of a dispatch as a function of the tokens in the call.
+#[derive(Clone, Copy)]
+pub(crate) enum Grid {
+    Fixed([u32; 3]),
+    /// `[x, n_tokens, 1]`
+    PerToken(u32),
+    /// `[x, ceil(n_tokens / TT), 1]`
+    Tiled(u32),
+    /// `[n_tokens, 1, 1]`: a workgroup per token row.
+    Rows,
+}
+
+pub(crate) struct Op {
+    pub kernel: Kernel,
+    pub bind_group: wgpu::BindGroup,
+    pub grid: Grid,
+}
+
+pub(crate) enum Dispatch {
+    Fixed(Op),
+    /// A module of the EQM: its kernel and grid follow its current version (`Slot`).
+    Module(usize),
+}
+
+/// One module's current version on the device.
+pub(crate) struct Slot {
+    pub shape: PackedShape,
+    pub buffer: GpuBuffer,
+    pub bind_group: wgpu::BindGroup,
+    pub param_slot: u64,
+}
+
+/// Every op of a forward pass, in order: the embedding, the layers, then what the head needs.
+pub(crate) struct Graph {
+    pub embed: Op,
+    pub layers: Vec<Dispatch>,
+    pub final_norm: Op,
+    /// The final norm of the call's last token only, into row 0 (before `head_last`).
+    pub final_norm_last: Op,
+    pub head_last: Op,
+    pub head_all: Op,
+    pub topk: [Op; 2],
+    pub nll: Op,
+}
+
+/// Parameter slots: 13 per layer (2 norms, 7 modules, 2 RoPE, attention, SwiGLU) and 8 more
+/// (embedding, 2 final norms, 2 heads, 2 top-k stages, nll).
+pub(crate) fn param_slots(c: &LlamaConfig) -> u64 {
+    13 * c.num_hidden_layers as u64 + 8
+}
+
+/// The input and output buffers of a module of one layer.
+pub(crate) fn module_io<'a>(
+    a: &'a Activations,
+    kv: &'a [GpuBuffer; 2],
+    kind: ModuleKind,
+) -> (&'a GpuBuffer, &'a GpuBuffer) {
+    match kind {
+        ModuleKind::Q => (&a.xn, &a.q),
+        ModuleKind::K => (&a.xn, &kv[0]),
+        ModuleKind::V => (&a.xn, &kv[1]),
+        ModuleKind::O => (&a.att, &a.x),
+        ModuleKind::Gate => (&a.xn, &a.gate),
+        ModuleKind::Up => (&a.xn, &a.up),
+        ModuleKind::Down => (&a.gate, &a.x),
+    }
+}
+
+/// qlinear.wgsl's parameters for a module: K and V write at the cache position, O and down
+/// add into the residual stream.
+pub(crate) fn qlinear_params(s: PackedShape, kind: ModuleKind) -> QlinearParams {
+    let kv = matches!(kind, ModuleKind::K | ModuleKind::V);
+    let residual = matches!(kind, ModuleKind::O | ModuleKind::Down);
+    QlinearParams {
+        y_pos_stride: if kv { s.rows as u32 } else { 0 },
+        accumulate: residual as u32,
+        ..QlinearParams::dense(s)
+    }
+}
+
+pub(crate) fn param_binding(params: &GpuBuffer, slot: u64) -> wgpu::BufferBinding<'_> {
+    wgpu::BufferBinding {
+        buffer: &params.buffer,
+        offset: slot * PARAM_SLOT,
+        size: wgpu::BufferSize::new(PARAM_SLOT),
+    }
+}
+
+/// Collects parameter blocks and makes the bind groups that point at their slots.
+pub(crate) struct Builder<'a> {
+    pub gpu: &'a Gpu,
+    pub kernels: &'a mut Kernels,
+    pub params: &'a GpuBuffer,
+    pub step: &'a GpuBuffer,
+    /// One 256-byte parameter slot per op, in slot order.
+    pub blocks: Vec<Vec<u8>>,
+}
+
+impl Builder<'_> {
+    fn bind(&mut self, kernel: Kernel, slot: u64, storage: &[&GpuBuffer]) -> wgpu::BindGroup {
+        self.kernels.prepare(self.gpu, kernel);
+        let bufs: Vec<&wgpu::Buffer> = storage.iter().map(|b| &b.buffer).collect();
+        self.kernels.bind(
+            self.gpu,
+            kernel,
+            param_binding(self.params, slot),
+            &self.step.buffer,
+            &bufs,
+        )
+    }
+
+    fn op<P: KernelParams>(
+        &mut self,
+        kernel: Kernel,
+        params: &P,
+        storage: &[&GpuBuffer],
+        grid: Grid,
+    ) -> Op {
+        let slot = self.blocks.len() as u64;
+        self.blocks.push(kernel_param_bytes(kernel, params));
+        Op {
+            kernel,
+            bind_group: self.bind(kernel, slot, storage),
+            grid,
+        }
+    }
+
+    /// The forward pass over these buffers: the graph and the modules' slots (taking
+    /// `module_bufs`, one per module in `ModuleId::index()` order, holding `modules`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn graph(
+        &mut self,
+        c: &LlamaConfig,
+        opts: &ModelOptions,
+        table: PackedShape,
+        base: &BaseBuffers,
+        kv: &[[GpuBuffer; 2]],
+        a: &Activations,
+        modules: &[PackedMatrix],
+        module_bufs: Vec<GpuBuffer>,
+    ) -> (Graph, Vec<Slot>) {
+        let b = self;
+        let (h, hd, f) = (
+            c.hidden_size as u32,
+            c.head_dim() as u32,
+            c.intermediate_size as u32,
+        );
+        let (nh, nkv) = (c.num_attention_heads as u32, c.n_kv_heads() as u32);
+        let (q_dim, kv_dim, vocab) = (c.q_dim() as u32, c.kv_dim() as u32, c.vocab_size as u32);
+        let norm = |last_only| RmsNormParams {
+            n: h,
+            eps: c.rms_norm_eps,
+            last_only,
+        };
+        let sin_base = opts.context as u32 * hd / 2;
+        let rope_params = |row_stride, pos_rows, n_heads| RopeParams {
+            base: 0,
+            row_stride,
+            pos_rows,
+            n_heads,
+            head_dim: hd,
+            sin_base,
+        };
+        let (embed, head, final_norm, rope) =
+            (&base.embed, base.head(), &base.final_norm, &base.rope);
+
+        let embed_op = b.op(
+            Kernel::Embed,
+            &EmbedParams {
+                hidden: h,
+                vocab,
+                words_per_row: table.words_per_row() as u32,
+                groups_per_row: table.groups_per_row() as u32,
+                group: table.group as u32,
+                scale_base: table.code_words() as u32,
+            },
+            &[embed, &a.tokens, &a.x],
+            Grid::PerToken(h.div_ceil(4 * WG)),
+        );
+        let mut layer_ops = Vec::new();
+        let mut slots = Vec::new();
+        let mut module_bufs = module_bufs.into_iter();
+        for (l, (layer_kv, [attn_norm, ffn_norm])) in kv.iter().zip(&base.norms).enumerate() {
+            let [kc, vc] = layer_kv;
+            let mut module = |b: &mut Builder, kind: ModuleKind, ops: &mut Vec<Dispatch>| {
+                let id = ModuleId { layer: l, kind };
+                let m = &modules[id.index()];
+                let buffer = module_bufs.next().unwrap();
+                let (x, y) = module_io(a, layer_kv, kind);
+                let param_slot = b.blocks.len() as u64;
+                b.blocks.push(kernel_param_bytes(
+                    Kernel::Matvec(m.shape.bits),
+                    &qlinear_params(m.shape, kind),
+                ));
+                let bind_group = b.bind(Kernel::Matvec(m.shape.bits), param_slot, &[&buffer, x, y]);
+                ops.push(Dispatch::Module(slots.len()));
+                slots.push(Slot {
+                    shape: m.shape,
+                    buffer,
+                    bind_group,
+                    param_slot,
+                });
+            };
+            let ops = &mut layer_ops;
+            ops.push(Dispatch::Fixed(b.op(
+                Kernel::RmsNorm,
+                &norm(0),
+                &[attn_norm, &a.x, &a.xn],
+                Grid::Rows,
+            )));
+            for kind in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
+                module(b, kind, ops);
+            }
+            let pairs = |heads: u32| Grid::PerToken((heads * hd / 2).div_ceil(WG));
+            ops.push(Dispatch::Fixed(b.op(
+                Kernel::Rope,
+                &rope_params(q_dim, 0, nh),
+                &[rope, &a.q],
+                pairs(nh),
+            )));
+            ops.push(Dispatch::Fixed(b.op(
+                Kernel::Rope,
+                &rope_params(kv_dim, 1, nkv),
+                &[rope, kc],
+                pairs(nkv),
+            )));
+            ops.push(Dispatch::Fixed(b.op(
+                Kernel::Attention,
+                &AttentionParams {
+                    group: nh / nkv,
+                    head_dim: hd,
+                    q_stride: q_dim,
+                    kv_stride: kv_dim,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                },
+                &[&a.q, kc, vc, &a.att],
+                Grid::PerToken(nh),
+            )));
+            module(b, ModuleKind::O, ops);
+            ops.push(Dispatch::Fixed(b.op(
+                Kernel::RmsNorm,
+                &norm(0),
+                &[ffn_norm, &a.x, &a.xn],
+                Grid::Rows,
+            )));
+            module(b, ModuleKind::Gate, ops);
+            module(b, ModuleKind::Up, ops);
+            ops.push(Dispatch::Fixed(b.op(
+                Kernel::SwiGlu,
+                &SwiGluParams { n: f },
+                &[&a.up, &a.gate],
+                Grid::PerToken(f.div_ceil(WG)),
+            )));
+            module(b, ModuleKind::Down, ops);
+        }
+        let final_norm_op = b.op(
+            Kernel::RmsNorm,
+            &norm(0),
+            &[final_norm, &a.x, &a.xn],
+            Grid::Rows,
+        );
+        let final_norm_last = b.op(
+            Kernel::RmsNorm,
+            &norm(1),
+            &[final_norm, &a.x, &a.xn],
+            Grid::Fixed([1, 1, 1]),
+        );
+        // The head: the 8-bit table as a [vocab][hidden] module writing logits rows.
+        let head_params = qlinear_params(table, ModuleKind::Q);
+        let per_wg = WG / b.kernels.tpr;
+        let head_last = b.op(
+            Kernel::Matvec(BASE_BITS),
+            &head_params,
+            &[head, &a.xn, &a.logits],
+            Grid::Fixed([vocab.div_ceil(per_wg), 1, 1]),
+        );
+        let head_all = b.op(
+            Kernel::Matmul(BASE_BITS),
+            &head_params,
+            &[head, &a.xn, &a.logits],
+            Grid::Tiled(vocab.div_ceil(WG)),
+        );
+        let chunks = topk_chunks(c) as u32;
+        let k = opts.top_k;
+        let topk_ops = [
+            b.op(
+                Kernel::TopK { from_logits: true },
+                &TopKParams {
+                    n: vocab,
+                    k,
+                    base: 0,
+                },
+                &[&a.logits, &a.cand],
+                Grid::Fixed([chunks, 1, 1]),
+            ),
+            b.op(
+                Kernel::TopK { from_logits: false },
+                &TopKParams {
+                    n: chunks * k,
+                    k,
+                    base: 0,
+                },
+                &[&a.cand, &a.topk],
+                Grid::Fixed([1, 1, 1]),
+            ),
+        ];
+        let nll_op = b.op(
+            Kernel::Nll,
+            &NllParams { vocab },
+            &[&a.logits, &a.targets, &a.nll],
+            Grid::Rows,
+        );
+        assert_eq!(b.blocks.len() as u64, param_slots(c));
+        let graph = Graph {
+            embed: embed_op,
+            layers: layer_ops,
+            final_norm: final_norm_op,
+            final_norm_last,
+            head_last,
+            head_all,
+            topk: topk_ops,
+            nll: nll_op,
+        };
+        (graph, slots)
+    }
+}
