@@ -11,6 +11,10 @@
 // Threads sharing one weight row in `matvec` (a power of two <= 64). 1 suits CPU adapters
 // (one row per SIMD lane, no barrier); GPUs want several so that a row is read together.
 override TPR: u32 = 1u;
+// Rows per thread in `matvec` when TPR is 1: 1, 2 or 4. On CPU adapters, where the SIMD lanes
+// are the workgroup's threads, each block of x is loaded once for RPT rows instead of once per
+// row (x is read 8 bytes per weight byte at 4 bits, more than the weights themselves).
+override RPT: u32 = 1u;
 
 const WG: u32 = 64u;
 const TT: u32 = 4u;
@@ -42,9 +46,72 @@ fn store(t: u32, r: u32, v: f32) {
 
 var<workgroup> partial: array<f32, WG>;
 
-// One token. Per block: sum (s*q + z) x = s * sum(q x) + z * sum(x), one multiply per weight.
+// Row r's block b against the block's x (x0..x7) whose sum is xs:
+// sum (s*q + z) x = s * sum(q x) + z * sum(x), one multiply per weight.
+fn row_block(r: u32, b: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>,
+             x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, xs: f32) -> f32 {
+    let q = codes(r * p.words_per_row + b * BITS);
+    let d = dot(q[0], x0) + dot(q[1], x1) + dot(q[2], x2) + dot(q[3], x3)
+        + dot(q[4], x4) + dot(q[5], x5) + dot(q[6], x6) + dot(q[7], x7);
+    let sz = scale_zero(r, b);
+    return sz.x * d + sz.y * xs;
+}
+
+// RPT rows per thread (TPR = 1): rows t * RPT .. t * RPT + RPT. Rows past the last repeat it
+// (clamped loads) and are not stored. Accumulators are named scalars (see `matmul`).
+fn matvec_rows(t: u32) {
+    let r0 = t * RPT;
+    if (r0 >= p.rows) {
+        return;
+    }
+    let last = p.rows - 1u;
+    let r1 = min(r0 + 1u, last);
+    let r2 = min(r0 + 2u, last);
+    let r3 = min(r0 + 3u, last);
+    let blocks = (p.cols + 31u) / 32u;
+    var a0 = 0.0;
+    var a1 = 0.0;
+    var a2 = 0.0;
+    var a3 = 0.0;
+    for (var b = 0u; b < blocks; b++) {
+        let i = 8u * b;
+        let x0 = xv(0u, i);
+        let x1 = xv(0u, i + 1u);
+        let x2 = xv(0u, i + 2u);
+        let x3 = xv(0u, i + 3u);
+        let x4 = xv(0u, i + 4u);
+        let x5 = xv(0u, i + 5u);
+        let x6 = xv(0u, i + 6u);
+        let x7 = xv(0u, i + 7u);
+        let xs = dot(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, vec4<f32>(1.0));
+        a0 += row_block(r0, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
+        if (RPT > 1u) {
+            a1 += row_block(r1, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
+        }
+        if (RPT > 2u) {
+            a2 += row_block(r2, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
+            a3 += row_block(r3, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
+        }
+    }
+    store(0u, r0, a0);
+    if (RPT > 1u && r0 + 1u < p.rows) {
+        store(0u, r0 + 1u, a1);
+    }
+    if (RPT > 2u && r0 + 2u < p.rows) {
+        store(0u, r0 + 2u, a2);
+    }
+    if (RPT > 2u && r0 + 3u < p.rows) {
+        store(0u, r0 + 3u, a3);
+    }
+}
+
+// One token: dispatch (ceil(rows / (64 / TPR * RPT)), 1, 1).
 @compute @workgroup_size(64)
 fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    if (TPR == 1u && RPT > 1u) {
+        matvec_rows(wg.x * WG + li);
+        return;
+    }
     let r = wg.x * (WG / TPR) + li / TPR;
     let lane = li % TPR;
     let blocks = (p.cols + 31u) / 32u;

@@ -205,7 +205,7 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         "model": source,
         "n_up": a.n_up,
         "n_low": a.n_low,
-        "variant": format!("matvec: {} thread(s) per row", kernels.tpr),
+        "variant": format!("matvec: {} thread(s) per row, {} row(s) per thread", kernels.tpr, kernels.rpt),
         "read_kernel_gbs": read.bytes_per_s / 1e9,
         "read_kernel_variant": read.variant,
         "read_kernel_bytes": token_bytes(&up),

@@ -283,7 +283,7 @@ impl Builder<'_> {
         );
         // The head: the 8-bit table as a [vocab][hidden] module writing logits rows.
         let head_params = qlinear_params(table, ModuleKind::Q);
-        let per_wg = WG / b.kernels.tpr;
+        let per_wg = b.kernels.matvec_rows_per_workgroup();
         let head_last = b.op(
             Kernel::Matvec(BASE_BITS),
             &head_params,

@@ -457,7 +457,7 @@ impl Model {
                 let s = &self.modules[*i];
                 let rows = s.shape.rows as u32;
                 let (kernel, grid) = if n == 1 {
-                    let per_wg = WG / self.kernels.tpr;
+                    let per_wg = self.kernels.matvec_rows_per_workgroup();
                     (
                         Kernel::Matvec(s.shape.bits),
                         Grid::Fixed([rows.div_ceil(per_wg), 1, 1]),

@@ -9,7 +9,7 @@
 
 use crate::gpu_util::{f32s, gpu, kernels_for, u32s};
 use flexquant::ensemble::format::BITS;
-use flexquant::gpu::kernels::{self, Kernel};
+use flexquant::gpu::kernels::{self, Kernel, Kernels};
 use flexquant::gpu::params::*;
 use flexquant::gpu::probe;
 use flexquant::quant::rtn::quantize_rtn;
@@ -51,7 +51,15 @@ const SHAPES: [(usize, usize, usize); 6] = [
 #[test]
 fn qlinear_matvec_and_matmul_match_dequantized_cpu() {
     let Some(gpu) = gpu() else { return };
-    let mut k = kernels_for(gpu);
+    // Every matvec variant: a row per thread, 2 and 4 rows per thread (CPU adapters), a row
+    // shared by 16 threads (GPUs).
+    for (tpr, rpt) in [(1, 1), (1, 2), (1, 4), (16, 1)] {
+        let mut k = Kernels::with_matvec(tpr, rpt).unwrap();
+        qlinear_variant_matches(gpu, &mut k);
+    }
+}
+
+fn qlinear_variant_matches(gpu: &flexquant::gpu::Gpu, k: &mut Kernels) {
     let mut rng = Rng::new(1);
     for &bits in &BITS {
         for &(rows, cols, group) in &SHAPES {
@@ -81,7 +89,7 @@ fn qlinear_matvec_and_matmul_match_dequantized_cpu() {
                 };
                 let y0 = vec![1f32; n_tokens * rows];
                 let (kernel, grid) = if n_tokens == 1 {
-                    let per_wg = kernels::WG / k.tpr;
+                    let per_wg = k.matvec_rows_per_workgroup();
                     (Kernel::Matvec(bits), [(rows as u32).div_ceil(per_wg), 1, 1])
                 } else {
                     let g = [
@@ -93,7 +101,7 @@ fn qlinear_matvec_and_matmul_match_dequantized_cpu() {
                 };
                 let out = pollster::block_on(probe::run(
                     gpu,
-                    &mut k,
+                    k,
                     kernel,
                     &params,
                     (n_tokens as u32, 0),
@@ -105,7 +113,9 @@ fn qlinear_matvec_and_matmul_match_dequantized_cpu() {
                 let e = norm_err(&f32s(&out[0]), &want, &scale);
                 assert!(
                     e < NORM_ERR,
-                    "{kernel:?} {rows}x{cols} group {group}, {n_tokens} tokens: normalized error {e:.2e}"
+                    "{kernel:?} {rows}x{cols} group {group}, {n_tokens} tokens, {} threads per row, {} rows per thread: normalized error {e:.2e}",
+                    k.tpr,
+                    k.rpt
                 );
             }
         }
