@@ -187,7 +187,8 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
     // as a fraction of it.
     let head = 2 * (c.vocab_size * c.hidden_size) as u64;
     let token_bytes = |bits: &[u32]| module_bytes(m, bits) + head;
-    let mut kernels = flexquant::gpu::kernels::Kernels::new(&gpu);
+    let mut kernels = pollster::block_on(flexquant::gpu::variant::kernels_for_adapter(&gpu));
+    let choice = flexquant::gpu::variant::chosen(&gpu);
     let read = read_kernel(&gpu, &mut kernels, token_bytes(&up), 5);
     let vs_read = |i: usize| token_bytes(&timed[i].bits) as f64 * tok_s(i) / read.bytes_per_s;
     let qm3 = vec![3; n];
@@ -206,6 +207,10 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         "n_up": a.n_up,
         "n_low": a.n_low,
         "variant": format!("matvec: {} thread(s) per row, {} row(s) per thread", kernels.tpr, kernels.rpt),
+        "variant_chosen_by": choice.as_ref().map(|c| c.by),
+        "variant_probe_seconds": choice.map(|c| c.timings.iter()
+            .map(|t| serde_json::json!({"threads_per_row": t.0, "rows_per_thread": t.1, "matvec_seconds": t.2}))
+            .collect::<Vec<_>>()),
         "read_kernel_gbs": read.bytes_per_s / 1e9,
         "read_kernel_variant": read.variant,
         "read_kernel_bytes": token_bytes(&up),

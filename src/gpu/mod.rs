@@ -11,7 +11,8 @@
 //! - `backend`: the model as a `runtime::Backend` (generation and the trajectory walk run on
 //!   it), and `GpuFactory`, which makes one on a new device.
 //! - `perplexity`: held-out perplexity on the GPU path (native).
-//! - `probe`: one kernel on host data (the parity tests).
+//! - `probe`: one kernel on host data (the parity tests, the yardstick, the variant probe).
+//! - `variant`: which `matvec` variant an adapter runs, chosen by a timed probe at first load.
 
 pub mod alloc;
 mod backend;
@@ -24,6 +25,7 @@ pub mod params;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod perplexity;
 pub mod probe;
+pub mod variant;
 
 pub use alloc::{Allocator, GpuBuffer};
 pub use device::{Gpu, Requirements};

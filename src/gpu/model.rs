@@ -263,7 +263,7 @@ impl Model {
             Self::check_module(&c, ModuleId::from_index(i), m)?;
         }
         let alloc = Allocator::new(&gpu.device);
-        let mut kernels = Kernels::new(&gpu);
+        let mut kernels = crate::gpu::variant::kernels_for_adapter(&gpu).await;
         let q = &gpu.queue;
         let uniform = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
         let params = alloc

@@ -488,3 +488,33 @@ fn read_kernel_reads_every_word_once() {
         }
     }
 }
+
+/// The matvec variant probe times every candidate on this adapter, picks the fastest, and
+/// answers later loads from its cache.
+#[test]
+fn matvec_variant_probe_picks_the_fastest_candidate_once() {
+    use flexquant::gpu::variant::{chosen, kernels_for_adapter, CANDIDATES};
+    let Some(gpu) = gpu() else { return };
+    if std::env::var("FLEXQUANT_GPU_TPR").is_ok() || std::env::var("FLEXQUANT_GPU_RPT").is_ok() {
+        eprintln!("SKIP: FLEXQUANT_GPU_TPR/RPT set, so no probe runs");
+        return;
+    }
+    let k = pollster::block_on(kernels_for_adapter(gpu));
+    let c = chosen(gpu).expect("a choice cached for the adapter");
+    assert_eq!(c.by, "probe");
+    assert_eq!(c.timings.len(), CANDIDATES.len());
+    assert!(
+        c.timings.iter().all(|t| t.2.is_finite() && t.2 > 0.0),
+        "{c:?}"
+    );
+    let fastest = c.timings.iter().min_by(|a, b| a.2.total_cmp(&b.2)).unwrap();
+    assert_eq!((k.tpr, k.rpt), (fastest.0, fastest.1));
+    let again = pollster::block_on(kernels_for_adapter(gpu));
+    assert_eq!((again.tpr, again.rpt), (k.tpr, k.rpt));
+    assert_eq!(chosen(gpu), Some(c));
+    eprintln!(
+        "matvec variant probe on {}: {:?}",
+        gpu.adapter_name(),
+        chosen(gpu)
+    );
+}
