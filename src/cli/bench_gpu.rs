@@ -189,7 +189,7 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
     let token_bytes = |bits: &[u32]| module_bytes(m, bits) + head;
     let mut kernels = pollster::block_on(flexquant::gpu::variant::kernels_for_adapter(&gpu));
     let choice = flexquant::gpu::variant::chosen(&gpu);
-    let read = read_kernel(&gpu, &mut kernels, token_bytes(&up), 5);
+    let read = pollster::block_on(read_kernel(&gpu, &mut kernels, token_bytes(&up), 5));
     let vs_read = |i: usize| token_bytes(&timed[i].bits) as f64 * tok_s(i) / read.bytes_per_s;
     let qm3 = vec![3; n];
     let qm3_tok_s = if [&up, &low].contains(&&qm3) || nearest == qm3 {

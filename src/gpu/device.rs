@@ -98,6 +98,16 @@ impl Gpu {
         let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
     }
 
+    /// Resolves when the work submitted so far has finished (natively, by waiting; in the
+    /// browser, from the queue's completion callback): what timing a submission needs.
+    pub async fn finished(&self) {
+        let done = Oneshot::default();
+        let tx = done.clone();
+        self.queue.on_submitted_work_done(move || tx.send(()));
+        self.wait();
+        done.await
+    }
+
     /// Copies `bytes` bytes from the start of a `MAP_READ` buffer to the host.
     pub async fn read(&self, staging: &wgpu::Buffer, bytes: u64) -> GpuResult<Vec<u8>> {
         let done = Oneshot::default();

@@ -153,7 +153,7 @@ pub struct ReadFigure {
 
 /// Times the read kernel over a device buffer of `bytes` (rounded up to 16) in both access
 /// patterns, `reps` runs each after one warm-up, each run one submission waited for.
-pub fn read_kernel(gpu: &Gpu, kernels: &mut Kernels, bytes: u64, reps: usize) -> ReadFigure {
+pub async fn read_kernel(gpu: &Gpu, kernels: &mut Kernels, bytes: u64, reps: usize) -> ReadFigure {
     let n_vec4 = u32::try_from(bytes.div_ceil(16)).expect("read kernel over 64 GiB");
     let (grid, read_params) = read_dispatch(n_vec4);
     let d = &gpu.device;
@@ -203,7 +203,7 @@ pub fn read_kernel(gpu: &Gpu, kernels: &mut Kernels, bytes: u64, reps: usize) ->
                 pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
             }
             gpu.queue.submit([enc.finish()]);
-            gpu.wait();
+            gpu.finished().await;
             fastest = fastest.min(now() - t);
         }
         let speed = (n_vec4 as u64 * 16) as f64 / fastest;

@@ -40,3 +40,28 @@ pub fn bench_dot_kernel(bytes: f64, bits: u32, reps: u32) -> Result<f64, JsValue
     std::hint::black_box(&y);
     Ok(shape.bytes() as f64 / (best.max(1e-3) / 1e3) / 1e9)
 }
+
+/// The WebGPU read-everything yardstick in this browser (`gpu::probe::read_kernel`): GB/s of
+/// reading `bytes` once and reducing them, best of `reps` runs in either access pattern, on a
+/// device of its own. `{ adapter, readKernelGbs, variant }`; the benchmark page sets the
+/// WebGPU engine's decode speed against it.
+#[wasm_bindgen(js_name = benchReadKernel)]
+pub async fn bench_read_kernel(bytes: f64, reps: u32) -> Result<JsValue, JsValue> {
+    use crate::gpu::{probe, Gpu, Requirements};
+    let bytes = (bytes.max(16.0) as u64).div_ceil(16) * 16;
+    let req = Requirements {
+        max_binding: bytes,
+        max_workgroups: probe::read_dispatch((bytes / 16) as u32).0[0],
+    };
+    let gpu = Gpu::new(req).await.map_err(|e| WebError::from(e).to_js())?;
+    let mut kernels = crate::gpu::Kernels::new(&gpu);
+    let r = probe::read_kernel(&gpu, &mut kernels, bytes, reps.max(1) as usize).await;
+    let out = serde_json::json!({
+        "adapter": gpu.adapter_name(),
+        "readKernelGbs": r.bytes_per_s / 1e9,
+        "variant": r.variant,
+        "bytes": bytes,
+    });
+    gpu.device.destroy();
+    Ok(crate::web::events::to_js(&out))
+}

@@ -44,5 +44,10 @@ const keys = ['adapter', 'cold_load_s', 'cold_load_bytes', 'warm_load_s', 'decod
 const top = Object.fromEntries(keys.map((k) => [k, first[k]]));
 top.cold_download_vs_single_file = report.downloads.cold_download_vs_single_file;
 top.cold_load_latency_ratio = report.downloads.cold_load_latency_ratio;
+// The WebGPU engine against the read-everything kernel on the browser's adapter (issue 18).
+top.webgpu_adapter = first.webgpu?.adapter ?? null;
+top.webgpu_decode_tok_s = first.webgpu?.decode_tok_s ?? null;
+top.webgpu_read_kernel_gbs = first.webgpu?.read_kernel_gbs ?? null;
+top.webgpu_decode_vs_read_kernel = first.webgpu?.decode_vs_read_kernel ?? null;
 writeFileSync(out, JSON.stringify({ ensemble: targets[0].split('=')[0], ...top, ...report }, null, 1) + '\n');
 console.log(`wrote ${out}`);
