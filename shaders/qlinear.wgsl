@@ -118,7 +118,6 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     var acc = 0.0;
     if (r < p.rows) {
         for (var b = lane; b < blocks; b += TPR) {
-            let q = codes(r * p.words_per_row + b * BITS);
             let i = 8u * b;
             let x0 = xv(0u, i);
             let x1 = xv(0u, i + 1u);
@@ -128,11 +127,8 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             let x5 = xv(0u, i + 5u);
             let x6 = xv(0u, i + 6u);
             let x7 = xv(0u, i + 7u);
-            let d = dot(q[0], x0) + dot(q[1], x1) + dot(q[2], x2) + dot(q[3], x3)
-                + dot(q[4], x4) + dot(q[5], x5) + dot(q[6], x6) + dot(q[7], x7);
-            let s = dot(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, vec4<f32>(1.0));
-            let sz = scale_zero(r, b);
-            acc += sz.x * d + sz.y * s;
+            let xs = dot(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, vec4<f32>(1.0));
+            acc += row_block(r, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
         }
     }
     if (TPR > 1u) {
