@@ -13,6 +13,8 @@ export { FlexQuantError };
 
 /** A budget this much below the wasm heap re-creates the worker (see above). */
 const RELEASE_MARGIN = 0.25;
+/** How long a release waits for the background cache writes and prefetch to finish. */
+const RELEASE_WAIT_MS = 30_000;
 
 export class WorkerEngine {
   constructor(worker, options = {}, spawn = null) {
@@ -133,7 +135,13 @@ export class WorkerEngine {
     // above: a new worker would fail the same way).
     if (s.backend === 'cpu' && s.heldBytes <= this._budget &&
         s.wasmMemoryBytes > this._budget * (1 + RELEASE_MARGIN)) {
-      await this.releaseMemory();
+      try {
+        await this.releaseMemory();
+      } catch (e) {
+        // An answer started while the release waited for the cache writes: after it ends.
+        if (e?.code !== 'busy') throw e;
+        this._releaseDue = true;
+      }
     }
   }
 
@@ -146,6 +154,15 @@ export class WorkerEngine {
     if (this._answering) throw new FlexQuantError('busy', 'an answer is running (release after it ends)');
     if (this._releasing) return this._releasing;
     const t0 = performance.now();
+    // The first load's files are written to the Cache API in the background, then the steps
+    // below are prefetched (`prefetching`): a worker terminated before that ends leaves the new
+    // one (and the next page load) to download them again.
+    for (const end = t0 + RELEASE_WAIT_MS; performance.now() < end;) {
+      if (!(await this.stats()).prefetching) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    if (this._releasing) return this._releasing;
+    if (this._answering) throw new FlexQuantError('busy', 'an answer is running (release after it ends)');
     const before = await this.stats();
     let done;
     this._releasing = new Promise((r) => { done = r; });
