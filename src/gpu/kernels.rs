@@ -121,10 +121,15 @@ impl Kernels {
     /// its words are read together. `FLEXQUANT_GPU_TPR` and `FLEXQUANT_GPU_RPT` override.
     pub fn new(gpu: &Gpu) -> Self {
         let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
+        let by_type = if cpu { (1, 4) } else { (16, 1) };
         let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
-        let tpr = env("FLEXQUANT_GPU_TPR").unwrap_or(if cpu { 1 } else { 16 });
-        let rpt = env("FLEXQUANT_GPU_RPT").unwrap_or(if tpr == 1 { 4 } else { 1 });
-        Self::with_matvec(tpr, rpt).unwrap_or_else(|_| Self::with_matvec(1, 1).unwrap())
+        let tpr = env("FLEXQUANT_GPU_TPR").unwrap_or(by_type.0);
+        let rpt = env("FLEXQUANT_GPU_RPT").unwrap_or(if tpr == 1 { by_type.1 } else { 1 });
+        // A variant the environment names that does not exist: the adapter's own, said aloud.
+        Self::with_matvec(tpr, rpt).unwrap_or_else(|e| {
+            eprintln!("FLEXQUANT_GPU_TPR/RPT: no {e}; using {by_type:?}");
+            Self::with_matvec(by_type.0, by_type.1).expect("a listed variant")
+        })
     }
 
     /// Kernels whose `matvec` shares a row among `tpr` threads (a power of two <= 64) or, with
