@@ -129,7 +129,7 @@ pub fn write_ensemble(out: &Path, p: &PackageInput) -> Result<Manifest> {
         base,
         base_precision: "q8".into(),
         quantizer: Quantizer {
-            method: lib.manifest.method.name().into(),
+            method: lib.manifest.method_label(),
             group_size: group,
             calibration: p.calibration.clone(),
         },

@@ -111,6 +111,7 @@ fn library_for(
         let c = &man.calibration;
         if man.model.sha256 == sha
             && man.method == a.method
+            && man.nesting == a.calib_opts.nested
             && man.group == a.group
             && bits.iter().all(|b| man.bits.contains(b))
             && c.text_sha256 == mix.sha256()
@@ -119,7 +120,7 @@ fn library_for(
             return Ok(lib);
         }
         eprintln!(
-            "{}: library does not match (model, method, group, bits or calibration); rebuilding",
+            "{}: library does not match (model, method, nesting, group, bits or calibration); rebuilding",
             dir.display()
         );
     }
@@ -159,9 +160,12 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
     // and the demo's, in one cache directory) must not take turns overwriting one library.
     let lib_dir = a.library.clone().unwrap_or_else(|| {
         a.out.with_file_name(format!(
-            "library-{}-{}-g{}",
+            "library-{}-{}{}-g{}",
             model_stem(&a.model),
             a.method.name(),
+            a.calib_opts
+                .nested
+                .map_or(String::new(), |n| format!("-nested-{}", n.name())),
             a.group
         ))
     });

@@ -61,6 +61,12 @@ pub struct CalibArgs {
     /// GPTQ damping, as a fraction of the mean Hessian diagonal.
     #[arg(long, default_value_t = 0.01)]
     pub percdamp: f32,
+    /// Nested versions (GPTQ): one code per weight whose top k bits are the k-bit version.
+    /// `truncate`: GPTQ at the highest bit-width, lower ones its top bits with refitted
+    /// scales; `upscale`: GPTQ at the lowest, each extra bit by GPTQ between the two children
+    /// (see `flexquant::quant::nested`). Omitted: every bit-width quantized independently.
+    #[arg(long)]
+    pub nested: Option<flexquant::quant::nested::Nesting>,
 }
 
 /// Builds a library with a progress bar; returns its manifest.
@@ -108,12 +114,16 @@ pub fn build_library(
             ..GptqConfig::default()
         },
         rtn_clip_search: !a.no_clip_search,
+        nesting: a.nested,
     };
     let pb = indicatif::ProgressBar::new(0);
     pb.set_style(indicatif::ProgressStyle::with_template(
         "{msg} [{bar:30}] {pos}/{len} layer passes, {elapsed} elapsed, ETA {eta}",
     )?);
-    pb.set_message(format!("{} g{group} {bits:?}", method.name()));
+    let nested = a
+        .nested
+        .map_or(String::new(), |n| format!(" nested ({})", n.name()));
+    pb.set_message(format!("{}{nested} g{group} {bits:?}", method.name()));
     let manifest = library::build(&input, &opts, out, force, &mut |d, n| {
         pb.set_length(n as u64);
         pb.set_position(d as u64);

@@ -236,6 +236,37 @@ pub struct Quantized {
     pub output_error: f64,
 }
 
+/// How GPTQ chooses each weight's code.
+#[derive(Clone, Copy)]
+pub enum Grid<'a> {
+    /// A uniform grid per group, fitted (`rtn::group_params`) to the group's current weights
+    /// when GPTQ first reaches it: plain GPTQ.
+    Fitted,
+    /// Nested upscaling (`quant::nested`): each code is one of the two children `2p`, `2p + 1`
+    /// of its parent code `p` one bit shorter, on the parent group's grid halved
+    /// (`child_params`). `codes` `[rows][cols]`, `params` `[rows][groups]` of the parent.
+    Children {
+        codes: &'a [u8],
+        params: &'a [(f32, f32)],
+    },
+}
+
+/// A parent group's grid split in two: child `2p` decodes to the lower half of parent code
+/// `p`'s bin, `2p + 1` to the upper half (`s/2 · 2p + z - s/4 = s p + z - s/4`). Rounded to
+/// f16 like every stored parameter.
+pub fn child_params((scale, zero): (f32, f32)) -> (f32, f32) {
+    use crate::ensemble::format::{pack_scale_zero, unpack_scale_zero};
+    unpack_scale_zero(pack_scale_zero(scale / 2.0, zero - scale / 4.0))
+}
+
+/// Codes (original column order, `[rows][cols]`), f16-rounded group parameters
+/// (`[rows][groups]`) and `Σ e²` of one GPTQ pass.
+pub struct Codes {
+    pub codes: Vec<u8>,
+    pub params: Vec<(f32, f32)>,
+    sq_err: f64,
+}
+
 /// Per-call constants of the row-chunk worker.
 struct Ctx<'a> {
     p: &'a Prepared,
@@ -260,11 +291,38 @@ pub fn quantize_gptq(
     what: &str,
 ) -> Result<Quantized> {
     let shape = PackedShape::new(rows, cols, bits, group)?;
+    let c = gptq_codes(w, rows, cols, p, bits, group, cfg, Grid::Fitted, what)?;
+    let output_error = c.output_error(w, cols, group, p);
+    Ok(Quantized {
+        packed: PackedMatrix::from_codes(shape, &c.codes, &c.params),
+        output_error,
+    })
+}
+
+/// The GPTQ pass behind `quantize_gptq`, on any grid and any code width of 1..=8 bits (nested
+/// upscaling passes through widths the packed format does not store, such as 7).
+#[allow(clippy::too_many_arguments)]
+pub fn gptq_codes(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    p: &Prepared,
+    bits: u32,
+    group: usize,
+    cfg: &GptqConfig,
+    grid: Grid,
+    what: &str,
+) -> Result<Codes> {
     if w.len() != rows * cols || cols != p.dim {
         return Err(Error::input(format!(
             "{what}: {rows}x{cols} weights ({} values) do not match a Hessian of dim {}",
             w.len(),
             p.dim
+        )));
+    }
+    if !(1..=8).contains(&bits) || group == 0 || !group.is_multiple_of(32) {
+        return Err(Error::input(format!(
+            "{what}: {bits}-bit codes in groups of {group} (1 to 8 bits, groups of 32k)"
         )));
     }
     check_quantizable(w, what)?;
@@ -280,11 +338,18 @@ pub fn quantize_gptq(
     let ctx = Ctx {
         p,
         group,
-        groups: shape.groups_per_row(),
-        maxq: shape.max_code(),
+        groups: cols.div_ceil(group),
+        maxq: (1u32 << bits) - 1,
         block: cfg.block,
         clip: cfg.clip_search,
     };
+    if let Grid::Children { codes, params } = grid {
+        if codes.len() != rows * cols || params.len() != rows * ctx.groups {
+            return Err(Error::input(format!(
+                "{what}: parent codes do not match a {rows}x{cols} matrix"
+            )));
+        }
+    }
     let chunk = rows.div_ceil(4 * rayon::current_num_threads()).max(8);
     let mut codes = vec![0u8; rows * cols];
     let mut params = vec![(0f32, 0f32); rows * ctx.groups];
@@ -292,31 +357,56 @@ pub fn quantize_gptq(
         .par_chunks_mut(chunk * cols)
         .zip(codes.par_chunks_mut(chunk * cols))
         .zip(params.par_chunks_mut(chunk * ctx.groups))
-        .map(|((wc, cc), pc)| quantize_rows(&ctx, wc, cc, pc))
+        .enumerate()
+        .map(|(k, ((wc, cc), pc))| {
+            let grid = match grid {
+                Grid::Fitted => Grid::Fitted,
+                Grid::Children { codes, params } => {
+                    let r0 = k * chunk;
+                    let r1 = (r0 + chunk).min(rows);
+                    Grid::Children {
+                        codes: &codes[r0 * cols..r1 * cols],
+                        params: &params[r0 * ctx.groups..r1 * ctx.groups],
+                    }
+                }
+            };
+            quantize_rows(&ctx, grid, wc, cc, pc)
+        })
         .sum();
-    let packed = PackedMatrix::from_codes(shape, &codes, &params);
-    // Undo the damping (λ‖ΔW‖²) and dead-column (1 · ΔW²) terms of Σe², in W's dead-zeroed form.
-    let q = packed.dequantize_par();
-    let (mut damp_part, mut dead_part) = (0f64, 0f64);
-    for (wr, qr) in w.chunks_exact(cols).zip(q.chunks_exact(cols)) {
-        for c in 0..cols {
-            let d = if p.dead[c] { -qr[c] } else { wr[c] - qr[c] } as f64;
-            damp_part += d * d;
-            if p.dead[c] {
-                dead_part += d * d;
+    Ok(Codes {
+        codes,
+        params,
+        sq_err,
+    })
+}
+
+impl Codes {
+    /// `‖(W - Q) X‖²` from GPTQ's own bookkeeping (see `Quantized::output_error`): the
+    /// damping (λ‖ΔW‖²) and dead-column (1 · ΔW²) terms of Σe² undone, in W's dead-zeroed form.
+    pub fn output_error(&self, w: &[f32], cols: usize, group: usize, p: &Prepared) -> f64 {
+        let groups = cols.div_ceil(group);
+        let (mut damp_part, mut dead_part) = (0f64, 0f64);
+        for (r, wr) in w.chunks_exact(cols).enumerate() {
+            for (c, &wv) in wr.iter().enumerate() {
+                let q = dequant(
+                    self.codes[r * cols + c],
+                    self.params[r * groups + c / group],
+                );
+                let d = if p.dead[c] { -q } else { wv - q } as f64;
+                damp_part += d * d;
+                if p.dead[c] {
+                    dead_part += d * d;
+                }
             }
         }
+        let undamped = self.sq_err - p.damp_abs as f64 * damp_part - dead_part;
+        undamped.max(0.0) / p.scale as f64
     }
-    let undamped = sq_err - p.damp_abs as f64 * damp_part - dead_part;
-    Ok(Quantized {
-        packed,
-        output_error: undamped.max(0.0) / p.scale as f64,
-    })
 }
 
 /// GPTQ of a chunk of rows: `wc` in processing (permuted) column order, updated in place;
 /// `cc` receives codes in original column order, `pc` the group parameters. Returns `Σ e²`.
-fn quantize_rows(c: &Ctx, wc: &mut [f32], cc: &mut [u8], pc: &mut [(f32, f32)]) -> f64 {
+fn quantize_rows(c: &Ctx, grid: Grid, wc: &mut [f32], cc: &mut [u8], pc: &mut [(f32, f32)]) -> f64 {
     let (n, b, u) = (c.p.dim, c.block, &c.p.u);
     let r = wc.len() / n;
     let mut err = vec![0f32; r * b];
@@ -330,42 +420,48 @@ fn quantize_rows(c: &Ctx, wc: &mut [f32], cc: &mut [u8], pc: &mut [(f32, f32)]) 
             let g = c.p.perm[i] / c.group;
             if !have[g] {
                 have[g] = true;
-                let cols = g * c.group..((g + 1) * c.group).min(n);
-                // Columns of the group after this block still miss the lazy update from the
-                // block's columns so far: `err[:, i1..i] · U[i1..i, late]`, as one small GEMM.
-                late.clear();
-                late.extend(cols.clone().map(|col| c.p.pos[col]).filter(|&p| p >= i2));
-                let k = i - i1;
-                if k > 0 && !late.is_empty() {
-                    ug.clear();
-                    for j in i1..i {
-                        ug.extend(late.iter().map(|&p| u[j * n + p]));
+                if let Grid::Children { params, .. } = grid {
+                    for rr in 0..r {
+                        pc[rr * c.groups + g] = child_params(params[rr * c.groups + g]);
                     }
-                    corr.resize(r * late.len(), 0.0);
-                    let e = View::strided(&err, r, k, b);
-                    linalg::matmul(
-                        &mut corr,
-                        late.len(),
-                        false,
-                        1.0,
-                        e,
-                        View::new(&ug, k, late.len()),
-                        false,
-                    );
-                }
-                for rr in 0..r {
-                    vals.clear();
-                    let mut t = 0;
-                    for col in cols.clone() {
-                        let p = c.p.pos[col];
-                        let mut v = wc[rr * n + p];
-                        if p >= i2 && k > 0 {
-                            v -= corr[rr * late.len() + t];
-                            t += 1;
+                } else {
+                    let cols = g * c.group..((g + 1) * c.group).min(n);
+                    // Columns of the group after this block still miss the lazy update from the
+                    // block's columns so far: `err[:, i1..i] · U[i1..i, late]`, as one small GEMM.
+                    late.clear();
+                    late.extend(cols.clone().map(|col| c.p.pos[col]).filter(|&p| p >= i2));
+                    let k = i - i1;
+                    if k > 0 && !late.is_empty() {
+                        ug.clear();
+                        for j in i1..i {
+                            ug.extend(late.iter().map(|&p| u[j * n + p]));
                         }
-                        vals.push(v);
+                        corr.resize(r * late.len(), 0.0);
+                        let e = View::strided(&err, r, k, b);
+                        linalg::matmul(
+                            &mut corr,
+                            late.len(),
+                            false,
+                            1.0,
+                            e,
+                            View::new(&ug, k, late.len()),
+                            false,
+                        );
                     }
-                    pc[rr * c.groups + g] = group_params(&vals, c.maxq, c.clip);
+                    for rr in 0..r {
+                        vals.clear();
+                        let mut t = 0;
+                        for col in cols.clone() {
+                            let p = c.p.pos[col];
+                            let mut v = wc[rr * n + p];
+                            if p >= i2 && k > 0 {
+                                v -= corr[rr * late.len() + t];
+                                t += 1;
+                            }
+                            vals.push(v);
+                        }
+                        pc[rr * c.groups + g] = group_params(&vals, c.maxq, c.clip);
+                    }
                 }
             }
             let d = u[i * n + i];
@@ -373,8 +469,15 @@ fn quantize_rows(c: &Ctx, wc: &mut [f32], cc: &mut [u8], pc: &mut [(f32, f32)]) 
             for rr in 0..r {
                 let row = &mut wc[rr * n..rr * n + i2];
                 let prm = pc[rr * c.groups + g];
-                let q = quant(row[i], prm, c.maxq);
-                cc[rr * n + c.p.perm[i]] = q;
+                let col = c.p.perm[i];
+                let q = match grid {
+                    Grid::Fitted => quant(row[i], prm, c.maxq),
+                    Grid::Children { codes, .. } => {
+                        let parent = 2 * codes[rr * n + col];
+                        quant(row[i], prm, c.maxq).clamp(parent, parent + 1)
+                    }
+                };
+                cc[rr * n + col] = q;
                 let e = (row[i] - dequant(q, prm)) / d;
                 err[rr * b + i - i1] = e;
                 sq_err += e as f64 * e as f64;

@@ -38,6 +38,7 @@ use crate::model::ops::Rope;
 use crate::model::weights::{Linear, ModuleId, ModuleKind, Weights};
 use crate::quant::calib::{self, CalibSettings};
 use crate::quant::gptq::{self, GptqConfig, Hessian};
+use crate::quant::nested::{self, Nesting};
 use crate::quant::rtn;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -149,6 +150,10 @@ pub struct Manifest {
     pub calibration: CalibInfo,
     pub gptq: Option<GptqConfig>,
     pub rtn_clip_search: bool,
+    /// Nested versions (`quant::nested`): every lower bit-width's codes are the top bits of
+    /// the highest one's. Absent: independent versions (and in libraries built before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nesting: Option<Nesting>,
     pub seconds: f64,
     /// Where the time went (seconds): Hessians, H⁻¹ factors, quantizing, the error figures
     /// and files; the rest of `seconds` is the calibration forward passes.
@@ -175,6 +180,18 @@ pub struct BuildOptions {
     pub sequential: bool,
     pub gptq: GptqConfig,
     pub rtn_clip_search: bool,
+    /// Nested versions (GPTQ only); `None`: each bit-width quantized independently.
+    pub nesting: Option<Nesting>,
+}
+
+impl Manifest {
+    /// The method as tables and manifests name it: `gptq`, `rtn`, or `gptq-nested-upscale`.
+    pub fn method_label(&self) -> String {
+        match self.nesting {
+            Some(n) => format!("{}-nested-{}", self.method.name(), n.name()),
+            None => self.method.name().into(),
+        }
+    }
 }
 
 impl CalibInfo {
@@ -265,6 +282,11 @@ pub fn build(
             opts.group
         )));
     }
+    if opts.nesting.is_some() && opts.method != Method::Gptq {
+        return Err(Error::input(
+            "nested versions are made by GPTQ (--method gptq)",
+        ));
+    }
     if input.calib_tokens.len() != opts.calib.tokens() {
         return Err(Error::input("calibration tokens do not match the settings"));
     }
@@ -330,7 +352,20 @@ fn build_into(
     let w = input.weights;
     let c = &w.config;
     let x0 = forward::embed(w, input.calib_tokens)?;
-    let mut streams: Vec<Stream> = if opts.method == Method::Gptq && opts.sequential {
+    let sequential = opts.method == Method::Gptq && opts.sequential;
+    let mut streams: Vec<Stream> = if let (Some(n), true) = (opts.nesting, sequential) {
+        // One set of codes serves every bit-width: one stream, through the level the others
+        // are derived from.
+        let anchor = match n {
+            Nesting::Truncate => bits[0],
+            Nesting::Upscale => bits[bits.len() - 1],
+        };
+        vec![Stream {
+            follow: Some(anchor),
+            makes: bits.to_vec(),
+            x: x0,
+        }]
+    } else if sequential {
         bits.iter()
             .map(|&b| Stream {
                 follow: Some(b),
@@ -388,30 +423,13 @@ fn build_into(
                     let (rows, cols) = (float.rows, float.cols);
                     let mut follow_lin = None;
                     let mut energy = None;
-                    for &b in &makes {
-                        let what = format!("module {id} at {b} bits");
-                        let t0 = Instant::now();
-                        let (packed, gptq_error) = match &prepared {
-                            Some(p) => {
-                                let q = gptq::quantize_gptq(
-                                    &float.w, rows, cols, p, b, opts.group, &opts.gptq, &what,
-                                )?;
-                                (q.packed, Some(q.output_error))
-                            }
-                            None => (
-                                rtn::quantize_rtn(
-                                    &float.w,
-                                    rows,
-                                    cols,
-                                    b,
-                                    opts.group,
-                                    opts.rtn_clip_search,
-                                    &what,
-                                )?,
-                                None,
-                            ),
-                        };
-                        timing.quantize += t0.elapsed().as_secs_f64();
+                    let what = format!("module {id}");
+                    let t0 = Instant::now();
+                    let made = quantize_module(
+                        opts, &float.w, rows, cols, &makes, &prepared, &hess, &what,
+                    )?;
+                    timing.quantize += t0.elapsed().as_secs_f64();
+                    for (b, packed, gptq_error) in made {
                         let t0 = Instant::now();
                         let deq = packed.dequantize_par();
                         let energy = *energy.get_or_insert_with(|| hess.output_energy(&float.w));
@@ -465,6 +483,7 @@ fn build_into(
         },
         gptq: (opts.method == Method::Gptq).then_some(opts.gptq),
         rtn_clip_search: opts.rtn_clip_search,
+        nesting: opts.nesting,
         seconds: 0.0,
         timing,
         threads: rayon::current_num_threads(),
@@ -639,6 +658,47 @@ pub fn file_sha256(path: &Path) -> Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex(&h.finalize()))
+}
+
+/// Every version of one module the stream makes: `(bits, packed, GPTQ's output error)`.
+#[allow(clippy::too_many_arguments)]
+fn quantize_module(
+    opts: &BuildOptions,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    makes: &[u32],
+    prepared: &Option<gptq::Prepared>,
+    hess: &Hessian,
+    what: &str,
+) -> Result<Vec<(u32, PackedMatrix, Option<f64>)>> {
+    let g = opts.group;
+    match (prepared, opts.nesting) {
+        (Some(p), Some(n)) => {
+            let levels =
+                nested::nested_gptq(w, rows, cols, p, &hess.sum, makes, g, &opts.gptq, n, what)?;
+            Ok(levels
+                .into_iter()
+                .map(|l| (l.packed.shape.bits, l.packed, l.output_error))
+                .collect())
+        }
+        (Some(p), None) => makes
+            .iter()
+            .map(|&b| {
+                let what = format!("{what} at {b} bits");
+                let q = gptq::quantize_gptq(w, rows, cols, p, b, g, &opts.gptq, &what)?;
+                Ok((b, q.packed, Some(q.output_error)))
+            })
+            .collect(),
+        (None, _) => makes
+            .iter()
+            .map(|&b| {
+                let what = format!("{what} at {b} bits");
+                let q = rtn::quantize_rtn(w, rows, cols, b, g, opts.rtn_clip_search, &what)?;
+                Ok((b, q, None))
+            })
+            .collect(),
+    }
 }
 
 fn diff(a: &[f32], b: &[f32]) -> Vec<f32> {

@@ -10,6 +10,7 @@ pub mod evaluate;
 pub mod gptq;
 pub mod library;
 pub mod linalg;
+pub mod nested;
 pub mod plot;
 pub mod static_table;
 pub mod weights;

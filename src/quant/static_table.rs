@@ -131,7 +131,7 @@ pub fn evaluate(
     for lib in libraries {
         let m = &lib.library.manifest;
         for &bits in &m.bits {
-            progress(&format!("{} g{} {bits}-bit", m.method.name(), m.group));
+            progress(&format!("{} g{} {bits}-bit", m.method_label(), m.group));
             let t0 = Instant::now();
             let eqm = lib.uniform(bits);
             let w = lib.weights(&eqm)?;
@@ -139,7 +139,7 @@ pub fn evaluate(
             let cal = score(&w, &calib.tokens, ctx)?;
             rows.push(StaticRow {
                 bits: Some(bits),
-                method: m.method.name().into(),
+                method: m.method_label(),
                 group: Some(m.group),
                 bytes: lib.footprint(&eqm)?,
                 heldout_ppl: held.ppl(),
@@ -281,6 +281,54 @@ pub fn markdown(r: &StaticReport) -> String {
     let mut s = markdown_main(r);
     if r.domains.len() > 1 {
         s += &markdown_domains(r);
+    }
+    s += &markdown_nested(r);
+    s
+}
+
+/// Nested libraries against independent GPTQ at every bit-width both have: held-out ppl and
+/// top-1 agreement side by side (empty when no nested library was tabulated).
+fn markdown_nested(r: &StaticReport) -> String {
+    let nested: Vec<&str> = r
+        .rows
+        .iter()
+        .map(|row| row.method.as_str())
+        .filter(|m| m.contains("-nested-"))
+        .fold(Vec::new(), |mut v, m| {
+            if !v.contains(&m) {
+                v.push(m);
+            }
+            v
+        });
+    let find = |bits: u32, method: &str| {
+        r.rows
+            .iter()
+            .find(|row| row.bits == Some(bits) && row.method == method)
+    };
+    let cell = |row: Option<&StaticRow>| {
+        row.map_or("-".into(), |x| {
+            format!("{:.3} ({:.1}%)", x.heldout_ppl, 100.0 * x.top1_agreement)
+        })
+    };
+    let mut bits: Vec<u32> = r.rows.iter().filter_map(|row| row.bits).collect();
+    bits.sort_unstable_by(|a, b| b.cmp(a));
+    bits.dedup();
+    if nested.is_empty() {
+        return String::new();
+    }
+    let mut s = format!(
+        "\n## Nested vs independent versions\n\nHeld-out ppl (top-1 agreement with float).\n\n\
+         | bits | gptq (independent) | {} |\n|---:|---:|{}\n",
+        nested.join(" | "),
+        "---:|".repeat(nested.len())
+    );
+    for b in bits {
+        let cells: Vec<String> = nested.iter().map(|m| cell(find(b, m))).collect();
+        s += &format!(
+            "| {b} | {} | {} |\n",
+            cell(find(b, "gptq")),
+            cells.join(" | ")
+        );
     }
     s
 }

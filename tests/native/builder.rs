@@ -38,6 +38,7 @@ fn tiny_library(dir: &std::path::Path) -> (flexquant::model::load::LoadedModel, 
         sequential: false,
         gptq: GptqConfig::default(),
         rtn_clip_search: false,
+        nesting: None,
     };
     let lib_dir = dir.join("lib");
     library::build(&input, &opts, &lib_dir, false, &mut |_, _| {}).unwrap();

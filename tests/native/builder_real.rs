@@ -69,6 +69,7 @@ fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
         sequential: false,
         gptq: GptqConfig::default(),
         rtn_clip_search: false,
+        nesting: None,
     };
     let lib_dir = dir.path().join("library");
     library::build(&input, &opts, &lib_dir, false, &mut |_, _| {}).unwrap();

@@ -21,6 +21,7 @@ mod hostile;
 mod manifest;
 mod model_real;
 mod model_tiny;
+mod nested;
 mod quant;
 mod quant_real;
 mod reference;

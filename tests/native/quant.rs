@@ -19,14 +19,14 @@ use flexquant::quant::rtn::quantize_rtn;
 use flexquant::runtime::generate::Rng;
 use std::path::Path;
 
-fn uniform(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+pub fn uniform(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n)
         .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
         .collect()
 }
 
 /// Rows with correlated columns (a random mix of a few latent factors), like activations.
-fn correlated_rows(rng: &mut Rng, t: usize, d: usize) -> Vec<f32> {
+pub fn correlated_rows(rng: &mut Rng, t: usize, d: usize) -> Vec<f32> {
     let k = 8;
     let mix = uniform(rng, k * d, 1.0);
     let mut x = vec![0f32; t * d];
@@ -319,10 +319,20 @@ fn staged_layer_with_float_modules_equals_the_forward() {
 }
 
 /// Builds a library of the tiny model into `out`.
-fn build_tiny(
+pub fn build_tiny(
     model_dir: &Path,
     method: Method,
     group: usize,
+    out: &Path,
+) -> flexquant::Result<library::Manifest> {
+    build_tiny_nested(model_dir, method, group, None, out)
+}
+
+pub fn build_tiny_nested(
+    model_dir: &Path,
+    method: Method,
+    group: usize,
+    nesting: Option<flexquant::quant::nested::Nesting>,
     out: &Path,
 ) -> flexquant::Result<library::Manifest> {
     let m = load(model_dir)?;
@@ -352,6 +362,7 @@ fn build_tiny(
         sequential: true,
         gptq: GptqConfig::default(),
         rtn_clip_search: false,
+        nesting,
     };
     library::build(&input, &opts, out, false, &mut |_, _| {})
 }
@@ -512,6 +523,7 @@ fn a_failed_build_leaves_no_library_behind() {
         sequential: true,
         gptq: GptqConfig::default(),
         rtn_clip_search: false,
+        nesting: None,
     };
     let e = library::build(&input, &opts, &out, false, &mut |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("L1.down"), "{e}");
@@ -570,6 +582,8 @@ fn static_report_writes_json_markdown_svg_and_png() {
             row(Some(4), "gptq", Some(64), 89.9, 24.0),
             row(Some(3), "gptq", Some(64), 76.7, 40.0),
             row(Some(2), "gptq", Some(64), 63.4, 900.0),
+            row(Some(4), "gptq-nested-truncate", Some(64), 89.9, 24.0),
+            row(Some(3), "gptq-nested-truncate", Some(64), 76.7, 44.0),
         ],
         single_swap: None,
     };
@@ -600,6 +614,12 @@ fn static_report_writes_json_markdown_svg_and_png() {
     // 2 * 40 * 40 / 22.4 / 44.8 = +218.9% on brown.
     assert!(
         md.contains("| 3 | gptq | 40.000 (+78.6%) | 142.857 (+218.9%) |"),
+        "{md}"
+    );
+    // Nested beside independent, per bit-width, with the agreement: 22 / 44 = 50%.
+    assert!(
+        md.contains("| 3 | 40.000 (55.0%) | 44.000 (50.0%) |")
+            && md.contains("| 2 | 900.000 (2.4%) | - |"),
         "{md}"
     );
     let json: serde_json::Value =

@@ -217,6 +217,7 @@ fn eight_bit_is_within_one_percent_and_gptq3_beats_rtn3() {
         sequential: false,
         gptq: GptqConfig::default(),
         rtn_clip_search: true,
+        nesting: None,
     };
     library::build(&input, &opts, &dir, false, &mut |_, _| {}).unwrap();
     let em = EqmModel::new(Library::open(&dir).unwrap(), w, &sha).unwrap();
