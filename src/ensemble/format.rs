@@ -226,7 +226,13 @@ impl PackedMatrix {
             codes: words(codes),
             scales: words(scales),
         };
-        for (i, &w) in m.scales.iter().enumerate() {
+        m.check_scales(what)?;
+        Ok(m)
+    }
+
+    /// Every group's scale and zero finite, scales >= 0 (what the kernels assume).
+    pub fn check_scales(&self, what: &str) -> Result<()> {
+        for (i, &w) in self.scales.iter().enumerate() {
             let (s, z) = unpack_scale_zero(w);
             if !(s.is_finite() && z.is_finite() && s >= 0.0) {
                 return Err(Error::format(
@@ -235,7 +241,7 @@ impl PackedMatrix {
                 ));
             }
         }
-        Ok(m)
+        Ok(())
     }
 }
 

@@ -8,5 +8,6 @@ pub mod format;
 pub mod inspect;
 pub mod manifest;
 pub mod pack;
+pub mod planes;
 
 pub use manifest::{FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap};

@@ -16,7 +16,7 @@
 //!   halved (`gptq::Grid::Children`). The lowest level is exactly independent GPTQ's.
 //!
 //! Either way `level(k).code(r, c) == level(n_up).code(r, c) >> (n_up - k)` bit-exactly
-//! (`check_prefix`), and each level is an ordinary `PackedMatrix` of its bit-width, so the
+//! (`ensemble::planes::check_nested`), and each level is an ordinary `PackedMatrix` of its bit-width, so the
 //! search, the engines and the shards take it as they take an independent version.
 
 use crate::ensemble::format::{
@@ -292,40 +292,4 @@ fn solve_spd(a: &[f64], b: &[f64], n: usize) -> Option<Vec<f64>> {
         y[i] /= l[i * n + i];
     }
     Some(y)
-}
-
-/// Checks the nesting of `levels` (one module, any order): every level's code is the top
-/// bits of the highest level's, at every weight. Names the first weight that is not.
-pub fn check_prefix(levels: &[&PackedMatrix], what: &str) -> Result<()> {
-    let Some(top) = levels.iter().max_by_key(|m| m.shape.bits) else {
-        return Ok(());
-    };
-    let s = top.shape;
-    for m in levels {
-        if (m.shape.rows, m.shape.cols, m.shape.group) != (s.rows, s.cols, s.group) {
-            return Err(Error::format(
-                what,
-                format!(
-                    "{}-bit level has another shape than the top level",
-                    m.shape.bits
-                ),
-            ));
-        }
-        let shift = s.bits - m.shape.bits;
-        for r in 0..s.rows {
-            for c in 0..s.cols {
-                if m.code(r, c) != top.code(r, c) >> shift {
-                    return Err(Error::format(
-                        what,
-                        format!(
-                            "{}-bit code at row {r}, column {c} is not the top bits of the \
-                             {}-bit code",
-                            m.shape.bits, s.bits
-                        ),
-                    ));
-                }
-            }
-        }
-    }
-    Ok(())
 }

@@ -5,11 +5,12 @@
 use crate::common;
 use crate::quant::{build_tiny_nested, correlated_rows, uniform};
 use flexquant::ensemble::format::{PackedMatrix, GROUP_SIZES};
+use flexquant::ensemble::planes::check_nested;
 use flexquant::model::load::load;
 use flexquant::model::ModuleId;
 use flexquant::quant::gptq::{prepare, quantize_gptq, GptqConfig, Hessian};
 use flexquant::quant::library::{Library, Method};
-use flexquant::quant::nested::{check_prefix, nested_gptq, Nesting};
+use flexquant::quant::nested::{nested_gptq, Nesting};
 use flexquant::quant::rtn::quantize_rtn;
 use flexquant::runtime::generate::Rng;
 
@@ -35,7 +36,7 @@ fn every_level_is_the_top_bits_of_the_top_level() {
                     let got: Vec<u32> = levels.iter().map(|l| l.packed.shape.bits).collect();
                     assert_eq!(got, bits, "{what}");
                     let mats: Vec<&PackedMatrix> = levels.iter().map(|l| &l.packed).collect();
-                    check_prefix(&mats, &what).unwrap();
+                    check_nested(&mats, &what).unwrap();
                     // Every level is a valid packed matrix (scales >= 0, finite).
                     for m in &mats {
                         PackedMatrix::from_bytes(m.shape, &m.to_bytes(), &what).unwrap();
@@ -143,7 +144,7 @@ fn a_broken_prefix_is_named() {
     .unwrap();
     let mut low = levels[1].packed.clone();
     low.codes[0] ^= 1 << 6; // code 3 of row 0: bits 6..8 of its first word
-    let e = check_prefix(&[&levels[0].packed, &low], "L0.q").unwrap_err();
+    let e = check_nested(&[&levels[0].packed, &low], "L0.q").unwrap_err();
     assert!(
         e.to_string().contains("L0.q") && e.to_string().contains("2-bit code at row 0, column 3"),
         "{e}"
@@ -165,7 +166,7 @@ fn a_nested_library_on_the_tiny_model_holds_prefix_codes() {
             let id = ModuleId::from_index(i);
             let mats: Vec<PackedMatrix> =
                 m.bits.iter().map(|&b| lib.load(id, b).unwrap()).collect();
-            check_prefix(&mats.iter().collect::<Vec<_>>(), &id.to_string()).unwrap();
+            check_nested(&mats.iter().collect::<Vec<_>>(), &id.to_string()).unwrap();
             let errs: Vec<f64> = m.modules[i]
                 .versions
                 .iter()
@@ -185,4 +186,86 @@ fn a_nested_library_on_the_tiny_model_holds_prefix_codes() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("GPTQ"), "{e}");
+}
+
+#[test]
+fn bit_plane_files_hold_every_level_as_a_prefix() {
+    use flexquant::ensemble::planes::{decode_level, encode};
+    let mut rng = Rng::new(14);
+    let cfg = GptqConfig::default();
+    for (rows, cols) in [(1, 1), (3, 45), (5, 100), (2, 129)] {
+        let w = uniform(&mut rng, rows * cols, 0.05);
+        let h = Hessian::from_rows(&correlated_rows(&mut rng, 64, cols), cols);
+        let prep = prepare(&h, &cfg, "h").unwrap();
+        for group in GROUP_SIZES {
+            for bits in [&[4u32, 3, 2][..], &[8, 6, 5, 4, 3, 2], &[8, 4, 2], &[3]] {
+                let what = format!("{rows}x{cols} g{group} {bits:?}");
+                let levels = nested_gptq(
+                    &w,
+                    rows,
+                    cols,
+                    &prep,
+                    &h.sum,
+                    bits,
+                    group,
+                    &cfg,
+                    Nesting::Truncate,
+                    &what,
+                )
+                .unwrap();
+                let mats: Vec<&PackedMatrix> = levels.iter().map(|l| &l.packed).collect();
+                let (shape, bytes) = encode(&mats, &what).unwrap();
+                assert_eq!(bytes.len(), shape.bytes(), "{what}");
+                let top = mats[0].shape;
+                // The whole file: the top level's codes plus one set of scales per level.
+                assert_eq!(
+                    shape.bytes(),
+                    top.bytes() + (bits.len() - 1) * 4 * top.scale_words(),
+                    "{what}"
+                );
+                let mut last_prefix = 0;
+                for m in &mats {
+                    let k = m.shape.bits;
+                    let prefix = shape.prefix_bytes(k).unwrap();
+                    // k planes are as many bytes as k-bit packed codes.
+                    let below = bits.iter().filter(|&&b| b <= k).count();
+                    assert_eq!(
+                        prefix,
+                        4 * (m.shape.code_words() + below * m.shape.scale_words()),
+                        "{what} {k}"
+                    );
+                    assert!(last_prefix == 0 || prefix < last_prefix, "{what}");
+                    last_prefix = prefix;
+                    assert_eq!(&decode_level(&shape, &bytes, k, &what).unwrap(), *m);
+                    assert_eq!(
+                        &decode_level(&shape, &bytes[..prefix], k, &what).unwrap(),
+                        *m,
+                        "{what}: {k}-bit level from its prefix alone"
+                    );
+                    let e = decode_level(&shape, &bytes[..prefix - 1], k, "L3.up").unwrap_err();
+                    assert!(
+                        e.to_string().contains("L3.up") && e.to_string().contains("needs"),
+                        "{e}"
+                    );
+                }
+                let e = decode_level(&shape, &bytes, 7, &what).unwrap_err();
+                assert!(e.to_string().contains("7-bit level is not stored"), "{e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn levels_that_do_not_nest_are_not_stored_as_planes() {
+    use flexquant::ensemble::planes::encode;
+    let mut rng = Rng::new(15);
+    let (rows, cols) = (4, 64);
+    let w = uniform(&mut rng, rows * cols, 0.05);
+    let a = quantize_rtn(&w, rows, cols, 4, 32, true, "w").unwrap();
+    let b = quantize_rtn(&w, rows, cols, 2, 32, true, "w").unwrap();
+    let e = encode(&[&a, &b], "L0.gate").unwrap_err();
+    assert!(
+        e.to_string().contains("L0.gate") && e.to_string().contains("not the top bits"),
+        "{e}"
+    );
 }
