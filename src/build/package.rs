@@ -3,10 +3,12 @@
 
 use crate::build::search::Trajectory;
 use crate::ensemble::base::Base;
+use crate::ensemble::format::PackedMatrix;
 use crate::ensemble::manifest::{
     sha256_hex, ChatSpec, FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap, FORMAT,
+    PLANES_VERSION,
 };
-use crate::ensemble::pack;
+use crate::ensemble::{pack, planes};
 use crate::error::{Error, Result};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::{ModuleId, Weights};
@@ -66,6 +68,11 @@ pub fn module_file(id: ModuleId, bits: u32) -> String {
     format!("modules/L{}.{}.{bits}.bin", id.layer, id.kind.name())
 }
 
+/// The bit-plane file of a nested module (`ensemble::planes`): all its kept levels.
+pub fn planes_file(id: ModuleId) -> String {
+    format!("modules/L{}.{}.planes.bin", id.layer, id.kind.name())
+}
+
 /// Writes the ensemble into `out` (replacing it only once everything is written and checked).
 pub fn write_ensemble(out: &Path, p: &PackageInput) -> Result<Manifest> {
     let lib = &p.model.library;
@@ -85,17 +92,40 @@ pub fn write_ensemble(out: &Path, p: &PackageInput) -> Result<Manifest> {
         .iter()
         .flat_map(|e| e.bits.iter().copied().enumerate())
         .collect();
+    let planes = lib.manifest.nesting.is_some();
     let mut modules = Vec::with_capacity(used.len());
-    for &(i, bits) in &used {
+    for i in 0..lib.module_count() {
         let id = ModuleId::from_index(i);
-        let m = lib.load(id, bits)?;
-        let file = put(&tmp, &module_file(id, bits), &m.to_bytes())?;
-        modules.push(ModuleVersion {
-            layer: id.layer,
-            kind: id.kind,
-            bits,
-            file,
-        });
+        // Ascending, as bit-plane files list their levels.
+        let levels: Vec<u32> = used.range((i, 0)..(i + 1, 0)).map(|&(_, b)| b).collect();
+        if planes {
+            // Nested versions: one bit-plane file per module, every level a prefix of it.
+            let mats = levels
+                .iter()
+                .map(|&b| lib.load(id, b))
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&PackedMatrix> = mats.iter().collect();
+            let (_, bytes) = planes::encode(&refs, &id.to_string())?;
+            let file = put(&tmp, &planes_file(id), &bytes)?;
+            modules.extend(levels.iter().map(|&bits| ModuleVersion {
+                layer: id.layer,
+                kind: id.kind,
+                bits,
+                file: file.clone(),
+                levels: Some(levels.clone()),
+            }));
+        } else {
+            for &bits in &levels {
+                let m = lib.load(id, bits)?;
+                modules.push(ModuleVersion {
+                    layer: id.layer,
+                    kind: id.kind,
+                    bits,
+                    file: put(&tmp, &module_file(id, bits), &m.to_bytes())?,
+                    levels: None,
+                });
+            }
+        }
     }
     let base = put(&tmp, "base.bin", &rtn_base(p.weights, group)?.to_bytes())?;
     let tokenizer = put(&tmp, "tokenizer.json", p.tokenizer.to_json()?.as_bytes())?;
@@ -121,7 +151,7 @@ pub fn write_ensemble(out: &Path, p: &PackageInput) -> Result<Manifest> {
         .collect();
     let mut manifest = Manifest {
         format: FORMAT.into(),
-        version: 1,
+        version: if planes { PLANES_VERSION } else { 1 },
         name: p.name.clone(),
         config: p.weights.config.clone(),
         tokenizer,

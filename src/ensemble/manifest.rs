@@ -11,6 +11,7 @@
 //! the trajectory ends at QM(n_low).
 
 use crate::ensemble::format::{PackedMatrix, PackedShape, BITS, GROUP_SIZES};
+use crate::ensemble::planes::{decode_level, PlaneShape};
 use crate::error::{Error, Result};
 use crate::model::chat::{ChatTemplate, SpecialTokens, TemplateSource};
 use crate::model::config::LlamaConfig;
@@ -21,9 +22,13 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
 pub const FORMAT: &str = "flexquant-ensemble";
-/// What the builder writes when files are packed (`ensemble::pack`); version 1 (no packs) is
-/// still read, and written for unpacked ensembles.
-pub const VERSION: u32 = 2;
+/// The newest version this runtime reads: 3 adds nested modules stored as bit-plane files
+/// (`ModuleVersion::levels`, `ensemble::planes`), 2 packs (`ensemble::pack`). The builder
+/// writes the oldest version that holds what it wrote: 1 for one file per version, 2 when
+/// packed, 3 with bit-plane files.
+pub const VERSION: u32 = 3;
+/// The first version with bit-plane files.
+pub const PLANES_VERSION: u32 = 3;
 /// The oldest version this runtime reads.
 pub const MIN_VERSION: u32 = 1;
 /// Larger manifests are refused unread.
@@ -67,6 +72,11 @@ pub struct ModuleVersion {
     pub bits: u32,
     #[serde(flatten)]
     pub file: FileRef,
+    /// Set when `file` is the module's bit-plane file (`ensemble::planes`, version 3) holding
+    /// these levels, ascending: this version is its `bits` level, and every version of the
+    /// module names the same file. A step between them downloads nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub levels: Option<Vec<u32>>,
 }
 
 impl ModuleVersion {
@@ -77,11 +87,27 @@ impl ModuleVersion {
         }
     }
 
-    /// The packed matrix in `bytes` (this version's shard, already verified).
+    /// The packed matrix in `bytes` (this version's file, already verified): the shard
+    /// itself, or its level decoded from the module's bit-plane file.
     pub fn matrix(&self, c: &LlamaConfig, group: usize, bytes: &[u8]) -> Result<PackedMatrix> {
         let (rows, cols) = self.kind.shape(c);
-        let shape = PackedShape::new(rows, cols, self.bits, group)?;
-        PackedMatrix::from_bytes(shape, bytes, &self.file.file)
+        match &self.levels {
+            Some(levels) => {
+                let shape = PlaneShape::new(rows, cols, group, levels)?;
+                decode_level(&shape, bytes, self.bits, &self.file.file)
+            }
+            None => {
+                let shape = PackedShape::new(rows, cols, self.bits, group)?;
+                PackedMatrix::from_bytes(shape, bytes, &self.file.file)
+            }
+        }
+    }
+
+    /// Bytes of the packed matrix in memory (what a step's footprint counts): the file's size,
+    /// or for a bit-plane file its `bits` level's packed size.
+    pub fn resident_bytes(&self, c: &LlamaConfig, group: usize) -> Result<u64> {
+        let (rows, cols) = self.kind.shape(c);
+        Ok(PackedShape::new(rows, cols, self.bits, group)?.bytes() as u64)
     }
 }
 
@@ -453,9 +479,11 @@ impl Manifest {
 
     /// Sum of the distinct files' bytes: what the ensemble costs to store or download in full.
     pub fn storage_bytes(&self) -> u64 {
-        self.base.bytes
-            + self.tokenizer.bytes
-            + self.modules.iter().map(|v| v.file.bytes).sum::<u64>()
+        let mut seen = std::collections::HashSet::new();
+        self.all_files()
+            .filter(|f| seen.insert(f.file.as_str()))
+            .map(|f| f.bytes)
+            .sum()
     }
 
     pub fn validate(&self, what: &str) -> Result<()> {
@@ -507,7 +535,7 @@ impl Manifest {
         // O(1), so validation is linear in the manifest's size (a hostile 16 MiB manifest
         // validates in well under a second).
         let mut size: Vec<[Option<u64>; 9]> = vec![[None; 9]; n];
-        let mut names = std::collections::HashSet::new();
+        let mut names: HashMap<&str, &ModuleVersion> = HashMap::new();
         for v in &self.modules {
             check_file(what, &v.file)?;
             if v.layer >= self.config.num_hidden_layers {
@@ -528,20 +556,55 @@ impl Manifest {
                     v.bits
                 ));
             }
-            if !names.insert(v.file.file.as_str()) {
-                return err(format!("file {} is used twice", v.file.file));
+            // A file belongs to one version, or (bit-plane files) to every version of one
+            // module, each naming it identically.
+            match names.entry(v.file.file.as_str()) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(v);
+                }
+                std::collections::hash_map::Entry::Occupied(e) => {
+                    let first = *e.get();
+                    if v.levels.is_none()
+                        || first.id() != v.id()
+                        || first.file != v.file
+                        || first.levels != v.levels
+                    {
+                        return err(format!("file {} is used twice", v.file.file));
+                    }
+                }
             }
             let (r, c) = v.kind.shape(&self.config);
-            let want = PackedShape::new(r, c, v.bits, q.group_size)
-                .map_err(|e| Error::format(what, format!("{}: {e}", v.file.file)))?
-                .bytes() as u64;
+            let at = |e: Error| Error::format(what, format!("{}: {e}", v.file.file));
+            let resident = v.resident_bytes(&self.config, q.group_size).map_err(at)?;
+            let want = match &v.levels {
+                None => resident,
+                Some(levels) => {
+                    if self.version < PLANES_VERSION {
+                        return err(format!(
+                            "{}: bit-plane files need manifest version {PLANES_VERSION}, not {}",
+                            v.file.file, self.version
+                        ));
+                    }
+                    if !levels.contains(&v.bits)
+                        || levels.iter().any(|&l| l > self.n_up || l < self.n_low)
+                    {
+                        return err(format!(
+                            "{}: levels {levels:?} must hold {} bits and lie in n_low..=n_up",
+                            v.file.file, v.bits
+                        ));
+                    }
+                    PlaneShape::new(r, c, q.group_size, levels)
+                        .map_err(at)?
+                        .bytes() as u64
+                }
+            };
             if v.file.bytes != want {
                 return err(format!(
                     "{}: {} bytes, but a {r}x{c} module at {} bits is {want}",
                     v.file.file, v.file.bytes, v.bits
                 ));
             }
-            *slot = Some(v.file.bytes);
+            *slot = Some(resident);
         }
         let t = &self.trajectory;
         if t.is_empty() || t.len() > MAX_STEPS {
@@ -688,14 +751,19 @@ impl Manifest {
             .chain([&self.base, &self.tokenizer])
     }
 
-    /// The bytes a download of `files` fetches: each file outside a pack, each pack holding
-    /// any of them once.
+    /// The bytes a download of `files` fetches: each file outside a pack once (a bit-plane
+    /// file serves several versions), each pack holding any of them once.
     pub fn network_bytes<'a>(&self, files: impl IntoIterator<Item = &'a FileRef>) -> u64 {
         let mut packs = std::collections::BTreeSet::new();
+        let mut own = std::collections::BTreeSet::new();
         let mut bytes = 0;
         for f in files {
             match &f.pack {
-                None => bytes += f.bytes,
+                None => {
+                    if own.insert(f.file.as_str()) {
+                        bytes += f.bytes;
+                    }
+                }
                 Some(s) => {
                     if packs.insert(s.pack.as_str()) {
                         bytes += self.pack(&s.pack).map_or(f.bytes, |p| p.bytes);

@@ -10,7 +10,10 @@
 //! swaps them in, so the pack a swap down fetches also holds the next swaps' versions.
 
 use crate::ensemble::files::read_verified;
-use crate::ensemble::manifest::{sha256_hex, FileRef, Manifest, Pack, PackSlice, VERSION};
+use crate::ensemble::manifest::{sha256_hex, FileRef, Manifest, Pack, PackSlice};
+
+/// The manifest version that introduced packs.
+pub const PACK_VERSION: u32 = 2;
 use crate::error::{Error, Result};
 use crate::model::weights::ModuleId;
 use std::path::{Path, PathBuf};
@@ -100,9 +103,13 @@ pub fn plan(m: &Manifest, max: u64) -> Vec<Vec<Member>> {
     let mut modules: Vec<usize> = (0..n).collect();
     modules.sort_by_key(|&i| std::cmp::Reverse(leaves_up[i]));
     let mut seen = vec![false; m.modules.len()];
+    // A bit-plane file serves every version of its module: packed once, where the first of
+    // them is needed.
+    let mut names = std::collections::HashSet::new();
     let mut take = |k: &(usize, u32)| {
         let i = *index.get(k)?;
-        (!std::mem::replace(&mut seen[i], true)).then_some(Member::Module(i))
+        let first = !std::mem::replace(&mut seen[i], true);
+        (first && names.insert(m.modules[i].file.file.as_str())).then_some(Member::Module(i))
     };
     // The base first: the runtime starts a file's digest once its last byte arrives, and
     // the base is the largest file to hash.
@@ -114,6 +121,7 @@ pub fn plan(m: &Manifest, max: u64) -> Vec<Vec<Member>> {
     // Versions the trajectory never swaps in (none in a valid manifest, kept all the same).
     let rest: Vec<Member> = (0..m.modules.len())
         .filter(|&i| !seen[i])
+        .filter(|&i| names.insert(m.modules[i].file.file.as_str()))
         .map(Member::Module)
         .collect();
     let first_bytes: u64 = first.iter().map(|f| f.file(m).bytes).sum();
@@ -177,10 +185,16 @@ pub fn pack_files(dir: &Path, m: &mut Manifest, max: u64) -> Result<Vec<PathBuf>
         let p = dir.join(&name);
         std::fs::write(&p, &bytes).map_err(|e| Error::io(&p, e))?;
         for &(f, offset) in &slices[slices.len() - members.len()..] {
-            f.file_mut(m).pack = Some(PackSlice {
+            let slice = PackSlice {
                 pack: name.clone(),
                 offset,
-            });
+            };
+            // Every version naming the file (the versions of a bit-plane file) points at it.
+            let file = f.file(m).file.clone();
+            for v in m.modules.iter_mut().filter(|v| v.file.file == file) {
+                v.file.pack = Some(slice.clone());
+            }
+            f.file_mut(m).pack = Some(slice);
         }
         packs.push(Pack {
             file: name,
@@ -189,7 +203,7 @@ pub fn pack_files(dir: &Path, m: &mut Manifest, max: u64) -> Result<Vec<PathBuf>
     }
     let new: std::collections::HashSet<PathBuf> = packs.iter().map(|p| dir.join(&p.file)).collect();
     m.packs = packs;
-    m.version = VERSION;
+    m.version = m.version.max(PACK_VERSION);
     Ok(old.into_iter().filter(|p| !new.contains(p)).collect())
 }
 

@@ -47,6 +47,7 @@ fn huge_manifest() -> Vec<u8> {
                     format!("m/L{}.{}.{b}.bin", id.layer, id.kind.name()),
                     size(i, b),
                 ),
+                levels: None,
             });
         }
     }

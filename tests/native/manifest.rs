@@ -36,6 +36,7 @@ fn sample() -> Manifest {
                     &format!("modules/L{}.{}.{bits}.bin", id.layer, id.kind.name()),
                     bytes,
                 ),
+                levels: None,
             });
         }
     }
@@ -442,11 +443,14 @@ fn packs_tile_exactly_and_need_version_2() {
     let mut bad = m.clone();
     bad.version = 1;
     reject(&bad, "packs need manifest version 2");
+    let mut v3 = m.clone();
+    v3.version = 3;
+    Manifest::from_bytes("manifest.json", v3.to_json().as_bytes()).unwrap();
     let mut bad = m.clone();
-    bad.version = 3;
+    bad.version = 4;
     reject(
         &bad,
-        "manifest version 3 is not supported (this runtime reads versions 1 to 2)",
+        "manifest version 4 is not supported (this runtime reads versions 1 to 3)",
     );
 
     let slice = |m: &mut Manifest, i: usize| m.modules[i].file.pack.clone().unwrap();
@@ -542,4 +546,90 @@ fn pack_plan_puts_first_use_first() {
         })
         .count();
     assert_eq!(up_packs as u64, FIRST_LOAD_PACKS);
+}
+
+/// `sample()` with nested modules: one bit-plane file per module holding levels 2, 3 and 4.
+fn planes_sample() -> Manifest {
+    use flexquant::ensemble::planes::PlaneShape;
+    let mut m = sample();
+    m.version = 3;
+    let c = m.config.clone();
+    for v in m.modules.iter_mut() {
+        let (r, cols) = v.kind.shape(&c);
+        let bytes = PlaneShape::new(r, cols, 32, &[2, 3, 4]).unwrap().bytes() as u64;
+        v.file = file(
+            &format!("modules/L{}.{}.planes.bin", v.layer, v.kind.name()),
+            bytes,
+        );
+        v.levels = Some(vec![2, 3, 4]);
+    }
+    m
+}
+
+#[test]
+fn bit_plane_versions_share_one_file_per_module_and_are_checked() {
+    let m = planes_sample();
+    let back = Manifest::from_bytes("manifest.json", m.to_json().as_bytes()).unwrap();
+    assert_eq!(back, m);
+    // Footprints are the levels' packed sizes (unchanged from `sample`), storage counts each
+    // file once: the 4-bit packed bytes plus two more sets of scales per module.
+    let plain = sample();
+    assert_eq!(
+        m.trajectory
+            .iter()
+            .map(|s| s.footprint_bytes)
+            .collect::<Vec<_>>(),
+        plain
+            .trajectory
+            .iter()
+            .map(|s| s.footprint_bytes)
+            .collect::<Vec<_>>()
+    );
+    let files: u64 = (0..m.n_modules())
+        .map(|i| m.version(ModuleId::from_index(i), 4).unwrap().file.bytes)
+        .sum();
+    assert_eq!(m.storage_bytes(), m.base.bytes + m.tokenizer.bytes + files);
+    assert!(m.storage_bytes() < plain.storage_bytes());
+    let all: Vec<&FileRef> = m.modules.iter().map(|v| &v.file).collect();
+    assert_eq!(m.network_bytes(all), files);
+
+    let mut bad = m.clone();
+    bad.version = 2;
+    reject(&bad, "bit-plane files need manifest version 3, not 2");
+    // The versions of one module must name their file identically.
+    let mut bad = m.clone();
+    bad.modules[1].levels = Some(vec![3, 4]);
+    reject(&bad, "is used twice");
+    let mut bad = m.clone();
+    bad.modules[1].file.sha256 = "0".repeat(64);
+    reject(&bad, "is used twice");
+    // One module's file is not another's.
+    let mut bad = m.clone();
+    bad.modules[3].file = bad.modules[0].file.clone();
+    reject(&bad, "is used twice");
+    // An ordinary version may not share a file either.
+    let mut bad = m.clone();
+    bad.modules[1].levels = None;
+    reject(&bad, "is used twice");
+    // Levels must hold the version's bits, within n_low..=n_up, ascending; sizes exact.
+    let mut bad = m.clone();
+    for v in bad.modules.iter_mut().take(3) {
+        v.levels = Some(vec![2, 3]);
+    }
+    reject(&bad, "must hold 4 bits");
+    let mut bad = m.clone();
+    for v in bad.modules.iter_mut().take(3) {
+        v.levels = Some(vec![2, 3, 4, 5]);
+    }
+    reject(&bad, "lie in n_low..=n_up");
+    let mut bad = m.clone();
+    for v in bad.modules.iter_mut().take(3) {
+        v.levels = Some(vec![4, 3, 2]);
+    }
+    reject(&bad, "distinct and ascending");
+    let mut bad = m.clone();
+    for v in bad.modules.iter_mut().take(3) {
+        v.file.bytes += 4;
+    }
+    reject(&bad, "bytes, but a");
 }

@@ -36,14 +36,21 @@ fn flip(dir: &Path, f: &flexquant::ensemble::FileRef, at: usize) {
 /// The tiny model's fast-preset ensemble, built once into a temporary directory.
 fn ensemble() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    let (_, dir) = DIR.get_or_init(|| build_tiny(&["austen-calib.txt"]));
+    let (_, dir) = DIR.get_or_init(|| build_tiny(&["austen-calib.txt"], &[]));
+    dir
+}
+
+/// The same with nested versions (`--nested truncate`): one bit-plane file per module.
+fn nested_ensemble() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, dir) = DIR.get_or_init(|| build_tiny(&["austen-calib.txt"], &["--nested", "truncate"]));
     dir
 }
 
 /// The tiny model's fast-preset ensemble calibrated on `calib` (text files of the text cache,
 /// each `NAME` or `NAME:WEIGHT`), in packs of a few module versions each (the walk reads files
 /// out of packs).
-fn build_tiny(calib: &[&str]) -> (tempfile::TempDir, PathBuf) {
+fn build_tiny(calib: &[&str], extra: &[&str]) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let text = crate::common::cache_dir().join("text");
     assert!(
@@ -62,17 +69,18 @@ fn build_tiny(calib: &[&str]) -> (tempfile::TempDir, PathBuf) {
         );
     };
     run(&["tiny-model", "--out", model.to_str().unwrap()]);
-    let calib: Vec<String> = calib
+    let calib: String = calib
         .iter()
         .map(|c| text.join(c).display().to_string())
-        .collect();
+        .collect::<Vec<_>>()
+        .join(",");
     let heldout = text.join("austen-heldout.txt");
-    run(&[
+    let mut args = vec![
         "build",
         "--model",
         model.to_str().unwrap(),
         "--calib",
-        &calib.join(","),
+        &calib,
         "--heldout",
         heldout.to_str().unwrap(),
         "--preset",
@@ -81,7 +89,9 @@ fn build_tiny(calib: &[&str]) -> (tempfile::TempDir, PathBuf) {
         "0.02",
         "--out",
         out.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    run(&args);
     (tmp, out)
 }
 
@@ -209,6 +219,69 @@ fn reference_walks_down_and_up_mid_answer() {
 /// The packed CPU backend walks like the others; after every swap it holds exactly the step's
 /// footprint plus its KV cache; a model walked to a step computes what one loaded there does;
 /// its budget (the allocator's, in wasm) stops a step up at the last good step.
+#[test]
+fn a_nested_ensemble_stores_one_plane_file_per_module_and_walks_exactly() {
+    let dir = nested_ensemble();
+    let m = DirSource::open(dir).unwrap().manifest().clone();
+    let plain = DirSource::open(ensemble()).unwrap().manifest().clone();
+    assert_eq!(m.version, 3);
+    assert!(m.modules.iter().all(|v| v.levels.is_some()));
+    let files: std::collections::BTreeSet<&str> =
+        m.modules.iter().map(|v| v.file.file.as_str()).collect();
+    assert_eq!(files.len(), m.n_modules(), "one bit-plane file per module");
+    // Every step's files are step 0's: walking anywhere after the first load reads no new file.
+    let step0: std::collections::BTreeSet<&str> = m
+        .step_versions(0)
+        .iter()
+        .map(|v| v.file.file.as_str())
+        .collect();
+    for s in 0..m.trajectory.len() {
+        assert!(m
+            .step_versions(s)
+            .iter()
+            .all(|v| step0.contains(v.file.file.as_str())));
+    }
+    // Storage: QM(n_up) plus one set of scales per lower level, against a copy per level.
+    let ratio = |m: &flexquant::ensemble::Manifest| {
+        (m.storage_bytes() - m.tokenizer.bytes) as f64 / m.trajectory[0].footprint_bytes as f64
+    };
+    println!(
+        "tiny model storage / QM(n_up): nested {:.3}, independent {:.3}",
+        ratio(&m),
+        ratio(&plain)
+    );
+    assert!(ratio(&m) < 1.25 && ratio(&plain) > 1.5);
+
+    // The walk decodes each level from the plane file: held bytes are the step's packed
+    // footprint, and after any walk the logits equal a fresh load of that step.
+    let cpu = CpuFactory {
+        context: 128,
+        budget: None,
+    };
+    let w = walk(dir, cpu);
+    down_and_up(&w);
+    let c = &m.config;
+    let kv = (2 * 4 * c.num_hidden_layers * 128 * c.kv_dim()) as u64;
+    let last = m.trajectory.len() - 1;
+    let mut walked = block_on(w.load_at(Some(0))).unwrap();
+    for (from, to) in [(0, last), (last, last / 2), (last / 2, 1)] {
+        block_on(w.execute(&mut walked, Decision::move_to(from, to), None)).unwrap();
+        assert_eq!(
+            walked.session.model.held_bytes(),
+            m.trajectory[to].footprint_bytes + kv,
+            "step {to}"
+        );
+        let mut fresh = block_on(w.load_at(Some(to))).unwrap();
+        let t = [5u32, 6, 7];
+        assert_eq!(
+            walked.session.model.step(&t).unwrap(),
+            fresh.session.model.step(&t).unwrap(),
+            "step {to}"
+        );
+        walked.session.model.truncate(0);
+    }
+}
+
 #[test]
 fn cpu_walks_down_and_up_and_accounts_exactly() {
     let dir = ensemble();
@@ -656,7 +729,7 @@ fn the_manifest_carries_no_build_machine_path() {
     }
     // Built on a calibration mix (`--calib SOURCE:WEIGHT,...`): the manifest records each
     // source by name.
-    let (_tmp, dir) = build_tiny(&["austen-calib.txt:3", "brown-calib.txt:1"]);
+    let (_tmp, dir) = build_tiny(&["austen-calib.txt:3", "brown-calib.txt:1"], &[]);
     let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
     let cache = crate::common::cache_dir();
     assert!(
