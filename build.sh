@@ -285,7 +285,7 @@ bench_mixes() {
       [ "$(cat "$dir/.inputs" 2>/dev/null)" != "$(ensemble_inputs; echo "$spec")" ]; then
       log "mix $name: building the fast-preset ensemble calibrated on $spec"
       mkdir -p "$dir"
-      "$BIN" build --model "$MODEL" --calib "$spec" --heldout "$T/austen-heldout.txt" --preset fast \
+      "$BIN" build --model "$MODEL" --calib "$spec" --heldout "$T/austen-heldout.txt" --preset fast --nested none \
         --library "$dir/library" --out "$dir/ensemble"
       { ensemble_inputs; echo "$spec"; } > "$dir/.inputs"
     fi
@@ -394,7 +394,7 @@ build_tiny_ensemble() {
   local log="$CACHE/ensemble/tiny-build.log"
   { "$BIN" tiny-model --out "$CACHE/ensemble/tiny-model" &&
     "$BIN" build --model "$CACHE/ensemble/tiny-model" --calib "$CACHE/text/austen-calib.txt" \
-      --heldout "$CACHE/text/austen-heldout.txt" --preset fast --pack-mb 0 --out "$dir" &&
+      --heldout "$CACHE/text/austen-heldout.txt" --preset fast --nested none --pack-mb 0 --out "$dir" &&
     cp -r "$dir" "$dir-packed.tmp" && "$BIN" pack "$dir-packed.tmp" --pack-mb 0.02 &&
     mv "$dir-packed.tmp" "$dir-packed"; } > "$log" 2>&1 ||
     { tail -20 "$log" >&2; die "building the tiny ensemble failed (log: $log)"; }

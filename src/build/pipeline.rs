@@ -141,14 +141,21 @@ pub struct BuildRecord {
     pub calibration: serde_json::Value,
 }
 
-fn storage(t: &Trajectory, start: &Eqm, ev: &CalibEvaluator, base: u64) -> u64 {
-    use crate::build::search::Evaluator;
-    let used: std::collections::BTreeSet<(usize, u32)> = t
-        .eqms(start)
-        .iter()
-        .flat_map(|e| e.bits.iter().copied().enumerate())
-        .collect();
-    base + used.iter().map(|&(m, b)| ev.bytes(m, b)).sum::<u64>()
+fn storage(t: &Trajectory, start: &Eqm, ev: &CalibEvaluator, base: u64) -> Result<u64> {
+    let mut kept: Vec<Vec<u32>> = vec![Vec::new(); start.bits.len()];
+    for e in t.eqms(start) {
+        for (m, &b) in e.bits.iter().enumerate() {
+            if !kept[m].contains(&b) {
+                kept[m].push(b);
+            }
+        }
+    }
+    let lib = &ev.model.library;
+    let mut total = base;
+    for (m, bits) in kept.iter().enumerate() {
+        total += lib.stored_bytes(crate::model::weights::ModuleId::from_index(m), bits)?;
+    }
+    Ok(total)
 }
 
 /// Single swaps from QM(n_up), evenly spread over the modules: their full calibration ppl
@@ -319,7 +326,7 @@ pub fn build_ensemble(
             prune: rate,
             branch,
             intermediate_versions: intermediate_versions(&av),
-            storage_bytes: storage(&t, &start, &ev, base),
+            storage_bytes: storage(&t, &start, &ev, base)?,
             trajectory: t,
             heldout_at_statics: vec![],
         });

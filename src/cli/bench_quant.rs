@@ -88,6 +88,7 @@ pub fn run(model: &Path, heldout: &Path, out_dir: &Path, a: &QuantBenchArgs) -> 
                 method,
                 &BITS,
                 DEFAULT_GROUP,
+                None,
                 &a.calib_opts,
                 dir,
                 true,

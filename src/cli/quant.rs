@@ -30,11 +30,38 @@ pub struct QuantizeArgs {
     pub group: usize,
     #[command(flatten)]
     pub calib_opts: CalibArgs,
+    /// Nested versions (GPTQ): `truncate` or `upscale` (see `flexquant build --nested`);
+    /// `none`: every bit-width quantized independently.
+    #[arg(long, value_enum, default_value = "none")]
+    pub nested: NestingArg,
     #[arg(long)]
     pub out: PathBuf,
     /// Replace OUT if it exists.
     #[arg(long)]
     pub force: bool,
+}
+
+/// How the versions of a module relate (`flexquant::quant::nested`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NestingArg {
+    /// Every bit-width quantized independently (a file per version).
+    None,
+    /// GPTQ at the highest bit-width; each lower one is its top bits, with scales refitted to
+    /// the module's output error.
+    Truncate,
+    /// GPTQ at the lowest bit-width; each extra bit chosen by GPTQ between the two children.
+    Upscale,
+}
+
+impl NestingArg {
+    pub fn nesting(self) -> Option<flexquant::quant::nested::Nesting> {
+        use flexquant::quant::nested::Nesting;
+        match self {
+            NestingArg::None => None,
+            NestingArg::Truncate => Some(Nesting::Truncate),
+            NestingArg::Upscale => Some(Nesting::Upscale),
+        }
+    }
 }
 
 /// Calibration and quantizer settings (shared with the bench). Defaults chosen by measurement:
@@ -61,12 +88,6 @@ pub struct CalibArgs {
     /// GPTQ damping, as a fraction of the mean Hessian diagonal.
     #[arg(long, default_value_t = 0.01)]
     pub percdamp: f32,
-    /// Nested versions (GPTQ): one code per weight whose top k bits are the k-bit version.
-    /// `truncate`: GPTQ at the highest bit-width, lower ones its top bits with refitted
-    /// scales; `upscale`: GPTQ at the lowest, each extra bit by GPTQ between the two children
-    /// (see `flexquant::quant::nested`). Omitted: every bit-width quantized independently.
-    #[arg(long)]
-    pub nested: Option<flexquant::quant::nested::Nesting>,
 }
 
 /// Builds a library with a progress bar; returns its manifest.
@@ -78,6 +99,7 @@ pub fn build_library(
     method: Method,
     bits: &[u32],
     group: usize,
+    nesting: Option<flexquant::quant::nested::Nesting>,
     a: &CalibArgs,
     out: &Path,
     force: bool,
@@ -114,15 +136,13 @@ pub fn build_library(
             ..GptqConfig::default()
         },
         rtn_clip_search: !a.no_clip_search,
-        nesting: a.nested,
+        nesting,
     };
     let pb = indicatif::ProgressBar::new(0);
     pb.set_style(indicatif::ProgressStyle::with_template(
         "{msg} [{bar:30}] {pos}/{len} layer passes, {elapsed} elapsed, ETA {eta}",
     )?);
-    let nested = a
-        .nested
-        .map_or(String::new(), |n| format!(" nested ({})", n.name()));
+    let nested = nesting.map_or(String::new(), |n| format!(" nested ({})", n.name()));
     pb.set_message(format!("{}{nested} g{group} {bits:?}", method.name()));
     let manifest = library::build(&input, &opts, out, force, &mut |d, n| {
         pb.set_length(n as u64);
@@ -143,6 +163,7 @@ pub fn run_quantize(a: QuantizeArgs) -> Result<()> {
         a.method,
         &a.bits,
         a.group,
+        a.nested.nesting(),
         &a.calib_opts,
         &a.out,
         a.force,

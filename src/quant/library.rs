@@ -544,6 +544,24 @@ impl Library {
             })
     }
 
+    /// Bytes the ensemble stores for module `id` kept at `bits` (any order): one packed file
+    /// per version, or for a nested library one bit-plane file of those levels
+    /// (`ensemble::planes`: the top level plus one set of scales per lower level).
+    pub fn stored_bytes(&self, id: ModuleId, bits: &[u32]) -> Result<u64> {
+        if self.manifest.nesting.is_none() {
+            return bits
+                .iter()
+                .map(|&b| Ok(self.version(id, b)?.bytes as u64))
+                .sum();
+        }
+        let mut levels = bits.to_vec();
+        levels.sort_unstable();
+        let e = &self.manifest.modules[id.index()];
+        let shape =
+            crate::ensemble::planes::PlaneShape::new(e.rows, e.cols, self.manifest.group, &levels)?;
+        Ok(shape.bytes() as u64)
+    }
+
     pub fn shape(&self, id: ModuleId, bits: u32) -> Result<PackedShape> {
         self.version(id, bits)?;
         let m = &self.manifest.modules[id.index()];

@@ -33,14 +33,16 @@ fn flip(dir: &Path, f: &flexquant::ensemble::FileRef, at: usize) {
     std::fs::write(&path, bytes).unwrap();
 }
 
-/// The tiny model's fast-preset ensemble, built once into a temporary directory.
+/// The tiny model's fast-preset ensemble of independent versions (a file per version: the
+/// fallback tests corrupt one level alone), built once into a temporary directory.
 fn ensemble() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    let (_, dir) = DIR.get_or_init(|| build_tiny(&["austen-calib.txt"], &[]));
+    let (_, dir) = DIR.get_or_init(|| build_tiny(&["austen-calib.txt"], &["--nested", "none"]));
     dir
 }
 
-/// The same with nested versions (`--nested truncate`): one bit-plane file per module.
+/// The same with nested versions (the builder's default, `--nested truncate`): one bit-plane
+/// file per module.
 fn nested_ensemble() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, dir) = DIR.get_or_init(|| build_tiny(&["austen-calib.txt"], &["--nested", "truncate"]));
@@ -251,6 +253,16 @@ fn a_nested_ensemble_stores_one_plane_file_per_module_and_walks_exactly() {
         ratio(&plain)
     );
     assert!(ratio(&m) < 1.25 && ratio(&plain) > 1.5);
+    // The builder's report counts what the packager stored.
+    for (d, man) in [(dir, &m), (ensemble(), &plain)] {
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("report.json")).unwrap()).unwrap();
+        assert_eq!(
+            r["storage_bytes"].as_u64(),
+            Some(man.storage_bytes()),
+            "{d:?}"
+        );
+    }
 
     // The walk decodes each level from the plane file: held bytes are the step's packed
     // footprint, and after any walk the logits equal a fresh load of that step.
@@ -729,7 +741,7 @@ fn the_manifest_carries_no_build_machine_path() {
     }
     // Built on a calibration mix (`--calib SOURCE:WEIGHT,...`): the manifest records each
     // source by name.
-    let (_tmp, dir) = build_tiny(&["austen-calib.txt:3", "brown-calib.txt:1"], &[]);
+    let (_tmp, dir) = build_tiny(&["austen-calib.txt:3", "brown-calib.txt:1"], &["--nested", "none"]);
     let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
     let cache = crate::common::cache_dir();
     assert!(
