@@ -139,6 +139,9 @@ pub struct BuildRecord {
     /// The calibration as the manifest publishes it: the library's mix and the search's.
     #[serde(default)]
     pub calibration: serde_json::Value,
+    /// How the library's versions nest (`None`: independent versions, and records before).
+    #[serde(default)]
+    pub nesting: Option<crate::quant::nested::Nesting>,
 }
 
 fn storage(t: &Trajectory, start: &Eqm, ev: &CalibEvaluator, base: u64) -> Result<u64> {
@@ -438,6 +441,7 @@ pub fn build_ensemble(
         search_seconds,
         domains,
         calibration,
+        nesting: ev.model.library.manifest.nesting,
     };
     let pkg = package::PackageInput {
         name: inp.name.clone(),

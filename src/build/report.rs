@@ -96,6 +96,7 @@ pub fn figures(r: &BuildRecord) -> Value {
         "static_steps_bytes": static_steps,
         "storage_bytes": storage,
         "storage_vs_n_up": storage as f64 / n_up_bytes as f64,
+        "nested": r.nesting.map(|n| n.name()),
         "storage_vs_static_ladder": ladder_bytes as f64 / storage as f64,
         "storage_vs_static_sum": static_sum as f64 / storage as f64,
         "eqm_vs_static": eqm_vs_static,
@@ -135,9 +136,13 @@ fn markdown(f: &Value, r: &BuildRecord) -> String {
         f["granularity_ratio"].as_f64().unwrap()
     );
     s += &format!(
-        "Storage {:.2} MB = {:.2}x QM(n_up); storing every trajectory point as its own model would take {:.1}x more; all static QMs {:.2}x more.\n\n",
+        "Storage {:.2} MB = {:.2}x QM(n_up) ({}); storing every trajectory point as its own model would take {:.1}x more; all static QMs {:.2}x more.\n\n",
         mb(f["storage_bytes"].as_u64().unwrap()),
         f["storage_vs_n_up"].as_f64().unwrap(),
+        match r.nesting {
+            Some(n) => format!("nested versions ({}), one bit-plane file per module", n.name()),
+            None => "a file per module version".into(),
+        },
         f["storage_vs_static_ladder"].as_f64().unwrap(),
         f["storage_vs_static_sum"].as_f64().unwrap()
     );

@@ -42,19 +42,6 @@ impl Nesting {
     }
 }
 
-impl std::str::FromStr for Nesting {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "truncate" => Ok(Nesting::Truncate),
-            "upscale" => Ok(Nesting::Upscale),
-            _ => Err(Error::input(format!(
-                "unknown nesting {s:?} (choose truncate or upscale)"
-            ))),
-        }
-    }
-}
-
 /// One nested level: its packed matrix and `‖(W - Q) X‖²` where GPTQ's bookkeeping gives it
 /// (the GPTQ passes; `None` for truncated levels, whose error the caller measures).
 pub struct Level {

@@ -254,7 +254,7 @@ fn a_nested_ensemble_stores_one_plane_file_per_module_and_walks_exactly() {
     );
     assert!(ratio(&m) < 1.25 && ratio(&plain) > 1.5);
     // The builder's report counts what the packager stored.
-    for (d, man) in [(dir, &m), (ensemble(), &plain)] {
+    for (d, man, nested) in [(dir, &m, "truncate"), (ensemble(), &plain, "")] {
         let r: serde_json::Value =
             serde_json::from_slice(&std::fs::read(d.join("report.json")).unwrap()).unwrap();
         assert_eq!(
@@ -262,6 +262,7 @@ fn a_nested_ensemble_stores_one_plane_file_per_module_and_walks_exactly() {
             Some(man.storage_bytes()),
             "{d:?}"
         );
+        assert_eq!(r["nested"].as_str().unwrap_or(""), nested);
     }
 
     // The walk decodes each level from the plane file: held bytes are the step's packed
@@ -741,7 +742,10 @@ fn the_manifest_carries_no_build_machine_path() {
     }
     // Built on a calibration mix (`--calib SOURCE:WEIGHT,...`): the manifest records each
     // source by name.
-    let (_tmp, dir) = build_tiny(&["austen-calib.txt:3", "brown-calib.txt:1"], &["--nested", "none"]);
+    let (_tmp, dir) = build_tiny(
+        &["austen-calib.txt:3", "brown-calib.txt:1"],
+        &["--nested", "none"],
+    );
     let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
     let cache = crate::common::cache_dir();
     assert!(
