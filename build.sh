@@ -381,22 +381,25 @@ build_package() {
   log "npm package: $PKG ($(du -sh "$PKG/wasm/flexquant_bg.wasm" | cut -f1) wasm), target/pkg/flexquant-$version.tgz"
 }
 
-# The tiny random model's ensemble (what the browser tests load), rebuilt when the builder changes.
+# The tiny random model's ensembles (what the browser tests load), rebuilt when the builder
+# changes: independent versions one file each, the same packed, and nested versions in packs.
 build_tiny_ensemble() {
   local dir="$CACHE/ensemble/tiny"
   if [ -f "$dir/manifest.json" ] && [ "$(cat "$dir/.inputs" 2>/dev/null)" = "$(ensemble_inputs)" ] &&
-     [ -f "$dir-packed/manifest.json" ]; then
+     [ -f "$dir-packed/manifest.json" ] && [ -f "$dir-nested/manifest.json" ]; then
     return 0
   fi
-  log "building the tiny test ensemble into $dir (one file per module version) and $dir-packed"
-  rm -rf "$dir" "$dir-packed" "$CACHE/ensemble/tiny-model"
+  log "building the tiny test ensembles into $dir (one file per module version), $dir-packed and $dir-nested"
+  rm -rf "$dir" "$dir-packed" "$dir-nested" "$CACHE/ensemble/tiny-model"
   mkdir -p "$CACHE/ensemble"
   local log="$CACHE/ensemble/tiny-build.log"
+  local args=(--model "$CACHE/ensemble/tiny-model" --calib "$CACHE/text/austen-calib.txt"
+    --heldout "$CACHE/text/austen-heldout.txt" --preset fast)
   { "$BIN" tiny-model --out "$CACHE/ensemble/tiny-model" &&
-    "$BIN" build --model "$CACHE/ensemble/tiny-model" --calib "$CACHE/text/austen-calib.txt" \
-      --heldout "$CACHE/text/austen-heldout.txt" --preset fast --nested none --pack-mb 0 --out "$dir" &&
+    "$BIN" build "${args[@]}" --nested none --pack-mb 0 --out "$dir" &&
     cp -r "$dir" "$dir-packed.tmp" && "$BIN" pack "$dir-packed.tmp" --pack-mb 0.02 &&
-    mv "$dir-packed.tmp" "$dir-packed"; } > "$log" 2>&1 ||
+    mv "$dir-packed.tmp" "$dir-packed" &&
+    "$BIN" build "${args[@]}" --nested truncate --pack-mb 0.02 --out "$dir-nested"; } > "$log" 2>&1 ||
     { tail -20 "$log" >&2; die "building the tiny ensemble failed (log: $log)"; }
   ensemble_inputs > "$dir/.inputs"
 }
@@ -408,7 +411,8 @@ start_test_server() {
   mkdir -p "$ROOT/target/web-test" && rm -f "$out"
   # A fixed port: the URL is compiled into the wasm tests, so a new port means a rebuild.
   python3 tests/web/server.py "$CACHE/ensemble/tiny" --port "${FLEXQUANT_TEST_PORT:-47311}" \
-    --mount packed="$CACHE/ensemble/tiny-packed" "$@" > "$out" &
+    --mount packed="$CACHE/ensemble/tiny-packed" --mount nested="$CACHE/ensemble/tiny-nested" \
+    "$@" > "$out" &
   SERVER_PID=$!
   for _ in $(seq 50); do [ -s "$out" ] && break; sleep 0.1; done
   SERVER_URL="$(head -1 "$out")"

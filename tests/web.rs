@@ -493,6 +493,53 @@ async fn requests(prefix: &str) -> u64 {
         .unwrap()
 }
 
+/// A nested ensemble (one bit-plane file per module, manifest version 3): once step 0 is
+/// loaded and its files stored, a walk to the last step and back makes no request; each step
+/// holds exactly its packed footprint (the dropped planes' memory is freed), and step 0
+/// answers as before.
+#[wasm_bindgen_test]
+async fn nested_ensembles_walk_every_step_without_another_download() {
+    let manifest = server_get("/nested/manifest.json").await;
+    assert_eq!(manifest["version"], 3);
+    let conv = [user("Tell me about Elizabeth.")];
+    let cache = format!("nested-{}", js_sys::Math::random());
+    let policy = json!({"up_delay_ms": 0.0, "fault_cooldown_ms": 0.0, "max_up_growth": 100.0});
+    let opts = json!({"backend": "cpu", "cacheName": cache, "policy": policy});
+    let (e, ev) = engine("/nested/manifest.json", opts).await.unwrap();
+    start(&e, &conv, 8).await;
+    let want = finish(&e).await.0;
+    until_prefetched(&e).await;
+    let (requests_before, net_before) = (
+        requests("/nested/").await,
+        stats(&e)["networkBytes"].as_u64().unwrap(),
+    );
+    let traj = val(e.trajectory());
+    let last = traj.as_array().unwrap().len() - 1;
+    for step in [last, last / 2, 0] {
+        if step == 0 {
+            call(e.set_memory_budget(JsValue::NULL)).await.unwrap();
+        } else {
+            budget_to_step(&e, step).await;
+        }
+        start(&e, &[user("Hi")], 2).await;
+        finish(&e).await;
+        let s = stats(&e);
+        assert_eq!(s["step"], step as u64, "{s}");
+        assert_eq!(s["footprintBytes"], traj[step]["footprintBytes"], "{s}");
+        check_bits(&e);
+    }
+    assert_eq!(
+        requests("/nested/").await,
+        requests_before,
+        "a step of a nested ensemble was fetched again"
+    );
+    assert_eq!(stats(&e)["networkBytes"].as_u64().unwrap(), net_before);
+    start(&e, &conv, 8).await;
+    assert_eq!(finish(&e).await.0, want, "step 0 again answers as before");
+    assert_no_errors(&ev);
+    call(e.unload()).await.unwrap();
+}
+
 /// A packed ensemble (`ensemble::pack`): the loader fetches packs, never the files in them,
 /// each pack at most once over a load, the prefetch and a walk to the last step and back; the
 /// answer is the unpacked ensemble's.
