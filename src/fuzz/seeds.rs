@@ -59,6 +59,17 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
         shards.push(b);
     }
     s.insert("shard", shards);
+    // Bit-plane files: each shard seed's codes nested down to 2 bits (its scales reused).
+    let mut planes = Vec::new();
+    for v in versions.iter().take(SHARD_SEEDS) {
+        let top = v.matrix(
+            &man.config,
+            g,
+            &crate::ensemble::files::read_verified(&f.ensemble, &v.file)?,
+        )?;
+        planes.push(planes_seed(&top)?);
+    }
+    s.insert("planes", planes);
     let config = serde_json::to_vec(&man.config).map_err(|e| Error::format("config", e))?;
     let base = crate::ensemble::files::read_verified(&f.ensemble, &man.base)?;
     s.insert(
@@ -106,6 +117,33 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
     }
     s.insert("request", requests);
     Ok(s)
+}
+
+/// A framed bit-plane file (`targets::planes`) of `top` and every narrower level of the packed
+/// format down to 2 bits, each the top bits of `top`'s codes with `top`'s scales.
+fn planes_seed(top: &crate::ensemble::format::PackedMatrix) -> Result<Vec<u8>> {
+    use crate::ensemble::format::{unpack_scale_zero, PackedMatrix, PackedShape, BITS};
+    let s = top.shape;
+    let params: Vec<(f32, f32)> = top.scales.iter().map(|&w| unpack_scale_zero(w)).collect();
+    let codes: Vec<u32> = (0..s.rows)
+        .flat_map(|r| (0..s.cols).map(move |c| (r, c)))
+        .map(|(r, c)| top.code(r, c))
+        .collect();
+    let mut levels = vec![top.clone()];
+    for &b in BITS.iter().filter(|&&b| b < s.bits && b >= 2) {
+        let shifted: Vec<u8> = codes.iter().map(|&c| (c >> (s.bits - b)) as u8).collect();
+        let shape = PackedShape::new(s.rows, s.cols, b, s.group)?;
+        levels.push(PackedMatrix::from_codes(shape, &shifted, &params));
+    }
+    let refs: Vec<&PackedMatrix> = levels.iter().collect();
+    let (shape, body) = crate::ensemble::planes::encode(&refs, "seed")?;
+    let mut b: Vec<u8> = [shape.rows, shape.cols, shape.group, shape.levels.len()]
+        .iter()
+        .flat_map(|&x| (x as u32).to_le_bytes())
+        .collect();
+    b.extend(shape.levels.iter().flat_map(|l| l.to_le_bytes()));
+    b.extend(body);
+    Ok(b)
 }
 
 /// GGUF v3 bytes of `meta` and `tensors` (name, ggml dims, ggml type id, data).

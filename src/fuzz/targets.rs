@@ -86,6 +86,33 @@ pub fn shard(b: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// A bit-plane file (`ensemble::planes`): `[rows, cols, group, n, level_1 .. level_n as u32
+/// LE][body]`; every level decoded from the body (and from its prefix alone), then dequantized.
+pub fn planes(b: &[u8]) -> Result<()> {
+    use crate::ensemble::planes::{decode_level, PlaneShape};
+    let what = "planes.bin";
+    let n = if b.len() >= 16 { u32_at(b, 3) } else { 0 };
+    if b.len() < 16 || n > 8 || b.len() < 16 + 4 * n {
+        return Err(Error::format(what, "fuzz frame: no shape header"));
+    }
+    let levels: Vec<u32> = (0..n).map(|i| u32_at(b, 4 + i) as u32).collect();
+    let shape = PlaneShape::new(u32_at(b, 0), u32_at(b, 1), u32_at(b, 2), &levels)
+        .map_err(|e| Error::format(what, e))?;
+    let body = &b[16 + 4 * n..];
+    for &k in &levels {
+        let m = decode_level(&shape, body, k, what)?;
+        let prefix = shape.prefix_bytes(k)?;
+        if decode_level(&shape, &body[..prefix], k, what)? != m {
+            return Err(Error::format(
+                what,
+                "a level decodes differently from its prefix",
+            ));
+        }
+        std::hint::black_box(m.dequantize());
+    }
+    Ok(())
+}
+
 /// The base shard: `[group u32][config.json][base.bin]` (framed), parsed against the config.
 pub fn base(b: &[u8]) -> Result<()> {
     let what = "base.bin";
@@ -175,6 +202,7 @@ pub fn all(tokenizer: crate::model::tokenizer::Tokenizer) -> Vec<Target> {
     vec![
         t("manifest", &["manifest.json"], true, Box::new(manifest)),
         t("shard", &["shard.bin"], false, Box::new(shard)),
+        t("planes", &["planes.bin"], false, Box::new(planes)),
         t("base", &["base.bin"], false, Box::new(base)),
         t("gguf", &["model.gguf"], false, Box::new(gguf)),
         t(
