@@ -214,15 +214,20 @@ bench_gpu() {
 }
 
 # The full-preset ensembles, 4 -> 2 and 8 -> 2, calibrated on the demo's mix and scored on
-# every held-out domain (Austen, Brown, chat), cached by their inputs. ensemble.json: each span's
-# report (`heldout_by_domain`, `calibration_mix`, ...) and, from target/bench/mixes.json (the
-# `mixes` part, run before this one), the calibration-mix study as `mix_study`.
+# every held-out domain (Austen, Brown, chat), nested (the builder's default), cached by their
+# inputs. ensemble.json: each span's report (`heldout_by_domain`, `calibration_mix`, `nested`,
+# `storage_vs_n_up`, ...) plus `swap_down_bytes_fetched` (bytes of the files a walk from step 0
+# to the last step needs beyond step 0's, by the manifest) and `heldout_brown_at_statics`;
+# `nested_vs_independent` (the static table of the nested 8 -> 2 library against an independent
+# one, `{bits, nested_ppl, independent_ppl}` per domain); and, from target/bench/mixes.json
+# (the `mixes` part, run before this one), the calibration-mix study as `mix_study`.
 bench_ensemble() {
   make_chat_text calib
   make_chat_text heldout
   local T="$CACHE/text" calib key
   calib="$(demo_calib)"
   local heldout=("$T/austen-heldout.txt" "$T/brown-heldout.txt" "$CHAT_DIR/chat-heldout.txt")
+  local nested_lib="$CACHE/ensemble/library-gptq-8to2-truncate" plain_lib="$CACHE/ensemble/library-gptq-8to2"
   key="$(ensemble_inputs; echo "$calib"; sha256sum "${heldout[@]}")"
   for span in "8 2" "4 2"; do  # 8 -> 2 first: its library serves both
     set -- $span
@@ -230,16 +235,50 @@ bench_ensemble() {
     if [ ! -f "$dir/report.json" ] || [ "$(cat "$dir/.inputs" 2>/dev/null)" != "$key" ]; then
       log "building the full-preset ensemble $1 -> $2 into $dir"
       "$BIN" build --model "$MODEL" --calib "$calib" "${heldout[@]/#/--heldout=}" --preset full \
-        --n-up "$1" --n-low "$2" --library "$CACHE/ensemble/library-gptq-8to2" --out "$dir"
+        --n-up "$1" --n-low "$2" --library "$nested_lib" --out "$dir"
       echo "$key" > "$dir/.inputs"
     fi
   done
+  local st="$CACHE/ensemble/static-nested-vs-independent"
+  if [ ! -f "$st/static.json" ] || [ "$(cat "$st/.inputs" 2>/dev/null)" != "$key" ]; then
+    log "static table: the nested 8 -> 2 library against independent GPTQ"
+    "$BIN" quantize --model "$MODEL" --calib "$calib" --bits 8,6,5,4,3,2 --nested none \
+      --out "$plain_lib" --force
+    "$BIN" eval-static --model "$MODEL" --library "$plain_lib" --library "$nested_lib" \
+      "${heldout[@]/#/--heldout=}" --calib "$T/austen-calib.txt" --heldout-tokens 2048 \
+      --calib-tokens 512 --out-dir "$st"
+    echo "$key" > "$st/.inputs"
+  fi
   [ -f target/bench/mixes.json ] ||
     log "target/bench/mixes.json missing: ensemble.json gets no mix_study (run ./build.sh bench mixes)"
   python3 - "$CACHE/ensemble" > target/bench/ensemble.json <<'PY'
 import json, os, sys
 d = sys.argv[1]
-out = {s: json.load(open(f"{d}/full-{s}/report.json")) for s in ("4to2", "8to2")}
+out = {}
+for s in ("4to2", "8to2"):
+    r = json.load(open(f"{d}/full-{s}/report.json"))
+    m = json.load(open(f"{d}/full-{s}/manifest.json"))
+    # Files a walk to the last step needs beyond step 0's (a nested ensemble: none).
+    bits = {(v["layer"], v["kind"]): m["n_up"] for v in m["modules"]}
+    files = {(v["layer"], v["kind"], v["bits"]): v for v in m["modules"]}
+    step0 = {files[k + (b,)]["file"] for k, b in bits.items()}
+    later = {}
+    for st in m["trajectory"][1:]:
+        w = st["swap"]
+        v = files[(w["layer"], w["kind"], w["to_bits"])]
+        if v["file"] not in step0:
+            later[v["file"]] = v["bytes"]
+    r["swap_down_bytes_fetched"] = sum(later.values())
+    r["heldout_brown_at_statics"] = [p for p in r["heldout_by_domain"].get("brown", []) if p.get("bits") is not None]
+    out[s] = r
+st = json.load(open(f"{d}/static-nested-vs-independent/static.json"))
+rows = {(x["method"], x["bits"]): x for x in st["rows"] if x["bits"] is not None}
+out["nested_vs_independent"] = [
+    {"bits": b, "domain": dom, "nested_ppl": rows[(nm, b)]["heldout_by_domain"][dom],
+     "independent_ppl": rows[("gptq", b)]["heldout_by_domain"][dom],
+     "nested_top1": rows[(nm, b)]["top1_agreement"] if dom == "austen" else None,
+     "independent_top1": rows[("gptq", b)]["top1_agreement"] if dom == "austen" else None}
+    for (nm, b) in rows if nm != "gptq" for dom in rows[(nm, b)]["heldout_by_domain"]]
 if os.path.exists("target/bench/mixes.json"):
     out["mix_study"] = json.load(open("target/bench/mixes.json"))["mix_study"]
 print(json.dumps(out, indent=1))
