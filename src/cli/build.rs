@@ -68,7 +68,8 @@ pub struct BuildArgs {
     /// ensemble stores little more than QM(n_up) and a step down downloads nothing; measured on
     /// the demo model (README): QM(4) unchanged, QM(3) +5-14% ppl, QM(2) 5-7x better than
     /// independent GPTQ. `none`: every bit-width quantized independently, a file per version.
-    /// `upscale`: GPTQ at n_low, each extra bit between the two children (worse: measured).
+    /// `upscale` is for `flexquant quantize` only (measured worse, and its grids do not fit
+    /// the bit-plane files).
     #[arg(long, value_enum, default_value = "truncate")]
     nested: NestingArg,
     /// Pack the shipped files (base, tokenizer, module versions) into files of at most about
@@ -158,6 +159,13 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
     let s = settings(&a)?;
     if a.n_low > a.n_up {
         anyhow::bail!("--n-low {} is above --n-up {}", a.n_low, a.n_up);
+    }
+    if a.nested == NestingArg::Upscale {
+        anyhow::bail!(
+            "--nested upscale: its levels' grids are not derived from the top level's, so they \
+             cannot be shipped as bit-plane files; build with --nested truncate (the default) \
+             or none (`flexquant quantize --nested upscale` makes such a library for tables)"
+        );
     }
     let m = super::load_model(&a.model)?;
     let bits: Vec<u32> = flexquant::ensemble::format::BITS

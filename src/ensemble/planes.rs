@@ -4,22 +4,32 @@
 //!
 //! Plane `j` holds bit `top - 1 - j` of every code (plane 0 the most significant), one bit per
 //! column, in rows of `groups * group / 32` u32 words (LSB first, padded columns 0): `k`
-//! planes are exactly as many bytes as the `k`-bit packed codes. Each level has its own
-//! per-group `(scale, zero)` (`pack2x16float`, `[rows][groups]`, as in `format`).
+//! planes are exactly as many bytes as the `k`-bit packed codes.
+//!
+//! Each level has its own per-group `(scale, zero)`. The top level's are f16 pairs
+//! (`pack2x16float`, `[rows][groups]`, as in `format`). A lower level's are stored as two
+//! signed bytes per group (`level_params`): its grid relative to the top level's grid
+//! coarsened by `2^shift` (scale `s · 2^shift`, zero at the middle of the merged bins), the
+//! scale times `1 + ds/128` and the zero moved by `dz/64` coarse steps. Exact f32 arithmetic,
+//! then f16 rounding, so every platform decodes the same parameters. Half the bytes of an f16
+//! pair: the lower levels of a 4 -> 2 module add 0.25 bit per weight instead of 1.
 //!
 //! File layout, levels ascending (`levels = [2, 3, 4]` for a 4 -> 2 span):
 //!
 //! ```text
-//! planes 0 .. levels[0]        scales of levels[0]
-//! planes levels[0] .. levels[1] scales of levels[1]
+//! scales of the top level
+//! planes 0 .. levels[0]          deltas of levels[0]   (u16 per group, padded to a word)
+//! planes levels[0] .. levels[1]  deltas of levels[1]
 //! ...
-//! planes .. top                scales of top
+//! planes .. top
 //! ```
 //!
-//! so the bytes of level `k` are the prefix up to its scales (`PlaneShape::prefix_bytes`): a
+//! so the bytes of level `k` are the prefix up to its deltas (`PlaneShape::prefix_bytes`): a
 //! step down drops the tail, a step up reads the next segment. All little-endian.
 
-use crate::ensemble::format::{get_code, PackedMatrix, PackedShape};
+use crate::ensemble::format::{
+    get_code, pack_scale_zero, unpack_scale_zero, PackedMatrix, PackedShape,
+};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -89,12 +99,27 @@ impl PlaneShape {
         }
     }
 
-    /// Bytes of the file prefix that holds level `k`: its `k` planes and the scales of every
-    /// level up to it.
+    /// u32 words of a lower level's deltas (one u16 per group, padded to a word).
+    pub fn delta_words(&self) -> usize {
+        (self.rows * self.groups_per_row()).div_ceil(2)
+    }
+
+    /// Lower levels below `k` (`inclusive`: and `k` itself if it is not the top).
+    fn lower_up_to(&self, k: u32, inclusive: bool) -> usize {
+        let top = self.top();
+        self.levels
+            .iter()
+            .filter(|&&l| l != top && (l < k || (inclusive && l == k)))
+            .count()
+    }
+
+    /// Bytes of the file prefix that holds level `k`: the top level's scales, `k` planes and
+    /// the deltas of every lower level up to `k`.
     pub fn prefix_bytes(&self, k: u32) -> Result<usize> {
         self.check_level(k)?;
-        let below = self.levels.iter().filter(|&&l| l <= k).count();
-        Ok(4 * (k as usize * self.plane_words() + below * self.scale_words()))
+        Ok(4 * (self.scale_words()
+            + k as usize * self.plane_words()
+            + self.lower_up_to(k, true) * self.delta_words()))
     }
 
     /// Bytes of the whole file (the top level's prefix).
@@ -103,10 +128,66 @@ impl PlaneShape {
             .expect("the top level is stored")
     }
 
-    /// Byte offset of level `k`'s scales.
-    fn scales_at(&self, k: u32) -> usize {
-        self.prefix_bytes(k).expect("checked level") - 4 * self.scale_words()
+    /// Word offset of plane `j`.
+    fn plane_at(&self, j: u32) -> usize {
+        // Plane j follows planes 0..j and the deltas of every lower level l <= j.
+        self.scale_words()
+            + j as usize * self.plane_words()
+            + self.lower_up_to(j + 1, false) * self.delta_words()
     }
+
+    /// Word offset of lower level `k`'s deltas (right after its last plane).
+    fn deltas_at(&self, k: u32) -> usize {
+        self.scale_words()
+            + k as usize * self.plane_words()
+            + self.lower_up_to(k, false) * self.delta_words()
+    }
+}
+
+/// The `(scale, zero)` of a level `shift` bits below the top, from the top level's `(scale,
+/// zero)` and the stored delta `d` (`ds` in the low byte, `dz` in the high byte, both i8):
+/// the coarsened grid, scale times `1 + ds/128`, zero moved by `dz/64` coarse steps, rounded
+/// to f16. `d = 0` is the coarsened grid itself.
+pub fn level_params((s, z): (f32, f32), shift: u32, d: u16) -> (f32, f32) {
+    let m = (1u32 << shift) as f32;
+    let (cs, cz) = (s * m, z + s * ((m - 1.0) / 2.0));
+    let (ds, dz) = (d as u8 as i8 as f32, (d >> 8) as u8 as i8 as f32);
+    let scale = cs * (1.0 + ds / 128.0);
+    let zero = cz + cs * (dz / 64.0);
+    unpack_scale_zero(pack_scale_zero(scale, zero))
+}
+
+/// The delta that `level_params` turns into `want` (the f16 pair exactly), if there is one.
+pub fn level_delta(top: (f32, f32), shift: u32, want: (f32, f32)) -> Option<u16> {
+    let m = (1u32 << shift) as f32;
+    let (cs, cz) = (top.0 * m, top.1 + top.0 * ((m - 1.0) / 2.0));
+    let guess = |x: f32| {
+        if x.is_finite() {
+            x.round().clamp(-128.0, 127.0) as i32
+        } else {
+            0
+        }
+    };
+    let (gs, gz) = if cs > 0.0 {
+        (
+            guess((want.0 / cs - 1.0) * 128.0),
+            guess((want.1 - cz) / cs * 64.0),
+        )
+    } else {
+        (0, 0)
+    };
+    let target = pack_scale_zero(want.0, want.1);
+    let near = |g: i32| (g - 2..=g + 2).filter(|v| (-128..=127).contains(v));
+    for ds in near(gs) {
+        for dz in near(gz) {
+            let d = (ds as i8 as u8 as u16) | ((dz as i8 as u8 as u16) << 8);
+            let p = level_params(top, shift, d);
+            if pack_scale_zero(p.0, p.1) == target {
+                return Some(d);
+            }
+        }
+    }
+    None
 }
 
 /// Checks that `levels` (one module, any order) nest: every level's code is the top bits of
@@ -151,12 +232,14 @@ pub fn check_nested(levels: &[&PackedMatrix], what: &str) -> Result<()> {
     Ok(())
 }
 
-/// The bit-plane file of nested `levels` (one module, any order; `check_nested` must hold).
+/// The bit-plane file of nested `levels` (one module, any order): `check_nested` must hold,
+/// and every lower level's `(scale, zero)` must be expressible relative to the top level's
+/// (`level_delta`; `quant::nested` makes them so).
 pub fn encode(levels: &[&PackedMatrix], what: &str) -> Result<(PlaneShape, Vec<u8>)> {
     check_nested(levels, what)?;
     let mut sorted: Vec<&PackedMatrix> = levels.to_vec();
     sorted.sort_by_key(|m| m.shape.bits);
-    let Some(top) = sorted.last() else {
+    let Some(&top) = sorted.last() else {
         return Err(Error::input(format!("{what}: no levels to store")));
     };
     let bits: Vec<u32> = sorted.iter().map(|m| m.shape.bits).collect();
@@ -175,13 +258,36 @@ pub fn encode(levels: &[&PackedMatrix], what: &str) -> Result<(PlaneShape, Vec<u
             }
         }
     }
-    let mut out = Vec::with_capacity(shape.bytes());
+    let mut out: Vec<u8> = Vec::with_capacity(shape.bytes());
+    out.extend(top.scales.iter().flat_map(|w| w.to_le_bytes()));
     let mut done = 0usize;
     for m in &sorted {
         let k = m.shape.bits as usize;
         let words = &planes[done * shape.plane_words()..k * shape.plane_words()];
-        out.extend(words.iter().chain(&m.scales).flat_map(|w| w.to_le_bytes()));
+        out.extend(words.iter().flat_map(|w| w.to_le_bytes()));
         done = k;
+        if m.shape.bits == t {
+            continue;
+        }
+        let shift = t - m.shape.bits;
+        let mut deltas = Vec::with_capacity(2 * shape.delta_words());
+        for (i, (&tw, &lw)) in top.scales.iter().zip(&m.scales).enumerate() {
+            let d = level_delta(unpack_scale_zero(tw), shift, unpack_scale_zero(lw)).ok_or_else(
+                || {
+                    Error::format(
+                        what,
+                        format!(
+                            "{}-bit level, group {i}: its scale and zero are not expressible \
+                             relative to the {t}-bit level's",
+                            m.shape.bits
+                        ),
+                    )
+                },
+            )?;
+            deltas.extend(d.to_le_bytes());
+        }
+        deltas.resize(4 * shape.delta_words(), 0);
+        out.extend(deltas);
     }
     debug_assert_eq!(out.len(), shape.bytes());
     Ok((shape, out))
@@ -202,22 +308,16 @@ pub fn decode_level(shape: &PlaneShape, bytes: &[u8], k: u32, what: &str) -> Res
         ));
     }
     let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
-    // Plane j starts after the planes before it and the scales of every level below it.
-    let mut plane_at = Vec::with_capacity(k as usize);
-    let mut offset = 0usize;
-    for j in 0..k {
-        plane_at.push(offset / 4);
-        offset += 4 * shape.plane_words();
-        if shape.levels.contains(&(j + 1)) && j + 1 < k {
-            offset += 4 * shape.scale_words();
-        }
-    }
+    let plane_at: Vec<usize> = (0..k).map(|j| shape.plane_at(j)).collect();
     let (prw, wpr) = (shape.plane_row_words(), ps.words_per_row());
     let mut codes = vec![0u32; ps.code_words()];
+    let mut bitsets = vec![0u32; k as usize];
     for r in 0..shape.rows {
         let row = &mut codes[r * wpr..(r + 1) * wpr];
         for w in 0..prw {
-            let bitsets: Vec<u32> = plane_at.iter().map(|&p| word(p + r * prw + w)).collect();
+            for (b, &p) in bitsets.iter_mut().zip(&plane_at) {
+                *b = word(p + r * prw + w);
+            }
             for i in 0..32 {
                 let code = bitsets
                     .iter()
@@ -231,8 +331,19 @@ pub fn decode_level(shape: &PlaneShape, bytes: &[u8], k: u32, what: &str) -> Res
             }
         }
     }
-    let s0 = shape.scales_at(k) / 4;
-    let scales: Vec<u32> = (0..shape.scale_words()).map(|i| word(s0 + i)).collect();
+    let top = shape.top();
+    let scales: Vec<u32> = if k == top {
+        (0..shape.scale_words()).map(word).collect()
+    } else {
+        let d0 = 4 * shape.deltas_at(k);
+        (0..shape.scale_words())
+            .map(|i| {
+                let d = u16::from_le_bytes([bytes[d0 + 2 * i], bytes[d0 + 2 * i + 1]]);
+                let (s, z) = level_params(unpack_scale_zero(word(i)), top - k, d);
+                pack_scale_zero(s, z)
+            })
+            .collect()
+    };
     let packed = PackedMatrix {
         shape: ps,
         codes,

@@ -120,9 +120,10 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
 }
 
 /// A framed bit-plane file (`targets::planes`) of `top` and every narrower level of the packed
-/// format down to 2 bits, each the top bits of `top`'s codes with `top`'s scales.
+/// format down to 2 bits, each the top bits of `top`'s codes, on grids derived from `top`'s.
 fn planes_seed(top: &crate::ensemble::format::PackedMatrix) -> Result<Vec<u8>> {
     use crate::ensemble::format::{unpack_scale_zero, PackedMatrix, PackedShape, BITS};
+    use crate::ensemble::planes::level_params;
     let s = top.shape;
     let params: Vec<(f32, f32)> = top.scales.iter().map(|&w| unpack_scale_zero(w)).collect();
     let codes: Vec<u32> = (0..s.rows)
@@ -131,9 +132,16 @@ fn planes_seed(top: &crate::ensemble::format::PackedMatrix) -> Result<Vec<u8>> {
         .collect();
     let mut levels = vec![top.clone()];
     for &b in BITS.iter().filter(|&&b| b < s.bits && b >= 2) {
-        let shifted: Vec<u8> = codes.iter().map(|&c| (c >> (s.bits - b)) as u8).collect();
+        let shift = s.bits - b;
+        let shifted: Vec<u8> = codes.iter().map(|&c| (c >> shift) as u8).collect();
         let shape = PackedShape::new(s.rows, s.cols, b, s.group)?;
-        levels.push(PackedMatrix::from_codes(shape, &shifted, &params));
+        // The coarsened grid, and some groups moved (deltas the file stores as two bytes).
+        let lower: Vec<(f32, f32)> = params
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| level_params(p, shift, (i as u16 * 2654) & 0x3f3f))
+            .collect();
+        levels.push(PackedMatrix::from_codes(shape, &shifted, &lower));
     }
     let refs: Vec<&PackedMatrix> = levels.iter().collect();
     let (shape, body) = crate::ensemble::planes::encode(&refs, "seed")?;

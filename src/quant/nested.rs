@@ -19,9 +19,8 @@
 //! (`ensemble::planes::check_nested`), and each level is an ordinary `PackedMatrix` of its bit-width, so the
 //! search, the engines and the shards take it as they take an independent version.
 
-use crate::ensemble::format::{
-    pack_scale_zero, unpack_scale_zero, PackedMatrix, PackedShape, BITS,
-};
+use crate::ensemble::format::{PackedMatrix, PackedShape, BITS};
+use crate::ensemble::planes::level_params;
 use crate::error::{Error, Result};
 use crate::quant::gptq::{self, GptqConfig, Grid, Prepared};
 use serde::{Deserialize, Serialize};
@@ -138,10 +137,11 @@ pub fn nested_gptq(
 /// row's output error `(w - q)ᵀ H (w - q)` for the fixed codes, `q = scale_g · code + zero_g`
 /// on group `g`'s columns. A linear least-squares problem in 2 unknowns per group, solved
 /// exactly (f64 Cholesky of the `2G x 2G` normal equations): the compensation GPTQ would make
-/// with the codes, reduced to what a group's two parameters can express. Rounded to f16. A
-/// group whose fitted scale is negative (the format stores scales >= 0), and a row whose
-/// system is singular or whose rounded solution is worse, keep the top level's grid
-/// coarsened (`scale · 2^shift`, zero at the middle of the merged bins).
+/// with the codes, reduced to what a group's two parameters can express. Then put in the form
+/// the bit-plane file stores (`planes::level_params`: two signed bytes per group relative to
+/// the top level's grid coarsened by `2^shift`, the scale clamped to 0..2x of it, so never
+/// negative). A row whose system is singular or whose stored solution is worse keeps the
+/// coarsened grid (`scale · 2^shift`, zero at the middle of the merged bins).
 fn refit_level(
     w: &[f32],
     cols: usize,
@@ -166,10 +166,7 @@ fn refit_level(
         .zip(codes.par_chunks_exact(cols))
         .zip(top.par_chunks_exact(groups))
         .flat_map_iter(|((wr, cr), tr)| {
-            let coarse: Vec<(f32, f32)> = tr
-                .iter()
-                .map(|&(s, z)| round((s * m, z + s * (m - 1.0) / 2.0)))
-                .collect();
+            let coarse: Vec<(f32, f32)> = tr.iter().map(|&t| level_params(t, shift, 0)).collect();
             // H w and, per group k, H[:, k] c[k] (H is symmetric: rows of H).
             let mut hw = vec![0f32; cols];
             let mut hc = vec![0f32; groups * cols];
@@ -213,16 +210,28 @@ fn refit_level(
             };
             // The packed format stores scales >= 0: a group the fit turns over keeps its
             // coarsened grid.
+            // Each group's fit in the stored form (`planes::level_params`: the scale as a
+            // multiple 1 + ds/128 of the coarsened grid's, the zero moved by dz/64 of its step).
             let solved = solve_spd(&a, &b, n).map(|t| {
                 t.chunks_exact(2)
-                    .zip(&coarse)
-                    .map(|(p, &c)| {
-                        let p = round((p[0] as f32, p[1] as f32));
-                        if p.0 >= 0.0 && p.0.is_finite() && p.1.is_finite() {
-                            p
+                    .zip(tr)
+                    .map(|(p, &top)| {
+                        let (cs, cz) = (top.0 * m, top.1 + top.0 * ((m - 1.0) / 2.0));
+                        let q = |x: f64| {
+                            if x.is_finite() {
+                                x.round().clamp(-128.0, 127.0) as i8 as u8 as u16
+                            } else {
+                                0
+                            }
+                        };
+                        let d = if cs > 0.0 {
+                            let ds = q((p[0] / cs as f64 - 1.0) * 128.0);
+                            let dz = q((p[1] - cz as f64) / cs as f64 * 64.0);
+                            ds | dz << 8
                         } else {
-                            c
-                        }
+                            0
+                        };
+                        level_params(top, shift, d)
                     })
                     .collect::<Vec<_>>()
             });
@@ -232,10 +241,6 @@ fn refit_level(
             }
         })
         .collect()
-}
-
-fn round((s, z): (f32, f32)) -> (f32, f32) {
-    unpack_scale_zero(pack_scale_zero(s, z))
 }
 
 fn dot64(a: &[f64], b: &[f64]) -> f64 {

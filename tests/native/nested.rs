@@ -217,21 +217,29 @@ fn bit_plane_files_hold_every_level_as_a_prefix() {
                 let (shape, bytes) = encode(&mats, &what).unwrap();
                 assert_eq!(bytes.len(), shape.bytes(), "{what}");
                 let top = mats[0].shape;
-                // The whole file: the top level's codes plus one set of scales per level.
+                // The whole file: the top level's codes and scales, and two bytes per group
+                // for each lower level.
                 assert_eq!(
                     shape.bytes(),
-                    top.bytes() + (bits.len() - 1) * 4 * top.scale_words(),
+                    top.bytes() + (bits.len() - 1) * 4 * shape.delta_words(),
                     "{what}"
+                );
+                assert_eq!(
+                    4 * shape.delta_words(),
+                    (2 * top.scale_words()).div_ceil(4) * 4
                 );
                 let mut last_prefix = 0;
                 for m in &mats {
                     let k = m.shape.bits;
                     let prefix = shape.prefix_bytes(k).unwrap();
-                    // k planes are as many bytes as k-bit packed codes.
-                    let below = bits.iter().filter(|&&b| b <= k).count();
+                    // k planes are as many bytes as k-bit packed codes; then the top level's
+                    // scales and the deltas of the lower levels up to k.
+                    let lower = bits.iter().filter(|&&b| b <= k && b != top.bits).count();
                     assert_eq!(
                         prefix,
-                        4 * (m.shape.code_words() + below * m.shape.scale_words()),
+                        4 * (m.shape.code_words()
+                            + top.scale_words()
+                            + lower * shape.delta_words()),
                         "{what} {k}"
                     );
                     assert!(last_prefix == 0 || prefix < last_prefix, "{what}");
@@ -256,6 +264,27 @@ fn bit_plane_files_hold_every_level_as_a_prefix() {
 }
 
 #[test]
+fn level_params_round_trip_through_their_two_bytes() {
+    use flexquant::ensemble::planes::{level_delta, level_params};
+    let mut rng = Rng::new(16);
+    for _ in 0..2000 {
+        let top = (rng.next_f32() * 0.05, (rng.next_f32() - 0.5) * 0.4);
+        let top = flexquant::ensemble::format::unpack_scale_zero(
+            flexquant::ensemble::format::pack_scale_zero(top.0, top.1),
+        );
+        for shift in 1..=6 {
+            let d = (rng.next_f32() * 65536.0) as u16;
+            let p = level_params(top, shift, d);
+            assert!(p.0 >= 0.0 && p.0.is_finite() && p.1.is_finite());
+            let back = level_delta(top, shift, p).expect("expressible");
+            assert_eq!(level_params(top, shift, back), p, "{top:?} {shift} {d:#x}");
+        }
+    }
+    // A pair off the grid is not.
+    assert_eq!(level_delta((0.01, -0.1), 2, (0.5, 3.0)), None);
+}
+
+#[test]
 fn levels_that_do_not_nest_are_not_stored_as_planes() {
     use flexquant::ensemble::planes::encode;
     let mut rng = Rng::new(15);
@@ -266,6 +295,30 @@ fn levels_that_do_not_nest_are_not_stored_as_planes() {
     let e = encode(&[&a, &b], "L0.gate").unwrap_err();
     assert!(
         e.to_string().contains("L0.gate") && e.to_string().contains("not the top bits"),
+        "{e}"
+    );
+    // Nested codes whose lower grid is not expressible relative to the top one.
+    let h = Hessian::from_rows(&correlated_rows(&mut rng, 64, cols), cols);
+    let cfg = GptqConfig::default();
+    let prep = prepare(&h, &cfg, "h").unwrap();
+    let levels = nested_gptq(
+        &w,
+        rows,
+        cols,
+        &prep,
+        &h.sum,
+        &[4, 2],
+        32,
+        &cfg,
+        Nesting::Truncate,
+        "w",
+    )
+    .unwrap();
+    let mut low = levels[1].packed.clone();
+    low.scales[1] = flexquant::ensemble::format::pack_scale_zero(7.0, 3.0);
+    let e = encode(&[&levels[0].packed, &low], "L0.gate").unwrap_err();
+    assert!(
+        e.to_string().contains("2-bit level, group 1") && e.to_string().contains("expressible"),
         "{e}"
     );
 }
