@@ -47,7 +47,9 @@ use std::time::Instant;
 
 pub const MANIFEST: &str = "library.json";
 pub const FORMAT: &str = "flexquant-library";
-pub const VERSION: u32 = 1;
+/// 2: nested levels' grids in the bit-plane files' two-byte form (`planes::level_params`).
+/// Version 1 libraries of independent versions are still read; a nested one is rebuilt.
+pub const VERSION: u32 = 2;
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -579,9 +581,10 @@ impl Library {
 
 fn validate(m: &Manifest, what: &str) -> Result<()> {
     let bad = |r: String| Err(Error::format(what, r));
-    if m.format != FORMAT || m.version != VERSION {
+    let readable = m.version == VERSION || (m.version == 1 && m.nesting.is_none());
+    if m.format != FORMAT || !readable {
         return bad(format!(
-            "format {:?} version {} (expected {FORMAT:?} version {VERSION})",
+            "format {:?} version {} (expected {FORMAT:?} version {VERSION}, or 1 without nesting)",
             m.format, m.version
         ));
     }
