@@ -1,7 +1,9 @@
 //! `manifest.json`: the contract between the native builder and the browser runtime.
 //!
 //! An ensemble directory holds this manifest, one shard per kept module version (the packed
-//! format of `ensemble::format`), a base shard (embeddings and norms) and the tokenizer. The
+//! format of `ensemble::format`) or, for nested versions, one bit-plane file per module that
+//! every version of it names (`ensemble::planes`, version 3), a base shard (embeddings and
+//! norms) and the tokenizer. The
 //! trajectory lists EQMs from QM(n_up) (step 0, every module at `n_up` bits) to QM(n_low),
 //! each step lowering one module (possibly by more than one bit-width after pruning).
 //!
