@@ -148,9 +148,15 @@ impl PlaneShape {
 /// zero)` and the stored delta `d` (`ds` in the low byte, `dz` in the high byte, both i8):
 /// the coarsened grid, scale times `1 + ds/128`, zero moved by `dz/64` coarse steps, rounded
 /// to f16. `d = 0` is the coarsened grid itself.
-pub fn level_params((s, z): (f32, f32), shift: u32, d: u16) -> (f32, f32) {
+/// The top level's grid `(scale, zero)` coarsened by `2^shift`: scale times `2^shift`, zero at
+/// the middle of the merged bins (unrounded f32; what a lower level's delta is relative to).
+pub fn coarse_grid((s, z): (f32, f32), shift: u32) -> (f32, f32) {
     let m = (1u32 << shift) as f32;
-    let (cs, cz) = (s * m, z + s * ((m - 1.0) / 2.0));
+    (s * m, z + s * ((m - 1.0) / 2.0))
+}
+
+pub fn level_params(top: (f32, f32), shift: u32, d: u16) -> (f32, f32) {
+    let (cs, cz) = coarse_grid(top, shift);
     let (ds, dz) = (d as u8 as i8 as f32, (d >> 8) as u8 as i8 as f32);
     let scale = cs * (1.0 + ds / 128.0);
     let zero = cz + cs * (dz / 64.0);
@@ -159,8 +165,7 @@ pub fn level_params((s, z): (f32, f32), shift: u32, d: u16) -> (f32, f32) {
 
 /// The delta that `level_params` turns into `want` (the f16 pair exactly), if there is one.
 pub fn level_delta(top: (f32, f32), shift: u32, want: (f32, f32)) -> Option<u16> {
-    let m = (1u32 << shift) as f32;
-    let (cs, cz) = (top.0 * m, top.1 + top.0 * ((m - 1.0) / 2.0));
+    let (cs, cz) = coarse_grid(top, shift);
     let guess = |x: f32| {
         if x.is_finite() {
             x.round().clamp(-128.0, 127.0) as i32

@@ -20,7 +20,7 @@
 //! search, the engines and the shards take it as they take an independent version.
 
 use crate::ensemble::format::{PackedMatrix, PackedShape, BITS};
-use crate::ensemble::planes::level_params;
+use crate::ensemble::planes::{coarse_grid, level_params};
 use crate::error::{Error, Result};
 use crate::quant::gptq::{self, GptqConfig, Grid, Prepared};
 use serde::{Deserialize, Serialize};
@@ -161,7 +161,6 @@ fn refit_level(
             ones[(i / group) * groups + j / group] += v as f64;
         }
     }
-    let m = (1u32 << shift) as f32;
     w.par_chunks_exact(cols)
         .zip(codes.par_chunks_exact(cols))
         .zip(top.par_chunks_exact(groups))
@@ -216,7 +215,7 @@ fn refit_level(
                 t.chunks_exact(2)
                     .zip(tr)
                     .map(|(p, &top)| {
-                        let (cs, cz) = (top.0 * m, top.1 + top.0 * ((m - 1.0) / 2.0));
+                        let (cs, cz) = coarse_grid(top, shift);
                         let q = |x: f64| {
                             if x.is_finite() {
                                 x.round().clamp(-128.0, 127.0) as i8 as u8 as u16
