@@ -6,9 +6,9 @@ use crate::build::prune::{self, intermediate_versions};
 use crate::build::search::{search, Available, SearchOptions, Trajectory};
 use crate::build::{package, report};
 use crate::error::{Error, Result};
-use crate::model::eval::perplexity;
 use crate::model::load::LoadedModel;
 use crate::quant::eqm::{Eqm, EqmModel};
+use crate::quant::evaluate::PrefixEval;
 use crate::quant::library::CalibSource;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -142,6 +142,9 @@ pub struct BuildRecord {
     /// How the library's versions nest (`None`: independent versions, and records before).
     #[serde(default)]
     pub nesting: Option<crate::quant::nested::Nesting>,
+    /// Wall time per phase (sensitivity, search, held-out, held-out domains, package).
+    #[serde(default)]
+    pub phase_seconds: PhaseSeconds,
 }
 
 fn storage(t: &Trajectory, start: &Eqm, ev: &CalibEvaluator, base: u64) -> Result<u64> {
@@ -233,31 +236,30 @@ pub struct Inputs<'a> {
     pub name: String,
 }
 
-/// Held-out ppl of `w` on the first `s.heldout_tokens` of `ids`, in windows of `s.seq_len`.
+/// Held-out ppl of `w` on the first `s.heldout_tokens` of `ids`, in windows of `s.seq_len`
+/// (all at once: `eval::perplexity` with stride = ctx, one GEMM per module).
 fn heldout_ppl(w: &crate::model::Weights, ids: &[u32], s: &BuildSettings) -> Result<f64> {
-    let ids = &ids[..s.heldout_tokens];
-    Ok(perplexity(w, ids, s.seq_len, s.seq_len, |_, _| {})?.ppl)
+    PrefixEval::new(&ids[..s.heldout_tokens], s.seq_len, 0)?.ppl_of(w)
 }
 
-/// Runs the whole build and writes the ensemble to `out`; `progress(phase, done, total, ppl)`.
-pub fn build_ensemble(
-    inp: &Inputs,
-    s: &BuildSettings,
-    out: &Path,
-    progress: &mut dyn FnMut(&str, usize, usize, f64),
-) -> Result<BuildRecord> {
-    let t_start = Instant::now();
+/// Wall time of each phase of a build, in the order they ran.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PhaseSeconds(pub Vec<(String, f64)>);
+
+impl PhaseSeconds {
+    /// Runs `f`, recording its wall time under `name`.
+    fn time<T>(&mut self, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let t = Instant::now();
+        let out = f()?;
+        self.0.push((name.into(), t.elapsed().as_secs_f64()));
+        Ok(out)
+    }
+}
+
+/// Static bit-widths of the trajectory, n_up first, after checking settings and inputs.
+fn check_inputs(inp: &Inputs, s: &BuildSettings) -> Result<Vec<u32>> {
     let lib_bits = inp.eqm.library.manifest.bits.clone();
     s.validate(&lib_bits)?;
-    let ladder: Vec<u32> = lib_bits
-        .iter()
-        .copied()
-        .filter(|&b| b <= s.n_up && b >= s.n_low)
-        .collect();
-    let n = inp.eqm.modules();
-    let avail = Available::uniform(n, &ladder);
-    let start = avail.start();
-    let base = inp.eqm.base_bytes() as u64;
     if inp.calib_ids.len() < s.calib_tokens {
         return Err(Error::input(format!(
             "need {} calibration tokens, have {}",
@@ -279,29 +281,47 @@ pub fn build_ensemble(
             )));
         }
     }
-    let mut ev = CalibEvaluator::new(
-        inp.eqm,
-        &inp.calib_ids[..s.calib_tokens],
-        s.seq_len,
-        s.stem * s.branch + 1,
-    );
+    Ok(lib_bits
+        .iter()
+        .copied()
+        .filter(|&b| b <= s.n_up && b >= s.n_low)
+        .collect())
+}
 
-    let t_search = Instant::now();
+/// Phase 1: the measured single-swap sensitivities and how well each sensitivity ranks moves.
+fn sensitivities(
+    ev: &mut CalibEvaluator,
+    avail: &Available,
+    s: &BuildSettings,
+    progress: &mut dyn FnMut(&str, usize, usize, f64),
+) -> Result<Option<SensitivityStudy>> {
     if s.sensitivity_tokens > 0 {
-        ev.measure_single_swaps(&avail, s.sensitivity_tokens, &mut |d, n| {
+        ev.measure_single_swaps(avail, s.sensitivity_tokens, &mut |d, n| {
             progress("sensitivity", d, n, f64::NAN)
         })?;
     }
-    let sensitivity = if s.correlation_samples > 1 {
-        Some(sensitivity_study(
-            &mut ev,
-            &avail,
+    if s.correlation_samples > 1 {
+        Ok(Some(sensitivity_study(
+            ev,
+            avail,
             s.correlation_samples,
             progress,
-        )?)
+        )?))
     } else {
-        None
-    };
+        Ok(None)
+    }
+}
+
+/// Phase 2: one searched trajectory per prune rate (0 first: pruning keeps what its
+/// trajectory uses most); returns them and the index of the shipped one.
+fn search_variants(
+    ev: &mut CalibEvaluator,
+    avail: &Available,
+    s: &BuildSettings,
+    base: u64,
+    progress: &mut dyn FnMut(&str, usize, usize, f64),
+) -> Result<(Vec<Variant>, usize)> {
+    let start = avail.start();
     let mut rates = vec![0.0];
     for &r in s.ablation.iter().chain([&s.prune]) {
         if !rates.contains(&r) {
@@ -313,7 +333,7 @@ pub fn build_ensemble(
         let av = if rate == 0.0 {
             avail.clone()
         } else {
-            prune::prune(&avail, &variants[0].trajectory, &start, rate)?
+            prune::prune(avail, &variants[0].trajectory, &start, rate)?
         };
         let branch = if rate == s.prune {
             s.branch
@@ -322,59 +342,83 @@ pub fn build_ensemble(
         };
         let label = format!("search P={:.0}%", rate * 100.0);
         let opts = s.search_options(branch);
-        let t = search(&mut ev, &av, base, opts, |d, total, ppl| {
+        let t = search(ev, &av, base, opts, |d, total, ppl| {
             progress(&label, d, total, ppl)
         })?;
         variants.push(Variant {
             prune: rate,
             branch,
             intermediate_versions: intermediate_versions(&av),
-            storage_bytes: storage(&t, &start, &ev, base)?,
+            storage_bytes: storage(&t, &start, ev, base)?,
             trajectory: t,
             heldout_at_statics: vec![],
         });
     }
-    let search_seconds = t_search.elapsed().as_secs_f64();
     let chosen = rates.iter().position(|&r| r == s.prune).unwrap();
+    Ok((variants, chosen))
+}
 
-    // Held-out ppl: static QMs and every k-th step of the shipped trajectory, plus the steps
-    // that first reach each static QM's footprint (for eqm_vs_static).
-    // Staged trajectories pass through the static QMs: each EQM is measured once.
-    let mut measured: std::collections::HashMap<(usize, Eqm), f64> = Default::default();
-    let mut heldout_on = |d: usize, e: &Eqm| -> Result<f64> {
-        if let Some(&p) = measured.get(&(d, e.clone())) {
+/// Held-out ppl per `(domain, EQM)`, each measured once (staged trajectories pass through the
+/// static QMs; the ablation's variants share steps).
+struct Heldout<'a> {
+    inp: &'a Inputs<'a>,
+    s: &'a BuildSettings,
+    measured: std::collections::HashMap<(usize, Eqm), f64>,
+}
+
+impl Heldout<'_> {
+    fn ppl(&mut self, domain: usize, e: &Eqm) -> Result<f64> {
+        if let Some(&p) = self.measured.get(&(domain, e.clone())) {
             return Ok(p);
         }
-        let w = inp.eqm.weights(e)?;
-        let p = heldout_ppl(&w, &inp.heldout[d].1, s)?;
-        measured.insert((d, e.clone()), p);
+        let w = self.inp.eqm.weights(e)?;
+        let p = heldout_ppl(&w, &self.inp.heldout[domain].1, self.s)?;
+        self.measured.insert((domain, e.clone()), p);
         Ok(p)
-    };
-    let mut heldout = |e: &Eqm| heldout_on(0, e);
+    }
+}
+
+/// Phase 3 (main held-out text): the static QMs, each variant's first EQM at or below each
+/// static footprint, and every `heldout_every`-th step of the shipped trajectory plus those
+/// that first reach a static footprint. Returns the statics and the measured steps.
+#[allow(clippy::type_complexity)]
+fn heldout_main(
+    ho: &mut Heldout,
+    ev: &mut CalibEvaluator,
+    ladder: &[u32],
+    variants: &mut [Variant],
+    chosen: usize,
+    start: &Eqm,
+    progress: &mut dyn FnMut(&str, usize, usize, f64),
+) -> Result<(Vec<(u32, u64, f64, f64)>, Vec<usize>, Vec<Option<f64>>)> {
+    let n = start.bits.len();
     let mut statics = Vec::new();
     for (i, &b) in ladder.iter().enumerate() {
         progress("static QMs", i, ladder.len(), f64::NAN);
         let e = Eqm::uniform(n, b);
-        let f = inp.eqm.footprint(&e)? as u64;
+        let f = ho.inp.eqm.footprint(&e)? as u64;
         let cp = ev.ppl(&e)?;
-        statics.push((b, f, cp, heldout(&e)?));
+        statics.push((b, f, cp, ho.ppl(0, &e)?));
     }
-    for v in &mut variants {
-        let eqms = v.trajectory.eqms(&start);
+    for v in variants.iter_mut() {
+        let eqms = v.trajectory.eqms(start);
         for (k, &(_, f, _, _)) in statics.iter().enumerate() {
             progress("held-out (ablation)", k, statics.len(), f64::NAN);
             let i = v.trajectory.steps.iter().position(|st| st.footprint <= f);
             let p = match i {
-                Some(i) => heldout(&eqms[i])?,
+                Some(i) => ho.ppl(0, &eqms[i])?,
                 None => f64::NAN,
             };
             v.heldout_at_statics.push(p);
         }
     }
     let traj = &variants[chosen].trajectory;
-    let eqms = traj.eqms(&start);
+    let eqms = traj.eqms(start);
     let last = traj.steps.len() - 1;
-    let mut wanted: Vec<usize> = (0..=last).step_by(s.heldout_every).chain([last]).collect();
+    let mut wanted: Vec<usize> = (0..=last)
+        .step_by(ho.s.heldout_every)
+        .chain([last])
+        .collect();
     for &(_, f, _, _) in &statics {
         if let Some(i) = traj.steps.iter().position(|st| st.footprint <= f) {
             wanted.push(i);
@@ -385,34 +429,95 @@ pub fn build_ensemble(
     let mut held = vec![None; traj.steps.len()];
     for (k, &i) in wanted.iter().enumerate() {
         progress("held-out", k, wanted.len(), f64::NAN);
-        held[i] = Some(heldout(&eqms[i])?);
+        held[i] = Some(ho.ppl(0, &eqms[i])?);
     }
-    // Every domain (the first again, from what is measured above): float, the static QMs and
-    // the same steps.
+    Ok((statics, wanted, held))
+}
+
+/// Phase 4: every domain (the first again, from what is already measured): float, the static
+/// QMs and the `wanted` steps of `eqms`.
+fn heldout_domains(
+    ho: &mut Heldout,
+    ladder: &[u32],
+    eqms: &[Eqm],
+    wanted: &[usize],
+    progress: &mut dyn FnMut(&str, usize, usize, f64),
+) -> Result<Vec<DomainHeldout>> {
+    let n = eqms[0].bits.len();
     let mut domains = Vec::new();
-    for (d, (name, ids)) in inp.heldout.iter().enumerate() {
+    for (d, (name, ids)) in ho.inp.heldout.iter().enumerate() {
         let label = format!("held-out {name}");
         let total = ladder.len() + wanted.len() + 1;
         progress(&label, 0, total, f64::NAN);
-        let float_ppl = heldout_ppl(&inp.model.weights, ids, s)?;
+        let float_ppl = heldout_ppl(&ho.inp.model.weights, ids, ho.s)?;
         let mut statics_ppl = Vec::new();
-        for &b in &ladder {
-            statics_ppl.push(heldout_on(d, &Eqm::uniform(n, b))?);
+        for &b in ladder {
+            statics_ppl.push(ho.ppl(d, &Eqm::uniform(n, b))?);
             progress(&label, statics_ppl.len() + 1, total, f64::NAN);
         }
         let mut points = Vec::new();
-        for &i in &wanted {
-            points.push((i, heldout_on(d, &eqms[i])?));
+        for &i in wanted {
+            points.push((i, ho.ppl(d, &eqms[i])?));
             progress(&label, ladder.len() + points.len() + 1, total, f64::NAN);
         }
         domains.push(DomainHeldout {
             domain: name.clone(),
-            tokens: s.heldout_tokens,
+            tokens: ho.s.heldout_tokens,
             float_ppl,
             statics: statics_ppl,
             eqms: points,
         });
     }
+    Ok(domains)
+}
+
+/// Runs the whole build and writes the ensemble to `out`; `progress(phase, done, total, ppl)`.
+pub fn build_ensemble(
+    inp: &Inputs,
+    s: &BuildSettings,
+    out: &Path,
+    progress: &mut dyn FnMut(&str, usize, usize, f64),
+) -> Result<BuildRecord> {
+    let t_start = Instant::now();
+    let ladder = check_inputs(inp, s)?;
+    let n = inp.eqm.modules();
+    let avail = Available::uniform(n, &ladder);
+    let start = avail.start();
+    let base = inp.eqm.base_bytes() as u64;
+    let mut ev = CalibEvaluator::new(
+        inp.eqm,
+        &inp.calib_ids[..s.calib_tokens],
+        s.seq_len,
+        s.stem * s.branch + 1,
+    );
+    let mut phases = PhaseSeconds::default();
+    let sensitivity = phases.time("sensitivity", || {
+        sensitivities(&mut ev, &avail, s, progress)
+    })?;
+    let (mut variants, chosen) = phases.time("search", || {
+        search_variants(&mut ev, &avail, s, base, progress)
+    })?;
+    let search_seconds = phases.0.iter().map(|p| p.1).sum();
+    let mut ho = Heldout {
+        inp,
+        s,
+        measured: Default::default(),
+    };
+    let (statics, wanted, held) = phases.time("held-out", || {
+        heldout_main(
+            &mut ho,
+            &mut ev,
+            &ladder,
+            &mut variants,
+            chosen,
+            &start,
+            progress,
+        )
+    })?;
+    let eqms = variants[chosen].trajectory.eqms(&start);
+    let domains = phases.time("held-out domains", || {
+        heldout_domains(&mut ho, &ladder, &eqms, &wanted, progress)
+    })?;
     let calibration = serde_json::json!({
         "library": inp.eqm.library.manifest.calibration.published(),
         "search_tokens": s.calib_tokens,
@@ -420,7 +525,7 @@ pub fn build_ensemble(
         "seq_len": s.seq_len,
     });
 
-    let record = BuildRecord {
+    let mut record = BuildRecord {
         settings: s.clone(),
         ladder: ladder.clone(),
         base_bytes: base,
@@ -433,7 +538,7 @@ pub fn build_ensemble(
             + ev.single.as_ref().map_or(0, |x| x.ppl.len())
             + sensitivity.as_ref().map_or(0, |x| x.samples),
         sensitivity,
-        forward_equivalents: ev.forward_equivalents,
+        forward_equivalents: ev.forward_equivalents(),
         variants,
         chosen,
         heldout: held,
@@ -442,23 +547,28 @@ pub fn build_ensemble(
         domains,
         calibration,
         nesting: ev.model.library.manifest.nesting,
+        phase_seconds: PhaseSeconds::default(),
     };
-    let pkg = package::PackageInput {
-        name: inp.name.clone(),
-        weights: &inp.model.weights,
-        tokenizer: &inp.model.tokenizer,
-        model: inp.eqm,
-        trajectory: &record.variants[chosen].trajectory,
-        start: &start,
-        heldout: &record.heldout,
-        n_up: s.n_up,
-        n_low: s.n_low,
-        calibration: record.calibration.clone(),
-        build: serde_json::to_value(s).unwrap(),
-        pack_bytes: s.pack_bytes,
-    };
-    package::write_ensemble(out, &pkg)?;
-    let mut record = record;
+    phases.time("package", || {
+        package::write_ensemble(
+            out,
+            &package::PackageInput {
+                name: inp.name.clone(),
+                weights: &inp.model.weights,
+                tokenizer: &inp.model.tokenizer,
+                model: inp.eqm,
+                trajectory: &record.variants[chosen].trajectory,
+                start: &start,
+                heldout: &record.heldout,
+                n_up: s.n_up,
+                n_low: s.n_low,
+                calibration: record.calibration.clone(),
+                build: serde_json::to_value(s).unwrap(),
+                pack_bytes: s.pack_bytes,
+            },
+        )
+    })?;
+    record.phase_seconds = phases;
     record.build_seconds = t_start.elapsed().as_secs_f64();
     report::write(out, &record)?;
     Ok(record)

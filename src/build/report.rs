@@ -113,6 +113,7 @@ pub fn figures(r: &BuildRecord) -> Value {
         "ablation": ablation,
         "build_seconds": r.build_seconds,
         "search_seconds": r.search_seconds,
+        "phase_seconds": r.phase_seconds.0.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "evaluations": r.evaluations,
         "sensitivity": r.sensitivity,
         "forward_equivalents": r.forward_equivalents,
@@ -196,10 +197,17 @@ fn markdown(f: &Value, r: &BuildRecord) -> String {
         );
     }
     s += &domains_markdown(f, r);
+    let phases: Vec<String> = r
+        .phase_seconds
+        .0
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.0} s"))
+        .collect();
     s += &format!(
-        "\nBuild: {:.0} s ({:.0} s searching), {} calibration-ppl evaluations ({:.0} whole-forward equivalents thanks to layer caching), branch {}, stem {}, {} calibration tokens.\n\nPlots: `trajectory.svg`/`.png`, `storage.svg`/`.png`, `domains.svg`/`.png` (with several held-out domains).\n",
+        "\nBuild: {:.0} s ({:.0} s searching; {}), {} calibration-ppl evaluations ({:.0} whole-forward equivalents thanks to layer caching), branch {}, stem {}, {} calibration tokens.\n\nPlots: `trajectory.svg`/`.png`, `storage.svg`/`.png`, `domains.svg`/`.png` (with several held-out domains).\n",
         r.build_seconds,
         r.search_seconds,
+        phases.join(", "),
         r.evaluations,
         r.forward_equivalents,
         r.settings.branch,

@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::ops::{self, Rope};
-use crate::model::weights::{ModuleId, ModuleKind, Weights};
+use crate::model::weights::{Linear, ModuleId, ModuleKind, Weights};
 use rayon::prelude::*;
 
 /// Query rows per attention task: bounds the score buffer at QUERY_BLOCK x context.
@@ -83,73 +83,142 @@ pub fn embed(w: &Weights, tokens: &[u32]) -> Result<Vec<f32>> {
     Ok(x)
 }
 
+/// Which positions a layer's rows hold.
+pub enum Rows<'a> {
+    /// One sequence at positions `pos0..`, its keys and values written into `cache` at `pos0..`
+    /// (the caller sets the cache length afterwards).
+    Cached { pos0: usize, cache: &'a mut KvCache },
+    /// Independent sequences of `seq_len` rows each, every one at positions `0..seq_len`
+    /// (windows scored at once; no cache kept).
+    Sequences { seq_len: usize },
+}
+
+/// Called before each stage of a layer with the modules that read one input and that input's
+/// rows (`[t][cols]`); returns the weights to apply, one per module, in the same order. GPTQ
+/// quantizes against the input it is shown; plain runs return the layer's own modules.
+pub type Stage<'a> = dyn FnMut(&[ModuleKind], &[f32]) -> Result<Vec<Linear>> + 'a;
+
 /// Runs layer `l` on `x` (`[t][hidden]`, positions `pos0..`) in place, writing this layer's
 /// keys and values into the cache at `pos0..` (the caller sets the cache length afterwards).
 pub fn layer(w: &Weights, l: usize, x: &mut [f32], pos0: usize, cache: &mut KvCache, rope: &Rope) {
-    layer_tapped(w, l, x, pos0, cache, rope, &mut |_, _| {})
+    layer_staged(
+        w,
+        l,
+        x,
+        Rows::Cached { pos0, cache },
+        rope,
+        &mut own_modules(w, l),
+    )
+    .expect("a layer's own modules always fit it")
 }
 
-/// The input rows (`[t][cols]`) each module of a layer sees; GPTQ collects its Hessians and the
-/// builder its output-error proxies from these.
-pub type Tap<'a> = dyn FnMut(ModuleKind, &[f32]) + 'a;
+/// Runs layer `l` on `x`, independent sequences of `seq_len` rows (`rope` from position 0):
+/// one GEMM per module over all of them.
+pub fn layer_seqs(w: &Weights, l: usize, x: &mut [f32], seq_len: usize, rope: &Rope) {
+    layer_staged(
+        w,
+        l,
+        x,
+        Rows::Sequences { seq_len },
+        rope,
+        &mut own_modules(w, l),
+    )
+    .expect("a layer's own modules always fit it")
+}
 
-/// `layer`, calling `tap(kind, input)` with the input of every module before it is applied.
-pub fn layer_tapped(
+/// The stage that applies layer `l`'s own modules (`Linear` clones share their weights).
+fn own_modules(
+    w: &Weights,
+    l: usize,
+) -> impl FnMut(&[ModuleKind], &[f32]) -> Result<Vec<Linear>> + '_ {
+    move |kinds, _| {
+        Ok(kinds
+            .iter()
+            .map(|&kind| w.module(ModuleId { layer: l, kind }).clone())
+            .collect())
+    }
+}
+
+/// The decoder layer, the one place it is written: RMSNorm, q/k/v, RoPE, grouped-query
+/// attention, o and the residual, RMSNorm, SwiGLU and the residual, in four stages (the inputs
+/// of {q, k, v}, {o}, {gate, up}, {down}), each applying the weights `stage` returns for it.
+pub fn layer_staged(
     w: &Weights,
     l: usize,
     x: &mut [f32],
-    pos0: usize,
-    cache: &mut KvCache,
+    rows: Rows,
     rope: &Rope,
-    tap: &mut Tap,
-) {
+    stage: &mut Stage,
+) -> Result<()> {
     let c = &w.config;
-    let (h, hd) = (c.hidden_size, c.head_dim());
+    let (h, hd, f) = (c.hidden_size, c.head_dim(), c.intermediate_size);
+    let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
     let t = x.len() / h;
-    let m = |kind| w.module(ModuleId { layer: l, kind });
+    let mut run = |kinds: &[ModuleKind], input: &[f32]| -> Result<Vec<Linear>> {
+        let lins = stage(kinds, input)?;
+        if lins.len() != kinds.len() {
+            return Err(Error::input("stage returned the wrong number of modules"));
+        }
+        Ok(lins)
+    };
+
     let mut xn = vec![0f32; t * h];
     ops::rmsnorm(x, &w.norms[l].attn_norm, c.rms_norm_eps, &mut xn);
+    let qkv = run(&[ModuleKind::Q, ModuleKind::K, ModuleKind::V], &xn)?;
+    let mut q = vec![0f32; t * q_dim];
+    let mut k = vec![0f32; t * kv_dim];
+    let mut v = vec![0f32; t * kv_dim];
+    ops::linear(&xn, t, &qkv[0], &mut q);
+    ops::linear(&xn, t, &qkv[1], &mut k);
+    ops::linear(&xn, t, &qkv[2], &mut v);
+    let att = match rows {
+        Rows::Cached { pos0, cache } => {
+            rope.apply(&mut q, c.num_attention_heads);
+            rope.apply(&mut k, c.n_kv_heads());
+            cache.k[l].truncate(pos0 * cache.kv_dim);
+            cache.v[l].truncate(pos0 * cache.kv_dim);
+            cache.k[l].extend_from_slice(&k);
+            cache.v[l].extend_from_slice(&v);
+            attention(c, &q, &cache.k[l], &cache.v[l], pos0, t, hd)
+        }
+        Rows::Sequences { seq_len } => {
+            assert_eq!(t % seq_len, 0, "layer_staged: rows are not whole sequences");
+            let mut att = Vec::with_capacity(t * q_dim);
+            for s in 0..t / seq_len {
+                let qs = &mut q[s * seq_len * q_dim..(s + 1) * seq_len * q_dim];
+                let ks = &mut k[s * seq_len * kv_dim..(s + 1) * seq_len * kv_dim];
+                let vs = &v[s * seq_len * kv_dim..(s + 1) * seq_len * kv_dim];
+                rope.apply(qs, c.num_attention_heads);
+                rope.apply(ks, c.n_kv_heads());
+                att.extend(attention(c, qs, ks, vs, 0, seq_len, hd));
+            }
+            att
+        }
+    };
 
-    tap(ModuleKind::Q, &xn);
-    tap(ModuleKind::K, &xn);
-    tap(ModuleKind::V, &xn);
-    let mut q = vec![0f32; t * c.q_dim()];
-    let mut k = vec![0f32; t * c.kv_dim()];
-    let mut v = vec![0f32; t * c.kv_dim()];
-    ops::linear(&xn, t, m(ModuleKind::Q), &mut q);
-    ops::linear(&xn, t, m(ModuleKind::K), &mut k);
-    ops::linear(&xn, t, m(ModuleKind::V), &mut v);
-    rope.apply(&mut q, c.num_attention_heads);
-    rope.apply(&mut k, c.n_kv_heads());
-    cache.k[l].truncate(pos0 * cache.kv_dim);
-    cache.v[l].truncate(pos0 * cache.kv_dim);
-    cache.k[l].extend_from_slice(&k);
-    cache.v[l].extend_from_slice(&v);
-
-    let att = attention(c, &q, &cache.k[l], &cache.v[l], pos0, t, hd);
-    tap(ModuleKind::O, &att);
+    let o_w = run(&[ModuleKind::O], &att)?;
     let mut o = vec![0f32; t * h];
-    ops::linear(&att, t, m(ModuleKind::O), &mut o);
+    ops::linear(&att, t, &o_w[0], &mut o);
     for (a, b) in x.iter_mut().zip(&o) {
         *a += b;
     }
 
     ops::rmsnorm(x, &w.norms[l].ffn_norm, c.rms_norm_eps, &mut xn);
-    let f = c.intermediate_size;
-    tap(ModuleKind::Gate, &xn);
-    tap(ModuleKind::Up, &xn);
+    let gu = run(&[ModuleKind::Gate, ModuleKind::Up], &xn)?;
     let mut gate = vec![0f32; t * f];
     let mut up = vec![0f32; t * f];
-    ops::linear(&xn, t, m(ModuleKind::Gate), &mut gate);
-    ops::linear(&xn, t, m(ModuleKind::Up), &mut up);
+    ops::linear(&xn, t, &gu[0], &mut gate);
+    ops::linear(&xn, t, &gu[1], &mut up);
     for (g, u) in gate.iter_mut().zip(&up) {
         *g = ops::silu(*g) * u;
     }
-    tap(ModuleKind::Down, &gate);
-    ops::linear(&gate, t, m(ModuleKind::Down), &mut o);
+    drop(up);
+    let down = run(&[ModuleKind::Down], &gate)?;
+    ops::linear(&gate, t, &down[0], &mut o);
     for (a, b) in x.iter_mut().zip(&o) {
         *a += b;
     }
+    Ok(())
 }
 
 /// Causal grouped-query attention of `t` new queries (absolute positions `pos0..`) over all

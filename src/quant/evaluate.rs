@@ -1,5 +1,6 @@
 //! Scoring quantized models against the float one: perplexity plus each position's top-1
-//! token (for agreement), and the paper's single-swap check with cached layer prefixes.
+//! token (for agreement), the prefix-caching evaluator the builder and the single-swap check
+//! share, and the paper's single-swap check.
 //!
 //! Windows are non-overlapping (`eval::windows` with stride = ctx), so the perplexities equal
 //! `eval::perplexity(w, tokens, ctx, ctx)`.
@@ -12,6 +13,7 @@ use crate::model::weights::{ModuleId, Weights};
 use crate::quant::eqm::{Eqm, EqmModel};
 use rayon::prelude::*;
 use serde::Serialize;
+use std::sync::Arc;
 
 /// Logit rows materialised at once (bounds memory at this x vocab floats).
 const LOGIT_CHUNK: usize = 128;
@@ -82,89 +84,158 @@ pub fn score(w: &Weights, tokens: &[u32], ctx: usize) -> Result<Scores> {
     Ok(s)
 }
 
-/// Perplexity of models that equal a reference model in their first layers: the reference's
-/// input to every layer is cached per window, so a model that differs from layer `l` on only
-/// re-runs layers `l..` (half the layers on average for a single-module swap).
+/// Perplexity of many EQMs on the same tokens, fast (the builder's calibration ppl, the
+/// single-swap check, held-out figures).
+///
+/// The tokens are cut into windows of `ctx` (`eval::windows` with stride = ctx: each window
+/// scores all but its first token), and every layer runs all windows at once
+/// (`forward::layer_seqs`: one GEMM per module). A swap in layer `l` changes nothing before
+/// layer `l`, so the residual stream entering every layer is kept for the recently evaluated
+/// EQMs; an EQM restarts from the kept one that agrees with it on the most leading layers and
+/// runs only the layers from its first difference on. The first EQM evaluated (the reference
+/// every single swap starts from) is never evicted.
 pub struct PrefixEval {
-    tokens: Vec<u32>,
-    ctx: usize,
-    /// `[window][layer]` hidden states entering the layer.
-    inputs: Vec<Vec<Vec<f32>>>,
-    pub reference_ppl: f64,
+    /// The windows, in order; all `ctx` long but the last.
+    seqs: Vec<Vec<u32>>,
+    cache: Vec<Acts>,
+    /// EQMs whose activations are kept (0: none).
+    pub cache_limit: usize,
+    /// Forward passes run, in whole-model equivalents (a run from layer l counts (L-l)/L).
+    pub forward_equivalents: f64,
+}
+
+/// Residual stream entering layer `l` (index `l`), and leaving the last layer (index L), of
+/// every window concatenated.
+struct Acts {
+    eqm: Eqm,
+    layers: Vec<Arc<Vec<f32>>>,
 }
 
 impl PrefixEval {
-    pub fn new(reference: &Weights, tokens: &[u32], ctx: usize) -> Result<Self> {
-        check(reference, tokens, ctx)?;
-        let mut e = PrefixEval {
-            tokens: tokens.to_vec(),
-            ctx,
-            inputs: Vec::new(),
-            reference_ppl: 0.0,
-        };
-        let mut nll = 0.0;
-        for (begin, end, first) in windows(tokens.len(), ctx, ctx) {
-            let mut x = forward::embed(reference, &tokens[begin..end])?;
-            let mut per_layer = Vec::new();
-            nll += e.finish(
-                reference,
-                0,
-                &mut x,
-                (begin, end, first),
-                Some(&mut per_layer),
-            );
-            e.inputs.push(per_layer);
+    pub fn new(tokens: &[u32], ctx: usize, cache_limit: usize) -> Result<Self> {
+        if ctx < 2 || tokens.len() < 2 {
+            return Err(Error::input(format!(
+                "perplexity of {} tokens in windows of {ctx}: needs at least 2 of each",
+                tokens.len()
+            )));
         }
-        e.reference_ppl = (nll / e.scored() as f64).exp();
-        Ok(e)
+        Ok(PrefixEval {
+            seqs: tokens.chunks(ctx).map(|c| c.to_vec()).collect(),
+            cache: Vec::new(),
+            cache_limit,
+            forward_equivalents: 0.0,
+        })
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.len()).sum()
+    }
+
+    /// The windows.
+    pub fn seqs(&self) -> &[Vec<u32>] {
+        &self.seqs
     }
 
     /// Tokens scored (the first of every window is not).
     fn scored(&self) -> usize {
-        windows(self.tokens.len(), self.ctx, self.ctx)
-            .iter()
-            .map(|(_, end, first)| end - first)
-            .sum()
+        self.seqs.iter().map(|s| s.len() - 1).sum()
     }
 
-    /// Runs layers `from..` on `x` (one window's hidden states) and returns its NLL sum.
-    fn finish(
+    /// Runs layers `from..` of `w` on `x` (the residual entering `from`, every window), pushing
+    /// the residual leaving each layer to `out` when given.
+    fn run(
         &self,
         w: &Weights,
         from: usize,
         x: &mut [f32],
-        (begin, end, first): (usize, usize, usize),
-        mut record: Option<&mut Vec<Vec<f32>>>,
-    ) -> f64 {
+        mut out: Option<&mut Vec<Arc<Vec<f32>>>>,
+    ) {
         let c = &w.config;
-        let rope = Rope::new(c.rope_theta, c.head_dim(), 0, end - begin);
-        let mut cache = KvCache::new(w, self.ctx);
-        for l in from..c.num_hidden_layers {
-            if let Some(r) = record.as_deref_mut() {
-                r.push(x.to_vec());
-            }
-            forward::layer(w, l, x, 0, &mut cache, &rope);
-        }
-        forward::final_norm(w, x);
         let h = c.hidden_size;
-        nll_of_rows(
-            w,
-            &x[(first - 1 - begin) * h..(end - 1 - begin) * h],
-            &self.tokens[first..end],
-        )
+        // Runs of equal-length windows (all but maybe the last) share one GEMM per module.
+        let full = self.seqs[0].len();
+        let n_full = self.seqs.iter().take_while(|s| s.len() == full).count();
+        let split = n_full * full * h;
+        let rope = Rope::new(c.rope_theta, c.head_dim(), 0, full);
+        let rest = self.seqs.get(n_full).map(|s| s.len());
+        for l in from..c.num_hidden_layers {
+            let (a, b) = x.split_at_mut(split);
+            forward::layer_seqs(w, l, a, full, &rope);
+            if let Some(len) = rest {
+                let rope = Rope::new(c.rope_theta, c.head_dim(), 0, len);
+                forward::layer_seqs(w, l, b, len, &rope);
+            }
+            if let Some(o) = out.as_deref_mut() {
+                o.push(Arc::new(x.to_vec()));
+            }
+        }
     }
 
-    /// Perplexity of `w`, which must equal the reference in layers `..from` and in the
-    /// embedding (not checked: the caller knows what it changed).
-    pub fn ppl_from(&self, w: &Weights, from: usize) -> Result<f64> {
-        let mut nll = 0.0;
-        for (inputs, bounds) in
-            self.inputs
-                .iter()
-                .zip(windows(self.tokens.len(), self.ctx, self.ctx))
-        {
-            let mut x = inputs[from].clone();
-            nll += self.finish(w, from, &mut x, bounds, None);
+    /// Summed NLL of every window from the residual leaving the last layer.
+    fn nll(&self, w: &Weights, last: &[f32]) -> f64 {
+        let h = w.config.hidden_size;
+        let mut x = last.to_vec();
+        forward::final_norm(w, &mut x);
+        let mut total = 0.0;
+        let mut row = 0;
+        for seq in &self.seqs {
+            total += nll_of_rows(w, &x[row * h..(row + seq.len() - 1) * h], &seq[1..]);
+            row += seq.len();
+        }
+        total
+    }
+
+    fn embed(&self, w: &Weights) -> Result<Vec<f32>> {
+        Ok(self
+            .seqs
+            .iter()
+            .map(|s| forward::embed(w, s))
+            .collect::<Result<Vec<_>>>()?
+            .concat())
+    }
+
+    /// Perplexity of `w`, every layer run, nothing kept (the float model, one-off figures).
+    pub fn ppl_of(&mut self, w: &Weights) -> Result<f64> {
+        let mut x = self.embed(w)?;
+        self.run(w, 0, &mut x, None);
+        self.forward_equivalents += 1.0;
+        Ok((self.nll(w, &x) / self.scored() as f64).exp())
+    }
+
+    /// Perplexity of `eqm`, reusing the best kept prefix of layers.
+    pub fn ppl(&mut self, model: &EqmModel, eqm: &Eqm) -> Result<f64> {
+        let w = model.weights(eqm)?;
+        let nl = w.config.num_hidden_layers;
+        let first_diff = |a: &Eqm| {
+            (0..eqm.bits.len())
+                .find(|&m| a.bits[m] != eqm.bits[m])
+                .map_or(nl, |m| ModuleId::from_index(m).layer)
+        };
+        let best = self
+            .cache
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (first_diff(&a.eqm), i))
+            .max();
+        let (l0, mut layers) = match best {
+            Some((l0, i)) => (l0, self.cache[i].layers[..=l0].to_vec()),
+            None => (0, vec![Arc::new(self.embed(&w)?)]),
+        };
+        if l0 < nl {
+            let mut x = layers[l0].to_vec();
+            self.run(&w, l0, &mut x, Some(&mut layers));
+        }
+        self.forward_equivalents += (nl - l0) as f64 / nl as f64;
+        let nll = self.nll(&w, &layers[nl]);
+        if self.cache_limit > 0 {
+            self.cache.push(Acts {
+                eqm: eqm.clone(),
+                layers,
+            });
+            if self.cache.len() > self.cache_limit {
+                // Keep the first (the reference), drop the oldest after it.
+                self.cache.remove(if self.cache_limit > 1 { 1 } else { 0 });
+            }
         }
         Ok((nll / self.scored() as f64).exp())
     }
@@ -204,20 +275,21 @@ pub fn single_swap(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<SingleSwap> {
     let base = model.uniform(from);
-    let prefix = PrefixEval::new(&model.weights(&base)?, tokens, ctx)?;
+    let mut prefix = PrefixEval::new(tokens, ctx, 2)?;
+    let base_ppl = prefix.ppl(model, &base)?;
     let n = model.modules();
     let mut entries = Vec::with_capacity(n);
     for i in 0..n {
         let id = ModuleId::from_index(i);
         let mut eqm: Eqm = base.clone();
         eqm.set(id, to);
-        let ppl = prefix.ppl_from(&model.weights(&eqm)?, id.layer)?;
+        let ppl = prefix.ppl(model, &eqm)?;
         entries.push(SwapEntry {
             module: id.to_string(),
             layer: id.layer,
             kind: id.kind.name().into(),
             ppl,
-            delta: ppl - prefix.reference_ppl,
+            delta: ppl - base_ppl,
         });
         progress(i + 1, n);
     }
@@ -229,7 +301,7 @@ pub fn single_swap(
         to_bits: to,
         tokens: tokens.len(),
         ctx,
-        base_ppl: prefix.reference_ppl,
+        base_ppl,
         delta_min: q(0.0),
         delta_median: q(0.5),
         delta_p90: q(0.9),

@@ -14,7 +14,7 @@
 //! are followed), shapes must match the model config, and every file's size must equal its
 //! packed size before any byte is used.
 //!
-//! Calibration (GPTQ). Two modes, both layer by layer through `calib::layer_staged`:
+//! Calibration (GPTQ). Two modes, both layer by layer through `forward::layer_staged`:
 //! - float inputs (default): one activation stream through the float model calibrates every
 //!   bit-width, so all versions of a module approximate the same function on the same inputs
 //!   (what makes them interchangeable in an EQM, whose other modules are at mixed bit-widths);
@@ -36,7 +36,7 @@ use crate::model::config::LlamaConfig;
 use crate::model::forward;
 use crate::model::ops::Rope;
 use crate::model::weights::{Linear, ModuleId, ModuleKind, Weights};
-use crate::quant::calib::{self, CalibSettings};
+use crate::quant::calib::CalibSettings;
 use crate::quant::gptq::{self, GptqConfig, Hessian};
 use crate::quant::nested::{self, Nesting};
 use crate::quant::rtn;
@@ -458,7 +458,16 @@ fn build_into(
                 }
                 Ok(keep)
             };
-            calib::layer_staged(w, l, &mut s.x, opts.calib.seq_len, &rope, &mut stage)?;
+            forward::layer_staged(
+                w,
+                l,
+                &mut s.x,
+                forward::Rows::Sequences {
+                    seq_len: opts.calib.seq_len,
+                },
+                &rope,
+                &mut stage,
+            )?;
             done += 1;
             progress(done, total);
         }

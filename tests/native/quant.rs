@@ -293,13 +293,20 @@ fn staged_layer_with_float_modules_equals_the_forward() {
     let rope = Rope::new(c.rope_theta, c.head_dim(), 0, seq_len);
     let mut seen = Vec::new();
     for l in 0..c.num_hidden_layers {
-        calib::layer_staged(&w, l, &mut staged, seq_len, &rope, &mut |kinds, x| {
-            seen.push((kinds.to_vec(), x.len()));
-            Ok(kinds
-                .iter()
-                .map(|&k| w.module(ModuleId { layer: l, kind: k }).clone())
-                .collect())
-        })
+        forward::layer_staged(
+            &w,
+            l,
+            &mut staged,
+            forward::Rows::Sequences { seq_len },
+            &rope,
+            &mut |kinds, x| {
+                seen.push((kinds.to_vec(), x.len()));
+                Ok(kinds
+                    .iter()
+                    .map(|&k| w.module(ModuleId { layer: l, kind: k }).clone())
+                    .collect())
+            },
+        )
         .unwrap();
     }
     assert_eq!(seen.len(), 4 * c.num_hidden_layers);
@@ -681,22 +688,10 @@ fn scores_and_prefix_cached_perplexity_equal_the_plain_evaluation() {
         s.ppl()
     );
     assert_eq!(s.agreement(&s), 1.0);
-    let prefix = PrefixEval::new(&w, &tokens, ctx).unwrap();
-    assert!((prefix.reference_ppl - want).abs() < 1e-6 * want);
-    // A model changed in layer 1 only, evaluated from layer 1 on.
-    let mut w2 = w.clone();
-    let id = ModuleId {
-        layer: 1,
-        kind: ModuleKind::Up,
-    };
-    let m = w2.module(id).clone();
-    let halved: Vec<f32> = m.w.iter().map(|v| v * 0.5).collect();
-    w2.set_module(id, Linear::new(m.rows, m.cols, halved))
-        .unwrap();
-    let want2 = perplexity(&w2, &tokens, ctx, ctx, |_, _| {}).unwrap().ppl;
-    let got2 = prefix.ppl_from(&w2, 1).unwrap();
-    assert!((got2 - want2).abs() < 1e-4 * want2, "{got2} vs {want2}");
-    assert!((want2 - want).abs() > 1e-3, "the change should matter");
+    // Every window at once, the float model.
+    let mut prefix = PrefixEval::new(&tokens, ctx, 0).unwrap();
+    let got = prefix.ppl_of(&w).unwrap();
+    assert!((got - want).abs() < 1e-6 * want, "{got} vs {want}");
 
     // The single-swap check over a tiny library: one entry per module, deltas vs QM(8).
     let tmp = tempfile::tempdir().unwrap();
@@ -727,6 +722,26 @@ fn scores_and_prefix_cached_perplexity_equal_the_plain_evaluation() {
         sw.entries[9].ppl
     );
     assert!(sw.delta_min <= sw.delta_median && sw.delta_median <= sw.delta_max);
+
+    // Prefix caching: a model changed in layer 1 only, run from layer 1 on, equals the plain
+    // evaluation (50 tokens in windows of 16: the last window is 2 tokens long).
+    let mut prefix = PrefixEval::new(&tokens, ctx, 2).unwrap();
+    let base8 = prefix.ppl(&em, &em.uniform(8)).unwrap();
+    assert!((base8 - base).abs() < 1e-6 * base);
+    let mut e = em.uniform(8);
+    e.set(ModuleId::from_index(7 + 5), 2);
+    let want2 = perplexity(&em.weights(&e).unwrap(), &tokens, ctx, ctx, |_, _| {})
+        .unwrap()
+        .ppl;
+    let got2 = prefix.ppl(&em, &e).unwrap();
+    assert!((got2 - want2).abs() < 1e-6 * want2, "{got2} vs {want2}");
+    assert!((want2 - base).abs() > 1e-3, "the change should matter");
+    let layers = 2.0;
+    assert!(
+        (prefix.forward_equivalents - (1.0 + 1.0 / layers)).abs() < 1e-9,
+        "layer 0 was not reused: {} forwards",
+        prefix.forward_equivalents
+    );
 }
 
 /// `--calib SOURCE[:WEIGHT],...`: parsing, windows shared by weight, sources sampled in order.

@@ -41,18 +41,25 @@ fn float_hessians(
     let mut out = Vec::new();
     for l in 0..layers {
         let mut hs = Vec::new();
-        calib::layer_staged(w, l, &mut x, seq_len, &rope, &mut |kinds, rows| {
-            let dim = rows.len() / tokens.len();
-            hs.push(if capped {
-                Hessian::from_rows_capped(rows, dim)
-            } else {
-                Hessian::from_rows(rows, dim)
-            });
-            Ok(kinds
-                .iter()
-                .map(|&k| w.module(ModuleId { layer: l, kind: k }).clone())
-                .collect())
-        })
+        forward::layer_staged(
+            w,
+            l,
+            &mut x,
+            forward::Rows::Sequences { seq_len },
+            &rope,
+            &mut |kinds, rows| {
+                let dim = rows.len() / tokens.len();
+                hs.push(if capped {
+                    Hessian::from_rows_capped(rows, dim)
+                } else {
+                    Hessian::from_rows(rows, dim)
+                });
+                Ok(kinds
+                    .iter()
+                    .map(|&k| w.module(ModuleId { layer: l, kind: k }).clone())
+                    .collect())
+            },
+        )
         .unwrap();
         out.push(hs);
     }
