@@ -16,36 +16,64 @@ use crate::error::Result;
 use crate::model::weights::ModuleId;
 use crate::quant::eqm::{Eqm, EqmModel};
 use crate::quant::evaluate::PrefixEval;
+use std::collections::HashMap;
 
 pub struct CalibEvaluator<'a> {
     pub model: &'a EqmModel,
     eval: PrefixEval,
     /// Measured single-swap sensitivities, when `measure_single_swaps` has run.
-    pub single: Option<SingleSwaps>,
-    /// Forward passes of the single-swap measurement, in whole-model equivalents.
-    single_forwards: f64,
+    pub measured: Option<Measured>,
 }
 
-/// Calibration ppl of QM(n_up) with one module lowered, for every module and lower bit-width,
-/// on a small token budget: the "measured" sensitivity.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct SingleSwaps {
-    pub tokens: usize,
-    pub start_ppl: f64,
-    pub n_up: u32,
-    /// `(module, bits, ppl)`
-    pub ppl: Vec<(usize, u32, f64)>,
+/// The "measured" sensitivity: the calibration-ppl change of a single swap on a small token
+/// budget, by `(module, from, to)`. Each move is measured from the EQM the search stands on
+/// when it first ranks that move: in a staged search, the static QM that starts the move's
+/// stage (QM(3) for a 3 -> 2 move, not QM(n_up)), so the interactions with every module already
+/// lowered are in the estimate. The same number of evaluations as measuring every move from
+/// QM(n_up) once.
+pub struct Measured {
+    tokens: Vec<u32>,
+    seq_len: usize,
+    pub deltas: HashMap<(usize, u32, u32), f64>,
+    /// Calibration-ppl evaluations spent (the bases included).
+    pub evaluations: usize,
+    forwards: f64,
 }
 
-impl SingleSwaps {
-    fn get(&self, module: usize, bits: u32) -> Option<f64> {
-        if bits == self.n_up {
-            return Some(self.start_ppl);
-        }
-        self.ppl
+impl Measured {
+    /// Measures the moves of `moves` not measured yet, each from `base`.
+    fn measure(
+        &mut self,
+        model: &EqmModel,
+        base: &Eqm,
+        moves: &[Move],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<()> {
+        let key = |m: &Move| (m.module, m.from, m.to);
+        let missing: Vec<&Move> = moves
             .iter()
-            .find(|e| e.0 == module && e.1 == bits)
-            .map(|e| e.2)
+            .filter(|m| !self.deltas.contains_key(&key(m)))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // Module order: each swap reruns only the layers from its own on (the base is kept).
+        let mut sub = PrefixEval::new(&self.tokens, self.seq_len, 2)?;
+        let p0 = sub.ppl(model, base)?;
+        for (i, mv) in missing.iter().enumerate() {
+            let mut e = base.clone();
+            e.bits[mv.module] = mv.to;
+            let d = sub.ppl(model, &e)? - p0;
+            self.deltas.insert(key(mv), d);
+            progress(i + 1, missing.len());
+        }
+        self.evaluations += missing.len() + 1;
+        self.forwards += sub.forward_equivalents;
+        Ok(())
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.tokens.len()
     }
 }
 
@@ -58,12 +86,13 @@ impl<'a> CalibEvaluator<'a> {
             model,
             eval: PrefixEval::new(&tokens[..whole], seq_len, cache_limit.max(1))
                 .expect("calibration of at least one sequence of 2 tokens"),
-            single: None,
-            single_forwards: 0.0,
+            measured: None,
         }
     }
 
-    /// Fills `single` from the first `tokens` calibration tokens; `progress(done, total)`.
+    /// Switches on the measured sensitivity on the first `tokens` calibration tokens and
+    /// measures the first level's moves from QM(n_up) (the search measures the later levels'
+    /// at their stage's start); `progress(done, total)`.
     pub fn measure_single_swaps(
         &mut self,
         avail: &crate::build::search::Available,
@@ -74,34 +103,31 @@ impl<'a> CalibEvaluator<'a> {
         let all: Vec<u32> = self.eval.seqs().concat();
         let tokens = tokens.min(all.len());
         let seq_len = self.eval.seqs()[0].len().min(tokens);
-        let mut sub = PrefixEval::new(&all[..tokens / seq_len * seq_len], seq_len, 2)?;
-        let start_ppl = sub.ppl(self.model, &start)?;
-        let moves: Vec<(usize, u32)> = avail
-            .bits
-            .iter()
-            .enumerate()
-            .flat_map(|(m, l)| l[1..].iter().map(move |&b| (m, b)))
+        let mut ms = Measured {
+            tokens: all[..tokens / seq_len * seq_len].to_vec(),
+            seq_len,
+            deltas: HashMap::new(),
+            evaluations: 0,
+            forwards: 0.0,
+        };
+        let moves: Vec<Move> = (0..start.bits.len())
+            .filter_map(|m| {
+                let from = start.bits[m];
+                avail.next_lower(m, from).map(|to| Move {
+                    module: m,
+                    from,
+                    to,
+                })
+            })
             .collect();
-        let mut ppl = Vec::with_capacity(moves.len());
-        for (i, &(m, b)) in moves.iter().enumerate() {
-            let mut e = start.clone();
-            e.bits[m] = b;
-            ppl.push((m, b, sub.ppl(self.model, &e)?));
-            progress(i + 1, moves.len());
-        }
-        self.single_forwards += sub.forward_equivalents;
-        self.single = Some(SingleSwaps {
-            tokens: sub.tokens(),
-            start_ppl,
-            n_up: start.bits[0],
-            ppl,
-        });
+        ms.measure(self.model, &start, &moves, progress)?;
+        self.measured = Some(ms);
         Ok(())
     }
 
     /// Forward passes run, in whole-model equivalents (a run from layer l counts (L-l)/L).
     pub fn forward_equivalents(&self) -> f64 {
-        self.eval.forward_equivalents + self.single_forwards
+        self.eval.forward_equivalents + self.measured.as_ref().map_or(0.0, |m| m.forwards)
     }
 
     /// Calibration ppl of one EQM, reusing the best cached prefix of layers.
@@ -128,16 +154,20 @@ impl Evaluator for CalibEvaluator<'_> {
             .unwrap_or(u64::MAX / 4)
     }
 
-    /// Damage per byte saved: the measured single-swap ppl increase when available, else the
-    /// increase of the module's relative output error.
-    fn sensitivity(&mut self, _eqm: &Eqm, moves: &[Move]) -> Result<Vec<f64>> {
+    /// Damage per byte saved: the measured single-swap ppl increase when switched on (moves
+    /// not measured yet are measured from `eqm`), else the increase of the module's relative
+    /// output error.
+    fn sensitivity(&mut self, eqm: &Eqm, moves: &[Move]) -> Result<Vec<f64>> {
+        if let Some(ms) = self.measured.as_mut() {
+            ms.measure(self.model, eqm, moves, &mut |_, _| {})?;
+        }
         moves
             .iter()
             .map(|m| {
                 let measured = self
-                    .single
+                    .measured
                     .as_ref()
-                    .and_then(|s| Some(s.get(m.module, m.to)? - s.get(m.module, m.from)?));
+                    .and_then(|s| s.deltas.get(&(m.module, m.from, m.to)).copied());
                 let d = match measured {
                     Some(d) => d,
                     None => {

@@ -180,7 +180,7 @@ fn sensitivity_study(
         .map(|i| i * n / samples.min(n))
         .collect();
     let (mut full, mut measured, mut proxy) = (vec![], vec![], vec![]);
-    let single = ev.single.take();
+    let measured_swaps = ev.measured.take();
     for (k, &m) in picks.iter().enumerate() {
         let Some(to) = avail.next_lower(m, start.bits[m]) else {
             continue;
@@ -194,14 +194,13 @@ fn sensitivity_study(
         e.bits[m] = to;
         full.push(ev.ppl(&e)? - base);
         proxy.push(ev.sensitivity(&start, &[mv])?[0]);
-        if let Some(sw) = &single {
-            let p = sw
-                .ppl
-                .iter()
-                .find(|x| x.0 == m && x.1 == to)
-                .map(|x| x.2)
-                .unwrap_or(f64::NAN);
-            measured.push(p - sw.start_ppl);
+        if let Some(ms) = &measured_swaps {
+            measured.push(
+                ms.deltas
+                    .get(&(m, mv.from, to))
+                    .copied()
+                    .unwrap_or(f64::NAN),
+            );
         }
         progress("sensitivity study", k + 1, picks.len(), f64::NAN);
     }
@@ -216,11 +215,11 @@ fn sensitivity_study(
     let proxy: Vec<f64> = proxy.iter().zip(&saved).map(|(p, s)| p * s).collect();
     let study = SensitivityStudy {
         samples: full.len(),
-        measured_tokens: single.as_ref().map_or(0, |s| s.tokens),
-        spearman_measured: single.as_ref().map(|_| spearman(&full, &measured)),
+        measured_tokens: measured_swaps.as_ref().map_or(0, |s| s.tokens()),
+        spearman_measured: measured_swaps.as_ref().map(|_| spearman(&full, &measured)),
         spearman_output_error: spearman(&full, &proxy),
     };
-    ev.single = single;
+    ev.measured = measured_swaps;
     Ok(study)
 }
 
@@ -535,7 +534,7 @@ pub fn build_ensemble(
             .iter()
             .map(|v| v.trajectory.evaluations)
             .sum::<usize>()
-            + ev.single.as_ref().map_or(0, |x| x.ppl.len())
+            + ev.measured.as_ref().map_or(0, |x| x.evaluations)
             + sensitivity.as_ref().map_or(0, |x| x.samples),
         sensitivity,
         forward_equivalents: ev.forward_equivalents(),

@@ -116,6 +116,47 @@ fn search_over_a_real_library() {
     let _ = ev.bytes(0, 4);
 }
 
+/// The measured sensitivity of a staged search: the first level's moves from QM(4) up front, the
+/// second level's from QM(3), where the search stands when it first ranks them.
+#[test]
+fn measured_sensitivities_start_from_each_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, lib) = tiny_library(dir.path());
+    let em = EqmModel::new(lib, &m.weights, &"0".repeat(64)).unwrap();
+    let tokens: Vec<u32> = (0..256u32).map(|i| (i * 17 + 3) % 250 + 3).collect();
+    let mut ev = CalibEvaluator::new(&em, &tokens, 128, 8);
+    let avail = Available::uniform(em.modules(), &[4, 3, 2]);
+    ev.measure_single_swaps(&avail, 64, &mut |_, _| {}).unwrap();
+    let ms = ev.measured.as_ref().unwrap();
+    assert_eq!(ms.deltas.len(), 14, "only the 4 -> 3 moves up front");
+    assert!(ms.deltas.keys().all(|&(_, from, to)| (from, to) == (4, 3)));
+    let opts = SearchOptions {
+        branch: 2,
+        stem: 1,
+        record_every: 1,
+        staged: true,
+    };
+    search(&mut ev, &avail, em.base_bytes() as u64, opts, |_, _, _| {}).unwrap();
+    let ms = ev.measured.as_ref().unwrap();
+    assert_eq!(ms.deltas.len(), 28, "every move measured once");
+    assert_eq!(ms.evaluations, 14 + 1 + 14 + 1);
+    // A 3 -> 2 move's damage, measured from QM(3) on the 64 sensitivity tokens.
+    let ppl = |e: &Eqm| {
+        perplexity(&em.weights(e).unwrap(), &tokens[..64], 64, 64, |_, _| {})
+            .unwrap()
+            .ppl
+    };
+    let qm3 = Eqm::uniform(14, 3);
+    let mut e = qm3.clone();
+    e.bits[9] = 2;
+    let want = ppl(&e) - ppl(&qm3);
+    let got = ms.deltas[&(9, 3, 2)];
+    assert!(
+        (got - want).abs() < 1e-6 * want.abs().max(1.0),
+        "{got} vs {want}"
+    );
+}
+
 #[test]
 fn packaged_ensemble_round_trips() {
     use flexquant::build::package::{
