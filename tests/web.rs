@@ -493,7 +493,7 @@ async fn requests(prefix: &str) -> u64 {
         .unwrap()
 }
 
-/// A nested ensemble (one bit-plane file per module, manifest version 3): once step 0 is
+/// A nested ensemble (one bit-plane file per module, manifest version 4): once step 0 is
 /// loaded and its files stored, a walk to the last step, back and half-way makes no request; each step
 /// holds exactly its packed footprint (the dropped planes' memory is freed), and step 0
 /// answers as before.

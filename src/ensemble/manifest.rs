@@ -24,13 +24,14 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
 pub const FORMAT: &str = "flexquant-ensemble";
-/// The newest version this runtime reads: 3 adds nested modules stored as bit-plane files
-/// (`ModuleVersion::levels`, `ensemble::planes`), 2 packs (`ensemble::pack`). The builder
-/// writes the oldest version that holds what it wrote: 1 for one file per version, 2 when
-/// packed, 3 with bit-plane files.
-pub const VERSION: u32 = 3;
-/// The first version with bit-plane files.
-pub const PLANES_VERSION: u32 = 3;
+/// The newest version this runtime reads: 4 stores the bit-plane files' lower grids in one byte
+/// per group, 3 added nested modules stored as bit-plane files (`ModuleVersion::levels`,
+/// `ensemble::planes`, two bytes per group: no longer read), 2 packs (`ensemble::pack`). The
+/// builder writes the oldest version that holds what it wrote: 1 for one file per version, 2
+/// when packed, 4 with bit-plane files.
+pub const VERSION: u32 = 4;
+/// The version of the bit-plane files this runtime reads (version 3's are refused).
+pub const PLANES_VERSION: u32 = 4;
 /// The oldest version this runtime reads.
 pub const MIN_VERSION: u32 = 1;
 /// Larger manifests are refused unread.
@@ -583,7 +584,9 @@ impl Manifest {
                 Some(levels) => {
                     if self.version < PLANES_VERSION {
                         return err(format!(
-                            "{}: bit-plane files need manifest version {PLANES_VERSION}, not {}",
+                            "{}: bit-plane files need manifest version {PLANES_VERSION}, not {} \
+                             (version 3 stored two-byte grids, which this runtime no longer \
+                             reads: rebuild the ensemble with this flexquant)",
                             v.file.file, self.version
                         ));
                     }

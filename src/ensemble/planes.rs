@@ -7,18 +7,22 @@
 //! planes are exactly as many bytes as the `k`-bit packed codes.
 //!
 //! Each level has its own per-group `(scale, zero)`. The top level's are f16 pairs
-//! (`pack2x16float`, `[rows][groups]`, as in `format`). A lower level's are stored as two
-//! signed bytes per group (`level_params`): its grid relative to the top level's grid
-//! coarsened by `2^shift` (scale `s · 2^shift`, zero at the middle of the merged bins), the
-//! scale times `1 + ds/128` and the zero moved by `dz/64` coarse steps. Exact f32 arithmetic,
-//! then f16 rounding, so every platform decodes the same parameters. Half the bytes of an f16
-//! pair: the lower levels of a 4 -> 2 module add 0.25 bit per weight instead of 1.
+//! (`pack2x16float`, `[rows][groups]`, as in `format`). A lower level's are stored as one byte
+//! per group (`level_params`): its grid relative to the top level's grid coarsened by
+//! `2^shift` (scale `s · 2^shift`, zero at the middle of the merged bins), the scale times
+//! `1 + ds/32` and the zero moved by `dz/16` coarse steps, `ds` and `dz` signed nibbles (-8..7).
+//! Exact f32 arithmetic, then f16 rounding, so every platform decodes the same parameters. A
+//! quarter of the bytes of an f16 pair: with groups of 64, each lower level adds 0.125 bit per
+//! weight (an 8 -> 2 module stores 5 lower levels in 0.625 bit instead of 2.5).
+//!
+//! Manifest version 3 stored two bytes per group (`ds/128`, `dz/64`); version 4 stores one, and
+//! plane files of version 3 are refused with a message to rebuild (`manifest::PLANES_VERSION`).
 //!
 //! File layout, levels ascending (`levels = [2, 3, 4]` for a 4 -> 2 span):
 //!
 //! ```text
 //! scales of the top level
-//! planes 0 .. levels[0]          deltas of levels[0]   (u16 per group, padded to a word)
+//! planes 0 .. levels[0]          deltas of levels[0]   (a byte per group, padded to a word)
 //! planes levels[0] .. levels[1]  deltas of levels[1]
 //! ...
 //! planes .. top
@@ -99,9 +103,9 @@ impl PlaneShape {
         }
     }
 
-    /// u32 words of a lower level's deltas (one u16 per group, padded to a word).
+    /// u32 words of a lower level's deltas (one byte per group, padded to a word).
     pub fn delta_words(&self) -> usize {
-        (self.rows * self.groups_per_row()).div_ceil(2)
+        (self.rows * self.groups_per_row()).div_ceil(4)
     }
 
     /// Lower levels below `k` (`inclusive`: and `k` itself if it is not the top).
@@ -144,10 +148,6 @@ impl PlaneShape {
     }
 }
 
-/// The `(scale, zero)` of a level `shift` bits below the top, from the top level's `(scale,
-/// zero)` and the stored delta `d` (`ds` in the low byte, `dz` in the high byte, both i8):
-/// the coarsened grid, scale times `1 + ds/128`, zero moved by `dz/64` coarse steps, rounded
-/// to f16. `d = 0` is the coarsened grid itself.
 /// The top level's grid `(scale, zero)` coarsened by `2^shift`: scale times `2^shift`, zero at
 /// the middle of the merged bins (unrounded f32; what a lower level's delta is relative to).
 pub fn coarse_grid((s, z): (f32, f32), shift: u32) -> (f32, f32) {
@@ -155,37 +155,48 @@ pub fn coarse_grid((s, z): (f32, f32), shift: u32) -> (f32, f32) {
     (s * m, z + s * ((m - 1.0) / 2.0))
 }
 
-pub fn level_params(top: (f32, f32), shift: u32, d: u16) -> (f32, f32) {
+/// A lower level's stored delta: `ds` in the low nibble, `dz` in the high one, both signed
+/// (-8..=7).
+pub fn delta_byte(ds: i32, dz: i32) -> u8 {
+    (ds.clamp(-8, 7) as u8 & 15) | (dz.clamp(-8, 7) as u8) << 4
+}
+
+/// The `(scale, zero)` of a level `shift` bits below the top, from the top level's `(scale,
+/// zero)` and the stored delta `d` (`delta_byte`): the coarsened grid, scale times
+/// `1 + ds/32`, zero moved by `dz/16` coarse steps, rounded to f16. `d = 0` is the coarsened
+/// grid itself.
+pub fn level_params(top: (f32, f32), shift: u32, d: u8) -> (f32, f32) {
     let (cs, cz) = coarse_grid(top, shift);
-    let (ds, dz) = (d as u8 as i8 as f32, (d >> 8) as u8 as i8 as f32);
-    let scale = cs * (1.0 + ds / 128.0);
-    let zero = cz + cs * (dz / 64.0);
+    let nibble = |x: u8| ((x << 4) as i8 >> 4) as f32;
+    let (ds, dz) = (nibble(d & 15), nibble(d >> 4));
+    let scale = cs * (1.0 + ds / 32.0);
+    let zero = cz + cs * (dz / 16.0);
     unpack_scale_zero(pack_scale_zero(scale, zero))
 }
 
 /// The delta that `level_params` turns into `want` (the f16 pair exactly), if there is one.
-pub fn level_delta(top: (f32, f32), shift: u32, want: (f32, f32)) -> Option<u16> {
+pub fn level_delta(top: (f32, f32), shift: u32, want: (f32, f32)) -> Option<u8> {
     let (cs, cz) = coarse_grid(top, shift);
     let guess = |x: f32| {
         if x.is_finite() {
-            x.round().clamp(-128.0, 127.0) as i32
+            x.round().clamp(-8.0, 7.0) as i32
         } else {
             0
         }
     };
     let (gs, gz) = if cs > 0.0 {
         (
-            guess((want.0 / cs - 1.0) * 128.0),
-            guess((want.1 - cz) / cs * 64.0),
+            guess((want.0 / cs - 1.0) * 32.0),
+            guess((want.1 - cz) / cs * 16.0),
         )
     } else {
         (0, 0)
     };
     let target = pack_scale_zero(want.0, want.1);
-    let near = |g: i32| (g - 2..=g + 2).filter(|v| (-128..=127).contains(v));
+    let near = |g: i32| (g - 2..=g + 2).filter(|v| (-8..=7).contains(v));
     for ds in near(gs) {
         for dz in near(gz) {
-            let d = (ds as i8 as u8 as u16) | ((dz as i8 as u8 as u16) << 8);
+            let d = delta_byte(ds, dz);
             let p = level_params(top, shift, d);
             if pack_scale_zero(p.0, p.1) == target {
                 return Some(d);
@@ -275,7 +286,7 @@ pub fn encode(levels: &[&PackedMatrix], what: &str) -> Result<(PlaneShape, Vec<u
             continue;
         }
         let shift = t - m.shape.bits;
-        let mut deltas = Vec::with_capacity(2 * shape.delta_words());
+        let mut deltas = Vec::with_capacity(4 * shape.delta_words());
         for (i, (&tw, &lw)) in top.scales.iter().zip(&m.scales).enumerate() {
             let d = level_delta(unpack_scale_zero(tw), shift, unpack_scale_zero(lw)).ok_or_else(
                 || {
@@ -289,7 +300,7 @@ pub fn encode(levels: &[&PackedMatrix], what: &str) -> Result<(PlaneShape, Vec<u
                     )
                 },
             )?;
-            deltas.extend(d.to_le_bytes());
+            deltas.push(d);
         }
         deltas.resize(4 * shape.delta_words(), 0);
         out.extend(deltas);
@@ -343,8 +354,7 @@ pub fn decode_level(shape: &PlaneShape, bytes: &[u8], k: u32, what: &str) -> Res
         let d0 = 4 * shape.deltas_at(k);
         (0..shape.scale_words())
             .map(|i| {
-                let d = u16::from_le_bytes([bytes[d0 + 2 * i], bytes[d0 + 2 * i + 1]]);
-                let (s, z) = level_params(unpack_scale_zero(word(i)), top - k, d);
+                let (s, z) = level_params(unpack_scale_zero(word(i)), top - k, bytes[d0 + i]);
                 pack_scale_zero(s, z)
             })
             .collect()

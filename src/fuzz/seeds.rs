@@ -135,11 +135,11 @@ fn planes_seed(top: &crate::ensemble::format::PackedMatrix) -> Result<Vec<u8>> {
         let shift = s.bits - b;
         let shifted: Vec<u8> = codes.iter().map(|&c| (c >> shift) as u8).collect();
         let shape = PackedShape::new(s.rows, s.cols, b, s.group)?;
-        // The coarsened grid, and some groups moved (deltas the file stores as two bytes).
+        // The coarsened grid, and some groups moved (deltas the file stores as one byte).
         let lower: Vec<(f32, f32)> = params
             .iter()
             .enumerate()
-            .map(|(i, &p)| level_params(p, shift, (i as u16 * 2654) & 0x3f3f))
+            .map(|(i, &p)| level_params(p, shift, (i as u32 * 2654 % 251) as u8))
             .collect();
         levels.push(PackedMatrix::from_codes(shape, &shifted, &lower));
     }

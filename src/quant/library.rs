@@ -47,9 +47,10 @@ use std::time::Instant;
 
 pub const MANIFEST: &str = "library.json";
 pub const FORMAT: &str = "flexquant-library";
-/// 2: nested levels' grids in the bit-plane files' two-byte form (`planes::level_params`).
-/// Version 1 libraries of independent versions are still read; a nested one is rebuilt.
-pub const VERSION: u32 = 2;
+/// 3: nested levels' grids in the bit-plane files' one-byte form (`planes::level_params`); 2
+/// had them in the two-byte form. Libraries of independent versions of any version are read;
+/// an older nested one is rebuilt.
+pub const VERSION: u32 = 3;
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -590,10 +591,10 @@ impl Library {
 
 fn validate(m: &Manifest, what: &str) -> Result<()> {
     let bad = |r: String| Err(Error::format(what, r));
-    let readable = m.version == VERSION || (m.version == 1 && m.nesting.is_none());
+    let readable = m.version == VERSION || (m.version < VERSION && m.nesting.is_none());
     if m.format != FORMAT || !readable {
         return bad(format!(
-            "format {:?} version {} (expected {FORMAT:?} version {VERSION}, or 1 without nesting)",
+            "format {:?} version {} (expected {FORMAT:?} version {VERSION}, or an older one without nesting)",
             m.format, m.version
         ));
     }

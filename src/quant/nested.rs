@@ -20,7 +20,7 @@
 //! search, the engines and the shards take it as they take an independent version.
 
 use crate::ensemble::format::{PackedMatrix, PackedShape, BITS};
-use crate::ensemble::planes::{coarse_grid, level_params};
+use crate::ensemble::planes::{coarse_grid, delta_byte, level_params};
 use crate::error::{Error, Result};
 use crate::quant::gptq::{self, GptqConfig, Grid, Prepared};
 use serde::{Deserialize, Serialize};
@@ -138,8 +138,8 @@ pub fn nested_gptq(
 /// on group `g`'s columns. A linear least-squares problem in 2 unknowns per group, solved
 /// exactly (f64 Cholesky of the `2G x 2G` normal equations): the compensation GPTQ would make
 /// with the codes, reduced to what a group's two parameters can express. Then put in the form
-/// the bit-plane file stores (`planes::level_params`: two signed bytes per group relative to
-/// the top level's grid coarsened by `2^shift`, the scale clamped to 0..2x of it, so never
+/// the bit-plane file stores (`planes::level_params`: one byte per group relative to the top
+/// level's grid coarsened by `2^shift`, the scale within 0.75..1.22x of it, so never
 /// negative). A row whose system is singular or whose stored solution is worse keeps the
 /// coarsened grid (`scale · 2^shift`, zero at the middle of the merged bins).
 fn refit_level(
@@ -165,7 +165,7 @@ fn refit_level(
         .zip(codes.par_chunks_exact(cols))
         .zip(top.par_chunks_exact(groups))
         .flat_map_iter(|((wr, cr), tr)| {
-            let coarse: Vec<(f32, f32)> = tr.iter().map(|&t| level_params(t, shift, 0)).collect();
+            let coarse = vec![0u8; groups];
             // H w and, per group k, H[:, k] c[k] (H is symmetric: rows of H).
             let mut hw = vec![0f32; cols];
             let mut hc = vec![0f32; groups * cols];
@@ -200,17 +200,23 @@ fn refit_level(
                 }
             }
             let whw: f64 = wr.iter().zip(&hw).map(|(x, y)| *x as f64 * *y as f64).sum();
-            let err = |p: &[(f32, f32)]| {
-                let t: Vec<f64> = p.iter().flat_map(|&(s, z)| [s as f64, z as f64]).collect();
+            let err = |d: &[u8]| {
+                let t: Vec<f64> = d
+                    .iter()
+                    .zip(tr)
+                    .flat_map(|(&d, &top)| {
+                        let (s, z) = level_params(top, shift, d);
+                        [s as f64, z as f64]
+                    })
+                    .collect();
                 let at: Vec<f64> = (0..n)
                     .map(|i| (0..n).map(|j| a[i * n + j] * t[j]).sum())
                     .collect();
                 whw - 2.0 * dot64(&t, &b) + dot64(&t, &at)
             };
-            // The packed format stores scales >= 0: a group the fit turns over keeps its
-            // coarsened grid.
-            // Each group's fit in the stored form (`planes::level_params`: the scale as a
-            // multiple 1 + ds/128 of the coarsened grid's, the zero moved by dz/64 of its step).
+            // Each group's fit rounded to the stored form (`planes::level_params`: the scale a
+            // multiple 1 + ds/32 of the coarsened grid's, so never negative, the zero moved by
+            // dz/16 of its step), then refined by `descend`.
             let solved = solve_spd(&a, &b, n).map(|t| {
                 t.chunks_exact(2)
                     .zip(tr)
@@ -218,27 +224,92 @@ fn refit_level(
                         let (cs, cz) = coarse_grid(top, shift);
                         let q = |x: f64| {
                             if x.is_finite() {
-                                x.round().clamp(-128.0, 127.0) as i8 as u8 as u16
+                                x.round().clamp(-8.0, 7.0) as i32
                             } else {
                                 0
                             }
                         };
-                        let d = if cs > 0.0 {
-                            let ds = q((p[0] / cs as f64 - 1.0) * 128.0);
-                            let dz = q((p[1] - cz as f64) / cs as f64 * 64.0);
-                            ds | dz << 8
+                        if cs > 0.0 {
+                            delta_byte(
+                                q((p[0] / cs as f64 - 1.0) * 32.0),
+                                q((p[1] - cz as f64) / cs as f64 * 16.0),
+                            )
                         } else {
                             0
-                        };
-                        level_params(top, shift, d)
+                        }
                     })
-                    .collect::<Vec<_>>()
+                    .collect::<Vec<u8>>()
             });
-            match solved {
+            let start: Vec<u8> = match solved {
                 Some(p) if err(&p) < err(&coarse) => p,
-                _ => coarse,
-            }
+                _ => vec![0; groups],
+            };
+            descend(&a, &b, n, tr, shift, start)
         })
+        .collect()
+}
+
+/// Rounding the least-squares grid to one byte per group independently loses much of the fit
+/// (the scale and zero errors of neighbouring groups do not cancel), so each group's byte is
+/// then chosen among all 256 by the row's exact objective `θᵀAθ - 2θᵀb`, the other groups
+/// fixed, sweeping the row until nothing improves (at most 4 sweeps): coordinate descent from
+/// the rounded solution, never worse than it. Returns each group's `(scale, zero)`.
+fn descend(
+    a: &[f64],
+    b: &[f64],
+    n: usize,
+    top: &[(f32, f32)],
+    shift: u32,
+    mut d: Vec<u8>,
+) -> Vec<(f32, f32)> {
+    let params = |g: usize, d: u8| {
+        let (s, z) = level_params(top[g], shift, d);
+        (s as f64, z as f64)
+    };
+    let mut t: Vec<f64> = (0..d.len())
+        .flat_map(|g| {
+            let (s, z) = params(g, d[g]);
+            [s, z]
+        })
+        .collect();
+    // r = Aθ - b: half the objective's gradient.
+    let mut r: Vec<f64> = (0..n)
+        .map(|i| dot64(&a[i * n..(i + 1) * n], &t) - b[i])
+        .collect();
+    for _ in 0..4 {
+        let mut moved = false;
+        for (g, dg) in d.iter_mut().enumerate() {
+            let (i, j) = (2 * g, 2 * g + 1);
+            let (ss, sz, zz) = (a[i * n + i], a[i * n + j], a[j * n + j]);
+            let (mut best, mut gain) = (*dg, -1e-12 * (ss + zz).abs());
+            for c in 0..=255u8 {
+                let (s, z) = params(g, c);
+                let (ds, dz) = (s - t[i], z - t[j]);
+                let delta = 2.0 * (ds * r[i] + dz * r[j])
+                    + ds * ds * ss
+                    + 2.0 * ds * dz * sz
+                    + dz * dz * zz;
+                if delta < gain {
+                    (best, gain) = (c, delta);
+                }
+            }
+            if best != *dg {
+                let (s, z) = params(g, best);
+                let (ds, dz) = (s - t[i], z - t[j]);
+                for (k, rk) in r.iter_mut().enumerate() {
+                    *rk += a[k * n + i] * ds + a[k * n + j] * dz;
+                }
+                (t[i], t[j], *dg) = (s, z, best);
+                moved = true;
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    d.iter()
+        .enumerate()
+        .map(|(g, &c)| level_params(top[g], shift, c))
         .collect()
 }
 

@@ -37,7 +37,7 @@ it('the demo ensemble loads and answers a question', { timeout: 900_000 }, async
     await shot(page, 'demo');
     // Pressure on the real model: it moves part-way down its trajectory (the default
     // pressure is half the span), and still answers in English there. With nested modules
-    // (one bit-plane file per module, manifest version 3) the swap reads what step 0 already
+    // (one bit-plane file per module, manifest version 4) the swap reads what step 0 already
     // brought, from the Cache API once the first load's files are stored: no request.
     const manifest = JSON.parse(readFileSync(join(SITE, 'ensemble', 'manifest.json'), 'utf8'));
     const nested = manifest.modules.every((v) => Array.isArray(v.levels));

@@ -447,10 +447,10 @@ fn packs_tile_exactly_and_need_version_2() {
     v3.version = 3;
     Manifest::from_bytes("manifest.json", v3.to_json().as_bytes()).unwrap();
     let mut bad = m.clone();
-    bad.version = 4;
+    bad.version = 5;
     reject(
         &bad,
-        "manifest version 4 is not supported (this runtime reads versions 1 to 3)",
+        "manifest version 5 is not supported (this runtime reads versions 1 to 4)",
     );
 
     let slice = |m: &mut Manifest, i: usize| m.modules[i].file.pack.clone().unwrap();
@@ -552,7 +552,7 @@ fn pack_plan_puts_first_use_first() {
 fn planes_sample() -> Manifest {
     use flexquant::ensemble::planes::PlaneShape;
     let mut m = sample();
-    m.version = 3;
+    m.version = 4;
     let c = m.config.clone();
     for v in m.modules.iter_mut() {
         let (r, cols) = v.kind.shape(&c);
@@ -595,7 +595,13 @@ fn bit_plane_versions_share_one_file_per_module_and_are_checked() {
 
     let mut bad = m.clone();
     bad.version = 2;
-    reject(&bad, "bit-plane files need manifest version 3, not 2");
+    reject(&bad, "bit-plane files need manifest version 4, not 2");
+    // Version 3's plane files (two-byte grids) are refused with what to do.
+    bad.version = 3;
+    reject(
+        &bad,
+        "version 3 stored two-byte grids, which this runtime no longer reads: rebuild",
+    );
     // The versions of one module must name their file identically.
     let mut bad = m.clone();
     bad.modules[1].levels = Some(vec![3, 4]);

@@ -226,7 +226,7 @@ fn a_nested_ensemble_stores_one_plane_file_per_module_and_walks_exactly() {
     let dir = nested_ensemble();
     let m = DirSource::open(dir).unwrap().manifest().clone();
     let plain = DirSource::open(ensemble()).unwrap().manifest().clone();
-    assert_eq!(m.version, 3);
+    assert_eq!(m.version, 4);
     assert!(m.modules.iter().all(|v| v.levels.is_some()));
     let files: std::collections::BTreeSet<&str> =
         m.modules.iter().map(|v| v.file.file.as_str()).collect();
