@@ -80,12 +80,20 @@ fn cached_evaluation_equals_full_forward() {
     assert!((spearman(&fulls, &fasts) - 1.0).abs() < 1e-9);
 }
 
+/// The tiny model, an EQM model over its library, and 256 calibration tokens.
+fn tiny_eqm_model(
+    dir: &std::path::Path,
+) -> (flexquant::model::load::LoadedModel, EqmModel, Vec<u32>) {
+    let (m, lib) = tiny_library(dir);
+    let em = EqmModel::new(lib, &m.weights, &"0".repeat(64)).unwrap();
+    let tokens: Vec<u32> = (0..256u32).map(|i| (i * 17 + 3) % 250 + 3).collect();
+    (m, em, tokens)
+}
+
 #[test]
 fn search_over_a_real_library() {
     let dir = tempfile::tempdir().unwrap();
-    let (m, lib) = tiny_library(dir.path());
-    let em = EqmModel::new(lib, &m.weights, &"0".repeat(64)).unwrap();
-    let tokens: Vec<u32> = (0..256u32).map(|i| (i * 17 + 3) % 250 + 3).collect();
+    let (m, em, tokens) = tiny_eqm_model(dir.path());
     let mut ev = CalibEvaluator::new(&em, &tokens, 128, 8);
     let avail = Available::uniform(em.modules(), &[4, 3, 2]);
     let base = em.base_bytes() as u64;
@@ -121,9 +129,7 @@ fn search_over_a_real_library() {
 #[test]
 fn measured_sensitivities_start_from_each_stage() {
     let dir = tempfile::tempdir().unwrap();
-    let (m, lib) = tiny_library(dir.path());
-    let em = EqmModel::new(lib, &m.weights, &"0".repeat(64)).unwrap();
-    let tokens: Vec<u32> = (0..256u32).map(|i| (i * 17 + 3) % 250 + 3).collect();
+    let (m, em, tokens) = tiny_eqm_model(dir.path());
     let mut ev = CalibEvaluator::new(&em, &tokens, 128, 8);
     let avail = Available::uniform(em.modules(), &[4, 3, 2]);
     ev.measure_single_swaps(&avail, 64, &mut |_, _| {}).unwrap();
@@ -165,9 +171,7 @@ fn packaged_ensemble_round_trips() {
     use flexquant::model::chat::Message;
     use flexquant::model::forward::{forward_all, KvCache};
     let dir = tempfile::tempdir().unwrap();
-    let (m, lib) = tiny_library(dir.path());
-    let em = EqmModel::new(lib, &m.weights, &"0".repeat(64)).unwrap();
-    let tokens: Vec<u32> = (0..256u32).map(|i| (i * 17 + 3) % 250 + 3).collect();
+    let (m, em, tokens) = tiny_eqm_model(dir.path());
     let mut ev = CalibEvaluator::new(&em, &tokens, 128, 8);
     let avail = Available::uniform(em.modules(), &[4, 3, 2]);
     let base = em.base_bytes() as u64;
