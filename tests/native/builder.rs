@@ -93,7 +93,7 @@ fn tiny_eqm_model(
 #[test]
 fn search_over_a_real_library() {
     let dir = tempfile::tempdir().unwrap();
-    let (m, em, tokens) = tiny_eqm_model(dir.path());
+    let (_, em, tokens) = tiny_eqm_model(dir.path());
     let mut ev = CalibEvaluator::new(&em, &tokens, 128, 8);
     let avail = Available::uniform(em.modules(), &[4, 3, 2]);
     let base = em.base_bytes() as u64;
@@ -129,7 +129,7 @@ fn search_over_a_real_library() {
 #[test]
 fn measured_sensitivities_start_from_each_stage() {
     let dir = tempfile::tempdir().unwrap();
-    let (m, em, tokens) = tiny_eqm_model(dir.path());
+    let (_, em, tokens) = tiny_eqm_model(dir.path());
     let mut ev = CalibEvaluator::new(&em, &tokens, 128, 8);
     let avail = Available::uniform(em.modules(), &[4, 3, 2]);
     ev.measure_single_swaps(&avail, 64, &mut |_, _| {}).unwrap();
