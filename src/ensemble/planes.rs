@@ -7,22 +7,25 @@
 //! planes are exactly as many bytes as the `k`-bit packed codes.
 //!
 //! Each level has its own per-group `(scale, zero)`. The top level's are f16 pairs
-//! (`pack2x16float`, `[rows][groups]`, as in `format`). A lower level's are stored as one byte
-//! per group (`level_params`): its grid relative to the top level's grid coarsened by
-//! `2^shift` (scale `s · 2^shift`, zero at the middle of the merged bins), the scale times
-//! `1 + ds/32` and the zero moved by `dz/16` coarse steps, `ds` and `dz` signed nibbles (-8..7).
-//! Exact f32 arithmetic, then f16 rounding, so every platform decodes the same parameters. A
-//! quarter of the bytes of an f16 pair: with groups of 64, each lower level adds 0.125 bit per
-//! weight (an 8 -> 2 module stores 5 lower levels in 0.625 bit instead of 2.5).
+//! (`pack2x16float`, `[rows][groups]`, as in `format`). A lower level's are stored relative to
+//! the top level's grid coarsened by `2^shift` (scale `s · 2^shift`, zero at the middle of the
+//! merged bins): the scale times `1 + ds/128` and the zero moved by `dz/64` coarse steps
+//! (`level_params`). A level 1 or 2 bits below the top stores `ds` and `dz` as two signed
+//! bytes per group; a level further down as one byte, two signed nibbles counting 4 units each
+//! (`narrow`: the scale within 0.75..1.22x, the zero within -0.5..0.44 coarse steps). Exact
+//! f32 arithmetic, then f16 rounding, so every platform decodes the same parameters. With
+//! groups of 64 a lower level adds 0.25 or 0.125 bit per weight (an 8 -> 2 module stores its
+//! five lower grids in 0.75 bit instead of 1.25). Measured (README): one byte lost nothing
+//! at 3 or more bits below the top, but 8-9% output error 1 and 2 bits below.
 //!
-//! Manifest version 3 stored two bytes per group (`ds/128`, `dz/64`); version 4 stores one, and
-//! plane files of version 3 are refused with a message to rebuild (`manifest::PLANES_VERSION`).
+//! Manifest version 3 stored two bytes for every lower level; version 4 as above, and plane
+//! files of version 3 are refused with a message to rebuild (`manifest::PLANES_VERSION`).
 //!
 //! File layout, levels ascending (`levels = [2, 3, 4]` for a 4 -> 2 span):
 //!
 //! ```text
 //! scales of the top level
-//! planes 0 .. levels[0]          deltas of levels[0]   (a byte per group, padded to a word)
+//! planes 0 .. levels[0]          deltas of levels[0]   (1 or 2 bytes per group, padded to a word)
 //! planes levels[0] .. levels[1]  deltas of levels[1]
 //! ...
 //! planes .. top
@@ -103,27 +106,27 @@ impl PlaneShape {
         }
     }
 
-    /// u32 words of a lower level's deltas (one byte per group, padded to a word).
-    pub fn delta_words(&self) -> usize {
-        (self.rows * self.groups_per_row()).div_ceil(4)
+    /// u32 words of lower level `k`'s deltas (`delta_bytes` per group, padded to a word).
+    pub fn delta_words(&self, k: u32) -> usize {
+        (self.rows * self.groups_per_row() * delta_bytes(self.top() - k)).div_ceil(4)
     }
 
-    /// Lower levels below `k` (`inclusive`: and `k` itself if it is not the top).
+    /// Delta words of the lower levels below `k` (`inclusive`: and `k` itself if it is not the
+    /// top).
     fn lower_up_to(&self, k: u32, inclusive: bool) -> usize {
         let top = self.top();
         self.levels
             .iter()
             .filter(|&&l| l != top && (l < k || (inclusive && l == k)))
-            .count()
+            .map(|&l| self.delta_words(l))
+            .sum()
     }
 
     /// Bytes of the file prefix that holds level `k`: the top level's scales, `k` planes and
     /// the deltas of every lower level up to `k`.
     pub fn prefix_bytes(&self, k: u32) -> Result<usize> {
         self.check_level(k)?;
-        Ok(4 * (self.scale_words()
-            + k as usize * self.plane_words()
-            + self.lower_up_to(k, true) * self.delta_words()))
+        Ok(4 * (self.scale_words() + k as usize * self.plane_words() + self.lower_up_to(k, true)))
     }
 
     /// Bytes of the whole file (the top level's prefix).
@@ -135,16 +138,12 @@ impl PlaneShape {
     /// Word offset of plane `j`.
     fn plane_at(&self, j: u32) -> usize {
         // Plane j follows planes 0..j and the deltas of every lower level l <= j.
-        self.scale_words()
-            + j as usize * self.plane_words()
-            + self.lower_up_to(j + 1, false) * self.delta_words()
+        self.scale_words() + j as usize * self.plane_words() + self.lower_up_to(j + 1, false)
     }
 
     /// Word offset of lower level `k`'s deltas (right after its last plane).
     fn deltas_at(&self, k: u32) -> usize {
-        self.scale_words()
-            + k as usize * self.plane_words()
-            + self.lower_up_to(k, false) * self.delta_words()
+        self.scale_words() + k as usize * self.plane_words() + self.lower_up_to(k, false)
     }
 }
 
@@ -155,48 +154,81 @@ pub fn coarse_grid((s, z): (f32, f32), shift: u32) -> (f32, f32) {
     (s * m, z + s * ((m - 1.0) / 2.0))
 }
 
-/// A lower level's stored delta: `ds` in the low nibble, `dz` in the high one, both signed
-/// (-8..=7).
-pub fn delta_byte(ds: i32, dz: i32) -> u8 {
-    (ds.clamp(-8, 7) as u8 & 15) | (dz.clamp(-8, 7) as u8) << 4
+/// Bytes per group of a lower level's delta `shift` bits below the top: 2 up to 2 bits below,
+/// then 1 (`narrow`).
+pub fn delta_bytes(shift: u32) -> usize {
+    if shift <= 2 {
+        2
+    } else {
+        1
+    }
+}
+
+/// A delta `ds | dz << 8` (i8 each) from its two fields, clamped.
+pub fn delta(ds: i32, dz: i32) -> u16 {
+    (ds.clamp(-128, 127) as i8 as u8 as u16) | ((dz.clamp(-128, 127) as i8 as u8 as u16) << 8)
+}
+
+/// The one-byte form of a delta: `ds/4` and `dz/4` as signed nibbles (low, high), when both
+/// fields are multiples of 4 within -32..=28.
+pub fn narrow(d: u16) -> Option<u8> {
+    let field = |x: u8| {
+        let v = x as i8 as i32;
+        (v % 4 == 0 && (-32..=28).contains(&v)).then_some((v / 4) as u8 & 15)
+    };
+    Some(field(d as u8)? | field((d >> 8) as u8)? << 4)
+}
+
+/// The delta a one-byte form stands for.
+pub fn widen(b: u8) -> u16 {
+    let nibble = |x: u8| ((x << 4) as i8 >> 4) as i32 * 4;
+    delta(nibble(b & 15), nibble(b >> 4))
 }
 
 /// The `(scale, zero)` of a level `shift` bits below the top, from the top level's `(scale,
-/// zero)` and the stored delta `d` (`delta_byte`): the coarsened grid, scale times
-/// `1 + ds/32`, zero moved by `dz/16` coarse steps, rounded to f16. `d = 0` is the coarsened
-/// grid itself.
-pub fn level_params(top: (f32, f32), shift: u32, d: u8) -> (f32, f32) {
+/// zero)` and the delta `d` (`ds` in the low byte, `dz` in the high byte, both i8): the
+/// coarsened grid, scale times `1 + ds/128`, zero moved by `dz/64` coarse steps, rounded to
+/// f16. `d = 0` is the coarsened grid itself.
+pub fn level_params(top: (f32, f32), shift: u32, d: u16) -> (f32, f32) {
     let (cs, cz) = coarse_grid(top, shift);
-    let nibble = |x: u8| ((x << 4) as i8 >> 4) as f32;
-    let (ds, dz) = (nibble(d & 15), nibble(d >> 4));
-    let scale = cs * (1.0 + ds / 32.0);
-    let zero = cz + cs * (dz / 16.0);
+    let (ds, dz) = (d as u8 as i8 as f32, (d >> 8) as u8 as i8 as f32);
+    let scale = cs * (1.0 + ds / 128.0);
+    let zero = cz + cs * (dz / 64.0);
     unpack_scale_zero(pack_scale_zero(scale, zero))
 }
 
-/// The delta that `level_params` turns into `want` (the f16 pair exactly), if there is one.
-pub fn level_delta(top: (f32, f32), shift: u32, want: (f32, f32)) -> Option<u8> {
+/// The delta, storable `shift` bits below the top (`delta_bytes`), that `level_params` turns
+/// into `want` (the f16 pair exactly), if there is one.
+pub fn level_delta(top: (f32, f32), shift: u32, want: (f32, f32)) -> Option<u16> {
     let (cs, cz) = coarse_grid(top, shift);
+    let step = if delta_bytes(shift) == 1 { 4 } else { 1 };
     let guess = |x: f32| {
         if x.is_finite() {
-            x.round().clamp(-8.0, 7.0) as i32
+            (x / step as f32).round().clamp(-128.0, 127.0) as i32 * step
         } else {
             0
         }
     };
     let (gs, gz) = if cs > 0.0 {
         (
-            guess((want.0 / cs - 1.0) * 32.0),
-            guess((want.1 - cz) / cs * 16.0),
+            guess((want.0 / cs - 1.0) * 128.0),
+            guess((want.1 - cz) / cs * 64.0),
         )
     } else {
         (0, 0)
     };
     let target = pack_scale_zero(want.0, want.1);
-    let near = |g: i32| (g - 2..=g + 2).filter(|v| (-8..=7).contains(v));
+    let near = |g: i32| {
+        (-2..=2)
+            .map(move |i| g + i * step)
+            .filter(|v| (-128..=127).contains(v))
+    };
     for ds in near(gs) {
         for dz in near(gz) {
-            let d = delta_byte(ds, dz);
+            let d = delta(ds, dz);
+            if step == 4 && narrow(d).is_none() {
+                continue;
+            }
             let p = level_params(top, shift, d);
             if pack_scale_zero(p.0, p.1) == target {
                 return Some(d);
@@ -286,7 +318,7 @@ pub fn encode(levels: &[&PackedMatrix], what: &str) -> Result<(PlaneShape, Vec<u
             continue;
         }
         let shift = t - m.shape.bits;
-        let mut deltas = Vec::with_capacity(4 * shape.delta_words());
+        let mut deltas = Vec::with_capacity(4 * shape.delta_words(m.shape.bits));
         for (i, (&tw, &lw)) in top.scales.iter().zip(&m.scales).enumerate() {
             let d = level_delta(unpack_scale_zero(tw), shift, unpack_scale_zero(lw)).ok_or_else(
                 || {
@@ -300,9 +332,12 @@ pub fn encode(levels: &[&PackedMatrix], what: &str) -> Result<(PlaneShape, Vec<u
                     )
                 },
             )?;
-            deltas.push(d);
+            match narrow(d) {
+                Some(b) if delta_bytes(shift) == 1 => deltas.push(b),
+                _ => deltas.extend(d.to_le_bytes()),
+            }
         }
-        deltas.resize(4 * shape.delta_words(), 0);
+        deltas.resize(4 * shape.delta_words(m.shape.bits), 0);
         out.extend(deltas);
     }
     debug_assert_eq!(out.len(), shape.bytes());
@@ -354,7 +389,11 @@ pub fn decode_level(shape: &PlaneShape, bytes: &[u8], k: u32, what: &str) -> Res
         let d0 = 4 * shape.deltas_at(k);
         (0..shape.scale_words())
             .map(|i| {
-                let (s, z) = level_params(unpack_scale_zero(word(i)), top - k, bytes[d0 + i]);
+                let d = match delta_bytes(top - k) {
+                    1 => widen(bytes[d0 + i]),
+                    _ => u16::from_le_bytes([bytes[d0 + 2 * i], bytes[d0 + 2 * i + 1]]),
+                };
+                let (s, z) = level_params(unpack_scale_zero(word(i)), top - k, d);
                 pack_scale_zero(s, z)
             })
             .collect()

@@ -123,7 +123,7 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
 /// format down to 2 bits, each the top bits of `top`'s codes, on grids derived from `top`'s.
 fn planes_seed(top: &crate::ensemble::format::PackedMatrix) -> Result<Vec<u8>> {
     use crate::ensemble::format::{unpack_scale_zero, PackedMatrix, PackedShape, BITS};
-    use crate::ensemble::planes::level_params;
+    use crate::ensemble::planes::{delta_bytes, level_params, widen};
     let s = top.shape;
     let params: Vec<(f32, f32)> = top.scales.iter().map(|&w| unpack_scale_zero(w)).collect();
     let codes: Vec<u32> = (0..s.rows)
@@ -135,11 +135,18 @@ fn planes_seed(top: &crate::ensemble::format::PackedMatrix) -> Result<Vec<u8>> {
         let shift = s.bits - b;
         let shifted: Vec<u8> = codes.iter().map(|&c| (c >> shift) as u8).collect();
         let shape = PackedShape::new(s.rows, s.cols, b, s.group)?;
-        // The coarsened grid, and some groups moved (deltas the file stores as one byte).
+        // The coarsened grid, and some groups moved (deltas the file stores in one or two bytes).
         let lower: Vec<(f32, f32)> = params
             .iter()
             .enumerate()
-            .map(|(i, &p)| level_params(p, shift, (i as u32 * 2654 % 251) as u8))
+            .map(|(i, &p)| {
+                let d = if delta_bytes(shift) == 1 {
+                    widen((i as u32 * 2654 % 251) as u8)
+                } else {
+                    (i as u16 * 2654) & 0x3f3f
+                };
+                level_params(p, shift, d)
+            })
             .collect();
         levels.push(PackedMatrix::from_codes(shape, &shifted, &lower));
     }

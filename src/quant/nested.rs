@@ -20,7 +20,7 @@
 //! search, the engines and the shards take it as they take an independent version.
 
 use crate::ensemble::format::{PackedMatrix, PackedShape, BITS};
-use crate::ensemble::planes::{coarse_grid, delta_byte, level_params};
+use crate::ensemble::planes::{coarse_grid, delta, delta_bytes, level_params, widen};
 use crate::error::{Error, Result};
 use crate::quant::gptq::{self, GptqConfig, Grid, Prepared};
 use serde::{Deserialize, Serialize};
@@ -138,9 +138,10 @@ pub fn nested_gptq(
 /// on group `g`'s columns. A linear least-squares problem in 2 unknowns per group, solved
 /// exactly (f64 Cholesky of the `2G x 2G` normal equations): the compensation GPTQ would make
 /// with the codes, reduced to what a group's two parameters can express. Then put in the form
-/// the bit-plane file stores (`planes::level_params`: one byte per group relative to the top
-/// level's grid coarsened by `2^shift`, the scale within 0.75..1.22x of it, so never
-/// negative). A row whose system is singular or whose stored solution is worse keeps the
+/// the bit-plane file stores (`planes::level_params`: relative to the top level's grid
+/// coarsened by `2^shift`, in two bytes per group 1 or 2 bits below the top, the scale within
+/// 0..2x of it, and in one byte further down, the scale within 0.75..1.22x, then refined by
+/// `descend`; never negative). A row whose system is singular or whose stored solution is worse keeps the
 /// coarsened grid (`scale · 2^shift`, zero at the middle of the merged bins).
 fn refit_level(
     w: &[f32],
@@ -165,7 +166,7 @@ fn refit_level(
         .zip(codes.par_chunks_exact(cols))
         .zip(top.par_chunks_exact(groups))
         .flat_map_iter(|((wr, cr), tr)| {
-            let coarse = vec![0u8; groups];
+            let coarse = vec![0u16; groups];
             // H w and, per group k, H[:, k] c[k] (H is symmetric: rows of H).
             let mut hw = vec![0f32; cols];
             let mut hc = vec![0f32; groups * cols];
@@ -200,7 +201,7 @@ fn refit_level(
                 }
             }
             let whw: f64 = wr.iter().zip(&hw).map(|(x, y)| *x as f64 * *y as f64).sum();
-            let err = |d: &[u8]| {
+            let err = |d: &[u16]| {
                 let t: Vec<f64> = d
                     .iter()
                     .zip(tr)
@@ -215,54 +216,69 @@ fn refit_level(
                 whw - 2.0 * dot64(&t, &b) + dot64(&t, &at)
             };
             // Each group's fit rounded to the stored form (`planes::level_params`: the scale a
-            // multiple 1 + ds/32 of the coarsened grid's, so never negative, the zero moved by
-            // dz/16 of its step), then refined by `descend`.
+            // multiple 1 + ds/128 of the coarsened grid's, so never negative, the zero moved by
+            // dz/64 of its step; multiples of 4 in one byte).
+            let narrow = delta_bytes(shift) == 1;
             let solved = solve_spd(&a, &b, n).map(|t| {
                 t.chunks_exact(2)
                     .zip(tr)
                     .map(|(p, &top)| {
                         let (cs, cz) = coarse_grid(top, shift);
+                        let step = if narrow { 4.0 } else { 1.0 };
                         let q = |x: f64| {
                             if x.is_finite() {
-                                x.round().clamp(-8.0, 7.0) as i32
+                                ((x / step).round() * step) as i32
                             } else {
                                 0
                             }
                         };
-                        if cs > 0.0 {
-                            delta_byte(
-                                q((p[0] / cs as f64 - 1.0) * 32.0),
-                                q((p[1] - cz as f64) / cs as f64 * 16.0),
+                        let (ds, dz) = if cs > 0.0 {
+                            (
+                                q((p[0] / cs as f64 - 1.0) * 128.0),
+                                q((p[1] - cz as f64) / cs as f64 * 64.0),
                             )
                         } else {
-                            0
+                            (0, 0)
+                        };
+                        if narrow {
+                            delta(ds.clamp(-32, 28), dz.clamp(-32, 28))
+                        } else {
+                            delta(ds, dz)
                         }
                     })
-                    .collect::<Vec<u8>>()
+                    .collect::<Vec<u16>>()
             });
-            let start: Vec<u8> = match solved {
+            let start = match solved {
                 Some(p) if err(&p) < err(&coarse) => p,
-                _ => vec![0; groups],
+                _ => coarse,
             };
-            descend(&a, &b, n, tr, shift, start)
+            if narrow {
+                descend(&a, &b, n, tr, shift, start)
+            } else {
+                start
+                    .iter()
+                    .zip(tr)
+                    .map(|(&d, &t)| level_params(t, shift, d))
+                    .collect()
+            }
         })
         .collect()
 }
 
-/// Rounding the least-squares grid to one byte per group independently loses much of the fit
-/// (the scale and zero errors of neighbouring groups do not cancel), so each group's byte is
-/// then chosen among all 256 by the row's exact objective `θᵀAθ - 2θᵀb`, the other groups
-/// fixed, sweeping the row until nothing improves (at most 4 sweeps): coordinate descent from
-/// the rounded solution, never worse than it. Returns each group's `(scale, zero)`.
+/// Rounding the least-squares grid to one byte per group (`planes::narrow`) independently loses
+/// much of the fit (the scale and zero errors of neighbouring groups do not cancel), so each
+/// group's byte is then chosen among all 256 by the row's exact objective `θᵀAθ - 2θᵀb`, the
+/// other groups fixed, sweeping the row until nothing improves (at most 4 sweeps): coordinate
+/// descent from the rounded solution, never worse than it. Returns each group's `(scale, zero)`.
 fn descend(
     a: &[f64],
     b: &[f64],
     n: usize,
     top: &[(f32, f32)],
     shift: u32,
-    mut d: Vec<u8>,
+    mut d: Vec<u16>,
 ) -> Vec<(f32, f32)> {
-    let params = |g: usize, d: u8| {
+    let params = |g: usize, d: u16| {
         let (s, z) = level_params(top[g], shift, d);
         (s as f64, z as f64)
     };
@@ -282,7 +298,7 @@ fn descend(
             let (i, j) = (2 * g, 2 * g + 1);
             let (ss, sz, zz) = (a[i * n + i], a[i * n + j], a[j * n + j]);
             let (mut best, mut gain) = (*dg, -1e-12 * (ss + zz).abs());
-            for c in 0..=255u8 {
+            for c in (0..=255u8).map(widen) {
                 let (s, z) = params(g, c);
                 let (ds, dz) = (s - t[i], z - t[j]);
                 let delta = 2.0 * (ds * r[i] + dz * r[j])

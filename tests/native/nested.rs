@@ -226,26 +226,35 @@ fn bit_plane_files_hold_every_level_as_a_prefix() {
                 let (shape, bytes) = encode(&mats, &what).unwrap();
                 assert_eq!(bytes.len(), shape.bytes(), "{what}");
                 let top = mats[0].shape;
-                // The whole file: the top level's codes and scales, and a byte per group for
-                // each lower level.
-                assert_eq!(
-                    shape.bytes(),
-                    top.bytes() + (bits.len() - 1) * 4 * shape.delta_words(),
-                    "{what}"
-                );
-                assert_eq!(4 * shape.delta_words(), top.scale_words().div_ceil(4) * 4);
+                // The whole file: the top level's codes and scales, and per lower level two
+                // bytes per group up to 2 bits below the top, one byte further down.
+                let lower_words: usize = bits
+                    .iter()
+                    .filter(|&&b| b != top.bits)
+                    .map(|&b| shape.delta_words(b))
+                    .sum();
+                assert_eq!(shape.bytes(), top.bytes() + 4 * lower_words, "{what}");
+                for &b in bits.iter().filter(|&&b| b != top.bits) {
+                    let per_group = if top.bits - b <= 2 { 2 } else { 1 };
+                    assert_eq!(
+                        4 * shape.delta_words(b),
+                        (per_group * top.scale_words()).div_ceil(4) * 4
+                    );
+                }
                 let mut last_prefix = 0;
                 for m in &mats {
                     let k = m.shape.bits;
                     let prefix = shape.prefix_bytes(k).unwrap();
                     // k planes are as many bytes as k-bit packed codes; then the top level's
                     // scales and the deltas of the lower levels up to k.
-                    let lower = bits.iter().filter(|&&b| b <= k && b != top.bits).count();
+                    let lower: usize = bits
+                        .iter()
+                        .filter(|&&b| b <= k && b != top.bits)
+                        .map(|&b| shape.delta_words(b))
+                        .sum();
                     assert_eq!(
                         prefix,
-                        4 * (m.shape.code_words()
-                            + top.scale_words()
-                            + lower * shape.delta_words()),
+                        4 * (m.shape.code_words() + top.scale_words() + lower),
                         "{what} {k}"
                     );
                     assert!(last_prefix == 0 || prefix < last_prefix, "{what}");
@@ -270,8 +279,8 @@ fn bit_plane_files_hold_every_level_as_a_prefix() {
 }
 
 #[test]
-fn level_params_round_trip_through_their_byte() {
-    use flexquant::ensemble::planes::{level_delta, level_params};
+fn level_params_round_trip_through_their_stored_bytes() {
+    use flexquant::ensemble::planes::{delta_bytes, level_delta, level_params, narrow, widen};
     let mut rng = Rng::new(16);
     for _ in 0..2000 {
         let top = (rng.next_f32() * 0.05, (rng.next_f32() - 0.5) * 0.4);
@@ -279,10 +288,17 @@ fn level_params_round_trip_through_their_byte() {
             flexquant::ensemble::format::pack_scale_zero(top.0, top.1),
         );
         for shift in 1..=6 {
-            let d = (rng.next_f32() * 256.0) as u8;
+            let d = if delta_bytes(shift) == 1 {
+                let b = (rng.next_f32() * 256.0) as u8;
+                assert_eq!(narrow(widen(b)), Some(b));
+                widen(b)
+            } else {
+                (rng.next_f32() * 65536.0) as u16
+            };
             let p = level_params(top, shift, d);
             assert!(p.0 >= 0.0 && p.0.is_finite() && p.1.is_finite());
             let back = level_delta(top, shift, p).expect("expressible");
+            assert!(delta_bytes(shift) == 2 || narrow(back).is_some());
             assert_eq!(level_params(top, shift, back), p, "{top:?} {shift} {d:#x}");
         }
     }
