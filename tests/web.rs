@@ -500,7 +500,7 @@ async fn requests(prefix: &str) -> u64 {
 #[wasm_bindgen_test]
 async fn nested_ensembles_walk_every_step_without_another_download() {
     let manifest = server_get("/nested/manifest.json").await;
-    assert_eq!(manifest["version"], 3);
+    assert_eq!(manifest["version"], 4);
     let conv = [user("Tell me about Elizabeth.")];
     let cache = format!("nested-{}", js_sys::Math::random());
     let policy = json!({"up_delay_ms": 0.0, "fault_cooldown_ms": 0.0, "max_up_growth": 100.0});
