@@ -110,16 +110,7 @@ impl<'a> CalibEvaluator<'a> {
             evaluations: 0,
             forwards: 0.0,
         };
-        let moves: Vec<Move> = (0..start.bits.len())
-            .filter_map(|m| {
-                let from = start.bits[m];
-                avail.next_lower(m, from).map(|to| Move {
-                    module: m,
-                    from,
-                    to,
-                })
-            })
-            .collect();
+        let moves = crate::build::search::legal_moves(avail, &start, 0);
         ms.measure(self.model, &start, &moves, progress)?;
         self.measured = Some(ms);
         Ok(())

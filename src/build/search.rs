@@ -165,7 +165,7 @@ impl Floor {
 }
 
 /// Every one-level-down move of `eqm` that stays at or above `floor` bits.
-fn legal_moves(avail: &Available, eqm: &Eqm, floor: u32) -> Vec<Move> {
+pub fn legal_moves(avail: &Available, eqm: &Eqm, floor: u32) -> Vec<Move> {
     (0..eqm.bits.len())
         .filter_map(|m| {
             let from = eqm.bits[m];

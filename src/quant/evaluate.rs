@@ -157,13 +157,15 @@ impl PrefixEval {
         let n_full = self.seqs.iter().take_while(|s| s.len() == full).count();
         let split = n_full * full * h;
         let rope = Rope::new(c.rope_theta, c.head_dim(), 0, full);
-        let rest = self.seqs.get(n_full).map(|s| s.len());
+        let rest = self
+            .seqs
+            .get(n_full)
+            .map(|s| (s.len(), Rope::new(c.rope_theta, c.head_dim(), 0, s.len())));
         for l in from..c.num_hidden_layers {
             let (a, b) = x.split_at_mut(split);
             forward::layer_seqs(w, l, a, full, &rope);
-            if let Some(len) = rest {
-                let rope = Rope::new(c.rope_theta, c.head_dim(), 0, len);
-                forward::layer_seqs(w, l, b, len, &rope);
+            if let Some((len, rope)) = &rest {
+                forward::layer_seqs(w, l, b, *len, rope);
             }
             if let Some(o) = out.as_deref_mut() {
                 o.push(Arc::new(x.to_vec()));
@@ -185,7 +187,13 @@ impl PrefixEval {
         total
     }
 
+    /// Embeddings of every window, after checking the windows fit the model's context.
     fn embed(&self, w: &Weights) -> Result<Vec<f32>> {
+        check_window(
+            self.seqs[0].len(),
+            self.seqs[0].len(),
+            w.config.max_position_embeddings,
+        )?;
         Ok(self
             .seqs
             .iter()

@@ -692,6 +692,13 @@ fn scores_and_prefix_cached_perplexity_equal_the_plain_evaluation() {
     let mut prefix = PrefixEval::new(&tokens, ctx, 0).unwrap();
     let got = prefix.ppl_of(&w).unwrap();
     assert!((got - want).abs() < 1e-6 * want, "{got} vs {want}");
+    // Windows longer than the model's context are an input error naming the window.
+    let long: Vec<u32> = (0..600).map(|i| (i * 31 % 250) as u32).collect();
+    let e = PrefixEval::new(&long, 600, 0)
+        .unwrap()
+        .ppl_of(&w)
+        .unwrap_err();
+    assert!(e.to_string().contains("--ctx 600"), "{e}");
 
     // The single-swap check over a tiny library: one entry per module, deltas vs QM(8).
     let tmp = tempfile::tempdir().unwrap();
