@@ -824,12 +824,14 @@ async fn a_device_lost_behind_the_engines_back_is_noticed_and_recovered() {
 }
 
 /// The packed CPU backend's kernel in wasm (simd128) against the weights its codes mean, for
-/// every bit-width and group size on an odd shape.
+/// every bit-width and group size on an odd shape, and the plane-reading kernel against it.
 #[wasm_bindgen_test]
 fn cpu_kernel_matches_fake_quant_in_wasm() {
     use flexquant::cpu::act::Q16;
     use flexquant::cpu::kernel::matmul;
+    use flexquant::cpu::planes::{matmul_planes, quantize_for};
     use flexquant::ensemble::format::{PackedMatrix, PackedShape, BITS, GROUP_SIZES};
+    use flexquant::ensemble::plane_level::PlaneLevel;
     let (rows, cols, t) = (13, 150, 5);
     for bits in BITS {
         for group in GROUP_SIZES {
@@ -848,6 +850,33 @@ fn cpu_kernel_matches_fake_quant_in_wasm() {
             let a = Q16::quantize(&x, t, &m.shape);
             let mut y = vec![0f32; t * rows];
             matmul(&m, &a, &mut y);
+            // The plane-reading kernel (simd128 too) computes the same integer dot products;
+            // its f32 lanes hold other columns than the packed kernel's (another lane order),
+            // so the sums agree to f32 rounding, exactly where the orders are the same.
+            let p = PlaneLevel::from_packed(&m);
+            assert_eq!(
+                p.to_packed(),
+                m,
+                "{bits} bits, group {group}: planes repacked"
+            );
+            let mut yp = vec![0f32; t * rows];
+            matmul_planes(&p, &quantize_for(&p, &x, t), &mut yp);
+            let diff = yp
+                .iter()
+                .zip(&y)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                diff <= 1e-5 * scale,
+                "{bits} bits, group {group}: plane kernel off by {diff}"
+            );
+            if [5, 8].contains(&bits) {
+                assert_eq!(
+                    yp, y,
+                    "{bits} bits, group {group}: same lane order, same outputs"
+                );
+            }
             let (mut err, mut norm) = (0f64, 0f64);
             for k in 0..t {
                 for r in 0..rows {

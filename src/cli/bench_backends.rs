@@ -56,6 +56,66 @@ fn speed(model: &mut CpuModel, prompt: &[u32]) -> Result<(f64, f64)> {
     Ok((prefill, DECODE_TOKENS as f64 / t.elapsed().as_secs_f64()))
 }
 
+/// The packed and the plane-reading kernels on the same matrices (`cpu::probe`), per
+/// bit-width: 8 MB of weights, one token, best of 7 passes.
+fn plane_kernel() -> Result<Vec<serde_json::Value>> {
+    use flexquant::cpu::probe::{dot_kernel_gbs, Layout};
+    let now = flexquant::runtime::clock::now_ms;
+    let mut rows = Vec::new();
+    for bits in [8, 6, 5, 4, 3, 2] {
+        let packed = dot_kernel_gbs(8e6, bits, Layout::Packed, 7, now)?;
+        let planes = dot_kernel_gbs(8e6, bits, Layout::Planes, 7, now)?;
+        eprintln!("[{bits}-bit kernel: packed {packed:.2} GB/s, planes {planes:.2} GB/s]");
+        rows.push(
+            json!({"bits": bits, "packed_gbs": packed, "planes_gbs": planes,
+            "planes_vs_packed": planes / packed}),
+        );
+    }
+    Ok(rows)
+}
+
+/// A step down of every nested module of the ensemble by one level, two ways: held as planes
+/// (`PlaneLevel::step_down`: drop the last plane, read the level's grid) and as packed codes
+/// (`planes::decode_level` of the lower level from the cached file, what the CPU backend does).
+/// Seconds for all modules, or null for an ensemble without bit-plane files.
+fn step_down_seconds<S: ByteSource>(source: &S) -> Result<serde_json::Value>
+where
+    S::Error: std::fmt::Display,
+{
+    use flexquant::ensemble::plane_level::PlaneLevel;
+    use flexquant::ensemble::planes::{decode_level, PlaneShape};
+    let m = source.manifest();
+    let mut seen = std::collections::HashSet::new();
+    let (mut modules, mut planes_s, mut packed_s) = (0, 0.0, 0.0);
+    for v in &m.modules {
+        let Some(levels) = v.levels.as_ref().filter(|l| l.len() > 1) else {
+            continue;
+        };
+        if !seen.insert(v.file.file.clone()) {
+            continue;
+        }
+        let (rows, cols) = v.kind.shape(&m.config);
+        let shape = PlaneShape::new(rows, cols, m.quantizer.group_size, levels)?;
+        let bytes = pollster::block_on(source.files(std::slice::from_ref(&v.file), "bench"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .remove(0);
+        let (top, k) = (shape.top(), levels[levels.len() - 2]);
+        let what = &v.file.file;
+        let mut level = PlaneLevel::from_file(&shape, &bytes, top, what)?;
+        let t = Instant::now();
+        level.step_down(&shape, &bytes, k, what)?;
+        planes_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        std::hint::black_box(decode_level(&shape, &bytes, k, what)?);
+        packed_s += t.elapsed().as_secs_f64();
+        modules += 1;
+    }
+    if modules == 0 {
+        return Ok(serde_json::Value::Null);
+    }
+    Ok(json!({"modules": modules, "planes_seconds": planes_s, "repack_seconds": packed_s}))
+}
+
 fn mean_bits(bits: &[u32]) -> f64 {
     bits.iter().map(|&b| b as f64).sum::<f64>() / bits.len() as f64
 }
@@ -119,6 +179,9 @@ pub fn run(ensemble: &Path, text: &Path, out_dir: &Path) -> Result<()> {
             go(&mut e.run, 0)?;
         }
     }
+    let plane_kernel = plane_kernel()?;
+    let step_down = step_down_seconds(&walk.source)?;
+    eprintln!("[one level down, every nested module: {step_down}]");
     let top = &rows[0];
     let decode0 = top["native_tok_s"].as_f64().unwrap_or(0.0);
     let bytes0 = m.trajectory[0].footprint_bytes as f64;
@@ -137,6 +200,8 @@ pub fn run(ensemble: &Path, text: &Path, out_dir: &Path) -> Result<()> {
         "decode_tok_s_by_step": rows,
         "native_swap": swap,
         "cpu_swap_tokens_native": swap.as_ref().map(|s| s["tokens"].clone()),
+        "plane_kernel": plane_kernel,
+        "nested_step_down": step_down,
     });
     std::fs::create_dir_all(out_dir)?;
     let out = out_dir.join("backends.json");

@@ -75,11 +75,15 @@ pub struct Q16 {
 impl Q16 {
     /// Quantizes `x` (`[rows][shape.cols]`) for matrices of `shape`'s bits and group.
     pub fn quantize(x: &[f32], rows: usize, shape: &PackedShape) -> Q16 {
+        Self::quantize_in(x, rows, shape, &lane_order(shape.bits))
+    }
+
+    /// `quantize` with each block in the lane order `order` (`order[lane]` = input index).
+    pub fn quantize_in(x: &[f32], rows: usize, shape: &PackedShape, order: &[usize; BLOCK]) -> Q16 {
         let (cols, group) = (shape.cols, shape.group);
         assert_eq!(x.len(), rows * cols, "activation size");
         let groups = shape.groups_per_row();
         let blocks = groups * group / BLOCK;
-        let order = lane_order(shape.bits);
         let mut q = vec![0i16; rows * blocks * BLOCK];
         let mut d = vec![0f32; rows * groups];
         let mut sums = vec![0f32; rows * groups];

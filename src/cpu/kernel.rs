@@ -33,19 +33,44 @@ pub fn f16_to_f32(h: u32) -> f32 {
     }
 }
 
+/// A matrix the row loops read: packed codes here, bit planes in `cpu::planes`.
+pub trait RowDot: Sync {
+    fn rows(&self) -> usize;
+    fn groups_per_row(&self) -> usize;
+    /// Row `r` against activation rows `t0 .. t0 + N`.
+    fn row<const N: usize>(&self, a: &Q16, r: usize, t0: usize) -> [f32; N];
+}
+
+impl RowDot for PackedMatrix {
+    fn rows(&self) -> usize {
+        self.shape.rows
+    }
+    fn groups_per_row(&self) -> usize {
+        self.shape.groups_per_row()
+    }
+    fn row<const N: usize>(&self, a: &Q16, r: usize, t0: usize) -> [f32; N] {
+        row::<N>(self, a, r, t0)
+    }
+}
+
 /// `out[t][rows] = W · a[t]` for every activation row `t` of `a` (quantized for `m`'s shape).
 pub fn matmul(m: &PackedMatrix, a: &Q16, out: &mut [f32]) {
-    let (rows, t) = (m.shape.rows, a.rows);
+    matmul_rows(m, a, out)
+}
+
+/// `matmul` for any matrix the row loops read.
+pub fn matmul_rows<M: RowDot>(m: &M, a: &Q16, out: &mut [f32]) {
+    let (rows, t) = (m.rows(), a.rows);
     assert_eq!(out.len(), rows * t, "matmul output size");
     assert_eq!(
         a.groups,
-        m.shape.groups_per_row(),
+        m.groups_per_row(),
         "activations quantized for another shape"
     );
     if t == 1 {
         par::chunks_mut(out, ROW_CHUNK, |c, o| {
             for (i, y) in o.iter_mut().enumerate() {
-                *y = row::<1>(m, a, c * ROW_CHUNK + i, 0)[0];
+                *y = m.row::<1>(a, c * ROW_CHUNK + i, 0)[0];
             }
         });
         return;
@@ -57,11 +82,11 @@ pub fn matmul(m: &PackedMatrix, a: &Q16, out: &mut [f32]) {
             let r = c * ROW_CHUNK + i;
             let mut t0 = 0;
             while t0 + TILE <= t {
-                ys[t0..t0 + TILE].copy_from_slice(&row::<TILE>(m, a, r, t0));
+                ys[t0..t0 + TILE].copy_from_slice(&m.row::<TILE>(a, r, t0));
                 t0 += TILE;
             }
             for (k, y) in ys[t0..].iter_mut().enumerate() {
-                *y = row::<1>(m, a, r, t0 + k)[0];
+                *y = m.row::<1>(a, r, t0 + k)[0];
             }
         }
     });
@@ -177,12 +202,29 @@ fn row_portable<const BITS: u32, const N: usize>(
 ) -> [f32; N] {
     let (words, scales, bpg) = row_of(m, r);
     let wpb = BITS as usize;
+    row_with::<N>(scales, bpg, a, t0, |b, codes| {
+        unpack::<BITS>(&words[b * wpb..(b + 1) * wpb], codes)
+    })
+}
+
+/// One row against activation rows `t0 .. t0 + N`, given the row's grid words and a function
+/// that writes block `b`'s 32 codes in `a`'s lane order: integer dot products per block, one
+/// f32 multiply-add per group.
+#[inline(always)]
+pub fn row_with<const N: usize>(
+    scales: &[u32],
+    blocks_per_group: usize,
+    a: &Q16,
+    t0: usize,
+    mut block: impl FnMut(usize, &mut [i16; BLOCK]),
+) -> [f32; N] {
+    let bpg = blocks_per_group;
     let mut acc = [0f32; N];
     let mut codes = [0i16; BLOCK];
     for (g, &sz) in scales.iter().enumerate() {
         let mut isum = [0i32; N];
         for b in g * bpg..(g + 1) * bpg {
-            unpack::<BITS>(&words[b * wpb..(b + 1) * wpb], &mut codes);
+            block(b, &mut codes);
             for (n, is) in isum.iter_mut().enumerate() {
                 let at = (t0 + n) * a.blocks + b;
                 let q = &a.q[at * BLOCK..(at + 1) * BLOCK];
@@ -230,50 +272,73 @@ unsafe fn row_simd128<const BITS: u32, const N: usize>(
     use core::arch::wasm32::*;
     let (words, scales, bpg) = row_of(m, r);
     let wpb = BITS as usize;
+    row_simd128_with::<N>(scales, bpg, a, t0, |b| {
+        let w = &words[b * wpb..(b + 1) * wpb];
+        let p = w.as_ptr();
+        match BITS {
+            8 => {
+                let v0 = v128_load(p as *const v128);
+                let v1 = v128_load(p.add(4) as *const v128);
+                [
+                    u16x8_extend_low_u8x16(v0),
+                    u16x8_extend_high_u8x16(v0),
+                    u16x8_extend_low_u8x16(v1),
+                    u16x8_extend_high_u8x16(v1),
+                ]
+            }
+            4 => {
+                let v = v128_load(p as *const v128);
+                let lo = v128_and(v, u8x16_splat(15));
+                let hi = u8x16_shr(v, 4);
+                [
+                    u16x8_extend_low_u8x16(lo),
+                    u16x8_extend_high_u8x16(lo),
+                    u16x8_extend_low_u8x16(hi),
+                    u16x8_extend_high_u8x16(hi),
+                ]
+            }
+            2 => {
+                let v = v128_load64_zero(p as *const u64);
+                let m3 = u8x16_splat(3);
+                [
+                    u16x8_extend_low_u8x16(v128_and(v, m3)),
+                    u16x8_extend_low_u8x16(v128_and(u8x16_shr(v, 2), m3)),
+                    u16x8_extend_low_u8x16(v128_and(u8x16_shr(v, 4), m3)),
+                    u16x8_extend_low_u8x16(u8x16_shr(v, 6)),
+                ]
+            }
+            // 3 and 6 bits: whole codes per 3 bytes (see `triplets`); 5 bits: each
+            // code's u16 window, shifted per lane by a multiply (see `straddling`).
+            3 | 6 => triplets::<BITS>(p as *const u8),
+            _ => straddling::<BITS>(p as *const u8),
+        }
+    })
+}
+
+/// One row against activation rows `t0 .. t0 + N` with wasm simd128, given the row's grid
+/// words and a function that returns block `b`'s codes as four i16x8 in `a`'s lane order: four
+/// `i32x4.dot_i16x8_s` per block and token, per token an f32x4 accumulator summed across lanes
+/// once per row. Shared by the packed and the plane-reading kernels (the same f32 steps, so
+/// the same outputs).
+///
+/// # Safety
+/// simd128 must be enabled; `a` holds rows `t0 .. t0 + N` of 32-lane blocks for these groups.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+#[inline(always)]
+pub unsafe fn row_simd128_with<const N: usize>(
+    scales: &[u32],
+    bpg: usize,
+    a: &Q16,
+    t0: usize,
+    mut block: impl FnMut(usize) -> [core::arch::wasm32::v128; 4],
+) -> [f32; N] {
+    use core::arch::wasm32::*;
     let mut acc = [f32x4_splat(0.0); N];
     let mut zacc = [0f32; N];
     for (g, &sz) in scales.iter().enumerate() {
         let mut isum = [i32x4_splat(0); N];
         for b in g * bpg..(g + 1) * bpg {
-            let w = &words[b * wpb..(b + 1) * wpb];
-            let p = w.as_ptr();
-            let c: [v128; 4] = match BITS {
-                8 => {
-                    let v0 = v128_load(p as *const v128);
-                    let v1 = v128_load(p.add(4) as *const v128);
-                    [
-                        u16x8_extend_low_u8x16(v0),
-                        u16x8_extend_high_u8x16(v0),
-                        u16x8_extend_low_u8x16(v1),
-                        u16x8_extend_high_u8x16(v1),
-                    ]
-                }
-                4 => {
-                    let v = v128_load(p as *const v128);
-                    let lo = v128_and(v, u8x16_splat(15));
-                    let hi = u8x16_shr(v, 4);
-                    [
-                        u16x8_extend_low_u8x16(lo),
-                        u16x8_extend_high_u8x16(lo),
-                        u16x8_extend_low_u8x16(hi),
-                        u16x8_extend_high_u8x16(hi),
-                    ]
-                }
-                2 => {
-                    let v = v128_load64_zero(p as *const u64);
-                    let m3 = u8x16_splat(3);
-                    [
-                        u16x8_extend_low_u8x16(v128_and(v, m3)),
-                        u16x8_extend_low_u8x16(v128_and(u8x16_shr(v, 2), m3)),
-                        u16x8_extend_low_u8x16(v128_and(u8x16_shr(v, 4), m3)),
-                        u16x8_extend_low_u8x16(u8x16_shr(v, 6)),
-                    ]
-                }
-                // 3 and 6 bits: whole codes per 3 bytes (see `triplets`); 5 bits: each
-                // code's u16 window, shifted per lane by a multiply (see `straddling`).
-                3 | 6 => triplets::<BITS>(p as *const u8),
-                _ => straddling::<BITS>(p as *const u8),
-            };
+            let c = block(b);
             for (n, is) in isum.iter_mut().enumerate() {
                 let at = (t0 + n) * a.blocks + b;
                 let q = a.q[at * BLOCK..(at + 1) * BLOCK].as_ptr() as *const v128;

@@ -14,6 +14,8 @@ pub mod backend;
 pub mod kernel;
 pub mod model;
 pub mod par;
+pub mod planes;
+pub mod probe;
 
 pub use backend::CpuFactory;
 pub use model::CpuModel;

@@ -232,17 +232,22 @@ impl PackedMatrix {
 
     /// Every group's scale and zero finite, scales >= 0 (what the kernels assume).
     pub fn check_scales(&self, what: &str) -> Result<()> {
-        for (i, &w) in self.scales.iter().enumerate() {
-            let (s, z) = unpack_scale_zero(w);
-            if !(s.is_finite() && z.is_finite() && s >= 0.0) {
-                return Err(Error::format(
-                    what,
-                    format!("group {i} has scale {s}, zero {z}"),
-                ));
-            }
-        }
-        Ok(())
+        check_grid(&self.scales, what)
     }
+}
+
+/// `PackedMatrix::check_scales` on grid words of any layout that holds them (`plane_level`).
+pub fn check_grid(scales: &[u32], what: &str) -> Result<()> {
+    for (i, &w) in scales.iter().enumerate() {
+        let (s, z) = unpack_scale_zero(w);
+        if !(s.is_finite() && z.is_finite() && s >= 0.0) {
+            return Err(Error::format(
+                what,
+                format!("group {i} has scale {s}, zero {z}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a matrix before quantizing it: finite, and within f16 range so that the f16 scale

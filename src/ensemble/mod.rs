@@ -8,6 +8,7 @@ pub mod format;
 pub mod inspect;
 pub mod manifest;
 pub mod pack;
+pub mod plane_level;
 pub mod planes;
 
 pub use manifest::{FileRef, Manifest, ModuleVersion, Quantizer, Step, Swap};

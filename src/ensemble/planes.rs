@@ -37,6 +37,7 @@
 use crate::ensemble::format::{
     get_code, pack_scale_zero, unpack_scale_zero, PackedMatrix, PackedShape,
 };
+use crate::ensemble::plane_level::PlaneLevel;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -136,9 +137,30 @@ impl PlaneShape {
     }
 
     /// Word offset of plane `j`.
-    fn plane_at(&self, j: u32) -> usize {
+    pub(crate) fn plane_at(&self, j: u32) -> usize {
         // Plane j follows planes 0..j and the deltas of every lower level l <= j.
         self.scale_words() + j as usize * self.plane_words() + self.lower_up_to(j + 1, false)
+    }
+
+    /// Level `k`'s `(scale, zero)` words, `[rows][groups]`: the top level's as stored, a lower
+    /// level's from its deltas (`level_params`). `bytes` must hold `k`'s prefix.
+    pub(crate) fn level_scales(&self, bytes: &[u8], k: u32) -> Vec<u32> {
+        let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
+        let top = self.top();
+        if k == top {
+            return (0..self.scale_words()).map(word).collect();
+        }
+        let d0 = 4 * self.deltas_at(k);
+        (0..self.scale_words())
+            .map(|i| {
+                let d = match delta_bytes(top - k) {
+                    1 => widen(bytes[d0 + i]),
+                    _ => u16::from_le_bytes([bytes[d0 + 2 * i], bytes[d0 + 2 * i + 1]]),
+                };
+                let (s, z) = level_params(unpack_scale_zero(word(i)), top - k, d);
+                pack_scale_zero(s, z)
+            })
+            .collect()
     }
 
     /// Word offset of lower level `k`'s deltas (right after its last plane).
@@ -347,62 +369,5 @@ pub fn encode(levels: &[&PackedMatrix], what: &str) -> Result<(PlaneShape, Vec<u
 /// Level `k` of a bit-plane file, in the packed format the engines read. `bytes` may be the
 /// whole file or any prefix that holds level `k` (`PlaneShape::prefix_bytes`).
 pub fn decode_level(shape: &PlaneShape, bytes: &[u8], k: u32, what: &str) -> Result<PackedMatrix> {
-    let ps = shape.level_shape(k)?;
-    let need = shape.prefix_bytes(k)?;
-    if bytes.len() < need {
-        return Err(Error::format(
-            what,
-            format!(
-                "{} bytes, the {k}-bit level needs the first {need}",
-                bytes.len()
-            ),
-        ));
-    }
-    let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
-    let plane_at: Vec<usize> = (0..k).map(|j| shape.plane_at(j)).collect();
-    let (prw, wpr) = (shape.plane_row_words(), ps.words_per_row());
-    let mut codes = vec![0u32; ps.code_words()];
-    let mut bitsets = vec![0u32; k as usize];
-    for r in 0..shape.rows {
-        let row = &mut codes[r * wpr..(r + 1) * wpr];
-        for w in 0..prw {
-            for (b, &p) in bitsets.iter_mut().zip(&plane_at) {
-                *b = word(p + r * prw + w);
-            }
-            for i in 0..32 {
-                let code = bitsets
-                    .iter()
-                    .fold(0u32, |acc, &b| (acc << 1) | (b >> i & 1));
-                let bit = (w * 32 + i) * k as usize;
-                let (j, s) = (bit / 32, (bit % 32) as u32);
-                row[j] |= code << s;
-                if s + k > 32 {
-                    row[j + 1] |= code >> (32 - s);
-                }
-            }
-        }
-    }
-    let top = shape.top();
-    let scales: Vec<u32> = if k == top {
-        (0..shape.scale_words()).map(word).collect()
-    } else {
-        let d0 = 4 * shape.deltas_at(k);
-        (0..shape.scale_words())
-            .map(|i| {
-                let d = match delta_bytes(top - k) {
-                    1 => widen(bytes[d0 + i]),
-                    _ => u16::from_le_bytes([bytes[d0 + 2 * i], bytes[d0 + 2 * i + 1]]),
-                };
-                let (s, z) = level_params(unpack_scale_zero(word(i)), top - k, d);
-                pack_scale_zero(s, z)
-            })
-            .collect()
-    };
-    let packed = PackedMatrix {
-        shape: ps,
-        codes,
-        scales,
-    };
-    packed.check_scales(what)?;
-    Ok(packed)
+    Ok(PlaneLevel::from_file(shape, bytes, k, what)?.to_packed())
 }

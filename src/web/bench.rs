@@ -2,43 +2,36 @@
 //! product alone (no model, no attention), streaming a weight matrix of a given size once per
 //! call, to set the decode speed against the kernel's own ceiling in the same page.
 
-use crate::cpu::act::Q16;
-use crate::cpu::kernel::matmul;
-use crate::ensemble::format::{PackedMatrix, PackedShape};
+use crate::cpu::probe::{dot_kernel_gbs, Layout};
 use crate::web::error::WebError;
 use wasm_bindgen::prelude::*;
 
-/// GB/s of packed weight bytes (codes and scales) through `kernel::matmul` for one token:
-/// a `bits`-bit matrix of 576 columns (the demo model's width), group 64, with enough rows for
-/// `bytes`, streamed `reps` times after one warm-up pass (best pass).
+/// GB/s of packed weight bytes (codes and scales) through `kernel::matmul` for one token
+/// (`cpu::probe::dot_kernel_gbs`: a `bits`-bit matrix of 576 columns holding `bytes`, best of
+/// `reps` passes).
 #[wasm_bindgen(js_name = benchDotKernel)]
 pub fn bench_dot_kernel(bytes: f64, bits: u32, reps: u32) -> Result<f64, JsValue> {
-    let cols = 576;
-    let row = PackedShape::new(1, cols, bits, 64)
-        .map_err(|e| WebError::from(e).to_js())?
-        .bytes();
-    let rows = ((bytes / row as f64) as usize).max(1);
-    let shape = PackedShape::new(rows, cols, bits, 64).map_err(|e| WebError::from(e).to_js())?;
-    let m = PackedMatrix {
-        shape,
-        codes: (0..shape.code_words())
-            .map(|i| (i as u32).wrapping_mul(2_654_435_761))
-            .collect(),
-        scales: vec![0x2c00_3c00; shape.scale_words()], // (1.0, 0.0625) in f16
-    };
-    let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 - 8.0).collect();
-    let a = Q16::quantize(&x, 1, &shape);
-    let mut y = vec![0f32; rows];
-    let now = crate::runtime::clock::now_ms;
-    matmul(&m, &a, &mut y);
-    let mut best = f64::MAX;
-    for _ in 0..reps.max(1) {
-        let t = now();
-        matmul(&m, &a, &mut y);
-        best = best.min(now() - t);
-    }
-    std::hint::black_box(&y);
-    Ok(shape.bytes() as f64 / (best.max(1e-3) / 1e3) / 1e9)
+    dot_kernel_gbs(
+        bytes,
+        bits,
+        Layout::Packed,
+        reps,
+        crate::runtime::clock::now_ms,
+    )
+    .map_err(|e| WebError::from(e).to_js())
+}
+
+/// `benchDotKernel` for the same matrix held as bit planes (`cpu::planes`).
+#[wasm_bindgen(js_name = benchPlaneKernel)]
+pub fn bench_plane_kernel(bytes: f64, bits: u32, reps: u32) -> Result<f64, JsValue> {
+    dot_kernel_gbs(
+        bytes,
+        bits,
+        Layout::Planes,
+        reps,
+        crate::runtime::clock::now_ms,
+    )
+    .map_err(|e| WebError::from(e).to_js())
 }
 
 /// The WebGPU read-everything yardstick in this browser (`gpu::probe::read_kernel`): GB/s of

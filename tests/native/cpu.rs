@@ -75,6 +75,32 @@ fn kernel_matches_fake_quant_for_every_bit_width_and_group() {
     }
 }
 
+/// The plane-reading kernel computes exactly what the packed kernel does (the same integers
+/// in another lane order, the same f32 steps), and a matrix's planes pack back to it.
+#[test]
+fn plane_kernel_equals_the_packed_kernel_for_every_bit_width_and_group() {
+    use flexquant::cpu::planes::{matmul_planes, quantize_for};
+    use flexquant::ensemble::plane_level::PlaneLevel;
+    let t = 6;
+    for bits in BITS {
+        for group in GROUP_SIZES {
+            for (rows, cols) in [(37, 100), (5, 200), (64, 32), (3, 129), (65, 576)] {
+                let w = noise(bits as u64 * 77 + cols as u64, rows * cols);
+                let m = quantize_rtn(&w, rows, cols, bits, group, false, "test").unwrap();
+                let p = PlaneLevel::from_packed(&m);
+                assert_eq!(p.to_packed(), m, "{bits} bits g{group} {rows}x{cols}");
+                let x = noise(cols as u64 + 5, t * cols);
+                for n in [1, t] {
+                    let (mut yp, mut yq) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+                    matmul(&m, &Q16::quantize(&x[..n * cols], n, &m.shape), &mut yq);
+                    matmul_planes(&p, &quantize_for(&p, &x[..n * cols], n), &mut yp);
+                    assert_eq!(yp, yq, "{bits} bits g{group} {rows}x{cols}, {n} tokens");
+                }
+            }
+        }
+    }
+}
+
 /// Every width of the format in one EQM: attention at 8/6/5/4, the MLP at 4/3 with every
 /// third layer's down projection at 2.
 fn mixed_bits(id: ModuleId) -> u32 {

@@ -199,6 +199,7 @@ fn a_nested_library_on_the_tiny_model_holds_prefix_codes() {
 
 #[test]
 fn bit_plane_files_hold_every_level_as_a_prefix() {
+    use flexquant::ensemble::plane_level::PlaneLevel;
     use flexquant::ensemble::planes::{decode_level, encode};
     let mut rng = Rng::new(14);
     let cfg = GptqConfig::default();
@@ -273,6 +274,25 @@ fn bit_plane_files_hold_every_level_as_a_prefix() {
                 }
                 let e = decode_level(&shape, &bytes, 7, &what).unwrap_err();
                 assert!(e.to_string().contains("7-bit level is not stored"), "{e}");
+                // Held as planes, the top level steps down to each lower one in place: the
+                // level read fresh from its prefix, the dropped planes' memory freed.
+                let top_level = PlaneLevel::from_file(&shape, &bytes, top.bits, &what).unwrap();
+                assert_eq!(top_level, PlaneLevel::from_packed(mats[0]), "{what}");
+                for m in &mats[1..] {
+                    let k = m.shape.bits;
+                    let prefix = shape.prefix_bytes(k).unwrap();
+                    let mut held = top_level.clone();
+                    held.step_down(&shape, &bytes[..prefix], k, &what).unwrap();
+                    let fresh = PlaneLevel::from_file(&shape, &bytes[..prefix], k, &what).unwrap();
+                    assert_eq!(held, fresh, "{what}: {k}-bit step down");
+                    assert_eq!(held.to_packed(), **m, "{what}: {k}-bit planes repacked");
+                    assert!(held.planes.capacity() <= k as usize * shape.plane_words());
+                    let e = held
+                        .clone()
+                        .step_down(&shape, &bytes, k, "L0.q")
+                        .unwrap_err();
+                    assert!(e.to_string().contains("L0.q"), "{e}");
+                }
             }
         }
     }
