@@ -3,10 +3,12 @@
 // `matvec` serves decode (one token); `matmul` serves prefill, where each thread dequantizes a
 // block of weights once and applies it to TT tokens.
 //
-// The host prepends `codes(wb)` (src/gpu/kernels.rs, generated per bit-width): the 32 codes of
-// a block as floats, read with one load per word and decoded with constant shifts, so neither
-// a per-weight branch nor a repeated load of the same word is left (each storage load costs
-// far more than arithmetic on CPU adapters such as lavapipe).
+// The host prepends `block_codes(r, b)` (src/gpu/kernels.rs, generated per bit-width and
+// layout): the 32 codes of row r's block b as floats, read with one load per word and decoded
+// with constant shifts, so neither a per-weight branch nor a repeated load of the same word is
+// left (each storage load costs far more than arithmetic on CPU adapters such as lavapipe).
+// Packed codes: BITS words per block. Bit planes (ensemble/plane_level.rs): one word per plane
+// and block, planes p.plane_words apart, codes built from one bit of each.
 
 // Threads sharing one weight row in `matvec` (a power of two <= 64). 1 suits CPU adapters
 // (one row per SIMD lane, no barrier); GPUs want several so that a row is read together.
@@ -50,7 +52,7 @@ var<workgroup> partial: array<f32, WG>;
 // sum (s*q + z) x = s * sum(q x) + z * sum(x), one multiply per weight.
 fn row_block(r: u32, b: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>,
              x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, xs: f32) -> f32 {
-    let q = codes(r * p.words_per_row + b * BITS);
+    let q = block_codes(r, b);
     let d = dot(q[0], x0) + dot(q[1], x1) + dot(q[2], x2) + dot(q[3], x3)
         + dot(q[4], x4) + dot(q[5], x5) + dot(q[6], x6) + dot(q[7], x7);
     let sz = scale_zero(r, b);
@@ -172,7 +174,7 @@ fn matmul(@builtin(global_invocation_id) gid: vec3<u32>) {
     let xr = t0 * row4;
     for (var b = 0u; b < blocks; b++) {
         let sz = scale_zero(r, b);
-        let q = codes(r * p.words_per_row + b * BITS);
+        let q = block_codes(r, b);
         var wq: array<vec4<f32>, 8>;
         for (var j = 0u; j < 8u; j++) {
             wq[j] = sz.x * q[j] + sz.y;

@@ -199,6 +199,17 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         let mut g = model(&gpu, m, &qm3, opts)?;
         1.0 / decode_seconds(&mut g, prompt, a.gpu_decode_tokens)?
     };
+    // The plane-reading matvec against the packed one on the same matrices (4 MB at 4 bits).
+    let mut plane_kernel = Vec::new();
+    for bits in [8, 6, 5, 4, 3, 2] {
+        let (packed_s, planes_s) = pollster::block_on(
+            flexquant::gpu::probe::plane_vs_packed_matvec(&gpu, &mut kernels, bits, 8192, 5),
+        )?;
+        eprintln!("  {bits}-bit matvec: packed {packed_s:.2e} s, planes {planes_s:.2e} s");
+        plane_kernel.push(serde_json::json!({"bits": bits, "rows": 8192, "cols": 576,
+            "packed_seconds": packed_s, "planes_seconds": planes_s,
+            "planes_vs_packed": packed_s / planes_s}));
+    }
     let adapter_report = serde_json::json!({
         "adapter": adapter,
         "device_type": format!("{:?}", gpu.info.device_type),
@@ -232,6 +243,7 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         "swap_vs_token": swap_s / timed[1].token_s,
         "prefill_tokens": a.gpu_prefill_tokens,
         "prefill_tok_s": prefill_tok_s,
+        "plane_kernel": plane_kernel,
     });
     eprintln!(
         "  read kernel {:.2} GB/s ({}); decode at step 0 is {:.3} of it",

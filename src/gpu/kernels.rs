@@ -26,6 +26,10 @@ pub enum Kernel {
     Matvec(u32),
     /// Prefill: dequantize + matrix-matrix.
     Matmul(u32),
+    /// `Matvec` reading a module's bit planes (`ensemble::plane_level`), `k` of them.
+    PlaneMatvec(u32),
+    /// `Matmul` reading `k` bit planes.
+    PlaneMatmul(u32),
     /// Embedding lookup from the 8-bit packed table.
     Embed,
     RmsNorm,
@@ -58,7 +62,10 @@ impl Kernel {
             (P::NAME, P::WGSL)
         }
         match self {
-            Kernel::Matvec(_) | Kernel::Matmul(_) => of::<QlinearParams>(),
+            Kernel::Matvec(_)
+            | Kernel::Matmul(_)
+            | Kernel::PlaneMatvec(_)
+            | Kernel::PlaneMatmul(_) => of::<QlinearParams>(),
             Kernel::Embed => of::<EmbedParams>(),
             Kernel::RmsNorm => of::<RmsNormParams>(),
             Kernel::Rope => of::<RopeParams>(),
@@ -79,8 +86,10 @@ impl Kernel {
             read_write,
         };
         match self {
-            Kernel::Matvec(bits) => s(&qlinear_source(bits), "matvec", 2, 1),
-            Kernel::Matmul(bits) => s(&qlinear_source(bits), "matmul", 2, 1),
+            Kernel::Matvec(bits) => s(&qlinear_source(bits, false), "matvec", 2, 1),
+            Kernel::Matmul(bits) => s(&qlinear_source(bits, false), "matmul", 2, 1),
+            Kernel::PlaneMatvec(k) => s(&qlinear_source(k, true), "matvec", 2, 1),
+            Kernel::PlaneMatmul(k) => s(&qlinear_source(k, true), "matmul", 2, 1),
             Kernel::Embed => s(include_str!("../../shaders/embed.wgsl"), "embed", 2, 1),
             Kernel::RmsNorm => s(include_str!("../../shaders/rmsnorm.wgsl"), "rmsnorm", 2, 1),
             Kernel::Rope => s(include_str!("../../shaders/rope.wgsl"), "rope", 1, 1),
@@ -218,7 +227,9 @@ impl Kernels {
                 immediate_size: 0,
             });
         let constants: Vec<(&str, f64)> = match kernel {
-            Kernel::Matvec(_) => vec![("TPR", self.tpr as f64), ("RPT", self.rpt as f64)],
+            Kernel::Matvec(_) | Kernel::PlaneMatvec(_) => {
+                vec![("TPR", self.tpr as f64), ("RPT", self.rpt as f64)]
+            }
             Kernel::TopK { from_logits } => vec![("FROM_LOGITS", from_logits as u32 as f64)],
             Kernel::Read { contiguous } => vec![("CONTIGUOUS", contiguous as u32 as f64)],
             _ => vec![],
@@ -286,34 +297,66 @@ impl Kernels {
     }
 }
 
-/// qlinear.wgsl specialised to `bits`: the shader plus a generated `codes(wb)` that decodes
-/// the 32 codes of a block from its `bits` words with constant shifts (code i at bit i*bits,
-/// LSB first, straddling into the next word for 3, 5 and 6 bits), one load per word.
-pub fn qlinear_source(bits: u32) -> String {
+/// qlinear.wgsl specialised to `bits`: the shader plus a generated `block_codes(r, b)` that
+/// returns the 32 codes of row `r`'s block `b` as floats, one load per word. Packed
+/// (`planes` false): the block's `bits` words, codes cut with constant shifts (code i at bit
+/// i*bits, LSB first, straddling into the next word for 3, 5 and 6 bits). Bit planes: one word
+/// per plane, `p.plane_words` apart, each code built from bit i of every plane (plane 0 the
+/// most significant).
+pub fn qlinear_source(bits: u32, planes: bool) -> String {
     const QLINEAR: &str = include_str!("../../shaders/qlinear.wgsl");
-    let mask = (1u32 << bits) - 1;
-    let mut f =
-        format!("const BITS: u32 = {bits}u;\n\nfn codes(wb: u32) -> array<vec4<f32>, 8> {{\n");
-    for j in 0..bits {
-        f += &format!("    let w{j} = w[wb + {j}u];\n");
-    }
-    let code = |i: u32| {
-        let (j, s) = (i * bits / 32, i * bits % 32);
-        if s + bits > 32 {
-            format!("((w{j} >> {s}u) | (w{} << {}u))", j + 1, 32 - s)
-        } else if s == 0 {
-            format!("w{j}")
-        } else {
-            format!("(w{j} >> {s}u)")
+    let mut f = format!(
+        "const BITS: u32 = {bits}u;\n\nfn block_codes(r: u32, b: u32) -> array<vec4<f32>, 8> {{\n"
+    );
+    if planes {
+        f += "    let wb = r * p.words_per_row + b;\n";
+        for j in 0..bits {
+            f += &format!("    let w{j} = vec4<u32>(w[wb + {j}u * p.plane_words]);\n");
         }
-    };
-    f += "    return array<vec4<f32>, 8>(\n";
-    for v in 0..8 {
-        let c: Vec<String> = (4 * v..4 * v + 4).map(code).collect();
-        f += &format!(
-            "        vec4<f32>(vec4<u32>({}) & vec4<u32>({mask}u)),\n",
-            c.join(", ")
-        );
+        f += "    return array<vec4<f32>, 8>(\n";
+        for v in 0..8 {
+            let lanes = format!(
+                "vec4<u32>({}u, {}u, {}u, {}u)",
+                4 * v,
+                4 * v + 1,
+                4 * v + 2,
+                4 * v + 3
+            );
+            let terms: Vec<String> = (0..bits)
+                .map(|j| {
+                    let bit = format!("((w{j} >> {lanes}) & vec4<u32>(1u))");
+                    match bits - 1 - j {
+                        0 => bit,
+                        s => format!("({bit} << vec4<u32>({s}u))"),
+                    }
+                })
+                .collect();
+            f += &format!("        vec4<f32>({}),\n", terms.join(" | "));
+        }
+    } else {
+        let mask = (1u32 << bits) - 1;
+        f += "    let wb = r * p.words_per_row + b * BITS;\n";
+        for j in 0..bits {
+            f += &format!("    let w{j} = w[wb + {j}u];\n");
+        }
+        let code = |i: u32| {
+            let (j, s) = (i * bits / 32, i * bits % 32);
+            if s + bits > 32 {
+                format!("((w{j} >> {s}u) | (w{} << {}u))", j + 1, 32 - s)
+            } else if s == 0 {
+                format!("w{j}")
+            } else {
+                format!("(w{j} >> {s}u)")
+            }
+        };
+        f += "    return array<vec4<f32>, 8>(\n";
+        for v in 0..8 {
+            let c: Vec<String> = (4 * v..4 * v + 4).map(code).collect();
+            f += &format!(
+                "        vec4<f32>(vec4<u32>({}) & vec4<u32>({mask}u)),\n",
+                c.join(", ")
+            );
+        }
     }
     f += "    );\n}\n";
     format!("{f}\n{QLINEAR}")

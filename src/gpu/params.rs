@@ -52,6 +52,9 @@ kernel_params! {
         y_pos_stride: u32,
         /// 1: y += W x (the residual connection of o and down).
         accumulate: u32,
+        /// Words between one bit plane and the next (the plane-reading kernels; 0 for
+        /// packed codes).
+        plane_words: u32,
     }
     /// `embed.wgsl`: rows of the 8-bit packed table, dequantized.
     EmbedParams {
@@ -141,6 +144,19 @@ impl QlinearParams {
             y_base: 0,
             y_pos_stride: 0,
             accumulate: 0,
+            plane_words: 0,
+        }
+    }
+
+    /// A plane-reading kernel's parameters for `level` held as one buffer: its planes, then
+    /// its grid.
+    pub fn planes(level: &crate::ensemble::plane_level::PlaneLevel) -> QlinearParams {
+        let s = level.shape;
+        QlinearParams {
+            words_per_row: crate::ensemble::plane_level::plane_row_words(&s) as u32,
+            scale_base: level.planes.len() as u32,
+            plane_words: level.plane_words() as u32,
+            ..QlinearParams::dense(s)
         }
     }
 }

@@ -226,3 +226,70 @@ pub async fn read_kernel(gpu: &Gpu, kernels: &mut Kernels, bytes: u64, reps: usi
 fn now() -> f64 {
     crate::runtime::clock::now_seconds()
 }
+
+/// Seconds per `matvec` of a `bits`-bit matrix of `rows` x 576 (the demo model's width),
+/// group 64, held as packed codes and as bit planes (the best of `reps` passes of 8
+/// dispatches each, after one untimed pass that compiles the pipelines): what reading a nested
+/// module's planes directly costs per token on this adapter.
+pub async fn plane_vs_packed_matvec(
+    gpu: &Gpu,
+    kernels: &mut Kernels,
+    bits: u32,
+    rows: usize,
+    reps: usize,
+) -> GpuResult<(f64, f64)> {
+    use crate::ensemble::format::{PackedMatrix, PackedShape};
+    use crate::ensemble::plane_level::PlaneLevel;
+    use crate::gpu::params::QlinearParams;
+    const REPEAT: u32 = 8;
+    let shape = PackedShape::new(rows, 576, bits, 64).map_err(crate::gpu::GpuError::from)?;
+    let m = PackedMatrix {
+        shape,
+        codes: (0..shape.code_words())
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761))
+            .collect(),
+        scales: vec![0x2c00_3c00; shape.scale_words()],
+    };
+    let level = PlaneLevel::from_packed(&m);
+    let packed: Vec<u32> = m.codes.iter().chain(&m.scales).copied().collect();
+    let planes: Vec<u32> = level.planes.iter().chain(&level.scales).copied().collect();
+    let x: Vec<f32> = (0..576).map(|i| (i % 7) as f32 * 0.1).collect();
+    let y = vec![0f32; rows];
+    let grid = [
+        (rows as u32).div_ceil(kernels.matvec_rows_per_workgroup()),
+        1,
+        1,
+    ];
+    let mut best = [f64::MAX; 2];
+    for pass in 0..=reps {
+        for (i, (kernel, words, params)) in [
+            (Kernel::Matvec(bits), &packed, QlinearParams::dense(shape)),
+            (
+                Kernel::PlaneMatvec(bits),
+                &planes,
+                QlinearParams::planes(&level),
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let t = crate::runtime::clock::now_seconds();
+            run_repeated(
+                gpu,
+                kernels,
+                kernel,
+                &params,
+                (1, 0),
+                &[bytemuck::cast_slice(words), bytemuck::cast_slice(&x)],
+                &[bytemuck::cast_slice(&y)],
+                grid,
+                REPEAT,
+            )
+            .await?;
+            if pass > 0 {
+                best[i] = best[i].min((crate::runtime::clock::now_seconds() - t) / REPEAT as f64);
+            }
+        }
+    }
+    Ok((best[0], best[1]))
+}

@@ -9,6 +9,7 @@
 
 use crate::gpu_util::{f32s, gpu, kernels_for, u32s};
 use flexquant::ensemble::format::BITS;
+use flexquant::ensemble::plane_level::PlaneLevel;
 use flexquant::gpu::kernels::{self, Kernel, Kernels};
 use flexquant::gpu::params::*;
 use flexquant::gpu::probe;
@@ -52,7 +53,7 @@ const SHAPES: [(usize, usize, usize); 6] = [
 fn qlinear_matvec_and_matmul_match_dequantized_cpu() {
     let Some(gpu) = gpu() else { return };
     // Every matvec variant: a row per thread, 2 and 4 rows per thread (CPU adapters), a row
-    // shared by 16 threads (GPUs).
+    // shared by 16 threads (GPUs); each reading packed codes and bit planes.
     for (tpr, rpt) in [(1, 1), (1, 2), (1, 4), (16, 1)] {
         let mut k = Kernels::with_matvec(tpr, rpt).unwrap();
         qlinear_variant_matches(gpu, &mut k);
@@ -66,8 +67,28 @@ fn qlinear_variant_matches(gpu: &flexquant::gpu::Gpu, k: &mut Kernels) {
             let w = rand_vec(&mut rng, rows * cols, 1.0);
             let m = quantize_rtn(&w, rows, cols, bits, group, false, "test").unwrap();
             let deq = m.dequantize();
-            let words: Vec<u32> = m.codes.iter().chain(&m.scales).copied().collect();
-            for n_tokens in [1usize, 3, 11] {
+            // The packed codes, and the same matrix as bit planes (the plane-reading kernels).
+            let level = PlaneLevel::from_packed(&m);
+            let layouts = [
+                (
+                    false,
+                    m.codes
+                        .iter()
+                        .chain(&m.scales)
+                        .copied()
+                        .collect::<Vec<u32>>(),
+                    QlinearParams::dense(m.shape),
+                ),
+                (
+                    true,
+                    level.planes.iter().chain(&level.scales).copied().collect(),
+                    QlinearParams::planes(&level),
+                ),
+            ];
+            for ((planes, words, dense), n_tokens) in layouts
+                .iter()
+                .flat_map(|l| [1usize, 3, 11].map(move |n| (l, n)))
+            {
                 let x = rand_vec(&mut rng, n_tokens * cols, 1.0);
                 let (want, scale): (Vec<f64>, Vec<f64>) = (0..n_tokens)
                     .flat_map(|t| (0..rows).map(move |r| (t, r)))
@@ -85,19 +106,27 @@ fn qlinear_variant_matches(gpu: &flexquant::gpu::Gpu, k: &mut Kernels) {
                     .unzip();
                 let params = QlinearParams {
                     accumulate: 1,
-                    ..QlinearParams::dense(m.shape)
+                    ..*dense
                 };
                 let y0 = vec![1f32; n_tokens * rows];
                 let (kernel, grid) = if n_tokens == 1 {
                     let per_wg = k.matvec_rows_per_workgroup();
-                    (Kernel::Matvec(bits), [(rows as u32).div_ceil(per_wg), 1, 1])
+                    let kernel = match planes {
+                        true => Kernel::PlaneMatvec(bits),
+                        false => Kernel::Matvec(bits),
+                    };
+                    (kernel, [(rows as u32).div_ceil(per_wg), 1, 1])
                 } else {
                     let g = [
                         (rows as u32).div_ceil(kernels::WG),
                         (n_tokens as u32).div_ceil(kernels::TT),
                         1,
                     ];
-                    (Kernel::Matmul(bits), g)
+                    let kernel = match planes {
+                        true => Kernel::PlaneMatmul(bits),
+                        false => Kernel::Matmul(bits),
+                    };
+                    (kernel, g)
                 };
                 let out = pollster::block_on(probe::run(
                     gpu,
@@ -105,7 +134,7 @@ fn qlinear_variant_matches(gpu: &flexquant::gpu::Gpu, k: &mut Kernels) {
                     kernel,
                     &params,
                     (n_tokens as u32, 0),
-                    &[bytemuck::cast_slice(&words), &bytes(&x)],
+                    &[bytemuck::cast_slice(words), &bytes(&x)],
                     &[&bytes(&y0)],
                     grid,
                 ))
