@@ -97,34 +97,50 @@ pub fn matmul_rows<M: RowDot>(m: &M, a: &Q16, out: &mut [f32]) {
     }
 }
 
+/// Calls the row loop `$f::<BITS, N>($args)` for a run-time bit-width (every width the format
+/// has) in the best build for this target: `$simd` in wasm with simd128, `$avx2` where the CPU
+/// has AVX2 and FMA, else `$portable`. Shared by the packed and the plane-reading kernels.
+macro_rules! dispatch_row {
+    ($bits:expr, $simd:ident, $avx2:ident, $portable:ident, ($($arg:expr),*)) => {{
+        macro_rules! by_bits {
+            ($f:ident) => {
+                match $bits {
+                    2 => $f::<2, N>($($arg),*),
+                    3 => $f::<3, N>($($arg),*),
+                    4 => $f::<4, N>($($arg),*),
+                    5 => $f::<5, N>($($arg),*),
+                    6 => $f::<6, N>($($arg),*),
+                    8 => $f::<8, N>($($arg),*),
+                    b => unreachable!("{b}-bit codes passed PackedShape validation"),
+                }
+            };
+        }
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        {
+            // SAFETY: simd128 is enabled for this build; the loop reads in bounds (see there).
+            unsafe { by_bits!($simd) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { by_bits!($avx2) };
+        }
+        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+        by_bits!($portable)
+    }};
+}
+pub(crate) use dispatch_row;
+
 /// Row `r` of `W` against activation rows `t0 .. t0 + N`.
 #[inline]
 fn row<const N: usize>(m: &PackedMatrix, a: &Q16, r: usize, t0: usize) -> [f32; N] {
-    macro_rules! by_bits {
-        ($f:ident) => {
-            match m.shape.bits {
-                2 => $f::<2, N>(m, a, r, t0),
-                3 => $f::<3, N>(m, a, r, t0),
-                4 => $f::<4, N>(m, a, r, t0),
-                5 => $f::<5, N>(m, a, r, t0),
-                6 => $f::<6, N>(m, a, r, t0),
-                8 => $f::<8, N>(m, a, r, t0),
-                b => unreachable!("{b}-bit codes passed PackedShape validation"),
-            }
-        };
-    }
-    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    {
-        // SAFETY: simd128 is enabled for this build; `row_simd128` reads in bounds (see there).
-        unsafe { by_bits!(row_simd128) }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { by_bits!(row_avx2) };
-    }
-    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-    by_bits!(row_portable)
+    dispatch_row!(
+        m.shape.bits,
+        row_simd128,
+        row_avx2,
+        row_portable,
+        (m, a, r, t0)
+    )
 }
 
 /// Row `r`'s code words and packed scale/zero words, and the 32-code blocks per group.

@@ -16,7 +16,7 @@ use crate::cpu::kernel::f16_to_f32;
 use crate::cpu::kernel::row_simd128_with;
 #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
 use crate::cpu::kernel::row_with;
-use crate::cpu::kernel::{matmul_rows, RowDot};
+use crate::cpu::kernel::{dispatch_row, matmul_rows, RowDot};
 use crate::ensemble::plane_level::{plane_row_words, PlaneLevel};
 
 /// Column order: lane `i` of a block is its column `i`.
@@ -29,6 +29,19 @@ pub const PLANE_LANES: [usize; BLOCK] = {
     }
     o
 };
+
+/// Row `r`'s grid words, the word offset of its first block in plane 0, the words per plane
+/// and the 32-column blocks per group.
+#[inline(always)]
+fn row_of(m: &PlaneLevel, r: usize) -> (&[u32], usize, usize, usize) {
+    let gpr = m.shape.groups_per_row();
+    (
+        &m.scales[r * gpr..(r + 1) * gpr],
+        r * plane_row_words(&m.shape),
+        m.plane_words(),
+        m.shape.group / BLOCK,
+    )
+}
 
 /// `x` (`[rows][cols]`) quantized for `m`'s plane-reading kernel.
 pub fn quantize_for(m: &PlaneLevel, x: &[f32], rows: usize) -> Q16 {
@@ -61,14 +74,8 @@ fn row_portable<const K: usize, const N: usize>(
     r: usize,
     t0: usize,
 ) -> [f32; N] {
-    let (prw, pw, gpr) = (
-        plane_row_words(&m.shape),
-        m.plane_words(),
-        m.shape.groups_per_row(),
-    );
-    let scales = &m.scales[r * gpr..(r + 1) * gpr];
-    let base = r * prw;
-    row_with::<N>(scales, m.shape.group / BLOCK, a, t0, |b, codes| {
+    let (scales, base, pw, bpg) = row_of(m, r);
+    row_with::<N>(scales, bpg, a, t0, |b, codes| {
         let words: [u32; K] = std::array::from_fn(|j| m.planes[j * pw + base + b]);
         unpack_planes::<K>(&words, codes)
     })
@@ -90,13 +97,7 @@ unsafe fn row_avx2<const K: usize, const N: usize>(
     t0: usize,
 ) -> [f32; N] {
     use core::arch::x86_64::*;
-    let (prw, pw, gpr) = (
-        plane_row_words(&m.shape),
-        m.plane_words(),
-        m.shape.groups_per_row(),
-    );
-    let scales = &m.scales[r * gpr..(r + 1) * gpr];
-    let (base, bpg) = (r * prw, m.shape.group / BLOCK);
+    let (scales, base, pw, bpg) = row_of(m, r);
     let bit = _mm256_setr_epi16(
         1,
         2,
@@ -163,15 +164,9 @@ unsafe fn row_simd128<const K: usize, const N: usize>(
     t0: usize,
 ) -> [f32; N] {
     use core::arch::wasm32::*;
-    let (prw, pw, gpr) = (
-        plane_row_words(&m.shape),
-        m.plane_words(),
-        m.shape.groups_per_row(),
-    );
-    let scales = &m.scales[r * gpr..(r + 1) * gpr];
-    let base = r * prw;
+    let (scales, base, pw, bpg) = row_of(m, r);
     let bit = i16x8(1, 2, 4, 8, 16, 32, 64, 128);
-    row_simd128_with::<N>(scales, m.shape.group / BLOCK, a, t0, |b| {
+    row_simd128_with::<N>(scales, bpg, a, t0, |b| {
         let mut c = [i16x8_splat(0); 4];
         for j in 0..K {
             let w = *m.planes.get_unchecked(j * pw + base + b);
@@ -193,30 +188,12 @@ impl RowDot for PlaneLevel {
         self.shape.groups_per_row()
     }
     fn row<const N: usize>(&self, a: &Q16, r: usize, t0: usize) -> [f32; N] {
-        macro_rules! by_bits {
-            ($f:ident) => {
-                match self.shape.bits {
-                    2 => $f::<2, N>(self, a, r, t0),
-                    3 => $f::<3, N>(self, a, r, t0),
-                    4 => $f::<4, N>(self, a, r, t0),
-                    5 => $f::<5, N>(self, a, r, t0),
-                    6 => $f::<6, N>(self, a, r, t0),
-                    8 => $f::<8, N>(self, a, r, t0),
-                    b => unreachable!("{b}-bit planes passed PackedShape validation"),
-                }
-            };
-        }
-        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-        {
-            // SAFETY: simd128 is enabled for this build; reads in bounds (see there).
-            unsafe { by_bits!(row_simd128) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            return unsafe { by_bits!(row_avx2) };
-        }
-        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-        by_bits!(row_portable)
+        dispatch_row!(
+            self.shape.bits,
+            row_simd128,
+            row_avx2,
+            row_portable,
+            (self, a, r, t0)
+        )
     }
 }
