@@ -22,11 +22,10 @@ pub fn attention(c: &LlamaConfig, q: &[f32], k: &[f32], v: &[f32], pos0: usize, 
             })
             .collect();
         let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut sum = 0f32;
         for e in &mut s {
-            *e = (*e - mx).exp();
-            sum += *e;
+            *e = crate::model::math::exp(*e - mx);
         }
+        let sum: f32 = s.iter().sum();
         o.fill(0.0);
         for (j, &w) in s.iter().enumerate() {
             let vj = &v[j * kv_dim + kvh * hd..][..hd];

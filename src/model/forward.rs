@@ -263,11 +263,10 @@ pub fn attention(
                 let mx = live
                     .iter()
                     .fold(f32::NEG_INFINITY, |a, &b| a.max(b * scale));
-                let mut sum = 0f32;
                 for e in live.iter_mut() {
-                    *e = (*e * scale - mx).exp();
-                    sum += *e;
+                    *e = crate::model::math::exp(*e * scale - mx);
                 }
+                let sum: f32 = live.iter().sum();
                 for e in live.iter_mut() {
                     *e /= sum;
                 }
