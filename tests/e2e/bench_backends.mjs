@@ -55,6 +55,8 @@ try {
     prefill_ratio_vs_wllama: fq.browser_cpu_prefill_tok_s / wl[fq.threads].prefill_tok_s,
     browser_microkernel_gbs: fq.browser_microkernel_gbs,
     browser_vs_microkernel: fq.browser_vs_microkernel,
+    // The plane-reading kernel against the packed one per bit-width (cpu::probe).
+    browser_plane_kernel: fq.browser_plane_kernel,
     cpu_swap_tokens: fq.cpu_swap_tokens,
     // The worker engine re-created at the last step's budget, against its warm load.
     release_vs_warm: fq.release_vs_warm,
