@@ -314,20 +314,10 @@ pub fn encode(levels: &[&PackedMatrix], what: &str) -> Result<(PlaneShape, Vec<u
     };
     let bits: Vec<u32> = sorted.iter().map(|m| m.shape.bits).collect();
     let shape = PlaneShape::new(top.shape.rows, top.shape.cols, top.shape.group, &bits)?;
-    let (t, prw) = (top.shape.bits, shape.plane_row_words());
-    let mut planes = vec![0u32; t as usize * shape.plane_words()];
-    let twpr = top.shape.words_per_row();
-    for r in 0..shape.rows {
-        let trow = &top.codes[r * twpr..(r + 1) * twpr];
-        for c in 0..shape.cols {
-            let code = get_code(trow, c, t);
-            for j in 0..t as usize {
-                if code >> (t as usize - 1 - j) & 1 == 1 {
-                    planes[j * shape.plane_words() + r * prw + c / 32] |= 1 << (c % 32);
-                }
-            }
-        }
-    }
+    let t = top.shape.bits;
+    // The top level's planes, contiguous (`[t][rows][plane_row_words]`); the file interleaves
+    // the lower levels' deltas between them.
+    let planes = PlaneLevel::from_packed(top).planes;
     let mut out: Vec<u8> = Vec::with_capacity(shape.bytes());
     out.extend(top.scales.iter().flat_map(|w| w.to_le_bytes()));
     let mut done = 0usize;
