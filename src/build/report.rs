@@ -172,8 +172,14 @@ fn markdown(f: &Value, r: &BuildRecord) -> String {
         .iter()
         .map(|st| format!("QM({})", st.0))
         .collect();
-    s += &format!("\n## Pruning ablation\n\nHeld-out delta: the first EQM at or below each inner static QM's footprint, minus that QM ({}).\n\n| prune | branch | intermediate versions | storage MB | x QM(n_up) | mean calib ppl | final calib ppl | held-out delta |\n|---|---|---|---|---|---|---|---|\n", inner.join(", "));
-    for a in f["ablation"].as_array().unwrap() {
+    let ablation = f["ablation"].as_array().unwrap();
+    let title = if ablation.len() > 1 {
+        "Pruning ablation"
+    } else {
+        "Pruning (no ablation: `--ablation RATES` runs one; the full preset runs it for `--nested none`)"
+    };
+    s += &format!("\n## {title}\n\nHeld-out delta: the first EQM at or below each inner static QM's footprint, minus that QM ({}).\n\n| prune | branch | intermediate versions | storage MB | x QM(n_up) | mean calib ppl | final calib ppl | held-out delta |\n|---|---|---|---|---|---|---|---|\n", inner.join(", "));
+    for a in ablation {
         let deltas = a["heldout_delta_at_statics"]
             .as_array()
             .cloned()
