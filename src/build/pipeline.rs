@@ -3,7 +3,7 @@
 use crate::build::domains::DomainHeldout;
 use crate::build::evaluator::{spearman, CalibEvaluator};
 use crate::build::prune::{self, intermediate_versions};
-use crate::build::search::{search, Available, SearchOptions, Trajectory};
+use crate::build::search::{search, Available, SearchOptions, Slope, Trajectory};
 use crate::build::{package, report};
 use crate::error::{Error, Result};
 use crate::model::load::LoadedModel;
@@ -23,6 +23,12 @@ pub struct BuildSettings {
     /// Pass through every static QM of the ladder (see `search`'s module docs).
     #[serde(default)]
     pub staged: bool,
+    /// Lazy scoring in the search (`SearchOptions::lazy`).
+    #[serde(default)]
+    pub lazy: bool,
+    /// The search's ranking line (`SearchOptions::slope`).
+    #[serde(default)]
+    pub slope: Slope,
     /// Branch of the ablation's other prune rates (the shipped rate uses `branch`): 1 orders
     /// their swaps by sensitivity alone, which keeps a four-rate ablation affordable.
     #[serde(default = "one")]
@@ -66,6 +72,8 @@ impl BuildSettings {
             stem: self.stem,
             record_every: self.heldout_every,
             staged: self.staged,
+            lazy: self.lazy,
+            slope: self.slope,
         }
     }
 
@@ -487,7 +495,8 @@ pub fn build_ensemble(
         inp.eqm,
         &inp.calib_ids[..s.calib_tokens],
         s.seq_len,
-        s.stem * s.branch + 1,
+        // The candidates of two rounds: a lazy search re-measures last round's candidates.
+        2 * s.stem * s.branch + 2,
     );
     let mut phases = PhaseSeconds::default();
     let sensitivity = phases.time("sensitivity", || {

@@ -210,7 +210,7 @@ fn markdown(f: &Value, r: &BuildRecord) -> String {
         .map(|(k, v)| format!("{k} {v:.0} s"))
         .collect();
     s += &format!(
-        "\nBuild: {:.0} s ({:.0} s searching; {}), {} calibration-ppl evaluations ({:.0} whole-forward equivalents thanks to layer caching), branch {}, stem {}, {} calibration tokens.\n\nPlots: `trajectory.svg`/`.png`, `storage.svg`/`.png`, `domains.svg`/`.png` (with several held-out domains).\n",
+        "\nBuild: {:.0} s ({:.0} s searching; {}), {} calibration-ppl evaluations ({:.0} whole-forward equivalents thanks to layer caching), branch {}, stem {}, {} scoring, {} slope, {} calibration tokens.\n\nPlots: `trajectory.svg`/`.png`, `storage.svg`/`.png`, `domains.svg`/`.png` (with several held-out domains).\n",
         r.build_seconds,
         r.search_seconds,
         phases.join(", "),
@@ -218,6 +218,11 @@ fn markdown(f: &Value, r: &BuildRecord) -> String {
         r.forward_equivalents,
         r.settings.branch,
         r.settings.stem,
+        if r.settings.lazy { "lazy" } else { "exact" },
+        match r.settings.slope {
+            crate::build::search::Slope::FromStart => "from-start",
+            crate::build::search::Slope::Marginal => "marginal",
+        },
         r.settings.calib_tokens
     );
     s

@@ -7,15 +7,16 @@
 //!
 //! Score: the candidates of one round sit at different footprints (a gate/up/down module saves
 //! 8x the bytes of a k/v module), so ranking by perplexity alone would always take the smallest
-//! swaps first and bunch the trajectory's footprint steps. We rank by the damage per byte saved
-//! since QM(n_up), `(ppl - ppl_0) / (bytes_0 - bytes)`: the slope of the straight line from the
-//! trajectory's start, comparable across paths and across footprints. Ties go to the larger
-//! saving. Among surviving paths that end in the same EQM (all end at QM(n_low)) the one with
+//! swaps first and bunch the trajectory's footprint steps. We rank by damage per byte saved
+//! ([`Slope`]): either since QM(n_up), `(ppl - ppl_0) / (bytes_0 - bytes)`, the slope of the
+//! straight line from the trajectory's start, or since the candidate's parent (the marginal
+//! slope, the convex hull's greedy order). Ties go to the larger saving. Among surviving paths that end in the same EQM (all end at QM(n_low)) the one with
 //! the smallest area under its ppl-vs-footprint curve is reported.
 
 use crate::error::{Error, Result};
 use crate::quant::eqm::Eqm;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Move {
@@ -46,6 +47,29 @@ pub struct SearchOptions {
     /// each static QM(b) of the ladder (see [`Floor`]).
     #[serde(default)]
     pub staged: bool,
+    /// Lazy scoring (see [`search`]): a candidate measured on an earlier parent of its path
+    /// is not measured again unless it would be chosen; then it is, and the round is re-ranked.
+    #[serde(default)]
+    pub lazy: bool,
+    /// What a candidate's damage per byte is measured against (see [`Slope`]).
+    #[serde(default)]
+    pub slope: Slope,
+}
+
+/// The straight line a candidate is ranked by: its ppl against bytes saved, drawn from
+/// QM(n_up) (`FromStart`) or from the candidate's parent (`Marginal`).
+///
+/// From the start, a round's ranking is roughly by `Δppl − k·Δbytes` with `k` the slope so far:
+/// early in a stage, where `k` is still the gentler slope of the stage before, that is nearly
+/// the absolute damage, so small modules go first even when a large one costs less per byte,
+/// and the curve bends upwards above the chord between the static QMs. The marginal slope
+/// `Δppl / Δbytes` is the greedy order of the curve's lower convex hull when damages add.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Slope {
+    #[default]
+    FromStart,
+    Marginal,
 }
 
 impl SearchOptions {
@@ -188,6 +212,35 @@ struct Path {
     footprint: u64,
     /// Area under ppl-vs-footprint so far (trapezoids), to pick among finished paths.
     area: f64,
+    /// Lazy search: the calibration ppl of moves measured on an earlier EQM of this path.
+    seen: HashMap<Move, Seen>,
+}
+
+/// A move's candidate measured on an earlier parent: its ppl, the parent's, and the round.
+#[derive(Clone, Copy)]
+struct Seen {
+    ppl: f64,
+    parent_ppl: f64,
+    round: usize,
+}
+
+/// Rounds after which a lazily kept measurement is taken again even when not chosen, so a
+/// pessimistic stale estimate cannot keep a good move out for long.
+const LAZY_MAX_AGE: usize = 16;
+
+impl Path {
+    fn ppl(&self) -> f64 {
+        self.steps.last().unwrap().calib_ppl
+    }
+    /// Lazy search's estimate of `mv` from here: its stale ppl shifted by how much the
+    /// parent's ppl moved since (moves in different modules add, to first order); NaN
+    /// when not measured, too old, or the parent's ppl is unknown.
+    fn estimate(&self, mv: &Move, round: usize) -> f64 {
+        match self.seen.get(mv) {
+            Some(s) if round - s.round <= LAZY_MAX_AGE => s.ppl + (self.ppl() - s.parent_ppl),
+            _ => f64::NAN,
+        }
+    }
 }
 
 pub fn footprint(ev: &impl Evaluator, eqm: &Eqm, base_bytes: u64) -> u64 {
@@ -223,6 +276,7 @@ pub fn search(
         }],
         footprint: f0,
         area: 0.0,
+        seen: HashMap::new(),
     }];
     let total = avail.steps();
     let mut floor = Floor::new(avail, opts.staged);
@@ -248,36 +302,75 @@ pub fn search(
                 }
             }
         }
-        // Score by calibration perplexity.
-        let eqms: Vec<Eqm> = cands.iter().map(|c| c.2.clone()).collect();
+        // Score by calibration perplexity: every candidate measured, or (lazy) only the new
+        // ones and then the stale ones that rank among the `stem` best, until those are fresh.
         let skip = cands.len() == 1
             && paths.len() == 1
             && (round + 1) % opts.record_every.max(1) != 0
             && round + 1 != total;
-        let ppls = if skip {
-            vec![f64::NAN]
-        } else {
-            evaluations += eqms.len();
-            ev.calib_ppl(&eqms)?
-        };
-        let mut scored: Vec<(f64, u64, usize)> = cands
+        let mut ppls: Vec<f64> = cands
             .iter()
-            .zip(&ppls)
-            .enumerate()
-            .map(|(i, ((pi, mv, _), &ppl))| {
-                let p = &paths[*pi];
-                let f = p.footprint - ev.bytes(mv.module, mv.from) + ev.bytes(mv.module, mv.to);
-                let slope = (ppl - ppl0) / (f0 - f).max(1) as f64;
-                (slope, f, i)
+            .map(|(pi, mv, _)| match opts.lazy && !skip {
+                true => paths[*pi].estimate(mv, round),
+                false => f64::NAN,
             })
             .collect();
-        scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut fresh = vec![skip; cands.len()];
+        let mut need: Vec<usize> = (0..cands.len())
+            .filter(|&i| !skip && ppls[i].is_nan())
+            .collect();
+        let scored = loop {
+            if !need.is_empty() {
+                let eqms: Vec<Eqm> = need.iter().map(|&i| cands[i].2.clone()).collect();
+                evaluations += eqms.len();
+                for (&i, p) in need.iter().zip(ev.calib_ppl(&eqms)?) {
+                    let (pi, mv, _) = cands[i];
+                    let parent_ppl = paths[pi].ppl();
+                    paths[pi].seen.insert(
+                        mv,
+                        Seen {
+                            ppl: p,
+                            parent_ppl,
+                            round,
+                        },
+                    );
+                    ppls[i] = p;
+                    fresh[i] = true;
+                }
+            }
+            let mut scored: Vec<(f64, u64, usize)> = cands
+                .iter()
+                .zip(&ppls)
+                .enumerate()
+                .map(|(i, ((pi, mv, _), &ppl))| {
+                    let p = &paths[*pi];
+                    let f = p.footprint - ev.bytes(mv.module, mv.from) + ev.bytes(mv.module, mv.to);
+                    let slope = match opts.slope {
+                        Slope::FromStart => (ppl - ppl0) / (f0 - f).max(1) as f64,
+                        Slope::Marginal => (ppl - p.ppl()) / (p.footprint - f).max(1) as f64,
+                    };
+                    (slope, f, i)
+                })
+                .collect();
+            scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            need = scored
+                .iter()
+                .take(opts.stem)
+                .map(|s| s.2)
+                .filter(|&i| !fresh[i])
+                .collect();
+            if need.is_empty() {
+                break scored;
+            }
+        };
         let mut next = Vec::with_capacity(opts.stem);
         for &(_, f, i) in scored.iter().take(opts.stem) {
             let (pi, mv, ref e) = cands[i];
             let p = &paths[pi];
             let last = p.steps.last().unwrap();
             let mut steps = p.steps.clone();
+            let mut seen = p.seen.clone();
+            seen.retain(|m, _| m.module != mv.module);
             steps.push(TrajStep {
                 swap: Some(mv),
                 footprint: f,
@@ -288,6 +381,7 @@ pub fn search(
                 area: p.area + (last.footprint - f) as f64 * (last.calib_ppl + ppls[i]) / 2.0,
                 steps,
                 footprint: f,
+                seen,
             });
         }
         paths = next;

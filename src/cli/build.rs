@@ -4,6 +4,7 @@ use super::quant::{build_library, CalibArgs, NestingArg, DEFAULT_GROUP};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use flexquant::build::pipeline::{build_ensemble, BuildSettings, Inputs};
+use flexquant::build::search::Slope;
 use flexquant::ensemble::pack;
 use flexquant::quant::eqm::EqmModel;
 use flexquant::quant::library::{self, Library, Method};
@@ -51,6 +52,15 @@ pub struct BuildArgs {
     /// static QM of the ladder and the search orders the swaps between them).
     #[arg(long)]
     unstaged: bool,
+    /// How a round's candidates are scored. `lazy` (default): a candidate measured in an
+    /// earlier round is re-measured only when it would be chosen (CELF), about half the
+    /// calibration forwards of `exact`, which measures every candidate every round.
+    #[arg(long, value_enum, default_value = "lazy")]
+    scoring: Scoring,
+    /// The line a candidate's damage per byte is drawn on: from QM(n_up) (`from-start`) or
+    /// from its parent (`marginal`); see `build::search::Slope`.
+    #[arg(long, value_enum, default_value = "marginal")]
+    slope: SlopeArg,
     /// Fraction of intermediate module versions pruned from the shipped ensemble. Default 0:
     /// on the demo model every 25% pruned costs 2.5-4.5 held-out ppl at QM(3)'s footprint for
     /// 7% less storage (the full preset's ablation), and the browser downloads only the
@@ -88,6 +98,19 @@ pub struct BuildArgs {
     out: PathBuf,
 }
 
+/// `--scoring`: see `build::search`'s module docs.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scoring {
+    Lazy,
+    Exact,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SlopeArg {
+    FromStart,
+    Marginal,
+}
+
 fn settings(a: &BuildArgs) -> Result<BuildSettings> {
     let nested = a.nested.nesting().is_some();
     let (branch, stem, calib_tokens, heldout_tokens, every, sens, samples, ablation) =
@@ -114,6 +137,11 @@ fn settings(a: &BuildArgs) -> Result<BuildSettings> {
         branch: a.branch.unwrap_or(branch),
         stem: a.stem.unwrap_or(stem),
         staged: !a.unstaged,
+        lazy: a.scoring == Scoring::Lazy,
+        slope: match a.slope {
+            SlopeArg::FromStart => Slope::FromStart,
+            SlopeArg::Marginal => Slope::Marginal,
+        },
         ablation_branch: 1,
         prune: a.prune,
         ablation,

@@ -106,6 +106,8 @@ fn search_over_a_real_library() {
             stem: 2,
             record_every: 1,
             staged: false,
+            lazy: false,
+            slope: Default::default(),
         },
         |_, _, _| {},
     )
@@ -141,6 +143,8 @@ fn measured_sensitivities_start_from_each_stage() {
         stem: 1,
         record_every: 1,
         staged: true,
+        lazy: false,
+        slope: Default::default(),
     };
     search(&mut ev, &avail, em.base_bytes() as u64, opts, |_, _, _| {}).unwrap();
     let ms = ev.measured.as_ref().unwrap();
@@ -184,6 +188,8 @@ fn packaged_ensemble_round_trips() {
             stem: 1,
             record_every: 1,
             staged: false,
+            lazy: false,
+            slope: Default::default(),
         },
         |_, _, _| {},
     )

@@ -81,6 +81,8 @@ fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
         branch: 1,
         stem: 1,
         staged: true,
+        lazy: false,
+        slope: Default::default(),
         ablation_branch: 1,
         prune: 0.25,
         ablation: vec![],
