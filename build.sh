@@ -229,13 +229,15 @@ bench_ensemble() {
   local heldout=("$T/austen-heldout.txt" "$T/brown-heldout.txt" "$CHAT_DIR/chat-heldout.txt")
   local nested_lib="$CACHE/ensemble/library-gptq-8to2-truncate" plain_lib="$CACHE/ensemble/library-gptq-8to2"
   key="$(ensemble_inputs; echo "$calib"; sha256sum "${heldout[@]}")"
-  for span in "8 2" "4 2"; do  # 8 -> 2 first: its library serves both
+  for span in "8 2" "4 2"; do
     set -- $span
     local dir="$CACHE/ensemble/full-${1}to${2}"
+    # A nested library's lower grids are relative to its top level: one library per span.
+    local lib="$CACHE/ensemble/library-gptq-${1}to${2}-truncate"
     if [ ! -f "$dir/report.json" ] || [ "$(cat "$dir/.inputs" 2>/dev/null)" != "$key" ]; then
       log "building the full-preset ensemble $1 -> $2 into $dir"
       "$BIN" build --model "$MODEL" --calib "$calib" "${heldout[@]/#/--heldout=}" --preset full \
-        --n-up "$1" --n-low "$2" --library "$nested_lib" --out "$dir"
+        --n-up "$1" --n-low "$2" --library "$lib" --out "$dir"
       echo "$key" > "$dir/.inputs"
     fi
   done

@@ -99,12 +99,25 @@ impl<'a> CalibEvaluator<'a> {
         tokens: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<()> {
-        let start = avail.start();
         let all: Vec<u32> = self.eval.seqs().concat();
         let tokens = tokens.min(all.len());
         let seq_len = self.eval.seqs()[0].len().min(tokens);
+        self.measure_single_swaps_on(avail, &all[..tokens / seq_len * seq_len], seq_len, progress)
+    }
+
+    /// `measure_single_swaps` on other tokens, in windows of `seq_len`: tokens the search's
+    /// calibration ppl does not read, so the candidates it is offered and the choice among
+    /// them do not fit the same noise.
+    pub fn measure_single_swaps_on(
+        &mut self,
+        avail: &crate::build::search::Available,
+        tokens: &[u32],
+        seq_len: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<()> {
+        let start = avail.start();
         let mut ms = Measured {
-            tokens: all[..tokens / seq_len * seq_len].to_vec(),
+            tokens: tokens.to_vec(),
             seq_len,
             deltas: HashMap::new(),
             evaluations: 0,

@@ -44,6 +44,10 @@ pub struct BuildSettings {
     pub heldout_every: usize,
     /// Tokens for the measured single-swap sensitivity; 0 = output-error proxy only.
     pub sensitivity_tokens: usize,
+    /// Those tokens come from calibration windows between the search's (`Inputs::sensitivity_ids`;
+    /// recorded for the report), not from the search's own.
+    #[serde(default)]
+    pub sensitivity_between: bool,
     /// Moves sampled to measure how well each sensitivity predicts the calibration ppl change.
     pub correlation_samples: usize,
     /// Bytes per pack of the shipped files (`ensemble::pack`); 0: one file per version.
@@ -240,6 +244,9 @@ pub struct Inputs<'a> {
     /// Held-out texts by domain name; the first is the report's main held-out text (the
     /// static comparison, the ablation, the manifest's per-step ppl).
     pub heldout: &'a [(String, Vec<u32>)],
+    /// Tokens for the measured sensitivities and their window length; `None`: the first
+    /// `sensitivity_tokens` of the calibration tokens.
+    pub sensitivity_ids: Option<(&'a [u32], usize)>,
     pub name: String,
 }
 
@@ -300,12 +307,17 @@ fn sensitivities(
     ev: &mut CalibEvaluator,
     avail: &Available,
     s: &BuildSettings,
+    sensitivity_ids: Option<(&[u32], usize)>,
     progress: &mut dyn FnMut(&str, usize, usize, f64),
 ) -> Result<Option<SensitivityStudy>> {
-    if s.sensitivity_tokens > 0 {
-        ev.measure_single_swaps(avail, s.sensitivity_tokens, &mut |d, n| {
-            progress("sensitivity", d, n, f64::NAN)
-        })?;
+    let mut report = |d, n| progress("sensitivity", d, n, f64::NAN);
+    match (s.sensitivity_tokens, sensitivity_ids) {
+        (0, _) => {}
+        (t, Some((ids, seq_len))) => {
+            let t = t.min(ids.len()) / seq_len * seq_len;
+            ev.measure_single_swaps_on(avail, &ids[..t], seq_len, &mut report)?
+        }
+        (t, None) => ev.measure_single_swaps(avail, t, &mut report)?,
     }
     if s.correlation_samples > 1 {
         Ok(Some(sensitivity_study(
@@ -500,7 +512,7 @@ pub fn build_ensemble(
     );
     let mut phases = PhaseSeconds::default();
     let sensitivity = phases.time("sensitivity", || {
-        sensitivities(&mut ev, &avail, s, progress)
+        sensitivities(&mut ev, &avail, s, inp.sensitivity_ids, progress)
     })?;
     let (mut variants, chosen) = phases.time("search", || {
         search_variants(&mut ev, &avail, s, base, progress)

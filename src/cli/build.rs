@@ -61,6 +61,11 @@ pub struct BuildArgs {
     /// from its parent (`marginal`); see `build::search::Slope`.
     #[arg(long, value_enum, default_value = "marginal")]
     slope: SlopeArg,
+    /// Tokens of the measured sensitivities: the `first` of the search's own calibration
+    /// tokens (default), or calibration windows `between` the search's, so the candidates
+    /// and the choice among them are not fitted to the same tokens.
+    #[arg(long, value_enum, default_value = "first")]
+    sensitivity_windows: SensitivityWindows,
     /// Fraction of intermediate module versions pruned from the shipped ensemble. Default 0:
     /// on the demo model every 25% pruned costs 2.5-4.5 held-out ppl at QM(3)'s footprint for
     /// 7% less storage (the full preset's ablation), and the browser downloads only the
@@ -105,6 +110,12 @@ enum Scoring {
     Exact,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SensitivityWindows {
+    Between,
+    First,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum SlopeArg {
     FromStart,
@@ -138,6 +149,7 @@ fn settings(a: &BuildArgs) -> Result<BuildSettings> {
         stem: a.stem.unwrap_or(stem),
         staged: !a.unstaged,
         lazy: a.scoring == Scoring::Lazy,
+        sensitivity_between: a.sensitivity_windows == SensitivityWindows::Between,
         slope: match a.slope {
             SlopeArg::FromStart => Slope::FromStart,
             SlopeArg::Marginal => Slope::Marginal,
@@ -172,6 +184,9 @@ fn library_for(
             && man.nesting == a.nested.nesting()
             && man.group == a.group
             && bits.iter().all(|b| man.bits.contains(b))
+            // A nested library's lower grids are stored relative to its top level, so it
+            // packages only ensembles that start there.
+            && (man.nesting.is_none() || man.bits.iter().max() == bits.iter().max())
             && c.text_sha256 == mix.sha256()
             && (c.sequences, c.seq_len) == (a.calib_opts.sequences, a.calib_opts.seq_len)
         {
@@ -263,6 +278,19 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
         sequences: windows,
         seq_len: s.calib_tokens.div_ceil(windows),
     })?;
+    // The measured sensitivities read windows halfway between those (same shares), so the
+    // search's candidates and its choice among them are not fitted to the same tokens.
+    let sens_windows = (s.sensitivity_tokens / s.seq_len).max(k);
+    let sens_len = s.sensitivity_tokens.div_ceil(sens_windows).max(2);
+    let sens_ids = match a.sensitivity_windows {
+        SensitivityWindows::Between if s.sensitivity_tokens > 0 => {
+            Some(mix.sample_between(flexquant::quant::calib::CalibSettings {
+                sequences: sens_windows,
+                seq_len: sens_len,
+            })?)
+        }
+        _ => None,
+    };
     let pb = indicatif::ProgressBar::new(0);
     pb.set_style(indicatif::ProgressStyle::with_template(
         "{prefix:>16} [{bar:30}] {pos}/{len} {msg} ({elapsed}, ETA {eta})",
@@ -273,6 +301,7 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
         eqm: &em,
         calib_ids: &calib_ids,
         calib_sources: &calib_sources,
+        sensitivity_ids: sens_ids.as_deref().map(|ids| (ids, sens_len)),
         heldout: &heldout,
         name,
     };

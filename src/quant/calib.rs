@@ -45,14 +45,35 @@ pub fn sample(ids: &[u32], s: CalibSettings) -> Result<Vec<u32>> {
             s.tokens()
         )));
     }
-    let room = ids.len() - s.seq_len;
-    let step = if s.sequences > 1 {
-        room / (s.sequences - 1)
-    } else {
-        0
-    };
-    Ok((0..s.sequences)
-        .flat_map(|i| ids[i * step..i * step + s.seq_len].iter().copied())
+    Ok(window_starts(ids.len(), s, false)
+        .into_iter()
+        .flat_map(|i| ids[i..i + s.seq_len].iter().copied())
+        .collect())
+}
+
+/// Where `sample`'s windows start in a text of `len` tokens; `between`: halfway between
+/// consecutive ones instead (one fewer), or mid-text for a single window, so the two samples
+/// share no token when the windows are shorter than their spacing.
+fn window_starts(len: usize, s: CalibSettings, between: bool) -> Vec<usize> {
+    let room = len - s.seq_len;
+    if s.sequences == 1 {
+        return vec![if between { room / 2 } else { 0 }];
+    }
+    let step = room / (s.sequences - 1);
+    match between {
+        false => (0..s.sequences).map(|i| i * step).collect(),
+        true => (0..s.sequences - 1).map(|i| i * step + step / 2).collect(),
+    }
+}
+
+/// Windows halfway between `sample`'s (one fewer when there are several; mid-text for one):
+/// tokens for a second estimate (the search's measured sensitivities) that shares no noise
+/// with the first.
+pub fn sample_between(ids: &[u32], s: CalibSettings) -> Result<Vec<u32>> {
+    sample(ids, s)?;
+    Ok(window_starts(ids.len(), s, true)
+        .into_iter()
+        .flat_map(|i| ids[i..i + s.seq_len].iter().copied())
         .collect())
 }
 
@@ -138,6 +159,19 @@ pub fn allot(weights: &[f64], sequences: usize) -> Result<Vec<usize>> {
 /// The calibration tokens of a mix: each source's share of windows (`allot`), evenly spaced
 /// over that source's tokens (`sample`), sources in order.
 pub fn sample_mix(sources: &[(&[u32], f64)], s: CalibSettings) -> Result<Vec<u32>> {
+    sample_mix_with(sources, s, sample)
+}
+
+/// `sample_mix` with each source's windows from `sample_between`.
+pub fn sample_mix_between(sources: &[(&[u32], f64)], s: CalibSettings) -> Result<Vec<u32>> {
+    sample_mix_with(sources, s, sample_between)
+}
+
+fn sample_mix_with(
+    sources: &[(&[u32], f64)],
+    s: CalibSettings,
+    sample: fn(&[u32], CalibSettings) -> Result<Vec<u32>>,
+) -> Result<Vec<u32>> {
     let weights: Vec<f64> = sources.iter().map(|x| x.1).collect();
     let shares = allot(&weights, s.sequences)?;
     let mut out = Vec::with_capacity(s.tokens());

@@ -91,6 +91,7 @@ fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
         heldout_tokens: 256,
         heldout_every: 1000,
         sensitivity_tokens: 0,
+        sensitivity_between: false,
         correlation_samples: 0,
         pack_bytes: flexquant::ensemble::pack::mb_to_bytes(
             flexquant::ensemble::pack::DEFAULT_PACK_MB,
@@ -104,6 +105,7 @@ fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
         calib_ids: &calib_ids,
         calib_sources: &[],
         heldout: &domains,
+        sensitivity_ids: None,
         name: "demo-test".into(),
     };
     let rec = build_ensemble(&inputs, &settings, &out, &mut |_, _, _, _| {}).unwrap();

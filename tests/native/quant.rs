@@ -280,6 +280,41 @@ fn calibration_windows_are_evenly_spaced_and_checked() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("1000 tokens"), "{e}");
+    // Windows between those (one fewer) share no token with them, one window sits mid-text,
+    // and a mix's sample between keeps each source's share.
+    for (sequences, seq_len) in [(3, 100), (1, 100), (5, 40)] {
+        let cs = CalibSettings { sequences, seq_len };
+        let a = calib::sample(&ids, cs).unwrap();
+        let b = calib::sample_between(&ids, cs).unwrap();
+        assert_eq!(b.len(), sequences.max(2).saturating_sub(1) * seq_len);
+        assert!(b.iter().all(|t| !a.contains(t)), "{sequences} x {seq_len}");
+    }
+    let one = CalibSettings {
+        sequences: 1,
+        seq_len: 100,
+    };
+    assert_eq!(calib::sample_between(&ids, one).unwrap()[0], 450);
+    let other: Vec<u32> = (5000..5600).collect();
+    let cs = CalibSettings {
+        sequences: 2,
+        seq_len: 50,
+    };
+    let mix = calib::sample_mix_between(&[(&ids, 0.5), (&other, 0.5)], cs).unwrap();
+    assert_eq!(
+        mix[..50],
+        calib::sample_between(&ids, one_of(50)).unwrap()[..]
+    );
+    assert_eq!(
+        mix[50..],
+        calib::sample_between(&other, one_of(50)).unwrap()[..]
+    );
+}
+
+fn one_of(seq_len: usize) -> CalibSettings {
+    CalibSettings {
+        sequences: 1,
+        seq_len,
+    }
 }
 
 #[test]

@@ -6,10 +6,14 @@ use flexquant::quant::eqm::Eqm;
 use flexquant::Result;
 
 /// Modules of three sizes; damage of module m at b bits is `c_m * 2^(n_up - b)`, so the true
-/// best order is known: lowest damage per byte saved first.
+/// best order is known: lowest damage per byte saved first. `additive` is another model.
 struct Synthetic {
     size: Vec<u64>,
     c: Vec<f64>,
+    /// Damages that add: small modules (1,000 bytes at 8 bits) and large ones (8,000), where
+    /// a large module costs less per byte saved but more in absolute ppl, in both stages of
+    /// 4 -> 2.
+    additive: bool,
     evals: usize,
 }
 
@@ -20,19 +24,40 @@ impl Synthetic {
             c: (0..n)
                 .map(|m| 0.001 * (1 + (m * 7919) % 13) as f64)
                 .collect(),
+            additive: false,
+            evals: 0,
+        }
+    }
+    fn additive(n: usize) -> Self {
+        Synthetic {
+            size: (0..n).map(|m| [1000, 8000][m % 2]).collect(),
+            c: vec![],
+            additive: true,
             evals: 0,
         }
     }
     fn damage(&self, m: usize, b: u32) -> f64 {
-        self.c[m] * ((1u32 << (8 - b)) - 1) as f64
+        if !self.additive {
+            return self.c[m] * ((1u32 << (8 - b)) - 1) as f64;
+        }
+        let (d3, d2) = if self.size[m] > 1000 {
+            (0.16, 1.6)
+        } else {
+            (0.03, 0.3)
+        };
+        match b {
+            4 => 0.0,
+            3 => d3,
+            _ => d3 + d2,
+        }
     }
     fn ppl(&self, e: &Eqm) -> f64 {
-        10.0 * e
-            .bits
-            .iter()
-            .enumerate()
-            .map(|(m, &b)| 1.0 + self.damage(m, b))
-            .product::<f64>()
+        let d = e.bits.iter().enumerate().map(|(m, &b)| self.damage(m, b));
+        if self.additive {
+            10.0 + d.sum::<f64>()
+        } else {
+            10.0 * d.map(|x| 1.0 + x).product::<f64>()
+        }
     }
 }
 
@@ -280,49 +305,6 @@ fn lazy_search_measures_less_and_keeps_the_curve() {
     }
 }
 
-/// Damages that add: small modules (1,000 bytes at 8 bits) and large ones (8,000), where a
-/// large module costs less per byte saved but more in absolute ppl, in both stages of 4 -> 2.
-struct Additive {
-    size: Vec<u64>,
-}
-
-impl Additive {
-    fn damage(&self, m: usize, b: u32) -> f64 {
-        let big = self.size[m] > 1000;
-        let (d3, d2) = if big { (0.16, 1.6) } else { (0.03, 0.3) };
-        match b {
-            4 => 0.0,
-            3 => d3,
-            _ => d3 + d2,
-        }
-    }
-}
-
-impl Evaluator for Additive {
-    fn bytes(&self, m: usize, bits: u32) -> u64 {
-        self.size[m] * bits as u64 / 8
-    }
-    fn sensitivity(&mut self, e: &Eqm, moves: &[Move]) -> Result<Vec<f64>> {
-        Ok(moves
-            .iter()
-            .map(|mv| {
-                let d = self.damage(mv.module, mv.to) - self.damage(mv.module, e.bits[mv.module]);
-                d / (self.bytes(mv.module, mv.from) - self.bytes(mv.module, mv.to)) as f64
-            })
-            .collect())
-    }
-    fn calib_ppl(&mut self, eqms: &[Eqm]) -> Result<Vec<f64>> {
-        Ok(eqms
-            .iter()
-            .map(|e| {
-                10.0 + (0..e.bits.len())
-                    .map(|m| self.damage(m, e.bits[m]))
-                    .sum::<f64>()
-            })
-            .collect())
-    }
-}
-
 /// Marginal slopes trace the lower convex hull: in a staged search every step lies at or below
 /// the chord between the static QMs around it. Ranking by the slope from QM(n_up) does not:
 /// early in a stage, where the slope so far is the gentler one of the stage before, it ranks by
@@ -334,9 +316,7 @@ fn marginal_slope_keeps_every_step_below_the_static_chord() {
     let ladder = [4, 3, 2];
     let avail = Available::uniform(n, &ladder);
     let above = |slope: Slope, lazy: bool| {
-        let mut ev = Additive {
-            size: (0..n).map(|m| [1000, 8000][m % 2]).collect(),
-        };
+        let mut ev = Synthetic::additive(n);
         let opts = SearchOptions {
             branch: 3,
             stem: 1,
