@@ -284,10 +284,18 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
     let sens_len = s.sensitivity_tokens.div_ceil(sens_windows).max(2);
     let sens_ids = match a.sensitivity_windows {
         SensitivityWindows::Between if s.sensitivity_tokens > 0 => {
-            Some(mix.sample_between(flexquant::quant::calib::CalibSettings {
-                sequences: sens_windows,
-                seq_len: sens_len,
-            })?)
+            let sources: Vec<(&[u32], f64)> = mix
+                .sources
+                .iter()
+                .map(|(r, ids)| (ids.as_slice(), r.weight))
+                .collect();
+            Some(flexquant::quant::calib::sample_mix_between(
+                &sources,
+                flexquant::quant::calib::CalibSettings {
+                    sequences: sens_windows,
+                    seq_len: sens_len,
+                },
+            )?)
         }
         _ => None,
     };

@@ -63,16 +63,6 @@ impl Mix {
         Ok((tokens, records))
     }
 
-    /// Windows halfway between `sample`'s (`calib::sample_between`), same shares.
-    pub fn sample_between(&self, s: CalibSettings) -> Result<Vec<u32>> {
-        let inputs: Vec<(&[u32], f64)> = self
-            .sources
-            .iter()
-            .map(|(r, ids)| (ids.as_slice(), r.weight))
-            .collect();
-        Ok(calib::sample_mix_between(&inputs, s)?)
-    }
-
     fn records(&self) -> Vec<CalibSource> {
         self.sources.iter().map(|x| x.0.clone()).collect()
     }
