@@ -313,9 +313,8 @@ fn sensitivities(
     let mut report = |d, n| progress("sensitivity", d, n, f64::NAN);
     match (s.sensitivity_tokens, sensitivity_ids) {
         (0, _) => {}
-        (t, Some((ids, seq_len))) => {
-            let t = t.min(ids.len()) / seq_len * seq_len;
-            ev.measure_single_swaps_on(avail, &ids[..t], seq_len, &mut report)?
+        (_, Some((ids, seq_len))) => {
+            ev.measure_single_swaps_on(avail, ids, seq_len, &mut report)?
         }
         (t, None) => ev.measure_single_swaps(avail, t, &mut report)?,
     }
