@@ -3,7 +3,9 @@
 // `matvec` serves decode (one token); `matmul` serves prefill, where each thread dequantizes a
 // block of weights once and applies it to TT tokens.
 //
-// The host prepends `block_codes(r, b)` (src/gpu/kernels.rs, generated per bit-width and
+// The host prepends `reduce_row(acc, li)` (the sum of a row's TPR partial sums, valid in its
+// first lane: through workgroup memory, or subgroup shuffles where the adapter has them) and
+// `block_codes(r, b)` (src/gpu/kernels.rs, generated per bit-width and
 // layout): the 32 codes of row r's block b as floats, read with one load per word and decoded
 // with constant shifts, so neither a per-weight branch nor a repeated load of the same word is
 // left (each storage load costs far more than arithmetic on CPU adapters such as lavapipe).
@@ -134,13 +136,7 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         }
     }
     if (TPR > 1u) {
-        partial[li] = acc;
-        workgroupBarrier();
-        if (lane == 0u) {
-            for (var k = 1u; k < TPR; k++) {
-                acc += partial[li + k];
-            }
-        }
+        acc = reduce_row(acc, li);
     }
     if (r < p.rows && lane == 0u) {
         store(0u, r, acc);

@@ -28,9 +28,22 @@ fn read_all(
             acc += data[i];
         }
     } else {
-        for (var i = gid.x; i < p.n_vec4; i += p.threads) {
+        // Four independent loads in flight per iteration (GPUs need many to cover latency).
+        let t = p.threads;
+        var i = gid.x;
+        var a1 = vec4<u32>(0u);
+        var a2 = vec4<u32>(0u);
+        var a3 = vec4<u32>(0u);
+        for (; i + 3u * t < p.n_vec4; i += 4u * t) {
+            acc += data[i];
+            a1 += data[i + t];
+            a2 += data[i + 2u * t];
+            a3 += data[i + 3u * t];
+        }
+        for (; i < p.n_vec4; i += t) {
             acc += data[i];
         }
+        acc += a1 + a2 + a3;
     }
     part[li] = acc.x + acc.y + acc.z + acc.w;
     workgroupBarrier();

@@ -92,16 +92,23 @@ fn model(gpu: &Arc<Gpu>, w: &Weights, bits: &[u32], opts: ModelOptions) -> Resul
 
 /// Seconds per decoded token (greedy, top-1 back to the host each step).
 fn decode_seconds(g: &mut Model, prompt: &[u32], n: usize) -> Result<f64> {
+    Ok(decode_split(g, prompt, n)?.0)
+}
+
+/// Seconds per decoded token and, of them, the host's encoding and submission.
+fn decode_split(g: &mut Model, prompt: &[u32], n: usize) -> Result<(f64, f64)> {
     g.truncate(0);
     let mut next = pollster::block_on(g.step(prompt))?[0].0;
     for _ in 0..2 {
         next = pollster::block_on(g.step(&[next]))?[0].0;
     }
+    let mut encode = 0.0;
     let t = Instant::now();
     for _ in 0..n {
         next = pollster::block_on(g.step(&[next]))?[0].0;
+        encode += g.encode_seconds();
     }
-    Ok(t.elapsed().as_secs_f64() / n as f64)
+    Ok((t.elapsed().as_secs_f64() / n as f64, encode / n as f64))
 }
 
 fn module_bytes(w: &Weights, bits: &[u32]) -> u64 {
@@ -199,6 +206,72 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         let mut g = model(&gpu, m, &qm3, opts)?;
         1.0 / decode_seconds(&mut g, prompt, a.gpu_decode_tokens)?
     };
+    // Where step 0's token time goes: the host encoding its dispatches, the adapter's cost per
+    // dispatch, and the throughput without a round trip per token.
+    let (split, pipelined_s, dispatches) = {
+        let mut g = model(&gpu, m, &up, opts)?;
+        let split = decode_split(&mut g, prompt, a.gpu_decode_tokens)?;
+        g.truncate(0);
+        pollster::block_on(g.step(prompt))?;
+        let pipelined = pollster::block_on(
+            g.pipelined_seconds(&ids[4..(4 + a.gpu_decode_tokens).min(ids.len())]),
+        )?;
+        (split, pipelined, g.dispatches_per_token())
+    };
+    let dispatch_s = pollster::block_on(flexquant::gpu::probe::dispatch_seconds(
+        &gpu,
+        &mut kernels,
+        256,
+    ));
+    eprintln!(
+        "  step 0: {:.3} ms/token, {:.3} ms encoding {dispatches} dispatches, {:.2} us per dispatch on the adapter, {:.3} ms/token pipelined",
+        split.0 * 1e3,
+        split.1 * 1e3,
+        dispatch_s * 1e6,
+        pipelined_s * 1e3
+    );
+    // The matvec kernel alone on matrices several times a token's module, against the read
+    // kernel over as many bytes.
+    let roof_bytes: u64 = if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        16 << 20
+    } else {
+        96 << 20
+    };
+    let roof_read = pollster::block_on(read_kernel(&gpu, &mut kernels, roof_bytes, 5));
+    let mut roofline = Vec::new();
+    for bits in BITS {
+        let (bytes, s) = pollster::block_on(flexquant::gpu::probe::matvec_roofline(
+            &gpu,
+            &mut kernels,
+            bits,
+            roof_bytes,
+            3,
+        ))?;
+        let gbs = bytes as f64 / s / 1e9;
+        eprintln!(
+            "  {bits}-bit matvec over {:.1} MB: {gbs:.1} GB/s",
+            bytes as f64 / 1e6
+        );
+        roofline.push(
+            serde_json::json!({"bits": bits, "bytes": bytes, "matvec_seconds": s,
+            "matvec_gbs": gbs, "vs_read_kernel": bytes as f64 / s / roof_read.bytes_per_s}),
+        );
+    }
+    // Every variant the probe times, on the 4-bit matrix of the roofline.
+    let mut by_variant = Vec::new();
+    for (t, r, sg) in flexquant::gpu::variant::candidates(&gpu) {
+        let mut k = flexquant::gpu::Kernels::with_variant(t, r, sg).map_err(anyhow::Error::msg)?;
+        let (bytes, s) = pollster::block_on(flexquant::gpu::probe::matvec_roofline(
+            &gpu, &mut k, 4, roof_bytes, 3,
+        ))?;
+        let gbs = bytes as f64 / s / 1e9;
+        eprintln!("  4-bit matvec, {}: {gbs:.1} GB/s", k.variant_name());
+        by_variant.push(
+            serde_json::json!({"variant": k.variant_name(), "threads_per_row": t,
+            "rows_per_thread": r, "subgroups": sg, "matvec_gbs": gbs,
+            "vs_read_kernel": bytes as f64 / s / roof_read.bytes_per_s}),
+        );
+    }
     // The plane-reading matvec against the packed one on the same matrices (4 MB at 4 bits).
     let mut plane_kernel = Vec::new();
     for bits in [8, 6, 5, 4, 3, 2] {
@@ -217,15 +290,25 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         "model": source,
         "n_up": a.n_up,
         "n_low": a.n_low,
-        "variant": format!("matvec: {} thread(s) per row, {} row(s) per thread", kernels.tpr, kernels.rpt),
+        "variant": kernels.variant_name(),
         "variant_chosen_by": choice.as_ref().map(|c| c.by),
         "variant_probe_seconds": choice.map(|c| c.timings.iter()
-            .map(|t| serde_json::json!({"threads_per_row": t.0, "rows_per_thread": t.1, "matvec_seconds": t.2}))
+            .map(|t| serde_json::json!({"threads_per_row": t.0, "rows_per_thread": t.1, "subgroups": t.2, "matvec_seconds": t.3}))
             .collect::<Vec<_>>()),
         "read_kernel_gbs": read.bytes_per_s / 1e9,
         "read_kernel_variant": read.variant,
         "read_kernel_bytes": token_bytes(&up),
         "decode_tokens": a.gpu_decode_tokens,
+        "token_split_step_0": {
+            "seconds_per_token": split.0,
+            "encode_seconds": split.1,
+            "dispatches": dispatches,
+            "adapter_seconds_per_dispatch": dispatch_s,
+            "dispatch_floor_seconds": dispatch_s * dispatches as f64,
+            "pipelined_seconds_per_token": pipelined_s,
+        },
+        "matvec_roofline": {"read_kernel_gbs": roof_read.bytes_per_s / 1e9, "by_bits": roofline,
+            "by_variant_4_bits": by_variant},
         "decode_tok_s": {"step_0": tok_s(0), "qm3": qm3_tok_s, "last_step": tok_s(2)},
         "decode_vs_read_kernel": vs_read(0),
         "decode_vs_read_kernel_by_model": {"step_0": vs_read(0), "mid": vs_read(1), "last_step": vs_read(2)},

@@ -61,10 +61,17 @@ impl Gpu {
             .map_err(|e| GpuError::NoAdapter(e.to_string()))?;
         let have = adapter.limits();
         let required_limits = required_limits(req, &have)?;
+        // Subgroup operations where the adapter has them (natively: wgpu's browser backend
+        // cannot ask for them, and naga does not parse `enable subgroups;`).
+        let required_features = if cfg!(not(target_arch = "wasm32")) {
+            adapter.features() & wgpu::Features::SUBGROUP
+        } else {
+            wgpu::Features::empty()
+        };
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("flexquant"),
-                required_features: wgpu::Features::empty(),
+                required_features,
                 required_limits,
                 experimental_features: wgpu::ExperimentalFeatures::disabled(),
                 memory_hints: wgpu::MemoryHints::Performance,
@@ -78,6 +85,15 @@ impl Gpu {
             info: adapter.get_info(),
             adapter_limits: have,
         })
+    }
+
+    /// Lanes every subgroup of this device holds at least, if kernels may use subgroup
+    /// operations.
+    pub fn subgroup_lanes(&self) -> Option<u32> {
+        self.device
+            .features()
+            .contains(wgpu::Features::SUBGROUP)
+            .then_some(self.info.subgroup_min_size)
     }
 
     /// Native convenience: `new` driven to completion on this thread.

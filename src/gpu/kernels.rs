@@ -78,6 +78,11 @@ impl Kernel {
     }
 
     fn spec(self) -> Spec {
+        self.spec_with(false)
+    }
+
+    /// The kernel's shader and bindings; `subgroups`: matvec rows reduced by subgroup shuffles.
+    fn spec_with(self, subgroups: bool) -> Spec {
         let params = self.params().1;
         let s = |source: &str, entry, read_only, read_write| Spec {
             source: format!("{params}\n{source}"),
@@ -86,10 +91,10 @@ impl Kernel {
             read_write,
         };
         match self {
-            Kernel::Matvec(bits) => s(&qlinear_source(bits, false), "matvec", 2, 1),
-            Kernel::Matmul(bits) => s(&qlinear_source(bits, false), "matmul", 2, 1),
-            Kernel::PlaneMatvec(k) => s(&qlinear_source(k, true), "matvec", 2, 1),
-            Kernel::PlaneMatmul(k) => s(&qlinear_source(k, true), "matmul", 2, 1),
+            Kernel::Matvec(bits) => s(&qlinear_source(bits, false, subgroups), "matvec", 2, 1),
+            Kernel::Matmul(bits) => s(&qlinear_source(bits, false, false), "matmul", 2, 1),
+            Kernel::PlaneMatvec(k) => s(&qlinear_source(k, true, subgroups), "matvec", 2, 1),
+            Kernel::PlaneMatmul(k) => s(&qlinear_source(k, true, false), "matmul", 2, 1),
             Kernel::Embed => s(include_str!("../../shaders/embed.wgsl"), "embed", 2, 1),
             Kernel::RmsNorm => s(include_str!("../../shaders/rmsnorm.wgsl"), "rmsnorm", 2, 1),
             Kernel::Rope => s(include_str!("../../shaders/rope.wgsl"), "rope", 1, 1),
@@ -118,6 +123,9 @@ pub struct Kernels {
     pub tpr: u32,
     /// Rows per thread in `matvec` when `tpr` is 1 (qlinear.wgsl's `RPT`: 1, 2 or 4).
     pub rpt: u32,
+    /// `matvec` sums a row's partial sums by subgroup shuffles (`tpr` > 1 on an adapter with
+    /// subgroups of at least `tpr` lanes) instead of workgroup memory and a barrier.
+    pub subgroups: bool,
     layouts: HashMap<(u32, u32), wgpu::BindGroupLayout>,
     modules: HashMap<String, wgpu::ShaderModule>,
     pipelines: HashMap<Kernel, wgpu::ComputePipeline>,
@@ -134,9 +142,15 @@ impl Kernels {
         let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
         let tpr = env("FLEXQUANT_GPU_TPR").unwrap_or(by_type.0);
         let rpt = env("FLEXQUANT_GPU_RPT").unwrap_or(if tpr == 1 { by_type.1 } else { 1 });
+        // FLEXQUANT_GPU_SG=1: rows summed by subgroups, where the adapter allows it.
+        let sg = env("FLEXQUANT_GPU_SG") == Some(1);
+        let sg_ok = gpu.subgroup_lanes().is_some_and(|l| l >= tpr);
+        if sg && !sg_ok {
+            eprintln!("FLEXQUANT_GPU_SG: this adapter has no subgroups of {tpr} lanes; not used");
+        }
         // A variant the environment names that does not exist: the adapter's own, said aloud.
-        Self::with_matvec(tpr, rpt).unwrap_or_else(|e| {
-            eprintln!("FLEXQUANT_GPU_TPR/RPT: no {e}; using {by_type:?}");
+        Self::with_variant(tpr, rpt, sg && sg_ok).unwrap_or_else(|e| {
+            eprintln!("FLEXQUANT_GPU_TPR/RPT/SG: no {e}; using {by_type:?}");
             Self::with_matvec(by_type.0, by_type.1).expect("a listed variant")
         })
     }
@@ -144,18 +158,45 @@ impl Kernels {
     /// Kernels whose `matvec` shares a row among `tpr` threads (a power of two <= 64) or, with
     /// `tpr` 1, computes `rpt` rows per thread (1, 2 or 4).
     pub fn with_matvec(tpr: u32, rpt: u32) -> Result<Self, String> {
-        if !tpr.is_power_of_two() || tpr > WG || ![1, 2, 4].contains(&rpt) || (tpr > 1 && rpt > 1) {
+        Self::with_variant(tpr, rpt, false)
+    }
+
+    /// `with_matvec`, the row sums by subgroup shuffles when `subgroups` (needs `tpr` > 1; the
+    /// caller checks the adapter: `Gpu::subgroup_lanes`).
+    pub fn with_variant(tpr: u32, rpt: u32, subgroups: bool) -> Result<Self, String> {
+        if !tpr.is_power_of_two()
+            || tpr > WG
+            || ![1, 2, 4].contains(&rpt)
+            || (tpr > 1 && rpt > 1)
+            || (subgroups && tpr == 1)
+        {
             return Err(format!(
-                "matvec variant of {tpr} threads per row and {rpt} rows per thread"
+                "matvec variant of {tpr} threads per row and {rpt} rows per thread{}",
+                if subgroups { " by subgroups" } else { "" }
             ));
         }
         Ok(Kernels {
             tpr,
             rpt,
+            subgroups,
             layouts: HashMap::new(),
             modules: HashMap::new(),
             pipelines: HashMap::new(),
         })
+    }
+
+    /// The matvec variant in words (reports).
+    pub fn variant_name(&self) -> String {
+        format!(
+            "matvec: {} thread(s) per row, {} row(s) per thread{}",
+            self.tpr,
+            self.rpt,
+            if self.subgroups {
+                ", rows summed by subgroup shuffles"
+            } else {
+                ""
+            }
+        )
     }
 
     /// Weight rows one `matvec` workgroup computes (its grid is `rows.div_ceil(this)`).
@@ -204,7 +245,7 @@ impl Kernels {
         if self.pipelines.contains_key(&kernel) {
             return;
         }
-        let spec = kernel.spec();
+        let spec = kernel.spec_with(self.subgroups);
         let module = self
             .modules
             .entry(spec.source.clone())
@@ -303,7 +344,38 @@ impl Kernels {
 /// i*bits, LSB first, straddling into the next word for 3, 5 and 6 bits). Bit planes: one word
 /// per plane, `p.plane_words` apart, each code built from bit i of every plane (plane 0 the
 /// most significant).
-pub fn qlinear_source(bits: u32, planes: bool) -> String {
+/// `reduce_row(acc, li)`: the sum of the TPR partial sums of a row, valid in the row's first
+/// lane. Shuffles within a subgroup (`subgroups`: the adapter has them and its subgroups hold
+/// at least TPR lanes), else workgroup memory and a barrier.
+fn reduce_row_source(subgroups: bool) -> &'static str {
+    if subgroups {
+        "fn reduce_row(acc: f32, li: u32) -> f32 {
+    var s = acc;
+    for (var o = TPR / 2u; o > 0u; o = o / 2u) {
+        s += subgroupShuffleXor(s, o);
+    }
+    return s;
+}
+"
+    } else {
+        "fn reduce_row(acc: f32, li: u32) -> f32 {
+    partial[li] = acc;
+    workgroupBarrier();
+    var s = acc;
+    if (li % TPR == 0u) {
+        for (var k = 1u; k < TPR; k++) {
+            s += partial[li + k];
+        }
+    }
+    return s;
+}
+"
+    }
+}
+
+/// The qlinear shader for `bits`-bit codes, packed or as `planes`, its matvec rows reduced
+/// through subgroups or not (`reduce_row_source`).
+pub fn qlinear_source(bits: u32, planes: bool, subgroups: bool) -> String {
     const QLINEAR: &str = include_str!("../../shaders/qlinear.wgsl");
     let mut f = format!(
         "const BITS: u32 = {bits}u;\n\nfn block_codes(r: u32, b: u32) -> array<vec4<f32>, 8> {{\n"
@@ -359,7 +431,7 @@ pub fn qlinear_source(bits: u32, planes: bool) -> String {
         }
     }
     f += "    );\n}\n";
-    format!("{f}\n{QLINEAR}")
+    format!("{f}\n{}\n{QLINEAR}", reduce_row_source(subgroups))
 }
 
 /// A parameter block padded to a 256-byte slot.

@@ -101,6 +101,13 @@ pub struct Model {
     watched: Vec<u32>,
     graph: Graph,
     len: usize,
+    /// Host seconds the last chunk spent before its submission (encoding it, unless it was
+    /// prepared): `bench gpu` splits a token's time into this, the GPU's work and the wait.
+    encode_seconds: f64,
+    /// The next one-token step's commands, encoded while the GPU runs the current one (they
+    /// depend on the graph, not on the token or position, which go in through buffers).
+    /// Dropped whenever a bind group or the watched tokens change.
+    prepared: Option<wgpu::CommandBuffer>,
 }
 
 impl Model {
@@ -308,6 +315,8 @@ impl Model {
             watched: Vec::new(),
             graph,
             len: 0,
+            encode_seconds: 0.0,
+            prepared: None,
         })
     }
 
@@ -402,7 +411,9 @@ impl Model {
             param_slot * PARAM_SLOT,
             &kernel_param_bytes(Kernel::Matvec(bits), &qlinear_params(m.shape, id.kind)),
         );
-        // The old buffer is dropped (and destroyed) here, after its replacement is in place.
+        // The old buffer is dropped (and destroyed) here, after its replacement is in place;
+        // commands prepared with its bind group go with it.
+        self.prepared = None;
         self.modules[id.index()] = Slot {
             shape: m.shape,
             buffer,
@@ -496,6 +507,7 @@ impl Model {
     /// Runs `tokens` (at most `max_batch`) at positions `len..` through the layers and `head`,
     /// and submits; the KV cache grows by `tokens.len()`.
     fn run_chunk(&mut self, tokens: &[u32], targets: &[u32], head: Head) {
+        let started = crate::runtime::clock::now_seconds();
         let n = tokens.len() as u32;
         let q = &self.gpu.queue;
         q.write_buffer(&self.step.buffer, 0, &step_bytes(n, self.len as u32));
@@ -503,6 +515,28 @@ impl Model {
         if !targets.is_empty() {
             q.write_buffer(&self.act.targets.buffer, 0, bytemuck::cast_slice(targets));
         }
+        let commands = match self.prepared.take() {
+            Some(c) if n == 1 && head == Head::TopK => c,
+            other => {
+                self.prepared = other;
+                self.encode_chunk(n, head)
+            }
+        };
+        self.gpu.queue.submit([commands]);
+        self.len += tokens.len();
+        self.encode_seconds = crate::runtime::clock::now_seconds() - started;
+    }
+
+    /// Encodes the next one-token step's commands unless they are ready (call after a
+    /// submission, so that the encoding overlaps the GPU's work).
+    fn prepare_next_step(&mut self) {
+        if self.prepared.is_none() {
+            self.prepared = Some(self.encode_chunk(1, Head::TopK));
+        }
+    }
+
+    /// The commands of a chunk of `n` tokens with `head`, and the copies of what comes back.
+    fn encode_chunk(&self, n: u32, head: Head) -> wgpu::CommandBuffer {
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
@@ -543,8 +577,32 @@ impl Model {
             Head::Nll => enc.copy_buffer_to_buffer(&self.act.nll.buffer, 0, rb, 0, 4 * n as u64),
             _ => {}
         }
-        q.submit([enc.finish()]);
-        self.len += tokens.len();
+        enc.finish()
+    }
+
+    /// Kernel dispatches of one generated token (embedding, layers, final norm, head, top-k).
+    pub fn dispatches_per_token(&self) -> usize {
+        self.graph.layers.len() + 5
+    }
+
+    /// Host seconds the last chunk spent before its submission (little when it was prepared).
+    pub fn encode_seconds(&self) -> f64 {
+        self.encode_seconds
+    }
+
+    /// Seconds per token when `tokens` are decoded one at a time without waiting for each
+    /// result (each submitted as soon as it is encoded, one wait at the end): the throughput
+    /// the adapter and the encoder allow together, without a round trip per token. A
+    /// benchmark's figure: the tokens are given, not sampled. The cache grows by `tokens`.
+    pub async fn pipelined_seconds(&mut self, tokens: &[u32]) -> GpuResult<f64> {
+        self.check_tokens(tokens)?;
+        let t = crate::runtime::clock::now_seconds();
+        for &tok in tokens {
+            self.run_chunk(&[tok], &[], Head::TopK);
+            self.prepare_next_step();
+        }
+        self.gpu.finished().await;
+        Ok((crate::runtime::clock::now_seconds() - t) / tokens.len().max(1) as f64)
     }
 
     /// Runs `tokens` through every layer in chunks of `max_batch`, `head` on the last chunk.
@@ -566,6 +624,7 @@ impl Model {
     /// token, best first: the only bytes that come back per generated token.
     pub async fn step(&mut self, tokens: &[u32]) -> GpuResult<Vec<(u32, f32)>> {
         self.run(tokens, Head::TopK)?;
+        self.prepare_next_step();
         let k = self.opts.top_k as usize;
         let bytes = 8 * k + 4 * self.watched.len();
         let b = self
@@ -592,6 +651,7 @@ impl Model {
     pub fn watch(&mut self, ids: &[u32]) -> GpuResult<()> {
         check_watch(ids, self.config.vocab_size).map_err(|e| GpuError::Input(e.to_string()))?;
         self.watched = ids.to_vec();
+        self.prepared = None;
         Ok(())
     }
 

@@ -2,9 +2,12 @@
 //! llama.cpp's test-backend-ops) and kernel debugging use it. Buffers here are transient and
 //! not counted by an allocator.
 
+use crate::ensemble::format::{PackedMatrix, PackedShape};
+use crate::ensemble::plane_level::PlaneLevel;
 use crate::gpu::device::Gpu;
 use crate::gpu::error::GpuResult;
 use crate::gpu::kernels::{kernel_param_bytes, param_bytes, step_bytes, Kernel, Kernels};
+use crate::gpu::params::QlinearParams;
 use crate::gpu::params::{KernelParams, ReadParams};
 use wgpu::util::DeviceExt;
 
@@ -25,7 +28,7 @@ pub async fn run<P: KernelParams>(
     run_repeated(gpu, kernels, kernel, params, step, inputs, outputs, grid, 1).await
 }
 
-/// `run` with the dispatch repeated `repeat` times in one pass (kernel timing).
+/// `run` with the dispatch repeated `repeat` times in one pass.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_repeated<P: KernelParams>(
     gpu: &Gpu,
@@ -38,44 +41,14 @@ pub async fn run_repeated<P: KernelParams>(
     grid: [u32; 3],
     repeat: u32,
 ) -> GpuResult<Vec<Vec<u8>>> {
-    kernels.prepare(gpu, kernel);
-    let d = &gpu.device;
-    let init = |contents: &[u8], usage| {
-        // Zero-sized bindings are invalid; pad to one word.
-        let contents = if contents.is_empty() {
-            &[0u8; 4][..]
-        } else {
-            contents
-        };
-        d.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents,
-            usage,
-        })
-    };
-    let params = init(
-        &kernel_param_bytes(kernel, params),
-        wgpu::BufferUsages::UNIFORM,
-    );
-    let step = init(&step_bytes(step.0, step.1), wgpu::BufferUsages::UNIFORM);
-    let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
-    let ins: Vec<_> = inputs.iter().map(|b| init(b, storage)).collect();
-    let outs: Vec<_> = outputs.iter().map(|b| init(b, storage)).collect();
-    let all: Vec<&wgpu::Buffer> = ins.iter().chain(&outs).collect();
-    let bg = kernels.bind(gpu, kernel, params.as_entire_buffer_binding(), &step, &all);
-    let mut enc = d.create_command_encoder(&Default::default());
-    {
-        let mut pass = enc.begin_compute_pass(&Default::default());
-        pass.set_pipeline(kernels.pipeline(kernel));
-        pass.set_bind_group(0, &bg, &[]);
-        for _ in 0..repeat {
-            pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
-        }
-    }
-    let stagings: Vec<_> = outs
+    let r = Resident::new(gpu, kernels, kernel, params, step, inputs, outputs);
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    r.encode(&mut enc, kernels, grid, repeat);
+    let stagings: Vec<_> = r
+        .outs
         .iter()
         .map(|o| {
-            let s = d.create_buffer(&wgpu::BufferDescriptor {
+            let s = gpu.device.create_buffer(&wgpu::BufferDescriptor {
                 label: None,
                 size: o.size(),
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
@@ -93,6 +66,98 @@ pub async fn run_repeated<P: KernelParams>(
         result.push(bytes);
     }
     Ok(result)
+}
+
+/// One kernel's buffers and bind group kept on the device, so that timing it measures the
+/// kernel and not the uploads (on a discrete GPU an upload costs more than a matvec).
+pub struct Resident {
+    kernel: Kernel,
+    outs: Vec<wgpu::Buffer>,
+    bind_group: wgpu::BindGroup,
+    // Held for the bind group.
+    _buffers: Vec<wgpu::Buffer>,
+}
+
+impl Resident {
+    /// `kernel` with `params`, the step `(n_tokens, pos0)`, the read-only `inputs` and the
+    /// read-write `outputs` (initial contents), bound with `kernels`' layouts.
+    pub fn new<P: KernelParams>(
+        gpu: &Gpu,
+        kernels: &mut Kernels,
+        kernel: Kernel,
+        params: &P,
+        step: (u32, u32),
+        inputs: &[&[u8]],
+        outputs: &[&[u8]],
+    ) -> Resident {
+        kernels.prepare(gpu, kernel);
+        let init = |contents: &[u8], usage| {
+            // Zero-sized bindings are invalid; pad to one word.
+            let contents = if contents.is_empty() {
+                &[0u8; 4][..]
+            } else {
+                contents
+            };
+            gpu.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents,
+                    usage,
+                })
+        };
+        let params = init(
+            &kernel_param_bytes(kernel, params),
+            wgpu::BufferUsages::UNIFORM,
+        );
+        let step = init(&step_bytes(step.0, step.1), wgpu::BufferUsages::UNIFORM);
+        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+        let ins: Vec<_> = inputs.iter().map(|b| init(b, storage)).collect();
+        let outs: Vec<_> = outputs.iter().map(|b| init(b, storage)).collect();
+        let all: Vec<&wgpu::Buffer> = ins.iter().chain(&outs).collect();
+        let bind_group = kernels.bind(gpu, kernel, params.as_entire_buffer_binding(), &step, &all);
+        let mut buffers = ins;
+        buffers.extend([params, step]);
+        Resident {
+            kernel,
+            outs,
+            bind_group,
+            _buffers: buffers,
+        }
+    }
+
+    fn encode(&self, enc: &mut wgpu::CommandEncoder, kernels: &Kernels, grid: [u32; 3], n: u32) {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(kernels.pipeline(self.kernel));
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        for _ in 0..n {
+            pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+        }
+    }
+
+    /// Seconds per dispatch of `grid`: `repeat` dispatches in one pass and one submission,
+    /// waited for, the best of `passes` after an untimed one (which compiles the pipeline).
+    /// `kernels` must be those the bind group was made with, or of the same layouts.
+    pub async fn seconds(
+        &self,
+        gpu: &Gpu,
+        kernels: &Kernels,
+        grid: [u32; 3],
+        repeat: u32,
+        passes: usize,
+    ) -> f64 {
+        let mut best = f64::MAX;
+        for pass in 0..=passes {
+            let t = now();
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            self.encode(&mut enc, kernels, grid, repeat);
+            gpu.queue.submit([enc.finish()]);
+            gpu.finished().await;
+            if pass > 0 {
+                best = best.min((now() - t) / repeat as f64);
+            }
+        }
+        best
+    }
 }
 
 /// Seconds for one buffer-to-buffer copy of `bytes` on the device (the best of `reps`): the
@@ -127,7 +192,13 @@ pub fn copy_seconds(gpu: &Gpu, bytes: u64, reps: usize) -> f64 {
 /// words: each thread reads at least 64 of them (1 KiB), as few workgroups as that allows (at
 /// most 65535).
 pub fn read_dispatch(n_vec4: u32) -> ([u32; 3], ReadParams) {
-    let wg = n_vec4.div_ceil(64 * 64).clamp(1, 65535);
+    read_dispatch_per_thread(n_vec4, 64)
+}
+
+/// `read_dispatch` with at least `per_thread` words per thread (fewer: more workgroups, more
+/// loads in flight, which GPUs need).
+pub fn read_dispatch_per_thread(n_vec4: u32, per_thread: u32) -> ([u32; 3], ReadParams) {
+    let wg = n_vec4.div_ceil(64 * per_thread).clamp(1, 65535);
     let threads = wg * 64;
     let run = n_vec4.div_ceil(threads);
     (
@@ -146,16 +217,17 @@ pub fn read_dispatch(n_vec4: u32) -> ([u32; 3], ReadParams) {
 pub struct ReadFigure {
     /// Bytes read per second (the best run of the better variant).
     pub bytes_per_s: f64,
-    /// `"interleaved"` (neighbouring threads read neighbouring words) or `"contiguous"` (one
-    /// run per thread).
+    /// `"interleaved"` (neighbouring threads read neighbouring words; also with 8 words per
+    /// thread) or `"contiguous"` (one run per thread).
     pub variant: &'static str,
 }
 
 /// Times the read kernel over a device buffer of `bytes` (rounded up to 16) in both access
-/// patterns, `reps` runs each after one warm-up, each run one submission waited for.
+/// patterns (interleaved also with 8 words per thread), `reps` runs each after one warm-up,
+/// each run one submission waited for.
 pub async fn read_kernel(gpu: &Gpu, kernels: &mut Kernels, bytes: u64, reps: usize) -> ReadFigure {
     let n_vec4 = u32::try_from(bytes.div_ceil(16)).expect("read kernel over 64 GiB");
-    let (grid, read_params) = read_dispatch(n_vec4);
+    let grid = read_dispatch_per_thread(n_vec4, 8).0;
     let d = &gpu.device;
     let data = d.create_buffer(&wgpu::BufferDescriptor {
         label: Some("read benchmark"),
@@ -176,13 +248,18 @@ pub async fn read_kernel(gpu: &Gpu, kernels: &mut Kernels, bytes: u64, reps: usi
             usage: wgpu::BufferUsages::UNIFORM,
         })
     };
-    let params = uniform(&param_bytes(&read_params));
     let step = uniform(&step_bytes(0, 0));
     let mut best = ReadFigure {
         bytes_per_s: 0.0,
         variant: "interleaved",
     };
-    for contiguous in [false, true] {
+    for (contiguous, per_thread, variant) in [
+        (false, 64, "interleaved"),
+        (false, 8, "interleaved, 8 words per thread"),
+        (true, 64, "contiguous"),
+    ] {
+        let (grid, read_params) = read_dispatch_per_thread(n_vec4, per_thread);
+        let params = uniform(&param_bytes(&read_params));
         let kernel = Kernel::Read { contiguous };
         kernels.prepare(gpu, kernel);
         let bg = kernels.bind(
@@ -210,11 +287,7 @@ pub async fn read_kernel(gpu: &Gpu, kernels: &mut Kernels, bytes: u64, reps: usi
         if speed > best.bytes_per_s {
             best = ReadFigure {
                 bytes_per_s: speed,
-                variant: if contiguous {
-                    "contiguous"
-                } else {
-                    "interleaved"
-                },
+                variant,
             };
         }
     }
@@ -227,10 +300,84 @@ fn now() -> f64 {
     crate::runtime::clock::now_seconds()
 }
 
+/// A `bits`-bit matrix of `rows` x `cols` in groups of `group`, codes from a hash of their
+/// index, every (scale, zero) (1, 0.0625): what the speed probes run (speed does not depend on
+/// the values).
+fn probe_matrix(rows: usize, cols: usize, bits: u32, group: usize) -> GpuResult<PackedMatrix> {
+    let shape = PackedShape::new(rows, cols, bits, group).map_err(crate::gpu::GpuError::from)?;
+    Ok(PackedMatrix {
+        shape,
+        codes: (0..shape.code_words())
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761))
+            .collect(),
+        scales: vec![0x2c00_3c00; shape.scale_words()],
+    })
+}
+
+/// `kernel` over `m`'s words (packed codes, or `planes`' when given) against an x of ones,
+/// kept on the device.
+fn resident_matvec(
+    gpu: &Gpu,
+    kernels: &mut Kernels,
+    m: &PackedMatrix,
+    planes: Option<&PlaneLevel>,
+) -> Resident {
+    let (kernel, words, params): (_, Vec<u32>, _) = match planes {
+        None => (
+            Kernel::Matvec(m.shape.bits),
+            m.codes.iter().chain(&m.scales).copied().collect(),
+            QlinearParams::dense(m.shape),
+        ),
+        Some(l) => (
+            Kernel::PlaneMatvec(m.shape.bits),
+            l.planes.iter().chain(&l.scales).copied().collect(),
+            QlinearParams::planes(l),
+        ),
+    };
+    let x = vec![1f32; m.shape.cols.div_ceil(4) * 4];
+    let y = vec![0f32; m.shape.rows];
+    Resident::new(
+        gpu,
+        kernels,
+        kernel,
+        &params,
+        (1, 0),
+        &[bytemuck::cast_slice(&words), bytemuck::cast_slice(&x)],
+        &[bytemuck::cast_slice(&y)],
+    )
+}
+
+fn matvec_grid(kernels: &Kernels, rows: usize) -> [u32; 3] {
+    [
+        (rows as u32).div_ceil(kernels.matvec_rows_per_workgroup()),
+        1,
+        1,
+    ]
+}
+
+/// Seconds per `matvec` of a `bits`-bit matrix of `rows` x `cols` in groups of 32, buffers on
+/// the device: `repeat` dispatches per pass, the best of `passes` after an untimed one.
+pub async fn matvec_seconds(
+    gpu: &Gpu,
+    kernels: &mut Kernels,
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    repeat: u32,
+    passes: usize,
+) -> GpuResult<f64> {
+    let m = probe_matrix(rows, cols, bits, 32)?;
+    let r = resident_matvec(gpu, kernels, &m, None);
+    Ok(
+        r.seconds(gpu, kernels, matvec_grid(kernels, rows), repeat, passes)
+            .await,
+    )
+}
+
 /// Seconds per `matvec` of a `bits`-bit matrix of `rows` x 576 (the demo model's width),
 /// group 64, held as packed codes and as bit planes (the best of `reps` passes of 8
-/// dispatches each, after one untimed pass that compiles the pipelines): what reading a nested
-/// module's planes directly costs per token on this adapter.
+/// dispatches each, buffers on the device): what reading a nested module's planes directly
+/// costs per token on this adapter.
 pub async fn plane_vs_packed_matvec(
     gpu: &Gpu,
     kernels: &mut Kernels,
@@ -238,58 +385,51 @@ pub async fn plane_vs_packed_matvec(
     rows: usize,
     reps: usize,
 ) -> GpuResult<(f64, f64)> {
-    use crate::ensemble::format::{PackedMatrix, PackedShape};
-    use crate::ensemble::plane_level::PlaneLevel;
-    use crate::gpu::params::QlinearParams;
-    const REPEAT: u32 = 8;
-    let shape = PackedShape::new(rows, 576, bits, 64).map_err(crate::gpu::GpuError::from)?;
-    let m = PackedMatrix {
-        shape,
-        codes: (0..shape.code_words())
-            .map(|i| (i as u32).wrapping_mul(2_654_435_761))
-            .collect(),
-        scales: vec![0x2c00_3c00; shape.scale_words()],
-    };
+    let m = probe_matrix(rows, 576, bits, 64)?;
     let level = PlaneLevel::from_packed(&m);
-    let packed: Vec<u32> = m.codes.iter().chain(&m.scales).copied().collect();
-    let planes: Vec<u32> = level.planes.iter().chain(&level.scales).copied().collect();
-    let x: Vec<f32> = (0..576).map(|i| (i % 7) as f32 * 0.1).collect();
-    let y = vec![0f32; rows];
-    let grid = [
-        (rows as u32).div_ceil(kernels.matvec_rows_per_workgroup()),
-        1,
-        1,
-    ];
-    let mut best = [f64::MAX; 2];
-    for pass in 0..=reps {
-        for (i, (kernel, words, params)) in [
-            (Kernel::Matvec(bits), &packed, QlinearParams::dense(shape)),
-            (
-                Kernel::PlaneMatvec(bits),
-                &planes,
-                QlinearParams::planes(&level),
-            ),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let t = crate::runtime::clock::now_seconds();
-            run_repeated(
-                gpu,
-                kernels,
-                kernel,
-                &params,
-                (1, 0),
-                &[bytemuck::cast_slice(words), bytemuck::cast_slice(&x)],
-                &[bytemuck::cast_slice(&y)],
-                grid,
-                REPEAT,
-            )
-            .await?;
-            if pass > 0 {
-                best[i] = best[i].min((crate::runtime::clock::now_seconds() - t) / REPEAT as f64);
-            }
-        }
-    }
-    Ok((best[0], best[1]))
+    let grid = matvec_grid(kernels, rows);
+    let packed = resident_matvec(gpu, kernels, &m, None);
+    let planes = resident_matvec(gpu, kernels, &m, Some(&level));
+    Ok((
+        packed.seconds(gpu, kernels, grid, 8, reps).await,
+        planes.seconds(gpu, kernels, grid, 8, reps).await,
+    ))
+}
+
+/// The matvec kernel on a matrix far larger than a token's module (`bytes` of codes and
+/// scales, 4096 columns, group 32): `(bytes, seconds per matvec)`. Against the read kernel
+/// over the same bytes it says how near the kernel itself is to the adapter's limit, apart
+/// from a token's dispatch overhead.
+pub async fn matvec_roofline(
+    gpu: &Gpu,
+    kernels: &mut Kernels,
+    bits: u32,
+    bytes: u64,
+    reps: usize,
+) -> GpuResult<(u64, f64)> {
+    const COLS: usize = 4096;
+    let per_row = PackedShape::new(64, COLS, bits, 32)
+        .map_err(crate::gpu::GpuError::from)?
+        .bytes() as u64
+        / 64;
+    let rows = ((bytes / per_row) as usize / 64).max(1) * 64;
+    let s = matvec_seconds(gpu, kernels, rows, COLS, bits, 8, reps).await?;
+    Ok((rows as u64 * per_row, s))
+}
+
+/// Seconds one dispatch of a one-workgroup kernel costs inside a pass, each writing what the
+/// next one writes (so the adapter orders them, as it orders a token's kernels): the floor
+/// of a token's time is this times its dispatches.
+pub async fn dispatch_seconds(gpu: &Gpu, kernels: &mut Kernels, repeat: u32) -> f64 {
+    let (grid, params) = read_dispatch(1);
+    let r = Resident::new(
+        gpu,
+        kernels,
+        Kernel::Read { contiguous: false },
+        &params,
+        (1, 0),
+        &[&[0u8; 16]],
+        &[&[0u8; 4]],
+    );
+    r.seconds(gpu, kernels, grid, repeat, 3).await
 }

@@ -2,17 +2,27 @@
 //! (each candidate on a module-sized 4-bit matrix, best of a few timed passes after a warm-up
 //! that compiles its pipeline), cached for the process by adapter name. The adapter's type
 //! orders the candidates (and decides alone if the probe cannot run); `FLEXQUANT_GPU_TPR` /
-//! `FLEXQUANT_GPU_RPT` skip the probe.
+//! `FLEXQUANT_GPU_RPT` / `FLEXQUANT_GPU_SG` skip the probe.
 
-use crate::ensemble::format::PackedShape;
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{Kernel, Kernels};
-use crate::gpu::params::QlinearParams;
+use crate::gpu::kernels::Kernels;
 use crate::gpu::probe;
 use std::sync::Mutex;
 
-/// `(threads per row, rows per thread)` pairs the probe times.
-pub const CANDIDATES: [(u32, u32); 4] = [(1, 4), (1, 1), (4, 1), (16, 1)];
+/// `(threads per row, rows per thread)` pairs the probe times on every adapter.
+pub const CANDIDATES: [(u32, u32); 5] = [(1, 4), (1, 1), (4, 1), (16, 1), (32, 1)];
+
+/// The variants the probe times on `gpu`: `CANDIDATES` with the workgroup-memory row sums,
+/// and each shared-row one with subgroup sums where the adapter's subgroups hold its row.
+pub fn candidates(gpu: &Gpu) -> Vec<(u32, u32, bool)> {
+    let lanes = gpu.subgroup_lanes().unwrap_or(0);
+    let plain = CANDIDATES.iter().map(|&(t, r)| (t, r, false));
+    let sg = CANDIDATES
+        .iter()
+        .filter(|&&(t, _)| t > 1 && t <= lanes)
+        .map(|&(t, r)| (t, r, true));
+    plain.chain(sg).collect()
+}
 /// The probe's matrix: the demo model's gate/up shape, 4 bits in groups of 32.
 const PROBE_ROWS: usize = 1536;
 const PROBE_COLS: usize = 576;
@@ -25,10 +35,11 @@ const PASSES: usize = 2;
 pub struct Choice {
     pub tpr: u32,
     pub rpt: u32,
+    pub subgroups: bool,
     /// `"probe"`, `"environment"` or `"adapter type"` (the probe failed).
     pub by: &'static str,
-    /// Seconds per matvec of each candidate timed, `(tpr, rpt, seconds)`.
-    pub timings: Vec<(u32, u32, f64)>,
+    /// Seconds per matvec of each candidate timed, `(tpr, rpt, subgroups, seconds)`.
+    pub timings: Vec<(u32, u32, bool, f64)>,
 }
 
 static CHOSEN: Mutex<Vec<(String, Choice)>> = Mutex::new(Vec::new());
@@ -51,16 +62,18 @@ pub async fn kernels_for_adapter(gpu: &Gpu) -> Kernels {
             c
         }
     };
-    Kernels::with_matvec(choice.tpr, choice.rpt).unwrap_or_else(|_| Kernels::new(gpu))
+    Kernels::with_variant(choice.tpr, choice.rpt, choice.subgroups)
+        .unwrap_or_else(|_| Kernels::new(gpu))
 }
 
 async fn choose(gpu: &Gpu) -> Choice {
     let by_type = Kernels::new(gpu);
     let env = |n: &str| std::env::var(n).is_ok();
-    if env("FLEXQUANT_GPU_TPR") || env("FLEXQUANT_GPU_RPT") {
+    if env("FLEXQUANT_GPU_TPR") || env("FLEXQUANT_GPU_RPT") || env("FLEXQUANT_GPU_SG") {
         return Choice {
             tpr: by_type.tpr,
             rpt: by_type.rpt,
+            subgroups: by_type.subgroups,
             by: "environment",
             timings: vec![],
         };
@@ -69,12 +82,13 @@ async fn choose(gpu: &Gpu) -> Choice {
         Some(timings) => {
             let best = timings
                 .iter()
-                .min_by(|a, b| a.2.total_cmp(&b.2))
+                .min_by(|a, b| a.3.total_cmp(&b.3))
                 .copied()
                 .unwrap();
             Choice {
                 tpr: best.0,
                 rpt: best.1,
+                subgroups: best.2,
                 by: "probe",
                 timings,
             }
@@ -82,64 +96,31 @@ async fn choose(gpu: &Gpu) -> Choice {
         None => Choice {
             tpr: by_type.tpr,
             rpt: by_type.rpt,
+            subgroups: by_type.subgroups,
             by: "adapter type",
             timings: vec![],
         },
     }
 }
 
-/// Seconds per matvec of every candidate, or `None` if a run failed.
-async fn time_candidates(gpu: &Gpu) -> Option<Vec<(u32, u32, f64)>> {
-    let shape = PackedShape::new(PROBE_ROWS, PROBE_COLS, 4, 32).ok()?;
-    // Codes from a small LCG; every (scale, zero) is (0.01, 0) as two f16 halves.
-    let mut state = 0x9E37_79B9u32;
-    let mut words: Vec<u32> = (0..shape.code_words())
-        .map(|_| {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            state
-        })
-        .collect();
-    words.extend(std::iter::repeat_n(0x211F, shape.scale_words()));
-    let x: Vec<f32> = (0..PROBE_COLS).map(|i| (i % 7) as f32 * 0.1).collect();
-    let y = vec![0f32; PROBE_ROWS];
-    let params = QlinearParams::dense(shape);
-    let mut kernels: Vec<Kernels> = CANDIDATES
-        .iter()
-        .filter_map(|&(t, r)| Kernels::with_matvec(t, r).ok())
-        .collect();
-    let mut best = vec![f64::MAX; kernels.len()];
-    for pass in 0..=PASSES {
-        for (k, b) in kernels.iter_mut().zip(&mut best) {
-            let grid = [
-                (PROBE_ROWS as u32).div_ceil(k.matvec_rows_per_workgroup()),
-                1,
-                1,
-            ];
-            let t = crate::runtime::clock::now_seconds();
-            probe::run_repeated(
-                gpu,
-                k,
-                Kernel::Matvec(4),
-                &params,
-                (1, 0),
-                &[bytemuck::cast_slice(&words), bytemuck::cast_slice(&x)],
-                &[bytemuck::cast_slice(&y)],
-                grid,
-                REPEAT,
-            )
+/// Seconds per matvec of every candidate, buffers on the device (`None` if the probe's matrix
+/// cannot be made). Dispatches per timed pass: 8 on CPU adapters, 64 on others, where one
+/// matvec takes microseconds and a submission's round trip would otherwise dominate.
+async fn time_candidates(gpu: &Gpu) -> Option<Vec<(u32, u32, bool, f64)>> {
+    let repeat = if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        REPEAT
+    } else {
+        8 * REPEAT
+    };
+    let mut timings = Vec::new();
+    for (t, r, sg) in candidates(gpu) {
+        let Ok(mut k) = Kernels::with_variant(t, r, sg) else {
+            continue;
+        };
+        let s = probe::matvec_seconds(gpu, &mut k, PROBE_ROWS, PROBE_COLS, 4, repeat, PASSES)
             .await
             .ok()?;
-            // Pass 0 compiles the pipeline: not timed.
-            if pass > 0 {
-                *b = b.min((crate::runtime::clock::now_seconds() - t) / REPEAT as f64);
-            }
-        }
+        timings.push((t, r, sg, s));
     }
-    Some(
-        kernels
-            .iter()
-            .zip(best)
-            .map(|(k, s)| (k.tpr, k.rpt, s))
-            .collect(),
-    )
+    Some(timings)
 }

@@ -53,10 +53,21 @@ const SHAPES: [(usize, usize, usize); 6] = [
 fn qlinear_matvec_and_matmul_match_dequantized_cpu() {
     let Some(gpu) = gpu() else { return };
     // Every matvec variant: a row per thread, 2 and 4 rows per thread (CPU adapters), a row
-    // shared by 16 threads (GPUs); each reading packed codes and bit planes.
-    for (tpr, rpt) in [(1, 1), (1, 2), (1, 4), (16, 1)] {
-        let mut k = Kernels::with_matvec(tpr, rpt).unwrap();
-        qlinear_variant_matches(gpu, &mut k);
+    // shared by 4, 16 or 32 threads (GPUs), its sums through workgroup memory and, where the
+    // adapter's subgroups hold the row, by subgroup shuffles; each reading packed codes and
+    // bit planes.
+    let lanes = gpu.subgroup_lanes();
+    for (tpr, rpt) in [(1, 1), (1, 2), (1, 4), (4, 1), (16, 1), (32, 1)] {
+        for sg in [false, true] {
+            if sg && !(tpr > 1 && lanes.is_some_and(|l| l >= tpr)) {
+                if tpr > 1 {
+                    eprintln!("no subgroups of {tpr} lanes on {} ({lanes:?}): the subgroup variant of {tpr} threads per row is not run", gpu.adapter_name());
+                }
+                continue;
+            }
+            let mut k = Kernels::with_variant(tpr, rpt, sg).unwrap();
+            qlinear_variant_matches(gpu, &mut k);
+        }
     }
 }
 
@@ -142,9 +153,8 @@ fn qlinear_variant_matches(gpu: &flexquant::gpu::Gpu, k: &mut Kernels) {
                 let e = norm_err(&f32s(&out[0]), &want, &scale);
                 assert!(
                     e < NORM_ERR,
-                    "{kernel:?} {rows}x{cols} group {group}, {n_tokens} tokens, {} threads per row, {} rows per thread: normalized error {e:.2e}",
-                    k.tpr,
-                    k.rpt
+                    "{kernel:?} {rows}x{cols} group {group}, {n_tokens} tokens, {}: normalized error {e:.2e}",
+                    k.variant_name()
                 );
             }
         }
@@ -502,8 +512,8 @@ fn read_kernel_reads_every_word_once() {
             .map(|_| (rng.next_f32() * u32::MAX as f32) as u32)
             .collect();
         let want = words.iter().fold(0u32, |a, &w| a.wrapping_add(w));
-        let (grid, params) = probe::read_dispatch(n_vec4);
-        for contiguous in [false, true] {
+        for (contiguous, per_thread) in [(false, 64), (false, 8), (true, 64)] {
+            let (grid, params) = probe::read_dispatch_per_thread(n_vec4, per_thread);
             let out = run(
                 Kernel::Read { contiguous },
                 &params,
@@ -513,7 +523,10 @@ fn read_kernel_reads_every_word_once() {
                 grid,
             );
             let got = u32s(&out[0]).iter().fold(0u32, |a, &w| a.wrapping_add(w));
-            assert_eq!(got, want, "{n_vec4} words, contiguous {contiguous}");
+            assert_eq!(
+                got, want,
+                "{n_vec4} words, contiguous {contiguous}, {per_thread} per thread"
+            );
         }
     }
 }
@@ -522,24 +535,33 @@ fn read_kernel_reads_every_word_once() {
 /// answers later loads from its cache.
 #[test]
 fn matvec_variant_probe_picks_the_fastest_candidate_once() {
-    use flexquant::gpu::variant::{chosen, kernels_for_adapter, CANDIDATES};
+    use flexquant::gpu::variant::{candidates, chosen, kernels_for_adapter};
     let Some(gpu) = gpu() else { return };
-    if std::env::var("FLEXQUANT_GPU_TPR").is_ok() || std::env::var("FLEXQUANT_GPU_RPT").is_ok() {
-        eprintln!("SKIP: FLEXQUANT_GPU_TPR/RPT set, so no probe runs");
+    if ["FLEXQUANT_GPU_TPR", "FLEXQUANT_GPU_RPT", "FLEXQUANT_GPU_SG"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok())
+    {
+        eprintln!("SKIP: FLEXQUANT_GPU_TPR/RPT/SG set, so no probe runs");
         return;
     }
     let k = pollster::block_on(kernels_for_adapter(gpu));
     let c = chosen(gpu).expect("a choice cached for the adapter");
     assert_eq!(c.by, "probe");
-    assert_eq!(c.timings.len(), CANDIDATES.len());
+    assert_eq!(c.timings.len(), candidates(gpu).len());
     assert!(
-        c.timings.iter().all(|t| t.2.is_finite() && t.2 > 0.0),
+        c.timings.iter().all(|t| t.3.is_finite() && t.3 > 0.0),
         "{c:?}"
     );
-    let fastest = c.timings.iter().min_by(|a, b| a.2.total_cmp(&b.2)).unwrap();
-    assert_eq!((k.tpr, k.rpt), (fastest.0, fastest.1));
+    let fastest = c.timings.iter().min_by(|a, b| a.3.total_cmp(&b.3)).unwrap();
+    assert_eq!(
+        (k.tpr, k.rpt, k.subgroups),
+        (fastest.0, fastest.1, fastest.2)
+    );
     let again = pollster::block_on(kernels_for_adapter(gpu));
-    assert_eq!((again.tpr, again.rpt), (k.tpr, k.rpt));
+    assert_eq!(
+        (again.tpr, again.rpt, again.subgroups),
+        (k.tpr, k.rpt, k.subgroups)
+    );
     assert_eq!(chosen(gpu), Some(c));
     eprintln!(
         "matvec variant probe on {}: {:?}",
