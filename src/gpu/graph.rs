@@ -59,10 +59,10 @@ pub(crate) struct Graph {
     pub nll: Op,
 }
 
-/// Parameter slots: 13 per layer (2 norms, 7 modules, 2 RoPE, attention, SwiGLU) and 8 more
+/// Parameter slots: 12 per layer (2 norms, 7 modules, RoPE, attention, SwiGLU) and 8 more
 /// (embedding, 2 final norms, 2 heads, 2 top-k stages, nll).
 pub(crate) fn param_slots(c: &LlamaConfig) -> u64 {
-    13 * c.num_hidden_layers as u64 + 8
+    12 * c.num_hidden_layers as u64 + 8
 }
 
 /// The input and output buffers of a module of one layer.
@@ -169,14 +169,6 @@ impl Builder<'_> {
             last_only,
         };
         let sin_base = opts.context as u32 * hd / 2;
-        let rope_params = |row_stride, pos_rows, n_heads| RopeParams {
-            base: 0,
-            row_stride,
-            pos_rows,
-            n_heads,
-            head_dim: hd,
-            sin_base,
-        };
         let (embed, head, final_norm, rope) =
             (&base.embed, base.head(), &base.final_norm, &base.rope);
 
@@ -227,18 +219,18 @@ impl Builder<'_> {
             for kind in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
                 module(b, kind, ops);
             }
-            let pairs = |heads: u32| Grid::PerToken((heads * hd / 2).div_ceil(WG));
             ops.push(Dispatch::Fixed(b.op(
                 Kernel::Rope,
-                &rope_params(q_dim, 0, nh),
-                &[rope, &a.q],
-                pairs(nh),
-            )));
-            ops.push(Dispatch::Fixed(b.op(
-                Kernel::Rope,
-                &rope_params(kv_dim, 1, nkv),
-                &[rope, kc],
-                pairs(nkv),
+                &RopeParams {
+                    q_stride: q_dim,
+                    k_stride: kv_dim,
+                    q_heads: nh,
+                    k_heads: nkv,
+                    head_dim: hd,
+                    sin_base,
+                },
+                &[rope, &a.q, kc],
+                Grid::PerToken(((nh + nkv) * hd / 2).div_ceil(WG)),
             )));
             ops.push(Dispatch::Fixed(b.op(
                 Kernel::Attention,

@@ -77,12 +77,12 @@ kernel_params! {
     }
     /// `rope.wgsl`.
     RopeParams {
-        /// Offset of row 0.
-        base: u32,
-        row_stride: u32,
-        /// 1: rows are indexed by absolute position (the K cache), 0: by token.
-        pos_rows: u32,
-        n_heads: u32,
+        /// Floats per query row (one row per token of the call).
+        q_stride: u32,
+        /// Floats per K-cache row (one row per absolute position).
+        k_stride: u32,
+        q_heads: u32,
+        k_heads: u32,
         head_dim: u32,
         /// The table holds cos[ctx][head_dim/2] then sin[ctx][head_dim/2].
         sin_base: u32,

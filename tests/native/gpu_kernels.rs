@@ -271,32 +271,38 @@ fn rmsnorm_matches_cpu() {
     }
 }
 
+/// One dispatch rotates the call's query rows (by token) and its rows of the K cache (by
+/// absolute position), leaving the other cache rows alone.
 #[test]
 fn rope_matches_cpu_for_queries_and_cache_rows() {
     if gpu().is_none() {
         return;
     }
     let mut rng = Rng::new(5);
-    let (heads, hd, ctx, theta) = (3usize, 16usize, 40usize, 10000.0f32);
-    for (pos0, t, pos_rows) in [(0usize, 4usize, 0u32), (7, 3, 1), (33, 1, 0)] {
-        let rows = if pos_rows == 1 { ctx } else { t };
-        let v = rand_vec(&mut rng, rows * heads * hd, 1.0);
-        let table_rope = flexquant::model::ops::Rope::new(theta, hd, 0, ctx);
-        let table: Vec<f32> = table_rope
-            .cos
-            .iter()
-            .chain(&table_rope.sin)
-            .copied()
-            .collect();
-        let r0 = if pos_rows == 1 { pos0 } else { 0 };
-        let mut want = v.clone();
+    let (heads, kv_heads, hd, ctx, theta) = (3usize, 2usize, 16usize, 40usize, 10000.0f32);
+    let table_rope = flexquant::model::ops::Rope::new(theta, hd, 0, ctx);
+    let table: Vec<f32> = table_rope
+        .cos
+        .iter()
+        .chain(&table_rope.sin)
+        .copied()
+        .collect();
+    for (pos0, t) in [(0usize, 4usize), (7, 3), (33, 1)] {
+        let q = rand_vec(&mut rng, t * heads * hd, 1.0);
+        let k = rand_vec(&mut rng, ctx * kv_heads * hd, 1.0);
         let rope = flexquant::model::ops::Rope::new(theta, hd, pos0, t);
-        rope.apply(&mut want[r0 * heads * hd..(r0 + t) * heads * hd], heads);
+        let mut want_q = q.clone();
+        rope.apply(&mut want_q, heads);
+        let mut want_k = k.clone();
+        rope.apply(
+            &mut want_k[pos0 * kv_heads * hd..(pos0 + t) * kv_heads * hd],
+            kv_heads,
+        );
         let params = RopeParams {
-            base: 0,
-            row_stride: (heads * hd) as u32,
-            pos_rows,
-            n_heads: heads as u32,
+            q_stride: (heads * hd) as u32,
+            k_stride: (kv_heads * hd) as u32,
+            q_heads: heads as u32,
+            k_heads: kv_heads as u32,
             head_dim: hd as u32,
             sin_base: (ctx * hd / 2) as u32,
         };
@@ -305,11 +311,13 @@ fn rope_matches_cpu_for_queries_and_cache_rows() {
             &params,
             (t as u32, pos0 as u32),
             &[&bytes(&table)],
-            &[&bytes(&v)],
-            [((heads * hd / 2) as u32).div_ceil(64), t as u32, 1],
+            &[&bytes(&q), &bytes(&k)],
+            [(((heads + kv_heads) * hd / 2) as u32).div_ceil(64), t as u32, 1],
         );
-        let e = common_max_abs(&f32s(&out[0]), &want);
-        assert!(e < 1e-6, "rope pos0 {pos0}: max abs error {e:.2e}");
+        let e = common_max_abs(&f32s(&out[0]), &want_q);
+        assert!(e < 1e-6, "rope queries pos0 {pos0}: max abs error {e:.2e}");
+        let e = common_max_abs(&f32s(&out[1]), &want_k);
+        assert!(e < 1e-6, "rope K cache pos0 {pos0}: max abs error {e:.2e}");
     }
 }
 
