@@ -28,7 +28,7 @@ pub(crate) fn kv_layer_bytes(c: &LlamaConfig, o: &ModelOptions) -> u64 {
 }
 
 /// (name, bytes) of every activation buffer (`Activations::create` finds each by its name).
-pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static str, u64); 13] {
+pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static str, u64); 12] {
     let b = o.max_batch as u64;
     let f = |n: usize| 4 * b * n as u64;
     let k = o.top_k as u64;
@@ -38,7 +38,6 @@ pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static 
         ("q", f(c.q_dim())),
         ("att", f(c.q_dim())),
         ("gate", f(c.intermediate_size)),
-        ("up", f(c.intermediate_size)),
         ("logits", 4 * o.logit_rows as u64 * c.vocab_size as u64),
         ("tokens", 4 * b),
         ("targets", 4 * b),
@@ -201,7 +200,6 @@ pub(crate) struct Activations {
     pub q: GpuBuffer,
     pub att: GpuBuffer,
     pub gate: GpuBuffer,
-    pub up: GpuBuffer,
     pub logits: GpuBuffer,
     pub tokens: GpuBuffer,
     pub targets: GpuBuffer,
@@ -239,7 +237,6 @@ impl Activations {
             q: make("q").await?,
             att: make("att").await?,
             gate: make("gate").await?,
-            up: make("up").await?,
             logits: make("logits").await?,
             tokens: make("tokens").await?,
             targets: make("targets").await?,
@@ -250,14 +247,13 @@ impl Activations {
         })
     }
 
-    pub fn all(&self) -> [&GpuBuffer; 13] {
+    pub fn all(&self) -> [&GpuBuffer; 12] {
         [
             &self.x,
             &self.xn,
             &self.q,
             &self.att,
             &self.gate,
-            &self.up,
             &self.logits,
             &self.tokens,
             &self.targets,

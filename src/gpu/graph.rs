@@ -59,10 +59,10 @@ pub(crate) struct Graph {
     pub nll: Op,
 }
 
-/// Parameter slots: 12 per layer (2 norms, 7 modules, RoPE, attention, SwiGLU) and 8 more
+/// Parameter slots: 11 per layer (2 norms, 7 modules, RoPE, attention) and 8 more
 /// (embedding, 2 final norms, 2 heads, 2 top-k stages, nll).
 pub(crate) fn param_slots(c: &LlamaConfig) -> u64 {
-    12 * c.num_hidden_layers as u64 + 8
+    11 * c.num_hidden_layers as u64 + 8
 }
 
 /// The input and output buffers of a module of one layer.
@@ -77,19 +77,23 @@ pub(crate) fn module_io<'a>(
         ModuleKind::V => (&a.xn, &kv[1]),
         ModuleKind::O => (&a.att, &a.x),
         ModuleKind::Gate => (&a.xn, &a.gate),
-        ModuleKind::Up => (&a.xn, &a.up),
+        // silu(gate) * up, in place (qlinear_params).
+        ModuleKind::Up => (&a.xn, &a.gate),
         ModuleKind::Down => (&a.gate, &a.x),
     }
 }
 
 /// qlinear.wgsl's parameters for a module: K and V write at the cache position, O and down
-/// add into the residual stream.
+/// add into the residual stream, up turns the gate's output into SwiGLU's.
 pub(crate) fn qlinear_params(s: PackedShape, kind: ModuleKind) -> QlinearParams {
     let kv = matches!(kind, ModuleKind::K | ModuleKind::V);
-    let residual = matches!(kind, ModuleKind::O | ModuleKind::Down);
     QlinearParams {
         y_pos_stride: if kv { s.rows as u32 } else { 0 },
-        accumulate: residual as u32,
+        accumulate: match kind {
+            ModuleKind::O | ModuleKind::Down => 1,
+            ModuleKind::Up => 2,
+            _ => 0,
+        },
         ..QlinearParams::dense(s)
     }
 }
@@ -156,11 +160,7 @@ impl Builder<'_> {
         module_bufs: Vec<GpuBuffer>,
     ) -> (Graph, Vec<Slot>) {
         let b = self;
-        let (h, hd, f) = (
-            c.hidden_size as u32,
-            c.head_dim() as u32,
-            c.intermediate_size as u32,
-        );
+        let (h, hd) = (c.hidden_size as u32, c.head_dim() as u32);
         let (nh, nkv) = (c.num_attention_heads as u32, c.n_kv_heads() as u32);
         let (q_dim, kv_dim, vocab) = (c.q_dim() as u32, c.kv_dim() as u32, c.vocab_size as u32);
         let norm = |last_only| RmsNormParams {
@@ -253,12 +253,6 @@ impl Builder<'_> {
             )));
             module(b, ModuleKind::Gate, ops);
             module(b, ModuleKind::Up, ops);
-            ops.push(Dispatch::Fixed(b.op(
-                Kernel::SwiGlu,
-                &SwiGluParams { n: f },
-                &[&a.up, &a.gate],
-                Grid::PerToken(f.div_ceil(WG)),
-            )));
             module(b, ModuleKind::Down, ops);
         }
         let final_norm_op = b.op(

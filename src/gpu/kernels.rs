@@ -35,7 +35,6 @@ pub enum Kernel {
     RmsNorm,
     Rope,
     Attention,
-    SwiGlu,
     /// Top-k stage 1 (over logits) and 2 (merging candidates).
     TopK {
         from_logits: bool,
@@ -70,7 +69,6 @@ impl Kernel {
             Kernel::RmsNorm => of::<RmsNormParams>(),
             Kernel::Rope => of::<RopeParams>(),
             Kernel::Attention => of::<AttentionParams>(),
-            Kernel::SwiGlu => of::<SwiGluParams>(),
             Kernel::TopK { .. } => of::<TopKParams>(),
             Kernel::Nll => of::<NllParams>(),
             Kernel::Read { .. } => of::<ReadParams>(),
@@ -104,7 +102,6 @@ impl Kernel {
                 3,
                 1,
             ),
-            Kernel::SwiGlu => s(include_str!("../../shaders/swiglu.wgsl"), "swiglu", 1, 1),
             Kernel::TopK { .. } => s(include_str!("../../shaders/topk.wgsl"), "topk", 1, 1),
             Kernel::Nll => s(include_str!("../../shaders/nll.wgsl"), "nll_rows", 2, 1),
             Kernel::Read { .. } => s(include_str!("../../shaders/read.wgsl"), "read_all", 1, 1),

@@ -50,7 +50,8 @@ kernel_params! {
         y_base: u32,
         /// y_base advances by pos0 * this: K and V write into the cache.
         y_pos_stride: u32,
-        /// 1: y += W x (the residual connection of o and down).
+        /// 0: y = W x; 1: y += W x (the residual connection of o and down); 2: y =
+        /// silu(y) * W x (up writing into the gate: SwiGLU without a dispatch of its own).
         accumulate: u32,
         /// Words between one bit plane and the next (the plane-reading kernels; 0 for
         /// packed codes).
@@ -99,11 +100,6 @@ kernel_params! {
         kv_stride: u32,
         /// 1 / sqrt(head_dim).
         scale: f32,
-    }
-    /// `swiglu.wgsl`.
-    SwiGluParams {
-        /// Features per token.
-        n: u32,
     }
     /// `topk.wgsl`.
     TopKParams {

@@ -71,10 +71,14 @@ fn qlinear_matvec_and_matmul_match_dequantized_cpu() {
     }
 }
 
+/// Each case stores in one of two modes, alternating so that every kernel meets both: add
+/// into y (the residual stream) and SwiGLU (y holds the gate and becomes silu(gate) * W x).
 fn qlinear_variant_matches(gpu: &flexquant::gpu::Gpu, k: &mut Kernels) {
     let mut rng = Rng::new(1);
+    let mut case = 0usize;
     for &bits in &BITS {
         for &(rows, cols, group) in &SHAPES {
+            case += 1;
             let w = rand_vec(&mut rng, rows * cols, 1.0);
             let m = quantize_rtn(&w, rows, cols, bits, group, false, "test").unwrap();
             let deq = m.dequantize();
@@ -100,7 +104,14 @@ fn qlinear_variant_matches(gpu: &flexquant::gpu::Gpu, k: &mut Kernels) {
                 .iter()
                 .flat_map(|l| [1usize, 3, 11].map(move |n| (l, n)))
             {
+                case += 1;
+                let swiglu = case % 2 == 0;
                 let x = rand_vec(&mut rng, n_tokens * cols, 1.0);
+                let y0 = if swiglu {
+                    rand_vec(&mut rng, n_tokens * rows, 3.0)
+                } else {
+                    vec![1f32; n_tokens * rows]
+                };
                 let (want, scale): (Vec<f64>, Vec<f64>) = (0..n_tokens)
                     .flat_map(|t| (0..rows).map(move |r| (t, r)))
                     .map(|(t, r)| {
@@ -112,14 +123,18 @@ fn qlinear_variant_matches(gpu: &flexquant::gpu::Gpu, k: &mut Kernels) {
                             .zip(xr)
                             .map(|(a, b)| (*a as f64 * *b as f64).abs())
                             .sum();
-                        (s + 1.0, a + 1.0) // + 1.0: the kernel accumulates into y = 1
+                        let g = y0[t * rows + r] as f64;
+                        let silu = g / (1.0 + (-g).exp());
+                        match swiglu {
+                            true => (silu * s, silu.abs() * a + 1e-3),
+                            false => (s + 1.0, a + 1.0), // the kernel adds into y = 1
+                        }
                     })
                     .unzip();
                 let params = QlinearParams {
-                    accumulate: 1,
+                    accumulate: if swiglu { 2 } else { 1 },
                     ..*dense
                 };
-                let y0 = vec![1f32; n_tokens * rows];
                 let (kernel, grid) = if n_tokens == 1 {
                     let per_wg = k.matvec_rows_per_workgroup();
                     let kernel = match planes {
@@ -153,7 +168,7 @@ fn qlinear_variant_matches(gpu: &flexquant::gpu::Gpu, k: &mut Kernels) {
                 let e = norm_err(&f32s(&out[0]), &want, &scale);
                 assert!(
                     e < NORM_ERR,
-                    "{kernel:?} {rows}x{cols} group {group}, {n_tokens} tokens, {}: normalized error {e:.2e}",
+                    "{kernel:?} {rows}x{cols} group {group}, {n_tokens} tokens, {}, swiglu {swiglu}: normalized error {e:.2e}",
                     k.variant_name()
                 );
             }
@@ -312,7 +327,11 @@ fn rope_matches_cpu_for_queries_and_cache_rows() {
             (t as u32, pos0 as u32),
             &[&bytes(&table)],
             &[&bytes(&q), &bytes(&k)],
-            [(((heads + kv_heads) * hd / 2) as u32).div_ceil(64), t as u32, 1],
+            [
+                (((heads + kv_heads) * hd / 2) as u32).div_ceil(64),
+                t as u32,
+                1,
+            ],
         );
         let e = common_max_abs(&f32s(&out[0]), &want_q);
         assert!(e < 1e-6, "rope queries pos0 {pos0}: max abs error {e:.2e}");
@@ -397,32 +416,6 @@ fn attention_matches_cpu_over_the_cache() {
             "attention {nh}/{nkv} heads of {hd}, pos0 {pos0}, {t} tokens: {e:.2e}"
         );
     }
-}
-
-#[test]
-fn swiglu_matches_cpu() {
-    if gpu().is_none() {
-        return;
-    }
-    let mut rng = Rng::new(7);
-    let (f, t) = (100usize, 3usize);
-    let gate = rand_vec(&mut rng, f * t, 4.0);
-    let up = rand_vec(&mut rng, f * t, 1.0);
-    let want: Vec<f32> = gate
-        .iter()
-        .zip(&up)
-        .map(|(g, u)| flexquant::model::ops::silu(*g) * u)
-        .collect();
-    let out = run(
-        Kernel::SwiGlu,
-        &SwiGluParams { n: f as u32 },
-        (t as u32, 0),
-        &[&bytes(&up)],
-        &[&bytes(&gate)],
-        [(f as u32).div_ceil(64), t as u32, 1],
-    );
-    let e = common_max_abs(&f32s(&out[0]), &want);
-    assert!(e < 1e-6, "swiglu: {e:.2e}");
 }
 
 #[test]
