@@ -105,7 +105,7 @@ fn qlinear_variant_matches(gpu: &flexquant::gpu::Gpu, k: &mut Kernels) {
                 .flat_map(|l| [1usize, 3, 11].map(move |n| (l, n)))
             {
                 case += 1;
-                let swiglu = case % 2 == 0;
+                let swiglu = case.is_multiple_of(2);
                 let x = rand_vec(&mut rng, n_tokens * cols, 1.0);
                 let y0 = if swiglu {
                     rand_vec(&mut rng, n_tokens * rows, 3.0)
