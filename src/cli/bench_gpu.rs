@@ -293,7 +293,7 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         "variant": kernels.variant_name(),
         "variant_chosen_by": choice.as_ref().map(|c| c.by),
         "variant_probe_seconds": choice.map(|c| c.timings.iter()
-            .map(|t| serde_json::json!({"threads_per_row": t.0, "rows_per_thread": t.1, "subgroups": t.2, "matvec_seconds": t.3}))
+            .map(|t| serde_json::json!({"threads_per_row": t.0, "rows_per_thread": t.1, "subgroups": t.2, "token_matvec_seconds": t.3}))
             .collect::<Vec<_>>()),
         "read_kernel_gbs": read.bytes_per_s / 1e9,
         "read_kernel_variant": read.variant,

@@ -1,6 +1,8 @@
 //! Which `matvec` variant an adapter runs: a short timed probe at the first load on an adapter
-//! (each candidate on a module-sized 4-bit matrix, best of a few timed passes after a warm-up
-//! that compiles its pipeline), cached for the process by adapter name. The adapter's type
+//! (each candidate on the matvecs of a token of the demo model's shapes: its modules' small
+//! matrices, whose cost is latency, and the head's large one, whose cost is bandwidth; best of
+//! a few timed passes after a warm-up that compiles its pipeline), cached for the process by
+//! adapter name. The adapter's type
 //! orders the candidates (and decides alone if the probe cannot run); `FLEXQUANT_GPU_TPR` /
 //! `FLEXQUANT_GPU_RPT` / `FLEXQUANT_GPU_SG` skip the probe.
 
@@ -23,9 +25,13 @@ pub fn candidates(gpu: &Gpu) -> Vec<(u32, u32, bool)> {
         .map(|&(t, r)| (t, r, true));
     plain.chain(sg).collect()
 }
-/// The probe's matrix: the demo model's gate/up shape, 4 bits in groups of 32.
+/// The probe's module matrix: the demo model's gate/up shape, 4 bits in groups of 32.
 const PROBE_ROWS: usize = 1536;
 const PROBE_COLS: usize = 576;
+/// Module matvecs per token of the demo model (30 layers of 7), each timed as the probe's.
+const MODULES_PER_TOKEN: f64 = 210.0;
+/// The head: the vocabulary's rows at 8 bits.
+const HEAD_ROWS: usize = 49152;
 /// Dispatches per timed pass, and timed passes per candidate.
 const REPEAT: u32 = 8;
 const PASSES: usize = 2;
@@ -38,7 +44,8 @@ pub struct Choice {
     pub subgroups: bool,
     /// `"probe"`, `"environment"` or `"adapter type"` (the probe failed).
     pub by: &'static str,
-    /// Seconds per matvec of each candidate timed, `(tpr, rpt, subgroups, seconds)`.
+    /// Seconds of a token's matvecs (210 modules and the head, demo model's shapes) of each
+    /// candidate timed, `(tpr, rpt, subgroups, seconds)`.
     pub timings: Vec<(u32, u32, bool, f64)>,
 }
 
@@ -103,24 +110,29 @@ async fn choose(gpu: &Gpu) -> Choice {
     }
 }
 
-/// Seconds per matvec of every candidate, buffers on the device (`None` if the probe's matrix
-/// cannot be made). Dispatches per timed pass: 8 on CPU adapters, 64 on others, where one
-/// matvec takes microseconds and a submission's round trip would otherwise dominate.
+/// Seconds of a token's matvecs for every candidate, buffers on the device (`None` if the
+/// probe's matrices cannot be made). Dispatches per timed pass, module and head: 8 and 1 on
+/// CPU adapters, 64 and 8 on others, where a module's matvec takes microseconds and a
+/// submission's round trip would otherwise dominate.
 async fn time_candidates(gpu: &Gpu) -> Option<Vec<(u32, u32, bool, f64)>> {
-    let repeat = if gpu.info.device_type == wgpu::DeviceType::Cpu {
-        REPEAT
+    let (repeat, head_repeat) = if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        (REPEAT, 1)
     } else {
-        8 * REPEAT
+        (8 * REPEAT, REPEAT)
     };
     let mut timings = Vec::new();
     for (t, r, sg) in candidates(gpu) {
         let Ok(mut k) = Kernels::with_variant(t, r, sg) else {
             continue;
         };
-        let s = probe::matvec_seconds(gpu, &mut k, PROBE_ROWS, PROBE_COLS, 4, repeat, PASSES)
+        let module = probe::matvec_seconds(gpu, &mut k, PROBE_ROWS, PROBE_COLS, 4, repeat, PASSES)
             .await
             .ok()?;
-        timings.push((t, r, sg, s));
+        let head =
+            probe::matvec_seconds(gpu, &mut k, HEAD_ROWS, PROBE_COLS, 8, head_repeat, PASSES)
+                .await
+                .ok()?;
+        timings.push((t, r, sg, MODULES_PER_TOKEN * module + head));
     }
     Some(timings)
 }
