@@ -44,7 +44,7 @@ pub async fn bench_read_kernel(bytes: f64, reps: u32) -> Result<JsValue, JsValue
     let bytes = (bytes.max(16.0) as u64).div_ceil(16) * 16;
     let req = Requirements {
         max_binding: bytes,
-        max_workgroups: probe::read_dispatch((bytes / 16) as u32).0[0],
+        max_workgroups: probe::read_dispatch_per_thread((bytes / 16) as u32, 8).0[0],
     };
     let gpu = Gpu::new(req).await.map_err(|e| WebError::from(e).to_js())?;
     let mut kernels = crate::gpu::Kernels::new(&gpu);
