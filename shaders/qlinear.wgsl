@@ -12,12 +12,13 @@
 // Packed codes: BITS words per block. Bit planes (ensemble/plane_level.rs): one word per plane
 // and block, planes p.plane_words apart, codes built from one bit of each.
 
-// Threads sharing one weight row in `matvec` (a power of two <= 64). 1 suits CPU adapters
-// (one row per SIMD lane, no barrier); GPUs want several so that a row is read together.
+// Threads sharing weight rows in `matvec` (a power of two <= 64). 1 suits CPU adapters (one
+// row per SIMD lane, no barrier); GPUs want several so that a row is read together.
 override TPR: u32 = 1u;
-// Rows per thread in `matvec` when TPR is 1: 1, 2 or 4. On CPU adapters, where the SIMD lanes
-// are the workgroup's threads, each block of x is loaded once for RPT rows instead of once per
-// row (x is read 8 bytes per weight byte at 4 bits, more than the weights themselves).
+// Rows each group of TPR threads computes in `matvec`: 1, 2 or 4. Each block of x is loaded
+// once for RPT rows instead of once per row (x is read 8 bytes per weight byte at 4 bits, more
+// than the weights themselves): on CPU adapters the SIMD lanes are the workgroup's threads;
+// on GPUs it spares the load units.
 override RPT: u32 = 1u;
 
 const WG: u32 = 64u;
@@ -66,13 +67,15 @@ fn row_block(r: u32, b: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: ve
     return sz.x * d + sz.y * xs;
 }
 
-// RPT rows per thread (TPR = 1): rows t * RPT .. t * RPT + RPT. Rows past the last repeat it
-// (clamped loads) and are not stored. Accumulators are named scalars (see `matmul`).
-fn matvec_rows(t: u32) {
-    let r0 = t * RPT;
-    if (r0 >= p.rows) {
-        return;
-    }
+// One token: dispatch (ceil(rows / (64 / TPR * RPT)), 1, 1). TPR threads share RPT rows
+// (rows g * RPT .. g * RPT + RPT of lane group g), each thread taking every TPR-th block, so
+// each block of x is loaded once for RPT rows; the group's partial sums are then added
+// (`reduce_row`). Rows past the last repeat it (clamped loads) and are not stored. The
+// accumulators are named scalars (see `matmul`).
+@compute @workgroup_size(64)
+fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let lane = li % TPR;
+    let r0 = (wg.x * (WG / TPR) + li / TPR) * RPT;
     let last = p.rows - 1u;
     let r1 = min(r0 + 1u, last);
     let r2 = min(r0 + 2u, last);
@@ -82,50 +85,7 @@ fn matvec_rows(t: u32) {
     var a1 = 0.0;
     var a2 = 0.0;
     var a3 = 0.0;
-    for (var b = 0u; b < blocks; b++) {
-        let i = 8u * b;
-        let x0 = xv(0u, i);
-        let x1 = xv(0u, i + 1u);
-        let x2 = xv(0u, i + 2u);
-        let x3 = xv(0u, i + 3u);
-        let x4 = xv(0u, i + 4u);
-        let x5 = xv(0u, i + 5u);
-        let x6 = xv(0u, i + 6u);
-        let x7 = xv(0u, i + 7u);
-        let xs = dot(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, vec4<f32>(1.0));
-        a0 += row_block(r0, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
-        if (RPT > 1u) {
-            a1 += row_block(r1, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
-        }
-        if (RPT > 2u) {
-            a2 += row_block(r2, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
-            a3 += row_block(r3, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
-        }
-    }
-    store(0u, r0, a0);
-    if (RPT > 1u && r0 + 1u < p.rows) {
-        store(0u, r0 + 1u, a1);
-    }
-    if (RPT > 2u && r0 + 2u < p.rows) {
-        store(0u, r0 + 2u, a2);
-    }
-    if (RPT > 2u && r0 + 3u < p.rows) {
-        store(0u, r0 + 3u, a3);
-    }
-}
-
-// One token: dispatch (ceil(rows / (64 / TPR * RPT)), 1, 1).
-@compute @workgroup_size(64)
-fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    if (TPR == 1u && RPT > 1u) {
-        matvec_rows(wg.x * WG + li);
-        return;
-    }
-    let r = wg.x * (WG / TPR) + li / TPR;
-    let lane = li % TPR;
-    let blocks = (p.cols + 31u) / 32u;
-    var acc = 0.0;
-    if (r < p.rows) {
+    if (r0 < p.rows) {
         for (var b = lane; b < blocks; b += TPR) {
             let i = 8u * b;
             let x0 = xv(0u, i);
@@ -137,14 +97,38 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             let x6 = xv(0u, i + 6u);
             let x7 = xv(0u, i + 7u);
             let xs = dot(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, vec4<f32>(1.0));
-            acc += row_block(r, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
+            a0 += row_block(r0, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
+            if (RPT > 1u) {
+                a1 += row_block(r1, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
+            }
+            if (RPT > 2u) {
+                a2 += row_block(r2, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
+                a3 += row_block(r3, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
+            }
         }
     }
     if (TPR > 1u) {
-        acc = reduce_row(acc, li);
+        a0 = reduce_row(a0, li);
+        if (RPT > 1u) {
+            a1 = reduce_row(a1, li);
+        }
+        if (RPT > 2u) {
+            a2 = reduce_row(a2, li);
+            a3 = reduce_row(a3, li);
+        }
     }
-    if (r < p.rows && lane == 0u) {
-        store(0u, r, acc);
+    if (lane != 0u || r0 >= p.rows) {
+        return;
+    }
+    store(0u, r0, a0);
+    if (RPT > 1u && r0 + 1u < p.rows) {
+        store(0u, r0 + 1u, a1);
+    }
+    if (RPT > 2u && r0 + 2u < p.rows) {
+        store(0u, r0 + 2u, a2);
+    }
+    if (RPT > 2u && r0 + 3u < p.rows) {
+        store(0u, r0 + 3u, a3);
     }
 }
 

@@ -152,8 +152,8 @@ impl Kernels {
         })
     }
 
-    /// Kernels whose `matvec` shares a row among `tpr` threads (a power of two <= 64) or, with
-    /// `tpr` 1, computes `rpt` rows per thread (1, 2 or 4).
+    /// Kernels whose `matvec` shares `rpt` rows (1, 2 or 4) among `tpr` threads (a power of
+    /// two <= 64).
     pub fn with_matvec(tpr: u32, rpt: u32) -> Result<Self, String> {
         Self::with_variant(tpr, rpt, false)
     }
@@ -164,7 +164,6 @@ impl Kernels {
         if !tpr.is_power_of_two()
             || tpr > WG
             || ![1, 2, 4].contains(&rpt)
-            || (tpr > 1 && rpt > 1)
             || (subgroups && tpr == 1)
         {
             return Err(format!(
@@ -185,7 +184,7 @@ impl Kernels {
     /// The matvec variant in words (reports).
     pub fn variant_name(&self) -> String {
         format!(
-            "matvec: {} thread(s) per row, {} row(s) per thread{}",
+            "matvec: {} thread(s) per group of {} row(s){}",
             self.tpr,
             self.rpt,
             if self.subgroups {
@@ -364,6 +363,8 @@ fn reduce_row_source(subgroups: bool) -> &'static str {
             s += partial[li + k];
         }
     }
+    // Before the next call overwrites `partial`.
+    workgroupBarrier();
     return s;
 }
 "

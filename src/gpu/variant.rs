@@ -12,7 +12,7 @@ use crate::gpu::probe;
 use std::sync::Mutex;
 
 /// `(threads per row, rows per thread)` pairs the probe times on every adapter.
-pub const CANDIDATES: [(u32, u32); 5] = [(1, 4), (1, 1), (4, 1), (16, 1), (32, 1)];
+pub const CANDIDATES: [(u32, u32); 7] = [(1, 4), (1, 1), (4, 1), (16, 1), (32, 1), (4, 4), (16, 2)];
 
 /// The variants the probe times on `gpu`: `CANDIDATES` with the workgroup-memory row sums,
 /// and each shared-row one with subgroup sums where the adapter's subgroups hold its row.

@@ -53,11 +53,20 @@ const SHAPES: [(usize, usize, usize); 6] = [
 fn qlinear_matvec_and_matmul_match_dequantized_cpu() {
     let Some(gpu) = gpu() else { return };
     // Every matvec variant: a row per thread, 2 and 4 rows per thread (CPU adapters), a row
-    // shared by 4, 16 or 32 threads (GPUs), its sums through workgroup memory and, where the
-    // adapter's subgroups hold the row, by subgroup shuffles; each reading packed codes and
-    // bit planes.
+    // shared by 4, 16 or 32 threads and 4 or 2 rows shared by 4 or 16 (GPUs), their sums
+    // through workgroup memory and, where the adapter's subgroups hold the row, by subgroup
+    // shuffles; each reading packed codes and bit planes.
     let lanes = gpu.subgroup_lanes();
-    for (tpr, rpt) in [(1, 1), (1, 2), (1, 4), (4, 1), (16, 1), (32, 1)] {
+    for (tpr, rpt) in [
+        (1, 1),
+        (1, 2),
+        (1, 4),
+        (4, 1),
+        (16, 1),
+        (32, 1),
+        (4, 4),
+        (16, 2),
+    ] {
         for sg in [false, true] {
             if sg && !(tpr > 1 && lanes.is_some_and(|l| l >= tpr)) {
                 if tpr > 1 {
