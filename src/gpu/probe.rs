@@ -25,25 +25,9 @@ pub async fn run<P: KernelParams>(
     outputs: &[&[u8]],
     grid: [u32; 3],
 ) -> GpuResult<Vec<Vec<u8>>> {
-    run_repeated(gpu, kernels, kernel, params, step, inputs, outputs, grid, 1).await
-}
-
-/// `run` with the dispatch repeated `repeat` times in one pass.
-#[allow(clippy::too_many_arguments)]
-pub async fn run_repeated<P: KernelParams>(
-    gpu: &Gpu,
-    kernels: &mut Kernels,
-    kernel: Kernel,
-    params: &P,
-    step: (u32, u32),
-    inputs: &[&[u8]],
-    outputs: &[&[u8]],
-    grid: [u32; 3],
-    repeat: u32,
-) -> GpuResult<Vec<Vec<u8>>> {
     let r = Resident::new(gpu, kernels, kernel, params, step, inputs, outputs);
     let mut enc = gpu.device.create_command_encoder(&Default::default());
-    r.encode(&mut enc, kernels, grid, repeat);
+    r.encode(&mut enc, kernels, grid, 1);
     let stagings: Vec<_> = r
         .outs
         .iter()
