@@ -1,6 +1,10 @@
-// Causal grouped-query attention of one query (token t, head h) over the KV cache, one
-// workgroup each: dispatch (n_heads, n_tokens). Keys are visited in tiles of 64 with an online
-// softmax (running max and sum), so any context length fits in fixed workgroup memory.
+// Causal grouped-query attention of one query (token t, head h) over the KV cache. The cache is
+// cut into `p.splits` ranges of `p.split_keys` keys (flash-decoding): one workgroup per
+// (head, token, range), dispatch (n_heads, n_tokens, splits), so a long cache is read by many
+// workgroups at once instead of one per head. Keys are visited in tiles of 64 with an online
+// softmax (running max and sum), so any context length fits in fixed workgroup memory. With one
+// range the result goes straight to `out`; with several, each writes its partial (max, sum,
+// unnormalized values) to `part` and `combine` merges them.
 
 const TILE: u32 = 64u;
 const MAX_HEAD_DIM: u32 = 256u;
@@ -11,6 +15,8 @@ const DIMS_PER_THREAD: u32 = MAX_HEAD_DIM / TILE;
 @group(0) @binding(3) var<storage, read> kc: array<f32>;
 @group(0) @binding(4) var<storage, read> vc: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
+// [token][head][range] x (max, sum, head_dim values).
+@group(0) @binding(6) var<storage, read_write> part: array<f32>;
 
 var<workgroup> qs: array<f32, MAX_HEAD_DIM>;
 var<workgroup> score: array<f32, TILE>;
@@ -20,6 +26,7 @@ var<workgroup> prob: array<f32, TILE>;
 fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let h = wg.x;
     let t = wg.y;
+    let split = wg.z;
     let hd = p.head_dim;
     let kv_off = (h / p.group) * hd;
     let qb = t * p.q_stride + h * hd;
@@ -27,11 +34,13 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         qs[d] = q[qb + d];
     }
     workgroupBarrier();
-    let n = step.pos0 + t + 1u; // keys this query sees
+    let visible = step.pos0 + t + 1u; // keys this query sees
+    let start = split * p.split_keys;
+    let n = min(visible, start + p.split_keys); // this range's keys end here
     var m = -3.0e38;
     var l = 0.0;
     var acc: array<f32, DIMS_PER_THREAD>;
-    for (var k0 = 0u; k0 < n; k0 += TILE) {
+    for (var k0 = start; k0 < n; k0 += TILE) {
         let key = k0 + li;
         var s = -3.0e38;
         if (key < n) {
@@ -70,10 +79,51 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         }
         workgroupBarrier();
     }
+    if (p.splits == 1u) {
+        for (var i = 0u; i < DIMS_PER_THREAD; i++) {
+            let d = li + i * TILE;
+            if (d < hd) {
+                out[qb + d] = acc[i] / l;
+            }
+        }
+        return;
+    }
+    // A range past the visible keys leaves (max, sum) = (-3e38, 0): it weighs nothing.
+    let pb = ((t * p.n_heads + h) * p.splits + split) * (hd + 2u);
+    if (li == 0u) {
+        part[pb] = m;
+        part[pb + 1u] = l;
+    }
     for (var i = 0u; i < DIMS_PER_THREAD; i++) {
         let d = li + i * TILE;
         if (d < hd) {
-            out[qb + d] = acc[i] / l;
+            part[pb + 2u + d] = acc[i];
         }
+    }
+}
+
+// Merges the ranges' partials of one query: dispatch (n_heads, n_tokens).
+@compute @workgroup_size(64)
+fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let h = wg.x;
+    let t = wg.y;
+    let hd = p.head_dim;
+    let row = hd + 2u;
+    let pb = (t * p.n_heads + h) * p.splits * row;
+    var mx = -3.0e38;
+    for (var s = 0u; s < p.splits; s++) {
+        mx = max(mx, part[pb + s * row]);
+    }
+    var l = 0.0;
+    for (var s = 0u; s < p.splits; s++) {
+        l += part[pb + s * row + 1u] * exp(part[pb + s * row] - mx);
+    }
+    let qb = t * p.q_stride + h * hd;
+    for (var d = li; d < hd; d += TILE) {
+        var v = 0.0;
+        for (var s = 0u; s < p.splits; s++) {
+            v += part[pb + s * row + 2u + d] * exp(part[pb + s * row] - mx);
+        }
+        out[qb + d] = v / l;
     }
 }

@@ -32,6 +32,10 @@ pub struct GpuBenchArgs {
     pub n_up: u32,
     #[arg(long, default_value_t = 2)]
     pub n_low: u32,
+    /// Cached positions before the long-context decode measurement (0: skip it): attention
+    /// reads the whole cache per token, the other kernels do not.
+    #[arg(long, default_value_t = 1024)]
+    pub gpu_long_context: usize,
     /// Random weights of the demo model's shapes instead of --model/--text (speed does not
     /// depend on the values): for a machine that has a GPU but not the model file.
     #[arg(long)]
@@ -206,6 +210,15 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         let mut g = model(&gpu, m, &qm3, opts)?;
         1.0 / decode_seconds(&mut g, prompt, a.gpu_decode_tokens)?
     };
+    // Decode after a long prompt: what attention over a full cache costs per token.
+    let long = long_context_tok_s(&gpu, m, &up, &ids, opts, a)?;
+    let long_report = long.map(|(ctx, tok_s)| {
+        eprintln!(
+            "  decode after {ctx} cached positions: {tok_s:.1} tokens/s ({:.2} of a short context's)",
+            tok_s / tok_s_short(&timed)
+        );
+        serde_json::json!({"context": ctx, "decode_tok_s": tok_s, "vs_short_context": tok_s / tok_s_short(&timed)})
+    });
     // Where step 0's token time goes: the host encoding its dispatches, the adapter's cost per
     // dispatch, and the throughput without a round trip per token.
     let (split, pipelined_s, dispatches) = {
@@ -299,6 +312,7 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         "read_kernel_variant": read.variant,
         "read_kernel_bytes": token_bytes(&up),
         "decode_tokens": a.gpu_decode_tokens,
+        "long_context_step_0": long_report,
         "token_split_step_0": {
             "seconds_per_token": split.0,
             "encode_seconds": split.1,
@@ -350,6 +364,47 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
     println!("{}", serde_json::to_string_pretty(&report)?);
     println!("wrote {}", path.display());
     Ok(())
+}
+
+fn tok_s_short(timed: &[Timed]) -> f64 {
+    1.0 / timed[0].token_s
+}
+
+/// `(context, decode tokens/s)` of step 0 after `--gpu-long-context` cached positions (the
+/// text's tokens, repeated as needed), or `None` when that is 0.
+fn long_context_tok_s(
+    gpu: &Arc<Gpu>,
+    m: &Weights,
+    bits: &[u32],
+    ids: &[u32],
+    opts: ModelOptions,
+    a: &GpuBenchArgs,
+) -> Result<Option<(usize, f64)>> {
+    let max = m.config.max_position_embeddings;
+    let ctx = a
+        .gpu_long_context
+        .min(max.saturating_sub(a.gpu_decode_tokens + 16));
+    if ctx == 0 {
+        return Ok(None);
+    }
+    let opts = ModelOptions {
+        context: ctx + a.gpu_decode_tokens + 16,
+        ..opts
+    };
+    let mut g = model(gpu, m, bits, opts)?;
+    let prompt: Vec<u32> = ids.iter().copied().cycle().take(ctx).collect();
+    let mut next = pollster::block_on(g.step(&prompt))?[0].0;
+    for _ in 0..2 {
+        next = pollster::block_on(g.step(&[next]))?[0].0;
+    }
+    let t = Instant::now();
+    for _ in 0..a.gpu_decode_tokens {
+        next = pollster::block_on(g.step(&[next]))?[0].0;
+    }
+    Ok(Some((
+        ctx,
+        a.gpu_decode_tokens as f64 / t.elapsed().as_secs_f64(),
+    )))
 }
 
 /// Prefill speed, one swap step, and weight bandwidth vs a plain copy, on the middle EQM.

@@ -23,12 +23,20 @@ pub(crate) fn topk_chunks(c: &LlamaConfig) -> u64 {
     (c.vocab_size as u64).div_ceil(kernels::TOPK_CHUNK as u64)
 }
 
+/// Ranges attention cuts a cache of `o.context` positions into (`kernels::ATTENTION_SPLIT_KEYS`
+/// keys each): fixed per model, so a token's commands do not depend on its position.
+pub(crate) fn attention_splits(o: &ModelOptions) -> u32 {
+    (o.context as u32)
+        .div_ceil(kernels::ATTENTION_SPLIT_KEYS)
+        .max(1)
+}
+
 pub(crate) fn kv_layer_bytes(c: &LlamaConfig, o: &ModelOptions) -> u64 {
     4 * o.context as u64 * c.kv_dim() as u64
 }
 
 /// (name, bytes) of every activation buffer (`Activations::create` finds each by its name).
-pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static str, u64); 12] {
+pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static str, u64); 13] {
     let b = o.max_batch as u64;
     let f = |n: usize| 4 * b * n as u64;
     let k = o.top_k as u64;
@@ -38,6 +46,14 @@ pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static 
         ("q", f(c.q_dim())),
         ("att", f(c.q_dim())),
         ("gate", f(c.intermediate_size)),
+        // Per token, head and range of the cache: (max, sum, head_dim values).
+        (
+            "attention partials",
+            match attention_splits(o) {
+                1 => 4,
+                s => 4 * b * (c.num_attention_heads * (c.head_dim() + 2)) as u64 * s as u64,
+            },
+        ),
         ("logits", 4 * o.logit_rows as u64 * c.vocab_size as u64),
         ("tokens", 4 * b),
         ("targets", 4 * b),
@@ -53,7 +69,7 @@ pub(crate) fn base_sizes(c: &LlamaConfig, o: &ModelOptions, group: usize) -> Vec
     let h = c.hidden_size as u64;
     let table = table_shape(c, group).map_or(0, |s| s.bytes() as u64);
     let mut v = vec![
-        ("params".to_string(), param_slots(c) * PARAM_SLOT),
+        ("params".to_string(), param_slots(c, o) * PARAM_SLOT),
         ("step".to_string(), 16),
         ("embedding".to_string(), table),
     ];
@@ -200,6 +216,8 @@ pub(crate) struct Activations {
     pub q: GpuBuffer,
     pub att: GpuBuffer,
     pub gate: GpuBuffer,
+    /// Attention's partials over ranges of the cache (`attention_splits`).
+    pub att_part: GpuBuffer,
     pub logits: GpuBuffer,
     pub tokens: GpuBuffer,
     pub targets: GpuBuffer,
@@ -237,6 +255,7 @@ impl Activations {
             q: make("q").await?,
             att: make("att").await?,
             gate: make("gate").await?,
+            att_part: make("attention partials").await?,
             logits: make("logits").await?,
             tokens: make("tokens").await?,
             targets: make("targets").await?,
@@ -247,13 +266,14 @@ impl Activations {
         })
     }
 
-    pub fn all(&self) -> [&GpuBuffer; 12] {
+    pub fn all(&self) -> [&GpuBuffer; 13] {
         [
             &self.x,
             &self.xn,
             &self.q,
             &self.att,
             &self.gate,
+            &self.att_part,
             &self.logits,
             &self.tokens,
             &self.targets,

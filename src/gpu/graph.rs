@@ -6,9 +6,11 @@
 use crate::ensemble::base::BASE_BITS;
 use crate::ensemble::format::{PackedMatrix, PackedShape};
 use crate::gpu::alloc::GpuBuffer;
-use crate::gpu::buffers::{topk_chunks, Activations, BaseBuffers};
+use crate::gpu::buffers::{attention_splits, topk_chunks, Activations, BaseBuffers};
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{kernel_param_bytes, Kernel, Kernels, PARAM_SLOT, WG};
+use crate::gpu::kernels::{
+    kernel_param_bytes, Kernel, Kernels, ATTENTION_SPLIT_KEYS, PARAM_SLOT, WG,
+};
 use crate::gpu::model::ModelOptions;
 use crate::gpu::params::*;
 use crate::model::config::LlamaConfig;
@@ -20,6 +22,8 @@ pub(crate) enum Grid {
     Fixed([u32; 3]),
     /// `[x, n_tokens, 1]`
     PerToken(u32),
+    /// `[x, n_tokens, z]`
+    PerTokenZ(u32, u32),
     /// `[x, ceil(n_tokens / TT), 1]`
     Tiled(u32),
     /// `[n_tokens, 1, 1]`: a workgroup per token row.
@@ -59,10 +63,12 @@ pub(crate) struct Graph {
     pub nll: Op,
 }
 
-/// Parameter slots: 11 per layer (2 norms, 7 modules, RoPE, attention) and 8 more
-/// (embedding, 2 final norms, 2 heads, 2 top-k stages, nll).
-pub(crate) fn param_slots(c: &LlamaConfig) -> u64 {
-    11 * c.num_hidden_layers as u64 + 8
+/// Parameter slots: 11 per layer (2 norms, 7 modules, RoPE, attention), one more where
+/// attention's ranges are combined, and 8 more (embedding, 2 final norms, 2 heads, 2 top-k
+/// stages, nll).
+pub(crate) fn param_slots(c: &LlamaConfig, o: &ModelOptions) -> u64 {
+    let combine = (attention_splits(o) > 1) as u64;
+    (11 + combine) * c.num_hidden_layers as u64 + 8
 }
 
 /// The input and output buffers of a module of one layer.
@@ -232,18 +238,32 @@ impl Builder<'_> {
                 &[rope, &a.q, kc],
                 Grid::PerToken(((nh + nkv) * hd / 2).div_ceil(WG)),
             )));
+            let splits = attention_splits(opts);
+            let attention = AttentionParams {
+                group: nh / nkv,
+                head_dim: hd,
+                q_stride: q_dim,
+                kv_stride: kv_dim,
+                scale: 1.0 / (hd as f32).sqrt(),
+                n_heads: nh,
+                split_keys: ATTENTION_SPLIT_KEYS,
+                splits,
+            };
+            let att_buffers = [&a.q, kc, vc, &a.att, &a.att_part];
             ops.push(Dispatch::Fixed(b.op(
                 Kernel::Attention,
-                &AttentionParams {
-                    group: nh / nkv,
-                    head_dim: hd,
-                    q_stride: q_dim,
-                    kv_stride: kv_dim,
-                    scale: 1.0 / (hd as f32).sqrt(),
-                },
-                &[&a.q, kc, vc, &a.att],
-                Grid::PerToken(nh),
+                &attention,
+                &att_buffers,
+                Grid::PerTokenZ(nh, splits),
             )));
+            if splits > 1 {
+                ops.push(Dispatch::Fixed(b.op(
+                    Kernel::AttentionCombine,
+                    &attention,
+                    &att_buffers,
+                    Grid::PerToken(nh),
+                )));
+            }
             module(b, ModuleKind::O, ops);
             ops.push(Dispatch::Fixed(b.op(
                 Kernel::RmsNorm,
@@ -312,7 +332,7 @@ impl Builder<'_> {
             &[&a.logits, &a.targets, &a.nll],
             Grid::Rows,
         );
-        assert_eq!(b.blocks.len() as u64, param_slots(c));
+        assert_eq!(b.blocks.len() as u64, param_slots(c, opts));
         let graph = Graph {
             embed: embed_op,
             layers: layer_ops,

@@ -17,6 +17,9 @@ pub const WG: u32 = 64;
 pub const TT: u32 = 4;
 /// Logits per top-k workgroup (WGSL `CHUNK`).
 pub const TOPK_CHUNK: u32 = 4096;
+/// Keys per range of the cache in attention (WGSL `p.split_keys`): two tiles, so a long cache
+/// is read by many workgroups at once.
+pub const ATTENTION_SPLIT_KEYS: u32 = 128;
 /// The largest k the top-k kernel is asked for.
 pub const MAX_TOP_K: u32 = 64;
 
@@ -35,6 +38,8 @@ pub enum Kernel {
     RmsNorm,
     Rope,
     Attention,
+    /// Merges attention's partials over ranges of the cache.
+    AttentionCombine,
     /// Top-k stage 1 (over logits) and 2 (merging candidates).
     TopK {
         from_logits: bool,
@@ -68,7 +73,7 @@ impl Kernel {
             Kernel::Embed => of::<EmbedParams>(),
             Kernel::RmsNorm => of::<RmsNormParams>(),
             Kernel::Rope => of::<RopeParams>(),
-            Kernel::Attention => of::<AttentionParams>(),
+            Kernel::Attention | Kernel::AttentionCombine => of::<AttentionParams>(),
             Kernel::TopK { .. } => of::<TopKParams>(),
             Kernel::Nll => of::<NllParams>(),
             Kernel::Read { .. } => of::<ReadParams>(),
@@ -100,7 +105,13 @@ impl Kernel {
                 include_str!("../../shaders/attention.wgsl"),
                 "attention",
                 3,
-                1,
+                2,
+            ),
+            Kernel::AttentionCombine => s(
+                include_str!("../../shaders/attention.wgsl"),
+                "combine",
+                3,
+                2,
             ),
             Kernel::TopK { .. } => s(include_str!("../../shaders/topk.wgsl"), "topk", 1, 1),
             Kernel::Nll => s(include_str!("../../shaders/nll.wgsl"), "nll_rows", 2, 1),

@@ -274,7 +274,7 @@ impl Model {
         let q = &gpu.queue;
         let uniform = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
         let params = alloc
-            .create("params", param_slots(&c) * PARAM_SLOT, uniform)
+            .create("params", param_slots(&c, &opts) * PARAM_SLOT, uniform)
             .await?;
         let step = alloc.create("step", 16, uniform).await?;
         let base = BaseBuffers::upload(&alloc, q, &c, &opts, bt).await?;
@@ -498,6 +498,7 @@ impl Model {
             Grid::PerToken(x) => [x, n, 1],
             Grid::Tiled(x) => [x, n.div_ceil(TT), 1],
             Grid::Rows => [n, 1, 1],
+            Grid::PerTokenZ(x, z) => [x, n, z],
         };
         pass.set_pipeline(self.kernels.pipeline(kernel));
         pass.set_bind_group(0, bind_group, &[]);

@@ -100,6 +100,11 @@ kernel_params! {
         kv_stride: u32,
         /// 1 / sqrt(head_dim).
         scale: f32,
+        /// Query heads (rows of `part` per token).
+        n_heads: u32,
+        /// Keys per range of the cache (a multiple of 64), and ranges: the dispatch's z.
+        split_keys: u32,
+        splits: u32,
     }
     /// `topk.wgsl`.
     TopKParams {

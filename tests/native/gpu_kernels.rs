@@ -401,29 +401,49 @@ fn attention_matches_cpu_over_the_cache() {
                 }
             }
         }
-        let params = AttentionParams {
-            group: (nh / nkv) as u32,
-            head_dim: hd as u32,
-            q_stride: q_dim as u32,
-            kv_stride: kv_dim as u32,
-            scale: scale as f32,
-        };
-        let out0 = vec![0f32; t * q_dim];
-        let out = run(
-            Kernel::Attention,
-            &params,
-            (t as u32, pos0 as u32),
-            &[&bytes(&q), &bytes(&kc), &bytes(&vc)],
-            &[&bytes(&out0)],
-            [nh as u32, t as u32, 1],
-        );
-        // Outputs are convex combinations of values in [-1, 1]: compare against that scale.
-        let ones = vec![1.0f64; want.len()];
-        let e = norm_err(&f32s(&out[0]), &want, &ones);
-        assert!(
-            e < NORM_ERR,
-            "attention {nh}/{nkv} heads of {hd}, pos0 {pos0}, {t} tokens: {e:.2e}"
-        );
+        // One range of the cache (the result straight to `out`), and ranges of 64 keys with one
+        // past the end (partials, then `combine`).
+        let one = (n as u32).div_ceil(64) * 64;
+        for (split_keys, splits) in [(one, 1u32), (64, (n as u32).div_ceil(64) + 1)] {
+            let params = AttentionParams {
+                group: (nh / nkv) as u32,
+                head_dim: hd as u32,
+                q_stride: q_dim as u32,
+                kv_stride: kv_dim as u32,
+                scale: scale as f32,
+                n_heads: nh as u32,
+                split_keys,
+                splits,
+            };
+            let out0 = vec![0f32; t * q_dim];
+            let part0 = vec![0f32; t * nh * splits as usize * (hd + 2)];
+            let inputs = [&bytes(&q)[..], &bytes(&kc), &bytes(&vc)];
+            let mut out = run(
+                Kernel::Attention,
+                &params,
+                (t as u32, pos0 as u32),
+                &inputs,
+                &[&bytes(&out0), &bytes(&part0)],
+                [nh as u32, t as u32, splits],
+            );
+            if splits > 1 {
+                out = run(
+                    Kernel::AttentionCombine,
+                    &params,
+                    (t as u32, pos0 as u32),
+                    &inputs,
+                    &[&out[0], &out[1]],
+                    [nh as u32, t as u32, 1],
+                );
+            }
+            // Outputs are convex combinations of values in [-1, 1]: compare against that scale.
+            let ones = vec![1.0f64; want.len()];
+            let e = norm_err(&f32s(&out[0]), &want, &ones);
+            assert!(
+                e < NORM_ERR,
+                "attention {nh}/{nkv} heads of {hd}, pos0 {pos0}, {t} tokens, {splits} ranges of {split_keys}: {e:.2e}"
+            );
+        }
     }
 }
 
