@@ -168,6 +168,7 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         .unwrap();
     let mut timed: Vec<Timed> = Vec::new();
     let mut mid_extra = None;
+    let mut up_split = None;
     for bits in [&up, &mid, &low, &nearest] {
         if let Some(t) = timed.iter().find(|t| &t.bits == bits) {
             eprintln!("  (same EQM as measured: {:.3} s/token)", t.token_s);
@@ -178,7 +179,17 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
             continue;
         }
         let mut g = model(&gpu, m, bits, opts)?;
-        let token_s = decode_seconds(&mut g, prompt, a.gpu_decode_tokens)?;
+        let (token_s, encode_s) = decode_split(&mut g, prompt, a.gpu_decode_tokens)?;
+        if bits == &up {
+            // Where step 0's token time goes: the host encoding its dispatches (above) and the
+            // throughput without a round trip per token.
+            g.truncate(0);
+            pollster::block_on(g.step(prompt))?;
+            let pipelined = pollster::block_on(
+                g.pipelined_seconds(&ids[4..(4 + a.gpu_decode_tokens).min(ids.len())]),
+            )?;
+            up_split = Some((token_s, encode_s, pipelined, g.dispatches_per_token()));
+        }
         eprintln!(
             "  {:.2} MB of modules: {:.3} s/token",
             module_bytes(m, bits) as f64 / 1e6,
@@ -212,25 +223,16 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
     };
     // Decode after a long prompt: what attention over a full cache costs per token.
     let long = long_context_tok_s(&gpu, m, &up, &ids, opts, a)?;
-    let long_report = long.map(|(ctx, tok_s)| {
+    let long_report = long.map(|(ctx, long_tok_s)| {
         eprintln!(
-            "  decode after {ctx} cached positions: {tok_s:.1} tokens/s ({:.2} of a short context's)",
-            tok_s / tok_s_short(&timed)
+            "  decode after {ctx} cached positions: {long_tok_s:.1} tokens/s ({:.2} of a short context's)",
+            long_tok_s / tok_s(0)
         );
-        serde_json::json!({"context": ctx, "decode_tok_s": tok_s, "vs_short_context": tok_s / tok_s_short(&timed)})
+        serde_json::json!({"context": ctx, "decode_tok_s": long_tok_s, "vs_short_context": long_tok_s / tok_s(0)})
     });
-    // Where step 0's token time goes: the host encoding its dispatches, the adapter's cost per
-    // dispatch, and the throughput without a round trip per token.
-    let (split, pipelined_s, dispatches) = {
-        let mut g = model(&gpu, m, &up, opts)?;
-        let split = decode_split(&mut g, prompt, a.gpu_decode_tokens)?;
-        g.truncate(0);
-        pollster::block_on(g.step(prompt))?;
-        let pipelined = pollster::block_on(
-            g.pipelined_seconds(&ids[4..(4 + a.gpu_decode_tokens).min(ids.len())]),
-        )?;
-        (split, pipelined, g.dispatches_per_token())
-    };
+    // The adapter's cost per dispatch: times a token's dispatches, the floor of its time.
+    let (token_s, encode_s, pipelined_s, dispatches) = up_split.unwrap();
+    let split = (token_s, encode_s);
     let dispatch_s = pollster::block_on(flexquant::gpu::probe::dispatch_seconds(
         &gpu,
         &mut kernels,
@@ -366,10 +368,6 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
     Ok(())
 }
 
-fn tok_s_short(timed: &[Timed]) -> f64 {
-    1.0 / timed[0].token_s
-}
-
 /// `(context, decode tokens/s)` of step 0 after `--gpu-long-context` cached positions (the
 /// text's tokens, repeated as needed), or `None` when that is 0.
 fn long_context_tok_s(
@@ -393,18 +391,8 @@ fn long_context_tok_s(
     };
     let mut g = model(gpu, m, bits, opts)?;
     let prompt: Vec<u32> = ids.iter().copied().cycle().take(ctx).collect();
-    let mut next = pollster::block_on(g.step(&prompt))?[0].0;
-    for _ in 0..2 {
-        next = pollster::block_on(g.step(&[next]))?[0].0;
-    }
-    let t = Instant::now();
-    for _ in 0..a.gpu_decode_tokens {
-        next = pollster::block_on(g.step(&[next]))?[0].0;
-    }
-    Ok(Some((
-        ctx,
-        a.gpu_decode_tokens as f64 / t.elapsed().as_secs_f64(),
-    )))
+    let token_s = decode_seconds(&mut g, &prompt, a.gpu_decode_tokens)?;
+    Ok(Some((ctx, 1.0 / token_s)))
 }
 
 /// Prefill speed, one swap step, and weight bandwidth vs a plain copy, on the middle EQM.
