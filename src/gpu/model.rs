@@ -651,8 +651,11 @@ impl Model {
     /// See `Backend::watch`.
     pub fn watch(&mut self, ids: &[u32]) -> GpuResult<()> {
         check_watch(ids, self.config.vocab_size).map_err(|e| GpuError::Input(e.to_string()))?;
-        self.watched = ids.to_vec();
-        self.prepared = None;
+        if self.watched != ids {
+            // The prepared commands copy the old list's logits back.
+            self.watched = ids.to_vec();
+            self.prepared = None;
+        }
         Ok(())
     }
 
