@@ -130,13 +130,15 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
       await until(page, 'some streamed text', () => window.flexquantPage.chat.tokens >= 2 || !window.flexquantPage.busy);
       if (attempt === 0) await shot(page, 'streaming');
       a = await waitAnswer(page);
-      if (a.tokens >= 3 && a.answer.length > 0) break;
+      if (a.pieces >= 2) break;
     }
     assert.notEqual(a.finish, 'error', JSON.stringify(a));
     assert.ok(a.tokens >= 1 && a.answer.length > 0, `answer: ${JSON.stringify(a)}`);
     const growth = await page.evaluate(() => [...new Set(window.__growth)].filter((n) => n > 0));
-    // Two visible steps prove streaming; a third token may be a partial UTF-8 byte (no text yet).
-    if (a.tokens >= 3) assert.ok(growth.length >= 2, `the answer appeared at once, not streamed: ${growth}`);
+    // Two tokens that showed text must show as two steps; a token may show nothing (a partial
+    // UTF-8 byte), so counting tokens alone is not enough.
+    if (a.pieces >= 2) assert.ok(growth.length >= 2, `the answer appeared at once, not streamed: ${growth} (${JSON.stringify(a)})`);
+    else t.diagnostic(`the random model showed text in ${a.pieces} piece(s) over 4 attempts: streaming not checked`);
     assert.ok(a.usage && a.usage.completion_tokens >= a.tokens, JSON.stringify(a.usage));
     const text = await page.locator('.msg.assistant').last().locator('.text').textContent();
     assert.equal(text, a.answer);

@@ -102,6 +102,7 @@ export class Chat {
     let finish = null;
     let usage = null;
     let error = null;
+    let pieces = 0; // tokens that showed text (a piece is '' while a UTF-8 character is incomplete)
     const t0 = performance.now();
     const flushLive = (all) => {
       // Announce whole sentences, not every token.
@@ -131,6 +132,7 @@ export class Chat {
               this.hooks.onToken?.(this.tokens);
             }
             if (piece) {
+              pieces++;
               answer += piece;
               pending += piece;
               body.textContent = answer;
@@ -180,7 +182,7 @@ export class Chat {
       const refocus = document.activeElement === this.stop;
       this.updateButtons();
       if (refocus) this.prompt.focus(); // the Stop button just got disabled under the focus
-      this.hooks.onAnswer?.({ answer, finish, usage, seconds: secs, tokens: this.tokens, error: error && { code: error.code, message: errorText(error) } });
+      this.hooks.onAnswer?.({ answer, finish, usage, seconds: secs, tokens: this.tokens, pieces, error: error && { code: error.code, message: errorText(error) } });
     }
   }
 
