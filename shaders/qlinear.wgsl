@@ -24,10 +24,13 @@ override RPT: u32 = 1u;
 const WG: u32 = 64u;
 const TT: u32 = 4u;
 
-// `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host.
+// `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host; so
+// are the bindings of x and y, `NORM` and `gv(i)` (src/gpu/kernels.rs `qlinear_source`). With
+// `NORM`, `matvec` is RMSNorm and the matrix-vector product in one dispatch (decode): x is
+// the residual stream, `gv(i)` the norm's weights x[4i .. 4i+4] are multiplied by, and the
+// row's sum is scaled by 1 / rms(x), whose sum of squares the row's threads gather from the
+// very loads of x they make for the product (together they read all of x).
 @group(0) @binding(2) var<storage, read> w: array<u32>;
-@group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
 fn scale_zero(r: u32, b: u32) -> vec2<f32> {
     return unpack2x16float(w[p.scale_base + r * p.groups_per_row + b / p.group_blocks]);
@@ -85,17 +88,31 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     var a1 = 0.0;
     var a2 = 0.0;
     var a3 = 0.0;
+    // With NORM: this thread's part of the sum of squares of x.
+    var ss = 0.0;
     if (r0 < p.rows) {
         for (var b = lane; b < blocks; b += TPR) {
             let i = 8u * b;
-            let x0 = xv(0u, i);
-            let x1 = xv(0u, i + 1u);
-            let x2 = xv(0u, i + 2u);
-            let x3 = xv(0u, i + 3u);
-            let x4 = xv(0u, i + 4u);
-            let x5 = xv(0u, i + 5u);
-            let x6 = xv(0u, i + 6u);
-            let x7 = xv(0u, i + 7u);
+            var x0 = xv(0u, i);
+            var x1 = xv(0u, i + 1u);
+            var x2 = xv(0u, i + 2u);
+            var x3 = xv(0u, i + 3u);
+            var x4 = xv(0u, i + 4u);
+            var x5 = xv(0u, i + 5u);
+            var x6 = xv(0u, i + 6u);
+            var x7 = xv(0u, i + 7u);
+            if (NORM) {
+                ss += dot(x0, x0) + dot(x1, x1) + dot(x2, x2) + dot(x3, x3)
+                    + dot(x4, x4) + dot(x5, x5) + dot(x6, x6) + dot(x7, x7);
+                x0 *= gv(i);
+                x1 *= gv(i + 1u);
+                x2 *= gv(i + 2u);
+                x3 *= gv(i + 3u);
+                x4 *= gv(i + 4u);
+                x5 *= gv(i + 5u);
+                x6 *= gv(i + 6u);
+                x7 *= gv(i + 7u);
+            }
             let xs = dot(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, vec4<f32>(1.0));
             a0 += row_block(r0, b, x0, x1, x2, x3, x4, x5, x6, x7, xs);
             if (RPT > 1u) {
@@ -117,18 +134,26 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             a3 = reduce_row(a3, li);
         }
     }
+    // 1 / rms(x) (RMSNorm's scale, common to every weight of the row), 1 without NORM.
+    var inv = 1.0;
+    if (NORM) {
+        if (TPR > 1u) {
+            ss = reduce_row(ss, li);
+        }
+        inv = 1.0 / sqrt(ss / f32(p.cols) + p.eps);
+    }
     if (lane != 0u || r0 >= p.rows) {
         return;
     }
-    store(0u, r0, a0);
+    store(0u, r0, a0 * inv);
     if (RPT > 1u && r0 + 1u < p.rows) {
-        store(0u, r0 + 1u, a1);
+        store(0u, r0 + 1u, a1 * inv);
     }
     if (RPT > 2u && r0 + 2u < p.rows) {
-        store(0u, r0 + 2u, a2);
+        store(0u, r0 + 2u, a2 * inv);
     }
     if (RPT > 2u && r0 + 3u < p.rows) {
-        store(0u, r0 + 3u, a3);
+        store(0u, r0 + 3u, a3 * inv);
     }
 }
 

@@ -893,6 +893,86 @@ fn cpu_kernel_matches_fake_quant_in_wasm() {
     }
 }
 
+/// The WGSL matvec with the RMSNorm before it folded in (what decode runs on GPUs) compiled by
+/// Chromium's WebGPU, not naga: against the dequantized matrix times RMSNorm(x) * g in f64,
+/// for a row per thread (CPU adapters) and a row shared by 32 threads (GPUs), on an odd shape.
+#[wasm_bindgen_test]
+async fn the_matvec_with_the_norm_folded_in_matches_the_cpu_in_webgpu() {
+    use flexquant::ensemble::format::{PackedMatrix, PackedShape};
+    use flexquant::gpu::kernels::{Kernel, Kernels};
+    use flexquant::gpu::params::QlinearParams;
+    use flexquant::gpu::{probe, Gpu, Requirements};
+    let gpu = Gpu::new(Requirements::default())
+        .await
+        .expect("a WebGPU adapter");
+    let (rows, cols, eps) = (67usize, 100usize, 1e-5f32);
+    let x: Vec<f32> = (0..cols)
+        .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 25.0)
+        .collect();
+    let g: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 11) as f32 / 10.0).collect();
+    let inv = 1.0
+        / (x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / cols as f64 + eps as f64).sqrt();
+    for bits in [3, 4, 8] {
+        let shape = PackedShape::new(rows, cols, bits, 32).unwrap();
+        let codes: Vec<u8> = (0..rows * cols)
+            .map(|i| ((i.wrapping_mul(2654435761) >> 7) % (1 << bits)) as u8)
+            .collect();
+        let sz: Vec<(f32, f32)> = (0..shape.scale_words())
+            .map(|k| (0.01 + (k % 7) as f32 * 0.003, -0.05 + (k % 5) as f32 * 0.02))
+            .collect();
+        let m = PackedMatrix::from_codes(shape, &codes, &sz);
+        let wd = m.dequantize();
+        let (want, scale): (Vec<f64>, Vec<f64>) = (0..rows)
+            .map(|r| {
+                let terms =
+                    (0..cols).map(|c| wd[r * cols + c] as f64 * x[c] as f64 * inv * g[c] as f64);
+                (
+                    terms.clone().sum::<f64>(),
+                    terms.map(f64::abs).sum::<f64>() + 1e-9,
+                )
+            })
+            .unzip();
+        let words: Vec<u32> = m.codes.iter().chain(&m.scales).copied().collect();
+        let params = QlinearParams {
+            eps,
+            ..QlinearParams::dense(shape)
+        };
+        for (tpr, rpt) in [(1, 4), (32, 1)] {
+            let mut k = Kernels::with_matvec(tpr, rpt).unwrap();
+            let grid = [(rows as u32).div_ceil(k.matvec_rows_per_workgroup()), 1, 1];
+            let out = probe::run(
+                &gpu,
+                &mut k,
+                Kernel::MatvecNorm(bits),
+                &params,
+                (1, 0),
+                &[
+                    bytemuck::cast_slice(&words),
+                    bytemuck::cast_slice(&x),
+                    bytemuck::cast_slice(&g),
+                ],
+                &[bytemuck::cast_slice(&vec![0f32; rows])],
+                grid,
+            )
+            .await
+            .unwrap();
+            let got: Vec<f32> = out[0]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            let err = got
+                .iter()
+                .zip(want.iter().zip(&scale))
+                .map(|(a, (w, s))| (*a as f64 - w).abs() / s)
+                .fold(0.0, f64::max);
+            assert!(
+                err < 1e-5,
+                "{bits} bits, {tpr} threads x {rpt} rows: normalized error {err:.2e}"
+            );
+        }
+    }
+}
+
 /// The CPU backend in the browser: it answers deterministically, swaps down and up between
 /// tokens under a budget, and holds exactly the trajectory's footprint plus the KV cache.
 #[wasm_bindgen_test]

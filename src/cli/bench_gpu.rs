@@ -115,6 +115,56 @@ fn decode_split(g: &mut Model, prompt: &[u32], n: usize) -> Result<(f64, f64)> {
     Ok((t.elapsed().as_secs_f64() / n as f64, encode / n as f64))
 }
 
+/// Decode with each RMSNorm folded into the matvecs after it against the same model without
+/// (`ModelOptions::fuse_norm`, whose default depends on the adapter), alternated twice, the
+/// best of each.
+struct FusedNorms {
+    /// Whether this adapter's models fold them (`fuse_norm: None`).
+    by_default: bool,
+    dispatches: usize,
+    dispatches_unfused: usize,
+    token_s: f64,
+    token_s_unfused: f64,
+}
+
+fn fused_norm_figures(
+    gpu: &Arc<Gpu>,
+    w: &Weights,
+    bits: &[u32],
+    opts: ModelOptions,
+    prompt: &[u32],
+    a: &GpuBenchArgs,
+    by_default: bool,
+) -> Result<FusedNorms> {
+    let with = |fuse| ModelOptions {
+        fuse_norm: Some(fuse),
+        ..opts
+    };
+    let (mut fused, mut unfused) = (
+        model(gpu, w, bits, with(true))?,
+        model(gpu, w, bits, with(false))?,
+    );
+    let (mut f, mut u) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..2 {
+        f = f.min(decode_seconds(&mut fused, prompt, a.gpu_decode_tokens)?);
+        u = u.min(decode_seconds(&mut unfused, prompt, a.gpu_decode_tokens)?);
+    }
+    eprintln!(
+        "  norms folded into the matvecs: {:.3} ms/token ({} dispatches) against {:.3} ({})",
+        f * 1e3,
+        fused.dispatches_per_token(),
+        u * 1e3,
+        unfused.dispatches_per_token()
+    );
+    Ok(FusedNorms {
+        by_default,
+        dispatches: fused.dispatches_per_token(),
+        dispatches_unfused: unfused.dispatches_per_token(),
+        token_s: f,
+        token_s_unfused: u,
+    })
+}
+
 fn module_bytes(w: &Weights, bits: &[u32]) -> u64 {
     let c = &w.config;
     (0..bits.len())
@@ -149,6 +199,7 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         max_batch: 64,
         logit_rows: 1,
         top_k: 1,
+        ..Default::default()
     };
     let gpu = Arc::new(Gpu::new_blocking(Model::requirements(c, &opts))?);
     let adapter = gpu.adapter_name();
@@ -188,7 +239,9 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
             let pipelined = pollster::block_on(
                 g.pipelined_seconds(&ids[4..(4 + a.gpu_decode_tokens).min(ids.len())]),
             )?;
-            up_split = Some((token_s, encode_s, pipelined, g.dispatches_per_token()));
+            let dispatches = g.dispatches_per_token();
+            let fused = fused_norm_figures(&gpu, m, bits, opts, prompt, a, g.folds_norms())?;
+            up_split = Some((token_s, encode_s, pipelined, dispatches, fused));
         }
         eprintln!(
             "  {:.2} MB of modules: {:.3} s/token",
@@ -231,7 +284,7 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         serde_json::json!({"context": ctx, "decode_tok_s": long_tok_s, "vs_short_context": long_tok_s / tok_s(0)})
     });
     // The adapter's cost per dispatch: times a token's dispatches, the floor of its time.
-    let (token_s, encode_s, pipelined_s, dispatches) = up_split.unwrap();
+    let (token_s, encode_s, pipelined_s, dispatches, fused) = up_split.unwrap();
     let split = (token_s, encode_s);
     let dispatch_s = pollster::block_on(flexquant::gpu::probe::dispatch_seconds(
         &gpu,
@@ -322,6 +375,14 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
             "adapter_seconds_per_dispatch": dispatch_s,
             "dispatch_floor_seconds": dispatch_s * dispatches as f64,
             "pipelined_seconds_per_token": pipelined_s,
+            "norms_folded": fused.by_default,
+            "fused_norms": {
+                "dispatches": fused.dispatches,
+                "dispatches_unfused": fused.dispatches_unfused,
+                "seconds_per_token": fused.token_s,
+                "seconds_per_token_unfused": fused.token_s_unfused,
+                "speedup": fused.token_s_unfused / fused.token_s,
+            },
         },
         "matvec_roofline": {"read_kernel_gbs": roof_read.bytes_per_s / 1e9, "by_bits": roofline,
             "by_variant_4_bits": by_variant},

@@ -123,6 +123,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 max_batch: 64,
                 logit_rows: 64,
                 top_k: 1,
+                ..Default::default()
             });
             job.run(open_ensemble(&s, &dir, f, ctx).with_context(loading)?)
         }

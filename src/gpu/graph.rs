@@ -38,6 +38,9 @@ pub(crate) struct Op {
 
 pub(crate) enum Dispatch {
     Fixed(Op),
+    /// An RMSNorm that only prefill runs: decode folds it into the matvecs that read its
+    /// output (`Slot::norm_bind_group`, `ModelOptions::fuse_norm`).
+    Norm(Op),
     /// A module of the EQM: its kernel and grid follow its current version (`Slot`).
     Module(usize),
 }
@@ -47,6 +50,8 @@ pub(crate) struct Slot {
     pub shape: PackedShape,
     pub buffer: GpuBuffer,
     pub bind_group: wgpu::BindGroup,
+    /// Decode's `MatvecNorm` bind group, where the norm before this module is folded in.
+    pub norm_bind_group: Option<wgpu::BindGroup>,
     pub param_slot: u64,
 }
 
@@ -58,6 +63,8 @@ pub(crate) struct Graph {
     /// The final norm of the call's last token only, into row 0 (before `head_last`).
     pub final_norm_last: Op,
     pub head_last: Op,
+    /// One token's final norm and head in one dispatch (`MatvecNorm`), where norms are folded.
+    pub head_last_norm: Option<Op>,
     pub head_all: Op,
     pub topk: [Op; 2],
     pub nll: Op,
@@ -69,6 +76,21 @@ pub(crate) struct Graph {
 pub(crate) fn param_slots(c: &LlamaConfig, o: &ModelOptions) -> u64 {
     let combine = (attention_splits(o) > 1) as u64;
     (11 + combine) * c.num_hidden_layers as u64 + 8
+}
+
+/// Whether decode folds the norms into the matvecs after them (`ModelOptions::fuse_norm`).
+pub(crate) fn folds_norms(gpu: &Gpu, o: &ModelOptions) -> bool {
+    o.fuse_norm
+        .unwrap_or(gpu.info.device_type != wgpu::DeviceType::Cpu)
+}
+
+/// Which of its layer's two norms (attention's, the MLP's) a module reads the output of.
+pub(crate) fn module_norm(kind: ModuleKind) -> Option<usize> {
+    match kind {
+        ModuleKind::Q | ModuleKind::K | ModuleKind::V => Some(0),
+        ModuleKind::Gate | ModuleKind::Up => Some(1),
+        ModuleKind::O | ModuleKind::Down => None,
+    }
 }
 
 /// The input and output buffers of a module of one layer.
@@ -90,10 +112,16 @@ pub(crate) fn module_io<'a>(
 }
 
 /// qlinear.wgsl's parameters for a module: K and V write at the cache position, O and down
-/// add into the residual stream, up turns the gate's output into SwiGLU's.
-pub(crate) fn qlinear_params(s: PackedShape, kind: ModuleKind) -> QlinearParams {
+/// add into the residual stream, up turns the gate's output into SwiGLU's; a module that reads
+/// a norm's output carries its epsilon (for `MatvecNorm`).
+pub(crate) fn qlinear_params(s: PackedShape, kind: ModuleKind, c: &LlamaConfig) -> QlinearParams {
     let kv = matches!(kind, ModuleKind::K | ModuleKind::V);
     QlinearParams {
+        eps: if module_norm(kind).is_some() {
+            c.rms_norm_eps
+        } else {
+            0.0
+        },
         y_pos_stride: if kv { s.rows as u32 } else { 0 },
         accumulate: match kind {
             ModuleKind::O | ModuleKind::Down => 1,
@@ -109,6 +137,50 @@ pub(crate) fn param_binding(params: &GpuBuffer, slot: u64) -> wgpu::BufferBindin
         buffer: &params.buffer,
         offset: slot * PARAM_SLOT,
         size: wgpu::BufferSize::new(PARAM_SLOT),
+    }
+}
+
+/// What a layer's module bind groups point at besides the module's own buffer.
+pub(crate) struct ModuleIo<'a> {
+    pub gpu: &'a Gpu,
+    pub params: &'a GpuBuffer,
+    pub step: &'a GpuBuffer,
+    pub act: &'a Activations,
+    pub kv: &'a [GpuBuffer; 2],
+    /// The layer's norm weights (attention's, the MLP's) when decode folds them into the
+    /// matvecs (`ModelOptions::fuse_norm`).
+    pub norms: Option<&'a [GpuBuffer; 2]>,
+}
+
+impl ModuleIo<'_> {
+    /// A module's bind groups for `bits`-bit codes in `buffer` with its parameters at `slot`:
+    /// the matvec's and matmul's, and decode's `MatvecNorm` one where the module reads a
+    /// norm's output and norms are folded.
+    pub fn bind_groups(
+        &self,
+        kernels: &mut Kernels,
+        kind: ModuleKind,
+        bits: u32,
+        slot: u64,
+        buffer: &GpuBuffer,
+    ) -> (wgpu::BindGroup, Option<wgpu::BindGroup>) {
+        let (x, y) = module_io(self.act, self.kv, kind);
+        kernels.prepare(self.gpu, Kernel::Matmul(bits));
+        let mut bind = |kernel, storage: &[&GpuBuffer]| {
+            kernels.prepare(self.gpu, kernel);
+            let bufs: Vec<&wgpu::Buffer> = storage.iter().map(|b| &b.buffer).collect();
+            let params = param_binding(self.params, slot);
+            kernels.bind(self.gpu, kernel, params, &self.step.buffer, &bufs)
+        };
+        let plain = bind(Kernel::Matvec(bits), &[buffer, x, y]);
+        let norm = match (self.norms, module_norm(kind)) {
+            (Some(norms), Some(i)) => Some(bind(
+                Kernel::MatvecNorm(bits),
+                &[buffer, &self.act.x, &norms[i], y],
+            )),
+            _ => None,
+        };
+        (plain, norm)
     }
 }
 
@@ -174,6 +246,7 @@ impl Builder<'_> {
             eps: c.rms_norm_eps,
             last_only,
         };
+        let fold = folds_norms(b.gpu, opts);
         let sin_base = opts.context as u32 * hd / 2;
         let (embed, head, final_norm, rope) =
             (&base.embed, base.head(), &base.final_norm, &base.rope);
@@ -194,29 +267,44 @@ impl Builder<'_> {
         let mut layer_ops = Vec::new();
         let mut slots = Vec::new();
         let mut module_bufs = module_bufs.into_iter();
-        for (l, (layer_kv, [attn_norm, ffn_norm])) in kv.iter().zip(&base.norms).enumerate() {
+        for (l, (layer_kv, norms)) in kv.iter().zip(&base.norms).enumerate() {
             let [kc, vc] = layer_kv;
+            let [attn_norm, ffn_norm] = norms;
             let mut module = |b: &mut Builder, kind: ModuleKind, ops: &mut Vec<Dispatch>| {
                 let id = ModuleId { layer: l, kind };
                 let m = &modules[id.index()];
                 let buffer = module_bufs.next().unwrap();
-                let (x, y) = module_io(a, layer_kv, kind);
                 let param_slot = b.blocks.len() as u64;
                 b.blocks.push(kernel_param_bytes(
                     Kernel::Matvec(m.shape.bits),
-                    &qlinear_params(m.shape, kind),
+                    &qlinear_params(m.shape, kind, c),
                 ));
-                let bind_group = b.bind(Kernel::Matvec(m.shape.bits), param_slot, &[&buffer, x, y]);
+                let io = ModuleIo {
+                    gpu: b.gpu,
+                    params: b.params,
+                    step: b.step,
+                    act: a,
+                    kv: layer_kv,
+                    norms: fold.then_some(norms),
+                };
+                let (bind_group, norm_bind_group) =
+                    io.bind_groups(b.kernels, kind, m.shape.bits, param_slot, &buffer);
                 ops.push(Dispatch::Module(slots.len()));
                 slots.push(Slot {
                     shape: m.shape,
                     buffer,
                     bind_group,
+                    norm_bind_group,
                     param_slot,
                 });
             };
+            // A norm decode folds into the matvecs after it, or one every call runs.
+            let norm_op = |op| match fold {
+                true => Dispatch::Norm(op),
+                false => Dispatch::Fixed(op),
+            };
             let ops = &mut layer_ops;
-            ops.push(Dispatch::Fixed(b.op(
+            ops.push(norm_op(b.op(
                 Kernel::RmsNorm,
                 &norm(0),
                 &[attn_norm, &a.x, &a.xn],
@@ -265,7 +353,7 @@ impl Builder<'_> {
                 )));
             }
             module(b, ModuleKind::O, ops);
-            ops.push(Dispatch::Fixed(b.op(
+            ops.push(norm_op(b.op(
                 Kernel::RmsNorm,
                 &norm(0),
                 &[ffn_norm, &a.x, &a.xn],
@@ -288,14 +376,26 @@ impl Builder<'_> {
             Grid::Fixed([1, 1, 1]),
         );
         // The head: the 8-bit table as a [vocab][hidden] module writing logits rows.
-        let head_params = qlinear_params(table, ModuleKind::Q);
+        let head_params = qlinear_params(table, ModuleKind::Q, c);
         let per_wg = b.kernels.matvec_rows_per_workgroup();
+        let head_grid = Grid::Fixed([vocab.div_ceil(per_wg), 1, 1]);
         let head_last = b.op(
             Kernel::Matvec(BASE_BITS),
             &head_params,
             &[head, &a.xn, &a.logits],
-            Grid::Fixed([vocab.div_ceil(per_wg), 1, 1]),
+            head_grid,
         );
+        // The same parameters (their slot) with the final norm folded in.
+        let head_slot = b.blocks.len() as u64 - 1;
+        let head_last_norm = fold.then(|| Op {
+            kernel: Kernel::MatvecNorm(BASE_BITS),
+            bind_group: b.bind(
+                Kernel::MatvecNorm(BASE_BITS),
+                head_slot,
+                &[head, &a.x, final_norm, &a.logits],
+            ),
+            grid: head_grid,
+        });
         let head_all = b.op(
             Kernel::Matmul(BASE_BITS),
             &head_params,
@@ -339,6 +439,7 @@ impl Builder<'_> {
             final_norm: final_norm_op,
             final_norm_last,
             head_last,
+            head_last_norm,
             head_all,
             topk: topk_ops,
             nll: nll_op,

@@ -27,6 +27,9 @@ pub const MAX_TOP_K: u32 = 64;
 pub enum Kernel {
     /// Decode: dequantize + matrix-vector, specialised on the bit-width.
     Matvec(u32),
+    /// `Matvec` with the RMSNorm before it folded in: binds the residual stream and the
+    /// norm's weights, so decode needs no dispatch for the norm (qlinear.wgsl `NORM`).
+    MatvecNorm(u32),
     /// Prefill: dequantize + matrix-matrix.
     Matmul(u32),
     /// `Matvec` reading a module's bit planes (`ensemble::plane_level`), `k` of them.
@@ -67,6 +70,7 @@ impl Kernel {
         }
         match self {
             Kernel::Matvec(_)
+            | Kernel::MatvecNorm(_)
             | Kernel::Matmul(_)
             | Kernel::PlaneMatvec(_)
             | Kernel::PlaneMatmul(_) => of::<QlinearParams>(),
@@ -94,10 +98,21 @@ impl Kernel {
             read_write,
         };
         match self {
-            Kernel::Matvec(bits) => s(&qlinear_source(bits, false, subgroups), "matvec", 2, 1),
-            Kernel::Matmul(bits) => s(&qlinear_source(bits, false, false), "matmul", 2, 1),
-            Kernel::PlaneMatvec(k) => s(&qlinear_source(k, true, subgroups), "matvec", 2, 1),
-            Kernel::PlaneMatmul(k) => s(&qlinear_source(k, true, false), "matmul", 2, 1),
+            Kernel::Matvec(bits) => s(
+                &qlinear_source(bits, false, subgroups, false),
+                "matvec",
+                2,
+                1,
+            ),
+            Kernel::MatvecNorm(bits) => s(
+                &qlinear_source(bits, false, subgroups, true),
+                "matvec",
+                3,
+                1,
+            ),
+            Kernel::Matmul(bits) => s(&qlinear_source(bits, false, false, false), "matmul", 2, 1),
+            Kernel::PlaneMatvec(k) => s(&qlinear_source(k, true, subgroups, false), "matvec", 2, 1),
+            Kernel::PlaneMatmul(k) => s(&qlinear_source(k, true, false, false), "matmul", 2, 1),
             Kernel::Embed => s(include_str!("../../shaders/embed.wgsl"), "embed", 2, 1),
             Kernel::RmsNorm => s(include_str!("../../shaders/rmsnorm.wgsl"), "rmsnorm", 2, 1),
             Kernel::Rope => s(include_str!("../../shaders/rope.wgsl"), "rope", 1, 2),
@@ -275,7 +290,7 @@ impl Kernels {
                 immediate_size: 0,
             });
         let constants: Vec<(&str, f64)> = match kernel {
-            Kernel::Matvec(_) | Kernel::PlaneMatvec(_) => {
+            Kernel::Matvec(_) | Kernel::MatvecNorm(_) | Kernel::PlaneMatvec(_) => {
                 vec![("TPR", self.tpr as f64), ("RPT", self.rpt as f64)]
             }
             Kernel::TopK { from_logits } => vec![("FROM_LOGITS", from_logits as u32 as f64)],
@@ -382,9 +397,33 @@ fn reduce_row_source(subgroups: bool) -> &'static str {
     }
 }
 
+/// qlinear.wgsl's x and y, and what `NORM` reads: with `norm`, x is the residual stream and
+/// the norm's weights g are bound between x and y.
+fn qlinear_io_source(norm: bool) -> &'static str {
+    if norm {
+        "@group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> g: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+const NORM: bool = true;
+fn gv(i: u32) -> vec4<f32> {
+    return g[min(i, p.cols / 4u - 1u)];
+}
+"
+    } else {
+        "@group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+const NORM: bool = false;
+fn gv(i: u32) -> vec4<f32> {
+    return vec4<f32>(1.0);
+}
+"
+    }
+}
+
 /// The qlinear shader for `bits`-bit codes, packed or as `planes`, its matvec rows reduced
-/// through subgroups or not (`reduce_row_source`).
-pub fn qlinear_source(bits: u32, planes: bool, subgroups: bool) -> String {
+/// through subgroups or not (`reduce_row_source`), the RMSNorm before it folded in or not
+/// (`norm`, `qlinear_io_source`).
+pub fn qlinear_source(bits: u32, planes: bool, subgroups: bool, norm: bool) -> String {
     const QLINEAR: &str = include_str!("../../shaders/qlinear.wgsl");
     let mut f = format!(
         "const BITS: u32 = {bits}u;\n\nfn block_codes(r: u32, b: u32) -> array<vec4<f32>, 8> {{\n"
@@ -440,7 +479,11 @@ pub fn qlinear_source(bits: u32, planes: bool, subgroups: bool) -> String {
         }
     }
     f += "    );\n}\n";
-    format!("{f}\n{}\n{QLINEAR}", reduce_row_source(subgroups))
+    format!(
+        "{}\n{f}\n{}\n{QLINEAR}",
+        qlinear_io_source(norm),
+        reduce_row_source(subgroups)
+    )
 }
 
 /// A parameter block padded to a 256-byte slot.

@@ -20,7 +20,7 @@ use crate::gpu::buffers::{
 use crate::gpu::device::{Gpu, Requirements};
 use crate::gpu::error::{GpuError, GpuResult};
 use crate::gpu::graph::{
-    module_io, param_binding, param_slots, qlinear_params, Builder, Dispatch, Graph, Grid, Op, Slot,
+    folds_norms, param_slots, qlinear_params, Builder, Dispatch, Graph, Grid, ModuleIo, Op, Slot,
 };
 use crate::gpu::kernels::{
     self, kernel_param_bytes, step_bytes, Kernel, Kernels, PARAM_SLOT, TT, WG,
@@ -41,6 +41,12 @@ pub struct ModelOptions {
     pub logit_rows: usize,
     /// Candidates the GPU returns per generated token (greedy needs 1).
     pub top_k: u32,
+    /// Decode folds each RMSNorm into the matvecs that read its output (`MatvecNorm`): 61
+    /// dispatches fewer per token on a 30-layer model, for some more work in each of those
+    /// matvecs. `None`: on GPUs, where a token's time goes to its dispatches, not on CPU
+    /// adapters (lavapipe decoded 9-25% slower folded: its dispatches are cheap next to the
+    /// loads the folded matvecs add). Prefill runs the norms either way.
+    pub fuse_norm: Option<bool>,
 }
 
 impl Default for ModelOptions {
@@ -50,6 +56,7 @@ impl Default for ModelOptions {
             max_batch: 64,
             logit_rows: 1,
             top_k: 40,
+            fuse_norm: None,
         }
     }
 }
@@ -394,22 +401,22 @@ impl Model {
             )
             .await?;
         let bits = m.shape.bits;
-        self.kernels.prepare(&gpu, Kernel::Matvec(bits));
-        self.kernels.prepare(&gpu, Kernel::Matmul(bits));
-        let slot = &self.modules[id.index()];
-        let param_slot = slot.param_slot;
-        let (x, y) = module_io(&self.act, &self.kv[id.layer], id.kind);
-        let bind_group = self.kernels.bind(
-            &gpu,
-            Kernel::Matvec(bits),
-            param_binding(&self.params, param_slot),
-            &self.step.buffer,
-            &[&buffer.buffer, &x.buffer, &y.buffer],
-        );
+        let param_slot = self.modules[id.index()].param_slot;
+        let io = ModuleIo {
+            gpu: &gpu,
+            params: &self.params,
+            step: &self.step,
+            act: &self.act,
+            kv: &self.kv[id.layer],
+            norms: folds_norms(&gpu, &self.opts).then_some(&self.base.norms[id.layer]),
+        };
+        let (bind_group, norm_bind_group) =
+            io.bind_groups(&mut self.kernels, id.kind, bits, param_slot, &buffer);
+        let params = qlinear_params(m.shape, id.kind, &self.config);
         gpu.queue.write_buffer(
             &self.params.buffer,
             param_slot * PARAM_SLOT,
-            &kernel_param_bytes(Kernel::Matvec(bits), &qlinear_params(m.shape, id.kind)),
+            &kernel_param_bytes(Kernel::Matvec(bits), &params),
         );
         // The old buffer is dropped (and destroyed) here, after its replacement is in place;
         // commands prepared with its bind group go with it.
@@ -418,6 +425,7 @@ impl Model {
             shape: m.shape,
             buffer,
             bind_group,
+            norm_bind_group,
             param_slot,
         };
         Ok(())
@@ -464,19 +472,27 @@ impl Model {
     fn dispatch(&self, pass: &mut wgpu::ComputePass, d: &Dispatch, n: u32) {
         match d {
             Dispatch::Fixed(op) => self.op(pass, op, n),
+            // Decode folds it into the matvecs after it.
+            Dispatch::Norm(op) => {
+                if n > 1 {
+                    self.op(pass, op, n)
+                }
+            }
             Dispatch::Module(i) => {
                 let s = &self.modules[*i];
-                let rows = s.shape.rows as u32;
-                let (kernel, grid) = if n == 1 {
-                    let per_wg = self.kernels.matvec_rows_per_workgroup();
-                    (
-                        Kernel::Matvec(s.shape.bits),
-                        Grid::Fixed([rows.div_ceil(per_wg), 1, 1]),
-                    )
-                } else {
-                    (Kernel::Matmul(s.shape.bits), Grid::Tiled(rows.div_ceil(WG)))
+                let (rows, bits) = (s.shape.rows as u32, s.shape.bits);
+                let per_wg = self.kernels.matvec_rows_per_workgroup();
+                let matvec = Grid::Fixed([rows.div_ceil(per_wg), 1, 1]);
+                let (kernel, bind_group, grid) = match (n, &s.norm_bind_group) {
+                    (1, Some(bg)) => (Kernel::MatvecNorm(bits), bg, matvec),
+                    (1, None) => (Kernel::Matvec(bits), &s.bind_group, matvec),
+                    _ => (
+                        Kernel::Matmul(bits),
+                        &s.bind_group,
+                        Grid::Tiled(rows.div_ceil(WG)),
+                    ),
                 };
-                self.encode(pass, kernel, &s.bind_group, grid, n);
+                self.encode(pass, kernel, bind_group, grid, n);
             }
         }
     }
@@ -545,14 +561,19 @@ impl Model {
             for d in &self.graph.layers {
                 self.dispatch(&mut pass, d, n);
             }
-            match head {
-                Head::TopK => self.op(&mut pass, &self.graph.final_norm_last, n),
-                Head::AllLogits | Head::Nll => self.op(&mut pass, &self.graph.final_norm, n),
-                Head::None => {}
+            let g = &self.graph;
+            match (head, &g.head_last_norm) {
+                // One token: its final norm folded into the head.
+                (Head::TopK, Some(op)) if n == 1 => self.op(&mut pass, op, n),
+                (Head::TopK, _) => {
+                    self.op(&mut pass, &g.final_norm_last, n);
+                    self.op(&mut pass, &g.head_last, n);
+                }
+                (Head::AllLogits | Head::Nll, _) => self.op(&mut pass, &g.final_norm, n),
+                (Head::None, _) => {}
             }
             match head {
                 Head::TopK => {
-                    self.op(&mut pass, &self.graph.head_last, n);
                     self.op(&mut pass, &self.graph.topk[0], n);
                     self.op(&mut pass, &self.graph.topk[1], n);
                 }
@@ -581,9 +602,22 @@ impl Model {
         enc.finish()
     }
 
-    /// Kernel dispatches of one generated token (embedding, layers, final norm, head, top-k).
+    /// Whether decode folds the norms into the matvecs (`ModelOptions::fuse_norm`).
+    pub fn folds_norms(&self) -> bool {
+        self.graph.head_last_norm.is_some()
+    }
+
+    /// Kernel dispatches of one generated token (embedding, layers, final norm, head, top-k;
+    /// where norms are folded, neither the layers' norms nor the final one).
     pub fn dispatches_per_token(&self) -> usize {
-        self.graph.layers.len() + 5
+        let norms = |d: &&Dispatch| matches!(d, Dispatch::Norm(_));
+        let folded = self.graph.layers.iter().filter(norms).count();
+        let head = if self.graph.head_last_norm.is_some() {
+            1
+        } else {
+            2
+        };
+        self.graph.layers.len() - folded + 1 + head + 2
     }
 
     /// Host seconds the last chunk spent before its submission (little when it was prepared).

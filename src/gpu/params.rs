@@ -56,6 +56,8 @@ kernel_params! {
         /// Words between one bit plane and the next (the plane-reading kernels; 0 for
         /// packed codes).
         plane_words: u32,
+        /// RMSNorm's epsilon (`MatvecNorm`, where the norm before the product is folded in).
+        eps: f32,
     }
     /// `embed.wgsl`: rows of the 8-bit packed table, dequantized.
     EmbedParams {
@@ -146,6 +148,7 @@ impl QlinearParams {
             y_pos_stride: 0,
             accumulate: 0,
             plane_words: 0,
+            eps: 0.0,
         }
     }
 

@@ -324,21 +324,41 @@ fn probe_matrix(rows: usize, cols: usize, bits: u32, group: usize) -> GpuResult<
     })
 }
 
-/// `kernel` over `m`'s words (packed codes, or `planes`' when given) against an x of ones,
-/// kept on the device.
+/// How a probed matvec reads its matrix and x.
+#[derive(Clone, Copy)]
+pub enum MatvecForm<'a> {
+    /// `Matvec` over packed codes.
+    Packed,
+    /// `MatvecNorm`: packed codes, the RMSNorm before the product folded in (what decode runs
+    /// for 5 of a layer's 7 modules and for the head).
+    Norm,
+    /// `PlaneMatvec` over these bit planes.
+    Planes(&'a PlaneLevel),
+}
+
+/// `m` (in `form`) against an x of ones (and norm weights of ones), kept on the device.
 fn resident_matvec(
     gpu: &Gpu,
     kernels: &mut Kernels,
     m: &PackedMatrix,
-    planes: Option<&PlaneLevel>,
+    form: MatvecForm,
 ) -> Resident {
-    let (kernel, words, params): (_, Vec<u32>, _) = match planes {
-        None => (
+    let packed = || m.codes.iter().chain(&m.scales).copied().collect();
+    let (kernel, words, params): (_, Vec<u32>, _) = match form {
+        MatvecForm::Packed => (
             Kernel::Matvec(m.shape.bits),
-            m.codes.iter().chain(&m.scales).copied().collect(),
+            packed(),
             QlinearParams::dense(m.shape),
         ),
-        Some(l) => (
+        MatvecForm::Norm => (
+            Kernel::MatvecNorm(m.shape.bits),
+            packed(),
+            QlinearParams {
+                eps: 1e-5,
+                ..QlinearParams::dense(m.shape)
+            },
+        ),
+        MatvecForm::Planes(l) => (
             Kernel::PlaneMatvec(m.shape.bits),
             l.planes.iter().chain(&l.scales).copied().collect(),
             QlinearParams::planes(l),
@@ -346,13 +366,19 @@ fn resident_matvec(
     };
     let x = vec![1f32; m.shape.cols.div_ceil(4) * 4];
     let y = vec![0f32; m.shape.rows];
+    let words: &[u8] = bytemuck::cast_slice(&words);
+    let x: &[u8] = bytemuck::cast_slice(&x);
+    let inputs: &[&[u8]] = match form {
+        MatvecForm::Norm => &[words, x, x],
+        _ => &[words, x],
+    };
     Resident::new(
         gpu,
         kernels,
         kernel,
         &params,
         (1, 0),
-        &[bytemuck::cast_slice(&words), bytemuck::cast_slice(&x)],
+        inputs,
         &[bytemuck::cast_slice(&y)],
     )
 }
@@ -365,19 +391,22 @@ fn matvec_grid(kernels: &Kernels, rows: usize) -> [u32; 3] {
     ]
 }
 
-/// Seconds per `matvec` of a `bits`-bit matrix of `rows` x `cols` in groups of 32, buffers on
-/// the device: `repeat` dispatches per pass, the best of `passes` after an untimed one.
+/// Seconds per `matvec` of a `bits`-bit matrix of `rows` x `cols` in groups of 32 (packed, or
+/// with a norm folded in: `form`), buffers on the device: `repeat` dispatches per pass, the
+/// best of `passes` after an untimed one.
+#[allow(clippy::too_many_arguments)]
 pub async fn matvec_seconds(
     gpu: &Gpu,
     kernels: &mut Kernels,
     rows: usize,
     cols: usize,
     bits: u32,
+    form: MatvecForm<'_>,
     repeat: u32,
     passes: usize,
 ) -> GpuResult<f64> {
     let m = probe_matrix(rows, cols, bits, 32)?;
-    let r = resident_matvec(gpu, kernels, &m, None);
+    let r = resident_matvec(gpu, kernels, &m, form);
     Ok(
         r.seconds(gpu, kernels, matvec_grid(kernels, rows), repeat, passes)
             .await,
@@ -398,8 +427,8 @@ pub async fn plane_vs_packed_matvec(
     let m = probe_matrix(rows, 576, bits, 64)?;
     let level = PlaneLevel::from_packed(&m);
     let grid = matvec_grid(kernels, rows);
-    let packed = resident_matvec(gpu, kernels, &m, None);
-    let planes = resident_matvec(gpu, kernels, &m, Some(&level));
+    let packed = resident_matvec(gpu, kernels, &m, MatvecForm::Packed);
+    let planes = resident_matvec(gpu, kernels, &m, MatvecForm::Planes(&level));
     Ok((
         packed.seconds(gpu, kernels, grid, 8, reps).await,
         planes.seconds(gpu, kernels, grid, 8, reps).await,
@@ -423,7 +452,7 @@ pub async fn matvec_roofline(
         .bytes() as u64
         / 64;
     let rows = ((bytes / per_row) as usize / 64).max(1) * 64;
-    let s = matvec_seconds(gpu, kernels, rows, COLS, bits, 8, reps).await?;
+    let s = matvec_seconds(gpu, kernels, rows, COLS, bits, MatvecForm::Packed, 8, reps).await?;
     Ok((rows as u64 * per_row, s))
 }
 

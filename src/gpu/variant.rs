@@ -129,11 +129,14 @@ async fn time_candidates(gpu: &Gpu) -> Option<Vec<(u32, u32, bool, f64)>> {
         let Ok(mut k) = Kernels::with_variant(t, r, sg) else {
             continue;
         };
-        let module = probe::matvec_seconds(gpu, &mut k, PROBE_ROWS, PROBE_COLS, 4, repeat, PASSES)
+        // The kernel decode runs for most modules and for the head: a norm folded in.
+        let norm = probe::MatvecForm::Norm;
+        let (rows, cols) = (PROBE_ROWS, PROBE_COLS);
+        let module = probe::matvec_seconds(gpu, &mut k, rows, cols, 4, norm, repeat, PASSES)
             .await
             .ok()?;
         let head =
-            probe::matvec_seconds(gpu, &mut k, HEAD_ROWS, PROBE_COLS, 8, head_repeat, PASSES)
+            probe::matvec_seconds(gpu, &mut k, HEAD_ROWS, cols, 8, norm, head_repeat, PASSES)
                 .await
                 .ok()?;
         timings.push((t, r, sg, MODULES_PER_TOKEN * module + head));

@@ -50,6 +50,7 @@ fn demo_logits_of_uniform_and_mixed_eqms_match_cpu() {
         max_batch: 16,
         logit_rows: 16,
         top_k: 1,
+        fuse_norm: Some(true),
     };
     for (name, bits) in [
         ("uniform 4-bit", (|_| 4) as fn(ModuleId) -> u32),
@@ -96,6 +97,7 @@ fn demo_forced_decoding_agrees_with_cpu_and_ppl_matches() {
         max_batch: 64,
         logit_rows: 64,
         top_k: 1,
+        fuse_norm: Some(true),
     };
     let mut g = block(gpu_model(gpu.clone(), w, &modules, opts)).unwrap();
 
@@ -175,6 +177,7 @@ fn demo_swaps_keep_exact_accounting_and_match_a_fresh_model() {
         max_batch: 32,
         logit_rows: 1,
         top_k: 4,
+        fuse_norm: Some(true),
     };
     let mut choice = vec![1usize; lib[0].len()];
     let pick = |choice: &[usize]| -> Vec<PackedMatrix> {

@@ -180,9 +180,79 @@ fn qlinear_variant_matches(gpu: &flexquant::gpu::Gpu, k: &mut Kernels) {
                     "{kernel:?} {rows}x{cols} group {group}, {n_tokens} tokens, {}, swiglu {swiglu}: normalized error {e:.2e}",
                     k.variant_name()
                 );
+                if n_tokens == 1 && !planes {
+                    matvec_norm_matches(gpu, k, &mut rng, bits, &deq, words, &params, &y0);
+                }
             }
         }
     }
+}
+
+/// `MatvecNorm` (decode's RMSNorm folded into the matvec) against the dequantized matrix
+/// times RMSNorm(x) * g, computed in f64, in the store mode of `params`.
+#[allow(clippy::too_many_arguments)]
+fn matvec_norm_matches(
+    gpu: &flexquant::gpu::Gpu,
+    k: &mut Kernels,
+    rng: &mut Rng,
+    bits: u32,
+    deq: &[f32],
+    words: &[u32],
+    params: &QlinearParams,
+    y0: &[f32],
+) {
+    let (rows, cols) = (params.rows as usize, params.cols as usize);
+    let eps = 1e-5f32;
+    // A residual stream of a size RMSNorm matters for, and weights around 1.
+    let x = rand_vec(rng, cols, 4.0);
+    let g: Vec<f32> = rand_vec(rng, cols, 0.5).iter().map(|v| 1.0 + v).collect();
+    let ms = x.iter().map(|v| *v as f64 * *v as f64).sum::<f64>() / cols as f64;
+    let inv = 1.0 / (ms + eps as f64).sqrt();
+    let xn: Vec<f64> = x
+        .iter()
+        .zip(&g)
+        .map(|(a, b)| *a as f64 * inv * *b as f64)
+        .collect();
+    let (want, scale): (Vec<f64>, Vec<f64>) = (0..rows)
+        .map(|r| {
+            let row = &deq[r * cols..(r + 1) * cols];
+            let s: f64 = row.iter().zip(&xn).map(|(a, b)| *a as f64 * b).sum();
+            let a: f64 = row
+                .iter()
+                .zip(&xn)
+                .map(|(a, b)| (*a as f64 * b).abs())
+                .sum();
+            let y = y0[r] as f64;
+            match params.accumulate {
+                2 => {
+                    let silu = y / (1.0 + (-y).exp());
+                    (silu * s, silu.abs() * a + 1e-3)
+                }
+                _ => (s + y, a + y.abs()),
+            }
+        })
+        .unzip();
+    let params = QlinearParams { eps, ..*params };
+    let kernel = Kernel::MatvecNorm(bits);
+    let per_wg = k.matvec_rows_per_workgroup();
+    let out = pollster::block_on(probe::run(
+        gpu,
+        k,
+        kernel,
+        &params,
+        (1, 0),
+        &[bytemuck::cast_slice(words), &bytes(&x), &bytes(&g)],
+        &[&bytes(y0)],
+        [(rows as u32).div_ceil(per_wg), 1, 1],
+    ))
+    .unwrap();
+    let e = norm_err(&f32s(&out[0]), &want, &scale);
+    assert!(
+        e < NORM_ERR,
+        "{kernel:?} {rows}x{cols}, {}, accumulate {}: normalized error {e:.2e}",
+        k.variant_name(),
+        params.accumulate
+    );
 }
 
 fn run<P: KernelParams>(

@@ -35,24 +35,38 @@ fn tiny_model_prefill_and_decode_match_cpu_for_mixed_bits() {
         .tokenizer
         .encode("It is a truth universally acknowledged")
         .unwrap();
-    let t = tokens.len();
-    let vocab = w.config.vocab_size;
     let mut cache = KvCache::new(&r, 64);
     let want = forward::forward_all(&r, &tokens, &mut cache).unwrap();
 
-    let opts = ModelOptions {
-        context: 64,
-        max_batch: 64,
-        logit_rows: 64,
-        top_k: 5,
-    };
-    let mut g = pollster::block_on(gpu_model(gpu.clone(), w, &modules, opts)).unwrap();
+    // Decode with each RMSNorm folded into the matvecs after it (the default), and without.
+    for fuse_norm in [true, false] {
+        let opts = ModelOptions {
+            context: 64,
+            max_batch: 64,
+            logit_rows: 64,
+            top_k: 5,
+            fuse_norm: Some(fuse_norm),
+        };
+        decode_matches(gpu.clone(), w, &modules, opts, &tokens, &want);
+    }
+}
+
+fn decode_matches(
+    gpu: std::sync::Arc<flexquant::gpu::Gpu>,
+    w: &flexquant::model::weights::Weights,
+    modules: &[flexquant::ensemble::format::PackedMatrix],
+    opts: ModelOptions,
+    tokens: &[u32],
+    want: &[f32],
+) {
+    let (t, vocab) = (tokens.len(), w.config.vocab_size);
+    let mut g = pollster::block_on(gpu_model(gpu, w, modules, opts)).unwrap();
     assert_eq!(g.allocator().bytes(), g.footprint().total());
     assert_eq!(g.held_bytes(), g.footprint().total());
 
     // Prefill (matmul path) of all tokens at once.
-    let all = pollster::block_on(g.logits_all(&tokens)).unwrap();
-    let e = rel_err(&all, &want);
+    let all = pollster::block_on(g.logits_all(tokens)).unwrap();
+    let e = rel_err(&all, want);
     assert!(e < TINY_TOL, "prefill logits error {e:.2e}");
 
     // Decode (matvec path) token by token, checking the top-k too.
@@ -61,7 +75,11 @@ fn tiny_model_prefill_and_decode_match_cpu_for_mixed_bits() {
         let lg = pollster::block_on(g.logits_last(&[tok])).unwrap();
         let row = &want[i * vocab..(i + 1) * vocab];
         let e = rel_err(&lg, row);
-        assert!(e < TINY_TOL, "decode logits error {e:.2e} at token {i}");
+        assert!(
+            e < TINY_TOL,
+            "decode logits error {e:.2e} at token {i} (norms folded: {})",
+            opts.fuse_norm.unwrap()
+        );
     }
     g.truncate(t - 1);
     let top = pollster::block_on(g.step(&tokens[t - 1..])).unwrap();
@@ -70,5 +88,18 @@ fn tiny_model_prefill_and_decode_match_cpu_for_mixed_bits() {
     order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
     let ids: Vec<u32> = top.iter().map(|p| p.0).collect();
     let want_ids: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
-    assert_eq!(ids, want_ids, "top-5 of the last token");
+    assert_eq!(
+        ids,
+        want_ids,
+        "top-5 of the last token (norms folded: {})",
+        opts.fuse_norm.unwrap()
+    );
+    assert_eq!(
+        g.dispatches_per_token(),
+        match opts.fuse_norm.unwrap() {
+            true => 1 + 9 * w.config.num_hidden_layers + 3,
+            false => 1 + 11 * w.config.num_hidden_layers + 4,
+        },
+        "dispatches per token (embedding, layers, head, top-k)"
+    );
 }

@@ -16,6 +16,7 @@ const OPTS: ModelOptions = ModelOptions {
     max_batch: 16,
     logit_rows: 1,
     top_k: 8,
+    fuse_norm: None,
 };
 
 fn greedy(max_tokens: usize) -> Sampling {
