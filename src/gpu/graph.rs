@@ -80,8 +80,7 @@ pub(crate) fn param_slots(c: &LlamaConfig, o: &ModelOptions) -> u64 {
 
 /// Whether decode folds the norms into the matvecs after them (`ModelOptions::fuse_norm`).
 pub(crate) fn folds_norms(gpu: &Gpu, o: &ModelOptions) -> bool {
-    o.fuse_norm
-        .unwrap_or(gpu.info.device_type != wgpu::DeviceType::Cpu)
+    o.fuse_norm.unwrap_or(gpu.folds_norms_by_default())
 }
 
 /// Which of its layer's two norms (attention's, the MLP's) a module reads the output of.

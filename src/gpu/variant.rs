@@ -129,8 +129,11 @@ async fn time_candidates(gpu: &Gpu) -> Option<Vec<(u32, u32, bool, f64)>> {
         let Ok(mut k) = Kernels::with_variant(t, r, sg) else {
             continue;
         };
-        // The kernel decode runs for most modules and for the head: a norm folded in.
-        let norm = probe::MatvecForm::Norm;
+        // The kernel decode runs here for most modules and for the head.
+        let norm = match gpu.folds_norms_by_default() {
+            true => probe::MatvecForm::Norm,
+            false => probe::MatvecForm::Packed,
+        };
         let (rows, cols) = (PROBE_ROWS, PROBE_COLS);
         let module = probe::matvec_seconds(gpu, &mut k, rows, cols, 4, norm, repeat, PASSES)
             .await
