@@ -103,7 +103,7 @@ impl Gpu {
     }
 
     /// Whether decode folds the RMSNorms into the matvecs here unless told (`ModelOptions::
-    /// fuse_norm`): on GPUs, not on CPU adapters (measured on lavapipe: 9-25% slower folded).
+    /// fuse_norm`): on GPUs, not on CPU adapters (measured on lavapipe: 10-15% slower folded).
     pub fn folds_norms_by_default(&self) -> bool {
         self.info.device_type != wgpu::DeviceType::Cpu
     }

@@ -44,8 +44,8 @@ pub struct ModelOptions {
     /// Decode folds each RMSNorm into the matvecs that read its output (`MatvecNorm`): 61
     /// dispatches fewer per token on a 30-layer model, for some more work in each of those
     /// matvecs. `None`: on GPUs, where a token's time goes to its dispatches, not on CPU
-    /// adapters (lavapipe decoded 9-25% slower folded: its dispatches are cheap next to the
-    /// loads the folded matvecs add). Prefill runs the norms either way.
+    /// adapters (lavapipe decoded 10-15% slower folded: its dispatches are cheap next to
+    /// the loads the folded matvecs add). Prefill runs the norms either way.
     pub fuse_norm: Option<bool>,
 }
 
