@@ -29,6 +29,9 @@ pub struct BuildSettings {
     /// The search's ranking line (`SearchOptions::slope`).
     #[serde(default)]
     pub slope: Slope,
+    /// Calibration gains count as no damage (`SearchOptions::floor_damage`).
+    #[serde(default)]
+    pub floor_damage: bool,
     /// Branch of the ablation's other prune rates (the shipped rate uses `branch`): 1 orders
     /// their swaps by sensitivity alone, which keeps a four-rate ablation affordable.
     #[serde(default = "one")]
@@ -78,6 +81,7 @@ impl BuildSettings {
             staged: self.staged,
             lazy: self.lazy,
             slope: self.slope,
+            floor_damage: self.floor_damage,
         }
     }
 

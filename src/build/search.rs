@@ -54,6 +54,15 @@ pub struct SearchOptions {
     /// What a candidate's damage per byte is measured against (see [`Slope`]).
     #[serde(default)]
     pub slope: Slope,
+    /// A move that lowers the calibration ppl (or its measured sensitivity) counts as no
+    /// damage: fewer bits cannot make a module better except by fitting the few calibration
+    /// tokens, and dividing such a gain by a small module's bytes put small modules that
+    /// happened to fit them first in every stage (in the full 8 -> 2 demo build, 93-103 of each
+    /// stage's 210 steps lowered the calibration ppl, up to 0.8 for one V module, and the
+    /// held-out curve rose above the static chord early in stages). Such moves tie, and the
+    /// larger saving goes first.
+    #[serde(default)]
+    pub floor_damage: bool,
 }
 
 /// The straight line a candidate is ranked by: its ppl against bytes saved, drawn from
@@ -293,7 +302,14 @@ pub fn search(
                 let s = ev.sensitivity(&p.eqm, &moves)?;
                 s.into_iter().zip(moves).collect()
             };
-            ranked.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if opts.floor_damage {
+                for r in &mut ranked {
+                    r.0 = r.0.max(0.0);
+                }
+            }
+            // Safest first; ties to the larger saving.
+            let saved = |m: &Move| ev.bytes(m.module, m.from) - ev.bytes(m.module, m.to);
+            ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(saved(&b.1).cmp(&saved(&a.1))));
             for &(_, mv) in ranked.iter().take(opts.branch) {
                 let mut e = p.eqm.clone();
                 e.bits[mv.module] = mv.to;
@@ -345,10 +361,15 @@ pub fn search(
                 .map(|(i, ((pi, mv, _), &ppl))| {
                     let p = &paths[*pi];
                     let f = p.footprint - ev.bytes(mv.module, mv.from) + ev.bytes(mv.module, mv.to);
-                    let slope = match opts.slope {
-                        Slope::FromStart => (ppl - ppl0) / (f0 - f).max(1) as f64,
-                        Slope::Marginal => (ppl - p.ppl()) / (p.footprint - f).max(1) as f64,
+                    let (damage, saved) = match opts.slope {
+                        Slope::FromStart => (ppl - ppl0, f0 - f),
+                        Slope::Marginal => (ppl - p.ppl(), p.footprint - f),
                     };
+                    let damage = match opts.floor_damage {
+                        true => damage.max(0.0),
+                        false => damage,
+                    };
+                    let slope = damage / saved.max(1) as f64;
                     (slope, f, i)
                 })
                 .collect();

@@ -61,6 +61,11 @@ pub struct BuildArgs {
     /// from its parent (`marginal`); see `build::search::Slope`.
     #[arg(long, value_enum, default_value = "marginal")]
     slope: SlopeArg,
+    /// A swap that lowers the calibration ppl: `zero` damage (default; such swaps tie and the
+    /// larger saving goes first) or `as-measured` (a gain, ranked first when divided by a small
+    /// module's bytes); see `build::search::SearchOptions::floor_damage`.
+    #[arg(long, value_enum, default_value = "zero")]
+    gains: GainsArg,
     /// Tokens of the measured sensitivities: the `first` of the search's own calibration
     /// tokens (default), or calibration windows `between` the search's, so the candidates
     /// and the choice among them are not fitted to the same tokens. Measured on the demo
@@ -118,6 +123,12 @@ enum SensitivityWindows {
     First,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum GainsArg {
+    Zero,
+    AsMeasured,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum SlopeArg {
     FromStart,
@@ -156,6 +167,7 @@ fn settings(a: &BuildArgs) -> Result<BuildSettings> {
             SlopeArg::FromStart => Slope::FromStart,
             SlopeArg::Marginal => Slope::Marginal,
         },
+        floor_damage: a.gains == GainsArg::Zero,
         ablation_branch: 1,
         prune: a.prune,
         ablation,

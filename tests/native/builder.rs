@@ -108,6 +108,7 @@ fn search_over_a_real_library() {
             staged: false,
             lazy: false,
             slope: Default::default(),
+            floor_damage: false,
         },
         |_, _, _| {},
     )
@@ -145,6 +146,7 @@ fn measured_sensitivities_start_from_each_stage() {
         staged: true,
         lazy: false,
         slope: Default::default(),
+        floor_damage: false,
     };
     search(&mut ev, &avail, em.base_bytes() as u64, opts, |_, _, _| {}).unwrap();
     let ms = ev.measured.as_ref().unwrap();
@@ -190,6 +192,7 @@ fn packaged_ensemble_round_trips() {
             staged: false,
             lazy: false,
             slope: Default::default(),
+            floor_damage: false,
         },
         |_, _, _| {},
     )
