@@ -163,11 +163,22 @@ fn of_type(ev: &Events, t: &str) -> Vec<Value> {
 
 /// The budget under which `step` is the largest that fits (default policy headroom 10%).
 fn budget_for(e: &Engine, step: usize) -> u64 {
+    budget_keeping(e, step, 0.9)
+}
+
+/// The budget under which `step` is the first a load picks: a load keeps the up-margin free
+/// too (`Policy::headroom` 0.10 + `up_margin` 0.05), so `budget_for` would load a deeper step.
+fn load_budget_for(e: &Engine, step: usize) -> u64 {
+    budget_keeping(e, step, 0.85)
+}
+
+/// The smallest budget whose `keep` fraction holds `step` and the engine's overheads.
+fn budget_keeping(e: &Engine, step: usize, keep: f64) -> u64 {
     let traj = val(e.trajectory());
     let s = stats(e);
     let cost =
         traj[step]["footprintBytes"].as_u64().unwrap() + s["overheadBytes"].as_u64().unwrap();
-    (cost as f64 / 0.9).ceil() as u64 + 1
+    (cost as f64 / keep).ceil() as u64 + 1
 }
 
 /// Sets the budget under which `step` is the largest that fits (`budget_for`).
@@ -459,7 +470,7 @@ async fn a_missing_shard_makes_a_load_fall_back_like_a_corrupt_one() {
     let (probe, _) = engine("/tiny/manifest.json", json!({"backend": "cpu"}))
         .await
         .unwrap();
-    let budget = budget_for(&probe, 1);
+    let budget = load_budget_for(&probe, 1);
     call(probe.unload()).await.unwrap();
     let (e, ev) = engine(
         "/missing/tiny/manifest.json",
