@@ -48,6 +48,10 @@ describe('failures the page explains', { concurrency: false }, () => {
       assert.ok(errs.some((e) => e.code === 'hash-mismatch' || e.code === 'truncated'), JSON.stringify(errs));
       // The model did not take the damaged version: it made every move before it (the step
       // next to the last), the panel shows that step (it polls stats), and it still answers.
+      // The error can come first: a swap's files download in parallel, and the damaged one may
+      // fail before the moves ahead of it are made.
+      await until(page, 'every move before the damaged shard', (want) =>
+        window.flexquantPage.engine.stats().step === want, lastStep - 1, 30_000).catch(() => {});
       const st = await page.evaluate(() => window.flexquantPage.engine.stats());
       assert.equal(st.step, lastStep - 1, 'every move before the damaged shard, not the one that needs it');
       await until(page, 'the panel to show the step reached', (want) =>
