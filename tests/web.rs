@@ -834,6 +834,24 @@ async fn a_device_lost_behind_the_engines_back_is_noticed_and_recovered() {
     call(e.unload()).await.unwrap();
 }
 
+/// A packed matrix with codes from a hash of their index and varied (scale, zero) per group.
+fn test_matrix(
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    group: usize,
+) -> flexquant::ensemble::format::PackedMatrix {
+    use flexquant::ensemble::format::{PackedMatrix, PackedShape};
+    let shape = PackedShape::new(rows, cols, bits, group).unwrap();
+    let codes: Vec<u8> = (0..rows * cols)
+        .map(|i| ((i.wrapping_mul(2654435761) >> 7) % (1 << bits)) as u8)
+        .collect();
+    let sz: Vec<(f32, f32)> = (0..shape.scale_words())
+        .map(|g| (0.01 + (g % 7) as f32 * 0.003, -0.05 + (g % 5) as f32 * 0.02))
+        .collect();
+    PackedMatrix::from_codes(shape, &codes, &sz)
+}
+
 /// The packed CPU backend's kernel in wasm (simd128) against the weights its codes mean, for
 /// every bit-width and group size on an odd shape, and the plane-reading kernel against it.
 #[wasm_bindgen_test]
@@ -841,19 +859,12 @@ fn cpu_kernel_matches_fake_quant_in_wasm() {
     use flexquant::cpu::act::Q16;
     use flexquant::cpu::kernel::matmul;
     use flexquant::cpu::planes::{matmul_planes, quantize_for};
-    use flexquant::ensemble::format::{PackedMatrix, PackedShape, BITS, GROUP_SIZES};
+    use flexquant::ensemble::format::{BITS, GROUP_SIZES};
     use flexquant::ensemble::plane_level::PlaneLevel;
     let (rows, cols, t) = (13, 150, 5);
     for bits in BITS {
         for group in GROUP_SIZES {
-            let shape = PackedShape::new(rows, cols, bits, group).unwrap();
-            let codes: Vec<u8> = (0..rows * cols)
-                .map(|i| ((i.wrapping_mul(2654435761) >> 7) % (1 << bits)) as u8)
-                .collect();
-            let sz: Vec<(f32, f32)> = (0..shape.scale_words())
-                .map(|g| (0.01 + (g % 7) as f32 * 0.003, -0.05 + (g % 5) as f32 * 0.02))
-                .collect();
-            let m = PackedMatrix::from_codes(shape, &codes, &sz);
+            let m = test_matrix(rows, cols, bits, group);
             let wd = m.dequantize();
             let x: Vec<f32> = (0..t * cols)
                 .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 50.0)
@@ -909,7 +920,6 @@ fn cpu_kernel_matches_fake_quant_in_wasm() {
 /// for a row per thread (CPU adapters) and a row shared by 32 threads (GPUs), on an odd shape.
 #[wasm_bindgen_test]
 async fn the_matvec_with_the_norm_folded_in_matches_the_cpu_in_webgpu() {
-    use flexquant::ensemble::format::{PackedMatrix, PackedShape};
     use flexquant::gpu::kernels::{Kernel, Kernels};
     use flexquant::gpu::params::QlinearParams;
     use flexquant::gpu::{probe, Gpu, Requirements};
@@ -924,14 +934,8 @@ async fn the_matvec_with_the_norm_folded_in_matches_the_cpu_in_webgpu() {
     let inv = 1.0
         / (x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / cols as f64 + eps as f64).sqrt();
     for bits in [3, 4, 8] {
-        let shape = PackedShape::new(rows, cols, bits, 32).unwrap();
-        let codes: Vec<u8> = (0..rows * cols)
-            .map(|i| ((i.wrapping_mul(2654435761) >> 7) % (1 << bits)) as u8)
-            .collect();
-        let sz: Vec<(f32, f32)> = (0..shape.scale_words())
-            .map(|k| (0.01 + (k % 7) as f32 * 0.003, -0.05 + (k % 5) as f32 * 0.02))
-            .collect();
-        let m = PackedMatrix::from_codes(shape, &codes, &sz);
+        let m = test_matrix(rows, cols, bits, 32);
+        let shape = m.shape;
         let wd = m.dequantize();
         let (want, scale): (Vec<f64>, Vec<f64>) = (0..rows)
             .map(|r| {
