@@ -139,6 +139,30 @@ pub(crate) fn param_binding(params: &GpuBuffer, slot: u64) -> wgpu::BufferBindin
     }
 }
 
+/// Where every op's bind group points for its parameters (a slot of one buffer) and step.
+pub(crate) struct SlotBinding<'a> {
+    pub gpu: &'a Gpu,
+    pub params: &'a GpuBuffer,
+    pub step: &'a GpuBuffer,
+}
+
+impl SlotBinding<'_> {
+    /// `kernel`'s bind group (its pipeline prepared) with its parameters at `slot` and
+    /// `storage` in binding order.
+    pub fn bind(
+        &self,
+        kernels: &mut Kernels,
+        kernel: Kernel,
+        slot: u64,
+        storage: &[&GpuBuffer],
+    ) -> wgpu::BindGroup {
+        kernels.prepare(self.gpu, kernel);
+        let bufs: Vec<&wgpu::Buffer> = storage.iter().map(|b| &b.buffer).collect();
+        let params = param_binding(self.params, slot);
+        kernels.bind(self.gpu, kernel, params, &self.step.buffer, &bufs)
+    }
+}
+
 /// What a layer's module bind groups point at besides the module's own buffer.
 pub(crate) struct ModuleIo<'a> {
     pub gpu: &'a Gpu,
@@ -165,12 +189,12 @@ impl ModuleIo<'_> {
     ) -> (wgpu::BindGroup, Option<wgpu::BindGroup>) {
         let (x, y) = module_io(self.act, self.kv, kind);
         kernels.prepare(self.gpu, Kernel::Matmul(bits));
-        let mut bind = |kernel, storage: &[&GpuBuffer]| {
-            kernels.prepare(self.gpu, kernel);
-            let bufs: Vec<&wgpu::Buffer> = storage.iter().map(|b| &b.buffer).collect();
-            let params = param_binding(self.params, slot);
-            kernels.bind(self.gpu, kernel, params, &self.step.buffer, &bufs)
+        let at = SlotBinding {
+            gpu: self.gpu,
+            params: self.params,
+            step: self.step,
         };
+        let mut bind = |kernel, storage: &[&GpuBuffer]| at.bind(kernels, kernel, slot, storage);
         let plain = bind(Kernel::Matvec(bits), &[buffer, x, y]);
         let norm = match (self.norms, module_norm(kind)) {
             (Some(norms), Some(i)) => Some(bind(
@@ -195,15 +219,12 @@ pub(crate) struct Builder<'a> {
 
 impl Builder<'_> {
     fn bind(&mut self, kernel: Kernel, slot: u64, storage: &[&GpuBuffer]) -> wgpu::BindGroup {
-        self.kernels.prepare(self.gpu, kernel);
-        let bufs: Vec<&wgpu::Buffer> = storage.iter().map(|b| &b.buffer).collect();
-        self.kernels.bind(
-            self.gpu,
-            kernel,
-            param_binding(self.params, slot),
-            &self.step.buffer,
-            &bufs,
-        )
+        let at = SlotBinding {
+            gpu: self.gpu,
+            params: self.params,
+            step: self.step,
+        };
+        at.bind(self.kernels, kernel, slot, storage)
     }
 
     fn op<P: KernelParams>(
