@@ -184,6 +184,13 @@ impl Evaluator for CalibEvaluator<'_> {
             .collect()
     }
 
+    /// The increase of the module's relative output error per byte saved.
+    fn tie_key(&self, m: &Move) -> f64 {
+        let err = |b| self.output_error(m.module, b).unwrap_or(f64::INFINITY);
+        let saved = self.bytes(m.module, m.from) - self.bytes(m.module, m.to);
+        (err(m.to) - err(m.from)) / saved.max(1) as f64
+    }
+
     fn calib_ppl(&mut self, eqms: &[Eqm]) -> Result<Vec<f64>> {
         // The candidates, the reference and the parent they came from.
         self.eval.cache_limit = self.eval.cache_limit.max(eqms.len() + 2);

@@ -3,7 +3,7 @@
 use crate::build::domains::DomainHeldout;
 use crate::build::evaluator::{spearman, CalibEvaluator};
 use crate::build::prune::{self, intermediate_versions};
-use crate::build::search::{search, Available, SearchOptions, Slope, Trajectory};
+use crate::build::search::{search, Available, SearchOptions, Slope, Ties, Trajectory};
 use crate::build::{package, report};
 use crate::error::{Error, Result};
 use crate::model::load::LoadedModel;
@@ -32,6 +32,9 @@ pub struct BuildSettings {
     /// Calibration gains count as no damage (`SearchOptions::floor_damage`).
     #[serde(default)]
     pub floor_damage: bool,
+    /// The order of equal damages in the search (`SearchOptions::ties`).
+    #[serde(default)]
+    pub ties: Ties,
     /// Branch of the ablation's other prune rates (the shipped rate uses `branch`): 1 orders
     /// their swaps by sensitivity alone, which keeps a four-rate ablation affordable.
     #[serde(default = "one")]
@@ -82,6 +85,7 @@ impl BuildSettings {
             lazy: self.lazy,
             slope: self.slope,
             floor_damage: self.floor_damage,
+            ties: self.ties,
         }
     }
 

@@ -33,6 +33,12 @@ pub trait Evaluator {
     fn sensitivity(&mut self, eqm: &Eqm, moves: &[Move]) -> Result<Vec<f64>>;
     /// Calibration perplexity of each EQM.
     fn calib_ppl(&mut self, eqms: &[Eqm]) -> Result<Vec<f64>>;
+    /// A second damage estimate per byte saved, quieter than a few calibration tokens, that
+    /// orders moves of equal damage when `SearchOptions::ties` is `Ties::OutputError`
+    /// (lower first).
+    fn tie_key(&self, _mv: &Move) -> f64 {
+        0.0
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -63,6 +69,24 @@ pub struct SearchOptions {
     /// larger saving goes first.
     #[serde(default)]
     pub floor_damage: bool,
+    /// How moves of equal damage per byte are ordered (see [`Ties`]).
+    #[serde(default)]
+    pub ties: Ties,
+}
+
+/// The order of moves of equal damage per byte. With `floor_damage` that is every move whose
+/// calibration ppl did not rise: in the near-lossless stages (8 -> 6, 6 -> 5) about half of
+/// them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ties {
+    /// The larger saving first.
+    #[default]
+    LargerSaving,
+    /// The smaller `Evaluator::tie_key` first (the module's relative output error increase
+    /// per byte saved, measured by the quantizer on all its calibration tokens), then the
+    /// larger saving.
+    OutputError,
 }
 
 /// The straight line a candidate is ranked by: its ppl against bytes saved, drawn from
@@ -252,6 +276,14 @@ impl Path {
     }
 }
 
+/// The key that orders equal damages (`Ties`): 0 for every move with `LargerSaving`.
+fn tie_key(ev: &impl Evaluator, ties: Ties, mv: &Move) -> f64 {
+    match ties {
+        Ties::LargerSaving => 0.0,
+        Ties::OutputError => ev.tie_key(mv),
+    }
+}
+
 pub fn footprint(ev: &impl Evaluator, eqm: &Eqm, base_bytes: u64) -> u64 {
     base_bytes
         + eqm
@@ -307,9 +339,14 @@ pub fn search(
                     r.0 = r.0.max(0.0);
                 }
             }
-            // Safest first; ties to the larger saving.
+            // Safest first; ties by `opts.ties`.
             let saved = |m: &Move| ev.bytes(m.module, m.from) - ev.bytes(m.module, m.to);
-            ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(saved(&b.1).cmp(&saved(&a.1))));
+            let tie = |m: &Move| tie_key(ev, opts.ties, m);
+            ranked.sort_by(|a, b| {
+                a.0.total_cmp(&b.0)
+                    .then(tie(&a.1).total_cmp(&tie(&b.1)))
+                    .then(saved(&b.1).cmp(&saved(&a.1)))
+            });
             for &(_, mv) in ranked.iter().take(opts.branch) {
                 let mut e = p.eqm.clone();
                 e.bits[mv.module] = mv.to;
@@ -354,7 +391,7 @@ pub fn search(
                     fresh[i] = true;
                 }
             }
-            let mut scored: Vec<(f64, u64, usize)> = cands
+            let mut scored: Vec<(f64, f64, u64, usize)> = cands
                 .iter()
                 .zip(&ppls)
                 .enumerate()
@@ -370,14 +407,18 @@ pub fn search(
                         false => damage,
                     };
                     let slope = damage / saved.max(1) as f64;
-                    (slope, f, i)
+                    (slope, tie_key(ev, opts.ties, mv), f, i)
                 })
                 .collect();
-            scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            scored.sort_by(|a, b| {
+                a.0.total_cmp(&b.0)
+                    .then(a.1.total_cmp(&b.1))
+                    .then(a.2.cmp(&b.2))
+            });
             need = scored
                 .iter()
                 .take(opts.stem)
-                .map(|s| s.2)
+                .map(|s| s.3)
                 .filter(|&i| !fresh[i])
                 .collect();
             if need.is_empty() {
@@ -385,7 +426,7 @@ pub fn search(
             }
         };
         let mut next = Vec::with_capacity(opts.stem);
-        for &(_, f, i) in scored.iter().take(opts.stem) {
+        for &(_, _, f, i) in scored.iter().take(opts.stem) {
             let (pi, mv, ref e) = cands[i];
             let p = &paths[pi];
             let last = p.steps.last().unwrap();

@@ -4,7 +4,7 @@ use super::quant::{build_library, CalibArgs, NestingArg, DEFAULT_GROUP};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use flexquant::build::pipeline::{build_ensemble, BuildSettings, Inputs};
-use flexquant::build::search::Slope;
+use flexquant::build::search::{Slope, Ties};
 use flexquant::ensemble::pack;
 use flexquant::quant::eqm::EqmModel;
 use flexquant::quant::library::{self, Library, Method};
@@ -66,6 +66,12 @@ pub struct BuildArgs {
     /// module's bytes); see `build::search::SearchOptions::floor_damage`.
     #[arg(long, value_enum, default_value = "zero")]
     gains: GainsArg,
+    /// Swaps of equal damage per byte (with `--gains zero`, every swap that did not raise the
+    /// calibration ppl): `larger-saving` first, or the smaller `output-error` increase per
+    /// byte first (the quantizer's, on all its calibration tokens); see
+    /// `build::search::Ties`.
+    #[arg(long, value_enum, default_value = "larger-saving")]
+    ties: TiesArg,
     /// Tokens of the measured sensitivities: the `first` of the search's own calibration
     /// tokens (default), or calibration windows `between` the search's, so the candidates
     /// and the choice among them are not fitted to the same tokens. Measured on the demo
@@ -130,6 +136,12 @@ enum GainsArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum TiesArg {
+    LargerSaving,
+    OutputError,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum SlopeArg {
     FromStart,
     Marginal,
@@ -168,6 +180,10 @@ fn settings(a: &BuildArgs) -> Result<BuildSettings> {
             SlopeArg::Marginal => Slope::Marginal,
         },
         floor_damage: a.gains == GainsArg::Zero,
+        ties: match a.ties {
+            TiesArg::LargerSaving => Ties::LargerSaving,
+            TiesArg::OutputError => Ties::OutputError,
+        },
         ablation_branch: 1,
         prune: a.prune,
         ablation,

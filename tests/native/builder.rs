@@ -109,6 +109,7 @@ fn search_over_a_real_library() {
             lazy: false,
             slope: Default::default(),
             floor_damage: false,
+            ties: Default::default(),
         },
         |_, _, _| {},
     )
@@ -147,6 +148,7 @@ fn measured_sensitivities_start_from_each_stage() {
         lazy: false,
         slope: Default::default(),
         floor_damage: false,
+        ties: Default::default(),
     };
     search(&mut ev, &avail, em.base_bytes() as u64, opts, |_, _, _| {}).unwrap();
     let ms = ev.measured.as_ref().unwrap();
@@ -193,6 +195,7 @@ fn packaged_ensemble_round_trips() {
             lazy: false,
             slope: Default::default(),
             floor_damage: false,
+            ties: Default::default(),
         },
         |_, _, _| {},
     )
