@@ -491,6 +491,6 @@ fn mid_figures(
     // Bytes a decoded token must read: every module and the f16 head.
     let c = &m.config;
     let bytes = g.footprint().modules + 2 * (c.vocab_size * c.hidden_size) as u64;
-    let copy = copy_seconds(gpu, bytes, 3);
+    let copy = pollster::block_on(copy_seconds(gpu, bytes, 3));
     Ok((prefill_tok_s, swap_s, copy / token_s, bytes))
 }

@@ -110,16 +110,16 @@ impl Resident {
     }
 
     fn encode(&self, enc: &mut wgpu::CommandEncoder, kernels: &Kernels, grid: [u32; 3], n: u32) {
-        let mut pass = enc.begin_compute_pass(&Default::default());
-        pass.set_pipeline(kernels.pipeline(self.kernel));
-        pass.set_bind_group(0, &self.bind_group, &[]);
-        for _ in 0..n {
-            pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
-        }
+        encode(
+            enc,
+            kernels.pipeline(self.kernel),
+            &self.bind_group,
+            grid,
+            n,
+        )
     }
 
-    /// Seconds per dispatch of `grid`: `repeat` dispatches in one pass and one submission,
-    /// waited for, the best of `passes` after an untimed one (which compiles the pipeline).
+    /// Seconds per dispatch of `grid` (see [`seconds_per_op`]), `repeat` per submission.
     /// `kernels` must be those the bind group was made with, or of the same layouts.
     pub async fn seconds(
         &self,
@@ -129,24 +129,69 @@ impl Resident {
         repeat: u32,
         passes: usize,
     ) -> f64 {
-        let mut best = f64::MAX;
-        for pass in 0..=passes {
-            let t = now();
-            let mut enc = gpu.device.create_command_encoder(&Default::default());
-            self.encode(&mut enc, kernels, grid, repeat);
-            gpu.queue.submit([enc.finish()]);
-            gpu.finished().await;
-            if pass > 0 {
-                best = best.min((now() - t) / repeat as f64);
-            }
-        }
-        best
+        seconds_per_op(gpu, Repeat::Fixed(repeat), passes, |enc, n| {
+            self.encode(enc, kernels, grid, n)
+        })
+        .await
     }
+}
+
+/// `n` dispatches of `grid` in one compute pass.
+fn encode(
+    enc: &mut wgpu::CommandEncoder,
+    pipeline: &wgpu::ComputePipeline,
+    bind_group: &wgpu::BindGroup,
+    grid: [u32; 3],
+    n: u32,
+) {
+    let mut pass = enc.begin_compute_pass(&Default::default());
+    pass.set_pipeline(pipeline);
+    pass.set_bind_group(0, bind_group, &[]);
+    for _ in 0..n {
+        pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+    }
+}
+
+/// Operations per timed submission.
+#[derive(Clone, Copy)]
+enum Repeat {
+    Fixed(u32),
+    /// From how long the untimed first run (of one) took: `per_submission`.
+    FromFirstRun,
+}
+
+/// Seconds per operation: `encode(encoder, n)` records `n` of them, submitted at once and
+/// waited for; the best of `passes` after an untimed one (which also compiles the pipeline).
+async fn seconds_per_op(
+    gpu: &Gpu,
+    repeat: Repeat,
+    passes: usize,
+    encode: impl Fn(&mut wgpu::CommandEncoder, u32),
+) -> f64 {
+    let mut best = f64::MAX;
+    let mut n = match repeat {
+        Repeat::Fixed(n) => n,
+        Repeat::FromFirstRun => 1,
+    };
+    for pass in 0..=passes {
+        let t = now();
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        encode(&mut enc, n);
+        gpu.queue.submit([enc.finish()]);
+        gpu.finished().await;
+        let s = now() - t;
+        match (pass, repeat) {
+            (0, Repeat::FromFirstRun) => n = per_submission(s),
+            (0, Repeat::Fixed(_)) => {}
+            _ => best = best.min(s / n as f64),
+        }
+    }
+    best
 }
 
 /// Seconds for one buffer-to-buffer copy of `bytes` on the device (the best of `reps`): the
 /// memory-bandwidth yardstick the decode benchmark compares its weight reads with.
-pub fn copy_seconds(gpu: &Gpu, bytes: u64, reps: usize) -> f64 {
+pub async fn copy_seconds(gpu: &Gpu, bytes: u64, reps: usize) -> f64 {
     let bytes = bytes.div_ceil(4) * 4;
     let make = |usage| {
         gpu.device.create_buffer(&wgpu::BufferDescriptor {
@@ -158,22 +203,12 @@ pub fn copy_seconds(gpu: &Gpu, bytes: u64, reps: usize) -> f64 {
     };
     let src = make(wgpu::BufferUsages::COPY_SRC);
     let dst = make(wgpu::BufferUsages::COPY_DST);
-    let mut best = f64::MAX;
-    let mut repeat = 1;
-    for i in 0..reps + 1 {
-        let t = now();
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
-        for _ in 0..repeat {
+    let best = seconds_per_op(gpu, Repeat::FromFirstRun, reps, |enc, n| {
+        for _ in 0..n {
             enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
         }
-        gpu.queue.submit([enc.finish()]);
-        gpu.wait();
-        let s = now() - t;
-        best = best.min(s / repeat as f64);
-        if i == 0 {
-            repeat = per_submission(s);
-        }
-    }
+    })
+    .await;
     src.destroy();
     dst.destroy();
     best
@@ -260,27 +295,11 @@ pub async fn read_kernel(gpu: &Gpu, kernels: &mut Kernels, bytes: u64, reps: usi
             &step,
             &[&data, &sums],
         );
-        let mut fastest = f64::MAX;
-        let mut repeat = 1;
-        for i in 0..reps + 1 {
-            let t = now();
-            let mut enc = d.create_command_encoder(&Default::default());
-            {
-                let mut pass = enc.begin_compute_pass(&Default::default());
-                pass.set_pipeline(kernels.pipeline(kernel));
-                pass.set_bind_group(0, &bg, &[]);
-                for _ in 0..repeat {
-                    pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
-                }
-            }
-            gpu.queue.submit([enc.finish()]);
-            gpu.finished().await;
-            let s = now() - t;
-            fastest = fastest.min(s / repeat as f64);
-            if i == 0 {
-                repeat = per_submission(s);
-            }
-        }
+        let pipeline = kernels.pipeline(kernel);
+        let fastest = seconds_per_op(gpu, Repeat::FromFirstRun, reps, |enc, n| {
+            encode(enc, pipeline, &bg, grid, n)
+        })
+        .await;
         let speed = (n_vec4 as u64 * 16) as f64 / fastest;
         if speed > best.bytes_per_s {
             best = ReadFigure {
