@@ -365,6 +365,31 @@ fn marginal_slope_keeps_every_step_below_the_static_chord() {
     );
 }
 
+/// The defaults' search (staged, lazy, marginal slope; branch 3, stem 1, every step
+/// recorded) with `floor_damage` and `ties` as given.
+fn staged_marginal(floor_damage: bool, ties: flexquant::build::search::Ties) -> SearchOptions {
+    SearchOptions {
+        branch: 3,
+        stem: 1,
+        record_every: 1,
+        staged: true,
+        lazy: true,
+        slope: flexquant::build::search::Slope::Marginal,
+        floor_damage,
+        ties,
+    }
+}
+
+/// Points of a `(footprint, ppl)` curve strictly above the straight line from its first point
+/// to its last.
+fn above_end_chord(curve: &[(u64, f64)]) -> usize {
+    let ((f0, p0), (f1, p1)) = (curve[0], *curve.last().unwrap());
+    curve
+        .iter()
+        .filter(|(f, p)| *p > p0 + (p1 - p0) * (f0 - f) as f64 / (f0 - f1) as f64 + 1e-9)
+        .count()
+}
+
 /// A model whose calibration text flatters some swaps: the measured damage of a swap is its
 /// true damage plus a gain for every large module and every other small one, as fitting a few
 /// calibration tokens does. Ranked as measured, the small modules' gains, divided by few
@@ -417,16 +442,7 @@ fn calibration_gains_count_as_no_damage_so_larger_savings_go_first() {
         let mut ev = Flattered {
             inner: Synthetic::additive(n),
         };
-        let opts = SearchOptions {
-            branch: 3,
-            stem: 1,
-            record_every: 1,
-            staged: true,
-            lazy: true,
-            slope: flexquant::build::search::Slope::Marginal,
-            floor_damage,
-            ties: Default::default(),
-        };
+        let opts = staged_marginal(floor_damage, Default::default());
         let t = search(&mut ev, &avail, 500, opts, |_, _, _| {}).unwrap();
         check_trajectory(&t, &avail);
         let mut e = avail.start();
@@ -440,11 +456,7 @@ fn calibration_gains_count_as_no_damage_so_larger_savings_go_first() {
                 (s.footprint, ev.inner.ppl(&e))
             })
             .collect();
-        let ((f0, p0), (f1, p1)) = (truth[0], *truth.last().unwrap());
-        truth
-            .iter()
-            .filter(|(f, p)| *p > p0 + (p1 - p0) * (f0 - f) as f64 / (f0 - f1) as f64 + 1e-9)
-            .count()
+        above_end_chord(&truth)
     };
     let as_measured = above_true_chord(false);
     assert!(
@@ -466,7 +478,7 @@ fn calibration_gains_count_as_no_damage_so_larger_savings_go_first() {
 /// it stays at or below the chord.
 #[test]
 fn ties_ordered_by_output_error_keep_a_blind_calibration_below_the_chord() {
-    use flexquant::build::search::{Slope, Ties};
+    use flexquant::build::search::Ties;
     /// Small modules (1,000 bytes at 8 bits) cost 0.01 ppl for 125 bytes saved, large ones
     /// (8,000) 0.16 for 1,000: twice as much per byte. The calibration ppl never moves.
     struct Blind {
@@ -509,16 +521,7 @@ fn ties_ordered_by_output_error_keep_a_blind_calibration_below_the_chord() {
         let mut ev = Blind {
             size: (0..n).map(|m| [1000, 8000][m % 2]).collect(),
         };
-        let opts = SearchOptions {
-            branch: 3,
-            stem: 1,
-            record_every: 1,
-            staged: true,
-            lazy: true,
-            slope: Slope::Marginal,
-            floor_damage: true,
-            ties,
-        };
+        let opts = staged_marginal(true, ties);
         let t = search(&mut ev, &avail, 500, opts, |_, _, _| {}).unwrap();
         check_trajectory(&t, &avail);
         let truth: Vec<(u64, f64)> = t
@@ -527,11 +530,7 @@ fn ties_ordered_by_output_error_keep_a_blind_calibration_below_the_chord() {
             .zip(&t.steps)
             .map(|(e, s)| (s.footprint, ev.truth(e)))
             .collect();
-        let ((f0, p0), (f1, p1)) = (truth[0], *truth.last().unwrap());
-        truth
-            .iter()
-            .filter(|(f, p)| *p > p0 + (p1 - p0) * (f0 - f) as f64 / (f0 - f1) as f64 + 1e-9)
-            .count()
+        above_end_chord(&truth)
     };
     let larger_saving = above_true_chord(Ties::LargerSaving);
     assert!(
