@@ -207,6 +207,23 @@ impl ModuleIo<'_> {
     }
 }
 
+/// What every layer's ops read besides its own cache and norms.
+struct Layer<'a> {
+    c: &'a LlamaConfig,
+    opts: &'a ModelOptions,
+    /// Decode folds the norms into the matvecs (`folds_norms`).
+    fold: bool,
+    a: &'a Activations,
+    rope: &'a GpuBuffer,
+    modules: &'a [PackedMatrix],
+}
+
+/// The layers' dispatches in order and their modules' slots.
+struct Layers {
+    ops: Vec<Dispatch>,
+    slots: Vec<Slot>,
+}
+
 /// Collects parameter blocks and makes the bind groups that point at their slots.
 pub(crate) struct Builder<'a> {
     pub gpu: &'a Gpu,
@@ -243,6 +260,124 @@ impl Builder<'_> {
         }
     }
 
+    /// One decoder layer's dispatches and its modules' slots, appended to `out`; the modules'
+    /// buffers are taken from `module_bufs` in `ModuleId::index()` order.
+    fn layer(
+        &mut self,
+        x: &Layer,
+        l: usize,
+        layer_kv: &[GpuBuffer; 2],
+        norms: &[GpuBuffer; 2],
+        module_bufs: &mut impl Iterator<Item = GpuBuffer>,
+        out: &mut Layers,
+    ) {
+        let (c, a) = (x.c, x.a);
+        let (hd, nh, nkv) = (
+            c.head_dim() as u32,
+            c.num_attention_heads as u32,
+            c.n_kv_heads() as u32,
+        );
+        let (q_dim, kv_dim) = (c.q_dim() as u32, c.kv_dim() as u32);
+        let [kc, vc] = layer_kv;
+        let [attn_norm, ffn_norm] = norms;
+        let norm = RmsNormParams {
+            n: c.hidden_size as u32,
+            eps: c.rms_norm_eps,
+            last_only: 0,
+        };
+        let mut module = |b: &mut Self, kind: ModuleKind, out: &mut Layers| {
+            let id = ModuleId { layer: l, kind };
+            let m = &x.modules[id.index()];
+            let buffer = module_bufs.next().unwrap();
+            let param_slot = b.blocks.len() as u64;
+            b.blocks.push(kernel_param_bytes(
+                Kernel::Matvec(m.shape.bits),
+                &qlinear_params(m.shape, kind, c),
+            ));
+            let io = ModuleIo {
+                gpu: b.gpu,
+                params: b.params,
+                step: b.step,
+                act: a,
+                kv: layer_kv,
+                norms: x.fold.then_some(norms),
+            };
+            let (bind_group, norm_bind_group) =
+                io.bind_groups(b.kernels, kind, m.shape.bits, param_slot, &buffer);
+            out.ops.push(Dispatch::Module(out.slots.len()));
+            out.slots.push(Slot {
+                shape: m.shape,
+                buffer,
+                bind_group,
+                norm_bind_group,
+                param_slot,
+            });
+        };
+        // A norm decode folds into the matvecs after it, or one every call runs.
+        let norm_op = |op| match x.fold {
+            true => Dispatch::Norm(op),
+            false => Dispatch::Fixed(op),
+        };
+        let op = self.op(
+            Kernel::RmsNorm,
+            &norm,
+            &[attn_norm, &a.x, &a.xn],
+            Grid::Rows,
+        );
+        out.ops.push(norm_op(op));
+        for kind in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
+            module(self, kind, out);
+        }
+        let rope = self.op(
+            Kernel::Rope,
+            &RopeParams {
+                q_stride: q_dim,
+                k_stride: kv_dim,
+                q_heads: nh,
+                k_heads: nkv,
+                head_dim: hd,
+                sin_base: x.opts.context as u32 * hd / 2,
+            },
+            &[x.rope, &a.q, kc],
+            Grid::PerToken(((nh + nkv) * hd / 2).div_ceil(WG)),
+        );
+        out.ops.push(Dispatch::Fixed(rope));
+        let splits = attention_splits(x.opts);
+        let attention = AttentionParams {
+            group: nh / nkv,
+            head_dim: hd,
+            q_stride: q_dim,
+            kv_stride: kv_dim,
+            scale: 1.0 / (hd as f32).sqrt(),
+            n_heads: nh,
+            split_keys: ATTENTION_SPLIT_KEYS,
+            splits,
+        };
+        let att_buffers = [&a.q, kc, vc, &a.att, &a.att_part];
+        let op = self.op(
+            Kernel::Attention,
+            &attention,
+            &att_buffers,
+            Grid::PerTokenZ(nh, splits),
+        );
+        out.ops.push(Dispatch::Fixed(op));
+        if splits > 1 {
+            let op = self.op(
+                Kernel::AttentionCombine,
+                &attention,
+                &att_buffers,
+                Grid::PerToken(nh),
+            );
+            out.ops.push(Dispatch::Fixed(op));
+        }
+        module(self, ModuleKind::O, out);
+        let op = self.op(Kernel::RmsNorm, &norm, &[ffn_norm, &a.x, &a.xn], Grid::Rows);
+        out.ops.push(norm_op(op));
+        for kind in [ModuleKind::Gate, ModuleKind::Up, ModuleKind::Down] {
+            module(self, kind, out);
+        }
+    }
+
     /// The forward pass over these buffers: the graph and the modules' slots (taking
     /// `module_bufs`, one per module in `ModuleId::index()` order, holding `modules`).
     #[allow(clippy::too_many_arguments)]
@@ -258,16 +393,13 @@ impl Builder<'_> {
         module_bufs: Vec<GpuBuffer>,
     ) -> (Graph, Vec<Slot>) {
         let b = self;
-        let (h, hd) = (c.hidden_size as u32, c.head_dim() as u32);
-        let (nh, nkv) = (c.num_attention_heads as u32, c.n_kv_heads() as u32);
-        let (q_dim, kv_dim, vocab) = (c.q_dim() as u32, c.kv_dim() as u32, c.vocab_size as u32);
+        let (h, vocab) = (c.hidden_size as u32, c.vocab_size as u32);
         let norm = |last_only| RmsNormParams {
             n: h,
             eps: c.rms_norm_eps,
             last_only,
         };
         let fold = folds_norms(b.gpu, opts);
-        let sin_base = opts.context as u32 * hd / 2;
         let (embed, head, final_norm, rope) =
             (&base.embed, base.head(), &base.final_norm, &base.rope);
 
@@ -284,105 +416,26 @@ impl Builder<'_> {
             &[embed, &a.tokens, &a.x],
             Grid::PerToken(h.div_ceil(4 * WG)),
         );
-        let mut layer_ops = Vec::new();
-        let mut slots = Vec::new();
+        let layer = Layer {
+            c,
+            opts,
+            fold,
+            a,
+            rope,
+            modules,
+        };
+        let mut layers = Layers {
+            ops: Vec::new(),
+            slots: Vec::new(),
+        };
         let mut module_bufs = module_bufs.into_iter();
         for (l, (layer_kv, norms)) in kv.iter().zip(&base.norms).enumerate() {
-            let [kc, vc] = layer_kv;
-            let [attn_norm, ffn_norm] = norms;
-            let mut module = |b: &mut Builder, kind: ModuleKind, ops: &mut Vec<Dispatch>| {
-                let id = ModuleId { layer: l, kind };
-                let m = &modules[id.index()];
-                let buffer = module_bufs.next().unwrap();
-                let param_slot = b.blocks.len() as u64;
-                b.blocks.push(kernel_param_bytes(
-                    Kernel::Matvec(m.shape.bits),
-                    &qlinear_params(m.shape, kind, c),
-                ));
-                let io = ModuleIo {
-                    gpu: b.gpu,
-                    params: b.params,
-                    step: b.step,
-                    act: a,
-                    kv: layer_kv,
-                    norms: fold.then_some(norms),
-                };
-                let (bind_group, norm_bind_group) =
-                    io.bind_groups(b.kernels, kind, m.shape.bits, param_slot, &buffer);
-                ops.push(Dispatch::Module(slots.len()));
-                slots.push(Slot {
-                    shape: m.shape,
-                    buffer,
-                    bind_group,
-                    norm_bind_group,
-                    param_slot,
-                });
-            };
-            // A norm decode folds into the matvecs after it, or one every call runs.
-            let norm_op = |op| match fold {
-                true => Dispatch::Norm(op),
-                false => Dispatch::Fixed(op),
-            };
-            let ops = &mut layer_ops;
-            ops.push(norm_op(b.op(
-                Kernel::RmsNorm,
-                &norm(0),
-                &[attn_norm, &a.x, &a.xn],
-                Grid::Rows,
-            )));
-            for kind in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
-                module(b, kind, ops);
-            }
-            ops.push(Dispatch::Fixed(b.op(
-                Kernel::Rope,
-                &RopeParams {
-                    q_stride: q_dim,
-                    k_stride: kv_dim,
-                    q_heads: nh,
-                    k_heads: nkv,
-                    head_dim: hd,
-                    sin_base,
-                },
-                &[rope, &a.q, kc],
-                Grid::PerToken(((nh + nkv) * hd / 2).div_ceil(WG)),
-            )));
-            let splits = attention_splits(opts);
-            let attention = AttentionParams {
-                group: nh / nkv,
-                head_dim: hd,
-                q_stride: q_dim,
-                kv_stride: kv_dim,
-                scale: 1.0 / (hd as f32).sqrt(),
-                n_heads: nh,
-                split_keys: ATTENTION_SPLIT_KEYS,
-                splits,
-            };
-            let att_buffers = [&a.q, kc, vc, &a.att, &a.att_part];
-            ops.push(Dispatch::Fixed(b.op(
-                Kernel::Attention,
-                &attention,
-                &att_buffers,
-                Grid::PerTokenZ(nh, splits),
-            )));
-            if splits > 1 {
-                ops.push(Dispatch::Fixed(b.op(
-                    Kernel::AttentionCombine,
-                    &attention,
-                    &att_buffers,
-                    Grid::PerToken(nh),
-                )));
-            }
-            module(b, ModuleKind::O, ops);
-            ops.push(norm_op(b.op(
-                Kernel::RmsNorm,
-                &norm(0),
-                &[ffn_norm, &a.x, &a.xn],
-                Grid::Rows,
-            )));
-            module(b, ModuleKind::Gate, ops);
-            module(b, ModuleKind::Up, ops);
-            module(b, ModuleKind::Down, ops);
+            b.layer(&layer, l, layer_kv, norms, &mut module_bufs, &mut layers);
         }
+        let Layers {
+            ops: layer_ops,
+            slots,
+        } = layers;
         let final_norm_op = b.op(
             Kernel::RmsNorm,
             &norm(0),
