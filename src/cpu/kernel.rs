@@ -260,6 +260,12 @@ pub fn row_with<const N: usize>(
     acc
 }
 
+/// The row loop with AVX2: each block's codes cut with SSE (`avx2::unpack`), the dot
+/// products with `vpmaddwd` (`avx2::row_avx2_with`).
+///
+/// # Safety
+/// AVX2 and FMA must be available. Reads `BITS` words per block inside row `r` of `m.codes`
+/// and 32 i16 per block inside `a.q` (`a` was quantized for `m.shape`, checked by `matmul`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_avx2<const BITS: u32, const N: usize>(
@@ -268,7 +274,11 @@ unsafe fn row_avx2<const BITS: u32, const N: usize>(
     r: usize,
     t0: usize,
 ) -> [f32; N] {
-    row_portable::<BITS, N>(m, a, r, t0)
+    let (words, scales, bpg) = row_of(m, r);
+    let wpb = BITS as usize;
+    crate::cpu::avx2::row_avx2_with::<N>(scales, bpg, a, t0, |b| {
+        crate::cpu::avx2::unpack::<BITS>(words[b * wpb..(b + 1) * wpb].as_ptr() as *const u8)
+    })
 }
 
 /// The row loop with wasm simd128: per block, four i16x8 code vectors and four
@@ -394,8 +404,11 @@ pub unsafe fn row_simd128_with<const N: usize>(
 /// The u16 windows and per-lane multipliers that pull 8 codes of `BITS` bits out of a block
 /// (see `straddling`): for chunk `c` (codes `8c .. 8c + 8`), byte indices into the vector the
 /// chunk is read from, and `2^(8 - s)` per code.
-#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-const fn chunk_layout<const BITS: u32>(c: usize, base: usize) -> ([u8; 16], [u16; 8]) {
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "wasm32", target_feature = "simd128")
+))]
+pub(crate) const fn chunk_layout<const BITS: u32>(c: usize, base: usize) -> ([u8; 16], [u16; 8]) {
     let mut idx = [0u8; 16];
     let mut mul = [0u16; 8];
     let mut k = 0;
@@ -512,8 +525,11 @@ unsafe fn triplets<const BITS: u32>(p: *const u8) -> [core::arch::wasm32::v128; 
 }
 
 /// Where the second 16-byte view of a block starts (0 where the block is not longer).
-#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-const fn second_view<const BITS: u32>() -> usize {
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "wasm32", target_feature = "simd128")
+))]
+pub(crate) const fn second_view<const BITS: u32>() -> usize {
     (4 * BITS as usize).saturating_sub(16)
 }
 

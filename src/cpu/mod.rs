@@ -10,6 +10,8 @@
 
 pub mod act;
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
 pub mod backend;
 pub mod kernel;
 pub mod model;

@@ -10,8 +10,6 @@
 //! `planes_vs_packed`).
 
 use crate::cpu::act::{BLOCK, Q16};
-#[cfg(target_arch = "x86_64")]
-use crate::cpu::kernel::f16_to_f32;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 use crate::cpu::kernel::row_simd128_with;
 #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
@@ -83,7 +81,7 @@ fn row_portable<const K: usize, const N: usize>(
 
 /// The row loop with AVX2: per plane and 16 lanes, the word's 16-bit half broadcast, masked by
 /// each lane's bit and compared (`-1` where set), the codes doubled and the mask subtracted;
-/// then `vpmaddwd` against the activations as the packed kernels do.
+/// then the packed kernels' `vpmaddwd` dot products (`avx2::row_avx2_with`).
 ///
 /// # Safety
 /// AVX2 must be available. Reads inside `m.planes`, `m.scales` and `a` for row `r` and
@@ -116,38 +114,19 @@ unsafe fn row_avx2<const K: usize, const N: usize>(
         16384,
         i16::MIN,
     );
-    let mut acc = [0f32; N];
-    for (g, &sz) in scales.iter().enumerate() {
-        let mut isum = [_mm256_setzero_si256(); N];
-        for b in g * bpg..(g + 1) * bpg {
-            let (mut c0, mut c1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-            for j in 0..K {
-                let w = *m.planes.get_unchecked(j * pw + base + b);
-                let lo = _mm256_set1_epi16(w as i16);
-                let hi = _mm256_set1_epi16((w >> 16) as i16);
-                let m0 = _mm256_cmpeq_epi16(_mm256_and_si256(lo, bit), bit);
-                let m1 = _mm256_cmpeq_epi16(_mm256_and_si256(hi, bit), bit);
-                c0 = _mm256_sub_epi16(_mm256_add_epi16(c0, c0), m0);
-                c1 = _mm256_sub_epi16(_mm256_add_epi16(c1, c1), m1);
-            }
-            for (n, is) in isum.iter_mut().enumerate() {
-                let at = (t0 + n) * a.blocks + b;
-                let q = a.q.as_ptr().add(at * BLOCK) as *const __m256i;
-                let d0 = _mm256_madd_epi16(c0, _mm256_loadu_si256(q));
-                let d1 = _mm256_madd_epi16(c1, _mm256_loadu_si256(q.add(1)));
-                *is = _mm256_add_epi32(*is, _mm256_add_epi32(d0, d1));
-            }
+    crate::cpu::avx2::row_avx2_with::<N>(scales, bpg, a, t0, |b| {
+        let (mut c0, mut c1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for j in 0..K {
+            let w = *m.planes.get_unchecked(j * pw + base + b);
+            let lo = _mm256_set1_epi16(w as i16);
+            let hi = _mm256_set1_epi16((w >> 16) as i16);
+            let m0 = _mm256_cmpeq_epi16(_mm256_and_si256(lo, bit), bit);
+            let m1 = _mm256_cmpeq_epi16(_mm256_and_si256(hi, bit), bit);
+            c0 = _mm256_sub_epi16(_mm256_add_epi16(c0, c0), m0);
+            c1 = _mm256_sub_epi16(_mm256_add_epi16(c1, c1), m1);
         }
-        let (scale, zero) = (f16_to_f32(sz & 0xffff), f16_to_f32(sz >> 16));
-        for (n, y) in acc.iter_mut().enumerate() {
-            let ag = (t0 + n) * a.groups + g;
-            let mut lanes = [0i32; 8];
-            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, isum[n]);
-            let isum: i32 = lanes.iter().sum();
-            *y += scale * (isum as f32 * a.d[ag]) + zero * a.sums[ag];
-        }
-    }
-    acc
+        [c0, c1]
+    })
 }
 
 /// The row loop with wasm simd128: as `row_avx2`, per 8 lanes (four i16x8 per block), then
