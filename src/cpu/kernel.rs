@@ -8,8 +8,8 @@
 //! lane order), widens them to i16 and multiplies-adds pairs into i32 lanes; the f32 work is one
 //! convert and one multiply-add per group, and the lanes are summed once per row.
 //!
-//! Three builds of the same row loop: wasm `simd128` intrinsics (the browser), and natively
-//! the portable loop compiled twice, plain and with AVX2+FMA enabled, chosen at run time.
+//! Three builds of the same row loop: wasm `simd128` intrinsics (the browser), AVX2 natively
+//! where the CPU has it (`cpu::avx2`, chosen at run time), and the portable loop elsewhere.
 //! Prefill tiles up to four tokens per row so each block is unpacked once for all four.
 
 use crate::cpu::act::{lane_order, BLOCK, Q16};

@@ -3,7 +3,8 @@
 //! thread) and natively (AVX2 when the CPU has it, rayon threads).
 //!
 //! - `act`: activations as int16 blocks in each bit-width's lane order.
-//! - `kernel`: packed codes x int16 blocks (simd128, AVX2, portable).
+//! - `kernel`: packed codes x int16 blocks (simd128, AVX2, portable); `avx2`: the x86 row
+//!   loop and code unpacking; `planes`: the same from bit planes.
 //! - `attention`: causal grouped-query attention over the f32 KV cache.
 //! - `model`: `CpuModel`, the forward pass; `backend`: it as a `runtime::Backend`.
 //! - `par`: rayon natively, a loop in wasm.
