@@ -1,6 +1,6 @@
 //! `flexquant build`: library -> search -> pruning ablation -> held-out checks -> package.
 
-use crate::build::domains::DomainHeldout;
+use crate::build::domains::{chord_excess, ChordExcess, DomainHeldout};
 use crate::build::evaluator::{spearman, CalibEvaluator};
 use crate::build::prune::{self, intermediate_versions};
 use crate::build::search::{search, Available, SearchOptions, Slope, Ties, Trajectory};
@@ -8,7 +8,7 @@ use crate::build::{package, report};
 use crate::error::{Error, Result};
 use crate::model::load::LoadedModel;
 use crate::quant::eqm::{Eqm, EqmModel};
-use crate::quant::evaluate::PrefixEval;
+use crate::quant::evaluate::{PrefixEval, WindowNll};
 use crate::quant::library::CalibSource;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -261,7 +261,12 @@ pub struct Inputs<'a> {
 /// Held-out ppl of `w` on the first `s.heldout_tokens` of `ids`, in windows of `s.seq_len`
 /// (all at once: `eval::perplexity` with stride = ctx, one GEMM per module).
 fn heldout_ppl(w: &crate::model::Weights, ids: &[u32], s: &BuildSettings) -> Result<f64> {
-    PrefixEval::new(&ids[..s.heldout_tokens], s.seq_len, 0)?.ppl_of(w)
+    Ok(heldout_windows(w, ids, s)?.ppl())
+}
+
+/// `heldout_ppl`'s windows.
+fn heldout_windows(w: &crate::model::Weights, ids: &[u32], s: &BuildSettings) -> Result<WindowNll> {
+    PrefixEval::new(&ids[..s.heldout_tokens], s.seq_len, 0)?.window_nlls_of(w)
 }
 
 /// Wall time of each phase of a build, in the order they ran.
@@ -389,18 +394,55 @@ fn search_variants(
 struct Heldout<'a> {
     inp: &'a Inputs<'a>,
     s: &'a BuildSettings,
-    measured: std::collections::HashMap<(usize, Eqm), f64>,
+    measured: std::collections::HashMap<(usize, Eqm), WindowNll>,
 }
 
 impl Heldout<'_> {
     fn ppl(&mut self, domain: usize, e: &Eqm) -> Result<f64> {
-        if let Some(&p) = self.measured.get(&(domain, e.clone())) {
-            return Ok(p);
+        Ok(self.windows(domain, e)?.ppl())
+    }
+
+    fn windows(&mut self, domain: usize, e: &Eqm) -> Result<&WindowNll> {
+        let key = (domain, e.clone());
+        if !self.measured.contains_key(&key) {
+            let w = self.inp.eqm.weights(e)?;
+            let nll = heldout_windows(&w, &self.inp.heldout[domain].1, self.s)?;
+            self.measured.insert(key.clone(), nll);
         }
-        let w = self.inp.eqm.weights(e)?;
-        let p = heldout_ppl(&w, &self.inp.heldout[domain].1, self.s)?;
-        self.measured.insert((domain, e.clone()), p);
-        Ok(p)
+        Ok(&self.measured[&key])
+    }
+
+    /// Each of `eqms`' `wanted` steps against the chord of the static QMs on `domain`.
+    fn chord(
+        &mut self,
+        domain: usize,
+        ladder: &[u32],
+        eqms: &[Eqm],
+        wanted: &[usize],
+    ) -> Result<Vec<ChordExcess>> {
+        let n = eqms[0].bits.len();
+        let mut statics = Vec::new();
+        for &b in ladder {
+            let e = Eqm::uniform(n, b);
+            statics.push((
+                self.inp.eqm.footprint(&e)? as u64,
+                self.windows(domain, &e)?.clone(),
+            ));
+        }
+        let statics: Vec<(u64, &WindowNll)> = statics.iter().map(|(f, w)| (*f, w)).collect();
+        let mut out = Vec::new();
+        for &i in wanted {
+            let f = self.inp.eqm.footprint(&eqms[i])? as u64;
+            let w = self.windows(domain, &eqms[i])?.clone();
+            if let Some((excess, se)) = chord_excess(&statics, f, &w) {
+                out.push(ChordExcess {
+                    step: i,
+                    excess,
+                    se,
+                });
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -492,6 +534,7 @@ fn heldout_domains(
             float_ppl,
             statics: statics_ppl,
             eqms: points,
+            chord: ho.chord(d, ladder, eqms, wanted)?,
         });
     }
     Ok(domains)

@@ -2,7 +2,9 @@
 //! perplexity against footprint and of storage. Written next to the ensemble from
 //! `build-record.json`, so `flexquant report DIR` can redo it without rebuilding.
 
-use crate::build::domains::{above_static_chord, DomainHeldout};
+use crate::build::domains::{
+    above_static_chord, significantly_above, DomainHeldout, SIGNIFICANT_SE,
+};
 use crate::build::pipeline::BuildRecord;
 use crate::error::{Error, Result};
 use crate::quant::plot::{self, Chart, Series};
@@ -108,6 +110,20 @@ pub fn figures(r: &BuildRecord) -> Value {
             let st: Vec<(u64, f64)> = r.statics.iter().zip(&d.statics).map(|(s, &p)| (s.1, p)).collect();
             let eq: Vec<(u64, f64)> = d.eqms.iter().map(|&(i, p)| (steps[i].footprint, p)).collect();
             (d.domain.clone(), json!(above_static_chord(&st, &eq)))
+        }).collect::<serde_json::Map<_, _>>(),
+        // The same, counting only EQMs above by more than SIGNIFICANT_SE standard errors of
+        // the paired difference (the held-out windows are the samples): what the held-out text
+        // can tell from its own noise. Null in records from before per-window NLLs.
+        "significant_se": SIGNIFICANT_SE,
+        "eqms_significantly_above_static_chord": r.domains.first().filter(|d| !d.chord.is_empty()).map(|d| significantly_above(&d.chord)),
+        "eqms_significantly_above_static_chord_by_domain": r.domains.iter().map(|d| {
+            (d.domain.clone(), match d.chord.is_empty() { true => Value::Null, false => json!(significantly_above(&d.chord)) })
+        }).collect::<serde_json::Map<_, _>>(),
+        // Each domain's EQMs above the chord: step, excess (ppl) and its standard error.
+        "chord_excess_by_domain": r.domains.iter().map(|d| {
+            let above: Vec<Value> = d.chord.iter().filter(|c| c.excess > 0.0)
+                .map(|c| json!({"step": c.step, "excess": c.excess, "se": c.se, "excess_in_se": c.excess / c.se})).collect();
+            (d.domain.clone(), Value::Array(above))
         }).collect::<serde_json::Map<_, _>>(),
         "prune": r.settings.prune,
         "ablation": ablation,
@@ -235,7 +251,7 @@ fn domains_markdown(f: &Value, r: &BuildRecord) -> String {
     }
     let qms: Vec<String> = r.statics.iter().map(|s| format!("QM({})", s.0)).collect();
     let mut s = format!(
-        "\n## Held-out perplexity by domain\n\nFloat, each static QM (x float) and how many measured EQMs lie above the chord of the static QMs, on each held-out text ({} tokens).\n\n| domain | float | {} | EQMs above chord |\n|---|---|{}---|\n",
+        "\n## Held-out perplexity by domain\n\nFloat, each static QM (x float) and how many measured EQMs lie above the chord of the static QMs, on each held-out text ({} tokens); in brackets, how many by more than {SIGNIFICANT_SE} standard errors of the paired difference (the text's windows as samples).\n\n| domain | float | {} | EQMs above chord |\n|---|---|{}---|\n",
         r.domains[0].tokens,
         qms.join(" | "),
         "---|".repeat(qms.len())
@@ -247,12 +263,13 @@ fn domains_markdown(f: &Value, r: &BuildRecord) -> String {
             .map(|p| format!("{p:.2} ({:.2}x)", p / d.float_ppl))
             .collect();
         s += &format!(
-            "| {} | {:.2} | {} | {} of {} |\n",
+            "| {} | {:.2} | {} | {} of {} ({} significantly) |\n",
             d.domain,
             d.float_ppl,
             cells.join(" | "),
             f["eqms_above_static_chord_by_domain"][&d.domain],
-            d.eqms.len()
+            d.eqms.len(),
+            f["eqms_significantly_above_static_chord_by_domain"][&d.domain],
         );
     }
     s

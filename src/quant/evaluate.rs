@@ -12,7 +12,7 @@ use crate::model::ops::{self, Rope};
 use crate::model::weights::{ModuleId, Weights};
 use crate::quant::eqm::{Eqm, EqmModel};
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// Logit rows materialised at once (bounds memory at this x vocab floats).
@@ -104,6 +104,21 @@ pub struct PrefixEval {
     pub forward_equivalents: f64,
 }
 
+/// Summed NLL and scored tokens of each window of a perplexity: the windows are the units
+/// of its sampling noise (`build::domains::chord_excess`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WindowNll {
+    pub sums: Vec<f64>,
+    pub counts: Vec<usize>,
+}
+
+impl WindowNll {
+    pub fn ppl(&self) -> f64 {
+        let n: usize = self.counts.iter().sum();
+        (self.sums.iter().sum::<f64>() / n.max(1) as f64).exp()
+    }
+}
+
 /// Residual stream entering layer `l` (index `l`), and leaving the last layer (index L), of
 /// every window concatenated.
 struct Acts {
@@ -175,16 +190,23 @@ impl PrefixEval {
 
     /// Summed NLL of every window from the residual leaving the last layer.
     fn nll(&self, w: &Weights, last: &[f32]) -> f64 {
+        self.window_nlls(w, last).sums.iter().sum()
+    }
+
+    /// Each window's summed NLL from the residual leaving the last layer.
+    fn window_nlls(&self, w: &Weights, last: &[f32]) -> WindowNll {
         let h = w.config.hidden_size;
         let mut x = last.to_vec();
         forward::final_norm(w, &mut x);
-        let mut total = 0.0;
+        let mut out = WindowNll::default();
         let mut row = 0;
         for seq in &self.seqs {
-            total += nll_of_rows(w, &x[row * h..(row + seq.len() - 1) * h], &seq[1..]);
+            let rows = &x[row * h..(row + seq.len() - 1) * h];
+            out.sums.push(nll_of_rows(w, rows, &seq[1..]));
+            out.counts.push(seq.len() - 1);
             row += seq.len();
         }
-        total
+        out
     }
 
     /// Embeddings of every window, after checking the windows fit the model's context.
@@ -204,10 +226,16 @@ impl PrefixEval {
 
     /// Perplexity of `w`, every layer run, nothing kept (the float model, one-off figures).
     pub fn ppl_of(&mut self, w: &Weights) -> Result<f64> {
+        Ok(self.window_nlls_of(w)?.ppl())
+    }
+
+    /// Each window's NLL under `w`, every layer run, nothing kept (held-out figures with
+    /// their standard errors).
+    pub fn window_nlls_of(&mut self, w: &Weights) -> Result<WindowNll> {
         let mut x = self.embed(w)?;
         self.run(w, 0, &mut x, None);
         self.forward_equivalents += 1.0;
-        Ok((self.nll(w, &x) / self.scored() as f64).exp())
+        Ok(self.window_nlls(w, &x))
     }
 
     /// Perplexity of `eqm`, reusing the best kept prefix of layers.

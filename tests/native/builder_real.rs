@@ -179,7 +179,36 @@ fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
             "{d:?}: QM(2) not worse than QM(4)"
         );
     }
+    // Every measured EQM against the chord, with a standard error from the text's windows:
+    // above it exactly where the report's count says, never significantly without being
+    // above.
     let fig = flexquant::build::report::figures(&rec);
+    for d in &rec.domains {
+        let steps: Vec<usize> = d.eqms.iter().map(|e| e.0).collect();
+        assert_eq!(
+            d.chord.iter().map(|c| c.step).collect::<Vec<_>>(),
+            steps,
+            "{}",
+            d.domain
+        );
+        for c in &d.chord {
+            // Zero only at a static QM (steps 0 and last), which is its own chord.
+            let on_static = c.excess == 0.0 && c.se == 0.0;
+            assert!(c.se.is_finite() && (c.se > 0.0 || on_static), "{c:?}");
+        }
+        let above = d.chord.iter().filter(|c| c.excess > 1e-9).count();
+        assert_eq!(
+            fig["eqms_above_static_chord_by_domain"][&d.domain],
+            serde_json::json!(above),
+            "{}",
+            d.domain
+        );
+        let significant = &fig["eqms_significantly_above_static_chord_by_domain"][&d.domain];
+        assert!(
+            significant.as_u64().unwrap() <= above as u64,
+            "{significant}"
+        );
+    }
     assert_eq!(
         fig["heldout_by_domain"]["brown"].as_array().unwrap().len(),
         statics.len() + brown.eqms.len()
