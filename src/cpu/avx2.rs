@@ -8,7 +8,7 @@
 //! vectorise it: those widths decoded 2-4x slower than 4 and 8 bits per code.
 
 use crate::cpu::act::{BLOCK, Q16};
-use crate::cpu::kernel::{chunk_layout, f16_to_f32, second_view};
+use crate::cpu::kernel::{chunk_layout, f16_to_f32, second_view, triplet_spread};
 use core::arch::x86_64::*;
 
 /// One row against activation rows `t0 .. t0 + N`, given the row's grid words and a function
@@ -124,30 +124,10 @@ unsafe fn straddling<const BITS: u32>(p: *const u8) -> [__m128i; 4] {
 /// simd128 build's `triplets`).
 #[inline(always)]
 unsafe fn triplets<const BITS: u32>(p: *const u8) -> [__m128i; 4] {
-    const Z: i8 = -128; // shuffle index with the high bit set: 0
-    let spread = |v: __m128i, idx: [i8; 4]| {
-        let [a, b, c, d] = idx;
-        _mm_shuffle_epi8(
-            v,
-            _mm_setr_epi8(
-                a,
-                a + 1,
-                a + 2,
-                Z,
-                b,
-                b + 1,
-                b + 2,
-                Z,
-                c,
-                c + 1,
-                c + 2,
-                Z,
-                d,
-                d + 1,
-                d + 2,
-                Z,
-            ),
-        )
+    const FROM_0: [u8; 16] = triplet_spread(0);
+    const FROM_4: [u8; 16] = triplet_spread(4);
+    let spread = |v: __m128i, idx: &[u8; 16]| {
+        _mm_shuffle_epi8(v, _mm_loadu_si128(idx.as_ptr() as *const __m128i))
     };
     let mask = _mm_set1_epi32((1 << BITS) - 1);
     let cut = |g: __m128i, k: u32| {
@@ -157,7 +137,7 @@ unsafe fn triplets<const BITS: u32>(p: *const u8) -> [__m128i; 4] {
         // 12 bytes: codes 8j..8j+7 in bytes 3j..3j+2.
         let lo = _mm_loadl_epi64(p as *const __m128i);
         let v = _mm_insert_epi32::<2>(lo, (p.add(8) as *const i32).read_unaligned());
-        let g = spread(v, [0, 3, 6, 9]);
+        let g = spread(v, &FROM_0);
         let c: [__m128i; 8] = core::array::from_fn(|k| cut(g, k as u32));
         [
             _mm_packs_epi32(c[0], c[1]),
@@ -168,8 +148,8 @@ unsafe fn triplets<const BITS: u32>(p: *const u8) -> [__m128i; 4] {
     } else {
         // 24 bytes: codes 4j..4j+3 in bytes 3j..3j+2; groups 0-3 from the first 16 bytes,
         // 4-7 from the 16 starting at byte 8.
-        let a = spread(load(p, 0), [0, 3, 6, 9]);
-        let b = spread(load(p, 8), [4, 7, 10, 13]);
+        let a = spread(load(p, 0), &FROM_0);
+        let b = spread(load(p, 8), &FROM_4);
         [
             _mm_packs_epi32(cut(a, 0), cut(a, 1)),
             _mm_packs_epi32(cut(a, 2), cut(a, 3)),

@@ -429,6 +429,27 @@ pub(crate) const fn chunk_layout<const BITS: u32>(c: usize, base: usize) -> ([u8
     (idx, mul)
 }
 
+/// `triplets`' byte shuffle: four 3-byte groups, starting at byte `first` and 3 apart, each
+/// into a u32 lane whose top byte is zero (index 0x80: out of range, so 0 in both builds'
+/// shuffles).
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "wasm32", target_feature = "simd128")
+))]
+pub(crate) const fn triplet_spread(first: u8) -> [u8; 16] {
+    let mut idx = [0x80u8; 16];
+    let mut g = 0;
+    while g < 4 {
+        let mut k = 0;
+        while k < 3 {
+            idx[4 * g + k] = first + 3 * g as u8 + k as u8;
+            k += 1;
+        }
+        g += 1;
+    }
+    idx
+}
+
 /// One block of codes that straddle bytes (5 bits: the only width `triplets` does not cover;
 /// `4 * BITS` bytes at `p`) as four i16x8 in code order, reading only inside the block. Per 8
 /// codes: gather each code's u16 window (`swizzle`), shift it left per lane by a multiply so
@@ -490,13 +511,21 @@ const fn as_v128(
 #[inline(always)]
 unsafe fn triplets<const BITS: u32>(p: *const u8) -> [core::arch::wasm32::v128; 4] {
     use core::arch::wasm32::*;
-    let z = 0x80u8 as i8; // swizzle index out of range: 0
+    const fn table(first: u8) -> v128 {
+        let i = triplet_spread(first);
+        u8x16(
+            i[0], i[1], i[2], i[3], i[4], i[5], i[6], i[7], i[8], i[9], i[10], i[11], i[12], i[13],
+            i[14], i[15],
+        )
+    }
+    const FROM_0: v128 = table(0);
+    const FROM_4: v128 = table(4);
     let mask = u32x4_splat((1 << BITS) - 1);
     let cut = |g: v128, k: u32| v128_and(u32x4_shr(g, BITS * k), mask);
     if BITS == 3 {
         // 12 bytes: codes 8j..8j+7 in bytes 3j..3j+2.
         let v = v128_load32_lane::<2>(v128_load64_zero(p as *const u64), p.add(8) as *mut u32);
-        let g = i8x16_swizzle(v, i8x16(0, 1, 2, z, 3, 4, 5, z, 6, 7, 8, z, 9, 10, 11, z));
+        let g = i8x16_swizzle(v, FROM_0);
         let c: [v128; 8] = core::array::from_fn(|k| cut(g, k as u32));
         [
             i16x8_narrow_i32x4(c[0], c[1]),
@@ -507,14 +536,8 @@ unsafe fn triplets<const BITS: u32>(p: *const u8) -> [core::arch::wasm32::v128; 
     } else {
         // 24 bytes: codes 4j..4j+3 in bytes 3j..3j+2; groups 0-3 from the first 16 bytes,
         // 4-7 from the 16 ending at the block's end.
-        let a = i8x16_swizzle(
-            v128_load(p as *const v128),
-            i8x16(0, 1, 2, z, 3, 4, 5, z, 6, 7, 8, z, 9, 10, 11, z),
-        );
-        let b = i8x16_swizzle(
-            v128_load(p.add(8) as *const v128),
-            i8x16(4, 5, 6, z, 7, 8, 9, z, 10, 11, 12, z, 13, 14, 15, z),
-        );
+        let a = i8x16_swizzle(v128_load(p as *const v128), FROM_0);
+        let b = i8x16_swizzle(v128_load(p.add(8) as *const v128), FROM_4);
         [
             i16x8_narrow_i32x4(cut(a, 0), cut(a, 1)),
             i16x8_narrow_i32x4(cut(a, 2), cut(a, 3)),
