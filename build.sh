@@ -216,7 +216,7 @@ bench_gpu() {
 # The full-preset ensembles, 4 -> 2 and 8 -> 2, calibrated on the demo's mix and scored on
 # every held-out domain (Austen, Brown, chat), nested (the builder's default), cached by their
 # inputs. ensemble.json: each span's report (`heldout_by_domain`, `calibration_mix`, `nested`,
-# `storage_vs_n_up`, ...) plus `swap_down_bytes_fetched` (bytes of the files a walk from step 0
+# `storage_vs_n_up`, `eqms_significantly_above_static_chord`, `chord_excess_by_domain`, ...) plus `swap_down_bytes_fetched` (bytes of the files a walk from step 0
 # to the last step needs beyond step 0's, by the manifest) and `heldout_brown_at_statics`;
 # `nested_vs_independent` (the static table of the nested 8 -> 2 library against an independent
 # one, `{bits, nested_ppl, independent_ppl}` per domain); and, from target/bench/mixes.json
