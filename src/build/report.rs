@@ -272,6 +272,24 @@ fn domains_markdown(f: &Value, r: &BuildRecord) -> String {
             f["eqms_significantly_above_static_chord_by_domain"][&d.domain],
         );
     }
+    let above: Vec<String> = r
+        .domains
+        .iter()
+        .flat_map(|d| {
+            d.chord.iter().filter(|c| c.excess > 0.0).map(move |c| {
+                format!(
+                    "{} step {}: +{:.3} ppl ({:.2} standard errors)",
+                    d.domain,
+                    c.step,
+                    c.excess,
+                    c.excess / c.se
+                )
+            })
+        })
+        .collect();
+    if !above.is_empty() {
+        s += &format!("\nAbove the chord: {}.\n", above.join("; "));
+    }
     s
 }
 
