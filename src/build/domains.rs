@@ -57,11 +57,9 @@ pub fn significantly_above(chord: &[ChordExcess]) -> usize {
 /// window's summed NLL, `N` the scored tokens, `t` the EQM's place between the two statics),
 /// and its variance is estimated from the spread of the `a_w` over the windows.
 pub fn chord_excess(statics: &[(u64, &WindowNll)], f: u64, eqm: &WindowNll) -> Option<(f64, f64)> {
-    let w = statics
-        .windows(2)
-        .find(|w| f <= w[0].0 && f >= w[1].0 && w[0].0 > w[1].0)?;
-    let ((f_hi, hi), (f_lo, lo)) = (w[0], w[1]);
-    let t = (f_hi - f) as f64 / (f_hi - f_lo) as f64;
+    let footprints: Vec<u64> = statics.iter().map(|s| s.0).collect();
+    let (i, t) = bracket(&footprints, f)?;
+    let (hi, lo) = (statics[i].1, statics[i + 1].1);
     let (p_e, p_hi, p_lo) = (eqm.ppl(), hi.ppl(), lo.ppl());
     let excess = p_e - (p_hi + t * (p_lo - p_hi));
     let n: usize = eqm.counts.iter().sum();
@@ -79,39 +77,41 @@ pub fn chord_excess(statics: &[(u64, &WindowNll)], f: u64, eqm: &WindowNll) -> O
     Some((excess, (windows as f64 * var).sqrt()))
 }
 
+/// The neighbouring statics (`footprints`, largest first) whose footprints bracket `f`: the
+/// index of the larger and `f`'s place between the two (0 at the larger, 1 at the smaller).
+/// A footprint equal to a static's is bracketed by the first pair that holds it (the chord's
+/// value there is the static's either way).
+fn bracket(footprints: &[u64], f: u64) -> Option<(usize, f64)> {
+    footprints.windows(2).enumerate().find_map(|(i, w)| {
+        let (hi, lo) = (w[0], w[1]);
+        (f <= hi && f >= lo && hi > lo).then(|| (i, (hi - f) as f64 / (hi - lo) as f64))
+    })
+}
+
 /// How many of `eqms` (`(footprint, ppl)`) lie above the straight line between the
 /// neighbouring static QMs (`(footprint, ppl)`, largest first) whose footprints bracket them.
 pub fn above_static_chord(statics: &[(u64, f64)], eqms: &[(u64, f64)]) -> usize {
-    let mut above = 0;
-    for &(f, p) in eqms {
-        for w in statics.windows(2) {
-            let ((f_hi, p_hi), (f_lo, p_lo)) = (w[0], w[1]);
-            if f <= f_hi && f >= f_lo && f_hi > f_lo {
-                let t = (f_hi - f) as f64 / (f_hi - f_lo) as f64;
-                if p > p_hi + t * (p_lo - p_hi) + 1e-9 {
-                    above += 1;
-                }
-                // An EQM at a static's footprint is bracketed twice, with the same chord
-                // value (the static's): counted once.
-                break;
-            }
-        }
-    }
-    above
+    let footprints: Vec<u64> = statics.iter().map(|s| s.0).collect();
+    eqms.iter()
+        .filter(|&&(f, p)| {
+            bracket(&footprints, f).is_some_and(|(i, t)| {
+                let (p_hi, p_lo) = (statics[i].1, statics[i + 1].1);
+                p > p_hi + t * (p_lo - p_hi) + 1e-9
+            })
+        })
+        .count()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz::mutate::Rng;
 
-    /// xorshift64* and Box-Muller: normal samples without a dependency.
-    struct Normal(u64);
+    /// Normal samples (Box-Muller) from the library's SplitMix64.
+    struct Normal(Rng);
     impl Normal {
         fn uniform(&mut self) -> f64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            ((self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+            ((self.0.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
         }
         fn sample(&mut self) -> f64 {
             let (u, v) = (self.uniform(), self.uniform());
@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn the_paired_standard_error_matches_the_spread_of_repeated_measurements() {
-        let mut rng = Normal(0x9e37_79b9_7f4a_7c15);
+        let mut rng = Normal(Rng::new(7));
         // QM(hi), QM(lo) and an EQM a third of the way down whose mean NLL is 0.01 above the
         // chord's (in NLL; the excess in ppl is about ppl x that).
         let (f_hi, f_lo, f) = (3000, 1500, 2500);
