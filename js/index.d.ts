@@ -123,10 +123,15 @@ export interface ChatRequest {
   user?: string;
   /** Only 1. */
   n?: number;
+  /**
+   * `json_object`: JSON mode, the answer is one JSON object (tokens that would leave one are
+   * never drawn; the answer ends when the object closes, finish_reason 'stop'). `json_schema`
+   * is rejected with code 'unsupported'.
+   */
+  response_format?: { type: 'text' } | { type: 'json_object' } | null;
   /** Known, not implemented: anything but these defaults is rejected with code 'unsupported'. */
   logprobs?: false | null;
   top_logprobs?: 0 | null;
-  response_format?: { type: 'text' } | null;
   tools?: null;
   tool_choice?: null;
   /** Ends the answer after the current token (finish_reason 'abort'); a request still waiting for its turn rejects with code 'aborted'. */

@@ -1190,7 +1190,10 @@ async fn empty_and_overlong_conversations_are_input_errors() {
     // OpenAI fields: what is not implemented is refused by name, never silently ignored.
     for (field, value) in [
         ("n", json!(2)),
-        ("response_format", json!({"type": "json_object"})),
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+        ),
         ("tools", json!([])),
         ("logprobs", json!(true)),
         ("no_such_field", json!(1)),
@@ -1276,6 +1279,50 @@ async fn pieces(e: &Engine, mut req: Value) -> (Vec<String>, Value) {
                 return (out, last);
             }
         }
+    }
+}
+
+/// JSON mode (`response_format: {type: 'json_object'}`) on both backends: every sampled
+/// answer is a JSON object's prefix (the runtime's automaton reads the streamed text), those
+/// that end are objects serde_json parses, with `finish_reason: 'stop'`; biasing `{` and `}`
+/// (the tiny vocabulary is the 256 bytes after 3 special tokens) gives exactly `{}`.
+#[wasm_bindgen_test]
+async fn json_mode_holds_answers_to_a_json_object() {
+    use flexquant::runtime::json_mode::JsonPrefix;
+    let token = |b: u8| (3 + b as u32).to_string();
+    for backend in ["cpu", "webgpu"] {
+        let (e, _) = engine("/tiny/manifest.json", json!({"backend": backend}))
+            .await
+            .unwrap();
+        for seed in 0..3 {
+            let req = json!({"max_tokens": 48, "temperature": 1.0, "seed": seed,
+                "response_format": {"type": "json_object"}});
+            let (got, last) = pieces(&e, req).await;
+            let text = got.concat();
+            let mut p = JsonPrefix::default();
+            assert!(p.feed(text.as_bytes()), "{backend} seed {seed}: {text:?}");
+            let finish = &last["choices"][0]["finish_reason"];
+            if p.is_complete() {
+                assert_eq!(finish, "stop", "{text:?}");
+                serde_json::from_str::<serde_json::Map<String, Value>>(&text)
+                    .unwrap_or_else(|err| panic!("{text:?}: {err}"));
+            } else {
+                assert_eq!(finish, "length", "{text:?}");
+            }
+        }
+        let mut bias = serde_json::Map::new();
+        for b in [b'{', b'}'] {
+            bias.insert(token(b), json!(100));
+        }
+        let req = json!({"max_tokens": 8, "logit_bias": bias,
+            "response_format": {"type": "json_object"}});
+        let (got, last) = pieces(&e, req).await;
+        assert_eq!(got.concat(), "{}", "{backend}");
+        assert_eq!(
+            last["choices"][0]["finish_reason"], "stop",
+            "{backend}: {last}"
+        );
+        call(e.unload()).await.unwrap();
     }
 }
 

@@ -8,8 +8,10 @@ use anyhow::Result;
 use clap::Args;
 use flexquant::model::chat::{ChatTemplate, Message};
 use flexquant::model::tokenizer::{StreamDecoder, Tokenizer};
+use flexquant::runtime::json_mode::JsonConstraint;
 use flexquant::runtime::{Backend, Factory, GenStats, StopReason};
 use std::io::{BufRead, Write};
+use std::sync::Arc;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -59,8 +61,15 @@ where
     fn answer(&mut self, ids: &[u32], a: &SamplingArgs) -> Result<Answer> {
         let stop = self.tokenizer.stop.clone();
         let (sampling, mut stop_text) = a.checked()?;
+        let json = a.json_object.then(|| {
+            JsonConstraint::new(
+                self.token_bytes
+                    .get_or_init(|| Arc::new(self.tokenizer.token_bytes()))
+                    .clone(),
+            )
+        });
         let sess = &mut self.run.session;
-        let mut turn = sess.start(ids, &sampling, &stop).block()?;
+        let mut turn = sess.start_with(ids, &sampling, &stop, json).block()?;
         let mut dec = StreamDecoder::default();
         let mut out = std::io::stdout();
         let mut text = String::new();

@@ -114,6 +114,10 @@ pub struct SamplingArgs {
     /// End the answer where this text appears (not shown; repeatable).
     #[arg(long = "stop")]
     stop: Vec<String>,
+    /// JSON mode (the browser's `response_format: {type: "json_object"}`): the answer is one
+    /// JSON object and ends when it closes.
+    #[arg(long)]
+    json_object: bool,
     /// Context size (tokens) of the KV cache.
     #[arg(long, default_value_t = DEFAULT_CONTEXT)]
     context: usize,

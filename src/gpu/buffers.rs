@@ -11,7 +11,7 @@ use crate::gpu::graph::param_slots;
 use crate::gpu::kernels::{self, PARAM_SLOT};
 use crate::gpu::model::ModelOptions;
 use crate::model::config::LlamaConfig;
-use crate::runtime::generate::MAX_LOGIT_BIAS;
+use crate::runtime::generate::MAX_WATCHED;
 
 /// The packed shape of the embedding (and of an untied head).
 pub(crate) fn table_shape(c: &LlamaConfig, group: usize) -> GpuResult<PackedShape> {
@@ -60,7 +60,7 @@ pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static 
         ("nll", 4 * b),
         ("top-k candidates", 8 * k * topk_chunks(c)),
         ("top-k", 8 * k),
-        ("readback", (8 * k + 4 * MAX_LOGIT_BIAS as u64).max(4 * b)),
+        ("readback", (8 * k + 4 * MAX_WATCHED as u64).max(4 * b)),
     ]
 }
 

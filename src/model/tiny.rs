@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
-use crate::model::tokenizer::byte_level_bpe_json;
+use crate::model::tokenizer::{byte_level_bpe_json, bytes_to_unicode};
 use crate::model::weights::ModuleKind;
 use crate::runtime::generate::Rng;
 use safetensors::tensor::TensorView;
@@ -30,23 +30,6 @@ pub fn tiny_config() -> LlamaConfig {
         eos_token_id: Some(2),
         rope_scaling: None,
     }
-}
-
-/// GPT-2's reversible byte -> printable character map used by byte-level BPE.
-pub fn bytes_to_unicode() -> Vec<char> {
-    let printable =
-        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-    let mut n = 0;
-    (0u32..256)
-        .map(|b| {
-            if printable(b) {
-                char::from_u32(b).unwrap()
-            } else {
-                n += 1;
-                char::from_u32(255 + n).unwrap()
-            }
-        })
-        .collect()
 }
 
 /// Writes the tiny model into `dir` (created if missing). Same `seed`, same bytes.

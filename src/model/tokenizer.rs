@@ -278,6 +278,49 @@ impl Tokenizer {
     pub fn token_to_id(&self, s: &str) -> Option<u32> {
         self.inner.token_to_id(s)
     }
+
+    /// The bytes every token stands for, by id (JSON mode reads candidates as bytes): the
+    /// vocabulary's byte-level characters mapped back to bytes; `None` for added and special
+    /// tokens and for any string outside the byte-level alphabet.
+    pub fn token_bytes(&self) -> crate::runtime::json_mode::TokenBytes {
+        let to_byte = byte_level_chars();
+        let added = self.inner.get_added_tokens_decoder();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                if added.contains_key(&id) {
+                    return None;
+                }
+                let t = self.inner.id_to_token(id)?;
+                t.chars().map(|c| to_byte.get(&c).copied()).collect()
+            })
+            .collect()
+    }
+}
+
+/// GPT-2's reversible byte -> printable character map used by byte-level BPE.
+pub fn bytes_to_unicode() -> Vec<char> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut n = 0;
+    (0u32..256)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                n += 1;
+                char::from_u32(255 + n).unwrap()
+            }
+        })
+        .collect()
+}
+
+/// `bytes_to_unicode` read backwards: a byte-level character to the byte it stands for.
+fn byte_level_chars() -> std::collections::HashMap<char, u8> {
+    bytes_to_unicode()
+        .into_iter()
+        .enumerate()
+        .map(|(b, c)| (c, b as u8))
+        .collect()
 }
 
 fn special_tokens(t: &tokenizers::Tokenizer, bos: Option<u32>, eos: Option<u32>) -> SpecialTokens {

@@ -29,7 +29,7 @@ pub trait Backend {
     /// them, in `watch` order.
     async fn step(&mut self, tokens: &[u32]) -> Result<Vec<(u32, f32)>, Self::Error>;
     /// Tokens whose logits `step` also returns when they are not among the top candidates (at
-    /// most `generate::MAX_LOGIT_BIAS`; replaces the previous list).
+    /// most `generate::MAX_WATCHED`; replaces the previous list).
     fn watch(&mut self, ids: &[u32]) -> Result<(), Self::Error>;
     /// Runs `tokens` into the KV cache without computing logits.
     async fn prefill(&mut self, tokens: &[u32]) -> Result<(), Self::Error>;

@@ -248,11 +248,14 @@ pub fn with_watched(mut top: Vec<(u32, f32)>, watched: &[u32], logits: &[f32]) -
     top
 }
 
+/// Most tokens a backend watches: the logit biases' and JSON mode's (`json_mode`).
+pub const MAX_WATCHED: usize = MAX_LOGIT_BIAS + 64;
+
 /// Checks a watch list against the vocabulary and its size limit.
 pub fn check_watch(ids: &[u32], vocab: usize) -> Result<()> {
-    if ids.len() > MAX_LOGIT_BIAS {
+    if ids.len() > MAX_WATCHED {
         return Err(Error::input(format!(
-            "{} watched tokens, at most {MAX_LOGIT_BIAS}",
+            "{} watched tokens, at most {MAX_WATCHED}",
             ids.len()
         )));
     }

@@ -84,16 +84,10 @@ impl ChatRequest {
     /// A known field this engine does not implement, set to anything but its default, is
     /// `Unsupported`, naming it.
     pub fn check_supported(&self) -> Result<()> {
-        let unsupported: [(&str, bool); 6] = [
+        let unsupported: [(&str, bool); 5] = [
             ("n", self.n.is_some_and(|n| n != 1)),
             ("logprobs", self.logprobs == Some(true)),
             ("top_logprobs", self.top_logprobs.is_some_and(|n| n > 0)),
-            (
-                "response_format",
-                self.response_format.as_ref().is_some_and(|f| {
-                    !f.is_null() && f.get("type").and_then(|t| t.as_str()) != Some("text")
-                }),
-            ),
             ("tools", self.tools.as_ref().is_some_and(|t| !t.is_null())),
             (
                 "tool_choice",
@@ -105,6 +99,27 @@ impl ChatRequest {
                 "chat request: `{field}` is not supported by this engine (see js/API.md)"
             ))),
             None => Ok(()),
+        }
+    }
+
+    /// Whether the answer is held to a JSON object (`response_format: {type: "json_object"}`;
+    /// `json_mode`). `{type: "text"}` or none is free text; `json_schema` is unsupported and
+    /// anything else an input error, each naming the field.
+    pub fn json_object(&self) -> Result<bool> {
+        let Some(f) = self.response_format.as_ref().filter(|f| !f.is_null()) else {
+            return Ok(false);
+        };
+        match f.get("type").and_then(|t| t.as_str()) {
+            Some("text") => Ok(false),
+            Some("json_object") => Ok(true),
+            Some("json_schema") => Err(Error::Unsupported(
+                "chat request: `response_format` type `json_schema` is not supported by this \
+                 engine; `json_object` is (see js/API.md)"
+                    .into(),
+            )),
+            _ => Err(Error::input(
+                "chat request: response_format: expected {type: \"text\"} or {type: \"json_object\"}",
+            )),
         }
     }
 
@@ -182,6 +197,7 @@ impl ChatRequest {
         let r: ChatRequest =
             serde_json::from_value(v).map_err(|e| Error::input(format!("chat request: {e}")))?;
         r.check_supported()?;
+        r.json_object()?;
         let s = r.sampling(0)?;
         let stop = r.stop_text()?;
         Ok((r, s, stop))
@@ -209,6 +225,20 @@ mod tests {
     }
 
     #[test]
+    fn json_object_is_json_mode_and_text_is_not() {
+        let with = |f: &str| {
+            let (r, _, _) = parse(&format!(
+                r#"{{"messages":[{{"role":"user","content":"x"}}],"response_format":{f}}}"#
+            ))
+            .unwrap();
+            r.json_object().unwrap()
+        };
+        assert!(with(r#"{"type":"json_object"}"#));
+        assert!(!with(r#"{"type":"text"}"#));
+        assert!(!with("null"));
+    }
+
+    #[test]
     fn bad_requests_name_the_field() {
         let cases = [
             (r#"{"messages":[],"foo":1}"#, "`foo`"),
@@ -229,6 +259,14 @@ mod tests {
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"stop":3}"#,
                 "stop",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema"}}"#,
+                "`json_schema`",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"xml"}}"#,
+                "response_format",
             ),
         ];
         for (json, want) in cases {

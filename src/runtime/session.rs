@@ -6,6 +6,7 @@ use crate::error::Error;
 use crate::runtime::backend::Backend;
 use crate::runtime::clock::now_seconds;
 use crate::runtime::generate::{sample, GenStats, Rng, Sampling, StopReason};
+use crate::runtime::json_mode::JsonConstraint;
 
 pub struct Session<B: Backend> {
     pub model: B,
@@ -25,6 +26,8 @@ pub struct Turn {
     cand: Vec<(u32, f32)>,
     /// Sampled and returned, not yet in the KV cache.
     pending: Option<u32>,
+    /// JSON mode: only tokens that keep the answer a JSON object's prefix are drawn.
+    json: Option<JsonConstraint>,
     pub out: Vec<u32>,
     pub stats: GenStats,
     decode_start: f64,
@@ -98,6 +101,18 @@ impl<B: Backend> Session<B> {
         s: &Sampling,
         stop: &[u32],
     ) -> Result<Turn, B::Error> {
+        self.start_with(prompt, s, stop, None).await
+    }
+
+    /// `start`, the answer held to a JSON object when `json` is given (its watched tokens
+    /// join the sampling's).
+    pub async fn start_with(
+        &mut self,
+        prompt: &[u32],
+        s: &Sampling,
+        stop: &[u32],
+        json: Option<JsonConstraint>,
+    ) -> Result<Turn, B::Error> {
         s.validate()?;
         let context = self.model.context();
         if prompt.is_empty() {
@@ -110,7 +125,12 @@ impl<B: Backend> Session<B> {
             }
             .into());
         }
-        let watched = s.watched();
+        let mut watched = s.watched();
+        if let Some(j) = &json {
+            watched.extend(j.watched());
+            watched.sort_unstable();
+            watched.dedup();
+        }
         self.model.watch(&watched)?;
         self.watched = watched;
         let shared = reusable_prefix(&self.tokens, prompt);
@@ -131,6 +151,7 @@ impl<B: Backend> Session<B> {
             stop: stop.to_vec(),
             cand,
             pending: None,
+            json,
             out: Vec::new(),
             stats,
             decode_start: now_seconds(),
@@ -161,7 +182,10 @@ impl<B: Backend> Session<B> {
             self.tokens.push(id);
             turn.pending = None;
         }
-        let cand = turn.sampling.adjust(&turn.cand, &turn.out);
+        let mut cand = turn.sampling.adjust(&turn.cand, &turn.out);
+        if let Some(j) = &turn.json {
+            cand = j.allowed(&cand, self.tokens.len())?;
+        }
         let id = sample(&cand, &turn.sampling, &mut turn.rng, self.tokens.len())?;
         if turn.stop.contains(&id) {
             turn.finish(StopReason::Eos);
@@ -169,7 +193,10 @@ impl<B: Backend> Session<B> {
         }
         turn.out.push(id);
         turn.stats.generated = turn.out.len();
-        if turn.out.len() >= turn.sampling.max_tokens {
+        // JSON mode ends the answer with the object (a stop token is never allowed before).
+        if turn.json.as_mut().is_some_and(|j| j.advance(id)) {
+            turn.finish(StopReason::Eos);
+        } else if turn.out.len() >= turn.sampling.max_tokens {
             turn.finish(StopReason::MaxTokens);
         } else {
             turn.pending = Some(id);

@@ -8,6 +8,7 @@ use crate::gpu::{Allocator, ModelOptions};
 use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::{StreamDecoder, Tokenizer};
 use crate::model::weights::ModuleId;
+use crate::runtime::json_mode::{JsonConstraint, TokenBytes};
 use crate::runtime::walk::Running;
 use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
@@ -41,6 +42,8 @@ pub(super) struct Inner {
     /// WebGPU factory.
     pub(super) walk: WebWalk,
     pub(super) tokenizer: Tokenizer,
+    /// Every token's bytes, made on the first JSON-mode request (`json_mode`).
+    pub(super) token_bytes: std::cell::OnceCell<Arc<TokenBytes>>,
     pub(super) chat: ChatTemplate,
     pub(super) stop: Vec<u32>,
     pub(super) opts: ModelOptions,
@@ -406,6 +409,7 @@ impl Engine {
             stop,
             walk,
             tokenizer,
+            token_bytes: Default::default(),
             chat,
             opts,
             state: RefCell::new(None),
@@ -551,6 +555,12 @@ impl Inner {
         let random = (js_sys::Math::random() * 2f64.powi(53)) as u64;
         let s = req.sampling(random)?;
         let stop_text = req.stop_text()?;
+        let json = req.json_object()?.then(|| {
+            let bytes = self
+                .token_bytes
+                .get_or_init(|| Arc::new(self.tokenizer.token_bytes()));
+            JsonConstraint::new(bytes.clone())
+        });
         let text = self.chat.render(&req.messages)?;
         let ids = self.tokenizer.encode(&text)?;
 
@@ -563,7 +573,12 @@ impl Inner {
             } else {
                 &self.stop
             };
-            match st.run.session.start(&ids, &s, stop).await {
+            match st
+                .run
+                .session
+                .start_with(&ids, &s, stop, json.clone())
+                .await
+            {
                 Ok(t) => break t,
                 Err(e) => self.after_error(st, e).await?,
             }

@@ -52,6 +52,17 @@ it('the demo ensemble loads and answers a question', { timeout: 900_000 }, async
     assert.notEqual(a.finish, 'error', JSON.stringify(a));
     assert.match(a.answer, /[A-Za-z]{2,}/, `no English in ${JSON.stringify(a.answer)}`);
     await shot(page, 'demo');
+    // JSON mode on the real model (the page's engine, called as an app would): one object.
+    const j = await page.evaluate(async () => {
+      const r = await window.flexquantPage.engine.chat.completions.create({
+        messages: [{ role: 'user', content: 'What is the capital of France? Answer in JSON with one field, "capital".' }],
+        response_format: { type: 'json_object' }, temperature: 0, max_tokens: 48 });
+      return { content: r.choices[0].message.content, finish: r.choices[0].finish_reason };
+    });
+    console.log(`# demo: JSON mode ${JSON.stringify(j)}`);
+    assert.equal(j.finish, 'stop', JSON.stringify(j));
+    const obj = JSON.parse(j.content);
+    assert.ok(obj && typeof obj === 'object' && !Array.isArray(obj), j.content);
     // Pressure on the real model: it moves part-way down its trajectory (the default
     // pressure is half the span), and still answers in English there. With nested modules
     // (one bit-plane file per module, manifest version 4) the swap reads what step 0 already

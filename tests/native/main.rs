@@ -18,6 +18,7 @@ mod gpu_kernels;
 mod gpu_model;
 mod gpu_session;
 mod hostile;
+mod json_mode;
 mod manifest;
 mod model_real;
 mod model_tiny;

@@ -1,0 +1,479 @@
+//! JSON mode (OpenAI's `response_format: { type: "json_object" }`): the answer is one JSON
+//! object. Each candidate token is kept only if its bytes extend the answer so far to a prefix
+//! of some JSON object (`JsonPrefix`, a pushdown automaton over bytes); sampling then draws
+//! among the kept ones, and the answer ends the moment the object closes.
+//!
+//! Backends return the top candidates only (`generate::TOP_K`), so a valid continuation could
+//! be missing among them. The one-byte tokens of JSON's punctuation, digits and literals are
+//! therefore watched (`Backend::watch`: their logits always come back): in every state of the
+//! automaton one of them continues the text (`"` ends any string, a digit any number, `}` or
+//! `]` any finished value), so generation never gets stuck, at the price of drawing only among
+//! the top candidates and those watched tokens.
+
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+/// Deepest nesting of objects and arrays allowed.
+pub const MAX_DEPTH: usize = 32;
+/// Most whitespace bytes in a row outside strings (a model caught emitting newlines forever
+/// must write something else).
+pub const MAX_WHITESPACE: u8 = 24;
+
+/// Where the automaton is inside the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Before the top-level object.
+    Start,
+    /// A value is expected (after `:` or `,` in an array).
+    Value,
+    /// After `[`: a value or `]`.
+    ValueOrEnd,
+    /// After `{`: a key or `}`.
+    KeyOrEnd,
+    /// After `,` in an object: a key.
+    Key,
+    /// After a key: `:`.
+    Colon,
+    /// After a value: `,` or the container's end.
+    AfterValue,
+    /// Inside a string; `key` when it is an object's key.
+    Str {
+        key: bool,
+        esc: Esc,
+    },
+    Num(Num),
+    /// Inside `true`, `false` or `null`: `at` bytes of `word` read.
+    Lit {
+        word: &'static [u8],
+        at: u8,
+    },
+    /// The top-level object is closed.
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Esc {
+    None,
+    /// After `\`.
+    Backslash,
+    /// Hex digits still due after `\u`.
+    Hex(u8),
+    /// UTF-8 continuation bytes still due.
+    Utf8(u8),
+}
+
+/// RFC 8259's number grammar, one state per position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Num {
+    Minus,
+    Zero,
+    Int,
+    Dot,
+    Frac,
+    Exp,
+    ExpSign,
+    ExpDigits,
+}
+
+impl Num {
+    /// Whether the number may end here.
+    fn complete(self) -> bool {
+        matches!(self, Num::Zero | Num::Int | Num::Frac | Num::ExpDigits)
+    }
+    /// The state after `b`, or `None` when `b` is not part of the number.
+    fn next(self, b: u8) -> Option<Num> {
+        let digit = b.is_ascii_digit();
+        Some(match (self, b) {
+            (Num::Minus, b'0') => Num::Zero,
+            (Num::Minus, _) if digit => Num::Int,
+            (Num::Int, _) if digit => Num::Int,
+            (Num::Zero | Num::Int, b'.') => Num::Dot,
+            (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
+            (Num::Dot | Num::Frac, _) if digit => Num::Frac,
+            (Num::Exp, b'+' | b'-') => Num::ExpSign,
+            (Num::Exp | Num::ExpSign | Num::ExpDigits, _) if digit => Num::ExpDigits,
+            _ => return None,
+        })
+    }
+}
+
+/// The text so far is a prefix of a JSON object (RFC 8259, top level an object, nesting at
+/// most `MAX_DEPTH`, at most `MAX_WHITESPACE` whitespace bytes in a row outside strings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonPrefix {
+    mode: Mode,
+    /// Open containers, innermost last: `{` or `[`.
+    stack: Vec<u8>,
+    whitespace: u8,
+}
+
+impl Default for JsonPrefix {
+    fn default() -> Self {
+        JsonPrefix {
+            mode: Mode::Start,
+            stack: Vec::new(),
+            whitespace: 0,
+        }
+    }
+}
+
+impl JsonPrefix {
+    /// Whether the text is a whole JSON object.
+    pub fn is_complete(&self) -> bool {
+        self.mode == Mode::Done
+    }
+
+    /// Reads `bytes`; `false` (and the state unspecified) when they leave the language.
+    pub fn feed(&mut self, bytes: &[u8]) -> bool {
+        bytes.iter().all(|&b| self.byte(b))
+    }
+
+    /// The state after `bytes`, if they keep the text a prefix.
+    pub fn after(&self, bytes: &[u8]) -> Option<JsonPrefix> {
+        let mut s = self.clone();
+        s.feed(bytes).then_some(s)
+    }
+
+    fn byte(&mut self, b: u8) -> bool {
+        match self.mode {
+            Mode::Str { key, esc } => return self.string(key, esc, b),
+            Mode::Num(n) => match n.next(b) {
+                Some(n) => {
+                    self.mode = Mode::Num(n);
+                    return true;
+                }
+                // The number ends here; `b` is read after it.
+                None if n.complete() => self.mode = Mode::AfterValue,
+                None => return false,
+            },
+            Mode::Lit { word, at } => {
+                if word[at as usize] != b {
+                    return false;
+                }
+                let at = at + 1;
+                self.mode = if at as usize == word.len() {
+                    Mode::AfterValue
+                } else {
+                    Mode::Lit { word, at }
+                };
+                return true;
+            }
+            Mode::Done => return false,
+            _ => {}
+        }
+        if matches!(b, b' ' | b'\n' | b'\t' | b'\r') {
+            self.whitespace += 1;
+            return self.whitespace <= MAX_WHITESPACE;
+        }
+        self.whitespace = 0;
+        match (self.mode, b) {
+            (Mode::Start, b'{') => self.open(b),
+            (Mode::Value | Mode::ValueOrEnd, _) if b != b']' => self.value(b),
+            (Mode::ValueOrEnd, b']') | (Mode::KeyOrEnd, b'}') => self.close(b),
+            (Mode::KeyOrEnd | Mode::Key, b'"') => {
+                self.mode = Mode::Str {
+                    key: true,
+                    esc: Esc::None,
+                };
+                true
+            }
+            (Mode::Colon, b':') => {
+                self.mode = Mode::Value;
+                true
+            }
+            (Mode::AfterValue, b',') => {
+                self.mode = match self.stack.last() {
+                    Some(b'{') => Mode::Key,
+                    _ => Mode::Value,
+                };
+                true
+            }
+            (Mode::AfterValue, b'}' | b']') => self.close(b),
+            _ => false,
+        }
+    }
+
+    /// The first byte of a value.
+    fn value(&mut self, b: u8) -> bool {
+        self.mode = match b {
+            b'{' | b'[' => return self.open(b),
+            b'"' => Mode::Str {
+                key: false,
+                esc: Esc::None,
+            },
+            b'-' => Mode::Num(Num::Minus),
+            b'0' => Mode::Num(Num::Zero),
+            b'1'..=b'9' => Mode::Num(Num::Int),
+            b't' => Mode::Lit {
+                word: b"true",
+                at: 1,
+            },
+            b'f' => Mode::Lit {
+                word: b"false",
+                at: 1,
+            },
+            b'n' => Mode::Lit {
+                word: b"null",
+                at: 1,
+            },
+            _ => return false,
+        };
+        true
+    }
+
+    fn open(&mut self, b: u8) -> bool {
+        if self.stack.len() >= MAX_DEPTH {
+            return false;
+        }
+        self.stack.push(b);
+        self.mode = if b == b'{' {
+            Mode::KeyOrEnd
+        } else {
+            Mode::ValueOrEnd
+        };
+        true
+    }
+
+    fn close(&mut self, b: u8) -> bool {
+        let want = if b == b'}' { b'{' } else { b'[' };
+        if self.stack.pop() != Some(want) {
+            return false;
+        }
+        self.mode = if self.stack.is_empty() {
+            Mode::Done
+        } else {
+            Mode::AfterValue
+        };
+        true
+    }
+
+    fn string(&mut self, key: bool, esc: Esc, b: u8) -> bool {
+        let esc = match (esc, b) {
+            (Esc::None, b'"') => {
+                self.mode = if key { Mode::Colon } else { Mode::AfterValue };
+                return true;
+            }
+            (Esc::None, b'\\') => Esc::Backslash,
+            (Esc::None, 0x00..=0x1f) => return false,
+            (Esc::None, 0x20..=0x7f) => Esc::None,
+            (Esc::None, 0xc2..=0xdf) => Esc::Utf8(1),
+            (Esc::None, 0xe0..=0xef) => Esc::Utf8(2),
+            (Esc::None, 0xf0..=0xf4) => Esc::Utf8(3),
+            (Esc::None, _) => return false,
+            (Esc::Utf8(n), 0x80..=0xbf) => {
+                if n == 1 {
+                    Esc::None
+                } else {
+                    Esc::Utf8(n - 1)
+                }
+            }
+            (Esc::Backslash, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Esc::None,
+            (Esc::Backslash, b'u') => Esc::Hex(4),
+            (Esc::Hex(n), _) if b.is_ascii_hexdigit() => {
+                if n == 1 {
+                    Esc::None
+                } else {
+                    Esc::Hex(n - 1)
+                }
+            }
+            _ => return false,
+        };
+        self.mode = Mode::Str { key, esc };
+        true
+    }
+}
+
+/// The bytes each token stands for (`None`: a special token, never part of JSON), by id.
+pub type TokenBytes = Vec<Option<Vec<u8>>>;
+
+/// The JSON punctuation, digits and literal letters whose one-byte tokens are watched.
+pub const WATCHED_BYTES: &[u8] = b"{}[]:,\"-+.0123456789eEtrufalsn \n";
+
+/// A turn's JSON constraint: the automaton over the answer so far and the token table.
+#[derive(Debug, Clone)]
+pub struct JsonConstraint {
+    state: JsonPrefix,
+    bytes: Arc<TokenBytes>,
+}
+
+impl JsonConstraint {
+    pub fn new(bytes: Arc<TokenBytes>) -> Self {
+        JsonConstraint {
+            state: JsonPrefix::default(),
+            bytes,
+        }
+    }
+
+    /// The one-byte tokens of `WATCHED_BYTES` (`Backend::watch`), so that some valid
+    /// continuation is always among the candidates.
+    pub fn watched(&self) -> Vec<u32> {
+        WATCHED_BYTES
+            .iter()
+            .filter_map(|&b| {
+                self.bytes
+                    .iter()
+                    .position(|t| t.as_deref() == Some(&[b][..]))
+                    .map(|id| id as u32)
+            })
+            .collect()
+    }
+
+    fn bytes_of(&self, id: u32) -> Option<&[u8]> {
+        self.bytes.get(id as usize)?.as_deref()
+    }
+
+    /// The candidates (best first) whose bytes keep the answer a JSON prefix, in order.
+    /// None left is an error naming the state (`tokens`: the sequence length, for the message).
+    pub fn allowed(&self, cand: &[(u32, f32)], tokens: usize) -> Result<Vec<(u32, f32)>> {
+        let out: Vec<(u32, f32)> = cand
+            .iter()
+            .copied()
+            .filter(|&(id, _)| {
+                self.bytes_of(id)
+                    .is_some_and(|b| !b.is_empty() && self.state.after(b).is_some())
+            })
+            .collect();
+        if out.is_empty() {
+            return Err(Error::input(format!(
+                "response_format json_object: none of the {} candidate tokens continues the JSON \
+                 at position {tokens}",
+                cand.len()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Reads token `id` (one `allowed` returned); whether the object is now complete.
+    pub fn advance(&mut self, id: u32) -> bool {
+        let bytes = self.bytes.get(id as usize).cloned().flatten();
+        let ok = bytes.is_some_and(|b| self.state.feed(&b));
+        debug_assert!(ok, "token {id} was not allowed");
+        self.state.is_complete()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzz::mutate::Rng;
+
+    fn is_prefix(s: &[u8]) -> bool {
+        JsonPrefix::default().feed(s)
+    }
+
+    fn complete(s: &[u8]) -> bool {
+        let mut p = JsonPrefix::default();
+        p.feed(s) && p.is_complete()
+    }
+
+    #[test]
+    fn every_prefix_of_json_objects_is_accepted_and_only_the_whole_is_complete() {
+        let docs = [
+            r#"{}"#,
+            r#"{"a":1}"#,
+            r#" { "a" : [ 1 , -2.5e+3 , 0.0 , 0 , 1E9 , true , false , null , "x\"y\\u00e9" ] } "#
+                .trim_end(),
+            r#"{"k":{"n":{"m":[[],[{}]]}},"s":"\u00e9\n\t\/","z":-0}"#,
+            "{\"caf\u{e9}\": \"\u{1f600}\"}",
+        ];
+        for d in docs {
+            let b = d.as_bytes();
+            serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(b).unwrap();
+            for i in 0..b.len() {
+                assert!(is_prefix(&b[..i]), "{d:?} cut at {i}");
+                assert!(!complete(&b[..i]), "{d:?} complete at {i}");
+            }
+            assert!(complete(b), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_text_is_refused_where_it_goes_wrong() {
+        for bad in [
+            "[1]",
+            "1",
+            "\"a\"",
+            "{a",
+            "{\"a\" 1",
+            "{\"a\":}",
+            "{\"a\":1,}",
+            "{\"a\":01",
+            "{\"a\":1.}",
+            "{\"a\":-}",
+            "{\"a\":tru}",
+            "{\"a\":\"\\x\"",
+            "{\"a\":[1,]",
+            "{\"a\":[}",
+            "{}}",
+            "{} ",
+            "{\"a\":\"\n\"}",
+            "{\"a\":1e}",
+            "{\"a\":\"\\u12g4\"}",
+        ] {
+            assert!(!complete(bad.as_bytes()), "{bad:?}");
+        }
+        let deep = "{\"a\":".to_string() + &"[".repeat(MAX_DEPTH);
+        assert!(!is_prefix(deep.as_bytes()));
+        assert!(is_prefix(&deep.as_bytes()[..deep.len() - 1]));
+        let spaces = "{".to_string() + &" ".repeat(MAX_WHITESPACE as usize + 1);
+        assert!(!is_prefix(spaces.as_bytes()));
+        assert!(is_prefix(&spaces.as_bytes()[..spaces.len() - 1]));
+    }
+
+    /// Against serde_json on random texts built from JSON's own bytes, mostly along the
+    /// automaton's accepted paths: it calls a text a complete object exactly when serde_json
+    /// parses it as one with nothing after the closing brace.
+    #[test]
+    fn the_automaton_agrees_with_serde_json_on_random_texts() {
+        let alphabet = b"{}[]:,\"\\-+.0123456789eEtrufalsnx u\n";
+        let mut rng = Rng::new(7);
+        let (mut completes, mut parsed) = (0, 0);
+        for _ in 0..200_000 {
+            let mut p = JsonPrefix::default();
+            let mut text = Vec::new();
+            // Grow a text byte by byte while it stays a prefix, then test the whole.
+            for _ in 0..rng.below(40) {
+                let b = alphabet[rng.below(alphabet.len())];
+                if let Some(n) = p.after(&[b]) {
+                    p = n;
+                    text.push(b);
+                } else if rng.below(8) == 0 {
+                    text.push(b);
+                    break;
+                }
+            }
+            let ours = complete(&text);
+            let theirs =
+                serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&text).is_ok()
+                    && text.last() == Some(&b'}');
+            assert_eq!(ours, theirs, "{:?}", String::from_utf8_lossy(&text));
+            completes += ours as usize;
+            parsed += theirs as usize;
+        }
+        assert!(completes > 1000, "only {completes} complete objects drawn");
+        assert_eq!(completes, parsed);
+    }
+
+    #[test]
+    fn the_constraint_filters_candidates_and_ends_with_the_object() {
+        let table: TokenBytes = vec![
+            Some(b"{".to_vec()),
+            Some(b"\"a\":".to_vec()),
+            Some(b"1}".to_vec()),
+            Some(b"hello".to_vec()),
+            None,
+            Some(b"}".to_vec()),
+        ];
+        let mut c = JsonConstraint::new(Arc::new(table));
+        assert_eq!(c.watched(), vec![0, 5]);
+        let all: Vec<(u32, f32)> = (0..6).map(|i| (i, 1.0)).collect();
+        assert_eq!(c.allowed(&all, 0).unwrap(), vec![(0, 1.0)]);
+        assert!(!c.advance(0));
+        assert_eq!(c.allowed(&all, 1).unwrap(), vec![(1, 1.0), (5, 1.0)]);
+        assert!(!c.advance(1));
+        assert_eq!(c.allowed(&all, 2).unwrap(), vec![(0, 1.0), (2, 1.0)]);
+        assert!(c.advance(2));
+        let e = c.allowed(&all, 3).unwrap_err().to_string();
+        assert!(e.contains("json_object") && e.contains("position 3"), "{e}");
+    }
+}

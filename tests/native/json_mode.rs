@@ -1,0 +1,86 @@
+//! JSON mode (`response_format: json_object`) on the demo model: the tokenizer's byte table
+//! against its own decoder, and answers held to a JSON object that serde_json parses.
+
+use flexquant::model::chat::Message;
+use flexquant::runtime::json_mode::{JsonConstraint, JsonPrefix, WATCHED_BYTES};
+use flexquant::runtime::reference::Reference;
+use flexquant::runtime::{Sampling, Session, StopReason};
+use pollster::block_on;
+use std::sync::Arc;
+
+/// Every token's bytes (`Tokenizer::token_bytes`) decode, through the `tokenizers` crate's
+/// byte-level decoder, to that token's text; special tokens have none; JSON mode's watched
+/// bytes are tokens of their own.
+#[test]
+fn token_bytes_match_the_tokenizers_decoder() {
+    let Some((m, _)) = crate::common::demo() else {
+        return;
+    };
+    let t = &m.tokenizer;
+    let table = t.token_bytes();
+    assert_eq!(table.len(), t.vocab_size());
+    let mut checked = 0;
+    for (id, bytes) in table.iter().enumerate() {
+        let Some(b) = bytes else { continue };
+        if let Ok(text) = std::str::from_utf8(b) {
+            assert_eq!(t.decode(&[id as u32], false).unwrap(), text, "token {id}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 45_000, "{checked} tokens checked");
+    for &id in &t.stop {
+        assert_eq!(table[id as usize], None, "stop token {id}");
+    }
+    // JSON mode's watched one-byte tokens are all in this vocabulary.
+    let json = JsonConstraint::new(Arc::new(table));
+    assert_eq!(json.watched().len(), WATCHED_BYTES.len());
+}
+
+/// Answers in JSON mode, greedy and sampled at temperature 1: each is a JSON object's prefix
+/// token by token, and each that ended by itself is one whole object serde_json parses.
+#[test]
+fn json_mode_answers_are_json_objects() {
+    let Some((m, _)) = crate::common::demo() else {
+        return;
+    };
+    let t = &m.tokenizer;
+    let bytes = Arc::new(t.token_bytes());
+    let ask = "What is the capital of France? Answer in JSON with one field, \"capital\".";
+    let prompt = t
+        .encode(&t.chat.render(&[Message::new("user", ask)]).unwrap())
+        .unwrap();
+    let mut s = Session::new(Reference::new(m.weights.clone(), 512));
+    let mut ended = 0;
+    for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (1.0, 3)] {
+        let sampling = Sampling {
+            temperature,
+            seed,
+            max_tokens: 64,
+            ..Sampling::chat()
+        };
+        let json = Some(JsonConstraint::new(bytes.clone()));
+        let mut turn = block_on(s.start_with(&prompt, &sampling, &t.stop, json)).unwrap();
+        let mut state = JsonPrefix::default();
+        while let Some(id) = block_on(s.next(&mut turn)).unwrap() {
+            assert!(
+                state.feed(bytes[id as usize].as_deref().unwrap()),
+                "token {id} left the JSON"
+            );
+        }
+        let text = t.decode(&turn.out, true).unwrap();
+        eprintln!(
+            "temperature {temperature} seed {seed}: {text:?} ({:?})",
+            turn.stats.stopped_by
+        );
+        if turn.stats.stopped_by == Some(StopReason::Eos) {
+            assert!(state.is_complete());
+            let v: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert!(!v.is_empty() || text.trim() == "{}");
+            ended += 1;
+        } else {
+            assert_eq!(turn.stats.stopped_by, Some(StopReason::MaxTokens));
+        }
+    }
+    assert!(ended >= 2, "only {ended} of 4 answers closed their object");
+}
