@@ -87,14 +87,17 @@ export function chatApi(start, next, interrupt) {
     if (stream) return chunks(signal, end, req.stream_options?.include_usage === true);
     let content = '';
     let last = null;
+    // With `logprobs: true`, each token's entry, gathered from its chunk.
+    const logprobs = req.logprobs === true ? { content: [] } : null;
     for await (const c of chunks(signal, end, false)) {
       content += c.choices[0].delta.content ?? '';
+      if (logprobs && c.choices[0].logprobs) logprobs.content.push(...c.choices[0].logprobs.content);
       last = c;
     }
     return {
       id: last.id, object: 'chat.completion', created: last.created, model: last.model,
       choices: [{ index: 0, message: { role: 'assistant', content },
-        finish_reason: last.choices[0].finish_reason }],
+        finish_reason: last.choices[0].finish_reason, ...(logprobs ? { logprobs } : {}) }],
       usage: last.usage,
     };
   }

@@ -129,9 +129,12 @@ export interface ChatRequest {
    * is rejected with code 'unsupported'.
    */
   response_format?: { type: 'text' } | { type: 'json_object' } | null;
-  /** Known, not implemented: anything but these defaults is rejected with code 'unsupported'. */
-  logprobs?: false | null;
-  top_logprobs?: 0 | null;
+  /**
+   * Each token's log-probability under the model (before temperature, penalties, bias and
+   * JSON mode) in `choices[].logprobs`, with `top_logprobs` (0..20) most likely alternatives.
+   */
+  logprobs?: boolean | null;
+  top_logprobs?: number | null;
   tools?: null;
   tool_choice?: null;
   /** Ends the answer after the current token (finish_reason 'abort'); a request still waiting for its turn rejects with code 'aborted'. */
@@ -158,7 +161,7 @@ export interface ChatCompletionChunk {
   created: number;
   model: string;
   /** Empty in the extra usage chunk of `stream_options.include_usage`. */
-  choices: { index: 0; delta: { role?: 'assistant'; content?: string }; finish_reason: FinishReason | null }[];
+  choices: { index: 0; delta: { role?: 'assistant'; content?: string }; finish_reason: FinishReason | null; logprobs?: ChatLogprobs }[];
   usage?: Usage;
 }
 
@@ -167,9 +170,18 @@ export interface ChatCompletion {
   object: 'chat.completion';
   created: number;
   model: string;
-  choices: { index: 0; message: { role: 'assistant'; content: string }; finish_reason: FinishReason }[];
+  choices: { index: 0; message: { role: 'assistant'; content: string }; finish_reason: FinishReason; logprobs?: ChatLogprobs }[];
   usage: Usage;
 }
+
+/** A token: its text (its bytes as UTF-8, lossy where a character is split), log-probability and bytes. */
+export interface TopLogprob { token: string; logprob: number; bytes: number[] }
+
+/** A generated token's entry: itself and the `top_logprobs` most likely tokens at its position. */
+export interface ContentLogprob { token: string; logprob: number; bytes: number[]; top_logprobs: TopLogprob[] }
+
+/** `choices[].logprobs` with `logprobs: true`: one entry per token (per chunk when streaming). */
+export interface ChatLogprobs { content: ContentLogprob[] }
 
 export interface Stats {
   step: number;

@@ -4,6 +4,9 @@
 // (value bits, index) pairs. Stage 2: one workgroup merges those candidates into the final k.
 // Each of the k rounds picks the best item strictly after the previous pick, so nothing has
 // to be marked.
+// The softmax's normaliser comes along: stage 1 writes each chunk's (max, sum of
+// exp(logit - max)) after all chunks' candidates, at pair `chunks * k + chunk`; stage 2 folds
+// them into log(sum exp(logit)) at dst[2k] (logprobs: a token's logit minus it).
 
 override FROM_LOGITS: bool = true;
 
@@ -29,8 +32,59 @@ fn item(j: u32) -> vec2<u32> {
     return vec2<u32>(src[2u * j], src[2u * j + 1u]);
 }
 
+// The workgroup's reduction of `v` by max (`take_max`) or sum, valid in every thread.
+fn reduce(v: f32, li: u32, take_max: bool) -> f32 {
+    red_v[li] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (li < s) {
+            red_v[li] = select(red_v[li] + red_v[li + s], max(red_v[li], red_v[li + s]), take_max);
+        }
+        workgroupBarrier();
+    }
+    let r = red_v[0];
+    workgroupBarrier();
+    return r;
+}
+
+// Stage 1: this chunk's (max, sum of exp(logit - max)).
+fn chunk_norm(c0: u32, li: u32) -> vec2<f32> {
+    var m = -3.4e38;
+    for (var t = 0u; t < ITEMS; t++) {
+        let j = c0 + t * WG + li;
+        if (j < p.n) {
+            m = max(m, bitcast<f32>(src[p.base + j]));
+        }
+    }
+    let cm = reduce(m, li, true);
+    var z = 0.0;
+    for (var t = 0u; t < ITEMS; t++) {
+        let j = c0 + t * WG + li;
+        if (j < p.n) {
+            z += exp(bitcast<f32>(src[p.base + j]) - cm);
+        }
+    }
+    return vec2<f32>(cm, reduce(z, li, false));
+}
+
+// Stage 2: log(sum exp(logit)) from the chunks' pairs after the p.n candidates.
+fn log_z() -> f32 {
+    let chunks = p.n / p.k;
+    var m = -3.4e38;
+    for (var c = 0u; c < chunks; c++) {
+        m = max(m, bitcast<f32>(src[2u * (p.n + c)]));
+    }
+    var z = 0.0;
+    for (var c = 0u; c < chunks; c++) {
+        let o = 2u * (p.n + c);
+        z += bitcast<f32>(src[o + 1u]) * exp(bitcast<f32>(src[o]) - m);
+    }
+    return m + log(z);
+}
+
 @compute @workgroup_size(256)
-fn topk(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+fn topk(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
     let c0 = wg.x * CHUNK;
     var prev_v = 3.4e38;
     var prev_i = 0u;
@@ -66,5 +120,15 @@ fn topk(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             dst[o + 1u] = prev_i;
         }
         workgroupBarrier();
+    }
+    if (FROM_LOGITS) {
+        let n = chunk_norm(c0, li);
+        if (li == 0u) {
+            let o = 2u * (nwg.x * p.k + wg.x);
+            dst[o] = bitcast<u32>(n.x);
+            dst[o + 1u] = bitcast<u32>(n.y);
+        }
+    } else if (li == 0u) {
+        dst[2u * p.k] = bitcast<u32>(log_z());
     }
 }

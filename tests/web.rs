@@ -1195,7 +1195,6 @@ async fn empty_and_overlong_conversations_are_input_errors() {
             json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
         ),
         ("tools", json!([])),
-        ("logprobs", json!(true)),
         ("no_such_field", json!(1)),
     ] {
         let mut req = json!({"messages": [user("Hi")]});
@@ -1220,6 +1219,7 @@ async fn empty_and_overlong_conversations_are_input_errors() {
         ("logit_bias", json!({"x": 1})),
         ("logit_bias", json!({"5": 500})),
         ("logit_bias", json!({"99999999": 1})),
+        ("top_logprobs", json!(2)),
     ] {
         let mut req = json!({"messages": [user("Hi")]});
         req[field] = value;
@@ -1324,6 +1324,59 @@ async fn json_mode_holds_answers_to_a_json_object() {
         );
         call(e.unload()).await.unwrap();
     }
+}
+
+/// `logprobs` on both backends: one entry per token chunk, none on the final chunk; the
+/// greedy token is the first of its `top_logprobs`, which come best first and hold at most
+/// the whole probability; the CPU and WebGPU engines agree (the same tiny model).
+#[wasm_bindgen_test]
+async fn logprobs_come_with_each_token_on_both_backends() {
+    let mut by_backend = Vec::new();
+    for backend in ["cpu", "webgpu"] {
+        let (e, _) = engine("/tiny/manifest.json", json!({"backend": backend}))
+            .await
+            .unwrap();
+        let req = json!({"messages": [user("Once upon a time")], "max_tokens": 6,
+            "temperature": 0.0, "ignore_eos": true, "logprobs": true, "top_logprobs": 4});
+        call(e.start_chat(js(&req))).await.unwrap();
+        let mut entries = Vec::new();
+        loop {
+            let (text, c) = chunk(&e).await;
+            let lp = &c["choices"][0]["logprobs"];
+            if text.is_none() {
+                assert!(lp.is_null(), "{backend}: the final chunk has no token: {c}");
+                break;
+            }
+            let content = lp["content"].as_array().unwrap_or_else(|| panic!("{c}"));
+            assert_eq!(content.len(), 1, "{c}");
+            entries.push(content[0].clone());
+        }
+        assert_eq!(entries.len(), 6, "{backend}");
+        for en in &entries {
+            let top = en["top_logprobs"].as_array().unwrap();
+            assert_eq!(top.len(), 4, "{en}");
+            let lps: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+            assert!(lps.windows(2).all(|w| w[0] >= w[1]), "{en}");
+            assert!(
+                lps.iter().map(|l| l.exp()).sum::<f64>() <= 1.0 + 1e-4,
+                "{en}"
+            );
+            assert_eq!(
+                en["bytes"], top[0]["bytes"],
+                "{backend}: greedy is the first: {en}"
+            );
+            assert_eq!(en["logprob"], top[0]["logprob"], "{en}");
+        }
+        by_backend.push(entries);
+        call(e.unload()).await.unwrap();
+    }
+    let (cpu, gpu) = (&by_backend[0], &by_backend[1]);
+    assert_eq!(cpu[0]["bytes"], gpu[0]["bytes"]);
+    let (a, b) = (
+        cpu[0]["logprob"].as_f64().unwrap(),
+        gpu[0]["logprob"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 0.02, "first token: cpu {a} vs webgpu {b}");
 }
 
 /// `stop`, `logit_bias` and the penalties do what OpenAI's do: a stop sequence that spans two

@@ -9,7 +9,7 @@ use clap::Args;
 use flexquant::model::chat::{ChatTemplate, Message};
 use flexquant::model::tokenizer::{StreamDecoder, Tokenizer};
 use flexquant::runtime::json_mode::JsonConstraint;
-use flexquant::runtime::{Backend, Factory, GenStats, StopReason};
+use flexquant::runtime::{Backend, Factory, GenStats, StopReason, TurnOptions};
 use std::io::{BufRead, Write};
 use std::sync::Arc;
 
@@ -69,7 +69,17 @@ where
             )
         });
         let sess = &mut self.run.session;
-        let mut turn = sess.start_with(ids, &sampling, &stop, json).block()?;
+        let mut turn = sess
+            .start_with(
+                ids,
+                &sampling,
+                &stop,
+                TurnOptions {
+                    json,
+                    logprobs: None,
+                },
+            )
+            .block()?;
         let mut dec = StreamDecoder::default();
         let mut out = std::io::stdout();
         let mut text = String::new();

@@ -27,6 +27,9 @@ impl Backend for CpuModel {
     fn watch(&mut self, ids: &[u32]) -> Result<()> {
         CpuModel::watch(self, ids)
     }
+    fn log_z(&self) -> f32 {
+        CpuModel::log_z(self)
+    }
     async fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
         self.hidden(tokens).map(|_| ())
     }

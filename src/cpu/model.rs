@@ -31,6 +31,8 @@ pub struct CpuModel {
     top_k: usize,
     /// Tokens whose logits `step` returns besides the top candidates.
     watched: Vec<u32>,
+    /// `Backend::log_z` of the last `step`.
+    log_z: f32,
     /// Bytes this model may hold (`None`: as much as the allocator gives).
     budget: Option<u64>,
 }
@@ -94,6 +96,7 @@ impl CpuModel {
             capacity,
             top_k: crate::runtime::generate::TOP_K,
             watched: Vec::new(),
+            log_z: f32::NAN,
             budget,
         };
         let need = model.weight_bytes() + model.kv_bytes();
@@ -284,12 +287,18 @@ impl CpuModel {
         let xn = self.hidden(tokens)?;
         let h = self.config.hidden_size;
         let logits = self.logits(&xn[xn.len() - h..]);
+        self.log_z = crate::model::math::log_sum_exp(&logits) as f32;
         let top = crate::runtime::generate::top_k(&logits, self.top_k);
         Ok(crate::runtime::generate::with_watched(
             top,
             &self.watched,
             &logits,
         ))
+    }
+
+    /// See `Backend::log_z`.
+    pub fn log_z(&self) -> f32 {
+        self.log_z
     }
 
     /// See `Backend::watch`.

@@ -29,6 +29,9 @@ impl Backend for Model {
     fn watch(&mut self, ids: &[u32]) -> GpuResult<()> {
         Model::watch(self, ids)
     }
+    fn log_z(&self) -> f32 {
+        Model::log_z(self)
+    }
     async fn prefill(&mut self, tokens: &[u32]) -> GpuResult<()> {
         Model::prefill(self, tokens)
     }

@@ -58,9 +58,11 @@ pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static 
         ("tokens", 4 * b),
         ("targets", 4 * b),
         ("nll", 4 * b),
-        ("top-k candidates", 8 * k * topk_chunks(c)),
-        ("top-k", 8 * k),
-        ("readback", (8 * k + 4 * MAX_WATCHED as u64).max(4 * b)),
+        // Each chunk's k candidates, then its softmax (max, sum) pair (topk.wgsl).
+        ("top-k candidates", 8 * (k + 1) * topk_chunks(c)),
+        // The k candidates, then log(sum exp(logit)).
+        ("top-k", 8 * k + 4),
+        ("readback", (8 * k + 4 + 4 * MAX_WATCHED as u64).max(4 * b)),
     ]
 }
 

@@ -106,6 +106,8 @@ pub struct Model {
     base_group: usize,
     /// Tokens whose logits `step` reads back besides the top-k (`Backend::watch`).
     watched: Vec<u32>,
+    /// `Backend::log_z` of the last `step`.
+    log_z: f32,
     graph: Graph,
     len: usize,
     /// Host seconds the last chunk spent before its submission (encoding it, unless it was
@@ -320,6 +322,7 @@ impl Model {
             modules: slots,
             base_group,
             watched: Vec::new(),
+            log_z: f32::NAN,
             graph,
             len: 0,
             encode_seconds: 0.0,
@@ -588,7 +591,8 @@ impl Model {
         let rb = &self.act.readback.buffer;
         match head {
             Head::TopK => {
-                let k = 8 * self.opts.top_k as u64;
+                // The candidates and log(sum exp(logit)), then the watched logits.
+                let k = 8 * self.opts.top_k as u64 + 4;
                 enc.copy_buffer_to_buffer(&self.act.topk.buffer, 0, rb, 0, k);
                 // Row 0 of the logits holds the last token's (`head_last`).
                 for (i, &id) in self.watched.iter().enumerate() {
@@ -661,7 +665,7 @@ impl Model {
         self.run(tokens, Head::TopK)?;
         self.prepare_next_step();
         let k = self.opts.top_k as usize;
-        let bytes = 8 * k + 4 * self.watched.len();
+        let bytes = 8 * k + 4 + 4 * self.watched.len();
         let b = self
             .gpu
             .read(&self.act.readback.buffer, bytes as u64)
@@ -672,14 +676,20 @@ impl Model {
             .filter(|p| (p[1] as usize) < self.config.vocab_size)
             .map(|p| (p[1], f32::from_bits(p[0])))
             .collect::<Vec<_>>();
+        self.log_z = f32::from_bits(w[2 * k]);
         let extra: Vec<(u32, f32)> = self
             .watched
             .iter()
-            .zip(&w[2 * k..])
+            .zip(&w[2 * k + 1..])
             .filter(|(id, _)| !top.iter().any(|c| c.0 == **id))
             .map(|(&id, &l)| (id, f32::from_bits(l)))
             .collect();
         Ok(top.into_iter().chain(extra).collect())
+    }
+
+    /// See `Backend::log_z`.
+    pub fn log_z(&self) -> f32 {
+        self.log_z
     }
 
     /// See `Backend::watch`.

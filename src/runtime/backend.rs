@@ -28,6 +28,9 @@ pub trait Backend {
     /// `(token, logit)`, best first, then the watched tokens (`watch`) that are not among
     /// them, in `watch` order.
     async fn step(&mut self, tokens: &[u32]) -> Result<Vec<(u32, f32)>, Self::Error>;
+    /// `log Σ exp(logit)` over the whole vocabulary at the last `step`: a token's
+    /// log-probability is its logit minus this (OpenAI's `logprobs`).
+    fn log_z(&self) -> f32;
     /// Tokens whose logits `step` also returns when they are not among the top candidates (at
     /// most `generate::MAX_WATCHED`; replaces the previous list).
     fn watch(&mut self, ids: &[u32]) -> Result<(), Self::Error>;

@@ -38,6 +38,6 @@ pub use decision::{Decision, Reason, Stats};
 pub use elastic::Elastic;
 pub use generate::{GenStats, Sampling, StopReason, DEFAULT_CONTEXT};
 pub use policy::Policy;
-pub use session::{Session, Turn};
+pub use session::{Session, TokenLogprob, Turn, TurnOptions};
 pub use stop_text::StopText;
 pub use walk::{ByteSource, Running, Walk};

@@ -27,6 +27,8 @@ pub struct Reference {
     base_bytes: u64,
     top_k: usize,
     watched: Vec<u32>,
+    /// `Backend::log_z` of the last `step`.
+    log_z: f32,
 }
 
 impl Reference {
@@ -53,6 +55,7 @@ impl Reference {
             weight_bytes,
             top_k: TOP_K,
             watched: Vec::new(),
+            log_z: f32::NAN,
         }
     }
 
@@ -91,11 +94,15 @@ impl Backend for Reference {
     }
     async fn step(&mut self, tokens: &[u32]) -> Result<Vec<(u32, f32)>> {
         let logits = forward::forward_last(&self.weights, tokens, &mut self.cache)?;
+        self.log_z = crate::model::math::log_sum_exp(&logits) as f32;
         Ok(with_watched(
             top_k(&logits, self.top_k),
             &self.watched,
             &logits,
         ))
+    }
+    fn log_z(&self) -> f32 {
+        self.log_z
     }
     fn watch(&mut self, ids: &[u32]) -> Result<()> {
         check_watch(ids, self.weights.config.vocab_size)?;

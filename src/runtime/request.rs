@@ -10,6 +10,7 @@
 use crate::error::{Error, Result};
 use crate::model::chat::Message;
 use crate::runtime::generate::Sampling;
+use crate::runtime::session::MAX_TOP_LOGPROBS;
 use crate::runtime::stop_text::StopText;
 use serde::Deserialize;
 
@@ -84,10 +85,8 @@ impl ChatRequest {
     /// A known field this engine does not implement, set to anything but its default, is
     /// `Unsupported`, naming it.
     pub fn check_supported(&self) -> Result<()> {
-        let unsupported: [(&str, bool); 5] = [
+        let unsupported: [(&str, bool); 3] = [
             ("n", self.n.is_some_and(|n| n != 1)),
-            ("logprobs", self.logprobs == Some(true)),
-            ("top_logprobs", self.top_logprobs.is_some_and(|n| n > 0)),
             ("tools", self.tools.as_ref().is_some_and(|t| !t.is_null())),
             (
                 "tool_choice",
@@ -120,6 +119,25 @@ impl ChatRequest {
             _ => Err(Error::input(
                 "chat request: response_format: expected {type: \"text\"} or {type: \"json_object\"}",
             )),
+        }
+    }
+
+    /// OpenAI's `logprobs` / `top_logprobs`: `Some(alternatives)` when log-probabilities are
+    /// asked for (`TurnOptions::logprobs`). `top_logprobs` without `logprobs: true`, or above
+    /// `MAX_TOP_LOGPROBS`, is an input error naming it.
+    pub fn logprobs(&self) -> Result<Option<usize>> {
+        let top = self.top_logprobs.unwrap_or(0) as usize;
+        if top > MAX_TOP_LOGPROBS {
+            return Err(Error::input(format!(
+                "chat request: top_logprobs {top} is more than {MAX_TOP_LOGPROBS}"
+            )));
+        }
+        match self.logprobs {
+            Some(true) => Ok(Some(top)),
+            _ if top > 0 => Err(Error::input(
+                "chat request: top_logprobs needs logprobs: true",
+            )),
+            _ => Ok(None),
         }
     }
 
@@ -198,6 +216,7 @@ impl ChatRequest {
             serde_json::from_value(v).map_err(|e| Error::input(format!("chat request: {e}")))?;
         r.check_supported()?;
         r.json_object()?;
+        r.logprobs()?;
         let s = r.sampling(0)?;
         let stop = r.stop_text()?;
         Ok((r, s, stop))
@@ -267,6 +286,14 @@ mod tests {
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"xml"}}"#,
                 "response_format",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#,
+                "needs logprobs",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#,
+                "top_logprobs 21",
             ),
         ];
         for (json, want) in cases {

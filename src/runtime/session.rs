@@ -26,8 +26,10 @@ pub struct Turn {
     cand: Vec<(u32, f32)>,
     /// Sampled and returned, not yet in the KV cache.
     pending: Option<u32>,
-    /// JSON mode: only tokens that keep the answer a JSON object's prefix are drawn.
-    json: Option<JsonConstraint>,
+    /// JSON mode and logprobs (`TurnOptions`).
+    opts: TurnOptions,
+    /// The log-probabilities of the token `next` returned last, when asked for.
+    pub logprob: Option<TokenLogprob>,
     pub out: Vec<u32>,
     pub stats: GenStats,
     decode_start: f64,
@@ -48,6 +50,29 @@ impl Turn {
         self.stats.generated = self.out.len();
         self.stats.decode_seconds = now_seconds() - self.decode_start;
     }
+}
+
+/// What a turn does besides sampling.
+#[derive(Debug, Clone, Default)]
+pub struct TurnOptions {
+    /// JSON mode: only tokens that keep the answer a JSON object's prefix are drawn.
+    pub json: Option<JsonConstraint>,
+    /// OpenAI's `logprobs`: each token's log-probability and this many most likely
+    /// alternatives (`top_logprobs`, at most `MAX_TOP_LOGPROBS`) in `Turn::logprob`.
+    pub logprobs: Option<usize>,
+}
+
+/// Most alternatives `TurnOptions::logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// One generated token's log-probability under the model (before temperature, penalties,
+/// bias and JSON mode: its logit minus `Backend::log_z`) and the most likely tokens at its
+/// position with theirs, best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// The number of cached tokens a new prompt can keep: their common prefix, leaving at least
@@ -101,19 +126,26 @@ impl<B: Backend> Session<B> {
         s: &Sampling,
         stop: &[u32],
     ) -> Result<Turn, B::Error> {
-        self.start_with(prompt, s, stop, None).await
+        self.start_with(prompt, s, stop, TurnOptions::default())
+            .await
     }
 
-    /// `start`, the answer held to a JSON object when `json` is given (its watched tokens
-    /// join the sampling's).
+    /// `start` with JSON mode (its watched tokens join the sampling's) or logprobs.
     pub async fn start_with(
         &mut self,
         prompt: &[u32],
         s: &Sampling,
         stop: &[u32],
-        json: Option<JsonConstraint>,
+        opts: TurnOptions,
     ) -> Result<Turn, B::Error> {
         s.validate()?;
+        if opts.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(Error::input(format!(
+                "top_logprobs {} is more than {MAX_TOP_LOGPROBS}",
+                opts.logprobs.unwrap_or(0)
+            ))
+            .into());
+        }
         let context = self.model.context();
         if prompt.is_empty() {
             return Err(Error::input("the prompt is empty").into());
@@ -126,7 +158,7 @@ impl<B: Backend> Session<B> {
             .into());
         }
         let mut watched = s.watched();
-        if let Some(j) = &json {
+        if let Some(j) = &opts.json {
             watched.extend(j.watched());
             watched.sort_unstable();
             watched.dedup();
@@ -151,7 +183,8 @@ impl<B: Backend> Session<B> {
             stop: stop.to_vec(),
             cand,
             pending: None,
-            json,
+            opts,
+            logprob: None,
             out: Vec::new(),
             stats,
             decode_start: now_seconds(),
@@ -183,7 +216,7 @@ impl<B: Backend> Session<B> {
             turn.pending = None;
         }
         let mut cand = turn.sampling.adjust(&turn.cand, &turn.out);
-        if let Some(j) = &turn.json {
+        if let Some(j) = &turn.opts.json {
             cand = j.allowed(&cand, self.tokens.len())?;
         }
         let id = sample(&cand, &turn.sampling, &mut turn.rng, self.tokens.len())?;
@@ -191,10 +224,28 @@ impl<B: Backend> Session<B> {
             turn.finish(StopReason::Eos);
             return Ok(None);
         }
+        turn.logprob = turn.opts.logprobs.map(|n| {
+            let log_z = self.model.log_z();
+            let raw = |id| {
+                turn.cand
+                    .iter()
+                    .find(|c| c.0 == id)
+                    .map_or(f32::NAN, |c| c.1)
+            };
+            TokenLogprob {
+                id,
+                logprob: raw(id) - log_z,
+                // The candidates come best first (watched tokens after them: n < TOP_K).
+                top: turn.cand[..n.min(turn.cand.len())]
+                    .iter()
+                    .map(|&(t, l)| (t, l - log_z))
+                    .collect(),
+            }
+        });
         turn.out.push(id);
         turn.stats.generated = turn.out.len();
         // JSON mode ends the answer with the object (a stop token is never allowed before).
-        if turn.json.as_mut().is_some_and(|j| j.advance(id)) {
+        if turn.opts.json.as_mut().is_some_and(|j| j.advance(id)) {
             turn.finish(StopReason::Eos);
         } else if turn.out.len() >= turn.sampling.max_tokens {
             turn.finish(StopReason::MaxTokens);

@@ -2,7 +2,8 @@
 //! read and written through `serde-wasm-bindgen`, so each key is named once, here. Engine
 //! options and stats use JS's camelCase; chat requests and chunks keep OpenAI's snake_case.
 
-use crate::runtime::{Policy, Reason};
+use crate::runtime::json_mode::TokenBytes;
+use crate::runtime::{Policy, Reason, TokenLogprob};
 use crate::web::error::{Code, WebError, WebResult};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -226,6 +227,56 @@ pub struct Choice {
     pub index: u32,
     pub delta: Delta,
     pub finish_reason: Option<&'static str>,
+    /// The chunk's token, when the request asked for `logprobs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Logprobs>,
+}
+
+/// OpenAI's `choices[].logprobs`: one entry per token.
+#[derive(Serialize)]
+pub struct Logprobs {
+    pub content: Vec<ContentLogprob>,
+}
+
+/// A token, its log-probability and the most likely tokens at its position.
+#[derive(Serialize)]
+pub struct ContentLogprob {
+    #[serde(flatten)]
+    pub token: TopLogprob,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Serialize)]
+pub struct TopLogprob {
+    /// The token's text (its bytes as UTF-8, lossy where a character is split).
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+impl Logprobs {
+    /// `t` with each token's bytes from `table` (`Tokenizer::token_bytes`; a special token:
+    /// its text).
+    pub fn of(t: &TokenLogprob, table: &TokenBytes, special: impl Fn(u32) -> String) -> Self {
+        let entry = |id: u32, logprob: f32| {
+            let bytes = table
+                .get(id as usize)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| special(id).into_bytes());
+            TopLogprob {
+                token: String::from_utf8_lossy(&bytes).into_owned(),
+                logprob,
+                bytes,
+            }
+        };
+        Logprobs {
+            content: vec![ContentLogprob {
+                token: entry(t.id, t.logprob),
+                top_logprobs: t.top.iter().map(|&(id, l)| entry(id, l)).collect(),
+            }],
+        }
+    }
 }
 
 #[derive(Serialize, Default)]

@@ -82,6 +82,9 @@ impl Backend for WebModel {
     async fn step(&mut self, tokens: &[u32]) -> WebResult<Vec<(u32, f32)>> {
         Ok(each!(self, m => Backend::step(m, tokens).await?))
     }
+    fn log_z(&self) -> f32 {
+        each!(self, m => Backend::log_z(m))
+    }
     fn watch(&mut self, ids: &[u32]) -> WebResult<()> {
         each!(self, m => Backend::watch(m, ids)?);
         Ok(())

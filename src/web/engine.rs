@@ -12,10 +12,10 @@ use crate::runtime::json_mode::{JsonConstraint, TokenBytes};
 use crate::runtime::walk::Running;
 use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
-use crate::runtime::{StopReason, StopText, Turn, DEFAULT_CONTEXT};
+use crate::runtime::{StopReason, StopText, Turn, TurnOptions, DEFAULT_CONTEXT};
 use crate::web::api::{
-    from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, MaxPerplexity, MinSpeed,
-    Started, Stats, TrajectoryPoint, Usage, UsageExtra,
+    from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, Logprobs, MaxPerplexity,
+    MinSpeed, Started, Stats, TrajectoryPoint, Usage, UsageExtra,
 };
 use crate::web::backend::{BackendChoice, Kind, WebModel};
 use crate::web::error::{Code, WebError, WebResult};
@@ -555,12 +555,12 @@ impl Inner {
         let random = (js_sys::Math::random() * 2f64.powi(53)) as u64;
         let s = req.sampling(random)?;
         let stop_text = req.stop_text()?;
-        let json = req.json_object()?.then(|| {
-            let bytes = self
-                .token_bytes
-                .get_or_init(|| Arc::new(self.tokenizer.token_bytes()));
-            JsonConstraint::new(bytes.clone())
-        });
+        let opts = TurnOptions {
+            json: req
+                .json_object()?
+                .then(|| JsonConstraint::new(self.token_bytes())),
+            logprobs: req.logprobs()?,
+        };
         let text = self.chat.render(&req.messages)?;
         let ids = self.tokenizer.encode(&text)?;
 
@@ -576,7 +576,7 @@ impl Inner {
             match st
                 .run
                 .session
-                .start_with(&ids, &s, stop, json.clone())
+                .start_with(&ids, &s, stop, opts.clone())
                 .await
             {
                 Ok(t) => break t,
@@ -597,6 +597,13 @@ impl Inner {
         Ok(to_js(&Started {
             prompt_tokens: ids.len(),
         }))
+    }
+
+    /// Every token's bytes (JSON mode, logprobs), made on first use.
+    fn token_bytes(&self) -> Arc<TokenBytes> {
+        self.token_bytes
+            .get_or_init(|| Arc::new(self.tokenizer.token_bytes()))
+            .clone()
     }
 
     async fn next_chunk(self: &Rc<Self>, st: &mut State) -> WebResult<JsValue> {
@@ -626,6 +633,12 @@ impl Inner {
                     }
                 }
             }
+        };
+        let logprobs = match (next, a.turn.logprob.take()) {
+            (Some(_), Some(t)) => Some(Logprobs::of(&t, &self.token_bytes(), |id| {
+                self.tokenizer.decode(&[id], false).unwrap_or_default()
+            })),
+            _ => None,
         };
         let content = match next {
             Some(id) => {
@@ -679,6 +692,7 @@ impl Inner {
                 index: 0,
                 delta,
                 finish_reason,
+                logprobs,
             }],
             usage,
         };

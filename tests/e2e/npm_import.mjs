@@ -78,6 +78,8 @@ try {
     assert.ok(r.worker.events.includes('progress'), r.worker.events.join());
     assert.deepEqual([r.missing.instance, r.missing.code], [true, 'manifest-not-found'], JSON.stringify(r.missing));
     assert.equal(r.unsupported, 'unsupported');
+    // logprobs: an entry per token, 3 alternatives each, the greedy token the first of them.
+    assert.deepEqual(r.logprobs, { entries: 4, tokens: 4, lpChunks: 3, top: [3, 3, 3, 3], greedyIsTop: true }, JSON.stringify(r.logprobs));
     assert.ok(r.belowFloor.floorStep != null && r.belowFloor.lastReason === 'below_floor', JSON.stringify(r.belowFloor));
     checkDeclarations(r);
   } catch (e) {

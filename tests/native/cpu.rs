@@ -151,8 +151,19 @@ fn demo_logits_and_forced_decoding_match_the_reference() {
         cpu.truncate(0);
         for (p, &t) in tokens[..8].iter().enumerate() {
             let top = cpu.step(&[t]).unwrap();
-            let best = ops::argmax(&want[p * vocab..(p + 1) * vocab]);
-            assert_eq!(top[0].0 as usize, best, "{name}: decode step {p}");
+            let row = &want[p * vocab..(p + 1) * vocab];
+            assert_eq!(
+                top[0].0 as usize,
+                ops::argmax(row),
+                "{name}: decode step {p}"
+            );
+            // The softmax's normaliser (logprobs) of this model's own logits at p.
+            let log_z = flexquant::model::math::log_sum_exp(&got[p * vocab..(p + 1) * vocab]);
+            let z = cpu.log_z();
+            assert!(
+                (z as f64 - log_z).abs() < 1e-3,
+                "{name}: log_z {z} vs {log_z}"
+            );
         }
     }
 }

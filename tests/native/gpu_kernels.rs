@@ -517,6 +517,7 @@ fn attention_matches_cpu_over_the_cache() {
     }
 }
 
+/// The top-k and the softmax's normaliser (for logprobs) against sorting and log-sum-exp.
 #[test]
 fn topk_matches_sorting_on_the_cpu() {
     if gpu().is_none() {
@@ -530,7 +531,8 @@ fn topk_matches_sorting_on_the_cpu() {
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
         let want: Vec<u32> = order[..k as usize].iter().map(|&i| i as u32).collect();
         let chunks = (n as u32).div_ceil(kernels::TOPK_CHUNK);
-        let cand = vec![0u32; 2 * (chunks * k) as usize];
+        // The candidates, then each chunk's softmax (max, sum) pair.
+        let cand = vec![0u32; 2 * ((chunks * k) + chunks) as usize];
         let c = run(
             Kernel::TopK { from_logits: true },
             &TopKParams {
@@ -543,7 +545,7 @@ fn topk_matches_sorting_on_the_cpu() {
             &[bytemuck::cast_slice(&cand)],
             [chunks, 1, 1],
         );
-        let top = vec![0u32; 2 * k as usize];
+        let top = vec![0u32; 2 * k as usize + 1];
         let r = run(
             Kernel::TopK { from_logits: false },
             &TopKParams {
@@ -556,13 +558,17 @@ fn topk_matches_sorting_on_the_cpu() {
             &[bytemuck::cast_slice(&top)],
             [1, 1, 1],
         );
-        let got: Vec<u32> = u32s(&r[0]).chunks(2).map(|p| p[1]).collect();
+        let out = u32s(&r[0]);
+        let got: Vec<u32> = out[..2 * k as usize].chunks(2).map(|p| p[1]).collect();
         assert_eq!(got, want, "top-{k} of {n}");
-        let vals: Vec<f32> = u32s(&r[0])
-            .chunks(2)
-            .map(|p| f32::from_bits(p[0]))
-            .collect();
-        assert_eq!(vals[0], logits[want[0] as usize]);
+        assert_eq!(f32::from_bits(out[0]), logits[want[0] as usize]);
+        // log(sum exp(logit)) over all n, as the CPU computes it in f64.
+        let log_z = f32::from_bits(out[2 * k as usize]) as f64;
+        let cpu = flexquant::model::math::log_sum_exp(&logits);
+        assert!(
+            (log_z - cpu).abs() < 1e-4 * cpu.abs().max(1.0),
+            "{log_z} vs {cpu}"
+        );
     }
 }
 

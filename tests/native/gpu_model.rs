@@ -94,6 +94,13 @@ fn decode_matches(
         "top-5 of the last token (norms folded: {})",
         opts.fuse_norm.unwrap()
     );
+    // The softmax's normaliser (logprobs) from the top-k kernels, against the CPU's.
+    let log_z = flexquant::model::math::log_sum_exp(row) as f32;
+    assert!(
+        (g.log_z() - log_z).abs() < 1e-3 * log_z.abs().max(1.0),
+        "log_z {} vs {log_z}",
+        g.log_z()
+    );
     assert_eq!(
         g.dispatches_per_token(),
         match opts.fuse_norm.unwrap() {

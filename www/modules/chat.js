@@ -120,6 +120,7 @@ export class Chat {
         try {
           const stream = await this.engine.chat.completions.create({
             messages, stream: true, temperature: s.temperature, top_p: s.top_p, max_tokens: s.max_tokens,
+            ...(s.json_mode ? { response_format: { type: 'json_object' } } : {}),
           });
           this.live.textContent = '';
           for await (const chunk of stream) {

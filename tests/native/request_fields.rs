@@ -1,10 +1,12 @@
-//! JSON mode (`response_format: json_object`) on the demo model: the tokenizer's byte table
-//! against its own decoder, and answers held to a JSON object that serde_json parses.
+//! OpenAI request fields that change what a turn does, on the demo model: JSON mode
+//! (`response_format: json_object`: the tokenizer's byte table against its own decoder, answers
+//! held to a JSON object that serde_json parses) and `logprobs` (against the reference
+//! forward pass's log-softmax).
 
 use flexquant::model::chat::Message;
 use flexquant::runtime::json_mode::{JsonConstraint, JsonPrefix, WATCHED_BYTES};
 use flexquant::runtime::reference::Reference;
-use flexquant::runtime::{Sampling, Session, StopReason};
+use flexquant::runtime::{Sampling, Session, StopReason, TurnOptions};
 use pollster::block_on;
 use std::sync::Arc;
 
@@ -59,7 +61,16 @@ fn json_mode_answers_are_json_objects() {
             ..Sampling::chat()
         };
         let json = Some(JsonConstraint::new(bytes.clone()));
-        let mut turn = block_on(s.start_with(&prompt, &sampling, &t.stop, json)).unwrap();
+        let mut turn = block_on(s.start_with(
+            &prompt,
+            &sampling,
+            &t.stop,
+            TurnOptions {
+                json,
+                logprobs: None,
+            },
+        ))
+        .unwrap();
         let mut state = JsonPrefix::default();
         while let Some(id) = block_on(s.next(&mut turn)).unwrap() {
             assert!(
@@ -83,4 +94,62 @@ fn json_mode_answers_are_json_objects() {
         }
     }
     assert!(ended >= 2, "only {ended} of 4 answers closed their object");
+}
+
+/// `logprobs` with 5 alternatives on a greedy answer: each token's log-probability equals the
+/// log-softmax of the reference forward pass over prompt + answer at its position (computed
+/// independently, all positions at once), and is the first of its alternatives.
+#[test]
+fn logprobs_match_the_log_softmax_of_a_full_forward_pass() {
+    let Some((m, _)) = crate::common::demo() else {
+        return;
+    };
+    let t = &m.tokenizer;
+    let prompt = t
+        .encode(
+            &t.chat
+                .render(&[Message::new("user", "Name a color.")])
+                .unwrap(),
+        )
+        .unwrap();
+    let mut s = Session::new(Reference::new(m.weights.clone(), 512));
+    let sampling = Sampling {
+        max_tokens: 8,
+        ..Sampling::default()
+    };
+    let opts = TurnOptions {
+        json: None,
+        logprobs: Some(5),
+    };
+    let mut turn = block_on(s.start_with(&prompt, &sampling, &[], opts)).unwrap();
+    let mut got = Vec::new();
+    while let Some(id) = block_on(s.next(&mut turn)).unwrap() {
+        let lp = turn.logprob.take().expect("asked for logprobs");
+        assert_eq!(lp.id, id);
+        assert_eq!(lp.top.len(), 5);
+        assert_eq!(lp.top[0], (id, lp.logprob), "greedy: the most likely token");
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1), "{:?}", lp.top);
+        let mass: f32 = lp.top.iter().map(|c| c.1.exp()).sum();
+        assert!(lp.logprob <= 0.0 && mass <= 1.0 + 1e-5, "{lp:?}");
+        got.push(lp);
+    }
+    assert_eq!(got.len(), 8);
+    let all: Vec<u32> = prompt
+        .iter()
+        .copied()
+        .chain(got.iter().map(|l| l.id))
+        .collect();
+    let w = &m.weights;
+    let mut cache = flexquant::model::forward::KvCache::new(w, all.len());
+    let logits = flexquant::model::forward::forward_all(w, &all, &mut cache).unwrap();
+    let vocab = w.config.vocab_size;
+    for (i, lp) in got.iter().enumerate() {
+        let row = &logits[(prompt.len() - 1 + i) * vocab..][..vocab];
+        let want = row[lp.id as usize] as f64 - flexquant::model::math::log_sum_exp(row);
+        assert!(
+            (lp.logprob as f64 - want).abs() < 1e-3,
+            "token {i}: {} vs {want}",
+            lp.logprob
+        );
+    }
 }
