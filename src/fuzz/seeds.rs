@@ -116,6 +116,8 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
     if requests.is_empty() {
         return Err(Error::format(f.requests.display(), "no *.json requests"));
     }
+    // JSON mode's automaton starts from real JSON objects: the requests.
+    s.insert("json_mode", requests.clone());
     s.insert("request", requests);
     Ok(s)
 }

@@ -190,6 +190,19 @@ mod native {
     }
 }
 
+/// JSON mode's automaton (`runtime::json_mode::JsonPrefix`) on any bytes: it must never call
+/// a text a whole JSON object that serde_json does not parse as one (a panic otherwise: the
+/// runner records it as a crash).
+pub fn json_mode(b: &[u8]) -> Result<()> {
+    let mut p = crate::runtime::json_mode::JsonPrefix::default();
+    if p.feed(b) && p.is_complete() {
+        if let Err(e) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(b) {
+            panic!("JSON mode accepted what serde_json rejects ({e})");
+        }
+    }
+    Ok(())
+}
+
 /// Every target, by name; `tokenizer` serves the request target's prompts.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn all(tokenizer: crate::model::tokenizer::Tokenizer) -> Vec<Target> {
@@ -223,5 +236,6 @@ pub fn all(tokenizer: crate::model::tokenizer::Tokenizer) -> Vec<Target> {
             true,
             Box::new(move |b| request(&tokenizer, b)),
         ),
+        t("json_mode", &[], true, Box::new(json_mode)),
     ]
 }

@@ -18,6 +18,10 @@ pub const MAX_DEPTH: usize = 32;
 /// Most whitespace bytes in a row outside strings (a model caught emitting newlines forever
 /// must write something else).
 pub const MAX_WHITESPACE: u8 = 24;
+/// Most digits of a number's integer part, fraction and exponent: every number fits a double
+/// (JSON allows any, but `1e400` is out of range for serde_json and `Infinity` to
+/// `JSON.parse`), and a model cannot write digits forever.
+pub const MAX_DIGITS: (u8, u8, u8) = (20, 40, 2);
 
 /// Where the automaton is inside the text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,43 +66,51 @@ enum Esc {
     Utf8(u8),
 }
 
-/// RFC 8259's number grammar, one state per position.
+/// RFC 8259's number grammar, one state per position; the digit states count their digits
+/// (`MAX_DIGITS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Num {
     Minus,
     Zero,
-    Int,
+    Int(u8),
     Dot,
-    Frac,
+    Frac(u8),
     Exp,
     ExpSign,
-    ExpDigits,
+    ExpDigits(u8),
 }
 
 impl Num {
     /// Whether the number may end here.
     fn complete(self) -> bool {
-        matches!(self, Num::Zero | Num::Int | Num::Frac | Num::ExpDigits)
+        matches!(
+            self,
+            Num::Zero | Num::Int(_) | Num::Frac(_) | Num::ExpDigits(_)
+        )
     }
     /// The state after `b`, or `None` when `b` is not part of the number.
     fn next(self, b: u8) -> Option<Num> {
         let digit = b.is_ascii_digit();
+        let (int, frac, exp) = MAX_DIGITS;
         Some(match (self, b) {
             (Num::Minus, b'0') => Num::Zero,
-            (Num::Minus, _) if digit => Num::Int,
-            (Num::Int, _) if digit => Num::Int,
-            (Num::Zero | Num::Int, b'.') => Num::Dot,
-            (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
-            (Num::Dot | Num::Frac, _) if digit => Num::Frac,
+            (Num::Minus, _) if digit => Num::Int(1),
+            (Num::Int(n), _) if digit && n < int => Num::Int(n + 1),
+            (Num::Zero | Num::Int(_), b'.') => Num::Dot,
+            (Num::Zero | Num::Int(_) | Num::Frac(_), b'e' | b'E') => Num::Exp,
+            (Num::Dot, _) if digit => Num::Frac(1),
+            (Num::Frac(n), _) if digit && n < frac => Num::Frac(n + 1),
             (Num::Exp, b'+' | b'-') => Num::ExpSign,
-            (Num::Exp | Num::ExpSign | Num::ExpDigits, _) if digit => Num::ExpDigits,
+            (Num::Exp | Num::ExpSign, _) if digit => Num::ExpDigits(1),
+            (Num::ExpDigits(n), _) if digit && n < exp => Num::ExpDigits(n + 1),
             _ => return None,
         })
     }
 }
 
 /// The text so far is a prefix of a JSON object (RFC 8259, top level an object, nesting at
-/// most `MAX_DEPTH`, at most `MAX_WHITESPACE` whitespace bytes in a row outside strings).
+/// most `MAX_DEPTH`, at most `MAX_WHITESPACE` whitespace bytes in a row outside strings,
+/// numbers within `MAX_DIGITS`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsonPrefix {
     mode: Mode,
@@ -203,7 +215,7 @@ impl JsonPrefix {
             },
             b'-' => Mode::Num(Num::Minus),
             b'0' => Mode::Num(Num::Zero),
-            b'1'..=b'9' => Mode::Num(Num::Int),
+            b'1'..=b'9' => Mode::Num(Num::Int(1)),
             b't' => Mode::Lit {
                 word: b"true",
                 at: 1,
@@ -415,6 +427,12 @@ mod tests {
         let deep = "{\"a\":".to_string() + &"[".repeat(MAX_DEPTH);
         assert!(!is_prefix(deep.as_bytes()));
         assert!(is_prefix(&deep.as_bytes()[..deep.len() - 1]));
+        // Numbers that would not fit a double (found by `flexquant fuzz`: serde_json rejects
+        // 1e+318446744073709551615 as out of range).
+        for big in ["{\"a\":1e+318}", "{\"a\":123456789012345678901}"] {
+            assert!(!complete(big.as_bytes()), "{big}");
+        }
+        assert!(complete(b"{\"a\":-12345678901234567890.5e-99}"));
         let spaces = "{".to_string() + &" ".repeat(MAX_WHITESPACE as usize + 1);
         assert!(!is_prefix(spaces.as_bytes()));
         assert!(is_prefix(&spaces.as_bytes()[..spaces.len() - 1]));

@@ -1,5 +1,6 @@
 //! Regressions found by fuzzing (`./build.sh fuzz`) in the tokenizer loaders, and the
-//! tokenizer files whose parts disagree: each was a panic or a file that loaded and then failed.
+//! tokenizer files whose parts disagree: each was a panic or a file that loaded and then failed;
+//! and in JSON mode's automaton.
 
 use flexquant::fuzz::seeds::write_gguf;
 use flexquant::model::gguf::{Gguf, Value};
@@ -91,4 +92,15 @@ fn a_subword_prefix_longer_than_a_merge_is_an_error_not_a_panic() {
         e.starts_with("tokenizer.json") && e.contains("model.merges[0]"),
         "{e}"
     );
+}
+
+/// Fuzzing found it (seed 35, the `json_mode` target, 3 of 300 000 inputs): JSON mode called
+/// `{"stream":1e+318446744073709551615, ...}` a whole object, which serde_json rejects (number
+/// out of range) and `JSON.parse` reads as Infinity; numbers are now held to a double's range.
+#[test]
+fn json_mode_numbers_fit_a_double() {
+    let text = br#"{"seed":42.0,"stream":1e+318446744073709551615,"max_tokens":64}"#;
+    flexquant::fuzz::targets::json_mode(text).unwrap();
+    let mut p = flexquant::runtime::json_mode::JsonPrefix::default();
+    assert!(!p.feed(text));
 }
