@@ -125,10 +125,15 @@ export interface ChatRequest {
   n?: number;
   /**
    * `json_object`: JSON mode, the answer is one JSON object (tokens that would leave one are
-   * never drawn; the answer ends when the object closes, finish_reason 'stop'). `json_schema`
-   * is rejected with code 'unsupported'.
+   * never drawn; the answer ends when the object closes, finish_reason 'stop'). `json_schema`:
+   * an object that follows `schema` (the subset js/API.md lists; other keywords are rejected
+   * with code 'unsupported', naming where they are).
    */
-  response_format?: { type: 'text' } | { type: 'json_object' } | null;
+  response_format?:
+    | { type: 'text' }
+    | { type: 'json_object' }
+    | { type: 'json_schema'; json_schema: { name?: string; description?: string; strict?: boolean; schema: Record<string, unknown> } }
+    | null;
   /**
    * Each token's log-probability under the model (before temperature, penalties, bias and
    * JSON mode) in `choices[].logprobs`, with `top_logprobs` (0..20) most likely alternatives.

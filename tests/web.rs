@@ -1285,7 +1285,8 @@ async fn pieces(e: &Engine, mut req: Value) -> (Vec<String>, Value) {
 /// JSON mode (`response_format: {type: 'json_object'}`) on both backends: every sampled
 /// answer is a JSON object's prefix (the runtime's automaton reads the streamed text), those
 /// that end are objects serde_json parses, with `finish_reason: 'stop'`; biasing `{` and `}`
-/// (the tiny vocabulary is the 256 bytes after 3 special tokens) gives exactly `{}`.
+/// (the tiny vocabulary is the 256 bytes after 3 special tokens) gives exactly `{}`; with a
+/// `json_schema`, sampled answers are objects of the schema's keys, enum and types.
 #[wasm_bindgen_test]
 async fn json_mode_holds_answers_to_a_json_object() {
     use flexquant::runtime::json_mode::JsonPrefix;
@@ -1322,6 +1323,26 @@ async fn json_mode_holds_answers_to_a_json_object() {
             last["choices"][0]["finish_reason"], "stop",
             "{backend}: {last}"
         );
+        // A schema (structured output): its keys, its enum, its types.
+        let schema = json!({"type": "object", "additionalProperties": false,
+            "properties": {"a": {"enum": ["x", "yy"]}, "n": {"type": "integer"}},
+            "required": ["a", "n"]});
+        for seed in 0..2 {
+            let req = json!({"max_tokens": 200, "temperature": 1.0, "seed": seed,
+                "response_format": {"type": "json_schema",
+                    "json_schema": {"name": "t", "strict": true, "schema": schema}}});
+            let (got, last) = pieces(&e, req).await;
+            let text = got.concat();
+            assert_eq!(
+                last["choices"][0]["finish_reason"], "stop",
+                "{backend}: {text:?}"
+            );
+            let v: serde_json::Map<String, Value> =
+                serde_json::from_str(&text).unwrap_or_else(|err| panic!("{text:?}: {err}"));
+            assert_eq!(v.len(), 2, "{text}");
+            assert!(["x", "yy"].contains(&v["a"].as_str().unwrap()), "{text}");
+            assert!(v["n"].as_f64().is_some_and(|n| n.fract() == 0.0), "{text}");
+        }
         call(e.unload()).await.unwrap();
     }
 }

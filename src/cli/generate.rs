@@ -8,7 +8,8 @@ use anyhow::Result;
 use clap::Args;
 use flexquant::model::chat::{ChatTemplate, Message};
 use flexquant::model::tokenizer::{StreamDecoder, Tokenizer};
-use flexquant::runtime::json_mode::JsonConstraint;
+use flexquant::runtime::json_mode::{JsonConstraint, Schema};
+use flexquant::runtime::json_schema;
 use flexquant::runtime::{Backend, Factory, GenStats, StopReason, TurnOptions};
 use std::io::{BufRead, Write};
 use std::sync::Arc;
@@ -61,12 +62,23 @@ where
     fn answer(&mut self, ids: &[u32], a: &SamplingArgs) -> Result<Answer> {
         let stop = self.tokenizer.stop.clone();
         let (sampling, mut stop_text) = a.checked()?;
-        let json = a.json_object.then(|| {
-            JsonConstraint::new(
-                self.token_bytes
-                    .get_or_init(|| Arc::new(self.tokenizer.token_bytes()))
-                    .clone(),
-            )
+        let schema = match &a.json_schema {
+            Some(path) => {
+                let text = super::read_text(path)?;
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: not JSON ({e})", path.display()))?;
+                Some(
+                    json_schema::parse(&v)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                )
+            }
+            None => a.json_object.then(|| Arc::new(Schema::AnyObject)),
+        };
+        let json = schema.map(|s| {
+            let bytes = self
+                .token_bytes
+                .get_or_init(|| Arc::new(self.tokenizer.token_bytes()));
+            JsonConstraint::new(bytes.clone(), s)
         });
         let sess = &mut self.run.session;
         let mut turn = sess

@@ -118,6 +118,10 @@ pub struct SamplingArgs {
     /// JSON object and ends when it closes.
     #[arg(long)]
     json_object: bool,
+    /// JSON mode held to the JSON Schema in this file (the browser's `response_format:
+    /// {type: "json_schema"}`; the subset js/API.md lists).
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<std::path::PathBuf>,
     /// Context size (tokens) of the KV cache.
     #[arg(long, default_value_t = DEFAULT_CONTEXT)]
     context: usize,

@@ -249,7 +249,7 @@ pub fn with_watched(mut top: Vec<(u32, f32)>, watched: &[u32], logits: &[f32]) -
 }
 
 /// Most tokens a backend watches: the logit biases' and JSON mode's (`json_mode`).
-pub const MAX_WATCHED: usize = MAX_LOGIT_BIAS + 64;
+pub const MAX_WATCHED: usize = MAX_LOGIT_BIAS + 128;
 
 /// Checks a watch list against the vocabulary and its size limit.
 pub fn check_watch(ids: &[u32], vocab: usize) -> Result<()> {

@@ -22,6 +22,8 @@ pub const MAX_WHITESPACE: u8 = 24;
 /// (JSON allows any, but `1e400` is out of range for serde_json and `Infinity` to
 /// `JSON.parse`), and a model cannot write digits forever.
 pub const MAX_DIGITS: (u8, u8, u8) = (20, 40, 2);
+/// Most digits of a schema's `integer`: below 2^53, exact as a double.
+pub const MAX_INTEGER_DIGITS: u8 = 15;
 
 /// Where the automaton is inside the text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,8 +62,19 @@ enum Esc {
     None,
     /// After `\`.
     Backslash,
-    /// Hex digits still due after `\u`.
-    Hex(u8),
+    /// Hex digits still due after `\u` (`left`); `low`: the second half of a surrogate pair;
+    /// `d`: the first digit was D; `high`: a high surrogate (D800-DBFF). Surrogates come in
+    /// pairs only (serde_json refuses a lone one): anything but a low one is refused as a
+    /// pair's second half and a low one alone, at the digit that shows it, so no prefix is a
+    /// dead end.
+    Hex {
+        left: u8,
+        low: bool,
+        d: bool,
+        high: bool,
+    },
+    /// After a high surrogate: its low half's `\` (false) or `u` (true) is due.
+    Pair(bool),
     /// UTF-8 continuation bytes still due.
     Utf8(u8),
 }
@@ -108,28 +121,88 @@ impl Num {
     }
 }
 
+/// What a value must be (`json_schema`'s subset; `Any` for JSON mode without a schema).
+/// Strings are compared as they appear in the JSON text, escapes included.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Schema {
+    /// Any JSON value.
+    Any,
+    /// An object with these properties and no others (OpenAI's `additionalProperties: false`).
+    Object(Vec<Property>),
+    /// Any object: JSON mode's top level.
+    AnyObject,
+    Array(Arc<Schema>),
+    /// A string; with `Some`, one of these (their JSON text between the quotes).
+    String(Option<Vec<Vec<u8>>>),
+    Number {
+        integer: bool,
+    },
+    Boolean,
+    Null,
+    /// `null` or the schema (`type: [T, "null"]`).
+    Nullable(Arc<Schema>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Property {
+    /// The key's JSON text between the quotes.
+    pub name: Vec<u8>,
+    pub schema: Arc<Schema>,
+    pub required: bool,
+}
+
+/// Most properties an object schema may have (`Frame::Object::seen` is a bit set).
+pub const MAX_PROPERTIES: usize = 64;
+
+/// An open container.
+#[derive(Debug, Clone, PartialEq)]
+enum Frame {
+    /// `props`: `None` for any keys with any values.
+    Object {
+        props: Option<Arc<Schema>>,
+        /// The properties written so far (bit i: `props[i]`).
+        seen: u64,
+        /// The property whose value comes next.
+        current: Option<usize>,
+    },
+    Array {
+        item: Arc<Schema>,
+    },
+}
+
 /// The text so far is a prefix of a JSON object (RFC 8259, top level an object, nesting at
 /// most `MAX_DEPTH`, at most `MAX_WHITESPACE` whitespace bytes in a row outside strings,
-/// numbers within `MAX_DIGITS`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// numbers within `MAX_DIGITS`) that follows a schema (`Schema`; JSON mode alone: `AnyObject`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct JsonPrefix {
     mode: Mode,
-    /// Open containers, innermost last: `{` or `[`.
-    stack: Vec<u8>,
+    /// Open containers, innermost last.
+    stack: Vec<Frame>,
+    /// What the value being read (or the next one) must be.
+    expect: Arc<Schema>,
+    /// The key or constrained string being read, as written so far.
+    text: Vec<u8>,
     whitespace: u8,
 }
 
 impl Default for JsonPrefix {
     fn default() -> Self {
-        JsonPrefix {
-            mode: Mode::Start,
-            stack: Vec::new(),
-            whitespace: 0,
-        }
+        Self::new(Arc::new(Schema::AnyObject))
     }
 }
 
 impl JsonPrefix {
+    /// The automaton of objects that follow `root` (an object schema).
+    pub fn new(root: Arc<Schema>) -> Self {
+        JsonPrefix {
+            mode: Mode::Start,
+            stack: Vec::new(),
+            expect: root,
+            text: Vec::new(),
+            whitespace: 0,
+        }
+    }
+
     /// Whether the text is a whole JSON object.
     pub fn is_complete(&self) -> bool {
         self.mode == Mode::Done
@@ -149,15 +222,21 @@ impl JsonPrefix {
     fn byte(&mut self, b: u8) -> bool {
         match self.mode {
             Mode::Str { key, esc } => return self.string(key, esc, b),
-            Mode::Num(n) => match n.next(b) {
-                Some(n) => {
-                    self.mode = Mode::Num(n);
-                    return true;
+            Mode::Num(n) => {
+                let integer = matches!(*self.expect, Schema::Number { integer: true });
+                match n.next(b) {
+                    Some(Num::Dot | Num::Exp) if integer => return false,
+                    // A schema's integers stay exact in a double (and in JavaScript).
+                    Some(Num::Int(n)) if integer && n > MAX_INTEGER_DIGITS => return false,
+                    Some(n) => {
+                        self.mode = Mode::Num(n);
+                        return true;
+                    }
+                    // The number ends here; `b` is read after it.
+                    None if n.complete() => self.mode = Mode::AfterValue,
+                    None => return false,
                 }
-                // The number ends here; `b` is read after it.
-                None if n.complete() => self.mode = Mode::AfterValue,
-                None => return false,
-            },
+            }
             Mode::Lit { word, at } => {
                 if word[at as usize] != b {
                     return false;
@@ -179,10 +258,12 @@ impl JsonPrefix {
         }
         self.whitespace = 0;
         match (self.mode, b) {
-            (Mode::Start, b'{') => self.open(b),
+            (Mode::Start, b'{') => self.value(b),
             (Mode::Value | Mode::ValueOrEnd, _) if b != b']' => self.value(b),
-            (Mode::ValueOrEnd, b']') | (Mode::KeyOrEnd, b'}') => self.close(b),
-            (Mode::KeyOrEnd | Mode::Key, b'"') => {
+            (Mode::ValueOrEnd, b']') => self.close(b),
+            (Mode::KeyOrEnd, b'}') => self.close(b),
+            (Mode::KeyOrEnd | Mode::Key, b'"') if self.keys_left() => {
+                self.text.clear();
                 self.mode = Mode::Str {
                     key: true,
                     esc: Esc::None,
@@ -190,29 +271,83 @@ impl JsonPrefix {
                 true
             }
             (Mode::Colon, b':') => {
+                self.expect = match self.stack.last() {
+                    Some(Frame::Object {
+                        props: Some(p),
+                        current: Some(i),
+                        ..
+                    }) => match &**p {
+                        Schema::Object(props) => props[*i].schema.clone(),
+                        _ => Arc::new(Schema::Any),
+                    },
+                    _ => Arc::new(Schema::Any),
+                };
                 self.mode = Mode::Value;
                 true
             }
-            (Mode::AfterValue, b',') => {
-                self.mode = match self.stack.last() {
-                    Some(b'{') => Mode::Key,
-                    _ => Mode::Value,
-                };
-                true
-            }
+            (Mode::AfterValue, b',') => match self.stack.last() {
+                Some(Frame::Array { item }) => {
+                    self.expect = item.clone();
+                    self.mode = Mode::Value;
+                    true
+                }
+                _ if self.keys_left() => {
+                    self.mode = Mode::Key;
+                    true
+                }
+                _ => false,
+            },
             (Mode::AfterValue, b'}' | b']') => self.close(b),
             _ => false,
         }
     }
 
-    /// The first byte of a value.
+    /// The object being read has a property left to write (any key where it has no schema).
+    fn keys_left(&self) -> bool {
+        match self.stack.last() {
+            Some(Frame::Object {
+                props: Some(p),
+                seen,
+                ..
+            }) => match &**p {
+                Schema::Object(props) => (0..props.len()).any(|i| seen & (1 << i) == 0),
+                _ => true,
+            },
+            _ => true,
+        }
+    }
+
+    /// The first byte of a value of `self.expect`.
     fn value(&mut self, b: u8) -> bool {
+        if let Schema::Nullable(inner) = &*self.expect {
+            if b == b'n' {
+                self.expect = Arc::new(Schema::Null);
+            } else {
+                self.expect = inner.clone();
+            }
+        }
+        let fits = match (&*self.expect, b) {
+            (Schema::Any, _) => true,
+            (Schema::Object(_) | Schema::AnyObject, b'{') => true,
+            (Schema::Array(_), b'[') => true,
+            (Schema::String(_), b'"') => true,
+            (Schema::Number { .. }, b'-' | b'0'..=b'9') => true,
+            (Schema::Boolean, b't' | b'f') => true,
+            (Schema::Null, b'n') => true,
+            _ => false,
+        };
+        if !fits {
+            return false;
+        }
         self.mode = match b {
             b'{' | b'[' => return self.open(b),
-            b'"' => Mode::Str {
-                key: false,
-                esc: Esc::None,
-            },
+            b'"' => {
+                self.text.clear();
+                Mode::Str {
+                    key: false,
+                    esc: Esc::None,
+                }
+            }
             b'-' => Mode::Num(Num::Minus),
             b'0' => Mode::Num(Num::Zero),
             b'1'..=b'9' => Mode::Num(Num::Int(1)),
@@ -237,20 +372,43 @@ impl JsonPrefix {
         if self.stack.len() >= MAX_DEPTH {
             return false;
         }
-        self.stack.push(b);
-        self.mode = if b == b'{' {
-            Mode::KeyOrEnd
+        if b == b'{' {
+            let props = matches!(*self.expect, Schema::Object(_)).then(|| self.expect.clone());
+            self.stack.push(Frame::Object {
+                props,
+                seen: 0,
+                current: None,
+            });
+            self.mode = Mode::KeyOrEnd;
         } else {
-            Mode::ValueOrEnd
-        };
+            let item = match &*self.expect {
+                Schema::Array(item) => item.clone(),
+                _ => Arc::new(Schema::Any),
+            };
+            self.expect = item.clone();
+            self.stack.push(Frame::Array { item });
+            self.mode = Mode::ValueOrEnd;
+        }
         true
     }
 
     fn close(&mut self, b: u8) -> bool {
-        let want = if b == b'}' { b'{' } else { b'[' };
-        if self.stack.pop() != Some(want) {
-            return false;
+        match (self.stack.last(), b) {
+            (Some(Frame::Object { props, seen, .. }), b'}') => {
+                // Every required property written.
+                if let Some(Schema::Object(p)) = props.as_deref() {
+                    if p.iter()
+                        .enumerate()
+                        .any(|(i, prop)| prop.required && seen & (1 << i) == 0)
+                    {
+                        return false;
+                    }
+                }
+            }
+            (Some(Frame::Array { .. }), b']') => {}
+            _ => return false,
         }
+        self.stack.pop();
         self.mode = if self.stack.is_empty() {
             Mode::Done
         } else {
@@ -259,12 +417,73 @@ impl JsonPrefix {
         true
     }
 
+    /// The strings a schema constrains at this point: the unwritten property names while a
+    /// key is read, the enum's values while a string of one is.
+    fn allowed_strings(&self, key: bool) -> Option<Vec<&[u8]>> {
+        if key {
+            let Some(Frame::Object {
+                props: Some(p),
+                seen,
+                ..
+            }) = self.stack.last()
+            else {
+                return None;
+            };
+            let Schema::Object(props) = &**p else {
+                return None;
+            };
+            return Some(
+                props
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| seen & (1 << i) == 0)
+                    .map(|(_, p)| p.name.as_slice())
+                    .collect(),
+            );
+        }
+        match &*self.expect {
+            Schema::String(Some(values)) => Some(values.iter().map(Vec::as_slice).collect()),
+            _ => None,
+        }
+    }
+
     fn string(&mut self, key: bool, esc: Esc, b: u8) -> bool {
-        let esc = match (esc, b) {
-            (Esc::None, b'"') => {
-                self.mode = if key { Mode::Colon } else { Mode::AfterValue };
-                return true;
+        let constrained = self.allowed_strings(key).is_some();
+        if esc == Esc::None && b == b'"' {
+            if let Some(allowed) = self.allowed_strings(key) {
+                if !allowed.contains(&self.text.as_slice()) {
+                    return false;
+                }
             }
+            if key {
+                if let Some(Frame::Object {
+                    props: Some(p),
+                    seen,
+                    current,
+                }) = self.stack.last_mut()
+                {
+                    if let Schema::Object(props) = &**p {
+                        let i = props
+                            .iter()
+                            .enumerate()
+                            .position(|(i, q)| *seen & (1 << i) == 0 && q.name == self.text)
+                            .expect("checked against the allowed names");
+                        *seen |= 1 << i;
+                        *current = Some(i);
+                    }
+                }
+            }
+            self.mode = if key { Mode::Colon } else { Mode::AfterValue };
+            return true;
+        }
+        if constrained {
+            self.text.push(b);
+            let allowed = self.allowed_strings(key).unwrap_or_default();
+            if !allowed.iter().any(|s| s.starts_with(&self.text)) {
+                return false;
+            }
+        }
+        let esc = match (esc, b) {
             (Esc::None, b'\\') => Esc::Backslash,
             (Esc::None, 0x00..=0x1f) => return false,
             (Esc::None, 0x20..=0x7f) => Esc::None,
@@ -280,12 +499,40 @@ impl JsonPrefix {
                 }
             }
             (Esc::Backslash, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Esc::None,
-            (Esc::Backslash, b'u') => Esc::Hex(4),
-            (Esc::Hex(n), _) if b.is_ascii_hexdigit() => {
-                if n == 1 {
-                    Esc::None
-                } else {
-                    Esc::Hex(n - 1)
+            (Esc::Backslash, b'u') => Esc::Hex {
+                left: 4,
+                low: false,
+                d: false,
+                high: false,
+            },
+            (Esc::Pair(false), b'\\') => Esc::Pair(true),
+            (Esc::Pair(true), b'u') => Esc::Hex {
+                left: 4,
+                low: true,
+                d: false,
+                high: false,
+            },
+            (Esc::Hex { left, low, d, high }, _) if b.is_ascii_hexdigit() => {
+                let digit = (b as char).to_digit(16).unwrap_or(0);
+                let (mut d, mut high) = (d, high);
+                match left {
+                    4 if low && digit != 0xd => return false,
+                    4 => d = digit == 0xd,
+                    // D8-DB: a high surrogate; DC-DF: a low one, only after a high one.
+                    3 if low && digit < 0xc => return false,
+                    3 if !low && d && digit >= 0xc => return false,
+                    3 => high = !low && d && digit >= 8,
+                    _ => {}
+                }
+                match left {
+                    1 if high => Esc::Pair(false),
+                    1 => Esc::None,
+                    n => Esc::Hex {
+                        left: n - 1,
+                        low,
+                        d,
+                        high,
+                    },
                 }
             }
             _ => return false,
@@ -306,20 +553,31 @@ pub const WATCHED_BYTES: &[u8] = b"{}[]:,\"-+.0123456789eEtrufalsn \n";
 pub struct JsonConstraint {
     state: JsonPrefix,
     bytes: Arc<TokenBytes>,
+    /// Bytes whose one-byte tokens are watched: `WATCHED_BYTES` and the schema's strings'.
+    watched_bytes: Vec<u8>,
 }
 
 impl JsonConstraint {
-    pub fn new(bytes: Arc<TokenBytes>) -> Self {
+    /// JSON mode over `bytes` (`Tokenizer::token_bytes`), the answer an object that follows
+    /// `schema` (`Schema::AnyObject`: any object).
+    pub fn new(bytes: Arc<TokenBytes>, schema: Arc<Schema>) -> Self {
+        let mut watched_bytes = WATCHED_BYTES.to_vec();
+        crate::runtime::json_schema::string_bytes(&schema, &mut watched_bytes);
+        // JSON's own bytes first, then the schema's, at most 128 (`generate::MAX_WATCHED`).
+        let mut seen = [false; 256];
+        watched_bytes.retain(|&b| !std::mem::replace(&mut seen[b as usize], true));
+        watched_bytes.truncate(128);
         JsonConstraint {
-            state: JsonPrefix::default(),
+            state: JsonPrefix::new(schema),
             bytes,
+            watched_bytes,
         }
     }
 
-    /// The one-byte tokens of `WATCHED_BYTES` (`Backend::watch`), so that some valid
-    /// continuation is always among the candidates.
+    /// The one-byte tokens of the watched bytes (`Backend::watch`), so that some valid
+    /// continuation is always among the candidates (at most 128: printable ASCII and more).
     pub fn watched(&self) -> Vec<u32> {
-        WATCHED_BYTES
+        self.watched_bytes
             .iter()
             .filter_map(|&b| {
                 self.bytes
@@ -482,7 +740,7 @@ mod tests {
             None,
             Some(b"}".to_vec()),
         ];
-        let mut c = JsonConstraint::new(Arc::new(table));
+        let mut c = JsonConstraint::new(Arc::new(table), Arc::new(Schema::AnyObject));
         assert_eq!(c.watched(), vec![0, 5]);
         let all: Vec<(u32, f32)> = (0..6).map(|i| (i, 1.0)).collect();
         assert_eq!(c.allowed(&all, 0).unwrap(), vec![(0, 1.0)]);

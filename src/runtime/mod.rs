@@ -11,7 +11,8 @@
 //! - `request`: a chat request and its validation (the browser's, run natively too).
 //! - `body`: how a download's buffer grows (never past the declared size).
 //! - `stop_text`: stop sequences over the decoded answer.
-//! - `json_mode`: `response_format: json_object`, candidates kept to a JSON object's prefixes.
+//! - `json_mode`: `response_format: json_object`, candidates kept to a JSON object's prefixes;
+//!   `json_schema`: the JSON Schema subset it also enforces.
 //! - `speed`: decode speed between tokens, the controller's second signal.
 //! - `dir` (native): an ensemble directory as a byte source.
 
@@ -24,6 +25,7 @@ pub mod dir;
 pub mod elastic;
 pub mod generate;
 pub mod json_mode;
+pub mod json_schema;
 pub mod policy;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod reference;

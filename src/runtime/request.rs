@@ -10,9 +10,12 @@
 use crate::error::{Error, Result};
 use crate::model::chat::Message;
 use crate::runtime::generate::Sampling;
+use crate::runtime::json_mode::Schema;
+use crate::runtime::json_schema;
 use crate::runtime::session::MAX_TOP_LOGPROBS;
 use crate::runtime::stop_text::StopText;
 use serde::Deserialize;
+use std::sync::Arc;
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
@@ -101,23 +104,25 @@ impl ChatRequest {
         }
     }
 
-    /// Whether the answer is held to a JSON object (`response_format: {type: "json_object"}`;
-    /// `json_mode`). `{type: "text"}` or none is free text; `json_schema` is unsupported and
-    /// anything else an input error, each naming the field.
-    pub fn json_object(&self) -> Result<bool> {
+    /// The schema the answer is held to (`json_mode`): `{type: "json_object"}` any object,
+    /// `{type: "json_schema", json_schema: {schema}}` one that follows `schema`
+    /// (`json_schema::parse`); `{type: "text"}` or none is free text (`None`). Anything else is
+    /// an error naming the field.
+    pub fn json_mode(&self) -> Result<Option<Arc<Schema>>> {
         let Some(f) = self.response_format.as_ref().filter(|f| !f.is_null()) else {
-            return Ok(false);
+            return Ok(None);
         };
         match f.get("type").and_then(|t| t.as_str()) {
-            Some("text") => Ok(false),
-            Some("json_object") => Ok(true),
-            Some("json_schema") => Err(Error::Unsupported(
-                "chat request: `response_format` type `json_schema` is not supported by this \
-                 engine; `json_object` is (see js/API.md)"
-                    .into(),
-            )),
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(Arc::new(Schema::AnyObject))),
+            Some("json_schema") => match f.get("json_schema").and_then(|j| j.get("schema")) {
+                Some(s) => json_schema::parse(s).map(Some),
+                None => Err(Error::input(
+                    "chat request: response_format json_schema: expected {json_schema: {name, schema}}",
+                )),
+            },
             _ => Err(Error::input(
-                "chat request: response_format: expected {type: \"text\"} or {type: \"json_object\"}",
+                "chat request: response_format: expected {type: \"text\"}, {type: \"json_object\"} or {type: \"json_schema\"}",
             )),
         }
     }
@@ -215,7 +220,7 @@ impl ChatRequest {
         let r: ChatRequest =
             serde_json::from_value(v).map_err(|e| Error::input(format!("chat request: {e}")))?;
         r.check_supported()?;
-        r.json_object()?;
+        r.json_mode()?;
         r.logprobs()?;
         let s = r.sampling(0)?;
         let stop = r.stop_text()?;
@@ -244,17 +249,24 @@ mod tests {
     }
 
     #[test]
-    fn json_object_is_json_mode_and_text_is_not() {
+    fn json_object_and_json_schema_are_json_mode_and_text_is_not() {
         let with = |f: &str| {
             let (r, _, _) = parse(&format!(
                 r#"{{"messages":[{{"role":"user","content":"x"}}],"response_format":{f}}}"#
             ))
             .unwrap();
-            r.json_object().unwrap()
+            r.json_mode().unwrap()
         };
-        assert!(with(r#"{"type":"json_object"}"#));
-        assert!(!with(r#"{"type":"text"}"#));
-        assert!(!with("null"));
+        assert_eq!(
+            with(r#"{"type":"json_object"}"#).as_deref(),
+            Some(&Schema::AnyObject)
+        );
+        let s = with(
+            r#"{"type":"json_schema","json_schema":{"name":"x","strict":true,"schema":{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"],"additionalProperties":false}}}"#,
+        );
+        assert!(matches!(s.as_deref(), Some(Schema::Object(p)) if p.len() == 1 && p[0].required));
+        assert_eq!(with(r#"{"type":"text"}"#), None);
+        assert_eq!(with("null"), None);
     }
 
     #[test]
@@ -281,7 +293,11 @@ mod tests {
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema"}}"#,
-                "`json_schema`",
+                "json_schema",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object","properties":{"a":{"type":"string","format":"date"}}}}}}"#,
+                "schema.properties.a.format",
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"xml"}}"#,

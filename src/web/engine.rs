@@ -557,8 +557,8 @@ impl Inner {
         let stop_text = req.stop_text()?;
         let opts = TurnOptions {
             json: req
-                .json_object()?
-                .then(|| JsonConstraint::new(self.token_bytes())),
+                .json_mode()?
+                .map(|schema| JsonConstraint::new(self.token_bytes(), schema)),
             logprobs: req.logprobs()?,
         };
         let text = self.chat.render(&req.messages)?;

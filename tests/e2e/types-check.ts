@@ -8,8 +8,12 @@ async function main() {
   const sup = await Engine.checkSupport(); const f16: boolean | undefined = sup.gpu?.f16; void f16;
   const ins = await Engine.inspect('./m.json', { context: 512 }); const lo: number = ins.minTotalBytes; void lo;
   await e.chat.completions.create({ messages: [], response_format: { type: 'text' }, tools: null });
-  // @ts-expect-error: the runtime rejects json_object (unsupported), so the types do too.
   await e.chat.completions.create({ messages: [], response_format: { type: 'json_object' } });
+  const r = await e.chat.completions.create({ messages: [], logprobs: true, top_logprobs: 2,
+    response_format: { type: 'json_schema', json_schema: { name: 'x', strict: true, schema: { type: 'object' } } } });
+  const lp: number | undefined = r.choices[0].logprobs?.content[0]?.top_logprobs[0]?.logprob; void lp;
+  // @ts-expect-error: the runtime rejects other formats, so the types do too.
+  await e.chat.completions.create({ messages: [], response_format: { type: 'xml' } });
   const stream = await e.chat.completions.create({ messages: [{ role: 'user', content: 'hi' }], stream: true });
   for await (const c of stream) { const s: string | undefined = c.choices[0].delta.content; void s; }
   const st = await e.stats(); const n: number = st.contextLength; void n;

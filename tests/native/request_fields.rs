@@ -4,7 +4,7 @@
 //! forward pass's log-softmax).
 
 use flexquant::model::chat::Message;
-use flexquant::runtime::json_mode::{JsonConstraint, JsonPrefix, WATCHED_BYTES};
+use flexquant::runtime::json_mode::{JsonConstraint, JsonPrefix, Schema, WATCHED_BYTES};
 use flexquant::runtime::reference::Reference;
 use flexquant::runtime::{Sampling, Session, StopReason, TurnOptions};
 use pollster::block_on;
@@ -34,7 +34,7 @@ fn token_bytes_match_the_tokenizers_decoder() {
         assert_eq!(table[id as usize], None, "stop token {id}");
     }
     // JSON mode's watched one-byte tokens are all in this vocabulary.
-    let json = JsonConstraint::new(Arc::new(table));
+    let json = JsonConstraint::new(Arc::new(table), Arc::new(Schema::AnyObject));
     assert_eq!(json.watched().len(), WATCHED_BYTES.len());
 }
 
@@ -60,7 +60,10 @@ fn json_mode_answers_are_json_objects() {
             max_tokens: 64,
             ..Sampling::chat()
         };
-        let json = Some(JsonConstraint::new(bytes.clone()));
+        let json = Some(JsonConstraint::new(
+            bytes.clone(),
+            Arc::new(Schema::AnyObject),
+        ));
         let mut turn = block_on(s.start_with(
             &prompt,
             &sampling,
@@ -150,6 +153,66 @@ fn logprobs_match_the_log_softmax_of_a_full_forward_pass() {
             (lp.logprob as f64 - want).abs() < 1e-3,
             "token {i}: {} vs {want}",
             lp.logprob
+        );
+    }
+}
+
+/// Structured output (`response_format: json_schema`) on the demo model: greedy and sampled
+/// answers are objects with exactly the schema's properties, of its types.
+#[test]
+fn json_schema_answers_follow_the_schema() {
+    let Some((m, _)) = crate::common::demo() else {
+        return;
+    };
+    let t = &m.tokenizer;
+    let schema = flexquant::runtime::json_schema::parse(&serde_json::json!({
+        "type": "object", "additionalProperties": false,
+        "properties": {
+            "city": {"type": "string"},
+            "country": {"type": "string"},
+            "population": {"type": "integer"},
+            "continent": {"enum": ["Europe", "Asia", "Africa", "America", "Oceania"]}
+        },
+        "required": ["city", "country", "population", "continent"]
+    }))
+    .unwrap();
+    let bytes = Arc::new(t.token_bytes());
+    let prompt = t
+        .encode(
+            &t.chat
+                .render(&[Message::new("user", "Describe Paris in JSON.")])
+                .unwrap(),
+        )
+        .unwrap();
+    let mut s = Session::new(Reference::new(m.weights.clone(), 512));
+    for (temperature, seed) in [(0.0, 0), (1.0, 1)] {
+        let sampling = Sampling {
+            temperature,
+            seed,
+            max_tokens: 96,
+            ..Sampling::chat()
+        };
+        let opts = TurnOptions {
+            json: Some(JsonConstraint::new(bytes.clone(), schema.clone())),
+            logprobs: None,
+        };
+        let mut turn = block_on(s.start_with(&prompt, &sampling, &t.stop, opts)).unwrap();
+        while block_on(s.next(&mut turn)).unwrap().is_some() {}
+        let text = t.decode(&turn.out, true).unwrap();
+        eprintln!("temperature {temperature}: {text}");
+        assert_eq!(turn.stats.stopped_by, Some(StopReason::Eos), "{text}");
+        let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
+        let mut keys: Vec<&str> = v.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["city", "continent", "country", "population"],
+            "{text}"
+        );
+        assert!(v["city"].is_string() && v["country"].is_string(), "{text}");
+        assert!(
+            v["population"].is_i64() || v["population"].is_u64(),
+            "{text}"
         );
     }
 }
