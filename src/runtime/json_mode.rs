@@ -326,16 +326,16 @@ impl JsonPrefix {
                 self.expect = inner.clone();
             }
         }
-        let fits = match (&*self.expect, b) {
-            (Schema::Any, _) => true,
-            (Schema::Object(_) | Schema::AnyObject, b'{') => true,
-            (Schema::Array(_), b'[') => true,
-            (Schema::String(_), b'"') => true,
-            (Schema::Number { .. }, b'-' | b'0'..=b'9') => true,
-            (Schema::Boolean, b't' | b'f') => true,
-            (Schema::Null, b'n') => true,
-            _ => false,
-        };
+        let fits = matches!(
+            (&*self.expect, b),
+            (Schema::Any, _)
+                | (Schema::Object(_) | Schema::AnyObject, b'{')
+                | (Schema::Array(_), b'[')
+                | (Schema::String(_), b'"')
+                | (Schema::Number { .. }, b'-' | b'0'..=b'9')
+                | (Schema::Boolean, b't' | b'f')
+                | (Schema::Null, b'n')
+        );
         if !fits {
             return false;
         }
