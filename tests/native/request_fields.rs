@@ -10,6 +10,12 @@ use flexquant::runtime::{Sampling, Session, StopReason, TurnOptions};
 use pollster::block_on;
 use std::sync::Arc;
 
+/// `ask` as the demo model's chat prompt.
+fn chat_prompt(t: &flexquant::model::tokenizer::Tokenizer, ask: &str) -> Vec<u32> {
+    t.encode(&t.chat.render(&[Message::new("user", ask)]).unwrap())
+        .unwrap()
+}
+
 /// Every token's bytes (`Tokenizer::token_bytes`) decode, through the `tokenizers` crate's
 /// byte-level decoder, to that token's text; special tokens have none; JSON mode's watched
 /// bytes are tokens of their own.
@@ -48,9 +54,7 @@ fn json_mode_answers_are_json_objects() {
     let t = &m.tokenizer;
     let bytes = Arc::new(t.token_bytes());
     let ask = "What is the capital of France? Answer in JSON with one field, \"capital\".";
-    let prompt = t
-        .encode(&t.chat.render(&[Message::new("user", ask)]).unwrap())
-        .unwrap();
+    let prompt = chat_prompt(t, ask);
     let mut s = Session::new(Reference::new(m.weights.clone(), 512));
     let mut ended = 0;
     for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (1.0, 3)] {
@@ -108,13 +112,7 @@ fn logprobs_match_the_log_softmax_of_a_full_forward_pass() {
         return;
     };
     let t = &m.tokenizer;
-    let prompt = t
-        .encode(
-            &t.chat
-                .render(&[Message::new("user", "Name a color.")])
-                .unwrap(),
-        )
-        .unwrap();
+    let prompt = chat_prompt(t, "Name a color.");
     let mut s = Session::new(Reference::new(m.weights.clone(), 512));
     let sampling = Sampling {
         max_tokens: 8,
@@ -177,13 +175,7 @@ fn json_schema_answers_follow_the_schema() {
     }))
     .unwrap();
     let bytes = Arc::new(t.token_bytes());
-    let prompt = t
-        .encode(
-            &t.chat
-                .render(&[Message::new("user", "Describe Paris in JSON.")])
-                .unwrap(),
-        )
-        .unwrap();
+    let prompt = chat_prompt(t, "Describe Paris in JSON.");
     let mut s = Session::new(Reference::new(m.weights.clone(), 512));
     for (temperature, seed) in [(0.0, 0), (1.0, 1)] {
         let sampling = Sampling {
