@@ -85,20 +85,22 @@ export function chatApi(start, next, interrupt) {
       throw e;
     }
     if (stream) return chunks(signal, end, req.stream_options?.include_usage === true);
-    let content = '';
+    // One choice per index (`n` answers come one after the other); with `logprobs: true`,
+    // each token's entry gathered from its chunk.
+    const choices = [];
     let last = null;
-    // With `logprobs: true`, each token's entry, gathered from its chunk.
-    const logprobs = req.logprobs === true ? { content: [] } : null;
     for await (const c of chunks(signal, end, false)) {
-      content += c.choices[0].delta.content ?? '';
-      if (logprobs && c.choices[0].logprobs) logprobs.content.push(...c.choices[0].logprobs.content);
+      const ch = c.choices[0];
+      const into = (choices[ch.index] ??= { index: ch.index, message: { role: 'assistant', content: '' },
+        finish_reason: null, ...(req.logprobs === true ? { logprobs: { content: [] } } : {}) });
+      into.message.content += ch.delta.content ?? '';
+      if (into.logprobs && ch.logprobs) into.logprobs.content.push(...ch.logprobs.content);
+      if (ch.finish_reason) into.finish_reason = ch.finish_reason;
       last = c;
     }
     return {
       id: last.id, object: 'chat.completion', created: last.created, model: last.model,
-      choices: [{ index: 0, message: { role: 'assistant', content },
-        finish_reason: last.choices[0].finish_reason, ...(logprobs ? { logprobs } : {}) }],
-      usage: last.usage,
+      choices, usage: last.usage,
     };
   }
   return { completions: { create } };

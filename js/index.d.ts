@@ -121,7 +121,10 @@ export interface ChatRequest {
   /** Accepted and ignored (one model per engine). */
   model?: string;
   user?: string;
-  /** Only 1. */
+  /**
+   * 1-8 answers, generated one after the other from the same prompt (each with seed + its
+   * index); streamed as chunks with `choices[0].index` 0, then 1, ...; `usage` counts them all.
+   */
   n?: number;
   /**
    * `json_object`: JSON mode, the answer is one JSON object (tokens that would leave one are
@@ -166,7 +169,7 @@ export interface ChatCompletionChunk {
   created: number;
   model: string;
   /** Empty in the extra usage chunk of `stream_options.include_usage`. */
-  choices: { index: 0; delta: { role?: 'assistant'; content?: string }; finish_reason: FinishReason | null; logprobs?: ChatLogprobs }[];
+  choices: { index: number; delta: { role?: 'assistant'; content?: string }; finish_reason: FinishReason | null; logprobs?: ChatLogprobs }[];
   usage?: Usage;
 }
 
@@ -175,7 +178,7 @@ export interface ChatCompletion {
   object: 'chat.completion';
   created: number;
   model: string;
-  choices: { index: 0; message: { role: 'assistant'; content: string }; finish_reason: FinishReason; logprobs?: ChatLogprobs }[];
+  choices: { index: number; message: { role: 'assistant'; content: string }; finish_reason: FinishReason; logprobs?: ChatLogprobs }[];
   usage: Usage;
 }
 

@@ -1189,7 +1189,6 @@ async fn empty_and_overlong_conversations_are_input_errors() {
     );
     // OpenAI fields: what is not implemented is refused by name, never silently ignored.
     for (field, value) in [
-        ("n", json!(2)),
         (
             "response_format",
             json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
@@ -1220,6 +1219,7 @@ async fn empty_and_overlong_conversations_are_input_errors() {
         ("logit_bias", json!({"5": 500})),
         ("logit_bias", json!({"99999999": 1})),
         ("top_logprobs", json!(2)),
+        ("n", json!(9)),
     ] {
         let mut req = json!({"messages": [user("Hi")]});
         req[field] = value;
@@ -1345,6 +1345,72 @@ async fn json_mode_holds_answers_to_a_json_object() {
         }
         call(e.unload()).await.unwrap();
     }
+}
+
+/// `n`: the answers stream one after the other, chunks indexed 0, 1, 2, each answer's first
+/// chunk with the role and its last with its finish reason, `usage` once at the end counting
+/// them all; greedy, they are the same answer; with JSON mode each is an object of its own.
+#[wasm_bindgen_test]
+async fn n_answers_come_one_after_the_other() {
+    let (e, _) = engine("/tiny/manifest.json", json!({"backend": "cpu"}))
+        .await
+        .unwrap();
+    for (extra, greedy) in [
+        (json!({"temperature": 0.0}), true),
+        (json!({"temperature": 1.0, "seed": 3}), false),
+        (
+            json!({"temperature": 1.0, "response_format": {"type": "json_object"},
+            "logit_bias": {"128": 3}}),
+            false,
+        ),
+    ] {
+        let mut req = json!({"messages": [user("Once upon a time")], "max_tokens": 5,
+            "ignore_eos": true, "n": 3});
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        call(e.start_chat(js(&req))).await.unwrap();
+        let mut texts = vec![String::new(); 3];
+        let (mut roles, mut finishes, mut usage) = (vec![], vec![], None);
+        loop {
+            let c = call(e.next_chunk()).await.unwrap();
+            if c.is_null() {
+                break;
+            }
+            assert!(usage.is_none(), "usage only on the last chunk: {c}");
+            let ch = &c["choices"][0];
+            let i = ch["index"].as_u64().unwrap() as usize;
+            assert!(finishes.len() == i, "answers in order: {c}");
+            if ch["delta"]["role"] == "assistant" {
+                roles.push(i);
+            }
+            texts[i] += ch["delta"]["content"].as_str().unwrap_or("");
+            if !ch["finish_reason"].is_null() {
+                finishes.push(ch["finish_reason"].clone());
+            }
+            if !c["usage"].is_null() {
+                usage = Some(c["usage"].clone());
+            }
+        }
+        assert_eq!(roles, [0, 1, 2], "{req}");
+        assert_eq!(finishes.len(), 3, "{req}: {finishes:?}");
+        let usage = usage.expect("usage");
+        let tokens = usage["completion_tokens"].as_u64().unwrap();
+        if req.get("response_format").is_some() {
+            for t in &texts {
+                let mut p = flexquant::runtime::json_mode::JsonPrefix::default();
+                assert!(p.feed(t.as_bytes()), "{t:?}");
+            }
+            assert!((3..=15).contains(&tokens), "{usage}");
+        } else {
+            assert_eq!(tokens, 15, "{usage}");
+            assert!(finishes.iter().all(|f| f == "length"), "{finishes:?}");
+        }
+        if greedy {
+            assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
+        }
+    }
+    call(e.unload()).await.unwrap();
 }
 
 /// `logprobs` on both backends: one entry per token chunk, none on the final chunk; the

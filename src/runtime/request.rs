@@ -17,6 +17,9 @@ use crate::runtime::stop_text::StopText;
 use serde::Deserialize;
 use std::sync::Arc;
 
+/// Most answers one request may ask for (`n`): they are generated one after the other.
+pub const MAX_CHOICES: u32 = 8;
+
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<Message>,
@@ -36,11 +39,13 @@ pub struct ChatRequest {
     pub presence_penalty: Option<f32>,
     /// `{token id: bias}` (`logit_bias`).
     pub logit_bias: Option<serde_json::Value>,
-    /// Known, not implemented: present and not the default, they are unsupported.
+    /// How many answers (`choices`).
     pub n: Option<u32>,
+    /// `logprobs` (`ChatRequest::logprobs`).
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
     pub response_format: Option<serde_json::Value>,
+    /// Known, not implemented: present and not the default, they are unsupported.
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
     /// Generate `max_tokens` even past the end-of-turn token (benchmarks; vLLM's name).
@@ -88,8 +93,7 @@ impl ChatRequest {
     /// A known field this engine does not implement, set to anything but its default, is
     /// `Unsupported`, naming it.
     pub fn check_supported(&self) -> Result<()> {
-        let unsupported: [(&str, bool); 3] = [
-            ("n", self.n.is_some_and(|n| n != 1)),
+        let unsupported: [(&str, bool); 2] = [
             ("tools", self.tools.as_ref().is_some_and(|t| !t.is_null())),
             (
                 "tool_choice",
@@ -124,6 +128,16 @@ impl ChatRequest {
             _ => Err(Error::input(
                 "chat request: response_format: expected {type: \"text\"}, {type: \"json_object\"} or {type: \"json_schema\"}",
             )),
+        }
+    }
+
+    /// OpenAI's `n`: how many answers (1 when absent), at most `MAX_CHOICES`.
+    pub fn choices(&self) -> Result<u32> {
+        match self.n.unwrap_or(1) {
+            n @ 1..=MAX_CHOICES => Ok(n),
+            n => Err(Error::input(format!(
+                "chat request: n {n} must be in 1..={MAX_CHOICES}"
+            ))),
         }
     }
 
@@ -222,6 +236,7 @@ impl ChatRequest {
         r.check_supported()?;
         r.json_mode()?;
         r.logprobs()?;
+        r.choices()?;
         let s = r.sampling(0)?;
         let stop = r.stop_text()?;
         Ok((r, s, stop))
@@ -274,8 +289,12 @@ mod tests {
         let cases = [
             (r#"{"messages":[],"foo":1}"#, "`foo`"),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#,
-                "`n`",
+                r#"{"messages":[{"role":"user","content":"x"}],"n":9}"#,
+                "n 9",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"tools":[]}"#,
+                "`tools`",
             ),
             (r#"{"messages":[]}"#, "no messages"),
             (

@@ -12,7 +12,7 @@ use crate::runtime::json_mode::{JsonConstraint, TokenBytes};
 use crate::runtime::walk::Running;
 use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
-use crate::runtime::{StopReason, StopText, Turn, TurnOptions, DEFAULT_CONTEXT};
+use crate::runtime::{Sampling, StopReason, StopText, Turn, TurnOptions, DEFAULT_CONTEXT};
 use crate::web::api::{
     from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, Logprobs, MaxPerplexity,
     MinSpeed, Started, Stats, TrajectoryPoint, Usage, UsageExtra,
@@ -76,12 +76,29 @@ pub(super) struct State {
 /// One answer in progress.
 struct Answer {
     turn: Turn,
+    /// Which of the request's `n` answers this is, and what starts the next.
+    choices: Choices,
     decoder: StreamDecoder,
     stop_text: StopText,
     id: String,
     created: u64,
     sent_role: bool,
     ended: bool,
+}
+
+/// What starts each of a request's `n` answers (OpenAI's `n`: here one after the other, from
+/// the same prompt, so only its last token runs again).
+struct Choices {
+    ids: Vec<u32>,
+    sampling: Sampling,
+    ignore_eos: bool,
+    /// Each answer starts from these (fresh JSON-mode and stop-sequence state).
+    opts: TurnOptions,
+    stop_text: StopText,
+    index: u32,
+    n: u32,
+    /// Completion tokens of the answers before this one.
+    tokens_before: usize,
 }
 
 #[derive(Default, Clone)]
@@ -563,40 +580,56 @@ impl Inner {
         };
         let text = self.chat.render(&req.messages)?;
         let ids = self.tokenizer.encode(&text)?;
+        let choices = Choices {
+            ids,
+            sampling: s,
+            ignore_eos: req.ignore_eos == Some(true),
+            opts,
+            stop_text,
+            index: 0,
+            n: req.choices()?,
+            tokens_before: 0,
+        };
 
         st.turn = None;
         self.interrupt.set(false);
         self.between_tokens(st, None).await;
-        let turn = loop {
-            let stop: &[u32] = if req.ignore_eos == Some(true) {
-                &[]
-            } else {
-                &self.stop
-            };
-            match st
-                .run
-                .session
-                .start_with(&ids, &s, stop, opts.clone())
-                .await
-            {
-                Ok(t) => break t,
-                Err(e) => self.after_error(st, e).await?,
-            }
-        };
+        let turn = self.start_turn(st, &choices).await?;
         let n = self.completions.get() + 1;
         self.completions.set(n);
+        let prompt_tokens = choices.ids.len();
         st.turn = Some(Answer {
             turn,
             decoder: StreamDecoder::default(),
-            stop_text,
+            stop_text: choices.stop_text.clone(),
+            choices,
             id: format!("chatcmpl-{n}"),
             created: (js_sys::Date::now() / 1000.0) as u64,
             sent_role: false,
             ended: false,
         });
-        Ok(to_js(&Started {
-            prompt_tokens: ids.len(),
-        }))
+        Ok(to_js(&Started { prompt_tokens }))
+    }
+
+    /// Answer `c.index` of a request: its turn, prefilled (after a device loss, on the new
+    /// device). Each answer draws with its own seed (the request's plus its index).
+    async fn start_turn(self: &Rc<Self>, st: &mut State, c: &Choices) -> WebResult<Turn> {
+        let stop: &[u32] = if c.ignore_eos { &[] } else { &self.stop };
+        let s = Sampling {
+            seed: c.sampling.seed.wrapping_add(c.index as u64),
+            ..c.sampling.clone()
+        };
+        loop {
+            match st
+                .run
+                .session
+                .start_with(&c.ids, &s, stop, c.opts.clone())
+                .await
+            {
+                Ok(t) => return Ok(t),
+                Err(e) => self.after_error(st, e).await?,
+            }
+        }
     }
 
     /// Every token's bytes (JSON mode, logprobs), made on first use.
@@ -655,10 +688,31 @@ impl Inner {
             content: None,
         };
         a.sent_role = true;
+        let choice = a.choices.index;
         let (finish_reason, usage) = match content {
             Some(c) => {
                 delta.content = Some(c);
                 (None, None)
+            }
+            None if a.choices.index + 1 < a.choices.n
+                && a.turn.stats.stopped_by != Some(StopReason::Caller) =>
+            {
+                // This answer ends; the next of the request's `n` starts now.
+                let held = a.stop_text.finish();
+                delta.content = (!held.is_empty()).then_some(held);
+                let finish = a.turn.stats.stopped_by.map(StopReason::finish_reason);
+                a.choices.tokens_before += a.turn.stats.generated;
+                a.choices.index += 1;
+                match self.start_turn(st, &a.choices).await {
+                    Ok(t) => a.turn = t,
+                    Err(e) => {
+                        st.turn = None;
+                        return Err(e);
+                    }
+                }
+                (a.decoder, a.stop_text) = (StreamDecoder::default(), a.choices.stop_text.clone());
+                a.sent_role = false;
+                (finish, None)
             }
             None => {
                 a.ended = true;
@@ -669,10 +723,11 @@ impl Inner {
                 let mut snap = self.snap.borrow_mut();
                 snap.tokens_per_s = decode.or(snap.tokens_per_s);
                 snap.prefill_tokens_per_s = prefill.or(snap.prefill_tokens_per_s);
+                let completion = a.choices.tokens_before + g.generated;
                 let usage = Usage {
                     prompt_tokens: g.prompt_tokens,
-                    completion_tokens: g.generated,
-                    total_tokens: g.prompt_tokens + g.generated,
+                    completion_tokens: completion,
+                    total_tokens: g.prompt_tokens + completion,
                     extra: UsageExtra {
                         prefill_tokens_per_s: prefill,
                         decode_tokens_per_s: decode,
@@ -689,7 +744,7 @@ impl Inner {
             created: a.created,
             model: &self.walk.source.manifest.name,
             choices: [Choice {
-                index: 0,
+                index: choice,
                 delta,
                 finish_reason,
                 logprobs,

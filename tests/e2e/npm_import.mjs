@@ -78,6 +78,9 @@ try {
     assert.ok(r.worker.events.includes('progress'), r.worker.events.join());
     assert.deepEqual([r.missing.instance, r.missing.code], [true, 'manifest-not-found'], JSON.stringify(r.missing));
     assert.equal(r.unsupported, 'unsupported');
+    // n: three answers of 4 tokens, indexed 0-2, counted together; different seeds, different text.
+    assert.deepEqual([r.n.indices, r.n.finish, r.n.tokens], [[0, 1, 2], ['length', 'length', 'length'], 12], JSON.stringify(r.n));
+    assert.ok(r.n.distinct >= 2, JSON.stringify(r.n));
     // logprobs: an entry per token, 3 alternatives each, the greedy token the first of them.
     assert.deepEqual(r.logprobs, { entries: 4, tokens: 4, lpChunks: 3, top: [3, 3, 3, 3], greedyIsTop: true }, JSON.stringify(r.logprobs));
     assert.ok(r.belowFloor.floorStep != null && r.belowFloor.lastReason === 'below_floor', JSON.stringify(r.belowFloor));
