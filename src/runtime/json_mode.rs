@@ -271,15 +271,8 @@ impl JsonPrefix {
                 true
             }
             (Mode::Colon, b':') => {
-                self.expect = match self.stack.last() {
-                    Some(Frame::Object {
-                        props: Some(p),
-                        current: Some(i),
-                        ..
-                    }) => match &**p {
-                        Schema::Object(props) => props[*i].schema.clone(),
-                        _ => Arc::new(Schema::Any),
-                    },
+                self.expect = match self.schema_object() {
+                    Some((props, _, Some(i))) => props[i].schema.clone(),
                     _ => Arc::new(Schema::Any),
                 };
                 self.mode = Mode::Value;
@@ -302,19 +295,26 @@ impl JsonPrefix {
         }
     }
 
-    /// The object being read has a property left to write (any key where it has no schema).
-    fn keys_left(&self) -> bool {
-        match self.stack.last() {
-            Some(Frame::Object {
+    /// The innermost open object's schema properties, which of them are written (bit i) and
+    /// whose value comes next; `None` in an array or an object of any keys.
+    fn schema_object(&self) -> Option<(&[Property], u64, Option<usize>)> {
+        match self.stack.last()? {
+            Frame::Object {
                 props: Some(p),
                 seen,
-                ..
-            }) => match &**p {
-                Schema::Object(props) => (0..props.len()).any(|i| seen & (1 << i) == 0),
-                _ => true,
+                current,
+            } => match &**p {
+                Schema::Object(props) => Some((props, *seen, *current)),
+                _ => None,
             },
-            _ => true,
+            Frame::Object { .. } | Frame::Array { .. } => None,
         }
+    }
+
+    /// The object being read has a property left to write (any key where it has no schema).
+    fn keys_left(&self) -> bool {
+        self.schema_object()
+            .is_none_or(|(props, seen, _)| (0..props.len()).any(|i| seen & (1 << i) == 0))
     }
 
     /// The first byte of a value of `self.expect`.
@@ -394,10 +394,11 @@ impl JsonPrefix {
 
     fn close(&mut self, b: u8) -> bool {
         match (self.stack.last(), b) {
-            (Some(Frame::Object { props, seen, .. }), b'}') => {
+            (Some(Frame::Object { .. }), b'}') => {
                 // Every required property written.
-                if let Some(Schema::Object(p)) = props.as_deref() {
-                    if p.iter()
+                if let Some((props, seen, _)) = self.schema_object() {
+                    if props
+                        .iter()
                         .enumerate()
                         .any(|(i, prop)| prop.required && seen & (1 << i) == 0)
                     {
@@ -421,17 +422,7 @@ impl JsonPrefix {
     /// key is read, the enum's values while a string of one is.
     fn allowed_strings(&self, key: bool) -> Option<Vec<&[u8]>> {
         if key {
-            let Some(Frame::Object {
-                props: Some(p),
-                seen,
-                ..
-            }) = self.stack.last()
-            else {
-                return None;
-            };
-            let Schema::Object(props) = &**p else {
-                return None;
-            };
+            let (props, seen, _) = self.schema_object()?;
             return Some(
                 props
                     .iter()
@@ -455,23 +446,18 @@ impl JsonPrefix {
                     return false;
                 }
             }
-            if key {
-                if let Some(Frame::Object {
-                    props: Some(p),
-                    seen,
-                    current,
-                }) = self.stack.last_mut()
-                {
-                    if let Schema::Object(props) = &**p {
-                        let i = props
-                            .iter()
-                            .enumerate()
-                            .position(|(i, q)| *seen & (1 << i) == 0 && q.name == self.text)
-                            .expect("checked against the allowed names");
-                        *seen |= 1 << i;
-                        *current = Some(i);
-                    }
-                }
+            // A schema's key: that property is written, its value comes next.
+            let named = self
+                .schema_object()
+                .filter(|_| key)
+                .and_then(|(props, seen, _)| {
+                    (0..props.len()).find(|&i| seen & (1 << i) == 0 && props[i].name == self.text)
+                });
+            if let (Some(i), Some(Frame::Object { seen, current, .. })) =
+                (named, self.stack.last_mut())
+            {
+                *seen |= 1 << i;
+                *current = Some(i);
             }
             self.mode = if key { Mode::Colon } else { Mode::AfterValue };
             return true;
