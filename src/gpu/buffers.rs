@@ -36,7 +36,7 @@ pub(crate) fn kv_layer_bytes(c: &LlamaConfig, o: &ModelOptions) -> u64 {
 }
 
 /// (name, bytes) of every activation buffer (`Activations::create` finds each by its name).
-pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static str, u64); 13] {
+pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static str, u64); 14] {
     let b = o.max_batch as u64;
     let f = |n: usize| 4 * b * n as u64;
     let k = o.top_k as u64;
@@ -60,8 +60,10 @@ pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static 
         ("nll", 4 * b),
         // Each chunk's k candidates, then its softmax (max, sum) pair (topk.wgsl).
         ("top-k candidates", 8 * (k + 1) * topk_chunks(c)),
-        // The k candidates, then log(sum exp(logit)).
-        ("top-k", 8 * k + 4),
+        // The k candidates, log(sum exp(logit)), then the watched tokens' logits.
+        ("top-k", 8 * k + 4 + 4 * MAX_WATCHED as u64),
+        // The count, then the ids (`gather.wgsl`).
+        ("watched ids", 4 * (1 + MAX_WATCHED as u64)),
         ("readback", (8 * k + 4 + 4 * MAX_WATCHED as u64).max(4 * b)),
     ]
 }
@@ -226,6 +228,7 @@ pub(crate) struct Activations {
     pub nll: GpuBuffer,
     pub cand: GpuBuffer,
     pub topk: GpuBuffer,
+    pub watched_ids: GpuBuffer,
     pub readback: GpuBuffer,
 }
 
@@ -264,11 +267,12 @@ impl Activations {
             nll: make("nll").await?,
             cand: make("top-k candidates").await?,
             topk: make("top-k").await?,
+            watched_ids: make("watched ids").await?,
             readback: make("readback").await?,
         })
     }
 
-    pub fn all(&self) -> [&GpuBuffer; 13] {
+    pub fn all(&self) -> [&GpuBuffer; 14] {
         [
             &self.x,
             &self.xn,
@@ -282,6 +286,7 @@ impl Activations {
             &self.nll,
             &self.cand,
             &self.topk,
+            &self.watched_ids,
             &self.readback,
         ]
     }

@@ -15,6 +15,7 @@ use crate::gpu::model::ModelOptions;
 use crate::gpu::params::*;
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{ModuleId, ModuleKind};
+use crate::runtime::generate::MAX_WATCHED;
 
 /// Workgroup grid of a dispatch as a function of the tokens in the call.
 #[derive(Clone, Copy)]
@@ -68,14 +69,16 @@ pub(crate) struct Graph {
     pub head_all: Op,
     pub topk: [Op; 2],
     pub nll: Op,
+    /// The watched tokens' logits after the top-k's results (one-token steps that watch).
+    pub gather: Op,
 }
 
 /// Parameter slots: 11 per layer (2 norms, 7 modules, RoPE, attention), one more where
-/// attention's ranges are combined, and 8 more (embedding, 2 final norms, 2 heads, 2 top-k
+/// attention's ranges are combined, and 9 more (embedding, 2 final norms, 2 heads, 2 top-k
 /// stages, nll).
 pub(crate) fn param_slots(c: &LlamaConfig, o: &ModelOptions) -> u64 {
     let combine = (attention_splits(o) > 1) as u64;
-    (11 + combine) * c.num_hidden_layers as u64 + 8
+    (11 + combine) * c.num_hidden_layers as u64 + 9
 }
 
 /// Whether decode folds the norms into the matvecs after them (`ModelOptions::fuse_norm`).
@@ -505,6 +508,12 @@ impl Builder<'_> {
             &[&a.logits, &a.targets, &a.nll],
             Grid::Rows,
         );
+        let gather_op = b.op(
+            Kernel::Gather,
+            &GatherParams { base: 2 * k + 1 },
+            &[&a.logits, &a.watched_ids, &a.topk],
+            Grid::Fixed([(MAX_WATCHED as u32).div_ceil(WG), 1, 1]),
+        );
         assert_eq!(b.blocks.len() as u64, param_slots(c, opts));
         let graph = Graph {
             embed: embed_op,
@@ -516,6 +525,7 @@ impl Builder<'_> {
             head_all,
             topk: topk_ops,
             nll: nll_op,
+            gather: gather_op,
         };
         (graph, slots)
     }

@@ -48,6 +48,8 @@ pub enum Kernel {
         from_logits: bool,
     },
     Nll,
+    /// The watched tokens' logits after the top-k (`gather.wgsl`).
+    Gather,
     /// The read-everything yardstick (`probe::read_kernel`).
     Read {
         contiguous: bool,
@@ -80,6 +82,7 @@ impl Kernel {
             Kernel::Attention | Kernel::AttentionCombine => of::<AttentionParams>(),
             Kernel::TopK { .. } => of::<TopKParams>(),
             Kernel::Nll => of::<NllParams>(),
+            Kernel::Gather => of::<GatherParams>(),
             Kernel::Read { .. } => of::<ReadParams>(),
         }
     }
@@ -130,6 +133,7 @@ impl Kernel {
             ),
             Kernel::TopK { .. } => s(include_str!("../../shaders/topk.wgsl"), "topk", 1, 1),
             Kernel::Nll => s(include_str!("../../shaders/nll.wgsl"), "nll_rows", 2, 1),
+            Kernel::Gather => s(include_str!("../../shaders/gather.wgsl"), "gather", 2, 1),
             Kernel::Read { .. } => s(include_str!("../../shaders/read.wgsl"), "read_all", 1, 1),
         }
     }

@@ -579,6 +579,9 @@ impl Model {
                 Head::TopK => {
                     self.op(&mut pass, &self.graph.topk[0], n);
                     self.op(&mut pass, &self.graph.topk[1], n);
+                    if !self.watched.is_empty() {
+                        self.op(&mut pass, &self.graph.gather, n);
+                    }
                 }
                 Head::AllLogits => self.op(&mut pass, &self.graph.head_all, n),
                 Head::Nll => {
@@ -591,14 +594,9 @@ impl Model {
         let rb = &self.act.readback.buffer;
         match head {
             Head::TopK => {
-                // The candidates and log(sum exp(logit)), then the watched logits.
-                let k = 8 * self.opts.top_k as u64 + 4;
-                enc.copy_buffer_to_buffer(&self.act.topk.buffer, 0, rb, 0, k);
-                // Row 0 of the logits holds the last token's (`head_last`).
-                for (i, &id) in self.watched.iter().enumerate() {
-                    let logits = &self.act.logits.buffer;
-                    enc.copy_buffer_to_buffer(logits, 4 * id as u64, rb, k + 4 * i as u64, 4);
-                }
+                // The candidates, log(sum exp(logit)) and the watched logits, in one copy.
+                let bytes = 8 * self.opts.top_k as u64 + 4 + 4 * self.watched.len() as u64;
+                enc.copy_buffer_to_buffer(&self.act.topk.buffer, 0, rb, 0, bytes);
             }
             Head::Nll => enc.copy_buffer_to_buffer(&self.act.nll.buffer, 0, rb, 0, 4 * n as u64),
             _ => {}
@@ -611,8 +609,9 @@ impl Model {
         self.graph.head_last_norm.is_some()
     }
 
-    /// Kernel dispatches of one generated token (embedding, layers, final norm, head, top-k;
-    /// where norms are folded, neither the layers' norms nor the final one).
+    /// Kernel dispatches of one generated token (embedding, layers, final norm, head, top-k,
+    /// the watched tokens' gather when there are any; where norms are folded, neither the
+    /// layers' norms nor the final one).
     pub fn dispatches_per_token(&self) -> usize {
         let norms = |d: &&Dispatch| matches!(d, Dispatch::Norm(_));
         let folded = self.graph.layers.iter().filter(norms).count();
@@ -621,7 +620,8 @@ impl Model {
         } else {
             2
         };
-        self.graph.layers.len() - folded + 1 + head + 2
+        let gather = !self.watched.is_empty() as usize;
+        self.graph.layers.len() - folded + 1 + head + 2 + gather
     }
 
     /// Host seconds the last chunk spent before its submission (little when it was prepared).
@@ -696,7 +696,16 @@ impl Model {
     pub fn watch(&mut self, ids: &[u32]) -> GpuResult<()> {
         check_watch(ids, self.config.vocab_size).map_err(|e| GpuError::Input(e.to_string()))?;
         if self.watched != ids {
-            // The prepared commands copy the old list's logits back.
+            // The gather kernel reads the count, then the ids; the prepared commands copy
+            // the old list's length back.
+            let words: Vec<u32> = std::iter::once(ids.len() as u32)
+                .chain(ids.iter().copied())
+                .collect();
+            self.gpu.queue.write_buffer(
+                &self.act.watched_ids.buffer,
+                0,
+                bytemuck::cast_slice(&words),
+            );
             self.watched = ids.to_vec();
             self.prepared = None;
         }

@@ -116,6 +116,11 @@ kernel_params! {
         /// First logit (row offset) when FROM_LOGITS.
         base: u32,
     }
+    /// `gather.wgsl`: the watched tokens' logits after the top-k.
+    GatherParams {
+        /// Word of the destination where the first watched logit goes.
+        base: u32,
+    }
     /// `nll.wgsl`.
     NllParams {
         vocab: u32,
