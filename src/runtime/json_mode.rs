@@ -1,14 +1,16 @@
 //! JSON mode (OpenAI's `response_format: { type: "json_object" }`): the answer is one JSON
-//! object. Each candidate token is kept only if its bytes extend the answer so far to a prefix
-//! of some JSON object (`JsonPrefix`, a pushdown automaton over bytes); sampling then draws
-//! among the kept ones, and the answer ends the moment the object closes.
+//! object; with `json_schema` (`runtime::json_schema`), one that follows a schema. Each
+//! candidate token is kept only if its bytes extend the answer so far to a prefix of such an
+//! object (`JsonPrefix`, a pushdown automaton over bytes); sampling then draws among the kept
+//! ones, and the answer ends the moment the object closes.
 //!
 //! Backends return the top candidates only (`generate::TOP_K`), so a valid continuation could
-//! be missing among them. The one-byte tokens of JSON's punctuation, digits and literals are
-//! therefore watched (`Backend::watch`: their logits always come back): in every state of the
-//! automaton one of them continues the text (`"` ends any string, a digit any number, `}` or
-//! `]` any finished value), so generation never gets stuck, at the price of drawing only among
-//! the top candidates and those watched tokens.
+//! be missing among them. The one-byte tokens of JSON's punctuation, digits and literals, and
+//! of the schema's names and enum values, are therefore watched (`Backend::watch`: their
+//! logits always come back): in every state of the automaton one of them continues the text
+//! (`"` ends any free string, a digit any number, `}` or `]` any finished value, the next
+//! letter a key or enum value), so generation never gets stuck, at the price of drawing only
+//! among the top candidates and those watched tokens.
 
 use crate::error::{Error, Result};
 use std::sync::Arc;
@@ -563,14 +565,16 @@ impl JsonConstraint {
     /// The one-byte tokens of the watched bytes (`Backend::watch`), so that some valid
     /// continuation is always among the candidates (at most 128: printable ASCII and more).
     pub fn watched(&self) -> Vec<u32> {
+        // Each byte's first one-byte token, in one pass over the vocabulary.
+        let mut token_of = [None; 256];
+        for (id, t) in self.bytes.iter().enumerate() {
+            if let Some(&[b]) = t.as_deref() {
+                token_of[b as usize].get_or_insert(id as u32);
+            }
+        }
         self.watched_bytes
             .iter()
-            .filter_map(|&b| {
-                self.bytes
-                    .iter()
-                    .position(|t| t.as_deref() == Some(&[b][..]))
-                    .map(|id| id as u32)
-            })
+            .filter_map(|&b| token_of[b as usize])
             .collect()
     }
 
@@ -591,8 +595,8 @@ impl JsonConstraint {
             .collect();
         if out.is_empty() {
             return Err(Error::input(format!(
-                "response_format json_object: none of the {} candidate tokens continues the JSON \
-                 at position {tokens}",
+                "response_format (JSON mode): none of the {} candidate tokens continues the \
+                 JSON at position {tokens}",
                 cand.len()
             )));
         }
@@ -736,6 +740,6 @@ mod tests {
         assert_eq!(c.allowed(&all, 2).unwrap(), vec![(0, 1.0), (2, 1.0)]);
         assert!(c.advance(2));
         let e = c.allowed(&all, 3).unwrap_err().to_string();
-        assert!(e.contains("json_object") && e.contains("position 3"), "{e}");
+        assert!(e.contains("JSON mode") && e.contains("position 3"), "{e}");
     }
 }
