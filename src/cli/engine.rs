@@ -65,8 +65,6 @@ pub fn budget_bytes(mb: f64) -> Result<u64> {
 pub struct Engine<F: Factory> {
     pub run: Running<F::Model>,
     pub tokenizer: Tokenizer,
-    /// Every token's bytes, made for the first JSON-mode answer (`--json-object`).
-    pub token_bytes: std::sync::OnceLock<std::sync::Arc<flexquant::runtime::json_mode::TokenBytes>>,
     pub walk: Option<Walk<DirSource, F>>,
     /// Whether the controller moves the model between tokens (a budget was given).
     pub elastic: bool,
@@ -162,7 +160,6 @@ where
     Ok(Engine {
         run,
         tokenizer,
-        token_bytes: Default::default(),
         elastic: s.budget.is_some(),
         walk: Some(walk),
         label,
@@ -179,7 +176,6 @@ pub fn open_model(path: &std::path::Path, context: usize) -> Result<Engine<Refer
             step: 0,
         },
         tokenizer: m.tokenizer,
-        token_bytes: Default::default(),
         walk: None,
         elastic: false,
         label: format!("{} (float, CPU reference)", m.source),

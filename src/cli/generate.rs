@@ -74,12 +74,7 @@ where
             }
             None => a.json_object.then(|| Arc::new(Schema::AnyObject)),
         };
-        let json = schema.map(|s| {
-            let bytes = self
-                .token_bytes
-                .get_or_init(|| Arc::new(self.tokenizer.token_bytes()));
-            JsonConstraint::new(bytes.clone(), s)
-        });
+        let json = schema.map(|s| JsonConstraint::new(self.tokenizer.token_bytes(), s));
         let sess = &mut self.run.session;
         let mut turn = sess
             .start_with(

@@ -19,6 +19,8 @@ pub struct Tokenizer {
     /// Tokens that end a generation.
     pub stop: Vec<u32>,
     pub chat: ChatTemplate,
+    /// `token_bytes`, made on first use (JSON mode, logprobs).
+    bytes: std::sync::OnceLock<std::sync::Arc<crate::runtime::json_mode::TokenBytes>>,
 }
 
 /// A tokenizer.json for byte-level BPE: one builder for GGUF vocabularies and for the tiny test
@@ -228,6 +230,7 @@ impl Tokenizer {
             bos,
             stop,
             chat,
+            bytes: Default::default(),
         })
     }
 
@@ -279,21 +282,28 @@ impl Tokenizer {
         self.inner.token_to_id(s)
     }
 
-    /// The bytes every token stands for, by id (JSON mode reads candidates as bytes): the
-    /// vocabulary's byte-level characters mapped back to bytes; `None` for added and special
-    /// tokens and for any string outside the byte-level alphabet.
-    pub fn token_bytes(&self) -> crate::runtime::json_mode::TokenBytes {
-        let to_byte = byte_level_chars();
-        let added = self.inner.get_added_tokens_decoder();
-        (0..self.vocab_size() as u32)
-            .map(|id| {
-                if added.contains_key(&id) {
-                    return None;
-                }
-                let t = self.inner.id_to_token(id)?;
-                t.chars().map(|c| to_byte.get(&c).copied()).collect()
+    /// The bytes every token stands for, by id (JSON mode reads candidates as bytes, logprobs
+    /// report them): the vocabulary's byte-level characters mapped back to bytes; `None` for
+    /// added and special tokens and for any string outside the byte-level alphabet. Made on
+    /// the first call, shared after.
+    pub fn token_bytes(&self) -> std::sync::Arc<crate::runtime::json_mode::TokenBytes> {
+        self.bytes
+            .get_or_init(|| {
+                let to_byte = byte_level_chars();
+                let added = self.inner.get_added_tokens_decoder();
+                std::sync::Arc::new(
+                    (0..self.vocab_size() as u32)
+                        .map(|id| {
+                            if added.contains_key(&id) {
+                                return None;
+                            }
+                            let t = self.inner.id_to_token(id)?;
+                            t.chars().map(|c| to_byte.get(&c).copied()).collect()
+                        })
+                        .collect(),
+                )
             })
-            .collect()
+            .clone()
     }
 }
 

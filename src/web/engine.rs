@@ -8,7 +8,7 @@ use crate::gpu::{Allocator, ModelOptions};
 use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::{StreamDecoder, Tokenizer};
 use crate::model::weights::ModuleId;
-use crate::runtime::json_mode::{JsonConstraint, TokenBytes};
+use crate::runtime::json_mode::JsonConstraint;
 use crate::runtime::walk::Running;
 use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
@@ -42,8 +42,6 @@ pub(super) struct Inner {
     /// WebGPU factory.
     pub(super) walk: WebWalk,
     pub(super) tokenizer: Tokenizer,
-    /// Every token's bytes, made on the first JSON-mode request (`json_mode`).
-    pub(super) token_bytes: std::cell::OnceCell<Arc<TokenBytes>>,
     pub(super) chat: ChatTemplate,
     pub(super) stop: Vec<u32>,
     pub(super) opts: ModelOptions,
@@ -426,7 +424,6 @@ impl Engine {
             stop,
             walk,
             tokenizer,
-            token_bytes: Default::default(),
             chat,
             opts,
             state: RefCell::new(None),
@@ -575,7 +572,7 @@ impl Inner {
         let opts = TurnOptions {
             json: req
                 .json_mode()?
-                .map(|schema| JsonConstraint::new(self.token_bytes(), schema)),
+                .map(|schema| JsonConstraint::new(self.tokenizer.token_bytes(), schema)),
             logprobs: req.logprobs()?,
         };
         let text = self.chat.render(&req.messages)?;
@@ -632,13 +629,6 @@ impl Inner {
         }
     }
 
-    /// Every token's bytes (JSON mode, logprobs), made on first use.
-    fn token_bytes(&self) -> Arc<TokenBytes> {
-        self.token_bytes
-            .get_or_init(|| Arc::new(self.tokenizer.token_bytes()))
-            .clone()
-    }
-
     async fn next_chunk(self: &Rc<Self>, st: &mut State) -> WebResult<JsValue> {
         let Some(a) = st.turn.as_ref() else {
             return Ok(JsValue::NULL);
@@ -668,7 +658,7 @@ impl Inner {
             }
         };
         let logprobs = match (next, a.turn.logprob.take()) {
-            (Some(_), Some(t)) => Some(Logprobs::of(&t, &self.token_bytes(), |id| {
+            (Some(_), Some(t)) => Some(Logprobs::of(&t, &self.tokenizer.token_bytes(), |id| {
                 self.tokenizer.decode(&[id], false).unwrap_or_default()
             })),
             _ => None,

@@ -40,7 +40,7 @@ fn token_bytes_match_the_tokenizers_decoder() {
         assert_eq!(table[id as usize], None, "stop token {id}");
     }
     // JSON mode's watched one-byte tokens are all in this vocabulary.
-    let json = JsonConstraint::new(Arc::new(table), Arc::new(Schema::AnyObject));
+    let json = JsonConstraint::new(table, Arc::new(Schema::AnyObject));
     assert_eq!(json.watched().len(), WATCHED_BYTES.len());
 }
 
@@ -52,7 +52,7 @@ fn json_mode_answers_are_json_objects() {
         return;
     };
     let t = &m.tokenizer;
-    let bytes = Arc::new(t.token_bytes());
+    let bytes = t.token_bytes();
     let ask = "What is the capital of France? Answer in JSON with one field, \"capital\".";
     let prompt = chat_prompt(t, ask);
     let mut s = Session::new(Reference::new(m.weights.clone(), 512));
@@ -174,7 +174,7 @@ fn json_schema_answers_follow_the_schema() {
         "required": ["city", "country", "population", "continent"]
     }))
     .unwrap();
-    let bytes = Arc::new(t.token_bytes());
+    let bytes = t.token_bytes();
     let prompt = chat_prompt(t, "Describe Paris in JSON.");
     let mut s = Session::new(Reference::new(m.weights.clone(), 512));
     for (temperature, seed) in [(0.0, 0), (1.0, 1)] {
