@@ -1193,7 +1193,7 @@ async fn empty_and_overlong_conversations_are_input_errors() {
             "response_format",
             json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
         ),
-        ("tools", json!([])),
+        ("tools", json!([{"type": "code_interpreter"}])),
         ("no_such_field", json!(1)),
     ] {
         let mut req = json!({"messages": [user("Hi")]});

@@ -143,7 +143,14 @@ pub enum Schema {
     Null,
     /// `null` or the schema (`type: [T, "null"]`).
     Nullable(Arc<Schema>),
+    /// A function call (`runtime::tools`): `{"name": N, "arguments": A}`, in that order, N one
+    /// of these names (JSON text between the quotes) and A what that function's parameters
+    /// schema allows. Top level only.
+    ToolCall(Functions),
 }
+
+/// A tool call's functions: each one's name (JSON text between the quotes) and parameters.
+pub type Functions = Arc<[(Vec<u8>, Arc<Schema>)]>;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Property {
@@ -185,6 +192,9 @@ pub struct JsonPrefix {
     /// The key or constrained string being read, as written so far.
     text: Vec<u8>,
     whitespace: u8,
+    /// The functions of a `Schema::ToolCall` being written: its `arguments` follow the
+    /// parameters of the one its `name` names.
+    calls: Option<Functions>,
 }
 
 impl Default for JsonPrefix {
@@ -202,6 +212,7 @@ impl JsonPrefix {
             expect: root,
             text: Vec::new(),
             whitespace: 0,
+            calls: None,
         }
     }
 
@@ -331,7 +342,10 @@ impl JsonPrefix {
         let fits = matches!(
             (&*self.expect, b),
             (Schema::Any, _)
-                | (Schema::Object(_) | Schema::AnyObject, b'{')
+                | (
+                    Schema::Object(_) | Schema::AnyObject | Schema::ToolCall(_),
+                    b'{'
+                )
                 | (Schema::Array(_), b'[')
                 | (Schema::String(_), b'"')
                 | (Schema::Number { .. }, b'-' | b'0'..=b'9')
@@ -375,7 +389,20 @@ impl JsonPrefix {
             return false;
         }
         if b == b'{' {
-            let props = matches!(*self.expect, Schema::Object(_)).then(|| self.expect.clone());
+            let props = match &*self.expect {
+                Schema::Object(_) => Some(self.expect.clone()),
+                // `name` first: `arguments` joins once the name says whose they are.
+                Schema::ToolCall(fns) => {
+                    self.calls = Some(fns.clone());
+                    let names = fns.iter().map(|f| f.0.clone()).collect();
+                    Some(Arc::new(Schema::Object(vec![Property {
+                        name: b"name".to_vec(),
+                        schema: Arc::new(Schema::String(Some(names))),
+                        required: true,
+                    }])))
+                }
+                _ => None,
+            };
             self.stack.push(Frame::Object {
                 props,
                 seen: 0,
@@ -440,6 +467,32 @@ impl JsonPrefix {
         }
     }
 
+    /// A tool call's `name` was written: its object now takes that function's `arguments`.
+    fn name_called(&mut self) {
+        let Some(f) = self
+            .calls
+            .as_ref()
+            .and_then(|fns| fns.iter().find(|f| f.0 == self.text))
+        else {
+            return;
+        };
+        let call = Schema::Object(vec![
+            Property {
+                name: b"name".to_vec(),
+                schema: Arc::new(Schema::String(Some(vec![f.0.clone()]))),
+                required: true,
+            },
+            Property {
+                name: b"arguments".to_vec(),
+                schema: f.1.clone(),
+                required: true,
+            },
+        ]);
+        if let Some(Frame::Object { props, .. }) = self.stack.last_mut() {
+            *props = Some(Arc::new(call));
+        }
+    }
+
     fn string(&mut self, key: bool, esc: Esc, b: u8) -> bool {
         let constrained = self.allowed_strings(key).is_some();
         if esc == Esc::None && b == b'"' {
@@ -460,6 +513,9 @@ impl JsonPrefix {
             {
                 *seen |= 1 << i;
                 *current = Some(i);
+            }
+            if !key && self.stack.len() == 1 {
+                self.name_called();
             }
             self.mode = if key { Mode::Colon } else { Mode::AfterValue };
             return true;
@@ -536,13 +592,31 @@ pub type TokenBytes = Vec<Option<Vec<u8>>>;
 /// The JSON punctuation, digits and literal letters whose one-byte tokens are watched.
 pub const WATCHED_BYTES: &[u8] = b"{}[]:,\"-+.0123456789eEtrufalsn \n";
 
+/// What opens a function call written in the Hermes / Qwen style (`<tool_call>{...}`): an
+/// answer that may be a call (`JsonConstraint::optional`) is one if it starts with `{` or this.
+pub const TOOL_CALL_TAG: &[u8] = b"<tool_call>";
+
+/// Whether the answer is the JSON (`JsonConstraint::optional` decides it at its first bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lead {
+    /// The answer is the JSON: JSON mode, a required call, or an optional call begun.
+    Json,
+    /// Only whitespace or part of `TOOL_CALL_TAG` so far (these bytes).
+    Undecided(Vec<u8>),
+    /// Free text: nothing is constrained.
+    Text,
+}
+
 /// A turn's JSON constraint: the automaton over the answer so far and the token table.
 #[derive(Debug, Clone)]
 pub struct JsonConstraint {
     state: JsonPrefix,
+    lead: Lead,
     bytes: Arc<TokenBytes>,
     /// Bytes whose one-byte tokens are watched: `WATCHED_BYTES` and the schema's strings'.
     watched_bytes: Vec<u8>,
+    /// What the request asked for, for errors: "response_format (JSON mode)" or "tool call".
+    what: &'static str,
 }
 
 impl JsonConstraint {
@@ -555,11 +629,31 @@ impl JsonConstraint {
         let mut seen = [false; 256];
         watched_bytes.retain(|&b| !std::mem::replace(&mut seen[b as usize], true));
         watched_bytes.truncate(128);
+        let what = match *schema {
+            Schema::ToolCall(_) => "tool call",
+            _ => "response_format (JSON mode)",
+        };
         JsonConstraint {
             state: JsonPrefix::new(schema),
+            lead: Lead::Json,
             bytes,
             watched_bytes,
+            what,
         }
+    }
+
+    /// An answer that is either free text or, if it starts with `{` or `TOOL_CALL_TAG` (after
+    /// whitespace), JSON that follows `schema` (`tool_choice: 'auto'`).
+    pub fn optional(bytes: Arc<TokenBytes>, schema: Arc<Schema>) -> Self {
+        JsonConstraint {
+            lead: Lead::Undecided(Vec::new()),
+            ..Self::new(bytes, schema)
+        }
+    }
+
+    /// Whether the answer is the JSON, free text, or not known yet.
+    pub fn lead(&self) -> &Lead {
+        &self.lead
     }
 
     /// The one-byte tokens of the watched bytes (`Backend::watch`), so that some valid
@@ -582,33 +676,70 @@ impl JsonConstraint {
         self.bytes.get(id as usize)?.as_deref()
     }
 
-    /// The candidates (best first) whose bytes keep the answer a JSON prefix, in order.
-    /// None left is an error naming the state (`tokens`: the sequence length, for the message).
-    pub fn allowed(&self, cand: &[(u32, f32)], tokens: usize) -> Result<Vec<(u32, f32)>> {
-        let out: Vec<(u32, f32)> = cand
+    /// What an undecided answer becomes with `held` as its text: `None` if refused (it opens
+    /// JSON that cannot go on), else the lead and, for JSON, the automaton after it.
+    fn decide(&self, held: &[u8]) -> Option<(Lead, Option<JsonPrefix>)> {
+        let start = held
             .iter()
-            .copied()
-            .filter(|&(id, _)| {
-                self.bytes_of(id)
-                    .is_some_and(|b| !b.is_empty() && self.state.after(b).is_some())
-            })
-            .collect();
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(held.len());
+        let t = &held[start..];
+        let json = match t.strip_prefix(TOOL_CALL_TAG) {
+            Some(rest) => Some(rest),
+            None => t.starts_with(b"{").then_some(t),
+        };
+        match json {
+            Some(j) => self.state.after(j).map(|p| (Lead::Json, Some(p))),
+            None if TOOL_CALL_TAG.starts_with(t) => Some((Lead::Undecided(held.to_vec()), None)),
+            None => Some((Lead::Text, None)),
+        }
+    }
+
+    /// The candidates (best first) whose bytes keep the answer a JSON prefix, in order (every
+    /// candidate while the answer is free text). None left is an error naming the state
+    /// (`tokens`: the sequence length, for the message).
+    pub fn allowed(&self, cand: &[(u32, f32)], tokens: usize) -> Result<Vec<(u32, f32)>> {
+        let keep = |id: u32| match (&self.lead, self.bytes_of(id)) {
+            (Lead::Text, _) => true,
+            // A special token (end of turn) ends an answer that is not JSON.
+            (Lead::Undecided(_), None) => true,
+            (Lead::Undecided(held), Some(b)) => self.decide(&[held, b].concat()).is_some(),
+            (Lead::Json, b) => b.is_some_and(|b| !b.is_empty() && self.state.after(b).is_some()),
+        };
+        let out: Vec<(u32, f32)> = cand.iter().copied().filter(|&(id, _)| keep(id)).collect();
         if out.is_empty() {
             return Err(Error::input(format!(
-                "response_format (JSON mode): none of the {} candidate tokens continues the \
-                 JSON at position {tokens}",
+                "{}: none of the {} candidate tokens continues the JSON at position {tokens}",
+                self.what,
                 cand.len()
             )));
         }
         Ok(out)
     }
 
-    /// Reads token `id` (one `allowed` returned); whether the object is now complete.
+    /// Reads token `id` (one `allowed` returned); whether the JSON is now complete.
     pub fn advance(&mut self, id: u32) -> bool {
         let bytes = self.bytes.get(id as usize).cloned().flatten();
-        let ok = bytes.is_some_and(|b| self.state.feed(&b));
-        debug_assert!(ok, "token {id} was not allowed");
-        self.state.is_complete()
+        match &self.lead {
+            Lead::Text => return false,
+            Lead::Undecided(held) => {
+                let held = [held.as_slice(), bytes.as_deref().unwrap_or_default()].concat();
+                match self.decide(&held) {
+                    Some((lead, state)) => {
+                        self.lead = lead;
+                        if let Some(s) = state {
+                            self.state = s;
+                        }
+                    }
+                    None => debug_assert!(false, "token {id} was not allowed"),
+                }
+            }
+            Lead::Json => {
+                let ok = bytes.is_some_and(|b| self.state.feed(&b));
+                debug_assert!(ok, "token {id} was not allowed");
+            }
+        }
+        self.lead == Lead::Json && self.state.is_complete()
     }
 }
 
@@ -741,5 +872,119 @@ mod tests {
         assert!(c.advance(2));
         let e = c.allowed(&all, 3).unwrap_err().to_string();
         assert!(e.contains("JSON mode") && e.contains("position 3"), "{e}");
+    }
+
+    #[test]
+    fn an_optional_call_is_json_if_it_opens_as_one_and_free_text_otherwise() {
+        let table: TokenBytes = vec![
+            Some(b" ".to_vec()),
+            Some(b"{".to_vec()),
+            Some(b"<tool".to_vec()),
+            Some(b"_call>".to_vec()),
+            Some(b"Hello".to_vec()),
+            None,
+            Some(b"}".to_vec()),
+            Some(b"{]".to_vec()),
+            Some(b"<b>".to_vec()),
+        ];
+        let table = Arc::new(table);
+        let all: Vec<(u32, f32)> = (0..9).map(|i| (i, 1.0)).collect();
+        let ids = |v: Vec<(u32, f32)>| v.into_iter().map(|c| c.0).collect::<Vec<_>>();
+        let fresh = || JsonConstraint::optional(table.clone(), Arc::new(Schema::AnyObject));
+
+        // Undecided: anything but JSON that breaks at once; the end-of-turn token too.
+        let mut c = fresh();
+        assert_eq!(
+            ids(c.allowed(&all, 0).unwrap()),
+            vec![0, 1, 2, 3, 4, 5, 6, 8]
+        );
+        assert!(!c.advance(0));
+        assert_eq!(c.lead(), &Lead::Undecided(b" ".to_vec()));
+        assert!(!c.advance(1));
+        assert_eq!(c.lead(), &Lead::Json);
+        assert_eq!(ids(c.allowed(&all, 2).unwrap()), vec![0, 6]);
+        assert!(c.advance(6), "the object closed");
+
+        // The tag, split over two tokens, then the JSON.
+        let mut c = fresh();
+        c.advance(2);
+        assert_eq!(c.lead(), &Lead::Undecided(b"<tool".to_vec()));
+        assert_eq!(
+            c.allowed(&all, 1).unwrap(),
+            all,
+            "text or the tag may follow"
+        );
+        c.advance(3);
+        assert_eq!(c.lead(), &Lead::Json);
+        assert_eq!(ids(c.allowed(&all, 2).unwrap()), vec![0, 1]);
+
+        // Text: everything goes from then on.
+        let mut c = fresh();
+        c.advance(8);
+        assert_eq!(c.lead(), &Lead::Text);
+        assert_eq!(c.allowed(&all, 1).unwrap(), all);
+        assert!(!c.advance(7));
+        let mut c = fresh();
+        c.advance(4);
+        assert_eq!(c.lead(), &Lead::Text);
+    }
+
+    #[test]
+    fn random_tool_calls_parse_and_follow_the_function_they_name() {
+        let int = Arc::new(Schema::Number { integer: true });
+        let city = Arc::new(Schema::Object(vec![Property {
+            name: b"city".to_vec(),
+            schema: Arc::new(Schema::String(None)),
+            required: true,
+        }]));
+        let zone = Arc::new(Schema::Object(vec![Property {
+            name: b"zone".to_vec(),
+            schema: int,
+            required: true,
+        }]));
+        let schema = Arc::new(Schema::ToolCall(
+            vec![(b"weather".to_vec(), city), (b"time".to_vec(), zone)].into(),
+        ));
+        let alphabet = b"{}[]:,\" -0123456789.eabcdeghimnorstuwyz";
+        let mut rng = Rng::new(5);
+        let mut complete = [0; 2];
+        for _ in 0..4_000 {
+            let mut p = JsonPrefix::new(schema.clone());
+            let mut text = Vec::new();
+            for _ in 0..120 {
+                let opts: Vec<u8> = alphabet
+                    .iter()
+                    .copied()
+                    .filter(|&b| p.after(&[b]).is_some())
+                    .collect();
+                if opts.is_empty() || p.is_complete() {
+                    break;
+                }
+                let b = opts[rng.below(opts.len())];
+                p.feed(&[b]);
+                text.push(b);
+            }
+            if !p.is_complete() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(&text)));
+            let args = v["arguments"].as_object().unwrap();
+            match v["name"].as_str().unwrap() {
+                "weather" => {
+                    assert!(args["city"].is_string() && args.len() == 1, "{v}");
+                    complete[0] += 1;
+                }
+                "time" => {
+                    assert!(args["zone"].as_f64().unwrap().fract() == 0.0 && args.len() == 1);
+                    complete[1] += 1;
+                }
+                other => panic!("{other}"),
+            }
+            let t = String::from_utf8(text).unwrap();
+            assert!(t.find("\"name\"") < t.find("\"arguments\""), "{t}");
+        }
+        eprintln!("complete walks: {complete:?}");
+        assert!(complete[0] > 100 && complete[1] > 100, "{complete:?}");
     }
 }

@@ -21,25 +21,30 @@ const ANNOTATIONS: [&str; 7] = [
     "$comment",
 ];
 
-/// The schema of `v` (a JSON Schema object); its top level must be an object.
+/// The schema of `response_format`'s `v` (a JSON Schema object); its top level must be an
+/// object.
 pub fn parse(v: &Value) -> Result<Arc<Schema>> {
-    let s = node(v, "schema", 0)?;
+    parse_at(v, "response_format json_schema", "schema")
+}
+
+/// `parse` for the request's `field`, whose schema is at `path` (named in errors): a
+/// function's parameters are `parse_at(v, "tools", "tools[0].function.parameters")`.
+pub fn parse_at(v: &Value, field: &str, path: &str) -> Result<Arc<Schema>> {
+    let s = node(field, v, path, 0)?;
     match *s {
         Schema::Object(_) | Schema::AnyObject => Ok(s),
-        _ => Err(unsupported("schema", "a top level other than an object")),
+        _ => Err(unsupported(field, path, "a top level other than an object")),
     }
 }
 
-fn unsupported(path: &str, what: &str) -> Error {
+fn unsupported(field: &str, path: &str, what: &str) -> Error {
     Error::Unsupported(format!(
-        "chat request: response_format json_schema: {what} at `{path}` is not supported (see js/API.md)"
+        "chat request: {field}: {what} at `{path}` is not supported (see js/API.md)"
     ))
 }
 
-fn bad(path: &str, what: &str) -> Error {
-    Error::input(format!(
-        "chat request: response_format json_schema: `{path}` {what}"
-    ))
+fn bad(field: &str, path: &str, what: &str) -> Error {
+    Error::input(format!("chat request: {field}: `{path}` {what}"))
 }
 
 /// A string's JSON text between its quotes.
@@ -48,14 +53,14 @@ fn json_text(s: &str) -> Vec<u8> {
     quoted.as_bytes()[1..quoted.len() - 1].to_vec()
 }
 
-fn node(v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
+fn node(f: &str, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
     if depth > MAX_DEPTH {
-        return Err(unsupported(path, "nesting deeper than 32"));
+        return Err(unsupported(f, path, "nesting deeper than 32"));
     }
     let o = match v {
         Value::Bool(true) => return Ok(Arc::new(Schema::Any)),
         Value::Object(o) => o,
-        _ => return Err(bad(path, "must be a schema object")),
+        _ => return Err(bad(f, path, "must be a schema object")),
     };
     const OWN: [&str; 7] = [
         "type",
@@ -71,6 +76,7 @@ fn node(v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
         .find(|k| !OWN.contains(&k.as_str()) && !ANNOTATIONS.contains(&k.as_str()))
     {
         return Err(unsupported(
+            f,
             &format!("{path}.{k}"),
             &format!("keyword `{k}`"),
         ));
@@ -84,16 +90,29 @@ fn node(v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
             match (names.len() == ts.len(), other.as_slice()) {
                 (true, [t]) if names.len() == 2 => (Some(*t), true),
                 (true, [t]) => (Some(*t), false),
-                _ => return Err(unsupported(path, "a `type` list other than [T, \"null\"]")),
+                _ => {
+                    return Err(unsupported(
+                        f,
+                        path,
+                        "a `type` list other than [T, \"null\"]",
+                    ))
+                }
             }
         }
-        Some(_) => return Err(bad(&format!("{path}.type"), "must be a string or a list")),
+        Some(_) => {
+            return Err(bad(
+                f,
+                &format!("{path}.type"),
+                "must be a string or a list",
+            ))
+        }
     };
-    let strings = strings_of(o, path)?;
+    let strings = strings_of(f, o, path)?;
     let s = match (ty, strings) {
         (None | Some("string"), Some(values)) => Schema::String(Some(values)),
         (Some(t), Some(_)) => {
             return Err(unsupported(
+                f,
                 path,
                 &format!("`enum` or `const` of type `{t}`"),
             ))
@@ -106,11 +125,12 @@ fn node(v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
         (Some("null"), None) => Schema::Null,
         (Some("array"), None) => Schema::Array(match o.get("items") {
             None => Arc::new(Schema::Any),
-            Some(i) => node(i, &format!("{path}.items"), depth + 1)?,
+            Some(i) => node(f, i, &format!("{path}.items"), depth + 1)?,
         }),
-        (Some("object"), None) => object(o, path, depth)?,
+        (Some("object"), None) => object(f, o, path, depth)?,
         (Some(t), None) => {
             return Err(bad(
+                f,
                 &format!("{path}.type"),
                 &format!("`{t}` is not a type"),
             ))
@@ -125,32 +145,37 @@ fn node(v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
 }
 
 /// `enum` (strings only) or `const` (a string) as JSON texts.
-fn strings_of(o: &serde_json::Map<String, Value>, path: &str) -> Result<Option<Vec<Vec<u8>>>> {
+fn strings_of(
+    f: &str,
+    o: &serde_json::Map<String, Value>,
+    path: &str,
+) -> Result<Option<Vec<Vec<u8>>>> {
     let list = match (o.get("enum"), o.get("const")) {
         (Some(Value::Array(a)), None) => a.clone(),
         (None, Some(c)) => vec![c.clone()],
         (None, None) => return Ok(None),
-        (Some(_), Some(_)) => return Err(bad(path, "has both `enum` and `const`")),
-        (Some(_), None) => return Err(bad(&format!("{path}.enum"), "must be a list")),
+        (Some(_), Some(_)) => return Err(bad(f, path, "has both `enum` and `const`")),
+        (Some(_), None) => return Err(bad(f, &format!("{path}.enum"), "must be a list")),
     };
     if list.is_empty() {
-        return Err(bad(&format!("{path}.enum"), "is empty"));
+        return Err(bad(f, &format!("{path}.enum"), "is empty"));
     }
     list.iter()
         .map(|v| {
-            v.as_str()
-                .map(json_text)
-                .ok_or_else(|| unsupported(path, "an `enum` or `const` value other than a string"))
+            v.as_str().map(json_text).ok_or_else(|| {
+                unsupported(f, path, "an `enum` or `const` value other than a string")
+            })
         })
         .collect::<Result<Vec<_>>>()
         .map(Some)
 }
 
-fn object(o: &serde_json::Map<String, Value>, path: &str, depth: usize) -> Result<Schema> {
+fn object(f: &str, o: &serde_json::Map<String, Value>, path: &str, depth: usize) -> Result<Schema> {
     match o.get("additionalProperties") {
         None | Some(Value::Bool(false)) => {}
         Some(_) => {
             return Err(unsupported(
+                f,
                 &format!("{path}.additionalProperties"),
                 "additional properties (only `false`)",
             ))
@@ -161,9 +186,9 @@ fn object(o: &serde_json::Map<String, Value>, path: &str, depth: usize) -> Resul
     };
     let props = props
         .as_object()
-        .ok_or_else(|| bad(&format!("{path}.properties"), "must be an object"))?;
+        .ok_or_else(|| bad(f, &format!("{path}.properties"), "must be an object"))?;
     if props.len() > MAX_PROPERTIES {
-        return Err(unsupported(path, "more than 64 properties"));
+        return Err(unsupported(f, path, "more than 64 properties"));
     }
     let required: Vec<&str> = match o.get("required") {
         None => Vec::new(),
@@ -171,13 +196,14 @@ fn object(o: &serde_json::Map<String, Value>, path: &str, depth: usize) -> Resul
             .iter()
             .map(|n| {
                 n.as_str()
-                    .ok_or_else(|| bad(&format!("{path}.required"), "must list strings"))
+                    .ok_or_else(|| bad(f, &format!("{path}.required"), "must list strings"))
             })
             .collect::<Result<_>>()?,
-        Some(_) => return Err(bad(&format!("{path}.required"), "must be a list")),
+        Some(_) => return Err(bad(f, &format!("{path}.required"), "must be a list")),
     };
     if let Some(n) = required.iter().find(|n| !props.contains_key(**n)) {
         return Err(bad(
+            f,
             &format!("{path}.required"),
             &format!("names `{n}`, which is not in `properties`"),
         ));
@@ -187,7 +213,7 @@ fn object(o: &serde_json::Map<String, Value>, path: &str, depth: usize) -> Resul
         .map(|(name, v)| {
             Ok(Property {
                 name: json_text(name),
-                schema: node(v, &format!("{path}.properties.{name}"), depth + 1)?,
+                schema: node(f, v, &format!("{path}.properties.{name}"), depth + 1)?,
                 required: required.contains(&name.as_str()),
             })
         })
@@ -207,6 +233,13 @@ pub fn string_bytes(s: &Schema, out: &mut Vec<u8>) {
         }
         Schema::Array(item) | Schema::Nullable(item) => string_bytes(item, out),
         Schema::String(Some(values)) => values.iter().for_each(|v| out.extend_from_slice(v)),
+        Schema::ToolCall(fns) => {
+            out.extend_from_slice(b"namearguments");
+            for (name, params) in fns.iter() {
+                out.extend_from_slice(name);
+                string_bytes(params, out);
+            }
+        }
         _ => {}
     }
 }

@@ -33,6 +33,7 @@ pub mod request;
 pub mod session;
 pub mod speed;
 pub mod stop_text;
+pub mod tools;
 pub mod walk;
 
 pub use backend::{Backend, Factory};

@@ -2,10 +2,10 @@
 //! browser (`web::api` reads it from a JS object) and native code (`from_json`: the same
 //! checks, so they are unit-tested and fuzzed without a browser).
 //!
-//! The OpenAI fields this engine implements, those it accepts and ignores with reason (`model`,
-//! `user`: one model per engine; `stream_options`: the final chunk always carries `usage`), and
-//! those it rejects as unsupported rather than silently doing something else (any other field,
-//! too: see `KNOWN`).
+//! The OpenAI fields this engine implements, and those it accepts and ignores with reason
+//! (`model`, `user`: one model per engine; `stream_options`: the final chunk always carries
+//! `usage`; `parallel_tool_calls`: an answer makes one call at most). Any other field is
+//! rejected as unsupported rather than silently ignored (see `KNOWN`).
 
 use crate::error::{Error, Result};
 use crate::model::chat::Message;
@@ -14,6 +14,7 @@ use crate::runtime::json_mode::Schema;
 use crate::runtime::json_schema;
 use crate::runtime::session::MAX_TOP_LOGPROBS;
 use crate::runtime::stop_text::StopText;
+use crate::runtime::tools::{ToolChoice, Tools};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -45,9 +46,11 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
     pub response_format: Option<serde_json::Value>,
-    /// Known, not implemented: present and not the default, they are unsupported.
+    /// Functions the model may call (`ChatRequest::tools`).
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
+    /// Accepted: an answer makes at most one call, which both values allow.
+    pub parallel_tool_calls: Option<bool>,
     /// Generate `max_tokens` even past the end-of-turn token (benchmarks; vLLM's name).
     pub ignore_eos: Option<bool>,
 }
@@ -55,7 +58,7 @@ pub struct ChatRequest {
 impl ChatRequest {
     /// Every field `ChatRequest` has, and `stream` (the JS wrapper's). (serde-wasm-bindgen reads
     /// a struct's fields by name, so `deny_unknown_fields` never sees the others: `check_keys`.)
-    pub const KNOWN: [&'static str; 22] = [
+    pub const KNOWN: [&'static str; 23] = [
         "messages",
         "max_tokens",
         "max_completion_tokens",
@@ -76,6 +79,7 @@ impl ChatRequest {
         "response_format",
         "tools",
         "tool_choice",
+        "parallel_tool_calls",
         "ignore_eos",
         "stream",
     ];
@@ -90,22 +94,18 @@ impl ChatRequest {
         }
     }
 
-    /// A known field this engine does not implement, set to anything but its default, is
-    /// `Unsupported`, naming it.
-    pub fn check_supported(&self) -> Result<()> {
-        let unsupported: [(&str, bool); 2] = [
-            ("tools", self.tools.as_ref().is_some_and(|t| !t.is_null())),
-            (
-                "tool_choice",
-                self.tool_choice.as_ref().is_some_and(|t| !t.is_null()),
-            ),
-        ];
-        match unsupported.iter().find(|(_, bad)| *bad) {
-            Some((field, _)) => Err(Error::Unsupported(format!(
-                "chat request: `{field}` is not supported by this engine (see js/API.md)"
-            ))),
-            None => Ok(()),
+    /// `tools` and `tool_choice` (`runtime::tools`); `None` without tools. A call cannot also
+    /// be held to `response_format`'s JSON: both at once is `Unsupported`.
+    pub fn tools(&self) -> Result<Option<Tools>> {
+        let t = Tools::parse(self.tools.as_ref(), self.tool_choice.as_ref())?;
+        if t.as_ref().is_some_and(|t| t.choice != ToolChoice::None) && self.json_mode()?.is_some() {
+            return Err(Error::Unsupported(
+                "chat request: `response_format` JSON together with `tools` is not supported \
+                 (drop one, or set tool_choice: 'none')"
+                    .into(),
+            ));
         }
+        Ok(t)
     }
 
     /// The schema the answer is held to (`json_mode`): `{type: "json_object"}` any object,
@@ -233,8 +233,8 @@ impl ChatRequest {
         }
         let r: ChatRequest =
             serde_json::from_value(v).map_err(|e| Error::input(format!("chat request: {e}")))?;
-        r.check_supported()?;
         r.json_mode()?;
+        r.tools()?;
         r.logprobs()?;
         r.choices()?;
         let s = r.sampling(0)?;
@@ -293,8 +293,12 @@ mod tests {
                 "n 9",
             ),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"tools":[]}"#,
-                "`tools`",
+                r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
+                "tools[0].function",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"},"tools":[{"type":"function","function":{"name":"f"}}]}"#,
+                "together with `tools`",
             ),
             (r#"{"messages":[]}"#, "no messages"),
             (

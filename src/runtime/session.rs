@@ -6,7 +6,7 @@ use crate::error::Error;
 use crate::runtime::backend::Backend;
 use crate::runtime::clock::now_seconds;
 use crate::runtime::generate::{sample, GenStats, Rng, Sampling, StopReason};
-use crate::runtime::json_mode::JsonConstraint;
+use crate::runtime::json_mode::{JsonConstraint, Lead};
 
 pub struct Session<B: Backend> {
     pub model: B,
@@ -36,6 +36,12 @@ pub struct Turn {
 }
 
 impl Turn {
+    /// Where the answer stands against its JSON constraint (JSON mode or a tool call): JSON,
+    /// text, or not known yet; `None` without one.
+    pub fn lead(&self) -> Option<&Lead> {
+        self.opts.json.as_ref().map(JsonConstraint::lead)
+    }
+
     pub fn is_done(&self) -> bool {
         self.stats.stopped_by.is_some()
     }

@@ -123,8 +123,7 @@ pub use crate::runtime::request::ChatRequest;
 
 impl ChatRequest {
     /// Reads a request from JS with the checks of `runtime::request` (which native code and the
-    /// fuzzer run on JSON): an unknown field or a known one this engine does not implement is
-    /// an `unsupported` error naming it.
+    /// fuzzer run on JSON): an unknown field is an `unsupported` error naming it.
     pub fn parse(v: JsValue) -> WebResult<ChatRequest> {
         if let Some(o) = v.dyn_ref::<js_sys::Object>() {
             let keys: Vec<String> = js_sys::Object::keys(o)
@@ -133,9 +132,7 @@ impl ChatRequest {
                 .collect();
             ChatRequest::check_keys(keys.iter().map(String::as_str))?;
         }
-        let r: ChatRequest = from_js(v, "chat request")?;
-        r.check_supported()?;
-        Ok(r)
+        from_js(v, "chat request")
     }
 }
 
@@ -285,6 +282,26 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// The call an answer made, whole, in its last chunk (`finish_reason: 'tool_calls'`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<[ToolCallDelta; 1]>,
+}
+
+/// OpenAI's `delta.tool_calls[]` entry.
+#[derive(Serialize)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments object as JSON text.
+    pub arguments: String,
 }
 
 #[derive(Serialize)]

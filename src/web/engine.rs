@@ -9,13 +9,14 @@ use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::{StreamDecoder, Tokenizer};
 use crate::model::weights::ModuleId;
 use crate::runtime::json_mode::JsonConstraint;
+use crate::runtime::tools::{HeldCall, ToolChoice};
 use crate::runtime::walk::Running;
 use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
 use crate::runtime::{Sampling, StopReason, StopText, Turn, TurnOptions, DEFAULT_CONTEXT};
 use crate::web::api::{
-    from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, Logprobs, MaxPerplexity,
-    MinSpeed, Started, Stats, TrajectoryPoint, Usage, UsageExtra,
+    from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, FunctionCall, Logprobs,
+    MaxPerplexity, MinSpeed, Started, Stats, ToolCallDelta, TrajectoryPoint, Usage, UsageExtra,
 };
 use crate::web::backend::{BackendChoice, Kind, WebModel};
 use crate::web::error::{Code, WebError, WebResult};
@@ -82,6 +83,47 @@ struct Answer {
     created: u64,
     sent_role: bool,
     ended: bool,
+    /// The text of an answer that may be a function call, held until it is known.
+    call: Option<HeldCall>,
+}
+
+impl Answer {
+    /// Ends an answer in `delta`: the text still held, or the call it made; its
+    /// `finish_reason`.
+    fn end(&mut self, delta: &mut Delta) -> Option<&'static str> {
+        let (call, unheld) = self.end_call();
+        let held = self.stop_text.finish() + &unheld;
+        delta.content = (!held.is_empty()).then_some(held);
+        let called = call.is_some();
+        delta.tool_calls = call;
+        match self.turn.stats.stopped_by {
+            Some(_) if called => Some("tool_calls"),
+            why => why.map(StopReason::finish_reason),
+        }
+    }
+
+    /// At the end of an answer: the call it made (OpenAI's `delta.tool_calls`), or the text
+    /// held back while it might have been one, to show.
+    fn end_call(&mut self) -> (Option<[ToolCallDelta; 1]>, String) {
+        let Some(held) = self.call.as_mut() else {
+            return (None, String::new());
+        };
+        match held.finish(self.turn.lead()) {
+            Ok(c) => (
+                Some([ToolCallDelta {
+                    index: 0,
+                    id: format!("call_{}_{}_{}", self.created, self.id, self.choices.index),
+                    kind: "function",
+                    function: FunctionCall {
+                        name: c.name,
+                        arguments: c.arguments,
+                    },
+                }]),
+                String::new(),
+            ),
+            Err(text) => (None, text),
+        }
+    }
 }
 
 /// What starts each of a request's `n` answers (OpenAI's `n`: here one after the other, from
@@ -97,6 +139,8 @@ struct Choices {
     n: u32,
     /// Completion tokens of the answers before this one.
     tokens_before: usize,
+    /// Whether an answer may be a function call (tools offered, `tool_choice` not `'none'`).
+    calls: bool,
 }
 
 #[derive(Default, Clone)]
@@ -569,13 +613,27 @@ impl Inner {
         let random = (js_sys::Math::random() * 2f64.powi(53)) as u64;
         let s = req.sampling(random)?;
         let stop_text = req.stop_text()?;
+        let tools = req.tools()?;
+        for f in tools.iter().flat_map(|t| &t.functions) {
+            if let Some(why) = &f.loose {
+                let m = format!(
+                    "`{}`'s arguments are held to be an object only: {why}",
+                    f.name
+                );
+                self.walk.source.emitter.warning("tool-schema-loose", &m);
+            }
+        }
+        let bytes = self.tokenizer.token_bytes();
+        let json = match req.json_mode()? {
+            Some(schema) => Some(JsonConstraint::new(bytes, schema)),
+            None => tools.as_ref().and_then(|t| t.constraint(bytes)),
+        };
         let opts = TurnOptions {
-            json: req
-                .json_mode()?
-                .map(|schema| JsonConstraint::new(self.tokenizer.token_bytes(), schema)),
+            json,
             logprobs: req.logprobs()?,
         };
-        let text = self.chat.render(&req.messages)?;
+        let prompt = tools.as_ref().and_then(|t| t.prompt());
+        let text = self.chat.render_with_tools(&req.messages, prompt)?;
         let ids = self.tokenizer.encode(&text)?;
         let choices = Choices {
             ids,
@@ -586,6 +644,7 @@ impl Inner {
             index: 0,
             n: req.choices()?,
             tokens_before: 0,
+            calls: tools.is_some_and(|t| t.choice != ToolChoice::None),
         };
 
         st.turn = None;
@@ -595,6 +654,7 @@ impl Inner {
         let n = self.completions.get() + 1;
         self.completions.set(n);
         let prompt_tokens = choices.ids.len();
+        let calls = choices.calls;
         st.turn = Some(Answer {
             turn,
             decoder: StreamDecoder::default(),
@@ -604,6 +664,7 @@ impl Inner {
             created: (js_sys::Date::now() / 1000.0) as u64,
             sent_role: false,
             ended: false,
+            call: calls.then(HeldCall::default),
         });
         Ok(to_js(&Started { prompt_tokens }))
     }
@@ -665,7 +726,12 @@ impl Inner {
         };
         let content = match next {
             Some(id) => {
-                let shown = a.stop_text.push(&a.decoder.step(&self.tokenizer, id)?);
+                let piece = a.decoder.step(&self.tokenizer, id)?;
+                let piece = match a.call.as_mut() {
+                    Some(c) => c.push(a.turn.lead(), &piece),
+                    None => Some(piece),
+                };
+                let shown = piece.map(|p| a.stop_text.push(&p));
                 if a.stop_text.stopped() {
                     a.turn.stop(StopReason::Eos);
                 }
@@ -675,22 +741,20 @@ impl Inner {
         };
         let mut delta = Delta {
             role: (!a.sent_role).then_some("assistant"),
-            content: None,
+            ..Delta::default()
         };
         a.sent_role = true;
         let choice = a.choices.index;
         let (finish_reason, usage) = match content {
             Some(c) => {
-                delta.content = Some(c);
+                delta.content = c;
                 (None, None)
             }
             None if a.choices.index + 1 < a.choices.n
                 && a.turn.stats.stopped_by != Some(StopReason::Caller) =>
             {
                 // This answer ends; the next of the request's `n` starts now.
-                let held = a.stop_text.finish();
-                delta.content = (!held.is_empty()).then_some(held);
-                let finish = a.turn.stats.stopped_by.map(StopReason::finish_reason);
+                let finish = a.end(&mut delta);
                 a.choices.tokens_before += a.turn.stats.generated;
                 a.choices.index += 1;
                 match self.start_turn(st, &a.choices).await {
@@ -701,13 +765,13 @@ impl Inner {
                     }
                 }
                 (a.decoder, a.stop_text) = (StreamDecoder::default(), a.choices.stop_text.clone());
+                a.call = a.choices.calls.then(HeldCall::default);
                 a.sent_role = false;
                 (finish, None)
             }
             None => {
                 a.ended = true;
-                let held = a.stop_text.finish();
-                delta.content = (!held.is_empty()).then_some(held);
+                let finish = a.end(&mut delta);
                 let g = &a.turn.stats;
                 let (decode, prefill) = (g.decode_tokens_per_s(), g.prefill_tokens_per_s());
                 let mut snap = self.snap.borrow_mut();
@@ -725,7 +789,7 @@ impl Inner {
                         swaps: snap.swaps,
                     },
                 };
-                (g.stopped_by.map(StopReason::finish_reason), Some(usage))
+                (finish, Some(usage))
             }
         };
         let chunk = Chunk {

@@ -6,7 +6,7 @@
 use crate::common;
 
 use common::{demo_model_path, python_has};
-use flexquant::model::chat::{ChatTemplate, Message, SpecialTokens, TemplateSource};
+use flexquant::model::chat::{ChatTemplate, Message, SpecialTokens, TemplateSource, ToolPrompt};
 use flexquant::model::gguf::Gguf;
 use flexquant::model::tokenizer::Tokenizer;
 use flexquant::Error;
@@ -70,6 +70,7 @@ fn smollm2_template_renders_what_the_chatml_code_rendered() {
     let g = Gguf::from_bytes("SmolLM2.gguf", std::fs::read(&path).unwrap()).unwrap();
     let t = Tokenizer::from_gguf(&g).unwrap();
     assert_eq!(t.chat.fallback_warning(), None, "the GGUF has a template");
+    assert!(!t.chat.knows_tools());
     let system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
     for conv in conversations() {
         assert_eq!(
@@ -98,6 +99,8 @@ struct Case<'a> {
     messages: Vec<Message>,
     bos_token: &'a str,
     eos_token: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<&'a Value>,
 }
 
 /// Every case rendered by tests/reference/chat_template.py.
@@ -162,6 +165,7 @@ fn templates_render_byte_for_byte_as_python_jinja2_renders_them() {
                 messages,
                 bos_token: bos,
                 eos_token: eos,
+                tools: None,
             });
         }
     }
@@ -186,6 +190,123 @@ fn templates_render_byte_for_byte_as_python_jinja2_renders_them() {
     assert!(ours.iter().any(|o| o["text"]
         .as_str()
         .is_some_and(|t| t.starts_with("<bos><start_of_turn>"))));
+}
+
+/// A conversation with function calls, in OpenAI's form (arguments as JSON text).
+fn tool_conversations() -> Vec<Vec<Message>> {
+    let call = |id: &str, city: &str| {
+        json!({"id": id, "type": "function", "function": {"name": "get_weather",
+            "arguments": format!("{{\"city\": \"{city}\"}}")}})
+    };
+    let assistant = |content: &str, calls: Vec<Value>| Message {
+        tool_calls: Some(calls),
+        ..msg("assistant", content)
+    };
+    let result = |id: &str, content: &str| Message {
+        tool_call_id: Some(id.into()),
+        ..msg("tool", content)
+    };
+    vec![
+        vec![msg("user", "What is the weather in Paris?")],
+        vec![
+            msg("system", "Be brief."),
+            msg("user", "Weather in Paris and Oslo?"),
+            assistant("", vec![call("c1", "Paris"), call("c2", "Oslo")]),
+            result("c1", "18 C, sunny"),
+            result("c2", "9 C, rain"),
+        ],
+        vec![
+            msg("user", "Is it sunny in Rome?"),
+            assistant("Let me check.", vec![call("c1", "Rome")]),
+            result("c1", "{\"sky\": \"clear\"}"),
+            msg("assistant", "Yes, it is sunny."),
+            msg("user", "Thanks! Ünïcödé 🙂"),
+        ],
+    ]
+}
+
+/// Function calling with a template that renders tools (Qwen 2.5's form, which most tool-using
+/// families follow): the functions, calls and results reach it as `transformers` passes them
+/// (calls' arguments as objects), and it renders them as jinja2 does. The templates of
+/// `CASES` and the demo's do not render tools and are not taken to.
+#[test]
+fn tool_calls_render_as_python_jinja2_renders_them() {
+    if !python_has("jinja2") {
+        return;
+    }
+    let file = "qwen2.5-instruct-tools.jinja";
+    let jinja = std::fs::read_to_string(format!("{TEMPLATES}/{file}")).unwrap();
+    let tokens = SpecialTokens {
+        bos: String::new(),
+        eos: "<|im_end|>".into(),
+    };
+    let t = ChatTemplate::from_jinja(
+        TemplateSource {
+            file,
+            jinja: &jinja,
+        },
+        tokens,
+    )
+    .unwrap();
+    assert!(t.knows_tools());
+    for (other, bos, eos) in CASES {
+        let src = std::fs::read_to_string(format!("{TEMPLATES}/{other}")).unwrap();
+        let tokens = SpecialTokens {
+            bos: bos.into(),
+            eos: eos.into(),
+        };
+        let o = ChatTemplate::from_jinja(
+            TemplateSource {
+                file: other,
+                jinja: &src,
+            },
+            tokens,
+        );
+        assert!(!o.unwrap().knows_tools(), "{other}");
+    }
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+            "required": ["city"]}}}]);
+    let prompt = ToolPrompt {
+        list: &tools,
+        instructions: "(for templates that do not know tools)",
+    };
+    let (mut cases, mut ours) = (Vec::new(), Vec::new());
+    for conv in tool_conversations() {
+        let text = t.render_with_tools(&conv, Some(prompt)).unwrap();
+        assert!(!text.contains(prompt.instructions));
+        ours.push(json!({ "text": text }));
+        // What transformers is handed: arguments as objects.
+        let mut theirs = conv.clone();
+        for c in theirs
+            .iter_mut()
+            .flat_map(|m| m.tool_calls.iter_mut().flatten())
+        {
+            let args: Value =
+                serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap();
+            c["function"]["arguments"] = args;
+        }
+        cases.push(Case {
+            file,
+            template: &jinja,
+            messages: theirs,
+            bos_token: "",
+            eos_token: "<|im_end|>",
+            tools: Some(&tools),
+        });
+    }
+    let theirs = python_renders(&cases);
+    for ((case, ours), theirs) in cases.iter().zip(&ours).zip(&theirs) {
+        assert_eq!(ours, theirs, "{:?}", case.messages);
+    }
+    let two_calls = ours[1]["text"].as_str().unwrap();
+    assert!(
+        two_calls.contains(
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}"
+        ) && two_calls.contains("<tool_response>\n9 C, rain\n</tool_response>"),
+        "{two_calls}"
+    );
 }
 
 fn write_tiny_with(config: Option<&str>) -> tempfile::TempDir {

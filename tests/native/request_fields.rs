@@ -208,3 +208,102 @@ fn json_schema_answers_follow_the_schema() {
         );
     }
 }
+
+/// Function calling (`tools`) on the demo model through the request's own path: parsed,
+/// the functions put in the prompt, the call held to the function's parameters and read back.
+/// `required` and a named function give a call each time; `auto` gives a call or text, and a
+/// call is valid whichever it is; after a tool result, `none` gives text.
+#[test]
+fn tool_calls_name_a_function_and_follow_its_parameters() {
+    use flexquant::runtime::json_mode::Lead;
+    use flexquant::runtime::request::ChatRequest;
+    use flexquant::runtime::tools::{HeldCall, ToolCall};
+    let Some((m, _)) = crate::common::demo() else {
+        return;
+    };
+    let t = &m.tokenizer;
+    let tools = serde_json::json!([
+        {"type": "function", "function": {"name": "get_weather",
+            "description": "The current weather in a city",
+            "parameters": {"type": "object", "additionalProperties": false,
+                "properties": {"city": {"type": "string"},
+                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"]}}},
+        {"type": "function", "function": {"name": "get_time",
+            "description": "The time in a UTC offset",
+            "parameters": {"type": "object", "properties": {"offset": {"type": "integer"}},
+                "required": ["offset"]}}}
+    ]);
+    let mut s = Session::new(Reference::new(m.weights.clone(), 768));
+    let mut run = |messages: serde_json::Value, choice: serde_json::Value| {
+        let body = serde_json::json!({"messages": messages, "tools": tools,
+            "tool_choice": choice, "temperature": 0, "max_tokens": 64});
+        let (req, sampling, _) = ChatRequest::from_json(body.to_string().as_bytes()).unwrap();
+        let tools = req.tools().unwrap().unwrap();
+        let text = t
+            .chat
+            .render_with_tools(&req.messages, tools.prompt())
+            .unwrap();
+        let opts = TurnOptions {
+            json: tools.constraint(t.token_bytes()),
+            logprobs: None,
+        };
+        let prompt = t.encode(&text).unwrap();
+        let mut turn = block_on(s.start_with(&prompt, &sampling, &t.stop, opts)).unwrap();
+        let mut held = HeldCall::default();
+        let mut shown = String::new();
+        while let Some(id) = block_on(s.next(&mut turn)).unwrap() {
+            let piece = t.decode(&[id], true).unwrap();
+            shown += &held.push(turn.lead(), &piece).unwrap_or_default();
+        }
+        let answer = t.decode(&turn.out, true).unwrap();
+        eprintln!("{choice}: {answer:?}");
+        (
+            held.finish(turn.lead()),
+            shown,
+            turn.lead().cloned(),
+            answer,
+        )
+    };
+    let ask = serde_json::json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    let check = |c: &ToolCall| {
+        let args: serde_json::Value = serde_json::from_str(&c.arguments).unwrap();
+        match c.name.as_str() {
+            "get_weather" => {
+                assert!(args["city"].is_string(), "{c:?}");
+                assert!(["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()));
+            }
+            "get_time" => assert!(args["offset"].is_i64(), "{c:?}"),
+            other => panic!("called {other}"),
+        }
+    };
+    let (call, shown, ..) = run(ask.clone(), serde_json::json!("required"));
+    let call = call.expect("a required call");
+    check(&call);
+    assert_eq!(shown, "", "a call is not shown as text");
+    let (named, ..) = run(
+        ask.clone(),
+        serde_json::json!({"type": "function", "function": {"name": "get_time"}}),
+    );
+    let named = named.expect("a call");
+    assert_eq!(named.name, "get_time");
+    check(&named);
+    let (auto, shown, lead, answer) = run(ask.clone(), serde_json::json!("auto"));
+    match (auto, lead) {
+        (Ok(c), Some(Lead::Json)) => check(&c),
+        (Err(rest), Some(Lead::Text)) => assert_eq!(shown + &rest, answer),
+        other => panic!("auto: {other:?}"),
+    }
+    // The call and its result in the conversation; no more calls.
+    let after = serde_json::json!([
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "{\"temperature\": 18, \"sky\": \"sunny\"}"}
+    ]);
+    let (none, shown, lead, answer) = run(after, serde_json::json!("none"));
+    assert_eq!(lead, None);
+    assert_eq!(none.unwrap_err(), "");
+    assert_eq!(shown, answer);
+    assert!(!answer.trim().is_empty());
+}

@@ -2,10 +2,10 @@
 """Renders chat templates the way Hugging Face transformers' apply_chat_template does, with
 Python's jinja2: an ImmutableSandboxedEnvironment with trim_blocks, lstrip_blocks and
 loopcontrols, a raise_exception(msg) global and transformers' tojson filter
-(json.dumps with ensure_ascii=False), rendered with messages, add_generation_prompt, tools=None,
+(json.dumps with ensure_ascii=False), rendered with messages, add_generation_prompt, tools (the case's, else None),
 documents=None and the special tokens.
 
-Reads a JSON list of cases {template, messages, bos_token, eos_token} on stdin; writes a JSON
+Reads a JSON list of cases {template, messages, bos_token, eos_token, tools?} on stdin; writes a JSON
 list with, per case, {"text": ...}, {"raised": message} (the template called raise_exception)
 or {"error": ...} (jinja2 failed otherwise).
 """
@@ -42,7 +42,7 @@ def render(env, case):
     try:
         template = env.from_string(case["template"])
         text = template.render(messages=case["messages"], add_generation_prompt=True,
-                               tools=None, documents=None, bos_token=case["bos_token"],
+                               tools=case.get("tools"), documents=None, bos_token=case["bos_token"],
                                eos_token=case["eos_token"])
         return {"text": text}
     except Raised as e:

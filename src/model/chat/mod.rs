@@ -7,6 +7,7 @@ pub mod hf;
 mod jinja;
 #[cfg(test)]
 mod tests;
+mod tools;
 
 use crate::error::{Error, Result};
 use minijinja::{context, Environment};
@@ -14,10 +15,24 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One message of a conversation, as OpenAI's API sends it: an assistant's message may carry
+/// `tool_calls` (its `content` then `null`, read as empty), a `tool` message the result of the
+/// call `tool_call_id` names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 impl Message {
@@ -25,8 +40,19 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
+}
+
+/// The functions a request offers, as the prompt shows them (`runtime::tools::Tools::prompt`):
+/// the `tools` list for a template that renders it, the system text for one that does not.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolPrompt<'a> {
+    pub list: &'a serde_json::Value,
+    pub instructions: &'a str,
 }
 
 /// A Jinja chat template and the file it came from (named when it does not compile).
@@ -67,6 +93,8 @@ pub struct ChatTemplate {
     source: Option<Arc<str>>,
     default_system: Option<String>,
     tokens: SpecialTokens,
+    /// Whether the template renders `tools` (it wrote a probe function's name).
+    knows_tools: bool,
 }
 
 impl ChatTemplate {
@@ -75,12 +103,15 @@ impl ChatTemplate {
         let env = jinja::compile(t.jinja.to_string()).map_err(|e| {
             Error::format(t.file, format!("the chat template does not compile: {e}"))
         })?;
-        Ok(ChatTemplate {
+        let mut t = ChatTemplate {
             env: Arc::new(env),
             source: Some(t.jinja.into()),
             default_system: None,
             tokens,
-        })
+            knows_tools: false,
+        };
+        t.knows_tools = tools::knows_tools(&t);
+        Ok(t)
     }
 
     /// ChatML, for a model without a template (see `fallback_warning`).
@@ -92,6 +123,7 @@ impl ChatTemplate {
             source: None,
             default_system: default_system.map(str::to_string),
             tokens,
+            knows_tools: false,
         }
     }
 
@@ -113,10 +145,47 @@ impl ChatTemplate {
         self.source.is_none().then_some(FALLBACK_WARNING)
     }
 
+    /// Whether the template renders the `tools` it is given (Qwen 2.5, Llama 3.1, Hermes, ...).
+    pub fn knows_tools(&self) -> bool {
+        self.knows_tools
+    }
+
     /// The prompt text for `messages`, ending with the assistant's turn opener
     /// (`add_generation_prompt`). A template's `raise_exception(msg)` (roles out of order, a
     /// role it does not know) is an `Input` error quoting `msg`.
     pub fn render(&self, messages: &[Message]) -> Result<String> {
+        self.render_with_tools(messages, None)
+    }
+
+    /// `render` with the functions a request offers. A template that knows tools gets them
+    /// and the conversation's calls as they are (arguments as objects, as `transformers`
+    /// passes them); for one that does not, the functions are described in the system
+    /// message, calls written as the JSON the model is asked for and results as user messages
+    /// (`tools::for_plain_template`).
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<ToolPrompt>,
+    ) -> Result<String> {
+        let has_calls = messages
+            .iter()
+            .any(|m| m.tool_calls.is_some() || m.role == "tool");
+        if self.knows_tools {
+            let messages = tools::arguments_as_objects(messages);
+            return self.render_raw(&messages, tools.map(|t| t.list));
+        }
+        if tools.is_none() && !has_calls {
+            return self.render_raw(messages, None);
+        }
+        let messages = tools::for_plain_template(messages, tools.map(|t| t.instructions));
+        self.render_raw(&messages, None)
+    }
+
+    fn render_raw(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(jinja::TEMPLATE_NAME)
@@ -126,8 +195,8 @@ impl ChatTemplate {
             add_generation_prompt => true,
             bos_token => &self.tokens.bos,
             eos_token => &self.tokens.eos,
-            // As transformers passes them: defined, and none.
-            tools => (),
+            // As transformers passes them: defined, and none without tools.
+            tools => tools.map(minijinja::value::Serde),
             documents => (),
             default_system => self.default_system.as_deref(),
         };

@@ -111,3 +111,51 @@ fn tojson_writes_what_pythons_json_dumps_writes() {
         "[{\"role\": \"user\", \"content\": \"é \\\"q\\\" <b>\\n\"}]/{\"n\": 1, \"f\": 0.5, \"ok\": true, \"x\": null}/[]/[\n  {\n    \"role\": \"user\",\n    \"content\": \"é \\\"q\\\" <b>\\n\"\n  }\n]"
     );
 }
+
+#[test]
+fn a_template_without_tools_gets_calls_as_json_and_results_as_user_messages() {
+    let t = ChatTemplate::new(None, tokens()).unwrap();
+    assert!(!t.knows_tools());
+    let call = |id: &str, city: &str| {
+        serde_json::json!({"id": id, "type": "function", "function": {"name": "get_weather",
+            "arguments": format!("{{\"city\": \"{city}\"}}")}})
+    };
+    let conv = [
+        Message::new("system", "Be brief."),
+        user("Paris and Oslo?"),
+        Message {
+            tool_calls: Some(vec![call("a", "Paris"), call("b", "Oslo")]),
+            ..Message::new("assistant", "")
+        },
+        Message {
+            tool_call_id: Some("a".into()),
+            ..Message::new("tool", "18 C")
+        },
+        Message {
+            tool_call_id: Some("b".into()),
+            ..Message::new("tool", "9 C")
+        },
+    ];
+    let prompt = ToolPrompt {
+        list: &serde_json::json!([]),
+        instructions: "TOOLS",
+    };
+    assert_eq!(
+        t.render_with_tools(&conv, Some(prompt)).unwrap(),
+        "<|im_start|>system\nBe brief.\n\nTOOLS<|im_end|>\n\
+         <|im_start|>user\nParis and Oslo?<|im_end|>\n\
+         <|im_start|>assistant\n{\"name\": \"get_weather\", \"arguments\": {\"city\":\"Paris\"}}\n\
+         {\"name\": \"get_weather\", \"arguments\": {\"city\":\"Oslo\"}}<|im_end|>\n\
+         <|im_start|>user\nResult of get_weather: 18 C\nResult of get_weather: 9 C<|im_end|>\n\
+         <|im_start|>assistant\n"
+    );
+    // No system message: the instructions are one; no tools offered: none, calls still written.
+    let p = t.render_with_tools(&conv[1..], Some(prompt)).unwrap();
+    assert!(p.starts_with("<|im_start|>system\nTOOLS<|im_end|>\n<|im_start|>user\nParis"));
+    let p = t.render_with_tools(&conv[1..], None).unwrap();
+    assert!(p.starts_with("<|im_start|>user\nParis") && p.contains("Result of get_weather: 9 C"));
+    // A null content (an assistant's call, as OpenAI sends it) reads as empty.
+    let m: Message =
+        serde_json::from_str(r#"{"role":"assistant","content":null,"tool_calls":[]}"#).unwrap();
+    assert_eq!(m.content, "");
+}

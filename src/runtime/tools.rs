@@ -1,0 +1,483 @@
+//! Function calling: OpenAI's `tools` and `tool_choice`. The model is told the functions
+//! (through its chat template when the template knows `tools`, else by `instructions` in a
+//! system message) and a call is written as JSON held to its function's parameters by JSON
+//! mode's automaton (`json_mode::Schema::ToolCall`): `{"name": ..., "arguments": {...}}`.
+//!
+//! - `tool_choice: 'auto'` (the default with tools): the answer is a call if it starts with
+//!   `{` or `<tool_call>` (the Hermes / Qwen tag), else free text (`JsonConstraint::optional`).
+//! - `'required'`: the answer is a call to one of the functions; `{type: 'function', function:
+//!   {name}}`: to that one.
+//! - `'none'`: the functions are left out of the prompt and the answer is text.
+//!
+//! One call per answer (`parallel_tool_calls` asks for at most that many, so it is accepted).
+
+use crate::error::{Error, Result};
+use crate::model::chat::ToolPrompt;
+use crate::runtime::json_mode::{JsonConstraint, Lead, Schema, TokenBytes, TOOL_CALL_TAG};
+use crate::runtime::json_schema;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// Most functions one request may offer (OpenAI's limit).
+pub const MAX_TOOLS: usize = 128;
+
+/// One function the model may call.
+#[derive(Debug, Clone)]
+pub struct Function {
+    pub name: String,
+    /// What its arguments are held to while written.
+    pub schema: Arc<Schema>,
+    /// Why its arguments are only held to be an object: its parameters schema uses keywords
+    /// outside the enforced subset and it is not `strict` (the engine warns).
+    pub loose: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    /// This function (an index into `Tools::functions`).
+    Function(usize),
+}
+
+/// A request's functions and how the model may call them.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub functions: Vec<Function>,
+    pub choice: ToolChoice,
+    /// The `tools` list as the request sent it (what a template that knows tools renders).
+    pub list: Value,
+    /// The system text for a template that does not know tools (`instructions`).
+    pub instructions: String,
+}
+
+/// A call the model wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub name: String,
+    /// The arguments object as JSON text (OpenAI sends them as a string).
+    pub arguments: String,
+}
+
+fn bad(at: &str, what: &str) -> Error {
+    Error::input(format!("chat request: {at} {what}"))
+}
+
+/// OpenAI's rule for function names: 1-64 of a-z, A-Z, 0-9, `_` and `-`.
+fn valid_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Tools {
+    /// `tools` and `tool_choice` as the request sent them; `None` when there are no tools
+    /// (absent, `null` or `[]`). Errors name the field and the index.
+    pub fn parse(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Tools>> {
+        let list = match tools {
+            None | Some(Value::Null) => &[][..],
+            Some(Value::Array(a)) => a.as_slice(),
+            Some(_) => return Err(bad("tools", "must be a list")),
+        };
+        if list.len() > MAX_TOOLS {
+            return Err(bad(
+                "tools",
+                &format!("has {} functions, more than {MAX_TOOLS}", list.len()),
+            ));
+        }
+        let functions = list
+            .iter()
+            .enumerate()
+            .map(|(i, t)| function(i, t))
+            .collect::<Result<Vec<_>>>()?;
+        for (i, f) in functions.iter().enumerate() {
+            if functions[..i].iter().any(|g| g.name == f.name) {
+                return Err(bad(
+                    &format!("tools[{i}].function.name"),
+                    &format!("`{}` names two functions", f.name),
+                ));
+            }
+        }
+        let choice = tool_choice(choice, &functions)?;
+        if functions.is_empty() {
+            return match choice {
+                ToolChoice::None | ToolChoice::Auto => Ok(None),
+                _ => Err(bad(
+                    "tool_choice",
+                    "asks for a call, but there are no tools",
+                )),
+            };
+        }
+        let mut t = Tools {
+            functions,
+            choice,
+            list: Value::Array(list.to_vec()),
+            instructions: String::new(),
+        };
+        t.instructions = t.instructions_text(list);
+        Ok(Some(t))
+    }
+
+    /// What the model is shown: `None` with `tool_choice: 'none'`.
+    pub fn prompt(&self) -> Option<ToolPrompt<'_>> {
+        (self.choice != ToolChoice::None).then_some(ToolPrompt {
+            list: &self.list,
+            instructions: &self.instructions,
+        })
+    }
+
+    /// The constraint on the answer: `None` with `tool_choice: 'none'`.
+    pub fn constraint(&self, bytes: Arc<TokenBytes>) -> Option<JsonConstraint> {
+        let only = |i: usize| &self.functions[i..=i];
+        let schema = |fns: &[Function]| {
+            Arc::new(Schema::ToolCall(
+                fns.iter()
+                    .map(|f| (f.name.as_bytes().to_vec(), f.schema.clone()))
+                    .collect(),
+            ))
+        };
+        match self.choice {
+            ToolChoice::None => None,
+            ToolChoice::Auto => Some(JsonConstraint::optional(bytes, schema(&self.functions))),
+            ToolChoice::Required => Some(JsonConstraint::new(bytes, schema(&self.functions))),
+            ToolChoice::Function(i) => Some(JsonConstraint::new(bytes, schema(only(i)))),
+        }
+    }
+
+    /// The system text that describes the functions and the call format, for templates that
+    /// do not render `tools` themselves.
+    fn instructions_text(&self, list: &[Value]) -> String {
+        let mut s = String::from(
+            "You can call functions. Each is described by a JSON object (its parameters are a \
+             JSON Schema):\n",
+        );
+        for t in list {
+            let f = &t["function"];
+            let described = serde_json::json!({
+                "name": f["name"],
+                "description": f.get("description").unwrap_or(&Value::Null),
+                "parameters": f.get("parameters").unwrap_or(&serde_json::json!({})),
+            });
+            s += &described.to_string();
+            s.push('\n');
+        }
+        let format = "reply with only a JSON object {\"name\": <the function's name>, \
+                      \"arguments\": <an object of its arguments>}";
+        s += &match self.choice {
+            ToolChoice::Function(i) => {
+                format!("Call `{}` now: {format}.", self.functions[i].name)
+            }
+            ToolChoice::Required => format!("Call one of them now: {format}."),
+            _ => format!(
+                "To call a function, {format}. Otherwise answer in plain text. A function's \
+                 result comes back in the next message."
+            ),
+        };
+        s
+    }
+}
+
+fn function(i: usize, t: &Value) -> Result<Function> {
+    let at = |k: &str| format!("tools[{i}]{k}");
+    let o = t
+        .as_object()
+        .ok_or_else(|| bad(&at(""), "must be an object"))?;
+    match o.get("type").and_then(Value::as_str) {
+        Some("function") => {}
+        Some(other) => {
+            return Err(Error::Unsupported(format!(
+                "chat request: {}: tools of type `{other}` are not supported (only `function`)",
+                at(".type")
+            )))
+        }
+        None => return Err(bad(&at(".type"), "must be \"function\"")),
+    }
+    let f = o
+        .get("function")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad(&at(".function"), "must be an object"))?;
+    let name = f
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| valid_name(n))
+        .ok_or_else(|| {
+            bad(
+                &at(".function.name"),
+                "must be 1-64 letters, digits, `_` or `-`",
+            )
+        })?;
+    if f.get("description").is_some_and(|d| !d.is_string()) {
+        return Err(bad(&at(".function.description"), "must be a string"));
+    }
+    let strict = match f.get("strict") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad(&at(".function.strict"), "must be a boolean")),
+    };
+    let (schema, loose) = match f.get("parameters") {
+        None | Some(Value::Null) => (Arc::new(Schema::Object(Vec::new())), None),
+        Some(p) => match json_schema::parse_at(p, "tools", &at(".function.parameters")) {
+            Ok(s) => (s, None),
+            // Not strict: OpenAI treats the schema as guidance; the call is still an object.
+            Err(Error::Unsupported(why)) if !strict => (Arc::new(Schema::AnyObject), Some(why)),
+            Err(e) => return Err(e),
+        },
+    };
+    Ok(Function {
+        name: name.to_string(),
+        schema,
+        loose,
+    })
+}
+
+fn tool_choice(v: Option<&Value>, functions: &[Function]) -> Result<ToolChoice> {
+    let expected =
+        "must be \"none\", \"auto\", \"required\" or {type: \"function\", function: {name}}";
+    Ok(match v {
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            _ => return Err(bad("tool_choice", expected)),
+        },
+        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("function") => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("tool_choice.function.name", "must be a string"))?;
+            match functions.iter().position(|f| f.name == name) {
+                Some(i) => ToolChoice::Function(i),
+                None => {
+                    return Err(bad(
+                        "tool_choice.function.name",
+                        &format!("`{name}` is not one of the tools"),
+                    ))
+                }
+            }
+        }
+        Some(_) => return Err(bad("tool_choice", expected)),
+    })
+}
+
+/// An answer's text while it may be a call (`tool_choice` other than `'none'`): held back,
+/// not shown, until the answer turns out to be text (then it is shown) or ends (then it is
+/// read as the call).
+#[derive(Debug, Clone, Default)]
+pub struct HeldCall {
+    held: String,
+}
+
+impl HeldCall {
+    /// Of `piece` (a token's text, after which the turn's constraint stands at `lead`), what
+    /// to show now: `None` while the answer may still be, or is, a call.
+    pub fn push(&mut self, lead: Option<&Lead>, piece: &str) -> Option<String> {
+        match lead {
+            Some(Lead::Json | Lead::Undecided(_)) => {
+                self.held.push_str(piece);
+                None
+            }
+            _ => Some(std::mem::take(&mut self.held) + piece),
+        }
+    }
+
+    /// At the answer's end: the call it wrote, or (`Err`) the held text to show: an answer
+    /// that was only whitespace, or that ended before its call closed (`max_tokens`).
+    pub fn finish(&mut self, lead: Option<&Lead>) -> std::result::Result<ToolCall, String> {
+        let held = std::mem::take(&mut self.held);
+        match lead {
+            Some(Lead::Json) => ToolCall::parse(&held).ok_or(held),
+            _ => Err(held),
+        }
+    }
+}
+
+impl ToolCall {
+    /// The call in an answer the constraint held to `Schema::ToolCall` (whitespace and
+    /// `<tool_call>` before it allowed); `None` when the answer ended before the call did
+    /// (`max_tokens`).
+    pub fn parse(answer: &str) -> Option<ToolCall> {
+        let t = answer.trim_start();
+        let t = t
+            .strip_prefix(std::str::from_utf8(TOOL_CALL_TAG).expect("ASCII"))
+            .unwrap_or(t);
+        let v: Value = serde_json::from_str(t).ok()?;
+        Some(ToolCall {
+            name: v.get("name")?.as_str()?.to_string(),
+            arguments: v.get("arguments")?.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::json_mode::JsonPrefix;
+    use serde_json::json;
+
+    fn weather() -> Value {
+        json!({"type": "function", "function": {"name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string"},
+                "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"], "additionalProperties": false}}})
+    }
+
+    fn time() -> Value {
+        json!({"type": "function", "function": {"name": "get_time",
+            "parameters": {"type": "object", "properties": {"zone": {"type": "integer"}},
+                "required": ["zone"]}}})
+    }
+
+    fn tools(choice: Value) -> Tools {
+        Tools::parse(Some(&json!([weather(), time()])), Some(&choice))
+            .unwrap()
+            .unwrap()
+    }
+
+    fn accepts(t: &Tools, text: &str) -> bool {
+        let Schema::ToolCall(_) = *schema_of(t) else {
+            unreachable!()
+        };
+        let mut p = JsonPrefix::new(schema_of(t));
+        p.feed(text.as_bytes()) && p.is_complete()
+    }
+
+    fn schema_of(t: &Tools) -> Arc<Schema> {
+        let only = match t.choice {
+            ToolChoice::Function(i) => i..i + 1,
+            _ => 0..t.functions.len(),
+        };
+        Arc::new(Schema::ToolCall(
+            t.functions[only]
+                .iter()
+                .map(|f| (f.name.as_bytes().to_vec(), f.schema.clone()))
+                .collect(),
+        ))
+    }
+
+    #[test]
+    fn a_call_follows_the_parameters_of_the_function_it_names() {
+        let t = tools(json!("required"));
+        for ok in [
+            r#"{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}"#,
+            r#"{"name":"get_time","arguments":{"zone":-5}}"#,
+        ] {
+            assert!(accepts(&t, ok), "{ok}");
+        }
+        for bad in [
+            // the other function's arguments
+            r#"{"name": "get_time", "arguments": {"city": "Paris", "unit": "celsius"}}"#,
+            // arguments before the name
+            r#"{"arguments": {"zone": 1}, "name": "get_time"}"#,
+            r#"{"name": "get_date", "arguments": {}}"#,
+            r#"{"name": "get_weather", "arguments": {"city": "Paris", "unit": "kelvin"}}"#,
+            r#"{"name": "get_time", "arguments": {"zone": 1.5}}"#,
+            r#"{"name": "get_time"}"#,
+            r#"{"name": "get_time", "arguments": {"zone": 1}, "extra": 1}"#,
+        ] {
+            assert!(!accepts(&t, bad), "{bad}");
+        }
+        let one = tools(json!({"type": "function", "function": {"name": "get_time"}}));
+        assert_eq!(one.choice, ToolChoice::Function(1));
+        assert!(accepts(
+            &one,
+            r#"{"name":"get_time","arguments":{"zone":0}}"#
+        ));
+        assert!(!accepts(
+            &one,
+            r#"{"name":"get_weather","arguments":{"city":"x","unit":"celsius"}}"#
+        ));
+    }
+
+    #[test]
+    fn no_tools_is_none_and_bad_tools_name_the_field() {
+        assert!(Tools::parse(None, None).unwrap().is_none());
+        assert!(Tools::parse(Some(&json!([])), Some(&json!("auto")))
+            .unwrap()
+            .is_none());
+        let cases = [
+            (json!({}), json!(null), "tools must be a list"),
+            (json!([1]), json!(null), "tools[0] must be an object"),
+            (
+                json!([{"type": "code_interpreter"}]),
+                json!(null),
+                "tools[0].type",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "a b"}}]),
+                json!(null),
+                "tools[0].function.name",
+            ),
+            (
+                json!([weather(), weather()]),
+                json!(null),
+                "tools[1].function.name",
+            ),
+            (json!([weather()]), json!("always"), "tool_choice"),
+            (
+                json!([weather()]),
+                json!({"type": "function", "function": {"name": "nope"}}),
+                "`nope` is not one of the tools",
+            ),
+            (json!([]), json!("required"), "no tools"),
+            (
+                json!([{"type": "function", "function": {"name": "f", "strict": true,
+                    "parameters": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}}]),
+                json!(null),
+                "tools[0].function.parameters.properties.n.minimum",
+            ),
+        ];
+        for (tools, choice, want) in cases {
+            let e = Tools::parse(Some(&tools), Some(&choice)).unwrap_err();
+            assert!(e.to_string().contains(want), "{tools} {choice}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_loose_schema_that_is_not_strict_holds_the_arguments_to_an_object_and_says_why() {
+        let t = Tools::parse(
+            Some(&json!([{"type": "function", "function": {"name": "f",
+                "parameters": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}}])),
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        let why = t.functions[0].loose.as_deref().unwrap();
+        assert!(
+            why.contains("tools[0].function.parameters.properties.n.minimum"),
+            "{why}"
+        );
+        assert_eq!(*t.functions[0].schema, Schema::AnyObject);
+        assert!(accepts(&t, r#"{"name":"f","arguments":{"n":"anything"}}"#));
+    }
+
+    #[test]
+    fn the_prompt_lists_the_functions_unless_the_choice_is_none() {
+        let t = tools(json!("auto"));
+        let p = t.prompt().unwrap();
+        assert_eq!(p.list.as_array().unwrap().len(), 2);
+        assert!(p.instructions.contains(r#""name":"get_weather""#));
+        assert!(p.instructions.contains("Otherwise answer in plain text"));
+        assert!(tools(json!("required"))
+            .instructions
+            .contains("Call one of them now"));
+        assert!(tools(json!("none")).prompt().is_none());
+        assert!(tools(json!("none"))
+            .constraint(Arc::new(Vec::new()))
+            .is_none());
+    }
+
+    #[test]
+    fn calls_are_read_back_from_the_answer() {
+        let c =
+            ToolCall::parse(" <tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"zone\": 2}}")
+                .unwrap();
+        assert_eq!(c.name, "get_time");
+        assert_eq!(c.arguments, r#"{"zone":2}"#);
+        assert_eq!(ToolCall::parse(r#"{"name": "get_time", "argum"#), None);
+    }
+}
