@@ -94,10 +94,14 @@ export function chatApi(start, next, interrupt) {
       const into = (choices[ch.index] ??= { index: ch.index, message: { role: 'assistant', content: '' },
         finish_reason: null, ...(req.logprobs === true ? { logprobs: { content: [] } } : {}) });
       into.message.content += ch.delta.content ?? '';
+      // A function call (tools) comes whole in its answer's last chunk.
+      for (const { index, ...call } of ch.delta.tool_calls ?? []) (into.message.tool_calls ??= [])[index] = call;
       if (into.logprobs && ch.logprobs) into.logprobs.content.push(...ch.logprobs.content);
       if (ch.finish_reason) into.finish_reason = ch.finish_reason;
       last = c;
     }
+    // OpenAI's shape: an answer that is only a call has `content: null`.
+    for (const ch of choices) if (ch.message.tool_calls && ch.message.content === '') ch.message.content = null;
     return {
       id: last.id, object: 'chat.completion', created: last.created, model: last.model,
       choices, usage: last.usage,

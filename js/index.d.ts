@@ -47,7 +47,7 @@ export interface DeviceLostEvent { type: 'device-lost'; step: number; message: s
 export interface RecoveredEvent { type: 'recovered'; from: number; to: number; ms: number; reprefilledTokens: number }
 export interface ErrorEvent { type: 'error'; error: { code: ErrorCode; message: string; file?: string | null; url?: string | null } }
 /** The engine works, but not as the app may assume (`chat-template-fallback`: the model has no chat template; prompts are ChatML). */
-export interface WarningEvent { type: 'warning'; code: 'chat-template-fallback' | string; message: string }
+export interface WarningEvent { type: 'warning'; code: 'chat-template-fallback' | 'tool-schema-loose' | string; message: string }
 /**
  * The controller holds at the quality floor (`maxPerplexity`) although even that step does not
  * fit the budget: `step` is where it holds, `costBytes` what that step needs (model + KV cache),
@@ -96,7 +96,22 @@ export interface EngineOptions {
   wasmUrl?: string | URL;
 }
 
-export interface ChatMessage { role: 'system' | 'user' | 'assistant'; content: string }
+/** A call the model made, as it comes back in `message.tool_calls` and is sent back in the conversation. */
+export interface ToolCall { id: string; type: 'function'; function: { name: string; /** The arguments object as JSON text. */ arguments: string } }
+
+export type ChatMessage =
+  | { role: 'system' | 'user'; content: string }
+  | { role: 'assistant'; content: string | null; tool_calls?: ToolCall[] }
+  /** A call's result, for the call `tool_call_id` names. */
+  | { role: 'tool'; content: string; tool_call_id: string };
+
+/** A function the model may call: `parameters` is a JSON Schema, enforced while the call is written (js/API.md). */
+export interface ChatTool {
+  type: 'function';
+  function: { name: string; description?: string; parameters?: Record<string, unknown>; strict?: boolean | null };
+}
+
+export type ToolChoice = 'none' | 'auto' | 'required' | { type: 'function'; function: { name: string } };
 
 export interface ChatRequest {
   messages: ChatMessage[];
@@ -143,8 +158,16 @@ export interface ChatRequest {
    */
   logprobs?: boolean | null;
   top_logprobs?: number | null;
-  tools?: null;
-  tool_choice?: null;
+  /**
+   * Functions the model may call (at most 128). A call comes back in `message.tool_calls`
+   * (streamed: `delta.tool_calls`, whole, in the answer's last chunk) with finish_reason
+   * 'tool_calls'; its arguments follow the function's `parameters`.
+   */
+  tools?: ChatTool[] | null;
+  /** 'auto' (the default with tools): a call or text; 'required': a call; a named function: a call to it; 'none': text. */
+  tool_choice?: ToolChoice | null;
+  /** Accepted: an answer makes at most one call. */
+  parallel_tool_calls?: boolean | null;
   /** Ends the answer after the current token (finish_reason 'abort'); a request still waiting for its turn rejects with code 'aborted'. */
   signal?: AbortSignal;
   /** Generate max_tokens even past the end-of-turn token (benchmarks). */
@@ -161,7 +184,10 @@ export interface Usage {
   extra: { prefill_tokens_per_s: number | null; decode_tokens_per_s: number | null; step: number; swaps: number };
 }
 
-export type FinishReason = 'stop' | 'length' | 'abort';
+export type FinishReason = 'stop' | 'length' | 'abort' | 'tool_calls';
+
+/** `delta.tool_calls[]`: a call, whole. */
+export interface ToolCallDelta { index: number; id: string; type: 'function'; function: { name: string; arguments: string } }
 
 export interface ChatCompletionChunk {
   id: string;
@@ -169,7 +195,7 @@ export interface ChatCompletionChunk {
   created: number;
   model: string;
   /** Empty in the extra usage chunk of `stream_options.include_usage`. */
-  choices: { index: number; delta: { role?: 'assistant'; content?: string }; finish_reason: FinishReason | null; logprobs?: ChatLogprobs }[];
+  choices: { index: number; delta: { role?: 'assistant'; content?: string; tool_calls?: ToolCallDelta[] }; finish_reason: FinishReason | null; logprobs?: ChatLogprobs }[];
   usage?: Usage;
 }
 
@@ -178,7 +204,7 @@ export interface ChatCompletion {
   object: 'chat.completion';
   created: number;
   model: string;
-  choices: { index: number; message: { role: 'assistant'; content: string }; finish_reason: FinishReason; logprobs?: ChatLogprobs }[];
+  choices: { index: number; message: { role: 'assistant'; content: string | null; tool_calls?: ToolCall[] }; finish_reason: FinishReason; logprobs?: ChatLogprobs }[];
   usage: Usage;
 }
 

@@ -1347,6 +1347,134 @@ async fn json_mode_holds_answers_to_a_json_object() {
     }
 }
 
+/// Every chunk of an answer (the final one last), read to the end.
+async fn raw_chunks(e: &Engine, req: &Value) -> Vec<Value> {
+    if let Err(err) = call(e.start_chat(js(req))).await {
+        panic!("startChat {req}: {err}");
+    }
+    let mut out = Vec::new();
+    loop {
+        let c = call(e.next_chunk()).await.expect("nextChunk");
+        if c.is_null() {
+            return out;
+        }
+        out.push(c);
+    }
+}
+
+/// Function calling (`tools`) on the tiny model: with `required` or a named function, sampled
+/// answers stream no text and end with the call, whole, in `delta.tool_calls`
+/// (`finish_reason: 'tool_calls'`), naming a function and following its parameters; `auto`
+/// gives a call when `{` is favoured and streamed text when it is ruled out; a conversation
+/// with a call and its result is accepted; a loose schema warns, a strict one is refused.
+#[wasm_bindgen_test]
+async fn tool_calls_come_whole_in_the_last_chunk() {
+    let (e, events) = engine("/tiny/manifest.json", json!({"backend": "cpu"}))
+        .await
+        .unwrap();
+    let token = |b: u8| (3 + b as u32).to_string();
+    // Short names: the tiny model's tokens are bytes and its context 512 of them.
+    let tools = json!([
+        {"type": "function", "function": {"name": "w", "parameters": {"type": "object",
+            "properties": {"u": {"enum": ["c", "f"]}}, "required": ["u"]}}},
+        {"type": "function", "function": {"name": "t", "parameters": {"type": "object",
+            "properties": {"z": {"type": "boolean"}}, "required": ["z"]}}}
+    ]);
+    let ask = json!([user("Weather?")]);
+    let base = |choice: Value, seed: u32| {
+        json!({"messages": ask, "tools": tools, "tool_choice": choice, "temperature": 1.0,
+            "seed": seed, "max_tokens": 300, "ignore_eos": true})
+    };
+    let cases = [
+        (json!("required"), None),
+        (
+            json!({"type": "function", "function": {"name": "t"}}),
+            Some("t"),
+        ),
+    ];
+    for (choice, want) in cases {
+        for seed in 0..2 {
+            let chunks = raw_chunks(&e, &base(choice.clone(), seed)).await;
+            let (last, rest) = chunks.split_last().unwrap();
+            for c in rest {
+                assert!(c["choices"][0]["delta"].get("content").is_none(), "{c}");
+            }
+            let ch = &last["choices"][0];
+            assert_eq!(ch["finish_reason"], "tool_calls", "{choice} {seed}: {last}");
+            let tc = &ch["delta"]["tool_calls"][0];
+            assert_eq!((&tc["index"], &tc["type"]), (&json!(0), &json!("function")));
+            assert!(tc["id"].as_str().unwrap().starts_with("call_"), "{tc}");
+            let name = tc["function"]["name"].as_str().unwrap();
+            let args: Value =
+                serde_json::from_str(tc["function"]["arguments"].as_str().unwrap()).unwrap();
+            match name {
+                "w" => assert!(["c", "f"].contains(&args["u"].as_str().unwrap())),
+                "t" => assert!(args["z"].is_boolean(), "{args}"),
+                other => panic!("{other}"),
+            }
+            assert!(want.is_none_or(|w| w == name), "{choice}: {name}");
+        }
+    }
+    // auto: `{` favoured gives a call; `{` and `<` ruled out give text.
+    let mut req = base(json!("auto"), 0);
+    req["logit_bias"] = json!({ token(b'{'): 100 });
+    let chunks = raw_chunks(&e, &req).await;
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+    req["logit_bias"] = json!({ token(b'{'): -100, token(b'<'): -100 });
+    req["max_tokens"] = json!(6);
+    let chunks = raw_chunks(&e, &req).await;
+    let last = &chunks.last().unwrap()["choices"][0];
+    assert_eq!(last["finish_reason"], "length");
+    assert!(last["delta"].get("tool_calls").is_none());
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(
+        !text.is_empty() && !text.trim_start().starts_with('{'),
+        "{text:?}"
+    );
+    // The call and its result in the conversation; tool_choice none: text.
+    let conv = json!([user("Weather?"),
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "w", "arguments": "{\"u\":\"c\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18"}]);
+    let req = json!({"messages": conv, "tools": tools, "tool_choice": "none", "max_tokens": 4,
+        "ignore_eos": true, "parallel_tool_calls": false});
+    let chunks = raw_chunks(&e, &req).await;
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+    assert!(chunks.len() >= 4);
+    // Parameters outside the enforced subset: a warning when not strict, refused when strict.
+    let loose = json!([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}}]);
+    let req = json!({"messages": ask, "tools": loose, "tool_choice": "required",
+        "max_tokens": 300, "ignore_eos": true});
+    raw_chunks(&e, &req).await;
+    let warned = events.borrow().iter().any(|v| {
+        v["code"] == "tool-schema-loose" && v["message"].as_str().unwrap().contains("minimum")
+    });
+    assert!(warned, "{:?}", events.borrow());
+    let mut strict = loose.clone();
+    strict[0]["function"]["strict"] = json!(true);
+    let req = json!({"messages": ask, "tools": strict});
+    let err = call(e.start_chat(js(&req))).await.unwrap_err();
+    assert_eq!(err["code"], "unsupported", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("properties.n.minimum"),
+        "{err}"
+    );
+    call(e.unload()).await.unwrap();
+}
+
 /// `n`: the answers stream one after the other, chunks indexed 0, 1, 2, each answer's first
 /// chunk with the role and its last with its finish reason, `usage` once at the end counting
 /// them all; greedy, they are the same answer; with JSON mode each is an object of its own.

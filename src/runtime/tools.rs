@@ -148,31 +148,23 @@ impl Tools {
     /// The system text that describes the functions and the call format, for templates that
     /// do not render `tools` themselves.
     fn instructions_text(&self, list: &[Value]) -> String {
-        let mut s = String::from(
-            "You can call functions. Each is described by a JSON object (its parameters are a \
-             JSON Schema):\n",
-        );
+        let mut s = String::from("Functions you can call (their arguments as JSON Schema):\n");
         for t in list {
             let f = &t["function"];
-            let described = serde_json::json!({
-                "name": f["name"],
-                "description": f.get("description").unwrap_or(&Value::Null),
-                "parameters": f.get("parameters").unwrap_or(&serde_json::json!({})),
-            });
-            s += &described.to_string();
+            let mut described = serde_json::Map::new();
+            for k in ["name", "description", "parameters"] {
+                if let Some(v) = f.get(k).filter(|v| !v.is_null()) {
+                    described.insert(k.into(), v.clone());
+                }
+            }
+            s += &Value::Object(described).to_string();
             s.push('\n');
         }
-        let format = "reply with only a JSON object {\"name\": <the function's name>, \
-                      \"arguments\": <an object of its arguments>}";
+        let format = "reply with only {\"name\": <its name>, \"arguments\": <an object>}";
         s += &match self.choice {
-            ToolChoice::Function(i) => {
-                format!("Call `{}` now: {format}.", self.functions[i].name)
-            }
-            ToolChoice::Required => format!("Call one of them now: {format}."),
-            _ => format!(
-                "To call a function, {format}. Otherwise answer in plain text. A function's \
-                 result comes back in the next message."
-            ),
+            ToolChoice::Function(i) => format!("Call `{}` now: {format}.", self.functions[i].name),
+            ToolChoice::Required => format!("Call one now: {format}."),
+            _ => format!("To call one, {format}. Otherwise answer in plain text."),
         };
         s
     }
@@ -464,7 +456,7 @@ mod tests {
         assert!(p.instructions.contains("Otherwise answer in plain text"));
         assert!(tools(json!("required"))
             .instructions
-            .contains("Call one of them now"));
+            .contains("Call one now"));
         assert!(tools(json!("none")).prompt().is_none());
         assert!(tools(json!("none"))
             .constraint(Arc::new(Vec::new()))

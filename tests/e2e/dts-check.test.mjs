@@ -42,7 +42,7 @@ it('the checker names the type and the field of each disagreement, both ways', (
   assert.deepEqual(check(decls, 'EngineEvent', swap), ['SwapEvent.bits: declared but not returned']);
   assert.match(check(decls, 'EngineEvent', { type: 'nope' })[0], /^EngineEvent\.type: returned "nope", declared "progress" \| /);
   // A literal union (FinishReason) and a class with its Error base (FlexQuantError).
-  assert.deepEqual(check(decls, 'FinishReason', 'eos'), ['FinishReason: declared "stop" | "length" | "abort", returned string "eos"']);
+  assert.deepEqual(check(decls, 'FinishReason', 'eos'), ['FinishReason: declared "stop" | "length" | "abort" | "tool_calls", returned string "eos"']);
   assert.deepEqual(check(decls, 'FlexQuantError', { name: 'FlexQuantError', code: 'http', message: 'm', status: 404 }), []);
   assert.deepEqual(check(decls, 'FlexQuantError', { name: 'FlexQuantError', code: 'oops', message: 'm' }).length, 1);
 });

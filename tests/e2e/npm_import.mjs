@@ -78,6 +78,9 @@ try {
     assert.ok(r.worker.events.includes('progress'), r.worker.events.join());
     assert.deepEqual([r.missing.instance, r.missing.code], [true, 'manifest-not-found'], JSON.stringify(r.missing));
     assert.equal(r.unsupported, 'unsupported');
+    assert.equal(r.tools.name, 'w', JSON.stringify(r.tools));
+    assert.ok(['c', 'f'].includes(r.tools.args.u), JSON.stringify(r.tools));
+    assert.deepEqual([r.tools.id, r.tools.finish, r.tools.content, r.tools.streamed], [true, 'tool_calls', null, 'w']);
     // n: three answers of 4 tokens, indexed 0-2, counted together; different seeds, different text.
     assert.deepEqual([r.n.indices, r.n.finish, r.n.tokens], [[0, 1, 2], ['length', 'length', 'length'], 12], JSON.stringify(r.n));
     assert.ok(r.n.distinct >= 2, JSON.stringify(r.n));

@@ -12,6 +12,17 @@ async function main() {
   const r = await e.chat.completions.create({ messages: [], logprobs: true, top_logprobs: 2,
     response_format: { type: 'json_schema', json_schema: { name: 'x', strict: true, schema: { type: 'object' } } } });
   const lp: number | undefined = r.choices[0].logprobs?.content[0]?.top_logprobs[0]?.logprob; void lp;
+  // Function calling: the call, its result sent back.
+  const called = await e.chat.completions.create({ messages: [{ role: 'user', content: 'Weather?' }], tool_choice: 'required',
+    tools: [{ type: 'function', function: { name: 'w', parameters: { type: 'object' } } }] });
+  const call = called.choices[0].message.tool_calls?.[0];
+  if (call) {
+    const args: string = call.function.arguments; void args;
+    await e.chat.completions.create({ messages: [{ role: 'assistant', content: null, tool_calls: [call] },
+      { role: 'tool', tool_call_id: call.id, content: '18' }], tool_choice: { type: 'function', function: { name: 'w' } } });
+  }
+  // @ts-expect-error: a tool result names its call.
+  await e.chat.completions.create({ messages: [{ role: 'tool', content: '18' }] });
   // @ts-expect-error: the runtime rejects other formats, so the types do too.
   await e.chat.completions.create({ messages: [], response_format: { type: 'xml' } });
   const stream = await e.chat.completions.create({ messages: [{ role: 'user', content: 'hi' }], stream: true });
