@@ -118,6 +118,15 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
     }
     // JSON mode's automaton starts from real JSON objects: the requests.
     s.insert("json_mode", requests.clone());
+    // Tool calls start from whole calls to each of `targets::fuzz_tools`.
+    s.insert(
+        "tool_call",
+        vec![
+            br#"{"name": "w", "arguments": {"u": "c", "d": -12}}"#.to_vec(),
+            br#"{"name":"t","arguments":{"z":[true,false]}}"#.to_vec(),
+            br#"{"name": "w", "arguments": {"u": "f", "d": null}}"#.to_vec(),
+        ],
+    );
     s.insert("request", requests);
     Ok(s)
 }

@@ -183,10 +183,16 @@ mod native {
     }
 
     /// A chat request as the JS API receives it, then its prompt rendered with the model's chat
-    /// template and tokenized.
+    /// template (and its tools) and tokenized, and its tool-call constraint made.
     pub fn request(tok: &Tokenizer, b: &[u8]) -> Result<()> {
         let (r, _, _) = ChatRequest::from_json(b)?;
-        tok.encode(&tok.chat.render(&r.messages)?).map(|_| ())
+        let tools = r.tools()?;
+        let prompt = tools.as_ref().and_then(|t| t.prompt());
+        tok.encode(&tok.chat.render_with_tools(&r.messages, prompt)?)?;
+        if let Some(c) = tools.and_then(|t| t.constraint(tok.token_bytes())) {
+            c.watched();
+        }
+        Ok(())
     }
 }
 
@@ -199,6 +205,69 @@ pub fn json_mode(b: &[u8]) -> Result<()> {
         if let Err(e) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(b) {
             panic!("JSON mode accepted what serde_json rejects ({e})");
         }
+    }
+    Ok(())
+}
+
+/// The functions of the `tool_call` target.
+pub fn fuzz_tools() -> crate::runtime::tools::Tools {
+    let tools = serde_json::json!([
+        {"type": "function", "function": {"name": "w", "parameters": {"type": "object",
+            "properties": {"u": {"enum": ["c", "f"]}, "d": {"type": ["integer", "null"]}},
+            "required": ["u"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "t", "parameters": {"type": "object",
+            "properties": {"z": {"type": "array", "items": {"type": "boolean"}}}}}}
+    ]);
+    crate::runtime::tools::Tools::parse(Some(&tools), None)
+        .expect("the fuzz tools parse")
+        .expect("two tools")
+}
+
+/// A tool call's automaton (`Schema::ToolCall`) on any bytes: a text it calls a whole call
+/// must parse, name one of the functions first and hold that function's arguments (a panic
+/// otherwise).
+pub fn tool_call(b: &[u8]) -> Result<()> {
+    thread_local!(static SCHEMA: std::sync::Arc<crate::runtime::json_mode::Schema> =
+        fuzz_tools().call_schema());
+    let mut p = crate::runtime::json_mode::JsonPrefix::new(SCHEMA.with(|s| s.clone()));
+    if !(p.feed(b) && p.is_complete()) {
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_slice(b)
+        .unwrap_or_else(|e| panic!("a tool call serde_json rejects ({e})"));
+    let o = v.as_object().expect("an object");
+    let keys: Vec<&str> = o.keys().map(String::as_str).collect();
+    assert!(keys.len() == 2 && keys.contains(&"name"), "keys {keys:?}");
+    let text = String::from_utf8_lossy(b);
+    assert!(
+        text.find("\"name\"") < text.find("\"arguments\""),
+        "arguments first"
+    );
+    let args = v["arguments"].as_object().expect("arguments are an object");
+    match v["name"].as_str() {
+        Some("w") => {
+            assert!(matches!(
+                args.get("u").and_then(|u| u.as_str()),
+                Some("c" | "f")
+            ));
+            assert!(args.keys().all(|k| k == "u" || k == "d"), "{args:?}");
+            // An integer in JSON Schema's sense (serde_json reads -0 as a float).
+            let whole = |d: &serde_json::Value| d.as_f64().is_some_and(|f| f.fract() == 0.0);
+            assert!(
+                args.get("d").is_none_or(|d| d.is_null() || whole(d)),
+                "{args:?}"
+            );
+        }
+        Some("t") => {
+            let z = args
+                .get("z")
+                .map_or(&[][..], |z| z.as_array().expect("z a list"));
+            assert!(
+                z.iter().all(|x| x.is_boolean()) && args.len() <= 1,
+                "{args:?}"
+            );
+        }
+        other => panic!("called {other:?}"),
     }
     Ok(())
 }
@@ -237,5 +306,6 @@ pub fn all(tokenizer: crate::model::tokenizer::Tokenizer) -> Vec<Target> {
             Box::new(move |b| request(&tokenizer, b)),
         ),
         t("json_mode", &[], true, Box::new(json_mode)),
+        t("tool_call", &[], true, Box::new(tool_call)),
     ]
 }

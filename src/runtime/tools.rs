@@ -127,21 +127,25 @@ impl Tools {
         })
     }
 
+    /// What a call is held to: `Schema::ToolCall` over the functions `tool_choice` allows.
+    pub fn call_schema(&self) -> Arc<Schema> {
+        let fns = match self.choice {
+            ToolChoice::Function(i) => &self.functions[i..=i],
+            _ => &self.functions[..],
+        };
+        Arc::new(Schema::ToolCall(
+            fns.iter()
+                .map(|f| (f.name.as_bytes().to_vec(), f.schema.clone()))
+                .collect(),
+        ))
+    }
+
     /// The constraint on the answer: `None` with `tool_choice: 'none'`.
     pub fn constraint(&self, bytes: Arc<TokenBytes>) -> Option<JsonConstraint> {
-        let only = |i: usize| &self.functions[i..=i];
-        let schema = |fns: &[Function]| {
-            Arc::new(Schema::ToolCall(
-                fns.iter()
-                    .map(|f| (f.name.as_bytes().to_vec(), f.schema.clone()))
-                    .collect(),
-            ))
-        };
         match self.choice {
             ToolChoice::None => None,
-            ToolChoice::Auto => Some(JsonConstraint::optional(bytes, schema(&self.functions))),
-            ToolChoice::Required => Some(JsonConstraint::new(bytes, schema(&self.functions))),
-            ToolChoice::Function(i) => Some(JsonConstraint::new(bytes, schema(only(i)))),
+            ToolChoice::Auto => Some(JsonConstraint::optional(bytes, self.call_schema())),
+            _ => Some(JsonConstraint::new(bytes, self.call_schema())),
         }
     }
 
@@ -331,24 +335,8 @@ mod tests {
     }
 
     fn accepts(t: &Tools, text: &str) -> bool {
-        let Schema::ToolCall(_) = *schema_of(t) else {
-            unreachable!()
-        };
-        let mut p = JsonPrefix::new(schema_of(t));
+        let mut p = JsonPrefix::new(t.call_schema());
         p.feed(text.as_bytes()) && p.is_complete()
-    }
-
-    fn schema_of(t: &Tools) -> Arc<Schema> {
-        let only = match t.choice {
-            ToolChoice::Function(i) => i..i + 1,
-            _ => 0..t.functions.len(),
-        };
-        Arc::new(Schema::ToolCall(
-            t.functions[only]
-                .iter()
-                .map(|f| (f.name.as_bytes().to_vec(), f.schema.clone()))
-                .collect(),
-        ))
     }
 
     #[test]
