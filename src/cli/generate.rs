@@ -10,6 +10,7 @@ use flexquant::model::chat::{ChatTemplate, Message};
 use flexquant::model::tokenizer::{StreamDecoder, Tokenizer};
 use flexquant::runtime::json_mode::{JsonConstraint, Schema};
 use flexquant::runtime::json_schema;
+use flexquant::runtime::tools::{HeldCall, ToolCall, Tools};
 use flexquant::runtime::{Backend, Factory, GenStats, StopReason, TurnOptions};
 use std::io::{BufRead, Write};
 use std::sync::Arc;
@@ -28,6 +29,32 @@ pub struct GenerateArgs {
     /// Print a JSON line with the generated ids and timing at the end.
     #[arg(long)]
     json: bool,
+    /// Functions the model may call: a JSON file holding the browser's `tools` list
+    /// (`[{"type": "function", "function": {name, description, parameters}}]`); with --chat.
+    #[arg(long, value_name = "FILE", requires = "chat")]
+    tools: Option<std::path::PathBuf>,
+    /// `auto` (the default), `required`, `none`, or the name of the function to call.
+    #[arg(long, value_name = "CHOICE", requires = "tools")]
+    tool_choice: Option<String>,
+}
+
+/// `--tools` and `--tool-choice` as the browser's request fields.
+fn read_tools(a: &GenerateArgs) -> Result<Option<Tools>> {
+    let Some(path) = &a.tools else {
+        return Ok(None);
+    };
+    let text = super::read_text(path)?;
+    let list: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not JSON ({e})", path.display()))?;
+    let choice = a.tool_choice.as_deref().map(|c| match c {
+        "auto" | "required" | "none" => serde_json::json!(c),
+        name => serde_json::json!({"type": "function", "function": {"name": name}}),
+    });
+    if a.sampling.json_object || a.sampling.json_schema.is_some() {
+        anyhow::bail!("--tools cannot be combined with --json-object or --json-schema");
+    }
+    Tools::parse(Some(&list), choice.as_ref())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 #[derive(Args)]
@@ -59,7 +86,7 @@ where
 {
     /// One answer after `ids`, each piece of text printed as it comes; between tokens the
     /// controller may swap modules (printed on stderr).
-    fn answer(&mut self, ids: &[u32], a: &SamplingArgs) -> Result<Answer> {
+    fn answer(&mut self, ids: &[u32], a: &SamplingArgs, tools: Option<&Tools>) -> Result<Answer> {
         let stop = self.tokenizer.stop.clone();
         let (sampling, mut stop_text) = a.checked()?;
         let schema = match &a.json_schema {
@@ -74,7 +101,16 @@ where
             }
             None => a.json_object.then(|| Arc::new(Schema::AnyObject)),
         };
-        let json = schema.map(|s| JsonConstraint::new(self.tokenizer.token_bytes(), s));
+        let bytes = self.tokenizer.token_bytes();
+        let json = match schema {
+            Some(s) => Some(JsonConstraint::new(bytes, s)),
+            None => tools.and_then(|t| t.constraint(bytes)),
+        };
+        // An answer that may be a function call is held back until it is known.
+        let mut held = json
+            .as_ref()
+            .filter(|_| tools.is_some())
+            .map(|_| HeldCall::default());
         let sess = &mut self.run.session;
         let mut turn = sess
             .start_with(
@@ -93,7 +129,12 @@ where
         loop {
             let next = self.run.session.next(&mut turn).block()?;
             let Some(id) = next else { break };
-            let shown = stop_text.push(&dec.step(&self.tokenizer, id)?);
+            let piece = dec.step(&self.tokenizer, id)?;
+            let piece = match held.as_mut() {
+                Some(h) => h.push(turn.lead(), &piece).unwrap_or_default(),
+                None => piece,
+            };
+            let shown = stop_text.push(&piece);
             print!("{shown}");
             out.flush()?;
             text += &shown;
@@ -103,13 +144,25 @@ where
             }
             self.between_tokens(Some(turn.out.len()));
         }
-        let rest = stop_text.finish();
+        let mut rest = stop_text.finish();
+        let call = match held.as_mut().map(|h| h.finish(turn.lead())) {
+            Some(Ok(call)) => Some(call),
+            Some(Err(unheld)) => {
+                rest += &unheld;
+                None
+            }
+            None => None,
+        };
         print!("{rest}");
         text += &rest;
+        if let Some(c) = &call {
+            print!("[tool call] {} {}", c.name, c.arguments);
+        }
         Ok(Answer {
             ids: turn.out,
             stats: turn.stats,
             text,
+            call,
         })
     }
 }
@@ -119,6 +172,8 @@ struct Answer {
     ids: Vec<u32>,
     text: String,
     stats: GenStats,
+    /// The function call the answer made (`--tools`).
+    call: Option<ToolCall>,
 }
 
 struct Generate(GenerateArgs);
@@ -130,25 +185,39 @@ impl Job for Generate {
     {
         let a = self.0;
         eprintln!("[{}]", e.describe());
+        let tools = read_tools(&a)?;
+        for f in tools.iter().flat_map(|t| &t.functions) {
+            if let Some(why) = &f.loose {
+                eprintln!(
+                    "[warning: `{}`'s arguments are held to be an object only: {why}]",
+                    f.name
+                );
+            }
+        }
         let text = if a.chat {
             warn_if_fallback(&e.tokenizer.chat);
+            let prompt = tools.as_ref().and_then(|t| t.prompt());
             e.tokenizer
                 .chat
-                .render(&[Message::new("user", &a.prompt)])?
+                .render_with_tools(&[Message::new("user", &a.prompt)], prompt)?
         } else {
             a.prompt.clone()
         };
         let ids = e.tokenizer.encode(&text)?;
         let Answer {
-            ids: out, stats, ..
-        } = e.answer(&ids, &a.sampling)?;
+            ids: out,
+            stats,
+            call,
+            ..
+        } = e.answer(&ids, &a.sampling, tools.as_ref())?;
         println!();
         eprintln!("{}", speed(&stats));
         if a.json {
+            let call = call.map(|c| serde_json::json!({"name": c.name, "arguments": c.arguments}));
             println!(
                 "{}",
                 serde_json::json!({"ids": out, "stats": stats, "step": e.run.step,
-                    "bits": e.run.session.model.eqm_bits()})
+                    "bits": e.run.session.model.eqm_bits(), "tool_call": call})
             );
         }
         Ok(())
@@ -223,7 +292,7 @@ impl Job for Chat {
             }
             messages.push(Message::new("user", line.trim_end()));
             let ids = prompt_ids(&e.tokenizer, &messages);
-            match ids.and_then(|ids| e.answer(&ids, &a.sampling)) {
+            match ids.and_then(|ids| e.answer(&ids, &a.sampling, None)) {
                 Ok(answer) => {
                     println!();
                     eprintln!("{}", speed(&answer.stats));

@@ -345,4 +345,29 @@ fn cli_rejects_bad_arguments_clearly() {
     assert!(!ok && e.contains("--text"), "{e}");
     let (ok, _) = cli(&["eval", "--model", m, "--text", t, "--ctx", "64"]);
     assert!(ok);
+    // Function calling: --tools needs --chat, names the file and the field it rejects.
+    let tools = d.path().join("tools.json");
+    std::fs::write(
+        &tools,
+        r#"[{"type": "function", "function": {"name": "a b"}}]"#,
+    )
+    .unwrap();
+    let tools = tools.to_str().unwrap();
+    let (ok, e) = cli(&["generate", "--model", m, "--prompt", "hi", "--tools", tools]);
+    assert!(!ok && e.contains("--chat"), "{e}");
+    let chat = ["generate", "--model", m, "--prompt", "hi", "--chat"];
+    let (ok, e) = cli(&[&chat[..], &["--tools", tools]].concat());
+    assert!(
+        !ok && e.contains("tools.json") && e.contains("tools[0].function.name"),
+        "{e}"
+    );
+    std::fs::write(
+        tools,
+        r#"[{"type": "function", "function": {"name": "f"}}]"#,
+    )
+    .unwrap();
+    let (ok, e) = cli(&[&chat[..], &["--tools", tools, "--tool-choice", "g"]].concat());
+    assert!(!ok && e.contains("`g` is not one of the tools"), "{e}");
+    let (ok, e) = cli(&[&chat[..], &["--tools", tools, "--json-object"]].concat());
+    assert!(!ok && e.contains("cannot be combined"), "{e}");
 }

@@ -307,3 +307,51 @@ fn tool_calls_name_a_function_and_follow_its_parameters() {
     assert_eq!(shown, answer);
     assert!(!answer.trim().is_empty());
 }
+
+/// The CLI's `generate --chat --tools FILE --tool-choice required` on the demo model: the call
+/// printed and in the `--json` line, its arguments following the function's parameters.
+#[test]
+fn cli_generate_makes_a_tool_call() {
+    let Some(model) = crate::common::demo_model_path() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let tools = d.path().join("tools.json");
+    std::fs::write(
+        &tools,
+        r#"[{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                "required": ["city"], "additionalProperties": false}}}]"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flexquant"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--chat"])
+        .args([
+            "--prompt",
+            "What is the weather in Paris?",
+            "--temperature",
+            "0",
+        ])
+        .args([
+            "--tools",
+            tools.to_str().unwrap(),
+            "--tool-choice",
+            "required",
+        ])
+        .args(["--max-tokens", "48", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("[tool call] get_weather {"), "{stdout}");
+    let line = stdout.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let args: serde_json::Value =
+        serde_json::from_str(v["tool_call"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].is_string(), "{line}");
+    eprintln!("{}", v["tool_call"]);
+}
