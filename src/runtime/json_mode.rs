@@ -143,6 +143,9 @@ pub enum Schema {
     Null,
     /// `null` or the schema (`type: [T, "null"]`).
     Nullable(Arc<Schema>),
+    /// One of these, told apart by the value's first byte (`anyOf`, `oneOf`, a `type` list:
+    /// `json_schema` checks that no two branches start alike).
+    Union(Vec<Arc<Schema>>),
     /// A function call (`runtime::tools`): `{"name": N, "arguments": A}`, in that order, N one
     /// of these names (JSON text between the quotes) and A what that function's parameters
     /// schema allows. Top level only.
@@ -332,6 +335,12 @@ impl JsonPrefix {
 
     /// The first byte of a value of `self.expect`.
     fn value(&mut self, b: u8) -> bool {
+        if let Schema::Union(branches) = &*self.expect {
+            match branches.iter().find(|s| Self::opens_with(s, b)) {
+                Some(s) => self.expect = s.clone(),
+                None => return false,
+            }
+        }
         if let Schema::Nullable(inner) = &*self.expect {
             if b == b'n' {
                 self.expect = Arc::new(Schema::Null);
@@ -339,20 +348,7 @@ impl JsonPrefix {
                 self.expect = inner.clone();
             }
         }
-        let fits = matches!(
-            (&*self.expect, b),
-            (Schema::Any, _)
-                | (
-                    Schema::Object(_) | Schema::AnyObject | Schema::ToolCall(_),
-                    b'{'
-                )
-                | (Schema::Array(_), b'[')
-                | (Schema::String(_), b'"')
-                | (Schema::Number { .. }, b'-' | b'0'..=b'9')
-                | (Schema::Boolean, b't' | b'f')
-                | (Schema::Null, b'n')
-        );
-        if !fits {
+        if !Self::opens_with(&self.expect, b) {
             return false;
         }
         self.mode = match b {
@@ -382,6 +378,27 @@ impl JsonPrefix {
             _ => return false,
         };
         true
+    }
+
+    /// Whether a value of `s` may start with `b`.
+    fn opens_with(s: &Schema, b: u8) -> bool {
+        match s {
+            Schema::Nullable(inner) => b == b'n' || Self::opens_with(inner, b),
+            Schema::Union(bs) => bs.iter().any(|s| Self::opens_with(s, b)),
+            _ => matches!(
+                (s, b),
+                (Schema::Any, _)
+                    | (
+                        Schema::Object(_) | Schema::AnyObject | Schema::ToolCall(_),
+                        b'{'
+                    )
+                    | (Schema::Array(_), b'[')
+                    | (Schema::String(_), b'"')
+                    | (Schema::Number { .. }, b'-' | b'0'..=b'9')
+                    | (Schema::Boolean, b't' | b'f')
+                    | (Schema::Null, b'n')
+            ),
+        }
     }
 
     fn open(&mut self, b: u8) -> bool {

@@ -1,13 +1,16 @@
 //! `response_format: { type: "json_schema", json_schema: { schema } }`: the subset of JSON
 //! Schema that JSON mode's automaton (`json_mode::JsonPrefix`) enforces while the answer is
-//! written, which is what OpenAI's strict structured outputs use: `type` (one, or one with
-//! `"null"`), objects' `properties` / `required` / `additionalProperties: false`, arrays'
-//! `items`, strings' `enum` / `const`. Annotations (`title`, `description`, ...) are read and
-//! ignored; any other keyword is `Unsupported`, named with where it is, never silently ignored.
+//! written, which is what OpenAI's strict structured outputs use: `type` (one or a list),
+//! objects' `properties` / `required` / `additionalProperties: false`, arrays' `items`,
+//! strings' `enum` / `const`, `anyOf` / `oneOf` whose branches start with different bytes
+//! (`Schema::Union`), `allOf` of one, and `$ref` into the root's `$defs` / `definitions` (read
+//! in place; not recursive). Annotations (`title`, `description`, ...) are read and ignored;
+//! any other keyword is `Unsupported`, named with where it is, never silently ignored.
 
 use crate::error::{Error, Result};
 use crate::runtime::json_mode::{Property, Schema, MAX_DEPTH, MAX_PROPERTIES};
 use serde_json::Value;
+use std::cell::RefCell;
 use std::sync::Arc;
 
 /// Keywords that describe and do not constrain.
@@ -30,21 +33,35 @@ pub fn parse(v: &Value) -> Result<Arc<Schema>> {
 /// `parse` for the request's `field`, whose schema is at `path` (named in errors): a
 /// function's parameters are `parse_at(v, "tools", "tools[0].function.parameters")`.
 pub fn parse_at(v: &Value, field: &str, path: &str) -> Result<Arc<Schema>> {
-    let s = node(field, v, path, 0)?;
+    let ctx = Ctx {
+        field,
+        root: v,
+        refs: RefCell::new(Vec::new()),
+    };
+    let s = node(&ctx, v, path, 0)?;
     match *s {
         Schema::Object(_) | Schema::AnyObject => Ok(s),
-        _ => Err(unsupported(field, path, "a top level other than an object")),
+        _ => Err(unsupported(&ctx, path, "a top level other than an object")),
     }
 }
 
-fn unsupported(field: &str, path: &str, what: &str) -> Error {
+/// What a schema is read against: the request field it is in (for errors), its root (where
+/// `$ref`s point) and the references being read (to refuse a recursive one).
+struct Ctx<'a> {
+    field: &'a str,
+    root: &'a Value,
+    refs: RefCell<Vec<String>>,
+}
+
+fn unsupported(c: &Ctx, path: &str, what: &str) -> Error {
     Error::Unsupported(format!(
-        "chat request: {field}: {what} at `{path}` is not supported (see js/API.md)"
+        "chat request: {}: {what} at `{path}` is not supported (see js/API.md)",
+        c.field
     ))
 }
 
-fn bad(field: &str, path: &str, what: &str) -> Error {
-    Error::input(format!("chat request: {field}: `{path}` {what}"))
+fn bad(c: &Ctx, path: &str, what: &str) -> Error {
+    Error::input(format!("chat request: {}: `{path}` {what}", c.field))
 }
 
 /// A string's JSON text between its quotes.
@@ -53,7 +70,7 @@ fn json_text(s: &str) -> Vec<u8> {
     quoted.as_bytes()[1..quoted.len() - 1].to_vec()
 }
 
-fn node(f: &str, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
+fn node(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
     if depth > MAX_DEPTH {
         return Err(unsupported(f, path, "nesting deeper than 32"));
     }
@@ -62,7 +79,7 @@ fn node(f: &str, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
         Value::Object(o) => o,
         _ => return Err(bad(f, path, "must be a schema object")),
     };
-    const OWN: [&str; 7] = [
+    const OWN: [&str; 14] = [
         "type",
         "properties",
         "required",
@@ -70,6 +87,14 @@ fn node(f: &str, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
         "items",
         "enum",
         "const",
+        "$ref",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        // Definitions `$ref` points into, read from the root when a reference is resolved.
+        "$defs",
+        "definitions",
+        "$schema",
     ];
     if let Some(k) = o
         .keys()
@@ -81,34 +106,171 @@ fn node(f: &str, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
             &format!("keyword `{k}`"),
         ));
     }
-    let (ty, nullable) = match o.get("type") {
-        None => (None, false),
-        Some(Value::String(t)) => (Some(t.as_str()), false),
-        Some(Value::Array(ts)) => {
-            let names: Vec<&str> = ts.iter().filter_map(Value::as_str).collect();
-            let other: Vec<&str> = names.iter().copied().filter(|t| *t != "null").collect();
-            match (names.len() == ts.len(), other.as_slice()) {
-                (true, [t]) if names.len() == 2 => (Some(*t), true),
-                (true, [t]) => (Some(*t), false),
-                _ => {
-                    return Err(unsupported(
-                        f,
-                        path,
-                        "a `type` list other than [T, \"null\"]",
-                    ))
-                }
-            }
-        }
-        Some(_) => {
-            return Err(bad(
-                f,
-                &format!("{path}.type"),
-                "must be a string or a list",
-            ))
+    // Keywords that say what the value is, besides a reference or a union.
+    let shape = ["type", "properties", "items", "enum", "const"];
+    let alone = |k: &str| -> Result<()> {
+        match shape.iter().find(|s| o.contains_key(**s)) {
+            Some(s) => Err(unsupported(f, path, &format!("`{k}` beside `{s}`"))),
+            None => Ok(()),
         }
     };
+    if let Some(r) = o.get("$ref") {
+        alone("$ref")?;
+        return reference(f, r, &format!("{path}.$ref"), depth);
+    }
+    for k in ["anyOf", "oneOf"] {
+        if let Some(list) = o.get(k) {
+            alone(k)?;
+            let at = format!("{path}.{k}");
+            let branches = match list.as_array() {
+                Some(l) if !l.is_empty() => l,
+                _ => return Err(bad(f, &at, "must be a non-empty list")),
+            };
+            let parsed = branches
+                .iter()
+                .enumerate()
+                .map(|(i, b)| node(f, b, &format!("{at}[{i}]"), depth + 1))
+                .collect::<Result<Vec<_>>>()?;
+            return union(f, &at, parsed);
+        }
+    }
+    if let Some(list) = o.get("allOf") {
+        alone("allOf")?;
+        return match list.as_array().map(Vec::as_slice) {
+            Some([one]) => node(f, one, &format!("{path}.allOf[0]"), depth + 1),
+            _ => Err(unsupported(
+                f,
+                &format!("{path}.allOf"),
+                "`allOf` of other than one schema",
+            )),
+        };
+    }
+    match o.get("type") {
+        None => Ok(Arc::new(typed(f, o, None, path, depth)?)),
+        Some(Value::String(t)) => Ok(Arc::new(typed(f, o, Some(t), path, depth)?)),
+        Some(Value::Array(ts)) => {
+            let names = ts
+                .iter()
+                .map(|t| {
+                    t.as_str()
+                        .ok_or_else(|| bad(f, &format!("{path}.type"), "must list strings"))
+                })
+                .collect::<Result<Vec<&str>>>()?;
+            if names.is_empty() {
+                return Err(bad(f, &format!("{path}.type"), "is an empty list"));
+            }
+            // A number may be an integer: "number" covers "integer".
+            let number = names.contains(&"number");
+            let parsed = names
+                .iter()
+                .filter(|t| !(number && **t == "integer"))
+                .map(|t| match *t {
+                    // `null` in a list beside an enum of strings: the enum's values or null.
+                    "null" => Ok(Arc::new(Schema::Null)),
+                    t => typed(f, o, Some(t), path, depth).map(Arc::new),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            union(f, path, parsed)
+        }
+        Some(_) => Err(bad(
+            f,
+            &format!("{path}.type"),
+            "must be a string or a list",
+        )),
+    }
+}
+
+/// `$ref` to `#/$defs/NAME` or `#/definitions/NAME` of the root schema, read in its place (a
+/// reference to itself, directly or not, is unsupported: the automaton has a fixed depth).
+fn reference(f: &Ctx, r: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
+    let r = r.as_str().ok_or_else(|| bad(f, path, "must be a string"))?;
+    let target = ["#/$defs/", "#/definitions/"]
+        .iter()
+        .find_map(|p| r.strip_prefix(p).map(|name| (&p[2..p.len() - 1], name)))
+        .and_then(|(defs, name)| f.root.get(defs)?.get(name))
+        .ok_or_else(|| {
+            unsupported(
+                f,
+                path,
+                &format!("`$ref` \"{r}\" (only #/$defs/NAME or #/definitions/NAME of this schema)"),
+            )
+        })?;
+    if f.refs.borrow().iter().any(|x| x == r) {
+        return Err(unsupported(f, path, &format!("a recursive `$ref` \"{r}\"")));
+    }
+    f.refs.borrow_mut().push(r.to_string());
+    let s = node(f, target, path, depth + 1);
+    f.refs.borrow_mut().pop();
+    s
+}
+
+/// Which first bytes a value of `s` may start with: the automaton picks a union's branch by
+/// its value's first byte, so branches must not share one.
+fn opens(s: &Schema) -> u8 {
+    const OBJECT: u8 = 1;
+    const ARRAY: u8 = 2;
+    const STRING: u8 = 4;
+    const NUMBER: u8 = 8;
+    const BOOLEAN: u8 = 16;
+    const NULL: u8 = 32;
+    match s {
+        Schema::Any => 63,
+        Schema::Object(_) | Schema::AnyObject | Schema::ToolCall(_) => OBJECT,
+        Schema::Array(_) => ARRAY,
+        Schema::String(_) => STRING,
+        Schema::Number { .. } => NUMBER,
+        Schema::Boolean => BOOLEAN,
+        Schema::Null => NULL,
+        Schema::Nullable(x) => opens(x) | NULL,
+        Schema::Union(bs) => bs.iter().fold(0, |m, b| m | opens(b)),
+    }
+}
+
+/// `anyOf` / `oneOf` / a `type` list: `Nullable` for one schema and null, else a `Union`
+/// whose branches start with different bytes (two objects, say, are unsupported: telling them
+/// apart would take reading ahead).
+fn union(f: &Ctx, path: &str, parsed: Vec<Arc<Schema>>) -> Result<Arc<Schema>> {
+    let mut flat: Vec<Arc<Schema>> = Vec::new();
+    for s in parsed {
+        match &*s {
+            Schema::Union(bs) => flat.extend(bs.iter().cloned()),
+            Schema::Nullable(x) => flat.extend([x.clone(), Arc::new(Schema::Null)]),
+            _ => flat.push(s),
+        }
+    }
+    flat.dedup_by(|a, b| a == b);
+    let mut seen = 0u8;
+    for s in &flat {
+        if opens(s) & seen != 0 {
+            return Err(unsupported(
+                f,
+                path,
+                "a union whose branches can start alike (two objects, two strings, ...)",
+            ));
+        }
+        seen |= opens(s);
+    }
+    let nulls = flat.iter().filter(|s| ***s == Schema::Null).count();
+    Ok(match flat.as_slice() {
+        [one] => one.clone(),
+        [a, b] if nulls == 1 => {
+            let other = if **a == Schema::Null { b } else { a };
+            Arc::new(Schema::Nullable(other.clone()))
+        }
+        _ => Arc::new(Schema::Union(flat)),
+    })
+}
+
+/// A schema of one `type` (`None`: no `type` keyword) from the keywords beside it.
+fn typed(
+    f: &Ctx,
+    o: &serde_json::Map<String, Value>,
+    ty: Option<&str>,
+    path: &str,
+    depth: usize,
+) -> Result<Schema> {
     let strings = strings_of(f, o, path)?;
-    let s = match (ty, strings) {
+    Ok(match (ty, strings) {
         (None | Some("string"), Some(values)) => Schema::String(Some(values)),
         (Some(t), Some(_)) => {
             return Err(unsupported(
@@ -135,18 +297,12 @@ fn node(f: &str, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
                 &format!("`{t}` is not a type"),
             ))
         }
-    };
-    let s = Arc::new(s);
-    Ok(if nullable {
-        Arc::new(Schema::Nullable(s))
-    } else {
-        s
     })
 }
 
 /// `enum` (strings only) or `const` (a string) as JSON texts.
 fn strings_of(
-    f: &str,
+    f: &Ctx,
     o: &serde_json::Map<String, Value>,
     path: &str,
 ) -> Result<Option<Vec<Vec<u8>>>> {
@@ -170,7 +326,7 @@ fn strings_of(
         .map(Some)
 }
 
-fn object(f: &str, o: &serde_json::Map<String, Value>, path: &str, depth: usize) -> Result<Schema> {
+fn object(f: &Ctx, o: &serde_json::Map<String, Value>, path: &str, depth: usize) -> Result<Schema> {
     match o.get("additionalProperties") {
         None | Some(Value::Bool(false)) => {}
         Some(_) => {
@@ -232,6 +388,7 @@ pub fn string_bytes(s: &Schema, out: &mut Vec<u8>) {
             }
         }
         Schema::Array(item) | Schema::Nullable(item) => string_bytes(item, out),
+        Schema::Union(bs) => bs.iter().for_each(|b| string_bytes(b, out)),
         Schema::String(Some(values)) => values.iter().for_each(|v| out.extend_from_slice(v)),
         Schema::ToolCall(fns) => {
             out.extend_from_slice(b"namearguments");
@@ -322,8 +479,27 @@ mod tests {
             ),
             (json!({"anyOf": []}), "schema.anyOf"),
             (
-                json!({"type": "object", "properties": {"a": {"type": ["string", "integer"]}}}),
-                "`type` list",
+                json!({"type": "object", "properties": {"a": {"anyOf": [
+                    {"type": "object"}, {"type": "object", "properties": {}}]}}}),
+                "schema.properties.a.anyOf",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/N"}},
+                    "$defs": {"N": {"type": "object", "properties": {"next": {"$ref": "#/$defs/N"}}}}}),
+                "recursive `$ref`",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"$ref": "https://x/s.json"}}}),
+                "schema.properties.a.$ref",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"allOf": [{"type": "string"}, {}]}}}),
+                "schema.properties.a.allOf",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/A", "type": "string"}},
+                    "$defs": {"A": {"type": "string"}}}),
+                "`$ref` beside `type`",
             ),
             (
                 json!({"type": "object", "properties": {}, "required": ["b"]}),
@@ -337,6 +513,61 @@ mod tests {
             let e = parse(&schema).unwrap_err().to_string();
             assert!(e.contains(want), "{schema}: {e}");
         }
+    }
+
+    /// What Pydantic and zod-to-json-schema write: nested models as `$defs` behind `$ref`,
+    /// optional fields as `anyOf` with null, `allOf` around one reference, type lists.
+    fn order() -> Value {
+        json!({"title": "Order", "type": "object", "additionalProperties": false,
+            "$defs": {
+                "Item": {"title": "Item", "type": "object", "additionalProperties": false,
+                    "properties": {"sku": {"type": "string"}, "qty": {"type": "integer"}},
+                    "required": ["sku", "qty"]},
+                "Status": {"enum": ["open", "paid"], "type": "string"}
+            },
+            "properties": {
+                "items": {"type": "array", "items": {"$ref": "#/$defs/Item"}},
+                "status": {"allOf": [{"$ref": "#/$defs/Status"}], "description": "state"},
+                "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": null},
+                "id": {"oneOf": [{"type": "integer"}, {"type": "string"}]},
+                "total": {"type": ["number", "integer", "null"]}
+            },
+            "required": ["items", "status", "id"]})
+    }
+
+    #[test]
+    fn references_and_unions_are_read_and_enforced() {
+        let s = order();
+        for ok in [
+            r#"{"items": [{"sku": "a", "qty": 2}], "status": "paid", "id": 7}"#,
+            r#"{"items": [], "status": "open", "id": "x-1", "note": null, "total": 2.5}"#,
+            r#"{"id": 1, "status": "open", "items": [], "note": "hi", "total": null}"#,
+        ] {
+            assert!(accepts(&s, ok), "{ok}");
+        }
+        for bad in [
+            r#"{"items": [{"sku": "a"}], "status": "paid", "id": 7}"#, // Item.qty missing
+            r#"{"items": [], "status": "due", "id": 7}"#,              // not a Status
+            r#"{"items": [], "status": "open", "id": true}"#,          // neither branch
+            r#"{"items": [], "status": "open", "id": 1, "note": 3}"#,  // string or null
+            r#"{"items": [], "status": "open", "id": 1.5}"#,           // an integer
+            r#"{"items": [], "status": "open", "id": 1, "total": "1"}"#,
+        ] {
+            assert!(!accepts(&s, bad), "{bad}");
+        }
+        let p = parse(&s).unwrap();
+        let Schema::Object(props) = &*p else {
+            panic!("{p:?}")
+        };
+        let get = |n: &str| {
+            &props
+                .iter()
+                .find(|q| q.name == n.as_bytes())
+                .unwrap()
+                .schema
+        };
+        assert!(matches!(&**get("note"), Schema::Nullable(x) if **x == Schema::String(None)));
+        assert!(matches!(&**get("id"), Schema::Union(b) if b.len() == 2));
     }
 
     /// Random texts grown along the automaton's accepted paths under a schema: every one it

@@ -27,5 +27,6 @@ mod quant_real;
 mod reference;
 mod request_fields;
 mod search;
+mod structured;
 mod text;
 mod walk;

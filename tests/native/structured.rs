@@ -1,0 +1,148 @@
+//! Structured output and tool calls against an independent validator: texts the automaton
+//! (`runtime::json_mode::JsonPrefix`) calls complete, grown at random along the bytes it
+//! accepts, are validated by Python's `jsonschema` (tests/reference/json_schema_validate.py)
+//! against the very schema the request sent: every one must be valid.
+
+use crate::common::python_has;
+use flexquant::fuzz::mutate::Rng;
+use flexquant::runtime::json_mode::{JsonPrefix, Schema};
+use flexquant::runtime::json_schema;
+use flexquant::runtime::tools::Tools;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+/// Up to `walks` random texts that `schema` calls complete, grown one byte at a time from
+/// `alphabet` (only bytes it accepts), each at most 400 bytes.
+fn complete_texts(schema: Arc<Schema>, alphabet: &[u8], walks: usize, seed: u64) -> Vec<String> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::new();
+    for _ in 0..walks {
+        let mut p = JsonPrefix::new(schema.clone());
+        let mut text = Vec::new();
+        while text.len() < 400 && !p.is_complete() {
+            let opts: Vec<u8> = alphabet
+                .iter()
+                .copied()
+                .filter(|&b| p.after(&[b]).is_some())
+                .collect();
+            if opts.is_empty() {
+                break;
+            }
+            let b = opts[rng.below(opts.len())];
+            p.feed(&[b]);
+            text.push(b);
+        }
+        if p.is_complete() {
+            out.push(String::from_utf8(text).unwrap());
+        }
+    }
+    out
+}
+
+/// Python's verdict on each text: `None` when valid, else its first error.
+fn validate(cases: &[(Value, Vec<String>)]) -> Vec<Vec<Option<String>>> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/reference/json_schema_validate.py"
+    );
+    let input: Vec<Value> = cases
+        .iter()
+        .map(|(schema, texts)| json!({"schema": schema, "texts": texts}))
+        .collect();
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 must be installed (./build.sh setup installs jsonschema)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(&input).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "json_schema_validate.py failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Schemas as apps send them: Pydantic's nested models (`$defs`, `$ref`, `allOf`, `anyOf`
+/// with null), a type list, `oneOf`, enums, arrays, and a function call's two functions.
+fn schemas() -> Vec<(&'static str, Value, Arc<Schema>)> {
+    let order = json!({"type": "object", "additionalProperties": false,
+        "$defs": {
+            "Item": {"type": "object", "additionalProperties": false,
+                "properties": {"s": {"type": "string"}, "q": {"type": "integer"}},
+                "required": ["s", "q"]},
+            "Status": {"enum": ["open", "paid"], "type": "string"}
+        },
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/$defs/Item"}},
+            "st": {"allOf": [{"$ref": "#/$defs/Status"}]},
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "id": {"oneOf": [{"type": "integer"}, {"type": "boolean"}]},
+            "t": {"type": ["number", "null"]}
+        },
+        "required": ["items", "st", "id"]});
+    let person = json!({"type": "object", "additionalProperties": false,
+        "properties": {"n": {"type": "string"}, "a": {"type": ["integer", "null"]},
+            "r": {"enum": ["x", "yy"]}, "f": {"type": "array", "items": {"type": "number"}},
+            "o": {"type": "object", "properties": {"c": {"type": "boolean"}}, "required": ["c"],
+                "additionalProperties": false}},
+        "required": ["n", "a", "r"]});
+    let tools = json!([
+        {"type": "function", "function": {"name": "w", "parameters": {"type": "object",
+            "properties": {"u": {"enum": ["c", "f"]}, "d": {"type": ["integer", "null"]}},
+            "required": ["u"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "t", "parameters": {"type": "object",
+            "properties": {"z": {"type": "array", "items": {"type": "boolean"}}},
+            "additionalProperties": false}}}
+    ]);
+    // The call as a schema of its own: either function's name with its arguments.
+    let call = json!({"oneOf": tools.as_array().unwrap().iter().map(|t| json!({
+        "type": "object", "additionalProperties": false, "required": ["name", "arguments"],
+        "properties": {"name": {"const": t["function"]["name"]},
+            "arguments": t["function"]["parameters"]}})).collect::<Vec<_>>()});
+    let call_schema = Tools::parse(Some(&tools), Some(&json!("required")))
+        .unwrap()
+        .unwrap()
+        .call_schema();
+    vec![
+        ("order", order.clone(), json_schema::parse(&order).unwrap()),
+        (
+            "person",
+            person.clone(),
+            json_schema::parse(&person).unwrap(),
+        ),
+        ("tool call", call, call_schema),
+    ]
+}
+
+#[test]
+fn texts_the_automaton_completes_are_valid_for_python_jsonschema() {
+    if !python_has("jsonschema") {
+        return;
+    }
+    // JSON's bytes and the letters of the schemas' names; few, so that free strings end.
+    let alphabet = b"{}[]:,\" -.019eacdfgilmnopqrstuwxyz\\";
+    let mut cases = Vec::new();
+    for (i, (name, schema, parsed)) in schemas().into_iter().enumerate() {
+        let texts = complete_texts(parsed, alphabet, 3000, 90 + i as u64);
+        eprintln!(
+            "{name}: {} complete texts of 3000 walks, e.g. {}",
+            texts.len(),
+            texts[0]
+        );
+        assert!(texts.len() >= 150, "{name}: {} complete", texts.len());
+        cases.push((schema, texts));
+    }
+    let verdicts = validate(&cases);
+    for ((schema, texts), v) in cases.iter().zip(&verdicts) {
+        assert_eq!(texts.len(), v.len());
+        for (t, e) in texts.iter().zip(v) {
+            assert!(e.is_none(), "{t}\n{}\n{schema}", e.as_deref().unwrap_or(""));
+        }
+    }
+}
