@@ -603,6 +603,31 @@ impl JsonPrefix {
     }
 }
 
+/// A text grown at random, one byte of `alphabet` at a time among those the automaton of
+/// `schema` accepts, until it completes (`Some`) or reaches `max_len` bytes or a dead end
+/// (`None`): the texts the automaton lets through, for tests to hand to an independent parser
+/// or validator.
+pub fn random_text(
+    schema: Arc<Schema>,
+    alphabet: &[u8],
+    max_len: usize,
+    rng: &mut crate::fuzz::mutate::Rng,
+) -> Option<Vec<u8>> {
+    let mut p = JsonPrefix::new(schema);
+    let mut text = Vec::new();
+    while text.len() < max_len && !p.is_complete() {
+        let opts: Vec<u8> = alphabet
+            .iter()
+            .copied()
+            .filter(|&b| p.after(&[b]).is_some())
+            .collect();
+        let &b = opts.get(rng.below(opts.len().max(1)))?;
+        p.feed(&[b]);
+        text.push(b);
+    }
+    p.is_complete().then_some(text)
+}
+
 /// The bytes each token stands for (`None`: a special token, never part of JSON), by id.
 pub type TokenBytes = Vec<Option<Vec<u8>>>;
 
@@ -966,24 +991,9 @@ mod tests {
         let mut rng = Rng::new(5);
         let mut complete = [0; 2];
         for _ in 0..4_000 {
-            let mut p = JsonPrefix::new(schema.clone());
-            let mut text = Vec::new();
-            for _ in 0..120 {
-                let opts: Vec<u8> = alphabet
-                    .iter()
-                    .copied()
-                    .filter(|&b| p.after(&[b]).is_some())
-                    .collect();
-                if opts.is_empty() || p.is_complete() {
-                    break;
-                }
-                let b = opts[rng.below(opts.len())];
-                p.feed(&[b]);
-                text.push(b);
-            }
-            if !p.is_complete() {
+            let Some(text) = random_text(schema.clone(), alphabet, 120, &mut rng) else {
                 continue;
-            }
+            };
             let v: serde_json::Value = serde_json::from_slice(&text)
                 .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(&text)));
             let args = v["arguments"].as_object().unwrap();

@@ -404,7 +404,7 @@ pub fn string_bytes(s: &Schema, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::json_mode::JsonPrefix;
+    use crate::runtime::json_mode::{random_text, JsonPrefix};
     use serde_json::json;
 
     fn accepts(schema: &Value, text: &str) -> bool {
@@ -584,27 +584,9 @@ mod tests {
         let mut rng = crate::fuzz::mutate::Rng::new(11);
         let mut complete = 0;
         for _ in 0..5_000 {
-            let mut p = JsonPrefix::new(schema.clone());
-            let mut text = Vec::new();
-            for _ in 0..200 {
-                let opts: Vec<u8> = alphabet
-                    .iter()
-                    .copied()
-                    .filter(|&b| p.after(&[b]).is_some())
-                    .collect();
-                if opts.is_empty() {
-                    break;
-                }
-                let b = opts[rng.below(opts.len())];
-                p.feed(&[b]);
-                text.push(b);
-                if p.is_complete() {
-                    break;
-                }
-            }
-            if !p.is_complete() {
+            let Some(text) = random_text(schema.clone(), &alphabet, 200, &mut rng) else {
                 continue;
-            }
+            };
             complete += 1;
             let v: serde_json::Map<String, Value> = serde_json::from_slice(&text)
                 .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(&text)));

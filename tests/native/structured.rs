@@ -5,7 +5,7 @@
 
 use crate::common::python_has;
 use flexquant::fuzz::mutate::Rng;
-use flexquant::runtime::json_mode::{JsonPrefix, Schema};
+use flexquant::runtime::json_mode::{random_text, Schema};
 use flexquant::runtime::json_schema;
 use flexquant::runtime::tools::Tools;
 use serde_json::{json, Value};
@@ -13,32 +13,14 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-/// Up to `walks` random texts that `schema` calls complete, grown one byte at a time from
-/// `alphabet` (only bytes it accepts), each at most 400 bytes.
+/// Up to `walks` random texts that `schema` calls complete (`json_mode::random_text`, at most
+/// 400 bytes each).
 fn complete_texts(schema: Arc<Schema>, alphabet: &[u8], walks: usize, seed: u64) -> Vec<String> {
     let mut rng = Rng::new(seed);
-    let mut out = Vec::new();
-    for _ in 0..walks {
-        let mut p = JsonPrefix::new(schema.clone());
-        let mut text = Vec::new();
-        while text.len() < 400 && !p.is_complete() {
-            let opts: Vec<u8> = alphabet
-                .iter()
-                .copied()
-                .filter(|&b| p.after(&[b]).is_some())
-                .collect();
-            if opts.is_empty() {
-                break;
-            }
-            let b = opts[rng.below(opts.len())];
-            p.feed(&[b]);
-            text.push(b);
-        }
-        if p.is_complete() {
-            out.push(String::from_utf8(text).unwrap());
-        }
-    }
-    out
+    (0..walks)
+        .filter_map(|_| random_text(schema.clone(), alphabet, 400, &mut rng))
+        .map(|t| String::from_utf8(t).unwrap())
+        .collect()
 }
 
 /// Python's verdict on each text: `None` when valid, else its first error.
