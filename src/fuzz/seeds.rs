@@ -123,7 +123,7 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
         "tool_call",
         vec![
             br#"{"name": "w", "arguments": {"u": "c", "d": -12}}"#.to_vec(),
-            br#"{"name":"t","arguments":{"z":[true,false]}}"#.to_vec(),
+            br#"{"name":"t","arguments":{"z":[true,false],"s":"\u00e9x"}}"#.to_vec(),
             br#"{"name": "w", "arguments": {"u": "f", "d": null}}"#.to_vec(),
         ],
     );

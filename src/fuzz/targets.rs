@@ -196,12 +196,25 @@ mod native {
     }
 }
 
+/// A text the automaton accepted (`fed`) and that is not complete goes on with some byte (a
+/// dead end would leave generation with no token to draw).
+fn no_dead_end(fed: bool, p: &crate::runtime::json_mode::JsonPrefix) {
+    if fed && !p.is_complete() {
+        assert!(
+            (0..=255u8).any(|x| p.after(&[x]).is_some()),
+            "a prefix the automaton accepted cannot go on"
+        );
+    }
+}
+
 /// JSON mode's automaton (`runtime::json_mode::JsonPrefix`) on any bytes: it must never call
 /// a text a whole JSON object that serde_json does not parse as one (a panic otherwise: the
 /// runner records it as a crash).
 pub fn json_mode(b: &[u8]) -> Result<()> {
     let mut p = crate::runtime::json_mode::JsonPrefix::default();
-    if p.feed(b) && p.is_complete() {
+    let fed = p.feed(b);
+    no_dead_end(fed, &p);
+    if fed && p.is_complete() {
         if let Err(e) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(b) {
             panic!("JSON mode accepted what serde_json rejects ({e})");
         }
@@ -230,7 +243,9 @@ pub fn tool_call(b: &[u8]) -> Result<()> {
     thread_local!(static SCHEMA: std::sync::Arc<crate::runtime::json_mode::Schema> =
         fuzz_tools().call_schema());
     let mut p = crate::runtime::json_mode::JsonPrefix::new(SCHEMA.with(|s| s.clone()));
-    if !(p.feed(b) && p.is_complete()) {
+    let fed = p.feed(b);
+    no_dead_end(fed, &p);
+    if !(fed && p.is_complete()) {
         return Ok(());
     }
     let v: serde_json::Value = serde_json::from_slice(b)

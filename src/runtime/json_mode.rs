@@ -143,6 +143,13 @@ pub enum Schema {
     Null,
     /// `null` or the schema (`type: [T, "null"]`).
     Nullable(Arc<Schema>),
+    /// A string of `min..=max` characters (Unicode code points: `minLength` / `maxLength`) or an
+    /// array of `min..=max` items (`minItems` / `maxItems`), as `inner` says which.
+    Length {
+        inner: Arc<Schema>,
+        min: u32,
+        max: u32,
+    },
     /// One of these, told apart by the value's first byte (`anyOf`, `oneOf`, a `type` list:
     /// `json_schema` checks that no two branches start alike).
     Union(Vec<Arc<Schema>>),
@@ -179,6 +186,10 @@ enum Frame {
     },
     Array {
         item: Arc<Schema>,
+        /// Items begun so far, and how many there must be (`Schema::Length`).
+        count: u32,
+        min: u32,
+        max: u32,
     },
 }
 
@@ -195,6 +206,9 @@ pub struct JsonPrefix {
     /// The key or constrained string being read, as written so far.
     text: Vec<u8>,
     whitespace: u8,
+    /// The string being read: its characters so far and how many there must be
+    /// (`Schema::Length`).
+    chars: Option<(u32, u32, u32)>,
     /// The functions of a `Schema::ToolCall` being written: its `arguments` follow the
     /// parameters of the one its `name` names.
     calls: Option<Functions>,
@@ -215,6 +229,7 @@ impl JsonPrefix {
             expect: root,
             text: Vec::new(),
             whitespace: 0,
+            chars: None,
             calls: None,
         }
     }
@@ -295,11 +310,15 @@ impl JsonPrefix {
                 true
             }
             (Mode::AfterValue, b',') => match self.stack.last() {
-                Some(Frame::Array { item }) => {
+                Some(Frame::Array {
+                    item, count, max, ..
+                }) if count < max => {
                     self.expect = item.clone();
                     self.mode = Mode::Value;
                     true
                 }
+                // A full array (`maxItems`) only closes.
+                Some(Frame::Array { .. }) => false,
                 _ if self.keys_left() => {
                     self.mode = Mode::Key;
                     true
@@ -348,13 +367,25 @@ impl JsonPrefix {
                 self.expect = inner.clone();
             }
         }
+        let mut bounds = None;
+        if let Schema::Length { inner, min, max } = &*self.expect {
+            bounds = Some((*min, *max));
+            self.expect = inner.clone();
+        }
         if !Self::opens_with(&self.expect, b) {
             return false;
         }
+        if let Some(Frame::Array { count, max, .. }) = self.stack.last_mut() {
+            if *count >= *max {
+                return false;
+            }
+            *count += 1;
+        }
         self.mode = match b {
-            b'{' | b'[' => return self.open(b),
+            b'{' | b'[' => return self.open(b, bounds),
             b'"' => {
                 self.text.clear();
+                self.chars = bounds.map(|(min, max)| (0, min, max));
                 Mode::Str {
                     key: false,
                     esc: Esc::None,
@@ -384,6 +415,7 @@ impl JsonPrefix {
     fn opens_with(s: &Schema, b: u8) -> bool {
         match s {
             Schema::Nullable(inner) => b == b'n' || Self::opens_with(inner, b),
+            Schema::Length { inner, .. } => Self::opens_with(inner, b),
             Schema::Union(bs) => bs.iter().any(|s| Self::opens_with(s, b)),
             _ => matches!(
                 (s, b),
@@ -401,7 +433,8 @@ impl JsonPrefix {
         }
     }
 
-    fn open(&mut self, b: u8) -> bool {
+    /// Opens an object or an array (`bounds`: its items, `Schema::Length`).
+    fn open(&mut self, b: u8, bounds: Option<(u32, u32)>) -> bool {
         if self.stack.len() >= MAX_DEPTH {
             return false;
         }
@@ -432,7 +465,13 @@ impl JsonPrefix {
                 _ => Arc::new(Schema::Any),
             };
             self.expect = item.clone();
-            self.stack.push(Frame::Array { item });
+            let (min, max) = bounds.unwrap_or((0, u32::MAX));
+            self.stack.push(Frame::Array {
+                item,
+                count: 0,
+                min,
+                max,
+            });
             self.mode = Mode::ValueOrEnd;
         }
         true
@@ -452,7 +491,7 @@ impl JsonPrefix {
                     }
                 }
             }
-            (Some(Frame::Array { .. }), b']') => {}
+            (Some(Frame::Array { count, min, .. }), b']') if count >= min => {}
             _ => return false,
         }
         self.stack.pop();
@@ -512,6 +551,17 @@ impl JsonPrefix {
 
     fn string(&mut self, key: bool, esc: Esc, b: u8) -> bool {
         let constrained = self.allowed_strings(key).is_some();
+        // `Schema::Length`: every byte read in `Esc::None` but the closing quote starts a
+        // character (an ASCII one, a UTF-8 lead byte, or an escape; a surrogate pair's second
+        // half is read in `Esc::Pair`).
+        if let (false, Esc::None, Some((n, min, max))) = (key, esc, self.chars) {
+            match b {
+                b'"' if n < min => return false,
+                b'"' => self.chars = None,
+                _ if n >= max => return false,
+                _ => self.chars = Some((n + 1, min, max)),
+            }
+        }
         if esc == Esc::None && b == b'"' {
             if let Some(allowed) = self.allowed_strings(key) {
                 if !allowed.contains(&self.text.as_slice()) {
@@ -603,29 +653,45 @@ impl JsonPrefix {
     }
 }
 
+/// Where a random walk along the automaton ended (`random_text`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Walk {
+    /// The JSON is complete: this text.
+    Complete(Vec<u8>),
+    /// `max_len` bytes and not complete.
+    Cut,
+    /// No byte of the alphabet goes on after this text: a dead end (a bug, when the alphabet
+    /// has the bytes the schema's names need).
+    DeadEnd(Vec<u8>),
+}
+
 /// A text grown at random, one byte of `alphabet` at a time among those the automaton of
-/// `schema` accepts, until it completes (`Some`) or reaches `max_len` bytes or a dead end
-/// (`None`): the texts the automaton lets through, for tests to hand to an independent parser
-/// or validator.
+/// `schema` accepts, until it completes or reaches `max_len` bytes or a dead end: the texts the
+/// automaton lets through, for tests to hand to an independent parser or validator.
 pub fn random_text(
     schema: Arc<Schema>,
     alphabet: &[u8],
     max_len: usize,
     rng: &mut crate::fuzz::mutate::Rng,
-) -> Option<Vec<u8>> {
+) -> Walk {
     let mut p = JsonPrefix::new(schema);
     let mut text = Vec::new();
-    while text.len() < max_len && !p.is_complete() {
+    while !p.is_complete() {
+        if text.len() >= max_len {
+            return Walk::Cut;
+        }
         let opts: Vec<u8> = alphabet
             .iter()
             .copied()
             .filter(|&b| p.after(&[b]).is_some())
             .collect();
-        let &b = opts.get(rng.below(opts.len().max(1)))?;
+        let Some(&b) = opts.get(rng.below(opts.len().max(1))) else {
+            return Walk::DeadEnd(text);
+        };
         p.feed(&[b]);
         text.push(b);
     }
-    p.is_complete().then_some(text)
+    Walk::Complete(text)
 }
 
 /// The bytes each token stands for (`None`: a special token, never part of JSON), by id.
@@ -991,7 +1057,7 @@ mod tests {
         let mut rng = Rng::new(5);
         let mut complete = [0; 2];
         for _ in 0..4_000 {
-            let Some(text) = random_text(schema.clone(), alphabet, 120, &mut rng) else {
+            let Walk::Complete(text) = random_text(schema.clone(), alphabet, 120, &mut rng) else {
                 continue;
             };
             let v: serde_json::Value = serde_json::from_slice(&text)

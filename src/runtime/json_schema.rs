@@ -2,7 +2,8 @@
 //! Schema that JSON mode's automaton (`json_mode::JsonPrefix`) enforces while the answer is
 //! written, which is what OpenAI's strict structured outputs use: `type` (one or a list),
 //! objects' `properties` / `required` / `additionalProperties: false`, arrays' `items`,
-//! strings' `enum` / `const`, `anyOf` / `oneOf` whose branches start with different bytes
+//! strings' `enum` / `const` / `minLength` / `maxLength`, arrays' `minItems` / `maxItems`
+//! (`Schema::Length`), `anyOf` / `oneOf` whose branches start with different bytes
 //! (`Schema::Union`), `allOf` of one, and `$ref` into the root's `$defs` / `definitions` (read
 //! in place; not recursive). Annotations (`title`, `description`, ...) are read and ignored;
 //! any other keyword is `Unsupported`, named with where it is, never silently ignored.
@@ -79,7 +80,11 @@ fn node(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
         Value::Object(o) => o,
         _ => return Err(bad(f, path, "must be a schema object")),
     };
-    const OWN: [&str; 14] = [
+    const OWN: [&str; 18] = [
+        "minLength",
+        "maxLength",
+        "minItems",
+        "maxItems",
         "type",
         "properties",
         "required",
@@ -222,6 +227,7 @@ fn opens(s: &Schema) -> u8 {
         Schema::Boolean => BOOLEAN,
         Schema::Null => NULL,
         Schema::Nullable(x) => opens(x) | NULL,
+        Schema::Length { inner, .. } => opens(inner),
         Schema::Union(bs) => bs.iter().fold(0, |m, b| m | opens(b)),
     }
 }
@@ -261,8 +267,73 @@ fn union(f: &Ctx, path: &str, parsed: Vec<Arc<Schema>>) -> Result<Arc<Schema>> {
     })
 }
 
-/// A schema of one `type` (`None`: no `type` keyword) from the keywords beside it.
+/// Most characters or items a `maxLength` / `maxItems` may ask for.
+pub const MAX_LENGTH: u64 = 1 << 20;
+
+/// `min_key` / `max_key` (`minLength` / `maxLength`, `minItems` / `maxItems`) as bounds, `None`
+/// when neither is there.
+fn bounds(
+    f: &Ctx,
+    o: &serde_json::Map<String, Value>,
+    path: &str,
+    [min_key, max_key]: [&str; 2],
+) -> Result<Option<(u32, u32)>> {
+    let read = |k: &str, default: u64| match o.get(k) {
+        None => Ok(default),
+        Some(v) => v.as_u64().filter(|n| *n <= MAX_LENGTH).ok_or_else(|| {
+            bad(
+                f,
+                &format!("{path}.{k}"),
+                "must be an integer in 0..=1048576",
+            )
+        }),
+    };
+    if !o.contains_key(min_key) && !o.contains_key(max_key) {
+        return Ok(None);
+    }
+    let (min, max) = (read(min_key, 0)?, read(max_key, MAX_LENGTH)?);
+    if min > max {
+        return Err(bad(
+            f,
+            path,
+            &format!("has {min_key} {min} above {max_key} {max}"),
+        ));
+    }
+    Ok(Some((min as u32, max as u32)))
+}
+
+/// A schema of one `type` (`None`: no `type` keyword) from the keywords beside it, with its
+/// length bounds (`Schema::Length`) where it is a string or an array.
 fn typed(
+    f: &Ctx,
+    o: &serde_json::Map<String, Value>,
+    ty: Option<&str>,
+    path: &str,
+    depth: usize,
+) -> Result<Schema> {
+    let text = bounds(f, o, path, ["minLength", "maxLength"])?;
+    let items = bounds(f, o, path, ["minItems", "maxItems"])?;
+    let s = unbounded(f, o, ty, path, depth)?;
+    let wrap = |(min, max): (u32, u32), s: Schema| Schema::Length {
+        inner: Arc::new(s),
+        min,
+        max,
+    };
+    Ok(match (&s, text, items) {
+        (Schema::String(_), Some(b), None) => wrap(b, s),
+        (Schema::Array(_), None, Some(b)) => wrap(b, s),
+        (_, None, None) => s,
+        _ => {
+            return Err(unsupported(
+                f,
+                path,
+                "length keywords on a value that is not a string (minLength, maxLength) or an array (minItems, maxItems)",
+            ))
+        }
+    })
+}
+
+fn unbounded(
     f: &Ctx,
     o: &serde_json::Map<String, Value>,
     ty: Option<&str>,
@@ -389,6 +460,7 @@ pub fn string_bytes(s: &Schema, out: &mut Vec<u8>) {
         }
         Schema::Array(item) | Schema::Nullable(item) => string_bytes(item, out),
         Schema::Union(bs) => bs.iter().for_each(|b| string_bytes(b, out)),
+        Schema::Length { inner, .. } => string_bytes(inner, out),
         Schema::String(Some(values)) => values.iter().for_each(|v| out.extend_from_slice(v)),
         Schema::ToolCall(fns) => {
             out.extend_from_slice(b"namearguments");
@@ -404,7 +476,7 @@ pub fn string_bytes(s: &Schema, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::json_mode::{random_text, JsonPrefix};
+    use crate::runtime::json_mode::{random_text, JsonPrefix, Walk};
     use serde_json::json;
 
     fn accepts(schema: &Value, text: &str) -> bool {
@@ -570,6 +642,52 @@ mod tests {
         assert!(matches!(&**get("id"), Schema::Union(b) if b.len() == 2));
     }
 
+    #[test]
+    fn lengths_count_characters_and_items() {
+        let s = json!({"type": "object", "required": ["s", "a"], "properties": {
+            "s": {"type": ["string", "null"], "minLength": 2, "maxLength": 3},
+            "a": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 2}}});
+        for ok in [
+            r#"{"s": "ab", "a": [1]}"#,
+            // é as UTF-8, é escaped, x: three characters.
+            r#"{"s": "é\u00e9x", "a": [1, 2]}"#,
+            // A surrogate pair is one character.
+            r#"{"s": "\ud83d\ude00a", "a": [0]}"#,
+            r#"{"s": null, "a": [0]}"#,
+        ] {
+            assert!(accepts(&s, ok), "{ok}");
+        }
+        for bad in [
+            r#"{"s": "a", "a": [1]}"#,
+            r#"{"s": "abcd", "a": [1]}"#,
+            r#"{"s": "ab", "a": []}"#,
+            r#"{"s": "ab", "a": [1, 2, 3]}"#,
+        ] {
+            assert!(!accepts(&s, bad), "{bad}");
+        }
+        // No dead ends: at the limit only the end is left.
+        let mut p = JsonPrefix::new(parse(&s).unwrap());
+        assert!(p.feed(br#"{"s": "abc"#));
+        assert!(p.after(b"d").is_none() && p.after(b"\"").is_some());
+        assert!(p.feed(br#"", "a": [1, 2"#));
+        assert!(p.after(b",").is_none() && p.after(b"]").is_some());
+        for (schema, want) in [
+            (
+                json!({"type": "integer", "maxLength": 2}),
+                "length keywords",
+            ),
+            (
+                json!({"type": "string", "minLength": 3, "maxLength": 2}),
+                "minLength 3 above maxLength 2",
+            ),
+            (json!({"type": "array", "maxItems": -1}), "maxItems"),
+        ] {
+            let whole = json!({"type": "object", "properties": {"x": schema}});
+            let e = parse(&whole).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("schema.properties.x"), "{e}");
+        }
+    }
+
     /// Random texts grown along the automaton's accepted paths under a schema: every one it
     /// calls complete parses (serde_json) and follows the schema (checked here directly).
     #[test]
@@ -584,7 +702,7 @@ mod tests {
         let mut rng = crate::fuzz::mutate::Rng::new(11);
         let mut complete = 0;
         for _ in 0..5_000 {
-            let Some(text) = random_text(schema.clone(), &alphabet, 200, &mut rng) else {
+            let Walk::Complete(text) = random_text(schema.clone(), &alphabet, 200, &mut rng) else {
                 continue;
             };
             complete += 1;

@@ -1,11 +1,13 @@
-//! Structured output and tool calls against an independent validator: texts the automaton
+//! Structured output and tool calls against an independent validator (lengths counted in
+//! code points, escapes and surrogate pairs included): texts the automaton
 //! (`runtime::json_mode::JsonPrefix`) calls complete, grown at random along the bytes it
 //! accepts, are validated by Python's `jsonschema` (tests/reference/json_schema_validate.py)
-//! against the very schema the request sent: every one must be valid.
+//! against the very schema the request sent: every one must be valid, and no walk may reach
+//! a prefix the automaton accepts but cannot continue.
 
 use crate::common::python_has;
 use flexquant::fuzz::mutate::Rng;
-use flexquant::runtime::json_mode::{random_text, Schema};
+use flexquant::runtime::json_mode::{random_text, Schema, Walk};
 use flexquant::runtime::json_schema;
 use flexquant::runtime::tools::Tools;
 use serde_json::{json, Value};
@@ -14,13 +16,19 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 /// Up to `walks` random texts that `schema` calls complete (`json_mode::random_text`, at most
-/// 400 bytes each).
+/// 400 bytes each); a walk that reaches a dead end fails the test (every prefix the automaton
+/// accepts must go on).
 fn complete_texts(schema: Arc<Schema>, alphabet: &[u8], walks: usize, seed: u64) -> Vec<String> {
     let mut rng = Rng::new(seed);
-    (0..walks)
-        .filter_map(|_| random_text(schema.clone(), alphabet, 400, &mut rng))
-        .map(|t| String::from_utf8(t).unwrap())
-        .collect()
+    let mut out = Vec::new();
+    for _ in 0..walks {
+        match random_text(schema.clone(), alphabet, 400, &mut rng) {
+            Walk::Complete(t) => out.push(String::from_utf8(t).unwrap()),
+            Walk::Cut => {}
+            Walk::DeadEnd(t) => panic!("a dead end after {:?}", String::from_utf8_lossy(&t)),
+        }
+    }
+    out
 }
 
 /// Python's verdict on each text: `None` when valid, else its first error.
@@ -69,8 +77,10 @@ fn schemas() -> Vec<(&'static str, Value, Arc<Schema>)> {
         },
         "required": ["items", "st", "id"]});
     let person = json!({"type": "object", "additionalProperties": false,
-        "properties": {"n": {"type": "string"}, "a": {"type": ["integer", "null"]},
-            "r": {"enum": ["x", "yy"]}, "f": {"type": "array", "items": {"type": "number"}},
+        "properties": {"n": {"type": "string", "minLength": 1, "maxLength": 4},
+            "a": {"type": ["integer", "null"]},
+            "r": {"enum": ["x", "yy"]},
+            "f": {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": 2},
             "o": {"type": "object", "properties": {"c": {"type": "boolean"}}, "required": ["c"],
                 "additionalProperties": false}},
         "required": ["n", "a", "r"]});
@@ -91,7 +101,14 @@ fn schemas() -> Vec<(&'static str, Value, Arc<Schema>)> {
         .unwrap()
         .unwrap()
         .call_schema();
+    // Bounds reached often: short arrays of short strings.
+    let lists = json!({"type": "object", "additionalProperties": false, "required": ["l", "m"],
+        "properties": {
+            "l": {"type": "array", "items": {"type": "integer"}, "maxItems": 2},
+            "m": {"type": "array", "minItems": 2, "maxItems": 3,
+                "items": {"type": "string", "minLength": 1, "maxLength": 2}}}});
     vec![
+        ("lists", lists.clone(), json_schema::parse(&lists).unwrap()),
         ("order", order.clone(), json_schema::parse(&order).unwrap()),
         (
             "person",
