@@ -333,6 +333,7 @@ fn typed(
     })
 }
 
+/// `typed` before its length keywords: the schema its `type` and `enum` / `const` make.
 fn unbounded(
     f: &Ctx,
     o: &serde_json::Map<String, Value>,
