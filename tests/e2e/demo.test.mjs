@@ -63,6 +63,23 @@ it('the demo ensemble loads and answers a question', { timeout: 900_000 }, async
     assert.equal(j.finish, 'stop', JSON.stringify(j));
     const obj = JSON.parse(j.content);
     assert.ok(obj && typeof obj === 'object' && !Array.isArray(obj), j.content);
+    // Function calling on the real model: a required call names the function and its
+    // arguments follow the parameters (the demo model, greedy: get_weather Paris, celsius).
+    const call = await page.evaluate(async () => {
+      const tools = [{ type: 'function', function: { name: 'get_weather', description: 'The current weather in a city',
+        parameters: { type: 'object', additionalProperties: false, required: ['city', 'unit'],
+          properties: { city: { type: 'string', maxLength: 40 }, unit: { enum: ['celsius', 'fahrenheit'] } } } } }];
+      const r = await window.flexquantPage.engine.chat.completions.create({
+        messages: [{ role: 'user', content: 'What is the weather in Paris?' }],
+        tools, tool_choice: 'required', temperature: 0, max_tokens: 64 });
+      const c = r.choices[0];
+      return { finish: c.finish_reason, content: c.message.content, call: c.message.tool_calls?.[0]?.function ?? null };
+    });
+    console.log(`# demo: tool call ${JSON.stringify(call)}`);
+    assert.equal(call.finish, 'tool_calls', JSON.stringify(call));
+    assert.equal(call.call.name, 'get_weather');
+    const args = JSON.parse(call.call.arguments);
+    assert.ok(typeof args.city === 'string' && ['celsius', 'fahrenheit'].includes(args.unit), call.call.arguments);
     // Pressure on the real model: it moves part-way down its trajectory (the default
     // pressure is half the span), and still answers in English there. With nested modules
     // (one bit-plane file per module, manifest version 4) the swap reads what step 0 already
