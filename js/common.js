@@ -94,8 +94,13 @@ export function chatApi(start, next, interrupt) {
       const into = (choices[ch.index] ??= { index: ch.index, message: { role: 'assistant', content: '' },
         finish_reason: null, ...(req.logprobs === true ? { logprobs: { content: [] } } : {}) });
       into.message.content += ch.delta.content ?? '';
-      // A function call (tools) comes whole in its answer's last chunk.
-      for (const { index, ...call } of ch.delta.tool_calls ?? []) (into.message.tool_calls ??= [])[index] = call;
+      // A function call (tools): its first delta has the id, type and name, the others more
+      // of its arguments' text.
+      for (const d of ch.delta.tool_calls ?? []) {
+        const calls = (into.message.tool_calls ??= []);
+        if (d.id) calls[d.index] = { id: d.id, type: d.type, function: { name: d.function.name, arguments: '' } };
+        calls[d.index].function.arguments += d.function.arguments ?? '';
+      }
       if (into.logprobs && ch.logprobs) into.logprobs.content.push(...ch.logprobs.content);
       if (ch.finish_reason) into.finish_reason = ch.finish_reason;
       last = c;

@@ -160,8 +160,8 @@ export interface ChatRequest {
   top_logprobs?: number | null;
   /**
    * Functions the model may call (at most 128). A call comes back in `message.tool_calls`
-   * (streamed: `delta.tool_calls`, whole, in the answer's last chunk) with finish_reason
-   * 'tool_calls'; its arguments follow the function's `parameters`.
+   * (streamed: `delta.tool_calls`, the name first, then the arguments as they are written)
+   * with finish_reason 'tool_calls'; its arguments follow the function's `parameters`.
    */
   tools?: ChatTool[] | null;
   /** 'auto' (the default with tools): a call or text; 'required': a call; a named function: a call to it; 'none': text. */
@@ -186,8 +186,8 @@ export interface Usage {
 
 export type FinishReason = 'stop' | 'length' | 'abort' | 'tool_calls';
 
-/** `delta.tool_calls[]`: a call, whole. */
-export interface ToolCallDelta { index: number; id: string; type: 'function'; function: { name: string; arguments: string } }
+/** `delta.tool_calls[]`: a call's first delta has its id, type and name; the others more of its arguments' JSON text. */
+export interface ToolCallDelta { index: number; id?: string; type?: 'function'; function: { name?: string; arguments: string } }
 
 export interface ChatCompletionChunk {
   id: string;

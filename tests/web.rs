@@ -1363,12 +1363,13 @@ async fn raw_chunks(e: &Engine, req: &Value) -> Vec<Value> {
 }
 
 /// Function calling (`tools`) on the tiny model: with `required` or a named function, sampled
-/// answers stream no text and end with the call, whole, in `delta.tool_calls`
-/// (`finish_reason: 'tool_calls'`), naming a function and following its parameters; `auto`
+/// answers stream no text but the call's deltas (`delta.tool_calls`: the first with its id,
+/// type and name, then its arguments' text, which add up to arguments that follow the
+/// function's parameters) and end with `finish_reason: 'tool_calls'`; `auto`
 /// gives a call when `{` is favoured and streamed text when it is ruled out; a conversation
 /// with a call and its result is accepted; a loose schema warns, a strict one is refused.
 #[wasm_bindgen_test]
-async fn tool_calls_come_whole_in_the_last_chunk() {
+async fn tool_calls_stream_their_name_then_their_arguments() {
     let (e, events) = engine("/tiny/manifest.json", json!({"backend": "cpu"}))
         .await
         .unwrap();
@@ -1404,14 +1405,32 @@ async fn tool_calls_come_whole_in_the_last_chunk() {
             for c in rest {
                 assert!(c["choices"][0]["delta"].get("content").is_none(), "{c}");
             }
-            let ch = &last["choices"][0];
-            assert_eq!(ch["finish_reason"], "tool_calls", "{choice} {seed}: {last}");
-            let tc = &ch["delta"]["tool_calls"][0];
-            assert_eq!((&tc["index"], &tc["type"]), (&json!(0), &json!("function")));
-            assert!(tc["id"].as_str().unwrap().starts_with("call_"), "{tc}");
-            let name = tc["function"]["name"].as_str().unwrap();
-            let args: Value =
-                serde_json::from_str(tc["function"]["arguments"].as_str().unwrap()).unwrap();
+            assert_eq!(
+                last["choices"][0]["finish_reason"], "tool_calls",
+                "{choice} {seed}: {last}"
+            );
+            // The first delta has the id, type and name; the arguments stream after it.
+            let deltas: Vec<&Value> = chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
+                .map(|t| &t[0])
+                .collect();
+            assert!(deltas.len() >= 2, "the arguments streamed: {deltas:?}");
+            let head = deltas[0];
+            assert_eq!(
+                (&head["index"], &head["type"]),
+                (&json!(0), &json!("function"))
+            );
+            assert!(head["id"].as_str().unwrap().starts_with("call_"), "{head}");
+            assert!(deltas[1..]
+                .iter()
+                .all(|d| d.get("id").is_none() && d["function"].get("name").is_none()));
+            let name = head["function"]["name"].as_str().unwrap();
+            let text: String = deltas
+                .iter()
+                .map(|d| d["function"]["arguments"].as_str().unwrap())
+                .collect();
+            let args: Value = serde_json::from_str(&text).unwrap();
             match name {
                 "w" => assert!(["c", "f"].contains(&args["u"].as_str().unwrap())),
                 "t" => assert!(args["z"].is_boolean(), "{args}"),

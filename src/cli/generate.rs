@@ -10,7 +10,7 @@ use flexquant::model::chat::{ChatTemplate, Message};
 use flexquant::model::tokenizer::{StreamDecoder, Tokenizer};
 use flexquant::runtime::json_mode::{JsonConstraint, Schema};
 use flexquant::runtime::json_schema;
-use flexquant::runtime::tools::{HeldCall, ToolCall, Tools};
+use flexquant::runtime::tools::{CallEnd, HeldCall, ToolCall, Tools};
 use flexquant::runtime::{Backend, Factory, GenStats, StopReason, TurnOptions};
 use std::io::{BufRead, Write};
 use std::sync::Arc;
@@ -146,9 +146,14 @@ where
         }
         let mut rest = stop_text.finish();
         let call = match held.as_mut().map(|h| h.finish(turn.lead())) {
-            Some(Ok(call)) => Some(call),
-            Some(Err(unheld)) => {
+            Some(CallEnd::Called { call, .. }) => Some(call),
+            // Never streamed here, so a call cut short comes back as text.
+            Some(CallEnd::Text(unheld)) => {
                 rest += &unheld;
+                None
+            }
+            Some(CallEnd::Cut(d)) => {
+                rest += &d.arguments;
                 None
             }
             None => None,

@@ -259,11 +259,82 @@ fn tool_choice(v: Option<&Value>, functions: &[Function]) -> Result<ToolChoice> 
 }
 
 /// An answer's text while it may be a call (`tool_choice` other than `'none'`): held back,
-/// not shown, until the answer turns out to be text (then it is shown) or ends (then it is
-/// read as the call).
+/// not shown, until the answer turns out to be text (then it is shown) or a call (then its
+/// name and arguments stream as the call's deltas: `stream`); `finish` reads the end.
 #[derive(Debug, Clone, Default)]
 pub struct HeldCall {
     held: String,
+    /// Where the arguments begin in `held`, once the name is written (`head`).
+    args_at: Option<usize>,
+    /// Bytes of `held` sent as the call's deltas so far.
+    sent: usize,
+}
+
+/// What a call adds to the stream after a token (`HeldCall::stream`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallDelta {
+    /// The function's name: in the call's first delta only.
+    pub name: Option<String>,
+    /// More of the arguments' JSON text, as the model wrote it.
+    pub arguments: String,
+}
+
+/// How an answer that may have been a call ended (`HeldCall::finish`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallEnd {
+    /// A whole call; `rest`: what `stream` has not sent of it yet.
+    Called { call: ToolCall, rest: CallDelta },
+    /// A call whose name was sent, cut before it closed (`max_tokens`, an abort): the rest of
+    /// its arguments so far.
+    Cut(CallDelta),
+    /// Not a call, or cut before its name was whole: the held text, to show.
+    Text(String),
+}
+
+/// JSON whitespace (what the automaton lets through between tokens of the call).
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\n' | b'\t' | b'\r')
+}
+
+/// In a call's text, `{"name": "N", "arguments": ` (the only form the automaton lets through,
+/// after whitespace and an optional `<tool_call>`): N and where the arguments' value begins,
+/// once it has.
+fn head(text: &str) -> Option<(String, usize)> {
+    let b = text.as_bytes();
+    let mut i = b.iter().position(|c| !c.is_ascii_whitespace())?;
+    if b[i..].starts_with(TOOL_CALL_TAG) {
+        i += TOOL_CALL_TAG.len();
+    }
+    let mut expect = |lit: &[u8]| -> Option<()> {
+        while b.get(i).copied().is_some_and(is_ws) {
+            i += 1;
+        }
+        b.get(i..i + lit.len()).filter(|x| *x == lit)?;
+        i += lit.len();
+        Some(())
+    };
+    expect(b"{")?;
+    expect(b"\"name\"")?;
+    expect(b":")?;
+    expect(b"\"")?;
+    let start = i;
+    let end = start + b[start..].iter().position(|&c| c == b'"')?;
+    i = end + 1;
+    let mut expect = |lit: &[u8]| -> Option<()> {
+        while b.get(i).copied().is_some_and(is_ws) {
+            i += 1;
+        }
+        b.get(i..i + lit.len()).filter(|x| *x == lit)?;
+        i += lit.len();
+        Some(())
+    };
+    expect(b",")?;
+    expect(b"\"arguments\"")?;
+    expect(b":")?;
+    while b.get(i).copied().is_some_and(is_ws) {
+        i += 1;
+    }
+    (i < b.len()).then(|| (text[start..end].to_string(), i))
 }
 
 impl HeldCall {
@@ -279,30 +350,75 @@ impl HeldCall {
         }
     }
 
-    /// At the answer's end: the call it wrote, or (`Err`) the held text to show: an answer
-    /// that was only whitespace, or that ended before its call closed (`max_tokens`).
-    pub fn finish(&mut self, lead: Option<&Lead>) -> std::result::Result<ToolCall, String> {
+    /// What the call adds to the stream now: its name once written (the first delta), then
+    /// its arguments' text as it comes, less a tail of whitespace and `}` that may be the
+    /// call's own close. `None` when there is nothing new (or the answer is not a call).
+    pub fn stream(&mut self, lead: Option<&Lead>) -> Option<CallDelta> {
+        if lead != Some(&Lead::Json) {
+            return None;
+        }
+        let mut name = None;
+        if self.args_at.is_none() {
+            let (n, at) = head(&self.held)?;
+            (self.args_at, self.sent, name) = (Some(at), at, Some(n));
+        }
+        let end = self
+            .held
+            .trim_end_matches(|c: char| is_ws(c as u8) && c.is_ascii() || c == '}')
+            .len()
+            .max(self.sent);
+        let arguments = self.held[self.sent..end].to_string();
+        self.sent = end;
+        (name.is_some() || !arguments.is_empty()).then_some(CallDelta { name, arguments })
+    }
+
+    /// At the answer's end: the call, a call cut short, or the text to show.
+    pub fn finish(&mut self, lead: Option<&Lead>) -> CallEnd {
         let held = std::mem::take(&mut self.held);
-        match lead {
-            Some(Lead::Json) => ToolCall::parse(&held).ok_or(held),
-            _ => Err(held),
+        if lead != Some(&Lead::Json) {
+            return CallEnd::Text(held);
+        }
+        let Some((name, at)) = head(&held) else {
+            return CallEnd::Text(held);
+        };
+        let sent = self.args_at.map_or(at, |_| self.sent);
+        let named = self.args_at.is_none().then(|| name.clone());
+        match ToolCall::parse(&held) {
+            Some(call) => {
+                // The arguments end where the call's own `}` begins.
+                let close = held.trim_end().len() - 1;
+                let end = held[..close].trim_end().len().max(sent);
+                let rest = CallDelta {
+                    name: named,
+                    arguments: held[sent..end].to_string(),
+                };
+                CallEnd::Called { call, rest }
+            }
+            None if self.args_at.is_some() => CallEnd::Cut(CallDelta {
+                name: None,
+                arguments: held[sent..].to_string(),
+            }),
+            None => CallEnd::Text(held),
         }
     }
 }
 
 impl ToolCall {
     /// The call in an answer the constraint held to `Schema::ToolCall` (whitespace and
-    /// `<tool_call>` before it allowed); `None` when the answer ended before the call did
-    /// (`max_tokens`).
+    /// `<tool_call>` before it allowed), its arguments as the model wrote them; `None` when
+    /// the answer ended before the call did (`max_tokens`).
     pub fn parse(answer: &str) -> Option<ToolCall> {
+        let (name, at) = head(answer)?;
         let t = answer.trim_start();
         let t = t
             .strip_prefix(std::str::from_utf8(TOOL_CALL_TAG).expect("ASCII"))
             .unwrap_or(t);
         let v: Value = serde_json::from_str(t).ok()?;
+        v.get("arguments")?.as_object()?;
+        let close = answer.trim_end().len() - 1;
         Some(ToolCall {
-            name: v.get("name")?.as_str()?.to_string(),
-            arguments: v.get("arguments")?.to_string(),
+            name,
+            arguments: answer[at..close].trim_end().to_string(),
         })
     }
 }
@@ -457,7 +573,78 @@ mod tests {
             ToolCall::parse(" <tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"zone\": 2}}")
                 .unwrap();
         assert_eq!(c.name, "get_time");
-        assert_eq!(c.arguments, r#"{"zone":2}"#);
+        assert_eq!(c.arguments, r#"{"zone": 2}"#);
         assert_eq!(ToolCall::parse(r#"{"name": "get_time", "argum"#), None);
+    }
+
+    /// A call streamed token by token: the name in the first delta, then the arguments' text,
+    /// less a tail that may be the call's own `}`; the pieces add up to the call.
+    #[test]
+    fn a_call_streams_its_name_then_its_arguments() {
+        let json = Some(&Lead::Json);
+        let pieces = [
+            " <tool_call>",
+            "\n{\"na",
+            "me\": \"get",
+            "_time\"",
+            ", \"arguments\": ",
+            "{\"zone\"",
+            ": {\"h\": 2}",
+            "}",
+            " }",
+        ];
+        let mut h = HeldCall::default();
+        let mut deltas = Vec::new();
+        for p in pieces {
+            assert_eq!(h.push(json, p), None);
+            deltas.extend(h.stream(json));
+        }
+        assert_eq!(deltas[0].name.as_deref(), Some("get_time"));
+        assert!(deltas[1..].iter().all(|d| d.name.is_none()));
+        let CallEnd::Called { call, rest } = h.finish(json) else {
+            panic!("not a call")
+        };
+        assert_eq!(rest.name, None);
+        let streamed: String = deltas
+            .iter()
+            .chain([&rest])
+            .map(|d| d.arguments.as_str())
+            .collect();
+        assert_eq!(streamed, r#"{"zone": {"h": 2}}"#);
+        assert_eq!(call.arguments, streamed);
+        // Unstreamed (the CLI): the name and the whole arguments at the end.
+        let mut h = HeldCall::default();
+        for p in pieces {
+            h.push(json, p);
+        }
+        let CallEnd::Called { rest, .. } = h.finish(json) else {
+            panic!("not a call")
+        };
+        assert_eq!(rest.name.as_deref(), Some("get_time"));
+        assert_eq!(rest.arguments, r#"{"zone": {"h": 2}}"#);
+        // Cut after the name: the arguments so far; before it: text.
+        let mut h = HeldCall::default();
+        h.push(json, r#"{"name": "f", "arguments": {"a"#);
+        let first = h.stream(json).unwrap();
+        assert_eq!(
+            (first.name.as_deref(), first.arguments.as_str()),
+            (Some("f"), r#"{"a"#)
+        );
+        h.push(json, r#"": 1"#);
+        assert_eq!(
+            h.finish(json),
+            CallEnd::Cut(CallDelta {
+                name: None,
+                arguments: r#"": 1"#.into()
+            })
+        );
+        let mut h = HeldCall::default();
+        h.push(json, r#"{"name": "f"#);
+        assert_eq!(h.stream(json), None);
+        assert_eq!(h.finish(json), CallEnd::Text(r#"{"name": "f"#.into()));
+        // Text: shown with what was held before it.
+        let mut h = HeldCall::default();
+        assert_eq!(h.push(Some(&Lead::Undecided(vec![b' '])), " "), None);
+        assert_eq!(h.push(Some(&Lead::Text), "Hi").as_deref(), Some(" Hi"));
     }
 }

@@ -282,25 +282,28 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
-    /// The call an answer made, whole, in its last chunk (`finish_reason: 'tool_calls'`).
+    /// A piece of the call the answer makes (`finish_reason: 'tool_calls'` once whole).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<[ToolCallDelta; 1]>,
 }
 
-/// OpenAI's `delta.tool_calls[]` entry.
+/// OpenAI's `delta.tool_calls[]` entry: the first of a call has its id, type and name, the
+/// others more of its arguments.
 #[derive(Serialize)]
 pub struct ToolCallDelta {
     pub index: u32,
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
     pub function: FunctionCall,
 }
 
 #[derive(Serialize)]
 pub struct FunctionCall {
-    pub name: String,
-    /// The arguments object as JSON text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// More of the arguments object's JSON text.
     pub arguments: String,
 }
 

@@ -9,7 +9,7 @@ use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::{StreamDecoder, Tokenizer};
 use crate::model::weights::ModuleId;
 use crate::runtime::json_mode::JsonConstraint;
-use crate::runtime::tools::{HeldCall, ToolChoice};
+use crate::runtime::tools::{CallDelta, CallEnd, HeldCall, ToolChoice};
 use crate::runtime::walk::Running;
 use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
@@ -88,41 +88,40 @@ struct Answer {
 }
 
 impl Answer {
-    /// Ends an answer in `delta`: the text still held, or the call it made; its
-    /// `finish_reason`.
+    /// Ends an answer in `delta`: the text still held, or the rest of the call it made; its
+    /// `finish_reason` (`tool_calls` for a whole call).
     fn end(&mut self, delta: &mut Delta) -> Option<&'static str> {
-        let (call, unheld) = self.end_call();
+        let (call, unheld, whole) = match self.call.as_mut().map(|h| h.finish(self.turn.lead())) {
+            Some(CallEnd::Called { rest, .. }) => (Some(rest), String::new(), true),
+            Some(CallEnd::Cut(rest)) => (Some(rest), String::new(), false),
+            Some(CallEnd::Text(text)) => (None, text, false),
+            None => (None, String::new(), false),
+        };
         let held = self.stop_text.finish() + &unheld;
         delta.content = (!held.is_empty()).then_some(held);
-        let called = call.is_some();
-        delta.tool_calls = call;
+        delta.tool_calls = call.and_then(|d| self.call_delta(d));
         match self.turn.stats.stopped_by {
-            Some(_) if called => Some("tool_calls"),
+            Some(_) if whole => Some("tool_calls"),
             why => why.map(StopReason::finish_reason),
         }
     }
 
-    /// At the end of an answer: the call it made (OpenAI's `delta.tool_calls`), or the text
-    /// held back while it might have been one, to show.
-    fn end_call(&mut self) -> (Option<[ToolCallDelta; 1]>, String) {
-        let Some(held) = self.call.as_mut() else {
-            return (None, String::new());
-        };
-        match held.finish(self.turn.lead()) {
-            Ok(c) => (
-                Some([ToolCallDelta {
-                    index: 0,
-                    id: format!("call_{}_{}_{}", self.created, self.id, self.choices.index),
-                    kind: "function",
-                    function: FunctionCall {
-                        name: c.name,
-                        arguments: c.arguments,
-                    },
-                }]),
-                String::new(),
-            ),
-            Err(text) => (None, text),
-        }
+    /// OpenAI's `delta.tool_calls` for a piece of the call: the first (with the name) carries
+    /// its id and type, the others only more of the arguments; `None` for an empty piece.
+    fn call_delta(&self, d: CallDelta) -> Option<[ToolCallDelta; 1]> {
+        let first = d.name.is_some();
+        (first || !d.arguments.is_empty()).then(|| {
+            [ToolCallDelta {
+                index: 0,
+                id: first
+                    .then(|| format!("call_{}_{}_{}", self.created, self.id, self.choices.index)),
+                kind: first.then_some("function"),
+                function: FunctionCall {
+                    name: d.name,
+                    arguments: d.arguments,
+                },
+            }]
+        })
     }
 }
 
@@ -724,6 +723,7 @@ impl Inner {
             })),
             _ => None,
         };
+        let mut calls = None;
         let content = match next {
             Some(id) => {
                 let piece = a.decoder.step(&self.tokenizer, id)?;
@@ -735,6 +735,9 @@ impl Inner {
                 if a.stop_text.stopped() {
                     a.turn.stop(StopReason::Eos);
                 }
+                // A call streams its name, then its arguments as they come.
+                let lead = a.turn.lead();
+                calls = a.call.as_mut().and_then(|c| c.stream(lead));
                 Some(shown)
             }
             None => None,
@@ -748,6 +751,7 @@ impl Inner {
         let (finish_reason, usage) = match content {
             Some(c) => {
                 delta.content = c;
+                delta.tool_calls = calls.and_then(|d| a.call_delta(d));
                 (None, None)
             }
             None if a.choices.index + 1 < a.choices.n

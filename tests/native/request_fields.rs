@@ -217,7 +217,7 @@ fn json_schema_answers_follow_the_schema() {
 fn tool_calls_name_a_function_and_follow_its_parameters() {
     use flexquant::runtime::json_mode::Lead;
     use flexquant::runtime::request::ChatRequest;
-    use flexquant::runtime::tools::{HeldCall, ToolCall};
+    use flexquant::runtime::tools::{CallEnd, HeldCall, ToolCall};
     let Some((m, _)) = crate::common::demo() else {
         return;
     };
@@ -252,18 +252,29 @@ fn tool_calls_name_a_function_and_follow_its_parameters() {
         let mut turn = block_on(s.start_with(&prompt, &sampling, &t.stop, opts)).unwrap();
         let mut held = HeldCall::default();
         let mut shown = String::new();
+        let (mut streamed, mut name) = (String::new(), None);
         while let Some(id) = block_on(s.next(&mut turn)).unwrap() {
             let piece = t.decode(&[id], true).unwrap();
             shown += &held.push(turn.lead(), &piece).unwrap_or_default();
+            if let Some(d) = held.stream(turn.lead()) {
+                name = name.or(d.name);
+                streamed += &d.arguments;
+            }
         }
         let answer = t.decode(&turn.out, true).unwrap();
         eprintln!("{choice}: {answer:?}");
-        (
-            held.finish(turn.lead()),
-            shown,
-            turn.lead().cloned(),
-            answer,
-        )
+        // What streamed, and the rest at the end, add up to the call.
+        let end = match held.finish(turn.lead()) {
+            CallEnd::Called { call, rest } => {
+                streamed += &rest.arguments;
+                assert_eq!(streamed, call.arguments);
+                assert_eq!(name.or(rest.name), Some(call.name.clone()));
+                Ok(call)
+            }
+            CallEnd::Text(text) => Err(text),
+            CallEnd::Cut(d) => panic!("{choice}: cut at {d:?}"),
+        };
+        (end, shown, turn.lead().cloned(), answer)
     };
     let ask = serde_json::json!([{"role": "user", "content": "What is the weather in Paris?"}]);
     let check = |c: &ToolCall| {
