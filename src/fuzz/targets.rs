@@ -258,6 +258,7 @@ pub fn tool_call(b: &[u8]) -> Result<()> {
         text.find("\"name\"") < text.find("\"arguments\""),
         "arguments first"
     );
+    streamed_call_adds_up(&text);
     let args = v["arguments"].as_object().expect("arguments are an object");
     match v["name"].as_str() {
         Some("w") => {
@@ -285,6 +286,39 @@ pub fn tool_call(b: &[u8]) -> Result<()> {
         other => panic!("called {other:?}"),
     }
     Ok(())
+}
+
+/// A whole call fed to `HeldCall` in pieces (cut every few characters, as tokens would): what
+/// `stream` sends and `finish` leaves add up to the call `ToolCall::parse` reads, name first.
+pub fn streamed_call_adds_up(text: &str) {
+    use crate::runtime::json_mode::Lead;
+    use crate::runtime::tools::{CallEnd, HeldCall, ToolCall};
+    let json = Some(&Lead::Json);
+    let whole = ToolCall::parse(text).expect("a whole call parses");
+    let mut h = HeldCall::default();
+    let (mut name, mut args) = (None, String::new());
+    let cuts: Vec<usize> = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .step_by(3)
+        .chain([text.len()])
+        .collect();
+    for w in cuts.windows(2) {
+        assert_eq!(h.push(json, &text[w[0]..w[1]]), None);
+        if let Some(d) = h.stream(json) {
+            assert!(name.is_none() || d.name.is_none(), "the name twice");
+            name = name.or(d.name);
+            args += &d.arguments;
+        }
+    }
+    let CallEnd::Called { call, rest } = h.finish(json) else {
+        panic!("a whole call did not finish as one")
+    };
+    args += &rest.arguments;
+    assert_eq!(name.or(rest.name), Some(whole.name.clone()));
+    assert_eq!(args, whole.arguments);
+    assert_eq!(call, whole);
+    assert!(serde_json::from_str::<serde_json::Value>(&args).is_ok_and(|v| v.is_object()));
 }
 
 /// Every target, by name; `tokenizer` serves the request target's prompts.
