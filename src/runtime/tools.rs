@@ -305,36 +305,26 @@ fn head(text: &str) -> Option<(String, usize)> {
     if b[i..].starts_with(TOOL_CALL_TAG) {
         i += TOOL_CALL_TAG.len();
     }
-    let mut expect = |lit: &[u8]| -> Option<()> {
-        while b.get(i).copied().is_some_and(is_ws) {
-            i += 1;
-        }
-        b.get(i..i + lit.len()).filter(|x| *x == lit)?;
-        i += lit.len();
-        Some(())
-    };
-    expect(b"{")?;
-    expect(b"\"name\"")?;
-    expect(b":")?;
-    expect(b"\"")?;
+    for lit in [&b"{"[..], b"\"name\"", b":", b"\""] {
+        after(b, &mut i, lit)?;
+    }
     let start = i;
     let end = start + b[start..].iter().position(|&c| c == b'"')?;
     i = end + 1;
-    let mut expect = |lit: &[u8]| -> Option<()> {
-        while b.get(i).copied().is_some_and(is_ws) {
-            i += 1;
-        }
-        b.get(i..i + lit.len()).filter(|x| *x == lit)?;
-        i += lit.len();
-        Some(())
-    };
-    expect(b",")?;
-    expect(b"\"arguments\"")?;
-    expect(b":")?;
-    while b.get(i).copied().is_some_and(is_ws) {
-        i += 1;
+    for lit in [&b","[..], b"\"arguments\"", b":", b""] {
+        after(b, &mut i, lit)?;
     }
     (i < b.len()).then(|| (text[start..end].to_string(), i))
+}
+
+/// Moves `i` past whitespace and then `lit`, if `b` has it there.
+fn after(b: &[u8], i: &mut usize, lit: &[u8]) -> Option<()> {
+    while b.get(*i).copied().is_some_and(is_ws) {
+        *i += 1;
+    }
+    b.get(*i..*i + lit.len()).filter(|x| *x == lit)?;
+    *i += lit.len();
+    Some(())
 }
 
 impl HeldCall {
