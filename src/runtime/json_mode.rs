@@ -20,6 +20,9 @@ pub const MAX_DEPTH: usize = 32;
 /// Most whitespace bytes in a row outside strings (a model caught emitting newlines forever
 /// must write something else).
 pub const MAX_WHITESPACE: u8 = 24;
+/// Most whitespace bytes before the answer's object opens: a model may start with a newline,
+/// but one that pads the start (a weak model did, for all of a 24-token answer) must open it.
+pub const MAX_LEADING_WHITESPACE: u8 = 4;
 /// Most digits of a number's integer part, fraction and exponent: every number fits a double
 /// (JSON allows any, but `1e400` is out of range for serde_json and `Infinity` to
 /// `JSON.parse`), and a model cannot write digits forever.
@@ -194,7 +197,8 @@ enum Frame {
 }
 
 /// The text so far is a prefix of a JSON object (RFC 8259, top level an object, nesting at
-/// most `MAX_DEPTH`, at most `MAX_WHITESPACE` whitespace bytes in a row outside strings,
+/// most `MAX_DEPTH`, at most `MAX_WHITESPACE` whitespace bytes in a row outside strings and
+/// `MAX_LEADING_WHITESPACE` before the object,
 /// numbers within `MAX_DIGITS`) that follows a schema (`Schema`; JSON mode alone: `AnyObject`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JsonPrefix {
@@ -285,7 +289,11 @@ impl JsonPrefix {
         }
         if matches!(b, b' ' | b'\n' | b'\t' | b'\r') {
             self.whitespace += 1;
-            return self.whitespace <= MAX_WHITESPACE;
+            let most = match self.mode {
+                Mode::Start => MAX_LEADING_WHITESPACE,
+                _ => MAX_WHITESPACE,
+            };
+            return self.whitespace <= most;
         }
         self.whitespace = 0;
         match (self.mode, b) {
@@ -1079,5 +1087,14 @@ mod tests {
         }
         eprintln!("complete walks: {complete:?}");
         assert!(complete[0] > 100 && complete[1] > 100, "{complete:?}");
+    }
+
+    #[test]
+    fn the_object_opens_after_a_few_whitespace_bytes_at_most() {
+        let lead = " ".repeat(MAX_LEADING_WHITESPACE as usize);
+        let mut p = JsonPrefix::default();
+        assert!(p.feed(lead.as_bytes()));
+        assert!(p.after(b" ").is_none() && p.after(b"\n").is_none());
+        assert!(p.feed(b"{}") && p.is_complete());
     }
 }
