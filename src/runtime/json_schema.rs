@@ -313,36 +313,9 @@ fn typed(
 ) -> Result<Schema> {
     let text = bounds(f, o, path, ["minLength", "maxLength"])?;
     let items = bounds(f, o, path, ["minItems", "maxItems"])?;
-    let s = unbounded(f, o, ty, path, depth)?;
-    let wrap = |(min, max): (u32, u32), s: Schema| Schema::Length {
-        inner: Arc::new(s),
-        min,
-        max,
-    };
-    Ok(match (&s, text, items) {
-        (Schema::String(_), Some(b), None) => wrap(b, s),
-        (Schema::Array(_), None, Some(b)) => wrap(b, s),
-        (_, None, None) => s,
-        _ => {
-            return Err(unsupported(
-                f,
-                path,
-                "length keywords on a value that is not a string (minLength, maxLength) or an array (minItems, maxItems)",
-            ))
-        }
-    })
-}
-
-/// `typed` before its length keywords: the schema its `type` and `enum` / `const` make.
-fn unbounded(
-    f: &Ctx,
-    o: &serde_json::Map<String, Value>,
-    ty: Option<&str>,
-    path: &str,
-    depth: usize,
-) -> Result<Schema> {
     let strings = strings_of(f, o, path)?;
-    Ok(match (ty, strings) {
+    // What its `type` and `enum` / `const` make; then its length keywords.
+    let s = match (ty, strings) {
         (None | Some("string"), Some(values)) => Schema::String(Some(values)),
         (Some(t), Some(_)) => {
             return Err(unsupported(
@@ -367,6 +340,23 @@ fn unbounded(
                 f,
                 &format!("{path}.type"),
                 &format!("`{t}` is not a type"),
+            ))
+        }
+    };
+    let wrap = |(min, max): (u32, u32), s: Schema| Schema::Length {
+        inner: Arc::new(s),
+        min,
+        max,
+    };
+    Ok(match (&s, text, items) {
+        (Schema::String(_), Some(b), None) => wrap(b, s),
+        (Schema::Array(_), None, Some(b)) => wrap(b, s),
+        (_, None, None) => s,
+        _ => {
+            return Err(unsupported(
+                f,
+                path,
+                "length keywords on a value that is not a string (minLength, maxLength) or an array (minItems, maxItems)",
             ))
         }
     })

@@ -11,8 +11,6 @@ use flexquant::model::gguf::Gguf;
 use flexquant::model::tokenizer::Tokenizer;
 use flexquant::Error;
 use serde_json::{json, Value};
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 const TEMPLATES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -105,29 +103,7 @@ struct Case<'a> {
 
 /// Every case rendered by tests/reference/chat_template.py.
 fn python_renders(cases: &[Case]) -> Vec<Value> {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/reference/chat_template.py"
-    );
-    let mut child = Command::new("python3")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 must be installed (./build.sh setup installs jinja2)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(serde_json::to_string(cases).unwrap().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "chat_template.py failed: {}",
-        out.status
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    common::python_json("chat_template.py", cases)
 }
 
 /// Our render in the reference's terms: `{"text"}`, `{"raised"}` or `{"error"}`.

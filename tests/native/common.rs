@@ -75,3 +75,28 @@ pub fn demo() -> Option<&'static (flexquant::model::load::LoadedModel, Vec<u32>)
     })
     .as_ref()
 }
+
+/// Runs `tests/reference/SCRIPT` with `input` as JSON on stdin and reads its JSON stdout (the
+/// independent Python references: jinja2 templates, jsonschema validation).
+pub fn python_json<T: serde::Serialize + ?Sized, R: serde::de::DeserializeOwned>(
+    script: &str,
+    input: &T,
+) -> R {
+    use std::io::Write;
+    let path = format!("{}/tests/reference/{script}", env!("CARGO_MANIFEST_DIR"));
+    let mut child = std::process::Command::new("python3")
+        .arg(&path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 must be installed (./build.sh setup installs the references' packages)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(input).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{script} failed: {}", out.status);
+    serde_json::from_slice(&out.stdout).unwrap()
+}

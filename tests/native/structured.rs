@@ -11,8 +11,6 @@ use flexquant::runtime::json_mode::{random_text, Schema, Walk};
 use flexquant::runtime::json_schema;
 use flexquant::runtime::tools::Tools;
 use serde_json::{json, Value};
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 /// Up to `walks` random texts that `schema` calls complete (`json_mode::random_text`, at most
@@ -33,29 +31,11 @@ fn complete_texts(schema: Arc<Schema>, alphabet: &[u8], walks: usize, seed: u64)
 
 /// Python's verdict on each text: `None` when valid, else its first error.
 fn validate(cases: &[(Value, Vec<String>)]) -> Vec<Vec<Option<String>>> {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/reference/json_schema_validate.py"
-    );
     let input: Vec<Value> = cases
         .iter()
         .map(|(schema, texts)| json!({"schema": schema, "texts": texts}))
         .collect();
-    let mut child = Command::new("python3")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 must be installed (./build.sh setup installs jsonschema)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(serde_json::to_string(&input).unwrap().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "json_schema_validate.py failed");
-    serde_json::from_slice(&out.stdout).unwrap()
+    crate::common::python_json("json_schema_validate.py", &input)
 }
 
 /// Schemas as apps send them: Pydantic's nested models (`$defs`, `$ref`, `allOf`, `anyOf`
