@@ -1286,7 +1286,8 @@ async fn pieces(e: &Engine, mut req: Value) -> (Vec<String>, Value) {
 /// answer is a JSON object's prefix (the runtime's automaton reads the streamed text), those
 /// that end are objects serde_json parses, with `finish_reason: 'stop'`; biasing `{` and `}`
 /// (the tiny vocabulary is the 256 bytes after 3 special tokens) gives exactly `{}`; with a
-/// `json_schema`, sampled answers are objects of the schema's keys, enum and types.
+/// `json_schema`, sampled answers are objects of the schema's keys, enum, types, bounds and
+/// format.
 #[wasm_bindgen_test]
 async fn json_mode_holds_answers_to_a_json_object() {
     use flexquant::runtime::json_mode::JsonPrefix;
@@ -1323,10 +1324,13 @@ async fn json_mode_holds_answers_to_a_json_object() {
             last["choices"][0]["finish_reason"], "stop",
             "{backend}: {last}"
         );
-        // A schema (structured output): its keys, its enum, its types.
+        // A schema (structured output): its keys, its enum, its types, a number's bounds and
+        // a string's format.
         let schema = json!({"type": "object", "additionalProperties": false,
-            "properties": {"a": {"enum": ["x", "yy"]}, "n": {"type": "integer"}},
-            "required": ["a", "n"]});
+            "properties": {"a": {"enum": ["x", "yy"]},
+                "n": {"type": "integer", "minimum": -9, "maximum": 99},
+                "d": {"type": "string", "format": "date"}},
+            "required": ["a", "n", "d"]});
         for seed in 0..2 {
             let req = json!({"max_tokens": 200, "temperature": 1.0, "seed": seed,
                 "response_format": {"type": "json_schema",
@@ -1339,9 +1343,19 @@ async fn json_mode_holds_answers_to_a_json_object() {
             );
             let v: serde_json::Map<String, Value> =
                 serde_json::from_str(&text).unwrap_or_else(|err| panic!("{text:?}: {err}"));
-            assert_eq!(v.len(), 2, "{text}");
+            assert_eq!(v.len(), 3, "{text}");
             assert!(["x", "yy"].contains(&v["a"].as_str().unwrap()), "{text}");
-            assert!(v["n"].as_f64().is_some_and(|n| n.fract() == 0.0), "{text}");
+            let n = v["n"].as_f64().unwrap();
+            assert!(n.fract() == 0.0 && (-9.0..=99.0).contains(&n), "{text}");
+            let d: Vec<&str> = v["d"].as_str().unwrap().split('-').collect();
+            let parts: Vec<u32> = d.iter().map(|p| p.parse().unwrap()).collect();
+            assert!(
+                d.len() == 3
+                    && [4, 2, 2] == [d[0].len(), d[1].len(), d[2].len()]
+                    && (1..=12).contains(&parts[1])
+                    && (1..=31).contains(&parts[2]),
+                "{text}"
+            );
         }
         call(e.unload()).await.unwrap();
     }
@@ -1476,12 +1490,12 @@ async fn tool_calls_stream_their_name_then_their_arguments() {
     assert!(chunks.len() >= 4);
     // Parameters outside the enforced subset: a warning when not strict, refused when strict.
     let loose = json!([{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}}]);
+        "type": "object", "properties": {"n": {"type": "array", "uniqueItems": true}}}}}]);
     let req = json!({"messages": ask, "tools": loose, "tool_choice": "required",
         "max_tokens": 300, "ignore_eos": true});
     raw_chunks(&e, &req).await;
     let warned = events.borrow().iter().any(|v| {
-        v["code"] == "tool-schema-loose" && v["message"].as_str().unwrap().contains("minimum")
+        v["code"] == "tool-schema-loose" && v["message"].as_str().unwrap().contains("uniqueItems")
     });
     assert!(warned, "{:?}", events.borrow());
     let mut strict = loose.clone();
@@ -1493,7 +1507,7 @@ async fn tool_calls_stream_their_name_then_their_arguments() {
         err["message"]
             .as_str()
             .unwrap()
-            .contains("properties.n.minimum"),
+            .contains("properties.n.uniqueItems"),
         "{err}"
     );
     call(e.unload()).await.unwrap();

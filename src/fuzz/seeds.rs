@@ -127,6 +127,16 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
             br#"{"name": "w", "arguments": {"u": "f", "d": null}}"#.to_vec(),
         ],
     );
+    // Structured output starts from whole texts of `targets::fuzz_structured_schema`.
+    s.insert(
+        "structured",
+        vec![
+            br#"{"n": -30, "x": 0.75, "p": "AB-1", "d": "2024-02-28", "e": [1,{"k":"v"}]}"#
+                .to_vec(),
+            br#"{"e":null,"d":"1999-12-31","p":"CC-999","x":null,"n":996}"#.to_vec(),
+            br#"{"x": -2.4999, "n": 0, "e": 2.5, "p": "\u0041A-0", "d": "2000-01-01"}"#.to_vec(),
+        ],
+    );
     s.insert("request", requests);
     Ok(s)
 }

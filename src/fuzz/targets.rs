@@ -222,6 +222,71 @@ pub fn json_mode(b: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The schema of the `structured` target: bounded numbers, patterns, formats and an enum of
+/// any values (`runtime::json_number`, `runtime::json_pattern`).
+pub fn fuzz_structured_schema() -> serde_json::Value {
+    serde_json::json!({"type": "object", "additionalProperties": false,
+        "properties": {
+            "n": {"type": "integer", "minimum": -30, "exclusiveMaximum": 1000, "multipleOf": 3},
+            "x": {"type": ["number", "null"], "exclusiveMinimum": -2.5, "maximum": 0.75},
+            "p": {"type": "string", "pattern": "^[A-C]{2}-[0-9]{1,3}$"},
+            "d": {"type": "string", "format": "date"},
+            "e": {"enum": [1, 2.5, true, null, "a", [1, {"k": "v"}]]}
+        },
+        "required": ["n", "x", "p", "d", "e"]})
+}
+
+/// Structured output's automaton under `fuzz_structured_schema` on any bytes: no dead end, and
+/// a text it calls whole parses with the schema's keys, its numbers within their bounds, its
+/// code and date of their shapes and `e` one of the enum's values.
+pub fn structured(b: &[u8]) -> Result<()> {
+    thread_local!(static SCHEMA: std::sync::Arc<crate::runtime::json_mode::Schema> =
+        crate::runtime::json_schema::parse(&fuzz_structured_schema()).expect("it parses"));
+    let mut p = crate::runtime::json_mode::JsonPrefix::new(SCHEMA.with(|s| s.clone()));
+    let fed = p.feed(b);
+    no_dead_end(fed, &p);
+    if !(fed && p.is_complete()) {
+        return Ok(());
+    }
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(b)
+        .unwrap_or_else(|e| panic!("structured output serde_json rejects ({e})"));
+    assert_eq!(v.len(), 5, "{v:?}");
+    let n = v["n"].as_f64().expect("n a number");
+    assert!(
+        n.fract() == 0.0 && (-30.0..1000.0).contains(&n) && n % 3.0 == 0.0,
+        "n {n}"
+    );
+    if let Some(x) = v["x"].as_f64() {
+        assert!(x > -2.5 && x <= 0.75, "x {x}");
+    } else {
+        assert!(v["x"].is_null(), "x {:?}", v["x"]);
+    }
+    let code = v["p"].as_str().expect("p a string").as_bytes();
+    let digits = code.len().saturating_sub(3);
+    assert!(
+        (1..=3).contains(&digits)
+            && code[..2].iter().all(|c| (b'A'..=b'C').contains(c))
+            && code[2] == b'-'
+            && code[3..].iter().all(u8::is_ascii_digit),
+        "p {code:?}"
+    );
+    let d: Vec<u32> = v["d"]
+        .as_str()
+        .expect("d a string")
+        .split('-')
+        .map(|x| x.parse().expect("d of numbers"))
+        .collect();
+    let days = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    assert!(
+        d.len() == 3 && (1000..=9999).contains(&d[0]) && (1..=12).contains(&d[1]),
+        "d {d:?}"
+    );
+    assert!((1..=days[d[1] as usize - 1]).contains(&d[2]), "d {d:?}");
+    let e = serde_json::json!([1, 2.5, true, null, "a", [1, {"k": "v"}]]);
+    assert!(e.as_array().unwrap().contains(&v["e"]), "e {:?}", v["e"]);
+    Ok(())
+}
+
 /// The functions of the `tool_call` target.
 pub fn fuzz_tools() -> crate::runtime::tools::Tools {
     let tools = serde_json::json!([
@@ -356,5 +421,6 @@ pub fn all(tokenizer: crate::model::tokenizer::Tokenizer) -> Vec<Target> {
         ),
         t("json_mode", &[], true, Box::new(json_mode)),
         t("tool_call", &[], true, Box::new(tool_call)),
+        t("structured", &[], true, Box::new(structured)),
     ]
 }

@@ -13,6 +13,8 @@
 //! among the top candidates and those watched tokens.
 
 use crate::error::{Error, Result};
+use crate::runtime::json_number::Bounds;
+use crate::runtime::json_pattern::{Pattern, State};
 use std::sync::Arc;
 
 /// Deepest nesting of objects and arrays allowed.
@@ -58,6 +60,8 @@ enum Mode {
         word: &'static [u8],
         at: u8,
     },
+    /// Inside one of a `Schema::Literal`'s values (read so far in `text`).
+    Literal,
     /// The top-level object is closed.
     Done,
 }
@@ -142,6 +146,13 @@ pub enum Schema {
     Number {
         integer: bool,
     },
+    /// A number within bounds (`minimum`, `maximum`, ..., `multipleOf`: `json_number`).
+    Bounded(Arc<Bounds>),
+    /// A string that matches a `pattern` or `format` (`json_pattern`).
+    Pattern(Arc<Pattern>),
+    /// One of these JSON texts, written exactly so (an `enum` or `const` with values other
+    /// than strings; objects and arrays in their compact form).
+    Literal(Vec<Vec<u8>>),
     Boolean,
     Null,
     /// `null` or the schema (`type: [T, "null"]`).
@@ -216,6 +227,8 @@ pub struct JsonPrefix {
     /// The functions of a `Schema::ToolCall` being written: its `arguments` follow the
     /// parameters of the one its `name` names.
     calls: Option<Functions>,
+    /// The pattern of the string being read, and where its DFA is.
+    pattern: Option<(Arc<Pattern>, State)>,
 }
 
 impl Default for JsonPrefix {
@@ -235,6 +248,7 @@ impl JsonPrefix {
             whitespace: 0,
             chars: None,
             calls: None,
+            pattern: None,
         }
     }
 
@@ -258,19 +272,55 @@ impl JsonPrefix {
         match self.mode {
             Mode::Str { key, esc } => return self.string(key, esc, b),
             Mode::Num(n) => {
-                let integer = matches!(*self.expect, Schema::Number { integer: true });
+                let bounds = match &*self.expect {
+                    Schema::Bounded(b) => Some(b.clone()),
+                    _ => None,
+                };
+                let integer = matches!(*self.expect, Schema::Number { integer: true })
+                    || bounds.as_ref().is_some_and(|b| b.integer);
                 match n.next(b) {
                     Some(Num::Dot | Num::Exp) if integer => return false,
+                    Some(Num::Exp) if bounds.is_some() => return false,
                     // A schema's integers stay exact in a double (and in JavaScript).
-                    Some(Num::Int(n)) if integer && n > MAX_INTEGER_DIGITS => return false,
+                    Some(Num::Int(n))
+                        if (integer || bounds.is_some()) && n > MAX_INTEGER_DIGITS =>
+                    {
+                        return false
+                    }
                     Some(n) => {
+                        if let Some(bounds) = bounds {
+                            self.text.push(b);
+                            if !bounds.feasible(&self.text) {
+                                return false;
+                            }
+                        }
                         self.mode = Mode::Num(n);
                         return true;
                     }
                     // The number ends here; `b` is read after it.
-                    None if n.complete() => self.mode = Mode::AfterValue,
+                    None if n.complete() => {
+                        if bounds.is_some_and(|bounds| !bounds.contains(&self.text)) {
+                            return false;
+                        }
+                        self.mode = Mode::AfterValue
+                    }
                     None => return false,
                 }
+            }
+            Mode::Literal => {
+                let Schema::Literal(values) = &*self.expect else {
+                    return false;
+                };
+                self.text.push(b);
+                if values.iter().any(|v| v.starts_with(&self.text)) {
+                    return true;
+                }
+                // The value ends here; `b` is read after it.
+                self.text.pop();
+                if !values.contains(&self.text) {
+                    return false;
+                }
+                self.mode = Mode::AfterValue;
             }
             Mode::Lit { word, at } => {
                 if word[at as usize] != b {
@@ -389,6 +439,22 @@ impl JsonPrefix {
             }
             *count += 1;
         }
+        self.pattern = None;
+        match &*self.expect {
+            Schema::Literal(_) => {
+                self.text = vec![b];
+                self.mode = Mode::Literal;
+                return true;
+            }
+            Schema::Bounded(bounds) => {
+                self.text = vec![b];
+                if !bounds.feasible(&self.text) {
+                    return false;
+                }
+            }
+            Schema::Pattern(p) => self.pattern = Some((p.clone(), p.start())),
+            _ => {}
+        }
         self.mode = match b {
             b'{' | b'[' => return self.open(b, bounds),
             b'"' => {
@@ -425,6 +491,7 @@ impl JsonPrefix {
             Schema::Nullable(inner) => b == b'n' || Self::opens_with(inner, b),
             Schema::Length { inner, .. } => Self::opens_with(inner, b),
             Schema::Union(bs) => bs.iter().any(|s| Self::opens_with(s, b)),
+            Schema::Literal(values) => values.iter().any(|v| v.first() == Some(&b)),
             _ => matches!(
                 (s, b),
                 (Schema::Any, _)
@@ -433,8 +500,11 @@ impl JsonPrefix {
                         b'{'
                     )
                     | (Schema::Array(_), b'[')
-                    | (Schema::String(_), b'"')
-                    | (Schema::Number { .. }, b'-' | b'0'..=b'9')
+                    | (Schema::String(_) | Schema::Pattern(_), b'"')
+                    | (
+                        Schema::Number { .. } | Schema::Bounded(_),
+                        b'-' | b'0'..=b'9'
+                    )
                     | (Schema::Boolean, b't' | b'f')
                     | (Schema::Null, b'n')
             ),
@@ -558,6 +628,9 @@ impl JsonPrefix {
     }
 
     fn string(&mut self, key: bool, esc: Esc, b: u8) -> bool {
+        if !key && self.pattern.is_some() && !self.pattern_byte(esc, b) {
+            return false;
+        }
         let constrained = self.allowed_strings(key).is_some();
         // `Schema::Length`: every byte read in `Esc::None` but the closing quote starts a
         // character (an ASCII one, a UTF-8 lead byte, or an escape; a surrogate pair's second
@@ -658,6 +731,58 @@ impl JsonPrefix {
         };
         self.mode = Mode::Str { key, esc };
         true
+    }
+}
+
+impl JsonPrefix {
+    /// A byte of a string with a pattern (`Schema::Pattern`), as the string's grammar reads it
+    /// in `esc` (which `string` checks after): its DFA steps on each character, escapes
+    /// decoded, and refuses one after which nothing can match; the closing quote only where it
+    /// matches. A `\u` escape's hex digits are kept in `text`.
+    fn pattern_byte(&mut self, esc: Esc, b: u8) -> bool {
+        let Some((p, s)) = self.pattern.take() else {
+            return true;
+        };
+        let escaped = |c: u8| -> Option<char> {
+            Some(match c {
+                b'"' | b'\\' | b'/' => c as char,
+                b'b' => '\u{8}',
+                b'f' => '\u{c}',
+                b'n' => '\n',
+                b'r' => '\r',
+                b't' => '\t',
+                _ => return None,
+            })
+        };
+        let next = match (esc, b) {
+            (Esc::None, b'"') => return p.may_end(s),
+            (Esc::None, b'\\') => p.backslash_feasible(s).then_some(s),
+            (Esc::None | Esc::Utf8(_), _) => p.step(s, &[b]),
+            (Esc::Backslash, b'u') => {
+                self.text.clear();
+                Some(s)
+            }
+            (Esc::Backslash, _) => escaped(b).and_then(|c| p.step_escaped(s, c)),
+            (Esc::Hex { left, .. }, _) if b.is_ascii_hexdigit() => {
+                self.text.push(b);
+                match left {
+                    1 => std::str::from_utf8(&self.text)
+                        .ok()
+                        .and_then(|h| u32::from_str_radix(h, 16).ok())
+                        .and_then(char::from_u32)
+                        .and_then(|c| p.step_escaped(s, c)),
+                    _ => p.escape_feasible(s, &self.text).then_some(s),
+                }
+            }
+            _ => None,
+        };
+        match next {
+            Some(n) => {
+                self.pattern = Some((p, n));
+                true
+            }
+            None => false,
+        }
     }
 }
 

@@ -1,18 +1,23 @@
 //! `response_format: { type: "json_schema", json_schema: { schema } }`: the subset of JSON
 //! Schema that JSON mode's automaton (`json_mode::JsonPrefix`) enforces while the answer is
-//! written, which is what OpenAI's strict structured outputs use: `type` (one or a list),
+//! written, which covers what OpenAI's strict structured outputs use: `type` (one or a list),
 //! objects' `properties` / `required` / `additionalProperties: false`, arrays' `items`,
-//! strings' `enum` / `const` / `minLength` / `maxLength`, arrays' `minItems` / `maxItems`
-//! (`Schema::Length`), `anyOf` / `oneOf` whose branches start with different bytes
-//! (`Schema::Union`), `allOf` of one, and `$ref` into the root's `$defs` / `definitions` (read
-//! in place; not recursive). Annotations (`title`, `description`, ...) are read and ignored;
-//! any other keyword is `Unsupported`, named with where it is, never silently ignored.
+//! `enum` / `const` of any values, strings' `minLength` / `maxLength`, arrays' `minItems` /
+//! `maxItems` (`Schema::Length`), numbers' bounds and `multipleOf` (`json_number`), strings'
+//! `pattern` / `format` (`json_pattern`), `anyOf` / `oneOf` whose branches start with
+//! different bytes (`Schema::Union`), `allOf` of one, and `$ref` into the root's `$defs` /
+//! `definitions` (read in place; not recursive). Annotations (`title`, `description`, ...) are
+//! read and ignored; any other keyword is `Unsupported`, named with where it is, never
+//! silently ignored. The keywords of values themselves are read in `values`.
 
 use crate::error::{Error, Result};
 use crate::runtime::json_mode::{Property, Schema, MAX_DEPTH, MAX_PROPERTIES};
 use serde_json::Value;
 use std::cell::RefCell;
 use std::sync::Arc;
+use values::{number, pattern, values_of, Values};
+
+mod values;
 
 /// Keywords that describe and do not constrain.
 const ANNOTATIONS: [&str; 7] = [
@@ -80,9 +85,16 @@ fn node(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
         Value::Object(o) => o,
         _ => return Err(bad(f, path, "must be a schema object")),
     };
-    const OWN: [&str; 18] = [
+    const OWN: [&str; 25] = [
         "minLength",
         "maxLength",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "pattern",
+        "format",
         "minItems",
         "maxItems",
         "type",
@@ -166,15 +178,22 @@ fn node(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
             }
             // A number may be an integer: "number" covers "integer".
             let number = names.contains(&"number");
-            let parsed = names
+            let parsed: Vec<Arc<Schema>> = names
                 .iter()
                 .filter(|t| !(number && **t == "integer"))
+                // Beside an `enum`, the types of its values only.
+                .filter(|t| values::has_type(o, t))
                 .map(|t| match *t {
-                    // `null` in a list beside an enum of strings: the enum's values or null.
-                    "null" => Ok(Arc::new(Schema::Null)),
+                    // The other types' keywords (lengths, bounds) say nothing of null.
+                    "null" if !o.contains_key("enum") && !o.contains_key("const") => {
+                        Ok(Arc::new(Schema::Null))
+                    }
                     t => typed(f, o, Some(t), path, depth).map(Arc::new),
                 })
-                .collect::<Result<Vec<_>>>()?;
+                .collect::<Result<_>>()?;
+            if parsed.is_empty() {
+                return Err(bad(f, path, "has no `enum` value of its `type`"));
+            }
             union(f, path, parsed)
         }
         Some(_) => Err(bad(
@@ -222,8 +241,18 @@ fn opens(s: &Schema) -> u8 {
         Schema::Any => 63,
         Schema::Object(_) | Schema::AnyObject | Schema::ToolCall(_) => OBJECT,
         Schema::Array(_) => ARRAY,
-        Schema::String(_) => STRING,
-        Schema::Number { .. } => NUMBER,
+        Schema::String(_) | Schema::Pattern(_) => STRING,
+        Schema::Number { .. } | Schema::Bounded(_) => NUMBER,
+        Schema::Literal(values) => values.iter().fold(0, |m, v| {
+            m | match v.first() {
+                Some(b'{') => OBJECT,
+                Some(b'[') => ARRAY,
+                Some(b'"') => STRING,
+                Some(b't' | b'f') => BOOLEAN,
+                Some(b'n') => NULL,
+                _ => NUMBER,
+            }
+        }),
         Schema::Boolean => BOOLEAN,
         Schema::Null => NULL,
         Schema::Nullable(x) => opens(x) | NULL,
@@ -313,34 +342,37 @@ fn typed(
 ) -> Result<Schema> {
     let text = bounds(f, o, path, ["minLength", "maxLength"])?;
     let items = bounds(f, o, path, ["minItems", "maxItems"])?;
-    let strings = strings_of(f, o, path)?;
-    // What its `type` and `enum` / `const` make; then its length keywords.
-    let s = match (ty, strings) {
-        (None | Some("string"), Some(values)) => Schema::String(Some(values)),
-        (Some(t), Some(_)) => {
-            return Err(unsupported(
-                f,
-                path,
-                &format!("`enum` or `const` of type `{t}`"),
-            ))
+    // What its `enum` / `const`, its number or string keywords or else its `type` make; then
+    // its length keywords.
+    let s = if let Some(values) = values_of(f, o, ty, path)? {
+        match values {
+            Values::Strings(v) => Schema::String(Some(v)),
+            Values::Literals(v) => Schema::Literal(v),
         }
-        (None, None) => Schema::Any,
-        (Some("string"), None) => Schema::String(None),
-        (Some("number"), None) => Schema::Number { integer: false },
-        (Some("integer"), None) => Schema::Number { integer: true },
-        (Some("boolean"), None) => Schema::Boolean,
-        (Some("null"), None) => Schema::Null,
-        (Some("array"), None) => Schema::Array(match o.get("items") {
-            None => Arc::new(Schema::Any),
-            Some(i) => node(f, i, &format!("{path}.items"), depth + 1)?,
-        }),
-        (Some("object"), None) => object(f, o, path, depth)?,
-        (Some(t), None) => {
-            return Err(bad(
-                f,
-                &format!("{path}.type"),
-                &format!("`{t}` is not a type"),
-            ))
+    } else if let Some(n) = number(f, o, ty, path)? {
+        n
+    } else if let Some(p) = pattern(f, o, ty, path, text)? {
+        p
+    } else {
+        match ty {
+            None => Schema::Any,
+            Some("string") => Schema::String(None),
+            Some("number") => Schema::Number { integer: false },
+            Some("integer") => Schema::Number { integer: true },
+            Some("boolean") => Schema::Boolean,
+            Some("null") => Schema::Null,
+            Some("array") => Schema::Array(match o.get("items") {
+                None => Arc::new(Schema::Any),
+                Some(i) => node(f, i, &format!("{path}.items"), depth + 1)?,
+            }),
+            Some("object") => object(f, o, path, depth)?,
+            Some(t) => {
+                return Err(bad(
+                    f,
+                    &format!("{path}.type"),
+                    &format!("`{t}` is not a type"),
+                ))
+            }
         }
     };
     let wrap = |(min, max): (u32, u32), s: Schema| Schema::Length {
@@ -360,32 +392,6 @@ fn typed(
             ))
         }
     })
-}
-
-/// `enum` (strings only) or `const` (a string) as JSON texts.
-fn strings_of(
-    f: &Ctx,
-    o: &serde_json::Map<String, Value>,
-    path: &str,
-) -> Result<Option<Vec<Vec<u8>>>> {
-    let list = match (o.get("enum"), o.get("const")) {
-        (Some(Value::Array(a)), None) => a.clone(),
-        (None, Some(c)) => vec![c.clone()],
-        (None, None) => return Ok(None),
-        (Some(_), Some(_)) => return Err(bad(f, path, "has both `enum` and `const`")),
-        (Some(_), None) => return Err(bad(f, &format!("{path}.enum"), "must be a list")),
-    };
-    if list.is_empty() {
-        return Err(bad(f, &format!("{path}.enum"), "is empty"));
-    }
-    list.iter()
-        .map(|v| {
-            v.as_str().map(json_text).ok_or_else(|| {
-                unsupported(f, path, "an `enum` or `const` value other than a string")
-            })
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
 }
 
 fn object(f: &Ctx, o: &serde_json::Map<String, Value>, path: &str, depth: usize) -> Result<Schema> {
@@ -452,7 +458,18 @@ pub fn string_bytes(s: &Schema, out: &mut Vec<u8>) {
         Schema::Array(item) | Schema::Nullable(item) => string_bytes(item, out),
         Schema::Union(bs) => bs.iter().for_each(|b| string_bytes(b, out)),
         Schema::Length { inner, .. } => string_bytes(inner, out),
-        Schema::String(Some(values)) => values.iter().for_each(|v| out.extend_from_slice(v)),
+        Schema::String(Some(values)) | Schema::Literal(values) => {
+            values.iter().for_each(|v| out.extend_from_slice(v))
+        }
+        // The pattern's ASCII characters (unless it takes most of them: then the top
+        // candidates hold some), and the escapes that write any other character.
+        Schema::Pattern(p) => {
+            let ascii = p.ascii();
+            if ascii.len() <= 48 {
+                out.extend_from_slice(&ascii);
+            }
+            out.extend_from_slice(b"\\u0123456789abcdef");
+        }
         Schema::ToolCall(fns) => {
             out.extend_from_slice(b"namearguments");
             for (name, params) in fns.iter() {
@@ -532,8 +549,40 @@ mod tests {
     fn unsupported_keywords_and_bad_schemas_are_named() {
         for (schema, want) in [
             (
-                json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}),
+                json!({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": true}}}),
+                "schema.properties.a.uniqueItems",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "(?=x)"}}}),
                 "schema.properties.a.pattern",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "string", "format": "hostname"}}}),
+                "format \"hostname\" (enforced: date, time",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "number", "multipleOf": 0.5}}}),
+                "schema.properties.a.multipleOf",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "string", "minimum": 1}}}),
+                "schema.properties.a.minimum",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "x", "maxLength": 3}}}),
+                "`pattern` beside `minLength` / `maxLength`",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"enum": [1, 2], "minimum": 1}}}),
+                "`minimum` beside `enum`",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0.2, "maximum": 0.8}}}),
+                "`schema.properties.a` allows no number",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "integer", "enum": ["x"]}}}),
+                "no `enum` value of type `integer`",
             ),
             (json!({"type": "array"}), "top level"),
             (
@@ -576,6 +625,54 @@ mod tests {
             let e = parse(&schema).unwrap_err().to_string();
             assert!(e.contains(want), "{schema}: {e}");
         }
+    }
+
+    #[test]
+    fn bounds_patterns_formats_and_literal_enums_are_enforced() {
+        let s = json!({"type": "object", "additionalProperties": false,
+        "properties": {
+            "n": {"type": "integer", "minimum": -5, "exclusiveMaximum": 120, "multipleOf": 5},
+            "x": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+            "c": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]+$"},
+            "d": {"type": "string", "format": "date"},
+            "e": {"enum": [1, 2.5, true, null, "a", [1, {"k": "v"}]]},
+            "t": {"type": ["integer", "null"], "enum": [3, null, "z"]}
+        }});
+        for ok in [
+            r#"{"n": -5, "x": 1, "c": "AB-12", "d": "2024-02-28", "e": 2.5, "t": 3}"#,
+            r#"{"n": 115, "x": 0.0001, "e": [1,{"k":"v"}], "t": null}"#,
+            r#"{"x": null, "c": "AB-0", "e": null}"#,
+            r#"{"e": "a", "n": 0}"#,
+        ] {
+            assert!(accepts(&s, ok), "{ok}");
+        }
+        for bad in [
+            r#"{"n": 120}"#, // exclusive maximum
+            r#"{"n": -10}"#, // below the minimum
+            r#"{"n": 7}"#,   // not a multiple of 5
+            r#"{"n": 1e1}"#, // no exponent
+            r#"{"x": 0}"#,   // exclusive minimum
+            r#"{"x": 1.5}"#, // above the maximum
+            r#"{"c": "ab-1"}"#,
+            r#"{"c": "AB-"}"#,
+            r#"{"d": "2024-02-30"}"#,
+            r#"{"e": 1.0}"#,             // written otherwise than the enum writes it
+            r#"{"e": [1, {"k": "v"}]}"#, // not compact
+            r#"{"e": false}"#,
+            r#"{"c": "\u0041B-1"}"#, // an escape for a plain letter
+            r#"{"t": "z"}"#,         // not of its type
+        ] {
+            assert!(!accepts(&s, bad), "{bad}");
+        }
+        // Refused at the first byte that cannot lead anywhere.
+        let mut p = JsonPrefix::new(parse(&s).unwrap());
+        assert!(p.feed(br#"{"n": 1"#));
+        assert!(p.after(b"2").is_none() && p.after(b"1").is_some() && p.after(b"0").is_some());
+        assert!(p.after(b",").is_none());
+        assert!(p.feed(br#"0, "c": "A"#));
+        assert!(p.after(b"b").is_none() && p.after(b"B").is_some());
+        // No escape writes what may be written as it is.
+        assert!(p.after(b"\\").is_none());
     }
 
     /// What Pydantic and zod-to-json-schema write: nested models as `$defs` behind `$ref`,

@@ -12,7 +12,8 @@
 //! - `body`: how a download's buffer grows (never past the declared size).
 //! - `stop_text`: stop sequences over the decoded answer.
 //! - `json_mode`: `response_format: json_object`, candidates kept to a JSON object's prefixes;
-//!   `json_schema`: the JSON Schema subset it also enforces.
+//!   `json_schema`: the JSON Schema subset it also enforces (`json_number`: bounded numbers;
+//!   `json_pattern`: patterns and formats).
 //! - `speed`: decode speed between tokens, the controller's second signal.
 //! - `dir` (native): an ensemble directory as a byte source.
 
@@ -25,6 +26,8 @@ pub mod dir;
 pub mod elastic;
 pub mod generate;
 pub mod json_mode;
+pub mod json_number;
+pub mod json_pattern;
 pub mod json_schema;
 pub mod policy;
 #[cfg(not(target_arch = "wasm32"))]

@@ -512,9 +512,9 @@ mod tests {
             (json!([]), json!("required"), "no tools"),
             (
                 json!([{"type": "function", "function": {"name": "f", "strict": true,
-                    "parameters": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}}]),
+                    "parameters": {"type": "object", "properties": {"n": {"type": "array", "uniqueItems": true}}}}}]),
                 json!(null),
-                "tools[0].function.parameters.properties.n.minimum",
+                "tools[0].function.parameters.properties.n.uniqueItems",
             ),
         ];
         for (tools, choice, want) in cases {
@@ -527,14 +527,14 @@ mod tests {
     fn a_loose_schema_that_is_not_strict_holds_the_arguments_to_an_object_and_says_why() {
         let t = Tools::parse(
             Some(&json!([{"type": "function", "function": {"name": "f",
-                "parameters": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}}])),
+                "parameters": {"type": "object", "properties": {"n": {"type": "array", "uniqueItems": true}}}}}])),
             None,
         )
         .unwrap()
         .unwrap();
         let why = t.functions[0].loose.as_deref().unwrap();
         assert!(
-            why.contains("tools[0].function.parameters.properties.n.minimum"),
+            why.contains("tools[0].function.parameters.properties.n.uniqueItems"),
             "{why}"
         );
         assert_eq!(*t.functions[0].schema, Schema::AnyObject);

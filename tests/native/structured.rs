@@ -101,7 +101,7 @@ fn schemas() -> Vec<(&'static str, Value, Arc<Schema>)> {
 
 #[test]
 fn texts_the_automaton_completes_are_valid_for_python_jsonschema() {
-    if !python_has("jsonschema") {
+    if !python_has("jsonschema, rfc3339_validator") {
         return;
     }
     // JSON's bytes and the letters of the schemas' names; few, so that free strings end.
@@ -125,6 +125,57 @@ fn texts_the_automaton_completes_are_valid_for_python_jsonschema() {
     let verdicts = validate(&cases);
     for ((schema, texts), v) in cases.iter().zip(&verdicts) {
         assert_eq!(texts.len(), v.len());
+        for (t, e) in texts.iter().zip(v) {
+            assert!(e.is_none(), "{t}\n{}\n{schema}", e.as_deref().unwrap_or(""));
+        }
+    }
+}
+
+/// Numbers' bounds, patterns, formats and enums of any values: the same check, over an alphabet
+/// that can write dates, addresses and identifiers.
+#[test]
+fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
+    if !python_has("jsonschema, rfc3339_validator") {
+        return;
+    }
+    let values = json!({"type": "object", "additionalProperties": false,
+        "properties": {
+            "n": {"type": "integer", "minimum": -30, "exclusiveMaximum": 1000, "multipleOf": 3},
+            "x": {"type": ["number", "null"], "exclusiveMinimum": -2.5, "maximum": 0.75},
+            "p": {"type": "string", "pattern": "^[A-C]{2}-[0-9]{1,3}$"},
+            "q": {"type": "string", "pattern": "b[0-9]"},
+            "e": {"enum": [1, 2.5, true, null, "a", [1, {"k": "v"}]]},
+            "l": {"type": "array", "items": {"type": "integer", "maximum": -1}, "maxItems": 3}
+        },
+        "required": ["n", "x", "p", "e"]});
+    let formats = json!({"type": "object", "additionalProperties": false,
+        "properties": {
+            "d": {"type": "string", "format": "date"},
+            "t": {"type": "string", "format": "date-time"},
+            "h": {"type": "string", "format": "time"},
+            "u": {"type": "string", "format": "uuid"},
+            "i": {"type": "string", "format": "ipv4"},
+            "m": {"type": "string", "format": "email"}
+        },
+        "required": ["d", "t"]});
+    let alphabet = b"{}[]:,\" -+.0123456789TZ@ABCabcdefhiklmnpqrstuvx\\";
+    let mut cases = Vec::new();
+    for (i, (name, schema)) in [("values", values), ("formats", formats)]
+        .into_iter()
+        .enumerate()
+    {
+        let parsed = json_schema::parse(&schema).unwrap();
+        let texts = complete_texts(parsed, alphabet, 3000, 190 + i as u64);
+        eprintln!(
+            "{name}: {} complete texts of 3000 walks, e.g. {}",
+            texts.len(),
+            texts[0]
+        );
+        assert!(texts.len() >= 150, "{name}: {} complete", texts.len());
+        cases.push((schema, texts));
+    }
+    let verdicts = validate(&cases);
+    for ((schema, texts), v) in cases.iter().zip(&verdicts) {
         for (t, e) in texts.iter().zip(v) {
             assert!(e.is_none(), "{t}\n{}\n{schema}", e.as_deref().unwrap_or(""));
         }

@@ -2,6 +2,11 @@
 """Validates JSON texts against a JSON Schema with Python's `jsonschema` (Draft 2020-12), the
 independent check of what flexquant's structured-output automaton lets a model write.
 
+Formats are asserted, not only annotated: `date`, `date-time`, `time`, `uuid`, `ipv4` and
+`email` are checked by jsonschema's format checker (`date-time` and `time` through the
+`rfc3339-validator` package, which must be installed: a format left unchecked would pass
+anything).
+
 Reads a JSON list of cases {schema, texts: [...]} on stdin; writes a JSON list with, per case,
 a list of null (the text parses and is valid) or the first error's message.
 """
@@ -9,6 +14,11 @@ import json
 import sys
 
 import jsonschema
+import rfc3339_validator  # noqa: F401 (without it, jsonschema checks no `date-time`)
+
+VALIDATOR = jsonschema.Draft202012Validator
+CHECKED = {"date", "date-time", "time", "uuid", "ipv4", "email"}
+assert CHECKED <= set(VALIDATOR.FORMAT_CHECKER.checkers), "a format would go unchecked"
 
 
 def check(schema, text):
@@ -16,7 +26,8 @@ def check(schema, text):
         instance = json.loads(text)
     except json.JSONDecodeError as e:
         return f"not JSON: {e}"
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(instance), key=str)
+    validator = VALIDATOR(schema, format_checker=VALIDATOR.FORMAT_CHECKER)
+    errors = sorted(validator.iter_errors(instance), key=str)
     return errors[0].message if errors else None
 
 

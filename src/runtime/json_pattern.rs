@@ -1,0 +1,311 @@
+//! Strings a schema's `pattern` or `format` constrains (`Schema::Pattern`): a minimal DFA over
+//! the string's UTF-8 bytes (`regex-automata`) reads each character as it is written, escapes
+//! decoded, and a character is let through only if the DFA can still reach a match after it,
+//! so the automaton never reaches a string it cannot finish. The string may end only where it
+//! matches.
+//!
+//! `pattern` is searched as JSON Schema says (it may match anywhere unless anchored with `^`
+//! and `$`), in the `regex` crate's syntax (ECMA-262's for the usual classes, groups and
+//! repetitions; look-around and backreferences are unsupported). A `format` is one of
+//! `FORMATS`, each a regular expression whose every match the format's validators accept
+//! (dates are real calendar dates, with February's 29th left out).
+
+use regex_automata::dfa::{dense, Automaton, StartKind};
+use regex_automata::util::{primitives::StateID, start, syntax};
+use regex_automata::{Anchored, MatchKind};
+use regex_syntax::utf8::Utf8Sequences;
+
+/// Most bytes a pattern's DFA may take (its determinization and its table each).
+const DFA_BYTES: usize = 4 << 20;
+
+/// The formats enforced, with the expression each is written as.
+pub const FORMATS: [(&str, &str); 6] = [
+    ("date", DATE),
+    ("time", TIME),
+    ("date-time", DATE_TIME),
+    (
+        "uuid",
+        "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+    ),
+    (
+        "ipv4",
+        r"^(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$",
+    ),
+    (
+        "email",
+        r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,4}$",
+    ),
+];
+
+const DATE: &str = r"^[1-9][0-9]{3}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))$";
+const TIME: &str = r"^(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$";
+const DATE_TIME: &str = r"^[1-9][0-9]{3}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$";
+
+/// A compiled `pattern` or `format`.
+pub struct Pattern {
+    /// What the schema said: `pattern` or `format "NAME"`, and its text.
+    pub source: String,
+    dfa: dense::DFA<Vec<u32>>,
+    start: StateID,
+}
+
+impl std::fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pattern({})", self.source)
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+/// Where a string's DFA is (Copy, for the automaton's state).
+pub type State = StateID;
+
+impl Pattern {
+    /// The strings `regex` matches somewhere (JSON Schema's `pattern`); the error says why not.
+    pub fn new(regex: &str) -> Result<Pattern, String> {
+        Self::build(regex, format!("pattern {regex:?}"))
+    }
+
+    /// The strings of `format` `name` (`FORMATS`), `None` for a format not enforced.
+    pub fn format(name: &str) -> Option<Pattern> {
+        let (_, regex) = FORMATS.iter().find(|(n, _)| *n == name)?;
+        Some(Self::build(regex, format!("format {name:?}")).expect("FORMATS compile"))
+    }
+
+    fn build(regex: &str, source: String) -> Result<Pattern, String> {
+        // Matched anywhere: the whole string is anything, a match, anything.
+        let whole = format!(r"(?s:.)*(?:{regex})(?s:.)*");
+        let dfa = dense::Builder::new()
+            .configure(
+                dense::Config::new()
+                    .match_kind(MatchKind::All)
+                    .start_kind(StartKind::Anchored)
+                    .minimize(true)
+                    .dfa_size_limit(Some(DFA_BYTES))
+                    .determinize_size_limit(Some(DFA_BYTES)),
+            )
+            .syntax(syntax::Config::new().utf8(true).unicode(true))
+            .build(&whole)
+            .map_err(|e| {
+                let e = e.to_string();
+                e.lines().next().unwrap_or("").to_string()
+            })?;
+        let start = dfa
+            .start_state(&start::Config::new().anchored(Anchored::Yes))
+            .map_err(|e| e.to_string())?;
+        let p = Pattern { source, dfa, start };
+        if p.dfa.is_dead_state(start) {
+            return Err("no string matches it".into());
+        }
+        Ok(p)
+    }
+
+    /// Before the string's first character.
+    pub fn start(&self) -> State {
+        self.start
+    }
+
+    /// After `bytes` (UTF-8 of whole characters or a character begun); `None` when no string
+    /// that goes on so can match.
+    pub fn step(&self, mut s: State, bytes: &[u8]) -> Option<State> {
+        for &b in bytes {
+            s = self.dfa.next_state(s, b);
+            if self.dfa.is_dead_state(s) {
+                return None;
+            }
+        }
+        Some(s)
+    }
+
+    /// Whether the string may end here (it matches).
+    pub fn may_end(&self, s: State) -> bool {
+        self.dfa.is_match_state(self.dfa.next_eoi_state(s))
+    }
+
+    /// After the character `c`, written as an escape. Only characters that JSON must escape
+    /// (`"`, `\`, controls) or that lie outside ASCII are written so: a model that may spell
+    /// a digit `\u0030` takes that way out of a pattern instead of its next letter.
+    pub fn step_escaped(&self, s: State, c: char) -> Option<State> {
+        if !Self::escapable(c as u32) {
+            return None;
+        }
+        let mut buf = [0; 4];
+        self.step(s, c.encode_utf8(&mut buf).as_bytes())
+    }
+
+    fn escapable(c: u32) -> bool {
+        !(0x20..0x7f).contains(&c) || c == u32::from(b'"') || c == u32::from(b'\\')
+    }
+
+    /// Whether an escape can begin here: `\` followed by a character `step_escaped` takes.
+    pub fn backslash_feasible(&self, s: State) -> bool {
+        self.escape_feasible(s, b"")
+    }
+
+    /// Whether a `\u` escape whose hex digits begin with `hex` (0-4 of them) can still write a
+    /// character `step_escaped` takes here (surrogates are not written as escapes in such a
+    /// string).
+    pub fn escape_feasible(&self, s: State, hex: &[u8]) -> bool {
+        let Some(prefix) = std::str::from_utf8(hex)
+            .ok()
+            .and_then(|h| u32::from_str_radix(if h.is_empty() { "0" } else { h }, 16).ok())
+        else {
+            return false;
+        };
+        let free = 4 - hex.len().min(4) as u32;
+        let first = prefix << (4 * free);
+        let last = first + (1 << (4 * free)) - 1;
+        // The range without printable ASCII, then `"` and `\\` on their own.
+        let quote = [b'"', b'\\']
+            .iter()
+            .any(|&q| (first..=last).contains(&u32::from(q)) && self.step(s, &[q]).is_some());
+        quote
+            || self.takes_one_of(s, first, last.min(0x1f))
+            || self.takes_one_of(s, first.max(0x7f), last)
+    }
+
+    /// The printable ASCII bytes some string of the pattern has (JSON mode watches their
+    /// one-byte tokens, so that the model can always write the next character).
+    pub fn ascii(&self) -> Vec<u8> {
+        let mut seen = std::collections::HashSet::from([self.start]);
+        let mut todo = vec![self.start];
+        let mut out = [false; 128];
+        while let Some(st) = todo.pop() {
+            for b in 0..=255u8 {
+                if let Some(n) = self.step(st, &[b]) {
+                    if (0x20..0x7f).contains(&b) {
+                        out[b as usize] = true;
+                    }
+                    if seen.insert(n) {
+                        todo.push(n);
+                    }
+                }
+            }
+        }
+        (0x20..0x7f).filter(|&b| out[b as usize]).collect()
+    }
+
+    /// Whether the DFA takes some character from `first` to `last` here (surrogates left
+    /// out): the range's UTF-8 encodings, as byte ranges, walked one byte position at a time
+    /// over the distinct states they lead to.
+    fn takes_one_of(&self, s: State, first: u32, last: u32) -> bool {
+        let surrogates = 0xd800..=0xdfff;
+        let first = if surrogates.contains(&first) {
+            0xe000
+        } else {
+            first
+        };
+        let last = if surrogates.contains(&last) {
+            0xd7ff
+        } else {
+            last
+        };
+        let (Some(a), Some(b)) = (char::from_u32(first), char::from_u32(last)) else {
+            return false;
+        };
+        if a > b {
+            return false;
+        }
+        Utf8Sequences::new(a, b).any(|seq| {
+            let mut states = vec![s];
+            for r in seq.as_slice() {
+                let mut next = Vec::new();
+                for &st in &states {
+                    for byte in r.start..=r.end {
+                        match self.step(st, &[byte]) {
+                            Some(n) if !next.contains(&n) => next.push(n),
+                            _ => {}
+                        }
+                    }
+                }
+                if next.is_empty() {
+                    return false;
+                }
+                states = next;
+            }
+            true
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn walk(p: &Pattern, s: &str) -> Option<State> {
+        p.step(p.start(), s.as_bytes())
+    }
+
+    #[test]
+    fn prefixes_that_cannot_match_are_refused_at_their_first_wrong_character() {
+        let p = Pattern::new(r"^[A-Z]{3}-\d{2}$").unwrap();
+        assert!(walk(&p, "AB").is_some() && walk(&p, "ABc").is_none());
+        let s = walk(&p, "ABC-12").unwrap();
+        assert!(p.may_end(s) && p.step(s, b"3").is_none());
+        assert!(!p.may_end(walk(&p, "ABC-1").unwrap()));
+        // Unanchored: a match anywhere, then anything.
+        let q = Pattern::new("ab").unwrap();
+        let s = walk(&q, "xxa").unwrap();
+        assert!(!q.may_end(s));
+        assert!(q.may_end(walk(&q, "xxabé!").unwrap()));
+    }
+
+    #[test]
+    fn escapes_are_feasible_only_toward_a_character_the_pattern_takes() {
+        let p = Pattern::new("^[α-ω]+$").unwrap();
+        assert!(p.escape_feasible(p.start(), b""));
+        assert!(p.escape_feasible(p.start(), b"03b"));
+        assert!(!p.escape_feasible(p.start(), b"004"));
+        assert!(p.step_escaped(p.start(), 'β').is_some());
+        assert!(p.step(p.start(), "β".as_bytes()).is_some());
+        assert!(p.step(p.start(), b"b").is_none());
+        // Printable ASCII is written as it is, never escaped; `"`, `\\` and controls are.
+        let q = Pattern::new(r#"^[a-z"\\\n]+$"#).unwrap();
+        assert!(q.step_escaped(q.start(), 'a').is_none() && q.step(q.start(), b"a").is_some());
+        for c in ['"', '\\', '\n'] {
+            assert!(q.step_escaped(q.start(), c).is_some(), "{c:?}");
+        }
+        assert!(q.escape_feasible(q.start(), b"00") && !q.escape_feasible(q.start(), b"006"));
+        assert_eq!(Pattern::format("date").unwrap().ascii(), b"-0123456789");
+    }
+
+    #[test]
+    fn every_format_compiles_and_takes_a_valid_example() {
+        let examples = [
+            ("date", "2024-02-28", "2024-02-30"),
+            ("time", "23:59:59.5Z", "24:00:00Z"),
+            (
+                "date-time",
+                "1999-12-31T08:00:00+01:00",
+                "1999-12-31 08:00:00Z",
+            ),
+            (
+                "uuid",
+                "123e4567-e89b-12d3-a456-426614174000",
+                "123e4567e89b",
+            ),
+            ("ipv4", "192.168.0.255", "192.168.01.1"),
+            ("email", "a.b+c@example.org", "a@b"),
+        ];
+        for (name, good, bad) in examples {
+            let p = Pattern::format(name).unwrap();
+            assert!(
+                walk(&p, good).is_some_and(|s| p.may_end(s)),
+                "{name} {good}"
+            );
+            assert!(walk(&p, bad).is_none_or(|s| !p.may_end(s)), "{name} {bad}");
+        }
+        assert!(Pattern::format("hostname").is_none());
+    }
+
+    #[test]
+    fn unsupported_syntax_and_empty_languages_are_errors() {
+        assert!(Pattern::new("(?=a)").is_err());
+        assert!(Pattern::new(r"(a)\1").is_err());
+        assert!(Pattern::new("^a$b").unwrap_err().contains("no string"));
+    }
+}
