@@ -131,10 +131,13 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
     s.insert(
         "structured",
         vec![
-            br#"{"n": -30, "x": 0.75, "p": "AB-1", "d": "2024-02-28", "e": [1,{"k":"v"}]}"#
+            br#"{"n": -30, "x": 0.75, "p": "AB-1", "d": "2024-02-28", "e": [1,{"k":"v"}], "s": "ab"}"#
                 .to_vec(),
-            br#"{"e":null,"d":"1999-12-31","p":"CC-999","x":null,"n":996}"#.to_vec(),
-            br#"{"x": -2.4999, "n": 0, "e": 2.5, "p": "\u0041A-0", "d": "2000-01-01"}"#.to_vec(),
+            br#"{"s":"\u00e9b\n","e":null,"d":"1999-12-31","p":"CC-999","x":null,"n":996}"#
+                .to_vec(),
+            r#"{"x": -2.4999, "n": 0, "e": 2.5, "p": "AA-0", "d": "2000-01-01", "s": "éb"}"#
+                .as_bytes()
+                .to_vec(),
         ],
     );
     s.insert("request", requests);

@@ -231,14 +231,16 @@ pub fn fuzz_structured_schema() -> serde_json::Value {
             "x": {"type": ["number", "null"], "exclusiveMinimum": -2.5, "maximum": 0.75},
             "p": {"type": "string", "pattern": "^[A-C]{2}-[0-9]{1,3}$"},
             "d": {"type": "string", "format": "date"},
-            "e": {"enum": [1, 2.5, true, null, "a", [1, {"k": "v"}]]}
+            "e": {"enum": [1, 2.5, true, null, "a", [1, {"k": "v"}]]},
+            "s": {"type": "string", "pattern": "b", "minLength": 2, "maxLength": 3}
         },
-        "required": ["n", "x", "p", "d", "e"]})
+        "required": ["n", "x", "p", "d", "e", "s"]})
 }
 
 /// Structured output's automaton under `fuzz_structured_schema` on any bytes: no dead end, and
 /// a text it calls whole parses with the schema's keys, its numbers within their bounds, its
-/// code and date of their shapes and `e` one of the enum's values.
+/// code and date of their shapes, `s` of 2-3 characters with a `b`, and `e` one of the enum's
+/// values.
 pub fn structured(b: &[u8]) -> Result<()> {
     thread_local!(static SCHEMA: std::sync::Arc<crate::runtime::json_mode::Schema> =
         crate::runtime::json_schema::parse(&fuzz_structured_schema()).expect("it parses"));
@@ -250,7 +252,13 @@ pub fn structured(b: &[u8]) -> Result<()> {
     }
     let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(b)
         .unwrap_or_else(|e| panic!("structured output serde_json rejects ({e})"));
-    assert_eq!(v.len(), 5, "{v:?}");
+    assert_eq!(v.len(), 6, "{v:?}");
+    let short = v["s"].as_str().expect("s a string");
+    let chars = short.chars().count();
+    assert!(
+        (2..=3).contains(&chars) && short.contains('b'),
+        "s {short:?}"
+    );
     let n = v["n"].as_f64().expect("n a number");
     assert!(
         n.fract() == 0.0 && (-30.0..1000.0).contains(&n) && n % 3.0 == 0.0,

@@ -227,8 +227,8 @@ pub struct JsonPrefix {
     /// The functions of a `Schema::ToolCall` being written: its `arguments` follow the
     /// parameters of the one its `name` names.
     calls: Option<Functions>,
-    /// The pattern of the string being read, and where its DFA is.
-    pattern: Option<(Arc<Pattern>, State)>,
+    /// The pattern of the string being read, where its DFA is and its characters so far.
+    pattern: Option<(Arc<Pattern>, State, u32)>,
 }
 
 impl Default for JsonPrefix {
@@ -452,7 +452,7 @@ impl JsonPrefix {
                     return false;
                 }
             }
-            Schema::Pattern(p) => self.pattern = Some((p.clone(), p.start())),
+            Schema::Pattern(p) => self.pattern = Some((p.clone(), p.start(), 0)),
             _ => {}
         }
         self.mode = match b {
@@ -740,7 +740,7 @@ impl JsonPrefix {
     /// decoded, and refuses one after which nothing can match; the closing quote only where it
     /// matches. A `\u` escape's hex digits are kept in `text`.
     fn pattern_byte(&mut self, esc: Esc, b: u8) -> bool {
-        let Some((p, s)) = self.pattern.take() else {
+        let Some((p, s, n)) = self.pattern.take() else {
             return true;
         };
         let escaped = |c: u8| -> Option<char> {
@@ -754,31 +754,46 @@ impl JsonPrefix {
                 _ => return None,
             })
         };
-        let next = match (esc, b) {
-            (Esc::None, b'"') => return p.may_end(s),
-            (Esc::None, b'\\') => p.backslash_feasible(s).then_some(s),
-            (Esc::None | Esc::Utf8(_), _) => p.step(s, &[b]),
+        // The state after `b`, and whether it ends a character.
+        let (next, whole) = match (esc, b) {
+            (Esc::None, b'"') => return p.may_end(s, n),
+            (Esc::None, b'\\') => (p.backslash_feasible(s, n).then_some(s), false),
+            (Esc::None | Esc::Utf8(_), _) => {
+                // Continuation bytes still due after `b`.
+                let rest = match (esc, b) {
+                    (Esc::Utf8(k), _) => k - 1,
+                    (_, 0xc0..=0xdf) => 1,
+                    (_, 0xe0..=0xef) => 2,
+                    (_, 0xf0..=0xff) => 3,
+                    _ => 0,
+                };
+                let e = p.step(s, &[b]).filter(|&e| p.char_fits(e, rest, n));
+                (e, rest == 0)
+            }
             (Esc::Backslash, b'u') => {
                 self.text.clear();
-                Some(s)
+                (Some(s), false)
             }
-            (Esc::Backslash, _) => escaped(b).and_then(|c| p.step_escaped(s, c)),
+            (Esc::Backslash, _) => (escaped(b).and_then(|c| p.step_escaped(s, c, n)), true),
             (Esc::Hex { left, .. }, _) if b.is_ascii_hexdigit() => {
                 self.text.push(b);
                 match left {
-                    1 => std::str::from_utf8(&self.text)
-                        .ok()
-                        .and_then(|h| u32::from_str_radix(h, 16).ok())
-                        .and_then(char::from_u32)
-                        .and_then(|c| p.step_escaped(s, c)),
-                    _ => p.escape_feasible(s, &self.text).then_some(s),
+                    1 => {
+                        let e = std::str::from_utf8(&self.text)
+                            .ok()
+                            .and_then(|h| u32::from_str_radix(h, 16).ok())
+                            .and_then(char::from_u32)
+                            .and_then(|c| p.step_escaped(s, c, n));
+                        (e, true)
+                    }
+                    _ => (p.escape_feasible(s, &self.text, n).then_some(s), false),
                 }
             }
-            _ => None,
+            _ => (None, false),
         };
         match next {
-            Some(n) => {
-                self.pattern = Some((p, n));
+            Some(e) => {
+                self.pattern = Some((p, e, n + u32::from(whole)));
                 true
             }
             None => false,

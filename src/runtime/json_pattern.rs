@@ -9,11 +9,14 @@
 //! repetitions; look-around and backreferences are unsupported). A `format` is one of
 //! `FORMATS`, each a regular expression whose every match the format's validators accept
 //! (dates are real calendar dates, with February's 29th left out).
+//! `minLength` / `maxLength` beside either are held jointly with it (`lengths`).
 
 use regex_automata::dfa::{dense, Automaton, StartKind};
 use regex_automata::util::{primitives::StateID, start, syntax};
 use regex_automata::{Anchored, MatchKind};
 use regex_syntax::utf8::Utf8Sequences;
+
+mod lengths;
 
 /// Most bytes a pattern's DFA may take (its determinization and its table each).
 const DFA_BYTES: usize = 4 << 20;
@@ -47,6 +50,8 @@ pub struct Pattern {
     pub source: String,
     dfa: dense::DFA<Vec<u32>>,
     start: StateID,
+    /// `minLength` / `maxLength` beside it.
+    lengths: Option<lengths::Lengths>,
 }
 
 impl std::fmt::Debug for Pattern {
@@ -97,11 +102,22 @@ impl Pattern {
         let start = dfa
             .start_state(&start::Config::new().anchored(Anchored::Yes))
             .map_err(|e| e.to_string())?;
-        let p = Pattern { source, dfa, start };
+        let p = Pattern {
+            source,
+            dfa,
+            start,
+            lengths: None,
+        };
         if p.dfa.is_dead_state(start) {
             return Err("no string matches it".into());
         }
         Ok(p)
+    }
+
+    /// The same strings, of `min` to `max` characters (Unicode code points) only.
+    pub fn with_lengths(mut self, min: u32, max: Option<u32>) -> Result<Pattern, String> {
+        self.lengths = Some(lengths::Lengths::new(&self, min, max)?);
+        Ok(self)
     }
 
     /// Before the string's first character.
@@ -121,20 +137,86 @@ impl Pattern {
         Some(s)
     }
 
-    /// Whether the string may end here (it matches).
-    pub fn may_end(&self, s: State) -> bool {
+    /// Whether the string may end here, with `written` characters (it matches).
+    pub fn may_end(&self, s: State, written: u32) -> bool {
+        self.dfa_matches(s)
+            && self
+                .lengths
+                .as_ref()
+                .is_none_or(|l| l.min <= written && l.max.is_none_or(|m| written <= m))
+    }
+
+    fn dfa_matches(&self, s: State) -> bool {
         self.dfa.is_match_state(self.dfa.next_eoi_state(s))
+    }
+
+    /// Whether a string at boundary state `s` with `written` characters can still match (its
+    /// lengths included).
+    fn fits(&self, s: State, written: u32) -> bool {
+        self.lengths.as_ref().is_none_or(|l| l.fits(s, written))
+    }
+
+    /// Whether the character being written, `rest` continuation bytes short of whole at `s`,
+    /// can be finished into a string that still matches: the `written + 1`th.
+    pub fn char_fits(&self, s: State, rest: u8, written: u32) -> bool {
+        self.finish_char(s, rest)
+            .into_iter()
+            .any(|e| self.fits(e, written + 1))
+    }
+
+    /// The states `rest` continuation bytes after `s`.
+    fn finish_char(&self, s: State, rest: u8) -> Vec<State> {
+        let mut states = vec![s];
+        for _ in 0..rest {
+            let mut next = Vec::new();
+            for &st in &states {
+                for b in 0x80..=0xbf {
+                    match self.step(st, &[b]) {
+                        Some(n) if !next.contains(&n) => next.push(n),
+                        _ => {}
+                    }
+                }
+            }
+            states = next;
+        }
+        states
+    }
+
+    /// Where one more character leads from boundary state `s` (live states only).
+    fn char_successors(&self, s: State) -> Vec<State> {
+        let mut out = Vec::new();
+        let leads = [
+            (0x00, 0x7f, 0),
+            (0xc2, 0xdf, 1),
+            (0xe0, 0xef, 2),
+            (0xf0, 0xf4, 3),
+        ];
+        for (lo, hi, rest) in leads {
+            for b in lo..=hi {
+                let Some(t) = self.step(s, &[b]) else {
+                    continue;
+                };
+                for e in self.finish_char(t, rest) {
+                    if !out.contains(&e) {
+                        out.push(e);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// After the character `c`, written as an escape. Only characters that JSON must escape
     /// (`"`, `\`, controls) or that lie outside ASCII are written so: a model that may spell
     /// a digit `\u0030` takes that way out of a pattern instead of its next letter.
-    pub fn step_escaped(&self, s: State, c: char) -> Option<State> {
+    /// `written`: the characters before it.
+    pub fn step_escaped(&self, s: State, c: char, written: u32) -> Option<State> {
         if !Self::escapable(c as u32) {
             return None;
         }
         let mut buf = [0; 4];
         self.step(s, c.encode_utf8(&mut buf).as_bytes())
+            .filter(|&e| self.fits(e, written + 1))
     }
 
     fn escapable(c: u32) -> bool {
@@ -142,14 +224,14 @@ impl Pattern {
     }
 
     /// Whether an escape can begin here: `\` followed by a character `step_escaped` takes.
-    pub fn backslash_feasible(&self, s: State) -> bool {
-        self.escape_feasible(s, b"")
+    pub fn backslash_feasible(&self, s: State, written: u32) -> bool {
+        self.escape_feasible(s, b"", written)
     }
 
     /// Whether a `\u` escape whose hex digits begin with `hex` (0-4 of them) can still write a
     /// character `step_escaped` takes here (surrogates are not written as escapes in such a
     /// string).
-    pub fn escape_feasible(&self, s: State, hex: &[u8]) -> bool {
+    pub fn escape_feasible(&self, s: State, hex: &[u8], written: u32) -> bool {
         let Some(prefix) = std::str::from_utf8(hex)
             .ok()
             .and_then(|h| u32::from_str_radix(if h.is_empty() { "0" } else { h }, 16).ok())
@@ -160,12 +242,15 @@ impl Pattern {
         let first = prefix << (4 * free);
         let last = first + (1 << (4 * free)) - 1;
         // The range without printable ASCII, then `"` and `\\` on their own.
-        let quote = [b'"', b'\\']
-            .iter()
-            .any(|&q| (first..=last).contains(&u32::from(q)) && self.step(s, &[q]).is_some());
+        let quote = [b'"', b'\\'].iter().any(|&q| {
+            (first..=last).contains(&u32::from(q))
+                && self
+                    .step(s, &[q])
+                    .is_some_and(|e| self.fits(e, written + 1))
+        });
         quote
-            || self.takes_one_of(s, first, last.min(0x1f))
-            || self.takes_one_of(s, first.max(0x7f), last)
+            || self.takes_one_of(s, first, last.min(0x1f), written)
+            || self.takes_one_of(s, first.max(0x7f), last, written)
     }
 
     /// The printable ASCII bytes some string of the pattern has (JSON mode watches their
@@ -192,7 +277,7 @@ impl Pattern {
     /// Whether the DFA takes some character from `first` to `last` here (surrogates left
     /// out): the range's UTF-8 encodings, as byte ranges, walked one byte position at a time
     /// over the distinct states they lead to.
-    fn takes_one_of(&self, s: State, first: u32, last: u32) -> bool {
+    fn takes_one_of(&self, s: State, first: u32, last: u32, written: u32) -> bool {
         let surrogates = 0xd800..=0xdfff;
         let first = if surrogates.contains(&first) {
             0xe000
@@ -227,7 +312,7 @@ impl Pattern {
                 }
                 states = next;
             }
-            true
+            states.iter().any(|&e| self.fits(e, written + 1))
         })
     }
 }
@@ -245,32 +330,69 @@ mod tests {
         let p = Pattern::new(r"^[A-Z]{3}-\d{2}$").unwrap();
         assert!(walk(&p, "AB").is_some() && walk(&p, "ABc").is_none());
         let s = walk(&p, "ABC-12").unwrap();
-        assert!(p.may_end(s) && p.step(s, b"3").is_none());
-        assert!(!p.may_end(walk(&p, "ABC-1").unwrap()));
+        assert!(p.may_end(s, 0) && p.step(s, b"3").is_none());
+        assert!(!p.may_end(walk(&p, "ABC-1").unwrap(), 0));
         // Unanchored: a match anywhere, then anything.
         let q = Pattern::new("ab").unwrap();
         let s = walk(&q, "xxa").unwrap();
-        assert!(!q.may_end(s));
-        assert!(q.may_end(walk(&q, "xxabé!").unwrap()));
+        assert!(!q.may_end(s, 0));
+        assert!(q.may_end(walk(&q, "xxabé!").unwrap(), 0));
     }
 
     #[test]
     fn escapes_are_feasible_only_toward_a_character_the_pattern_takes() {
         let p = Pattern::new("^[α-ω]+$").unwrap();
-        assert!(p.escape_feasible(p.start(), b""));
-        assert!(p.escape_feasible(p.start(), b"03b"));
-        assert!(!p.escape_feasible(p.start(), b"004"));
-        assert!(p.step_escaped(p.start(), 'β').is_some());
+        assert!(p.escape_feasible(p.start(), b"", 0));
+        assert!(p.escape_feasible(p.start(), b"03b", 0));
+        assert!(!p.escape_feasible(p.start(), b"004", 0));
+        assert!(p.step_escaped(p.start(), 'β', 0).is_some());
         assert!(p.step(p.start(), "β".as_bytes()).is_some());
         assert!(p.step(p.start(), b"b").is_none());
         // Printable ASCII is written as it is, never escaped; `"`, `\\` and controls are.
         let q = Pattern::new(r#"^[a-z"\\\n]+$"#).unwrap();
-        assert!(q.step_escaped(q.start(), 'a').is_none() && q.step(q.start(), b"a").is_some());
+        assert!(q.step_escaped(q.start(), 'a', 0).is_none() && q.step(q.start(), b"a").is_some());
         for c in ['"', '\\', '\n'] {
-            assert!(q.step_escaped(q.start(), c).is_some(), "{c:?}");
+            assert!(q.step_escaped(q.start(), c, 0).is_some(), "{c:?}");
         }
-        assert!(q.escape_feasible(q.start(), b"00") && !q.escape_feasible(q.start(), b"006"));
+        assert!(q.escape_feasible(q.start(), b"00", 0) && !q.escape_feasible(q.start(), b"006", 0));
         assert_eq!(Pattern::format("date").unwrap().ascii(), b"-0123456789");
+    }
+
+    /// Lengths beside a pattern: a character is refused once no string within them can match
+    /// (`^a*b?$` with 2 to 3 characters: `aab`, `ab`, `aa`, `aaa`, ...).
+    #[test]
+    fn lengths_beside_a_pattern_refuse_what_cannot_end_within_them() {
+        let p = Pattern::new("^a*b?$")
+            .unwrap()
+            .with_lengths(2, Some(3))
+            .unwrap();
+        let s = p.start();
+        assert!(!p.may_end(s, 0));
+        let a = p.step(s, b"a").unwrap();
+        assert!(p.char_fits(a, 0, 0) && !p.may_end(a, 1));
+        let b = p.step(s, b"b").unwrap();
+        // `b` first: only `b` alone matches, one character: refused.
+        assert!(!p.char_fits(b, 0, 0));
+        let aaa = p.step(s, b"aaa").unwrap();
+        assert!(p.may_end(aaa, 3) && !p.char_fits(p.step(aaa, b"a").unwrap(), 0, 3));
+        // Only a minimum: `^[0-9]+$` of at least 4 digits cannot end at 3.
+        let q = Pattern::new("^[0-9]+$")
+            .unwrap()
+            .with_lengths(4, None)
+            .unwrap();
+        let d = q.step(q.start(), b"123").unwrap();
+        assert!(!q.may_end(d, 3) && q.char_fits(q.step(d, b"4").unwrap(), 0, 3));
+        // Characters, not bytes: `é` is one.
+        let r = Pattern::new("^.+$")
+            .unwrap()
+            .with_lengths(1, Some(1))
+            .unwrap();
+        let e = r.step(r.start(), &[0xc3]).unwrap();
+        assert!(r.char_fits(e, 1, 0) && !r.char_fits(e, 1, 1));
+        assert!(Pattern::new("^[0-9]{5}$")
+            .unwrap()
+            .with_lengths(0, Some(3))
+            .is_err());
     }
 
     #[test]
@@ -294,10 +416,13 @@ mod tests {
         for (name, good, bad) in examples {
             let p = Pattern::format(name).unwrap();
             assert!(
-                walk(&p, good).is_some_and(|s| p.may_end(s)),
+                walk(&p, good).is_some_and(|s| p.may_end(s, 0)),
                 "{name} {good}"
             );
-            assert!(walk(&p, bad).is_none_or(|s| !p.may_end(s)), "{name} {bad}");
+            assert!(
+                walk(&p, bad).is_none_or(|s| !p.may_end(s, 0)),
+                "{name} {bad}"
+            );
         }
         assert!(Pattern::format("hostname").is_none());
     }

@@ -340,7 +340,7 @@ fn typed(
     path: &str,
     depth: usize,
 ) -> Result<Schema> {
-    let text = bounds(f, o, path, ["minLength", "maxLength"])?;
+    let mut text = bounds(f, o, path, ["minLength", "maxLength"])?;
     let items = bounds(f, o, path, ["minItems", "maxItems"])?;
     // What its `enum` / `const`, its number or string keywords or else its `type` make; then
     // its length keywords.
@@ -352,6 +352,7 @@ fn typed(
     } else if let Some(n) = number(f, o, ty, path)? {
         n
     } else if let Some(p) = pattern(f, o, ty, path, text)? {
+        text = None; // the pattern holds them
         p
     } else {
         match ty {
@@ -569,8 +570,8 @@ mod tests {
                 "schema.properties.a.minimum",
             ),
             (
-                json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "x", "maxLength": 3}}}),
-                "`pattern` beside `minLength` / `maxLength`",
+                json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "^[0-9]{5}$", "maxLength": 3}}}),
+                "no string of 0 to 3 characters matches it",
             ),
             (
                 json!({"type": "object", "properties": {"a": {"enum": [1, 2], "minimum": 1}}}),

@@ -144,6 +144,8 @@ fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
             "x": {"type": ["number", "null"], "exclusiveMinimum": -2.5, "maximum": 0.75},
             "p": {"type": "string", "pattern": "^[A-C]{2}-[0-9]{1,3}$"},
             "q": {"type": "string", "pattern": "b[0-9]"},
+            "s": {"type": "string", "pattern": "^[a-c]+$", "minLength": 2, "maxLength": 4},
+            "m": {"type": "string", "format": "email", "maxLength": 12},
             "e": {"enum": [1, 2.5, true, null, "a", [1, {"k": "v"}]]},
             "l": {"type": "array", "items": {"type": "integer", "maximum": -1}, "maxItems": 3}
         },

@@ -165,7 +165,8 @@ pub(super) fn number(
     Ok(Some(Schema::Bounded(Arc::new(bounds))))
 }
 
-/// A string's `pattern` or `format` (`Schema::Pattern`), `None` when it has neither.
+/// A string's `pattern` or `format` (`Schema::Pattern`) with its `lengths` (`minLength`,
+/// `maxLength`) if any, `None` when it has neither.
 pub(super) fn pattern(
     f: &Ctx,
     o: &Map<String, Value>,
@@ -189,13 +190,6 @@ pub(super) fn pattern(
             &format!("`{k}` on a value that is not a string (`type` \"string\")"),
         ));
     }
-    if lengths.is_some() {
-        return Err(unsupported(
-            f,
-            &at,
-            &format!("`{k}` beside `minLength` / `maxLength`"),
-        ));
-    }
     let text = v.as_str().ok_or_else(|| bad(f, &at, "must be a string"))?;
     let p = if k == "pattern" {
         Pattern::new(text).map_err(|e| unsupported(f, &at, &format!("pattern {text:?} ({e})")))?
@@ -208,6 +202,15 @@ pub(super) fn pattern(
                 &format!("format {text:?} (enforced: {})", known.join(", ")),
             )
         })?
+    };
+    // `minLength` / `maxLength` beside it: held together with the pattern.
+    let p = match lengths {
+        None => p,
+        Some((min, max)) => {
+            let max = o.contains_key("maxLength").then_some(max);
+            p.with_lengths(min, max)
+                .map_err(|e| unsupported(f, path, &format!("`{k}` {text:?} ({e})")))?
+        }
     };
     Ok(Some(Schema::Pattern(Arc::new(p))))
 }

@@ -1,0 +1,86 @@
+//! A pattern's string held to `minLength` / `maxLength` as well (characters, as Unicode code
+//! points): for every state of the DFA at a character's boundary, which numbers of further
+//! characters can still end in a match. A character is let through only if the count so far
+//! plus one of those numbers lands within the lengths.
+
+use super::{Pattern, State};
+use std::collections::HashMap;
+
+/// Most (boundary states x counted lengths) the table may hold.
+const CELLS: usize = 1 << 24;
+
+#[derive(Debug)]
+pub(super) struct Lengths {
+    pub(super) min: u32,
+    pub(super) max: Option<u32>,
+    /// Per boundary state, bit k: with `max`, a match is `k` characters away; without, at
+    /// least `k` characters can still be written before a match (k <= `min`).
+    reach: HashMap<State, Vec<u64>>,
+}
+
+fn bit(b: &[u64], k: u32) -> bool {
+    b.get(k as usize / 64)
+        .is_some_and(|w| w >> (k % 64) & 1 == 1)
+}
+
+impl Lengths {
+    pub(super) fn new(p: &Pattern, min: u32, max: Option<u32>) -> Result<Lengths, String> {
+        let cap = max.unwrap_or(min);
+        // The states at a character's boundary and where one more character leads from each.
+        let mut next: HashMap<State, Vec<State>> = HashMap::new();
+        let mut todo = vec![p.start()];
+        while let Some(s) = todo.pop() {
+            if next.contains_key(&s) {
+                continue;
+            }
+            let succ = p.char_successors(s);
+            todo.extend(succ.iter().filter(|t| !next.contains_key(t)));
+            next.insert(s, succ);
+            if next.len() * (cap as usize + 1) > CELLS {
+                return Err("too large with these lengths".into());
+            }
+        }
+        let words = cap as usize / 64 + 1;
+        let mut reach: HashMap<State, Vec<u64>> = next
+            .keys()
+            .map(|&s| {
+                let mut b = vec![0u64; words];
+                // Exactly 0 more (it matches here), or at least 0 (any live state).
+                b[0] = u64::from(max.is_none() || p.dfa_matches(s));
+                (s, b)
+            })
+            .collect();
+        for k in 1..=cap {
+            let on: Vec<State> = next
+                .iter()
+                .filter(|(_, succ)| succ.iter().any(|t| bit(&reach[t], k - 1)))
+                .map(|(&s, _)| s)
+                .collect();
+            for s in on {
+                reach.get_mut(&s).expect("a boundary state")[k as usize / 64] |= 1 << (k % 64);
+            }
+        }
+        let l = Lengths { min, max, reach };
+        if !l.fits(p.start(), 0) {
+            return Err(format!(
+                "no string of {min} to {} characters matches it",
+                max.map_or("any".into(), |m| m.to_string())
+            ));
+        }
+        Ok(l)
+    }
+
+    /// Whether, at boundary state `s` with `written` characters, a match within the lengths
+    /// can still be reached.
+    pub(super) fn fits(&self, s: State, written: u32) -> bool {
+        let Some(b) = self.reach.get(&s) else {
+            return false;
+        };
+        let lo = self.min.saturating_sub(written);
+        match self.max {
+            Some(m) if written > m => false,
+            Some(m) => (lo..=m - written).any(|k| bit(b, k)),
+            None => bit(b, lo),
+        }
+    }
+}
