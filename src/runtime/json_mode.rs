@@ -15,6 +15,7 @@
 use crate::error::{Error, Result};
 use crate::runtime::json_number::Bounds;
 use crate::runtime::json_pattern::{Pattern, State};
+use crate::runtime::json_tagged::Tagged;
 use std::sync::Arc;
 
 /// Deepest nesting of objects and arrays allowed.
@@ -169,8 +170,10 @@ pub enum Schema {
     Union(Vec<Arc<Schema>>),
     /// A function call (`runtime::tools`): `{"name": N, "arguments": A}`, in that order, N one
     /// of these names (JSON text between the quotes) and A what that function's parameters
-    /// schema allows. Top level only.
+    /// schema allows (read as `Tagged::call`).
     ToolCall(Functions),
+    /// Objects told apart by their first property's value (`json_tagged`).
+    Tagged(Arc<Tagged>),
 }
 
 /// A tool call's functions: each one's name (JSON text between the quotes) and parameters.
@@ -197,6 +200,8 @@ enum Frame {
         seen: u64,
         /// The property whose value comes next.
         current: Option<usize>,
+        /// A tagged object whose tag is not written yet (`props` is the tag alone).
+        tagged: Option<Arc<Tagged>>,
     },
     Array {
         item: Arc<Schema>,
@@ -224,9 +229,6 @@ pub struct JsonPrefix {
     /// The string being read: its characters so far and how many there must be
     /// (`Schema::Length`).
     chars: Option<(u32, u32, u32)>,
-    /// The functions of a `Schema::ToolCall` being written: its `arguments` follow the
-    /// parameters of the one its `name` names.
-    calls: Option<Functions>,
     /// The pattern of the string being read, where its DFA is and its characters so far.
     pattern: Option<(Arc<Pattern>, State, u32)>,
 }
@@ -247,7 +249,6 @@ impl JsonPrefix {
             text: Vec::new(),
             whitespace: 0,
             chars: None,
-            calls: None,
             pattern: None,
         }
     }
@@ -396,6 +397,7 @@ impl JsonPrefix {
                 props: Some(p),
                 seen,
                 current,
+                ..
             } => match &**p {
                 Schema::Object(props) => Some((props, *seen, *current)),
                 _ => None,
@@ -496,7 +498,10 @@ impl JsonPrefix {
                 (s, b),
                 (Schema::Any, _)
                     | (
-                        Schema::Object(_) | Schema::AnyObject | Schema::ToolCall(_),
+                        Schema::Object(_)
+                            | Schema::AnyObject
+                            | Schema::ToolCall(_)
+                            | Schema::Tagged(_),
                         b'{'
                     )
                     | (Schema::Array(_), b'[')
@@ -517,24 +522,23 @@ impl JsonPrefix {
             return false;
         }
         if b == b'{' {
-            let props = match &*self.expect {
-                Schema::Object(_) => Some(self.expect.clone()),
-                // `name` first: `arguments` joins once the name says whose they are.
-                Schema::ToolCall(fns) => {
-                    self.calls = Some(fns.clone());
-                    let names = fns.iter().map(|f| f.0.clone()).collect();
-                    Some(Arc::new(Schema::Object(vec![Property {
-                        name: b"name".to_vec(),
-                        schema: Arc::new(Schema::String(Some(names))),
-                        required: true,
-                    }])))
-                }
+            // A tagged object opens with its tag alone; the rest joins once its value says
+            // which branch it is (`tag_written`).
+            let tagged = match &*self.expect {
+                Schema::Tagged(t) => Some(t.clone()),
+                Schema::ToolCall(fns) => Some(Arc::new(Tagged::call(fns))),
+                _ => None,
+            };
+            let props = match (&*self.expect, &tagged) {
+                (_, Some(t)) => Some(t.opening()),
+                (Schema::Object(_), None) => Some(self.expect.clone()),
                 _ => None,
             };
             self.stack.push(Frame::Object {
                 props,
                 seen: 0,
                 current: None,
+                tagged,
             });
             self.mode = Mode::KeyOrEnd;
         } else {
@@ -601,30 +605,25 @@ impl JsonPrefix {
         }
     }
 
-    /// A tool call's `name` was written: its object now takes that function's `arguments`.
-    fn name_called(&mut self) {
-        let Some(f) = self
-            .calls
-            .as_ref()
-            .and_then(|fns| fns.iter().find(|f| f.0 == self.text))
+    /// A value was written in the innermost object: if that is a tagged object's tag, the
+    /// object is now the branch its value names (the tag written).
+    fn tag_written(&mut self) {
+        let Some(Frame::Object {
+            props,
+            seen,
+            current,
+            tagged,
+        }) = self.stack.last_mut()
         else {
             return;
         };
-        let call = Schema::Object(vec![
-            Property {
-                name: b"name".to_vec(),
-                schema: Arc::new(Schema::String(Some(vec![f.0.clone()]))),
-                required: true,
-            },
-            Property {
-                name: b"arguments".to_vec(),
-                schema: f.1.clone(),
-                required: true,
-            },
-        ]);
-        if let Some(Frame::Object { props, .. }) = self.stack.last_mut() {
-            *props = Some(Arc::new(call));
-        }
+        let Some((object, i)) = tagged.as_ref().and_then(|t| t.branch(&self.text)) else {
+            return;
+        };
+        *props = Some(object);
+        *seen = 1 << i;
+        *current = Some(i);
+        *tagged = None;
     }
 
     fn string(&mut self, key: bool, esc: Esc, b: u8) -> bool {
@@ -662,8 +661,8 @@ impl JsonPrefix {
                 *seen |= 1 << i;
                 *current = Some(i);
             }
-            if !key && self.stack.len() == 1 {
-                self.name_called();
+            if !key {
+                self.tag_written();
             }
             self.mode = if key { Mode::Colon } else { Mode::AfterValue };
             return true;

@@ -12,13 +12,14 @@
 //! `minLength` / `maxLength` beside either are held jointly with it (`lengths`).
 
 use regex_automata::dfa::{dense, Automaton, StartKind};
+use regex_automata::nfa::thompson;
 use regex_automata::util::{primitives::StateID, start, syntax};
 use regex_automata::{Anchored, MatchKind};
 use regex_syntax::utf8::Utf8Sequences;
 
 mod lengths;
 
-/// Most bytes a pattern's DFA may take (its determinization and its table each).
+/// Most bytes a pattern's NFA, its determinization and its DFA may each take.
 const DFA_BYTES: usize = 4 << 20;
 
 /// The formats enforced, with the expression each is written as.
@@ -94,10 +95,18 @@ impl Pattern {
                     .determinize_size_limit(Some(DFA_BYTES)),
             )
             .syntax(syntax::Config::new().utf8(true).unicode(true))
+            // Without a limit, `x{2147483648}` is compiled copy by copy (a fuzzed request).
+            .thompson(thompson::Config::new().nfa_size_limit(Some(DFA_BYTES)))
             .build(&whole)
             .map_err(|e| {
-                let e = e.to_string();
-                e.lines().next().unwrap_or("").to_string()
+                // The error and its causes ("error building NFA: ... size limit ...").
+                let mut text = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    text = format!("{text}: {c}");
+                    cause = c.source();
+                }
+                text.lines().next().unwrap_or("").to_string()
             })?;
         let start = dfa
             .start_state(&start::Config::new().anchored(Anchored::Yes))

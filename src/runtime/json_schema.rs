@@ -5,13 +5,15 @@
 //! `enum` / `const` of any values, strings' `minLength` / `maxLength`, arrays' `minItems` /
 //! `maxItems` (`Schema::Length`), numbers' bounds and `multipleOf` (`json_number`), strings'
 //! `pattern` / `format` (`json_pattern`), `anyOf` / `oneOf` whose branches start with
-//! different bytes (`Schema::Union`), `allOf` of one, and `$ref` into the root's `$defs` /
+//! different bytes (`Schema::Union`) or are objects told apart by a tag (`json_tagged`),
+//! `allOf` of one, and `$ref` into the root's `$defs` /
 //! `definitions` (read in place; not recursive). Annotations (`title`, `description`, ...) are
 //! read and ignored; any other keyword is `Unsupported`, named with where it is, never
 //! silently ignored. The keywords of values themselves are read in `values`.
 
 use crate::error::{Error, Result};
 use crate::runtime::json_mode::{Property, Schema, MAX_DEPTH, MAX_PROPERTIES};
+use crate::runtime::json_tagged::Tagged;
 use serde_json::Value;
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -20,7 +22,9 @@ use values::{number, pattern, values_of, Values};
 mod values;
 
 /// Keywords that describe and do not constrain.
-const ANNOTATIONS: [&str; 7] = [
+/// (`discriminator`: OpenAPI's, beside a union of objects, whose tag `json_tagged` finds.)
+const ANNOTATIONS: [&str; 8] = [
+    "discriminator",
     "title",
     "description",
     "default",
@@ -239,7 +243,7 @@ fn opens(s: &Schema) -> u8 {
     const NULL: u8 = 32;
     match s {
         Schema::Any => 63,
-        Schema::Object(_) | Schema::AnyObject | Schema::ToolCall(_) => OBJECT,
+        Schema::Object(_) | Schema::AnyObject | Schema::ToolCall(_) | Schema::Tagged(_) => OBJECT,
         Schema::Array(_) => ARRAY,
         Schema::String(_) | Schema::Pattern(_) => STRING,
         Schema::Number { .. } | Schema::Bounded(_) => NUMBER,
@@ -262,8 +266,9 @@ fn opens(s: &Schema) -> u8 {
 }
 
 /// `anyOf` / `oneOf` / a `type` list: `Nullable` for one schema and null, else a `Union`
-/// whose branches start with different bytes (two objects, say, are unsupported: telling them
-/// apart would take reading ahead).
+/// whose branches start with different bytes, several objects standing as one `Tagged` (told
+/// apart by a tag; objects without one are unsupported: telling them apart would take reading
+/// ahead).
 fn union(f: &Ctx, path: &str, parsed: Vec<Arc<Schema>>) -> Result<Arc<Schema>> {
     let mut flat: Vec<Arc<Schema>> = Vec::new();
     for s in parsed {
@@ -274,6 +279,23 @@ fn union(f: &Ctx, path: &str, parsed: Vec<Arc<Schema>>) -> Result<Arc<Schema>> {
         }
     }
     flat.dedup_by(|a, b| a == b);
+    // Objects told apart by a tag become one tagged object.
+    let objects: Vec<Arc<Schema>> = flat
+        .iter()
+        .filter(|s| matches!(***s, Schema::Object(_)))
+        .cloned()
+        .collect();
+    if objects.len() > 1 {
+        let t = Tagged::discriminate(&objects).ok_or_else(|| {
+            unsupported(
+                f,
+                path,
+                "a union of objects without a property that tells them apart (one each requires, a string `const` or `enum` of its own values)",
+            )
+        })?;
+        flat.retain(|s| !matches!(**s, Schema::Object(_)));
+        flat.push(Arc::new(Schema::Tagged(Arc::new(t))));
+    }
     let mut seen = 0u8;
     for s in &flat {
         if opens(s) & seen != 0 {
@@ -470,6 +492,13 @@ pub fn string_bytes(s: &Schema, out: &mut Vec<u8>) {
                 out.extend_from_slice(&ascii);
             }
             out.extend_from_slice(b"\\u0123456789abcdef");
+        }
+        Schema::Tagged(t) => {
+            out.extend_from_slice(&t.key);
+            for (value, branch) in &t.branches {
+                out.extend_from_slice(value);
+                string_bytes(branch, out);
+            }
         }
         Schema::ToolCall(fns) => {
             out.extend_from_slice(b"namearguments");
@@ -674,6 +703,56 @@ mod tests {
         assert!(p.after(b"b").is_none() && p.after(b"B").is_some());
         // No escape writes what may be written as it is.
         assert!(p.after(b"\\").is_none());
+    }
+
+    /// Pydantic's discriminated union (`oneOf` of `$ref`s with a `discriminator`), and an
+    /// `anyOf` of objects and null in an array: the tag comes first and picks the branch.
+    #[test]
+    fn unions_of_objects_are_told_apart_by_their_tag() {
+        let s = json!({"type": "object", "additionalProperties": false,
+            "$defs": {
+                "Cat": {"type": "object", "additionalProperties": false,
+                    "properties": {"pet_type": {"const": "cat", "type": "string"},
+                        "meows": {"type": "integer"}},
+                    "required": ["pet_type", "meows"]},
+                "Dog": {"type": "object", "additionalProperties": false,
+                    "properties": {"pet_type": {"enum": ["dog", "puppy"]},
+                        "barks": {"type": "number"}},
+                    "required": ["pet_type", "barks"]}
+            },
+            "properties": {
+                "pet": {"oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}],
+                    "discriminator": {"propertyName": "pet_type",
+                        "mapping": {"cat": "#/$defs/Cat", "dog": "#/$defs/Dog"}}},
+                "pets": {"type": "array", "items": {"anyOf": [
+                    {"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}, {"type": "null"}]}}
+            },
+            "required": ["pet"]});
+        for ok in [
+            r#"{"pet": {"pet_type": "cat", "meows": 3}}"#,
+            r#"{"pet": {"pet_type": "puppy", "barks": 1.5}, "pets": [null, {"pet_type": "cat", "meows": 1}]}"#,
+            r#"{"pets": [], "pet": {"pet_type": "dog", "barks": 0}}"#,
+        ] {
+            assert!(accepts(&s, ok), "{ok}");
+        }
+        for bad in [
+            r#"{"pet": {"meows": 3, "pet_type": "cat"}}"#, // the tag first
+            r#"{"pet": {"pet_type": "cat", "barks": 1}}"#, // a dog's property
+            r#"{"pet": {"pet_type": "cat"}}"#,             // meows required
+            r#"{"pet": {"pet_type": "cow", "meows": 1}}"#,
+            r#"{"pet": null}"#,
+        ] {
+            assert!(!accepts(&s, bad), "{bad}");
+        }
+        // No property tells these apart.
+        let same = json!({"type": "object", "properties": {"a": {"anyOf": [
+            {"type": "object", "properties": {"k": {"const": "x"}}, "required": ["k"]},
+            {"type": "object", "properties": {"k": {"enum": ["x", "y"]}}, "required": ["k"]}]}}});
+        let e = parse(&same).unwrap_err().to_string();
+        assert!(
+            e.contains("schema.properties.a.anyOf") && e.contains("tells them apart"),
+            "{e}"
+        );
     }
 
     /// What Pydantic and zod-to-json-schema write: nested models as `$defs` behind `$ref`,

@@ -13,7 +13,7 @@
 //! - `stop_text`: stop sequences over the decoded answer.
 //! - `json_mode`: `response_format: json_object`, candidates kept to a JSON object's prefixes;
 //!   `json_schema`: the JSON Schema subset it also enforces (`json_number`: bounded numbers;
-//!   `json_pattern`: patterns and formats).
+//!   `json_pattern`: patterns and formats; `json_tagged`: discriminated unions, tool calls).
 //! - `speed`: decode speed between tokens, the controller's second signal.
 //! - `dir` (native): an ensemble directory as a byte source.
 
@@ -29,6 +29,7 @@ pub mod json_mode;
 pub mod json_number;
 pub mod json_pattern;
 pub mod json_schema;
+pub mod json_tagged;
 pub mod policy;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod reference;

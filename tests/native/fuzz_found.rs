@@ -104,3 +104,20 @@ fn json_mode_numbers_fit_a_double() {
     let mut p = flexquant::runtime::json_mode::JsonPrefix::default();
     assert!(!p.feed(text));
 }
+
+/// Fuzzing found it (seed 50, the `request` target, 1 of 120,000 inputs): a schema whose
+/// `pattern` repeats a class 2,147,483,648 times hung the request's parse (the regex compiler
+/// had no size limit and built the copies one by one). It is now an `unsupported` error that
+/// names the pattern, at once.
+#[test]
+fn a_pattern_too_large_to_compile_is_refused_at_once() {
+    let schema = serde_json::json!({"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-C]{2147483648}-[0-9]{1,3}$"}}});
+    let e = flexquant::runtime::json_schema::parse(&schema)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("schema.properties.code.pattern") && e.contains("limit"),
+        "{e}"
+    );
+}

@@ -131,8 +131,8 @@ fn texts_the_automaton_completes_are_valid_for_python_jsonschema() {
     }
 }
 
-/// Numbers' bounds, patterns, formats and enums of any values: the same check, over an alphabet
-/// that can write dates, addresses and identifiers.
+/// Numbers' bounds, patterns, formats, enums of any values and unions of objects told apart by
+/// a tag: the same check, over an alphabet that can write dates, addresses and identifiers.
 #[test]
 fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
     if !python_has("jsonschema, rfc3339_validator") {
@@ -160,12 +160,25 @@ fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
             "m": {"type": "string", "format": "email"}
         },
         "required": ["d", "t"]});
+    // A discriminated union (Pydantic's shape), also as array items beside null.
+    let pets = json!({"type": "object", "additionalProperties": false,
+        "$defs": {
+            "C": {"type": "object", "additionalProperties": false, "required": ["t", "m"],
+                "properties": {"t": {"const": "cat"}, "m": {"type": "integer", "minimum": 0}}},
+            "D": {"type": "object", "additionalProperties": false, "required": ["t"],
+                "properties": {"t": {"enum": ["dab", "dad"]}, "n": {"type": "string", "maxLength": 2}}}
+        },
+        "properties": {
+            "p": {"oneOf": [{"$ref": "#/$defs/C"}, {"$ref": "#/$defs/D"}],
+                "discriminator": {"propertyName": "t"}},
+            "l": {"type": "array", "maxItems": 3,
+                "items": {"anyOf": [{"$ref": "#/$defs/C"}, {"$ref": "#/$defs/D"}, {"type": "null"}]}}
+        },
+        "required": ["p", "l"]});
     let alphabet = b"{}[]:,\" -+.0123456789TZ@ABCabcdefhiklmnpqrstuvx\\";
     let mut cases = Vec::new();
-    for (i, (name, schema)) in [("values", values), ("formats", formats)]
-        .into_iter()
-        .enumerate()
-    {
+    let all = [("values", values), ("formats", formats), ("pets", pets)];
+    for (i, (name, schema)) in all.into_iter().enumerate() {
         let parsed = json_schema::parse(&schema).unwrap();
         let texts = complete_texts(parsed, alphabet, 3000, 190 + i as u64);
         eprintln!(

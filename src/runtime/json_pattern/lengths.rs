@@ -7,7 +7,7 @@ use super::{Pattern, State};
 use std::collections::HashMap;
 
 /// Most (boundary states x counted lengths) the table may hold.
-const CELLS: usize = 1 << 24;
+const CELLS: usize = 1 << 23;
 
 #[derive(Debug)]
 pub(super) struct Lengths {
@@ -40,26 +40,31 @@ impl Lengths {
                 return Err("too large with these lengths".into());
             }
         }
+        // By index: the states, where each leads, and bit k of each (k = 0 first).
+        let ids: Vec<State> = next.keys().copied().collect();
+        let index: HashMap<State, usize> = ids.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+        let succ: Vec<Vec<usize>> = ids
+            .iter()
+            .map(|s| next[s].iter().map(|t| index[t]).collect())
+            .collect();
         let words = cap as usize / 64 + 1;
-        let mut reach: HashMap<State, Vec<u64>> = next
-            .keys()
+        let mut bits: Vec<Vec<u64>> = ids
+            .iter()
             .map(|&s| {
                 let mut b = vec![0u64; words];
                 // Exactly 0 more (it matches here), or at least 0 (any live state).
                 b[0] = u64::from(max.is_none() || p.dfa_matches(s));
-                (s, b)
+                b
             })
             .collect();
         for k in 1..=cap {
-            let on: Vec<State> = next
-                .iter()
-                .filter(|(_, succ)| succ.iter().any(|t| bit(&reach[t], k - 1)))
-                .map(|(&s, _)| s)
-                .collect();
-            for s in on {
-                reach.get_mut(&s).expect("a boundary state")[k as usize / 64] |= 1 << (k % 64);
+            for s in 0..ids.len() {
+                if succ[s].iter().any(|&t| bit(&bits[t], k - 1)) {
+                    bits[s][k as usize / 64] |= 1 << (k % 64);
+                }
             }
         }
+        let reach = ids.into_iter().zip(bits).collect();
         let l = Lengths { min, max, reach };
         if !l.fits(p.start(), 0) {
             return Err(format!(
