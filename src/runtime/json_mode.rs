@@ -141,6 +141,9 @@ pub enum Schema {
     Object(Vec<Property>),
     /// Any object: JSON mode's top level.
     AnyObject,
+    /// An object of any keys whose values follow this schema (`additionalProperties: {...}`
+    /// without `properties`: a map).
+    Map(Arc<Schema>),
     Array(Arc<Schema>),
     /// A string; with `Some`, one of these (their JSON text between the quotes).
     String(Option<Vec<Vec<u8>>>),
@@ -361,8 +364,12 @@ impl JsonPrefix {
                 true
             }
             (Mode::Colon, b':') => {
-                self.expect = match self.schema_object() {
-                    Some((props, _, Some(i))) => props[i].schema.clone(),
+                self.expect = match (self.schema_object(), self.stack.last()) {
+                    (Some((props, _, Some(i))), _) => props[i].schema.clone(),
+                    (_, Some(Frame::Object { props: Some(m), .. })) => match &**m {
+                        Schema::Map(values) => values.clone(),
+                        _ => Arc::new(Schema::Any),
+                    },
                     _ => Arc::new(Schema::Any),
                 };
                 self.mode = Mode::Value;
@@ -500,6 +507,7 @@ impl JsonPrefix {
                     | (
                         Schema::Object(_)
                             | Schema::AnyObject
+                            | Schema::Map(_)
                             | Schema::ToolCall(_)
                             | Schema::Tagged(_),
                         b'{'
@@ -531,7 +539,7 @@ impl JsonPrefix {
             };
             let props = match (&*self.expect, &tagged) {
                 (_, Some(t)) => Some(t.opening()),
-                (Schema::Object(_), None) => Some(self.expect.clone()),
+                (Schema::Object(_) | Schema::Map(_), None) => Some(self.expect.clone()),
                 _ => None,
             };
             self.stack.push(Frame::Object {

@@ -1,7 +1,8 @@
 //! `response_format: { type: "json_schema", json_schema: { schema } }`: the subset of JSON
 //! Schema that JSON mode's automaton (`json_mode::JsonPrefix`) enforces while the answer is
 //! written, which covers what OpenAI's strict structured outputs use: `type` (one or a list),
-//! objects' `properties` / `required` / `additionalProperties: false`, arrays' `items`,
+//! objects' `properties` / `required` / `additionalProperties: false` (or a schema, for a map
+//! without `properties`), arrays' `items`,
 //! `enum` / `const` of any values, strings' `minLength` / `maxLength`, arrays' `minItems` /
 //! `maxItems` (`Schema::Length`), numbers' bounds and `multipleOf` (`json_number`), strings'
 //! `pattern` / `format` (`json_pattern`), `anyOf` / `oneOf` whose branches start with
@@ -50,7 +51,7 @@ pub fn parse_at(v: &Value, field: &str, path: &str) -> Result<Arc<Schema>> {
     };
     let s = node(&ctx, v, path, 0)?;
     match *s {
-        Schema::Object(_) | Schema::AnyObject => Ok(s),
+        Schema::Object(_) | Schema::AnyObject | Schema::Map(_) | Schema::Tagged(_) => Ok(s),
         _ => Err(unsupported(&ctx, path, "a top level other than an object")),
     }
 }
@@ -243,7 +244,11 @@ fn opens(s: &Schema) -> u8 {
     const NULL: u8 = 32;
     match s {
         Schema::Any => 63,
-        Schema::Object(_) | Schema::AnyObject | Schema::ToolCall(_) | Schema::Tagged(_) => OBJECT,
+        Schema::Object(_)
+        | Schema::AnyObject
+        | Schema::Map(_)
+        | Schema::ToolCall(_)
+        | Schema::Tagged(_) => OBJECT,
         Schema::Array(_) => ARRAY,
         Schema::String(_) | Schema::Pattern(_) => STRING,
         Schema::Number { .. } | Schema::Bounded(_) => NUMBER,
@@ -418,19 +423,41 @@ fn typed(
 }
 
 fn object(f: &Ctx, o: &serde_json::Map<String, Value>, path: &str, depth: usize) -> Result<Schema> {
-    match o.get("additionalProperties") {
+    let extra = o.get("additionalProperties");
+    let Some(props) = o.get("properties") else {
+        if o.get("required")
+            .and_then(Value::as_array)
+            .is_some_and(|r| !r.is_empty())
+        {
+            return Err(unsupported(
+                f,
+                &format!("{path}.required"),
+                "`required` without `properties`",
+            ));
+        }
+        // Any keys: with any values, or with values of one schema (a map: Pydantic's
+        // `dict[str, T]`).
+        return Ok(match extra {
+            None | Some(Value::Bool(true)) => Schema::AnyObject,
+            Some(Value::Bool(false)) => Schema::Object(Vec::new()),
+            Some(v) => Schema::Map(node(
+                f,
+                v,
+                &format!("{path}.additionalProperties"),
+                depth + 1,
+            )?),
+        });
+    };
+    match extra {
         None | Some(Value::Bool(false)) => {}
         Some(_) => {
             return Err(unsupported(
                 f,
                 &format!("{path}.additionalProperties"),
-                "additional properties (only `false`)",
+                "additional properties beside `properties` (only `false`)",
             ))
         }
     }
-    let Some(props) = o.get("properties") else {
-        return Ok(Schema::AnyObject);
-    };
     let props = props
         .as_object()
         .ok_or_else(|| bad(f, &format!("{path}.properties"), "must be an object"))?;
@@ -478,7 +505,7 @@ pub fn string_bytes(s: &Schema, out: &mut Vec<u8>) {
                 string_bytes(&p.schema, out);
             }
         }
-        Schema::Array(item) | Schema::Nullable(item) => string_bytes(item, out),
+        Schema::Array(item) | Schema::Nullable(item) | Schema::Map(item) => string_bytes(item, out),
         Schema::Union(bs) => bs.iter().for_each(|b| string_bytes(b, out)),
         Schema::Length { inner, .. } => string_bytes(inner, out),
         Schema::String(Some(values)) | Schema::Literal(values) => {
@@ -616,8 +643,12 @@ mod tests {
             ),
             (json!({"type": "array"}), "top level"),
             (
-                json!({"type": "object", "additionalProperties": true}),
+                json!({"type": "object", "properties": {}, "additionalProperties": true}),
                 "additionalProperties",
+            ),
+            (
+                json!({"type": "object", "required": ["a"]}),
+                "`required` without `properties`",
             ),
             (json!({"anyOf": []}), "schema.anyOf"),
             (
@@ -703,6 +734,35 @@ mod tests {
         assert!(p.after(b"b").is_none() && p.after(b"B").is_some());
         // No escape writes what may be written as it is.
         assert!(p.after(b"\\").is_none());
+    }
+
+    /// A map (Pydantic's `dict[str, int]`): any keys, values of one schema; nested in a list.
+    #[test]
+    fn maps_take_any_keys_with_values_of_their_schema() {
+        let s = json!({"type": "object", "additionalProperties": false, "required": ["m"],
+        "properties": {
+            "m": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+            "l": {"type": "array", "items": {"type": "object",
+                "additionalProperties": {"enum": ["x", "y"]}}},
+            "e": {"type": "object", "additionalProperties": false}
+        }});
+        for ok in [
+            r#"{"m": {}}"#,
+            r#"{"m": {"a": 1, "b c": 20}, "l": [{"k": "x"}, {}], "e": {}}"#,
+        ] {
+            assert!(accepts(&s, ok), "{ok}");
+        }
+        for bad in [
+            r#"{"m": {"a": -1}}"#,
+            r#"{"m": {"a": "1"}}"#,
+            r#"{"m": {}, "l": [{"k": "z"}]}"#,
+            r#"{"m": {}, "e": {"a": 1}}"#,
+        ] {
+            assert!(!accepts(&s, bad), "{bad}");
+        }
+        let top = json!({"type": "object", "additionalProperties": {"type": "boolean"}});
+        assert!(accepts(&top, r#"{"on": true, "off": false}"#));
+        assert!(!accepts(&top, r#"{"on": 1}"#));
     }
 
     /// Pydantic's discriminated union (`oneOf` of `$ref`s with a `discriminator`), and an

@@ -131,8 +131,8 @@ fn texts_the_automaton_completes_are_valid_for_python_jsonschema() {
     }
 }
 
-/// Numbers' bounds, patterns, formats, enums of any values and unions of objects told apart by
-/// a tag: the same check, over an alphabet that can write dates, addresses and identifiers.
+/// Numbers' bounds, patterns, formats, enums of any values, unions of objects told apart by a
+/// tag and maps: the same check, over an alphabet that can write dates, addresses and identifiers.
 #[test]
 fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
     if !python_has("jsonschema, rfc3339_validator") {
@@ -172,7 +172,8 @@ fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
             "p": {"oneOf": [{"$ref": "#/$defs/C"}, {"$ref": "#/$defs/D"}],
                 "discriminator": {"propertyName": "t"}},
             "l": {"type": "array", "maxItems": 3,
-                "items": {"anyOf": [{"$ref": "#/$defs/C"}, {"$ref": "#/$defs/D"}, {"type": "null"}]}}
+                "items": {"anyOf": [{"$ref": "#/$defs/C"}, {"$ref": "#/$defs/D"}, {"type": "null"}]}},
+            "x": {"type": "object", "additionalProperties": {"type": "integer", "maximum": 9}}
         },
         "required": ["p", "l"]});
     let alphabet = b"{}[]:,\" -+.0123456789TZ@ABCabcdefhiklmnpqrstuvx\\";
