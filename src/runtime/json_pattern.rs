@@ -23,7 +23,7 @@ mod lengths;
 const DFA_BYTES: usize = 4 << 20;
 
 /// The formats enforced, with the expression each is written as.
-pub const FORMATS: [(&str, &str); 6] = [
+pub const FORMATS: [(&str, &str); 8] = [
     ("date", DATE),
     ("time", TIME),
     ("date-time", DATE_TIME),
@@ -39,7 +39,27 @@ pub const FORMATS: [(&str, &str); 6] = [
         "email",
         r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,4}$",
     ),
+    // At most 3 labels of at most 63 characters: within a name's 253.
+    ("hostname", HOSTNAME),
+    ("ipv6", IPV6),
 ];
+
+const HOSTNAME: &str = concat!(
+    "^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?",
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?){0,2}$"
+);
+/// Eight groups, or fewer around one `::` (RFC 4291's text forms without an embedded IPv4).
+const IPV6: &str = concat!(
+    "^(?:(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}",
+    "|(?:[0-9a-fA-F]{1,4}:){1,7}:",
+    "|(?:[0-9a-fA-F]{1,4}:){1,6}:[0-9a-fA-F]{1,4}",
+    "|(?:[0-9a-fA-F]{1,4}:){1,5}(?::[0-9a-fA-F]{1,4}){1,2}",
+    "|(?:[0-9a-fA-F]{1,4}:){1,4}(?::[0-9a-fA-F]{1,4}){1,3}",
+    "|(?:[0-9a-fA-F]{1,4}:){1,3}(?::[0-9a-fA-F]{1,4}){1,4}",
+    "|(?:[0-9a-fA-F]{1,4}:){1,2}(?::[0-9a-fA-F]{1,4}){1,5}",
+    "|[0-9a-fA-F]{1,4}:(?::[0-9a-fA-F]{1,4}){1,6}",
+    "|:(?:(?::[0-9a-fA-F]{1,4}){1,7}|:))$"
+);
 
 const DATE: &str = r"^[1-9][0-9]{3}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))$";
 const TIME: &str = r"^(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$";
@@ -421,7 +441,11 @@ mod tests {
             ),
             ("ipv4", "192.168.0.255", "192.168.01.1"),
             ("email", "a.b+c@example.org", "a@b"),
+            ("hostname", "a-b.example.org", "-a.org"),
+            ("ipv6", "fe80::1:2", "1:2:3:4:5:6:7:8:9"),
         ];
+        assert!(Pattern::format("ipv6")
+            .is_some_and(|p| walk(&p, "::").is_some_and(|s| p.may_end(s, 0))));
         for (name, good, bad) in examples {
             let p = Pattern::format(name).unwrap();
             assert!(
@@ -433,7 +457,7 @@ mod tests {
                 "{name} {bad}"
             );
         }
-        assert!(Pattern::format("hostname").is_none());
+        assert!(Pattern::format("uri").is_none());
     }
 
     #[test]

@@ -101,7 +101,7 @@ fn schemas() -> Vec<(&'static str, Value, Arc<Schema>)> {
 
 #[test]
 fn texts_the_automaton_completes_are_valid_for_python_jsonschema() {
-    if !python_has("jsonschema, rfc3339_validator") {
+    if !python_has("jsonschema, rfc3339_validator, fqdn") {
         return;
     }
     // JSON's bytes and the letters of the schemas' names; few, so that free strings end.
@@ -135,7 +135,7 @@ fn texts_the_automaton_completes_are_valid_for_python_jsonschema() {
 /// tag and maps: the same check, over an alphabet that can write dates, addresses and identifiers.
 #[test]
 fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
-    if !python_has("jsonschema, rfc3339_validator") {
+    if !python_has("jsonschema, rfc3339_validator, fqdn") {
         return;
     }
     let values = json!({"type": "object", "additionalProperties": false,
@@ -157,7 +157,9 @@ fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
             "h": {"type": "string", "format": "time"},
             "u": {"type": "string", "format": "uuid"},
             "i": {"type": "string", "format": "ipv4"},
-            "m": {"type": "string", "format": "email"}
+            "m": {"type": "string", "format": "email"},
+            "a": {"type": "string", "format": "hostname"},
+            "v": {"type": "string", "format": "ipv6"}
         },
         "required": ["d", "t"]});
     // A discriminated union (Pydantic's shape), also as array items beside null.

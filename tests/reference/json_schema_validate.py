@@ -2,10 +2,10 @@
 """Validates JSON texts against a JSON Schema with Python's `jsonschema` (Draft 2020-12), the
 independent check of what flexquant's structured-output automaton lets a model write.
 
-Formats are asserted, not only annotated: `date`, `date-time`, `time`, `uuid`, `ipv4` and
-`email` are checked by jsonschema's format checker (`date-time` and `time` through the
-`rfc3339-validator` package, which must be installed: a format left unchecked would pass
-anything).
+Formats are asserted, not only annotated: `date`, `date-time`, `time`, `uuid`, `ipv4`, `ipv6`,
+`email` and `hostname` are checked by jsonschema's format checker (`date-time` and `time`
+through the `rfc3339-validator` package, `hostname` through `fqdn`, which must be installed: a
+format left unchecked would pass anything).
 
 Reads a JSON list of cases {schema, texts: [...]} on stdin; writes a JSON list with, per case,
 a list of null (the text parses and is valid) or the first error's message.
@@ -14,10 +14,11 @@ import json
 import sys
 
 import jsonschema
+import fqdn  # noqa: F401 (without it, jsonschema checks no `hostname`)
 import rfc3339_validator  # noqa: F401 (without it, jsonschema checks no `date-time`)
 
 VALIDATOR = jsonschema.Draft202012Validator
-CHECKED = {"date", "date-time", "time", "uuid", "ipv4", "email"}
+CHECKED = {"date", "date-time", "time", "uuid", "ipv4", "ipv6", "email", "hostname"}
 assert CHECKED <= set(VALIDATOR.FORMAT_CHECKER.checkers), "a format would go unchecked"
 
 
