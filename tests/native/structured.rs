@@ -29,6 +29,29 @@ fn complete_texts(schema: Arc<Schema>, alphabet: &[u8], walks: usize, seed: u64)
     out
 }
 
+/// The complete texts of 3,000 walks (`complete_texts`), of which there must be 150 or more.
+fn walked(name: &str, schema: Arc<Schema>, alphabet: &[u8], seed: u64) -> Vec<String> {
+    let texts = complete_texts(schema, alphabet, 3000, seed);
+    eprintln!(
+        "{name}: {} complete texts of 3000 walks, e.g. {}",
+        texts.len(),
+        texts[0]
+    );
+    assert!(texts.len() >= 150, "{name}: {} complete", texts.len());
+    texts
+}
+
+/// Every text valid against its schema for Python's `jsonschema`.
+fn all_valid(cases: &[(Value, Vec<String>)]) {
+    let verdicts = validate(cases);
+    for ((schema, texts), v) in cases.iter().zip(&verdicts) {
+        assert_eq!(texts.len(), v.len());
+        for (t, e) in texts.iter().zip(v) {
+            assert!(e.is_none(), "{t}\n{}\n{schema}", e.as_deref().unwrap_or(""));
+        }
+    }
+}
+
 /// Python's verdict on each text: `None` when valid, else its first error.
 fn validate(cases: &[(Value, Vec<String>)]) -> Vec<Vec<Option<String>>> {
     let input: Vec<Value> = cases
@@ -108,13 +131,7 @@ fn texts_the_automaton_completes_are_valid_for_python_jsonschema() {
     let alphabet = b"{}[]:,\" -.019eacdfgilmnopqrstuwxyz\\";
     let mut cases = Vec::new();
     for (i, (name, schema, parsed)) in schemas().into_iter().enumerate() {
-        let texts = complete_texts(parsed, alphabet, 3000, 90 + i as u64);
-        eprintln!(
-            "{name}: {} complete texts of 3000 walks, e.g. {}",
-            texts.len(),
-            texts[0]
-        );
-        assert!(texts.len() >= 150, "{name}: {} complete", texts.len());
+        let texts = walked(name, parsed, alphabet, 90 + i as u64);
         cases.push((schema, texts));
     }
     // The random calls also stream (`HeldCall`) into what `ToolCall::parse` reads.
@@ -122,13 +139,7 @@ fn texts_the_automaton_completes_are_valid_for_python_jsonschema() {
     calls
         .iter()
         .for_each(|t| flexquant::fuzz::targets::streamed_call_adds_up(t));
-    let verdicts = validate(&cases);
-    for ((schema, texts), v) in cases.iter().zip(&verdicts) {
-        assert_eq!(texts.len(), v.len());
-        for (t, e) in texts.iter().zip(v) {
-            assert!(e.is_none(), "{t}\n{}\n{schema}", e.as_deref().unwrap_or(""));
-        }
-    }
+    all_valid(&cases);
 }
 
 /// Numbers' bounds, patterns, formats, enums of any values, unions of objects told apart by a
@@ -183,19 +194,8 @@ fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
     let all = [("values", values), ("formats", formats), ("pets", pets)];
     for (i, (name, schema)) in all.into_iter().enumerate() {
         let parsed = json_schema::parse(&schema).unwrap();
-        let texts = complete_texts(parsed, alphabet, 3000, 190 + i as u64);
-        eprintln!(
-            "{name}: {} complete texts of 3000 walks, e.g. {}",
-            texts.len(),
-            texts[0]
-        );
-        assert!(texts.len() >= 150, "{name}: {} complete", texts.len());
+        let texts = walked(name, parsed, alphabet, 190 + i as u64);
         cases.push((schema, texts));
     }
-    let verdicts = validate(&cases);
-    for ((schema, texts), v) in cases.iter().zip(&verdicts) {
-        for (t, e) in texts.iter().zip(v) {
-            assert!(e.is_none(), "{t}\n{}\n{schema}", e.as_deref().unwrap_or(""));
-        }
-    }
+    all_valid(&cases);
 }
