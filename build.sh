@@ -46,7 +46,7 @@ setup_toolchain() {
 }
 
 setup_python() {
-  if ! python3 -c 'import numpy, gguf, regex, jinja2, jsonschema' 2>/dev/null; then
+  if ! python3 -c 'import numpy, gguf, regex, jinja2, jsonschema, rfc3339_validator, fqdn' 2>/dev/null; then
     log "pip install $PY_PKGS (independent reference implementation)"
     python3 -m pip install -q $PY_PKGS
   fi
