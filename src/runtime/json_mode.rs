@@ -856,7 +856,8 @@ pub type TokenBytes = Vec<Option<Vec<u8>>>;
 pub const WATCHED_BYTES: &[u8] = b"{}[]:,\"-+.0123456789eEtrufalsn \n";
 
 /// What opens a function call written in the Hermes / Qwen style (`<tool_call>{...}`): an
-/// answer that may be a call (`JsonConstraint::optional`) is one if it starts with `{` or this.
+/// answer that may be a call (`JsonConstraint::optional`) is one if it starts with this or with
+/// `{"name"`.
 pub const TOOL_CALL_TAG: &[u8] = b"<tool_call>";
 
 /// Whether the answer is the JSON (`JsonConstraint::optional` decides it at its first bytes).
@@ -880,6 +881,9 @@ pub struct JsonConstraint {
     watched_bytes: Vec<u8>,
     /// What the request asked for, for errors: "response_format (JSON mode)" or "tool call".
     what: &'static str,
+    /// With an optional call (`optional` of a tagged schema): the tag's name. An answer that
+    /// opens `{` is a call only once it goes on with `"NAME"`; other JSON is text.
+    tag: Option<Vec<u8>>,
 }
 
 impl JsonConstraint {
@@ -902,14 +906,23 @@ impl JsonConstraint {
             bytes,
             watched_bytes,
             what,
+            tag: None,
         }
     }
 
     /// An answer that is either free text or, if it starts with `{` or `TOOL_CALL_TAG` (after
-    /// whitespace), JSON that follows `schema` (`tool_choice: 'auto'`).
+    /// whitespace), JSON that follows `schema` (`tool_choice: 'auto'`). For a call (a tagged
+    /// schema), `{` must go on with its tag's name (`{"name"`): an answer that writes other
+    /// JSON (a model asked for JSON data) stays text.
     pub fn optional(bytes: Arc<TokenBytes>, schema: Arc<Schema>) -> Self {
+        let tag = match &*schema {
+            Schema::ToolCall(_) => Some(b"name".to_vec()),
+            Schema::Tagged(t) => Some(t.key.clone()),
+            _ => None,
+        };
         JsonConstraint {
             lead: Lead::Undecided(Vec::new()),
+            tag,
             ..Self::new(bytes, schema)
         }
     }
@@ -949,7 +962,22 @@ impl JsonConstraint {
         let t = &held[start..];
         let json = match t.strip_prefix(TOOL_CALL_TAG) {
             Some(rest) => Some(rest),
-            None => t.starts_with(b"{").then_some(t),
+            None if t.starts_with(b"{") => match &self.tag {
+                None => Some(t),
+                // `{`, whitespace, then `"TAG"`: a call; a prefix of it: undecided; else text.
+                Some(tag) => {
+                    let r = t[1..].trim_ascii_start();
+                    let want = [&b"\""[..], tag, b"\""].concat();
+                    if r.starts_with(&want) {
+                        Some(t)
+                    } else if want.starts_with(r) && self.state.after(t).is_some() {
+                        return Some((Lead::Undecided(held.to_vec()), None));
+                    } else {
+                        return Some((Lead::Text, None));
+                    }
+                }
+            },
+            None => None,
         };
         match json {
             Some(j) => self.state.after(j).map(|p| (Lead::Json, Some(p))),
@@ -1190,6 +1218,39 @@ mod tests {
         let mut c = fresh();
         c.advance(4);
         assert_eq!(c.lead(), &Lead::Text);
+    }
+
+    /// `auto` with tools: `{` is a call only once `"name"` follows it; other JSON is text (a
+    /// model asked for JSON data while tools are offered answers with it, not with a call).
+    #[test]
+    fn an_optional_call_opens_with_its_tag_and_other_json_is_text() {
+        let table: TokenBytes = [&b"{"[..], b" \"na", b"me\"", b"\"x\"", b"}", b"<tool_call>"]
+            .iter()
+            .map(|b| Some(b.to_vec()))
+            .collect();
+        let table = Arc::new(table);
+        let f = vec![(b"f".to_vec(), Arc::new(Schema::AnyObject))];
+        let fresh = || {
+            JsonConstraint::optional(table.clone(), Arc::new(Schema::ToolCall(f.clone().into())))
+        };
+        let lead_after = |ids: &[u32]| {
+            let mut c = fresh();
+            ids.iter().for_each(|&i| {
+                c.advance(i);
+            });
+            c.lead().clone()
+        };
+        assert_eq!(lead_after(&[0]), Lead::Undecided(b"{".to_vec()));
+        assert_eq!(lead_after(&[0, 1]), Lead::Undecided(b"{ \"na".to_vec()));
+        assert_eq!(lead_after(&[0, 1, 2]), Lead::Json);
+        assert_eq!(lead_after(&[0, 3]), Lead::Text);
+        assert_eq!(lead_after(&[0, 4]), Lead::Text, "{{}} is JSON, not a call");
+        // The tag commits at once.
+        assert_eq!(lead_after(&[5]), Lead::Json);
+        // JSON mode's optional object (no tag) still decides at `{`.
+        let mut c = JsonConstraint::optional(table.clone(), Arc::new(Schema::AnyObject));
+        c.advance(0);
+        assert_eq!(c.lead(), &Lead::Json);
     }
 
     #[test]

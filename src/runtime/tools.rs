@@ -4,7 +4,8 @@
 //! mode's automaton (`json_mode::Schema::ToolCall`): `{"name": ..., "arguments": {...}}`.
 //!
 //! - `tool_choice: 'auto'` (the default with tools): the answer is a call if it starts with
-//!   `{` or `<tool_call>` (the Hermes / Qwen tag), else free text (`JsonConstraint::optional`).
+//!   `{"name"` or `<tool_call>` (the Hermes / Qwen tag), else free text, other JSON included
+//!   (`JsonConstraint::optional`).
 //! - `'required'`: the answer is a call to one of the functions; `{type: 'function', function:
 //!   {name}}`: to that one.
 //! - `'none'`: the functions are left out of the prompt and the answer is text.
