@@ -172,9 +172,9 @@ pub enum Schema {
     /// `json_schema` checks that no two branches start alike).
     Union(Vec<Arc<Schema>>),
     /// A function call (`runtime::tools`): `{"name": N, "arguments": A}`, in that order, N one
-    /// of these names (JSON text between the quotes) and A what that function's parameters
-    /// schema allows (read as `Tagged::call`).
-    ToolCall(Functions),
+    /// of the functions' names and A what that function's parameters schema allows
+    /// (`Tagged::call`; a `Tagged` that errors call a tool call).
+    ToolCall(Arc<Tagged>),
     /// Objects told apart by their first property's value (`json_tagged`).
     Tagged(Arc<Tagged>),
 }
@@ -533,8 +533,7 @@ impl JsonPrefix {
             // A tagged object opens with its tag alone; the rest joins once its value says
             // which branch it is (`tag_written`).
             let tagged = match &*self.expect {
-                Schema::Tagged(t) => Some(t.clone()),
-                Schema::ToolCall(fns) => Some(Arc::new(Tagged::call(fns))),
+                Schema::Tagged(t) | Schema::ToolCall(t) => Some(t.clone()),
                 _ => None,
             };
             let props = match (&*self.expect, &tagged) {
@@ -697,7 +696,7 @@ impl JsonPrefix {
                     Esc::Utf8(n - 1)
                 }
             }
-            (Esc::Backslash, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Esc::None,
+            (Esc::Backslash, c) if unescape(c).is_some() => Esc::None,
             (Esc::Backslash, b'u') => Esc::Hex {
                 left: 4,
                 low: false,
@@ -750,17 +749,6 @@ impl JsonPrefix {
         let Some((p, s, n)) = self.pattern.take() else {
             return true;
         };
-        let escaped = |c: u8| -> Option<char> {
-            Some(match c {
-                b'"' | b'\\' | b'/' => c as char,
-                b'b' => '\u{8}',
-                b'f' => '\u{c}',
-                b'n' => '\n',
-                b'r' => '\r',
-                b't' => '\t',
-                _ => return None,
-            })
-        };
         // The state after `b`, and whether it ends a character.
         let (next, whole) = match (esc, b) {
             (Esc::None, b'"') => return p.may_end(s, n),
@@ -781,7 +769,7 @@ impl JsonPrefix {
                 self.text.clear();
                 (Some(s), false)
             }
-            (Esc::Backslash, _) => (escaped(b).and_then(|c| p.step_escaped(s, c, n)), true),
+            (Esc::Backslash, _) => (unescape(b).and_then(|c| p.step_escaped(s, c, n)), true),
             (Esc::Hex { left, .. }, _) if b.is_ascii_hexdigit() => {
                 self.text.push(b);
                 match left {
@@ -806,6 +794,19 @@ impl JsonPrefix {
             None => false,
         }
     }
+}
+
+/// The character a short escape writes (`\n`: `n` -> newline), `None` for no such escape.
+fn unescape(c: u8) -> Option<char> {
+    Some(match c {
+        b'"' | b'\\' | b'/' => c as char,
+        b'b' => '\u{8}',
+        b'f' => '\u{c}',
+        b'n' => '\n',
+        b'r' => '\r',
+        b't' => '\t',
+        _ => return None,
+    })
 }
 
 /// Where a random walk along the automaton ended (`random_text`).
@@ -916,8 +917,7 @@ impl JsonConstraint {
     /// JSON (a model asked for JSON data) stays text.
     pub fn optional(bytes: Arc<TokenBytes>, schema: Arc<Schema>) -> Self {
         let tag = match &*schema {
-            Schema::ToolCall(_) => Some(b"name".to_vec()),
-            Schema::Tagged(t) => Some(t.key.clone()),
+            Schema::ToolCall(t) | Schema::Tagged(t) => Some(t.key.clone()),
             _ => None,
         };
         JsonConstraint {
@@ -1038,6 +1038,10 @@ impl JsonConstraint {
 mod tests {
     use super::*;
     use crate::fuzz::mutate::Rng;
+
+    fn call(fns: &[(Vec<u8>, Arc<Schema>)]) -> Arc<Tagged> {
+        Arc::new(Tagged::call(&fns.iter().cloned().collect()))
+    }
 
     fn is_prefix(s: &[u8]) -> bool {
         JsonPrefix::default().feed(s)
@@ -1230,9 +1234,8 @@ mod tests {
             .collect();
         let table = Arc::new(table);
         let f = vec![(b"f".to_vec(), Arc::new(Schema::AnyObject))];
-        let fresh = || {
-            JsonConstraint::optional(table.clone(), Arc::new(Schema::ToolCall(f.clone().into())))
-        };
+        let fresh =
+            || JsonConstraint::optional(table.clone(), Arc::new(Schema::ToolCall(call(&f))));
         let lead_after = |ids: &[u32]| {
             let mut c = fresh();
             ids.iter().for_each(|&i| {
@@ -1266,9 +1269,8 @@ mod tests {
             schema: int,
             required: true,
         }]));
-        let schema = Arc::new(Schema::ToolCall(
-            vec![(b"weather".to_vec(), city), (b"time".to_vec(), zone)].into(),
-        ));
+        let fns = [(b"weather".to_vec(), city), (b"time".to_vec(), zone)];
+        let schema = Arc::new(Schema::ToolCall(call(&fns)));
         let alphabet = b"{}[]:,\" -0123456789.eabcdeghimnorstuwyz";
         let mut rng = Rng::new(5);
         let mut complete = [0; 2];

@@ -520,18 +520,11 @@ pub fn string_bytes(s: &Schema, out: &mut Vec<u8>) {
             }
             out.extend_from_slice(b"\\u0123456789abcdef");
         }
-        Schema::Tagged(t) => {
+        Schema::Tagged(t) | Schema::ToolCall(t) => {
             out.extend_from_slice(&t.key);
             for (value, branch) in &t.branches {
                 out.extend_from_slice(value);
                 string_bytes(branch, out);
-            }
-        }
-        Schema::ToolCall(fns) => {
-            out.extend_from_slice(b"namearguments");
-            for (name, params) in fns.iter() {
-                out.extend_from_slice(name);
-                string_bytes(params, out);
             }
         }
         _ => {}

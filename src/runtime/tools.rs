@@ -14,8 +14,11 @@
 
 use crate::error::{Error, Result};
 use crate::model::chat::ToolPrompt;
-use crate::runtime::json_mode::{JsonConstraint, Lead, Schema, TokenBytes, TOOL_CALL_TAG};
+use crate::runtime::json_mode::{
+    Functions, JsonConstraint, Lead, Schema, TokenBytes, TOOL_CALL_TAG,
+};
 use crate::runtime::json_schema;
+use crate::runtime::json_tagged::Tagged;
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -134,11 +137,11 @@ impl Tools {
             ToolChoice::Function(i) => &self.functions[i..=i],
             _ => &self.functions[..],
         };
-        Arc::new(Schema::ToolCall(
-            fns.iter()
-                .map(|f| (f.name.as_bytes().to_vec(), f.schema.clone()))
-                .collect(),
-        ))
+        let fns: Functions = fns
+            .iter()
+            .map(|f| (f.name.as_bytes().to_vec(), f.schema.clone()))
+            .collect();
+        Arc::new(Schema::ToolCall(Arc::new(Tagged::call(&fns))))
     }
 
     /// The constraint on the answer: `None` with `tool_choice: 'none'`.

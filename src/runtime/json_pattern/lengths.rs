@@ -23,6 +23,24 @@ fn bit(b: &[u64], k: u32) -> bool {
         .is_some_and(|w| w >> (k % 64) & 1 == 1)
 }
 
+/// Whether some bit from `lo` to `hi` (both included) is set, a word at a time.
+fn any_in(b: &[u64], lo: u32, hi: u32) -> bool {
+    if lo > hi {
+        return false;
+    }
+    let (first, last) = (lo as usize / 64, hi as usize / 64);
+    (first..=last.min(b.len().saturating_sub(1))).any(|w| {
+        let mut word = b[w];
+        if w == first {
+            word &= u64::MAX << (lo % 64);
+        }
+        if w == last && hi % 64 < 63 {
+            word &= (1u64 << (hi % 64 + 1)) - 1;
+        }
+        word != 0
+    })
+}
+
 impl Lengths {
     pub(super) fn new(p: &Pattern, min: u32, max: Option<u32>) -> Result<Lengths, String> {
         let cap = max.unwrap_or(min);
@@ -84,8 +102,25 @@ impl Lengths {
         let lo = self.min.saturating_sub(written);
         match self.max {
             Some(m) if written > m => false,
-            Some(m) => (lo..=m - written).any(|k| bit(b, k)),
+            Some(m) => any_in(b, lo, m - written),
             None => bit(b, lo),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The word-at-a-time range test against bit by bit, on ranges across word boundaries.
+    #[test]
+    fn any_in_agrees_with_bit_by_bit() {
+        let b = [1u64 << 63, 0, 1 << 5];
+        for lo in 0..200 {
+            for hi in 0..200 {
+                let slow = (lo..=hi).any(|k| bit(&b, k));
+                assert_eq!(any_in(&b, lo, hi), slow, "{lo}..={hi}");
+            }
         }
     }
 }
