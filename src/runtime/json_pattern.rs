@@ -8,7 +8,8 @@
 //! and `$`), in the `regex` crate's syntax (ECMA-262's for the usual classes, groups and
 //! repetitions; look-around and backreferences are unsupported). A `format` is one of
 //! `FORMATS`, each a regular expression whose every match the format's validators accept
-//! (dates are real calendar dates, with February's 29th left out).
+//! (dates are real calendar dates, with February's 29th left out; a `uri` is absolute, with a
+//! host).
 //! `minLength` / `maxLength` beside either are held jointly with it (`lengths`).
 
 use regex_automata::dfa::{dense, Automaton, StartKind};
@@ -23,7 +24,7 @@ mod lengths;
 const DFA_BYTES: usize = 4 << 20;
 
 /// The formats enforced, with the expression each is written as.
-pub const FORMATS: [(&str, &str); 8] = [
+pub const FORMATS: [(&str, &str); 10] = [
     ("date", DATE),
     ("time", TIME),
     ("date-time", DATE_TIME),
@@ -42,6 +43,8 @@ pub const FORMATS: [(&str, &str); 8] = [
     // At most 3 labels of at most 63 characters: within a name's 253.
     ("hostname", HOSTNAME),
     ("ipv6", IPV6),
+    ("duration", DURATION),
+    ("uri", URI),
 ];
 
 const HOSTNAME: &str = concat!(
@@ -59,6 +62,27 @@ const IPV6: &str = concat!(
     "|(?:[0-9a-fA-F]{1,4}:){1,2}(?::[0-9a-fA-F]{1,4}){1,5}",
     "|[0-9a-fA-F]{1,4}:(?::[0-9a-fA-F]{1,4}){1,6}",
     "|:(?:(?::[0-9a-fA-F]{1,4}){1,7}|:))$"
+);
+
+/// RFC 3339's duration (its appendix A): `P` then years, months, days in that order (a run
+/// without gaps) and a time part, or weeks alone; at most 9 digits a number.
+const DURATION: &str = concat!(
+    "^P(?:(?:[0-9]{1,9}D|[0-9]{1,9}M(?:[0-9]{1,9}D)?|[0-9]{1,9}Y(?:[0-9]{1,9}M(?:[0-9]{1,9}D)?)?)",
+    "(?:T(?:[0-9]{1,9}H(?:[0-9]{1,9}M(?:[0-9]{1,9}S)?)?|[0-9]{1,9}M(?:[0-9]{1,9}S)?|[0-9]{1,9}S))?",
+    "|T(?:[0-9]{1,9}H(?:[0-9]{1,9}M(?:[0-9]{1,9}S)?)?|[0-9]{1,9}M(?:[0-9]{1,9}S)?|[0-9]{1,9}S)",
+    "|[0-9]{1,9}W)$"
+);
+/// An absolute URI with an authority (RFC 3986): `scheme://host[:port]` (the host as
+/// `hostname` writes it), then path segments, a query and a fragment of RFC 3986's `pchar`s
+/// (`%` only before two hex digits). What Pydantic's `HttpUrl` / `AnyUrl` write as `format: uri`.
+const URI: &str = concat!(
+    "^[A-Za-z][A-Za-z0-9+.-]{0,15}://",
+    "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?",
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?){0,3}",
+    "(?::[0-9]{1,5})?",
+    r"(?:/(?:[A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})*)*",
+    r"(?:\?(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?",
+    r"(?:#(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$"
 );
 
 const DATE: &str = r"^[1-9][0-9]{3}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))$";
@@ -443,6 +467,14 @@ mod tests {
             ("email", "a.b+c@example.org", "a@b"),
             ("hostname", "a-b.example.org", "-a.org"),
             ("ipv6", "fe80::1:2", "1:2:3:4:5:6:7:8:9"),
+            ("duration", "P1Y2M3DT4H5M6S", "P1Y3W"),
+            ("duration", "PT36H", "PT"),
+            (
+                "uri",
+                "https://example.org:8080/a/b%20c?q=1&r=a/b#top",
+                "https://ex ample.org",
+            ),
+            ("uri", "http://localhost", "https://a.org/%zz"),
         ];
         assert!(Pattern::format("ipv6")
             .is_some_and(|p| walk(&p, "::").is_some_and(|s| p.may_end(s, 0))));
@@ -457,7 +489,7 @@ mod tests {
                 "{name} {bad}"
             );
         }
-        assert!(Pattern::format("uri").is_none());
+        assert!(Pattern::format("uri-reference").is_none());
     }
 
     #[test]

@@ -607,8 +607,8 @@ mod tests {
                 "schema.properties.a.pattern",
             ),
             (
-                json!({"type": "object", "properties": {"a": {"type": "string", "format": "uri"}}}),
-                "format \"uri\" (enforced: date, time",
+                json!({"type": "object", "properties": {"a": {"type": "string", "format": "iri"}}}),
+                "format \"iri\" (enforced: date, time",
             ),
             (
                 json!({"type": "object", "properties": {"a": {"type": "number", "multipleOf": 0.5}}}),

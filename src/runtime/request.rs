@@ -319,7 +319,7 @@ mod tests {
                 "json_schema",
             ),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object","properties":{"a":{"type":"string","format":"uri"}}}}}}"#,
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object","properties":{"a":{"type":"string","format":"iri"}}}}}}"#,
                 "schema.properties.a.format",
             ),
             (

@@ -124,7 +124,7 @@ fn schemas() -> Vec<(&'static str, Value, Arc<Schema>)> {
 
 #[test]
 fn texts_the_automaton_completes_are_valid_for_python_jsonschema() {
-    if !python_has("jsonschema, rfc3339_validator, fqdn") {
+    if !python_has("jsonschema, rfc3339_validator, fqdn, isoduration, rfc3986_validator") {
         return;
     }
     // JSON's bytes and the letters of the schemas' names; few, so that free strings end.
@@ -146,7 +146,7 @@ fn texts_the_automaton_completes_are_valid_for_python_jsonschema() {
 /// tag and maps: the same check, over an alphabet that can write dates, addresses and identifiers.
 #[test]
 fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
-    if !python_has("jsonschema, rfc3339_validator, fqdn") {
+    if !python_has("jsonschema, rfc3339_validator, fqdn, isoduration, rfc3986_validator") {
         return;
     }
     let values = json!({"type": "object", "additionalProperties": false,
@@ -170,7 +170,9 @@ fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
             "i": {"type": "string", "format": "ipv4"},
             "m": {"type": "string", "format": "email"},
             "a": {"type": "string", "format": "hostname"},
-            "v": {"type": "string", "format": "ipv6"}
+            "v": {"type": "string", "format": "ipv6"},
+            "r": {"type": "string", "format": "duration"},
+            "w": {"type": "string", "format": "uri", "minLength": 1, "maxLength": 40}
         },
         "required": ["d", "t"]});
     // A discriminated union (Pydantic's shape), also as array items beside null.
@@ -189,13 +191,33 @@ fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
             "x": {"type": "object", "additionalProperties": {"type": "integer", "maximum": 9}}
         },
         "required": ["p", "l"]});
-    let alphabet = b"{}[]:,\" -+.0123456789TZ@ABCabcdefhiklmnpqrstuvx\\";
+    let alphabet = b"{}[]:,\" -+.0123456789TZ@ABCDHMPSWYabcdefhiklmnpqrstuvwx/?#%\\";
     let mut cases = Vec::new();
     let all = [("values", values), ("formats", formats), ("pets", pets)];
     for (i, (name, schema)) in all.into_iter().enumerate() {
         let parsed = json_schema::parse(&schema).unwrap();
         let texts = walked(name, parsed, alphabet, 190 + i as u64);
         cases.push((schema, texts));
+    }
+    // Every format was written by some walk (a value of each key, not only the required ones).
+    let formats = &cases[1].1;
+    for key in ["d", "t", "h", "u", "i", "m", "a", "v", "r", "w"] {
+        let values: Vec<&str> = formats
+            .iter()
+            .filter_map(|t| {
+                serde_json::from_str::<Value>(t)
+                    .ok()?
+                    .get(key)?
+                    .as_str()
+                    .map(|_| t.as_str())
+            })
+            .collect();
+        eprintln!(
+            "formats.{key}: {} texts, e.g. {}",
+            values.len(),
+            values.first().unwrap_or(&"-")
+        );
+        assert!(values.len() >= 5, "formats.{key}: {} texts", values.len());
     }
     all_valid(&cases);
 }

@@ -3,8 +3,9 @@
 independent check of what flexquant's structured-output automaton lets a model write.
 
 Formats are asserted, not only annotated: `date`, `date-time`, `time`, `uuid`, `ipv4`, `ipv6`,
-`email` and `hostname` are checked by jsonschema's format checker (`date-time` and `time`
-through the `rfc3339-validator` package, `hostname` through `fqdn`, which must be installed: a
+`email`, `hostname`, `duration` and `uri` are checked by jsonschema's format checker
+(`date-time` and `time` through the `rfc3339-validator` package, `hostname` through `fqdn`,
+`duration` through `isoduration`, `uri` through `rfc3986-validator`, which must be installed: a
 format left unchecked would pass anything).
 
 Reads a JSON list of cases {schema, texts: [...]} on stdin; writes a JSON list with, per case,
@@ -16,9 +17,12 @@ import sys
 import jsonschema
 import fqdn  # noqa: F401 (without it, jsonschema checks no `hostname`)
 import rfc3339_validator  # noqa: F401 (without it, jsonschema checks no `date-time`)
+import isoduration  # noqa: F401 (without it, jsonschema checks no `duration`)
+import rfc3986_validator  # noqa: F401 (without it, jsonschema checks no `uri`)
 
 VALIDATOR = jsonschema.Draft202012Validator
-CHECKED = {"date", "date-time", "time", "uuid", "ipv4", "ipv6", "email", "hostname"}
+CHECKED = {"date", "date-time", "time", "uuid", "ipv4", "ipv6", "email", "hostname", "duration",
+           "uri"}
 assert CHECKED <= set(VALIDATOR.FORMAT_CHECKER.checkers), "a format would go unchecked"
 
 
