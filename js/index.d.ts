@@ -166,7 +166,7 @@ export interface ChatRequest {
   tools?: ChatTool[] | null;
   /** 'auto' (the default with tools): a call or text; 'required': a call; a named function: a call to it; 'none': text. */
   tool_choice?: ToolChoice | null;
-  /** Accepted: an answer makes at most one call. */
+  /** `false`: an answer makes one call at most (by default up to 8, one after the other). */
   parallel_tool_calls?: boolean | null;
   /** Ends the answer after the current token (finish_reason 'abort'); a request still waiting for its turn rejects with code 'aborted'. */
   signal?: AbortSignal;

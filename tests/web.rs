@@ -1380,7 +1380,8 @@ async fn raw_chunks(e: &Engine, req: &Value) -> Vec<Value> {
 /// answers stream no text but the call's deltas (`delta.tool_calls`: the first with its id,
 /// type and name, then its arguments' text, which add up to arguments that follow the
 /// function's parameters) and end with `finish_reason: 'tool_calls'`; `auto`
-/// gives a call when `{` is favoured and streamed text when it is ruled out; a conversation
+/// gives a call when `{` is favoured and streamed text when it is ruled out; `{` favoured after
+/// a call gives parallel calls, up to 8, or one with `parallel_tool_calls: false`; a conversation
 /// with a call and its result is accepted; a loose schema warns, a strict one is refused.
 #[wasm_bindgen_test]
 async fn tool_calls_stream_their_name_then_their_arguments() {
@@ -1451,6 +1452,42 @@ async fn tool_calls_stream_their_name_then_their_arguments() {
                 other => panic!("{other}"),
             }
             assert!(want.is_none_or(|w| w == name), "{choice}: {name}");
+        }
+    }
+    // Parallel calls: with `{` favoured, each whole call is followed by another (up to 8; here
+    // until the tiny model's 512-token context is full), each with its own index, id, name
+    // and arguments; `parallel_tool_calls: false`: one.
+    let mut req = base(json!("required"), 0);
+    req["logit_bias"][token(b'{')] = json!(100);
+    for (parallel, want) in [(Value::Null, 3..=8), (json!(false), 1..=1)] {
+        req["parallel_tool_calls"] = parallel;
+        let chunks = raw_chunks(&e, &req).await;
+        let last = &chunks.last().unwrap()["choices"][0];
+        assert_eq!(last["finish_reason"], "tool_calls", "{last}");
+        let mut calls: Vec<(String, String, String)> = Vec::new();
+        for d in chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+            .flatten()
+        {
+            let i = d["index"].as_u64().unwrap() as usize;
+            if let Some(id) = d["id"].as_str() {
+                assert_eq!(i, calls.len(), "calls come in order: {d}");
+                let name = d["function"]["name"].as_str().unwrap();
+                calls.push((id.into(), name.into(), String::new()));
+            }
+            assert!(d["id"].is_string() || d["function"].get("name").is_none());
+            calls[i].2 += d["function"]["arguments"].as_str().unwrap();
+        }
+        assert!(want.contains(&calls.len()), "{calls:?}");
+        for (id, name, args) in &calls {
+            assert_eq!(calls.iter().filter(|c| &c.0 == id).count(), 1, "{id} twice");
+            let args: Value = serde_json::from_str(args).unwrap();
+            match name.as_str() {
+                "w" => assert!(["c", "f"].contains(&args["u"].as_str().unwrap())),
+                "t" => assert!(args["z"].is_boolean(), "{args}"),
+                other => panic!("{other}"),
+            }
         }
     }
     // auto: JSON that is not a call (`{` favoured: `{{...`) is text, and so is an answer with

@@ -36,6 +36,10 @@ pub struct GenerateArgs {
     /// `auto` (the default), `required`, `none`, or the name of the function to call.
     #[arg(long, value_name = "CHOICE", requires = "tools")]
     tool_choice: Option<String>,
+    /// `false`: at most one call per answer (OpenAI's `parallel_tool_calls`; by default an
+    /// answer may make several, one after the other).
+    #[arg(long, value_name = "BOOL", requires = "tools")]
+    parallel_tool_calls: Option<bool>,
 }
 
 /// `--tools` and `--tool-choice` as the browser's request fields.
@@ -53,8 +57,9 @@ fn read_tools(a: &GenerateArgs) -> Result<Option<Tools>> {
     if a.sampling.json_object || a.sampling.json_schema.is_some() {
         anyhow::bail!("--tools cannot be combined with --json-object or --json-schema");
     }
-    Tools::parse(Some(&list), choice.as_ref())
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    let tools = Tools::parse(Some(&list), choice.as_ref())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(tools.map(|t| t.parallel(a.parallel_tool_calls)))
 }
 
 #[derive(Args)]
@@ -145,29 +150,35 @@ where
             self.between_tokens(Some(turn.out.len()));
         }
         let mut rest = stop_text.finish();
-        let call = match held.as_mut().map(|h| h.finish(turn.lead())) {
-            Some(CallEnd::Called { call, .. }) => Some(call),
+        let calls = match held.as_mut().map(|h| h.finish(turn.lead())) {
             // Never streamed here, so a call cut short comes back as text.
+            Some(CallEnd::Calls {
+                calls,
+                rest: r,
+                cut,
+            }) => {
+                if let Some(d) = r.last().filter(|_| cut) {
+                    rest += &d.arguments;
+                }
+                calls
+            }
             Some(CallEnd::Text(unheld)) => {
                 rest += &unheld;
-                None
+                Vec::new()
             }
-            Some(CallEnd::Cut(d)) => {
-                rest += &d.arguments;
-                None
-            }
-            None => None,
+            None => Vec::new(),
         };
         print!("{rest}");
         text += &rest;
-        if let Some(c) = &call {
-            print!("[tool call] {} {}", c.name, c.arguments);
+        for (i, c) in calls.iter().enumerate() {
+            let sep = if i > 0 { "\n" } else { "" };
+            print!("{sep}[tool call] {} {}", c.name, c.arguments);
         }
         Ok(Answer {
             ids: turn.out,
             stats: turn.stats,
             text,
-            call,
+            calls,
         })
     }
 }
@@ -177,8 +188,8 @@ struct Answer {
     ids: Vec<u32>,
     text: String,
     stats: GenStats,
-    /// The function call the answer made (`--tools`).
-    call: Option<ToolCall>,
+    /// The function calls the answer made (`--tools`).
+    calls: Vec<ToolCall>,
 }
 
 struct Generate(GenerateArgs);
@@ -212,17 +223,20 @@ impl Job for Generate {
         let Answer {
             ids: out,
             stats,
-            call,
+            calls,
             ..
         } = e.answer(&ids, &a.sampling, tools.as_ref())?;
         println!();
         eprintln!("{}", speed(&stats));
         if a.json {
-            let call = call.map(|c| serde_json::json!({"name": c.name, "arguments": c.arguments}));
+            let calls: Vec<_> = calls
+                .iter()
+                .map(|c| serde_json::json!({"name": c.name, "arguments": c.arguments}))
+                .collect();
             println!(
                 "{}",
                 serde_json::json!({"ids": out, "stats": stats, "step": e.run.step,
-                    "bits": e.run.session.model.eqm_bits(), "tool_call": call})
+                    "bits": e.run.session.model.eqm_bits(), "tool_calls": calls})
             );
         }
         Ok(())

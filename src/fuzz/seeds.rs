@@ -127,6 +127,19 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
             br#"{"name": "w", "arguments": {"u": "f", "d": null}}"#.to_vec(),
         ],
     );
+    // Parallel calls start from answers of two or three calls.
+    s.insert(
+        "tool_calls",
+        vec![
+            br#"{"name": "w", "arguments": {"u": "c"}}
+{"name":"t","arguments":{}}"#
+                .to_vec(),
+            br#" <tool_call>{"name": "t", "arguments": {"z": []}}</tool_call>
+<tool_call>
+{"name": "w", "arguments": {"u": "f", "d": 3}} {"name":"w","arguments":{"u":"c"}}"#
+                .to_vec(),
+        ],
+    );
     // Structured output starts from whole texts of `targets::fuzz_structured_schema`.
     s.insert(
         "structured",

@@ -361,37 +361,115 @@ pub fn tool_call(b: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// A whole call fed to `HeldCall` in pieces (cut every few characters, as tokens would): what
-/// `stream` sends and `finish` leaves add up to the call `ToolCall::parse` reads, name first.
+/// An answer of up to 3 calls (`JsonConstraint::calls`, `tool_choice: 'auto'`) on any
+/// bytes, one token per byte and an end-of-turn token for `0xff`: the constraint takes a
+/// prefix; if that is calls, `HeldCall` reads back whole calls that each parse, name one of the
+/// functions and are as many as the constraint completed; what streamed adds up to them.
+pub fn tool_calls(b: &[u8]) -> Result<()> {
+    use crate::runtime::json_mode::{Lead, TokenBytes};
+    use crate::runtime::tools::{CallEnd, HeldCall, ToolCall};
+    thread_local!(static TABLE: std::sync::Arc<TokenBytes> = std::sync::Arc::new(
+        (0..=255u8).map(|b| (b != 0xff).then(|| vec![b])).collect()));
+    let mut c = TABLE
+        .with(|t| fuzz_tools().constraint(t.clone()))
+        .expect("auto is constrained")
+        .calls(3);
+    let (mut h, mut whole, mut streamed) = (HeldCall::default(), 0, Vec::<String>::new());
+    // ASCII only (and the end-of-turn token): `push` takes whole characters.
+    for &byte in b.iter().take_while(|&&x| x.is_ascii() || x == 0xff) {
+        if !c.takes(byte as u32) {
+            break;
+        }
+        let done = c.advance(byte as u32);
+        let piece = if byte == 0xff {
+            String::new()
+        } else {
+            (byte as char).to_string()
+        };
+        if h.push(Some(c.lead()), &piece).is_some() {
+            return Ok(()); // text
+        }
+        for d in h.stream(Some(c.lead())) {
+            streamed.resize(streamed.len().max(d.index + 1), String::new());
+            streamed[d.index] += &d.arguments;
+        }
+        if matches!(c.lead(), Lead::Between(held) if held.is_empty()) || done {
+            whole += 1;
+        }
+        if done || byte == 0xff {
+            break;
+        }
+    }
+    let lead = c.lead().clone();
+    match h.finish(Some(&lead)) {
+        CallEnd::Calls { calls, rest, cut } => {
+            assert_eq!(calls.len(), whole, "{calls:?}");
+            for d in rest {
+                streamed.resize(streamed.len().max(d.index + 1), String::new());
+                streamed[d.index] += &d.arguments;
+            }
+            assert_eq!(streamed.len(), calls.len() + cut as usize);
+            for (call, args) in calls.iter().zip(&streamed) {
+                assert!(["w", "t"].contains(&call.name.as_str()), "{call:?}");
+                assert_eq!(&call.arguments, args);
+                let v: serde_json::Value = serde_json::from_str(args).expect("arguments parse");
+                assert!(v.is_object());
+                let text = format!(r#"{{"name":"{}","arguments":{args}}}"#, call.name);
+                assert_eq!(ToolCall::parse(&text).as_ref(), Some(call));
+            }
+        }
+        CallEnd::Text(_) => assert_eq!(whole, 0),
+    }
+    Ok(())
+}
+
+/// A whole call, twice in one answer (parallel calls, apart as the automaton lets them be),
+/// fed to `HeldCall` in pieces (cut every few characters, as tokens would): what `stream`
+/// sends and `finish` leaves add up, call by call, to the call `ToolCall::parse` reads, each
+/// name first.
 pub fn streamed_call_adds_up(text: &str) {
     use crate::runtime::json_mode::Lead;
     use crate::runtime::tools::{CallEnd, HeldCall, ToolCall};
     let json = Some(&Lead::Json);
     let whole = ToolCall::parse(text).expect("a whole call parses");
+    let sep = match text.trim_start().starts_with("<tool_call>") {
+        true => "</tool_call>\n",
+        false => "\n",
+    };
+    let answer = format!("{text}{sep}{text}");
     let mut h = HeldCall::default();
-    let (mut name, mut args) = (None, String::new());
-    let cuts: Vec<usize> = text
+    let mut streamed: [(Option<String>, String); 2] = Default::default();
+    let mut add = |d: crate::runtime::tools::CallDelta| {
+        let (name, args) = &mut streamed[d.index];
+        assert!(name.is_none() || d.name.is_none(), "the name twice");
+        assert!(
+            name.is_some() || d.name.is_some(),
+            "arguments before the name"
+        );
+        *name = name.take().or(d.name);
+        *args += &d.arguments;
+    };
+    let cuts: Vec<usize> = answer
         .char_indices()
         .map(|(i, _)| i)
         .step_by(3)
-        .chain([text.len()])
+        .chain([answer.len()])
         .collect();
     for w in cuts.windows(2) {
-        assert_eq!(h.push(json, &text[w[0]..w[1]]), None);
-        if let Some(d) = h.stream(json) {
-            assert!(name.is_none() || d.name.is_none(), "the name twice");
-            name = name.or(d.name);
-            args += &d.arguments;
-        }
+        assert_eq!(h.push(json, &answer[w[0]..w[1]]), None);
+        h.stream(json).into_iter().for_each(&mut add);
     }
-    let CallEnd::Called { call, rest } = h.finish(json) else {
-        panic!("a whole call did not finish as one")
+    let CallEnd::Calls { calls, rest, cut } = h.finish(json) else {
+        panic!("whole calls did not finish as calls")
     };
-    args += &rest.arguments;
-    assert_eq!(name.or(rest.name), Some(whole.name.clone()));
-    assert_eq!(args, whole.arguments);
-    assert_eq!(call, whole);
-    assert!(serde_json::from_str::<serde_json::Value>(&args).is_ok_and(|v| v.is_object()));
+    assert!(!cut);
+    rest.into_iter().for_each(&mut add);
+    assert_eq!(calls, [whole.clone(), whole.clone()]);
+    for (name, args) in streamed {
+        assert_eq!(name.as_deref(), Some(whole.name.as_str()));
+        assert_eq!(args, whole.arguments);
+        assert!(serde_json::from_str::<serde_json::Value>(&args).is_ok_and(|v| v.is_object()));
+    }
 }
 
 /// Every target, by name; `tokenizer` serves the request target's prompts.
@@ -429,6 +507,7 @@ pub fn all(tokenizer: crate::model::tokenizer::Tokenizer) -> Vec<Target> {
         ),
         t("json_mode", &[], true, Box::new(json_mode)),
         t("tool_call", &[], true, Box::new(tool_call)),
+        t("tool_calls", &[], true, Box::new(tool_calls)),
         t("structured", &[], true, Box::new(structured)),
     ]
 }

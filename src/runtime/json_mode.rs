@@ -860,6 +860,11 @@ pub const WATCHED_BYTES: &[u8] = b"{}[]:,\"-+.0123456789eEtrufalsn \n";
 /// answer that may be a call (`JsonConstraint::optional`) is one if it starts with this or with
 /// `{"name"`.
 pub const TOOL_CALL_TAG: &[u8] = b"<tool_call>";
+/// What may close a call opened with `TOOL_CALL_TAG`, before the next call or the end.
+pub const TOOL_CALL_END: &[u8] = b"</tool_call>";
+/// Most bytes between two calls (whitespace and `TOOL_CALL_END`): past them only the end of
+/// the answer or a call's opening is let through.
+const MAX_BETWEEN_CALLS: usize = 32;
 
 /// Whether the answer is the JSON (`JsonConstraint::optional` decides it at its first bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -868,6 +873,9 @@ pub enum Lead {
     Json,
     /// Only whitespace or part of `TOOL_CALL_TAG` so far (these bytes).
     Undecided(Vec<u8>),
+    /// A call is whole and another may follow (`JsonConstraint::calls`): these bytes since,
+    /// whitespace, `TOOL_CALL_END` or the opening of the next call so far. The answer may end.
+    Between(Vec<u8>),
     /// Free text: nothing is constrained.
     Text,
 }
@@ -885,6 +893,20 @@ pub struct JsonConstraint {
     /// With an optional call (`optional` of a tagged schema): the tag's name. An answer that
     /// opens `{` is a call only once it goes on with `"NAME"`; other JSON is text.
     tag: Option<Vec<u8>>,
+    /// What each JSON follows (the automaton starts over with it for a next call).
+    schema: Arc<Schema>,
+    /// How many more calls may follow the one being written (`calls`).
+    more: usize,
+}
+
+/// How the text before a call's JSON stands (`JsonConstraint::opening`).
+enum Opening<'a> {
+    /// The JSON has begun: these bytes of it.
+    Json(&'a [u8]),
+    /// Whitespace, or a prefix of an opening: nothing decided.
+    Pending,
+    /// Something else.
+    Not,
 }
 
 impl JsonConstraint {
@@ -902,13 +924,24 @@ impl JsonConstraint {
             _ => "response_format (JSON mode)",
         };
         JsonConstraint {
-            state: JsonPrefix::new(schema),
+            state: JsonPrefix::new(schema.clone()),
             lead: Lead::Json,
             bytes,
             watched_bytes,
             what,
             tag: None,
+            schema,
+            more: 0,
         }
+    }
+
+    /// Lets the answer be up to `max` calls (OpenAI's parallel function calls), one after the
+    /// other, apart by whitespace (and `TOOL_CALL_END` where written); after each whole call
+    /// the answer may end (`Lead::Between`). Only for a call schema; `max` is at least 1.
+    pub fn calls(mut self, max: usize) -> Self {
+        debug_assert!(matches!(*self.schema, Schema::ToolCall(_)));
+        self.more = max.max(1) - 1;
+        self
     }
 
     /// An answer that is either free text or, if it starts with `{` or `TOOL_CALL_TAG` (after
@@ -952,37 +985,60 @@ impl JsonConstraint {
         self.bytes.get(id as usize)?.as_deref()
     }
 
+    /// Whether `t` (after whitespace) opens the JSON: with `TOOL_CALL_TAG`, or with `{` (for
+    /// a tagged schema, `{` then whitespace and `"TAG"`).
+    fn opening<'a>(&self, t: &'a [u8]) -> Opening<'a> {
+        let t = t.trim_ascii_start();
+        if let Some(rest) = t.strip_prefix(TOOL_CALL_TAG) {
+            return Opening::Json(rest);
+        }
+        if !t.starts_with(b"{") {
+            return match TOOL_CALL_TAG.starts_with(t) {
+                true => Opening::Pending,
+                false => Opening::Not,
+            };
+        }
+        let Some(tag) = &self.tag else {
+            return Opening::Json(t);
+        };
+        let r = t[1..].trim_ascii_start();
+        let want = [&b"\""[..], tag, b"\""].concat();
+        if r.starts_with(&want) {
+            Opening::Json(t)
+        } else if want.starts_with(r) && JsonPrefix::new(self.schema.clone()).feed(t) {
+            Opening::Pending
+        } else {
+            Opening::Not
+        }
+    }
+
     /// What an undecided answer becomes with `held` as its text: `None` if refused (it opens
     /// JSON that cannot go on), else the lead and, for JSON, the automaton after it.
     fn decide(&self, held: &[u8]) -> Option<(Lead, Option<JsonPrefix>)> {
-        let start = held
-            .iter()
-            .position(|b| !b.is_ascii_whitespace())
-            .unwrap_or(held.len());
-        let t = &held[start..];
-        let json = match t.strip_prefix(TOOL_CALL_TAG) {
-            Some(rest) => Some(rest),
-            None if t.starts_with(b"{") => match &self.tag {
-                None => Some(t),
-                // `{`, whitespace, then `"TAG"`: a call; a prefix of it: undecided; else text.
-                Some(tag) => {
-                    let r = t[1..].trim_ascii_start();
-                    let want = [&b"\""[..], tag, b"\""].concat();
-                    if r.starts_with(&want) {
-                        Some(t)
-                    } else if want.starts_with(r) && self.state.after(t).is_some() {
-                        return Some((Lead::Undecided(held.to_vec()), None));
-                    } else {
-                        return Some((Lead::Text, None));
-                    }
-                }
-            },
-            None => None,
+        match self.opening(held) {
+            Opening::Json(j) => self.state.after(j).map(|p| (Lead::Json, Some(p))),
+            Opening::Pending => Some((Lead::Undecided(held.to_vec()), None)),
+            Opening::Not => Some((Lead::Text, None)),
+        }
+    }
+
+    /// What the text after a whole call becomes with `held` as its text: `None` if refused
+    /// (anything but whitespace, `TOOL_CALL_END` and the next call's opening).
+    fn decide_between(&self, held: &[u8]) -> Option<(Lead, Option<JsonPrefix>)> {
+        let t = held.trim_ascii_start();
+        let t = match t.strip_prefix(TOOL_CALL_END) {
+            Some(rest) => rest,
+            None if TOOL_CALL_END.starts_with(t) => b"",
+            None => t,
         };
-        match json {
-            Some(j) => self.state.after(j).map(|p| (Lead::Json, Some(p))),
-            None if TOOL_CALL_TAG.starts_with(t) => Some((Lead::Undecided(held.to_vec()), None)),
-            None => Some((Lead::Text, None)),
+        match self.opening(t) {
+            Opening::Json(j) => JsonPrefix::new(self.schema.clone())
+                .after(j)
+                .map(|p| (Lead::Json, Some(p))),
+            Opening::Pending if held.len() <= MAX_BETWEEN_CALLS => {
+                Some((Lead::Between(held.to_vec()), None))
+            }
+            _ => None,
         }
     }
 
@@ -990,14 +1046,11 @@ impl JsonConstraint {
     /// candidate while the answer is free text). None left is an error naming the state
     /// (`tokens`: the sequence length, for the message).
     pub fn allowed(&self, cand: &[(u32, f32)], tokens: usize) -> Result<Vec<(u32, f32)>> {
-        let keep = |id: u32| match (&self.lead, self.bytes_of(id)) {
-            (Lead::Text, _) => true,
-            // A special token (end of turn) ends an answer that is not JSON.
-            (Lead::Undecided(_), None) => true,
-            (Lead::Undecided(held), Some(b)) => self.decide(&[held, b].concat()).is_some(),
-            (Lead::Json, b) => b.is_some_and(|b| !b.is_empty() && self.state.after(b).is_some()),
-        };
-        let out: Vec<(u32, f32)> = cand.iter().copied().filter(|&(id, _)| keep(id)).collect();
+        let out: Vec<(u32, f32)> = cand
+            .iter()
+            .copied()
+            .filter(|&(id, _)| self.takes(id))
+            .collect();
         if out.is_empty() {
             return Err(Error::input(format!(
                 "{}: none of the {} candidate tokens continues the JSON at position {tokens}",
@@ -1008,29 +1061,57 @@ impl JsonConstraint {
         Ok(out)
     }
 
-    /// Reads token `id` (one `allowed` returned); whether the JSON is now complete.
+    /// Whether token `id` may come next.
+    pub fn takes(&self, id: u32) -> bool {
+        match (&self.lead, self.bytes_of(id)) {
+            (Lead::Text, _) => true,
+            // A special token (end of turn) ends an answer that is not JSON, or after a call.
+            (Lead::Undecided(_) | Lead::Between(_), None) => true,
+            (Lead::Undecided(held), Some(b)) => self.decide(&[held, b].concat()).is_some(),
+            (Lead::Between(held), Some(b)) => self.decide_between(&[held, b].concat()).is_some(),
+            (Lead::Json, b) => b.is_some_and(|b| !b.is_empty() && self.state.after(b).is_some()),
+        }
+    }
+
+    /// Whether a call is whole, another may follow (`Lead::Between`) and none has begun to
+    /// open (only whitespace since): then the model's own choice decides whether the answer
+    /// goes on (`takes`) or ends.
+    pub fn between_calls(&self) -> bool {
+        matches!(&self.lead, Lead::Between(held) if held.iter().all(u8::is_ascii_whitespace))
+    }
+
+    /// Reads token `id` (one `allowed` returned); whether the answer is now complete: its
+    /// JSON whole and no further call may follow.
     pub fn advance(&mut self, id: u32) -> bool {
         let bytes = self.bytes.get(id as usize).cloned().flatten();
-        match &self.lead {
+        let decided = match &self.lead {
             Lead::Text => return false,
             Lead::Undecided(held) => {
-                let held = [held.as_slice(), bytes.as_deref().unwrap_or_default()].concat();
-                match self.decide(&held) {
-                    Some((lead, state)) => {
-                        self.lead = lead;
-                        if let Some(s) = state {
-                            self.state = s;
-                        }
-                    }
-                    None => debug_assert!(false, "token {id} was not allowed"),
-                }
+                self.decide(&[held.as_slice(), bytes.as_deref().unwrap_or_default()].concat())
             }
+            Lead::Between(held) => self
+                .decide_between(&[held.as_slice(), bytes.as_deref().unwrap_or_default()].concat()),
             Lead::Json => {
                 let ok = bytes.is_some_and(|b| self.state.feed(&b));
                 debug_assert!(ok, "token {id} was not allowed");
+                None
+            }
+        };
+        if let Some((lead, state)) = decided {
+            self.lead = lead;
+            if let Some(s) = state {
+                self.state = s;
             }
         }
-        self.lead == Lead::Json && self.state.is_complete()
+        if self.lead != Lead::Json || !self.state.is_complete() {
+            return false;
+        }
+        if self.more == 0 {
+            return true;
+        }
+        self.more -= 1;
+        self.lead = Lead::Between(Vec::new());
+        false
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! The OpenAI fields this engine implements, and those it accepts and ignores with reason
 //! (`model`, `user`: one model per engine; `stream_options`: the final chunk always carries
-//! `usage`; `parallel_tool_calls`: an answer makes one call at most). Any other field is
+//! `usage`). Any other field is
 //! rejected as unsupported rather than silently ignored (see `KNOWN`).
 
 use crate::error::{Error, Result};
@@ -49,7 +49,7 @@ pub struct ChatRequest {
     /// Functions the model may call (`ChatRequest::tools`).
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
-    /// Accepted: an answer makes at most one call, which both values allow.
+    /// `false`: an answer makes one call at most (by default up to `tools::MAX_CALLS`).
     pub parallel_tool_calls: Option<bool>,
     /// Generate `max_tokens` even past the end-of-turn token (benchmarks; vLLM's name).
     pub ignore_eos: Option<bool>,
@@ -97,7 +97,8 @@ impl ChatRequest {
     /// `tools` and `tool_choice` (`runtime::tools`); `None` without tools. A call cannot also
     /// be held to `response_format`'s JSON: both at once is `Unsupported`.
     pub fn tools(&self) -> Result<Option<Tools>> {
-        let t = Tools::parse(self.tools.as_ref(), self.tool_choice.as_ref())?;
+        let t = Tools::parse(self.tools.as_ref(), self.tool_choice.as_ref())?
+            .map(|t| t.parallel(self.parallel_tool_calls));
         if t.as_ref().is_some_and(|t| t.choice != ToolChoice::None) && self.json_mode()?.is_some() {
             return Err(Error::Unsupported(
                 "chat request: `response_format` JSON together with `tools` is not supported \

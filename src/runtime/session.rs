@@ -166,6 +166,8 @@ impl<B: Backend> Session<B> {
         let mut watched = s.watched();
         if let Some(j) = &opts.json {
             watched.extend(j.watched());
+            // Where the answer may end (free text, after a call), its end is always a candidate.
+            watched.extend_from_slice(stop);
             watched.sort_unstable();
             watched.dedup();
         }
@@ -222,10 +224,17 @@ impl<B: Backend> Session<B> {
             turn.pending = None;
         }
         let mut cand = turn.sampling.adjust(&turn.cand, &turn.out);
-        if let Some(j) = &turn.opts.json {
+        let between_calls = turn.opts.json.as_ref().is_some_and(|j| j.between_calls());
+        if let Some(j) = turn.opts.json.as_ref().filter(|_| !between_calls) {
             cand = j.allowed(&cand, self.tokens.len())?;
         }
         let id = sample(&cand, &turn.sampling, &mut turn.rng, self.tokens.len())?;
+        // After a whole call the model's own draw decides: another call's opening (or
+        // whitespace toward it) goes on; text, which cannot follow calls, ends the answer.
+        if between_calls && !turn.opts.json.as_ref().is_some_and(|j| j.takes(id)) {
+            turn.finish(StopReason::Eos);
+            return Ok(None);
+        }
         if turn.stop.contains(&id) {
             turn.finish(StopReason::Eos);
             return Ok(None);

@@ -10,12 +10,14 @@
 //!   {name}}`: to that one.
 //! - `'none'`: the functions are left out of the prompt and the answer is text.
 //!
-//! One call per answer (`parallel_tool_calls` asks for at most that many, so it is accepted).
+//! An answer may make up to `MAX_CALLS` calls, one after the other (OpenAI's parallel function
+//! calls: whitespace, or `</tool_call>` and `<tool_call>`, between them; after each whole call
+//! the answer may end); `parallel_tool_calls: false` holds it to one.
 
 use crate::error::{Error, Result};
 use crate::model::chat::ToolPrompt;
 use crate::runtime::json_mode::{
-    Functions, JsonConstraint, Lead, Schema, TokenBytes, TOOL_CALL_TAG,
+    Functions, JsonConstraint, Lead, Schema, TokenBytes, TOOL_CALL_END, TOOL_CALL_TAG,
 };
 use crate::runtime::json_schema;
 use crate::runtime::json_tagged::Tagged;
@@ -24,6 +26,9 @@ use std::sync::Arc;
 
 /// Most functions one request may offer (OpenAI's limit).
 pub const MAX_TOOLS: usize = 128;
+
+/// Most calls one answer may make (`parallel_tool_calls` not `false`).
+pub const MAX_CALLS: usize = 8;
 
 /// One function the model may call.
 #[derive(Debug, Clone)]
@@ -54,6 +59,8 @@ pub struct Tools {
     pub list: Value,
     /// The system text for a template that does not know tools (`instructions`).
     pub instructions: String,
+    /// Most calls an answer may make: `MAX_CALLS`, or 1 with `parallel_tool_calls: false`.
+    pub max_calls: usize,
 }
 
 /// A call the model wrote.
@@ -118,9 +125,20 @@ impl Tools {
             choice,
             list: Value::Array(list.to_vec()),
             instructions: String::new(),
+            max_calls: MAX_CALLS,
         };
         t.instructions = t.instructions_text(list);
         Ok(Some(t))
+    }
+
+    /// With `parallel_tool_calls` (`None`: the default, several calls).
+    pub fn parallel(mut self, parallel: Option<bool>) -> Self {
+        self.max_calls = if parallel == Some(false) {
+            1
+        } else {
+            MAX_CALLS
+        };
+        self
     }
 
     /// What the model is shown: `None` with `tool_choice: 'none'`.
@@ -151,6 +169,7 @@ impl Tools {
             ToolChoice::Auto => Some(JsonConstraint::optional(bytes, self.call_schema())),
             _ => Some(JsonConstraint::new(bytes, self.call_schema())),
         }
+        .map(|c| c.calls(self.max_calls))
     }
 
     /// The system text that describes the functions and the call format, for templates that
@@ -262,36 +281,45 @@ fn tool_choice(v: Option<&Value>, functions: &[Function]) -> Result<ToolChoice> 
     })
 }
 
-/// An answer's text while it may be a call (`tool_choice` other than `'none'`): held back,
-/// not shown, until the answer turns out to be text (then it is shown) or a call (then its
-/// name and arguments stream as the call's deltas: `stream`); `finish` reads the end.
+/// An answer's text while it may be calls (`tool_choice` other than `'none'`): held back,
+/// not shown, until the answer turns out to be text (then it is shown) or calls (then each
+/// call's name and arguments stream as its deltas: `stream`); `finish` reads the end.
 #[derive(Debug, Clone, Default)]
 pub struct HeldCall {
     held: String,
-    /// Where the arguments begin in `held`, once the name is written (`head`).
+    /// Where the call being written begins in `held` (after the whole ones).
+    start: usize,
+    /// Where its arguments begin in `held`, once its name is written (`head`).
     args_at: Option<usize>,
-    /// Bytes of `held` sent as the call's deltas so far.
+    /// Bytes of `held` sent as deltas so far.
     sent: usize,
+    /// The whole calls so far.
+    calls: Vec<ToolCall>,
 }
 
 /// What a call adds to the stream after a token (`HeldCall::stream`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallDelta {
+    /// Which of the answer's calls (0 for the first).
+    pub index: usize,
     /// The function's name: in the call's first delta only.
     pub name: Option<String>,
     /// More of the arguments' JSON text, as the model wrote it.
     pub arguments: String,
 }
 
-/// How an answer that may have been a call ended (`HeldCall::finish`).
+/// How an answer that may have been calls ended (`HeldCall::finish`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallEnd {
-    /// A whole call; `rest`: what `stream` has not sent of it yet.
-    Called { call: ToolCall, rest: CallDelta },
-    /// A call whose name was sent, cut before it closed (`max_tokens`, an abort): the rest of
-    /// its arguments so far.
-    Cut(CallDelta),
-    /// Not a call, or cut before its name was whole: the held text, to show.
+    /// The calls it made: `calls` the whole ones; `rest` what `stream` has not sent of them
+    /// yet; `cut`: one more was cut after its name, before it closed (`max_tokens`, an abort),
+    /// and `rest` ends with its arguments so far.
+    Calls {
+        calls: Vec<ToolCall>,
+        rest: Vec<CallDelta>,
+        cut: bool,
+    },
+    /// Not a call, or cut before the first call's name was whole: the held text, to show.
     Text(String),
 }
 
@@ -300,15 +328,36 @@ fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\n' | b'\t' | b'\r')
 }
 
+/// Whether the answer is, or may be, calls at `lead`.
+fn is_call(lead: Option<&Lead>) -> bool {
+    matches!(lead, Some(Lead::Json | Lead::Between(_)))
+}
+
+/// Where a call's JSON begins in `text`: after whitespace, a `</tool_call>` closing the call
+/// before it, and a `<tool_call>` opening it (what the automaton lets through there).
+fn json_start(text: &str) -> usize {
+    let b = text.as_bytes();
+    let mut i = 0;
+    for tag in [TOOL_CALL_END, TOOL_CALL_TAG] {
+        skip_ws(b, &mut i);
+        if b[i..].starts_with(tag) {
+            i += tag.len();
+        }
+    }
+    i
+}
+
+fn skip_ws(b: &[u8], i: &mut usize) {
+    while b.get(*i).copied().is_some_and(is_ws) {
+        *i += 1;
+    }
+}
+
 /// In a call's text, `{"name": "N", "arguments": ` (the only form the automaton lets through,
-/// after whitespace and an optional `<tool_call>`): N and where the arguments' value begins,
-/// once it has.
+/// after `json_start`): N and where the arguments' value begins, once it has.
 fn head(text: &str) -> Option<(String, usize)> {
     let b = text.as_bytes();
-    let mut i = b.iter().position(|c| !c.is_ascii_whitespace())?;
-    if b[i..].starts_with(TOOL_CALL_TAG) {
-        i += TOOL_CALL_TAG.len();
-    }
+    let mut i = json_start(text);
     for lit in [&b"{"[..], b"\"name\"", b":", b"\""] {
         after(b, &mut i, lit)?;
     }
@@ -323,20 +372,30 @@ fn head(text: &str) -> Option<(String, usize)> {
 
 /// Moves `i` past whitespace and then `lit`, if `b` has it there.
 fn after(b: &[u8], i: &mut usize, lit: &[u8]) -> Option<()> {
-    while b.get(*i).copied().is_some_and(is_ws) {
-        *i += 1;
-    }
+    skip_ws(b, i);
     b.get(*i..*i + lit.len()).filter(|x| *x == lit)?;
     *i += lit.len();
     Some(())
 }
 
+/// Adds `d` to `out`, into its last delta when that is of the same call.
+fn merge(out: &mut Vec<CallDelta>, d: CallDelta) {
+    match out.last_mut() {
+        Some(last) if last.index == d.index => {
+            last.name = last.name.take().or(d.name);
+            last.arguments += &d.arguments;
+        }
+        _ if d.name.is_none() && d.arguments.is_empty() => {}
+        _ => out.push(d),
+    }
+}
+
 impl HeldCall {
     /// Of `piece` (a token's text, after which the turn's constraint stands at `lead`), what
-    /// to show now: `None` while the answer may still be, or is, a call.
+    /// to show now: `None` while the answer may still be, or is, calls.
     pub fn push(&mut self, lead: Option<&Lead>, piece: &str) -> Option<String> {
         match lead {
-            Some(Lead::Json | Lead::Undecided(_)) => {
+            Some(Lead::Json | Lead::Undecided(_) | Lead::Between(_)) => {
                 self.held.push_str(piece);
                 None
             }
@@ -344,55 +403,87 @@ impl HeldCall {
         }
     }
 
-    /// What the call adds to the stream now: its name once written (the first delta), then
-    /// its arguments' text as it comes, less a tail of whitespace and `}` that may be the
-    /// call's own close. `None` when there is nothing new (or the answer is not a call).
-    pub fn stream(&mut self, lead: Option<&Lead>) -> Option<CallDelta> {
-        if lead != Some(&Lead::Json) {
-            return None;
+    /// What the calls add to the stream now: each call's name once written (its first
+    /// delta), then its arguments' text as it comes, less a tail of whitespace and `}` that
+    /// may be the call's own close until the call is whole. Empty when there is nothing new
+    /// (or the answer is not calls).
+    pub fn stream(&mut self, lead: Option<&Lead>) -> Vec<CallDelta> {
+        let mut out = Vec::new();
+        if is_call(lead) {
+            while self.step(&mut out) {}
         }
-        let mut name = None;
-        if self.args_at.is_none() {
-            let (n, at) = head(&self.held)?;
-            (self.args_at, self.sent, name) = (Some(at), at, Some(n));
-        }
-        let end = self
-            .held
-            .trim_end_matches(|c: char| is_ws(c as u8) && c.is_ascii() || c == '}')
-            .len()
-            .max(self.sent);
-        let arguments = self.held[self.sent..end].to_string();
-        self.sent = end;
-        (name.is_some() || !arguments.is_empty()).then_some(CallDelta { name, arguments })
+        out
     }
 
-    /// At the answer's end: the call, a call cut short, or the text to show.
-    pub fn finish(&mut self, lead: Option<&Lead>) -> CallEnd {
-        let held = std::mem::take(&mut self.held);
-        if lead != Some(&Lead::Json) {
-            return CallEnd::Text(held);
+    /// `stream` for the call being written; whether it became whole (the next may follow).
+    fn step(&mut self, out: &mut Vec<CallDelta>) -> bool {
+        let index = self.calls.len();
+        let mut name = None;
+        if self.args_at.is_none() {
+            let Some((n, at)) = head(&self.held[self.start..]) else {
+                return false;
+            };
+            (self.args_at, self.sent, name) = (Some(self.start + at), self.start + at, Some(n));
         }
-        let Some((name, at)) = head(&held) else {
-            return CallEnd::Text(held);
-        };
-        let sent = self.args_at.map_or(at, |_| self.sent);
-        let named = self.args_at.is_none().then(|| name.clone());
-        match ToolCall::parse(&held) {
-            Some(call) => {
-                // The arguments end where the call's own `}` begins.
-                let close = held.trim_end().len() - 1;
-                let end = held[..close].trim_end().len().max(sent);
-                let rest = CallDelta {
-                    name: named,
-                    arguments: held[sent..end].to_string(),
-                };
-                CallEnd::Called { call, rest }
+        let whole = ToolCall::read(&self.held[self.start..]);
+        let end = match &whole {
+            // The arguments end where the call's own `}` begins.
+            Some((_, len)) => {
+                let close = self.start + len - 1;
+                self.held[..close].trim_end().len()
             }
-            None if self.args_at.is_some() => CallEnd::Cut(CallDelta {
-                name: None,
-                arguments: held[sent..].to_string(),
-            }),
-            None => CallEnd::Text(held),
+            None => self
+                .held
+                .trim_end_matches(|c: char| c.is_ascii() && is_ws(c as u8) || c == '}')
+                .len(),
+        }
+        .max(self.sent);
+        let arguments = self.held[self.sent..end].to_string();
+        self.sent = end;
+        merge(
+            out,
+            CallDelta {
+                index,
+                name,
+                arguments,
+            },
+        );
+        let Some((call, len)) = whole else {
+            return false;
+        };
+        self.calls.push(call);
+        self.start += len;
+        (self.args_at, self.sent) = (None, self.start);
+        true
+    }
+
+    /// At the answer's end: the calls (the last perhaps cut short), or the text to show.
+    pub fn finish(&mut self, lead: Option<&Lead>) -> CallEnd {
+        if !is_call(lead) {
+            return CallEnd::Text(std::mem::take(&mut self.held));
+        }
+        let mut rest = self.stream(lead);
+        let cut = self.args_at.is_some();
+        if cut {
+            let arguments = self.held[self.sent..].to_string();
+            let index = self.calls.len();
+            merge(
+                &mut rest,
+                CallDelta {
+                    index,
+                    name: None,
+                    arguments,
+                },
+            );
+        }
+        if self.calls.is_empty() && !cut {
+            return CallEnd::Text(std::mem::take(&mut self.held));
+        }
+        // What follows the last whole call without a name (cut while it opened) is dropped.
+        CallEnd::Calls {
+            calls: std::mem::take(&mut self.calls),
+            rest,
+            cut,
         }
     }
 }
@@ -402,18 +493,25 @@ impl ToolCall {
     /// `<tool_call>` before it allowed), its arguments as the model wrote them; `None` when
     /// the answer ended before the call did (`max_tokens`).
     pub fn parse(answer: &str) -> Option<ToolCall> {
-        let (name, at) = head(answer)?;
-        let t = answer.trim_start();
-        let t = t
-            .strip_prefix(std::str::from_utf8(TOOL_CALL_TAG).expect("ASCII"))
-            .unwrap_or(t);
-        let v: Value = serde_json::from_str(t).ok()?;
+        let (call, len) = Self::read(answer)?;
+        answer[len..].trim_start().is_empty().then_some(call)
+    }
+
+    /// The call `text` begins with and the length of its text (to its closing `}`), whatever
+    /// follows; `None` until the call is whole.
+    fn read(text: &str) -> Option<(ToolCall, usize)> {
+        let (name, at) = head(text)?;
+        let start = json_start(text);
+        let mut values = serde_json::Deserializer::from_str(&text[start..]).into_iter::<Value>();
+        let v = values.next()?.ok()?;
         v.get("arguments")?.as_object()?;
-        let close = answer.trim_end().len() - 1;
-        Some(ToolCall {
+        let len = start + values.byte_offset();
+        let close = len - 1;
+        let call = ToolCall {
             name,
-            arguments: answer[at..close].trim_end().to_string(),
-        })
+            arguments: text[at..close].trim_end().to_string(),
+        };
+        Some((call, len))
     }
 }
 
@@ -594,51 +692,140 @@ mod tests {
             deltas.extend(h.stream(json));
         }
         assert_eq!(deltas[0].name.as_deref(), Some("get_time"));
-        assert!(deltas[1..].iter().all(|d| d.name.is_none()));
-        let CallEnd::Called { call, rest } = h.finish(json) else {
+        assert!(deltas[1..].iter().all(|d| d.name.is_none() && d.index == 0));
+        let CallEnd::Calls { calls, rest, cut } = h.finish(json) else {
             panic!("not a call")
         };
-        assert_eq!(rest.name, None);
-        let streamed: String = deltas
-            .iter()
-            .chain([&rest])
-            .map(|d| d.arguments.as_str())
-            .collect();
+        assert!(!cut && rest.is_empty(), "{rest:?}");
+        let streamed: String = deltas.iter().map(|d| d.arguments.as_str()).collect();
         assert_eq!(streamed, r#"{"zone": {"h": 2}}"#);
-        assert_eq!(call.arguments, streamed);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].arguments, streamed);
         // Unstreamed (the CLI): the name and the whole arguments at the end.
         let mut h = HeldCall::default();
         for p in pieces {
             h.push(json, p);
         }
-        let CallEnd::Called { rest, .. } = h.finish(json) else {
+        let CallEnd::Calls { rest, .. } = h.finish(json) else {
             panic!("not a call")
         };
-        assert_eq!(rest.name.as_deref(), Some("get_time"));
-        assert_eq!(rest.arguments, r#"{"zone": {"h": 2}}"#);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].name.as_deref(), Some("get_time"));
+        assert_eq!(rest[0].arguments, r#"{"zone": {"h": 2}}"#);
         // Cut after the name: the arguments so far; before it: text.
         let mut h = HeldCall::default();
         h.push(json, r#"{"name": "f", "arguments": {"a"#);
-        let first = h.stream(json).unwrap();
+        let first = h.stream(json);
         assert_eq!(
-            (first.name.as_deref(), first.arguments.as_str()),
+            (first[0].name.as_deref(), first[0].arguments.as_str()),
             (Some("f"), r#"{"a"#)
         );
         h.push(json, r#"": 1"#);
+        let d = |arguments: &str| CallDelta {
+            index: 0,
+            name: None,
+            arguments: arguments.into(),
+        };
         assert_eq!(
             h.finish(json),
-            CallEnd::Cut(CallDelta {
-                name: None,
-                arguments: r#"": 1"#.into()
-            })
+            CallEnd::Calls {
+                calls: vec![],
+                rest: vec![d(r#"": 1"#)],
+                cut: true
+            }
         );
         let mut h = HeldCall::default();
         h.push(json, r#"{"name": "f"#);
-        assert_eq!(h.stream(json), None);
+        assert_eq!(h.stream(json), vec![]);
         assert_eq!(h.finish(json), CallEnd::Text(r#"{"name": "f"#.into()));
         // Text: shown with what was held before it.
         let mut h = HeldCall::default();
         assert_eq!(h.push(Some(&Lead::Undecided(vec![b' '])), " "), None);
         assert_eq!(h.push(Some(&Lead::Text), "Hi").as_deref(), Some(" Hi"));
+    }
+
+    /// Several calls in one answer: the automaton lets a second call follow a whole one (after
+    /// whitespace or `</tool_call>`), and the answer may end after any whole call, never
+    /// inside one nor with text after it; `parallel_tool_calls: false` ends it after the first.
+    #[test]
+    fn parallel_calls_follow_one_another() {
+        let t = tools(json!("required"));
+        let a = r#"{"name": "get_time", "arguments": {"zone": 1}}"#;
+        let b = r#"{"name":"get_weather","arguments":{"city":"Oslo","unit":"celsius"}}"#;
+        // One token per byte, then an end-of-turn token (id 256).
+        let mut table: TokenBytes = (0..=255u8).map(|b| Some(vec![b])).collect();
+        table.push(None);
+        let table = Arc::new(table);
+        let end = 256;
+        let run = |c: &mut JsonConstraint, text: &str| {
+            text.bytes().all(|b| {
+                let ok = c.allowed(&[(b as u32, 0.0)], 0).is_ok();
+                ok && !c.advance(b as u32)
+            })
+        };
+        let ends = |c: &JsonConstraint| c.allowed(&[(end, 0.0)], 0).is_ok();
+        for sep in ["\n", " \n ", "</tool_call>\n<tool_call>", ""] {
+            let mut c = t.constraint(table.clone()).unwrap();
+            assert!(
+                run(&mut c, &a[..a.len() - 1]) && !ends(&c),
+                "the end inside a call"
+            );
+            assert!(run(&mut c, "}"));
+            assert!(matches!(c.lead(), Lead::Between(_)) && ends(&c));
+            assert!(run(&mut c, sep), "{sep:?}");
+            assert!(run(&mut c, b));
+            assert!(ends(&c));
+            assert!(
+                c.allowed(&[(b'H' as u32, 0.0)], 0).is_err(),
+                "text after calls"
+            );
+        }
+        let mut c = t.constraint(table.clone()).unwrap();
+        assert!(run(&mut c, a) && run(&mut c, &" ".repeat(32)));
+        assert!(
+            c.allowed(&[(b' ' as u32, 0.0)], 0).is_err(),
+            "endless whitespace"
+        );
+        assert!(ends(&c));
+        // At most MAX_CALLS: the last one ends the answer.
+        let mut c = t.constraint(table.clone()).unwrap();
+        for _ in 1..MAX_CALLS {
+            assert!(run(&mut c, a) && run(&mut c, "\n"));
+        }
+        assert!(!run(&mut c, a), "the last call does not end the answer");
+        // parallel_tool_calls: false
+        let one = tools(json!("required")).parallel(Some(false));
+        let mut c = one.constraint(table.clone()).unwrap();
+        assert!(!run(&mut c, a), "one call does not end the answer");
+        // Held and streamed: two calls, each with its index, name first.
+        let mut h = HeldCall::default();
+        let lead = Some(&Lead::Json);
+        let text = format!(" <tool_call>{a}</tool_call>\n<tool_call>\n{b}");
+        let mut got = Vec::new();
+        for piece in text.as_bytes().chunks(5) {
+            h.push(lead, std::str::from_utf8(piece).unwrap());
+            got.extend(h.stream(lead));
+        }
+        let CallEnd::Calls { calls, rest, cut } = h.finish(Some(&Lead::Between(vec![]))) else {
+            panic!("not calls")
+        };
+        assert!(!cut && rest.is_empty(), "{cut} {rest:?} {got:?}");
+        assert_eq!(
+            calls.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            ["get_time", "get_weather"]
+        );
+        for (i, call) in calls.iter().enumerate() {
+            let mine: Vec<&CallDelta> = got.iter().filter(|d| d.index == i).collect();
+            assert_eq!(mine[0].name.as_deref(), Some(call.name.as_str()));
+            let args: String = mine.iter().map(|d| d.arguments.as_str()).collect();
+            assert_eq!(args, call.arguments);
+        }
+        // Cut while the second call opens: the first alone, whole.
+        let mut h = HeldCall::default();
+        h.push(lead, &format!("{a}\n{{\"na"));
+        let CallEnd::Calls { calls, cut, .. } = h.finish(lead) else {
+            panic!("not calls")
+        };
+        assert_eq!((calls.len(), cut), (1, false));
     }
 }

@@ -282,9 +282,9 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
-    /// A piece of the call the answer makes (`finish_reason: 'tool_calls'` once whole).
+    /// Pieces of the calls the answer makes (`finish_reason: 'tool_calls'` once whole).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<[ToolCallDelta; 1]>,
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// OpenAI's `delta.tool_calls[]` entry: the first of a call has its id, type and name, the

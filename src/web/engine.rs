@@ -88,40 +88,46 @@ struct Answer {
 }
 
 impl Answer {
-    /// Ends an answer in `delta`: the text still held, or the rest of the call it made; its
-    /// `finish_reason` (`tool_calls` for a whole call).
+    /// Ends an answer in `delta`: the text still held, or the rest of the calls it made; its
+    /// `finish_reason` (`tool_calls` when its calls are whole).
     fn end(&mut self, delta: &mut Delta) -> Option<&'static str> {
-        let (call, unheld, whole) = match self.call.as_mut().map(|h| h.finish(self.turn.lead())) {
-            Some(CallEnd::Called { rest, .. }) => (Some(rest), String::new(), true),
-            Some(CallEnd::Cut(rest)) => (Some(rest), String::new(), false),
-            Some(CallEnd::Text(text)) => (None, text, false),
-            None => (None, String::new(), false),
+        let (calls, unheld, whole) = match self.call.as_mut().map(|h| h.finish(self.turn.lead())) {
+            Some(CallEnd::Calls { rest, cut, .. }) => (rest, String::new(), !cut),
+            Some(CallEnd::Text(text)) => (Vec::new(), text, false),
+            None => (Vec::new(), String::new(), false),
         };
         let held = self.stop_text.finish() + &unheld;
         delta.content = (!held.is_empty()).then_some(held);
-        delta.tool_calls = call.and_then(|d| self.call_delta(d));
+        delta.tool_calls = self.call_deltas(calls);
         match self.turn.stats.stopped_by {
             Some(_) if whole => Some("tool_calls"),
             why => why.map(StopReason::finish_reason),
         }
     }
 
-    /// OpenAI's `delta.tool_calls` for a piece of the call: the first (with the name) carries
-    /// its id and type, the others only more of the arguments; `None` for an empty piece.
-    fn call_delta(&self, d: CallDelta) -> Option<[ToolCallDelta; 1]> {
-        let first = d.name.is_some();
-        (first || !d.arguments.is_empty()).then(|| {
-            [ToolCallDelta {
-                index: 0,
-                id: first
-                    .then(|| format!("call_{}_{}_{}", self.created, self.id, self.choices.index)),
-                kind: first.then_some("function"),
-                function: FunctionCall {
-                    name: d.name,
-                    arguments: d.arguments,
-                },
-            }]
-        })
+    /// OpenAI's `delta.tool_calls` for pieces of the calls: a call's first (with the name)
+    /// carries its id and type, the others only more of its arguments; `None` for none.
+    fn call_deltas(&self, pieces: Vec<CallDelta>) -> Option<Vec<ToolCallDelta>> {
+        let out: Vec<ToolCallDelta> = pieces
+            .into_iter()
+            .filter(|d| d.name.is_some() || !d.arguments.is_empty())
+            .map(|d| {
+                let first = d.name.is_some();
+                ToolCallDelta {
+                    index: d.index as u32,
+                    id: first.then(|| {
+                        let (t, id, choice) = (self.created, &self.id, self.choices.index);
+                        format!("call_{t}_{id}_{choice}_{}", d.index)
+                    }),
+                    kind: first.then_some("function"),
+                    function: FunctionCall {
+                        name: d.name,
+                        arguments: d.arguments,
+                    },
+                }
+            })
+            .collect();
+        (!out.is_empty()).then_some(out)
     }
 }
 
@@ -723,7 +729,7 @@ impl Inner {
             })),
             _ => None,
         };
-        let mut calls = None;
+        let mut calls = Vec::new();
         let content = match next {
             Some(id) => {
                 let piece = a.decoder.step(&self.tokenizer, id)?;
@@ -737,7 +743,7 @@ impl Inner {
                 }
                 // A call streams its name, then its arguments as they come.
                 let lead = a.turn.lead();
-                calls = a.call.as_mut().and_then(|c| c.stream(lead));
+                calls = a.call.as_mut().map(|c| c.stream(lead)).unwrap_or_default();
                 Some(shown)
             }
             None => None,
@@ -751,7 +757,7 @@ impl Inner {
         let (finish_reason, usage) = match content {
             Some(c) => {
                 delta.content = c;
-                delta.tool_calls = calls.and_then(|d| a.call_delta(d));
+                delta.tool_calls = a.call_deltas(calls);
                 (None, None)
             }
             None if a.choices.index + 1 < a.choices.n

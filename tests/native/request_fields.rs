@@ -217,7 +217,7 @@ fn json_schema_answers_follow_the_schema() {
 fn tool_calls_name_a_function_and_follow_its_parameters() {
     use flexquant::runtime::json_mode::Lead;
     use flexquant::runtime::request::ChatRequest;
-    use flexquant::runtime::tools::{CallEnd, HeldCall, ToolCall};
+    use flexquant::runtime::tools::{CallDelta, CallEnd, HeldCall, ToolCall};
     let Some((m, _)) = crate::common::demo() else {
         return;
     };
@@ -252,27 +252,34 @@ fn tool_calls_name_a_function_and_follow_its_parameters() {
         let mut turn = block_on(s.start_with(&prompt, &sampling, &t.stop, opts)).unwrap();
         let mut held = HeldCall::default();
         let mut shown = String::new();
-        let (mut streamed, mut name) = (String::new(), None);
+        // Per call: its name and the arguments streamed.
+        let mut streamed: Vec<(Option<String>, String)> = Vec::new();
+        let mut add = |d: CallDelta| {
+            streamed.resize(streamed.len().max(d.index + 1), Default::default());
+            let (name, args) = &mut streamed[d.index];
+            *name = name.take().or(d.name);
+            *args += &d.arguments;
+        };
         while let Some(id) = block_on(s.next(&mut turn)).unwrap() {
             let piece = t.decode(&[id], true).unwrap();
             shown += &held.push(turn.lead(), &piece).unwrap_or_default();
-            if let Some(d) = held.stream(turn.lead()) {
-                name = name.or(d.name);
-                streamed += &d.arguments;
-            }
+            held.stream(turn.lead()).into_iter().for_each(&mut add);
         }
         let answer = t.decode(&turn.out, true).unwrap();
         eprintln!("{choice}: {answer:?}");
-        // What streamed, and the rest at the end, add up to the call.
+        // What streamed, and the rest at the end, add up to the calls.
         let end = match held.finish(turn.lead()) {
-            CallEnd::Called { call, rest } => {
-                streamed += &rest.arguments;
-                assert_eq!(streamed, call.arguments);
-                assert_eq!(name.or(rest.name), Some(call.name.clone()));
-                Ok(call)
+            CallEnd::Calls { calls, rest, cut } => {
+                assert!(!cut, "{choice}: cut at {rest:?}");
+                rest.into_iter().for_each(&mut add);
+                assert_eq!(streamed.len(), calls.len());
+                for ((name, args), call) in streamed.iter().zip(&calls) {
+                    assert_eq!(args, &call.arguments);
+                    assert_eq!(name.as_ref(), Some(&call.name));
+                }
+                Ok(calls)
             }
             CallEnd::Text(text) => Err(text),
-            CallEnd::Cut(d) => panic!("{choice}: cut at {d:?}"),
         };
         (end, shown, turn.lead().cloned(), answer)
     };
@@ -288,20 +295,21 @@ fn tool_calls_name_a_function_and_follow_its_parameters() {
             other => panic!("called {other}"),
         }
     };
-    let (call, shown, ..) = run(ask.clone(), serde_json::json!("required"));
-    let call = call.expect("a required call");
-    check(&call);
+    let (calls, shown, ..) = run(ask.clone(), serde_json::json!("required"));
+    let calls = calls.expect("a required call");
+    calls.iter().for_each(check);
+    let call = &calls[0];
     assert_eq!(shown, "", "a call is not shown as text");
     let (named, ..) = run(
         ask.clone(),
         serde_json::json!({"type": "function", "function": {"name": "get_time"}}),
     );
     let named = named.expect("a call");
-    assert_eq!(named.name, "get_time");
-    check(&named);
+    assert!(named.iter().all(|c| c.name == "get_time"), "{named:?}");
+    named.iter().for_each(check);
     let (auto, shown, lead, answer) = run(ask.clone(), serde_json::json!("auto"));
     match (auto, lead) {
-        (Ok(c), Some(Lead::Json)) => check(&c),
+        (Ok(c), Some(Lead::Json | Lead::Between(_))) => c.iter().for_each(check),
         (Err(rest), Some(Lead::Text)) => assert_eq!(shown + &rest, answer),
         other => panic!("auto: {other:?}"),
     }
@@ -361,8 +369,13 @@ fn cli_generate_makes_a_tool_call() {
     assert!(stdout.contains("[tool call] get_weather {"), "{stdout}");
     let line = stdout.lines().last().unwrap();
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
-    let args: serde_json::Value =
-        serde_json::from_str(v["tool_call"]["arguments"].as_str().unwrap()).unwrap();
-    assert!(args["city"].is_string(), "{line}");
-    eprintln!("{}", v["tool_call"]);
+    let calls = v["tool_calls"].as_array().unwrap();
+    assert!(!calls.is_empty(), "{line}");
+    for c in calls {
+        assert_eq!(c["name"], "get_weather", "{line}");
+        let args: serde_json::Value =
+            serde_json::from_str(c["arguments"].as_str().unwrap()).unwrap();
+        assert!(args["city"].is_string(), "{line}");
+    }
+    eprintln!("{}", v["tool_calls"]);
 }
