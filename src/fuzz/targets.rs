@@ -232,15 +232,20 @@ pub fn fuzz_structured_schema() -> serde_json::Value {
             "p": {"type": "string", "pattern": "^[A-C]{2}-[0-9]{1,3}$"},
             "d": {"type": "string", "format": "date"},
             "e": {"enum": [1, 2.5, true, null, "a", [1, {"k": "v"}]]},
-            "s": {"type": "string", "pattern": "b", "minLength": 2, "maxLength": 3}
+            "s": {"type": "string", "pattern": "b", "minLength": 2, "maxLength": 3},
+            "u": {"anyOf": [
+                {"type": "object", "additionalProperties": false, "required": ["k", "m"],
+                    "properties": {"k": {"type": "integer"}, "m": {"type": "boolean"}}},
+                {"type": "object", "additionalProperties": false, "required": ["q"],
+                    "properties": {"k": {"type": "integer"}, "q": {"type": "null"}}}]}
         },
         "required": ["n", "x", "p", "d", "e", "s"]})
 }
 
 /// Structured output's automaton under `fuzz_structured_schema` on any bytes: no dead end, and
 /// a text it calls whole parses with the schema's keys, its numbers within their bounds, its
-/// code and date of their shapes, `s` of 2-3 characters with a `b`, and `e` one of the enum's
-/// values.
+/// code and date of their shapes, `s` of 2-3 characters with a `b`, `e` one of the enum's
+/// values and `u`, if written, an object of one of its union's branches.
 pub fn structured(b: &[u8]) -> Result<()> {
     thread_local!(static SCHEMA: std::sync::Arc<crate::runtime::json_mode::Schema> =
         crate::runtime::json_schema::parse(&fuzz_structured_schema()).expect("it parses"));
@@ -252,7 +257,18 @@ pub fn structured(b: &[u8]) -> Result<()> {
     }
     let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(b)
         .unwrap_or_else(|e| panic!("structured output serde_json rejects ({e})"));
-    assert_eq!(v.len(), 6, "{v:?}");
+    assert_eq!(v.len(), 6 + v.contains_key("u") as usize, "{v:?}");
+    if let Some(u) = v.get("u") {
+        let u = u.as_object().expect("u an object");
+        let keys = |ks: &[&str]| u.keys().all(|k| ks.contains(&k.as_str()));
+        let first = keys(&["k", "m"]) && u["m"].is_boolean();
+        let second = keys(&["k", "q"]) && u.get("q").is_some_and(|q| q.is_null());
+        assert!(first || second, "u {u:?}");
+        assert!(
+            u.get("k").is_none_or(|k| k.is_i64() || k.is_u64()),
+            "u {u:?}"
+        );
+    }
     let short = v["s"].as_str().expect("s a string");
     let chars = short.chars().count();
     assert!(

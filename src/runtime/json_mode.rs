@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::runtime::json_number::Bounds;
 use crate::runtime::json_pattern::{Pattern, State};
 use crate::runtime::json_tagged::Tagged;
+use crate::runtime::json_untagged::Untagged;
 use std::sync::Arc;
 
 /// Deepest nesting of objects and arrays allowed.
@@ -177,6 +178,8 @@ pub enum Schema {
     ToolCall(Arc<Tagged>),
     /// Objects told apart by their first property's value (`json_tagged`).
     Tagged(Arc<Tagged>),
+    /// Objects of a union told apart by their keys (`json_untagged`).
+    Untagged(Arc<Untagged>),
 }
 
 /// A tool call's functions: each one's name (JSON text between the quotes) and parameters.
@@ -205,6 +208,9 @@ enum Frame {
         current: Option<usize>,
         /// A tagged object whose tag is not written yet (`props` is the tag alone).
         tagged: Option<Arc<Tagged>>,
+        /// An object of an untagged union (`props` is all its branches' properties) and the
+        /// branches it may still be (bit b: branch b).
+        untagged: Option<(Arc<Untagged>, u64)>,
     },
     Array {
         item: Arc<Schema>,
@@ -415,8 +421,21 @@ impl JsonPrefix {
 
     /// The object being read has a property left to write (any key where it has no schema).
     fn keys_left(&self) -> bool {
+        let open = self.open_keys();
         self.schema_object()
-            .is_none_or(|(props, seen, _)| (0..props.len()).any(|i| seen & (1 << i) == 0))
+            .is_none_or(|(props, seen, _)| (0..props.len()).any(|i| open & !seen & (1 << i) != 0))
+    }
+
+    /// The innermost object's properties that may be written (bit i): those of the branches
+    /// it may still be, for an untagged union's object; else all.
+    fn open_keys(&self) -> u64 {
+        match self.stack.last() {
+            Some(Frame::Object {
+                untagged: Some((u, live)),
+                ..
+            }) => u.keys(*live),
+            _ => u64::MAX,
+        }
     }
 
     /// The first byte of a value of `self.expect`.
@@ -509,7 +528,8 @@ impl JsonPrefix {
                             | Schema::AnyObject
                             | Schema::Map(_)
                             | Schema::ToolCall(_)
-                            | Schema::Tagged(_),
+                            | Schema::Tagged(_)
+                            | Schema::Untagged(_),
                         b'{'
                     )
                     | (Schema::Array(_), b'[')
@@ -536,9 +556,14 @@ impl JsonPrefix {
                 Schema::Tagged(t) | Schema::ToolCall(t) => Some(t.clone()),
                 _ => None,
             };
-            let props = match (&*self.expect, &tagged) {
-                (_, Some(t)) => Some(t.opening()),
-                (Schema::Object(_) | Schema::Map(_), None) => Some(self.expect.clone()),
+            let untagged = match &*self.expect {
+                Schema::Untagged(u) => Some((u.clone(), u.all())),
+                _ => None,
+            };
+            let props = match (&*self.expect, &tagged, &untagged) {
+                (_, Some(t), _) => Some(t.opening()),
+                (_, _, Some((u, _))) => Some(u.props.clone()),
+                (Schema::Object(_) | Schema::Map(_), None, None) => Some(self.expect.clone()),
                 _ => None,
             };
             self.stack.push(Frame::Object {
@@ -546,6 +571,7 @@ impl JsonPrefix {
                 seen: 0,
                 current: None,
                 tagged,
+                untagged,
             });
             self.mode = Mode::KeyOrEnd;
         } else {
@@ -568,6 +594,19 @@ impl JsonPrefix {
 
     fn close(&mut self, b: u8) -> bool {
         match (self.stack.last(), b) {
+            (
+                Some(Frame::Object {
+                    untagged: Some((u, live)),
+                    seen,
+                    ..
+                }),
+                b'}',
+            ) => {
+                // The keys written are one of the branches'.
+                if !u.may_close(*live, *seen) {
+                    return false;
+                }
+            }
             (Some(Frame::Object { .. }), b'}') => {
                 // Every required property written.
                 if let Some((props, seen, _)) = self.schema_object() {
@@ -597,11 +636,12 @@ impl JsonPrefix {
     fn allowed_strings(&self, key: bool) -> Option<Vec<&[u8]>> {
         if key {
             let (props, seen, _) = self.schema_object()?;
+            let open = self.open_keys() & !seen;
             return Some(
                 props
                     .iter()
                     .enumerate()
-                    .filter(|(i, _)| seen & (1 << i) == 0)
+                    .filter(|(i, _)| open & (1 << i) != 0)
                     .map(|(_, p)| p.name.as_slice())
                     .collect(),
             );
@@ -620,6 +660,7 @@ impl JsonPrefix {
             seen,
             current,
             tagged,
+            ..
         }) = self.stack.last_mut()
         else {
             return;
@@ -655,18 +696,31 @@ impl JsonPrefix {
                     return false;
                 }
             }
-            // A schema's key: that property is written, its value comes next.
+            // A schema's key: that property is written, its value comes next (and an untagged
+            // union's object may only be the branches that have it).
+            let open = self.open_keys();
             let named = self
                 .schema_object()
                 .filter(|_| key)
                 .and_then(|(props, seen, _)| {
-                    (0..props.len()).find(|&i| seen & (1 << i) == 0 && props[i].name == self.text)
+                    (0..props.len())
+                        .find(|&i| open & !seen & (1 << i) != 0 && props[i].name == self.text)
                 });
-            if let (Some(i), Some(Frame::Object { seen, current, .. })) =
-                (named, self.stack.last_mut())
+            if let (
+                Some(i),
+                Some(Frame::Object {
+                    seen,
+                    current,
+                    untagged,
+                    ..
+                }),
+            ) = (named, self.stack.last_mut())
             {
                 *seen |= 1 << i;
                 *current = Some(i);
+                if let Some((u, live)) = untagged {
+                    *live = u.with_key(*live, i);
+                }
             }
             if !key {
                 self.tag_written();

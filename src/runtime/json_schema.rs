@@ -6,7 +6,8 @@
 //! `enum` / `const` of any values, strings' `minLength` / `maxLength`, arrays' `minItems` /
 //! `maxItems` (`Schema::Length`), numbers' bounds and `multipleOf` (`json_number`), strings'
 //! `pattern` / `format` (`json_pattern`), `anyOf` / `oneOf` whose branches start with
-//! different bytes (`Schema::Union`) or are objects told apart by a tag (`json_tagged`),
+//! different bytes (`Schema::Union`) or are objects told apart by a tag (`json_tagged`) or
+//! by their keys (`json_untagged`),
 //! `allOf` of one, and `$ref` into the root's `$defs` /
 //! `definitions` (read in place; not recursive). Annotations (`title`, `description`, ...) are
 //! read and ignored; any other keyword is `Unsupported`, named with where it is, never
@@ -15,6 +16,7 @@
 use crate::error::{Error, Result};
 use crate::runtime::json_mode::{Property, Schema, MAX_DEPTH, MAX_PROPERTIES};
 use crate::runtime::json_tagged::Tagged;
+use crate::runtime::json_untagged::Untagged;
 use serde_json::Value;
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -51,7 +53,11 @@ pub fn parse_at(v: &Value, field: &str, path: &str) -> Result<Arc<Schema>> {
     };
     let s = node(&ctx, v, path, 0)?;
     match *s {
-        Schema::Object(_) | Schema::AnyObject | Schema::Map(_) | Schema::Tagged(_) => Ok(s),
+        Schema::Object(_)
+        | Schema::AnyObject
+        | Schema::Map(_)
+        | Schema::Tagged(_)
+        | Schema::Untagged(_) => Ok(s),
         _ => Err(unsupported(&ctx, path, "a top level other than an object")),
     }
 }
@@ -153,7 +159,7 @@ fn node(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
                 .enumerate()
                 .map(|(i, b)| node(f, b, &format!("{at}[{i}]"), depth + 1))
                 .collect::<Result<Vec<_>>>()?;
-            return union(f, &at, parsed);
+            return union(f, &at, parsed, k == "oneOf");
         }
     }
     if let Some(list) = o.get("allOf") {
@@ -199,7 +205,7 @@ fn node(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
             if parsed.is_empty() {
                 return Err(bad(f, path, "has no `enum` value of its `type`"));
             }
-            union(f, path, parsed)
+            union(f, path, parsed, false)
         }
         Some(_) => Err(bad(
             f,
@@ -248,7 +254,8 @@ fn opens(s: &Schema) -> u8 {
         | Schema::AnyObject
         | Schema::Map(_)
         | Schema::ToolCall(_)
-        | Schema::Tagged(_) => OBJECT,
+        | Schema::Tagged(_)
+        | Schema::Untagged(_) => OBJECT,
         Schema::Array(_) => ARRAY,
         Schema::String(_) | Schema::Pattern(_) => STRING,
         Schema::Number { .. } | Schema::Bounded(_) => NUMBER,
@@ -270,11 +277,10 @@ fn opens(s: &Schema) -> u8 {
     }
 }
 
-/// `anyOf` / `oneOf` / a `type` list: `Nullable` for one schema and null, else a `Union`
-/// whose branches start with different bytes, several objects standing as one `Tagged` (told
-/// apart by a tag; objects without one are unsupported: telling them apart would take reading
-/// ahead).
-fn union(f: &Ctx, path: &str, parsed: Vec<Arc<Schema>>) -> Result<Arc<Schema>> {
+/// `anyOf` / `oneOf` (`one_of`) / a `type` list: `Nullable` for one schema and null, else a
+/// `Union` whose branches start with different bytes, several objects standing as one `Tagged`
+/// (told apart by a tag) or else one `Untagged` (told apart by their keys).
+fn union(f: &Ctx, path: &str, parsed: Vec<Arc<Schema>>, one_of: bool) -> Result<Arc<Schema>> {
     let mut flat: Vec<Arc<Schema>> = Vec::new();
     for s in parsed {
         match &*s {
@@ -284,22 +290,21 @@ fn union(f: &Ctx, path: &str, parsed: Vec<Arc<Schema>>) -> Result<Arc<Schema>> {
         }
     }
     flat.dedup_by(|a, b| a == b);
-    // Objects told apart by a tag become one tagged object.
+    // Several objects become one: tagged when a tag tells them apart, else untagged.
     let objects: Vec<Arc<Schema>> = flat
         .iter()
         .filter(|s| matches!(***s, Schema::Object(_)))
         .cloned()
         .collect();
     if objects.len() > 1 {
-        let t = Tagged::discriminate(&objects).ok_or_else(|| {
-            unsupported(
-                f,
-                path,
-                "a union of objects without a property that tells them apart (one each requires, a string `const` or `enum` of its own values)",
-            )
-        })?;
+        let one = match Tagged::discriminate(&objects) {
+            Some(t) => Schema::Tagged(Arc::new(t)),
+            None => Schema::Untagged(Arc::new(
+                Untagged::merge(&objects, one_of).map_err(|why| unsupported(f, path, &why))?,
+            )),
+        };
         flat.retain(|s| !matches!(**s, Schema::Object(_)));
-        flat.push(Arc::new(Schema::Tagged(Arc::new(t))));
+        flat.push(Arc::new(one));
     }
     let mut seen = 0u8;
     for s in &flat {
@@ -520,6 +525,7 @@ pub fn string_bytes(s: &Schema, out: &mut Vec<u8>) {
             }
             out.extend_from_slice(b"\\u0123456789abcdef");
         }
+        Schema::Untagged(u) => string_bytes(&u.props, out),
         Schema::Tagged(t) | Schema::ToolCall(t) => {
             out.extend_from_slice(&t.key);
             for (value, branch) in &t.branches {
@@ -797,15 +803,85 @@ mod tests {
         ] {
             assert!(!accepts(&s, bad), "{bad}");
         }
-        // No property tells these apart.
+        // No property tells these apart, and `k` differs between them.
         let same = json!({"type": "object", "properties": {"a": {"anyOf": [
             {"type": "object", "properties": {"k": {"const": "x"}}, "required": ["k"]},
             {"type": "object", "properties": {"k": {"enum": ["x", "y"]}}, "required": ["k"]}]}}});
         let e = parse(&same).unwrap_err().to_string();
         assert!(
-            e.contains("schema.properties.a.anyOf") && e.contains("tells them apart"),
+            e.contains("schema.properties.a.anyOf") && e.contains("`k` differs"),
             "{e}"
         );
+    }
+
+    /// Pydantic's `Union[Cat, Dog]` without a discriminator (`anyOf` of `$ref`s): each key
+    /// written keeps the branches that have it, and the object closes only as one of them.
+    /// Under `oneOf` each branch must require a key the others lack.
+    #[test]
+    fn unions_of_objects_without_a_tag_are_told_apart_by_their_keys() {
+        let defs = json!({
+            "Cat": {"type": "object", "additionalProperties": false,
+                "properties": {"name": {"type": "string"}, "meows": {"type": "integer"},
+                    "indoor": {"type": "boolean"}},
+                "required": ["name", "meows"]},
+            "Dog": {"type": "object", "additionalProperties": false,
+                "properties": {"name": {"type": "string"}, "barks": {"type": "number"}},
+                "required": ["name", "barks"]},
+            "Fish": {"type": "object", "additionalProperties": false,
+                "properties": {"fins": {"type": "integer"}}}
+        });
+        let s = json!({"type": "object", "additionalProperties": false, "$defs": defs,
+            "properties": {"pet": {"anyOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"},
+                {"$ref": "#/$defs/Fish"}, {"type": "null"}]}},
+            "required": ["pet"]});
+        for ok in [
+            r#"{"pet": {"name": "Tom", "meows": 3}}"#,
+            r#"{"pet": {"barks": 1.5, "name": "Rex"}}"#,
+            r#"{"pet": {"meows": 1, "indoor": true, "name": "Kit"}}"#,
+            r#"{"pet": {}}"#,
+            r#"{"pet": {"fins": 2}}"#,
+            r#"{"pet": null}"#,
+        ] {
+            assert!(accepts(&s, ok), "{ok}");
+        }
+        for bad in [
+            r#"{"pet": {"name": "Tom", "meows": 3, "barks": 1}}"#, // a cat's and a dog's keys
+            r#"{"pet": {"name": "Tom"}}"#,                         // meows or barks required
+            r#"{"pet": {"indoor": true, "barks": 1}}"#,
+            r#"{"pet": {"name": "Tom", "fins": 1}}"#,
+            r#"{"pet": {"name": 1, "meows": 3}}"#,
+            r#"{"pet": {"paws": 4}}"#,
+        ] {
+            assert!(!accepts(&s, bad), "{bad}");
+        }
+        // oneOf: Cat and Dog each require a key the other lacks; Fish requires none, so a
+        // Cat object could also be a Fish (were Fish to allow other keys): refused.
+        let one = |branches: Value| {
+            parse(&json!({"type": "object", "$defs": defs,
+                "properties": {"pet": {"oneOf": branches}}}))
+        };
+        assert!(one(json!([{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}])).is_ok());
+        let e = one(json!([{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Fish"}]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("schema.properties.pet.oneOf") && e.contains("`oneOf`"),
+            "{e}"
+        );
+        // A union at the top level, and in an array.
+        let top =
+            json!({"anyOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}], "$defs": defs});
+        assert!(accepts(&top, r#"{"name": "Rex", "barks": 2}"#));
+        let arr = json!({"type": "object", "$defs": defs, "properties": {"l": {"type": "array",
+            "items": {"anyOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}]}}}});
+        assert!(accepts(
+            &arr,
+            r#"{"l": [{"name": "a", "meows": 1}, {"barks": 2, "name": "b"}]}"#
+        ));
+        assert!(!accepts(
+            &arr,
+            r#"{"l": [{"name": "a", "meows": 1, "barks": 2}]}"#
+        ));
     }
 
     /// What Pydantic and zod-to-json-schema write: nested models as `$defs` behind `$ref`,

@@ -30,6 +30,7 @@ pub mod json_number;
 pub mod json_pattern;
 pub mod json_schema;
 pub mod json_tagged;
+pub mod json_untagged;
 pub mod policy;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod reference;

@@ -143,7 +143,7 @@ fn texts_the_automaton_completes_are_valid_for_python_jsonschema() {
 }
 
 /// Numbers' bounds, patterns, formats, enums of any values, unions of objects told apart by a
-/// tag and maps: the same check, over an alphabet that can write dates, addresses and identifiers.
+/// tag or by their keys, and maps: the same check, over an alphabet that can write dates, addresses and identifiers.
 #[test]
 fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
     if !python_has("jsonschema, rfc3339_validator, fqdn, isoduration, rfc3986_validator") {
@@ -181,16 +181,24 @@ fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
             "C": {"type": "object", "additionalProperties": false, "required": ["t", "m"],
                 "properties": {"t": {"const": "cat"}, "m": {"type": "integer", "minimum": 0}}},
             "D": {"type": "object", "additionalProperties": false, "required": ["t"],
-                "properties": {"t": {"enum": ["dab", "dad"]}, "n": {"type": "string", "maxLength": 2}}}
+                "properties": {"t": {"enum": ["dab", "dad"]}, "n": {"type": "string", "maxLength": 2}}},
+            "P": {"type": "object", "additionalProperties": false, "required": ["k", "m"],
+                "properties": {"k": {"type": "string", "maxLength": 3}, "m": {"type": "integer"}}},
+            "Q": {"type": "object", "additionalProperties": false, "required": ["b"],
+                "properties": {"k": {"type": "string", "maxLength": 3}, "b": {"type": "boolean"},
+                    "n": {"type": "null"}}}
         },
         "properties": {
             "p": {"oneOf": [{"$ref": "#/$defs/C"}, {"$ref": "#/$defs/D"}],
                 "discriminator": {"propertyName": "t"}},
             "l": {"type": "array", "maxItems": 3,
                 "items": {"anyOf": [{"$ref": "#/$defs/C"}, {"$ref": "#/$defs/D"}, {"type": "null"}]}},
-            "x": {"type": "object", "additionalProperties": {"type": "integer", "maximum": 9}}
+            "x": {"type": "object", "additionalProperties": {"type": "integer", "maximum": 9}},
+            "u": {"anyOf": [{"$ref": "#/$defs/P"}, {"$ref": "#/$defs/Q"}]},
+            "w": {"type": "array", "maxItems": 2,
+                "items": {"oneOf": [{"$ref": "#/$defs/P"}, {"$ref": "#/$defs/Q"}]}}
         },
-        "required": ["p", "l"]});
+        "required": ["p", "l", "u"]});
     let alphabet = b"{}[]:,\" -+.0123456789TZ@ABCDHMPSWYabcdefhiklmnpqrstuvwx/?#%\\";
     let mut cases = Vec::new();
     let all = [("values", values), ("formats", formats), ("pets", pets)];
@@ -218,6 +226,15 @@ fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
             values.first().unwrap_or(&"-")
         );
         assert!(values.len() >= 5, "formats.{key}: {} texts", values.len());
+    }
+    // Both branches of the untagged union were written.
+    for key in ["m", "b"] {
+        let n = cases[2]
+            .1
+            .iter()
+            .filter(|t| serde_json::from_str::<Value>(t).is_ok_and(|v| v["u"].get(key).is_some()))
+            .count();
+        assert!(n >= 5, "u.{key}: {n} texts");
     }
     all_valid(&cases);
 }
