@@ -453,13 +453,16 @@ fn object(f: &Ctx, o: &serde_json::Map<String, Value>, path: &str, depth: usize)
             )?),
         });
     };
+    // Other keys are never written, which `false`, `true` and `{}` (Pydantic's
+    // `extra='allow'`) all allow; a schema for them would ask for keys the model cannot write.
     match extra {
-        None | Some(Value::Bool(false)) => {}
+        None | Some(Value::Bool(_)) => {}
+        Some(Value::Object(m)) if m.is_empty() => {}
         Some(_) => {
             return Err(unsupported(
                 f,
                 &format!("{path}.additionalProperties"),
-                "additional properties beside `properties` (only `false`)",
+                "a schema for additional properties beside `properties` (only `false`, `true` or `{}`: no other keys are written)",
             ))
         }
     }
@@ -642,8 +645,8 @@ mod tests {
             ),
             (json!({"type": "array"}), "top level"),
             (
-                json!({"type": "object", "properties": {}, "additionalProperties": true}),
-                "additionalProperties",
+                json!({"type": "object", "properties": {}, "additionalProperties": {"type": "integer"}}),
+                "schema.additionalProperties",
             ),
             (
                 json!({"type": "object", "required": ["a"]}),
@@ -762,6 +765,13 @@ mod tests {
         let top = json!({"type": "object", "additionalProperties": {"type": "boolean"}});
         assert!(accepts(&top, r#"{"on": true, "off": false}"#));
         assert!(!accepts(&top, r#"{"on": 1}"#));
+        // Pydantic's `extra='allow'`: other keys allowed, none written.
+        for extra in [json!(true), json!({})] {
+            let s = json!({"type": "object", "additionalProperties": extra,
+                "properties": {"a": {"type": "integer"}}, "required": ["a"]});
+            assert!(accepts(&s, r#"{"a": 1}"#));
+            assert!(!accepts(&s, r#"{"a": 1, "b": 2}"#));
+        }
     }
 
     /// Pydantic's discriminated union (`oneOf` of `$ref`s with a `discriminator`), and an
