@@ -47,7 +47,7 @@ export interface DeviceLostEvent { type: 'device-lost'; step: number; message: s
 export interface RecoveredEvent { type: 'recovered'; from: number; to: number; ms: number; reprefilledTokens: number }
 export interface ErrorEvent { type: 'error'; error: { code: ErrorCode; message: string; file?: string | null; url?: string | null } }
 /** The engine works, but not as the app may assume (`chat-template-fallback`: the model has no chat template; prompts are ChatML). */
-export interface WarningEvent { type: 'warning'; code: 'chat-template-fallback' | 'tool-schema-loose' | string; message: string }
+export interface WarningEvent { type: 'warning'; code: 'chat-template-fallback' | 'tool-schema-loose' | 'schema-loose' | string; message: string }
 /**
  * The controller holds at the quality floor (`maxPerplexity`) although even that step does not
  * fit the budget: `step` is where it holds, `costBytes` what that step needs (model + KV cache),

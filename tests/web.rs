@@ -1191,7 +1191,7 @@ async fn empty_and_overlong_conversations_are_input_errors() {
     for (field, value) in [
         (
             "response_format",
-            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+            json!({"type": "json_schema", "json_schema": {"name": "x", "strict": true, "schema": {}}}),
         ),
         ("tools", json!([{"type": "code_interpreter"}])),
         ("no_such_field", json!(1)),
@@ -1539,6 +1539,30 @@ async fn tool_calls_stream_their_name_then_their_arguments() {
     raw_chunks(&e, &req).await;
     let warned = events.borrow().iter().any(|v| {
         v["code"] == "tool-schema-loose" && v["message"].as_str().unwrap().contains("uniqueItems")
+    });
+    assert!(warned, "{:?}", events.borrow());
+    // The same for a response_format schema that is not strict: free there, and said.
+    let schema = json!({"type": "object", "properties": {"n": {"type": "array", "uniqueItems": true},
+        "m": {"type": "boolean"}}, "required": ["m"]});
+    let req = json!({"messages": ask, "max_tokens": 300, "ignore_eos": true, "logit_bias": no_space,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}});
+    let text: String = raw_chunks(&e, &req)
+        .await
+        .iter()
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(v["m"].is_boolean(), "{text}");
+    let warned = events.borrow().iter().any(|v| {
+        v["code"] == "schema-loose"
+            && v["message"]
+                .as_str()
+                .unwrap()
+                .contains("schema.properties.n.uniqueItems")
     });
     assert!(warned, "{:?}", events.borrow());
     let mut strict = loose.clone();

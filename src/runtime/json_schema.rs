@@ -43,6 +43,27 @@ pub fn parse(v: &Value) -> Result<Arc<Schema>> {
     parse_at(v, "response_format json_schema", "schema")
 }
 
+/// A schema that is not `strict` (OpenAI's default, where the schema guides and is not a
+/// guarantee): what the automaton cannot enforce is left free where it is, the schema of that
+/// place read as any value (`{}`; a top level that is then any value, any object), and each
+/// such place is said in the list (the `unsupported` error a strict schema would get). Errors
+/// remain for what is not a schema at all (`input`) and for a top level that cannot be an
+/// object.
+pub fn parse_loose(v: &Value, field: &str, path: &str) -> Result<(Arc<Schema>, Vec<String>)> {
+    let ctx = Ctx {
+        field,
+        root: v,
+        refs: RefCell::new(Vec::new()),
+        relaxed: Some(RefCell::new(Vec::new())),
+    };
+    let s = node(&ctx, v, path, 0)?;
+    let s = match *s {
+        Schema::Any => Arc::new(Schema::AnyObject),
+        _ => top_level(&ctx, s, path)?,
+    };
+    Ok((s, ctx.relaxed.map(RefCell::into_inner).unwrap_or_default()))
+}
+
 /// `parse` for the request's `field`, whose schema is at `path` (named in errors): a
 /// function's parameters are `parse_at(v, "tools", "tools[0].function.parameters")`.
 pub fn parse_at(v: &Value, field: &str, path: &str) -> Result<Arc<Schema>> {
@@ -50,15 +71,21 @@ pub fn parse_at(v: &Value, field: &str, path: &str) -> Result<Arc<Schema>> {
         field,
         root: v,
         refs: RefCell::new(Vec::new()),
+        relaxed: None,
     };
     let s = node(&ctx, v, path, 0)?;
+    top_level(&ctx, s, path)
+}
+
+/// `s` if it can be the top level: an object.
+fn top_level(ctx: &Ctx, s: Arc<Schema>, path: &str) -> Result<Arc<Schema>> {
     match *s {
         Schema::Object(_)
         | Schema::AnyObject
         | Schema::Map(_)
         | Schema::Tagged(_)
         | Schema::Untagged(_) => Ok(s),
-        _ => Err(unsupported(&ctx, path, "a top level other than an object")),
+        _ => Err(unsupported(ctx, path, "a top level other than an object")),
     }
 }
 
@@ -68,6 +95,8 @@ struct Ctx<'a> {
     field: &'a str,
     root: &'a Value,
     refs: RefCell<Vec<String>>,
+    /// Not strict (`parse_loose`): what was left free, and why.
+    relaxed: Option<RefCell<Vec<String>>>,
 }
 
 fn unsupported(c: &Ctx, path: &str, what: &str) -> Error {
@@ -87,7 +116,19 @@ fn json_text(s: &str) -> Vec<u8> {
     quoted.as_bytes()[1..quoted.len() - 1].to_vec()
 }
 
+/// The schema at `path`: `enforced`'s, or, when it cannot be enforced and the schema is not
+/// strict, any value there (said in `Ctx::relaxed`).
 fn node(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
+    match (enforced(f, v, path, depth), &f.relaxed) {
+        (Err(Error::Unsupported(why)), Some(relaxed)) => {
+            relaxed.borrow_mut().push(why);
+            Ok(Arc::new(Schema::Any))
+        }
+        (r, _) => r,
+    }
+}
+
+fn enforced(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
     if depth > MAX_DEPTH {
         return Err(unsupported(f, path, "nesting deeper than 32"));
     }

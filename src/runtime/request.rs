@@ -114,18 +114,40 @@ impl ChatRequest {
     /// (`json_schema::parse`); `{type: "text"}` or none is free text (`None`). Anything else is
     /// an error naming the field.
     pub fn json_mode(&self) -> Result<Option<Arc<Schema>>> {
+        Ok(self.response_schema()?.map(|(s, _)| s))
+    }
+
+    /// `json_mode`, and what of a schema that is not `strict` is left free (and why:
+    /// `json_schema::parse_loose`); `strict: true`: all enforced, or an `unsupported` error.
+    pub fn response_schema(&self) -> Result<Option<(Arc<Schema>, Vec<String>)>> {
         let Some(f) = self.response_format.as_ref().filter(|f| !f.is_null()) else {
             return Ok(None);
         };
         match f.get("type").and_then(|t| t.as_str()) {
             Some("text") => Ok(None),
-            Some("json_object") => Ok(Some(Arc::new(Schema::AnyObject))),
-            Some("json_schema") => match f.get("json_schema").and_then(|j| j.get("schema")) {
-                Some(s) => json_schema::parse(s).map(Some),
-                None => Err(Error::input(
-                    "chat request: response_format json_schema: expected {json_schema: {name, schema}}",
-                )),
-            },
+            Some("json_object") => Ok(Some((Arc::new(Schema::AnyObject), Vec::new()))),
+            Some("json_schema") => {
+                let j = f.get("json_schema");
+                let strict = match j.and_then(|j| j.get("strict")) {
+                    None | Some(serde_json::Value::Null) => false,
+                    Some(serde_json::Value::Bool(b)) => *b,
+                    Some(_) => {
+                        return Err(Error::input(
+                            "chat request: response_format.json_schema.strict must be a boolean",
+                        ))
+                    }
+                };
+                match j.and_then(|j| j.get("schema")) {
+                    Some(s) if strict => Ok(Some((json_schema::parse(s)?, Vec::new()))),
+                    Some(s) => {
+                        json_schema::parse_loose(s, "response_format json_schema", "schema")
+                            .map(Some)
+                    }
+                    None => Err(Error::input(
+                        "chat request: response_format json_schema: expected {json_schema: {name, schema}}",
+                    )),
+                }
+            }
             _ => Err(Error::input(
                 "chat request: response_format: expected {type: \"text\"}, {type: \"json_object\"} or {type: \"json_schema\"}",
             )),
@@ -283,6 +305,31 @@ mod tests {
         assert!(matches!(s.as_deref(), Some(Schema::Object(p)) if p.len() == 1 && p[0].required));
         assert_eq!(with(r#"{"type":"text"}"#), None);
         assert_eq!(with("null"), None);
+        // Not strict: a place the automaton cannot hold to is left free, and said.
+        let loose = |strict: &str| {
+            parse(&format!(
+                r#"{{"messages":[{{"role":"user","content":"x"}}],"response_format":{{"type":"json_schema","json_schema":{{{strict}"schema":{{"type":"object","properties":{{"a":{{"type":"string","format":"iri"}},"b":{{"type":"integer"}}}},"required":["b"]}}}}}}}}"#
+            ))
+            .and_then(|(r, _, _)| r.response_schema())
+        };
+        for strict in ["", r#""strict":false,"#, r#""strict":null,"#] {
+            let (s, relaxed) = loose(strict).unwrap().unwrap();
+            assert!(
+                matches!(&*s, Schema::Object(p) if *p[0].schema == Schema::Any
+                && *p[1].schema == Schema::Number { integer: true })
+            );
+            assert_eq!(relaxed.len(), 1);
+            assert!(
+                relaxed[0].contains("schema.properties.a.format"),
+                "{relaxed:?}"
+            );
+        }
+        let e = loose(r#""strict":true,"#).unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)), "{e}");
+        assert!(loose(r#""strict":1,"#)
+            .unwrap_err()
+            .to_string()
+            .contains("strict"));
     }
 
     #[test]
@@ -320,7 +367,7 @@ mod tests {
                 "json_schema",
             ),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object","properties":{"a":{"type":"string","format":"iri"}}}}}}"#,
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"strict":true,"schema":{"type":"object","properties":{"a":{"type":"string","format":"iri"}}}}}}"#,
                 "schema.properties.a.format",
             ),
             (

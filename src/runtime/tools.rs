@@ -36,8 +36,9 @@ pub struct Function {
     pub name: String,
     /// What its arguments are held to while written.
     pub schema: Arc<Schema>,
-    /// Why its arguments are only held to be an object: its parameters schema uses keywords
-    /// outside the enforced subset and it is not `strict` (the engine warns).
+    /// What of its parameters schema is not enforced, and why: places that use keywords
+    /// outside the enforced subset, left free since the function is not `strict` (the engine
+    /// warns).
     pub loose: Option<String>,
 }
 
@@ -236,12 +237,15 @@ fn function(i: usize, t: &Value) -> Result<Function> {
     };
     let (schema, loose) = match f.get("parameters") {
         None | Some(Value::Null) => (Arc::new(Schema::Object(Vec::new())), None),
-        Some(p) => match json_schema::parse_at(p, "tools", &at(".function.parameters")) {
-            Ok(s) => (s, None),
-            // Not strict: OpenAI treats the schema as guidance; the call is still an object.
-            Err(Error::Unsupported(why)) if !strict => (Arc::new(Schema::AnyObject), Some(why)),
-            Err(e) => return Err(e),
-        },
+        Some(p) if strict => (
+            json_schema::parse_at(p, "tools", &at(".function.parameters"))?,
+            None,
+        ),
+        // Not strict: OpenAI treats the schema as guidance; what cannot be enforced is free.
+        Some(p) => {
+            let (s, relaxed) = json_schema::parse_loose(p, "tools", &at(".function.parameters"))?;
+            (s, (!relaxed.is_empty()).then(|| relaxed.join("; ")))
+        }
     };
     Ok(Function {
         name: name.to_string(),
@@ -625,11 +629,15 @@ mod tests {
         }
     }
 
+    /// Not strict: the place the automaton cannot enforce is left free and said; the rest of
+    /// the parameters still holds (here `m`, and no other keys).
     #[test]
-    fn a_loose_schema_that_is_not_strict_holds_the_arguments_to_an_object_and_says_why() {
+    fn a_loose_schema_that_is_not_strict_is_free_where_unsupported_and_says_where() {
         let t = Tools::parse(
             Some(&json!([{"type": "function", "function": {"name": "f",
-                "parameters": {"type": "object", "properties": {"n": {"type": "array", "uniqueItems": true}}}}}])),
+                "parameters": {"type": "object", "properties": {
+                    "n": {"type": "array", "uniqueItems": true},
+                    "m": {"type": "integer"}}, "required": ["m"]}}}])),
             None,
         )
         .unwrap()
@@ -639,8 +647,35 @@ mod tests {
             why.contains("tools[0].function.parameters.properties.n.uniqueItems"),
             "{why}"
         );
+        assert!(accepts(
+            &t,
+            r#"{"name":"f","arguments":{"n":"anything","m":1}}"#
+        ));
+        assert!(accepts(
+            &t,
+            r#"{"name":"f","arguments":{"m":-2,"n":[1,1]}}"#
+        ));
+        for bad in [
+            r#"{"name":"f","arguments":{"n":[]}}"#,
+            r#"{"name":"f","arguments":{"m":1.5}}"#,
+            r#"{"name":"f","arguments":{"m":1,"k":2}}"#,
+        ] {
+            assert!(!accepts(&t, bad), "{bad}");
+        }
+        // A top level the automaton cannot hold to: any object.
+        let t = Tools::parse(
+            Some(&json!([{"type": "function", "function": {"name": "f",
+                "parameters": {"type": "object", "minProperties": 1}}}])),
+            None,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(*t.functions[0].schema, Schema::AnyObject);
-        assert!(accepts(&t, r#"{"name":"f","arguments":{"n":"anything"}}"#));
+        assert!(t.functions[0]
+            .loose
+            .as_deref()
+            .unwrap()
+            .contains("minProperties"));
     }
 
     #[test]

@@ -619,18 +619,22 @@ impl Inner {
         let s = req.sampling(random)?;
         let stop_text = req.stop_text()?;
         let tools = req.tools()?;
+        let emitter = &self.walk.source.emitter;
         for f in tools.iter().flat_map(|t| &t.functions) {
             if let Some(why) = &f.loose {
-                let m = format!(
-                    "`{}`'s arguments are held to be an object only: {why}",
-                    f.name
-                );
-                self.walk.source.emitter.warning("tool-schema-loose", &m);
+                let m = format!("`{}`'s arguments are free where: {why}", f.name);
+                emitter.warning("tool-schema-loose", &m);
             }
         }
         let bytes = self.tokenizer.token_bytes();
-        let json = match req.json_mode()? {
-            Some(schema) => Some(JsonConstraint::new(bytes, schema)),
+        let json = match req.response_schema()? {
+            Some((schema, relaxed)) => {
+                if !relaxed.is_empty() {
+                    let m = format!("the answer is free where: {}", relaxed.join("; "));
+                    emitter.warning("schema-loose", &m);
+                }
+                Some(JsonConstraint::new(bytes, schema))
+            }
             None => tools.as_ref().and_then(|t| t.constraint(bytes)),
         };
         let opts = TurnOptions {
