@@ -396,6 +396,7 @@ pub fn tool_calls(b: &[u8]) -> Result<()> {
         if !c.takes(byte as u32) {
             break;
         }
+        let in_call = *c.lead() == Lead::Json;
         let done = c.advance(byte as u32);
         let piece = if byte == 0xff {
             String::new()
@@ -409,7 +410,8 @@ pub fn tool_calls(b: &[u8]) -> Result<()> {
             streamed.resize(streamed.len().max(d.index + 1), String::new());
             streamed[d.index] += &d.arguments;
         }
-        if matches!(c.lead(), Lead::Between(held) if held.is_empty()) || done {
+        // A call ends where the lead leaves JSON for what may follow a call (or the end).
+        if in_call && (matches!(c.lead(), Lead::Between(_)) || done) {
             whole += 1;
         }
         if done || byte == 0xff {

@@ -1,6 +1,6 @@
 //! Regressions found by fuzzing (`./build.sh fuzz`) in the tokenizer loaders, and the
 //! tokenizer files whose parts disagree: each was a panic or a file that loaded and then failed;
-//! and in JSON mode's automaton.
+//! and in JSON mode's automaton and its function calls.
 
 use flexquant::fuzz::seeds::write_gguf;
 use flexquant::model::gguf::{Gguf, Value};
@@ -120,4 +120,14 @@ fn a_pattern_too_large_to_compile_is_refused_at_once() {
         e.contains("schema.properties.code.pattern") && e.contains("limit"),
         "{e}"
     );
+}
+
+/// Fuzzing found it (the `tool_calls` target counted calls wrong): after a whole call the end
+/// of the turn is taken, and the answer's calls are the one written, not two.
+#[test]
+fn a_call_then_the_end_of_the_turn_is_one_call() {
+    let mut input = br#" <tool_call>{"name": "t", "arguments": {"z": []}}"#.to_vec();
+    input.extend([0xff, 0xff]);
+    input.extend_from_slice(b"ol_call>\n<tool_call>\n{\"name\": \"w\"");
+    flexquant::fuzz::targets::tool_calls(&input).unwrap();
 }
