@@ -146,7 +146,7 @@ pub fn load(f: &SeedFiles) -> Result<BTreeMap<&'static str, Vec<Vec<u8>>>> {
         vec![
             br#"{"n": -30, "x": 0.75, "p": "AB-1", "d": "2024-02-28", "e": [1,{"k":"v"}], "s": "ab"}"#
                 .to_vec(),
-            br#"{"s":"\u00e9b\n","e":null,"d":"1999-12-31","p":"CC-999","x":null,"n":996,"u":{"q":null,"k":-4}}"#
+            br#"{"s":"\u00e9b\n","e":null,"d":"1999-12-31","p":"CC-999","x":null,"n":996,"u":{"q":null,"k":-4},"c":["xy","x"]}"#
                 .to_vec(),
             r#"{"x": -2.4999, "n": 0, "e": 2.5, "p": "AA-0", "d": "2000-01-01", "s": "éb", "u": {"k": 1, "m": true}}"#
                 .as_bytes()

@@ -237,7 +237,8 @@ pub fn fuzz_structured_schema() -> serde_json::Value {
                 {"type": "object", "additionalProperties": false, "required": ["k", "m"],
                     "properties": {"k": {"type": "integer"}, "m": {"type": "boolean"}}},
                 {"type": "object", "additionalProperties": false, "required": ["q"],
-                    "properties": {"k": {"type": "integer"}, "q": {"type": "null"}}}]}
+                    "properties": {"k": {"type": "integer"}, "q": {"type": "null"}}}]},
+            "c": {"type": "array", "items": {"enum": ["x", "y", "xy"]}, "uniqueItems": true}
         },
         "required": ["n", "x", "p", "d", "e", "s"]})
 }
@@ -245,7 +246,7 @@ pub fn fuzz_structured_schema() -> serde_json::Value {
 /// Structured output's automaton under `fuzz_structured_schema` on any bytes: no dead end, and
 /// a text it calls whole parses with the schema's keys, its numbers within their bounds, its
 /// code and date of their shapes, `s` of 2-3 characters with a `b`, `e` one of the enum's
-/// values and `u`, if written, an object of one of its union's branches.
+/// values, `u`, if written, an object of one of its union's branches and `c` distinct values.
 pub fn structured(b: &[u8]) -> Result<()> {
     thread_local!(static SCHEMA: std::sync::Arc<crate::runtime::json_mode::Schema> =
         crate::runtime::json_schema::parse(&fuzz_structured_schema()).expect("it parses"));
@@ -257,7 +258,21 @@ pub fn structured(b: &[u8]) -> Result<()> {
     }
     let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(b)
         .unwrap_or_else(|e| panic!("structured output serde_json rejects ({e})"));
-    assert_eq!(v.len(), 6 + v.contains_key("u") as usize, "{v:?}");
+    let optional = ["u", "c"].iter().filter(|k| v.contains_key(**k)).count();
+    assert_eq!(v.len(), 6 + optional, "{v:?}");
+    if let Some(c) = v.get("c") {
+        let c: Vec<&str> = c
+            .as_array()
+            .expect("c a list")
+            .iter()
+            .map(|x| x.as_str().expect("c of strings"))
+            .collect();
+        assert!(c.iter().all(|x| ["x", "y", "xy"].contains(x)), "c {c:?}");
+        assert!(
+            c.iter().enumerate().all(|(i, x)| !c[..i].contains(x)),
+            "c {c:?}"
+        );
+    }
     if let Some(u) = v.get("u") {
         let u = u.as_object().expect("u an object");
         let keys = |ks: &[&str]| u.keys().all(|k| ks.contains(&k.as_str()));

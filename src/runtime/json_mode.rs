@@ -146,6 +146,8 @@ pub enum Schema {
     /// without `properties`: a map).
     Map(Arc<Schema>),
     Array(Arc<Schema>),
+    /// An array of distinct items of a string enum (`uniqueItems` over `String(Some(..))`).
+    Set(Arc<Schema>),
     /// A string; with `Some`, one of these (their JSON text between the quotes).
     String(Option<Vec<Vec<u8>>>),
     Number {
@@ -196,6 +198,14 @@ pub struct Property {
 /// Most properties an object schema may have (`Frame::Object::seen` is a bit set).
 pub const MAX_PROPERTIES: usize = 64;
 
+/// How many values a string enum has (0 for any other schema).
+fn enum_len(s: &Schema) -> usize {
+    match s {
+        Schema::String(Some(values)) => values.len(),
+        _ => 0,
+    }
+}
+
 /// An open container.
 #[derive(Debug, Clone, PartialEq)]
 enum Frame {
@@ -218,6 +228,8 @@ enum Frame {
         count: u32,
         min: u32,
         max: u32,
+        /// A `Schema::Set`'s items written so far (their JSON text between the quotes).
+        used: Option<Vec<Vec<u8>>>,
     },
 }
 
@@ -383,8 +395,12 @@ impl JsonPrefix {
             }
             (Mode::AfterValue, b',') => match self.stack.last() {
                 Some(Frame::Array {
-                    item, count, max, ..
-                }) if count < max => {
+                    item,
+                    count,
+                    max,
+                    used,
+                    ..
+                }) if count < max && used.as_ref().is_none_or(|u| u.len() < enum_len(item)) => {
                     self.expect = item.clone();
                     self.mode = Mode::Value;
                     true
@@ -532,7 +548,7 @@ impl JsonPrefix {
                             | Schema::Untagged(_),
                         b'{'
                     )
-                    | (Schema::Array(_), b'[')
+                    | (Schema::Array(_) | Schema::Set(_), b'[')
                     | (Schema::String(_) | Schema::Pattern(_), b'"')
                     | (
                         Schema::Number { .. } | Schema::Bounded(_),
@@ -575,9 +591,10 @@ impl JsonPrefix {
             });
             self.mode = Mode::KeyOrEnd;
         } else {
-            let item = match &*self.expect {
-                Schema::Array(item) => item.clone(),
-                _ => Arc::new(Schema::Any),
+            let (item, used) = match &*self.expect {
+                Schema::Array(item) => (item.clone(), None),
+                Schema::Set(item) => (item.clone(), Some(Vec::new())),
+                _ => (Arc::new(Schema::Any), None),
             };
             self.expect = item.clone();
             let (min, max) = bounds.unwrap_or((0, u32::MAX));
@@ -586,6 +603,7 @@ impl JsonPrefix {
                 count: 0,
                 min,
                 max,
+                used,
             });
             self.mode = Mode::ValueOrEnd;
         }
@@ -646,8 +664,18 @@ impl JsonPrefix {
                     .collect(),
             );
         }
+        let used: &[Vec<u8>] = match self.stack.last() {
+            Some(Frame::Array { used: Some(u), .. }) => u,
+            _ => &[],
+        };
         match &*self.expect {
-            Schema::String(Some(values)) => Some(values.iter().map(Vec::as_slice).collect()),
+            Schema::String(Some(values)) => Some(
+                values
+                    .iter()
+                    .filter(|v| !used.contains(v))
+                    .map(Vec::as_slice)
+                    .collect(),
+            ),
             _ => None,
         }
     }
@@ -724,6 +752,9 @@ impl JsonPrefix {
             }
             if !key {
                 self.tag_written();
+                if let Some(Frame::Array { used: Some(u), .. }) = self.stack.last_mut() {
+                    u.push(self.text.clone());
+                }
             }
             self.mode = if key { Mode::Colon } else { Mode::AfterValue };
             return true;

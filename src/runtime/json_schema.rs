@@ -137,7 +137,7 @@ fn enforced(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>>
         Value::Object(o) => o,
         _ => return Err(bad(f, path, "must be a schema object")),
     };
-    const OWN: [&str; 25] = [
+    const OWN: [&str; 26] = [
         "minLength",
         "maxLength",
         "minimum",
@@ -149,6 +149,7 @@ fn enforced(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>>
         "format",
         "minItems",
         "maxItems",
+        "uniqueItems",
         "type",
         "properties",
         "required",
@@ -297,7 +298,7 @@ fn opens(s: &Schema) -> u8 {
         | Schema::ToolCall(_)
         | Schema::Tagged(_)
         | Schema::Untagged(_) => OBJECT,
-        Schema::Array(_) => ARRAY,
+        Schema::Array(_) | Schema::Set(_) => ARRAY,
         Schema::String(_) | Schema::Pattern(_) => STRING,
         Schema::Number { .. } | Schema::Bounded(_) => NUMBER,
         Schema::Literal(values) => values.iter().fold(0, |m, v| {
@@ -372,6 +373,43 @@ fn union(f: &Ctx, path: &str, parsed: Vec<Arc<Schema>>, one_of: bool) -> Result<
 /// Most characters or items a `maxLength` / `maxItems` may ask for.
 pub const MAX_LENGTH: u64 = 1 << 20;
 
+/// An array of `item`s: with `uniqueItems: true` a `Set`, which holds only for a string enum
+/// (Pydantic's `set[Color]` of an `Enum`; `items`: its `minItems` / `maxItems`, the first at
+/// most the number of values).
+fn unique(
+    f: &Ctx,
+    o: &serde_json::Map<String, Value>,
+    path: &str,
+    item: Arc<Schema>,
+    items: Option<(u32, u32)>,
+) -> Result<Schema> {
+    let at = format!("{path}.uniqueItems");
+    match o.get("uniqueItems") {
+        None | Some(Value::Bool(false)) => Ok(Schema::Array(item)),
+        Some(Value::Bool(true)) => match &*item {
+            Schema::String(Some(values)) => {
+                if items.is_some_and(|(min, _)| min as usize > values.len()) {
+                    return Err(bad(
+                        f,
+                        &at,
+                        &format!(
+                            "asks for more distinct items than the {} values",
+                            values.len()
+                        ),
+                    ));
+                }
+                Ok(Schema::Set(item))
+            }
+            _ => Err(unsupported(
+                f,
+                &at,
+                "`uniqueItems` on items other than a string `enum`",
+            )),
+        },
+        Some(_) => Err(bad(f, &at, "must be a boolean")),
+    }
+}
+
 /// `min_key` / `max_key` (`minLength` / `maxLength`, `minItems` / `maxItems`) as bounds, `None`
 /// when neither is there.
 fn bounds(
@@ -435,10 +473,13 @@ fn typed(
             Some("integer") => Schema::Number { integer: true },
             Some("boolean") => Schema::Boolean,
             Some("null") => Schema::Null,
-            Some("array") => Schema::Array(match o.get("items") {
-                None => Arc::new(Schema::Any),
-                Some(i) => node(f, i, &format!("{path}.items"), depth + 1)?,
-            }),
+            Some("array") => {
+                let item = match o.get("items") {
+                    None => Arc::new(Schema::Any),
+                    Some(i) => node(f, i, &format!("{path}.items"), depth + 1)?,
+                };
+                unique(f, o, path, item, items)?
+            }
             Some("object") => object(f, o, path, depth)?,
             Some(t) => {
                 return Err(bad(
@@ -456,7 +497,7 @@ fn typed(
     };
     Ok(match (&s, text, items) {
         (Schema::String(_), Some(b), None) => wrap(b, s),
-        (Schema::Array(_), None, Some(b)) => wrap(b, s),
+        (Schema::Array(_) | Schema::Set(_), None, Some(b)) => wrap(b, s),
         (_, None, None) => s,
         _ => {
             return Err(unsupported(
@@ -554,7 +595,9 @@ pub fn string_bytes(s: &Schema, out: &mut Vec<u8>) {
                 string_bytes(&p.schema, out);
             }
         }
-        Schema::Array(item) | Schema::Nullable(item) | Schema::Map(item) => string_bytes(item, out),
+        Schema::Array(item) | Schema::Set(item) | Schema::Nullable(item) | Schema::Map(item) => {
+            string_bytes(item, out)
+        }
         Schema::Union(bs) => bs.iter().for_each(|b| string_bytes(b, out)),
         Schema::Length { inner, .. } => string_bytes(inner, out),
         Schema::String(Some(values)) | Schema::Literal(values) => {
@@ -863,6 +906,45 @@ mod tests {
             e.contains("schema.properties.a.anyOf") && e.contains("`k` differs"),
             "{e}"
         );
+    }
+
+    /// Pydantic's `set[Color]` of an `Enum`: `uniqueItems` over a string enum; a value once
+    /// written is not offered again, and the array goes on only while one is left.
+    #[test]
+    fn unique_items_of_a_string_enum_are_distinct() {
+        let s = json!({"type": "object", "properties": {"c": {"type": "array",
+            "items": {"enum": ["red", "green", "blue"]}, "uniqueItems": true, "minItems": 1}}});
+        for ok in [
+            r#"{"c": ["red"]}"#,
+            r#"{"c": ["blue", "red", "green"]}"#,
+            r#"{"c": [ "green" , "red" ]}"#,
+        ] {
+            assert!(accepts(&s, ok), "{ok}");
+        }
+        for bad in [
+            r#"{"c": ["red", "red"]}"#,
+            r#"{"c": ["red", "green", "blue", "red"]}"#,
+            r#"{"c": []}"#,
+        ] {
+            assert!(!accepts(&s, bad), "{bad}");
+        }
+        // After all three, only the close: never a `,` with nothing left to write.
+        let mut p = JsonPrefix::new(parse(&s).unwrap());
+        assert!(p.feed(br#"{"c": ["red", "green", "blue""#));
+        assert!(p.after(b",").is_none() && p.after(b"]").is_some());
+        let more = json!({"type": "object", "properties": {"c": {"type": "array",
+            "items": {"enum": ["a", "b"]}, "uniqueItems": true, "minItems": 3}}});
+        let e = parse(&more).unwrap_err().to_string();
+        assert!(
+            e.contains("properties.c.uniqueItems") && e.contains("2 values"),
+            "{e}"
+        );
+        let any = json!({"type": "object", "properties": {"c": {"type": "array",
+            "items": {"type": "integer"}, "uniqueItems": true}}});
+        assert!(matches!(parse(&any), Err(Error::Unsupported(_))));
+        let no = json!({"type": "object", "properties": {"c": {"type": "array",
+            "items": {"type": "integer"}, "uniqueItems": false}}});
+        assert!(accepts(&no, r#"{"c": [1, 1]}"#));
     }
 
     /// Pydantic's `Union[Cat, Dog]` without a discriminator (`anyOf` of `$ref`s): each key

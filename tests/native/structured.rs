@@ -142,8 +142,8 @@ fn texts_the_automaton_completes_are_valid_for_python_jsonschema() {
     all_valid(&cases);
 }
 
-/// Numbers' bounds, patterns, formats, enums of any values, unions of objects told apart by a
-/// tag or by their keys, and maps: the same check, over an alphabet that can write dates, addresses and identifiers.
+/// Numbers' bounds, patterns, formats, enums of any values, sets of enum values, unions of
+/// objects told apart by a tag or by their keys, and maps: the same check, over an alphabet that can write dates, addresses and identifiers.
 #[test]
 fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
     if !python_has("jsonschema, rfc3339_validator, fqdn, isoduration, rfc3986_validator") {
@@ -158,9 +158,11 @@ fn bounded_numbers_patterns_and_formats_are_valid_for_python_jsonschema() {
             "s": {"type": "string", "pattern": "^[a-c]+$", "minLength": 2, "maxLength": 4},
             "m": {"type": "string", "format": "email", "maxLength": 12},
             "e": {"enum": [1, 2.5, true, null, "a", [1, {"k": "v"}]]},
-            "l": {"type": "array", "items": {"type": "integer", "maximum": -1}, "maxItems": 3}
+            "l": {"type": "array", "items": {"type": "integer", "maximum": -1}, "maxItems": 3},
+            "c": {"type": "array", "items": {"enum": ["ab", "ba", "c"]}, "uniqueItems": true,
+                "minItems": 1}
         },
-        "required": ["n", "x", "p", "e"]});
+        "required": ["n", "x", "p", "e", "c"]});
     let formats = json!({"type": "object", "additionalProperties": false,
         "properties": {
             "d": {"type": "string", "format": "date"},
