@@ -397,7 +397,7 @@ pub fn tool_call(b: &[u8]) -> Result<()> {
 /// prefix; if that is calls, `HeldCall` reads back whole calls that each parse, name one of the
 /// functions and are as many as the constraint completed; what streamed adds up to them.
 pub fn tool_calls(b: &[u8]) -> Result<()> {
-    use crate::runtime::json_mode::{Lead, TokenBytes};
+    use crate::runtime::json_constraint::{Lead, TokenBytes};
     use crate::runtime::tools::{CallEnd, HeldCall, ToolCall};
     thread_local!(static TABLE: std::sync::Arc<TokenBytes> = std::sync::Arc::new(
         (0..=255u8).map(|b| (b != 0xff).then(|| vec![b])).collect()));
@@ -461,7 +461,7 @@ pub fn tool_calls(b: &[u8]) -> Result<()> {
 /// sends and `finish` leaves add up, call by call, to the call `ToolCall::parse` reads, each
 /// name first.
 pub fn streamed_call_adds_up(text: &str) {
-    use crate::runtime::json_mode::Lead;
+    use crate::runtime::json_constraint::Lead;
     use crate::runtime::tools::{CallEnd, HeldCall, ToolCall};
     let json = Some(&Lead::Json);
     let whole = ToolCall::parse(text).expect("a whole call parses");

@@ -20,7 +20,7 @@ pub struct Tokenizer {
     pub stop: Vec<u32>,
     pub chat: ChatTemplate,
     /// `token_bytes`, made on first use (JSON mode, logprobs).
-    bytes: std::sync::OnceLock<std::sync::Arc<crate::runtime::json_mode::TokenBytes>>,
+    bytes: std::sync::OnceLock<std::sync::Arc<crate::runtime::json_constraint::TokenBytes>>,
 }
 
 /// A tokenizer.json for byte-level BPE: one builder for GGUF vocabularies and for the tiny test
@@ -286,7 +286,7 @@ impl Tokenizer {
     /// report them): the vocabulary's byte-level characters mapped back to bytes; `None` for
     /// added and special tokens and for any string outside the byte-level alphabet. Made on
     /// the first call, shared after.
-    pub fn token_bytes(&self) -> std::sync::Arc<crate::runtime::json_mode::TokenBytes> {
+    pub fn token_bytes(&self) -> std::sync::Arc<crate::runtime::json_constraint::TokenBytes> {
         self.bytes
             .get_or_init(|| {
                 let to_byte = byte_level_chars();

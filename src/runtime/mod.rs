@@ -25,6 +25,7 @@ pub mod decision;
 pub mod dir;
 pub mod elastic;
 pub mod generate;
+pub mod json_constraint;
 pub mod json_mode;
 pub mod json_number;
 pub mod json_pattern;

@@ -6,7 +6,7 @@ use crate::error::Error;
 use crate::runtime::backend::Backend;
 use crate::runtime::clock::now_seconds;
 use crate::runtime::generate::{sample, GenStats, Rng, Sampling, StopReason};
-use crate::runtime::json_mode::{JsonConstraint, Lead};
+use crate::runtime::json_constraint::{JsonConstraint, Lead};
 
 pub struct Session<B: Backend> {
     pub model: B,

@@ -16,9 +16,10 @@
 
 use crate::error::{Error, Result};
 use crate::model::chat::ToolPrompt;
-use crate::runtime::json_mode::{
-    Functions, JsonConstraint, Lead, Schema, TokenBytes, TOOL_CALL_END, TOOL_CALL_TAG,
+use crate::runtime::json_constraint::{
+    JsonConstraint, Lead, TokenBytes, TOOL_CALL_END, TOOL_CALL_TAG,
 };
+use crate::runtime::json_mode::{Functions, Schema};
 use crate::runtime::json_schema;
 use crate::runtime::json_tagged::Tagged;
 use serde_json::Value;

@@ -2,7 +2,7 @@
 //! read and written through `serde-wasm-bindgen`, so each key is named once, here. Engine
 //! options and stats use JS's camelCase; chat requests and chunks keep OpenAI's snake_case.
 
-use crate::runtime::json_mode::TokenBytes;
+use crate::runtime::json_constraint::TokenBytes;
 use crate::runtime::{Policy, Reason, TokenLogprob};
 use crate::web::error::{Code, WebError, WebResult};
 use serde::de::DeserializeOwned;

@@ -8,7 +8,7 @@ use crate::gpu::{Allocator, ModelOptions};
 use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::{StreamDecoder, Tokenizer};
 use crate::model::weights::ModuleId;
-use crate::runtime::json_mode::JsonConstraint;
+use crate::runtime::json_constraint::JsonConstraint;
 use crate::runtime::tools::{CallDelta, CallEnd, HeldCall, ToolChoice};
 use crate::runtime::walk::Running;
 use crate::runtime::{Backend, Factory};

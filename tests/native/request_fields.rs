@@ -4,7 +4,8 @@
 //! forward pass's log-softmax).
 
 use flexquant::model::chat::Message;
-use flexquant::runtime::json_mode::{JsonConstraint, JsonPrefix, Schema, WATCHED_BYTES};
+use flexquant::runtime::json_constraint::{JsonConstraint, WATCHED_BYTES};
+use flexquant::runtime::json_mode::{JsonPrefix, Schema};
 use flexquant::runtime::reference::Reference;
 use flexquant::runtime::{Sampling, Session, StopReason, TurnOptions};
 use pollster::block_on;
@@ -215,7 +216,7 @@ fn json_schema_answers_follow_the_schema() {
 /// call is valid whichever it is; after a tool result, `none` gives text.
 #[test]
 fn tool_calls_name_a_function_and_follow_its_parameters() {
-    use flexquant::runtime::json_mode::Lead;
+    use flexquant::runtime::json_constraint::Lead;
     use flexquant::runtime::request::ChatRequest;
     use flexquant::runtime::tools::{CallDelta, CallEnd, HeldCall, ToolCall};
     let Some((m, _)) = crate::common::demo() else {
