@@ -231,10 +231,17 @@ impl JsonConstraint {
     }
 
     /// Whether a call is whole, another may follow (`Lead::Between`) and none has begun to
-    /// open (only whitespace since): then the model's own choice decides whether the answer
-    /// goes on (`takes`) or ends.
+    /// open (only whitespace since, and perhaps a whole `TOOL_CALL_END`): then the model's own
+    /// choice decides whether the answer goes on (`takes`) or ends.
     pub fn between_calls(&self) -> bool {
-        matches!(&self.lead, Lead::Between(held) if held.iter().all(u8::is_ascii_whitespace))
+        let Lead::Between(held) = &self.lead else {
+            return false;
+        };
+        let t = held.trim_ascii_start();
+        t.strip_prefix(TOOL_CALL_END)
+            .unwrap_or(t)
+            .trim_ascii()
+            .is_empty()
     }
 
     /// Reads token `id` (one `allowed` returned); whether the answer is now complete: its

@@ -816,6 +816,19 @@ mod tests {
                 "text after calls"
             );
         }
+        // Where the model's own draw decides: after whitespace and a whole `</tool_call>`, not
+        // while a close or an opening is half written.
+        let mut c = t.constraint(table.clone()).unwrap();
+        assert!(run(&mut c, a) && c.between_calls());
+        for (more, free) in [
+            (" </tool_ca", false),
+            ("ll>", true),
+            ("\n", true),
+            ("{", false),
+        ] {
+            assert!(run(&mut c, more));
+            assert_eq!(c.between_calls(), free, "{more:?}");
+        }
         let mut c = t.constraint(table.clone()).unwrap();
         assert!(run(&mut c, a) && run(&mut c, &" ".repeat(32)));
         assert!(
