@@ -1541,6 +1541,33 @@ async fn tool_calls_stream_their_name_then_their_arguments() {
         v["code"] == "tool-schema-loose" && v["message"].as_str().unwrap().contains("uniqueItems")
     });
     assert!(warned, "{:?}", events.borrow());
+    // Tools beside a response_format schema, auto: each answer is a call or that JSON.
+    let summary = json!({"type": "object", "properties": {"s": {"enum": ["a", "b"]}},
+        "required": ["s"], "additionalProperties": false});
+    for seed in 0..4 {
+        let req = json!({"messages": ask, "tools": tools, "max_tokens": 200, "temperature": 1.0,
+            "seed": seed, "ignore_eos": true, "logit_bias": no_space,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "strict": true,
+                "schema": summary}}});
+        let chunks = raw_chunks(&e, &req).await;
+        let last = &chunks.last().unwrap()["choices"][0];
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .collect();
+        match last["finish_reason"].as_str() {
+            Some("tool_calls") => assert!(text.is_empty(), "{text:?}"),
+            _ => {
+                let v: Value =
+                    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+                assert!(["a", "b"].contains(&v["s"].as_str().unwrap()), "{text}");
+            }
+        }
+    }
     // The same for a response_format schema that is not strict: free there, and said.
     let schema = json!({"type": "object", "properties": {"n": {"type": "array", "uniqueItems": true},
         "m": {"type": "boolean"}}, "required": ["m"]});

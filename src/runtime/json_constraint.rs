@@ -30,6 +30,9 @@ pub enum Lead {
     Json,
     /// Only whitespace or part of `TOOL_CALL_TAG` so far (these bytes).
     Undecided(Vec<u8>),
+    /// Not a call: the `response_format` JSON that stands instead of free text
+    /// (`JsonConstraint::or_answer`).
+    Answer,
     /// A call is whole and another may follow (`JsonConstraint::calls`): these bytes since,
     /// whitespace, `TOOL_CALL_END` or the opening of the next call so far. The answer may end.
     Between(Vec<u8>),
@@ -54,6 +57,8 @@ pub struct JsonConstraint {
     schema: Arc<Schema>,
     /// How many more calls may follow the one being written (`calls`).
     more: usize,
+    /// What an answer that is not a call must be instead of free text (`or_answer`).
+    answer: Option<Arc<Schema>>,
 }
 
 /// How the text before a call's JSON stands (`JsonConstraint::opening`).
@@ -66,16 +71,23 @@ enum Opening<'a> {
     Not,
 }
 
+/// The bytes whose one-byte tokens are watched for `schemas`: JSON's own first, then the
+/// schemas' names and values, each once, at most 128 (`generate::MAX_WATCHED`).
+fn watched_bytes(schemas: &[&Schema]) -> Vec<u8> {
+    let mut out = WATCHED_BYTES.to_vec();
+    for s in schemas {
+        crate::runtime::json_schema::string_bytes(s, &mut out);
+    }
+    let mut seen = [false; 256];
+    out.retain(|&b| !std::mem::replace(&mut seen[b as usize], true));
+    out.truncate(128);
+    out
+}
+
 impl JsonConstraint {
     /// JSON mode over `bytes` (`Tokenizer::token_bytes`), the answer an object that follows
     /// `schema` (`Schema::AnyObject`: any object).
     pub fn new(bytes: Arc<TokenBytes>, schema: Arc<Schema>) -> Self {
-        let mut watched_bytes = WATCHED_BYTES.to_vec();
-        crate::runtime::json_schema::string_bytes(&schema, &mut watched_bytes);
-        // JSON's own bytes first, then the schema's, at most 128 (`generate::MAX_WATCHED`).
-        let mut seen = [false; 256];
-        watched_bytes.retain(|&b| !std::mem::replace(&mut seen[b as usize], true));
-        watched_bytes.truncate(128);
         let what = match *schema {
             Schema::ToolCall(_) => "tool call",
             _ => "response_format (JSON mode)",
@@ -84,12 +96,23 @@ impl JsonConstraint {
             state: JsonPrefix::new(schema.clone()),
             lead: Lead::Json,
             bytes,
-            watched_bytes,
+            watched_bytes: watched_bytes(&[&schema]),
             what,
             tag: None,
             schema,
             more: 0,
+            answer: None,
         }
+    }
+
+    /// With an optional call (`tool_choice: 'auto'` beside a `response_format` schema): an
+    /// answer that does not open as a call is JSON that follows `answer`, not free text.
+    /// An object that opens `{"name"` is the call (the tag decides first).
+    pub fn or_answer(mut self, answer: Arc<Schema>) -> Self {
+        debug_assert!(matches!(self.lead, Lead::Undecided(_)));
+        self.watched_bytes = watched_bytes(&[&self.schema, &answer]);
+        self.answer = Some(answer);
+        self
     }
 
     /// Lets the answer be up to `max` calls (OpenAI's parallel function calls), one after the
@@ -175,7 +198,12 @@ impl JsonConstraint {
         match self.opening(held) {
             Opening::Json(j) => self.state.after(j).map(|p| (Lead::Json, Some(p))),
             Opening::Pending => Some((Lead::Undecided(held.to_vec()), None)),
-            Opening::Not => Some((Lead::Text, None)),
+            Opening::Not => match &self.answer {
+                None => Some((Lead::Text, None)),
+                Some(a) => JsonPrefix::new(a.clone())
+                    .after(held)
+                    .map(|p| (Lead::Answer, Some(p))),
+            },
         }
     }
 
@@ -223,10 +251,13 @@ impl JsonConstraint {
         match (&self.lead, self.bytes_of(id)) {
             (Lead::Text, _) => true,
             // A special token (end of turn) ends an answer that is not JSON, or after a call.
-            (Lead::Undecided(_) | Lead::Between(_), None) => true,
+            (Lead::Undecided(_), None) => self.answer.is_none(),
+            (Lead::Between(_), None) => true,
             (Lead::Undecided(held), Some(b)) => self.decide(&[held, b].concat()).is_some(),
             (Lead::Between(held), Some(b)) => self.decide_between(&[held, b].concat()).is_some(),
-            (Lead::Json, b) => b.is_some_and(|b| !b.is_empty() && self.state.after(b).is_some()),
+            (Lead::Json | Lead::Answer, b) => {
+                b.is_some_and(|b| !b.is_empty() && self.state.after(b).is_some())
+            }
         }
     }
 
@@ -255,7 +286,7 @@ impl JsonConstraint {
             }
             Lead::Between(held) => self
                 .decide_between(&[held.as_slice(), bytes.as_deref().unwrap_or_default()].concat()),
-            Lead::Json => {
+            Lead::Json | Lead::Answer => {
                 let ok = bytes.is_some_and(|b| self.state.feed(&b));
                 debug_assert!(ok, "token {id} was not allowed");
                 None
@@ -266,6 +297,9 @@ impl JsonConstraint {
             if let Some(s) = state {
                 self.state = s;
             }
+        }
+        if self.lead == Lead::Answer {
+            return self.state.is_complete();
         }
         if self.lead != Lead::Json || !self.state.is_complete() {
             return false;

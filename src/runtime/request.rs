@@ -14,7 +14,7 @@ use crate::runtime::json_mode::Schema;
 use crate::runtime::json_schema;
 use crate::runtime::session::MAX_TOP_LOGPROBS;
 use crate::runtime::stop_text::StopText;
-use crate::runtime::tools::{ToolChoice, Tools};
+use crate::runtime::tools::Tools;
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -94,19 +94,13 @@ impl ChatRequest {
         }
     }
 
-    /// `tools` and `tool_choice` (`runtime::tools`); `None` without tools. A call cannot also
-    /// be held to `response_format`'s JSON: both at once is `Unsupported`.
+    /// `tools` and `tool_choice` (`runtime::tools`); `None` without tools. Beside a
+    /// `response_format` JSON, an answer is calls or that JSON (`tools::turn_constraint`).
     pub fn tools(&self) -> Result<Option<Tools>> {
-        let t = Tools::parse(self.tools.as_ref(), self.tool_choice.as_ref())?
-            .map(|t| t.parallel(self.parallel_tool_calls));
-        if t.as_ref().is_some_and(|t| t.choice != ToolChoice::None) && self.json_mode()?.is_some() {
-            return Err(Error::Unsupported(
-                "chat request: `response_format` JSON together with `tools` is not supported \
-                 (drop one, or set tool_choice: 'none')"
-                    .into(),
-            ));
-        }
-        Ok(t)
+        Ok(
+            Tools::parse(self.tools.as_ref(), self.tool_choice.as_ref())?
+                .map(|t| t.parallel(self.parallel_tool_calls)),
+        )
     }
 
     /// The schema the answer is held to (`json_mode`): `{type: "json_object"}` any object,
@@ -343,10 +337,6 @@ mod tests {
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
                 "tools[0].function",
-            ),
-            (
-                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"},"tools":[{"type":"function","function":{"name":"f"}}]}"#,
-                "together with `tools`",
             ),
             (r#"{"messages":[]}"#, "no messages"),
             (

@@ -199,6 +199,22 @@ impl Tools {
     }
 }
 
+/// A turn's constraint from its functions and its `response_format` schema (`answer`): the
+/// calls `tool_choice` asks for; with `auto`, calls or else JSON that follows `answer` in
+/// place of free text (OpenAI's tools beside structured output); without tools, `answer`.
+pub fn turn_constraint(
+    tools: Option<&Tools>,
+    answer: Option<Arc<Schema>>,
+    bytes: Arc<TokenBytes>,
+) -> Option<JsonConstraint> {
+    let auto = tools.is_some_and(|t| t.choice == ToolChoice::Auto);
+    match (tools.and_then(|t| t.constraint(bytes.clone())), answer) {
+        (Some(c), Some(a)) if auto => Some(c.or_answer(a)),
+        (Some(c), _) => Some(c),
+        (None, a) => a.map(|a| JsonConstraint::new(bytes, a)),
+    }
+}
+
 fn function(i: usize, t: &Value) -> Result<Function> {
     let at = |k: &str| format!("tools[{i}]{k}");
     let o = t
@@ -778,6 +794,51 @@ mod tests {
         let mut h = HeldCall::default();
         assert_eq!(h.push(Some(&Lead::Undecided(vec![b' '])), " "), None);
         assert_eq!(h.push(Some(&Lead::Text), "Hi").as_deref(), Some(" Hi"));
+    }
+
+    /// Tools beside a `response_format` schema: with `auto` the answer is calls or that
+    /// schema's JSON, never free text nor an empty answer; `required`: a call; `none`: the JSON.
+    #[test]
+    fn beside_a_response_schema_an_answer_is_calls_or_that_json() {
+        let answer = crate::runtime::json_schema::parse(&json!({"type": "object",
+            "properties": {"summary": {"type": "string"}}, "required": ["summary"]}))
+        .unwrap();
+        let mut table: TokenBytes = (0..=255u8).map(|b| Some(vec![b])).collect();
+        table.push(None);
+        let table = Arc::new(table);
+        let end = 256;
+        let write = |c: &mut JsonConstraint, text: &str| {
+            text.bytes()
+                .map(|b| c.allowed(&[(b as u32, 0.0)], 0).is_ok() && c.advance(b as u32))
+                .last()
+                .unwrap_or(false)
+        };
+        let with = |choice: Value| {
+            let t = tools(choice);
+            turn_constraint(Some(&t), Some(answer.clone()), table.clone()).unwrap()
+        };
+        let call = r#" {"name": "get_time", "arguments": {"zone": 1}}"#;
+        let json = r#"{"summary": "It is sunny."}"#;
+        let mut c = with(json!("auto"));
+        assert!(
+            !write(&mut c, call) && *c.lead() == Lead::Between(vec![]),
+            "a call"
+        );
+        let mut c = with(json!("auto"));
+        assert!(
+            write(&mut c, json) && *c.lead() == Lead::Answer,
+            "the JSON, whole"
+        );
+        let mut c = with(json!("auto"));
+        assert!(c.allowed(&[(end, 0.0)], 0).is_err(), "an empty answer");
+        assert!(c.allowed(&[(b'I' as u32, 0.0)], 0).is_err(), "free text");
+        assert!(!write(&mut c, r#"{"summary": 1}"#), "JSON off the schema");
+        let mut c = with(json!("required"));
+        assert!(!write(&mut c, json), "required: only a call");
+        let none = tools(json!("none"));
+        let mut c = turn_constraint(Some(&none), Some(answer.clone()), table.clone()).unwrap();
+        assert!(write(&mut c, json), "none: the JSON");
+        assert!(turn_constraint(Some(&none), None, table.clone()).is_none());
     }
 
     /// Several calls in one answer: the automaton lets a second call follow a whole one (after

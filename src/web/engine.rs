@@ -8,8 +8,7 @@ use crate::gpu::{Allocator, ModelOptions};
 use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::{StreamDecoder, Tokenizer};
 use crate::model::weights::ModuleId;
-use crate::runtime::json_constraint::JsonConstraint;
-use crate::runtime::tools::{CallDelta, CallEnd, HeldCall, ToolChoice};
+use crate::runtime::tools::{turn_constraint, CallDelta, CallEnd, HeldCall, ToolChoice};
 use crate::runtime::walk::Running;
 use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
@@ -626,17 +625,14 @@ impl Inner {
                 emitter.warning("tool-schema-loose", &m);
             }
         }
-        let bytes = self.tokenizer.token_bytes();
-        let json = match req.response_schema()? {
-            Some((schema, relaxed)) => {
-                if !relaxed.is_empty() {
-                    let m = format!("the answer is free where: {}", relaxed.join("; "));
-                    emitter.warning("schema-loose", &m);
-                }
-                Some(JsonConstraint::new(bytes, schema))
+        let answer = req.response_schema()?.map(|(schema, relaxed)| {
+            if !relaxed.is_empty() {
+                let m = format!("the answer is free where: {}", relaxed.join("; "));
+                emitter.warning("schema-loose", &m);
             }
-            None => tools.as_ref().and_then(|t| t.constraint(bytes)),
-        };
+            schema
+        });
+        let json = turn_constraint(tools.as_ref(), answer, self.tokenizer.token_bytes());
         let opts = TurnOptions {
             json,
             logprobs: req.logprobs()?,
