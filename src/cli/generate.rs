@@ -8,10 +8,9 @@ use anyhow::Result;
 use clap::Args;
 use flexquant::model::chat::{ChatTemplate, Message};
 use flexquant::model::tokenizer::{StreamDecoder, Tokenizer};
-use flexquant::runtime::json_constraint::JsonConstraint;
 use flexquant::runtime::json_mode::Schema;
 use flexquant::runtime::json_schema;
-use flexquant::runtime::tools::{CallEnd, HeldCall, ToolCall, Tools};
+use flexquant::runtime::tools::{turn_constraint, CallEnd, HeldCall, ToolCall, Tools};
 use flexquant::runtime::{Backend, Factory, GenStats, StopReason, TurnOptions};
 use std::io::{BufRead, Write};
 use std::sync::Arc;
@@ -55,9 +54,6 @@ fn read_tools(a: &GenerateArgs) -> Result<Option<Tools>> {
         "auto" | "required" | "none" => serde_json::json!(c),
         name => serde_json::json!({"type": "function", "function": {"name": name}}),
     });
-    if a.sampling.json_object || a.sampling.json_schema.is_some() {
-        anyhow::bail!("--tools cannot be combined with --json-object or --json-schema");
-    }
     let tools = Tools::parse(Some(&list), choice.as_ref())
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(tools.map(|t| t.parallel(a.parallel_tool_calls)))
@@ -107,11 +103,7 @@ where
             }
             None => a.json_object.then(|| Arc::new(Schema::AnyObject)),
         };
-        let bytes = self.tokenizer.token_bytes();
-        let json = match schema {
-            Some(s) => Some(JsonConstraint::new(bytes, s)),
-            None => tools.and_then(|t| t.constraint(bytes)),
-        };
+        let json = turn_constraint(tools, schema, self.tokenizer.token_bytes());
         // An answer that may be a function call is held back until it is known.
         let mut held = json
             .as_ref()

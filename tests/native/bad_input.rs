@@ -368,6 +368,6 @@ fn cli_rejects_bad_arguments_clearly() {
     .unwrap();
     let (ok, e) = cli(&[&chat[..], &["--tools", tools, "--tool-choice", "g"]].concat());
     assert!(!ok && e.contains("`g` is not one of the tools"), "{e}");
-    let (ok, e) = cli(&[&chat[..], &["--tools", tools, "--json-object"]].concat());
-    assert!(!ok && e.contains("cannot be combined"), "{e}");
+    let (ok, e) = cli(&[&chat[..], &["--tools", tools, "--parallel-tool-calls", "2"]].concat());
+    assert!(!ok && e.contains("--parallel-tool-calls"), "{e}");
 }
