@@ -44,11 +44,11 @@ pub fn parse(v: &Value) -> Result<Arc<Schema>> {
 }
 
 /// A schema that is not `strict` (OpenAI's default, where the schema guides and is not a
-/// guarantee): what the automaton cannot enforce is left free where it is, the schema of that
-/// place read as any value (`{}`; a top level that is then any value, any object), and each
-/// such place is said in the list (the `unsupported` error a strict schema would get). Errors
-/// remain for what is not a schema at all (`input`) and for a top level that cannot be an
-/// object.
+/// guarantee): what the automaton cannot enforce is left out (`relax`) and each such place is
+/// said in the list (the `unsupported` error a strict schema would get). A keyword that only
+/// narrows its place is dropped there; a place that cannot be held to at all is any value
+/// (`{}`; a top level that is then any value, any object). Errors remain for what is not a
+/// schema at all (`input`) and for a top level that cannot be an object.
 pub fn parse_loose(v: &Value, field: &str, path: &str) -> Result<(Arc<Schema>, Vec<String>)> {
     let ctx = Ctx {
         field,
@@ -116,16 +116,22 @@ fn json_text(s: &str) -> Vec<u8> {
     quoted.as_bytes()[1..quoted.len() - 1].to_vec()
 }
 
-/// The schema at `path`: `enforced`'s, or, when it cannot be enforced and the schema is not
-/// strict, any value there (said in `Ctx::relaxed`).
-fn node(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
-    match (enforced(f, v, path, depth), &f.relaxed) {
+/// `r`, or, when it is `unsupported` and the schema is not strict, `fallback()` (what holds
+/// without the part that cannot be enforced), said in `Ctx::relaxed`.
+fn relax<T>(f: &Ctx, r: Result<T>, fallback: impl FnOnce() -> T) -> Result<T> {
+    match (r, &f.relaxed) {
         (Err(Error::Unsupported(why)), Some(relaxed)) => {
             relaxed.borrow_mut().push(why);
-            Ok(Arc::new(Schema::Any))
+            Ok(fallback())
         }
         (r, _) => r,
     }
+}
+
+/// The schema at `path`: `enforced`'s, or, when it cannot be enforced and the schema is not
+/// strict, any value there (said in `Ctx::relaxed`).
+fn node(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
+    relax(f, enforced(f, v, path, depth), || Arc::new(Schema::Any))
 }
 
 fn enforced(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>> {
@@ -166,15 +172,13 @@ fn enforced(f: &Ctx, v: &Value, path: &str, depth: usize) -> Result<Arc<Schema>>
         "definitions",
         "$schema",
     ];
-    if let Some(k) = o
+    for k in o
         .keys()
-        .find(|k| !OWN.contains(&k.as_str()) && !ANNOTATIONS.contains(&k.as_str()))
+        .filter(|k| !OWN.contains(&k.as_str()) && !ANNOTATIONS.contains(&k.as_str()))
     {
-        return Err(unsupported(
-            f,
-            &format!("{path}.{k}"),
-            &format!("keyword `{k}`"),
-        ));
+        // Not strict: the keyword only narrows what the rest allows, so it is left out.
+        let e = unsupported(f, &format!("{path}.{k}"), &format!("keyword `{k}`"));
+        relax(f, Err(e), || ())?;
     }
     // Keywords that say what the value is, besides a reference or a union.
     let shape = ["type", "properties", "items", "enum", "const"];
@@ -400,11 +404,15 @@ fn unique(
                 }
                 Ok(Schema::Set(item))
             }
-            _ => Err(unsupported(
+            _ => relax(
                 f,
-                &at,
-                "`uniqueItems` on items other than a string `enum`",
-            )),
+                Err(unsupported(
+                    f,
+                    &at,
+                    "`uniqueItems` on items other than a string `enum`",
+                )),
+                || Schema::Array(item.clone()),
+            ),
         },
         Some(_) => Err(bad(f, &at, "must be a boolean")),
     }
@@ -462,7 +470,7 @@ fn typed(
         }
     } else if let Some(n) = number(f, o, ty, path)? {
         n
-    } else if let Some(p) = pattern(f, o, ty, path, text)? {
+    } else if let Some(p) = relax(f, pattern(f, o, ty, path, text), || None)? {
         text = None; // the pattern holds them
         p
     } else {
@@ -540,13 +548,15 @@ fn object(f: &Ctx, o: &serde_json::Map<String, Value>, path: &str, depth: usize)
     match extra {
         None | Some(Value::Bool(_)) => {}
         Some(Value::Object(m)) if m.is_empty() => {}
-        Some(_) => {
-            return Err(unsupported(
+        Some(_) => relax(
+            f,
+            Err(unsupported(
                 f,
                 &format!("{path}.additionalProperties"),
                 "a schema for additional properties beside `properties` (only `false`, `true` or `{}`: no other keys are written)",
-            ))
-        }
+            )),
+            || (),
+        )?,
     }
     let props = props
         .as_object()
@@ -906,6 +916,51 @@ mod tests {
             e.contains("schema.properties.a.anyOf") && e.contains("`k` differs"),
             "{e}"
         );
+    }
+
+    /// Not strict: a keyword that only narrows is left out (the rest of its place still holds),
+    /// a place that cannot be held to at all is any value, and each is said with its path.
+    #[test]
+    fn a_schema_that_is_not_strict_leaves_out_what_cannot_be_enforced() {
+        let s = json!({"type": "object", "minProperties": 1, "additionalProperties": {"type": "integer"},
+            "$defs": {"Node": {"type": "object", "properties": {
+                "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}}},
+            "properties": {
+                "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": true},
+                "code": {"type": "string", "pattern": "(?=x)", "maxLength": 3},
+                "tree": {"$ref": "#/$defs/Node"}},
+            "required": ["tags", "code"]});
+        assert!(matches!(parse(&s), Err(Error::Unsupported(_))));
+        let (schema, relaxed) = parse_loose(&s, "response_format json_schema", "schema").unwrap();
+        for at in [
+            "schema.minProperties",
+            "schema.additionalProperties",
+            "schema.properties.tags.uniqueItems",
+            "schema.properties.code.pattern",
+            "schema.properties.tree.$ref.properties.kids.items.$ref",
+        ] {
+            assert!(
+                relaxed.iter().any(|r| r.contains(&format!("`{at}`"))),
+                "{at}: {relaxed:?}"
+            );
+        }
+        assert_eq!(relaxed.len(), 5, "{relaxed:?}");
+        let ok = |t: &str| {
+            let mut p = JsonPrefix::new(schema.clone());
+            p.feed(t.as_bytes()) && p.is_complete()
+        };
+        assert!(ok(r#"{"tags": ["a", "a"], "code": "abc"}"#));
+        assert!(ok(
+            r#"{"code": "", "tags": [], "tree": {"v": 1, "kids": [{"kids": [7]}]}}"#
+        ));
+        for bad in [
+            r#"{"tags": [1], "code": "a"}"#,
+            r#"{"tags": [], "code": "abcd"}"#,
+            r#"{"tags": [], "code": "a", "x": 1}"#,
+            r#"{"tags": []}"#,
+        ] {
+            assert!(!ok(bad), "{bad}");
+        }
     }
 
     /// Pydantic's `set[Color]` of an `Enum`: `uniqueItems` over a string enum; a value once
