@@ -1376,6 +1376,14 @@ async fn raw_chunks(e: &Engine, req: &Value) -> Vec<Value> {
     }
 }
 
+/// The text the chunks stream (`delta.content`, concatenated).
+fn content_of(chunks: &[Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
 /// Function calling (`tools`) on the tiny model: with `required` or a named function, sampled
 /// answers stream no text but the call's deltas (`delta.tool_calls`: the first with its id,
 /// type and name, then its arguments' text, which add up to arguments that follow the
@@ -1499,10 +1507,7 @@ async fn tool_calls_stream_their_name_then_their_arguments() {
     let chunks = raw_chunks(&e, &req).await;
     let last = &chunks.last().unwrap()["choices"][0];
     assert_eq!(last["finish_reason"], "length", "{last}");
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let text = content_of(&chunks);
     assert!(text.starts_with("{{"), "{text:?}");
     req["logit_bias"] = json!({ token(b'{'): -100, token(b'<'): -100 });
     req["max_tokens"] = json!(6);
@@ -1510,10 +1515,7 @@ async fn tool_calls_stream_their_name_then_their_arguments() {
     let last = &chunks.last().unwrap()["choices"][0];
     assert_eq!(last["finish_reason"], "length");
     assert!(last["delta"].get("tool_calls").is_none());
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let text = content_of(&chunks);
     assert!(
         !text.is_empty() && !text.trim_start().starts_with('{'),
         "{text:?}"
@@ -1551,14 +1553,7 @@ async fn tool_calls_stream_their_name_then_their_arguments() {
                 "schema": summary}}});
         let chunks = raw_chunks(&e, &req).await;
         let last = &chunks.last().unwrap()["choices"][0];
-        let text: String = chunks
-            .iter()
-            .filter_map(|c| {
-                c["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(String::from)
-            })
-            .collect();
+        let text = content_of(&chunks);
         match last["finish_reason"].as_str() {
             Some("tool_calls") => assert!(text.is_empty(), "{text:?}"),
             _ => {
@@ -1573,15 +1568,7 @@ async fn tool_calls_stream_their_name_then_their_arguments() {
         "m": {"type": "boolean"}}, "required": ["m"]});
     let req = json!({"messages": ask, "max_tokens": 300, "ignore_eos": true, "logit_bias": no_space,
         "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}});
-    let text: String = raw_chunks(&e, &req)
-        .await
-        .iter()
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect();
+    let text = content_of(&raw_chunks(&e, &req).await);
     let v: Value = serde_json::from_str(&text).unwrap();
     assert!(v["m"].is_boolean(), "{text}");
     let warned = events.borrow().iter().any(|v| {
