@@ -314,6 +314,8 @@ pub struct HeldCall {
     args_at: Option<usize>,
     /// Bytes of `held` sent as deltas so far.
     sent: usize,
+    /// Bytes of `held` looked at for a call's close so far.
+    looked: usize,
     /// The whole calls so far.
     calls: Vec<ToolCall>,
 }
@@ -446,7 +448,12 @@ impl HeldCall {
             };
             (self.args_at, self.sent, name) = (Some(self.start + at), self.start + at, Some(n));
         }
-        let whole = ToolCall::read(&self.held[self.start..]);
+        // Parsed only when it may have just closed: when a `}` came since the last look.
+        let closes = self.held[self.looked.max(self.start)..].contains('}');
+        self.looked = self.held.len();
+        let whole = closes
+            .then(|| ToolCall::read(&self.held[self.start..]))
+            .flatten();
         let end = match &whole {
             // The arguments end where the call's own `}` begins.
             Some((_, len)) => {
@@ -474,7 +481,8 @@ impl HeldCall {
         };
         self.calls.push(call);
         self.start += len;
-        (self.args_at, self.sent) = (None, self.start);
+        // What follows the call (the next one, held at once) is looked at afresh.
+        (self.args_at, self.sent, self.looked) = (None, self.start, self.start);
         true
     }
 
@@ -930,6 +938,17 @@ mod tests {
             let args: String = mine.iter().map(|d| d.arguments.as_str()).collect();
             assert_eq!(args, call.arguments);
         }
+        // Unstreamed (the CLI): both calls read at the end.
+        let mut h = HeldCall::default();
+        h.push(lead, &text);
+        let CallEnd::Calls { calls, rest, cut } = h.finish(lead) else {
+            panic!("not calls")
+        };
+        assert_eq!((calls.len(), rest.len(), cut), (2, 2, false));
+        assert_eq!(
+            (rest[1].index, rest[1].name.as_deref()),
+            (1, Some("get_weather"))
+        );
         // Cut while the second call opens: the first alone, whole.
         let mut h = HeldCall::default();
         h.push(lead, &format!("{a}\n{{\"na"));
