@@ -393,6 +393,35 @@ setup_web() {
   apt_install chromium chromium-driver
 }
 
+# The threaded wasm (feature `threads`, src/web/threads.rs) needs std rebuilt with atomics
+# (`-Z build-std`), which only a nightly toolchain does: pinned, so a new nightly cannot break
+# the build. Installed with rust-src and the wasm32 target when missing (~150 MB, once).
+NIGHTLY=nightly-2026-05-20
+setup_nightly() {
+  local sysroot
+  sysroot="$(rustc +"$NIGHTLY" --print sysroot 2>/dev/null)" || sysroot=""
+  if [ -z "$sysroot" ] || [ ! -d "$sysroot/lib/rustlib/src/rust/library" ] ||
+     [ ! -d "$sysroot/lib/rustlib/wasm32-unknown-unknown" ]; then
+    log "rustup toolchain install $NIGHTLY (rust-src, wasm32) for the threaded wasm build (once)"
+    rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src --target wasm32-unknown-unknown
+  fi
+}
+
+# coi-serviceworker (npm, MIT): COOP/COEP set by a service worker, for static hosts that cannot
+# send them (wasm threads need them; js/API.md "Threads"). Shipped in the package unchanged.
+COI_VERSION=0.1.7
+fetch_coi() {
+  local dir="$CACHE/npm/coi-serviceworker-$COI_VERSION"
+  if [ ! -f "$dir/package/coi-serviceworker.js" ]; then
+    log "npm pack coi-serviceworker@$COI_VERSION (once)"
+    rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+    (cd "$dir.tmp" && npm pack "coi-serviceworker@$COI_VERSION" --silent >/dev/null &&
+      tar xzf "coi-serviceworker-$COI_VERSION.tgz")
+    rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  fi
+  echo "$dir/package"
+}
+
 # wasm-pack: the browser tests run through `wasm-pack test`, the way Rust web developers run
 # them (README). It finds wasm-bindgen-test-runner (setup_web) and chromedriver on the PATH.
 setup_wasm_pack() {
@@ -412,7 +441,28 @@ build_package() {
   rm -rf "$PKG.tmp" && mkdir -p "$PKG.tmp/wasm"
   wasm-bindgen --target web --out-dir "$PKG.tmp/wasm" --out-name flexquant \
     "$WEB_TARGET/wasm32-unknown-unknown/release/flexquant.wasm"
+  setup_nightly
+  log "threaded wasm32 build (nightly $NIGHTLY, atomics, build-std) -> $PKG/wasm-mt"
+  # RUSTFLAGS replaces .cargo/config.toml's, so simd128 is named again. The linker makes the
+  # memory shared and imported only when told (wasm-bindgen then hands it to each worker), up
+  # to 4 GiB, and exports the thread-local storage symbols wasm-bindgen's thread setup uses.
+  local mtlog="$ROOT/target/web-mt/build.log" flags="-C target-feature=+atomics,+bulk-memory,+simd128" a
+  for a in --shared-memory --import-memory --max-memory=4294967296 --export=__wasm_init_tls \
+    --export=__tls_size --export=__tls_align --export=__tls_base; do flags+=" -C link-arg=$a"; done
+  mkdir -p "$ROOT/target/web-mt"
+  if ! RUSTFLAGS="$flags" \
+    CARGO_TARGET_DIR="$ROOT/target/web-mt" cargo +"$NIGHTLY" build --release \
+      --target wasm32-unknown-unknown --lib --features threads -Z build-std=panic_abort,std > "$mtlog" 2>&1; then
+    tail -40 "$mtlog" >&2
+    die "the threaded wasm build failed (log: $mtlog)"
+  fi
+  wasm-bindgen --target web --out-dir "$PKG.tmp/wasm-mt" --out-name flexquant \
+    "$ROOT/target/web-mt/wasm32-unknown-unknown/release/flexquant.wasm"
   cp js/index.js js/common.js js/worker.js js/worker-entry.js js/index.d.ts js/worker.d.ts "$PKG.tmp/"
+  local coi
+  coi="$(fetch_coi)"
+  cp "$coi/coi-serviceworker.js" "$PKG.tmp/"
+  cp "$coi/LICENSE" "$PKG.tmp/coi-serviceworker.LICENSE"
   cp js/API.md "$PKG.tmp/README.md"
   sed "s/\"version\": \"[^\"]*\"/\"version\": \"$version\"/" js/package.json > "$PKG.tmp/package.json"
   rm -rf "$PKG" && mv "$PKG.tmp" "$PKG"
@@ -472,7 +522,8 @@ test_browser_project() {
   rm -rf "$proj" && mkdir -p "$proj"
   cp tests/web/npm-page.html "$proj/index.html"
   cp tests/web/bench-page.html "$proj/bench.html"
-  cp tests/web/bench-backends.html tests/web/bench-wllama.html tests/web/bench-latency.html "$proj/"
+  cp tests/web/bench-backends.html tests/web/bench-wllama.html tests/web/bench-latency.html \
+    tests/web/threads-page.html "$proj/"
   (cd "$proj" && echo '{"name":"flexquant-npm-test","private":true,"type":"module"}' > package.json &&
     npm install --no-audit --no-fund --loglevel=error "$ROOT/target/pkg/flexquant-$version.tgz")
 }
@@ -494,6 +545,13 @@ test_browser() {
     node tests/e2e/npm_import.mjs "$SERVER_URL" || rc=$?
   fi
   kill "$SERVER_PID" 2>/dev/null || true
+  if [ $rc = 0 ]; then
+    # Threads need a cross-origin isolated page: the same server, sending COOP/COEP.
+    start_test_server --isolated --mount npm="$proj"
+    log "wasm threads test (the threaded build in a worker of a cross-origin isolated page, Playwright)"
+    node tests/e2e/threads.mjs "$SERVER_URL" || rc=$?
+    kill "$SERVER_PID" 2>/dev/null || true
+  fi
   [ $rc = 0 ] || die "browser tests failed"
 }
 

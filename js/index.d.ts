@@ -47,7 +47,7 @@ export interface DeviceLostEvent { type: 'device-lost'; step: number; message: s
 export interface RecoveredEvent { type: 'recovered'; from: number; to: number; ms: number; reprefilledTokens: number }
 export interface ErrorEvent { type: 'error'; error: { code: ErrorCode; message: string; file?: string | null; url?: string | null } }
 /** The engine works, but not as the app may assume (`chat-template-fallback`: the model has no chat template; prompts are ChatML). */
-export interface WarningEvent { type: 'warning'; code: 'chat-template-fallback' | 'tool-schema-loose' | 'schema-loose' | string; message: string }
+export interface WarningEvent { type: 'warning'; code: 'chat-template-fallback' | 'threads' | 'tool-schema-loose' | 'schema-loose' | string; message: string }
 /**
  * The controller holds at the quality floor (`maxPerplexity`) although even that step does not
  * fit the budget: `step` is where it holds, `costBytes` what that step needs (model + KV cache),
@@ -73,6 +73,12 @@ export interface EngineOptions {
   onEvent?: (e: EngineEvent) => void;
   /** 'auto' (default): WebGPU unless it is missing or a CPU emulation; then the CPU backend. */
   backend?: 'auto' | 'webgpu' | 'cpu';
+  /**
+   * Threads of the CPU backend (1..64, or 'auto': `checkSupport().threads.autoThreads`). More
+   * than one only in a worker engine (CreateWorkerEngine) of a cross-origin isolated page;
+   * elsewhere one thread runs, with a 'threads' warning event when more were asked for.
+   */
+  threads?: number | 'auto';
   /** Slowest acceptable decode (tokens/s): the model steps down while slower, up with headroom. */
   minTokensPerSecond?: number;
   /** Quality floor: never step to an EQM whose (held-out) perplexity is above this. */
@@ -242,6 +248,8 @@ export interface Stats {
   ooms: number;
   swapFailures: number;
   adapter: string;
+  /** Threads the CPU backend computes with (1 on WebGPU). */
+  threads: number;
   backend: 'webgpu' | 'cpu';
   backendReason: string;
   heldBytes: number;
@@ -312,14 +320,27 @@ export interface Support {
   adapter: string | null;
   /** The adapter emulates a GPU on the CPU (fallback, SwiftShader, llvmpipe, lavapipe). */
   emulatedGpu: boolean;
-  /** COOP/COEP are set (wasm threads possible); the CPU backend runs one thread either way. */
+  /** COOP/COEP are set: SharedArrayBuffer, hence wasm threads. */
   crossOriginIsolated: boolean;
+  /** What threads a worker engine's CPU backend gets here. */
+  threads: ThreadSupport;
   /** https:// or localhost: WebGPU, the Cache API and SubtleCrypto need it. */
   secureContext: boolean;
   /** `navigator.gpu` exists. */
   webgpu: boolean;
   /** What the adapter offers; null without an adapter. */
   gpu: GpuOffer | null;
+}
+
+export interface ThreadSupport {
+  /** Whether a worker engine here can run the CPU backend on several threads. */
+  available: boolean;
+  /** Threads `threads: 'auto'` starts in a worker engine here (1 when not available). */
+  autoThreads: number;
+  /** `navigator.hardwareConcurrency`. */
+  hardwareConcurrency: number;
+  /** Why not, or how many. */
+  reason: string;
 }
 
 export interface GpuOffer {

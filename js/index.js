@@ -1,17 +1,33 @@
 // flexquant: the main-thread engine. See API.md (shipped as README in the package).
-import init, {
-  Engine as WasmEngine, checkSupport as wasmCheckSupport, inspectEnsemble, cachedEnsemble,
-  deleteCachedEnsemble,
-} from './wasm/flexquant.js';
 import { FlexQuantError, toFlexQuantError, chatApi, pollHeap } from './common.js';
 
 export { FlexQuantError };
 
+// The package holds two builds of the wasm: wasm/ (one thread, runs everywhere) and wasm-mt/
+// (shared memory: the CPU backend's rows on a pool of workers, src/web/threads.rs). The first
+// use in a realm picks one: the threaded build only where it can run, in a Web Worker (the
+// main thread may not wait on Atomics) of a cross-origin isolated page, unless `threads: 1`.
+// A threaded build that fails to load falls back to the other (the engine then says why in a
+// `threads` warning when threads were asked for).
 let wasmReady = null;
-function initWasm(wasmUrl) {
-  wasmReady ??= init(wasmUrl ? { module_or_path: wasmUrl } : undefined);
+function initWasm(wasmUrl, threaded = false) {
+  const load = async (threads) => {
+    const m = threads ? await import('./wasm-mt/flexquant.js') : await import('./wasm/flexquant.js');
+    await m.default(wasmUrl ? { module_or_path: wasmUrl } : undefined);
+    return m;
+  };
+  wasmReady ??= threaded
+    ? load(true).catch((e) => {
+      console.warn('flexquant: the threaded wasm did not load, using the one-thread build:', e);
+      return load(false);
+    })
+    : load(false);
   return wasmReady;
 }
+
+/** Whether this realm can run the threaded build (see initWasm). */
+const threadsPossible = () => typeof WorkerGlobalScope !== 'undefined' &&
+  globalThis.crossOriginIsolated === true && typeof SharedArrayBuffer === 'function';
 
 // Calls into wasm now running, each with a way to reject it. A panic inside an async call
 // happens on wasm-bindgen's task queue, not in the call, so its promise would never settle:
@@ -23,15 +39,15 @@ export class Engine {
   /**
    * Loads the ensemble whose manifest is at `manifestUrl` (absolute, or relative to the page).
    * Options: onProgress, onEvent, budgetBytes, context, cacheName, useCache, cacheQuotaBytes,
-   * policy, heapPollMs, wasmUrl.
+   * policy, threads, heapPollMs, wasmUrl.
    */
   static async create(manifestUrl, options = {}) {
     const { heapPollMs = 1000, wasmUrl, ...opts } = options;
     try {
-      await initWasm(wasmUrl);
+      const wasm = await initWasm(wasmUrl, !wasmUrl && opts.threads !== 1 && threadsPossible());
       const base = globalThis.location?.href;
       const url = base ? new URL(manifestUrl, base).href : String(manifestUrl);
-      return new Engine(await WasmEngine.create(url, opts), heapPollMs);
+      return new Engine(await wasm.Engine.create(url, opts), heapPollMs);
     } catch (e) {
       throw toFlexQuantError(e);
     }
@@ -42,8 +58,7 @@ export class Engine {
    * `{ backend: 'webgpu'|'cpu', reason, adapter, emulatedGpu, crossOriginIsolated }`.
    */
   static async checkSupport(options = {}) {
-    await initWasm(options.wasmUrl);
-    return wasmCheckSupport();
+    return (await initWasm(options.wasmUrl)).checkSupport();
   }
 
   /**
@@ -52,17 +67,17 @@ export class Engine {
    * for `options.context` positions, download sizes.
    */
   static async inspect(manifestUrl, options = {}) {
-    return Engine._static(options, () => inspectEnsemble(Engine._url(manifestUrl), options));
+    return Engine._static(options, (w) => w.inspectEnsemble(Engine._url(manifestUrl), options));
   }
 
   /** Which steps of the ensemble load offline from the cache (`cacheName`), and the bytes cached. */
   static async cached(manifestUrl, options = {}) {
-    return Engine._static(options, () => cachedEnsemble(Engine._url(manifestUrl), options));
+    return Engine._static(options, (w) => w.cachedEnsemble(Engine._url(manifestUrl), options));
   }
 
   /** Deletes the ensemble (every version of its files) from the cache; resolves to the entries deleted. */
   static async deleteCached(manifestUrl, options = {}) {
-    return Engine._static(options, () => deleteCachedEnsemble(Engine._url(manifestUrl), options));
+    return Engine._static(options, (w) => w.deleteCachedEnsemble(Engine._url(manifestUrl), options));
   }
 
   static _url(manifestUrl) {
@@ -72,8 +87,7 @@ export class Engine {
 
   static async _static(options, f) {
     try {
-      await initWasm(options.wasmUrl);
-      return await f();
+      return await f(await initWasm(options.wasmUrl));
     } catch (e) {
       throw toFlexQuantError(e);
     }

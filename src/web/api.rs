@@ -78,6 +78,8 @@ pub struct EngineOptions {
     pub max_perplexity: Option<f64>,
     /// `'auto'` (default), `'webgpu'` or `'cpu'`.
     pub backend: Option<crate::web::backend::BackendChoice>,
+    /// `'auto'` (default) or a count: threads of the CPU backend in a worker engine.
+    pub threads: Option<crate::web::threads::ThreadsOption>,
     #[serde(with = "serde_wasm_bindgen::preserve")]
     pub on_event: JsValue,
     #[serde(with = "serde_wasm_bindgen::preserve")]
@@ -167,6 +169,8 @@ pub struct Stats {
     pub swap_failures: u64,
     /// The WebGPU adapter, or the CPU backend's build (SIMD, threads).
     pub adapter: String,
+    /// Threads the CPU backend computes with (1 on WebGPU; see the `threads` option).
+    pub threads: usize,
     pub backend: Option<crate::web::backend::Kind>,
     /// Why this backend runs (the `backend` option, or what `auto` found).
     pub backend_reason: String,

@@ -22,6 +22,7 @@ use crate::web::error::{Code, WebError, WebResult};
 use crate::web::events::{to_js, Emitter};
 use crate::web::loader::Loader;
 use crate::web::support::auto_choice;
+use crate::web::threads::{self, ThreadsOption};
 use crate::web::trajectory::{web_walk, DeviceFlags, WebWalk};
 use crate::web::{now_ms, sleep};
 use serde_json::json;
@@ -487,6 +488,11 @@ impl Engine {
             losses_in_a_row: Cell::new(0),
             below_floor: Cell::new(false),
         });
+        // The pool starts before the model is built: its label counts the threads.
+        let threads = o.threads.unwrap_or_default();
+        if use_cpu {
+            inner.start_threads(threads).await;
+        }
         let run = inner.build().await;
         inner.walk.source.end_first_load();
         let run = match run {
@@ -495,6 +501,7 @@ impl Engine {
                 let f = &inner.walk.factory;
                 f.use_cpu.set(true);
                 *f.reason.borrow_mut() = format!("WebGPU cannot run this model: {}", e.message);
+                inner.start_threads(threads).await;
                 inner.build().await?
             }
             r => r?,
@@ -530,7 +537,25 @@ fn kv_estimate(m: &crate::ensemble::manifest::Manifest, o: &ModelOptions) -> u64
     2 * 4 * c.num_hidden_layers as u64 * o.context as u64 * c.kv_dim() as u64
 }
 
+/// How long the thread pool's workers may take to start before the CPU backend runs on one.
+const POOL_START_MS: i32 = 20_000;
+
 impl Inner {
+    /// Starts the CPU backend's threads (the `threads` option); fewer than asked for is a
+    /// `threads` warning, and one thread always works.
+    async fn start_threads(&self, option: ThreadsOption) {
+        let em = &self.walk.source.emitter;
+        let (n, why_fewer) = threads::plan(option);
+        if let Some(w) = why_fewer {
+            em.warning("threads", &w);
+        }
+        if n > 1 {
+            if let Err(why) = threads::start_pool(n, POOL_START_MS).await {
+                em.warning("threads", &format!("running one thread: {why}"));
+            }
+        }
+    }
+
     /// The `backend` event: which backend runs and why.
     pub(super) fn backend_event(&self, kind: crate::web::backend::Kind) {
         let f = &self.walk.factory;
@@ -593,6 +618,10 @@ impl Inner {
             ooms: e.ooms,
             swap_failures: e.swap_failures,
             adapter: s.adapter,
+            threads: match s.backend {
+                Some(Kind::Cpu) => crate::cpu::par::threads(),
+                _ => 1,
+            },
             backend: s.backend,
             backend_reason: self.walk.factory.reason.borrow().clone(),
             held_bytes: s.held_bytes,

@@ -13,6 +13,8 @@
 //! - `events`: what `onProgress` / `onEvent` receive.
 //! - `engine`: the wasm-bindgen `Engine`: options, chat token by token, and between tokens
 //!   the signals and `runtime::Elastic`'s decision.
+//! - `threads`: wasm threads for the CPU backend (the `threads` option, the threaded build's
+//!   Web Worker pool).
 //! - `trajectory`: the browser's side of `runtime::walk` (which loads steps, swaps, prefetches
 //!   and rebuilds after a device loss): the loader as its byte source, the device hooks, the
 //!   walk's events as JS events.
@@ -29,6 +31,7 @@ pub mod fetch;
 pub mod loader;
 pub mod store;
 pub mod support;
+pub mod threads;
 mod trajectory;
 
 pub use engine::Engine;

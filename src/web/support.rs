@@ -17,8 +17,10 @@ pub struct Support {
     /// The WebGPU adapter's label, if there is one.
     pub adapter: Option<String>,
     pub emulated_gpu: bool,
-    /// Whether wasm threads could be used (COOP/COEP): the CPU backend runs one thread.
+    /// COOP/COEP are set: `SharedArrayBuffer`, hence wasm threads.
     pub cross_origin_isolated: bool,
+    /// What threads a worker engine's CPU backend can have here.
+    pub threads: crate::web::threads::ThreadSupport,
     /// `https://` or localhost: WebGPU, the Cache API and SubtleCrypto need it.
     pub secure_context: bool,
     /// `navigator.gpu` exists.
@@ -79,6 +81,7 @@ pub async fn auto_choice() -> Support {
         adapter,
         emulated_gpu: emulated,
         cross_origin_isolated: isolated,
+        threads: crate::web::threads::support(),
         secure_context: get(&g, "isSecureContext").is_truthy(),
         webgpu,
         gpu,

@@ -45,14 +45,21 @@ try {
   Object.assign(report, {
     browser_cpu_decode_tok_s: fq.browser_cpu_decode_tok_s,
     browser_cpu_prefill_tok_s: fq.browser_cpu_prefill_tok_s,
-    browser_cpu_threads: fq.threads,
     wllama_decode_tok_s_1t: wl[1].decode_tok_s,
     wllama_decode_tok_s_2t: wl[2].decode_tok_s,
     wllama_prefill_tok_s_1t: wl[1].prefill_tok_s,
     wllama_2t_cross_origin_isolated: wl[2].cross_origin_isolated,
-    // Same thread count (the CPU backend runs one thread in the browser).
+    // Same thread count: the main-thread engine (one thread) against wllama on one.
     ratio_vs_wllama: fq.browser_cpu_decode_tok_s / wl[fq.threads].decode_tok_s,
     prefill_ratio_vs_wllama: fq.browser_cpu_prefill_tok_s / wl[fq.threads].prefill_tok_s,
+    // Worker engines on 1 and 2 threads (the threaded build), and against wllama on 2.
+    browser_cpu_by_threads: fq.threaded,
+    browser_cpu_decode_tok_s_2t: fq.threaded[2].decode_tok_s,
+    browser_cpu_prefill_tok_s_2t: fq.threaded[2].prefill_tok_s,
+    threads_decode_speedup: fq.threaded[2].decode_tok_s / fq.threaded[1].decode_tok_s,
+    threads_prefill_speedup: fq.threaded[2].prefill_tok_s / fq.threaded[1].prefill_tok_s,
+    ratio_vs_wllama_2t: fq.threaded[2].decode_tok_s / wl[2].decode_tok_s,
+    prefill_ratio_vs_wllama_2t: fq.threaded[2].prefill_tok_s / wl[2].prefill_tok_s,
     browser_microkernel_gbs: fq.browser_microkernel_gbs,
     browser_vs_microkernel: fq.browser_vs_microkernel,
     // The plane-reading kernel against the packed one per bit-width (cpu::probe).

@@ -2,14 +2,19 @@
 // `auto` backend choice); the page only explains it. Without a usable WebGPU the model runs on
 // the CPU backend, so only a page that insists on WebGPU (`?backend=webgpu`) cannot run.
 
-const ON_CPU = 'The model runs on the CPU backend (wasm SIMD) instead: slower, but it works.';
+/** What the CPU backend gets here: several threads only on a cross-origin isolated page. */
+function onCpu(s) {
+  const t = s.threads;
+  const threads = t?.available ? `on ${t.autoThreads} threads` : `on one thread${t ? ` (${t.reason})` : ''}`;
+  return `The model runs on the CPU backend (wasm SIMD) instead, ${threads}: slower, but it works.`;
+}
 
 /**
  * `{ title, detail }` explaining why WebGPU does not run the model here, or null when it does.
  * `s`: the object `Engine.checkSupport()` resolves to.
  */
 export function supportNote(s) {
-  const cpu = s.backend === 'cpu' ? ` ${ON_CPU}` : '';
+  const cpu = s.backend === 'cpu' ? ` ${onCpu(s)}` : '';
   if (!s.secureContext) {
     return {
       title: 'This page needs a secure context',

@@ -1,0 +1,58 @@
+// The wasm threads test: tests/web/threads-page.html in the npm test project, served with
+// COOP/COEP (tests/web/server.py --isolated). Run by `./build.sh test` (test_browser):
+// node threads.mjs SERVER_URL
+import assert from 'node:assert/strict';
+import { chromium } from 'playwright-core';
+import { loadDeclarations, check } from './dts-check.mjs';
+
+const server = process.argv[2];
+if (!server) throw new Error('usage: node threads.mjs SERVER_URL (./build.sh test starts the server)');
+const ARGS = ['--headless=new', '--no-sandbox', '--disable-background-networking',
+  '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'];
+
+const browser = await chromium.launch({ executablePath: process.env.FLEXQUANT_CHROMIUM || '/usr/bin/chromium', args: ARGS });
+try {
+  const page = await browser.newPage();
+  const logs = [];
+  page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => logs.push(`[pageerror] ${e}`));
+  await page.goto(`${server}/npm/threads-page.html?manifest=${encodeURIComponent(`${server}/tiny/manifest.json`)}`);
+  await page.waitForFunction(() => window.__result, null, { timeout: 300_000 });
+  const r = await page.evaluate(() => window.__result);
+  try {
+    assert.equal(r.error, undefined, r.error);
+    assert.equal(r.isolated, true, 'the page is not cross-origin isolated (server.py --isolated)');
+    const s = r.support.threads;
+    assert.equal(s.available, true, JSON.stringify(s));
+    assert.equal(s.autoThreads, Math.min(s.hardwareConcurrency, 8), JSON.stringify(s));
+    // Each row is computed by one thread: the same greedy answer on 1, 2, auto threads and on
+    // the main thread's one-thread build.
+    const runs = { worker1: 1, worker2: 2, workerAuto: s.autoThreads, main: 1 };
+    for (const [k, threads] of Object.entries(runs)) {
+      const x = r[k];
+      assert.equal(x.tokens, 48, `${k}: ${JSON.stringify(x).slice(0, 300)}`);
+      assert.equal(x.text, r.worker1.text, `${k} answered differently from one thread`);
+      assert.equal(x.stats.threads, threads, `${k}: ${x.stats.adapter}`);
+      assert.ok(x.stats.adapter.includes(`${threads} threads`), `${k}: ${x.stats.adapter}`);
+      assert.equal(x.stats.backend, 'cpu');
+    }
+    assert.deepEqual([r.worker1.warnings, r.worker2.warnings, r.workerAuto.warnings], [[], [], []]);
+    // The main thread may not wait on other threads: one thread, and a warning saying why.
+    assert.equal(r.main.warnings.length, 1, JSON.stringify(r.main.warnings));
+    assert.equal(r.main.warnings[0].code, 'threads');
+    assert.match(r.main.warnings[0].message, /options\.threads: 2 asked for, running one thread: .*main thread/);
+    assert.equal(r.bad.code, 'input', JSON.stringify(r.bad));
+    assert.match(r.bad.message, /options\.threads.*0 is not a thread count/, JSON.stringify(r.bad));
+    const decls = loadDeclarations(['index.d.ts', 'worker.d.ts'].map((f) => new URL(`../../js/${f}`, import.meta.url).pathname));
+    const problems = [...check(decls, 'Support', r.support), ...check(decls, 'Stats', r.worker2.stats),
+      ...check(decls, 'EngineEvent', r.main.warnings[0])];
+    assert.deepEqual(problems, [], 'js/index.d.ts disagrees with the threaded build');
+  } catch (e) {
+    console.error(logs.join('\n'));
+    throw e;
+  }
+  console.log(`threads test passed: ${r.worker2.stats.adapter}; auto ${r.workerAuto.stats.threads} of ` +
+    `${r.support.threads.hardwareConcurrency} cores; answer ${JSON.stringify(r.worker1.text.slice(0, 60))} on every build`);
+} finally {
+  await browser.close();
+}
