@@ -118,6 +118,8 @@ cmd_test() {
   log "wasm32 build and clippy of the library (the browser runtime)"
   CARGO_TARGET_DIR="$WEB_TARGET" cargo build -q --release --target wasm32-unknown-unknown --lib
   CARGO_TARGET_DIR="$WEB_TARGET" cargo clippy -q --release --target wasm32-unknown-unknown --lib -- -D warnings
+  log "clippy of the threaded wasm32 build (nightly $NIGHTLY, feature threads)"
+  threaded_cargo "$ROOT/target/web-mt/clippy.log" clippy -- -D warnings
   log "fault matrix: every row of tests/FAULTS.md names a test that exists"
   python3 tests/faults_check.py > /dev/null || { python3 tests/faults_check.py >&2; die "tests/FAULTS.md is out of date"; }
   log "cargo test (native; real model and text required, not skipped)"
@@ -401,9 +403,28 @@ setup_nightly() {
   local sysroot
   sysroot="$(rustc +"$NIGHTLY" --print sysroot 2>/dev/null)" || sysroot=""
   if [ -z "$sysroot" ] || [ ! -d "$sysroot/lib/rustlib/src/rust/library" ] ||
-     [ ! -d "$sysroot/lib/rustlib/wasm32-unknown-unknown" ]; then
-    log "rustup toolchain install $NIGHTLY (rust-src, wasm32) for the threaded wasm build (once)"
-    rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src --target wasm32-unknown-unknown
+     [ ! -d "$sysroot/lib/rustlib/wasm32-unknown-unknown" ] || [ ! -x "$sysroot/bin/cargo-clippy" ]; then
+    log "rustup toolchain install $NIGHTLY (rust-src, clippy, wasm32) for the threaded wasm build (once)"
+    rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src --component clippy \
+      --target wasm32-unknown-unknown
+  fi
+}
+
+# cargo SUBCOMMAND [ARGS] on the threaded wasm build, into target/web-mt. RUSTFLAGS replaces
+# .cargo/config.toml's, so simd128 is named again. The linker makes the memory shared and
+# imported only when told (wasm-bindgen then hands it to each worker), up to 4 GiB, and exports
+# the thread-local storage symbols wasm-bindgen's thread setup uses. Output goes to LOG ($1).
+threaded_cargo() {
+  local log="$1" sub="$2" flags="-C target-feature=+atomics,+bulk-memory,+simd128" a
+  shift 2
+  for a in --shared-memory --import-memory --max-memory=4294967296 --export=__wasm_init_tls \
+    --export=__tls_size --export=__tls_align --export=__tls_base; do flags+=" -C link-arg=$a"; done
+  setup_nightly
+  mkdir -p "$ROOT/target/web-mt"
+  if ! RUSTFLAGS="$flags" CARGO_TARGET_DIR="$ROOT/target/web-mt" cargo +"$NIGHTLY" "$sub" --release \
+      --target wasm32-unknown-unknown --lib --features threads -Z build-std=panic_abort,std "$@" > "$log" 2>&1; then
+    grep -v -e "unstable feature specified for \`-Ctarget-feature\`" -e "not stably supported" "$log" | tail -40 >&2
+    die "cargo $sub of the threaded wasm build failed (log: $log)"
   fi
 }
 
@@ -441,21 +462,8 @@ build_package() {
   rm -rf "$PKG.tmp" && mkdir -p "$PKG.tmp/wasm"
   wasm-bindgen --target web --out-dir "$PKG.tmp/wasm" --out-name flexquant \
     "$WEB_TARGET/wasm32-unknown-unknown/release/flexquant.wasm"
-  setup_nightly
   log "threaded wasm32 build (nightly $NIGHTLY, atomics, build-std) -> $PKG/wasm-mt"
-  # RUSTFLAGS replaces .cargo/config.toml's, so simd128 is named again. The linker makes the
-  # memory shared and imported only when told (wasm-bindgen then hands it to each worker), up
-  # to 4 GiB, and exports the thread-local storage symbols wasm-bindgen's thread setup uses.
-  local mtlog="$ROOT/target/web-mt/build.log" flags="-C target-feature=+atomics,+bulk-memory,+simd128" a
-  for a in --shared-memory --import-memory --max-memory=4294967296 --export=__wasm_init_tls \
-    --export=__tls_size --export=__tls_align --export=__tls_base; do flags+=" -C link-arg=$a"; done
-  mkdir -p "$ROOT/target/web-mt"
-  if ! RUSTFLAGS="$flags" \
-    CARGO_TARGET_DIR="$ROOT/target/web-mt" cargo +"$NIGHTLY" build --release \
-      --target wasm32-unknown-unknown --lib --features threads -Z build-std=panic_abort,std > "$mtlog" 2>&1; then
-    tail -40 "$mtlog" >&2
-    die "the threaded wasm build failed (log: $mtlog)"
-  fi
+  threaded_cargo "$ROOT/target/web-mt/build.log" build
   wasm-bindgen --target web --out-dir "$PKG.tmp/wasm-mt" --out-name flexquant \
     "$ROOT/target/web-mt/wasm32-unknown-unknown/release/flexquant.wasm"
   cp js/index.js js/common.js js/worker.js js/worker-entry.js js/index.d.ts js/worker.d.ts "$PKG.tmp/"
@@ -681,10 +689,13 @@ PY
   rm -rf "$out" && mv "$out.tmp" "$out"
 }
 
+# A plain static server (python's http.server) that also sends COOP/COEP
+# (tests/web/serve_isolated.py), so the page is cross-origin isolated and the CPU backend runs
+# on threads (js/API.md "Threads"); the site works on one thread on a host that cannot send them.
 serve_site() {
   local dir="$1" port="${FLEXQUANT_PORT:-8080}"
   log "serving the chat page: http://127.0.0.1:$port/   (Ctrl-C to stop; FLEXQUANT_PORT changes the port)"
-  exec python3 -m http.server "$port" --bind 127.0.0.1 --directory "$dir"
+  exec python3 "$ROOT/tests/web/serve_isolated.py" "$port" "$dir"
 }
 
 setup_e2e() {

@@ -295,7 +295,7 @@ impl Pattern {
         let first = prefix << (4 * free);
         let last = first + (1 << (4 * free)) - 1;
         // The range without printable ASCII, then `"` and `\\` on their own.
-        let quote = [b'"', b'\\'].iter().any(|&q| {
+        let quote = b"\"\\".iter().any(|&q| {
             (first..=last).contains(&u32::from(q))
                 && self
                     .step(s, &[q])

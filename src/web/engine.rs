@@ -538,7 +538,7 @@ fn kv_estimate(m: &crate::ensemble::manifest::Manifest, o: &ModelOptions) -> u64
 }
 
 /// How long the thread pool's workers may take to start before the CPU backend runs on one.
-const POOL_START_MS: i32 = 20_000;
+const POOL_START_MS: i32 = 10_000;
 
 impl Inner {
     /// Starts the CPU backend's threads (the `threads` option); fewer than asked for is a

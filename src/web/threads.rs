@@ -4,10 +4,10 @@
 //! `threads`: shared memory, std built with atomics). The JS wrapper loads the threaded one
 //! only where it can run: in a Web Worker (rows are waited for with `Atomics.wait`, which a
 //! page's main thread may not call) of a cross-origin isolated page (COOP/COEP: without them
-//! there is no `SharedArrayBuffer`). Here the engine then starts wasm-bindgen-rayon's pool of
-//! workers sharing this module's memory, once the CPU backend runs, and `cpu::par` splits the
-//! matrix rows over it (each row is computed by one thread, so the answer is the same for any
-//! number of threads).
+//! there is no `SharedArrayBuffer`). Here the engine then starts Web Workers sharing this
+//! module's memory (wasm-bindgen-rayon), once the CPU backend runs, each running a
+//! `cpu::pool` worker, and `cpu::par` splits the matrix rows over them and the engine's thread
+//! (each row is computed by one thread, so the answer is the same for any number of threads).
 
 use crate::web::api::get;
 use serde::{Deserialize, Serialize};
@@ -121,9 +121,10 @@ pub fn plan(option: ThreadsOption) -> (u32, Option<String>) {
     }
 }
 
-/// Starts the pool of `threads` workers (once per wasm instance; a second engine in the same
-/// worker reuses it). `Err(why)` when the workers did not start within `timeout_ms`: the
-/// backend then runs on one thread.
+/// Starts `threads - 1` Web Workers sharing this module's memory (wasm-bindgen-rayon's
+/// `initThreadPool`), each running a `cpu::pool` worker; the engine's own thread is the last
+/// one. Once per wasm instance (a second engine in the same worker reuses it). `Err(why)` when
+/// the workers did not start within `timeout_ms`: the backend then runs on one thread.
 #[cfg(feature = "threads")]
 pub async fn start_pool(threads: u32, timeout_ms: i32) -> Result<u32, String> {
     use futures_util::future::{select, Either};
@@ -132,14 +133,15 @@ pub async fn start_pool(threads: u32, timeout_ms: i32) -> Result<u32, String> {
     if STARTED.swap(true, Ordering::SeqCst) {
         return Ok(crate::cpu::par::threads() as u32);
     }
-    let start = wasm_bindgen_futures::JsFuture::from(wasm_bindgen_rayon::init_thread_pool(
-        threads as usize,
-    ));
+    let workers = threads as usize - 1;
+    let start = wasm_bindgen_futures::JsFuture::from(wasm_bindgen_rayon::init_thread_pool(workers));
     let timeout = crate::web::sleep(timeout_ms);
     futures_util::pin_mut!(start, timeout);
     match select(start, timeout).await {
         Either::Left((Ok(_), _)) => {
-            crate::cpu::par::pool_started(threads as usize);
+            // Each rayon worker runs one pool worker's loop for good.
+            let pool = crate::cpu::pool::Pool::new(workers, rayon::spawn);
+            let _ = crate::cpu::par::use_pool(pool);
             Ok(threads)
         }
         Either::Left((Err(e), _)) => Err(format!(
@@ -147,7 +149,7 @@ pub async fn start_pool(threads: u32, timeout_ms: i32) -> Result<u32, String> {
             crate::web::WebError::js_text(&e)
         )),
         Either::Right(_) => Err(format!(
-            "the thread pool's {threads} workers did not start within {timeout_ms} ms"
+            "the thread pool's {workers} workers did not start within {timeout_ms} ms"
         )),
     }
 }

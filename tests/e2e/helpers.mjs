@@ -47,15 +47,21 @@ async function freePort() {
 
 /**
  * Serves a fresh root with `site` linked (or copied, `copy: true`) at `/<subPath>/`.
- * `requests` lists every path the server answered, with its status (python's access log).
+ * `requests` lists every path the server answered, with its status (python's access log);
+ * `isolated: true` sends COOP/COEP as well.
  */
-export async function serve(site, { subPath = 'apps/flexquant', copy = false } = {}) {
+export async function serve(site, { subPath = 'apps/flexquant', copy = false, isolated = false } = {}) {
   const root = mkdtempSync(join(tmpdir(), 'fq-e2e-root-'));
   const dir = join(root, subPath);
   mkdirSync(join(dir, '..'), { recursive: true });
   if (copy) cpSync(site, dir, { recursive: true }); else symlinkSync(site, dir);
   const port = await freePort();
-  const proc = spawn('python3', ['-u', '-m', 'http.server', String(port), '--bind', '127.0.0.1', '--directory', root], { stdio: ['ignore', 'pipe', 'pipe'] });
+  // `isolated`: the same server sending COOP/COEP (tests/web/serve_isolated.py, what
+  // `./build.sh demo` serves with): the page is cross-origin isolated, wasm threads run.
+  const py = isolated
+    ? ['-u', new URL('../web/serve_isolated.py', import.meta.url).pathname, String(port), root]
+    : ['-u', '-m', 'http.server', String(port), '--bind', '127.0.0.1', '--directory', root];
+  const proc = spawn('python3', py, { stdio: ['ignore', 'pipe', 'pipe'] });
   const requests = [];
   let buf = '';
   const onData = (d) => {

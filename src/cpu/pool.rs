@@ -1,0 +1,221 @@
+//! A fork-join pool for the CPU backend's many small parallel regions (wasm threads).
+//!
+//! A decode token runs ~240 matrix products of 0.05-0.1 ms each. Handing each to rayon over
+//! Web Workers cost more than it saved (2 threads decoded at 0.83x one thread in Chromium):
+//! an idle rayon worker sleeps in `Atomics.wait`, and waking it takes about as long as the
+//! product. Here the workers spin on one atomic word between regions (parking only after
+//! `SPINS` idle polls, so between answers they sleep), the calling thread takes chunks too, and
+//! chunks are handed out by an atomic counter, so a region costs a few atomic operations. A
+//! worker that wakes late finds the region closed and skips it: the caller never waits for a
+//! worker that has not started.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::Arc;
+
+/// Idle polls of the state word before a worker parks (about a millisecond).
+const SPINS: u32 = 1 << 18;
+/// The state word: the region's epoch in the high 32 bits, then a `CLOSED` bit (no worker may
+/// join any more), then the number of workers inside the region.
+const CLOSED: u64 = 1 << 31;
+const ACTIVE: u64 = CLOSED - 1;
+
+/// One parallel region: `n` chunks, taken one at a time by whoever is free.
+struct Region<'a> {
+    f: &'a (dyn Fn(usize) + Sync),
+    n: usize,
+    next: AtomicUsize,
+}
+
+impl Region<'_> {
+    fn run(&self) {
+        loop {
+            let i = self.next.fetch_add(1, Relaxed);
+            if i >= self.n {
+                return;
+            }
+            (self.f)(i);
+        }
+    }
+}
+
+struct Shared {
+    state: AtomicU64,
+    /// The current region (`*const Region`, lifetime erased); valid while its epoch is the
+    /// state's and the state counts a worker in it, or before `CLOSED`.
+    region: AtomicUsize,
+    sleeping: Vec<AtomicBool>,
+    threads: std::sync::Mutex<Vec<Option<std::thread::Thread>>>,
+    stop: AtomicBool,
+}
+
+/// The pool: `workers` threads beside the caller.
+pub struct Pool {
+    shared: Arc<Shared>,
+    workers: usize,
+}
+
+impl Pool {
+    /// A pool of `workers` threads, each started by `spawn` running the closure it is given
+    /// (std threads natively, rayon's Web Workers in wasm).
+    pub fn new(workers: usize, spawn: impl Fn(Box<dyn FnOnce() + Send>)) -> Pool {
+        let shared = Arc::new(Shared {
+            state: AtomicU64::new(0),
+            region: AtomicUsize::new(0),
+            sleeping: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            threads: std::sync::Mutex::new(vec![None; workers]),
+            stop: AtomicBool::new(false),
+        });
+        for w in 0..workers {
+            let s = shared.clone();
+            spawn(Box::new(move || s.work(w)));
+        }
+        Pool { shared, workers }
+    }
+
+    /// Threads computing a region: the workers and the caller.
+    pub fn threads(&self) -> usize {
+        self.workers + 1
+    }
+
+    /// Calls `f(i)` for every `i < n`, on the workers and the calling thread; returns when all
+    /// calls returned.
+    pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        let s = &self.shared;
+        let region = Region {
+            f,
+            n,
+            next: AtomicUsize::new(0),
+        };
+        s.region.store(&region as *const Region as usize, Relaxed);
+        let epoch = (s.state.load(Relaxed) >> 32) + 1;
+        // SeqCst with the sleepers' flag (Dekker): a worker that saw no new region before it
+        // set its flag is seen here as sleeping, and unparked.
+        s.state.store((epoch & 0xffff_ffff) << 32, SeqCst);
+        self.wake();
+        region.run();
+        // No worker may join once every chunk is taken; wait for those inside.
+        let mut st = s.state.fetch_or(CLOSED, SeqCst) | CLOSED;
+        while st & ACTIVE != 0 {
+            std::hint::spin_loop();
+            st = s.state.load(Acquire);
+        }
+    }
+
+    fn wake(&self) {
+        let s = &self.shared;
+        if s.sleeping.iter().any(|f| f.load(SeqCst)) {
+            let threads = s.threads.lock().unwrap_or_else(|e| e.into_inner());
+            for (t, f) in threads.iter().zip(&s.sleeping) {
+                if let (Some(t), true) = (t, f.load(SeqCst)) {
+                    t.unpark();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, SeqCst);
+        self.shared.state.fetch_add(1 << 32, SeqCst);
+        let threads = self
+            .shared
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        threads.iter().flatten().for_each(|t| t.unpark());
+    }
+}
+
+impl Shared {
+    /// A worker's loop: wait for a region with a new epoch, join it unless closed, take chunks.
+    fn work(&self, w: usize) {
+        self.threads.lock().unwrap_or_else(|e| e.into_inner())[w] = Some(std::thread::current());
+        let mut seen = self.state.load(SeqCst) >> 32;
+        let mut idle = 0u32;
+        while !self.stop.load(Relaxed) {
+            let st = self.state.load(Acquire);
+            if st >> 32 == seen {
+                idle += 1;
+                if idle < SPINS {
+                    std::hint::spin_loop();
+                } else {
+                    self.sleeping[w].store(true, SeqCst);
+                    if self.state.load(SeqCst) >> 32 == seen && !self.stop.load(SeqCst) {
+                        std::thread::park();
+                    }
+                    self.sleeping[w].store(false, SeqCst);
+                    idle = 0;
+                }
+                continue;
+            }
+            seen = st >> 32;
+            idle = 0;
+            if st & CLOSED == 0
+                && self
+                    .state
+                    .compare_exchange(st, st + 1, Acquire, Relaxed)
+                    .is_ok()
+            {
+                // Joined before the region closed: it stays alive until this worker leaves.
+                let region = unsafe { &*(self.region.load(Relaxed) as *const Region) };
+                region.run();
+                self.state.fetch_sub(1, Release);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn std_pool(workers: usize) -> Pool {
+        Pool::new(workers, |f| {
+            std::thread::spawn(f);
+        })
+    }
+
+    #[test]
+    fn every_chunk_runs_once_whatever_the_workers() {
+        for workers in [0, 1, 3] {
+            let pool = std_pool(workers);
+            for n in [0, 1, 7, 1000] {
+                for _ in 0..200 {
+                    let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                    pool.run(n, &|i| {
+                        hits[i].fetch_add(1, Relaxed);
+                    });
+                    assert!(
+                        hits.iter().all(|h| h.load(Relaxed) == 1),
+                        "{workers} workers, {n} chunks"
+                    );
+                }
+            }
+            assert_eq!(pool.threads(), workers + 1);
+        }
+    }
+
+    #[test]
+    fn workers_that_parked_wake_for_the_next_region() {
+        let pool = std_pool(2);
+        let ran = AtomicUsize::new(0);
+        pool.run(4, &|_| {
+            ran.fetch_add(1, Relaxed);
+        });
+        // Long enough for the workers to exhaust their spins and park.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let on: std::sync::Mutex<std::collections::HashSet<std::thread::ThreadId>> =
+            Default::default();
+        pool.run(64, &|_| {
+            on.lock().unwrap().insert(std::thread::current().id());
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            ran.fetch_add(1, Relaxed);
+        });
+        assert_eq!(ran.load(Relaxed), 68);
+        assert!(
+            on.lock().unwrap().len() >= 2,
+            "the parked workers did not join"
+        );
+    }
+}
