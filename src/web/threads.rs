@@ -69,8 +69,6 @@ pub fn support() -> ThreadSupport {
         Some("the page is not cross-origin isolated (serve it with COOP: same-origin and COEP: require-corp, or register the package's coi-serviceworker.js)")
     } else if get(&g, "SharedArrayBuffer").is_undefined() {
         Some("this browser has no SharedArrayBuffer")
-    } else if cores < 2 {
-        Some("the browser reports one core")
     } else {
         None
     };
@@ -84,7 +82,7 @@ pub fn support() -> ThreadSupport {
         auto_threads,
         hardware_concurrency: cores,
         reason: why_not.map_or_else(
-            || format!("{auto_threads} threads in a worker engine ({cores} reported cores, at most {AUTO_MAX} by default)"),
+            || format!("{auto_threads} threads in a worker engine by default ({cores} reported cores, at most {AUTO_MAX})"),
             str::to_string,
         ),
     }
