@@ -105,6 +105,27 @@ export async function launch({ viewport = { width: 1280, height: 900 }, webgpu =
   };
 }
 
+/**
+ * Opens `url` in a fresh headless Chromium (WebGPU unless `webgpu: false`), waits for the
+ * page's `window.__result` and returns it with the page's console lines; the browser is closed.
+ */
+export async function pageResult(url, { webgpu = true, timeout = 300_000 } = {}) {
+  const { chromium } = await import('playwright-core');
+  const args = webgpu ? ARGS : ARGS.filter((a) => a !== '--enable-unsafe-webgpu');
+  const browser = await chromium.launch({ executablePath: CHROMIUM, args });
+  try {
+    const page = await browser.newPage();
+    const logs = [];
+    page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
+    page.on('pageerror', (e) => logs.push(`[pageerror] ${e}`));
+    await page.goto(url);
+    await page.waitForFunction(() => window.__result, null, { timeout });
+    return { result: await page.evaluate(() => window.__result), logs };
+  } finally {
+    await browser.close();
+  }
+}
+
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 /** Waits until `fn` (run in the page) is truthy; on timeout the error says what was awaited. */

@@ -2,23 +2,14 @@
 // packed tarball (target/pkg/flexquant-VERSION.tgz) is npm-installed, served by
 // tests/web/server.py under /npm/. Run by `./build.sh test` (test_browser): node npm_import.mjs URL
 import assert from 'node:assert/strict';
-import { chromium } from 'playwright-core';
 import { loadDeclarations, check } from './dts-check.mjs';
+import { pageResult } from './helpers.mjs';
 
 const server = process.argv[2];
 if (!server) throw new Error('usage: node npm_import.mjs SERVER_URL (./build.sh test starts the server)');
-const ARGS = ['--enable-unsafe-webgpu', '--headless=new', '--no-sandbox',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'];
 
-const browser = await chromium.launch({ executablePath: process.env.FLEXQUANT_CHROMIUM || '/usr/bin/chromium', args: ARGS });
-try {
-  const page = await browser.newPage();
-  const logs = [];
-  page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
-  page.on('pageerror', (e) => logs.push(`[pageerror] ${e}`));
-  await page.goto(`${server}/npm/index.html?manifest=${encodeURIComponent(`${server}/tiny/manifest.json`)}`);
-  await page.waitForFunction(() => window.__result, null, { timeout: 240_000 });
-  const r = await page.evaluate(() => window.__result);
+{
+  const { result: r, logs } = await pageResult(`${server}/npm/index.html?manifest=${encodeURIComponent(`${server}/tiny/manifest.json`)}`, { timeout: 240_000 });
   try {
     assert.equal(r.error, undefined, r.error);
     for (const k of ['main', 'worker']) {
@@ -94,8 +85,6 @@ try {
   }
   console.log(`npm import test passed: concurrency ${JSON.stringify(r.concurrency)}, main ${JSON.stringify(r.main.text)} (${r.main.usage.completion_tokens} tokens), ` +
     `worker ${JSON.stringify(r.worker.text)}, release ${r.release.event.wasmMemoryBytesBefore} -> ${r.release.event.wasmMemoryBytesAfter} wasm bytes in ${Math.round(r.release.event.ms)} ms, backend ${r.main.stats.backend} (${r.main.stats.backendReason}), ${r.main.stats.adapter}`);
-} finally {
-  await browser.close();
 }
 
 /**

@@ -2,23 +2,15 @@
 // COOP/COEP (tests/web/server.py --isolated). Run by `./build.sh test` (test_browser):
 // node threads.mjs SERVER_URL
 import assert from 'node:assert/strict';
-import { chromium } from 'playwright-core';
 import { loadDeclarations, check } from './dts-check.mjs';
+import { pageResult } from './helpers.mjs';
 
 const server = process.argv[2];
 if (!server) throw new Error('usage: node threads.mjs SERVER_URL (./build.sh test starts the server)');
-const ARGS = ['--headless=new', '--no-sandbox', '--disable-background-networking',
-  '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'];
 
-const browser = await chromium.launch({ executablePath: process.env.FLEXQUANT_CHROMIUM || '/usr/bin/chromium', args: ARGS });
-try {
-  const page = await browser.newPage();
-  const logs = [];
-  page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
-  page.on('pageerror', (e) => logs.push(`[pageerror] ${e}`));
-  await page.goto(`${server}/npm/threads-page.html?manifest=${encodeURIComponent(`${server}/tiny/manifest.json`)}`);
-  await page.waitForFunction(() => window.__result, null, { timeout: 300_000 });
-  const r = await page.evaluate(() => window.__result);
+{
+  // No WebGPU: the CPU backend is what threads speed up.
+  const { result: r, logs } = await pageResult(`${server}/npm/threads-page.html?manifest=${encodeURIComponent(`${server}/tiny/manifest.json`)}`, { webgpu: false });
   try {
     assert.equal(r.error, undefined, r.error);
     assert.equal(r.isolated, true, 'the page is not cross-origin isolated (server.py --isolated)');
@@ -53,6 +45,4 @@ try {
   }
   console.log(`threads test passed: ${r.worker2.stats.adapter}; auto ${r.workerAuto.stats.threads} of ` +
     `${r.support.threads.hardwareConcurrency} cores; answer ${JSON.stringify(r.worker1.text.slice(0, 60))} on every build`);
-} finally {
-  await browser.close();
 }
