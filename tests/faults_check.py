@@ -24,7 +24,8 @@ SOURCES = {
     "web": text([T / "web.rs", *sorted((T / "web").glob("*.rs"))]),
     "lib": text(sorted((ROOT / "src").rglob("*.rs"))),
     "e2e": text(sorted((T / "e2e").glob("*.test.mjs"))),
-    "npm": text([T / "e2e" / "npm_import.mjs", T / "web" / "npm-page.html"]),
+    "npm": text([T / "e2e" / "npm_import.mjs", T / "web" / "npm-page.html",
+                 T / "e2e" / "threads.mjs", T / "web" / "threads-page.html"]),
     "fuzz": text([ROOT / "src" / "fuzz" / "targets.rs"]),
 }
 
