@@ -18,6 +18,9 @@ const SPINS: u32 = 1 << 18;
 /// join any more), then the number of workers inside the region.
 const CLOSED: u64 = 1 << 31;
 const ACTIVE: u64 = CLOSED - 1;
+/// A region's workers taking longer than this are taken to have died (a region is a few
+/// 64-row chunks of one matrix product: milliseconds at most).
+const STUCK_MS: f64 = 30_000.0;
 
 /// One parallel region: `n` chunks, taken one at a time by whoever is free.
 struct Region<'a> {
@@ -95,9 +98,17 @@ impl Pool {
         region.run();
         // No worker may join once every chunk is taken; wait for those inside.
         let mut st = s.state.fetch_or(CLOSED, SeqCst) | CLOSED;
+        let (mut polls, since) = (0u32, crate::runtime::clock::now_ms());
         while st & ACTIVE != 0 {
             std::hint::spin_loop();
             st = s.state.load(Acquire);
+            polls = polls.wrapping_add(1);
+            // A worker that died inside the region (a panic aborts a wasm thread) would leave
+            // the caller waiting for good: fail loudly instead (the engine's panic handling
+            // makes it an `internal` error).
+            if polls % (1 << 20) == 0 && crate::runtime::clock::now_ms() - since > STUCK_MS {
+                panic!("a CPU thread pool worker did not finish its part of a matrix product within {STUCK_MS} ms (it stopped)");
+            }
         }
     }
 
