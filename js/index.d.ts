@@ -74,9 +74,10 @@ export interface EngineOptions {
   /** 'auto' (default): WebGPU unless it is missing or a CPU emulation; then the CPU backend. */
   backend?: 'auto' | 'webgpu' | 'cpu';
   /**
-   * Threads of the CPU backend (1..64, or 'auto': `checkSupport().threads.autoThreads`). More
-   * than one only in a worker engine (CreateWorkerEngine) of a cross-origin isolated page;
-   * elsewhere one thread runs, with a 'threads' warning event when more were asked for.
+   * Threads of the CPU backend (1..64, or 'auto': `checkSupport().threads.autoThreads`), at
+   * most `navigator.hardwareConcurrency`. More than one only in a worker engine
+   * (CreateWorkerEngine) of a cross-origin isolated page; elsewhere one thread runs. Fewer
+   * than asked for is a 'threads' warning event.
    */
   threads?: number | 'auto';
   /** Slowest acceptable decode (tokens/s): the model steps down while slower, up with headroom. */

@@ -89,7 +89,8 @@ pub fn support() -> ThreadSupport {
 }
 
 /// How many threads an engine asked for `option` runs here, and why not more when fewer than
-/// asked for (the warning the app gets).
+/// asked for (the warning the app gets): one where threads cannot run, at most the reported
+/// cores otherwise.
 pub fn plan(option: ThreadsOption) -> (u32, Option<String>) {
     let want = match option {
         ThreadsOption::Count(1) => return (1, None),
@@ -107,6 +108,15 @@ pub fn plan(option: ThreadsOption) -> (u32, Option<String>) {
         None
     };
     match (want, why_not) {
+        // The pool's threads spin while they wait for each other: more of them than cores
+        // only wait (3 threads on 2 cores decoded no faster than one here).
+        (Some(k), None) if k > s.hardware_concurrency => (
+            s.hardware_concurrency,
+            Some(format!(
+                "options.threads: {k} asked for, running {}: the browser reports {} cores, and more threads than cores only wait on each other",
+                s.hardware_concurrency, s.hardware_concurrency
+            )),
+        ),
         (Some(k), None) => (k, None),
         (None, None) => (s.auto_threads, None),
         (Some(k), Some(why)) => (
