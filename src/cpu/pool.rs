@@ -98,7 +98,8 @@ impl Pool {
         region.run();
         // No worker may join once every chunk is taken; wait for those inside.
         let mut st = s.state.fetch_or(CLOSED, SeqCst) | CLOSED;
-        let (mut polls, since) = (0u32, crate::runtime::clock::now_ms());
+        // The clock (a JS call in wasm) is read only once a wait got long, not per region.
+        let (mut polls, mut since) = (0u32, None);
         while st & ACTIVE != 0 {
             std::hint::spin_loop();
             st = s.state.load(Acquire);
@@ -106,8 +107,11 @@ impl Pool {
             // A worker that died inside the region (a panic aborts a wasm thread) would leave
             // the caller waiting for good: fail loudly instead (the engine's panic handling
             // makes it an `internal` error).
-            if polls % (1 << 20) == 0 && crate::runtime::clock::now_ms() - since > STUCK_MS {
-                panic!("a CPU thread pool worker did not finish its part of a matrix product within {STUCK_MS} ms (it stopped)");
+            if polls % (1 << 20) == 0 {
+                let now = crate::runtime::clock::now_ms();
+                if now - *since.get_or_insert(now) > STUCK_MS {
+                    panic!("a CPU thread pool worker did not finish its part of a matrix product within {STUCK_MS} ms (it stopped)");
+                }
             }
         }
     }

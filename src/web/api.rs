@@ -19,7 +19,10 @@ pub fn from_js<T: DeserializeOwned>(v: JsValue, what: &str) -> WebResult<T> {
         } else {
             format!("{what}.{path}")
         };
-        WebError::new(Code::Input, format!("{at}: {}", e.inner()))
+        // serde-wasm-bindgen's errors are JS errors, shown as "Error: ..."; the path says what.
+        let why = e.inner().to_string();
+        let why = why.strip_prefix("Error: ").unwrap_or(&why);
+        WebError::new(Code::Input, format!("{at}: {why}"))
     })
 }
 

@@ -134,12 +134,12 @@ pub fn plan(option: ThreadsOption) -> (u32, Option<String>) {
 /// one. Once per wasm instance (a second engine in the same worker reuses it). `Err(why)` when
 /// the workers did not start within `timeout_ms`: the backend then runs on one thread.
 #[cfg(feature = "threads")]
-pub async fn start_pool(threads: u32, timeout_ms: i32) -> Result<u32, String> {
+pub async fn start_pool(threads: u32, timeout_ms: i32) -> Result<(), String> {
     use futures_util::future::{select, Either};
     use std::sync::atomic::{AtomicBool, Ordering};
     static STARTED: AtomicBool = AtomicBool::new(false);
     if STARTED.swap(true, Ordering::SeqCst) {
-        return Ok(crate::cpu::par::threads() as u32);
+        return Ok(());
     }
     let workers = threads as usize - 1;
     let start = wasm_bindgen_futures::JsFuture::from(wasm_bindgen_rayon::init_thread_pool(workers));
@@ -150,7 +150,7 @@ pub async fn start_pool(threads: u32, timeout_ms: i32) -> Result<u32, String> {
             // Each rayon worker runs one pool worker's loop for good.
             let pool = crate::cpu::pool::Pool::new(workers, rayon::spawn);
             let _ = crate::cpu::par::use_pool(pool);
-            Ok(threads)
+            Ok(())
         }
         Either::Left((Err(e), _)) => Err(format!(
             "the thread pool did not start: {}",
@@ -164,9 +164,6 @@ pub async fn start_pool(threads: u32, timeout_ms: i32) -> Result<u32, String> {
 
 /// The one-thread build has no pool.
 #[cfg(not(feature = "threads"))]
-pub async fn start_pool(_threads: u32, _timeout_ms: i32) -> Result<u32, String> {
-    Ok(1)
+pub async fn start_pool(_threads: u32, _timeout_ms: i32) -> Result<(), String> {
+    Ok(())
 }
-
-#[cfg(feature = "threads")]
-pub use wasm_bindgen_rayon::init_thread_pool;
