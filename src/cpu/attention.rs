@@ -18,7 +18,7 @@ pub fn attention(c: &LlamaConfig, q: &[f32], k: &[f32], v: &[f32], pos0: usize, 
         let mut s: Vec<f32> = (0..keys)
             .map(|j| {
                 let kj = &k[j * kv_dim + kvh * hd..][..hd];
-                qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale
+                crate::model::math::dot(qh, kj) * scale
             })
             .collect();
         let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));

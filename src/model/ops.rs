@@ -130,22 +130,4 @@ pub fn matmul_nt(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, out: &mut [
     }
 }
 
-/// Dot product with 8 independent accumulators so the loop vectorises without fast-math.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-pub use crate::model::math::{argmax, log_sum_exp, rmsnorm, silu, Rope};
+pub use crate::model::math::{argmax, dot, log_sum_exp, rmsnorm, silu, Rope};

@@ -38,6 +38,15 @@ if (!server) throw new Error('usage: node threads.mjs SERVER_URL (./build.sh tes
     assert.equal(r.main.warnings.length, 1, JSON.stringify(r.main.warnings));
     assert.equal(r.main.warnings[0].code, 'threads');
     assert.match(r.main.warnings[0].message, /options\.threads: 2 asked for, running one thread: .*main thread/);
+    // Read-ahead: calls mid-answer answer, an abort after the 5th chunk ends the answer within
+    // one more token (then the final chunk), and the engine then answers as before.
+    const ra = r.readAhead;
+    console.log(`# read-ahead: ${JSON.stringify(ra).slice(0, 120)}`);
+    assert.equal(ra.finish, 'abort', JSON.stringify(ra));
+    assert.ok(ra.chunks >= 6 && ra.chunks <= 7, `aborted after chunk 5, ${ra.chunks} chunks came`);
+    assert.equal(ra.midStatsThreads, two, JSON.stringify(ra));
+    assert.equal(ra.budget, 'ok', JSON.stringify(ra));
+    assert.equal(ra.again, r.worker1.text, 'after the abort the worker engine answered differently');
     assert.equal(r.bad.code, 'input', JSON.stringify(r.bad));
     assert.match(r.bad.message, /^options\.threads: 0 is not a thread count \(1\.\.=64, or 'auto'\)$/, JSON.stringify(r.bad));
     const decls = loadDeclarations(['index.d.ts', 'worker.d.ts'].map((f) => new URL(`../../js/${f}`, import.meta.url).pathname));
