@@ -673,6 +673,9 @@ build_site() {
   rm -rf "$out.tmp" && mkdir -p "$out.tmp/ensemble"
   cp -r "$ROOT/www/." "$out.tmp/"
   cp -rL "$ROOT/target/pkg/flexquant" "$out.tmp/flexquant"
+  # The service worker that isolates the page on hosts without COOP/COEP
+  # (www/modules/isolation.js) must sit beside the page: its scope is its folder.
+  cp "$out.tmp/flexquant/coi-serviceworker.js" "$out.tmp/flexquant/coi-serviceworker.LICENSE" "$out.tmp/"
   python3 - "$ens" "$out.tmp/ensemble" <<'PY'
 import json, os, shutil, sys
 src, dst = sys.argv[1], sys.argv[2]

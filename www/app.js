@@ -5,6 +5,7 @@
 import { $, el, errorText, formatBytes } from './modules/format.js';
 import { manifestUrl, createEngine, engineClass } from './modules/engine-client.js';
 import { supportNote } from './modules/support.js';
+import { crossOriginIsolation } from './modules/isolation.js';
 import { RequirementsView } from './modules/requirements.js';
 import { LoaderView } from './modules/loader.js';
 import { Chat } from './modules/chat.js';
@@ -68,6 +69,9 @@ function backendChoice() {
 async function main() {
   const url = manifestUrl();
   $('model-url').textContent = url;
+  // On a static host without COOP/COEP this registers a service worker and reloads once (so
+  // the CPU backend gets threads); nothing loads before that.
+  page.isolation = await crossOriginIsolation();
   // The engine decides what runs here (`auto`'s choice): without a usable WebGPU the model runs
   // on the CPU backend (wasm SIMD), a note, not a failure, unless the page insists on WebGPU.
   let Engine, support;
@@ -76,6 +80,11 @@ async function main() {
     support = await Engine.checkSupport();
   } catch (e) {
     return fatal('This browser cannot run the engine', errorMessage(e));
+  }
+  // Why the page could not isolate itself, beside the engine's why-one-thread.
+  const t = support.threads;
+  if (t && !t.available && page.isolation.reason) {
+    support = { ...support, threads: { ...t, reason: `${t.reason}; ${page.isolation.reason}` } };
   }
   page.support = support;
   const note = supportNote(support);

@@ -89,12 +89,16 @@ export async function serve(site, { subPath = 'apps/flexquant', copy = false, is
 /** A fresh Chromium profile (so a fresh Cache API), with WebGPU unless `webgpu: false` (then
  * as Chrome on Linux ships: `navigator.gpu` exists, `requestAdapter()` gives null); `args`
  * adds command-line switches. */
-export async function launch({ viewport = { width: 1280, height: 900 }, webgpu = true, args: extra = [] } = {}) {
+export async function launch({ viewport = { width: 1280, height: 900 }, webgpu = true, args: extra = [],
+  serviceWorkers = 'block' } = {}) {
   const { chromium } = await import('playwright-core');
   const profile = mkdtempSync(join(tmpdir(), 'fq-e2e-profile-'));
   const args = [...(webgpu ? ARGS : ARGS.filter((a) => a !== '--enable-unsafe-webgpu')), ...extra];
+  // Service workers are blocked unless a test allows them: on a plain host the chat page
+  // registers one and reloads once to get threads (www/modules/isolation.js), which
+  // threads.test.mjs tests; the other tests see a browser without them (one thread).
   const context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM, headless: true, args, viewport,
+    executablePath: CHROMIUM, headless: true, args, viewport, serviceWorkers,
   });
   const log = [];
   context.on('console', (m) => log.push(`[${m.type()}] ${m.text()}`));

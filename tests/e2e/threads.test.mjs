@@ -1,7 +1,8 @@
 // The chat page on a host that sends COOP/COEP (tests/web/serve_isolated.py, what
 // `./build.sh demo` serves with): the page is cross-origin isolated, so its worker engine loads
 // the threaded build and the CPU backend runs on threads, and answers as it does on one thread
-// from a plain static host.
+// from a plain static host. On a plain host with service workers allowed, the page isolates
+// itself (coi-serviceworker.js, one reload at the first visit) and gets the same threads.
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -9,25 +10,34 @@ import { requireOrSkip, serve, launch, waitReady, send, waitAnswer, setMaxTokens
 
 const SITE = process.env.FLEXQUANT_E2E_SITE;
 
-/** Loads the page from `server` on the CPU backend, answers one prompt greedily. */
-async function answer(server) {
-  const browser = await launch({ webgpu: false });
+/** What the page shows about isolation and threads. */
+const info = (page) => page.evaluate(() => ({
+  isolated: crossOriginIsolated, cores: navigator.hardwareConcurrency, isolation: window.flexquantPage.isolation,
+  line: document.getElementById('model-line').textContent,
+  support: document.getElementById('support-line').textContent,
+}));
+
+/**
+ * Loads the page from `server` on the CPU backend (service workers blocked unless
+ * `serviceWorkers: 'allow'`), answers one prompt greedily; `then(page)` runs before closing.
+ */
+async function answer(server, { serviceWorkers = 'block', then = null } = {}) {
+  const browser = await launch({ webgpu: false, serviceWorkers });
   try {
     const page = await browser.context.newPage();
     await page.goto(server.url);
     await waitReady(page);
-    const info = await page.evaluate(() => ({
-      isolated: crossOriginIsolated, cores: navigator.hardwareConcurrency,
-      line: document.getElementById('model-line').textContent,
-      support: document.getElementById('support-line').textContent,
-    }));
+    const seen = await info(page);
     await setMaxTokens(page, 24, 0);
     await send(page, 'Tell me about the sea.');
-    return { ...info, answer: await waitAnswer(page) };
+    return { ...seen, answer: await waitAnswer(page), ...(then ? await then(page) : {}) };
   } finally {
     await browser.close();
   }
 }
+
+/** How many times the server sent the page itself. */
+const pageLoads = (server) => server.requests.filter((r) => r.path.endsWith('/apps/flexquant/')).length;
 
 describe('chat page on a cross-origin isolated host', { concurrency: false }, () => {
   it('runs the CPU backend on threads and answers as on one thread', async (t) => {
@@ -53,5 +63,41 @@ describe('chat page on a cross-origin isolated host', { concurrency: false }, ()
     assert.equal(on.answer.tokens, off.answer.tokens);
     assert.equal(on.answer.answer, off.answer.answer, 'the threaded page answered differently');
     console.log(`# ${threads} threads on an isolated host: ${JSON.stringify(on.answer.answer.slice(0, 60))}, as on one thread`);
+  });
+
+  it('isolates itself on a plain static host through its service worker, with one reload', async (t) => {
+    if (await requireOrSkip(t, SITE)) return;
+    const server = await serve(SITE);
+    const before = pageLoads(server); // serve() asks for the page until the server is up
+    try {
+      const r = await answer(server, {
+        serviceWorkers: 'allow',
+        // A later visit: already under the service worker, no further reload.
+        then: async (page) => {
+          const first = pageLoads(server) - before;
+          await page.reload();
+          await waitReady(page);
+          return { firstVisitLoads: first, again: await info(page), laterVisitLoads: pageLoads(server) - before - first };
+        },
+      });
+      const threads = Math.min(r.cores, 8);
+      assert.equal(r.isolated, true, JSON.stringify(r.isolation));
+      assert.deepEqual(r.isolation, { isolated: true });
+      assert.equal(r.firstVisitLoads, 2, 'the first visit should load the page twice (one reload)');
+      assert.equal(r.laterVisitLoads, 1, 'a later visit should not reload again');
+      assert.equal(r.again.isolated, true);
+      assert.match(r.line, new RegExp(`, ${threads} threads\\)\\)`), r.line);
+      assert.match(r.support, new RegExp(`on ${threads} threads`), r.support);
+      // Every response of the site came through the service worker and is usable (the model
+      // loaded, the answer is the isolated host's).
+      const plain = await answer(server);
+      assert.equal(plain.isolated, false);
+      assert.match(plain.isolation.reason, /no service worker/, JSON.stringify(plain.isolation));
+      assert.match(plain.support, /on one thread \(the page is not cross-origin isolated.*; this browser gives the page no service worker/, plain.support);
+      assert.equal(r.answer.answer, plain.answer.answer, 'the self-isolated page answered differently');
+      console.log(`# plain static host: isolated by the service worker, ${threads} threads, page loads ${r.firstVisitLoads} + ${r.laterVisitLoads}`);
+    } finally {
+      server.close();
+    }
   });
 });
