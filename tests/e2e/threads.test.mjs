@@ -25,6 +25,9 @@ async function answer(server, { serviceWorkers = 'block', then = null } = {}) {
   const browser = await launch({ webgpu: false, serviceWorkers });
   try {
     const page = await browser.context.newPage();
+    // How many times the page itself was loaded (navigations of its main frame, reloads too).
+    page.loads = 0;
+    page.on('framenavigated', (f) => { if (f === page.mainFrame()) page.loads++; });
     await page.goto(server.url);
     await waitReady(page);
     const seen = await info(page);
@@ -36,8 +39,6 @@ async function answer(server, { serviceWorkers = 'block', then = null } = {}) {
   }
 }
 
-/** How many times the server sent the page itself. */
-const pageLoads = (server) => server.requests.filter((r) => r.path.endsWith('/apps/flexquant/')).length;
 
 describe('chat page on a cross-origin isolated host', { concurrency: false }, () => {
   it('runs the CPU backend on threads and answers as on one thread', async (t) => {
@@ -68,16 +69,15 @@ describe('chat page on a cross-origin isolated host', { concurrency: false }, ()
   it('isolates itself on a plain static host through its service worker, with one reload', async (t) => {
     if (await requireOrSkip(t, SITE)) return;
     const server = await serve(SITE);
-    const before = pageLoads(server); // serve() asks for the page until the server is up
     try {
       const r = await answer(server, {
         serviceWorkers: 'allow',
         // A later visit: already under the service worker, no further reload.
         then: async (page) => {
-          const first = pageLoads(server) - before;
+          const first = page.loads;
           await page.reload();
           await waitReady(page);
-          return { firstVisitLoads: first, again: await info(page), laterVisitLoads: pageLoads(server) - before - first };
+          return { firstVisitLoads: first, again: await info(page), laterVisitLoads: page.loads - first };
         },
       });
       const threads = Math.min(r.cores, 8);
