@@ -75,6 +75,46 @@ fn kernel_matches_fake_quant_for_every_bit_width_and_group() {
     }
 }
 
+/// The packed backend's attention against the CPU reference's (score matrices through gemm,
+/// then a softmax per row): decode and prefill, short and long contexts (past several blocks
+/// of keys), grouped and plain heads.
+#[test]
+fn attention_matches_the_reference() {
+    for (nh, nkv, hd) in [(9, 3, 64), (4, 4, 16)] {
+        let c: flexquant::model::LlamaConfig = serde_json::from_value(serde_json::json!({
+            "hidden_size": nh * hd, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": 8,
+        }))
+        .unwrap();
+        for (pos0, t) in [
+            (0, 1),
+            (5, 1),
+            (700, 1),
+            (1100, 1),
+            (0, 7),
+            (300, 40),
+            (2, 300),
+        ] {
+            let keys = pos0 + t;
+            let k = noise(keys as u64, keys * c.kv_dim());
+            let v = noise(keys as u64 + 1, keys * c.kv_dim());
+            let q: Vec<f32> = noise(t as u64 + 2, t * c.q_dim())
+                .iter()
+                .map(|x| 4.0 * x)
+                .collect();
+            let want = forward::attention(&c, &q, &k, &v, pos0, t, hd);
+            let mut got = vec![f32::NAN; t * c.q_dim()];
+            flexquant::cpu::attention::attention(&c, &q, &k, &v, pos0, &mut got);
+            let err = norm(got.iter().zip(&want).map(|(a, b)| (a - b) as f64))
+                / norm(want.iter().map(|&x| x as f64));
+            assert!(
+                err < 1e-5,
+                "{nh}/{nkv} heads of {hd}, pos0 {pos0}, {t} tokens: {err:.2e}"
+            );
+        }
+    }
+}
+
 /// The plane-reading kernel computes exactly what the packed kernel does (the same integers
 /// in another lane order, the same f32 steps), and a matrix's planes pack back to it.
 #[test]
