@@ -5,6 +5,7 @@
 // one run, with the same prompt and token count.
 // Usage: node bench_backends.mjs SERVER_URL BACKENDS.json DEMO_MANIFEST_PATH GGUF_PATH PROMPT_FILE
 import { readFileSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
 import { chromium } from 'playwright-core';
 
 const [server, out, manifest, gguf, promptFile] = process.argv.slice(2);
@@ -31,6 +32,16 @@ async function run(path, params) {
 try {
   const fq = await run('/npm/bench-backends.html', { manifest: server + manifest, steps: steps.join(',') });
   console.log(`flexquant cpu: ${JSON.stringify(fq)}`);
+  // The same thread runs while another process keeps one core busy (a second tab, a build):
+  // spinning pool workers on cores others want only wait (see the README, "Threads").
+  const busy = spawn('sh', ['-c', 'while :; do :; done'], { stdio: 'ignore' });
+  let loaded;
+  try {
+    loaded = (await run('/npm/bench-backends.html', { manifest: server + manifest, only: 'threads' })).threaded;
+  } finally {
+    busy.kill('SIGKILL');
+  }
+  console.log(`flexquant cpu, one core busy: ${JSON.stringify(loaded)}`);
   const wl = {};
   for (const threads of [1, 2]) {
     wl[threads] = await run('/npm/bench-wllama.html', { model: server + gguf, threads: String(threads) });
@@ -58,6 +69,9 @@ try {
     browser_cpu_prefill_tok_s_2t: fq.threaded[2].prefill_tok_s,
     threads_decode_speedup: fq.threaded[2].decode_tok_s / fq.threaded[1].decode_tok_s,
     threads_prefill_speedup: fq.threaded[2].prefill_tok_s / fq.threaded[1].prefill_tok_s,
+    // The same with one core kept busy by another process (below 1: threads cost speed).
+    browser_cpu_by_threads_one_core_busy: loaded,
+    threads_decode_speedup_one_core_busy: loaded[2].decode_tok_s / loaded[1].decode_tok_s,
     ratio_vs_wllama_2t: fq.threaded[2].decode_tok_s / wl[2].decode_tok_s,
     prefill_ratio_vs_wllama_2t: fq.threaded[2].prefill_tok_s / wl[2].prefill_tok_s,
     browser_microkernel_gbs: fq.browser_microkernel_gbs,
