@@ -80,6 +80,12 @@ export interface EngineOptions {
    * than asked for is a 'threads' warning event.
    */
   threads?: number | 'auto';
+  /**
+   * true (default): each decode token runs on the thread count measured fastest now (all,
+   * half, ... one; re-measured now and then and when tokens slow down), since other work on
+   * the cores can make more threads slower. false: always `threads`.
+   */
+  adaptThreads?: boolean;
   /** Slowest acceptable decode (tokens/s): the model steps down while slower, up with headroom. */
   minTokensPerSecond?: number;
   /** Quality floor: never step to an EQM whose (held-out) perplexity is above this. */
@@ -249,8 +255,10 @@ export interface Stats {
   ooms: number;
   swapFailures: number;
   adapter: string;
-  /** Threads the CPU backend computes with (1 on WebGPU). */
+  /** Threads the CPU backend computes with at most (1 on WebGPU). */
   threads: number;
+  /** Threads the last decode token ran on (see `adaptThreads`). */
+  threadsActive: number;
   backend: 'webgpu' | 'cpu';
   backendReason: string;
   heldBytes: number;

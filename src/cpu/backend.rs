@@ -22,7 +22,11 @@ impl Backend for CpuModel {
         CpuModel::truncate(self, n)
     }
     async fn step(&mut self, tokens: &[u32]) -> Result<Vec<(u32, f32)>> {
-        CpuModel::step(self, tokens)
+        if tokens.len() == 1 {
+            // A decode token: the pool times it to choose its thread count.
+            return crate::cpu::par::token(|| CpuModel::step(self, tokens));
+        }
+        crate::cpu::par::prefill(|| CpuModel::step(self, tokens))
     }
     fn watch(&mut self, ids: &[u32]) -> Result<()> {
         CpuModel::watch(self, ids)
@@ -31,7 +35,7 @@ impl Backend for CpuModel {
         CpuModel::log_z(self)
     }
     async fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
-        self.hidden(tokens).map(|_| ())
+        crate::cpu::par::prefill(|| self.hidden(tokens).map(|_| ()))
     }
     async fn set_module(&mut self, id: ModuleId, m: PackedMatrix) -> Result<()> {
         CpuModel::set_module(self, id, m)

@@ -7,7 +7,8 @@
 //!   loop and code unpacking; `planes`: the same from bit planes.
 //! - `attention`: causal grouped-query attention over the f32 KV cache.
 //! - `model`: `CpuModel`, the forward pass; `backend`: it as a `runtime::Backend`.
-//! - `par`: rayon natively; in wasm `pool` (spinning Web Workers) or a loop.
+//! - `par`: rayon natively; in wasm `pool` (spinning Web Workers) or a loop; `width`: how many
+//!   of the pool's threads a token uses (measured).
 
 pub mod act;
 pub mod attention;
@@ -24,6 +25,7 @@ pub mod planes;
 )]
 pub mod pool;
 pub mod probe;
+pub mod width;
 
 pub use backend::CpuFactory;
 pub use model::CpuModel;

@@ -55,7 +55,45 @@ impl<T> Base<T> {
     }
 }
 
-/// Threads the CPU backend computes with.
+/// Runs one decode token's `step`; on the pool, on the thread count it measured fastest (see
+/// `cpu::width`).
+pub fn token<R>(step: impl FnOnce() -> R) -> R {
+    #[cfg(all(target_arch = "wasm32", feature = "threads"))]
+    if let Some(pool) = POOL.get() {
+        return pool.token(step);
+    }
+    step()
+}
+
+/// Runs a prefill `step`; on the pool, on the thread count the last decode tokens chose.
+pub fn prefill<R>(step: impl FnOnce() -> R) -> R {
+    #[cfg(all(target_arch = "wasm32", feature = "threads"))]
+    if let Some(pool) = POOL.get() {
+        return pool.prefill(step);
+    }
+    step()
+}
+
+/// Whether the pool's decode tokens choose their thread count (on by default) or use all
+/// (nothing to choose without a pool).
+pub fn set_adaptive(on: bool) {
+    #[cfg(all(target_arch = "wasm32", feature = "threads"))]
+    if let Some(pool) = POOL.get() {
+        pool.set_adaptive(on);
+    }
+    let _ = on;
+}
+
+/// Threads the CPU backend's last decode token computed with (at most `threads()`).
+pub fn active_threads() -> usize {
+    #[cfg(all(target_arch = "wasm32", feature = "threads"))]
+    if let Some(pool) = POOL.get() {
+        return pool.active_threads();
+    }
+    threads()
+}
+
+/// Threads the CPU backend computes with at most.
 pub fn threads() -> usize {
     #[cfg(not(target_arch = "wasm32"))]
     return rayon::current_num_threads();

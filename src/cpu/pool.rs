@@ -8,6 +8,10 @@
 //! chunks are handed out by an atomic counter, so a region costs a few atomic operations. A
 //! worker that wakes late finds the region closed and skips it: the caller never waits for a
 //! worker that has not started.
+//!
+//! Not every worker need take part: [`Pool::set_active`] parks the others (a parked worker
+//! takes no CPU), and [`Pool::token`] lets `cpu::width` choose that number per decode token by
+//! measurement (more threads were slower when other work shared the cores).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::Arc;
@@ -49,12 +53,16 @@ struct Shared {
     sleeping: Vec<AtomicBool>,
     threads: std::sync::Mutex<Vec<Option<std::thread::Thread>>>,
     stop: AtomicBool,
+    /// Workers that may join regions (those from index `active` on park).
+    active: AtomicUsize,
 }
 
 /// The pool: `workers` threads beside the caller.
 pub struct Pool {
     shared: Arc<Shared>,
     workers: usize,
+    /// How many threads decode tokens use, when measured (`None`: all, always).
+    width: std::sync::Mutex<Option<crate::cpu::width::Width>>,
 }
 
 impl Pool {
@@ -67,17 +75,72 @@ impl Pool {
             sleeping: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             threads: std::sync::Mutex::new(vec![None; workers]),
             stop: AtomicBool::new(false),
+            active: AtomicUsize::new(workers),
         });
         for w in 0..workers {
             let s = shared.clone();
             spawn(Box::new(move || s.work(w)));
         }
-        Pool { shared, workers }
+        Pool {
+            shared,
+            workers,
+            width: std::sync::Mutex::new(Some(crate::cpu::width::Width::new(workers + 1))),
+        }
     }
 
-    /// Threads computing a region: the workers and the caller.
+    /// Threads computing a region at most: the workers and the caller.
     pub fn threads(&self) -> usize {
         self.workers + 1
+    }
+
+    /// Threads computing regions now (the caller and the active workers).
+    pub fn active_threads(&self) -> usize {
+        self.shared.active.load(Relaxed) + 1
+    }
+
+    /// Lets `threads - 1` workers (at least none, at most all) join regions from the next one;
+    /// the others park.
+    pub fn set_active(&self, threads: usize) {
+        let k = threads.clamp(1, self.workers + 1) - 1;
+        // SeqCst with the workers' sleeping flags, as a region's start (see `run`).
+        self.shared.active.store(k, SeqCst);
+    }
+
+    /// Whether decode tokens choose their thread count by measurement (`cpu::width`; on by
+    /// default), or use every thread.
+    pub fn set_adaptive(&self, on: bool) {
+        let mut w = self.width.lock().unwrap_or_else(|e| e.into_inner());
+        match (on, w.is_some()) {
+            (true, false) => *w = Some(crate::cpu::width::Width::new(self.workers + 1)),
+            (false, _) => {
+                *w = None;
+                self.set_active(self.workers + 1);
+            }
+            _ => {}
+        }
+    }
+
+    /// Runs a prefill `step` on the thread count the decode tokens chose last (all before any
+    /// decode token, and when not adaptive): what slows the decode down slows it too.
+    pub fn prefill<R>(&self, step: impl FnOnce() -> R) -> R {
+        let w = self.width.lock().unwrap_or_else(|e| e.into_inner());
+        self.set_active(w.as_ref().map_or(self.workers + 1, |w| w.chosen()));
+        drop(w);
+        step()
+    }
+
+    /// Runs one decode token's `step` on the thread count `cpu::width` chooses, and tells it
+    /// how long the token took.
+    pub fn token<R>(&self, step: impl FnOnce() -> R) -> R {
+        let mut w = self.width.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(w) = w.as_mut() else {
+            return step();
+        };
+        self.set_active(w.threads());
+        let t0 = crate::runtime::clock::now_ms();
+        let r = step();
+        w.record(crate::runtime::clock::now_ms() - t0);
+        r
     }
 
     /// Calls `f(i)` for every `i < n`, on the workers and the calling thread; returns when all
@@ -116,11 +179,13 @@ impl Pool {
         }
     }
 
+    /// Unparks the active workers that sleep.
     fn wake(&self) {
         let s = &self.shared;
-        if s.sleeping.iter().any(|f| f.load(SeqCst)) {
+        let active = &s.sleeping[..s.active.load(SeqCst)];
+        if active.iter().any(|f| f.load(SeqCst)) {
             let threads = s.threads.lock().unwrap_or_else(|e| e.into_inner());
-            for (t, f) in threads.iter().zip(&s.sleeping) {
+            for (t, f) in threads.iter().zip(active) {
                 if let (Some(t), true) = (t, f.load(SeqCst)) {
                     t.unpark();
                 }
@@ -149,6 +214,16 @@ impl Shared {
         let mut seen = self.state.load(SeqCst) >> 32;
         let mut idle = 0u32;
         while !self.stop.load(Relaxed) {
+            if w >= self.active.load(Relaxed) {
+                // Left out: park until a region starts while this worker is active again.
+                self.sleeping[w].store(true, SeqCst);
+                if w >= self.active.load(SeqCst) && !self.stop.load(SeqCst) {
+                    std::thread::park();
+                }
+                self.sleeping[w].store(false, SeqCst);
+                idle = 0;
+                continue;
+            }
             let st = self.state.load(Acquire);
             if st >> 32 == seen {
                 idle += 1;
@@ -232,5 +307,62 @@ mod tests {
             on.lock().unwrap().len() >= 2,
             "the parked workers did not join"
         );
+    }
+
+    fn threads_in(pool: &Pool, n: usize) -> usize {
+        let on: std::sync::Mutex<std::collections::HashSet<std::thread::ThreadId>> =
+            Default::default();
+        pool.run(n, &|_| {
+            on.lock().unwrap().insert(std::thread::current().id());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        });
+        let n = on.lock().unwrap().len();
+        n
+    }
+
+    #[test]
+    fn workers_left_out_park_and_come_back() {
+        let pool = std_pool(3);
+        pool.set_active(1);
+        assert_eq!(pool.active_threads(), 1);
+        for _ in 0..3 {
+            assert_eq!(threads_in(&pool, 32), 1, "a left-out worker joined");
+        }
+        pool.set_active(2);
+        let n = threads_in(&pool, 32);
+        assert!((1..=2).contains(&n), "{n} threads with one worker active");
+        pool.set_active(4);
+        assert_eq!(pool.active_threads(), 4);
+        assert!(
+            threads_in(&pool, 64) >= 2,
+            "the active workers did not join"
+        );
+        pool.set_active(99);
+        assert_eq!(pool.active_threads(), 4);
+    }
+
+    #[test]
+    fn tokens_run_on_the_chosen_threads_and_are_measured() {
+        let pool = std_pool(1);
+        // Tokens that are slower on 2 threads (as when another process keeps a core busy):
+        // the pool moves to one thread after its first probe.
+        for _ in 0..8 {
+            pool.token(|| {
+                let ms = if pool.active_threads() == 2 { 6 } else { 2 };
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            });
+        }
+        assert_eq!(pool.active_threads(), 1);
+        assert_eq!(threads_in(&pool, 16), 1);
+        // Prefill runs on the decode's choice.
+        pool.set_active(2);
+        assert_eq!(pool.prefill(|| pool.active_threads()), 1);
+        // Pinned: every thread.
+        pool.set_adaptive(false);
+        assert_eq!(pool.active_threads(), 2);
+        assert_eq!(pool.token(|| 7), 7);
+        assert_eq!(pool.active_threads(), 2);
+        pool.set_active(1);
+        assert_eq!(pool.prefill(|| pool.active_threads()), 2);
     }
 }

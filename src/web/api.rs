@@ -83,6 +83,9 @@ pub struct EngineOptions {
     pub backend: Option<crate::web::backend::BackendChoice>,
     /// `'auto'` (default) or a count: threads of the CPU backend in a worker engine.
     pub threads: Option<crate::web::threads::ThreadsOption>,
+    /// Whether decode tokens run on the thread count measured fastest now (default) or on all
+    /// `threads` always (see `cpu::width`).
+    pub adapt_threads: Option<bool>,
     #[serde(with = "serde_wasm_bindgen::preserve")]
     pub on_event: JsValue,
     #[serde(with = "serde_wasm_bindgen::preserve")]
@@ -174,6 +177,8 @@ pub struct Stats {
     pub adapter: String,
     /// Threads the CPU backend computes with (1 on WebGPU; see the `threads` option).
     pub threads: usize,
+    /// Threads the last decode token ran on (fewer than `threads` when fewer measured faster).
+    pub threads_active: usize,
     pub backend: Option<crate::web::backend::Kind>,
     /// Why this backend runs (the `backend` option, or what `auto` found).
     pub backend_reason: String,

@@ -490,8 +490,9 @@ impl Engine {
         });
         // The pool starts before the model is built: its label counts the threads.
         let threads = o.threads.unwrap_or_default();
+        let adapt = o.adapt_threads.unwrap_or(true);
         if use_cpu {
-            inner.start_threads(threads).await;
+            inner.start_threads(threads, adapt).await;
         }
         let run = inner.build().await;
         inner.walk.source.end_first_load();
@@ -501,7 +502,7 @@ impl Engine {
                 let f = &inner.walk.factory;
                 f.use_cpu.set(true);
                 *f.reason.borrow_mut() = format!("WebGPU cannot run this model: {}", e.message);
-                inner.start_threads(threads).await;
+                inner.start_threads(threads, adapt).await;
                 inner.build().await?
             }
             r => r?,
@@ -542,8 +543,8 @@ const POOL_START_MS: i32 = 10_000;
 
 impl Inner {
     /// Starts the CPU backend's threads (the `threads` option); fewer than asked for is a
-    /// `threads` warning, and one thread always works.
-    async fn start_threads(&self, option: ThreadsOption) {
+    /// `threads` warning, and one thread always works. `adapt`: the `adaptThreads` option.
+    async fn start_threads(&self, option: ThreadsOption, adapt: bool) {
         let em = &self.walk.source.emitter;
         let (n, why_fewer) = threads::plan(option);
         if let Some(w) = why_fewer {
@@ -553,6 +554,7 @@ impl Inner {
             if let Err(why) = threads::start_pool(n, POOL_START_MS).await {
                 em.warning("threads", &format!("running one thread: {why}"));
             }
+            crate::cpu::par::set_adaptive(adapt);
         }
     }
 
@@ -620,6 +622,10 @@ impl Inner {
             adapter: s.adapter,
             threads: match s.backend {
                 Some(Kind::Cpu) => crate::cpu::par::threads(),
+                _ => 1,
+            },
+            threads_active: match s.backend {
+                Some(Kind::Cpu) => crate::cpu::par::active_threads(),
                 _ => 1,
             },
             backend: s.backend,

@@ -72,6 +72,9 @@ try {
     // The same with one core kept busy by another process (below 1: threads cost speed).
     browser_cpu_by_threads_one_core_busy: loaded,
     threads_decode_speedup_one_core_busy: loaded[2].decode_tok_s / loaded[1].decode_tok_s,
+    // Both again with every token pinned to 2 threads (`adaptThreads: false`).
+    threads_decode_speedup_pinned: fq.threaded['2_pinned'].decode_tok_s / fq.threaded[1].decode_tok_s,
+    threads_decode_speedup_one_core_busy_pinned: loaded['2_pinned'].decode_tok_s / loaded[1].decode_tok_s,
     ratio_vs_wllama_2t: fq.threaded[2].decode_tok_s / wl[2].decode_tok_s,
     prefill_ratio_vs_wllama_2t: fq.threaded[2].prefill_tok_s / wl[2].prefill_tok_s,
     browser_microkernel_gbs: fq.browser_microkernel_gbs,

@@ -20,15 +20,20 @@ if (!server) throw new Error('usage: node threads.mjs SERVER_URL (./build.sh tes
     // Each row is computed by one thread: the same greedy answer on 1, 2, auto and too many
     // threads and on the main thread's one-thread build.
     const two = Math.min(2, s.hardwareConcurrency);
-    const runs = { worker1: 1, worker2: two, workerAuto: s.autoThreads, workerMany: s.hardwareConcurrency, main: 1 };
+    const runs = { worker1: 1, worker2: two, worker2Pinned: two, workerAuto: s.autoThreads, workerMany: s.hardwareConcurrency, main: 1 };
     for (const [k, threads] of Object.entries(runs)) {
       const x = r[k];
       assert.equal(x.tokens, 48, `${k}: ${JSON.stringify(x).slice(0, 300)}`);
       assert.equal(x.text, r.worker1.text, `${k} answered differently from one thread`);
       assert.equal(x.stats.threads, threads, `${k}: ${x.stats.adapter}`);
+      // Adaptive engines' tokens run on as many threads as measured fastest: 1..threads.
+      assert.ok(x.stats.threadsActive >= 1 && x.stats.threadsActive <= threads, `${k}: ${x.stats.threadsActive} active`);
       assert.ok(x.stats.adapter.includes(`${threads} threads`), `${k}: ${x.stats.adapter}`);
       assert.equal(x.stats.backend, 'cpu');
     }
+    assert.equal(r.worker2Pinned.stats.threadsActive, two, 'adaptThreads: false ran fewer threads');
+    assert.equal(r.badAdapt.code, 'input', JSON.stringify(r.badAdapt));
+    assert.match(r.badAdapt.message, /adaptThreads/, JSON.stringify(r.badAdapt));
     assert.deepEqual([r.worker1.warnings, r.workerAuto.warnings], [[], []]);
     assert.equal(r.worker2.warnings.length, two === 2 ? 0 : 1, JSON.stringify(r.worker2.warnings));
     assert.equal(r.workerMany.warnings.length, 1, JSON.stringify(r.workerMany.warnings));
