@@ -466,6 +466,7 @@ build_package() {
   threaded_cargo "$ROOT/target/web-mt/build.log" build
   wasm-bindgen --target web --out-dir "$PKG.tmp/wasm-mt" --out-name flexquant \
     "$ROOT/target/web-mt/wasm32-unknown-unknown/release/flexquant.wasm"
+  fix_rayon_helper "$PKG.tmp/wasm-mt"
   cp js/index.js js/common.js js/worker.js js/worker-entry.js js/index.d.ts js/worker.d.ts "$PKG.tmp/"
   local coi
   coi="$(fetch_coi)"
@@ -478,6 +479,18 @@ build_package() {
   (cd "$ROOT/target/pkg" && npm pack ./flexquant --silent >/dev/null)
   [ -f "$ROOT/target/pkg/flexquant-$version.tgz" ] || die "npm pack did not write flexquant-$version.tgz"
   log "npm package: $PKG ($(du -sh "$PKG/wasm/flexquant_bg.wasm" | cut -f1) wasm), target/pkg/flexquant-$version.tgz"
+}
+
+# wasm-bindgen-rayon's worker helper (a snippet the threaded build ships) starts each pool worker
+# with `init(module, memory)`, the positional form wasm-bindgen deprecates: every worker logged
+# a warning in the app's console. Given the object form instead; a helper that changed stops the
+# build rather than shipping unpatched (the threads test checks the console).
+fix_rayon_helper() {
+  local f old='await pkg.default(data.module, data.memory);'
+  f="$(find "$1/snippets" -path '*wasm-bindgen-rayon*' -name 'workerHelpers.no-bundler.js' | head -1)"
+  [ -n "$f" ] && grep -qF "$old" "$f" ||
+    die "wasm-bindgen-rayon's worker helper is not as build.sh expects (fix_rayon_helper): '$old' not found in $1/snippets"
+  sed -i "s/$old/await pkg.default({ module_or_path: data.module, memory: data.memory });/" "$f"
 }
 
 # The tiny random model's ensembles (what the browser tests load), rebuilt when the builder

@@ -58,6 +58,9 @@ if (!server) throw new Error('usage: node threads.mjs SERVER_URL (./build.sh tes
     const problems = [...check(decls, 'Support', r.support), ...check(decls, 'Stats', r.worker2.stats),
       ...check(decls, 'EngineEvent', r.main.warnings[0])];
     assert.deepEqual(problems, [], 'js/index.d.ts disagrees with the threaded build');
+    // The pool's workers start without wasm-bindgen's deprecation warning (build.sh
+    // fix_rayon_helper); the console here includes the workers'.
+    assert.deepEqual(logs.filter((l) => /deprecated/.test(l)), [], 'a console warning about deprecated parameters');
   } catch (e) {
     console.error(logs.join('\n'));
     throw e;
