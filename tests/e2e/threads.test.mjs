@@ -33,7 +33,11 @@ async function answer(server, { serviceWorkers = 'block', then = null } = {}) {
     const seen = await info(page);
     await setMaxTokens(page, 24, 0);
     await send(page, 'Tell me about the sea.');
-    return { ...seen, answer: await waitAnswer(page), ...(then ? await then(page) : {}) };
+    const done = await waitAnswer(page);
+    // The panel shows the stats of its next poll (every second) after the answer.
+    await page.waitForFunction(() => /tok\/s/.test(document.getElementById('st-speed').textContent));
+    const speed = await page.evaluate(() => document.getElementById('st-speed').textContent);
+    return { ...seen, answer: done, speed, ...(then ? await then(page) : {}) };
   } finally {
     await browser.close();
   }
@@ -57,6 +61,10 @@ describe('chat page on a cross-origin isolated host', { concurrency: false }, ()
     assert.equal(on.isolated, true);
     assert.match(on.line, new RegExp(`CPU \\(cpu \\(packed .*, ${threads} threads\\)\\)`), on.line);
     assert.match(on.support, new RegExp(`runs on the CPU backend \\(wasm SIMD\\) instead, on ${threads} threads`), on.support);
+    // The speed line says how many threads the last token ran on (measured fastest now).
+    console.log(`# speed line: ${on.speed} / ${off.speed}`);
+    if (threads > 1) assert.match(on.speed, new RegExp(`tok/s · [1-${threads}] of ${threads} threads$`), on.speed);
+    assert.doesNotMatch(off.speed, /threads/, off.speed);
     assert.equal(off.isolated, false);
     assert.match(off.line, /, 1 threads\)\)/, off.line);
     assert.match(off.support, /on one thread \(the page is not cross-origin isolated/, off.support);

@@ -241,8 +241,11 @@ export class ElasticPanel {
     $('st-budget').textContent = mb == null ? 'unlimited' : formatBytes(mb) + (mb * (1 - HEADROOM) < floor ? ' (below the smallest EQM)' : '');
     $('st-heap').textContent = h ? `${formatBytes(h.used)} of ${formatBytes(h.limit)}` : 'not reported';
     const speed = s.measuredTokensPerSecond ?? s.tokensPerSecond;
+    // The CPU backend's tokens run on as many of its threads as measured fastest now.
+    const threads = s.backend === 'cpu' && s.threads > 1 ? ` · ${s.threadsActive} of ${s.threads} threads` : '';
     $('st-speed').textContent = (speed ? `${speed.toFixed(1)} tok/s` : '–') +
-      (s.minTokensPerSecond ? ` (min ${s.minTokensPerSecond})` : '');
+      (s.minTokensPerSecond ? ` (min ${s.minTokensPerSecond})` : '') + threads;
+    $('st-speed').title = threads ? 'Each token runs on the number of threads measured fastest now: fewer when other work keeps the cores busy.' : '';
     $('st-swaps').textContent = `${s.swaps} (${s.swapsDown}↓ ${s.swapsUp}↑)`;
     document.querySelector('.elastic').dataset.step = String(s.step);
   }
