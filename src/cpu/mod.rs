@@ -1,14 +1,14 @@
 //! The packed CPU backend: runs an EQM's shards as shipped (codes and f16 scales, no f32 copy
 //! of any weight) with int16 activations and integer dot products, in wasm (simd128, Web Worker
-//! threads where the page allows) and natively (AVX2 when the CPU has it, rayon threads).
+//! threads where the page allows) and natively (AVX2 when the CPU has it, threads).
 //!
 //! - `act`: activations as int16 blocks in each bit-width's lane order.
 //! - `kernel`: packed codes x int16 blocks (simd128, AVX2, portable); `avx2`: the x86 row
 //!   loop and code unpacking; `planes`: the same from bit planes.
 //! - `attention`: causal grouped-query attention over the f32 KV cache.
 //! - `model`: `CpuModel`, the forward pass; `backend`: it as a `runtime::Backend`.
-//! - `par`: rayon natively; in wasm `pool` (spinning Web Workers) or a loop; `width`: how many
-//!   of the pool's threads a token uses (measured).
+//! - `par`: regions on `pool` (spinning threads: std natively, Web Workers in wasm) or a loop;
+//!   `width`: how many of the pool's threads a token uses (measured).
 
 pub mod act;
 pub mod attention;
@@ -20,7 +20,7 @@ pub mod model;
 pub mod par;
 pub mod planes;
 #[cfg_attr(
-    not(all(target_arch = "wasm32", feature = "threads")),
+    all(target_arch = "wasm32", not(feature = "threads")),
     allow(dead_code)
 )]
 pub mod pool;

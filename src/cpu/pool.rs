@@ -1,9 +1,11 @@
-//! A fork-join pool for the CPU backend's many small parallel regions (wasm threads).
+//! A fork-join pool for the CPU backend's many small parallel regions (natively and with wasm
+//! threads).
 //!
 //! A decode token runs ~240 matrix products of 0.05-0.1 ms each. Handing each to rayon over
 //! Web Workers cost more than it saved (2 threads decoded at 0.83x one thread in Chromium):
 //! an idle rayon worker sleeps in `Atomics.wait`, and waking it takes about as long as the
-//! product. Here the workers spin on one atomic word between regions (parking only after
+//! product (natively rayon's futex wake-ups took ~30% of a one-thread decode's samples). Here
+//! the workers spin on one atomic word between regions (parking only after
 //! `SPINS` idle polls, so between answers they sleep), the calling thread takes chunks too, and
 //! chunks are handed out by an atomic counter, so a region costs a few atomic operations. A
 //! worker that wakes late finds the region closed and skips it: the caller never waits for a
@@ -45,6 +47,41 @@ impl Region<'_> {
     }
 }
 
+/// Closes a region and waits for the workers inside it to leave, on return and on unwinding
+/// alike (the region lives on the caller's stack).
+struct Leave<'a> {
+    s: &'a Shared,
+    region: &'a Region<'a>,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let s = self.s;
+        // After a panic on the caller, chunks not yet taken are not started.
+        self.region.next.fetch_max(self.region.n, Relaxed);
+        // No worker may join once every chunk is taken; wait for those inside.
+        let mut st = s.state.fetch_or(CLOSED, SeqCst) | CLOSED;
+        // The clock (a JS call in wasm) is read only once a wait got long, not per region.
+        let (mut polls, mut since) = (0u32, None);
+        while st & ACTIVE != 0 {
+            std::hint::spin_loop();
+            st = s.state.load(Acquire);
+            polls = polls.wrapping_add(1);
+            // A worker that died inside the region (a panic aborts a wasm thread) would leave
+            // the caller waiting for good: fail loudly instead (the engine's panic handling
+            // makes it an `internal` error). Natively a panic is caught in the worker, so a
+            // worker inside is alive, and the region must outlive it: wait.
+            if cfg!(target_arch = "wasm32") && polls % (1 << 20) == 0 {
+                let now = crate::runtime::clock::now_ms();
+                if now - *since.get_or_insert(now) > STUCK_MS {
+                    panic!("a CPU thread pool worker did not finish its part of a matrix product within {STUCK_MS} ms (it stopped)");
+                }
+            }
+        }
+        s.busy.store(false, Release);
+    }
+}
+
 struct Shared {
     state: AtomicU64,
     /// The current region (`*const Region`, lifetime erased); valid while its epoch is the
@@ -55,6 +92,10 @@ struct Shared {
     stop: AtomicBool,
     /// Workers that may join regions (those from index `active` on park).
     active: AtomicUsize,
+    /// A region is running (a second caller runs its region alone).
+    busy: AtomicBool,
+    /// The first panic of a worker inside the current region, for the caller to raise.
+    panic: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 /// The pool: `workers` threads beside the caller.
@@ -67,7 +108,8 @@ pub struct Pool {
 
 impl Pool {
     /// A pool of `workers` threads, each started by `spawn` running the closure it is given
-    /// (std threads natively, rayon's Web Workers in wasm).
+    /// (std threads natively, rayon's Web Workers in wasm; one never started is never waited
+    /// for).
     pub fn new(workers: usize, spawn: impl Fn(Box<dyn FnOnce() + Send>)) -> Pool {
         let shared = Arc::new(Shared {
             state: AtomicU64::new(0),
@@ -76,6 +118,8 @@ impl Pool {
             threads: std::sync::Mutex::new(vec![None; workers]),
             stop: AtomicBool::new(false),
             active: AtomicUsize::new(workers),
+            busy: AtomicBool::new(false),
+            panic: std::sync::Mutex::new(None),
         });
         for w in 0..workers {
             let s = shared.clone();
@@ -123,16 +167,27 @@ impl Pool {
     /// Runs a prefill `step` on the thread count the decode tokens chose last (all before any
     /// decode token, and when not adaptive): what slows the decode down slows it too.
     pub fn prefill<R>(&self, step: impl FnOnce() -> R) -> R {
-        let w = self.width.lock().unwrap_or_else(|e| e.into_inner());
-        self.set_active(w.as_ref().map_or(self.workers + 1, |w| w.chosen()));
-        drop(w);
+        let chosen = match self.width.try_lock() {
+            Ok(w) => w.as_ref().map(|w| w.chosen()),
+            Err(std::sync::TryLockError::Poisoned(e)) => {
+                e.into_inner().as_ref().map(|w| w.chosen())
+            }
+            // Another caller's token is running: leave its count alone.
+            Err(std::sync::TryLockError::WouldBlock) => return step(),
+        };
+        self.set_active(chosen.unwrap_or(self.workers + 1));
         step()
     }
 
     /// Runs one decode token's `step` on the thread count `cpu::width` chooses, and tells it
     /// how long the token took.
+    /// Another caller's token meanwhile runs as it is (its regions alone, see `run`).
     pub fn token<R>(&self, step: impl FnOnce() -> R) -> R {
-        let mut w = self.width.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = match self.width.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return step(),
+        };
         let Some(w) = w.as_mut() else {
             return step();
         };
@@ -144,7 +199,9 @@ impl Pool {
     }
 
     /// Calls `f(i)` for every `i < n`, on the workers and the calling thread; returns when all
-    /// calls returned.
+    /// calls returned. A region started while another runs (another caller, or `f` itself
+    /// starting one) runs on its caller alone. A panic in `f` on any thread reaches the caller
+    /// once no worker is inside the region any more.
     pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
         let s = &self.shared;
         let region = Region {
@@ -152,30 +209,22 @@ impl Pool {
             n,
             next: AtomicUsize::new(0),
         };
+        if self.workers == 0 || n <= 1 || s.busy.swap(true, Acquire) {
+            region.run();
+            return;
+        }
         s.region.store(&region as *const Region as usize, Relaxed);
         let epoch = (s.state.load(Relaxed) >> 32) + 1;
+        // Whatever happens below, the region is closed and its workers are out before it goes.
+        let leave = Leave { s, region: &region };
         // SeqCst with the sleepers' flag (Dekker): a worker that saw no new region before it
         // set its flag is seen here as sleeping, and unparked.
         s.state.store((epoch & 0xffff_ffff) << 32, SeqCst);
         self.wake();
         region.run();
-        // No worker may join once every chunk is taken; wait for those inside.
-        let mut st = s.state.fetch_or(CLOSED, SeqCst) | CLOSED;
-        // The clock (a JS call in wasm) is read only once a wait got long, not per region.
-        let (mut polls, mut since) = (0u32, None);
-        while st & ACTIVE != 0 {
-            std::hint::spin_loop();
-            st = s.state.load(Acquire);
-            polls = polls.wrapping_add(1);
-            // A worker that died inside the region (a panic aborts a wasm thread) would leave
-            // the caller waiting for good: fail loudly instead (the engine's panic handling
-            // makes it an `internal` error).
-            if polls % (1 << 20) == 0 {
-                let now = crate::runtime::clock::now_ms();
-                if now - *since.get_or_insert(now) > STUCK_MS {
-                    panic!("a CPU thread pool worker did not finish its part of a matrix product within {STUCK_MS} ms (it stopped)");
-                }
-            }
+        drop(leave);
+        if let Some(p) = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            std::panic::resume_unwind(p);
         }
     }
 
@@ -249,7 +298,15 @@ impl Shared {
             {
                 // Joined before the region closed: it stays alive until this worker leaves.
                 let region = unsafe { &*(self.region.load(Relaxed) as *const Region) };
-                region.run();
+                // A panic in `f` is the caller's to raise (natively; in wasm it aborts).
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| region.run()));
+                if let Err(p) = r {
+                    region.next.fetch_max(region.n, Relaxed);
+                    self.panic
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(p);
+                }
                 self.state.fetch_sub(1, Release);
             }
         }
@@ -364,5 +421,79 @@ mod tests {
         assert_eq!(pool.active_threads(), 2);
         pool.set_active(1);
         assert_eq!(pool.prefill(|| pool.active_threads()), 2);
+    }
+
+    #[test]
+    fn a_panic_on_any_thread_reaches_the_caller_after_the_workers_left() {
+        let pool = std_pool(2);
+        for on_worker in [false, true] {
+            let caller = std::thread::current().id();
+            let started = AtomicUsize::new(0);
+            let worker_ran = AtomicBool::new(false);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.run(64, &|i| {
+                    started.fetch_add(1, Relaxed);
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    let here = std::thread::current().id() == caller;
+                    // For a worker's panic, the caller waits until a worker has joined.
+                    let t0 = std::time::Instant::now();
+                    worker_ran.fetch_or(!here, Relaxed);
+                    while on_worker && here && !worker_ran.load(Relaxed) {
+                        assert!(t0.elapsed().as_secs() < 20, "no worker joined");
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    if i >= 8 && here != on_worker {
+                        panic!("chunk {i}");
+                    }
+                })
+            }));
+            // Raised, whichever thread it was on, and the pool still works.
+            let msg = r.expect_err("no panic reached the caller");
+            assert!(msg
+                .downcast_ref::<String>()
+                .is_some_and(|m| m.starts_with("chunk")));
+            assert!(started.load(Relaxed) < 64, "chunks went on after the panic");
+            let hits = AtomicUsize::new(0);
+            pool.run(100, &|_| {
+                hits.fetch_add(1, Relaxed);
+            });
+            assert_eq!(hits.load(Relaxed), 100);
+        }
+    }
+
+    #[test]
+    fn nested_and_concurrent_regions_run_on_their_caller() {
+        let pool = Arc::new(std_pool(2));
+        // A region started inside a region's chunk runs on that chunk's thread.
+        let inner = AtomicUsize::new(0);
+        pool.run(8, &|_| {
+            let me = std::thread::current().id();
+            pool.run(4, &|_| {
+                assert_eq!(std::thread::current().id(), me);
+                inner.fetch_add(1, Relaxed);
+            });
+        });
+        assert_eq!(inner.load(Relaxed), 32);
+        // Callers on several threads at once: every chunk of each runs once.
+        let callers: Vec<_> = (0..4)
+            .map(|_| {
+                let pool = pool.clone();
+                std::thread::spawn(move || {
+                    for n in [1, 5, 300] {
+                        for _ in 0..50 {
+                            let hits: Vec<AtomicUsize> =
+                                (0..n).map(|_| AtomicUsize::new(0)).collect();
+                            pool.run(n, &|i| {
+                                hits[i].fetch_add(1, Relaxed);
+                            });
+                            assert!(hits.iter().all(|h| h.load(Relaxed) == 1));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for c in callers {
+            c.join().unwrap();
+        }
     }
 }
