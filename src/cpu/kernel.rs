@@ -18,8 +18,15 @@ use crate::ensemble::format::PackedMatrix;
 
 /// Tokens that share one unpacking of a weight block.
 const TILE: usize = 4;
-/// Output rows per parallel task.
-const ROW_CHUNK: usize = 64;
+/// Output rows per parallel task: about 8 tasks per thread that computes (taken dynamically,
+/// so one that got ahead takes more), 8 to `max` rows each, so that small matrices (192 rows
+/// for K and V here) are shared evenly too; all rows at once on one thread.
+fn row_chunk(rows: usize, max: usize) -> usize {
+    match par::active_threads() {
+        1 => rows.max(1),
+        n => rows.div_ceil(8 * n).next_multiple_of(8).clamp(8, max),
+    }
+}
 
 /// An f16 bit pattern as f32: exact for every finite value (the exponent rebias by a power-of-
 /// two multiply also renormalises subnormals). Scales and zeros are checked finite at load.
@@ -68,18 +75,20 @@ pub fn matmul_rows<M: RowDot>(m: &M, a: &Q16, out: &mut [f32]) {
         "activations quantized for another shape"
     );
     if t == 1 {
-        par::chunks_mut(out, ROW_CHUNK, |c, o| {
+        let chunk = row_chunk(rows, 256);
+        par::chunks_mut(out, chunk, |c, o| {
             for (i, y) in o.iter_mut().enumerate() {
-                *y = m.row::<1>(a, c * ROW_CHUNK + i, 0)[0];
+                *y = m.row::<1>(a, c * chunk + i, 0)[0];
             }
         });
         return;
     }
     // Rows in parallel, `[rows][t]` per task, then transposed.
     let mut rt = vec![0f32; rows * t];
-    par::chunks_mut(&mut rt, ROW_CHUNK * t, |c, o| {
+    let chunk = row_chunk(rows, 64);
+    par::chunks_mut(&mut rt, chunk * t, |c, o| {
         for (i, ys) in o.chunks_exact_mut(t).enumerate() {
-            let r = c * ROW_CHUNK + i;
+            let r = c * chunk + i;
             let mut t0 = 0;
             while t0 + TILE <= t {
                 ys[t0..t0 + TILE].copy_from_slice(&m.row::<TILE>(a, r, t0));
