@@ -35,6 +35,21 @@ pub trait ByteSource {
         files: &[FileRef],
         phase: &'static str,
     ) -> Result<Vec<Vec<u8>>, Self::Error>;
+    /// `files`, each file's bytes handed to `each(index, bytes)` as soon as it is had (a
+    /// source may hand them on in any order), so the caller can convert them and let them go
+    /// rather than hold every file at once (in wasm that peak stays the heap's size). The
+    /// first error, the source's or `each`'s, ends it.
+    async fn each_file(
+        &self,
+        files: &[FileRef],
+        phase: &'static str,
+        each: &mut dyn FnMut(usize, Vec<u8>) -> Result<(), Self::Error>,
+    ) -> Result<(), Self::Error> {
+        for (i, b) in self.files(files, phase).await?.into_iter().enumerate() {
+            each(i, b)?;
+        }
+        Ok(())
+    }
     /// Whether prefetching into a local cache is worth it (false where every file is local).
     fn prefetches(&self) -> bool {
         false
@@ -267,16 +282,30 @@ where
         phase: &'static str,
     ) -> Result<Vec<PackedMatrix>, S::Error> {
         let m = self.manifest();
-        let bytes = self.source.files(files, phase).await?;
         let g = m.quantizer.group_size;
         let versions = m.step_versions(step);
-        let mut out = Vec::with_capacity(bytes.len());
-        // Each shard's bytes are freed once parsed, so the peak is one copy of the step, not two
-        // (wasm memory never shrinks: its high-water mark is what a page pays).
-        for (v, b) in versions.iter().zip(bytes) {
-            out.push(v.matrix(&m.config, g, &b)?);
-        }
-        Ok(out)
+        let mut out: Vec<Option<PackedMatrix>> = (0..files.len()).map(|_| None).collect();
+        // Each file is parsed as it arrives and its bytes freed, so the peak is the model and
+        // the files in flight, not the model and every file (wasm memory never shrinks: its
+        // high-water mark is what a page pays).
+        self.source
+            .each_file(files, phase, &mut |i, b| {
+                out[i] = Some(versions[i].matrix(&m.config, g, &b)?);
+                Ok(())
+            })
+            .await?;
+        out.into_iter()
+            .zip(files)
+            .map(|(pm, f)| {
+                pm.ok_or_else(|| {
+                    crate::Error::Format {
+                        what: f.file.clone(),
+                        reason: "the source never handed this file's bytes over".into(),
+                    }
+                    .into()
+                })
+            })
+            .collect()
     }
 
     /// The shards of the steps below `step` down to `PREFETCH_TO` of its footprint: what the

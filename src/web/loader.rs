@@ -19,6 +19,9 @@ use std::cell::{Cell, RefCell};
 pub const PARALLEL: usize = 12;
 /// Retries of a download after a network error (or a 5xx / 429 answer), with backoff from
 /// `RETRY_MS` doubling.
+/// Cache API reads at a time: each file is handed on once read and verified (hashing runs on
+/// the browser's threads meanwhile), and only these are in memory at once.
+const CACHE_READS: usize = 8;
 const RETRIES: u32 = 3;
 const RETRY_MS: i32 = 250;
 
@@ -40,8 +43,11 @@ pub struct Loader {
     parallel: usize,
     /// Set by `close` (the engine was unloaded): nothing more is fetched or stored.
     closed: Cell<bool>,
-    /// The first load's verified files, by name, until the model takes them (`first_load`).
-    handoff: RefCell<std::collections::HashMap<String, Vec<u8>>>,
+    /// The first load's verified files, by name, until the model takes them (`first_load`):
+    /// JS copies, outside the wasm heap, which never shrinks (holding them there made every
+    /// step's load peak at all its files plus the model: 164 MB of wasm heap for the demo
+    /// at any step).
+    handoff: RefCell<std::collections::HashMap<String, js_sys::Uint8Array>>,
     /// The manifest's bytes until `store_deferred` puts them in the cache with the first
     /// load's files.
     unsaved_manifest: RefCell<Option<Vec<u8>>>,
@@ -296,8 +302,8 @@ impl Loader {
 
     /// One file: cache first, else the network; always verified before it is returned.
     pub async fn file(&self, f: &FileRef, phase: &'static str) -> WebResult<Vec<u8>> {
-        let mut out = self.fetch_all(std::slice::from_ref(f), phase, true).await?;
-        Ok(out.pop().flatten().unwrap_or_default())
+        let mut out = self.files(std::slice::from_ref(f), phase).await?;
+        Ok(out.pop().unwrap_or_default())
     }
 
     /// The first load: the tokenizer, the base and `step`'s modules fetched at once, as one
@@ -316,14 +322,18 @@ impl Loader {
         if self.store.is_some() {
             *self.deferred.borrow_mut() = Some(Vec::new());
         }
-        let mut bytes = self.files(&fs, "download").await?;
-        let tokenizer = std::mem::take(&mut bytes[0]);
-        *self.handoff.borrow_mut() = fs
-            .into_iter()
-            .zip(bytes)
-            .skip(1)
-            .map(|(f, b)| (f.file, b))
-            .collect();
+        let mut tokenizer = Vec::new();
+        let mut handoff = std::collections::HashMap::new();
+        self.each_file(&fs, "download", &mut |i, b| {
+            if i == 0 {
+                tokenizer = b;
+            } else {
+                handoff.insert(fs[i].file.clone(), js_sys::Uint8Array::from(&b[..]));
+            }
+            Ok(())
+        })
+        .await?;
+        *self.handoff.borrow_mut() = handoff;
         Ok(tokenizer)
     }
 
@@ -493,48 +503,62 @@ impl Loader {
     /// downloaded `PARALLEL` at a time. Every file is verified before it is returned or
     /// stored; on the first error the others are dropped (nothing partial is stored).
     pub async fn files(&self, fs: &[FileRef], phase: &'static str) -> WebResult<Vec<Vec<u8>>> {
-        let out = self.fetch_all(fs, phase, true).await?;
-        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+        let mut out = vec![Vec::new(); fs.len()];
+        self.each_file(fs, phase, &mut |i, b| {
+            out[i] = b;
+            Ok(())
+        })
+        .await?;
+        Ok(out)
     }
 
-    /// `files`, keeping the bytes only when `keep` (prefetching only stores them).
-    async fn fetch_all(
+    /// `files`, handing each file's verified bytes to `each(index, bytes)` as soon as it is
+    /// had, so the caller can convert them and let them go: the wasm heap never shrinks, and
+    /// holding a whole step's files at once set its high-water mark. The first error, the
+    /// source's or `each`'s, ends it.
+    pub async fn each_file(
         &self,
         fs: &[FileRef],
         phase: &'static str,
-        keep: bool,
-    ) -> WebResult<Vec<Option<Vec<u8>>>> {
+        each: &mut dyn FnMut(usize, Vec<u8>) -> WebResult<()>,
+    ) -> WebResult<()> {
         // The first load's files, verified already (`first_load`).
-        let mut out: Vec<Option<Option<Vec<u8>>>> = {
-            let mut h = self.handoff.borrow_mut();
-            fs.iter()
-                .map(|f| h.remove(&f.file).map(|b| keep.then_some(b)))
-                .collect()
-        };
-        let rest: Vec<usize> = (0..fs.len()).filter(|&i| out[i].is_none()).collect();
+        let mut rest = Vec::new();
+        for (i, f) in fs.iter().enumerate() {
+            let handed = self.handoff.borrow_mut().remove(&f.file);
+            match handed {
+                Some(b) => each(i, b.to_vec())?,
+                None => rest.push(i),
+            }
+        }
         if rest.is_empty() {
-            return Ok(out.into_iter().map(Option::flatten).collect());
+            return Ok(());
         }
         let total: u64 = rest.iter().map(|&i| fs[i].bytes).sum();
         let p = RefCell::new(Progress::new(phase, total, rest.len()));
         let urls: Vec<String> = fs.iter().map(|f| self.url_of(f)).collect();
         // Nothing of this version cached (`evict_stale` counted it, nothing stored since): no
         // lookups (a cold load's Cache API reads delayed its first request by ~0.1 s).
-        let cached = if self.stored.get() == 0 {
-            vec![None; rest.len()]
-        } else {
-            futures_util::future::join_all(rest.iter().map(|&i| self.cached_copy(&fs[i], &urls[i])))
-                .await
-        };
+        // A few at a time, each handed on once verified, so that only those are in memory.
+        let urls_ref = &urls;
+        let mut cached = futures_util::stream::iter(rest.iter().map(|&i| async move {
+            let c = if self.stored.get() == 0 {
+                None
+            } else {
+                self.cached_copy(&fs[i], &urls_ref[i]).await
+            };
+            (i, c)
+        }))
+        .buffered(CACHE_READS);
         // What the network must bring: whole files, and packs with the files wanted from each.
         let mut singles = Vec::new();
         let mut packs: Vec<(&Pack, Vec<Wanted>)> = Vec::new();
-        for (&i, c) in rest.iter().zip(cached) {
+        while let Some((i, c)) = cached.next().await {
             let (f, url) = (&fs[i], urls[i].as_str());
             match (c, &f.pack) {
                 (Some(b), _) => {
                     self.served_from_cache(f, &p);
-                    out[i] = Some(keep.then_some(b));
+                    each(i, b)?;
                 }
                 (None, _) if self.closed.get() => {
                     return Err(WebError::new(Code::Unloaded, "the engine was unloaded"))
@@ -562,26 +586,12 @@ impl Loader {
                 async move { self.download_pack(pack, wanted, pr).await }.boxed_local()
             }));
         let mut done = futures_util::stream::iter(jobs).buffer_unordered(self.parallel);
-        let mut failed = None;
-        while let Some(r) = done.next().await {
-            match r {
-                Ok(files) => {
-                    for (i, b) in files {
-                        out[i] = Some(keep.then_some(b));
-                    }
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+        while let Some(files) = done.next().await {
+            for (i, b) in files? {
+                each(i, b)?;
             }
         }
-        drop(done);
-        let out: WebResult<Vec<Option<Vec<u8>>>> = match failed {
-            Some(e) => Err(e),
-            None => Ok(out.into_iter().map(Option::flatten).collect()),
-        };
-        out
+        Ok(())
     }
 
     /// Puts the files that are not cached yet into the cache (nothing is kept in memory).
@@ -598,7 +608,9 @@ impl Loader {
         if missing.is_empty() {
             return Ok(0);
         }
-        self.fetch_all(&missing, "prefetch", false).await?;
+        // Stored by the download; nothing is kept in memory.
+        self.each_file(&missing, "prefetch", &mut |_, _| Ok(()))
+            .await?;
         Ok(missing.len())
     }
 }

@@ -35,6 +35,14 @@ impl ByteSource for Loader {
     async fn files(&self, files: &[FileRef], phase: &'static str) -> WebResult<Vec<Vec<u8>>> {
         Loader::files(self, files, phase).await
     }
+    async fn each_file(
+        &self,
+        files: &[FileRef],
+        phase: &'static str,
+        each: &mut dyn FnMut(usize, Vec<u8>) -> WebResult<()>,
+    ) -> WebResult<()> {
+        Loader::each_file(self, files, phase, each).await
+    }
     fn prefetches(&self) -> bool {
         self.cached()
     }
