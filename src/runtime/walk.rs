@@ -50,6 +50,16 @@ pub trait ByteSource {
         }
         Ok(())
     }
+    /// Verified bytes the source keeps for the caller until `Held::take` (the browser keeps
+    /// them outside the wasm heap).
+    type Held: Held;
+    /// `files`, verified now and kept where they cost the caller least until each is taken: a
+    /// swap checks every file before it changes anything, then converts them one by one.
+    async fn hold(
+        &self,
+        files: &[FileRef],
+        phase: &'static str,
+    ) -> Result<Vec<Self::Held>, Self::Error>;
     /// Whether prefetching into a local cache is worth it (false where every file is local).
     fn prefetches(&self) -> bool {
         false
@@ -59,6 +69,17 @@ pub trait ByteSource {
     /// fall back to the deepest step that does not need that file.
     fn unverified_file(_e: &Self::Error) -> Option<String> {
         None
+    }
+}
+
+/// Bytes a `ByteSource` verified and keeps until the caller takes them.
+pub trait Held {
+    fn take(self) -> Vec<u8>;
+}
+
+impl Held for Vec<u8> {
+    fn take(self) -> Vec<u8> {
+        self
     }
 }
 
@@ -355,7 +376,7 @@ where
         // verified), so the model gets as close to `to` as it can; the error is a warning then.
         let bytes = loop {
             let files: Vec<FileRef> = moves.iter().map(|mv| mv.to.file.clone()).collect();
-            match self.source.files(&files, "swap").await {
+            match self.source.hold(&files, "swap").await {
                 Ok(b) => break b,
                 Err(e) => {
                     self.fetch_failure.set(Some((to, now_ms())));
@@ -374,8 +395,8 @@ where
         let g = m.quantizer.group_size;
         let mut done = Vec::new();
         let mut failure: Option<S::Error> = None;
-        for (mv, b) in moves.iter().zip(&bytes) {
-            let r = match mv.to.matrix(&m.config, g, b) {
+        for (mv, b) in moves.iter().zip(bytes) {
+            let r = match mv.to.matrix(&m.config, g, &b.take()) {
                 Ok(pm) => run.session.model.set_module(mv.id, pm).await,
                 Err(e) => Err(e.into()),
             };

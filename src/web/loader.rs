@@ -512,6 +512,20 @@ impl Loader {
         Ok(out)
     }
 
+    /// `files`, each kept as a JS copy (outside the wasm heap) until it is taken.
+    pub async fn hold(&self, fs: &[FileRef], phase: &'static str) -> WebResult<Vec<JsBytes>> {
+        let mut out = vec![None; fs.len()];
+        self.each_file(fs, phase, &mut |i, b| {
+            out[i] = Some(js_sys::Uint8Array::from(&b[..]));
+            Ok(())
+        })
+        .await?;
+        Ok(out
+            .into_iter()
+            .map(|b| JsBytes(b.unwrap_or_else(|| js_sys::Uint8Array::new_with_length(0))))
+            .collect())
+    }
+
     /// `files`, handing each file's verified bytes to `each(index, bytes)` as soon as it is
     /// had, so the caller can convert them and let them go: the wasm heap never shrinks, and
     /// holding a whole step's files at once set its high-water mark. The first error, the
@@ -612,6 +626,15 @@ impl Loader {
         self.each_file(&missing, "prefetch", &mut |_, _| Ok(()))
             .await?;
         Ok(missing.len())
+    }
+}
+
+/// Verified bytes kept outside the wasm heap until taken (`Loader::hold`).
+pub struct JsBytes(js_sys::Uint8Array);
+
+impl crate::runtime::walk::Held for JsBytes {
+    fn take(self) -> Vec<u8> {
+        self.0.to_vec()
     }
 }
 

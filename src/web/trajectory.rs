@@ -35,6 +35,14 @@ impl ByteSource for Loader {
     async fn files(&self, files: &[FileRef], phase: &'static str) -> WebResult<Vec<Vec<u8>>> {
         Loader::files(self, files, phase).await
     }
+    type Held = crate::web::loader::JsBytes;
+    async fn hold(
+        &self,
+        files: &[FileRef],
+        phase: &'static str,
+    ) -> WebResult<Vec<crate::web::loader::JsBytes>> {
+        Loader::hold(self, files, phase).await
+    }
     async fn each_file(
         &self,
         files: &[FileRef],
