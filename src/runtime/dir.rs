@@ -53,10 +53,6 @@ impl ByteSource for DirSource {
         e.downcast_ref::<Unverified>().map(|u| u.0.clone())
     }
 
-    type Held = Vec<u8>;
-    async fn hold(&self, files: &[FileRef], phase: &'static str) -> anyhow::Result<Vec<Vec<u8>>> {
-        self.files(files, phase).await
-    }
     async fn files(&self, files: &[FileRef], _phase: &'static str) -> anyhow::Result<Vec<Vec<u8>>> {
         let mut out = Vec::with_capacity(files.len());
         for f in files {

@@ -50,16 +50,20 @@ pub trait ByteSource {
         }
         Ok(())
     }
-    /// Verified bytes the source keeps for the caller until `Held::take` (the browser keeps
-    /// them outside the wasm heap).
-    type Held: Held;
-    /// `files`, verified now and kept where they cost the caller least until each is taken: a
-    /// swap checks every file before it changes anything, then converts them one by one.
+    /// `files`, verified now and kept where they cost the caller least until each is taken
+    /// (the browser keeps them outside the wasm heap): a swap checks every file before it
+    /// changes anything, then converts them one by one.
     async fn hold(
         &self,
         files: &[FileRef],
         phase: &'static str,
-    ) -> Result<Vec<Self::Held>, Self::Error>;
+    ) -> Result<Vec<Box<dyn Held>>, Self::Error> {
+        let bytes = self.files(files, phase).await?;
+        Ok(bytes
+            .into_iter()
+            .map(|b| Box::new(b) as Box<dyn Held>)
+            .collect())
+    }
     /// Whether prefetching into a local cache is worth it (false where every file is local).
     fn prefetches(&self) -> bool {
         false
@@ -74,12 +78,12 @@ pub trait ByteSource {
 
 /// Bytes a `ByteSource` verified and keeps until the caller takes them.
 pub trait Held {
-    fn take(self) -> Vec<u8>;
+    fn take(self: Box<Self>) -> Vec<u8>;
 }
 
 impl Held for Vec<u8> {
-    fn take(self) -> Vec<u8> {
-        self
+    fn take(self: Box<Self>) -> Vec<u8> {
+        *self
     }
 }
 

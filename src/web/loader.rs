@@ -513,7 +513,11 @@ impl Loader {
     }
 
     /// `files`, each kept as a JS copy (outside the wasm heap) until it is taken.
-    pub async fn hold(&self, fs: &[FileRef], phase: &'static str) -> WebResult<Vec<JsBytes>> {
+    pub async fn hold(
+        &self,
+        fs: &[FileRef],
+        phase: &'static str,
+    ) -> WebResult<Vec<Box<dyn crate::runtime::walk::Held>>> {
         let mut out = vec![None; fs.len()];
         self.each_file(fs, phase, &mut |i, b| {
             out[i] = Some(js_sys::Uint8Array::from(&b[..]));
@@ -522,7 +526,10 @@ impl Loader {
         .await?;
         Ok(out
             .into_iter()
-            .map(|b| JsBytes(b.unwrap_or_else(|| js_sys::Uint8Array::new_with_length(0))))
+            .map(|b| {
+                let b = b.unwrap_or_else(|| js_sys::Uint8Array::new_with_length(0));
+                Box::new(JsBytes(b)) as Box<dyn crate::runtime::walk::Held>
+            })
             .collect())
     }
 
@@ -633,7 +640,7 @@ impl Loader {
 pub struct JsBytes(js_sys::Uint8Array);
 
 impl crate::runtime::walk::Held for JsBytes {
-    fn take(self) -> Vec<u8> {
+    fn take(self: Box<Self>) -> Vec<u8> {
         self.0.to_vec()
     }
 }

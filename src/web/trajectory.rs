@@ -35,12 +35,11 @@ impl ByteSource for Loader {
     async fn files(&self, files: &[FileRef], phase: &'static str) -> WebResult<Vec<Vec<u8>>> {
         Loader::files(self, files, phase).await
     }
-    type Held = crate::web::loader::JsBytes;
     async fn hold(
         &self,
         files: &[FileRef],
         phase: &'static str,
-    ) -> WebResult<Vec<crate::web::loader::JsBytes>> {
+    ) -> WebResult<Vec<Box<dyn crate::runtime::walk::Held>>> {
         Loader::hold(self, files, phase).await
     }
     async fn each_file(
