@@ -397,11 +397,13 @@ async fn device_loss_recovers_with_the_conversation() {
 /// error, never stored, and the engine goes on at its current step.
 #[wasm_bindgen_test]
 async fn bad_shards_are_rejected_and_the_engine_stays_usable() {
-    // The same version bad as a file of its own, cut short, or inside a pack (a pack's
-    // other files verify and are used).
+    // The same version bad as a file of its own, cut short, longer than declared (refused
+    // as the bytes past the declared size arrive), or inside a pack (a pack's other files
+    // verify and are used).
     for (view, code, ensemble) in [
         ("corrupt", "hash-mismatch", "tiny"),
         ("truncated", "truncated", "tiny"),
+        ("long", "truncated", "tiny"),
         ("corrupt", "hash-mismatch", "packed"),
     ] {
         let cache = format!("{view}-{}", js_sys::Math::random());
@@ -424,6 +426,9 @@ async fn bad_shards_are_rejected_and_the_engine_stays_usable() {
                 message.contains("in pack ") && file.starts_with("modules/"),
                 "{message}"
             );
+        }
+        if view == "long" {
+            assert!(message.contains("bytes expected"), "{message}");
         }
 
         start(&e, &[user("Hi")], 6).await;

@@ -9,7 +9,6 @@
 //! - `generate` (sampling, RNG, stop reasons, stats) and `session` (a conversation with prefix
 //!   reuse, one token per call): generation on every backend.
 //! - `request`: a chat request and its validation (the browser's, run natively too).
-//! - `body`: how a download's buffer grows (never past the declared size).
 //! - `stop_text`: stop sequences over the decoded answer.
 //! - `json_mode`: `response_format: json_object`, candidates kept to a JSON object's prefixes;
 //!   `json_schema`: the JSON Schema subset it also enforces (`json_number`: bounded numbers;
@@ -18,7 +17,6 @@
 //! - `dir` (native): an ensemble directory as a byte source.
 
 pub mod backend;
-pub mod body;
 pub mod clock;
 pub mod decision;
 #[cfg(not(target_arch = "wasm32"))]

@@ -7,30 +7,24 @@ use crate::web::api::get;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 
-/// The sha256 of `bytes` in lowercase hex. Digests started together (`join_all`) run on the
+/// The sha256 of `data` in lowercase hex. Digests started together (`join_all`) run on the
 /// browser's threads at once.
-pub async fn sha256_hex(bytes: &[u8]) -> String {
-    let started = start(bytes);
-    if let Some(p) = started {
+pub async fn sha256_hex(data: &js_sys::Uint8Array) -> String {
+    if let Some(p) = start(data) {
         if let Ok(buf) = JsFuture::from(p).await {
             let out = js_sys::Uint8Array::new(&buf).to_vec();
             return out.iter().map(|b| format!("{b:02x}")).collect();
         }
     }
-    manifest::sha256_hex(bytes)
+    manifest::sha256_hex(&data.to_vec())
 }
 
-/// A digest of `bytes` started now, or `None` without SubtleCrypto.
-fn start(bytes: &[u8]) -> Option<js_sys::Promise> {
+/// A digest of `data` started now, or `None` without SubtleCrypto.
+fn start(data: &js_sys::Uint8Array) -> Option<js_sys::Promise> {
     let subtle = get(&get(&js_sys::global(), "crypto"), "subtle");
     let digest: js_sys::Function = get(&subtle, "digest").dyn_into().ok()?;
-    let algorithm = JsValue::from("SHA-256");
-    // A view of wasm memory, valid until the next allocation: `digest` copies the bytes
-    // before it returns (WebCrypto: "get a copy of the bytes held by data"), and nothing
-    // allocates in between. A `Uint8Array::from` copy first cost a second copy of every byte.
-    let data = unsafe { js_sys::Uint8Array::view(bytes) };
     digest
-        .call2(&subtle, &algorithm, &data)
+        .call2(&subtle, &JsValue::from("SHA-256"), data)
         .ok()?
         .dyn_into()
         .ok()

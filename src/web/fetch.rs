@@ -83,15 +83,17 @@ fn network(url: &str, what: &str, e: &JsValue) -> WebError {
     .url(url)
 }
 
-/// Reads a response body chunk by chunk, calling `progress(body_so_far)` after each, and
-/// stops as soon as it exceeds `cap` bytes (a wrong or hostile file is never held whole).
+/// Reads a response body chunk by chunk into a JS array (outside the wasm heap, which never
+/// shrinks: a cold load held its downloads in flight there, 12 files or 3 packs of 32 MB at
+/// once), calling `progress(bytes_so_far)` after each chunk, and stops as soon as it exceeds
+/// `cap` bytes (a wrong or hostile file is never held whole).
 pub async fn read_body(
     r: Response,
     url: &str,
     what: &str,
     cap: u64,
-    mut progress: impl FnMut(&[u8]),
-) -> WebResult<Vec<u8>> {
+    mut progress: impl FnMut(u64),
+) -> WebResult<Uint8Array> {
     let too_big = |n: u64| {
         WebError::new(
             Code::Truncated,
@@ -101,15 +103,16 @@ pub async fn read_body(
         .file(what)
     };
     let Some(body) = r.body() else {
-        return Ok(Vec::new());
+        return Ok(Uint8Array::new_with_length(0));
     };
     let reader: ReadableStreamDefaultReader = body
         .get_reader()
         .dyn_into()
         .map_err(|_| WebError::new(Code::Internal, "no default reader"))?;
-    // Reserve as bytes arrive, never past `cap` (not the declared size up front: a hostile
-    // manifest would make every download reserve gigabytes before a byte came).
-    let mut out: Vec<u8> = Vec::new();
+    // The chunks as they come, joined at the end: nothing reserved from the declared size (a
+    // hostile manifest would make every download reserve gigabytes before a byte came).
+    let mut chunks: Vec<Uint8Array> = Vec::new();
+    let mut n = 0u64;
     loop {
         let chunk = JsFuture::from(reader.read())
             .await
@@ -123,27 +126,27 @@ pub async fn read_body(
         let v: Uint8Array = Reflect::get(&chunk, &"value".into())
             .map_err(|e| network(url, what, &e))?
             .unchecked_into();
-        let n = out.len() as u64 + v.length() as u64;
-        if n > cap {
+        n += v.length() as u64;
+        if n > cap || n > u32::MAX as u64 {
             let _ = reader.cancel();
             return Err(too_big(n));
         }
-        let at = out.len();
-        let want = crate::runtime::body::next_capacity(at, v.length() as usize, cap);
-        out.reserve_exact(want.saturating_sub(at));
-        let len = v.length() as usize;
-        assert!(
-            out.capacity() >= at + len,
-            "next_capacity reserved too little"
-        );
-        // Straight into the spare capacity: no zero-filling of bytes about to be overwritten.
-        // SAFETY: the capacity holds `at + len` bytes (checked above) and `raw_copy_to_ptr`
-        // writes exactly `len` of them, so the first `at + len` are initialized.
-        unsafe {
-            v.raw_copy_to_ptr(out.as_mut_ptr().add(at));
-            out.set_len(at + len);
-        }
-        progress(&out);
+        chunks.push(v);
+        progress(n);
     }
-    Ok(out)
+    Ok(concat(chunks, n as u32))
+}
+
+/// One array of `len` bytes holding `chunks` in order (the chunk itself when there is one).
+fn concat(mut chunks: Vec<Uint8Array>, len: u32) -> Uint8Array {
+    if chunks.len() == 1 {
+        return chunks.pop().expect("one chunk");
+    }
+    let out = Uint8Array::new_with_length(len);
+    let mut at = 0;
+    for c in &chunks {
+        out.set(c, at);
+        at += c.length();
+    }
+    out
 }

@@ -9,6 +9,7 @@ use crate::web::events::{Emitter, Progress};
 use crate::web::store::{self, Store};
 use crate::web::{digest, fetch};
 use futures_util::{FutureExt, StreamExt};
+use js_sys::Uint8Array;
 use std::cell::{Cell, RefCell};
 
 /// Downloads at a time, by measurement (`./build.sh bench`, `downloads.by_parallel`): the demo
@@ -47,12 +48,12 @@ pub struct Loader {
     /// JS copies, outside the wasm heap, which never shrinks (holding them there made every
     /// step's load peak at all its files plus the model: 164 MB of wasm heap for the demo
     /// at any step).
-    handoff: RefCell<std::collections::HashMap<String, js_sys::Uint8Array>>,
+    handoff: RefCell<std::collections::HashMap<String, Uint8Array>>,
     /// The manifest's bytes until `store_deferred` puts them in the cache with the first
     /// load's files.
     unsaved_manifest: RefCell<Option<Vec<u8>>>,
     /// While the first load runs: verified files waiting to be stored (`store_deferred`).
-    deferred: RefCell<Option<Vec<(FileRef, String, js_sys::Uint8Array)>>>,
+    deferred: RefCell<Option<Vec<(FileRef, String, Uint8Array)>>>,
     /// Bytes from the network and from the cache since the engine was created.
     pub net_bytes: Cell<u64>,
     pub cache_bytes: Cell<u64>,
@@ -79,10 +80,12 @@ pub async fn read_manifest(url: &str, store: Option<&Store>) -> WebResult<(Manif
     let bytes = match fetch::get(url, "manifest").await {
         Ok(r) => {
             let cap = manifest::MAX_MANIFEST_BYTES as u64;
-            fetch::read_body(r, url, "manifest", cap, |_| {}).await?
+            fetch::read_body(r, url, "manifest", cap, |_| {})
+                .await?
+                .to_vec()
         }
         Err(e) if e.code == Code::Network => match store {
-            Some(s) => s.get(&manifest_key(url)).await.ok_or(e)?,
+            Some(s) => s.get(&manifest_key(url)).await.ok_or(e)?.to_vec(),
             None => return Err(e),
         },
         Err(e) => return Err(e),
@@ -224,19 +227,19 @@ impl Loader {
     /// Checks bytes against the manifest: a wrong size is `Truncated`, a wrong hash
     /// `HashMismatch`; both name the file and URL. The hash is the browser's (SubtleCrypto,
     /// several times faster than sha256 in wasm; every swap verifies its shards).
-    async fn verify(f: &FileRef, url: &str, bytes: &[u8]) -> WebResult<()> {
+    async fn verify(f: &FileRef, url: &str, bytes: &Uint8Array) -> WebResult<()> {
         let at = |code, e: crate::Error| {
             WebError::new(code, format!("{e} (from {url})"))
                 .url(url)
                 .file(&f.file)
         };
-        Manifest::check_size(f, bytes.len()).map_err(|e| at(Code::Truncated, e))?;
+        Manifest::check_size(f, bytes.length() as usize).map_err(|e| at(Code::Truncated, e))?;
         let hash = digest::sha256_hex(bytes).await;
         Manifest::check_hash(f, &hash).map_err(|e| at(Code::HashMismatch, e))
     }
 
     /// A verified copy from the cache, if there is one (a corrupt entry is deleted).
-    async fn cached_copy(&self, f: &FileRef, url: &str) -> Option<Vec<u8>> {
+    async fn cached_copy(&self, f: &FileRef, url: &str) -> Option<Uint8Array> {
         let s = self.store.as_ref()?;
         let key = store::key(url, &f.sha256);
         let bytes = s.get(&key).await?;
@@ -261,29 +264,29 @@ impl Loader {
         let manifest = self.unsaved_manifest.borrow_mut().take();
         if let (Some(s), Some(bytes)) = (&self.store, manifest) {
             // Small, and re-verified on every read: a failure to store it is harmless.
+            let bytes = Uint8Array::from(&bytes[..]);
             let _ = s.put(&manifest_key(&self.manifest_url), &bytes).await;
         }
         let Some(queue) = self.deferred.borrow_mut().take() else {
             return;
         };
         for (f, url, bytes) in queue {
-            self.store(&f, &url, &bytes.to_vec()).await;
+            self.store(&f, &url, &bytes).await;
         }
     }
 
     /// Stores verified bytes (or queues them during the first load); a full cache is
     /// reported once as an `error` event and loading goes on uncached.
-    async fn store(&self, f: &FileRef, url: &str, bytes: &[u8]) {
+    async fn store(&self, f: &FileRef, url: &str, bytes: &Uint8Array) {
         let Some(s) = self.store.as_ref().filter(|_| !self.closed.get()) else {
             return;
         };
         if let Some(q) = self.deferred.borrow_mut().as_mut() {
-            // A JS copy: the wasm heap never shrinks, so it must not hold the queue.
-            q.push((f.clone(), url.to_string(), js_sys::Uint8Array::from(bytes)));
+            q.push((f.clone(), url.to_string(), bytes.clone()));
             return;
         }
         let e = match self.quota {
-            Some(q) if self.stored.get() + bytes.len() as u64 > q => Err(WebError::new(
+            Some(q) if self.stored.get() + bytes.length() as u64 > q => Err(WebError::new(
                 Code::QuotaExceeded,
                 format!(
                     "storing {} would exceed the {q}-byte cache quota ({} bytes stored)",
@@ -295,7 +298,7 @@ impl Loader {
             _ => s.put(&store::key(url, &f.sha256), bytes).await,
         };
         match e {
-            Ok(()) => self.stored.set(self.stored.get() + bytes.len() as u64),
+            Ok(()) => self.stored.set(self.stored.get() + bytes.length() as u64),
             Err(e) => self.emitter.error(&e),
         }
     }
@@ -326,9 +329,9 @@ impl Loader {
         let mut handoff = std::collections::HashMap::new();
         self.each_file(&fs, "download", &mut |i, b| {
             if i == 0 {
-                tokenizer = b;
+                tokenizer = b.to_vec();
             } else {
-                handoff.insert(fs[i].file.clone(), js_sys::Uint8Array::from(&b[..]));
+                handoff.insert(fs[i].file.clone(), b);
             }
             Ok(())
         })
@@ -353,15 +356,15 @@ impl Loader {
     }
 
     /// The body of `url` (at most `cap` bytes); a network error (or a 5xx/429 answer) is
-    /// retried with backoff. `arrived` sees the body so far of the current attempt (empty when
+    /// retried with backoff. `arrived` sees the bytes so far of the current attempt (0 when
     /// an attempt ends).
     async fn fetch_retrying(
         &self,
         url: &str,
         what: &str,
         cap: u64,
-        arrived: impl Fn(&[u8]),
-    ) -> WebResult<Vec<u8>> {
+        arrived: impl Fn(u64),
+    ) -> WebResult<Uint8Array> {
         let mut attempt = 0;
         loop {
             let r = async {
@@ -369,7 +372,7 @@ impl Loader {
                 fetch::read_body(r, url, what, cap, &arrived).await
             }
             .await;
-            arrived(&[]);
+            arrived(0);
             match r {
                 Ok(b) => return Ok(b),
                 Err(e) if attempt < RETRIES && retryable(&e) => {
@@ -383,7 +386,12 @@ impl Loader {
 
     /// One file from the network, verified, then stored; a file that arrives but does not
     /// verify is not retried.
-    async fn download(&self, f: &FileRef, url: &str, p: &RefCell<Progress>) -> WebResult<Vec<u8>> {
+    async fn download(
+        &self,
+        f: &FileRef,
+        url: &str,
+        p: &RefCell<Progress>,
+    ) -> WebResult<Uint8Array> {
         let bytes = self
             .fetch_retrying(
                 url,
@@ -409,7 +417,7 @@ impl Loader {
         pack: &Pack,
         wanted: &[Wanted<'_>],
         p: &RefCell<Progress>,
-    ) -> WebResult<Vec<(usize, Vec<u8>)>> {
+    ) -> WebResult<Vec<(usize, Uint8Array)>> {
         let url = file_url(&self.manifest_url, &pack.file);
         let want_bytes: u64 = wanted.iter().map(|w| w.1.bytes).sum();
         // Progress counts the wanted files' bytes, in proportion as the pack arrives.
@@ -423,22 +431,25 @@ impl Loader {
                 Some(w) if e.file.as_deref() == Some(&pack.file) => e.file(&w.1.file),
                 _ => e,
             })?;
-        self.net_bytes
-            .set(self.net_bytes.get() + bytes.len() as u64);
+        let len = bytes.length() as u64;
+        self.net_bytes.set(self.net_bytes.get() + len);
+        // A view of the pack (no copy); a member past its end is cut short, so it fails its
+        // size check.
         let slice = |f: &FileRef| {
             let s = f.pack.as_ref()?;
-            let end = s.offset.checked_add(f.bytes)?;
-            bytes.get(s.offset as usize..end.min(bytes.len() as u64) as usize)
+            let end = s.offset.checked_add(f.bytes)?.min(len);
+            (s.offset <= end).then(|| bytes.subarray(s.offset as u32, end as u32))
         };
+        let empty = || Uint8Array::new_with_length(0);
         // All at once: the browser hashes them on several threads.
-        let checks = wanted
-            .iter()
-            .map(|&(_, f, member_url)| Self::verify(f, member_url, slice(f).unwrap_or_default()));
+        let checks = wanted.iter().map(|&(_, f, member_url)| async move {
+            Self::verify(f, member_url, &slice(f).unwrap_or_else(empty)).await
+        });
         let checked = futures_util::future::join_all(checks).await;
         let mut out = Vec::with_capacity(wanted.len());
         let mut failed = None;
         for (&(i, f, member_url), r) in wanted.iter().zip(checked) {
-            let b = slice(f).unwrap_or_default();
+            let b = slice(f).unwrap_or_else(empty);
             match r {
                 Ok(()) => out.push((i, f, member_url, b)),
                 Err(mut e) if failed.is_none() => {
@@ -453,7 +464,7 @@ impl Loader {
         }
         // Every file that verified is stored, the pack's other files too: the swaps that
         // will want them find them in the cache.
-        for &(_, f, member_url, b) in &out {
+        for (_, f, member_url, b) in &out {
             self.store(f, member_url, b).await;
         }
         let others = self.manifest.all_files().filter(|f| {
@@ -468,16 +479,17 @@ impl Loader {
             let (u, Some(b)) = (self.url_of(f), slice(f)) else {
                 continue;
             };
-            if self.is_stored(f, &u).await || Self::verify(f, &u, b).await.is_err() {
+            if self.is_stored(f, &u).await || Self::verify(f, &u, &b).await.is_err() {
                 continue;
             }
-            self.store(f, &u, b).await;
+            self.store(f, &u, &b).await;
         }
         match failed {
             Some(e) => Err(e),
+            // Copies, so that the pack is freed once the caller has taken them.
             None => Ok(out
                 .into_iter()
-                .map(|(i, _, _, b)| (i, b.to_vec()))
+                .map(|(i, _, _, b)| (i, b.slice(0, b.length())))
                 .collect()),
         }
     }
@@ -505,7 +517,7 @@ impl Loader {
     pub async fn files(&self, fs: &[FileRef], phase: &'static str) -> WebResult<Vec<Vec<u8>>> {
         let mut out = vec![Vec::new(); fs.len()];
         self.each_file(fs, phase, &mut |i, b| {
-            out[i] = b;
+            out[i] = b.to_vec();
             Ok(())
         })
         .await?;
@@ -520,35 +532,36 @@ impl Loader {
     ) -> WebResult<Vec<Box<dyn crate::runtime::walk::Held>>> {
         let mut out = vec![None; fs.len()];
         self.each_file(fs, phase, &mut |i, b| {
-            out[i] = Some(js_sys::Uint8Array::from(&b[..]));
+            out[i] = Some(b);
             Ok(())
         })
         .await?;
         Ok(out
             .into_iter()
             .map(|b| {
-                let b = b.unwrap_or_else(|| js_sys::Uint8Array::new_with_length(0));
+                let b = b.unwrap_or_else(|| Uint8Array::new_with_length(0));
                 Box::new(JsBytes(b)) as Box<dyn crate::runtime::walk::Held>
             })
             .collect())
     }
 
     /// `files`, handing each file's verified bytes to `each(index, bytes)` as soon as it is
-    /// had, so the caller can convert them and let them go: the wasm heap never shrinks, and
-    /// holding a whole step's files at once set its high-water mark. The first error, the
-    /// source's or `each`'s, ends it.
+    /// had, so the caller can convert them and let them go. The bytes stay JS arrays until
+    /// the caller copies them in: the wasm heap never shrinks, and holding a whole step's files
+    /// (or a cold load's downloads in flight) there set its high-water mark. The first error,
+    /// the source's or `each`'s, ends it.
     pub async fn each_file(
         &self,
         fs: &[FileRef],
         phase: &'static str,
-        each: &mut dyn FnMut(usize, Vec<u8>) -> WebResult<()>,
+        each: &mut dyn FnMut(usize, Uint8Array) -> WebResult<()>,
     ) -> WebResult<()> {
         // The first load's files, verified already (`first_load`).
         let mut rest = Vec::new();
         for (i, f) in fs.iter().enumerate() {
             let handed = self.handoff.borrow_mut().remove(&f.file);
             match handed {
-                Some(b) => each(i, b.to_vec())?,
+                Some(b) => each(i, b)?,
                 None => rest.push(i),
             }
         }
@@ -637,7 +650,7 @@ impl Loader {
 }
 
 /// Verified bytes kept outside the wasm heap until taken (`Loader::hold`).
-pub struct JsBytes(js_sys::Uint8Array);
+pub struct JsBytes(Uint8Array);
 
 impl crate::runtime::walk::Held for JsBytes {
     fn take(self: Box<Self>) -> Vec<u8> {
@@ -655,10 +668,10 @@ fn in_flight<'a>(
     emitter: &'a Emitter,
     file: &'a str,
     share: f64,
-) -> impl Fn(&[u8]) + 'a {
+) -> impl Fn(u64) + 'a {
     let counted = Cell::new(0u64);
-    move |body| {
-        let n = (body.len() as f64 * share) as u64;
+    move |arrived| {
+        let n = (arrived as f64 * share) as u64;
         let mut p = p.borrow_mut();
         p.in_flight = p.in_flight + n - counted.replace(n);
         if n > 0 {

@@ -43,11 +43,12 @@ impl Store {
             .is_ok_and(|v| v.is_truthy())
     }
 
-    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+    /// The bytes stored under `key`, as a JS array (outside the wasm heap).
+    pub async fn get(&self, key: &str) -> Option<Uint8Array> {
         let r = JsFuture::from(self.cache.match_with_str(key)).await.ok()?;
         let r: Response = r.dyn_into().ok()?;
         let buf = JsFuture::from(r.array_buffer().ok()?).await.ok()?;
-        Some(Uint8Array::new(&buf).to_vec())
+        Some(Uint8Array::new(&buf))
     }
 
     pub async fn has(&self, key: &str) -> bool {
@@ -57,9 +58,8 @@ impl Store {
     }
 
     /// Stores `bytes`; a full quota is `QuotaExceeded`, which callers treat as "run uncached".
-    pub async fn put(&self, key: &str, bytes: &[u8]) -> WebResult<()> {
-        let body = Uint8Array::from(bytes);
-        let r = Response::new_with_opt_buffer_source(Some(&body))
+    pub async fn put(&self, key: &str, bytes: &Uint8Array) -> WebResult<()> {
+        let r = Response::new_with_opt_buffer_source(Some(bytes))
             .map_err(|e| WebError::new(Code::Internal, WebError::js_text(&e)))?;
         JsFuture::from(self.cache.put_with_str(key, &r))
             .await

@@ -48,7 +48,7 @@ impl ByteSource for Loader {
         phase: &'static str,
         each: &mut dyn FnMut(usize, Vec<u8>) -> WebResult<()>,
     ) -> WebResult<()> {
-        Loader::each_file(self, files, phase, each).await
+        Loader::each_file(self, files, phase, &mut |i, b| each(i, b.to_vec())).await
     }
     fn prefetches(&self) -> bool {
         self.cached()

@@ -89,6 +89,10 @@ try {
     // What giving memory back gives: the re-created worker's wasm heap at the last step
     // against the warm worker's at step 0 (1: nothing).
     release_wasm_ratio: fq.wasm_memory_after_release / fq.wasm_memory_before_release,
+    // A worker engine's wasm heap after a cold load (its prefetching done) against a warm
+    // load's at the same step (1: downloads leave nothing behind in the heap).
+    wasm_memory_cold_load: fq.wasm_memory_cold_load,
+    cold_vs_warm_wasm_ratio: fq.cold_vs_warm_wasm_ratio,
   });
 } finally {
   await browser.close();

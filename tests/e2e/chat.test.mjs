@@ -175,16 +175,22 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
       // Each attempt in a fresh conversation: retries must not fill the 512-token context.
       if (attempt) await page.locator('#new-chat').click();
       const nEvents = await page.evaluate(() => window.flexquantPage.events.length);
-      await send(page, 'Tell me a long story about a lighthouse keeper.');
-      await until(page, '3 tokens', () => window.flexquantPage.chat.tokens >= 3 || !window.flexquantPage.busy);
-      // Click and read the token count in one go, in the page.
-      clicked = await page.evaluate(() => {
+      // Click from the page itself at the third streamed piece, reading the token count in the
+      // same step: on a fast machine the tiny model's whole answer takes less than a poll.
+      await page.evaluate(() => {
         const p = window.flexquantPage;
-        if (!p.busy) return null;
-        const heap = performance.memory.usedJSHeapSize;
-        document.getElementById('pressure').click();
-        return { tokens: p.chat.tokens, at: performance.now(), heap };
+        window.__clicked = null;
+        p.chat.hooks.onToken = (n) => {
+          if (n !== 3) return;
+          p.chat.hooks.onToken = null;
+          const heap = performance.memory.usedJSHeapSize;
+          document.getElementById('pressure').click();
+          window.__clicked = { tokens: p.chat.tokens, at: performance.now(), heap };
+        };
       });
+      await send(page, 'Tell me a long story about a lighthouse keeper.');
+      await until(page, 'the pressure or the end of the answer', () => window.__clicked || !window.flexquantPage.busy);
+      clicked = await page.evaluate(() => { window.flexquantPage.chat.hooks.onToken = null; return window.__clicked; });
       if (!clicked) { await waitAnswer(page); continue; } // ended before the click: again
       const found = await until(page, 'a swap down', (n) => window.flexquantPage.events.slice(n).find((e) => e.type === 'swap' && e.to > e.from), nEvents, 60_000);
       swap = await found.jsonValue();

@@ -6,6 +6,7 @@ ensemble, selected by a path prefix:
   /tiny/...            the ensemble as built
   /corrupt/tiny/...    the shard that trajectory step 1 swaps in has one byte flipped
   /truncated/tiny/...  that shard cut to half its length
+  /long/tiny/...       that shard sent with as many bytes again after it (longer than declared)
   /missing/tiny/...    that shard answered 404 (a deploy that lost a file)
   /v99/tiny/...        the manifest claims format version 99
   /garbage/tiny/...    the manifest is not JSON
@@ -57,7 +58,7 @@ sw = manifest["trajectory"][1]["swap"]
 victim = next(v["file"] for v in manifest["modules"]
               if v["layer"] == sw["layer"] and v["kind"] == sw["kind"] and v["bits"] == sw["to_bits"])
 counts, lock, state = Counter(), threading.Lock(), {"fail": False, "delay_ms": 0, "stale": False}
-VIEWS = ("corrupt", "truncated", "missing", "v99", "garbage", "net", "badbase", "badtok", "chatml", "strict",
+VIEWS = ("corrupt", "truncated", "long", "missing", "v99", "garbage", "net", "badbase", "badtok", "chatml", "strict",
          "stale")
 STRICT = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
@@ -169,6 +170,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.send(404, b"not found", "text/plain")
         if rel == victim and view == "truncated":
             body = body[: len(body) // 2]
+        if rel == victim and view == "long":
+            body = body + body
         cut = view == "net" and state["fail"] and rel.startswith("modules/")
         if cut and state.get("fail_left", -1) >= 0:
             with lock:
