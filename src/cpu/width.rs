@@ -4,11 +4,16 @@
 //! 2-thread engine decoded at 0.65x one thread (a worker spinning between the matrix products
 //! takes CPU share from the engine's own thread). Which count is faster depends on what else
 //! the machine runs, which changes while the engine runs, so it is measured: a *probe* times
-//! [`PROBE_TOKENS`] tokens at each candidate count (all threads, half, a quarter, ... one),
-//! then the fastest is used until the next probe. Probes come after an interval that doubles
-//! while they keep confirming the choice, and at once when the chosen count's tokens get
-//! [`DRIFT`] times slower than when it was chosen (load arrived). Each row is computed by one
-//! thread whatever the count, so the answer does not depend on it; only time does.
+//! [`PROBE_TOKENS`] tokens at each candidate count (all threads, all but one, half, a quarter,
+//! ... one), then the fastest is used until the next probe. All but one is there for the
+//! common case of one busy core on a machine with many: a pool that shares a core with another
+//! process waits for that core's thread at every product, and half the threads leaves most
+//! of the free cores idle. Below the fastest count, fewer threads only get slower: a probe
+//! stops going down once a count is [`PRUNE`] times slower than the fastest so far. Probes
+//! come after an interval that doubles while they keep confirming the choice, and at once
+//! when the chosen count's tokens get [`DRIFT`] times slower than when it was chosen (load
+//! arrived). Each row is computed by one thread whatever the count, so the answer does not
+//! depend on it; only time does.
 
 /// Tokens timed per candidate in a probe.
 pub const PROBE_TOKENS: usize = 2;
@@ -25,11 +30,15 @@ const RECENT: usize = 4;
 /// Another count replaces the chosen one only when this much faster (noise is not a reason
 /// to move).
 const HYSTERESIS: f64 = 0.9;
+/// A probe skips the counts below one that was already this much slower than the fastest
+/// so far, and below it (fewer threads only get slower there; on 8 cores a one-thread token
+/// costs ~8 tokens' time, and probing it every 128 tokens cost ~10% of the decode).
+const PRUNE: f64 = 1.5;
 
 /// The thread-count choice of one pool.
 #[derive(Debug, Clone)]
 pub struct Width {
-    /// Thread counts tried, most first: `max`, `max / 2`, ..., 1.
+    /// Thread counts tried, most first: `max`, `max - 1`, `max / 2`, `max / 4`, ..., 1.
     candidates: Vec<usize>,
     /// Index of the chosen count in `candidates`.
     chosen: usize,
@@ -46,9 +55,17 @@ pub struct Width {
 impl Width {
     /// A choice among 1..=`max` threads; the first tokens probe.
     pub fn new(max: usize) -> Width {
-        let mut candidates = vec![max.max(1)];
-        while *candidates.last().unwrap() > 1 {
-            candidates.push(candidates.last().unwrap() / 2);
+        let max = max.max(1);
+        let mut candidates = vec![max];
+        if max > 2 {
+            candidates.push(max - 1);
+        }
+        let mut half = max / 2;
+        while half >= 1 {
+            if half < *candidates.last().unwrap() {
+                candidates.push(half);
+            }
+            half /= 2;
         }
         let n = candidates.len();
         Width {
@@ -87,9 +104,7 @@ impl Width {
             times[*at].push(ms);
             if times[*at].len() == PROBE_TOKENS {
                 // The chosen count first (its time now is the fair comparison), then the rest.
-                *at = (0..times.len())
-                    .find(|&i| times[i].len() < PROBE_TOKENS)
-                    .unwrap_or(usize::MAX);
+                *at = next_candidate(times).unwrap_or(usize::MAX);
                 if *at == usize::MAX {
                     let times = std::mem::take(times);
                     self.finish_probe(&times);
@@ -119,8 +134,9 @@ impl Width {
     }
 
     fn finish_probe(&mut self, times: &[Vec<f64>]) {
-        let mean = |i: usize| times[i].iter().sum::<f64>() / times[i].len() as f64;
+        let mean = |i: usize| mean(&times[i]);
         let best = (0..times.len())
+            .filter(|&i| !times[i].is_empty())
             .min_by(|&a, &b| mean(a).total_cmp(&mean(b)))
             .unwrap_or(self.chosen);
         let confirmed = best == self.chosen || mean(best) > mean(self.chosen) * HYSTERESIS;
@@ -142,6 +158,22 @@ impl Width {
         self.probe = None;
         self.probes += 1;
     }
+}
+
+/// The next candidate a probe times (indices run from most threads to fewest), or `None` when
+/// it is over: the first not yet timed, except those below a count that was already [`PRUNE`]
+/// times slower than the fastest so far and had fewer threads than it.
+fn next_candidate(times: &[Vec<f64>]) -> Option<usize> {
+    let done = |i: usize| times[i].len() == PROBE_TOKENS;
+    let best = (0..times.len())
+        .filter(|&i| done(i))
+        .min_by(|&a, &b| mean(&times[a]).total_cmp(&mean(&times[b])))?;
+    let slow = |j: usize| done(j) && j > best && mean(&times[j]) > mean(&times[best]) * PRUNE;
+    (0..times.len()).find(|&i| !done(i) && !(best + 1..i).any(slow))
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -195,9 +227,12 @@ mod tests {
     }
 
     #[test]
-    fn candidates_halve_down_to_one() {
-        assert_eq!(Width::new(8).candidates, vec![8, 4, 2, 1]);
-        assert_eq!(Width::new(6).candidates, vec![6, 3, 1]);
+    fn candidates_are_all_all_but_one_then_halves_down_to_one() {
+        assert_eq!(Width::new(16).candidates, vec![16, 15, 8, 4, 2, 1]);
+        assert_eq!(Width::new(8).candidates, vec![8, 7, 4, 2, 1]);
+        assert_eq!(Width::new(6).candidates, vec![6, 5, 3, 1]);
+        assert_eq!(Width::new(4).candidates, vec![4, 3, 2, 1]);
+        assert_eq!(Width::new(3).candidates, vec![3, 2, 1]);
         assert_eq!(Width::new(2).candidates, vec![2, 1]);
         let mut one = Width::new(1);
         assert_eq!(one.threads(), 1);
@@ -224,6 +259,62 @@ mod tests {
         let (total, _) = run(&mut w, 1000..2000, busy);
         // Probes of 2 threads every 128 tokens at most cost a few percent against one thread.
         assert!(total / (1000.0 * 25.3) < 1.03, "{}", total / 25300.0);
+    }
+
+    /// 8 cores, one kept busy by another process: a token's work `W` spread over `t`
+    /// threads, where on all 8 one thread shares its core and every product waits for it (the
+    /// 2-core figures above: 2.6x the 2-thread time).
+    fn busy_of_eight(_: usize, t: usize) -> f64 {
+        let w = 160.0;
+        if t == 8 {
+            w / 8.0 * 2.6
+        } else {
+            w / t as f64
+        }
+    }
+
+    #[test]
+    fn one_busy_core_of_eight_leaves_out_only_that_one() {
+        let mut w = Width::new(8);
+        run(&mut w, 0..200, busy_of_eight);
+        assert_eq!(w.chosen(), 7);
+        // Against the halving candidates alone (4 threads): 7 is 1.75x faster here.
+        let (total, _) = run(&mut w, 200..1200, busy_of_eight);
+        assert!(
+            total / (1000.0 * 160.0 / 7.0) < 1.05,
+            "{}",
+            total / (1000.0 * 160.0 / 7.0)
+        );
+        // Idle, all 8 are faster again: found by the next probe.
+        run(
+            &mut w,
+            1200..1200 + MAX_INTERVAL_FEWER + 5 * PROBE_TOKENS,
+            |_, t| 160.0 / t as f64,
+        );
+        assert_eq!(w.chosen(), 8);
+    }
+
+    #[test]
+    fn on_eight_idle_cores_probes_skip_the_slow_small_counts() {
+        let mut w = Width::new(8);
+        let (total, on) = run(&mut w, 0..3000, |_, t| 160.0 / t as f64);
+        assert_eq!(w.chosen(), 8);
+        // 4 threads were 2x slower than 8: 2 and 1 are never timed.
+        assert!(
+            on.iter().all(|&t| t >= 4),
+            "{:?}",
+            on.iter().filter(|&&t| t < 4).count()
+        );
+        assert!(total / (3000.0 * 20.0) < 1.01, "{}", total / 60000.0);
+    }
+
+    #[test]
+    fn half_the_cores_busy_finds_half_the_threads_past_a_plateau() {
+        // 8 cores, 4 kept busy: 8 and 7 threads both wait for threads sharing cores.
+        let cost = |_: usize, t: usize| if t > 4 { 52.0 } else { 160.0 / t as f64 };
+        let mut w = Width::new(8);
+        run(&mut w, 0..100, cost);
+        assert_eq!(w.chosen(), 4);
     }
 
     #[test]

@@ -486,11 +486,9 @@ impl Loader {
         }
         match failed {
             Some(e) => Err(e),
-            // Copies, so that the pack is freed once the caller has taken them.
-            None => Ok(out
-                .into_iter()
-                .map(|(i, _, _, b)| (i, b.slice(0, b.length())))
-                .collect()),
+            // Views of the pack, no copies: it is freed once the caller lets go of them (a load
+            // converts each as it arrives).
+            None => Ok(out.into_iter().map(|(i, _, _, b)| (i, b)).collect()),
         }
     }
 

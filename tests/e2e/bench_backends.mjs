@@ -93,6 +93,10 @@ try {
     // load's at the same step (1: downloads leave nothing behind in the heap).
     wasm_memory_cold_load: fq.wasm_memory_cold_load,
     cold_vs_warm_wasm_ratio: fq.cold_vs_warm_wasm_ratio,
+    // Warm worker engines at each step's budget: heap against held bytes; and the last one
+    // after walking back up to step 0.
+    wasm_memory_by_step: fq.wasm_memory_by_step,
+    wasm_memory_after_walk_up: fq.wasm_memory_after_walk_up,
   });
 } finally {
   await browser.close();

@@ -172,7 +172,9 @@ export class ElasticPanel {
       this.log.note(`recovered in ${formatSeconds((e.ms || 0) / 1000)}: step ${e.from} → ${e.to}, ${e.reprefilledTokens ?? 0} tokens re-read`, 'up');
       this.poll();
     } else if (e.type === 'below-floor') {
-      this.log.note(`the budget is below the quality floor (step ${e.step}): staying there`, 'down');
+      // The deepest step allowed: the quality floor's when one is set, else the trajectory's end.
+      const floor = $('max-ppl').value !== '' ? 'the quality floor' : 'the smallest EQM';
+      this.log.note(`the budget is below ${floor} (step ${e.step}): staying there`, 'down');
     } else if (e.type === 'error') {
       this.log.note(`error: ${errorText(e.error)}`, 'down');
     }
