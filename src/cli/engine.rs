@@ -126,8 +126,7 @@ where
             .block()?[0],
     )?;
     let footprints: Vec<u64> = m.trajectory.iter().map(|t| t.footprint_bytes).collect();
-    let c = &m.config;
-    let kv = 2 * 4 * c.num_hidden_layers as u64 * context as u64 * c.kv_dim() as u64;
+    let kv = flexquant::runtime::backend::kv_cache_bytes(&m.config, context, F::KV_ELEMENT_BYTES);
     let mut elastic = Elastic::new(footprints, kv, Policy::default())?;
     if let Some(step) = s.step {
         if step >= m.trajectory.len() {

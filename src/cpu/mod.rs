@@ -5,7 +5,8 @@
 //! - `act`: activations as int16 blocks in each bit-width's lane order.
 //! - `kernel`: packed codes x int16 blocks (simd128, AVX2, portable); `avx2`: the x86 row
 //!   loop and code unpacking; `planes`: the same from bit planes.
-//! - `attention`: causal grouped-query attention over the f32 KV cache.
+//! - `attention`: causal grouped-query attention over the KV cache (widened to f32); `kv`:
+//!   the cache's f16 values (stored rounded, widened exactly).
 //! - `model`: `CpuModel`, the forward pass; `backend`: it as a `runtime::Backend`.
 //! - `par`: regions on `pool` (spinning threads: std natively, Web Workers in wasm) or a loop;
 //!   `width`: how many of the pool's threads a token uses (measured).
@@ -16,6 +17,7 @@ pub mod attention;
 pub(crate) mod avx2;
 pub mod backend;
 pub mod kernel;
+pub mod kv;
 pub mod model;
 pub mod par;
 pub mod planes;

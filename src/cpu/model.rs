@@ -1,6 +1,6 @@
 //! The packed CPU backend's model: the base shard and one packed version per module held as
 //! shipped (codes and f16 scales; nothing dequantized but the embedding row of each token), an
-//! f32 KV cache, and the forward pass of `model::forward` with every projection through
+//! f16 KV cache (`cpu::kv`), and the forward pass of `model::forward` with every projection through
 //! `kernel::matmul`.
 
 use crate::cpu::act::Q16;
@@ -23,9 +23,9 @@ pub struct CpuModel {
     base: Arc<Base>,
     /// `ModuleId::index()` order.
     modules: Vec<PackedMatrix>,
-    /// `[layer][capacity * kv_dim]`, allocated up front.
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    /// `[layer][capacity * kv_dim]` f16 bit patterns, allocated up front.
+    k: Vec<Vec<u16>>,
+    v: Vec<Vec<u16>>,
     len: usize,
     capacity: usize,
     top_k: usize,
@@ -37,15 +37,18 @@ pub struct CpuModel {
     budget: Option<u64>,
 }
 
-/// `n` zeroed floats, or an out-of-memory error naming `what` (wasm memory can run out).
-fn zeroed(n: usize, what: &str) -> Result<Vec<f32>> {
+/// Bytes of one cached key or value element (f16).
+pub const KV_ELEMENT_BYTES: u64 = 2;
+
+/// `n` zeroed f16 values, or an out-of-memory error naming `what` (wasm memory can run out).
+fn zeroed(n: usize, what: &str) -> Result<Vec<u16>> {
     let mut v = Vec::new();
     v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
         what: what.into(),
-        requested: 4 * n as u64,
+        requested: KV_ELEMENT_BYTES * n as u64,
         budget: None,
     })?;
-    v.resize(n, 0.0);
+    v.resize(n, 0);
     Ok(v)
 }
 
@@ -80,10 +83,10 @@ impl CpuModel {
         let layers = config.num_hidden_layers;
         let kv = capacity
             .checked_mul(config.kv_dim())
-            .filter(|&n| n <= isize::MAX as usize / 4)
+            .filter(|&n| n <= isize::MAX as usize / 2)
             .ok_or_else(|| Error::OutOfMemory {
                 what: "the KV cache".into(),
-                requested: 4 * capacity as u64 * config.kv_dim() as u64,
+                requested: KV_ELEMENT_BYTES * capacity as u64 * config.kv_dim() as u64,
                 budget: None,
             })?;
         let mut model = CpuModel {
@@ -134,8 +137,7 @@ impl CpuModel {
     }
 
     fn kv_bytes(&self) -> u64 {
-        let c = &self.config;
-        2 * 4 * c.num_hidden_layers as u64 * self.capacity as u64 * c.kv_dim() as u64
+        crate::runtime::backend::kv_cache_bytes(&self.config, self.capacity, KV_ELEMENT_BYTES)
     }
 
     pub fn held_bytes(&self) -> u64 {
@@ -239,6 +241,8 @@ impl CpuModel {
         let kv_dim = c.kv_dim();
         let mut xn = vec![0f32; t * h];
         let mut att = vec![0f32; t * c.q_dim()];
+        // The layer's cached keys and values widened to f32 (`cpu::kv`).
+        let mut widened: Vec<f32> = Vec::new();
         for l in 0..c.num_hidden_layers {
             use ModuleKind::*;
             rmsnorm(&x, &self.base.norms[l].attn_norm, c.rms_norm_eps, &mut xn);
@@ -249,10 +253,14 @@ impl CpuModel {
             rope.apply(&mut q, c.num_attention_heads);
             rope.apply(&mut k, c.n_kv_heads());
             let span = pos0 * kv_dim..(pos0 + t) * kv_dim;
-            self.k[l][span.clone()].copy_from_slice(&k);
-            self.v[l][span].copy_from_slice(&v);
+            crate::cpu::kv::store(&k, &mut self.k[l][span.clone()]);
+            crate::cpu::kv::store(&v, &mut self.v[l][span]);
             let end = (pos0 + t) * kv_dim;
-            attention(&c, &q, &self.k[l][..end], &self.v[l][..end], pos0, &mut att);
+            // Every query head reads every cached key: widened once per layer, not per head.
+            widened.resize(2 * end, 0.0);
+            crate::cpu::kv::widen_into(&self.k[l][..end], &self.v[l][..end], &mut widened);
+            let (kw, vw) = widened.split_at(end);
+            attention(&c, &q, kw, vw, pos0, &mut att);
             let o = self.project(l, &[O], &att, t).remove(0);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 

@@ -436,7 +436,7 @@ impl Engine {
             }
         };
         let policy = o.policy.unwrap_or_default();
-        let mut elastic = Elastic::new(footprints, kv_estimate(m, &opts), policy)?;
+        let mut elastic = Elastic::new(footprints, kv_estimate(m, &opts, use_cpu), policy)?;
         if let Some(b) = o.budget_bytes {
             elastic.set_budget(b);
         }
@@ -532,10 +532,14 @@ fn module_file(m: &crate::ensemble::manifest::Manifest, e: &WebError) -> bool {
 
 /// KV cache and activations before a model exists (refined from the model's exact footprint
 /// once it does).
-fn kv_estimate(m: &crate::ensemble::manifest::Manifest, o: &ModelOptions) -> u64 {
-    let c = &m.config;
-    // u64: on wasm32 the usize product of a hostile config could wrap.
-    2 * 4 * c.num_hidden_layers as u64 * o.context as u64 * c.kv_dim() as u64
+fn kv_estimate(m: &crate::ensemble::manifest::Manifest, o: &ModelOptions, use_cpu: bool) -> u64 {
+    use crate::runtime::Factory;
+    let element = if use_cpu {
+        crate::cpu::CpuFactory::KV_ELEMENT_BYTES
+    } else {
+        crate::gpu::GpuFactory::KV_ELEMENT_BYTES
+    };
+    crate::runtime::backend::kv_cache_bytes(&m.config, o.context, element)
 }
 
 /// How long the thread pool's workers may take to start before the CPU backend runs on one.

@@ -274,7 +274,7 @@ fn a_nested_ensemble_stores_one_plane_file_per_module_and_walks_exactly() {
     let w = walk(dir, cpu);
     down_and_up(&w);
     let c = &m.config;
-    let kv = (2 * 4 * c.num_hidden_layers * 128 * c.kv_dim()) as u64;
+    let kv = (2 * 2 * c.num_hidden_layers * 128 * c.kv_dim()) as u64; // keys and values in f16
     let last = m.trajectory.len() - 1;
     let mut walked = block_on(w.load_at(Some(0))).unwrap();
     for (from, to) in [(0, last), (last, last / 2), (last / 2, 1)] {
@@ -307,7 +307,7 @@ fn cpu_walks_down_and_up_and_accounts_exactly() {
 
     let m = w.manifest().clone();
     let c = &m.config;
-    let kv = (2 * 4 * c.num_hidden_layers * 128 * c.kv_dim()) as u64;
+    let kv = (2 * 2 * c.num_hidden_layers * 128 * c.kv_dim()) as u64; // keys and values in f16
     let last = m.trajectory.len() - 1;
     let mut walked = block_on(w.load_at(Some(0))).unwrap();
     for (from, to) in [(0, last - 1), (last - 1, last), (last, 1)] {
@@ -692,7 +692,7 @@ fn soak_cpu_thousand_random_moves() {
         },
     );
     let m = w.manifest().clone();
-    let kv = (2 * 4 * m.config.num_hidden_layers * 64 * m.config.kv_dim()) as u64;
+    let kv = (2 * 2 * m.config.num_hidden_layers * 64 * m.config.kv_dim()) as u64; // f16
     let run = soak(&w, 1000, |model, step| {
         assert_eq!(model.held_bytes(), m.trajectory[step].footprint_bytes + kv);
     });
