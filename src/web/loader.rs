@@ -45,9 +45,9 @@ pub struct Loader {
     /// Set by `close` (the engine was unloaded): nothing more is fetched or stored.
     closed: Cell<bool>,
     /// The first load's verified files, by name, until the model takes them (`first_load`):
-    /// JS copies, outside the wasm heap, which never shrinks (holding them there made every
-    /// step's load peak at all its files plus the model: 164 MB of wasm heap for the demo
-    /// at any step).
+    /// JS arrays as downloaded or read, outside the wasm heap, which never shrinks (holding
+    /// them there made every step's load peak at all its files plus the model: 164 MB of
+    /// wasm heap for the demo at any step).
     handoff: RefCell<std::collections::HashMap<String, Uint8Array>>,
     /// The manifest's bytes until `store_deferred` puts them in the cache with the first
     /// load's files.
@@ -522,7 +522,8 @@ impl Loader {
         Ok(out)
     }
 
-    /// `files`, each kept as a JS copy (outside the wasm heap) until it is taken.
+    /// `files`, each kept as the JS array it was read into (outside the wasm heap) until it
+    /// is taken.
     pub async fn hold(
         &self,
         fs: &[FileRef],
