@@ -388,7 +388,7 @@ export interface Inspection {
   nLow: number;
   groupSize: number;
   trajectory: StepInfo[];
-  /** KV cache bytes per position on the WebGPU backend (f32); the CPU backend's f16 cache takes half. */
+  /** KV cache bytes per position (f16 keys and values, every layer; both backends). */
   kvBytesPerToken: number;
   context: number;
   kvBytes: number;

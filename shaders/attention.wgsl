@@ -5,15 +5,17 @@
 // softmax (running max and sum), so any context length fits in fixed workgroup memory. With one
 // range the result goes straight to `out`; with several, each writes its partial (max, sum,
 // unnormalized values) to `part` and `combine` merges them.
+// The cache holds f16 pairs (`rope.wgsl`): per position and KV head, word i holds elements i and
+// i + head_dim/2. A thread accumulates the values of whole words: dims j and j + head_dim/2.
 
 const TILE: u32 = 64u;
 const MAX_HEAD_DIM: u32 = 256u;
-const DIMS_PER_THREAD: u32 = MAX_HEAD_DIM / TILE;
+const PAIRS_PER_THREAD: u32 = MAX_HEAD_DIM / 2u / TILE;
 
 // `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host.
 @group(0) @binding(2) var<storage, read> q: array<f32>;
-@group(0) @binding(3) var<storage, read> kc: array<f32>;
-@group(0) @binding(4) var<storage, read> vc: array<f32>;
+@group(0) @binding(3) var<storage, read> kc: array<u32>;
+@group(0) @binding(4) var<storage, read> vc: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 // [token][head][range] x (max, sum, head_dim values).
 @group(0) @binding(6) var<storage, read_write> part: array<f32>;
@@ -28,7 +30,8 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     let t = wg.y;
     let split = wg.z;
     let hd = p.head_dim;
-    let kv_off = (h / p.group) * hd;
+    let half = hd / 2u;
+    let kv_off = (h / p.group) * half; // words
     let qb = t * p.q_stride + h * hd;
     for (var d = li; d < hd; d += TILE) {
         qs[d] = q[qb + d];
@@ -39,15 +42,18 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     let n = min(visible, start + p.split_keys); // this range's keys end here
     var m = -3.0e38;
     var l = 0.0;
-    var acc: array<f32, DIMS_PER_THREAD>;
+    // Dims j (lo) and j + half (hi) for the thread's words j = li + i * TILE.
+    var lo: array<f32, PAIRS_PER_THREAD>;
+    var hi: array<f32, PAIRS_PER_THREAD>;
     for (var k0 = start; k0 < n; k0 += TILE) {
         let key = k0 + li;
         var s = -3.0e38;
         if (key < n) {
             let kb = key * p.kv_stride + kv_off;
             var dotp = 0.0;
-            for (var d = 0u; d < hd; d++) {
-                dotp += qs[d] * kc[kb + d];
+            for (var d = 0u; d < half; d++) {
+                let kv = unpack2x16float(kc[kb + d]);
+                dotp += qs[d] * kv.x + qs[d + half] * kv.y;
             }
             s = dotp * p.scale;
         }
@@ -61,8 +67,9 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         let corr = exp(m - mt);
         m = mt;
         l *= corr;
-        for (var i = 0u; i < DIMS_PER_THREAD; i++) {
-            acc[i] *= corr;
+        for (var i = 0u; i < PAIRS_PER_THREAD; i++) {
+            lo[i] *= corr;
+            hi[i] *= corr;
         }
         workgroupBarrier();
         let kn = min(TILE, n - k0);
@@ -70,20 +77,23 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             let pj = prob[j];
             l += pj;
             let vb = (k0 + j) * p.kv_stride + kv_off;
-            for (var i = 0u; i < DIMS_PER_THREAD; i++) {
+            for (var i = 0u; i < PAIRS_PER_THREAD; i++) {
                 let d = li + i * TILE;
-                if (d < hd) {
-                    acc[i] += pj * vc[vb + d];
+                if (d < half) {
+                    let v = unpack2x16float(vc[vb + d]);
+                    lo[i] += pj * v.x;
+                    hi[i] += pj * v.y;
                 }
             }
         }
         workgroupBarrier();
     }
     if (p.splits == 1u) {
-        for (var i = 0u; i < DIMS_PER_THREAD; i++) {
+        for (var i = 0u; i < PAIRS_PER_THREAD; i++) {
             let d = li + i * TILE;
-            if (d < hd) {
-                out[qb + d] = acc[i] / l;
+            if (d < half) {
+                out[qb + d] = lo[i] / l;
+                out[qb + d + half] = hi[i] / l;
             }
         }
         return;
@@ -94,10 +104,11 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         part[pb] = m;
         part[pb + 1u] = l;
     }
-    for (var i = 0u; i < DIMS_PER_THREAD; i++) {
+    for (var i = 0u; i < PAIRS_PER_THREAD; i++) {
         let d = li + i * TILE;
-        if (d < hd) {
-            part[pb + 2u + d] = acc[i];
+        if (d < half) {
+            part[pb + 2u + d] = lo[i];
+            part[pb + 2u + d + half] = hi[i];
         }
     }
 }

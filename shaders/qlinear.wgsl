@@ -46,7 +46,7 @@ fn xv(row: u32, i: u32) -> vec4<f32> {
 // `p.accumulate`: 0 writes y, 1 adds to it (the residual stream), 2 is SwiGLU: y holds the
 // gate projection and becomes silu(gate) * v (the up projection writing into the gate).
 fn store(t: u32, r: u32, v: f32) {
-    let i = p.y_base + step.pos0 * p.y_pos_stride + t * p.y_stride + r;
+    let i = p.y_base + t * p.y_stride + r;
     if (p.accumulate == 1u) {
         y[i] += v;
     } else if (p.accumulate == 2u) {

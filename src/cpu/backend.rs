@@ -76,7 +76,6 @@ pub struct CpuFactory {
 }
 
 impl Factory for CpuFactory {
-    const KV_ELEMENT_BYTES: u64 = crate::cpu::model::KV_ELEMENT_BYTES;
     type Model = CpuModel;
     async fn create(
         &self,

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::math::{rmsnorm, silu, Rope};
 use crate::model::weights::{ModuleId, ModuleKind};
 use crate::model::LlamaConfig;
+use crate::runtime::backend::KV_ELEMENT_BYTES;
 use std::sync::Arc;
 
 /// Final-normed hidden rows turned into logits at once (bounds memory at this x vocab floats).
@@ -36,9 +37,6 @@ pub struct CpuModel {
     /// Bytes this model may hold (`None`: as much as the allocator gives).
     budget: Option<u64>,
 }
-
-/// Bytes of one cached key or value element (f16).
-pub const KV_ELEMENT_BYTES: u64 = 2;
 
 /// `n` zeroed f16 values, or an out-of-memory error naming `what` (wasm memory can run out).
 fn zeroed(n: usize, what: &str) -> Result<Vec<u16>> {
@@ -137,7 +135,7 @@ impl CpuModel {
     }
 
     fn kv_bytes(&self) -> u64 {
-        crate::runtime::backend::kv_cache_bytes(&self.config, self.capacity, KV_ELEMENT_BYTES)
+        crate::runtime::backend::kv_cache_bytes(&self.config, self.capacity)
     }
 
     pub fn held_bytes(&self) -> u64 {

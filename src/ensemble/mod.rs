@@ -5,7 +5,6 @@
 pub mod base;
 pub mod files;
 pub mod format;
-pub mod inspect;
 pub mod manifest;
 pub mod pack;
 pub mod plane_level;

@@ -31,12 +31,14 @@ pub(crate) fn attention_splits(o: &ModelOptions) -> u32 {
         .max(1)
 }
 
+/// Bytes of one layer's keys (or values): f16 pairs, `o.context` positions (`rope.wgsl`).
 pub(crate) fn kv_layer_bytes(c: &LlamaConfig, o: &ModelOptions) -> u64 {
-    4 * o.context as u64 * c.kv_dim() as u64
+    let layers = 2 * c.num_hidden_layers as u64;
+    crate::runtime::backend::kv_cache_bytes(c, o.context) / layers.max(1)
 }
 
 /// (name, bytes) of every activation buffer (`Activations::create` finds each by its name).
-pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static str, u64); 14] {
+pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static str, u64); 16] {
     let b = o.max_batch as u64;
     let f = |n: usize| 4 * b * n as u64;
     let k = o.top_k as u64;
@@ -44,6 +46,9 @@ pub(crate) fn activation_sizes(c: &LlamaConfig, o: &ModelOptions) -> [(&'static 
         ("x", f(c.hidden_size)),
         ("xn", f(c.hidden_size)),
         ("q", f(c.q_dim())),
+        // The K and V projections' rows, before RoPE stores them into the f16 cache.
+        ("new keys", f(c.kv_dim())),
+        ("new values", f(c.kv_dim())),
         ("att", f(c.q_dim())),
         ("gate", f(c.intermediate_size)),
         // Per token, head and range of the cache: (max, sum, head_dim values).
@@ -218,6 +223,8 @@ pub(crate) struct Activations {
     pub x: GpuBuffer,
     pub xn: GpuBuffer,
     pub q: GpuBuffer,
+    pub k_new: GpuBuffer,
+    pub v_new: GpuBuffer,
     pub att: GpuBuffer,
     pub gate: GpuBuffer,
     /// Attention's partials over ranges of the cache (`attention_splits`).
@@ -258,6 +265,8 @@ impl Activations {
             x: make("x").await?,
             xn: make("xn").await?,
             q: make("q").await?,
+            k_new: make("new keys").await?,
+            v_new: make("new values").await?,
             att: make("att").await?,
             gate: make("gate").await?,
             att_part: make("attention partials").await?,
@@ -272,11 +281,13 @@ impl Activations {
         })
     }
 
-    pub fn all(&self) -> [&GpuBuffer; 14] {
+    pub fn all(&self) -> [&GpuBuffer; 16] {
         [
             &self.x,
             &self.xn,
             &self.q,
+            &self.k_new,
+            &self.v_new,
             &self.att,
             &self.gate,
             &self.att_part,

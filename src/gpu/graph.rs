@@ -95,16 +95,13 @@ pub(crate) fn module_norm(kind: ModuleKind) -> Option<usize> {
     }
 }
 
-/// The input and output buffers of a module of one layer.
-pub(crate) fn module_io<'a>(
-    a: &'a Activations,
-    kv: &'a [GpuBuffer; 2],
-    kind: ModuleKind,
-) -> (&'a GpuBuffer, &'a GpuBuffer) {
+/// The input and output buffers of a module of one layer. K and V write the call's new rows,
+/// which `rope.wgsl` stores into the f16 cache.
+pub(crate) fn module_io(a: &Activations, kind: ModuleKind) -> (&GpuBuffer, &GpuBuffer) {
     match kind {
         ModuleKind::Q => (&a.xn, &a.q),
-        ModuleKind::K => (&a.xn, &kv[0]),
-        ModuleKind::V => (&a.xn, &kv[1]),
+        ModuleKind::K => (&a.xn, &a.k_new),
+        ModuleKind::V => (&a.xn, &a.v_new),
         ModuleKind::O => (&a.att, &a.x),
         ModuleKind::Gate => (&a.xn, &a.gate),
         // silu(gate) * up, in place (qlinear_params).
@@ -113,18 +110,15 @@ pub(crate) fn module_io<'a>(
     }
 }
 
-/// qlinear.wgsl's parameters for a module: K and V write at the cache position, O and down
-/// add into the residual stream, up turns the gate's output into SwiGLU's; a module that reads
+/// qlinear.wgsl's parameters for a module: O and down add into the residual stream, up turns the gate's output into SwiGLU's; a module that reads
 /// a norm's output carries its epsilon (for `MatvecNorm`).
 pub(crate) fn qlinear_params(s: PackedShape, kind: ModuleKind, c: &LlamaConfig) -> QlinearParams {
-    let kv = matches!(kind, ModuleKind::K | ModuleKind::V);
     QlinearParams {
         eps: if module_norm(kind).is_some() {
             c.rms_norm_eps
         } else {
             0.0
         },
-        y_pos_stride: if kv { s.rows as u32 } else { 0 },
         accumulate: match kind {
             ModuleKind::O | ModuleKind::Down => 1,
             ModuleKind::Up => 2,
@@ -172,7 +166,6 @@ pub(crate) struct ModuleIo<'a> {
     pub params: &'a GpuBuffer,
     pub step: &'a GpuBuffer,
     pub act: &'a Activations,
-    pub kv: &'a [GpuBuffer; 2],
     /// The layer's norm weights (attention's, the MLP's) when decode folds them into the
     /// matvecs (`ModelOptions::fuse_norm`).
     pub norms: Option<&'a [GpuBuffer; 2]>,
@@ -190,7 +183,7 @@ impl ModuleIo<'_> {
         slot: u64,
         buffer: &GpuBuffer,
     ) -> (wgpu::BindGroup, Option<wgpu::BindGroup>) {
-        let (x, y) = module_io(self.act, self.kv, kind);
+        let (x, y) = module_io(self.act, kind);
         kernels.prepare(self.gpu, Kernel::Matmul(bits));
         let at = SlotBinding {
             gpu: self.gpu,
@@ -302,7 +295,6 @@ impl Builder<'_> {
                 params: b.params,
                 step: b.step,
                 act: a,
-                kv: layer_kv,
                 norms: x.fold.then_some(norms),
             };
             let (bind_group, norm_bind_group) =
@@ -335,14 +327,14 @@ impl Builder<'_> {
             Kernel::Rope,
             &RopeParams {
                 q_stride: q_dim,
-                k_stride: kv_dim,
+                kv_stride: kv_dim,
                 q_heads: nh,
                 k_heads: nkv,
                 head_dim: hd,
                 sin_base: x.opts.context as u32 * hd / 2,
             },
-            &[x.rope, &a.q, kc],
-            Grid::PerToken(((nh + nkv) * hd / 2).div_ceil(WG)),
+            &[x.rope, &a.k_new, &a.v_new, &a.q, kc, vc],
+            Grid::PerToken(((nh + 2 * nkv) * hd / 2).div_ceil(WG)),
         );
         out.ops.push(Dispatch::Fixed(rope));
         let splits = attention_splits(x.opts);
@@ -350,7 +342,7 @@ impl Builder<'_> {
             group: nh / nkv,
             head_dim: hd,
             q_stride: q_dim,
-            kv_stride: kv_dim,
+            kv_stride: kv_dim / 2,
             scale: 1.0 / (hd as f32).sqrt(),
             n_heads: nh,
             split_keys: ATTENTION_SPLIT_KEYS,

@@ -118,7 +118,7 @@ impl Kernel {
             Kernel::PlaneMatmul(k) => s(&qlinear_source(k, true, false, false), "matmul", 2, 1),
             Kernel::Embed => s(include_str!("../../shaders/embed.wgsl"), "embed", 2, 1),
             Kernel::RmsNorm => s(include_str!("../../shaders/rmsnorm.wgsl"), "rmsnorm", 2, 1),
-            Kernel::Rope => s(include_str!("../../shaders/rope.wgsl"), "rope", 1, 2),
+            Kernel::Rope => s(include_str!("../../shaders/rope.wgsl"), "rope", 3, 3),
             Kernel::Attention => s(
                 include_str!("../../shaders/attention.wgsl"),
                 "attention",

@@ -381,7 +381,7 @@ impl Model {
         Footprint {
             base: base_sizes(c, o, self.base_group).iter().map(|x| x.1).sum(),
             modules: self.modules.iter().map(|s| s.shape.bytes() as u64).sum(),
-            kv_cache: 2 * c.num_hidden_layers as u64 * kv_layer_bytes(c, o),
+            kv_cache: crate::runtime::backend::kv_cache_bytes(c, o.context),
             activations: activation_sizes(c, o).iter().map(|x| x.1).sum(),
         }
     }
@@ -410,7 +410,6 @@ impl Model {
             params: &self.params,
             step: &self.step,
             act: &self.act,
-            kv: &self.kv[id.layer],
             norms: folds_norms(&gpu, &self.opts).then_some(&self.base.norms[id.layer]),
         };
         let (bind_group, norm_bind_group) =

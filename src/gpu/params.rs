@@ -48,8 +48,6 @@ kernel_params! {
         /// y row stride in floats.
         y_stride: u32,
         y_base: u32,
-        /// y_base advances by pos0 * this: K and V write into the cache.
-        y_pos_stride: u32,
         /// 0: y = W x; 1: y += W x (the residual connection of o and down); 2: y =
         /// silu(y) * W x (up writing into the gate: SwiGLU without a dispatch of its own).
         accumulate: u32,
@@ -78,12 +76,13 @@ kernel_params! {
         /// 1: only the call's last token, into row 0.
         last_only: u32,
     }
-    /// `rope.wgsl`.
+    /// `rope.wgsl`: RoPE of the queries and keys, and the new keys and values into the cache.
     RopeParams {
         /// Floats per query row (one row per token of the call).
         q_stride: u32,
-        /// Floats per K-cache row (one row per absolute position).
-        k_stride: u32,
+        /// Floats per row of the new keys and values (one row per token of the call; the
+        /// cache rows they are stored into hold `k_heads * head_dim / 2` f16 pairs).
+        kv_stride: u32,
         q_heads: u32,
         k_heads: u32,
         head_dim: u32,
@@ -98,7 +97,7 @@ kernel_params! {
         head_dim: u32,
         /// Floats per token row of q and out.
         q_stride: u32,
-        /// Floats per position of the cache.
+        /// Words (f16 pairs) per position of the cache.
         kv_stride: u32,
         /// 1 / sqrt(head_dim).
         scale: f32,
@@ -150,7 +149,6 @@ impl QlinearParams {
             x_stride: s.cols as u32,
             y_stride: s.rows as u32,
             y_base: 0,
-            y_pos_stride: 0,
             accumulate: 0,
             plane_words: 0,
             eps: 0.0,

@@ -20,6 +20,9 @@ pub struct KvCache {
     len: usize,
     capacity: usize,
     kv_dim: usize,
+    /// Keys and values rounded to f16 as they are stored, as both backends keep them
+    /// (`KvCache::f16`).
+    f16: bool,
 }
 
 impl KvCache {
@@ -33,6 +36,16 @@ impl KvCache {
             len: 0,
             capacity,
             kv_dim,
+            f16: false,
+        }
+    }
+    /// A cache whose keys and values are rounded to f16 as they are stored
+    /// (`model::math::f16_bits`), the precision both backends keep them at: the reference the
+    /// GPU engine's parity tests compare with. Still f32 in memory.
+    pub fn f16(w: &Weights, capacity: usize) -> Self {
+        KvCache {
+            f16: true,
+            ..KvCache::new(w, capacity)
         }
     }
     pub fn len(&self) -> usize {
@@ -177,6 +190,12 @@ pub fn layer_staged(
             rope.apply(&mut k, c.n_kv_heads());
             cache.k[l].truncate(pos0 * cache.kv_dim);
             cache.v[l].truncate(pos0 * cache.kv_dim);
+            if cache.f16 {
+                let round = |x: &mut f32| {
+                    *x = half::f16::from_bits(crate::model::math::f16_bits(*x)).to_f32()
+                };
+                k.iter_mut().chain(v.iter_mut()).for_each(round);
+            }
             cache.k[l].extend_from_slice(&k);
             cache.v[l].extend_from_slice(&v);
             attention(c, &q, &cache.k[l], &cache.v[l], pos0, t, hd)

@@ -184,6 +184,15 @@ pub fn argmax(x: &[f32]) -> usize {
     best
 }
 
+/// The largest finite f16.
+pub const F16_MAX: f32 = 65504.0;
+
+/// `v` as an f16 bit pattern, rounded to nearest even and clamped to the finite range (never
+/// infinity): how both backends store the KV cache (`cpu::kv`, `shaders/rope.wgsl`).
+pub fn f16_bits(v: f32) -> u16 {
+    half::f16::from_f32(v.clamp(-F16_MAX, F16_MAX)).to_bits()
+}
+
 #[cfg(test)]
 mod lse_tests {
     use super::*;

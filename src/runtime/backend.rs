@@ -9,11 +9,14 @@ use crate::model::config::LlamaConfig;
 use crate::model::weights::ModuleId;
 use std::sync::Arc;
 
-/// Bytes of a KV cache of `positions` positions whose elements take `element_bytes` (keys
-/// and values, every layer; in u64: on wasm32 the usize product of a hostile config could
-/// wrap).
-pub fn kv_cache_bytes(c: &LlamaConfig, positions: usize, element_bytes: u64) -> u64 {
-    2 * element_bytes * c.num_hidden_layers as u64 * positions as u64 * c.kv_dim() as u64
+/// Bytes of one cached key or value element: both backends keep the KV cache in f16
+/// (`cpu::kv`, `shaders/rope.wgsl`) and compute attention in f32.
+pub const KV_ELEMENT_BYTES: u64 = 2;
+
+/// Bytes of a KV cache of `positions` positions (keys and values, every layer; in u64: on
+/// wasm32 the usize product of a hostile config could wrap).
+pub fn kv_cache_bytes(c: &LlamaConfig, positions: usize) -> u64 {
+    2 * KV_ELEMENT_BYTES * c.num_hidden_layers as u64 * positions as u64 * c.kv_dim() as u64
 }
 
 /// A model at one EQM with its KV cache. Every method leaves the model as it was on error.
@@ -75,8 +78,6 @@ pub trait Backend {
 #[allow(async_fn_in_trait)]
 pub trait Factory {
     type Model: Backend;
-    /// Bytes of one cached key or value element in this factory's models (f32 unless said).
-    const KV_ELEMENT_BYTES: u64 = 4;
     async fn create(
         &self,
         config: &LlamaConfig,

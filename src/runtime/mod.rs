@@ -13,6 +13,7 @@
 //! - `json_mode`: `response_format: json_object`, candidates kept to a JSON object's prefixes;
 //!   `json_schema`: the JSON Schema subset it also enforces (`json_number`: bounded numbers;
 //!   `json_pattern`: patterns and formats; `json_tagged`: discriminated unions, tool calls).
+//! - `inspect`: what an ensemble needs before it is loaded, and which steps a cache holds.
 //! - `speed`: decode speed between tokens, the controller's second signal.
 //! - `dir` (native): an ensemble directory as a byte source.
 
@@ -23,6 +24,7 @@ pub mod decision;
 pub mod dir;
 pub mod elastic;
 pub mod generate;
+pub mod inspect;
 pub mod json_constraint;
 pub mod json_mode;
 pub mod json_number;

@@ -1,8 +1,8 @@
 //! `Engine.inspect`, `Engine.cached` and `Engine.deleteCached`: what an ensemble needs before
 //! it is loaded, and what of it the Cache API holds, with no GPU and no engine.
 
-use crate::ensemble::inspect::{cache_report, inspect, CacheReport, Inspection};
 use crate::ensemble::manifest::FileRef;
+use crate::runtime::inspect::{cache_report, inspect, CacheReport, Inspection};
 use crate::web::api::{from_js, EngineOptions};
 use crate::web::error::WebResult;
 use crate::web::events::to_js;

@@ -436,7 +436,7 @@ impl Engine {
             }
         };
         let policy = o.policy.unwrap_or_default();
-        let mut elastic = Elastic::new(footprints, kv_estimate(m, &opts, use_cpu), policy)?;
+        let mut elastic = Elastic::new(footprints, kv_estimate(m, &opts), policy)?;
         if let Some(b) = o.budget_bytes {
             elastic.set_budget(b);
         }
@@ -532,14 +532,8 @@ fn module_file(m: &crate::ensemble::manifest::Manifest, e: &WebError) -> bool {
 
 /// KV cache and activations before a model exists (refined from the model's exact footprint
 /// once it does).
-fn kv_estimate(m: &crate::ensemble::manifest::Manifest, o: &ModelOptions, use_cpu: bool) -> u64 {
-    use crate::runtime::Factory;
-    let element = if use_cpu {
-        crate::cpu::CpuFactory::KV_ELEMENT_BYTES
-    } else {
-        crate::gpu::GpuFactory::KV_ELEMENT_BYTES
-    };
-    crate::runtime::backend::kv_cache_bytes(&m.config, o.context, element)
+fn kv_estimate(m: &crate::ensemble::manifest::Manifest, o: &ModelOptions) -> u64 {
+    crate::runtime::backend::kv_cache_bytes(&m.config, o.context)
 }
 
 /// How long the thread pool's workers may take to start before the CPU backend runs on one.

@@ -1,7 +1,7 @@
 //! The Cache API as a verified-file store. Keys are the file's URL plus its sha256 (so a
 //! changed file under the same name is a different entry and a stale one is never served).
 //! Only bytes that passed verification are put, so a step whose files are all there loads
-//! offline (`ensemble::inspect::cache_report` tells which).
+//! offline (`runtime::inspect::cache_report` tells which).
 
 use crate::web::error::{Code, WebError, WebResult};
 use js_sys::{Reflect, Uint8Array};

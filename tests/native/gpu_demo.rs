@@ -34,9 +34,12 @@ fn mixed_bits(id: ModuleId) -> u32 {
     }
 }
 
-/// Max |gpu - cpu| / RMS(cpu logits) over 30 layers: f32 rounding gives ~1e-4; one wrong
-/// module or kernel gives O(1).
-const LOGIT_TOL: f32 = 5e-4;
+/// Max |gpu - cpu| / RMS(cpu logits) over 30 layers, the reference's KV cache rounded to f16
+/// as the engine's is (`KvCache::f16`): f32 rounding gives ~1e-4, and a key or value the two
+/// compute a rounding apart lands one f16 ulp apart (2.6e-4 uniform, 7.9e-4 mixed measured on
+/// lavapipe; against an f32 reference cache the f16 cache alone was 1.0e-3 uniform); one wrong
+/// module or kernel gives O(1). The bound of the CPU backend's test.
+const LOGIT_TOL: f32 = 2e-3;
 
 #[test]
 fn demo_logits_of_uniform_and_mixed_eqms_match_cpu() {
@@ -58,7 +61,7 @@ fn demo_logits_of_uniform_and_mixed_eqms_match_cpu() {
     ] {
         let modules = rtn_modules(w, bits, 32).unwrap();
         let r = reference_weights(w, &modules).unwrap();
-        let mut cache = KvCache::new(&r, 64);
+        let mut cache = KvCache::f16(&r, 64);
         let want = forward::forward_all(&r, tokens, &mut cache).unwrap();
         let mut g = block(gpu_model(gpu.clone(), w, &modules, opts)).unwrap();
         let got = block(g.logits_all(tokens)).unwrap();
@@ -90,7 +93,7 @@ fn demo_forced_decoding_agrees_with_cpu_and_ppl_matches() {
     let n = forced_tokens(&gpu);
     let tokens = &ids[..n + 1];
     let vocab = w.config.vocab_size;
-    let mut cache = KvCache::new(&r, n);
+    let mut cache = KvCache::f16(&r, n);
     let cpu = forward::forward_all(&r, &tokens[..n], &mut cache).unwrap();
     let opts = ModelOptions {
         context: 256,

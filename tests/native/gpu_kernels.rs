@@ -365,15 +365,38 @@ fn rmsnorm_matches_cpu() {
     }
 }
 
-/// One dispatch rotates the call's query rows (by token) and its rows of the K cache (by
-/// absolute position), leaving the other cache rows alone.
+/// The f16 KV cache's layout (`rope.wgsl`): per row, per head of `hd`, word i holds elements i
+/// (low half) and i + hd/2 (high half), rounded to nearest.
+fn to_pairs(x: &[f32], hd: usize) -> Vec<u32> {
+    let half = hd / 2;
+    let f16 = |v: f32| half::f16::from_f32(v).to_bits() as u32;
+    x.chunks(hd)
+        .flat_map(|h| (0..half).map(move |i| f16(h[i]) | f16(h[i + half]) << 16))
+        .collect()
+}
+
+/// `to_pairs`'s inverse.
+fn from_pairs(w: &[u32], hd: usize) -> Vec<f32> {
+    let f32_of = |b: u32| half::f16::from_bits(b as u16).to_f32();
+    w.chunks(hd / 2)
+        .flat_map(|h| {
+            let lo = h.iter().map(|&w| f32_of(w & 0xffff));
+            let hi = h.iter().map(|&w| f32_of(w >> 16));
+            lo.chain(hi).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// One dispatch rotates the call's query rows (by token) and stores its new keys (rotated) and
+/// values into the f16 cache rows of their absolute positions, leaving the other rows alone.
 #[test]
-fn rope_matches_cpu_for_queries_and_cache_rows() {
+fn rope_matches_cpu_and_stores_keys_and_values_in_f16() {
     if gpu().is_none() {
         return;
     }
     let mut rng = Rng::new(5);
     let (heads, kv_heads, hd, ctx, theta) = (3usize, 2usize, 16usize, 40usize, 10000.0f32);
+    let kv_dim = kv_heads * hd;
     let table_rope = flexquant::model::ops::Rope::new(theta, hd, 0, ctx);
     let table: Vec<f32> = table_rope
         .cos
@@ -383,18 +406,33 @@ fn rope_matches_cpu_for_queries_and_cache_rows() {
         .collect();
     for (pos0, t) in [(0usize, 4usize), (7, 3), (33, 1)] {
         let q = rand_vec(&mut rng, t * heads * hd, 1.0);
-        let k = rand_vec(&mut rng, ctx * kv_heads * hd, 1.0);
+        // New keys and values, one of them beyond f16's range (stored clamped, not inf).
+        let mut k_new = rand_vec(&mut rng, t * kv_dim, 1.0);
+        let mut v_new = rand_vec(&mut rng, t * kv_dim, 1.0);
+        v_new[1] = 1e6;
+        k_new[kv_dim - 1] = -3e5;
+        let kc = to_pairs(&rand_vec(&mut rng, ctx * kv_dim, 1.0), hd);
+        let vc = to_pairs(&rand_vec(&mut rng, ctx * kv_dim, 1.0), hd);
         let rope = flexquant::model::ops::Rope::new(theta, hd, pos0, t);
         let mut want_q = q.clone();
         rope.apply(&mut want_q, heads);
-        let mut want_k = k.clone();
-        rope.apply(
-            &mut want_k[pos0 * kv_heads * hd..(pos0 + t) * kv_heads * hd],
-            kv_heads,
-        );
+        let mut rotated = k_new.clone();
+        rope.apply(&mut rotated, kv_heads);
+        let rows = pos0 * kv_dim / 2..(pos0 + t) * kv_dim / 2;
+        let clamp = |v: &[f32]| {
+            v.iter()
+                .map(|x| x.clamp(-65504.0, 65504.0))
+                .collect::<Vec<_>>()
+        };
+        let stored = |cache: &[u32], new: &[f32]| {
+            let mut want = from_pairs(cache, hd);
+            want[rows.start * 2..rows.end * 2].copy_from_slice(&clamp(new));
+            want
+        };
+        let (want_k, want_v) = (stored(&kc, &rotated), stored(&vc, &v_new));
         let params = RopeParams {
             q_stride: (heads * hd) as u32,
-            k_stride: (kv_heads * hd) as u32,
+            kv_stride: kv_dim as u32,
             q_heads: heads as u32,
             k_heads: kv_heads as u32,
             head_dim: hd as u32,
@@ -404,18 +442,41 @@ fn rope_matches_cpu_for_queries_and_cache_rows() {
             Kernel::Rope,
             &params,
             (t as u32, pos0 as u32),
-            &[&bytes(&table)],
-            &[&bytes(&q), &bytes(&k)],
+            &[&bytes(&table), &bytes(&k_new), &bytes(&v_new)],
+            &[
+                &bytes(&q),
+                bytemuck::cast_slice(&kc),
+                bytemuck::cast_slice(&vc),
+            ],
             [
-                (((heads + kv_heads) * hd / 2) as u32).div_ceil(64),
+                (((heads + 2 * kv_heads) * hd / 2) as u32).div_ceil(64),
                 t as u32,
                 1,
             ],
         );
         let e = common_max_abs(&f32s(&out[0]), &want_q);
         assert!(e < 1e-6, "rope queries pos0 {pos0}: max abs error {e:.2e}");
-        let e = common_max_abs(&f32s(&out[1]), &want_k);
-        assert!(e < 1e-6, "rope K cache pos0 {pos0}: max abs error {e:.2e}");
+        for (name, got, want, cache) in [("K", &out[1], &want_k, &kc), ("V", &out[2], &want_v, &vc)]
+        {
+            let got = u32s(got);
+            // Rows outside the call's positions are left bit for bit.
+            let outside = (0..got.len()).filter(|i| !rows.contains(i));
+            assert!(
+                outside.clone().all(|i| got[i] == cache[i]),
+                "rope {name} cache pos0 {pos0}: a row outside the call's positions changed"
+            );
+            // The call's rows within f16's rounding (half an ulp, 2^-11 relative).
+            let got = from_pairs(&got, hd);
+            for i in rows.start * 2..rows.end * 2 {
+                let err = (got[i] - want[i]).abs();
+                assert!(
+                    err <= want[i].abs() * 2f32.powi(-11) + 1e-7,
+                    "rope {name} cache pos0 {pos0}, element {i}: {} for {}",
+                    got[i],
+                    want[i]
+                );
+            }
+        }
     }
 }
 
@@ -442,8 +503,10 @@ fn attention_matches_cpu_over_the_cache() {
         let (q_dim, kv_dim) = (nh * hd, nkv * hd);
         let n = pos0 + t;
         let q = rand_vec(&mut rng, t * q_dim, 1.0);
-        let kc = rand_vec(&mut rng, n * kv_dim, 1.0);
-        let vc = rand_vec(&mut rng, n * kv_dim, 1.0);
+        // The cache in f16 pairs; the reference reads the same rounded values.
+        let kc_pairs = to_pairs(&rand_vec(&mut rng, n * kv_dim, 1.0), hd);
+        let vc_pairs = to_pairs(&rand_vec(&mut rng, n * kv_dim, 1.0), hd);
+        let (kc, vc) = (from_pairs(&kc_pairs, hd), from_pairs(&vc_pairs, hd));
         let scale = 1.0 / (hd as f64).sqrt();
         let mut want = vec![0f64; t * q_dim];
         for i in 0..t {
@@ -479,7 +542,7 @@ fn attention_matches_cpu_over_the_cache() {
                 group: (nh / nkv) as u32,
                 head_dim: hd as u32,
                 q_stride: q_dim as u32,
-                kv_stride: kv_dim as u32,
+                kv_stride: (kv_dim / 2) as u32,
                 scale: scale as f32,
                 n_heads: nh as u32,
                 split_keys,
@@ -487,7 +550,11 @@ fn attention_matches_cpu_over_the_cache() {
             };
             let out0 = vec![0f32; t * q_dim];
             let part0 = vec![0f32; t * nh * splits as usize * (hd + 2)];
-            let inputs = [&bytes(&q)[..], &bytes(&kc), &bytes(&vc)];
+            let inputs = [
+                &bytes(&q)[..],
+                bytemuck::cast_slice(&kc_pairs),
+                bytemuck::cast_slice(&vc_pairs),
+            ];
             let mut out = run(
                 Kernel::Attention,
                 &params,

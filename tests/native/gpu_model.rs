@@ -35,7 +35,7 @@ fn tiny_model_prefill_and_decode_match_cpu_for_mixed_bits() {
         .tokenizer
         .encode("It is a truth universally acknowledged")
         .unwrap();
-    let mut cache = KvCache::new(&r, 64);
+    let mut cache = KvCache::f16(&r, 64);
     let want = forward::forward_all(&r, &tokens, &mut cache).unwrap();
 
     // Decode with each RMSNorm folded into the matvecs after it (the default), and without.

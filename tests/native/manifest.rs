@@ -338,15 +338,16 @@ fn step_perplexity_interpolates_and_floors_follow_it() {
 /// every file it runs on (its module versions, base, tokenizer) is held.
 #[test]
 fn inspection_and_cache_report_follow_the_trajectory() {
-    use flexquant::ensemble::inspect::{cache_report, inspect};
+    use flexquant::runtime::inspect::{cache_report, inspect};
     let m = sample();
     let n = m.n_modules();
     let last = m.trajectory.len() - 1;
     let i = inspect(&m, 64);
     let c = &m.config;
+    // Keys and values in f16, every layer.
     assert_eq!(
         i.kv_bytes_per_token,
-        8 * (c.num_hidden_layers * c.kv_dim()) as u64
+        4 * (c.num_hidden_layers * c.kv_dim()) as u64
     );
     assert_eq!(i.kv_bytes, 64 * i.kv_bytes_per_token);
     assert_eq!(
@@ -424,7 +425,7 @@ fn packs_tile_exactly_and_need_version_2() {
     // Step 0's packs hold only step 0's files: the first load fetches what it did unpacked;
     // a swap's pack brings more than its file.
     let (packed, plain) = {
-        use flexquant::ensemble::inspect::inspect;
+        use flexquant::runtime::inspect::inspect;
         (inspect(&m, 64), inspect(&sample(), 64))
     };
     assert_eq!(packed.first_load_bytes, plain.first_load_bytes);

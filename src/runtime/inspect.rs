@@ -1,10 +1,10 @@
-//! What an ensemble needs before it is loaded (`Engine.inspect`, `flexquant info
-//! --ensemble`): its trajectory with footprints, perplexities and mean bits, the KV cache per
+//! What an ensemble needs before it is loaded (`Engine.inspect`): its trajectory with footprints, perplexities and mean bits, the KV cache per
 //! token, the least and most memory a given context needs, and what it downloads; and, given
 //! which files a cache holds, which steps run offline (`Engine.cached`).
 
 use crate::ensemble::manifest::{FileRef, Manifest};
 use crate::model::weights::ModuleId;
+use crate::runtime::backend::kv_cache_bytes;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -33,7 +33,8 @@ pub struct Inspection {
     pub n_low: u32,
     pub group_size: usize,
     pub trajectory: Vec<StepInfo>,
-    /// KV cache bytes per position (f32 keys and values, every layer).
+    /// KV cache bytes per position (f16 keys and values, every layer: both backends'
+    /// `runtime::backend::kv_cache_bytes`).
     pub kv_bytes_per_token: u64,
     /// The context these totals are for, and its KV cache.
     pub context: usize,
@@ -79,8 +80,8 @@ fn step_changes(m: &Manifest) -> (Vec<&FileRef>, Changes<'_>) {
 pub fn inspect(m: &Manifest, context: usize) -> Inspection {
     let c = &m.config;
     let context = context.clamp(1, c.max_position_embeddings);
-    let kv_per_token = 2 * 4 * c.num_hidden_layers as u64 * c.kv_dim() as u64;
-    let kv = kv_per_token * context as u64;
+    let kv_per_token = kv_cache_bytes(c, 1);
+    let kv = kv_cache_bytes(c, context);
     let ppl = m.step_perplexity();
     let params: Vec<u64> = (0..m.n_modules())
         .map(|i| {
