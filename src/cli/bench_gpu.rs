@@ -14,6 +14,7 @@ use flexquant::gpu::{Gpu, Model, ModelOptions};
 use flexquant::model::weights::LayerNorms;
 use flexquant::model::{Linear, ModuleId, Weights};
 use flexquant::quant::weights::{gpu_model, rtn_modules};
+use flexquant::runtime::DEFAULT_CONTEXT;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -194,11 +195,16 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
     let m = &w;
     let c = &w.config;
     let n = w.modules.len();
+    // The configuration the browser and the CLI decode with: their default context, which
+    // fixes attention's ranges (a combine pass per layer past 128 positions, at every token),
+    // and the 40 candidates the top-k returns. Until stop 42 the benchmark ran a context of
+    // its own tokens (one range) and one candidate, so neither cost was in its figures.
     let opts = ModelOptions {
-        context: (a.gpu_prefill_tokens + a.gpu_decode_tokens + 16).min(c.max_position_embeddings),
+        context: DEFAULT_CONTEXT
+            .max(a.gpu_prefill_tokens + a.gpu_decode_tokens + 16)
+            .min(c.max_position_embeddings),
         max_batch: 64,
         logit_rows: 1,
-        top_k: 1,
         ..Default::default()
     };
     let gpu = Arc::new(Gpu::new_blocking(Model::requirements(c, &opts))?);
@@ -402,6 +408,8 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
         "swap_seconds": swap_s,
         "swap_vs_token": swap_s / timed[1].token_s,
         "prefill_tokens": a.gpu_prefill_tokens,
+        "context": opts.context,
+        "top_k": opts.top_k,
         "prefill_tok_s": prefill_tok_s,
         "plane_kernel": plane_kernel,
     });
