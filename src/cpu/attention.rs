@@ -1,4 +1,5 @@
-//! Causal grouped-query attention over the f32 KV cache, one (token, head) pair per task.
+//! Causal grouped-query attention over the KV cache (widened to f32 per layer, `cpu::kv`), one
+//! (token, head) pair per task.
 
 use crate::cpu::par;
 use crate::model::LlamaConfig;
