@@ -84,7 +84,7 @@ impl CpuModel {
             .filter(|&n| n <= isize::MAX as usize / 2)
             .ok_or_else(|| Error::OutOfMemory {
                 what: "the KV cache".into(),
-                requested: KV_ELEMENT_BYTES * capacity as u64 * config.kv_dim() as u64,
+                requested: crate::runtime::backend::kv_layer_bytes(config, capacity),
                 budget: None,
             })?;
         let mut model = CpuModel {

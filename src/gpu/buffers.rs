@@ -33,8 +33,7 @@ pub(crate) fn attention_splits(o: &ModelOptions) -> u32 {
 
 /// Bytes of one layer's keys (or values): f16 pairs, `o.context` positions (`rope.wgsl`).
 pub(crate) fn kv_layer_bytes(c: &LlamaConfig, o: &ModelOptions) -> u64 {
-    let layers = 2 * c.num_hidden_layers as u64;
-    crate::runtime::backend::kv_cache_bytes(c, o.context) / layers.max(1)
+    crate::runtime::backend::kv_layer_bytes(c, o.context)
 }
 
 /// (name, bytes) of every activation buffer (`Activations::create` finds each by its name).

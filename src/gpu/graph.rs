@@ -110,8 +110,9 @@ pub(crate) fn module_io(a: &Activations, kind: ModuleKind) -> (&GpuBuffer, &GpuB
     }
 }
 
-/// qlinear.wgsl's parameters for a module: O and down add into the residual stream, up turns the gate's output into SwiGLU's; a module that reads
-/// a norm's output carries its epsilon (for `MatvecNorm`).
+/// qlinear.wgsl's parameters for a module: O and down add into the residual stream, up turns
+/// the gate's output into SwiGLU's; a module that reads a norm's output carries its epsilon
+/// (for `MatvecNorm`).
 pub(crate) fn qlinear_params(s: PackedShape, kind: ModuleKind, c: &LlamaConfig) -> QlinearParams {
     QlinearParams {
         eps: if module_norm(kind).is_some() {

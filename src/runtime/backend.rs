@@ -13,10 +13,15 @@ use std::sync::Arc;
 /// (`cpu::kv`, `shaders/rope.wgsl`) and compute attention in f32.
 pub const KV_ELEMENT_BYTES: u64 = 2;
 
-/// Bytes of a KV cache of `positions` positions (keys and values, every layer; in u64: on
-/// wasm32 the usize product of a hostile config could wrap).
+/// Bytes of one layer's keys (or values) for `positions` positions (in u64: on wasm32 the
+/// usize product of a hostile config could wrap).
+pub fn kv_layer_bytes(c: &LlamaConfig, positions: usize) -> u64 {
+    KV_ELEMENT_BYTES * positions as u64 * c.kv_dim() as u64
+}
+
+/// Bytes of a KV cache of `positions` positions (keys and values, every layer).
 pub fn kv_cache_bytes(c: &LlamaConfig, positions: usize) -> u64 {
-    2 * KV_ELEMENT_BYTES * c.num_hidden_layers as u64 * positions as u64 * c.kv_dim() as u64
+    2 * c.num_hidden_layers as u64 * kv_layer_bytes(c, positions)
 }
 
 /// A model at one EQM with its KV cache. Every method leaves the model as it was on error.

@@ -1,6 +1,7 @@
-//! What an ensemble needs before it is loaded (`Engine.inspect`): its trajectory with footprints, perplexities and mean bits, the KV cache per
-//! token, the least and most memory a given context needs, and what it downloads; and, given
-//! which files a cache holds, which steps run offline (`Engine.cached`).
+//! What an ensemble needs before it is loaded (`Engine.inspect`): its trajectory with
+//! footprints, perplexities and mean bits, the KV cache per token, the least and most memory a
+//! given context needs, and what it downloads; and, given which files a cache holds, which
+//! steps run offline (`Engine.cached`).
 
 use crate::ensemble::manifest::{FileRef, Manifest};
 use crate::model::weights::ModuleId;
