@@ -268,7 +268,7 @@ export interface Stats {
   cacheBytes: number;
   prefetching: boolean;
   contextTokens: number;
-  /** Positions the KV cache holds: the prompt plus the answer must fit. */
+  /** Positions the KV cache may hold (it grows to them as used): the prompt plus the answer must fit. */
   contextLength: number;
   /** Bits of every module, ModuleId order (layer-major: q k v o gate up down). */
   bits: number[];

@@ -1892,3 +1892,71 @@ async fn parallel_downloads_retry_and_report_one_total() {
 
 #[path = "web/faults.rs"]
 mod faults;
+
+/// The KV cache grows with the conversation and the controller follows it, on both backends:
+/// a model loads holding one block of the cache; under a budget that held that, a long prompt
+/// grows the cache and the model steps down between tokens (the held bytes always equal the
+/// step's footprint plus the overheads the controller counts); `resetChat` frees the cache
+/// and the model steps back up.
+#[wasm_bindgen_test]
+async fn the_kv_cache_grows_with_the_conversation_and_the_controller_follows() {
+    use flexquant::runtime::backend::KV_BLOCK;
+    let ins = val(flexquant::web::cache_admin::inspect_ensemble(
+        url("/tiny/manifest.json"),
+        JsValue::NULL,
+    )
+    .await
+    .unwrap());
+    let block = KV_BLOCK as u64 * ins["kvBytesPerToken"].as_u64().unwrap();
+    let policy = json!({"up_delay_ms": 0.0, "fault_cooldown_ms": 0.0, "max_up_growth": 100.0});
+    for backend in ["webgpu", "cpu"] {
+        let opts = json!({"backend": backend, "policy": policy});
+        let (e, ev) = engine("/tiny/manifest.json", opts).await.unwrap();
+        let held = |s: &Value| s["heldBytes"].as_u64().unwrap();
+        let want = |s: &Value| {
+            s["footprintBytes"].as_u64().unwrap() + s["overheadBytes"].as_u64().unwrap()
+        };
+        let s = stats(&e);
+        assert_eq!(held(&s), want(&s), "{backend} at load: {s}");
+        let at_load = s["overheadBytes"].as_u64().unwrap();
+        call(e.set_memory_budget(JsValue::from(budget_for(&e, 0) as f64)))
+            .await
+            .unwrap();
+        assert_eq!(stats(&e)["step"], 0, "{backend}: the loaded step fits");
+
+        // Past two blocks of positions (the tiny model's tokens are bytes).
+        let long = "Elizabeth walked to Netherfield. ".repeat(KV_BLOCK / 16);
+        start(&e, &[user(&long)], 4).await;
+        let s = stats(&e);
+        assert!(
+            s["overheadBytes"].as_u64().unwrap() >= at_load + 2 * block,
+            "{backend}: the cache grew by two blocks at least: {s}"
+        );
+        assert_eq!(held(&s), want(&s), "{backend} after the prompt: {s}");
+        chunk(&e).await;
+        let s = stats(&e);
+        let last = s["steps"].as_u64().unwrap() - 1;
+        assert_eq!(
+            s["step"], last,
+            "{backend}: stepped down for the cache: {s}"
+        );
+        assert_eq!(held(&s), want(&s), "{backend} after the step down: {s}");
+        finish(&e).await;
+
+        call(e.reset_chat()).await.unwrap();
+        let s = stats(&e);
+        assert!(
+            s["overheadBytes"].as_u64().unwrap() < at_load,
+            "{backend}: the cache was freed: {s}"
+        );
+        while call(e.rebalance()).await.unwrap() == true {}
+        let s = stats(&e);
+        assert_eq!(s["step"], 0, "{backend}: back up after the reset: {s}");
+        assert_eq!(held(&s), want(&s), "{backend} after the reset: {s}");
+        start(&e, &[user("Hi")], 2).await;
+        let (_, n, _) = finish(&e).await;
+        assert!(n >= 1, "{backend}: answers after the reset");
+        assert_no_errors(&ev);
+        call(e.unload()).await.unwrap();
+    }
+}

@@ -126,7 +126,7 @@ where
             .block()?[0],
     )?;
     let footprints: Vec<u64> = m.trajectory.iter().map(|t| t.footprint_bytes).collect();
-    let kv = flexquant::runtime::backend::kv_cache_bytes(&m.config, context);
+    let kv = flexquant::runtime::backend::kv_cache_bytes_at_load(&m.config, context);
     let mut elastic = Elastic::new(footprints, kv, Policy::default())?;
     if let Some(step) = s.step {
         if step >= m.trajectory.len() {

@@ -13,13 +13,16 @@ impl Backend for CpuModel {
     type Error = Error;
 
     fn context(&self) -> usize {
-        self.capacity()
+        CpuModel::context(self)
     }
     fn len(&self) -> usize {
         CpuModel::len(self)
     }
     fn truncate(&mut self, n: usize) {
         CpuModel::truncate(self, n)
+    }
+    fn release_kv(&mut self) {
+        CpuModel::release_kv(self)
     }
     async fn step(&mut self, tokens: &[u32]) -> Result<Vec<(u32, f32)>> {
         if tokens.len() == 1 {
@@ -54,7 +57,7 @@ impl Backend for CpuModel {
         stride: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<crate::model::eval::Perplexity> {
-        let max = self.capacity();
+        let max = self.context();
         crate::model::eval::perplexity_with(tokens, ctx, stride, max, progress, |w, skip| {
             self.truncate(0);
             if skip > 1 {
@@ -68,7 +71,7 @@ impl Backend for CpuModel {
     }
 }
 
-/// Makes packed CPU models with a KV cache of `context` positions, holding at most `budget`
+/// Makes packed CPU models with a KV cache of up to `context` positions, holding at most `budget`
 /// bytes.
 pub struct CpuFactory {
     pub context: usize,

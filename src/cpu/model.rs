@@ -1,6 +1,7 @@
 //! The packed CPU backend's model: the base shard and one packed version per module held as
 //! shipped (codes and f16 scales; nothing dequantized but the embedding row of each token), an
-//! f16 KV cache (`cpu::kv`), and the forward pass of `model::forward` with every projection through
+//! f16 KV cache (`cpu::kv`) that grows with the conversation (`runtime::backend::kv_grown`),
+//! and the forward pass of `model::forward` with every projection through
 //! `kernel::matmul`.
 
 use crate::cpu::act::Q16;
@@ -24,11 +25,14 @@ pub struct CpuModel {
     base: Arc<Base>,
     /// `ModuleId::index()` order.
     modules: Vec<PackedMatrix>,
-    /// `[layer][capacity * kv_dim]` f16 bit patterns, allocated up front.
+    /// `[layer][capacity * kv_dim]` f16 bit patterns.
     k: Vec<Vec<u16>>,
     v: Vec<Vec<u16>>,
     len: usize,
+    /// Positions allocated (grown as the conversation needs, up to `context`).
     capacity: usize,
+    /// Positions the cache may hold.
+    context: usize,
     top_k: usize,
     /// Tokens whose logits `step` returns besides the top candidates.
     watched: Vec<u32>,
@@ -38,21 +42,23 @@ pub struct CpuModel {
     budget: Option<u64>,
 }
 
-/// `n` zeroed f16 values, or an out-of-memory error naming `what` (wasm memory can run out).
-fn zeroed(n: usize, what: &str) -> Result<Vec<u16>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
-        what: what.into(),
-        requested: KV_ELEMENT_BYTES * n as u64,
-        budget: None,
-    })?;
+/// `v` lengthened with zeros to `n` f16 values, or an out-of-memory error naming `what`
+/// (wasm memory can run out); on error `v` is as it was.
+fn grow_zeroed(v: &mut Vec<u16>, n: usize, what: &str) -> Result<()> {
+    v.try_reserve_exact(n.saturating_sub(v.len()))
+        .map_err(|_| Error::OutOfMemory {
+            what: what.into(),
+            requested: KV_ELEMENT_BYTES * n as u64,
+            budget: None,
+        })?;
     v.resize(n, 0);
-    Ok(v)
+    Ok(())
 }
 
 impl CpuModel {
-    /// The EQM of `base` and `modules` with a KV cache of `context` positions (clamped to the
-    /// model's maximum), refusing to hold more than `budget` bytes.
+    /// The EQM of `base` and `modules` with a KV cache of up to `context` positions (clamped to
+    /// the model's maximum; one block allocated now, more as the conversation grows), refusing
+    /// to hold more than `budget` bytes.
     pub fn new(
         config: &LlamaConfig,
         base: Arc<Base>,
@@ -77,30 +83,33 @@ impl CpuModel {
                 )));
             }
         }
-        let capacity = context.clamp(1, config.max_position_embeddings);
+        let context = context.clamp(1, config.max_position_embeddings);
         let layers = config.num_hidden_layers;
-        let kv = capacity
+        if context
             .checked_mul(config.kv_dim())
-            .filter(|&n| n <= isize::MAX as usize / 2)
-            .ok_or_else(|| Error::OutOfMemory {
+            .is_none_or(|n| n > isize::MAX as usize / 2)
+        {
+            return Err(Error::OutOfMemory {
                 what: "the KV cache".into(),
-                requested: crate::runtime::backend::kv_layer_bytes(config, capacity),
+                requested: crate::runtime::backend::kv_layer_bytes(config, context),
                 budget: None,
-            })?;
+            });
+        }
         let mut model = CpuModel {
             config: config.clone(),
             base,
             modules,
-            k: Vec::with_capacity(layers),
-            v: Vec::with_capacity(layers),
+            k: vec![Vec::new(); layers],
+            v: vec![Vec::new(); layers],
             len: 0,
-            capacity,
+            capacity: 0,
+            context,
             top_k: crate::runtime::generate::TOP_K,
             watched: Vec::new(),
             log_z: f32::NAN,
             budget,
         };
-        let need = model.weight_bytes() + model.kv_bytes();
+        let need = model.weight_bytes();
         if let Some(b) = budget.filter(|&b| need > b) {
             return Err(Error::OutOfMemory {
                 what: "the model".into(),
@@ -108,11 +117,43 @@ impl CpuModel {
                 budget: Some(b),
             });
         }
-        for _ in 0..layers {
-            model.k.push(zeroed(kv, "the KV cache")?);
-            model.v.push(zeroed(kv, "the KV cache")?);
-        }
+        model.reserve_kv(1)?;
         Ok(model)
+    }
+
+    /// Makes room for `needed` positions (`runtime::backend::kv_grown`), the cached ones kept.
+    /// On error the cache holds what it held.
+    pub fn reserve_kv(&mut self, needed: usize) -> Result<()> {
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        let positions = crate::runtime::backend::kv_grown(self.capacity, needed, self.context);
+        let what = || format!("the KV cache for {positions} positions");
+        let c = &self.config;
+        let extra = crate::runtime::backend::kv_cache_bytes(c, positions)
+            - crate::runtime::backend::kv_cache_bytes(c, self.capacity);
+        if let Some(b) = self.budget.filter(|&b| self.held_bytes() + extra > b) {
+            return Err(Error::OutOfMemory {
+                what: what(),
+                requested: self.held_bytes() + extra,
+                budget: Some(b),
+            });
+        }
+        let n = positions * c.kv_dim();
+        for cache in self.k.iter_mut().chain(&mut self.v) {
+            grow_zeroed(cache, n, &what())?;
+        }
+        self.capacity = positions;
+        Ok(())
+    }
+
+    /// Forgets every position and frees the KV cache (`Backend::release_kv`).
+    pub fn release_kv(&mut self) {
+        self.len = 0;
+        self.capacity = 0;
+        for cache in self.k.iter_mut().chain(&mut self.v) {
+            *cache = Vec::new();
+        }
     }
 
     /// Candidates per token (`usize::MAX`: the whole vocabulary).
@@ -134,8 +175,10 @@ impl CpuModel {
             .sum::<u64>()
     }
 
+    /// Counted from the caches themselves (a growth that failed half-way leaves some longer).
     fn kv_bytes(&self) -> u64 {
-        crate::runtime::backend::kv_cache_bytes(&self.config, self.capacity)
+        let elements: usize = self.k.iter().chain(&self.v).map(Vec::len).sum();
+        KV_ELEMENT_BYTES * elements as u64
     }
 
     pub fn held_bytes(&self) -> u64 {
@@ -150,6 +193,12 @@ impl CpuModel {
         self.len == 0
     }
 
+    /// Positions the KV cache may hold.
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// Positions the KV cache has room for now.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -219,10 +268,10 @@ impl CpuModel {
         if t == 0 {
             return Err(Error::input("no tokens to run"));
         }
-        if pos0 + t > self.capacity {
+        if pos0 + t > self.context {
             return Err(Error::input(format!(
                 "{t} tokens after {pos0} cached exceed the context of {} tokens",
-                self.capacity
+                self.context
             )));
         }
         let mut x = vec![0f32; t * h];
@@ -235,6 +284,7 @@ impl CpuModel {
             }
             self.base.embed.dequantize_row(tok as usize, row);
         }
+        self.reserve_kv(pos0 + t)?;
         let rope = Rope::new(c.rope_theta, c.head_dim(), pos0, t);
         let kv_dim = c.kv_dim();
         let mut xn = vec![0f32; t * h];

@@ -23,6 +23,9 @@ impl Backend for Model {
     fn truncate(&mut self, n: usize) {
         Model::truncate(self, n)
     }
+    fn release_kv(&mut self) {
+        Model::release_kv(self)
+    }
     async fn step(&mut self, tokens: &[u32]) -> GpuResult<Vec<(u32, f32)>> {
         Model::step(self, tokens).await
     }
@@ -33,7 +36,7 @@ impl Backend for Model {
         Model::log_z(self)
     }
     async fn prefill(&mut self, tokens: &[u32]) -> GpuResult<()> {
-        Model::prefill(self, tokens)
+        Model::prefill(self, tokens).await
     }
     async fn set_module(&mut self, id: ModuleId, m: PackedMatrix) -> GpuResult<()> {
         Model::set_module(self, id, &m).await

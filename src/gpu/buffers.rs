@@ -31,7 +31,8 @@ pub(crate) fn attention_splits(o: &ModelOptions) -> u32 {
         .max(1)
 }
 
-/// Bytes of one layer's keys (or values): f16 pairs, `o.context` positions (`rope.wgsl`).
+/// Bytes of one layer's keys (or values) at the most (the cache grows to `o.context`
+/// positions): f16 pairs (`rope.wgsl`).
 pub(crate) fn kv_layer_bytes(c: &LlamaConfig, o: &ModelOptions) -> u64 {
     crate::runtime::backend::kv_layer_bytes(c, o.context)
 }
@@ -199,14 +200,16 @@ impl BaseBuffers {
     }
 }
 
-/// The KV cache: `[k, v]` per layer, `context` positions each.
+/// The KV cache: `[k, v]` per layer, `positions` positions each.
 pub(crate) async fn create_kv(
     alloc: &Allocator,
     c: &LlamaConfig,
-    o: &ModelOptions,
+    positions: usize,
 ) -> GpuResult<Vec<[GpuBuffer; 2]>> {
-    let bytes = kv_layer_bytes(c, o);
-    let st = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+    let bytes = crate::runtime::backend::kv_layer_bytes(c, positions);
+    // COPY_SRC: a cache that grows is copied into the larger one.
+    let st =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
     let mut kv = Vec::new();
     for l in 0..c.num_hidden_layers {
         kv.push([

@@ -35,6 +35,8 @@ pub(crate) struct Op {
     pub kernel: Kernel,
     pub bind_group: wgpu::BindGroup,
     pub grid: Grid,
+    /// Its parameter slot (rebinding an op keeps it).
+    pub slot: u64,
 }
 
 pub(crate) enum Dispatch {
@@ -71,6 +73,43 @@ pub(crate) struct Graph {
     pub nll: Op,
     /// The watched tokens' logits after the top-k's results (one-token steps that watch).
     pub gather: Op,
+    /// `(layer, index in layers)` of every op that binds a layer's KV cache (RoPE stores into
+    /// it, attention reads it): rebound when the cache grows (`Graph::rebind_kv`).
+    pub kv_ops: Vec<(usize, usize)>,
+}
+
+/// The buffers `kernel` (RoPE, attention or its combine pass) binds for one layer, in binding
+/// order: the one list the graph and `Graph::rebind_kv` bind.
+fn kv_op_buffers<'a>(
+    kernel: Kernel,
+    rope: &'a GpuBuffer,
+    a: &'a Activations,
+    [kc, vc]: &'a [GpuBuffer; 2],
+) -> Vec<&'a GpuBuffer> {
+    match kernel {
+        Kernel::Rope => vec![rope, &a.k_new, &a.v_new, &a.q, kc, vc],
+        _ => vec![&a.q, kc, vc, &a.att, &a.att_part],
+    }
+}
+
+impl Graph {
+    /// Points the ops that bind the KV cache at `kv` (one pair of buffers per layer), e.g. a
+    /// larger cache the old one was copied into.
+    pub fn rebind_kv(
+        &mut self,
+        at: &SlotBinding,
+        kernels: &mut Kernels,
+        rope: &GpuBuffer,
+        a: &Activations,
+        kv: &[[GpuBuffer; 2]],
+    ) {
+        for &(l, i) in &self.kv_ops {
+            if let Dispatch::Fixed(op) = &mut self.layers[i] {
+                let storage = kv_op_buffers(op.kernel, rope, a, &kv[l]);
+                op.bind_group = at.bind(kernels, op.kernel, op.slot, &storage);
+            }
+        }
+    }
 }
 
 /// Parameter slots: 11 per layer (2 norms, 7 modules, RoPE, attention), one more where
@@ -215,10 +254,11 @@ struct Layer<'a> {
     modules: &'a [PackedMatrix],
 }
 
-/// The layers' dispatches in order and their modules' slots.
+/// The layers' dispatches in order, their modules' slots and their ops that bind the KV cache.
 struct Layers {
     ops: Vec<Dispatch>,
     slots: Vec<Slot>,
+    kv_ops: Vec<(usize, usize)>,
 }
 
 /// Collects parameter blocks and makes the bind groups that point at their slots.
@@ -254,6 +294,7 @@ impl Builder<'_> {
             kernel,
             bind_group: self.bind(kernel, slot, storage),
             grid,
+            slot,
         }
     }
 
@@ -275,7 +316,6 @@ impl Builder<'_> {
             c.n_kv_heads() as u32,
         );
         let (q_dim, kv_dim) = (c.q_dim() as u32, c.kv_dim() as u32);
-        let [kc, vc] = layer_kv;
         let [attn_norm, ffn_norm] = norms;
         let norm = RmsNormParams {
             n: c.hidden_size as u32,
@@ -334,9 +374,10 @@ impl Builder<'_> {
                 head_dim: hd,
                 sin_base: x.opts.context as u32 * hd / 2,
             },
-            &[x.rope, &a.k_new, &a.v_new, &a.q, kc, vc],
+            &kv_op_buffers(Kernel::Rope, x.rope, a, layer_kv),
             Grid::PerToken(((nh + 2 * nkv) * hd / 2).div_ceil(WG)),
         );
+        out.kv_ops.push((l, out.ops.len()));
         out.ops.push(Dispatch::Fixed(rope));
         let splits = attention_splits(x.opts);
         let attention = AttentionParams {
@@ -349,13 +390,14 @@ impl Builder<'_> {
             split_keys: ATTENTION_SPLIT_KEYS,
             splits,
         };
-        let att_buffers = [&a.q, kc, vc, &a.att, &a.att_part];
+        let att_buffers = kv_op_buffers(Kernel::Attention, x.rope, a, layer_kv);
         let op = self.op(
             Kernel::Attention,
             &attention,
             &att_buffers,
             Grid::PerTokenZ(nh, splits),
         );
+        out.kv_ops.push((l, out.ops.len()));
         out.ops.push(Dispatch::Fixed(op));
         if splits > 1 {
             let op = self.op(
@@ -364,6 +406,7 @@ impl Builder<'_> {
                 &att_buffers,
                 Grid::PerToken(nh),
             );
+            out.kv_ops.push((l, out.ops.len()));
             out.ops.push(Dispatch::Fixed(op));
         }
         module(self, ModuleKind::O, out);
@@ -423,6 +466,7 @@ impl Builder<'_> {
         let mut layers = Layers {
             ops: Vec::new(),
             slots: Vec::new(),
+            kv_ops: Vec::new(),
         };
         let mut module_bufs = module_bufs.into_iter();
         for (l, (layer_kv, norms)) in kv.iter().zip(&base.norms).enumerate() {
@@ -431,6 +475,7 @@ impl Builder<'_> {
         let Layers {
             ops: layer_ops,
             slots,
+            kv_ops,
         } = layers;
         let final_norm_op = b.op(
             Kernel::RmsNorm,
@@ -464,6 +509,7 @@ impl Builder<'_> {
                 &[head, &a.x, final_norm, &a.logits],
             ),
             grid: head_grid,
+            slot: head_slot,
         });
         let head_all = b.op(
             Kernel::Matmul(BASE_BITS),
@@ -519,6 +565,7 @@ impl Builder<'_> {
             topk: topk_ops,
             nll: nll_op,
             gather: gather_op,
+            kv_ops,
         };
         (graph, slots)
     }

@@ -21,19 +21,21 @@ use crate::gpu::device::{Gpu, Requirements};
 use crate::gpu::error::{GpuError, GpuResult};
 use crate::gpu::graph::{
     folds_norms, param_slots, qlinear_params, Builder, Dispatch, Graph, Grid, ModuleIo, Op, Slot,
+    SlotBinding,
 };
 use crate::gpu::kernels::{
     self, kernel_param_bytes, step_bytes, Kernel, Kernels, PARAM_SLOT, TT, WG,
 };
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{ModuleId, ModuleKind};
+use crate::runtime::backend::kv_grown;
 use crate::runtime::generate::check_watch;
 use serde::Serialize;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ModelOptions {
-    /// Positions the KV cache holds.
+    /// Positions the KV cache may hold (it grows to them as the conversation does).
     pub context: usize,
     /// Tokens per prefill dispatch (activations are sized for this many).
     pub max_batch: usize,
@@ -99,7 +101,10 @@ pub struct Model {
     params: GpuBuffer,
     step: GpuBuffer,
     base: BaseBuffers,
+    /// `[k, v]` per layer, `kv_positions` positions each (empty after `release_kv`).
     kv: Vec<[GpuBuffer; 2]>,
+    /// Positions the KV cache has room for (grown as the conversation needs, up to the context).
+    kv_positions: usize,
     act: Activations,
     modules: Vec<Slot>,
     /// Columns per group of the base's embedding and head.
@@ -287,7 +292,8 @@ impl Model {
             .await?;
         let step = alloc.create("step", 16, uniform).await?;
         let base = BaseBuffers::upload(&alloc, q, &c, &opts, bt).await?;
-        let kv = create_kv(&alloc, &c, &opts).await?;
+        let kv_positions = kv_grown(0, 1, opts.context);
+        let kv = create_kv(&alloc, &c, kv_positions).await?;
         let act = Activations::create(&alloc, &c, &opts).await?;
         let mut module_bufs = Vec::new();
         for (i, m) in modules.iter().enumerate() {
@@ -318,6 +324,7 @@ impl Model {
             step,
             base,
             kv,
+            kv_positions,
             act,
             modules: slots,
             base_group,
@@ -350,6 +357,51 @@ impl Model {
     pub fn truncate(&mut self, n: usize) {
         self.len = self.len.min(n);
     }
+
+    /// Positions the KV cache has room for now.
+    pub fn kv_positions(&self) -> usize {
+        self.kv_positions
+    }
+
+    /// Makes room for `needed` positions (`runtime::backend::kv_grown`): a larger cache with
+    /// the cached positions copied in, bound in place of the old one, which is then freed (both
+    /// are held while the copy is set up). On error the model is as before.
+    pub async fn reserve_kv(&mut self, needed: usize) -> GpuResult<()> {
+        if needed <= self.kv_positions {
+            return Ok(());
+        }
+        let positions = kv_grown(self.kv_positions, needed, self.opts.context);
+        let kv = create_kv(&self.alloc, &self.config, positions).await?;
+        let cached = crate::runtime::backend::kv_layer_bytes(&self.config, self.len);
+        if cached > 0 {
+            let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+            for (old, new) in self.kv.iter().flatten().zip(kv.iter().flatten()) {
+                enc.copy_buffer_to_buffer(&old.buffer, 0, &new.buffer, 0, cached);
+            }
+            self.gpu.queue.submit([enc.finish()]);
+        }
+        let at = SlotBinding {
+            gpu: &self.gpu,
+            params: &self.params,
+            step: &self.step,
+        };
+        let (rope, act) = (&self.base.rope, &self.act);
+        self.graph.rebind_kv(&at, &mut self.kernels, rope, act, &kv);
+        // Commands prepared with the old cache's bind groups go with it.
+        self.prepared = None;
+        self.kv = kv;
+        self.kv_positions = positions;
+        Ok(())
+    }
+
+    /// Forgets every position and frees the KV cache (`Backend::release_kv`); the next call
+    /// that runs tokens allocates and binds a new one.
+    pub fn release_kv(&mut self) {
+        self.len = 0;
+        self.prepared = None;
+        self.kv.clear();
+        self.kv_positions = 0;
+    }
     pub fn allocator(&self) -> &Allocator {
         &self.alloc
     }
@@ -381,7 +433,7 @@ impl Model {
         Footprint {
             base: base_sizes(c, o, self.base_group).iter().map(|x| x.1).sum(),
             modules: self.modules.iter().map(|s| s.shape.bytes() as u64).sum(),
-            kv_cache: crate::runtime::backend::kv_cache_bytes(c, o.context),
+            kv_cache: crate::runtime::backend::kv_cache_bytes(c, self.kv_positions),
             activations: activation_sizes(c, o).iter().map(|x| x.1).sum(),
         }
     }
@@ -469,6 +521,12 @@ impl Model {
             )));
         }
         Ok(())
+    }
+
+    /// Checks `tokens` and makes room for them in the KV cache.
+    async fn admit(&mut self, tokens: &[u32]) -> GpuResult<()> {
+        self.check_tokens(tokens)?;
+        self.reserve_kv(self.len + tokens.len()).await
     }
 
     fn dispatch(&self, pass: &mut wgpu::ComputePass, d: &Dispatch, n: u32) {
@@ -633,7 +691,7 @@ impl Model {
     /// the adapter and the encoder allow together, without a round trip per token. A
     /// benchmark's figure: the tokens are given, not sampled. The cache grows by `tokens`.
     pub async fn pipelined_seconds(&mut self, tokens: &[u32]) -> GpuResult<f64> {
-        self.check_tokens(tokens)?;
+        self.admit(tokens).await?;
         let t = crate::runtime::clock::now_seconds();
         for &tok in tokens {
             self.run_chunk(&[tok], &[], Head::TopK);
@@ -644,8 +702,8 @@ impl Model {
     }
 
     /// Runs `tokens` through every layer in chunks of `max_batch`, `head` on the last chunk.
-    fn run(&mut self, tokens: &[u32], head: Head) -> GpuResult<usize> {
-        self.check_tokens(tokens)?;
+    async fn run(&mut self, tokens: &[u32], head: Head) -> GpuResult<usize> {
+        self.admit(tokens).await?;
         let chunks: Vec<&[u32]> = tokens.chunks(self.opts.max_batch).collect();
         for (i, chunk) in chunks.iter().enumerate() {
             let h = if i + 1 == chunks.len() {
@@ -661,7 +719,7 @@ impl Model {
     /// Runs `tokens` after the cached ones and returns the top-k `(token, logit)` of the next
     /// token, best first: the only bytes that come back per generated token.
     pub async fn step(&mut self, tokens: &[u32]) -> GpuResult<Vec<(u32, f32)>> {
-        self.run(tokens, Head::TopK)?;
+        self.run(tokens, Head::TopK).await?;
         self.prepare_next_step();
         let k = self.opts.top_k as usize;
         let bytes = 8 * k + 4 + 4 * self.watched.len();
@@ -714,7 +772,7 @@ impl Model {
     /// Runs `tokens` and returns the logits of the last one (tests and debugging; a whole
     /// vocabulary comes back).
     pub async fn logits_last(&mut self, tokens: &[u32]) -> GpuResult<Vec<f32>> {
-        self.run(tokens, Head::TopK)?;
+        self.run(tokens, Head::TopK).await?;
         let v = 4 * self.config.vocab_size as u64;
         self.read_buffer(&self.act.logits.buffer, v).await
     }
@@ -729,7 +787,7 @@ impl Model {
                 self.opts.logit_rows
             )));
         }
-        self.check_tokens(tokens)?;
+        self.admit(tokens).await?;
         self.run_chunk(tokens, &[], Head::AllLogits);
         let bytes = 4 * (tokens.len() * self.config.vocab_size) as u64;
         self.read_buffer(&self.act.logits.buffer, bytes).await
@@ -741,9 +799,9 @@ impl Model {
         if targets.len() != tokens.len() {
             return Err(GpuError::Input("one target per token".into()));
         }
-        self.check_tokens(tokens)?;
         self.check_tokens(targets)
             .map_err(|_| GpuError::Input("bad target ids".into()))?;
+        self.admit(tokens).await?;
         let mut out = Vec::with_capacity(tokens.len());
         let rows = self.opts.logit_rows;
         for (tk, tg) in tokens.chunks(rows).zip(targets.chunks(rows)) {
@@ -774,7 +832,7 @@ impl Model {
     }
 
     /// Runs `tokens` into the KV cache without computing logits (a prompt prefix).
-    pub fn prefill(&mut self, tokens: &[u32]) -> GpuResult<()> {
-        self.run(tokens, Head::None).map(|_| ())
+    pub async fn prefill(&mut self, tokens: &[u32]) -> GpuResult<()> {
+        self.run(tokens, Head::None).await.map(|_| ())
     }
 }

@@ -17,7 +17,7 @@ pub async fn perplexity(
         model.truncate(0);
         // Positions before skip - 1 only fill the cache; rows skip-1.. predict skip...
         if skip > 1 {
-            model.prefill(&w[..skip - 1])?;
+            pollster::block_on(model.prefill(&w[..skip - 1]))?;
         }
         let nll = pollster::block_on(model.nll(&w[skip - 1..w.len() - 1], &w[skip..]))?;
         Ok(nll.iter().map(|v| *v as f64).sum::<f64>())

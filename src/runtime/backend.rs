@@ -24,21 +24,48 @@ pub fn kv_cache_bytes(c: &LlamaConfig, positions: usize) -> u64 {
     2 * c.num_hidden_layers as u64 * kv_layer_bytes(c, positions)
 }
 
+/// Bytes of the KV cache a model holds at load for a context of `context` positions (its first
+/// block: the cache grows with the conversation), which the controller counts before a model
+/// exists (then what the model holds).
+pub fn kv_cache_bytes_at_load(c: &LlamaConfig, context: usize) -> u64 {
+    kv_cache_bytes(c, kv_grown(0, 1, context))
+}
+
+/// Both backends allocate their KV cache in whole blocks of this many positions (the WebGPU
+/// engine's attention range, `gpu::kernels::ATTENTION_SPLIT_KEYS`, is as long).
+pub const KV_BLOCK: usize = 128;
+
+/// Positions to allocate so that `needed` fit a cache now holding `held` positions that may
+/// hold at most `context`: the cache grows with the conversation rather than being allocated
+/// for the whole context at load, in whole blocks and by at least a quarter of itself (so the
+/// copies of a long conversation add up to a few times its cache, not its square).
+pub fn kv_grown(held: usize, needed: usize, context: usize) -> usize {
+    let want = needed.max(held.saturating_add(held / 4)).max(1);
+    want.div_ceil(KV_BLOCK)
+        .saturating_mul(KV_BLOCK)
+        .min(context)
+}
+
 /// A model at one EQM with its KV cache. Every method leaves the model as it was on error.
 // Futures of the browser backend are not `Send`; nothing here needs them to be.
 #[allow(async_fn_in_trait)]
 pub trait Backend {
     type Error: std::error::Error + From<crate::Error>;
 
-    /// Positions the KV cache holds.
+    /// Positions the KV cache may hold (the context; the cache grows to it as used).
     fn context(&self) -> usize;
     /// Positions in the KV cache now.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Forgets positions `n..` (rewind to a shared prefix).
+    /// Forgets positions `n..` (rewind to a shared prefix); the memory stays allocated.
     fn truncate(&mut self, n: usize);
+    /// Forgets every position and frees the KV cache's memory (a new conversation); the next
+    /// `step` allocates what it needs.
+    fn release_kv(&mut self) {
+        self.truncate(0);
+    }
     /// Runs `tokens` after the cached ones and returns the next token's top candidates
     /// `(token, logit)`, best first, then the watched tokens (`watch`) that are not among
     /// them, in `watch` order.
@@ -91,4 +118,31 @@ pub trait Factory {
     ) -> Result<Self::Model, <Self::Model as Backend>::Error>;
     /// A label for stats and events, e.g. the adapter's name.
     fn label(&self) -> String;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_grows_in_blocks_by_a_quarter_at_least_up_to_the_context() {
+        assert_eq!(kv_grown(0, 1, 1024), KV_BLOCK);
+        assert_eq!(kv_grown(0, 300, 1024), 3 * KV_BLOCK);
+        assert_eq!(kv_grown(128, 129, 1024), 256);
+        assert_eq!(kv_grown(1024, 1025, 8192), 1280);
+        assert_eq!(kv_grown(0, 1, 40), 40, "a context shorter than a block");
+        assert_eq!(kv_grown(896, 1000, 1000), 1000, "never past the context");
+        // A conversation growing a token at a time copies a few times its final cache (the
+        // quarter), not its square.
+        let context = 32_768;
+        let (mut held, mut copied) = (0, 0);
+        for needed in 1..=context {
+            if needed > held {
+                copied += held;
+                held = kv_grown(held, needed, context);
+            }
+        }
+        assert_eq!(held, context);
+        assert!(copied <= 5 * context, "copied {copied} positions");
+    }
 }

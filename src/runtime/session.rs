@@ -106,10 +106,10 @@ impl<B: Backend> Session<B> {
         &self.tokens
     }
 
-    /// Forgets the conversation.
+    /// Forgets the conversation and frees its KV cache.
     pub fn reset(&mut self) {
         self.tokens.clear();
-        self.model.truncate(0);
+        self.model.release_kv();
     }
 
     /// Puts another model (e.g. rebuilt on a new device) under the conversation and runs the

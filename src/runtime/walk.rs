@@ -474,6 +474,17 @@ where
         }
     }
 
+    /// Tells the controller what the model holds besides its step's weights (the KV cache
+    /// grows with the conversation and is freed with it, so a long answer can make a step
+    /// down needed and a new conversation a step up possible).
+    pub fn note_overheads(&self, run: &Running<F::Model>) {
+        let weights = self.manifest().trajectory[run.step].footprint_bytes;
+        let held = run.session.model.held_bytes();
+        self.elastic
+            .borrow_mut()
+            .set_overheads(held.saturating_sub(weights));
+    }
+
     /// Asks the controller and executes its decision (the host calls this between tokens:
     /// `token_index` is the number of tokens of the running answer so far, `None` outside an
     /// answer). The time since the previous call is a token's: it feeds the speed signal.
@@ -483,6 +494,7 @@ where
         token_index: Option<usize>,
     ) -> Result<Decision, S::Error> {
         self.clock_token(run.step, token_index);
+        self.note_overheads(run);
         let d = self.elastic.borrow_mut().decide(now_ms());
         self.execute(run, d, token_index).await?;
         Ok(d)

@@ -79,6 +79,9 @@ impl Backend for WebModel {
     fn truncate(&mut self, n: usize) {
         each!(self, m => Backend::truncate(m, n))
     }
+    fn release_kv(&mut self) {
+        each!(self, m => Backend::release_kv(m))
+    }
     async fn step(&mut self, tokens: &[u32]) -> WebResult<Vec<(u32, f32)>> {
         Ok(each!(self, m => Backend::step(m, tokens).await?))
     }

@@ -436,7 +436,11 @@ impl Engine {
             }
         };
         let policy = o.policy.unwrap_or_default();
-        let mut elastic = Elastic::new(footprints, kv_estimate(m, &opts), policy)?;
+        let mut elastic = Elastic::new(
+            footprints,
+            crate::runtime::backend::kv_cache_bytes_at_load(&m.config, opts.context),
+            policy,
+        )?;
         if let Some(b) = o.budget_bytes {
             elastic.set_budget(b);
         }
@@ -530,12 +534,6 @@ fn module_file(m: &crate::ensemble::manifest::Manifest, e: &WebError) -> bool {
         .is_some_and(|f| m.modules.iter().any(|v| v.file.file == f))
 }
 
-/// KV cache and activations before a model exists (refined from the model's exact footprint
-/// once it does).
-fn kv_estimate(m: &crate::ensemble::manifest::Manifest, o: &ModelOptions) -> u64 {
-    crate::runtime::backend::kv_cache_bytes(&m.config, o.context)
-}
-
 /// How long the thread pool's workers may take to start before the CPU backend runs on one.
 const POOL_START_MS: i32 = 10_000;
 
@@ -586,6 +584,8 @@ impl Inner {
         s.held_bytes = st.run.session.model.held_bytes();
         s.context_tokens = st.run.session.tokens().len();
         drop(s);
+        // The KV cache grows with the conversation and is freed with it.
+        self.walk.note_overheads(&st.run);
         *self.state.borrow_mut() = Some(st);
     }
 
@@ -853,8 +853,9 @@ impl Inner {
         Ok(chunk)
     }
 
-    /// A failed GPU call: if the device was lost, recover (the caller retries); else the
-    /// error stands.
+    /// A failed call: if the device was lost, recover (the caller retries); out of memory (e.g.
+    /// the KV cache growing with the conversation), a step down if the controller finds one
+    /// (the caller retries); else the error stands.
     async fn after_error(self: &Rc<Self>, st: &mut State, e: WebError) -> WebResult<()> {
         let on_gpu = st.run.session.model.gpu().is_some();
         if on_gpu && !self.flags.lost.borrow().load(Ordering::SeqCst) {
@@ -866,6 +867,13 @@ impl Inner {
         }
         if e.code == Code::OutOfMemory {
             self.walk.elastic.borrow_mut().oom(now_ms());
+            self.walk.note_overheads(&st.run);
+            let before = st.run.step;
+            let d = self.walk.elastic.borrow_mut().decide(now_ms());
+            self.execute(&mut st.run, d, None).await?;
+            if st.run.step > before {
+                return Ok(());
+            }
         }
         Err(e)
     }

@@ -207,3 +207,56 @@ fn demo_logits_and_forced_decoding_match_the_reference() {
         }
     }
 }
+
+/// The KV cache grows with the conversation (`runtime::backend::kv_grown`): one block at load,
+/// larger ones as tokens arrive, the logits bit-identical to a model whose cache was reserved
+/// for the whole context up front; a growth beyond the model's budget is an out-of-memory
+/// error that leaves it as it was; `release_kv` frees the cache.
+#[test]
+fn kv_cache_grows_with_the_conversation_and_is_freed_with_it() {
+    use flexquant::runtime::backend::{kv_cache_bytes, KV_BLOCK};
+    let dir = tempfile::tempdir().unwrap();
+    flexquant::model::tiny::write_tiny_model(dir.path(), 11).unwrap();
+    let m = flexquant::model::load::load(dir.path()).unwrap();
+    let w = &m.weights;
+    let c = &w.config;
+    let modules = rtn_modules(w, |id| BITS[id.index() % BITS.len()], 32).unwrap();
+    let base: std::sync::Arc<_> = rtn_base(w, 32).unwrap().into();
+    let model = |budget| CpuModel::new(c, base.clone(), modules.clone(), 512, budget).unwrap();
+    let tokens: Vec<u32> = (0..300).map(|i| (i * 37 % 250) as u32 + 3).collect();
+
+    let mut reserved = model(None);
+    reserved.reserve_kv(512).unwrap();
+    let mut g = model(None);
+    assert_eq!(g.capacity(), KV_BLOCK, "one block at load");
+    let at_load = g.held_bytes();
+    assert_eq!(
+        reserved.held_bytes() - at_load,
+        kv_cache_bytes(c, 512 - KV_BLOCK)
+    );
+    let mut grown = vec![];
+    for (i, t) in tokens.iter().enumerate() {
+        let (a, b) = (reserved.step(&[*t]).unwrap(), g.step(&[*t]).unwrap());
+        assert_eq!(a, b, "top candidates at position {i}");
+        if grown.last() != Some(&g.capacity()) {
+            grown.push(g.capacity());
+        }
+    }
+    assert_eq!(
+        grown,
+        [128, 256, 384],
+        "cache sizes as the conversation grew"
+    );
+    assert_eq!(g.held_bytes() - at_load, kv_cache_bytes(c, 384 - KV_BLOCK));
+    g.release_kv();
+    assert_eq!((g.len(), g.capacity()), (0, 0));
+    assert_eq!(at_load - g.held_bytes(), kv_cache_bytes(c, KV_BLOCK));
+
+    // Room for one block and a little more: the second block is refused.
+    let mut tight = model(Some(at_load + 1024));
+    tight.hidden(&tokens[..KV_BLOCK]).unwrap();
+    let e = tight.step(&tokens[KV_BLOCK..KV_BLOCK + 1]).unwrap_err();
+    assert!(matches!(e, flexquant::Error::OutOfMemory { .. }), "{e}");
+    assert_eq!((tight.len(), tight.capacity()), (KV_BLOCK, KV_BLOCK));
+    assert_eq!(tight.held_bytes(), at_load);
+}

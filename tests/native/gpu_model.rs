@@ -110,3 +110,87 @@ fn decode_matches(
         "dispatches per token (embedding, layers, head, top-k)"
     );
 }
+
+/// The KV cache grows with the conversation (`runtime::backend::kv_grown`): one block at load,
+/// larger caches with the cached positions copied in as tokens arrive, every logit as the
+/// reference's; a growth the allocator's budget refuses is an out-of-memory error that leaves
+/// the model as it was; `release_kv` frees it and the next call allocates a new one.
+#[test]
+fn kv_cache_grows_with_the_conversation_and_is_freed_with_it() {
+    use flexquant::runtime::backend::{kv_cache_bytes, KV_BLOCK};
+    let Some(gpu) = gpu_arc() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    flexquant::model::tiny::write_tiny_model(dir.path(), 11).unwrap();
+    let m = load::load(dir.path()).unwrap();
+    let w = &m.weights;
+    let c = &w.config;
+    let modules = rtn_modules(w, |id| BITS[id.index() % BITS.len()], 32).unwrap();
+    let r = reference_weights(w, &modules).unwrap();
+    let n = 300;
+    let tokens: Vec<u32> = (0..n).map(|i| (i * 37 % 250) as u32 + 3).collect();
+    let mut cache = KvCache::f16(&r, n);
+    let want = forward::forward_all(&r, &tokens, &mut cache).unwrap();
+    let vocab = c.vocab_size;
+    let opts = ModelOptions {
+        context: 512,
+        max_batch: 64,
+        logit_rows: 1,
+        top_k: 5,
+        fuse_norm: None,
+    };
+    let mut g = pollster::block_on(gpu_model(gpu, w, &modules, opts)).unwrap();
+    let accounted = |g: &flexquant::gpu::Model| {
+        assert_eq!(g.allocator().bytes(), g.footprint().total());
+        assert_eq!(g.held_bytes(), g.footprint().total());
+        assert_eq!(g.footprint().kv_cache, kv_cache_bytes(c, g.kv_positions()));
+    };
+    assert_eq!(g.kv_positions(), KV_BLOCK, "one block at load");
+    accounted(&g);
+    let at_load = g.held_bytes();
+
+    // 100 positions, then one at a time past 128 (-> 256) and 256 (-> 384).
+    pollster::block_on(g.prefill(&tokens[..100])).unwrap();
+    assert_eq!(g.kv_positions(), KV_BLOCK);
+    let mut grown = vec![];
+    for i in 100..n {
+        let lg = pollster::block_on(g.logits_last(&tokens[i..i + 1])).unwrap();
+        let e = rel_err(&lg, &want[i * vocab..(i + 1) * vocab]);
+        assert!(e < TINY_TOL, "logits error {e:.2e} at position {i}");
+        if grown.last() != Some(&g.kv_positions()) {
+            grown.push(g.kv_positions());
+        }
+    }
+    assert_eq!(
+        grown,
+        [128, 256, 384],
+        "cache sizes as the conversation grew"
+    );
+    accounted(&g);
+
+    // A growth beyond the budget: refused, nothing changed, and the next call (budget lifted)
+    // goes on from the same position.
+    g.release_kv();
+    assert_eq!((g.len(), g.kv_positions()), (0, 0));
+    accounted(&g);
+    assert_eq!(
+        at_load - g.held_bytes(),
+        kv_cache_bytes(c, KV_BLOCK),
+        "released"
+    );
+    pollster::block_on(g.prefill(&tokens[..KV_BLOCK])).unwrap();
+    g.set_budget(Some(g.allocator().bytes() + 1024));
+    let e = pollster::block_on(g.logits_last(&tokens[KV_BLOCK..KV_BLOCK + 1])).unwrap_err();
+    assert!(
+        matches!(e, flexquant::gpu::GpuError::OutOfMemory { .. }),
+        "{e}"
+    );
+    assert_eq!((g.len(), g.kv_positions()), (KV_BLOCK, KV_BLOCK));
+    accounted(&g);
+    g.set_budget(None);
+    let i = KV_BLOCK;
+    let lg = pollster::block_on(g.logits_last(&tokens[i..i + 1])).unwrap();
+    let e = rel_err(&lg, &want[i * vocab..(i + 1) * vocab]);
+    assert!(e < TINY_TOL, "logits error {e:.2e} after a refused growth");
+    assert_eq!(g.kv_positions(), 2 * KV_BLOCK);
+    accounted(&g);
+}
