@@ -113,7 +113,9 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     }
 }
 
-// Merges the ranges' partials of one query: dispatch (n_heads, n_tokens).
+// Merges the ranges' partials of one query: dispatch (n_heads, n_tokens). Only the ranges that
+// start before the query's visible keys are read: the engine dispatches attention over the
+// ranges its cache holds now (it grows), and the partials of the others may be stale.
 @compute @workgroup_size(64)
 fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let h = wg.x;
@@ -121,18 +123,20 @@ fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     let hd = p.head_dim;
     let row = hd + 2u;
     let pb = (t * p.n_heads + h) * p.splits * row;
+    let visible = step.pos0 + t + 1u;
+    let ranges = min(p.splits, (visible + p.split_keys - 1u) / p.split_keys);
     var mx = -3.0e38;
-    for (var s = 0u; s < p.splits; s++) {
+    for (var s = 0u; s < ranges; s++) {
         mx = max(mx, part[pb + s * row]);
     }
     var l = 0.0;
-    for (var s = 0u; s < p.splits; s++) {
+    for (var s = 0u; s < ranges; s++) {
         l += part[pb + s * row + 1u] * exp(part[pb + s * row] - mx);
     }
     let qb = t * p.q_stride + h * hd;
     for (var d = li; d < hd; d += TILE) {
         var v = 0.0;
-        for (var s = 0u; s < p.splits; s++) {
+        for (var s = 0u; s < ranges; s++) {
             v += part[pb + s * row + 2u + d] * exp(part[pb + s * row] - mx);
         }
         out[qb + d] = v / l;

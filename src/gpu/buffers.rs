@@ -31,6 +31,15 @@ pub(crate) fn attention_splits(o: &ModelOptions) -> u32 {
         .max(1)
 }
 
+/// Ranges attention is dispatched over while the cache has room for `kv_positions` positions:
+/// the others start past every query's keys (and `combine` does not read them), so a short
+/// conversation's attention costs what its cache holds, not the whole context.
+pub(crate) fn attention_ranges(o: &ModelOptions, kv_positions: usize) -> u32 {
+    (kv_positions as u32)
+        .div_ceil(kernels::ATTENTION_SPLIT_KEYS)
+        .clamp(1, attention_splits(o))
+}
+
 /// Bytes of one layer's keys (or values) at the most (the cache grows to `o.context`
 /// positions): f16 pairs (`rope.wgsl`).
 pub(crate) fn kv_layer_bytes(c: &LlamaConfig, o: &ModelOptions) -> u64 {

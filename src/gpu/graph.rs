@@ -94,7 +94,8 @@ fn kv_op_buffers<'a>(
 
 impl Graph {
     /// Points the ops that bind the KV cache at `kv` (one pair of buffers per layer), e.g. a
-    /// larger cache the old one was copied into.
+    /// larger cache the old one was copied into, and dispatches attention over `ranges` ranges
+    /// (`buffers::attention_ranges`).
     pub fn rebind_kv(
         &mut self,
         at: &SlotBinding,
@@ -102,11 +103,15 @@ impl Graph {
         rope: &GpuBuffer,
         a: &Activations,
         kv: &[[GpuBuffer; 2]],
+        ranges: u32,
     ) {
         for &(l, i) in &self.kv_ops {
             if let Dispatch::Fixed(op) = &mut self.layers[i] {
                 let storage = kv_op_buffers(op.kernel, rope, a, &kv[l]);
                 op.bind_group = at.bind(kernels, op.kernel, op.slot, &storage);
+                if let (Kernel::Attention, Grid::PerTokenZ(heads, _)) = (op.kernel, op.grid) {
+                    op.grid = Grid::PerTokenZ(heads, ranges);
+                }
             }
         }
     }
@@ -252,6 +257,8 @@ struct Layer<'a> {
     a: &'a Activations,
     rope: &'a GpuBuffer,
     modules: &'a [PackedMatrix],
+    /// Attention's dispatched ranges for the cache as allocated (`buffers::attention_ranges`).
+    ranges: u32,
 }
 
 /// The layers' dispatches in order, their modules' slots and their ops that bind the KV cache.
@@ -395,7 +402,7 @@ impl Builder<'_> {
             Kernel::Attention,
             &attention,
             &att_buffers,
-            Grid::PerTokenZ(nh, splits),
+            Grid::PerTokenZ(nh, x.ranges),
         );
         out.kv_ops.push((l, out.ops.len()));
         out.ops.push(Dispatch::Fixed(op));
@@ -418,7 +425,8 @@ impl Builder<'_> {
     }
 
     /// The forward pass over these buffers: the graph and the modules' slots (taking
-    /// `module_bufs`, one per module in `ModuleId::index()` order, holding `modules`).
+    /// `module_bufs`, one per module in `ModuleId::index()` order, holding `modules`), with
+    /// attention dispatched over `ranges` ranges of the cache.
     #[allow(clippy::too_many_arguments)]
     pub fn graph(
         &mut self,
@@ -430,6 +438,7 @@ impl Builder<'_> {
         a: &Activations,
         modules: &[PackedMatrix],
         module_bufs: Vec<GpuBuffer>,
+        ranges: u32,
     ) -> (Graph, Vec<Slot>) {
         let b = self;
         let (h, vocab) = (c.hidden_size as u32, c.vocab_size as u32);
@@ -462,6 +471,7 @@ impl Builder<'_> {
             a,
             rope,
             modules,
+            ranges,
         };
         let mut layers = Layers {
             ops: Vec::new(),

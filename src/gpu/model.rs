@@ -14,8 +14,8 @@ use crate::ensemble::base::{Base, BASE_BITS};
 use crate::ensemble::format::{PackedMatrix, PackedShape};
 use crate::gpu::alloc::{Allocator, GpuBuffer};
 use crate::gpu::buffers::{
-    activation_sizes, base_sizes, create_kv, kv_layer_bytes, table_shape, topk_chunks, Activations,
-    BaseBuffers,
+    activation_sizes, attention_ranges, base_sizes, create_kv, kv_layer_bytes, table_shape,
+    topk_chunks, Activations, BaseBuffers,
 };
 use crate::gpu::device::{Gpu, Requirements};
 use crate::gpu::error::{GpuError, GpuResult};
@@ -310,7 +310,18 @@ impl Model {
             step: &step,
             blocks: Vec::new(),
         };
-        let (graph, slots) = b.graph(&c, &opts, table, &base, &kv, &act, modules, module_bufs);
+        let ranges = attention_ranges(&opts, kv_positions);
+        let (graph, slots) = b.graph(
+            &c,
+            &opts,
+            table,
+            &base,
+            &kv,
+            &act,
+            modules,
+            module_bufs,
+            ranges,
+        );
         let blocks: Vec<u8> = b.blocks.concat();
         q.write_buffer(&params.buffer, 0, &blocks);
 
@@ -386,7 +397,9 @@ impl Model {
             step: &self.step,
         };
         let (rope, act) = (&self.base.rope, &self.act);
-        self.graph.rebind_kv(&at, &mut self.kernels, rope, act, &kv);
+        let ranges = attention_ranges(&self.opts, positions);
+        self.graph
+            .rebind_kv(&at, &mut self.kernels, rope, act, &kv, ranges);
         // Commands prepared with the old cache's bind groups go with it.
         self.prepared = None;
         self.kv = kv;

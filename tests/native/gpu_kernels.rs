@@ -534,10 +534,17 @@ fn attention_matches_cpu_over_the_cache() {
                 }
             }
         }
-        // One range of the cache (the result straight to `out`), and ranges of 64 keys with one
-        // past the end (partials, then `combine`).
+        // One range of the cache (the result straight to `out`); ranges of 64 keys with one past
+        // the end (partials, then `combine`); and ranges of 64 keys for a longer context, only
+        // those the cache holds dispatched (as the engine does while its cache is short), the
+        // others' partials left as NaN: `combine` must not read them.
         let one = (n as u32).div_ceil(64) * 64;
-        for (split_keys, splits) in [(one, 1u32), (64, (n as u32).div_ceil(64) + 1)] {
+        let held = (n as u32).div_ceil(64);
+        for (split_keys, splits, dispatched) in [
+            (one, 1u32, 1u32),
+            (64, held + 1, held + 1),
+            (64, held + 3, held),
+        ] {
             let params = AttentionParams {
                 group: (nh / nkv) as u32,
                 head_dim: hd as u32,
@@ -549,7 +556,7 @@ fn attention_matches_cpu_over_the_cache() {
                 splits,
             };
             let out0 = vec![0f32; t * q_dim];
-            let part0 = vec![0f32; t * nh * splits as usize * (hd + 2)];
+            let part0 = vec![f32::NAN; t * nh * splits as usize * (hd + 2)];
             let inputs = [
                 &bytes(&q)[..],
                 bytemuck::cast_slice(&kc_pairs),
@@ -561,7 +568,7 @@ fn attention_matches_cpu_over_the_cache() {
                 (t as u32, pos0 as u32),
                 &inputs,
                 &[&bytes(&out0), &bytes(&part0)],
-                [nh as u32, t as u32, splits],
+                [nh as u32, t as u32, dispatched],
             );
             if splits > 1 {
                 out = run(
@@ -578,7 +585,7 @@ fn attention_matches_cpu_over_the_cache() {
             let e = norm_err(&f32s(&out[0]), &want, &ones);
             assert!(
                 e < NORM_ERR,
-                "attention {nh}/{nkv} heads of {hd}, pos0 {pos0}, {t} tokens, {splits} ranges of {split_keys}: {e:.2e}"
+                "attention {nh}/{nkv} heads of {hd}, pos0 {pos0}, {t} tokens, {dispatched} of {splits} ranges of {split_keys}: {e:.2e}"
             );
         }
     }
