@@ -485,6 +485,19 @@ where
             .set_overheads(held.saturating_sub(weights));
     }
 
+    /// After an out-of-memory error from the model outside a swap (its KV cache could not
+    /// grow): the controller learns of it and its decision is executed. Returns whether the
+    /// model stepped down, in which case the caller runs the failed call again (the model and
+    /// its cache are as before the call); repeated, this ends at the last step.
+    pub async fn after_out_of_memory(&self, run: &mut Running<F::Model>) -> Result<bool, S::Error> {
+        self.elastic.borrow_mut().oom(now_ms());
+        self.note_overheads(run);
+        let before = run.step;
+        let d = self.elastic.borrow_mut().decide(now_ms());
+        self.execute(run, d, None).await?;
+        Ok(run.step > before)
+    }
+
     /// Asks the controller and executes its decision (the host calls this between tokens:
     /// `token_index` is the number of tokens of the running answer so far, `None` outside an
     /// answer). The time since the previous call is a token's: it feeds the speed signal.

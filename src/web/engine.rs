@@ -865,15 +865,9 @@ impl Inner {
         if self.flags.lost.borrow().load(Ordering::SeqCst) {
             return self.recover(&mut st.run).await;
         }
-        if e.code == Code::OutOfMemory {
-            self.walk.elastic.borrow_mut().oom(now_ms());
-            self.walk.note_overheads(&st.run);
-            let before = st.run.step;
-            let d = self.walk.elastic.borrow_mut().decide(now_ms());
-            self.execute(&mut st.run, d, None).await?;
-            if st.run.step > before {
-                return Ok(());
-            }
+        if e.code == Code::OutOfMemory && self.walk.after_out_of_memory(&mut st.run).await? {
+            self.prefetch_below(st.run.step);
+            return Ok(());
         }
         Err(e)
     }

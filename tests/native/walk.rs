@@ -346,6 +346,76 @@ fn cpu_walks_down_and_up_and_accounts_exactly() {
     tokens(&mut run, &mut turn, 3);
 }
 
+/// A KV cache that cannot grow (the CPU model may hold step 0 with one block of cache and 20 KB
+/// more; the prompt needs a second block, 32 KB): the call fails with out-of-memory, the
+/// walk steps the model down (`Walk::after_out_of_memory`) and the call runs again, until a
+/// step leaves room for the cache; the answer then goes on, and a model that cannot step
+/// further says so.
+#[test]
+fn a_cache_that_cannot_grow_steps_the_model_down_and_the_call_runs_again() {
+    use flexquant::runtime::backend::{kv_cache_bytes, KV_BLOCK};
+    let dir = ensemble();
+    let m = DirSource::open(dir).unwrap().manifest().clone();
+    let c = &m.config;
+    let fp0 = m.trajectory[0].footprint_bytes;
+    let room = fp0 + kv_cache_bytes(c, KV_BLOCK) + 20_000;
+    let w = walk(
+        dir,
+        CpuFactory {
+            context: 512,
+            budget: Some(room),
+        },
+    );
+    let mut run = block_on(w.load()).unwrap();
+    assert_eq!(run.step, 0);
+    let prompt: Vec<u32> = (0..200).map(|i| (i * 7 % 250) as u32 + 3).collect();
+    let mut tries = 0;
+    let mut turn = loop {
+        match block_on(run.session.start(&prompt, &greedy(4), &[])) {
+            Ok(turn) => break turn,
+            Err(e) => {
+                assert!(matches!(e, flexquant::Error::OutOfMemory { .. }), "{e}");
+                assert_eq!(run.session.model.len(), 0, "nothing of the prompt was kept");
+                assert!(
+                    block_on(w.after_out_of_memory(&mut run)).unwrap(),
+                    "stepped down"
+                );
+                tries += 1;
+            }
+        }
+    };
+    assert!(tries >= 1, "step 0 had no room for the grown cache");
+    let held = run.session.model.held_bytes();
+    assert_eq!(
+        held,
+        m.trajectory[run.step].footprint_bytes + kv_cache_bytes(c, 2 * KV_BLOCK)
+    );
+    assert!(held <= room, "{held} > {room}");
+    assert!(
+        m.trajectory[run.step - 1].footprint_bytes + kv_cache_bytes(c, 2 * KV_BLOCK) > room,
+        "the step above had no room: the walk went no deeper than needed"
+    );
+    tokens(&mut run, &mut turn, 3);
+
+    // At the last step with no room left: no step down, the error stands.
+    let last = m.trajectory.len() - 1;
+    let tight = m.trajectory[last].footprint_bytes + kv_cache_bytes(c, KV_BLOCK);
+    let w = walk(
+        dir,
+        CpuFactory {
+            context: 512,
+            budget: Some(tight),
+        },
+    );
+    let mut run = block_on(w.load()).unwrap();
+    assert_eq!(run.step, last);
+    assert!(block_on(run.session.start(&prompt, &greedy(4), &[])).is_err());
+    assert!(!block_on(w.after_out_of_memory(&mut run)).unwrap());
+    assert_eq!(run.step, last);
+    let mut turn = block_on(run.session.start(&prompt[..20], &greedy(2), &[])).unwrap();
+    tokens(&mut run, &mut turn, 1);
+}
+
 #[test]
 fn gpu_walks_down_and_up_mid_answer_and_recovers() {
     let Some(_) = gpu() else { return };
