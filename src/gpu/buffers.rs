@@ -24,7 +24,8 @@ pub(crate) fn topk_chunks(c: &LlamaConfig) -> u64 {
 }
 
 /// Ranges attention cuts a cache of `o.context` positions into (`kernels::ATTENTION_SPLIT_KEYS`
-/// keys each): fixed per model, so a token's commands do not depend on its position.
+/// keys each): fixed per model, so a token's commands do not depend on its position (those
+/// dispatched follow the allocated cache: `attention_ranges`).
 pub(crate) fn attention_splits(o: &ModelOptions) -> u32 {
     (o.context as u32)
         .div_ceil(kernels::ATTENTION_SPLIT_KEYS)
