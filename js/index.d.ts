@@ -262,6 +262,8 @@ export interface Stats {
   backend: 'webgpu' | 'cpu';
   backendReason: string;
   heldBytes: number;
+  /** Bytes of the KV cache now: grows in blocks of 128 positions with the conversation; `resetChat` frees it. */
+  kvCacheBytes: number;
   wasmMemoryBytes: number;
   loadedFromCache: boolean;
   networkBytes: number;

@@ -1919,6 +1919,8 @@ async fn the_kv_cache_grows_with_the_conversation_and_the_controller_follows() {
         let s = stats(&e);
         assert_eq!(held(&s), want(&s), "{backend} at load: {s}");
         let at_load = s["overheadBytes"].as_u64().unwrap();
+        let kv = |s: &Value| s["kvCacheBytes"].as_u64().unwrap();
+        assert_eq!(kv(&s), block, "{backend}: one block at load: {s}");
         call(e.set_memory_budget(JsValue::from(budget_for(&e, 0) as f64)))
             .await
             .unwrap();
@@ -1933,6 +1935,11 @@ async fn the_kv_cache_grows_with_the_conversation_and_the_controller_follows() {
             "{backend}: the cache grew by two blocks at least: {s}"
         );
         assert_eq!(held(&s), want(&s), "{backend} after the prompt: {s}");
+        assert_eq!(
+            s["overheadBytes"].as_u64().unwrap() - at_load,
+            kv(&s) - block,
+            "{backend}: the overheads grew by the cache's growth: {s}"
+        );
         chunk(&e).await;
         let s = stats(&e);
         let last = s["steps"].as_u64().unwrap() - 1;
@@ -1949,6 +1956,7 @@ async fn the_kv_cache_grows_with_the_conversation_and_the_controller_follows() {
             s["overheadBytes"].as_u64().unwrap() < at_load,
             "{backend}: the cache was freed: {s}"
         );
+        assert_eq!(kv(&s), 0, "{backend}: {s}");
         while call(e.rebalance()).await.unwrap() == true {}
         let s = stats(&e);
         assert_eq!(s["step"], 0, "{backend}: back up after the reset: {s}");

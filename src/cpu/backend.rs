@@ -49,6 +49,9 @@ impl Backend for CpuModel {
     fn held_bytes(&self) -> u64 {
         CpuModel::held_bytes(self)
     }
+    fn kv_cache_bytes(&self) -> u64 {
+        CpuModel::kv_bytes(self)
+    }
     #[cfg(not(target_arch = "wasm32"))]
     async fn perplexity(
         &mut self,

@@ -175,8 +175,9 @@ impl CpuModel {
             .sum::<u64>()
     }
 
-    /// Counted from the caches themselves (a growth that failed half-way leaves some longer).
-    fn kv_bytes(&self) -> u64 {
+    /// Bytes of the KV cache, counted from the caches themselves (a growth that failed
+    /// half-way leaves some longer).
+    pub fn kv_bytes(&self) -> u64 {
         let elements: usize = self.k.iter().chain(&self.v).map(Vec::len).sum();
         KV_ELEMENT_BYTES * elements as u64
     }

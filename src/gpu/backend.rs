@@ -47,6 +47,9 @@ impl Backend for Model {
     fn held_bytes(&self) -> u64 {
         Model::held_bytes(self)
     }
+    fn kv_cache_bytes(&self) -> u64 {
+        self.footprint().kv_cache
+    }
     #[cfg(not(target_arch = "wasm32"))]
     async fn perplexity(
         &mut self,

@@ -84,6 +84,8 @@ pub trait Backend {
     fn eqm_bits(&self) -> Vec<u32>;
     /// Bytes this model holds (weights, KV cache, activations).
     fn held_bytes(&self) -> u64;
+    /// Bytes of its KV cache now (it grows with the conversation).
+    fn kv_cache_bytes(&self) -> u64;
     /// Whether `e` is an allocation refused for lack of memory (the walk then stays at, or
     /// steps below, the last good step).
     fn is_out_of_memory(e: &Self::Error) -> bool;

@@ -124,6 +124,9 @@ impl Backend for Reference {
     fn held_bytes(&self) -> u64 {
         self.base_bytes + self.weight_bytes.iter().sum::<u64>() + self.cache.bytes() as u64
     }
+    fn kv_cache_bytes(&self) -> u64 {
+        self.cache.bytes() as u64
+    }
     #[cfg(not(target_arch = "wasm32"))]
     async fn perplexity(
         &mut self,

@@ -184,6 +184,8 @@ pub struct Stats {
     pub backend_reason: String,
     /// Bytes the model holds (weights, KV cache), on either backend.
     pub held_bytes: u64,
+    /// Bytes of the KV cache now (grows in blocks with the conversation; `resetChat` frees it).
+    pub kv_cache_bytes: u64,
     /// The wasm instance's memory (the CPU backend's weights live there).
     pub wasm_memory_bytes: u64,
     pub loaded_from_cache: bool,

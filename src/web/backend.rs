@@ -106,6 +106,9 @@ impl Backend for WebModel {
     fn held_bytes(&self) -> u64 {
         each!(self, m => Backend::held_bytes(m))
     }
+    fn kv_cache_bytes(&self) -> u64 {
+        each!(self, m => Backend::kv_cache_bytes(m))
+    }
     fn is_out_of_memory(e: &WebError) -> bool {
         e.code == Code::OutOfMemory
     }

@@ -161,6 +161,7 @@ pub(super) struct Snapshot {
     pub(super) last_swap_reason: Option<Reason>,
     pub(super) backend: Option<crate::web::backend::Kind>,
     pub(super) held_bytes: u64,
+    pub(super) kv_cache_bytes: u64,
 }
 
 /// Bytes of this wasm instance's linear memory (it grows, never shrinks).
@@ -582,6 +583,7 @@ impl Inner {
         s.bits = st.run.session.model.eqm_bits();
         s.backend = Some(st.run.session.model.kind());
         s.held_bytes = st.run.session.model.held_bytes();
+        s.kv_cache_bytes = st.run.session.model.kv_cache_bytes();
         s.context_tokens = st.run.session.tokens().len();
         drop(s);
         // The KV cache grows with the conversation and is freed with it.
@@ -629,6 +631,7 @@ impl Inner {
             backend: s.backend,
             backend_reason: self.walk.factory.reason.borrow().clone(),
             held_bytes: s.held_bytes,
+            kv_cache_bytes: s.kv_cache_bytes,
             wasm_memory_bytes: wasm_memory_bytes(),
             loaded_from_cache: s.loaded_from_cache,
             network_bytes: src.net_bytes.get(),
