@@ -79,6 +79,7 @@ export class ElasticPanel {
   }
 
   onSlider() {
+    this.pinned = false;
     this.total = this.sliderToBytes(Number(this.slider.value));
     $('budget-out').textContent = this.total == null ? 'unlimited' : formatBytes(this.total);
     this.slider.setAttribute('aria-valuetext', $('budget-out').textContent);
@@ -96,10 +97,11 @@ export class ElasticPanel {
     this.poll();
   }
 
-  /** The budget under which step 0 fits and may be stepped up to (headroom + up margin). */
-  fullNeed() {
+  /** The budget under which step 0 fits and may be stepped up to (headroom + up margin), with
+   * `overhead` (KV cache, activations: the KV cache grows with the conversation). */
+  fullNeed(overhead = this.stats.overheadBytes || 0) {
     const f0 = Math.max(...this.points.map((p) => p.footprintBytes));
-    return (f0 + (this.stats.overheadBytes || 0)) / (1 - HEADROOM - UP_MARGIN);
+    return (f0 + overhead) / (1 - HEADROOM - UP_MARGIN);
   }
 
   async addPressure() {
@@ -109,6 +111,7 @@ export class ElasticPanel {
       // controller's margin for stepping up), so the memory held next comes out of the
       // model's share and releasing it lets the model grow back to the top.
       this.total = this.fullNeed() * PIN;
+      this.pinned = true;
       this.syncSlider();
     }
     const before = heapReading();
@@ -130,6 +133,14 @@ export class ElasticPanel {
 
   async releasePressure() {
     this.pressure.release();
+    if (this.pinned) {
+      // The pinned budget was what step 0 needed then; the KV cache grows with the
+      // conversation, so pin it to what step 0 needs now (fresh stats: the last poll may
+      // predate the answer's last tokens): releasing lets the model grow back to the top.
+      const s = await this.engine.stats().catch(() => this.stats);
+      this.total = Math.max(this.total, this.fullNeed(s.overheadBytes || 0) * PIN);
+      this.syncSlider();
+    }
     $('release').disabled = true;
     $('pressure-state').textContent = 'Released: the page holds no extra memory (the garbage collector frees it on its next cycle). The model grows back after memory has stayed free for a few seconds.';
     this.log.note('pressure released');
