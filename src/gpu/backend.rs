@@ -48,7 +48,7 @@ impl Backend for Model {
         Model::held_bytes(self)
     }
     fn kv_cache_bytes(&self) -> u64 {
-        self.footprint().kv_cache
+        crate::runtime::backend::kv_cache_bytes(self.config(), self.kv_positions())
     }
     #[cfg(not(target_arch = "wasm32"))]
     async fn perplexity(
