@@ -5,12 +5,12 @@
 // softmax (running max and sum), so any context length fits in fixed workgroup memory. With one
 // range the result goes straight to `out`; with several, each writes its partial (max, sum,
 // unnormalized values) to `part` and `combine` merges them.
-// The cache holds f16 pairs (`rope.wgsl`): per position and KV head, word i holds elements i and
-// i + head_dim/2. A thread accumulates the values of whole words: dims j and j + head_dim/2.
+// The cache (`rope.wgsl`): per position and KV head, the head's elements in order as f16
+// pairs, or (`p.kv_int8`) as int8 codes four to a word then a scale per `p.kv_group` elements.
+// A thread accumulates the values of four dims: 4w..4w+3.
 
 const TILE: u32 = 64u;
 const MAX_HEAD_DIM: u32 = 256u;
-const PAIRS_PER_THREAD: u32 = MAX_HEAD_DIM / 2u / TILE;
 
 // `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host.
 @group(0) @binding(2) var<storage, read> q: array<f32>;
@@ -24,14 +24,57 @@ var<workgroup> qs: array<f32, MAX_HEAD_DIM>;
 var<workgroup> score: array<f32, TILE>;
 var<workgroup> prob: array<f32, TILE>;
 
+// Words of one head in the cache.
+fn head_words() -> u32 {
+    if (p.kv_int8 == 1u) {
+        return p.head_dim / 4u + p.head_dim / p.kv_group;
+    }
+    return p.head_dim / 2u;
+}
+
+fn q4(w: u32) -> vec4<f32> {
+    return vec4(qs[4u * w], qs[4u * w + 1u], qs[4u * w + 2u], qs[4u * w + 3u]);
+}
+
+// The query (`qs`) dotted with the cached key whose head starts at word `kb`.
+fn key_dot(kb: u32) -> f32 {
+    let words = p.head_dim / 4u;
+    var dotp = 0.0;
+    if (p.kv_int8 == 0u) {
+        for (var w = 0u; w < words; w++) {
+            let k = vec4(unpack2x16float(kc[kb + 2u * w]), unpack2x16float(kc[kb + 2u * w + 1u]));
+            dotp += dot(q4(w), k);
+        }
+        return dotp;
+    }
+    let group_words = p.kv_group / 4u;
+    for (var g = 0u; g < p.head_dim / p.kv_group; g++) {
+        var dg = 0.0;
+        for (var w = g * group_words; w < (g + 1u) * group_words; w++) {
+            dg += dot(q4(w), unpack4x8snorm(kc[kb + w]));
+        }
+        dotp += dg * bitcast<f32>(kc[kb + words + g]);
+    }
+    return dotp;
+}
+
+// Dims 4w..4w+3 of the cached value whose head starts at word `vb`.
+fn value4(vb: u32, w: u32) -> vec4<f32> {
+    if (p.kv_int8 == 0u) {
+        return vec4(unpack2x16float(vc[vb + 2u * w]), unpack2x16float(vc[vb + 2u * w + 1u]));
+    }
+    let scale = bitcast<f32>(vc[vb + p.head_dim / 4u + 4u * w / p.kv_group]);
+    return scale * unpack4x8snorm(vc[vb + w]);
+}
+
 @compute @workgroup_size(64)
 fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let h = wg.x;
     let t = wg.y;
     let split = wg.z;
     let hd = p.head_dim;
-    let half = hd / 2u;
-    let kv_off = (h / p.group) * half; // words
+    let words = hd / 4u; // four elements each: int8 codes (the scales follow), f16 pairs of pairs
+    let kv_off = (h / p.group) * head_words();
     let qb = t * p.q_stride + h * hd;
     for (var d = li; d < hd; d += TILE) {
         qs[d] = q[qb + d];
@@ -42,20 +85,14 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     let n = min(visible, start + p.split_keys); // this range's keys end here
     var m = -3.0e38;
     var l = 0.0;
-    // Dims j (lo) and j + half (hi) for the thread's words j = li + i * TILE.
-    var lo: array<f32, PAIRS_PER_THREAD>;
-    var hi: array<f32, PAIRS_PER_THREAD>;
+    // Dims 4li..4li+3 (the thread's word li < words; MAX_HEAD_DIM / 4 == TILE).
+    var acc = vec4(0.0);
     for (var k0 = start; k0 < n; k0 += TILE) {
         let key = k0 + li;
         var s = -3.0e38;
         if (key < n) {
             let kb = key * p.kv_stride + kv_off;
-            var dotp = 0.0;
-            for (var d = 0u; d < half; d++) {
-                let kv = unpack2x16float(kc[kb + d]);
-                dotp += qs[d] * kv.x + qs[d + half] * kv.y;
-            }
-            s = dotp * p.scale;
+            s = key_dot(kb) * p.scale;
         }
         score[li] = s;
         workgroupBarrier();
@@ -67,33 +104,23 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         let corr = exp(m - mt);
         m = mt;
         l *= corr;
-        for (var i = 0u; i < PAIRS_PER_THREAD; i++) {
-            lo[i] *= corr;
-            hi[i] *= corr;
-        }
+        acc *= corr;
         workgroupBarrier();
         let kn = min(TILE, n - k0);
         for (var j = 0u; j < kn; j++) {
             let pj = prob[j];
             l += pj;
             let vb = (k0 + j) * p.kv_stride + kv_off;
-            for (var i = 0u; i < PAIRS_PER_THREAD; i++) {
-                let d = li + i * TILE;
-                if (d < half) {
-                    let v = unpack2x16float(vc[vb + d]);
-                    lo[i] += pj * v.x;
-                    hi[i] += pj * v.y;
-                }
+            if (li < words) {
+                acc += pj * value4(vb, li);
             }
         }
         workgroupBarrier();
     }
     if (p.splits == 1u) {
-        for (var i = 0u; i < PAIRS_PER_THREAD; i++) {
-            let d = li + i * TILE;
-            if (d < half) {
-                out[qb + d] = lo[i] / l;
-                out[qb + d + half] = hi[i] / l;
+        if (li < words) {
+            for (var d = 0u; d < 4u; d++) {
+                out[qb + 4u * li + d] = acc[d] / l;
             }
         }
         return;
@@ -104,11 +131,9 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         part[pb] = m;
         part[pb + 1u] = l;
     }
-    for (var i = 0u; i < PAIRS_PER_THREAD; i++) {
-        let d = li + i * TILE;
-        if (d < half) {
-            part[pb + 2u + d] = lo[i];
-            part[pb + 2u + d + half] = hi[i];
+    if (li < words) {
+        for (var d = 0u; d < 4u; d++) {
+            part[pb + 2u + 4u * li + d] = acc[d];
         }
     }
 }

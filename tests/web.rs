@@ -1893,6 +1893,62 @@ async fn parallel_downloads_retry_and_report_one_total() {
 #[path = "web/faults.rs"]
 mod faults;
 
+/// `kvCache: 'int8'` on both backends: the stats and `Engine.inspect` say so, the cache holds
+/// the int8 layout's bytes (the tiny model's heads of 16: 16 codes and one f32 scale, 20 bytes
+/// against 32 in f16), the accounting holds while it grows, and the engine answers; an unknown
+/// format is an `input` error naming it.
+#[wasm_bindgen_test]
+async fn an_int8_kv_cache_holds_fewer_bytes_on_both_backends() {
+    use flexquant::runtime::backend::KV_BLOCK;
+    let per_token = |kv: &'static str| async move {
+        let o = js(&json!({ "kvCache": kv }));
+        let i = val(
+            flexquant::web::cache_admin::inspect_ensemble(url("/tiny/manifest.json"), o)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(i["kvCache"], kv, "{i}");
+        i["kvBytesPerToken"].as_u64().unwrap()
+    };
+    let (f16, int8) = (per_token("f16").await, per_token("int8").await);
+    assert_eq!(
+        int8 * 32,
+        f16 * 20,
+        "int8 {int8} against f16 {f16} bytes per token"
+    );
+    for backend in ["webgpu", "cpu"] {
+        let opts = json!({"backend": backend, "kvCache": "int8"});
+        let (e, ev) = engine("/tiny/manifest.json", opts).await.unwrap();
+        let s = stats(&e);
+        assert_eq!(s["kvCache"], "int8", "{backend}: {s}");
+        assert_eq!(
+            s["kvCacheBytes"].as_u64().unwrap(),
+            KV_BLOCK as u64 * int8,
+            "{backend}: {s}"
+        );
+        let long = "Elizabeth walked to Netherfield. ".repeat(KV_BLOCK / 16);
+        start(&e, &[user(&long)], 4).await;
+        let (_, n, _) = finish(&e).await;
+        assert!(n >= 1, "{backend}: answers");
+        let s = stats(&e);
+        let kv = s["kvCacheBytes"].as_u64().unwrap();
+        assert!(
+            kv > KV_BLOCK as u64 * int8 && kv.is_multiple_of(int8),
+            "{backend}: grew: {s}"
+        );
+        let want = s["footprintBytes"].as_u64().unwrap() + s["overheadBytes"].as_u64().unwrap();
+        assert_eq!(s["heldBytes"].as_u64().unwrap(), want, "{backend}: {s}");
+        assert_no_errors(&ev);
+        call(e.unload()).await.unwrap();
+    }
+    let err = engine("/tiny/manifest.json", json!({"kvCache": "q4"}))
+        .await
+        .err()
+        .expect("an unknown KV cache format is refused");
+    assert_eq!(err["code"], "input", "{err}");
+    assert!(err["message"].as_str().unwrap().contains("q4"), "{err}");
+}
+
 /// The KV cache grows with the conversation and the controller follows it, on both backends:
 /// a model loads holding one block of the cache; under a budget that held that, a long prompt
 /// grows the cache and the model steps down between tokens (the held bytes always equal the

@@ -66,6 +66,12 @@ function backendChoice() {
   return ['auto', 'webgpu', 'cpu'].includes(b) ? b : 'auto';
 }
 
+/** `?kv=f16|int8`: how the KV cache stores keys and values (default f16; int8 is 0.56x the bytes). */
+function kvCacheChoice() {
+  const k = new URLSearchParams(location.search).get('kv');
+  return ['f16', 'int8'].includes(k) ? k : 'f16';
+}
+
 async function main() {
   const url = manifestUrl();
   $('model-url').textContent = url;
@@ -92,7 +98,7 @@ async function main() {
   if (backendChoice() === 'webgpu' && !support.gpu) return fatal(note.title, note.detail);
 
   // What the model needs, before anything loads.
-  const requirements = new RequirementsView(Engine, url, page);
+  const requirements = new RequirementsView(Engine, url, page, kvCacheChoice());
   page.requirements = requirements;
   requirements.showSupport(support);
   try {
@@ -145,7 +151,7 @@ async function main() {
 
   let engine;
   try {
-    engine = await createEngine(url, { backend: backendChoice(), onProgress: (p) => { page.progressEvents.push(p); loader.update(p); }, onEvent });
+    engine = await createEngine(url, { backend: backendChoice(), kvCache: kvCacheChoice(), onProgress: (p) => { page.progressEvents.push(p); loader.update(p); }, onEvent });
   } catch (e) {
     if (e && e.code === 'webgpu-unavailable') return fatal('WebGPU cannot run this model here', e.message);
     if (e && e.code === 'manifest-not-found') return fatal('Model not found', `${e.message}. Check the ?model= address.`);

@@ -4,9 +4,10 @@
 //! last step; the bytes each token streams; a plain memory copy measured in the same run, so
 //! the bandwidth ratio survives a noisy machine; and one budget swap of ~90 modules in tokens.
 
-use super::engine::{open_ensemble, BackendKind, SourceArgs};
+use super::engine::{open_ensemble, BackendKind, Engine, SourceArgs};
 use anyhow::{Context, Result};
 use flexquant::cpu::{CpuFactory, CpuModel};
+use flexquant::runtime::backend::KvFormat;
 use flexquant::runtime::walk::Running;
 use flexquant::runtime::{ByteSource, Decision, Factory};
 use rayon::prelude::*;
@@ -116,12 +117,63 @@ where
     Ok(json!({"modules": modules, "planes_seconds": planes_s, "repack_seconds": packed_s}))
 }
 
-fn mean_bits(bits: &[u32]) -> f64 {
-    bits.iter().map(|&b| b as f64).sum::<f64>() / bits.len() as f64
+/// The KV cache's formats compared at step 0 on the product's context (`DEFAULT_CONTEXT`): the
+/// cache's bytes when full, decode speed late in a long conversation (64 tokens after a prompt
+/// filling most of the context), and held-out perplexity over two windows of the context.
+/// Runs alternate (f16, int8, three times each): speeds are the best of each format's three.
+fn kv_formats(ensemble: &Path, ids: &[u32]) -> Result<serde_json::Value> {
+    use flexquant::runtime::{Backend, DEFAULT_CONTEXT};
+    let ctx = DEFAULT_CONTEXT;
+    anyhow::ensure!(
+        ids.len() >= 2 * ctx,
+        "the text has {} tokens, not {}",
+        ids.len(),
+        2 * ctx
+    );
+    let mut rows = serde_json::Map::new();
+    let rounds = [KvFormat::F16, KvFormat::Int8].repeat(3);
+    for (round, format) in rounds.into_iter().enumerate() {
+        let mut e = open_step0(ensemble, ctx, format)?;
+        let model = &mut e.run.session.model;
+        let prompt = &ids[..ctx - 64 - 1];
+        model.truncate(0);
+        let mut next = model.step(prompt)?[0].0;
+        let t = Instant::now();
+        for _ in 0..64 {
+            next = model.step(&[next])?[0].0;
+        }
+        let decode = 64.0 / t.elapsed().as_secs_f64();
+        let kv_full = flexquant::runtime::backend::kv_cache_bytes(model.config(), format, ctx);
+        let row = rows.entry(format.name()).or_insert(json!({}));
+        let best = row["decode_tok_s_late"].as_f64().unwrap_or(0.0).max(decode);
+        row["decode_tok_s_late"] = json!(best);
+        row["kv_cache_bytes_full"] = json!(kv_full);
+        if round < 2 {
+            let p =
+                pollster::block_on(model.perplexity(&ids[..2 * ctx], ctx, ctx, &mut |_, _| {}))?;
+            row["heldout_ppl"] = json!(p.ppl);
+        }
+        eprintln!(
+            "[KV cache {format}: decode {decode:.1} tok/s at {} positions, full cache {:.1} MB]",
+            ctx - 1,
+            kv_full as f64 / 1e6
+        );
+    }
+    let (f16, int8) = (&rows["f16"], &rows["int8"]);
+    let r = |k: &str| int8[k].as_f64().unwrap_or(0.0) / f16[k].as_f64().unwrap_or(1.0);
+    let report = json!({
+        "context": ctx,
+        "int8_kv_bytes_vs_f16": r("kv_cache_bytes_full"),
+        "int8_decode_vs_f16": r("decode_tok_s_late"),
+        "int8_ppl_vs_f16": r("heldout_ppl"),
+        "by_format": rows,
+    });
+    eprintln!("[KV cache int8 against f16: {report}]");
+    Ok(report)
 }
 
-pub fn run(ensemble: &Path, text: &Path, out_dir: &Path) -> Result<()> {
-    let context = PROMPT_TOKENS + DECODE_TOKENS + 1;
+/// The ensemble at step 0 on the CPU backend, its KV cache in `kv_format`.
+fn open_step0(ensemble: &Path, context: usize, kv_format: KvFormat) -> Result<Engine<CpuFactory>> {
     let s = SourceArgs {
         model: None,
         ensemble: Some(ensemble.into()),
@@ -129,13 +181,24 @@ pub fn run(ensemble: &Path, text: &Path, out_dir: &Path) -> Result<()> {
         budget: None,
         max_perplexity: None,
         backend: Some(BackendKind::Cpu),
+        kv_cache: kv_format,
     };
     let f = CpuFactory {
         context,
+        kv_format,
         budget: None,
     };
-    let mut e = open_ensemble(&s, ensemble, f, context)
-        .with_context(|| format!("loading {}", ensemble.display()))?;
+    open_ensemble(&s, ensemble, f, context)
+        .with_context(|| format!("loading {}", ensemble.display()))
+}
+
+fn mean_bits(bits: &[u32]) -> f64 {
+    bits.iter().map(|&b| b as f64).sum::<f64>() / bits.len() as f64
+}
+
+pub fn run(ensemble: &Path, text: &Path, out_dir: &Path) -> Result<()> {
+    let context = PROMPT_TOKENS + DECODE_TOKENS + 1;
+    let mut e = open_step0(ensemble, context, KvFormat::F16)?;
     let walk = e.walk.take().expect("an ensemble has a walk");
     let m = walk.source.manifest().clone();
     let ids = e.tokenizer.encode(&super::read_text(text)?)?;
@@ -179,6 +242,7 @@ pub fn run(ensemble: &Path, text: &Path, out_dir: &Path) -> Result<()> {
             go(&mut e.run, 0)?;
         }
     }
+    let kv = kv_formats(ensemble, &ids)?;
     let plane_kernel = plane_kernel()?;
     let step_down = step_down_seconds(&walk.source)?;
     eprintln!("[one level down, every nested module: {step_down}]");
@@ -202,6 +266,7 @@ pub fn run(ensemble: &Path, text: &Path, out_dir: &Path) -> Result<()> {
         "cpu_swap_tokens_native": swap.as_ref().map(|s| s["tokens"].clone()),
         "plane_kernel": plane_kernel,
         "nested_step_down": step_down,
+        "kv_formats": kv,
     });
     std::fs::create_dir_all(out_dir)?;
     let out = out_dir.join("backends.json");

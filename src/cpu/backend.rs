@@ -6,7 +6,7 @@ use crate::ensemble::format::PackedMatrix;
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::ModuleId;
-use crate::runtime::backend::{Backend, Factory};
+use crate::runtime::backend::{Backend, Factory, KvFormat};
 use std::sync::Arc;
 
 impl Backend for CpuModel {
@@ -78,6 +78,7 @@ impl Backend for CpuModel {
 /// bytes.
 pub struct CpuFactory {
     pub context: usize,
+    pub kv_format: KvFormat,
     pub budget: Option<u64>,
 }
 
@@ -89,7 +90,8 @@ impl Factory for CpuFactory {
         base: &Arc<Base>,
         modules: Vec<PackedMatrix>,
     ) -> Result<CpuModel> {
-        CpuModel::new(config, base.clone(), modules, self.context, self.budget)
+        let (context, kv) = (self.context, self.kv_format);
+        CpuModel::new(config, base.clone(), modules, context, kv, self.budget)
     }
     fn label(&self) -> String {
         let simd = if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {

@@ -1,14 +1,22 @@
-//! The CPU backend's KV cache in f16: half the bytes of f32 (the demo model's 1,024-token
-//! cache: 23.6 MB instead of 47.2, as much as its whole 4 -> 2 bit trajectory spans), at
-//! f16's 11-bit precision (llama.cpp's default cache type). Values are rounded to nearest
-//! when written and widened exactly to f32 for attention (`widen_into`), in loops the compiler
-//! vectorises. Held-out perplexity of the demo at 1,024-token windows moved by < 0.01%.
+//! The CPU backend's KV cache (`runtime::backend::KvLayout`; the WebGPU engine's cache has
+//! the same bytes, `shaders/rope.wgsl`): per position and KV head, `head_dim` elements as f16
+//! (the default: the demo model's 1,024-token cache 23.6 MB instead of f32's 47.2, held-out
+//! perplexity moved by < 0.01%), or as int8 codes then one f32 scale per group of 32 elements,
+//! the group's largest magnitude, each element the nearest of 255 levels in [-scale, scale]
+//! (llama.cpp's `q8_0`: 13.3 MB, +0.07% perplexity). Values are rounded to nearest when
+//! written and widened to f32 for attention (`widen_into`), in loops the compiler vectorises.
 
-/// `x` as f16 bit patterns into `out` (`model::math::f16_bits`).
-pub fn store(x: &[f32], out: &mut [u16]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = crate::model::math::f16_bits(v);
-    }
+use crate::runtime::backend::{KvFormat, KvLayout, KV_SCALE_BYTES};
+
+const SCALE: usize = KV_SCALE_BYTES as usize;
+
+/// The largest int8 scale: code x scale / 127 must not round past `f32::MAX`.
+const KV_MAX: f32 = 1e38;
+
+/// `x` in [-1, 1] as the nearest of the 255 levels (WGSL's `pack4x8snorm`).
+#[inline(always)]
+fn code(x: f32) -> u8 {
+    (x.clamp(-1.0, 1.0) * 127.0).round_ties_even() as i8 as u8
 }
 
 /// An f16 bit pattern as f32, exact for every finite value, in four vector operations: sign-
@@ -16,29 +24,76 @@ pub fn store(x: &[f32], out: &mut [u16]) {
 /// masked off) and the exponent and mantissa below it; the power-of-two multiply then rebiases
 /// the exponent (and renormalises subnormals).
 #[inline(always)]
-pub fn widen(h: u16) -> f32 {
+pub fn widen_f16(h: u16) -> f32 {
     let bits = (((h as i16 as i32) << 13) as u32) & 0x8fff_e000;
     f32::from_bits(bits) * f32::from_bits(0x7780_0000) // 2^112
 }
 
-/// Elements widened per parallel task (64 KB of f32).
-const WIDEN_CHUNK: usize = 16 * 1024;
-
-/// A layer's cached keys `k` and values `v` widened into `out` (`[k | v]`), in one parallel
-/// region. Attention reads the cache as f32: each layer's keys and values are widened once per
-/// token, not once per query head reading them (that cost 4-6% of a one-thread decode at a
-/// 928-token context and 13-15% of a long prefill).
-pub fn widen_into(k: &[u16], v: &[u16], out: &mut [f32]) {
-    let nk = k.len();
-    crate::cpu::par::chunks_mut(&mut out[..nk + v.len()], WIDEN_CHUNK, |i, o| {
-        let at = i * WIDEN_CHUNK;
-        let split = nk.saturating_sub(at).min(o.len());
-        let (ok, ov) = o.split_at_mut(split);
-        for (o, &x) in ok.iter_mut().zip(&k[at.min(nk)..]) {
-            *o = widen(x);
+/// Heads of `head_dim` values (`x`, one after another) into `out` (`KvLayout`). Never stores
+/// what reads back non-finite: f16 clamps to its finite range; an int8 scale saturates at
+/// `KV_MAX` (a NaN becomes 0).
+pub fn store(x: &[f32], l: &KvLayout, out: &mut [u8]) {
+    if l.format == KvFormat::F16 {
+        for (o, &v) in out.chunks_exact_mut(2).zip(x) {
+            o.copy_from_slice(&crate::model::math::f16_bits(v).to_le_bytes());
         }
-        for (o, &x) in ov.iter_mut().zip(&v[(at + split).saturating_sub(nk)..]) {
-            *o = widen(x);
+        return;
+    }
+    for (o, h) in out
+        .chunks_exact_mut(l.head_bytes())
+        .zip(x.chunks_exact(l.head_dim))
+    {
+        let (codes, scales) = o.split_at_mut(l.head_dim);
+        let groups = codes.chunks_mut(l.group).zip(h.chunks(l.group));
+        for ((codes, g), scale) in groups.zip(scales.chunks_exact_mut(SCALE)) {
+            let m = g.iter().fold(0f32, |a, v| a.max(v.abs())).min(KV_MAX);
+            let inv = if m > 0.0 { 1.0 / m } else { 0.0 };
+            for (c, &v) in codes.iter_mut().zip(g) {
+                *c = code(v * inv);
+            }
+            scale.copy_from_slice(&m.to_le_bytes());
+        }
+    }
+}
+
+/// One stored head widened into `out` (`head_dim` values).
+#[inline(always)]
+fn widen_head(stored: &[u8], l: &KvLayout, out: &mut [f32]) {
+    if l.format == KvFormat::F16 {
+        for (o, h) in out.iter_mut().zip(stored.chunks_exact(2)) {
+            *o = widen_f16(u16::from_le_bytes([h[0], h[1]]));
+        }
+        return;
+    }
+    let (codes, scales) = stored.split_at(l.head_dim);
+    let groups = out.chunks_mut(l.group).zip(codes.chunks(l.group));
+    for ((o, codes), scale) in groups.zip(scales.chunks_exact(SCALE)) {
+        let s = f32::from_le_bytes(scale.try_into().expect("a 4-byte scale")) / 127.0;
+        for (o, &c) in o.iter_mut().zip(codes) {
+            *o = (c as i8) as f32 * s;
+        }
+    }
+}
+
+/// Heads widened per parallel task (~64 KB of f32 at a head of 64).
+const WIDEN_HEADS: usize = 256;
+
+/// A layer's cached keys `k` and values `v` widened into `out` (`[k | v]`, `head_dim` f32 per
+/// stored head), in one parallel region. Attention reads the cache as f32: each layer's keys
+/// and values are widened once per token, not once per query head reading them (that cost
+/// 4-6% of a one-thread decode at a 928-token context and 13-15% of a long prefill).
+pub fn widen_into(k: &[u8], v: &[u8], l: &KvLayout, out: &mut [f32]) {
+    let (row, hd) = (l.head_bytes(), l.head_dim);
+    let (nk, nv) = (k.len() / row, v.len() / row);
+    crate::cpu::par::chunks_mut(&mut out[..(nk + nv) * hd], WIDEN_HEADS * hd, |i, o| {
+        for (j, o) in o.chunks_exact_mut(hd).enumerate() {
+            let g = i * WIDEN_HEADS + j;
+            let stored = if g < nk {
+                &k[g * row..(g + 1) * row]
+            } else {
+                &v[(g - nk) * row..(g - nk + 1) * row]
+            };
+            widen_head(stored, l, o);
         }
     });
 }
@@ -47,53 +102,135 @@ pub fn widen_into(k: &[u16], v: &[u16], out: &mut [f32]) {
 mod tests {
     use super::*;
 
+    fn layout(head_dim: usize, group: usize) -> KvLayout {
+        KvLayout {
+            format: KvFormat::Int8,
+            head_dim,
+            group,
+        }
+    }
+
+    fn widened(stored: &[u8], l: &KvLayout) -> Vec<f32> {
+        let mut out = vec![f32::NAN; stored.len() / l.head_bytes() * l.head_dim];
+        widen_into(stored, &[], l, &mut out);
+        out
+    }
+
     #[test]
-    fn widen_is_exact_for_every_finite_f16() {
+    fn widen_f16_is_exact_for_every_finite_f16() {
         for h in 0..=u16::MAX {
             let want = half::f16::from_bits(h);
             if want.is_finite() {
-                assert_eq!(widen(h).to_bits(), want.to_f32().to_bits(), "{h:#06x}");
+                assert_eq!(widen_f16(h).to_bits(), want.to_f32().to_bits(), "{h:#06x}");
             }
         }
     }
 
     #[test]
-    fn store_rounds_to_nearest_and_never_overflows() {
-        let x = [0.1f32, -2.71, 1e-6, 7e4, -1e9, 0.0, 65504.0];
-        let mut h = [0u16; 7];
-        store(&x, &mut h);
-        for (&v, &b) in x.iter().zip(&h) {
-            let back = widen(b);
-            assert!(back.is_finite(), "{v} -> {back}");
+    fn f16_store_rounds_to_nearest_and_never_overflows() {
+        let x = [0.1f32, -2.71, 1e-6, 7e4, -1e9, 0.0, 65504.0, 3.0];
+        let l = KvLayout {
+            format: KvFormat::F16,
+            head_dim: 4,
+            group: 4,
+        };
+        let mut s = vec![0u8; 2 * l.head_bytes()];
+        store(&x, &l, &mut s);
+        let back = widened(&s, &l);
+        for (&v, &b) in x.iter().zip(&back) {
+            assert!(b.is_finite(), "{v} -> {b}");
             let want = v.clamp(-crate::model::math::F16_MAX, crate::model::math::F16_MAX);
             // Half an f16 ulp: 2^-11 relative for normal values, 2^-25 absolute below them.
-            assert!(
-                (back - want).abs() <= want.abs() * 4.9e-4 + 3e-8,
-                "{v} -> {back}"
-            );
+            assert!((b - want).abs() <= want.abs() * 4.9e-4 + 3e-8, "{v} -> {b}");
         }
     }
 
     #[test]
-    fn widen_into_widens_keys_then_values_across_chunks() {
-        for (nk, nv) in [
-            (3 * WIDEN_CHUNK + 5, 3 * WIDEN_CHUNK + 5),
-            (7, 9),
-            (WIDEN_CHUNK, 1),
+    fn store_keeps_each_value_within_half_a_level_of_its_groups_largest() {
+        #[rustfmt::skip]
+        let x = [
+            0.1f32, -2.71, 1e-6, 0.5, -0.25, 0.0, 2.0, 1.0, // head 0
+            7e4, -1e9, 3.0, 0.0, 1e9, -5.0, 6e8, 1.0, // head 1: no overflow (f16 would)
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, // head 2: all zero
+        ];
+        for l in [layout(8, 8), layout(8, 4), layout(8, 2)] {
+            let mut s = vec![0u8; 3 * l.head_bytes()];
+            store(&x, &l, &mut s);
+            let back = widened(&s, &l);
+            for (g, (want, got)) in x.chunks(l.group).zip(back.chunks(l.group)).enumerate() {
+                let m = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                for (&w, &b) in want.iter().zip(got) {
+                    assert!(b.is_finite(), "{l:?} group {g}: {w} -> {b}");
+                    assert!(
+                        (b - w).abs() <= m / 254.0 * 1.0001,
+                        "{l:?} group {g}: {w} -> {b}"
+                    );
+                }
+                // The largest magnitude comes back exactly (code +-127).
+                assert!(got.iter().any(|b| b.abs() == m), "{l:?} group {g}: {got:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn store_never_reads_back_non_finite() {
+        let x = [f32::INFINITY, 1.0, f32::NAN, -3.0];
+        let l = layout(4, 4);
+        let mut s = vec![0u8; l.head_bytes()];
+        store(&x, &l, &mut s);
+        let back = widened(&s, &l);
+        assert!(back.iter().all(|v| v.is_finite()), "{back:?}");
+        assert!((back[0] - KV_MAX).abs() <= KV_MAX * 1e-6, "{back:?}");
+        assert_eq!(back[2], 0.0);
+    }
+
+    #[test]
+    fn the_layout_is_codes_then_one_little_endian_scale_per_group() {
+        let l = layout(64, 32);
+        assert_eq!(l.head_bytes(), 64 + 2 * 4);
+        let x: Vec<f32> = (0..64).map(|i| if i < 32 { 1.0 } else { -0.5 }).collect();
+        let mut s = vec![0u8; l.head_bytes()];
+        store(&x, &l, &mut s);
+        assert!(s[..32].iter().all(|&c| c == 127) && s[32..64].iter().all(|&c| c == 129));
+        assert_eq!(s[64..68], 1f32.to_le_bytes());
+        assert_eq!(s[68..72], 0.5f32.to_le_bytes());
+    }
+
+    #[test]
+    fn widen_into_widens_keys_then_values_across_tasks() {
+        for l in [
+            layout(64, 32),
+            KvLayout {
+                format: KvFormat::F16,
+                ..layout(64, 32)
+            },
         ] {
-            let f = |n: usize, a: f32| -> Vec<u16> {
-                let x: Vec<f32> = (0..n).map(|i| (i as f32 * a).sin() * 100.0).collect();
-                let mut h = vec![0u16; n];
-                store(&x, &mut h);
-                h
+            widen_into_splits(&l);
+        }
+    }
+
+    fn widen_into_splits(l: &KvLayout) {
+        for (nk, nv) in [
+            (3 * WIDEN_HEADS + 5, 3 * WIDEN_HEADS + 5),
+            (7, 9),
+            (WIDEN_HEADS, 1),
+        ] {
+            let f = |n: usize, a: f32| -> Vec<u8> {
+                let x: Vec<f32> = (0..n * 64).map(|i| (i as f32 * a).sin() * 100.0).collect();
+                let mut s = vec![0u8; n * l.head_bytes()];
+                store(&x, l, &mut s);
+                s
             };
             let (k, v) = (f(nk, 0.01), f(nv, 0.03));
-            let mut out = vec![f32::NAN; nk + nv + 3];
-            widen_into(&k, &v, &mut out);
-            for (i, &h) in k.iter().chain(&v).enumerate() {
-                assert_eq!(out[i], half::f16::from_bits(h).to_f32(), "{nk} {nv}: {i}");
-            }
-            assert!(out[nk + nv..].iter().all(|x| x.is_nan()), "past the span");
+            let mut out = vec![f32::NAN; (nk + nv + 1) * 64];
+            widen_into(&k, &v, l, &mut out);
+            let mut want = widened(&k, l);
+            want.extend(widened(&v, l));
+            assert_eq!(&out[..want.len()], &want[..], "{nk} {nv}");
+            assert!(
+                out[want.len()..].iter().all(|x| x.is_nan()),
+                "past the span"
+            );
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The packed CPU backend's model: the base shard and one packed version per module held as
 //! shipped (codes and f16 scales; nothing dequantized but the embedding row of each token), an
-//! f16 KV cache (`cpu::kv`) that grows with the conversation (`runtime::backend::kv_grown`),
+//! f16 or int8 KV cache (`cpu::kv`) that grows with the conversation (`runtime::backend::kv_grown`),
 //! and the forward pass of `model::forward` with every projection through
 //! `kernel::matmul`.
 
@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::model::math::{rmsnorm, silu, Rope};
 use crate::model::weights::{ModuleId, ModuleKind};
 use crate::model::LlamaConfig;
-use crate::runtime::backend::KV_ELEMENT_BYTES;
+use crate::runtime::backend::{kv_layer_bytes, KvFormat, KvLayout};
 use std::sync::Arc;
 
 /// Final-normed hidden rows turned into logits at once (bounds memory at this x vocab floats).
@@ -25,9 +25,11 @@ pub struct CpuModel {
     base: Arc<Base>,
     /// `ModuleId::index()` order.
     modules: Vec<PackedMatrix>,
-    /// `[layer][capacity * kv_dim]` f16 bit patterns.
-    k: Vec<Vec<u16>>,
-    v: Vec<Vec<u16>>,
+    /// How the cache stores keys and values.
+    kv: KvLayout,
+    /// `[layer]` the cache's bytes (`cpu::kv`): `capacity` positions of `kv.layer_bytes(1)`.
+    k: Vec<Vec<u8>>,
+    v: Vec<Vec<u8>>,
     len: usize,
     /// Positions allocated (grown as the conversation needs, up to `context`).
     capacity: usize,
@@ -42,13 +44,13 @@ pub struct CpuModel {
     budget: Option<u64>,
 }
 
-/// `v` lengthened with zeros to `n` f16 values, or an out-of-memory error naming `what`
-/// (wasm memory can run out); on error `v` is as it was.
-fn grow_zeroed(v: &mut Vec<u16>, n: usize, what: &str) -> Result<()> {
+/// `v` lengthened with zeros to `n` bytes, or an out-of-memory error naming `what` (wasm
+/// memory can run out); on error `v` is as it was.
+fn grow_zeroed(v: &mut Vec<u8>, n: usize, what: &str) -> Result<()> {
     v.try_reserve_exact(n.saturating_sub(v.len()))
         .map_err(|_| Error::OutOfMemory {
             what: what.into(),
-            requested: KV_ELEMENT_BYTES * n as u64,
+            requested: n as u64,
             budget: None,
         })?;
     v.resize(n, 0);
@@ -56,14 +58,15 @@ fn grow_zeroed(v: &mut Vec<u16>, n: usize, what: &str) -> Result<()> {
 }
 
 impl CpuModel {
-    /// The EQM of `base` and `modules` with a KV cache of up to `context` positions (clamped to
-    /// the model's maximum; one block allocated now, more as the conversation grows), refusing
-    /// to hold more than `budget` bytes.
+    /// The EQM of `base` and `modules` with a KV cache in `kv_format` of up to `context`
+    /// positions (clamped to the model's maximum; one block allocated now, more as the
+    /// conversation grows), refusing to hold more than `budget` bytes.
     pub fn new(
         config: &LlamaConfig,
         base: Arc<Base>,
         modules: Vec<PackedMatrix>,
         context: usize,
+        kv_format: KvFormat,
         budget: Option<u64>,
     ) -> Result<Self> {
         let want = config.num_hidden_layers * ModuleKind::ALL.len();
@@ -91,7 +94,7 @@ impl CpuModel {
         {
             return Err(Error::OutOfMemory {
                 what: "the KV cache".into(),
-                requested: crate::runtime::backend::kv_layer_bytes(config, context),
+                requested: kv_layer_bytes(config, kv_format, context),
                 budget: None,
             });
         }
@@ -99,6 +102,7 @@ impl CpuModel {
             config: config.clone(),
             base,
             modules,
+            kv: KvLayout::of(config, kv_format),
             k: vec![Vec::new(); layers],
             v: vec![Vec::new(); layers],
             len: 0,
@@ -130,8 +134,7 @@ impl CpuModel {
         let positions = crate::runtime::backend::kv_grown(self.capacity, needed, self.context);
         let what = || format!("the KV cache for {positions} positions");
         let c = &self.config;
-        let extra = crate::runtime::backend::kv_cache_bytes(c, positions)
-            - crate::runtime::backend::kv_cache_bytes(c, self.capacity);
+        let extra = self.kv.cache_bytes(c, positions) - self.kv.cache_bytes(c, self.capacity);
         if let Some(b) = self.budget.filter(|&b| self.held_bytes() + extra > b) {
             return Err(Error::OutOfMemory {
                 what: what(),
@@ -139,7 +142,7 @@ impl CpuModel {
                 budget: Some(b),
             });
         }
-        let n = positions * c.kv_dim();
+        let n = self.kv.layer_bytes(c, positions) as usize;
         for cache in self.k.iter_mut().chain(&mut self.v) {
             grow_zeroed(cache, n, &what())?;
         }
@@ -178,8 +181,8 @@ impl CpuModel {
     /// Bytes of the KV cache, counted from the caches themselves (a growth that failed
     /// half-way leaves some longer).
     pub fn kv_bytes(&self) -> u64 {
-        let elements: usize = self.k.iter().chain(&self.v).map(Vec::len).sum();
-        KV_ELEMENT_BYTES * elements as u64
+        let bytes: usize = self.k.iter().chain(&self.v).map(Vec::len).sum();
+        bytes as u64
     }
 
     pub fn held_bytes(&self) -> u64 {
@@ -192,6 +195,11 @@ impl CpuModel {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// How the KV cache stores keys and values.
+    pub fn kv_format(&self) -> KvFormat {
+        self.kv.format
     }
 
     /// Positions the KV cache may hold.
@@ -287,7 +295,7 @@ impl CpuModel {
         }
         self.reserve_kv(pos0 + t)?;
         let rope = Rope::new(c.rope_theta, c.head_dim(), pos0, t);
-        let kv_dim = c.kv_dim();
+        let (layout, row) = (self.kv, self.kv.layer_bytes(&c, 1) as usize);
         let mut xn = vec![0f32; t * h];
         let mut att = vec![0f32; t * c.q_dim()];
         // The layer's cached keys and values widened to f32 (`cpu::kv`).
@@ -301,13 +309,14 @@ impl CpuModel {
                 .expect("three projections");
             rope.apply(&mut q, c.num_attention_heads);
             rope.apply(&mut k, c.n_kv_heads());
-            let span = pos0 * kv_dim..(pos0 + t) * kv_dim;
-            crate::cpu::kv::store(&k, &mut self.k[l][span.clone()]);
-            crate::cpu::kv::store(&v, &mut self.v[l][span]);
-            let end = (pos0 + t) * kv_dim;
+            let span = pos0 * row..(pos0 + t) * row;
+            crate::cpu::kv::store(&k, &layout, &mut self.k[l][span.clone()]);
+            crate::cpu::kv::store(&v, &layout, &mut self.v[l][span]);
+            let (end, cached) = ((pos0 + t) * c.kv_dim(), (pos0 + t) * row);
             // Every query head reads every cached key: widened once per layer, not per head.
             widened.resize(2 * end, 0.0);
-            crate::cpu::kv::widen_into(&self.k[l][..end], &self.v[l][..end], &mut widened);
+            let (k, v) = (&self.k[l][..cached], &self.v[l][..cached]);
+            crate::cpu::kv::widen_into(k, v, &layout, &mut widened);
             let (kw, vw) = widened.split_at(end);
             attention(&c, &q, kw, vw, pos0, &mut att);
             let o = self.project(l, &[O], &att, t).remove(0);

@@ -48,7 +48,8 @@ impl Backend for Model {
         Model::held_bytes(self)
     }
     fn kv_cache_bytes(&self) -> u64 {
-        crate::runtime::backend::kv_cache_bytes(self.config(), self.kv_positions())
+        let format = self.options().kv_format;
+        crate::runtime::backend::kv_cache_bytes(self.config(), format, self.kv_positions())
     }
     #[cfg(not(target_arch = "wasm32"))]
     async fn perplexity(

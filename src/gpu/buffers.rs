@@ -11,6 +11,7 @@ use crate::gpu::graph::param_slots;
 use crate::gpu::kernels::{self, PARAM_SLOT};
 use crate::gpu::model::ModelOptions;
 use crate::model::config::LlamaConfig;
+use crate::runtime::backend::KvFormat;
 use crate::runtime::generate::MAX_WATCHED;
 
 /// The packed shape of the embedding (and of an untied head).
@@ -42,9 +43,9 @@ pub(crate) fn attention_ranges(o: &ModelOptions, kv_positions: usize) -> u32 {
 }
 
 /// Bytes of one layer's keys (or values) at the most (the cache grows to `o.context`
-/// positions): f16 pairs (`rope.wgsl`).
+/// positions; `rope.wgsl`).
 pub(crate) fn kv_layer_bytes(c: &LlamaConfig, o: &ModelOptions) -> u64 {
-    crate::runtime::backend::kv_layer_bytes(c, o.context)
+    crate::runtime::backend::kv_layer_bytes(c, o.kv_format, o.context)
 }
 
 /// (name, bytes) of every activation buffer (`Activations::create` finds each by its name).
@@ -210,13 +211,14 @@ impl BaseBuffers {
     }
 }
 
-/// The KV cache: `[k, v]` per layer, `positions` positions each.
+/// The KV cache: `[k, v]` per layer, `positions` positions each in `format`.
 pub(crate) async fn create_kv(
     alloc: &Allocator,
     c: &LlamaConfig,
+    format: KvFormat,
     positions: usize,
 ) -> GpuResult<Vec<[GpuBuffer; 2]>> {
-    let bytes = crate::runtime::backend::kv_layer_bytes(c, positions);
+    let bytes = crate::runtime::backend::kv_layer_bytes(c, format, positions);
     // COPY_SRC: a cache that grows is copied into the larger one.
     let st =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;

@@ -15,6 +15,7 @@ use crate::gpu::model::ModelOptions;
 use crate::gpu::params::*;
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{ModuleId, ModuleKind};
+use crate::runtime::backend::{KvFormat, KvLayout};
 use crate::runtime::generate::MAX_WATCHED;
 
 /// Workgroup grid of a dispatch as a function of the tokens in the call.
@@ -323,6 +324,7 @@ impl Builder<'_> {
             c.n_kv_heads() as u32,
         );
         let (q_dim, kv_dim) = (c.q_dim() as u32, c.kv_dim() as u32);
+        let kv = KvLayout::of(c, x.opts.kv_format);
         let [attn_norm, ffn_norm] = norms;
         let norm = RmsNormParams {
             n: c.hidden_size as u32,
@@ -380,9 +382,11 @@ impl Builder<'_> {
                 k_heads: nkv,
                 head_dim: hd,
                 sin_base: x.opts.context as u32 * hd / 2,
+                kv_group: kv.group as u32,
+                kv_int8: (kv.format == KvFormat::Int8) as u32,
             },
             &kv_op_buffers(Kernel::Rope, x.rope, a, layer_kv),
-            Grid::PerToken(((nh + 2 * nkv) * hd / 2).div_ceil(WG)),
+            Grid::PerToken((nh * hd / 2 + 2 * nkv * hd / 8).div_ceil(WG)),
         );
         out.kv_ops.push((l, out.ops.len()));
         out.ops.push(Dispatch::Fixed(rope));
@@ -391,11 +395,13 @@ impl Builder<'_> {
             group: nh / nkv,
             head_dim: hd,
             q_stride: q_dim,
-            kv_stride: kv_dim / 2,
+            kv_stride: nkv * kv.head_bytes() as u32 / 4,
             scale: 1.0 / (hd as f32).sqrt(),
             n_heads: nh,
             split_keys: ATTENTION_SPLIT_KEYS,
             splits,
+            kv_group: kv.group as u32,
+            kv_int8: (kv.format == KvFormat::Int8) as u32,
         };
         let att_buffers = kv_op_buffers(Kernel::Attention, x.rope, a, layer_kv);
         let op = self.op(

@@ -28,7 +28,7 @@ use crate::gpu::kernels::{
 };
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{ModuleId, ModuleKind};
-use crate::runtime::backend::kv_grown;
+use crate::runtime::backend::{kv_grown, KvFormat};
 use crate::runtime::generate::check_watch;
 use serde::Serialize;
 use std::sync::Arc;
@@ -49,6 +49,8 @@ pub struct ModelOptions {
     /// adapters (lavapipe decoded 10-15% slower folded: its dispatches are cheap next to
     /// the loads the folded matvecs add). Prefill runs the norms either way.
     pub fuse_norm: Option<bool>,
+    /// How the KV cache stores keys and values.
+    pub kv_format: KvFormat,
 }
 
 impl Default for ModelOptions {
@@ -59,6 +61,7 @@ impl Default for ModelOptions {
             logit_rows: 1,
             top_k: 40,
             fuse_norm: None,
+            kv_format: KvFormat::F16,
         }
     }
 }
@@ -175,9 +178,10 @@ impl Model {
                 return bad(format!("{name} {v} must be a multiple of 4"));
             }
         }
-        if c.head_dim() > 256 {
+        if c.head_dim() > 256 || !c.head_dim().is_multiple_of(8) {
             return bad(format!(
-                "head_dim {} is above the kernels' 256",
+                "head_dim {} must be a multiple of 8 (the KV cache's int8 words) of at most 256 \
+                 (the kernels' limit)",
                 c.head_dim()
             ));
         }
@@ -293,7 +297,7 @@ impl Model {
         let step = alloc.create("step", 16, uniform).await?;
         let base = BaseBuffers::upload(&alloc, q, &c, &opts, bt).await?;
         let kv_positions = kv_grown(0, 1, opts.context);
-        let kv = create_kv(&alloc, &c, kv_positions).await?;
+        let kv = create_kv(&alloc, &c, opts.kv_format, kv_positions).await?;
         let act = Activations::create(&alloc, &c, &opts).await?;
         let mut module_bufs = Vec::new();
         for (i, m) in modules.iter().enumerate() {
@@ -382,8 +386,9 @@ impl Model {
             return Ok(());
         }
         let positions = kv_grown(self.kv_positions, needed, self.opts.context);
-        let kv = create_kv(&self.alloc, &self.config, positions).await?;
-        let cached = crate::runtime::backend::kv_layer_bytes(&self.config, self.len);
+        let format = self.opts.kv_format;
+        let kv = create_kv(&self.alloc, &self.config, format, positions).await?;
+        let cached = crate::runtime::backend::kv_layer_bytes(&self.config, format, self.len);
         if cached > 0 {
             let mut enc = self.gpu.device.create_command_encoder(&Default::default());
             for (old, new) in self.kv.iter().flatten().zip(kv.iter().flatten()) {
@@ -446,7 +451,7 @@ impl Model {
         Footprint {
             base: base_sizes(c, o, self.base_group).iter().map(|x| x.1).sum(),
             modules: self.modules.iter().map(|s| s.shape.bytes() as u64).sum(),
-            kv_cache: crate::runtime::backend::kv_cache_bytes(c, self.kv_positions),
+            kv_cache: crate::runtime::backend::kv_cache_bytes(c, o.kv_format, self.kv_positions),
             activations: activation_sizes(c, o).iter().map(|x| x.1).sum(),
         }
     }

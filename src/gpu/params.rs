@@ -81,13 +81,17 @@ kernel_params! {
         /// Floats per query row (one row per token of the call).
         q_stride: u32,
         /// Floats per row of the new keys and values (one row per token of the call; the
-        /// cache rows they are stored into hold `k_heads * head_dim / 2` f16 pairs).
+        /// cache rows they are stored into hold `k_heads` heads, `runtime::backend::KvLayout`).
         kv_stride: u32,
         q_heads: u32,
         k_heads: u32,
         head_dim: u32,
         /// The table holds cos[ctx][head_dim/2] then sin[ctx][head_dim/2].
         sin_base: u32,
+        /// Elements per scale of the cache (`runtime::backend::KvLayout`).
+        kv_group: u32,
+        /// 1: the cache holds int8 codes and scales; 0: f16.
+        kv_int8: u32,
     }
     /// `attention.wgsl`.
     AttentionParams {
@@ -97,7 +101,7 @@ kernel_params! {
         head_dim: u32,
         /// Floats per token row of q and out.
         q_stride: u32,
-        /// Words (f16 pairs) per position of the cache.
+        /// Words per position of the cache (`runtime::backend::KvLayout`).
         kv_stride: u32,
         /// 1 / sqrt(head_dim).
         scale: f32,
@@ -106,6 +110,10 @@ kernel_params! {
         /// Keys per range of the cache (a multiple of 64), and ranges: the dispatch's z.
         split_keys: u32,
         splits: u32,
+        /// Elements per scale of the cache (`runtime::backend::KvLayout`).
+        kv_group: u32,
+        /// 1: the cache holds int8 codes and scales; 0: f16.
+        kv_int8: u32,
     }
     /// `topk.wgsl`.
     TopKParams {

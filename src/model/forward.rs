@@ -8,6 +8,7 @@
 use crate::error::{Error, Result};
 use crate::model::ops::{self, Rope};
 use crate::model::weights::{Linear, ModuleId, ModuleKind, Weights};
+use crate::runtime::backend::{KvFormat, KvLayout};
 use rayon::prelude::*;
 
 /// Query rows per attention task: bounds the score buffer at QUERY_BLOCK x context.
@@ -20,9 +21,9 @@ pub struct KvCache {
     len: usize,
     capacity: usize,
     kv_dim: usize,
-    /// Keys and values rounded to f16 as they are stored, as both backends keep them
-    /// (`KvCache::f16`).
-    f16: bool,
+    /// Keys and values rounded as they are stored, as the backends keep them
+    /// (`KvCache::stored_as`).
+    stored_as: Option<KvLayout>,
 }
 
 impl KvCache {
@@ -36,15 +37,17 @@ impl KvCache {
             len: 0,
             capacity,
             kv_dim,
-            f16: false,
+            stored_as: None,
         }
     }
-    /// A cache whose keys and values are rounded to f16 as they are stored
-    /// (`model::math::f16_bits`), the precision both backends keep them at: the reference the
-    /// GPU engine's parity tests compare with. Still f32 in memory.
-    pub fn f16(w: &Weights, capacity: usize) -> Self {
+    /// A cache whose keys and values are rounded as they are stored to what the backends keep
+    /// in `format` (`runtime::backend::KvLayout`: f16 to nearest, or int8: each group's
+    /// elements to the nearest of 255 levels in +-its largest magnitude), written here on its
+    /// own from the layout's description: the reference the backends' parity tests compare
+    /// with. Still f32 in memory.
+    pub fn stored_as(w: &Weights, capacity: usize, format: KvFormat) -> Self {
         KvCache {
-            f16: true,
+            stored_as: Some(KvLayout::of(&w.config, format)),
             ..KvCache::new(w, capacity)
         }
     }
@@ -190,11 +193,20 @@ pub fn layer_staged(
             rope.apply(&mut k, c.n_kv_heads());
             cache.k[l].truncate(pos0 * cache.kv_dim);
             cache.v[l].truncate(pos0 * cache.kv_dim);
-            if cache.f16 {
-                let round = |x: &mut f32| {
+            match cache.stored_as {
+                Some(l) if l.format == KvFormat::Int8 => {
+                    for g in k.chunks_mut(l.group).chain(v.chunks_mut(l.group)) {
+                        let m = g.iter().map(|x| x.abs()).fold(0f32, f32::max).min(1e38);
+                        if m > 0.0 {
+                            g.iter_mut()
+                                .for_each(|x| *x = (*x / m * 127.0).round() / 127.0 * m);
+                        }
+                    }
+                }
+                Some(_) => k.iter_mut().chain(v.iter_mut()).for_each(|x| {
                     *x = half::f16::from_bits(crate::model::math::f16_bits(*x)).to_f32()
-                };
-                k.iter_mut().chain(v.iter_mut()).for_each(round);
+                }),
+                None => {}
             }
             cache.k[l].extend_from_slice(&k);
             cache.v[l].extend_from_slice(&v);

@@ -5,7 +5,7 @@
 
 use crate::ensemble::manifest::{FileRef, Manifest};
 use crate::model::weights::ModuleId;
-use crate::runtime::backend::kv_cache_bytes;
+use crate::runtime::backend::{kv_cache_bytes, KvFormat};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,7 +34,9 @@ pub struct Inspection {
     pub n_low: u32,
     pub group_size: usize,
     pub trajectory: Vec<StepInfo>,
-    /// KV cache bytes per position (f16 keys and values, every layer: both backends'
+    /// How the KV cache these totals are for stores keys and values.
+    pub kv_cache: KvFormat,
+    /// KV cache bytes per position (keys and values, every layer: both backends'
     /// `runtime::backend::kv_cache_bytes`).
     pub kv_bytes_per_token: u64,
     /// The context these totals are for, and its KV cache.
@@ -78,11 +80,11 @@ fn step_changes(m: &Manifest) -> (Vec<&FileRef>, Changes<'_>) {
     (first, changes)
 }
 
-pub fn inspect(m: &Manifest, context: usize) -> Inspection {
+pub fn inspect(m: &Manifest, context: usize, kv_format: KvFormat) -> Inspection {
     let c = &m.config;
     let context = context.clamp(1, c.max_position_embeddings);
-    let kv_per_token = kv_cache_bytes(c, 1);
-    let kv = kv_cache_bytes(c, context);
+    let kv_per_token = kv_cache_bytes(c, kv_format, 1);
+    let kv = kv_cache_bytes(c, kv_format, context);
     let ppl = m.step_perplexity();
     let params: Vec<u64> = (0..m.n_modules())
         .map(|i| {
@@ -131,6 +133,7 @@ pub fn inspect(m: &Manifest, context: usize) -> Inspection {
         n_up: m.n_up,
         n_low: m.n_low,
         group_size: m.quantizer.group_size,
+        kv_cache: kv_format,
         kv_bytes_per_token: kv_per_token,
         context,
         kv_bytes: kv,

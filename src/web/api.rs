@@ -63,6 +63,8 @@ pub struct EngineOptions {
     pub budget_bytes: Option<u64>,
     /// KV-cache positions (clamped to 16 ..= the model's maximum).
     pub context: Option<u32>,
+    /// How the KV cache stores keys and values: `'f16'` (default) or `'int8'`.
+    pub kv_cache: Option<crate::runtime::backend::KvFormat>,
     /// Cache API name; `useCache: false` turns the cache off.
     pub cache_name: Option<String>,
     pub use_cache: Option<bool>,
@@ -186,6 +188,8 @@ pub struct Stats {
     pub held_bytes: u64,
     /// Bytes of the KV cache now (grows in blocks with the conversation; `resetChat` frees it).
     pub kv_cache_bytes: u64,
+    /// How the KV cache stores keys and values (the `kvCache` option).
+    pub kv_cache: crate::runtime::backend::KvFormat,
     /// The wasm instance's memory (the CPU backend's weights live there).
     pub wasm_memory_bytes: u64,
     pub loaded_from_cache: bool,

@@ -424,6 +424,7 @@ impl Engine {
                 .context
                 .map_or(DEFAULT_CONTEXT, |c| c as usize)
                 .clamp(16, m.config.max_position_embeddings),
+            kv_format: o.kv_cache.unwrap_or_default(),
             ..Default::default()
         };
         let footprints = m.trajectory.iter().map(|s| s.footprint_bytes).collect();
@@ -439,7 +440,11 @@ impl Engine {
         let policy = o.policy.unwrap_or_default();
         let mut elastic = Elastic::new(
             footprints,
-            crate::runtime::backend::kv_cache_bytes_at_load(&m.config, opts.context),
+            crate::runtime::backend::kv_cache_bytes_at_load(
+                &m.config,
+                opts.kv_format,
+                opts.context,
+            ),
             policy,
         )?;
         if let Some(b) = o.budget_bytes {
@@ -632,6 +637,7 @@ impl Inner {
             backend_reason: self.walk.factory.reason.borrow().clone(),
             held_bytes: s.held_bytes,
             kv_cache_bytes: s.kv_cache_bytes,
+            kv_cache: self.opts.kv_format,
             wasm_memory_bytes: wasm_memory_bytes(),
             loaded_from_cache: s.loaded_from_cache,
             network_bytes: src.net_bytes.get(),

@@ -104,6 +104,7 @@ pub fn web_walk(
         gpu,
         cpu: CpuFactory {
             context: opts.context,
+            kv_format: opts.kv_format,
             budget: None,
         },
         use_cpu: std::cell::Cell::new(use_cpu),

@@ -93,7 +93,10 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     assert.ok(ins.firstLoadBytes > 0 && ins.firstLoadBytes <= ins.downloadBytes, JSON.stringify(ins).slice(0, 300));
     // ...and the page shows them.
     assert.match(r.download, /^\d[\d.]* [KMG]?B to start \(step 0\); \d[\d.]* [KMG]?B with every step$/, r.download);
-    assert.match(r.memory, new RegExp(`for a ${ins.context}-token context \\(weights .* KV cache \\d`), r.memory);
+    assert.match(r.memory, new RegExp(`for a ${ins.context}-token context \\(weights .* KV cache \\d.* in f16\\)$`), r.memory);
+    // The KV cache format the page asked for (`?kv=`, default f16) is the engine's.
+    assert.equal(ins.kvCache, 'f16');
+    assert.equal(stats.kvCache, 'f16');
     assert.match(r.quality, new RegExp(`^${stats.steps} EQMs from ${ins.nUp} to ${ins.nLow} bits; perplexity \\d`), r.quality);
     // checkSupport chose what ran, and the page said why.
     assert.equal(r.support.backend, stats.backend, JSON.stringify(r.support));

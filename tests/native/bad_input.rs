@@ -328,6 +328,19 @@ fn cli_rejects_bad_arguments_clearly() {
     assert!(!ok && e.contains("--stride 65"), "{e}");
     let (ok, e) = cli(&["generate", "--model", m, "--prompt", ""]);
     assert!(!ok && e.contains("prompt is empty"), "{e}");
+    let (ok, e) = cli(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "hi",
+        "--kv-cache",
+        "q4",
+    ]);
+    assert!(
+        !ok && e.contains("--kv-cache") && e.contains("\"q4\"") && e.contains("int8"),
+        "{e}"
+    );
     let long = "word ".repeat(200);
     let (ok, e) = cli(&[
         "generate",

@@ -11,6 +11,7 @@ use flexquant::model::forward::{self, KvCache};
 use flexquant::model::{ops, ModuleId, ModuleKind};
 use flexquant::quant::rtn::quantize_rtn;
 use flexquant::quant::weights::{reference_weights, rtn_base, rtn_modules};
+use flexquant::runtime::backend::KvFormat;
 
 /// Deterministic values in [-1, 1).
 fn noise(seed: u64, n: usize) -> Vec<f32> {
@@ -155,6 +156,19 @@ fn mixed_bits(id: ModuleId) -> u32 {
     }
 }
 
+/// The RMS-relative error of `got` against `want` (rows of `vocab` logits), and at how many
+/// rows their argmax agrees.
+fn logits_error_and_agreement(got: &[f32], want: &[f32], vocab: usize) -> (f64, usize) {
+    let e = norm(got.iter().zip(want).map(|(a, b)| (a - b) as f64))
+        / norm(want.iter().map(|v| *v as f64));
+    let agree = got
+        .chunks(vocab)
+        .zip(want.chunks(vocab))
+        .filter(|(g, w)| ops::argmax(g) == ops::argmax(w))
+        .count();
+    (e, agree)
+}
+
 #[test]
 fn demo_logits_and_forced_decoding_match_the_reference() {
     let Some((m, ids)) = demo() else { return };
@@ -168,20 +182,14 @@ fn demo_logits_and_forced_decoding_match_the_reference() {
     ] {
         let modules = rtn_modules(w, bits, 64).unwrap();
         let r = reference_weights(w, &modules).unwrap();
-        let mut cache = KvCache::new(&r, n);
+        let mut cache = KvCache::stored_as(&r, n, KvFormat::F16);
         let want = forward::forward_all(&r, &tokens[..n], &mut cache).unwrap();
         let base = rtn_base(w, 64).unwrap();
-        let mut cpu = CpuModel::new(&w.config, base.into(), modules, n, None).unwrap();
+        let mut cpu =
+            CpuModel::new(&w.config, base.into(), modules, n, KvFormat::F16, None).unwrap();
         let xn = cpu.hidden(&tokens[..n]).unwrap();
         let got = cpu.logits(&xn);
-        let e = norm(got.iter().zip(&want).map(|(a, b)| (a - b) as f64))
-            / norm(want.iter().map(|v| *v as f64));
-        let agree = (0..n)
-            .filter(|&p| {
-                let row = |l: &[f32]| ops::argmax(&l[p * vocab..(p + 1) * vocab]);
-                row(&got) == row(&want)
-            })
-            .count();
+        let (e, agree) = logits_error_and_agreement(&got, &want, vocab);
         eprintln!("{name}: logits error {e:.2e}, top-1 {agree}/{n} agree");
         // f32 rounding over 30 layers and the int16 activations: ~5e-4; a wrong module O(1).
         assert!(e < 2e-3, "{name}: logits error {e:.2e}");
@@ -208,6 +216,38 @@ fn demo_logits_and_forced_decoding_match_the_reference() {
     }
 }
 
+/// With an int8 KV cache (`KvFormat::Int8`) the backend tracks a reference whose cache is
+/// rounded the same way (written on its own, `KvCache::stored_as`), in 0.56x the cache bytes.
+/// Looser than f16: the int16 activations move a key or value enough to round some codes
+/// apart, each by 1/127 of its group's largest (measured: logits error 1.5e-2, top-1 126/128;
+/// against an f32 reference cache 1.7e-2); a wrong kernel or layout gives O(1).
+#[test]
+fn demo_logits_with_an_int8_kv_cache_track_the_reference() {
+    let Some((m, ids)) = demo() else { return };
+    let w = &m.weights;
+    let (n, vocab) = (128, w.config.vocab_size);
+    let tokens = &ids[..n];
+    let modules = rtn_modules(w, |_| 4, 64).unwrap();
+    let r = reference_weights(w, &modules).unwrap();
+    let mut cache = KvCache::stored_as(&r, n, KvFormat::Int8);
+    let want = forward::forward_all(&r, tokens, &mut cache).unwrap();
+    let base: std::sync::Arc<_> = rtn_base(w, 64).unwrap().into();
+    let model = |f| CpuModel::new(&w.config, base.clone(), modules.clone(), n, f, None).unwrap();
+    let mut cpu = model(KvFormat::Int8);
+    let xn = cpu.hidden(tokens).unwrap();
+    let got = cpu.logits(&xn);
+    let (e, agree) = logits_error_and_agreement(&got, &want, vocab);
+    eprintln!("int8 KV cache: logits error {e:.2e}, top-1 {agree}/{n} agree");
+    assert!(e < 5e-2, "int8 KV cache: logits error {e:.2e}");
+    assert!(
+        agree >= n - 6,
+        "int8 KV cache: forced decoding top-1 {agree}/{n}"
+    );
+    // Heads of 64: 64 codes and 2 scales (72 bytes) against 128 bytes of f16.
+    let f16 = model(KvFormat::F16).kv_bytes();
+    assert_eq!(cpu.kv_bytes() * 128, f16 * 72);
+}
+
 /// The KV cache grows with the conversation (`runtime::backend::kv_grown`): one block at load,
 /// larger ones as tokens arrive, the logits bit-identical to a model whose cache was reserved
 /// for the whole context up front; a growth beyond the model's budget is an out-of-memory
@@ -222,7 +262,9 @@ fn kv_cache_grows_with_the_conversation_and_is_freed_with_it() {
     let c = &w.config;
     let modules = rtn_modules(w, |id| BITS[id.index() % BITS.len()], 32).unwrap();
     let base: std::sync::Arc<_> = rtn_base(w, 32).unwrap().into();
-    let model = |budget| CpuModel::new(c, base.clone(), modules.clone(), 512, budget).unwrap();
+    let model = |budget| {
+        CpuModel::new(c, base.clone(), modules.clone(), 512, KvFormat::F16, budget).unwrap()
+    };
     let tokens: Vec<u32> = (0..300).map(|i| (i * 37 % 250) as u32 + 3).collect();
 
     let mut reserved = model(None);
@@ -232,7 +274,7 @@ fn kv_cache_grows_with_the_conversation_and_is_freed_with_it() {
     let at_load = g.held_bytes();
     assert_eq!(
         reserved.held_bytes() - at_load,
-        kv_cache_bytes(c, 512 - KV_BLOCK)
+        kv_cache_bytes(c, KvFormat::F16, 512 - KV_BLOCK)
     );
     let mut grown = vec![];
     for (i, t) in tokens.iter().enumerate() {
@@ -247,10 +289,16 @@ fn kv_cache_grows_with_the_conversation_and_is_freed_with_it() {
         [128, 256, 384],
         "cache sizes as the conversation grew"
     );
-    assert_eq!(g.held_bytes() - at_load, kv_cache_bytes(c, 384 - KV_BLOCK));
+    assert_eq!(
+        g.held_bytes() - at_load,
+        kv_cache_bytes(c, KvFormat::F16, 384 - KV_BLOCK)
+    );
     g.release_kv();
     assert_eq!((g.len(), g.capacity()), (0, 0));
-    assert_eq!(at_load - g.held_bytes(), kv_cache_bytes(c, KV_BLOCK));
+    assert_eq!(
+        at_load - g.held_bytes(),
+        kv_cache_bytes(c, KvFormat::F16, KV_BLOCK)
+    );
 
     // Room for one block and a little more: the second block is refused.
     let mut tight = model(Some(at_load + 1024));

@@ -9,6 +9,7 @@ use flexquant::gpu::{GpuError, ModelOptions};
 use flexquant::model::forward::{self, KvCache};
 use flexquant::model::{ops, ModuleId, ModuleKind};
 use flexquant::quant::weights::{gpu_model, reference_weights, rtn_modules};
+use flexquant::runtime::backend::KvFormat;
 use std::time::Instant;
 
 fn block<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -35,7 +36,7 @@ fn mixed_bits(id: ModuleId) -> u32 {
 }
 
 /// Max |gpu - cpu| / RMS(cpu logits) over 30 layers, the reference's KV cache rounded to f16
-/// as the engine's is (`KvCache::f16`): f32 rounding gives ~1e-4, and a key or value the two
+/// as the engine's is (`KvCache::int8`): f32 rounding gives ~1e-4, and a key or value the two
 /// compute a rounding apart lands one f16 ulp apart (2.6e-4 uniform, 7.9e-4 mixed measured on
 /// lavapipe; against an f32 reference cache the f16 cache alone was 1.0e-3 uniform); one wrong
 /// module or kernel gives O(1). The bound of the CPU backend's test.
@@ -48,26 +49,32 @@ fn demo_logits_of_uniform_and_mixed_eqms_match_cpu() {
     };
     let w = &m.weights;
     let tokens = &ids[..8];
-    let opts = ModelOptions {
-        context: 64,
-        max_batch: 16,
-        logit_rows: 16,
-        top_k: 1,
-        fuse_norm: Some(true),
-    };
-    for (name, bits) in [
+    let eqms = [
         ("uniform 4-bit", (|_| 4) as fn(ModuleId) -> u32),
         ("mixed 8/4/3/2", mixed_bits),
-    ] {
-        let modules = rtn_modules(w, bits, 32).unwrap();
-        let r = reference_weights(w, &modules).unwrap();
-        let mut cache = KvCache::f16(&r, 64);
-        let want = forward::forward_all(&r, tokens, &mut cache).unwrap();
-        let mut g = block(gpu_model(gpu.clone(), w, &modules, opts)).unwrap();
-        let got = block(g.logits_all(tokens)).unwrap();
-        let e = rel_err(&got, &want);
-        eprintln!("{name}: logits error {e:.2e} (max abs / rms)");
-        assert!(e < LOGIT_TOL, "{name}: logits error {e:.2e}");
+    ];
+    // int8: a key or value the two compute a rounding apart lands a code apart, 1/127 of its
+    // group's largest (measured 4.5e-3 uniform).
+    for (format, tol) in [(KvFormat::F16, LOGIT_TOL), (KvFormat::Int8, 2e-2)] {
+        let opts = ModelOptions {
+            context: 64,
+            max_batch: 16,
+            logit_rows: 16,
+            top_k: 1,
+            fuse_norm: Some(true),
+            kv_format: format,
+        };
+        for (name, bits) in eqms {
+            let modules = rtn_modules(w, bits, 32).unwrap();
+            let r = reference_weights(w, &modules).unwrap();
+            let mut cache = KvCache::stored_as(&r, 64, format);
+            let want = forward::forward_all(&r, tokens, &mut cache).unwrap();
+            let mut g = block(gpu_model(gpu.clone(), w, &modules, opts)).unwrap();
+            let got = block(g.logits_all(tokens)).unwrap();
+            let e = rel_err(&got, &want);
+            eprintln!("{name}, {format} KV cache: logits error {e:.2e} (max abs / rms)");
+            assert!(e < tol, "{name}, {format} KV cache: logits error {e:.2e}");
+        }
     }
 }
 
@@ -93,7 +100,7 @@ fn demo_forced_decoding_agrees_with_cpu_and_ppl_matches() {
     let n = forced_tokens(&gpu);
     let tokens = &ids[..n + 1];
     let vocab = w.config.vocab_size;
-    let mut cache = KvCache::f16(&r, n);
+    let mut cache = KvCache::stored_as(&r, n, KvFormat::F16);
     let cpu = forward::forward_all(&r, &tokens[..n], &mut cache).unwrap();
     let opts = ModelOptions {
         context: 256,
@@ -101,6 +108,7 @@ fn demo_forced_decoding_agrees_with_cpu_and_ppl_matches() {
         logit_rows: 64,
         top_k: 1,
         fuse_norm: Some(true),
+        kv_format: KvFormat::F16,
     };
     let mut g = block(gpu_model(gpu.clone(), w, &modules, opts)).unwrap();
 
@@ -181,6 +189,7 @@ fn demo_swaps_keep_exact_accounting_and_match_a_fresh_model() {
         logit_rows: 1,
         top_k: 4,
         fuse_norm: Some(true),
+        kv_format: KvFormat::F16,
     };
     let mut choice = vec![1usize; lib[0].len()];
     let pick = |choice: &[usize]| -> Vec<PackedMatrix> {

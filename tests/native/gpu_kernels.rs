@@ -14,6 +14,7 @@ use flexquant::gpu::kernels::{self, Kernel, Kernels};
 use flexquant::gpu::params::*;
 use flexquant::gpu::probe;
 use flexquant::quant::rtn::quantize_rtn;
+use flexquant::runtime::backend::{KvFormat, KvLayout};
 use flexquant::runtime::generate::Rng;
 
 const NORM_ERR: f64 = 1e-5;
@@ -365,38 +366,56 @@ fn rmsnorm_matches_cpu() {
     }
 }
 
-/// The f16 KV cache's layout (`rope.wgsl`): per row, per head of `hd`, word i holds elements i
-/// (low half) and i + hd/2 (high half), rounded to nearest.
-fn to_pairs(x: &[f32], hd: usize) -> Vec<u32> {
-    let half = hd / 2;
-    let f16 = |v: f32| half::f16::from_f32(v).to_bits() as u32;
-    x.chunks(hd)
-        .flat_map(|h| (0..half).map(move |i| f16(h[i]) | f16(h[i + half]) << 16))
+/// The KV cache (`rope.wgsl`, the CPU backend's bytes: `cpu::kv`) of rows of heads of `hd`,
+/// as u32 words.
+fn to_cache(x: &[f32], l: &KvLayout) -> Vec<u32> {
+    let hd = l.head_dim;
+    let mut b = vec![0u8; x.len() / hd * l.head_bytes()];
+    flexquant::cpu::kv::store(x, l, &mut b);
+    b.chunks(4)
+        .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
         .collect()
 }
 
-/// `to_pairs`'s inverse.
-fn from_pairs(w: &[u32], hd: usize) -> Vec<f32> {
-    let f32_of = |b: u32| half::f16::from_bits(b as u16).to_f32();
-    w.chunks(hd / 2)
-        .flat_map(|h| {
-            let lo = h.iter().map(|&w| f32_of(w & 0xffff));
-            let hi = h.iter().map(|&w| f32_of(w >> 16));
-            lo.chain(hi).collect::<Vec<_>>()
-        })
-        .collect()
+/// `to_cache`'s values (the CPU backend's reading of them).
+fn from_cache(w: &[u32], l: &KvLayout) -> Vec<f32> {
+    let b: &[u8] = bytemuck::cast_slice(w);
+    let mut out = vec![0f32; b.len() / l.head_bytes() * l.head_dim];
+    flexquant::cpu::kv::widen_into(b, &[], l, &mut out);
+    out
+}
+
+/// The cache's layout for heads of `hd` (`KvLayout::of` a model's config).
+fn layout(hd: usize, format: KvFormat) -> KvLayout {
+    let c = flexquant::model::LlamaConfig {
+        head_dim: Some(hd),
+        ..flexquant::model::tiny::tiny_config()
+    };
+    KvLayout::of(&c, format)
 }
 
 /// One dispatch rotates the call's query rows (by token) and stores its new keys (rotated) and
-/// values into the f16 cache rows of their absolute positions, leaving the other rows alone.
+/// values into the int8 cache rows of their absolute positions, leaving the other rows alone.
 #[test]
-fn rope_matches_cpu_and_stores_keys_and_values_in_f16() {
+fn rope_matches_cpu_and_stores_keys_and_values_in_f16_and_int8() {
     if gpu().is_none() {
         return;
     }
     let mut rng = Rng::new(5);
-    let (heads, kv_heads, hd, ctx, theta) = (3usize, 2usize, 16usize, 40usize, 10000.0f32);
+    // int8: a head of 16 has one scale; of 64, two groups of 32.
+    for hd in [16usize, 64] {
+        for format in [KvFormat::F16, KvFormat::Int8] {
+            rope_stores(&mut rng, &layout(hd, format));
+        }
+    }
+}
+
+fn rope_stores(rng: &mut Rng, kv: &KvLayout) {
+    let (heads, kv_heads, ctx, theta) = (3usize, 2usize, 40usize, 10000.0f32);
+    let hd = kv.head_dim;
     let kv_dim = kv_heads * hd;
+    // Words of the cache per position.
+    let row = kv_heads * kv.head_bytes() / 4;
     let table_rope = flexquant::model::ops::Rope::new(theta, hd, 0, ctx);
     let table: Vec<f32> = table_rope
         .cos
@@ -405,31 +424,20 @@ fn rope_matches_cpu_and_stores_keys_and_values_in_f16() {
         .copied()
         .collect();
     for (pos0, t) in [(0usize, 4usize), (7, 3), (33, 1)] {
-        let q = rand_vec(&mut rng, t * heads * hd, 1.0);
-        // New keys and values, one of them beyond f16's range (stored clamped, not inf).
-        let mut k_new = rand_vec(&mut rng, t * kv_dim, 1.0);
-        let mut v_new = rand_vec(&mut rng, t * kv_dim, 1.0);
+        let q = rand_vec(rng, t * heads * hd, 1.0);
+        // New keys and values, two of them far beyond f16's range (int8 has no overflow).
+        let mut k_new = rand_vec(rng, t * kv_dim, 1.0);
+        let mut v_new = rand_vec(rng, t * kv_dim, 1.0);
         v_new[1] = 1e6;
         k_new[kv_dim - 1] = -3e5;
-        let kc = to_pairs(&rand_vec(&mut rng, ctx * kv_dim, 1.0), hd);
-        let vc = to_pairs(&rand_vec(&mut rng, ctx * kv_dim, 1.0), hd);
+        let kc = to_cache(&rand_vec(rng, ctx * kv_dim, 1.0), kv);
+        let vc = to_cache(&rand_vec(rng, ctx * kv_dim, 1.0), kv);
         let rope = flexquant::model::ops::Rope::new(theta, hd, pos0, t);
         let mut want_q = q.clone();
         rope.apply(&mut want_q, heads);
         let mut rotated = k_new.clone();
         rope.apply(&mut rotated, kv_heads);
-        let rows = pos0 * kv_dim / 2..(pos0 + t) * kv_dim / 2;
-        let clamp = |v: &[f32]| {
-            v.iter()
-                .map(|x| x.clamp(-65504.0, 65504.0))
-                .collect::<Vec<_>>()
-        };
-        let stored = |cache: &[u32], new: &[f32]| {
-            let mut want = from_pairs(cache, hd);
-            want[rows.start * 2..rows.end * 2].copy_from_slice(&clamp(new));
-            want
-        };
-        let (want_k, want_v) = (stored(&kc, &rotated), stored(&vc, &v_new));
+        let rows = pos0 * row..(pos0 + t) * row;
         let params = RopeParams {
             q_stride: (heads * hd) as u32,
             kv_stride: kv_dim as u32,
@@ -437,6 +445,8 @@ fn rope_matches_cpu_and_stores_keys_and_values_in_f16() {
             k_heads: kv_heads as u32,
             head_dim: hd as u32,
             sin_base: (ctx * hd / 2) as u32,
+            kv_group: kv.group as u32,
+            kv_int8: (kv.format == KvFormat::Int8) as u32,
         };
         let out = run(
             Kernel::Rope,
@@ -449,32 +459,53 @@ fn rope_matches_cpu_and_stores_keys_and_values_in_f16() {
                 bytemuck::cast_slice(&vc),
             ],
             [
-                (((heads + 2 * kv_heads) * hd / 2) as u32).div_ceil(64),
+                ((heads * hd / 2 + 2 * kv_heads * hd / 8) as u32).div_ceil(64),
                 t as u32,
                 1,
             ],
         );
         let e = common_max_abs(&f32s(&out[0]), &want_q);
-        assert!(e < 1e-6, "rope queries pos0 {pos0}: max abs error {e:.2e}");
-        for (name, got, want, cache) in [("K", &out[1], &want_k, &kc), ("V", &out[2], &want_v, &vc)]
+        assert!(
+            e < 1e-6,
+            "rope queries hd {hd} pos0 {pos0}: max abs error {e:.2e}"
+        );
+        for (name, got, want, cache) in [("K", &out[1], &rotated, &kc), ("V", &out[2], &v_new, &vc)]
         {
             let got = u32s(got);
             // Rows outside the call's positions are left bit for bit.
             let outside = (0..got.len()).filter(|i| !rows.contains(i));
             assert!(
                 outside.clone().all(|i| got[i] == cache[i]),
-                "rope {name} cache pos0 {pos0}: a row outside the call's positions changed"
+                "rope {name} cache hd {hd} pos0 {pos0}: a row outside the call's positions changed"
             );
-            // The call's rows within f16's rounding (half an ulp, 2^-11 relative).
-            let got = from_pairs(&got, hd);
-            for i in rows.start * 2..rows.end * 2 {
-                let err = (got[i] - want[i]).abs();
+            // Each group's scale is its largest magnitude, and every element within half a
+            // level of it (the CPU's rounding, `cpu::kv::store`).
+            let got = from_cache(&got[rows.clone()], kv);
+            if kv.format == KvFormat::F16 {
+                // Within f16's rounding (half an ulp, 2^-11 relative), clamped to its range.
+                for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+                    let w = w.clamp(-65504.0, 65504.0);
+                    assert!(
+                        (g - w).abs() <= w.abs() * 2f32.powi(-11) + 1e-7,
+                        "rope {name} f16 cache hd {hd} pos0 {pos0}, element {i}: {g} for {w}"
+                    );
+                }
+                continue;
+            }
+            let groups = got.chunks(kv.group).zip(want.chunks(kv.group));
+            for (h, (g, w)) in groups.enumerate() {
+                let m = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let gm = g.iter().fold(0f32, |a, v| a.max(v.abs()));
                 assert!(
-                    err <= want[i].abs() * 2f32.powi(-11) + 1e-7,
-                    "rope {name} cache pos0 {pos0}, element {i}: {} for {}",
-                    got[i],
-                    want[i]
+                    (gm - m).abs() <= m * 1e-5,
+                    "rope {name} hd {hd} pos0 {pos0} group {h}: {gm} for {m}"
                 );
+                for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
+                    assert!(
+                        (g - w).abs() <= m / 254.0 * 1.001 + 1e-6,
+                        "rope {name} cache hd {hd} pos0 {pos0}, group {h} element {i}: {g} for {w}"
+                    );
+                }
             }
         }
     }
@@ -493,20 +524,25 @@ fn attention_matches_cpu_over_the_cache() {
         return;
     }
     let mut rng = Rng::new(6);
-    // (heads, kv heads, head_dim, pos0, tokens): GQA groups 1..3, cache lengths across tiles.
-    for (nh, nkv, hd, pos0, t) in [
+    // (heads, kv heads, head_dim, pos0, tokens): GQA groups 1..3, cache lengths across tiles;
+    // int8 with one scale per head (8, 16) and with groups of 32 (64).
+    let cases = [
         (4usize, 2usize, 16usize, 0usize, 5usize),
         (9, 3, 64, 70, 1),
         (2, 2, 8, 0, 1),
         (6, 2, 32, 130, 3),
-    ] {
+    ];
+    let formats = [KvFormat::F16, KvFormat::Int8];
+    for ((nh, nkv, hd, pos0, t), format) in cases.into_iter().flat_map(|c| formats.map(|f| (c, f)))
+    {
+        let kv = layout(hd, format);
         let (q_dim, kv_dim) = (nh * hd, nkv * hd);
         let n = pos0 + t;
         let q = rand_vec(&mut rng, t * q_dim, 1.0);
-        // The cache in f16 pairs; the reference reads the same rounded values.
-        let kc_pairs = to_pairs(&rand_vec(&mut rng, n * kv_dim, 1.0), hd);
-        let vc_pairs = to_pairs(&rand_vec(&mut rng, n * kv_dim, 1.0), hd);
-        let (kc, vc) = (from_pairs(&kc_pairs, hd), from_pairs(&vc_pairs, hd));
+        // The cache as stored; the reference reads the same rounded values.
+        let kc_words = to_cache(&rand_vec(&mut rng, n * kv_dim, 1.0), &kv);
+        let vc_words = to_cache(&rand_vec(&mut rng, n * kv_dim, 1.0), &kv);
+        let (kc, vc) = (from_cache(&kc_words, &kv), from_cache(&vc_words, &kv));
         let scale = 1.0 / (hd as f64).sqrt();
         let mut want = vec![0f64; t * q_dim];
         for i in 0..t {
@@ -549,18 +585,20 @@ fn attention_matches_cpu_over_the_cache() {
                 group: (nh / nkv) as u32,
                 head_dim: hd as u32,
                 q_stride: q_dim as u32,
-                kv_stride: (kv_dim / 2) as u32,
+                kv_stride: (nkv * kv.head_bytes() / 4) as u32,
                 scale: scale as f32,
                 n_heads: nh as u32,
                 split_keys,
                 splits,
+                kv_group: kv.group as u32,
+                kv_int8: (format == KvFormat::Int8) as u32,
             };
             let out0 = vec![0f32; t * q_dim];
             let part0 = vec![f32::NAN; t * nh * splits as usize * (hd + 2)];
             let inputs = [
                 &bytes(&q)[..],
-                bytemuck::cast_slice(&kc_pairs),
-                bytemuck::cast_slice(&vc_pairs),
+                bytemuck::cast_slice(&kc_words),
+                bytemuck::cast_slice(&vc_words),
             ];
             let mut out = run(
                 Kernel::Attention,
@@ -585,7 +623,7 @@ fn attention_matches_cpu_over_the_cache() {
             let e = norm_err(&f32s(&out[0]), &want, &ones);
             assert!(
                 e < NORM_ERR,
-                "attention {nh}/{nkv} heads of {hd}, pos0 {pos0}, {t} tokens, {dispatched} of {splits} ranges of {split_keys}: {e:.2e}"
+                "attention {format} {nh}/{nkv} heads of {hd}, pos0 {pos0}, {t} tokens, {dispatched} of {splits} ranges of {split_keys}: {e:.2e}"
             );
         }
     }

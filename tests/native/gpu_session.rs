@@ -7,6 +7,7 @@ use flexquant::cpu::CpuModel;
 use flexquant::gpu::ModelOptions;
 use flexquant::model::load;
 use flexquant::quant::weights::{gpu_model, rtn_base, rtn_modules};
+use flexquant::runtime::backend::KvFormat;
 use flexquant::runtime::reference::Reference;
 use flexquant::runtime::{Backend, Sampling, Session, StopReason};
 use pollster::block_on;
@@ -17,6 +18,7 @@ const OPTS: ModelOptions = ModelOptions {
     logit_rows: 1,
     top_k: 8,
     fuse_norm: None,
+    kv_format: KvFormat::F16,
 };
 
 fn greedy(max_tokens: usize) -> Sampling {
@@ -170,7 +172,15 @@ fn non_finite_logits_are_a_typed_error_on_every_backend() {
     .to_string();
     assert_eq!(first_token(Reference::new(w.clone(), 96), &prompt), want);
     let base = rtn_base(&w, 32).unwrap();
-    let cpu = CpuModel::new(&w.config, base.into(), modules.clone(), 96, None).unwrap();
+    let cpu = CpuModel::new(
+        &w.config,
+        base.into(),
+        modules.clone(),
+        96,
+        KvFormat::F16,
+        None,
+    )
+    .unwrap();
     assert_eq!(first_token(cpu, &prompt), want);
     let Some(gpu) = gpu_arc() else { return };
     let g = block_on(gpu_model(gpu, &w, &modules, OPTS)).unwrap();

@@ -8,6 +8,7 @@
 use crate::gpu_util::gpu;
 use flexquant::cpu::CpuFactory;
 use flexquant::gpu::{GpuFactory, ModelOptions};
+use flexquant::runtime::backend::KvFormat;
 use flexquant::runtime::dir::DirSource;
 use flexquant::runtime::reference::ReferenceFactory;
 use flexquant::runtime::walk::Running;
@@ -269,6 +270,7 @@ fn a_nested_ensemble_stores_one_plane_file_per_module_and_walks_exactly() {
     // footprint, and after any walk the logits equal a fresh load of that step.
     let cpu = CpuFactory {
         context: 128,
+        kv_format: KvFormat::F16,
         budget: None,
     };
     let w = walk(dir, cpu);
@@ -300,6 +302,7 @@ fn cpu_walks_down_and_up_and_accounts_exactly() {
     let dir = ensemble();
     let cpu = |budget| CpuFactory {
         context: 128,
+        kv_format: KvFormat::F16,
         budget,
     };
     let w = walk(dir, cpu(None));
@@ -358,11 +361,12 @@ fn a_cache_that_cannot_grow_steps_the_model_down_and_the_call_runs_again() {
     let m = DirSource::open(dir).unwrap().manifest().clone();
     let c = &m.config;
     let fp0 = m.trajectory[0].footprint_bytes;
-    let room = fp0 + kv_cache_bytes(c, KV_BLOCK) + 20_000;
+    let room = fp0 + kv_cache_bytes(c, KvFormat::F16, KV_BLOCK) + 20_000;
     let w = walk(
         dir,
         CpuFactory {
             context: 512,
+            kv_format: KvFormat::F16,
             budget: Some(room),
         },
     );
@@ -388,22 +392,24 @@ fn a_cache_that_cannot_grow_steps_the_model_down_and_the_call_runs_again() {
     let held = run.session.model.held_bytes();
     assert_eq!(
         held,
-        m.trajectory[run.step].footprint_bytes + kv_cache_bytes(c, 2 * KV_BLOCK)
+        m.trajectory[run.step].footprint_bytes + kv_cache_bytes(c, KvFormat::F16, 2 * KV_BLOCK)
     );
     assert!(held <= room, "{held} > {room}");
     assert!(
-        m.trajectory[run.step - 1].footprint_bytes + kv_cache_bytes(c, 2 * KV_BLOCK) > room,
+        m.trajectory[run.step - 1].footprint_bytes + kv_cache_bytes(c, KvFormat::F16, 2 * KV_BLOCK)
+            > room,
         "the step above had no room: the walk went no deeper than needed"
     );
     tokens(&mut run, &mut turn, 3);
 
     // At the last step with no room left: no step down, the error stands.
     let last = m.trajectory.len() - 1;
-    let tight = m.trajectory[last].footprint_bytes + kv_cache_bytes(c, KV_BLOCK);
+    let tight = m.trajectory[last].footprint_bytes + kv_cache_bytes(c, KvFormat::F16, KV_BLOCK);
     let w = walk(
         dir,
         CpuFactory {
             context: 512,
+            kv_format: KvFormat::F16,
             budget: Some(tight),
         },
     );
@@ -758,6 +764,7 @@ fn soak_cpu_thousand_random_moves() {
         dir,
         CpuFactory {
             context: 64,
+            kv_format: KvFormat::F16,
             budget: None,
         },
     );

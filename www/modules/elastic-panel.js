@@ -249,7 +249,7 @@ export class ElasticPanel {
     const h = heapReading();
     $('st-step').textContent = `${s.step} / ${s.steps - 1}`;
     $('st-footprint').textContent = formatBytes(s.footprintBytes);
-    $('st-kv').textContent = `${formatBytes(s.kvCacheBytes)} · ${s.contextTokens} of ${s.contextLength} tokens`;
+    $('st-kv').textContent = `${formatBytes(s.kvCacheBytes)} (${s.kvCache}) · ${s.contextTokens} of ${s.contextLength} tokens`;
     const mb = this.modelBudget();
     const floor = Math.min(...this.points.map((p) => p.footprintBytes)) + (s.overheadBytes || 0);
     $('st-budget').textContent = mb == null ? 'unlimited' : formatBytes(mb) + (mb * (1 - HEADROOM) < floor ? ' (below the smallest EQM)' : '');

@@ -10,9 +10,10 @@ const ppl = (p) => (p == null ? '?' : p.toFixed(p < 100 ? 1 : 0));
 
 export class RequirementsView {
   /** `Engine`: the package's class (static methods only); `url`: the manifest. */
-  constructor(Engine, url, page) {
+  constructor(Engine, url, page, kvCache) {
     this.Engine = Engine;
     this.url = url;
+    this.kvCache = kvCache; // the engine's `kvCache` option: the totals are for it
     this.page = page; // window.flexquantPage: the tests read what the view saw
     this.engine = null;
     this.box = $('requirements');
@@ -27,12 +28,12 @@ export class RequirementsView {
 
   /** Reads the manifest through the engine (no GPU, nothing loaded); rejects as inspect does. */
   async inspect() {
-    const ins = await this.Engine.inspect(this.url);
+    const ins = await this.Engine.inspect(this.url, { kvCache: this.kvCache });
     this.page.inspection = ins;
     const t = ins.trajectory;
     const first = t[0], last = t[t.length - 1];
     $('req-download').textContent = `${formatBytes(ins.firstLoadBytes)} to start (step 0); ${formatBytes(ins.downloadBytes)} with every step`;
-    $('req-memory').textContent = `${formatBytes(ins.minTotalBytes)} to ${formatBytes(ins.maxTotalBytes)} for a ${ins.context}-token context (weights ${formatBytes(last.footprintBytes)} to ${formatBytes(first.footprintBytes)}, KV cache ${formatBytes(ins.kvBytes)})`;
+    $('req-memory').textContent = `${formatBytes(ins.minTotalBytes)} to ${formatBytes(ins.maxTotalBytes)} for a ${ins.context}-token context (weights ${formatBytes(last.footprintBytes)} to ${formatBytes(first.footprintBytes)}, KV cache ${formatBytes(ins.kvBytes)} in ${ins.kvCache})`;
     $('req-quality').textContent = `${t.length} EQMs from ${ins.nUp} to ${ins.nLow} bits; perplexity ${ppl(first.perplexity)} to ${ppl(last.perplexity)}`;
     this.box.hidden = false;
     return ins;
