@@ -25,14 +25,10 @@
 @group(0) @binding(6) var<storage, read_write> kc: array<u32>;
 @group(0) @binding(7) var<storage, read_write> vc: array<u32>;
 
-const F16_MAX: f32 = 65504.0;
-
+// F16_MAX and KV_MAX: prepended by the host (`kernels::shared_constants`).
 fn pack_f16(v: vec2<f32>) -> u32 {
     return pack2x16float(clamp(v, vec2(-F16_MAX), vec2(F16_MAX)));
 }
-
-// The largest int8 scale (`cpu::kv::KV_MAX`): an infinite value saturates, the cache stays finite.
-const KV_MAX: f32 = 1e38;
 
 // Element i of the head whose values start at `row` of the new keys (`is_k`, rotated at
 // position `pos`) or values (as they are), and its rotation partner i + head_dim/2.
@@ -49,7 +45,8 @@ fn pair(is_k: bool, row: u32, i: u32, pos: u32) -> vec2<f32> {
     return vec2(x0 * c - x1 * s, x1 * c + x0 * s);
 }
 
-// The largest magnitude of group g of the head (rotated keys, or values), at most KV_MAX.
+// The largest magnitude of group g of the head (rotated keys, or values), at most KV_MAX (an
+// infinite value saturates, the cache stays finite).
 fn group_max(is_k: bool, row: u32, g: u32, pos: u32) -> f32 {
     let half = p.head_dim / 2u;
     var m = 0.0;

@@ -6,12 +6,9 @@
 //! (llama.cpp's `q8_0`: 13.3 MB, +0.07% perplexity). Values are rounded to nearest when
 //! written and widened to f32 for attention (`widen_into`), in loops the compiler vectorises.
 
-use crate::runtime::backend::{KvFormat, KvLayout, KV_SCALE_BYTES};
+use crate::runtime::backend::{KvFormat, KvLayout, KV_SCALE_BYTES, KV_SCALE_MAX};
 
 const SCALE: usize = KV_SCALE_BYTES as usize;
-
-/// The largest int8 scale: code x scale / 127 must not round past `f32::MAX`.
-const KV_MAX: f32 = 1e38;
 
 /// `x` in [-1, 1] as the nearest of the 255 levels (WGSL's `pack4x8snorm`).
 #[inline(always)]
@@ -31,7 +28,7 @@ pub fn widen_f16(h: u16) -> f32 {
 
 /// Heads of `head_dim` values (`x`, one after another) into `out` (`KvLayout`). Never stores
 /// what reads back non-finite: f16 clamps to its finite range; an int8 scale saturates at
-/// `KV_MAX` (a NaN becomes 0).
+/// `KV_SCALE_MAX` (a NaN becomes 0).
 pub fn store(x: &[f32], l: &KvLayout, out: &mut [u8]) {
     if l.format == KvFormat::F16 {
         for (o, &v) in out.chunks_exact_mut(2).zip(x) {
@@ -46,7 +43,7 @@ pub fn store(x: &[f32], l: &KvLayout, out: &mut [u8]) {
         let (codes, scales) = o.split_at_mut(l.head_dim);
         let groups = codes.chunks_mut(l.group).zip(h.chunks(l.group));
         for ((codes, g), scale) in groups.zip(scales.chunks_exact_mut(SCALE)) {
-            let m = g.iter().fold(0f32, |a, v| a.max(v.abs())).min(KV_MAX);
+            let m = g.iter().fold(0f32, |a, v| a.max(v.abs())).min(KV_SCALE_MAX);
             let inv = if m > 0.0 { 1.0 / m } else { 0.0 };
             for (c, &v) in codes.iter_mut().zip(g) {
                 *c = code(v * inv);
@@ -180,7 +177,10 @@ mod tests {
         store(&x, &l, &mut s);
         let back = widened(&s, &l);
         assert!(back.iter().all(|v| v.is_finite()), "{back:?}");
-        assert!((back[0] - KV_MAX).abs() <= KV_MAX * 1e-6, "{back:?}");
+        assert!(
+            (back[0] - KV_SCALE_MAX).abs() <= KV_SCALE_MAX * 1e-6,
+            "{back:?}"
+        );
         assert_eq!(back[2], 0.0);
     }
 

@@ -9,6 +9,15 @@ use std::collections::HashMap;
 
 pub const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
+/// Constants the shaders share with the host, written from the Rust ones (so they cannot drift)
+/// and prepended with `COMMON`: f16's largest finite value (the f16 KV cache clamps to it) and
+/// the int8 KV cache's largest scale.
+fn shared_constants() -> String {
+    use crate::runtime::backend::KV_SCALE_MAX;
+    let f16_max = crate::model::math::F16_MAX;
+    format!("const F16_MAX: f32 = {f16_max:?};\nconst KV_MAX: f32 = {KV_SCALE_MAX:?};\n")
+}
+
 /// Bytes of one parameter slot: the WebGPU default (and maximum) uniform offset alignment.
 pub const PARAM_SLOT: u64 = 256;
 /// Workgroup size of the 64-wide kernels.
@@ -280,7 +289,7 @@ impl Kernels {
                     .create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(spec.entry),
                         source: wgpu::ShaderSource::Wgsl(
-                            format!("{COMMON}\n{}", spec.source).into(),
+                            format!("{COMMON}\n{}\n{}", shared_constants(), spec.source).into(),
                         ),
                     })
             })
