@@ -422,4 +422,27 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     assert.equal(await page.evaluate(() => window.flexquantPage.metrics.loadedFromCache), false);
     assert.match(await page.locator('#notice').textContent(), /downloaded .* cached for the next visit/);
   });
+
+  it('keeps the KV cache in int8 with ?kv=int8: the requirements, the panel and the engine say so, and it answers', async (t) => {
+    if (skip) return t.skip(skip);
+    const p2 = await browser.context.newPage();
+    try {
+      await p2.goto(`${server.url}?kv=int8`, { waitUntil: 'commit' });
+      await waitReady(p2);
+      const r = await p2.evaluate(async () => ({ ins: window.flexquantPage.inspection,
+        stats: await window.flexquantPage.engine.stats(), memory: document.getElementById('req-memory').textContent }));
+      assert.equal(r.ins.kvCache, 'int8');
+      assert.equal(r.stats.kvCache, 'int8');
+      assert.match(r.memory, / in int8\)$/, r.memory);
+      // Same model and context as the f16 page: int8 holds fewer bytes per token.
+      const f16 = await page.evaluate(() => window.flexquantPage.inspection.kvBytesPerToken);
+      assert.ok(r.ins.kvBytesPerToken < f16, `${r.ins.kvBytesPerToken} against ${f16}`);
+      await until(p2, 'the panel to show the format', () => / \(int8\) · /.test(document.getElementById('st-kv').textContent));
+      await setMaxTokens(p2, 8);
+      await send(p2, 'Hello?');
+      assert.notEqual((await waitAnswer(p2)).finish, 'error');
+    } finally {
+      await p2.close();
+    }
+  });
 });
