@@ -4,7 +4,8 @@
 //! perplexity moved by < 0.01%), or as int8 codes then one f32 scale per group of 32 elements,
 //! the group's largest magnitude, each element the nearest of 255 levels in [-scale, scale]
 //! (llama.cpp's `q8_0`: 13.3 MB, +0.07% perplexity). Values are rounded to nearest when
-//! written and widened to f32 for attention (`widen_into`), in loops the compiler vectorises.
+//! written and widened to f32 a tile at a time by attention (`widen_head`, `cpu::attention`),
+//! in loops the compiler vectorises.
 
 use crate::runtime::backend::{KvFormat, KvLayout, KV_SCALE_BYTES, KV_SCALE_MAX};
 
@@ -55,7 +56,7 @@ pub fn store(x: &[f32], l: &KvLayout, out: &mut [u8]) {
 
 /// One stored head widened into `out` (`head_dim` values).
 #[inline(always)]
-fn widen_head(stored: &[u8], l: &KvLayout, out: &mut [f32]) {
+pub fn widen_head(stored: &[u8], l: &KvLayout, out: &mut [f32]) {
     if l.format == KvFormat::F16 {
         for (o, h) in out.iter_mut().zip(stored.chunks_exact(2)) {
             *o = widen_f16(u16::from_le_bytes([h[0], h[1]]));
@@ -72,27 +73,14 @@ fn widen_head(stored: &[u8], l: &KvLayout, out: &mut [f32]) {
     }
 }
 
-/// Heads widened per parallel task (~64 KB of f32 at a head of 64).
-const WIDEN_HEADS: usize = 256;
-
-/// A layer's cached keys `k` and values `v` widened into `out` (`[k | v]`, `head_dim` f32 per
-/// stored head), in one parallel region. Attention reads the cache as f32: each layer's keys
-/// and values are widened once per token, not once per query head reading them (that cost
-/// 4-6% of a one-thread decode at a 928-token context and 13-15% of a long prefill).
-pub fn widen_into(k: &[u8], v: &[u8], l: &KvLayout, out: &mut [f32]) {
-    let (row, hd) = (l.head_bytes(), l.head_dim);
-    let (nk, nv) = (k.len() / row, v.len() / row);
-    crate::cpu::par::chunks_mut(&mut out[..(nk + nv) * hd], WIDEN_HEADS * hd, |i, o| {
-        for (j, o) in o.chunks_exact_mut(hd).enumerate() {
-            let g = i * WIDEN_HEADS + j;
-            let stored = if g < nk {
-                &k[g * row..(g + 1) * row]
-            } else {
-                &v[(g - nk) * row..(g - nk + 1) * row]
-            };
-            widen_head(stored, l, o);
-        }
-    });
+/// Every stored head of `stored` widened (tests and checks; attention widens tiles).
+pub fn widened(stored: &[u8], l: &KvLayout) -> Vec<f32> {
+    let mut out = vec![0f32; stored.len() / l.head_bytes() * l.head_dim];
+    let heads = stored.chunks_exact(l.head_bytes());
+    for (h, o) in heads.zip(out.chunks_exact_mut(l.head_dim)) {
+        widen_head(h, l, o);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -105,12 +93,6 @@ mod tests {
             head_dim,
             group,
         }
-    }
-
-    fn widened(stored: &[u8], l: &KvLayout) -> Vec<f32> {
-        let mut out = vec![f32::NAN; stored.len() / l.head_bytes() * l.head_dim];
-        widen_into(stored, &[], l, &mut out);
-        out
     }
 
     #[test]
@@ -194,43 +176,5 @@ mod tests {
         assert!(s[..32].iter().all(|&c| c == 127) && s[32..64].iter().all(|&c| c == 129));
         assert_eq!(s[64..68], 1f32.to_le_bytes());
         assert_eq!(s[68..72], 0.5f32.to_le_bytes());
-    }
-
-    #[test]
-    fn widen_into_widens_keys_then_values_across_tasks() {
-        for l in [
-            layout(64, 32),
-            KvLayout {
-                format: KvFormat::F16,
-                ..layout(64, 32)
-            },
-        ] {
-            widen_into_splits(&l);
-        }
-    }
-
-    fn widen_into_splits(l: &KvLayout) {
-        for (nk, nv) in [
-            (3 * WIDEN_HEADS + 5, 3 * WIDEN_HEADS + 5),
-            (7, 9),
-            (WIDEN_HEADS, 1),
-        ] {
-            let f = |n: usize, a: f32| -> Vec<u8> {
-                let x: Vec<f32> = (0..n * 64).map(|i| (i as f32 * a).sin() * 100.0).collect();
-                let mut s = vec![0u8; n * l.head_bytes()];
-                store(&x, l, &mut s);
-                s
-            };
-            let (k, v) = (f(nk, 0.01), f(nv, 0.03));
-            let mut out = vec![f32::NAN; (nk + nv + 1) * 64];
-            widen_into(&k, &v, l, &mut out);
-            let mut want = widened(&k, l);
-            want.extend(widened(&v, l));
-            assert_eq!(&out[..want.len()], &want[..], "{nk} {nv}");
-            assert!(
-                out[want.len()..].iter().all(|x| x.is_nan()),
-                "past the span"
-            );
-        }
     }
 }

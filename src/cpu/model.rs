@@ -5,7 +5,7 @@
 //! `kernel::matmul`.
 
 use crate::cpu::act::Q16;
-use crate::cpu::attention::attention;
+use crate::cpu::attention::{attention, Cached};
 use crate::cpu::kernel::matmul;
 use crate::ensemble::base::{base_bytes, Base};
 use crate::ensemble::format::PackedMatrix;
@@ -298,8 +298,6 @@ impl CpuModel {
         let (layout, row) = (self.kv, self.kv.layer_bytes(&c, 1) as usize);
         let mut xn = vec![0f32; t * h];
         let mut att = vec![0f32; t * c.q_dim()];
-        // The layer's cached keys and values widened to f32 (`cpu::kv`).
-        let mut widened: Vec<f32> = Vec::new();
         for l in 0..c.num_hidden_layers {
             use ModuleKind::*;
             rmsnorm(&x, &self.base.norms[l].attn_norm, c.rms_norm_eps, &mut xn);
@@ -312,13 +310,13 @@ impl CpuModel {
             let span = pos0 * row..(pos0 + t) * row;
             crate::cpu::kv::store(&k, &layout, &mut self.k[l][span.clone()]);
             crate::cpu::kv::store(&v, &layout, &mut self.v[l][span]);
-            let (end, cached) = ((pos0 + t) * c.kv_dim(), (pos0 + t) * row);
-            // Every query head reads every cached key: widened once per layer, not per head.
-            widened.resize(2 * end, 0.0);
-            let (k, v) = (&self.k[l][..cached], &self.v[l][..cached]);
-            crate::cpu::kv::widen_into(k, v, &layout, &mut widened);
-            let (kw, vw) = widened.split_at(end);
-            attention(&c, &q, kw, vw, pos0, &mut att);
+            let cached = (pos0 + t) * row;
+            let cache = Cached {
+                k: &self.k[l][..cached],
+                v: &self.v[l][..cached],
+                layout: &layout,
+            };
+            attention(&c, &q, &cache, pos0, &mut att);
             let o = self.project(l, &[O], &att, t).remove(0);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 

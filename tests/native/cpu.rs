@@ -76,11 +76,13 @@ fn kernel_matches_fake_quant_for_every_bit_width_and_group() {
     }
 }
 
-/// The packed backend's attention against the CPU reference's (score matrices through gemm,
-/// then a softmax per row): decode and prefill, short and long contexts (past several blocks
-/// of keys), grouped and plain heads.
+/// The packed backend's attention, reading the cache's stored bytes in both formats, against
+/// the CPU reference's on the same values widened (score matrices through gemm, then a softmax
+/// per row): decode and prefill, short and long contexts (past several tiles, key ranges and
+/// query blocks), grouped and plain heads.
 #[test]
 fn attention_matches_the_reference() {
+    use flexquant::runtime::backend::{KvFormat, KvLayout};
     for (nh, nkv, hd) in [(9, 3, 64), (4, 4, 16)] {
         let c: flexquant::model::LlamaConfig = serde_json::from_value(serde_json::json!({
             "hidden_size": nh * hd, "intermediate_size": 8, "num_hidden_layers": 1,
@@ -92,26 +94,45 @@ fn attention_matches_the_reference() {
             (5, 1),
             (700, 1),
             (1100, 1),
+            (254, 4),
+            (1000, 3),
             (0, 7),
             (300, 40),
             (2, 300),
         ] {
-            let keys = pos0 + t;
-            let k = noise(keys as u64, keys * c.kv_dim());
-            let v = noise(keys as u64 + 1, keys * c.kv_dim());
-            let q: Vec<f32> = noise(t as u64 + 2, t * c.q_dim())
-                .iter()
-                .map(|x| 4.0 * x)
-                .collect();
-            let want = forward::attention(&c, &q, &k, &v, pos0, t, hd);
-            let mut got = vec![f32::NAN; t * c.q_dim()];
-            flexquant::cpu::attention::attention(&c, &q, &k, &v, pos0, &mut got);
-            let err = norm(got.iter().zip(&want).map(|(a, b)| (a - b) as f64))
-                / norm(want.iter().map(|&x| x as f64));
-            assert!(
-                err < 1e-5,
-                "{nh}/{nkv} heads of {hd}, pos0 {pos0}, {t} tokens: {err:.2e}"
-            );
+            for format in [KvFormat::F16, KvFormat::Int8] {
+                let layout = KvLayout::of(&c, format);
+                let keys = pos0 + t;
+                let stored = |seed: u64| {
+                    let x = noise(seed, keys * c.kv_dim());
+                    let mut b = vec![0u8; keys * nkv * layout.head_bytes()];
+                    flexquant::cpu::kv::store(&x, &layout, &mut b);
+                    b
+                };
+                let (k, v) = (stored(keys as u64), stored(keys as u64 + 1));
+                let q: Vec<f32> = noise(t as u64 + 2, t * c.q_dim())
+                    .iter()
+                    .map(|x| 4.0 * x)
+                    .collect();
+                let (kw, vw) = (
+                    flexquant::cpu::kv::widened(&k, &layout),
+                    flexquant::cpu::kv::widened(&v, &layout),
+                );
+                let want = forward::attention(&c, &q, &kw, &vw, pos0, t, hd);
+                let mut got = vec![f32::NAN; t * c.q_dim()];
+                let cache = flexquant::cpu::attention::Cached {
+                    k: &k,
+                    v: &v,
+                    layout: &layout,
+                };
+                flexquant::cpu::attention::attention(&c, &q, &cache, pos0, &mut got);
+                let err = norm(got.iter().zip(&want).map(|(a, b)| (a - b) as f64))
+                    / norm(want.iter().map(|&x| x as f64));
+                assert!(
+                    err < 1e-5,
+                    "{nh}/{nkv} heads of {hd}, {format:?}, pos0 {pos0}, {t} tokens: {err:.2e}"
+                );
+            }
         }
     }
 }

@@ -379,10 +379,7 @@ fn to_cache(x: &[f32], l: &KvLayout) -> Vec<u32> {
 
 /// `to_cache`'s values (the CPU backend's reading of them).
 fn from_cache(w: &[u32], l: &KvLayout) -> Vec<f32> {
-    let b: &[u8] = bytemuck::cast_slice(w);
-    let mut out = vec![0f32; b.len() / l.head_bytes() * l.head_dim];
-    flexquant::cpu::kv::widen_into(b, &[], l, &mut out);
-    out
+    flexquant::cpu::kv::widened(bytemuck::cast_slice(w), l)
 }
 
 /// The cache's layout for heads of `hd` (`KvLayout::of` a model's config).
