@@ -1952,8 +1952,9 @@ async fn an_int8_kv_cache_holds_fewer_bytes_on_both_backends() {
 /// The KV cache grows with the conversation and the controller follows it, on both backends:
 /// a model loads holding one block of the cache; under a budget that held that, a long prompt
 /// grows the cache and the model steps down between tokens (the held bytes always equal the
-/// step's footprint plus the overheads the controller counts); `resetChat` frees the cache
-/// and the model steps back up.
+/// step's footprint plus the overheads the controller counts); a short unrelated request
+/// shrinks the cache back to a block and the model climbs back up; `resetChat` frees the
+/// cache and the model steps back up.
 #[wasm_bindgen_test]
 async fn the_kv_cache_grows_with_the_conversation_and_the_controller_follows() {
     use flexquant::runtime::backend::KV_BLOCK;
@@ -2005,6 +2006,29 @@ async fn the_kv_cache_grows_with_the_conversation_and_the_controller_follows() {
         );
         assert_eq!(held(&s), want(&s), "{backend} after the step down: {s}");
         finish(&e).await;
+
+        // A short request unrelated to the long one (no reset): the cache shrinks back to a
+        // block (`Backend::shrink_kv`) and the model climbs back up.
+        start(&e, &[user("Hi")], 2).await;
+        let s = stats(&e);
+        assert_eq!(kv(&s), block, "{backend}: shrunk for a short request: {s}");
+        assert_eq!(
+            s["overheadBytes"].as_u64().unwrap(),
+            at_load,
+            "{backend}: {s}"
+        );
+        assert_eq!(held(&s), want(&s), "{backend} after the shrink: {s}");
+        finish(&e).await;
+        while call(e.rebalance()).await.unwrap() == true {}
+        let s = stats(&e);
+        // Not necessarily to step 0: the budget was pinned to step 0 at load, and a climb's
+        // swaps hold two versions of a module for a moment.
+        let up = s["step"].as_u64().unwrap();
+        assert!(
+            up < last,
+            "{backend}: climbed back up after the shrink: {s}"
+        );
+        assert_eq!(held(&s), want(&s), "{backend} back up: {s}");
 
         call(e.reset_chat()).await.unwrap();
         let s = stats(&e);

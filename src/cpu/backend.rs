@@ -21,6 +21,10 @@ impl Backend for CpuModel {
     fn truncate(&mut self, n: usize) {
         CpuModel::truncate(self, n)
     }
+    async fn shrink_kv(&mut self, needed: usize) -> Result<()> {
+        CpuModel::shrink_kv(self, needed);
+        Ok(())
+    }
     fn release_kv(&mut self) {
         CpuModel::release_kv(self)
     }

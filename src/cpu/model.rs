@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::model::math::{rmsnorm, silu, Rope};
 use crate::model::weights::{ModuleId, ModuleKind};
 use crate::model::LlamaConfig;
-use crate::runtime::backend::{kv_layer_bytes, KvFormat, KvLayout};
+use crate::runtime::backend::{kv_layer_bytes, kv_shrunk, KvFormat, KvLayout};
 use std::sync::Arc;
 
 /// Final-normed hidden rows turned into logits at once (bounds memory at this x vocab floats).
@@ -148,6 +148,20 @@ impl CpuModel {
         }
         self.capacity = positions;
         Ok(())
+    }
+
+    /// Gives back the cache's room beyond `needed` positions (`Backend::shrink_kv`).
+    pub fn shrink_kv(&mut self, needed: usize) {
+        let needed = needed.max(self.len);
+        let Some(positions) = kv_shrunk(self.capacity, needed, self.context) else {
+            return;
+        };
+        let n = self.kv.layer_bytes(&self.config, positions) as usize;
+        for cache in self.k.iter_mut().chain(&mut self.v) {
+            cache.truncate(n);
+            cache.shrink_to_fit();
+        }
+        self.capacity = positions;
     }
 
     /// Forgets every position and frees the KV cache (`Backend::release_kv`).

@@ -23,6 +23,9 @@ impl Backend for Model {
     fn truncate(&mut self, n: usize) {
         Model::truncate(self, n)
     }
+    async fn shrink_kv(&mut self, needed: usize) -> GpuResult<()> {
+        Model::shrink_kv(self, needed).await
+    }
     fn release_kv(&mut self) {
         Model::release_kv(self)
     }

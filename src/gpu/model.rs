@@ -28,7 +28,7 @@ use crate::gpu::kernels::{
 };
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{ModuleId, ModuleKind};
-use crate::runtime::backend::{kv_grown, KvFormat};
+use crate::runtime::backend::{kv_grown, kv_shrunk, KvFormat};
 use crate::runtime::generate::check_watch;
 use serde::Serialize;
 use std::sync::Arc;
@@ -386,6 +386,22 @@ impl Model {
             return Ok(());
         }
         let positions = kv_grown(self.kv_positions, needed, self.opts.context);
+        self.resize_kv(positions).await
+    }
+
+    /// Gives back the cache's room beyond `needed` positions (`Backend::shrink_kv`), as a
+    /// growth does: a smaller cache, the cached positions copied in, the old one freed.
+    pub async fn shrink_kv(&mut self, needed: usize) -> GpuResult<()> {
+        let needed = needed.max(self.len);
+        match kv_shrunk(self.kv_positions, needed, self.opts.context) {
+            Some(positions) => self.resize_kv(positions).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A cache of `positions` (at least `len`) bound in place of the old one, the cached
+    /// positions copied in. On error the model is as before.
+    async fn resize_kv(&mut self, positions: usize) -> GpuResult<()> {
         let format = self.opts.kv_format;
         let kv = create_kv(&self.alloc, &self.config, format, positions).await?;
         let cached = crate::runtime::backend::kv_layer_bytes(&self.config, format, self.len);

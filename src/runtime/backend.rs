@@ -155,6 +155,14 @@ pub fn kv_grown(held: usize, needed: usize, context: usize) -> usize {
         .min(context)
 }
 
+/// The positions a cache holding `held` shrinks to when a new request needs only `needed` (its
+/// prompt, the cached prefix included): what `kv_grown` allocates from nothing, when that is at
+/// most half of `held` (a smaller gain is not worth the copy and would churn).
+pub fn kv_shrunk(held: usize, needed: usize, context: usize) -> Option<usize> {
+    let fit = kv_grown(0, needed, context);
+    (fit.saturating_mul(2) <= held).then_some(fit)
+}
+
 /// A model at one EQM with its KV cache. Every method leaves the model as it was on error.
 // Futures of the browser backend are not `Send`; nothing here needs them to be.
 #[allow(async_fn_in_trait)]
@@ -174,6 +182,13 @@ pub trait Backend {
     /// `step` allocates what it needs.
     fn release_kv(&mut self) {
         self.truncate(0);
+    }
+    /// Gives back the KV cache's room beyond what `needed` positions take when it holds at least
+    /// twice that (`kv_shrunk`), the cached positions kept: a request unrelated to the previous
+    /// one does not keep the earlier conversation's high-water mark. The default keeps it.
+    async fn shrink_kv(&mut self, needed: usize) -> Result<(), Self::Error> {
+        let _ = needed;
+        Ok(())
     }
     /// Runs `tokens` after the cached ones and returns the next token's top candidates
     /// `(token, logit)`, best first, then the watched tokens (`watch`) that are not among
@@ -243,6 +258,16 @@ mod tests {
         assert_eq!(kv_grown(1024, 1025, 8192), 1280);
         assert_eq!(kv_grown(0, 1, 40), 40, "a context shorter than a block");
         assert_eq!(kv_grown(896, 1000, 1000), 1000, "never past the context");
+        assert_eq!(kv_shrunk(1024, 10, 1024), Some(KV_BLOCK));
+        assert_eq!(kv_shrunk(1024, 300, 1024), Some(3 * KV_BLOCK));
+        assert_eq!(
+            kv_shrunk(512, 257, 1024),
+            None,
+            "384 is more than half of 512"
+        );
+        assert_eq!(kv_shrunk(256, 128, 1024), Some(KV_BLOCK));
+        assert_eq!(kv_shrunk(128, 1, 1024), None, "one block stays");
+        assert_eq!(kv_shrunk(40, 1, 40), None, "a context shorter than a block");
         // A conversation growing a token at a time copies a few times its final cache (the
         // quarter), not its square.
         let context = 32_768;

@@ -176,6 +176,7 @@ impl<B: Backend> Session<B> {
         let shared = reusable_prefix(&self.tokens, prompt);
         self.model.truncate(shared);
         self.tokens.truncate(shared);
+        self.model.shrink_kv(prompt.len()).await?;
         let t0 = now_seconds();
         let cand = self.model.step(&prompt[shared..]).await?;
         self.tokens.extend_from_slice(&prompt[shared..]);

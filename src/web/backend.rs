@@ -82,6 +82,10 @@ impl Backend for WebModel {
     fn release_kv(&mut self) {
         each!(self, m => Backend::release_kv(m))
     }
+    async fn shrink_kv(&mut self, needed: usize) -> WebResult<()> {
+        each!(self, m => Backend::shrink_kv(m, needed).await?);
+        Ok(())
+    }
     async fn step(&mut self, tokens: &[u32]) -> WebResult<Vec<(u32, f32)>> {
         Ok(each!(self, m => Backend::step(m, tokens).await?))
     }

@@ -271,10 +271,11 @@ fn demo_logits_with_an_int8_kv_cache_track_the_reference() {
 
 /// The KV cache grows with the conversation (`runtime::backend::kv_grown`): one block at load,
 /// larger ones as tokens arrive, the logits bit-identical to a model whose cache was reserved
-/// for the whole context up front; a growth beyond the model's budget is an out-of-memory
-/// error that leaves it as it was; `release_kv` frees the cache.
+/// for the whole context up front; a short request shrinks it to a block, the cached positions
+/// kept (`shrink_kv`); a growth beyond the model's budget is an out-of-memory error that leaves
+/// it as it was; `release_kv` frees the cache.
 #[test]
-fn kv_cache_grows_with_the_conversation_and_is_freed_with_it() {
+fn kv_cache_grows_with_the_conversation_shrinks_for_a_short_request_and_is_freed() {
     use flexquant::runtime::backend::{kv_cache_bytes, KV_BLOCK};
     let dir = tempfile::tempdir().unwrap();
     flexquant::model::tiny::write_tiny_model(dir.path(), 11).unwrap();
@@ -314,6 +315,27 @@ fn kv_cache_grows_with_the_conversation_and_is_freed_with_it() {
         g.held_bytes() - at_load,
         kv_cache_bytes(c, KvFormat::F16, 384 - KV_BLOCK)
     );
+    // A request that needs 200 positions keeps 256 (not worth a copy); one that needs 100
+    // shrinks the cache to a block, the first 100 positions kept.
+    g.shrink_kv(200);
+    assert_eq!(g.capacity(), 384);
+    g.truncate(100);
+    reserved.truncate(100);
+    g.shrink_kv(100);
+    assert_eq!(
+        (g.len(), g.capacity(), g.held_bytes()),
+        (100, KV_BLOCK, at_load)
+    );
+    for (i, t) in tokens[..40].iter().enumerate() {
+        let (a, b) = (reserved.step(&[*t]).unwrap(), g.step(&[*t]).unwrap());
+        assert_eq!(
+            a,
+            b,
+            "top candidates at position {} after the shrink",
+            100 + i
+        );
+    }
+    assert_eq!(g.capacity(), 2 * KV_BLOCK, "grown again past a block");
     g.release_kv();
     assert_eq!((g.len(), g.capacity()), (0, 0));
     assert_eq!(

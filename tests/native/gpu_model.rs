@@ -116,10 +116,11 @@ fn decode_matches(
 /// The KV cache grows with the conversation (`runtime::backend::kv_grown`): one block at load,
 /// larger caches with the cached positions copied in as tokens arrive, every logit as the
 /// reference's (its cache rounded as the engine stores it); a growth the allocator's budget
-/// refuses is an out-of-memory error that leaves the model as it was; `release_kv` frees it
+/// refuses is an out-of-memory error that leaves the model as it was; a short request shrinks
+/// it to a block, the cached positions kept (`shrink_kv`); `release_kv` frees it
 /// and the next call allocates a new one. In f16 and in int8.
 #[test]
-fn kv_cache_grows_with_the_conversation_and_is_freed_with_it() {
+fn kv_cache_grows_with_the_conversation_shrinks_for_a_short_request_and_is_freed() {
     // Over 200 positions the worst measured: f16 1.1e-4, a value the engine and the reference
     // compute a rounding apart landing one f16 ulp apart (positions past 150); int8 3.0e-6
     // (a code rounded apart would move a value by 1/127 of its group's largest). A wrong
@@ -185,6 +186,24 @@ fn kv_cache_grows(format: KvFormat, tol: f32) {
         [128, 256, 384],
         "cache sizes as the conversation grew"
     );
+    accounted(&g);
+
+    // A request needing 100 positions shrinks the cache to a block, the first 100 kept: the
+    // logits from there are the reference's again.
+    g.truncate(100);
+    pollster::block_on(g.shrink_kv(100)).unwrap();
+    assert_eq!((g.len(), g.kv_positions()), (100, KV_BLOCK));
+    accounted(&g);
+    assert_eq!(g.held_bytes(), at_load, "back to what it held at load");
+    for i in 100..140 {
+        let lg = pollster::block_on(g.logits_last(&tokens[i..i + 1])).unwrap();
+        let e = rel_err(&lg, &want[i * vocab..(i + 1) * vocab]);
+        assert!(
+            e < tol,
+            "{format}: after the shrink, error {e:.2e} at position {i}"
+        );
+    }
+    assert_eq!(g.kv_positions(), 2 * KV_BLOCK, "grown again");
     accounted(&g);
 
     // A growth beyond the budget: refused, nothing changed, and the next call (budget lifted)
