@@ -21,6 +21,12 @@ impl Backend for CpuModel {
     fn truncate(&mut self, n: usize) {
         CpuModel::truncate(self, n)
     }
+    fn kv_format(&self) -> Option<KvFormat> {
+        Some(CpuModel::kv_format(self))
+    }
+    async fn convert_kv(&mut self, to: KvFormat) -> Result<()> {
+        CpuModel::convert_kv(self, to)
+    }
     async fn shrink_kv(&mut self, needed: usize) -> Result<()> {
         CpuModel::shrink_kv(self, needed);
         Ok(())

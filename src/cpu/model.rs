@@ -150,6 +150,46 @@ impl CpuModel {
         Ok(())
     }
 
+    /// Stores the KV cache as `to` from now on (`Backend::convert_kv`): every layer's cached
+    /// positions re-encoded into a cache of the same positions. A larger cache (int8 -> f16)
+    /// beyond the model's budget is refused with `OutOfMemory`; on error nothing changed.
+    pub fn convert_kv(&mut self, to: KvFormat) -> Result<()> {
+        if to == self.kv.format {
+            return Ok(());
+        }
+        let (c, from) = (&self.config, self.kv);
+        let new = KvLayout::of(c, to);
+        let (held, after) = (
+            self.kv.cache_bytes(c, self.capacity),
+            new.cache_bytes(c, self.capacity),
+        );
+        let what = || format!("the KV cache in {to}");
+        if let Some(b) = self
+            .budget
+            .filter(|&b| after > held && self.held_bytes() + after - held > b)
+        {
+            return Err(Error::OutOfMemory {
+                what: what(),
+                requested: self.held_bytes() + after - held,
+                budget: Some(b),
+            });
+        }
+        let (row, cached) = (from.layer_bytes(c, 1) as usize, self.len);
+        let n = new.layer_bytes(c, self.capacity) as usize;
+        let mut converted = Vec::with_capacity(self.k.len() + self.v.len());
+        for cache in self.k.iter().chain(&self.v) {
+            let mut out = Vec::new();
+            grow_zeroed(&mut out, n, &what())?;
+            let x = crate::cpu::kv::widened(&cache[..cached * row], &from);
+            let written = new.layer_bytes(c, cached) as usize;
+            crate::cpu::kv::store(&x, &new, &mut out[..written]);
+            converted.push(out);
+        }
+        let v = converted.split_off(self.k.len());
+        (self.k, self.v, self.kv) = (converted, v, new);
+        Ok(())
+    }
+
     /// Gives back the cache's room beyond `needed` positions (`Backend::shrink_kv`).
     pub fn shrink_kv(&mut self, needed: usize) {
         let needed = needed.max(self.len);
@@ -209,6 +249,12 @@ impl CpuModel {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Caps the bytes this model may hold from now on (a growth or conversion beyond it fails
+    /// with `OutOfMemory`).
+    pub fn set_budget(&mut self, bytes: Option<u64>) {
+        self.budget = bytes;
     }
 
     /// How the KV cache stores keys and values.

@@ -7,7 +7,7 @@ use crate::gpu::error::{GpuError, GpuResult};
 use crate::gpu::model::{Model, ModelOptions};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::ModuleId;
-use crate::runtime::backend::{Backend, Factory};
+use crate::runtime::backend::{Backend, Factory, KvFormat};
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -22,6 +22,12 @@ impl Backend for Model {
     }
     fn truncate(&mut self, n: usize) {
         Model::truncate(self, n)
+    }
+    fn kv_format(&self) -> Option<KvFormat> {
+        Some(self.options().kv_format)
+    }
+    async fn convert_kv(&mut self, to: KvFormat) -> GpuResult<()> {
+        Model::convert_kv(self, to).await
     }
     async fn shrink_kv(&mut self, needed: usize) -> GpuResult<()> {
         Model::shrink_kv(self, needed).await

@@ -116,6 +116,64 @@ impl Graph {
             }
         }
     }
+
+    /// Rewrites the KV ops' parameters for a cache stored as `o.kv_format` (after the cache
+    /// changed format: `Model::convert_kv`).
+    pub fn write_kv_params(
+        &self,
+        gpu: &Gpu,
+        params: &GpuBuffer,
+        c: &LlamaConfig,
+        o: &ModelOptions,
+    ) {
+        let kv = KvLayout::of(c, o.kv_format);
+        for &(_, i) in &self.kv_ops {
+            if let Dispatch::Fixed(op) = &self.layers[i] {
+                let bytes = match op.kernel {
+                    Kernel::Rope => kernel_param_bytes(op.kernel, &rope_params(c, o, &kv)),
+                    _ => kernel_param_bytes(op.kernel, &attention_params(c, o, &kv)),
+                };
+                gpu.queue
+                    .write_buffer(&params.buffer, op.slot * PARAM_SLOT, &bytes);
+            }
+        }
+    }
+}
+
+/// RoPE's parameters (it stores the call's keys and values into the cache laid out as `kv`).
+fn rope_params(c: &LlamaConfig, o: &ModelOptions, kv: &KvLayout) -> RopeParams {
+    let hd = c.head_dim() as u32;
+    RopeParams {
+        q_stride: c.q_dim() as u32,
+        kv_stride: c.kv_dim() as u32,
+        q_heads: c.num_attention_heads as u32,
+        k_heads: c.n_kv_heads() as u32,
+        head_dim: hd,
+        sin_base: o.context as u32 * hd / 2,
+        kv_group: kv.group as u32,
+        kv_int8: (kv.format == KvFormat::Int8) as u32,
+    }
+}
+
+/// Attention's parameters (and its combine pass's) over a cache laid out as `kv`.
+fn attention_params(c: &LlamaConfig, o: &ModelOptions, kv: &KvLayout) -> AttentionParams {
+    let (hd, nh, nkv) = (
+        c.head_dim() as u32,
+        c.num_attention_heads as u32,
+        c.n_kv_heads() as u32,
+    );
+    AttentionParams {
+        group: nh / nkv,
+        head_dim: hd,
+        q_stride: c.q_dim() as u32,
+        kv_stride: nkv * kv.head_bytes() as u32 / 4,
+        scale: 1.0 / (hd as f32).sqrt(),
+        n_heads: nh,
+        split_keys: ATTENTION_SPLIT_KEYS,
+        splits: attention_splits(o),
+        kv_group: kv.group as u32,
+        kv_int8: (kv.format == KvFormat::Int8) as u32,
+    }
 }
 
 /// Parameter slots: 11 per layer (2 norms, 7 modules, RoPE, attention), one more where
@@ -323,7 +381,6 @@ impl Builder<'_> {
             c.num_attention_heads as u32,
             c.n_kv_heads() as u32,
         );
-        let (q_dim, kv_dim) = (c.q_dim() as u32, c.kv_dim() as u32);
         let kv = KvLayout::of(c, x.opts.kv_format);
         let [attn_norm, ffn_norm] = norms;
         let norm = RmsNormParams {
@@ -375,34 +432,14 @@ impl Builder<'_> {
         }
         let rope = self.op(
             Kernel::Rope,
-            &RopeParams {
-                q_stride: q_dim,
-                kv_stride: kv_dim,
-                q_heads: nh,
-                k_heads: nkv,
-                head_dim: hd,
-                sin_base: x.opts.context as u32 * hd / 2,
-                kv_group: kv.group as u32,
-                kv_int8: (kv.format == KvFormat::Int8) as u32,
-            },
+            &rope_params(c, x.opts, &kv),
             &kv_op_buffers(Kernel::Rope, x.rope, a, layer_kv),
             Grid::PerToken((nh * hd / 2 + 2 * nkv * hd / 8).div_ceil(WG)),
         );
         out.kv_ops.push((l, out.ops.len()));
         out.ops.push(Dispatch::Fixed(rope));
         let splits = attention_splits(x.opts);
-        let attention = AttentionParams {
-            group: nh / nkv,
-            head_dim: hd,
-            q_stride: q_dim,
-            kv_stride: nkv * kv.head_bytes() as u32 / 4,
-            scale: 1.0 / (hd as f32).sqrt(),
-            n_heads: nh,
-            split_keys: ATTENTION_SPLIT_KEYS,
-            splits,
-            kv_group: kv.group as u32,
-            kv_int8: (kv.format == KvFormat::Int8) as u32,
-        };
+        let attention = attention_params(c, x.opts, &kv);
         let att_buffers = kv_op_buffers(Kernel::Attention, x.rope, a, layer_kv);
         let op = self.op(
             Kernel::Attention,

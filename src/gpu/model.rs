@@ -28,7 +28,7 @@ use crate::gpu::kernels::{
 };
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{ModuleId, ModuleKind};
-use crate::runtime::backend::{kv_grown, kv_shrunk, KvFormat};
+use crate::runtime::backend::{kv_grown, kv_shrunk, KvFormat, KvLayout};
 use crate::runtime::generate::check_watch;
 use serde::Serialize;
 use std::sync::Arc;
@@ -399,18 +399,59 @@ impl Model {
         }
     }
 
+    /// Stores the cache as `to` from now on (`Backend::convert_kv`): a cache of the same
+    /// positions in the new format, the cached positions read back, re-encoded on the host
+    /// (`cpu::kv`, the bytes the RoPE kernel would have written) and written in, the KV ops'
+    /// parameters rewritten. On error the model is as before.
+    pub async fn convert_kv(&mut self, to: KvFormat) -> GpuResult<()> {
+        if to == self.opts.kv_format {
+            return Ok(());
+        }
+        if self.kv.is_empty() {
+            // Released: the next call allocates the cache in the new format.
+            self.opts.kv_format = to;
+            self.graph
+                .write_kv_params(&self.gpu, &self.params, &self.config, &self.opts);
+            return Ok(());
+        }
+        self.rebuild_kv(self.kv_positions, to).await
+    }
+
     /// A cache of `positions` (at least `len`) bound in place of the old one, the cached
     /// positions copied in. On error the model is as before.
     async fn resize_kv(&mut self, positions: usize) -> GpuResult<()> {
-        let format = self.opts.kv_format;
-        let kv = create_kv(&self.alloc, &self.config, format, positions).await?;
-        let cached = crate::runtime::backend::kv_layer_bytes(&self.config, format, self.len);
-        if cached > 0 {
+        self.rebuild_kv(positions, self.opts.kv_format).await
+    }
+
+    /// A cache of `positions` (at least `len`) in `format` bound in place of the old one, the
+    /// cached positions copied in (re-encoded when the format changes). On error the model is
+    /// as before.
+    async fn rebuild_kv(&mut self, positions: usize, format: KvFormat) -> GpuResult<()> {
+        let c = &self.config;
+        let kv = create_kv(&self.alloc, c, format, positions).await?;
+        let from = self.opts.kv_format;
+        let cached = crate::runtime::backend::kv_layer_bytes(c, from, self.len);
+        if cached > 0 && format == from {
             let mut enc = self.gpu.device.create_command_encoder(&Default::default());
             for (old, new) in self.kv.iter().flatten().zip(kv.iter().flatten()) {
                 enc.copy_buffer_to_buffer(&old.buffer, 0, &new.buffer, 0, cached);
             }
             self.gpu.queue.submit([enc.finish()]);
+        } else if cached > 0 {
+            let (old_layout, new_layout) = (KvLayout::of(c, from), KvLayout::of(c, format));
+            let mut out =
+                vec![0u8; crate::runtime::backend::kv_layer_bytes(c, format, self.len) as usize];
+            for (old, new) in self.kv.iter().flatten().zip(kv.iter().flatten()) {
+                let bytes = self.read_bytes(&old.buffer, cached).await?;
+                let x = crate::cpu::kv::widened(&bytes, &old_layout);
+                crate::cpu::kv::store(&x, &new_layout, &mut out);
+                self.gpu.queue.write_buffer(&new.buffer, 0, &out);
+            }
+        }
+        if format != from {
+            self.opts.kv_format = format;
+            self.graph
+                .write_kv_params(&self.gpu, &self.params, &self.config, &self.opts);
         }
         let at = SlotBinding {
             gpu: &self.gpu,
@@ -849,8 +890,14 @@ impl Model {
         Ok(out)
     }
 
-    /// Copies a device buffer to the host through a transient staging buffer.
+    /// Copies a device buffer of f32 to the host.
     async fn read_buffer(&self, src: &wgpu::Buffer, bytes: u64) -> GpuResult<Vec<f32>> {
+        let b = self.read_bytes(src, bytes).await?;
+        Ok(bytemuck::cast_slice(&b).to_vec())
+    }
+
+    /// Copies a device buffer to the host through a transient staging buffer.
+    async fn read_bytes(&self, src: &wgpu::Buffer, bytes: u64) -> GpuResult<Vec<u8>> {
         let staging = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("staging"),
             size: bytes,
@@ -862,7 +909,7 @@ impl Model {
         self.gpu.queue.submit([enc.finish()]);
         let b = self.gpu.read(&staging, bytes).await?;
         staging.destroy();
-        Ok(bytemuck::cast_slice(&b).to_vec())
+        Ok(b)
     }
 
     /// Runs `tokens` into the KV cache without computing logits (a prompt prefix).

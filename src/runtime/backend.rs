@@ -183,6 +183,16 @@ pub trait Backend {
     fn release_kv(&mut self) {
         self.truncate(0);
     }
+    /// How the KV cache stores keys and values now (`None`: in f32, the reference).
+    fn kv_format(&self) -> Option<KvFormat> {
+        None
+    }
+    /// Stores the KV cache as `to` from now on, the cached positions re-encoded (int8 holds
+    /// 0.56x f16's bytes: the controller's first move under memory pressure when the app asked
+    /// for `KvChoice::Auto`). On error the model is as before.
+    async fn convert_kv(&mut self, to: KvFormat) -> Result<(), Self::Error> {
+        Err(crate::Error::input(format!("this backend keeps its KV cache in f32, not {to}")).into())
+    }
     /// Gives back the KV cache's room beyond what `needed` positions take when it holds at least
     /// twice that (`kv_shrunk`), the cached positions kept: a request unrelated to the previous
     /// one does not keep the earlier conversation's high-water mark. The default keeps it.

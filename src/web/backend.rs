@@ -11,7 +11,7 @@ use crate::ensemble::format::PackedMatrix;
 use crate::gpu::{Gpu, GpuFactory, Model};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::ModuleId;
-use crate::runtime::backend::{Backend, Factory};
+use crate::runtime::backend::{Backend, Factory, KvFormat};
 use crate::web::error::{Code, WebError, WebResult};
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
@@ -81,6 +81,13 @@ impl Backend for WebModel {
     }
     fn release_kv(&mut self) {
         each!(self, m => Backend::release_kv(m))
+    }
+    fn kv_format(&self) -> Option<KvFormat> {
+        each!(self, m => Backend::kv_format(m))
+    }
+    async fn convert_kv(&mut self, to: KvFormat) -> WebResult<()> {
+        each!(self, m => Backend::convert_kv(m, to).await?);
+        Ok(())
     }
     async fn shrink_kv(&mut self, needed: usize) -> WebResult<()> {
         each!(self, m => Backend::shrink_kv(m, needed).await?);

@@ -351,3 +351,67 @@ fn kv_cache_grows_with_the_conversation_shrinks_for_a_short_request_and_is_freed
     assert_eq!((tight.len(), tight.capacity()), (KV_BLOCK, KV_BLOCK));
     assert_eq!(tight.held_bytes(), at_load);
 }
+
+/// A cache converted from f16 to int8 mid-conversation (`CpuModel::convert_kv`, the
+/// controller's first move under pressure with `KvChoice::Auto`): the held bytes drop by
+/// exactly the two formats' difference at the cache's positions, the conversation goes on
+/// from the same position with candidates as a model that stored int8 from the start gives
+/// (their keys and values differ by a rounding at most), and back to f16 is refused when the
+/// budget cannot hold it, the model unchanged.
+#[test]
+fn kv_cache_converts_to_int8_mid_conversation() {
+    use flexquant::runtime::backend::kv_cache_bytes;
+    let dir = tempfile::tempdir().unwrap();
+    flexquant::model::tiny::write_tiny_model(dir.path(), 11).unwrap();
+    let m = flexquant::model::load::load(dir.path()).unwrap();
+    let w = &m.weights;
+    let c = &w.config;
+    let modules = rtn_modules(w, |id| BITS[id.index() % BITS.len()], 32).unwrap();
+    let base: std::sync::Arc<_> = rtn_base(w, 32).unwrap().into();
+    let model = |format, budget| {
+        CpuModel::new(c, base.clone(), modules.clone(), 512, format, budget).unwrap()
+    };
+    let tokens: Vec<u32> = (0..200).map(|i| (i * 37 % 250) as u32 + 3).collect();
+    let mut int8 = model(KvFormat::Int8, None);
+    let mut g = model(KvFormat::F16, None);
+    int8.hidden(&tokens[..150]).unwrap();
+    g.hidden(&tokens[..150]).unwrap();
+    let (held, cap) = (g.held_bytes(), g.capacity());
+    g.convert_kv(KvFormat::Int8).unwrap();
+    assert_eq!(
+        (g.kv_format(), g.len(), g.capacity()),
+        (KvFormat::Int8, 150, cap)
+    );
+    assert_eq!(
+        held - g.held_bytes(),
+        kv_cache_bytes(c, KvFormat::F16, cap) - kv_cache_bytes(c, KvFormat::Int8, cap)
+    );
+    assert_eq!(g.held_bytes(), int8.held_bytes());
+    let mut same = 0;
+    for t in &tokens[150..] {
+        let (a, b) = (int8.step(&[*t]).unwrap(), g.step(&[*t]).unwrap());
+        same += (a[0].0 == b[0].0) as usize;
+        let (la, lb) = (
+            a[0].1,
+            b.iter().find(|x| x.0 == a[0].0).map_or(f32::NAN, |x| x.1),
+        );
+        assert!((la - lb).abs() <= 1e-2 * la.abs().max(1.0), "{la} vs {lb}");
+    }
+    assert!(same >= 48, "top-1 agreed at {same} of 50 positions");
+
+    // Back to f16 needs more bytes than a budget at what it holds allows: refused, unchanged.
+    let mut tight = model(KvFormat::F16, None);
+    tight.hidden(&tokens[..100]).unwrap();
+    tight.convert_kv(KvFormat::Int8).unwrap();
+    let held = tight.held_bytes();
+    tight.set_budget(Some(held));
+    let e = tight.convert_kv(KvFormat::F16).unwrap_err();
+    assert!(matches!(e, flexquant::Error::OutOfMemory { .. }), "{e}");
+    assert_eq!(
+        (tight.kv_format(), tight.len(), tight.held_bytes()),
+        (KvFormat::Int8, 100, held)
+    );
+    tight.set_budget(None);
+    tight.convert_kv(KvFormat::F16).unwrap();
+    assert_eq!(tight.held_bytes(), model(KvFormat::F16, None).held_bytes());
+}

@@ -236,3 +236,78 @@ fn kv_cache_grows(format: KvFormat, tol: f32) {
     assert_eq!(g.kv_positions(), 2 * KV_BLOCK);
     accounted(&g);
 }
+
+/// A cache converted between formats mid-conversation (`Model::convert_kv`): f16 -> int8 after
+/// 100 positions holds exactly the int8 cache's bytes (the allocator agrees), the KV ops read
+/// the new format (every logit after it as the reference's with an int8 cache, within a
+/// rounding of the converted positions), and back to f16 goes on as well.
+#[test]
+fn kv_cache_converts_between_formats_mid_conversation() {
+    use flexquant::runtime::backend::kv_cache_bytes;
+    // The converted positions were rounded to f16, then to int8: elements near a level boundary land
+    // a level away from where int8 from f32 puts them, which moves the tiny model's logits by
+    // 3e-3 to 1.03e-2 (positions 100-140 measured; a model stored in int8 from the start is
+    // 3e-6 off). Back in f16 the values keep their int8 rounding. Reading the cache in the
+    // wrong format is off by O(1).
+    const TOL: f32 = 3e-2;
+    let Some(gpu) = gpu_arc() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    flexquant::model::tiny::write_tiny_model(dir.path(), 11).unwrap();
+    let m = load::load(dir.path()).unwrap();
+    let w = &m.weights;
+    let c = &w.config;
+    let modules = rtn_modules(w, |id| BITS[id.index() % BITS.len()], 32).unwrap();
+    let r = reference_weights(w, &modules).unwrap();
+    let n = 180;
+    let tokens: Vec<u32> = (0..n).map(|i| (i * 37 % 250) as u32 + 3).collect();
+    let want = |format| {
+        let mut cache = KvCache::stored_as(&r, n, format);
+        forward::forward_all(&r, &tokens, &mut cache).unwrap()
+    };
+    let (want_int8, want_f16) = (want(KvFormat::Int8), want(KvFormat::F16));
+    let vocab = c.vocab_size;
+    let opts = ModelOptions {
+        context: 512,
+        max_batch: 64,
+        logit_rows: 1,
+        top_k: 5,
+        fuse_norm: None,
+        kv_format: KvFormat::F16,
+    };
+    let mut g = pollster::block_on(gpu_model(gpu, w, &modules, opts)).unwrap();
+    let accounted = |g: &flexquant::gpu::Model, format| {
+        assert_eq!(g.options().kv_format, format);
+        assert_eq!(g.allocator().bytes(), g.footprint().total());
+        assert_eq!(
+            g.footprint().kv_cache,
+            kv_cache_bytes(c, format, g.kv_positions())
+        );
+    };
+    pollster::block_on(g.prefill(&tokens[..100])).unwrap();
+    let held = g.held_bytes();
+    pollster::block_on(g.convert_kv(KvFormat::Int8)).unwrap();
+    accounted(&g, KvFormat::Int8);
+    assert_eq!(
+        held - g.held_bytes(),
+        kv_cache_bytes(c, KvFormat::F16, g.kv_positions())
+            - kv_cache_bytes(c, KvFormat::Int8, g.kv_positions())
+    );
+    let mut worst = 0f32;
+    for i in 100..140 {
+        let lg = pollster::block_on(g.logits_last(&tokens[i..i + 1])).unwrap();
+        let e = rel_err(&lg, &want_int8[i * vocab..(i + 1) * vocab]);
+        worst = worst.max(e);
+        assert!(
+            e < TOL,
+            "int8 after the conversion: error {e:.2e} at position {i}"
+        );
+    }
+    eprintln!("converted to int8: worst logits error {worst:.2e}");
+    pollster::block_on(g.convert_kv(KvFormat::F16)).unwrap();
+    accounted(&g, KvFormat::F16);
+    for i in 140..n {
+        let lg = pollster::block_on(g.logits_last(&tokens[i..i + 1])).unwrap();
+        let e = rel_err(&lg, &want_f16[i * vocab..(i + 1) * vocab]);
+        assert!(e < TOL, "f16 again: error {e:.2e} at position {i}");
+    }
+}
