@@ -54,7 +54,12 @@ export interface WarningEvent { type: 'warning'; code: 'chat-template-fallback' 
  * `budgetBytes` the budget it misses. Once per episode; the app decides what to do.
  */
 export interface BelowFloorEvent { type: 'below-floor'; step: number | null; floorStep: number | null; budgetBytes: number | null; costBytes: number | null }
-export type EngineEvent = ProgressEvent | BackendEvent | SwapEvent | ReleasedEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent | WarningEvent | BelowFloorEvent;
+/**
+ * With `kvCache: 'auto'`: the controller converted the held KV cache (f16 -> int8) instead of
+ * stepping the weights down for memory, the conversation kept.
+ */
+export interface KvCacheEvent { type: 'kv-cache'; from: KvCacheFormat; to: KvCacheFormat; bytesBefore: number; bytesAfter: number; tokenIndex: number | null }
+export type EngineEvent = ProgressEvent | BackendEvent | SwapEvent | ReleasedEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent | WarningEvent | BelowFloorEvent | KvCacheEvent;
 
 /** runtime::Policy (snake_case, every field optional). */
 export interface Policy {
@@ -95,10 +100,12 @@ export interface EngineOptions {
   /** KV-cache positions (default 1024, at most the model's). */
   context?: number;
   /**
-   * How the KV cache stores keys and values: 'f16' (default, 2 bytes per element) or 'int8'
-   * (codes in groups of 32 with a scale each: 0.56x the bytes, +0.07% perplexity on the demo).
+   * How the KV cache stores keys and values: 'f16' (default, 2 bytes per element), 'int8'
+   * (codes in groups of 32 with a scale each: 0.56x the bytes, +0.07% perplexity on the demo),
+   * or 'auto': f16 until memory runs short, then the held cache goes to int8 before the
+   * weights step down (a `kv-cache` event; a new chat starts in f16 again).
    */
-  kvCache?: KvCacheFormat;
+  kvCache?: KvCacheChoice;
   /** Cache API bucket (default 'flexquant'). */
   cacheName?: string;
   /** false: never use the Cache API. */
@@ -269,7 +276,7 @@ export interface Stats {
   heldBytes: number;
   /** Bytes of the KV cache now: grows in blocks of 128 positions with the conversation; `resetChat` frees it. */
   kvCacheBytes: number;
-  /** How the KV cache stores keys and values (the `kvCache` option). */
+  /** How the KV cache stores keys and values now (the `kvCache` option; with 'auto', the format it is in). */
   kvCache: KvCacheFormat;
   wasmMemoryBytes: number;
   loadedFromCache: boolean;
@@ -386,8 +393,10 @@ export interface StepInfo {
   meanBits: number;
 }
 
-/** How the KV cache stores keys and values (`kvCache`). */
+/** How the KV cache stores keys and values (`stats().kvCache`). */
 export type KvCacheFormat = 'f16' | 'int8';
+/** The `kvCache` option: a format kept throughout, or 'auto' (f16, int8 under pressure). */
+export type KvCacheChoice = KvCacheFormat | 'auto';
 
 /** `Engine.inspect`: what an ensemble needs, from its manifest alone. */
 export interface Inspection {
@@ -440,7 +449,7 @@ export declare class Engine {
   /** Which backend `auto` would pick here and why, loading nothing. */
   static checkSupport(options?: { wasmUrl?: string | URL }): Promise<Support>;
   /** What the ensemble needs (no GPU, nothing loaded or cached). */
-  static inspect(manifestUrl: string | URL, options?: { context?: number; kvCache?: KvCacheFormat; wasmUrl?: string | URL }): Promise<Inspection>;
+  static inspect(manifestUrl: string | URL, options?: { context?: number; kvCache?: KvCacheChoice; wasmUrl?: string | URL }): Promise<Inspection>;
   /** Which steps load offline from the cache, and the bytes cached. */
   static cached(manifestUrl: string | URL, options?: CacheOptions): Promise<CacheReport>;
   /** Deletes every version of the ensemble's files from the cache; the entries deleted. */

@@ -1949,6 +1949,74 @@ async fn an_int8_kv_cache_holds_fewer_bytes_on_both_backends() {
     assert!(err["message"].as_str().unwrap().contains("q4"), "{err}");
 }
 
+/// `kvCache: 'auto'` on both backends: a long prompt's f16 cache outgrows a budget that holds
+/// step 0 with the cache in int8; between tokens the engine converts the cache (a `kv-cache`
+/// event; `kvCache` 'int8', its bytes 0.625x on the tiny model's heads of 16) and stays at
+/// step 0 rather than stepping the weights down; `resetChat` starts the next cache in f16.
+#[wasm_bindgen_test]
+async fn an_auto_kv_cache_goes_to_int8_before_the_model_steps_down() {
+    use flexquant::runtime::backend::KV_BLOCK;
+    let policy = json!({"up_delay_ms": 0.0, "fault_cooldown_ms": 0.0});
+    for backend in ["webgpu", "cpu"] {
+        let opts = json!({"backend": backend, "policy": policy, "kvCache": "auto"});
+        let (e, ev) = engine("/tiny/manifest.json", opts).await.unwrap();
+        assert_eq!(stats(&e)["kvCache"], "f16", "{backend}");
+        let long = "Elizabeth walked to Netherfield. ".repeat(KV_BLOCK / 16);
+        start(&e, &[user(&long)], 4).await;
+        let s = stats(&e);
+        let (held, kv) = (
+            s["heldBytes"].as_u64().unwrap(),
+            s["kvCacheBytes"].as_u64().unwrap(),
+        );
+        assert_eq!(s["step"], 0, "{backend}: {s}");
+        let saved = kv * 3 / 8;
+        // Step 0 with the cache in int8 and half the saving to spare; not with it in f16.
+        let budget = ((held - saved / 2) as f64 / 0.9) as u64;
+        call(e.set_memory_budget(JsValue::from(budget as f64)))
+            .await
+            .unwrap();
+        chunk(&e).await;
+        let s = stats(&e);
+        assert_eq!(s["kvCache"], "int8", "{backend}: {s}");
+        assert_eq!(s["step"], 0, "{backend}: the weights stayed: {s}");
+        assert_eq!(
+            s["kvCacheBytes"].as_u64().unwrap(),
+            kv - saved,
+            "{backend}: {s}"
+        );
+        assert_eq!(
+            s["heldBytes"].as_u64().unwrap(),
+            s["footprintBytes"].as_u64().unwrap() + s["overheadBytes"].as_u64().unwrap(),
+            "{backend}: {s}"
+        );
+        let conv = of_type(&ev, "kv-cache");
+        assert_eq!(conv.len(), 1, "{backend}: {conv:?}");
+        assert_eq!(
+            (
+                &conv[0]["from"],
+                &conv[0]["to"],
+                conv[0]["bytesBefore"].as_u64(),
+                conv[0]["bytesAfter"].as_u64()
+            ),
+            (&json!("f16"), &json!("int8"), Some(kv), Some(kv - saved)),
+            "{backend}: {conv:?}"
+        );
+        assert!(of_type(&ev, "swap").is_empty(), "{backend}: no swap");
+        finish(&e).await;
+        call(e.reset_chat()).await.unwrap();
+        assert_eq!(
+            stats(&e)["kvCache"],
+            "f16",
+            "{backend}: a new chat starts in f16"
+        );
+        start(&e, &[user("Hi")], 2).await;
+        let (_, n, _) = finish(&e).await;
+        assert!(n >= 1, "{backend}: answers after the reset");
+        assert_no_errors(&ev);
+        call(e.unload()).await.unwrap();
+    }
+}
+
 /// The KV cache grows with the conversation and the controller follows it, on both backends:
 /// a model loads holding one block of the cache; under a budget that held that, a long prompt
 /// grows the cache and the model steps down between tokens (the held bytes always equal the

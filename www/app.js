@@ -66,10 +66,13 @@ function backendChoice() {
   return ['auto', 'webgpu', 'cpu'].includes(b) ? b : 'auto';
 }
 
-/** `?kv=f16|int8`: how the KV cache stores keys and values (default f16; int8 is 0.56x the bytes). */
+/**
+ * `?kv=f16|int8|auto`: how the KV cache stores keys and values (default f16; int8 is 0.56x the
+ * bytes; auto starts in f16 and goes to int8 before the weights step down for memory).
+ */
 function kvCacheChoice() {
   const k = new URLSearchParams(location.search).get('kv');
-  return ['f16', 'int8'].includes(k) ? k : 'f16';
+  return ['f16', 'int8', 'auto'].includes(k) ? k : 'f16';
 }
 
 async function main() {
@@ -129,6 +132,8 @@ async function main() {
       const down = e.to > e.from;
       const m = e.modules && e.modules.length > 1 ? `${e.modules.length} modules` : `${e.module} → ${e.bits} bit`;
       chat?.event(`${down ? 'Shrank' : 'Grew'} to step ${e.to} (${m}, ${formatBytes(e.footprintBytes)}) in ${Math.round(e.ms)} ms`, down ? 'swap-down' : 'swap-up');
+    } else if (e.type === 'kv-cache') {
+      chat?.event(`KV cache ${e.from} → ${e.to} (${formatBytes(e.bytesBefore)} → ${formatBytes(e.bytesAfter)}) instead of a smaller model`, 'swap-down');
     } else if (e.type === 'released') {
       const mb = (b) => formatBytes(b);
       chat?.event(`Gave back wasm memory: ${mb(e.wasmMemoryBytesBefore)} → ${mb(e.wasmMemoryBytesAfter)} (a new worker at step ${e.step}, from the cache, in ${Math.round(e.ms)} ms)`, 'swap-down');

@@ -193,7 +193,7 @@ fn open_step0(ensemble: &Path, context: usize, kv_format: KvFormat) -> Result<En
         budget: None,
         max_perplexity: None,
         backend: Some(BackendKind::Cpu),
-        kv_cache: kv_format,
+        kv_cache: kv_format.into(),
     };
     let f = CpuFactory {
         context,

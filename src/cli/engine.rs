@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use flexquant::cpu::CpuFactory;
 use flexquant::gpu::{GpuFactory, ModelOptions};
 use flexquant::model::tokenizer::Tokenizer;
-use flexquant::runtime::backend::KvFormat;
+use flexquant::runtime::backend::KvChoice;
 use flexquant::runtime::dir::DirSource;
 use flexquant::runtime::reference::{Reference, ReferenceFactory};
 use flexquant::runtime::walk::{Event, Running};
@@ -52,11 +52,12 @@ pub struct SourceArgs {
     /// Where the ensemble runs [default: cpu] (a model file always runs on the reference).
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
-    /// How the KV cache stores keys and values: f16, or int8 in groups of 32 with a scale each
-    /// (0.56x the bytes, +0.07% perplexity on the demo model); the CPU and GPU backends (the
-    /// reference keeps f32).
-    #[arg(long, default_value_t = KvFormat::F16, value_parser = |s: &str| s.parse::<KvFormat>())]
-    pub kv_cache: KvFormat,
+    /// How the KV cache stores keys and values: f16, int8 in groups of 32 with a scale each
+    /// (0.56x the bytes, +0.07% perplexity on the demo model), or auto: f16 until memory runs
+    /// short under --budget, then int8 before the weights step down; the CPU and GPU backends
+    /// (the reference keeps f32).
+    #[arg(long, default_value_t = KvChoice::F16, value_parser = |s: &str| s.parse::<KvChoice>())]
+    pub kv_cache: KvChoice,
 }
 
 /// Bytes from a budget in MB (1 MB = 10^6 bytes, as the reports print them).
@@ -109,6 +110,17 @@ fn print_event(e: Event<'_, anyhow::Error>) {
         Event::Recovered { from, to, ms, .. } => {
             eprintln!("[recovered: step {from} -> {to} in {ms:.0} ms]")
         }
+        Event::KvConverted {
+            from,
+            to,
+            bytes_before,
+            bytes_after,
+            ..
+        } => eprintln!(
+            "[KV cache {from} -> {to}: {:.1} -> {:.1} MB]",
+            bytes_before as f64 / 1e6,
+            bytes_after as f64 / 1e6
+        ),
         Event::Warning(e) => eprintln!("[warning: {e:#}]"),
     }
 }
@@ -132,7 +144,8 @@ where
             .block()?[0],
     )?;
     let footprints: Vec<u64> = m.trajectory.iter().map(|t| t.footprint_bytes).collect();
-    let kv = flexquant::runtime::backend::kv_cache_bytes_at_load(&m.config, s.kv_cache, context);
+    let kv =
+        flexquant::runtime::backend::kv_cache_bytes_at_load(&m.config, s.kv_cache.start(), context);
     let mut elastic = Elastic::new(footprints, kv, Policy::default())?;
     if let Some(step) = s.step {
         if step >= m.trajectory.len() {
@@ -157,6 +170,7 @@ where
         );
     }
     let walk = Walk::new(source, factory, elastic, Box::new(print_event));
+    walk.set_kv_choice(s.kv_cache);
     let run = match s.step {
         Some(step) => walk.load_at(Some(step)).block()?,
         None => walk.load().block()?,
@@ -207,7 +221,7 @@ pub fn with_engine<J: Job>(s: &SourceArgs, context: usize, job: J) -> Result<()>
                 BackendKind::Cpu => {
                     let f = CpuFactory {
                         context,
-                        kv_format: s.kv_cache,
+                        kv_format: s.kv_cache.start(),
                         budget: None,
                     };
                     job.run(open_ensemble(s, dir, f, context)?)
@@ -219,7 +233,7 @@ pub fn with_engine<J: Job>(s: &SourceArgs, context: usize, job: J) -> Result<()>
                 BackendKind::Gpu => {
                     let f = GpuFactory::new(ModelOptions {
                         context,
-                        kv_format: s.kv_cache,
+                        kv_format: s.kv_cache.start(),
                         ..Default::default()
                     });
                     job.run(open_ensemble(s, dir, f, context)?)

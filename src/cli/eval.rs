@@ -123,7 +123,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 max_batch: 64,
                 logit_rows: 64,
                 top_k: 1,
-                kv_format: s.kv_cache,
+                kv_format: s.kv_cache.start(),
                 ..Default::default()
             });
             job.run(open_ensemble(&s, &dir, f, ctx).with_context(loading)?)
@@ -131,7 +131,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         BackendKind::Cpu => {
             let f = CpuFactory {
                 context: ctx,
-                kv_format: s.kv_cache,
+                kv_format: s.kv_cache.start(),
                 budget: None,
             };
             job.run(open_ensemble(&s, &dir, f, ctx).with_context(loading)?)

@@ -68,6 +68,59 @@ impl std::fmt::Display for KvFormat {
     }
 }
 
+/// What the app asks of the KV cache (the browser's `kvCache` option, the CLI's `--kv-cache`):
+/// a format kept throughout, or `auto`: f16 until memory runs short, then int8 (the controller
+/// converts the held cache, `Backend::convert_kv`, before it steps the weights down: 0.56x the
+/// cache's bytes for +0.07% perplexity on the demo model, cheaper than any weight step). A
+/// cache allocated again (`resetChat`) starts in f16.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvChoice {
+    #[default]
+    F16,
+    Int8,
+    Auto,
+}
+
+impl KvChoice {
+    pub const NAMES: [&'static str; 3] = ["f16", "int8", "auto"];
+
+    /// The format the cache is allocated in.
+    pub fn start(self) -> KvFormat {
+        match self {
+            KvChoice::Int8 => KvFormat::Int8,
+            KvChoice::F16 | KvChoice::Auto => KvFormat::F16,
+        }
+    }
+}
+
+impl From<KvFormat> for KvChoice {
+    fn from(f: KvFormat) -> Self {
+        match f {
+            KvFormat::F16 => KvChoice::F16,
+            KvFormat::Int8 => KvChoice::Int8,
+        }
+    }
+}
+
+impl std::str::FromStr for KvChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f16" => Ok(KvChoice::F16),
+            "int8" => Ok(KvChoice::Int8),
+            "auto" => Ok(KvChoice::Auto),
+            _ => Err(format!("KV cache {s:?}: expected one of {:?}", Self::NAMES)),
+        }
+    }
+}
+
+impl std::fmt::Display for KvChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(Self::NAMES[*self as usize])
+    }
+}
+
 /// The KV cache's layout, the same bytes on both backends (`cpu::kv`, `shaders/rope.wgsl`):
 /// per position and KV head, the head's `head_dim` elements in order, as f16 (little-endian)
 /// or as int8 codes followed by one f32 scale (little-endian) per `group` elements. An int8

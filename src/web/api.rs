@@ -64,7 +64,7 @@ pub struct EngineOptions {
     /// KV-cache positions (clamped to 16 ..= the model's maximum).
     pub context: Option<u32>,
     /// How the KV cache stores keys and values: `'f16'` (default) or `'int8'`.
-    pub kv_cache: Option<crate::runtime::backend::KvFormat>,
+    pub kv_cache: Option<crate::runtime::backend::KvChoice>,
     /// Cache API name; `useCache: false` turns the cache off.
     pub cache_name: Option<String>,
     pub use_cache: Option<bool>,

@@ -2,7 +2,7 @@
 //! it is loaded, and what of it the Cache API holds, with no GPU and no engine.
 
 use crate::ensemble::manifest::FileRef;
-use crate::runtime::backend::KvFormat;
+use crate::runtime::backend::KvChoice;
 use crate::runtime::inspect::{cache_report, inspect, CacheReport, Inspection};
 use crate::web::api::{from_js, EngineOptions};
 use crate::web::error::WebResult;
@@ -21,7 +21,7 @@ struct InspectOptions {
     /// The context the totals are for (default: the engine's default context).
     context: Option<u32>,
     /// The KV cache format they are for (default f16, as the engine's `kvCache`).
-    kv_cache: Option<KvFormat>,
+    kv_cache: Option<KvChoice>,
 }
 
 /// `Engine.inspect(manifestUrl, { context, kvCache })`.
@@ -38,7 +38,7 @@ pub async fn inspect_ensemble(url: String, options: JsValue) -> Result<JsValue, 
         let context = o
             .context
             .map_or(crate::runtime::DEFAULT_CONTEXT, |c| c as usize);
-        let i: Inspection = inspect(&m, context, o.kv_cache.unwrap_or_default());
+        let i: Inspection = inspect(&m, context, o.kv_cache.unwrap_or_default().start());
         Ok(to_js(&i))
     }
     .await

@@ -162,6 +162,8 @@ pub(super) struct Snapshot {
     pub(super) backend: Option<crate::web::backend::Kind>,
     pub(super) held_bytes: u64,
     pub(super) kv_cache_bytes: u64,
+    /// The KV cache's format now (`kvCache: 'auto'` changes it under pressure).
+    pub(super) kv_format: Option<crate::runtime::backend::KvFormat>,
 }
 
 /// Bytes of this wasm instance's linear memory (it grows, never shrinks).
@@ -225,8 +227,9 @@ impl Engine {
         promise(async move {
             let mut st = i.take()?;
             st.turn = None;
-            st.run.session.reset();
+            let r = i.walk.reset(&mut st.run).await;
             i.put(st);
+            r?;
             Ok(JsValue::UNDEFINED)
         })
     }
@@ -424,7 +427,7 @@ impl Engine {
                 .context
                 .map_or(DEFAULT_CONTEXT, |c| c as usize)
                 .clamp(16, m.config.max_position_embeddings),
-            kv_format: o.kv_cache.unwrap_or_default(),
+            kv_format: o.kv_cache.unwrap_or_default().start(),
             ..Default::default()
         };
         let footprints = m.trajectory.iter().map(|s| s.footprint_bytes).collect();
@@ -478,6 +481,7 @@ impl Engine {
         };
         let snap = Rc::new(RefCell::new(Snapshot::default()));
         let walk = web_walk(loader, opts, use_cpu, elastic, flags.clone(), snap.clone());
+        walk.set_kv_choice(o.kv_cache.unwrap_or_default());
         *walk.factory.reason.borrow_mut() = reason;
         let inner = Rc::new(Inner {
             stop,
@@ -589,6 +593,7 @@ impl Inner {
         s.backend = Some(st.run.session.model.kind());
         s.held_bytes = st.run.session.model.held_bytes();
         s.kv_cache_bytes = st.run.session.model.kv_cache_bytes();
+        s.kv_format = st.run.session.model.kv_format();
         s.context_tokens = st.run.session.tokens().len();
         drop(s);
         // The KV cache grows with the conversation and is freed with it.
@@ -637,7 +642,7 @@ impl Inner {
             backend_reason: self.walk.factory.reason.borrow().clone(),
             held_bytes: s.held_bytes,
             kv_cache_bytes: s.kv_cache_bytes,
-            kv_cache: self.opts.kv_format,
+            kv_cache: s.kv_format.unwrap_or(self.opts.kv_format),
             wasm_memory_bytes: wasm_memory_bytes(),
             loaded_from_cache: s.loaded_from_cache,
             network_bytes: src.net_bytes.get(),
@@ -895,6 +900,13 @@ impl Inner {
         }
         self.walk.clock_token(st.run.step, token_index);
         let d = self.walk.elastic.borrow_mut().decide(now_ms());
+        let d = match self.walk.kv_first(&mut st.run, d, token_index).await {
+            Ok((d, _)) => d,
+            Err(e) => {
+                self.walk.source.emitter.error(&e);
+                d
+            }
+        };
         self.note_floor();
         if let Err(e) = self.execute(&mut st.run, d, token_index).await {
             self.walk.source.emitter.error(&e);

@@ -174,6 +174,22 @@ fn on_walk_event(em: &Emitter, snap: &RefCell<Snapshot>, e: Event<'_, WebError>)
             em.emit(json!({"type": "recovered", "from": from, "to": to,
                 "ms": ms, "reprefilledTokens": reprefilled_tokens}));
         }
+        Event::KvConverted {
+            from,
+            to,
+            bytes_before,
+            bytes_after,
+            token_index,
+        } => {
+            {
+                let mut s = snap.borrow_mut();
+                s.kv_format = Some(to);
+                s.kv_cache_bytes = bytes_after;
+            }
+            em.emit(json!({"type": "kv-cache", "from": from, "to": to,
+                "bytesBefore": bytes_before, "bytesAfter": bytes_after,
+                "tokenIndex": token_index}));
+        }
         Event::Warning(e) => em.error(e),
     }
 }

@@ -866,3 +866,82 @@ fn the_manifest_carries_no_build_machine_path() {
         assert!(s["tokens"].as_u64().unwrap() > 100_000, "{s}");
     }
 }
+
+/// `KvChoice::Auto` (CPU backend): a conversation whose f16 cache no longer fits the budget at
+/// step 0 has its cache converted to int8 first (`Walk::kv_first`: a `KvConverted` event, the
+/// overheads down by the formats' difference) and the model stays at step 0, where with an f16
+/// cache kept the same budget steps it down; `Walk::reset` starts the next cache in f16.
+#[test]
+fn auto_kv_cache_goes_to_int8_before_the_weights_step_down() {
+    use flexquant::runtime::backend::{kv_cache_bytes, KvChoice};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let dir = ensemble();
+    let source = DirSource::open(dir).unwrap();
+    let m = source.manifest().clone();
+    let c = &m.config;
+    let footprints: Vec<u64> = m.trajectory.iter().map(|s| s.footprint_bytes).collect();
+    let prompt: Vec<u32> = (0..200).map(|i| (i * 7 % 250) as u32 + 3).collect();
+    // What step 0 holds with the prompt's cache (256 positions) in f16, and what int8 saves.
+    let saved = kv_cache_bytes(c, KvFormat::F16, 256) - kv_cache_bytes(c, KvFormat::Int8, 256);
+    let run_with = |choice: KvChoice| {
+        let seen = Rc::new(RefCell::new(Vec::new()));
+        let log = seen.clone();
+        let elastic = Elastic::new(footprints.clone(), 0, eager()).unwrap();
+        let f = CpuFactory {
+            context: 512,
+            kv_format: choice.start(),
+            budget: None,
+        };
+        let w = Walk::new(
+            DirSource::open(dir).unwrap(),
+            f,
+            elastic,
+            Box::new(move |e| {
+                if let flexquant::runtime::walk::Event::KvConverted {
+                    from,
+                    to,
+                    bytes_before,
+                    bytes_after,
+                    ..
+                } = e
+                {
+                    log.borrow_mut()
+                        .push((from, to, bytes_before - bytes_after));
+                }
+            }),
+        );
+        w.set_kv_choice(choice);
+        let mut run = block_on(w.load()).unwrap();
+        assert_eq!(run.step, 0);
+        let mut turn = block_on(run.session.start(&prompt, &greedy(4), &[])).unwrap();
+        w.note_overheads(&run);
+        let held = run.session.model.held_bytes();
+        // Room for step 0 with the cache in int8 and half the difference, not in f16.
+        let keep = 1.0 - eager().headroom;
+        let budget = ((held - saved / 2) as f64 / keep) as u64;
+        w.elastic.borrow_mut().set_budget(budget);
+        block_on(w.between_tokens(&mut run, Some(0))).unwrap();
+        tokens(&mut run, &mut turn, 2);
+        (w, run, seen, held)
+    };
+
+    let (_, run, seen, _) = run_with(KvChoice::F16);
+    assert!(run.step > 0, "an f16 cache kept: the weights stepped down");
+    assert!(seen.borrow().is_empty());
+
+    let (w, mut run, seen, held) = run_with(KvChoice::Auto);
+    assert_eq!(run.step, 0, "the cache went to int8 instead");
+    assert_eq!(
+        *seen.borrow(),
+        [(KvFormat::F16, KvFormat::Int8, saved)],
+        "one conversion, by the formats' difference at 256 positions"
+    );
+    let model = &run.session.model;
+    assert_eq!(model.kv_format(), KvFormat::Int8);
+    assert_eq!(held - model.held_bytes(), saved);
+    block_on(w.reset(&mut run)).unwrap();
+    assert_eq!(run.session.model.kv_format(), KvFormat::F16);
+    let mut turn = block_on(run.session.start(&prompt[..20], &greedy(2), &[])).unwrap();
+    tokens(&mut run, &mut turn, 1);
+}
