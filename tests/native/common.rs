@@ -52,6 +52,22 @@ pub fn tiny_model_dir() -> tempfile::TempDir {
     d
 }
 
+/// The tiny model (seed 11) and its modules in RTN at mixed bit-widths (groups of 32): what
+/// the KV cache tests of both backends run.
+pub fn tiny_mixed() -> (
+    flexquant::model::load::LoadedModel,
+    Vec<flexquant::ensemble::format::PackedMatrix>,
+) {
+    use flexquant::ensemble::format::BITS;
+    let dir = tempfile::tempdir().unwrap();
+    flexquant::model::tiny::write_tiny_model(dir.path(), 11).unwrap();
+    let m = flexquant::model::load::load(dir.path()).unwrap();
+    let modules =
+        flexquant::quant::weights::rtn_modules(&m.weights, |id| BITS[id.index() % BITS.len()], 32)
+            .unwrap();
+    (m, modules)
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()

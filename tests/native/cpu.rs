@@ -277,12 +277,9 @@ fn demo_logits_with_an_int8_kv_cache_track_the_reference() {
 #[test]
 fn kv_cache_grows_with_the_conversation_shrinks_for_a_short_request_and_is_freed() {
     use flexquant::runtime::backend::{kv_cache_bytes, KV_BLOCK};
-    let dir = tempfile::tempdir().unwrap();
-    flexquant::model::tiny::write_tiny_model(dir.path(), 11).unwrap();
-    let m = flexquant::model::load::load(dir.path()).unwrap();
+    let (m, modules) = crate::common::tiny_mixed();
     let w = &m.weights;
     let c = &w.config;
-    let modules = rtn_modules(w, |id| BITS[id.index() % BITS.len()], 32).unwrap();
     let base: std::sync::Arc<_> = rtn_base(w, 32).unwrap().into();
     let model = |budget| {
         CpuModel::new(c, base.clone(), modules.clone(), 512, KvFormat::F16, budget).unwrap()
@@ -361,12 +358,9 @@ fn kv_cache_grows_with_the_conversation_shrinks_for_a_short_request_and_is_freed
 #[test]
 fn kv_cache_converts_to_int8_mid_conversation() {
     use flexquant::runtime::backend::kv_cache_bytes;
-    let dir = tempfile::tempdir().unwrap();
-    flexquant::model::tiny::write_tiny_model(dir.path(), 11).unwrap();
-    let m = flexquant::model::load::load(dir.path()).unwrap();
+    let (m, modules) = crate::common::tiny_mixed();
     let w = &m.weights;
     let c = &w.config;
-    let modules = rtn_modules(w, |id| BITS[id.index() % BITS.len()], 32).unwrap();
     let base: std::sync::Arc<_> = rtn_base(w, 32).unwrap().into();
     let model = |format, budget| {
         CpuModel::new(c, base.clone(), modules.clone(), 512, format, budget).unwrap()

@@ -133,12 +133,9 @@ fn kv_cache_grows_with_the_conversation_shrinks_for_a_short_request_and_is_freed
 fn kv_cache_grows(format: KvFormat, tol: f32) {
     use flexquant::runtime::backend::{kv_cache_bytes, KV_BLOCK};
     let Some(gpu) = gpu_arc() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    flexquant::model::tiny::write_tiny_model(dir.path(), 11).unwrap();
-    let m = load::load(dir.path()).unwrap();
+    let (m, modules) = crate::common::tiny_mixed();
     let w = &m.weights;
     let c = &w.config;
-    let modules = rtn_modules(w, |id| BITS[id.index() % BITS.len()], 32).unwrap();
     let r = reference_weights(w, &modules).unwrap();
     let n = 300;
     let tokens: Vec<u32> = (0..n).map(|i| (i * 37 % 250) as u32 + 3).collect();
@@ -251,12 +248,9 @@ fn kv_cache_converts_between_formats_mid_conversation() {
     // wrong format is off by O(1).
     const TOL: f32 = 3e-2;
     let Some(gpu) = gpu_arc() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    flexquant::model::tiny::write_tiny_model(dir.path(), 11).unwrap();
-    let m = load::load(dir.path()).unwrap();
+    let (m, modules) = crate::common::tiny_mixed();
     let w = &m.weights;
     let c = &w.config;
-    let modules = rtn_modules(w, |id| BITS[id.index() % BITS.len()], 32).unwrap();
     let r = reference_weights(w, &modules).unwrap();
     let n = 180;
     let tokens: Vec<u32> = (0..n).map(|i| (i * 37 % 250) as u32 + 3).collect();
