@@ -184,6 +184,63 @@ fn kv_formats(ensemble: &Path, ids: &[u32]) -> Result<serde_json::Value> {
     Ok(report)
 }
 
+/// The controller under a budget that a long conversation's f16 cache outgrows: 1.17x step
+/// 0's weights (the demo: 105 MB), a prompt filling most of the context, one decision between
+/// tokens. Where the model lands with the cache kept in f16, and with `auto` (the cache to
+/// int8 before a weight step): `auto_steps_vs_f16` is how many trajectory steps (of bits)
+/// the conversion kept.
+fn kv_auto(ensemble: &Path, ids: &[u32]) -> Result<serde_json::Value> {
+    use flexquant::runtime::backend::KvChoice;
+    use flexquant::runtime::{Backend, Sampling, DEFAULT_CONTEXT};
+    let mut rows = serde_json::Map::new();
+    let mut budget_mb = 0.0;
+    for choice in [KvChoice::F16, KvChoice::Auto] {
+        let m = flexquant::runtime::dir::DirSource::open(ensemble)?
+            .manifest()
+            .clone();
+        budget_mb = m.trajectory[0].footprint_bytes as f64 * 1.17 / 1e6;
+        let s = SourceArgs {
+            model: None,
+            ensemble: Some(ensemble.into()),
+            step: None,
+            budget: Some(budget_mb),
+            max_perplexity: None,
+            backend: Some(BackendKind::Cpu),
+            kv_cache: choice,
+        };
+        let f = CpuFactory {
+            context: DEFAULT_CONTEXT,
+            kv_format: choice.start(),
+            budget: None,
+        };
+        let mut e = open_ensemble(&s, ensemble, f, DEFAULT_CONTEXT)?;
+        let at_load = e.run.step;
+        let prompt = &ids[..DEFAULT_CONTEXT - 64 - 1];
+        let greedy = Sampling {
+            max_tokens: 1,
+            ..Sampling::default()
+        };
+        pollster::block_on(e.run.session.start(prompt, &greedy, &[]))?;
+        e.between_tokens(Some(0));
+        let model = &e.run.session.model;
+        rows.insert(
+            choice.to_string(),
+            json!({"step_at_load": at_load, "step": e.run.step,
+                "mean_bits": mean_bits(&m.bits_at(e.run.step)),
+                "kv_cache": model.kv_format(), "kv_cache_bytes": Backend::kv_cache_bytes(model)}),
+        );
+    }
+    let step = |k: &str| rows[k]["step"].as_i64().unwrap_or(0);
+    let report = json!({
+        "budget_mb": budget_mb,
+        "prompt_tokens": DEFAULT_CONTEXT - 64 - 1,
+        "auto_steps_vs_f16": step("f16") - step("auto"),
+        "by_choice": rows,
+    });
+    eprintln!("[KV cache auto under a budget: {report}]");
+    Ok(report)
+}
+
 /// The ensemble at step 0 on the CPU backend, its KV cache in `kv_format`.
 fn open_step0(ensemble: &Path, context: usize, kv_format: KvFormat) -> Result<Engine<CpuFactory>> {
     let s = SourceArgs {
@@ -255,6 +312,7 @@ pub fn run(ensemble: &Path, text: &Path, out_dir: &Path) -> Result<()> {
         }
     }
     let kv = kv_formats(ensemble, &ids)?;
+    let kv_auto = kv_auto(ensemble, &ids)?;
     let plane_kernel = plane_kernel()?;
     let step_down = step_down_seconds(&walk.source)?;
     eprintln!("[one level down, every nested module: {step_down}]");
@@ -279,6 +337,7 @@ pub fn run(ensemble: &Path, text: &Path, out_dir: &Path) -> Result<()> {
         "plane_kernel": plane_kernel,
         "nested_step_down": step_down,
         "kv_formats": kv,
+        "kv_auto": kv_auto,
     });
     std::fs::create_dir_all(out_dir)?;
     let out = out_dir.join("backends.json");
