@@ -68,6 +68,11 @@ pub fn tiny_mixed() -> (
     (m, modules)
 }
 
+/// `n` token ids of the tiny model's vocabulary, spread over it (the KV cache tests' input).
+pub fn tiny_tokens(n: usize) -> Vec<u32> {
+    (0..n).map(|i| (i * 37 % 250) as u32 + 3).collect()
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()

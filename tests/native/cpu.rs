@@ -284,7 +284,7 @@ fn kv_cache_grows_with_the_conversation_shrinks_for_a_short_request_and_is_freed
     let model = |budget| {
         CpuModel::new(c, base.clone(), modules.clone(), 512, KvFormat::F16, budget).unwrap()
     };
-    let tokens: Vec<u32> = (0..300).map(|i| (i * 37 % 250) as u32 + 3).collect();
+    let tokens = crate::common::tiny_tokens(300);
 
     let mut reserved = model(None);
     reserved.reserve_kv(512).unwrap();
@@ -365,7 +365,7 @@ fn kv_cache_converts_to_int8_mid_conversation() {
     let model = |format, budget| {
         CpuModel::new(c, base.clone(), modules.clone(), 512, format, budget).unwrap()
     };
-    let tokens: Vec<u32> = (0..200).map(|i| (i * 37 % 250) as u32 + 3).collect();
+    let tokens = crate::common::tiny_tokens(200);
     let mut int8 = model(KvFormat::Int8, None);
     let mut g = model(KvFormat::F16, None);
     int8.hidden(&tokens[..150]).unwrap();

@@ -130,6 +130,18 @@ fn kv_cache_grows_with_the_conversation_shrinks_for_a_short_request_and_is_freed
     }
 }
 
+/// The KV cache tests' engine: a 512-position context, 5 candidates per token.
+fn kv_test_options(kv_format: KvFormat) -> ModelOptions {
+    ModelOptions {
+        context: 512,
+        max_batch: 64,
+        logit_rows: 1,
+        top_k: 5,
+        fuse_norm: None,
+        kv_format,
+    }
+}
+
 fn kv_cache_grows(format: KvFormat, tol: f32) {
     use flexquant::runtime::backend::{kv_cache_bytes, KV_BLOCK};
     let Some(gpu) = gpu_arc() else { return };
@@ -138,18 +150,11 @@ fn kv_cache_grows(format: KvFormat, tol: f32) {
     let c = &w.config;
     let r = reference_weights(w, &modules).unwrap();
     let n = 300;
-    let tokens: Vec<u32> = (0..n).map(|i| (i * 37 % 250) as u32 + 3).collect();
+    let tokens = crate::common::tiny_tokens(n);
     let mut cache = KvCache::stored_as(&r, n, format);
     let want = forward::forward_all(&r, &tokens, &mut cache).unwrap();
     let vocab = c.vocab_size;
-    let opts = ModelOptions {
-        context: 512,
-        max_batch: 64,
-        logit_rows: 1,
-        top_k: 5,
-        fuse_norm: None,
-        kv_format: format,
-    };
+    let opts = kv_test_options(format);
     let mut g = pollster::block_on(gpu_model(gpu, w, &modules, opts)).unwrap();
     let accounted = |g: &flexquant::gpu::Model| {
         assert_eq!(g.allocator().bytes(), g.footprint().total());
@@ -253,21 +258,14 @@ fn kv_cache_converts_between_formats_mid_conversation() {
     let c = &w.config;
     let r = reference_weights(w, &modules).unwrap();
     let n = 180;
-    let tokens: Vec<u32> = (0..n).map(|i| (i * 37 % 250) as u32 + 3).collect();
+    let tokens = crate::common::tiny_tokens(n);
     let want = |format| {
         let mut cache = KvCache::stored_as(&r, n, format);
         forward::forward_all(&r, &tokens, &mut cache).unwrap()
     };
     let (want_int8, want_f16) = (want(KvFormat::Int8), want(KvFormat::F16));
     let vocab = c.vocab_size;
-    let opts = ModelOptions {
-        context: 512,
-        max_batch: 64,
-        logit_rows: 1,
-        top_k: 5,
-        fuse_norm: None,
-        kv_format: KvFormat::F16,
-    };
+    let opts = kv_test_options(KvFormat::F16);
     let mut g = pollster::block_on(gpu_model(gpu, w, &modules, opts)).unwrap();
     let accounted = |g: &flexquant::gpu::Model, format| {
         assert_eq!(g.options().kv_format, format);
