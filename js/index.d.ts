@@ -97,13 +97,13 @@ export interface EngineOptions {
   maxPerplexity?: number;
   /** App memory budget in bytes for model + KV cache + activations. */
   budgetBytes?: number;
-  /** KV-cache positions (default 1024, at most the model's). */
+  /** KV-cache positions (default 4096, at most the model's). */
   context?: number;
   /**
-   * How the KV cache stores keys and values: 'f16' (default, 2 bytes per element), 'int8'
-   * (codes in groups of 32 with a scale each: 0.56x the bytes, +0.07% perplexity on the demo),
-   * or 'auto': f16 until memory runs short, then the held cache goes to int8 before the
-   * weights step down (a `kv-cache` event; a new chat starts in f16 again).
+   * How the KV cache stores keys and values: 'auto' (default): f16 until memory runs short,
+   * then the held cache goes to int8 before the weights step down (a `kv-cache` event; a new
+   * chat starts in f16 again); 'f16' throughout (2 bytes per element); or 'int8' throughout
+   * (codes in groups of 32 with a scale each: 0.56x the bytes, +0.07% perplexity on the demo).
    */
   kvCache?: KvCacheChoice;
   /** Cache API bucket (default 'flexquant'). */
@@ -409,13 +409,16 @@ export interface Inspection {
   nLow: number;
   groupSize: number;
   trajectory: StepInfo[];
-  /** The KV cache format these totals are for (`inspect`'s `kvCache`, default 'f16'). */
-  kvCache: KvCacheFormat;
-  /** KV cache bytes per position (keys and values, every layer; both backends). */
+  /** The KV cache choice these totals are for (`inspect`'s `kvCache`, default 'auto'). */
+  kvCache: KvCacheChoice;
+  /** KV cache bytes per position (keys and values, every layer; both backends), in the format the cache starts in. */
   kvBytesPerToken: number;
   context: number;
+  /** The KV cache of `context` positions in the format it starts in (f16 for 'auto'). */
   kvBytes: number;
-  /** Smallest / largest step's footprint plus the KV cache of `context` positions. */
+  /** That cache in the smallest format it may take ('auto': int8). */
+  minKvBytes: number;
+  /** Smallest step's footprint plus `minKvBytes`; largest step's plus `kvBytes`. */
   minTotalBytes: number;
   maxTotalBytes: number;
   /** Every file once; and what the first load fetches (step 0, base, tokenizer). */

@@ -50,6 +50,13 @@ async fn engine(path: &str, mut opts: Value) -> Result<(Engine, Events), Value> 
     if opts.get("backend").is_none() {
         opts["backend"] = json!("webgpu");
     }
+    // The KV cache in f16 throughout unless a test asks otherwise (`null`: the default,
+    // 'auto'): the tests of the weight walk squeeze budgets by a few hundred bytes, which the
+    // default would meet by converting the cache to int8 instead
+    // (`an_auto_kv_cache_goes_to_int8_before_the_model_steps_down` tests that).
+    if opts.get("kvCache").is_none() {
+        opts["kvCache"] = json!("f16");
+    }
     let o = js(&opts);
     js_sys::Reflect::set(&o, &"onEvent".into(), cb.as_ref()).unwrap();
     cb.forget();
@@ -1949,16 +1956,16 @@ async fn an_int8_kv_cache_holds_fewer_bytes_on_both_backends() {
     assert!(err["message"].as_str().unwrap().contains("q4"), "{err}");
 }
 
-/// `kvCache: 'auto'` on both backends: a long prompt's f16 cache outgrows a budget that holds
-/// step 0 with the cache in int8; between tokens the engine converts the cache (a `kv-cache`
+/// `kvCache: 'auto'` (the default: asked for on the CPU backend, left out on WebGPU) on both
+/// backends: a long prompt's f16 cache outgrows a budget that holds step 0 with the cache in int8; between tokens the engine converts the cache (a `kv-cache`
 /// event; `kvCache` 'int8', its bytes 0.625x on the tiny model's heads of 16) and stays at
 /// step 0 rather than stepping the weights down; `resetChat` starts the next cache in f16.
 #[wasm_bindgen_test]
 async fn an_auto_kv_cache_goes_to_int8_before_the_model_steps_down() {
     use flexquant::runtime::backend::KV_BLOCK;
     let policy = json!({"up_delay_ms": 0.0, "fault_cooldown_ms": 0.0});
-    for backend in ["webgpu", "cpu"] {
-        let opts = json!({"backend": backend, "policy": policy, "kvCache": "auto"});
+    for (backend, kv) in [("webgpu", json!(null)), ("cpu", json!("auto"))] {
+        let opts = json!({"backend": backend, "policy": policy, "kvCache": kv});
         let (e, ev) = engine("/tiny/manifest.json", opts).await.unwrap();
         assert_eq!(stats(&e)["kvCache"], "f16", "{backend}");
         let long = "Elizabeth walked to Netherfield. ".repeat(KV_BLOCK / 16);

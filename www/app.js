@@ -67,12 +67,12 @@ function backendChoice() {
 }
 
 /**
- * `?kv=f16|int8|auto`: how the KV cache stores keys and values (default f16; int8 is 0.56x the
- * bytes; auto starts in f16 and goes to int8 before the weights step down for memory).
+ * `?kv=f16|int8|auto`: how the KV cache stores keys and values (default auto: f16, converted to
+ * int8 before the weights step down for memory; int8 is 0.56x the bytes).
  */
 function kvCacheChoice() {
   const k = new URLSearchParams(location.search).get('kv');
-  return ['f16', 'int8', 'auto'].includes(k) ? k : 'f16';
+  return ['f16', 'int8', 'auto'].includes(k) ? k : 'auto';
 }
 
 async function main() {

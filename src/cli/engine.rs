@@ -56,7 +56,7 @@ pub struct SourceArgs {
     /// (0.56x the bytes, +0.07% perplexity on the demo model), or auto: f16 until memory runs
     /// short under --budget, then int8 before the weights step down; the CPU and GPU backends
     /// (the reference keeps f32).
-    #[arg(long, default_value_t = KvChoice::F16, value_parser = |s: &str| s.parse::<KvChoice>())]
+    #[arg(long, default_value_t = KvChoice::Auto, value_parser = |s: &str| s.parse::<KvChoice>())]
     pub kv_cache: KvChoice,
 }
 

@@ -57,8 +57,7 @@ impl Backend for Model {
         Model::held_bytes(self)
     }
     fn kv_cache_bytes(&self) -> u64 {
-        let format = self.options().kv_format;
-        crate::runtime::backend::kv_cache_bytes(self.config(), format, self.kv_positions())
+        self.kv_held_bytes()
     }
     #[cfg(not(target_arch = "wasm32"))]
     async fn perplexity(

@@ -218,18 +218,29 @@ pub(crate) async fn create_kv(
     format: KvFormat,
     positions: usize,
 ) -> GpuResult<Vec<[GpuBuffer; 2]>> {
+    let mut kv = Vec::new();
+    for l in 0..c.num_hidden_layers {
+        kv.push(create_kv_layer(alloc, c, format, positions, l).await?);
+    }
+    Ok(kv)
+}
+
+/// Layer `l`'s keys and values for `positions` positions in `format`.
+pub(crate) async fn create_kv_layer(
+    alloc: &Allocator,
+    c: &LlamaConfig,
+    format: KvFormat,
+    positions: usize,
+    l: usize,
+) -> GpuResult<[GpuBuffer; 2]> {
     let bytes = crate::runtime::backend::kv_layer_bytes(c, format, positions);
     // COPY_SRC: a cache that grows is copied into the larger one.
     let st =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
-    let mut kv = Vec::new();
-    for l in 0..c.num_hidden_layers {
-        kv.push([
-            alloc.create(&format!("L{l}.k_cache"), bytes, st).await?,
-            alloc.create(&format!("L{l}.v_cache"), bytes, st).await?,
-        ]);
-    }
-    Ok(kv)
+    Ok([
+        alloc.create(&format!("L{l}.k_cache"), bytes, st).await?,
+        alloc.create(&format!("L{l}.v_cache"), bytes, st).await?,
+    ])
 }
 
 /// Buffers sized by `max_batch` tokens (and `logit_rows` rows of logits).

@@ -42,9 +42,6 @@ impl Default for Sampling {
     }
 }
 
-/// KV-cache positions of a chat when the caller does not say (browser and CLI alike).
-pub const DEFAULT_CONTEXT: usize = 1024;
-
 impl Sampling {
     /// The defaults of a chat answer where the request does not say (the browser's and the
     /// CLI's): OpenAI-like temperature 0.7, nucleus 0.95, 256 tokens.

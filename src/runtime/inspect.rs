@@ -5,7 +5,7 @@
 
 use crate::ensemble::manifest::{FileRef, Manifest};
 use crate::model::weights::ModuleId;
-use crate::runtime::backend::{kv_cache_bytes, KvFormat};
+use crate::runtime::backend::{kv_cache_bytes, KvChoice};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,16 +34,18 @@ pub struct Inspection {
     pub n_low: u32,
     pub group_size: usize,
     pub trajectory: Vec<StepInfo>,
-    /// How the KV cache these totals are for stores keys and values.
-    pub kv_cache: KvFormat,
+    /// How the KV cache these totals are for stores keys and values (the engine's `kvCache`).
+    pub kv_cache: KvChoice,
     /// KV cache bytes per position (keys and values, every layer: both backends'
-    /// `runtime::backend::kv_cache_bytes`).
+    /// `runtime::backend::kv_cache_bytes`) in the format the cache starts in.
     pub kv_bytes_per_token: u64,
-    /// The context these totals are for, and its KV cache.
+    /// The context these totals are for, and its KV cache in the format it starts in.
     pub context: usize,
     pub kv_bytes: u64,
-    /// The smallest and largest step's footprint plus the KV cache (activations come on top:
-    /// a few MB).
+    /// That cache in the smallest format the choice reaches (`auto`: int8 under pressure).
+    pub min_kv_bytes: u64,
+    /// The smallest step's footprint plus `min_kv_bytes`, and the largest step's plus
+    /// `kv_bytes` (activations come on top: a few MB).
     pub min_total_bytes: u64,
     pub max_total_bytes: u64,
     /// Every file once (what a full cache holds), and what the first load fetches (step 0,
@@ -80,11 +82,12 @@ fn step_changes(m: &Manifest) -> (Vec<&FileRef>, Changes<'_>) {
     (first, changes)
 }
 
-pub fn inspect(m: &Manifest, context: usize, kv_format: KvFormat) -> Inspection {
+pub fn inspect(m: &Manifest, context: usize, kv_cache: KvChoice) -> Inspection {
     let c = &m.config;
     let context = context.clamp(1, c.max_position_embeddings);
-    let kv_per_token = kv_cache_bytes(c, kv_format, 1);
-    let kv = kv_cache_bytes(c, kv_format, context);
+    let kv_per_token = kv_cache_bytes(c, kv_cache.start(), 1);
+    let kv = kv_cache_bytes(c, kv_cache.start(), context);
+    let min_kv = kv_cache_bytes(c, kv_cache.smallest(), context);
     let ppl = m.step_perplexity();
     let params: Vec<u64> = (0..m.n_modules())
         .map(|i| {
@@ -133,11 +136,12 @@ pub fn inspect(m: &Manifest, context: usize, kv_format: KvFormat) -> Inspection 
         n_up: m.n_up,
         n_low: m.n_low,
         group_size: m.quantizer.group_size,
-        kv_cache: kv_format,
+        kv_cache,
         kv_bytes_per_token: kv_per_token,
         context,
         kv_bytes: kv,
-        min_total_bytes: trajectory.last().map_or(0, |s| s.footprint_bytes) + kv,
+        min_kv_bytes: min_kv,
+        min_total_bytes: trajectory.last().map_or(0, |s| s.footprint_bytes) + min_kv,
         max_total_bytes: trajectory.first().map_or(0, |s| s.footprint_bytes) + kv,
         download_bytes: all.iter().map(|(_, b)| b).sum(),
         first_load_bytes: first,

@@ -42,10 +42,10 @@ pub mod stop_text;
 pub mod tools;
 pub mod walk;
 
-pub use backend::{Backend, Factory};
+pub use backend::{Backend, Factory, DEFAULT_CONTEXT};
 pub use decision::{Decision, Reason, Stats};
 pub use elastic::Elastic;
-pub use generate::{GenStats, Sampling, StopReason, DEFAULT_CONTEXT};
+pub use generate::{GenStats, Sampling, StopReason};
 pub use policy::Policy;
 pub use session::{Session, TokenLogprob, Turn, TurnOptions};
 pub use stop_text::StopText;

@@ -20,7 +20,7 @@ use wasm_bindgen::prelude::*;
 struct InspectOptions {
     /// The context the totals are for (default: the engine's default context).
     context: Option<u32>,
-    /// The KV cache format they are for (default f16, as the engine's `kvCache`).
+    /// The KV cache choice they are for (default `auto`, as the engine's `kvCache`).
     kv_cache: Option<KvChoice>,
 }
 
@@ -38,7 +38,7 @@ pub async fn inspect_ensemble(url: String, options: JsValue) -> Result<JsValue, 
         let context = o
             .context
             .map_or(crate::runtime::DEFAULT_CONTEXT, |c| c as usize);
-        let i: Inspection = inspect(&m, context, o.kv_cache.unwrap_or_default().start());
+        let i: Inspection = inspect(&m, context, o.kv_cache.unwrap_or_default());
         Ok(to_js(&i))
     }
     .await

@@ -89,13 +89,15 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     assert.equal(ins.trajectory.length, stats.steps);
     assert.equal(ins.context, stats.contextLength);
     assert.equal(ins.maxTotalBytes - ins.kvBytes, r.trajectory[0].footprintBytes);
-    assert.equal(ins.minTotalBytes - ins.kvBytes, r.trajectory.at(-1).footprintBytes);
+    assert.equal(ins.minTotalBytes - ins.minKvBytes, r.trajectory.at(-1).footprintBytes);
+    assert.ok(ins.minKvBytes < ins.kvBytes, 'auto: the least memory has the cache in int8');
     assert.ok(ins.firstLoadBytes > 0 && ins.firstLoadBytes <= ins.downloadBytes, JSON.stringify(ins).slice(0, 300));
     // ...and the page shows them.
     assert.match(r.download, /^\d[\d.]* [KMG]?B to start \(step 0\); \d[\d.]* [KMG]?B with every step$/, r.download);
-    assert.match(r.memory, new RegExp(`for a ${ins.context}-token context \\(weights .* KV cache \\d.* in f16\\)$`), r.memory);
-    // The KV cache format the page asked for (`?kv=`, default f16) is the engine's.
-    assert.equal(ins.kvCache, 'f16');
+    assert.match(r.memory, new RegExp(`for a ${ins.context}-token context \\(weights .* KV cache \\d.* in f16, \\d.* once int8 under pressure\\)$`), r.memory);
+    // The KV cache choice the page asked for (`?kv=`, default auto) is the engine's; auto
+    // starts in f16.
+    assert.equal(ins.kvCache, 'auto');
     assert.equal(stats.kvCache, 'f16');
     assert.match(r.quality, new RegExp(`^${stats.steps} EQMs from ${ins.nUp} to ${ins.nLow} bits; perplexity \\d`), r.quality);
     // checkSupport chose what ran, and the page said why.
@@ -434,7 +436,8 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
       assert.equal(r.ins.kvCache, 'int8');
       assert.equal(r.stats.kvCache, 'int8');
       assert.match(r.memory, / in int8\)$/, r.memory);
-      // Same model and context as the f16 page: int8 holds fewer bytes per token.
+      // Same model and context as the default page (whose cache starts in f16): int8 holds fewer
+      // bytes per token.
       const f16 = await page.evaluate(() => window.flexquantPage.inspection.kvBytesPerToken);
       assert.ok(r.ins.kvBytesPerToken < f16, `${r.ins.kvBytesPerToken} against ${f16}`);
       await until(p2, 'the panel to show the format', () => / \(int8\) · /.test(document.getElementById('st-kv').textContent));

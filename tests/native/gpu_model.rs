@@ -143,7 +143,7 @@ fn kv_test_options(kv_format: KvFormat) -> ModelOptions {
 }
 
 fn kv_cache_grows(format: KvFormat, tol: f32) {
-    use flexquant::runtime::backend::{kv_cache_bytes, KV_BLOCK};
+    use flexquant::runtime::backend::{kv_cache_bytes, kv_layer_bytes, KV_BLOCK};
     let Some(gpu) = gpu_arc() else { return };
     let (m, modules) = crate::common::tiny_mixed();
     let w = &m.weights;
@@ -227,7 +227,24 @@ fn kv_cache_grows(format: KvFormat, tol: f32) {
     );
     assert_eq!((g.len(), g.kv_positions()), (KV_BLOCK, KV_BLOCK));
     accounted(&g);
-    g.set_budget(None);
+    // A growth holds the cache plus one layer's keys and values, not two caches: a budget
+    // that admits the first layer's new ones but not the second's stops partway (out of
+    // memory; the model runs on the positions it had, holding the grown layer), and a budget of
+    // the grown cache plus one old layer completes it from there.
+    let pair = |p| 2 * kv_layer_bytes(c, format, p);
+    g.set_budget(Some(g.allocator().bytes() + pair(2 * KV_BLOCK)));
+    let e = pollster::block_on(g.logits_last(&tokens[KV_BLOCK..KV_BLOCK + 1])).unwrap_err();
+    assert!(
+        matches!(e, flexquant::gpu::GpuError::OutOfMemory { .. }),
+        "{e}"
+    );
+    assert_eq!((g.len(), g.kv_positions()), (KV_BLOCK, KV_BLOCK));
+    let partway = kv_cache_bytes(c, format, KV_BLOCK) - pair(KV_BLOCK) + pair(2 * KV_BLOCK);
+    assert_eq!(g.kv_held_bytes(), partway, "{format}: the first layer grew");
+    assert_eq!(g.allocator().bytes(), g.held_bytes());
+    assert_eq!(g.held_bytes(), g.footprint().total());
+    let grown = g.allocator().bytes() - partway + kv_cache_bytes(c, format, 2 * KV_BLOCK);
+    g.set_budget(Some(grown + pair(KV_BLOCK)));
     let i = KV_BLOCK;
     let lg = pollster::block_on(g.logits_last(&tokens[i..i + 1])).unwrap();
     let e = rel_err(&lg, &want[i * vocab..(i + 1) * vocab]);
@@ -236,7 +253,9 @@ fn kv_cache_grows(format: KvFormat, tol: f32) {
         "{format}: logits error {e:.2e} after a refused growth"
     );
     assert_eq!(g.kv_positions(), 2 * KV_BLOCK);
+    assert_eq!(g.allocator().bytes(), grown);
     accounted(&g);
+    g.set_budget(None);
 }
 
 /// A cache converted between formats mid-conversation (`Model::convert_kv`): f16 -> int8 after

@@ -7,7 +7,7 @@ use flexquant::ensemble::manifest::{
 };
 use flexquant::model::tiny::tiny_config;
 use flexquant::model::{ModuleId, ModuleKind};
-use flexquant::runtime::backend::KvFormat;
+use flexquant::runtime::backend::KvChoice;
 
 fn file(name: &str, bytes: u64) -> FileRef {
     FileRef {
@@ -343,7 +343,7 @@ fn inspection_and_cache_report_follow_the_trajectory() {
     let m = sample();
     let n = m.n_modules();
     let last = m.trajectory.len() - 1;
-    let i = inspect(&m, 64, KvFormat::F16);
+    let i = inspect(&m, 64, KvChoice::F16);
     let c = &m.config;
     // Keys and values in f16, every layer.
     assert_eq!(
@@ -353,15 +353,28 @@ fn inspection_and_cache_report_follow_the_trajectory() {
     assert_eq!(i.kv_bytes, 64 * i.kv_bytes_per_token);
     // In int8: per layer, K and V, KV head: head_dim codes and a 4-byte scale per group of 32
     // (or per head when head_dim is not a multiple of 32).
-    let i8 = inspect(&m, 64, KvFormat::Int8);
+    let i8 = inspect(&m, 64, KvChoice::Int8);
     let hd = c.head_dim();
     let groups = if hd.is_multiple_of(32) { hd / 32 } else { 1 };
     let per_head = (hd + 4 * groups) as u64;
     let want = 2 * (c.num_hidden_layers * c.n_kv_heads()) as u64 * per_head;
-    assert_eq!((i8.kv_cache, i8.kv_bytes_per_token), (KvFormat::Int8, want));
+    assert_eq!((i8.kv_cache, i8.kv_bytes_per_token), (KvChoice::Int8, want));
     assert_eq!(
         i.min_total_bytes,
         m.trajectory[last].footprint_bytes + i.kv_bytes
+    );
+    // `auto` (the default) starts in f16 and may go to int8: the least memory is int8's.
+    let auto = inspect(&m, 64, KvChoice::Auto);
+    assert_eq!(
+        (auto.kv_bytes, auto.min_kv_bytes, i.min_kv_bytes),
+        (i.kv_bytes, i8.kv_bytes, i.kv_bytes)
+    );
+    assert_eq!(
+        (auto.min_total_bytes, auto.max_total_bytes),
+        (
+            m.trajectory[last].footprint_bytes + i8.kv_bytes,
+            i.max_total_bytes
+        )
     );
     assert_eq!(
         i.max_total_bytes,
@@ -379,7 +392,7 @@ fn inspection_and_cache_report_follow_the_trajectory() {
     let every: u64 = m.modules.iter().map(|v| v.file.bytes).sum::<u64>() + m.base.bytes;
     assert_eq!(i.download_bytes, every + m.tokenizer.bytes);
     assert_eq!(
-        inspect(&m, 1 << 30, KvFormat::F16).context,
+        inspect(&m, 1 << 30, KvChoice::F16).context,
         c.max_position_embeddings
     );
 
@@ -439,8 +452,8 @@ fn packs_tile_exactly_and_need_version_2() {
     let (packed, plain) = {
         use flexquant::runtime::inspect::inspect;
         (
-            inspect(&m, 64, KvFormat::F16),
-            inspect(&sample(), 64, KvFormat::F16),
+            inspect(&m, 64, KvChoice::F16),
+            inspect(&sample(), 64, KvChoice::F16),
         )
     };
     assert_eq!(packed.first_load_bytes, plain.first_load_bytes);

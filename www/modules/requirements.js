@@ -6,6 +6,12 @@
 import { $, formatBytes } from './format.js';
 import { supportLine } from './support.js';
 
+// The KV cache at the context: its bytes in the format it starts in, and with 'auto' what it
+// comes to once converted under pressure.
+const kvLine = (ins) => (ins.kvCache === 'auto'
+  ? `${formatBytes(ins.kvBytes)} in f16, ${formatBytes(ins.minKvBytes)} once int8 under pressure`
+  : `${formatBytes(ins.kvBytes)} in ${ins.kvCache}`);
+
 const ppl = (p) => (p == null ? '?' : p.toFixed(p < 100 ? 1 : 0));
 
 export class RequirementsView {
@@ -33,7 +39,7 @@ export class RequirementsView {
     const t = ins.trajectory;
     const first = t[0], last = t[t.length - 1];
     $('req-download').textContent = `${formatBytes(ins.firstLoadBytes)} to start (step 0); ${formatBytes(ins.downloadBytes)} with every step`;
-    $('req-memory').textContent = `${formatBytes(ins.minTotalBytes)} to ${formatBytes(ins.maxTotalBytes)} for a ${ins.context}-token context (weights ${formatBytes(last.footprintBytes)} to ${formatBytes(first.footprintBytes)}, KV cache ${formatBytes(ins.kvBytes)} in ${ins.kvCache})`;
+    $('req-memory').textContent = `${formatBytes(ins.minTotalBytes)} to ${formatBytes(ins.maxTotalBytes)} for a ${ins.context}-token context (weights ${formatBytes(last.footprintBytes)} to ${formatBytes(first.footprintBytes)}, KV cache ${kvLine(ins)})`;
     $('req-quality').textContent = `${t.length} EQMs from ${ins.nUp} to ${ins.nLow} bits; perplexity ${ppl(first.perplexity)} to ${ppl(last.perplexity)}`;
     this.box.hidden = false;
     return ins;
