@@ -927,6 +927,81 @@ fn cpu_kernel_matches_fake_quant_in_wasm() {
     }
 }
 
+/// The CPU backend's attention in wasm (simd128: int8 keys scored as `i32x4.dot_i16x8_s`
+/// integer dot products, f16 keys widened) against a plain f64 softmax attention over the
+/// same stored cache widened, decode past several key ranges and a prefill block, grouped heads.
+#[wasm_bindgen_test]
+fn cpu_attention_matches_the_widened_cache_in_wasm() {
+    use flexquant::cpu::attention::{attention, Cached};
+    use flexquant::cpu::kv::{store, widened};
+    use flexquant::runtime::backend::{KvFormat, KvLayout};
+    let (nh, nkv, hd) = (9, 3, 64);
+    let c: flexquant::model::LlamaConfig = serde_json::from_value(json!({
+        "hidden_size": nh * hd, "intermediate_size": 8, "num_hidden_layers": 1,
+        "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": 8,
+    }))
+    .unwrap();
+    let noise = |seed: usize, n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104729) % 2001) as f32 - 1000.0) / 400.0)
+            .collect()
+    };
+    for (pos0, t) in [(600, 1), (70, 5)] {
+        for format in [KvFormat::F16, KvFormat::Int8] {
+            let layout = KvLayout::of(&c, format);
+            let keys = pos0 + t;
+            let stored = |seed| {
+                let mut b = vec![0u8; keys * nkv * layout.head_bytes()];
+                store(&noise(seed, keys * nkv * hd), &layout, &mut b);
+                b
+            };
+            let (k, v) = (stored(1), stored(2));
+            let (kw, vw) = (widened(&k, &layout), widened(&v, &layout));
+            let q = noise(3, t * nh * hd);
+            let mut got = vec![f32::NAN; t * nh * hd];
+            let cache = Cached {
+                k: &k,
+                v: &v,
+                layout: &layout,
+            };
+            attention(&c, &q, &cache, pos0, &mut got);
+            let (mut err, mut norm) = (0f64, 0f64);
+            for tok in 0..t {
+                for h in 0..nh {
+                    let kvh = h / (nh / nkv);
+                    let qh = &q[(tok * nh + h) * hd..][..hd];
+                    let seen = pos0 + tok + 1;
+                    let s: Vec<f64> = (0..seen)
+                        .map(|j| {
+                            let kj = &kw[(j * nkv + kvh) * hd..][..hd];
+                            qh.iter()
+                                .zip(kj)
+                                .map(|(a, b)| *a as f64 * *b as f64)
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let l: f64 = w.iter().sum();
+                    for d in 0..hd {
+                        let want: f64 = (0..seen)
+                            .map(|j| w[j] * vw[(j * nkv + kvh) * hd + d] as f64)
+                            .sum::<f64>()
+                            / l;
+                        err += (got[(tok * nh + h) * hd + d] as f64 - want).powi(2);
+                        norm += want * want;
+                    }
+                }
+            }
+            let rel = (err / norm).sqrt();
+            // int8: the queries rounded to i16 per group (native: at most 2.1e-5).
+            let tol = if format == KvFormat::F16 { 1e-5 } else { 1e-4 };
+            assert!(rel < tol, "{format:?}, pos0 {pos0}, {t} tokens: {rel:.2e}");
+        }
+    }
+}
+
 /// The WGSL matvec with the RMSNorm before it folded in (what decode runs on GPUs) compiled by
 /// Chromium's WebGPU, not naga: against the dequantized matrix times RMSNorm(x) * g in f64,
 /// for a row per thread (CPU adapters) and a row shared by 32 threads (GPUs), on an odd shape.
