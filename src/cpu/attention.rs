@@ -157,54 +157,49 @@ fn score_int8(q: &[i16], qd: &[f32], keys: &[i16], kd: &[f32], scale: f32, s: &m
     }
 }
 
-/// `sum a[i] * b[i]` in i32 (`a.len()` a multiple of 8: `KvLayout` groups are).
-#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+/// `sum a[i] * b[i]` in i32: 8 at a time (wasm: `i32x4.dot_i16x8_s`; elsewhere `LANES` partial
+/// sums, which x86 vectorizes as `pmaddwd`), then the tail (none where head_dim is a multiple
+/// of 8, as the WebGPU engine requires).
 #[inline(always)]
 fn dot_i16(a: &[i16], b: &[i16]) -> i32 {
-    use core::arch::wasm32::*;
-    let mut acc = i32x4_splat(0);
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let rest: i32 = ac
-        .remainder()
+    let n = a.len() - a.len() % 8;
+    let tail: i32 = a[n..]
         .iter()
-        .zip(bc.remainder())
+        .zip(&b[n..])
         .map(|(&x, &y)| x as i32 * y as i32)
         .sum();
-    for (x, y) in ac.zip(bc) {
-        // SAFETY: each chunk is 8 i16 = 16 bytes; v128_load needs no alignment.
-        let (x, y) = unsafe {
-            (
-                v128_load(x.as_ptr() as *const v128),
-                v128_load(y.as_ptr() as *const v128),
-            )
-        };
-        acc = i32x4_add(acc, i32x4_dot_i16x8(x, y));
-    }
-    i32x4_extract_lane::<0>(acc)
-        + i32x4_extract_lane::<1>(acc)
-        + i32x4_extract_lane::<2>(acc)
-        + i32x4_extract_lane::<3>(acc)
-        + rest
-}
-
-/// `sum a[i] * b[i]` in i32, `LANES` partial sums (x86's `pmaddwd` when vectorized).
-#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-#[inline(always)]
-fn dot_i16(a: &[i16], b: &[i16]) -> i32 {
-    let mut acc = [0i32; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let rest: i32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(&x, &y)| x as i32 * y as i32)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..LANES {
-            acc[i] += x[i] as i32 * y[i] as i32;
+    let (a, b) = (&a[..n], &b[..n]);
+    tail + {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        {
+            use core::arch::wasm32::*;
+            let mut acc = i32x4_splat(0);
+            for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+                // SAFETY: each chunk is 8 i16 = 16 bytes; v128_load needs no alignment.
+                let (x, y) = unsafe {
+                    (
+                        v128_load(x.as_ptr() as *const v128),
+                        v128_load(y.as_ptr() as *const v128),
+                    )
+                };
+                acc = i32x4_add(acc, i32x4_dot_i16x8(x, y));
+            }
+            i32x4_extract_lane::<0>(acc)
+                + i32x4_extract_lane::<1>(acc)
+                + i32x4_extract_lane::<2>(acc)
+                + i32x4_extract_lane::<3>(acc)
+        }
+        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+        {
+            let mut acc = [0i32; LANES];
+            for (x, y) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
+                for i in 0..LANES {
+                    acc[i] += x[i] as i32 * y[i] as i32;
+                }
+            }
+            acc.iter().sum::<i32>()
         }
     }
-    acc.iter().sum::<i32>() + rest
 }
 
 /// `acc += sum_j w[j] * values[j]` (`values`: `[w.len()][acc.len()]`), `LANES` of `acc` at a
