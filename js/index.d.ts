@@ -206,6 +206,8 @@ export interface Usage {
   prompt_tokens: number;
   completion_tokens: number;
   total_tokens: number;
+  /** Prompt tokens the KV cache already held (the prefix shared with the conversation before; OpenAI's field). */
+  prompt_tokens_details: { cached_tokens: number };
   extra: { prefill_tokens_per_s: number | null; decode_tokens_per_s: number | null; step: number; swaps: number };
 }
 

@@ -399,10 +399,10 @@ impl Model {
         }
     }
 
-    /// Stores the cache as `to` from now on (`Backend::convert_kv`): a cache of the same
-    /// positions in the new format, the cached positions read back, re-encoded on the host
-    /// (`cpu::kv`, the bytes the RoPE kernel would have written) and written in, the KV ops'
-    /// parameters rewritten. On error the model is as before.
+    /// Stores the cache as `to` from now on (`Backend::convert_kv`): a layer at a time
+    /// (`convert_layer`: the cache plus one layer in the new format, where it held both whole
+    /// caches until stop 46), then the KV ops' parameters rewritten. On error the model runs as
+    /// before (the layers converted so far converted back, keeping the new format's rounding).
     pub async fn convert_kv(&mut self, to: KvFormat) -> GpuResult<()> {
         if to == self.opts.kv_format {
             return Ok(());
@@ -414,7 +414,50 @@ impl Model {
                 .write_kv_params(&self.gpu, &self.params, &self.config, &self.opts);
             return Ok(());
         }
-        self.rebuild_kv(self.kv_positions, to).await
+        let from = self.opts.kv_format;
+        for l in 0..self.kv.len() {
+            if let Err(e) = self.convert_layer(l, from, to).await {
+                // Back to `from`, the layers converted so far (their values keep the rounding
+                // of `to`); should that fail too, the cache is given up (the next call starts
+                // the conversation's cache again).
+                for b in 0..l {
+                    if self.convert_layer(b, to, from).await.is_err() {
+                        self.release_kv();
+                        return Err(e);
+                    }
+                }
+                self.bind_kv(self.kv_positions);
+                return Err(e);
+            }
+        }
+        self.opts.kv_format = to;
+        self.graph
+            .write_kv_params(&self.gpu, &self.params, &self.config, &self.opts);
+        self.bind_kv(self.kv_positions);
+        Ok(())
+    }
+
+    /// Layer `l`'s cached positions read back, re-encoded from `from` to `to` on the host
+    /// (`cpu::kv`, the bytes the RoPE kernel would have written) into new keys and values that
+    /// replace the layer's (the old ones freed). A conversion goes a layer at a time, so it
+    /// holds the cache plus one layer in the new format.
+    async fn convert_layer(&mut self, l: usize, from: KvFormat, to: KvFormat) -> GpuResult<()> {
+        let c = &self.config;
+        let cached = crate::runtime::backend::kv_layer_bytes(c, from, self.len);
+        let new = create_kv_layer(&self.alloc, c, to, self.kv_positions, l).await?;
+        if cached > 0 {
+            let (old_layout, new_layout) = (KvLayout::of(c, from), KvLayout::of(c, to));
+            let mut out =
+                vec![0u8; crate::runtime::backend::kv_layer_bytes(c, to, self.len) as usize];
+            for (old, new) in self.kv[l].iter().zip(&new) {
+                let bytes = self.read_bytes(&old.buffer, cached).await?;
+                let x = crate::cpu::kv::widened(&bytes, &old_layout);
+                crate::cpu::kv::store(&x, &new_layout, &mut out);
+                self.gpu.queue.write_buffer(&new.buffer, 0, &out);
+            }
+        }
+        self.kv[l] = new;
+        Ok(())
     }
 
     /// A cache of `positions` (at least `len`) bound in place of the old one, the cached
@@ -428,7 +471,9 @@ impl Model {
     async fn resize_kv(&mut self, positions: usize) -> GpuResult<()> {
         let (c, format) = (&self.config, self.opts.kv_format);
         if self.kv.is_empty() {
-            return self.rebuild_kv(positions, format).await;
+            self.kv = create_kv(&self.alloc, c, format, positions).await?;
+            self.bind_kv(positions);
+            return Ok(());
         }
         let cached = crate::runtime::backend::kv_layer_bytes(c, format, self.len);
         let want = crate::runtime::backend::kv_layer_bytes(c, format, positions);
@@ -486,37 +531,6 @@ impl Model {
     /// than its positions need).
     pub fn kv_held_bytes(&self) -> u64 {
         self.kv.iter().flatten().map(|b| b.bytes()).sum()
-    }
-
-    /// A cache of `positions` (at least `len`) in `format` bound in place of the old one, the
-    /// cached positions re-encoded when the format changes, the whole cache at once (a format
-    /// change, or a released cache allocated again). On error the model is as before.
-    async fn rebuild_kv(&mut self, positions: usize, format: KvFormat) -> GpuResult<()> {
-        let c = &self.config;
-        let kv = create_kv(&self.alloc, c, format, positions).await?;
-        let from = self.opts.kv_format;
-        let cached = crate::runtime::backend::kv_layer_bytes(c, from, self.len);
-        // Same format: only a released cache (nothing cached) comes here (`resize_kv`).
-        debug_assert!(format != from || cached == 0 || self.kv.is_empty());
-        if cached > 0 && format != from {
-            let (old_layout, new_layout) = (KvLayout::of(c, from), KvLayout::of(c, format));
-            let mut out =
-                vec![0u8; crate::runtime::backend::kv_layer_bytes(c, format, self.len) as usize];
-            for (old, new) in self.kv.iter().flatten().zip(kv.iter().flatten()) {
-                let bytes = self.read_bytes(&old.buffer, cached).await?;
-                let x = crate::cpu::kv::widened(&bytes, &old_layout);
-                crate::cpu::kv::store(&x, &new_layout, &mut out);
-                self.gpu.queue.write_buffer(&new.buffer, 0, &out);
-            }
-        }
-        if format != from {
-            self.opts.kv_format = format;
-            self.graph
-                .write_kv_params(&self.gpu, &self.params, &self.config, &self.opts);
-        }
-        self.kv = kv;
-        self.bind_kv(positions);
-        Ok(())
     }
 
     /// Forgets every position and frees the KV cache (`Backend::release_kv`); the next call

@@ -330,7 +330,14 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    /// OpenAI's: the prompt tokens the KV cache already held.
+    pub prompt_tokens_details: PromptTokensDetails,
     pub extra: UsageExtra,
+}
+
+#[derive(Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 #[derive(Serialize)]

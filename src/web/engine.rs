@@ -15,7 +15,8 @@ use crate::runtime::{Elastic, Reason};
 use crate::runtime::{Sampling, StopReason, StopText, Turn, TurnOptions, DEFAULT_CONTEXT};
 use crate::web::api::{
     from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, FunctionCall, Logprobs,
-    MaxPerplexity, MinSpeed, Started, Stats, ToolCallDelta, TrajectoryPoint, Usage, UsageExtra,
+    MaxPerplexity, MinSpeed, PromptTokensDetails, Started, Stats, ToolCallDelta, TrajectoryPoint,
+    Usage, UsageExtra,
 };
 use crate::web::backend::{BackendChoice, Kind, WebModel};
 use crate::web::error::{Code, WebError, WebResult};
@@ -144,6 +145,9 @@ struct Choices {
     n: u32,
     /// Completion tokens of the answers before this one.
     tokens_before: usize,
+    /// Prompt tokens the first answer found in the KV cache (a common prefix with the
+    /// conversation before: `usage.prompt_tokens_details.cached_tokens`).
+    cached_tokens: usize,
     /// Whether an answer may be a function call (tools offered, `tool_choice` not `'none'`).
     calls: bool,
 }
@@ -696,6 +700,7 @@ impl Inner {
             index: 0,
             n: req.choices()?,
             tokens_before: 0,
+            cached_tokens: 0,
             calls: tools.is_some_and(|t| t.choice != ToolChoice::None),
         };
 
@@ -703,6 +708,8 @@ impl Inner {
         self.interrupt.set(false);
         self.between_tokens(st, None).await;
         let turn = self.start_turn(st, &choices).await?;
+        let mut choices = choices;
+        choices.cached_tokens = turn.stats.prompt_tokens - turn.stats.prefilled;
         let n = self.completions.get() + 1;
         self.completions.set(n);
         let prompt_tokens = choices.ids.len();
@@ -839,6 +846,9 @@ impl Inner {
                     prompt_tokens: g.prompt_tokens,
                     completion_tokens: completion,
                     total_tokens: g.prompt_tokens + completion,
+                    prompt_tokens_details: PromptTokensDetails {
+                        cached_tokens: a.choices.cached_tokens,
+                    },
                     extra: UsageExtra {
                         prefill_tokens_per_s: prefill,
                         decode_tokens_per_s: decode,

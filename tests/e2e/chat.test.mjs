@@ -308,6 +308,39 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     await shot(page, 'after-recovery');
   });
 
+  it('leaves out the older half of a conversation that outgrows the context, then keeps the prefix', async (t) => {
+    if (skip) return t.skip(skip);
+    await page.locator('#new-chat').click();
+    // ~100 tokens per exchange: the tiny model's 512-token context fills after a few.
+    await setMaxTokens(page, 16, 1);
+    const turns = [];
+    for (let i = 0; i < 12; i++) {
+      await send(page, `${i}: Tell me more about the old house by the river and who lived there.`);
+      const a = await waitAnswer(page);
+      assert.notEqual(a.finish, 'error', JSON.stringify(a));
+      const skipped = await page.evaluate(() => window.flexquantPage.chat.skipped);
+      turns.push({ skipped, prompt: a.usage.prompt_tokens, cached: a.usage.prompt_tokens_details.cached_tokens });
+    }
+    const drops = turns.filter((x, i) => x.skipped > (i ? turns[i - 1].skipped : 0)).length;
+    const first = turns.findIndex((x) => x.skipped > 0);
+    const log = JSON.stringify(turns);
+    assert.ok(first > 0 && drops >= 2, `the context filled at least twice: ${log}`);
+    // Half of what the model saw goes at a time, so later turns can drop nothing (here every
+    // other turn: an exchange is a fifth of the context; measured drops 4 of the last 8)...
+    assert.ok(drops < turns.length - first, `a drop every turn: ${log}`);
+    turns.forEach((x, i) => {
+      if (i === 0) return;
+      const dropped = x.skipped > turns[i - 1].skipped;
+      assert.equal(x.skipped % 2, 0, log);
+      // ...and those reuse the whole prompt before as a cached prefix (as the engine counts
+      // it: prompt_tokens_details.cached_tokens); a turn that drops exchanges starts over.
+      if (dropped) assert.ok(x.cached < x.prompt / 2, `turn ${i} dropped and kept its prefix? ${log}`);
+      else assert.ok(x.cached >= turns[i - 1].prompt, `turn ${i} lost its prefix: ${log}`);
+    });
+    const notes = await page.locator('.msg .meta', { hasText: 'did not see the oldest' }).count();
+    assert.equal(notes, drops, `one note per drop: ${log}`);
+  });
+
   it('stops an answer with the Stop button, and Escape', async (t) => {
     if (skip) return t.skip(skip);
     await page.locator('#new-chat').click();

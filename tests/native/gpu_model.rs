@@ -264,7 +264,7 @@ fn kv_cache_grows(format: KvFormat, tol: f32) {
 /// rounding of the converted positions), and back to f16 goes on as well.
 #[test]
 fn kv_cache_converts_between_formats_mid_conversation() {
-    use flexquant::runtime::backend::kv_cache_bytes;
+    use flexquant::runtime::backend::{kv_cache_bytes, kv_layer_bytes};
     // The converted positions were rounded to f16, then to int8: elements near a level boundary land
     // a level away from where int8 from f32 puts them, which moves the tiny model's logits by
     // 3e-3 to 1.03e-2 (positions 100-140 measured; a model stored in int8 from the start is
@@ -296,7 +296,23 @@ fn kv_cache_converts_between_formats_mid_conversation() {
     };
     pollster::block_on(g.prefill(&tokens[..100])).unwrap();
     let held = g.held_bytes();
+    let oom = |e: flexquant::gpu::GpuError| {
+        assert!(
+            matches!(e, flexquant::gpu::GpuError::OutOfMemory { .. }),
+            "{e}"
+        )
+    };
+    // A layer at a time: the cache plus one layer's keys and values in int8 is room enough;
+    // a byte less is refused with nothing changed.
+    let pair = |f, positions| 2 * kv_layer_bytes(c, f, positions);
+    let room = g.allocator().bytes() + pair(KvFormat::Int8, g.kv_positions());
+    g.set_budget(Some(room - 1));
+    oom(pollster::block_on(g.convert_kv(KvFormat::Int8)).unwrap_err());
+    accounted(&g, KvFormat::F16);
+    assert_eq!(g.held_bytes(), held);
+    g.set_budget(Some(room));
     pollster::block_on(g.convert_kv(KvFormat::Int8)).unwrap();
+    g.set_budget(None);
     accounted(&g, KvFormat::Int8);
     assert_eq!(
         held - g.held_bytes(),
@@ -314,9 +330,26 @@ fn kv_cache_converts_between_formats_mid_conversation() {
         );
     }
     eprintln!("converted to int8: worst logits error {worst:.2e}");
+    // Back to f16 grows each layer: with room for one f16 layer more the second is refused,
+    // the first goes back to int8, and the model runs on in int8.
+    let held = g.held_bytes();
+    let room = g.allocator().bytes() + pair(KvFormat::F16, g.kv_positions());
+    g.set_budget(Some(room));
+    oom(pollster::block_on(g.convert_kv(KvFormat::F16)).unwrap_err());
+    g.set_budget(None);
+    accounted(&g, KvFormat::Int8);
+    assert_eq!(g.held_bytes(), held);
+    for i in 140..150 {
+        let lg = pollster::block_on(g.logits_last(&tokens[i..i + 1])).unwrap();
+        let e = rel_err(&lg, &want_int8[i * vocab..(i + 1) * vocab]);
+        assert!(
+            e < TOL,
+            "int8 after a refused conversion: error {e:.2e} at {i}"
+        );
+    }
     pollster::block_on(g.convert_kv(KvFormat::F16)).unwrap();
     accounted(&g, KvFormat::F16);
-    for i in 140..n {
+    for i in 150..n {
         let lg = pollster::block_on(g.logits_last(&tokens[i..i + 1])).unwrap();
         let e = rel_err(&lg, &want_f16[i * vocab..(i + 1) * vocab]);
         assert!(e < TOL, "f16 again: error {e:.2e} at position {i}");

@@ -19,6 +19,8 @@ export class Chat {
     this.stop = $('stop');
     this.newChat = $('new-chat');
     this.messages = [];
+    // Messages at the start of the conversation the model no longer sees (its context).
+    this.skipped = 0;
     this.busy = false;
     this.system = null;
     this.tokens = 0;
@@ -111,8 +113,12 @@ export class Chat {
     };
     // The whole conversation goes to the engine each turn (it reuses the KV cache of the common
     // prefix). When it no longer fits the model's context, the oldest exchanges are left out
-    // of what the model sees (the page keeps showing them) and the user is told.
-    let skip = 0;
+    // of what the model sees (the page keeps showing them) and the user is told: half of those
+    // it saw at a time (llama.cpp's context shift discards half too), and the later turns
+    // start from the same exchange, so the prompt keeps its prefix and only the new messages
+    // are prefilled until the context fills again (dropping one exchange per turn would change
+    // the prefix, and prefill the whole context again, every turn).
+    let skip = this.skipped;
     try {
       for (;;) {
         const history = this.messages.slice(skip);
@@ -146,10 +152,12 @@ export class Chat {
         } catch (e) {
           const tooLong = e && e.code === 'context-length';
           if (!tooLong || this.tokens > 0 || this.messages.length - skip <= 1) throw e;
-          skip += 2; // one user message and its answer
+          // Exchanges (a user message and its answer) before the new message.
+          const exchanges = (this.messages.length - skip - 1) / 2;
+          skip += 2 * Math.max(1, Math.floor(exchanges / 2));
         }
       }
-      if (skip > 0) {
+      if (skip > this.skipped) {
         this.skipped = skip;
         li.append(el('span', { class: 'meta', text: `The conversation is longer than the model's context: it did not see the oldest ${skip / 2} exchange${skip === 2 ? '' : 's'}.` }));
       }
@@ -195,6 +203,7 @@ export class Chat {
     if (this.busy) return;
     await this.engine.resetChat();
     this.messages = [];
+    this.skipped = 0;
     this.list.replaceChildren();
     this.live.textContent = '';
     this.renderEmpty();
