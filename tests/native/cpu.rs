@@ -128,15 +128,8 @@ fn attention_matches_the_reference() {
                 flexquant::cpu::attention::attention(&c, &q, &cache, pos0, &mut got);
                 let err = norm(got.iter().zip(&want).map(|(a, b)| (a - b) as f64))
                     / norm(want.iter().map(|&x| x as f64));
-                // int8: the queries are rounded to i16 per group (a score moves by up to 2^-16
-                // of the group's largest query element times the keys'; measured at most
-                // 2.1e-5 here); f16 keys are read exactly (at most 8.5e-7).
-                let tol = match format {
-                    KvFormat::F16 => 1e-5,
-                    KvFormat::Int8 => 1e-4,
-                };
                 assert!(
-                    err < tol,
+                    err < 1e-5,
                     "{nh}/{nkv} heads of {hd}, {format:?}, pos0 {pos0}, {t} tokens: {err:.2e}"
                 );
             }
