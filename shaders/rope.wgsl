@@ -25,10 +25,7 @@
 @group(0) @binding(6) var<storage, read_write> kc: array<u32>;
 @group(0) @binding(7) var<storage, read_write> vc: array<u32>;
 
-// F16_MAX and KV_MAX: prepended by the host (`kernels::shared_constants`).
-fn pack_f16(v: vec2<f32>) -> u32 {
-    return pack2x16float(clamp(v, vec2(-F16_MAX), vec2(F16_MAX)));
-}
+// `pack_f16` (common.wgsl) and KV_MAX (prepended by the host: `kernels::shared_constants`).
 
 // Element i of the head whose values start at `row` of the new keys (`is_k`, rotated at
 // position `pos`) or values (as they are), and its rotation partner i + head_dim/2.

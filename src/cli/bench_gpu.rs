@@ -14,6 +14,7 @@ use flexquant::gpu::{Gpu, Model, ModelOptions};
 use flexquant::model::weights::LayerNorms;
 use flexquant::model::{Linear, ModuleId, Weights};
 use flexquant::quant::weights::{gpu_model, rtn_modules};
+use flexquant::runtime::backend::KvFormat;
 use flexquant::runtime::DEFAULT_CONTEXT;
 use std::path::Path;
 use std::sync::Arc;
@@ -282,12 +283,19 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
     };
     // Decode after a long prompt: what attention over a full cache costs per token.
     let long = long_context_tok_s(&gpu, m, &up, &ids, opts, a)?;
-    let long_report = long.map(|(ctx, long_tok_s)| {
+    let long_report = long.map(|l| {
         eprintln!(
-            "  decode after {ctx} cached positions: {long_tok_s:.1} tokens/s ({:.2} of a short context's)",
-            long_tok_s / tok_s(0)
+            "  decode after {} cached positions: {:.1} tokens/s ({:.2} of a short context's); its cache to int8 in {:.1} ms, back to f16 in {:.1} ms",
+            l.context,
+            l.tok_s,
+            l.tok_s / tok_s(0),
+            l.to_int8_s * 1e3,
+            l.to_f16_s * 1e3
         );
-        serde_json::json!({"context": ctx, "decode_tok_s": long_tok_s, "vs_short_context": long_tok_s / tok_s(0)})
+        serde_json::json!({"context": l.context, "decode_tok_s": l.tok_s,
+            "vs_short_context": l.tok_s / tok_s(0),
+            "kv_convert": {"positions": l.cached, "to_int8_seconds": l.to_int8_s,
+                "to_f16_seconds": l.to_f16_s}})
     });
     // The adapter's cost per dispatch: times a token's dispatches, the floor of its time.
     let (token_s, encode_s, pipelined_s, dispatches, fused) = up_split.unwrap();
@@ -437,8 +445,21 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
     Ok(())
 }
 
-/// `(context, decode tokens/s)` of step 0 after `--gpu-long-context` cached positions (the
-/// text's tokens, repeated as needed), or `None` when that is 0.
+/// Step 0 after `--gpu-long-context` cached positions.
+struct LongContext {
+    context: usize,
+    /// Decode tokens/s there.
+    tok_s: f64,
+    /// Positions cached after the decode, and the seconds to convert them (every layer's keys
+    /// and values, `Model::convert_kv`) to int8 and back to f16.
+    cached: usize,
+    to_int8_s: f64,
+    to_f16_s: f64,
+}
+
+/// Decode speed of step 0 after `--gpu-long-context` cached positions (the text's tokens,
+/// repeated as needed), and what converting that cache between formats takes; `None` when
+/// that is 0.
 fn long_context_tok_s(
     gpu: &Arc<Gpu>,
     m: &Weights,
@@ -446,7 +467,7 @@ fn long_context_tok_s(
     ids: &[u32],
     opts: ModelOptions,
     a: &GpuBenchArgs,
-) -> Result<Option<(usize, f64)>> {
+) -> Result<Option<LongContext>> {
     let max = m.config.max_position_embeddings;
     let ctx = a
         .gpu_long_context
@@ -461,7 +482,21 @@ fn long_context_tok_s(
     let mut g = model(gpu, m, bits, opts)?;
     let prompt: Vec<u32> = ids.iter().copied().cycle().take(ctx).collect();
     let token_s = decode_seconds(&mut g, &prompt, a.gpu_decode_tokens)?;
-    Ok(Some((ctx, 1.0 / token_s)))
+    let mut convert = |to| -> Result<f64> {
+        let t = Instant::now();
+        pollster::block_on(g.convert_kv(to))?;
+        gpu.wait();
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let to_int8_s = convert(KvFormat::Int8)?;
+    let to_f16_s = convert(KvFormat::F16)?;
+    Ok(Some(LongContext {
+        context: ctx,
+        tok_s: 1.0 / token_s,
+        cached: g.len(),
+        to_int8_s,
+        to_f16_s,
+    }))
 }
 
 /// Prefill speed, one swap step, and weight bandwidth vs a plain copy, on the middle EQM.

@@ -52,6 +52,8 @@ pub enum Kernel {
     Attention,
     /// Merges attention's partials over ranges of the cache.
     AttentionCombine,
+    /// A layer's cached keys or values re-encoded in the other format (`kv_convert.wgsl`).
+    KvConvert,
     /// Top-k stage 1 (over logits) and 2 (merging candidates).
     TopK {
         from_logits: bool,
@@ -89,6 +91,7 @@ impl Kernel {
             Kernel::RmsNorm => of::<RmsNormParams>(),
             Kernel::Rope => of::<RopeParams>(),
             Kernel::Attention | Kernel::AttentionCombine => of::<AttentionParams>(),
+            Kernel::KvConvert => of::<KvConvertParams>(),
             Kernel::TopK { .. } => of::<TopKParams>(),
             Kernel::Nll => of::<NllParams>(),
             Kernel::Gather => of::<GatherParams>(),
@@ -139,6 +142,12 @@ impl Kernel {
                 "combine",
                 3,
                 2,
+            ),
+            Kernel::KvConvert => s(
+                include_str!("../../shaders/kv_convert.wgsl"),
+                "kv_convert",
+                1,
+                1,
             ),
             Kernel::TopK { .. } => s(include_str!("../../shaders/topk.wgsl"), "topk", 1, 1),
             Kernel::Nll => s(include_str!("../../shaders/nll.wgsl"), "nll_rows", 2, 1),

@@ -11,6 +11,7 @@
 //! - `backend`: the model as a `runtime::Backend` (generation and the trajectory walk run on
 //!   it), and `GpuFactory`, which makes one on a new device.
 //! - `perplexity`: held-out perplexity on the GPU path (native).
+//! - `kv_convert`: the KV cache re-encoded in the other format on the device.
 //! - `probe`: one kernel on host data (the parity tests, the yardstick, the variant probe).
 //! - `variant`: which `matvec` variant an adapter runs, chosen by a timed probe at first load.
 
@@ -21,6 +22,7 @@ pub mod device;
 pub mod error;
 mod graph;
 pub mod kernels;
+pub mod kv_convert;
 pub mod params;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod perplexity;

@@ -26,9 +26,10 @@ use crate::gpu::graph::{
 use crate::gpu::kernels::{
     self, kernel_param_bytes, step_bytes, Kernel, Kernels, PARAM_SLOT, TT, WG,
 };
+use crate::gpu::kv_convert;
 use crate::model::config::LlamaConfig;
 use crate::model::weights::{ModuleId, ModuleKind};
-use crate::runtime::backend::{kv_grown, kv_shrunk, KvFormat, KvLayout};
+use crate::runtime::backend::{kv_grown, kv_shrunk, KvFormat};
 use crate::runtime::generate::check_watch;
 use serde::Serialize;
 use std::sync::Arc;
@@ -416,12 +417,12 @@ impl Model {
         }
         let from = self.opts.kv_format;
         for l in 0..self.kv.len() {
-            if let Err(e) = self.convert_layer(l, from, to).await {
+            if let Err(e) = self.convert_layer(l, to).await {
                 // Back to `from`, the layers converted so far (their values keep the rounding
                 // of `to`); should that fail too, the cache is given up (the next call starts
                 // the conversation's cache again).
                 for b in 0..l {
-                    if self.convert_layer(b, to, from).await.is_err() {
+                    if self.convert_layer(b, from).await.is_err() {
                         self.release_kv();
                         return Err(e);
                     }
@@ -437,25 +438,15 @@ impl Model {
         Ok(())
     }
 
-    /// Layer `l`'s cached positions read back, re-encoded from `from` to `to` on the host
-    /// (`cpu::kv`, the bytes the RoPE kernel would have written) into new keys and values that
-    /// replace the layer's (the old ones freed). A conversion goes a layer at a time, so it
-    /// holds the cache plus one layer in the new format.
-    async fn convert_layer(&mut self, l: usize, from: KvFormat, to: KvFormat) -> GpuResult<()> {
+    /// Layer `l`'s cached positions re-encoded from `from` to `to` on the device
+    /// (`kv_convert`: the bytes the RoPE kernel would have written) into new keys and values
+    /// that replace the layer's (the old ones freed once the conversion has run). A conversion
+    /// goes a layer at a time, so it holds the cache plus one layer in the new format.
+    async fn convert_layer(&mut self, l: usize, to: KvFormat) -> GpuResult<()> {
         let c = &self.config;
-        let cached = crate::runtime::backend::kv_layer_bytes(c, from, self.len);
         let new = create_kv_layer(&self.alloc, c, to, self.kv_positions, l).await?;
-        if cached > 0 {
-            let (old_layout, new_layout) = (KvLayout::of(c, from), KvLayout::of(c, to));
-            let mut out =
-                vec![0u8; crate::runtime::backend::kv_layer_bytes(c, to, self.len) as usize];
-            for (old, new) in self.kv[l].iter().zip(&new) {
-                let bytes = self.read_bytes(&old.buffer, cached).await?;
-                let x = crate::cpu::kv::widened(&bytes, &old_layout);
-                crate::cpu::kv::store(&x, &new_layout, &mut out);
-                self.gpu.queue.write_buffer(&new.buffer, 0, &out);
-            }
-        }
+        let (gpu, kernels, step) = (&self.gpu, &mut self.kernels, &self.step.buffer);
+        kv_convert::submit(gpu, kernels, step, c, to, self.len, &self.kv[l], &new);
         self.kv[l] = new;
         Ok(())
     }

@@ -115,6 +115,16 @@ kernel_params! {
         /// 1: the cache holds int8 codes and scales; 0: f16.
         kv_int8: u32,
     }
+    /// `kv_convert.wgsl`: a layer's cached keys or values re-encoded in the other format.
+    KvConvertParams {
+        /// Stored heads to convert (cached positions x KV heads).
+        heads: u32,
+        head_dim: u32,
+        /// Elements per scale of the int8 format (`runtime::backend::KvLayout`).
+        kv_group: u32,
+        /// 1: f16 -> int8; 0: int8 -> f16.
+        to_int8: u32,
+    }
     /// `topk.wgsl`.
     TopKParams {
         /// Items in the source.

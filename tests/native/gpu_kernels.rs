@@ -508,6 +508,103 @@ fn rope_stores(rng: &mut Rng, kv: &KvLayout) {
     }
 }
 
+/// `kv_convert.wgsl` writes the bytes the CPU backend's `cpu::kv::store` writes for the values
+/// it reads: f16 -> int8 with each group's scale bit for bit and every code the CPU's (or, where
+/// the value sits on a level's midpoint, its neighbour), int8 -> f16 within f16's rounding; the
+/// words past the converted heads are left alone. Heads of 64 (two groups of 32 each) and 40
+/// (one group), a group of zeros and values at f16's largest.
+#[test]
+fn kv_convert_matches_the_cpu_cache_bytes() {
+    use flexquant::gpu::kv_convert;
+    if gpu().is_none() {
+        return;
+    }
+    let mut rng = Rng::new(11);
+    for hd in [64usize, 40] {
+        let (l16, l8) = (layout(hd, KvFormat::F16), layout(hd, KvFormat::Int8));
+        let c = flexquant::model::LlamaConfig {
+            head_dim: Some(hd),
+            ..flexquant::model::tiny::tiny_config()
+        };
+        // 70 positions of the tiny config's KV heads: more than one workgroup of groups.
+        let positions = 70;
+        let n = positions * c.n_kv_heads() * hd;
+        let mut x = rand_vec(&mut rng, n, 2.0);
+        x[..l8.group].fill(0.0);
+        x[l8.group] = 65504.0;
+        x[2 * l8.group + 1] = -65504.0;
+        let spare = 37; // words past the converted heads, left as they are
+        for to in [KvFormat::Int8, KvFormat::F16] {
+            let (from_l, to_l) = match to {
+                KvFormat::Int8 => (&l16, &l8),
+                KvFormat::F16 => (&l8, &l16),
+            };
+            let src = to_cache(&x, from_l);
+            let want = to_cache(&from_cache(&src, from_l), to_l);
+            let mut dst = vec![0xdead_beefu32; want.len() + spare];
+            let p = kv_convert::params(&c, to, positions);
+            let out = run(
+                Kernel::KvConvert,
+                &p,
+                (1, 0),
+                &[bytemuck::cast_slice(&src)],
+                &[bytemuck::cast_slice(&dst)],
+                kv_convert::grid(&p),
+            );
+            let got = u32s(&out[0]);
+            assert!(
+                got[want.len()..].iter().all(|&w| w == 0xdead_beef),
+                "kv_convert to {to:?} hd {hd}: wrote past the converted heads"
+            );
+            dst.truncate(want.len());
+            let got = &got[..want.len()];
+            if to == KvFormat::F16 {
+                let (g, w) = (from_cache(got, to_l), from_cache(&src, from_l));
+                for (i, (&g, &w)) in g.iter().zip(&w).enumerate() {
+                    assert!(
+                        (g - w).abs() <= w.abs() * 2f32.powi(-11) + 1e-7,
+                        "kv_convert to f16 hd {hd}, element {i}: {g} for {w}"
+                    );
+                }
+                continue;
+            }
+            let words = l8.head_bytes() / 4;
+            let code_words = hd / 4;
+            let mut ties = 0;
+            for (h, (g, w)) in got.chunks(words).zip(want.chunks(words)).enumerate() {
+                assert_eq!(
+                    g[code_words..],
+                    w[code_words..],
+                    "kv_convert to int8 hd {hd}, head {h}: scales"
+                );
+                let codes = |ws: &[u32]| -> Vec<i8> {
+                    bytemuck::cast_slice::<u32, i8>(&ws[..code_words]).to_vec()
+                };
+                for (i, (a, b)) in codes(g).into_iter().zip(codes(w)).enumerate() {
+                    assert!(
+                        (a as i32 - b as i32).abs() <= 1,
+                        "kv_convert to int8 hd {hd}, head {h} element {i}: code {a} for {b}"
+                    );
+                    ties += (a != b) as usize;
+                }
+            }
+            assert!(
+                ties * 1000 <= n,
+                "kv_convert to int8 hd {hd}: {ties} of {n} codes a level off the CPU's"
+            );
+        }
+    }
+    // A cache too large for one row of workgroups spreads over y.
+    let p = KvConvertParams {
+        heads: 3_000_000,
+        head_dim: 64,
+        kv_group: 32,
+        to_int8: 1,
+    };
+    let g = kv_convert::grid(&p);
+    assert!(g[0] <= 65535 && g[0] * g[1] * 64 >= 6_000_000, "{g:?}");
+}
+
 fn common_max_abs(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
