@@ -310,6 +310,8 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
 
   it('leaves out the older half of a conversation that outgrows the context, then keeps the prefix', async (t) => {
     if (skip) return t.skip(skip);
+    // No budget from the tests before: the context, not memory, is what fills here.
+    await page.evaluate(() => window.flexquantPage.engine.setMemoryBudget(null));
     await page.locator('#new-chat').click();
     // ~100 tokens per exchange: the tiny model's 512-token context fills after a few.
     await setMaxTokens(page, 16, 1);
@@ -339,6 +341,62 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     });
     const notes = await page.locator('.msg .meta', { hasText: 'did not see the oldest' }).count();
     assert.equal(notes, drops, `one note per drop: ${log}`);
+  });
+
+  it('leaves out the older half of the conversation when its KV cache pushes the model below the quality floor', async (t) => {
+    if (skip) return t.skip(skip);
+    // An f16 cache (`?kv=f16`: `auto` would first go to int8, and the 512-token context would
+    // fill before an int8 cache tips this budget), the floor at step 0's perplexity, and a
+    // budget that holds the floor step with 2.5 blocks of the cache (the runtime's 10%
+    // headroom counted): the third block, a few exchanges in, does not fit.
+    const p2 = await browser.context.newPage();
+    const turns = [];
+    let setup;
+    try {
+      await p2.goto(`${server.url}?kv=f16`, { waitUntil: 'commit' });
+      await waitReady(p2);
+      await setMaxTokens(p2, 16, 1);
+      setup = await p2.evaluate(async () => {
+        const e = window.flexquantPage.engine;
+        const [ins, traj] = [window.flexquantPage.inspection, await e.trajectory()];
+        await e.setMaxPerplexity(traj[0].heldoutPpl ?? traj[0].calibPpl);
+        const s = await e.stats();
+        const need = traj[s.floorStep].footprintBytes + s.overheadBytes + 2.5 * 128 * ins.kvBytesPerToken;
+        const budget = Math.ceil(need / 0.9);
+        await e.setMemoryBudget(budget);
+        return { budget, floorStep: s.floorStep, overhead: s.overheadBytes, perToken: ins.kvBytesPerToken };
+      });
+      for (let i = 0; i < 8; i++) {
+        const before = await p2.evaluate(() => window.flexquantPage.engine.stats());
+        await send(p2, `${i}: Tell me more about the old house by the river and who lived there.`);
+        const a = await waitAnswer(p2);
+        assert.notEqual(a.finish, 'error', JSON.stringify(a));
+        const r = await p2.evaluate(async () => ({ skipped: window.flexquantPage.chat.skipped,
+          stats: await window.flexquantPage.engine.stats() }));
+        turns.push({ skipped: r.skipped, reasonBefore: before.lastReason, kvBefore: before.kvCacheBytes,
+          kv: r.stats.kvCacheBytes, step: r.stats.step, reason: r.stats.lastReason, prompt: a.usage.prompt_tokens });
+      }
+      const log = JSON.stringify({ setup, turns });
+      // The model never went below its floor...
+      assert.ok(turns.every((x) => x.step <= setup.floorStep), log);
+      // ...the conversation's cache took it over the budget, and each turn that started there
+      // left out half of what the model saw, started a smaller cache and ended within the
+      // budget; no other turn left anything out (the context never filled).
+      const cuts = turns.filter((x, i) => x.skipped > (i ? turns[i - 1].skipped : 0));
+      assert.ok(cuts.length >= 1, `no cut: ${log}`);
+      turns.forEach((x, i) => {
+        const cut = x.skipped > (i ? turns[i - 1].skipped : 0);
+        assert.equal(cut, x.reasonBefore === 'below_floor', `turn ${i}: ${log}`);
+        if (!cut) return;
+        assert.ok(x.kv < x.kvBefore, `turn ${i} kept its cache: ${log}`);
+        assert.notEqual(x.reason, 'below_floor', `turn ${i} still below: ${log}`);
+      });
+      const notes = await p2.locator('.msg .meta', { hasText: 'Memory is short' }).count();
+      assert.equal(notes, cuts.length, `one note per cut: ${log}`);
+      console.log(`# memory cuts: ${log}`);
+    } finally {
+      await p2.close();
+    }
   });
 
   it('stops an answer with the Stop button, and Escape', async (t) => {

@@ -3,6 +3,28 @@
 
 import { $, el, errorText, formatSeconds } from './format.js';
 
+/**
+ * Messages to leave out of what the model sees, for memory: at least half of the `seen`
+ * messages before the new one (whole exchanges) when the engine holds below its floor (`stats.lastReason`
+ * 'below_floor': even the deepest step allowed does not fit the budget) and its KV cache is
+ * more than the excess, so that a smaller cache can make it fit; 0 otherwise (a budget below
+ * the floor step itself is the app's to raise: forgetting the conversation would not help).
+ */
+export function cutForMemory(stats, seen) {
+  if (!stats || stats.lastReason !== 'below_floor' || seen < 2) return 0;
+  const cost = (stats.footprintBytes ?? 0) + (stats.overheadBytes ?? 0);
+  const budget = stats.effectiveBudgetBytes ?? stats.budgetBytes;
+  if (budget == null || !(stats.kvCacheBytes > cost - budget)) return 0;
+  // At least half: the kept messages and the new ones then fit for a while (keeping the
+  // larger half of three exchanges, the next turn would be over again).
+  return olderHalf(seen, Math.ceil);
+}
+
+/** The older half of `seen` messages in whole exchanges of two (at least one), rounded down or up. */
+function olderHalf(seen, round = Math.floor) {
+  return 2 * Math.max(1, round(seen / 4));
+}
+
 export class Chat {
   /**
    * `engine`: the worker engine; `settings`: Settings; `hooks.onToken(n)`: called per streamed
@@ -119,7 +141,17 @@ export class Chat {
     // are prefilled until the context fills again (dropping one exchange per turn would change
     // the prefix, and prefill the whole context again, every turn).
     let skip = this.skipped;
+    // Memory works the same way: when the model holds at its quality floor (or the last step)
+    // and still does not fit the budget, and the KV cache of the conversation is what tips it
+    // over, the older half of what the model saw is left out, so the cache shrinks and the
+    // model keeps its quality instead of the conversation pushing it below (`memoryCut`).
+    let memoryCut = 0;
     try {
+      memoryCut = cutForMemory(await this.engine.stats().catch(() => null), this.messages.length - skip - 1);
+      // The prompt's prefix changes either way: the cache starts again, holding only what the
+      // kept messages need (a request that shares no prefix would shrink it only by half).
+      if (memoryCut) await this.engine.resetChat();
+      skip += memoryCut;
       for (;;) {
         const history = this.messages.slice(skip);
         const messages = this.system ? [{ role: 'system', content: this.system }, ...history] : history;
@@ -152,14 +184,13 @@ export class Chat {
         } catch (e) {
           const tooLong = e && e.code === 'context-length';
           if (!tooLong || this.tokens > 0 || this.messages.length - skip <= 1) throw e;
-          // Exchanges (a user message and its answer) before the new message.
-          const exchanges = (this.messages.length - skip - 1) / 2;
-          skip += 2 * Math.max(1, Math.floor(exchanges / 2));
+          skip += olderHalf(this.messages.length - skip - 1);
         }
       }
       if (skip > this.skipped) {
+        const why = skip - this.skipped > memoryCut ? 'The conversation is longer than the model\'s context' : 'Memory is short (the model holds at its quality floor)';
         this.skipped = skip;
-        li.append(el('span', { class: 'meta', text: `The conversation is longer than the model's context: it did not see the oldest ${skip / 2} exchange${skip === 2 ? '' : 's'}.` }));
+        li.append(el('span', { class: 'meta', text: `${why}: it did not see the oldest ${skip / 2} exchange${skip === 2 ? '' : 's'}.` }));
       }
     } catch (e) {
       error = e;
