@@ -419,11 +419,19 @@ impl Model {
         for l in 0..self.kv.len() {
             if let Err(e) = self.convert_layer(l, to).await {
                 // Back to `from`, the layers converted so far (their values keep the rounding
-                // of `to`); should that fail too, the cache is given up (the next call starts
-                // the conversation's cache again).
+                // of `to`); should that fail too, the cache is given up and the next one is
+                // allocated as `to` (the session runs the conversation into it again:
+                // `Session::restore_cache`).
                 for b in 0..l {
                     if self.convert_layer(b, from).await.is_err() {
                         self.release_kv();
+                        self.opts.kv_format = to;
+                        self.graph.write_kv_params(
+                            &self.gpu,
+                            &self.params,
+                            &self.config,
+                            &self.opts,
+                        );
                         return Err(e);
                     }
                 }

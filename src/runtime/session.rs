@@ -118,10 +118,20 @@ impl<B: Backend> Session<B> {
         self.model = model;
         self.model.truncate(0);
         self.model.watch(&self.watched)?;
-        if !self.tokens.is_empty() {
-            self.model.prefill(&self.tokens).await?;
+        self.restore_cache().await
+    }
+
+    /// Runs the conversation's tokens that the KV cache no longer holds back into it (a new
+    /// model, or a cache given up under the session: a format conversion the device refused
+    /// and could not undo); returns how many were run. `start` and `next` call it, so a
+    /// conversation never runs on a cache that lost its positions.
+    pub async fn restore_cache(&mut self) -> Result<usize, B::Error> {
+        let held = self.model.len().min(self.tokens.len());
+        self.model.truncate(held);
+        if held < self.tokens.len() {
+            self.model.prefill(&self.tokens[held..]).await?;
         }
-        Ok(self.tokens.len())
+        Ok(self.tokens.len() - held)
     }
 
     /// Prefills `prompt` (the whole conversation so far; the cached common prefix is reused)
@@ -173,7 +183,7 @@ impl<B: Backend> Session<B> {
         }
         self.model.watch(&watched)?;
         self.watched = watched;
-        let shared = reusable_prefix(&self.tokens, prompt);
+        let shared = reusable_prefix(&self.tokens, prompt).min(self.model.len());
         self.model.truncate(shared);
         self.tokens.truncate(shared);
         self.model.shrink_kv(prompt.len()).await?;
@@ -212,6 +222,7 @@ impl<B: Backend> Session<B> {
                 turn.finish(StopReason::Context);
                 return Ok(None);
             }
+            self.restore_cache().await?;
             // `step` leaves the model's length as it was on error, so a retry is exact.
             let len = self.model.len();
             match self.model.step(&[id]).await {

@@ -186,3 +186,57 @@ fn non_finite_logits_are_a_typed_error_on_every_backend() {
     let g = block_on(gpu_model(gpu, &w, &modules, OPTS)).unwrap();
     assert_eq!(first_token(g, &prompt), want);
 }
+
+/// A KV cache given up under the session (`release_kv`: what `gpu::Model::convert_kv` does when
+/// undoing a refused conversion fails too) is run again from the session's tokens
+/// (`Session::restore_cache`): mid-answer the next token is the uninterrupted run's, and the
+/// next turn reuses nothing it does not hold; on the packed CPU backend and the GPU engine.
+#[test]
+fn a_cache_given_up_under_the_session_is_run_again() {
+    fn check<B: Backend>(make: impl Fn() -> B, prompt: &[u32], name: &str) {
+        let none: [u32; 0] = [];
+        let mut a = Session::new(make());
+        let (want, _) = block_on(a.generate(prompt, &greedy(10), &none, |_| true)).unwrap();
+        let mut b = Session::new(make());
+        let mut turn = block_on(b.start(prompt, &greedy(10), &none)).unwrap();
+        let mut got = Vec::new();
+        while let Some(id) = block_on(b.next(&mut turn)).unwrap() {
+            got.push(id);
+            if got.len() == 4 {
+                b.model.release_kv();
+            }
+        }
+        assert_eq!(got, want, "{name}: after the cache was given up mid-answer");
+        assert_eq!(b.model.len(), b.tokens().len(), "{name}");
+        // Between turns: the next prompt shares the whole conversation, but the cache holds
+        // none of it.
+        let mut next = prompt.to_vec();
+        next.extend(&want[..9]);
+        let mut c = Session::new(make());
+        let (want2, _) = block_on(c.generate(&next, &greedy(4), &none, |_| true)).unwrap();
+        b.model.release_kv();
+        let turn = block_on(b.start(&next, &greedy(4), &none)).unwrap();
+        assert_eq!(turn.stats.prefilled, next.len(), "{name}: nothing reused");
+        let mut turn = turn;
+        let mut got2 = Vec::new();
+        while let Some(id) = block_on(b.next(&mut turn)).unwrap() {
+            got2.push(id);
+        }
+        assert_eq!(got2, want2, "{name}: the turn after");
+    }
+    let (m, modules) = tiny_4bit();
+    let w = &m.weights;
+    let prompt = m.tokenizer.encode("It is a truth universally").unwrap();
+    let base = std::sync::Arc::new(rtn_base(w, 32).unwrap());
+    let cpu = || {
+        let b = base.clone();
+        CpuModel::new(&w.config, b, modules.clone(), 96, KvFormat::F16, None).unwrap()
+    };
+    check(cpu, &prompt, "cpu");
+    let Some(gpu) = gpu_arc() else { return };
+    check(
+        || block_on(gpu_model(gpu.clone(), w, &modules, OPTS)).unwrap(),
+        &prompt,
+        "gpu",
+    );
+}
