@@ -85,7 +85,20 @@ describe('chat page on a cross-origin isolated host', { concurrency: false }, ()
           const first = page.loads;
           await page.reload();
           await waitReady(page);
-          return { firstVisitLoads: first, again: await info(page), laterVisitLoads: page.loads - first };
+          const again = await info(page);
+          const laterVisitLoads = page.loads - first;
+          // Opting out: `?coi=0` unregisters the service worker and, since the worker still
+          // controls that load, reloads once without it; a later visit is plain, no reload.
+          let before = page.loads;
+          await page.goto(`${server.url}?coi=0`);
+          await waitReady(page);
+          const firstLoads = page.loads - before;
+          const regs = await page.evaluate(async () => (await navigator.serviceWorker.getRegistrations()).length);
+          before = page.loads;
+          await page.reload();
+          await waitReady(page);
+          return { firstVisitLoads: first, again, laterVisitLoads,
+            optOut: { regs, firstLoads, loads: page.loads - before, ...(await info(page)) } };
         },
       });
       const threads = Math.min(r.cores, 8);
@@ -96,6 +109,12 @@ describe('chat page on a cross-origin isolated host', { concurrency: false }, ()
       assert.equal(r.again.isolated, true);
       assert.match(r.line, new RegExp(`, ${threads} threads\\)\\)`), r.line);
       assert.match(r.support, new RegExp(`on ${threads} threads`), r.support);
+      assert.equal(r.optOut.regs, 0, 'the service worker should be unregistered with ?coi=0');
+      assert.equal(r.optOut.firstLoads, 2, 'the first visit with ?coi=0 should reload once, out of the service worker');
+      assert.equal(r.optOut.loads, 1, 'a later visit with ?coi=0 should not reload');
+      assert.equal(r.optOut.isolated, false);
+      assert.deepEqual(r.optOut.isolation, { isolated: false, reason: 'its service worker is turned off (?coi=0)' });
+      assert.match(r.optOut.support, /on one thread \(the page is not cross-origin isolated.*; its service worker is turned off/, r.optOut.support);
       // Every response of the site came through the service worker and is usable (the model
       // loaded, the answer is the isolated host's).
       const plain = await answer(server);
