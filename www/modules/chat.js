@@ -5,10 +5,10 @@ import { $, el, errorText, formatSeconds } from './format.js';
 
 /**
  * Messages to leave out of what the model sees, for memory: at least half of the `seen`
- * messages before the new one (whole exchanges) when the engine holds below its floor (`stats.lastReason`
- * 'below_floor': even the deepest step allowed does not fit the budget) and its KV cache is
- * more than the excess, so that a smaller cache can make it fit; 0 otherwise (a budget below
- * the floor step itself is the app's to raise: forgetting the conversation would not help).
+ * messages before the new one (whole exchanges) when the engine holds below its floor
+ * (`stats.lastReason` 'below_floor': even the deepest step allowed does not fit the budget) and
+ * its KV cache is more than the excess, so that a smaller cache can make it fit; 0 otherwise (a
+ * budget below the floor step itself is the app's to raise: forgetting would not help).
  */
 export function cutForMemory(stats, seen) {
   if (!stats || stats.lastReason !== 'below_floor' || seen < 2) return 0;
@@ -143,8 +143,8 @@ export class Chat {
     let skip = this.skipped;
     // Memory works the same way: when the model holds at its quality floor (or the last step)
     // and still does not fit the budget, and the KV cache of the conversation is what tips it
-    // over, the older half of what the model saw is left out, so the cache shrinks and the
-    // model keeps its quality instead of the conversation pushing it below (`memoryCut`).
+    // over, at least the older half of what the model saw is left out, so the cache shrinks and
+    // the model keeps its quality instead of the conversation pushing it below (`memoryCut`).
     let memoryCut = 0;
     try {
       memoryCut = cutForMemory(await this.engine.stats().catch(() => null), this.messages.length - skip - 1);
