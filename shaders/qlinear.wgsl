@@ -3,14 +3,17 @@
 // `matvec` serves decode (one token); `matmul` serves prefill, where each thread dequantizes a
 // block of weights once and applies it to TT tokens.
 //
-// The host prepends `reduce_row(acc, li)` (the sum of a row's TPR partial sums, valid in its
-// first lane: through workgroup memory, or subgroup shuffles where the adapter has them) and
-// `block_codes(r, b)` (src/gpu/kernels.rs, generated per bit-width and
-// layout): the 32 codes of row r's block b as floats, read with one load per word and decoded
-// with constant shifts, so neither a per-weight branch nor a repeated load of the same word is
-// left (each storage load costs far more than arithmetic on CPU adapters such as lavapipe).
-// Packed codes: BITS words per block. Bit planes (ensemble/plane_level.rs): one word per plane
-// and block, planes p.plane_words apart, codes built from one bit of each.
+// The host prepends (src/gpu/kernels.rs `qlinear_source`): `reduce_row(acc, li)` (the sum of a
+// row's TPR partial sums, valid in its first lane: through workgroup memory, or subgroup
+// shuffles where the adapter has them); `wl(i)`, word i of the matrix (its scales); and
+// `block_codes(r, b)`, the 32 codes of row r's block b as floats, generated per bit-width and
+// layout, read with one load per word and decoded with constant shifts, so neither a
+// per-weight branch nor a repeated load of the same word is left (each storage load costs
+// far more than arithmetic on CPU adapters such as lavapipe). Packed codes: `bits` words per
+// block. Bit planes (ensemble/plane_level.rs): one word per plane and block, planes
+// p.plane_words apart, codes built from one bit of each. The kernels of several matrices in
+// one dispatch (qlinear_parts.wgsl) define these over their matrices instead, the bit-width
+// read at run time (`p.bits`).
 
 // Threads sharing weight rows in `matvec` (a power of two <= 64). 1 suits CPU adapters (one
 // row per SIMD lane, no barrier); GPUs want several so that a row is read together.
@@ -25,15 +28,16 @@ const WG: u32 = 64u;
 const TT: u32 = 4u;
 
 // `p`: the kernel's Params, generated from src/gpu/params.rs and prepended by the host; so
-// are the bindings of x and y, `NORM` and `gv(i)` (src/gpu/kernels.rs `qlinear_source`). With
-// `NORM`, `matvec` is RMSNorm and the matrix-vector product in one dispatch (decode): x is
-// the residual stream, `gv(i)` the norm's weights x[4i .. 4i+4] are multiplied by, and the
-// row's sum is scaled by 1 / rms(x), whose sum of squares the row's threads gather from the
-// very loads of x they make for the product (together they read all of x).
-@group(0) @binding(2) var<storage, read> w: array<u32>;
+// are the bindings of x and y (`y_get`, `y_set`), `NORM`, `GLU` and `gv(i)`. With `NORM`,
+// `matvec` is RMSNorm and the matrix-vector product in one dispatch (decode): x is the
+// residual stream, `gv(i)` the norm's weights x[4i .. 4i+4] are multiplied by, and the row's
+// sum is scaled by 1 / rms(x), whose sum of squares the row's threads gather from the very
+// loads of x they make for the product (together they read all of x). With `GLU` (the gate
+// and up projections in one dispatch, qlinear_parts.wgsl), each row is
+// silu(gate row . x) * (up row . x).
 
 fn scale_zero(r: u32, b: u32) -> vec2<f32> {
-    return unpack2x16float(w[p.scale_base + r * p.groups_per_row + b / p.group_blocks]);
+    return unpack2x16float(wl(p.scale_base + r * p.groups_per_row + b / p.group_blocks));
 }
 
 // x[4i .. 4i+4] of a row whose first vec4 is `row`, zero past `cols` (the ragged last block):
@@ -43,17 +47,21 @@ fn xv(row: u32, i: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), x[row + min(i, n - 1u)], i < n);
 }
 
+fn silu(g: f32) -> f32 {
+    return g / (1.0 + exp(-g));
+}
+
 // `p.accumulate`: 0 writes y, 1 adds to it (the residual stream), 2 is SwiGLU: y holds the
 // gate projection and becomes silu(gate) * v (the up projection writing into the gate).
 fn store(t: u32, r: u32, v: f32) {
     let i = p.y_base + t * p.y_stride + r;
     if (p.accumulate == 1u) {
-        y[i] += v;
+        y_set(i, y_get(i) + v);
     } else if (p.accumulate == 2u) {
-        let g = y[i];
-        y[i] = g / (1.0 + exp(-g)) * v;
+        let g = y_get(i);
+        y_set(i, silu(g) * v);
     } else {
-        y[i] = v;
+        y_set(i, v);
     }
 }
 
@@ -70,15 +78,18 @@ fn row_block(r: u32, b: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: ve
     return sz.x * d + sz.y * xs;
 }
 
-// One token: dispatch (ceil(rows / (64 / TPR * RPT)), 1, 1). TPR threads share RPT rows
-// (rows g * RPT .. g * RPT + RPT of lane group g), each thread taking every TPR-th block, so
-// each block of x is loaded once for RPT rows; the group's partial sums are then added
-// (`reduce_row`). Rows past the last repeat it (clamped loads) and are not stored. The
-// accumulators are named scalars (see `matmul`).
-@compute @workgroup_size(64)
-fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let lane = li % TPR;
-    let r0 = (wg.x * (WG / TPR) + li / TPR) * RPT;
+// The partial sums of rows r0 .. r0 + RPT (unused lanes 0) and, with NORM, of x's squares,
+// reduced over the row's TPR threads (valid in its first lane).
+struct RowSums {
+    a: vec4<f32>,
+    ss: f32,
+}
+
+// TPR threads share RPT rows (rows g * RPT .. g * RPT + RPT of lane group g), each thread
+// taking every TPR-th block, so each block of x is loaded once for RPT rows; the group's
+// partial sums are then added (`reduce_row`). Rows past the last repeat it (clamped loads).
+// The accumulators are named scalars (see `matmul`).
+fn row_sums(r0: u32, lane: u32, li: u32) -> RowSums {
     let last = p.rows - 1u;
     let r1 = min(r0 + 1u, last);
     let r2 = min(r0 + 2u, last);
@@ -133,28 +144,51 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             a2 = reduce_row(a2, li);
             a3 = reduce_row(a3, li);
         }
+        if (NORM) {
+            ss = reduce_row(ss, li);
+        }
     }
+    return RowSums(vec4<f32>(a0, a1, a2, a3), ss);
+}
+
+// The rows of workgroup `wgx` of a one-token product of ceil(rows / (64 / TPR * RPT))
+// workgroups. Rows past the last are not stored.
+fn matvec_rows(wgx: u32, li: u32) {
+    let lane = li % TPR;
+    let r0 = (wgx * (WG / TPR) + li / TPR) * RPT;
+    let s = row_sums(r0, lane, li);
     // 1 / rms(x) (RMSNorm's scale, common to every weight of the row), 1 without NORM.
     var inv = 1.0;
     if (NORM) {
-        if (TPR > 1u) {
-            ss = reduce_row(ss, li);
-        }
-        inv = 1.0 / sqrt(ss / f32(p.cols) + p.eps);
+        inv = 1.0 / sqrt(s.ss / f32(p.cols) + p.eps);
+    }
+    var v = s.a * inv;
+    if (GLU) {
+        // v holds the gate's rows; the up projection's, same rows of the second matrix.
+        use_part(1u);
+        let u = row_sums(r0, lane, li);
+        use_part(0u);
+        v = vec4<f32>(silu(v.x), silu(v.y), silu(v.z), silu(v.w)) * u.a * inv;
     }
     if (lane != 0u || r0 >= p.rows) {
         return;
     }
-    store(0u, r0, a0 * inv);
+    store(0u, r0, v.x);
     if (RPT > 1u && r0 + 1u < p.rows) {
-        store(0u, r0 + 1u, a1 * inv);
+        store(0u, r0 + 1u, v.y);
     }
     if (RPT > 2u && r0 + 2u < p.rows) {
-        store(0u, r0 + 2u, a2 * inv);
+        store(0u, r0 + 2u, v.z);
     }
     if (RPT > 2u && r0 + 3u < p.rows) {
-        store(0u, r0 + 3u, a3 * inv);
+        store(0u, r0 + 3u, v.w);
     }
+}
+
+// One token, one matrix: dispatch (ceil(rows / (64 / TPR * RPT)), 1, 1).
+@compute @workgroup_size(64)
+fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    matvec_rows(wg.x, li);
 }
 
 // The 32 dequantized weights `wq` of a block against x[xr][8i .. 8i+32].

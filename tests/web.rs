@@ -1073,6 +1073,106 @@ async fn the_matvec_with_the_norm_folded_in_matches_the_cpu_in_webgpu() {
     }
 }
 
+/// The kernels of several matrices in one dispatch (decode's Q, K and V; its gate and up
+/// projections, storing SwiGLU's product), each matrix decoded at its own bit-width at run
+/// time, compiled by Chromium's WebGPU (whose uniformity analysis is stricter than naga's):
+/// against the dequantized matrices times RMSNorm(x) * g in f64, a row per thread and a row
+/// shared by 32 threads (its workgroup-memory sums behind barriers).
+#[wasm_bindgen_test]
+async fn the_fused_qkv_and_gate_up_matvecs_match_the_cpu_in_webgpu() {
+    use flexquant::gpu::kernels::{Kernel, Kernels};
+    use flexquant::gpu::params::{QlinearParams, QlinearPartsParams};
+    use flexquant::gpu::{probe, Gpu, Requirements};
+    let gpu = Gpu::new(Requirements::default())
+        .await
+        .expect("a WebGPU adapter");
+    let (cols, eps) = (100usize, 1e-5f32);
+    let x: Vec<f32> = (0..cols)
+        .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 25.0)
+        .collect();
+    let g: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 11) as f32 / 10.0).collect();
+    let inv = 1.0
+        / (x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / cols as f64 + eps as f64).sqrt();
+    let xn: Vec<f64> = (0..cols).map(|c| x[c] as f64 * inv * g[c] as f64).collect();
+    // (rows, bits) of each matrix; the gate and up share their rows.
+    for (glu, members) in [
+        (false, vec![(67usize, 3u32), (19, 8), (35, 4)]),
+        (true, vec![(67, 4), (67, 2)]),
+    ] {
+        let mut params = QlinearPartsParams::default();
+        let mut words: Vec<Vec<u32>> = Vec::new();
+        let mut sums: Vec<Vec<(f64, f64)>> = Vec::new();
+        for (i, &(rows, bits)) in members.iter().enumerate() {
+            let m = test_matrix(rows, cols, bits, 32);
+            let wd = m.dequantize();
+            sums.push(
+                (0..rows)
+                    .map(|r| {
+                        let t = (0..cols).map(|c| wd[r * cols + c] as f64 * xn[c]);
+                        (t.clone().sum::<f64>(), t.map(f64::abs).sum::<f64>() + 1e-9)
+                    })
+                    .collect(),
+            );
+            params.parts[i] = QlinearParams {
+                eps,
+                ..QlinearParams::dense(m.shape)
+            };
+            words.push(m.codes.iter().chain(&m.scales).copied().collect());
+        }
+        let want: Vec<Vec<(f64, f64)>> = match glu {
+            true => vec![sums[0]
+                .iter()
+                .zip(&sums[1])
+                .map(|(&(gs, ga), &(us, ua))| {
+                    let silu = gs / (1.0 + (-gs).exp());
+                    (silu * us, (silu.abs() + ga) * ua + 1e-3)
+                })
+                .collect()],
+            false => sums,
+        };
+        let mut inputs: Vec<&[u8]> = words.iter().map(|w| bytemuck::cast_slice(w)).collect();
+        inputs.extend([bytemuck::cast_slice(&x), bytemuck::cast_slice(&g)]);
+        let zeros: Vec<Vec<f32>> = want.iter().map(|w| vec![0f32; w.len()]).collect();
+        let outputs: Vec<&[u8]> = zeros.iter().map(|z| bytemuck::cast_slice(z)).collect();
+        let kernel = match glu {
+            true => Kernel::MatvecGlu { norm: true },
+            false => Kernel::MatvecQkv { norm: true },
+        };
+        for (tpr, rpt) in [(1, 4), (32, 1)] {
+            let mut k = Kernels::with_matvec(tpr, rpt).unwrap();
+            let per_wg = k.matvec_rows_per_workgroup();
+            let wgs: u32 = match glu {
+                true => (members[0].0 as u32).div_ceil(per_wg),
+                false => members.iter().map(|m| (m.0 as u32).div_ceil(per_wg)).sum(),
+            };
+            let out = probe::run(
+                &gpu,
+                &mut k,
+                kernel,
+                &params,
+                (1, 0),
+                &inputs,
+                &outputs,
+                [wgs, 1, 1],
+            )
+            .await
+            .unwrap();
+            for (i, (got, want)) in out.iter().zip(&want).enumerate() {
+                let err = got
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .zip(want)
+                    .map(|(a, (w, s))| (a - w).abs() / s)
+                    .fold(0.0, f64::max);
+                assert!(
+                    err < 1e-5,
+                    "{kernel:?} output {i}, {tpr} threads x {rpt} rows: normalized error {err:.2e}"
+                );
+            }
+        }
+    }
+}
+
 /// The CPU backend in the browser: it answers deterministically, swaps down and up between
 /// tokens under a budget, and holds exactly the trajectory's footprint plus the KV cache.
 #[wasm_bindgen_test]

@@ -117,11 +117,12 @@ fn decode_split(g: &mut Model, prompt: &[u32], n: usize) -> Result<(f64, f64)> {
     Ok((t.elapsed().as_secs_f64() / n as f64, encode / n as f64))
 }
 
-/// Decode with each RMSNorm folded into the matvecs after it against the same model without
-/// (`ModelOptions::fuse_norm`, whose default depends on the adapter), alternated twice, the
-/// best of each.
-struct FusedNorms {
-    /// Whether this adapter's models fold them (`fuse_norm: None`).
+/// Decode with a fusion of dispatches against the same model without, alternated twice, the
+/// best of each: each RMSNorm folded into the matvecs after it (`ModelOptions::fuse_norm`), or
+/// a layer's Q, K and V and its gate and up projections each in one dispatch
+/// (`fuse_modules`); both defaults depend on the adapter.
+struct Fused {
+    /// Whether this adapter's models fuse so by default.
     by_default: bool,
     dispatches: usize,
     dispatches_unfused: usize,
@@ -129,19 +130,29 @@ struct FusedNorms {
     token_s_unfused: f64,
 }
 
-fn fused_norm_figures(
+impl Fused {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "dispatches": self.dispatches,
+            "dispatches_unfused": self.dispatches_unfused,
+            "seconds_per_token": self.token_s,
+            "seconds_per_token_unfused": self.token_s_unfused,
+            "speedup": self.token_s_unfused / self.token_s,
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fused_figures(
+    what: &str,
     gpu: &Arc<Gpu>,
     w: &Weights,
     bits: &[u32],
-    opts: ModelOptions,
+    with: impl Fn(bool) -> ModelOptions,
     prompt: &[u32],
     a: &GpuBenchArgs,
     by_default: bool,
-) -> Result<FusedNorms> {
-    let with = |fuse| ModelOptions {
-        fuse_norm: Some(fuse),
-        ..opts
-    };
+) -> Result<Fused> {
     let (mut fused, mut unfused) = (
         model(gpu, w, bits, with(true))?,
         model(gpu, w, bits, with(false))?,
@@ -152,13 +163,13 @@ fn fused_norm_figures(
         u = u.min(decode_seconds(&mut unfused, prompt, a.gpu_decode_tokens)?);
     }
     eprintln!(
-        "  norms folded into the matvecs: {:.3} ms/token ({} dispatches) against {:.3} ({})",
+        "  {what}: {:.3} ms/token ({} dispatches) against {:.3} ({})",
         f * 1e3,
         fused.dispatches_per_token(),
         u * 1e3,
         unfused.dispatches_per_token()
     );
-    Ok(FusedNorms {
+    Ok(Fused {
         by_default,
         dispatches: fused.dispatches_per_token(),
         dispatches_unfused: unfused.dispatches_per_token(),
@@ -247,8 +258,35 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
                 g.pipelined_seconds(&ids[4..(4 + a.gpu_decode_tokens).min(ids.len())]),
             )?;
             let dispatches = g.dispatches_per_token();
-            let fused = fused_norm_figures(&gpu, m, bits, opts, prompt, a, g.folds_norms())?;
-            up_split = Some((token_s, encode_s, pipelined, dispatches, fused));
+            let norms = fused_figures(
+                "norms folded into the matvecs",
+                &gpu,
+                m,
+                bits,
+                |fuse| ModelOptions {
+                    fuse_norm: Some(fuse),
+                    ..opts
+                },
+                prompt,
+                a,
+                g.folds_norms(),
+            )?;
+            // Q, K, V and gate, up in one dispatch each, over mixed bit-widths as often as
+            // not (the mixed model's).
+            let modules = fused_figures(
+                "modules fused (mixed bit-widths)",
+                &gpu,
+                m,
+                &mid,
+                |fuse| ModelOptions {
+                    fuse_modules: Some(fuse),
+                    ..opts
+                },
+                prompt,
+                a,
+                g.fuses_modules(),
+            )?;
+            up_split = Some((token_s, encode_s, pipelined, dispatches, [norms, modules]));
         }
         eprintln!(
             "  {:.2} MB of modules: {:.3} s/token",
@@ -389,14 +427,10 @@ pub fn run(model_path: &Path, text: &Path, out_dir: &Path, a: &GpuBenchArgs) -> 
             "adapter_seconds_per_dispatch": dispatch_s,
             "dispatch_floor_seconds": dispatch_s * dispatches as f64,
             "pipelined_seconds_per_token": pipelined_s,
-            "norms_folded": fused.by_default,
-            "fused_norms": {
-                "dispatches": fused.dispatches,
-                "dispatches_unfused": fused.dispatches_unfused,
-                "seconds_per_token": fused.token_s,
-                "seconds_per_token_unfused": fused.token_s_unfused,
-                "speedup": fused.token_s_unfused / fused.token_s,
-            },
+            "norms_folded": fused[0].by_default,
+            "fused_norms": fused[0].json(),
+            "modules_fused": fused[1].by_default,
+            "fused_modules": fused[1].json(),
         },
         "matvec_roofline": {"read_kernel_gbs": roof_read.bytes_per_s / 1e9, "by_bits": roofline,
             "by_variant_4_bits": by_variant},

@@ -10,8 +10,10 @@ use std::task::{Context, Poll, Waker};
 /// The most invocations any kernel uses per workgroup: the browser (SwiftShader and the WebGPU
 /// default) guarantees 256.
 pub const MAX_INVOCATIONS: u32 = 256;
-/// The most storage buffers any kernel binds (attention: q, k, v, out); the browser gives 8-10.
-pub const MAX_STORAGE_BUFFERS: u32 = 4;
+/// The most storage buffers any kernel binds (`MatvecQkv` with the norm folded in: three
+/// matrices, x, the norm's weights, three outputs): the WebGPU default, which every adapter of
+/// WebGPU's core gives.
+pub const MAX_STORAGE_BUFFERS: u32 = 8;
 /// Workgroup memory the kernels declare at most (attention's q and score tiles, top-k).
 pub const MAX_WORKGROUP_STORAGE: u32 = 4096;
 
@@ -106,6 +108,12 @@ impl Gpu {
     /// fuse_norm`): on GPUs, not on CPU adapters (measured on lavapipe: 10-15% slower folded).
     pub fn folds_norms_by_default(&self) -> bool {
         self.info.device_type != wgpu::DeviceType::Cpu
+    }
+
+    /// Whether decode runs a layer's Q, K and V (and its gate and up projections) in one
+    /// dispatch here unless told (`ModelOptions::fuse_modules`): as `folds_norms_by_default`.
+    pub fn fuses_modules_by_default(&self) -> bool {
+        self.folds_norms_by_default()
     }
 
     /// Checks that this device (possibly made for another model) can serve `req`.

@@ -47,6 +47,67 @@ pub(crate) enum Dispatch {
     Norm(Op),
     /// A module of the EQM: its kernel and grid follow its current version (`Slot`).
     Module(usize),
+    /// Modules that read the same input (`Graph::groups`): one dispatch in decode where
+    /// modules are fused, else each as a `Module`.
+    Group(usize),
+}
+
+/// The modules decode can run in one dispatch (`ModelOptions::fuse_modules`): a layer's Q, K
+/// and V (`MatvecQkv`), and its gate and up projections (`MatvecGlu`).
+pub(crate) const GROUPS: [&[ModuleKind]; 2] = [
+    &[ModuleKind::Q, ModuleKind::K, ModuleKind::V],
+    &[ModuleKind::Gate, ModuleKind::Up],
+];
+
+/// One layer's group of modules (`GROUPS`) and, where decode fuses them, its dispatch.
+pub(crate) struct Group {
+    pub layer: usize,
+    /// Index in `GROUPS`.
+    pub which: usize,
+    /// Its parameter slot (every member's `QlinearParams`, `QlinearPartsParams`).
+    pub param_slot: u64,
+    /// The fused kernel's bind group over the members' current buffers (`None`: not fused).
+    pub fused: Option<wgpu::BindGroup>,
+}
+
+impl Group {
+    /// The members' slots (their `ModuleId::index()`), in binding order.
+    pub fn members(&self) -> impl Iterator<Item = usize> + '_ {
+        GROUPS[self.which].iter().map(|&kind| {
+            ModuleId {
+                layer: self.layer,
+                kind,
+            }
+            .index()
+        })
+    }
+
+    /// The fused kernel; `norm`: the norm before the group folded in.
+    pub fn kernel(&self, norm: bool) -> Kernel {
+        match self.which {
+            0 => Kernel::MatvecQkv { norm },
+            _ => Kernel::MatvecGlu { norm },
+        }
+    }
+
+    /// The fused kernel's parameters for the members' shapes (`shapes` in binding order).
+    pub fn params(&self, shapes: &[PackedShape], c: &LlamaConfig) -> QlinearPartsParams {
+        let mut p = QlinearPartsParams::default();
+        for ((part, &kind), &s) in p.parts.iter_mut().zip(GROUPS[self.which]).zip(shapes) {
+            *part = qlinear_params(s, kind, c);
+        }
+        p
+    }
+
+    /// Workgroups of the fused dispatch, `per_wg` rows each: the members' in turn (Q, K, V),
+    /// or the gate's rows, which the up projection's match.
+    pub fn workgroups(&self, shapes: &[PackedShape], per_wg: u32) -> u32 {
+        let wgs = |s: &PackedShape| (s.rows as u32).div_ceil(per_wg);
+        match self.which {
+            0 => shapes.iter().map(wgs).sum(),
+            _ => wgs(&shapes[0]),
+        }
+    }
 }
 
 /// One module's current version on the device.
@@ -74,6 +135,8 @@ pub(crate) struct Graph {
     pub nll: Op,
     /// The watched tokens' logits after the top-k's results (one-token steps that watch).
     pub gather: Op,
+    /// Every layer's groups of modules (`GROUPS`), in order (`Dispatch::Group`).
+    pub groups: Vec<Group>,
     /// `(layer, index in layers)` of every op that binds a layer's KV cache (RoPE stores into
     /// it, attention reads it): rebound when the cache grows (`Graph::rebind_kv`).
     pub kv_ops: Vec<(usize, usize)>,
@@ -176,12 +239,20 @@ fn attention_params(c: &LlamaConfig, o: &ModelOptions, kv: &KvLayout) -> Attenti
     }
 }
 
-/// Parameter slots: 11 per layer (2 norms, 7 modules, RoPE, attention), one more where
-/// attention's ranges are combined, and 9 more (embedding, 2 final norms, 2 heads, 2 top-k
-/// stages, nll).
+/// Parameter slots: 13 per layer (2 norms, 7 modules, their 2 groups, RoPE, attention), one
+/// more where attention's ranges are combined, and 9 more (embedding, 2 final norms, 2 heads,
+/// 2 top-k stages, nll).
 pub(crate) fn param_slots(c: &LlamaConfig, o: &ModelOptions) -> u64 {
     let combine = (attention_splits(o) > 1) as u64;
-    (11 + combine) * c.num_hidden_layers as u64 + 9
+    (13 + combine) * c.num_hidden_layers as u64 + 9
+}
+
+/// Whether decode runs each group of modules (`GROUPS`) in one dispatch (`ModelOptions::
+/// fuse_modules`); never where the device binds fewer storage buffers than `MatvecQkv`.
+pub(crate) fn fuses_modules(gpu: &Gpu, o: &ModelOptions) -> bool {
+    let (ro, rw) = Kernel::MatvecQkv { norm: true }.buffers();
+    o.fuse_modules.unwrap_or(gpu.fuses_modules_by_default())
+        && gpu.device.limits().max_storage_buffers_per_shader_stage >= ro + rw
 }
 
 /// Whether decode folds the norms into the matvecs after them (`ModelOptions::fuse_norm`).
@@ -305,6 +376,33 @@ impl ModuleIo<'_> {
         };
         (plain, norm)
     }
+
+    /// `group`'s fused bind group over its members' `buffers` (binding order), its parameters
+    /// at `group.param_slot`.
+    pub fn group_bind_group(
+        &self,
+        kernels: &mut Kernels,
+        group: &Group,
+        buffers: &[&GpuBuffer],
+    ) -> wgpu::BindGroup {
+        let kinds = GROUPS[group.which];
+        let mut storage: Vec<&GpuBuffer> = buffers.to_vec();
+        match (self.norms, module_norm(kinds[0])) {
+            (Some(norms), Some(i)) => storage.extend([&self.act.x, &norms[i]]),
+            _ => storage.push(module_io(self.act, kinds[0]).0),
+        }
+        match group.which {
+            0 => storage.extend(kinds.iter().map(|&k| module_io(self.act, k).1)),
+            _ => storage.push(&self.act.gate),
+        }
+        let at = SlotBinding {
+            gpu: self.gpu,
+            params: self.params,
+            step: self.step,
+        };
+        let kernel = group.kernel(self.norms.is_some());
+        at.bind(kernels, kernel, group.param_slot, &storage)
+    }
 }
 
 /// What every layer's ops read besides its own cache and norms.
@@ -313,6 +411,8 @@ struct Layer<'a> {
     opts: &'a ModelOptions,
     /// Decode folds the norms into the matvecs (`folds_norms`).
     fold: bool,
+    /// Decode runs each group of modules in one dispatch (`fuses_modules`).
+    fuse: bool,
     a: &'a Activations,
     rope: &'a GpuBuffer,
     modules: &'a [PackedMatrix],
@@ -324,6 +424,7 @@ struct Layer<'a> {
 struct Layers {
     ops: Vec<Dispatch>,
     slots: Vec<Slot>,
+    groups: Vec<Group>,
     kv_ops: Vec<(usize, usize)>,
 }
 
@@ -388,6 +489,13 @@ impl Builder<'_> {
             eps: c.rms_norm_eps,
             last_only: 0,
         };
+        let io = |b: &Self| ModuleIo {
+            gpu: b.gpu,
+            params: b.params,
+            step: b.step,
+            act: a,
+            norms: x.fold.then_some(norms),
+        };
         let mut module = |b: &mut Self, kind: ModuleKind, out: &mut Layers| {
             let id = ModuleId { layer: l, kind };
             let m = &x.modules[id.index()];
@@ -397,16 +505,8 @@ impl Builder<'_> {
                 Kernel::Matvec(m.shape.bits),
                 &qlinear_params(m.shape, kind, c),
             ));
-            let io = ModuleIo {
-                gpu: b.gpu,
-                params: b.params,
-                step: b.step,
-                act: a,
-                norms: x.fold.then_some(norms),
-            };
             let (bind_group, norm_bind_group) =
-                io.bind_groups(b.kernels, kind, m.shape.bits, param_slot, &buffer);
-            out.ops.push(Dispatch::Module(out.slots.len()));
+                io(b).bind_groups(b.kernels, kind, m.shape.bits, param_slot, &buffer);
             out.slots.push(Slot {
                 shape: m.shape,
                 buffer,
@@ -414,6 +514,25 @@ impl Builder<'_> {
                 norm_bind_group,
                 param_slot,
             });
+        };
+        // A group of modules already in `out.slots`, fused or not.
+        let group = |b: &mut Self, which: usize, out: &mut Layers| {
+            let mut g = Group {
+                layer: l,
+                which,
+                param_slot: b.blocks.len() as u64,
+                fused: None,
+            };
+            let members: Vec<&Slot> = g.members().map(|i| &out.slots[i]).collect();
+            let shapes: Vec<PackedShape> = members.iter().map(|s| s.shape).collect();
+            b.blocks
+                .push(kernel_param_bytes(g.kernel(x.fold), &g.params(&shapes, c)));
+            if x.fuse {
+                let buffers: Vec<&GpuBuffer> = members.iter().map(|s| &s.buffer).collect();
+                g.fused = Some(io(b).group_bind_group(b.kernels, &g, &buffers));
+            }
+            out.ops.push(Dispatch::Group(out.groups.len()));
+            out.groups.push(g);
         };
         // A norm decode folds into the matvecs after it, or one every call runs.
         let norm_op = |op| match x.fold {
@@ -427,9 +546,10 @@ impl Builder<'_> {
             Grid::Rows,
         );
         out.ops.push(norm_op(op));
-        for kind in [ModuleKind::Q, ModuleKind::K, ModuleKind::V] {
+        for &kind in GROUPS[0] {
             module(self, kind, out);
         }
+        group(self, 0, out);
         let rope = self.op(
             Kernel::Rope,
             &rope_params(c, x.opts, &kv),
@@ -460,11 +580,15 @@ impl Builder<'_> {
             out.ops.push(Dispatch::Fixed(op));
         }
         module(self, ModuleKind::O, out);
+        out.ops.push(Dispatch::Module(out.slots.len() - 1));
         let op = self.op(Kernel::RmsNorm, &norm, &[ffn_norm, &a.x, &a.xn], Grid::Rows);
         out.ops.push(norm_op(op));
-        for kind in [ModuleKind::Gate, ModuleKind::Up, ModuleKind::Down] {
+        for &kind in GROUPS[1] {
             module(self, kind, out);
         }
+        group(self, 1, out);
+        module(self, ModuleKind::Down, out);
+        out.ops.push(Dispatch::Module(out.slots.len() - 1));
     }
 
     /// The forward pass over these buffers: the graph and the modules' slots (taking
@@ -512,6 +636,7 @@ impl Builder<'_> {
             opts,
             fold,
             a,
+            fuse: fuses_modules(b.gpu, opts),
             rope,
             modules,
             ranges,
@@ -519,6 +644,7 @@ impl Builder<'_> {
         let mut layers = Layers {
             ops: Vec::new(),
             slots: Vec::new(),
+            groups: Vec::new(),
             kv_ops: Vec::new(),
         };
         let mut module_bufs = module_bufs.into_iter();
@@ -528,6 +654,7 @@ impl Builder<'_> {
         let Layers {
             ops: layer_ops,
             slots,
+            groups,
             kv_ops,
         } = layers;
         let final_norm_op = b.op(
@@ -618,6 +745,7 @@ impl Builder<'_> {
             topk: topk_ops,
             nll: nll_op,
             gather: gather_op,
+            groups,
             kv_ops,
         };
         (graph, slots)

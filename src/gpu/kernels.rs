@@ -39,6 +39,15 @@ pub enum Kernel {
     /// `Matvec` with the RMSNorm before it folded in: binds the residual stream and the
     /// norm's weights, so decode needs no dispatch for the norm (qlinear.wgsl `NORM`).
     MatvecNorm(u32),
+    /// Decode's Q, K and V products in one dispatch (`qlinear_parts.wgsl`), each matrix's
+    /// bit-width read at run time; `norm`: the RMSNorm before them folded in (as `MatvecNorm`).
+    MatvecQkv {
+        norm: bool,
+    },
+    /// Decode's gate and up projections in one dispatch, storing SwiGLU's product.
+    MatvecGlu {
+        norm: bool,
+    },
     /// Prefill: dequantize + matrix-matrix.
     Matmul(u32),
     /// `Matvec` reading a module's bit planes (`ensemble::plane_level`), `k` of them.
@@ -87,6 +96,7 @@ impl Kernel {
             | Kernel::Matmul(_)
             | Kernel::PlaneMatvec(_)
             | Kernel::PlaneMatmul(_) => of::<QlinearParams>(),
+            Kernel::MatvecQkv { .. } | Kernel::MatvecGlu { .. } => of::<QlinearPartsParams>(),
             Kernel::Embed => of::<EmbedParams>(),
             Kernel::RmsNorm => of::<RmsNormParams>(),
             Kernel::Rope => of::<RopeParams>(),
@@ -123,6 +133,18 @@ impl Kernel {
                 &qlinear_source(bits, false, subgroups, true),
                 "matvec",
                 3,
+                1,
+            ),
+            Kernel::MatvecQkv { norm } => s(
+                &qlinear_parts_source(3, subgroups, norm),
+                "matvec_parts",
+                4 + norm as u32,
+                3,
+            ),
+            Kernel::MatvecGlu { norm } => s(
+                &qlinear_parts_source(2, subgroups, norm),
+                "matvec_parts",
+                3 + norm as u32,
                 1,
             ),
             Kernel::Matmul(bits) => s(&qlinear_source(bits, false, false, false), "matmul", 2, 1),
@@ -312,7 +334,11 @@ impl Kernels {
                 immediate_size: 0,
             });
         let constants: Vec<(&str, f64)> = match kernel {
-            Kernel::Matvec(_) | Kernel::MatvecNorm(_) | Kernel::PlaneMatvec(_) => {
+            Kernel::Matvec(_)
+            | Kernel::MatvecNorm(_)
+            | Kernel::PlaneMatvec(_)
+            | Kernel::MatvecQkv { .. }
+            | Kernel::MatvecGlu { .. } => {
                 vec![("TPR", self.tpr as f64), ("RPT", self.rpt as f64)]
             }
             Kernel::TopK { from_logits } => vec![("FROM_LOGITS", from_logits as u32 as f64)],
@@ -382,12 +408,6 @@ impl Kernels {
     }
 }
 
-/// qlinear.wgsl specialised to `bits`: the shader plus a generated `block_codes(r, b)` that
-/// returns the 32 codes of row `r`'s block `b` as floats, one load per word. Packed
-/// (`planes` false): the block's `bits` words, codes cut with constant shifts (code i at bit
-/// i*bits, LSB first, straddling into the next word for 3, 5 and 6 bits). Bit planes: one word
-/// per plane, `p.plane_words` apart, each code built from bit i of every plane (plane 0 the
-/// most significant).
 /// `reduce_row(acc, li)`: the sum of the TPR partial sums of a row, valid in the row's first
 /// lane. Shuffles within a subgroup (`subgroups`: the adapter has them and its subgroups hold
 /// at least TPR lanes), else workgroup memory and a barrier.
@@ -419,41 +439,64 @@ fn reduce_row_source(subgroups: bool) -> &'static str {
     }
 }
 
-/// qlinear.wgsl's x and y, and what `NORM` reads: with `norm`, x is the residual stream and
-/// the norm's weights g are bound between x and y.
-fn qlinear_io_source(norm: bool) -> &'static str {
+/// qlinear.wgsl's x and y (`y_get`, `y_set`), and what `NORM` reads, bound from `first` on:
+/// x, with `norm` the norm's weights g (x is then the residual stream), then `outputs` y's
+/// (several: the matrix `part` selects writes its own).
+fn qlinear_io_source(first: u32, norm: bool, outputs: u32) -> String {
+    let mut f = format!(
+        "@group(0) @binding({first}) var<storage, read> x: array<vec4<f32>>;\nconst NORM: bool = {norm};\n"
+    );
+    let mut b = first + 1;
     if norm {
-        "@group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> g: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> y: array<f32>;
-const NORM: bool = true;
-fn gv(i: u32) -> vec4<f32> {
+        f += &format!(
+            "@group(0) @binding({b}) var<storage, read> g: array<vec4<f32>>;
+fn gv(i: u32) -> vec4<f32> {{
     return g[min(i, p.cols / 4u - 1u)];
-}
+}}
 "
+        );
+        b += 1;
     } else {
-        "@group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
-const NORM: bool = false;
-fn gv(i: u32) -> vec4<f32> {
-    return vec4<f32>(1.0);
-}
-"
+        f += "fn gv(i: u32) -> vec4<f32> {\n    return vec4<f32>(1.0);\n}\n";
     }
+    if outputs == 1 {
+        f += &format!(
+            "@group(0) @binding({b}) var<storage, read_write> y: array<f32>;
+fn y_get(i: u32) -> f32 {{
+    return y[i];
+}}
+fn y_set(i: u32, v: f32) {{
+    y[i] = v;
+}}
+"
+        );
+        return f;
+    }
+    let (mut get, mut set) = (String::new(), String::new());
+    for k in 0..outputs {
+        f += &format!(
+            "@group(0) @binding({}) var<storage, read_write> y{k}: array<f32>;\n",
+            b + k
+        );
+        get += &format!("    if (part == {k}u) {{\n        return y{k}[i];\n    }}\n");
+        set += &format!("    if (part == {k}u) {{\n        y{k}[i] = v;\n    }}\n");
+    }
+    f + &format!(
+        "fn y_get(i: u32) -> f32 {{\n{get}    return 0.0;\n}}\nfn y_set(i: u32, v: f32) {{\n{set}}}\n"
+    )
 }
 
-/// The qlinear shader for `bits`-bit codes, packed or as `planes`, its matvec rows reduced
-/// through subgroups or not (`reduce_row_source`), the RMSNorm before it folded in or not
-/// (`norm`, `qlinear_io_source`).
-pub fn qlinear_source(bits: u32, planes: bool, subgroups: bool, norm: bool) -> String {
-    const QLINEAR: &str = include_str!("../../shaders/qlinear.wgsl");
-    let mut f = format!(
-        "const BITS: u32 = {bits}u;\n\nfn block_codes(r: u32, b: u32) -> array<vec4<f32>, 8> {{\n"
-    );
+/// `fn {name}(r, b)`: the 32 codes of row `r`'s block `b` of `bits`-bit codes as floats, one
+/// load per word of the storage array `w`. Packed (`planes` false): the block's `bits` words, codes cut with
+/// constant shifts (code i at bit i*bits, LSB first, straddling into the next word for 3, 5
+/// and 6 bits). Bit planes: one word per plane, `p.plane_words` apart, each code built from
+/// bit i of every plane (plane 0 the most significant).
+fn block_codes_source(name: &str, bits: u32, planes: bool, w: &str) -> String {
+    let mut f = format!("fn {name}(r: u32, b: u32) -> array<vec4<f32>, 8> {{\n");
     if planes {
         f += "    let wb = r * p.words_per_row + b;\n";
         for j in 0..bits {
-            f += &format!("    let w{j} = vec4<u32>(w[wb + {j}u * p.plane_words]);\n");
+            f += &format!("    let w{j} = vec4<u32>({w}[wb + {j}u * p.plane_words]);\n");
         }
         f += "    return array<vec4<f32>, 8>(\n";
         for v in 0..8 {
@@ -477,9 +520,9 @@ pub fn qlinear_source(bits: u32, planes: bool, subgroups: bool, norm: bool) -> S
         }
     } else {
         let mask = (1u32 << bits) - 1;
-        f += "    let wb = r * p.words_per_row + b * BITS;\n";
+        f += &format!("    let wb = r * p.words_per_row + b * {bits}u;\n");
         for j in 0..bits {
-            f += &format!("    let w{j} = w[wb + {j}u];\n");
+            f += &format!("    let w{j} = {w}[wb + {j}u];\n");
         }
         let code = |i: u32| {
             let (j, s) = (i * bits / 32, i * bits % 32);
@@ -500,12 +543,79 @@ pub fn qlinear_source(bits: u32, planes: bool, subgroups: bool, norm: bool) -> S
             );
         }
     }
-    f += "    );\n}\n";
+    f + "    );\n}\n"
+}
+
+const QLINEAR: &str = include_str!("../../shaders/qlinear.wgsl");
+
+/// The qlinear shader for `bits`-bit codes, packed or as `planes`, its matvec rows reduced
+/// through subgroups or not (`reduce_row_source`), the RMSNorm before it folded in or not
+/// (`norm`, `qlinear_io_source`).
+pub fn qlinear_source(bits: u32, planes: bool, subgroups: bool, norm: bool) -> String {
     format!(
-        "{}\n{f}\n{}\n{QLINEAR}",
-        qlinear_io_source(norm),
+        "@group(0) @binding(2) var<storage, read> w: array<u32>;
+fn wl(i: u32) -> u32 {{
+    return w[i];
+}}
+const GLU: bool = false;
+fn use_part(k: u32) {{}}
+{}
+{}
+{}
+{QLINEAR}",
+        qlinear_io_source(3, norm, 1),
+        block_codes_source("block_codes", bits, planes, "w"),
         reduce_row_source(subgroups)
     )
+}
+
+/// qlinear_parts.wgsl over `parts` matrices (3: Q, K and V, each into its own output; 2: the
+/// gate and up projections, into one), packed codes of any bit-width (`p.bits`).
+pub fn qlinear_parts_source(parts: u32, subgroups: bool, norm: bool) -> String {
+    const PARTS: &str = include_str!("../../shaders/qlinear_parts.wgsl");
+    let uniform = "@group(0) @binding(0) var<uniform> p: Params;\n";
+    assert!(QlinearParams::WGSL.ends_with(uniform));
+    let mut f = QlinearParams::WGSL.replace(uniform, "");
+    f += &format!(
+        "@group(0) @binding(0) var<uniform> parts: array<Params, 3>;
+var<private> p: Params;
+var<private> part: u32;
+const PARTS: u32 = {parts}u;
+const GLU: bool = {};
+fn use_part(k: u32) {{
+    part = k;
+    p = parts[k];
+}}
+",
+        parts == 2
+    );
+    let mut wl = String::new();
+    for k in 0..parts {
+        f += &format!(
+            "@group(0) @binding({}) var<storage, read> wm{k}: array<u32>;\n",
+            2 + k
+        );
+        wl += &format!("    if (part == {k}u) {{\n        return wm{k}[i];\n    }}\n");
+    }
+    f += &format!("fn wl(i: u32) -> u32 {{\n{wl}    return 0u;\n}}\n");
+    f += &qlinear_io_source(2 + parts, norm, if parts == 2 { 1 } else { parts });
+    // A decoder per matrix and bit-width, each reading its matrix's array: one branch per
+    // block of 32 codes (`part * 16 + bits`, the same in a whole workgroup), not per load.
+    let mut switch = String::new();
+    for k in 0..parts {
+        for bits in crate::ensemble::format::BITS {
+            let name = format!("block_codes_{k}_{bits}");
+            f += &block_codes_source(&name, bits, false, &format!("wm{k}"));
+            switch += &format!(
+                "        case {}u: {{\n            return {name}(r, b);\n        }}\n",
+                16 * k + bits
+            );
+        }
+    }
+    f += &format!(
+        "fn block_codes(r: u32, b: u32) -> array<vec4<f32>, 8> {{\n    switch part * 16u + p.bits {{\n{switch}        default: {{\n            return array<vec4<f32>, 8>();\n        }}\n    }}\n}}\n"
+    );
+    format!("{f}\n{}\n{QLINEAR}\n{PARTS}", reduce_row_source(subgroups))
 }
 
 /// A parameter block padded to a 256-byte slot.
@@ -533,4 +643,42 @@ pub fn step_bytes(n_tokens: u32, pos0: u32) -> [u8; 16] {
     b[..4].copy_from_slice(&n_tokens.to_le_bytes());
     b[4..8].copy_from_slice(&pos0.to_le_bytes());
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device is asked for `MAX_STORAGE_BUFFERS`; a kernel binding more would fail only
+    /// when its pipeline is first bound.
+    #[test]
+    fn no_kernel_binds_more_storage_buffers_than_the_device_is_asked_for() {
+        use crate::gpu::device::MAX_STORAGE_BUFFERS;
+        let mut all = vec![
+            Kernel::Embed,
+            Kernel::RmsNorm,
+            Kernel::Rope,
+            Kernel::Attention,
+            Kernel::AttentionCombine,
+            Kernel::KvConvert,
+            Kernel::TopK { from_logits: true },
+            Kernel::Nll,
+            Kernel::Gather,
+            Kernel::Read { contiguous: true },
+        ];
+        for norm in [false, true] {
+            all.extend([Kernel::MatvecQkv { norm }, Kernel::MatvecGlu { norm }]);
+        }
+        for bits in crate::ensemble::format::BITS {
+            all.extend([
+                Kernel::Matvec(bits),
+                Kernel::MatvecNorm(bits),
+                Kernel::Matmul(bits),
+                Kernel::PlaneMatvec(bits),
+                Kernel::PlaneMatmul(bits),
+            ]);
+        }
+        let most = all.iter().map(|k| k.buffers().0 + k.buffers().1).max();
+        assert_eq!(most, Some(MAX_STORAGE_BUFFERS));
+    }
 }

@@ -56,6 +56,14 @@ kernel_params! {
         plane_words: u32,
         /// RMSNorm's epsilon (`MatvecNorm`, where the norm before the product is folded in).
         eps: f32,
+        /// The codes' bit-width: read by the kernels of several matrices (`MatvecQkv`,
+        /// `MatvecGlu`), which decode each matrix's codes at run time; the others are
+        /// specialised to it.
+        bits: u32,
+        /// Padding to 64 bytes: WGSL's stride of a uniform array of Params (`MatvecQkv`).
+        pad0: u32,
+        pad1: u32,
+        pad2: u32,
     }
     /// `embed.wgsl`: rows of the 8-bit packed table, dequantized.
     EmbedParams {
@@ -153,6 +161,20 @@ kernel_params! {
     }
 }
 
+/// `qlinear_parts.wgsl` (`MatvecQkv`, `MatvecGlu`): each matrix's parameters, in the order of
+/// their bindings (the gate and up kernel leaves the third unused). Its WGSL is declared with
+/// the kernel's source (`kernels::qlinear_parts_source`): an array of `QlinearParams`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct QlinearPartsParams {
+    pub parts: [QlinearParams; 3],
+}
+
+impl KernelParams for QlinearPartsParams {
+    const NAME: &'static str = "QlinearPartsParams";
+    const WGSL: &'static str = "";
+}
+
 impl QlinearParams {
     /// `s`'s matrix over tokens of `cols` features into rows of `rows` floats, overwriting
     /// (what the head and the parity tests use; modules set the cache and residual fields).
@@ -170,6 +192,8 @@ impl QlinearParams {
             accumulate: 0,
             plane_words: 0,
             eps: 0.0,
+            bits: s.bits,
+            ..Default::default()
         }
     }
 

@@ -62,6 +62,7 @@ fn demo_logits_of_uniform_and_mixed_eqms_match_cpu() {
             logit_rows: 16,
             top_k: 1,
             fuse_norm: Some(true),
+            fuse_modules: Some(true),
             kv_format: format,
         };
         for (name, bits) in eqms {
@@ -108,6 +109,7 @@ fn demo_forced_decoding_agrees_with_cpu_and_ppl_matches() {
         logit_rows: 64,
         top_k: 1,
         fuse_norm: Some(true),
+        fuse_modules: Some(true),
         kv_format: KvFormat::F16,
     };
     let mut g = block(gpu_model(gpu.clone(), w, &modules, opts)).unwrap();
@@ -189,6 +191,7 @@ fn demo_swaps_keep_exact_accounting_and_match_a_fresh_model() {
         logit_rows: 1,
         top_k: 4,
         fuse_norm: Some(true),
+        fuse_modules: Some(true),
         kv_format: KvFormat::F16,
     };
     let mut choice = vec![1usize; lib[0].len()];

@@ -81,6 +81,167 @@ fn qlinear_matvec_and_matmul_match_dequantized_cpu() {
     }
 }
 
+/// `MatvecQkv` and `MatvecGlu` (several matrices in one dispatch, each decoded at its own
+/// bit-width at run time) against the dequantized matrices in f64, for every matvec variant
+/// (as `qlinear_matvec_and_matmul_match_dequantized_cpu`), with and without the norm folded
+/// in: ragged columns, row counts that end mid-workgroup, mixed bit-widths and groups.
+#[test]
+fn qlinear_parts_match_dequantized_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let lanes = gpu.subgroup_lanes();
+    for (tpr, rpt, sg) in [
+        (1, 1, false),
+        (1, 4, false),
+        (16, 1, false),
+        (32, 1, false),
+        (4, 4, false),
+        (16, 1, true),
+        (32, 1, true),
+    ] {
+        if sg && lanes.is_none_or(|l| l < tpr) {
+            eprintln!("no subgroups of {tpr} lanes on {} ({lanes:?}): the fused subgroup variant of {tpr} threads per row is not run", gpu.adapter_name());
+            continue;
+        }
+        let mut k = Kernels::with_variant(tpr, rpt, sg).unwrap();
+        let mut rng = Rng::new(7);
+        // (bits, group) of Q, K and V; the gate and up take the first two. Every bit-width.
+        let cases: [[(u32, usize); 3]; 3] = [
+            [(8, 32), (3, 64), (5, 32)],
+            [(2, 64), (6, 32), (4, 64)],
+            [(4, 32), (4, 32), (4, 32)],
+        ];
+        for (case, members) in cases.iter().enumerate() {
+            for norm in [false, true] {
+                for (glu, rows) in [(false, [67usize, 19, 130]), (true, [75, 75, 0])] {
+                    let cols = if case == 1 { 100 } else { 192 };
+                    let parts = if glu { 2 } else { 3 };
+                    parts_match(
+                        gpu,
+                        &mut k,
+                        &mut rng,
+                        &members[..parts],
+                        &rows,
+                        cols,
+                        norm,
+                        glu,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn parts_match(
+    gpu: &flexquant::gpu::Gpu,
+    k: &mut Kernels,
+    rng: &mut Rng,
+    members: &[(u32, usize)],
+    rows: &[usize],
+    cols: usize,
+    norm: bool,
+    glu: bool,
+) {
+    let eps = 1e-5f32;
+    let x = rand_vec(rng, cols, 2.0);
+    let g: Vec<f32> = rand_vec(rng, cols, 0.5).iter().map(|v| 1.0 + v).collect();
+    // The input the matrices see: x, or RMSNorm(x) * g.
+    let xn: Vec<f64> = if norm {
+        let ms = x.iter().map(|v| *v as f64 * *v as f64).sum::<f64>() / cols as f64;
+        let inv = 1.0 / (ms + eps as f64).sqrt();
+        x.iter()
+            .zip(&g)
+            .map(|(a, b)| *a as f64 * inv * *b as f64)
+            .collect()
+    } else {
+        x.iter().map(|v| *v as f64).collect()
+    };
+    let mut params = QlinearPartsParams::default();
+    let mut words = Vec::new();
+    // Per member: each row's product and the sum of its terms' magnitudes.
+    let mut sums: Vec<Vec<(f64, f64)>> = Vec::new();
+    for (i, (&(bits, group), &r)) in members.iter().zip(rows).enumerate() {
+        let w = rand_vec(rng, r * cols, 1.0);
+        let m = quantize_rtn(&w, r, cols, bits, group, false, "test").unwrap();
+        let deq = m.dequantize();
+        sums.push(
+            (0..r)
+                .map(|row| {
+                    let terms = deq[row * cols..(row + 1) * cols].iter().zip(&xn);
+                    let t: Vec<f64> = terms.map(|(a, b)| *a as f64 * b).collect();
+                    (t.iter().sum(), t.iter().map(|v| v.abs()).sum())
+                })
+                .collect(),
+        );
+        params.parts[i] = QlinearParams {
+            eps,
+            ..QlinearParams::dense(m.shape)
+        };
+        words.push(
+            m.codes
+                .iter()
+                .chain(&m.scales)
+                .copied()
+                .collect::<Vec<u32>>(),
+        );
+    }
+    let per_wg = k.matvec_rows_per_workgroup();
+    let wgs = |r: usize| (r as u32).div_ceil(per_wg);
+    let (kernel, grid) = match glu {
+        true => (Kernel::MatvecGlu { norm }, wgs(rows[0])),
+        false => (
+            Kernel::MatvecQkv { norm },
+            rows.iter().map(|&r| wgs(r)).sum(),
+        ),
+    };
+    let mut inputs: Vec<Vec<u8>> = words
+        .iter()
+        .map(|w| bytemuck::cast_slice(w).to_vec())
+        .collect();
+    inputs.push(bytes(&x));
+    if norm {
+        inputs.push(bytes(&g));
+    }
+    let outputs: Vec<Vec<u8>> = match glu {
+        true => vec![bytes(&vec![9f32; rows[0]])],
+        false => rows.iter().map(|&r| bytes(&vec![9f32; r])).collect(),
+    };
+    let ins: Vec<&[u8]> = inputs.iter().map(|v| v.as_slice()).collect();
+    let outs: Vec<&[u8]> = outputs.iter().map(|v| v.as_slice()).collect();
+    let out = pollster::block_on(probe::run(
+        gpu,
+        k,
+        kernel,
+        &params,
+        (1, 0),
+        &ins,
+        &outs,
+        [grid, 1, 1],
+    ))
+    .unwrap();
+    // Each output's rows: Q, K and V's products; SwiGLU's silu(gate) * up.
+    let want: Vec<Vec<(f64, f64)>> = match glu {
+        true => vec![sums[0]
+            .iter()
+            .zip(&sums[1])
+            .map(|(&(gs, ga), &(us, ua))| {
+                let silu = gs / (1.0 + (-gs).exp());
+                (silu * us, (silu.abs() + ga) * ua + 1e-3)
+            })
+            .collect()],
+        false => sums,
+    };
+    for (i, (got, want)) in out.iter().zip(&want).enumerate() {
+        let (w, scale): (Vec<f64>, Vec<f64>) = want.iter().copied().unzip();
+        let e = norm_err(&f32s(got), &w, &scale);
+        assert!(
+            e < NORM_ERR,
+            "{kernel:?} output {i} of {members:?} over {cols} columns, {}: normalized error {e:.2e}",
+            k.variant_name()
+        );
+    }
+}
+
 /// Each case stores in one of two modes, alternating so that every kernel meets both: add
 /// into y (the residual stream) and SwiGLU (y holds the gate and becomes silu(gate) * W x).
 fn qlinear_variant_matches(gpu: &flexquant::gpu::Gpu, k: &mut Kernels) {

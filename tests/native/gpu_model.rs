@@ -39,14 +39,17 @@ fn tiny_model_prefill_and_decode_match_cpu_for_mixed_bits() {
     let mut cache = KvCache::stored_as(&r, 64, KvFormat::F16);
     let want = forward::forward_all(&r, &tokens, &mut cache).unwrap();
 
-    // Decode with each RMSNorm folded into the matvecs after it (the default), and without.
-    for fuse_norm in [true, false] {
+    // Decode with each RMSNorm folded into the matvecs after it and a layer's Q, K and V
+    // (gate and up) in one dispatch, their bit-widths mixed (GPUs' default), with neither
+    // (CPU adapters'), and modules fused without the norms.
+    for (fuse_norm, fuse_modules) in [(true, true), (false, false), (false, true)] {
         let opts = ModelOptions {
             context: 64,
             max_batch: 64,
             logit_rows: 64,
             top_k: 5,
             fuse_norm: Some(fuse_norm),
+            fuse_modules: Some(fuse_modules),
             kv_format: KvFormat::F16,
         };
         decode_matches(gpu.clone(), w, &modules, opts, &tokens, &want);
@@ -79,8 +82,9 @@ fn decode_matches(
         let e = rel_err(&lg, row);
         assert!(
             e < TINY_TOL,
-            "decode logits error {e:.2e} at token {i} (norms folded: {})",
-            opts.fuse_norm.unwrap()
+            "decode logits error {e:.2e} at token {i} (norms folded: {}, modules fused: {})",
+            opts.fuse_norm.unwrap(),
+            opts.fuse_modules.unwrap()
         );
     }
     g.truncate(t - 1);
@@ -103,11 +107,14 @@ fn decode_matches(
         "log_z {} vs {log_z}",
         g.log_z()
     );
+    assert_eq!(g.fuses_modules(), opts.fuse_modules.unwrap());
+    // Fused groups spare 3 dispatches per layer (Q, K and V in one, gate and up in one).
+    let fused = 3 * opts.fuse_modules.unwrap() as usize;
     assert_eq!(
         g.dispatches_per_token(),
         match opts.fuse_norm.unwrap() {
-            true => 1 + 9 * w.config.num_hidden_layers + 3,
-            false => 1 + 11 * w.config.num_hidden_layers + 4,
+            true => 1 + (9 - fused) * w.config.num_hidden_layers + 3,
+            false => 1 + (11 - fused) * w.config.num_hidden_layers + 4,
         },
         "dispatches per token (embedding, layers, head, top-k)"
     );
@@ -138,6 +145,7 @@ fn kv_test_options(kv_format: KvFormat) -> ModelOptions {
         logit_rows: 1,
         top_k: 5,
         fuse_norm: None,
+        fuse_modules: None,
         kv_format,
     }
 }

@@ -18,6 +18,7 @@ const OPTS: ModelOptions = ModelOptions {
     logit_rows: 1,
     top_k: 8,
     fuse_norm: None,
+    fuse_modules: None,
     kv_format: KvFormat::F16,
 };
 
