@@ -1,12 +1,15 @@
 // Shared by the main-thread engine (index.js) and the worker proxy (worker.js): the error
 // class and the OpenAI-style chat API over two primitives, start(request) and next().
 
+// The fields an error may carry besides code and message (index.d.ts `FlexQuantError`).
+const FIELDS = ['url', 'file', 'status', 'promptTokens', 'contextTokens'];
+
 export class FlexQuantError extends Error {
   constructor(code, message, extra = {}) {
     super(message);
     this.name = 'FlexQuantError';
     this.code = code;
-    for (const k of ['url', 'file', 'status']) if (extra[k] != null) this[k] = extra[k];
+    for (const k of FIELDS) if (extra[k] != null) this[k] = extra[k];
   }
 }
 
@@ -22,7 +25,7 @@ export function toFlexQuantError(e) {
 /** Plain-data form of an error (to cross postMessage). */
 export function errorData(e) {
   const f = toFlexQuantError(e);
-  return { code: f.code, message: f.message, url: f.url, file: f.file, status: f.status };
+  return { code: f.code, message: f.message, ...Object.fromEntries(FIELDS.map((k) => [k, f[k]])) };
 }
 
 /**

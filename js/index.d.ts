@@ -12,6 +12,10 @@ export declare class FlexQuantError extends Error {
   readonly url?: string;
   readonly file?: string;
   readonly status?: number;
+  /** `context-length`: the prompt's tokens (the conversation as the model would read it). */
+  readonly promptTokens?: number;
+  /** `context-length`: the tokens the context holds (the engine's `context` option). */
+  readonly contextTokens?: number;
 }
 
 export interface ProgressEvent {

@@ -72,7 +72,13 @@ fn error_fields(e: &JsValue) -> Value {
             .ok()
             .and_then(|v| v.as_string())
     };
-    json!({"code": get("code"), "message": get("message"), "name": get("name"), "file": get("file")})
+    let num = |k: &str| {
+        js_sys::Reflect::get(e, &k.into())
+            .ok()
+            .and_then(|v| v.as_f64())
+    };
+    json!({"code": get("code"), "message": get("message"), "name": get("name"), "file": get("file"),
+        "promptTokens": num("promptTokens"), "contextTokens": num("contextTokens")})
 }
 
 async fn call(p: js_sys::Promise) -> Result<Value, Value> {
@@ -1000,6 +1006,18 @@ fn cpu_attention_matches_the_widened_cache_in_wasm() {
     }
 }
 
+/// A residual stream x of `cols` values, RMSNorm weights g around 1 and 1 / rms(x) in f64:
+/// the input of the matvecs with the norm folded in.
+fn norm_input(cols: usize, eps: f32) -> (Vec<f32>, Vec<f32>, f64) {
+    let x: Vec<f32> = (0..cols)
+        .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 25.0)
+        .collect();
+    let g: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 11) as f32 / 10.0).collect();
+    let inv = 1.0
+        / (x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / cols as f64 + eps as f64).sqrt();
+    (x, g, inv)
+}
+
 /// The WGSL matvec with the RMSNorm before it folded in (what decode runs on GPUs) compiled by
 /// Chromium's WebGPU, not naga: against the dequantized matrix times RMSNorm(x) * g in f64,
 /// for a row per thread (CPU adapters) and a row shared by 32 threads (GPUs), on an odd shape.
@@ -1012,12 +1030,7 @@ async fn the_matvec_with_the_norm_folded_in_matches_the_cpu_in_webgpu() {
         .await
         .expect("a WebGPU adapter");
     let (rows, cols, eps) = (67usize, 100usize, 1e-5f32);
-    let x: Vec<f32> = (0..cols)
-        .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 25.0)
-        .collect();
-    let g: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 11) as f32 / 10.0).collect();
-    let inv = 1.0
-        / (x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / cols as f64 + eps as f64).sqrt();
+    let (x, g, inv) = norm_input(cols, eps);
     for bits in [3, 4, 8] {
         let m = test_matrix(rows, cols, bits, 32);
         let shape = m.shape;
@@ -1087,12 +1100,7 @@ async fn the_fused_qkv_and_gate_up_matvecs_match_the_cpu_in_webgpu() {
         .await
         .expect("a WebGPU adapter");
     let (cols, eps) = (100usize, 1e-5f32);
-    let x: Vec<f32> = (0..cols)
-        .map(|i| ((i * 7919 % 201) as f32 - 100.0) / 25.0)
-        .collect();
-    let g: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 11) as f32 / 10.0).collect();
-    let inv = 1.0
-        / (x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / cols as f64 + eps as f64).sqrt();
+    let (x, g, inv) = norm_input(cols, eps);
     let xn: Vec<f64> = (0..cols).map(|c| x[c] as f64 * inv * g[c] as f64).collect();
     // (rows, bits) of each matrix; the gate and up share their rows.
     for (glu, members) in [
@@ -1119,17 +1127,7 @@ async fn the_fused_qkv_and_gate_up_matvecs_match_the_cpu_in_webgpu() {
             };
             words.push(m.codes.iter().chain(&m.scales).copied().collect());
         }
-        let want: Vec<Vec<(f64, f64)>> = match glu {
-            true => vec![sums[0]
-                .iter()
-                .zip(&sums[1])
-                .map(|(&(gs, ga), &(us, ua))| {
-                    let silu = gs / (1.0 + (-gs).exp());
-                    (silu * us, (silu.abs() + ga) * ua + 1e-3)
-                })
-                .collect()],
-            false => sums,
-        };
+        let want = kernel_ref::fused_want(glu, sums);
         let mut inputs: Vec<&[u8]> = words.iter().map(|w| bytemuck::cast_slice(w)).collect();
         inputs.extend([bytemuck::cast_slice(&x), bytemuck::cast_slice(&g)]);
         let zeros: Vec<Vec<f32>> = want.iter().map(|w| vec![0f32; w.len()]).collect();
@@ -1372,6 +1370,9 @@ async fn empty_and_overlong_conversations_are_input_errors() {
             .contains("context holds 64"),
         "{err}"
     );
+    // Both counts as fields, so an app need not read the message.
+    assert_eq!(err["contextTokens"], 64.0, "{err}");
+    assert!(err["promptTokens"].as_f64().unwrap() > 64.0, "{err}");
     // OpenAI fields: what is not implemented is refused by name, never silently ignored.
     for (field, value) in [
         (
@@ -2069,6 +2070,9 @@ async fn parallel_downloads_retry_and_report_one_total() {
     .expect("0 is refused");
     assert_eq!(err["code"], "input", "{err}");
 }
+
+#[path = "shared/kernel_ref.rs"]
+mod kernel_ref;
 
 #[path = "web/faults.rs"]
 mod faults;

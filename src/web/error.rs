@@ -61,6 +61,9 @@ pub struct WebError {
     pub url: Option<String>,
     pub file: Option<String>,
     pub status: Option<u16>,
+    /// `context-length`: the prompt's tokens and the context's (`promptTokens`,
+    /// `contextTokens`), so an app can tell how much to leave out without reading the message.
+    pub tokens: Option<(usize, usize)>,
 }
 
 pub type WebResult<T> = Result<T, WebError>;
@@ -73,6 +76,7 @@ impl WebError {
             url: None,
             file: None,
             status: None,
+            tokens: None,
         }
     }
     pub fn url(mut self, url: &str) -> Self {
@@ -100,6 +104,10 @@ impl WebError {
         }
         if let Some(s) = self.status {
             set("status", s.into());
+        }
+        if let Some((prompt, context)) = self.tokens {
+            set("promptTokens", (prompt as f64).into());
+            set("contextTokens", (context as f64).into());
         }
         e.into()
     }
@@ -158,7 +166,14 @@ impl From<crate::Error> for WebError {
             crate::Error::NonFiniteLogits { .. } => Code::NonFiniteLogits,
             _ => Code::Input,
         };
-        WebError::new(code, e.to_string())
+        let tokens = match e {
+            crate::Error::ContextLength { tokens, context } => Some((tokens, context)),
+            _ => None,
+        };
+        WebError {
+            tokens,
+            ..WebError::new(code, e.to_string())
+        }
     }
 }
 

@@ -69,6 +69,11 @@ if (!server) throw new Error('usage: node npm_import.mjs SERVER_URL (./build.sh 
     assert.ok(r.worker.events.includes('progress'), r.worker.events.join());
     assert.deepEqual([r.missing.instance, r.missing.code], [true, 'manifest-not-found'], JSON.stringify(r.missing));
     assert.equal(r.unsupported, 'unsupported');
+    // context-length carries both counts, on the main thread and through the worker.
+    for (const e of [r.tooLong, r.workerTooLong]) {
+      assert.equal(e.code, 'context-length', JSON.stringify(e));
+      assert.ok(e.contextTokens > 0 && e.promptTokens > e.contextTokens, JSON.stringify(e));
+    }
     assert.equal(r.tools.name, 'w', JSON.stringify(r.tools));
     assert.ok(['c', 'f'].includes(r.tools.args.u), JSON.stringify(r.tools));
     assert.deepEqual([r.tools.id, r.tools.finish, r.tools.content, r.tools.streamed], [true, 'tool_calls', null, 'w']);

@@ -8,6 +8,7 @@
 //! result by about 1/cols >= 1e-4 of that sum).
 
 use crate::gpu_util::{f32s, gpu, kernels_for, u32s};
+use crate::kernel_ref;
 use flexquant::ensemble::format::BITS;
 use flexquant::ensemble::plane_level::PlaneLevel;
 use flexquant::gpu::kernels::{self, Kernel, Kernels};
@@ -220,17 +221,7 @@ fn parts_match(
     ))
     .unwrap();
     // Each output's rows: Q, K and V's products; SwiGLU's silu(gate) * up.
-    let want: Vec<Vec<(f64, f64)>> = match glu {
-        true => vec![sums[0]
-            .iter()
-            .zip(&sums[1])
-            .map(|(&(gs, ga), &(us, ua))| {
-                let silu = gs / (1.0 + (-gs).exp());
-                (silu * us, (silu.abs() + ga) * ua + 1e-3)
-            })
-            .collect()],
-        false => sums,
-    };
+    let want = kernel_ref::fused_want(glu, sums);
     for (i, (got, want)) in out.iter().zip(&want).enumerate() {
         let (w, scale): (Vec<f64>, Vec<f64>) = want.iter().copied().unzip();
         let e = norm_err(&f32s(got), &w, &scale);

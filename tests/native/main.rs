@@ -5,6 +5,8 @@
 
 mod common;
 mod gpu_util;
+#[path = "../shared/kernel_ref.rs"]
+mod kernel_ref;
 
 mod bad_input;
 mod builder;
