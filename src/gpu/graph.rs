@@ -90,22 +90,23 @@ impl Group {
         }
     }
 
-    /// The fused kernel's parameters for the members' shapes (`shapes` in binding order).
-    pub fn params(&self, shapes: &[PackedShape], c: &LlamaConfig) -> QlinearPartsParams {
+    /// The fused kernel's parameter block for the members' current versions in `slots`.
+    pub fn param_bytes(&self, slots: &[Slot], c: &LlamaConfig) -> Vec<u8> {
         let mut p = QlinearPartsParams::default();
-        for ((part, &kind), &s) in p.parts.iter_mut().zip(GROUPS[self.which]).zip(shapes) {
-            *part = qlinear_params(s, kind, c);
+        let kinds = GROUPS[self.which].iter();
+        for ((part, &kind), i) in p.parts.iter_mut().zip(kinds).zip(self.members()) {
+            *part = qlinear_params(slots[i].shape, kind, c);
         }
-        p
+        kernel_param_bytes(self.kernel(false), &p)
     }
 
     /// Workgroups of the fused dispatch, `per_wg` rows each: the members' in turn (Q, K, V),
     /// or the gate's rows, which the up projection's match.
-    pub fn workgroups(&self, shapes: &[PackedShape], per_wg: u32) -> u32 {
-        let wgs = |s: &PackedShape| (s.rows as u32).div_ceil(per_wg);
+    pub fn workgroups(&self, slots: &[Slot], per_wg: u32) -> u32 {
+        let wgs = |i: usize| (slots[i].shape.rows as u32).div_ceil(per_wg);
         match self.which {
-            0 => shapes.iter().map(wgs).sum(),
-            _ => wgs(&shapes[0]),
+            0 => self.members().map(wgs).sum(),
+            _ => self.members().next().map_or(0, wgs),
         }
     }
 }
@@ -377,16 +378,11 @@ impl ModuleIo<'_> {
         (plain, norm)
     }
 
-    /// `group`'s fused bind group over its members' `buffers` (binding order), its parameters
-    /// at `group.param_slot`.
-    pub fn group_bind_group(
-        &self,
-        kernels: &mut Kernels,
-        group: &Group,
-        buffers: &[&GpuBuffer],
-    ) -> wgpu::BindGroup {
+    /// Fuses `group`: its bind group over its members' current buffers in `slots`, its
+    /// parameters at `group.param_slot`.
+    pub fn fuse_group(&self, kernels: &mut Kernels, group: &mut Group, slots: &[Slot]) {
         let kinds = GROUPS[group.which];
-        let mut storage: Vec<&GpuBuffer> = buffers.to_vec();
+        let mut storage: Vec<&GpuBuffer> = group.members().map(|i| &slots[i].buffer).collect();
         match (self.norms, module_norm(kinds[0])) {
             (Some(norms), Some(i)) => storage.extend([&self.act.x, &norms[i]]),
             _ => storage.push(module_io(self.act, kinds[0]).0),
@@ -401,7 +397,7 @@ impl ModuleIo<'_> {
             step: self.step,
         };
         let kernel = group.kernel(self.norms.is_some());
-        at.bind(kernels, kernel, group.param_slot, &storage)
+        group.fused = Some(at.bind(kernels, kernel, group.param_slot, &storage));
     }
 }
 
@@ -523,13 +519,9 @@ impl Builder<'_> {
                 param_slot: b.blocks.len() as u64,
                 fused: None,
             };
-            let members: Vec<&Slot> = g.members().map(|i| &out.slots[i]).collect();
-            let shapes: Vec<PackedShape> = members.iter().map(|s| s.shape).collect();
-            b.blocks
-                .push(kernel_param_bytes(g.kernel(x.fold), &g.params(&shapes, c)));
+            b.blocks.push(g.param_bytes(&out.slots, c));
             if x.fuse {
-                let buffers: Vec<&GpuBuffer> = members.iter().map(|s| &s.buffer).collect();
-                g.fused = Some(io(b).group_bind_group(b.kernels, &g, &buffers));
+                io(b).fuse_group(b.kernels, &mut g, &out.slots);
             }
             out.ops.push(Dispatch::Group(out.groups.len()));
             out.groups.push(g);

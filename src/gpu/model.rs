@@ -629,18 +629,11 @@ impl Model {
         // Its group's fused dispatch, over the new buffer and its bit-width.
         let g = &mut self.graph.groups;
         if let Some(g) = g.iter_mut().find(|g| g.members().any(|i| i == id.index())) {
-            let members: Vec<&Slot> = g.members().map(|i| &self.modules[i]).collect();
-            let shapes: Vec<PackedShape> = members.iter().map(|s| s.shape).collect();
-            let bytes = kernel_param_bytes(
-                g.kernel(io.norms.is_some()),
-                &g.params(&shapes, &self.config),
-            );
+            let bytes = g.param_bytes(&self.modules, &self.config);
             gpu.queue
                 .write_buffer(&self.params.buffer, g.param_slot * PARAM_SLOT, &bytes);
             if g.fused.is_some() {
-                let buffers: Vec<&GpuBuffer> = members.iter().map(|s| &s.buffer).collect();
-                let fused = io.group_bind_group(&mut self.kernels, g, &buffers);
-                g.fused = Some(fused);
+                io.fuse_group(&mut self.kernels, g, &self.modules);
             }
         }
         Ok(())
@@ -704,10 +697,8 @@ impl Model {
                 let g = &self.graph.groups[*g];
                 match (&g.fused, n) {
                     (Some(bind_group), 1) => {
-                        let shapes: Vec<PackedShape> =
-                            g.members().map(|i| self.modules[i].shape).collect();
                         let per_wg = self.kernels.matvec_rows_per_workgroup();
-                        let grid = Grid::Fixed([g.workgroups(&shapes, per_wg), 1, 1]);
+                        let grid = Grid::Fixed([g.workgroups(&self.modules, per_wg), 1, 1]);
                         let kernel = g.kernel(self.folds_norms());
                         self.encode(pass, kernel, bind_group, grid, n);
                     }
