@@ -13,7 +13,7 @@
 //! Prefill tiles up to four tokens per row so each block is unpacked once for all four.
 
 use crate::cpu::act::{lane_order, BLOCK, Q16};
-use crate::cpu::par;
+use crate::cpu::{par, prefetch};
 use crate::ensemble::format::PackedMatrix;
 
 /// Tokens that share one unpacking of a weight block.
@@ -46,6 +46,10 @@ pub trait RowDot: Sync {
     fn groups_per_row(&self) -> usize;
     /// Row `r` against activation rows `t0 .. t0 + N`.
     fn row<const N: usize>(&self, a: &Q16, r: usize, t0: usize) -> [f32; N];
+    /// Bytes of one row (codes and scales).
+    fn row_bytes(&self) -> usize;
+    /// Asks for row `r`'s weights (`prefetch::lines`); nothing past the last row.
+    fn prefetch_row(&self, r: usize);
 }
 
 impl RowDot for PackedMatrix {
@@ -57,6 +61,16 @@ impl RowDot for PackedMatrix {
     }
     fn row<const N: usize>(&self, a: &Q16, r: usize, t0: usize) -> [f32; N] {
         row::<N>(self, a, r, t0)
+    }
+    fn row_bytes(&self) -> usize {
+        self.shape.bytes() / self.shape.rows.max(1)
+    }
+    fn prefetch_row(&self, r: usize) {
+        if r < self.shape.rows {
+            let (words, scales, _) = row_of(self, r);
+            prefetch::lines(words);
+            prefetch::lines(scales);
+        }
     }
 }
 
@@ -75,10 +89,16 @@ pub fn matmul_rows<M: RowDot>(m: &M, a: &Q16, out: &mut [f32]) {
         "activations quantized for another shape"
     );
     if t == 1 {
+        // Decode: the weights stream from memory once each. Asking for the rows ~2 kB ahead
+        // of the one computed: the demo's 90 MB of 4-bit weights ran at 2.3 GB/s through the
+        // wasm kernel without (4.2 for 8 MB, cached), 3.5 with; 8-bit 3.4 -> 5.0 GB/s.
         let chunk = row_chunk(rows, 256);
+        let ahead = prefetch::AHEAD_BYTES.div_ceil(m.row_bytes().max(1));
         par::chunks_mut(out, chunk, |c, o| {
             for (i, y) in o.iter_mut().enumerate() {
-                *y = m.row::<1>(a, c * chunk + i, 0)[0];
+                let r = c * chunk + i;
+                m.prefetch_row(r + ahead);
+                *y = m.row::<1>(a, r, 0)[0];
             }
         });
         return;
@@ -618,6 +638,24 @@ mod tests {
                         "{bits} bits lane {lane}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn prefetching_reads_inside_every_row_and_nothing_past_the_last() {
+        use crate::ensemble::plane_level::PlaneLevel;
+        for bits in [2u32, 3, 4, 5, 6, 8] {
+            let shape = PackedShape::new(5, 128, bits, 64).unwrap();
+            let codes: Vec<u8> = (0..5 * 128).map(|i| (i % (1 << bits)) as u8).collect();
+            let m = PackedMatrix::from_codes(shape, &codes, &[(1.0, 0.0); 10]);
+            let p = PlaneLevel::from_packed(&m);
+            assert_eq!(m.row_bytes() * 5, shape.bytes(), "{bits} bits packed");
+            let plane_bytes = 4 * (p.planes.len() + p.scales.len());
+            assert_eq!(p.row_bytes() * 5, plane_bytes, "{bits} bits planes");
+            for r in 0..9 {
+                m.prefetch_row(r);
+                p.prefetch_row(r);
             }
         }
     }

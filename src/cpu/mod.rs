@@ -8,6 +8,7 @@
 //! - `attention`: causal grouped-query attention over the KV cache (widened to f32); `kv`:
 //!   the cache's f16 values (stored rounded, widened exactly).
 //! - `model`: `CpuModel`, the forward pass; `backend`: it as a `runtime::Backend`.
+//! - `prefetch`: decode asks for weight rows ahead of the kernel.
 //! - `par`: regions on `pool` (spinning threads: std natively, Web Workers in wasm) or a loop;
 //!   `width`: how many of the pool's threads a token uses (measured).
 
@@ -26,6 +27,7 @@ pub mod planes;
     allow(dead_code)
 )]
 pub mod pool;
+pub mod prefetch;
 pub mod probe;
 pub mod width;
 

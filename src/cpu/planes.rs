@@ -15,6 +15,7 @@ use crate::cpu::kernel::row_simd128_with;
 #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
 use crate::cpu::kernel::row_with;
 use crate::cpu::kernel::{dispatch_row, matmul_rows, RowDot};
+use crate::cpu::prefetch;
 use crate::ensemble::plane_level::{plane_row_words, PlaneLevel};
 
 /// Column order: lane `i` of a block is its column `i`.
@@ -174,5 +175,18 @@ impl RowDot for PlaneLevel {
             row_portable,
             (self, a, r, t0)
         )
+    }
+    fn row_bytes(&self) -> usize {
+        4 * (plane_row_words(&self.shape) * self.shape.bits as usize + self.shape.groups_per_row())
+    }
+    fn prefetch_row(&self, r: usize) {
+        if r < self.shape.rows {
+            let (scales, base, pw, _) = row_of(self, r);
+            let n = plane_row_words(&self.shape);
+            for j in 0..self.shape.bits as usize {
+                prefetch::lines(&self.planes[j * pw + base..j * pw + base + n]);
+            }
+            prefetch::lines(scales);
+        }
     }
 }
