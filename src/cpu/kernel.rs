@@ -327,10 +327,11 @@ unsafe fn row_simd128<const BITS: u32, const N: usize>(
     use core::arch::wasm32::*;
     let (words, scales, bpg) = row_of(m, r);
     let wpb = BITS as usize;
+    // Blocks are read through a pointer (no bounds check per block: +10-19% measured).
+    assert_eq!(words.len(), scales.len() * bpg * wpb, "a row's code words");
     let muls = straddling_muls::<BITS>();
     row_simd128_with::<N>(scales, bpg, a, t0, |b| {
-        let w = &words[b * wpb..(b + 1) * wpb];
-        let p = w.as_ptr();
+        let p = words.as_ptr().add(b * wpb);
         match BITS {
             8 => {
                 let v0 = v128_load(p as *const v128);
@@ -389,6 +390,11 @@ pub unsafe fn row_simd128_with<const N: usize>(
     mut block: impl FnMut(usize) -> [core::arch::wasm32::v128; 4],
 ) -> [f32; N] {
     use core::arch::wasm32::*;
+    // Activation blocks are read through a pointer (no bounds check per block and token).
+    assert!(
+        scales.len() * bpg <= a.blocks && (t0 + N) * a.blocks * BLOCK <= a.q.len(),
+        "activations for this row's blocks and tokens"
+    );
     let mut acc = [f32x4_splat(0.0); N];
     let mut zacc = [0f32; N];
     for (g, &sz) in scales.iter().enumerate() {
@@ -397,7 +403,7 @@ pub unsafe fn row_simd128_with<const N: usize>(
             let c = block(b);
             for (n, is) in isum.iter_mut().enumerate() {
                 let at = (t0 + n) * a.blocks + b;
-                let q = a.q[at * BLOCK..(at + 1) * BLOCK].as_ptr() as *const v128;
+                let q = a.q.as_ptr().add(at * BLOCK) as *const v128;
                 *is = i32x4_add(
                     *is,
                     i32x4_add(
