@@ -50,6 +50,9 @@ pub(crate) enum Dispatch {
     /// Modules that read the same input (`Graph::groups`): one dispatch in decode where
     /// modules are fused, else each as a `Module`.
     Group(usize),
+    /// Attention's combine pass: dispatched only while attention runs over more than one
+    /// range of the cache (`Graph::ranges`); over one, attention writes its output itself.
+    Combine(Op),
 }
 
 /// The modules decode can run in one dispatch (`ModelOptions::fuse_modules`): a layer's Q, K
@@ -141,6 +144,8 @@ pub(crate) struct Graph {
     /// `(layer, index in layers)` of every op that binds a layer's KV cache (RoPE stores into
     /// it, attention reads it): rebound when the cache grows (`Graph::rebind_kv`).
     pub kv_ops: Vec<(usize, usize)>,
+    /// Ranges of the cache attention is dispatched over (`buffers::attention_ranges`).
+    pub ranges: u32,
 }
 
 /// The buffers `kernel` (RoPE, attention or its combine pass) binds for one layer, in binding
@@ -170,8 +175,9 @@ impl Graph {
         kv: &[[GpuBuffer; 2]],
         ranges: u32,
     ) {
+        self.ranges = ranges;
         for &(l, i) in &self.kv_ops {
-            if let Dispatch::Fixed(op) = &mut self.layers[i] {
+            if let Dispatch::Fixed(op) | Dispatch::Combine(op) = &mut self.layers[i] {
                 let storage = kv_op_buffers(op.kernel, rope, a, &kv[l]);
                 op.bind_group = at.bind(kernels, op.kernel, op.slot, &storage);
                 if let (Kernel::Attention, Grid::PerTokenZ(heads, _)) = (op.kernel, op.grid) {
@@ -181,8 +187,8 @@ impl Graph {
         }
     }
 
-    /// Rewrites the KV ops' parameters for a cache stored as `o.kv_format` (after the cache
-    /// changed format: `Model::convert_kv`).
+    /// Rewrites the KV ops' parameters for a cache stored as `o.kv_format` and attention over
+    /// `self.ranges` ranges (after the cache changed format, `Model::convert_kv`, or size).
     pub fn write_kv_params(
         &self,
         gpu: &Gpu,
@@ -192,10 +198,10 @@ impl Graph {
     ) {
         let kv = KvLayout::of(c, o.kv_format);
         for &(_, i) in &self.kv_ops {
-            if let Dispatch::Fixed(op) = &self.layers[i] {
+            if let Dispatch::Fixed(op) | Dispatch::Combine(op) = &self.layers[i] {
                 let bytes = match op.kernel {
                     Kernel::Rope => kernel_param_bytes(op.kernel, &rope_params(c, o, &kv)),
-                    _ => kernel_param_bytes(op.kernel, &attention_params(c, o, &kv)),
+                    _ => kernel_param_bytes(op.kernel, &attention_params(c, o, &kv, self.ranges)),
                 };
                 gpu.queue
                     .write_buffer(&params.buffer, op.slot * PARAM_SLOT, &bytes);
@@ -219,8 +225,15 @@ fn rope_params(c: &LlamaConfig, o: &ModelOptions, kv: &KvLayout) -> RopeParams {
     }
 }
 
-/// Attention's parameters (and its combine pass's) over a cache laid out as `kv`.
-fn attention_params(c: &LlamaConfig, o: &ModelOptions, kv: &KvLayout) -> AttentionParams {
+/// Attention's parameters (and its combine pass's) over a cache laid out as `kv`, dispatched
+/// over `ranges` ranges: over one, `splits` is 1 and attention writes its output itself (the
+/// combine pass is not dispatched).
+fn attention_params(
+    c: &LlamaConfig,
+    o: &ModelOptions,
+    kv: &KvLayout,
+    ranges: u32,
+) -> AttentionParams {
     let (hd, nh, nkv) = (
         c.head_dim() as u32,
         c.num_attention_heads as u32,
@@ -234,7 +247,7 @@ fn attention_params(c: &LlamaConfig, o: &ModelOptions, kv: &KvLayout) -> Attenti
         scale: 1.0 / (hd as f32).sqrt(),
         n_heads: nh,
         split_keys: ATTENTION_SPLIT_KEYS,
-        splits: attention_splits(o),
+        splits: if ranges > 1 { attention_splits(o) } else { 1 },
         kv_group: kv.group as u32,
         kv_int8: (kv.format == KvFormat::Int8) as u32,
     }
@@ -551,7 +564,7 @@ impl Builder<'_> {
         out.kv_ops.push((l, out.ops.len()));
         out.ops.push(Dispatch::Fixed(rope));
         let splits = attention_splits(x.opts);
-        let attention = attention_params(c, x.opts, &kv);
+        let attention = attention_params(c, x.opts, &kv, x.ranges);
         let att_buffers = kv_op_buffers(Kernel::Attention, x.rope, a, layer_kv);
         let op = self.op(
             Kernel::Attention,
@@ -569,7 +582,7 @@ impl Builder<'_> {
                 Grid::PerToken(nh),
             );
             out.kv_ops.push((l, out.ops.len()));
-            out.ops.push(Dispatch::Fixed(op));
+            out.ops.push(Dispatch::Combine(op));
         }
         module(self, ModuleKind::O, out);
         out.ops.push(Dispatch::Module(out.slots.len() - 1));
@@ -739,6 +752,7 @@ impl Builder<'_> {
             gather: gather_op,
             groups,
             kv_ops,
+            ranges,
         };
         (graph, slots)
     }

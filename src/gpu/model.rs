@@ -525,8 +525,14 @@ impl Model {
         };
         let (rope, act) = (&self.base.rope, &self.act);
         let ranges = attention_ranges(&self.opts, positions);
+        let was = self.graph.ranges;
         self.graph
             .rebind_kv(&at, &mut self.kernels, rope, act, &self.kv, ranges);
+        if (was > 1) != (ranges > 1) {
+            // Attention writes its output itself over one range, partials over several.
+            let (gpu, params) = (&self.gpu, &self.params);
+            (self.graph).write_kv_params(gpu, params, &self.config, &self.opts);
+        }
         // Commands prepared with the old cache's bind groups go with it.
         self.prepared = None;
         self.kv_positions = positions;
@@ -686,6 +692,11 @@ impl Model {
     fn dispatch(&self, pass: &mut wgpu::ComputePass, d: &Dispatch, n: u32) {
         match d {
             Dispatch::Fixed(op) => self.op(pass, op, n),
+            Dispatch::Combine(op) => {
+                if self.graph.ranges > 1 {
+                    self.op(pass, op, n)
+                }
+            }
             // Decode folds it into the matvecs after it.
             Dispatch::Norm(op) => {
                 if n > 1 {
@@ -848,10 +859,16 @@ impl Model {
 
     /// Kernel dispatches of one generated token (embedding, layers, final norm, head, top-k,
     /// the watched tokens' gather when there are any; where norms are folded, neither the
-    /// layers' norms nor the final one; where modules are fused, one per group of them).
+    /// layers' norms nor the final one; where modules are fused, one per group of them;
+    /// attention's combine passes only while the cache holds more than one range).
     pub fn dispatches_per_token(&self) -> usize {
         let norms = |d: &&Dispatch| matches!(d, Dispatch::Norm(_));
         let folded = self.graph.layers.iter().filter(norms).count();
+        let combine = |d: &&Dispatch| matches!(d, Dispatch::Combine(_));
+        let combines = match self.graph.ranges {
+            1 => self.graph.layers.iter().filter(combine).count(),
+            _ => 0,
+        };
         let head = if self.graph.head_last_norm.is_some() {
             1
         } else {
@@ -866,7 +883,7 @@ impl Model {
             })
             .sum();
         let grouped = self.graph.groups.len();
-        self.graph.layers.len() - grouped + groups - folded + 1 + head + 2 + gather
+        self.graph.layers.len() - grouped + groups - folded - combines + 1 + head + 2 + gather
     }
 
     /// Host seconds the last chunk spent before its submission (little when it was prepared).

@@ -179,22 +179,29 @@ fn kv_cache_grows(format: KvFormat, tol: f32) {
     // 100 positions, then one at a time past 128 (-> 256) and 256 (-> 384).
     pollster::block_on(g.prefill(&tokens[..100])).unwrap();
     assert_eq!(g.kv_positions(), KV_BLOCK);
-    let mut grown = vec![];
+    let mut grown: Vec<(usize, usize)> = vec![];
     let mut worst = 0f32;
     for i in 100..n {
         let lg = pollster::block_on(g.logits_last(&tokens[i..i + 1])).unwrap();
         let e = rel_err(&lg, &want[i * vocab..(i + 1) * vocab]);
         assert!(e < tol, "{format}: logits error {e:.2e} at position {i}");
         worst = worst.max(e);
-        if grown.last() != Some(&g.kv_positions()) {
-            grown.push(g.kv_positions());
+        if grown.last().map(|g| g.0) != Some(g.kv_positions()) {
+            grown.push((g.kv_positions(), g.dispatches_per_token()));
         }
     }
     eprintln!("{format}: worst logits error {worst:.2e}");
+    let layers = c.num_hidden_layers;
+    let one_range = grown[0].1;
     assert_eq!(
         grown,
-        [128, 256, 384],
-        "cache sizes as the conversation grew"
+        [
+            (128, one_range),
+            (256, one_range + layers),
+            (384, one_range + layers)
+        ],
+        "cache sizes as the conversation grew, and dispatches per token (attention's combine \
+         pass only over more than one range of 128 positions)"
     );
     accounted(&g);
 
