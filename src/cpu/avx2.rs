@@ -23,8 +23,30 @@ pub unsafe fn row_avx2_with<const N: usize>(
     bpg: usize,
     a: &Q16,
     t0: usize,
+    block: impl FnMut(usize) -> [__m256i; 2],
+) -> [f32; N] {
+    // The blocks of a group as a constant, so that the loop over them unrolls (as
+    // `kernel::row_simd128_with`).
+    match bpg {
+        1 => groups_avx2::<N, 1>(scales, a, t0, block),
+        2 => groups_avx2::<N, 2>(scales, a, t0, block),
+        4 => groups_avx2::<N, 4>(scales, a, t0, block),
+        b => unreachable!("{b} blocks per group passed PackedShape validation"),
+    }
+}
+
+/// `row_avx2_with` for `BPG` blocks per group.
+///
+/// # Safety
+/// As `row_avx2_with`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn groups_avx2<const N: usize, const BPG: usize>(
+    scales: &[u32],
+    a: &Q16,
+    t0: usize,
     mut block: impl FnMut(usize) -> [__m256i; 2],
 ) -> [f32; N] {
+    let bpg = BPG;
     let mut acc = [0f32; N];
     for (g, &sz) in scales.iter().enumerate() {
         let mut isum = [_mm256_setzero_si256(); N];

@@ -387,14 +387,37 @@ pub unsafe fn row_simd128_with<const N: usize>(
     bpg: usize,
     a: &Q16,
     t0: usize,
-    mut block: impl FnMut(usize) -> [core::arch::wasm32::v128; 4],
+    block: impl FnMut(usize) -> [core::arch::wasm32::v128; 4],
 ) -> [f32; N] {
-    use core::arch::wasm32::*;
     // Activation blocks are read through a pointer (no bounds check per block and token).
     assert!(
         scales.len() * bpg <= a.blocks && (t0 + N) * a.blocks * BLOCK <= a.q.len(),
         "activations for this row's blocks and tokens"
     );
+    // The blocks of a group as a constant: the loop over them unrolled measured 13-31% faster
+    // at 2, 4 and 8 bits (group 64, Node's V8).
+    match bpg {
+        1 => groups_simd128::<N, 1>(scales, a, t0, block),
+        2 => groups_simd128::<N, 2>(scales, a, t0, block),
+        4 => groups_simd128::<N, 4>(scales, a, t0, block),
+        b => unreachable!("{b} blocks per group passed PackedShape validation"),
+    }
+}
+
+/// `row_simd128_with` for `BPG` blocks per group.
+///
+/// # Safety
+/// As `row_simd128_with`, whose assert covers the reads.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+#[inline(always)]
+unsafe fn groups_simd128<const N: usize, const BPG: usize>(
+    scales: &[u32],
+    a: &Q16,
+    t0: usize,
+    mut block: impl FnMut(usize) -> [core::arch::wasm32::v128; 4],
+) -> [f32; N] {
+    use core::arch::wasm32::*;
+    let bpg = BPG;
     let mut acc = [f32x4_splat(0.0); N];
     let mut zacc = [0f32; N];
     for (g, &sz) in scales.iter().enumerate() {
