@@ -163,6 +163,12 @@ fn kv_op_buffers<'a>(
 }
 
 impl Graph {
+    /// Whether attention runs over more than one range of the cache, so that its partials are
+    /// merged by the combine pass (over one, attention writes its output itself).
+    pub fn combines(&self) -> bool {
+        self.ranges > 1
+    }
+
     /// Points the ops that bind the KV cache at `kv` (one pair of buffers per layer), e.g. a
     /// larger cache the old one was copied into, and dispatches attention over `ranges` ranges
     /// (`buffers::attention_ranges`).

@@ -525,10 +525,10 @@ impl Model {
         };
         let (rope, act) = (&self.base.rope, &self.act);
         let ranges = attention_ranges(&self.opts, positions);
-        let was = self.graph.ranges;
+        let combined = self.graph.combines();
         self.graph
             .rebind_kv(&at, &mut self.kernels, rope, act, &self.kv, ranges);
-        if (was > 1) != (ranges > 1) {
+        if combined != self.graph.combines() {
             // Attention writes its output itself over one range, partials over several.
             let (gpu, params) = (&self.gpu, &self.params);
             (self.graph).write_kv_params(gpu, params, &self.config, &self.opts);
@@ -693,7 +693,7 @@ impl Model {
         match d {
             Dispatch::Fixed(op) => self.op(pass, op, n),
             Dispatch::Combine(op) => {
-                if self.graph.ranges > 1 {
+                if self.graph.combines() {
                     self.op(pass, op, n)
                 }
             }
@@ -865,9 +865,9 @@ impl Model {
         let norms = |d: &&Dispatch| matches!(d, Dispatch::Norm(_));
         let folded = self.graph.layers.iter().filter(norms).count();
         let combine = |d: &&Dispatch| matches!(d, Dispatch::Combine(_));
-        let combines = match self.graph.ranges {
-            1 => self.graph.layers.iter().filter(combine).count(),
-            _ => 0,
+        let skipped = match self.graph.combines() {
+            true => 0,
+            false => self.graph.layers.iter().filter(combine).count(),
         };
         let head = if self.graph.head_last_norm.is_some() {
             1
@@ -883,7 +883,7 @@ impl Model {
             })
             .sum();
         let grouped = self.graph.groups.len();
-        self.graph.layers.len() - grouped + groups - folded - combines + 1 + head + 2 + gather
+        self.graph.layers.len() - grouped + groups - folded - skipped + 1 + head + 2 + gather
     }
 
     /// Host seconds the last chunk spent before its submission (little when it was prepared).
