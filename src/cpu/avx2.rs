@@ -118,20 +118,17 @@ unsafe fn widen_hi(v: __m128i) -> __m128i {
 }
 
 /// 5 bits (codes straddle bytes): each code's u16 window gathered by a byte shuffle, shifted
-/// left per lane by a multiply so its bits start at bit 8, shifted right by 8 and masked (the
-/// simd128 build's `straddling`).
+/// left per lane by a multiply so that the code ends at the top bit (the bits above it fall
+/// out), then right by `16 - BITS` (the simd128 build's `straddling`).
 #[inline(always)]
 unsafe fn straddling<const BITS: u32>(p: *const u8) -> [__m128i; 4] {
     let second = const { second_view::<BITS>() };
     let (v0, v1) = (load(p, 0), load(p, second));
-    let mask = _mm_set1_epi16((1 << BITS) - 1);
     let chunk = |v: __m128i, (idx, mul): ([u8; 16], [u16; 8])| {
         let idx = _mm_loadu_si128(idx.as_ptr() as *const __m128i);
         let mul = _mm_loadu_si128(mul.as_ptr() as *const __m128i);
-        _mm_and_si128(
-            _mm_srli_epi16::<8>(_mm_mullo_epi16(_mm_shuffle_epi8(v, idx), mul)),
-            mask,
-        )
+        let top = _mm_mullo_epi16(_mm_shuffle_epi8(v, idx), mul);
+        _mm_srl_epi16(top, _mm_cvtsi32_si128(16 - BITS as i32))
     };
     [
         chunk(v0, const { chunk_layout::<BITS>(0, 0) }),

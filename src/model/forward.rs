@@ -196,7 +196,11 @@ pub fn layer_staged(
             match cache.stored_as {
                 Some(l) if l.format == KvFormat::Int8 => {
                     for g in k.chunks_mut(l.group).chain(v.chunks_mut(l.group)) {
-                        let m = g.iter().map(|x| x.abs()).fold(0f32, f32::max).min(1e38);
+                        let m = g
+                            .iter()
+                            .map(|x| x.abs())
+                            .fold(0f32, f32::max)
+                            .min(crate::runtime::backend::KV_SCALE_MAX);
                         if m > 0.0 {
                             g.iter_mut()
                                 .for_each(|x| *x = (*x / m * 127.0).round() / 127.0 * m);
