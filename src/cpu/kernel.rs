@@ -347,7 +347,10 @@ unsafe fn row_simd128<const BITS: u32, const N: usize>(
                 let v = v128_load(p as *const v128);
                 let m15 = u8x16_splat(15);
                 let lo = v128_and(v, m15);
-                // A u16 shift and the mask (see 2 bits).
+                // Codes are cut with u16 shifts and one mask (here and at 2 bits): V8 lowers a
+                // u8 shift to a u16 shift plus a mask of its own, so u8 shifts were masked
+                // twice (Chromium 156, `tests/e2e/kernel_ab.mjs`: 4 bits +3-7% cached, 2 bits
+                // +27%; on a 90 MB stream 2 bits +1-18%).
                 let hi = v128_and(u16x8_shr(v, 4), m15);
                 [
                     u16x8_extend_low_u8x16(lo),
@@ -359,9 +362,7 @@ unsafe fn row_simd128<const BITS: u32, const N: usize>(
             2 => {
                 let v = v128_load64_zero(p as *const u64);
                 let m3 = u8x16_splat(3);
-                // u16 shifts: the mask drops what a byte takes from the one above, and V8
-                // lowers a u8 shift to a u16 shift and a mask of its own (this saved 18-27% at
-                // 2 bits and 3-6% at 4 bits, Node's V8).
+                // u16 shifts (see 4 bits): the mask drops what a byte takes from the one above.
                 [
                     u16x8_extend_low_u8x16(v128_and(v, m3)),
                     u16x8_extend_low_u8x16(v128_and(u16x8_shr(v, 2), m3)),
@@ -535,7 +536,7 @@ fn straddling_muls<const BITS: u32>() -> [core::arch::wasm32::v128; 4] {
 /// `4 * BITS` bytes at `p`) as four i16x8 in code order, reading only inside the block. Per 8
 /// codes: gather each code's u16 window (`swizzle`), shift it left per lane by a multiply so
 /// that the code ends at bit 15 (the bits above it fall out of the lane), shift right by
-/// `16 - BITS`: no mask (which measured 14-20% slower at 5 bits in Node's V8). `muls`:
+/// `16 - BITS`: no mask (without it, 5-bit rows ran 10-17% faster in Chromium 156). `muls`:
 /// `straddling_muls`.
 ///
 /// # Safety
