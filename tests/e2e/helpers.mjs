@@ -173,6 +173,12 @@ export async function setMaxTokens(page, n, temperature) {
   await page.locator('details.settings summary').click();
 }
 
+/** Moves the page's budget slider to "unlimited" (as a user would) and waits until the engine has no budget. */
+export async function unlimitedBudget(page) {
+  await page.locator('#budget').fill('1000');
+  await until(page, 'no memory budget', async () => (await window.flexquantPage.engine.stats()).budgetBytes == null);
+}
+
 export async function step(page) {
   return Number(await page.evaluate(() => document.querySelector('.elastic').dataset.step));
 }
