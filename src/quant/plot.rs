@@ -52,7 +52,7 @@ fn register_font() -> Result<()> {
     .map_err(Error::input)
 }
 
-/// Horizontal bars from zero, each labelled with its text at its end.
+/// Horizontal bars from zero, each labelled with its text above it.
 pub struct Bars {
     pub title: String,
     pub x_label: String,
@@ -108,13 +108,13 @@ where
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(8)
-        // Room on the right for the labels written after each bar's end.
-        .build_cartesian_2d(0.0..max * 1.6, 0.0..n)
+        .build_cartesian_2d(0.0..max * 1.05, 0.0..n)
         .map_err(err)?;
     c.configure_mesh()
         .x_desc(&b.x_label)
         .y_labels(0)
         .disable_y_mesh()
+        .x_max_light_lines(1)
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 16))
         .draw()
@@ -127,14 +127,16 @@ where
             Palette99::pick(4)
         };
         c.draw_series(std::iter::once(Rectangle::new(
-            [(0.0, y - 0.8), (*v, y - 0.2)],
+            [(0.0, y - 0.85), (*v, y - 0.3)],
             color.mix(0.8).filled(),
         )))
         .map_err(err)?;
+        // The label above its bar, from the axis: after the bar's end, the longest bar's ran
+        // past the plot's right edge.
         c.draw_series(std::iter::once(Text::new(
             label.clone(),
-            (*v + max * 0.01, y - 0.6),
-            (FONT, 14).into_font().color(&BLACK),
+            (max * 0.005, y - 0.16),
+            (FONT, 15).into_font().color(&BLACK),
         )))
         .map_err(err)?;
     }
