@@ -134,11 +134,12 @@ export class ElasticPanel {
   async releasePressure() {
     this.pressure.release();
     if (this.pinned) {
-      // The pinned budget was what step 0 needed then; the KV cache grows with the
-      // conversation, so pin it to what step 0 needs now (fresh stats: the last poll may
-      // predate the answer's last tokens): releasing lets the model grow back to the top.
-      const s = await this.engine.stats().catch(() => this.stats);
-      this.total = Math.max(this.total, this.fullNeed(s.overheadBytes || 0) * PIN);
+      // The budget was pinned only for the pressure (the user set none): releasing it goes
+      // back to no limit, so the model grows back to the top and stays there as the
+      // conversation's KV cache grows (a budget kept at what step 0 needed at the release
+      // made a longer chat walk the model down and then leave out older messages).
+      this.total = null;
+      this.pinned = false;
       this.syncSlider();
     }
     $('release').disabled = true;
