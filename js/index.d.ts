@@ -393,7 +393,7 @@ export interface GpuOffer {
 export interface StepInfo {
   step: number;
   footprintBytes: number;
-  /** Held-out (else calibration) perplexity; interpolated in footprint where not measured. */
+  /** Held-out perplexity (calibration when the builder measured no step on held-out text: one scale for the whole trajectory); interpolated in footprint where not measured. */
   perplexity: number | null;
   measured: boolean;
   meanBits: number;

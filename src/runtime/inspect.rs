@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 pub struct StepInfo {
     pub step: usize,
     pub footprint_bytes: u64,
-    /// Held-out (else calibration) perplexity; interpolated where not measured
+    /// Held-out perplexity (calibration when the builder measured no step on held-out text:
+    /// one scale for the whole trajectory); interpolated where not measured
     /// (`Manifest::step_perplexity`).
     pub perplexity: Option<f64>,
     pub measured: bool,
@@ -89,6 +90,7 @@ pub fn inspect(m: &Manifest, context: usize, kv_cache: KvChoice) -> Inspection {
     let kv = kv_cache_bytes(c, kv_cache.start(), context);
     let min_kv = kv_cache_bytes(c, kv_cache.smallest(), context);
     let ppl = m.step_perplexity();
+    let measured = m.measured_perplexity();
     let params: Vec<u64> = (0..m.n_modules())
         .map(|i| {
             let (r, k) = ModuleId::from_index(i).kind.shape(c);
@@ -114,7 +116,7 @@ pub fn inspect(m: &Manifest, context: usize, kv_cache: KvChoice) -> Inspection {
                 step: s,
                 footprint_bytes: step.footprint_bytes,
                 perplexity: ppl[s],
-                measured: step.heldout_ppl.or(step.calib_ppl).is_some(),
+                measured: measured(step).is_some(),
                 mean_bits: weighted as f64 / total_params.max(1) as f64,
             }
         })

@@ -367,7 +367,7 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
       setup = await p2.evaluate(async () => {
         const e = window.flexquantPage.engine;
         const [ins, traj] = [window.flexquantPage.inspection, await e.trajectory()];
-        await e.setMaxPerplexity(traj[0].heldoutPpl ?? traj[0].calibPpl);
+        await e.setMaxPerplexity(ins.trajectory[0].perplexity);
         const s = await e.stats();
         const need = traj[s.floorStep].footprintBytes + s.overheadBytes + 2.5 * 128 * ins.kvBytesPerToken;
         const budget = Math.ceil(need / 0.9);

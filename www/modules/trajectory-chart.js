@@ -17,13 +17,17 @@ export class TrajectoryChart {
   /** `points`: engine.trajectory() rows. */
   setTrajectory(points) {
     this.points = points || [];
-    const rated = this.points.filter((p) => ppl(p) != null);
+    // One scale for the whole curve: held-out perplexity when the builder measured any step on
+    // held-out text, else the calibration one (a full-preset build records calibration ppl at
+    // every step and held-out at every 30th: mixed, the curve zigzagged between the two).
+    this.scale = this.points.some((p) => p.heldoutPpl != null) ? 'heldoutPpl' : 'calibPpl';
+    const rated = this.points.filter((p) => this.ppl(p) != null);
     this.rated = rated.length ? rated : null;
     const fs = this.points.map((p) => p.footprintBytes);
     this.fmin = Math.min(...fs);
     this.fmax = Math.max(...fs);
     if (this.rated) {
-      const ps = this.rated.map(ppl);
+      const ps = this.rated.map((p) => this.ppl(p));
       this.ymin = Math.min(...ps);
       this.ymax = Math.max(...ps);
     } else {
@@ -39,6 +43,9 @@ export class TrajectoryChart {
     this.gmax = this.g(this.ymax) + pad;
   }
 
+  /** A point's perplexity on the chart's scale (null when not measured on it). */
+  ppl(p) { return p[this.scale] ?? null; }
+
   x(f) { return M.l + (f - this.fmin) / (this.fmax - this.fmin) * (W - M.l - M.r); }
   g(v) { return this.log ? Math.log10(v) : v; }
   y(v) { return H - M.b - (this.g(v) - this.gmin) / (this.gmax - this.gmin) * (H - M.t - M.b); }
@@ -47,15 +54,15 @@ export class TrajectoryChart {
   pplAt(f) {
     if (!this.rated) return null;
     const r = [...this.rated].sort((a, b) => a.footprintBytes - b.footprintBytes);
-    if (f <= r[0].footprintBytes) return ppl(r[0]);
+    if (f <= r[0].footprintBytes) return this.ppl(r[0]);
     for (let i = 1; i < r.length; i++) {
       if (f <= r[i].footprintBytes) {
         const a = r[i - 1], b = r[i];
         const t = (f - a.footprintBytes) / (b.footprintBytes - a.footprintBytes || 1);
-        return ppl(a) + t * (ppl(b) - ppl(a));
+        return this.ppl(a) + t * (this.ppl(b) - this.ppl(a));
       }
     }
-    return ppl(r[r.length - 1]);
+    return this.ppl(r[r.length - 1]);
   }
 
   /** Redraws with the current step and the largest footprint the budget allows (or null). */
@@ -69,7 +76,7 @@ export class TrajectoryChart {
     g.append(svg('text', { x: M.l, y: H - 16 }, formatBytes(this.fmin)));
     g.append(svg('text', { x: W - M.r, y: H - 16, 'text-anchor': 'end' }, formatBytes(this.fmax)));
     g.append(svg('text', { x: (W + M.l) / 2, y: H - 4, 'text-anchor': 'middle' }, 'model footprint'));
-    const ylab = this.rated ? `perplexity${this.log ? ' (log)' : ''}` : 'step';
+    const ylab = this.rated ? `${this.scale === 'heldoutPpl' ? 'held-out' : 'calibration'} perplexity${this.log ? ' (log)' : ''}` : 'step';
     const yfmt = (v) => this.rated ? v.toFixed(v < 100 ? 1 : 0) : Math.round(v).toString();
     g.append(svg('text', { x: M.l - 4, y: this.y(this.ymax) + 4, 'text-anchor': 'end' }, yfmt(this.ymax)));
     g.append(svg('text', { x: M.l - 4, y: this.y(this.ymin) + 4, 'text-anchor': 'end' }, yfmt(this.ymin)));
@@ -79,7 +86,7 @@ export class TrajectoryChart {
     g.append(svg('path', { class: 'axis', d: ticks }));
     // the curve
     const rows = this.rated || this.points;
-    const yv = (p) => this.rated ? ppl(p) : p.step;
+    const yv = (p) => this.rated ? this.ppl(p) : p.step;
     const d = rows.map((p, i) => `${i ? 'L' : 'M'}${this.x(p.footprintBytes).toFixed(1)} ${this.y(yv(p)).toFixed(1)}`).join('');
     g.append(svg('path', { class: 'curve', d }));
     if (rows.length <= 80) for (const p of rows) g.append(svg('circle', { class: 'curve-pts', cx: this.x(p.footprintBytes), cy: this.y(yv(p)), r: 2 }));
@@ -106,8 +113,4 @@ export class TrajectoryChart {
     this.desc.textContent = `Running step ${cur.step} of ${this.points.length - 1} (${formatBytes(cur.footprintBytes)}${pv}). ` +
       `The trajectory spans ${formatBytes(this.fmax)} (step 0, all modules at the most bits) to ${formatBytes(this.fmin)} in ${this.points.length - 1} one-module steps.`;
   }
-}
-
-function ppl(p) {
-  return p.heldoutPpl ?? p.calibPpl ?? null;
 }
