@@ -96,13 +96,9 @@ fn print_event(e: Event<'_, anyhow::Error>) {
             footprint_bytes,
             ..
         } => {
-            let what: Vec<String> = modules
-                .iter()
-                .map(|m| format!("{} {}->{}", m.module, m.from_bits, m.to_bits))
-                .collect();
             eprintln!(
                 "[swap step {from} -> {to} ({reason}): {} in {ms:.0} ms, {:.1} MB]",
-                what.join(", "),
+                swapped_modules(&modules),
                 footprint_bytes as f64 / 1e6
             );
         }
@@ -310,3 +306,18 @@ pub trait Block: std::future::Future + Sized {
     }
 }
 impl<T: std::future::Future> Block for T {}
+
+/// The modules of a swap as the chat page's swap log lists them: the first `SHOWN`, then how
+/// many more (a jump along a full-preset trajectory moves hundreds).
+fn swapped_modules(modules: &[flexquant::runtime::walk::Moved]) -> String {
+    const SHOWN: usize = 6;
+    let mut text: Vec<String> = modules
+        .iter()
+        .take(SHOWN)
+        .map(|m| format!("{} {}->{}", m.module, m.from_bits, m.to_bits))
+        .collect();
+    if modules.len() > SHOWN {
+        text.push(format!("and {} more", modules.len() - SHOWN));
+    }
+    text.join(", ")
+}
