@@ -14,15 +14,34 @@
 use crate::build::search::{Evaluator, Move};
 use crate::error::Result;
 use crate::model::weights::ModuleId;
+use crate::model::weights::Weights;
 use crate::quant::eqm::{Eqm, EqmModel};
 use crate::quant::evaluate::PrefixEval;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 pub struct CalibEvaluator<'a> {
     pub model: &'a EqmModel,
     eval: PrefixEval,
+    /// The float model, when scores are cross-entropies against it (`CalibScore::Float`).
+    reference: Option<&'a Weights>,
     /// Measured single-swap sensitivities, when `measure_single_swaps` has run.
     pub measured: Option<Measured>,
+}
+
+/// What an EQM's calibration score (its "calibration ppl") measures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CalibScore {
+    /// The perplexity of the calibration text's own next tokens (the paper's).
+    #[default]
+    Tokens,
+    /// `exp` of the mean cross-entropy against the float model's next-token distribution at
+    /// every calibration position (the KL divergence from the float model plus its entropy):
+    /// always at least the float model's own, so no swap scores a gain, and free of the noise
+    /// of which token the text happens to hold next.
+    Float,
 }
 
 /// The "measured" sensitivity: the calibration-ppl change of a single swap on a small token
@@ -34,6 +53,8 @@ pub struct CalibEvaluator<'a> {
 pub struct Measured {
     tokens: Vec<u32>,
     seq_len: usize,
+    /// The float model's distributions on `tokens` (`CalibScore::Float`).
+    reference: Option<Arc<Vec<f32>>>,
     pub deltas: HashMap<(usize, u32, u32), f64>,
     /// Calibration-ppl evaluations spent (the bases included).
     pub evaluations: usize,
@@ -59,6 +80,9 @@ impl Measured {
         }
         // Module order: each swap reruns only the layers from its own on (the base is kept).
         let mut sub = PrefixEval::new(&self.tokens, self.seq_len, 2)?;
+        if let Some(r) = &self.reference {
+            sub = sub.referenced(r.clone());
+        }
         let p0 = sub.ppl(model, base)?;
         for (i, mv) in missing.iter().enumerate() {
             let mut e = base.clone();
@@ -79,15 +103,28 @@ impl Measured {
 
 impl<'a> CalibEvaluator<'a> {
     /// `tokens` is cut into sequences of `seq_len` (each evaluated from position 0; a shorter
-    /// remainder is dropped); the activations of `cache_limit` EQMs are kept.
+    /// remainder is dropped); the activations of `cache_limit` EQMs are kept. Scores are
+    /// perplexities of the tokens (`CalibScore::Tokens`).
     pub fn new(model: &'a EqmModel, tokens: &[u32], seq_len: usize, cache_limit: usize) -> Self {
         let whole = tokens.len() / seq_len * seq_len;
         CalibEvaluator {
             model,
             eval: PrefixEval::new(&tokens[..whole], seq_len, cache_limit.max(1))
                 .expect("calibration of at least one sequence of 2 tokens"),
+            reference: None,
             measured: None,
         }
+    }
+
+    /// Scores by `score`: with `CalibScore::Float`, cross-entropies against `float` (run once
+    /// on the calibration tokens here, and on the measured sensitivities' tokens there).
+    pub fn scored_by(mut self, score: CalibScore, float: &'a Weights) -> Result<Self> {
+        if score == CalibScore::Float {
+            let eval = std::mem::replace(&mut self.eval, PrefixEval::new(&[0, 0], 2, 0)?);
+            self.eval = eval.with_reference(float)?;
+            self.reference = Some(float);
+        }
+        Ok(self)
     }
 
     /// Switches on the measured sensitivity on the first `tokens` calibration tokens and
@@ -116,9 +153,17 @@ impl<'a> CalibEvaluator<'a> {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<()> {
         let start = avail.start();
+        let reference = match self.reference {
+            Some(w) => PrefixEval::new(tokens, seq_len, 0)?
+                .with_reference(w)?
+                .reference()
+                .cloned(),
+            None => None,
+        };
         let mut ms = Measured {
             tokens: tokens.to_vec(),
             seq_len,
+            reference,
             deltas: HashMap::new(),
             evaluations: 0,
             forwards: 0.0,

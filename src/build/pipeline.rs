@@ -1,7 +1,7 @@
 //! `flexquant build`: library -> search -> pruning ablation -> held-out checks -> package.
 
 use crate::build::domains::{chord_excess, ChordExcess, DomainHeldout};
-use crate::build::evaluator::{spearman, CalibEvaluator};
+use crate::build::evaluator::{spearman, CalibEvaluator, CalibScore};
 use crate::build::prune::{self, intermediate_versions};
 use crate::build::search::{search, Available, SearchOptions, Slope, Ties, Trajectory};
 use crate::build::{package, report};
@@ -35,6 +35,9 @@ pub struct BuildSettings {
     /// The order of equal damages in the search (`SearchOptions::ties`).
     #[serde(default)]
     pub ties: Ties,
+    /// What the calibration score measures (`CalibScore`).
+    #[serde(default)]
+    pub calib_score: CalibScore,
     /// Branch of the ablation's other prune rates (the shipped rate uses `branch`): 1 orders
     /// their swaps by sensitivity alone, which keeps a four-rate ablation affordable.
     #[serde(default = "one")]
@@ -559,7 +562,8 @@ pub fn build_ensemble(
         s.seq_len,
         // The candidates of two rounds: a lazy search re-measures last round's candidates.
         2 * s.stem * s.branch + 2,
-    );
+    )
+    .scored_by(s.calib_score, &inp.model.weights)?;
     let mut phases = PhaseSeconds::default();
     let sensitivity = phases.time("sensitivity", || {
         sensitivities(&mut ev, &avail, s, inp.sensitivity_ids, progress)

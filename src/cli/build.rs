@@ -3,6 +3,7 @@
 use super::quant::{build_library, CalibArgs, NestingArg, DEFAULT_GROUP};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use flexquant::build::evaluator::CalibScore;
 use flexquant::build::pipeline::{build_ensemble, BuildSettings, Inputs};
 use flexquant::build::search::{Slope, Ties};
 use flexquant::ensemble::pack;
@@ -72,6 +73,13 @@ pub struct BuildArgs {
     /// `build::search::Ties`.
     #[arg(long, value_enum, default_value = "larger-saving")]
     ties: TiesArg,
+    /// What an EQM's calibration score is: the perplexity of the calibration text's `tokens`
+    /// (default, the paper's), or `float`: the cross-entropy against the float model's
+    /// next-token distribution at each position (its KL divergence plus a constant), which no
+    /// swap can lower and which does not depend on the token the text holds next; see
+    /// `build::evaluator::CalibScore`.
+    #[arg(long, value_enum, default_value = "tokens")]
+    calib_score: CalibScoreArg,
     /// Tokens of the measured sensitivities: the `first` of the search's own calibration
     /// tokens (default), or calibration windows `between` the search's, so the candidates
     /// and the choice among them are not fitted to the same tokens. Measured on the demo
@@ -136,6 +144,12 @@ enum GainsArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum CalibScoreArg {
+    Tokens,
+    Float,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum TiesArg {
     LargerSaving,
     OutputError,
@@ -183,6 +197,10 @@ fn settings(a: &BuildArgs) -> Result<BuildSettings> {
         ties: match a.ties {
             TiesArg::LargerSaving => Ties::LargerSaving,
             TiesArg::OutputError => Ties::OutputError,
+        },
+        calib_score: match a.calib_score {
+            CalibScoreArg::Tokens => CalibScore::Tokens,
+            CalibScoreArg::Float => CalibScore::Float,
         },
         ablation_branch: 1,
         prune: a.prune,

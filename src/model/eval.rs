@@ -82,6 +82,50 @@ pub fn nll_of_rows(w: &Weights, hidden: &[f32], targets: &[u32]) -> f64 {
     nll
 }
 
+/// Cross-entropy of logits row `i` of `hidden` rows against `probs` row `i` (a reference
+/// model's next-token distribution, `vocab` floats per row): the KL divergence from the
+/// reference plus the reference's own entropy, summed over the rows. Unlike the NLL of the
+/// text's tokens, it has no sampling noise from which token the text happened to hold.
+pub fn cross_entropy_of_rows(w: &Weights, hidden: &[f32], probs: &[f32]) -> f64 {
+    let (h, vocab) = (w.config.hidden_size, w.config.vocab_size);
+    assert_eq!(
+        hidden.len() / h * vocab,
+        probs.len(),
+        "one distribution per row"
+    );
+    let mut ce = 0.0;
+    for (rows, p) in hidden
+        .chunks(LOGIT_CHUNK * h)
+        .zip(probs.chunks(LOGIT_CHUNK * vocab))
+    {
+        let lg = forward::logits(w, rows);
+        ce += lg
+            .par_chunks_exact(vocab)
+            .zip(p.par_chunks_exact(vocab))
+            .map(|(row, p)| {
+                let expected: f64 = p.iter().zip(row).map(|(&p, &z)| p as f64 * z as f64).sum();
+                ops::log_sum_exp(row) - expected
+            })
+            .sum::<f64>();
+    }
+    ce
+}
+
+/// The next-token distribution (softmax of the logits) of every row of `hidden`.
+pub fn probs_of_rows(w: &Weights, hidden: &[f32]) -> Vec<f32> {
+    let (h, vocab) = (w.config.hidden_size, w.config.vocab_size);
+    let mut out = Vec::with_capacity(hidden.len() / h * vocab);
+    for rows in hidden.chunks(LOGIT_CHUNK * h) {
+        let mut lg = forward::logits(w, rows);
+        lg.par_chunks_exact_mut(vocab).for_each(|row| {
+            let lse = ops::log_sum_exp(row) as f32;
+            row.iter_mut().for_each(|z| *z = (*z - lse).exp());
+        });
+        out.extend_from_slice(&lg);
+    }
+    out
+}
+
 /// Perplexity of `tokens`; `progress(done, total)` is called after every window.
 pub fn perplexity(
     w: &Weights,

@@ -6,7 +6,9 @@
 //! `eval::perplexity(w, tokens, ctx, ctx)`.
 
 use crate::error::{Error, Result};
-use crate::model::eval::{check_window, nll_of_rows, windows};
+use crate::model::eval::{
+    check_window, cross_entropy_of_rows, nll_of_rows, probs_of_rows, windows,
+};
 use crate::model::forward::{self, KvCache};
 use crate::model::ops::{self, Rope};
 use crate::model::weights::{ModuleId, Weights};
@@ -102,6 +104,10 @@ pub struct PrefixEval {
     pub cache_limit: usize,
     /// Forward passes run, in whole-model equivalents (a run from layer l counts (L-l)/L).
     pub forward_equivalents: f64,
+    /// A reference model's next-token distribution at every scored position, windows in
+    /// order (`with_reference`): each position then scores the cross-entropy against it
+    /// instead of the NLL of the text's next token.
+    reference: Option<Arc<Vec<f32>>>,
 }
 
 /// Summed NLL and scored tokens of each window of a perplexity: the windows are the units
@@ -139,7 +145,39 @@ impl PrefixEval {
             cache: Vec::new(),
             cache_limit,
             forward_equivalents: 0.0,
+            reference: None,
         })
+    }
+
+    /// Scores every position against `w`'s next-token distribution there (cross-entropy:
+    /// the KL divergence from `w` plus `w`'s entropy) instead of the text's next token, so a
+    /// perplexity is `exp` of the mean cross-entropy. Runs `w` once; the kept activations of
+    /// earlier EQMs are dropped (their scores were of the other kind).
+    pub fn with_reference(mut self, w: &Weights) -> Result<Self> {
+        let mut x = self.embed(w)?;
+        self.run(w, 0, &mut x, None);
+        self.forward_equivalents += 1.0;
+        let h = w.config.hidden_size;
+        forward::final_norm(w, &mut x);
+        let mut probs = Vec::new();
+        let mut row = 0;
+        for seq in &self.seqs {
+            probs.extend(probs_of_rows(w, &x[row * h..(row + seq.len() - 1) * h]));
+            row += seq.len();
+        }
+        self.cache.clear();
+        Ok(self.referenced(Arc::new(probs)))
+    }
+
+    /// Scores against distributions `with_reference` computed on the same windows.
+    pub fn referenced(mut self, probs: Arc<Vec<f32>>) -> Self {
+        self.reference = Some(probs);
+        self
+    }
+
+    /// The reference distributions, when scoring against them.
+    pub fn reference(&self) -> Option<&Arc<Vec<f32>>> {
+        self.reference.as_ref()
     }
 
     pub fn tokens(&self) -> usize {
@@ -198,13 +236,22 @@ impl PrefixEval {
         let h = w.config.hidden_size;
         let mut x = last.to_vec();
         forward::final_norm(w, &mut x);
+        let vocab = w.config.vocab_size;
         let mut out = WindowNll::default();
-        let mut row = 0;
+        let (mut row, mut scored) = (0, 0);
         for seq in &self.seqs {
             let rows = &x[row * h..(row + seq.len() - 1) * h];
-            out.sums.push(nll_of_rows(w, rows, &seq[1..]));
+            out.sums.push(match &self.reference {
+                Some(p) => cross_entropy_of_rows(
+                    w,
+                    rows,
+                    &p[scored * vocab..(scored + seq.len() - 1) * vocab],
+                ),
+                None => nll_of_rows(w, rows, &seq[1..]),
+            });
             out.counts.push(seq.len() - 1);
             row += seq.len();
+            scored += seq.len() - 1;
         }
         out
     }

@@ -85,6 +85,7 @@ fn demo_model_ensemble_is_one_way_monotone_and_reloads_exactly() {
         slope: Default::default(),
         floor_damage: false,
         ties: Default::default(),
+        calib_score: Default::default(),
         ablation_branch: 1,
         prune: 0.25,
         ablation: vec![],

@@ -786,6 +786,83 @@ fn scores_and_prefix_cached_perplexity_equal_the_plain_evaluation() {
     );
 }
 
+/// Scores against the float model (`CalibScore::Float`): each position's cross-entropy
+/// against the float model's next-token distribution, checked against a plain f64 softmax of
+/// both models' logits, window by window; the float model scores its own entropy and every
+/// quantized EQM at least that (KL >= 0); prefix caching gives the same scores.
+#[test]
+fn scores_against_the_float_model_are_cross_entropies() {
+    use flexquant::quant::evaluate::PrefixEval;
+    let model = common::tiny_model_dir();
+    let w = load(model.path()).unwrap().weights;
+    let tokens: Vec<u32> = (0..50).map(|i| (i * 37 % 250) as u32).collect();
+    let ctx = 16;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("lib");
+    build_tiny(model.path(), Method::Gptq, 32, &out).unwrap();
+    let sha = library::model_sha256(model.path()).unwrap();
+    let em = EqmModel::new(Library::open(&out).unwrap(), &w, &sha).unwrap();
+    let mut eqm = em.uniform(4);
+    eqm.set(ModuleId::from_index(9), 2);
+    let wq = em.weights(&eqm).unwrap();
+
+    // Independently: both models' logits window by window, softmax in f64.
+    let vocab = w.config.vocab_size;
+    let logits = |w: &flexquant::model::Weights, win: &[u32]| {
+        let mut cache = KvCache::new(w, ctx);
+        let x = forward::hidden(w, win, &mut cache).unwrap();
+        forward::logits(w, &x)
+    };
+    let log_softmax = |row: &[f32]| {
+        let m = row.iter().fold(f64::MIN, |a, &b| a.max(b as f64));
+        let lse = m + row.iter().map(|&z| (z as f64 - m).exp()).sum::<f64>().ln();
+        row.iter().map(|&z| z as f64 - lse).collect::<Vec<f64>>()
+    };
+    let (mut ce_float, mut ce_q, mut n) = (0.0, 0.0, 0);
+    for win in tokens.chunks(ctx) {
+        let (lf, lq) = (logits(&w, win), logits(&wq, win));
+        for r in 0..win.len() - 1 {
+            let pf = log_softmax(&lf[r * vocab..(r + 1) * vocab]);
+            let pq = log_softmax(&lq[r * vocab..(r + 1) * vocab]);
+            ce_float -= pf.iter().map(|&l| l.exp() * l).sum::<f64>();
+            ce_q -= pf
+                .iter()
+                .zip(&pq)
+                .map(|(&l, &lq)| l.exp() * lq)
+                .sum::<f64>();
+            n += 1;
+        }
+    }
+    let (want_float, want_q) = ((ce_float / n as f64).exp(), (ce_q / n as f64).exp());
+    assert!(want_q > want_float, "KL >= 0: {want_q} vs {want_float}");
+
+    let mut prefix = PrefixEval::new(&tokens, ctx, 4)
+        .unwrap()
+        .with_reference(&w)
+        .unwrap();
+    let got_float = prefix.ppl_of(&w).unwrap();
+    assert!(
+        (got_float - want_float).abs() < 1e-5 * want_float,
+        "{got_float} vs {want_float}"
+    );
+    let top = prefix.ppl(&em, &em.uniform(4)).unwrap();
+    let got_q = prefix.ppl(&em, &eqm).unwrap();
+    assert!(
+        (got_q - want_q).abs() < 1e-5 * want_q,
+        "{got_q} vs {want_q}"
+    );
+    assert!(
+        top >= got_float && got_q >= got_float,
+        "{top} {got_q} {got_float}"
+    );
+    // Not the text's perplexity.
+    let text = PrefixEval::new(&tokens, ctx, 0)
+        .unwrap()
+        .ppl_of(&wq)
+        .unwrap();
+    assert!((text - got_q).abs() > 1e-3 * text, "{text} vs {got_q}");
+}
+
 /// `--calib SOURCE[:WEIGHT],...`: parsing, windows shared by weight, sources sampled in order.
 #[test]
 fn calibration_mixes_share_windows_by_weight() {
