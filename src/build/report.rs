@@ -226,7 +226,7 @@ fn markdown(f: &Value, r: &BuildRecord) -> String {
         .map(|(k, v)| format!("{k} {v:.0} s"))
         .collect();
     s += &format!(
-        "\nBuild: {:.0} s ({:.0} s searching; {}), {} calibration-ppl evaluations ({:.0} whole-forward equivalents thanks to layer caching), branch {}, stem {}, {} scoring, {} slope, {} calibration tokens.\n\nPlots: `trajectory.svg`/`.png`, `storage.svg`/`.png`, `domains.svg`/`.png` (with several held-out domains).\n",
+        "\nBuild: {:.0} s ({:.0} s searching; {}), {} calibration-ppl evaluations ({:.0} whole-forward equivalents thanks to layer caching), branch {}, stem {}, {} scoring, {} slope, {} calibration tokens scored by {}.\n\nPlots: `trajectory.svg`/`.png`, `storage.svg`/`.png`, `domains.svg`/`.png` (with several held-out domains).\n",
         r.build_seconds,
         r.search_seconds,
         phases.join(", "),
@@ -239,7 +239,12 @@ fn markdown(f: &Value, r: &BuildRecord) -> String {
             crate::build::search::Slope::FromStart => "from-start",
             crate::build::search::Slope::Marginal => "marginal",
         },
-        r.settings.calib_tokens
+        r.settings.calib_tokens,
+        match r.settings.calib_score {
+            crate::build::evaluator::CalibScore::Tokens => "the perplexity of their own next tokens",
+            crate::build::evaluator::CalibScore::Float =>
+                "the cross-entropy against the float model's next-token distributions",
+        }
     );
     s
 }
