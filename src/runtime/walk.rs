@@ -79,11 +79,16 @@ pub trait ByteSource {
 /// Bytes a `ByteSource` verified and keeps until the caller takes them.
 pub trait Held {
     fn take(self: Box<Self>) -> Vec<u8>;
+    /// A copy, the bytes kept (for a file more than one move uses).
+    fn copy(&self) -> Vec<u8>;
 }
 
 impl Held for Vec<u8> {
     fn take(self: Box<Self>) -> Vec<u8> {
         *self
+    }
+    fn copy(&self) -> Vec<u8> {
+        self.clone()
     }
 }
 
@@ -449,10 +454,13 @@ where
         let t0 = now_ms();
         // A file that fails verification: the moves before it still go ahead (their files
         // verified), so the model gets as close to `to` as it can; the error is a warning then.
-        let bytes = loop {
-            let files: Vec<FileRef> = moves.iter().map(|mv| mv.to.file.clone()).collect();
+        // A nested module's bit-plane file serves each of its levels: a jump that moves a
+        // module several times reads and verifies its file once (`slot`: each move's file in
+        // `files`), and the bytes are copied out of it per move, taken at its last.
+        let (slot, mut held) = loop {
+            let (files, slot) = distinct_files(&moves);
             match self.source.hold(&files, "swap").await {
-                Ok(b) => break b,
+                Ok(b) => break (slot, b.into_iter().map(Some).collect::<Vec<_>>()),
                 Err(e) => {
                     self.fetch_failure.set(Some((to, now_ms())));
                     let bad = S::unverified_file(&e)
@@ -470,8 +478,14 @@ where
         let g = m.quantizer.group_size;
         let mut done = Vec::new();
         let mut failure: Option<S::Error> = None;
-        for (mv, b) in moves.iter().zip(bytes) {
-            let r = match mv.to.matrix(&m.config, g, &b.take()) {
+        for (i, mv) in moves.iter().enumerate() {
+            let last = !slot[i + 1..].contains(&slot[i]);
+            let b = match (last, &held[slot[i]]) {
+                (true, _) => held[slot[i]].take().map(|h| h.take()),
+                (false, h) => h.as_ref().map(|h| h.copy()),
+            }
+            .unwrap_or_default();
+            let r = match mv.to.matrix(&m.config, g, &b) {
                 Ok(pm) => run.session.model.set_module(mv.id, pm).await,
                 Err(e) => Err(e.into()),
             };
@@ -585,4 +599,22 @@ where
         self.execute(run, d, token_index).await?;
         Ok(d)
     }
+}
+
+/// The distinct files of `moves` in first-use order, and each move's index among them.
+fn distinct_files(moves: &[crate::ensemble::manifest::Move]) -> (Vec<FileRef>, Vec<usize>) {
+    let mut files: Vec<FileRef> = Vec::new();
+    let slot = moves
+        .iter()
+        .map(|mv| {
+            files
+                .iter()
+                .position(|f| f.file == mv.to.file.file)
+                .unwrap_or_else(|| {
+                    files.push(mv.to.file.clone());
+                    files.len() - 1
+                })
+        })
+        .collect();
+    (files, slot)
 }

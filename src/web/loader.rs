@@ -655,6 +655,9 @@ impl crate::runtime::walk::Held for JsBytes {
     fn take(self: Box<Self>) -> Vec<u8> {
         self.0.to_vec()
     }
+    fn copy(&self) -> Vec<u8> {
+        self.0.to_vec()
+    }
 }
 
 /// A file wanted from a pack: its index in the caller's list, entry and URL.

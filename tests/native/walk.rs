@@ -280,7 +280,24 @@ fn a_nested_ensemble_stores_one_plane_file_per_module_and_walks_exactly() {
     let last = m.trajectory.len() - 1;
     let mut walked = block_on(w.load_at(Some(0))).unwrap();
     for (from, to) in [(0, last), (last, last / 2), (last / 2, 1)] {
+        // A module's plane file serves all its levels: a jump reads each file once, however
+        // many of the jump's moves are that module's.
+        let moves = m.moves(from, to);
+        let files: std::collections::BTreeMap<&str, u64> = moves
+            .iter()
+            .map(|mv| (mv.to.file.file.as_str(), mv.to.file.bytes))
+            .collect();
+        assert!(
+            from != 0 || files.len() < moves.len(),
+            "a module moves twice"
+        );
+        let read = w.source.bytes_read.get();
         block_on(w.execute(&mut walked, Decision::move_to(from, to), None)).unwrap();
+        assert_eq!(
+            w.source.bytes_read.get() - read,
+            files.values().sum::<u64>(),
+            "{from} -> {to}: bytes read"
+        );
         assert_eq!(
             walked.session.model.held_bytes(),
             m.trajectory[to].footprint_bytes + kv,
