@@ -125,17 +125,19 @@ impl PlaneLevel {
         let mut codes = vec![0u32; s.code_words()];
         for r in 0..s.rows {
             for b in 0..prw {
-                // The block's 32 codes, k bits each: k * 32 <= 256 bits.
+                // The block's 32 codes, k bits each: k * 32 <= 256 bits, built 8 codes (one
+                // byte of every plane word, 8k <= 64 bits) at a time in one u64, then placed.
                 let mut block = [0u64; 5];
-                for j in 0..k {
-                    let word = self.planes[j * pw + r * prw + b];
-                    for m in 0..4 {
-                        let v = spread[(word >> (8 * m) & 255) as usize];
-                        let at = 8 * m * k + (k - 1 - j);
-                        block[at / 64] |= v << (at % 64);
-                        if at % 64 != 0 {
-                            block[at / 64 + 1] |= v >> (64 - at % 64);
-                        }
+                for m in 0..4 {
+                    let mut seg = 0u64;
+                    for j in 0..k {
+                        let byte = self.planes[j * pw + r * prw + b] >> (8 * m) & 255;
+                        seg |= spread[byte as usize] << (k - 1 - j);
+                    }
+                    let at = 8 * m * k;
+                    block[at / 64] |= seg << (at % 64);
+                    if at % 64 != 0 {
+                        block[at / 64 + 1] |= seg >> (64 - at % 64);
                     }
                 }
                 let out = &mut codes[r * wpr + b * k..r * wpr + (b + 1) * k];
