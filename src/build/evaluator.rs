@@ -120,8 +120,7 @@ impl<'a> CalibEvaluator<'a> {
     /// on the calibration tokens here, and on the measured sensitivities' tokens there).
     pub fn scored_by(mut self, score: CalibScore, float: &'a Weights) -> Result<Self> {
         if score == CalibScore::Float {
-            let eval = std::mem::replace(&mut self.eval, PrefixEval::new(&[0, 0], 2, 0)?);
-            self.eval = eval.with_reference(float)?;
+            self.eval.score_against(float)?;
             self.reference = Some(float);
         }
         Ok(self)
@@ -154,10 +153,11 @@ impl<'a> CalibEvaluator<'a> {
     ) -> Result<()> {
         let start = avail.start();
         let reference = match self.reference {
-            Some(w) => PrefixEval::new(tokens, seq_len, 0)?
-                .with_reference(w)?
-                .reference()
-                .cloned(),
+            Some(w) => {
+                let mut e = PrefixEval::new(tokens, seq_len, 0)?;
+                e.score_against(w)?;
+                e.reference().cloned()
+            }
             None => None,
         };
         let mut ms = Measured {

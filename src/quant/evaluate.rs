@@ -105,7 +105,7 @@ pub struct PrefixEval {
     /// Forward passes run, in whole-model equivalents (a run from layer l counts (L-l)/L).
     pub forward_equivalents: f64,
     /// A reference model's next-token distribution at every scored position, windows in
-    /// order (`with_reference`): each position then scores the cross-entropy against it
+    /// order (`score_against`): each position then scores the cross-entropy against it
     /// instead of the NLL of the text's next token.
     reference: Option<Arc<Vec<f32>>>,
 }
@@ -153,7 +153,7 @@ impl PrefixEval {
     /// the KL divergence from `w` plus `w`'s entropy) instead of the text's next token, so a
     /// perplexity is `exp` of the mean cross-entropy. Runs `w` once; the kept activations of
     /// earlier EQMs are dropped (their scores were of the other kind).
-    pub fn with_reference(mut self, w: &Weights) -> Result<Self> {
+    pub fn score_against(&mut self, w: &Weights) -> Result<()> {
         let mut x = self.embed(w)?;
         self.run(w, 0, &mut x, None);
         self.forward_equivalents += 1.0;
@@ -166,10 +166,11 @@ impl PrefixEval {
             row += seq.len();
         }
         self.cache.clear();
-        Ok(self.referenced(Arc::new(probs)))
+        self.reference = Some(Arc::new(probs));
+        Ok(())
     }
 
-    /// Scores against distributions `with_reference` computed on the same windows.
+    /// Scores against distributions `score_against` computed on the same windows.
     pub fn referenced(mut self, probs: Arc<Vec<f32>>) -> Self {
         self.reference = Some(probs);
         self

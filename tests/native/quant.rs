@@ -836,10 +836,8 @@ fn scores_against_the_float_model_are_cross_entropies() {
     let (want_float, want_q) = ((ce_float / n as f64).exp(), (ce_q / n as f64).exp());
     assert!(want_q > want_float, "KL >= 0: {want_q} vs {want_float}");
 
-    let mut prefix = PrefixEval::new(&tokens, ctx, 4)
-        .unwrap()
-        .with_reference(&w)
-        .unwrap();
+    let mut prefix = PrefixEval::new(&tokens, ctx, 4).unwrap();
+    prefix.score_against(&w).unwrap();
     let got_float = prefix.ppl_of(&w).unwrap();
     assert!(
         (got_float - want_float).abs() < 1e-5 * want_float,
