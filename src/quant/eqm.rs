@@ -16,7 +16,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
-use crate::model::weights::{Linear, ModuleId, Weights};
+use crate::model::weights::{Layout, Linear, ModuleId, Weights};
 use crate::quant::library::Library;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -67,6 +67,9 @@ pub fn f16_bytes(c: &LlamaConfig) -> usize {
     2 * c.param_count()
 }
 
+/// How an EQM's matrices are laid out: every use runs many tokens at once (perplexities).
+const EVAL_LAYOUT: Layout = Layout::Columns;
+
 /// A library together with the model's base weights: makes the `Weights` of any EQM.
 pub struct EqmModel {
     pub library: Library,
@@ -88,7 +91,18 @@ impl EqmModel {
                 info.sha256
             )));
         }
-        let base = with_base_precision(weights, library.manifest.group)?;
+        let mut base = with_base_precision(weights, library.manifest.group)?;
+        // The head in the evaluator's layout (a tied one copied out of the embedding).
+        let head = match &base.lm_head {
+            Some(h) => h.clone(),
+            None => Linear {
+                rows: base.config.vocab_size,
+                cols: base.config.hidden_size,
+                w: base.embed.clone(),
+                layout: Layout::Rows,
+            },
+        };
+        base.lm_head = Some(head.in_layout(EVAL_LAYOUT));
         Ok(EqmModel {
             library,
             base,
@@ -150,7 +164,8 @@ impl EqmModel {
             .par_iter()
             .map(|&(i, b)| {
                 let p = self.library.load(ModuleId::from_index(i), b)?;
-                let lin = Linear::new(p.shape.rows, p.shape.cols, p.dequantize_par());
+                let lin = Linear::new(p.shape.rows, p.shape.cols, p.dequantize_par())
+                    .in_layout(EVAL_LAYOUT);
                 Ok(((i, b), lin))
             })
             .collect::<Result<_>>()?;

@@ -6,6 +6,8 @@ use crate::common;
 use common::{max_abs_diff, tiny_model_dir};
 use flexquant::model::forward::{self, KvCache};
 use flexquant::model::load::load;
+use flexquant::model::ops;
+use flexquant::model::weights::{Layout, Linear};
 use flexquant::model::{ModuleId, ModuleKind, Weights};
 
 /// Plain-loop Llama forward over the whole sequence, f64 accumulation, no cache, RoPE applied
@@ -137,6 +139,64 @@ fn tiny_model_matches_naive_forward() {
         diff <= 1e-4 * scale.max(1.0),
         "diff {diff} vs scale {scale}"
     );
+    // The same model with every matrix stored by columns (the builder's evaluator's layout).
+    let mut cols = w.clone();
+    for m in cols.modules.iter_mut() {
+        *m = m.in_layout(Layout::Columns);
+    }
+    cols.lm_head = w.lm_head.as_ref().map(|h| h.in_layout(Layout::Columns));
+    let mut cache = KvCache::new(&cols, 128);
+    let by_cols = forward::forward_all(&cols, &tokens, &mut cache).unwrap();
+    let diff = max_abs_diff(&by_cols, &naive);
+    assert!(
+        diff <= 1e-4 * scale.max(1.0),
+        "by columns: diff {diff} vs scale {scale}"
+    );
+}
+
+/// `ops::linear` in both layouts against an f64 product written here, on odd shapes and on
+/// the row counts of decoding (the mat-vec path) and of prefill (GEMM); the layouts convert
+/// back and forth exactly.
+#[test]
+fn linear_in_either_layout_equals_a_plain_product() {
+    for &(rows, cols) in &[(1, 1), (13, 9), (70, 33), (5, 130)] {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+            .collect();
+        let by_rows = Linear::new(rows, cols, w.clone());
+        let by_cols = by_rows.in_layout(Layout::Columns);
+        assert_eq!(by_cols.layout, Layout::Columns);
+        assert_eq!(&*by_cols.in_layout(Layout::Rows).w, &w[..], "round trip");
+        for m in [1, 2, 4, 5, 37] {
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 32.0)
+                .collect();
+            let want: Vec<f64> = (0..m)
+                .flat_map(|i| {
+                    let (x, w) = (&x, &w);
+                    (0..rows).map(move |r| {
+                        (0..cols)
+                            .map(|c| x[i * cols + c] as f64 * w[r * cols + c] as f64)
+                            .sum::<f64>()
+                    })
+                })
+                .collect();
+            for lin in [&by_rows, &by_cols] {
+                let mut out = vec![f32::NAN; m * rows];
+                ops::linear(&x, m, lin, &mut out);
+                let err = out
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (*a as f64 - b).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    err <= 1e-4 * (cols as f64),
+                    "{:?} {rows}x{cols}, {m} rows: error {err}",
+                    lin.layout
+                );
+            }
+        }
+    }
 }
 
 #[test]
