@@ -114,7 +114,7 @@ impl BuildSettings {
         }
         if self.seq_len < 2 || self.calib_tokens < self.seq_len || self.heldout_every == 0 {
             return Err(Error::input(format!(
-                "calibration of {} tokens in sequences of {} (and held-out every {} steps) is not usable",
+                "a search on {} calibration tokens (--search-tokens) in windows of {} (and held-out every {} steps) is not usable: it needs at least one window",
                 self.calib_tokens, self.seq_len, self.heldout_every
             )));
         }

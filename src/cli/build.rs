@@ -80,6 +80,11 @@ pub struct BuildArgs {
     /// `build::evaluator::CalibScore`.
     #[arg(long, value_enum, default_value = "tokens")]
     calib_score: CalibScoreArg,
+    /// Calibration tokens every candidate EQM is scored on in the search (default: 256 for
+    /// both presets), taken as evenly spaced windows over the `--calib` mix: more tokens, less
+    /// noise in which swap looks cheapest, proportionally more search time.
+    #[arg(long)]
+    search_tokens: Option<usize>,
     /// Tokens of the measured sensitivities: the `first` of the search's own calibration
     /// tokens (default), or calibration windows `between` the search's, so the candidates
     /// and the choice among them are not fitted to the same tokens. Measured on the demo
@@ -181,6 +186,12 @@ fn settings(a: &BuildArgs) -> Result<BuildSettings> {
             })
             .collect::<Result<Vec<f64>>>()?,
     };
+    const SEQ_LEN: usize = 256;
+    if let Some(n) = a.search_tokens.filter(|&n| n < SEQ_LEN) {
+        anyhow::bail!(
+            "--search-tokens {n}: the search needs at least one window of {SEQ_LEN} tokens"
+        );
+    }
     Ok(BuildSettings {
         n_up: a.n_up,
         n_low: a.n_low,
@@ -205,8 +216,8 @@ fn settings(a: &BuildArgs) -> Result<BuildSettings> {
         ablation_branch: 1,
         prune: a.prune,
         ablation,
-        calib_tokens,
-        seq_len: 256,
+        calib_tokens: a.search_tokens.unwrap_or(calib_tokens),
+        seq_len: SEQ_LEN,
         heldout_tokens,
         heldout_every: every,
         sensitivity_tokens: sens,

@@ -356,6 +356,25 @@ fn cli_rejects_bad_arguments_clearly() {
     assert!(!ok && e.contains("top_p"), "{e}");
     let (ok, e) = cli(&["eval", "--model", m]);
     assert!(!ok && e.contains("--text"), "{e}");
+    let out = d.path().join("never-built");
+    let (ok, e) = cli(&[
+        "build",
+        "--model",
+        m,
+        "--calib",
+        t,
+        "--heldout",
+        t,
+        "--search-tokens",
+        "100",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && e.contains("--search-tokens") && e.contains("100"),
+        "{e}"
+    );
+    assert!(!out.exists(), "a rejected build wrote {}", out.display());
     let (ok, _) = cli(&["eval", "--model", m, "--text", t, "--ctx", "64"]);
     assert!(ok);
     // Function calling: --tools needs --chat, names the file and the field it rejects.
