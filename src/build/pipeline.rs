@@ -102,7 +102,7 @@ impl BuildSettings {
         for b in [self.n_up, self.n_low] {
             if !library_bits.contains(&b) {
                 return Err(Error::input(format!(
-                    "{b} bits is not in the library (it has {library_bits:?})"
+                    "--n-up/--n-low: {b} bits is not one of the library's bit-widths {library_bits:?}"
                 )));
             }
         }

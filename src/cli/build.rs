@@ -186,12 +186,6 @@ fn settings(a: &BuildArgs) -> Result<BuildSettings> {
             })
             .collect::<Result<Vec<f64>>>()?,
     };
-    const SEQ_LEN: usize = 256;
-    if let Some(n) = a.search_tokens.filter(|&n| n < SEQ_LEN) {
-        anyhow::bail!(
-            "--search-tokens {n}: the search needs at least one window of {SEQ_LEN} tokens"
-        );
-    }
     Ok(BuildSettings {
         n_up: a.n_up,
         n_low: a.n_low,
@@ -217,7 +211,7 @@ fn settings(a: &BuildArgs) -> Result<BuildSettings> {
         prune: a.prune,
         ablation,
         calib_tokens: a.search_tokens.unwrap_or(calib_tokens),
-        seq_len: SEQ_LEN,
+        seq_len: 256,
         heldout_tokens,
         heldout_every: every,
         sensitivity_tokens: sens,
@@ -280,9 +274,13 @@ fn model_stem(model: &Path) -> &str {
 
 pub fn run_build(a: BuildArgs) -> Result<()> {
     let s = settings(&a)?;
-    if a.n_low > a.n_up {
-        anyhow::bail!("--n-low {} is above --n-up {}", a.n_low, a.n_up);
-    }
+    let bits: Vec<u32> = flexquant::ensemble::format::BITS
+        .iter()
+        .copied()
+        .filter(|&b| b <= a.n_up && b >= a.n_low)
+        .collect();
+    // Every setting checked before any work (the library's own bits again once it exists).
+    s.validate(&bits)?;
     if a.nested == NestingArg::Upscale {
         anyhow::bail!(
             "--nested upscale: its levels' grids are not derived from the top level's, so they \
@@ -291,11 +289,6 @@ pub fn run_build(a: BuildArgs) -> Result<()> {
         );
     }
     let m = super::load_model(&a.model)?;
-    let bits: Vec<u32> = flexquant::ensemble::format::BITS
-        .iter()
-        .copied()
-        .filter(|&b| b <= a.n_up && b >= a.n_low)
-        .collect();
     // Named after the model too: two models' ensembles built side by side (the tiny test model's
     // and the demo's, in one cache directory) must not take turns overwriting one library.
     let lib_dir = a.library.clone().unwrap_or_else(|| {

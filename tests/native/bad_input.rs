@@ -375,6 +375,21 @@ fn cli_rejects_bad_arguments_clearly() {
         "{e}"
     );
     assert!(!out.exists(), "a rejected build wrote {}", out.display());
+    let (ok, e) = cli(&[
+        "build",
+        "--model",
+        m,
+        "--calib",
+        t,
+        "--heldout",
+        t,
+        "--n-up",
+        "7",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && e.contains("7 bits") && e.contains("--n-up"), "{e}");
+    assert!(!out.exists(), "a rejected build wrote {}", out.display());
     let (ok, _) = cli(&["eval", "--model", m, "--text", t, "--ctx", "64"]);
     assert!(ok);
     // Function calling: --tools needs --chat, names the file and the field it rejects.
