@@ -46,12 +46,12 @@ export interface SwapEvent {
 
 export interface BackendEvent { type: 'backend'; backend: 'webgpu' | 'cpu'; reason: string; label: string }
 /** The worker engine re-created its worker to give back wasm memory (see worker.d.ts). */
-export interface ReleasedEvent { type: 'released'; ms: number; step: number; fromStep: number; wasmMemoryBytesBefore: number; wasmMemoryBytesAfter: number; networkBytes: number }
+export interface ReleasedEvent { type: 'released'; ms: number; step: number; fromStep: number; wasmMemoryBytesBefore: number; wasmMemoryBytesAfter: number; networkBytes: number; /** Conversation tokens whose KV cache moved to the new worker (0: the next answer runs them again). */ keptTokens: number }
 export interface DeviceLostEvent { type: 'device-lost'; step: number; message: string }
 export interface RecoveredEvent { type: 'recovered'; from: number; to: number; ms: number; reprefilledTokens: number }
 export interface ErrorEvent { type: 'error'; error: { code: ErrorCode; message: string; file?: string | null; url?: string | null } }
 /** The engine works, but not as the app may assume (`chat-template-fallback`: the model has no chat template; prompts are ChatML). */
-export interface WarningEvent { type: 'warning'; code: 'chat-template-fallback' | 'threads' | 'tool-schema-loose' | 'schema-loose' | string; message: string }
+export interface WarningEvent { type: 'warning'; code: 'chat-template-fallback' | 'threads' | 'tool-schema-loose' | 'schema-loose' | 'session-not-kept' | string; message: string }
 /**
  * The controller holds at the quality floor (`maxPerplexity`) although even that step does not
  * fit the budget: `step` is where it holds, `costBytes` what that step needs (model + KV cache),
@@ -317,10 +317,35 @@ export interface Chat {
   };
 }
 
+/**
+ * A conversation and its KV cache's bytes (`exportSession`, CPU backend): `importSession` on an
+ * engine of the same ensemble goes on from it without running it again.
+ */
+export interface ExportedSession {
+  format: 'flexquant-session';
+  version: number;
+  /** The ensemble's model name and the sha256 of its base shard (what importSession checks). */
+  model: string;
+  base: string;
+  kvCache: KvCacheFormat;
+  /** The conversation's tokens the KV cache holds. */
+  tokens: Uint32Array;
+  /** The KV cache: each layer's keys then its values, tokens.length positions each (API.md). */
+  kv: Uint8Array;
+}
+
 export interface EngineApi {
   readonly chat: Chat;
   interruptGenerate(): void;
   resetChat(): Promise<void>;
+  /** The conversation and its KV cache's bytes (CPU backend; WebGPU rejects with `unsupported`). */
+  exportSession(): Promise<ExportedSession>;
+  /**
+   * Replaces the conversation by an exported one (a running answer ends), checked against this
+   * ensemble; rejects with `input` naming what disagrees (or `out-of-memory`, `context-length`), the conversation then as it was. Through
+   * a worker engine the session's `kv` is transferred (detached here).
+   */
+  importSession(session: ExportedSession): Promise<void>;
   setMemoryBudget(bytes: number | null): Promise<void>;
   /** The slowest decode the app accepts: below it the model steps down the trajectory. */
   setMinTokensPerSecond(tokensPerSecond: number | null): Promise<void>;

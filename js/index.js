@@ -149,6 +149,13 @@ export class Engine {
 
   interruptGenerate() { this._inner.interrupt(); }
   resetChat() { return this._run(() => this._inner.resetChat()).then(() => {}); }
+  /**
+   * The conversation and its KV cache's bytes (CPU backend): `importSession` on an engine of
+   * the same ensemble goes on from it without running it again (see API.md).
+   */
+  exportSession() { return this._run(() => this._inner.exportSession()); }
+  /** Replaces the conversation by an exported one; refused (another ensemble, wrong sizes, no room) the conversation stays as it was. */
+  importSession(session) { return this._run(() => this._inner.importSession(session)).then(() => {}); }
   setMinTokensPerSecond(tokensPerSecond) {
     return this._run(() => this._inner.setMinTokensPerSecond(tokensPerSecond ?? null)).then(() => {});
   }

@@ -25,6 +25,8 @@ const methods = {
   },
   interruptGenerate: () => engine.interruptGenerate(),
   resetChat: () => engine.resetChat(),
+  exportSession: () => engine.exportSession(),
+  importSession: (s) => engine.importSession(s),
   setMemoryBudget: (b) => engine.setMemoryBudget(b),
   setMinTokensPerSecond: (t) => engine.setMinTokensPerSecond(t),
   setMaxPerplexity: (p) => engine.setMaxPerplexity(p),
@@ -49,7 +51,9 @@ self.onmessage = async ({ data: { id, method, args } }) => {
     if (method !== 'create' && !engine) throw Object.assign(new Error('the engine is not created'), { code: 'unloaded' });
     if (ahead && !BESIDE_AHEAD.has(method)) await ahead.catch(() => {});
     const result = (await methods[method](...args)) ?? null;
-    post({ id, result });
+    // An exported session's KV bytes move to the page rather than being copied.
+    const transfer = method === 'exportSession' && result ? [result.kv.buffer] : [];
+    self.postMessage({ id, result }, transfer);
     if (method === 'nextChunk' && result !== null && !ahead) {
       // Its error, if any, reaches the next `nextChunk` call.
       ahead = engine.nextChunk();

@@ -5,8 +5,8 @@
 // heap, so after a budget cut the heap keeps its high-water mark. When a budget falls below the
 // heap by more than RELEASE_MARGIN, the proxy re-creates the worker at the new budget (from the
 // Cache API: no download) once no answer is running, and emits a `released` event with the heap
-// before and after. The conversation is kept by the caller's messages (every request carries
-// the whole conversation, OpenAI style), so the next answer re-reads it into the new KV cache.
+// before and after. The conversation's KV cache goes along as bytes (exportSession /
+// importSession), so the next answer runs only its new tokens.
 import { FlexQuantError, chatApi, errorData, pollHeap } from './common.js';
 
 export { FlexQuantError };
@@ -74,7 +74,7 @@ export class WorkerEngine {
     return this._post(method, args);
   }
 
-  _post(method, args = []) {
+  _post(method, args = [], transfer = []) {
     if (this._crashed) return method === 'unload' ? Promise.resolve(null) : Promise.reject(this._crashed);
     if (this._unloaded) {
       return Promise.reject(new FlexQuantError('unloaded', 'the engine was unloaded (its worker is gone)'));
@@ -82,7 +82,7 @@ export class WorkerEngine {
     const id = this._next++;
     return new Promise((resolve, reject) => {
       this._calls.set(id, { resolve, reject });
-      this._worker.postMessage({ id, method, args });
+      this._worker.postMessage({ id, method, args }, transfer);
     });
   }
 
@@ -106,6 +106,12 @@ export class WorkerEngine {
   }
   interruptGenerate() { this._call('interruptGenerate').catch(() => {}); }
   resetChat() { return this._call('resetChat'); }
+  exportSession() { return this._call('exportSession'); }
+  /** The session's KV bytes are transferred to the worker (`session.kv` is detached after). */
+  importSession(session) {
+    const send = () => this._post('importSession', [session], session?.kv?.buffer ? [session.kv.buffer] : []);
+    return this._releasing ? this._releasing.then(send) : send();
+  }
   async setMemoryBudget(bytes) {
     const before = this._budget;
     this._budget = bytes ?? null;
@@ -166,6 +172,14 @@ export class WorkerEngine {
     const before = await this.stats();
     let done;
     this._releasing = new Promise((r) => { done = r; });
+    // The conversation goes along as its KV cache's bytes, so the next answer runs only its
+    // new tokens; if that fails, the next answer runs the whole conversation again.
+    let session = null, keptTokens = 0, sessionError = null;
+    try {
+      session = await this._post('exportSession');
+    } catch (e) {
+      sessionError = e;
+    }
     try {
       await this._post('unload');
       this._worker.terminate();
@@ -183,6 +197,15 @@ export class WorkerEngine {
         await this._post('create', [this._url, { ...opts, budgetBytes: null }]);
         await this._post('setMemoryBudget', [this._budget]);
       }
+      if (session?.tokens.length) {
+        try {
+          await this._post('importSession', [session], [session.kv.buffer]);
+          keptTokens = session.tokens.length;
+        } catch (e) {
+          sessionError = e;
+        }
+      }
+      if (sessionError) this._onEvent?.({ type: 'warning', code: 'session-not-kept', message: `the conversation's KV cache was not carried to the new worker (the next answer runs it again): ${sessionError.message}` });
     } finally {
       this._releasing = null;
       done();
@@ -190,7 +213,7 @@ export class WorkerEngine {
     const after = await this.stats();
     const event = { type: 'released', ms: performance.now() - t0, step: after.step, fromStep: before.step,
       wasmMemoryBytesBefore: before.wasmMemoryBytes, wasmMemoryBytesAfter: after.wasmMemoryBytes,
-      networkBytes: after.networkBytes };
+      networkBytes: after.networkBytes, keptTokens };
     this._onEvent?.(event);
     return event;
   }

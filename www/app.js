@@ -136,7 +136,7 @@ async function main() {
       chat?.event(`KV cache ${e.from} → ${e.to} (${formatBytes(e.bytesBefore)} → ${formatBytes(e.bytesAfter)}) instead of a smaller model`, 'swap-down');
     } else if (e.type === 'released') {
       const mb = (b) => formatBytes(b);
-      chat?.event(`Gave back wasm memory: ${mb(e.wasmMemoryBytesBefore)} → ${mb(e.wasmMemoryBytesAfter)} (a new worker at step ${e.step}, from the cache, in ${Math.round(e.ms)} ms)`, 'swap-down');
+      chat?.event(`Gave back wasm memory: ${mb(e.wasmMemoryBytesBefore)} → ${mb(e.wasmMemoryBytesAfter)} (a new worker at step ${e.step}, from the cache, in ${Math.round(e.ms)} ms, ${e.keptTokens} conversation tokens kept)`, 'swap-down');
     } else if (e.type === 'device-lost') {
       notice(`The GPU device was lost (${e.message || 'no reason given'}); recovering from the cache…`, 'error');
       chat?.event('GPU device lost: recovering…', 'device-lost');

@@ -34,6 +34,18 @@ impl Backend for CpuModel {
     fn release_kv(&mut self) {
         CpuModel::release_kv(self)
     }
+    fn read_kv(&self, out: &mut dyn FnMut(&[u8])) -> Result<()> {
+        CpuModel::read_kv(self, out);
+        Ok(())
+    }
+    fn write_kv(
+        &mut self,
+        format: KvFormat,
+        positions: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<()> {
+        CpuModel::write_kv(self, format, positions, fill)
+    }
     async fn step(&mut self, tokens: &[u32]) -> Result<Vec<(u32, f32)>> {
         if tokens.len() == 1 {
             // A decode token: the pool times it to choose its thread count.

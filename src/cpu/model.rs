@@ -204,6 +204,63 @@ impl CpuModel {
         self.capacity = positions;
     }
 
+    /// The cached positions' keys and values, layer by layer (`Backend::read_kv`).
+    pub fn read_kv(&self, out: &mut dyn FnMut(&[u8])) {
+        let n = self.kv.layer_bytes(&self.config, self.len) as usize;
+        for (k, v) in self.k.iter().zip(&self.v) {
+            out(&k[..n]);
+            out(&v[..n]);
+        }
+    }
+
+    /// Replaces the KV cache by `positions` positions in `format` filled by `fill`
+    /// (`Backend::write_kv`): the new cache is allocated beside the old one, so on error
+    /// (beyond the context, the budget or the allocator) nothing changed.
+    pub fn write_kv(
+        &mut self,
+        format: KvFormat,
+        positions: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<()> {
+        if positions > self.context {
+            return Err(Error::ContextLength {
+                tokens: positions,
+                context: self.context,
+            });
+        }
+        let (c, layout) = (&self.config, KvLayout::of(&self.config, format));
+        let capacity = crate::runtime::backend::kv_grown(0, positions.max(1), self.context);
+        let what = || format!("the KV cache for {positions} positions in {format}");
+        let need = self.weight_bytes() + layout.cache_bytes(c, capacity);
+        if let Some(b) = self.budget.filter(|&b| need > b) {
+            return Err(Error::OutOfMemory {
+                what: what(),
+                requested: need,
+                budget: Some(b),
+            });
+        }
+        let (n, room) = (
+            layout.layer_bytes(c, positions) as usize,
+            layout.layer_bytes(c, capacity) as usize,
+        );
+        let mut caches = Vec::with_capacity(2 * self.k.len());
+        for _ in 0..2 * self.k.len() {
+            let mut cache = Vec::new();
+            grow_zeroed(&mut cache, room, &what())?;
+            fill(&mut cache[..n]);
+            caches.push(cache);
+        }
+        // Filled in `read_kv`'s order: each layer's keys, then its values.
+        let (mut k, mut v, mut parts) = (Vec::new(), Vec::new(), caches.into_iter());
+        while let (Some(keys), Some(values)) = (parts.next(), parts.next()) {
+            k.push(keys);
+            v.push(values);
+        }
+        (self.k, self.v, self.kv) = (k, v, layout);
+        (self.len, self.capacity) = (positions, capacity);
+        Ok(())
+    }
+
     /// Forgets every position and frees the KV cache (`Backend::release_kv`).
     pub fn release_kv(&mut self) {
         self.len = 0;

@@ -184,6 +184,15 @@ impl KvLayout {
     }
 }
 
+/// The parts `Backend::read_kv` hands out and `write_kv` fills, in order, and the bytes of
+/// each: every layer's keys then its values, `positions` positions of `format` each.
+pub fn kv_parts(c: &LlamaConfig, format: KvFormat, positions: usize) -> (usize, u64) {
+    (
+        2 * c.num_hidden_layers,
+        kv_layer_bytes(c, format, positions),
+    )
+}
+
 /// Bytes of one layer's keys (or values) for `positions` positions in `format`.
 pub fn kv_layer_bytes(c: &LlamaConfig, format: KvFormat, positions: usize) -> u64 {
     KvLayout::of(c, format).layer_bytes(c, positions)
@@ -266,6 +275,27 @@ pub trait Backend {
     async fn shrink_kv(&mut self, needed: usize) -> Result<(), Self::Error> {
         let _ = needed;
         Ok(())
+    }
+    /// The cached positions' keys and values as `KvLayout` bytes in `kv_format`, handed to
+    /// `out` one part at a time: each layer's keys, then its values, layer by layer
+    /// (`kv_parts`). With `write_kv` it carries a conversation to another model of the same
+    /// weights without running it again (the browser's worker re-created to give its memory
+    /// back). The default: this backend cannot.
+    fn read_kv(&self, out: &mut dyn FnMut(&[u8])) -> Result<(), Self::Error> {
+        let _ = out;
+        Err(crate::Error::Unsupported("this backend cannot read its KV cache out".into()).into())
+    }
+    /// Replaces the KV cache by `positions` positions in `format`, each part (`read_kv`'s
+    /// order, `kv_parts` bytes each) filled by `fill`. A cache beyond the context or the
+    /// model's budget is refused; on error the cache is as it was.
+    fn write_kv(
+        &mut self,
+        format: KvFormat,
+        positions: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), Self::Error> {
+        let _ = (format, positions, fill);
+        Err(crate::Error::Unsupported("this backend cannot take a KV cache in".into()).into())
     }
     /// Runs `tokens` after the cached ones and returns the next token's top candidates
     /// `(token, logit)`, best first, then the watched tokens (`watch`) that are not among

@@ -3,7 +3,7 @@
 //! module swaps); a new turn prefills only what differs from them.
 
 use crate::error::Error;
-use crate::runtime::backend::Backend;
+use crate::runtime::backend::{Backend, KvFormat};
 use crate::runtime::clock::now_seconds;
 use crate::runtime::generate::{sample, GenStats, Rng, Sampling, StopReason};
 use crate::runtime::json_constraint::{JsonConstraint, Lead};
@@ -110,6 +110,35 @@ impl<B: Backend> Session<B> {
     pub fn reset(&mut self) {
         self.tokens.clear();
         self.model.release_kv();
+    }
+
+    /// The conversation's tokens that the KV cache holds, its bytes handed to `out`
+    /// (`Backend::read_kv`): with `import` on a model of the same weights, the conversation
+    /// goes on there without being run again.
+    pub fn export(&self, out: &mut dyn FnMut(&[u8])) -> Result<&[u32], B::Error> {
+        let held = self.model.len();
+        let Some(tokens) = self.tokens.get(..held) else {
+            let m = format!(
+                "the KV cache holds {held} positions, the conversation {} tokens",
+                self.tokens.len()
+            );
+            return Err(Error::input(m).into());
+        };
+        self.model.read_kv(out)?;
+        Ok(tokens)
+    }
+
+    /// Replaces the conversation by `tokens` whose KV cache, in `format`, `fill` writes
+    /// (`Backend::write_kv`, `export`'s bytes). On error the conversation is as it was.
+    pub fn import(
+        &mut self,
+        tokens: &[u32],
+        format: KvFormat,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), B::Error> {
+        self.model.write_kv(format, tokens.len(), fill)?;
+        self.tokens = tokens.to_vec();
+        Ok(())
     }
 
     /// Puts another model (e.g. rebuilt on a new device) under the conversation and runs the

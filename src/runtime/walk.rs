@@ -197,6 +197,36 @@ where
         Ok(())
     }
 
+    /// Replaces the conversation by one exported from a model of the same weights
+    /// (`Session::import`). A cache in a format the app's KV choice does not allow (f16 into
+    /// an engine pinned to int8, or the reverse) is converted to the one the model ran in.
+    /// A cache refused (context, budget) leaves the conversation as it was; a conversion
+    /// refused after the import leaves it empty.
+    pub async fn import_session(
+        &self,
+        run: &mut Running<F::Model>,
+        tokens: &[u32],
+        format: KvFormat,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), S::Error> {
+        let pinned = run
+            .session
+            .model
+            .kv_format()
+            .filter(|_| !self.kv_auto.get());
+        run.session.import(tokens, format, fill)?;
+        match pinned.filter(|&f| f != format) {
+            Some(f) => {
+                if let Err(e) = run.session.model.convert_kv(f).await {
+                    run.session.reset();
+                    return Err(e.into());
+                }
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     /// With `KvChoice::Auto`, a decision that the model must shrink for memory is met first by
     /// converting an f16 KV cache to int8 (0.56x its bytes for +0.07% perplexity on the demo
     /// model, cheaper than any weight step); the controller then decides again with the

@@ -85,6 +85,19 @@ impl Backend for WebModel {
     fn kv_format(&self) -> Option<KvFormat> {
         each!(self, m => Backend::kv_format(m))
     }
+    fn read_kv(&self, out: &mut dyn FnMut(&[u8])) -> WebResult<()> {
+        each!(self, m => Backend::read_kv(m, out)?);
+        Ok(())
+    }
+    fn write_kv(
+        &mut self,
+        format: KvFormat,
+        positions: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> WebResult<()> {
+        each!(self, m => Backend::write_kv(m, format, positions, fill)?);
+        Ok(())
+    }
     async fn convert_kv(&mut self, to: KvFormat) -> WebResult<()> {
         each!(self, m => Backend::convert_kv(m, to).await?);
         Ok(())

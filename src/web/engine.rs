@@ -238,6 +238,36 @@ impl Engine {
         })
     }
 
+    /// The conversation and its KV cache's bytes (`web::session_io`): `importSession` on an
+    /// engine of the same ensemble goes on from it without running it again.
+    #[wasm_bindgen(js_name = exportSession)]
+    pub fn export_session(&self) -> js_sys::Promise {
+        let i = self.inner.clone();
+        promise(async move {
+            let st = i.take()?;
+            let r = i.export_session(&st);
+            i.put(st);
+            r
+        })
+    }
+
+    /// Replaces the conversation by an exported one (a running answer ends); checked against
+    /// this ensemble first. On error the conversation is as it was.
+    #[wasm_bindgen(js_name = importSession)]
+    pub fn import_session(&self, session: JsValue) -> js_sys::Promise {
+        let i = self.inner.clone();
+        promise(async move {
+            let mut st = i.take()?;
+            st.turn = None;
+            let r = i.import_session(&mut st, session).await;
+            i.put(st);
+            r?;
+            // The cache it brought counts against the budget from now on.
+            i.rebalance_if_idle().await?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
     /// Sets (or with `null` clears) the app's memory budget; when no answer is running the
     /// resulting swap happens before this resolves, else before the next token.
     #[wasm_bindgen(js_name = setMemoryBudget)]

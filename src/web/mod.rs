@@ -13,6 +13,8 @@
 //! - `events`: what `onProgress` / `onEvent` receive.
 //! - `engine`: the wasm-bindgen `Engine`: options, chat token by token, and between tokens
 //!   the signals and `runtime::Elastic`'s decision.
+//! - `session_io`: a conversation and its KV cache as a JS object (`exportSession` /
+//!   `importSession`), carried to another engine of the same ensemble.
 //! - `threads`: wasm threads for the CPU backend (the `threads` option, the threaded build's
 //!   Web Worker pool).
 //! - `trajectory`: the browser's side of `runtime::walk` (which loads steps, swaps, prefetches
@@ -29,6 +31,7 @@ pub mod error;
 pub mod events;
 pub mod fetch;
 pub mod loader;
+pub mod session_io;
 pub mod store;
 pub mod support;
 pub mod threads;

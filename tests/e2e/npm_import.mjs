@@ -66,6 +66,16 @@ if (!server) throw new Error('usage: node npm_import.mjs SERVER_URL (./build.sh 
     assert.ok(r.releaseStep > 0);
     assert.equal(rel.stats.step, r.releaseStep, JSON.stringify(rel.stats));
     assert.ok(rel.answer.prompt_tokens > r.worker.usage.prompt_tokens && rel.answer.completion_tokens >= 1, JSON.stringify(rel.answer));
+    // The conversation's KV cache went along: the follow-up found at least the first prompt cached.
+    assert.ok(rel.event.keptTokens > r.worker.usage.prompt_tokens, JSON.stringify(rel.event));
+    assert.ok(rel.answer.prompt_tokens_details.cached_tokens >= r.worker.usage.prompt_tokens, JSON.stringify(rel.answer));
+    const ses = r.session;
+    assert.ok(ses.tokens > ses.firstPrompt && ses.kvBytes > 0 && ses.imported === ses.tokens, JSON.stringify(ses));
+    assert.deepEqual(ses.texts[1], ses.texts[0], 'the same follow-up on the engine the session moved to');
+    assert.ok(ses.cached[0] >= ses.firstPrompt && ses.cached[1] === ses.cached[0], JSON.stringify(ses));
+    assert.match(ses.otherModel, /^input: importSession: the session comes from another model/, ses.otherModel);
+    assert.match(ses.cut, /^input: importSession: kv holds \d+ bytes; \d+ positions in f16 take \d+/, ses.cut);
+    assert.ok(ses.held > ses.tokens && ses.afterReject === ses.held, `a refused session keeps the conversation: ${JSON.stringify(ses)}`);
     assert.ok(r.worker.events.includes('progress'), r.worker.events.join());
     assert.deepEqual([r.missing.instance, r.missing.code], [true, 'manifest-not-found'], JSON.stringify(r.missing));
     assert.equal(r.unsupported, 'unsupported');
@@ -89,7 +99,8 @@ if (!server) throw new Error('usage: node npm_import.mjs SERVER_URL (./build.sh 
     throw e;
   }
   console.log(`npm import test passed: concurrency ${JSON.stringify(r.concurrency)}, main ${JSON.stringify(r.main.text)} (${r.main.usage.completion_tokens} tokens), ` +
-    `worker ${JSON.stringify(r.worker.text)}, release ${r.release.event.wasmMemoryBytesBefore} -> ${r.release.event.wasmMemoryBytesAfter} wasm bytes in ${Math.round(r.release.event.ms)} ms, backend ${r.main.stats.backend} (${r.main.stats.backendReason}), ${r.main.stats.adapter}`);
+    `worker ${JSON.stringify(r.worker.text)}, release ${r.release.event.wasmMemoryBytesBefore} -> ${r.release.event.wasmMemoryBytesAfter} wasm bytes in ${Math.round(r.release.event.ms)} ms keeping ${r.release.event.keptTokens} tokens (follow-up: ${r.release.answer.prompt_tokens_details.cached_tokens} of ${r.release.answer.prompt_tokens} cached), ` +
+    `session moved: ${r.session.tokens} tokens, ${r.session.kvBytes} KV bytes, follow-up ${r.session.cached.join('/')} cached, backend ${r.main.stats.backend} (${r.main.stats.backendReason}), ${r.main.stats.adapter}`);
 }
 
 /**
@@ -107,7 +118,7 @@ function checkDeclarations(r) {
   }
   assert.deepEqual([...problems], [], `js/*.d.ts disagrees with what the engine returned:\n  ${[...problems].join('\n  ')}`);
   const want = ['Support', 'Inspection', 'CacheReport', 'Stats', 'TrajectoryPoint', 'Started', 'ChatCompletion',
-    'ChatCompletionChunk', 'EngineEvent', 'FlexQuantError'];
+    'ChatCompletionChunk', 'EngineEvent', 'FlexQuantError', 'ExportedSession'];
   assert.deepEqual(want.filter((t) => !r.samples[t]?.length), [], 'types with no sample');
   const kinds = ['backend', 'below-floor', 'device-lost', 'error', 'progress/download', 'progress/ready',
     'progress/upload', 'recovered', 'released', 'swap'];

@@ -409,3 +409,102 @@ fn kv_cache_converts_to_int8_mid_conversation() {
     tight.convert_kv(KvFormat::F16).unwrap();
     assert_eq!(tight.held_bytes(), model(KvFormat::F16, None).held_bytes());
 }
+
+/// A conversation carried to another model by its KV cache's bytes (`Session::export` /
+/// `import`, what the browser's worker does when it is re-created to give its memory back):
+/// the next request finds the whole conversation cached there, runs only its new tokens and
+/// answers exactly as the first model does, in either format; a cache beyond the context or
+/// the budget is refused and leaves the conversation empty, as a fresh one.
+#[test]
+fn a_conversation_moves_to_another_model_by_its_kv_bytes() {
+    use flexquant::runtime::backend::kv_cache_bytes;
+    use flexquant::runtime::generate::Sampling;
+    use flexquant::runtime::session::Session;
+    let (m, modules) = crate::common::tiny_mixed();
+    let w = &m.weights;
+    let c = &w.config;
+    let base: std::sync::Arc<_> = rtn_base(w, 32).unwrap().into();
+    let model = |context, format, budget| {
+        CpuModel::new(c, base.clone(), modules.clone(), context, format, budget).unwrap()
+    };
+    use pollster::block_on as run;
+    let greedy = Sampling {
+        max_tokens: 12,
+        ..Default::default()
+    };
+    let prompt = crate::common::tiny_tokens(150);
+    for format in [KvFormat::F16, KvFormat::Int8] {
+        let mut a = Session::new(model(512, format, None));
+        let mut turn = run(a.start(&prompt, &greedy, &[])).unwrap();
+        while run(a.next(&mut turn)).unwrap().is_some() {}
+        let mut parts: Vec<Vec<u8>> = vec![];
+        let tokens = a.export(&mut |p| parts.push(p.to_vec())).unwrap().to_vec();
+        assert_eq!(tokens, a.tokens(), "{format}: every token is cached");
+        let (n, bytes) = flexquant::runtime::backend::kv_parts(c, format, tokens.len());
+        assert_eq!(parts.len(), n);
+        assert!(parts.iter().all(|p| p.len() as u64 == bytes), "{format}");
+
+        // Into a model that started in the other format: it takes the snapshot's.
+        let other = [KvFormat::Int8, KvFormat::F16][format as usize];
+        let mut b = Session::new(model(512, other, None));
+        let mut next = parts.iter();
+        b.import(&tokens, format, &mut |p| {
+            p.copy_from_slice(next.next().unwrap())
+        })
+        .unwrap();
+        assert_eq!((b.tokens(), b.model.kv_format()), (&tokens[..], format));
+        let room = flexquant::runtime::backend::kv_grown(0, tokens.len(), 512);
+        assert_eq!(b.model.capacity(), room);
+        assert_eq!(b.model.kv_bytes(), kv_cache_bytes(c, format, room));
+
+        // The next request: the conversation and a new turn, on both.
+        let mut more = tokens.clone();
+        more.extend(crate::common::tiny_tokens(170).split_off(150));
+        let (mut ta, mut tb) = (
+            run(a.start(&more, &greedy, &[])).unwrap(),
+            run(b.start(&more, &greedy, &[])).unwrap(),
+        );
+        assert_eq!(tb.stats.prefilled, 20, "{format}: only the new tokens ran");
+        assert_eq!(ta.stats.prefilled, tb.stats.prefilled);
+        let (mut oa, mut ob) = (vec![], vec![]);
+        while let Some(t) = run(a.next(&mut ta)).unwrap() {
+            oa.push(t);
+        }
+        while let Some(t) = run(b.next(&mut tb)).unwrap() {
+            ob.push(t);
+        }
+        assert_eq!(
+            oa, ob,
+            "{format}: the same answer on the model the cache moved to"
+        );
+        assert_eq!(
+            a.model.log_z().to_bits(),
+            b.model.log_z().to_bits(),
+            "{format}: the same last logits, to the bit"
+        );
+
+        // Refused: more positions than the context, more bytes than the budget.
+        let mut short = Session::new(model(64, format, None));
+        let e = short
+            .import(&tokens, format, &mut |_| panic!("nothing is filled"))
+            .unwrap_err();
+        assert!(matches!(e, flexquant::Error::ContextLength { .. }), "{e}");
+        let empty = model(512, format, None).held_bytes();
+        let mut tight = Session::new(model(512, format, Some(empty)));
+        let e = tight
+            .import(&tokens, format, &mut |_| panic!("nothing is filled"))
+            .unwrap_err();
+        assert!(matches!(e, flexquant::Error::OutOfMemory { .. }), "{e}");
+        for s in [&short, &tight] {
+            assert_eq!((s.tokens().len(), s.model.len()), (0, 0));
+        }
+        // Refused onto a conversation: it stays as it was.
+        let kept = (b.tokens().to_vec(), b.model.kv_bytes());
+        b.model.set_budget(Some(b.model.held_bytes()));
+        let longer = crate::common::tiny_tokens(400);
+        let e = b.import(&longer, format, &mut |_| {}).unwrap_err();
+        assert!(matches!(e, flexquant::Error::OutOfMemory { .. }), "{e}");
+        assert_eq!((b.tokens().to_vec(), b.model.kv_bytes()), kept);
+        assert_eq!(b.model.len(), b.tokens().len());
+    }
+}
