@@ -318,7 +318,7 @@ export interface Chat {
 }
 
 /**
- * A conversation and its KV cache's bytes (`exportSession`, CPU backend): `importSession` on an
+ * A conversation and its KV cache's bytes (`exportSession`): `importSession` on an
  * engine of the same ensemble goes on from it without running it again.
  */
 export interface ExportedSession {
@@ -338,7 +338,7 @@ export interface EngineApi {
   readonly chat: Chat;
   interruptGenerate(): void;
   resetChat(): Promise<void>;
-  /** The conversation and its KV cache's bytes (CPU backend; WebGPU rejects with `unsupported`). */
+  /** The conversation and its KV cache's bytes (either backend: the same layout on both). */
   exportSession(): Promise<ExportedSession>;
   /**
    * Replaces the conversation by an exported one (a running answer ends), checked against this

@@ -150,7 +150,7 @@ export class Engine {
   interruptGenerate() { this._inner.interrupt(); }
   resetChat() { return this._run(() => this._inner.resetChat()).then(() => {}); }
   /**
-   * The conversation and its KV cache's bytes (CPU backend): `importSession` on an engine of
+   * The conversation and its KV cache's bytes (either backend): `importSession` on an engine of
    * the same ensemble goes on from it without running it again (see API.md).
    */
   exportSession() { return this._run(() => this._inner.exportSession()); }

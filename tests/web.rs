@@ -2300,3 +2300,83 @@ async fn the_kv_cache_grows_with_the_conversation_and_the_controller_follows() {
         call(e.unload()).await.unwrap();
     }
 }
+
+/// A conversation moved by its KV cache's bytes (`exportSession` / `importSession`) from a
+/// WebGPU engine (read back from the device) to another WebGPU engine and to a CPU one: the
+/// follow-up there runs only its new tokens, the WebGPU one answers as the first engine does
+/// and the allocator still counts exactly the footprint and overheads; a session changed on
+/// the way is refused, the conversation kept.
+#[wasm_bindgen_test]
+async fn a_session_moves_between_engines_and_backends() {
+    let open = |backend: &str| engine("/tiny/manifest.json", json!({"backend": backend}));
+    let (a, _) = open("webgpu").await.unwrap();
+    let first = [user("Tell me about Elizabeth.")];
+    start(&a, &first, 6).await;
+    let (text, _, first_last) = finish(&a).await;
+    let first_prompt = first_last["usage"]["prompt_tokens"].as_u64().unwrap();
+    let session = JsFuture::from(a.export_session())
+        .await
+        .expect("exportSession");
+    let tokens: js_sys::Uint32Array = js_sys::Reflect::get(&session, &"tokens".into())
+        .unwrap()
+        .into();
+    let kv: js_sys::Uint8Array = js_sys::Reflect::get(&session, &"kv".into()).unwrap().into();
+    assert_eq!(
+        tokens.length() as u64,
+        stats(&a)["contextTokens"].as_u64().unwrap()
+    );
+    assert!(kv.length() > 0);
+    let follow = [
+        user("Tell me about Elizabeth."),
+        json!({"role": "assistant", "content": text}),
+        user("And Darcy?"),
+    ];
+    start(&a, &follow, 6).await;
+    let (want, _, last) = finish(&a).await;
+    let cached = last["usage"]["prompt_tokens_details"]["cached_tokens"].clone();
+    // The tiny model's answers are random bytes, whose text may not encode back to the same
+    // tokens: at least the first prompt is found cached.
+    assert!(cached.as_u64().unwrap() >= first_prompt, "{last}");
+
+    for backend in ["webgpu", "cpu"] {
+        let (b, _) = open(backend).await.unwrap();
+        call(b.import_session(session.clone()))
+            .await
+            .expect("importSession");
+        let s = stats(&b);
+        assert_eq!(
+            s["contextTokens"].as_u64(),
+            Some(tokens.length() as u64),
+            "{s}"
+        );
+        if backend == "webgpu" {
+            let held = s["footprintBytes"].as_u64().unwrap() + s["overheadBytes"].as_u64().unwrap();
+            assert_eq!(s["gpuAllocatedBytes"].as_u64(), Some(held), "{s}");
+        }
+        start(&b, &follow, 6).await;
+        let (got, _, last) = finish(&b).await;
+        assert_eq!(
+            last["usage"]["prompt_tokens_details"]["cached_tokens"], cached,
+            "{backend}: {last}"
+        );
+        if backend == "webgpu" {
+            assert_eq!(
+                got, want,
+                "the same follow-up on the engine the session moved to"
+            );
+        }
+        // Changed on the way: refused, naming it; the conversation stays.
+        let held = stats(&b)["contextTokens"].clone();
+        let cut = js_sys::Object::assign(&js_sys::Object::new(), &session.clone().into());
+        js_sys::Reflect::set(&cut, &"kv".into(), &kv.subarray(0, kv.length() - 1)).unwrap();
+        let err = call(b.import_session(cut.into())).await.unwrap_err();
+        assert_eq!(err["code"], "input", "{err}");
+        assert!(
+            err["message"].as_str().unwrap().contains("kv holds"),
+            "{err}"
+        );
+        assert_eq!(stats(&b)["contextTokens"], held);
+        call(b.unload()).await.unwrap();
+    }
+    call(a.unload()).await.unwrap();
+}

@@ -34,11 +34,11 @@ impl Backend for CpuModel {
     fn release_kv(&mut self) {
         CpuModel::release_kv(self)
     }
-    fn read_kv(&self, out: &mut dyn FnMut(&[u8])) -> Result<()> {
+    async fn read_kv(&self, out: &mut dyn FnMut(&[u8])) -> Result<()> {
         CpuModel::read_kv(self, out);
         Ok(())
     }
-    fn write_kv(
+    async fn write_kv(
         &mut self,
         format: KvFormat,
         positions: usize,

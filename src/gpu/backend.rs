@@ -35,6 +35,17 @@ impl Backend for Model {
     fn release_kv(&mut self) {
         Model::release_kv(self)
     }
+    async fn read_kv(&self, out: &mut dyn FnMut(&[u8])) -> GpuResult<()> {
+        Model::read_kv(self, out).await
+    }
+    async fn write_kv(
+        &mut self,
+        format: KvFormat,
+        positions: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> GpuResult<()> {
+        Model::write_kv(self, format, positions, fill).await
+    }
     async fn step(&mut self, tokens: &[u32]) -> GpuResult<Vec<(u32, f32)>> {
         Model::step(self, tokens).await
     }

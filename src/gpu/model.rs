@@ -452,6 +452,60 @@ impl Model {
         Ok(())
     }
 
+    /// The cached positions' keys and values, layer by layer (`Backend::read_kv`), read back
+    /// from the device a buffer at a time.
+    pub async fn read_kv(&self, out: &mut dyn FnMut(&[u8])) -> GpuResult<()> {
+        let (c, format) = (&self.config, self.opts.kv_format);
+        let n = crate::runtime::backend::kv_layer_bytes(c, format, self.len);
+        if n == 0 {
+            for _ in 0..2 * c.num_hidden_layers {
+                out(&[]);
+            }
+            return Ok(());
+        }
+        for b in self.kv.iter().flatten() {
+            out(&self.read_bytes(&b.buffer, n).await?);
+        }
+        Ok(())
+    }
+
+    /// Replaces the KV cache by `positions` positions in `format` filled by `fill`
+    /// (`Backend::write_kv`): a new cache is allocated (the old one kept until it is whole,
+    /// so a refusal changes nothing), each part written to the device as it is filled.
+    pub async fn write_kv(
+        &mut self,
+        format: KvFormat,
+        positions: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> GpuResult<()> {
+        let c = &self.config;
+        if positions > self.opts.context {
+            return Err(GpuError::Input(format!(
+                "a KV cache of {positions} positions is more than the context's {}",
+                self.opts.context
+            )));
+        }
+        let room = crate::runtime::backend::kv_grown(0, positions.max(1), self.opts.context);
+        let kv = create_kv(&self.alloc, c, format, room).await?;
+        let mut part =
+            vec![0u8; crate::runtime::backend::kv_layer_bytes(c, format, positions) as usize];
+        for b in kv.iter().flatten() {
+            fill(&mut part);
+            if !part.is_empty() {
+                self.gpu.queue.write_buffer(&b.buffer, 0, &part);
+            }
+        }
+        let changed = format != self.opts.kv_format;
+        (self.kv, self.len, self.opts.kv_format) = (kv, positions, format);
+        if changed {
+            let (gpu, params) = (&self.gpu, &self.params);
+            self.graph
+                .write_kv_params(gpu, params, &self.config, &self.opts);
+        }
+        self.bind_kv(room);
+        Ok(())
+    }
+
     /// Layer `l`'s cached positions re-encoded from `from` to `to` on the device
     /// (`kv_convert`: the bytes the RoPE kernel would have written) into new keys and values
     /// that replace the layer's (the old ones freed once the conversion has run). A conversion

@@ -281,14 +281,14 @@ pub trait Backend {
     /// (`kv_parts`). With `write_kv` it carries a conversation to another model of the same
     /// weights without running it again (the browser's worker re-created to give its memory
     /// back). The default: this backend cannot.
-    fn read_kv(&self, out: &mut dyn FnMut(&[u8])) -> Result<(), Self::Error> {
+    async fn read_kv(&self, out: &mut dyn FnMut(&[u8])) -> Result<(), Self::Error> {
         let _ = out;
         Err(crate::Error::Unsupported("this backend cannot read its KV cache out".into()).into())
     }
     /// Replaces the KV cache by `positions` positions in `format`, each part (`read_kv`'s
     /// order, `kv_parts` bytes each) filled by `fill`. A cache beyond the context or the
     /// model's budget is refused; on error the cache is as it was.
-    fn write_kv(
+    async fn write_kv(
         &mut self,
         format: KvFormat,
         positions: usize,

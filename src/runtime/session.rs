@@ -115,7 +115,7 @@ impl<B: Backend> Session<B> {
     /// The conversation's tokens that the KV cache holds, its bytes handed to `out`
     /// (`Backend::read_kv`): with `import` on a model of the same weights, the conversation
     /// goes on there without being run again.
-    pub fn export(&self, out: &mut dyn FnMut(&[u8])) -> Result<&[u32], B::Error> {
+    pub async fn export(&self, out: &mut dyn FnMut(&[u8])) -> Result<&[u32], B::Error> {
         let held = self.model.len();
         let Some(tokens) = self.tokens.get(..held) else {
             let m = format!(
@@ -124,19 +124,19 @@ impl<B: Backend> Session<B> {
             );
             return Err(Error::input(m).into());
         };
-        self.model.read_kv(out)?;
+        self.model.read_kv(out).await?;
         Ok(tokens)
     }
 
     /// Replaces the conversation by `tokens` whose KV cache, in `format`, `fill` writes
     /// (`Backend::write_kv`, `export`'s bytes). On error the conversation is as it was.
-    pub fn import(
+    pub async fn import(
         &mut self,
         tokens: &[u32],
         format: KvFormat,
         fill: &mut dyn FnMut(&mut [u8]),
     ) -> Result<(), B::Error> {
-        self.model.write_kv(format, tokens.len(), fill)?;
+        self.model.write_kv(format, tokens.len(), fill).await?;
         self.tokens = tokens.to_vec();
         Ok(())
     }

@@ -214,7 +214,7 @@ where
             .model
             .kv_format()
             .filter(|_| !self.kv_auto.get());
-        run.session.import(tokens, format, fill)?;
+        run.session.import(tokens, format, fill).await?;
         match pinned.filter(|&f| f != format) {
             Some(f) => {
                 if let Err(e) = run.session.model.convert_kv(f).await {

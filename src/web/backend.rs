@@ -85,17 +85,17 @@ impl Backend for WebModel {
     fn kv_format(&self) -> Option<KvFormat> {
         each!(self, m => Backend::kv_format(m))
     }
-    fn read_kv(&self, out: &mut dyn FnMut(&[u8])) -> WebResult<()> {
-        each!(self, m => Backend::read_kv(m, out)?);
+    async fn read_kv(&self, out: &mut dyn FnMut(&[u8])) -> WebResult<()> {
+        each!(self, m => Backend::read_kv(m, out).await?);
         Ok(())
     }
-    fn write_kv(
+    async fn write_kv(
         &mut self,
         format: KvFormat,
         positions: usize,
         fill: &mut dyn FnMut(&mut [u8]),
     ) -> WebResult<()> {
-        each!(self, m => Backend::write_kv(m, format, positions, fill)?);
+        each!(self, m => Backend::write_kv(m, format, positions, fill).await?);
         Ok(())
     }
     async fn convert_kv(&mut self, to: KvFormat) -> WebResult<()> {

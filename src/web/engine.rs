@@ -245,7 +245,7 @@ impl Engine {
         let i = self.inner.clone();
         promise(async move {
             let st = i.take()?;
-            let r = i.export_session(&st);
+            let r = i.export_session(&st).await;
             i.put(st);
             r
         })

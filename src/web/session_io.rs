@@ -27,14 +27,12 @@ impl Inner {
     /// `{format, version, model, base, kvCache, tokens, kv}`: `tokens` (Uint32Array) are the
     /// conversation the KV cache holds, `kv` (Uint8Array, outside the wasm heap) its bytes,
     /// `base` the sha256 of the ensemble's base shard (what `import_session` checks).
-    pub(super) fn export_session(&self, st: &State) -> WebResult<JsValue> {
+    pub(super) async fn export_session(&self, st: &State) -> WebResult<JsValue> {
         let m = &self.walk.source.manifest;
         let model = &st.run.session.model;
         let Some(format) = crate::runtime::Backend::kv_format(model) else {
-            return Err(WebError::new(
-                Code::Unsupported,
-                "exportSession: this backend keeps no byte KV cache",
-            ));
+            let m = "exportSession: this backend keeps no byte KV cache";
+            return Err(WebError::new(Code::Unsupported, m));
         };
         let (parts, bytes) = kv_parts(&m.config, format, crate::runtime::Backend::len(model));
         let total = parts as u64 * bytes;
@@ -45,11 +43,12 @@ impl Inner {
         };
         let kv = Uint8Array::new_with_length(total);
         let mut at = 0u32;
-        let tokens = st.run.session.export(&mut |p| {
+        let mut copy = |p: &[u8]| {
             let end = at + p.len() as u32;
             kv.subarray(at, end).copy_from(p);
             at = end;
-        })?;
+        };
+        let tokens = st.run.session.export(&mut copy).await?;
         let o = js_sys::Object::new();
         set(&o, "format", &FORMAT.into());
         set(&o, "version", &VERSION.into());

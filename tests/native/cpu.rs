@@ -438,7 +438,9 @@ fn a_conversation_moves_to_another_model_by_its_kv_bytes() {
         let mut turn = run(a.start(&prompt, &greedy, &[])).unwrap();
         while run(a.next(&mut turn)).unwrap().is_some() {}
         let mut parts: Vec<Vec<u8>> = vec![];
-        let tokens = a.export(&mut |p| parts.push(p.to_vec())).unwrap().to_vec();
+        let tokens = run(a.export(&mut |p| parts.push(p.to_vec())))
+            .unwrap()
+            .to_vec();
         assert_eq!(tokens, a.tokens(), "{format}: every token is cached");
         let (n, bytes) = flexquant::runtime::backend::kv_parts(c, format, tokens.len());
         assert_eq!(parts.len(), n);
@@ -448,9 +450,9 @@ fn a_conversation_moves_to_another_model_by_its_kv_bytes() {
         let other = [KvFormat::Int8, KvFormat::F16][format as usize];
         let mut b = Session::new(model(512, other, None));
         let mut next = parts.iter();
-        b.import(&tokens, format, &mut |p| {
+        run(b.import(&tokens, format, &mut |p| {
             p.copy_from_slice(next.next().unwrap())
-        })
+        }))
         .unwrap();
         assert_eq!((b.tokens(), b.model.kv_format()), (&tokens[..], format));
         let room = flexquant::runtime::backend::kv_grown(0, tokens.len(), 512);
@@ -485,15 +487,13 @@ fn a_conversation_moves_to_another_model_by_its_kv_bytes() {
 
         // Refused: more positions than the context, more bytes than the budget.
         let mut short = Session::new(model(64, format, None));
-        let e = short
-            .import(&tokens, format, &mut |_| panic!("nothing is filled"))
-            .unwrap_err();
+        let e =
+            run(short.import(&tokens, format, &mut |_| panic!("nothing is filled"))).unwrap_err();
         assert!(matches!(e, flexquant::Error::ContextLength { .. }), "{e}");
         let empty = model(512, format, None).held_bytes();
         let mut tight = Session::new(model(512, format, Some(empty)));
-        let e = tight
-            .import(&tokens, format, &mut |_| panic!("nothing is filled"))
-            .unwrap_err();
+        let e =
+            run(tight.import(&tokens, format, &mut |_| panic!("nothing is filled"))).unwrap_err();
         assert!(matches!(e, flexquant::Error::OutOfMemory { .. }), "{e}");
         for s in [&short, &tight] {
             assert_eq!((s.tokens().len(), s.model.len()), (0, 0));
@@ -502,7 +502,7 @@ fn a_conversation_moves_to_another_model_by_its_kv_bytes() {
         let kept = (b.tokens().to_vec(), b.model.kv_bytes());
         b.model.set_budget(Some(b.model.held_bytes()));
         let longer = crate::common::tiny_tokens(400);
-        let e = b.import(&longer, format, &mut |_| {}).unwrap_err();
+        let e = run(b.import(&longer, format, &mut |_| {})).unwrap_err();
         assert!(matches!(e, flexquant::Error::OutOfMemory { .. }), "{e}");
         assert_eq!((b.tokens().to_vec(), b.model.kv_bytes()), kept);
         assert_eq!(b.model.len(), b.tokens().len());

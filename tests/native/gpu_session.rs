@@ -241,3 +241,114 @@ fn a_cache_given_up_under_the_session_is_run_again() {
         "gpu",
     );
 }
+
+/// A conversation moved by its KV cache's bytes (`Session::export` / `import`, the browser's
+/// `exportSession` / `importSession`) from a GPU model to a new one, in f16 and in int8: the
+/// next request runs only its new tokens and answers as the first model does, to the bit; the
+/// GPU's bytes are the CPU backend's layout (the same conversation exported by both widens to
+/// the same values within f16 rounding) and a CPU model goes on from them; a cache longer
+/// than the context is refused and the conversation kept.
+#[test]
+fn a_conversation_moves_between_models_and_backends_by_its_kv_bytes() {
+    let Some(gpu) = gpu_arc() else { return };
+    let (m, modules) = tiny_4bit();
+    let w = &m.weights;
+    let c = &w.config;
+    let prompt = m
+        .tokenizer
+        .encode("It is a truth universally acknowledged")
+        .unwrap();
+    let model = |format| {
+        let opts = ModelOptions {
+            kv_format: format,
+            ..OPTS
+        };
+        block_on(gpu_model(gpu.clone(), w, &modules, opts)).unwrap()
+    };
+    let base = std::sync::Arc::new(rtn_base(w, 32).unwrap());
+    let cpu = || CpuModel::new(c, base.clone(), modules.clone(), 96, KvFormat::F16, None).unwrap();
+    fn answer<B: Backend>(s: &mut Session<B>, p: &[u32]) -> (usize, Vec<u32>) {
+        let mut t = block_on(s.start(p, &greedy(6), &[])).unwrap();
+        let prefilled = t.stats.prefilled;
+        let mut out = vec![];
+        while let Some(id) = block_on(s.next(&mut t)).unwrap() {
+            out.push(id);
+        }
+        (prefilled, out)
+    }
+    fn export<B: Backend>(s: &Session<B>) -> (Vec<u32>, Vec<Vec<u8>>) {
+        let mut parts = vec![];
+        let tokens = block_on(s.export(&mut |p| parts.push(p.to_vec())))
+            .unwrap()
+            .to_vec();
+        (tokens, parts)
+    }
+    fn import<B: Backend>(s: &mut Session<B>, tokens: &[u32], f: KvFormat, parts: &[Vec<u8>]) {
+        let mut next = parts.iter();
+        block_on(s.import(tokens, f, &mut |p| p.copy_from_slice(next.next().unwrap()))).unwrap();
+    }
+    for format in [KvFormat::F16, KvFormat::Int8] {
+        let mut a = Session::new(model(format));
+        answer(&mut a, &prompt);
+        let (tokens, parts) = export(&a);
+        assert_eq!(tokens, a.tokens());
+        let (n, bytes) = flexquant::runtime::backend::kv_parts(c, format, tokens.len());
+        assert_eq!(parts.len(), n);
+        assert!(parts.iter().all(|p| p.len() as u64 == bytes));
+        let mut more = tokens.clone();
+        more.extend(&prompt[..5]);
+
+        let mut b = Session::new(model(KvFormat::F16));
+        import(&mut b, &tokens, format, &parts);
+        assert_eq!(b.model.kv_format(), Some(format));
+        let (pa, want) = answer(&mut a, &more);
+        let (pb, got) = answer(&mut b, &more);
+        assert_eq!((pa, pb), (5, 5), "{format}: only the new tokens ran");
+        assert_eq!(got, want, "{format}: the same answer on the new model");
+        assert_eq!(
+            a.model.log_z().to_bits(),
+            b.model.log_z().to_bits(),
+            "{format}"
+        );
+
+        // Refused (longer than the context): the conversation stays.
+        let held = b.tokens().to_vec();
+        let long: Vec<u32> = (0..200).map(|i| 3 + i % 200).collect();
+        let e = block_on(b.import(&long, format, &mut |_| panic!("nothing is filled")));
+        assert!(e.is_err());
+        assert_eq!((b.tokens(), b.model.len()), (&held[..], held.len()));
+
+        if format == KvFormat::F16 {
+            // The GPU's bytes are the CPU backend's: the same conversation exported by both.
+            let mut on_cpu = Session::new(cpu());
+            answer(&mut on_cpu, &prompt);
+            let (cpu_tokens, cpu_parts) = export(&on_cpu);
+            assert_eq!(cpu_tokens, tokens, "both backends answered the same");
+            let layout = flexquant::runtime::backend::KvLayout::of(c, format);
+            for (g, h) in parts.iter().zip(&cpu_parts) {
+                let (g, h) = (
+                    flexquant::cpu::kv::widened(g, &layout),
+                    flexquant::cpu::kv::widened(h, &layout),
+                );
+                let scale = h.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
+                let diff = g
+                    .iter()
+                    .zip(&h)
+                    .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                assert!(
+                    diff <= 1e-2 * scale,
+                    "GPU and CPU KV bytes differ by {diff} (scale {scale})"
+                );
+            }
+            // A CPU model goes on from the GPU's cache.
+            let mut moved = Session::new(cpu());
+            import(&mut moved, &tokens, format, &parts);
+            let (p, out) = answer(&mut moved, &more);
+            assert_eq!(
+                (p, out.len()),
+                (5, 6),
+                "the CPU model runs only the new tokens"
+            );
+        }
+    }
+}
