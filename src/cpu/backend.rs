@@ -68,6 +68,10 @@ impl Backend for CpuModel {
     fn eqm_bits(&self) -> Vec<u32> {
         CpuModel::eqm_bits(self)
     }
+    fn swaps_cannot_fail(&self) -> bool {
+        // Versions come from a validated manifest, so only a budget can refuse one.
+        !self.has_budget()
+    }
     fn held_bytes(&self) -> u64 {
         CpuModel::held_bytes(self)
     }

@@ -314,6 +314,11 @@ impl CpuModel {
         self.budget = bytes;
     }
 
+    /// Whether a budget caps what this model may hold.
+    pub fn has_budget(&self) -> bool {
+        self.budget.is_some()
+    }
+
     /// How the KV cache stores keys and values.
     pub fn kv_format(&self) -> KvFormat {
         self.kv.format

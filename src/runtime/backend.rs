@@ -330,6 +330,13 @@ pub trait Backend {
         stride: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<crate::model::eval::Perplexity, Self::Error>;
+    /// Whether `set_module` cannot fail (no budget to exceed, no device to refuse an
+    /// allocation): the walk then moves each module of a jump once, straight to its last
+    /// version, where it otherwise passes through every trajectory step so that a failure
+    /// stops at one.
+    fn swaps_cannot_fail(&self) -> bool {
+        false
+    }
     /// Whether the first swap to a new bit-width is slow (shader compilation), so the walk
     /// compiles every width the ensemble holds at load.
     fn warms_kernels(&self) -> bool {

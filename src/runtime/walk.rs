@@ -480,7 +480,15 @@ where
             return Ok(());
         }
         let m = self.manifest();
-        let mut moves = m.moves(from, to);
+        // Where no swap can fail, a module moved several times in the jump is decoded and set
+        // once, straight to its last version (`once_per_module`): the steps in between are
+        // never left at, so they need not be EQMs. A file that does not verify goes back to
+        // every move (below), so the model stops at a step.
+        let mut once = run.session.model.swaps_cannot_fail();
+        let mut moves = match once {
+            true => once_per_module(m.moves(from, to)),
+            false => m.moves(from, to),
+        };
         let t0 = now_ms();
         // A file that fails verification: the moves before it still go ahead (their files
         // verified), so the model gets as close to `to` as it can; the error is a warning then.
@@ -492,9 +500,16 @@ where
             match self.source.hold(&files, "swap").await {
                 Ok(b) => break (slot, b.into_iter().map(Some).collect::<Vec<_>>()),
                 Err(e) => {
+                    let unverified = S::unverified_file(&e);
+                    if once && unverified.is_some() {
+                        // Every move again, so that the ones before the file can go ahead.
+                        once = false;
+                        moves = m.moves(from, to);
+                        continue;
+                    }
                     self.fetch_failure.set(Some((to, now_ms())));
-                    let bad = S::unverified_file(&e)
-                        .and_then(|f| moves.iter().position(|mv| mv.to.file.file == f));
+                    let bad =
+                        unverified.and_then(|f| moves.iter().position(|mv| mv.to.file.file == f));
                     match bad {
                         Some(i) if i > 0 => {
                             self.emit(Event::Warning(&e));
@@ -527,6 +542,14 @@ where
                         from_bits: mv.from_bits,
                         to_bits: mv.to.bits,
                     });
+                }
+                Err(e) if once && !done.is_empty() => {
+                    // A swap the model said cannot fail did (a bug): the modules moved so far
+                    // make no trajectory step, so the model is loaded again where it was.
+                    let fresh = self.load_at(Some(from)).await?;
+                    run.session.replace_model(fresh.session.model).await?;
+                    run.step = fresh.step;
+                    return Err(e.into());
                 }
                 Err(e) => {
                     if F::Model::is_out_of_memory(&e) {
@@ -629,6 +652,28 @@ where
         self.execute(run, d, token_index).await?;
         Ok(d)
     }
+}
+
+/// A jump's moves with each module moved once, at its last move's place, from its bits
+/// before the jump straight to its last version in it.
+fn once_per_module(
+    moves: Vec<crate::ensemble::manifest::Move>,
+) -> Vec<crate::ensemble::manifest::Move> {
+    let mut before = std::collections::HashMap::new();
+    let mut last = std::collections::HashMap::new();
+    for (i, mv) in moves.iter().enumerate() {
+        before.entry(mv.id).or_insert(mv.from_bits);
+        last.insert(mv.id, i);
+    }
+    moves
+        .into_iter()
+        .enumerate()
+        .filter(|(i, mv)| last[&mv.id] == *i)
+        .map(|(_, mut mv)| {
+            mv.from_bits = before[&mv.id];
+            mv
+        })
+        .collect()
 }
 
 /// The distinct files of `moves` in first-use order, and each move's index among them.

@@ -136,6 +136,9 @@ impl Backend for WebModel {
     fn is_out_of_memory(e: &WebError) -> bool {
         e.code == Code::OutOfMemory
     }
+    fn swaps_cannot_fail(&self) -> bool {
+        each!(self, m => Backend::swaps_cannot_fail(m))
+    }
     fn warms_kernels(&self) -> bool {
         matches!(self, WebModel::Gpu(_))
     }

@@ -962,3 +962,97 @@ fn auto_kv_cache_goes_to_int8_before_the_weights_step_down() {
     let mut turn = block_on(run.session.start(&prompt[..20], &greedy(2), &[])).unwrap();
     tokens(&mut run, &mut turn, 1);
 }
+
+/// Where no swap can fail (the CPU backend without a budget), a jump moves each module once,
+/// straight to its last version: the swap event names each module once (its bits before and
+/// after the jump), only the last versions' files are read, and the model equals a fresh load
+/// of the target. With a budget (a swap may be refused) every move runs, so a refusal stops
+/// at a trajectory step.
+#[test]
+fn a_jump_moves_each_module_once_where_swaps_cannot_fail() {
+    use flexquant::runtime::walk::Event;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let dir = ensemble();
+    let m = DirSource::open(dir).unwrap().manifest().clone();
+    let last = m.trajectory.len() - 1;
+    let c = &m.config;
+    let kv = (2 * 2 * c.num_hidden_layers * 64 * c.kv_dim()) as u64; // f16
+    for budget in [None, Some(u64::MAX)] {
+        // (from, to, [(module, bits before, bits after)]) of each swap event.
+        type Logged = Vec<(usize, usize, Vec<(String, u32, u32)>)>;
+        let swaps: Rc<RefCell<Logged>> = Rc::default();
+        let log = swaps.clone();
+        let mut w = walk(
+            dir,
+            CpuFactory {
+                context: 64,
+                kv_format: KvFormat::F16,
+                budget,
+            },
+        );
+        w = Walk::new(
+            w.source,
+            w.factory,
+            w.elastic.into_inner(),
+            Box::new(move |e| {
+                if let Event::Swap {
+                    from, to, modules, ..
+                } = e
+                {
+                    let ms = modules.iter();
+                    let ms = ms.map(|x| (x.module.to_string(), x.from_bits, x.to_bits));
+                    log.borrow_mut().push((from, to, ms.collect()));
+                }
+            }),
+        );
+        let mut run = block_on(w.load_at(Some(0))).unwrap();
+        for (from, to) in [(0, last), (last, 1)] {
+            let moves = m.moves(from, to);
+            let mut changed: std::collections::BTreeMap<String, (u32, u32, &str, u64)> =
+                Default::default();
+            for mv in &moves {
+                let e = changed
+                    .entry(mv.id.to_string())
+                    .or_insert((mv.from_bits, 0, "", 0));
+                (e.1, e.2, e.3) = (mv.to.bits, &mv.to.file.file, mv.to.file.bytes);
+            }
+            assert!(
+                changed.len() < moves.len(),
+                "{from} -> {to}: a module moves twice"
+            );
+            let read = w.source.bytes_read.get();
+            block_on(w.execute(&mut run, Decision::move_to(from, to), None)).unwrap();
+            assert_eq!(run.step, to);
+            assert_eq!(run.session.model.eqm_bits(), m.bits_at(to));
+            assert_eq!(
+                run.session.model.held_bytes(),
+                m.trajectory[to].footprint_bytes + kv
+            );
+            let (f, t, logged) = swaps.borrow_mut().pop().unwrap();
+            assert_eq!((f, t), (from, to));
+            if budget.is_none() {
+                let want: Vec<_> = changed.iter().map(|(k, v)| (k.clone(), v.0, v.1)).collect();
+                let mut got = logged.clone();
+                got.sort();
+                assert_eq!(got, want, "{from} -> {to}: each module once");
+                let files: std::collections::BTreeMap<&str, u64> =
+                    changed.values().map(|v| (v.2, v.3)).collect();
+                assert_eq!(
+                    w.source.bytes_read.get() - read,
+                    files.values().sum::<u64>()
+                );
+            } else {
+                assert_eq!(logged.len(), moves.len(), "{from} -> {to}: every move");
+            }
+            let mut fresh = block_on(w.load_at(Some(to))).unwrap();
+            let t = [5u32, 6, 7];
+            assert_eq!(
+                run.session.model.step(&t).unwrap(),
+                fresh.session.model.step(&t).unwrap(),
+                "{from} -> {to}"
+            );
+            run.session.model.truncate(0);
+        }
+    }
+}
