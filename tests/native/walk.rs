@@ -303,14 +303,7 @@ fn a_nested_ensemble_stores_one_plane_file_per_module_and_walks_exactly() {
             m.trajectory[to].footprint_bytes + kv,
             "step {to}"
         );
-        let mut fresh = block_on(w.load_at(Some(to))).unwrap();
-        let t = [5u32, 6, 7];
-        assert_eq!(
-            walked.session.model.step(&t).unwrap(),
-            fresh.session.model.step(&t).unwrap(),
-            "step {to}"
-        );
-        walked.session.model.truncate(0);
+        assert_same_as_a_fresh_load(&w, &mut walked, "nested");
     }
 }
 
@@ -339,12 +332,7 @@ fn cpu_walks_down_and_up_and_accounts_exactly() {
             "step {to}"
         );
     }
-    let mut fresh = block_on(w.load_at(Some(1))).unwrap();
-    let t = [5u32, 6, 7];
-    assert_eq!(
-        walked.session.model.step(&t).unwrap(),
-        fresh.session.model.step(&t).unwrap()
-    );
+    assert_same_as_a_fresh_load(&w, &mut walked, "cpu");
 
     let held = m.trajectory[last].footprint_bytes + kv;
     let w = walk(dir, cpu(Some(held)));
@@ -751,15 +739,28 @@ where
         check(&run.session.model, to);
         moves += 1;
     }
-    let t = [5u32, 6, 7];
+    assert_same_as_a_fresh_load(w, &mut run, &format!("after {n} moves"));
+    run
+}
+
+/// `run`'s model gives the logits a fresh load of its step gives (after any walk, the same
+/// model); the probe's positions are forgotten after.
+fn assert_same_as_a_fresh_load<F: Factory>(
+    w: &Walk<DirSource, F>,
+    run: &mut Running<F::Model>,
+    what: &str,
+) where
+    <F::Model as Backend>::Error: std::fmt::Debug + Send + Sync + 'static,
+{
     let mut fresh = block_on(w.load_at(Some(run.step))).unwrap();
+    let t = [5u32, 6, 7];
     assert_eq!(
         block_on(run.session.model.step(&t)).unwrap(),
         block_on(fresh.session.model.step(&t)).unwrap(),
-        "after {n} moves, the same model as a fresh load at step {}",
+        "{what}: step {}",
         run.step
     );
-    run
+    run.session.model.truncate(0);
 }
 
 /// With `FLEXQUANT_SOAK_REPORT=DIR` (`./build.sh bench reliability`): the soak's figures as
@@ -1045,14 +1046,7 @@ fn a_jump_moves_each_module_once_where_swaps_cannot_fail() {
             } else {
                 assert_eq!(logged.len(), moves.len(), "{from} -> {to}: every move");
             }
-            let mut fresh = block_on(w.load_at(Some(to))).unwrap();
-            let t = [5u32, 6, 7];
-            assert_eq!(
-                run.session.model.step(&t).unwrap(),
-                fresh.session.model.step(&t).unwrap(),
-                "{from} -> {to}"
-            );
-            run.session.model.truncate(0);
+            assert_same_as_a_fresh_load(&w, &mut run, &format!("{from} -> {to}"));
         }
     }
 }
