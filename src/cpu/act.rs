@@ -36,12 +36,13 @@ pub const fn lane_input(bits: u32, lane: usize) -> usize {
         }
         // byte j = codes 4j .. 4j+3 at shifts 0, 2, 4, 6; lanes 8s..8s+8 are shift s
         2 => 4 * (lane % 8) + lane / 8,
-        // 3 bytes = codes 8j .. 8j+7 (group j in u32 lane j); vector n holds the codes k = 2n
-        // and 2n + 1 of groups 0..3
-        3 => 8 * (lane % 4) + 2 * (lane / 8) + (lane % 8) / 4,
-        // 3 bytes = codes 4j .. 4j+3; vectors 0-1 hold groups 0-3 (codes k = 0,1 then 2,3),
-        // vectors 2-3 groups 4-7
-        6 => 16 * (lane / 16) + 4 * (lane % 4) + 2 * ((lane / 8) % 2) + (lane % 8) / 4,
+        // 3 bytes = codes 8j .. 8j+7 (triplet j); u16 lane t < 4 holds triplet t's codes 0-3,
+        // lane 4 + t its codes 4-7, and vector k the k-th of each (`kernel::pairs_table`)
+        3 => 8 * (lane % 4) + 4 * ((lane % 8) / 4) + lane / 8,
+        // 3 bytes = codes 4j .. 4j+3 (triplet j); vectors 0-1 hold triplets 0-3, 2-3 triplets
+        // 4-7: u16 lane t < 4 holds triplet t's codes 0-1, lane 4 + t its codes 2-3, and the
+        // vectors of a pair the first and the second of each (`kernel::pairs_table`)
+        6 => 16 * (lane / 16) + 4 * (lane % 4) + 2 * ((lane % 8) / 4) + (lane / 8) % 2,
         _ => lane,
     }
 }

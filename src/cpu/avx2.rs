@@ -2,13 +2,13 @@
 //! chosen at run time by `kernel::dispatch_row`).
 //!
 //! Packed codes are cut out of their words with SSE the way the wasm simd128 build does it
-//! (the same layouts: `kernel::chunk_layout`, the 3-byte groups of `triplets`), eight lanes
+//! (the same layouts: `kernel::chunk_layout`, `kernel::pairs_table`), eight lanes
 //! per vector, in `act::lane_input`'s order; then two 16-lane `vpmaddwd` per block and token.
 //! The portable loop left the 2-, 3-, 5- and 6-bit unpacking to the compiler, which did not
 //! vectorise it: those widths decoded 2-4x slower than 4 and 8 bits per code.
 
 use crate::cpu::act::{BLOCK, Q16};
-use crate::cpu::kernel::{chunk_layout, f16_to_f32, second_view, triplet_spread};
+use crate::cpu::kernel::{chunk_layout, f16_to_f32, pairs_table, second_view};
 use core::arch::x86_64::*;
 
 /// One row against activation rows `t0 .. t0 + N`, given the row's grid words and a function
@@ -90,13 +90,17 @@ pub unsafe fn unpack<const BITS: u32>(p: *const u8) -> [__m256i; 2] {
             [widen_lo(lo), widen_hi(lo), widen_lo(hi), widen_hi(hi)]
         }
         2 => {
-            let v = _mm_loadl_epi64(p as *const __m128i);
-            let m3 = _mm_set1_epi8(3);
-            // u8 shifts as u16 shifts: the bits a byte takes from the one above are masked.
-            let cut = |k: i32| widen_lo(_mm_and_si128(_mm_srl_epi16(v, _mm_cvtsi32_si128(k)), m3));
-            [cut(0), cut(2), cut(4), cut(6)]
+            // The 8 bytes widened to u16 lanes once, then cut (the simd128 build's way).
+            let w = widen_lo(_mm_loadl_epi64(p as *const __m128i));
+            let m3 = _mm_set1_epi16(3);
+            [
+                _mm_and_si128(w, m3),
+                _mm_and_si128(_mm_srli_epi16::<2>(w), m3),
+                _mm_and_si128(_mm_srli_epi16::<4>(w), m3),
+                _mm_srli_epi16::<6>(w),
+            ]
         }
-        3 | 6 => triplets::<BITS>(p),
+        3 | 6 => pairs::<BITS>(p),
         _ => straddling::<BITS>(p),
     };
     [_mm256_set_m128i(c[1], c[0]), _mm256_set_m128i(c[3], c[2])]
@@ -138,43 +142,37 @@ unsafe fn straddling<const BITS: u32>(p: *const u8) -> [__m128i; 4] {
     ]
 }
 
-/// 3 and 6 bits: every 3 bytes hold a whole number of codes, so one shuffle puts each 3-byte
-/// group in a u32 lane and uniform shifts and masks cut all lanes' k-th codes at once (the
-/// simd128 build's `triplets`).
+/// 3 and 6 bits: every 3 bytes become two u16 lanes (`kernel::pairs_table`), the first four
+/// shifted left by 4, so uniform shifts (and masks but for the top code) cut the codes,
+/// already i16 (the simd128 build's `pairs`). Reads the block's `4 * BITS` bytes only.
 #[inline(always)]
-unsafe fn triplets<const BITS: u32>(p: *const u8) -> [__m128i; 4] {
-    const FROM_0: [u8; 16] = triplet_spread(0);
-    const FROM_4: [u8; 16] = triplet_spread(4);
-    let spread = |v: __m128i, idx: &[u8; 16]| {
-        _mm_shuffle_epi8(v, _mm_loadu_si128(idx.as_ptr() as *const __m128i))
+unsafe fn pairs<const BITS: u32>(p: *const u8) -> [__m128i; 4] {
+    const FROM_0: [u8; 16] = pairs_table(0);
+    const FROM_4: [u8; 16] = pairs_table(4);
+    let windows = |v: __m128i, idx: &[u8; 16]| {
+        let w = _mm_shuffle_epi8(v, _mm_loadu_si128(idx.as_ptr() as *const __m128i));
+        _mm_blend_epi16::<0b0000_1111>(w, _mm_slli_epi16::<4>(w))
     };
-    let mask = _mm_set1_epi32((1 << BITS) - 1);
-    let cut = |g: __m128i, k: u32| {
-        _mm_and_si128(_mm_srl_epi32(g, _mm_cvtsi32_si128((BITS * k) as i32)), mask)
+    let m = _mm_set1_epi16((1 << BITS) - 1);
+    let cut = |w: __m128i, k: u32| {
+        let s = 4 + BITS * k;
+        let v = _mm_srl_epi16(w, _mm_cvtsi32_si128(s as i32));
+        match s + BITS == 16 {
+            true => v,
+            false => _mm_and_si128(v, m),
+        }
     };
     if BITS == 3 {
         // 12 bytes: codes 8j..8j+7 in bytes 3j..3j+2.
         let lo = _mm_loadl_epi64(p as *const __m128i);
         let v = _mm_insert_epi32::<2>(lo, (p.add(8) as *const i32).read_unaligned());
-        let g = spread(v, &FROM_0);
-        let c: [__m128i; 8] = core::array::from_fn(|k| cut(g, k as u32));
-        [
-            _mm_packs_epi32(c[0], c[1]),
-            _mm_packs_epi32(c[2], c[3]),
-            _mm_packs_epi32(c[4], c[5]),
-            _mm_packs_epi32(c[6], c[7]),
-        ]
+        let w = windows(v, &FROM_0);
+        [cut(w, 0), cut(w, 1), cut(w, 2), cut(w, 3)]
     } else {
         // 24 bytes: codes 4j..4j+3 in bytes 3j..3j+2; groups 0-3 from the first 16 bytes,
         // 4-7 from the 16 starting at byte 8.
-        let a = spread(load(p, 0), &FROM_0);
-        let b = spread(load(p, 8), &FROM_4);
-        [
-            _mm_packs_epi32(cut(a, 0), cut(a, 1)),
-            _mm_packs_epi32(cut(a, 2), cut(a, 3)),
-            _mm_packs_epi32(cut(b, 0), cut(b, 1)),
-            _mm_packs_epi32(cut(b, 2), cut(b, 3)),
-        ]
+        let (a, b) = (windows(load(p, 0), &FROM_0), windows(load(p, 8), &FROM_4));
+        [cut(a, 0), cut(a, 1), cut(b, 0), cut(b, 1)]
     }
 }
 
