@@ -68,10 +68,10 @@ export class WorkerEngine {
     this._calls.clear();
   }
 
-  _call(method, args = []) {
+  _call(method, args = [], transfer = []) {
     // While the worker is being re-created, calls wait for the new engine.
-    if (this._releasing) return this._releasing.then(() => this._post(method, args));
-    return this._post(method, args);
+    if (this._releasing) return this._releasing.then(() => this._post(method, args, transfer));
+    return this._post(method, args, transfer);
   }
 
   _post(method, args = [], transfer = []) {
@@ -109,8 +109,7 @@ export class WorkerEngine {
   exportSession() { return this._call('exportSession'); }
   /** The session's KV bytes are transferred to the worker (`session.kv` is detached after). */
   importSession(session) {
-    const send = () => this._post('importSession', [session], session?.kv?.buffer ? [session.kv.buffer] : []);
-    return this._releasing ? this._releasing.then(send) : send();
+    return this._call('importSession', [session], session?.kv?.buffer ? [session.kv.buffer] : []);
   }
   async setMemoryBudget(bytes) {
     const before = this._budget;

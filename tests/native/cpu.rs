@@ -274,16 +274,36 @@ fn demo_logits_with_an_int8_kv_cache_track_the_reference() {
 /// for the whole context up front; a short request shrinks it to a block, the cached positions
 /// kept (`shrink_kv`); a growth beyond the model's budget is an out-of-memory error that leaves
 /// it as it was; `release_kv` frees the cache.
+/// The tiny model's mixed-bit EQM on the CPU backend: its config, and a maker of models of it
+/// (`context` positions, the KV cache in `format`, at most `budget` bytes).
+fn tiny_cpu() -> (
+    flexquant::model::LlamaConfig,
+    impl Fn(usize, KvFormat, Option<u64>) -> CpuModel,
+) {
+    let (m, modules) = crate::common::tiny_mixed();
+    let c = m.weights.config.clone();
+    let base: std::sync::Arc<_> = rtn_base(&m.weights, 32).unwrap().into();
+    let config = c.clone();
+    let make = move |context, format, budget| {
+        CpuModel::new(
+            &config,
+            base.clone(),
+            modules.clone(),
+            context,
+            format,
+            budget,
+        )
+        .unwrap()
+    };
+    (c, make)
+}
+
 #[test]
 fn kv_cache_grows_with_the_conversation_shrinks_for_a_short_request_and_is_freed() {
     use flexquant::runtime::backend::{kv_cache_bytes, KV_BLOCK};
-    let (m, modules) = crate::common::tiny_mixed();
-    let w = &m.weights;
-    let c = &w.config;
-    let base: std::sync::Arc<_> = rtn_base(w, 32).unwrap().into();
-    let model = |budget| {
-        CpuModel::new(c, base.clone(), modules.clone(), 512, KvFormat::F16, budget).unwrap()
-    };
+    let (c, make) = tiny_cpu();
+    let c = &c;
+    let model = |budget| make(512, KvFormat::F16, budget);
     let tokens = crate::common::tiny_tokens(300);
 
     let mut reserved = model(None);
@@ -358,13 +378,9 @@ fn kv_cache_grows_with_the_conversation_shrinks_for_a_short_request_and_is_freed
 #[test]
 fn kv_cache_converts_to_int8_mid_conversation() {
     use flexquant::runtime::backend::kv_cache_bytes;
-    let (m, modules) = crate::common::tiny_mixed();
-    let w = &m.weights;
-    let c = &w.config;
-    let base: std::sync::Arc<_> = rtn_base(w, 32).unwrap().into();
-    let model = |format, budget| {
-        CpuModel::new(c, base.clone(), modules.clone(), 512, format, budget).unwrap()
-    };
+    let (c, make) = tiny_cpu();
+    let c = &c;
+    let model = |format, budget| make(512, format, budget);
     let tokens = crate::common::tiny_tokens(200);
     let mut int8 = model(KvFormat::Int8, None);
     let mut g = model(KvFormat::F16, None);
@@ -420,13 +436,8 @@ fn a_conversation_moves_to_another_model_by_its_kv_bytes() {
     use flexquant::runtime::backend::kv_cache_bytes;
     use flexquant::runtime::generate::Sampling;
     use flexquant::runtime::session::Session;
-    let (m, modules) = crate::common::tiny_mixed();
-    let w = &m.weights;
-    let c = &w.config;
-    let base: std::sync::Arc<_> = rtn_base(w, 32).unwrap().into();
-    let model = |context, format, budget| {
-        CpuModel::new(c, base.clone(), modules.clone(), context, format, budget).unwrap()
-    };
+    let (c, model) = tiny_cpu();
+    let c = &c;
     use pollster::block_on as run;
     let greedy = Sampling {
         max_tokens: 12,
