@@ -11,6 +11,7 @@ import { LoaderView } from './modules/loader.js';
 import { Chat } from './modules/chat.js';
 import { Settings } from './modules/settings.js';
 import { ElasticPanel } from './modules/elastic-panel.js';
+import { SavedChat, restoreChat } from './modules/saved-chat.js';
 
 // What the page saw, for people debugging and for the end-to-end tests.
 const page = (window.flexquantPage = { state: 'starting', events: [], metrics: {}, errors: [] });
@@ -113,6 +114,9 @@ async function main() {
   await requirements.refreshCache().catch(() => {});
 
   const settings = new Settings();
+  // This tab's claim on the conversation kept from the last visit, settled while the model loads.
+  const saved = new SavedChat(url, () => settings.values().remember_chat);
+  page.savedChat = saved;
   const loader = new LoaderView();
   page.progress = loader.seen;
   page.progressEvents = [];
@@ -176,12 +180,29 @@ async function main() {
 
   chat = new Chat(engine, settings, {
     onBusy: (b) => { page.busy = b; },
-    onAnswer: (a) => { page.lastAnswer = a; page.answers = (page.answers || 0) + 1; },
+    onAnswer: (a) => {
+      page.lastAnswer = a;
+      page.answers = (page.answers || 0) + 1;
+      saved.save(chat.state(), engine);
+    },
+    onReset: () => saved.clear(),
+  });
+  $('remember-chat').addEventListener('change', (e) => {
+    if (!e.target.checked) saved.clear();
+    else if (chat.messages.length && !chat.busy) saved.save(chat.state(), engine);
   });
   panel = new ElasticPanel(engine, { onError: (e) => notice(errorMessage(e), 'error') });
   page.panel = panel;
   page.chat = chat;
   await panel.init(trajectory, stats);
+  page.restored = await restoreChat(saved, chat, engine);
+  const r = page.restored;
+  if (r) {
+    const when = new Date(r.savedAt).toLocaleString();
+    chat.event(r.keptTokens
+      ? `Restored the conversation of ${when} (${r.messages} messages); the model goes on from its KV cache (${r.keptTokens} tokens)`
+      : `Restored the conversation of ${when} (${r.messages} messages); the model reads it again with the next message (${r.reason})`);
+  }
   chat.enable();
   page.state = 'ready';
   document.body.dataset.state = 'ready';

@@ -489,6 +489,107 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     assert.notEqual(a.finish, 'error');
   });
 
+  it('keeps the conversation across a reload: the messages come back and the next answer reads only its new tokens', async (t) => {
+    if (skip) return t.skip(skip);
+    // Every answer is saved when it ends (messages and the engine's exported session).
+    await until(page, 'the last answer to be saved', () => window.flexquantPage.savedChat.saves >= window.flexquantPage.answers);
+    const before = await page.evaluate(() => ({ messages: window.flexquantPage.chat.state().messages,
+      saved: window.flexquantPage.savedChat.lastSaved, error: window.flexquantPage.savedChat.error,
+      answerTokens: window.flexquantPage.lastAnswer.usage.completion_tokens }));
+    assert.equal(before.error, null);
+    assert.ok(before.messages.length >= 2 && before.saved.messages === before.messages.length, JSON.stringify(before));
+    assert.ok(before.saved.tokens > 0 && before.saved.kvBytes > 0, JSON.stringify(before.saved));
+    await page.reload({ waitUntil: 'commit' });
+    await waitReady(page);
+    const r = await page.evaluate(() => ({ restored: window.flexquantPage.restored, messages: window.flexquantPage.chat.state().messages,
+      shown: [...document.querySelectorAll('#messages li.msg[data-role]')].map((li) => li.dataset.role),
+      note: [...document.querySelectorAll('#messages li.event')].map((li) => li.textContent).join(' | ') }));
+    assert.deepEqual(r.messages, before.messages);
+    assert.deepEqual(r.shown, before.messages.map((m) => m.role));
+    assert.equal(r.restored.reason, null, JSON.stringify(r.restored));
+    assert.equal(r.restored.keptTokens, before.saved.tokens);
+    assert.match(r.note, new RegExp(`^Restored the conversation of .* \\(${before.messages.length} messages\\); the model goes on from its KV cache \\(${before.saved.tokens} tokens\\)`), r.note);
+    // The next turn sends the whole conversation again; all of it up to the last answer's
+    // tokens is in the restored cache (a fresh engine would have 0 cached).
+    await setMaxTokens(page, 8);
+    await send(page, 'Thanks, and one more thing.');
+    const a = await waitAnswer(page);
+    assert.notEqual(a.finish, 'error', JSON.stringify(a));
+    const cached = a.usage.prompt_tokens_details.cached_tokens;
+    assert.ok(cached > 0 && cached <= r.restored.keptTokens && cached >= r.restored.keptTokens - before.answerTokens,
+      `${cached} tokens cached of ${r.restored.keptTokens} restored (last answer ${before.answerTokens} tokens)`);
+    // "New chat" forgets it: the next reload starts empty.
+    await page.locator('#new-chat').click();
+    await until(page, 'the saved conversation to be gone', async () => {
+      const db = await new Promise((res, rej) => { const q = indexedDB.open('flexquant-chat'); q.onsuccess = () => res(q.result); q.onerror = rej; });
+      const n = await new Promise((res) => { const q = db.transaction('conversations').objectStore('conversations').count(); q.onsuccess = () => res(q.result); });
+      db.close();
+      return n === 0;
+    });
+    await page.reload({ waitUntil: 'commit' });
+    await waitReady(page);
+    assert.equal(await page.evaluate(() => window.flexquantPage.restored), null);
+    assert.equal(await page.locator('#messages li.msg[data-role]').count(), 0);
+  });
+
+  it('brings back a saved conversation of another ensemble version as text only, drops a garbled one, and keeps nothing when turned off', async (t) => {
+    if (skip) return t.skip(skip);
+    await setMaxTokens(page, 4);
+    await send(page, 'Hello.');
+    await waitAnswer(page);
+    await until(page, 'the answer to be saved', () => window.flexquantPage.savedChat.saves >= window.flexquantPage.answers);
+    // What a redeploy leaves behind: the session of another base shard under the same URL.
+    const edit = (how) => page.evaluate(async (how) => {
+      const db = await new Promise((res, rej) => { const q = indexedDB.open('flexquant-chat'); q.onsuccess = () => res(q.result); q.onerror = rej; });
+      const store = () => db.transaction('conversations', 'readwrite').objectStore('conversations');
+      const [key] = await new Promise((res) => { const q = store().getAllKeys(); q.onsuccess = () => res(q.result); });
+      const rec = await new Promise((res) => { const q = store().get(key); q.onsuccess = () => res(q.result); });
+      if (how === 'other-base') rec.session.base = '0'.repeat(64);
+      else rec.messages = [{ role: 'user', content: 42 }];
+      await new Promise((res) => { const q = store().put(rec, key); q.onsuccess = res; });
+      db.close();
+      return rec.messages.length;
+    }, how);
+    const n = await edit('other-base');
+    await page.reload({ waitUntil: 'commit' });
+    await waitReady(page);
+    const r = await page.evaluate(() => ({ restored: window.flexquantPage.restored, messages: window.flexquantPage.chat.state().messages.length,
+      note: [...document.querySelectorAll('#messages li.event')].map((li) => li.textContent).join(' | ') }));
+    assert.equal(r.messages, n);
+    assert.equal(r.restored.keptTokens, 0);
+    assert.match(r.restored.reason, /base/, JSON.stringify(r.restored));
+    assert.match(r.note, /the model reads it again with the next message/, r.note);
+    // The conversation goes on (read again from its text: nothing cached).
+    await send(page, 'Go on.');
+    const a = await waitAnswer(page);
+    assert.notEqual(a.finish, 'error', JSON.stringify(a));
+    assert.equal(a.usage.prompt_tokens_details.cached_tokens, 0);
+    await until(page, 'the answer to be saved', () => window.flexquantPage.savedChat.saves >= window.flexquantPage.answers);
+    await edit('garbled');
+    await page.reload({ waitUntil: 'commit' });
+    await waitReady(page);
+    assert.equal(await page.evaluate(() => window.flexquantPage.restored), null);
+    assert.equal(await page.locator('#messages li.msg[data-role]').count(), 0);
+    // Keeping it off: nothing is saved; on again: the conversation so far is.
+    const count = () => page.evaluate(async () => {
+      const db = await new Promise((res, rej) => { const q = indexedDB.open('flexquant-chat'); q.onsuccess = () => res(q.result); q.onerror = rej; });
+      const n = await new Promise((res) => { const q = db.transaction('conversations').objectStore('conversations').count(); q.onsuccess = () => res(q.result); });
+      db.close();
+      return n;
+    });
+    await page.locator('details.settings summary').click();
+    await page.locator('#remember-chat').uncheck();
+    await send(page, 'Not to be kept.');
+    await waitAnswer(page);
+    const saves = await page.evaluate(() => window.flexquantPage.savedChat.saves);
+    assert.equal(saves, 0);
+    assert.equal(await count(), 0);
+    await page.locator('#remember-chat').check();
+    await page.locator('details.settings summary').click();
+    await until(page, 'the conversation to be saved', () => window.flexquantPage.savedChat.saves === 1);
+    assert.equal(await count(), 1);
+  });
+
   it('deletes the cached model on request; the chat goes on and the next visit downloads it', async (t) => {
     if (skip) return t.skip(skip);
     await until(page, 'the delete button', () => !document.getElementById('delete-cache').disabled);
@@ -534,6 +635,8 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
         stats: await window.flexquantPage.engine.stats(), memory: document.getElementById('req-memory').textContent }));
       assert.equal(r.ins.kvCache, 'int8');
       assert.equal(r.stats.kvCache, 'int8');
+      // The first tab owns the saved conversation: this one starts its own and keeps nothing.
+      assert.deepEqual(await p2.evaluate(async () => [await window.flexquantPage.savedChat.owner, window.flexquantPage.restored]), [false, null]);
       assert.match(r.memory, / in int8\)$/, r.memory);
       // Same model and context as the default page (whose cache starts in f16): int8 holds fewer
       // bytes per token.

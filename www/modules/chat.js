@@ -28,7 +28,8 @@ function olderHalf(seen, round = Math.floor) {
 export class Chat {
   /**
    * `engine`: the worker engine; `settings`: Settings; `hooks.onToken(n)`: called per streamed
-   * piece with the number of pieces so far in this answer; `hooks.onBusy(bool)`.
+   * piece with the number of pieces so far in this answer; `hooks.onBusy(bool)`;
+   * `hooks.onAnswer(answer)` after each answer; `hooks.onReset()` when a new chat starts.
    */
   constructor(engine, settings, hooks = {}) {
     this.engine = engine;
@@ -230,6 +231,24 @@ export class Chat {
     if (this.busy) this.engine.interruptGenerate();
   }
 
+  /** What a reload needs to show and go on with this conversation (`SavedChat`). */
+  state() {
+    return { system: this.system, messages: this.messages.map(({ role, content }) => ({ role, content })), skipped: this.skipped };
+  }
+
+  /**
+   * Shows a saved conversation (`state()` of an earlier page) and makes it this chat's: the
+   * next message continues it. The engine's KV cache is the caller's to restore.
+   */
+  restore({ system, messages, skipped }) {
+    this.system = system ?? null;
+    this.messages = messages.map(({ role, content }) => ({ role, content }));
+    this.skipped = skipped;
+    this.list.replaceChildren();
+    for (const m of this.messages) this.addBubble(m.role, m.content || '(no text)');
+    this.renderEmpty();
+  }
+
   async reset() {
     if (this.busy) return;
     await this.engine.resetChat();
@@ -239,5 +258,6 @@ export class Chat {
     this.live.textContent = '';
     this.renderEmpty();
     this.prompt.focus();
+    this.hooks.onReset?.();
   }
 }

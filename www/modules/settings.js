@@ -1,4 +1,5 @@
-// System prompt and sampling settings, kept in localStorage so a reload keeps them.
+// System prompt, sampling and whether to keep the conversation on this device, in localStorage
+// so a reload keeps them.
 
 import { $ } from './format.js';
 
@@ -11,6 +12,7 @@ export class Settings {
     this.topP = $('top-p');
     this.maxTokens = $('max-tokens');
     this.jsonMode = $('json-mode');
+    this.remember = $('remember-chat');
     try {
       const saved = JSON.parse(localStorage.getItem(KEY) || '{}');
       if (typeof saved.system === 'string') this.system.value = saved.system;
@@ -18,12 +20,13 @@ export class Settings {
       if (saved.top_p != null) this.topP.value = saved.top_p;
       if (saved.max_tokens != null) this.maxTokens.value = saved.max_tokens;
       this.jsonMode.checked = saved.json_mode === true;
+      this.remember.checked = saved.remember_chat !== false;
     } catch { /* storage unavailable or garbled: defaults */ }
     const show = () => {
       $('temperature-out').textContent = Number(this.temperature.value).toFixed(2) + (Number(this.temperature.value) === 0 ? ' (greedy)' : '');
       $('top-p-out').textContent = Number(this.topP.value).toFixed(2);
     };
-    for (const e of [this.temperature, this.topP, this.maxTokens, this.system, this.jsonMode]) {
+    for (const e of [this.temperature, this.topP, this.maxTokens, this.system, this.jsonMode, this.remember]) {
       e.addEventListener('input', () => { show(); this.save(); });
     }
     show();
@@ -37,6 +40,7 @@ export class Settings {
       top_p: clamp(parseFloat(this.topP.value), 0.01, 1, 0.95),
       max_tokens: Math.round(clamp(parseInt(this.maxTokens.value, 10), 1, 4096, 256)),
       json_mode: this.jsonMode.checked,
+      remember_chat: this.remember.checked,
     };
   }
 
