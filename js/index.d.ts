@@ -118,6 +118,11 @@ export interface EngineOptions {
   cacheQuotaBytes?: number;
   /** Downloads at a time (1..32; default 12). */
   parallelDownloads?: number;
+  /**
+   * How long a download may go without data (headers, then each chunk) before it is aborted and
+   * retried (3 retries), then given up as a `network` error (ms; default 30000, 0 = no limit).
+   */
+  stallTimeoutMs?: number;
   policy?: Policy;
   /** How often performance.memory is read (ms; 0 = never). Default 1000. */
   heapPollMs?: number;

@@ -70,6 +70,9 @@ pub struct EngineOptions {
     pub use_cache: Option<bool>,
     /// Downloads at a time (1..=32; default `loader::PARALLEL`).
     pub parallel_downloads: Option<u32>,
+    /// How long a download may go without data before it is retried, then given up as a
+    /// `network` error (ms; default `fetch::DEFAULT_STALL_MS`, 0: no limit).
+    pub stall_timeout_ms: Option<u32>,
     /// Bytes the cache may hold before old ensembles are evicted.
     #[serde(deserialize_with = "bytes")]
     pub cache_quota_bytes: Option<u64>,
@@ -121,6 +124,15 @@ impl EngineOptions {
                     .clone()
                     .unwrap_or_else(|| "flexquant".into()),
             ),
+        }
+    }
+
+    /// The downloads' stall limit (`stallTimeoutMs`): `None` for 0 (no limit).
+    pub fn stall_ms(&self) -> Option<u32> {
+        match self.stall_timeout_ms {
+            None => Some(crate::web::fetch::DEFAULT_STALL_MS),
+            Some(0) => None,
+            Some(ms) => Some(ms),
         }
     }
 

@@ -34,7 +34,7 @@ pub async fn inspect_ensemble(url: String, options: JsValue) -> Result<JsValue, 
             from_js(options, "options")?
         };
         let url = fetch::resolve(&url, ".")?;
-        let (m, _) = read_manifest(&url, None).await?;
+        let (m, _) = read_manifest(&url, None, Some(fetch::DEFAULT_STALL_MS)).await?;
         let context = o
             .context
             .map_or(crate::runtime::DEFAULT_CONTEXT, |c| c as usize);
@@ -75,7 +75,7 @@ pub async fn cached_ensemble(url: String, options: JsValue) -> Result<JsValue, J
     async {
         let url = fetch::resolve(&url, ".")?;
         let (cache_name, store) = open_store(options).await?;
-        let (m, _) = read_manifest(&url, store.as_ref()).await?;
+        let (m, _) = read_manifest(&url, store.as_ref(), Some(fetch::DEFAULT_STALL_MS)).await?;
         let keys: BTreeSet<String> = match &store {
             Some(s) => s.keys().await.into_iter().collect(),
             None => BTreeSet::new(),

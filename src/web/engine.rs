@@ -452,6 +452,7 @@ impl Engine {
             cache.as_deref(),
             o.cache_quota_bytes,
             o.parallel_downloads,
+            o.stall_ms(),
             emitter,
         )
         .await?;

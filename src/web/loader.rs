@@ -42,6 +42,8 @@ pub struct Loader {
     stored: Cell<u64>,
     /// Downloads at a time.
     parallel: usize,
+    /// How long a download may go without data before it is retried (`fetch::get`).
+    stall_ms: Option<u32>,
     /// Set by `close` (the engine was unloaded): nothing more is fetched or stored.
     closed: Cell<bool>,
     /// The first load's verified files, by name, until the model takes them (`first_load`):
@@ -76,11 +78,15 @@ fn manifest_error(url: &str, bytes: &[u8]) -> Option<WebError> {
 
 /// Fetches and validates the manifest at `url` (absolute); the cached copy if the network
 /// fails, so a cached ensemble loads offline. Returns the manifest and its bytes.
-pub async fn read_manifest(url: &str, store: Option<&Store>) -> WebResult<(Manifest, Vec<u8>)> {
-    let bytes = match fetch::get(url, "manifest").await {
+pub async fn read_manifest(
+    url: &str,
+    store: Option<&Store>,
+    stall_ms: Option<u32>,
+) -> WebResult<(Manifest, Vec<u8>)> {
+    let bytes = match fetch::get(url, "manifest", stall_ms).await {
         Ok(r) => {
             let cap = manifest::MAX_MANIFEST_BYTES as u64;
-            fetch::read_body(r, url, "manifest", cap, |_| {})
+            fetch::read_body(r, url, "manifest", cap, stall_ms, |_| {})
                 .await?
                 .to_vec()
         }
@@ -140,6 +146,7 @@ impl Loader {
         cache_name: Option<&str>,
         quota: Option<u64>,
         parallel: Option<u32>,
+        stall_ms: Option<u32>,
         emitter: Emitter,
     ) -> WebResult<Loader> {
         let parallel = match parallel {
@@ -157,7 +164,7 @@ impl Loader {
             Some(n) => Store::open(n).await,
             None => None,
         };
-        let (manifest, bytes) = read_manifest(&url, store.as_ref()).await?;
+        let (manifest, bytes) = read_manifest(&url, store.as_ref(), stall_ms).await?;
         let loader = Loader {
             manifest_url: url,
             manifest,
@@ -165,6 +172,7 @@ impl Loader {
             quota,
             stored: Cell::new(0),
             parallel,
+            stall_ms,
             closed: Cell::new(false),
             handoff: RefCell::default(),
             unsaved_manifest: RefCell::new(Some(bytes)),
@@ -368,8 +376,8 @@ impl Loader {
         let mut attempt = 0;
         loop {
             let r = async {
-                let r = fetch::get(url, what).await?;
-                fetch::read_body(r, url, what, cap, &arrived).await
+                let r = fetch::get(url, what, self.stall_ms).await?;
+                fetch::read_body(r, url, what, cap, self.stall_ms, &arrived).await
             }
             .await;
             arrived(0);
@@ -379,7 +387,12 @@ impl Loader {
                     attempt += 1;
                     crate::web::sleep(RETRY_MS * (1 << (attempt - 1))).await;
                 }
-                Err(e) => return Err(e),
+                Err(mut e) => {
+                    if attempt > 0 {
+                        e.message = format!("{} (tried {} times)", e.message, attempt + 1);
+                    }
+                    return Err(e);
+                }
             }
         }
     }

@@ -41,6 +41,7 @@ pub use engine::Engine;
 pub use error::{Code, WebError};
 
 pub use crate::runtime::clock::now_ms;
+use wasm_bindgen::JsValue;
 
 /// Resolves after `ms` milliseconds (setTimeout, in a window or a worker).
 pub(crate) async fn sleep(ms: i32) {
@@ -52,6 +53,37 @@ pub(crate) async fn sleep(ms: i32) {
         }
     });
     let _ = wasm_bindgen_futures::JsFuture::from(p).await;
+}
+
+/// `fut`'s output, or `None` when `ms` milliseconds pass first (`None`: no limit). The timer
+/// is cleared either way (a download sets one per chunk).
+pub(crate) async fn within<F: std::future::Future>(fut: F, ms: Option<u32>) -> Option<F::Output> {
+    use futures_util::future::{select, Either};
+    let Some(ms) = ms else {
+        return Some(fut.await);
+    };
+    let g = js_sys::global();
+    let id = std::rc::Rc::new(std::cell::Cell::new(JsValue::UNDEFINED));
+    let p = js_sys::Promise::new(&mut |resolve, _| {
+        if let Ok(f) = js_sys::Reflect::get(&g, &"setTimeout".into()) {
+            let f: js_sys::Function = wasm_bindgen::JsCast::unchecked_into(f);
+            id.set(
+                f.call2(&g, &resolve, &ms.into())
+                    .unwrap_or(JsValue::UNDEFINED),
+            );
+        }
+    });
+    let timer = wasm_bindgen_futures::JsFuture::from(p);
+    futures_util::pin_mut!(fut);
+    let out = match select(fut, timer).await {
+        Either::Left((v, _)) => Some(v),
+        Either::Right(_) => None,
+    };
+    if let Ok(f) = js_sys::Reflect::get(&g, &"clearTimeout".into()) {
+        let f: js_sys::Function = wasm_bindgen::JsCast::unchecked_into(f);
+        let _ = f.call1(&g, &id.take());
+    }
+    out
 }
 
 /// The panic hook: the message and stack on the console (console_error_panic_hook), and the

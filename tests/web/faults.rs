@@ -190,3 +190,78 @@ async fn soak_two_hundred_swaps_and_nothing_left_after_unload() {
         "{s}"
     );
 }
+
+/// A download that stalls (half its body, then silence; or no answer at all) is aborted after
+/// `stallTimeoutMs` and retried, so the load goes on; one that stalls every time is a
+/// `network` error naming the file and saying it stalled, at a load and at a swap (the running
+/// model keeps its step). The connections given up are freed: the same server serves the
+/// next load.
+#[wasm_bindgen_test]
+async fn stalled_downloads_are_retried_then_typed_errors() {
+    let opts = json!({"useCache": false, "stallTimeoutMs": 400, "backend": "cpu"});
+    let path = "/net/tiny/manifest.json";
+    for mode in ["stall", "hang"] {
+        assert_eq!(
+            server_get(&format!("/__fail?on=1&mode={mode}&times=1")).await,
+            1
+        );
+        let t0 = js_sys::Date::now();
+        let r = engine(path, opts.clone()).await;
+        server_get("/__fail?on=0").await;
+        let (e, ev) =
+            r.unwrap_or_else(|err| panic!("{mode}: one stalled response failed the load: {err}"));
+        let secs = (js_sys::Date::now() - t0) / 1000.0;
+        assert!(
+            secs < 20.0,
+            "{mode}: the load took {secs} s (the stall is 60 s)"
+        );
+        assert_no_errors(&ev);
+        call(e.unload()).await.unwrap();
+    }
+
+    // Every response of the swap stalls: an error event, the model stays where it was.
+    let (e, ev) = engine(path, opts.clone()).await.unwrap();
+    start(&e, &[user("Hi")], 5).await;
+    chunk(&e).await.0.unwrap();
+    assert_eq!(server_get("/__fail?on=1&mode=stall").await, 1);
+    let budget = budget_for(&e, 3);
+    call(e.set_memory_budget(JsValue::from(budget as f64)))
+        .await
+        .unwrap();
+    chunk(&e).await.0.unwrap();
+    server_get("/__fail?on=0").await;
+    let errors = of_type(&ev, "error");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let err = &errors[0]["error"];
+    assert_eq!(err["code"], "network", "{err}");
+    let msg = err["message"].as_str().unwrap();
+    assert!(
+        msg.contains("stalled") && msg.contains("tried 4 times"),
+        "{msg}"
+    );
+    assert_eq!(stats(&e)["step"], 0);
+    let (_, _, last) = finish(&e).await;
+    assert_eq!(last["usage"]["completion_tokens"], 5);
+    call(e.unload()).await.unwrap();
+
+    // A load whose module files never answer.
+    assert_eq!(server_get("/__fail?on=1&mode=hang").await, 1);
+    let err = engine(path, opts.clone()).await.err();
+    server_get("/__fail?on=0").await;
+    let err = err.expect("a load whose files never answer failed");
+    assert_eq!(err["code"], "network", "{err}");
+    assert!(
+        err["file"].as_str().unwrap().starts_with("modules/"),
+        "{err}"
+    );
+    let msg = err["message"].as_str().unwrap();
+    assert!(
+        msg.contains("no data from") && msg.contains("stalled") && msg.contains("tried 4 times"),
+        "{msg}"
+    );
+
+    // Nothing of it is in the way: the same server serves a load at once.
+    let (e, ev) = engine(path, opts).await.unwrap();
+    assert_no_errors(&ev);
+    call(e.unload()).await.unwrap();
+}

@@ -23,7 +23,9 @@ ensemble, selected by a path prefix:
 
   /__count?prefix=P    requests so far whose path starts with P (JSON number)
   /__reset             forget the counts
-  /__fail?on=1|0       switch the /net/ failure on or off; &times=K: only the next K responses
+  /__fail?on=1|0       switch the /net/ failure on or off; &times=K: only the next K responses;
+                       &mode=cut (default: half the body, then the connection closed) | stall
+                       (half the body, then nothing for STALL_S) | hang (no answer for STALL_S)
   /__stale?on=1|0      switch the /stale/ view's old deployment on or off
   /__report?name=N&json=J  a test's figures: written to REPORT_DIR/N.json when --report is given
   /__delay?ms=N        add N ms before every response but the control paths and the npm mount
@@ -57,7 +59,9 @@ manifest = json.load(open(os.path.join(ens, "manifest.json")))
 sw = manifest["trajectory"][1]["swap"]
 victim = next(v["file"] for v in manifest["modules"]
               if v["layer"] == sw["layer"] and v["kind"] == sw["kind"] and v["bits"] == sw["to_bits"])
-counts, lock, state = Counter(), threading.Lock(), {"fail": False, "delay_ms": 0, "stale": False}
+counts, lock, state = Counter(), threading.Lock(), {"fail": False, "delay_ms": 0, "stale": False, "mode": "cut"}
+# How long a stalled or hung response keeps its connection open without sending a byte.
+STALL_S = 60
 VIEWS = ("corrupt", "truncated", "long", "missing", "v99", "garbage", "net", "badbase", "badtok", "chatml", "strict",
          "stale")
 STRICT = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -81,6 +85,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def send(self, code, body, ctype="application/octet-stream", cut=False, cacheable=False):
+        if cut == "hang":
+            time.sleep(STALL_S)
+            self.close_connection = True
+            return
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -97,6 +105,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if cut:
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
+            if cut == "stall":
+                time.sleep(STALL_S)
             self.close_connection = True
             return
         self.wfile.write(body)
@@ -136,6 +146,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if path == "/__fail":
             state["fail"] = q.get("on", ["0"])[0] == "1"
             state["fail_left"] = int(q.get("times", ["-1"])[0])
+            state["mode"] = q.get("mode", ["cut"])[0]
             return self.send(200, b"1" if state["fail"] else b"0", "application/json")
         if parts[0] in mounts:
             return self.file(mounts[parts[0]], parts[1] if len(parts) > 1 else "index.html")
@@ -179,7 +190,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if state["fail_left"] < 0:
                     cut = state["fail"] = False
         ctype = "application/json" if rel.endswith(".json") else "application/octet-stream"
-        self.send(200, body, ctype, cut, cacheable=view == "stale" and state["stale"])
+        self.send(200, body, ctype, cut and state["mode"], cacheable=view == "stale" and state["stale"])
 
     def corrupt_packed(self, root, rel):
         """The packed ensemble with the step-1 version's byte flipped inside its pack."""
