@@ -473,6 +473,20 @@ export interface CacheReport {
   cachedBytes: number;
   /** Steps whose every file is cached: they load offline. */
   completeSteps: number[];
+  /** What the browser lets this origin store (`navigator.storage`); null where it does not say. */
+  storage: StorageReport;
+}
+
+export interface StorageReport {
+  /** Bytes the origin may use in all (Cache API, IndexedDB, ...): `estimate().quota`. */
+  quotaBytes: number | null;
+  /** Bytes it uses now: `estimate().usage`. */
+  usageBytes: number | null;
+  /**
+   * `persisted()`: the browser keeps the origin's data under storage pressure; false: it may
+   * evict it (cached models included). `navigator.storage.persist()` asks for it.
+   */
+  persisted: boolean | null;
 }
 
 export interface CacheOptions {

@@ -4,7 +4,7 @@
 use crate::ensemble::manifest::FileRef;
 use crate::runtime::backend::KvChoice;
 use crate::runtime::inspect::{cache_report, inspect, CacheReport, Inspection};
-use crate::web::api::{from_js, EngineOptions};
+use crate::web::api::{from_js, get, EngineOptions};
 use crate::web::error::WebResult;
 use crate::web::events::to_js;
 use crate::web::fetch;
@@ -13,6 +13,7 @@ use crate::web::store::{self, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
 
 /// `inspect`'s options.
 #[derive(Deserialize, Default)]
@@ -55,6 +56,40 @@ struct Cached {
     manifest_cached: bool,
     #[serde(flatten)]
     report: CacheReport,
+    /// What the browser lets this origin store.
+    storage: Storage,
+}
+
+/// `navigator.storage`: how much this origin may store and whether its data is kept under
+/// storage pressure; `None` where the browser does not say.
+#[derive(Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Storage {
+    /// `estimate().quota`: the bytes the origin may use in all (Cache API, IndexedDB, ...).
+    quota_bytes: Option<f64>,
+    /// `estimate().usage`: the bytes it uses now.
+    usage_bytes: Option<f64>,
+    /// `persisted()`: true when the browser keeps this origin's data under storage pressure;
+    /// false when it may evict it (least recently used origins first), cached models included.
+    persisted: Option<bool>,
+}
+
+/// Calls `navigator.storage[method]()` and awaits it; `None` if there is no such thing.
+async fn storage_call(method: &str) -> Option<JsValue> {
+    let storage = get(&get(&js_sys::global(), "navigator"), "storage");
+    let f: js_sys::Function = get(&storage, method).dyn_into().ok()?;
+    let p: js_sys::Promise = f.call0(&storage).ok()?.dyn_into().ok()?;
+    wasm_bindgen_futures::JsFuture::from(p).await.ok()
+}
+
+async fn storage() -> Storage {
+    let estimate = storage_call("estimate").await;
+    let num = |k: &str| estimate.as_ref().and_then(|e| get(e, k).as_f64());
+    Storage {
+        quota_bytes: num("quota"),
+        usage_bytes: num("usage"),
+        persisted: storage_call("persisted").await.and_then(|v| v.as_bool()),
+    }
 }
 
 /// The cache `options` name (`cacheName`, `useCache` as for `Engine.create`).
@@ -86,6 +121,7 @@ pub async fn cached_ensemble(url: String, options: JsValue) -> Result<JsValue, J
             report: cache_report(&m, held),
             url,
             cache_name,
+            storage: storage().await,
         }))
     }
     .await

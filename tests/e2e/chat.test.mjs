@@ -114,6 +114,24 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     const line = await page.locator('#req-cache').textContent();
     assert.match(line, new RegExp(`^${c.completeSteps.length} of ${stats.steps} steps load offline \\(`), line);
     assert.equal(await page.locator('#delete-cache').isDisabled(), false);
+    // What the browser lets the site store, as the engine reports it and as the page sees it.
+    const seen = await page.evaluate(async () => ({ est: await navigator.storage.estimate(), persisted: await navigator.storage.persisted(),
+      line: document.getElementById('req-storage').textContent, keep: !document.getElementById('keep-cache').hidden }));
+    assert.equal(c.storage.quotaBytes, seen.est.quota, JSON.stringify(c.storage));
+    assert.ok(c.storage.usageBytes > 0 && c.storage.usageBytes < c.storage.quotaBytes, JSON.stringify(c.storage));
+    assert.equal(c.storage.persisted, seen.persisted);
+    assert.match(seen.line, /^\d[\d.]* [KMG]?B of \d[\d.]* [KMG]?B used by this site; /, seen.line);
+    assert.match(seen.line, seen.persisted ? /kept when storage runs low$/ : /the browser may evict the cached model when storage runs low$/, seen.line);
+    assert.equal(seen.keep, !seen.persisted);
+    if (seen.keep) {
+      // Asking: the page reports what the browser answered (headless Chromium declines).
+      await page.locator('#keep-cache').click();
+      await until(page, 'the answer to the persistence request', () => window.flexquantPage.persistAsked != null);
+      const after = await page.evaluate(async () => ({ asked: window.flexquantPage.persistAsked, persisted: await navigator.storage.persisted(),
+        note: document.getElementById('req-cache-note').textContent }));
+      assert.equal(after.asked, after.persisted);
+      assert.match(after.note, after.asked ? /^The browser will keep the cached model/ : /^The browser declined/, after.note);
+    }
   });
 
   it('answers a prompt with streamed tokens', async (t) => {

@@ -25,6 +25,8 @@ export class RequirementsView {
     this.box = $('requirements');
     this.button = $('delete-cache');
     this.button.addEventListener('click', () => this.deleteCached().catch((e) => this.say(`Could not delete: ${e.message}`)));
+    this.keep = $('keep-cache');
+    this.keep.addEventListener('click', () => this.persist().catch((e) => this.say(`Could not ask: ${e.message}`)));
   }
 
   showSupport(support) {
@@ -55,9 +57,43 @@ export class RequirementsView {
       ? 'Not cached: loading downloads it.'
       : `${c.completeSteps.length}${steps ? ` of ${steps}` : ''} steps load offline (${formatBytes(c.cachedBytes)} of ${formatBytes(c.totalBytes)} cached, ${c.cachedFiles} of ${c.files} files)`;
     this.box.dataset.cached = any ? 'yes' : 'no';
+    this.showStorage(c.storage, any);
     (this.page.cacheLines ??= []).push({ state: this.page.state, text: $('req-cache').textContent });
     this.button.disabled = !any;
     return c;
+  }
+
+  /**
+   * What the browser lets this site store, and whether it keeps it under storage pressure;
+   * before the first load, whether the model will fit in what is left.
+   */
+  showStorage(st, cached) {
+    const canAsk = !!navigator.storage?.persist;
+    this.keep.hidden = st.persisted !== false || !canAsk;
+    if (st.quotaBytes == null) {
+      $('req-storage').textContent = 'The browser does not say how much this site may store.';
+      return;
+    }
+    const free = st.quotaBytes - (st.usageBytes ?? 0);
+    const need = this.page.inspection?.firstLoadBytes;
+    const parts = [`${formatBytes(st.usageBytes)} of ${formatBytes(st.quotaBytes)} used by this site`];
+    if (!cached && need != null && free < need) parts.push(`only ${formatBytes(free)} left for the ${formatBytes(need)} to start: the model will run but not stay cached`);
+    if (st.persisted === true) parts.push('kept when storage runs low');
+    else if (st.persisted === false) parts.push('the browser may evict the cached model when storage runs low');
+    $('req-storage').textContent = parts.join('; ');
+    this.box.dataset.persisted = String(st.persisted);
+  }
+
+  /** Asks the browser to keep this site's data (a user's click: Firefox asks them). */
+  async persist() {
+    this.keep.disabled = true;
+    const granted = await navigator.storage.persist();
+    this.page.persistAsked = granted;
+    await this.refreshCache();
+    this.say(granted
+      ? 'The browser will keep the cached model when storage runs low.'
+      : 'The browser declined: it may still evict the cached model when storage runs low (Chrome grants this to sites you bookmark, install or use often).');
+    this.keep.disabled = false;
   }
 
   /** After the load: the cache status now, and again when the background prefetch ends. */
