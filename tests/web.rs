@@ -649,14 +649,14 @@ async fn packed_ensembles_fetch_each_pack_once_and_answer_as_unpacked() {
     call(e.unload()).await.unwrap();
 }
 
-#[wasm_bindgen_test]
-async fn network_error_mid_swap_keeps_the_current_step() {
-    let (e, ev) = engine("/net/tiny/manifest.json", json!({"useCache": false}))
-        .await
-        .unwrap();
+/// Starts an answer on `/net/tiny` with `opts`, turns the server's failure `fail` on (a
+/// `/__fail` query) and cuts the budget to step 3, so the swap's downloads fail; the answer
+/// ends at step 0 with all its tokens. Returns the one `error` event's error.
+async fn swap_whose_downloads_fail(opts: Value, fail: &str) -> Value {
+    let (e, ev) = engine("/net/tiny/manifest.json", opts).await.unwrap();
     start(&e, &[user("Hi")], 5).await;
     chunk(&e).await.0.unwrap();
-    assert_eq!(server_get("/__fail?on=1").await, 1);
+    assert_eq!(server_get(&format!("/__fail?on=1{fail}")).await, 1);
     let budget = budget_for(&e, 3);
     call(e.set_memory_budget(JsValue::from(budget as f64)))
         .await
@@ -665,11 +665,17 @@ async fn network_error_mid_swap_keeps_the_current_step() {
     server_get("/__fail?on=0").await;
     let errors = of_type(&ev, "error");
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert_eq!(errors[0]["error"]["code"], "network", "{errors:?}");
     assert_eq!(stats(&e)["step"], 0);
     let (_, _, last) = finish(&e).await;
     assert_eq!(last["usage"]["completion_tokens"], 5);
     call(e.unload()).await.unwrap();
+    errors[0]["error"].clone()
+}
+
+#[wasm_bindgen_test]
+async fn network_error_mid_swap_keeps_the_current_step() {
+    let err = swap_whose_downloads_fail(json!({"useCache": false}), "").await;
+    assert_eq!(err["code"], "network", "{err}");
 }
 
 #[wasm_bindgen_test]

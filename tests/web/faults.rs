@@ -220,29 +220,13 @@ async fn stalled_downloads_are_retried_then_typed_errors() {
     }
 
     // Every response of the swap stalls: an error event, the model stays where it was.
-    let (e, ev) = engine(path, opts.clone()).await.unwrap();
-    start(&e, &[user("Hi")], 5).await;
-    chunk(&e).await.0.unwrap();
-    assert_eq!(server_get("/__fail?on=1&mode=stall").await, 1);
-    let budget = budget_for(&e, 3);
-    call(e.set_memory_budget(JsValue::from(budget as f64)))
-        .await
-        .unwrap();
-    chunk(&e).await.0.unwrap();
-    server_get("/__fail?on=0").await;
-    let errors = of_type(&ev, "error");
-    assert_eq!(errors.len(), 1, "{errors:?}");
-    let err = &errors[0]["error"];
+    let err = swap_whose_downloads_fail(opts.clone(), "&mode=stall").await;
     assert_eq!(err["code"], "network", "{err}");
     let msg = err["message"].as_str().unwrap();
     assert!(
         msg.contains("stalled") && msg.contains("tried 4 times"),
         "{msg}"
     );
-    assert_eq!(stats(&e)["step"], 0);
-    let (_, _, last) = finish(&e).await;
-    assert_eq!(last["usage"]["completion_tokens"], 5);
-    call(e.unload()).await.unwrap();
 
     // A load whose module files never answer.
     assert_eq!(server_get("/__fail?on=1&mode=hang").await, 1);
