@@ -101,23 +101,21 @@ async function main() {
   if (note) page.supportNote = `${note.title}: ${note.detail}`;
   if (backendChoice() === 'webgpu' && !support.gpu) return fatal(note.title, note.detail);
 
-  // What the model needs, before anything loads.
+  // What the model needs and what the cache holds, read while the model loads (waiting for it
+  // first cost a manifest round trip before the load's own; a missing model is the load's
+  // error below).
   const requirements = new RequirementsView(Engine, url, page, kvCacheChoice());
   page.requirements = requirements;
   requirements.showSupport(support);
-  try {
-    await requirements.inspect();
-  } catch (e) {
-    if (e && e.code === 'manifest-not-found') return fatal('Model not found', `${e.message}. Check the ?model= address.`);
-    $('req-download').textContent = errorMessage(e); // the load below reports it too
-  }
-  await requirements.refreshCache().catch(() => {});
+  const loader = new LoaderView();
+  const needs = requirements.inspect()
+    .then((ins) => { loader.expect(ins); return requirements.refreshCache(); })
+    .catch((e) => { if (e?.code !== 'manifest-not-found') $('req-download').textContent = errorMessage(e); });
 
   const settings = new Settings();
   // This tab's claim on the conversation kept from the last visit, settled while the model loads.
   const saved = new SavedChat(url, () => settings.values().remember_chat);
   page.savedChat = saved;
-  const loader = new LoaderView();
   page.progress = loader.seen;
   page.progressEvents = [];
   loader.show();
@@ -155,9 +153,6 @@ async function main() {
     }
   };
 
-  // The manifest is small: read it here too, for the totals the progress bar runs to.
-  fetch(url).then((r) => (r.ok ? r.json() : null)).then((m) => m && loader.expect(m)).catch(() => {});
-
   let engine;
   try {
     engine = await createEngine(url, { backend: backendChoice(), kvCache: kvCacheChoice(), onProgress: (p) => { page.progressEvents.push(p); loader.update(p); }, onEvent });
@@ -167,6 +162,7 @@ async function main() {
     return fatal('The model could not be loaded', errorMessage(e));
   }
   page.engine = engine;
+  await needs; // long done: the load reads the same manifest and more
   const [stats, trajectory] = await Promise.all([engine.stats(), engine.trajectory()]);
   const summary = loader.done(stats, 'caches' in globalThis);
   page.metrics.loadSeconds = (performance.now() - t0) / 1000;

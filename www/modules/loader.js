@@ -1,9 +1,9 @@
 // The first-load view: a progress bar with bytes, files and time left, and whether the bytes
 // came from the network or from the browser's cache.
 //
-// The engine reports progress per group of files (tokenizer, base, modules), each with its own
-// counters; the view adds the groups up and takes the expected totals from the manifest (the
-// files of the step it starts at), so the bar runs once from 0 to 100%.
+// The engine reports the first load as one running total (tokenizer, base and the starting
+// step's files; a fallback to a deeper step adds a second); the view adds the totals up, and
+// until the first event it runs to what `Engine.inspect` says step 0 needs.
 
 import { $, formatBytes, formatSeconds } from './format.js';
 
@@ -15,7 +15,7 @@ export class LoaderView {
     this.source = $('load-source');
     this.started = performance.now();
     this.groups = new Map();
-    this.expected = null; // { bytes, files } from the manifest
+    this.expected = null; // bytes step 0 needs (Engine.inspect's firstLoadBytes)
     this.totals = null;
     this.seen = []; // every progress line shown (the tests read it)
   }
@@ -25,15 +25,9 @@ export class LoaderView {
     this.started = performance.now();
   }
 
-  /** What loading step 0 costs: the tokenizer, the base and every module at n_up bits. */
-  expect(manifest) {
-    try {
-      const top = manifest.modules.filter((m) => m.bits === manifest.n_up);
-      this.expected = {
-        bytes: manifest.tokenizer.bytes + manifest.base.bytes + top.reduce((s, m) => s + m.bytes, 0),
-        files: 2 + top.length,
-      };
-    } catch { this.expected = null; }
+  /** What loading step 0 costs (`Engine.inspect`'s answer), until the engine says. */
+  expect(inspection) {
+    this.expected = inspection?.firstLoadBytes ?? null;
   }
 
   /** `p`: a progress object of the engine. */
@@ -43,7 +37,7 @@ export class LoaderView {
       // One running total per download call (the first load is one call; a fallback to a
       // deeper step adds another).
       const key = `${p.filesTotal}|${p.totalBytes}`;
-      const g = this.groups.get(key) || { loaded: 0, files: 0, cached: 0 };
+      const g = this.groups.get(key) || { loaded: 0, files: 0, cached: 0, total: p.totalBytes || 0, filesTotal: p.filesTotal || 0 };
       g.loaded = Math.max(g.loaded, p.loadedBytes || 0);
       g.files = Math.max(g.files, p.filesDone || 0);
       g.cached = Math.max(g.cached, p.fromCache || 0);
@@ -53,8 +47,8 @@ export class LoaderView {
     const loaded = sum('loaded');
     const cached = sum('cached');
     const files = sum('files');
-    const total = Math.max(this.expected ? this.expected.bytes : 0, loaded);
-    const filesTotal = Math.max(this.expected ? this.expected.files : 0, files);
+    const total = Math.max(this.groups.size ? sum('total') : this.expected ?? 0, loaded);
+    const filesTotal = Math.max(sum('filesTotal'), files);
     const frac = p.phase === 'ready' || p.phase === 'upload' ? 1 : total ? Math.min(1, loaded / total) : 0;
     this.totals = { loaded, total, cached, files, filesTotal };
     this.bar.value = frac;
