@@ -29,13 +29,14 @@ export function errorData(e) {
 }
 
 /**
- * `engine.chat.completions.create` over `start(request)`, `next()` (a chunk or null) and
- * `interrupt()`. Requests take turns, first come first served: a second `create` waits until
- * the running answer has ended (it never interleaves with it). `signal` (an AbortSignal) ends
- * the answer after the current token (`finish_reason: 'abort'`), or rejects a request still
- * waiting with code `'aborted'`. Leaving a stream early (`break`) interrupts and ends the turn.
+ * `engine.chat.completions.create` and `engine.completions.create` over `startChat(request)`,
+ * `startCompletion(request)`, `next()` (a chunk or null) and `interrupt()`. Requests of both
+ * take turns, first come first served: a second `create` waits until the running answer has
+ * ended (it never interleaves with it). `signal` (an AbortSignal) ends the answer after the
+ * current token (`finish_reason: 'abort'`), or rejects a request still waiting with code
+ * `'aborted'`. Leaving a stream early (`break`) interrupts and ends the turn.
  */
-export function chatApi(start, next, interrupt) {
+export function answerApi({ startChat, startCompletion }, next, interrupt) {
   let turn = Promise.resolve();
   const aborted = () => new FlexQuantError('aborted', 'the request was aborted before it started');
 
@@ -77,7 +78,8 @@ export function chatApi(start, next, interrupt) {
     }
   }
 
-  async function create(request = {}) {
+  /** Starts `request` with `start`: the stream of its chunks, or (not streaming) all of them. */
+  async function begin(start, request) {
     const { stream, signal, ...req } = request;
     if (signal?.aborted) throw aborted();
     const end = await takeTurn(signal);
@@ -87,12 +89,18 @@ export function chatApi(start, next, interrupt) {
       end();
       throw e;
     }
-    if (stream) return chunks(signal, end, req.stream_options?.include_usage === true);
+    const all = chunks(signal, end, !!stream && req.stream_options?.include_usage === true);
+    return { req, stream: !!stream, all };
+  }
+
+  async function chatCreate(request = {}) {
+    const { req, stream, all } = await begin(startChat, request);
+    if (stream) return all;
     // One choice per index (`n` answers come one after the other); with `logprobs: true`,
     // each token's entry gathered from its chunk.
     const choices = [];
     let last = null;
-    for await (const c of chunks(signal, end, false)) {
+    for await (const c of all) {
       const ch = c.choices[0];
       const into = (choices[ch.index] ??= { index: ch.index, message: { role: 'assistant', content: '' },
         finish_reason: null, ...(req.logprobs === true ? { logprobs: { content: [] } } : {}) });
@@ -115,7 +123,24 @@ export function chatApi(start, next, interrupt) {
       choices, usage: last.usage,
     };
   }
-  return { completions: { create } };
+
+  /** A text completion: the same chunks' `text` joined per choice (`logprobs` always null). */
+  async function textCreate(request = {}) {
+    const { stream, all } = await begin(startCompletion, request);
+    if (stream) return all;
+    const choices = [];
+    let last = null;
+    for await (const c of all) {
+      const ch = c.choices[0];
+      const into = (choices[ch.index] ??= { index: ch.index, text: '', finish_reason: null, logprobs: null });
+      into.text += ch.text;
+      if (ch.finish_reason) into.finish_reason = ch.finish_reason;
+      last = c;
+    }
+    return { id: last.id, object: 'text_completion', created: last.created, model: last.model, choices, usage: last.usage };
+  }
+
+  return { chat: { completions: { create: chatCreate } }, completions: { create: textCreate } };
 }
 
 /** Reads performance.memory every `ms` and hands it to `report(used, limit)`; returns a stop function. */

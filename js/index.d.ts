@@ -208,6 +208,57 @@ export interface ChatRequest {
   ignore_eos?: boolean;
 }
 
+/**
+ * `engine.completions.create`: OpenAI's (legacy) text completion. The `prompt` is continued as
+ * it is (no chat template); the sampling, length, stop and `n` fields are the chat request's.
+ * Fields it does not take (`messages`, `tools`, `response_format`, `logprobs`, `suffix`,
+ * `echo`, `best_of`, ...) reject with code 'unsupported' naming the field.
+ */
+export interface CompletionRequest {
+  /** The text to continue (a string, not empty). */
+  prompt: string;
+  stream?: boolean;
+  max_tokens?: number;
+  temperature?: number;
+  top_p?: number;
+  top_k?: number;
+  seed?: number;
+  stop?: string | string[] | null;
+  frequency_penalty?: number;
+  presence_penalty?: number;
+  logit_bias?: Record<string, number> | null;
+  stream_options?: { include_usage?: boolean } | null;
+  model?: string;
+  user?: string;
+  n?: number;
+  signal?: AbortSignal;
+  ignore_eos?: boolean;
+}
+
+export interface CompletionChunk {
+  id: string;
+  object: 'text_completion';
+  created: number;
+  model: string;
+  /** Empty in the extra usage chunk of `stream_options.include_usage`. */
+  choices: { index: number; text: string; finish_reason: FinishReason | null; logprobs: null }[];
+  usage?: Usage;
+}
+
+export interface Completion {
+  id: string;
+  object: 'text_completion';
+  created: number;
+  model: string;
+  choices: { index: number; text: string; finish_reason: FinishReason; logprobs: null }[];
+  usage: Usage;
+}
+
+export interface Completions {
+  create(request: CompletionRequest & { stream: true }): Promise<AsyncIterable<CompletionChunk>>;
+  create(request: CompletionRequest & { stream?: false }): Promise<Completion>;
+}
+
 /** What `startChat` resolves to once the prompt is prefilled. */
 export interface Started { promptTokens: number }
 
@@ -341,6 +392,8 @@ export interface ExportedSession {
 
 export interface EngineApi {
   readonly chat: Chat;
+  /** Text completions: a prompt continued as it is (see CompletionRequest). */
+  readonly completions: Completions;
   interruptGenerate(): void;
   resetChat(): Promise<void>;
   /** The conversation and its KV cache's bytes (either backend: the same layout on both). */
@@ -370,7 +423,9 @@ export interface EngineApi {
   unload(): Promise<void>;
   /** Low level: prefill a conversation, then take chunks with nextChunk() until null. */
   startChat(request: ChatRequest): Promise<Started>;
-  nextChunk(): Promise<ChatCompletionChunk | null>;
+  /** Low level: prefill a text completion's prompt; its chunks are CompletionChunks. */
+  startCompletion(request: CompletionRequest): Promise<Started>;
+  nextChunk(): Promise<ChatCompletionChunk | CompletionChunk | null>;
 }
 
 /** `Engine.checkSupport`: what this browser offers, and which backend `auto` picks. */

@@ -1,5 +1,5 @@
 // flexquant: the main-thread engine. See API.md (shipped as README in the package).
-import { FlexQuantError, toFlexQuantError, chatApi, pollHeap } from './common.js';
+import { FlexQuantError, toFlexQuantError, answerApi, pollHeap } from './common.js';
 
 export { FlexQuantError };
 
@@ -96,7 +96,10 @@ export class Engine {
   constructor(inner, heapPollMs) {
     this._inner = inner;
     this._queue = Promise.resolve();
-    this.chat = chatApi((req) => this.startChat(req), () => this.nextChunk(), () => this.interruptGenerate());
+    const api = answerApi({ startChat: (req) => this.startChat(req), startCompletion: (req) => this.startCompletion(req) },
+      () => this.nextChunk(), () => this.interruptGenerate());
+    this.chat = api.chat;
+    this.completions = api.completions;
     this._stopHeap = pollHeap(heapPollMs, (used, limit) => this.reportHeap(used, limit));
   }
 
@@ -144,6 +147,8 @@ export class Engine {
 
   /** Low level (chat.completions.create uses these): prefill a conversation... */
   startChat(request) { return this._run(() => this._inner.startChat(request)); }
+  /** Low level (completions.create uses it): prefill a text completion's prompt. */
+  startCompletion(request) { return this._run(() => this._inner.startCompletion(request)); }
   /** ...then take its chunks one by one (null after the final chunk). */
   nextChunk() { return this._run(() => this._inner.nextChunk()); }
 

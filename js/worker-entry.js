@@ -18,6 +18,7 @@ const methods = {
     engine = await Engine.create(url, { ...opts, heapPollMs: 0, onEvent: (e) => post({ event: e }) });
   },
   startChat: (req) => engine.startChat(req),
+  startCompletion: (req) => engine.startCompletion(req),
   nextChunk: () => {
     const next = ahead ?? engine.nextChunk();
     ahead = null;

@@ -7,7 +7,7 @@
 // Cache API: no download) once no answer is running, and emits a `released` event with the heap
 // before and after. The conversation's KV cache goes along as bytes (exportSession /
 // importSession), so the next answer runs only its new tokens.
-import { FlexQuantError, chatApi, errorData, pollHeap } from './common.js';
+import { FlexQuantError, answerApi, errorData, pollHeap } from './common.js';
 
 export { FlexQuantError };
 
@@ -30,7 +30,10 @@ export class WorkerEngine {
     this._releaseDue = false;
     this._autoRelease = options.autoRelease ?? true;
     this._attach(worker);
-    this.chat = chatApi((req) => this.startChat(req), () => this.nextChunk(), () => this.interruptGenerate());
+    const api = answerApi({ startChat: (req) => this.startChat(req), startCompletion: (req) => this.startCompletion(req) },
+      () => this.nextChunk(), () => this.interruptGenerate());
+    this.chat = api.chat;
+    this.completions = api.completions;
     this._stopHeap = pollHeap(options.heapPollMs ?? 1000, (u, l) => this.reportHeap(u, l));
   }
 
@@ -86,9 +89,11 @@ export class WorkerEngine {
     });
   }
 
-  startChat(request) {
+  startChat(request) { return this._start('startChat', request); }
+  startCompletion(request) { return this._start('startCompletion', request); }
+  _start(method, request) {
     this._answering = true;
-    return this._call('startChat', [request]).catch((e) => { this._answering = false; throw e; });
+    return this._call(method, [request]).catch((e) => { this._answering = false; throw e; });
   }
   async nextChunk() {
     let c;

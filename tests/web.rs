@@ -2080,6 +2080,8 @@ async fn parallel_downloads_retry_and_report_one_total() {
 #[path = "shared/kernel_ref.rs"]
 mod kernel_ref;
 
+#[path = "web/completions.rs"]
+mod completions;
 #[path = "web/faults.rs"]
 mod faults;
 

@@ -114,7 +114,8 @@ async function main() {
 
   const settings = new Settings();
   // This tab's claim on the conversation kept from the last visit, settled while the model loads.
-  const saved = new SavedChat(url, () => settings.values().remember_chat);
+  const saved = new SavedChat(url, () => settings.values().remember_chat,
+    (why) => chat?.event(`This browser does not let the page keep the conversation (${why}): a reload loses it.`));
   page.savedChat = saved;
   page.progress = loader.seen;
   page.progressEvents = [];

@@ -21,9 +21,22 @@ use std::sync::Arc;
 /// Most answers one request may ask for (`n`): they are generated one after the other.
 pub const MAX_CHOICES: u32 = 8;
 
+/// Which endpoint a request came to: `chat.completions` (`messages`, rendered by the model's
+/// chat template) or `completions` (a `prompt` continued as it is, OpenAI's legacy text
+/// completions). Both share the sampling, length, stop and `n` fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Text,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
+    /// Required for chat (an empty list is an error); absent from a text completion.
+    #[serde(default)]
     pub messages: Vec<Message>,
+    /// The text a text completion continues (`Endpoint::Text` only).
+    pub prompt: Option<String>,
     pub max_tokens: Option<usize>,
     /// OpenAI's newer name for `max_tokens`.
     pub max_completion_tokens: Option<usize>,
@@ -84,13 +97,57 @@ impl ChatRequest {
         "stream",
     ];
 
-    /// An unknown key of the request object is `Unsupported`, naming it.
+    /// The fields a text completion (`Endpoint::Text`) takes: `prompt`, and the chat fields
+    /// about sampling, length, stopping and `n` (no tools, JSON mode or log-probabilities).
+    pub const KNOWN_TEXT: [&'static str; 16] = [
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "model",
+        "user",
+        "stream_options",
+        "n",
+        "stop",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "ignore_eos",
+        "stream",
+    ];
+
+    /// An unknown key of a chat request object is `Unsupported`, naming it.
     pub fn check_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<()> {
-        match keys.into_iter().find(|k| !Self::KNOWN.contains(k)) {
+        Self::check_keys_for(Endpoint::Chat, keys)
+    }
+
+    /// An unknown key of a request to `endpoint` is `Unsupported`, naming it.
+    pub fn check_keys_for<'a>(
+        endpoint: Endpoint,
+        keys: impl IntoIterator<Item = &'a str>,
+    ) -> Result<()> {
+        let (known, what): (&[&str], _) = match endpoint {
+            Endpoint::Chat => (&Self::KNOWN, "chat request"),
+            Endpoint::Text => (&Self::KNOWN_TEXT, "completion request"),
+        };
+        match keys.into_iter().find(|k| !known.contains(k)) {
             Some(k) => Err(Error::Unsupported(format!(
-                "chat request: unknown field `{k}` (see js/API.md for the fields)"
+                "{what}: unknown field `{k}` (see js/API.md for the fields)"
             ))),
             None => Ok(()),
+        }
+    }
+
+    /// A text completion's `prompt`: a string that is not empty.
+    pub fn text_prompt(&self) -> Result<&str> {
+        match self.prompt.as_deref() {
+            Some(p) if !p.is_empty() => Ok(p),
+            Some(_) => Err(Error::input("completion request: `prompt` is empty")),
+            None => Err(Error::input(
+                "completion request: `prompt` is missing (a string to continue)",
+            )),
         }
     }
 
@@ -180,7 +237,7 @@ impl ChatRequest {
     /// The sampling settings asked for (`Sampling::chat` where a field is absent; `seed`
     /// when the request has none), validated.
     pub fn sampling(&self, seed: u64) -> Result<Sampling> {
-        if self.messages.is_empty() {
+        if self.messages.is_empty() && self.prompt.is_none() {
             return Err(Error::input("chat request: no messages"));
         }
         let d = Sampling::chat();
@@ -325,6 +382,31 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("strict"));
+    }
+
+    #[test]
+    fn text_completions_take_a_prompt_and_the_sampling_fields_only() {
+        let keys = |k: &[&str]| ChatRequest::check_keys_for(Endpoint::Text, k.iter().copied());
+        keys(&["prompt", "max_tokens", "stop", "n", "stream", "seed"]).unwrap();
+        for k in ["messages", "tools", "response_format", "logprobs", "suffix"] {
+            let e = keys(&["prompt", k]).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("completion request: unknown field `{k}`")),
+                "{e}"
+            );
+        }
+        let chat = ChatRequest::check_keys(["messages", "prompt"]).unwrap_err();
+        assert!(chat.to_string().contains("`prompt`"), "{chat}");
+        let r = |j: &str| serde_json::from_str::<ChatRequest>(j).unwrap();
+        assert_eq!(r(r#"{"prompt":"Once"}"#).text_prompt().unwrap(), "Once");
+        let empty = r(r#"{"prompt":""}"#).text_prompt().unwrap_err().to_string();
+        assert!(empty.contains("`prompt` is empty"), "{empty}");
+        let none = r(r#"{"max_tokens":3}"#)
+            .text_prompt()
+            .unwrap_err()
+            .to_string();
+        assert!(none.contains("`prompt` is missing"), "{none}");
+        assert!(r(r#"{"prompt":"Once"}"#).sampling(0).is_ok());
     }
 
     #[test]

@@ -141,20 +141,24 @@ impl EngineOptions {
     }
 }
 
-pub use crate::runtime::request::ChatRequest;
+pub use crate::runtime::request::{ChatRequest, Endpoint};
 
 impl ChatRequest {
     /// Reads a request from JS with the checks of `runtime::request` (which native code and the
     /// fuzzer run on JSON): an unknown field is an `unsupported` error naming it.
-    pub fn parse(v: JsValue) -> WebResult<ChatRequest> {
+    pub fn parse(v: JsValue, endpoint: Endpoint) -> WebResult<ChatRequest> {
         if let Some(o) = v.dyn_ref::<js_sys::Object>() {
             let keys: Vec<String> = js_sys::Object::keys(o)
                 .iter()
                 .filter_map(|k| k.as_string())
                 .collect();
-            ChatRequest::check_keys(keys.iter().map(String::as_str))?;
+            ChatRequest::check_keys_for(endpoint, keys.iter().map(String::as_str))?;
         }
-        from_js(v, "chat request")
+        let what = match endpoint {
+            Endpoint::Chat => "chat request",
+            Endpoint::Text => "completion request",
+        };
+        from_js(v, what)
     }
 }
 
@@ -237,14 +241,14 @@ pub struct Started {
     pub prompt_tokens: usize,
 }
 
-/// One OpenAI `chat.completion.chunk`.
+/// One OpenAI `chat.completion.chunk` (`Choice`) or streamed `text_completion` (`TextChoice`).
 #[derive(Serialize)]
-pub struct Chunk<'a> {
+pub struct Chunk<'a, C> {
     pub id: &'a str,
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
-    pub choices: [Choice; 1],
+    pub choices: [C; 1],
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
 }
@@ -257,6 +261,16 @@ pub struct Choice {
     /// The chunk's token, when the request asked for `logprobs`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Logprobs>,
+}
+
+/// A text completion's choice: the text of the chunk's token (OpenAI's legacy completions;
+/// `logprobs` is always null: not offered there).
+#[derive(Serialize)]
+pub struct TextChoice {
+    pub index: u32,
+    pub text: String,
+    pub finish_reason: Option<&'static str>,
+    pub logprobs: Option<()>,
 }
 
 /// OpenAI's `choices[].logprobs`: one entry per token.

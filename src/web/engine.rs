@@ -14,9 +14,9 @@ use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
 use crate::runtime::{Sampling, StopReason, StopText, Turn, TurnOptions, DEFAULT_CONTEXT};
 use crate::web::api::{
-    from_js, Budget, ChatRequest, Choice, Chunk, Delta, EngineOptions, FunctionCall, Logprobs,
-    MaxPerplexity, MinSpeed, PromptTokensDetails, Started, Stats, ToolCallDelta, TrajectoryPoint,
-    Usage, UsageExtra,
+    from_js, Budget, ChatRequest, Choice, Chunk, Delta, Endpoint, EngineOptions, FunctionCall,
+    Logprobs, MaxPerplexity, MinSpeed, PromptTokensDetails, Started, Stats, TextChoice,
+    ToolCallDelta, TrajectoryPoint, Usage, UsageExtra,
 };
 use crate::web::backend::{BackendChoice, Kind, WebModel};
 use crate::web::error::{Code, WebError, WebResult};
@@ -76,6 +76,8 @@ pub(super) struct State {
 /// One answer in progress.
 struct Answer {
     turn: Turn,
+    /// A chat answer (`chat.completion.chunk`s) or a text completion (`text_completion`s).
+    endpoint: Endpoint,
     /// Which of the request's `n` answers this is, and what starts the next.
     choices: Choices,
     decoder: StreamDecoder,
@@ -198,11 +200,23 @@ impl Engine {
     /// prefills the conversation. Chunks then come from `nextChunk`.
     #[wasm_bindgen(js_name = startChat)]
     pub fn start_chat(&self, request: JsValue) -> js_sys::Promise {
+        self.start(request, Endpoint::Chat)
+    }
+
+    /// Starts a text completion of `request.prompt` (OpenAI's legacy `completions`: the text
+    /// continued as it is, no chat template): prefills it. Chunks (`text_completion`) then
+    /// come from `nextChunk`.
+    #[wasm_bindgen(js_name = startCompletion)]
+    pub fn start_completion(&self, request: JsValue) -> js_sys::Promise {
+        self.start(request, Endpoint::Text)
+    }
+
+    fn start(&self, request: JsValue, endpoint: Endpoint) -> js_sys::Promise {
         let i = self.inner.clone();
         promise(async move {
-            let req = ChatRequest::parse(request)?;
+            let req = ChatRequest::parse(request, endpoint)?;
             let mut st = i.take()?;
-            let r = i.start_chat(&mut st, req).await;
+            let r = i.start_chat(&mut st, req, endpoint).await;
             i.put(st);
             r
         })
@@ -695,7 +709,15 @@ impl Inner {
 
     // ---- chat ----
 
-    async fn start_chat(self: &Rc<Self>, st: &mut State, req: ChatRequest) -> WebResult<JsValue> {
+    async fn start_chat(
+        self: &Rc<Self>,
+        st: &mut State,
+        req: ChatRequest,
+        endpoint: Endpoint,
+    ) -> WebResult<JsValue> {
+        if endpoint == Endpoint::Text {
+            req.text_prompt()?; // its own error first (`sampling` asks for messages otherwise)
+        }
         let random = (js_sys::Math::random() * 2f64.powi(53)) as u64;
         let s = req.sampling(random)?;
         let stop_text = req.stop_text()?;
@@ -719,9 +741,14 @@ impl Inner {
             json,
             logprobs: req.logprobs()?,
         };
-        let prompt = tools.as_ref().and_then(|t| t.prompt());
-        let text = self.chat.render_with_tools(&req.messages, prompt)?;
-        let ids = self.tokenizer.encode(&text)?;
+        let ids = match endpoint {
+            Endpoint::Chat => {
+                let prompt = tools.as_ref().and_then(|t| t.prompt());
+                self.tokenizer
+                    .encode(&self.chat.render_with_tools(&req.messages, prompt)?)?
+            }
+            Endpoint::Text => self.tokenizer.encode(req.text_prompt()?)?,
+        };
         let choices = Choices {
             ids,
             sampling: s,
@@ -745,12 +772,17 @@ impl Inner {
         self.completions.set(n);
         let prompt_tokens = choices.ids.len();
         let calls = choices.calls;
+        let id = match endpoint {
+            Endpoint::Chat => format!("chatcmpl-{n}"),
+            Endpoint::Text => format!("cmpl-{n}"),
+        };
         st.turn = Some(Answer {
             turn,
+            endpoint,
             decoder: StreamDecoder::default(),
             stop_text: choices.stop_text.clone(),
             choices,
-            id: format!("chatcmpl-{n}"),
+            id,
             created: (js_sys::Date::now() / 1000.0) as u64,
             sent_role: false,
             ended: false,
@@ -890,20 +922,35 @@ impl Inner {
                 (finish, Some(usage))
             }
         };
-        let chunk = Chunk {
-            id: &a.id,
-            object: "chat.completion.chunk",
-            created: a.created,
-            model: &self.walk.source.manifest.name,
-            choices: [Choice {
-                index: choice,
-                delta,
-                finish_reason,
-                logprobs,
-            }],
-            usage,
+        let model = &self.walk.source.manifest.name;
+        let chunk = match a.endpoint {
+            Endpoint::Chat => to_js(&Chunk {
+                id: &a.id,
+                object: "chat.completion.chunk",
+                created: a.created,
+                model,
+                choices: [Choice {
+                    index: choice,
+                    delta,
+                    finish_reason,
+                    logprobs,
+                }],
+                usage,
+            }),
+            Endpoint::Text => to_js(&Chunk {
+                id: &a.id,
+                object: "text_completion",
+                created: a.created,
+                model,
+                choices: [TextChoice {
+                    index: choice,
+                    text: delta.content.unwrap_or_default(),
+                    finish_reason,
+                    logprobs: None,
+                }],
+                usage,
+            }),
         };
-        let chunk = to_js(&chunk);
         st.turn = Some(a);
         Ok(chunk)
     }

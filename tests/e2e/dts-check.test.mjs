@@ -13,7 +13,7 @@ const read = (p) => readFileSync(new URL(p, root), 'utf8');
 const decls = loadDeclarations(['js/index.d.ts', 'js/worker.d.ts'].map((p) => new URL(p, root).pathname));
 
 const cacheReport = () => ({ url: 'u', cacheName: 'flexquant', manifestCached: true, files: 3, cachedFiles: 3,
-  totalBytes: 10, cachedBytes: 10, completeSteps: [0, 1] });
+  totalBytes: 10, cachedBytes: 10, completeSteps: [0, 1], storage: { quotaBytes: 100, usageBytes: 10, persisted: false } });
 
 it('the checker accepts a value that agrees with its type', () => {
   assert.deepEqual(check(decls, 'CacheReport', cacheReport()), []);
@@ -91,10 +91,17 @@ it('EngineOptions declares every option the engine reads (src/web/api.rs and the
 
 it('ChatRequest declares every field the runtime accepts (runtime/request.rs KNOWN), and no other', () => {
   const src = read('src/runtime/request.rs');
-  const known = src.slice(src.indexOf('pub const KNOWN')).split('];')[0];
+  const known = src.slice(src.indexOf('pub const KNOWN:')).split('];')[0];
   const names = [...known.matchAll(/"(\w+)"/g)].map((m) => m[1]);
   // `signal` is the JS wrapper's (it never reaches the engine).
   assert.deepEqual(fields('ChatRequest'), uniq([...names, 'signal']));
+});
+
+it('CompletionRequest declares every field a text completion accepts (runtime/request.rs KNOWN_TEXT), and no other', () => {
+  const src = read('src/runtime/request.rs');
+  const known = src.slice(src.indexOf('pub const KNOWN_TEXT')).split('];')[0];
+  const names = [...known.matchAll(/"(\w+)"/g)].map((m) => m[1]);
+  assert.deepEqual(fields('CompletionRequest'), uniq([...names, 'signal']));
 });
 
 /** The text of the API.md section under the heading that starts with `title`. */

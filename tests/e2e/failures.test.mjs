@@ -127,6 +127,34 @@ describe('failures the page explains', { concurrency: false }, () => {
     }
   });
 
+  it('without IndexedDB (private mode, storage denied): the chat answers, keeps nothing, and says so', async (t) => {
+    if (await requireOrSkip(t, SITE)) return;
+    const server = await serve(SITE);
+    const browser = await launch({ viewport: { width: 800, height: 600 } });
+    try {
+      const page = await browser.context.newPage();
+      // What a browser that refuses storage does: opening a database fails.
+      await page.addInitScript(() => {
+        IDBFactory.prototype.open = function () { throw new DOMException('storage is denied here', 'SecurityError'); };
+      });
+      await page.goto(server.url);
+      await waitReady(page);
+      await setMaxTokens(page, 6);
+      await send(page, 'Hello!');
+      const a = await waitAnswer(page);
+      assert.notEqual(a.finish, 'error', JSON.stringify(a));
+      await until(page, 'the page to say the conversation is not kept', () =>
+        [...document.querySelectorAll('#messages li.event')].some((li) => /does not let the page keep the conversation \(.*storage is denied here.*\): a reload loses it/.test(li.textContent)));
+      assert.equal(await page.evaluate(() => window.flexquantPage.savedChat.saves), 0);
+      // It goes on answering.
+      await send(page, 'Again?');
+      assert.notEqual((await waitAnswer(page)).finish, 'error');
+    } finally {
+      await browser.close();
+      server.close();
+    }
+  });
+
   it('an insecure context (http:// on a host that is not local): the page says why and runs on the CPU, uncached', async (t) => {
     if (await requireOrSkip(t, SITE)) return;
     const server = await serve(SITE);

@@ -29,6 +29,13 @@ if (!server) throw new Error('usage: node npm_import.mjs SERVER_URL (./build.sh 
     assert.ok(r.main.steps > 1);
     assert.equal(r.worker.object, 'chat.completion');
     assert.equal(r.worker.text, r.main.text, 'greedy: the worker and the main thread agree');
+    // A text completion: 6 tokens past the prompt, the same streamed or not.
+    assert.deepEqual([r.completion.object, r.completion.finish, r.completion.tokens], ['text_completion', 'length', 6], JSON.stringify(r.completion));
+    assert.ok(r.completion.text.length > 0 && r.completion.text === r.completion.streamedText, JSON.stringify(r.completion));
+    // Through the worker (at the step its release left it at: another model, other text).
+    const wcomp = r.worker.completion;
+    assert.deepEqual([wcomp.object, wcomp.finish, wcomp.tokens], ['text_completion', 'length', 6], JSON.stringify(wcomp));
+    assert.ok(wcomp.text.length > 0, JSON.stringify(wcomp));
     assert.deepEqual([r.includeUsage.choices, r.includeUsage.finish], [0, 'length'], JSON.stringify(r.includeUsage));
     assert.ok(r.includeUsage.tokens === 6, JSON.stringify(r.includeUsage));
     assert.match(r.panic.first, /^internal: the engine crashed: .*simulated panic/s, JSON.stringify(r.panic));

@@ -39,9 +39,10 @@ export class SavedChat {
    * Starts claiming the conversation of the ensemble at `url` (the lock is asked for now, while
    * the model loads). `enabled()` says whether the user lets the page keep it.
    */
-  constructor(url, enabled) {
+  constructor(url, enabled, onError = () => {}) {
     this.url = url;
     this.enabled = enabled;
+    this.onError = onError; // called once, with the reason, when keeping it fails
     this.saves = 0;
     this.error = null;
     this.queue = Promise.resolve();
@@ -87,7 +88,7 @@ export class SavedChat {
       }
       return rec ?? null;
     } catch (e) {
-      this.error = String(e?.message ?? e);
+      this.fail(e);
       return null;
     }
   }
@@ -115,15 +116,20 @@ export class SavedChat {
         this.saves++;
         this.lastSaved = { messages: state.messages.length, tokens: session ? session.tokens.length : 0, kvBytes: session ? session.kv.byteLength : 0 };
       } catch (e) {
-        this.error = String(e?.message ?? e); // quota, private mode: the chat goes on unsaved
+        this.fail(e); // quota, private mode: the chat goes on unsaved
       }
     });
     return this.queue;
   }
 
+  fail(e) {
+    if (this.error == null) this.onError(String(e?.message ?? e));
+    this.error = String(e?.message ?? e);
+  }
+
   /** Forgets the saved conversation (a new chat, or the user turned keeping it off). */
   clear() {
-    this.queue = this.queue.then(() => this.run((s) => s.delete(this.url)).catch((e) => { this.error = String(e?.message ?? e); }));
+    this.queue = this.queue.then(() => this.run((s) => s.delete(this.url)).catch((e) => this.fail(e)));
     return this.queue;
   }
 }
