@@ -939,6 +939,53 @@ fn cpu_kernel_matches_fake_quant_in_wasm() {
     }
 }
 
+/// The KV cache widened in wasm (simd128, a vector at a time, then element by element)
+/// against the scalar widening: every f16 bit pattern, bit for bit; int8 codes times their
+/// group's scale, heads whose length is not a multiple of the vector.
+#[wasm_bindgen_test]
+fn kv_widening_in_wasm_equals_the_scalar_widening() {
+    use flexquant::cpu::kv::{widen_f16, widen_head};
+    use flexquant::runtime::backend::{KvFormat, KvLayout};
+    let all: Vec<u8> = (0..=u16::MAX).flat_map(|h| h.to_le_bytes()).collect();
+    for hd in [65536, 61, 64, 8, 3] {
+        let layout = KvLayout {
+            format: KvFormat::F16,
+            head_dim: hd,
+            group: hd,
+        };
+        for head in all.chunks_exact(2 * hd).take(4) {
+            let mut out = vec![f32::NAN; hd];
+            widen_head(head, &layout, &mut out);
+            for (i, (o, h)) in out.iter().zip(head.chunks_exact(2)).enumerate() {
+                let want = widen_f16(u16::from_le_bytes([h[0], h[1]]));
+                assert_eq!(o.to_bits(), want.to_bits(), "f16 head of {hd}, element {i}");
+            }
+        }
+    }
+    for (hd, group) in [(64, 32), (40, 40), (96, 32), (7, 7)] {
+        let layout = KvLayout {
+            format: KvFormat::Int8,
+            head_dim: hd,
+            group,
+        };
+        let mut head: Vec<u8> = (0..hd).map(|i| (i * 37 + 11) as u8).collect();
+        let scales: Vec<f32> = (0..hd / group).map(|g| 0.5 + g as f32 * 1.25).collect();
+        scales
+            .iter()
+            .for_each(|s| head.extend_from_slice(&s.to_le_bytes()));
+        let mut out = vec![f32::NAN; hd];
+        widen_head(&head, &layout, &mut out);
+        for (i, o) in out.iter().enumerate() {
+            let want = (head[i] as i8) as f32 * (scales[i / group] / 127.0);
+            assert_eq!(
+                o.to_bits(),
+                want.to_bits(),
+                "int8 head of {hd}, element {i}"
+            );
+        }
+    }
+}
+
 /// The CPU backend's attention in wasm (simd128: tiles of keys and values widened from the
 /// stored f16 or int8 bytes) against a plain f64 softmax attention over the same stored cache
 /// widened, decode past several key ranges and a prefill block, grouped heads.

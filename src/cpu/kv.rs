@@ -58,7 +58,14 @@ pub fn store(x: &[f32], l: &KvLayout, out: &mut [u8]) {
 #[inline(always)]
 pub fn widen_head(stored: &[u8], l: &KvLayout, out: &mut [f32]) {
     if l.format == KvFormat::F16 {
-        for (o, h) in out.iter_mut().zip(stored.chunks_exact(2)) {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        let done = simd::widen_f16s(stored, out);
+        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+        let done = 0;
+        for (o, h) in out[done..]
+            .iter_mut()
+            .zip(stored[2 * done..].chunks_exact(2))
+        {
             *o = widen_f16(u16::from_le_bytes([h[0], h[1]]));
         }
         return;
@@ -67,9 +74,61 @@ pub fn widen_head(stored: &[u8], l: &KvLayout, out: &mut [f32]) {
     let groups = out.chunks_mut(l.group).zip(codes.chunks(l.group));
     for ((o, codes), scale) in groups.zip(scales.chunks_exact(SCALE)) {
         let s = f32::from_le_bytes(scale.try_into().expect("a 4-byte scale")) / 127.0;
-        for (o, &c) in o.iter_mut().zip(codes) {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        let done = simd::widen_i8s(codes, s, o);
+        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+        let done = 0;
+        for (o, &c) in o[done..].iter_mut().zip(&codes[done..]) {
             *o = (c as i8) as f32 * s;
         }
+    }
+}
+
+/// `widen_f16` and the int8 widening in wasm simd128, a vector at a time.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd {
+    use core::arch::wasm32::*;
+
+    /// Widens the first `8 * k` f16 values of `stored` into `out` (as many whole groups of 8
+    /// as both hold); returns how many it widened.
+    pub fn widen_f16s(stored: &[u8], out: &mut [f32]) -> usize {
+        let n = (out.len().min(stored.len() / 2)) / 8 * 8;
+        let mask = u32x4_splat(0x8fff_e000);
+        let scale = f32x4_splat(f32::from_bits(0x7780_0000));
+        let one = |h: v128| f32x4_mul(v128_and(i32x4_shl(h, 13), mask), scale);
+        for i in (0..n).step_by(8) {
+            // SAFETY: bytes 2i .. 2i + 16 of `stored` and floats i .. i + 8 of `out` are in
+            // bounds (i + 8 <= n); wasm loads and stores need no alignment.
+            unsafe {
+                let h = v128_load(stored.as_ptr().add(2 * i) as *const v128);
+                let o = out.as_mut_ptr().add(i) as *mut v128;
+                v128_store(o, one(i32x4_extend_low_i16x8(h)));
+                v128_store(o.add(1), one(i32x4_extend_high_i16x8(h)));
+            }
+        }
+        n
+    }
+
+    /// `codes` (int8) times `s` into `out`, 16 at a time (as many whole groups of 16 as both
+    /// hold); returns how many it widened.
+    pub fn widen_i8s(codes: &[u8], s: f32, out: &mut [f32]) -> usize {
+        let n = out.len().min(codes.len()) / 16 * 16;
+        let s = f32x4_splat(s);
+        let four = |c: v128| f32x4_mul(f32x4_convert_i32x4(c), s);
+        for i in (0..n).step_by(16) {
+            // SAFETY: bytes i .. i + 16 of `codes` and floats i .. i + 16 of `out` are in
+            // bounds (i + 16 <= n); wasm loads and stores need no alignment.
+            unsafe {
+                let c = v128_load(codes.as_ptr().add(i) as *const v128);
+                let (lo, hi) = (i16x8_extend_low_i8x16(c), i16x8_extend_high_i8x16(c));
+                let o = out.as_mut_ptr().add(i) as *mut v128;
+                v128_store(o, four(i32x4_extend_low_i16x8(lo)));
+                v128_store(o.add(1), four(i32x4_extend_high_i16x8(lo)));
+                v128_store(o.add(2), four(i32x4_extend_low_i16x8(hi)));
+                v128_store(o.add(3), four(i32x4_extend_high_i16x8(hi)));
+            }
+        }
+        n
     }
 }
 
