@@ -117,7 +117,8 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     // What the browser lets the site store, as the engine reports it and as the page sees it.
     const seen = await page.evaluate(async () => ({ est: await navigator.storage.estimate(), persisted: await navigator.storage.persisted(),
       line: document.getElementById('req-storage').textContent, keep: !document.getElementById('keep-cache').hidden }));
-    assert.equal(c.storage.quotaBytes, seen.est.quota, JSON.stringify(c.storage));
+    // Chromium's quota follows the free disk space, which moves between the two reads.
+    assert.ok(Math.abs(c.storage.quotaBytes - seen.est.quota) < 0.01 * seen.est.quota, `${JSON.stringify(c.storage)} against ${seen.est.quota}`);
     assert.ok(c.storage.usageBytes > 0 && c.storage.usageBytes < c.storage.quotaBytes, JSON.stringify(c.storage));
     assert.equal(c.storage.persisted, seen.persisted);
     assert.match(seen.line, /^\d[\d.]* [KMG]?B of \d[\d.]* [KMG]?B used by this site; /, seen.line);
