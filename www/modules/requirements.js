@@ -88,12 +88,12 @@ export class RequirementsView {
   async persist() {
     this.keep.disabled = true;
     const granted = await navigator.storage.persist();
-    this.page.persistAsked = granted;
     await this.refreshCache();
     this.say(granted
       ? 'The browser will keep the cached model when storage runs low.'
       : 'The browser declined: it may still evict the cached model when storage runs low (Chrome grants this to sites you bookmark, install or use often).');
     this.keep.disabled = false;
+    this.page.persistAsked = granted; // last: the tests read the note once this is set
   }
 
   /** After the load: the cache status now, and again when the background prefetch ends. */
