@@ -430,6 +430,7 @@ mod tests {
             let caller = std::thread::current().id();
             let started = AtomicUsize::new(0);
             let worker_ran = AtomicBool::new(false);
+            let panicked = AtomicBool::new(false);
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 pool.run(64, &|i| {
                     started.fetch_add(1, Relaxed);
@@ -443,7 +444,19 @@ mod tests {
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     }
                     if i >= 8 && here != on_worker {
+                        panicked.store(true, Relaxed);
                         panic!("chunk {i}");
+                    }
+                    // The other thread waits for the panic past chunk 8 (on a loaded machine
+                    // the panicking thread could otherwise be descheduled while this one ran
+                    // every chunk: CI saw that), then gives the unwinding time to close the
+                    // region.
+                    if i >= 8 {
+                        while !panicked.load(Relaxed) {
+                            assert!(t0.elapsed().as_secs() < 20, "no panic came");
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(20));
                     }
                 })
             }));
