@@ -988,13 +988,20 @@ fn kv_widening_in_wasm_equals_the_scalar_widening() {
 
 /// The CPU backend's attention in wasm (simd128: tiles of keys and values widened from the
 /// stored f16 or int8 bytes) against a plain f64 softmax attention over the same stored cache
-/// widened, decode past several key ranges and a prefill block, grouped heads.
+/// widened, decode past several key ranges and a prefill block, grouped heads; head sizes that
+/// take every vector loop whole (64), partly (40: keys 8 lanes at a time, values 16 with 8 left)
+/// and not at all (20: keys scalar).
 #[wasm_bindgen_test]
 fn cpu_attention_matches_the_widened_cache_in_wasm() {
+    for (nh, nkv, hd) in [(9, 3, 64), (4, 2, 40), (2, 1, 20)] {
+        attention_matches_the_widened_cache(nh, nkv, hd);
+    }
+}
+
+fn attention_matches_the_widened_cache(nh: usize, nkv: usize, hd: usize) {
     use flexquant::cpu::attention::{attention, Cached};
     use flexquant::cpu::kv::{store, widened};
     use flexquant::runtime::backend::{KvFormat, KvLayout};
-    let (nh, nkv, hd) = (9, 3, 64);
     let c: flexquant::model::LlamaConfig = serde_json::from_value(json!({
         "hidden_size": nh * hd, "intermediate_size": 8, "num_hidden_layers": 1,
         "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": 8,
@@ -1054,7 +1061,10 @@ fn cpu_attention_matches_the_widened_cache_in_wasm() {
                 }
             }
             let rel = (err / norm).sqrt();
-            assert!(rel < 1e-5, "{format:?}, pos0 {pos0}, {t} tokens: {rel:.2e}");
+            assert!(
+                rel < 1e-5,
+                "head {hd}, {format:?}, pos0 {pos0}, {t} tokens: {rel:.2e}"
+            );
         }
     }
 }

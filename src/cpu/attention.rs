@@ -16,6 +16,9 @@ use crate::model::LlamaConfig;
 use crate::runtime::backend::KvLayout;
 use std::ops::Range;
 
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd;
+
 /// Keys (and values) widened at a time: 2 x 64 x 64 f32 = 32 KB at a head of 64.
 const TILE: usize = 64;
 /// Query tokens per task: each widened tile serves `QUERY_BLOCK` x group queries.
@@ -72,14 +75,7 @@ impl<'a> Partial<'a> {
         } else {
             exp(*self.m - m)
         };
-        for e in s.iter_mut() {
-            *e = exp(*e - m);
-        }
-        let mut lanes = [0f32; LANES];
-        for c in s.chunks(LANES) {
-            lanes.iter_mut().zip(c).for_each(|(a, b)| *a += b);
-        }
-        let sum: f32 = lanes.iter().sum();
+        let sum = exp_sum(s, m);
         *self.l = *self.l * correction + sum;
         *self.m = m;
         if correction != 1.0 {
@@ -92,10 +88,33 @@ impl<'a> Partial<'a> {
 /// Lanes the inner loops keep in registers (two SSE / wasm SIMD vectors, one AVX vector).
 const LANES: usize = 8;
 
+/// Each `e` of `s` becomes `exp(e - m)`; returns their sum (`LANES` partial sums, then in
+/// lane order).
+fn exp_sum(s: &mut [f32], m: f32) -> f32 {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return simd::exp_sum(s, m);
+    #[allow(unreachable_code)]
+    {
+        for e in s.iter_mut() {
+            *e = exp(*e - m);
+        }
+        let mut lanes = [0f32; LANES];
+        for c in s.chunks(LANES) {
+            lanes.iter_mut().zip(c).for_each(|(a, b)| *a += b);
+        }
+        lanes.iter().sum()
+    }
+}
+
 /// `q`'s dot products with a tile's keys (`keys`: `[s.len()][head_dim]`), times `scale`, into
 /// `s`; `LANES` partial sums in registers per key.
 fn score(q: &[f32], keys: &[f32], scale: f32, s: &mut [f32]) {
-    for (e, kj) in s.iter_mut().zip(keys.chunks_exact(q.len())) {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    let done = simd::score(q, keys, scale, s);
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    let done = 0;
+    let keys = &keys[done * q.len()..];
+    for (e, kj) in s[done..].iter_mut().zip(keys.chunks_exact(q.len())) {
         let mut a = [0f32; LANES];
         let (qc, kc) = (q.chunks_exact(LANES), kj.chunks_exact(LANES));
         let rest: f32 = qc
@@ -117,11 +136,15 @@ fn score(q: &[f32], keys: &[f32], scale: f32, s: &mut [f32]) {
 /// time in registers.
 fn weigh_values(w: &[f32], values: &[f32], acc: &mut [f32]) {
     let hd = acc.len();
-    let mut chunks = acc.chunks_exact_mut(LANES);
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    let start = simd::weigh_values(w, values, acc);
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    let start = 0;
+    let mut chunks = acc[start..].chunks_exact_mut(LANES);
     for (c, out) in chunks.by_ref().enumerate() {
         let mut a = [0f32; LANES];
         for (&wj, vj) in w.iter().zip(values.chunks_exact(hd)) {
-            let v = &vj[c * LANES..][..LANES];
+            let v = &vj[start + c * LANES..][..LANES];
             for i in 0..LANES {
                 a[i] += wj * v[i];
             }

@@ -66,3 +66,77 @@ pub fn dot_kernel_gbs(
     std::hint::black_box(&y);
     Ok(shape.bytes() as f64 / (best.max(1e-3) / 1e3) / 1e9)
 }
+
+/// Milliseconds of one layer's attention (`cpu::attention`) for `queries` query tokens after
+/// `positions` cached ones, in the demo model's shape (9 query heads, 3 KV heads of 64), the
+/// cache stored as `format`: best of `reps` calls after one warm-up. Long conversations are
+/// where attention shows: the benchmark sets this against the matrix products' time.
+pub fn attention_ms(
+    positions: usize,
+    queries: usize,
+    format: crate::runtime::backend::KvFormat,
+    reps: u32,
+    now_ms: fn() -> f64,
+) -> f64 {
+    use crate::cpu::attention::{attention, Cached};
+    use crate::runtime::backend::KvLayout;
+    let c = crate::model::LlamaConfig {
+        architectures: vec!["LlamaForCausalLM".into()],
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 1,
+        num_attention_heads: 9,
+        num_key_value_heads: Some(3),
+        head_dim: Some(64),
+        vocab_size: 49152,
+        rope_theta: 10000.0,
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_id: None,
+        rope_scaling: None,
+    };
+    let layout = KvLayout::of(&c, format);
+    let total = positions + queries.max(1);
+    let wave = |n: usize, k: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i.wrapping_mul(k) % 977) as f32 / 977.0 - 0.5) * 4.0)
+            .collect()
+    };
+    let heads = total * c.n_kv_heads();
+    let mut k = vec![0u8; heads * layout.head_bytes()];
+    let mut v = k.clone();
+    crate::cpu::kv::store(&wave(heads * 64, 31), &layout, &mut k);
+    crate::cpu::kv::store(&wave(heads * 64, 37), &layout, &mut v);
+    let q = wave(queries.max(1) * c.q_dim(), 41);
+    let mut out = vec![0f32; q.len()];
+    let cache = Cached {
+        k: &k,
+        v: &v,
+        layout: &layout,
+    };
+    attention(&c, &q, &cache, positions, &mut out);
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) {
+        let t = now_ms();
+        attention(&c, &q, &cache, positions, &mut out);
+        best = best.min(now_ms() - t);
+    }
+    std::hint::black_box(&out);
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::backend::KvFormat;
+
+    #[test]
+    fn attention_probe_times_a_call_of_either_cache_format() {
+        for format in [KvFormat::F16, KvFormat::Int8] {
+            let ms = attention_ms(300, 3, format, 2, crate::runtime::clock::now_ms);
+            assert!(ms.is_finite() && ms >= 0.0, "{format:?}: {ms}");
+        }
+    }
+}

@@ -34,6 +34,22 @@ pub fn bench_plane_kernel(bytes: f64, bits: u32, reps: u32) -> Result<f64, JsVal
     .map_err(|e| WebError::from(e).to_js())
 }
 
+/// Milliseconds of one layer's attention on the CPU backend after `positions` cached tokens,
+/// for `queries` query tokens (1: a decode token), the cache as int8 or f16
+/// (`cpu::probe::attention_ms`, best of `reps`).
+#[wasm_bindgen(js_name = benchAttention)]
+pub fn bench_attention(positions: u32, queries: u32, int8: bool, reps: u32) -> f64 {
+    use crate::runtime::backend::KvFormat;
+    let format = if int8 { KvFormat::Int8 } else { KvFormat::F16 };
+    crate::cpu::probe::attention_ms(
+        positions as usize,
+        queries as usize,
+        format,
+        reps,
+        crate::runtime::clock::now_ms,
+    )
+}
+
 /// The WebGPU read-everything yardstick in this browser (`gpu::probe::read_kernel`): GB/s of
 /// reading `bytes` once and reducing them, best of `reps` runs in either access pattern, on a
 /// device of its own. `{ adapter, readKernelGbs, variant }`; the benchmark page sets the

@@ -11,6 +11,9 @@
 //   wasm-bindgen --target web --out-dir /tmp/b --out-name flexquant \
 //     target/web/wasm32-unknown-unknown/release/flexquant.wasm
 // Environment: SIZES_MB (default "8,90"), BITS (default "2,3,4,5,6,8"), ROUNDS (default 4).
+// KERNEL=attention measures one layer's attention instead (`benchAttention`: million
+// query-key pairs per second over a cache of POSITIONS tokens, default "256,1500", for
+// QUERIES query tokens, default "1,64", the cache as KV, default "f16,int8").
 // The page is cross-origin isolated, so `performance.now()` is not coarsened to 0.1 ms.
 import { chromium } from 'playwright-core';
 import fs from 'node:fs';
@@ -34,6 +37,18 @@ const list = (v, d) => (v ?? d).split(',').map(Number);
 const sizes = list(process.env.SIZES_MB, '8,90').map((mb) => mb * 1e6);
 const bits = list(process.env.BITS, '2,3,4,5,6,8');
 const rounds = Number(process.env.ROUNDS ?? 4);
+const kernel = process.env.KERNEL ?? 'dot';
+if (!['dot', 'attention'].includes(kernel)) {
+  console.error(`KERNEL=${kernel}: expected dot or attention`);
+  process.exit(2);
+}
+// Each case: a label and the expression (on module m) whose value is a rate, higher is better.
+const cases = kernel === 'dot'
+  ? sizes.flatMap((size) => bits.map((b) => [`${size / 1e6} MB, ${b} bits`, `m.benchDotKernel(${size}, ${b}, 3)`]))
+  : list(process.env.POSITIONS, '256,1500').flatMap((p) => list(process.env.QUERIES, '1,64').flatMap((q) =>
+    (process.env.KV ?? 'f16,int8').split(',').map((kv) => [`${p} keys, ${q}q, ${kv}`,
+      `${p * q * 9 / 1e3} / m.benchAttention(${p}, ${q}, ${kv === 'int8'}, 3)`])));
+const unit = kernel === 'dot' ? 'GB/s of weight bytes' : 'million query-key pairs per second';
 
 const page = `<!doctype html><script type="module">
 const ms = [];
@@ -43,13 +58,12 @@ for (let i = 0; i < ${dirs.length}; i++) {
   ms.push(m);
 }
 const best = ms.map(() => ({}));
+const cases = [${cases.map(([k, e]) => `[${JSON.stringify(k)}, (m) => ${e}]`).join(', ')}];
 for (let round = 0; round < ${rounds}; round++)
-  for (const size of ${JSON.stringify(sizes)})
-    for (const b of ${JSON.stringify(bits)})
-      ms.forEach((m, i) => {
-        const k = (size / 1e6) + ' MB, ' + b + ' bits';
-        best[i][k] = Math.max(best[i][k] ?? 0, m.benchDotKernel(size, b, 3));
-      });
+  for (const [k, rate] of cases)
+    ms.forEach((m, i) => {
+      best[i][k] = Math.max(best[i][k] ?? 0, rate(m));
+    });
 window.result = { isolated: crossOriginIsolated, best };
 </script>`;
 
@@ -83,12 +97,12 @@ try {
   await tab.goto(`http://127.0.0.1:${server.address().port}/`);
   await tab.waitForFunction(() => window.result, null, { timeout: 900_000 });
   const { isolated, best } = await tab.evaluate(() => window.result);
-  console.log(`GB/s of weight bytes, best of ${rounds} rounds (cross-origin isolated: ${isolated})`);
-  console.log(['case'.padEnd(16), ...dirs.map((_, i) => `build ${i}`.padStart(8)), ...dirs.slice(1).map((_, i) => `${i + 1}/0`.padStart(6))].join(' '));
+  console.log(`${unit}, best of ${rounds} rounds (cross-origin isolated: ${isolated})`);
+  console.log(['case'.padEnd(22), ...dirs.map((_, i) => `build ${i}`.padStart(8)), ...dirs.slice(1).map((_, i) => `${i + 1}/0`.padStart(6))].join(' '));
   for (const k of Object.keys(best[0])) {
     const row = best.map((b) => b[k].toFixed(2).padStart(8));
     const ratios = best.slice(1).map((b) => (b[k] / best[0][k]).toFixed(2).padStart(6));
-    console.log([k.padEnd(16), ...row, ...ratios].join(' '));
+    console.log([k.padEnd(22), ...row, ...ratios].join(' '));
   }
   dirs.forEach((d, i) => console.log(`build ${i}: ${d}`));
 } finally {
