@@ -124,16 +124,22 @@ export function answerApi({ startChat, startCompletion }, next, interrupt) {
     };
   }
 
-  /** A text completion: the same chunks' `text` joined per choice (`logprobs` always null). */
+  /**
+   * A text completion: the same chunks' `text` joined per choice; with `logprobs` (a count),
+   * each chunk's token appended to the choice's parallel lists.
+   */
   async function textCreate(request = {}) {
-    const { stream, all } = await begin(startCompletion, request);
+    const { req, stream, all } = await begin(startCompletion, request);
     if (stream) return all;
     const choices = [];
     let last = null;
+    const lists = () => ({ tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] });
     for await (const c of all) {
       const ch = c.choices[0];
-      const into = (choices[ch.index] ??= { index: ch.index, text: '', finish_reason: null, logprobs: null });
+      const into = (choices[ch.index] ??= { index: ch.index, text: '', finish_reason: null,
+        logprobs: req.logprobs != null ? lists() : null });
       into.text += ch.text;
+      if (into.logprobs && ch.logprobs) for (const k in into.logprobs) into.logprobs[k].push(...ch.logprobs[k]);
       if (ch.finish_reason) into.finish_reason = ch.finish_reason;
       last = c;
     }

@@ -211,12 +211,16 @@ export interface ChatRequest {
 /**
  * `engine.completions.create`: OpenAI's (legacy) text completion. The `prompt` is continued as
  * it is (no chat template); the sampling, length, stop and `n` fields are the chat request's.
- * Fields it does not take (`messages`, `tools`, `response_format`, `logprobs`, `suffix`,
- * `echo`, `best_of`, ...) reject with code 'unsupported' naming the field.
+ * Fields it does not take (`messages`, `tools`, `response_format`, `top_logprobs`, `suffix`,
+ * `best_of`, ...) reject with code 'unsupported' naming the field.
  */
 export interface CompletionRequest {
   /** The text to continue (a string, not empty). */
   prompt: string;
+  /** Each choice's text starts with the prompt (not with `logprobs`: 'unsupported'). */
+  echo?: boolean | null;
+  /** Each token's log-probability with this many alternatives (0..5) in `choices[].logprobs`. */
+  logprobs?: number | null;
   stream?: boolean;
   max_tokens?: number;
   temperature?: number;
@@ -241,8 +245,21 @@ export interface CompletionChunk {
   created: number;
   model: string;
   /** Empty in the extra usage chunk of `stream_options.include_usage`. */
-  choices: { index: number; text: string; finish_reason: FinishReason | null; logprobs: null }[];
+  choices: { index: number; text: string; finish_reason: FinishReason | null; logprobs: CompletionLogprobs | null }[];
   usage?: Usage;
+}
+
+/**
+ * A text completion's `choices[].logprobs` (with `logprobs: N`): parallel lists, one entry per
+ * token (one per chunk when streaming): its text, its log-probability, the N most likely
+ * tokens at its position with theirs (the token itself among them), and where it starts in the
+ * choice's text (characters).
+ */
+export interface CompletionLogprobs {
+  tokens: string[];
+  token_logprobs: number[];
+  top_logprobs: Record<string, number>[];
+  text_offset: number[];
 }
 
 export interface Completion {
@@ -250,7 +267,7 @@ export interface Completion {
   object: 'text_completion';
   created: number;
   model: string;
-  choices: { index: number; text: string; finish_reason: FinishReason; logprobs: null }[];
+  choices: { index: number; text: string; finish_reason: FinishReason; logprobs: CompletionLogprobs | null }[];
   usage: Usage;
 }
 

@@ -21,6 +21,9 @@ use std::sync::Arc;
 /// Most answers one request may ask for (`n`): they are generated one after the other.
 pub const MAX_CHOICES: u32 = 8;
 
+/// Most alternatives a text completion's `logprobs` may ask for (OpenAI's legacy limit).
+pub const MAX_TEXT_LOGPROBS: u64 = 5;
+
 /// Which endpoint a request came to: `chat.completions` (`messages`, rendered by the model's
 /// chat template) or `completions` (a `prompt` continued as it is, OpenAI's legacy text
 /// completions). Both share the sampling, length, stop and `n` fields.
@@ -55,8 +58,11 @@ pub struct ChatRequest {
     pub logit_bias: Option<serde_json::Value>,
     /// How many answers (`choices`).
     pub n: Option<u32>,
-    /// `logprobs` (`ChatRequest::logprobs`).
-    pub logprobs: Option<bool>,
+    /// Chat: `true` for log-probabilities (`top_logprobs` alternatives); a text completion:
+    /// how many alternatives, 0..=`MAX_TEXT_LOGPROBS` (`ChatRequest::logprobs_for`).
+    pub logprobs: Option<serde_json::Value>,
+    /// A text completion's text starts with its prompt (OpenAI's legacy `echo`).
+    pub echo: Option<bool>,
     pub top_logprobs: Option<u32>,
     pub response_format: Option<serde_json::Value>,
     /// Functions the model may call (`ChatRequest::tools`).
@@ -97,10 +103,13 @@ impl ChatRequest {
         "stream",
     ];
 
-    /// The fields a text completion (`Endpoint::Text`) takes: `prompt`, and the chat fields
-    /// about sampling, length, stopping and `n` (no tools, JSON mode or log-probabilities).
-    pub const KNOWN_TEXT: [&'static str; 16] = [
+    /// The fields a text completion (`Endpoint::Text`) takes: `prompt`, `echo`, `logprobs` (a
+    /// count, as OpenAI's legacy endpoint has it), and the chat fields about sampling, length,
+    /// stopping and `n` (no tools or JSON mode).
+    pub const KNOWN_TEXT: [&'static str; 18] = [
         "prompt",
+        "echo",
+        "logprobs",
         "max_tokens",
         "temperature",
         "top_p",
@@ -149,6 +158,21 @@ impl ChatRequest {
                 "completion request: `prompt` is missing (a string to continue)",
             )),
         }
+    }
+
+    /// The prompt a text completion's choices start with (`echo: true`), or `None`. With
+    /// `logprobs` it is `unsupported`: OpenAI's legacy endpoint then gives the prompt tokens'
+    /// log-probabilities too, which a prefill does not compute.
+    pub fn echo_for(&self, endpoint: Endpoint) -> Result<Option<&str>> {
+        if endpoint != Endpoint::Text || self.echo != Some(true) {
+            return Ok(None);
+        }
+        if self.logprobs_for(endpoint)?.is_some() {
+            return Err(Error::Unsupported(
+                "completion request: `echo` with `logprobs` (the prompt's log-probabilities are not computed)".into(),
+            ));
+        }
+        self.text_prompt().map(Some)
     }
 
     /// `tools` and `tool_choice` (`runtime::tools`); `None` without tools. Beside a
@@ -219,18 +243,44 @@ impl ChatRequest {
     /// asked for (`TurnOptions::logprobs`). `top_logprobs` without `logprobs: true`, or above
     /// `MAX_TOP_LOGPROBS`, is an input error naming it.
     pub fn logprobs(&self) -> Result<Option<usize>> {
+        self.logprobs_for(Endpoint::Chat)
+    }
+
+    /// `logprobs` as `endpoint` takes it: chat's boolean (with `top_logprobs`), or a text
+    /// completion's count of alternatives (0..=`MAX_TEXT_LOGPROBS`: each token's log-probability
+    /// comes with that many alternatives). The other kind is an input error naming the field.
+    pub fn logprobs_for(&self, endpoint: Endpoint) -> Result<Option<usize>> {
+        use serde_json::Value;
+        let asked = self.logprobs.as_ref().filter(|v| !v.is_null());
+        if endpoint == Endpoint::Text {
+            return match asked {
+                None => Ok(None),
+                Some(Value::Number(n)) => match n.as_u64() {
+                    Some(k) if k <= MAX_TEXT_LOGPROBS => Ok(Some(k as usize)),
+                    _ => Err(Error::input(format!(
+                        "completion request: logprobs {n} must be a whole number in 0..={MAX_TEXT_LOGPROBS}"
+                    ))),
+                },
+                Some(v) => Err(Error::input(format!(
+                    "completion request: logprobs must be how many alternatives to return, 0..={MAX_TEXT_LOGPROBS} (got {v})"
+                ))),
+            };
+        }
         let top = self.top_logprobs.unwrap_or(0) as usize;
         if top > MAX_TOP_LOGPROBS {
             return Err(Error::input(format!(
                 "chat request: top_logprobs {top} is more than {MAX_TOP_LOGPROBS}"
             )));
         }
-        match self.logprobs {
-            Some(true) => Ok(Some(top)),
-            _ if top > 0 => Err(Error::input(
+        match asked {
+            Some(Value::Bool(true)) => Ok(Some(top)),
+            Some(Value::Bool(false)) | None if top > 0 => Err(Error::input(
                 "chat request: top_logprobs needs logprobs: true",
             )),
-            _ => Ok(None),
+            Some(Value::Bool(false)) | None => Ok(None),
+            Some(v) => Err(Error::input(format!(
+                "chat request: logprobs must be true or false (top_logprobs: how many alternatives; got {v})"
+            ))),
         }
     }
 
@@ -387,8 +437,24 @@ mod tests {
     #[test]
     fn text_completions_take_a_prompt_and_the_sampling_fields_only() {
         let keys = |k: &[&str]| ChatRequest::check_keys_for(Endpoint::Text, k.iter().copied());
-        keys(&["prompt", "max_tokens", "stop", "n", "stream", "seed"]).unwrap();
-        for k in ["messages", "tools", "response_format", "logprobs", "suffix"] {
+        keys(&[
+            "prompt",
+            "max_tokens",
+            "stop",
+            "n",
+            "stream",
+            "seed",
+            "echo",
+            "logprobs",
+        ])
+        .unwrap();
+        for k in [
+            "messages",
+            "tools",
+            "response_format",
+            "top_logprobs",
+            "suffix",
+        ] {
             let e = keys(&["prompt", k]).unwrap_err().to_string();
             assert!(
                 e.contains(&format!("completion request: unknown field `{k}`")),
@@ -407,6 +473,38 @@ mod tests {
             .to_string();
         assert!(none.contains("`prompt` is missing"), "{none}");
         assert!(r(r#"{"prompt":"Once"}"#).sampling(0).is_ok());
+    }
+
+    #[test]
+    fn logprobs_is_a_flag_in_chat_and_a_count_in_a_text_completion() {
+        let r = |j: &str| serde_json::from_str::<ChatRequest>(j).unwrap();
+        let text = |j: &str| r(j).logprobs_for(Endpoint::Text);
+        assert_eq!(text(r#"{"prompt":"a"}"#).unwrap(), None);
+        assert_eq!(text(r#"{"prompt":"a","logprobs":null}"#).unwrap(), None);
+        assert_eq!(text(r#"{"prompt":"a","logprobs":0}"#).unwrap(), Some(0));
+        assert_eq!(text(r#"{"prompt":"a","logprobs":5}"#).unwrap(), Some(5));
+        for bad in ["6", "2.5", "-1", "true", "\"3\""] {
+            let e = text(&format!(r#"{{"prompt":"a","logprobs":{bad}}}"#))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("completion request: logprobs"), "{bad}: {e}");
+        }
+        let chat = |j: &str| r(j).logprobs_for(Endpoint::Chat);
+        assert_eq!(
+            chat(r#"{"logprobs":true,"top_logprobs":3}"#).unwrap(),
+            Some(3)
+        );
+        assert_eq!(chat(r#"{"logprobs":false}"#).unwrap(), None);
+        let e = chat(r#"{"logprobs":2}"#).unwrap_err().to_string();
+        assert!(e.contains("logprobs must be true or false"), "{e}");
+        let echo = |j: &str| r(j).echo_for(Endpoint::Text).map(|e| e.map(str::to_string));
+        assert_eq!(
+            echo(r#"{"prompt":"a","echo":true}"#).unwrap().as_deref(),
+            Some("a")
+        );
+        assert_eq!(echo(r#"{"prompt":"a","echo":false}"#).unwrap(), None);
+        let both = echo(r#"{"prompt":"a","echo":true,"logprobs":1}"#).unwrap_err();
+        assert!(matches!(both, Error::Unsupported(_)), "{both}");
     }
 
     #[test]

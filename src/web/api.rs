@@ -263,14 +263,26 @@ pub struct Choice {
     pub logprobs: Option<Logprobs>,
 }
 
-/// A text completion's choice: the text of the chunk's token (OpenAI's legacy completions;
-/// `logprobs` is always null: not offered there).
+/// A text completion's choice: the text of the chunk's token (OpenAI's legacy completions).
 #[derive(Serialize)]
 pub struct TextChoice {
     pub index: u32,
     pub text: String,
     pub finish_reason: Option<&'static str>,
-    pub logprobs: Option<()>,
+    /// The chunk's token, when the request asked for `logprobs` (null otherwise).
+    pub logprobs: Option<TextLogprobs>,
+}
+
+/// OpenAI's legacy `choices[].logprobs`: parallel lists, one entry per token (one token per
+/// chunk): its text, its log-probability, the most likely tokens at its position with theirs
+/// (the token itself among them: up to `logprobs` + 1), and where it starts in the choice's
+/// text (characters, after an echoed prompt).
+#[derive(Serialize)]
+pub struct TextLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    pub text_offset: Vec<usize>,
 }
 
 /// OpenAI's `choices[].logprobs`: one entry per token.
@@ -295,22 +307,51 @@ pub struct TopLogprob {
     pub bytes: Vec<u8>,
 }
 
+impl TopLogprob {
+    /// Token `id` with its bytes from `table` (`Tokenizer::token_bytes`; a special token: its
+    /// text).
+    fn of(id: u32, logprob: f32, table: &TokenBytes, special: impl Fn(u32) -> String) -> Self {
+        let bytes = table
+            .get(id as usize)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| special(id).into_bytes());
+        TopLogprob {
+            token: String::from_utf8_lossy(&bytes).into_owned(),
+            logprob,
+            bytes,
+        }
+    }
+}
+
+impl TextLogprobs {
+    /// `t`, starting at character `offset` of the choice's text (`TopLogprob::of`).
+    pub fn of(
+        t: &TokenLogprob,
+        offset: usize,
+        table: &TokenBytes,
+        special: impl Fn(u32) -> String,
+    ) -> Self {
+        let token = TopLogprob::of(t.id, t.logprob, table, &special);
+        let mut top = serde_json::Map::new();
+        for &(id, l) in &t.top {
+            let e = TopLogprob::of(id, l, table, &special);
+            top.entry(e.token).or_insert(l.into());
+        }
+        top.entry(token.token.clone()).or_insert(t.logprob.into());
+        TextLogprobs {
+            tokens: vec![token.token],
+            token_logprobs: vec![t.logprob],
+            top_logprobs: vec![top],
+            text_offset: vec![offset],
+        }
+    }
+}
+
 impl Logprobs {
-    /// `t` with each token's bytes from `table` (`Tokenizer::token_bytes`; a special token:
-    /// its text).
+    /// `t` with each token's bytes (`TopLogprob::of`).
     pub fn of(t: &TokenLogprob, table: &TokenBytes, special: impl Fn(u32) -> String) -> Self {
-        let entry = |id: u32, logprob: f32| {
-            let bytes = table
-                .get(id as usize)
-                .cloned()
-                .flatten()
-                .unwrap_or_else(|| special(id).into_bytes());
-            TopLogprob {
-                token: String::from_utf8_lossy(&bytes).into_owned(),
-                logprob,
-                bytes,
-            }
-        };
+        let entry = |id: u32, logprob: f32| TopLogprob::of(id, logprob, table, &special);
         Logprobs {
             content: vec![ContentLogprob {
                 token: entry(t.id, t.logprob),

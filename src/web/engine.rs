@@ -16,7 +16,7 @@ use crate::runtime::{Sampling, StopReason, StopText, Turn, TurnOptions, DEFAULT_
 use crate::web::api::{
     from_js, Budget, ChatRequest, Choice, Chunk, Delta, Endpoint, EngineOptions, FunctionCall,
     Logprobs, MaxPerplexity, MinSpeed, PromptTokensDetails, Started, Stats, TextChoice,
-    ToolCallDelta, TrajectoryPoint, Usage, UsageExtra,
+    TextLogprobs, ToolCallDelta, TrajectoryPoint, Usage, UsageExtra,
 };
 use crate::web::backend::{BackendChoice, Kind, WebModel};
 use crate::web::error::{Code, WebError, WebResult};
@@ -88,6 +88,9 @@ struct Answer {
     ended: bool,
     /// The text of an answer that may be a function call, held until it is known.
     call: Option<HeldCall>,
+    /// Characters of this choice's text so far (an echoed prompt's, then each token's):
+    /// where the next token starts (`TextLogprobs::text_offset`).
+    offset: usize,
 }
 
 impl Answer {
@@ -152,6 +155,8 @@ struct Choices {
     cached_tokens: usize,
     /// Whether an answer may be a function call (tools offered, `tool_choice` not `'none'`).
     calls: bool,
+    /// A text completion's prompt, when each choice's text starts with it (`echo`).
+    echo: Option<String>,
 }
 
 #[derive(Default, Clone)]
@@ -739,7 +744,7 @@ impl Inner {
         let json = turn_constraint(tools.as_ref(), answer, self.tokenizer.token_bytes());
         let opts = TurnOptions {
             json,
-            logprobs: req.logprobs()?,
+            logprobs: req.logprobs_for(endpoint)?,
         };
         let ids = match endpoint {
             Endpoint::Chat => {
@@ -760,6 +765,7 @@ impl Inner {
             tokens_before: 0,
             cached_tokens: 0,
             calls: tools.is_some_and(|t| t.choice != ToolChoice::None),
+            echo: req.echo_for(endpoint)?.map(str::to_string),
         };
 
         st.turn = None;
@@ -787,6 +793,7 @@ impl Inner {
             sent_role: false,
             ended: false,
             call: calls.then(HeldCall::default),
+            offset: 0,
         });
         Ok(to_js(&Started { prompt_tokens }))
     }
@@ -840,16 +847,14 @@ impl Inner {
                 }
             }
         };
-        let logprobs = match (next, a.turn.logprob.take()) {
-            (Some(_), Some(t)) => Some(Logprobs::of(&t, &self.tokenizer.token_bytes(), |id| {
-                self.tokenizer.decode(&[id], false).unwrap_or_default()
-            })),
-            _ => None,
-        };
+        let token_logprob = a.turn.logprob.take().filter(|_| next.is_some());
+        let special = |id| self.tokenizer.decode(&[id], false).unwrap_or_default();
         let mut calls = Vec::new();
+        let mut piece_chars = 0;
         let content = match next {
             Some(id) => {
                 let piece = a.decoder.step(&self.tokenizer, id)?;
+                piece_chars = piece.chars().count();
                 let piece = match a.call.as_mut() {
                     Some(c) => c.push(a.turn.lead(), &piece),
                     None => Some(piece),
@@ -865,8 +870,10 @@ impl Inner {
             }
             None => None,
         };
+        // A choice's first chunk (`echo`: its text starts with the prompt).
+        let first = !a.sent_role;
         let mut delta = Delta {
-            role: (!a.sent_role).then_some("assistant"),
+            role: first.then_some("assistant"),
             ..Delta::default()
         };
         a.sent_role = true;
@@ -923,6 +930,7 @@ impl Inner {
             }
         };
         let model = &self.walk.source.manifest.name;
+        let table = self.tokenizer.token_bytes();
         let chunk = match a.endpoint {
             Endpoint::Chat => to_js(&Chunk {
                 id: &a.id,
@@ -933,23 +941,32 @@ impl Inner {
                     index: choice,
                     delta,
                     finish_reason,
-                    logprobs,
+                    logprobs: token_logprob.map(|t| Logprobs::of(&t, &table, special)),
                 }],
                 usage,
             }),
-            Endpoint::Text => to_js(&Chunk {
-                id: &a.id,
-                object: "text_completion",
-                created: a.created,
-                model,
-                choices: [TextChoice {
-                    index: choice,
-                    text: delta.content.unwrap_or_default(),
-                    finish_reason,
-                    logprobs: None,
-                }],
-                usage,
-            }),
+            Endpoint::Text => {
+                let echo = a.choices.echo.as_deref().filter(|_| first).unwrap_or("");
+                if first {
+                    a.offset = echo.chars().count();
+                }
+                let logprobs =
+                    token_logprob.map(|t| TextLogprobs::of(&t, a.offset, &table, special));
+                a.offset += piece_chars;
+                to_js(&Chunk {
+                    id: &a.id,
+                    object: "text_completion",
+                    created: a.created,
+                    model,
+                    choices: [TextChoice {
+                        index: choice,
+                        text: echo.to_string() + &delta.content.unwrap_or_default(),
+                        finish_reason,
+                        logprobs,
+                    }],
+                    usage,
+                })
+            }
         };
         st.turn = Some(a);
         Ok(chunk)

@@ -28,6 +28,12 @@ async function main() {
   const stream = await e.chat.completions.create({ messages: [{ role: 'user', content: 'hi' }], stream: true });
   for await (const c of stream) { const s: string | undefined = c.choices[0].delta.content; void s; }
   const st = await e.stats(); const n: number = st.contextLength; void n;
+  const t = await e.completions.create({ prompt: 'Once', logprobs: 2, max_tokens: 3 });
+  const tlp = t.choices[0].logprobs;
+  if (tlp) { const first: number = tlp.token_logprobs[0] + tlp.text_offset[0]; const alt: Record<string, number> = tlp.top_logprobs[0]; void first; void alt; }
+  await e.completions.create({ prompt: 'Once', echo: true });
+  // @ts-expect-error: a text completion's logprobs is a count (chat's is a boolean)
+  await e.completions.create({ prompt: 'Once', logprobs: true });
   const w: WorkerEngine = await CreateWorkerEngine('./m.json');
   await w.setMemoryBudget(null); await w.unload();
   try { await e.unload(); } catch (err) { if (err instanceof FlexQuantError) console.log(err.code); }

@@ -18,7 +18,10 @@ async fn complete(e: &Engine, req: Value) -> (String, Vec<Value>) {
         assert_eq!(c["object"], "text_completion", "{c}");
         assert!(c["id"].as_str().unwrap().starts_with("cmpl-"), "{c}");
         let ch = &c["choices"][0];
-        assert!(ch["logprobs"].is_null() && ch.get("delta").is_none(), "{c}");
+        let asked = !req["logprobs"].is_null();
+        let token = ch["finish_reason"].is_null();
+        assert_eq!(ch["logprobs"].is_object(), asked && token, "{c}");
+        assert!(ch.get("delta").is_none(), "{c}");
         text += ch["text"].as_str().unwrap();
         chunks.push(c);
     }
@@ -78,9 +81,20 @@ async fn a_text_completion_continues_its_prompt_as_the_chat_template_would() {
             "`messages`",
         ),
         (
-            json!({"prompt": "x", "logprobs": 2}),
+            json!({"prompt": "x", "top_logprobs": 2}),
             "unsupported",
-            "`logprobs`",
+            "`top_logprobs`",
+        ),
+        (
+            json!({"prompt": "x", "logprobs": true}),
+            "input",
+            "logprobs",
+        ),
+        (json!({"prompt": "x", "logprobs": 6}), "input", "logprobs 6"),
+        (
+            json!({"prompt": "x", "echo": true, "logprobs": 1}),
+            "unsupported",
+            "`echo` with `logprobs`",
         ),
         (json!({"prompt": ""}), "input", "`prompt` is empty"),
         (json!({"max_tokens": 3}), "input", "`prompt` is missing"),
@@ -99,6 +113,53 @@ async fn a_text_completion_continues_its_prompt_as_the_chat_template_would() {
     assert_eq!(err["code"], "unsupported", "{err}");
     start(&e, &[user("Hi")], 4).await;
     assert!(!finish(&e).await.0.is_empty());
+    assert_no_errors(&ev);
+    call(e.unload()).await.unwrap();
+}
+
+/// OpenAI's legacy `logprobs` (a count) and `echo`: each token's chunk has its text, its
+/// log-probability (the largest of its alternatives when greedy), up to N + 1 alternatives and
+/// its offset in characters; with `echo` the text starts with the prompt and goes on as without.
+#[wasm_bindgen_test]
+async fn text_completion_logprobs_and_echo_follow_the_legacy_shape() {
+    let (e, ev) = engine("/tiny/manifest.json", json!({"backend": "cpu"}))
+        .await
+        .unwrap();
+    let prompt = "Once upon a time";
+    let req = json!({"prompt": prompt, "max_tokens": 6, "temperature": 0.0, "ignore_eos": true,
+        "logprobs": 3});
+    let (text, chunks) = complete(&e, req).await;
+    let (mut before, mut entries) = (String::new(), 0);
+    for c in &chunks {
+        let lp = &c["choices"][0]["logprobs"];
+        let offset = before.chars().count() as u64;
+        before += c["choices"][0]["text"].as_str().unwrap();
+        if lp.is_null() {
+            continue;
+        }
+        entries += 1;
+        let token = lp["tokens"][0].as_str().unwrap();
+        let logprob = lp["token_logprobs"][0].as_f64().unwrap();
+        let top = lp["top_logprobs"][0].as_object().unwrap();
+        assert!(logprob <= 0.0 && (1..=4).contains(&top.len()), "{c}");
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert_eq!(logprob, best, "greedy: the token is the likeliest: {c}");
+        assert_eq!(top[token].as_f64(), Some(logprob), "{c}");
+        assert_eq!(lp["text_offset"][0].as_u64(), Some(offset), "{c}");
+    }
+    assert_eq!(entries, 6, "{chunks:?}");
+
+    let req = json!({"prompt": prompt, "max_tokens": 6, "temperature": 0.0, "ignore_eos": true,
+        "echo": true, "n": 2});
+    let (echoed, chunks) = complete(&e, req).await;
+    assert_eq!(
+        echoed,
+        format!("{prompt}{text}{prompt}{text}"),
+        "{chunks:?}"
+    );
     assert_no_errors(&ev);
     call(e.unload()).await.unwrap();
 }
