@@ -34,11 +34,12 @@ if (!server) throw new Error('usage: node npm_import.mjs SERVER_URL (./build.sh 
     assert.ok(r.completion.text.length > 0 && r.completion.text === r.completion.streamedText, JSON.stringify(r.completion));
     // Through the worker (at the step its release left it at: another model, other text).
     // Legacy logprobs: one entry per token, 2 alternatives (+ the token when not among them:
-    // greedy, it is the first), offsets in characters; three streamed chunks with one each.
+    // greedy, it is the first), offsets in characters of the text; three streamed chunks with
+    // one each (tests/web/completions.rs checks each offset against the streamed text).
     const clp = r.completionLogprobs;
-    assert.deepEqual([clp.entries, clp.tokens, clp.clpChunks, clp.greedyIsTop, clp.offsetsAreCharacters], [4, 4, 3, true, true], JSON.stringify(clp));
+    assert.deepEqual([clp.entries, clp.tokens, clp.clpChunks, clp.greedyIsTop, clp.offsetsInText], [4, 4, 3, true, true], JSON.stringify(clp));
     assert.ok(clp.top.every((n) => n >= 1 && n <= 3), JSON.stringify(clp));
-    assert.deepEqual(r.echo, { startsWithPrompt: true, longer: true }, JSON.stringify(r.echo));
+    assert.deepEqual(r.echo, { promptThenCompletion: true }, JSON.stringify(r.echo));
     const wcomp = r.worker.completion;
     assert.deepEqual([wcomp.object, wcomp.finish, wcomp.tokens], ['text_completion', 'length', 6], JSON.stringify(wcomp));
     assert.ok(wcomp.text.length > 0, JSON.stringify(wcomp));
