@@ -560,15 +560,38 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     // What a redeploy leaves behind: the session of another base shard under the same URL.
     const edit = (how) => page.evaluate(async (how) => {
       const db = await new Promise((res, rej) => { const q = indexedDB.open('flexquant-chat'); q.onsuccess = () => res(q.result); q.onerror = rej; });
-      const store = () => db.transaction('conversations', 'readwrite').objectStore('conversations');
-      const [key] = await new Promise((res) => { const q = store().getAllKeys(); q.onsuccess = () => res(q.result); });
-      const rec = await new Promise((res) => { const q = store().get(key); q.onsuccess = () => res(q.result); });
-      if (how === 'other-base') rec.session.base = '0'.repeat(64);
-      else rec.messages = [{ role: 'user', content: 42 }];
-      await new Promise((res) => { const q = store().put(rec, key); q.onsuccess = res; });
+      const store = (name) => db.transaction(name, 'readwrite').objectStore(name);
+      const get = (name, key) => new Promise((res) => { const q = store(name).get(key); q.onsuccess = () => res(q.result); });
+      const put = (name, key, rec) => new Promise((res) => { const q = store(name).put(rec, key); q.onsuccess = res; });
+      const [key] = await new Promise((res) => { const q = store('conversations').getAllKeys(); q.onsuccess = () => res(q.result); });
+      const rec = await get('conversations', key);
+      if (how === 'format-1') {
+        // What the page saved before the session got a store of its own.
+        Object.assign(rec, { format: 1, session: await get('sessions', key) });
+        await put('conversations', key, rec);
+        await new Promise((res) => { const q = store('sessions').delete(key); q.onsuccess = res; });
+      } else if (how === 'other-base') {
+        const session = await get('sessions', key);
+        session.base = '0'.repeat(64);
+        await put('sessions', key, session);
+      } else {
+        rec.messages = [{ role: 'user', content: 42 }];
+        await put('conversations', key, rec);
+      }
       db.close();
       return rec.messages.length;
     }, how);
+    // A conversation saved by the page before (format 1: one record) still comes back whole.
+    const kept = await page.evaluate(() => window.flexquantPage.savedChat.lastSaved.tokens);
+    await edit('format-1');
+    await page.reload({ waitUntil: 'commit' });
+    await waitReady(page);
+    const old = await page.evaluate(() => window.flexquantPage.restored);
+    assert.equal(old.reason, null, JSON.stringify(old));
+    assert.equal(old.keptTokens, kept);
+    await send(page, 'And then?');
+    await waitAnswer(page);
+    await until(page, 'the answer to be saved', () => window.flexquantPage.savedChat.saves >= window.flexquantPage.answers);
     const n = await edit('other-base');
     await page.reload({ waitUntil: 'commit' });
     await waitReady(page);

@@ -10,6 +10,22 @@ import { requireOrSkip, serve, launch, until, waitReady, send, waitAnswer, setMa
 
 const SITE = process.env.FLEXQUANT_E2E_SITE;
 
+/** The page in a fresh browser with `init` run before its scripts, loaded; then `body(page)`. */
+async function onReadyPage(init, body) {
+  const server = await serve(SITE);
+  const browser = await launch({ viewport: { width: 800, height: 600 } });
+  try {
+    const page = await browser.context.newPage();
+    await page.addInitScript(init);
+    await page.goto(server.url);
+    await waitReady(page);
+    await body(page);
+  } finally {
+    await browser.close();
+    server.close();
+  }
+}
+
 describe('failures the page explains', { concurrency: false }, () => {
   it('a corrupt shard on the server: a clear message, the chat keeps working at its step', async (t) => {
     if (await requireOrSkip(t, SITE)) return;
@@ -129,16 +145,11 @@ describe('failures the page explains', { concurrency: false }, () => {
 
   it('without IndexedDB (private mode, storage denied): the chat answers, keeps nothing, and says so', async (t) => {
     if (await requireOrSkip(t, SITE)) return;
-    const server = await serve(SITE);
-    const browser = await launch({ viewport: { width: 800, height: 600 } });
-    try {
-      const page = await browser.context.newPage();
-      // What a browser that refuses storage does: opening a database fails.
-      await page.addInitScript(() => {
-        IDBFactory.prototype.open = function () { throw new DOMException('storage is denied here', 'SecurityError'); };
-      });
-      await page.goto(server.url);
-      await waitReady(page);
+    // What a browser that refuses storage does: opening a database fails.
+    const init = () => {
+      IDBFactory.prototype.open = function () { throw new DOMException('storage is denied here', 'SecurityError'); };
+    };
+    await onReadyPage(init, async (page) => {
       await setMaxTokens(page, 6);
       await send(page, 'Hello!');
       const a = await waitAnswer(page);
@@ -149,10 +160,23 @@ describe('failures the page explains', { concurrency: false }, () => {
       // It goes on answering.
       await send(page, 'Again?');
       assert.notEqual((await waitAnswer(page)).finish, 'error');
-    } finally {
-      await browser.close();
-      server.close();
-    }
+    });
+  });
+
+  it('a site whose storage is nearly full: before the load the page says the model will not stay cached, then runs', async (t) => {
+    if (await requireOrSkip(t, SITE)) return;
+    // What the browser reports when other data of the site fill its quota but for 1 kB.
+    const init = () => {
+      StorageManager.prototype.estimate = async () => ({ quota: 50e6, usage: 50e6 - 1000 });
+    };
+    await onReadyPage(init, async (page) => {
+      const r = await page.evaluate(() => ({ lines: window.flexquantPage.storageLines, need: window.flexquantPage.inspection.firstLoadBytes }));
+      assert.ok(r.need > 1000, JSON.stringify(r));
+      assert.match(r.lines[0], /^50\.0 MB of 50\.0 MB used by this site; only 1\.00 KB left for the \d[\d.]* [KMG]?B to start: the model will run but not stay cached/, JSON.stringify(r.lines));
+      await setMaxTokens(page, 4);
+      await send(page, 'Hello!');
+      assert.notEqual((await waitAnswer(page)).finish, 'error');
+    });
   });
 
   it('an insecure context (http:// on a host that is not local): the page says why and runs on the CPU, uncached', async (t) => {

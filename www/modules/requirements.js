@@ -81,6 +81,7 @@ export class RequirementsView {
     if (st.persisted === true) parts.push('kept when storage runs low');
     else if (st.persisted === false) parts.push('the browser may evict the cached model when storage runs low');
     $('req-storage').textContent = parts.join('; ');
+    (this.page.storageLines ??= []).push(parts.join('; '));
     this.box.dataset.persisted = String(st.persisted);
   }
 

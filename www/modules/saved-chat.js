@@ -4,11 +4,15 @@
 // tokens (`importSession`) instead of the whole conversation. One tab owns the saved
 // conversation (a Web Lock held while the page is open): a second tab of the same page starts
 // its own chat and keeps nothing, so two tabs never overwrite each other's conversation.
+// The messages and the session are two records (stores `conversations` and `sessions`, same
+// key), so that saving an answer writes the session once and never reads or rewrites the old
+// one (format 1 kept both in one record: every save read it and wrote it twice).
 
 const DB = 'flexquant-chat';
 const STORE = 'conversations';
-/** The record's layout; a record of another is dropped. */
-const FORMAT = 1;
+const SESSIONS = 'sessions';
+/** The record's layout; a record of another is dropped (1: the session inside it, still read). */
+const FORMAT = 2;
 /** Sessions past this are kept as text only: the next answer reads the conversation again. */
 const MAX_SESSION_BYTES = 256 << 20;
 /** How long a new page waits for the lock that the page it replaces (a reload) still holds. */
@@ -20,14 +24,18 @@ const done = (r) => new Promise((resolve, reject) => {
 });
 
 function openDb() {
-  const r = indexedDB.open(DB, 1);
-  r.onupgradeneeded = () => r.result.createObjectStore(STORE);
+  const r = indexedDB.open(DB, 2);
+  r.onupgradeneeded = () => {
+    for (const name of [STORE, SESSIONS]) {
+      if (!r.result.objectStoreNames.contains(name)) r.result.createObjectStore(name);
+    }
+  };
   return done(r);
 }
 
 /** The record as the page can use it, or `null` when it is not one (another layout, garbled). */
 function valid(rec) {
-  if (!rec || rec.format !== FORMAT || !Array.isArray(rec.messages)) return null;
+  if (!rec || ![1, FORMAT].includes(rec.format) || !Array.isArray(rec.messages)) return null;
   const ok = rec.messages.every((m) => m && ['user', 'assistant'].includes(m.role) && typeof m.content === 'string');
   if (!ok || !Number.isInteger(rec.skipped) || rec.skipped < 0 || rec.skipped > rec.messages.length) return null;
   if (rec.system != null && typeof rec.system !== 'string') return null;
@@ -62,14 +70,19 @@ export class SavedChat {
     });
   }
 
+  /**
+   * One transaction over both stores: `f(conversations, sessions)` makes its requests and
+   * returns the request whose result is wanted, or a list of them (their results).
+   */
   async run(f) {
     if (!(await this.owner)) return null;
     const db = await openDb();
     try {
-      const tx = db.transaction(STORE, 'readwrite');
+      const tx = db.transaction([STORE, SESSIONS], 'readwrite');
       const complete = new Promise((resolve, reject) => { tx.oncomplete = resolve; tx.onabort = () => reject(tx.error); });
       complete.catch(() => {}); // a failed request rejects below already
-      const r = await done(f(tx.objectStore(STORE)));
+      const req = f(tx.objectStore(STORE), tx.objectStore(SESSIONS));
+      const r = await (Array.isArray(req) ? Promise.all(req.map(done)) : done(req));
       await complete;
       return r;
     } finally {
@@ -81,12 +94,12 @@ export class SavedChat {
   async load() {
     if (!this.enabled()) return null;
     try {
-      const rec = await this.run((s) => s.get(this.url));
+      const [rec, session] = (await this.run((c, s) => [c.get(this.url), s.get(this.url)])) ?? [];
       if (rec != null && !valid(rec)) {
         await this.clear();
         return null;
       }
-      return rec ?? null;
+      return rec == null ? null : { ...rec, session: rec.format === 1 ? rec.session ?? null : session ?? null };
     } catch (e) {
       this.fail(e);
       return null;
@@ -95,26 +108,26 @@ export class SavedChat {
 
   /**
    * Saves `state` ({system, messages, skipped}) with the engine's session, after whatever save
-   * is still running. The messages go first, with the session saved before (its tokens a prefix
-   * of this conversation: the engine reuses what matches), so a reload during the export loses
-   * nothing; then the session. One the engine cannot export (or too big) is left out: the next
-   * answer after a reload reads the conversation again.
+   * is still running. The messages go first, beside the session saved before (its tokens a
+   * prefix of this conversation: the engine reuses what matches), so a reload during the export
+   * loses nothing; then the session replaces the old one. One the engine cannot export (or too
+   * big) leaves the old one: the next answer after a reload reads the rest again.
    */
   save(state, engine) {
     this.queue = this.queue.then(async () => {
       if (!this.enabled() || !(await this.owner)) return;
-      const put = (session) => this.run((s) => s.put({ format: FORMAT, savedAt: Date.now(), ...state, session }, this.url));
+      const t0 = performance.now();
       try {
-        const before = valid(await this.run((s) => s.get(this.url)));
-        await put(before?.session ?? null);
+        await this.run((c) => c.put({ format: FORMAT, savedAt: Date.now(), ...state }, this.url));
         let session = null;
         try {
           session = await engine.exportSession();
           if (session.kv.byteLength > MAX_SESSION_BYTES) session = null;
         } catch { /* text only */ }
-        if (session) await put(session);
+        if (session) await this.run((c, s) => s.put(session, this.url));
         this.saves++;
-        this.lastSaved = { messages: state.messages.length, tokens: session ? session.tokens.length : 0, kvBytes: session ? session.kv.byteLength : 0 };
+        this.lastSaved = { messages: state.messages.length, tokens: session ? session.tokens.length : 0,
+          kvBytes: session ? session.kv.byteLength : 0, ms: performance.now() - t0 };
       } catch (e) {
         this.fail(e); // quota, private mode: the chat goes on unsaved
       }
@@ -129,7 +142,7 @@ export class SavedChat {
 
   /** Forgets the saved conversation (a new chat, or the user turned keeping it off). */
   clear() {
-    this.queue = this.queue.then(() => this.run((s) => s.delete(this.url)).catch((e) => this.fail(e)));
+    this.queue = this.queue.then(() => this.run((c, s) => [c.delete(this.url), s.delete(this.url)]).catch((e) => this.fail(e)));
     return this.queue;
   }
 }
