@@ -586,12 +586,14 @@ bench_backends() {
   test_browser_project
   # The same prompt for both (about 64 tokens with the chat template).
   head -c 2240 "$CACHE/text/austen-heldout.txt" | tail -c 240 > target/bench/prompt.txt
+  # And a long one (about 1,400 tokens): a conversation whose cache attention must read.
+  head -c 14000 "$CACHE/text/austen-heldout.txt" | tail -c 6000 > target/bench/prompt-long.txt
   start_test_server --isolated --mount npm="$ROOT/target/web-test/npm-project" \
     --mount demo="$ENSEMBLE" --mount model="$(dirname "$MODEL")" \
     --mount wllama="$ROOT/tests/e2e/node_modules/@wllama/wllama"
   local rc=0
   node tests/e2e/bench_backends.mjs "$SERVER_URL" target/bench/backends.json /demo/manifest.json \
-    "/model/$(basename "$MODEL")" target/bench/prompt.txt || rc=$?
+    "/model/$(basename "$MODEL")" target/bench/prompt.txt target/bench/prompt-long.txt || rc=$?
   kill "$SERVER_PID" 2>/dev/null || true
   [ $rc = 0 ] || die "backends benchmark failed"
 }

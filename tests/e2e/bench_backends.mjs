@@ -2,16 +2,18 @@
 // target/bench/backends.json (written by `flexquant bench backends`, the native half) the
 // packed CPU backend in headless Chromium (tests/web/bench-backends.html) and its peer, npm
 // @wllama/wllama on the demo GGUF (tests/web/bench-wllama.html) at 1 and 2 threads, all in
-// one run, with the same prompt and token count.
-// Usage: node bench_backends.mjs SERVER_URL BACKENDS.json DEMO_MANIFEST_PATH GGUF_PATH PROMPT_FILE
+// one run, with the same prompt and token count; then both on one thread after a long prompt
+// (LONG_PROMPT_FILE, ~1,400 tokens), where attention over the cache weighs.
+// Usage: node bench_backends.mjs SERVER_URL BACKENDS.json DEMO_MANIFEST_PATH GGUF_PATH PROMPT_FILE LONG_PROMPT_FILE
 import { readFileSync, writeFileSync } from 'node:fs';
 import { spawn } from 'node:child_process';
 import { chromium } from 'playwright-core';
 
-const [server, out, manifest, gguf, promptFile] = process.argv.slice(2);
-if (!promptFile) throw new Error('usage: node bench_backends.mjs SERVER_URL OUT.json MANIFEST GGUF PROMPT_FILE');
+const [server, out, manifest, gguf, promptFile, longFile] = process.argv.slice(2);
+if (!longFile) throw new Error('usage: node bench_backends.mjs SERVER_URL OUT.json MANIFEST GGUF PROMPT_FILE LONG_PROMPT_FILE');
 const report = JSON.parse(readFileSync(out, 'utf8'));
 const prompt = readFileSync(promptFile, 'utf8');
+const longPrompt = readFileSync(longFile, 'utf8');
 const steps = report.decode_tok_s_by_step.map((r) => r.step);
 const ARGS = ['--headless=new', '--no-sandbox', '--disable-background-networking',
   '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'];
@@ -21,7 +23,7 @@ async function run(path, params) {
   const page = await browser.newPage();
   const logs = [];
   page.on('console', (m) => logs.push(m.text()));
-  const qs = new URLSearchParams({ ...params, prompt, tokens: '128' });
+  const qs = new URLSearchParams({ prompt, tokens: '128', ...params });
   await page.goto(`${server}${path}?${qs}`);
   await page.waitForFunction(() => window.__result, null, { timeout: 900_000 });
   const r = await page.evaluate(() => window.__result);
@@ -47,6 +49,12 @@ try {
     wl[threads] = await run('/npm/bench-wllama.html', { model: server + gguf, threads: String(threads) });
     console.log(`wllama ${threads}t: ${JSON.stringify(wl[threads])}`);
   }
+  // A long conversation, one thread each (the main-thread engine, wllama with room for it).
+  const long = {
+    browser_cpu: (await run('/npm/bench-backends.html', { manifest: server + manifest, only: 'long', prompt: longPrompt })).long,
+    wllama_1t: await run('/npm/bench-wllama.html', { model: server + gguf, threads: '1', ctx: '2048', prompt: longPrompt }),
+  };
+  console.log(`long prompt: ${JSON.stringify(long)}`);
   report.browser = browser.version();
   report.browser_cpu = fq;
   report.wllama = wl;
@@ -97,6 +105,14 @@ try {
     // after walking back up to step 0.
     wasm_memory_by_step: fq.wasm_memory_by_step,
     wasm_memory_after_walk_up: fq.wasm_memory_after_walk_up,
+    // After a ~1,400-token prompt, one thread each: decode and prefill against wllama, and
+    // each against its own short-prompt speed (1: attention over the cache costs nothing).
+    long_context: long,
+    long_context_prompt_tokens: long.browser_cpu.prompt_tokens,
+    long_context_decode_ratio_vs_wllama: long.browser_cpu.decode_tok_s / long.wllama_1t.decode_tok_s,
+    long_context_prefill_ratio_vs_wllama: long.browser_cpu.prefill_tok_s / long.wllama_1t.prefill_tok_s,
+    long_vs_short_decode: long.browser_cpu.decode_tok_s / fq.browser_cpu_decode_tok_s,
+    wllama_long_vs_short_decode: long.wllama_1t.decode_tok_s / wl[1].decode_tok_s,
   });
 } finally {
   await browser.close();
