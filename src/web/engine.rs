@@ -930,7 +930,7 @@ impl Inner {
             }
         };
         let model = &self.walk.source.manifest.name;
-        let table = self.tokenizer.token_bytes();
+        let table = || self.tokenizer.token_bytes(); // built on first use: only with logprobs
         let chunk = match a.endpoint {
             Endpoint::Chat => to_js(&Chunk {
                 id: &a.id,
@@ -941,7 +941,7 @@ impl Inner {
                     index: choice,
                     delta,
                     finish_reason,
-                    logprobs: token_logprob.map(|t| Logprobs::of(&t, &table, special)),
+                    logprobs: token_logprob.map(|t| Logprobs::of(&t, &table(), special)),
                 }],
                 usage,
             }),
@@ -951,7 +951,7 @@ impl Inner {
                     a.offset = echo.chars().count();
                 }
                 let logprobs =
-                    token_logprob.map(|t| TextLogprobs::of(&t, a.offset, &table, special));
+                    token_logprob.map(|t| TextLogprobs::of(&t, a.offset, &table(), special));
                 a.offset += piece_chars;
                 to_js(&Chunk {
                     id: &a.id,
