@@ -132,16 +132,28 @@ export async function pageResult(url, { webgpu = true, timeout = 300_000 } = {})
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-/** Waits until `fn` (run in the page) is truthy; on timeout the error says what was awaited. */
+/**
+ * Waits until `fn` (run in the page) is truthy; on timeout the error says what was awaited.
+ * An async `fn` is polled here: Playwright's `waitForFunction` takes its Promise for a truthy
+ * value and returns at once (microsoft/playwright#29132), which made such waits no-ops.
+ */
 export async function until(page, what, fn, arg, timeout = 60_000) {
   try {
-    return await page.waitForFunction(fn, arg, { timeout, polling: 100 });
+    if (fn.constructor.name !== 'AsyncFunction') return await page.waitForFunction(fn, arg, { timeout, polling: 100 });
+    const end = Date.now() + timeout;
+    for (;;) {
+      const v = await page.evaluate(fn, arg);
+      if (v) return v;
+      if (Date.now() > end) throw new Error('timeout');
+      await sleep(100);
+    }
   } catch (e) {
     const state = await page.evaluate(() => {
       const p = window.flexquantPage || {};
       return { state: p.state, fatal: p.fatal, tokens: p.chat && p.chat.tokens, busy: p.busy, step: document.querySelector('.elastic')?.dataset.step, notice: document.getElementById('notice')?.textContent, events: (p.events || []).slice(-8).map((e) => e.type + (e.type === 'swap' ? ` ${e.from}->${e.to}` : '')) };
     }).catch(() => ({}));
-    throw new Error(`timed out after ${timeout} ms waiting for ${what}; page: ${JSON.stringify(state)}`);
+    const why = /timeout/i.test(String(e?.message)) ? `timed out after ${timeout} ms` : `failed (${e?.message})`;
+    throw new Error(`${why} waiting for ${what}; page: ${JSON.stringify(state)}`);
   }
 }
 
