@@ -215,9 +215,15 @@ export interface ChatRequest {
  * `best_of`, ...) reject with code 'unsupported' naming the field.
  */
 export interface CompletionRequest {
-  /** The text to continue (a string, not empty). */
-  prompt: string;
-  /** Each choice's text starts with the prompt (not with `logprobs`: 'unsupported'). */
+  /**
+   * What to continue: a string, a list of strings (up to 64, each answered `n` times: choice
+   * `index` = prompt * n + answer), token ids of this model (`tokenize`), or a list of those.
+   */
+  prompt: string | number[] | (string | number[])[];
+  /**
+   * Each choice's text starts with its prompt; with `logprobs`, the prompt's tokens come scored
+   * first in `choices[].logprobs` (`max_tokens: 0`: the prompt alone).
+   */
   echo?: boolean | null;
   /** Each token's log-probability with this many alternatives (0..5) in `choices[].logprobs`. */
   logprobs?: number | null;
@@ -251,14 +257,15 @@ export interface CompletionChunk {
 
 /**
  * A text completion's `choices[].logprobs` (with `logprobs: N`): parallel lists, one entry per
- * token (one per chunk when streaming): its text, its log-probability, the N most likely
- * tokens at its position with theirs (the token itself among them), and where it starts in the
- * choice's text (characters).
+ * token (one per chunk when streaming; with `echo`, the prompt's tokens first): its text, its
+ * log-probability, the N most likely tokens at its position with theirs (the token itself among
+ * them), and where it starts in the choice's text (characters). The prompt's first token has
+ * null for both (nothing precedes it).
  */
 export interface CompletionLogprobs {
   tokens: string[];
-  token_logprobs: number[];
-  top_logprobs: Record<string, number>[];
+  token_logprobs: (number | null)[];
+  top_logprobs: (Record<string, number> | null)[];
   text_offset: number[];
 }
 
@@ -429,6 +436,10 @@ export interface EngineApi {
   reportHeap(usedJSHeapSize: number, jsHeapSizeLimit: number): void;
   stats(): Promise<Stats>;
   trajectory(): Promise<TrajectoryPoint[]>;
+  /** `text` as this model's token ids (what `completions.create` takes as a `prompt` of ids). */
+  tokenize(text: string): Promise<number[]>;
+  /** Token ids back to text; an id outside the vocabulary rejects with `input`. */
+  detokenize(tokens: ArrayLike<number>): Promise<string>;
   simulateDeviceLoss(): Promise<void>;
   /**
    * Panics inside wasm (tests): rejects with code internal; the engine is then cleanly failed.

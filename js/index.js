@@ -176,6 +176,8 @@ export class Engine {
   }
   stats() { return this._guard(() => this._inner.stats()); }
   trajectory() { return this._guard(() => this._inner.trajectory()); }
+  tokenize(text) { return this._guard(async () => this._inner.tokenize(String(text))); }
+  detokenize(tokens) { return this._guard(async () => this._inner.detokenize(Uint32Array.from(tokens))); }
   /** Panics inside wasm, as a bug would (tests of the crash handling); `async`: after an await. */
   simulatePanic({ async = false } = {}) {
     return this._guard(() => (async ? this._inner.simulatePanicAsync() : this._inner.simulatePanic()));

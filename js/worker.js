@@ -224,6 +224,8 @@ export class WorkerEngine {
   reportHeap(used, limit) { this._call('reportHeap', [used, limit]).catch(() => {}); }
   stats() { return this._call('stats'); }
   trajectory() { return this._call('trajectory'); }
+  tokenize(text) { return this._call('tokenize', [text]); }
+  detokenize(tokens) { return this._call('detokenize', [Array.from(tokens)]); }
   simulateDeviceLoss() { return this._call('simulateDeviceLoss'); }
   simulatePanic(options = {}) { return this._call('simulatePanic', [options]); }
   /** Whether a panic (or the worker's death) left this engine cleanly failed. */

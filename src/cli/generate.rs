@@ -117,7 +117,7 @@ where
                 &stop,
                 TurnOptions {
                     json,
-                    logprobs: None,
+                    ..TurnOptions::default()
                 },
             )
             .block()?;

@@ -90,7 +90,8 @@ enum Cmd {
 /// (`Sampling::chat`, `DEFAULT_CONTEXT`).
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
-    #[arg(long, default_value_t = Sampling::chat().max_tokens)]
+    #[arg(long, default_value_t = Sampling::chat().max_tokens,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_tokens: usize,
     /// 0 = greedy.
     #[arg(long, default_value_t = Sampling::chat().temperature)]

@@ -6,7 +6,7 @@ use crate::ensemble::format::PackedMatrix;
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::ModuleId;
-use crate::runtime::backend::{Backend, Factory, KvFormat};
+use crate::runtime::backend::{Backend, Factory, KvFormat, Scored};
 use std::sync::Arc;
 
 impl Backend for CpuModel {
@@ -52,6 +52,9 @@ impl Backend for CpuModel {
             return crate::cpu::par::token(|| CpuModel::step(self, tokens));
         }
         crate::cpu::par::prefill(|| CpuModel::step(self, tokens))
+    }
+    async fn step_scored(&mut self, tokens: &[u32], n: usize, _watched: &[u32]) -> Result<Scored> {
+        crate::cpu::par::prefill(|| CpuModel::step_scored(self, tokens, n))
     }
     fn watch(&mut self, ids: &[u32]) -> Result<()> {
         CpuModel::watch(self, ids)

@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 use crate::model::math::{rmsnorm, silu, Rope};
 use crate::model::weights::{ModuleId, ModuleKind};
 use crate::model::LlamaConfig;
-use crate::runtime::backend::{kv_layer_bytes, kv_shrunk, KvFormat, KvLayout};
+use crate::runtime::backend::{kv_layer_bytes, kv_shrunk, KvFormat, KvLayout, Scored};
+use crate::runtime::TokenLogprob;
 use std::sync::Arc;
 
 /// Final-normed hidden rows turned into logits at once (bounds memory at this x vocab floats).
@@ -480,6 +481,34 @@ impl CpuModel {
             &self.watched,
             &logits,
         ))
+    }
+
+    /// `step` with every token after the first scored (`Backend::step_scored`): one pass
+    /// over the prompt, the head run on every position in chunks of `LOGIT_CHUNK` rows.
+    pub fn step_scored(&mut self, tokens: &[u32], n: usize) -> Result<Scored> {
+        use crate::runtime::generate::{top_k, with_watched};
+        let xn = self.hidden(tokens)?;
+        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let mut scored = Vec::with_capacity(tokens.len() - 1);
+        let mut cand = Vec::new();
+        for (c, rows) in xn.chunks(LOGIT_CHUNK * h).enumerate() {
+            let lg = self.logits(rows);
+            for (j, row) in lg.chunks_exact(vocab).enumerate() {
+                let log_z = crate::model::math::log_sum_exp(row) as f32;
+                match tokens.get(c * LOGIT_CHUNK + j + 1) {
+                    Some(&next) => scored.push(TokenLogprob {
+                        id: next,
+                        logprob: row[next as usize] - log_z,
+                        top: top_k(row, n).iter().map(|&(t, l)| (t, l - log_z)).collect(),
+                    }),
+                    None => {
+                        self.log_z = log_z;
+                        cand = with_watched(top_k(row, self.top_k), &self.watched, row);
+                    }
+                }
+            }
+        }
+        Ok((cand, scored))
     }
 
     /// See `Backend::log_z`.

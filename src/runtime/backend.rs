@@ -7,6 +7,7 @@ use crate::ensemble::base::Base;
 use crate::ensemble::format::PackedMatrix;
 use crate::model::config::LlamaConfig;
 use crate::model::weights::ModuleId;
+use crate::runtime::session::TokenLogprob;
 use std::sync::Arc;
 
 /// Bytes of one scale of an int8 KV cache.
@@ -239,6 +240,10 @@ pub fn kv_shrunk(held: usize, needed: usize, context: usize) -> Option<usize> {
     (fit.saturating_mul(2) <= held).then_some(fit)
 }
 
+/// What `Backend::step_scored` returns: the last step's candidates (as `step`'s), and every
+/// token after the first with its log-probability and alternatives.
+pub type Scored = (Vec<(u32, f32)>, Vec<TokenLogprob>);
+
 /// A model at one EQM with its KV cache. Every method leaves the model as it was on error.
 // Futures of the browser backend are not `Send`; nothing here needs them to be.
 #[allow(async_fn_in_trait)]
@@ -301,6 +306,47 @@ pub trait Backend {
     /// `(token, logit)`, best first, then the watched tokens (`watch`) that are not among
     /// them, in `watch` order.
     async fn step(&mut self, tokens: &[u32]) -> Result<Vec<(u32, f32)>, Self::Error>;
+    /// `step`, with every token after the first scored: entry `i` is `tokens[i + 1]`'s
+    /// log-probability after `tokens[..=i]` with the `n` most likely tokens there (OpenAI's
+    /// legacy `echo` with `logprobs`). `watched` is the list `watch` set; it is set again after.
+    /// The default runs the tokens one at a time, each step also watching the next token (so
+    /// its logit comes back outside the top candidates): as slow as decoding them.
+    async fn step_scored(
+        &mut self,
+        tokens: &[u32],
+        n: usize,
+        watched: &[u32],
+    ) -> Result<Scored, Self::Error> {
+        let len = self.len();
+        let mut scored = Vec::with_capacity(tokens.len().saturating_sub(1));
+        let mut cand = Vec::new();
+        let mut failed = None;
+        for (i, &t) in tokens.iter().enumerate() {
+            let next = tokens.get(i + 1).copied();
+            let mut w = watched.to_vec();
+            w.extend(next);
+            let r = match self.watch(&w) {
+                Ok(()) => self.step(&[t]).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(c) => cand = c,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if let Some(next) = next {
+                scored.push(TokenLogprob::of(next, &cand, self.log_z(), n));
+            }
+        }
+        let back = self.watch(watched);
+        if let Some(e) = failed {
+            self.truncate(len);
+            return Err(e);
+        }
+        back.map(|()| (cand, scored))
+    }
     /// `log Σ exp(logit)` over the whole vocabulary at the last `step`: a token's
     /// log-probability is its logit minus this (OpenAI's `logprobs`).
     fn log_z(&self) -> f32;

@@ -73,9 +73,6 @@ impl Sampling {
                 self.top_k
             )));
         }
-        if self.max_tokens == 0 {
-            return Err(Error::input("max_tokens must be at least 1"));
-        }
         for (name, p) in [
             ("frequency_penalty", self.frequency_penalty),
             ("presence_penalty", self.presence_penalty),

@@ -24,6 +24,17 @@ pub const MAX_CHOICES: u32 = 8;
 /// Most alternatives a text completion's `logprobs` may ask for (OpenAI's legacy limit).
 pub const MAX_TEXT_LOGPROBS: u64 = 5;
 
+/// Most prompts one text completion may list (each answered `n` times, one after the other).
+pub const MAX_PROMPTS: usize = 64;
+
+/// One prompt of a text completion: text to tokenize, or token ids of this model's vocabulary
+/// (as evaluation harnesses send them, tokenized by the same tokenizer).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt<'a> {
+    Text(&'a str),
+    Tokens(Vec<u32>),
+}
+
 /// Which endpoint a request came to: `chat.completions` (`messages`, rendered by the model's
 /// chat template) or `completions` (a `prompt` continued as it is, OpenAI's legacy text
 /// completions). Both share the sampling, length, stop and `n` fields.
@@ -38,8 +49,9 @@ pub struct ChatRequest {
     /// Required for chat (an empty list is an error); absent from a text completion.
     #[serde(default)]
     pub messages: Vec<Message>,
-    /// The text a text completion continues (`Endpoint::Text` only).
-    pub prompt: Option<String>,
+    /// What a text completion continues (`Endpoint::Text` only): a string, a list of strings,
+    /// token ids, or a list of token-id lists (`ChatRequest::text_prompts`).
+    pub prompt: Option<serde_json::Value>,
     pub max_tokens: Option<usize>,
     /// OpenAI's newer name for `max_tokens`.
     pub max_completion_tokens: Option<usize>,
@@ -149,30 +161,82 @@ impl ChatRequest {
         }
     }
 
-    /// A text completion's `prompt`: a string that is not empty.
-    pub fn text_prompt(&self) -> Result<&str> {
-        match self.prompt.as_deref() {
-            Some(p) if !p.is_empty() => Ok(p),
-            Some(_) => Err(Error::input("completion request: `prompt` is empty")),
-            None => Err(Error::input(
-                "completion request: `prompt` is missing (a string to continue)",
-            )),
+    /// A text completion's prompts, in OpenAI's four forms: a string, a list of strings, a list
+    /// of token ids (one prompt), or a list of such lists; none empty, at most `MAX_PROMPTS`.
+    /// Token ids are checked against the vocabulary where the tokenizer is (`Engine`).
+    pub fn text_prompts(&self) -> Result<Vec<Prompt<'_>>> {
+        use serde_json::Value;
+        let bad = |m: String| Error::input(format!("completion request: `prompt{m}"));
+        let tokens = |v: &[Value], at: &str| -> Result<Vec<u32>> {
+            v.iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    t.as_u64()
+                        .and_then(|t| u32::try_from(t).ok())
+                        .ok_or_else(|| bad(format!("{at}[{i}]` must be a token id (got {t})")))
+                })
+                .collect()
+        };
+        let prompts = match &self.prompt {
+            None | Some(Value::Null) => {
+                return Err(Error::input(
+                    "completion request: `prompt` is missing (a string to continue)",
+                ))
+            }
+            Some(Value::String(s)) => vec![Prompt::Text(s)],
+            Some(Value::Array(a)) if a.first().is_some_and(Value::is_number) => {
+                vec![Prompt::Tokens(tokens(a, "")?)]
+            }
+            Some(Value::Array(a)) => {
+                if a.len() > MAX_PROMPTS {
+                    return Err(bad(format!(
+                        "` lists {} prompts, at most {MAX_PROMPTS}",
+                        a.len()
+                    )));
+                }
+                a.iter()
+                    .enumerate()
+                    .map(|(i, p)| match p {
+                        Value::String(s) => Ok(Prompt::Text(s)),
+                        Value::Array(t) => Ok(Prompt::Tokens(tokens(t, &format!("[{i}]"))?)),
+                        _ => Err(bad(format!(
+                            "[{i}]` must be a string or a list of token ids"
+                        ))),
+                    })
+                    .collect::<Result<_>>()?
+            }
+            Some(v) => {
+                return Err(bad(format!(
+                    "` must be a string, a list of strings or token ids (got {v})"
+                )))
+            }
+        };
+        if prompts.is_empty() {
+            return Err(bad("` is an empty list".into()));
         }
+        let many = prompts.len() > 1;
+        for (i, p) in prompts.iter().enumerate() {
+            let empty = match p {
+                Prompt::Text(s) => s.is_empty(),
+                Prompt::Tokens(t) => t.is_empty(),
+            };
+            if empty {
+                let at = if many {
+                    format!("[{i}]")
+                } else {
+                    String::new()
+                };
+                return Err(bad(format!("{at}` is empty")));
+            }
+        }
+        Ok(prompts)
     }
 
-    /// The prompt a text completion's choices start with (`echo: true`), or `None`. With
-    /// `logprobs` it is `unsupported`: OpenAI's legacy endpoint then gives the prompt tokens'
-    /// log-probabilities too, which a prefill does not compute.
-    pub fn echo_for(&self, endpoint: Endpoint) -> Result<Option<&str>> {
-        if endpoint != Endpoint::Text || self.echo != Some(true) {
-            return Ok(None);
-        }
-        if self.logprobs_for(endpoint)?.is_some() {
-            return Err(Error::Unsupported(
-                "completion request: `echo` with `logprobs` (the prompt's log-probabilities are not computed)".into(),
-            ));
-        }
-        self.text_prompt().map(Some)
+    /// Whether a text completion's choices start with their prompt (`echo: true`). With
+    /// `logprobs` the prompt's tokens come scored too (`TurnOptions::prompt_logprobs`), as in
+    /// OpenAI's legacy endpoint; `max_tokens: 0` then scores the prompt alone.
+    pub fn echo_for(&self, endpoint: Endpoint) -> bool {
+        endpoint == Endpoint::Text && self.echo == Some(true)
     }
 
     /// `tools` and `tool_choice` (`runtime::tools`); `None` without tools. Beside a
@@ -306,6 +370,11 @@ impl ChatRequest {
         };
         s.validate()
             .map_err(|e| Error::input(format!("chat request: {e}")))?;
+        if s.max_tokens == 0 && !(self.prompt.is_some() && self.echo == Some(true)) {
+            return Err(Error::input(
+                "chat request: max_tokens must be at least 1 (0 only for a completion with `echo`: the prompt alone, scored with `logprobs`)",
+            ));
+        }
         Ok(s)
     }
 
@@ -464,14 +533,42 @@ mod tests {
         let chat = ChatRequest::check_keys(["messages", "prompt"]).unwrap_err();
         assert!(chat.to_string().contains("`prompt`"), "{chat}");
         let r = |j: &str| serde_json::from_str::<ChatRequest>(j).unwrap();
-        assert_eq!(r(r#"{"prompt":"Once"}"#).text_prompt().unwrap(), "Once");
-        let empty = r(r#"{"prompt":""}"#).text_prompt().unwrap_err().to_string();
-        assert!(empty.contains("`prompt` is empty"), "{empty}");
-        let none = r(r#"{"max_tokens":3}"#)
-            .text_prompt()
-            .unwrap_err()
-            .to_string();
-        assert!(none.contains("`prompt` is missing"), "{none}");
+        let prompts = |j: &str| r(j).text_prompts().map(|p| format!("{p:?}"));
+        assert_eq!(
+            prompts(r#"{"prompt":"Once"}"#).unwrap(),
+            r#"[Text("Once")]"#
+        );
+        assert_eq!(
+            prompts(r#"{"prompt":["a","b"]}"#).unwrap(),
+            r#"[Text("a"), Text("b")]"#
+        );
+        assert_eq!(prompts(r#"{"prompt":[5,6]}"#).unwrap(), "[Tokens([5, 6])]");
+        assert_eq!(
+            prompts(r#"{"prompt":[[5],"b"]}"#).unwrap(),
+            r#"[Tokens([5]), Text("b")]"#
+        );
+        for (bad, why) in [
+            (r#"{"prompt":""}"#, "`prompt` is empty"),
+            (r#"{"max_tokens":3}"#, "`prompt` is missing"),
+            (r#"{"prompt":null}"#, "`prompt` is missing"),
+            (r#"{"prompt":[]}"#, "`prompt` is an empty list"),
+            (r#"{"prompt":["a",""]}"#, "`prompt[1]` is empty"),
+            (r#"{"prompt":[[1],[]]}"#, "`prompt[1]` is empty"),
+            (r#"{"prompt":[1,-2]}"#, "`prompt[1]` must be a token id"),
+            (r#"{"prompt":[1,"a"]}"#, "`prompt[1]` must be a token id"),
+            (
+                r#"{"prompt":[[1,2.5]]}"#,
+                "`prompt[0][1]` must be a token id",
+            ),
+            (r#"{"prompt":["a",{}]}"#, "`prompt[1]` must be a string or"),
+            (r#"{"prompt":3}"#, "`prompt` must be a string"),
+        ] {
+            let e = prompts(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let many = format!(r#"{{"prompt":{:?}}}"#, vec!["a"; MAX_PROMPTS + 1]);
+        let e = prompts(&many).unwrap_err().to_string();
+        assert!(e.contains("prompts, at most"), "{e}");
         assert!(r(r#"{"prompt":"Once"}"#).sampling(0).is_ok());
     }
 
@@ -497,14 +594,23 @@ mod tests {
         assert_eq!(chat(r#"{"logprobs":false}"#).unwrap(), None);
         let e = chat(r#"{"logprobs":2}"#).unwrap_err().to_string();
         assert!(e.contains("logprobs must be true or false"), "{e}");
-        let echo = |j: &str| r(j).echo_for(Endpoint::Text).map(|e| e.map(str::to_string));
+        let echo = |j: &str| r(j).echo_for(Endpoint::Text);
+        assert!(echo(r#"{"prompt":"a","echo":true}"#));
+        assert!(!echo(r#"{"prompt":"a","echo":false}"#));
+        assert!(!r(r#"{"prompt":"a","echo":true}"#).echo_for(Endpoint::Chat));
+        // max_tokens 0: the prompt alone, only for an echoed completion.
+        let zero = |j: &str| r(j).sampling(0).map(|s| s.max_tokens);
         assert_eq!(
-            echo(r#"{"prompt":"a","echo":true}"#).unwrap().as_deref(),
-            Some("a")
+            zero(r#"{"prompt":"a","echo":true,"logprobs":0,"max_tokens":0}"#).unwrap(),
+            0
         );
-        assert_eq!(echo(r#"{"prompt":"a","echo":false}"#).unwrap(), None);
-        let both = echo(r#"{"prompt":"a","echo":true,"logprobs":1}"#).unwrap_err();
-        assert!(matches!(both, Error::Unsupported(_)), "{both}");
+        for bad in [
+            r#"{"prompt":"a","max_tokens":0}"#,
+            r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+        ] {
+            let e = zero(bad).unwrap_err().to_string();
+            assert!(e.contains("max_tokens must be at least 1"), "{bad}: {e}");
+        }
     }
 
     #[test]

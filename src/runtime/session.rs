@@ -30,6 +30,9 @@ pub struct Turn {
     opts: TurnOptions,
     /// The log-probabilities of the token `next` returned last, when asked for.
     pub logprob: Option<TokenLogprob>,
+    /// With `TurnOptions::prompt_logprobs`: each prompt token's log-probability given the
+    /// tokens before it (`None` for the first, which has none), else empty.
+    pub prompt_logprobs: Vec<Option<TokenLogprob>>,
     pub out: Vec<u32>,
     pub stats: GenStats,
     decode_start: f64,
@@ -66,6 +69,10 @@ pub struct TurnOptions {
     /// OpenAI's `logprobs`: each token's log-probability and this many most likely
     /// alternatives (`top_logprobs`, at most `MAX_TOP_LOGPROBS`) in `Turn::logprob`.
     pub logprobs: Option<usize>,
+    /// The prompt's tokens scored too (`Turn::prompt_logprobs`, `logprobs` alternatives each;
+    /// OpenAI's legacy `echo` with `logprobs`, `Backend::step_scored`): the prompt runs from
+    /// the start, none of the KV cache reused, since every position's logits are needed.
+    pub prompt_logprobs: bool,
 }
 
 /// Most alternatives `TurnOptions::logprobs` may ask for (OpenAI's limit).
@@ -79,6 +86,23 @@ pub struct TokenLogprob {
     pub id: u32,
     pub logprob: f32,
     pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// Token `id` among `cand` (a `step`'s candidates, best first, watched ones after them)
+    /// with the `n` best, as log-probabilities (`log_z`: `Backend::log_z`). NaN when `id` is
+    /// not among them (it is when watched).
+    pub fn of(id: u32, cand: &[(u32, f32)], log_z: f32, n: usize) -> Self {
+        let raw = cand.iter().find(|c| c.0 == id).map_or(f32::NAN, |c| c.1);
+        TokenLogprob {
+            id,
+            logprob: raw - log_z,
+            top: cand[..n.min(cand.len())]
+                .iter()
+                .map(|&(t, l)| (t, l - log_z))
+                .collect(),
+        }
+    }
 }
 
 /// The number of cached tokens a new prompt can keep: their common prefix, leaving at least
@@ -212,12 +236,23 @@ impl<B: Backend> Session<B> {
         }
         self.model.watch(&watched)?;
         self.watched = watched;
-        let shared = reusable_prefix(&self.tokens, prompt).min(self.model.len());
+        let scored = opts.logprobs.filter(|_| opts.prompt_logprobs);
+        let shared = match scored {
+            Some(_) => 0,
+            None => reusable_prefix(&self.tokens, prompt).min(self.model.len()),
+        };
         self.model.truncate(shared);
         self.tokens.truncate(shared);
         self.model.shrink_kv(prompt.len()).await?;
         let t0 = now_seconds();
-        let cand = self.model.step(&prompt[shared..]).await?;
+        let (cand, prompt_logprobs) = match scored {
+            Some(n) => {
+                let (cand, scored) = self.model.step_scored(prompt, n, &self.watched).await?;
+                let first = std::iter::once(None);
+                (cand, first.chain(scored.into_iter().map(Some)).collect())
+            }
+            None => (self.model.step(&prompt[shared..]).await?, Vec::new()),
+        };
         self.tokens.extend_from_slice(&prompt[shared..]);
         let stats = GenStats {
             prompt_tokens: prompt.len(),
@@ -233,6 +268,7 @@ impl<B: Backend> Session<B> {
             pending: None,
             opts,
             logprob: None,
+            prompt_logprobs,
             out: Vec::new(),
             stats,
             decode_start: now_seconds(),
@@ -244,6 +280,11 @@ impl<B: Backend> Session<B> {
     /// the device was lost).
     pub async fn next(&mut self, turn: &mut Turn) -> Result<Option<u32>, B::Error> {
         if turn.is_done() {
+            return Ok(None);
+        }
+        if turn.sampling.max_tokens == 0 {
+            // The prompt alone (scored: `TurnOptions::prompt_logprobs`).
+            turn.finish(StopReason::MaxTokens);
             return Ok(None);
         }
         if let Some(id) = turn.pending {
@@ -280,24 +321,9 @@ impl<B: Backend> Session<B> {
             turn.finish(StopReason::Eos);
             return Ok(None);
         }
-        turn.logprob = turn.opts.logprobs.map(|n| {
-            let log_z = self.model.log_z();
-            let raw = |id| {
-                turn.cand
-                    .iter()
-                    .find(|c| c.0 == id)
-                    .map_or(f32::NAN, |c| c.1)
-            };
-            TokenLogprob {
-                id,
-                logprob: raw(id) - log_z,
-                // The candidates come best first (watched tokens after them: n < TOP_K).
-                top: turn.cand[..n.min(turn.cand.len())]
-                    .iter()
-                    .map(|&(t, l)| (t, l - log_z))
-                    .collect(),
-            }
-        });
+        // The candidates come best first (watched tokens after them: n < TOP_K).
+        let log_z = self.model.log_z();
+        turn.logprob = (turn.opts.logprobs).map(|n| TokenLogprob::of(id, &turn.cand, log_z, n));
         turn.out.push(id);
         turn.stats.generated = turn.out.len();
         // JSON mode ends the answer with the object (a stop token is never allowed before).

@@ -274,14 +274,15 @@ pub struct TextChoice {
 }
 
 /// OpenAI's legacy `choices[].logprobs`: parallel lists, one entry per token (one token per
-/// chunk): its text, its log-probability, the most likely tokens at its position with theirs
-/// (the token itself among them: up to `logprobs` + 1), and where it starts in the choice's
-/// text (characters, after an echoed prompt).
-#[derive(Serialize)]
+/// chunk; an echoed prompt's tokens in the choice's first): its text, its log-probability, the
+/// most likely tokens at its position with theirs (the token itself among them: up to
+/// `logprobs` + 1), and where it starts in the choice's text (characters). A prompt's first
+/// token has no log-probability or alternatives (null: nothing precedes it).
+#[derive(Serialize, Default)]
 pub struct TextLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<serde_json::Map<String, serde_json::Value>>>,
     pub text_offset: Vec<usize>,
 }
 
@@ -325,26 +326,30 @@ impl TopLogprob {
 }
 
 impl TextLogprobs {
-    /// `t`, starting at character `offset` of the choice's text (`TopLogprob::of`).
-    pub fn of(
-        t: &TokenLogprob,
+    /// Appends token `id`, starting at character `offset` of the choice's text, with its
+    /// log-probability and alternatives `t` (`None`: a prompt's first token).
+    pub fn push(
+        &mut self,
+        id: u32,
+        t: Option<&TokenLogprob>,
         offset: usize,
         table: &TokenBytes,
         special: impl Fn(u32) -> String,
-    ) -> Self {
-        let token = TopLogprob::of(t.id, t.logprob, table, &special);
-        let mut top = serde_json::Map::new();
-        for &(id, l) in &t.top {
-            let e = TopLogprob::of(id, l, table, &special);
-            top.entry(e.token).or_insert(l.into());
-        }
-        top.entry(token.token.clone()).or_insert(t.logprob.into());
-        TextLogprobs {
-            tokens: vec![token.token],
-            token_logprobs: vec![t.logprob],
-            top_logprobs: vec![top],
-            text_offset: vec![offset],
-        }
+    ) {
+        let token = TopLogprob::of(id, t.map_or(f32::NAN, |t| t.logprob), table, &special);
+        let top = t.map(|t| {
+            let mut top = serde_json::Map::new();
+            for &(id, l) in &t.top {
+                let e = TopLogprob::of(id, l, table, &special);
+                top.entry(e.token).or_insert(l.into());
+            }
+            top.entry(token.token.clone()).or_insert(t.logprob.into());
+            top
+        });
+        self.tokens.push(token.token);
+        self.token_logprobs.push(t.map(|t| t.logprob));
+        self.top_logprobs.push(top);
+        self.text_offset.push(offset);
     }
 }
 

@@ -11,7 +11,7 @@ use crate::ensemble::format::PackedMatrix;
 use crate::gpu::{Gpu, GpuFactory, Model};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::ModuleId;
-use crate::runtime::backend::{Backend, Factory, KvFormat};
+use crate::runtime::backend::{Backend, Factory, KvFormat, Scored};
 use crate::web::error::{Code, WebError, WebResult};
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
@@ -108,6 +108,14 @@ impl Backend for WebModel {
     }
     async fn step(&mut self, tokens: &[u32]) -> WebResult<Vec<(u32, f32)>> {
         Ok(each!(self, m => Backend::step(m, tokens).await?))
+    }
+    async fn step_scored(
+        &mut self,
+        tokens: &[u32],
+        n: usize,
+        watched: &[u32],
+    ) -> WebResult<Scored> {
+        Ok(each!(self, m => Backend::step_scored(m, tokens, n, watched).await?))
     }
     fn log_z(&self) -> f32 {
         each!(self, m => Backend::log_z(m))

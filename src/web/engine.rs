@@ -8,8 +8,11 @@ use crate::gpu::{Allocator, ModelOptions};
 use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::{StreamDecoder, Tokenizer};
 use crate::model::weights::ModuleId;
+use crate::runtime::json_constraint::TokenBytes;
+use crate::runtime::request::Prompt;
 use crate::runtime::tools::{turn_constraint, CallDelta, CallEnd, HeldCall, ToolChoice};
 use crate::runtime::walk::Running;
+use crate::runtime::TokenLogprob;
 use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
 use crate::runtime::{Sampling, StopReason, StopText, Turn, TurnOptions, DEFAULT_CONTEXT};
@@ -137,10 +140,12 @@ impl Answer {
     }
 }
 
-/// What starts each of a request's `n` answers (OpenAI's `n`: here one after the other, from
-/// the same prompt, so only its last token runs again).
+/// What starts each of a request's answers: `n` per prompt (OpenAI's `n`: here one after the
+/// other, from the same prompt, so only its last token runs again), and a text completion may
+/// list several prompts (choice `index` answers prompt `index / n`).
 struct Choices {
-    ids: Vec<u32>,
+    /// Each prompt's tokens (a chat request has one).
+    prompts: Vec<Vec<u32>>,
     sampling: Sampling,
     ignore_eos: bool,
     /// Each answer starts from these (fresh JSON-mode and stop-sequence state).
@@ -150,13 +155,43 @@ struct Choices {
     n: u32,
     /// Completion tokens of the answers before this one.
     tokens_before: usize,
-    /// Prompt tokens the first answer found in the KV cache (a common prefix with the
-    /// conversation before: `usage.prompt_tokens_details.cached_tokens`).
+    /// Prompt tokens the first answer of each prompt found in the KV cache (a common prefix
+    /// with what ran before: `usage.prompt_tokens_details.cached_tokens`).
     cached_tokens: usize,
     /// Whether an answer may be a function call (tools offered, `tool_choice` not `'none'`).
     calls: bool,
-    /// A text completion's prompt, when each choice's text starts with it (`echo`).
-    echo: Option<String>,
+    /// A text completion's prompts as text, when each choice's text starts with its prompt
+    /// (`echo`; a prompt of token ids as the tokenizer decodes it).
+    echo: Option<Vec<String>>,
+    /// With `echo` and `logprobs` (`opts.prompt_logprobs`): the current prompt's tokens, scored
+    /// by its first answer's turn, shown at the start of each of its answers.
+    prompt_logprobs: Vec<Option<TokenLogprob>>,
+}
+
+impl Choices {
+    /// The prompt the current answer continues.
+    fn ids(&self) -> &[u32] {
+        &self.prompts[(self.index / self.n) as usize]
+    }
+
+    fn echo(&self) -> Option<&str> {
+        Some(self.echo.as_ref()?[(self.index / self.n) as usize].as_str())
+    }
+
+    /// Whether the current answer is its prompt's first (which scores it, when asked).
+    fn first_of_prompt(&self) -> bool {
+        self.index.is_multiple_of(self.n)
+    }
+
+    /// Tokens of every prompt, each counted once (`usage.prompt_tokens`).
+    fn prompt_tokens(&self) -> usize {
+        self.prompts.iter().map(Vec::len).sum()
+    }
+
+    /// Answers in all, `n` per prompt.
+    fn total(&self) -> u32 {
+        self.n * self.prompts.len() as u32
+    }
 }
 
 #[derive(Default, Clone)]
@@ -359,6 +394,28 @@ impl Engine {
 
     pub fn stats(&self) -> JsValue {
         to_js(&self.inner.stats())
+    }
+
+    /// `text` as this model's token ids (what a text completion's `prompt` takes as ids; a
+    /// text's length in tokens): the same tokenizer as a prompt's, special tokens' text
+    /// included as those tokens.
+    pub fn tokenize(&self, text: &str) -> Result<JsValue, JsValue> {
+        let ids = self.inner.tokenizer.encode(text);
+        ids.map(|ids| to_js(&ids))
+            .map_err(|e| WebError::from(e).to_js())
+    }
+
+    /// Token ids back to text (special tokens as their text); an id outside the vocabulary is
+    /// an `input` error naming it.
+    pub fn detokenize(&self, tokens: Vec<u32>) -> Result<String, JsValue> {
+        let t = &self.inner.tokenizer;
+        let vocab = t.vocab_size();
+        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            let m = format!("detokenize: token id {bad} is not in the vocabulary of {vocab}");
+            return Err(WebError::from(crate::Error::input(m)).to_js());
+        }
+        t.decode(&tokens, false)
+            .map_err(|e| WebError::from(e).to_js())
     }
 
     pub fn trajectory(&self) -> JsValue {
@@ -720,9 +777,11 @@ impl Inner {
         req: ChatRequest,
         endpoint: Endpoint,
     ) -> WebResult<JsValue> {
-        if endpoint == Endpoint::Text {
-            req.text_prompt()?; // its own error first (`sampling` asks for messages otherwise)
-        }
+        let prompts = match endpoint {
+            // Its own error first (`sampling` asks for messages otherwise).
+            Endpoint::Text => Some(req.text_prompts()?),
+            Endpoint::Chat => None,
+        };
         let random = (js_sys::Math::random() * 2f64.powi(53)) as u64;
         let s = req.sampling(random)?;
         let stop_text = req.stop_text()?;
@@ -742,20 +801,34 @@ impl Inner {
             schema
         });
         let json = turn_constraint(tools.as_ref(), answer, self.tokenizer.token_bytes());
+        let echo = req.echo_for(endpoint);
+        let logprobs = req.logprobs_for(endpoint)?;
         let opts = TurnOptions {
             json,
-            logprobs: req.logprobs_for(endpoint)?,
+            logprobs,
+            prompt_logprobs: echo && logprobs.is_some(),
         };
-        let ids = match endpoint {
-            Endpoint::Chat => {
+        let prompts = match prompts {
+            None => {
                 let prompt = tools.as_ref().and_then(|t| t.prompt());
-                self.tokenizer
-                    .encode(&self.chat.render_with_tools(&req.messages, prompt)?)?
+                let text = self.chat.render_with_tools(&req.messages, prompt)?;
+                vec![self.tokenizer.encode(&text)?]
             }
-            Endpoint::Text => self.tokenizer.encode(req.text_prompt()?)?,
+            Some(p) => self.text_prompt_ids(&p, st.run.session.model.context())?,
         };
+        let echo = echo.then(|| {
+            let text = |ids: &[u32]| self.tokenizer.decode(ids, false).unwrap_or_default();
+            let ps = req.text_prompts().unwrap_or_default();
+            ps.iter()
+                .zip(&prompts)
+                .map(|(p, ids)| match p {
+                    Prompt::Text(t) => t.to_string(),
+                    Prompt::Tokens(_) => text(ids),
+                })
+                .collect()
+        });
         let choices = Choices {
-            ids,
+            prompts,
             sampling: s,
             ignore_eos: req.ignore_eos == Some(true),
             opts,
@@ -765,18 +838,18 @@ impl Inner {
             tokens_before: 0,
             cached_tokens: 0,
             calls: tools.is_some_and(|t| t.choice != ToolChoice::None),
-            echo: req.echo_for(endpoint)?.map(str::to_string),
+            echo,
+            prompt_logprobs: Vec::new(),
         };
 
         st.turn = None;
         self.interrupt.set(false);
         self.between_tokens(st, None).await;
-        let turn = self.start_turn(st, &choices).await?;
         let mut choices = choices;
-        choices.cached_tokens = turn.stats.prompt_tokens - turn.stats.prefilled;
+        let turn = self.start_turn(st, &mut choices).await?;
         let n = self.completions.get() + 1;
         self.completions.set(n);
-        let prompt_tokens = choices.ids.len();
+        let prompt_tokens = choices.prompt_tokens();
         let calls = choices.calls;
         let id = match endpoint {
             Endpoint::Chat => format!("chatcmpl-{n}"),
@@ -799,24 +872,72 @@ impl Inner {
     }
 
     /// Answer `c.index` of a request: its turn, prefilled (after a device loss, on the new
-    /// device). Each answer draws with its own seed (the request's plus its index).
-    async fn start_turn(self: &Rc<Self>, st: &mut State, c: &Choices) -> WebResult<Turn> {
+    /// device). Each answer draws with its own seed (the request's plus its index). A prompt's
+    /// first answer scores it when asked (`Choices::prompt_logprobs`) and counts what of it the
+    /// KV cache held; the others reuse its cache.
+    async fn start_turn(self: &Rc<Self>, st: &mut State, c: &mut Choices) -> WebResult<Turn> {
         let stop: &[u32] = if c.ignore_eos { &[] } else { &self.stop };
         let s = Sampling {
             seed: c.sampling.seed.wrapping_add(c.index as u64),
             ..c.sampling.clone()
         };
-        loop {
+        let first = c.first_of_prompt();
+        let opts = TurnOptions {
+            prompt_logprobs: c.opts.prompt_logprobs && first,
+            ..c.opts.clone()
+        };
+        let mut turn = loop {
             match st
                 .run
                 .session
-                .start_with(&c.ids, &s, stop, c.opts.clone())
+                .start_with(c.ids(), &s, stop, opts.clone())
                 .await
             {
-                Ok(t) => return Ok(t),
+                Ok(t) => break t,
                 Err(e) => self.after_error(st, e).await?,
             }
+        };
+        if first {
+            c.cached_tokens += turn.stats.prompt_tokens - turn.stats.prefilled;
+            c.prompt_logprobs = std::mem::take(&mut turn.prompt_logprobs);
         }
+        Ok(turn)
+    }
+
+    /// A text completion's prompts as token ids, each checked against the vocabulary and the
+    /// context before any runs (an error names the prompt).
+    fn text_prompt_ids(&self, prompts: &[Prompt<'_>], context: usize) -> WebResult<Vec<Vec<u32>>> {
+        let vocab = self.tokenizer.vocab_size();
+        let many = prompts.len() > 1;
+        let mut out = Vec::with_capacity(prompts.len());
+        for (i, p) in prompts.iter().enumerate() {
+            let at = if many {
+                format!("prompt[{i}]")
+            } else {
+                "prompt".into()
+            };
+            let ids = match p {
+                Prompt::Text(t) => self.tokenizer.encode(t)?,
+                Prompt::Tokens(ids) => {
+                    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                        let m = format!("completion request: `{at}` has token id {bad}, not in the vocabulary of {vocab}");
+                        return Err(crate::Error::input(m).into());
+                    }
+                    ids.clone()
+                }
+            };
+            if ids.len() >= context {
+                let e = crate::Error::ContextLength {
+                    tokens: ids.len(),
+                    context,
+                };
+                let mut e = WebError::from(e);
+                e.message = format!("completion request: `{at}`: {}", e.message);
+                return Err(e);
+            }
+            out.push(ids);
+        }
+        Ok(out)
     }
 
     async fn next_chunk(self: &Rc<Self>, st: &mut State) -> WebResult<JsValue> {
@@ -884,14 +1005,14 @@ impl Inner {
                 delta.tool_calls = a.call_deltas(calls);
                 (None, None)
             }
-            None if a.choices.index + 1 < a.choices.n
+            None if a.choices.index + 1 < a.choices.total()
                 && a.turn.stats.stopped_by != Some(StopReason::Caller) =>
             {
                 // This answer ends; the next of the request's `n` starts now.
                 let finish = a.end(&mut delta);
                 a.choices.tokens_before += a.turn.stats.generated;
                 a.choices.index += 1;
-                match self.start_turn(st, &a.choices).await {
+                match self.start_turn(st, &mut a.choices).await {
                     Ok(t) => a.turn = t,
                     Err(e) => {
                         st.turn = None;
@@ -912,10 +1033,11 @@ impl Inner {
                 snap.tokens_per_s = decode.or(snap.tokens_per_s);
                 snap.prefill_tokens_per_s = prefill.or(snap.prefill_tokens_per_s);
                 let completion = a.choices.tokens_before + g.generated;
+                let prompt_tokens = a.choices.prompt_tokens();
                 let usage = Usage {
-                    prompt_tokens: g.prompt_tokens,
+                    prompt_tokens,
                     completion_tokens: completion,
-                    total_tokens: g.prompt_tokens + completion,
+                    total_tokens: prompt_tokens + completion,
                     prompt_tokens_details: PromptTokensDetails {
                         cached_tokens: a.choices.cached_tokens,
                     },
@@ -946,12 +1068,18 @@ impl Inner {
                 usage,
             }),
             Endpoint::Text => {
-                let echo = a.choices.echo.as_deref().filter(|_| first).unwrap_or("");
+                let echo = a.choices.echo().filter(|_| first).unwrap_or("");
                 if first {
                     a.offset = echo.chars().count();
                 }
-                let logprobs =
-                    token_logprob.map(|t| TextLogprobs::of(&t, a.offset, &table(), special));
+                let scored = &a.choices.prompt_logprobs;
+                let mut logprobs = (first && !scored.is_empty())
+                    .then(|| self.prompt_logprobs(a.choices.ids(), scored, &table(), special))
+                    .transpose()?;
+                if let Some(t) = token_logprob {
+                    let l = logprobs.get_or_insert_with(TextLogprobs::default);
+                    l.push(t.id, Some(&t), a.offset, &table(), special);
+                }
                 a.offset += piece_chars;
                 to_js(&Chunk {
                     id: &a.id,
@@ -970,6 +1098,24 @@ impl Inner {
         };
         st.turn = Some(a);
         Ok(chunk)
+    }
+
+    /// An echoed prompt's tokens (`ids`) with their log-probabilities (`scored`, one per
+    /// token), each at its character offset in the prompt as the tokenizer decodes it.
+    fn prompt_logprobs(
+        &self,
+        ids: &[u32],
+        scored: &[Option<TokenLogprob>],
+        table: &TokenBytes,
+        special: impl Fn(u32) -> String,
+    ) -> WebResult<TextLogprobs> {
+        let mut out = TextLogprobs::default();
+        let (mut decoder, mut offset) = (StreamDecoder::default(), 0);
+        for (&id, t) in ids.iter().zip(scored) {
+            out.push(id, t.as_ref(), offset, table, &special);
+            offset += decoder.step(&self.tokenizer, id)?.chars().count();
+        }
+        Ok(out)
     }
 
     /// A failed call: if the device was lost, recover (the caller retries); out of memory (e.g.

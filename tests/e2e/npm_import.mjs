@@ -40,6 +40,8 @@ if (!server) throw new Error('usage: node npm_import.mjs SERVER_URL (./build.sh 
     assert.deepEqual([clp.entries, clp.tokens, clp.clpChunks, clp.greedyIsTop, clp.offsetsInText], [4, 4, 3, true, true], JSON.stringify(clp));
     assert.ok(clp.top.every((n) => n >= 1 && n <= 3), JSON.stringify(clp));
     assert.deepEqual(r.echo, { promptThenCompletion: true }, JSON.stringify(r.echo));
+    assert.deepEqual(r.promptList, { choices: '0,1,2,3', sameAsAlone: true, promptTokens: true, roundTrip: true }, JSON.stringify(r.promptList));
+    assert.deepEqual(r.echoScored, { entries: 2, promptText: true, firstNull: true, scoredRest: true, sameAsGenerated: true }, JSON.stringify(r.echoScored));
     const wcomp = r.worker.completion;
     assert.deepEqual([wcomp.object, wcomp.finish, wcomp.tokens], ['text_completion', 'length', 6], JSON.stringify(wcomp));
     assert.ok(wcomp.text.length > 0, JSON.stringify(wcomp));

@@ -30,8 +30,15 @@ async function main() {
   const st = await e.stats(); const n: number = st.contextLength; void n;
   const t = await e.completions.create({ prompt: 'Once', logprobs: 2, max_tokens: 3 });
   const tlp = t.choices[0].logprobs;
-  if (tlp) { const first: number = tlp.token_logprobs[0] + tlp.text_offset[0]; const alt: Record<string, number> = tlp.top_logprobs[0]; void first; void alt; }
+  if (tlp) { const first: number = (tlp.token_logprobs[0] ?? 0) + tlp.text_offset[0]; const alt: Record<string, number> | null = tlp.top_logprobs[0]; void first; void alt; }
   await e.completions.create({ prompt: 'Once', echo: true });
+  await e.completions.create({ prompt: ['Once', await e.tokenize('upon')], n: 2 });
+  const back: string = await e.detokenize(new Uint32Array([1, 2])); void back;
+  // @ts-expect-error: a prompt is text or token ids
+  await e.completions.create({ prompt: [{ text: 'Once' }] });
+  const scored = (await e.completions.create({ prompt: 'Once', echo: true, logprobs: 0, max_tokens: 0 })).choices[0].logprobs;
+  // @ts-expect-error: a prompt's first token has no log-probability (null)
+  if (scored) { const lp: number = scored.token_logprobs[0]; void lp; }
   // @ts-expect-error: a text completion's logprobs is a count (chat's is a boolean)
   await e.completions.create({ prompt: 'Once', logprobs: true });
   const w: WorkerEngine = await CreateWorkerEngine('./m.json');

@@ -519,3 +519,55 @@ fn a_conversation_moves_to_another_model_by_its_kv_bytes() {
         assert_eq!(b.model.len(), b.tokens().len());
     }
 }
+
+/// A prompt scored in one pass (`CpuModel::step_scored`, the head on every position) equals it
+/// scored one decode step at a time, each watching the next token (`Backend::step_scored`'s
+/// default), 150 tokens past a cached conversation: every token's log-probability and best
+/// alternatives, the last step's candidates and normaliser, and the cache length after.
+#[test]
+fn a_prompt_scored_in_one_pass_equals_it_scored_token_by_token() {
+    use flexquant::runtime::TokenLogprob;
+    let (_, make) = tiny_cpu();
+    let tokens = crate::common::tiny_tokens(190);
+    let (before, prompt) = tokens.split_at(40);
+    let mut batch = make(512, KvFormat::F16, None);
+    let mut steps = make(512, KvFormat::F16, None);
+    for m in [&mut batch, &mut steps] {
+        m.watch(&[7]).unwrap();
+        m.hidden(before).unwrap();
+    }
+    let (cand, scored) = batch.step_scored(prompt, 3).unwrap();
+    assert_eq!(scored.len(), prompt.len() - 1);
+    for (i, &t) in prompt.iter().enumerate() {
+        let next = prompt.get(i + 1).copied();
+        steps
+            .watch(&[7].into_iter().chain(next).collect::<Vec<_>>())
+            .unwrap();
+        let c = steps.step(&[t]).unwrap();
+        let Some(next) = next else {
+            assert_eq!(c.len(), cand.len());
+            for (a, b) in c.iter().zip(&cand) {
+                assert_eq!(a.0, b.0, "last step's candidates");
+                assert!((a.1 - b.1).abs() < 2e-3, "{a:?} vs {b:?}");
+            }
+            assert!((steps.log_z() - batch.log_z()).abs() < 2e-3);
+            break;
+        };
+        let want = TokenLogprob::of(next, &c, steps.log_z(), 3);
+        let got = &scored[i];
+        assert_eq!(got.id, next);
+        assert!(
+            want.logprob.is_finite(),
+            "token {i}: the watched logit came back"
+        );
+        assert!(
+            (got.logprob - want.logprob).abs() < 2e-3,
+            "token {i}: {got:?} vs {want:?}"
+        );
+        assert_eq!(got.top.len(), 3);
+        for (a, b) in got.top.iter().zip(&want.top) {
+            assert!((a.1 - b.1).abs() < 2e-3, "token {i}: {got:?} vs {want:?}");
+        }
+    }
+    assert_eq!((batch.len(), steps.len()), (tokens.len(), tokens.len()));
+}

@@ -75,7 +75,7 @@ fn json_mode_answers_are_json_objects() {
             &t.stop,
             TurnOptions {
                 json,
-                logprobs: None,
+                ..TurnOptions::default()
             },
         ))
         .unwrap();
@@ -120,8 +120,8 @@ fn logprobs_match_the_log_softmax_of_a_full_forward_pass() {
         ..Sampling::default()
     };
     let opts = TurnOptions {
-        json: None,
         logprobs: Some(5),
+        ..TurnOptions::default()
     };
     let mut turn = block_on(s.start_with(&prompt, &sampling, &[], opts)).unwrap();
     let mut got = Vec::new();
@@ -156,6 +156,78 @@ fn logprobs_match_the_log_softmax_of_a_full_forward_pass() {
     }
 }
 
+/// A prompt scored (`TurnOptions::prompt_logprobs`, the legacy `echo` with `logprobs`): every
+/// token after the first gets its log-probability given the tokens before it, as the full
+/// forward pass's log-softmax says, also where it is not among the top candidates; the cache the
+/// session held before is not trusted for it, and `max_tokens: 0` ends the turn at once.
+#[test]
+fn prompt_logprobs_match_the_log_softmax_of_a_full_forward_pass() {
+    let Some((m, _)) = crate::common::demo() else {
+        return;
+    };
+    let t = &m.tokenizer;
+    // Unlikely words: some tokens fall outside the 40 candidates and come back watched.
+    let text = "The quick brown fox jumps over the lazy dog. Zebras quietly eat xylophones.";
+    let prompt = t.encode(text).unwrap();
+    let mut s = Session::new(Reference::new(m.weights.clone(), 512));
+    // A conversation in the cache that shares the prompt's first tokens.
+    let half = &prompt[..prompt.len() / 2];
+    block_on(s.generate(half, &Sampling::default(), &[], |_| true)).unwrap();
+    let only = Sampling {
+        max_tokens: 0,
+        ..Sampling::default()
+    };
+    let opts = TurnOptions {
+        logprobs: Some(3),
+        prompt_logprobs: true,
+        ..TurnOptions::default()
+    };
+    let mut turn = block_on(s.start_with(&prompt, &only, &[], opts)).unwrap();
+    assert_eq!(
+        turn.stats.prefilled,
+        prompt.len(),
+        "every position run again"
+    );
+    assert_eq!(block_on(s.next(&mut turn)).unwrap(), None);
+    assert_eq!(turn.stats.stopped_by, Some(StopReason::MaxTokens));
+    let scored = std::mem::take(&mut turn.prompt_logprobs);
+    assert_eq!(scored.len(), prompt.len());
+    assert!(scored[0].is_none(), "the first token has no context");
+    let w = &m.weights;
+    let mut cache = flexquant::model::forward::KvCache::new(w, prompt.len());
+    let logits = flexquant::model::forward::forward_all(w, &prompt, &mut cache).unwrap();
+    let vocab = w.config.vocab_size;
+    let mut outside = 0;
+    for (i, lp) in scored.iter().enumerate().skip(1) {
+        let lp = lp.as_ref().expect("scored");
+        assert_eq!(lp.id, prompt[i]);
+        let row = &logits[(i - 1) * vocab..][..vocab];
+        let log_z = flexquant::model::math::log_sum_exp(row);
+        let want = row[lp.id as usize] as f64 - log_z;
+        assert!(
+            (lp.logprob as f64 - want).abs() < 1e-3,
+            "token {i}: {} vs {want}",
+            lp.logprob
+        );
+        assert_eq!(lp.top.len(), 3);
+        let best = (0..vocab)
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap();
+        assert_eq!(lp.top[0].0 as usize, best, "token {i}");
+        let above = row.iter().filter(|&&x| x > row[lp.id as usize]).count();
+        outside += usize::from(above >= flexquant::runtime::generate::TOP_K);
+    }
+    assert!(
+        outside > 0,
+        "every prompt token among the candidates: the watched path untested"
+    );
+    // The next turn reuses the scored prompt's cache.
+    let mut turn = block_on(s.start(&prompt, &Sampling::default(), &[])).unwrap();
+    assert_eq!(turn.stats.prefilled, 1);
+    assert!(turn.prompt_logprobs.is_empty());
+    assert!(block_on(s.next(&mut turn)).unwrap().is_some());
+}
+
 /// Structured output (`response_format: json_schema`) on the demo model: greedy and sampled
 /// answers are objects with exactly the schema's properties, of its types.
 #[test]
@@ -187,7 +259,7 @@ fn json_schema_answers_follow_the_schema() {
         };
         let opts = TurnOptions {
             json: Some(JsonConstraint::new(bytes.clone(), schema.clone())),
-            logprobs: None,
+            ..TurnOptions::default()
         };
         let mut turn = block_on(s.start_with(&prompt, &sampling, &t.stop, opts)).unwrap();
         while block_on(s.next(&mut turn)).unwrap().is_some() {}
@@ -247,7 +319,7 @@ fn tool_calls_name_a_function_and_follow_its_parameters() {
             .unwrap();
         let opts = TurnOptions {
             json: tools.constraint(t.token_bytes()),
-            logprobs: None,
+            ..TurnOptions::default()
         };
         let prompt = t.encode(&text).unwrap();
         let mut turn = block_on(s.start_with(&prompt, &sampling, &t.stop, opts)).unwrap();
