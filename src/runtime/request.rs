@@ -27,6 +27,9 @@ pub const MAX_TEXT_LOGPROBS: u64 = 5;
 /// Most prompts one text completion may list (each answered `n` times, one after the other).
 pub const MAX_PROMPTS: usize = 64;
 
+/// Most answers one text completion may ask for in all (prompts x `n`).
+pub const MAX_ANSWERS: usize = 64;
+
 /// One prompt of a text completion: text to tokenize, or token ids of this model's vocabulary
 /// (as evaluation harnesses send them, tokenized by the same tokenizer).
 #[derive(Debug, Clone, PartialEq)]
@@ -303,6 +306,18 @@ impl ChatRequest {
         }
     }
 
+    /// `n` answers for each of `prompts` prompts: at most `MAX_ANSWERS` in all.
+    pub fn answers(&self, prompts: usize) -> Result<u32> {
+        let n = self.choices()?;
+        let all = prompts * n as usize;
+        if all > MAX_ANSWERS {
+            return Err(Error::input(format!(
+                "completion request: {prompts} prompts x n {n} = {all} answers, at most {MAX_ANSWERS}"
+            )));
+        }
+        Ok(n)
+    }
+
     /// OpenAI's `logprobs` / `top_logprobs`: `Some(alternatives)` when log-probabilities are
     /// asked for (`TurnOptions::logprobs`). `top_logprobs` without `logprobs: true`, or above
     /// `MAX_TOP_LOGPROBS`, is an input error naming it.
@@ -566,6 +581,10 @@ mod tests {
             let e = prompts(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
+        let r8 = r(r#"{"prompt":"a","n":8}"#);
+        assert_eq!(r8.answers(MAX_ANSWERS / 8).unwrap(), 8);
+        let e = r8.answers(MAX_ANSWERS / 8 + 1).unwrap_err().to_string();
+        assert!(e.contains("answers, at most"), "{e}");
         let many = format!(r#"{{"prompt":{:?}}}"#, vec!["a"; MAX_PROMPTS + 1]);
         let e = prompts(&many).unwrap_err().to_string();
         assert!(e.contains("prompts, at most"), "{e}");

@@ -782,6 +782,7 @@ impl Inner {
             Endpoint::Text => Some(req.text_prompts()?),
             Endpoint::Chat => None,
         };
+        let n = req.answers(prompts.as_ref().map_or(1, Vec::len))?;
         let random = (js_sys::Math::random() * 2f64.powi(53)) as u64;
         let s = req.sampling(random)?;
         let stop_text = req.stop_text()?;
@@ -834,7 +835,7 @@ impl Inner {
             opts,
             stop_text,
             index: 0,
-            n: req.choices()?,
+            n,
             tokens_before: 0,
             cached_tokens: 0,
             calls: tools.is_some_and(|t| t.choice != ToolChoice::None),

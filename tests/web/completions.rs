@@ -121,6 +121,11 @@ async fn a_text_completion_continues_its_prompt_as_the_chat_template_would() {
             "input",
             "`prompt[1][1]`",
         ),
+        (
+            json!({"prompt": vec!["a"; 9], "n": 8}),
+            "input",
+            "72 answers, at most 64",
+        ),
     ] {
         let err = call(e.start_completion(js(&req))).await.unwrap_err();
         assert_eq!(err["code"], code, "{req}: {err}");
