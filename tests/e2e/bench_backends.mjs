@@ -112,6 +112,8 @@ try {
     long_context_decode_ratio_vs_wllama: long.browser_cpu.decode_tok_s / long.wllama_1t.decode_tok_s,
     long_context_prefill_ratio_vs_wllama: long.browser_cpu.prefill_tok_s / long.wllama_1t.prefill_tok_s,
     long_vs_short_decode: long.browser_cpu.decode_tok_s / fq.browser_cpu_decode_tok_s,
+    // The long text scored (echo + logprobs, every position's head) against reading it.
+    prompt_scoring_vs_prefill: long.browser_cpu.scoring_tok_s / long.browser_cpu.prefill_tok_s,
     wllama_long_vs_short_decode: long.wllama_1t.decode_tok_s / wl[1].decode_tok_s,
   });
 } finally {
