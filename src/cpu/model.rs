@@ -474,19 +474,21 @@ impl CpuModel {
         let xn = self.hidden(tokens)?;
         let h = self.config.hidden_size;
         let logits = self.logits(&xn[xn.len() - h..]);
-        self.log_z = crate::model::math::log_sum_exp(&logits) as f32;
-        let top = crate::runtime::generate::top_k(&logits, self.top_k);
-        Ok(crate::runtime::generate::with_watched(
-            top,
-            &self.watched,
-            &logits,
-        ))
+        Ok(self.candidates(&logits))
+    }
+
+    /// The next token's candidates from the last position's logits (`step`'s answer); sets
+    /// `log_z`.
+    fn candidates(&mut self, logits: &[f32]) -> Vec<(u32, f32)> {
+        use crate::runtime::generate::{top_k, with_watched};
+        self.log_z = crate::model::math::log_sum_exp(logits) as f32;
+        with_watched(top_k(logits, self.top_k), &self.watched, logits)
     }
 
     /// `step` with every token after the first scored (`Backend::step_scored`): one pass
     /// over the prompt, the head run on every position in chunks of `LOGIT_CHUNK` rows.
     pub fn step_scored(&mut self, tokens: &[u32], n: usize) -> Result<Scored> {
-        use crate::runtime::generate::{top_k, with_watched};
+        use crate::runtime::generate::top_k;
         let xn = self.hidden(tokens)?;
         let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let mut scored = Vec::with_capacity(tokens.len() - 1);
@@ -494,18 +496,16 @@ impl CpuModel {
         for (c, rows) in xn.chunks(LOGIT_CHUNK * h).enumerate() {
             let lg = self.logits(rows);
             for (j, row) in lg.chunks_exact(vocab).enumerate() {
+                let Some(&next) = tokens.get(c * LOGIT_CHUNK + j + 1) else {
+                    cand = self.candidates(row);
+                    continue;
+                };
                 let log_z = crate::model::math::log_sum_exp(row) as f32;
-                match tokens.get(c * LOGIT_CHUNK + j + 1) {
-                    Some(&next) => scored.push(TokenLogprob {
-                        id: next,
-                        logprob: row[next as usize] - log_z,
-                        top: top_k(row, n).iter().map(|&(t, l)| (t, l - log_z)).collect(),
-                    }),
-                    None => {
-                        self.log_z = log_z;
-                        cand = with_watched(top_k(row, self.top_k), &self.watched, row);
-                    }
-                }
+                scored.push(TokenLogprob {
+                    id: next,
+                    logprob: row[next as usize] - log_z,
+                    top: top_k(row, n).iter().map(|&(t, l)| (t, l - log_z)).collect(),
+                });
             }
         }
         Ok((cand, scored))

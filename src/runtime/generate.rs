@@ -224,8 +224,6 @@ impl Rng {
     }
 }
 
-/// The `k` largest finite logits as (token, logit), best first (ties: the lower id first, as
-/// the GPU top-k kernel orders them).
 /// Candidates returned per token by every backend, so that sampling at a temperature draws
 /// from the same set on each.
 pub const TOP_K: usize = 40;
@@ -261,21 +259,27 @@ pub fn check_watch(ids: &[u32], vocab: usize) -> Result<()> {
     }
 }
 
-/// The `k` largest finite logits `(token, logit)`, best first (ties: lower token first).
+/// The `k` largest finite logits `(token, logit)`, best first (ties: the lower id first, as
+/// the GPU top-k kernel orders them). One pass keeping the `k` best in order: no
+/// vocabulary-sized copy (it runs for every token, and for every prompt position scored).
 pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut c: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.is_finite())
-        .map(|(i, &l)| (i as u32, l))
-        .collect();
-    let by_rank = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    if k < c.len() {
-        c.select_nth_unstable_by(k, by_rank);
-        c.truncate(k);
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k.min(logits.len()) + 1);
+    if k == 0 {
+        return best;
     }
-    c.sort_unstable_by(by_rank);
-    c
+    for (i, &l) in logits.iter().enumerate() {
+        // Ids come in ascending order, so an equal logit ranks below every kept one.
+        let full = best.len() == k;
+        if !l.is_finite() || full && l <= best[k - 1].1 {
+            continue;
+        }
+        let at = best.partition_point(|c| c.1 >= l);
+        best.insert(at, (i as u32, l));
+        if full {
+            best.pop();
+        }
+    }
+    best
 }
 
 /// Draws a token from `cand` (best first): the first at temperature 0, else nucleus sampling
@@ -323,6 +327,31 @@ pub fn sample(cand: &[(u32, f32)], s: &Sampling, rng: &mut Rng, tokens: usize) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_k_equals_the_first_k_of_the_whole_row_sorted() {
+        let mut rng = Rng::new(7);
+        for len in [0, 1, 5, 64, 1000] {
+            // Few distinct values (many ties), and some that are not finite.
+            let row: Vec<f32> = (0..len)
+                .map(|_| match (rng.next_f32() * 12.0) as u32 {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    2 => f32::INFINITY,
+                    v => v as f32 * 0.5 - 2.0,
+                })
+                .collect();
+            let mut all: Vec<(u32, f32)> = (0..len as u32)
+                .zip(row.iter().copied())
+                .filter(|c| c.1.is_finite())
+                .collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            for k in [0, 1, 3, 40, 999, 2000] {
+                let want = &all[..k.min(all.len())];
+                assert_eq!(top_k(&row, k), want, "len {len}, k {k}");
+            }
+        }
+    }
 
     #[test]
     fn bias_and_penalties_reorder_candidates() {

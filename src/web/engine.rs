@@ -809,19 +809,20 @@ impl Inner {
             logprobs,
             prompt_logprobs: echo && logprobs.is_some(),
         };
-        let prompts = match prompts {
+        let ids = match &prompts {
             None => {
                 let prompt = tools.as_ref().and_then(|t| t.prompt());
                 let text = self.chat.render_with_tools(&req.messages, prompt)?;
                 vec![self.tokenizer.encode(&text)?]
             }
-            Some(p) => self.text_prompt_ids(&p, st.run.session.model.context())?,
+            Some(p) => self.text_prompt_ids(p, st.run.session.model.context())?,
         };
         let echo = echo.then(|| {
             let text = |ids: &[u32]| self.tokenizer.decode(ids, false).unwrap_or_default();
-            let ps = req.text_prompts().unwrap_or_default();
-            ps.iter()
-                .zip(&prompts)
+            prompts
+                .iter()
+                .flatten()
+                .zip(&ids)
                 .map(|(p, ids)| match p {
                     Prompt::Text(t) => t.to_string(),
                     Prompt::Tokens(_) => text(ids),
@@ -829,7 +830,7 @@ impl Inner {
                 .collect()
         });
         let choices = Choices {
-            prompts,
+            prompts: ids,
             sampling: s,
             ignore_eos: req.ignore_eos == Some(true),
             opts,
