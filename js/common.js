@@ -33,8 +33,8 @@ export function errorData(e) {
  * `startCompletion(request)`, `next()` (a chunk or null) and `interrupt()`. Requests of both
  * take turns, first come first served: a second `create` waits until the running answer has
  * ended (it never interleaves with it). `signal` (an AbortSignal) ends the answer after the
- * current token (`finish_reason: 'abort'`), or rejects a request still waiting with code
- * `'aborted'`. Leaving a stream early (`break`) interrupts and ends the turn.
+ * current token (`finish_reason: 'abort'`; while the prompt is read, after the current piece
+ * of it, with no text), or rejects a request still waiting with code `'aborted'`. Leaving a stream early (`break`) interrupts and ends the turn.
  */
 export function answerApi({ startChat, startCompletion }, next, interrupt) {
   let turn = Promise.resolve();
@@ -83,11 +83,17 @@ export function answerApi({ startChat, startCompletion }, next, interrupt) {
     const { stream, signal, ...req } = request;
     if (signal?.aborted) throw aborted();
     const end = await takeTurn(signal);
+    // An abort while the prompt is read stops it after the piece being read (the answer then
+    // ends with 'abort' and no text).
+    const onAbort = () => interrupt();
+    signal?.addEventListener('abort', onAbort);
     try {
       await start(req);
     } catch (e) {
       end();
       throw e;
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
     }
     const all = chunks(signal, end, !!stream && req.stream_options?.include_usage === true);
     return { req, stream: !!stream, all };

@@ -63,7 +63,13 @@ export interface BelowFloorEvent { type: 'below-floor'; step: number | null; flo
  * stepping the weights down for memory, the conversation kept.
  */
 export interface KvCacheEvent { type: 'kv-cache'; from: KvCacheFormat; to: KvCacheFormat; bytesBefore: number; bytesAfter: number; tokenIndex: number | null }
-export type EngineEvent = ProgressEvent | BackendEvent | SwapEvent | ReleasedEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent | WarningEvent | BelowFloorEvent | KvCacheEvent;
+/**
+ * A long prompt is being read: `doneTokens` of its `totalTokens` are in the KV cache
+ * (`reusedTokens` of them were there from the conversation before). After each piece but the
+ * last; the first answer token follows the last piece.
+ */
+export interface PrefillEvent { type: 'prefill'; doneTokens: number; totalTokens: number; reusedTokens: number }
+export type EngineEvent = ProgressEvent | BackendEvent | SwapEvent | ReleasedEvent | DeviceLostEvent | RecoveredEvent | ErrorEvent | WarningEvent | BelowFloorEvent | KvCacheEvent | PrefillEvent;
 
 /** runtime::Policy (snake_case, every field optional). */
 export interface Policy {
@@ -123,6 +129,11 @@ export interface EngineOptions {
    * retried (3 retries), then given up as a `network` error (ms; default 30000, 0 = no limit).
    */
   stallTimeoutMs?: number;
+  /**
+   * Prompt tokens read between two looks at the event loop, where an abort or a budget is
+   * taken in and a `prefill` event is sent (default: as many as take about 250 ms).
+   */
+  prefillChunkTokens?: number;
   policy?: Policy;
   /** How often performance.memory is read (ms; 0 = never). Default 1000. */
   heapPollMs?: number;

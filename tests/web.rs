@@ -1409,6 +1409,102 @@ async fn a_minimum_speed_steps_down_and_clearing_it_steps_back_up() {
 }
 
 /// Requests that cannot be served are `input` errors, and the engine answers the next one.
+/// A long prompt is read in pieces (`prefillChunkTokens`), on both backends: the answer is the
+/// one the prompt read whole gives; a `prefill` event after each piece says how far it got; a
+/// stop (`interrupt`) after the second piece ends the answer with `abort` and no text, and the
+/// next request reuses what was read; a budget set during the prompt steps the model down
+/// before its first token.
+#[wasm_bindgen_test]
+async fn a_long_prompt_is_read_in_pieces_that_a_stop_and_a_budget_reach() {
+    let text = "Once upon a time a little fox lived at the edge of the woods. ".repeat(3);
+    let req = json!({"messages": [user(&text)], "max_tokens": 6, "temperature": 0.0,
+        "ignore_eos": true});
+    let policy = json!({"up_delay_ms": 0.0, "fault_cooldown_ms": 0.0, "max_up_growth": 10.0});
+    for backend in ["cpu", "webgpu"] {
+        let whole = json!({"backend": backend, "prefillChunkTokens": 100000});
+        let (w, wev) = engine("/tiny/manifest.json", whole).await.unwrap();
+        call(w.start_chat(js(&req))).await.unwrap();
+        let (want, _, last) = finish(&w).await;
+        let total = last["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(total > 100, "{last}");
+        assert!(of_type(&wev, "prefill").is_empty(), "read in one piece");
+        call(w.unload()).await.unwrap();
+
+        let opts = json!({"backend": backend, "prefillChunkTokens": 16, "policy": policy});
+        let (e, ev) = engine("/tiny/manifest.json", opts).await.unwrap();
+        call(e.start_chat(js(&req))).await.unwrap();
+        let (got, _, _) = finish(&e).await;
+        assert_eq!(got, want, "{backend}: the answer read in pieces");
+        let pre = of_type(&ev, "prefill");
+        assert_eq!(
+            pre.len() as u64,
+            total.div_ceil(16) - 1,
+            "{backend}: {pre:?}"
+        );
+        for (i, p) in pre.iter().enumerate() {
+            let want = json!({"type": "prefill", "doneTokens": 16 * (i + 1), "totalTokens": total,
+                "reusedTokens": 0});
+            assert_eq!(*p, want, "{backend}");
+        }
+
+        // Stopped after the second piece.
+        call(e.reset_chat()).await.unwrap();
+        ev.borrow_mut().clear();
+        let started = JsFuture::from(e.start_chat(js(&req)));
+        while of_type(&ev, "prefill").len() < 2 {
+            sleep(0).await;
+        }
+        e.interrupt();
+        started.await.unwrap();
+        let (text, n, last) = finish(&e).await;
+        assert_eq!((text.as_str(), n), ("", 0), "{backend}: {last}");
+        assert_eq!(last["choices"][0]["finish_reason"], "abort", "{last}");
+        let read = of_type(&ev, "prefill").last().unwrap()["doneTokens"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            read < total,
+            "{backend}: stopped before the end ({read} of {total})"
+        );
+        call(e.start_chat(js(&req))).await.unwrap();
+        let (again, _, last) = finish(&e).await;
+        assert_eq!(again, want, "{backend}");
+        let cached = &last["usage"]["prompt_tokens_details"]["cached_tokens"];
+        assert_eq!(
+            *cached, read,
+            "{backend}: what was read before the stop is reused"
+        );
+
+        // A budget set while the prompt is read: the step changes before the first token.
+        until_prefetched(&e).await;
+        call(e.reset_chat()).await.unwrap();
+        ev.borrow_mut().clear();
+        let target = stats(&e)["steps"].as_u64().unwrap() as usize / 2;
+        let budget = budget_for(&e, target);
+        let started = JsFuture::from(e.start_chat(js(&req)));
+        while of_type(&ev, "prefill").is_empty() {
+            sleep(0).await;
+        }
+        call(e.set_memory_budget(JsValue::from(budget as f64)))
+            .await
+            .unwrap();
+        started.await.unwrap();
+        let log = ev.borrow().clone();
+        let swap = log.iter().position(|x| x["type"] == "swap");
+        let last_piece = log.iter().rposition(|x| x["type"] == "prefill");
+        assert!(
+            swap.is_some() && swap < last_piece,
+            "{backend}: a swap during the prompt: {log:?}"
+        );
+        assert!(log[swap.unwrap()]["tokenIndex"].is_null(), "{log:?}");
+        assert_eq!(stats(&e)["step"], target as u64, "{backend}");
+        let (_, n, _) = finish(&e).await;
+        assert_eq!(n, 6, "{backend}");
+        assert_no_errors(&ev);
+        call(e.unload()).await.unwrap();
+    }
+}
+
 #[wasm_bindgen_test]
 async fn empty_and_overlong_conversations_are_input_errors() {
     let (e, _) = engine(

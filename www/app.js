@@ -76,6 +76,15 @@ function kvCacheChoice() {
   return ['f16', 'int8', 'auto'].includes(k) ? k : 'auto';
 }
 
+/**
+ * `?prefill=N`: prompt tokens the engine reads between two looks at Stop and memory pressure
+ * (default: about a quarter of a second's worth).
+ */
+function prefillChoice() {
+  const n = Number(new URLSearchParams(location.search).get('prefill'));
+  return Number.isInteger(n) && n > 0 ? n : undefined;
+}
+
 async function main() {
   const url = manifestUrl();
   $('model-url').textContent = url;
@@ -135,6 +144,8 @@ async function main() {
       const down = e.to > e.from;
       const m = e.modules && e.modules.length > 1 ? `${e.modules.length} modules` : `${e.module} → ${e.bits} bit`;
       chat?.event(`${down ? 'Shrank' : 'Grew'} to step ${e.to} (${m}, ${formatBytes(e.footprintBytes)}) in ${Math.round(e.ms)} ms`, down ? 'swap-down' : 'swap-up');
+    } else if (e.type === 'prefill') {
+      chat?.reading(e);
     } else if (e.type === 'kv-cache') {
       chat?.event(`KV cache ${e.from} → ${e.to} (${formatBytes(e.bytesBefore)} → ${formatBytes(e.bytesAfter)}) instead of a smaller model`, 'swap-down');
     } else if (e.type === 'released') {
@@ -156,7 +167,7 @@ async function main() {
 
   let engine;
   try {
-    engine = await createEngine(url, { backend: backendChoice(), kvCache: kvCacheChoice(), onProgress: (p) => { page.progressEvents.push(p); loader.update(p); }, onEvent });
+    engine = await createEngine(url, { backend: backendChoice(), kvCache: kvCacheChoice(), prefillChunkTokens: prefillChoice(), onProgress: (p) => { page.progressEvents.push(p); loader.update(p); }, onEvent });
   } catch (e) {
     if (e && e.code === 'webgpu-unavailable') return fatal('WebGPU cannot run this model here', e.message);
     if (e && e.code === 'manifest-not-found') return fatal('Model not found', `${e.message}. Check the ?model= address.`);

@@ -47,6 +47,6 @@ pub use decision::{Decision, Reason, Stats};
 pub use elastic::Elastic;
 pub use generate::{GenStats, Sampling, StopReason};
 pub use policy::Policy;
-pub use session::{Session, TokenLogprob, Turn, TurnOptions};
+pub use session::{Prefill, PrefillPace, Session, TokenLogprob, Turn, TurnOptions};
 pub use stop_text::StopText;
 pub use walk::{ByteSource, Running, Walk};

@@ -78,6 +78,112 @@ pub struct TurnOptions {
 /// Most alternatives `TurnOptions::logprobs` may ask for (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
+/// How many prompt tokens `Session::read` takes at a time: a fixed count, or as many as take
+/// about `TARGET_S` at the speed of the pieces read so far (a long prompt then stops, reports
+/// and answers pressure a few times a second whatever the backend's speed).
+#[derive(Debug, Clone)]
+pub struct PrefillPace {
+    fixed: Option<usize>,
+    tokens_per_s: Option<f64>,
+}
+
+impl PrefillPace {
+    /// Seconds a piece aims at.
+    pub const TARGET_S: f64 = 0.25;
+    /// Bounds of a piece (fewer tokens than `MIN` read slower on every backend; `FIRST` before
+    /// any speed is known).
+    pub const MIN: usize = 32;
+    pub const FIRST: usize = 32;
+    pub const MAX: usize = 1024;
+
+    /// `fixed`: always that many tokens (at least 1); `None`: paced by time.
+    pub fn new(fixed: Option<usize>) -> Self {
+        PrefillPace {
+            fixed: fixed.map(|n| n.max(1)),
+            tokens_per_s: None,
+        }
+    }
+
+    /// Tokens the next piece takes.
+    pub fn next(&self) -> usize {
+        match (self.fixed, self.tokens_per_s) {
+            (Some(n), _) => n,
+            (None, None) => Self::FIRST,
+            (None, Some(r)) => ((r * Self::TARGET_S) as usize).clamp(Self::MIN, Self::MAX),
+        }
+    }
+
+    /// A piece of `tokens` took `seconds`.
+    pub fn record(&mut self, tokens: usize, seconds: f64) {
+        if tokens >= Self::MIN && seconds > 0.0 {
+            self.tokens_per_s = Some(tokens as f64 / seconds);
+        }
+    }
+}
+
+/// A turn's prompt being read into the KV cache (`Session::begin`, then `Session::read` until
+/// it returns the turn). A long prompt read in pieces lets the caller act between them: stop
+/// it, show how far it got, answer memory pressure.
+pub struct Prefill {
+    prompt: Vec<u32>,
+    /// Prompt tokens in the KV cache: the reused prefix, then what `read` ran.
+    done: usize,
+    /// The prefix the KV cache held already.
+    shared: usize,
+    /// With `TurnOptions::prompt_logprobs`: the entries of the tokens read so far.
+    scored: Vec<Option<TokenLogprob>>,
+    sampling: Sampling,
+    stop: Vec<u32>,
+    opts: TurnOptions,
+    /// Time spent in `read`.
+    seconds: f64,
+}
+
+impl Prefill {
+    /// Prompt tokens in the KV cache (the reused prefix included).
+    pub fn done(&self) -> usize {
+        self.done
+    }
+    /// The prompt's length.
+    pub fn total(&self) -> usize {
+        self.prompt.len()
+    }
+    /// Prompt tokens the KV cache held before (not run again).
+    pub fn reused(&self) -> usize {
+        self.shared
+    }
+
+    /// The turn after the whole prompt: `cand` the first answer token's candidates.
+    fn turn(&mut self, cand: Vec<(u32, f32)>) -> Turn {
+        Turn {
+            sampling: self.sampling.clone(),
+            rng: Rng::new(self.sampling.seed),
+            stop: std::mem::take(&mut self.stop),
+            cand,
+            pending: None,
+            opts: std::mem::take(&mut self.opts),
+            logprob: None,
+            prompt_logprobs: std::mem::take(&mut self.scored),
+            out: Vec::new(),
+            stats: GenStats {
+                prompt_tokens: self.prompt.len(),
+                prefilled: self.done - self.shared,
+                prefill_seconds: self.seconds,
+                ..Default::default()
+            },
+            decode_start: now_seconds(),
+        }
+    }
+
+    /// The prompt given up before its end (`why`: the caller's interrupt): an ended turn with
+    /// no answer. What was read stays in the KV cache.
+    pub fn abandon(mut self, why: StopReason) -> Turn {
+        let mut t = self.turn(Vec::new());
+        t.finish(why);
+        t
+    }
+}
+
 /// One generated token's log-probability under the model (before temperature, penalties,
 /// bias and JSON mode: its logit minus `Backend::log_z`) and the most likely tokens at its
 /// position with theirs, best first.
@@ -199,7 +305,8 @@ impl<B: Backend> Session<B> {
             .await
     }
 
-    /// `start` with JSON mode (its watched tokens join the sampling's) or logprobs.
+    /// `start` with JSON mode (its watched tokens join the sampling's) or logprobs: `begin`,
+    /// then the whole prompt read in one `read`.
     pub async fn start_with(
         &mut self,
         prompt: &[u32],
@@ -207,6 +314,23 @@ impl<B: Backend> Session<B> {
         stop: &[u32],
         opts: TurnOptions,
     ) -> Result<Turn, B::Error> {
+        let mut p = self.begin(prompt, s, stop, opts).await?;
+        loop {
+            if let Some(turn) = self.read(&mut p, usize::MAX).await? {
+                return Ok(turn);
+            }
+        }
+    }
+
+    /// Checks a turn's prompt and request, keeps the cached common prefix (none when the
+    /// prompt is scored) and returns the prompt to `read` into the KV cache.
+    pub async fn begin(
+        &mut self,
+        prompt: &[u32],
+        s: &Sampling,
+        stop: &[u32],
+        opts: TurnOptions,
+    ) -> Result<Prefill, B::Error> {
         s.validate()?;
         if opts.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
             return Err(Error::input(format!(
@@ -244,35 +368,69 @@ impl<B: Backend> Session<B> {
         self.model.truncate(shared);
         self.tokens.truncate(shared);
         self.model.shrink_kv(prompt.len()).await?;
-        let t0 = now_seconds();
-        let (cand, prompt_logprobs) = match scored {
-            Some(n) => {
-                let (cand, scored) = self.model.step_scored(prompt, n, &self.watched).await?;
-                let first = std::iter::once(None);
-                (cand, first.chain(scored.into_iter().map(Some)).collect())
-            }
-            None => (self.model.step(&prompt[shared..]).await?, Vec::new()),
-        };
-        self.tokens.extend_from_slice(&prompt[shared..]);
-        let stats = GenStats {
-            prompt_tokens: prompt.len(),
-            prefilled: prompt.len() - shared,
-            prefill_seconds: now_seconds() - t0,
-            ..Default::default()
-        };
-        Ok(Turn {
+        Ok(Prefill {
+            prompt: prompt.to_vec(),
+            done: shared,
+            shared,
+            scored: scored.map(|_| vec![None]).unwrap_or_default(),
             sampling: s.clone(),
-            rng: Rng::new(s.seed),
             stop: stop.to_vec(),
-            cand,
-            pending: None,
             opts,
-            logprob: None,
-            prompt_logprobs,
-            out: Vec::new(),
-            stats,
-            decode_start: now_seconds(),
+            seconds: 0.0,
         })
+    }
+
+    /// Reads at most `max` more tokens of `p`'s prompt into the KV cache; the read that
+    /// reaches its last token returns the turn (the first answer token's candidates come from
+    /// it). Between two reads the caller may swap modules, replace the model or give up the
+    /// prompt (`Prefill::abandon`): what was read stays in the conversation, and a later
+    /// prompt that starts with it reuses it. A scored prompt's entries come out the same read
+    /// at once or in pieces: each piece also watches the token after it, whose entry its last
+    /// position gives.
+    pub async fn read(&mut self, p: &mut Prefill, max: usize) -> Result<Option<Turn>, B::Error> {
+        self.restore_cache().await?;
+        let t0 = now_seconds();
+        let rest = &p.prompt[p.done..];
+        let scored = p.opts.logprobs.filter(|_| p.opts.prompt_logprobs);
+        let max = max.max(1);
+        let last = rest.len() <= max;
+        let piece = if last { rest } else { &rest[..max] };
+        let cand = match (scored, last) {
+            (None, true) => Some(self.model.step(piece).await?),
+            (None, false) => {
+                self.model.prefill(piece).await?;
+                None
+            }
+            (Some(n), true) => {
+                let (cand, s) = self.model.step_scored(piece, n, &self.watched).await?;
+                p.scored.extend(s.into_iter().map(Some));
+                Some(cand)
+            }
+            (Some(n), false) => {
+                let next = rest[max];
+                let mut w = self.watched.clone();
+                w.push(next);
+                self.model.watch(&w)?;
+                let len = self.model.len();
+                let r = self.model.step_scored(piece, n, &w).await;
+                let back = self.model.watch(&self.watched);
+                let (cand, s) = match r.and_then(|r| back.map(|()| r)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.model.truncate(len);
+                        return Err(e);
+                    }
+                };
+                p.scored.extend(s.into_iter().map(Some));
+                let log_z = self.model.log_z();
+                p.scored.push(Some(TokenLogprob::of(next, &cand, log_z, n)));
+                None
+            }
+        };
+        self.tokens.extend_from_slice(piece);
+        p.done += piece.len();
+        p.seconds += now_seconds() - t0;
+        Ok(cand.map(|cand| p.turn(cand)))
     }
 
     /// The next token of the turn, or `None` when it has ended (`turn.stats.stopped_by`

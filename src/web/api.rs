@@ -73,6 +73,9 @@ pub struct EngineOptions {
     /// How long a download may go without data before it is retried, then given up as a
     /// `network` error (ms; default `fetch::DEFAULT_STALL_MS`, 0: no limit).
     pub stall_timeout_ms: Option<u32>,
+    /// Prompt tokens read between two looks at the event loop (an abort, a `prefill` event,
+    /// a swap); default: as many as take about a quarter of a second at the measured speed.
+    pub prefill_chunk_tokens: Option<u32>,
     /// Bytes the cache may hold before old ensembles are evicted.
     #[serde(deserialize_with = "bytes")]
     pub cache_quota_bytes: Option<u64>,

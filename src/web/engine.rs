@@ -15,7 +15,9 @@ use crate::runtime::walk::Running;
 use crate::runtime::TokenLogprob;
 use crate::runtime::{Backend, Factory};
 use crate::runtime::{Elastic, Reason};
-use crate::runtime::{Sampling, StopReason, StopText, Turn, TurnOptions, DEFAULT_CONTEXT};
+use crate::runtime::{
+    PrefillPace, Sampling, StopReason, StopText, Turn, TurnOptions, DEFAULT_CONTEXT,
+};
 use crate::web::api::{
     from_js, Budget, ChatRequest, Choice, Chunk, Delta, Endpoint, EngineOptions, FunctionCall,
     Logprobs, MaxPerplexity, MinSpeed, PromptTokensDetails, Started, Stats, TextChoice,
@@ -69,6 +71,8 @@ pub(super) struct Inner {
     pub(super) losses_in_a_row: Cell<u32>,
     /// A `below-floor` event was emitted and the controller still holds there.
     pub(super) below_floor: Cell<bool>,
+    /// How many prompt tokens a prefill reads between two looks at the event loop.
+    pub(super) pace: RefCell<PrefillPace>,
 }
 
 pub(super) struct State {
@@ -274,7 +278,8 @@ impl Engine {
         })
     }
 
-    /// Ends the running answer after the current token (`finish_reason: 'abort'`).
+    /// Ends the running answer after the current token (`finish_reason: 'abort'`); during a
+    /// long prompt, after the piece being read (the answer then ends with no text).
     pub fn interrupt(&self) {
         self.inner.interrupt.set(true);
     }
@@ -612,6 +617,7 @@ impl Engine {
             choice,
             losses_in_a_row: Cell::new(0),
             below_floor: Cell::new(false),
+            pace: RefCell::new(PrefillPace::new(o.prefill_chunk_tokens.map(|n| n as usize))),
         });
         // The pool starts before the model is built: its label counts the threads.
         let threads = o.threads.unwrap_or_default();
@@ -889,12 +895,7 @@ impl Inner {
             ..c.opts.clone()
         };
         let mut turn = loop {
-            match st
-                .run
-                .session
-                .start_with(c.ids(), &s, stop, opts.clone())
-                .await
-            {
+            match self.read_prompt(st, c.ids(), &s, stop, &opts).await {
                 Ok(t) => break t,
                 Err(e) => self.after_error(st, e).await?,
             }
@@ -904,6 +905,40 @@ impl Inner {
             c.prompt_logprobs = std::mem::take(&mut turn.prompt_logprobs);
         }
         Ok(turn)
+    }
+
+    /// A turn's prompt read into the KV cache in pieces of about `PrefillPace::TARGET_S`
+    /// each. Between them the JS event loop runs (an AbortSignal or the Stop button reaches
+    /// `interrupt`, which gives the prompt up: the turn ends with `abort` and what was read
+    /// stays cached), a `prefill` event says how far it got, and the controller may step
+    /// (memory pressure during a long prompt).
+    async fn read_prompt(
+        self: &Rc<Self>,
+        st: &mut State,
+        prompt: &[u32],
+        s: &Sampling,
+        stop: &[u32],
+        opts: &TurnOptions,
+    ) -> WebResult<Turn> {
+        let mut p = st.run.session.begin(prompt, s, stop, opts.clone()).await?;
+        loop {
+            let max = self.pace.borrow().next();
+            let (done, t0) = (p.done(), now_ms());
+            if let Some(turn) = st.run.session.read(&mut p, max).await? {
+                return Ok(turn);
+            }
+            let read = p.done() - done;
+            self.pace
+                .borrow_mut()
+                .record(read, (now_ms() - t0) / 1000.0);
+            self.walk.source.emitter.emit(json!({"type": "prefill",
+                "doneTokens": p.done(), "totalTokens": p.total(), "reusedTokens": p.reused()}));
+            sleep(0).await;
+            if self.interrupt.replace(false) {
+                return Ok(p.abandon(StopReason::Caller));
+            }
+            self.between_tokens(st, None).await;
+        }
     }
 
     /// A text completion's prompts as token ids, each checked against the vocabulary and the

@@ -667,6 +667,47 @@ describe('chat page on the tiny ensemble', { concurrency: false }, () => {
     assert.match(await page.locator('#notice').textContent(), /downloaded .* cached for the next visit/);
   });
 
+  it('shows how far it read a long prompt, and Stop reaches it before the first token (?prefill=8)', async (t) => {
+    if (skip) return t.skip(skip);
+    const p2 = await browser.context.newPage();
+    try {
+      await p2.goto(`${server.url}?prefill=8`, { waitUntil: 'commit' });
+      await waitReady(p2);
+      await setMaxTokens(p2, 8);
+      // What the answer shows at each `prefill` event; Stop pressed at the third, from the page
+      // itself (the tiny model reads 8 tokens in well under a test's round trip).
+      await p2.evaluate(() => {
+        const chat = window.flexquantPage.chat;
+        const reading = chat.reading.bind(chat);
+        window.seenReading = [];
+        chat.reading = (e) => {
+          reading(e);
+          window.seenReading.push(chat.reader.body.textContent);
+          if (window.seenReading.length === 3) document.getElementById('stop').click();
+        };
+      });
+      // The tiny model's tokens are nearly characters: ~280 tokens, in its 512-token context.
+      await send(p2, 'The fox ran through the quiet woods at dawn. '.repeat(6));
+      const a = await waitAnswer(p2);
+      const seen = await p2.evaluate(() => window.seenReading);
+      assert.equal(a.finish, 'abort', JSON.stringify(a));
+      assert.equal(a.tokens, 0, JSON.stringify(a));
+      assert.match(seen[0], /^Reading the prompt… 8 of (\d+) tokens$/, seen.join(' | '));
+      const total = Number(seen[0].match(/of (\d+)/)[1]);
+      // The stop reaches the worker a message later: a few more pieces may be read, not all.
+      assert.ok(seen.length >= 3 && 8 * seen.length < total - 8, `${seen.length} pieces of ${total} tokens`);
+      assert.equal(await p2.evaluate(() => [...document.querySelectorAll('.msg.assistant .text')].at(-1).textContent), '(no text)');
+      // The next answer reads on from where the stopped prompt got to.
+      await p2.evaluate(() => { window.flexquantPage.chat.reading = () => {}; });
+      await send(p2, 'Go on.');
+      const b = await waitAnswer(p2);
+      assert.notEqual(b.finish, 'error', JSON.stringify(b));
+      assert.ok(b.usage.prompt_tokens_details.cached_tokens >= 8 * seen.length, JSON.stringify(b.usage));
+    } finally {
+      await p2.close();
+    }
+  });
+
   it('keeps the KV cache in int8 with ?kv=int8: the requirements, the panel and the engine say so, and it answers', async (t) => {
     if (skip) return t.skip(skip);
     const p2 = await browser.context.newPage();

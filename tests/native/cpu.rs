@@ -571,3 +571,98 @@ fn a_prompt_scored_in_one_pass_equals_it_scored_token_by_token() {
     }
     assert_eq!((batch.len(), steps.len()), (tokens.len(), tokens.len()));
 }
+
+/// A prompt read in pieces (`Session::begin`, then `read` a few tokens at a time, as the
+/// browser engine does to stay interruptible) answers as the prompt read whole: the same cached
+/// prefix reused, the same greedy answer, and scored (`prompt_logprobs`) the same entries, the
+/// ones at a piece's edge included. A prompt given up after one piece (`Prefill::abandon`)
+/// ends its turn with `Caller` and leaves that piece cached for the next prompt.
+#[test]
+fn a_prompt_read_in_pieces_answers_as_read_whole() {
+    use flexquant::runtime::{Sampling, Session, StopReason, TurnOptions};
+    use pollster::block_on;
+    let (_, make) = tiny_cpu();
+    let tokens = crate::common::tiny_tokens(190);
+    let greedy = Sampling {
+        temperature: 0.0,
+        max_tokens: 6,
+        ..Sampling::default()
+    };
+    let answer = |s: &mut Session<CpuModel>, t: &mut flexquant::runtime::Turn| {
+        let mut out = Vec::new();
+        while let Some(id) = block_on(s.next(t)).unwrap() {
+            out.push(id);
+        }
+        out
+    };
+    for scored in [false, true] {
+        let opts = TurnOptions {
+            logprobs: scored.then_some(3),
+            prompt_logprobs: scored,
+            ..TurnOptions::default()
+        };
+        let (mut whole, mut pieces) = (
+            Session::new(make(512, KvFormat::F16, None)),
+            Session::new(make(512, KvFormat::F16, None)),
+        );
+        let mut turns = Vec::new();
+        for (s, piece) in [(&mut whole, usize::MAX), (&mut pieces, 7)] {
+            // A conversation of 40 tokens in the cache, then the prompt that continues it.
+            let mut t = block_on(s.start(&tokens[..40], &greedy, &[])).unwrap();
+            answer(s, &mut t);
+            let mut p = block_on(s.begin(&tokens, &greedy, &[], opts.clone())).unwrap();
+            assert_eq!(p.reused(), if scored { 0 } else { 40 });
+            let mut reads = 0;
+            let mut turn = loop {
+                let before = p.done();
+                reads += 1;
+                match block_on(s.read(&mut p, piece)).unwrap() {
+                    Some(t) => break t,
+                    None => assert_eq!(p.done(), before + piece, "a piece is {piece} tokens"),
+                }
+            };
+            let run = tokens.len() - p.reused();
+            assert_eq!(reads, if piece == 7 { run.div_ceil(7) } else { 1 });
+            assert_eq!(turn.stats.prefilled, run);
+            let out = answer(s, &mut turn);
+            turns.push((out, std::mem::take(&mut turn.prompt_logprobs)));
+        }
+        let ((a, la), (b, lb)) = (&turns[0], &turns[1]);
+        assert_eq!(a, b, "scored {scored}: the same greedy answer");
+        assert_eq!(la.len(), if scored { tokens.len() } else { 0 });
+        assert_eq!(la.len(), lb.len());
+        for (i, (x, y)) in la.iter().zip(lb).enumerate() {
+            let (Some(x), Some(y)) = (x, y) else {
+                assert!(i == 0 && x.is_none() && y.is_none(), "entry {i}");
+                continue;
+            };
+            assert_eq!((x.id, x.top.len()), (y.id, y.top.len()), "entry {i}");
+            assert!(
+                x.logprob.is_finite() && (x.logprob - y.logprob).abs() < 2e-3,
+                "entry {i}: {x:?} vs {y:?}"
+            );
+            for (u, v) in x.top.iter().zip(&y.top) {
+                assert!((u.1 - v.1).abs() < 2e-3, "entry {i}: {x:?} vs {y:?}");
+            }
+        }
+    }
+
+    // Given up after one piece: the piece stays cached and the same prompt later reads the rest.
+    let mut s = Session::new(make(512, KvFormat::F16, None));
+    let mut p = block_on(s.begin(&tokens, &greedy, &[], TurnOptions::default())).unwrap();
+    assert!(block_on(s.read(&mut p, 50)).unwrap().is_none());
+    let mut t = p.abandon(StopReason::Caller);
+    assert_eq!(t.stats.stopped_by, Some(StopReason::Caller));
+    assert_eq!((t.stats.prefilled, s.tokens().len()), (50, 50));
+    assert_eq!(
+        block_on(s.next(&mut t)).unwrap(),
+        None,
+        "an abandoned turn has no answer"
+    );
+    let t = block_on(s.start(&tokens, &greedy, &[])).unwrap();
+    assert_eq!(
+        t.stats.prefilled,
+        tokens.len() - 50,
+        "the piece read before is reused"
+    );
+}

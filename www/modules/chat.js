@@ -122,6 +122,8 @@ export class Chat {
     li.classList.add('streaming');
     li.setAttribute('aria-busy', 'true');
     const body = li.querySelector('.text');
+    // Until the first token: how far the engine got reading a long prompt (`reading`).
+    this.reader = { body, answered: false };
     let answer = '';
     let pending = '';
     let finish = null;
@@ -172,9 +174,11 @@ export class Chat {
               this.hooks.onToken?.(this.tokens);
             }
             if (piece) {
+              this.reader.answered = true;
               pieces++;
               answer += piece;
               pending += piece;
+              body.classList.remove('reading');
               body.textContent = answer;
               flushLive(false);
               this.scroll();
@@ -217,6 +221,7 @@ export class Chat {
       if (finish === 'abort') meta.push('stopped');
       if (finish === 'length') meta.push('max tokens reached');
       if (meta.length) li.append(el('span', { class: 'meta', text: meta.join(' · ') }));
+      body.classList.remove('reading');
       if (!answer && finish !== 'error') body.textContent = '(no text)';
       this.busy = false;
       this.hooks.onBusy?.(false);
@@ -229,6 +234,15 @@ export class Chat {
 
   interrupt() {
     if (this.busy) this.engine.interruptGenerate();
+  }
+
+  /** A `prefill` event: a long prompt is being read; shown in the answer until its first token. */
+  reading(e) {
+    const r = this.busy && this.reader;
+    if (!r || r.answered) return;
+    const n = (x) => x.toLocaleString('en-US');
+    r.body.textContent = `Reading the prompt… ${n(e.doneTokens)} of ${n(e.totalTokens)} tokens`;
+    r.body.classList.add('reading');
   }
 
   /** What a reload needs to show and go on with this conversation (`SavedChat`). */
