@@ -134,6 +134,11 @@ export interface EngineOptions {
    * taken in and a `prefill` event is sent (default: as many as take about 250 ms).
    */
   prefillChunkTokens?: number;
+  /**
+   * Aborting it while the engine loads stops the load (its downloads too; a worker engine's
+   * worker ends) and `create` rejects with code `aborted`. Files already verified stay cached.
+   */
+  signal?: AbortSignal;
   policy?: Policy;
   /** How often performance.memory is read (ms; 0 = never). Default 1000. */
   heapPollMs?: number;

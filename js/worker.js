@@ -246,17 +246,28 @@ export async function CreateWorkerEngine(manifestUrl, options = {}, worker) {
   const spawn = worker ? null : () => new Worker(new URL('./worker-entry.js', import.meta.url), { type: 'module' });
   worker ??= spawn();
   const e = new WorkerEngine(worker, options, spawn);
-  const { onEvent, onProgress, heapPollMs, autoRelease, ...opts } = options;
+  // `signal` cannot cross postMessage: an abort ends the worker itself (its downloads with it).
+  const { onEvent, onProgress, heapPollMs, autoRelease, signal, ...opts } = options;
   const base = globalThis.location?.href;
   const url = base ? new URL(manifestUrl, base).href : String(manifestUrl);
   e._url = url;
   e._opts = opts;
+  const aborted = () => new FlexQuantError('aborted',
+    `loading ${url} was aborted (options.signal): its downloads stopped; files already verified stay cached for the next load`);
+  let onAbort = null;
   try {
-    await e._call('create', [url, opts]);
+    if (signal?.aborted) throw aborted();
+    const created = e._call('create', [url, opts]);
+    await (signal ? Promise.race([created, new Promise((_, reject) => {
+      onAbort = () => reject(aborted());
+      signal.addEventListener('abort', onAbort, { once: true });
+    })]) : created);
   } catch (err) {
     e._stopHeap();
     worker.terminate();
     throw err;
+  } finally {
+    if (onAbort) signal.removeEventListener('abort', onAbort);
   }
   return e;
 }

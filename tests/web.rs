@@ -1409,6 +1409,85 @@ async fn a_minimum_speed_steps_down_and_clearing_it_steps_back_up() {
 }
 
 /// Requests that cannot be served are `input` errors, and the engine answers the next one.
+/// `signal` (an AbortSignal option) stops a load: aborted at its first download progress,
+/// `create` rejects with `aborted` and no progress follows (the load was dropped, its downloads
+/// aborted); a signal aborted before rejects at once; something else is an input error; the
+/// next load on the same cache loads and answers.
+#[wasm_bindgen_test]
+async fn an_aborted_signal_stops_a_load_and_the_next_load_goes_on() {
+    let cache = format!("abort-{}", js_sys::Math::random());
+    let create = |signal: JsValue, abort_at_first_download: bool| {
+        let events: Events = Rc::default();
+        let log = events.clone();
+        let ctl = web_sys::AbortController::new().unwrap();
+        let c = ctl.clone();
+        let cb = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
+            let v = val(e);
+            if abort_at_first_download && v["phase"] == "download" {
+                c.abort();
+            }
+            log.borrow_mut().push(v);
+        });
+        let o = js(&json!({"cacheName": cache, "backend": "cpu"}));
+        js_sys::Reflect::set(&o, &"onProgress".into(), cb.as_ref()).unwrap();
+        cb.forget();
+        let signal = if signal.is_undefined() {
+            ctl.signal().into()
+        } else {
+            signal
+        };
+        js_sys::Reflect::set(&o, &"signal".into(), &signal).unwrap();
+        (Engine::create(url("/tiny/manifest.json"), o), events)
+    };
+    let (load, events) = create(JsValue::UNDEFINED, true);
+    let err = error_fields(&load.await.err().expect("the aborted load rejects"));
+    assert_eq!(err["code"], "aborted", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("/tiny/manifest.json"),
+        "{err}"
+    );
+    let seen = events.borrow().len();
+    assert!(seen >= 1, "aborted at a download event");
+    sleep(500).await;
+    assert_eq!(
+        events.borrow().len(),
+        seen,
+        "progress after the abort: {:?}",
+        events.borrow()
+    );
+
+    let gone = web_sys::AbortController::new().unwrap();
+    gone.abort();
+    let (load, events) = create(gone.signal().into(), false);
+    let err = error_fields(&load.await.err().expect("an aborted signal rejects"));
+    assert_eq!(err["code"], "aborted", "{err}");
+    assert!(events.borrow().is_empty(), "{:?}", events.borrow());
+    let (load, _) = create(JsValue::from("stop"), false);
+    let err = error_fields(&load.await.err().expect("not a signal"));
+    assert_eq!(err["code"], "input", "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("options.signal"),
+        "{err}"
+    );
+
+    let (e, _) = engine(
+        "/tiny/manifest.json",
+        json!({"cacheName": cache, "backend": "cpu"}),
+    )
+    .await
+    .unwrap();
+    start(&e, &[user("Once upon a time")], 4).await;
+    let (_, n, last) = finish(&e).await;
+    assert!(
+        n <= 4 && last["choices"][0]["finish_reason"].is_string(),
+        "{last}"
+    );
+    call(e.unload()).await.unwrap();
+}
+
 /// A long prompt is read in pieces (`prefillChunkTokens`), on both backends: the answer is the
 /// one the prompt read whole gives; a `prefill` event after each piece says how far it got; a
 /// stop (`interrupt`) after the second piece ends the answer with `abort` and no text, and the

@@ -49,6 +49,14 @@ impl Backend for Model {
     async fn step(&mut self, tokens: &[u32]) -> GpuResult<Vec<(u32, f32)>> {
         Model::step(self, tokens).await
     }
+    async fn step_scored(
+        &mut self,
+        tokens: &[u32],
+        n: usize,
+        _watched: &[u32],
+    ) -> GpuResult<crate::runtime::backend::Scored> {
+        Model::step_scored(self, tokens, n).await
+    }
     fn watch(&mut self, ids: &[u32]) -> GpuResult<()> {
         Model::watch(self, ids)
     }

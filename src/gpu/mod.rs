@@ -12,6 +12,7 @@
 //!   it), and `GpuFactory`, which makes one on a new device.
 //! - `perplexity`: held-out perplexity on the GPU path (native).
 //! - `kv_convert`: the KV cache re-encoded in the other format on the device.
+//! - `scoring`: a prompt's tokens scored with the head on every position (`echo` + `logprobs`).
 //! - `probe`: one kernel on host data (the parity tests, the yardstick, the variant probe).
 //! - `variant`: which `matvec` variant an adapter runs, chosen by a timed probe at first load.
 
@@ -27,6 +28,7 @@ pub mod params;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod perplexity;
 pub mod probe;
+mod scoring;
 pub mod variant;
 
 pub use alloc::{Allocator, GpuBuffer};

@@ -90,8 +90,8 @@ pub struct PrefillPace {
 impl PrefillPace {
     /// Seconds a piece aims at.
     pub const TARGET_S: f64 = 0.25;
-    /// Bounds of a piece (fewer tokens than `MIN` read slower on every backend; `FIRST` before
-    /// any speed is known).
+    /// Bounds of a piece (`MIN` keeps what each piece adds, a turn of the event loop and a look
+    /// by the controller, small against it; `FIRST` before any speed is known).
     pub const MIN: usize = 32;
     pub const FIRST: usize = 32;
     pub const MAX: usize = 1024;
@@ -512,5 +512,29 @@ impl<B: Backend> Session<B> {
             }
         }
         Ok((turn.out, turn.stats))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PrefillPace;
+
+    #[test]
+    fn prefill_pieces_aim_at_a_quarter_second_within_bounds() {
+        assert_eq!(
+            PrefillPace::new(Some(0)).next(),
+            1,
+            "a fixed count of at least one"
+        );
+        let mut p = PrefillPace::new(None);
+        assert_eq!(p.next(), PrefillPace::FIRST);
+        p.record(64, 1.0); // 64 tokens/s: 16 in a quarter second, below the floor
+        assert_eq!(p.next(), PrefillPace::MIN);
+        p.record(200, 0.5); // 400 tokens/s: 100
+        assert_eq!(p.next(), 100);
+        p.record(8, 10.0); // a piece under MIN says little: ignored
+        assert_eq!(p.next(), 100);
+        p.record(1024, 0.01); // ~100k tokens/s (a GPU that only queued the work)
+        assert_eq!(p.next(), PrefillPace::MAX);
     }
 }

@@ -94,6 +94,10 @@ pub struct EngineOptions {
     /// Whether decode tokens run on the thread count measured fastest now (default) or on all
     /// `threads` always (see `cpu::width`).
     pub adapt_threads: Option<bool>,
+    /// An AbortSignal: aborted while the engine loads, the load stops (its downloads too) and
+    /// `create` rejects with `aborted`.
+    #[serde(with = "serde_wasm_bindgen::preserve")]
+    pub signal: JsValue,
     #[serde(with = "serde_wasm_bindgen::preserve")]
     pub on_event: JsValue,
     #[serde(with = "serde_wasm_bindgen::preserve")]
@@ -107,6 +111,12 @@ impl EngineOptions {
             return Ok(EngineOptions::default());
         }
         let o: EngineOptions = from_js(v, "options")?;
+        if !o.signal.is_undefined() && !o.signal.is_null() && o.abort_signal().is_none() {
+            return Err(WebError::new(
+                Code::Input,
+                "options.signal: expected an AbortSignal",
+            ));
+        }
         for (name, f) in [("onEvent", &o.on_event), ("onProgress", &o.on_progress)] {
             if !f.is_undefined() && !f.is_null() && !f.is_function() {
                 return Err(WebError::new(
@@ -116,6 +126,11 @@ impl EngineOptions {
             }
         }
         Ok(o)
+    }
+
+    /// The `signal` option, when it is an AbortSignal.
+    pub fn abort_signal(&self) -> Option<web_sys::AbortSignal> {
+        self.signal.clone().dyn_into().ok()
     }
 
     /// The Cache API name to use, `None` when caching is off.

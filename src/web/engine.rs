@@ -235,9 +235,24 @@ impl Engine {
     /// Loads the ensemble at `manifest_url` (see `js/API.md` for the options).
     pub async fn create(manifest_url: String, options: JsValue) -> Result<Engine, JsValue> {
         crate::web::set_panic_hook();
-        Self::load(&manifest_url, options)
-            .await
-            .map_err(|e| e.to_js())
+        let load = async {
+            let o = EngineOptions::parse(options)?;
+            let Some(signal) = o.abort_signal() else {
+                return Self::load(&manifest_url, o).await;
+            };
+            crate::web::until_aborted(Self::load(&manifest_url, o), &signal)
+                .await
+                .unwrap_or_else(|| {
+                    Err(WebError::new(
+                        Code::Aborted,
+                        format!(
+                            "loading {manifest_url} was aborted (options.signal): its downloads \
+                             stopped; files already verified stay cached for the next load"
+                        ),
+                    ))
+                })
+        };
+        load.await.map_err(|e| e.to_js())
     }
 
     /// Starts an answer to `request` (`{messages, max_tokens, temperature, top_p, seed}`):
@@ -521,8 +536,7 @@ impl Engine {
 }
 
 impl Engine {
-    async fn load(url: &str, options: JsValue) -> WebResult<Engine> {
-        let o = EngineOptions::parse(options)?;
+    async fn load(url: &str, o: EngineOptions) -> WebResult<Engine> {
         let emitter = Emitter {
             on_event: EngineOptions::callback(&o.on_event),
             on_progress: EngineOptions::callback(&o.on_progress),
@@ -544,6 +558,9 @@ impl Engine {
                 .map_or(DEFAULT_CONTEXT, |c| c as usize)
                 .clamp(16, m.config.max_position_embeddings),
             kv_format: o.kv_cache.unwrap_or_default().start(),
+            // A scored prompt (`echo` + `logprobs`) runs 8 positions per pass on WebGPU
+            // (`gpu::scoring`) for 4 x 8 x vocabulary bytes of logits (1.6 MB on the demo).
+            logit_rows: 8,
             ..Default::default()
         };
         let footprints = m.trajectory.iter().map(|s| s.footprint_bytes).collect();

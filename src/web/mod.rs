@@ -86,6 +86,34 @@ pub(crate) async fn within<F: std::future::Future>(fut: F, ms: Option<u32>) -> O
     out
 }
 
+/// `fut`'s output, or `None` once `signal` aborts first (at once if it already has). The
+/// future is dropped then: its downloads are aborted (`fetch::AbortOnDrop`) and what it built
+/// is freed.
+pub(crate) async fn until_aborted<F: std::future::Future>(
+    fut: F,
+    signal: &web_sys::AbortSignal,
+) -> Option<F::Output> {
+    use futures_util::future::{select, Either};
+    if signal.aborted() {
+        return None;
+    }
+    let listener = std::cell::RefCell::new(None::<js_sys::Function>);
+    let p = js_sys::Promise::new(&mut |resolve, _| {
+        let _ = signal.add_event_listener_with_callback("abort", &resolve);
+        *listener.borrow_mut() = Some(resolve);
+    });
+    let aborted = wasm_bindgen_futures::JsFuture::from(p);
+    futures_util::pin_mut!(fut);
+    let out = match select(fut, aborted).await {
+        Either::Left((v, _)) => Some(v),
+        Either::Right(_) => None,
+    };
+    if let Some(f) = listener.take() {
+        let _ = signal.remove_event_listener_with_callback("abort", &f);
+    }
+    out
+}
+
 /// The panic hook: the message and stack on the console (console_error_panic_hook), and the
 /// message in `globalThis.__flexquantPanic` so the JS wrapper can put it in the `internal`
 /// error it raises (a panic aborts the wasm call with a bare `RuntimeError: unreachable`), and

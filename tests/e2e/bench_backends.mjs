@@ -114,6 +114,10 @@ try {
     long_vs_short_decode: long.browser_cpu.decode_tok_s / fq.browser_cpu_decode_tok_s,
     // The long text scored (echo + logprobs, every position's head) against reading it.
     prompt_scoring_vs_prefill: long.browser_cpu.scoring_tok_s / long.browser_cpu.prefill_tok_s,
+    // The long prompt read in pieces (Stop and pressure reach it between them) against read in
+    // one call; and how long a stop 2 s into it took to end the answer.
+    prefill_pieces_vs_whole: long.browser_cpu.prefill_pieces_vs_whole,
+    stop_during_prefill_ms: long.browser_cpu.stop_during_prefill_ms,
     wllama_long_vs_short_decode: long.wllama_1t.decode_tok_s / wl[1].decode_tok_s,
   });
 } finally {

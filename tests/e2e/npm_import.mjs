@@ -54,6 +54,11 @@ if (!server) throw new Error('usage: node npm_import.mjs SERVER_URL (./build.sh 
     assert.match(r.panic.async, /^internal: the engine crashed: .*simulated panic in an async call/s, JSON.stringify(r.panic));
     assert.match(r.panic.asyncAfter, /^internal: the engine crashed/, JSON.stringify(r.panic));
     assert.equal(r.panic.crashed, true);
+    const wa = r.workerAbort;
+    assert.match(wa.load, /^aborted: loading .*manifest\.json was aborted \(options\.signal\)/, JSON.stringify(wa));
+    assert.match(wa.before, /^aborted: /, JSON.stringify(wa));
+    // A progress event already posted may still arrive; the terminated worker sends no more.
+    assert.ok(wa.progressAfter <= 1, JSON.stringify(wa));
     const wp = r.workerPanic;
     assert.match(wp.first, /^internal: the engine crashed: .*simulated panic in an async call/s, JSON.stringify(wp));
     assert.deepEqual([wp.crashed, wp.unload], [true, 'ok'], JSON.stringify(wp));

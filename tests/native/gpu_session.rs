@@ -352,3 +352,65 @@ fn a_conversation_moves_between_models_and_backends_by_its_kv_bytes() {
         }
     }
 }
+
+/// A prompt scored on the GPU (`Backend::step_scored`: `logit_rows` positions per pass, their
+/// log-probabilities computed on the device without alternatives, read back and ranked with
+/// them) past a cached prefix: each token's entry is the log-softmax of its position's logits
+/// computed alone, its alternatives that row's best; the last step's candidates are a decode
+/// step's; the cache holds every token after.
+#[test]
+fn a_prompt_scored_on_the_gpu_is_the_log_softmax_of_each_position() {
+    use flexquant::model::math::log_sum_exp;
+    use flexquant::runtime::generate::top_k;
+    let Some(gpu) = gpu_arc() else { return };
+    let (m, modules) = tiny_4bit();
+    let w = &m.weights;
+    let text = "It is a truth universally acknowledged, that a single man";
+    let tokens = m.tokenizer.encode(text).unwrap();
+    let (before, prompt) = tokens.split_at(5);
+    let opts = ModelOptions {
+        logit_rows: 4,
+        ..OPTS
+    };
+    let mut g = block_on(gpu_model(gpu.clone(), w, &modules, opts)).unwrap();
+    let rows: Vec<Vec<f32>> = (before.len()..tokens.len() - 1)
+        .map(|end| {
+            g.truncate(0);
+            block_on(g.logits_last(&tokens[..=end])).unwrap()
+        })
+        .collect();
+    g.truncate(0);
+    let decode = block_on(Backend::step(&mut g, &tokens)).unwrap();
+    for n in [0, 3] {
+        g.truncate(0);
+        block_on(g.prefill(before)).unwrap();
+        let (cand, scored) = block_on(Backend::step_scored(&mut g, prompt, n, &[])).unwrap();
+        assert_eq!(g.len(), tokens.len(), "n {n}");
+        assert_eq!(scored.len(), prompt.len() - 1);
+        assert_eq!(cand.len(), decode.len());
+        for (a, b) in cand.iter().zip(&decode) {
+            assert!(
+                a.0 == b.0 && (a.1 - b.1).abs() < 1e-3,
+                "n {n}: {a:?} vs {b:?}"
+            );
+        }
+        for (i, (s, row)) in scored.iter().zip(&rows).enumerate() {
+            let log_z = log_sum_exp(row);
+            assert_eq!(s.id, prompt[i + 1]);
+            let want = row[s.id as usize] as f64 - log_z;
+            assert!(
+                (s.logprob as f64 - want).abs() < 1e-3,
+                "n {n}, token {i}: {s:?} vs {want}"
+            );
+            let best = top_k(row, n);
+            assert_eq!(s.top.len(), n);
+            for (a, b) in s.top.iter().zip(&best) {
+                let want = b.1 as f64 - log_z;
+                assert!(
+                    a.0 == b.0 && (a.1 as f64 - want).abs() < 1e-3,
+                    "n {n}, token {i}"
+                );
+            }
+        }
+    }
+}
