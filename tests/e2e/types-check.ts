@@ -4,7 +4,11 @@ import { Engine, FlexQuantError } from '../../js/index.js';
 import { CreateWorkerEngine, WorkerEngine } from '../../js/worker.js';
 async function main() {
   const e = await Engine.create('./m.json', { budgetBytes: 1e8, parallelDownloads: 4,
-    onEvent: (ev) => { if (ev.type === 'below-floor') { const c: number | null = ev.costBytes; void c; } } });
+    prefillChunkTokens: 32, signal: new AbortController().signal,
+    onEvent: (ev) => {
+      if (ev.type === 'below-floor') { const c: number | null = ev.costBytes; void c; }
+      if (ev.type === 'prefill') { const left: number = ev.totalTokens - ev.doneTokens + ev.reusedTokens * 0; void left; }
+    } });
   const sup = await Engine.checkSupport(); const f16: boolean | undefined = sup.gpu?.f16; void f16;
   const ins = await Engine.inspect('./m.json', { context: 512 }); const lo: number = ins.minTotalBytes; void lo;
   await e.chat.completions.create({ messages: [], response_format: { type: 'text' }, tools: null });
@@ -41,7 +45,7 @@ async function main() {
   if (scored) { const lp: number = scored.token_logprobs[0]; void lp; }
   // @ts-expect-error: a text completion's logprobs is a count (chat's is a boolean)
   await e.completions.create({ prompt: 'Once', logprobs: true });
-  const w: WorkerEngine = await CreateWorkerEngine('./m.json');
+  const w: WorkerEngine = await CreateWorkerEngine('./m.json', { signal: AbortSignal.timeout(60_000) });
   await w.setMemoryBudget(null); await w.unload();
   try { await e.unload(); } catch (err) { if (err instanceof FlexQuantError) console.log(err.code); }
 }
