@@ -1580,6 +1580,39 @@ async fn a_long_prompt_is_read_in_pieces_that_a_stop_and_a_budget_reach() {
         let (_, n, _) = finish(&e).await;
         assert_eq!(n, 6, "{backend}");
         assert_no_errors(&ev);
+
+        // WebGPU: the device lost while the prompt is read. The engine recovers (a new device,
+        // one step lower, the pieces read so far run again) and reads on.
+        if backend == "webgpu" {
+            call(e.set_memory_budget(JsValue::NULL)).await.unwrap();
+            call(e.reset_chat()).await.unwrap();
+            ev.borrow_mut().clear();
+            let started = JsFuture::from(e.start_chat(js(&req)));
+            while of_type(&ev, "prefill").len() < 2 {
+                sleep(0).await;
+            }
+            e.destroy_device().unwrap();
+            started.await.unwrap();
+            let (_, n, last) = finish(&e).await;
+            assert_eq!(
+                (n as u64, &last["usage"]["prompt_tokens"]),
+                (6, &json!(total)),
+                "{last}"
+            );
+            let rec = of_type(&ev, "recovered");
+            assert_eq!(
+                (of_type(&ev, "device-lost").len(), rec.len()),
+                (1, 1),
+                "{:?}",
+                ev.borrow()
+            );
+            let again = rec[0]["reprefilledTokens"].as_u64().unwrap();
+            assert!(
+                (32..total).contains(&again),
+                "the pieces read before the loss: {again}"
+            );
+            assert_no_errors(&ev);
+        }
         call(e.unload()).await.unwrap();
     }
 }
