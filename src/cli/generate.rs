@@ -109,18 +109,11 @@ where
             .as_ref()
             .filter(|_| tools.is_some())
             .map(|_| HeldCall::default());
-        let sess = &mut self.run.session;
-        let mut turn = sess
-            .start_with(
-                ids,
-                &sampling,
-                &stop,
-                TurnOptions {
-                    json,
-                    ..TurnOptions::default()
-                },
-            )
-            .block()?;
+        let opts = TurnOptions {
+            json,
+            ..TurnOptions::default()
+        };
+        let mut turn = self.read_prompt(ids, &sampling, &stop, opts)?;
         let mut dec = StreamDecoder::default();
         let mut out = std::io::stdout();
         let mut text = String::new();
