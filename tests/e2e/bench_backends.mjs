@@ -117,6 +117,7 @@ try {
     // The long prompt read in pieces (Stop and pressure reach it between them) against read in
     // one call; and how long a stop 2 s into it took to end the answer.
     prefill_pieces_vs_whole: long.browser_cpu.prefill_pieces_vs_whole,
+    prefill_pieces_vs_whole_2t: long.browser_cpu.prefill_pieces_vs_whole_2t,
     stop_during_prefill_ms: long.browser_cpu.stop_during_prefill_ms,
     wllama_long_vs_short_decode: long.wllama_1t.decode_tok_s / wl[1].decode_tok_s,
   });
