@@ -488,7 +488,6 @@ impl CpuModel {
     /// `step` with every token after the first scored (`Backend::step_scored`): one pass
     /// over the prompt, the head run on every position in chunks of `LOGIT_CHUNK` rows.
     pub fn step_scored(&mut self, tokens: &[u32], n: usize) -> Result<Scored> {
-        use crate::runtime::generate::top_k;
         let xn = self.hidden(tokens)?;
         let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let mut scored = Vec::with_capacity(tokens.len() - 1);
@@ -500,12 +499,7 @@ impl CpuModel {
                     cand = self.candidates(row);
                     continue;
                 };
-                let log_z = crate::model::math::log_sum_exp(row) as f32;
-                scored.push(TokenLogprob {
-                    id: next,
-                    logprob: row[next as usize] - log_z,
-                    top: top_k(row, n).iter().map(|&(t, l)| (t, l - log_z)).collect(),
-                });
+                scored.push(TokenLogprob::of_row(next, row, n));
             }
         }
         Ok((cand, scored))

@@ -8,7 +8,6 @@
 use crate::gpu::error::{GpuError, GpuResult};
 use crate::gpu::model::Model;
 use crate::runtime::backend::Scored;
-use crate::runtime::generate::top_k;
 use crate::runtime::TokenLogprob;
 
 impl Model {
@@ -50,14 +49,8 @@ impl Model {
                 continue;
             }
             let logits = self.logits_all(piece).await?;
-            for (row, &id) in logits.chunks_exact(vocab).zip(next) {
-                let log_z = crate::model::math::log_sum_exp(row) as f32;
-                out.push(TokenLogprob {
-                    id,
-                    logprob: row[id as usize] - log_z,
-                    top: top_k(row, n).iter().map(|&(t, l)| (t, l - log_z)).collect(),
-                });
-            }
+            let each = logits.chunks_exact(vocab).zip(next);
+            out.extend(each.map(|(row, &id)| TokenLogprob::of_row(id, row, n)));
         }
         Ok(out)
     }

@@ -198,6 +198,20 @@ impl TokenLogprob {
     /// Token `id` among `cand` (a `step`'s candidates, best first, watched ones after them)
     /// with the `n` best, as log-probabilities (`log_z`: `Backend::log_z`). NaN when `id` is
     /// not among them (it is when watched).
+    /// Token `id` scored from a whole logits row: its log-softmax there and the row's `n`
+    /// best (a scored prompt's entry, `Backend::step_scored`).
+    pub fn of_row(id: u32, row: &[f32], n: usize) -> Self {
+        let log_z = crate::model::math::log_sum_exp(row) as f32;
+        TokenLogprob {
+            id,
+            logprob: row[id as usize] - log_z,
+            top: crate::runtime::generate::top_k(row, n)
+                .iter()
+                .map(|&(t, l)| (t, l - log_z))
+                .collect(),
+        }
+    }
+
     pub fn of(id: u32, cand: &[(u32, f32)], log_z: f32, n: usize) -> Self {
         let raw = cand.iter().find(|c| c.0 == id).map_or(f32::NAN, |c| c.1);
         TokenLogprob {
